@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command: set up, start the Docker engine, lint, type-check, run the suite, fuzz briefly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+TOOLS="${TEECLOUD_TOOLS:-$HOME/.cache/teecloud-tools}"
+export PATH="$TOOLS/node_modules/.bin:$PATH"
+
+state=$(bash scripts/dockerd.sh)
+cleanup() { if [ "$state" = started ]; then pkill -x dockerd || true; fi; }
+trap cleanup EXIT
+
+echo "== ruff"; ruff check src tests bench fuzz; ruff format --check src tests bench fuzz
+echo "== mypy"; mypy src
+echo "== pytest"; python3 -m pytest -q "$@"
+if [ -f fuzz/run.py ]; then echo "== fuzz (brief)"; python3 fuzz/run.py --seconds "${FUZZ_SECONDS:-20}"; fi
