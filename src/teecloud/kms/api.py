@@ -1,0 +1,172 @@
+"""Request and response models of the KMS HTTP API (the KMS's contract; clients import only this).
+
+Public listener (HTTPS, RA-TLS server certificate, client certificates requested):
+
+    GET  /prpc/KMS.GetMeta                  KmsMeta                   public
+    GET  /prpc/KMS.GetTempCaCert            TempCaCertResponse        public (see docs/kms.md: carries no trust)
+    POST /prpc/KMS.GetAppEnvEncryptPubKey   EnvEncryptPubKeyRequest -> EnvEncryptPubKeyResponse   public
+    POST /prpc/KMS.GetAppKey                GetAppKeyRequest -> AppKeyResponse      attested app (mutual RA-TLS)
+    POST /prpc/KMS.SignCert                 SignCertRequest -> SignCertResponse     attested app (mutual RA-TLS)
+    POST /prpc/KMS.GetKmsKey                GetKmsKeyRequest -> KmsKeyResponse      attested KMS (mutual RA-TLS)
+
+Admin listener (separate port, 127.0.0.1, bearer token): GET /status -> StatusResponse,
+GET /audit?limit=N -> AuditResponse. No admin route returns key material.
+
+Every refusal is HTTP 403 with a `Denied` body; malformed requests are 400/422 with a `Denied` body too.
+Byte strings travel as lowercase hex without 0x (app ids may be sent with or without 0x).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "PATH_GET_APP_ENV_ENCRYPT_PUBKEY",
+    "PATH_GET_APP_KEY",
+    "PATH_GET_KMS_KEY",
+    "PATH_GET_META",
+    "PATH_GET_TEMP_CA_CERT",
+    "PATH_SIGN_CERT",
+    "AppKeyResponse",
+    "AuditRecord",
+    "AuditResponse",
+    "Denied",
+    "EnvEncryptPubKeyRequest",
+    "EnvEncryptPubKeyResponse",
+    "GetAppKeyRequest",
+    "GetKmsKeyRequest",
+    "KmsKeyResponse",
+    "KmsMeta",
+    "SignCertRequest",
+    "SignCertResponse",
+    "StatusResponse",
+    "TempCaCertResponse",
+]
+
+PATH_GET_META = "/prpc/KMS.GetMeta"
+PATH_GET_TEMP_CA_CERT = "/prpc/KMS.GetTempCaCert"
+PATH_GET_APP_ENV_ENCRYPT_PUBKEY = "/prpc/KMS.GetAppEnvEncryptPubKey"
+PATH_GET_APP_KEY = "/prpc/KMS.GetAppKey"
+PATH_SIGN_CERT = "/prpc/KMS.SignCert"
+PATH_GET_KMS_KEY = "/prpc/KMS.GetKmsKey"
+
+
+class Denied(BaseModel):
+    """The body of every refusal: which check failed and why. Never key material."""
+
+    error: str = "denied"
+    reason: str
+    step: str = ""
+
+
+class KmsMeta(BaseModel):
+    """Public facts about this KMS: its root public keys (as published on chain) and mode."""
+
+    ca_cert: str = Field(description="KMS root CA certificate (PEM)")
+    ca_pubkey: str = Field(description="KMS root CA public key, SubjectPublicKeyInfo DER, hex")
+    k256_pubkey: str = Field(description="KMS root secp256k1 public key, SEC1 compressed, hex")
+    dev_mode: bool
+    tee: str
+    mr_aggregated: str = Field(description="this KMS's boot-time mr_aggregated, hex")
+    gateway_app_id: str = ""
+    kms_contract: str = ""
+
+
+class TempCaCertResponse(BaseModel):
+    """dstack-style temporary CA: clients sign their RA-TLS certificates with it so that the TLS layer of the
+    standard library accepts them. The key is public on purpose; trust comes from the quote in the leaf."""
+
+    temp_ca_cert: str
+    temp_ca_key: str
+
+
+class EnvEncryptPubKeyRequest(BaseModel):
+    app_id: str = Field(min_length=1, max_length=66)
+
+
+class EnvEncryptPubKeyResponse(BaseModel):
+    """dstack `GetAppEnvEncryptPubKey` response (hex fields)."""
+
+    public_key: str
+    signature: str = Field(description="legacy: k256 over keccak256(prefix ‖ ':' ‖ app_id ‖ public_key)")
+    timestamp: int
+    signature_v1: str = Field(
+        description="k256 over keccak256('dstack-env-encrypt-pubkey:' ‖ app_id ‖ u64_be(ts) ‖ public_key)"
+    )
+
+
+class GetAppKeyRequest(BaseModel):
+    """Nothing the caller says is trusted: app_id and instance_id come from its replayed event log."""
+
+    api_version: int = 1
+    vm_config: str = Field(default="", max_length=65536)
+
+
+class AppKeyResponse(BaseModel):
+    """The app's keys (dstack `GetAppKey` fields plus the app CA key and the KMS k256 public key)."""
+
+    app_id: str
+    instance_id: str
+    ca_key: str = Field(description="app CA private key (PEM, PKCS#8)")
+    ca_cert: str = Field(description="app CA certificate (PEM)")
+    disk_crypt_key: str
+    env_crypt_key: str
+    k256_key: str
+    k256_signature: str
+    kms_k256_pubkey: str
+    gateway_app_id: str
+    os_image_hash: str
+
+
+class SignCertRequest(BaseModel):
+    csr: str = Field(min_length=1, max_length=16384, description="PKCS#10 CSR (PEM)")
+
+
+class SignCertResponse(BaseModel):
+    certificate_chain: list[str] = Field(description="PEM certificates, leaf first, ending at the KMS root CA")
+
+
+class GetKmsKeyRequest(BaseModel):
+    api_version: int = 1
+    vm_config: str = Field(default="", max_length=65536)
+
+
+class KmsKeyResponse(BaseModel):
+    """Root key material; returned only to an attested KMS that the chain's KmsAuth allows."""
+
+    ca_key: str
+    ca_cert: str
+    k256_key: str
+    temp_ca_key: str
+    temp_ca_cert: str
+
+
+class AuditRecord(BaseModel):
+    ts: int
+    request_id: str
+    endpoint: str
+    peer: str = ""
+    cert_sha256: str = ""
+    decision: str
+    reason: str
+    step: str = ""
+    boot_info: dict[str, Any] | None = None
+
+
+class AuditResponse(BaseModel):
+    records: list[AuditRecord]
+
+
+class StatusResponse(BaseModel):
+    status: str
+    dev_mode: bool
+    tee: str
+    ca_pubkey: str
+    k256_pubkey: str
+    mr_aggregated: str
+    public_url: str = ""
+    requests_allowed: int = 0
+    requests_denied: int = 0
+    chain: str = ""
