@@ -28,7 +28,7 @@ MAX_BODY = 64 * 1024
 class Handler(BaseHTTPRequestHandler):
     server_version = "hello/0.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         print("hello:", format % args, flush=True)
 
     def _send(self, status: int, body: dict) -> None:

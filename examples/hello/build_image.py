@@ -3,7 +3,7 @@
 
 1. teecloud/hello-base:<recipe-hash>: a Debian bookworm minbase rootfs made by debootstrap (python3 from
    Debian packages) plus dstack-sdk installed by pip, imported with `docker import`. Built once per recipe:
-   the tag is a hash of this file, so an unchanged recipe reuses the image already in the engine.
+   the tag is a hash of the recipe, so an unchanged recipe reuses the image already in the engine.
 2. teecloud/hello:0.1: `docker build` of the Dockerfile here (app.py on top of the base); seconds.
 
 Usage: python3 examples/hello/build_image.py [--force-base]. Needs root (debootstrap), a Docker engine,
@@ -39,9 +39,12 @@ TRIM = [
 ]
 
 
+RECIPE_VERSION = 1  # bump when build_base() changes what goes into the image
+
+
 def recipe_hash() -> str:
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    return h.hexdigest()[:16]
+    recipe = repr((RECIPE_VERSION, SUITE, DEB_PACKAGES, PIP_REQUIREMENTS, TRIM)).encode()
+    return hashlib.sha256(recipe).hexdigest()[:16]
 
 
 def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
