@@ -195,7 +195,10 @@ def _check_issuer_is_ca(issuer: x509.Certificate, below: int) -> None:
 
 def check_validity(certs: Iterable[x509.Certificate], now: int) -> None:
     """Every certificate must be valid at `now` (unix seconds); Expired names the first one that is not."""
-    at = dt.datetime.fromtimestamp(now, tz=dt.UTC)
+    try:
+        at = dt.datetime.fromtimestamp(now, tz=dt.UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise UsageError(f"verification time {now!r} is out of range") from exc
     for cert in certs:
         who = describe(cert.subject)
         if at < cert.not_valid_before_utc:
@@ -251,6 +254,7 @@ def build_and_verify_chain(
       (5) every certificate, anchor included, is valid at `now`.
     """
     anchors = load_anchors(trust_anchors)
+    check_validity((), now)  # rejects an unusable `now` before any work
     # (1): build by name
     path: list[x509.Certificate] = [leaf]
     while path[-1].issuer != path[-1].subject:

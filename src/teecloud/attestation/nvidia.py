@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -62,6 +63,11 @@ DMTF_SPEC_BIT = 0x01  # MeasurementSpecification bit 0: DMTF format
 
 OPAQUE_DRIVER_VERSION = 3
 OPAQUE_VBIOS_VERSION = 6
+OPAQUE_FWID = 20
+# TCG DICE TcbInfo extension (TCG "DICE Attestation Architecture", tcg-dice-TcbInfo) on the attestation
+# certificate; its fwids list holds FWID ::= SEQUENCE { hashAlg OID, digest OCTET STRING }.
+OID_DICE_TCB_INFO = x509.ObjectIdentifier("2.23.133.5.4.1")
+_DER_SHA384_OID = bytes.fromhex("0609608648016503040202")
 OPAQUE_FIELD_NAMES = {
     1: "cert_issuer_name",
     2: "cert_authority_key_identifier",
@@ -348,6 +354,29 @@ def verify_nvidia_evidence(
         Step("quote_verified", True, "ECDSA P-384/SHA-384 SPDM signature by the GPU attestation key")
     )
 
+    # (3b): the firmware the GPU reports (opaque FWID) must be the one its attestation certificate was issued
+    # for. Matched as the DER of FWID{sha384, OCTET STRING(48)} inside the signed extension: the extension is
+    # covered by the chain's signatures, and that byte pattern cannot arise across field boundaries.
+    fwid = m.opaque(OPAQUE_FWID)
+    fwid_checked = False
+    if fwid is not None:
+        try:
+            dice = leaf.extensions.get_extension_for_oid(OID_DICE_TCB_INFO).value
+        except x509.ExtensionNotFound:
+            dice = None
+        except (ValueError, TypeError) as exc:
+            raise CertificateChainInvalid(
+                f"NVIDIA attestation certificate extensions malformed ({exc})"
+            ) from exc
+        if isinstance(dice, x509.UnrecognizedExtension):
+            if len(fwid) != 48 or _DER_SHA384_OID + b"\x04\x30" + fwid not in dice.value:
+                raise CertificateChainInvalid(
+                    "the GPU's reported FWID does not match the FWID in its attestation certificate "
+                    "(evidence and certificate belong to different firmware)"
+                )
+            fwid_checked = True
+            steps.append(Step("fwid_matched", True, "opaque FWID matches the certificate's DICE TcbInfo"))
+
     # (4): freshness
     if expected_nonce is not None:
         if not hmac.compare_digest(m.requester_nonce, bytes(expected_nonce)):
@@ -381,6 +410,7 @@ def verify_nvidia_evidence(
         "vbios_version": m.vbios_version,
         "blocks": [b.to_json() for b in m.blocks],
         "opaque": opaque_json,
+        "fwid_matched_certificate": fwid_checked,
         "leaf_subject": _x509.describe(leaf.subject),
     }
     return VerifiedEvidence(
