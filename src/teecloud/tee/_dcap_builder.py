@@ -216,7 +216,12 @@ def _issue(
 
 
 def build_pki(
-    *, identity: PlatformIdentity, tcb: SimulatedTcb, now: dt.datetime, install_tag: str, serials: Sequence[int]
+    *,
+    identity: PlatformIdentity,
+    tcb: SimulatedTcb,
+    now: dt.datetime,
+    install_tag: str,
+    serials: Sequence[int],
 ) -> Pki:
     """Create the dev root CA, platform CA, TCB-signing certificate, PCK certificate and attestation key.
 
@@ -257,7 +262,9 @@ def raw_ecdsa_sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
 
 def raw_public_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     """The 64-byte x||y public key DCAP embeds in quotes."""
-    point = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
     return point[1:]
 
 
@@ -322,7 +329,11 @@ def tcb_info_json(*, fmspc: bytes, tcb: SimulatedTcb, issue: dt.datetime) -> str
                 "id": f"TDX_{tcb.tee_tcb_svn_uptodate[1]:02X}",
                 **module,
                 "tcbLevels": [
-                    {"tcb": {"isvsvn": tcb.tee_tcb_svn_uptodate[0]}, "tcbDate": tcb_date, "tcbStatus": "UpToDate"}
+                    {
+                        "tcb": {"isvsvn": tcb.tee_tcb_svn_uptodate[0]},
+                        "tcbDate": tcb_date,
+                        "tcbStatus": "UpToDate",
+                    }
                 ],
             }
         ],
@@ -365,7 +376,9 @@ def qe_identity_json(*, tcb: SimulatedTcb, issue: dt.datetime) -> str:
         "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
         "mrsigner": tcb.qe_mrsigner.hex().upper(),
         "isvprodid": tcb.qe_isvprodid,
-        "tcbLevels": [{"tcb": {"isvsvn": tcb.qe_isvsvn}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"}],
+        "tcbLevels": [
+            {"tcb": {"isvsvn": tcb.qe_isvsvn}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"}
+        ],
     }
     return json.dumps(ident, separators=(",", ":"))
 

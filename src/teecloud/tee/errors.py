@@ -1,10 +1,10 @@
 """Errors raised by TEE backends (producing evidence, not verifying it).
 
-    TeeError
-    ├── TeeUsageError (also ValueError)   caller mistake: report_data > 64 bytes, bad RTMR index, bad name
-    ├── TeeUnavailable                    no usable TEE interface on this machine / backend not reachable
-    ├── QuoteGenerationError              the kernel / quoting service failed to produce evidence
-    └── SimulatedTeeStateError            the simulated platform's files are incomplete or corrupt
+TeeError
+├── TeeUsageError (also ValueError)   caller mistake: report_data > 64 bytes, bad RTMR index, bad name
+├── TeeUnavailable                    no usable TEE interface on this machine / backend not reachable
+├── QuoteGenerationError              the kernel / quoting service failed to produce evidence
+└── SimulatedTeeStateError            the simulated platform's files are incomplete or corrupt
 """
 
 from __future__ import annotations

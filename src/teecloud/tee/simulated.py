@@ -187,7 +187,9 @@ def _load_state(state_dir: Path) -> tuple[dcap.Pki, dcap.PlatformIdentity]:
         root, platform, tcb_cert, pck = (loaded[r][0] for r in ("root", "platform", "tcb", "pck"))
         cn = root.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         if not cn or not str(cn[0].value).startswith(DEV_ROOT_CN_PREFIX):
-            raise ValueError(f"root_ca.der is not a teecloud development root (CN must start {DEV_ROOT_CN_PREFIX!r})")
+            raise ValueError(
+                f"root_ca.der is not a teecloud development root (CN must start {DEV_ROOT_CN_PREFIX!r})"
+            )
         root.verify_directly_issued_by(root)
         platform.verify_directly_issued_by(root)
         tcb_cert.verify_directly_issued_by(root)
@@ -283,7 +285,9 @@ class SimulatedTdx:
         command line + initrd (RTMR2); all a deterministic function of the OS image and VM shape."""
 
         def d(label: str, extra: bytes = b"") -> bytes:
-            return hashlib.sha384(b"teecloud-sim:" + label.encode() + b":" + self._os_image_hash + extra).digest()
+            return hashlib.sha384(
+                b"teecloud-sim:" + label.encode() + b":" + self._os_image_hash + extra
+            ).digest()
 
         shape = struct.pack("<IQ", self._cpu_count, self._memory_size)
         return [
