@@ -1,5 +1,7 @@
 """Stand-in TDX quote + event-log verifier, used by ratls.verify_ratls_cert only while
-teecloud.attestation.verifier.verify_tdx_with_event_log (worker A) is absent.
+teecloud.attestation.verifier.verify_tdx_with_event_log is absent. When the attestation package's
+`dcap.verify_dcap_quote` and `eventlog` exist, `verify_composed` chains those instead; the last resort,
+`verify_tdx_with_event_log_fallback`, is described below.
 
 It verifies the quote with dcap-qvl (against the given development root, or Intel's root), parses the
 TD report (Intel TDX DCAP Quoting Library API, quote v4/v5 layout: 48-byte header, 584-byte TD 1.0 report
@@ -152,3 +154,40 @@ def verify_tdx_with_event_log_fallback(
         steps=(Step("quote_verified", True, "dcap-qvl"), Step("event_log_verified", True, "replayed")),
         app_info=app_info,
     )
+
+
+def verify_composed(
+    quote: bytes,
+    collateral: bytes,
+    event_log: str,
+    *,
+    now: int,
+    dev_root_der: bytes | None,
+    policy: Any = None,
+) -> VerifiedEvidence:
+    """Quote via teecloud.attestation.dcap, event log via teecloud.attestation.eventlog, then the policy
+    (its `check(evidence) -> list[Step]` when given, else: no debug TD, TCB UpToDate)."""
+    import dataclasses
+
+    from teecloud.attestation import dcap, eventlog
+
+    evidence = dcap.verify_dcap_quote(quote, collateral, now=now, dev_root_der=dev_root_der)
+    entries = eventlog.parse_event_log(event_log or "[]")
+    rtmrs = [evidence.measurements[f"rtmr{i}"] for i in range(4)]
+    eventlog.verify_event_log(entries, rtmrs)
+    app_info = eventlog.derive_app_info(evidence.measurements, entries, device_id=evidence.device_id)
+    evidence = dataclasses.replace(
+        evidence,
+        app_info=app_info,
+        steps=(*evidence.steps, Step("event_log_verified", True, f"{len(entries)} events replayed")),
+    )
+    if policy is not None and hasattr(policy, "check"):
+        failed = [st for st in policy.check(evidence) if not st.ok]
+        if failed:
+            raise PolicyViolation(failed[0].reason, step=failed[0].name)
+    else:
+        if evidence.debug:
+            raise PolicyViolation("debug TD: td_attributes.DEBUG is set")
+        if evidence.tcb_status != "UpToDate":
+            raise TcbNotAcceptable(f"TCB status {evidence.tcb_status} is below the floor UpToDate")
+    return evidence

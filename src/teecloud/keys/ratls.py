@@ -248,10 +248,16 @@ def _default_quote_verifier() -> QuoteVerifier:
     try:
         from teecloud.attestation.verifier import verify_tdx_with_event_log
     except ImportError:
-        from teecloud.keys._fallback_verify import verify_tdx_with_event_log_fallback
+        pass
+    else:
+        return cast(QuoteVerifier, verify_tdx_with_event_log)
+    from teecloud.keys import _fallback_verify
 
-        return verify_tdx_with_event_log_fallback
-    return cast(QuoteVerifier, verify_tdx_with_event_log)
+    try:
+        from teecloud.attestation import dcap, eventlog  # noqa: F401
+    except ImportError:
+        return _fallback_verify.verify_tdx_with_event_log_fallback
+    return _fallback_verify.verify_composed
 
 
 def verify_ratls_cert(
