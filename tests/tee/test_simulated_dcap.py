@@ -124,7 +124,7 @@ def test_debug_knob_sets_td_attributes_debug_bit_and_dcap_qvl_rejects() -> None:
     quote = tee.quote(b"x")
     assert quote[TD_ATTRIBUTES] & 0x01
     # dcap-qvl 0.7.0 refuses debug TDs by default ("Debug mode is enabled").
-    with pytest.raises(ValueError, match="(?i)debug"):
+    with pytest.raises(ValueError, match=r"(?i)debug"):
         _verify(tee, quote)
     assert not SimulatedTdx().quote(b"x")[TD_ATTRIBUTES] & 0x01
 
@@ -201,5 +201,5 @@ def test_collateral_for_a_later_time_and_expiry() -> None:
     col_later = dcap_qvl.QuoteCollateralV3.from_json(tee.collateral(now=later).decode())
     assert dcap_qvl.verify_with_root_ca(quote, col_later, tee.dev_root_der(), later).status == "UpToDate"
     # today's collateral has expired 40 days later (tcbInfo / CRL nextUpdate)
-    with pytest.raises(ValueError, match="(?i)expired|nextupdate|crl|tcb"):
+    with pytest.raises(ValueError, match=r"(?i)expired|nextupdate|crl|tcb"):
         dcap_qvl.verify_with_root_ca(quote, _col(tee), tee.dev_root_der(), int(time.time()) + 40 * 86400)
