@@ -1,0 +1,611 @@
+"""Intel DCAP quotes: TDX (quote v4 and v5) and SGX (quote v3), verified through dcap-qvl.
+
+dcap-qvl checks the cryptography: the PCK certificate chain and CRLs up to the root, the collateral
+(TCB info and QE identity) signatures and validity windows, the QE report, the quote signature, and the TCB
+level. This module adds what dcap-qvl does not give:
+
+- its own parse of the report body (TD report / SGX enclave report), so every field is named as Intel names
+  it (Intel TDX DCAP Quoting Library API, appendix A.3 "Version 4 Quote Format" and A.4 "Version 5";
+  Intel SGX ECDSA Quote Library API, section A.4 "Quote Format" for v3);
+- the development-root rule (`DEV_ROOT_CN_PREFIX`): a quote whose PCK chain ends at a teecloud development
+  root is never accepted as Intel evidence, and is accepted as *simulated* evidence only when the caller
+  passes that very root;
+- mapping dcap-qvl's errors (plain ValueError text) onto this package's error classes with reasons a user
+  can act on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import dcap_qvl
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
+from teecloud.attestation.errors import (
+    CertificateChainInvalid,
+    CollateralMismatch,
+    Expired,
+    MalformedEvidence,
+    SignatureInvalid,
+    TcbNotAcceptable,
+    UntrustedRoot,
+    VerificationError,
+)
+from teecloud.attestation.models import Step, VerifiedEvidence
+
+__all__ = [
+    "DEV_ROOT_CN_PREFIX",
+    "DEV_ROOT_REASON",
+    "TCB_STATUS_ORDER",
+    "looks_like_dcap_quote",
+    "parse_quote",
+    "pck_fmspc",
+    "verify_dcap_quote",
+]
+
+DEV_ROOT_CN_PREFIX = "teecloud Development Root CA"
+DEV_ROOT_REASON = "signed by a development root, not by Intel"
+
+# Intel's TCB statuses, best first (Intel PCS API v4, "tcbStatus").
+TCB_STATUS_ORDER: tuple[str, ...] = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
+)
+
+_HEADER_SIZE = 48
+_TEE_TYPE_SGX = 0x00000000
+_TEE_TYPE_TDX = 0x00000081
+_TD_REPORT10_SIZE = 584
+_TD_REPORT15_SIZE = 648
+_SGX_REPORT_SIZE = 384
+_QE_REPORT_SIZE = 384
+_CERT_TYPE_PCK_CHAIN = 5
+_CERT_TYPE_QE_REPORT = 6
+# TD attributes (Intel TDX ABI, TDREPORT_STRUCT / TD_PARAMS.ATTRIBUTES): bit 0 DEBUG, bit 28 SEPT_VE_DISABLE.
+_TD_ATTR_DEBUG = 1 << 0
+_TD_ATTR_SEPT_VE_DISABLE = 1 << 28
+# SGX enclave ATTRIBUTES.FLAGS bit 1 = DEBUG (Intel SDM vol. 3D, 38.7.1).
+_SGX_ATTR_DEBUG = 0x02
+
+# (name, offset, size) inside the TD report body; offsets per the quote v4 layout, table A.3.3.
+_TD10_FIELDS: tuple[tuple[str, int, int], ...] = (
+    ("tee_tcb_svn", 0, 16),
+    ("mrseam", 16, 48),
+    ("mrsignerseam", 64, 48),
+    ("seam_attributes", 112, 8),
+    ("td_attributes", 120, 8),
+    ("xfam", 128, 8),
+    ("mrtd", 136, 48),
+    ("mr_config_id", 184, 48),
+    ("mr_owner", 232, 48),
+    ("mr_owner_config", 280, 48),
+    ("rtmr0", 328, 48),
+    ("rtmr1", 376, 48),
+    ("rtmr2", 424, 48),
+    ("rtmr3", 472, 48),
+)
+_TD_REPORT_DATA = (520, 64)
+# TD report 1.5 appends these (quote v5 body type 3, table A.4.4).
+_TD15_EXTRA: tuple[tuple[str, int, int], ...] = (("tee_tcb_svn2", 584, 16), ("mr_servicetd", 600, 48))
+# SGX enclave report (table A.4.4 of the SGX ECDSA quote library API).
+_SGX_FIELDS: tuple[tuple[str, int, int], ...] = (
+    ("cpu_svn", 0, 16),
+    ("misc_select", 16, 4),
+    ("attributes", 48, 16),
+    ("mr_enclave", 64, 32),
+    ("mr_signer", 128, 32),
+    ("isv_prod_id", 256, 2),
+    ("isv_svn", 258, 2),
+)
+_SGX_REPORT_DATA = (320, 64)
+# Which report fields count as measurements (the rest go to `fields`).
+_TD_MEASUREMENTS = (
+    "mrtd",
+    "rtmr0",
+    "rtmr1",
+    "rtmr2",
+    "rtmr3",
+    "mrseam",
+    "mrsignerseam",
+    "mr_config_id",
+    "mr_owner",
+    "mr_owner_config",
+    "xfam",
+    "td_attributes",
+    "tee_tcb_svn",
+)
+_SGX_MEASUREMENTS = ("mr_enclave", "mr_signer", "isv_prod_id", "isv_svn", "attributes")
+
+
+@dataclass(frozen=True)
+class _Quote:
+    """The parts of a DCAP quote this module reads itself."""
+
+    version: int
+    tee: str  # "tdx" | "sgx"
+    body_type: str  # "td10" | "td15" | "sgx"
+    header: dict[str, Any]
+    report: dict[str, bytes]
+    report_data: bytes
+    pck_chain_pem: bytes
+    size: int
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Bounds-checked reads over the quote; every short read is MalformedEvidence."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if n < 0 or end > len(self.data):
+            raise MalformedEvidence(
+                f"quote is truncated: {what} needs {n} bytes at offset {self.pos}, "
+                f"only {max(0, len(self.data) - self.pos)} left"
+            )
+        out = self.data[self.pos : end]
+        self.pos = end
+        return out
+
+    def u16(self, what: str) -> int:
+        return int.from_bytes(self.take(2, what), "little")
+
+    def u32(self, what: str) -> int:
+        return int.from_bytes(self.take(4, what), "little")
+
+
+def looks_like_dcap_quote(data: bytes) -> bool:
+    """True when `data` starts with a DCAP quote header (v3 SGX, v4/v5 SGX or TDX, ECDSA attestation key)."""
+    if len(data) < _HEADER_SIZE:
+        return False
+    version, key_type, tee_type = struct.unpack_from("<HHI", data, 0)
+    if version == 3:
+        return key_type in (2, 3)
+    return version in (4, 5) and key_type in (2, 3) and tee_type in (_TEE_TYPE_SGX, _TEE_TYPE_TDX)
+
+
+def _fields(body: bytes, layout: tuple[tuple[str, int, int], ...]) -> dict[str, bytes]:
+    return {name: body[off : off + size] for name, off, size in layout}
+
+
+def _parse(quote: bytes, limits: VerifierLimits = DEFAULT_LIMITS) -> _Quote:
+    if not isinstance(quote, bytes | bytearray | memoryview):
+        raise MalformedEvidence("quote must be bytes")
+    quote = bytes(quote)
+    if len(quote) > limits.max_quote_size:
+        raise MalformedEvidence(f"quote is {len(quote)} bytes, over the {limits.max_quote_size}-byte limit")
+    r = _Reader(quote)
+    # (1) Header (48 bytes): version, attestation key type, TEE type (v4+; reserved in v3), QE/PCE SVN,
+    # QE vendor ID, user data.
+    version = r.u16("header.version")
+    key_type = r.u16("header.attestation_key_type")
+    tee_type = r.u32("header.tee_type")
+    qe_svn = r.u16("header.qe_svn")
+    pce_svn = r.u16("header.pce_svn")
+    qe_vendor_id = r.take(16, "header.qe_vendor_id")
+    user_data = r.take(20, "header.user_data")
+    if version not in (3, 4, 5):
+        raise MalformedEvidence(f"not a DCAP quote: unsupported quote version {version} (expected 3, 4 or 5)")
+    if key_type not in (2, 3):
+        raise MalformedEvidence(f"unsupported attestation key type {key_type} (expected 2 = ECDSA P-256)")
+    if version == 3:
+        tee_type = _TEE_TYPE_SGX  # v3 quotes are SGX only; the field is reserved
+    if tee_type not in (_TEE_TYPE_SGX, _TEE_TYPE_TDX):
+        raise MalformedEvidence(f"unknown TEE type 0x{tee_type:08x} in the quote header")
+    header = {
+        "version": version,
+        "attestation_key_type": key_type,
+        "tee_type": tee_type,
+        "qe_svn": qe_svn,
+        "pce_svn": pce_svn,
+        "qe_vendor_id": qe_vendor_id.hex(),
+        "user_data": user_data.hex(),
+    }
+    # (2) Body: v3/v4 put the report right after the header; v5 first has a body descriptor (type, size).
+    if version == 5:
+        body_type_code = r.u16("body.type")
+        body_size = r.u32("body.size")
+        expected = {1: _SGX_REPORT_SIZE, 2: _TD_REPORT10_SIZE, 3: _TD_REPORT15_SIZE}.get(body_type_code)
+        if expected is None:
+            raise MalformedEvidence(f"unknown quote v5 body type {body_type_code}")
+        if body_size != expected:
+            raise MalformedEvidence(
+                f"quote v5 body type {body_type_code} has size {body_size}, not {expected}"
+            )
+        body_type = {1: "sgx", 2: "td10", 3: "td15"}[body_type_code]
+        if (body_type == "sgx") != (tee_type == _TEE_TYPE_SGX):
+            raise MalformedEvidence("quote v5 body type does not match the header's TEE type")
+    else:
+        body_type = "sgx" if tee_type == _TEE_TYPE_SGX else "td10"
+    size = {"sgx": _SGX_REPORT_SIZE, "td10": _TD_REPORT10_SIZE, "td15": _TD_REPORT15_SIZE}[body_type]
+    body = r.take(size, f"{body_type} report body")
+    if body_type == "sgx":
+        report = _fields(body, _SGX_FIELDS)
+        off, n = _SGX_REPORT_DATA
+    else:
+        report = _fields(body, _TD10_FIELDS)
+        if body_type == "td15":
+            report.update(_fields(body, _TD15_EXTRA))
+        off, n = _TD_REPORT_DATA
+    report_data = body[off : off + n]
+    # (3) Signature data: ECDSA signature, attestation key, then certification data; for v4/v5 that is
+    # type 6 (QE report certification data) wrapping type 5 (PCK chain, PEM); for v3 the QE report comes
+    # first and type 5 follows directly.
+    sig_len = r.u32("signature_data_len")
+    sig = _Reader(r.take(sig_len, "signature data"))
+    sig.take(64, "quote signature")
+    sig.take(64, "attestation public key")
+    if version == 3:
+        sig.take(_QE_REPORT_SIZE, "QE report")
+        sig.take(64, "QE report signature")
+        sig.take(sig.u16("QE auth data size"), "QE auth data")
+        cert_type = sig.u16("certification data type")
+        cert = sig.take(sig.u32("certification data size"), "certification data")
+    else:
+        outer_type = sig.u16("certification data type")
+        outer = _Reader(sig.take(sig.u32("certification data size"), "certification data"))
+        if outer_type != _CERT_TYPE_QE_REPORT:
+            raise MalformedEvidence(f"certification data type {outer_type} is not 6 (QE report data)")
+        outer.take(_QE_REPORT_SIZE, "QE report")
+        outer.take(64, "QE report signature")
+        outer.take(outer.u16("QE auth data size"), "QE auth data")
+        cert_type = outer.u16("PCK certification data type")
+        cert = outer.take(outer.u32("PCK certification data size"), "PCK certification data")
+    if cert_type != _CERT_TYPE_PCK_CHAIN:
+        raise MalformedEvidence(f"PCK certification data type {cert_type} is not 5 (PEM certificate chain)")
+    return _Quote(
+        version=version,
+        tee="sgx" if tee_type == _TEE_TYPE_SGX else "tdx",
+        body_type=body_type,
+        header=header,
+        report=report,
+        report_data=report_data,
+        pck_chain_pem=cert.rstrip(b"\x00"),
+        size=len(quote),
+    )
+
+
+def _debug(q: _Quote) -> bool:
+    if q.tee == "sgx":
+        return bool(q.report["attributes"][0] & _SGX_ATTR_DEBUG)
+    return bool(int.from_bytes(q.report["td_attributes"], "little") & _TD_ATTR_DEBUG)
+
+
+def parse_quote(quote: bytes, *, limits: VerifierLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Parse (without verifying) a DCAP quote into a dict: header fields, `tee` ("tdx"|"sgx"), `body_type`,
+    `measurements` (name -> raw bytes), `report_data`, `debug` and `pck_chain_pem`.
+
+    Raises MalformedEvidence. Nothing in the result is trustworthy until `verify_dcap_quote` accepts it.
+    """
+    q = _parse(quote, limits)
+    names = _SGX_MEASUREMENTS if q.tee == "sgx" else _TD_MEASUREMENTS
+    return {
+        **q.header,
+        "tee": q.tee,
+        "body_type": q.body_type,
+        "measurements": {n: q.report[n] for n in names},
+        "report": dict(q.report),
+        "report_data": q.report_data,
+        "debug": _debug(q),
+        "pck_chain_pem": q.pck_chain_pem,
+    }
+
+
+def pck_fmspc(quote: bytes) -> str:
+    """The FMSPC (upper-case hex) from the PCK certificate inside the quote. Raises MalformedEvidence."""
+    _parse(quote)
+    try:
+        return str(dcap_qvl.parse_quote(quote).fmspc()).upper()
+    except Exception as exc:  # dcap-qvl raises ValueError on any undecodable input
+        raise MalformedEvidence(f"cannot read the FMSPC from the quote's PCK certificate: {exc}") from exc
+
+
+def pck_ca(quote: bytes) -> str:
+    """ "processor" or "platform": which Intel PCK CA issued the quote's PCK certificate."""
+    _parse(quote)
+    try:
+        return str(dcap_qvl.parse_quote(quote).ca()).lower()
+    except Exception as exc:
+        raise MalformedEvidence(f"cannot read the PCK CA from the quote's certificate chain: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------ collateral
+
+
+@dataclass(frozen=True)
+class _Collateral:
+    obj: Any  # dcap_qvl.QuoteCollateralV3
+    tcb_fmspc: str
+    tcb_id: str
+    tcb_next_update: str
+    qe_id: str
+    qe_next_update: str
+
+
+@functools.lru_cache(maxsize=64)
+def _load_collateral(data: bytes) -> _Collateral:
+    # Cached by the exact bytes: parsing (JSON + hex + PEM) costs more than a quote signature check, and
+    # the KMS sees the same collateral for every quote of a platform until nextUpdate.
+    try:
+        text = data.decode("utf-8")
+        raw = json.loads(text)
+        tcb = json.loads(raw["tcb_info"])
+        qe = json.loads(raw["qe_identity"])
+        obj = dcap_qvl.QuoteCollateralV3.from_json(text)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise MalformedEvidence(
+            f"collateral is not dcap-qvl QuoteCollateralV3 JSON: {_first_line(str(exc))}",
+            step="collateral_ok",
+        ) from exc
+    if not isinstance(tcb, dict) or not isinstance(qe, dict):
+        raise MalformedEvidence(
+            "collateral tcb_info / qe_identity are not JSON objects", step="collateral_ok"
+        )
+    return _Collateral(
+        obj=obj,
+        tcb_fmspc=str(tcb.get("fmspc", "")).upper(),
+        tcb_id=str(tcb.get("id", "SGX")),
+        tcb_next_update=str(tcb.get("nextUpdate", "?")),
+        qe_id=str(qe.get("id", "?")),
+        qe_next_update=str(qe.get("nextUpdate", "?")),
+    )
+
+
+def _collateral(collateral: bytes | str, limits: VerifierLimits) -> _Collateral:
+    data = collateral.encode() if isinstance(collateral, str) else bytes(collateral)
+    if len(data) > limits.max_collateral_size:
+        raise MalformedEvidence(
+            f"collateral is {len(data)} bytes, over the {limits.max_collateral_size}-byte limit",
+            step="collateral_ok",
+        )
+    return _load_collateral(data)
+
+
+# --------------------------------------------------------------------------------------- certificates
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----")
+
+
+@functools.lru_cache(maxsize=64)
+def _root_of_chain(chain_pem: bytes) -> tuple[str, str, bytes]:
+    """(common name, RFC 4514 subject, DER) of the last certificate of a PEM chain (leaf -> root)."""
+    blocks = _PEM_CERT.findall(chain_pem)
+    if not blocks:
+        raise MalformedEvidence("the quote carries no PCK certificate chain", step="cert_chain_verified")
+    try:
+        cert = x509.load_pem_x509_certificate(blocks[-1])
+    except ValueError as exc:
+        raise MalformedEvidence(
+            f"the quote's root certificate cannot be decoded: {exc}", step="cert_chain_verified"
+        ) from exc
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(cns[0].value) if cns else ""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return cn, cert.subject.rfc4514_string(), cert.public_bytes(Encoding.DER)
+
+
+def _cert_cn(der: bytes) -> str:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return ""
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else ""
+
+
+# ------------------------------------------------------------------------------------ error mapping
+
+
+def _iso(ts: int) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _humanize(msg: str) -> str:
+    msg = msg.removeprefix("Verification failed: ")
+    msg = re.sub(r"UnixTime\((\d+)\)", lambda m: _iso(int(m.group(1))), msg)
+    return " ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
+def _map_error(exc: Exception, *, now: int, col: _Collateral, root_subject: str) -> VerificationError:
+    """Turn dcap-qvl's ValueError text into one of our error classes (the text is kept, made readable)."""
+    text = _humanize(str(exc))
+    low = text.lower()
+    at = _iso(now)
+    if "failed to decode quote" in low or "failed to parse quote" in low:
+        return MalformedEvidence(f"quote is malformed: {text}")
+    if "unknown qe vendor" in low:
+        return MalformedEvidence(f"quote header names an unknown QE vendor: {text}")
+    if "fmspc mismatch" in low:
+        return CollateralMismatch(
+            f"collateral is for another platform: its TCB info is for FMSPC {col.tcb_fmspc}, "
+            "not the FMSPC in the quote's PCK certificate"
+        )
+    if "unsupported qe identity" in low or ("tcb" in low and "id" in low and "unsupported" in low):
+        return CollateralMismatch(f"collateral is for another TEE kind: {text}")
+    if "tcbinfo expired" in low or "tcb info expired" in low:
+        return Expired(f"TCB info expired: its nextUpdate {col.tcb_next_update} is before {at} ({text})")
+    if "qe identity expired" in low or "qeidentity expired" in low:
+        return Expired(f"QE identity expired: its nextUpdate {col.qe_next_update} is before {at} ({text})")
+    if "crlexpired" in low or "crl expired" in low:
+        return Expired(f"a certificate revocation list expired: {text}")
+    if "expired" in low:
+        return Expired(f"collateral or certificate expired at {at}: {text}")
+    if "notvalidyet" in low or "not valid yet" in low or "in the future" in low:
+        return Expired(f"collateral or certificate is not yet valid at {at}: {text}")
+    if "no matching tcb level" in low:
+        return TcbNotAcceptable(
+            "TCB evaluation failed: No matching TCB level found (the platform's TCB is not listed in the "
+            "collateral's TCB info; update the platform or fetch newer collateral)"
+        )
+    if "revoked" in low:
+        return CertificateChainInvalid(f"a certificate in the PCK chain is revoked: {text}")
+    if "unknownissuer" in low or "unknown issuer" in low:
+        return UntrustedRoot(
+            f"the PCK certificate chain ends at {root_subject!r}, "
+            f"which is not the trusted Intel root ({text})"
+        )
+    if "cert" in low or "crl" in low or "chain" in low or "issuer" in low or "eku" in low:
+        return CertificateChainInvalid(
+            f"PCK certificate chain (root {root_subject!r}) does not verify: {text}"
+        )
+    if "signature" in low or "hash mismatch" in low:
+        return SignatureInvalid(f"quote signature does not verify: {text}")
+    return VerificationError(f"quote verification failed: {text}")
+
+
+# -------------------------------------------------------------------------------------- verification
+
+
+def verify_dcap_quote(
+    quote: bytes,
+    collateral: bytes | str,
+    *,
+    now: int,
+    dev_root_der: bytes | None = None,
+    intel_root_der: bytes | None = None,
+    limits: VerifierLimits = DEFAULT_LIMITS,
+) -> VerifiedEvidence:
+    """Verify a TDX (v4/v5) or SGX (v3) quote against QuoteCollateralV3 JSON at unix time `now`.
+
+    `intel_root_der` replaces dcap-qvl's built-in Intel SGX Root CA when given. `dev_root_der` is the one
+    teecloud development root the caller trusts (the simulated TEE's); quotes under it come back with
+    tee "<kind>-simulated" and simulated=True. Raises a VerificationError subclass.
+
+    Steps:
+      (1) parse the quote (header, report body, certification data) within the size limits;
+      (2) parse the collateral (cached by its bytes);
+      (3) the collateral's FMSPC and TEE kind match the quote's PCK certificate;
+      (4) pick the root: a development-root chain needs exactly `dev_root_der`, any other uses Intel's;
+      (5) dcap-qvl: PCK chain + CRLs, collateral signatures and validity at `now`, QE report, quote
+          signature, TCB level;
+      (6) a Revoked TCB is never acceptable;
+      (7) build the VerifiedEvidence (device_id = sha256(PPID), as dstack does).
+    """
+    if isinstance(now, bool) or not isinstance(now, int):
+        raise TypeError("now must be an int (unix seconds)")
+    # (1): parse.
+    q = _parse(quote, limits)
+    quote = bytes(quote)
+    kind_name = "TDX" if q.tee == "tdx" else "SGX"
+    steps = [Step("parsed", True, f"{kind_name} quote v{q.version} ({q.body_type} report), {q.size} bytes")]
+    # (2): collateral.
+    col = _collateral(collateral, limits)
+    # (3): collateral must be for this platform (FMSPC) and this kind, checked before the signatures so
+    # the reason names the mismatch rather than a date that happens to fail first.
+    try:
+        fmspc = str(dcap_qvl.parse_quote(quote).fmspc()).upper()
+    except Exception as exc:  # dcap-qvl raises ValueError/RuntimeError on undecodable certificates
+        raise MalformedEvidence(f"cannot read the FMSPC from the quote's PCK certificate: {exc}") from exc
+    if (col.tcb_id == "TDX") != (q.tee == "tdx"):
+        raise CollateralMismatch(f"collateral is for {col.tcb_id}, the quote is {kind_name}")
+    if col.tcb_fmspc != fmspc:
+        raise CollateralMismatch(
+            f"collateral is for another platform: its TCB info is for FMSPC {col.tcb_fmspc}, "
+            f"the quote's PCK certificate says FMSPC {fmspc}"
+        )
+    # (4): choose the root.
+    root_cn, root_subject, root_der = _root_of_chain(q.pck_chain_pem)
+    simulated = root_cn.startswith(DEV_ROOT_CN_PREFIX)
+    if simulated:
+        if dev_root_der is None:
+            raise UntrustedRoot(DEV_ROOT_REASON)
+        if bytes(dev_root_der) != root_der:
+            raise UntrustedRoot(
+                f"{DEV_ROOT_REASON} (its root {root_subject!r} is not the trusted development root "
+                f"{_cert_cn(bytes(dev_root_der))!r})"
+            )
+        anchor: bytes | None = bytes(dev_root_der)
+        anchor_name = root_cn
+    else:
+        anchor = bytes(intel_root_der) if intel_root_der is not None else None
+        anchor_name = _cert_cn(anchor) if anchor is not None else "Intel SGX Root CA (built into dcap-qvl)"
+    # (5): dcap-qvl does the cryptography and the TCB evaluation.
+    try:
+        if anchor is None:
+            report = dcap_qvl.verify(quote, col.obj, now)
+        else:
+            report = dcap_qvl.verify_with_root_ca(quote, col.obj, anchor, now)
+    except (ValueError, RuntimeError) as exc:
+        raise _map_error(exc, now=now, col=col, root_subject=root_subject) from exc
+    status = str(report.status)
+    advisories = tuple(str(a) for a in report.advisory_ids)
+    # (6): Revoked means Intel withdrew the platform's keys; no policy may accept it.
+    if status == "Revoked":
+        raise TcbNotAcceptable("TCB status is Revoked: Intel has revoked this platform's TCB")
+    steps += [
+        Step(
+            "quote_verified", True, "quote signed by the QE attestation key; QE report signed by the PCK key"
+        ),
+        Step("cert_chain_verified", True, f"PCK certificate chain and CRLs verify to {anchor_name}"),
+        Step(
+            "collateral_ok",
+            True,
+            f"TCB info ({col.tcb_id}, FMSPC {col.tcb_fmspc}, next update {col.tcb_next_update}) and QE "
+            f"identity ({col.qe_id}, next update {col.qe_next_update}) signed and valid at {_iso(now)}",
+        ),
+        Step(
+            "tcb_ok",
+            True,
+            f"TCB status {status}"
+            + (f", advisories {', '.join(advisories)}" if advisories else ", no advisories"),
+        ),
+    ]
+    # (7): the typed result.
+    names = _SGX_MEASUREMENTS if q.tee == "sgx" else _TD_MEASUREMENTS
+    measurements = {n: q.report[n] for n in names}
+    fields: dict[str, Any] = {
+        "quote_version": q.version,
+        "body_type": q.body_type,
+        "qe_svn": q.header["qe_svn"],
+        "pce_svn": q.header["pce_svn"],
+        "qe_vendor_id": q.header["qe_vendor_id"],
+        "fmspc": col.tcb_fmspc,
+        "root_ca": anchor_name,
+    }
+    for name, value in q.report.items():
+        if name not in measurements:
+            fields[name] = value.hex()
+    if q.tee == "sgx":
+        fields["isv_prod_id"] = int.from_bytes(q.report["isv_prod_id"], "little")
+        fields["isv_svn"] = int.from_bytes(q.report["isv_svn"], "little")
+    else:
+        td_attr = int.from_bytes(q.report["td_attributes"], "little")
+        fields["sept_ve_disable"] = bool(td_attr & _TD_ATTR_SEPT_VE_DISABLE)
+    ppid = bytes(report.ppid or b"")
+    return VerifiedEvidence(
+        tee=q.tee + ("-simulated" if simulated else ""),
+        tcb_status=status,
+        advisory_ids=advisories,
+        measurements=measurements,
+        report_data=q.report_data,
+        debug=_debug(q),
+        simulated=simulated,
+        device_id=hashlib.sha256(ppid).digest() if ppid else b"",
+        fields=fields,
+        steps=tuple(steps),
+    )
