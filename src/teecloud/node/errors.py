@@ -1,0 +1,66 @@
+"""Errors of the worker node.
+
+NodeError                      base; the CLI and the HTTP API catch only this
+├── ComposeRejected(ValueError) the app's compose file asks for something a CVM cannot give (client error)
+├── InstanceNotFound           no CVM with that id or name
+├── InstanceStateError         the request does not fit the CVM's state (e.g. upgrade of a removed CVM)
+├── RuntimeUnavailable         Docker engine / Compose missing or unreachable (operator must fix)
+├── RuntimeFailed              docker / docker compose returned an error
+├── StorageError               gocryptfs / FUSE failure
+└── BootFailed(phase)          the boot sequence stopped; `phase` names where
+    └── KeysDenied             the KMS refused the keys (code not allowed on chain, bad attestation...)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BootFailed",
+    "ComposeRejected",
+    "InstanceNotFound",
+    "InstanceStateError",
+    "KeysDenied",
+    "NodeError",
+    "RuntimeFailed",
+    "RuntimeUnavailable",
+    "StorageError",
+]
+
+
+class NodeError(Exception):
+    """Base class of every error the node reports; `str(err)` is a message a user can act on."""
+
+
+class ComposeRejected(NodeError, ValueError):
+    pass
+
+
+class InstanceNotFound(NodeError, LookupError):
+    pass
+
+
+class InstanceStateError(NodeError):
+    pass
+
+
+class RuntimeUnavailable(NodeError):
+    pass
+
+
+class RuntimeFailed(NodeError):
+    pass
+
+
+class StorageError(NodeError):
+    pass
+
+
+class BootFailed(NodeError):
+    def __init__(self, phase: str, reason: str) -> None:
+        super().__init__(f"boot stopped at {phase}: {reason}")
+        self.phase = phase
+        self.reason = reason
+
+
+class KeysDenied(BootFailed):
+    def __init__(self, reason: str) -> None:
+        super().__init__("keys", reason)

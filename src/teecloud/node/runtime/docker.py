@@ -1,0 +1,648 @@
+"""Runtime `docker`: a CVM's app as one Docker Compose project on a real Docker Engine.
+
+The app's compose file is used unchanged. Everything teecloud needs is added by an override file
+(`docker compose -f app.yaml -f teecloud.override.yaml`), built by `make_override` from the parsed file:
+  - every service sees the guest agent at /var/run/dstack.sock and /var/run/tappd.sock;
+  - published ports bind to 127.0.0.1 (bridge option `com.docker.network.bridge.host_binding_ipv4` on
+    every network of the project; an explicit non-loopback host address is refused);
+  - every network is the project's own bridge (one per CVM; Docker isolates bridges from each other);
+  - named and anonymous volumes (including an image's VOLUMEs) are bind mounts into the CVM's encrypted
+    filesystem, so their data is ciphertext on the host;
+  - decrypted env vars never enter the container's configuration (which Docker stores on the host disk and
+    shows in `docker inspect`): the container starts through a busybox shell that sources them from a file in
+    tmpfs, then execs the original entrypoint + command;
+  - per-service resource limits.
+Things a CVM would allow inside its own VM but that would reach the host here (privileged mode, host
+network/pid/ipc namespaces, host bind mounts, devices, external volumes/networks) are refused with a reason.
+
+Compose v2 (`docker compose`) is preferred, v1 (`docker-compose` >= 1.27, the Compose Spec) works too.
+Containers are found through the `com.docker.compose.project` label both versions set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from teecloud._fs import atomic_write
+from teecloud.node.errors import ComposeRejected, RuntimeFailed, RuntimeUnavailable
+
+__all__ = [
+    "AGENT_SOCKETS",
+    "ComposeSpec",
+    "ContainerState",
+    "DockerRuntime",
+    "ImageConfig",
+    "ResourceLimits",
+    "detect_compose",
+    "load_compose",
+    "make_override",
+    "project_name",
+    "render_env_file",
+]
+
+MAX_COMPOSE_BYTES = 256 * 1024
+# Paths at which dstack apps expect the guest agent (dstack OS: /var/run == /run).
+AGENT_SOCKETS = {"/var/run/dstack.sock": "dstack.sock", "/var/run/tappd.sock": "tappd.sock"}
+_KNOWN_AGENT_SOURCES = {
+    "/var/run/dstack.sock": "dstack.sock",
+    "/run/dstack.sock": "dstack.sock",
+    "/var/run/tappd.sock": "tappd.sock",
+    "/run/tappd.sock": "tappd.sock",
+}
+LOOPBACK = "127.0.0.1"
+HOST_BINDING_OPT = "com.docker.network.bridge.host_binding_ipv4"
+IN_CONTAINER_DIR = "/.teecloud"
+ENV_FILE_NAME = "env.sh"
+ENTRY_SCRIPT = f'. {IN_CONTAINER_DIR}/{ENV_FILE_NAME} && exec "$@"'
+_SERVICE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """Caps applied to each service of the CVM (None = no cap)."""
+
+    cpus: float | None = None
+    memory_mb: int | None = None
+    pids: int | None = 4096
+
+    def __post_init__(self) -> None:
+        if self.cpus is not None and not (0 < self.cpus <= 1024):
+            raise ComposeRejected(f"cpus must be in (0, 1024], got {self.cpus}")
+        if self.memory_mb is not None and not (6 <= self.memory_mb <= 16 * 1024 * 1024):
+            raise ComposeRejected(f"memory must be at least 6 MB, got {self.memory_mb}")
+        if self.pids is not None and self.pids < 1:
+            raise ComposeRejected("pids limit must be positive")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What `docker image inspect` says about an image: its default argv and declared volumes."""
+
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ComposeSpec:
+    """Where a CVM's compose project lives on the host."""
+
+    project: str  # compose project name, `tc-<instance>`
+    workdir: Path  # holds the app's compose file (unchanged) and the override
+    agent_dir: Path  # holds dstack.sock and tappd.sock
+    volume_root: Path  # plaintext view of the encrypted filesystem
+    env_dir: Path | None = None  # tmpfs directory holding env.sh (None: no env vars for the app)
+
+    @property
+    def compose_file(self) -> Path:
+        return self.workdir / "docker-compose.yaml"
+
+    @property
+    def override_file(self) -> Path:
+        return self.workdir / "teecloud.override.yaml"
+
+
+@dataclass
+class ContainerState:
+    service: str
+    container: str
+    state: str  # created | running | restarting | exited | paused | dead
+    health: str | None
+    exit_code: int
+    ports: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # [{container_port, protocol, host_ip, host_port}]
+
+
+def project_name(instance_id: str) -> str:
+    return f"tc-{instance_id[:16].lower()}"
+
+
+def load_compose(text: str) -> dict[str, Any]:
+    """Parse a compose file (YAML) and check the parts teecloud relies on."""
+    if len(text.encode()) > MAX_COMPOSE_BYTES:
+        raise ComposeRejected(f"the compose file is larger than {MAX_COMPOSE_BYTES} bytes")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ComposeRejected(f"the compose file is not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ComposeRejected("the compose file must be a mapping with a `services` section")
+    services = doc.get("services")
+    if not isinstance(services, dict) or not services:
+        raise ComposeRejected("the compose file has no `services`")
+    for name, svc in services.items():
+        if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+            raise ComposeRejected(f"invalid service name {name!r}")
+        if not isinstance(svc, dict):
+            raise ComposeRejected(f"service {name!r} must be a mapping")
+        if "build" in svc:
+            raise ComposeRejected(
+                f"service {name!r} uses `build`: a CVM runs images, not build contexts; build the image "
+                "first and refer to it with `image:`"
+            )
+        if not isinstance(svc.get("image"), str) or not svc["image"]:
+            raise ComposeRejected(f"service {name!r} has no `image`")
+    return doc
+
+
+def _argv(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            raise ComposeRejected(f"cannot split {what} {value!r}: {exc}") from exc
+    if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+        return [str(v) for v in value]
+    raise ComposeRejected(f"{what} must be a string or a list of strings")
+
+
+def _escape(value: str) -> str:
+    """Compose interpolates `$` in every file it reads, the override included."""
+    return value.replace("$", "$$")
+
+
+def _check_port(service: str, port: Any) -> None:
+    host_ip: str | None = None
+    if isinstance(port, dict):
+        host_ip = port.get("host_ip")
+    elif isinstance(port, str | int):
+        spec = str(port).split("/", 1)[0]
+        if spec.startswith("["):
+            raise ComposeRejected(f"service {service!r}: IPv6 host addresses are not supported ({port!r})")
+        parts = spec.rsplit(":", 2)
+        if len(parts) == 3:
+            host_ip = parts[0]
+    else:
+        raise ComposeRejected(f"service {service!r}: invalid port {port!r}")
+    if host_ip not in (None, "", LOOPBACK, "localhost"):
+        raise ComposeRejected(
+            f"service {service!r} publishes {port!r} on {host_ip}: a CVM's ports are bound to 127.0.0.1 "
+            "(reach them through the gateway); drop the host address"
+        )
+
+
+def _parse_volume(service: str, vol: Any) -> tuple[str, str | None, str, str]:
+    """-> (kind, source, target, mode) with kind in volume | anonymous | bind | tmpfs."""
+    if isinstance(vol, dict):
+        kind = vol.get("type", "volume")
+        target = vol.get("target")
+        source = vol.get("source")
+        mode = "ro" if vol.get("read_only") else "rw"
+        if not isinstance(target, str):
+            raise ComposeRejected(f"service {service!r}: volume without a target: {vol!r}")
+        if kind == "tmpfs":
+            return "tmpfs", None, target, mode
+        if kind == "bind":
+            return "bind", str(source), target, mode
+        if kind != "volume":
+            raise ComposeRejected(f"service {service!r}: volume type {kind!r} is not supported")
+        return ("volume" if source else "anonymous"), source, target, mode
+    if not isinstance(vol, str):
+        raise ComposeRejected(f"service {service!r}: invalid volume {vol!r}")
+    parts = vol.split(":")
+    if len(parts) == 1:
+        return "anonymous", None, parts[0], "rw"
+    source, target = parts[0], parts[1]
+    mode = parts[2] if len(parts) > 2 else "rw"
+    if source.startswith(("/", ".", "~")):
+        return "bind", source, target, mode
+    return "volume", source, target, mode
+
+
+def _anon_dir(service: str, target: str) -> str:
+    return f"anon/{service}/{hashlib.sha256(target.encode()).hexdigest()[:16]}"
+
+
+def make_override(
+    compose: Mapping[str, Any],
+    spec: ComposeSpec,
+    *,
+    images: Mapping[str, ImageConfig],
+    limits: ResourceLimits,
+    busybox: Path | None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Build the override document for `compose` (already checked by `load_compose`).
+
+    Returns (override, volume_dirs): volume_dirs are paths relative to `spec.volume_root` that must exist
+    before the project starts. Raises ComposeRejected when the app asks for host resources.
+    """
+    services_in: dict[str, Any] = compose["services"]
+    services_out: dict[str, Any] = {}
+    volume_dirs: list[str] = []
+    declared_volumes = compose.get("volumes") or {}
+    if not isinstance(declared_volumes, dict):
+        raise ComposeRejected("top-level `volumes` must be a mapping")
+    used_named: set[str] = set()
+
+    for name, svc in services_in.items():
+        # (1) refuse what would reach the host
+        if svc.get("privileged"):
+            raise ComposeRejected(f"service {name!r}: privileged containers are not allowed")
+        for key in ("network_mode", "pid", "ipc", "userns_mode", "uts"):
+            value = svc.get(key)
+            if isinstance(value, str) and (value == "host" or value.startswith("container:")):
+                raise ComposeRejected(f"service {name!r}: `{key}: {value}` would share the host's namespace")
+        if svc.get("devices"):
+            raise ComposeRejected(f"service {name!r}: host devices are not available to a CVM")
+        for port in svc.get("ports") or []:
+            _check_port(name, port)
+
+        out: dict[str, Any] = {}
+        # (2) volumes: agent sockets, encrypted backing store, no host paths
+        vols: list[dict[str, Any]] = []
+        for target, sock in AGENT_SOCKETS.items():
+            vols.append({"type": "bind", "source": str(spec.agent_dir / sock), "target": target})
+        seen_targets = set(AGENT_SOCKETS)
+        for vol in svc.get("volumes") or []:
+            kind, source, target, _mode = _parse_volume(name, vol)
+            if kind == "bind":
+                assert source is not None
+                if source in _KNOWN_AGENT_SOURCES:
+                    if target not in seen_targets:
+                        sock = _KNOWN_AGENT_SOURCES[source]
+                        vols.append({"type": "bind", "source": str(spec.agent_dir / sock), "target": target})
+                        seen_targets.add(target)
+                    continue
+                raise ComposeRejected(
+                    f"service {name!r} bind-mounts the host path {source!r}: a CVM cannot see the host's "
+                    "files; "
+                    "use a named volume (stored encrypted)"
+                )
+            if kind == "anonymous":
+                rel = _anon_dir(name, target)
+                volume_dirs.append(rel)
+                vols.append(
+                    {
+                        "type": "bind",
+                        "source": str(spec.volume_root / rel),
+                        "target": target,
+                        "read_only": False,
+                    }
+                )
+                seen_targets.add(target)
+            elif kind == "volume":
+                assert source is not None
+                if source not in declared_volumes:
+                    raise ComposeRejected(
+                        f"service {name!r} uses volume {source!r}, not declared in `volumes`"
+                    )
+                used_named.add(source)
+                seen_targets.add(target)
+        image = images.get(name, ImageConfig())
+        for target in image.volumes:
+            if target not in seen_targets:  # an image VOLUME would land unencrypted in Docker's storage
+                rel = _anon_dir(name, target)
+                volume_dirs.append(rel)
+                vols.append({"type": "bind", "source": str(spec.volume_root / rel), "target": target})
+        out["volumes"] = vols
+
+        # (3) env vars from tmpfs, through a busybox shell, then the original argv
+        if spec.env_dir is not None:
+            if busybox is None:
+                raise ComposeRejected(
+                    "env vars need a static busybox on the node (apt-get install busybox-static)"
+                )
+            entrypoint = (
+                _argv(svc["entrypoint"], "entrypoint") if "entrypoint" in svc else list(image.entrypoint)
+            )
+            if "command" in svc:
+                command = _argv(svc["command"], "command")
+            elif "entrypoint" in svc:
+                command = []  # Docker drops the image's CMD when the entrypoint is replaced
+            else:
+                command = list(image.cmd)
+            argv = entrypoint + command
+            if not argv:
+                raise ComposeRejected(
+                    f"service {name!r} has no command (neither in the image nor in the file)"
+                )
+            vols.append(
+                {
+                    "type": "bind",
+                    "source": str(busybox),
+                    "target": f"{IN_CONTAINER_DIR}/busybox",
+                    "read_only": True,
+                }
+            )
+            vols.append(
+                {
+                    "type": "bind",
+                    "source": str(spec.env_dir / ENV_FILE_NAME),
+                    "target": f"{IN_CONTAINER_DIR}/{ENV_FILE_NAME}",
+                    "read_only": True,
+                }
+            )
+            out["entrypoint"] = [
+                f"{IN_CONTAINER_DIR}/busybox",
+                "sh",
+                "-c",
+                _escape(ENTRY_SCRIPT),
+                "teecloud-env",
+            ]
+            out["command"] = [_escape(a) for a in argv]
+
+        # (4) resource limits
+        if limits.cpus is not None:
+            out["cpus"] = limits.cpus
+        if limits.memory_mb is not None:
+            out["mem_limit"] = f"{limits.memory_mb}m"
+        if limits.pids is not None:
+            out["pids_limit"] = limits.pids
+        out.setdefault("labels", {})["io.teecloud.project"] = spec.project
+        services_out[name] = out
+
+    # (5) named volumes: bind mounts into the encrypted filesystem
+    volumes_out: dict[str, Any] = {}
+    for vname, vdef in declared_volumes.items():
+        if isinstance(vdef, dict) and vdef.get("external"):
+            raise ComposeRejected(
+                f"volume {vname!r} is external: a CVM's data lives in its own encrypted disk"
+            )
+        rel = f"volumes/{vname}"
+        volume_dirs.append(rel)
+        volumes_out[vname] = {
+            "driver": "local",
+            "driver_opts": {"type": "none", "o": "bind", "device": str(spec.volume_root / rel)},
+        }
+
+    # (6) networks: the project's own bridges, ports bound to loopback
+    networks_out: dict[str, Any] = {
+        "default": {"driver": "bridge", "driver_opts": {HOST_BINDING_OPT: LOOPBACK}}
+    }
+    user_networks = compose.get("networks") or {}
+    if not isinstance(user_networks, dict):
+        raise ComposeRejected("top-level `networks` must be a mapping")
+    for nname, ndef in user_networks.items():
+        ndef = dict(ndef or {})
+        if ndef.get("external"):
+            raise ComposeRejected(f"network {nname!r} is external: each CVM has its own networks")
+        if ndef.get("driver", "bridge") != "bridge":
+            raise ComposeRejected(f"network {nname!r}: only bridge networks are supported")
+        opts = dict(ndef.get("driver_opts") or {})
+        opts[HOST_BINDING_OPT] = LOOPBACK
+        ndef["driver_opts"] = opts
+        networks_out[nname] = ndef
+
+    override: dict[str, Any] = {"services": services_out, "networks": networks_out}
+    if volumes_out:
+        override["volumes"] = volumes_out
+    if "version" in compose:  # v1 requires both files to agree on the format version
+        override["version"] = compose["version"]
+    return override, volume_dirs
+
+
+def render_env_file(env: Mapping[str, str]) -> bytes:
+    """Shell (`. file`) text exporting `env`; values are single-quoted, so any byte but NUL is safe."""
+    lines = []
+    for key, value in sorted(env.items()):
+        if not _ENV_NAME.match(key):
+            raise ComposeRejected(f"invalid env var name {key!r}")
+        if "\0" in value:
+            raise ComposeRejected(f"env var {key} contains a NUL byte")
+        lines.append(f"export {key}='" + value.replace("'", "'\\''") + "'")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def detect_compose(docker: str = "docker") -> list[str]:
+    """The Compose command: $TEECLOUD_COMPOSE, else `docker compose` (v2), else `docker-compose` (v1)."""
+    forced = os.environ.get("TEECLOUD_COMPOSE")
+    if forced:
+        return shlex.split(forced)
+    if shutil.which(docker):
+        r = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
+        if r.returncode == 0:
+            return [docker, "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    raise RuntimeUnavailable(
+        "Docker Compose is missing: install the v2 plugin (apt-get install docker-compose-plugin) or v1 "
+        "(apt-get install docker-compose)"
+    )
+
+
+class DockerRuntime:
+    """Runs CVM apps as Compose projects. All calls are synchronous CLI invocations of docker/compose."""
+
+    def __init__(self, *, docker: str = "docker", compose: list[str] | None = None) -> None:
+        self.docker = docker
+        self._compose = compose
+        busybox = shutil.which("busybox")
+        self.busybox = Path(busybox) if busybox else None
+
+    @property
+    def compose(self) -> list[str]:
+        if self._compose is None:
+            self._compose = detect_compose(self.docker)
+        return self._compose
+
+    # -- engine ---------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise RuntimeUnavailable with an install/start hint unless the engine and Compose answer."""
+        if shutil.which(self.docker) is None:
+            raise RuntimeUnavailable("the docker CLI is missing: apt-get install docker.io")
+        r = subprocess.run(
+            [self.docker, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True
+        )
+        if r.returncode != 0:
+            raise RuntimeUnavailable(
+                "the Docker engine is not reachable (start it: `bash scripts/dockerd.sh` or `systemctl start "
+                f"docker`): {r.stderr.strip()[:300]}"
+            )
+        self.compose  # noqa: B018 - detection raises with an install hint
+
+    def _docker(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        try:
+            r = subprocess.run([self.docker, *args], capture_output=True, text=True, timeout=timeout)
+        except FileNotFoundError as exc:
+            raise RuntimeUnavailable("the docker CLI is missing: apt-get install docker.io") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeFailed(f"docker {args[0]} timed out after {timeout:.0f} s") from exc
+        if check and r.returncode != 0:
+            raise RuntimeFailed(f"docker {args[0]} failed: {r.stderr.strip()[-800:]}")
+        return r
+
+    def image_config(self, ref: str) -> ImageConfig:
+        r = self._docker("image", "inspect", ref, check=False)
+        if r.returncode != 0:
+            raise ComposeRejected(
+                f"image {ref!r} is not on this node and no registry is configured; build or load it first "
+                "(e.g. `docker build`, `docker load`)"
+            )
+        cfg = json.loads(r.stdout)[0].get("Config") or {}
+        return ImageConfig(
+            entrypoint=tuple(cfg.get("Entrypoint") or ()),
+            cmd=tuple(cfg.get("Cmd") or ()),
+            volumes=tuple(sorted((cfg.get("Volumes") or {}).keys())),
+        )
+
+    # -- project lifecycle ----------------------------------------------------------------------------
+    def prepare(self, spec: ComposeSpec, compose_text: str, limits: ResourceLimits) -> list[str]:
+        """Write the app's compose file (unchanged) and the override; returns dirs to create in the volume."""
+        compose = load_compose(compose_text)
+        images = {name: self.image_config(svc["image"]) for name, svc in compose["services"].items()}
+        override, volume_dirs = make_override(
+            compose, spec, images=images, limits=limits, busybox=self.busybox
+        )
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        atomic_write(spec.compose_file, compose_text.encode(), mode=0o644)
+        header = b"# generated by teecloud for this CVM; the app's own file is docker-compose.yaml\n"
+        atomic_write(
+            spec.override_file, header + yaml.safe_dump(override, sort_keys=True).encode(), mode=0o644
+        )
+        return volume_dirs
+
+    def _compose_run(
+        self, spec: ComposeSpec, *args: str, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            *self.compose,
+            "-p",
+            spec.project,
+            "-f",
+            str(spec.compose_file),
+            "-f",
+            str(spec.override_file),
+            *args,
+        ]
+        # A minimal environment: nothing of the node's (never an app secret) is interpolated into the file.
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CONFIG")}
+        env["COMPOSE_INTERACTIVE_NO_CLI"] = "1"
+        try:
+            r = subprocess.run(
+                cmd, cwd=spec.workdir, env=env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeFailed(f"compose {args[0]} timed out after {timeout:.0f} s") from exc
+        if r.returncode != 0:
+            raise RuntimeFailed(f"compose {args[0]} failed: {r.stderr.strip()[-1500:]}")
+        return r
+
+    def up(self, spec: ComposeSpec) -> None:
+        """Start the app with fresh containers (a CVM boot: nothing survives but the volumes)."""
+        self._compose_run(spec, "up", "-d", "--force-recreate", "--remove-orphans", "--no-build")
+
+    def stop(self, spec: ComposeSpec) -> None:
+        if spec.compose_file.exists():
+            self._compose_run(spec, "stop", "-t", "5")
+        else:
+            self._stop_by_label(spec.project)
+
+    def down(self, spec: ComposeSpec) -> None:
+        """Remove containers, networks and the project's volumes (whose data lives in the encrypted dir)."""
+        if spec.compose_file.exists() and spec.override_file.exists():
+            self._compose_run(spec, "down", "-v", "--remove-orphans", "-t", "5")
+        else:
+            ids = self._container_ids(spec.project)
+            if ids:
+                self._docker("rm", "-f", *ids, check=False)
+
+    def _stop_by_label(self, project: str) -> None:
+        ids = self._container_ids(project)
+        if ids:
+            self._docker("stop", "-t", "5", *ids, check=False)
+
+    def _container_ids(self, project: str) -> list[str]:
+        r = self._docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}")
+        return r.stdout.split()
+
+    def ps(self, project: str) -> list[ContainerState]:
+        ids = self._container_ids(project)
+        if not ids:
+            return []
+        r = self._docker("inspect", *ids, check=False)
+        if r.returncode != 0:  # a container vanished between the two calls
+            return []
+        states = []
+        for c in json.loads(r.stdout):
+            labels = (c.get("Config") or {}).get("Labels") or {}
+            st = c.get("State") or {}
+            ports = []
+            for key, binds in ((c.get("NetworkSettings") or {}).get("Ports") or {}).items():
+                cport, _, proto = key.partition("/")
+                for b in binds or []:
+                    ports.append(
+                        {
+                            "container_port": int(cport),
+                            "protocol": proto or "tcp",
+                            "host_ip": b.get("HostIp"),
+                            "host_port": int(b.get("HostPort") or 0),
+                        }
+                    )
+            states.append(
+                ContainerState(
+                    service=labels.get("com.docker.compose.service", "?"),
+                    container=c.get("Name", "").lstrip("/"),
+                    state=st.get("Status", "unknown"),
+                    health=(st.get("Health") or {}).get("Status"),
+                    exit_code=int(st.get("ExitCode") or 0),
+                    ports=sorted(ports, key=lambda p: (p["container_port"], p["host_port"])),
+                )
+            )
+        return sorted(states, key=lambda s: s.container)
+
+    def logs(
+        self, project: str, *, service: str | None = None, tail: int = 200, follow: bool = False
+    ) -> Iterator[bytes]:
+        """Container output, oldest first, one chunk per line (`service | line`)."""
+        containers = [c for c in self.ps(project) if service is None or c.service == service]
+        if not containers:
+            return
+        if not follow or len(containers) == 1:
+            for c in containers:
+                args = ["logs", "--tail", str(max(0, tail))]
+                if follow:
+                    args.append("--follow")
+                proc = subprocess.Popen(
+                    [self.docker, *args, c.container], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                )
+                try:
+                    assert proc.stdout is not None
+                    for line in proc.stdout:
+                        yield f"{c.service} | ".encode() + line
+                finally:
+                    proc.kill()
+                    proc.wait()
+            return
+        raise RuntimeFailed("follow one service at a time (pass a service name)")
+
+    def stats(self, project: str) -> list[dict[str, Any]]:
+        containers = self.ps(project)
+        running = [c.container for c in containers if c.state == "running"]
+        if not running:
+            return []
+        r = self._docker("stats", "--no-stream", "--format", "{{json .}}", *running, check=False)
+        out = []
+        for line in r.stdout.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out.append(
+                {
+                    "container": row.get("Name"),
+                    "cpu": row.get("CPUPerc"),
+                    "memory": row.get("MemUsage"),
+                    "net_io": row.get("NetIO"),
+                    "block_io": row.get("BlockIO"),
+                    "pids": row.get("PIDs"),
+                }
+            )
+        return out
