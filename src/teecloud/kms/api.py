@@ -2,12 +2,12 @@
 
 Public listener (HTTPS, RA-TLS server certificate, client certificates requested):
 
-    GET  /prpc/KMS.GetMeta                  KmsMeta                   public
-    GET  /prpc/KMS.GetTempCaCert            TempCaCertResponse        public (see docs/kms.md: carries no trust)
-    POST /prpc/KMS.GetAppEnvEncryptPubKey   EnvEncryptPubKeyRequest -> EnvEncryptPubKeyResponse   public
-    POST /prpc/KMS.GetAppKey                GetAppKeyRequest -> AppKeyResponse      attested app (mutual RA-TLS)
-    POST /prpc/KMS.SignCert                 SignCertRequest -> SignCertResponse     attested app (mutual RA-TLS)
-    POST /prpc/KMS.GetKmsKey                GetKmsKeyRequest -> KmsKeyResponse      attested KMS (mutual RA-TLS)
+    GET  /prpc/KMS.GetMeta                 -> KmsMeta                   public
+    GET  /prpc/KMS.GetTempCaCert           -> TempCaCertResponse        public (docs/kms.md: no trust)
+    POST /prpc/KMS.GetAppEnvEncryptPubKey  -> EnvEncryptPubKeyResponse  public
+    POST /prpc/KMS.GetAppKey               -> AppKeyResponse            attested app (mutual RA-TLS)
+    POST /prpc/KMS.SignCert                -> SignCertResponse          attested app (mutual RA-TLS)
+    POST /prpc/KMS.GetKmsKey               -> KmsKeyResponse            attested KMS (mutual RA-TLS)
 
 Admin listener (separate port, 127.0.0.1, bearer token): GET /status -> StatusResponse,
 GET /audit?limit=N -> AuditResponse. No admin route returns key material.
@@ -125,7 +125,9 @@ class SignCertRequest(BaseModel):
 
 
 class SignCertResponse(BaseModel):
-    certificate_chain: list[str] = Field(description="PEM certificates, leaf first, ending at the KMS root CA")
+    certificate_chain: list[str] = Field(
+        description="PEM certificates, leaf first, ending at the KMS root CA"
+    )
 
 
 class GetKmsKeyRequest(BaseModel):

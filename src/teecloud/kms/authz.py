@@ -1,0 +1,136 @@
+"""Authorization: turn verified evidence into dstack's `boot_info` and ask the chain, failing closed.
+
+    build_boot_info(evidence)         VerifiedEvidence (quote + replayed event log) -> BootInfo
+    ChainAuthorizer.app_allowed(bi)   KmsAuth.isAppAllowed, cached for at most one block
+    ChainAuthorizer.kms_allowed(bi)   KmsAuth.isKmsAllowed, same cache rule
+
+Every failure to get a clear "yes" from the chain — unreachable RPC, revert, wrong chain, an unexpected
+exception — is a denial (`AccessDenied(step="chain")`): the KMS never releases keys on a guess.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, Protocol
+
+from teecloud.attestation.models import VerifiedEvidence
+from teecloud.chain.api import BootInfo
+from teecloud.kms.errors import AccessDenied
+
+__all__ = ["AuthChain", "ChainAuthorizer", "boot_info_to_json", "build_boot_info"]
+
+
+class AuthChain(Protocol):
+    """The part of teecloud.chain.ChainClient the KMS uses."""
+
+    def is_app_allowed(self, boot_info: BootInfo) -> tuple[bool, str]: ...
+
+    def is_kms_allowed(self, boot_info: BootInfo) -> tuple[bool, str]: ...
+
+
+def _exact(name: str, value: bytes, size: int, *, zero_if_empty: bool = False) -> bytes:
+    if not value and zero_if_empty:
+        return bytes(size)
+    if len(value) != size:
+        raise AccessDenied(
+            f"the event log gives {name} as {len(value)} bytes, expected {size}", step="boot_info"
+        )
+    return value
+
+
+def build_boot_info(evidence: VerifiedEvidence) -> BootInfo:
+    """dstack's AppBootInfo from verified evidence. The values come only from the quote (measurements,
+    TCB, device) and the event log replayed against it; nothing the caller says is used."""
+    info = evidence.app_info
+    if info is None:
+        raise AccessDenied("the evidence carries no replayed event log (no app info)", step="boot_info")
+    if not info.compose_hash:
+        raise AccessDenied("the event log has no compose-hash event", step="boot_info")
+    device_id = evidence.device_id or info.device_id
+    return BootInfo(
+        app_id=_exact("app_id", info.app_id, 20),
+        compose_hash=_exact("compose_hash", info.compose_hash, 32),
+        # dstack: an app without per-instance identity reports the zero address.
+        instance_id=_exact("instance_id", info.instance_id, 20, zero_if_empty=True),
+        device_id=_exact("device_id", device_id, 32),
+        mr_aggregated=_exact("mr_aggregated", info.mr_aggregated, 32),
+        mr_system=_exact("mr_system", info.mr_system, 32),
+        os_image_hash=_exact("os_image_hash", info.os_image_hash, 32),
+        tcb_status=evidence.tcb_status,
+        advisory_ids=tuple(evidence.advisory_ids),
+    )
+
+
+def boot_info_to_json(boot_info: BootInfo) -> dict[str, Any]:
+    """Hex strings for bytes; used in audit records and logs (contains no secrets)."""
+    out: dict[str, Any] = {}
+    for key, value in asdict(boot_info).items():
+        if isinstance(value, bytes | bytearray):
+            out[key] = bytes(value).hex()
+        elif isinstance(value, tuple):
+            out[key] = list(value)
+        else:
+            out[key] = value
+    return out
+
+
+class ChainAuthorizer:
+    """Asks the chain, caching each answer for at most one block.
+
+    `block_number` returns the chain's current block; an answer is reused only while the chain is at the
+    block it was read at, so any on-chain change (which needs a new block) is seen by the next request.
+    Without `block_number` nothing is cached.
+    """
+
+    def __init__(
+        self,
+        chain: AuthChain,
+        *,
+        block_number: Callable[[], int] | None = None,
+        max_entries: int = 4096,
+    ) -> None:
+        self.chain = chain
+        self._block_number = block_number
+        self._max = max_entries
+        self._cache: OrderedDict[tuple[str, BootInfo], tuple[int, bool, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def app_allowed(self, boot_info: BootInfo) -> str:
+        return self._ask("app", boot_info)
+
+    def kms_allowed(self, boot_info: BootInfo) -> str:
+        return self._ask("kms", boot_info)
+
+    def _ask(self, kind: str, boot_info: BootInfo) -> str:
+        """Returns the chain's reason when allowed; raises AccessDenied otherwise."""
+        try:
+            block = self._block_number() if self._block_number is not None else None
+            cached = None
+            if block is not None:
+                with self._lock:
+                    cached = self._cache.get((kind, boot_info))
+            if cached is not None and cached[0] == block:
+                ok, reason = cached[1], cached[2]
+            else:
+                fn = self.chain.is_app_allowed if kind == "app" else self.chain.is_kms_allowed
+                ok, reason = fn(boot_info)
+                if block is not None:
+                    with self._lock:
+                        self._cache[(kind, boot_info)] = (block, bool(ok), str(reason))
+                        self._cache.move_to_end((kind, boot_info))
+                        while len(self._cache) > self._max:
+                            self._cache.popitem(last=False)
+        except AccessDenied:
+            raise
+        except Exception as exc:  # fail closed on anything the chain client raises
+            raise AccessDenied(
+                f"cannot read the authorization from the chain ({type(exc).__name__}: {exc}); failing closed",
+                step="chain",
+            ) from exc
+        if ok is not True:
+            what = "app" if kind == "app" else "KMS"
+            raise AccessDenied(f"KmsAuth refuses this {what}: {reason or 'no reason given'}", step="chain")
+        return str(reason)

@@ -1,0 +1,791 @@
+"""The KMS service: decisions (KmsService), its two HTTP listeners, and the runner.
+
+Trust procedure for every attested request (`KmsService.attest`):
+  (1) the TLS layer (stdlib ssl) proved the caller holds the private key of the certificate it presented;
+      the chain to the public temporary CA carries no trust (docs/kms.md);
+  (2) the certificate is fresh: now within [not_before, not_after] and its lifetime at most
+      `KmsConfig.max_client_cert_lifetime_s`;
+  (3) RA-TLS: the quote verifies against collateral for its FMSPC (a development root only in dev mode),
+      report_data = sha512("ratls-cert:" ‖ SPKI) binds that same key, the event log replays to the RTMRs,
+      and the policy holds (TCB floor, no debug) — teecloud.keys.ratls.verify_ratls_cert;
+  (4) production mode never accepts simulated evidence, whatever the verifier said;
+  (5) boot_info is built from the verified evidence only (authz.build_boot_info);
+then, per endpoint, the chain decides (KmsAuth.isAppAllowed / isKmsAllowed, failing closed) and only then
+are keys derived. Each request is audited with its boot_info, decision and reason, never with keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import ssl
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from teecloud.attestation.errors import VerificationError
+from teecloud.attestation.models import VerifiedEvidence
+from teecloud.chain.api import BootInfo
+from teecloud.keys.appkeys import derive_app_keys, env_encrypt_pubkey, sign_env_encrypt_pubkey
+from teecloud.keys.certs import cert_to_pem, issue_cert
+from teecloud.keys.errors import KeysError as _KeysError
+from teecloud.keys.kdf import derive_p256_key
+from teecloud.keys.ratls import OID_APP_ID, make_ratls_cert, parse_ratls_cert, verify_ratls_cert
+from teecloud.keys.sigchain import sign_k256_recoverable
+from teecloud.kms import api
+from teecloud.kms.audit import AuditLog, new_request_id
+from teecloud.kms.authz import AuthChain, ChainAuthorizer, boot_info_to_json, build_boot_info
+from teecloud.kms.bootstrap import KmsIdentity, KmsState
+from teecloud.kms.errors import AccessDenied, KmsUsageError
+from teecloud.tee.base import TeePlatform
+
+__all__ = [
+    "PEER_CERT_STATE_KEY",
+    "AttestedPeer",
+    "CollateralSource",
+    "KmsConfig",
+    "KmsServer",
+    "KmsService",
+    "RaTlsH11Protocol",
+    "StaticCollateral",
+    "make_admin_app",
+    "make_public_app",
+    "make_server_identity",
+    "peer_cert_der",
+    "simulated_os_image_mrtd",
+]
+
+log = logging.getLogger("teecloud.kms")
+
+PEER_CERT_STATE_KEY = "teecloud.tls_peer_cert_der"
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class KmsConfig:
+    """Limits and modes, in one place.
+
+    dev_mode                    trust the installation's development root (simulated TEEs); not for production
+    max_client_cert_lifetime_s  client RA-TLS certificates valid longer than this are refused (freshness)
+    clock_skew_s                tolerated clock difference for not_before
+    evidence_cache_s            verified evidence is reused (keyed by certificate hash) for at most this long,
+                                and never past the certificate's not_after
+    signed_cert_lifetime_s      lifetime of certificates issued by SignCert
+    max_body_bytes              request bodies above this are refused before parsing
+    accepted_tcb_statuses       TCB floor enforced by the KMS itself, on top of the attestation policy
+    """
+
+    dev_mode: bool = False
+    max_client_cert_lifetime_s: int = 3600
+    clock_skew_s: int = 60
+    evidence_cache_s: int = 300
+    evidence_cache_entries: int = 4096
+    signed_cert_lifetime_s: int = 30 * 24 * 3600
+    max_body_bytes: int = 256 * 1024
+    gateway_app_id: str = ""
+    kms_contract: str = ""
+    accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
+
+
+class CollateralSource(Protocol):
+    """Where the KMS gets DCAP collateral for a quote (QuoteCollateralV3 JSON)."""
+
+    def collateral_for(self, quote: bytes, *, now: int) -> bytes: ...
+
+
+class StaticCollateral:
+    """Collateral from a callable per FMSPC (the simulated platform's `collateral()`), cached until the
+    refresh interval passes; the verifier still checks every validity date against `now`."""
+
+    def __init__(self, fetch: Callable[[], bytes], *, refresh_s: int = 600) -> None:
+        self._fetch = fetch
+        self._refresh_s = refresh_s
+        self._cached: tuple[int, bytes] | None = None
+        self._lock = threading.Lock()
+
+    def collateral_for(self, quote: bytes, *, now: int) -> bytes:
+        with self._lock:
+            if self._cached is None or now - self._cached[0] >= self._refresh_s or now < self._cached[0]:
+                self._cached = (now, self._fetch())
+            return self._cached[1]
+
+
+class PccsCollateral:
+    """Collateral from a PCCS (teecloud.collateral.PccsClient), chosen by the quote's FMSPC and PCK CA."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def collateral_for(self, quote: bytes, *, now: int) -> bytes:
+        from teecloud.attestation.dcap import pck_ca, pck_fmspc
+
+        data = self._client.get_collateral(pck_fmspc(quote), ca=pck_ca(quote), tee="tdx", now=now)
+        return bytes(data)
+
+
+# ------------------------------------------------------------------------------------------------ logic
+
+
+@dataclass(frozen=True)
+class AttestedPeer:
+    """A caller whose RA-TLS certificate passed steps (1)-(5); handlers accept nothing else."""
+
+    evidence: VerifiedEvidence
+    boot_info: BootInfo
+    cert_sha256: str
+    usage: str
+    not_after: int
+
+
+def _cert_window(cert: x509.Certificate) -> tuple[int, int]:
+    return int(cert.not_valid_before_utc.timestamp()), int(cert.not_valid_after_utc.timestamp())
+
+
+def _norm_app_id(text: str) -> bytes:
+    raw = text.strip().lower().removeprefix("0x")
+    try:
+        value = bytes.fromhex(raw)
+    except ValueError as exc:
+        raise KmsUsageError(f"app_id {text!r} is not hex") from exc
+    if len(value) != 20:
+        raise KmsUsageError(f"app_id must be 20 bytes (40 hex digits), got {len(value)}")
+    return value
+
+
+class KmsService:
+    """The KMS's decisions, independent of HTTP (tests and the bench call it directly too)."""
+
+    def __init__(
+        self,
+        *,
+        state: KmsState,
+        identity: KmsIdentity,
+        tee: TeePlatform,
+        chain: AuthChain,
+        collateral: CollateralSource,
+        audit: AuditLog,
+        config: KmsConfig | None = None,
+        policy: Any = None,
+        dev_root_der: bytes | None = None,
+        block_number: Callable[[], int] | None = None,
+        os_image_mrtd: Callable[[bytes], bytes | None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = state
+        self.identity = identity
+        self.tee = tee
+        self.config = config or KmsConfig()
+        self.collateral = collateral
+        self.audit = audit
+        self.policy = policy
+        if dev_root_der is not None and not self.config.dev_mode:
+            raise KmsUsageError("a development root may be trusted only in dev mode")
+        if self.config.dev_mode and dev_root_der is None:
+            raise KmsUsageError("dev mode needs the development root certificate (dev_root_der)")
+        self.dev_root_der = dev_root_der if self.config.dev_mode else None
+        self.authorizer = ChainAuthorizer(chain, block_number=block_number)
+        self.os_image_mrtd = os_image_mrtd
+        self.clock = clock
+        self._evidence_cache: OrderedDict[str, tuple[int, AttestedPeer]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    # --- (1)-(5)
+
+    def attest(self, cert_der: bytes | None) -> AttestedPeer:
+        """Steps (1)-(5) of the module docstring. Raises AccessDenied with the failing step."""
+        # (1) is done by the TLS layer; a request without a certificate has nothing to verify.
+        if not cert_der:
+            raise AccessDenied("no client certificate: this endpoint needs mutual RA-TLS", step="tls")
+        now = int(self.clock())
+        digest = hashlib.sha256(cert_der).hexdigest()
+        with self._cache_lock:
+            hit = self._evidence_cache.get(digest)
+        if hit is not None and now <= hit[0] and now <= hit[1].not_after:
+            return hit[1]
+        try:
+            claims = parse_ratls_cert(cert_der)
+        except (VerificationError, _KeysError, ValueError) as exc:
+            raise AccessDenied(f"not an RA-TLS certificate: {exc}", step="parsed") from exc
+        # (2)
+        not_before, not_after = _cert_window(claims.certificate)
+        if now > not_after:
+            raise AccessDenied(f"client certificate expired at {not_after} (now {now})", step="cert_fresh")
+        if now + self.config.clock_skew_s < not_before:
+            raise AccessDenied(
+                f"client certificate is not valid before {not_before} (now {now})", step="cert_fresh"
+            )
+        if not_after - not_before > self.config.max_client_cert_lifetime_s:
+            raise AccessDenied(
+                f"client certificate is valid for {not_after - not_before} s; at most "
+                f"{self.config.max_client_cert_lifetime_s} s is accepted (a fresh certificate per request)",
+                step="cert_fresh",
+            )
+        # (3)
+        try:
+            collateral = self.collateral.collateral_for(claims.quote, now=now)
+        except (VerificationError, _KeysError, ValueError) as exc:
+            raise AccessDenied(f"no collateral for this quote: {exc}", step="collateral_ok") from exc
+        except Exception as exc:  # collateral service down: fail closed
+            raise AccessDenied(
+                f"cannot fetch collateral ({type(exc).__name__}: {exc})", step="collateral_ok"
+            ) from exc
+        try:
+            evidence = verify_ratls_cert(
+                claims.certificate,
+                collateral=collateral,
+                now=max(now, not_before),
+                dev_root_der=self.dev_root_der,
+                policy=self.policy,
+            )
+        except (VerificationError, _KeysError) as exc:
+            step = getattr(exc, "step", "") or "quote_verified"
+            raise AccessDenied(str(getattr(exc, "reason", exc)), step=step) from exc
+        # (4)
+        if evidence.simulated and not self.config.dev_mode:
+            raise AccessDenied("simulated evidence is refused by a production KMS", step="quote_verified")
+        if evidence.debug:
+            raise AccessDenied(
+                "the TD runs in debug mode (its memory is readable by the host)", step="policy"
+            )
+        if evidence.tcb_status not in self.config.accepted_tcb_statuses:
+            raise AccessDenied(
+                f"TCB status {evidence.tcb_status} is below the floor "
+                f"({', '.join(self.config.accepted_tcb_statuses)})",
+                step="tcb_ok",
+            )
+        # (5)
+        boot_info = build_boot_info(evidence)
+        self._check_os_image(boot_info, evidence)
+        if claims.app_id and claims.app_id != boot_info.app_id:
+            raise AccessDenied(
+                f"certificate app_id {claims.app_id.hex()} differs from the measured app-id "
+                f"{boot_info.app_id.hex()}",
+                step="boot_info",
+            )
+        peer = AttestedPeer(evidence, boot_info, digest, claims.usage, not_after)
+        with self._cache_lock:
+            self._evidence_cache[digest] = (now + self.config.evidence_cache_s, peer)
+            while len(self._evidence_cache) > self.config.evidence_cache_entries:
+                self._evidence_cache.popitem(last=False)
+        return peer
+
+    def _check_os_image(self, boot_info: BootInfo, evidence: VerifiedEvidence) -> None:
+        """The os-image-hash event is written by the guest's boot code; it is believed only when the measured
+        MRTD is the reference value for that image (dstack recomputes it with dstack-mr)."""
+        if self.os_image_mrtd is None:
+            return
+        expected = self.os_image_mrtd(boot_info.os_image_hash)
+        if expected is None:
+            raise AccessDenied(
+                f"no reference measurements for OS image {boot_info.os_image_hash.hex()}", step="os_image"
+            )
+        if evidence.measurements.get("mrtd") != expected:
+            raise AccessDenied(
+                f"the measured MRTD is not the one of OS image {boot_info.os_image_hash.hex()} "
+                "(the os-image-hash event does not match the firmware that booted)",
+                step="os_image",
+            )
+
+    @contextlib.contextmanager
+    def _audited(self, endpoint: str, cert_der: bytes | None, peer_addr: str) -> Iterator[dict[str, Any]]:
+        """Record the outcome of the block: allowed unless it raised AccessDenied (re-raised)."""
+        ctx: dict[str, Any] = {"boot_info": None, "reason": "ok", "request_id": new_request_id()}
+        cert_hash = hashlib.sha256(cert_der).hexdigest() if cert_der else ""
+        try:
+            yield ctx
+        except AccessDenied as exc:
+            self.audit.record(
+                ts=int(self.clock()),
+                endpoint=endpoint,
+                decision="denied",
+                reason=exc.reason,
+                step=exc.step,
+                peer=peer_addr,
+                cert_sha256=cert_hash,
+                boot_info=ctx["boot_info"],
+                request_id=ctx["request_id"],
+            )
+            raise
+        except Exception as exc:
+            self.audit.record(
+                ts=int(self.clock()),
+                endpoint=endpoint,
+                decision="denied",
+                reason=f"internal error ({type(exc).__name__})",
+                step="internal",
+                peer=peer_addr,
+                cert_sha256=cert_hash,
+                boot_info=ctx["boot_info"],
+                request_id=ctx["request_id"],
+            )
+            raise
+        self.audit.record(
+            ts=int(self.clock()),
+            endpoint=endpoint,
+            decision="allowed",
+            reason=ctx["reason"],
+            step="released",
+            peer=peer_addr,
+            cert_sha256=cert_hash,
+            boot_info=ctx["boot_info"],
+            request_id=ctx["request_id"],
+        )
+
+    # --- endpoints
+
+    def get_app_key(self, cert_der: bytes | None, *, peer_addr: str = "") -> api.AppKeyResponse:
+        with self._audited(api.PATH_GET_APP_KEY, cert_der, peer_addr) as ctx:
+            peer = self.attest(cert_der)
+            bi = peer.boot_info
+            ctx["boot_info"] = boot_info_to_json(bi)
+            reason = self.authorizer.app_allowed(bi)
+            ctx["reason"] = f"app allowed by KmsAuth{': ' + reason if reason else ''}"
+            keys = derive_app_keys(
+                self.state.root,
+                bi.app_id,
+                bi.instance_id,
+                now=int(self.clock()),
+                gateway_app_id=self.config.gateway_app_id,
+                os_image_hash=bi.os_image_hash,
+            )
+            return api.AppKeyResponse(
+                app_id=bi.app_id.hex(),
+                instance_id=bi.instance_id.hex(),
+                ca_key=keys.ca_key_pem,
+                ca_cert=keys.ca_cert_pem,
+                disk_crypt_key=keys.disk_crypt_key.hex(),
+                env_crypt_key=keys.env_crypt_key.hex(),
+                k256_key=keys.k256_key.hex(),
+                k256_signature=keys.k256_signature.hex(),
+                kms_k256_pubkey=keys.kms_k256_pubkey.hex(),
+                gateway_app_id=keys.gateway_app_id,
+                os_image_hash=keys.os_image_hash.hex(),
+            )
+
+    def sign_cert(self, cert_der: bytes | None, csr_pem: str, *, peer_addr: str = "") -> api.SignCertResponse:
+        """Issue a certificate for the CSR's key under the caller's app CA (derived from the root), for an
+        attested caller the chain allows. The app_id extension names the caller's measured app."""
+        with self._audited(api.PATH_SIGN_CERT, cert_der, peer_addr) as ctx:
+            peer = self.attest(cert_der)
+            bi = peer.boot_info
+            ctx["boot_info"] = boot_info_to_json(bi)
+            self.authorizer.app_allowed(bi)
+            try:
+                csr = x509.load_pem_x509_csr(csr_pem.encode())
+            except ValueError as exc:
+                raise AccessDenied(f"the CSR does not parse: {exc}", step="csr") from exc
+            if not csr.is_signature_valid:
+                raise AccessDenied("the CSR's self-signature does not verify", step="csr")
+            pub = csr.public_key()
+            if not isinstance(pub, ec.EllipticCurvePublicKey):
+                raise AccessDenied("only EC (P-256/P-384) keys are certified", step="csr")
+            cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            cn = str(cns[0].value)[:64] if cns else f"app {bi.app_id.hex()}"
+            alt: list[str] = []
+            with contextlib.suppress(x509.ExtensionNotFound):
+                san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                alt = [str(n) for n in san.get_values_for_type(x509.DNSName)][:32]
+            now = int(self.clock())
+            app_ca_key = derive_p256_key(self.state.root.ca_key, [bi.app_id, b"app-ca"])
+            keys = derive_app_keys(self.state.root, bi.app_id, bi.instance_id, now=now)
+            app_ca_cert = x509.load_pem_x509_certificate(keys.ca_cert_pem.encode())
+            try:
+                leaf = issue_cert(
+                    pub,
+                    issuer_key=app_ca_key,
+                    issuer_name=app_ca_cert.subject,
+                    subject_cn=cn,
+                    not_before=now - 60,
+                    not_after=now + self.config.signed_cert_lifetime_s,
+                    alt_names=alt,
+                    server_auth=True,
+                    client_auth=True,
+                    extra_extensions=[x509.UnrecognizedExtension(OID_APP_ID, b"\x04\x14" + bi.app_id)],
+                )
+            except _KeysError as exc:
+                raise AccessDenied(f"cannot certify this CSR: {exc}", step="csr") from exc
+            ctx["reason"] = f"certificate issued for CN={cn}"
+            return api.SignCertResponse(
+                certificate_chain=[cert_to_pem(leaf), keys.ca_cert_pem, self.state.root_ca_cert_pem]
+            )
+
+    def get_kms_key(self, cert_der: bytes | None, *, peer_addr: str = "") -> api.KmsKeyResponse:
+        """Onboarding: root keys, only to an attested KMS that KmsAuth.isKmsAllowed accepts."""
+        with self._audited(api.PATH_GET_KMS_KEY, cert_der, peer_addr) as ctx:
+            peer = self.attest(cert_der)
+            ctx["boot_info"] = boot_info_to_json(peer.boot_info)
+            reason = self.authorizer.kms_allowed(peer.boot_info)
+            ctx["reason"] = f"KMS allowed by KmsAuth{': ' + reason if reason else ''}; root keys replicated"
+            ca_key_pem = self.state.root.ca_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ).decode()
+            return api.KmsKeyResponse(
+                ca_key=ca_key_pem,
+                ca_cert=self.state.root_ca_cert_pem,
+                k256_key=self.state.root.k256_key.hex(),
+                temp_ca_key=self.state.temp_ca_key_pem,
+                temp_ca_cert=self.state.temp_ca_cert_pem,
+            )
+
+    def env_encrypt_pubkey(self, app_id_text: str) -> api.EnvEncryptPubKeyResponse:
+        """Public: the app's X25519 env-encryption key, signed by the KMS root k256 key (dstack format)."""
+        app_id = _norm_app_id(app_id_text)
+        now = int(self.clock())
+        pub = env_encrypt_pubkey(self.state.root, app_id)
+        sig_v1 = sign_env_encrypt_pubkey(self.state.root, app_id, pub, now)
+        # dstack's legacy signature (no timestamp): keccak256("dstack-env-encrypt-pubkey:" ‖ app_id ‖ pk).
+        from eth_utils.crypto import keccak
+
+        legacy = sign_k256_recoverable(
+            self.state.root.k256_key, keccak(b"dstack-env-encrypt-pubkey:" + app_id + pub)
+        )
+        return api.EnvEncryptPubKeyResponse(
+            public_key=pub.hex(), signature=legacy.hex(), timestamp=now, signature_v1=sig_v1.hex()
+        )
+
+    def meta(self) -> api.KmsMeta:
+        return api.KmsMeta(
+            ca_cert=self.state.root_ca_cert_pem,
+            ca_pubkey=self.state.root.ca_public_key_der.hex(),
+            k256_pubkey=self.state.root.k256_public_key.hex(),
+            dev_mode=self.config.dev_mode,
+            tee=str(self.tee.kind),
+            mr_aggregated=self.identity.mr_aggregated.hex(),
+            gateway_app_id=self.config.gateway_app_id,
+            kms_contract=self.config.kms_contract,
+        )
+
+    def temp_ca(self) -> api.TempCaCertResponse:
+        return api.TempCaCertResponse(
+            temp_ca_cert=self.state.temp_ca_cert_pem, temp_ca_key=self.state.temp_ca_key_pem
+        )
+
+    def status(self, *, public_url: str = "", chain: str = "") -> api.StatusResponse:
+        return api.StatusResponse(
+            status="serving",
+            dev_mode=self.config.dev_mode,
+            tee=str(self.tee.kind),
+            ca_pubkey=self.state.root.ca_public_key_der.hex(),
+            k256_pubkey=self.state.root.k256_public_key.hex(),
+            mr_aggregated=self.identity.mr_aggregated.hex(),
+            public_url=public_url,
+            requests_allowed=self.audit.allowed,
+            requests_denied=self.audit.denied,
+            chain=chain,
+        )
+
+
+# ------------------------------------------------------------------------------------------------- HTTP
+
+
+class RaTlsH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol that hands the TLS peer certificate (DER) to the app.
+
+    The handshake is complete when an SSL transport calls connection_made, so the certificate is known for
+    the whole connection; it is placed in this connection's copy of the lifespan state, which uvicorn copies
+    into every request's scope["state"]. (uvicorn 0.54 has no ASGI TLS extension; `peer_cert_der` also reads
+    scope["extensions"]["tls"] for servers that do.)
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        self.app_state = {**self.app_state, PEER_CERT_STATE_KEY: der}
+
+
+def peer_cert_der(request: Request) -> bytes | None:
+    """The TLS client certificate of this request, DER, or None."""
+    state = request.scope.get("state") or {}
+    der = state.get(PEER_CERT_STATE_KEY)
+    if isinstance(der, bytes) and der:
+        return der
+    tls = (request.scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    if chain:
+        first = chain[0]
+        try:
+            cert = x509.load_pem_x509_certificate(first.encode() if isinstance(first, str) else first)
+        except ValueError:
+            return None
+        return cert.public_bytes(serialization.Encoding.DER)
+    return None
+
+
+def _peer_addr(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else ""
+
+
+def _denied(status: int, reason: str, step: str = "") -> JSONResponse:
+    return JSONResponse(status_code=status, content=api.Denied(reason=reason, step=step).model_dump())
+
+
+def _install_common(app: FastAPI, max_body: int) -> None:
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            return _denied(413, f"request body above {max_body} bytes", "request")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        )
+        return _denied(400, f"malformed request: {errors}"[:500], "request")
+
+    @app.exception_handler(AccessDenied)
+    async def on_denied(request: Request, exc: AccessDenied) -> JSONResponse:
+        return _denied(403, exc.reason, exc.step)
+
+    @app.exception_handler(KmsUsageError)
+    async def on_usage(request: Request, exc: KmsUsageError) -> JSONResponse:
+        return _denied(400, str(exc), "request")
+
+
+def make_public_app(service: KmsService) -> FastAPI:
+    """The public listener: metadata, env-encrypt public keys, and the attested endpoints."""
+    app = FastAPI(title="teecloud KMS", version="1", docs_url=None, redoc_url=None)
+    _install_common(app, service.config.max_body_bytes)
+
+    @app.get(api.PATH_GET_META, response_model=api.KmsMeta)
+    def get_meta() -> api.KmsMeta:
+        return service.meta()
+
+    @app.get(api.PATH_GET_TEMP_CA_CERT, response_model=api.TempCaCertResponse)
+    def get_temp_ca_cert() -> api.TempCaCertResponse:
+        return service.temp_ca()
+
+    @app.post(api.PATH_GET_APP_ENV_ENCRYPT_PUBKEY, response_model=api.EnvEncryptPubKeyResponse)
+    def get_env_pubkey(body: api.EnvEncryptPubKeyRequest) -> api.EnvEncryptPubKeyResponse:
+        return service.env_encrypt_pubkey(body.app_id)
+
+    @app.post(api.PATH_GET_APP_KEY, response_model=api.AppKeyResponse)
+    def get_app_key(request: Request, body: api.GetAppKeyRequest) -> api.AppKeyResponse:
+        return service.get_app_key(peer_cert_der(request), peer_addr=_peer_addr(request))
+
+    @app.post(api.PATH_SIGN_CERT, response_model=api.SignCertResponse)
+    def sign_cert(request: Request, body: api.SignCertRequest) -> api.SignCertResponse:
+        return service.sign_cert(peer_cert_der(request), body.csr, peer_addr=_peer_addr(request))
+
+    @app.post(api.PATH_GET_KMS_KEY, response_model=api.KmsKeyResponse)
+    def get_kms_key(request: Request, body: api.GetKmsKeyRequest) -> api.KmsKeyResponse:
+        return service.get_kms_key(peer_cert_der(request), peer_addr=_peer_addr(request))
+
+    return app
+
+
+def make_admin_app(service: KmsService, *, token: str, public_url: str = "", chain: str = "") -> FastAPI:
+    """The admin listener: status and audit, behind a bearer token. Never key material."""
+    app = FastAPI(title="teecloud KMS admin", version="1", docs_url=None, redoc_url=None)
+    _install_common(app, 4096)
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        got = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(got, expected):
+            return _denied(
+                401, "admin API: missing or wrong bearer token (see data_home()/kms/admin-token)", "auth"
+            )
+        return await call_next(request)
+
+    @app.get("/status", response_model=api.StatusResponse)
+    def status() -> api.StatusResponse:
+        return service.status(public_url=public_url, chain=chain)
+
+    @app.get("/audit", response_model=api.AuditResponse)
+    def audit(limit: int = 100) -> api.AuditResponse:
+        return api.AuditResponse(records=service.audit.read(limit=max(0, min(limit, 100_000))))
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------- runner
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    key_pem: str
+    cert_pem: str
+
+
+def make_server_identity(
+    service: KmsService,
+    *,
+    hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    validity_s: int = 7 * 24 * 3600,
+) -> ServerIdentity:
+    """The KMS's own RA-TLS server certificate: a fresh key, a quote binding it, issued by the root CA, so a
+    client can check both the KMS's attestation and its root key."""
+    now = int(service.clock())
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = make_ratls_cert(
+        service.tee,
+        key,
+        issuer_key=service.state.root.ca_key,
+        issuer_cert=service.state.root_ca_cert,
+        subject="teecloud KMS",
+        usage="kms:rpc",
+        not_before=now - 60,
+        not_after=now + validity_s,
+        alt_names=hosts,
+        server_auth=True,
+        client_auth=True,
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return ServerIdentity(key_pem=key_pem, cert_pem=cert_to_pem(cert) + service.state.root_ca_cert_pem)
+
+
+# OpenSSL X509_V_FLAG_NO_CHECK_TIME: certificate dates are checked by KmsService.attest (with an audited
+# reason) instead of failing the handshake anonymously.
+_X509_V_FLAG_NO_CHECK_TIME = 0x200000
+
+
+def server_ssl_context(identity: ServerIdentity, temp_ca_cert_pem: str) -> ssl.SSLContext:
+    """TLS 1.2+ server context that asks for (but does not require) a client certificate chained to the
+    public temporary CA — which proves only possession of the leaf key; RA-TLS evidence does the rest."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    with tempfile.TemporaryDirectory(prefix="teecloud-kms-tls-") as tmp:
+        path = Path(tmp) / "server.pem"
+        path.touch(mode=0o600)
+        path.write_text(identity.cert_pem + identity.key_pem)
+        ctx.load_cert_chain(str(path))
+    ctx.load_verify_locations(cadata=temp_ca_cert_pem)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
+    return ctx
+
+
+class KmsServer:
+    """Both listeners in one background thread (used by `teecloud kms up`, tests and the bench)."""
+
+    def __init__(
+        self,
+        service: KmsService,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        admin_port: int = 0,
+        admin_token: str | None = None,
+        chain_label: str = "",
+    ) -> None:
+        self.service = service
+        self.host = host
+        self.admin_token = admin_token or secrets.token_urlsafe(24)
+        self.identity = make_server_identity(service)
+        ssl_ctx = server_ssl_context(self.identity, service.state.temp_ca_cert_pem)
+        public = make_public_app(service)
+        self._public = uvicorn.Server(
+            uvicorn.Config(
+                public,
+                host=host,
+                port=port,
+                http=RaTlsH11Protocol,
+                log_level="warning",
+                lifespan="off",
+                ssl_context_factory=lambda _config, _default: ssl_ctx,
+                timeout_keep_alive=30,
+                access_log=False,
+            )
+        )
+        self._chain_label = chain_label
+        self._admin_port = admin_port
+        self._admin: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+        self.admin_port = 0
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.host}:{self.admin_port}"
+
+    def start(self, timeout: float = 15.0) -> KmsServer:
+        self._thread = threading.Thread(target=self._run, name="teecloud-kms", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not (self._public.started and self._admin is not None and self._admin.started):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the KMS listeners did not start (is the port in use?)")
+            time.sleep(0.02)
+        self.port = self._public.servers[0].sockets[0].getsockname()[1]
+        assert self._admin is not None
+        self.admin_port = self._admin.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        # Admin is plain HTTP bound to the same (loopback) host; the public listener's port is known first so
+        # the status page can name it.
+        pub_task = asyncio.create_task(self._public.serve())
+        while not self._public.started and not pub_task.done():
+            await asyncio.sleep(0.01)
+        if pub_task.done():
+            return
+        url = f"https://{self.host}:{self._public.servers[0].sockets[0].getsockname()[1]}"
+        admin = make_admin_app(self.service, token=self.admin_token, public_url=url, chain=self._chain_label)
+        self._admin = uvicorn.Server(
+            uvicorn.Config(
+                admin,
+                host=self.host,
+                port=self._admin_port,
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+            )
+        )
+        await asyncio.gather(pub_task, self._admin.serve())
+
+    def stop(self) -> None:
+        self._public.should_exit = True
+        if self._admin is not None:
+            self._admin.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> KmsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def simulated_os_image_mrtd(os_image_hash: bytes) -> bytes:
+    """Reference MRTD of a simulated OS image (mirrors teecloud.tee.simulated; a test checks they agree).
+    Real images get theirs from the image's measurement tool (dstack-mr); none is wired in yet."""
+    return hashlib.sha384(b"teecloud-sim:mrtd:" + os_image_hash).digest()
