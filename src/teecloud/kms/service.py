@@ -17,6 +17,7 @@ are keys derived. Each request is audited with its boot_info, decision and reaso
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import hashlib
 import logging
@@ -42,6 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from teecloud.attestation.errors import VerificationError
 from teecloud.attestation.models import VerifiedEvidence
+from teecloud.attestation.policy import Policy
 from teecloud.chain.api import BootInfo
 from teecloud.keys.appkeys import derive_app_keys, env_encrypt_pubkey, sign_env_encrypt_pubkey
 from teecloud.keys.certs import cert_to_pem, issue_cert
@@ -184,7 +186,7 @@ class KmsService:
         collateral: CollateralSource,
         audit: AuditLog,
         config: KmsConfig | None = None,
-        policy: Any = None,
+        policy: Policy | None = None,
         dev_root_der: bytes | None = None,
         block_number: Callable[[], int] | None = None,
         os_image_mrtd: Callable[[bytes], bytes | None] | None = None,
@@ -196,6 +198,12 @@ class KmsService:
         self.config = config or KmsConfig()
         self.collateral = collateral
         self.audit = audit
+        # The attestation policy: TCB floor UpToDate, no debug; simulated evidence only in dev mode.
+        # A production KMS never accepts simulated evidence, whatever policy it was handed.
+        if policy is None:
+            policy = dataclasses.replace(Policy.default(), allow_simulated=self.config.dev_mode)
+        elif policy.allow_simulated and not self.config.dev_mode:
+            policy = dataclasses.replace(policy, allow_simulated=False)
         self.policy = policy
         if dev_root_der is not None and not self.config.dev_mode:
             raise KmsUsageError("a development root may be trusted only in dev mode")
@@ -509,7 +517,7 @@ class RaTlsH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        der = ssl_object.getpeercert(True) if ssl_object is not None else None
         self.app_state = {**self.app_state, PEER_CERT_STATE_KEY: der}
 
 

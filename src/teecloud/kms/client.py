@@ -1,0 +1,339 @@
+"""KMS client: the agent's key provider backed by a real KMS (mutual RA-TLS over httpx).
+
+    KmsClient(url, server_check=...)   implements teecloud.agent.keyprovider.KeyProvider
+    ratls_server_check(...)            checks the KMS's RA-TLS server certificate: quote, report_data binding,
+                                       event log, and (given a chain) KmsAuth.isKmsAllowed for its boot_info
+    UnsafeNoServerCheck()              skips that check (tests of other things only); says so in a warning
+
+`get_app_keys` procedure:
+  (1) GetMeta (server checked) -> the KMS root CA and k256 public keys, cached;
+  (2) GetTempCaCert -> the public temporary CA that makes stdlib TLS accept our self-made certificate;
+  (3) a fresh P-256 key and an RA-TLS certificate for it, valid a few minutes, whose quote (from `tee`) binds
+      the key and whose event log tells the KMS which app this is;
+  (4) GetAppKey over mutual TLS with that certificate;
+  (5) check what came back: the app id is ours, the k256 signature is the KMS root's, the app CA certificate
+      is issued by the KMS root CA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import BaseModel, ValidationError
+
+from teecloud.attestation.errors import VerificationError
+from teecloud.attestation.policy import Policy
+from teecloud.keys.appkeys import AppKeys, env_encrypt_pubkey_digest
+from teecloud.keys.errors import KeysError
+from teecloud.keys.ratls import QuoteSource, make_ratls_cert, parse_ratls_cert, verify_ratls_cert
+from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, recover_k256
+from teecloud.kms import api
+from teecloud.kms.authz import AuthChain, ChainAuthorizer, build_boot_info
+from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
+
+__all__ = ["KmsClient", "ServerCheck", "UnsafeNoServerCheck", "ratls_server_check"]
+
+log = logging.getLogger("teecloud.kms.client")
+
+ServerCheck = Callable[[bytes], None]
+"""Called with the server's TLS certificate (DER) before any response is used; raises KmsClientError."""
+
+_M = TypeVar("_M", bound=BaseModel)
+MAX_RESPONSE_BYTES = 1 << 20
+CLIENT_CERT_LIFETIME_S = 300
+
+
+class UnsafeNoServerCheck:
+    """Accepts any KMS server certificate. Only for tests of something else; logs a warning when used."""
+
+    def __call__(self, cert_der: bytes) -> None:
+        log.warning("KMS server certificate NOT verified (UnsafeNoServerCheck)")
+
+
+def ratls_server_check(
+    *,
+    collateral_for: Callable[[bytes, int], bytes],
+    dev_root_der: bytes | None,
+    policy: Policy | None = None,
+    chain: AuthChain | None = None,
+    expected_ca_pubkey_der: bytes | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ServerCheck:
+    """A ServerCheck that verifies the KMS's RA-TLS certificate (cached per certificate hash for its
+    validity): quote + event log + binding (teecloud.keys.ratls), not debug, TCB UpToDate; with `chain`,
+    KmsAuth.isKmsAllowed(boot_info); with `expected_ca_pubkey_der`, the certificate chains to that root."""
+    if policy is None:
+        # Simulated evidence is acceptable exactly when the caller trusts a development root.
+        policy = dataclasses.replace(Policy.default(), allow_simulated=dev_root_der is not None)
+    verified: dict[str, int] = {}
+    lock = threading.Lock()
+    authorizer = ChainAuthorizer(chain) if chain is not None else None
+
+    def check(cert_der: bytes) -> None:
+        now = int(clock())
+        digest = hashlib.sha256(cert_der).hexdigest()
+        with lock:
+            until = verified.get(digest)
+        if until is not None and now <= until:
+            return
+        try:
+            claims = parse_ratls_cert(cert_der)
+            evidence = verify_ratls_cert(
+                claims.certificate,
+                collateral=collateral_for(claims.quote, now),
+                now=now,
+                dev_root_der=dev_root_der,
+                policy=policy,
+            )
+        except (VerificationError, KeysError, ValueError) as exc:
+            raise KmsClientError(f"the KMS's RA-TLS certificate does not verify: {exc}") from exc
+        if evidence.debug or evidence.tcb_status != "UpToDate":
+            raise KmsClientError(
+                f"the KMS runs in an unacceptable TEE (debug={evidence.debug}, TCB {evidence.tcb_status})"
+            )
+        if expected_ca_pubkey_der is not None:
+            issuer_ok = False
+            cert = claims.certificate
+            try:
+                issuer_pub = serialization.load_der_public_key(expected_ca_pubkey_der)
+                if isinstance(issuer_pub, ec.EllipticCurvePublicKey) and cert.signature_hash_algorithm:
+                    issuer_pub.verify(
+                        cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+                    )
+                    issuer_ok = True
+            except (ValueError, InvalidSignature):
+                issuer_ok = False
+            if not issuer_ok:
+                raise KmsClientError("the KMS's certificate is not issued by the expected KMS root CA key")
+        if authorizer is not None:
+            try:
+                authorizer.kms_allowed(build_boot_info(evidence))
+            except AccessDenied as exc:
+                raise KmsClientError(f"the KMS is not an authorized KMS: {exc.reason}") from exc
+        with lock:
+            verified[digest] = int(claims.certificate.not_valid_after_utc.timestamp())
+
+    return check
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+class KmsClient:
+    """Key provider that fetches an app's keys from a KMS (teecloud.agent.keyprovider.KeyProvider)."""
+
+    name = "kms"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        server_check: ServerCheck,
+        timeout: float = 15.0,
+        cert_lifetime_s: int = CLIENT_CERT_LIFETIME_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not url.startswith("https://"):
+            raise KmsClientError(f"KMS URL must be https:// (got {url!r})")
+        self.url = url.rstrip("/")
+        self._server_check = server_check
+        self._timeout = timeout
+        self._lifetime = cert_lifetime_s
+        self._clock = clock
+        self._meta: api.KmsMeta | None = None
+
+    # --- transport
+
+    def _ssl_context(self, client: tuple[str, str] | None) -> ssl.SSLContext:
+        # Server authentication is the RA-TLS check on the peer certificate (server_check), not a CA chain.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        if client is not None:
+            key_pem, chain_pem = client
+            with tempfile.TemporaryDirectory(prefix="teecloud-kms-client-") as tmp:
+                path = Path(tmp) / "client.pem"
+                path.touch(mode=0o600)
+                path.write_text(chain_pem + key_pem)
+                ctx.load_cert_chain(str(path))
+        return ctx
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        model: type[_M],
+        *,
+        body: dict[str, Any] | None = None,
+        client_cert: tuple[str, str] | None = None,
+    ) -> _M:
+        try:
+            with httpx.Client(verify=self._ssl_context(client_cert), timeout=self._timeout) as http:
+                resp = http.request(method, self.url + path, json=body)
+                stream = resp.extensions.get("network_stream")
+                ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+                server_der = ssl_object.getpeercert(True) if ssl_object is not None else None
+                content = resp.content
+        except httpx.HTTPError as exc:
+            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
+        except ssl.SSLError as exc:
+            raise KmsClientError(f"TLS with the KMS at {self.url} failed: {exc}") from exc
+        if not server_der:
+            raise KmsClientError("the KMS presented no TLS certificate")
+        self._server_check(server_der)
+        if len(content) > MAX_RESPONSE_BYTES:
+            raise KmsClientError("the KMS's response is too large")
+        if resp.status_code in (400, 401, 403, 413, 422):
+            try:
+                denied = api.Denied.model_validate_json(content)
+            except ValidationError:
+                raise KmsClientError(f"KMS answered HTTP {resp.status_code}") from None
+            raise KmsDenied(denied.reason, step=denied.step)
+        if resp.status_code != 200:
+            raise KmsClientError(f"KMS answered HTTP {resp.status_code}")
+        try:
+            return model.model_validate_json(content)
+        except ValidationError as exc:
+            raise KmsClientError(f"unexpected answer from the KMS: {exc.errors()[:1]}") from exc
+
+    def attested_call(
+        self,
+        tee: QuoteSource,
+        path: str,
+        model: type[_M],
+        *,
+        body: dict[str, Any],
+        usage: str,
+        app_id: bytes | None,
+    ) -> _M:
+        """Steps (2)-(4): a fresh RA-TLS client certificate from `tee`, then one mutual-TLS call."""
+        temp = self._call("GET", api.PATH_GET_TEMP_CA_CERT, api.TempCaCertResponse)
+        try:
+            temp_cert = x509.load_pem_x509_certificate(temp.temp_ca_cert.encode())
+            temp_key = serialization.load_pem_private_key(temp.temp_ca_key.encode(), password=None)
+        except ValueError as exc:
+            raise KmsClientError(f"the KMS's temporary CA does not parse: {exc}") from exc
+        if not isinstance(temp_key, ec.EllipticCurvePrivateKey):
+            raise KmsClientError("the KMS's temporary CA key is not an EC key")
+        now = int(self._clock())
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = make_ratls_cert(
+            tee,
+            key,
+            issuer_key=temp_key,
+            issuer_cert=temp_cert,
+            subject="teecloud KMS client",
+            usage=usage,
+            not_before=now - 30,
+            not_after=now - 30 + self._lifetime,
+            app_id=app_id,
+            server_auth=False,
+            client_auth=True,
+        )
+        chain_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        return self._call("POST", path, model, body=body, client_cert=(_key_pem(key), chain_pem))
+
+    # --- public API
+
+    def meta(self, *, refresh: bool = False) -> api.KmsMeta:
+        if self._meta is None or refresh:
+            self._meta = self._call("GET", api.PATH_GET_META, api.KmsMeta)
+        return self._meta
+
+    def info(self) -> dict[str, Any]:
+        """dstack's key_provider_info: {"name": "kms", "id": hex(KMS root CA SubjectPublicKeyInfo DER)}."""
+        return {"name": self.name, "id": self.meta().ca_pubkey}
+
+    def get_app_keys(self, tee: QuoteSource, app_id: bytes, instance_id: bytes) -> AppKeys:
+        meta = self.meta()  # (1)
+        # (2)-(4)
+        resp = self.attested_call(
+            tee,
+            api.PATH_GET_APP_KEY,
+            api.AppKeyResponse,
+            body=api.GetAppKeyRequest().model_dump(),
+            usage="app:kms-client",
+            app_id=app_id,
+        )
+        # (5)
+        try:
+            if resp.app_id != app_id.hex():
+                raise KmsClientError(f"the KMS returned keys for app {resp.app_id}, not {app_id.hex()}")
+            expected_instance = instance_id.hex() if instance_id else "00" * 20
+            if resp.instance_id != expected_instance:
+                raise KmsClientError(f"the KMS returned keys for instance {resp.instance_id}, not ours")
+            k256_key = bytes.fromhex(resp.k256_key)
+            signature = bytes.fromhex(resp.k256_signature)
+            kms_pub = bytes.fromhex(meta.k256_pubkey)
+            signer = recover_k256(kms_issued_digest(app_id, k256_public_key(k256_key)), signature)
+            if signer != kms_pub or bytes.fromhex(resp.kms_k256_pubkey) != kms_pub:
+                raise KmsClientError("the app key is not signed by the KMS root k256 key")
+            ca_cert = x509.load_pem_x509_certificate(resp.ca_cert.encode())
+            root = x509.load_pem_x509_certificate(meta.ca_cert.encode())
+            ca_cert.verify_directly_issued_by(root)
+            keys = AppKeys(
+                ca_key_pem=resp.ca_key,
+                ca_cert_pem=resp.ca_cert,
+                disk_crypt_key=bytes.fromhex(resp.disk_crypt_key),
+                env_crypt_key=bytes.fromhex(resp.env_crypt_key),
+                k256_key=k256_key,
+                k256_signature=signature,
+                kms_k256_pubkey=kms_pub,
+                key_provider_info=self.info(),
+                gateway_app_id=resp.gateway_app_id,
+                os_image_hash=bytes.fromhex(resp.os_image_hash),
+            )
+        except KmsClientError:
+            raise
+        except (ValueError, TypeError, InvalidSignature, KeysError, VerificationError) as exc:
+            raise KmsClientError(f"the KMS's answer does not check out: {exc}") from exc
+        return keys
+
+    def get_env_encrypt_pubkey(self, app_id: bytes) -> tuple[bytes, api.EnvEncryptPubKeyResponse]:
+        """The app's X25519 env-encryption public key, with its signature checked against the KMS root."""
+        meta = self.meta()
+        resp = self._call(
+            "POST",
+            api.PATH_GET_APP_ENV_ENCRYPT_PUBKEY,
+            api.EnvEncryptPubKeyResponse,
+            body={"app_id": app_id.hex()},
+        )
+        try:
+            pub = bytes.fromhex(resp.public_key)
+            signer = recover_k256(
+                env_encrypt_pubkey_digest(app_id, pub, resp.timestamp), bytes.fromhex(resp.signature_v1)
+            )
+        except (ValueError, KeysError, VerificationError) as exc:
+            raise KmsClientError(f"the env-encrypt public key's signature does not parse: {exc}") from exc
+        if signer != bytes.fromhex(meta.k256_pubkey):
+            raise KmsClientError("the env-encrypt public key is not signed by the KMS root k256 key")
+        return pub, resp
+
+    def sign_cert(self, tee: QuoteSource, csr_pem: str, *, app_id: bytes | None = None) -> list[str]:
+        resp = self.attested_call(
+            tee,
+            api.PATH_SIGN_CERT,
+            api.SignCertResponse,
+            body={"csr": csr_pem},
+            usage="app:kms-client",
+            app_id=app_id,
+        )
+        return resp.certificate_chain
