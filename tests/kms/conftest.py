@@ -1,4 +1,4 @@
-"""KMS test harness: a simulated KMS TEE, simulated app CVMs booted the dstack way, and RA-TLS client certs."""
+"""KMS test harness: a simulated KMS TEE, app CVMs booted the dstack way, RA-TLS client certs."""
 
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ are keys derived. Each request is audited with its boot_info, decision and reaso
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import secrets
