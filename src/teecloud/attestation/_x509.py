@@ -68,16 +68,35 @@ def _quiet_load(loader: object, data: bytes) -> x509.Certificate:
     return cert
 
 
+# cryptography parses names, extensions and keys lazily, on first access, and raises whatever the inner
+# decoder raises (ValueError, KeyError, InvalidVersion, DuplicateExtension, ...: no common base class). Every
+# part the checks read is touched once at load time, and anything that parser raises on hostile bytes is
+# mapped here, at the boundary, to MalformedEvidence.
+_LAZY_PARSE_ERRORS = (Exception,)
+
+
+def _materialize(cert: x509.Certificate) -> None:
+    describe(cert.subject)
+    describe(cert.issuer)
+    _ = cert.not_valid_before_utc, cert.not_valid_after_utc
+    _ = cert.signature_algorithm_oid, cert.signature_hash_algorithm, cert.signature_algorithm_parameters
+    _ = list(cert.extensions)
+    _spki(cert)
+
+
 def load_certificate(data: bytes, *, what: str) -> x509.Certificate:
     """One certificate, DER or PEM; hostile bytes raise MalformedEvidence naming `what`."""
     if len(data) > MAX_CERT_BYTES:
         raise MalformedEvidence(f"{what}: certificate is {len(data)} bytes, limit is {MAX_CERT_BYTES}")
     try:
         if data.lstrip().startswith(_PEM_MARKER):
-            return _quiet_load(x509.load_pem_x509_certificate, data)
-        return _quiet_load(x509.load_der_x509_certificate, data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            cert = _quiet_load(x509.load_pem_x509_certificate, data)
+        else:
+            cert = _quiet_load(x509.load_der_x509_certificate, data)
+        _materialize(cert)
+    except _LAZY_PARSE_ERRORS as exc:
         raise MalformedEvidence(f"{what}: not a valid X.509 certificate ({exc})", step=CHAIN_STEP) from exc
+    return cert
 
 
 def load_certificates(data: bytes, *, what: str) -> list[x509.Certificate]:
@@ -90,7 +109,9 @@ def load_certificates(data: bytes, *, what: str) -> list[x509.Certificate]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*serial number.*")
             certs = x509.load_pem_x509_certificates(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        for cert in certs:
+            _materialize(cert)
+    except _LAZY_PARSE_ERRORS as exc:
         raise MalformedEvidence(
             f"{what}: not a valid PEM certificate bundle ({exc})", step=CHAIN_STEP
         ) from exc
