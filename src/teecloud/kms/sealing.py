@@ -5,15 +5,16 @@
                   associated data = format ‖ mr_aggregated, so a file sealed by another KMS build
                   (another measurement) or moved to another platform does not open.
 
-`mr_aggregated` is the KMS's boot-time measurement (MRTD, RTMR0-2 and RTMR3 up to `boot-mr-done`), so an
-upgraded KMS build seals to a new key and must onboard from a running KMS instead of reading the old file.
+`mr_aggregated` is the KMS's measurement (MRTD, RTMR0-2 and RTMR3 after its boot events), so an upgraded
+KMS build seals to a new key and must onboard from a running KMS instead of reading the old file.
 
 Where the platform secret comes from:
 - a real TEE would use a hardware sealing key (SGX EGETKEY, SEV-SNP MSG_KEY_REQ, a TDX-bound KMS key);
 - a backend object that exposes `sealing_secret() -> bytes` (32+ bytes) is used as is;
-- otherwise (the simulator) a random 32-byte per-platform secret in data_home()/simulated-tee/
-  kms-sealing-secret, created once. Sealing in simulation is therefore only as strong as the host's file
-  permissions: anyone who can read that directory can unseal. This is stated in docs/kms.md.
+- otherwise (the simulator) a random 32-byte per-platform secret in the simulated platform's state
+  directory (data_home()/simulated-tee/kms-sealing-secret), created once. Sealing in simulation is
+  therefore only as strong as the host's file permissions: anyone who can read that directory can unseal.
+  This is stated in docs/kms.md.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def platform_sealing_secret(tee: object, home: Path | None = None) -> bytes:
             f"TEE backend {kind or type(tee).__name__!r} offers no sealing key; "
             "the KMS cannot seal its root keys"
         )
+    state_dir = getattr(tee, "state_dir", None)
+    if isinstance(state_dir, Path):
+        return simulated_platform_secret(state_dir.parent)
     return simulated_platform_secret(home)
 
 
