@@ -76,6 +76,13 @@ _LAZY_PARSE_ERRORS = (Exception,)
 
 
 def _materialize(cert: x509.Certificate) -> None:
+    with warnings.catch_warnings():
+        # e.g. "Attribute's length must be ...": a malformed name is judged by the checks, not printed
+        warnings.simplefilter("ignore")
+        _touch(cert)
+
+
+def _touch(cert: x509.Certificate) -> None:
     describe(cert.subject)
     describe(cert.issuer)
     _ = cert.not_valid_before_utc, cert.not_valid_after_utc
