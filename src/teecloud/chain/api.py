@@ -1,0 +1,98 @@
+"""Data exchanged with the chain: BootInfo (what the KMS asks about) and read-only views of contract state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["AppState", "BootInfo", "PendingUpgrade"]
+
+# The Solidity ABI type of the contracts' BootInfo struct (AppAuth.vy / KmsAuth.vy).
+BOOT_INFO_ABI_TYPE = "(address,bytes32,address,bytes32,bytes32,bytes32,bytes32,string,string[])"
+MAX_TCB_STATUS = 32
+MAX_ADVISORY_ID = 64
+MAX_ADVISORIES = 64
+
+
+def _fixed(name: str, value: bytes, size: int) -> bytes:
+    if not isinstance(value, bytes | bytearray) or len(value) != size:
+        raise ValueError(f"boot_info.{name} must be {size} bytes")
+    return bytes(value)
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    """What a booting CVM proved about itself (verified quote + replayed event log), as the contracts see it.
+
+    Field names and meaning follow dstack's AppBootInfo. instance_id may be 20 zero bytes (no instance id).
+    """
+
+    app_id: bytes
+    compose_hash: bytes
+    instance_id: bytes
+    device_id: bytes
+    mr_aggregated: bytes
+    mr_system: bytes
+    os_image_hash: bytes
+    tcb_status: str
+    advisory_ids: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name, size in (("app_id", 20), ("instance_id", 20)):
+            _fixed(name, getattr(self, name), size)
+        for name in ("compose_hash", "device_id", "mr_aggregated", "mr_system", "os_image_hash"):
+            _fixed(name, getattr(self, name), 32)
+        if not isinstance(self.tcb_status, str) or len(self.tcb_status.encode()) > MAX_TCB_STATUS:
+            raise ValueError(f"boot_info.tcb_status must be a string of at most {MAX_TCB_STATUS} bytes")
+        if len(self.advisory_ids) > MAX_ADVISORIES or any(
+            not isinstance(a, str) or len(a.encode()) > MAX_ADVISORY_ID for a in self.advisory_ids
+        ):
+            raise ValueError(
+                f"boot_info.advisory_ids: at most {MAX_ADVISORIES} strings of {MAX_ADVISORY_ID} bytes"
+            )
+        object.__setattr__(self, "advisory_ids", tuple(self.advisory_ids))
+
+    def to_abi(self) -> tuple[Any, ...]:
+        """The struct as an ABI tuple (eth_abi encodes `bytes` as an address when it has 20 bytes)."""
+        return (
+            "0x" + self.app_id.hex(),
+            self.compose_hash,
+            "0x" + self.instance_id.hex(),
+            self.device_id,
+            self.mr_aggregated,
+            self.mr_system,
+            self.os_image_hash,
+            self.tcb_status,
+            list(self.advisory_ids),
+        )
+
+
+@dataclass(frozen=True)
+class PendingUpgrade:
+    """A governance call on its way: a multisig proposal or a timelock-queued call."""
+
+    kind: str  # "multisig" | "timelock"
+    governance: str  # address of the multisig or timelock
+    ident: str  # proposal id (decimal) or call id (0x hex)
+    target: str
+    function: str  # decoded function name, or "0x<selector>"
+    args: tuple[Any, ...]
+    eta: int | None = None  # timelock: unix time from which it may run
+    approvals: int | None = None  # multisig: current approvals
+    threshold: int | None = None
+
+
+@dataclass
+class AppState:
+    app_id: str
+    registered: bool
+    owner: str
+    owner_kind: str  # "account" | "multisig" | "timelock" | "contract"
+    governance: dict[str, Any]
+    allowed_compose_hashes: list[str]
+    allowed_device_ids: list[str]
+    allow_any_device: bool
+    require_tcb_up_to_date: bool
+    upgrades_disabled: bool
+    pending: list[PendingUpgrade]
+    history: list[dict[str, Any]]

@@ -1,0 +1,444 @@
+"""The embedded chain: py-evm (through eth-tester) in this process, answering standard Ethereum JSON-RPC.
+
+Persistence is an append-only journal (data_home()/chain/journal.jsonl) of everything that made a block:
+raw signed transactions and empty mined blocks, each with its block timestamp, plus clock offsets
+(evm_increaseTime). Genesis parameters (timestamp) are fixed once in genesis.json. On start the journal is
+replayed into a fresh EVM: the EVM is deterministic, so every address, app, hash and balance comes back as it
+was (block hashes too: prevrandao is derived, not random). A torn last line (crash mid-append) is dropped.
+
+One process owns the chain at a time (flock on chain/lock); other processes use its JSON-RPC URL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from eth_abi import encode
+from eth_utils import keccak
+
+from teecloud._fs import append_line, atomic_write_json, data_home
+
+from .errors import ChainStateError
+
+__all__ = ["DEV_KEYS", "EmbeddedChain", "RpcError"]
+
+# eth-tester's genesis accounts: private keys 1..10 (public, well known: development only).
+DEV_KEYS = tuple("0x" + i.to_bytes(32, "big").hex() for i in range(1, 11))
+CLIENT_VERSION = "teecloud-embedded/py-evm"
+_ERROR_SELECTOR = keccak(text="Error(string)")[:4]
+
+
+class RpcError(Exception):
+    """A JSON-RPC error object, as a server returns it."""
+
+    def __init__(self, code: int, message: str, data: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def to_json(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            err["data"] = self.data
+        return err
+
+
+def _hex(n: int) -> str:
+    return hex(n)
+
+
+def _camel(key: str) -> str:
+    parts = key.split("_")
+    return parts[0] + "".join(p[:1].upper() + p[1:] for p in parts[1:])
+
+
+_RENAME = {"sha3_uncles": "sha3Uncles"}
+
+
+def _to_rpc(obj: Any, *, key: str = "", tx: bool = False) -> Any:
+    """eth-tester's snake_case python values -> JSON-RPC (camelCase keys, hex quantities and data)."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            name = "input" if (tx and k == "data") else _RENAME.get(k, _camel(k))
+            out[name] = _to_rpc(v, key=k, tx=tx)
+        return out
+    if isinstance(obj, list | tuple):
+        return [_to_rpc(v, key=key, tx=tx) for v in obj]
+    if isinstance(obj, bool):
+        return obj
+    if isinstance(obj, int):
+        if key == "logs_bloom":
+            return "0x" + obj.to_bytes(256, "big").hex()
+        return _hex(obj)
+    if isinstance(obj, bytes | bytearray):
+        return "0x" + bytes(obj).hex()
+    return obj
+
+
+def _int(v: Any, default: int | None = None) -> int | None:
+    if v is None:
+        return default
+    if isinstance(v, int):
+        return v
+    return int(str(v), 16)
+
+
+class _Backend:
+    """eth-tester's PyEVMBackend with a deterministic prevrandao (mix_hash) so replays give equal blocks."""
+
+    @staticmethod
+    def make(genesis_timestamp: int) -> Any:
+        from eth.vm.forks import ParisVM, PragueVM
+        from eth_tester import PyEVMBackend
+        from eth_tester.backends.pyevm.main import get_default_genesis_params
+
+        class Backend(PyEVMBackend):  # type: ignore[misc]
+            def mine_blocks(self, num_blocks: int = 1, coinbase: bytes = b"\0" * 20) -> tuple[bytes, ...]:
+                hashes = []
+                for _ in range(num_blocks):
+                    kw: dict[str, Any] = {"coinbase": coinbase}
+                    if isinstance(self.chain.get_vm(), ParisVM):
+                        kw["mix_hash"] = keccak(b"teecloud-prevrandao" + self.chain.header.parent_hash)
+                    if isinstance(self.chain.get_vm(), PragueVM):
+                        kw["blob_gas_used"] = 0
+                    hashes.append(self.chain.mine_block(**kw).hash)
+                return tuple(hashes)
+
+        return Backend(genesis_parameters=get_default_genesis_params({"timestamp": genesis_timestamp}))
+
+
+class EmbeddedChain:
+    """An in-process EVM with a JSON-RPC `request(method, params)` entry point. Thread-safe."""
+
+    def __init__(self, chain_dir: Path | None = None, *, clock: Callable[[], float] = time.time) -> None:
+        from eth_tester import EthereumTester
+
+        self.dir = Path(chain_dir) if chain_dir is not None else data_home() / "chain"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise ChainStateError(
+                f"the embedded chain in {self.dir} is in use by another process; "
+                "connect to it with its RPC URL (see `teecloud chain up`)"
+            ) from None
+        genesis_path = self.dir / "genesis.json"
+        if genesis_path.is_file():
+            genesis = json.loads(genesis_path.read_text())
+        else:
+            genesis = {"timestamp": int(self._clock()), "format": 1}
+            atomic_write_json(genesis_path, genesis)
+        self.journal = self.dir / "journal.jsonl"
+        self._offset = 0
+        self._last_ts = int(genesis["timestamp"])
+        self.tester = EthereumTester(_Backend.make(int(genesis["timestamp"])))
+        self.backend = self.tester.backend
+        self.replayed = self._replay()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = -1
+
+    # --- time and persistence ----------------------------------------------------------------------------
+
+    def _set_next_timestamp(self, ts: int) -> None:
+        self.backend.chain.header = self.backend.chain.header.copy(timestamp=ts)
+
+    def _next_timestamp(self) -> int:
+        return max(int(self._clock()) + self._offset, self._last_ts + 1)
+
+    def _replay(self) -> int:
+        if not self.journal.is_file():
+            return 0
+        lines = self.journal.read_bytes().split(b"\n")
+        n = 0
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                if i >= len(lines) - 2:  # a torn final append: the caller never got an answer for it
+                    self._truncate_to(lines[:i])
+                    break
+                raise ChainStateError(f"{self.journal}: line {i + 1} is corrupt") from None
+            try:
+                if "tx" in entry:
+                    self._set_next_timestamp(entry["ts"])
+                    self.tester.send_raw_transaction(entry["tx"])
+                    self._last_ts = entry["ts"]
+                elif "mine" in entry:
+                    self._set_next_timestamp(entry["mine"])
+                    self.tester.mine_blocks(1)
+                    self._last_ts = entry["mine"]
+                elif "time" in entry:
+                    self._offset += int(entry["time"])
+            except Exception as exc:
+                raise ChainStateError(f"{self.journal}: replay failed at line {i + 1}: {exc}") from exc
+            n += 1
+        return n
+
+    def _truncate_to(self, lines: list[bytes]) -> None:
+        data = b"".join(ln + b"\n" for ln in lines if ln.strip())
+        from teecloud._fs import atomic_write
+
+        atomic_write(self.journal, data)
+
+    # --- JSON-RPC ----------------------------------------------------------------------------------------
+
+    def request(self, method: str, params: list[Any] | None = None) -> Any:
+        """Answer one JSON-RPC call; raises RpcError with a standard error object."""
+        handler = getattr(self, "_rpc_" + method, None)
+        if handler is None:
+            raise RpcError(-32601, f"method {method!r} not supported by the embedded chain")
+        with self._lock:
+            try:
+                return handler(*(params or []))
+            except RpcError:
+                raise
+            except TypeError as exc:
+                raise RpcError(-32602, f"invalid params for {method}: {exc}") from None
+            except (ValueError, KeyError) as exc:
+                raise RpcError(-32602, f"invalid params for {method}: {exc}") from None
+
+    def _block_id(self, block: Any) -> Any:
+        if block is None or block in ("latest", "safe", "finalized", "pending"):
+            return "latest"
+        if block == "earliest":
+            return "earliest"
+        if isinstance(block, dict):
+            block = block.get("blockNumber", "latest")
+            return self._block_id(block)
+        return _int(block)
+
+    def _call_tx(self, tx: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "from": tx.get("from") or "0x" + "00" * 20,
+            "data": tx.get("data") or tx.get("input") or "0x",
+            "value": _int(tx.get("value"), 0),
+        }
+        if tx.get("to"):
+            out["to"] = tx["to"]
+        if tx.get("gas") is not None:
+            out["gas"] = _int(tx["gas"])
+        return out
+
+    @staticmethod
+    def _revert(exc: Exception) -> RpcError:
+        arg = exc.args[0] if exc.args else ""
+        if isinstance(arg, BaseException):  # estimate_gas wraps py-evm's Revert(data)
+            arg = arg.args[0] if arg.args else ""
+        if isinstance(arg, str) and arg[:2] in ("b'", 'b"'):
+            import ast
+
+            try:  # eth-tester's estimate_gas stringifies the raw revert data
+                arg = ast.literal_eval(arg)
+            except (ValueError, SyntaxError):
+                pass
+        if isinstance(arg, bytes | bytearray):
+            data = bytes(arg)
+            reason = ""
+            if data[:4] == _ERROR_SELECTOR:
+                from eth_abi import decode
+
+                try:
+                    reason = decode(["string"], data[4:])[0]
+                except Exception:
+                    reason = ""
+            return RpcError(3, f"execution reverted: {reason}".rstrip(": "), "0x" + data.hex())
+        reason = str(arg)
+        return RpcError(
+            3, f"execution reverted: {reason}", "0x" + (_ERROR_SELECTOR + encode(["string"], [reason])).hex()
+        )
+
+    def _rpc_web3_clientVersion(self) -> str:
+        return CLIENT_VERSION
+
+    def _rpc_eth_chainId(self) -> str:
+        return _hex(self.backend.chain.chain_id)
+
+    def _rpc_net_version(self) -> str:
+        return str(self.backend.chain.chain_id)
+
+    def _rpc_eth_syncing(self) -> bool:
+        return False
+
+    def _rpc_eth_accounts(self) -> list[str]:
+        return list(self.tester.get_accounts())
+
+    def _rpc_eth_blockNumber(self) -> str:
+        return _hex(self.tester.get_block_by_number("latest")["number"])
+
+    def _rpc_eth_gasPrice(self) -> str:
+        return _hex(self.tester.get_block_by_number("pending")["base_fee_per_gas"] + 10**9)
+
+    def _rpc_eth_maxPriorityFeePerGas(self) -> str:
+        return _hex(10**9)
+
+    def _rpc_eth_getBalance(self, address: str, block: Any = "latest") -> str:
+        return _hex(self.tester.get_balance(address, self._block_id(block)))
+
+    def _rpc_eth_getCode(self, address: str, block: Any = "latest") -> str:
+        return str(self.tester.get_code(address, self._block_id(block)))
+
+    def _rpc_eth_getTransactionCount(self, address: str, block: Any = "latest") -> str:
+        return _hex(self.tester.get_nonce(address, self._block_id(block)))
+
+    def _rpc_eth_call(self, tx: dict[str, Any], block: Any = "latest", *_: Any) -> str:
+        from eth_tester.exceptions import TransactionFailed
+
+        try:
+            out = self.tester.call(self._call_tx(tx), self._block_id(block))
+        except TransactionFailed as exc:
+            raise self._revert(exc) from None
+        return str(out) if isinstance(out, str) else "0x" + bytes(out).hex()
+
+    def _rpc_eth_estimateGas(self, tx: dict[str, Any], block: Any = "latest") -> str:
+        from eth_tester.exceptions import TransactionFailed
+        from eth_utils.exceptions import ValidationError
+
+        call = self._call_tx(tx)
+        try:
+            return _hex(self.tester.estimate_gas(call, self._block_id(block)))
+        except TransactionFailed as exc:
+            raise self._revert(exc) from None
+        except ValidationError as exc:
+            raise self._validation(exc) from None
+
+    @staticmethod
+    def _validation(exc: Exception) -> RpcError:
+        msg = str(exc)
+        if "enough balance" in msg or "insufficient" in msg.lower() or "cannot afford" in msg:
+            return RpcError(-32003, f"insufficient funds for gas * price + value: {msg}")
+        return RpcError(-32000, msg)
+
+    def _rpc_eth_sendRawTransaction(self, raw: str) -> str:
+        from eth_utils.exceptions import ValidationError
+
+        ts = self._next_timestamp()
+        self._set_next_timestamp(ts)
+        try:
+            tx_hash = self.tester.send_raw_transaction(raw)
+        except ValidationError as exc:
+            raise self._validation(exc) from None
+        except Exception as exc:
+            raise RpcError(-32000, f"transaction rejected: {exc}") from None
+        self._last_ts = ts
+        # journaled only once it is in a block; the caller gets the hash after the journal is on disk
+        append_line(self.journal, json.dumps({"tx": raw if raw.startswith("0x") else "0x" + raw, "ts": ts}))
+        return str(tx_hash)
+
+    def _rpc_evm_increaseTime(self, seconds: Any) -> str:
+        n = _int(seconds) if isinstance(seconds, str) else int(seconds)
+        if n is None or n < 0:
+            raise RpcError(-32602, "seconds must be a non-negative integer")
+        self._offset += n
+        append_line(self.journal, json.dumps({"time": n}))
+        return _hex(self._offset)
+
+    def _rpc_evm_mine(self, *_: Any) -> str:
+        ts = self._next_timestamp()
+        self._set_next_timestamp(ts)
+        self.tester.mine_blocks(1)
+        self._last_ts = ts
+        append_line(self.journal, json.dumps({"mine": ts}))
+        return "0x0"
+
+    def _rpc_eth_getTransactionReceipt(self, tx_hash: str) -> Any:
+        from eth_tester.exceptions import TransactionNotFound
+
+        try:
+            r = self.tester.get_transaction_receipt(tx_hash)
+        except TransactionNotFound:
+            return None
+        r = dict(r)
+        r.pop("state_root", None)
+        out = _to_rpc(r)
+        out["logsBloom"] = "0x" + "00" * 256
+        return out
+
+    def _rpc_eth_getTransactionByHash(self, tx_hash: str) -> Any:
+        from eth_tester.exceptions import TransactionNotFound
+
+        try:
+            return _to_rpc(dict(self.tester.get_transaction_by_hash(tx_hash)), tx=True)
+        except TransactionNotFound:
+            return None
+
+    def _block(self, block: dict[str, Any], full: bool) -> dict[str, Any]:
+        b = dict(block)
+        b.pop("total_difficulty", None)
+        txs = b.pop("transactions")
+        out = _to_rpc(b)
+        out["transactions"] = [_to_rpc(dict(t), tx=True) for t in txs] if full else list(txs)
+        return out
+
+    def _rpc_eth_getBlockByNumber(self, block: Any, full: bool = False) -> Any:
+        from eth_tester.exceptions import BlockNotFound
+
+        ident = self._block_id(block) if block != "pending" else "pending"
+        try:
+            return self._block(self.tester.get_block_by_number(ident, full), full)
+        except BlockNotFound:
+            return None
+
+    def _rpc_eth_getBlockByHash(self, block_hash: str, full: bool = False) -> Any:
+        from eth_tester.exceptions import BlockNotFound
+
+        try:
+            return self._block(self.tester.get_block_by_hash(block_hash, full), full)
+        except BlockNotFound:
+            return None
+
+    def _rpc_eth_getLogs(self, flt: dict[str, Any]) -> list[Any]:
+        latest = self.tester.get_block_by_number("latest")["number"]
+
+        def num(v: Any, default: int) -> int:
+            if v is None or v in ("latest", "pending", "safe", "finalized"):
+                return latest
+            if v == "earliest":
+                return 0
+            n = _int(v, default)
+            assert n is not None
+            return min(n, latest)
+
+        logs = self.tester.get_logs(
+            from_block=num(flt.get("fromBlock"), latest),
+            to_block=num(flt.get("toBlock"), latest),
+            address=flt.get("address"),
+            topics=flt.get("topics"),
+        )
+        out = []
+        for log in logs:
+            d = dict(log)
+            d.pop("type", None)
+            o = _to_rpc(d)
+            o["removed"] = False
+            out.append(o)
+        return out
+
+    def _rpc_eth_feeHistory(self, count: Any, newest: Any, percentiles: Any = None) -> dict[str, Any]:
+        base = self.tester.get_block_by_number("pending")["base_fee_per_gas"]
+        n = _int(count) if isinstance(count, str) else int(count)
+        latest = self.tester.get_block_by_number("latest")["number"]
+        return {
+            "oldestBlock": _hex(max(latest - (n or 1) + 1, 0)),
+            "baseFeePerGas": [_hex(base)] * ((n or 1) + 1),
+            "gasUsedRatio": [0.0] * (n or 1),
+            "reward": [[_hex(10**9) for _ in (percentiles or [])] for _ in range(n or 1)],
+        }

@@ -1,0 +1,122 @@
+"""Serve an EmbeddedChain over standard Ethereum JSON-RPC (HTTP POST, single or batch) on 127.0.0.1.
+
+The listening URL is recorded in <chain dir>/rpc.json while the server runs, so other local processes
+(ChainClient.embedded, the CLI) find it. Request bodies are capped (MAX_BODY)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from teecloud._fs import atomic_write_json
+
+from .embedded import EmbeddedChain, RpcError
+
+__all__ = ["MAX_BODY", "ChainRpcServer"]
+
+MAX_BODY = 8 * 1024 * 1024
+
+
+def _answer(chain: EmbeddedChain, req: Any) -> dict[str, Any]:
+    rid = req.get("id") if isinstance(req, dict) else None
+    if not isinstance(req, dict) or not isinstance(req.get("method"), str):
+        return {"jsonrpc": "2.0", "id": rid, "error": {"code": -32600, "message": "invalid request"}}
+    params = req.get("params") or []
+    if not isinstance(params, list):
+        return {"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "params must be a list"}}
+    try:
+        return {"jsonrpc": "2.0", "id": rid, "result": chain.request(req["method"], params)}
+    except RpcError as exc:
+        return {"jsonrpc": "2.0", "id": rid, "error": exc.to_json()}
+    except Exception as exc:  # never a traceback to a client: an internal error object
+        return {"jsonrpc": "2.0", "id": rid, "error": {"code": -32603, "message": f"internal error: {exc}"}}
+
+
+class ChainRpcServer:
+    def __init__(self, chain: EmbeddedChain, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.chain = chain
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet: no request logging
+                return
+
+            def _send(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                try:
+                    length = int(self.headers.get("Content-Length", "0"))
+                except ValueError:
+                    length = -1
+                if length < 0 or length > MAX_BODY:
+                    self._send(
+                        413, b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"body too large"}}'
+                    )
+                    self.close_connection = True
+                    return
+                raw = self.rfile.read(length)
+                try:
+                    req = json.loads(raw)
+                except ValueError:
+                    out: Any = {
+                        "jsonrpc": "2.0",
+                        "id": None,
+                        "error": {"code": -32700, "message": "parse error"},
+                    }
+                else:
+                    if isinstance(req, list):
+                        out = [_answer(chain, r) for r in req[:1000]]
+                    else:
+                        out = _answer(chain, req)
+                self._send(200, json.dumps(out).encode())
+
+            def do_GET(self) -> None:
+                self._send(405, b'{"error":"POST JSON-RPC requests"}')
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.host, self.port = self.httpd.server_address[0], self.httpd.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _record(self) -> None:
+        atomic_write_json(self.chain.dir / "rpc.json", {"url": self.url, "pid": os.getpid()}, mode=0o644)
+
+    def _unrecord(self) -> None:
+        try:
+            (self.chain.dir / "rpc.json").unlink()
+        except FileNotFoundError:
+            pass
+
+    def start(self) -> ChainRpcServer:
+        """Serve in a background thread."""
+        self._record()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="chain-rpc", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._record()
+        try:
+            self.httpd.serve_forever()
+        finally:
+            self._unrecord()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._unrecord()
