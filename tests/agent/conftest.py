@@ -45,7 +45,9 @@ def booted(teecloud_home):
 
 @pytest.fixture
 def agent(booted, sockdir):
-    runner = AgentRunner(booted, dstack_sock=sockdir / "dstack.sock", tappd_sock=sockdir / "tappd.sock", port=0)
+    runner = AgentRunner(
+        booted, dstack_sock=sockdir / "dstack.sock", tappd_sock=sockdir / "tappd.sock", port=0
+    )
     runner.start()
     yield runner
     runner.stop()

@@ -40,8 +40,27 @@ def now():
     return int(time.time())
 
 
+def _sim_policy():
+    import dataclasses
+
+    from teecloud.attestation.policy import Policy
+
+    return dataclasses.replace(Policy.default(), allow_simulated=True)
+
+
 def _kw(tee, now):
-    return dict(collateral=tee.collateral(now=now), now=now + 5, dev_root_der=tee.dev_root_der())
+    return dict(
+        collateral=tee.collateral(now=now), now=now + 5, dev_root_der=tee.dev_root_der(), policy=_sim_policy()
+    )
+
+
+def test_default_policy_refuses_simulated_evidence(tee, now):
+    # production settings reject what the simulator produces, even with its dev root named
+    _, cert_pem = generate_ratls_identity(tee, usage="x", app_id=APP, now=now)
+    kw = _kw(tee, now)
+    del kw["policy"]
+    with pytest.raises(VerificationError, match="simulated"):
+        verify_ratls_cert(cert_pem, **kw)
 
 
 @pytest.fixture(params=["default", "fallback"])
