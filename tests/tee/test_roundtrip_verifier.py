@@ -8,7 +8,8 @@ import time
 import pytest
 
 from teecloud.attestation import dcap, eventlog
-from teecloud.attestation.errors import UntrustedRoot, VerificationError
+from teecloud.attestation.errors import PolicyViolation, UntrustedRoot, VerificationError
+from teecloud.attestation.policy import Policy
 from teecloud.tee import simulated
 from teecloud.tee.simulated import SimulatedTdx
 
@@ -91,3 +92,71 @@ def test_out_of_date_knob_reaches_the_verifier() -> None:
     )
     assert evidence.tcb_status == "OutOfDate"
     assert evidence.advisory_ids == ("TEECLOUD-SIM-SA-0001",)
+
+
+def _dstack_json(tee: SimulatedTdx, report_data: bytes) -> bytes:
+    import json
+
+    doc = {
+        "quote": tee.quote(report_data).hex(),
+        "event_log": eventlog.event_log_to_json(tee.event_log()),
+        "report_data": report_data.ljust(64, b"\0").hex(),
+        "vm_config": json.dumps(tee.vm_config()),
+    }
+    return json.dumps(doc).encode()
+
+
+def test_verifier_accepts_dstack_json_only_with_the_dev_root() -> None:
+    from teecloud.attestation.verifier import TrustAnchors, verify
+
+    tee = SimulatedTdx()
+    tee.emit_event("app-id", b"\x01" * 20)
+    evidence = _dstack_json(tee, b"nonce")
+    now = int(time.time())
+    anchors = TrustAnchors(dev_root_der=tee.dev_root_der())
+    dev = Policy(allow_simulated=True)
+    ok = verify(evidence, collateral=tee.collateral(), anchors=anchors, policy=dev, now=now)
+    assert ok.is_valid, ok.reason
+    assert ok.tee == "tdx-simulated"
+    assert ok.evidence is not None and ok.evidence.app_info is not None
+    assert ok.evidence.app_info.app_id == b"\x01" * 20
+    # production settings: no dev root
+    prod = verify(evidence, collateral=tee.collateral(), policy=dev, now=now)
+    assert not prod.is_valid
+    assert "signed by a development root, not by Intel" in prod.reason
+    # even with the dev root as an anchor, the default policy refuses simulated evidence
+    default = verify(evidence, collateral=tee.collateral(), anchors=anchors, now=now)
+    assert not default.is_valid and "simulated" in default.reason
+
+
+def test_verify_tdx_with_event_log_policies() -> None:
+    from dataclasses import replace
+
+    from teecloud.attestation.errors import TcbNotAcceptable
+    from teecloud.attestation.verifier import verify_tdx_with_event_log
+
+    now = int(time.time())
+    dev = Policy(allow_simulated=True)
+
+    def check(t: SimulatedTdx, log=None, policy: Policy | None = dev):
+        return verify_tdx_with_event_log(
+            t.quote(b"k"),
+            t.collateral(),
+            t.event_log() if log is None else log,
+            now=now,
+            dev_root_der=t.dev_root_der(),
+            policy=policy,
+        )
+
+    tee = SimulatedTdx()
+    tee.emit_event("compose-hash", b"\x22" * 32)
+    ev = check(tee)
+    assert ev.simulated and ev.app_info is not None and ev.app_info.compose_hash == b"\x22" * 32
+    with pytest.raises(TcbNotAcceptable):
+        check(SimulatedTdx(tcb="OutOfDate"))
+    log = tee.event_log()
+    log[-1] = replace(log[-1], event_payload=b"\x33" * 32)
+    with pytest.raises(VerificationError):
+        check(tee, log)
+    with pytest.raises(PolicyViolation, match="simulated"):
+        check(tee, policy=None)
