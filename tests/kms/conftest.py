@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teecloud.chain.api import BootInfo
+from teecloud.chain import ChainClient
 from teecloud.keys.ratls import make_ratls_cert
+from teecloud.kms.api import AuditRecord
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
 from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral, simulated_os_image_mrtd
-from teecloud.tee.simulated import SimulatedTdx
+from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for
 
 
 def boot_app(tee: SimulatedTdx, app_id: bytes, compose_hash: bytes, instance_id: bytes) -> None:
@@ -33,44 +37,6 @@ def boot_app(tee: SimulatedTdx, app_id: bytes, compose_hash: bytes, instance_id:
     tee.emit_event("os-image-hash", tee.os_image_hash)
     tee.emit_event("key-provider", json.dumps({"name": "kms", "id": ""}).encode())
     tee.emit_event("system-ready", b"")
-
-
-@dataclass
-class FakeChain:
-    """Stands in for KmsAuth until the chain client is wired: allowlists + an 'unreachable' switch."""
-
-    apps: dict[bytes, set[bytes]] = field(default_factory=dict)
-    os_images: set[bytes] = field(default_factory=set)
-    kms_mrs: set[bytes] = field(default_factory=set)
-    unreachable: bool = False
-    calls: int = 0
-
-    def _check(self) -> None:
-        self.calls += 1
-        if self.unreachable:
-            from teecloud.chain.errors import ChainUnreachable
-
-            raise ChainUnreachable("connection refused")
-
-    def is_app_allowed(self, bi: BootInfo) -> tuple[bool, str]:
-        self._check()
-        if bi.app_id not in self.apps:
-            return False, "app not registered"
-        if bi.os_image_hash not in self.os_images:
-            return False, "OS image not allowed"
-        if bi.compose_hash not in self.apps[bi.app_id]:
-            return False, "compose hash not allowed"
-        return True, ""
-
-    def is_kms_allowed(self, bi: BootInfo) -> tuple[bool, str]:
-        self._check()
-        if bi.tcb_status != "UpToDate":
-            return False, "TCB not up to date"
-        if bi.os_image_hash not in self.os_images:
-            return False, "OS image not allowed"
-        if bi.mr_aggregated not in self.kms_mrs:
-            return False, "KMS aggregated MR not allowed"
-        return True, ""
 
 
 @dataclass
@@ -88,6 +54,7 @@ def make_kms(
     home: Path,
     chain: Any,
     *,
+    kms_home: Path | None = None,
     dev: bool = True,
     build: str | None = None,
     clock: Callable[[], float] = time.time,
@@ -96,17 +63,17 @@ def make_kms(
 ) -> Kms:
     tee = SimulatedTdx(home)
     identity = boot_kms_tee(tee, build=build)
-    state, _ = start_kms_state(tee, identity, now=int(clock()), generate=generate, home=home)
+    state, _ = start_kms_state(tee, identity, now=int(clock()), generate=generate, home=kms_home or home)
     service = KmsService(
         state=state,
         identity=identity,
         tee=tee,
         chain=chain,
         collateral=StaticCollateral(tee.collateral),
-        audit=AuditLog(kms_dir(home) / "audit.jsonl"),
+        audit=AuditLog(kms_dir(kms_home or home) / "audit.jsonl"),
         config=KmsConfig(dev_mode=dev),
         dev_root_der=tee.dev_root_der() if dev else None,
-        block_number=block_number,
+        block_number=block_number if block_number is not None else getattr(chain, "block_number", None),
         os_image_mrtd=simulated_os_image_mrtd,
         clock=clock,
     )
@@ -163,13 +130,66 @@ def cert_of(der: bytes) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
-APP_ID = bytes.fromhex("11" * 20)
 COMPOSE_V1 = hashlib.sha256(b"compose v1").digest()
 COMPOSE_V2 = hashlib.sha256(b"compose v2").digest()
+SIM_OS = "teecloud-sim-os-0.1"
 
 
-@pytest.fixture
-def fake_chain(teecloud_home: Path) -> FakeChain:
-    from teecloud.tee.simulated import os_image_hash_for
+@dataclass
+class World:
+    """One embedded chain (KmsAuth deployed, the simulated OS image allowed) shared by the module's tests;
+    each test registers its own apps."""
 
-    return FakeChain(apps={APP_ID: {COMPOSE_V1}}, os_images={os_image_hash_for("teecloud-sim-os-0.1")})
+    chain: ChainClient
+    chain_dir: Path
+
+    def register(self, compose_hash: bytes = COMPOSE_V1, **kw: Any) -> bytes:
+        return bytes.fromhex(self.chain.register_app(None, compose_hash, **kw)[2:])
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    d = tmp_path_factory.mktemp("kms-chain")
+    chain = ChainClient.embedded(d)
+    chain.deploy()
+    chain.add_os_image(os_image_hash_for(SIM_OS))
+    yield World(chain, d)
+    chain.close()
+
+
+def denied_record(kms: Kms) -> AuditRecord:
+    recs = kms.audit.read()
+    assert recs, "nothing was audited"
+    assert recs[-1].decision == "denied"
+    return recs[-1]
+
+
+KEY_FIELDS = ("ca_key", "disk_crypt_key", "env_crypt_key", "k256_key", "k256_signature", "temp_ca_key")
+
+
+def post_with_cert(
+    url: str, path: str, key: ec.EllipticCurvePrivateKey, cert_der: bytes, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """One mutual-TLS POST with the given client certificate (as an attacker or a CVM would send it)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "c.pem"
+        pem = x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM)
+        p.write_bytes(
+            pem
+            + key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        ctx.load_cert_chain(str(p))
+    with httpx.Client(verify=ctx, timeout=30) as http:
+        r = http.post(url + path, json=body or {})
+    return r.status_code, r.json()
+
+
+def assert_nothing_released(body: dict[str, Any]) -> None:
+    assert body.get("error") == "denied", body
+    for f in KEY_FIELDS:
+        assert f not in body
