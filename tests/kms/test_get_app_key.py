@@ -163,8 +163,7 @@ def test_os_image_event_must_match_measured_firmware(
 ) -> None:
     """A CVM on an unlisted image that claims an allowed os-image-hash in its event log."""
     from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for
-
-    from tests.kms.conftest import AppCvm, SIM_OS
+    from tests.kms.conftest import SIM_OS, AppCvm
 
     app_id = world.register(COMPOSE_V1)
     tee = SimulatedTdx(teecloud_home, os_image="unlisted-os-9.9")
