@@ -279,4 +279,6 @@ def test_corrupt_collateral_file_is_rebuilt() -> None:
     tee = SimulatedTdx()
     tee.collateral()
     tee.collateral_path().write_text("{}")
-    assert json.loads(tee.collateral())["tcb_info"]
+    fresh = SimulatedTdx()  # a new instance (no in-memory copy) reads the file, finds it bad, rebuilds it
+    assert json.loads(fresh.collateral())["tcb_info"]
+    assert json.loads(tee.collateral_path().read_text())["tcb_info"]

@@ -150,9 +150,9 @@ def _create_state(state_dir: Path, tcb: dcap.SimulatedTcb) -> None:
         os.chmod(tmp, 0o700)
         try:
             os.rename(tmp, state_dir)  # replaces an empty directory; fails if state_dir has content
-        except OSError:
+        except OSError as exc:
             if not (state_dir / "root_ca.der").exists():
-                raise
+                raise _corrupt(state_dir, f"cannot create it: {exc}") from exc
             # Someone else created the state first: keep theirs.
     finally:
         if tmp.exists():
@@ -273,6 +273,7 @@ class SimulatedTdx:
         self._lock = threading.Lock()
         self._collateral_lock = threading.Lock()
         self._revoked_collateral: tuple[dt.datetime, bytes] | None = None
+        self._cached_collateral: tuple[dt.datetime, bytes] | None = None
         self._mrtd = hashlib.sha384(b"teecloud-sim:mrtd:" + self._os_image_hash).digest()
         self._rtmrs = [bytes(48) for _ in range(4)]
         self._log: list[EventLogEntry] = []
@@ -416,11 +417,14 @@ class SimulatedTdx:
                 data = self._build_collateral(issue, revoke=True)
                 self._revoked_collateral = (issue, data)
                 return data
+            if self._cached_collateral and _fresh(self._cached_collateral[0], at):
+                return self._cached_collateral[1]
             path = self.collateral_path()
             try:
                 data = path.read_bytes()
                 issue = _collateral_issue(data)
                 if _fresh(issue, at) and self._collateral_matches(data):
+                    self._cached_collateral = (issue, data)
                     return data
             except (OSError, ValueError, KeyError):
                 pass  # missing or unreadable derived file: rebuild it below
@@ -428,6 +432,7 @@ class SimulatedTdx:
             data = self._build_collateral(issue, revoke=False)
             if now is None:
                 atomic_write(path, data, mode=0o644)
+                self._cached_collateral = (issue, data)
             return data
 
     def _build_collateral(self, issue: dt.datetime, *, revoke: bool) -> bytes:
