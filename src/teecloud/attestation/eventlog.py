@@ -16,6 +16,7 @@ the events before `system-ready` only: after it, the app itself may emit events,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -79,6 +80,15 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
 
 def parse_event_log(data: str | bytes, *, limits: VerifierLimits = DEFAULT_LIMITS) -> list[EventLogEntry]:
     """Parse a dstack JSON event log. Raises MalformedEvidence (step event_log_verified)."""
+    if not isinstance(data, str | bytes):
+        raise MalformedEvidence("event log must be JSON text", step="event_log_verified")
+    return list(_parse_cached(data, limits))
+
+
+@functools.lru_cache(maxsize=128)
+def _parse_cached(data: str | bytes, limits: VerifierLimits) -> tuple[EventLogEntry, ...]:
+    # A pure function of the text, cached: a CVM presents the same log with every quote it sends
+    # (RA-TLS handshakes, key requests), and decoding it costs more than replaying it.
     if len(data) > limits.max_event_log_size:
         raise MalformedEvidence(
             f"event log is {len(data)} bytes, over the {limits.max_event_log_size}-byte limit",
@@ -117,7 +127,7 @@ def parse_event_log(data: str | bytes, *, limits: VerifierLimits = DEFAULT_LIMIT
                 ),
             )
         )
-    return entries
+    return tuple(entries)
 
 
 def event_log_to_json(entries: Sequence[EventLogEntry]) -> str:
@@ -132,8 +142,12 @@ def _extend(rtmr: bytes, digest: bytes) -> bytes:
 def replay_rtmrs(entries: Sequence[EventLogEntry]) -> list[bytes]:
     """Replay every entry's digest into its register; returns [RTMR0, RTMR1, RTMR2, RTMR3]."""
     rtmrs = [bytes(_RTMR_SIZE)] * 4
+    sha384 = hashlib.sha384
     for e in entries:
-        rtmrs[e.imr] = _extend(rtmrs[e.imr], e.digest)
+        d = e.digest
+        rtmrs[e.imr] = sha384(
+            rtmrs[e.imr] + (d if len(d) == _RTMR_SIZE else d.ljust(_RTMR_SIZE, b"\x00"))
+        ).digest()
     return rtmrs
 
 
@@ -157,32 +171,36 @@ def verify_event_log(entries: Sequence[EventLogEntry], rtmrs: Sequence[bytes]) -
     for i, e in enumerate(entries):
         if e.event_type == RUNTIME_EVENT_TYPE and runtime_event_digest(e.event, e.event_payload) != e.digest:
             raise EventLogMismatch(f"{_label(i, e)}: its digest does not match its name and payload")
-    # (2): replay register by register, remembering every intermediate value.
+    # (2): replay, and on a mismatch replay that register again to find where the quote stops.
+    replayed = replay_rtmrs(entries)
     for imr in range(4):
-        indexed = [(i, e) for i, e in enumerate(entries) if e.imr == imr]
-        value = bytes(_RTMR_SIZE)
-        prefixes = [value]
-        for _, e in indexed:
-            value = _extend(value, e.digest)
-            prefixes.append(value)
         quoted = bytes(rtmrs[imr])
-        if value == quoted:
-            continue
-        if quoted in prefixes:
-            k = prefixes.index(quoted)
-            i, e = indexed[k]
-            raise EventLogMismatch(
-                f"RTMR{imr} does not match the quote: the quote covers only the first {k} of the log's "
-                f"{len(indexed)} RTMR{imr} events; {_label(i, e)} and every later one are not in the quote"
-            )
-        first = f"; its first event is {_label(*indexed[0])}" if indexed else ""
-        raise EventLogMismatch(
-            f"RTMR{imr} does not match the quote: replaying the log's {len(indexed)} RTMR{imr} events gives "
-            f"{value.hex()[:16]}…, the quote has {quoted.hex()[:16]}…; an event was altered, removed or "
-            f"reordered{first}"
-        )
+        if replayed[imr] != quoted:
+            _explain_mismatch(entries, imr, quoted)
     # (3): read the identity events.
     return extract_app_info(entries)
+
+
+def _explain_mismatch(entries: Sequence[EventLogEntry], imr: int, quoted: bytes) -> None:
+    indexed = [(i, e) for i, e in enumerate(entries) if e.imr == imr]
+    value = bytes(_RTMR_SIZE)
+    prefixes = [value]
+    for _, e in indexed:
+        value = _extend(value, e.digest)
+        prefixes.append(value)
+    if quoted in prefixes:
+        k = prefixes.index(quoted)
+        i, e = indexed[k]
+        raise EventLogMismatch(
+            f"RTMR{imr} does not match the quote: the quote covers only the first {k} of the log's "
+            f"{len(indexed)} RTMR{imr} events; {_label(i, e)} and every later one are not in the quote"
+        )
+    first = f"; its first event is {_label(*indexed[0])}" if indexed else ""
+    raise EventLogMismatch(
+        f"RTMR{imr} does not match the quote: replaying the log's {len(indexed)} RTMR{imr} events gives "
+        f"{value.hex()[:16]}…, the quote has {quoted.hex()[:16]}…; an event was altered, removed or "
+        f"reordered{first}"
+    )
 
 
 def extract_app_info(entries: Sequence[EventLogEntry]) -> AppInfo:
@@ -209,7 +227,11 @@ def extract_app_info(entries: Sequence[EventLogEntry]) -> AppInfo:
 
 
 def derive_app_info(
-    measurements: Mapping[str, bytes], entries: Sequence[EventLogEntry], *, device_id: bytes = b""
+    measurements: Mapping[str, bytes],
+    entries: Sequence[EventLogEntry],
+    *,
+    device_id: bytes = b"",
+    app_info: AppInfo | None = None,
 ) -> AppInfo:
     """AppInfo from the event log plus dstack's derived values (dstack-attest `decode_mr_tdx_from_quote`):
 
@@ -217,9 +239,10 @@ def derive_app_info(
         mr_aggregated = sha256(MRTD || RTMR0..3 [|| mr_config_id || mr_owner || mr_owner_config])
 
     where the last three are appended when any of them is non-zero. Measurements come from the verified
-    quote; call only after `verify_event_log` succeeded for the same entries.
+    quote; call only after `verify_event_log` succeeded for the same entries (pass its result as
+    `app_info` to skip reading the entries again).
     """
-    app = extract_app_info(entries)
+    app = app_info if app_info is not None else extract_app_info(entries)
     needed = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
     if not all(n in measurements for n in needed):
         return replace(app, device_id=device_id)

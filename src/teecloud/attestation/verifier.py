@@ -1,0 +1,418 @@
+"""One entry point for every TEE kind: detect, verify, replay, judge; report each step.
+
+`verify()` is what a user-facing tool calls: it never raises on hostile evidence, it returns a
+`VerificationResult` whose `steps` say what passed and what failed, and why. Caller mistakes (missing
+collateral, an unreadable policy, a trust anchor that is not a certificate) raise `UsageError`.
+
+`verify_tdx_with_event_log()` is what services embed (the KMS, the RA-TLS verifier): it returns a
+`VerifiedEvidence` with `app_info` filled from the replayed event log, or raises a `VerificationError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from types import ModuleType
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from teecloud.attestation import dcap, eventlog
+from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
+from teecloud.attestation.errors import (
+    MalformedEvidence,
+    PolicyViolation,
+    TcbNotAcceptable,
+    UsageError,
+    VerificationError,
+)
+from teecloud.attestation.models import EventLogEntry, Step, TeeKind, VerificationResult, VerifiedEvidence
+from teecloud.attestation.policy import Policy
+
+__all__ = ["TrustAnchors", "detect_kind", "split_certificates", "verify", "verify_tdx_with_event_log"]
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----")
+# Modules of the kinds verified outside this file (each has looks_like() and a verify_* function).
+_OTHER_KINDS: tuple[tuple[TeeKind, str], ...] = (
+    (TeeKind.SNP, "teecloud.attestation.snp"),
+    (TeeKind.NITRO, "teecloud.attestation.nitro"),
+    (TeeKind.NVIDIA, "teecloud.attestation.nvidia"),
+)
+
+
+def _module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return None
+        raise
+
+
+# ------------------------------------------------------------------------------------------ certificates
+
+
+def split_certificates(blobs: bytes | Iterable[bytes]) -> list[bytes]:
+    """Certificates (DER) from PEM text (any number of blocks) or single DER blobs. Raises UsageError."""
+    items = [blobs] if isinstance(blobs, bytes | bytearray) else list(blobs)
+    out: list[bytes] = []
+    for blob in items:
+        blob = bytes(blob)
+        pems = _PEM_CERT.findall(blob)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # AMD VCEKs carry non-positive serial numbers
+                if pems:
+                    out += [x509.load_pem_x509_certificate(p).public_bytes(Encoding.DER) for p in pems]
+                else:
+                    out.append(x509.load_der_x509_certificate(blob).public_bytes(Encoding.DER))
+        except ValueError as exc:
+            raise UsageError(f"not a certificate (PEM or DER): {exc}") from exc
+    return out
+
+
+def _load(der: bytes) -> x509.Certificate:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return x509.load_der_x509_certificate(der)
+
+
+def _attr(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str:
+    values = cert.subject.get_attributes_for_oid(oid)
+    return str(values[0].value) if values else ""
+
+
+def _to_pem(ders: Iterable[bytes]) -> bytes:
+    return b"".join(_load(d).public_bytes(Encoding.PEM) for d in ders)
+
+
+def _self_signed(der: bytes) -> bool:
+    cert = _load(der)
+    return cert.subject == cert.issuer
+
+
+@dataclass(frozen=True)
+class TrustAnchors:
+    """Vendor roots the caller trusts. Intel's root defaults to the one built into dcap-qvl.
+
+    `amd_ark` may also hold ASK certificates (AMD publishes them together as `cert_chain`): self-signed ones
+    are the anchors, the others serve as intermediates. `other` holds certificates whose vendor could not be
+    recognised; they are offered to the SEV-SNP, Nitro and NVIDIA chain checks. `dev_root_der` is the
+    teecloud development root, trusted only when given explicitly.
+    """
+
+    intel_root_der: bytes | None = None
+    amd_ark: tuple[bytes, ...] = ()
+    nitro_roots: tuple[bytes, ...] = ()
+    nvidia_roots: tuple[bytes, ...] = ()
+    dev_root_der: bytes | None = None
+    other: tuple[bytes, ...] = ()
+
+    @classmethod
+    def from_certificates(cls, blobs: Iterable[bytes], *, dev_root_der: bytes | None = None) -> TrustAnchors:
+        """Sort certificates (PEM or DER blobs) by vendor, from their subject names."""
+        intel: bytes | None = None
+        amd: list[bytes] = []
+        nitro: list[bytes] = []
+        nvidia: list[bytes] = []
+        other: list[bytes] = []
+        for der in split_certificates(list(blobs)):
+            cert = _load(der)
+            cn, org = _attr(cert, NameOID.COMMON_NAME), _attr(cert, NameOID.ORGANIZATION_NAME)
+            if cn.startswith(dcap.DEV_ROOT_CN_PREFIX):
+                raise UsageError(
+                    f"{cn!r} is a teecloud development root: "
+                    "trust it with --trust-dev-root, not as a vendor root"
+                )
+            if cn == "Intel SGX Root CA":
+                intel = der
+            elif org == "Advanced Micro Devices" or cn.startswith(("ARK-", "ASK-")):
+                amd.append(der)
+            elif "nitro-enclaves" in cn or org == "Amazon":
+                nitro.append(der)
+            elif "NVIDIA" in org or "NVIDIA" in cn:
+                nvidia.append(der)
+            else:
+                other.append(der)
+        return cls(
+            intel_root_der=intel,
+            amd_ark=tuple(amd),
+            nitro_roots=tuple(nitro),
+            nvidia_roots=tuple(nvidia),
+            dev_root_der=dev_root_der,
+            other=tuple(other),
+        )
+
+
+def _normalized(a: TrustAnchors) -> TrustAnchors:
+    """Every anchor as one DER certificate (callers may pass PEM bundles); UsageError if not certificates."""
+    return replace(
+        a,
+        amd_ark=tuple(split_certificates(a.amd_ark)),
+        nitro_roots=tuple(split_certificates(a.nitro_roots)),
+        nvidia_roots=tuple(split_certificates(a.nvidia_roots)),
+        other=tuple(split_certificates(a.other)),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ detect
+
+
+@dataclass(frozen=True)
+class _Detected:
+    kind: TeeKind
+    payload: bytes  # the quote / report / document itself
+    event_log: str | None = None  # from a dstack {"quote", "event_log"} file
+    container: str = ""
+
+
+def _dstack_json(data: bytes) -> _Detected | None:
+    if not data.lstrip()[:1] == b"{":
+        return None
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedEvidence(f"evidence looks like JSON but does not parse: {exc}") from exc
+    if not isinstance(obj, dict) or not isinstance(obj.get("quote"), str):
+        raise MalformedEvidence('JSON evidence must be a dstack object with a hex "quote" field')
+    try:
+        quote = bytes.fromhex(obj["quote"].removeprefix("0x"))
+    except ValueError as exc:
+        raise MalformedEvidence('the "quote" field is not hex') from exc
+    log = obj.get("event_log")
+    if log is not None and not isinstance(log, str):
+        log = json.dumps(log)
+    if not dcap.looks_like_dcap_quote(quote):
+        raise MalformedEvidence('the "quote" field is not a DCAP quote')
+    kind = TeeKind.TDX if dcap.parse_quote(quote)["tee"] == "tdx" else TeeKind.SGX
+    return _Detected(kind, quote, log, container="dstack JSON")
+
+
+def detect_kind(evidence: bytes) -> TeeKind | None:
+    """The TEE kind of `evidence` from its structure, or None when unrecognised (never raises)."""
+    try:
+        return _detect(bytes(evidence), None).kind
+    except (VerificationError, ValueError, TypeError):
+        return None
+
+
+def _detect(data: bytes, kind: TeeKind | None) -> _Detected:
+    found = _dstack_json(data)
+    if found is None and dcap.looks_like_dcap_quote(data):
+        found = _Detected(TeeKind.TDX if dcap.parse_quote(data)["tee"] == "tdx" else TeeKind.SGX, data)
+    if found is None:
+        for other, module_name in _OTHER_KINDS:
+            module = _module(module_name)
+            if module is not None and module.looks_like(data):
+                found = _Detected(other, data)
+                break
+    if found is None:
+        if kind is not None:
+            raise MalformedEvidence(f"evidence is not {kind.value} evidence (unrecognised format)")
+        raise MalformedEvidence(
+            "unrecognised evidence format (not a DCAP quote, SEV-SNP report, Nitro or NVIDIA)"
+        )
+    if kind is not None and found.kind != kind:
+        raise MalformedEvidence(f"evidence is not {kind.value} evidence: it looks like {found.kind.value}")
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ verify
+
+
+def _event_log_step(
+    ev: VerifiedEvidence, log: str | bytes | Sequence[EventLogEntry], limits: VerifierLimits
+) -> VerifiedEvidence:
+    entries = log if not isinstance(log, str | bytes) else eventlog.parse_event_log(log, limits=limits)
+    rtmrs = [ev.measurements[f"rtmr{i}"] for i in range(4)]
+    app = eventlog.verify_event_log(entries, rtmrs)
+    app = eventlog.derive_app_info(ev.measurements, entries, device_id=ev.device_id, app_info=app)
+    named = sum(1 for e in entries if e.imr == 3)
+    step = Step("event_log_verified", True, f"{len(entries)} events replay to RTMR0-3 ({named} in RTMR3)")
+    return replace(ev, app_info=app, steps=(*ev.steps, step))
+
+
+def _verify_kind(
+    found: _Detected,
+    *,
+    collateral: bytes | str | None,
+    cert_chain: bytes | Sequence[bytes] | None,
+    anchors: TrustAnchors,
+    now: int,
+    limits: VerifierLimits,
+    expected_nonce: bytes | None,
+) -> VerifiedEvidence:
+    if found.kind in (TeeKind.TDX, TeeKind.SGX):
+        if collateral is None:
+            raise UsageError(f"{found.kind.value.upper()} quotes need collateral (QuoteCollateralV3 JSON)")
+        return dcap.verify_dcap_quote(
+            found.payload,
+            collateral,
+            now=now,
+            dev_root_der=anchors.dev_root_der,
+            intel_root_der=anchors.intel_root_der,
+            limits=limits,
+        )
+    module = _module(dict(_OTHER_KINDS)[found.kind])
+    if module is None:
+        raise UsageError(f"{found.kind.value} evidence is not supported by this build")
+    chain = split_certificates(cert_chain) if cert_chain else []
+    if found.kind == TeeKind.SNP:
+        pool = [*anchors.amd_ark, *anchors.other]
+        roots = [c for c in pool if _self_signed(c)]
+        vceks = [c for c in chain if "VCEK" in _attr(_load(c), NameOID.COMMON_NAME)] or chain[:1]
+        if not vceks:
+            raise UsageError("SEV-SNP evidence needs its VCEK certificate (--cert-chain VCEK.der)")
+        vcek = vceks[0]
+        intermediates = [c for c in chain if c != vcek] + [c for c in pool if c not in roots]
+        result: VerifiedEvidence = module.verify_snp_report(
+            found.payload, vcek_der=vcek, cert_chain_pem=_to_pem(intermediates), trust_anchors=roots, now=now
+        )
+        return result
+    if found.kind == TeeKind.NITRO:
+        result = module.verify_nitro_document(
+            found.payload, trust_anchors=[*anchors.nitro_roots, *anchors.other], now=now
+        )
+        return result
+    if not chain:
+        raise UsageError("NVIDIA evidence needs the device certificate chain (--cert-chain FILE, leaf first)")
+    result = module.verify_nvidia_evidence(
+        found.payload,
+        cert_chain_pem=_to_pem(chain),
+        trust_anchors=[*anchors.nvidia_roots, *anchors.other],
+        now=now,
+        expected_nonce=expected_nonce,
+    )
+    return result
+
+
+def verify(
+    evidence: bytes,
+    *,
+    kind: TeeKind | str | None = None,
+    collateral: bytes | str | None = None,
+    cert_chain: bytes | Sequence[bytes] | None = None,
+    event_log: str | bytes | Sequence[EventLogEntry] | None = None,
+    anchors: TrustAnchors | None = None,
+    policy: Policy | None = None,
+    now: int,
+    expected_nonce: bytes | None = None,
+    limits: VerifierLimits = DEFAULT_LIMITS,
+) -> VerificationResult:
+    """Verify evidence of any supported kind and judge it with `policy` (default: `Policy.default()`).
+
+    Steps:
+      (1) size limit, then detect the kind (DCAP header, dstack JSON, SEV-SNP / Nitro / NVIDIA sniffers);
+          a given `kind` must agree with what the bytes are;
+      (2) the kind's verifier: signatures, certificate chain to `anchors`, collateral, TCB;
+      (3) TDX with an event log (argument, or inside dstack JSON): replay into RTMR0-3, read app info;
+      (4) the policy, one step per rule.
+    Never raises on hostile evidence: every rejection is a result with is_valid=False and the failing step.
+    """
+    if isinstance(now, bool) or not isinstance(now, int):
+        raise UsageError("now must be an int (unix seconds)")
+    anchors = _normalized(anchors or TrustAnchors())
+    policy = policy or Policy.default()
+    try:
+        want = TeeKind(kind) if kind is not None else None
+    except ValueError as exc:
+        raise UsageError(f"unknown kind {kind!r}; expected one of {[k.value for k in TeeKind]}") from exc
+    steps: list[Step] = []
+    tee = want.value if want else ""
+    try:
+        try:
+            # (1): limits and kind.
+            data = bytes(evidence)
+            if len(data) > limits.max_evidence_size:
+                raise MalformedEvidence(
+                    f"evidence is {len(data)} bytes, over the {limits.max_evidence_size}-byte limit"
+                )
+            found = _detect(data, want)
+            tee = found.kind.value
+            # (2): the kind's verifier.
+            ev = _verify_kind(
+                found,
+                collateral=collateral,
+                cert_chain=cert_chain,
+                anchors=anchors,
+                now=now,
+                limits=limits,
+                expected_nonce=expected_nonce,
+            )
+            tee = ev.tee
+            steps = list(ev.steps)
+            # (3): event log.
+            log = event_log if event_log is not None else found.event_log
+            if log is not None:
+                if ev.kind != TeeKind.TDX:
+                    raise UsageError(f"event-log replay is for TDX evidence, not {ev.kind.value}")
+                ev = _event_log_step(ev, log, limits)
+                steps = list(ev.steps)
+        except (VerificationError, UsageError):
+            raise
+        except Exception as exc:  # the boundary: a parser bug must not become a traceback or an accept
+            raise MalformedEvidence(f"evidence could not be parsed ({type(exc).__name__}: {exc})") from exc
+    except VerificationError as err:
+        steps.append(Step(err.step, False, err.reason))
+        return VerificationResult(False, tee, err.reason, tuple(steps))
+    # (4): policy.
+    judged = policy.check(ev)
+    steps += judged
+    failed = next((s for s in judged if not s.ok), None)
+    return VerificationResult(
+        is_valid=failed is None,
+        tee=ev.tee,
+        reason=failed.reason if failed else "ok",
+        steps=tuple(steps),
+        evidence=ev,
+        tcb_status=ev.tcb_status,
+        advisory_ids=ev.advisory_ids,
+    )
+
+
+def verify_tdx_with_event_log(
+    quote: bytes,
+    collateral: bytes | str,
+    event_log: str | bytes | Sequence[EventLogEntry],
+    *,
+    now: int,
+    dev_root_der: bytes | None = None,
+    policy: Policy | None = None,
+    intel_root_der: bytes | None = None,
+    limits: VerifierLimits = DEFAULT_LIMITS,
+) -> VerifiedEvidence:
+    """Verify a TDX quote, replay its event log, fill `app_info`, and apply `policy` (default
+    `Policy.default()`). Returns the evidence with every step, or raises a VerificationError subclass
+    (PolicyViolation / TcbNotAcceptable name the failing policy step)."""
+    policy = policy or Policy.default()
+    try:
+        if len(quote) >= 8 and (quote[:2] == b"\x03\x00" or quote[4:8] == bytes(4)):
+            raise MalformedEvidence("expected a TDX quote, got an SGX quote")
+        ev = dcap.verify_dcap_quote(
+            quote,
+            collateral,
+            now=now,
+            dev_root_der=dev_root_der,
+            intel_root_der=intel_root_der,
+            limits=limits,
+        )
+        ev = _event_log_step(ev, event_log, limits)
+    except (VerificationError, UsageError, TypeError):
+        raise
+    except Exception as exc:  # boundary, as in verify()
+        raise MalformedEvidence(f"evidence could not be parsed ({type(exc).__name__}: {exc})") from exc
+    judged = policy.check(ev)
+    for step in judged:
+        if not step.ok:
+            cls = (
+                TcbNotAcceptable
+                if step.name in ("policy:tcb_status", "policy:advisories")
+                else PolicyViolation
+            )
+            raise cls(step.reason, step=step.name)
+    return replace(ev, steps=(*ev.steps, *judged))
