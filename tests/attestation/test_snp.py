@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from teecloud.attestation import snp
+from teecloud.attestation import _x509, snp
 from teecloud.attestation.errors import (
     CertificateChainInvalid,
     CollateralMismatch,
@@ -426,3 +426,12 @@ def test_mutated_vcek_never_raises_anything_else(vec: SnpVector, data: st.DataOb
         x509.load_der_x509_certificate(bytes(vcek)).tbs_certificate_bytes
         == x509.load_der_x509_certificate(vec.vcek).tbs_certificate_bytes
     )
+
+
+def test_split_vcek_from_one_bundle(vec: SnpVector) -> None:
+    vcek = _x509.load_certificate(vec.vcek, what="VCEK")
+    vcek_der, rest = snp.split_vcek(vec.chain + pem(vcek))
+    assert vcek_der == vec.vcek
+    assert verify(vec, vcek_der=vcek_der, cert_chain_pem=rest).fields["product_line"] == "Milan"
+    with pytest.raises(MalformedEvidence, match="exactly one VCEK"):
+        snp.split_vcek(vec.chain)

@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -47,6 +47,7 @@ __all__ = [
     "TcbVersion",
     "looks_like",
     "parse_snp_report",
+    "split_vcek",
     "verify_snp_report",
 ]
 
@@ -400,6 +401,30 @@ def _product_line(ask: x509.Certificate, ark: x509.Certificate) -> str:
     if ask_cn.removeprefix("SEV-VLEK-").removeprefix("SEV-") != product:
         raise CertificateChainInvalid(f"ASK '{ask_cn}' and ARK '{ark_cn}' belong to different product lines")
     return product
+
+
+def split_vcek(bundle: bytes) -> tuple[bytes, bytes]:
+    """From one PEM bundle holding VCEK, ASK and ARK (any order), return (vcek_der, ask_ark_pem).
+
+    For callers (the CLI) that receive a single certificate file: the VCEK is the one certificate that is not
+    a CA. Only a convenience for splitting files; `verify_snp_report` still checks everything.
+    """
+    certs = _x509.load_certificates(bundle, what="SEV-SNP certificate bundle")
+    leaves: list[x509.Certificate] = []
+    cas: list[x509.Certificate] = []
+    for cert in certs:
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        (cas if is_ca else leaves).append(cert)
+    if len(leaves) != 1:
+        raise MalformedEvidence(
+            f"SEV-SNP certificate bundle must hold exactly one VCEK (non-CA), found {len(leaves)}",
+            step=_x509.CHAIN_STEP,
+        )
+    rest = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cas)
+    return leaves[0].public_bytes(serialization.Encoding.DER), rest
 
 
 # --- verification ---------------------------------------------------------------------------------------
