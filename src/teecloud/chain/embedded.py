@@ -1,8 +1,8 @@
 """The embedded chain: py-evm (through eth-tester) in this process, answering standard Ethereum JSON-RPC.
 
 Persistence is an append-only journal (data_home()/chain/journal.jsonl) of everything that made a block:
-raw signed transactions and empty mined blocks, each with its block timestamp, plus clock offsets
-(evm_increaseTime). Genesis parameters (timestamp) are fixed once in genesis.json. On start the journal is
+raw signed transactions and empty mined blocks, each with its block timestamp, plus the clock offset
+set by evm_increaseTime. Genesis parameters (timestamp) are fixed once in genesis.json. On start the journal is
 replayed into a fresh EVM: the EVM is deterministic, so every address, app, hash and balance comes back as it
 was (block hashes too: prevrandao is derived, not random). A torn last line (crash mid-append) is dropped.
 
@@ -186,8 +186,8 @@ class EmbeddedChain:
                     self._set_next_timestamp(entry["mine"])
                     self.tester.mine_blocks(1)
                     self._last_ts = entry["mine"]
-                elif "time" in entry:
-                    self._offset += int(entry["time"])
+                elif "offset" in entry:
+                    self._offset = int(entry["offset"])
             except Exception as exc:
                 raise ChainStateError(f"{self.journal}: replay failed at line {i + 1}: {exc}") from exc
             n += 1
@@ -302,6 +302,7 @@ class EmbeddedChain:
     def _rpc_eth_call(self, tx: dict[str, Any], block: Any = "latest", *_: Any) -> str:
         from eth_tester.exceptions import TransactionFailed
 
+        self._set_next_timestamp(self._next_timestamp())  # calls see the chain's clock, as a new block would
         try:
             out = self.tester.call(self._call_tx(tx), self._block_id(block))
         except TransactionFailed as exc:
@@ -313,6 +314,7 @@ class EmbeddedChain:
         from eth_utils.exceptions import ValidationError
 
         call = self._call_tx(tx)
+        self._set_next_timestamp(self._next_timestamp())
         try:
             return _hex(self.tester.estimate_gas(call, self._block_id(block)))
         except TransactionFailed as exc:
@@ -347,8 +349,9 @@ class EmbeddedChain:
         n = _int(seconds) if isinstance(seconds, str) else int(seconds)
         if n is None or n < 0:
             raise RpcError(-32602, "seconds must be a non-negative integer")
-        self._offset += n
-        append_line(self.journal, json.dumps({"time": n}))
+        # relative to the chain's clock, which runs ahead of the wall clock when blocks come faster than 1/s
+        self._offset = max(self._offset, self._last_ts - int(self._clock())) + n
+        append_line(self.journal, json.dumps({"offset": self._offset}))
         return _hex(self._offset)
 
     def _rpc_evm_mine(self, *_: Any) -> str:
