@@ -1,0 +1,136 @@
+"""Check a running app from the outside: what `teecloud verify --app` / `teecloud attest` print.
+
+Procedure (`verify_app`), every step recorded with its reason:
+  (1) fetch   a fresh quote from the app's agent (through the node), report_data = a random nonce
+  (2) quote   DCAP signature chain to the trusted root (the installation's dev root for simulated TEEs),
+              TCB status, not debug (teecloud.attestation.verifier.verify_tdx_with_event_log)
+  (3) nonce   the quote's report_data is our nonce (not a replay)
+  (4) replay  the event log replays to the quoted RTMRs; app_id, compose_hash, instance_id come from it
+  (5) compose sha256(app-compose.json served by the node) equals the measured compose_hash
+  (6) chain   the compose hash is allowed for the app_id in its AppAuth, and KmsAuth.isAppAllowed(boot_info)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from teecloud.attestation.errors import VerificationError
+from teecloud.attestation.models import Step
+
+__all__ = ["AppVerdict", "verify_app", "verify_attestation"]
+
+
+@dataclass
+class AppVerdict:
+    ok: bool
+    steps: list[Step] = field(default_factory=list)
+    app_id: str = ""
+    compose_hash: str = ""
+    instance_id: str = ""
+    tcb_status: str = ""
+    simulated: bool = False
+    app_compose: str = ""
+
+    @property
+    def reason(self) -> str:
+        failed = [s for s in self.steps if not s.ok]
+        return failed[0].reason if failed else "all checks passed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "reason": self.reason,
+            "app_id": self.app_id,
+            "compose_hash": self.compose_hash,
+            "instance_id": self.instance_id,
+            "tcb_status": self.tcb_status,
+            "simulated": self.simulated,
+            "steps": [{"name": s.name, "ok": s.ok, "reason": s.reason} for s in self.steps],
+        }
+
+
+def verify_attestation(
+    att: Any, nonce: bytes, *, collateral: bytes, dev_root_der: bytes | None, chain: Any | None, now: int
+) -> AppVerdict:
+    """Steps (2)-(6) over an already fetched `teecloud.node.api.Attestation`."""
+    from teecloud.attestation.policy import Policy
+    from teecloud.attestation.verifier import verify_tdx_with_event_log
+
+    verdict = AppVerdict(ok=False, app_compose=att.app_compose)
+    steps = verdict.steps
+
+    def fail(name: str, reason: str) -> AppVerdict:
+        steps.append(Step(name, False, reason))
+        return verdict
+
+    # (2) + (4)
+    policy = dataclasses.replace(Policy.default(), allow_simulated=dev_root_der is not None)
+    try:
+        quote = bytes.fromhex(att.quote)
+        evidence = verify_tdx_with_event_log(
+            quote, collateral, att.event_log, now=now, dev_root_der=dev_root_der, policy=policy
+        )
+    except ValueError as exc:
+        return fail("quote", f"the quote is not hex: {exc}")
+    except VerificationError as exc:
+        return fail(getattr(exc, "step", "") or "quote", str(getattr(exc, "reason", exc)))
+    steps.append(Step("quote", True, f"DCAP quote verified, TCB {evidence.tcb_status}"))
+    steps.append(Step("event_log", True, "event log replays to the quoted RTMRs"))
+    verdict.tcb_status = evidence.tcb_status
+    verdict.simulated = evidence.simulated
+    # (3)
+    if evidence.report_data[: len(nonce)] != nonce or any(evidence.report_data[len(nonce) :]):
+        return fail("nonce", "the quote's report_data is not our nonce (replayed or substituted quote)")
+    steps.append(Step("nonce", True, "report_data is the fresh nonce"))
+    info = evidence.app_info
+    if info is None or not info.compose_hash:
+        return fail("event_log", "the event log has no compose-hash event")
+    verdict.app_id, verdict.compose_hash, verdict.instance_id = (
+        info.app_id.hex(),
+        info.compose_hash.hex(),
+        info.instance_id.hex(),
+    )
+    # (5)
+    served = hashlib.sha256(att.app_compose.encode()).digest()
+    if served != info.compose_hash:
+        return fail("compose", "the app-compose.json served by the node is not the measured one")
+    steps.append(Step("compose", True, "app-compose.json matches the measured compose_hash"))
+    # (6)
+    if chain is not None:
+        from teecloud.kms.authz import build_boot_info
+
+        if not chain.is_compose_hash_allowed(info.app_id, info.compose_hash):
+            return fail(
+                "chain", f"compose hash {info.compose_hash.hex()} is not allowed for app {info.app_id.hex()}"
+            )
+        ok, reason = chain.is_app_allowed(build_boot_info(evidence))
+        if not ok:
+            return fail("chain", f"KmsAuth.isAppAllowed refuses this boot: {reason}")
+        steps.append(Step("chain", True, "compose hash allowed on chain; KmsAuth.isAppAllowed = true"))
+    verdict.ok = True
+    return verdict
+
+
+def verify_app(node_client: Any, ref: str, *, platform: Any, chain: Any | None) -> AppVerdict:
+    """(1)-(6) for CVM `ref` on a node; `platform` supplies collateral and the dev root (SimulatedTdx)."""
+    from teecloud.node.api import NodeApiError
+
+    nonce = secrets.token_bytes(32)
+    try:
+        att = node_client.attestation(ref, nonce)
+    except NodeApiError as exc:
+        return AppVerdict(ok=False, steps=[Step("fetch", False, str(exc))])
+    now = int(time.time())
+    return verify_attestation(
+        att,
+        nonce,
+        collateral=platform.collateral(),
+        dev_root_der=platform.dev_root_der(),
+        chain=chain,
+        now=now,
+    )

@@ -1,0 +1,530 @@
+"""The worker node: CVM lifecycle over the docker runtime (`Node`), its HTTP API (`make_node_app`), and a
+background server (`NodeServer`).
+
+Lifecycle, per CVM (one lock each; boots run in background threads):
+    create   instance directory written, then boot (teecloud.node.boot)            -> booting -> running|failed
+    stop     app stopped, agent stopped, volume unmounted, tmpfs state wiped     -> stopped (desired: stopped)
+    start    boot again (fresh RTMR3, keys fetched again)                        -> booting -> running|failed
+    upgrade  stop, swap app-compose.json (same app_id, instance), boot: if the new compose hash is not allowed
+             on chain the KMS refuses the keys and the app does not start        -> failed (reason kept)
+    remove   down + volumes, cipher directory deleted (crypto-shredded), directory deleted
+Node start (`resume()`): every CVM whose desired state is running boots again; node stop (`close()`): every
+CVM is stopped but keeps its desired state, so a restart brings it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+import teecloud
+from teecloud._fs import atomic_write, data_home
+from teecloud.agent.api import GetQuoteRequest
+from teecloud.agent.keyprovider import KeyProvider
+from teecloud.node import api
+from teecloud.node.boot import BootedCvm, boot_instance, compose_spec, shutdown_instance
+from teecloud.node.errors import (
+    BootFailed,
+    ComposeRejected,
+    InstanceNotFound,
+    InstanceStateError,
+    NodeError,
+    RuntimeUnavailable,
+)
+from teecloud.node.instance import Instance, InstanceStore, node_home
+from teecloud.node.runtime.docker import DockerRuntime, ResourceLimits, load_compose
+from teecloud.node.storage import EncryptedVolume
+from teecloud.tee.base import TeePlatform
+
+__all__ = ["Node", "NodeServer", "load_or_create_token", "make_node_app"]
+
+log = logging.getLogger("teecloud.node")
+
+
+def load_or_create_token(home: Path | None = None) -> str:
+    path = node_home(home) / "admin-token"
+    if not path.exists():
+        atomic_write(path, secrets.token_urlsafe(32).encode())
+    return path.read_text().strip()
+
+
+@dataclass
+class _Cvm:
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    status: str = "stopped"
+    phase: str = ""
+    error: str = ""
+    booted: BootedCvm | None = None
+    thread: threading.Thread | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Node:
+    def __init__(
+        self,
+        *,
+        key_provider: KeyProvider,
+        tee_factory: Callable[[], TeePlatform],
+        runtime: DockerRuntime | None = None,
+        home: Path | None = None,
+        kms_urls: list[str] | None = None,
+        node_id: int | None = None,
+    ) -> None:
+        self.home = Path(home) if home is not None else data_home()
+        self.store = InstanceStore(self.home)
+        self.runtime = runtime or DockerRuntime()
+        self.key_provider = key_provider
+        self.tee_factory = tee_factory
+        self.kms_urls = list(kms_urls or [])
+        self.node_id = node_id
+        self._cvms: dict[str, _Cvm] = {}
+        self._lock = threading.Lock()
+        self._closing = False
+        self._platform = tee_factory()
+
+    # -- bookkeeping
+    def _cvm(self, instance_id: str) -> _Cvm:
+        with self._lock:
+            return self._cvms.setdefault(instance_id, _Cvm())
+
+    def info(self) -> api.NodeInfo:
+        p = self._platform
+        return api.NodeInfo(
+            version=teecloud.__version__,
+            tee=p.kind,
+            device_id=bytes(getattr(p, "device_id", b"")).hex(),
+            os_image_hash=bytes(getattr(p, "os_image_hash", b"")).hex(),
+            kms_urls=self.kms_urls,
+            compose=" ".join(self.runtime._compose or []),
+            node_id=self.node_id,
+            cvms=len(self.store.all()),
+        )
+
+    def status(self, ref: str, *, with_containers: bool = True) -> api.CvmStatus:
+        inst = self.store.get(ref)
+        cvm = self._cvm(inst.instance_id)
+        st = inst.state()
+        try:
+            compose = inst.app_compose()
+        except (OSError, ValueError):
+            compose = {}
+        containers: list[api.Container] = []
+        urls: list[str] = []
+        if with_containers:
+            try:
+                for c in self.runtime.ps(compose_spec(inst, with_env=False).project):
+                    containers.append(api.Container(**c.__dict__))
+                    for p in c.ports:
+                        if p["protocol"] == "tcp" and p["host_port"]:
+                            urls.append(f"http://{p['host_ip'] or '127.0.0.1'}:{p['host_port']}")
+            except NodeError:
+                pass
+        return api.CvmStatus(
+            instance_id=inst.instance_id,
+            name=str(st.get("name", "")),
+            app_id=inst.info()["app_id"],
+            compose_hash=inst.compose_hash().hex(),
+            status=cvm.status,
+            phase=cvm.phase,
+            error=cvm.error,
+            desired=str(st.get("desired", "running")),
+            public_logs=bool(compose.get("public_logs")),
+            created_at=int(st.get("created_at", 0)),
+            containers=containers,
+            urls=sorted(set(urls)),
+            timings={k: round(v, 4) for k, v in cvm.timings.items()},
+            dropped_env=list(cvm.booted.dropped_env) if cvm.booted else [],
+            history=list(st.get("history", [])),
+        )
+
+    def list(self) -> list[api.CvmStatus]:
+        return [self.status(i.instance_id) for i in self.store.all()]
+
+    # -- boot machinery
+    def _boot_async(self, inst: Instance) -> None:
+        cvm = self._cvm(inst.instance_id)
+        with cvm.lock:
+            if cvm.status in ("booting", "running"):
+                return
+            cvm.status, cvm.phase, cvm.error, cvm.timings = "booting", "measuring", "", {}
+            t = threading.Thread(
+                target=self._boot, args=(inst, cvm), name=f"boot-{inst.instance_id[:8]}", daemon=True
+            )
+            cvm.thread = t
+        t.start()
+
+    def _boot(self, inst: Instance, cvm: _Cvm) -> None:
+        def progress(phase: str) -> None:
+            cvm.phase = phase
+
+        t0 = time.perf_counter()
+        try:
+            booted = boot_instance(
+                inst,
+                key_provider=self.key_provider,
+                tee_factory=self.tee_factory,
+                runtime=self.runtime,
+                progress=progress,
+            )
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, NodeError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, NodeError):
+                log.exception("CVM %s: boot failed", inst.instance_id)
+            with cvm.lock:
+                cvm.status, cvm.error = "failed", reason
+                cvm.phase = exc.phase if isinstance(exc, BootFailed) else cvm.phase
+            with contextlib.suppress(NodeError, OSError):
+                inst.update_state(
+                    last_error=reason,
+                    history=[
+                        *inst.state().get("history", []),
+                        {"at": int(time.time()), "event": "boot-failed", "reason": reason[:500]},
+                    ],
+                )
+            return
+        with cvm.lock:
+            cvm.booted = booted
+            cvm.timings = dict(booted.timings)
+            cvm.timings["total"] = time.perf_counter() - t0
+            cvm.status, cvm.phase, cvm.error = "running", "healthy", ""
+        log.info("CVM %s running (%.2f s)", inst.instance_id, cvm.timings["total"])
+
+    def _wait_idle(self, cvm: _Cvm, timeout: float = 180.0) -> None:
+        t = cvm.thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
+    def _shutdown(self, inst: Instance, cvm: _Cvm) -> None:
+        self._wait_idle(cvm)
+        with cvm.lock:
+            cvm.status, cvm.phase = "stopping", ""
+            try:
+                shutdown_instance(inst, cvm.booted, self.runtime)
+            finally:
+                cvm.booted = None
+                cvm.status = "stopped"
+
+    # -- lifecycle
+    def create(self, req: api.CreateCvmRequest) -> api.CvmStatus:
+        app_compose = req.app_compose.encode()
+        self._check_app_compose(app_compose)
+        if any(i.state().get("name") == req.name for i in self.store.all()):
+            raise InstanceStateError(f"a CVM named {req.name!r} already exists on this node")
+        sys_config = {
+            "kms_urls": self.kms_urls,
+            "gateway_urls": [],
+            "pccs_url": "",
+            "docker_registry": "",
+            "host_api_url": "",
+            "vm_config": json.dumps(getattr(self._platform, "vm_config", dict)(), separators=(",", ":")),
+        }
+        inst = self.store.create(
+            app_compose=app_compose,
+            app_id=bytes.fromhex(req.app_id.lower().removeprefix("0x")),
+            name=req.name,
+            encrypted_env=bytes.fromhex(req.encrypted_env) if req.encrypted_env else None,
+            user_config=req.user_config,
+            sys_config=sys_config,
+            limits=ResourceLimits(cpus=req.cpus, memory_mb=req.memory_mb),
+        )
+        self.store.prepare_runtime(inst)
+        self._boot_async(inst)
+        return self.status(inst.instance_id, with_containers=False)
+
+    def _check_app_compose(self, app_compose: bytes) -> dict[str, Any]:
+        from teecloud.agent.boot import BootError, normalize_app_compose, parse_app_compose
+
+        try:
+            doc = parse_app_compose(app_compose)
+        except BootError as exc:
+            raise ComposeRejected(str(exc)) from exc
+        if normalize_app_compose(doc).encode() != app_compose:
+            raise ComposeRejected(
+                "app-compose.json must be in normalized form (sorted keys, no spaces), since its sha256 is "
+                "the compose hash"
+            )
+        if doc.get("runner", "docker-compose") != "docker-compose":
+            raise ComposeRejected(f"runner {doc.get('runner')!r} is not supported by the docker runtime")
+        text = doc.get("docker_compose_file")
+        if not isinstance(text, str):
+            raise ComposeRejected("app-compose.json has no docker_compose_file")
+        load_compose(text)
+        allowed = doc.get("allowed_envs", [])
+        if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+            raise ComposeRejected("allowed_envs must be a list of names")
+        return doc
+
+    def start(self, ref: str) -> api.CvmStatus:
+        inst = self.store.get(ref)
+        inst.update_state(desired="running")
+        self.store.prepare_runtime(inst)
+        self._boot_async(inst)
+        return self.status(inst.instance_id, with_containers=False)
+
+    def stop(self, ref: str) -> api.CvmStatus:
+        inst = self.store.get(ref)
+        inst.update_state(desired="stopped")
+        self._shutdown(inst, self._cvm(inst.instance_id))
+        return self.status(inst.instance_id)
+
+    def restart(self, ref: str) -> api.CvmStatus:
+        inst = self.store.get(ref)
+        self._shutdown(inst, self._cvm(inst.instance_id))
+        return self.start(inst.instance_id)
+
+    def upgrade(self, ref: str, req: api.UpgradeCvmRequest) -> api.CvmStatus:
+        inst = self.store.get(ref)
+        new = req.app_compose.encode()
+        self._check_app_compose(new)
+        old_hash = inst.compose_hash().hex()
+        self._shutdown(inst, self._cvm(inst.instance_id))
+        inst.write_manifest(new, bytes.fromhex(req.encrypted_env) if req.encrypted_env else None, None)
+        history = [
+            *inst.state().get("history", []),
+            {
+                "at": int(time.time()),
+                "event": "upgraded",
+                "from": old_hash,
+                "compose_hash": hashlib.sha256(new).hexdigest(),
+            },
+        ]
+        inst.update_state(history=history, desired="running")
+        return self.start(inst.instance_id)
+
+    def remove(self, ref: str) -> str:
+        inst = self.store.get(ref)
+        cvm = self._cvm(inst.instance_id)
+        self._wait_idle(cvm)
+        with cvm.lock:
+            if cvm.booted is not None:
+                cvm.booted.runner.stop()
+                cvm.booted = None
+            self.runtime.down(compose_spec(inst, with_env=False))
+            EncryptedVolume(inst.cipher_dir, inst.mount_point).destroy()
+            self.store.delete(inst)
+            cvm.status = "removed"
+        with self._lock:
+            self._cvms.pop(inst.instance_id, None)
+        return inst.instance_id
+
+    def logs(
+        self, ref: str, *, service: str | None, tail: int, follow: bool, public: bool
+    ) -> Iterator[bytes]:
+        inst = self.store.get(ref)
+        if public and not inst.app_compose().get("public_logs"):
+            raise PermissionError("this app's logs are not public (app-compose public_logs is false)")
+        return self.runtime.logs(
+            compose_spec(inst, with_env=False).project, service=service, tail=tail, follow=follow
+        )
+
+    def stats(self, ref: str) -> list[dict[str, Any]]:
+        inst = self.store.get(ref)
+        return self.runtime.stats(compose_spec(inst, with_env=False).project)
+
+    def attestation(self, ref: str, report_data: bytes, *, public: bool) -> api.Attestation:
+        inst = self.store.get(ref)
+        cvm = self._cvm(inst.instance_id)
+        booted = cvm.booted
+        if booted is None:
+            raise InstanceStateError(f"CVM {inst.instance_id} is {cvm.status}, not running: no attestation")
+        if public and not booted.state.public_tcbinfo:
+            raise PermissionError("this app does not publish its attestation (public_tcbinfo is false)")
+        q = booted.runner.service.get_quote(GetQuoteRequest(report_data=report_data.hex()))
+        return api.Attestation(
+            instance_id=inst.instance_id,
+            app_id=booted.state.app_id.hex(),
+            compose_hash=booted.state.compose_hash.hex(),
+            quote=q["quote"],
+            event_log=q["event_log"],
+            report_data=q["report_data"],
+            vm_config=q["vm_config"],
+            app_compose=booted.state.app_compose_text,
+        )
+
+    # -- node lifecycle
+    def resume(self) -> list[str]:
+        """Boot every CVM whose desired state is running (after a node or engine restart)."""
+        started = []
+        for inst in self.store.all():
+            if inst.state().get("desired", "running") == "running":
+                self.store.prepare_runtime(inst)
+                self._boot_async(inst)
+                started.append(inst.instance_id)
+        return started
+
+    def wait_all(self, timeout: float = 180.0) -> None:
+        for cvm in list(self._cvms.values()):
+            self._wait_idle(cvm, timeout)
+
+    def close(self) -> None:
+        """Power off every CVM (desired states are kept for the next start)."""
+        self._closing = True
+        for inst in self.store.all():
+            cvm = self._cvm(inst.instance_id)
+            try:
+                self._shutdown(inst, cvm)
+            except NodeError as exc:
+                log.warning("CVM %s: %s", inst.instance_id, exc)
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def make_node_app(node: Node, *, token: str) -> FastAPI:
+    app = FastAPI(title="teecloud node", version=teecloud.__version__)
+
+    def authorized(request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        return secrets.compare_digest(header.encode(), f"Bearer {token}".encode())
+
+    def admin(request: Request) -> None:
+        if not authorized(request):
+            raise PermissionError("missing or wrong node admin token")
+
+    @app.exception_handler(PermissionError)
+    async def _perm(_r: Request, exc: PermissionError) -> JSONResponse:
+        return _error(403 if "token" not in str(exc) else 401, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(400, f"invalid request: {where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(NodeError)
+    async def _node_error(_r: Request, exc: NodeError) -> JSONResponse:
+        if isinstance(exc, InstanceNotFound):
+            return _error(404, str(exc))
+        if isinstance(exc, ComposeRejected | ValueError):
+            return _error(400, str(exc))
+        if isinstance(exc, InstanceStateError):
+            return _error(409, str(exc))
+        if isinstance(exc, RuntimeUnavailable):
+            return _error(503, str(exc))
+        return _error(500, str(exc))
+
+    @app.get("/health")
+    def health() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/info")
+    def info() -> api.NodeInfo:
+        return node.info()
+
+    @app.get("/cvms", dependencies=[Depends(admin)])
+    def list_cvms() -> list[api.CvmStatus]:
+        return node.list()
+
+    @app.post("/cvms", dependencies=[Depends(admin)])
+    def create(req: api.CreateCvmRequest) -> api.CvmStatus:
+        return node.create(req)
+
+    @app.get("/cvms/{ref}", dependencies=[Depends(admin)])
+    def get(ref: str) -> api.CvmStatus:
+        return node.status(ref)
+
+    @app.post("/cvms/{ref}/upgrade", dependencies=[Depends(admin)])
+    def upgrade(ref: str, req: api.UpgradeCvmRequest) -> api.CvmStatus:
+        return node.upgrade(ref, req)
+
+    @app.post("/cvms/{ref}/{action}", dependencies=[Depends(admin)])
+    def act(ref: str, action: str) -> api.CvmStatus:
+        if action == "start":
+            return node.start(ref)
+        if action == "stop":
+            return node.stop(ref)
+        if action == "restart":
+            return node.restart(ref)
+        raise InstanceNotFound(f"unknown action {action!r} (start, stop, restart, upgrade)")
+
+    @app.delete("/cvms/{ref}", dependencies=[Depends(admin)])
+    def remove(ref: str) -> dict[str, str]:
+        return {"removed": node.remove(ref)}
+
+    @app.get("/cvms/{ref}/stats", dependencies=[Depends(admin)])
+    def stats(ref: str) -> list[dict[str, Any]]:
+        return node.stats(ref)
+
+    @app.get("/cvms/{ref}/logs")
+    def logs(
+        request: Request, ref: str, service: str | None = None, tail: int = 200, follow: bool = False
+    ) -> StreamingResponse:
+        it = node.logs(
+            ref,
+            service=service,
+            tail=max(0, min(tail, 100_000)),
+            follow=follow,
+            public=not authorized(request),
+        )
+        return StreamingResponse(it, media_type="text/plain")
+
+    @app.get("/cvms/{ref}/attestation")
+    def attestation(request: Request, ref: str, report_data: str = "") -> api.Attestation:
+        try:
+            rd = bytes.fromhex(report_data.removeprefix("0x"))
+        except ValueError:
+            raise ComposeRejected("report_data must be hex") from None
+        if len(rd) > 64:
+            raise ComposeRejected("report_data is at most 64 bytes")
+        return node.attestation(ref, rd, public=not authorized(request))
+
+    return app
+
+
+class NodeServer:
+    """The node API on 127.0.0.1 in a background thread."""
+
+    def __init__(self, node: Node, *, token: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.node = node
+        self.host = host
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                make_node_app(node, token=token),
+                host=host,
+                port=port,
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+            )
+        )
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> NodeServer:
+        self._thread = threading.Thread(target=self._server.run, name="teecloud-node-api", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeUnavailable(f"the node API did not start on {self.host} (port in use?)")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
