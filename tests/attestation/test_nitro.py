@@ -20,6 +20,7 @@ from teecloud.attestation.errors import (
     CertificateChainInvalid,
     Expired,
     MalformedEvidence,
+    PolicyViolation,
     SignatureInvalid,
     UntrustedRoot,
     UsageError,
@@ -199,6 +200,18 @@ def test_synthetic_document_verifies_under_its_root(pki: TestPki, tagged: bool) 
     assert ev.report_data == b"hello"
     assert ev.fields["nonce"] == (b"n" * 32).hex()
     assert ev.fields["public_key"] == (b"\x04" + b"k" * 64).hex()
+
+
+def test_expected_nonce(pki: TestPki, doc: bytes, aws_root: bytes) -> None:
+    d = sign_document(pki, payload(pki))
+    ev = nitro.verify_nitro_document(d, trust_anchors=[der(pki.root)], now=SYN_NOW, expected_nonce=b"n" * 32)
+    assert ev.steps[-1].name == "nonce" and ev.steps[-1].ok
+    with pytest.raises(PolicyViolation, match="nonce mismatch") as exc:
+        nitro.verify_nitro_document(d, trust_anchors=[der(pki.root)], now=SYN_NOW, expected_nonce=b"m" * 32)
+    assert exc.value.step == "nonce"
+    # the real document carries no nonce at all: any expected nonce fails
+    with pytest.raises(PolicyViolation, match="carries nonce none"):
+        nitro.verify_nitro_document(doc, trust_anchors=[aws_root], now=PIN, expected_nonce=b"n" * 32)
 
 
 def test_all_zero_pcrs_are_a_debug_enclave(pki: TestPki) -> None:

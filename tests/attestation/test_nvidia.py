@@ -96,6 +96,11 @@ def test_raw_bytes_and_reflowed_hex_are_accepted(raw: bytes, text: bytes, chain:
     assert verify(wrapped.upper(), chain, root).fields["driver_version"] == "550.90.07"
 
 
+def test_chain_in_any_order(raw: bytes, chain: bytes, root: bytes) -> None:
+    certs = x509.load_pem_x509_certificates(chain)
+    assert verify(raw, pem(*reversed(certs)), root).fields["driver_version"] == "550.90.07"
+
+
 def test_parse_blocks(raw: bytes) -> None:
     m = nvidia.parse_nvidia_evidence(raw)
     assert [b.index for b in m.blocks] == list(range(1, 65))

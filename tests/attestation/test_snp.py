@@ -435,3 +435,17 @@ def test_split_vcek_from_one_bundle(vec: SnpVector) -> None:
     assert verify(vec, vcek_der=vcek_der, cert_chain_pem=rest).fields["product_line"] == "Milan"
     with pytest.raises(MalformedEvidence, match="exactly one VCEK"):
         snp.split_vcek(vec.chain)
+
+
+def test_vcek_of_another_product_is_rejected(vec: SnpVector, fake_amd: FakeAmd) -> None:
+    vcek = make_cert(
+        "SEV-VCEK",
+        fake_amd.vcek_key,
+        issuer_cn="SEV-Milan",
+        issuer_key=fake_amd.ask_key,
+        org=AMD_ORG,
+        extensions=vcek_extensions(VECTOR_TCB, vec.report[0x1A0:0x1E0], product="Genoa-B1"),
+    )
+    fake = FakeAmd(fake_amd.ark_key, fake_amd.ark, fake_amd.ask_key, fake_amd.ask, fake_amd.vcek_key, vcek)
+    with pytest.raises(CertificateChainInvalid, match="Genoa-B1"):
+        verify(fake.vector(vec.report))

@@ -44,6 +44,7 @@ __all__ = [
     "load_anchors",
     "load_certificate",
     "load_certificates",
+    "pick_leaf",
 ]
 
 MAX_CERT_BYTES = 16 * 1024
@@ -127,6 +128,14 @@ def load_certificates(data: bytes, *, what: str) -> list[x509.Certificate]:
             f"{what}: {len(certs)} certificates, limit is {MAX_CHAIN_DEPTH}", step=CHAIN_STEP
         )
     return certs
+
+
+def pick_leaf(certs: Sequence[x509.Certificate]) -> x509.Certificate:
+    """The end-entity of an unordered bundle: the one certificate that issued none of the others.
+    Falls back to the first certificate when that is ambiguous (then the chain checks decide)."""
+    issuers = {c.issuer for c in certs if c.issuer != c.subject}
+    candidates = [c for c in certs if c.subject not in issuers and c.issuer != c.subject]
+    return candidates[0] if len(candidates) == 1 else certs[0]
 
 
 def load_anchors(trust_anchors: Sequence[bytes]) -> list[x509.Certificate]:

@@ -17,6 +17,7 @@ Verification steps (`verify_nitro_document`):
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from teecloud.attestation import _x509
-from teecloud.attestation.errors import CertificateChainInvalid, MalformedEvidence, SignatureInvalid
+from teecloud.attestation.errors import (
+    CertificateChainInvalid,
+    MalformedEvidence,
+    PolicyViolation,
+    SignatureInvalid,
+)
 from teecloud.attestation.models import Step, TeeKind, VerifiedEvidence
 
 __all__ = [
@@ -183,8 +189,15 @@ def parse_nitro_document(doc: bytes) -> NitroDocument:
     )
 
 
-def verify_nitro_document(doc: bytes, *, trust_anchors: Sequence[bytes], now: int) -> VerifiedEvidence:
-    """Verify an attestation document against `trust_anchors` (AWS Nitro root, PEM or DER) at `now`."""
+def verify_nitro_document(
+    doc: bytes,
+    *,
+    trust_anchors: Sequence[bytes],
+    now: int,
+    expected_nonce: bytes | None = None,
+) -> VerifiedEvidence:
+    """Verify an attestation document against `trust_anchors` (AWS Nitro root, PEM or DER) at `now`.
+    With `expected_nonce`, the document's nonce must equal it (freshness), else PolicyViolation."""
     steps: list[Step] = []
     # (1), (2): structure
     d = parse_nitro_document(doc)
@@ -207,6 +220,17 @@ def verify_nitro_document(doc: bytes, *, trust_anchors: Sequence[bytes], now: in
     except InvalidSignature as exc:
         raise SignatureInvalid("Nitro document COSE_Sign1 ES384 signature does not verify") from exc
     steps.append(Step("quote_verified", True, "COSE_Sign1 ES384 signature by the enclave's leaf certificate"))
+
+    # (4b): freshness
+    if expected_nonce is not None:
+        if d.nonce is None or not hmac.compare_digest(d.nonce, bytes(expected_nonce)):
+            got = d.nonce.hex() if d.nonce is not None else "none"
+            raise PolicyViolation(
+                f"nonce mismatch: the document carries nonce {got}, expected {bytes(expected_nonce).hex()} "
+                "(stale or replayed evidence)",
+                step="nonce",
+            )
+        steps.append(Step("nonce", True, "document nonce matches the expected nonce"))
 
     # (5): result
     fields: dict[str, Any] = {

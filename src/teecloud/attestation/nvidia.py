@@ -324,7 +324,7 @@ def verify_nvidia_evidence(
     now: int,
     expected_nonce: bytes | None = None,
 ) -> VerifiedEvidence:
-    """Verify GPU evidence signed by the leaf of `cert_chain_pem` (leaf first), chained to `trust_anchors`."""
+    """Verify GPU evidence signed by the leaf of `cert_chain_pem` (PEM, any order), chained to an anchor."""
     steps: list[Step] = []
     # (1): parse
     m = parse_nvidia_evidence(evidence)
@@ -332,10 +332,9 @@ def verify_nvidia_evidence(
 
     # (2): chain
     certs = _x509.load_certificates(cert_chain_pem, what="NVIDIA certificate chain")
-    leaf = certs[0]
-    chain = _x509.build_and_verify_chain(
-        leaf, certs[1:], trust_anchors, now=now, algorithms=_x509.ECDSA_SHA384
-    )
+    leaf = _x509.pick_leaf(certs)  # nvtrust writes leaf first; accept any order
+    pool = [c for c in certs if c is not leaf]
+    chain = _x509.build_and_verify_chain(leaf, pool, trust_anchors, now=now, algorithms=_x509.ECDSA_SHA384)
     steps.append(Step("cert_chain_verified", True, chain.summary()))
 
     # (3): signature

@@ -482,6 +482,10 @@ def verify_snp_report(
 
     # (4): the report's TCB and chip must be the ones AMD certified in the VCEK
     info = _vcek_info(vcek)
+    if info.product_name and info.product_name.split("-", 1)[0] != product:
+        raise CertificateChainInvalid(
+            f"VCEK is for product '{info.product_name}' but its chain is for {product}", step="tcb_ok"
+        )
     reported = rep.reported_tcb.components()
     missing = sorted(set(reported) - set(info.tcb))
     if missing:
