@@ -1,4 +1,4 @@
-"""AppAuth + KmsAuth: every rule of is_app_allowed and is_kms_allowed; every privileged call checks its caller."""
+"""AppAuth + KmsAuth: each rule of is_app_allowed and is_kms_allowed; each privileged call checks its caller."""
 
 from __future__ import annotations
 
