@@ -24,6 +24,7 @@ from teecloud.attestation.errors import (
     UntrustedRoot,
     VerificationError,
 )
+from teecloud.attestation.models import VerifiedEvidence
 from tests.attestation.test_x509 import TestPki, der, make_cert, pem
 
 NOW = int(dt.datetime(2026, 7, 1, tzinfo=dt.UTC).timestamp())
@@ -65,10 +66,10 @@ def flip(data: bytes, i: int, mask: int = 0x01) -> bytes:
     return data[:i] + bytes([data[i] ^ mask]) + data[i + 1 :]
 
 
-def verify(evidence: bytes, chain: bytes, root: bytes, **kw: object) -> nvidia.VerifiedEvidence:  # type: ignore[name-defined]
+def verify(evidence: bytes, chain: bytes, root: bytes, **kw: object) -> VerifiedEvidence:
     args: dict[str, object] = {"cert_chain_pem": chain, "trust_anchors": [root], "now": NOW}
     args.update(kw)
-    return nvidia.verify_nvidia_evidence(evidence, **args)  # type: ignore[arg-type]
+    return nvidia.verify_nvidia_evidence(evidence, **args)
 
 
 # --- the real vector ---

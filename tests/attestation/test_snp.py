@@ -26,6 +26,7 @@ from teecloud.attestation.errors import (
     UntrustedRoot,
     VerificationError,
 )
+from teecloud.attestation.models import VerifiedEvidence
 from tests.attestation.test_x509 import der, make_cert, pem
 
 PIN = int(dt.datetime(2026, 7, 1, tzinfo=dt.UTC).timestamp())
@@ -55,9 +56,7 @@ def vec(vectors: Path) -> SnpVector:
     )
 
 
-def verify(
-    v: SnpVector, report: bytes | None = None, *, now: int = PIN, **kw: object
-) -> snp.VerifiedEvidence:  # type: ignore[name-defined]
+def verify(v: SnpVector, report: bytes | None = None, *, now: int = PIN, **kw: object) -> VerifiedEvidence:
     args: dict[str, object] = {
         "vcek_der": v.vcek,
         "cert_chain_pem": v.chain,
@@ -65,7 +64,7 @@ def verify(
         "now": now,
     }
     args.update(kw)
-    return snp.verify_snp_report(report if report is not None else v.report, **args)  # type: ignore[arg-type]
+    return snp.verify_snp_report(report if report is not None else v.report, **args)
 
 
 # --- an AMD-shaped PKI we control ---------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def make_cert(
     not_before: dt.datetime = NOT_BEFORE,
     not_after: dt.datetime = NOT_AFTER,
     extensions: Sequence[x509.ExtensionType] = (),
-    hash_alg: hashes.HashAlgorithm | None = None,
+    hash_alg: hashes.SHA256 | hashes.SHA384 | None = None,
     org: str = "teecloud tests",
 ) -> x509.Certificate:
     """A certificate for `key` signed by `issuer_key` (self-signed when omitted). RSA issuers sign RSA-PSS."""
@@ -104,13 +104,11 @@ class TestPki:
     leaf: x509.Certificate
 
     @classmethod
-    def create(cls, prefix: str = "Test", **leaf_kwargs: object) -> TestPki:
+    def create(cls, prefix: str = "Test") -> TestPki:
         rk, ik, lk = (ec.generate_private_key(ec.SECP384R1()) for _ in range(3))
         root = make_cert(f"{prefix} Root", rk, ca=True)
         inter = make_cert(f"{prefix} Intermediate", ik, issuer_cn=f"{prefix} Root", issuer_key=rk, ca=True)
-        leaf = make_cert(
-            f"{prefix} Leaf", lk, issuer_cn=f"{prefix} Intermediate", issuer_key=ik, **leaf_kwargs
-        )  # type: ignore[arg-type]
+        leaf = make_cert(f"{prefix} Leaf", lk, issuer_cn=f"{prefix} Intermediate", issuer_key=ik)
         return cls(rk, root, ik, inter, lk, leaf)
 
 
