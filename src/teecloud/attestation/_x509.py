@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -59,14 +59,12 @@ RSA_PSS = frozenset({SignatureAlgorithmOID.RSASSA_PSS})
 _PEM_MARKER = b"-----BEGIN CERTIFICATE-----"
 
 
-def _quiet_load(loader: object, data: bytes) -> x509.Certificate:
+def _quiet_load(loader: Callable[[bytes], x509.Certificate], data: bytes) -> x509.Certificate:
     # Real AMD VCEKs carry serial number 0, which RFC 5280 forbids; cryptography warns (and will one day
     # refuse). We accept them: the serial plays no part in these checks.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*serial number.*")
-        cert = loader(data)  # type: ignore[operator]
-    assert isinstance(cert, x509.Certificate)
-    return cert
+        return loader(data)
 
 
 # cryptography parses names, extensions and keys lazily, on first access, and raises whatever the inner
