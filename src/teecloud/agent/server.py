@@ -716,8 +716,6 @@ class AgentRunner:
         if self._thread is not None:
             raise RuntimeError("AgentRunner already started")
         self._servers = [uvicorn.Server(c) for c in self._configs()]
-        for s in self._servers:
-            s.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
 
         def run() -> None:
             try:
