@@ -227,7 +227,8 @@ def deploy(
             chain.add_compose_hash(app_id, chash)
         except Exception as exc:
             raise DeployError(
-                f"compose hash {chash.hex()} is not allowed for app {app_id} and this account cannot add it: {exc}"
+                f"compose hash {chash.hex()} is not allowed for app {app_id} and this account cannot add "
+                f"it: {exc}"
             ) from exc
     app_id_bytes = bytes.fromhex(str(app_id).lower().removeprefix("0x"))
     mark("registering")

@@ -2,7 +2,7 @@
 background server (`NodeServer`).
 
 Lifecycle, per CVM (one lock each; boots run in background threads):
-    create   instance directory written, then boot (teecloud.node.boot)            -> booting -> running|failed
+    create   instance directory written, then boot (teecloud.node.boot)          -> booting -> running|failed
     stop     app stopped, agent stopped, volume unmounted, tmpfs state wiped     -> stopped (desired: stopped)
     start    boot again (fresh RTMR3, keys fetched again)                        -> booting -> running|failed
     upgrade  stop, swap app-compose.json (same app_id, instance), boot: if the new compose hash is not allowed

@@ -357,6 +357,10 @@ def make_override(
             ]
             out["command"] = [_escape(a) for a in argv]
 
+        # An init process as PID 1 forwards SIGTERM, so `stop` is prompt even for apps without handlers.
+        if "init" not in svc:
+            out["init"] = True
+
         # (4) resource limits
         if limits.cpus is not None:
             out["cpus"] = limits.cpus
