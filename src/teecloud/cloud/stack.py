@@ -15,6 +15,7 @@ Start-up procedure (`LocalCloud.start`), every step idempotent so a restart lose
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -49,8 +50,6 @@ class CloudEndpoints:
 
 def read_endpoints(home: Path | None = None) -> CloudEndpoints | None:
     """The endpoints of the running `teecloud up` for this data directory (None if it is not running)."""
-    import json
-
     path = endpoints_path(home)
     try:
         data = json.loads(path.read_text())
@@ -214,19 +213,23 @@ class LocalCloud:
         self._stack.callback(lambda: endpoints_path(self.home).unlink(missing_ok=True))
         return self.endpoints
 
-    @staticmethod
-    def _publish_kms(chain: Any, tee: Any, identity: Any, state: Any) -> None:
-        """What KmsAuth must know to trust this KMS and the CVMs it serves (each call once)."""
-        marker = chain._home / "cloud" / "kms-published.json" if chain._home else None
-        key = f"{chain.chain_key}:{identity.mr_aggregated.hex()}:{state.root.ca_public_key_der.hex()[:32]}"
-        if marker is not None and marker.exists() and key in marker.read_text():
-            return
+    def _publish_kms(self, chain: Any, tee: Any, identity: Any, state: Any) -> None:
+        """What KmsAuth must know to trust this KMS and the CVMs it serves (once per chain and key set): the
+        simulated OS image, this KMS build's measurement and device, and its root public keys."""
+        from teecloud.kms.service import publish_kms_info
+
+        marker = self.home / "cloud" / "kms-published.json"
+        key = f"{chain.chain_key}:{identity.mr_aggregated.hex()}:{state.root.k256_public_key.hex()}"
+        try:
+            if key in json.loads(marker.read_text()).get("published", []):
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
         chain.add_os_image(tee.os_image_hash)
         chain.add_kms_mr(identity.mr_aggregated)
         chain.add_kms_device(tee.device_id)
-        chain.set_kms_info(state.root.k256_public_key, state.root.ca_public_key_der)
-        if marker is not None:
-            atomic_write_json(marker, {"published": key})
+        publish_kms_info(chain, state, tee, self.home)
+        atomic_write_json(marker, {"published": [key]})
 
     def stop(self) -> None:
         try:

@@ -1,0 +1,388 @@
+"""`teecloud up`, `deploy`, `ps`, `logs`, `upgrade`, `stop`, `start`, `rm`, `attest`, and `teecloud cvm ...`
+(status, stats, restart): the local cloud and the CVMs on its node."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["register"]
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+cvm_app = typer.Typer(
+    name="cvm",
+    help="CVMs on the local node: status, stats, restart.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+PHASE_TEXT = {
+    "registering": "registering the app on chain",
+    "booting": "booting the CVM",
+    "measuring": "measuring the app into RTMR3",
+    "keys": "keys released by the KMS",
+    "env": "decrypting env vars",
+    "storage": "mounting the encrypted volume",
+    "agent": "guest agent up (/var/run/dstack.sock)",
+    "starting": "starting containers",
+    "healthy": "waiting for services",
+    "running": "running",
+    "attesting": "verifying the app's attestation",
+    "failed": "failed",
+}
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Map every error a user can cause or fix to a message and exit code 1 (never a traceback)."""
+    from teecloud.chain.errors import ChainError
+    from teecloud.node.errors import NodeError
+
+    try:
+        yield
+    except (NodeError, ChainError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}: {exc.filename or ''}")
+
+
+def _session() -> Any:
+    from teecloud.cloud.deploy import Session
+
+    return Session()
+
+
+def _progress(t0: float) -> Callable[[str, str], None]:
+    seen: set[str] = set()
+
+    def show(phase: str, detail: str) -> None:
+        if phase in seen and phase != "failed":
+            return
+        seen.add(phase)
+        text = PHASE_TEXT.get(phase, phase)
+        colour = "red" if phase == "failed" else "cyan"
+        extra = f" [dim]{detail}[/]" if detail and phase != "failed" else ""
+        err.print(f"[dim]{time.perf_counter() - t0:6.2f}s[/] [{colour}]{text}[/]{extra}")
+
+    return show
+
+
+def _print_verdict(verdict: Any) -> None:
+    for step in verdict.steps:
+        mark = "[green]✓[/]" if step.ok else "[red]✗[/]"
+        out.print(f"  {mark} {step.name:<10} {step.reason}")
+    if verdict.ok:
+        sim = (
+            " [yellow](simulated TEE: trusted only because this installation's dev root is)[/]"
+            if verdict.simulated
+            else ""
+        )
+        out.print(f"[bold green]attested[/]{sim}")
+    else:
+        out.print(f"[bold red]NOT attested:[/] {verdict.reason}")
+
+
+def up(
+    chain_port: Annotated[int, typer.Option("--chain-port", help="JSON-RPC port of the embedded chain.")] = 0,
+    kms_port: Annotated[int, typer.Option("--kms-port", help="KMS (RA-TLS) port.")] = 0,
+    node_port: Annotated[int, typer.Option("--node-port", help="Node API port.")] = 0,
+) -> None:
+    """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
+    is kept and the CVMs come back on the next `teecloud up`."""
+    from teecloud.cloud.stack import LocalCloud, read_endpoints
+
+    running = read_endpoints()
+    if running is not None:
+        _fail(
+            f"a local cloud is already running for this data directory (pid {running.pid}, "
+            f"node {running.node})"
+        )
+    cloud = LocalCloud(chain_port=chain_port, kms_port=kms_port, node_port=node_port)
+    with _errors():
+        ep = cloud.start()
+    resumed = len(cloud.node.store.all()) if cloud.node else 0
+    table = Table(title="teecloud local cloud", show_header=False)
+    table.add_row("chain (JSON-RPC)", ep.chain_rpc)
+    table.add_row("KmsAuth", str(ep.contracts.get("KmsAuth", "")))
+    table.add_row("KMS (RA-TLS)", ep.kms)
+    table.add_row("KMS admin", ep.kms_admin)
+    table.add_row("node API", ep.node)
+    table.add_row("node token", ep.node_token_file)
+    table.add_row("TEE", "tdx-simulated (dev root of this installation)")
+    out.print(table)
+    if resumed:
+        out.print(f"resuming {resumed} CVM(s); see `teecloud ps`")
+    out.print("next: [bold]teecloud deploy examples/hello/docker-compose.yml[/]   (Ctrl-C to stop)")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.is_set():
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        err.print("stopping: CVMs are powered off and come back on the next `teecloud up` ...")
+        cloud.stop()
+
+
+def deploy(
+    compose: Annotated[Path, typer.Argument(help="The app's docker-compose.yml (used unchanged).")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="CVM name (default: the directory's name).")
+    ] = None,
+    env_file: Annotated[
+        Path | None, typer.Option("--env-file", help="KEY=VALUE file of secret env vars.")
+    ] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE secret env var.")] = None,
+    allowed_env: Annotated[
+        list[str] | None, typer.Option("--allowed-env", help="Env var name the CVM may receive (repeat).")
+    ] = None,
+    public_logs: Annotated[
+        bool, typer.Option("--public-logs", help="Anyone may read the app's logs.")
+    ] = False,
+    app_id: Annotated[
+        str | None, typer.Option("--app-id", help="Deploy as an existing on-chain app.")
+    ] = None,
+    cpus: Annotated[float | None, typer.Option("--cpus", help="CPU cap per service.")] = None,
+    memory: Annotated[int | None, typer.Option("--memory", help="Memory cap per service (MB).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Register the app on chain, encrypt its env to its KMS key, boot it in a CVM, and verify it."""
+    from teecloud.cloud.deploy import deploy as do_deploy
+    from teecloud.cloud.deploy import parse_env_file
+
+    t0 = time.perf_counter()
+    with _errors():
+        values: dict[str, str] = parse_env_file(env_file) if env_file else {}
+        for item in env or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key.isidentifier():
+                _fail(f"--env expects KEY=VALUE, got {item!r}")
+            values[key] = value
+        allowed = list(allowed_env or [])
+        if env_file and not allowed_env:
+            allowed = sorted(values)  # the env file's own names, when none are listed
+        session = _session()
+        result = do_deploy(
+            session,
+            compose,
+            name=name,
+            env=values,
+            allowed_envs=allowed,
+            public_logs=public_logs,
+            app_id=app_id,
+            cpus=cpus,
+            memory_mb=memory,
+            progress=_progress(t0),
+        )
+    if as_json:
+        out.print_json(
+            json.dumps({**result.__dict__, "verdict": result.verdict.to_json() if result.verdict else None})
+        )
+    else:
+        table = Table(show_header=False)
+        table.add_row("app_id", "0x" + result.app_id)
+        table.add_row("compose_hash", result.compose_hash)
+        table.add_row("instance_id", result.instance_id)
+        table.add_row("name", result.name)
+        table.add_row("status", result.status)
+        for url in result.urls:
+            table.add_row("url", url)
+        out.print(table)
+        if result.verdict is not None:
+            _print_verdict(result.verdict)
+    if result.status != "running":
+        _fail(f"the CVM did not start: {result.error}")
+    if result.verdict is not None and not result.verdict.ok:
+        raise typer.Exit(1)
+    err.print(f"[dim]deployed in {time.perf_counter() - t0:.2f}s[/]")
+
+
+def ps(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the CVMs on the local node."""
+    with _errors():
+        cvms = _session().node.list()
+    if as_json:
+        out.print_json(json.dumps([c.model_dump() for c in cvms]))
+        return
+    table = Table()
+    for col in ("name", "instance", "app_id", "compose_hash", "status", "urls"):
+        table.add_column(col)
+    for c in cvms:
+        status = c.status + (f" ({c.phase})" if c.status == "booting" else "")
+        if c.error:
+            status += f": {c.error[:80]}"
+        table.add_row(
+            c.name,
+            c.instance_id[:12],
+            "0x" + c.app_id[:10] + "…",
+            c.compose_hash[:12],
+            status,
+            " ".join(c.urls),
+        )
+    out.print(table)
+
+
+def logs(
+    app: Annotated[str, typer.Argument(help="CVM name or instance id.")],
+    service: Annotated[str | None, typer.Option("--service", "-s", help="Only this service.")] = None,
+    tail: Annotated[int, typer.Option("--tail", "-n", help="Lines from the end.")] = 200,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep following (one service).")] = False,
+) -> None:
+    """Print the app's container logs."""
+    with _errors():
+        try:
+            for line in _session().node.logs(app, service=service, tail=tail, follow=follow):
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+
+
+def upgrade(
+    app: Annotated[str, typer.Argument(help="CVM name or instance id.")],
+    compose: Annotated[Path, typer.Argument(help="The new docker-compose.yml.")],
+    env_file: Annotated[
+        Path | None, typer.Option("--env-file", help="New secret env vars (else kept).")
+    ] = None,
+    allowed_env: Annotated[
+        list[str] | None, typer.Option("--allowed-env", help="New allowed env names.")
+    ] = None,
+    no_register: Annotated[
+        bool,
+        typer.Option("--no-register", help="Do not add the new compose hash on chain (it must be allowed)."),
+    ] = False,
+) -> None:
+    """Replace the app's compose (same app_id and data). Without on-chain approval of the new hash the CVM
+    gets no keys and does not start."""
+    from teecloud.cloud.deploy import parse_env_file
+    from teecloud.cloud.deploy import upgrade as do_upgrade
+
+    t0 = time.perf_counter()
+    with _errors():
+        values = parse_env_file(env_file) if env_file else None
+        result = do_upgrade(
+            _session(),
+            app,
+            compose,
+            env=values,
+            allowed_envs=allowed_env,
+            register=not no_register,
+            progress=_progress(t0),
+        )
+    out.print(f"compose_hash {result.compose_hash}: {result.status}")
+    if result.status != "running":
+        _fail(f"the upgraded CVM did not start: {result.error}")
+
+
+def _action(action: str) -> Callable[[str], None]:
+    def run(app: Annotated[str, typer.Argument(help="CVM name or instance id.")]) -> None:
+        with _errors():
+            session = _session()
+            st = session.node.action(app, action)
+            if action in ("start", "restart"):
+                st = session.node.wait(
+                    st.instance_id, on_phase=lambda s: err.print(f"  {s.status} {s.phase}")
+                )
+        out.print(f"{st.name} ({st.instance_id[:12]}): {st.status}" + (f": {st.error}" if st.error else ""))
+        if st.status == "failed":
+            raise typer.Exit(1)
+
+    run.__doc__ = {
+        "start": "Boot a stopped CVM (keys are fetched again).",
+        "stop": "Power off a CVM (data kept, encrypted).",
+        "restart": "Stop and boot a CVM again.",
+    }[action]
+    return run
+
+
+def rm(
+    app: Annotated[str, typer.Argument(help="CVM name or instance id.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Remove a CVM: containers, keys and its encrypted data are gone for good."""
+    with _errors():
+        session = _session()
+        st = session.node.get(app)
+        if not yes and not typer.confirm(f"remove {st.name} ({st.instance_id[:12]}) and destroy its data?"):
+            raise typer.Exit(1)
+        session.node.remove(st.instance_id)
+    out.print(f"removed {st.name} ({st.instance_id}); its data is unrecoverable")
+
+
+def attest(
+    app: Annotated[str, typer.Argument(help="CVM name or instance id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Verify a running app from outside: fresh quote, event-log replay, compose hash, on-chain allowlist."""
+    from teecloud.cloud.verify import verify_app
+
+    with _errors():
+        session = _session()
+        verdict = verify_app(session.node, app, platform=session.platform, chain=session.chain)
+    if as_json:
+        out.print_json(json.dumps(verdict.to_json()))
+    else:
+        out.print(
+            f"app_id 0x{verdict.app_id}  compose_hash {verdict.compose_hash}  instance {verdict.instance_id}"
+        )
+        _print_verdict(verdict)
+    if not verdict.ok:
+        raise typer.Exit(1)
+
+
+@cvm_app.command("status")
+def cvm_status(app: Annotated[str, typer.Argument(help="CVM name or instance id.")]) -> None:
+    """Everything the node knows about a CVM (JSON)."""
+    with _errors():
+        st = _session().node.get(app)
+    out.print_json(st.model_dump_json())
+
+
+@cvm_app.command("stats")
+def cvm_stats(app: Annotated[str, typer.Argument(help="CVM name or instance id.")]) -> None:
+    """CPU, memory, network and block I/O of the CVM's containers."""
+    with _errors():
+        rows = _session().node.stats(app)
+    table = Table()
+    for col in ("container", "cpu", "memory", "net_io", "block_io", "pids"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            *(str(r.get(c, "")) for c in ("container", "cpu", "memory", "net_io", "block_io", "pids"))
+        )
+    out.print(table)
+
+
+cvm_app.command("restart")(_action("restart"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)
+    app.command("deploy")(deploy)
+    app.command("ps")(ps)
+    app.command("logs")(logs)
+    app.command("upgrade")(upgrade)
+    app.command("stop")(_action("stop"))
+    app.command("start")(_action("start"))
+    app.command("rm")(rm)
+    app.command("attest")(attest)
+    app.add_typer(cvm_app, name="cvm")
