@@ -93,8 +93,6 @@ def test_get_quote_verifies_and_replays(client, booted):
     quote = q.decode_quote()
     assert bytes.fromhex(q.report_data) == rd.ljust(64, b"\x00")
     _verify_quote(booted.tee, quote)
-    parsed = dcap_qvl.parse_quote(quote)
-    body = json.loads(parsed.to_json()) if hasattr(parsed, "to_json") else None
     ms = booted.tee.measurements()
     replayed = q.replay_rtmrs()
     for i in range(4):
@@ -114,9 +112,24 @@ def test_get_quote_verifies_and_replays(client, booted):
         "key-provider",
         "system-ready",
     ]
+    # the attestation package's full check: quote + event log replay + policy (simulation allowed)
+    import dataclasses
+
+    from teecloud.attestation.policy import Policy
+    from teecloud.attestation.verifier import verify_tdx_with_event_log
+
+    now = int(time.time())
+    ev = verify_tdx_with_event_log(
+        quote,
+        booted.tee.collateral(now=now),
+        q.event_log,
+        now=now,
+        dev_root_der=booted.tee.dev_root_der(),
+        policy=dataclasses.replace(Policy.default(), allow_simulated=True),
+    )
+    assert ev.app_info.app_id == booted.app_id and ev.app_info.compose_hash == booted.compose_hash
     vm = json.loads(q.vm_config)
     assert vm["os_image_hash"] == booted.tee.os_image_hash.hex()
-    del body
 
 
 def test_get_quote_with_64_bytes_and_hex_str(client):
