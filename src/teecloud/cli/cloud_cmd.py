@@ -78,8 +78,10 @@ def _progress(t0: float) -> Callable[[str, str], None]:
             return
         seen.add(phase)
         text = PHASE_TEXT.get(phase, phase)
-        colour = "red" if phase == "failed" else "cyan"
-        extra = f" [dim]{detail}[/]" if detail and phase != "failed" else ""
+        colour = "red" if phase == "failed" else "yellow" if phase == "warning" else "cyan"
+        extra = f" [dim]{detail}[/]" if detail and phase not in ("failed", "warning") else ""
+        if phase == "warning":
+            text = f"warning: {detail}"
         err.print(f"[dim]{time.perf_counter() - t0:6.2f}s[/] [{colour}]{text}[/]{extra}")
 
     return show
