@@ -81,8 +81,10 @@ class AuditLog:
             boot_info=dict(boot_info) if boot_info is not None else None,
         )
         line = json.dumps(rec.model_dump(), sort_keys=True, separators=(",", ":"))
+        # append_line is one O_APPEND write(2) + fsync: lines never interleave, so no lock is held across
+        # the fsync and concurrent requests' fsyncs overlap.
+        append_line(self.path, line)
         with self._lock:
-            append_line(self.path, line)
             if decision == "allowed":
                 self.allowed += 1
             else:
