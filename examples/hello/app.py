@@ -3,7 +3,7 @@
 It talks to the guest agent through the official dstack-sdk client (over /var/run/dstack.sock), and serves:
   GET /          app identity (Info), a derived key and its signature chain
   GET /quote     a fresh quote binding ?nonce= (hex, <= 64 bytes) plus the event log, for verifiers
-  GET /secret    whether the SECRET env var arrived, and its sha256 (never the value itself)
+  GET /secret    whether the SECRET (or ?name=) env var arrived, and its sha256 (never the value)
   GET /note      the text stored on the encrypted volume (/data/note.txt)
   PUT /note      store the request body on the encrypted volume
 Only the Python standard library and dstack-sdk are used.
@@ -63,7 +63,8 @@ class Handler(BaseHTTPRequestHandler):
                 quote = client.get_quote(report_data)
                 self._send(200, {"quote": quote.quote, "event_log": quote.event_log})
             elif url.path == "/secret":
-                value = os.environ.get("SECRET")
+                name = parse_qs(url.query).get("name", ["SECRET"])[0]
+                value = os.environ.get(name)
                 digest = hashlib.sha256(value.encode()).hexdigest() if value is not None else None
                 self._send(200, {"present": value is not None, "sha256": digest})
             elif url.path == "/note":
