@@ -318,15 +318,18 @@ def make_override(
                 raise ComposeRejected(
                     "env vars need a static busybox on the node (apt-get install busybox-static)"
                 )
-            entrypoint = (
-                _argv(svc["entrypoint"], "entrypoint") if "entrypoint" in svc else list(image.entrypoint)
-            )
+            # Values from the user's file are copied as written (compose interpolates them once, as it would
+            # in the user's file); values from the image are literal, so their `$` is escaped.
+            if "entrypoint" in svc:
+                entrypoint = _argv(svc["entrypoint"], "entrypoint")
+            else:
+                entrypoint = [_escape(a) for a in image.entrypoint]
             if "command" in svc:
                 command = _argv(svc["command"], "command")
             elif "entrypoint" in svc:
                 command = []  # Docker drops the image's CMD when the entrypoint is replaced
             else:
-                command = list(image.cmd)
+                command = [_escape(a) for a in image.cmd]
             argv = entrypoint + command
             if not argv:
                 raise ComposeRejected(
@@ -355,7 +358,7 @@ def make_override(
                 _escape(ENTRY_SCRIPT),
                 "teecloud-env",
             ]
-            out["command"] = [_escape(a) for a in argv]
+            out["command"] = argv
 
         # An init process as PID 1 forwards SIGTERM, so `stop` is prompt even for apps without handlers.
         if "init" not in svc:
