@@ -133,3 +133,9 @@ def test_unsafe_no_server_check_says_so(teecloud_home: Path, world: World, caplo
 def test_client_refuses_plain_http() -> None:
     with pytest.raises(KmsClientError):
         KmsClient("http://127.0.0.1:1", server_check=UnsafeNoServerCheck())
+
+
+def test_kms_client_is_an_agent_key_provider() -> None:
+    from teecloud.agent.keyprovider import KeyProvider
+
+    assert isinstance(KmsClient("https://127.0.0.1:1", server_check=UnsafeNoServerCheck()), KeyProvider)

@@ -77,7 +77,7 @@ def _collateral(tee: Any, dev: bool, pccs_url: str | None) -> Any:
     if not pccs_url:
         _fail("production mode needs --pccs-url (a PCCS serving Intel collateral)")
     try:
-        from teecloud.collateral import PccsClient  # type: ignore[attr-defined]
+        from teecloud.collateral import PccsClient
     except ImportError:
         _fail("this build has no PCCS client (teecloud.collateral.PccsClient); cannot fetch collateral")
     return PccsCollateral(PccsClient(pccs_url, data_home() / "collateral-cache"))
