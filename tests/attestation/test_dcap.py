@@ -337,3 +337,38 @@ def test_dev_root_rule_without_trust(monkeypatch: pytest.MonkeyPatch, tdx: tuple
     assert info.value.reason == "signed by a development root, not by Intel"
     with pytest.raises(UntrustedRoot, match=r"^signed by a development root, not by Intel"):
         dcap.verify_dcap_quote(*tdx, now=TDX_PIN, dev_root_der=b"another root")
+
+
+# ------------------------------------------------------------------------- simulated TEE (worker C's)
+
+
+@pytest.fixture
+def simulated(teecloud_home: Path):  # type: ignore[no-untyped-def]
+    sim_mod = pytest.importorskip("teecloud.tee.simulated")
+    return sim_mod
+
+
+def test_simulated_quote_needs_its_own_dev_root(simulated, teecloud_home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sim = simulated.SimulatedTdx(teecloud_home)
+    now = int(time.time())
+    quote, collateral = sim.quote(b"\x07" * 64), sim.collateral(now=now)
+    with pytest.raises(UntrustedRoot) as info:
+        dcap.verify_dcap_quote(quote, collateral, now=now)
+    assert info.value.reason == "signed by a development root, not by Intel"
+    ev = dcap.verify_dcap_quote(quote, collateral, now=now, dev_root_der=sim.dev_root_der())
+    assert ev.tee == "tdx-simulated" and ev.simulated and ev.report_data == b"\x07" * 64
+    assert ev.device_id == sim.device_id
+    # another installation's development root does not do
+    other = simulated.SimulatedTdx(tmp_path / "other-home")
+    with pytest.raises(UntrustedRoot, match=r"^signed by a development root, not by Intel \("):
+        dcap.verify_dcap_quote(quote, collateral, now=now, dev_root_der=other.dev_root_der())
+
+
+def test_simulated_debug_td_is_refused(simulated, teecloud_home: Path) -> None:  # type: ignore[no-untyped-def]
+    sim = simulated.SimulatedTdx(teecloud_home, debug=True)
+    now = int(time.time())
+    quote = sim.quote(b"\x00" * 64)
+    assert dcap.parse_quote(quote)["debug"] is True
+    with pytest.raises(VerificationError) as info:
+        dcap.verify_dcap_quote(quote, sim.collateral(now=now), now=now, dev_root_der=sim.dev_root_der())
+    assert info.value.step == "policy:debug" and "debug" in info.value.reason

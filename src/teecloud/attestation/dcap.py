@@ -35,6 +35,7 @@ from teecloud.attestation.errors import (
     CollateralMismatch,
     Expired,
     MalformedEvidence,
+    PolicyViolation,
     SignatureInvalid,
     TcbNotAcceptable,
     UntrustedRoot,
@@ -462,6 +463,13 @@ def _map_error(exc: Exception, *, now: int, col: _Collateral, root_subject: str)
     at = _iso(now)
     if "failed to decode quote" in low or "failed to parse quote" in low:
         return MalformedEvidence(f"quote is malformed: {text}")
+    if "debug mode is enabled" in low:
+        # dcap-qvl 0.7 refuses debug TDs / enclaves before TCB evaluation; no policy can accept them.
+        return PolicyViolation(
+            "debug TEE: the TD / enclave runs in debug mode, so the host can read its memory "
+            "(refused by dcap-qvl regardless of policy)",
+            step="policy:debug",
+        )
     if "unknown qe vendor" in low:
         return MalformedEvidence(f"quote header names an unknown QE vendor: {text}")
     if "fmspc mismatch" in low:

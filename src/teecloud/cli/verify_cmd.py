@@ -1,0 +1,258 @@
+"""`teecloud verify` and `teecloud trust ...`.
+
+Exit codes of `verify`: 0 = valid under the policy, 1 = evidence rejected, 2 = usage error or unreadable
+input.
+
+Trust: `--trust-anchor FILE` (repeatable; PEM bundles allowed) adds vendor roots, sorted by their subject
+(Intel, AMD ARK/ASK, AWS Nitro, NVIDIA); every certificate file in `data_home()/trust/` is added too.
+`--trust-dev-root` trusts the simulated TEE's development root (`--dev-root FILE` names another one; the
+CLI parser has no optional-value options, so the path is a separate option).
+
+`--cert-chain FILE` (repeatable) is the evidence's own chain: the VCEK (DER or PEM) for SEV-SNP (the ASK
+may come from here or from the AMD anchors), the device chain (leaf first) for NVIDIA. TDX/SGX carry
+their chain in the quote but need collateral: `--collateral FILE` or `--pccs-url URL` (cached under
+data_home()/pccs-cache/).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from teecloud._fs import data_home
+
+__all__ = ["register", "trust_app"]
+
+trust_app = typer.Typer(help="Vendor trust anchors (roots) used by `teecloud verify`.", no_args_is_help=True)
+_err = Console(stderr=True)
+
+
+class _Usage(Exception):
+    """A usage problem the CLI reports with exit code 2."""
+
+
+def _read(path: Path, what: str, limit: int = 16 * 1024 * 1024) -> bytes:
+    try:
+        if path.stat().st_size > limit:
+            raise _Usage(f"{what} {path} is larger than {limit} bytes")
+        return path.read_bytes()
+    except OSError as exc:
+        raise _Usage(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _parse_at(value: str | None) -> int:
+    if value is None:
+        return int(time.time())
+    text = value.strip().replace("Z", "+00:00")
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise _Usage(f"--at must be an ISO 8601 time such as 2025-07-04T00:00:00Z, got {value!r}") from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return int(parsed.timestamp())
+
+
+def _fail_usage(message: str, as_json: bool) -> None:
+    _err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _render(result: Any) -> None:
+    out = Console()
+    verdict = "[bold green]VALID[/]" if result.is_valid else "[bold red]REJECTED[/]"
+    out.print(f"{verdict}  tee={result.tee or '?'}  reason: {result.reason}", highlight=False)
+    ev = result.evidence
+    if ev is not None:
+        out.print(
+            f"TCB status: {ev.tcb_status or '-'}  advisories: {', '.join(ev.advisory_ids) or 'none'}  "
+            f"debug: {ev.debug}  simulated: {ev.simulated}",
+            highlight=False,
+        )
+    steps = Table(title="Verification steps", show_lines=False)
+    steps.add_column("step")
+    steps.add_column("ok")
+    steps.add_column("reason", overflow="fold")
+    for s in result.steps:
+        steps.add_row(s.name, "[green]✓[/]" if s.ok else "[red]✗[/]", s.reason)
+    out.print(steps)
+    if ev is not None:
+        ms = Table(title="Measurements")
+        ms.add_column("name")
+        ms.add_column("value (hex)", overflow="fold")
+        for name, value in ev.measurements.items():
+            ms.add_row(name, value.hex())
+        ms.add_row("report_data", ev.report_data.hex())
+        out.print(ms)
+        if ev.app_info is not None:
+            app = Table(title="App (from the replayed event log)")
+            app.add_column("field")
+            app.add_column("value", overflow="fold")
+            for key, value in ev.app_info.to_json().items():
+                if key != "events":
+                    app.add_row(key, str(value))
+            out.print(app)
+
+
+def verify_command(
+    evidence: Annotated[Path, typer.Argument(help="Quote / report / document file, or dstack JSON.")],
+    kind: Annotated[
+        str | None, typer.Option("--kind", help="tdx|sgx|snp|nitro|nvidia (default: autodetect)")
+    ] = None,
+    collateral: Annotated[
+        Path | None, typer.Option("--collateral", help="QuoteCollateralV3 JSON for TDX/SGX.")
+    ] = None,
+    pccs_url: Annotated[
+        str | None, typer.Option("--pccs-url", help="Fetch TDX/SGX collateral from this PCCS.")
+    ] = None,
+    cert_chain: Annotated[
+        list[Path] | None,
+        typer.Option("--cert-chain", help="Evidence certificate(s): SNP VCEK, NVIDIA chain."),
+    ] = None,
+    trust_anchor: Annotated[
+        list[Path] | None, typer.Option("--trust-anchor", help="Vendor root certificate file (repeatable).")
+    ] = None,
+    trust_dev_root: Annotated[
+        bool,
+        typer.Option(
+            "--trust-dev-root",
+            help="UNSAFE for production: trust the simulated TEE's development root "
+            "(data_home()/simulated-tee/root_ca.der, or the file given with --dev-root).",
+        ),
+    ] = False,
+    dev_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--dev-root", help="Development root certificate (DER) to trust; implies --trust-dev-root."
+        ),
+    ] = None,
+    event_log: Annotated[
+        Path | None, typer.Option("--event-log", help="dstack JSON event log (TDX).")
+    ] = None,
+    at: Annotated[
+        str | None, typer.Option("--at", help="Verification time, ISO 8601 (default: now).")
+    ] = None,
+    policy: Annotated[Path | None, typer.Option("--policy", help="Policy file (TOML or JSON).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Verify TEE evidence and print the verdict. Exit 0 valid, 1 rejected, 2 usage/unreadable input."""
+    from teecloud.attestation.dcap import looks_like_dcap_quote, parse_quote, pck_ca, pck_fmspc
+    from teecloud.attestation.errors import AttestationError, UsageError, VerificationError
+    from teecloud.attestation.policy import Policy
+    from teecloud.attestation.verifier import TrustAnchors, verify
+    from teecloud.collateral import CollateralError, PccsClient, load_trust_directory
+
+    try:
+        now = _parse_at(at)
+        data = _read(evidence, "evidence")
+        pol = Policy.load(policy) if policy else Policy.default()
+        anchor_blobs = [blob for _, blob in load_trust_directory()]
+        anchor_blobs += [_read(p, "trust anchor") for p in trust_anchor or []]
+        dev_root_der: bytes | None = None
+        if trust_dev_root or dev_root is not None:
+            dev_path = dev_root if dev_root is not None else data_home() / "simulated-tee" / "root_ca.der"
+            dev_root_der = _read(dev_path, "development root")
+            _err.print(
+                "[yellow]warning:[/] trusting a teecloud development root: simulated evidence may pass",
+                highlight=False,
+            )
+        anchors = TrustAnchors.from_certificates(anchor_blobs, dev_root_der=dev_root_der)
+        chain = [_read(p, "certificate chain") for p in cert_chain or []]
+        log = _read(event_log, "event log").decode("utf-8", "replace") if event_log else None
+        col: bytes | None = _read(collateral, "collateral") if collateral else None
+        if col is None and pccs_url:
+            quote = data
+            if data.lstrip()[:1] == b"{":
+                try:
+                    quote = bytes.fromhex(json.loads(data)["quote"])
+                except (ValueError, KeyError, TypeError):
+                    quote = b""
+            if looks_like_dcap_quote(quote):
+                tee = parse_quote(quote)["tee"]
+                client = PccsClient(pccs_url, data_home() / "pccs-cache")
+                col = client.get_collateral(pck_fmspc(quote), ca=pck_ca(quote), tee=tee, now=now)
+        result = verify(
+            data,
+            kind=kind,
+            collateral=col,
+            cert_chain=chain or None,
+            event_log=log,
+            anchors=anchors,
+            policy=pol,
+            now=now,
+        )
+    except (_Usage, UsageError, CollateralError) as exc:
+        _fail_usage(str(exc), as_json)
+        return
+    except VerificationError as exc:  # only from reading the quote for the PCCS lookup
+        _fail_usage(f"cannot look up collateral: {exc.reason}", as_json)
+        return
+    except AttestationError as exc:
+        _fail_usage(exc.diagnostics(), as_json)
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+    else:
+        _render(result)
+    raise typer.Exit(0 if result.is_valid else 1)
+
+
+@trust_app.command("fetch")
+def trust_fetch(
+    url_base: Annotated[
+        str | None, typer.Option("--url-base", help="Fetch the vendor paths from this server (a mirror).")
+    ] = None,
+    dest: Annotated[
+        Path | None, typer.Option("--dest", help="Directory (default: data_home()/trust).")
+    ] = None,
+) -> None:
+    """Download the vendor roots (AMD ARK/ASK, AWS Nitro, NVIDIA, Intel) into the trust directory."""
+    from teecloud.collateral import fetch_trust_anchors
+
+    fetched, errors = fetch_trust_anchors(dest, url_base=url_base)
+    out = Console()
+    for a in fetched:
+        out.print(f"[green]saved[/] {a.path}  from {a.url}", highlight=False)
+        for subject, fp in zip(a.subjects, a.sha256, strict=True):
+            out.print(f"    {subject}\n    sha256 {fp}", highlight=False)
+    for e in errors:
+        _err.print(f"[red]failed[/] {e}", highlight=False)
+    out.print("Compare the fingerprints with the vendors' published ones before relying on them.")
+    raise typer.Exit(0 if not errors else 1)
+
+
+@trust_app.command("list")
+def trust_list() -> None:
+    """List the certificates in the trust directory."""
+    from cryptography import x509
+
+    from teecloud.collateral import default_trust_dir, load_trust_directory
+
+    files = load_trust_directory()
+    if not files:
+        Console().print(f"no trust anchors in {default_trust_dir()} (run `teecloud trust fetch`)")
+        return
+    for path, blob in files:
+        try:
+            certs = (
+                x509.load_pem_x509_certificates(blob)
+                if b"BEGIN CERTIFICATE" in blob
+                else [x509.load_der_x509_certificate(blob)]
+            )
+            names = ", ".join(c.subject.rfc4514_string() for c in certs)
+        except ValueError as exc:
+            names = f"[red]unreadable: {exc}[/]"
+        Console().print(f"{path.name}: {names}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("verify")(verify_command)
+    app.add_typer(trust_app, name="trust")

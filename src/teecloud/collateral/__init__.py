@@ -1,0 +1,34 @@
+"""teecloud.collateral: the I/O around the pure verifier — PCCS collateral (client with an on-disk cache,
+and a PCCS-compatible server over local files) and vendor trust anchors (`teecloud trust fetch`)."""
+
+from __future__ import annotations
+
+from teecloud.collateral.errors import CollateralError, CollateralNotFound, InvalidCollateral, PccsUnavailable
+from teecloud.collateral.pccs import PccsClient, collateral_next_update, make_pccs_app, serve_collateral
+from teecloud.collateral.store import CollateralEntry, CollateralStore, describe_collateral
+from teecloud.collateral.trust import (
+    VENDOR_ROOT_URLS,
+    FetchedAnchor,
+    default_trust_dir,
+    fetch_trust_anchors,
+    load_trust_directory,
+)
+
+__all__ = [
+    "VENDOR_ROOT_URLS",
+    "CollateralEntry",
+    "CollateralError",
+    "CollateralNotFound",
+    "CollateralStore",
+    "FetchedAnchor",
+    "InvalidCollateral",
+    "PccsClient",
+    "PccsUnavailable",
+    "collateral_next_update",
+    "default_trust_dir",
+    "describe_collateral",
+    "fetch_trust_anchors",
+    "load_trust_directory",
+    "make_pccs_app",
+    "serve_collateral",
+]

@@ -1,0 +1,91 @@
+"""CollateralStore: FMSPC -> QuoteCollateralV3 JSON, from a directory of `<FMSPC>.json` or a mapping."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from teecloud.collateral.errors import CollateralNotFound, InvalidCollateral
+
+__all__ = ["CollateralEntry", "CollateralStore", "describe_collateral"]
+
+
+@dataclass(frozen=True)
+class CollateralEntry:
+    fmspc: str
+    tee: str  # "tdx" | "sgx"
+    raw: bytes
+    doc: Mapping[str, Any]
+    next_update: str  # earliest nextUpdate of TCB info and QE identity (ISO 8601)
+    issue_date: str
+
+
+def describe_collateral(raw: bytes) -> CollateralEntry:
+    """Read FMSPC, TEE kind and validity from QuoteCollateralV3 JSON. Raises InvalidCollateral."""
+    try:
+        doc = json.loads(raw)
+        tcb = json.loads(doc["tcb_info"])
+        qe = json.loads(doc["qe_identity"])
+        fmspc = str(tcb["fmspc"]).upper()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidCollateral(f"not QuoteCollateralV3 JSON: {exc}") from exc
+    tee = "tdx" if tcb.get("id") == "TDX" else "sgx"
+    next_update = min(str(tcb.get("nextUpdate", "")), str(qe.get("nextUpdate", "")))
+    return CollateralEntry(fmspc, tee, bytes(raw), doc, next_update, str(tcb.get("issueDate", "")))
+
+
+class CollateralStore:
+    """Collateral by FMSPC (upper-case hex). Several entries may share the QE identity / CRLs of one TEE
+    kind; `latest(tee)` picks the newest for the FMSPC-independent PCCS endpoints."""
+
+    def __init__(self, entries: Mapping[str, bytes] | None = None) -> None:
+        self._by_fmspc: dict[str, CollateralEntry] = {}
+        for raw in (entries or {}).values():
+            self.add(raw)
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> CollateralStore:
+        store = cls()
+        for path in sorted(Path(directory).glob("*.json")):
+            store.add(path.read_bytes())
+        return store
+
+    @classmethod
+    def from_source(cls, source: str | Path | Mapping[str, bytes] | CollateralStore) -> CollateralStore:
+        if isinstance(source, CollateralStore):
+            return source
+        if isinstance(source, Mapping):
+            return cls(source)
+        path = Path(source)
+        if path.is_dir():
+            return cls.from_directory(path)
+        store = cls()
+        store.add(path.read_bytes())
+        return store
+
+    def add(self, raw: bytes) -> CollateralEntry:
+        entry = describe_collateral(raw)
+        self._by_fmspc[entry.fmspc] = entry
+        return entry
+
+    def get(self, fmspc: str) -> bytes | None:
+        entry = self._by_fmspc.get(fmspc.upper())
+        return entry.raw if entry else None
+
+    def entry(self, fmspc: str) -> CollateralEntry:
+        entry = self._by_fmspc.get(fmspc.upper())
+        if entry is None:
+            raise CollateralNotFound(f"no collateral for FMSPC {fmspc.upper()}")
+        return entry
+
+    def latest(self, tee: str) -> CollateralEntry:
+        entries = [e for e in self._by_fmspc.values() if e.tee == tee]
+        if not entries:
+            raise CollateralNotFound(f"no {tee.upper()} collateral")
+        return max(entries, key=lambda e: e.issue_date)
+
+    def fmspcs(self) -> list[str]:
+        return sorted(self._by_fmspc)
