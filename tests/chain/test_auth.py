@@ -1,4 +1,4 @@
-"""AppAuth + KmsAuth: each rule of is_app_allowed and is_kms_allowed; each privileged call checks its caller."""
+"""AppAuth + KmsAuth: the rules of is_app_allowed / is_kms_allowed; privileged calls check the caller."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ChainClient plumbing: persistence across restarts, the JSON-RPC server, errors, keys, compose hash, cache."""
+"""ChainClient plumbing: restarts, the JSON-RPC server, errors, keys, compose hash, compile cache."""
 
 from __future__ import annotations
 
@@ -98,7 +98,8 @@ def test_corrupt_journal_is_reported(teecloud_home: Path) -> None:
 def test_one_owner_process(teecloud_home: Path) -> None:
     code = (
         "import sys; from teecloud.chain import EmbeddedChain, ChainStateError\n"
-        "try:\n    EmbeddedChain(sys.argv[1])\nexcept ChainStateError as e:\n    print('LOCKED', e); sys.exit(3)\n"
+        "try:\n    EmbeddedChain(sys.argv[1])\n"
+        "except ChainStateError as e:\n    print('LOCKED', e); sys.exit(3)\n"
     )
     chain = EmbeddedChain(teecloud_home / "chain")
     try:
