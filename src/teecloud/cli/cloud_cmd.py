@@ -134,12 +134,12 @@ def up(
         out.print(f"resuming {resumed} CVM(s); see `teecloud ps`")
     out.print("next: [bold]teecloud deploy examples/hello/docker-compose.yml[/]   (Ctrl-C to stop)")
     stop = threading.Event()
+    # Both signals set the event (SIGINT too: a backgrounded process may have inherited SIGINT ignored).
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         while not stop.is_set():
             stop.wait(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         err.print("stopping: CVMs are powered off and come back on the next `teecloud up` ...")
         cloud.stop()
