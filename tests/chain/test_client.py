@@ -241,3 +241,15 @@ def test_compile_cache_keyed_by_source(teecloud_home: Path) -> None:
     files[0].write_text("{damaged")
     _memo.clear()
     assert compiled("Timelock").bytecode  # a damaged entry is rebuilt
+
+
+def test_read_cache_never_outlives_a_block(chain: ChainClient) -> None:
+    h = rand32()
+    chain.add_os_image(OS_IMAGE)
+    app = chain.register_app(None, h)
+    bi = boot_info(app, h)
+    assert chain.is_app_allowed(bi) == (True, "")
+    assert chain.is_app_allowed(bi) == (True, "")  # served from the cache
+    other = chain.with_signer(chain.keys[0])  # type: ignore[attr-defined]
+    other.remove_compose_hash(app, h)  # a change by another client: a new block
+    assert chain.is_app_allowed(bi) == (False, "compose hash not allowed")

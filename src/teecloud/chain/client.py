@@ -214,6 +214,9 @@ class ChainClient:
         self._account = Account.from_key(signer_key) if signer_key else None
         self._tx_lock = threading.Lock()
         self._deployment_cache: dict[str, Any] | None = None
+        # is_app_allowed / is_kms_allowed verdicts, valid for the block they were read at only
+        self.read_cache = True
+        self._read_cache: dict[tuple[str, BootInfo], tuple[int, tuple[bool, str]]] = {}
         actual = _int(self.transport.request("eth_chainId", []))
         if chain_id is not None and actual != chain_id:
             raise WrongChainId(chain_id, actual)
@@ -257,6 +260,7 @@ class ChainClient:
         other.__dict__.update(self.__dict__)
         other._account = Account.from_key(signer_key)
         other._tx_lock = threading.Lock()
+        other._read_cache = {}
         return other
 
     def close(self) -> None:
@@ -497,13 +501,35 @@ class ChainClient:
 
     # --- KmsAuth -------------------------------------------------------------------------------------------
 
+    def _cached_check(self, fn: str, boot_info: BootInfo) -> tuple[bool, str]:
+        """A verdict is reused only while the chain head is the block it was read at (never longer)."""
+        key = (fn, boot_info)
+        head = self.block_number() if self.read_cache else None
+        if head is not None:
+            hit = self._read_cache.get(key)
+            if hit is not None and hit[0] == head:
+                return hit[1]
+        ok, reason = self.call(
+            "KmsAuth",
+            self.kms_auth,
+            fn,
+            boot_info.to_abi(),
+            block=hex(head) if head is not None else "latest",
+        )
+        verdict = (bool(ok), str(reason))
+        if head is not None:
+            if len(self._read_cache) > 4096:
+                self._read_cache.clear()
+            self._read_cache[key] = (head, verdict)
+        return verdict
+
     def is_app_allowed(self, boot_info: BootInfo) -> tuple[bool, str]:
-        ok, reason = self.call("KmsAuth", self.kms_auth, "is_app_allowed", boot_info.to_abi())
-        return bool(ok), str(reason)
+        """KmsAuth.is_app_allowed: registered app, allowed OS image, then the app's own AppAuth rules."""
+        return self._cached_check("is_app_allowed", boot_info)
 
     def is_kms_allowed(self, boot_info: BootInfo) -> tuple[bool, str]:
-        ok, reason = self.call("KmsAuth", self.kms_auth, "is_kms_allowed", boot_info.to_abi())
-        return bool(ok), str(reason)
+        """KmsAuth.is_kms_allowed: TCB UpToDate, allowed OS image, KMS measurement and device."""
+        return self._cached_check("is_kms_allowed", boot_info)
 
     def register_app(
         self,

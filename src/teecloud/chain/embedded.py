@@ -4,7 +4,8 @@ Persistence is an append-only journal (data_home()/chain/journal.jsonl) of every
 raw signed transactions and empty mined blocks, each with its block timestamp, plus the clock offset
 set by evm_increaseTime. Genesis parameters (timestamp) are fixed once in genesis.json. On start the journal
 is replayed into a fresh EVM: the EVM is deterministic, so every address, app, hash and balance comes
-back as it was (block hashes too: prevrandao is derived, not random). A torn last line (crash mid-append) is dropped.
+back as it was (block hashes too: prevrandao is derived, not random). A torn last line (crash
+mid-append) is dropped.
 
 One process owns the chain at a time (flock on chain/lock); other processes use its JSON-RPC URL.
 """

@@ -41,6 +41,8 @@ class ChainRpcServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out in two writes: without this, Nagle + delayed ACK add ~40 ms per call
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet: no request logging
                 return
