@@ -294,11 +294,9 @@ def upgrade(
     from teecloud.node.api import UpgradeCvmRequest
 
     current = session.node.get(ref)
-    att_compose: dict[str, Any] = {}
     try:
-        att = session.node.attestation(ref) if current.status == "running" else None
-        att_compose = json.loads(att.app_compose) if att else {}
-    except NodeError:
+        att_compose: dict[str, Any] = json.loads(current.app_compose) if current.app_compose else {}
+    except ValueError:
         att_compose = {}
     prev_allowed = att_compose.get("allowed_envs", []) if att_compose else []
     allowed = list(allowed_envs) if allowed_envs is not None else list(prev_allowed)

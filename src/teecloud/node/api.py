@@ -85,6 +85,7 @@ class CvmStatus(BaseModel):
     timings: dict[str, float] = {}
     dropped_env: list[str] = []
     history: list[dict[str, Any]] = []
+    app_compose: str = ""  # the current app-compose.json (public: it is what the app's hash commits to)
 
 
 class NodeInfo(BaseModel):

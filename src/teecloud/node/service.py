@@ -149,6 +149,7 @@ class Node:
             timings={k: round(v, 4) for k, v in cvm.timings.items()},
             dropped_env=list(cvm.booted.dropped_env) if cvm.booted else [],
             history=list(st.get("history", [])),
+            app_compose=inst.app_compose_bytes().decode("utf-8", "replace"),
         )
 
     def list(self) -> list[api.CvmStatus]:
