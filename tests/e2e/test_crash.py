@@ -1,0 +1,94 @@
+"""Crash recovery: `teecloud up` killed with SIGKILL (no clean-up at all) and started again brings the app
+back, attested, with its encrypted data. Restarting dockerd is covered when TEECLOUD_E2E_RESTART_DOCKERD=1
+(it stops every container on the machine, so it is opt-in)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import HELLO, wait_serving
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+def _start_up(home: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "TEECLOUD_HOME": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from teecloud.cli import main; main()", "up"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    from teecloud.cloud.stack import read_endpoints
+
+    deadline = time.monotonic() + 90
+    while read_endpoints(home) is None or read_endpoints(home).pid != proc.pid:  # type: ignore[union-attr]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(
+                f"teecloud up did not start: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+            )
+        time.sleep(0.1)
+    return proc
+
+
+def test_sigkill_of_the_node_process_and_restart(hello_image: str, tmp_path: Path) -> None:
+    from teecloud.cloud.deploy import Session, deploy
+    from teecloud.cloud.verify import verify_app
+
+    home = tmp_path / "home"
+    proc = _start_up(home)
+    compose = tmp_path / "crash" / "docker-compose.yml"
+    compose.parent.mkdir()
+    compose.write_text((HELLO / "docker-compose.yml").read_text().replace('"8080:8080"', '"127.0.0.1::8080"'))
+    session: Any = Session(home)
+    instance = ""
+    try:
+        r = deploy(session, compose, name="crash")
+        assert r.status == "running", r.error
+        instance = r.instance_id
+        url = r.urls[0]
+        assert httpx.put(url + "/note", content="survives-sigkill", timeout=10).status_code == 200
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        session.close()
+        proc = _start_up(home)
+        session = Session(home)
+        st = session.node.wait(instance)
+        assert st.status == "running", st.error
+        url = st.urls[0]  # the host port is chosen again on every boot
+        assert wait_serving(url + "/note").json()["note"] == "survives-sigkill"
+        verdict = verify_app(session.node, instance, platform=session.platform, chain=session.chain)
+        assert verdict.ok, verdict.to_json()
+
+        if os.environ.get("TEECLOUD_E2E_RESTART_DOCKERD") == "1":
+            subprocess.run(["pkill", "-x", "dockerd"], check=False)
+            time.sleep(2)
+            root = Path(__file__).resolve().parents[2]
+            subprocess.run(["bash", str(root / "scripts" / "dockerd.sh")], check=True)
+            # restart: unless-stopped brings the container back; the agent and the volume never went away
+            st = session.node.wait(instance)
+            assert wait_serving(url + "/note", timeout=60).json()["note"] == "survives-sigkill"
+            assert verify_app(session.node, instance, platform=session.platform, chain=session.chain).ok
+    finally:
+        if instance:
+            try:
+                session.node.remove(instance)
+            except Exception:
+                pass
+        session.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
