@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import httpx
 from eth_account import Account
 from eth_account.messages import encode_defunct
-from eth_utils import is_address, to_checksum_address
+from eth_utils.address import is_address, to_checksum_address
 
 from teecloud._fs import atomic_write_json, data_home
 
@@ -372,7 +372,7 @@ class ChainClient:
 
     def deploy_contract(self, name: str, *args: Any, value: int = 0) -> str:
         c = compiled(name)
-        from eth_abi import encode
+        from eth_abi.abi import encode
 
         ctor = next((i for i in c.abi if i["type"] == "constructor"), None)
         types = _ctor_types(ctor)

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from eth_abi import encode
-from eth_utils import keccak
+from eth_abi.abi import encode
+from eth_utils.crypto import keccak
 
 from teecloud._fs import append_line, atomic_write_json, data_home
 
@@ -71,7 +71,7 @@ def _to_rpc(obj: Any, *, key: str = "", tx: bool = False) -> Any:
         for k, v in obj.items():
             name = "input" if (tx and k == "data") else _RENAME.get(k, _camel(k))
             out[name] = _to_rpc(v, key=k, tx=tx)
-        return out
+        return dict(out)
     if isinstance(obj, list | tuple):
         return [_to_rpc(v, key=key, tx=tx) for v in obj]
     if isinstance(obj, bool):
@@ -98,7 +98,8 @@ class _Backend:
 
     @staticmethod
     def make(genesis_timestamp: int) -> Any:
-        from eth.vm.forks import ParisVM, PragueVM
+        from eth.vm.forks.paris import ParisVM
+        from eth.vm.forks.prague import PragueVM
         from eth_tester import PyEVMBackend
         from eth_tester.backends.pyevm.main import get_default_genesis_params
 
@@ -237,7 +238,7 @@ class EmbeddedChain:
             out["to"] = tx["to"]
         if tx.get("gas") is not None:
             out["gas"] = _int(tx["gas"])
-        return out
+        return dict(out)
 
     @staticmethod
     def _revert(exc: Exception) -> RpcError:
@@ -255,7 +256,7 @@ class EmbeddedChain:
             data = bytes(arg)
             reason = ""
             if data[:4] == _ERROR_SELECTOR:
-                from eth_abi import decode
+                from eth_abi.abi import decode
 
                 try:
                     reason = decode(["string"], data[4:])[0]
@@ -374,7 +375,7 @@ class EmbeddedChain:
         r.pop("state_root", None)
         out = _to_rpc(r)
         out["logsBloom"] = "0x" + "00" * 256
-        return out
+        return dict(out)
 
     def _rpc_eth_getTransactionByHash(self, tx_hash: str) -> Any:
         from eth_tester.exceptions import TransactionNotFound
@@ -390,7 +391,7 @@ class EmbeddedChain:
         txs = b.pop("transactions")
         out = _to_rpc(b)
         out["transactions"] = [_to_rpc(dict(t), tx=True) for t in txs] if full else list(txs)
-        return out
+        return dict(out)
 
     def _rpc_eth_getBlockByNumber(self, block: Any, full: bool = False) -> Any:
         from eth_tester.exceptions import BlockNotFound
@@ -414,12 +415,12 @@ class EmbeddedChain:
 
         def num(v: Any, default: int) -> int:
             if v is None or v in ("latest", "pending", "safe", "finalized"):
-                return latest
+                return int(latest)
             if v == "earliest":
                 return 0
             n = _int(v, default)
             assert n is not None
-            return min(n, latest)
+            return int(min(n, latest))
 
         logs = self.tester.get_logs(
             from_block=num(flt.get("fromBlock"), latest),

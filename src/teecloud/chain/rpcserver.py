@@ -86,7 +86,8 @@ class ChainRpcServer:
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
-        self.host, self.port = self.httpd.server_address[0], self.httpd.server_address[1]
+        self.host: str = str(self.httpd.server_address[0])
+        self.port: int = int(self.httpd.server_address[1])
         self._thread: threading.Thread | None = None
 
     @property
