@@ -41,9 +41,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlparse(self.path)
-        client = DstackClient()
         try:
             if url.path == "/":
+                client = DstackClient()
                 info = client.info()
                 key = client.get_key("hello", "demo")
                 self._send(
@@ -60,7 +60,7 @@ class Handler(BaseHTTPRequestHandler):
             elif url.path == "/quote":
                 nonce = parse_qs(url.query).get("nonce", [""])[0]
                 report_data = bytes.fromhex(nonce) if nonce else b"hello"
-                quote = client.get_quote(report_data)
+                quote = DstackClient().get_quote(report_data)
                 self._send(200, {"quote": quote.quote, "event_log": quote.event_log})
             elif url.path == "/secret":
                 name = parse_qs(url.query).get("name", ["SECRET"])[0]
