@@ -40,10 +40,19 @@ from teecloud.attestation.models import (
     VerificationResult,
     VerifiedEvidence,
 )
+from teecloud.attestation.policy import POLICY_VERSION, Policy
+from teecloud.attestation.verifier import (
+    TrustAnchors,
+    detect_kind,
+    split_certificates,
+    verify,
+    verify_tdx_with_event_log,
+)
 
 __all__ = [
     "DEFAULT_LIMITS",
     "DEV_ROOT_CN_PREFIX",
+    "POLICY_VERSION",
     "RUNTIME_EVENT_TYPE",
     "AppInfo",
     "AttestationError",
@@ -53,11 +62,13 @@ __all__ = [
     "EventLogMismatch",
     "Expired",
     "MalformedEvidence",
+    "Policy",
     "PolicyViolation",
     "SignatureInvalid",
     "Step",
     "TcbNotAcceptable",
     "TeeKind",
+    "TrustAnchors",
     "UntrustedRoot",
     "UsageError",
     "VerificationError",
@@ -65,12 +76,16 @@ __all__ = [
     "VerifiedEvidence",
     "VerifierLimits",
     "derive_app_info",
+    "detect_kind",
     "event_log_to_json",
     "parse_event_log",
     "parse_quote",
     "pck_fmspc",
     "replay_rtmrs",
     "runtime_event_digest",
+    "split_certificates",
+    "verify",
     "verify_dcap_quote",
     "verify_event_log",
+    "verify_tdx_with_event_log",
 ]

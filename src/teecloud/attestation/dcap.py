@@ -27,6 +27,7 @@ from typing import Any
 
 import dcap_qvl
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
@@ -395,25 +396,24 @@ def _root_of_chain(chain_pem: bytes) -> tuple[str, str, bytes]:
     if not blocks:
         raise MalformedEvidence("the quote carries no PCK certificate chain", step="cert_chain_verified")
     try:
+        # cryptography decodes names lazily, so every field read belongs inside the try.
         cert = x509.load_pem_x509_certificate(blocks[-1])
-    except ValueError as exc:
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else ""
+        return cn, cert.subject.rfc4514_string(), cert.public_bytes(Encoding.DER)
+    except Exception as exc:  # cryptography raises ValueError, and KeyError for unknown string tags
         raise MalformedEvidence(
-            f"the quote's root certificate cannot be decoded: {exc}", step="cert_chain_verified"
+            f"the quote's root certificate cannot be decoded: {type(exc).__name__}: {exc}",
+            step="cert_chain_verified",
         ) from exc
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    cn = str(cns[0].value) if cns else ""
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return cn, cert.subject.rfc4514_string(), cert.public_bytes(Encoding.DER)
 
 
 def _cert_cn(der: bytes) -> str:
     try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
+        cns = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(cns[0].value) if cns else ""
+    except Exception:  # a display name only; the certificate itself is checked by dcap-qvl
         return ""
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(cns[0].value) if cns else ""
 
 
 def _fmspc_of_chain(quote: bytes) -> str:
