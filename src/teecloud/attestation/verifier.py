@@ -10,6 +10,7 @@ collateral, an unreadable policy, a trust anchor that is not a certificate) rais
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import re
@@ -174,6 +175,13 @@ class _Detected:
 def _dstack_json(data: bytes) -> _Detected | None:
     if not data.lstrip()[:1] == b"{":
         return None
+    return _dstack_json_cached(data)
+
+
+@functools.lru_cache(maxsize=64)
+def _dstack_json_cached(data: bytes) -> _Detected:
+    # Pure function of the bytes, cached like the collateral: decoding 17 KB of JSON and hex costs a
+    # tenth of a verification, and a CVM re-sends the same document.
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError) as exc:
