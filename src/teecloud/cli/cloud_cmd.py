@@ -221,7 +221,7 @@ def deploy(
 def ps(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the CVMs on the local node."""
     with _errors():
-        cvms = _session().node.list()
+        cvms = _session().node.list_cvms()
     if as_json:
         out.print_json(json.dumps([c.model_dump() for c in cvms]))
         return

@@ -153,7 +153,7 @@ class NodeClient:
     def info(self) -> NodeInfo:
         return NodeInfo.model_validate(self._req("GET", "/info"))
 
-    def list(self) -> list[CvmStatus]:
+    def list_cvms(self) -> list[CvmStatus]:
         return [CvmStatus.model_validate(x) for x in self._req("GET", "/cvms")]
 
     def create(self, req: CreateCvmRequest) -> CvmStatus:

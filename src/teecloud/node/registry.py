@@ -72,4 +72,4 @@ def ensure_registered(
         "quote": quote.hex(),
     }
     atomic_write_json(path, records, mode=0o644)
-    return node_id
+    return int(node_id)

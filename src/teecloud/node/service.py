@@ -152,7 +152,7 @@ class Node:
             app_compose=inst.app_compose_bytes().decode("utf-8", "replace"),
         )
 
-    def list(self) -> list[api.CvmStatus]:
+    def list_cvms(self) -> list[api.CvmStatus]:
         return [self.status(i.instance_id) for i in self.store.all()]
 
     # -- boot machinery
@@ -432,7 +432,7 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
 
     @app.get("/cvms", dependencies=[Depends(admin)])
     def list_cvms() -> list[api.CvmStatus]:
-        return node.list()
+        return node.list_cvms()
 
     @app.post("/cvms", dependencies=[Depends(admin)])
     def create(req: api.CreateCvmRequest) -> api.CvmStatus:
@@ -506,7 +506,6 @@ class NodeServer:
                 access_log=False,
             )
         )
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread: threading.Thread | None = None
         self.port = 0
 
