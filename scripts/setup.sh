@@ -24,5 +24,5 @@ if [ ! -x "$TOOLS/node_modules/.bin/anvil" ]; then
   (cd "$TOOLS" && npm install --no-audit --no-fund --silent @foundry-rs/anvil@1.7.1 >/dev/null)
 fi
 
-echo "setup: pip install -e .[test]"
-python3 -m pip install -q -e '.[test]' 2>&1 | grep -v -e "Running pip as the 'root' user" -e '^$' || true
+echo "setup: pip install -e .[test,fuzz]"
+python3 -m pip install -q -e '.[test,fuzz]' 2>&1 | grep -v -e "Running pip as the 'root' user" -e '^$' || true

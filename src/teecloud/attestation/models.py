@@ -31,7 +31,7 @@ class TeeKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Step:
-    """One verification step and its outcome, e.g. Step("quote_verified", True, "ECDSA P-256 signature ok")."""
+    """One verification step and its outcome, e.g. Step("quote_verified", True, "signature ok")."""
 
     name: str
     ok: bool
@@ -43,7 +43,7 @@ class Step:
 
 @dataclass(frozen=True)
 class EventLogEntry:
-    """One dstack event-log entry: {imr, event_type, digest, event, event_payload} (payload kept for RTMR3)."""
+    """One dstack event-log entry {imr, event_type, digest, event, event_payload}; payload kept for RTMR3."""
 
     imr: int
     event_type: int
