@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from teecloud import __version__
+from teecloud import __version__, _json
 from teecloud.agent import api
 from teecloud.agent.boot import AgentState, boot
 from teecloud.keys.certs import cert_to_pem, issue_cert
@@ -473,7 +473,7 @@ async def _parse(request: Request, model: type[M], limits: api.AgentLimits) -> M
         body = await _read_body(request, limits.max_body_bytes)
     if body.strip():
         try:
-            data = json.loads(body)
+            data = _json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise ClientError("request body must be JSON (protobuf bodies are not supported)") from None
         if not isinstance(data, dict):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
-import json
 import re
 import struct
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from teecloud import _json
 from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
 from teecloud.attestation.errors import (
     CertificateChainInvalid,
@@ -350,9 +350,9 @@ def _load_collateral(data: bytes) -> _Collateral:
     # the KMS sees the same collateral for every quote of a platform until nextUpdate.
     try:
         text = data.decode("utf-8")
-        raw = json.loads(text)
-        tcb = json.loads(raw["tcb_info"])
-        qe = json.loads(raw["qe_identity"])
+        raw = _json.loads(text)
+        tcb = _json.loads(raw["tcb_info"])
+        qe = _json.loads(raw["qe_identity"])
         obj = dcap_qvl.QuoteCollateralV3.from_json(text)
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise MalformedEvidence(

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from teecloud import _json
 from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
 from teecloud.attestation.errors import EventLogMismatch, MalformedEvidence
 from teecloud.attestation.models import AppInfo, EventLogEntry
@@ -95,7 +96,7 @@ def _parse_cached(data: str | bytes, limits: VerifierLimits) -> tuple[EventLogEn
             step="event_log_verified",
         )
     try:
-        raw = json.loads(data)
+        raw = _json.loads(data)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise MalformedEvidence(f"event log is not JSON: {exc}", step="event_log_verified") from exc
     if not isinstance(raw, list):

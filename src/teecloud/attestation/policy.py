@@ -23,13 +23,13 @@ cannot silently disable a rule.
 
 from __future__ import annotations
 
-import json
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from teecloud import _json
 from teecloud.attestation._limits import DEFAULT_LIMITS
 from teecloud.attestation.dcap import TCB_STATUS_ORDER
 from teecloud.attestation.errors import UsageError
@@ -187,7 +187,7 @@ class Policy:
             raise UsageError("policy file is too large")
         fmt = fmt or ("json" if text.lstrip().startswith("{") else "toml")
         try:
-            data = json.loads(text) if fmt == "json" else tomllib.loads(text)
+            data = _json.loads(text) if fmt == "json" else tomllib.loads(text)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
             raise UsageError(f"policy is not valid {fmt.upper()}: {exc}") from exc
         return cls.from_mapping(data)

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from teecloud import _json
 from teecloud.attestation import dcap, eventlog
 from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
 from teecloud.attestation.errors import (
@@ -183,7 +184,7 @@ def _dstack_json_cached(data: bytes) -> _Detected:
     # Pure function of the bytes, cached like the collateral: decoding 17 KB of JSON and hex costs a
     # tenth of a verification, and a CVM re-sends the same document.
     try:
-        obj = json.loads(data)
+        obj = _json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise MalformedEvidence(f"evidence looks like JSON but does not parse: {exc}") from exc
     if not isinstance(obj, dict) or not isinstance(obj.get("quote"), str):

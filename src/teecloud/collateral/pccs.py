@@ -32,6 +32,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from teecloud import _json
 from teecloud._fs import atomic_write
 from teecloud.collateral.errors import CollateralError, CollateralNotFound, InvalidCollateral, PccsUnavailable
 from teecloud.collateral.store import CollateralEntry, CollateralStore, describe_collateral
@@ -181,8 +182,8 @@ class PccsClient:
             )
             root_crl = self._get(client, "/sgx/certification/v4/rootcacrl", {"fmspc": fmspc})
         try:
-            tcb_doc = json.loads(tcb.text)
-            qe_doc = json.loads(qe.text)
+            tcb_doc = _json.loads(tcb.text)
+            qe_doc = _json.loads(qe.text)
             collateral: dict[str, Any] = {
                 "pck_crl_issuer_chain": self._chain(pck_crl, "SGX-PCK-CRL-Issuer-Chain"),
                 "root_ca_crl": self._der(root_crl.content),

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from teecloud import _json
 from teecloud.collateral.errors import CollateralNotFound, InvalidCollateral
 
 __all__ = ["CollateralEntry", "CollateralStore", "describe_collateral"]
@@ -26,9 +26,9 @@ class CollateralEntry:
 def describe_collateral(raw: bytes) -> CollateralEntry:
     """Read FMSPC, TEE kind and validity from QuoteCollateralV3 JSON. Raises InvalidCollateral."""
     try:
-        doc = json.loads(raw)
-        tcb = json.loads(doc["tcb_info"])
-        qe = json.loads(doc["qe_identity"])
+        doc = _json.loads(raw)
+        tcb = _json.loads(doc["tcb_info"])
+        qe = _json.loads(doc["qe_identity"])
         fmspc = str(tcb["fmspc"]).upper()
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidCollateral(f"not QuoteCollateralV3 JSON: {exc}") from exc

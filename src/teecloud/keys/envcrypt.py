@@ -18,6 +18,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from teecloud import _json
 from teecloud.keys.errors import EnvDecryptionFailed, KeyUsageError, MalformedKeyMaterial
 
 __all__ = ["ENV_NAME_RE", "MAX_ENV_BLOB", "decrypt_env", "encrypt_env"]
@@ -66,7 +67,7 @@ def decrypt_env(secret: bytes, blob: bytes) -> dict[str, str]:
             "encrypted env does not decrypt with this app's key (wrong key or tampered)"
         ) from exc
     try:
-        doc = json.loads(plaintext.decode("utf-8"))
+        doc = _json.loads(plaintext.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise EnvDecryptionFailed("decrypted env is not UTF-8 JSON") from exc
     items = doc.get("env") if isinstance(doc, dict) else None

@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from teecloud._asgi import BoundedBody
 from teecloud.attestation.errors import VerificationError
 from teecloud.attestation.models import VerifiedEvidence
 from teecloud.attestation.policy import Policy
@@ -551,6 +552,8 @@ def _denied(status: int, reason: str, step: str = "") -> JSONResponse:
 
 
 def _install_common(app: FastAPI, max_body: int) -> None:
+    app.add_middleware(BoundedBody, max_bytes=max_body)
+
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
         length = request.headers.get("content-length")

@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 import teecloud
+from teecloud._asgi import BoundedBody
 from teecloud._fs import atomic_write, data_home
 from teecloud.agent.api import GetQuoteRequest
 from teecloud.agent.keyprovider import KeyProvider
@@ -53,6 +54,9 @@ from teecloud.tee.base import TeePlatform
 __all__ = ["Node", "NodeServer", "load_or_create_token", "make_node_app"]
 
 log = logging.getLogger("teecloud.node")
+
+# Compose files, env blobs and user config travel in request bodies; none is near this.
+NODE_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def load_or_create_token(home: Path | None = None) -> str:
@@ -391,6 +395,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def make_node_app(node: Node, *, token: str) -> FastAPI:
     app = FastAPI(title="teecloud node", version=teecloud.__version__)
+    app.add_middleware(BoundedBody, max_bytes=NODE_MAX_BODY_BYTES)
 
     def authorized(request: Request) -> bool:
         header = request.headers.get("authorization", "")

@@ -1,0 +1,55 @@
+"""Deeply nested JSON must be refused, not crash the process.
+
+py-evm (imported by the chain client) raises the recursion limit to 100,000, where CPython's C JSON decoder
+overflows the C stack; these tests import it first so they check the setting the services really run in.
+"""
+
+from __future__ import annotations
+
+import eth  # noqa: F401  (raises sys.getrecursionlimit() as a side effect, like the real services)
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from teecloud import _json
+from teecloud._asgi import BoundedBody
+from teecloud.attestation import eventlog
+from teecloud.attestation.errors import MalformedEvidence
+
+DEEP = "[" * 200_000
+
+
+def test_recursion_limit_is_raised_by_py_evm() -> None:
+    import sys
+
+    assert sys.getrecursionlimit() >= 100_000  # the hazard is real in this process
+
+
+def test_loads_refuses_deep_nesting() -> None:
+    with pytest.raises(_json.JsonTooDeep):
+        _json.loads(DEEP)
+    # brackets inside strings don't count; ordinary documents pass
+    assert _json.loads('{"a": "[[[[[[[[", "b": [1, [2, {"c": []}]]}')["b"][1][1] == {"c": []}
+
+
+def test_event_log_parser_refuses_deep_nesting() -> None:
+    with pytest.raises(MalformedEvidence):
+        eventlog.parse_event_log(DEEP)
+
+
+async def test_bounded_body_middleware() -> None:
+    app = FastAPI()
+    app.add_middleware(BoundedBody, max_bytes=300_000)
+
+    @app.post("/echo")
+    async def echo(body: dict[str, object]) -> dict[str, object]:
+        return body
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        ok = await client.post("/echo", json={"x": [1, [2]]})
+        assert ok.status_code == 200 and ok.json() == {"x": [1, [2]]}
+        deep = await client.post("/echo", content=DEEP, headers={"content-type": "application/json"})
+        assert deep.status_code == 400 and "deeper" in deep.json()["error"]
+        big = await client.post("/echo", content=b"[" + b"0," * 200_000 + b"0]")
+        assert big.status_code == 413
