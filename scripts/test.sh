@@ -12,5 +12,5 @@ trap cleanup EXIT
 
 echo "== ruff"; ruff check src tests bench fuzz; ruff format --check src tests bench fuzz
 echo "== mypy"; mypy src
-echo "== pytest"; python3 -m pytest -q "$@"
+echo "== pytest"; TEECLOUD_E2E_REQUIRED=1 python3 -m pytest -q "$@"
 if [ -f fuzz/run.py ]; then echo "== fuzz (brief)"; python3 fuzz/run.py --seconds "${FUZZ_SECONDS:-20}"; fi
