@@ -436,3 +436,10 @@ def test_trust_fetch_and_use(vectors: Path, vendor_mirror: str, teecloud_home: P
 def test_trust_fetch_unreachable(teecloud_home: Path) -> None:
     code, _out, err = run("trust", "fetch", "--url-base", f"http://127.0.0.1:{free_port()}")
     assert code == 1 and "failed" in err
+
+
+def test_evidence_or_app_is_required(vectors: Path) -> None:
+    code, _out, err = run("verify")
+    assert code == 2 and "EVIDENCE" in err
+    code, _out, err = run("verify", vectors / "tdx" / "tdx_quote", "--app", "x")
+    assert code == 2 and "not both" in err

@@ -57,6 +57,7 @@ def test_sigkill_of_the_node_process_and_restart(hello_image: str, tmp_path: Pat
         assert r.status == "running", r.error
         instance = r.instance_id
         url = r.urls[0]
+        wait_serving(url + "/")  # "running" means the containers run; the app may still be binding its port
         assert httpx.put(url + "/note", content="survives-sigkill", timeout=10).status_code == 200
 
         proc.send_signal(signal.SIGKILL)

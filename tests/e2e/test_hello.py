@@ -102,6 +102,21 @@ def test_quote_from_inside_the_app_replays_to_the_deployed_hash(session: Any) ->
     assert names[-3:] == ["key-provider", "storage-fs", "system-ready"]
 
 
+def test_cli_verify_app_checks_the_running_app(cloud: Any) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app
+
+    env = {"TEECLOUD_HOME": str(cloud.home)}
+    r = CliRunner().invoke(app, ["verify", "--app", "hello", "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["is_valid"] is True and doc["tee"] == "tdx-simulated"
+    assert doc["compose_hash"] == STATE["compose_hash"] and doc["app_id"] == STATE["app_id"]
+    missing = CliRunner().invoke(app, ["verify", "--app", "no-such-app"], env=env)
+    assert missing.exit_code != 0 and "Traceback" not in missing.output
+
+
 def test_same_app_without_the_dev_root_is_not_attested(session: Any) -> None:
     from teecloud.cloud.verify import verify_attestation
 

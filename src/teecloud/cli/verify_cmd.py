@@ -103,7 +103,17 @@ def _render(result: Any) -> None:
 
 
 def verify_command(
-    evidence: Annotated[Path, typer.Argument(help="Quote / report / document file, or dstack JSON.")],
+    evidence: Annotated[
+        Path | None, typer.Argument(help="Quote / report / document file, or dstack JSON.")
+    ] = None,
+    app_ref: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            help="Verify a running app of the local cloud instead: fresh quote, event-log replay, "
+            "compose hash against the chain (same as `teecloud attest APP`).",
+        ),
+    ] = None,
     kind: Annotated[
         str | None, typer.Option("--kind", help="tdx|sgx|snp|nitro|nvidia (default: autodetect)")
     ] = None,
@@ -144,6 +154,16 @@ def verify_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Verify TEE evidence and print the verdict. Exit 0 valid, 1 rejected, 2 usage/unreadable input."""
+    if app_ref is not None:
+        if evidence is not None:
+            _fail_usage("give either EVIDENCE or --app, not both", as_json)
+        from teecloud.cli.cloud_cmd import attest
+
+        attest(app_ref, as_json)
+        return
+    if evidence is None:
+        _fail_usage("missing EVIDENCE (a quote, report or document file) or --app APP", as_json)
+        return
     from teecloud.attestation.dcap import looks_like_dcap_quote, parse_quote, pck_ca, pck_fmspc
     from teecloud.attestation.errors import AttestationError, UsageError, VerificationError
     from teecloud.attestation.policy import Policy

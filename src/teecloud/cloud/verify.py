@@ -43,7 +43,9 @@ class AppVerdict:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "is_valid": self.ok,  # the same key `teecloud verify EVIDENCE --json` uses
             "ok": self.ok,
+            "tee": "tdx-simulated" if self.simulated else "tdx",
             "reason": self.reason,
             "app_id": self.app_id,
             "compose_hash": self.compose_hash,
