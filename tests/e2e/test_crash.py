@@ -78,7 +78,16 @@ def test_sigkill_of_the_node_process_and_restart(hello_image: str, tmp_path: Pat
             root = Path(__file__).resolve().parents[2]
             subprocess.run(["bash", str(root / "scripts" / "dockerd.sh")], check=True)
             # restart: unless-stopped brings the container back; the agent and the volume never went away
-            st = session.node.wait(instance)
+            # the random host port is chosen again when the engine restarts the container
+            deadline = time.monotonic() + 60
+            while True:
+                st = session.node.wait(instance)
+                if st.urls and st.urls[0] != url:
+                    break
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            url = st.urls[0]
             assert wait_serving(url + "/note", timeout=60).json()["note"] == "survives-sigkill"
             assert verify_app(session.node, instance, platform=session.platform, chain=session.chain).ok
     finally:
