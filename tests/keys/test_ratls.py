@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.attestation.errors import EventLogMismatch, Expired, VerificationError
-from teecloud.keys import _fallback_verify, ratls
+from teecloud.keys import ratls
 from teecloud.keys.certs import issue_cert, spki_der
 from teecloud.keys.errors import MalformedKeyMaterial, RaTlsCertInvalid
 from teecloud.keys.ratls import (
@@ -63,13 +63,9 @@ def test_default_policy_refuses_simulated_evidence(tee, now):
         verify_ratls_cert(cert_pem, **kw)
 
 
-@pytest.fixture(params=["default", "fallback"])
-def verifier(request, monkeypatch):
-    if request.param == "fallback":
-        monkeypatch.setattr(
-            ratls, "_default_quote_verifier", lambda: _fallback_verify.verify_tdx_with_event_log_fallback
-        )
-    return request.param
+@pytest.fixture
+def verifier():
+    return "default"
 
 
 def test_identity_round_trip(tee, now, verifier):

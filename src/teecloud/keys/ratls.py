@@ -239,25 +239,14 @@ def parse_ratls_cert(cert: bytes | str | x509.Certificate) -> RaTlsClaims:
     )
 
 
-# The quote + event-log verifier. Worker A's teecloud.attestation.verifier.verify_tdx_with_event_log is used
-# when it exists; tests may swap this hook.
+# The quote + event-log verifier; a module attribute so tests of the certificate rules can count calls.
 QuoteVerifier = Callable[..., VerifiedEvidence]
 
 
 def _default_quote_verifier() -> QuoteVerifier:
-    try:
-        from teecloud.attestation.verifier import verify_tdx_with_event_log
-    except ImportError:
-        pass
-    else:
-        return cast(QuoteVerifier, verify_tdx_with_event_log)
-    from teecloud.keys import _fallback_verify
+    from teecloud.attestation.verifier import verify_tdx_with_event_log
 
-    try:
-        from teecloud.attestation import dcap, eventlog  # noqa: F401
-    except ImportError:
-        return _fallback_verify.verify_tdx_with_event_log_fallback
-    return _fallback_verify.verify_composed
+    return cast(QuoteVerifier, verify_tdx_with_event_log)
 
 
 def verify_ratls_cert(
