@@ -194,6 +194,46 @@ def test_upgrade_not_allowed_on_chain_gets_no_keys_and_does_not_start(session: A
         httpx.get(STATE["url"] + "/health", timeout=2)
 
 
+def test_upgrade_inside_its_timelock_delay_gets_no_keys_until_executed(session: Any, tmp_path: Path) -> None:
+    """An app owned by a timelock: a queued compose hash is announced but not valid until the delay has
+    passed, so a CVM upgraded to it early gets no keys and does not start; after execution it does."""
+    from teecloud.cloud.deploy import build_app_compose, deploy, upgrade
+
+    chain = session.chain
+
+    def variant(greeting: str) -> Path:
+        p = _compose_variant(tmp_path, greeting)
+        p.write_text(p.read_text().replace('"8080:8080"', '"127.0.0.1::8080"'))
+        return p
+
+    v1, v2 = variant("timelocked-v1"), variant("timelocked-v2")
+    _, hash_v1 = build_app_compose(v1.read_text(), name="timelocked")
+    _, hash_v2 = build_app_compose(v2.read_text(), name="timelocked")
+    delay = 3600
+    timelock = chain.deploy_timelock(chain.address, delay)
+    app_id = chain.register_app(timelock, hash_v1)  # owned by the timelock from birth
+    r = deploy(session, v1, name="timelocked", app_id=app_id)
+    assert r.status == "running", r.error
+    try:
+        queued = chain.propose_app_change(app_id, "add_compose_hash", hash_v2)
+        assert queued["kind"] == "timelock"
+        assert not chain.is_compose_hash_allowed(app_id, hash_v2)  # announced, not yet valid
+
+        early = upgrade(session, r.instance_id, v2, register=False)
+        assert early.status == "failed" and "not allowed" in early.error.lower(), early.error
+        st = session.node.get(r.instance_id)
+        assert st.phase == "keys" and not any(c.state == "running" for c in st.containers)
+
+        chain.increase_time(delay + 60)
+        chain.timelock_execute(timelock, queued["id"])
+        assert chain.is_compose_hash_allowed(app_id, hash_v2)
+        late = upgrade(session, r.instance_id, v2, register=False)
+        assert late.status == "running", late.error
+        assert late.compose_hash == hash_v2.hex()
+    finally:
+        session.node.remove(r.instance_id)
+
+
 def test_allowed_upgrade_keeps_data_and_is_attested(session: Any, tmp_path: Path) -> None:
     from teecloud.cloud.deploy import upgrade
     from teecloud.cloud.verify import verify_app
