@@ -33,7 +33,14 @@ from teecloud.attestation.errors import (
     UsageError,
     VerificationError,
 )
-from teecloud.attestation.models import EventLogEntry, Step, TeeKind, VerificationResult, VerifiedEvidence
+from teecloud.attestation.models import (
+    AppInfo,
+    EventLogEntry,
+    Step,
+    TeeKind,
+    VerificationResult,
+    VerifiedEvidence,
+)
 from teecloud.attestation.policy import Policy
 
 __all__ = ["TrustAnchors", "detect_kind", "split_certificates", "verify", "verify_tdx_with_event_log"]
@@ -237,13 +244,38 @@ def _detect(data: bytes, kind: TeeKind | None) -> _Detected:
 def _event_log_step(
     ev: VerifiedEvidence, log: str | bytes | Sequence[EventLogEntry], limits: VerifierLimits
 ) -> VerifiedEvidence:
-    entries = log if not isinstance(log, str | bytes) else eventlog.parse_event_log(log, limits=limits)
-    rtmrs = [ev.measurements[f"rtmr{i}"] for i in range(4)]
+    measured = tuple(sorted((k, v) for k, v in ev.measurements.items() if k in _APP_INFO_INPUTS))
+    if isinstance(log, str | bytes):
+        app, reason = _replay_cached(log, measured, ev.device_id, limits)
+    else:
+        app, reason = _replay(tuple(log), measured, ev.device_id)
+    return replace(ev, app_info=app, steps=(*ev.steps, Step("event_log_verified", True, reason)))
+
+
+# The measurements the replay and the derived values (mr_system, mr_aggregated) depend on.
+_APP_INFO_INPUTS = frozenset(
+    ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner", "mr_owner_config")
+)
+
+
+def _replay(
+    entries: tuple[EventLogEntry, ...], measured: tuple[tuple[str, bytes], ...], device_id: bytes
+) -> tuple[AppInfo, str]:
+    measurements = dict(measured)
+    rtmrs = [measurements[f"rtmr{i}"] for i in range(4)]
     app = eventlog.verify_event_log(entries, rtmrs)
-    app = eventlog.derive_app_info(ev.measurements, entries, device_id=ev.device_id, app_info=app)
+    app = eventlog.derive_app_info(measurements, entries, device_id=device_id, app_info=app)
     named = sum(1 for e in entries if e.imr == 3)
-    step = Step("event_log_verified", True, f"{len(entries)} events replay to RTMR0-3 ({named} in RTMR3)")
-    return replace(ev, app_info=app, steps=(*ev.steps, step))
+    return app, f"{len(entries)} events replay to RTMR0-3 ({named} in RTMR3)"
+
+
+@functools.lru_cache(maxsize=256)
+def _replay_cached(
+    log: str | bytes, measured: tuple[tuple[str, bytes], ...], device_id: bytes, limits: VerifierLimits
+) -> tuple[AppInfo, str]:
+    # A pure function of the log text and the quoted registers: a CVM presents the same log and quote with
+    # every RA-TLS handshake. Only successes are cached (lru_cache does not keep exceptions).
+    return _replay(tuple(eventlog.parse_event_log(log, limits=limits)), measured, device_id)
 
 
 def _verify_kind(
