@@ -21,8 +21,9 @@ from pathlib import Path
 
 import dcap_qvl
 
+from teecloud.attestation import eventlog
 from teecloud.attestation.policy import Policy
-from teecloud.attestation.verifier import verify, verify_tdx_with_event_log
+from teecloud.attestation.verifier import _replay_cached, verify, verify_tdx_with_event_log
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "tdx"
 GOAL = 1.15
@@ -33,6 +34,12 @@ def _round(fn: Callable[[], object], n: int) -> float:
     for _ in range(n):
         fn()
     return (time.perf_counter() - start) / n
+
+
+def _uncached(fn: Callable[[], object]) -> object:
+    _replay_cached.cache_clear()
+    eventlog._parse_cached.cache_clear()
+    return fn()
 
 
 def main() -> None:
@@ -69,6 +76,10 @@ def main() -> None:
         "teecloud verify (dstack JSON)": lambda: verify(
             dstack_json, collateral=collateral, policy=policy, now=now
         ),
+        # A CVM seen for the first time: nothing about its event log is cached.
+        "  same, first sight of the event log": lambda: _uncached(
+            lambda: verify_tdx_with_event_log(quote, collateral, event_log, now=now, policy=policy)
+        ),
     }
     for fn in paths.values():  # warm caches and check every path accepts
         result = fn()
@@ -82,7 +93,8 @@ def main() -> None:
     for name, values in samples.items():
         med = statistics.median(values)
         print(f"{name:<38} {1 / med:>10.0f} {med * 1e3:>10.3f} {med / base:>6.2f}x")
-    worst = max(statistics.median(v) for v in samples.values()) / base
+    # The goal is judged on the steady state (a CVM's repeated handshakes); first sight is reported beside it.
+    worst = max(statistics.median(v) for k, v in samples.items() if not k.startswith(" ")) / base
     print(
         f"goal: <= {GOAL:.2f}x dcap-qvl's time per quote -> "
         f"{'met' if worst <= GOAL else 'NOT met'} ({worst:.2f}x)"
