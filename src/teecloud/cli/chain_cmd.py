@@ -1,4 +1,4 @@
-"""`teecloud chain ...`, `teecloud app ...`, `teecloud node ...`: on-chain governance from the command line.
+"""`teecloud chain|app|node|escrow ...`: on-chain governance and the node marketplace from the command line.
 
 Global options of each group: --rpc-url (default: the embedded chain of data_home(), through the JSON-RPC URL
 that `teecloud chain up` records, else opened in-process) and --key-file (else $TEECLOUD_CHAIN_KEY; on the
@@ -31,7 +31,13 @@ chain_app = typer.Typer(
     help="Run or deploy the teecloud chain (KmsAuth, app factory, NodeRegistry).", no_args_is_help=True
 )
 app_app = typer.Typer(help="Register apps and govern their allowed compose hashes.", no_args_is_help=True)
-node_app = typer.Typer(help="Worker-node marketplace: stake, unstake, claim.", no_args_is_help=True)
+node_app = typer.Typer(
+    help="Worker-node marketplace, operator and challenger side: register, stake, claim, slash.",
+    no_args_is_help=True,
+)
+escrow_app = typer.Typer(
+    help="Worker-node marketplace, user side: deployment escrows and usage records.", no_args_is_help=True
+)
 
 RpcOpt = typer.Option(
     None, "--rpc-url", envvar="TEECLOUD_RPC_URL", help="Ethereum JSON-RPC URL (default: embedded)"
@@ -60,6 +66,11 @@ def _node_cb(ctx: typer.Context, rpc_url: str | None = RpcOpt, key_file: Path | 
     _options(ctx, rpc_url, key_file)
 
 
+@escrow_app.callback()
+def _escrow_cb(ctx: typer.Context, rpc_url: str | None = RpcOpt, key_file: Path | None = KeyOpt) -> None:
+    _options(ctx, rpc_url, key_file)
+
+
 def _fail(message: str) -> None:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(1)
@@ -70,18 +81,38 @@ def friendly(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from teecloud.chain import ChainError
+        from eth_abi.exceptions import EncodingError
+
+        from teecloud.chain import ChainError, InsufficientFunds
 
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except InsufficientFunds as exc:
+            _fail(_insufficient(exc, [*args, *kwargs.values()]))
         except ChainError as exc:
             _fail(exc.diagnostics())
+        except EncodingError:  # a value the contract's ABI cannot carry (e.g. a number above 2**256)
+            _fail("a number is out of range for the contract (at most 2**256 - 1)")
         except (ValueError, OSError) as exc:
             _fail(str(exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _insufficient(exc: Exception, args: list[Any]) -> str:
+    """'insufficient funds' with the signer's address and balance (never its key)."""
+    ctx = next((a for a in args if isinstance(a, typer.Context)), None)
+    client = (ctx.obj or {}).get("client") if ctx is not None and isinstance(ctx.obj, dict) else None
+    if client is not None and client.address:
+        try:
+            balance = client.balance(client.address)
+        except Exception:  # the chain went away while reporting: the plain message is enough
+            balance = None
+        have = f" (balance {_fmt_wei(balance)})" if balance is not None else ""
+        return f"insufficient funds: {client.address}{have} cannot pay for the gas and the value sent"
+    return f"insufficient funds: {exc}"
 
 
 def _client(ctx: typer.Context) -> Any:
@@ -93,8 +124,12 @@ def _client(ctx: typer.Context) -> Any:
             obj = c.obj
     key = load_signer_key(obj.get("key_file"))
     if obj.get("rpc_url"):
-        return ChainClient.rpc(obj["rpc_url"], key)
-    return ChainClient.embedded(None, key)
+        client = ChainClient.rpc(obj["rpc_url"], key)
+    else:
+        client = ChainClient.embedded(None, key)
+    if isinstance(ctx.obj, dict):
+        ctx.obj["client"] = client  # for error reports (balance on insufficient funds)
+    return client
 
 
 def _hash(text: str, what: str = "hash") -> bytes:
@@ -120,6 +155,8 @@ def _amount(text: str) -> int:
         raise ValueError(f"not an amount: {text!r}") from None
     if value != value.to_integral_value():
         raise ValueError(f"{text!r} is not a whole number of wei")
+    if value >= 2**256:
+        raise ValueError(f"{text!r} is more than an EVM amount can hold (2**256 wei)")
     return int(value)
 
 
@@ -155,9 +192,15 @@ def chain_up(
     """Run the embedded chain (py-evm) and serve it over JSON-RPC until interrupted."""
     from teecloud._fs import data_home
     from teecloud.chain import DEV_KEYS, ChainClient, ChainRpcServer, EmbeddedChain
-    from teecloud.chain.client import LocalTransport
+    from teecloud.chain.client import LocalTransport, running_rpc_url
 
-    chain = EmbeddedChain(data_home() / "chain")
+    running = running_rpc_url(data_home())
+    if running is not None:
+        raise ValueError(
+            f"the embedded chain of {data_home()} is already running at {running} "
+            "(only one `teecloud chain up` per TEECLOUD_HOME; connect with --rpc-url)"
+        )
+    chain = EmbeddedChain(data_home() / "chain")  # takes the chain's file lock (or fails clearly)
     try:
         server = ChainRpcServer(chain, host, port)
     except OSError as exc:
@@ -445,7 +488,78 @@ def app_show(ctx: typer.Context, app_id: str, as_json: bool = typer.Option(False
         out.print(t)
 
 
-# --- node --------------------------------------------------------------------------------------------------
+# --- node (operators, challengers) -----------------------------------------------------------------------
+
+NodeId = typer.Argument(..., min=0, help="node id (from `node register`)")
+DepId = typer.Argument(..., min=0, help="deployment id (from `escrow open`)")
+JsonOpt = typer.Option(False, "--json", help="machine-readable output")
+
+
+def _fmt_wei(wei: int) -> str:
+    from decimal import Decimal
+
+    if wei == 0:
+        return "0 wei"
+    eth = format((Decimal(wei) / Decimal(10**18)).normalize(), "f")
+    return f"{wei} wei ({eth} ETH)"
+
+
+def _when(ts: int, now: int) -> str:
+    if ts <= now:
+        return f"unix time {ts} (passed)"
+    return f"unix time {ts} (in {ts - now} s)"
+
+
+def _node_view(c: Any, node_id: int) -> dict[str, Any]:
+    count = int(c.call("NodeRegistry", c.node_registry, "node_count"))
+    if node_id >= count:
+        raise ValueError(f"no such node: {node_id} (this registry has {count})")
+    return {"node_id": node_id, **c.node(node_id)}
+
+
+def _deployment_view(c: Any, dep_id: int) -> dict[str, Any]:
+    count = int(c.call("NodeRegistry", c.node_registry, "deployment_count"))
+    if dep_id >= count:
+        raise ValueError(f"no such deployment: {dep_id} (this registry has {count})")
+    return {"deployment_id": dep_id, **c.deployment_escrow(dep_id)}
+
+
+def _deployments(c: Any, *, node_id: int | None = None, user: str | None = None) -> list[dict[str, Any]]:
+    from teecloud.chain.client import _addr
+
+    who = _addr(user) if user else None
+    count = int(c.call("NodeRegistry", c.node_registry, "deployment_count"))
+    rows = []
+    for i in range(count):
+        d = {"deployment_id": i, **c.deployment_escrow(i)}
+        if node_id is not None and d["node_id"] != node_id:
+            continue
+        if who is not None and who not in (d["user"], d["usage_signer"]):
+            continue
+        rows.append(d)
+    return rows
+
+
+def _deployment_state(d: dict[str, Any], now: int) -> str:
+    ready = d["close_ready_at"]
+    if ready == 0:
+        return "open"
+    if d["balance"] == 0:
+        return "closed"
+    return "closable" if ready <= now else f"closing (in {ready - now} s)"
+
+
+def _deployments_lines(rows: list[dict[str, Any]], now: int) -> None:
+    # plain lines, not a table: addresses must stay whole so they can be copied
+    if not rows:
+        out.print("no deployments")
+    for d in rows:
+        out.print(
+            f"deployment {d['deployment_id']}  node {d['node_id']}  {_deployment_state(d, now)}  "
+            f"escrow {d['balance']} wei  price {d['price_per_hour']} wei/h  served {d['served_seconds']} s  "
+            f"paid {d['paid']} wei  user {d['user']}",
+            highlight=False,
+        )
 
 
 @node_app.command("register")
@@ -455,11 +569,13 @@ def node_register(
     tee: str = typer.Option("tdx", "--tee", help="TEE kind (tdx, sev-snp, nitro, ...)"),
     device_id: str = typer.Option(..., "--device-id", help="32-byte hex device id"),
     attestation_hash: str = typer.Option(..., "--attestation-hash", help="hash of the node's attestation"),
-    capacity: int = typer.Option(..., "--capacity", help="CVMs the node can run"),
+    capacity: int = typer.Option(..., "--capacity", min=1, help="CVMs the node can run"),
     price: str = typer.Option(..., "--price", help="price per CVM-hour (wei, gwei, eth)"),
     stake: str = typer.Option(..., "--stake", help="stake to lock (wei, gwei, eth)"),
 ) -> None:
-    """Register a worker node with a stake."""
+    """Register a worker node with a stake (the signer becomes its operator)."""
+    if len(tee.encode()) > 16:
+        raise ValueError("--tee is at most 16 bytes")
     with _client(ctx) as c:
         nid = c.register_node(
             tee_kind=tee,
@@ -472,10 +588,72 @@ def node_register(
         out.print(f"node_id: {nid}")
 
 
+@node_app.command("show")
+@friendly
+def node_show(ctx: typer.Context, node_id: int = NodeId, as_json: bool = JsonOpt) -> None:
+    """A node's operator, hardware, price, stake, pending unstake and slashes."""
+    with _client(ctx) as c:
+        n = _node_view(c, node_id)
+        if as_json:
+            _print_json(n)
+            return
+        now = c.timestamp()
+        out.print(f"node {node_id}: {'active' if n['active'] else 'INACTIVE'}", highlight=False)
+        out.print(f"  operator: {n['operator']}", highlight=False)
+        out.print(f"  tee: {n['tee_kind']}  capacity: {n['capacity']} CVMs", highlight=False)
+        out.print(f"  device id: 0x{bytes(n['device_id']).hex()}", highlight=False)
+        out.print(f"  attestation hash: 0x{bytes(n['attestation_hash']).hex()}", highlight=False)
+        out.print(f"  price: {_fmt_wei(n['price_per_hour'])} per CVM-hour", highlight=False)
+        out.print(f"  stake: {_fmt_wei(n['stake'])}", highlight=False)
+        if n["unstaking"]:
+            out.print(
+                f"  pending unstake: {_fmt_wei(n['unstaking'])}, withdrawable from "
+                f"{_when(n['unstake_ready_at'], now)}",
+                highlight=False,
+            )
+        else:
+            out.print("  pending unstake: none")
+        out.print(f"  slashed in total: {_fmt_wei(n['slashed_total'])}", highlight=False)
+
+
+@node_app.command("list")
+@friendly
+def node_list(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
+    """Every registered node."""
+    with _client(ctx) as c:
+        count = int(c.call("NodeRegistry", c.node_registry, "node_count"))
+        nodes = [{"node_id": i, **c.node(i)} for i in range(count)]
+        if as_json:
+            _print_json(nodes)
+            return
+        if not nodes:
+            out.print("no nodes")
+        for n in nodes:
+            out.print(
+                f"node {n['node_id']}  {'active' if n['active'] else 'inactive'}  {n['tee_kind']}  "
+                f"capacity {n['capacity']}  price {n['price_per_hour']} wei/h  stake {n['stake']} wei  "
+                f"unstaking {n['unstaking']} wei  operator {n['operator']}",
+                highlight=False,
+            )
+
+
+@node_app.command("deployments")
+@friendly
+def node_deployments(ctx: typer.Context, node_id: int = NodeId, as_json: bool = JsonOpt) -> None:
+    """The deployments (escrows) opened on a node: what is left to claim."""
+    with _client(ctx) as c:
+        _node_view(c, node_id)
+        rows = _deployments(c, node_id=node_id)
+        if as_json:
+            _print_json(rows)
+            return
+        _deployments_lines(rows, c.timestamp())
+
+
 @node_app.command("stake")
 @friendly
-def node_stake(ctx: typer.Context, node_id: int, amount: str) -> None:
-    """Add stake to a node."""
+def node_stake(ctx: typer.Context, node_id: int = NodeId, amount: str = typer.Argument(...)) -> None:
+    """Operator: add stake to a node."""
     with _client(ctx) as c:
         c.stake(node_id, _amount(amount))
         out.print(f"stake: {c.node(node_id)['stake']} wei")
@@ -485,14 +663,24 @@ def node_stake(ctx: typer.Context, node_id: int, amount: str) -> None:
 @friendly
 def node_unstake(
     ctx: typer.Context,
-    node_id: int,
+    node_id: int = NodeId,
     amount: str | None = typer.Argument(None),
     withdraw: bool = typer.Option(False, "--withdraw", help="collect stake whose delay has passed"),
 ) -> None:
-    """Start unstaking AMOUNT (then wait the delay), or --withdraw what is due."""
+    """Operator: start unstaking AMOUNT (then wait the delay), or --withdraw what is due."""
+    from teecloud.chain import ContractReverted
+
     with _client(ctx) as c:
         if withdraw:
-            c.withdraw_unstaked(node_id)
+            try:
+                c.withdraw_unstaked(node_id)
+            except ContractReverted as exc:
+                if exc.reason == "unstake delay not over":
+                    n = c.node(node_id)
+                    raise ContractReverted(
+                        f"{exc.reason}: withdrawable from {_when(n['unstake_ready_at'], c.timestamp())}"
+                    ) from None
+                raise
             paid = c.withdraw()
             out.print(f"withdrawn: {paid} wei")
             return
@@ -503,51 +691,241 @@ def node_unstake(
         out.print(f"unstaking {n['unstaking']} wei, withdrawable from unix time {n['unstake_ready_at']}")
 
 
+def _signature(text: str) -> bytes:
+    if not re.fullmatch(r"(0x)?[0-9a-fA-F]{130}", text.strip()):
+        raise ValueError("signature must be 65 bytes of hex (from `teecloud escrow sign-usage`)")
+    return bytes.fromhex(text.strip().removeprefix("0x"))
+
+
 @node_app.command("claim")
 @friendly
 def node_claim(
     ctx: typer.Context,
-    deployment_id: int,
-    served_seconds: int,
+    deployment_id: int = DepId,
+    served_seconds: int = typer.Argument(..., min=1, help="cumulative seconds served, as signed"),
     signature: str = typer.Argument(..., help="usage record signature (0x hex, 65 bytes)"),
 ) -> None:
-    """Claim payment for served time with a usage record signed by the deployment's usage signer."""
-    sig = (
-        bytes.fromhex(signature.removeprefix("0x"))
-        if re.fullmatch(r"(0x)?[0-9a-fA-F]{130}", signature)
-        else None
-    )
-    if sig is None:
-        raise ValueError("signature must be 65 bytes of hex")
+    """Operator: claim payment for served time with a usage record signed by the deployment's usage signer."""
+    sig = _signature(signature)
     with _client(ctx) as c:
         paid = c.claim(deployment_id, served_seconds, sig)
-        out.print(f"paid: {paid} wei (withdraw with `teecloud node withdraw`)")
-
-
-@node_app.command("sign-usage")
-@friendly
-def node_sign_usage(ctx: typer.Context, deployment_id: int, served_seconds: int) -> None:
-    """As a deployment's usage signer: sign a cumulative usage record for the node."""
-    with _client(ctx) as c:
-        out.print("0x" + c.sign_usage(deployment_id, served_seconds).hex(), highlight=False)
+        d = c.deployment_escrow(deployment_id)
+        out.print(
+            f"paid: {paid} wei (withdraw with `teecloud node withdraw`); escrow left: {d['balance']} wei",
+            highlight=False,
+        )
 
 
 @node_app.command("withdraw")
 @friendly
 def node_withdraw(ctx: typer.Context) -> None:
-    """Withdraw everything credited to the signer (rewards, unstaked stake, refunds)."""
+    """Withdraw everything credited to the signer (rewards, unstaked stake, slash rewards, refunds)."""
     with _client(ctx) as c:
         out.print(f"withdrawn: {c.withdraw()} wei")
 
 
-@node_app.command("show")
+@node_app.command("balance")
 @friendly
-def node_show(ctx: typer.Context, node_id: int) -> None:
+def node_balance(
+    ctx: typer.Context, account: str | None = typer.Argument(None, help="address (default: the signer)")
+) -> None:
+    """What an account can collect with `withdraw` (the registry's pull-payment balance)."""
     with _client(ctx) as c:
-        _print_json(c.node(node_id))
+        who = account or c.address
+        if not who:
+            raise ValueError("give an ACCOUNT, or a signer key")
+        out.print(f"withdrawable: {c.withdrawable(who)} wei", highlight=False)
+
+
+@node_app.command("slash")
+@friendly
+def node_slash(
+    ctx: typer.Context,
+    node_id: int = NodeId,
+    amount: str = typer.Argument(..., help="amount to slash (wei, gwei, eth)"),
+    evidence: str = typer.Option(..., "--evidence", help="32-byte hex hash of the published evidence"),
+) -> None:
+    """Challenger: slash a node whose attestation failed (the reward is credited to the signer)."""
+    ev = _hash(evidence, "evidence hash")
+    with _client(ctx) as c:
+        r = c.slash(node_id, _amount(amount), ev)
+        e = c.event_of(r, "NodeRegistry", "Slashed")
+        out.print(
+            f"slashed node {node_id}: {e['amount']} wei; reward {e['reward']} wei to {e['challenger']} "
+            "(withdraw with `teecloud node withdraw`); the node is inactive",
+            highlight=False,
+        )
+
+
+@node_app.command("set-challenger")
+@friendly
+def node_set_challenger(
+    ctx: typer.Context,
+    address: str,
+    revoke: bool = typer.Option(False, "--revoke", help="remove the challenger role"),
+) -> None:
+    """Registry owner: grant (or --revoke) the challenger role."""
+    with _client(ctx) as c:
+        c.set_challenger(address, not revoke)
+        out.print(f"challenger {'revoked' if revoke else 'allowed'}: {address}", highlight=False)
+
+
+@node_app.command("sign-usage", hidden=True)
+@friendly
+def node_sign_usage(
+    ctx: typer.Context, deployment_id: int = DepId, served_seconds: int = typer.Argument(..., min=1)
+) -> None:
+    """Deprecated spelling of `teecloud escrow sign-usage`."""
+    with _client(ctx) as c:
+        out.print("0x" + c.sign_usage(deployment_id, served_seconds).hex(), highlight=False)
+
+
+# --- escrow (users) ----------------------------------------------------------------------------------------
+
+
+@escrow_app.command("open")
+@friendly
+def escrow_open(
+    ctx: typer.Context,
+    node_id: int = NodeId,
+    deposit: str = typer.Option(..., "--deposit", help="escrow to lock (wei, gwei, eth)"),
+    usage_signer: str | None = typer.Option(
+        None, "--usage-signer", help="address that signs usage records (default: the signer)"
+    ),
+) -> None:
+    """Open a deployment escrow on NODE_ID at the node's current price (fixed for the deployment's life)."""
+    amount = _amount(deposit)
+    with _client(ctx) as c:
+        _node_view(c, node_id)
+        dep = c.open_deployment(node_id, amount, usage_signer)
+        d = c.deployment_escrow(dep)
+        hours = f"{amount / d['price_per_hour']:.2f} CVM-hours" if d["price_per_hour"] else "unlimited time"
+        out.print(f"deployment_id: {dep}", highlight=False)
+        out.print(
+            f"node {node_id} at {d['price_per_hour']} wei/hour; escrow {d['balance']} wei covers {hours}; "
+            f"usage signer {d['usage_signer']}",
+            highlight=False,
+        )
+
+
+@escrow_app.command("fund")
+@friendly
+def escrow_fund(ctx: typer.Context, deployment_id: int = DepId, amount: str = typer.Argument(...)) -> None:
+    """Top up a deployment's escrow (anyone may pay)."""
+    value = _amount(amount)
+    with _client(ctx) as c:
+        _deployment_view(c, deployment_id)
+        c.fund_deployment(deployment_id, value)
+        out.print(f"escrow: {c.deployment_escrow(deployment_id)['balance']} wei")
+
+
+@escrow_app.command("show")
+@friendly
+def escrow_show(ctx: typer.Context, deployment_id: int = DepId, as_json: bool = JsonOpt) -> None:
+    """A deployment's escrow: node, price, balance, time served and paid, close state."""
+    with _client(ctx) as c:
+        d = _deployment_view(c, deployment_id)
+        if as_json:
+            _print_json(d)
+            return
+        now = c.timestamp()
+        out.print(f"deployment {deployment_id} on node {d['node_id']}", highlight=False)
+        out.print(f"  user: {d['user']}  usage signer: {d['usage_signer']}", highlight=False)
+        out.print(f"  price: {_fmt_wei(d['price_per_hour'])} per hour", highlight=False)
+        out.print(f"  escrow: {_fmt_wei(d['balance'])}", highlight=False)
+        out.print(f"  served: {d['served_seconds']} s claimed, paid {_fmt_wei(d['paid'])}", highlight=False)
+        ready = d["close_ready_at"]
+        out.print(
+            "  close: not requested"
+            if ready == 0
+            else f"  close: escrow withdrawable from {_when(ready, now)}",
+            highlight=False,
+        )
+
+
+@escrow_app.command("list")
+@friendly
+def escrow_list(
+    ctx: typer.Context,
+    node: int | None = typer.Option(None, "--node", min=0, help="only deployments on this node"),
+    user: str | None = typer.Option(None, "--user", help="only this user's (or usage signer's)"),
+    mine: bool = typer.Option(False, "--mine", help="only the signer's"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Deployment escrows, optionally filtered."""
+    if mine and user:
+        raise ValueError("--mine excludes --user")
+    with _client(ctx) as c:
+        rows = _deployments(c, node_id=node, user=c.address if mine else user)
+        if as_json:
+            _print_json(rows)
+            return
+        _deployments_lines(rows, c.timestamp())
+
+
+@escrow_app.command("sign-usage")
+@friendly
+def escrow_sign_usage(
+    ctx: typer.Context,
+    deployment_id: int = DepId,
+    served_seconds: int = typer.Argument(..., min=1, help="total seconds served since the deployment opened"),
+) -> None:
+    """Usage signer: sign a cumulative usage record; give the printed signature to the node (`node claim`)."""
+    with _client(ctx) as c:
+        d = _deployment_view(c, deployment_id)
+        if c.address != d["usage_signer"]:
+            err.print(
+                f"[yellow]warning:[/yellow] the signer {c.address} is not this deployment's usage signer "
+                f"({d['usage_signer']}): the node cannot claim with this record",
+                highlight=False,
+            )
+        owed = served_seconds * d["price_per_hour"] // 3600 - d["paid"]
+        out.print("0x" + c.sign_usage(deployment_id, served_seconds).hex(), highlight=False)
+        err.print(f"this record lets the node claim up to {max(owed, 0)} wei more", highlight=False)
+
+
+@escrow_app.command("close")
+@friendly
+def escrow_close(ctx: typer.Context, deployment_id: int = DepId) -> None:
+    """User: request closing; the node may still claim until the close delay has passed."""
+    with _client(ctx) as c:
+        c.request_close(deployment_id)
+        d = c.deployment_escrow(deployment_id)
+        when = _when(d["close_ready_at"], c.timestamp())
+        out.print(
+            f"closing: escrow ({d['balance']} wei) withdrawable from {when}"
+            f" with `teecloud escrow withdraw {deployment_id}`",
+            highlight=False,
+        )
+
+
+@escrow_app.command("withdraw")
+@friendly
+def escrow_withdraw(ctx: typer.Context, deployment_id: int = DepId) -> None:
+    """User: after the close delay, take back what is left in the escrow."""
+    from teecloud.chain import ContractReverted
+
+    with _client(ctx) as c:
+        try:
+            r = c.withdraw_escrow(deployment_id)
+        except ContractReverted as exc:
+            if exc.reason == "claim window not over":
+                ready = c.deployment_escrow(deployment_id)["close_ready_at"]
+                raise ContractReverted(
+                    f"{exc.reason}: withdrawable from {_when(ready, c.timestamp())}"
+                ) from None
+            if exc.reason == "close not requested":
+                raise ContractReverted(
+                    f"{exc.reason}: run `teecloud escrow close {deployment_id}` first"
+                ) from None
+            raise
+        refund = c.event_of(r, "NodeRegistry", "EscrowWithdrawn")["amount"]
+        paid = c.withdraw()
+        out.print(f"escrow refunded: {refund} wei; withdrawn: {paid} wei", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(chain_app, name="chain")
     app.add_typer(app_app, name="app")
     app.add_typer(node_app, name="node")
+    app.add_typer(escrow_app, name="escrow")
