@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from teecloud import _json
 from teecloud.agent.keyprovider import KeyProvider
 from teecloud.keys.appkeys import AppKeys
 from teecloud.tee.base import TeePlatform
@@ -92,15 +93,24 @@ class AgentState:
 
 
 def parse_app_compose(text: str | bytes) -> dict[str, Any]:
-    raw = text.encode() if isinstance(text, str) else bytes(text)
+    # surrogatepass: a str holding a lone surrogate then fails the UTF-8 decode below with a clear BootError
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
     if len(raw) > MAX_COMPOSE_BYTES:
         raise BootError(f"app-compose.json is {len(raw)} bytes, above {MAX_COMPOSE_BYTES}")
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        # depth-bounded: a deeply nested document would otherwise raise RecursionError (or, with py-evm's
+        # raised recursion limit, overflow the C stack) instead of a clear error; see teecloud._json.
+        doc = _json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BootError(f"app-compose.json is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise BootError("app-compose.json must be a JSON object")
+    try:  # a "\\ud800" escape decodes to a lone surrogate, which has no UTF-8 form and so no compose hash
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BootError(
+            "app-compose.json has a string that is not valid Unicode (a lone surrogate escape)"
+        ) from None
     if not isinstance(doc.get("runner", "docker-compose"), str):
         raise BootError("app-compose.json: 'runner' must be a string")
     return doc

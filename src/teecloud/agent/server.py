@@ -71,6 +71,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 _JSON = "application/json"
+# RFC 5280 Appendix A ub-common-name; cryptography counts it in UTF-8 bytes and refuses more with ValueError
+_MAX_CN = 64
+
+
+def _cn_too_long(text: str) -> bool:
+    return len(text.encode("utf-8", "surrogatepass")) > _MAX_CN
+
+
+def _cn(text: str) -> str:
+    """`text` cut to the longest prefix that fits a common name."""
+    return text.encode("utf-8", "surrogatepass")[:_MAX_CN].decode("utf-8", "ignore")
 
 
 class ClientError(Exception):
@@ -212,8 +223,10 @@ class AgentService:
         lim = self.limits
         if len(req.alt_names) > lim.max_alt_names:
             raise ClientError(f"alt_names: at most {lim.max_alt_names} names")
-        if len(req.subject) > 256:
-            raise ClientError("subject: at most 256 characters")
+        if _cn_too_long(req.subject):
+            raise ClientError(
+                f"subject: at most {_MAX_CN} bytes of UTF-8 (X.509 common name, RFC 5280 ub-common-name)"
+            )
         now = int(time.time()) if now is None else now
         nb = req.not_before if req.not_before is not None else now
         na = req.not_after if req.not_after is not None else nb + lim.default_tls_validity_s
@@ -223,7 +236,7 @@ class AgentService:
             raise ClientError(f"validity is at most {lim.tls_max_validity_s} seconds")
         app_cert_not_after = int(self._ca_cert.not_valid_after_utc.timestamp())
         na = min(na, app_cert_not_after)
-        subject = req.subject or self.state.app_name or "teecloud app"
+        subject = req.subject or _cn(self.state.app_name) or "teecloud app"
         key = ec.generate_private_key(ec.SECP256R1())
         try:
             if req.usage_ra_tls:
@@ -363,6 +376,10 @@ class AgentService:
     def tappd_derive_key(self, req: api.TappdDeriveKeyRequest, *, now: int | None = None) -> bytes:
         if len(req.path) > self.limits.max_path_chars or len(req.alt_names) > self.limits.max_alt_names:
             raise ClientError("path or alt_names too long")
+        if _cn_too_long(req.subject):
+            raise ClientError(
+                f"subject: at most {_MAX_CN} bytes of UTF-8 (X.509 common name, RFC 5280 ub-common-name)"
+            )
         ck = (req.path, req.subject, tuple(req.alt_names))
         cached = self._tappd_cache.get(ck)
         if cached is not None:
@@ -375,7 +392,7 @@ class AgentService:
                 key.public_key(),
                 issuer_key=self._ca_key,
                 issuer_name=self._ca_cert.subject,
-                subject_cn=req.subject or req.path or "teecloud app",
+                subject_cn=req.subject or _cn(req.path) or "teecloud app",
                 not_before=now,
                 not_after=min(
                     now + self.limits.default_tls_validity_s,
@@ -447,6 +464,23 @@ def _validation_message(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def _check_unicode(value: Any, where: str = "body") -> None:
+    """Refuse strings holding a lone surrogate (JSON allows the escape "\\ud800"; UTF-8 has no form for it,
+    so key derivation and certificates would fail on it deep inside)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ClientError(f"{where}: not valid Unicode (lone surrogate escape)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, where)
+            _check_unicode(v, k if where == "body" else f"{where}.{k}")
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v, where)
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     cl = request.headers.get("content-length")
     if cl is not None:
@@ -478,6 +512,7 @@ async def _parse(request: Request, model: type[M], limits: api.AgentLimits) -> M
             raise ClientError("request body must be JSON (protobuf bodies are not supported)") from None
         if not isinstance(data, dict):
             raise ClientError("request body must be a JSON object")
+        _check_unicode(data)
         strict = True
     else:
         if len(request.url.query) > limits.max_body_bytes:
