@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 MAX_APP_COMPOSE = 512 * 1024
+_EVEN_HEX = r"^(?:[0-9a-fA-F]{2})*$"  # whole bytes: "0" would pass [0-9a-f]* and then fail bytes.fromhex
 
 
 class _Model(BaseModel):
@@ -49,7 +50,7 @@ class CreateCvmRequest(_Model):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
     app_compose: str = Field(max_length=MAX_APP_COMPOSE)  # the exact app-compose.json text
     app_id: str = Field(pattern=r"^(0x)?[0-9a-fA-F]{40}$")
-    encrypted_env: str | None = Field(default=None, max_length=512 * 1024, pattern=r"^[0-9a-fA-F]*$")
+    encrypted_env: str | None = Field(default=None, max_length=512 * 1024, pattern=_EVEN_HEX)
     user_config: str | None = Field(default=None, max_length=64 * 1024)
     cpus: float | None = Field(default=None, gt=0, le=1024)
     memory_mb: int | None = Field(default=None, ge=6)
@@ -57,7 +58,7 @@ class CreateCvmRequest(_Model):
 
 class UpgradeCvmRequest(_Model):
     app_compose: str = Field(max_length=MAX_APP_COMPOSE)
-    encrypted_env: str | None = Field(default=None, max_length=512 * 1024, pattern=r"^[0-9a-fA-F]*$")
+    encrypted_env: str | None = Field(default=None, max_length=512 * 1024, pattern=_EVEN_HEX)
 
 
 class Container(BaseModel):

@@ -30,6 +30,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import teecloud
 from teecloud._asgi import BoundedBody
@@ -267,7 +268,10 @@ class Node:
         text = doc.get("docker_compose_file")
         if not isinstance(text, str):
             raise ComposeRejected("app-compose.json has no docker_compose_file")
-        load_compose(text)
+        try:
+            load_compose(text)
+        except RecursionError:  # PyYAML composes nested flow collections recursively
+            raise ComposeRejected("the compose file nests too deeply") from None
         allowed = doc.get("allowed_envs", [])
         if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
             raise ComposeRejected("allowed_envs must be a list of names")
@@ -412,8 +416,26 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, "invalid request: the body is not valid JSON")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if not where:  # the body itself: not an object, or not sent as application/json
+            return _error(
+                400, "invalid request: the body must be a JSON object (Content-Type: application/json)"
+            )
         return _error(400, f"invalid request: {where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown route (404) or method (405): the same {"error"} shape as every other refusal
+        if exc.status_code == 404:
+            return _error(404, f"no route {request.method} {request.url.path} (see teecloud.node.api)")
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("node API: %s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal error in the node (see its log)")
 
     @app.exception_handler(NodeError)
     async def _node_error(_r: Request, exc: NodeError) -> JSONResponse:
