@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.attestation.models import EventLogEntry
 from teecloud.chain import ChainClient, ChainRpcServer
+from teecloud.chain.client import HttpTransport
+from teecloud.chain.errors import ChainUnreachable
 from teecloud.keys.appkeys import derive_app_keys
 from teecloud.keys.certs import spki_der
 from teecloud.keys.ratls import ratls_report_data
@@ -300,6 +302,12 @@ def test_chain_unreachable_fails_closed(teecloud_home: Path, world: World) -> No
         remote = ChainClient.rpc(rpc.url, home=world.chain_dir)
     finally:
         rpc.stop()
+    # The server's stop() closes its listener, but a kept-alive HTTP/1.1 connection would still be served by
+    # its handler thread; a fresh transport to the closed port is what "unreachable" means.
+    remote.transport.close()
+    remote.transport = HttpTransport(rpc.url)
+    with pytest.raises(ChainUnreachable):
+        remote.block_number()
     kms = make_kms(teecloud_home, remote)
     app_id = world.register(COMPOSE_V1)
     app = make_app(teecloud_home, app_id, COMPOSE_V1)
