@@ -34,6 +34,7 @@ __all__ = ["DEV_KEYS", "EmbeddedChain", "RpcError"]
 DEV_KEYS = tuple("0x" + i.to_bytes(32, "big").hex() for i in range(1, 11))
 CLIENT_VERSION = "teecloud-embedded/py-evm"
 _ERROR_SELECTOR = keccak(text="Error(string)")[:4]
+_CALL_PATCH_LOCK = threading.Lock()
 
 
 class RpcError(Exception):
@@ -114,6 +115,31 @@ class _Backend:
                         kw["blob_gas_used"] = 0
                     hashes.append(self.chain.mine_block(**kw).hash)
                 return tuple(hashes)
+
+            def call(self, transaction: Any, block_number: Any = "latest") -> Any:
+                # As geth and anvil do, eth_call does not charge gas: a sender without funds can still
+                # read. eth-tester would refuse it ("cannot afford txn gas"), so credit the sender the gas
+                # cost inside the call's own snapshot (reverted with it; value transfers still need funds).
+                import eth_tester.backends.pyevm.main as pyevm_main
+
+                real = pyevm_main._execute_and_revert_transaction
+
+                def execute(chain: Any, tx: Any, block: Any = "latest") -> Any:
+                    state = pyevm_main._get_vm_for_block_number(chain, block).state
+                    snapshot = state.snapshot()
+                    try:
+                        price = max(getattr(tx, "max_fee_per_gas", 0), getattr(tx, "gas_price", 0))
+                        state.delta_balance(tx.sender, tx.gas * price)
+                        return state.apply_transaction(tx)
+                    finally:
+                        state.revert(snapshot)
+
+                with _CALL_PATCH_LOCK:  # the hook is module-wide: one patched call at a time per process
+                    pyevm_main._execute_and_revert_transaction = execute
+                    try:
+                        return super().call(transaction, block_number)
+                    finally:
+                        pyevm_main._execute_and_revert_transaction = real
 
         return Backend(genesis_parameters=get_default_genesis_params({"timestamp": genesis_timestamp}))
 

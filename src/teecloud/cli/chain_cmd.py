@@ -103,8 +103,9 @@ def friendly(fn: F) -> F:
 
 def _insufficient(exc: Exception, args: list[Any]) -> str:
     """'insufficient funds' with the signer's address and balance (never its key)."""
-    ctx = next((a for a in args if isinstance(a, typer.Context)), None)
-    client = (ctx.obj or {}).get("client") if ctx is not None and isinstance(ctx.obj, dict) else None
+    # the command's context (Typer hands over its click context class, so match it by shape)
+    obj = next((a.obj for a in args if isinstance(getattr(a, "obj", None), dict)), {})
+    client = obj.get("client")
     if client is not None and client.address:
         try:
             balance = client.balance(client.address)
