@@ -23,7 +23,13 @@ from schemathesis import GenerationMode
 Snapshot = Callable[[], Any]
 
 
-def problem(method: str, url: str, body: Any, r: httpx.Response, *, extra: str = "") -> str | None:
+def has_error(doc: Any) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("error"), str) and bool(doc["error"])
+
+
+def problem(
+    method: str, url: str, body: Any, r: httpx.Response, *, shape: Callable[[Any], bool] = has_error
+) -> str | None:
     """(1) and (2) for one response; None when it is fine."""
     if r.status_code >= 500:
         return f"{method} {url} {body!r:.200} -> {r.status_code} {r.text[:300]}"
@@ -32,11 +38,11 @@ def problem(method: str, url: str, body: Any, r: httpx.Response, *, extra: str =
             doc = r.json()
         except ValueError:
             return f"{method} {url} {body!r:.200} -> {r.status_code} non-JSON error body {r.text[:200]!r}"
-        if not isinstance(doc, dict) or not isinstance(doc.get("error"), str) or not doc["error"]:
+        if not shape(doc):
             return (
                 f"{method} {url} {body!r:.200} -> {r.status_code} error body without 'error': {r.text[:200]}"
             )
-    return extra or None
+    return None
 
 
 def run_schemathesis(
@@ -45,6 +51,7 @@ def run_schemathesis(
     max_examples: int,
     headers: dict[str, str] | None = None,
     snapshot: Snapshot | None = None,
+    shape: Callable[[Any], bool] = has_error,
 ) -> list[str]:
     """Positive and negative schemathesis cases for every operation of `app`'s OpenAPI schema."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=headers or {})
@@ -64,7 +71,7 @@ def run_schemathesis(
         def one(case: Any) -> None:
             before = snapshot() if snapshot else None
             r = case.call(headers=headers or {})
-            issue = problem(case.method, case.formatted_path, case.body, r)
+            issue = problem(case.method, case.formatted_path, case.body, r, shape=shape)
             if issue is None and snapshot is not None and r.status_code >= 400 and snapshot() != before:
                 issue = f"{case.method} {case.formatted_path} {case.body!r:.200} refused but changed state"
             if issue is not None:
@@ -161,6 +168,7 @@ def run_hostile(
     headers: dict[str, str] | None = None,
     snapshot: Snapshot | None = None,
     only: Callable[[str, str], bool] = lambda method, path: True,
+    shape: Callable[[Any], bool] = has_error,
 ) -> tuple[int, list[str]]:
     problems: list[str] = []
     n = 0
@@ -173,7 +181,7 @@ def run_hostile(
         r = client.request(method, path, **kw)
         n += 1
         body = kw.get("content", kw.get("json", kw.get("params")))
-        issue = problem(method, path, body, r)
+        issue = problem(method, path, body, r, shape=shape)
         if issue is None and snapshot is not None and r.status_code >= 400 and snapshot() != before:
             issue = f"{method} {path} {body!r:.200} refused but changed state"
         if issue is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,8 @@ __all__ = ["MAX_RESPONSE_SIZE", "PccsClient", "collateral_next_update", "make_pc
 
 MAX_RESPONSE_SIZE = 1024 * 1024
 _HEX = re.compile(rb"^[0-9a-fA-F\s]+$")
+_FMSPC = re.compile(r"[0-9a-fA-F]{12}")
+log = logging.getLogger(__name__)
 
 
 def _iso_to_unix(text: str) -> int:
@@ -222,10 +225,43 @@ def make_pccs_app(store: CollateralStore | str | Path | Mapping[str, bytes]) -> 
     """A FastAPI app answering the PCCS v4 collateral endpoints from `store` (see the module docstring).
     The FMSPC-independent endpoints accept `fmspc` as an extra query parameter to pick an entry; without
     it they serve the newest entry of that TEE kind."""
-    from fastapi import FastAPI, HTTPException, Response
+    from fastapi import FastAPI, HTTPException, Request, Response
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     st = CollateralStore.from_source(store)
     app = FastAPI(title="teecloud PCCS (collateral from a local store)", docs_url=None, redoc_url=None)
+
+    # Errors: {"error": "..."}; 400 for a malformed request (Intel PCS answers 400 "Invalid request
+    # parameters"), 404 when the store has nothing for it.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = (
+            exc.detail if exc.status_code != 404 or exc.detail != "Not Found" else "no such PCCS endpoint"
+        )
+        return JSONResponse({"error": str(detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "query")
+        return JSONResponse(
+            {"error": f"invalid request parameter {where}: {first.get('msg', 'invalid')}"}, status_code=400
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("PCCS: %s failed", request.url.path, exc_info=exc)
+        return JSONResponse({"error": "internal error in the PCCS (see its log)"}, status_code=500)
+
+    def check_fmspc(fmspc: str | None) -> None:
+        if fmspc is not None and not _FMSPC.fullmatch(fmspc):
+            raise HTTPException(400, f"fmspc must be 12 hex digits, got {fmspc[:32]!r}")
+
+    def check_ca(ca: str) -> None:
+        if ca not in ("processor", "platform"):
+            raise HTTPException(400, f"ca must be 'processor' or 'platform', got {ca[:32]!r}")
 
     def pick(tee: str, fmspc: str | None) -> CollateralEntry:
         try:
@@ -237,9 +273,10 @@ def make_pccs_app(store: CollateralStore | str | Path | Mapping[str, bytes]) -> 
         if tee not in ("sgx", "tdx"):
             raise HTTPException(404, "unknown TEE")
 
-    @app.get("/{tee}/certification/v4/tcb")
+    @app.get("/{tee}/certification/v4/tcb", response_model=None)
     def tcb(tee: str, fmspc: str) -> Response:
         check_tee(tee)
+        check_fmspc(fmspc)
         e = pick(tee, fmspc)
         if e.tee != tee:
             raise HTTPException(404, f"no {tee.upper()} TCB info for FMSPC {fmspc.upper()}")
@@ -247,9 +284,10 @@ def make_pccs_app(store: CollateralStore | str | Path | Mapping[str, bytes]) -> 
         headers = {"TCB-Info-Issuer-Chain": urlquote(e.doc["tcb_info_issuer_chain"])}
         return Response(body, media_type="application/json", headers=headers)
 
-    @app.get("/{tee}/certification/v4/qe/identity")
+    @app.get("/{tee}/certification/v4/qe/identity", response_model=None)
     def qe_identity(tee: str, fmspc: str | None = None) -> Response:
         check_tee(tee)
+        check_fmspc(fmspc or None)
         e = pick(tee, fmspc)
         body = (
             '{"enclaveIdentity":'
@@ -261,8 +299,12 @@ def make_pccs_app(store: CollateralStore | str | Path | Mapping[str, bytes]) -> 
         headers = {"SGX-Enclave-Identity-Issuer-Chain": urlquote(e.doc["qe_identity_issuer_chain"])}
         return Response(body, media_type="application/json", headers=headers)
 
-    @app.get("/sgx/certification/v4/pckcrl")
+    @app.get("/sgx/certification/v4/pckcrl", response_model=None)
     def pckcrl(ca: str, encoding: str = "pem", fmspc: str | None = None) -> Response:
+        check_ca(ca)
+        check_fmspc(fmspc or None)
+        if encoding not in ("pem", "der"):
+            raise HTTPException(400, f"encoding must be 'pem' or 'der', got {encoding[:32]!r}")
         if fmspc and st.get(fmspc):
             candidates = [st.entry(fmspc)]
         else:
@@ -278,8 +320,9 @@ def make_pccs_app(store: CollateralStore | str | Path | Mapping[str, bytes]) -> 
         pem = x509.load_der_x509_crl(der).public_bytes(Encoding.PEM)
         return Response(pem, media_type="application/x-pem-file", headers=headers)
 
-    @app.get("/sgx/certification/v4/rootcacrl")
+    @app.get("/sgx/certification/v4/rootcacrl", response_model=None)
     def rootcacrl(fmspc: str | None = None) -> Response:
+        check_fmspc(fmspc or None)
         if fmspc and st.get(fmspc):
             e = st.entry(fmspc)
         else:

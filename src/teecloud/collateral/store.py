@@ -13,6 +13,20 @@ from teecloud.collateral.errors import CollateralNotFound, InvalidCollateral
 __all__ = ["CollateralEntry", "CollateralStore", "describe_collateral"]
 
 
+# QuoteCollateralV3 members (dcap-qvl's JSON form): PEM chains, hex DER CRLs and signatures, JSON text.
+_MEMBERS = (
+    "pck_crl_issuer_chain",
+    "root_ca_crl",
+    "pck_crl",
+    "tcb_info_issuer_chain",
+    "tcb_info",
+    "tcb_info_signature",
+    "qe_identity_issuer_chain",
+    "qe_identity",
+    "qe_identity_signature",
+)
+
+
 @dataclass(frozen=True)
 class CollateralEntry:
     fmspc: str
@@ -27,10 +41,15 @@ def describe_collateral(raw: bytes) -> CollateralEntry:
     """Read FMSPC, TEE kind and validity from QuoteCollateralV3 JSON. Raises InvalidCollateral."""
     try:
         doc = _json.loads(raw)
+        missing = [k for k in _MEMBERS if not isinstance(doc.get(k), str)]
+        if missing:
+            raise ValueError(f"members {', '.join(missing)} must be strings")
+        for key in ("pck_crl", "root_ca_crl"):
+            bytes.fromhex(doc[key])  # the PCCS server serves these as DER; refuse a bad entry when loading
         tcb = _json.loads(doc["tcb_info"])
         qe = _json.loads(doc["qe_identity"])
         fmspc = str(tcb["fmspc"]).upper()
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InvalidCollateral(f"not QuoteCollateralV3 JSON: {exc}") from exc
     tee = "tdx" if tcb.get("id") == "TDX" else "sgx"
     next_update = min(str(tcb.get("nextUpdate", "")), str(qe.get("nextUpdate", "")))
