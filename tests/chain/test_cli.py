@@ -6,11 +6,14 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from eth_account import Account
 from typer.testing import CliRunner
 
 from teecloud.chain import DEV_KEYS, ChainClient, compose_hash
 from teecloud.cli import app as cli
+
+from .conftest import Anvil, anvil_keys
 
 runner = CliRunner()
 
@@ -390,10 +393,20 @@ def test_app_show_lists_timelocked_hash_with_eta(tmp_path: Path, teecloud_home: 
         "app", "--key-file", stranger, "upgrade", "propose", app_id, "33" * 32, ok=False
     )
     assert "timelock: too early" in run("app", "upgrade", "execute", app_id, cid, ok=False)
+    # a second queued change, cancelled by the admin: it leaves the pending list
+    out = run("app", "upgrade", "propose", app_id, "66" * 32)
+    cid2 = re.search(r"call id (0x[0-9a-f]{64})", out).group(1)  # type: ignore[union-attr]
+    assert cid2 in run("app", "show", app_id)
+    assert "caller is not the admin" in run(
+        "app", "--key-file", stranger, "upgrade", "cancel", app_id, cid2, ok=False
+    )
+    assert f"cancelled {cid2}" in run("app", "upgrade", "cancel", app_id, cid2)
+    assert cid2 not in "".join(x for x in run("app", "show", app_id).splitlines() if "executable" in x)
     advance(teecloud_home, 3600)
     assert "executed" in run("app", "--key-file", stranger, "upgrade", "execute", app_id, cid)  # anyone
     state = json.loads(run("app", "show", app_id, "--json"))
     assert "0x" + new in state["allowed_compose_hashes"] and state["pending"] == []
+    assert "0x" + "66" * 32 not in state["allowed_compose_hashes"]  # cancelled, never applied
     assert "pending upgrades: none" in run("app", "show", app_id)
     assert "call not queued" in run("app", "upgrade", "execute", app_id, cid, ok=False)
 
@@ -463,3 +476,34 @@ def test_multisig_administered_timelock(tmp_path: Path, teecloud_home: Path) -> 
     advance(teecloud_home, 60)
     run("app", "upgrade", "execute", app_id, cid)
     assert "0x" + new in json.loads(run("app", "show", app_id, "--json"))["allowed_compose_hashes"]
+
+
+@pytest.mark.anvil
+def test_marketplace_cli_on_anvil(tmp_path: Path, anvil: Anvil) -> None:
+    """The same commands through --rpc-url against a second EVM (anvil)."""
+    keys = anvil_keys(4)
+    owner, op, user, stranger = (key_file(tmp_path, k, f"k{i}") for i, k in enumerate(keys))
+
+    def on(group: str, key: str, *args: str, ok: bool = True) -> str:
+        return run(group, "--rpc-url", anvil.url, "--key-file", key, *args, ok=ok)
+
+    on("chain", owner, "deploy")
+    out = on(
+        "node", op, "register", "--device-id", "aa" * 32, "--attestation-hash", "bb" * 32,
+        "--capacity", "1", "--price", "3600000", "--stake", "1eth",
+    )  # fmt: skip
+    nid = re.search(r"node_id: (\d+)", out).group(1)  # type: ignore[union-attr]
+    out = on("escrow", user, "open", nid, "--deposit", "1000000")
+    dep = re.search(r"deployment_id: (\d+)", out).group(1)  # type: ignore[union-attr]
+    sig = signature(on("escrow", user, "sign-usage", dep, "100"))
+    assert "paid: 100000 wei" in on("node", op, "claim", dep, "100", sig)
+    assert "usage already claimed" in on("node", op, "claim", dep, "100", sig, ok=False)
+    assert "caller is not a challenger" in on(
+        "node", stranger, "slash", nid, "1", "--evidence", "ee" * 32, ok=False
+    )
+    on("escrow", user, "close", dep)
+    assert "claim window not over" in on("escrow", user, "withdraw", dep, ok=False)
+    with ChainClient.rpc(anvil.url) as c:
+        c.increase_time(86400)
+    assert "escrow refunded: 900000 wei" in on("escrow", user, "withdraw", dep)
+    assert "pending unstake: none" in on("node", stranger, "show", nid)

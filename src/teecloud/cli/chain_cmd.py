@@ -104,7 +104,7 @@ def friendly(fn: F) -> F:
 def _insufficient(exc: Exception, args: list[Any]) -> str:
     """'insufficient funds' with the signer's address and balance (never its key)."""
     # the command's context (Typer hands over its click context class, so match it by shape)
-    obj = next((a.obj for a in args if isinstance(getattr(a, "obj", None), dict)), {})
+    obj: dict[str, Any] = next((a.obj for a in args if isinstance(getattr(a, "obj", None), dict)), {})
     client = obj.get("client")
     if client is not None and client.address:
         try:
