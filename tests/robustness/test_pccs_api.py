@@ -93,3 +93,9 @@ def test_store_refuses_incomplete_collateral_when_loading(vectors: Path, mutate:
         CollateralStore({"x": json.dumps(doc).encode()})
     with pytest.raises(InvalidCollateral):
         CollateralStore({"x": b"[1, 2]"})
+
+
+def test_openapi_schema_is_served(store: CollateralStore) -> None:
+    """Was a 500: the routes' `Response` return annotation could not be resolved for the schema."""
+    r = TestClient(make_pccs_app(store)).get("/openapi.json")
+    assert r.status_code == 200 and "/sgx/certification/v4/pckcrl" in r.json()["paths"]

@@ -64,6 +64,25 @@ def _errors() -> Iterator[None]:
         _fail(f"{exc.strerror or exc}: {exc.filename or ''}")
 
 
+def _check_compose_file(path: Path) -> None:
+    """Refuse an unreadable or malformed compose file before contacting the cloud (exit 2)."""
+    from teecloud.node.errors import ComposeRejected
+    from teecloud.node.runtime.docker import load_compose
+    from teecloud.node.service import check_compose_nesting
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        _fail(f"cannot read {path}: not UTF-8 text", 2)
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc.strerror or exc}", 2)
+    try:
+        check_compose_nesting(text)
+        load_compose(text)
+    except ComposeRejected as exc:
+        _fail(f"{path}: {exc}", 2)
+
+
 def _session() -> Any:
     from teecloud.cloud.deploy import Session
 
@@ -172,6 +191,7 @@ def deploy(
     from teecloud.cloud.deploy import parse_env_file
 
     t0 = time.perf_counter()
+    _check_compose_file(compose)
     with _errors():
         values: dict[str, str] = parse_env_file(env_file) if env_file else {}
         for item in env or []:
@@ -279,6 +299,7 @@ def upgrade(
     from teecloud.cloud.deploy import upgrade as do_upgrade
 
     t0 = time.perf_counter()
+    _check_compose_file(compose)
     with _errors():
         values = parse_env_file(env_file) if env_file else None
         result = do_upgrade(

@@ -148,7 +148,10 @@ def quote_cmd(
         "vm_config": json.dumps(vm_config, separators=(",", ":")),
     }
     if out is not None:
-        atomic_write(out, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o644)
+        try:
+            atomic_write(out, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o644)
+        except OSError as exc:
+            _fail(f"cannot write {out}: {exc.strerror or exc}", 2)
         _err.print(f"wrote {out} ({tee.kind} quote, {len(quote)} bytes)", highlight=False)
     else:
         typer.echo(json.dumps(doc, indent=2))
@@ -244,8 +247,11 @@ def dev_root_cmd(
         _fail(str(exc))
     if export.exists() and not export.is_dir():
         _fail(f"{export} exists and is not a directory", 2)
-    atomic_write(export / "root_ca.der", tee.dev_root_der(), mode=0o644)
-    atomic_write(export / "collateral.json", collateral, mode=0o644)
+    try:
+        atomic_write(export / "root_ca.der", tee.dev_root_der(), mode=0o644)
+        atomic_write(export / "collateral.json", collateral, mode=0o644)
+    except OSError as exc:
+        _fail(f"cannot write to {export}: {exc.strerror or exc}", 2)
     typer.echo(f"wrote {export / 'root_ca.der'} (sha256 {hashlib.sha256(tee.dev_root_der()).hexdigest()})")
     typer.echo(f"wrote {export / 'collateral.json'} (FMSPC {tee.fmspc})")
 

@@ -64,7 +64,7 @@ NODE_MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_COMPOSE_DEPTH = 64
 
 
-class _DepthLimitedLoader(yaml.SafeLoader):
+class _DepthLimitedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
     """PyYAML's composer recurses once per nesting level. Unbounded, `[[[[...` or `- - - ...` in a small
     file is a RecursionError, or (once py-evm has raised the recursion limit) many seconds of CPU."""
 
