@@ -68,7 +68,6 @@ def _check_compose_file(path: Path) -> None:
     """Refuse an unreadable or malformed compose file before contacting the cloud (exit 2)."""
     from teecloud.node.errors import ComposeRejected
     from teecloud.node.runtime.docker import load_compose
-    from teecloud.node.service import check_compose_nesting
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -77,7 +76,6 @@ def _check_compose_file(path: Path) -> None:
     except OSError as exc:
         _fail(f"cannot read {path}: {exc.strerror or exc}", 2)
     try:
-        check_compose_nesting(text)
         load_compose(text)
     except ComposeRejected as exc:
         _fail(f"{path}: {exc}", 2)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-import yaml
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -53,42 +52,12 @@ from teecloud.node.runtime.docker import DockerRuntime, ResourceLimits, load_com
 from teecloud.node.storage import EncryptedVolume
 from teecloud.tee.base import TeePlatform
 
-__all__ = ["Node", "NodeServer", "check_compose_nesting", "load_or_create_token", "make_node_app"]
+__all__ = ["Node", "NodeServer", "load_or_create_token", "make_node_app"]
 
 log = logging.getLogger("teecloud.node")
 
 # Compose files, env blobs and user config travel in request bodies; none is near this.
 NODE_MAX_BODY_BYTES = 4 * 1024 * 1024
-
-
-MAX_COMPOSE_DEPTH = 64
-
-
-class _DepthLimitedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
-    """PyYAML's composer recurses once per nesting level. Unbounded, `[[[[...` or `- - - ...` in a small
-    file is a RecursionError, or (once py-evm has raised the recursion limit) many seconds of CPU."""
-
-    _depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self._depth += 1
-        try:
-            if self._depth > MAX_COMPOSE_DEPTH:
-                raise ComposeRejected(f"the compose file nests deeper than {MAX_COMPOSE_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def check_compose_nesting(text: str) -> None:
-    """Refuse a compose file nested deeper than MAX_COMPOSE_DEPTH (ComposeRejected) before the runtime's
-    parser sees it; YAML syntax errors are left to that parser."""
-    try:
-        yaml.load(text, Loader=_DepthLimitedLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError:
-        pass
-    except RecursionError:
-        raise ComposeRejected("the compose file nests too deeply") from None
 
 
 def load_or_create_token(home: Path | None = None) -> str:
@@ -299,7 +268,6 @@ class Node:
         text = doc.get("docker_compose_file")
         if not isinstance(text, str):
             raise ComposeRejected("app-compose.json has no docker_compose_file")
-        check_compose_nesting(text)
         load_compose(text)
         allowed = doc.get("allowed_envs", [])
         if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):

@@ -131,14 +131,35 @@ def project_name(instance_id: str) -> str:
     return f"tc-{instance_id[:16].lower()}"
 
 
+MAX_COMPOSE_DEPTH = 64
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
+    """PyYAML's composer recurses once per nesting level. Unbounded, `[[[[...` or `- - - ...` in a small
+    file is a RecursionError, or (once py-evm has raised the recursion limit) many seconds of CPU."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_COMPOSE_DEPTH:
+                raise ComposeRejected(f"the compose file nests deeper than {MAX_COMPOSE_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def load_compose(text: str) -> dict[str, Any]:
-    """Parse a compose file (YAML) and check the parts teecloud relies on."""
+    """Parse a compose file (YAML, safe loader, nesting bounded) and check the parts teecloud relies on."""
     if len(text.encode()) > MAX_COMPOSE_BYTES:
         raise ComposeRejected(f"the compose file is larger than {MAX_COMPOSE_BYTES} bytes")
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_DepthLimitedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ComposeRejected(f"the compose file is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ComposeRejected("the compose file nests too deeply") from None
     if not isinstance(doc, dict):
         raise ComposeRejected("the compose file must be a mapping with a `services` section")
     services = doc.get("services")
