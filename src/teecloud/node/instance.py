@@ -227,18 +227,19 @@ class InstanceStore:
 
     def get(self, ref: str) -> Instance:
         """By instance id (full or a unique prefix of at least 8 hex digits) or by name."""
-        ref = ref.strip().lower().removeprefix("0x")
+        name = ref.strip()
+        ref = name.lower().removeprefix("0x")  # instance ids are lowercase hex; names are case-sensitive
         matches = []
         for inst in self.all():
             if inst.instance_id == ref:
                 return inst
-            if (len(ref) >= 8 and inst.instance_id.startswith(ref)) or inst.state().get("name") == ref:
+            if (len(ref) >= 8 and inst.instance_id.startswith(ref)) or inst.state().get("name") == name:
                 matches.append(inst)
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
             raise InstanceNotFound(f"{ref!r} matches {len(matches)} CVMs; use the instance id")
-        raise InstanceNotFound(f"no CVM {ref!r} on this node")
+        raise InstanceNotFound(f"no CVM {name!r} on this node")
 
     def all(self) -> list[Instance]:
         if not self.root.is_dir():
