@@ -1,4 +1,4 @@
-"""InstanceStore look-ups: by instance id (any case, 0x allowed), unique prefix, or exact (case-sensitive) name."""
+"""InstanceStore look-ups: instance id (any case, 0x allowed), unique prefix, or exact name."""
 
 from __future__ import annotations
 
