@@ -20,7 +20,7 @@ from teecloud.attestation.models import VerifiedEvidence
 from teecloud.chain.api import BootInfo
 from teecloud.kms.errors import AccessDenied
 
-__all__ = ["AuthChain", "ChainAuthorizer", "boot_info_to_json", "build_boot_info"]
+__all__ = ["AuthChain", "ChainAuthorizer", "FreshBlockNumber", "boot_info_to_json", "build_boot_info"]
 
 
 class AuthChain(Protocol):
@@ -77,12 +77,62 @@ def boot_info_to_json(boot_info: BootInfo) -> dict[str, Any]:
     return out
 
 
+class FreshBlockNumber:
+    """The chain's block number, read at or after the moment of the call, shared by concurrent callers.
+
+    A caller never gets a number read before it arrived: it waits for a read that *starts* after its arrival
+    (the next one if one is already running), and every caller waiting at that moment shares it. So a
+    change mined before a request arrived is always seen by that request, while under load one RPC read
+    serves many requests instead of one each. A failed read fails every caller that shares it.
+    """
+
+    def __init__(self, read: Callable[[], int]) -> None:
+        self._read = read
+        self._cv = threading.Condition()
+        self._started = 0  # reads started so far (numbered 1, 2, ...)
+        self._running = False
+        self._done_no = 0  # number of the last finished read
+        self._done: int | BaseException = 0
+        self.reads = 0
+
+    def __call__(self) -> int:
+        with self._cv:
+            need = self._started + 1  # the first read that starts after now
+            while self._done_no < need:
+                if not self._running:
+                    self._running = True
+                    self._started += 1
+                    mine = self._started
+                    break
+                self._cv.wait()
+            else:
+                return self._result(self._done)
+        value: int | BaseException
+        try:
+            value = int(self._read())
+        except Exception as exc:
+            value = exc
+        with self._cv:
+            self._running = False
+            self._done_no, self._done = mine, value
+            self.reads += 1
+            self._cv.notify_all()
+        return self._result(value)
+
+    @staticmethod
+    def _result(value: int | BaseException) -> int:
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+
 class ChainAuthorizer:
     """Asks the chain, caching each answer for at most one block.
 
-    `block_number` returns the chain's current block; an answer is reused only while the chain is at the
-    block it was read at, so any on-chain change (which needs a new block) is seen by the next request.
-    Without `block_number` nothing is cached.
+    `block_number` returns the chain's current block (read per request, shared by concurrent requests through
+    `FreshBlockNumber`); an answer is reused only while the chain is at the block it was read at, so any
+    on-chain change (which needs a new block) is seen by the next request. Without `block_number` nothing
+    is cached.
     """
 
     def __init__(
@@ -93,7 +143,7 @@ class ChainAuthorizer:
         max_entries: int = 4096,
     ) -> None:
         self.chain = chain
-        self._block_number = block_number
+        self._block_number = FreshBlockNumber(block_number) if block_number is not None else None
         self._max = max_entries
         self._cache: OrderedDict[tuple[str, BootInfo], tuple[int, bool, str]] = OrderedDict()
         self._lock = threading.Lock()

@@ -27,10 +27,10 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import uvicorn
 from cryptography import x509
@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from teecloud._asgi import BoundedBody
@@ -79,6 +79,8 @@ __all__ = [
 
 log = logging.getLogger("teecloud.kms")
 
+_T = TypeVar("_T")
+
 PEER_CERT_STATE_KEY = "teecloud.tls_peer_cert_der"
 
 
@@ -97,6 +99,9 @@ class KmsConfig:
     signed_cert_lifetime_s      lifetime of certificates issued by SignCert
     max_body_bytes              request bodies above this are refused before parsing
     accepted_tcb_statuses       TCB floor enforced by the KMS itself, on top of the attestation policy
+    app_key_cache_s             derived app keys are reused per (app_id, instance_id, os image, gateway) for
+                                at most this long: derivation is a pure function of the immutable root keys;
+                                only the app CA certificate's not_before (the derivation time) ages. 0: off
     """
 
     dev_mode: bool = False
@@ -109,6 +114,8 @@ class KmsConfig:
     gateway_app_id: str = ""
     kms_contract: str = ""
     accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
+    app_key_cache_s: int = 600
+    app_key_cache_entries: int = 4096
 
 
 class CollateralSource(Protocol):
@@ -218,6 +225,9 @@ class KmsService:
         self.clock = clock
         self._evidence_cache: OrderedDict[str, tuple[int, AttestedPeer]] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._app_key_cache: OrderedDict[tuple[bytes, bytes, bytes, str], tuple[int, api.AppKeyResponse]] = (
+            OrderedDict()
+        )
 
     # --- (1)-(5)
 
@@ -261,7 +271,7 @@ class KmsService:
             ) from exc
         try:
             evidence = verify_ratls_cert(
-                claims.certificate,
+                claims.certificate,  # the parsed object: not decoded a second time
                 collateral=collateral,
                 now=max(now, not_before),
                 dev_root_der=self.dev_root_der,
@@ -316,86 +326,104 @@ class KmsService:
                 step="os_image",
             )
 
-    @contextlib.contextmanager
-    def _audited(self, endpoint: str, cert_der: bytes | None, peer_addr: str) -> Iterator[dict[str, Any]]:
-        """Record the outcome of the block: allowed unless it raised AccessDenied (re-raised)."""
+    def _audited(
+        self, endpoint: str, cert_der: bytes | None, peer_addr: str, fn: Callable[[dict[str, Any]], _T]
+    ) -> _T:
+        """Run `fn(ctx)` and audit its outcome: allowed unless it raised (AccessDenied is re-raised as is).
+        Returns (or raises) only once the record is durable (AuditLog group commit): an answered request
+        always has its record on disk. If the record cannot be written, the request fails, keys unsent."""
         ctx: dict[str, Any] = {"boot_info": None, "reason": "ok", "request_id": new_request_id()}
         cert_hash = hashlib.sha256(cert_der).hexdigest() if cert_der else ""
+        error: BaseException | None = None
+        result: _T | None = None
         try:
-            yield ctx
+            result = fn(ctx)
         except AccessDenied as exc:
-            self.audit.record(
-                ts=int(self.clock()),
-                endpoint=endpoint,
-                decision="denied",
-                reason=exc.reason,
-                step=exc.step,
-                peer=peer_addr,
-                cert_sha256=cert_hash,
-                boot_info=ctx["boot_info"],
-                request_id=ctx["request_id"],
-            )
-            raise
+            error, decision, reason, step = exc, "denied", exc.reason, exc.step
         except Exception as exc:
-            self.audit.record(
-                ts=int(self.clock()),
-                endpoint=endpoint,
-                decision="denied",
-                reason=f"internal error ({type(exc).__name__})",
-                step="internal",
-                peer=peer_addr,
-                cert_sha256=cert_hash,
-                boot_info=ctx["boot_info"],
-                request_id=ctx["request_id"],
+            error, decision, reason, step = (
+                exc,
+                "denied",
+                f"internal error ({type(exc).__name__})",
+                "internal",
             )
-            raise
-        self.audit.record(
+        else:
+            decision, reason, step = "allowed", ctx["reason"], "released"
+        rec = self.audit.prepare(
             ts=int(self.clock()),
             endpoint=endpoint,
-            decision="allowed",
-            reason=ctx["reason"],
-            step="released",
+            decision=decision,
+            reason=reason,
+            step=step,
             peer=peer_addr,
             cert_sha256=cert_hash,
             boot_info=ctx["boot_info"],
             request_id=ctx["request_id"],
         )
+        self.audit.submit(rec).result()  # raises OSError if it could not be made durable
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
 
     # --- endpoints
 
     def get_app_key(self, cert_der: bytes | None, *, peer_addr: str = "") -> api.AppKeyResponse:
-        with self._audited(api.PATH_GET_APP_KEY, cert_der, peer_addr) as ctx:
+        def decide(ctx: dict[str, Any]) -> api.AppKeyResponse:
             peer = self.attest(cert_der)
             bi = peer.boot_info
             ctx["boot_info"] = boot_info_to_json(bi)
             reason = self.authorizer.app_allowed(bi)
             ctx["reason"] = f"app allowed by KmsAuth{': ' + reason if reason else ''}"
-            keys = derive_app_keys(
-                self.state.root,
-                bi.app_id,
-                bi.instance_id,
-                now=int(self.clock()),
-                gateway_app_id=self.config.gateway_app_id,
-                os_image_hash=bi.os_image_hash,
-            )
-            return api.AppKeyResponse(
-                app_id=bi.app_id.hex(),
-                instance_id=bi.instance_id.hex(),
-                ca_key=keys.ca_key_pem,
-                ca_cert=keys.ca_cert_pem,
-                disk_crypt_key=keys.disk_crypt_key.hex(),
-                env_crypt_key=keys.env_crypt_key.hex(),
-                k256_key=keys.k256_key.hex(),
-                k256_signature=keys.k256_signature.hex(),
-                kms_k256_pubkey=keys.kms_k256_pubkey.hex(),
-                gateway_app_id=keys.gateway_app_id,
-                os_image_hash=keys.os_image_hash.hex(),
-            )
+            return self._app_keys(bi)
+
+        return self._audited(api.PATH_GET_APP_KEY, cert_der, peer_addr, decide)
+
+    def _app_keys(self, bi: BootInfo) -> api.AppKeyResponse:
+        """Derived keys for this boot_info, from the cache when derived less than app_key_cache_s ago. Only
+        called after attestation and the chain said yes; the cache key is everything derivation reads."""
+        now = int(self.clock())
+        key = (bi.app_id, bi.instance_id, bi.os_image_hash, self.config.gateway_app_id)
+        ttl = self.config.app_key_cache_s
+        if ttl > 0:
+            with self._cache_lock:
+                hit = self._app_key_cache.get(key)
+            if hit is not None and hit[0] <= now < hit[0] + ttl:
+                return hit[1]
+        keys = derive_app_keys(
+            self.state.root,
+            bi.app_id,
+            bi.instance_id,
+            now=now,
+            gateway_app_id=self.config.gateway_app_id,
+            os_image_hash=bi.os_image_hash,
+        )
+        resp = api.AppKeyResponse(
+            app_id=bi.app_id.hex(),
+            instance_id=bi.instance_id.hex(),
+            ca_key=keys.ca_key_pem,
+            ca_cert=keys.ca_cert_pem,
+            disk_crypt_key=keys.disk_crypt_key.hex(),
+            env_crypt_key=keys.env_crypt_key.hex(),
+            k256_key=keys.k256_key.hex(),
+            k256_signature=keys.k256_signature.hex(),
+            kms_k256_pubkey=keys.kms_k256_pubkey.hex(),
+            gateway_app_id=keys.gateway_app_id,
+            os_image_hash=keys.os_image_hash.hex(),
+        )
+        if ttl > 0:
+            with self._cache_lock:
+                self._app_key_cache[key] = (now, resp)
+                self._app_key_cache.move_to_end(key)
+                while len(self._app_key_cache) > self.config.app_key_cache_entries:
+                    self._app_key_cache.popitem(last=False)
+        return resp
 
     def sign_cert(self, cert_der: bytes | None, csr_pem: str, *, peer_addr: str = "") -> api.SignCertResponse:
         """Issue a certificate for the CSR's key under the caller's app CA (derived from the root), for an
         attested caller the chain allows. The app_id extension names the caller's measured app."""
-        with self._audited(api.PATH_SIGN_CERT, cert_der, peer_addr) as ctx:
+
+        def decide(ctx: dict[str, Any]) -> api.SignCertResponse:
             peer = self.attest(cert_der)
             bi = peer.boot_info
             ctx["boot_info"] = boot_info_to_json(bi)
@@ -439,9 +467,12 @@ class KmsService:
                 certificate_chain=[cert_to_pem(leaf), keys.ca_cert_pem, self.state.root_ca_cert_pem]
             )
 
+        return self._audited(api.PATH_SIGN_CERT, cert_der, peer_addr, decide)
+
     def get_kms_key(self, cert_der: bytes | None, *, peer_addr: str = "") -> api.KmsKeyResponse:
         """Onboarding: root keys, only to an attested KMS that KmsAuth.isKmsAllowed accepts."""
-        with self._audited(api.PATH_GET_KMS_KEY, cert_der, peer_addr) as ctx:
+
+        def decide(ctx: dict[str, Any]) -> api.KmsKeyResponse:
             peer = self.attest(cert_der)
             ctx["boot_info"] = boot_info_to_json(peer.boot_info)
             reason = self.authorizer.kms_allowed(peer.boot_info)
@@ -456,6 +487,8 @@ class KmsService:
                 temp_ca_key=self.state.temp_ca_key_pem,
                 temp_ca_cert=self.state.temp_ca_cert_pem,
             )
+
+        return self._audited(api.PATH_GET_KMS_KEY, cert_der, peer_addr, decide)
 
     def env_encrypt_pubkey(self, app_id_text: str) -> api.EnvEncryptPubKeyResponse:
         """Public: the app's X25519 env-encryption key, signed by the KMS root k256 key (dstack format)."""
@@ -551,15 +584,32 @@ def _denied(status: int, reason: str, step: str = "") -> JSONResponse:
     return JSONResponse(status_code=status, content=api.Denied(reason=reason, step=step).model_dump())
 
 
+class _ContentLengthLimit:
+    """Refuses a declared Content-Length above the limit (413) before the body is read. A plain ASGI
+    middleware: starlette's BaseHTTPMiddleware costs a task and a stream per request on the hot path."""
+
+    def __init__(self, app: Any, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers") or ():
+                if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+                    reply = _denied(413, f"request body above {self.max_bytes} bytes", "request")
+                    await reply(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _json_response(model: Any) -> Response:
+    """A pydantic model as JSON, without FastAPI re-validating it against the response_model (it is one)."""
+    return Response(content=model.model_dump_json(), media_type="application/json")
+
+
 def _install_common(app: FastAPI, max_body: int) -> None:
     app.add_middleware(BoundedBody, max_bytes=max_body)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return _denied(413, f"request body above {max_body} bytes", "request")
-        return await call_next(request)
+    app.add_middleware(_ContentLengthLimit, max_bytes=max_body)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -583,8 +633,8 @@ def make_public_app(service: KmsService) -> FastAPI:
     _install_common(app, service.config.max_body_bytes)
 
     @app.get(api.PATH_GET_META, response_model=api.KmsMeta)
-    def get_meta() -> api.KmsMeta:
-        return service.meta()
+    def get_meta() -> Response:
+        return _json_response(service.meta())
 
     @app.get(api.PATH_GET_TEMP_CA_CERT, response_model=api.TempCaCertResponse)
     def get_temp_ca_cert() -> api.TempCaCertResponse:
@@ -595,8 +645,8 @@ def make_public_app(service: KmsService) -> FastAPI:
         return service.env_encrypt_pubkey(body.app_id)
 
     @app.post(api.PATH_GET_APP_KEY, response_model=api.AppKeyResponse)
-    def get_app_key(request: Request, body: api.GetAppKeyRequest) -> api.AppKeyResponse:
-        return service.get_app_key(peer_cert_der(request), peer_addr=_peer_addr(request))
+    def get_app_key(request: Request, body: api.GetAppKeyRequest) -> Response:
+        return _json_response(service.get_app_key(peer_cert_der(request), peer_addr=_peer_addr(request)))
 
     @app.post(api.PATH_SIGN_CERT, response_model=api.SignCertResponse)
     def sign_cert(request: Request, body: api.SignCertRequest) -> api.SignCertResponse:
