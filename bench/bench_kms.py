@@ -82,7 +82,12 @@ def serve(home: str, conn: Any, workers_note: str = "") -> None:  # child proces
     while True:
         msg = conn.recv()
         if msg == "stats":
-            conn.send({"fsyncs": audit.batches, "records": audit.records_written})
+            conn.send(
+                {
+                    "fsyncs": getattr(audit, "batches", None),
+                    "records": getattr(audit, "records_written", None),
+                }
+            )
         else:
             break
     server.stop()
