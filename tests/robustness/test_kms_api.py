@@ -1,6 +1,6 @@
 """KMS public and admin listeners (read-only here: src/teecloud/kms is another worker's): fuzzed requests
 never get a 5xx, refusals use the KMS's {"error": "denied", "reason", "step"} shape, nothing is released,
-and the KMS keeps serving. Known gaps are strict xfails, so they fail loudly once fixed."""
+and the KMS keeps serving."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def kms(teecloud_home: Path) -> Kms:
 
 
 def _kms_shape(doc: Any) -> bool:
-    """The KMS's refusal shape; FastAPI's own {"detail"} is a known gap (see the xfails below)."""
-    return isinstance(doc, dict) and bool(doc.get("error") or doc.get("detail"))
+    """The KMS's refusal shape (never FastAPI's own {"detail"})."""
+    return isinstance(doc, dict) and bool(doc.get("error")) and "detail" not in doc
 
 
 def _released(body: Any) -> bool:
@@ -55,20 +55,17 @@ def test_admin_api(kms: Kms) -> None:
     assert c.get("/status", headers=ADMIN).status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason="KMS (not ours to fix): a non-JSON body gets FastAPI's {'detail'}")
 def test_non_json_body_uses_the_denied_shape(kms: Kms) -> None:
     c = TestClient(make_public_app(kms.service))
     r = c.post("/prpc/KMS.GetAppKey", content=b"\xb7\xca", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"] == "denied"
 
 
-@pytest.mark.xfail(strict=True, reason="KMS (not ours to fix): unknown route/method get FastAPI's {'detail'}")
 def test_unknown_route_uses_the_denied_shape(kms: Kms) -> None:
     c = TestClient(make_public_app(kms.service))
     assert c.get("/nope").json()["error"] == "denied"
 
 
-@pytest.mark.xfail(strict=True, reason="KMS (not ours to fix): wrong method gets FastAPI's {'detail'}")
 def test_wrong_method_uses_the_denied_shape(kms: Kms) -> None:
     c = TestClient(make_admin_app(kms.service, token="tok"))
     assert c.put("/status", headers=ADMIN).json()["error"] == "denied"

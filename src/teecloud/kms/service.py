@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from teecloud._asgi import BoundedBody
@@ -617,6 +618,14 @@ def _install_common(app: FastAPI, max_body: int) -> None:
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
         )
         return _denied(400, f"malformed request: {errors}"[:500], "request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes, wrong methods, unparsable bodies, missing admin token: one refusal shape.
+        response = _denied(exc.status_code, str(exc.detail), "request")
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
 
     @app.exception_handler(AccessDenied)
     async def on_denied(request: Request, exc: AccessDenied) -> JSONResponse:
