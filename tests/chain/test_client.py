@@ -136,12 +136,33 @@ def test_served_over_json_rpc(teecloud_home: Path) -> None:
         assert r.json()["error"]["code"] == -32601
         r = httpx.post(server.url, json=[{"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}])
         assert r.json()[0]["result"] == hex(c.chain_id)
+        # deep nesting is a parse error, not a crash of the chain's owner (py-evm raised the recursion limit)
+        r = httpx.post(server.url, content=b"[" * 200_000)
+        assert r.status_code == 200 and r.json()["error"]["code"] == -32700
         c.close()
         other.close()
     finally:
         server.stop()
         chain.close()
     assert not (teecloud_home / "chain" / "rpc.json").exists()
+
+
+def test_stop_cuts_kept_alive_connections(teecloud_home: Path) -> None:
+    import httpx
+
+    chain = EmbeddedChain(teecloud_home / "chain")
+    server = ChainRpcServer(chain, "127.0.0.1", free_port()).start()
+    ask = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
+    try:
+        with httpx.Client(timeout=2) as kept:
+            assert "result" in kept.post(server.url, json=ask).json()
+            server.stop()
+            # the same kept-alive connection must not be answered by a stopped chain
+            with pytest.raises(httpx.HTTPError):
+                kept.post(server.url, json=ask)
+    finally:
+        server.stop()
+        chain.close()
 
 
 def test_unreachable_fails_fast() -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from teecloud import _json
 from teecloud._fs import atomic_write_json
 
 from .embedded import EmbeddedChain, RpcError
@@ -47,6 +49,16 @@ class ChainRpcServer:
             def log_message(self, format: str, *args: Any) -> None:  # quiet: no request logging
                 return
 
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with server._lock:
+                    server._connections.discard(self.connection)
+                super().finish()
+
             def _send(self, code: int, body: bytes) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -65,9 +77,13 @@ class ChainRpcServer:
                     )
                     self.close_connection = True
                     return
+                if server._stopping:
+                    self.close_connection = True
+                    return
                 raw = self.rfile.read(length)
                 try:
-                    req = json.loads(raw)
+                    # depth-bounded: py-evm has raised the recursion limit in this process (teecloud._json)
+                    req = _json.loads(raw)
                 except ValueError:
                     out: Any = {
                         "jsonrpc": "2.0",
@@ -84,6 +100,10 @@ class ChainRpcServer:
             def do_GET(self) -> None:
                 self._send(405, b'{"error":"POST JSON-RPC requests"}')
 
+        server = self
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._stopping = False
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.host: str = str(self.httpd.server_address[0])
@@ -118,8 +138,17 @@ class ChainRpcServer:
             self._unrecord()
 
     def stop(self) -> None:
+        # Kept-alive connections are served by their own threads after the listener closes: cut them too,
+        # so a stopped chain is unreachable (the KMS's fail-closed test depends on that).
+        self._stopping = True
         self.httpd.shutdown()
         self.httpd.server_close()
+        with self._lock:
+            for conn in list(self._connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._unrecord()
