@@ -184,6 +184,45 @@ def test_os_image_event_must_match_measured_firmware(
     expect_denied(kms, server, key, der, "mrtd", "os_image")
 
 
+def test_production_kms_without_os_image_references_fails_closed(
+    teecloud_home: Path, world: World, kms: Kms
+) -> None:
+    """A production KMS has no reference measurements for real OS images (none are wired yet). The
+    os-image-hash event is written by the guest, so a TD on any firmware/kernel could claim an allowed image:
+    without references the KMS must release no app keys (it used to skip the check and release them)."""
+    from teecloud.kms.errors import AccessDenied
+    from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for
+    from tests.kms.conftest import SIM_OS, AppCvm
+
+    app_id = world.register(COMPOSE_V1)
+    tee = SimulatedTdx(teecloud_home, os_image="unlisted-os-9.9")
+    iid = bytes(20)
+    for name, payload in [
+        ("system-preparing", b""),
+        ("app-id", app_id),
+        ("compose-hash", COMPOSE_V1),
+        ("instance-id", iid),
+        ("boot-mr-done", b""),
+        ("os-image-hash", os_image_hash_for(SIM_OS)),
+        ("system-ready", b""),
+    ]:
+        tee.emit_event(name, payload)
+    _, der = client_cert(kms, AppCvm(tee, app_id, COMPOSE_V1, iid))
+    # Stand-in for genuine hardware evidence: the dev KMS's attestation (the production KMS would refuse the
+    # simulated root first, which is not what this test is about).
+    kms.service.os_image_mrtd = None
+    prod = make_kms(teecloud_home, world.chain, dev=False)
+    prod.service.os_image_mrtd = None
+    prod.service.attest = kms.service.attest  # type: ignore[method-assign]
+    with pytest.raises(AccessDenied) as err:
+        prod.service.get_app_key(der)
+    assert err.value.step == "os_image"
+    with pytest.raises(AccessDenied) as err:
+        prod.service.sign_cert(der, "unused")
+    assert err.value.step == "os_image"
+    assert denied_record(prod).step == "os_image"
+
+
 def test_debug_td(teecloud_home: Path, world: World, kms: Kms, server: KmsServer) -> None:
     app_id = world.register(COMPOSE_V1)
     app = make_app(teecloud_home, app_id, COMPOSE_V1, debug=True)

@@ -310,6 +310,19 @@ class KmsService:
                 self._evidence_cache.popitem(last=False)
         return peer
 
+    def _require_os_image_reference(self) -> None:
+        """App keys need the OS image bound to what booted. The os-image-hash event is written by the guest
+        itself, so without reference measurements (`os_image_mrtd`) a TD booted from any firmware/kernel
+        could claim an allowed image. A production KMS without them releases no app keys (fail closed);
+        dev mode keeps the skip (its evidence is forgeable by the host anyway). Onboarding is unaffected:
+        KmsAuth pins the whole measurement (mr_aggregated) of a KMS."""
+        if self.os_image_mrtd is None and not self.config.dev_mode:
+            raise AccessDenied(
+                "no reference measurements for OS images are configured, so the os-image-hash event "
+                "cannot be checked against what booted; a production KMS releases no app keys without them",
+                step="os_image",
+            )
+
     def _check_os_image(self, boot_info: BootInfo, evidence: VerifiedEvidence) -> None:
         """The os-image-hash event is written by the guest's boot code; it is believed only when the measured
         MRTD is the reference value for that image (dstack recomputes it with dstack-mr)."""
@@ -374,6 +387,7 @@ class KmsService:
             peer = self.attest(cert_der)
             bi = peer.boot_info
             ctx["boot_info"] = boot_info_to_json(bi)
+            self._require_os_image_reference()
             reason = self.authorizer.app_allowed(bi)
             ctx["reason"] = f"app allowed by KmsAuth{': ' + reason if reason else ''}"
             return self._app_keys(bi)
@@ -428,6 +442,7 @@ class KmsService:
             peer = self.attest(cert_der)
             bi = peer.boot_info
             ctx["boot_info"] = boot_info_to_json(bi)
+            self._require_os_image_reference()
             self.authorizer.app_allowed(bi)
             try:
                 csr = x509.load_pem_x509_csr(csr_pem.encode())
