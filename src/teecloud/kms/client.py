@@ -212,7 +212,9 @@ class KmsClient:
         try:
             return model.model_validate_json(content)
         except ValidationError as exc:
-            raise KmsClientError(f"unexpected answer from the KMS: {exc.errors()[:1]}") from exc
+            raise KmsClientError(
+                f"unexpected answer from the KMS: {exc.errors(include_input=False, include_url=False)[:1]}"
+            ) from exc
 
     def attested_call(
         self,

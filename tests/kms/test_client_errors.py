@@ -1,0 +1,72 @@
+"""KmsClient error messages never carry the KMS's answer (which may hold key material)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from teecloud.kms import api
+from teecloud.kms import client as client_mod
+from teecloud.kms.client import KmsClient, UnsafeNoServerCheck
+from teecloud.kms.errors import KmsClientError
+
+SECRET = "5e" * 32
+
+
+class _FakeSsl:
+    def getpeercert(self, binary: bool) -> bytes:
+        return b"server-cert"
+
+
+class _FakeStream:
+    def get_extra_info(self, name: str) -> Any:
+        return _FakeSsl() if name == "ssl_object" else None
+
+
+class _FakeResponse:
+    status_code = 200
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+        self.extensions = {"network_stream": _FakeStream()}
+
+
+class _FakeHttp:
+    def __init__(self, content: bytes) -> None:
+        self._content = content
+
+    def __enter__(self) -> _FakeHttp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def request(self, method: str, url: str, json: Any = None) -> _FakeResponse:
+        return _FakeResponse(self._content)
+
+
+def test_unexpected_answer_error_does_not_echo_key_material(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AppKeyResponse with one field missing (a KMS of another version): pydantic's error carries the
+    whole input object by default, so the KmsClientError (logged by the node) used to contain the keys."""
+    answer = {
+        "app_id": "11" * 20,
+        "instance_id": "22" * 20,
+        "ca_key": "-----BEGIN PRIVATE KEY-----\n" + SECRET + "\n-----END PRIVATE KEY-----\n",
+        "ca_cert": "",
+        "disk_crypt_key": SECRET,
+        "env_crypt_key": SECRET,
+        "k256_key": SECRET,
+        "k256_signature": "",
+        "kms_k256_pubkey": "",
+        "gateway_app_id": "",
+        # "os_image_hash" missing
+    }
+    content = json.dumps(answer).encode()
+    monkeypatch.setattr(client_mod.httpx, "Client", lambda **kw: _FakeHttp(content))
+    client = KmsClient("https://kms.invalid", server_check=UnsafeNoServerCheck())
+    with pytest.raises(KmsClientError) as err:
+        client._call("POST", api.PATH_GET_APP_KEY, api.AppKeyResponse, body={})
+    assert "unexpected answer" in str(err.value)
+    assert SECRET not in str(err.value)
