@@ -165,3 +165,95 @@ def test_env_file_rejects_bad_names_and_nul(env: dict[str, str]) -> None:
 def test_image_argv_dollars_are_escaped() -> None:
     ov, _ = override("services:\n  a:\n    image: x\n", {"a": ImageConfig(cmd=("echo", "$HOME"))})
     assert ov["services"]["a"]["command"] == ["echo", "$$HOME"]
+
+
+def _svc(extra: str) -> str:
+    return "services:\n  a:\n    image: x\n" + extra
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # capabilities / security profiles that reach the host kernel
+        (_svc("    cap_add: [SYS_ADMIN]\n"), "cap_add"),
+        (_svc("    cap_add: [ALL]\n"), "cap_add"),
+        (_svc("    cap_add: [CAP_DAC_READ_SEARCH]\n"), "cap_add"),
+        (_svc("    security_opt: ['seccomp:unconfined']\n"), "security_opt"),
+        (_svc("    security_opt: ['apparmor=unconfined']\n"), "security_opt"),
+        (_svc("    privileged: 'true'\n"), "privileged"),
+        # namespaces and cgroups outside the CVM
+        (_svc("    network_mode: bridge\n"), "network namespace"),
+        (_svc("    network_mode: tc-othercvm_default\n"), "network namespace"),
+        (_svc("    network_mode: 'service:nosuch'\n"), "network namespace"),
+        (_svc("    cgroup: host\n"), "namespace"),
+        (_svc("    ipc: 'container:abc'\n"), "namespace"),
+        (_svc("    cgroup_parent: /\n"), "cgroup_parent"),
+        # devices by other means
+        (_svc("    device_cgroup_rules: ['b 8:* rmw']\n"), "devices"),
+        (_svc("    gpus: all\n"), "devices"),
+        (
+            _svc("    deploy: {resources: {reservations: {devices: [{capabilities: [gpu]}]}}}\n"),
+            "devices",
+        ),
+        (_svc("    runtime: sysbox-runc\n"), "runtime"),
+        (_svc("    logging: {driver: gelf, options: {gelf-address: 'udp://127.0.0.1:1'}}\n"), "logging"),
+        # other containers and host files
+        (_svc("    volumes_from: ['container:tc-other-web-1']\n"), "volumes_from"),
+        (_svc("    env_file: ../../../admin-token\n"), "env_file"),
+        (_svc("    extends: {file: /etc/x.yml, service: y}\n"), "extends"),
+        ("include: [/etc/other.yml]\n" + _svc(""), "include"),
+        (_svc("    secrets: [s]\nsecrets:\n  s: {file: /etc/shadow}\n"), "host"),
+        (_svc("    configs: [c]\nconfigs:\n  c: {file: /root/.ssh/id_rsa}\n"), "host"),
+        # another project's volume or network, by name (Compose v2 reuses it with a warning)
+        (_svc("    volumes: ['v:/d']\nvolumes:\n  v: {name: tc-victim_v}\n"), "name"),
+        (_svc("networks:\n  default: {name: host}\n"), "name"),
+        (
+            _svc("networks:\n  n: {driver_opts: {com.docker.network.bridge.gateway_mode_ipv4: routed}}\n"),
+            "option",
+        ),
+        (_svc("networks:\n  n: {enable_ipv6: true}\n"), "IPv6"),
+        # interpolation would change the file after the checks
+        (_svc("    network_mode: '${NOPE:-host}'\n"), "interpolation"),
+        (_svc("    pid: '${NOPE:-host}'\n"), "interpolation"),
+        (_svc("    volumes: ['$HOME:/host']\nvolumes:\n  $HOME: {}\n"), "interpolation"),
+        (_svc("    cap_add: ['${NOPE:-SYS_ADMIN}']\n"), "interpolation"),
+    ],
+)
+def test_escapes_from_the_cvm_are_refused(text: str, reason: str) -> None:
+    with pytest.raises(ComposeRejected, match=reason):
+        load_compose(text)  # refused before any key is fetched (deploy and the node's create call it)
+    with pytest.raises(ComposeRejected, match=reason):
+        make_override(
+            yaml.safe_load(text),
+            SPEC,
+            images={"a": ImageConfig(cmd=("x",))},
+            limits=ResourceLimits(),
+            busybox=BUSYBOX,
+        )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "    cap_add: [NET_BIND_SERVICE, chown]\n    cap_drop: [ALL]\n",
+        "    security_opt: ['no-new-privileges:true']\n",
+        "    network_mode: none\n",
+        "    environment: ['A=${A:-x}', 'B=$$C']\n    command: ['sh', '-c', 'echo $$A']\n",
+        "    logging: {driver: json-file, options: {max-size: 10m}}\n",
+        "    volumes_from: ['b:ro']\n  b:\n    image: x\n    network_mode: 'service:a'\n",
+        "    secrets: [s]\nsecrets:\n  s: {environment: S}\n",
+    ],
+)
+def test_what_stays_inside_the_cvm_is_accepted(extra: str) -> None:
+    text = _svc(extra)
+    images = {name: ImageConfig(cmd=("x",)) for name in load_compose(text)["services"]}
+    override(text, images)
+
+
+def test_deploy_resource_limits_cannot_raise_the_node_caps() -> None:
+    ov, _ = override(
+        _svc("    deploy: {resources: {limits: {cpus: '64', memory: 64G}}}\n"), {"a": ImageConfig(cmd=("x",))}
+    )
+    svc = ov["services"]["a"]
+    assert svc["deploy"] == {"resources": {"limits": {"cpus": "1.5", "memory": "256M"}}}
+    assert svc["cpus"] == 1.5 and svc["mem_limit"] == "256m" and svc["pids_limit"] == 4096

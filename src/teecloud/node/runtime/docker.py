@@ -12,8 +12,16 @@ The app's compose file is used unchanged. Everything teecloud needs is added by 
     shows in `docker inspect`): the container starts through a busybox shell that sources them from a file in
     tmpfs, then execs the original entrypoint + command;
   - per-service resource limits.
-Things a CVM would allow inside its own VM but that would reach the host here (privileged mode, host
-network/pid/ipc namespaces, host bind mounts, devices, external volumes/networks) are refused with a reason.
+Things a CVM would allow inside its own VM but that would reach the host (or another CVM) here are refused
+with a reason, by `check_isolation` (run by `load_compose`, so `deploy` and the node's create refuse them
+before any key is fetched): privileged mode, capabilities beyond Docker's default set, security_opt other
+than no-new-privileges, host/other-container namespaces (network_mode other than none/service:, pid, ipc,
+uts, userns, cgroup), cgroup_parent, devices (also device_cgroup_rules, GPU reservations, gpus), a non-default
+OCI runtime, logging drivers that ship logs out of the host's store, volumes_from another container, host
+files (bind mounts, env_file, secrets/configs from a file, extends/include of another file), explicit `name:`
+of volumes and networks (Compose v2 would attach another project's existing volume or network), and
+interpolation (`${...}`) outside environment/command/entrypoint/healthcheck/labels, since the checks read the
+file as written and Compose would substitute afterwards (`network_mode: ${X:-host}`).
 
 Compose v2 (`docker compose`) is preferred, v1 (`docker-compose` >= 1.27, the Compose Spec) works too.
 Containers are found through the `com.docker.compose.project` label both versions set.
@@ -45,6 +53,7 @@ __all__ = [
     "DockerRuntime",
     "ImageConfig",
     "ResourceLimits",
+    "check_isolation",
     "detect_compose",
     "load_compose",
     "make_override",
@@ -177,7 +186,184 @@ def load_compose(text: str) -> dict[str, Any]:
             )
         if not isinstance(svc.get("image"), str) or not svc["image"]:
             raise ComposeRejected(f"service {name!r} has no `image`")
+    for section in ("volumes", "networks"):
+        if not isinstance(doc.get(section) or {}, dict):
+            raise ComposeRejected(f"top-level `{section}` must be a mapping")
+    check_isolation(doc)
     return doc
+
+
+# Docker's default capability set: adding one of these changes nothing; anything else widens the host's kernel
+# attack surface (SYS_ADMIN, SYS_MODULE, DAC_READ_SEARCH, SYS_PTRACE, ...) and is refused.
+DEFAULT_CAPS = frozenset(
+    {
+        "AUDIT_WRITE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "MKNOD",
+        "NET_BIND_SERVICE",
+        "NET_RAW",
+        "SETFCAP",
+        "SETGID",
+        "SETPCAP",
+        "SETUID",
+        "SYS_CHROOT",
+    }
+)
+# Service keys whose values Compose may interpolate without changing what the node checks.
+_INTERPOLATION_OK = frozenset(
+    {"environment", "command", "entrypoint", "healthcheck", "labels", "annotations"}
+)
+_SAFE_LOG_DRIVERS = (None, "json-file", "local")
+_SAFE_NETWORK_OPTS = frozenset({HOST_BINDING_OPT, "com.docker.network.driver.mtu"})
+
+
+def _interpolates(value: Any) -> bool:
+    """True if Compose would substitute something in `value` (a `$` that is not `$$`)."""
+    if isinstance(value, str):
+        return "$" in value.replace("$$", "")
+    if isinstance(value, dict):
+        return any(_interpolates(k) or _interpolates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_interpolates(v) for v in value)
+    return False
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ComposeRejected(f"{what} must be a list of strings")
+
+
+def _refuse_name(kind: str, name: str, definition: Any) -> None:
+    if isinstance(definition, dict) and "name" in definition:
+        raise ComposeRejected(
+            f"{kind} {name!r} sets `name:`: a CVM's {kind}s are scoped to its own project (an existing "
+            f"{kind} of that name, another CVM's included, would be reused); drop `name:`"
+        )
+
+
+def check_isolation(compose: Mapping[str, Any]) -> None:
+    """Refuse what would let a CVM's app reach the host or another CVM (see the module docstring)."""
+    for key in ("include",):
+        if key in compose:
+            raise ComposeRejected(
+                f"`{key}` reads other files on the host; put everything in one compose file"
+            )
+    for key, section in compose.items():
+        if key == "services" or (isinstance(key, str) and key.startswith("x-")):
+            continue
+        if _interpolates(section):
+            raise ComposeRejected(
+                f"top-level `{key}` uses `$` interpolation; the node checks the file as written, so it is "
+                "only allowed in environment, command, entrypoint, healthcheck and labels (`$$` is a `$`)"
+            )
+    services: Mapping[str, Any] = compose.get("services") or {}
+    for name, svc in services.items():
+        for key, value in svc.items():
+            if key not in _INTERPOLATION_OK and _interpolates(value):
+                raise ComposeRejected(
+                    f"service {name!r}: `{key}` uses `$` interpolation; the node checks the file as written, "
+                    "so it is only allowed in environment, command, entrypoint, healthcheck and labels "
+                    "(write `$$` for a literal `$`)"
+                )
+        if svc.get("privileged") not in (None, False):
+            raise ComposeRejected(f"service {name!r}: privileged containers are not allowed")
+        for cap in _str_list(svc.get("cap_add"), f"service {name!r}: cap_add"):
+            norm = cap.upper().removeprefix("CAP_")
+            if norm not in DEFAULT_CAPS:
+                raise ComposeRejected(
+                    f"service {name!r}: cap_add {cap!r} is not allowed (only Docker's default capabilities)"
+                )
+        for opt in _str_list(svc.get("security_opt"), f"service {name!r}: security_opt"):
+            if opt.replace("=", ":") not in ("no-new-privileges", "no-new-privileges:true"):
+                raise ComposeRejected(
+                    f"service {name!r}: security_opt {opt!r} is not allowed (only no-new-privileges)"
+                )
+        net = svc.get("network_mode")
+        if net is not None and not (
+            net == "none" or (isinstance(net, str) and net.startswith("service:") and net[8:] in services)
+        ):
+            raise ComposeRejected(
+                f"service {name!r}: `network_mode: {net}` would share a network namespace outside the CVM "
+                "(host, the shared default bridge, another container's); use `networks:` or `service:<name>`"
+            )
+        for key in ("pid", "ipc", "userns_mode", "uts", "cgroup"):
+            value = svc.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or value == "host" or value.startswith("container:"):
+                raise ComposeRejected(f"service {name!r}: `{key}: {value}` would share the host's namespace")
+            if value.startswith("service:") and value.removeprefix("service:") not in services:
+                raise ComposeRejected(f"service {name!r}: `{key}: {value}` names no service of this app")
+        for key in ("devices", "device_cgroup_rules", "gpus"):
+            if svc.get(key):
+                raise ComposeRejected(f"service {name!r}: host devices are not available to a CVM (`{key}`)")
+        resources = (
+            (svc.get("deploy") or {}).get("resources") if isinstance(svc.get("deploy"), dict) else None
+        )
+        if isinstance(resources, dict) and ((resources.get("reservations") or {}).get("devices")):
+            raise ComposeRejected(f"service {name!r}: host devices are not available to a CVM (`deploy`)")
+        if svc.get("cgroup_parent") is not None:
+            raise ComposeRejected(f"service {name!r}: `cgroup_parent` would escape the CVM's resource limits")
+        if svc.get("runtime") not in (None, "runc"):
+            raise ComposeRejected(f"service {name!r}: runtime {svc.get('runtime')!r} is not allowed")
+        logging_cfg = svc.get("logging")
+        if logging_cfg is not None and (
+            not isinstance(logging_cfg, dict) or logging_cfg.get("driver") not in _SAFE_LOG_DRIVERS
+        ):
+            raise ComposeRejected(
+                f"service {name!r}: only the json-file and local logging drivers are allowed (others "
+                "send the logs from the host)"
+            )
+        for src in _str_list(svc.get("volumes_from"), f"service {name!r}: volumes_from"):
+            if src.split(":", 1)[0] not in services:
+                raise ComposeRejected(
+                    f"service {name!r}: volumes_from {src!r} is not a service of this app (another "
+                    "container's volumes are not the CVM's)"
+                )
+        for key in ("env_file", "label_file"):
+            if svc.get(key) is not None:
+                raise ComposeRejected(
+                    f"service {name!r}: `{key}` reads a file on the host; pass env vars encrypted "
+                    "(`teecloud deploy --env-file`) or write them under `environment:`"
+                )
+        extends = svc.get("extends")
+        if isinstance(extends, dict) and "file" in extends:
+            raise ComposeRejected(f"service {name!r}: `extends` from another file reads the host's files")
+    for section in ("secrets", "configs"):
+        defs = compose.get(section) or {}
+        if not isinstance(defs, dict):
+            raise ComposeRejected(f"top-level `{section}` must be a mapping")
+        for sname, sdef in defs.items():
+            if not isinstance(sdef, dict) or "file" in sdef or sdef.get("external"):
+                raise ComposeRejected(
+                    f"{section[:-1]} {sname!r} comes from the host (`file` or `external`); only inline "
+                    "`content` or `environment` sources are allowed"
+                )
+    for vname, vdef in (compose.get("volumes") or {}).items():
+        _refuse_name("volume", vname, vdef)
+    for nname, ndef in (compose.get("networks") or {}).items():
+        _refuse_name("network", nname, ndef)
+        if isinstance(ndef, dict):
+            if ndef.get("enable_ipv6"):
+                raise ComposeRejected(f"network {nname!r}: IPv6 is not supported (ports bind to 127.0.0.1)")
+            ipam = ndef.get("ipam")
+            if isinstance(ipam, dict) and ipam.get("driver") not in (None, "default"):
+                raise ComposeRejected(f"network {nname!r}: only the default IPAM driver is supported")
+            for opt in ndef.get("driver_opts") or {}:
+                if opt not in _SAFE_NETWORK_OPTS:
+                    raise ComposeRejected(
+                        f"network {nname!r}: driver option {opt!r} is not allowed (the node sets the "
+                        "bridge's options)"
+                    )
 
 
 def _argv(value: Any, what: str) -> list[str]:
@@ -263,6 +449,7 @@ def make_override(
     Returns (override, volume_dirs): volume_dirs are paths relative to `spec.volume_root` that must exist
     before the project starts. Raises ComposeRejected when the app asks for host resources.
     """
+    check_isolation(compose)  # also when called with a document load_compose did not check
     services_in: dict[str, Any] = compose["services"]
     services_out: dict[str, Any] = {}
     volume_dirs: list[str] = []
@@ -392,6 +579,19 @@ def make_override(
             out["mem_limit"] = f"{limits.memory_mb}m"
         if limits.pids is not None:
             out["pids_limit"] = limits.pids
+        # Compose v2 lets `deploy.resources.limits` win over cpus/mem_limit/pids_limit: cap those too.
+        deploy = svc.get("deploy")
+        user_limits = (deploy.get("resources") or {}).get("limits") if isinstance(deploy, dict) else None
+        if isinstance(user_limits, dict) and user_limits:
+            capped: dict[str, Any] = {}  # only the keys the user set (older file formats lack `pids`)
+            if limits.cpus is not None and "cpus" in user_limits:
+                capped["cpus"] = str(limits.cpus)
+            if limits.memory_mb is not None and "memory" in user_limits:
+                capped["memory"] = f"{limits.memory_mb}M"
+            if limits.pids is not None and "pids" in user_limits:
+                capped["pids"] = limits.pids
+            if capped:
+                out["deploy"] = {"resources": {"limits": capped}}
         out.setdefault("labels", {})["io.teecloud.project"] = spec.project
         services_out[name] = out
 
