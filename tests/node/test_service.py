@@ -87,3 +87,13 @@ def test_bad_create_requests_are_400_with_a_reason(client: TestClient, body: dic
     assert r.status_code == 400, r.text
     assert reason in r.json()["error"]
     assert client.get("/cvms", headers=AUTH).json() == []  # nothing created
+
+
+def test_a_create_refused_midway_leaves_no_half_instance(client: TestClient) -> None:
+    # 40k two-byte characters: within the API's 64k-character limit, over the store's 64 KiB byte limit
+    body = {"name": "a", "app_compose": _compose(), "app_id": "11" * 20, "user_config": "é" * 40_000}
+    r = client.post("/cvms", json=body, headers=AUTH)
+    assert r.status_code in (400, 409) and "user config" in r.json()["error"]
+    # no half-written instance directory: listing still works and the name is free
+    r = client.get("/cvms", headers=AUTH)
+    assert r.status_code == 200 and r.json() == []

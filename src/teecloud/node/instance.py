@@ -204,25 +204,32 @@ class InstanceStore:
         instance_id = instance_id_for(seed, app_id)
         inst = self._instance(instance_id.hex())
         inst.dir.mkdir(parents=True, mode=0o700)
-        atomic_write_json(
-            inst.info_path,
-            {"app_id": app_id.hex(), "instance_id_seed": seed.hex(), "instance_id": instance_id.hex()},
-        )
-        atomic_write_json(inst.sys_config_path, sys_config, mode=0o644)
-        inst.write_manifest(app_compose, encrypted_env, user_config)
-        inst.update_state(
-            name=name,
-            desired="running",
-            created_at=int(time.time()),
-            limits={"cpus": limits.cpus, "memory_mb": limits.memory_mb, "pids": limits.pids},
-            history=[
-                {
-                    "at": int(time.time()),
-                    "event": "created",
-                    "compose_hash": hashlib.sha256(app_compose).hexdigest(),
-                }
-            ],
-        )
+        # `.instance-info` marks a complete instance (`all()` lists only those), so it is written last; a
+        # failure (or a crash) before it leaves nothing that is listed or resumed, and a failure removes the
+        # directory.
+        try:
+            atomic_write_json(inst.sys_config_path, sys_config, mode=0o644)
+            inst.write_manifest(app_compose, encrypted_env, user_config)
+            inst.update_state(
+                name=name,
+                desired="running",
+                created_at=int(time.time()),
+                limits={"cpus": limits.cpus, "memory_mb": limits.memory_mb, "pids": limits.pids},
+                history=[
+                    {
+                        "at": int(time.time()),
+                        "event": "created",
+                        "compose_hash": hashlib.sha256(app_compose).hexdigest(),
+                    }
+                ],
+            )
+            atomic_write_json(
+                inst.info_path,
+                {"app_id": app_id.hex(), "instance_id_seed": seed.hex(), "instance_id": instance_id.hex()},
+            )
+        except BaseException:
+            shutil.rmtree(inst.dir, ignore_errors=True)
+            raise
         return inst
 
     def get(self, ref: str) -> Instance:
