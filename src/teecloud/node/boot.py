@@ -169,18 +169,19 @@ def boot_instance(
         log.warning("CVM %s: env vars not in allowed_envs dropped: %s", inst.instance_id, ", ".join(dropped))
     inst.env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     env_file = inst.env_dir / ENV_FILE_NAME
-    env_file.write_bytes(render_env_file(env))  # tmpfs
-    env_file.chmod(0o644)  # readable by the app's (possibly non-root) user inside the container
-    mark("env")
-
-    # (4)
-    progress("storage")
     volume = EncryptedVolume(inst.cipher_dir, inst.mount_point)
-    volume.mount(state.keys.disk_crypt_key)
-    mark("storage")
-
     runner: AgentRunner | None = None
+    started: ComposeSpec | None = None
     try:
+        env_file.write_bytes(render_env_file(env))  # tmpfs
+        env_file.chmod(0o644)  # readable by the app's (possibly non-root) user inside the container
+        mark("env")
+
+        # (4)
+        progress("storage")
+        volume.mount(state.keys.disk_crypt_key)
+        mark("storage")
+
         # (5)
         progress("agent")
         runner = AgentRunner(
@@ -195,6 +196,7 @@ def boot_instance(
         if not isinstance(text, str):
             raise BootFailed("starting", "app-compose.json has no docker_compose_file")
         volume.ensure_dirs(runtime.prepare(spec, text, inst.limits()))
+        started = spec
         runtime.up(spec)
         mark("starting")
 
@@ -203,10 +205,17 @@ def boot_instance(
         wait_healthy(runtime, spec.project, timeout=healthy_timeout)
         mark("healthy")
     except BaseException:
+        # a boot that fails after the keys leaves nothing decrypted behind: no app containers still running
+        # (a failed CVM is powered off), no agent, no mount, no env file
+        if started is not None:
+            with contextlib.suppress(NodeError):
+                runtime.stop(started)
         if runner is not None:
             runner.stop()
         with contextlib.suppress(NodeError):
             volume.unmount()
+        with contextlib.suppress(FileNotFoundError):
+            env_file.unlink()
         raise
     return BootedCvm(state=state, runner=runner, volume=volume, timings=timings, dropped_env=dropped)
 
