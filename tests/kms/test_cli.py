@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 
 from typer.testing import CliRunner
 
+from teecloud.chain import ChainRpcServer, ContractReverted
 from teecloud.cli import app as cli
 from teecloud.kms.service import KmsServer
 from tests.kms.conftest import COMPOSE_V1, COMPOSE_V2, World, client_cert, make_app, make_kms, post_with_cert
@@ -14,16 +17,28 @@ from tests.kms.conftest import COMPOSE_V1, COMPOSE_V2, World, client_cert, make_
 
 def test_pubkey_and_audit(teecloud_home: Path, world: World) -> None:
     kms = make_kms(teecloud_home, world.chain)
+    with contextlib.suppress(ContractReverted):  # KMS builds measure the same everywhere: maybe already in
+        world.chain.add_kms_mr(kms.service.identity.mr_aggregated)
+    with contextlib.suppress(ContractReverted):
+        world.chain.add_kms_device(kms.tee.device_id)
     app_id = world.register(COMPOSE_V1)
     bad = make_app(teecloud_home, app_id, COMPOSE_V2)
     runner = CliRunner()
-    with KmsServer(kms.service) as server:
-        r = runner.invoke(cli, ["kms", "pubkey", "0x" + app_id.hex(), "--url", server.url, "--dev", "--json"])
-        assert r.exit_code == 0, r.output
-        doc = json.loads(r.output)
-        assert doc["kms_k256_pubkey"] == kms.service.state.root.k256_public_key.hex()
-        key, der = client_cert(kms, bad)
-        post_with_cert(server.url, "/prpc/KMS.GetAppKey", key, der)
+    rpc = ChainRpcServer(world.chain.transport.chain).start()  # the CLI checks the KMS against KmsAuth
+    # the CLI finds KmsAuth through this home's deployment record, as an operator's machine would
+    (teecloud_home / "chain").mkdir(exist_ok=True)
+    shutil.copy(world.chain_dir / "chain" / "deployment.json", teecloud_home / "chain" / "deployment.json")
+    try:
+        with KmsServer(kms.service) as server:
+            args = ["kms", "pubkey", "0x" + app_id.hex(), "--url", server.url, "--dev", "--json"]
+            r = runner.invoke(cli, [*args, "--rpc-url", rpc.url])
+            assert r.exit_code == 0, r.output
+            doc = json.loads(r.output)
+            assert doc["kms_k256_pubkey"] == kms.service.state.root.k256_public_key.hex()
+            key, der = client_cert(kms, bad)
+            post_with_cert(server.url, "/prpc/KMS.GetAppKey", key, der)
+    finally:
+        rpc.stop()
     r = runner.invoke(cli, ["kms", "audit", "--json"])
     assert r.exit_code == 0, r.output
     recs = [json.loads(line) for line in r.output.splitlines() if line.strip()]

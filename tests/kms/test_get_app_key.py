@@ -49,7 +49,9 @@ def server(kms: Kms) -> Iterator[KmsServer]:
 
 def client_for(kms: Kms, server: KmsServer) -> KmsClient:
     check = ratls_server_check(
-        collateral_for=lambda quote, now: kms.tee.collateral(), dev_root_der=kms.tee.dev_root_der()
+        collateral_for=lambda quote, now: kms.tee.collateral(),
+        dev_root_der=kms.tee.dev_root_der(),
+        expected_ca_pubkey_der=kms.service.state.root.ca_public_key_der,
     )
     return KmsClient(server.url, server_check=check)
 

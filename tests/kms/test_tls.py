@@ -17,7 +17,9 @@ from tests.kms.conftest import COMPOSE_V1, COMPOSE_V2, World, make_app, make_kms
 
 def _client(kms, url: str) -> KmsClient:
     check = ratls_server_check(
-        collateral_for=lambda quote, now: kms.tee.collateral(), dev_root_der=kms.tee.dev_root_der()
+        collateral_for=lambda quote, now: kms.tee.collateral(),
+        dev_root_der=kms.tee.dev_root_der(),
+        expected_ca_pubkey_der=kms.service.state.root.ca_public_key_der,
     )
     return KmsClient(url, server_check=check)
 
@@ -81,7 +83,9 @@ def test_server_check_rejects_a_kms_under_another_dev_root(
     other = SimulatedTdx(tmp_path / "other-installation")
     with KmsServer(kms.service) as server:
         check = ratls_server_check(
-            collateral_for=lambda quote, now: other.collateral(), dev_root_der=other.dev_root_der()
+            collateral_for=lambda quote, now: other.collateral(),
+            dev_root_der=other.dev_root_der(),
+            expected_ca_pubkey_der=kms.service.state.root.ca_public_key_der,
         )
         with pytest.raises(KmsClientError, match="does not verify"):
             KmsClient(server.url, server_check=check).meta()
@@ -139,3 +143,25 @@ def test_kms_client_is_an_agent_key_provider() -> None:
     from teecloud.agent.keyprovider import KeyProvider
 
     assert isinstance(KmsClient("https://127.0.0.1:1", server_check=UnsafeNoServerCheck()), KeyProvider)
+
+
+def test_server_check_needs_an_authority(teecloud_home: Path, world: World) -> None:
+    """Attestation alone proves "some CVM": any tenant app can mint an RA-TLS certificate from its own quote.
+    A client that checks neither KmsAuth nor the KMS root key could be handed a fake KMS's keys."""
+    kms = make_kms(teecloud_home, world.chain)
+    with pytest.raises(ValueError, match="not necessarily the KMS"):
+        ratls_server_check(collateral_for=lambda q, now: kms.tee.collateral(), dev_root_der=None)
+
+
+def test_server_check_refuses_a_kms_with_another_root_key(teecloud_home: Path, world: World) -> None:
+    from teecloud.keys.appkeys import RootKeys
+
+    kms = make_kms(teecloud_home, world.chain)
+    with KmsServer(kms.service) as server:
+        check = ratls_server_check(
+            collateral_for=lambda quote, now: kms.tee.collateral(),
+            dev_root_der=kms.tee.dev_root_der(),
+            expected_ca_pubkey_der=RootKeys.generate().ca_public_key_der,
+        )
+        with pytest.raises(KmsClientError, match="not issued by the expected KMS root"):
+            KmsClient(server.url, server_check=check).meta()

@@ -222,7 +222,9 @@ def onboard(
     )
 
 
-def _local_client(url: str | None, dev: bool, pccs_url: str | None, insecure: bool) -> Any:
+def _local_client(
+    url: str | None, dev: bool, pccs_url: str | None, insecure: bool, rpc_url: str | None = None
+) -> Any:
     from teecloud.kms.client import KmsClient, UnsafeNoServerCheck, ratls_server_check
 
     if url is None:
@@ -233,18 +235,23 @@ def _local_client(url: str | None, dev: bool, pccs_url: str | None, insecure: bo
             _fail("no --url given and no local KMS running (`teecloud kms up`)")
     if insecure:
         return KmsClient(url, server_check=UnsafeNoServerCheck())
+    # The KMS must be one KmsAuth allows (isKmsAllowed on its attested boot info), not just any CVM.
     if dev:
         from teecloud.tee.simulated import SimulatedTdx
 
         sim = SimulatedTdx()
         check = ratls_server_check(
-            collateral_for=lambda q, now: sim.collateral(), dev_root_der=sim.dev_root_der()
+            collateral_for=lambda q, now: sim.collateral(),
+            dev_root_der=sim.dev_root_der(),
+            chain=_chain(rpc_url, None),
         )
         return KmsClient(url, server_check=check)
     if pccs_url:
         tee_col = _collateral(None, False, pccs_url)
         check = ratls_server_check(
-            collateral_for=lambda q, now: tee_col.collateral_for(q, now=now), dev_root_der=None
+            collateral_for=lambda q, now: tee_col.collateral_for(q, now=now),
+            dev_root_der=None,
+            chain=_chain(rpc_url, None),
         )
         return KmsClient(url, server_check=check)
     _fail("say how to verify the KMS: --dev (simulated, local dev root), --pccs-url URL, or --insecure")
@@ -256,12 +263,16 @@ def pubkey(
     url: Annotated[str | None, typer.Option(help="KMS URL (default: the local `kms up`).")] = None,
     dev: Annotated[bool, typer.Option("--dev", help="Verify the KMS against the local dev root.")] = False,
     pccs_url: Annotated[str | None, typer.Option("--pccs-url")] = None,
+    rpc_url: Annotated[
+        str | None,
+        typer.Option("--rpc-url", help="Chain whose KmsAuth must allow the KMS (default: embedded chain)."),
+    ] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Do not verify the KMS (NOT for real use).")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """The app's env-encryption X25519 public key, with the KMS signature checked."""
+    """The app's env-encryption X25519 public key, with the KMS (and its signature) checked."""
     from teecloud.kms.errors import KmsError
 
     raw = app_id.strip().lower().removeprefix("0x")
@@ -271,7 +282,7 @@ def pubkey(
         _fail(f"{app_id!r} is not a hex app id")
     if len(app_bytes) != 20:
         _fail("an app id is 20 bytes (40 hex digits)")
-    client = _local_client(url, dev, pccs_url, insecure)
+    client = _local_client(url, dev, pccs_url, insecure, rpc_url)
     try:
         pub, resp = client.get_env_encrypt_pubkey(app_bytes)
         meta = client.meta()

@@ -75,7 +75,15 @@ def ratls_server_check(
 ) -> ServerCheck:
     """A ServerCheck that verifies the KMS's RA-TLS certificate (cached per certificate hash for its
     validity): quote + event log + binding (teecloud.keys.ratls), not debug, TCB UpToDate; with `chain`,
-    KmsAuth.isKmsAllowed(boot_info); with `expected_ca_pubkey_der`, the certificate chains to that root."""
+    KmsAuth.isKmsAllowed(boot_info); with `expected_ca_pubkey_der`, the certificate chains to that root.
+
+    One of `chain` or `expected_ca_pubkey_der` is required: attestation alone only says "some CVM", and any
+    tenant app can mint an RA-TLS certificate from its own quote and pose as the KMS."""
+    if chain is None and expected_ca_pubkey_der is None:
+        raise ValueError(
+            "ratls_server_check needs `chain` (KmsAuth.isKmsAllowed) or `expected_ca_pubkey_der`: "
+            "an attested CVM is not necessarily the KMS"
+        )
     if policy is None:
         # Simulated evidence is acceptable exactly when the caller trusts a development root.
         policy = dataclasses.replace(Policy.default(), allow_simulated=dev_root_der is not None)
