@@ -65,7 +65,7 @@ def test_multisig_replayed_approval(
 
 
 def test_multisig_non_owner(chain: ChainClient, ms_app: tuple[str, str, bytes, list[ChainClient]]) -> None:
-    app_id, ms, _, (a, _b, _c) = ms_app
+    app_id, ms, _, (a, b, _c) = ms_app
     stranger = chain.with_signer(chain.keys[7])  # type: ignore[attr-defined]
     data = abi_of("AppAuth").encode_call("add_compose_hash", rand32())
     with pytest.raises(ContractReverted, match="caller is not an owner"):
@@ -75,8 +75,10 @@ def test_multisig_non_owner(chain: ChainClient, ms_app: tuple[str, str, bytes, l
         stranger.multisig_approve(ms, pid)
     with pytest.raises(ContractReverted, match="caller is not an owner"):
         stranger.transact("Multisig", ms, "execute", pid, app_id, 0, data)
-    with pytest.raises(ContractReverted, match="caller is not the proposer"):
+    with pytest.raises(ContractReverted, match="caller is not an owner"):
         stranger.transact("Multisig", ms, "cancel", pid)
+    with pytest.raises(ContractReverted, match="caller is not the proposer"):
+        b.transact("Multisig", ms, "cancel", pid)
 
 
 def test_multisig_execute_must_match_proposal(ms_app: tuple[str, str, bytes, list[ChainClient]]) -> None:
@@ -124,6 +126,18 @@ def test_multisig_owner_set_changes_only_by_itself(
     assert chain.call("Multisig", ms, "approval_count", pid_upgrade) == 0
     with pytest.raises(ContractReverted, match="caller is not an owner"):
         c.multisig_approve(ms, pid_upgrade)
+    with pytest.raises(ContractReverted, match="caller is not an owner"):
+        c.transact("Multisig", ms, "cancel", pid_upgrade)  # its own proposal, but no longer an owner
+    # re-adding c does not bring back the approval it gave in its earlier term
+    pid = a.multisig_propose(ms, ms, ms_abi.encode_call("add_owner", c.address))
+    b.multisig_approve(ms, pid)
+    a.multisig_execute(ms, pid)
+    assert chain.call("Multisig", ms, "approval_count", pid_upgrade) == 0
+    c.multisig_approve(ms, pid_upgrade)  # a fresh approval in the new term counts
+    assert chain.call("Multisig", ms, "approval_count", pid_upgrade) == 1
+    pid = a.multisig_propose(ms, ms, ms_abi.encode_call("remove_owner", c.address))
+    b.multisig_approve(ms, pid)
+    a.multisig_execute(ms, pid)
     # cannot go below the threshold
     pid = a.multisig_propose(ms, ms, ms_abi.encode_call("remove_owner", b.address))
     b.multisig_approve(ms, pid)

@@ -60,6 +60,10 @@ threshold: public(uint256)
 proposal_count: public(uint256)
 proposals: public(HashMap[uint256, Proposal])
 approved: public(HashMap[uint256, HashMap[address, bool]])
+# An owner's membership term: bumped when the owner is removed, so approvals given in an earlier term never
+# count again if the same address is re-added later.
+owner_term: public(HashMap[address, uint256])
+approval_term: HashMap[uint256, HashMap[address, uint256]]
 
 
 @deploy
@@ -118,12 +122,25 @@ def approval_count(proposal_id: uint256) -> uint256:
 
 @internal
 @view
+def _has_approved(proposal_id: uint256, owner: address) -> bool:
+    return self.approved[proposal_id][owner] and self.approval_term[proposal_id][owner] == self.owner_term[owner]
+
+
+@internal
+@view
 def _approvals(proposal_id: uint256) -> uint256:
     n: uint256 = 0
     for o: address in self.owners:
-        if self.approved[proposal_id][o]:
+        if self._has_approved(proposal_id, o):
             n += 1
     return n
+
+
+@internal
+def _approve(proposal_id: uint256, owner: address):
+    self.approved[proposal_id][owner] = True
+    self.approval_term[proposal_id][owner] = self.owner_term[owner]
+    log ProposalApproved(proposal_id=proposal_id, owner=owner)
 
 
 @external
@@ -139,8 +156,7 @@ def propose(target: address, amount: uint256, data: Bytes[MAX_DATA]) -> uint256:
         cancelled=False,
     )
     log ProposalCreated(proposal_id=proposal_id, proposer=msg.sender, target=target, value=amount, data=data)
-    self.approved[proposal_id][msg.sender] = True
-    log ProposalApproved(proposal_id=proposal_id, owner=msg.sender)
+    self._approve(proposal_id, msg.sender)
     return proposal_id
 
 
@@ -148,22 +164,22 @@ def propose(target: address, amount: uint256, data: Bytes[MAX_DATA]) -> uint256:
 def approve(proposal_id: uint256):
     self._only_owner()
     self._open(proposal_id)
-    assert not self.approved[proposal_id][msg.sender], "already approved"
-    self.approved[proposal_id][msg.sender] = True
-    log ProposalApproved(proposal_id=proposal_id, owner=msg.sender)
+    assert not self._has_approved(proposal_id, msg.sender), "already approved"
+    self._approve(proposal_id, msg.sender)
 
 
 @external
 def revoke(proposal_id: uint256):
     self._only_owner()
     self._open(proposal_id)
-    assert self.approved[proposal_id][msg.sender], "not approved"
+    assert self._has_approved(proposal_id, msg.sender), "not approved"
     self.approved[proposal_id][msg.sender] = False
     log ApprovalRevoked(proposal_id=proposal_id, owner=msg.sender)
 
 
 @external
 def cancel(proposal_id: uint256):
+    self._only_owner()  # a removed owner cannot cancel what it proposed while it was one
     self._open(proposal_id)
     assert msg.sender == self.proposals[proposal_id].proposer, "caller is not the proposer"
     self.proposals[proposal_id].cancelled = True
@@ -199,6 +215,7 @@ def remove_owner(owner: address):
     assert self.is_owner[owner], "not an owner"
     assert len(self.owners) - 1 >= self.threshold, "would leave fewer owners than the threshold"
     self.is_owner[owner] = False
+    self.owner_term[owner] += 1
     kept: DynArray[address, MAX_OWNERS] = []
     for o: address in self.owners:
         if o != owner:
