@@ -283,12 +283,13 @@ def test_simulated_tdx_needs_explicit_dev_root(tmp_path: Path, teecloud_home: Pa
     base = ["verify", tmp_path / "q", "--collateral", tmp_path / "c.json"]
     code, out = as_json(*base)
     assert code == 1 and out["reason"] == "signed by a development root, not by Intel"
-    code, out = as_json(*base, "--trust-dev-root")  # default path: data_home()/simulated-tee/root_ca.der
-    assert code == 1 and out["tee"] == "tdx-simulated" and "allow_simulated" in out["reason"]
-    policy = tmp_path / "p.toml"
-    policy.write_text("version = 1\nallow_simulated = true\n")
-    code, out = as_json(*base, "--trust-dev-root", "--policy", policy)
+    # default path data_home()/simulated-tee/root_ca.der; trusting it is the choice to accept simulation
+    code, out = as_json(*base, "--trust-dev-root")
     assert code == 0 and out["tee"] == "tdx-simulated" and out["simulated"] is True
+    # the library's default policy still refuses simulated evidence: only the explicit flag accepts it
+    from teecloud.attestation.policy import Policy
+
+    assert Policy.default().allow_simulated is False
 
 
 def test_simulated_debug_td_is_rejected(tmp_path: Path, teecloud_home: Path) -> None:
@@ -443,3 +444,64 @@ def test_evidence_or_app_is_required(vectors: Path) -> None:
     assert code == 2 and "EVIDENCE" in err
     code, _out, err = run("verify", vectors / "tdx" / "tdx_quote", "--app", "x")
     assert code == 2 and "not both" in err
+
+
+# ------------------------------------------------------------------------------- simulated TEE (issue 3)
+
+
+def _simulated_dstack_json(tmp_path: Path) -> tuple[Path, object]:
+    from teecloud.tee.simulated import SimulatedTdx
+
+    tee = SimulatedTdx()  # this installation's dev root, under TEECLOUD_HOME
+    tee.emit_event("app-started", b"\x01")
+    report_data = bytes(range(32))
+    doc = {
+        "quote": tee.quote(report_data).hex(),
+        "event_log": json.dumps([e.to_json() for e in tee.event_log()]),
+        "report_data": report_data.ljust(64, b"\0").hex(),
+        "vm_config": json.dumps(tee.vm_config()),
+    }
+    path = tmp_path / "simulated.json"
+    path.write_text(json.dumps(doc))
+    return path, tee
+
+
+def test_simulated_quote_rejected_by_default_accepted_with_the_dev_root(tmp_path: Path) -> None:
+    path, tee = _simulated_dstack_json(tmp_path)
+    collateral = tmp_path / "collateral.json"
+    collateral.write_bytes(tee.collateral())  # type: ignore[attr-defined]
+    code, doc = as_json("verify", path, "--collateral", collateral)
+    assert code == 1 and doc["reason"] == "signed by a development root, not by Intel"
+    # --trust-dev-root: this installation's root, and its collateral from the data directory
+    code, doc = as_json("verify", path, "--trust-dev-root")
+    assert code == 0, doc
+    assert doc["is_valid"] and doc["tee"] == "tdx-simulated" and doc["simulated"] is True
+    assert doc["report_data"].startswith(bytes(range(32)).hex())
+    # a policy file cannot silently lose the dev-root choice, and a foreign dev root is still refused
+    other = tmp_path / "other-root.der"
+    from teecloud.tee.simulated import SimulatedTdx
+
+    other.write_bytes(SimulatedTdx(tmp_path / "elsewhere").dev_root_der())
+    code, doc = as_json("verify", path, "--collateral", collateral, "--dev-root", other)
+    assert code == 1 and not doc["is_valid"]
+
+
+def test_simulated_collateral_is_served_like_real_collateral(tmp_path: Path, teecloud_home: Path) -> None:
+    """The simulated platform's collateral directory, served by the PCCS-compatible server, is fetched by
+    the verifier exactly like Intel's."""
+    from teecloud.collateral import CollateralStore, make_pccs_app
+
+    path, tee = _simulated_dstack_json(tmp_path)
+    tee.collateral()  # type: ignore[attr-defined]  # written to the data directory on first use
+    store = CollateralStore.from_directory(teecloud_home / "simulated-tee" / "collateral")
+    for url in serve(make_pccs_app(store)):
+        code, doc = as_json("verify", path, "--pccs-url", url, "--trust-dev-root")
+        assert code == 0, doc
+        assert doc["tee"] == "tdx-simulated"
+        code, doc = as_json("verify", path, "--pccs-url", url)
+        assert code == 1 and doc["reason"] == "signed by a development root, not by Intel"
+
+
+def test_usage_errors_in_json_mode_still_print_one_object(tmp_path: Path) -> None:
+    code, out, _err = run("verify", tmp_path / "missing.bin", "--json")
+    assert code == 2 and json.loads(out)["is_valid"] is False
