@@ -132,6 +132,27 @@ def test_get_quote_verifies_and_replays(client, booted):
     assert vm["os_image_hash"] == booted.tee.os_image_hash.hex()
 
 
+def test_get_quote_verifies_with_the_cli(client, booted, tmp_path):
+    """`teecloud verify --trust-dev-root` on exactly what the SDK returned (dstack's JSON shape)."""
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app
+
+    q = client.get_quote(b"cli-check")
+    doc = {"quote": q.quote, "event_log": q.event_log, "report_data": q.report_data, "vm_config": q.vm_config}
+    path = tmp_path / "quote.json"
+    path.write_text(json.dumps(doc))
+    booted.tee.collateral()  # the platform's collateral file in the data directory
+    r = CliRunner().invoke(app, ["verify", str(path), "--trust-dev-root", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["tee"] == "tdx-simulated"
+    assert out["app_info"]["compose_hash"] == booted.compose_hash.hex()
+    assert out["app_info"]["app_id"] == booted.app_id.hex()
+    r = CliRunner().invoke(app, ["verify", str(path), "--json"])  # production settings
+    assert r.exit_code != 0
+
+
 def test_get_quote_with_64_bytes_and_hex_str(client):
     q = client.get_quote(b"\xff" * 64)
     assert q.report_data == "ff" * 64
