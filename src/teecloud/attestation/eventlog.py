@@ -107,28 +107,53 @@ def _parse_cached(data: str | bytes, limits: VerifierLimits) -> tuple[EventLogEn
             step="event_log_verified",
         )
     entries: list[EventLogEntry] = []
+    max_payload_hex = 2 * limits.max_event_payload_size
+    fromhex = bytes.fromhex
     for i, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise MalformedEvidence(f"event log entry #{i} is not an object", step="event_log_verified")
-        where = f"entry #{i}"
-        event = item.get("event", "")
-        if not isinstance(event, str):
-            raise MalformedEvidence(f"event log: {where}.event must be a string", step="event_log_verified")
-        digest = _hex(item.get("digest"), f"{where}.digest", _RTMR_SIZE)
-        if not digest:
-            raise MalformedEvidence(f"event log: {where}.digest is empty", step="event_log_verified")
-        entries.append(
-            EventLogEntry(
-                imr=_int(item.get("imr"), f"{where}.imr", 0, 3),
-                event_type=_int(item.get("event_type"), f"{where}.event_type", 0, 0xFFFFFFFF),
-                digest=digest,
-                event=event,
-                event_payload=_hex(
-                    item.get("event_payload", ""), f"{where}.event_payload", limits.max_event_payload_size
-                ),
-            )
-        )
+        # Fast path for well-formed entries; anything unexpected is re-checked by _entry for its message.
+        if type(item) is dict:
+            imr, et, dg = item.get("imr"), item.get("event_type"), item.get("digest")
+            ev, pl = item.get("event", ""), item.get("event_payload", "")
+            if (
+                type(imr) is int
+                and 0 <= imr <= 3
+                and type(et) is int
+                and 0 <= et <= 0xFFFFFFFF
+                and type(dg) is str
+                and 0 < len(dg) <= 2 * _RTMR_SIZE
+                and type(ev) is str
+                and type(pl) is str
+                and len(pl) <= max_payload_hex
+            ):
+                try:
+                    entries.append(EventLogEntry(imr, et, fromhex(dg), ev, fromhex(pl)))
+                    continue
+                except ValueError:
+                    pass
+        entries.append(_entry(i, item, limits))
     return tuple(entries)
+
+
+def _entry(i: int, item: Any, limits: VerifierLimits) -> EventLogEntry:
+    """One entry, checked field by field so the error names what is wrong."""
+    if not isinstance(item, dict):
+        raise MalformedEvidence(f"event log entry #{i} is not an object", step="event_log_verified")
+    where = f"entry #{i}"
+    event = item.get("event", "")
+    if not isinstance(event, str):
+        raise MalformedEvidence(f"event log: {where}.event must be a string", step="event_log_verified")
+    digest = _hex(item.get("digest"), f"{where}.digest", _RTMR_SIZE)
+    if not digest:
+        raise MalformedEvidence(f"event log: {where}.digest is empty", step="event_log_verified")
+    return EventLogEntry(
+        imr=_int(item.get("imr"), f"{where}.imr", 0, 3),
+        event_type=_int(item.get("event_type"), f"{where}.event_type", 0, 0xFFFFFFFF),
+        digest=digest,
+        event=event,
+        event_payload=_hex(
+            item.get("event_payload", ""), f"{where}.event_payload", limits.max_event_payload_size
+        ),
+    )
 
 
 def event_log_to_json(entries: Sequence[EventLogEntry]) -> str:
