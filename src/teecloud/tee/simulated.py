@@ -17,10 +17,11 @@ State on disk, `data_home()/simulated-tee/` (one per installation):
 The key set is created once, atomically (built in a temporary directory, then renamed into place), and is
 never regenerated over existing files: incomplete or corrupt state raises SimulatedTeeStateError.
 
-Measurements (per instance = per simulated CVM, in memory): MRTD and RTMR0-2 are derived from the named OS
-image (`os_image_hash` = sha256 of a small JSON manifest), RTMR0-2 by extending digest-only event-log
-entries so the event log replays to them; RTMR3 starts at zero and grows with `emit_event` (dstack runtime
-events).
+Measurements (per instance = per simulated CVM, in memory): MRTD and RTMR0-2 are derived from the OS image
+hash (`os_image_hash` = sha256 of a small JSON manifest naming the image, the on-chain identifier), RTMR0-2
+by extending digest-only event-log entries so the event log replays to them; RTMR0 also reads the VM shape
+(cpu_count, memory_size). `reference_measurements(os_image_hash, ...)` gives the expected values for a
+verifier (the KMS). RTMR3 starts at zero and grows with `emit_event` (dstack runtime events).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "RUNTIME_EVENT_TYPE",
     "SimulatedTdx",
     "os_image_hash_for",
+    "reference_measurements",
     "runtime_event_digest",
 ]
 
@@ -95,6 +97,67 @@ def runtime_event_digest(name: str, payload: bytes) -> bytes:
 
 def _extend(register: bytes, digest: bytes) -> bytes:
     return hashlib.sha384(register + digest.ljust(48, b"\x00")).digest()
+
+
+def _image_mrtd(os_image_hash: bytes) -> bytes:
+    """Stand-in for the TDVF firmware measurement (MRTD): a function of the OS image only."""
+    return hashlib.sha384(b"teecloud-sim:mrtd:" + os_image_hash).digest()
+
+
+def _boot_measurements(
+    os_image_hash: bytes, cpu_count: int, memory_size: int
+) -> list[tuple[int, int, bytes]]:
+    """Stand-ins for firmware (RTMR0: config, ACPI tables depending on CPU/memory), kernel (RTMR1) and
+    command line + initrd (RTMR2); all a deterministic function of the OS image and VM shape. Only the
+    RTMR0 ACPI entry reads the VM shape, as on TDX (QEMU builds the ACPI tables from it)."""
+
+    def d(label: str, extra: bytes = b"") -> bytes:
+        return hashlib.sha384(b"teecloud-sim:" + label.encode() + b":" + os_image_hash + extra).digest()
+
+    shape = struct.pack("<IQ", cpu_count, memory_size)
+    return [
+        (0, _EV_EFI_VARIABLE_DRIVER_CONFIG, d("secure-boot-config")),
+        (0, _EV_PLATFORM_CONFIG_FLAGS, d("acpi-tables", shape)),
+        (0, _EV_SEPARATOR, d("separator-0")),
+        (1, _EV_EFI_BOOT_SERVICES_APPLICATION, d("kernel")),
+        (1, _EV_SEPARATOR, d("separator-1")),
+        (2, _EV_EVENT_TAG, d("kernel-cmdline")),
+        (2, _EV_EVENT_TAG, d("initrd")),
+    ]
+
+
+def _check_vm_shape(cpu_count: object, memory_size: object) -> tuple[int, int]:
+    for name, value, limit in (("cpu_count", cpu_count, 0xFFFFFFFF), ("memory_size", memory_size, 2**64 - 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+            raise TeeUsageError(f"{name} must be a positive integer of at most {limit}, not {value!r}")
+    assert isinstance(cpu_count, int) and isinstance(memory_size, int)
+    return cpu_count, memory_size
+
+
+def reference_measurements(
+    os_image_hash: bytes, *, cpu_count: int | None = None, memory_size: int | None = None
+) -> dict[str, bytes]:
+    """The registers a `SimulatedTdx` booted from the image `os_image_hash` (the on-chain identifier,
+    `os_image_hash_for(name)`) has right after its boot measurements, before any runtime event.
+
+    Always `mrtd`, `rtmr1` (kernel) and `rtmr2` (command line + initrd): they depend on the image only.
+    `rtmr0` (firmware configuration, ACPI tables) also depends on the VM shape, so it is included only when
+    both `cpu_count` and `memory_size` are given. RTMR3 is not a reference value (runtime events).
+    This is the simulator's counterpart of dstack-mr for real images; it is the one place that formula
+    lives (SimulatedTdx boots through the same helpers)."""
+    if not isinstance(os_image_hash, bytes) or len(os_image_hash) != 32:
+        raise TeeUsageError("os_image_hash must be 32 bytes")
+    if (cpu_count is None) != (memory_size is None):
+        raise TeeUsageError("give both cpu_count and memory_size (for rtmr0), or neither")
+    with_shape = cpu_count is not None
+    cpus, memory = _check_vm_shape(cpu_count, memory_size) if with_shape else (1, 1)
+    rtmrs = [bytes(48) for _ in range(3)]
+    for imr, _event_type, digest in _boot_measurements(os_image_hash, cpus, memory):
+        rtmrs[imr] = _extend(rtmrs[imr], digest)
+    out = {"mrtd": _image_mrtd(os_image_hash), "rtmr1": rtmrs[1], "rtmr2": rtmrs[2]}
+    if with_shape:
+        out["rtmr0"] = rtmrs[0]
+    return out
 
 
 def _now() -> dt.datetime:
@@ -268,13 +331,12 @@ class SimulatedTdx:
         self._revoked = revoked_pck
         self._os_image = os_image
         self._os_image_hash = os_image_hash_for(os_image)
-        self._cpu_count = cpu_count
-        self._memory_size = memory_size
+        self._cpu_count, self._memory_size = _check_vm_shape(cpu_count, memory_size)
         self._lock = threading.Lock()
         self._collateral_lock = threading.Lock()
         self._revoked_collateral: tuple[dt.datetime, bytes] | None = None
         self._cached_collateral: tuple[dt.datetime, bytes] | None = None
-        self._mrtd = hashlib.sha384(b"teecloud-sim:mrtd:" + self._os_image_hash).digest()
+        self._mrtd = _image_mrtd(self._os_image_hash)
         self._rtmrs = [bytes(48) for _ in range(4)]
         self._log: list[EventLogEntry] = []
         for imr, event_type, digest in self._boot_measurements():
@@ -282,24 +344,9 @@ class SimulatedTdx:
             self._log.append(EventLogEntry(imr=imr, event_type=event_type, digest=digest))
 
     def _boot_measurements(self) -> list[tuple[int, int, bytes]]:
-        """Stand-ins for firmware (RTMR0: config, ACPI tables depending on CPU/memory), kernel (RTMR1) and
-        command line + initrd (RTMR2); all a deterministic function of the OS image and VM shape."""
-
-        def d(label: str, extra: bytes = b"") -> bytes:
-            return hashlib.sha384(
-                b"teecloud-sim:" + label.encode() + b":" + self._os_image_hash + extra
-            ).digest()
-
-        shape = struct.pack("<IQ", self._cpu_count, self._memory_size)
-        return [
-            (0, _EV_EFI_VARIABLE_DRIVER_CONFIG, d("secure-boot-config")),
-            (0, _EV_PLATFORM_CONFIG_FLAGS, d("acpi-tables", shape)),
-            (0, _EV_SEPARATOR, d("separator-0")),
-            (1, _EV_EFI_BOOT_SERVICES_APPLICATION, d("kernel")),
-            (1, _EV_SEPARATOR, d("separator-1")),
-            (2, _EV_EVENT_TAG, d("kernel-cmdline")),
-            (2, _EV_EVENT_TAG, d("initrd")),
-        ]
+        """The firmware/kernel/initrd measurements of this CVM (see `reference_measurements`). A subclass
+        may override it to simulate a CVM that booted something other than its claimed image."""
+        return _boot_measurements(self._os_image_hash, self._cpu_count, self._memory_size)
 
     # -- TeePlatform ----------------------------------------------------------------------------------
 
