@@ -13,7 +13,13 @@ from teecloud._fs import data_home
 from teecloud.chain import ChainClient
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
-from teecloud.kms.service import KmsConfig, KmsServer, KmsService, StaticCollateral, simulated_os_image_mrtd
+from teecloud.kms.service import (
+    KmsConfig,
+    KmsServer,
+    KmsService,
+    StaticCollateral,
+    simulated_os_image_reference,
+)
 from teecloud.tee.simulated import SimulatedTdx
 
 COMPOSE = hashlib.sha256(b"crash test compose").digest()
@@ -38,7 +44,7 @@ def main() -> None:
         config=KmsConfig(dev_mode=True),
         dev_root_der=tee.dev_root_der(),
         block_number=chain.block_number,
-        os_image_mrtd=simulated_os_image_mrtd,
+        os_image_reference=simulated_os_image_reference,
     )
     server = KmsServer(service).start()
     line = {

@@ -23,7 +23,7 @@ from teecloud.keys.ratls import make_ratls_cert
 from teecloud.kms.api import AuditRecord
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
-from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral, simulated_os_image_mrtd
+from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral, simulated_os_image_reference
 from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for
 
 
@@ -74,7 +74,7 @@ def make_kms(
         config=KmsConfig(dev_mode=dev),
         dev_root_der=tee.dev_root_der() if dev else None,
         block_number=block_number if block_number is not None else getattr(chain, "block_number", None),
-        os_image_mrtd=simulated_os_image_mrtd,
+        os_image_reference=simulated_os_image_reference,
         clock=clock,
     )
     return Kms(service, tee, home)

@@ -212,9 +212,9 @@ def test_production_kms_without_os_image_references_fails_closed(
     _, der = client_cert(kms, AppCvm(tee, app_id, COMPOSE_V1, iid))
     # Stand-in for genuine hardware evidence: the dev KMS's attestation (the production KMS would refuse the
     # simulated root first, which is not what this test is about).
-    kms.service.os_image_mrtd = None
+    kms.service.os_image_reference = None
     prod = make_kms(teecloud_home, world.chain, dev=False)
-    prod.service.os_image_mrtd = None
+    prod.service.os_image_reference = None
     prod.service.attest = kms.service.attest  # type: ignore[method-assign]
     with pytest.raises(AccessDenied) as err:
         prod.service.get_app_key(der)

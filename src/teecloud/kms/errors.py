@@ -14,6 +14,8 @@ An `AccessDenied` never carries key material; its reason is safe to show to the 
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AccessDenied",
     "BootstrapError",
@@ -38,12 +40,14 @@ class KmsUsageError(KmsError, ValueError):
 
 
 class AccessDenied(KmsError):
-    """The KMS refused a request. `step` names the check that failed (e.g. "quote_verified", "chain")."""
+    """The KMS refused a request. `step` names the check that failed (e.g. "quote_verified", "chain");
+    `boot_info` (JSON form), when set, is the verified caller's boot_info, for the audit record."""
 
     def __init__(self, reason: str, *, step: str = "authorization") -> None:
         super().__init__(reason)
         self.reason = reason
         self.step = step
+        self.boot_info: dict[str, Any] | None = None
 
 
 class SealingError(KmsError):

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -59,6 +59,7 @@ from teecloud.kms.authz import AuthChain, ChainAuthorizer, boot_info_to_json, bu
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.tee.base import TeePlatform
+from teecloud.tee.simulated import reference_measurements
 
 __all__ = [
     "PEER_CERT_STATE_KEY",
@@ -67,6 +68,7 @@ __all__ = [
     "KmsConfig",
     "KmsServer",
     "KmsService",
+    "OsImageReference",
     "RaTlsH11Protocol",
     "StaticCollateral",
     "bootstrap_report_data",
@@ -76,6 +78,7 @@ __all__ = [
     "peer_cert_der",
     "publish_kms_info",
     "simulated_os_image_mrtd",
+    "simulated_os_image_reference",
 ]
 
 log = logging.getLogger("teecloud.kms")
@@ -83,6 +86,13 @@ log = logging.getLogger("teecloud.kms")
 _T = TypeVar("_T")
 
 PEER_CERT_STATE_KEY = "teecloud.tls_peer_cert_der"
+
+# An OS image's reference measurements: os_image_hash -> {register name: value}, None for an unknown image.
+# It must give the registers that depend on the image only (mrtd: firmware, rtmr1: kernel, rtmr2: command
+# line + initrd); it may give rtmr0 too, for deployments where every CVM has one fixed VM shape.
+OsImageReference = Callable[[bytes], Mapping[str, bytes] | None]
+IMAGE_REGISTERS = ("mrtd", "rtmr1", "rtmr2")
+_COMPARED_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -200,9 +210,13 @@ class KmsService:
         policy: Policy | None = None,
         dev_root_der: bytes | None = None,
         block_number: Callable[[], int] | None = None,
-        os_image_mrtd: Callable[[bytes], bytes | None] | None = None,
+        os_image_reference: OsImageReference | None = None,
+        os_image_mrtd: OsImageReference | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`os_image_reference` gives an OS image's reference measurements (simulated images:
+        `simulated_os_image_reference`); `os_image_mrtd` is its former name, kept for callers not yet
+        renamed (it now has to give rtmr1 and rtmr2 as well as mrtd)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -222,7 +236,9 @@ class KmsService:
             raise KmsUsageError("dev mode needs the development root certificate (dev_root_der)")
         self.dev_root_der = dev_root_der if self.config.dev_mode else None
         self.authorizer = ChainAuthorizer(chain, block_number=block_number)
-        self.os_image_mrtd = os_image_mrtd
+        if os_image_reference is not None and os_image_mrtd is not None:
+            raise KmsUsageError("give os_image_reference or its old name os_image_mrtd, not both")
+        self.os_image_reference = os_image_reference if os_image_reference is not None else os_image_mrtd
         self.clock = clock
         self._evidence_cache: OrderedDict[str, tuple[int, AttestedPeer]] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -296,7 +312,11 @@ class KmsService:
             )
         # (5)
         boot_info = build_boot_info(evidence)
-        self._check_os_image(boot_info, evidence)
+        try:
+            self._check_os_image(boot_info, evidence)
+        except AccessDenied as exc:
+            exc.boot_info = boot_info_to_json(boot_info)  # audited: which image was claimed, by whom
+            raise
         if claims.app_id and claims.app_id != boot_info.app_id:
             raise AccessDenied(
                 f"certificate app_id {claims.app_id.hex()} differs from the measured app-id "
@@ -312,11 +332,11 @@ class KmsService:
 
     def _require_os_image_reference(self) -> None:
         """App keys need the OS image bound to what booted. The os-image-hash event is written by the guest
-        itself, so without reference measurements (`os_image_mrtd`) a TD booted from any firmware/kernel
-        could claim an allowed image. A production KMS without them releases no app keys (fail closed);
-        dev mode keeps the skip (its evidence is forgeable by the host anyway). Onboarding is unaffected:
-        KmsAuth pins the whole measurement (mr_aggregated) of a KMS."""
-        if self.os_image_mrtd is None and not self.config.dev_mode:
+        itself, so without reference measurements (`os_image_reference`) a TD booted from any
+        firmware/kernel could claim an allowed image. A production KMS without them releases no app keys
+        (fail closed); dev mode keeps the skip (its evidence is forgeable by the host anyway). Onboarding is
+        unaffected: KmsAuth pins the whole measurement (mr_aggregated) of a KMS."""
+        if self.os_image_reference is None and not self.config.dev_mode:
             raise AccessDenied(
                 "no reference measurements for OS images are configured, so the os-image-hash event "
                 "cannot be checked against what booted; a production KMS releases no app keys without them",
@@ -325,18 +345,38 @@ class KmsService:
 
     def _check_os_image(self, boot_info: BootInfo, evidence: VerifiedEvidence) -> None:
         """The os-image-hash event is written by the guest's boot code; it is believed only when the measured
-        MRTD is the reference value for that image (dstack recomputes it with dstack-mr)."""
-        if self.os_image_mrtd is None:
+        firmware (MRTD), kernel (RTMR1) and command line + initrd (RTMR2) are that image's reference values
+        (dstack recomputes them with dstack-mr). RTMR0 is compared only when the reference gives it: it
+        depends on the VM shape (CPU count, memory), which the quote does not carry (docs/kms.md step 6)."""
+        if self.os_image_reference is None:
             return
-        expected = self.os_image_mrtd(boot_info.os_image_hash)
+        image = boot_info.os_image_hash.hex()
+        expected = self.os_image_reference(boot_info.os_image_hash)
         if expected is None:
+            raise AccessDenied(f"no reference measurements for OS image {image}", step="os_image")
+        if not isinstance(expected, Mapping):
             raise AccessDenied(
-                f"no reference measurements for OS image {boot_info.os_image_hash.hex()}", step="os_image"
+                f"the reference measurements for OS image {image} are not a register map "
+                "(misconfigured reference function)",
+                step="os_image",
             )
-        if evidence.measurements.get("mrtd") != expected:
+        missing = [r.upper() for r in IMAGE_REGISTERS if not isinstance(expected.get(r), bytes)]
+        if missing:
             raise AccessDenied(
-                f"the measured MRTD is not the one of OS image {boot_info.os_image_hash.hex()} "
-                "(the os-image-hash event does not match the firmware that booted)",
+                f"the reference measurements for OS image {image} lack {', '.join(missing)}, so the "
+                "os-image-hash event cannot be checked against what booted",
+                step="os_image",
+            )
+        differing = [
+            r.upper()
+            for r in _COMPARED_REGISTERS
+            if r in expected and evidence.measurements.get(r) != expected[r]
+        ]
+        if differing:
+            raise AccessDenied(
+                f"the measured {', '.join(differing)} {'is' if len(differing) == 1 else 'are'} not OS image "
+                f"{image}'s reference value (the os-image-hash event does not match the "
+                "firmware/kernel/initrd that booted)",
                 step="os_image",
             )
 
@@ -354,6 +394,8 @@ class KmsService:
             result = fn(ctx)
         except AccessDenied as exc:
             error, decision, reason, step = exc, "denied", exc.reason, exc.step
+            if ctx["boot_info"] is None:
+                ctx["boot_info"] = exc.boot_info
         except Exception as exc:
             error, decision, reason, step = (
                 exc,
@@ -872,10 +914,17 @@ class KmsServer:
         self.stop()
 
 
-def simulated_os_image_mrtd(os_image_hash: bytes) -> bytes:
-    """Reference MRTD of a simulated OS image (mirrors teecloud.tee.simulated; a test checks they agree).
-    Real images get theirs from the image's measurement tool (dstack-mr); none is wired in yet."""
-    return hashlib.sha384(b"teecloud-sim:mrtd:" + os_image_hash).digest()
+def simulated_os_image_reference(os_image_hash: bytes) -> dict[str, bytes] | None:
+    """Reference MRTD, RTMR1 and RTMR2 of a simulated OS image, from the simulator itself
+    (`teecloud.tee.simulated.reference_measurements`), so the KMS holds no copy of its formula. Real
+    images get theirs from the image's measurement tool (dstack-mr); none is wired in yet."""
+    if len(os_image_hash) != 32:
+        return None
+    return reference_measurements(os_image_hash)
+
+
+# Former name (it gave MRTD only); callers passing it as `os_image_mrtd` now get all three registers.
+simulated_os_image_mrtd = simulated_os_image_reference
 
 
 BOOTSTRAP_REPORT_PREFIX = b"teecloud-kms-bootstrap:"
