@@ -23,6 +23,7 @@ from teecloud.keys.ratls import make_ratls_cert
 from teecloud.kms.api import AuditRecord
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
+from teecloud.kms.client import vm_config_json
 from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral, simulated_os_image_reference
 from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for
 
@@ -95,6 +96,11 @@ def make_app(
     iid = instance_id if instance_id is not None else hashlib.sha256(app_id + b"instance").digest()[:20]
     boot_app(tee, app_id, compose_hash, iid)
     return AppCvm(tee, app_id, compose_hash, iid)
+
+
+def vm_config(app: AppCvm) -> str:
+    """The app CVM's vm_config as KmsClient sends it (its TEE's VM shape and OS image)."""
+    return vm_config_json(app.tee)
 
 
 def client_cert(

@@ -12,7 +12,16 @@ from typer.testing import CliRunner
 from teecloud.chain import ChainRpcServer, ContractReverted
 from teecloud.cli import app as cli
 from teecloud.kms.service import KmsServer
-from tests.kms.conftest import COMPOSE_V1, COMPOSE_V2, World, client_cert, make_app, make_kms, post_with_cert
+from tests.kms.conftest import (
+    COMPOSE_V1,
+    COMPOSE_V2,
+    World,
+    client_cert,
+    make_app,
+    make_kms,
+    post_with_cert,
+    vm_config,
+)
 
 
 def test_pubkey_and_audit(teecloud_home: Path, world: World) -> None:
@@ -36,7 +45,7 @@ def test_pubkey_and_audit(teecloud_home: Path, world: World) -> None:
             doc = json.loads(r.output)
             assert doc["kms_k256_pubkey"] == kms.service.state.root.k256_public_key.hex()
             key, der = client_cert(kms, bad)
-            post_with_cert(server.url, "/prpc/KMS.GetAppKey", key, der)
+            post_with_cert(server.url, "/prpc/KMS.GetAppKey", key, der, {"vm_config": vm_config(bad)})
     finally:
         rpc.stop()
     r = runner.invoke(cli, ["kms", "audit", "--json"])

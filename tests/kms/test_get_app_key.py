@@ -4,6 +4,7 @@ nothing, and is audited. All requests go over real mutual TLS to a running KMS."
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,11 @@ from teecloud.keys.ratls import ratls_report_data
 from teecloud.kms.api import PATH_GET_APP_KEY
 from teecloud.kms.client import KmsClient, ratls_server_check
 from teecloud.kms.service import KmsServer
-from teecloud.tee.simulated import runtime_event_digest
+from teecloud.tee.simulated import os_image_hash_for, runtime_event_digest
 from tests.kms.conftest import (
     COMPOSE_V1,
     COMPOSE_V2,
+    SIM_OS,
     Kms,
     World,
     assert_nothing_released,
@@ -33,6 +35,12 @@ from tests.kms.conftest import (
     make_app,
     make_kms,
     post_with_cert,
+    vm_config,
+)
+
+# The vm_config of an app CVM of the default shape on the allowed simulated image, as KmsClient sends it.
+SIM_VM_CONFIG = json.dumps(
+    {"os_image_hash": os_image_hash_for(SIM_OS).hex(), "cpu_count": 2, "memory_size": 2 * 1024**3}
 )
 
 
@@ -57,9 +65,14 @@ def client_for(kms: Kms, server: KmsServer) -> KmsClient:
 
 
 def expect_denied(
-    kms: Kms, server: KmsServer, key: ec.EllipticCurvePrivateKey, der: bytes, *needles: str
+    kms: Kms,
+    server: KmsServer,
+    key: ec.EllipticCurvePrivateKey,
+    der: bytes,
+    *needles: str,
+    vm: str = SIM_VM_CONFIG,
 ) -> str:
-    status, body = post_with_cert(server.url, PATH_GET_APP_KEY, key, der)
+    status, body = post_with_cert(server.url, PATH_GET_APP_KEY, key, der, {"vm_config": vm})
     assert status == 403, body
     assert_nothing_released(body)
     for needle in needles:
@@ -139,7 +152,7 @@ def test_compose_hash_inside_timelock_delay(
     # Once the delay has passed and the call is executed, the same code is allowed.
     chain.increase_time(3700)
     chain.timelock_execute(timelock, queued["id"])
-    status, body = post_with_cert(server.url, PATH_GET_APP_KEY, key, der)
+    status, body = post_with_cert(server.url, PATH_GET_APP_KEY, key, der, {"vm_config": vm_config(v2)})
     assert status == 200, body
     assert body["app_id"] == app_id.hex()
 
@@ -148,7 +161,7 @@ def test_removed_compose_hash(teecloud_home: Path, world: World, kms: Kms, serve
     app_id = world.register(COMPOSE_V1)
     app = make_app(teecloud_home, app_id, COMPOSE_V1)
     key, der = client_cert(kms, app)
-    status, _ = post_with_cert(server.url, PATH_GET_APP_KEY, key, der)
+    status, _ = post_with_cert(server.url, PATH_GET_APP_KEY, key, der, {"vm_config": vm_config(app)})
     assert status == 200
     world.chain.remove_compose_hash("0x" + app_id.hex(), COMPOSE_V1)
     # Same certificate (its evidence is cached), but the chain answer is re-read at the new block.
@@ -159,7 +172,7 @@ def test_disallowed_os_image(teecloud_home: Path, world: World, kms: Kms, server
     app_id = world.register(COMPOSE_V1)
     app = make_app(teecloud_home, app_id, COMPOSE_V1, os_image="unlisted-os-9.9")
     key, der = client_cert(kms, app)
-    expect_denied(kms, server, key, der, "os image", "chain")
+    expect_denied(kms, server, key, der, "os image", "chain", vm=vm_config(app))
 
 
 def test_os_image_event_must_match_measured_firmware(

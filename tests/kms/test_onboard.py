@@ -13,7 +13,16 @@ from teecloud.kms.errors import BootstrapError, OnboardError
 from teecloud.kms.onboard import onboard_from
 from teecloud.kms.service import KmsServer, publish_kms_info
 from teecloud.tee.simulated import SimulatedTdx
-from tests.kms.conftest import COMPOSE_V1, Kms, World, client_cert, make_app, make_kms, post_with_cert
+from tests.kms.conftest import (
+    COMPOSE_V1,
+    Kms,
+    World,
+    client_cert,
+    make_app,
+    make_kms,
+    post_with_cert,
+    vm_config,
+)
 
 
 def _onboard(
@@ -61,7 +70,9 @@ def test_two_kms_serve_identical_keys(teecloud_home: Path, world: World) -> None
     for kms in (a, b):
         with KmsServer(kms.service) as server:
             key, der = client_cert(kms, app)
-            status, body = post_with_cert(server.url, "/prpc/KMS.GetAppKey", key, der)
+            status, body = post_with_cert(
+                server.url, "/prpc/KMS.GetAppKey", key, der, {"vm_config": vm_config(app)}
+            )
             assert status == 200, body
             got.append({k: body[k] for k in ("disk_crypt_key", "env_crypt_key", "k256_key", "ca_key")})
     assert got[0] == got[1]

@@ -28,7 +28,17 @@ from teecloud.keys.ratls import make_ratls_cert
 from teecloud.kms.api import PATH_GET_APP_KEY
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.authz import FreshBlockNumber
-from tests.kms.conftest import COMPOSE_V1, World, boot_app, client_cert, make_app, make_kms, post_with_cert
+from teecloud.kms.client import vm_config_json
+from tests.kms.conftest import (
+    COMPOSE_V1,
+    World,
+    boot_app,
+    client_cert,
+    make_app,
+    make_kms,
+    post_with_cert,
+    vm_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,14 +121,14 @@ def test_kms_answers_nothing_it_cannot_audit(
     kms = make_kms(teecloud_home, world.chain)
     app = make_app(teecloud_home, world.register(COMPOSE_V1), COMPOSE_V1)
     _, der = client_cert(kms, app)
-    assert kms.service.get_app_key(der).disk_crypt_key  # works while the disk works
+    assert kms.service.get_app_key(der, vm_config=vm_config(app)).disk_crypt_key  # works while the disk works
 
     def broken(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(audit_mod.os, "fsync", broken)
     with pytest.raises(OSError):
-        kms.service.get_app_key(der)
+        kms.service.get_app_key(der, vm_config=vm_config(app))
 
 
 def test_killed_kms_has_a_record_for_every_answer(teecloud_home: Path) -> None:
@@ -167,7 +177,9 @@ def test_killed_kms_has_a_record_for_every_answer(teecloud_home: Path) -> None:
             key, der = certs[i % len(certs)]
             while not stop.is_set():
                 try:
-                    status, _ = post_with_cert(info["url"], PATH_GET_APP_KEY, key, der)
+                    status, _ = post_with_cert(
+                        info["url"], PATH_GET_APP_KEY, key, der, {"vm_config": vm_config_json(tee)}
+                    )
                 except Exception:  # the KMS died under us
                     return
                 if status == 200:
@@ -265,9 +277,9 @@ def test_cached_app_keys_are_the_derived_keys_per_instance(teecloud_home: Path, 
     app_id = world.register(COMPOSE_V1)
     a = make_app(teecloud_home, app_id, COMPOSE_V1, instance_id=b"\x01" * 20)
     b = make_app(teecloud_home, app_id, COMPOSE_V1, instance_id=b"\x02" * 20)
-    ka1 = kms.service.get_app_key(client_cert(kms, a)[1])
-    kb = kms.service.get_app_key(client_cert(kms, b)[1])
-    ka2 = kms.service.get_app_key(client_cert(kms, a)[1])
+    ka1 = kms.service.get_app_key(client_cert(kms, a)[1], vm_config=vm_config(a))
+    kb = kms.service.get_app_key(client_cert(kms, b)[1], vm_config=vm_config(b))
+    ka2 = kms.service.get_app_key(client_cert(kms, a)[1], vm_config=vm_config(a))
     assert ka2 is ka1  # served from the cache
     assert kb.disk_crypt_key != ka1.disk_crypt_key  # per instance
     fresh = derive_app_keys(
@@ -277,6 +289,8 @@ def test_cached_app_keys_are_the_derived_keys_per_instance(teecloud_home: Path, 
     assert ka1.env_crypt_key == fresh.env_crypt_key.hex()
     assert ka1.k256_key == fresh.k256_key.hex() and ka1.ca_key == fresh.ca_key_pem
     clock[0] += kms.service.config.app_key_cache_s  # past the bound: derived again
-    ka3 = kms.service.get_app_key(client_cert(kms, a, not_before=int(clock[0]) - 30)[1])
+    ka3 = kms.service.get_app_key(
+        client_cert(kms, a, not_before=int(clock[0]) - 30)[1], vm_config=vm_config(a)
+    )
     assert ka3 is not ka1 and ka3.disk_crypt_key == ka1.disk_crypt_key
     assert ka3.ca_cert != ka1.ca_cert  # a new app CA certificate, dated now

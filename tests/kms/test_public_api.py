@@ -15,7 +15,16 @@ from dstack_sdk.verify_env_encrypt_public_key import verify_env_encrypt_public_k
 from teecloud.keys.envcrypt import decrypt_env, encrypt_env
 from teecloud.kms.client import KmsClient, ratls_server_check
 from teecloud.kms.service import KmsServer
-from tests.kms.conftest import COMPOSE_V1, COMPOSE_V2, World, client_cert, make_app, make_kms, post_with_cert
+from tests.kms.conftest import (
+    COMPOSE_V1,
+    COMPOSE_V2,
+    World,
+    client_cert,
+    make_app,
+    make_kms,
+    post_with_cert,
+    vm_config,
+)
 
 
 def test_env_encrypt_pubkey_verifies_with_dstack_sdk(teecloud_home: Path, world: World) -> None:
@@ -68,7 +77,9 @@ def test_sign_cert_for_attested_allowed_app(teecloud_home: Path, world: World) -
     leaf_key, csr = _csr("app.example")
     key, der = client_cert(kms, app)
     with KmsServer(kms.service) as server:
-        status, body = post_with_cert(server.url, "/prpc/KMS.SignCert", key, der, {"csr": csr})
+        status, body = post_with_cert(
+            server.url, "/prpc/KMS.SignCert", key, der, {"csr": csr, "vm_config": vm_config(app)}
+        )
     assert status == 200, body
     chain = [x509.load_pem_x509_certificate(p.encode()) for p in body["certificate_chain"]]
     assert chain[0].public_key() == leaf_key.public_key()
@@ -85,7 +96,9 @@ def test_sign_cert_refused_for_disallowed_app(teecloud_home: Path, world: World)
     _, csr = _csr("app.example")
     key, der = client_cert(kms, app)
     with KmsServer(kms.service) as server:
-        status, body = post_with_cert(server.url, "/prpc/KMS.SignCert", key, der, {"csr": csr})
+        status, body = post_with_cert(
+            server.url, "/prpc/KMS.SignCert", key, der, {"csr": csr, "vm_config": vm_config(app)}
+        )
     assert status == 403 and "certificate_chain" not in body
     assert kms.audit.read()[-1].decision == "denied"
 
@@ -96,5 +109,7 @@ def test_sign_cert_rejects_bad_csr(teecloud_home: Path, world: World) -> None:
     app = make_app(teecloud_home, app_id, COMPOSE_V1)
     key, der = client_cert(kms, app)
     with KmsServer(kms.service) as server:
-        status, body = post_with_cert(server.url, "/prpc/KMS.SignCert", key, der, {"csr": "not a csr"})
+        status, body = post_with_cert(
+            server.url, "/prpc/KMS.SignCert", key, der, {"csr": "not a csr", "vm_config": vm_config(app)}
+        )
     assert status == 403 and body["step"] == "csr"

@@ -122,7 +122,7 @@ def up(
         KmsServer,
         KmsService,
         publish_kms_info,
-        simulated_os_image_mrtd,
+        simulated_os_image_reference,
     )
 
     tee = _tee(dev)
@@ -147,7 +147,7 @@ def up(
             config=KmsConfig(dev_mode=dev, gateway_app_id=gateway_app_id),
             dev_root_der=tee.dev_root_der() if dev else None,
             block_number=getattr(chain, "block_number", None),
-            os_image_mrtd=simulated_os_image_mrtd if dev else None,
+            os_image_reference=simulated_os_image_reference if dev else None,
         )
         server = KmsServer(
             service,

@@ -142,7 +142,7 @@ class LocalCloud:
             KmsServer,
             KmsService,
             StaticCollateral,
-            simulated_os_image_mrtd,
+            simulated_os_image_reference,
         )
         from teecloud.tee.simulated import SimulatedTdx
 
@@ -160,7 +160,7 @@ class LocalCloud:
             config=KmsConfig(dev_mode=True, kms_contract=contracts.get("KmsAuth", "")),
             dev_root_der=kms_tee.dev_root_der(),
             block_number=chain.block_number,
-            os_image_mrtd=simulated_os_image_mrtd,
+            os_image_reference=simulated_os_image_reference,
         )
         kms = KmsServer(service, port=self.ports[1], chain_label=rpc.url).start()
         self._stack.callback(kms.stop)

@@ -98,10 +98,12 @@ class EnvEncryptPubKeyResponse(BaseModel):
 
 
 class GetAppKeyRequest(BaseModel):
-    """Nothing the caller says is trusted: app_id and instance_id come from its replayed event log."""
+    """Nothing the caller says is trusted: app_id and instance_id come from its replayed event log. The
+    VmConfig (JSON: os_image_hash, cpu_count, memory_size, ...) only selects which RTMR0 reference the
+    measured RTMR0 must equal; it is required when the KMS checks OS images (docs/kms.md step 6)."""
 
     api_version: int = 1
-    vm_config: str = Field(default="", max_length=65536)
+    vm_config: str = Field(default="", max_length=65536, description="the CVM's VmConfig (JSON)")
 
 
 class AppKeyResponse(BaseModel):
@@ -122,6 +124,7 @@ class AppKeyResponse(BaseModel):
 
 class SignCertRequest(BaseModel):
     csr: str = Field(min_length=1, max_length=16384, description="PKCS#10 CSR (PEM)")
+    vm_config: str = Field(default="", max_length=65536, description="the CVM's VmConfig (JSON)")
 
 
 class SignCertResponse(BaseModel):

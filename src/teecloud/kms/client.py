@@ -10,7 +10,8 @@
   (2) GetTempCaCert -> the public temporary CA that makes stdlib TLS accept our self-made certificate;
   (3) a fresh P-256 key and an RA-TLS certificate for it, valid a few minutes, whose quote (from `tee`) binds
       the key and whose event log tells the KMS which app this is;
-  (4) GetAppKey over mutual TLS with that certificate;
+  (4) GetAppKey over mutual TLS with that certificate, carrying the CVM's vm_config (`tee.vm_config()`: the
+      VM shape the KMS needs to check RTMR0, docs/kms.md step 6);
   (5) check what came back: the app id is ours, the k256 signature is the KMS root's, the app CA certificate
       is issued by the KMS root CA.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import ssl
 import tempfile
@@ -45,7 +47,7 @@ from teecloud.kms import api
 from teecloud.kms.authz import AuthChain, ChainAuthorizer, build_boot_info
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
 
-__all__ = ["KmsClient", "ServerCheck", "UnsafeNoServerCheck", "ratls_server_check"]
+__all__ = ["KmsClient", "ServerCheck", "UnsafeNoServerCheck", "ratls_server_check", "vm_config_json"]
 
 log = logging.getLogger("teecloud.kms.client")
 
@@ -136,6 +138,16 @@ def ratls_server_check(
             verified[digest] = int(claims.certificate.not_valid_after_utc.timestamp())
 
     return check
+
+
+def vm_config_json(tee: object) -> str:
+    """The CVM's VmConfig as dstack sends it (compact JSON), from the TEE's `vm_config()`; "" when the TEE
+    has none (a KMS that checks OS images then refuses: it cannot check RTMR0 without the VM shape)."""
+    fn = getattr(tee, "vm_config", None)
+    config = fn() if callable(fn) else None
+    if not isinstance(config, dict) or not config:
+        return ""
+    return json.dumps(config, separators=(",", ":"), sort_keys=True)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
@@ -279,7 +291,7 @@ class KmsClient:
             tee,
             api.PATH_GET_APP_KEY,
             api.AppKeyResponse,
-            body=api.GetAppKeyRequest().model_dump(),
+            body=api.GetAppKeyRequest(vm_config=vm_config_json(tee)).model_dump(),
             usage="app:kms-client",
             app_id=app_id,
         )
@@ -342,7 +354,7 @@ class KmsClient:
             tee,
             api.PATH_SIGN_CERT,
             api.SignCertResponse,
-            body={"csr": csr_pem},
+            body={"csr": csr_pem, "vm_config": vm_config_json(tee)},
             usage="app:kms-client",
             app_id=app_id,
         )

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import secrets
 import ssl
@@ -59,6 +60,7 @@ from teecloud.kms.authz import AuthChain, ChainAuthorizer, boot_info_to_json, bu
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.tee.base import TeePlatform
+from teecloud.tee.errors import TeeUsageError
 from teecloud.tee.simulated import reference_measurements
 
 __all__ = [
@@ -71,10 +73,12 @@ __all__ = [
     "OsImageReference",
     "RaTlsH11Protocol",
     "StaticCollateral",
+    "VmShape",
     "bootstrap_report_data",
     "make_admin_app",
     "make_public_app",
     "make_server_identity",
+    "parse_vm_config",
     "peer_cert_der",
     "publish_kms_info",
     "simulated_os_image_mrtd",
@@ -87,12 +91,80 @@ _T = TypeVar("_T")
 
 PEER_CERT_STATE_KEY = "teecloud.tls_peer_cert_der"
 
-# An OS image's reference measurements: os_image_hash -> {register name: value}, None for an unknown image.
-# It must give the registers that depend on the image only (mrtd: firmware, rtmr1: kernel, rtmr2: command
-# line + initrd); it may give rtmr0 too, for deployments where every CVM has one fixed VM shape.
-OsImageReference = Callable[[bytes], Mapping[str, bytes] | None]
+
+class OsImageReference(Protocol):
+    """An OS image's reference measurements: `ref(os_image_hash)` -> {register name: value}, None for an
+    unknown image. Without a VM shape it must give the registers that depend on the image only (mrtd:
+    firmware, rtmr1: kernel, rtmr2: command line + initrd); with `cpu_count` and `memory_size` (the shape
+    an app CVM states in its vm_config) it must give rtmr0 (firmware configuration, ACPI tables) as well."""
+
+    def __call__(
+        self, os_image_hash: bytes, *, cpu_count: int | None = None, memory_size: int | None = None
+    ) -> Mapping[str, bytes] | None: ...
+
+
 IMAGE_REGISTERS = ("mrtd", "rtmr1", "rtmr2")
+SHAPE_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
 _COMPARED_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
+# The caller's vm_config (dstack-types VmConfig JSON) is untrusted input: bounded before it is parsed.
+MAX_VM_CONFIG_BYTES = 4096
+MAX_VM_CONFIG_KEYS = 64
+_U32_MAX, _U64_MAX = 0xFFFFFFFF, 2**64 - 1
+
+
+@dataclass(frozen=True)
+class VmShape:
+    """What the KMS reads from a caller's vm_config: the image it claims and the shape RTMR0 depends on."""
+
+    os_image_hash: bytes
+    cpu_count: int
+    memory_size: int
+
+
+def parse_vm_config(vm_config: object) -> VmShape:
+    """The caller's vm_config (JSON text, as dstack sends it, or an already-decoded mapping), checked for
+    size and types. Raises AccessDenied at step `os_image`: without it RTMR0 cannot be checked."""
+    if isinstance(vm_config, str):
+        if not vm_config:
+            raise AccessDenied(
+                "the request carries no vm_config, so the VM shape (CPU count, memory) that RTMR0 depends "
+                "on is unknown and the firmware configuration cannot be checked",
+                step="os_image",
+            )
+        if len(vm_config) > MAX_VM_CONFIG_BYTES:
+            raise AccessDenied(
+                f"vm_config is {len(vm_config)} characters; at most {MAX_VM_CONFIG_BYTES} are accepted",
+                step="os_image",
+            )
+        try:
+            doc = json.loads(vm_config)
+        except (ValueError, RecursionError) as exc:
+            raise AccessDenied(f"vm_config is not JSON: {str(exc)[:100]}", step="os_image") from exc
+    elif vm_config is None:
+        return parse_vm_config("")
+    else:
+        doc = vm_config
+    if not isinstance(doc, Mapping):
+        raise AccessDenied("vm_config is not a JSON object", step="os_image")
+    if len(doc) > MAX_VM_CONFIG_KEYS:
+        raise AccessDenied(f"vm_config has more than {MAX_VM_CONFIG_KEYS} fields", step="os_image")
+    image = doc.get("os_image_hash")
+    raw = image.lower().removeprefix("0x") if isinstance(image, str) and len(image) <= 66 else ""
+    try:
+        image_hash = bytes.fromhex(raw)
+    except ValueError:
+        image_hash = b""
+    if len(image_hash) != 32:
+        raise AccessDenied("vm_config.os_image_hash must be 32 bytes of hex", step="os_image")
+    shape: list[int] = []
+    for name, limit in (("cpu_count", _U32_MAX), ("memory_size", _U64_MAX)):
+        value = doc.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+            raise AccessDenied(
+                f"vm_config.{name} must be a positive integer of at most {limit}", step="os_image"
+            )
+        shape.append(value)
+    return VmShape(image_hash, shape[0], shape[1])
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -346,24 +418,67 @@ class KmsService:
     def _check_os_image(self, boot_info: BootInfo, evidence: VerifiedEvidence) -> None:
         """The os-image-hash event is written by the guest's boot code; it is believed only when the measured
         firmware (MRTD), kernel (RTMR1) and command line + initrd (RTMR2) are that image's reference values
-        (dstack recomputes them with dstack-mr). RTMR0 is compared only when the reference gives it: it
-        depends on the VM shape (CPU count, memory), which the quote does not carry (docs/kms.md step 6)."""
+        (dstack recomputes them with dstack-mr). Every attested caller, KMS onboarding included; app
+        endpoints then compare RTMR0 too, for the VM shape the caller states (`_check_vm_shape`)."""
         if self.os_image_reference is None:
             return
-        image = boot_info.os_image_hash.hex()
         expected = self.os_image_reference(boot_info.os_image_hash)
+        self._compare_reference(boot_info.os_image_hash.hex(), expected, evidence, IMAGE_REGISTERS)
+
+    def _check_vm_shape(self, boot_info: BootInfo, evidence: VerifiedEvidence, vm_config: object) -> None:
+        """RTMR0 (firmware configuration: ACPI tables built from the CPU count and memory size) against the
+        image's reference for the shape the caller's vm_config states — dstack's approach. Naming a false
+        shape gains nothing: RTMR0 must still equal that shape's reference exactly. A missing or malformed
+        vm_config, or one naming another image than the measured os-image-hash event, is refused."""
+        if self.os_image_reference is None:
+            return  # dev mode without references (_require_os_image_reference refuses production)
+        shape = parse_vm_config(vm_config)
+        image = boot_info.os_image_hash.hex()
+        if shape.os_image_hash != boot_info.os_image_hash:
+            raise AccessDenied(
+                f"vm_config names OS image {shape.os_image_hash.hex()}, but the measured os-image-hash "
+                f"event is {image}",
+                step="os_image",
+            )
+        try:
+            expected = self.os_image_reference(
+                boot_info.os_image_hash, cpu_count=shape.cpu_count, memory_size=shape.memory_size
+            )
+        except TypeError as exc:
+            raise AccessDenied(
+                f"the reference function cannot give OS image {image}'s RTMR0 for a VM shape ({exc}); "
+                "it must accept cpu_count= and memory_size= (misconfigured reference function)",
+                step="os_image",
+            ) from exc
+        self._compare_reference(
+            image,
+            expected,
+            evidence,
+            SHAPE_REGISTERS,
+            shape=f" for {shape.cpu_count} CPUs and {shape.memory_size} bytes of memory",
+        )
+
+    def _compare_reference(
+        self,
+        image: str,
+        expected: object,
+        evidence: VerifiedEvidence,
+        required: tuple[str, ...],
+        *,
+        shape: str = "",
+    ) -> None:
         if expected is None:
-            raise AccessDenied(f"no reference measurements for OS image {image}", step="os_image")
+            raise AccessDenied(f"no reference measurements for OS image {image}{shape}", step="os_image")
         if not isinstance(expected, Mapping):
             raise AccessDenied(
                 f"the reference measurements for OS image {image} are not a register map "
                 "(misconfigured reference function)",
                 step="os_image",
             )
-        missing = [r.upper() for r in IMAGE_REGISTERS if not isinstance(expected.get(r), bytes)]
+        missing = [r.upper() for r in required if not isinstance(expected.get(r), bytes)]
         if missing:
             raise AccessDenied(
-                f"the reference measurements for OS image {image} lack {', '.join(missing)}, so the "
+                f"the reference measurements for OS image {image}{shape} lack {', '.join(missing)}, so the "
                 "os-image-hash event cannot be checked against what booted",
                 step="os_image",
             )
@@ -375,8 +490,8 @@ class KmsService:
         if differing:
             raise AccessDenied(
                 f"the measured {', '.join(differing)} {'is' if len(differing) == 1 else 'are'} not OS image "
-                f"{image}'s reference value (the os-image-hash event does not match the "
-                "firmware/kernel/initrd that booted)",
+                f"{image}'s reference value{shape} (the os-image-hash event does not match the "
+                "firmware/kernel/initrd or VM configuration that booted)",
                 step="os_image",
             )
 
@@ -424,12 +539,18 @@ class KmsService:
 
     # --- endpoints
 
-    def get_app_key(self, cert_der: bytes | None, *, peer_addr: str = "") -> api.AppKeyResponse:
+    def get_app_key(
+        self, cert_der: bytes | None, *, vm_config: str | Mapping[str, Any] = "", peer_addr: str = ""
+    ) -> api.AppKeyResponse:
+        """An attested, allowed app's keys. `vm_config` is the request's (dstack VmConfig JSON): its VM
+        shape selects the RTMR0 reference; missing or malformed, nothing is released."""
+
         def decide(ctx: dict[str, Any]) -> api.AppKeyResponse:
             peer = self.attest(cert_der)
             bi = peer.boot_info
             ctx["boot_info"] = boot_info_to_json(bi)
             self._require_os_image_reference()
+            self._check_vm_shape(bi, peer.evidence, vm_config)
             reason = self.authorizer.app_allowed(bi)
             ctx["reason"] = f"app allowed by KmsAuth{': ' + reason if reason else ''}"
             return self._app_keys(bi)
@@ -476,15 +597,24 @@ class KmsService:
                     self._app_key_cache.popitem(last=False)
         return resp
 
-    def sign_cert(self, cert_der: bytes | None, csr_pem: str, *, peer_addr: str = "") -> api.SignCertResponse:
+    def sign_cert(
+        self,
+        cert_der: bytes | None,
+        csr_pem: str,
+        *,
+        vm_config: str | Mapping[str, Any] = "",
+        peer_addr: str = "",
+    ) -> api.SignCertResponse:
         """Issue a certificate for the CSR's key under the caller's app CA (derived from the root), for an
-        attested caller the chain allows. The app_id extension names the caller's measured app."""
+        attested caller the chain allows. The app_id extension names the caller's measured app. `vm_config`
+        as for get_app_key (RTMR0 is checked for the VM shape it states)."""
 
         def decide(ctx: dict[str, Any]) -> api.SignCertResponse:
             peer = self.attest(cert_der)
             bi = peer.boot_info
             ctx["boot_info"] = boot_info_to_json(bi)
             self._require_os_image_reference()
+            self._check_vm_shape(bi, peer.evidence, vm_config)
             self.authorizer.app_allowed(bi)
             try:
                 csr = x509.load_pem_x509_csr(csr_pem.encode())
@@ -712,11 +842,17 @@ def make_public_app(service: KmsService) -> FastAPI:
 
     @app.post(api.PATH_GET_APP_KEY, response_model=api.AppKeyResponse)
     def get_app_key(request: Request, body: api.GetAppKeyRequest) -> Response:
-        return _json_response(service.get_app_key(peer_cert_der(request), peer_addr=_peer_addr(request)))
+        return _json_response(
+            service.get_app_key(
+                peer_cert_der(request), vm_config=body.vm_config, peer_addr=_peer_addr(request)
+            )
+        )
 
     @app.post(api.PATH_SIGN_CERT, response_model=api.SignCertResponse)
     def sign_cert(request: Request, body: api.SignCertRequest) -> api.SignCertResponse:
-        return service.sign_cert(peer_cert_der(request), body.csr, peer_addr=_peer_addr(request))
+        return service.sign_cert(
+            peer_cert_der(request), body.csr, vm_config=body.vm_config, peer_addr=_peer_addr(request)
+        )
 
     @app.post(api.PATH_GET_KMS_KEY, response_model=api.KmsKeyResponse)
     def get_kms_key(request: Request, body: api.GetKmsKeyRequest) -> api.KmsKeyResponse:
@@ -914,13 +1050,19 @@ class KmsServer:
         self.stop()
 
 
-def simulated_os_image_reference(os_image_hash: bytes) -> dict[str, bytes] | None:
-    """Reference MRTD, RTMR1 and RTMR2 of a simulated OS image, from the simulator itself
-    (`teecloud.tee.simulated.reference_measurements`), so the KMS holds no copy of its formula. Real
-    images get theirs from the image's measurement tool (dstack-mr); none is wired in yet."""
+def simulated_os_image_reference(
+    os_image_hash: bytes, *, cpu_count: int | None = None, memory_size: int | None = None
+) -> dict[str, bytes] | None:
+    """Reference MRTD, RTMR1 and RTMR2 of a simulated OS image — and RTMR0 for a VM shape (cpu_count,
+    memory_size) — from the simulator itself (`teecloud.tee.simulated.reference_measurements`), so the KMS
+    holds no copy of its formula. Real images get theirs from the image's measurement tool (dstack-mr); none
+    is wired in yet. None for a malformed hash or shape (the caller refuses)."""
     if len(os_image_hash) != 32:
         return None
-    return reference_measurements(os_image_hash)
+    try:
+        return reference_measurements(os_image_hash, cpu_count=cpu_count, memory_size=memory_size)
+    except TeeUsageError:
+        return None
 
 
 # Former name (it gave MRTD only); callers passing it as `os_image_mrtd` now get all three registers.
