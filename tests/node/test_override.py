@@ -257,3 +257,64 @@ def test_deploy_resource_limits_cannot_raise_the_node_caps() -> None:
     svc = ov["services"]["a"]
     assert svc["deploy"] == {"resources": {"limits": {"cpus": "1.5", "memory": "256M"}}}
     assert svc["cpus"] == 1.5 and svc["mem_limit"] == "256m" and svc["pids_limit"] == 4096
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ("    oom_kill_disable: true\n", "oom_kill_disable"),
+        ("    oom_kill_disable: 'true'\n", "oom_kill_disable"),
+        ("    oom_kill_disable: 1\n", "oom_kill_disable"),
+        ("    oom_score_adj: -1000\n", "negative `oom_score_adj`"),
+        ("    oom_score_adj: -1\n", "negative `oom_score_adj`"),
+        ("    oom_score_adj: '-500'\n", "negative `oom_score_adj`"),
+        ("    oom_score_adj: 1001\n", "at most 1000"),
+        ("    oom_score_adj: lots\n", "integer"),
+        ("    oom_score_adj: true\n", "integer"),
+        ("    memswap_limit: [1]\n", "memswap_limit"),
+    ],
+)
+def test_the_host_oom_killer_cannot_be_turned_on_others(extra: str, reason: str) -> None:
+    """A CVM that disables its OOM kill or lowers its score makes the host kernel kill host processes or other
+    CVMs when memory runs out: refused when the file is loaded, like the other host-reaching keys."""
+    with pytest.raises(ComposeRejected, match=reason):
+        load_compose(_svc(extra))
+    with pytest.raises(ComposeRejected, match=reason):
+        make_override(
+            yaml.safe_load(_svc(extra)),
+            SPEC,
+            images={"a": ImageConfig(cmd=("x",))},
+            limits=ResourceLimits(),
+            busybox=BUSYBOX,
+        )
+
+
+@pytest.mark.parametrize(
+    "extra", ["    oom_score_adj: 500\n", "    oom_score_adj: 0\n", "    oom_kill_disable: false\n"]
+)
+def test_oom_settings_that_only_hurt_the_app_are_accepted(extra: str) -> None:
+    ov, _ = override(_svc(extra), {"a": ImageConfig(cmd=("x",))})
+    assert "oom_score_adj" not in ov["services"]["a"]  # the app's own file keeps its value
+
+
+@pytest.mark.parametrize("swap", ["-1", "64g", "300m", "1"])
+def test_memswap_limit_is_capped_to_the_node_memory_cap(swap: str) -> None:
+    """memswap_limit is memory + swap: -1 (unlimited) or a large value would let the app use the host's swap
+    beyond the node's memory cap. Capped to the cap (= mem_limit: no swap), which Docker accepts for any
+    value the app wrote (a value below mem_limit would otherwise be a Docker error)."""
+    ov, _ = override(_svc(f"    memswap_limit: {swap}\n"), {"a": ImageConfig(cmd=("x",))})
+    svc = ov["services"]["a"]
+    assert svc["mem_limit"] == "256m" and svc["memswap_limit"] == "256m"
+
+
+def test_memswap_limit_untouched_without_a_node_memory_cap_or_an_app_value() -> None:
+    ov, _ = override(_svc(""), {"a": ImageConfig(cmd=("x",))})
+    assert "memswap_limit" not in ov["services"]["a"]  # Docker's default (2x mem_limit) as before
+    ov, _ = make_override(
+        load_compose(_svc("    memswap_limit: 1g\n")),
+        SPEC,
+        images={"a": ImageConfig(cmd=("x",))},
+        limits=ResourceLimits(),
+        busybox=BUSYBOX,
+    )
+    assert "memswap_limit" not in ov["services"]["a"]  # no node cap: nothing to escape

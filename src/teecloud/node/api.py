@@ -9,12 +9,13 @@ Routes (JSON; management routes need `Authorization: Bearer <node admin token>`)
     GET    /cvms/{id}                               CvmStatus
     POST   /cvms/{id}/start | /stop | /restart      CvmStatus
     POST   /cvms/{id}/upgrade     UpgradeCvmRequest CvmStatus
-    DELETE /cvms/{id}                               {"removed": id}
+    DELETE /cvms/{id}                               RemoveResult {"removed": id, "leftovers": [what remains]}
     GET    /cvms/{id}/logs?service=&tail=&follow=   text/plain stream    public iff app-compose public_logs
+                                                    (follow: at most a few streams per CVM and per node, 429)
     GET    /cvms/{id}/stats                         [dict]
     GET    /cvms/{id}/attestation?report_data=hex   Attestation          public iff public_tcbinfo (default)
 Errors: {"error": "..."} with 400 (bad request), 401/403 (token), 404 (no such CVM), 409 (wrong state),
-503 (runtime unavailable), 500 (node fault).
+429 (too many log streams), 503 (runtime unavailable), 500 (node fault).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "NodeApiError",
     "NodeClient",
     "NodeInfo",
+    "RemoveResult",
     "UpgradeCvmRequest",
 ]
 
@@ -87,6 +89,11 @@ class CvmStatus(BaseModel):
     dropped_env: list[str] = []
     history: list[dict[str, Any]] = []
     app_compose: str = ""  # the current app-compose.json (public: it is what the app's hash commits to)
+
+
+class RemoveResult(BaseModel):
+    removed: str  # the instance id; its directory, keys and ciphertext are gone
+    leftovers: list[str] = []  # what could not be cleaned up (e.g. containers while the engine is down)
 
 
 class NodeInfo(BaseModel):
@@ -169,8 +176,8 @@ class NodeClient:
     def upgrade(self, ref: str, req: UpgradeCvmRequest) -> CvmStatus:
         return CvmStatus.model_validate(self._req("POST", f"/cvms/{ref}/upgrade", json=req.model_dump()))
 
-    def remove(self, ref: str) -> None:
-        self._req("DELETE", f"/cvms/{ref}")
+    def remove(self, ref: str) -> RemoveResult:
+        return RemoveResult.model_validate(self._req("DELETE", f"/cvms/{ref}"))
 
     def stats(self, ref: str) -> list[dict[str, Any]]:
         return list(self._req("GET", f"/cvms/{ref}/stats"))

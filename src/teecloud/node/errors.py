@@ -2,6 +2,8 @@
 
 NodeError                      base; the CLI and the HTTP API catch only this
 ├── ComposeRejected(ValueError) the app's compose file asks for something a CVM cannot give (client error)
+├── BadRequest(ValueError)     any other client mistake (HTTP 400)
+├── TooManyStreams             a cap on concurrent log streams is reached (HTTP 429)
 ├── InstanceNotFound           no CVM with that id or name
 ├── InstanceStateError         the request does not fit the CVM's state (e.g. upgrade of a removed CVM)
 ├── RuntimeUnavailable         Docker engine / Compose missing or unreachable (operator must fix)
@@ -14,6 +16,7 @@ NodeError                      base; the CLI and the HTTP API catch only this
 from __future__ import annotations
 
 __all__ = [
+    "BadRequest",
     "BootFailed",
     "ComposeRejected",
     "InstanceNotFound",
@@ -23,6 +26,7 @@ __all__ = [
     "RuntimeFailed",
     "RuntimeUnavailable",
     "StorageError",
+    "TooManyStreams",
 ]
 
 
@@ -31,6 +35,14 @@ class NodeError(Exception):
 
 
 class ComposeRejected(NodeError, ValueError):
+    pass
+
+
+class BadRequest(NodeError, ValueError):
+    pass
+
+
+class TooManyStreams(NodeError):
     pass
 
 

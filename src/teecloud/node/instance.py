@@ -23,7 +23,9 @@ import json
 import os
 import secrets
 import shutil
+import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,20 @@ __all__ = ["Instance", "InstanceStore", "instance_id_for", "node_home", "runtime
 
 MAX_ENCRYPTED_ENV = 256 * 1024
 MAX_USER_CONFIG = 64 * 1024
+
+# One lock per state file: `Instance` objects are cheap views made afresh by every look-up, so the lock cannot
+# live on them. Read-modify-write of `.node-state.json` holds it (the write itself is atomic on disk).
+_STATE_LOCKS: dict[Path, threading.RLock] = {}
+_STATE_LOCKS_GUARD = threading.Lock()
+
+
+def _state_lock(path: Path) -> threading.RLock:
+    key = path.absolute()
+    with _STATE_LOCKS_GUARD:
+        lock = _STATE_LOCKS.get(key)
+        if lock is None:
+            lock = _STATE_LOCKS[key] = threading.RLock()
+        return lock
 
 
 def node_home(home: Path | None = None) -> Path:
@@ -150,11 +166,30 @@ class Instance:
             return {}
         return data if isinstance(data, dict) else {}
 
+    def modify_state(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Read the state, let `change` edit it in place, write it back, all under the instance's lock, so
+        concurrent updates (an API call and a boot thread) never lose one another's changes."""
+        with _state_lock(self.state_path):
+            state = self.state()
+            change(state)
+            atomic_write_json(self.state_path, state)
+            return state
+
     def update_state(self, **changes: Any) -> dict[str, Any]:
-        state = self.state()
-        state.update(changes)
-        atomic_write_json(self.state_path, state)
-        return state
+        return self.modify_state(lambda state: state.update(changes))
+
+    def add_history(self, event: str, /, *, state: Mapping[str, Any] | None = None, **fields: Any) -> None:
+        """Append `{"at", "event", **fields}` to the history (and apply `state` changes) in one update."""
+
+        def change(doc: dict[str, Any]) -> None:
+            doc.update(state or {})
+            history = doc.get("history")
+            doc["history"] = [
+                *(history if isinstance(history, list) else []),
+                {"at": int(time.time()), "event": event, **fields},
+            ]
+
+        self.modify_state(change)
 
     def limits(self) -> ResourceLimits:
         raw = self.state().get("limits") or {}

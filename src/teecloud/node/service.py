@@ -1,13 +1,17 @@
 """The worker node: CVM lifecycle over the docker runtime (`Node`), its HTTP API (`make_node_app`), and a
 background server (`NodeServer`).
 
-Lifecycle, per CVM (one lock each; boots run in background threads):
+Lifecycle, per CVM (one lock each, held for a whole stop, upgrade or remove, and while a boot starts; boots
+run in background threads, and a change of state first waits for a running boot to end):
     create   instance directory written, then boot (teecloud.node.boot)          -> booting -> running|failed
     stop     app stopped, agent stopped, volume unmounted, tmpfs state wiped     -> stopped (desired: stopped)
     start    boot again (fresh RTMR3, keys fetched again)                        -> booting -> running|failed
     upgrade  stop, swap app-compose.json (same app_id, instance), boot: if the new compose hash is not allowed
              on chain the KMS refuses the keys and the app does not start        -> failed (reason kept)
-    remove   down + volumes, cipher directory deleted (crypto-shredded), directory deleted
+             (all under the lock: a concurrent start cannot boot the old compose in between)
+    remove   best effort, never half-way: agent stopped and keys forgotten, down + volumes, unmounted,
+             cipher directory deleted (crypto-shredded), directory deleted; what could not be cleaned (the
+             containers while the engine is down) is reported, not raised
 Node start (`resume()`): every CVM whose desired state is running boots again; node stop (`close()`): every
 CVM is stopped but keeps its desired state, so a restart brings it back.
 """
@@ -21,11 +25,12 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,9 +51,10 @@ from teecloud.node.errors import (
     InstanceStateError,
     NodeError,
     RuntimeUnavailable,
+    TooManyStreams,
 )
 from teecloud.node.instance import Instance, InstanceStore, node_home
-from teecloud.node.runtime.docker import DockerRuntime, ResourceLimits, load_compose
+from teecloud.node.runtime.docker import DockerRuntime, LogStream, ResourceLimits, load_compose
 from teecloud.node.storage import EncryptedVolume
 from teecloud.tee.base import TeePlatform
 
@@ -58,6 +64,13 @@ log = logging.getLogger("teecloud.node")
 
 # Compose files, env blobs and user config travel in request bodies; none is near this.
 NODE_MAX_BODY_BYTES = 4 * 1024 * 1024
+# `logs?follow=true` (public for apps with public_logs) holds a `docker logs --follow` process and a worker
+# thread for as long as the client stays: capped per CVM and per node (below the 40 threads of the server's
+# pool, so followers cannot starve the other routes); beyond, 429.
+MAX_FOLLOW_STREAMS_PER_CVM = 4
+MAX_FOLLOW_STREAMS = 16
+# How long a stop, upgrade or remove waits for a running boot (keys, compose up, health) to end.
+BOOT_WAIT_S = 180.0
 
 
 def load_or_create_token(home: Path | None = None) -> str:
@@ -98,6 +111,9 @@ class Node:
         self.node_id = node_id
         self._cvms: dict[str, _Cvm] = {}
         self._lock = threading.Lock()
+        # RLock: a log stream may be closed (and release its slot) by the garbage collector at any point
+        self._follow_lock = threading.RLock()
+        self._follows: dict[str, int] = {}
         self._closing = False
         self._platform = tee_factory()
 
@@ -194,13 +210,7 @@ class Node:
                 cvm.status, cvm.error = "failed", reason
                 cvm.phase = exc.phase if isinstance(exc, BootFailed) else cvm.phase
             with contextlib.suppress(NodeError, OSError):
-                inst.update_state(
-                    last_error=reason,
-                    history=[
-                        *inst.state().get("history", []),
-                        {"at": int(time.time()), "event": "boot-failed", "reason": reason[:500]},
-                    ],
-                )
+                inst.add_history("boot-failed", state={"last_error": reason}, reason=reason[:500])
             return
         with cvm.lock:
             cvm.booted = booted
@@ -209,14 +219,32 @@ class Node:
             cvm.status, cvm.phase, cvm.error = "running", "healthy", ""
         log.info("CVM %s running (%.2f s)", inst.instance_id, cvm.timings["total"])
 
-    def _wait_idle(self, cvm: _Cvm, timeout: float = 180.0) -> None:
+    def _wait_idle(self, cvm: _Cvm, timeout: float = BOOT_WAIT_S) -> None:
         t = cvm.thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
 
+    @contextlib.contextmanager
+    def _idle(self, cvm: _Cvm, timeout: float = BOOT_WAIT_S) -> Iterator[None]:
+        """Hold the CVM's lock with no boot running. Boots start only under this lock, so none can start
+        until the block ends. (Waiting for a boot happens without the lock: its last step takes it.)"""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._wait_idle(cvm, max(0.0, deadline - time.monotonic()))
+            cvm.lock.acquire()
+            t = cvm.thread
+            if t is None or not t.is_alive() or t is threading.current_thread():
+                break
+            cvm.lock.release()
+            if time.monotonic() > deadline:
+                raise InstanceStateError(f"the CVM is still booting after {timeout:.0f} s; try again later")
+        try:
+            yield
+        finally:
+            cvm.lock.release()
+
     def _shutdown(self, inst: Instance, cvm: _Cvm) -> None:
-        self._wait_idle(cvm)
-        with cvm.lock:
+        with self._idle(cvm):
             cvm.status, cvm.phase = "stopping", ""
             try:
                 shutdown_instance(inst, cvm.booted, self.runtime)
@@ -296,46 +324,122 @@ class Node:
         inst = self.store.get(ref)
         new = req.app_compose.encode()
         self._check_app_compose(new)
-        old_hash = inst.compose_hash().hex()
-        self._shutdown(inst, self._cvm(inst.instance_id))
-        inst.write_manifest(new, bytes.fromhex(req.encrypted_env) if req.encrypted_env else None, None)
-        history = [
-            *inst.state().get("history", []),
-            {
-                "at": int(time.time()),
-                "event": "upgraded",
-                "from": old_hash,
-                "compose_hash": hashlib.sha256(new).hexdigest(),
-            },
-        ]
-        inst.update_state(history=history, desired="running")
-        return self.start(inst.instance_id)
+        env = bytes.fromhex(req.encrypted_env) if req.encrypted_env else None
+        cvm = self._cvm(inst.instance_id)
+        # One critical section from the stop to the start of the new boot: a `start` arriving meanwhile
+        # waits, then finds the CVM booting the new compose (it would otherwise boot the old one, or read a
+        # half-swapped manifest).
+        with self._idle(cvm):
+            old_hash = inst.compose_hash().hex()
+            self._shutdown(inst, cvm)
+            inst.write_manifest(new, env, None)
+            inst.add_history(
+                "upgraded",
+                state={"desired": "running"},
+                **{"from": old_hash, "compose_hash": hashlib.sha256(new).hexdigest()},
+            )
+            self.store.prepare_runtime(inst)
+            self._boot_async(inst)
+        return self.status(inst.instance_id, with_containers=False)
 
-    def remove(self, ref: str) -> str:
+    def remove(self, ref: str) -> api.RemoveResult:
+        """Remove the CVM for good. Best effort, never half-way: each step runs even when an earlier one
+        failed (keys forgotten, volume unmounted, ciphertext shredded, directory deleted); what could not be
+        cleaned is returned in `leftovers` (and logged) instead of raised."""
         inst = self.store.get(ref)
         cvm = self._cvm(inst.instance_id)
-        self._wait_idle(cvm)
-        with cvm.lock:
-            if cvm.booted is not None:
-                cvm.booted.runner.stop()
-                cvm.booted = None
-            self.runtime.down(compose_spec(inst, with_env=False))
-            EncryptedVolume(inst.cipher_dir, inst.mount_point).destroy()
-            self.store.delete(inst)
+        spec = compose_spec(inst, with_env=False)
+        leftovers: list[str] = []
+        with self._idle(cvm):
+            cvm.status, cvm.phase = "removing", ""
+            booted, cvm.booted = cvm.booted, None  # the node's only reference to the app's keys
+            if booted is not None:
+                try:
+                    booted.runner.stop()
+                except Exception as exc:  # the agent's own failure must not stop the removal
+                    leftovers.append(f"the guest agent did not stop cleanly: {exc}")
+            try:
+                self.runtime.down(spec)
+            except NodeError as exc:
+                leftovers.append(
+                    f"containers, networks and volumes of compose project {spec.project} may remain ({exc}); "
+                    f"once the engine answers: docker compose -p {spec.project} down -v --remove-orphans"
+                )
+            volume = EncryptedVolume(inst.cipher_dir, inst.mount_point)
+            if booted is not None:
+                volume = booted.volume
+            try:
+                volume.unmount()
+            except NodeError as exc:
+                leftovers.append(f"the plaintext view {inst.mount_point} is still mounted: {exc}")
+            try:
+                volume.shred()
+            except NodeError as exc:
+                leftovers.append(str(exc))
+            try:
+                self.store.delete(inst)
+            except OSError as exc:
+                leftovers.append(f"cannot delete the instance directory {inst.dir}: {exc}")
             cvm.status = "removed"
         with self._lock:
             self._cvms.pop(inst.instance_id, None)
-        return inst.instance_id
+        for item in leftovers:
+            log.warning("CVM %s removed, but: %s", inst.instance_id, item)
+        return api.RemoveResult(removed=inst.instance_id, leftovers=leftovers)
 
-    def logs(
-        self, ref: str, *, service: str | None, tail: int, follow: bool, public: bool
-    ) -> Iterator[bytes]:
+    def _take_follow_slot(self, instance_id: str) -> Callable[[], None]:
+        """Count one more `follow` stream of this CVM, or raise TooManyStreams; returns the release."""
+        with self._follow_lock:
+            if sum(self._follows.values()) >= MAX_FOLLOW_STREAMS:
+                raise TooManyStreams(
+                    f"this node already serves {MAX_FOLLOW_STREAMS} followed log streams (the limit); "
+                    "try again later"
+                )
+            if self._follows.get(instance_id, 0) >= MAX_FOLLOW_STREAMS_PER_CVM:
+                raise TooManyStreams(
+                    f"CVM {instance_id} already has {MAX_FOLLOW_STREAMS_PER_CVM} followed log streams (the "
+                    "limit); close one or try again later"
+                )
+            self._follows[instance_id] = self._follows.get(instance_id, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._follow_lock:
+                if released:
+                    return
+                released = True
+                left = self._follows.get(instance_id, 1) - 1
+                if left > 0:
+                    self._follows[instance_id] = left
+                else:
+                    self._follows.pop(instance_id, None)
+
+        return release
+
+    def follow_streams(self) -> dict[str, int]:
+        """Followed log streams open now, per instance id."""
+        with self._follow_lock:
+            return dict(self._follows)
+
+    def logs(self, ref: str, *, service: str | None, tail: int, follow: bool, public: bool) -> LogStream:
+        """The CVM's container output. Close the stream when done: a followed stream holds a process and
+        one of the node's follow slots until then."""
         inst = self.store.get(ref)
         if public and not inst.app_compose().get("public_logs"):
             raise PermissionError("this app's logs are not public (app-compose public_logs is false)")
-        return self.runtime.logs(
-            compose_spec(inst, with_env=False).project, service=service, tail=tail, follow=follow
-        )
+        release = self._take_follow_slot(inst.instance_id) if follow else None
+        try:
+            stream = self.runtime.logs(
+                compose_spec(inst, with_env=False).project, service=service, tail=tail, follow=follow
+            )
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if release is not None:
+            stream.on_close(release)
+        return stream
 
     def stats(self, ref: str) -> list[dict[str, Any]]:
         inst = self.store.get(ref)
@@ -394,6 +498,24 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _next_chunk(stream: LogStream) -> bytes | None:
+    return next(stream, None)
+
+
+async def _stream_lines(stream: LogStream) -> AsyncIterator[bytes]:
+    """Serve a log stream and close it however the response ends. When the client goes away, Starlette
+    cancels the response: the read (a thread blocked on `docker logs --follow`) is abandoned, not awaited,
+    and closing the stream kills the process, which ends that thread too."""
+    try:
+        while True:
+            chunk = await anyio.to_thread.run_sync(_next_chunk, stream, abandon_on_cancel=True)
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        stream.close()
+
+
 def make_node_app(node: Node, *, token: str) -> FastAPI:
     app = FastAPI(title="teecloud node", version=teecloud.__version__)
     app.add_middleware(BoundedBody, max_bytes=NODE_MAX_BODY_BYTES)
@@ -444,6 +566,8 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
             return _error(409, str(exc))
         if isinstance(exc, RuntimeUnavailable):
             return _error(503, str(exc))
+        if isinstance(exc, TooManyStreams):
+            return _error(429, str(exc))
         return _error(500, str(exc))
 
     @app.get("/health")
@@ -481,8 +605,8 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
         raise InstanceNotFound(f"unknown action {action!r} (start, stop, restart, upgrade)")
 
     @app.delete("/cvms/{ref}", dependencies=[Depends(admin)])
-    def remove(ref: str) -> dict[str, str]:
-        return {"removed": node.remove(ref)}
+    def remove(ref: str) -> api.RemoveResult:
+        return node.remove(ref)
 
     @app.get("/cvms/{ref}/stats", dependencies=[Depends(admin)])
     def stats(ref: str) -> list[dict[str, Any]]:
@@ -492,14 +616,14 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
     def logs(
         request: Request, ref: str, service: str | None = None, tail: int = 200, follow: bool = False
     ) -> StreamingResponse:
-        it = node.logs(
+        stream = node.logs(
             ref,
             service=service,
             tail=max(0, min(tail, 100_000)),
             follow=follow,
             public=not authorized(request),
         )
-        return StreamingResponse(it, media_type="text/plain")
+        return StreamingResponse(_stream_lines(stream), media_type="text/plain")
 
     @app.get("/cvms/{ref}/attestation")
     def attestation(request: Request, ref: str, report_data: str = "") -> api.Attestation:

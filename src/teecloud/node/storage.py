@@ -139,10 +139,20 @@ class EncryptedVolume:
                     raise StorageError("the encrypted volume's process died; restart the CVM") from exc
                 raise StorageError(f"cannot create {rel} in the volume: {exc}") from exc
 
+    def shred(self) -> None:
+        """Delete the ciphertext, gocryptfs.conf (the master key wrapped by the disk key) first: once it is
+        gone nothing in the directory can be decrypted again, even if deleting the rest fails. Works mounted
+        or not (a mount that would not detach keeps serving only what its process still holds in memory)."""
+        try:
+            (self.cipher_dir / "gocryptfs.conf").unlink(missing_ok=True)
+            if self.cipher_dir.exists():
+                shutil.rmtree(self.cipher_dir)
+        except OSError as exc:
+            raise StorageError(f"cannot delete the encrypted volume {self.cipher_dir}: {exc}") from exc
+
     def destroy(self) -> None:
         """Unmount and delete the ciphertext: without gocryptfs.conf nothing can be decrypted again."""
         self.unmount()
-        if self.cipher_dir.exists():
-            shutil.rmtree(self.cipher_dir)
+        self.shred()
         if self.mount_point.exists() and not self.is_mounted():
             shutil.rmtree(self.mount_point, ignore_errors=True)

@@ -11,7 +11,8 @@ The app's compose file is used unchanged. Everything teecloud needs is added by 
   - decrypted env vars never enter the container's configuration (which Docker stores on the host disk and
     shows in `docker inspect`): the container starts through a busybox shell that sources them from a file in
     tmpfs, then execs the original entrypoint + command;
-  - per-service resource limits.
+  - per-service resource limits (an app's `memswap_limit` is capped to the node's memory cap: no swap
+    beyond it).
 Things a CVM would allow inside its own VM but that would reach the host (or another CVM) here are refused
 with a reason, by `check_isolation` (run by `load_compose`, so `deploy` and the node's create refuse them
 before any key is fetched): privileged mode, capabilities beyond Docker's default set, security_opt other
@@ -19,9 +20,11 @@ than no-new-privileges, host/other-container namespaces (network_mode other than
 uts, userns, cgroup), cgroup_parent, devices (also device_cgroup_rules, GPU reservations, gpus), a non-default
 OCI runtime, logging drivers that ship logs out of the host's store, volumes_from another container, host
 files (bind mounts, env_file, secrets/configs from a file, extends/include of another file), explicit `name:`
-of volumes and networks (Compose v2 would attach another project's existing volume or network), and
-interpolation (`${...}`) outside environment/command/entrypoint/healthcheck/labels, since the checks read the
-file as written and Compose would substitute afterwards (`network_mode: ${X:-host}`).
+of volumes and networks (Compose v2 would attach another project's existing volume or network),
+`oom_kill_disable` and a negative `oom_score_adj` (they make the host's OOM killer spare the app and kill host
+processes or other CVMs instead), and interpolation (`${...}`) outside environment/command/entrypoint/
+healthcheck/labels, since the checks read the file as written and Compose would substitute afterwards
+(`network_mode: ${X:-host}`).
 
 Compose v2 (`docker compose`) is preferred, v1 (`docker-compose` >= 1.27, the Compose Spec) works too.
 Containers are found through the `com.docker.compose.project` label both versions set.
@@ -29,6 +32,7 @@ Containers are found through the `com.docker.compose.project` label both version
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,7 +40,8 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +49,7 @@ from typing import Any
 import yaml
 
 from teecloud._fs import atomic_write
-from teecloud.node.errors import ComposeRejected, RuntimeFailed, RuntimeUnavailable
+from teecloud.node.errors import BadRequest, ComposeRejected, RuntimeFailed, RuntimeUnavailable
 
 __all__ = [
     "AGENT_SOCKETS",
@@ -52,6 +57,7 @@ __all__ = [
     "ContainerState",
     "DockerRuntime",
     "ImageConfig",
+    "LogStream",
     "ResourceLimits",
     "check_isolation",
     "detect_compose",
@@ -313,6 +319,7 @@ def check_isolation(compose: Mapping[str, Any]) -> None:
             raise ComposeRejected(f"service {name!r}: host devices are not available to a CVM (`deploy`)")
         if svc.get("cgroup_parent") is not None:
             raise ComposeRejected(f"service {name!r}: `cgroup_parent` would escape the CVM's resource limits")
+        _check_oom(name, svc)
         if svc.get("runtime") not in (None, "runc"):
             raise ComposeRejected(f"service {name!r}: runtime {svc.get('runtime')!r} is not allowed")
         logging_cfg = svc.get("logging")
@@ -364,6 +371,41 @@ def check_isolation(compose: Mapping[str, Any]) -> None:
                         f"network {nname!r}: driver option {opt!r} is not allowed (the node sets the "
                         "bridge's options)"
                     )
+
+
+_TRUE_STRINGS = frozenset({"true", "yes", "on", "1"})
+
+
+def _check_oom(name: str, svc: Mapping[str, Any]) -> None:
+    """The host's OOM killer must stay free to pick the app: under memory pressure an app that disabled it
+    (`oom_kill_disable`) or lowered its score (`oom_score_adj` < 0) makes the kernel kill host processes or
+    other CVMs instead. A positive score (kill me first) is the app's own business."""
+    disable = svc.get("oom_kill_disable")
+    if disable is True or (isinstance(disable, str) and disable.strip().lower() in _TRUE_STRINGS):
+        raise ComposeRejected(
+            f"service {name!r}: `oom_kill_disable` is not allowed (the host's OOM killer would kill other "
+            "processes instead of this app)"
+        )
+    if disable not in (None, False) and not isinstance(disable, str):
+        raise ComposeRejected(f"service {name!r}: `oom_kill_disable` must be a boolean")
+    adj = svc.get("oom_score_adj")
+    if adj is not None:
+        try:
+            if isinstance(adj, bool) or not isinstance(adj, int | str):
+                raise ValueError
+            score = int(adj)
+        except ValueError:
+            raise ComposeRejected(f"service {name!r}: `oom_score_adj` must be an integer") from None
+        if score < 0:
+            raise ComposeRejected(
+                f"service {name!r}: a negative `oom_score_adj` ({score}) is not allowed (it shifts the "
+                "host's OOM killer onto other processes); 0 to 1000 is"
+            )
+        if score > 1000:
+            raise ComposeRejected(f"service {name!r}: `oom_score_adj` is at most 1000, got {score}")
+    swap = svc.get("memswap_limit")
+    if swap is not None and (isinstance(swap, bool) or not isinstance(swap, int | str)):
+        raise ComposeRejected(f"service {name!r}: `memswap_limit` must be a number or a size like 512m")
 
 
 def _argv(value: Any, what: str) -> list[str]:
@@ -577,6 +619,11 @@ def make_override(
             out["cpus"] = limits.cpus
         if limits.memory_mb is not None:
             out["mem_limit"] = f"{limits.memory_mb}m"
+            if "memswap_limit" in svc:
+                # memory + swap: the app's value (-1 = unlimited swap) would let it use the host's swap
+                # beyond the node's memory cap; capped to that cap (= mem_limit, i.e. no swap), the lowest
+                # value Docker accepts next to mem_limit.
+                out["memswap_limit"] = f"{limits.memory_mb}m"
         if limits.pids is not None:
             out["pids_limit"] = limits.pids
         # Compose v2 lets `deploy.resources.limits` win over cpus/mem_limit/pids_limit: cap those too.
@@ -662,6 +709,97 @@ def detect_compose(docker: str = "docker") -> list[str]:
         "Docker Compose is missing: install the v2 plugin (apt-get install docker-compose-plugin) or v1 "
         "(apt-get install docker-compose)"
     )
+
+
+class LogStream:
+    """The output of log commands run one after another, one chunk per line prefixed `service | `.
+
+    `close()` may be called from any thread, also while another thread is blocked reading (an HTTP client
+    went away in the middle of `docker logs --follow`): it kills the running process, so the reader sees the
+    end of its output at once, starts no further command, and runs the `on_close` callbacks (once). Reading to
+    the end closes the stream too, and so does dropping the last reference to one never read.
+    """
+
+    def __init__(self, commands: Sequence[tuple[str, Sequence[str]]]) -> None:
+        self._commands = [(service, list(argv)) for service, argv in commands]
+        self._lock = threading.Lock()
+        self._closed = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._lines: Iterator[bytes] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The command running (or last run) for this stream."""
+        return self._proc
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._closed:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def __iter__(self) -> LogStream:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._lines is None:
+            self._lines = self._read()
+        return next(self._lines)
+
+    def _read(self) -> Iterator[bytes]:
+        try:
+            for service, argv in self._commands:
+                with self._lock:
+                    if self._closed:
+                        return
+                    proc = self._proc = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                    )
+                try:
+                    assert proc.stdout is not None
+                    prefix = f"{service} | ".encode()
+                    for line in proc.stdout:
+                        yield prefix + line
+                finally:
+                    _kill(proc)
+                    assert proc.stdout is not None
+                    proc.stdout.close()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            proc, callbacks, self._callbacks = self._proc, self._callbacks, []
+        if proc is not None:
+            _kill(proc)
+        self._lines = None  # (a generator still running in another thread keeps its own frame)
+        for callback in callbacks:
+            callback()
+
+    def __enter__(self) -> LogStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL: only an uninterruptible sleep delays it
+        proc.wait(timeout=10)
 
 
 class DockerRuntime:
@@ -828,28 +966,19 @@ class DockerRuntime:
 
     def logs(
         self, project: str, *, service: str | None = None, tail: int = 200, follow: bool = False
-    ) -> Iterator[bytes]:
-        """Container output, oldest first, one chunk per line (`service | line`)."""
+    ) -> LogStream:
+        """Container output, oldest first, one chunk per line (`service | line`). The containers are looked
+        up now; each `docker logs` process starts when the stream is read. Close the stream when done."""
         containers = [c for c in self.ps(project) if service is None or c.service == service]
-        if not containers:
-            return
-        if not follow or len(containers) == 1:
-            for c in containers:
-                args = ["logs", "--tail", str(max(0, tail))]
-                if follow:
-                    args.append("--follow")
-                proc = subprocess.Popen(
-                    [self.docker, *args, c.container], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-                )
-                try:
-                    assert proc.stdout is not None
-                    for line in proc.stdout:
-                        yield f"{c.service} | ".encode() + line
-                finally:
-                    proc.kill()
-                    proc.wait()
-            return
-        raise RuntimeFailed("follow one service at a time (pass a service name)")
+        if follow and len(containers) > 1:
+            raise BadRequest("follow one service at a time (pass a service name)")
+        commands = []
+        for c in containers:
+            argv = [self.docker, "logs", "--tail", str(max(0, tail))]
+            if follow:
+                argv.append("--follow")
+            commands.append((c.service, [*argv, c.container]))
+        return LogStream(commands)
 
     def stats(self, project: str) -> list[dict[str, Any]]:
         containers = self.ps(project)
