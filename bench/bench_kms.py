@@ -41,6 +41,7 @@ from typing import Any
 
 COMPOSE = hashlib.sha256(b"bench compose").digest()
 GOAL_P50_MS, GOAL_P99_MS = 10.0, 50.0
+VM_CONFIG_FILE = "get-app-key-body.json"
 
 
 def serve(home: str, conn: Any, workers_note: str = "") -> None:  # child process
@@ -99,9 +100,12 @@ def make_certs(n: int, app_id: bytes, temp_ca_key: Any, temp_ca: Any, tmp: Path)
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from teecloud.keys.ratls import make_ratls_cert
+    from teecloud.kms.client import vm_config_json
     from teecloud.tee.simulated import SimulatedTdx
 
     tee = SimulatedTdx()
+    # GetAppKey carries the CVM's vm_config (the KMS checks RTMR0 for that VM shape); the clients read it here
+    (tmp / VM_CONFIG_FILE).write_text(json.dumps({"vm_config": vm_config_json(tee)}))
     for name, payload in [
         ("system-preparing", b""),
         ("app-id", app_id),
@@ -197,7 +201,7 @@ def client_proc(
     """One client process: a thread per job; a job is the list of certificate files its requests use, in
     order (keepalive: one connection with the first certificate for all of them)."""
     host, port = url.removeprefix("https://").rsplit(":", 1)
-    body = b"{}" if method == "POST" else b""
+    body = (Path(jobs[0][0]).parent / VM_CONFIG_FILE).read_bytes() if method == "POST" and jobs else b""
     ctxs = [[_ctx(p) for p in (job[:1] if keepalive else job)] for job in jobs]
     lat: list[float] = []
     errors = 0
