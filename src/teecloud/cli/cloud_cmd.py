@@ -345,8 +345,10 @@ def rm(
         st = session.node.get(app)
         if not yes and not typer.confirm(f"remove {st.name} ({st.instance_id[:12]}) and destroy its data?"):
             raise typer.Exit(1)
-        session.node.remove(st.instance_id)
-    out.print(f"removed {st.name} ({st.instance_id}); its data is unrecoverable")
+        result = session.node.remove(st.instance_id)
+    out.print(f"removed {st.name} ({st.instance_id}); its keys are forgotten and its data is unrecoverable")
+    for left in getattr(result, "leftovers", None) or []:
+        out.print(f"[yellow]left behind:[/] {left}", highlight=False)
 
 
 def attest(
