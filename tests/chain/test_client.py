@@ -274,3 +274,21 @@ def test_read_cache_never_outlives_a_block(chain: ChainClient) -> None:
     other = chain.with_signer(chain.keys[0])  # type: ignore[attr-defined]
     other.remove_compose_hash(app, h)  # a change by another client: a new block
     assert chain.is_app_allowed(bi) == (False, "compose hash not allowed")
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"name": "x", "runner": "docker-compose", "docker_compose_file": "services: {}"},
+        {"name": "x", "runner": "docker-compose", "features": {"kms": None}, "public_logs": None},
+        {"name": "ünï", "runner": "docker-compose", "nested": [{"b": 1, "a": None}], "ratio": float("nan")},
+    ],
+)
+def test_registered_compose_hash_is_the_one_boot_measures(doc: dict) -> None:  # type: ignore[type-arg]
+    """The hash `teecloud app register` puts on chain must equal what the agent measures into RTMR3 and
+    what dstack-sdk computes, or an allowed app could never get its keys."""
+    from dstack_sdk import get_compose_hash
+
+    from teecloud.agent.boot import compose_hash as measured
+
+    assert compose_hash(doc).hex() == get_compose_hash(doc) == measured(doc).hex()

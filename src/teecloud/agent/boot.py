@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from teecloud import _json
 from teecloud.agent.keyprovider import KeyProvider
+from teecloud.appcompose import compose_hash, normalize_app_compose
 from teecloud.keys.appkeys import AppKeys
 from teecloud.tee.base import TeePlatform
 
@@ -27,29 +27,6 @@ MAX_COMPOSE_BYTES = 4 * 1024 * 1024
 
 class BootError(ValueError):
     """The app-compose file or the boot parameters are unusable."""
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in sorted(value.items())}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
-def normalize_app_compose(app_compose: dict[str, Any]) -> str:
-    """The deterministic JSON text dstack_sdk.get_compose_hash hashes: top-level None (and NaN/inf) fields
-    dropped, keys sorted recursively, separators ",", ":", non-ASCII kept (UTF-8), nested NaN/inf -> null."""
-    top = {k: v for k, v in _clean(app_compose).items() if v is not None}
-    if isinstance(top.get("docker_config"), dict):
-        top["docker_config"] = {k: v for k, v in top["docker_config"].items() if v is not None}
-    return json.dumps(top, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
-
-
-def compose_hash(app_compose: dict[str, Any]) -> bytes:
-    return hashlib.sha256(normalize_app_compose(app_compose).encode("utf-8")).digest()
 
 
 @dataclass
