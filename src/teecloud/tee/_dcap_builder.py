@@ -26,6 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+# the verifier recognises dev roots by this prefix: one constant, owned by the verifier
+from teecloud.attestation.dcap import DEV_ROOT_CN_PREFIX
+
 __all__ = [
     "DEV_ROOT_CN_PREFIX",
     "PlatformIdentity",
@@ -36,8 +39,6 @@ __all__ = [
     "raw_ecdsa_sign",
 ]
 
-# Must equal teecloud.attestation.dcap.DEV_ROOT_CN_PREFIX (the verifier recognises dev roots by it).
-DEV_ROOT_CN_PREFIX = "teecloud Development Root CA"
 
 SGX_EXTENSION_OID = "1.2.840.113741.1.13.1"
 QE_VENDOR_ID_INTEL = bytes.fromhex("939A7233F79C4CA9940A0DB3957F0607")
