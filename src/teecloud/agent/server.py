@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 import uvicorn
 from Crypto.Hash import keccak as _keccak
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
@@ -41,7 +40,7 @@ from starlette.responses import Response
 from teecloud import __version__, _json
 from teecloud.agent import api
 from teecloud.agent.boot import AgentState, boot
-from teecloud.keys.certs import cert_to_pem, issue_cert
+from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem
 from teecloud.keys.errors import KeysError, KeyUsageError
 from teecloud.keys.kdf import derive_p256_key
 from teecloud.keys.ratls import OID_APP_ID, OID_CERT_USAGE, event_log_json, make_ratls_cert
@@ -275,9 +274,7 @@ class AgentService:
                 )
         except KeyUsageError as exc:
             raise ClientError(str(exc)) from None
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
+        key_pem = key_to_pem(key)
         return {"key": key_pem, "certificate_chain": [cert_to_pem(cert), self._ca_cert_pem]}
 
     def app_cert(self) -> str:
@@ -404,9 +401,7 @@ class AgentService:
             )
         except KeyUsageError as exc:
             raise ClientError(str(exc)) from None
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
+        key_pem = key_to_pem(key)
         body = _dumps({"key": key_pem, "certificate_chain": [cert_to_pem(cert), self._ca_cert_pem]})
         with self._lock:
             if len(self._tappd_cache) >= self.limits.key_cache_entries:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from eth_utils.crypto import keccak
 
-from teecloud.keys.certs import cert_to_pem, make_app_ca_cert, spki_der
+from teecloud.keys.certs import cert_to_pem, key_to_pem, make_app_ca_cert, spki_der
 from teecloud.keys.errors import KeyUsageError, MalformedKeyMaterial
 from teecloud.keys.kdf import derive_dh_secret, derive_key, derive_p256_key
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, sign_k256_recoverable
@@ -165,9 +165,7 @@ def derive_app_keys(
         }
     )
     return AppKeys(
-        ca_key_pem=app_ca.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode(),
+        ca_key_pem=key_to_pem(app_ca),
         ca_cert_pem=cert_to_pem(ca_cert),
         disk_crypt_key=disk,
         env_crypt_key=env,

@@ -26,6 +26,7 @@ __all__ = [
     "cert_from_pem_or_der",
     "cert_to_pem",
     "issue_cert",
+    "key_to_pem",
     "make_app_ca_cert",
     "make_root_ca_cert",
     "parse_pem_chain",
@@ -61,6 +62,13 @@ def _serial(*parts: bytes) -> int:
 
 def cert_to_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def key_to_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    """Unencrypted PKCS#8 PEM text (what GetTlsKey returns and what sealed files hold inside their AEAD)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 def issue_cert(

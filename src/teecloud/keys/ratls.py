@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.attestation.errors import Expired
 from teecloud.attestation.models import EventLogEntry, VerifiedEvidence
-from teecloud.keys.certs import cert_from_pem_or_der, cert_to_pem, issue_cert, spki_der
+from teecloud.keys.certs import cert_from_pem_or_der, cert_to_pem, issue_cert, key_to_pem, spki_der
 from teecloud.keys.errors import MalformedKeyMaterial, RaTlsCertInvalid
 
 __all__ = [
@@ -179,9 +179,7 @@ def generate_ratls_identity(
         server_auth=True,
         client_auth=True,
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
+    key_pem = key_to_pem(key)
     return key_pem, cert_to_pem(cert)
 
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import teecloud
 from teecloud._fs import atomic_write, data_home
 from teecloud.keys.appkeys import RootKeys
-from teecloud.keys.certs import cert_to_pem, issue_cert, make_root_ca_cert
+from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem, make_root_ca_cert
 from teecloud.kms.errors import BootstrapError, SealingError
 from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
 from teecloud.tee.base import TeePlatform
@@ -100,12 +100,6 @@ def boot_kms_tee(tee: TeePlatform, *, build: str | None = None) -> KmsIdentity:
         b"".join(m[k] for k in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"))
     ).digest()
     return KmsIdentity(compose_hash=compose_hash, mr_aggregated=mr_aggregated)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
 
 
 @dataclass(frozen=True)
@@ -207,7 +201,7 @@ def new_state(*, now: int) -> KmsState:
     return KmsState.from_parts(
         root=root,
         root_ca_cert_pem=cert_to_pem(root_ca),
-        temp_ca_key_pem=_key_pem(temp_key),
+        temp_ca_key_pem=key_to_pem(temp_key),
         temp_ca_cert_pem=cert_to_pem(temp_cert),
         created_at=now,
     )

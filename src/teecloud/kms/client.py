@@ -40,6 +40,7 @@ from pydantic import BaseModel, ValidationError
 from teecloud.attestation.errors import VerificationError
 from teecloud.attestation.policy import Policy
 from teecloud.keys.appkeys import AppKeys, env_encrypt_pubkey_digest
+from teecloud.keys.certs import key_to_pem
 from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import QuoteSource, make_ratls_cert, parse_ratls_cert, verify_ratls_cert
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, recover_k256
@@ -148,12 +149,6 @@ def vm_config_json(tee: object) -> str:
     if not isinstance(config, dict) or not config:
         return ""
     return json.dumps(config, separators=(",", ":"), sort_keys=True)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
 
 
 class KmsClient:
@@ -271,7 +266,7 @@ class KmsClient:
             client_auth=True,
         )
         chain_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-        return self._call("POST", path, model, body=body, client_cert=(_key_pem(key), chain_pem))
+        return self._call("POST", path, model, body=body, client_cert=(key_to_pem(key), chain_pem))
 
     # --- public API
 

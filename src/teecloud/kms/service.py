@@ -49,7 +49,7 @@ from teecloud.attestation.models import VerifiedEvidence
 from teecloud.attestation.policy import Policy
 from teecloud.chain.api import BootInfo
 from teecloud.keys.appkeys import derive_app_keys, env_encrypt_pubkey, sign_env_encrypt_pubkey
-from teecloud.keys.certs import cert_to_pem, issue_cert
+from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem
 from teecloud.keys.errors import KeysError as _KeysError
 from teecloud.keys.kdf import derive_p256_key
 from teecloud.keys.ratls import OID_APP_ID, make_ratls_cert, parse_ratls_cert, verify_ratls_cert
@@ -665,9 +665,7 @@ class KmsService:
             ctx["boot_info"] = boot_info_to_json(peer.boot_info)
             reason = self.authorizer.kms_allowed(peer.boot_info)
             ctx["reason"] = f"KMS allowed by KmsAuth{': ' + reason if reason else ''}; root keys replicated"
-            ca_key_pem = self.state.root.ca_key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ).decode()
+            ca_key_pem = key_to_pem(self.state.root.ca_key)
             return api.KmsKeyResponse(
                 ca_key=ca_key_pem,
                 ca_cert=self.state.root_ca_cert_pem,
@@ -919,9 +917,7 @@ def make_server_identity(
         server_auth=True,
         client_auth=True,
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
+    key_pem = key_to_pem(key)
     return ServerIdentity(key_pem=key_pem, cert_pem=cert_to_pem(cert) + service.state.root_ca_cert_pem)
 
 
