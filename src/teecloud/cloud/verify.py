@@ -1,10 +1,11 @@
 """Check a running app from the outside: what `teecloud verify --app` / `teecloud attest` print.
 
 Procedure (`verify_app`), every step recorded with its reason:
-  (1) fetch   a fresh quote from the app's agent (through the node), report_data = a random nonce
+  (1) fetch   a fresh quote from the app's agent (through the node) for a random nonce; the node quotes
+              over report_data = sha512("teecloud-attest:" ‖ nonce) (teecloud.node.api.attest_report_data)
   (2) quote   DCAP signature chain to the trusted root (the installation's dev root for simulated TEEs),
               TCB status, not debug (teecloud.attestation.verifier.verify_tdx_with_event_log)
-  (3) nonce   the quote's report_data is our nonce (not a replay)
+  (3) nonce   the quote's report_data is attest_report_data(our nonce) (not a replay)
   (4) replay  the event log replays to the quoted RTMRs; app_id, compose_hash, instance_id come from it
   (5) compose sha256(app-compose.json served by the node) equals the measured compose_hash
   (6) chain   the compose hash is allowed for the app_id in its AppAuth, and KmsAuth.isAppAllowed(boot_info)
@@ -86,9 +87,15 @@ def verify_attestation(
     verdict.tcb_status = evidence.tcb_status
     verdict.simulated = evidence.simulated
     # (3)
-    if evidence.report_data[: len(nonce)] != nonce or any(evidence.report_data[len(nonce) :]):
-        return fail("nonce", "the quote's report_data is not our nonce (replayed or substituted quote)")
-    steps.append(Step("nonce", True, "report_data is the fresh nonce"))
+    from teecloud.node.api import attest_report_data
+
+    if evidence.report_data != attest_report_data(nonce):
+        return fail(
+            "nonce",
+            'the quote\'s report_data is not sha512("teecloud-attest:" ‖ our nonce) (replayed or '
+            "substituted quote)",
+        )
+    steps.append(Step("nonce", True, 'report_data is sha512("teecloud-attest:" ‖ the fresh nonce)'))
     info = evidence.app_info
     if info is None or not info.compose_hash:
         return fail("event_log", "the event log has no compose-hash event")

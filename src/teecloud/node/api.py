@@ -13,13 +13,16 @@ Routes (JSON; management routes need `Authorization: Bearer <node admin token>`)
     GET    /cvms/{id}/logs?service=&tail=&follow=   text/plain stream    public iff app-compose public_logs
                                                     (follow: at most a few streams per CVM and per node, 429)
     GET    /cvms/{id}/stats                         [dict]
-    GET    /cvms/{id}/attestation?report_data=hex   Attestation          public iff public_tcbinfo (default)
+    GET    /cvms/{id}/attestation?nonce=hex         Attestation          public iff public_tcbinfo (default)
+                                                    report_data = attest_report_data(nonce), never the raw
+                                                    nonce (see ATTEST_DOMAIN)
 Errors: {"error": "..."} with 400 (bad request), 401/403 (token), 404 (no such CVM), 409 (wrong state),
 429 (too many log streams), 503 (runtime unavailable), 500 (node fault).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from teecloud.node.errors import NodeError
 
 __all__ = [
+    "ATTEST_DOMAIN",
+    "MAX_ATTEST_NONCE",
     "Attestation",
     "CreateCvmRequest",
     "CvmStatus",
@@ -38,9 +43,24 @@ __all__ = [
     "NodeInfo",
     "RemoveResult",
     "UpgradeCvmRequest",
+    "attest_report_data",
 ]
 
 MAX_APP_COMPOSE = 512 * 1024
+# The node's attestation route quotes over sha512(ATTEST_DOMAIN ‖ nonce), never over caller-chosen bytes:
+# a quote whose report_data a caller picks could equal an RA-TLS binding sha512("ratls-cert:" ‖ SPKI) and be
+# replayed in a certificate for a key the caller holds (issue 10, F1). The agent's GetQuote stays raw.
+ATTEST_DOMAIN = b"teecloud-attest:"
+MAX_ATTEST_NONCE = 64
+
+
+def attest_report_data(nonce: bytes) -> bytes:
+    """The 64-byte report_data of the node's attestation for `nonce` (what a verifier must expect)."""
+    if len(nonce) > MAX_ATTEST_NONCE:
+        raise ValueError(f"the nonce is at most {MAX_ATTEST_NONCE} bytes")
+    return hashlib.sha512(ATTEST_DOMAIN + bytes(nonce)).digest()
+
+
 _EVEN_HEX = r"^(?:[0-9a-fA-F]{2})*$"  # whole bytes: "0" would pass [0-9a-f]* and then fail bytes.fromhex
 
 
@@ -113,6 +133,7 @@ class Attestation(BaseModel):
     compose_hash: str
     quote: str
     event_log: str
+    nonce: str = ""  # hex, as sent; report_data == attest_report_data(nonce)
     report_data: str
     vm_config: str
     app_compose: str
@@ -182,10 +203,15 @@ class NodeClient:
     def stats(self, ref: str) -> list[dict[str, Any]]:
         return list(self._req("GET", f"/cvms/{ref}/stats"))
 
-    def attestation(self, ref: str, report_data: bytes = b"") -> Attestation:
-        return Attestation.model_validate(
-            self._req("GET", f"/cvms/{ref}/attestation", params={"report_data": report_data.hex()})
+    def attestation(self, ref: str, nonce: bytes = b"") -> Attestation:
+        """A quote over attest_report_data(nonce); checked here to bind that value (the full check of the
+        quote is teecloud.cloud.verify's)."""
+        att = Attestation.model_validate(
+            self._req("GET", f"/cvms/{ref}/attestation", params={"nonce": nonce.hex()})
         )
+        if att.report_data != attest_report_data(nonce).hex():
+            raise NodeApiError(0, "the node's attestation does not bind our nonce (report_data differs)")
+        return att
 
     def logs(
         self, ref: str, *, service: str | None = None, tail: int = 200, follow: bool = False

@@ -45,6 +45,7 @@ from teecloud.agent.keyprovider import KeyProvider
 from teecloud.node import api
 from teecloud.node.boot import BootedCvm, boot_instance, compose_spec, shutdown_instance
 from teecloud.node.errors import (
+    BadRequest,
     BootFailed,
     ComposeRejected,
     InstanceNotFound,
@@ -445,7 +446,9 @@ class Node:
         inst = self.store.get(ref)
         return self.runtime.stats(compose_spec(inst, with_env=False).project)
 
-    def attestation(self, ref: str, report_data: bytes, *, public: bool) -> api.Attestation:
+    def attestation(self, ref: str, nonce: bytes, *, public: bool) -> api.Attestation:
+        """A quote of the CVM over api.attest_report_data(nonce): the caller's nonce behind a fixed domain
+        prefix, so no caller can choose the report_data (an RA-TLS binding would then be one request away)."""
         inst = self.store.get(ref)
         cvm = self._cvm(inst.instance_id)
         booted = cvm.booted
@@ -453,6 +456,10 @@ class Node:
             raise InstanceStateError(f"CVM {inst.instance_id} is {cvm.status}, not running: no attestation")
         if public and not booted.state.public_tcbinfo:
             raise PermissionError("this app does not publish its attestation (public_tcbinfo is false)")
+        try:
+            report_data = api.attest_report_data(nonce)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         q = booted.runner.service.get_quote(GetQuoteRequest(report_data=report_data.hex()))
         return api.Attestation(
             instance_id=inst.instance_id,
@@ -460,6 +467,7 @@ class Node:
             compose_hash=booted.state.compose_hash.hex(),
             quote=q["quote"],
             event_log=q["event_log"],
+            nonce=nonce.hex(),
             report_data=q["report_data"],
             vm_config=q["vm_config"],
             app_compose=booted.state.app_compose_text,
@@ -626,14 +634,16 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
         return StreamingResponse(_stream_lines(stream), media_type="text/plain")
 
     @app.get("/cvms/{ref}/attestation")
-    def attestation(request: Request, ref: str, report_data: str = "") -> api.Attestation:
+    def attestation(request: Request, ref: str, nonce: str = "", report_data: str = "") -> api.Attestation:
+        # `report_data` is the route's old parameter name: accepted, and treated as the nonce it always was
+        text = nonce or report_data
         try:
-            rd = bytes.fromhex(report_data.removeprefix("0x"))
+            raw = bytes.fromhex(text.removeprefix("0x"))
         except ValueError:
-            raise ComposeRejected("report_data must be hex") from None
-        if len(rd) > 64:
-            raise ComposeRejected("report_data is at most 64 bytes")
-        return node.attestation(ref, rd, public=not authorized(request))
+            raise BadRequest("nonce must be hex") from None
+        if len(raw) > api.MAX_ATTEST_NONCE:
+            raise BadRequest(f"nonce is at most {api.MAX_ATTEST_NONCE} bytes")
+        return node.attestation(ref, raw, public=not authorized(request))
 
     return app
 
