@@ -13,7 +13,21 @@ import json
 import math
 from typing import Any
 
-__all__ = ["compose_hash", "normalize_app_compose"]
+from teecloud import _json
+
+__all__ = [
+    "MAX_APP_COMPOSE_BYTES",
+    "AppComposeError",
+    "compose_hash",
+    "normalize_app_compose",
+    "parse_app_compose",
+]
+
+MAX_APP_COMPOSE_BYTES = 4 * 1024 * 1024
+
+
+class AppComposeError(ValueError):
+    """The app-compose.json is unusable; the message says why."""
 
 
 def _clean(value: Any) -> Any:
@@ -38,3 +52,29 @@ def normalize_app_compose(app_compose: dict[str, Any]) -> str:
 def compose_hash(app_compose: dict[str, Any]) -> bytes:
     """32-byte sha256 of the normalized app-compose JSON."""
     return hashlib.sha256(normalize_app_compose(app_compose).encode("utf-8")).digest()
+
+
+def parse_app_compose(text: str | bytes) -> dict[str, Any]:
+    """The app-compose document from its bytes: size-bounded, UTF-8 JSON, depth-bounded, an object, every
+    string valid Unicode (so it has a compose hash). Raises AppComposeError."""
+    # surrogatepass: a str holding a lone surrogate then fails the UTF-8 decode below with a clear error
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    if len(raw) > MAX_APP_COMPOSE_BYTES:
+        raise AppComposeError(f"app-compose.json is {len(raw)} bytes, above {MAX_APP_COMPOSE_BYTES}")
+    try:
+        # depth-bounded: a deeply nested document would otherwise raise RecursionError (or, with py-evm's
+        # raised recursion limit, overflow the C stack) instead of a clear error; see teecloud._json.
+        doc = _json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AppComposeError(f"app-compose.json is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise AppComposeError("app-compose.json must be a JSON object")
+    try:  # a "\\ud800" escape decodes to a lone surrogate, which has no UTF-8 form and so no compose hash
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AppComposeError(
+            "app-compose.json has a string that is not valid Unicode (a lone surrogate escape)"
+        ) from None
+    if not isinstance(doc.get("runner", "docker-compose"), str):
+        raise AppComposeError("app-compose.json: 'runner' must be a string")
+    return doc

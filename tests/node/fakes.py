@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from teecloud.agent.boot import normalize_app_compose
 from teecloud.node import service
 from teecloud.node.boot import BootedCvm, compose_spec
-from teecloud.node.errors import NodeError
+from teecloud.node.errors import ComposeRejected, NodeError
 from teecloud.node.instance import Instance
 from teecloud.node.runtime.docker import ComposeSpec, ContainerState, DockerRuntime, LogStream, ResourceLimits
 from teecloud.node.service import Node
@@ -33,14 +34,21 @@ class FakeRuntime(DockerRuntime):
     """Records lifecycle calls; `down_error` makes `down` raise (the engine is down). `logs` runs real, short
     local processes, so stream tests see real process lifetimes."""
 
-    def __init__(self, *, down_error: NodeError | None = None) -> None:
+    def __init__(self, *, down_error: NodeError | None = None, images: set[str] | None = None) -> None:
         super().__init__(docker="docker-not-used-in-tests", compose=["false"])
         self.down_error = down_error
+        self.images = {"x", "y"} if images is None else images
         self.calls: list[tuple[str, str]] = []
         self.streams: list[LogStream] = []
 
     def check(self) -> None:
         pass
+
+    def check_images(self, refs: Sequence[str]) -> None:
+        self.calls.append(("check_images", ",".join(refs)))
+        missing = [r for r in refs if r not in self.images]
+        if missing:
+            raise ComposeRejected(f"image {missing[0]!r} is not on this node (fake runtime)")
 
     def prepare(self, spec: ComposeSpec, compose_text: str, limits: ResourceLimits) -> list[str]:
         self.calls.append(("prepare", spec.project))

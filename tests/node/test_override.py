@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from teecloud.node.compose import HOST_BINDING_OPT, load_compose
 from teecloud.node.errors import ComposeRejected
 from teecloud.node.runtime.docker import (
-    HOST_BINDING_OPT,
     ComposeSpec,
     ImageConfig,
     ResourceLimits,
-    load_compose,
     make_override,
     render_env_file,
 )

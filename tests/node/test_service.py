@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from teecloud.agent.boot import normalize_app_compose
 from teecloud.node.service import Node, make_node_app
+from tests.node.fakes import FakeRuntime
 
 
 class _NoKeys:
@@ -26,7 +27,12 @@ class _NoKeys:
 def client(teecloud_home: Path) -> TestClient:
     from teecloud.tee.simulated import SimulatedTdx
 
-    node = Node(key_provider=_NoKeys(), tee_factory=lambda: SimulatedTdx(teecloud_home), home=teecloud_home)
+    node = Node(
+        key_provider=_NoKeys(),
+        tee_factory=lambda: SimulatedTdx(teecloud_home),
+        runtime=FakeRuntime(),
+        home=teecloud_home,
+    )
     return TestClient(make_node_app(node, token="t0ken"), raise_server_exceptions=False)
 
 

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from teecloud.agent.boot import normalize_app_compose
 from teecloud.node.service import Node, make_node_app
 from teecloud.tee.simulated import SimulatedTdx
+from tests.node.fakes import FakeRuntime
 from tests.robustness._fuzz import run_hostile, run_schemathesis
 
 AUTH = {"Authorization": "Bearer t0ken"}
@@ -33,7 +34,13 @@ class _NoKeys:
 
 @pytest.fixture
 def node(teecloud_home: Path) -> Node:
-    return Node(key_provider=_NoKeys(), tee_factory=lambda: SimulatedTdx(teecloud_home), home=teecloud_home)
+    # a fake runtime: create checks images through the runtime, and the fuzzed routes must not need dockerd
+    return Node(
+        key_provider=_NoKeys(),
+        tee_factory=lambda: SimulatedTdx(teecloud_home),
+        runtime=FakeRuntime(),
+        home=teecloud_home,
+    )
 
 
 def _snapshot(node: Node) -> Any:

@@ -14,15 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from teecloud import _json
+from teecloud import appcompose
 from teecloud.agent.keyprovider import KeyProvider
 from teecloud.appcompose import compose_hash, normalize_app_compose
 from teecloud.keys.appkeys import AppKeys
 from teecloud.tee.base import TeePlatform
 
 __all__ = ["AgentState", "BootError", "boot", "compose_hash", "normalize_app_compose"]
-
-MAX_COMPOSE_BYTES = 4 * 1024 * 1024
 
 
 class BootError(ValueError):
@@ -70,27 +68,11 @@ class AgentState:
 
 
 def parse_app_compose(text: str | bytes) -> dict[str, Any]:
-    # surrogatepass: a str holding a lone surrogate then fails the UTF-8 decode below with a clear BootError
-    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
-    if len(raw) > MAX_COMPOSE_BYTES:
-        raise BootError(f"app-compose.json is {len(raw)} bytes, above {MAX_COMPOSE_BYTES}")
+    """teecloud.appcompose.parse_app_compose, its refusal raised as a BootError."""
     try:
-        # depth-bounded: a deeply nested document would otherwise raise RecursionError (or, with py-evm's
-        # raised recursion limit, overflow the C stack) instead of a clear error; see teecloud._json.
-        doc = _json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BootError(f"app-compose.json is not valid UTF-8 JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise BootError("app-compose.json must be a JSON object")
-    try:  # a "\\ud800" escape decodes to a lone surrogate, which has no UTF-8 form and so no compose hash
-        json.dumps(doc, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise BootError(
-            "app-compose.json has a string that is not valid Unicode (a lone surrogate escape)"
-        ) from None
-    if not isinstance(doc.get("runner", "docker-compose"), str):
-        raise BootError("app-compose.json: 'runner' must be a string")
-    return doc
+        return appcompose.parse_app_compose(text)
+    except appcompose.AppComposeError as exc:
+        raise BootError(str(exc)) from None
 
 
 def boot(

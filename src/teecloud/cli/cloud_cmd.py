@@ -66,8 +66,8 @@ def _errors() -> Iterator[None]:
 
 def _check_compose_file(path: Path) -> None:
     """Refuse an unreadable or malformed compose file before contacting the cloud (exit 2)."""
+    from teecloud.node.compose import load_compose
     from teecloud.node.errors import ComposeRejected
-    from teecloud.node.runtime.docker import load_compose
 
     try:
         text = path.read_text(encoding="utf-8")

@@ -1,7 +1,9 @@
 """Deploy an unchanged docker-compose app to the local cloud: what `teecloud deploy` does.
 
 Procedure (`deploy`):
-  (1) build app-compose.json (dstack fields, normalized JSON: its sha256 is the compose_hash)
+  (1) build app-compose.json (dstack fields, normalized JSON: its sha256 is the compose_hash), and ask the
+      node whether it would create it (name free, the whole compose policy, images present): a refusal
+      stops here, before anything is registered on chain
   (2) registering: deploy an AppAuth for the app with this compose hash allowed (its address is the app_id),
       or, with an existing app_id, check that the hash is allowed (adding it if we own the app)
   (3) encrypt the env vars to the app's KMS env key, after checking that key's signature by the KMS root key
@@ -74,10 +76,10 @@ def build_app_compose(
     public_tcbinfo: bool = True,
 ) -> tuple[bytes, bytes]:
     """-> (app-compose.json bytes in normalized form, compose_hash). Field names as dstack's AppCompose."""
-    from teecloud.agent.boot import compose_hash, normalize_app_compose
-    from teecloud.node.runtime.docker import load_compose
+    from teecloud.appcompose import compose_hash, normalize_app_compose
+    from teecloud.node.compose import load_compose
 
-    load_compose(compose_text)  # refuse early what the node would refuse
+    load_compose(compose_text)  # refuse early what the node would refuse (the node checks again)
     doc: dict[str, Any] = {
         "manifest_version": 2,
         "name": name,
@@ -170,6 +172,16 @@ def _encrypt_env(session: Session, app_id: bytes, env: Mapping[str, str]) -> str
     return encrypt_env(pub, dict(env)).hex()
 
 
+def _node_check(session: Session, name: str | None, app_compose: bytes) -> None:
+    """What the node would refuse (name taken, compose policy, absent images), before the chain is touched."""
+    from teecloud.node.api import CheckCvmRequest, NodeApiError
+
+    try:
+        session.node.check(CheckCvmRequest(name=name, app_compose=app_compose.decode()))
+    except NodeApiError as exc:
+        raise DeployError(f"the node refuses this app: {exc}") from exc
+
+
 def deploy(
     session: Session,
     compose_path: Path,
@@ -214,6 +226,7 @@ def deploy(
         )
     except ComposeRejected as exc:
         raise DeployError(f"{compose_path}: {exc}") from exc
+    _node_check(session, name, app_compose)
     mark("compose")
     # (2)
     progress("registering", f"compose_hash {chash.hex()}")
@@ -310,6 +323,7 @@ def upgrade(
         allowed_envs=allowed,
         public_logs=bool(att_compose.get("public_logs", False)) if public_logs is None else public_logs,
     )
+    _node_check(session, None, app_compose)
     app_id = current.app_id
     if register and not session.chain.is_compose_hash_allowed(app_id, chash):
         progress("registering", f"compose_hash {chash.hex()}")

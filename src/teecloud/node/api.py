@@ -5,7 +5,10 @@ Routes (JSON; management routes need `Authorization: Bearer <node admin token>`)
     GET    /health                                  {"ok": true}                                 public
     GET    /info                                    NodeInfo                                      public
     GET    /cvms                                    [CvmStatus]
-    POST   /cvms                  CreateCvmRequest  CvmStatus (boot continues in the background)
+    POST   /cvms/check            CheckCvmRequest   CheckResult: what create would refuse, refused now
+                                                    (name taken, compose policy, absent images)
+    POST   /cvms                  CreateCvmRequest  CvmStatus (boot continues in the background); the
+                                                    same checks first, before anything is written
     GET    /cvms/{id}                               CvmStatus
     POST   /cvms/{id}/start | /stop | /restart      CvmStatus
     POST   /cvms/{id}/upgrade     UpgradeCvmRequest CvmStatus
@@ -36,6 +39,8 @@ __all__ = [
     "ATTEST_DOMAIN",
     "MAX_ATTEST_NONCE",
     "Attestation",
+    "CheckCvmRequest",
+    "CheckResult",
     "CreateCvmRequest",
     "CvmStatus",
     "NodeApiError",
@@ -76,6 +81,20 @@ class CreateCvmRequest(_Model):
     user_config: str | None = Field(default=None, max_length=64 * 1024)
     cpus: float | None = Field(default=None, gt=0, le=1024)
     memory_mb: int | None = Field(default=None, ge=6)
+
+
+class CheckCvmRequest(_Model):
+    # the CVM name to create (must be free), or None to check a compose for an upgrade
+    name: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$"
+    )
+    app_compose: str = Field(max_length=MAX_APP_COMPOSE)
+
+
+class CheckResult(BaseModel):
+    ok: bool = True
+    name: str | None = None
+    images: list[str] = []  # present on the node
 
 
 class UpgradeCvmRequest(_Model):
@@ -184,6 +203,10 @@ class NodeClient:
 
     def list_cvms(self) -> list[CvmStatus]:
         return [CvmStatus.model_validate(x) for x in self._req("GET", "/cvms")]
+
+    def check(self, req: CheckCvmRequest) -> CheckResult:
+        """Raises NodeApiError (400 policy / 409 name taken) with what create would refuse."""
+        return CheckResult.model_validate(self._req("POST", "/cvms/check", json=req.model_dump()))
 
     def create(self, req: CreateCvmRequest) -> CvmStatus:
         return CvmStatus.model_validate(self._req("POST", "/cvms", json=req.model_dump()))

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -44,6 +45,7 @@ from teecloud.agent.api import GetQuoteRequest
 from teecloud.agent.keyprovider import KeyProvider
 from teecloud.node import api
 from teecloud.node.boot import BootedCvm, boot_instance, compose_spec, shutdown_instance
+from teecloud.node.compose import check_app_compose, image_refs
 from teecloud.node.errors import (
     BadRequest,
     BootFailed,
@@ -55,7 +57,7 @@ from teecloud.node.errors import (
     TooManyStreams,
 )
 from teecloud.node.instance import Instance, InstanceStore, node_home
-from teecloud.node.runtime.docker import DockerRuntime, LogStream, ResourceLimits, load_compose
+from teecloud.node.runtime.docker import DockerRuntime, LogStream, ResourceLimits
 from teecloud.node.storage import EncryptedVolume
 from teecloud.tee.base import TeePlatform
 
@@ -70,8 +72,20 @@ NODE_MAX_BODY_BYTES = 4 * 1024 * 1024
 # pool, so followers cannot starve the other routes); beyond, 429.
 MAX_FOLLOW_STREAMS_PER_CVM = 4
 MAX_FOLLOW_STREAMS = 16
+# An app whose deployment states no memory limit gets 1/DEFAULT_APP_MEMORY_SHARE of the node's memory (at
+# least DEFAULT_MIN_APP_MEMORY_MB): without a cap one app could take the host's memory from every other CVM.
+DEFAULT_APP_MEMORY_SHARE = 4
+DEFAULT_MIN_APP_MEMORY_MB = 64
 # How long a stop, upgrade or remove waits for a running boot (keys, compose up, health) to end.
 BOOT_WAIT_S = 180.0
+
+
+def host_memory_mb() -> int:
+    """Physical memory of this host in MB."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024))
+    except (ValueError, OSError):  # no sysconf names on this platform
+        return 0
 
 
 def load_or_create_token(home: Path | None = None) -> str:
@@ -102,8 +116,17 @@ class Node:
         home: Path | None = None,
         kms_urls: list[str] | None = None,
         node_id: int | None = None,
+        memory_mb: int | None = None,
+        default_memory_mb: int | None = None,
     ) -> None:
         self.home = Path(home) if home is not None else data_home()
+        # the node's memory (default: the host's) and the cap of an app that states none (default: a quarter)
+        self.memory_mb = memory_mb if memory_mb is not None else host_memory_mb()
+        self.default_memory_mb = (
+            default_memory_mb
+            if default_memory_mb is not None
+            else max(DEFAULT_MIN_APP_MEMORY_MB, self.memory_mb // DEFAULT_APP_MEMORY_SHARE)
+        )
         self.store = InstanceStore(self.home)
         self.runtime = runtime or DockerRuntime()
         self.key_provider = key_provider
@@ -254,11 +277,22 @@ class Node:
                 cvm.status = "stopped"
 
     # -- lifecycle
+    def check(self, name: str | None, app_compose: bytes) -> api.CheckResult:
+        """Everything create refuses before it registers the instance: the name is free on this node, the
+        app-compose and its compose file pass the whole policy (teecloud.node.compose), every image is on
+        the node. `teecloud deploy` calls it (POST /cvms/check) before it registers the app on chain."""
+        if name is not None and any(i.state().get("name") == name for i in self.store.all()):
+            raise InstanceStateError(f"a CVM named {name!r} already exists on this node")
+        _doc, compose = check_app_compose(app_compose)
+        images = image_refs(compose)
+        self.runtime.check_images(images)
+        return api.CheckResult(name=name, images=images)
+
     def create(self, req: api.CreateCvmRequest) -> api.CvmStatus:
         app_compose = req.app_compose.encode()
-        self._check_app_compose(app_compose)
-        if any(i.state().get("name") == req.name for i in self.store.all()):
-            raise InstanceStateError(f"a CVM named {req.name!r} already exists on this node")
+        # (1) every refusal first: nothing is written, registered or booted (so no key is fetched) before
+        self.check(req.name, app_compose)
+        limits = self._limits(req.cpus, req.memory_mb)
         sys_config = {
             "kms_urls": self.kms_urls,
             "gateway_urls": [],
@@ -267,6 +301,7 @@ class Node:
             "host_api_url": "",
             "vm_config": json.dumps(getattr(self._platform, "vm_config", dict)(), separators=(",", ":")),
         }
+        # (2) the instance directory, then (3) the boot (which fetches keys)
         inst = self.store.create(
             app_compose=app_compose,
             app_id=bytes.fromhex(req.app_id.lower().removeprefix("0x")),
@@ -274,34 +309,21 @@ class Node:
             encrypted_env=bytes.fromhex(req.encrypted_env) if req.encrypted_env else None,
             user_config=req.user_config,
             sys_config=sys_config,
-            limits=ResourceLimits(cpus=req.cpus, memory_mb=req.memory_mb),
+            limits=limits,
         )
         self.store.prepare_runtime(inst)
         self._boot_async(inst)
         return self.status(inst.instance_id, with_containers=False)
 
-    def _check_app_compose(self, app_compose: bytes) -> dict[str, Any]:
-        from teecloud.agent.boot import BootError, normalize_app_compose, parse_app_compose
-
-        try:
-            doc = parse_app_compose(app_compose)
-        except BootError as exc:
-            raise ComposeRejected(str(exc)) from exc
-        if normalize_app_compose(doc).encode() != app_compose:
-            raise ComposeRejected(
-                "app-compose.json must be in normalized form (sorted keys, no spaces), since its sha256 is "
-                "the compose hash"
-            )
-        if doc.get("runner", "docker-compose") != "docker-compose":
-            raise ComposeRejected(f"runner {doc.get('runner')!r} is not supported by the docker runtime")
-        text = doc.get("docker_compose_file")
-        if not isinstance(text, str):
-            raise ComposeRejected("app-compose.json has no docker_compose_file")
-        load_compose(text)
-        allowed = doc.get("allowed_envs", [])
-        if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
-            raise ComposeRejected("allowed_envs must be a list of names")
-        return doc
+    def _limits(self, cpus: float | None, memory_mb: int | None) -> ResourceLimits:
+        """The deployment's limits; without a memory limit, the node's default (a share of its memory), so
+        no app can take the whole host. A request above the node's memory is refused."""
+        total = self.memory_mb
+        if memory_mb is not None and total and memory_mb > total:
+            raise BadRequest(f"memory_mb {memory_mb} is above this node's memory ({total} MB)")
+        if memory_mb is None:
+            memory_mb = self.default_memory_mb
+        return ResourceLimits(cpus=cpus, memory_mb=memory_mb)
 
     def start(self, ref: str) -> api.CvmStatus:
         inst = self.store.get(ref)
@@ -324,7 +346,7 @@ class Node:
     def upgrade(self, ref: str, req: api.UpgradeCvmRequest) -> api.CvmStatus:
         inst = self.store.get(ref)
         new = req.app_compose.encode()
-        self._check_app_compose(new)
+        self.check(None, new)
         env = bytes.fromhex(req.encrypted_env) if req.encrypted_env else None
         cvm = self._cvm(inst.instance_id)
         # One critical section from the stop to the start of the new boot: a `start` arriving meanwhile
@@ -589,6 +611,10 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
     @app.get("/cvms", dependencies=[Depends(admin)])
     def list_cvms() -> list[api.CvmStatus]:
         return node.list_cvms()
+
+    @app.post("/cvms/check", dependencies=[Depends(admin)])
+    def check(req: api.CheckCvmRequest) -> api.CheckResult:
+        return node.check(req.name, req.app_compose.encode())
 
     @app.post("/cvms", dependencies=[Depends(admin)])
     def create(req: api.CreateCvmRequest) -> api.CvmStatus:

@@ -13,18 +13,9 @@ The app's compose file is used unchanged. Everything teecloud needs is added by 
     tmpfs, then execs the original entrypoint + command;
   - per-service resource limits (an app's `memswap_limit` is capped to the node's memory cap: no swap
     beyond it).
-Things a CVM would allow inside its own VM but that would reach the host (or another CVM) here are refused
-with a reason, by `check_isolation` (run by `load_compose`, so `deploy` and the node's create refuse them
-before any key is fetched): privileged mode, capabilities beyond Docker's default set, security_opt other
-than no-new-privileges, host/other-container namespaces (network_mode other than none/service:, pid, ipc,
-uts, userns, cgroup), cgroup_parent, devices (also device_cgroup_rules, GPU reservations, gpus), a non-default
-OCI runtime, logging drivers that ship logs out of the host's store, volumes_from another container, host
-files (bind mounts, env_file, secrets/configs from a file, extends/include of another file), explicit `name:`
-of volumes and networks (Compose v2 would attach another project's existing volume or network),
-`oom_kill_disable` and a negative `oom_score_adj` (they make the host's OOM killer spare the app and kill host
-processes or other CVMs instead), and interpolation (`${...}`) outside environment/command/entrypoint/
-healthcheck/labels, since the checks read the file as written and Compose would substitute afterwards
-(`network_mode: ${X:-host}`).
+What a CVM may not ask for (host paths, host namespaces, non-loopback ports, ...) is refused before this
+module sees the file, by the compose policy (teecloud.node.compose), at create; `make_override` applies it
+again to whatever it is given.
 
 Compose v2 (`docker compose`) is preferred, v1 (`docker-compose` >= 1.27, the Compose Spec) works too.
 Containers are found through the `com.docker.compose.project` label both versions set.
@@ -49,6 +40,14 @@ from typing import Any
 import yaml
 
 from teecloud._fs import atomic_write
+from teecloud.node.compose import (
+    AGENT_SOCKET_SOURCES,
+    HOST_BINDING_OPT,
+    LOOPBACK,
+    check_isolation,
+    load_compose,
+    parse_volume,
+)
 from teecloud.node.errors import BadRequest, ComposeRejected, RuntimeFailed, RuntimeUnavailable
 
 __all__ = [
@@ -59,29 +58,17 @@ __all__ = [
     "ImageConfig",
     "LogStream",
     "ResourceLimits",
-    "check_isolation",
     "detect_compose",
-    "load_compose",
     "make_override",
     "project_name",
     "render_env_file",
 ]
 
-MAX_COMPOSE_BYTES = 256 * 1024
 # Paths at which dstack apps expect the guest agent (dstack OS: /var/run == /run).
 AGENT_SOCKETS = {"/var/run/dstack.sock": "dstack.sock", "/var/run/tappd.sock": "tappd.sock"}
-_KNOWN_AGENT_SOURCES = {
-    "/var/run/dstack.sock": "dstack.sock",
-    "/run/dstack.sock": "dstack.sock",
-    "/var/run/tappd.sock": "tappd.sock",
-    "/run/tappd.sock": "tappd.sock",
-}
-LOOPBACK = "127.0.0.1"
-HOST_BINDING_OPT = "com.docker.network.bridge.host_binding_ipv4"
 IN_CONTAINER_DIR = "/.teecloud"
 ENV_FILE_NAME = "env.sh"
 ENTRY_SCRIPT = f'. {IN_CONTAINER_DIR}/{ENV_FILE_NAME} && exec "$@"'
-_SERVICE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -146,268 +133,6 @@ def project_name(instance_id: str) -> str:
     return f"tc-{instance_id[:16].lower()}"
 
 
-MAX_COMPOSE_DEPTH = 64
-
-
-class _DepthLimitedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
-    """PyYAML's composer recurses once per nesting level. Unbounded, `[[[[...` or `- - - ...` in a small
-    file is a RecursionError, or (once py-evm has raised the recursion limit) many seconds of CPU."""
-
-    _depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self._depth += 1
-        try:
-            if self._depth > MAX_COMPOSE_DEPTH:
-                raise ComposeRejected(f"the compose file nests deeper than {MAX_COMPOSE_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def load_compose(text: str) -> dict[str, Any]:
-    """Parse a compose file (YAML, safe loader, nesting bounded) and check the parts teecloud relies on."""
-    if len(text.encode()) > MAX_COMPOSE_BYTES:
-        raise ComposeRejected(f"the compose file is larger than {MAX_COMPOSE_BYTES} bytes")
-    try:
-        doc = yaml.load(text, Loader=_DepthLimitedLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ComposeRejected(f"the compose file is not valid YAML: {exc}") from exc
-    except RecursionError:
-        raise ComposeRejected("the compose file nests too deeply") from None
-    if not isinstance(doc, dict):
-        raise ComposeRejected("the compose file must be a mapping with a `services` section")
-    services = doc.get("services")
-    if not isinstance(services, dict) or not services:
-        raise ComposeRejected("the compose file has no `services`")
-    for name, svc in services.items():
-        if not isinstance(name, str) or not _SERVICE_NAME.match(name):
-            raise ComposeRejected(f"invalid service name {name!r}")
-        if not isinstance(svc, dict):
-            raise ComposeRejected(f"service {name!r} must be a mapping")
-        if "build" in svc:
-            raise ComposeRejected(
-                f"service {name!r} uses `build`: a CVM runs images, not build contexts; build the image "
-                "first and refer to it with `image:`"
-            )
-        if not isinstance(svc.get("image"), str) or not svc["image"]:
-            raise ComposeRejected(f"service {name!r} has no `image`")
-    for section in ("volumes", "networks"):
-        if not isinstance(doc.get(section) or {}, dict):
-            raise ComposeRejected(f"top-level `{section}` must be a mapping")
-    check_isolation(doc)
-    return doc
-
-
-# Docker's default capability set: adding one of these changes nothing; anything else widens the host's kernel
-# attack surface (SYS_ADMIN, SYS_MODULE, DAC_READ_SEARCH, SYS_PTRACE, ...) and is refused.
-DEFAULT_CAPS = frozenset(
-    {
-        "AUDIT_WRITE",
-        "CHOWN",
-        "DAC_OVERRIDE",
-        "FOWNER",
-        "FSETID",
-        "KILL",
-        "MKNOD",
-        "NET_BIND_SERVICE",
-        "NET_RAW",
-        "SETFCAP",
-        "SETGID",
-        "SETPCAP",
-        "SETUID",
-        "SYS_CHROOT",
-    }
-)
-# Service keys whose values Compose may interpolate without changing what the node checks.
-_INTERPOLATION_OK = frozenset(
-    {"environment", "command", "entrypoint", "healthcheck", "labels", "annotations"}
-)
-_SAFE_LOG_DRIVERS = (None, "json-file", "local")
-_SAFE_NETWORK_OPTS = frozenset({HOST_BINDING_OPT, "com.docker.network.driver.mtu"})
-
-
-def _interpolates(value: Any) -> bool:
-    """True if Compose would substitute something in `value` (a `$` that is not `$$`)."""
-    if isinstance(value, str):
-        return "$" in value.replace("$$", "")
-    if isinstance(value, dict):
-        return any(_interpolates(k) or _interpolates(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_interpolates(v) for v in value)
-    return False
-
-
-def _str_list(value: Any, what: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ComposeRejected(f"{what} must be a list of strings")
-
-
-def _refuse_name(kind: str, name: str, definition: Any) -> None:
-    if isinstance(definition, dict) and "name" in definition:
-        raise ComposeRejected(
-            f"{kind} {name!r} sets `name:`: a CVM's {kind}s are scoped to its own project (an existing "
-            f"{kind} of that name, another CVM's included, would be reused); drop `name:`"
-        )
-
-
-def check_isolation(compose: Mapping[str, Any]) -> None:
-    """Refuse what would let a CVM's app reach the host or another CVM (see the module docstring)."""
-    for key in ("include",):
-        if key in compose:
-            raise ComposeRejected(
-                f"`{key}` reads other files on the host; put everything in one compose file"
-            )
-    for key, section in compose.items():
-        if key == "services" or (isinstance(key, str) and key.startswith("x-")):
-            continue
-        if _interpolates(section):
-            raise ComposeRejected(
-                f"top-level `{key}` uses `$` interpolation; the node checks the file as written, so it is "
-                "only allowed in environment, command, entrypoint, healthcheck and labels (`$$` is a `$`)"
-            )
-    services: Mapping[str, Any] = compose.get("services") or {}
-    for name, svc in services.items():
-        for key, value in svc.items():
-            if key not in _INTERPOLATION_OK and _interpolates(value):
-                raise ComposeRejected(
-                    f"service {name!r}: `{key}` uses `$` interpolation; the node checks the file as written, "
-                    "so it is only allowed in environment, command, entrypoint, healthcheck and labels "
-                    "(write `$$` for a literal `$`)"
-                )
-        if svc.get("privileged") not in (None, False):
-            raise ComposeRejected(f"service {name!r}: privileged containers are not allowed")
-        for cap in _str_list(svc.get("cap_add"), f"service {name!r}: cap_add"):
-            norm = cap.upper().removeprefix("CAP_")
-            if norm not in DEFAULT_CAPS:
-                raise ComposeRejected(
-                    f"service {name!r}: cap_add {cap!r} is not allowed (only Docker's default capabilities)"
-                )
-        for opt in _str_list(svc.get("security_opt"), f"service {name!r}: security_opt"):
-            if opt.replace("=", ":") not in ("no-new-privileges", "no-new-privileges:true"):
-                raise ComposeRejected(
-                    f"service {name!r}: security_opt {opt!r} is not allowed (only no-new-privileges)"
-                )
-        net = svc.get("network_mode")
-        if net is not None and not (
-            net == "none" or (isinstance(net, str) and net.startswith("service:") and net[8:] in services)
-        ):
-            raise ComposeRejected(
-                f"service {name!r}: `network_mode: {net}` would share a network namespace outside the CVM "
-                "(host, the shared default bridge, another container's); use `networks:` or `service:<name>`"
-            )
-        for key in ("pid", "ipc", "userns_mode", "uts", "cgroup"):
-            value = svc.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, str) or value == "host" or value.startswith("container:"):
-                raise ComposeRejected(f"service {name!r}: `{key}: {value}` would share the host's namespace")
-            if value.startswith("service:") and value.removeprefix("service:") not in services:
-                raise ComposeRejected(f"service {name!r}: `{key}: {value}` names no service of this app")
-        for key in ("devices", "device_cgroup_rules", "gpus"):
-            if svc.get(key):
-                raise ComposeRejected(f"service {name!r}: host devices are not available to a CVM (`{key}`)")
-        resources = (
-            (svc.get("deploy") or {}).get("resources") if isinstance(svc.get("deploy"), dict) else None
-        )
-        if isinstance(resources, dict) and ((resources.get("reservations") or {}).get("devices")):
-            raise ComposeRejected(f"service {name!r}: host devices are not available to a CVM (`deploy`)")
-        if svc.get("cgroup_parent") is not None:
-            raise ComposeRejected(f"service {name!r}: `cgroup_parent` would escape the CVM's resource limits")
-        _check_oom(name, svc)
-        if svc.get("runtime") not in (None, "runc"):
-            raise ComposeRejected(f"service {name!r}: runtime {svc.get('runtime')!r} is not allowed")
-        logging_cfg = svc.get("logging")
-        if logging_cfg is not None and (
-            not isinstance(logging_cfg, dict) or logging_cfg.get("driver") not in _SAFE_LOG_DRIVERS
-        ):
-            raise ComposeRejected(
-                f"service {name!r}: only the json-file and local logging drivers are allowed (others "
-                "send the logs from the host)"
-            )
-        for src in _str_list(svc.get("volumes_from"), f"service {name!r}: volumes_from"):
-            if src.split(":", 1)[0] not in services:
-                raise ComposeRejected(
-                    f"service {name!r}: volumes_from {src!r} is not a service of this app (another "
-                    "container's volumes are not the CVM's)"
-                )
-        for key in ("env_file", "label_file"):
-            if svc.get(key) is not None:
-                raise ComposeRejected(
-                    f"service {name!r}: `{key}` reads a file on the host; pass env vars encrypted "
-                    "(`teecloud deploy --env-file`) or write them under `environment:`"
-                )
-        extends = svc.get("extends")
-        if isinstance(extends, dict) and "file" in extends:
-            raise ComposeRejected(f"service {name!r}: `extends` from another file reads the host's files")
-    for section in ("secrets", "configs"):
-        defs = compose.get(section) or {}
-        if not isinstance(defs, dict):
-            raise ComposeRejected(f"top-level `{section}` must be a mapping")
-        for sname, sdef in defs.items():
-            if not isinstance(sdef, dict) or "file" in sdef or sdef.get("external"):
-                raise ComposeRejected(
-                    f"{section[:-1]} {sname!r} comes from the host (`file` or `external`); only inline "
-                    "`content` or `environment` sources are allowed"
-                )
-    for vname, vdef in (compose.get("volumes") or {}).items():
-        _refuse_name("volume", vname, vdef)
-    for nname, ndef in (compose.get("networks") or {}).items():
-        _refuse_name("network", nname, ndef)
-        if isinstance(ndef, dict):
-            if ndef.get("enable_ipv6"):
-                raise ComposeRejected(f"network {nname!r}: IPv6 is not supported (ports bind to 127.0.0.1)")
-            ipam = ndef.get("ipam")
-            if isinstance(ipam, dict) and ipam.get("driver") not in (None, "default"):
-                raise ComposeRejected(f"network {nname!r}: only the default IPAM driver is supported")
-            for opt in ndef.get("driver_opts") or {}:
-                if opt not in _SAFE_NETWORK_OPTS:
-                    raise ComposeRejected(
-                        f"network {nname!r}: driver option {opt!r} is not allowed (the node sets the "
-                        "bridge's options)"
-                    )
-
-
-_TRUE_STRINGS = frozenset({"true", "yes", "on", "1"})
-
-
-def _check_oom(name: str, svc: Mapping[str, Any]) -> None:
-    """The host's OOM killer must stay free to pick the app: under memory pressure an app that disabled it
-    (`oom_kill_disable`) or lowered its score (`oom_score_adj` < 0) makes the kernel kill host processes or
-    other CVMs instead. A positive score (kill me first) is the app's own business."""
-    disable = svc.get("oom_kill_disable")
-    if disable is True or (isinstance(disable, str) and disable.strip().lower() in _TRUE_STRINGS):
-        raise ComposeRejected(
-            f"service {name!r}: `oom_kill_disable` is not allowed (the host's OOM killer would kill other "
-            "processes instead of this app)"
-        )
-    if disable not in (None, False) and not isinstance(disable, str):
-        raise ComposeRejected(f"service {name!r}: `oom_kill_disable` must be a boolean")
-    adj = svc.get("oom_score_adj")
-    if adj is not None:
-        try:
-            if isinstance(adj, bool) or not isinstance(adj, int | str):
-                raise ValueError
-            score = int(adj)
-        except ValueError:
-            raise ComposeRejected(f"service {name!r}: `oom_score_adj` must be an integer") from None
-        if score < 0:
-            raise ComposeRejected(
-                f"service {name!r}: a negative `oom_score_adj` ({score}) is not allowed (it shifts the "
-                "host's OOM killer onto other processes); 0 to 1000 is"
-            )
-        if score > 1000:
-            raise ComposeRejected(f"service {name!r}: `oom_score_adj` is at most 1000, got {score}")
-    swap = svc.get("memswap_limit")
-    if swap is not None and (isinstance(swap, bool) or not isinstance(swap, int | str)):
-        raise ComposeRejected(f"service {name!r}: `memswap_limit` must be a number or a size like 512m")
-
-
 def _argv(value: Any, what: str) -> list[str]:
     if value is None:
         return []
@@ -424,54 +149,6 @@ def _argv(value: Any, what: str) -> list[str]:
 def _escape(value: str) -> str:
     """Compose interpolates `$` in every file it reads, the override included."""
     return value.replace("$", "$$")
-
-
-def _check_port(service: str, port: Any) -> None:
-    host_ip: str | None = None
-    if isinstance(port, dict):
-        host_ip = port.get("host_ip")
-    elif isinstance(port, str | int):
-        spec = str(port).split("/", 1)[0]
-        if spec.startswith("["):
-            raise ComposeRejected(f"service {service!r}: IPv6 host addresses are not supported ({port!r})")
-        parts = spec.rsplit(":", 2)
-        if len(parts) == 3:
-            host_ip = parts[0]
-    else:
-        raise ComposeRejected(f"service {service!r}: invalid port {port!r}")
-    if host_ip not in (None, "", LOOPBACK, "localhost"):
-        raise ComposeRejected(
-            f"service {service!r} publishes {port!r} on {host_ip}: a CVM's ports are bound to 127.0.0.1 "
-            "(reach them through the gateway); drop the host address"
-        )
-
-
-def _parse_volume(service: str, vol: Any) -> tuple[str, str | None, str, str]:
-    """-> (kind, source, target, mode) with kind in volume | anonymous | bind | tmpfs."""
-    if isinstance(vol, dict):
-        kind = vol.get("type", "volume")
-        target = vol.get("target")
-        source = vol.get("source")
-        mode = "ro" if vol.get("read_only") else "rw"
-        if not isinstance(target, str):
-            raise ComposeRejected(f"service {service!r}: volume without a target: {vol!r}")
-        if kind == "tmpfs":
-            return "tmpfs", None, target, mode
-        if kind == "bind":
-            return "bind", str(source), target, mode
-        if kind != "volume":
-            raise ComposeRejected(f"service {service!r}: volume type {kind!r} is not supported")
-        return ("volume" if source else "anonymous"), source, target, mode
-    if not isinstance(vol, str):
-        raise ComposeRejected(f"service {service!r}: invalid volume {vol!r}")
-    parts = vol.split(":")
-    if len(parts) == 1:
-        return "anonymous", None, parts[0], "rw"
-    source, target = parts[0], parts[1]
-    mode = parts[2] if len(parts) > 2 else "rw"
-    if source.startswith(("/", ".", "~")):
-        return "bind", source, target, mode
-    return "volume", source, target, mode
 
 
 def _anon_dir(service: str, target: str) -> str:
@@ -501,18 +178,7 @@ def make_override(
     used_named: set[str] = set()
 
     for name, svc in services_in.items():
-        # (1) refuse what would reach the host
-        if svc.get("privileged"):
-            raise ComposeRejected(f"service {name!r}: privileged containers are not allowed")
-        for key in ("network_mode", "pid", "ipc", "userns_mode", "uts"):
-            value = svc.get(key)
-            if isinstance(value, str) and (value == "host" or value.startswith("container:")):
-                raise ComposeRejected(f"service {name!r}: `{key}: {value}` would share the host's namespace")
-        if svc.get("devices"):
-            raise ComposeRejected(f"service {name!r}: host devices are not available to a CVM")
-        for port in svc.get("ports") or []:
-            _check_port(name, port)
-
+        # (1) what would reach the host was refused by check_isolation above
         out: dict[str, Any] = {}
         # (2) volumes: agent sockets, encrypted backing store, no host paths
         vols: list[dict[str, Any]] = []
@@ -520,12 +186,12 @@ def make_override(
             vols.append({"type": "bind", "source": str(spec.agent_dir / sock), "target": target})
         seen_targets = set(AGENT_SOCKETS)
         for vol in svc.get("volumes") or []:
-            kind, source, target, _mode = _parse_volume(name, vol)
+            kind, source, target, _mode = parse_volume(name, vol)
             if kind == "bind":
                 assert source is not None
-                if source in _KNOWN_AGENT_SOURCES:
+                if source in AGENT_SOCKET_SOURCES:
                     if target not in seen_targets:
-                        sock = _KNOWN_AGENT_SOURCES[source]
+                        sock = AGENT_SOCKET_SOURCES[source]
                         vols.append({"type": "bind", "source": str(spec.agent_dir / sock), "target": target})
                         seen_targets.add(target)
                     continue
@@ -858,6 +524,16 @@ class DockerRuntime:
             cmd=tuple(cfg.get("Cmd") or ()),
             volumes=tuple(sorted((cfg.get("Volumes") or {}).keys())),
         )
+
+    def check_images(self, refs: Sequence[str]) -> None:
+        """Raise ComposeRejected naming every image in `refs` that is not on this node."""
+        missing = [ref for ref in refs if self._docker("image", "inspect", ref, check=False).returncode != 0]
+        if missing:
+            names = ", ".join(repr(m) for m in missing)
+            raise ComposeRejected(
+                f"image {names} is not on this node and no registry is configured; build or load it first "
+                "(e.g. `docker build`, `docker load`)"
+            )
 
     # -- project lifecycle ----------------------------------------------------------------------------
     def prepare(self, spec: ComposeSpec, compose_text: str, limits: ResourceLimits) -> list[str]:
