@@ -112,8 +112,7 @@ def make_certs(n: int, app_id: bytes, temp_ca_key: Any, temp_ca: Any, tmp: Path)
         ("compose-hash", COMPOSE),
         ("instance-id", hashlib.sha256(b"i").digest()[:20]),
         ("boot-mr-done", b""),
-        ("os-image-hash", tee.os_image_hash),
-        ("system-ready", b""),
+        ("os-image-hash", tee.os_image_hash),  # keys are released only at this point of the boot
     ]:
         tee.emit_event(name, payload)
     now = int(time.time())

@@ -29,13 +29,18 @@ from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for
 
 
 def boot_app(tee: SimulatedTdx, app_id: bytes, compose_hash: bytes, instance_id: bytes) -> None:
-    """dstack's boot events (reference/dstack.md §4), as the agent measures them."""
+    """dstack's boot events up to the point where the guest asks the KMS for keys (reference/dstack.md §4):
+    the KMS releases keys only on a log that ends here."""
     tee.emit_event("system-preparing", b"")
     tee.emit_event("app-id", app_id)
     tee.emit_event("compose-hash", compose_hash)
     tee.emit_event("instance-id", instance_id)
     tee.emit_event("boot-mr-done", b"")
     tee.emit_event("os-image-hash", tee.os_image_hash)
+
+
+def finish_boot(tee: SimulatedTdx) -> None:
+    """The rest of dstack's boot, after the keys: from here on the CVM's quotes get no keys."""
     tee.emit_event("key-provider", json.dumps({"name": "kms", "id": ""}).encode())
     tee.emit_event("system-ready", b"")
 

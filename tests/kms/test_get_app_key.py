@@ -192,7 +192,6 @@ def test_os_image_event_must_match_measured_firmware(
         ("instance-id", iid),
         ("boot-mr-done", b""),
         ("os-image-hash", os_image_hash_for(SIM_OS)),
-        ("system-ready", b""),
     ]:
         tee.emit_event(name, payload)
     key, der = client_cert(kms, AppCvm(tee, app_id, COMPOSE_V1, iid))
@@ -219,7 +218,6 @@ def test_production_kms_without_os_image_references_fails_closed(
         ("instance-id", iid),
         ("boot-mr-done", b""),
         ("os-image-hash", os_image_hash_for(SIM_OS)),
-        ("system-ready", b""),
     ]:
         tee.emit_event(name, payload)
     _, der = client_cert(kms, AppCvm(tee, app_id, COMPOSE_V1, iid))

@@ -1,6 +1,7 @@
 """Authorization: turn verified evidence into dstack's `boot_info` and ask the chain, failing closed.
 
     build_boot_info(evidence)         VerifiedEvidence (quote + replayed event log) -> BootInfo
+    require_boot_time(evidence)       the RTMR3 log ends at the boot measurement (keys only while booting)
     ChainAuthorizer.app_allowed(bi)   KmsAuth.isAppAllowed, cached for at most one block
     ChainAuthorizer.kms_allowed(bi)   KmsAuth.isKmsAllowed, same cache rule
 
@@ -20,7 +21,21 @@ from teecloud.attestation.models import VerifiedEvidence
 from teecloud.chain.api import BootInfo
 from teecloud.kms.errors import AccessDenied
 
-__all__ = ["AuthChain", "ChainAuthorizer", "FreshBlockNumber", "boot_info_to_json", "build_boot_info"]
+__all__ = [
+    "BOOT_MR_DONE_EVENT",
+    "KMS_MODE_BOOT_EVENTS",
+    "AuthChain",
+    "ChainAuthorizer",
+    "FreshBlockNumber",
+    "boot_info_to_json",
+    "build_boot_info",
+    "require_boot_time",
+]
+
+BOOT_MR_DONE_EVENT = "boot-mr-done"
+# What dstack measures after `boot-mr-done` and before it asks the KMS for keys, in KMS mode
+# (reference/dstack.md §4 step 6; `mr-kms` is gone at dstack HEAD). Each at most once.
+KMS_MODE_BOOT_EVENTS = frozenset({"mr-kms", "os-image-hash"})
 
 
 class AuthChain(Protocol):
@@ -62,6 +77,33 @@ def build_boot_info(evidence: VerifiedEvidence) -> BootInfo:
         tcb_status=evidence.tcb_status,
         advisory_ids=tuple(evidence.advisory_ids),
     )
+
+
+def require_boot_time(evidence: VerifiedEvidence) -> None:
+    """Keys are released only to a CVM that is booting: its RTMR3 log must end at the boot measurement
+    (`boot-mr-done`, then only the KMS-mode events). Any quote the CVM can produce later — after
+    `key-provider`, `system-ready` or an app-emitted event — is refused, so a quote over caller-chosen
+    report_data from a running app (GetQuote, an app's /quote route) can never carry a key request: the
+    "quote oracle" (docs/threat-model.md). The guest asks for its keys before it extends `key-provider`,
+    and nothing else runs in it before that point."""
+    info = evidence.app_info
+    if info is None:
+        raise AccessDenied("the evidence carries no replayed event log (no app info)", step="boot_time")
+    names = [name for name, _ in info.events]
+    if BOOT_MR_DONE_EVENT not in names:
+        raise AccessDenied(
+            f"the event log has no '{BOOT_MR_DONE_EVENT}' event: the boot measurement is incomplete",
+            step="boot_time",
+        )
+    after = names[names.index(BOOT_MR_DONE_EVENT) + 1 :]
+    for i, name in enumerate(after):
+        if name not in KMS_MODE_BOOT_EVENTS or name in after[:i]:
+            raise AccessDenied(
+                f"the event log goes on past the boot measurement ('{name[:64]}' after "
+                f"'{BOOT_MR_DONE_EVENT}'): keys are released only while a CVM boots, never on a quote "
+                "taken after it (its keys were fetched then; a later quote may bind anyone's key)",
+                step="boot_time",
+            )
 
 
 def boot_info_to_json(boot_info: BootInfo) -> dict[str, Any]:

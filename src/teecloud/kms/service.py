@@ -10,6 +10,9 @@ Trust procedure for every attested request (`KmsService.attest`):
       and the policy holds (TCB floor, no debug) — teecloud.keys.ratls.verify_ratls_cert;
   (4) production mode never accepts simulated evidence, whatever the verifier said;
   (5) boot_info is built from the verified evidence only (authz.build_boot_info);
+  (6) app endpoints (GetAppKey, SignCert): the RTMR3 log ends at the boot measurement — keys only to a
+      booting CVM, never on a quote taken after boot (authz.require_boot_time), and the OS image and VM
+      shape are the measured ones;
 then, per endpoint, the chain decides (KmsAuth.isAppAllowed / isKmsAllowed, failing closed) and only then
 are keys derived. Each request is audited with its boot_info, decision and reason, never with keys.
 """
@@ -56,7 +59,13 @@ from teecloud.keys.ratls import OID_APP_ID, make_ratls_cert, parse_ratls_cert, v
 from teecloud.keys.sigchain import sign_k256_recoverable
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
-from teecloud.kms.authz import AuthChain, ChainAuthorizer, boot_info_to_json, build_boot_info
+from teecloud.kms.authz import (
+    AuthChain,
+    ChainAuthorizer,
+    boot_info_to_json,
+    build_boot_info,
+    require_boot_time,
+)
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.tee.base import TeePlatform
@@ -549,6 +558,7 @@ class KmsService:
             peer = self.attest(cert_der)
             bi = peer.boot_info
             ctx["boot_info"] = boot_info_to_json(bi)
+            require_boot_time(peer.evidence)
             self._require_os_image_reference()
             self._check_vm_shape(bi, peer.evidence, vm_config)
             reason = self.authorizer.app_allowed(bi)
@@ -613,6 +623,7 @@ class KmsService:
             peer = self.attest(cert_der)
             bi = peer.boot_info
             ctx["boot_info"] = boot_info_to_json(bi)
+            require_boot_time(peer.evidence)
             self._require_os_image_reference()
             self._check_vm_shape(bi, peer.evidence, vm_config)
             self.authorizer.app_allowed(bi)
