@@ -54,9 +54,8 @@ def serve(home: str, conn: Any, workers_note: str = "") -> None:  # child proces
         KmsServer,
         KmsService,
         StaticCollateral,
-        simulated_os_image_mrtd,
     )
-    from teecloud.tee.simulated import SimulatedTdx
+    from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 
     chain = ChainClient.embedded(Path(home))
     chain.deploy()
@@ -76,7 +75,7 @@ def serve(home: str, conn: Any, workers_note: str = "") -> None:  # child proces
         config=KmsConfig(dev_mode=True),
         dev_root_der=tee.dev_root_der(),
         block_number=chain.block_number,
-        os_image_mrtd=simulated_os_image_mrtd,
+        os_image_reference=simulated_os_image_reference,
     )
     server = KmsServer(service).start()
     conn.send((server.url, app_id))

@@ -18,9 +18,8 @@ from teecloud.kms.service import (
     KmsServer,
     KmsService,
     StaticCollateral,
-    simulated_os_image_reference,
 )
-from teecloud.tee.simulated import SimulatedTdx
+from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 
 COMPOSE = hashlib.sha256(b"crash test compose").digest()
 

@@ -24,8 +24,8 @@ from teecloud.kms.api import AuditRecord
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
 from teecloud.kms.client import vm_config_json
-from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral, simulated_os_image_reference
-from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for
+from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
+from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for, simulated_os_image_reference
 
 
 def boot_app(tee: SimulatedTdx, app_id: bytes, compose_hash: bytes, instance_id: bytes) -> None:

@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 
 from teecloud.kms.api import PATH_GET_APP_KEY
-from teecloud.kms.errors import AccessDenied, KmsUsageError
-from teecloud.kms.service import (
-    KmsServer,
-    KmsService,
-    simulated_os_image_mrtd,
+from teecloud.kms.errors import AccessDenied
+from teecloud.kms.service import KmsServer
+from teecloud.tee.simulated import (
+    SimulatedTdx,
+    os_image_hash_for,
+    reference_measurements,
     simulated_os_image_reference,
 )
-from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for, reference_measurements
 from tests.kms.conftest import (
     COMPOSE_V1,
     SIM_OS,
@@ -110,7 +110,6 @@ def test_the_kms_reference_is_the_simulators(teecloud_home: Path) -> None:
         assert shaped is not None and shaped == {k: tee.measurements()[k] for k in (*ref, "rtmr0")}
     assert simulated_os_image_reference(b"\x01" * 31) is None
     assert simulated_os_image_reference(bytes(32), cpu_count=0, memory_size=1) is None  # bad shape: none
-    assert simulated_os_image_mrtd is simulated_os_image_reference  # former name, same check
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -330,28 +329,3 @@ def test_a_failing_reference_function_fails_closed(teecloud_home: Path, world: W
         kms.service.get_app_key(der, vm_config=vm_config(app))
     rec = denied_record(kms)
     assert rec.step == "internal"
-
-
-def test_old_keyword_still_configures_the_full_check(teecloud_home: Path, world: World, kms: Kms) -> None:
-    kw: dict[str, Any] = {
-        "state": kms.service.state,
-        "identity": kms.service.identity,
-        "tee": kms.tee,
-        "chain": world.chain,
-        "collateral": kms.service.collateral,
-        "audit": kms.service.audit,
-        "config": kms.service.config,
-        "dev_root_der": kms.tee.dev_root_der(),
-        "block_number": world.chain.block_number,
-    }
-    legacy = KmsService(**kw, os_image_mrtd=simulated_os_image_mrtd)
-    assert legacy.os_image_reference is simulated_os_image_reference
-    bad = other_boot_app(teecloud_home, world.register(COMPOSE_V1), swap=(2,))
-    _, der = client_cert(kms, bad)
-    with pytest.raises(AccessDenied) as err:
-        legacy.get_app_key(der, vm_config=vm_config(bad))
-    assert err.value.step == "os_image" and "RTMR2" in err.value.reason
-    with pytest.raises(KmsUsageError, match="not both"):
-        KmsService(
-            **kw, os_image_reference=simulated_os_image_reference, os_image_mrtd=simulated_os_image_mrtd
-        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 import signal
 import threading
 import time
@@ -14,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from teecloud._fs import atomic_write, atomic_write_json, data_home
+from teecloud._fs import atomic_write_json, data_home
 
 __all__ = ["app"]
 
@@ -28,7 +27,6 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 ENDPOINT_FILE = "endpoint.json"
-ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 (a file name)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -83,15 +81,6 @@ def _collateral(tee: Any, dev: bool, pccs_url: str | None) -> Any:
     return PccsCollateral(PccsClient(pccs_url, data_home() / "collateral-cache"))
 
 
-def _admin_token() -> str:
-    path = _kms_dir() / ADMIN_TOKEN_FILE
-    if path.exists():
-        return path.read_text().strip()
-    token = secrets.token_urlsafe(32)
-    atomic_write(path, token.encode(), mode=0o600)
-    return token
-
-
 @app.command("up")
 def up(
     dev: Annotated[
@@ -114,53 +103,48 @@ def up(
     ] = "",
 ) -> None:
     """Start the KMS: boot its TEE, unseal (or create) its root keys, serve RA-TLS and the admin API."""
-    from teecloud.kms.audit import AuditLog
-    from teecloud.kms.bootstrap import boot_kms_tee, start_kms_state
     from teecloud.kms.errors import KmsError
-    from teecloud.kms.service import (
-        KmsConfig,
-        KmsServer,
-        KmsService,
-        publish_kms_info,
-        simulated_os_image_reference,
-    )
+    from teecloud.kms.launcher import KmsLaunch, launch_kms
+    from teecloud.kms.service import publish_kms_info
 
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)
+
+    def publish(state: Any, _identity: Any, created: bool) -> str:
+        if not created:
+            return ""
+        err.print("[green]generated new root keys inside the TEE and sealed them[/]")
+        return publish_kms_info(chain, state, tee)
+
+    reference = None
+    if dev:
+        from teecloud.tee.simulated import simulated_os_image_reference
+
+        reference = simulated_os_image_reference
     try:
-        identity = boot_kms_tee(tee)
-        state, created = start_kms_state(tee, identity, now=int(time.time()))
-        if created:
-            err.print("[green]generated new root keys inside the TEE and sealed them[/]")
-            try:
-                qh = publish_kms_info(chain, state, tee)
-                err.print(f"published KMS info to KmsAuth (quote hash {qh})")
-            except Exception as exc:  # publishing is governance's business; serving does not depend on it
-                err.print(f"[yellow]warning:[/] could not publish KMS info to KmsAuth: {exc}")
-        service = KmsService(
-            state=state,
-            identity=identity,
-            tee=tee,
-            chain=chain,
-            collateral=_collateral(tee, dev, pccs_url),
-            audit=AuditLog(_kms_dir() / "audit.jsonl"),
-            config=KmsConfig(dev_mode=dev, gateway_app_id=gateway_app_id),
-            dev_root_der=tee.dev_root_der() if dev else None,
-            block_number=getattr(chain, "block_number", None),
-            os_image_reference=simulated_os_image_reference if dev else None,
+        running = launch_kms(
+            KmsLaunch(
+                tee=tee,
+                chain=chain,
+                collateral=_collateral(tee, dev, pccs_url),
+                dev=dev,
+                os_image_reference=reference,
+                host=host,
+                port=port,
+                admin_port=admin_port,
+                gateway_app_id=gateway_app_id,
+                on_keys=publish,
+            )
         )
-        server = KmsServer(
-            service,
-            host=host,
-            port=port,
-            admin_port=admin_port,
-            admin_token=_admin_token(),
-            chain_label=getattr(chain, "label", ""),
-        ).start()
     except KmsError as exc:
         _fail(exc.diagnostics())
     except (OSError, RuntimeError) as exc:
         _fail(str(exc))
+    if running.published:
+        err.print(f"published KMS info to KmsAuth (quote hash {running.published})")
+    if running.publish_error:
+        err.print(f"[yellow]warning:[/] could not publish KMS info to KmsAuth: {running.publish_error}")
+    server, state, identity = running.server, running.state, running.identity
     atomic_write_json(
         _kms_dir() / ENDPOINT_FILE, {"url": server.url, "admin_url": server.admin_url, "dev": dev}
     )

@@ -135,34 +135,32 @@ class LocalCloud:
         mark("chain")
 
         # (3)
-        from teecloud.kms.audit import AuditLog
-        from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
-        from teecloud.kms.service import (
-            KmsConfig,
-            KmsServer,
-            KmsService,
-            StaticCollateral,
-            simulated_os_image_reference,
-        )
-        from teecloud.tee.simulated import SimulatedTdx
+        from teecloud.kms.launcher import KmsLaunch, launch_kms
+        from teecloud.kms.service import StaticCollateral
+        from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 
         kms_tee = SimulatedTdx(self.home)
-        identity = boot_kms_tee(kms_tee)
-        state, _created = start_kms_state(kms_tee, identity, now=int(time.time()), home=self.home)
-        self._publish_kms(chain, kms_tee, identity, state)
-        service = KmsService(
-            state=state,
-            identity=identity,
-            tee=kms_tee,
-            chain=chain,
-            collateral=StaticCollateral(kms_tee.collateral),
-            audit=AuditLog(kms_dir(self.home) / "audit.jsonl"),
-            config=KmsConfig(dev_mode=True, kms_contract=contracts.get("KmsAuth", "")),
-            dev_root_der=kms_tee.dev_root_der(),
-            block_number=chain.block_number,
-            os_image_reference=simulated_os_image_reference,
+
+        def publish(state: Any, identity: Any, _created: bool) -> str:
+            self._publish_kms(chain, kms_tee, identity, state)
+            return ""
+
+        running = launch_kms(
+            KmsLaunch(
+                tee=kms_tee,
+                chain=chain,
+                collateral=StaticCollateral(kms_tee.collateral),
+                dev=True,
+                home=self.home,
+                os_image_reference=simulated_os_image_reference,
+                port=self.ports[1],
+                kms_contract=str(contracts.get("KmsAuth", "")),
+                on_keys=publish,
+            )
         )
-        kms = KmsServer(service, port=self.ports[1], chain_label=rpc.url).start()
+        if running.publish_error:
+            raise NodeError(f"could not publish the KMS to KmsAuth: {running.publish_error}")
+        kms = running.server
         self._stack.callback(kms.stop)
         mark("kms")
 

@@ -69,8 +69,6 @@ from teecloud.kms.authz import (
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.tee.base import TeePlatform
-from teecloud.tee.errors import TeeUsageError
-from teecloud.tee.simulated import reference_measurements
 
 __all__ = [
     "PEER_CERT_STATE_KEY",
@@ -90,8 +88,6 @@ __all__ = [
     "parse_vm_config",
     "peer_cert_der",
     "publish_kms_info",
-    "simulated_os_image_mrtd",
-    "simulated_os_image_reference",
 ]
 
 log = logging.getLogger("teecloud.kms")
@@ -292,12 +288,10 @@ class KmsService:
         dev_root_der: bytes | None = None,
         block_number: Callable[[], int] | None = None,
         os_image_reference: OsImageReference | None = None,
-        os_image_mrtd: OsImageReference | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
-        `simulated_os_image_reference`); `os_image_mrtd` is its former name, kept for callers not yet
-        renamed (it now has to give rtmr1 and rtmr2 as well as mrtd)."""
+        `teecloud.tee.simulated.simulated_os_image_reference`)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -317,9 +311,7 @@ class KmsService:
             raise KmsUsageError("dev mode needs the development root certificate (dev_root_der)")
         self.dev_root_der = dev_root_der if self.config.dev_mode else None
         self.authorizer = ChainAuthorizer(chain, block_number=block_number)
-        if os_image_reference is not None and os_image_mrtd is not None:
-            raise KmsUsageError("give os_image_reference or its old name os_image_mrtd, not both")
-        self.os_image_reference = os_image_reference if os_image_reference is not None else os_image_mrtd
+        self.os_image_reference = os_image_reference
         self.clock = clock
         self._evidence_cache: OrderedDict[str, tuple[int, AttestedPeer]] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -1055,25 +1047,6 @@ class KmsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def simulated_os_image_reference(
-    os_image_hash: bytes, *, cpu_count: int | None = None, memory_size: int | None = None
-) -> dict[str, bytes] | None:
-    """Reference MRTD, RTMR1 and RTMR2 of a simulated OS image — and RTMR0 for a VM shape (cpu_count,
-    memory_size) — from the simulator itself (`teecloud.tee.simulated.reference_measurements`), so the KMS
-    holds no copy of its formula. Real images get theirs from the image's measurement tool (dstack-mr); none
-    is wired in yet. None for a malformed hash or shape (the caller refuses)."""
-    if len(os_image_hash) != 32:
-        return None
-    try:
-        return reference_measurements(os_image_hash, cpu_count=cpu_count, memory_size=memory_size)
-    except TeeUsageError:
-        return None
-
-
-# Former name (it gave MRTD only); callers passing it as `os_image_mrtd` now get all three registers.
-simulated_os_image_mrtd = simulated_os_image_reference
 
 
 BOOTSTRAP_REPORT_PREFIX = b"teecloud-kms-bootstrap:"

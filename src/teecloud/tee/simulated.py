@@ -54,6 +54,7 @@ __all__ = [
     "os_image_hash_for",
     "reference_measurements",
     "runtime_event_digest",
+    "simulated_os_image_reference",
 ]
 
 DEV_ROOT_CN_PREFIX = dcap.DEV_ROOT_CN_PREFIX
@@ -531,3 +532,18 @@ def _check_event(name: str, payload: bytes) -> None:
         raise TeeUsageError("an event payload must be bytes")
     if len(payload) > MAX_EVENT_PAYLOAD_BYTES:
         raise TeeUsageError(f"an event payload is at most {MAX_EVENT_PAYLOAD_BYTES} bytes")
+
+
+def simulated_os_image_reference(
+    os_image_hash: bytes, *, cpu_count: int | None = None, memory_size: int | None = None
+) -> dict[str, bytes] | None:
+    """Reference MRTD, RTMR1 and RTMR2 of a simulated OS image — and RTMR0 for a VM shape (cpu_count,
+    memory_size) — in the shape a KMS takes (`KmsService(os_image_reference=...)`), so the KMS holds no copy
+    of the simulator's formula. Real images get theirs from the image's measurement tool (dstack-mr); none
+    is wired in yet. None for a malformed hash or shape (the caller refuses)."""
+    if len(os_image_hash) != 32:
+        return None
+    try:
+        return reference_measurements(os_image_hash, cpu_count=cpu_count, memory_size=memory_size)
+    except TeeUsageError:
+        return None

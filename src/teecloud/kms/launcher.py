@@ -1,0 +1,150 @@
+"""One way to start a KMS, used by `teecloud kms up` and by the local cloud (`teecloud up`).
+
+    launch_kms(KmsLaunch(...)) -> RunningKms
+
+(1) boot the KMS's TEE (measure its build into RTMR3), (2) unseal or create its root keys, (3) let the
+caller publish what KmsAuth must know (`on_keys`; best effort: serving does not depend on it), (4) build
+the service and (5) start both listeners, the admin one behind the token kept in
+`<home>/kms/admin-token` (0600, created once).
+
+The launcher knows nothing of the simulator: a caller in dev mode passes the simulated platform's collateral
+and OS-image references (`teecloud.tee.simulated`) like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from teecloud._fs import atomic_write
+from teecloud.kms.audit import AuditLog
+from teecloud.kms.authz import AuthChain
+from teecloud.kms.bootstrap import KmsIdentity, KmsState, boot_kms_tee, kms_dir, start_kms_state
+from teecloud.kms.service import (
+    CollateralSource,
+    KmsConfig,
+    KmsServer,
+    KmsService,
+    OsImageReference,
+)
+from teecloud.tee.base import TeePlatform
+
+__all__ = [
+    "ADMIN_TOKEN_FILE",
+    "KmsLaunch",
+    "RunningKms",
+    "admin_token_path",
+    "launch_kms",
+    "load_admin_token",
+]
+
+log = logging.getLogger("teecloud.kms")
+
+ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 (a file name)
+
+
+def admin_token_path(home: Path | None = None) -> Path:
+    return kms_dir(home) / ADMIN_TOKEN_FILE
+
+
+def load_admin_token(home: Path | None = None) -> str:
+    """The admin listener's bearer token: read from `<home>/kms/admin-token`, created (0600) when absent."""
+    path = admin_token_path(home)
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if not token:
+        token = secrets.token_urlsafe(32)
+        atomic_write(path, token.encode(), mode=0o600)
+    return token
+
+
+@dataclass(frozen=True)
+class KmsLaunch:
+    """Everything a KMS is started from. `chain` is a ChainClient (or anything with is_app_allowed /
+    is_kms_allowed, and optionally block_number, set_kms_info and label)."""
+
+    tee: TeePlatform
+    chain: AuthChain
+    collateral: CollateralSource
+    dev: bool = False
+    home: Path | None = None
+    os_image_reference: OsImageReference | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    admin_port: int = 0
+    gateway_app_id: str = ""
+    kms_contract: str = ""
+    dev_root_der: bytes | None = None
+    # Called with (state, identity, created) once the root keys are loaded; returns what was published.
+    on_keys: Callable[[KmsState, KmsIdentity, bool], str] | None = None
+
+
+@dataclass
+class RunningKms:
+    server: KmsServer
+    service: KmsService
+    state: KmsState
+    identity: KmsIdentity
+    created: bool
+    published: str = ""  # what on_keys published (e.g. the bootstrap quote hash written to KmsAuth)
+    publish_error: str = ""
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def admin_url(self) -> str:
+        return self.server.admin_url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def launch_kms(spec: KmsLaunch) -> RunningKms:
+    # (1)-(2)
+    identity = boot_kms_tee(spec.tee)
+    state, created = start_kms_state(spec.tee, identity, now=int(time.time()), home=spec.home)
+    # (3)
+    published = publish_error = ""
+    if spec.on_keys is not None:
+        try:
+            published = spec.on_keys(state, identity, created)
+        except Exception as exc:  # publishing is governance's business; serving does not depend on it
+            publish_error = f"{type(exc).__name__}: {exc}"
+            log.warning("could not publish KMS info to KmsAuth: %s", publish_error)
+    # (4)
+    dev_root = spec.dev_root_der
+    if spec.dev and dev_root is None:
+        dev_root_fn = getattr(spec.tee, "dev_root_der", None)
+        dev_root = dev_root_fn() if callable(dev_root_fn) else None
+    service = KmsService(
+        state=state,
+        identity=identity,
+        tee=spec.tee,
+        chain=spec.chain,
+        collateral=spec.collateral,
+        audit=AuditLog(kms_dir(spec.home) / "audit.jsonl"),
+        config=KmsConfig(
+            dev_mode=spec.dev, gateway_app_id=spec.gateway_app_id, kms_contract=spec.kms_contract
+        ),
+        dev_root_der=dev_root if spec.dev else None,
+        block_number=getattr(spec.chain, "block_number", None),
+        os_image_reference=spec.os_image_reference,
+    )
+    # (5)
+    server = KmsServer(
+        service,
+        host=spec.host,
+        port=spec.port,
+        admin_port=spec.admin_port,
+        admin_token=load_admin_token(spec.home),
+        chain_label=str(getattr(spec.chain, "label", "") or ""),
+    ).start()
+    return RunningKms(server, service, state, identity, created, published, publish_error)
