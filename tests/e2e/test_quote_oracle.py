@@ -127,6 +127,8 @@ def test_node_api_attestation_route_is_no_key_oracle(cloud: Any, hello: Any) -> 
     att = httpx.get(
         f"{cloud.endpoints.node}/cvms/oracle-target/attestation", params={"report_data": binding.hex()}
     ).json()
+    # the route never quotes the caller's bytes as they are (it quotes sha512("teecloud-attest:" ‖ nonce))
+    assert bytes.fromhex(att["report_data"])[:64] != binding
     der = _attacker_cert(kms_url, key, CapturedQuote(bytes.fromhex(att["quote"]), att["event_log"]))
     # (4) GetAppKey and SignCert over mutual TLS
     r = _mtls_post(kms_url + PATH_GET_APP_KEY, key, der, {"vm_config": att["vm_config"]})
