@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from teecloud._fs import atomic_write, data_home
+from teecloud.errors import Error
 from teecloud.keys.appkeys import AppKeys, RootKeys, derive_app_keys
 from teecloud.keys.errors import KeysError
 from teecloud.tee.base import TeePlatform
@@ -24,7 +25,7 @@ DEV_PROVIDER_NAME = "local-dev (INSECURE: no KMS)"
 _ROOT_FILE = "root-keys.pem"
 
 
-class KeyProviderError(Exception):
+class KeyProviderError(Error):
     """The key provider could not produce keys (unreachable KMS, refused, corrupt local state)."""
 
 

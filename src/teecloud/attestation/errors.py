@@ -18,6 +18,8 @@ Hostile input only ever raises a VerificationError subclass with a reason a user
 
 from __future__ import annotations
 
+from teecloud.errors import Error
+
 __all__ = [
     "AttestationError",
     "CertificateChainInvalid",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class AttestationError(Exception):
+class AttestationError(Error):
     """Base class of every error this package raises on purpose."""
 
     def diagnostics(self) -> str:

@@ -11,6 +11,8 @@ ChainError                      base: the CLI catches only this
 
 from __future__ import annotations
 
+from teecloud.errors import Error
+
 __all__ = [
     "ChainError",
     "ChainStateError",
@@ -22,7 +24,7 @@ __all__ = [
 ]
 
 
-class ChainError(Exception):
+class ChainError(Error):
     """Base class of every error raised by teecloud.chain."""
 
     def diagnostics(self) -> str:

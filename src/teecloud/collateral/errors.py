@@ -8,10 +8,12 @@ CollateralError            base
 
 from __future__ import annotations
 
+from teecloud.errors import Error
+
 __all__ = ["CollateralError", "CollateralNotFound", "InvalidCollateral", "PccsUnavailable"]
 
 
-class CollateralError(Exception):
+class CollateralError(Error):
     def diagnostics(self) -> str:
         return f"{type(self).__name__}: {self}"
 

@@ -26,6 +26,7 @@ from teecloud.attestation.errors import (
     SignatureInvalid,
     VerificationError,
 )
+from teecloud.errors import Error
 
 __all__ = [
     "CertChainInvalid",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 
-class KeysError(Exception):
+class KeysError(Error):
     """Base class of every error this package raises on purpose."""
 
     def diagnostics(self) -> str:

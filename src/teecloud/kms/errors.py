@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from teecloud.errors import Error
+
 __all__ = [
     "AccessDenied",
     "BootstrapError",
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 
-class KmsError(Exception):
+class KmsError(Error):
     """Base class of every error this package raises on purpose."""
 
     def diagnostics(self) -> str:

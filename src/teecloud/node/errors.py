@@ -15,6 +15,8 @@ NodeError                      base; the CLI and the HTTP API catch only this
 
 from __future__ import annotations
 
+from teecloud.errors import Error
+
 __all__ = [
     "BadRequest",
     "BootFailed",
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 
-class NodeError(Exception):
+class NodeError(Error):
     """Base class of every error the node reports; `str(err)` is a message a user can act on."""
 
 

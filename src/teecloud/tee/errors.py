@@ -9,6 +9,8 @@ TeeError
 
 from __future__ import annotations
 
+from teecloud.errors import Error
+
 __all__ = [
     "QuoteGenerationError",
     "SimulatedTeeStateError",
@@ -18,7 +20,7 @@ __all__ = [
 ]
 
 
-class TeeError(Exception):
+class TeeError(Error):
     """Base class of every error raised by `teecloud.tee`."""
 
 
