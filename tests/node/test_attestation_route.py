@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from teecloud.agent.boot import AgentState, boot
 from teecloud.agent.keyprovider import LocalDevKeyProvider
-from teecloud.agent.server import AgentService
+from teecloud.agent.server import AgentService, ClientError
 from teecloud.attestation.policy import Policy
 from teecloud.attestation.verifier import verify_tdx_with_event_log
 from teecloud.cloud.verify import verify_attestation
@@ -26,7 +26,7 @@ from teecloud.node import api
 from teecloud.node.api import CreateCvmRequest, NodeApiError, NodeClient, attest_report_data
 from teecloud.node.boot import BootedCvm
 from teecloud.node.instance import Instance
-from teecloud.node.service import make_node_app
+from teecloud.node.service import Node, make_node_app
 from teecloud.node.storage import EncryptedVolume
 from teecloud.tee.simulated import SimulatedTdx
 from tests.node.fakes import FakeBoots, FakeRuntime, app_compose, make_node
@@ -57,12 +57,16 @@ class _RealAgentBoots(FakeBoots):
         )
 
 
+_NODES: dict[str, Node] = {}  # the node behind each `running` client, by instance id
+
+
 @pytest.fixture
 def running(teecloud_home: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[TestClient, str]:
     node = make_node(teecloud_home, FakeRuntime(), _RealAgentBoots(teecloud_home), monkeypatch)
     st = node.create(CreateCvmRequest(name="hello", app_compose=app_compose(), app_id="11" * 20))
     node.wait_all(30)
     assert node.status(st.instance_id).status == "running", node.status(st.instance_id).error
+    _NODES[st.instance_id] = node
     return TestClient(make_node_app(node, token="t0ken"), raise_server_exceptions=False), st.instance_id
 
 
@@ -146,3 +150,27 @@ def test_the_client_refuses_an_attestation_over_another_value() -> None:
     node = NodeClient("http://node", transport=httpx.MockTransport(handler))
     with pytest.raises(NodeApiError, match="does not bind our nonce"):
         node.attestation("i", nonce)
+
+
+# The stated bound of the attestation route's response: the agent's event-log bounds (1024 app events,
+# 256 KiB of names and payloads, hex-doubled in JSON) + the quote + the app-compose (at most 512 KiB).
+MAX_ATTESTATION_RESPONSE = 2 * 1024 * 1024
+
+
+def test_the_attestation_response_stays_under_its_bound(running: tuple[TestClient, str]) -> None:
+    from teecloud.agent.api import EmitEventRequest
+
+    client, iid = running
+    booted = _NODES[iid]._cvm(iid).booted
+    assert booted is not None
+    svc = booted.runner.service
+    payload = "ab" * svc.limits.max_event_payload
+    refused = 0
+    for i in range(50):  # an app trying to bloat the shared node process (3.2 MiB asked for)
+        try:
+            svc.emit_event(EmitEventRequest(event=f"e{i}", payload=payload))
+        except ClientError:
+            refused += 1
+    assert refused > 40
+    r = client.get(f"/cvms/{iid}/attestation")
+    assert r.status_code == 200 and len(r.content) < MAX_ATTESTATION_RESPONSE, len(r.content)

@@ -159,3 +159,20 @@ def test_an_unread_stream_dropped_releases_its_slot() -> None:
     stream.on_close(lambda: released.append(1))
     del stream
     assert released == [1]
+
+
+def test_logs_without_follow_end_at_the_byte_bound(
+    node: Node, server: NodeServer, runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log response is bounded in bytes (however long the app's lines), and says it was cut."""
+    monkeypatch.setattr(service, "MAX_LOG_RESPONSE_BYTES", 64 * 1024)
+
+    def huge(project: str, **_: object) -> LogStream:  # 1 MB of output
+        return LogStream([("app", ["sh", "-c", "yes 0123456789abcdef | head -c 1048576"])])
+
+    monkeypatch.setattr(runtime, "logs", huge)
+    iid = _public_cvm(node, "chatty")
+    r = httpx.get(f"{server.url}/cvms/{iid}/logs", params={"tail": 10**9}, timeout=30)
+    assert r.status_code == 200
+    assert 60 * 1024 < len(r.content) <= 64 * 1024 + 200
+    assert r.content.rstrip().endswith(b"ask for a smaller tail]")

@@ -70,6 +70,10 @@ class AgentLimits:
     max_report_data: int = 64
     max_sign_data: int = 128 * 1024
     max_event_payload: int = 64 * 1024
+    # EmitEvent, per CVM (per boot): every event grows the event log each quote, Info and attestation carries,
+    # in the node process's memory; beyond either bound EmitEvent is a 400
+    max_app_events: int = 1024
+    max_app_event_bytes: int = 256 * 1024  # names + payloads of the app's events
     max_path_chars: int = 1024
     max_alt_names: int = 64
     key_cache_entries: int = 4096  # GetKey/Sign responses are deterministic and cached per request

@@ -17,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,6 +83,35 @@ def _cn_too_long(text: str) -> bool:
 def _cn(text: str) -> str:
     """`text` cut to the longest prefix that fits a common name."""
     return text.encode("utf-8", "surrogatepass")[:_MAX_CN].decode("utf-8", "ignore")
+
+
+# RFC 1035 §2.3.1 preferred name syntax (RFC 5280 §4.2.1.6 requires it for dNSName): letters, digits and
+# hyphens, labels of 1..63 characters not starting or ending with a hyphen, 253 characters in all; plus a
+# leading "*" label (RFC 6125 §6.4.3 wildcard). Anything else (a NUL byte, spaces, "/", "_") is refused.
+_DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_MAX_DNS_NAME = 253
+
+
+def _check_alt_names(names: Sequence[str], max_names: int) -> None:
+    if len(names) > max_names:
+        raise ClientError(f"alt_names: at most {max_names} names")
+    for name in names:
+        try:
+            ipaddress.ip_address(name)
+            continue
+        except ValueError:
+            pass
+        labels = name.split(".")
+        ok = 0 < len(name) <= _MAX_DNS_NAME and all(
+            _DNS_LABEL.match(label) or (i == 0 and label == "*" and len(labels) > 2)
+            for i, label in enumerate(labels)
+        )
+        if not ok:
+            raise ClientError(
+                f"alt_names: invalid alt name {name!r}: a DNS name of letters, digits, hyphens and dots "
+                f"(labels of 1-63 characters, {_MAX_DNS_NAME} in all, an optional leading `*.`; IDNA names "
+                "in their xn-- form) or an IP address"
+            )
 
 
 class ClientError(Exception):
@@ -144,6 +175,8 @@ class AgentService:
         self._log_cache: tuple[int, str, list[dict[str, Any]]] = (-1, "", [])
         self._tappd_cache: dict[tuple[str, str, tuple[str, ...]], bytes] = {}
         self._app_cert_pem = ""
+        self._app_events = 0
+        self._app_event_bytes = 0
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -220,8 +253,7 @@ class AgentService:
 
     def get_tls_key(self, req: api.GetTlsKeyRequest, *, now: int | None = None) -> dict[str, Any]:
         lim = self.limits
-        if len(req.alt_names) > lim.max_alt_names:
-            raise ClientError(f"alt_names: at most {lim.max_alt_names} names")
+        _check_alt_names(req.alt_names, lim.max_alt_names)
         if _cn_too_long(req.subject):
             raise ClientError(
                 f"subject: at most {_MAX_CN} bytes of UTF-8 (X.509 common name, RFC 5280 ub-common-name)"
@@ -321,16 +353,34 @@ class AgentService:
         }
 
     def emit_event(self, req: api.EmitEventRequest) -> dict[str, Any]:
-        payload = _hex(req.payload, "payload", max_bytes=self.limits.max_event_payload)
+        lim = self.limits
+        payload = _hex(req.payload, "payload", max_bytes=lim.max_event_payload)
         if not req.event:
             raise ClientError("event: the event name must not be empty")
         if self.state.booted and req.event in self.state.reserved_events:
             raise ClientError(
                 f"event: {req.event!r} is a reserved boot event and cannot be emitted after boot"
             )
+        size = len(req.event.encode("utf-8", "surrogatepass")) + len(payload)
+        with self._lock:  # reserve the room first: concurrent calls cannot overshoot the bounds together
+            if self._app_events >= lim.max_app_events:
+                raise ClientError(
+                    f"event log full: this CVM already emitted {lim.max_app_events} events (the limit per "
+                    "boot)"
+                )
+            if self._app_event_bytes + size > lim.max_app_event_bytes:
+                raise ClientError(
+                    f"event log full: this CVM's events would exceed {lim.max_app_event_bytes} bytes of "
+                    f"names and payloads (the limit per boot; {self._app_event_bytes} used)"
+                )
+            self._app_events += 1
+            self._app_event_bytes += size
         try:
             self.state.tee.emit_event(req.event, payload)
         except ValueError as exc:  # TeeUsageError: bad name (":" or unprintable) or payload
+            with self._lock:
+                self._app_events -= 1
+                self._app_event_bytes -= size
             raise ClientError(f"event: {exc}") from None
         return {}
 
@@ -371,8 +421,9 @@ class AgentService:
     # -- tappd methods -----------------------------------------------------------------------------------
 
     def tappd_derive_key(self, req: api.TappdDeriveKeyRequest, *, now: int | None = None) -> bytes:
-        if len(req.path) > self.limits.max_path_chars or len(req.alt_names) > self.limits.max_alt_names:
-            raise ClientError("path or alt_names too long")
+        if len(req.path) > self.limits.max_path_chars:
+            raise ClientError(f"path: at most {self.limits.max_path_chars} characters")
+        _check_alt_names(req.alt_names, self.limits.max_alt_names)
         if _cn_too_long(req.subject):
             raise ClientError(
                 f"subject: at most {_MAX_CN} bytes of UTF-8 (X.509 common name, RFC 5280 ub-common-name)"

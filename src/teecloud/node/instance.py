@@ -38,6 +38,9 @@ __all__ = ["Instance", "InstanceStore", "instance_id_for", "node_home", "runtime
 
 MAX_ENCRYPTED_ENV = 256 * 1024
 MAX_USER_CONFIG = 64 * 1024
+# `.node-state.json` history keeps the latest entries only (a boot loop would otherwise grow it, and every
+# status response, without end)
+MAX_HISTORY = 100
 
 # One lock per state file: `Instance` objects are cheap views made afresh by every look-up, so the lock cannot
 # live on them. Read-modify-write of `.node-state.json` holds it (the write itself is atomic on disk).
@@ -187,7 +190,7 @@ class Instance:
             doc["history"] = [
                 *(history if isinstance(history, list) else []),
                 {"at": int(time.time()), "event": event, **fields},
-            ]
+            ][-MAX_HISTORY:]
 
         self.modify_state(change)
 

@@ -72,6 +72,11 @@ NODE_MAX_BODY_BYTES = 4 * 1024 * 1024
 # pool, so followers cannot starve the other routes); beyond, 429.
 MAX_FOLLOW_STREAMS_PER_CVM = 4
 MAX_FOLLOW_STREAMS = 16
+# `logs` without follow ends by itself: at most this many bytes (then a truncation line); `tail` is capped too
+MAX_LOG_RESPONSE_BYTES = 8 * 1024 * 1024
+MAX_LOG_TAIL = 100_000
+# Status errors (a KMS refusal, a compose failure) are kept to this many characters
+MAX_ERROR_CHARS = 4000
 # An app whose deployment states no memory limit gets 1/DEFAULT_APP_MEMORY_SHARE of the node's memory (at
 # least DEFAULT_MIN_APP_MEMORY_MB): without a cap one app could take the host's memory from every other CVM.
 DEFAULT_APP_MEMORY_SHARE = 4
@@ -228,6 +233,7 @@ class Node:
             )
         except Exception as exc:
             reason = str(exc) if isinstance(exc, NodeError) else f"{type(exc).__name__}: {exc}"
+            reason = reason[:MAX_ERROR_CHARS]
             if not isinstance(exc, NodeError):
                 log.exception("CVM %s: boot failed", inst.instance_id)
             with cvm.lock:
@@ -532,15 +538,21 @@ def _next_chunk(stream: LogStream) -> bytes | None:
     return next(stream, None)
 
 
-async def _stream_lines(stream: LogStream) -> AsyncIterator[bytes]:
+async def _stream_lines(stream: LogStream, max_bytes: int | None = None) -> AsyncIterator[bytes]:
     """Serve a log stream and close it however the response ends. When the client goes away, Starlette
     cancels the response: the read (a thread blocked on `docker logs --follow`) is abandoned, not awaited,
-    and closing the stream kills the process, which ends that thread too."""
+    and closing the stream kills the process, which ends that thread too. With `max_bytes`, the response
+    ends (with a last line saying so) once that much was sent."""
+    sent = 0
     try:
         while True:
             chunk = await anyio.to_thread.run_sync(_next_chunk, stream, abandon_on_cancel=True)
             if chunk is None:
                 return
+            if max_bytes is not None and sent + len(chunk) > max_bytes:
+                yield f"[teecloud: output truncated at {max_bytes} bytes; ask for a smaller tail]\n".encode()
+                return
+            sent += len(chunk)
             yield chunk
     finally:
         stream.close()
@@ -653,11 +665,12 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
         stream = node.logs(
             ref,
             service=service,
-            tail=max(0, min(tail, 100_000)),
+            tail=max(0, min(tail, MAX_LOG_TAIL)),
             follow=follow,
             public=not authorized(request),
         )
-        return StreamingResponse(_stream_lines(stream), media_type="text/plain")
+        limit = None if follow else MAX_LOG_RESPONSE_BYTES
+        return StreamingResponse(_stream_lines(stream, limit), media_type="text/plain")
 
     @app.get("/cvms/{ref}/attestation")
     def attestation(request: Request, ref: str, nonce: str = "", report_data: str = "") -> api.Attestation:
