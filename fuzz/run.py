@@ -1,14 +1,20 @@
-"""Fuzz every evidence parser of teecloud.attestation for N seconds.
+"""Fuzz every evidence parser of teecloud.attestation.
 
-    python3 fuzz/run.py --seconds 30
+    python3 fuzz/run.py --seconds 30                    # all targets at once (the CI's brief run)
+    python3 fuzz/run.py --target nitro --seconds 600    # one target, its corpus in fuzz/corpus/nitro/
 
 Uses atheris (libFuzzer for Python; `pip install atheris==3.0.0`, the `fuzz` extra) seeded with the real
-vectors in ../shared/vectors. Without atheris it falls back to a random-mutation loop over the same seeds
-and says so. Exits 0 when nothing but teecloud's own error types came out, 1 on the first crash (the
-input is written to fuzz/crash-<sha256>.bin).
+vectors in ../shared/vectors and the kept corpus in fuzz/corpus/<target>/. Without atheris (or with
+--no-atheris) it falls back to a random-mutation loop over the same seeds and says so. Exits 0 when nothing
+but teecloud's own error types came out, 1 on the first crash (the input is written to
+fuzz/crash-<sha256>.bin; keep it as fuzz/regressions/<target>/<name>.bin, which pytest replays).
 
-Targets (the first input byte picks one): DCAP quote parse + verify, collateral, dstack event log,
-dstack JSON / autodetection through verify(), SEV-SNP, Nitro and NVIDIA through verify(), policy text.
+Memory: every verifier cache is bounded in bytes (attestation._cache); the harness checks that their sum
+stays inside the budget every 4096 inputs and fails (exit 1) when it does not, so a cache that grows without
+bound is found as a crash, not as an out-of-memory kill after hours.
+
+Targets: quote, collateral, eventlog, dstack_json, snp, nitro, nvidia, policy. Without --target, the first
+input byte picks one.
 """
 
 from __future__ import annotations
@@ -27,13 +33,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from teecloud.attestation import dcap, eventlog  # noqa: E402
+from teecloud.attestation import _cache, dcap, eventlog  # noqa: E402
+from teecloud.attestation._limits import CACHE_BUDGETS  # noqa: E402
 from teecloud.attestation.errors import AttestationError  # noqa: E402
 from teecloud.attestation.policy import Policy  # noqa: E402
 from teecloud.attestation.verifier import TrustAnchors, verify  # noqa: E402
 
 VECTORS = ROOT.parent / "shared" / "vectors"
+CORPUS = ROOT / "fuzz" / "corpus"
+REGRESSIONS = ROOT / "fuzz" / "regressions"
 NOW = calendar.timegm((2025, 7, 4, 0, 0, 0))
+CACHE_BUDGET = sum(b.max_bytes for b in CACHE_BUDGETS.values())
+CHECK_EVERY = 4096
 
 
 def _read(name: str) -> bytes:
@@ -80,25 +91,57 @@ def _policy(data: bytes) -> None:
     Policy.from_text(text, fmt="json")
 
 
-TARGETS: list[tuple[Callable[[bytes], None], list[bytes]]] = [
-    (_quote, [_read("tdx/tdx_quote"), _read("tdx/tdx_quote_outdated"), _read("sgx/sgx_quote")]),
-    (_collateral, [TDX_COL]),
-    (_event_log, [json.loads(_read("tdx/dstack_quote_report.json"))["event_log"].encode()]),
-    (_verify_any, [_read("tdx/dstack_quote_report.json"), _read("snp/go-sev-guest_attestation.bin")]),
-    (_verify_any, [_read("nitro/dstack_nsm-qvl_nitro_attestation.cose_sign1.cbor")]),
-    (_nvidia, [_read("nvidia/nvtrust_lgv_hopperAttestationReport.txt")]),
-    (_policy, [b'version = 1\nallowed_tee = ["tdx"]\n[measurements]\nmrtd = "00"\n']),
-]
+Target = Callable[[bytes], None]
+TARGETS: dict[str, tuple[Target, list[bytes]]] = {
+    "quote": (_quote, [_read("tdx/tdx_quote"), _read("tdx/tdx_quote_outdated"), _read("sgx/sgx_quote")]),
+    "collateral": (_collateral, [TDX_COL]),
+    "eventlog": (_event_log, [json.loads(_read("tdx/dstack_quote_report.json"))["event_log"].encode()]),
+    "dstack_json": (_verify_any, [_read("tdx/dstack_quote_report.json")]),
+    "snp": (_verify_any, [_read("snp/go-sev-guest_attestation.bin")]),
+    "nitro": (_verify_any, [_read("nitro/dstack_nsm-qvl_nitro_attestation.cose_sign1.cbor")]),
+    "nvidia": (_nvidia, [_read("nvidia/nvtrust_lgv_hopperAttestationReport.txt")]),
+    "policy": (_policy, [b'version = 1\nallowed_tee = ["tdx"]\n[measurements]\nmrtd = "00"\n']),
+}
+NAMES = list(TARGETS)
+
+
+class CacheBudgetExceeded(Exception):
+    """The verifier's caches hold more bytes than their budget: a cache that is not bounded."""
+
+
+def run_target(name: str, data: bytes) -> None:
+    """One input to one target; teecloud's own errors are the only acceptable way to refuse it."""
+    try:
+        TARGETS[name][0](data)
+    except AttestationError:
+        pass
+
+
+_runs = [0]
+
+
+def _check_memory() -> None:
+    _runs[0] += 1
+    if _runs[0] % CHECK_EVERY == 0:
+        held = sum(s.bytes for s in _cache.all_caches())
+        if held > CACHE_BUDGET:
+            raise CacheBudgetExceeded(f"verifier caches hold {held} bytes, budget {CACHE_BUDGET}")
 
 
 def one_input(data: bytes) -> None:
+    """All targets at once: the first byte picks one."""
     if not data:
         return
-    target, _ = TARGETS[data[0] % len(TARGETS)]
-    try:
-        target(data[1:])
-    except AttestationError:
-        pass  # the only acceptable way to refuse input
+    run_target(NAMES[data[0] % len(NAMES)], data[1:])
+    _check_memory()
+
+
+def _one_target(name: str) -> Callable[[bytes], None]:
+    def fuzz(data: bytes) -> None:
+        run_target(name, data)
+        _check_memory()
+
+    return fuzz
 
 
 def _crash(data: bytes, exc: BaseException) -> int:
@@ -126,43 +169,52 @@ def _mutate(rng: random.Random, seed: bytes) -> bytes:
     return bytes(data)
 
 
-def random_loop(seconds: float) -> int:
-    print(
-        "atheris is not installed: falling back to a random-mutation loop over the vectors", file=sys.stderr
-    )
+def _seeds(name: str) -> list[bytes]:
+    kept = sorted((CORPUS / name).glob("*")) if (CORPUS / name).is_dir() else []
+    return TARGETS[name][1] + [p.read_bytes() for p in kept if p.is_file()]
+
+
+def random_loop(seconds: float, reason: str, target: str | None = None) -> int:
+    print(f"{reason}: falling back to a random-mutation loop over the seeds", file=sys.stderr)
     rng = random.Random(0)
     deadline = time.monotonic() + seconds
+    names = [target] if target else NAMES
+    seeds = {n: _seeds(n) for n in names}
     runs = 0
     while time.monotonic() < deadline:
-        index = rng.randrange(len(TARGETS))
-        data = bytes([index]) + _mutate(rng, rng.choice(TARGETS[index][1]))
+        name = rng.choice(names)
+        data = _mutate(rng, rng.choice(seeds[name]))
         try:
-            one_input(data)
+            run_target(name, data)
+            _check_memory()
         except Exception as exc:
-            return _crash(data, exc)
+            return _crash(bytes([NAMES.index(name)]) + data if target is None else data, exc)
         runs += 1
     print(f"random-mutation loop: {runs} inputs in {seconds:.0f}s, no crash")
     return 0
 
 
-def atheris_loop(seconds: float, corpus: Path) -> int:
+def atheris_loop(seconds: float, corpus: Path, target: str | None, extra: list[str]) -> int:
     import atheris
 
     corpus.mkdir(parents=True, exist_ok=True)
-    for i, (_, seeds) in enumerate(TARGETS):
-        for j, seed in enumerate(seeds):
-            (corpus / f"seed-{i}-{j}").write_bytes(bytes([i]) + seed)
+    names = [target] if target else NAMES
+    for name in names:
+        prefix = b"" if target else bytes([NAMES.index(name)])
+        for j, seed in enumerate(_seeds(name)):
+            (corpus / f"seed-{name}-{j}").write_bytes(prefix + seed)
     atheris.instrument_all()  # coverage feedback for every loaded Python module (teecloud, cbor2, ...)
     atheris.Setup(
         [
             sys.argv[0],
             f"-max_total_time={int(seconds)}",
             "-max_len=65536",
-            "-rss_limit_mb=4096",
+            "-rss_limit_mb=1024",
             f"-artifact_prefix={ROOT / 'fuzz'}/",
+            *extra,
             str(corpus),
         ],
-        one_input,
+        _one_target(target) if target else one_input,
     )
     atheris.Fuzz()  # exits the process itself; a crash exits non-zero with the input saved by libFuzzer
     return 0
@@ -171,17 +223,19 @@ def atheris_loop(seconds: float, corpus: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description="Fuzz teecloud's evidence parsers.")
     ap.add_argument("--seconds", type=float, default=30)
-    ap.add_argument("--corpus", type=Path, default=None, help="corpus directory (default: a new temp dir)")
+    ap.add_argument("--target", choices=NAMES, default=None, help="fuzz one target (default: all)")
+    ap.add_argument("--corpus", type=Path, default=None, help="working corpus directory (default: temp)")
     ap.add_argument("--no-atheris", action="store_true", help="use the random-mutation loop")
+    ap.add_argument("libfuzzer_args", nargs="*", help="extra libFuzzer flags, after --")
     args = ap.parse_args()
     if args.no_atheris:
-        return random_loop(args.seconds, "--no-atheris")
+        return random_loop(args.seconds, "--no-atheris", args.target)
     try:
         import atheris  # noqa: F401
     except ImportError:
-        return random_loop(args.seconds, "atheris is not installed")
+        return random_loop(args.seconds, "atheris is not installed", args.target)
     corpus = args.corpus or Path(tempfile.mkdtemp(prefix="teecloud-fuzz-"))
-    return atheris_loop(args.seconds, corpus)
+    return atheris_loop(args.seconds, corpus, args.target, args.libfuzzer_args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_LIMITS", "VerifierLimits"]
+__all__ = ["CACHE_BUDGETS", "DEFAULT_LIMITS", "CacheBudget", "VerifierLimits"]
 
 
 @dataclass(frozen=True)
@@ -23,3 +23,25 @@ class VerifierLimits:
 
 
 DEFAULT_LIMITS = VerifierLimits()
+
+
+@dataclass(frozen=True)
+class CacheBudget:
+    max_entries: int
+    max_bytes: int
+
+
+# Memory budgets of the verifier's memo caches (attestation._cache.BoundedCache), by cache name. Each is
+# small next to a service's memory, and an attacker sending distinct inputs can only make entries evict.
+CACHE_BUDGETS: dict[str, CacheBudget] = {
+    "dcap.collateral": CacheBudget(64, 8 * 1024 * 1024),
+    "dcap.pck_chain": CacheBudget(1024, 4 * 1024 * 1024),
+    "dcap.fmspc": CacheBudget(1024, 4 * 1024 * 1024),
+    "dcap.verdicts": CacheBudget(16384, 4 * 1024 * 1024),
+    "dcap.attestation_keys": CacheBudget(4096, 2 * 1024 * 1024),
+    "dstack.json": CacheBudget(64, 8 * 1024 * 1024),
+    "eventlog.parsed": CacheBudget(128, 16 * 1024 * 1024),
+    "eventlog.replayed": CacheBudget(256, 4 * 1024 * 1024),
+    "x509.chains": CacheBudget(256, 4 * 1024 * 1024),
+    "crl.parsed": CacheBudget(64, 8 * 1024 * 1024),
+}

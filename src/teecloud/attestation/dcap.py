@@ -16,6 +16,7 @@ level. This module adds what dcap-qvl does not give:
 
 from __future__ import annotations
 
+import binascii
 import datetime as _dt
 import functools
 import hashlib
@@ -26,10 +27,15 @@ from typing import Any
 
 import dcap_qvl
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from teecloud import _json
+from teecloud.attestation import dcap_layout as L
+from teecloud.attestation._cache import BoundedCache, named_cache
 from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
 from teecloud.attestation.errors import (
     CertificateChainInvalid,
@@ -56,6 +62,7 @@ __all__ = [
 
 DEV_ROOT_CN_PREFIX = "teecloud Development Root CA"
 DEV_ROOT_REASON = "signed by a development root, not by Intel"
+_DEV_ROOT_CN_BYTES = DEV_ROOT_CN_PREFIX.encode()
 
 # Intel's TCB statuses, best first (Intel PCS API v4, "tcbStatus").
 TCB_STATUS_ORDER: tuple[str, ...] = (
@@ -68,52 +75,23 @@ TCB_STATUS_ORDER: tuple[str, ...] = (
     "Revoked",
 )
 
-_HEADER_SIZE = 48
-_TEE_TYPE_SGX = 0x00000000
-_TEE_TYPE_TDX = 0x00000081
-_TD_REPORT10_SIZE = 584
-_TD_REPORT15_SIZE = 648
-_SGX_REPORT_SIZE = 384
-_QE_REPORT_SIZE = 384
-_CERT_TYPE_PCK_CHAIN = 5
-_CERT_TYPE_QE_REPORT = 6
-# TD attributes (Intel TDX ABI, TDREPORT_STRUCT / TD_PARAMS.ATTRIBUTES): bit 0 DEBUG, bit 28 SEPT_VE_DISABLE.
-_TD_ATTR_DEBUG = 1 << 0
-_TD_ATTR_SEPT_VE_DISABLE = 1 << 28
-# SGX enclave ATTRIBUTES.FLAGS bit 1 = DEBUG (Intel SDM vol. 3D, 38.7.1).
-_SGX_ATTR_DEBUG = 0x02
-
-# (name, offset, size) inside the TD report body; offsets per the quote v4 layout, table A.3.3.
-_TD10_FIELDS: tuple[tuple[str, int, int], ...] = (
-    ("tee_tcb_svn", 0, 16),
-    ("mrseam", 16, 48),
-    ("mrsignerseam", 64, 48),
-    ("seam_attributes", 112, 8),
-    ("td_attributes", 120, 8),
-    ("xfam", 128, 8),
-    ("mrtd", 136, 48),
-    ("mr_config_id", 184, 48),
-    ("mr_owner", 232, 48),
-    ("mr_owner_config", 280, 48),
-    ("rtmr0", 328, 48),
-    ("rtmr1", 376, 48),
-    ("rtmr2", 424, 48),
-    ("rtmr3", 472, 48),
-)
-_TD_REPORT_DATA = (520, 64)
-# TD report 1.5 appends these (quote v5 body type 3, table A.4.4).
-_TD15_EXTRA: tuple[tuple[str, int, int], ...] = (("tee_tcb_svn2", 584, 16), ("mr_servicetd", 600, 48))
-# SGX enclave report (table A.4.4 of the SGX ECDSA quote library API).
-_SGX_FIELDS: tuple[tuple[str, int, int], ...] = (
-    ("cpu_svn", 0, 16),
-    ("misc_select", 16, 4),
-    ("attributes", 48, 16),
-    ("mr_enclave", 64, 32),
-    ("mr_signer", 128, 32),
-    ("isv_prod_id", 256, 2),
-    ("isv_svn", 258, 2),
-)
-_SGX_REPORT_DATA = (320, 64)
+_HEADER_SIZE = L.HEADER_SIZE
+_TEE_TYPE_SGX = L.TEE_TYPE_SGX
+_TEE_TYPE_TDX = L.TEE_TYPE_TDX
+_TD_REPORT10_SIZE = L.TD_REPORT10_SIZE
+_TD_REPORT15_SIZE = L.TD_REPORT15_SIZE
+_SGX_REPORT_SIZE = L.SGX_REPORT_SIZE
+_QE_REPORT_SIZE = L.QE_REPORT_SIZE
+_CERT_TYPE_PCK_CHAIN = L.CERT_DATA_PCK_CHAIN
+_CERT_TYPE_QE_REPORT = L.CERT_DATA_QE_REPORT
+_TD_ATTR_DEBUG = L.TD_ATTR_DEBUG
+_TD_ATTR_SEPT_VE_DISABLE = L.TD_ATTR_SEPT_VE_DISABLE
+_SGX_ATTR_DEBUG = L.SGX_ATTR_DEBUG
+_TD10_FIELDS = L.TD10_FIELDS
+_TD_REPORT_DATA = L.TD_REPORT_DATA
+_TD15_EXTRA = L.TD15_EXTRA
+_SGX_FIELDS = L.SGX_FIELDS
+_SGX_REPORT_DATA = L.SGX_REPORT_DATA
 # Which report fields count as measurements (the rest go to `fields`).
 _TD_MEASUREMENTS = (
     "mrtd",
@@ -145,6 +123,8 @@ class _Quote:
     report_data: bytes
     pck_chain_pem: bytes
     size: int
+    body_start: int  # offset of the report body
+    signed_end: int  # the attestation key signs quote[:signed_end] (header, v5 descriptor, body)
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -284,6 +264,8 @@ def _parse(quote: bytes, limits: VerifierLimits = DEFAULT_LIMITS) -> _Quote:
         report_data=report_data,
         pck_chain_pem=cert.rstrip(b"\x00"),
         size=len(quote),
+        body_start=end - size,
+        signed_end=end,
     )
 
 
@@ -342,19 +324,28 @@ class _Collateral:
     tcb_next_update: str
     qe_id: str
     qe_next_update: str
+    digest: bytes  # sha256 of the exact bytes: part of every verdict-cache key
+    window: tuple[float, float] | None  # see _collateral_window
 
 
-@functools.lru_cache(maxsize=64)
+_COLLATERALS: BoundedCache[bytes, _Collateral] = named_cache("dcap.collateral")
+_VERDICTS: BoundedCache[tuple[bytes, ...], _Verdict] = named_cache("dcap.verdicts")
+_ATTESTATION_KEYS: BoundedCache[bytes, ec.EllipticCurvePublicKey] = named_cache("dcap.attestation_keys")
+
+
 def _load_collateral(data: bytes) -> _Collateral:
     # Cached by the exact bytes: parsing (JSON + hex + PEM) costs more than a quote signature check, and
     # the KMS sees the same collateral for every quote of a platform until nextUpdate.
+    hit: _Collateral | None = _COLLATERALS.get(data)
+    if hit is not None:
+        return hit
     try:
         text = data.decode("utf-8")
         raw = _json.loads(text)
         tcb = _json.loads(raw["tcb_info"])
         qe = _json.loads(raw["qe_identity"])
         obj = dcap_qvl.QuoteCollateralV3.from_json(text)
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise MalformedEvidence(
             f"collateral is not dcap-qvl QuoteCollateralV3 JSON: {_first_line(str(exc))}",
             step="collateral_ok",
@@ -363,14 +354,18 @@ def _load_collateral(data: bytes) -> _Collateral:
         raise MalformedEvidence(
             "collateral tcb_info / qe_identity are not JSON objects", step="collateral_ok"
         )
-    return _Collateral(
+    col = _Collateral(
         obj=obj,
         tcb_fmspc=str(tcb.get("fmspc", "")).upper(),
         tcb_id=str(tcb.get("id", "SGX")),
         tcb_next_update=str(tcb.get("nextUpdate", "?")),
         qe_id=str(qe.get("id", "?")),
         qe_next_update=str(qe.get("nextUpdate", "?")),
+        digest=hashlib.sha256(data).digest(),
+        window=_collateral_window(raw, tcb, qe),
     )
+    _COLLATERALS.put(data, col, 3 * len(data))
+    return col
 
 
 def _collateral(collateral: bytes | str, limits: VerifierLimits) -> _Collateral:
@@ -383,29 +378,151 @@ def _collateral(collateral: bytes | str, limits: VerifierLimits) -> _Collateral:
     return _load_collateral(data)
 
 
+# ---------------------------------------------------------------------------------- validity windows
+#
+# The verdict cache (see verify_dcap_quote) reuses dcap-qvl's verdict on a platform only at times when
+# every time-dependent check dcap-qvl makes is certain to pass: strictly inside the intersection of every
+# certificate's validity (each chain in the collateral and the quote), both CRLs' thisUpdate..nextUpdate
+# and the TCB info's and QE identity's issueDate..nextUpdate. Anything we cannot read exactly (a PEM block
+# that is not a certificate, a date we cannot parse) means "no window": never cached, dcap-qvl decides.
+
+_Window = tuple[float, float]
+_PEM_BEGIN = b"-----BEGIN "
+
+
+def _intersect(a: _Window | None, b: _Window | None) -> _Window | None:
+    if a is None or b is None:
+        return None
+    return max(a[0], b[0]), min(a[1], b[1])
+
+
+_BEGIN_CERT = b"-----BEGIN CERTIFICATE-----"
+_END_CERT = b"-----END CERTIFICATE-----"
+
+
+def _pem_ders(pem: bytes) -> list[bytes] | None:
+    """The DER of every PEM block of `pem`, or None unless every block is a CERTIFICATE block of strict
+    base64 (no headers). Cheaper than cryptography's PEM loader by 30x, and strict on purpose: what it
+    cannot read exactly, it does not read."""
+    out: list[bytes] = []
+    pos = 0
+    while True:
+        start = pem.find(_PEM_BEGIN, pos)
+        if start < 0:
+            return out
+        if not pem.startswith(_BEGIN_CERT, start):
+            return None
+        end = pem.find(_END_CERT, start)
+        if end < 0:
+            return None
+        try:
+            body = b"".join(pem[start + len(_BEGIN_CERT) : end].split())
+            out.append(binascii.a2b_base64(body, strict_mode=True))
+        except binascii.Error:
+            return None
+        pos = end + len(_END_CERT)
+
+
+def _certs_window(pem: bytes) -> _Window | None:
+    """Intersection of the validity of every certificate in a PEM chain; None unless every PEM block
+    of the text is a certificate that `cryptography` reads."""
+    ders = _pem_ders(pem)
+    if ders is None:
+        return None
+    window: _Window = (float("-inf"), float("inf"))
+    try:
+        for der in ders:
+            c = x509.load_der_x509_certificate(der)
+            lo, hi = c.not_valid_before_utc.timestamp(), c.not_valid_after_utc.timestamp()
+            window = max(window[0], lo), min(window[1], hi)
+    except (ValueError, OverflowError):  # names and dates are decoded lazily
+        return None
+    return window
+
+
+def _iso_window(doc: dict[str, Any]) -> _Window | None:
+    try:
+        lo = _dt.datetime.fromisoformat(str(doc["issueDate"]))
+        hi = _dt.datetime.fromisoformat(str(doc["nextUpdate"]))
+    except (KeyError, ValueError):
+        return None
+    if lo.tzinfo is None or hi.tzinfo is None:
+        return None
+    return lo.timestamp(), hi.timestamp()
+
+
+def _crl_window(hex_der: object) -> _Window | None:
+    try:
+        crl = x509.load_der_x509_crl(bytes.fromhex(str(hex_der)))
+        lo, nxt = crl.last_update_utc.timestamp(), crl.next_update_utc
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return (lo, nxt.timestamp()) if nxt is not None else None
+
+
+def _collateral_window(raw: dict[str, Any], tcb: dict[str, Any], qe: dict[str, Any]) -> _Window | None:
+    window: _Window | None = _intersect(_iso_window(tcb), _iso_window(qe))
+    for key in ("root_ca_crl", "pck_crl"):
+        window = _intersect(window, _crl_window(raw.get(key)))
+    for key in ("tcb_info_issuer_chain", "qe_identity_issuer_chain", "pck_crl_issuer_chain"):
+        value = raw.get(key)
+        if not isinstance(value, str):
+            return None
+        window = _intersect(window, _certs_window(value.encode()))
+    extra = raw.get("pck_certificate_chain")
+    if extra is not None:
+        window = _intersect(window, _certs_window(str(extra).encode()))
+    return window
+
+
 # --------------------------------------------------------------------------------------- certificates
 
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----")
-
-
-@functools.lru_cache(maxsize=64)
 def _root_of_chain(chain_pem: bytes) -> tuple[str, str, bytes]:
     """(common name, RFC 4514 subject, DER) of the last certificate of a PEM chain (leaf -> root)."""
-    blocks = _PEM_CERT.findall(chain_pem)
-    if not blocks:
+    hit: tuple[str, str, bytes] | None = _PCK_ROOTS.get(chain_pem)
+    if hit is not None:
+        return hit
+    start = chain_pem.rfind(_BEGIN_CERT)
+    end = chain_pem.find(_END_CERT, start)
+    if start < 0 or end < 0:
         raise MalformedEvidence("the quote carries no PCK certificate chain", step="cert_chain_verified")
     try:
-        # cryptography decodes names lazily, so every field read belongs inside the try.
-        cert = x509.load_pem_x509_certificate(blocks[-1])
-        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        cn = str(cns[0].value) if cns else ""
-        return cn, cert.subject.rfc4514_string(), cert.public_bytes(Encoding.DER)
+        der = binascii.a2b_base64(chain_pem[start + len(_BEGIN_CERT) : end])
+        cert = x509.load_der_x509_certificate(der)
+        # Decoding a name costs as much as the rest; only a root that could be a development root needs
+        # it now (the subject of any other is read for an error message, if one is needed).
+        cn = subject = ""
+        if _DEV_ROOT_CN_BYTES in der:
+            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            cn = str(cns[0].value) if cns else ""
+            subject = cert.subject.rfc4514_string()
+        info = (cn, subject, der)
     except Exception as exc:  # cryptography raises ValueError, and KeyError for unknown string tags
         raise MalformedEvidence(
             f"the quote's root certificate cannot be decoded: {type(exc).__name__}: {exc}",
             step="cert_chain_verified",
         ) from exc
+    _PCK_ROOTS.put(chain_pem, info, 2 * len(chain_pem) + len(der))
+    return info
+
+
+def _subject_of(der: bytes) -> str:
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except Exception:  # a display name only
+        return "?"
+
+
+_PCK_ROOTS: BoundedCache[bytes, tuple[str, str, bytes]] = named_cache("dcap.pck_chain")
+
+
+def _anchor_window(der: bytes) -> _Window | None:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+    except (ValueError, OverflowError):
+        return None
 
 
 def _cert_cn(der: bytes) -> str:
@@ -423,19 +540,89 @@ def _fmspc_of_chain(quote: bytes) -> str:
         raise MalformedEvidence(f"cannot read the FMSPC from the quote's PCK certificate: {exc}") from exc
 
 
+_FMSPCS: BoundedCache[bytes, str] = named_cache("dcap.fmspc")
+
+
 def _chain_fmspc(chain_pem: bytes, quote: bytes) -> str:
     # The FMSPC is a property of the PCK certificate, so it is cached by the chain: decoding the
     # certificate costs about a tenth of a whole verification. The quote is passed only on a miss.
-    cached = _fmspc_cache.get(chain_pem)
+    cached: str | None = _FMSPCS.get(chain_pem)
     if cached is None:
         cached = _fmspc_of_chain(quote)
-        if len(_fmspc_cache) > 256:
-            _fmspc_cache.clear()
-        _fmspc_cache[chain_pem] = cached
+        _FMSPCS.put(chain_pem, cached, len(chain_pem) + 64)
     return cached
 
 
-_fmspc_cache: dict[bytes, str] = {}
+# --------------------------------------------------------------------------------- per-quote checks
+
+
+def _verdict_key(q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None) -> tuple[bytes, ...]:
+    """Everything dcap-qvl's verdict depends on except the time and the quote signature: the quote with
+    the report fields dcap-qvl never reads (the measurements and report_data, covered only by the quote
+    signature, which is checked on every hit) and the signature itself left out; the collateral's
+    digest; the trust anchor (b"" = dcap-qvl's built-in Intel root)."""
+    h = hashlib.sha256(quote[: q.body_start])
+    body = quote[q.body_start : q.signed_end]
+    for lo, hi in _KEPT[q.body_type]:
+        h.update(body[lo:hi])
+    sig = q.signed_end + 4
+    h.update(quote[q.signed_end : sig])
+    h.update(quote[sig + L.QUOTE_SIGNATURE_SIZE :])
+    return (h.digest(), col.digest, anchor or b"")
+
+
+def _kept_ranges(size: int, free: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for lo, hi in sorted(free):
+        if lo > pos:
+            out.append((pos, lo))
+        pos = hi
+    if pos < size:
+        out.append((pos, size))
+    return tuple(out)
+
+
+# Report fields dcap-qvl 0.7 never reads (only its quote signature covers them): measurements and
+# report_data. It reads tee_tcb_svn, mrsignerseam, seam_attributes and td_attributes (TCB level, module
+# identity, attribute checks), mr_servicetd (TD 1.5) and the SGX attributes (debug); those stay in the key.
+_FREE_TD = ((16, 64), (136, 584))  # mrseam; mrtd .. report_data
+_FREE_SGX = ((64, 96), (128, 160), (256, 260), (320, 384))  # mr_enclave, mr_signer, isv ids, report_data
+_KEPT = {
+    "td10": _kept_ranges(L.TD_REPORT10_SIZE, _FREE_TD),
+    "td15": _kept_ranges(L.TD_REPORT15_SIZE, _FREE_TD),
+    "sgx": _kept_ranges(L.SGX_REPORT_SIZE, _FREE_SGX),
+}
+
+
+def _quote_signature_ok(q: _Quote, quote: bytes) -> bool:
+    """The attestation key's ECDSA P-256 signature over header and body (what dcap-qvl's step 7 checks)."""
+    sig = q.signed_end + 4
+    raw_sig = quote[sig : sig + 64]
+    raw_key = quote[sig + 64 : sig + 128]
+    key = _ATTESTATION_KEYS.get(raw_key)
+    try:
+        if key is None:
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw_key)
+            _ATTESTATION_KEYS.put(raw_key, key, 64 + 256)
+        der = encode_dss_signature(int.from_bytes(raw_sig[:32], "big"), int.from_bytes(raw_sig[32:], "big"))
+        key.verify(der, quote[: q.signed_end], _ECDSA_SHA256)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """dcap-qvl's accepting verdict on a platform, reusable strictly inside `window`."""
+
+    window: _Window
+    status: str
+    advisories: tuple[str, ...]
+    ppid: bytes
 
 
 # ------------------------------------------------------------------------------------ error mapping
@@ -531,10 +718,13 @@ def verify_dcap_quote(
     Steps:
       (1) parse the quote (header, report body, certification data) within the size limits;
       (2) parse the collateral (cached by its bytes);
-      (3) the collateral's FMSPC and TEE kind match the quote's PCK certificate;
+      (3) the collateral is for the quote's TEE kind (and, when dcap-qvl rejects, for its FMSPC: a
+          mismatch is named as such);
       (4) pick the root: a development-root chain needs exactly `dev_root_der`, any other uses Intel's;
       (5) dcap-qvl: PCK chain + CRLs, collateral signatures and validity at `now`, QE report, quote
-          signature, TCB level;
+          signature, TCB level -- or its earlier accepting verdict on the same platform bytes, collateral
+          and anchor, when `now` is strictly inside every validity window it depended on, after this
+          quote's own signature verifies (dcap-qvl's step 7);
       (6) a Revoked TCB is never acceptable;
       (7) build the VerifiedEvidence (device_id = sha256(PPID), as dstack does).
     """
@@ -547,16 +737,9 @@ def verify_dcap_quote(
     steps = [Step("parsed", True, f"{kind_name} quote v{q.version} ({q.body_type} report), {q.size} bytes")]
     # (2): collateral.
     col = _collateral(collateral, limits)
-    # (3): collateral must be for this platform (FMSPC) and this kind, checked before the signatures so
-    # the reason names the mismatch rather than a date that happens to fail first.
-    fmspc = _chain_fmspc(q.pck_chain_pem, quote)
+    # (3): collateral must be for this kind of TEE (dcap-qvl checks it too, later; this names it).
     if (col.tcb_id == "TDX") != (q.tee == "tdx"):
         raise CollateralMismatch(f"collateral is for {col.tcb_id}, the quote is {kind_name}")
-    if col.tcb_fmspc != fmspc:
-        raise CollateralMismatch(
-            f"collateral is for another platform: its TCB info is for FMSPC {col.tcb_fmspc}, "
-            f"the quote's PCK certificate says FMSPC {fmspc}"
-        )
     # (4): choose the root.
     root_cn, root_subject, root_der = _root_of_chain(q.pck_chain_pem)
     simulated = root_cn.startswith(DEV_ROOT_CN_PREFIX)
@@ -573,16 +756,40 @@ def verify_dcap_quote(
     else:
         anchor = bytes(intel_root_der) if intel_root_der is not None else None
         anchor_name = _cert_cn(anchor) if anchor is not None else "Intel SGX Root CA (built into dcap-qvl)"
-    # (5): dcap-qvl does the cryptography and the TCB evaluation.
-    try:
-        if anchor is None:
-            report = dcap_qvl.verify(quote, col.obj, now)
-        else:
-            report = dcap_qvl.verify_with_root_ca(quote, col.obj, anchor, now)
-    except (ValueError, RuntimeError) as exc:
-        raise _map_error(exc, now=now, col=col, root_subject=root_subject) from exc
-    status = str(report.status)
-    advisories = tuple(str(a) for a in report.advisory_ids)
+    # (5): dcap-qvl does the cryptography and the TCB evaluation, or its verdict on this very platform
+    # (same bytes but for the measurements, same collateral and anchor) is reused at a time inside the
+    # verdict's window, after checking this quote's own signature.
+    key = _verdict_key(q, quote, col, anchor)
+    cached: _Verdict | None = _VERDICTS.get(key)
+    if cached is not None and cached.window[0] < now < cached.window[1] and _quote_signature_ok(q, quote):
+        status, advisories, ppid = cached.status, cached.advisories, cached.ppid
+    else:
+        try:
+            if anchor is None:
+                report = dcap_qvl.verify(quote, col.obj, now)
+            else:
+                report = dcap_qvl.verify_with_root_ca(quote, col.obj, anchor, now)
+        except (ValueError, RuntimeError) as exc:
+            # Collateral for another platform (FMSPC) is named as such, whichever check of dcap-qvl's
+            # failed first (it compares FMSPCs last, after every signature and date).
+            fmspc = _chain_fmspc(q.pck_chain_pem, quote)
+            if col.tcb_fmspc != fmspc:
+                raise CollateralMismatch(
+                    f"collateral is for another platform: its TCB info is for FMSPC {col.tcb_fmspc}, "
+                    f"the quote's PCK certificate says FMSPC {fmspc}"
+                ) from exc
+            subject = root_subject or _subject_of(root_der)
+            raise _map_error(exc, now=now, col=col, root_subject=subject) from exc
+        status = str(report.status)
+        advisories = tuple(str(a) for a in report.advisory_ids)
+        ppid = bytes(report.ppid or b"")
+        window = _intersect(col.window, _certs_window(q.pck_chain_pem))
+        if anchor is not None:
+            window = _intersect(window, _anchor_window(anchor))
+        # Kept only when the time it was reached at lies strictly inside the window: then every
+        # time-dependent check dcap-qvl makes had the same outcome then as at any time it is reused.
+        if window is not None and window[0] < now < window[1]:
+            _VERDICTS.put(key, _Verdict(window, status, advisories, ppid), 128 + len(ppid))
     # (6): Revoked means Intel withdrew the platform's keys; no policy may accept it.
     if status == "Revoked":
         raise TcbNotAcceptable("TCB status is Revoked: Intel has revoked this platform's TCB")
@@ -625,7 +832,6 @@ def verify_dcap_quote(
     else:
         td_attr = int.from_bytes(q.report["td_attributes"], "little")
         fields["sept_ve_disable"] = bool(td_attr & _TD_ATTR_SEPT_VE_DISABLE)
-    ppid = bytes(report.ppid or b"")
     return VerifiedEvidence(
         tee=q.tee + ("-simulated" if simulated else ""),
         tcb_status=status,

@@ -16,7 +16,6 @@ the events before `system-ready` only: after it, the app itself may emit events,
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from teecloud import _json
+from teecloud.attestation._cache import BoundedCache, named_cache
 from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
 from teecloud.attestation.errors import EventLogMismatch, MalformedEvidence
 from teecloud.attestation.models import AppInfo, EventLogEntry
@@ -83,13 +83,23 @@ def parse_event_log(data: str | bytes, *, limits: VerifierLimits = DEFAULT_LIMIT
     """Parse a dstack JSON event log. Raises MalformedEvidence (step event_log_verified)."""
     if not isinstance(data, str | bytes):
         raise MalformedEvidence("event log must be JSON text", step="event_log_verified")
-    return list(_parse_cached(data, limits))
+    key = (data, limits)
+    hit = _PARSED.get(key)
+    if hit is None:
+        # A pure function of the text, cached: a CVM presents the same log with every quote it sends
+        # (RA-TLS handshakes, key requests), and decoding it costs more than replaying it. Entries hold
+        # about as many bytes as the text (digests and payloads decoded from hex, plus object overhead).
+        hit = _parse(data, limits)
+        _PARSED.put(key, hit, 2 * len(data) + 200 * len(hit))
+    return list(hit)
 
 
-@functools.lru_cache(maxsize=128)
-def _parse_cached(data: str | bytes, limits: VerifierLimits) -> tuple[EventLogEntry, ...]:
-    # A pure function of the text, cached: a CVM presents the same log with every quote it sends
-    # (RA-TLS handshakes, key requests), and decoding it costs more than replaying it.
+_PARSED: BoundedCache[tuple[str | bytes, VerifierLimits], tuple[EventLogEntry, ...]] = named_cache(
+    "eventlog.parsed"
+)
+
+
+def _parse(data: str | bytes, limits: VerifierLimits) -> tuple[EventLogEntry, ...]:
     if len(data) > limits.max_event_log_size:
         raise MalformedEvidence(
             f"event log is {len(data)} bytes, over the {limits.max_event_log_size}-byte limit",

@@ -10,7 +10,6 @@ collateral, an unreadable policy, a trust anchor that is not a certificate) rais
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import re
@@ -25,6 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from teecloud import _json
 from teecloud.attestation import dcap, eventlog
+from teecloud.attestation._cache import BoundedCache, named_cache
 from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
 from teecloud.attestation.errors import (
     MalformedEvidence,
@@ -183,13 +183,19 @@ class _Detected:
 def _dstack_json(data: bytes) -> _Detected | None:
     if not data.lstrip()[:1] == b"{":
         return None
-    return _dstack_json_cached(data)
+    hit = _DSTACK_JSON.get(data)
+    if hit is None:
+        # Pure function of the bytes, cached like the collateral: decoding 17 KB of JSON and hex costs a
+        # tenth of a verification, and a CVM re-sends the same document.
+        hit = _dstack_json_decode(data)
+        _DSTACK_JSON.put(data, hit, len(data) + len(hit.payload) + 2 * len(hit.event_log or ""))
+    return hit
 
 
-@functools.lru_cache(maxsize=64)
-def _dstack_json_cached(data: bytes) -> _Detected:
-    # Pure function of the bytes, cached like the collateral: decoding 17 KB of JSON and hex costs a
-    # tenth of a verification, and a CVM re-sends the same document.
+_DSTACK_JSON: BoundedCache[bytes, _Detected] = named_cache("dstack.json")
+
+
+def _dstack_json_decode(data: bytes) -> _Detected:
     try:
         obj = _json.loads(data)
     except (ValueError, RecursionError) as exc:
@@ -246,7 +252,14 @@ def _event_log_step(
 ) -> VerifiedEvidence:
     measured = tuple(sorted((k, v) for k, v in ev.measurements.items() if k in _APP_INFO_INPUTS))
     if isinstance(log, str | bytes):
-        app, reason = _replay_cached(log, measured, ev.device_id, limits)
+        # A pure function of the log text and the quoted registers: a CVM presents the same log and
+        # quote with every RA-TLS handshake. Only successes are cached.
+        key = (log, measured, ev.device_id, limits)
+        hit = _REPLAYED.get(key)
+        if hit is None:
+            hit = _replay(tuple(eventlog.parse_event_log(log, limits=limits)), measured, ev.device_id)
+            _REPLAYED.put(key, hit, len(log) + 2048)
+        app, reason = hit
     else:
         app, reason = _replay(tuple(log), measured, ev.device_id)
     return replace(ev, app_info=app, steps=(*ev.steps, Step("event_log_verified", True, reason)))
@@ -269,13 +282,9 @@ def _replay(
     return app, f"{len(entries)} events replay to RTMR0-3 ({named} in RTMR3)"
 
 
-@functools.lru_cache(maxsize=256)
-def _replay_cached(
-    log: str | bytes, measured: tuple[tuple[str, bytes], ...], device_id: bytes, limits: VerifierLimits
-) -> tuple[AppInfo, str]:
-    # A pure function of the log text and the quoted registers: a CVM presents the same log and quote with
-    # every RA-TLS handshake. Only successes are cached (lru_cache does not keep exceptions).
-    return _replay(tuple(eventlog.parse_event_log(log, limits=limits)), measured, device_id)
+_REPLAYED: BoundedCache[
+    tuple[str | bytes, tuple[tuple[str, bytes], ...], bytes, VerifierLimits], tuple[AppInfo, str]
+] = named_cache("eventlog.replayed")
 
 
 def _verify_kind(

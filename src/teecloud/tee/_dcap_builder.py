@@ -28,6 +28,18 @@ from cryptography.x509.oid import NameOID
 
 # the verifier recognises dev roots by this prefix: one constant, owned by the verifier
 from teecloud.attestation.dcap import DEV_ROOT_CN_PREFIX
+from teecloud.attestation.dcap_layout import (
+    ATT_KEY_TYPE_ECDSA_P256,
+    CERT_DATA_PCK_CHAIN,
+    CERT_DATA_QE_REPORT,
+    HEADER_SIZE,
+    QE_REPORT_SIZE,
+    QE_VENDOR_ID_INTEL,
+    TD_ATTR_DEBUG,
+    TD_ATTR_SEPT_VE_DISABLE,
+    TD_REPORT10_SIZE,
+    TEE_TYPE_TDX,
+)
 
 __all__ = [
     "DEV_ROOT_CN_PREFIX",
@@ -41,19 +53,12 @@ __all__ = [
 
 
 SGX_EXTENSION_OID = "1.2.840.113741.1.13.1"
-QE_VENDOR_ID_INTEL = bytes.fromhex("939A7233F79C4CA9940A0DB3957F0607")
 QUOTE_VERSION_4 = 4
-ATT_KEY_TYPE_ECDSA_P256 = 2
-TEE_TYPE_TDX = 0x81
-CERT_DATA_PCK_CHAIN = 5
-CERT_DATA_QE_REPORT = 6
-TD_REPORT10_LEN = 584
-HEADER_LEN = 48
-QE_REPORT_LEN = 384
+# The quote layout has one home, the verifier's (teecloud.attestation.dcap_layout).
+TD_REPORT10_LEN = TD_REPORT10_SIZE
+HEADER_LEN = HEADER_SIZE
+QE_REPORT_LEN = QE_REPORT_SIZE
 
-# TD attributes (TDX module ABI, TDINFO_STRUCT.ATTRIBUTES), little-endian 64-bit.
-TD_ATTR_DEBUG = 1 << 0
-TD_ATTR_SEPT_VE_DISABLE = 1 << 28
 
 _CERT_YEARS = {"root": 20, "platform": 15, "tcb": 10, "pck": 10}
 COLLATERAL_VALIDITY = dt.timedelta(days=30)
