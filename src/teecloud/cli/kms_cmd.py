@@ -68,7 +68,7 @@ def _chain(rpc_url: str | None, key_file: Path | None) -> Any:
 
 
 def _collateral(tee: Any, dev: bool, pccs_url: str | None) -> Any:
-    from teecloud.kms.service import PccsCollateral, StaticCollateral
+    from teecloud.peer import PccsCollateral, StaticCollateral
 
     if dev:
         return StaticCollateral(tee.collateral)

@@ -136,7 +136,7 @@ class LocalCloud:
 
         # (3)
         from teecloud.kms.launcher import KmsLaunch, launch_kms
-        from teecloud.kms.service import StaticCollateral
+        from teecloud.peer import StaticCollateral
         from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 
         kms_tee = SimulatedTdx(self.home)

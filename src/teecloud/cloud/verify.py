@@ -13,14 +13,12 @@ Procedure (`verify_app`), every step recorded with its reason:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from teecloud.attestation.errors import VerificationError
 from teecloud.attestation.models import Step
 
 __all__ = ["AppVerdict", "verify_app", "verify_attestation"]
@@ -61,8 +59,6 @@ def verify_attestation(
     att: Any, nonce: bytes, *, collateral: bytes, dev_root_der: bytes | None, chain: Any | None, now: int
 ) -> AppVerdict:
     """Steps (2)-(6) over an already fetched `teecloud.node.api.Attestation`."""
-    from teecloud.attestation.policy import Policy
-    from teecloud.attestation.verifier import verify_tdx_with_event_log
 
     verdict = AppVerdict(ok=False, app_compose=att.app_compose)
     steps = verdict.steps
@@ -71,17 +67,19 @@ def verify_attestation(
         steps.append(Step(name, False, reason))
         return verdict
 
-    # (2) + (4)
-    policy = dataclasses.replace(Policy.default(), allow_simulated=dev_root_der is not None)
+    # (2) + (4): the shared peer verifier (teecloud.peer), under the dev or production preset
+    from teecloud.peer import PeerPolicy, PeerRejected, PeerVerifier, StaticCollateral
+
+    peer_policy = PeerPolicy.dev(dev_root_der) if dev_root_der is not None else PeerPolicy.production()
+    peers = PeerVerifier(peer_policy, StaticCollateral(lambda: collateral))
     try:
         quote = bytes.fromhex(att.quote)
-        evidence = verify_tdx_with_event_log(
-            quote, collateral, att.event_log, now=now, dev_root_der=dev_root_der, policy=policy
-        )
+        peer = peers.verify_quote(quote, att.event_log, now=now)
     except ValueError as exc:
         return fail("quote", f"the quote is not hex: {exc}")
-    except VerificationError as exc:
-        return fail(getattr(exc, "step", "") or "quote", str(getattr(exc, "reason", exc)))
+    except PeerRejected as exc:
+        return fail(exc.step or "quote", exc.reason)
+    evidence = peer.evidence
     steps.append(Step("quote", True, f"DCAP quote verified, TCB {evidence.tcb_status}"))
     steps.append(Step("event_log", True, "event log replays to the quoted RTMRs"))
     verdict.tcb_status = evidence.tcb_status
@@ -111,13 +109,11 @@ def verify_attestation(
     steps.append(Step("compose", True, "app-compose.json matches the measured compose_hash"))
     # (6)
     if chain is not None:
-        from teecloud.kms.authz import build_boot_info
-
         if not chain.is_compose_hash_allowed(info.app_id, info.compose_hash):
             return fail(
                 "chain", f"compose hash {info.compose_hash.hex()} is not allowed for app {info.app_id.hex()}"
             )
-        ok, reason = chain.is_app_allowed(build_boot_info(evidence))
+        ok, reason = chain.is_app_allowed(peer.boot_info)
         if not ok:
             return fail("chain", f"KmsAuth.isAppAllowed refuses this boot: {reason}")
         steps.append(Step("chain", True, "compose hash allowed on chain; KmsAuth.isAppAllowed = true"))

@@ -1,6 +1,5 @@
 """Authorization: turn verified evidence into dstack's `boot_info` and ask the chain, failing closed.
 
-    build_boot_info(evidence)         VerifiedEvidence (quote + replayed event log) -> BootInfo
     require_boot_time(evidence)       the RTMR3 log ends at the boot measurement (keys only while booting)
     ChainAuthorizer.app_allowed(bi)   KmsAuth.isAppAllowed, cached for at most one block
     ChainAuthorizer.kms_allowed(bi)   KmsAuth.isKmsAllowed, same cache rule
@@ -28,7 +27,6 @@ __all__ = [
     "ChainAuthorizer",
     "FreshBlockNumber",
     "boot_info_to_json",
-    "build_boot_info",
     "require_boot_time",
 ]
 
@@ -44,39 +42,6 @@ class AuthChain(Protocol):
     def is_app_allowed(self, boot_info: BootInfo) -> tuple[bool, str]: ...
 
     def is_kms_allowed(self, boot_info: BootInfo) -> tuple[bool, str]: ...
-
-
-def _exact(name: str, value: bytes, size: int, *, zero_if_empty: bool = False) -> bytes:
-    if not value and zero_if_empty:
-        return bytes(size)
-    if len(value) != size:
-        raise AccessDenied(
-            f"the event log gives {name} as {len(value)} bytes, expected {size}", step="boot_info"
-        )
-    return value
-
-
-def build_boot_info(evidence: VerifiedEvidence) -> BootInfo:
-    """dstack's AppBootInfo from verified evidence. The values come only from the quote (measurements,
-    TCB, device) and the event log replayed against it; nothing the caller says is used."""
-    info = evidence.app_info
-    if info is None:
-        raise AccessDenied("the evidence carries no replayed event log (no app info)", step="boot_info")
-    if not info.compose_hash:
-        raise AccessDenied("the event log has no compose-hash event", step="boot_info")
-    device_id = evidence.device_id or info.device_id
-    return BootInfo(
-        app_id=_exact("app_id", info.app_id, 20),
-        compose_hash=_exact("compose_hash", info.compose_hash, 32),
-        # dstack: an app without per-instance identity reports the zero address.
-        instance_id=_exact("instance_id", info.instance_id, 20, zero_if_empty=True),
-        device_id=_exact("device_id", device_id, 32),
-        mr_aggregated=_exact("mr_aggregated", info.mr_aggregated, 32),
-        mr_system=_exact("mr_system", info.mr_system, 32),
-        os_image_hash=_exact("os_image_hash", info.os_image_hash, 32),
-        tcb_status=evidence.tcb_status,
-        advisory_ids=tuple(evidence.advisory_ids),
-    )
 
 
 def require_boot_time(evidence: VerifiedEvidence) -> None:

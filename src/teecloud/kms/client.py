@@ -18,13 +18,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import ssl
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,11 +39,12 @@ from teecloud.attestation.policy import Policy
 from teecloud.keys.appkeys import AppKeys, env_encrypt_pubkey_digest
 from teecloud.keys.certs import key_to_pem
 from teecloud.keys.errors import KeysError
-from teecloud.keys.ratls import QuoteSource, make_ratls_cert, parse_ratls_cert, verify_ratls_cert
+from teecloud.keys.ratls import QuoteSource, make_ratls_cert
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, recover_k256
 from teecloud.kms import api
-from teecloud.kms.authz import AuthChain, ChainAuthorizer, build_boot_info
+from teecloud.kms.authz import AuthChain, ChainAuthorizer
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
+from teecloud.peer import PeerPolicy, PeerRejected, PeerVerifier
 
 __all__ = ["KmsClient", "ServerCheck", "UnsafeNoServerCheck", "ratls_server_check", "vm_config_json"]
 
@@ -87,58 +85,46 @@ def ratls_server_check(
             "ratls_server_check needs `chain` (KmsAuth.isKmsAllowed) or `expected_ca_pubkey_der`: "
             "an attested CVM is not necessarily the KMS"
         )
-    if policy is None:
-        # Simulated evidence is acceptable exactly when the caller trusts a development root.
-        policy = dataclasses.replace(Policy.default(), allow_simulated=dev_root_der is not None)
-    verified: dict[str, int] = {}
-    lock = threading.Lock()
+    # Simulated evidence is acceptable exactly when the caller trusts a development root (PeerPolicy).
+    peer_policy = PeerPolicy(dev_root_der=dev_root_der, base=policy, max_cert_lifetime_s=_MAX_SERVER_CERT_S)
+
+    class _Collateral:
+        def collateral_for(self, quote: bytes, *, now: int) -> bytes:
+            return collateral_for(quote, now)
+
+    peers = PeerVerifier(peer_policy, _Collateral(), clock=clock, cache_s=_MAX_SERVER_CERT_S)
     authorizer = ChainAuthorizer(chain) if chain is not None else None
 
     def check(cert_der: bytes) -> None:
-        now = int(clock())
-        digest = hashlib.sha256(cert_der).hexdigest()
-        with lock:
-            until = verified.get(digest)
-        if until is not None and now <= until:
-            return
         try:
-            claims = parse_ratls_cert(cert_der)
-            evidence = verify_ratls_cert(
-                claims.certificate,
-                collateral=collateral_for(claims.quote, now),
-                now=now,
-                dev_root_der=dev_root_der,
-                policy=policy,
-            )
-        except (VerificationError, KeysError, ValueError) as exc:
-            raise KmsClientError(f"the KMS's RA-TLS certificate does not verify: {exc}") from exc
-        if evidence.debug or evidence.tcb_status != "UpToDate":
-            raise KmsClientError(
-                f"the KMS runs in an unacceptable TEE (debug={evidence.debug}, TCB {evidence.tcb_status})"
-            )
-        if expected_ca_pubkey_der is not None:
-            issuer_ok = False
-            cert = claims.certificate
-            try:
-                issuer_pub = serialization.load_der_public_key(expected_ca_pubkey_der)
-                if isinstance(issuer_pub, ec.EllipticCurvePublicKey) and cert.signature_hash_algorithm:
-                    issuer_pub.verify(
-                        cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
-                    )
-                    issuer_ok = True
-            except (ValueError, InvalidSignature):
-                issuer_ok = False
-            if not issuer_ok:
-                raise KmsClientError("the KMS's certificate is not issued by the expected KMS root CA key")
+            peer = peers.verify_cert(cert_der)
+        except PeerRejected as exc:
+            raise KmsClientError(f"the KMS's RA-TLS certificate does not verify: {exc.reason}") from exc
+        if expected_ca_pubkey_der is not None and not _issued_by(cert_der, expected_ca_pubkey_der):
+            raise KmsClientError("the KMS's certificate is not issued by the expected KMS root CA key")
         if authorizer is not None:
             try:
-                authorizer.kms_allowed(build_boot_info(evidence))
+                authorizer.kms_allowed(peer.boot_info)
             except AccessDenied as exc:
                 raise KmsClientError(f"the KMS is not an authorized KMS: {exc.reason}") from exc
-        with lock:
-            verified[digest] = int(claims.certificate.not_valid_after_utc.timestamp())
 
     return check
+
+
+# A KMS server certificate lives as long as the KMS's RA-TLS identity (make_server_identity): up to a year.
+_MAX_SERVER_CERT_S = 366 * 24 * 3600
+
+
+def _issued_by(cert_der: bytes, issuer_pubkey_der: bytes) -> bool:
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        issuer_pub = serialization.load_der_public_key(issuer_pubkey_der)
+        if not isinstance(issuer_pub, ec.EllipticCurvePublicKey) or cert.signature_hash_algorithm is None:
+            return False
+        issuer_pub.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    except (ValueError, InvalidSignature):
+        return False
+    return True
 
 
 def vm_config_json(tee: object) -> str:

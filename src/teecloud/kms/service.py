@@ -9,7 +9,8 @@ Trust procedure for every attested request (`KmsService.attest`):
       report_data = sha512("ratls-cert:" ‖ SPKI) binds that same key, the event log replays to the RTMRs,
       and the policy holds (TCB floor, no debug) — teecloud.keys.ratls.verify_ratls_cert;
   (4) production mode never accepts simulated evidence, whatever the verifier said;
-  (5) boot_info is built from the verified evidence only (authz.build_boot_info);
+  (5) boot_info is built from the verified evidence only;
+  (1)-(5) are the shared RA-TLS peer verifier's (teecloud.peer.PeerVerifier), under the KMS's PeerPolicy;
   (6) app endpoints (GetAppKey, SignCert): the RTMR3 log ends at the boot measurement — keys only to a
       booting CVM, never on a quote taken after boot (authz.require_boot_time), and the OS image and VM
       shape are the measured ones;
@@ -47,7 +48,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from teecloud._asgi import BoundedBody
-from teecloud.attestation.errors import VerificationError
 from teecloud.attestation.models import VerifiedEvidence
 from teecloud.attestation.policy import Policy
 from teecloud.chain.api import BootInfo
@@ -55,7 +55,7 @@ from teecloud.keys.appkeys import derive_app_keys, env_encrypt_pubkey, sign_env_
 from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem
 from teecloud.keys.errors import KeysError as _KeysError
 from teecloud.keys.kdf import derive_p256_key
-from teecloud.keys.ratls import OID_APP_ID, make_ratls_cert, parse_ratls_cert, verify_ratls_cert
+from teecloud.keys.ratls import OID_APP_ID, make_ratls_cert
 from teecloud.keys.sigchain import sign_k256_recoverable
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
@@ -63,11 +63,18 @@ from teecloud.kms.authz import (
     AuthChain,
     ChainAuthorizer,
     boot_info_to_json,
-    build_boot_info,
     require_boot_time,
 )
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.errors import AccessDenied, KmsUsageError
+from teecloud.peer import (
+    AttestedPeer,
+    CollateralSource,
+    PeerPolicy,
+    PeerRejected,
+    PeerVerifier,
+    StaticCollateral,
+)
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -206,58 +213,7 @@ class KmsConfig:
     app_key_cache_entries: int = 4096
 
 
-class CollateralSource(Protocol):
-    """Where the KMS gets DCAP collateral for a quote (QuoteCollateralV3 JSON)."""
-
-    def collateral_for(self, quote: bytes, *, now: int) -> bytes: ...
-
-
-class StaticCollateral:
-    """Collateral from a callable per FMSPC (the simulated platform's `collateral()`), cached until the
-    refresh interval passes; the verifier still checks every validity date against `now`."""
-
-    def __init__(self, fetch: Callable[[], bytes], *, refresh_s: int = 600) -> None:
-        self._fetch = fetch
-        self._refresh_s = refresh_s
-        self._cached: tuple[int, bytes] | None = None
-        self._lock = threading.Lock()
-
-    def collateral_for(self, quote: bytes, *, now: int) -> bytes:
-        with self._lock:
-            if self._cached is None or now - self._cached[0] >= self._refresh_s or now < self._cached[0]:
-                self._cached = (now, self._fetch())
-            return self._cached[1]
-
-
-class PccsCollateral:
-    """Collateral from a PCCS (teecloud.collateral.PccsClient), chosen by the quote's FMSPC and PCK CA."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def collateral_for(self, quote: bytes, *, now: int) -> bytes:
-        from teecloud.attestation.dcap import pck_ca, pck_fmspc
-
-        data = self._client.get_collateral(pck_fmspc(quote), ca=pck_ca(quote), tee="tdx", now=now)
-        return bytes(data)
-
-
 # ------------------------------------------------------------------------------------------------ logic
-
-
-@dataclass(frozen=True)
-class AttestedPeer:
-    """A caller whose RA-TLS certificate passed steps (1)-(5); handlers accept nothing else."""
-
-    evidence: VerifiedEvidence
-    boot_info: BootInfo
-    cert_sha256: str
-    usage: str
-    not_after: int
-
-
-def _cert_window(cert: x509.Certificate) -> tuple[int, int]:
-    return int(cert.not_valid_before_utc.timestamp()), int(cert.not_valid_after_utc.timestamp())
 
 
 def _norm_app_id(text: str) -> bytes:
@@ -310,10 +266,23 @@ class KmsService:
         if self.config.dev_mode and dev_root_der is None:
             raise KmsUsageError("dev mode needs the development root certificate (dev_root_der)")
         self.dev_root_der = dev_root_der if self.config.dev_mode else None
+        peer_policy = PeerPolicy(
+            dev_root_der=self.dev_root_der,
+            accepted_tcb_statuses=self.config.accepted_tcb_statuses,
+            max_cert_lifetime_s=self.config.max_client_cert_lifetime_s,
+            clock_skew_s=self.config.clock_skew_s,
+            base=self.policy,
+        )
+        self.peers = PeerVerifier(
+            peer_policy,
+            collateral,
+            clock=clock,
+            cache_s=self.config.evidence_cache_s,
+            cache_entries=self.config.evidence_cache_entries,
+        )
         self.authorizer = ChainAuthorizer(chain, block_number=block_number)
         self.os_image_reference = os_image_reference
         self.clock = clock
-        self._evidence_cache: OrderedDict[str, tuple[int, AttestedPeer]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._app_key_cache: OrderedDict[tuple[bytes, bytes, bytes, str], tuple[int, api.AppKeyResponse]] = (
             OrderedDict()
@@ -322,85 +291,20 @@ class KmsService:
     # --- (1)-(5)
 
     def attest(self, cert_der: bytes | None) -> AttestedPeer:
-        """Steps (1)-(5) of the module docstring. Raises AccessDenied with the failing step."""
-        # (1) is done by the TLS layer; a request without a certificate has nothing to verify.
-        if not cert_der:
-            raise AccessDenied("no client certificate: this endpoint needs mutual RA-TLS", step="tls")
-        now = int(self.clock())
-        digest = hashlib.sha256(cert_der).hexdigest()
-        with self._cache_lock:
-            hit = self._evidence_cache.get(digest)
-        if hit is not None and now <= hit[0] and now <= hit[1].not_after:
-            return hit[1]
+        """Steps (1)-(5) of the module docstring (the shared RA-TLS peer verifier, teecloud.peer), then the
+        OS-image registers every attested caller must match. Raises AccessDenied with the failing step."""
         try:
-            claims = parse_ratls_cert(cert_der)
-        except (VerificationError, _KeysError, ValueError) as exc:
-            raise AccessDenied(f"not an RA-TLS certificate: {exc}", step="parsed") from exc
-        # (2)
-        not_before, not_after = _cert_window(claims.certificate)
-        if now > not_after:
-            raise AccessDenied(f"client certificate expired at {not_after} (now {now})", step="cert_fresh")
-        if now + self.config.clock_skew_s < not_before:
-            raise AccessDenied(
-                f"client certificate is not valid before {not_before} (now {now})", step="cert_fresh"
-            )
-        if not_after - not_before > self.config.max_client_cert_lifetime_s:
-            raise AccessDenied(
-                f"client certificate is valid for {not_after - not_before} s; at most "
-                f"{self.config.max_client_cert_lifetime_s} s is accepted (a fresh certificate per request)",
-                step="cert_fresh",
-            )
-        # (3)
+            peer = self.peers.verify_cert(cert_der)
+        except PeerRejected as exc:
+            denied = AccessDenied(exc.reason, step=exc.step)
+            if exc.boot_info is not None:
+                denied.boot_info = boot_info_to_json(exc.boot_info)
+            raise denied from exc
         try:
-            collateral = self.collateral.collateral_for(claims.quote, now=now)
-        except (VerificationError, _KeysError, ValueError) as exc:
-            raise AccessDenied(f"no collateral for this quote: {exc}", step="collateral_ok") from exc
-        except Exception as exc:  # collateral service down: fail closed
-            raise AccessDenied(
-                f"cannot fetch collateral ({type(exc).__name__}: {exc})", step="collateral_ok"
-            ) from exc
-        try:
-            evidence = verify_ratls_cert(
-                claims.certificate,  # the parsed object: not decoded a second time
-                collateral=collateral,
-                now=max(now, not_before),
-                dev_root_der=self.dev_root_der,
-                policy=self.policy,
-            )
-        except (VerificationError, _KeysError) as exc:
-            step = getattr(exc, "step", "") or "quote_verified"
-            raise AccessDenied(str(getattr(exc, "reason", exc)), step=step) from exc
-        # (4)
-        if evidence.simulated and not self.config.dev_mode:
-            raise AccessDenied("simulated evidence is refused by a production KMS", step="quote_verified")
-        if evidence.debug:
-            raise AccessDenied(
-                "the TD runs in debug mode (its memory is readable by the host)", step="policy"
-            )
-        if evidence.tcb_status not in self.config.accepted_tcb_statuses:
-            raise AccessDenied(
-                f"TCB status {evidence.tcb_status} is below the floor "
-                f"({', '.join(self.config.accepted_tcb_statuses)})",
-                step="tcb_ok",
-            )
-        # (5)
-        boot_info = build_boot_info(evidence)
-        try:
-            self._check_os_image(boot_info, evidence)
+            self._check_os_image(peer.boot_info, peer.evidence)
         except AccessDenied as exc:
-            exc.boot_info = boot_info_to_json(boot_info)  # audited: which image was claimed, by whom
+            exc.boot_info = boot_info_to_json(peer.boot_info)  # audited: which image was claimed, by whom
             raise
-        if claims.app_id and claims.app_id != boot_info.app_id:
-            raise AccessDenied(
-                f"certificate app_id {claims.app_id.hex()} differs from the measured app-id "
-                f"{boot_info.app_id.hex()}",
-                step="boot_info",
-            )
-        peer = AttestedPeer(evidence, boot_info, digest, claims.usage, not_after)
-        with self._cache_lock:
-            self._evidence_cache[digest] = (now + self.config.evidence_cache_s, peer)
-            while len(self._evidence_cache) > self.config.evidence_cache_entries:
-                self._evidence_cache.popitem(last=False)
         return peer
 
     def _require_os_image_reference(self) -> None:
