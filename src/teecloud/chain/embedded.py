@@ -4,16 +4,31 @@ Persistence is an append-only journal (data_home()/chain/journal.jsonl) of every
 raw signed transactions and empty mined blocks, each with its block timestamp, plus the clock offset
 set by evm_increaseTime. Genesis parameters (timestamp) are fixed once in genesis.json. On start the journal
 is replayed into a fresh EVM: the EVM is deterministic, so every address, app, hash and balance comes
-back as it was (block hashes too: prevrandao is derived, not random). A torn last line (crash
-mid-append) is dropped.
+back as it was (block hashes too: prevrandao is derived, not random).
+
+The journal and the chain never diverge:
+  * a block is mined in memory from a snapshot, then its entry is written and fsynced; only then does the
+    caller get an answer. If the write fails (EMFILE, ENOSPC, EIO, a short write), the file is cut back to
+    its last good length and the chain reverted to the snapshot: the caller gets an error and the chain is
+    as if the transaction had never been sent (its nonce is free again).
+  * if even the cut fails, the journal is marked damaged and every later write is refused (reads go on),
+    so nothing is ever appended after a torn entry; a restart repairs it (below).
+  * a crash (kill -9) before the write loses the transaction, which nobody was told was mined; a crash
+    after it keeps it, as a chain keeps a transaction whose receipt was lost on the way.
+  * on start a torn last line (crash mid-append) is cut off, with a warning.
+  * a journal that cannot be replayed (damaged by hand or on disk, or written by a teecloud before this
+    rule) stops the start with a clear error; `teecloud chain repair` (EmbeddedChain(repair=True)) then
+    sets the entries that do not replay aside in journal.rejected.jsonl and keeps everything else.
 
 One process owns the chain at a time (flock on chain/lock); other processes use its JSON-RPC URL.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
@@ -24,11 +39,13 @@ from typing import Any
 from eth_abi.abi import encode
 from eth_utils.crypto import keccak
 
-from teecloud._fs import append_line, atomic_write_json, data_home
+from teecloud._fs import atomic_write, atomic_write_json, data_home
 
 from .errors import ChainStateError
 
 __all__ = ["DEV_KEYS", "EmbeddedChain", "RpcError"]
+
+log = logging.getLogger(__name__)
 
 # eth-tester's genesis accounts: private keys 1..10 (public, well known: development only).
 DEV_KEYS = tuple("0x" + i.to_bytes(32, "big").hex() for i in range(1, 11))
@@ -94,6 +111,61 @@ def _int(v: Any, default: int | None = None) -> int | None:
     return int(str(v), 16)
 
 
+class _Journal:
+    """journal.jsonl: one JSON entry per line, appended through one descriptor held open for the chain's
+    life (so running out of descriptors elsewhere in the process cannot fail an append), each append
+    fsynced, and cut back to the last good length when any part of it fails."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.size = os.fstat(self._fd).st_size
+        self.damaged: str | None = None
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Write one entry durably, or raise OSError with the journal as it was."""
+        if self.damaged is not None:
+            raise OSError(errno.EIO, f"the chain journal is damaged ({self.damaged}); restart the chain")
+        data = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        try:
+            view = memoryview(data)
+            while view:
+                n = self._write(view)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write to the chain journal")
+                view = view[n:]
+            self._fsync()
+        except OSError as exc:
+            self._cut_back(exc)
+            raise
+        self.size += len(data)
+
+    # the system calls, one method each, so that tests can fail exactly one of them
+    def _write(self, data: memoryview) -> int:
+        return os.write(self._fd, data)
+
+    def _fsync(self) -> None:
+        os.fsync(self._fd)
+
+    def _truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+        os.fsync(self._fd)
+
+    def _cut_back(self, cause: OSError) -> None:
+        try:
+            self._truncate(self.size)
+        except OSError as exc:
+            self.damaged = f"{cause.strerror or cause}, then cutting it back failed: {exc.strerror or exc}"
+            log.error(
+                "chain journal %s: %s; refusing further writes until a restart", self.path, self.damaged
+            )
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class _Backend:
     """eth-tester's PyEVMBackend with a deterministic prevrandao (mix_hash) so replays give equal blocks."""
 
@@ -147,7 +219,15 @@ class _Backend:
 class EmbeddedChain:
     """An in-process EVM with a JSON-RPC `request(method, params)` entry point. Thread-safe."""
 
-    def __init__(self, chain_dir: Path | None = None, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        chain_dir: Path | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        repair: bool = False,
+    ) -> None:
+        """Open (and lock) the chain in `chain_dir`, replaying its journal. With `repair`, journal entries
+        that do not replay are set aside in journal.rejected.jsonl instead of stopping the start."""
         from eth_tester import EthereumTester
 
         self.dir = Path(chain_dir) if chain_dir is not None else data_home() / "chain"
@@ -170,15 +250,26 @@ class EmbeddedChain:
             genesis = {"timestamp": int(self._clock()), "format": 1}
             atomic_write_json(genesis_path, genesis)
         self.journal = self.dir / "journal.jsonl"
+        self.rejected_path = self.dir / "journal.rejected.jsonl"
         self._offset = 0
         self._last_ts = int(genesis["timestamp"])
         self.tester = EthereumTester(_Backend.make(int(genesis["timestamp"])))
         self.backend = self.tester.backend
-        self.replayed = self._replay()
+        # what the start found: the torn tail it cut off, the entries `repair` set aside
+        self.torn_tail: bytes = b""
+        self.rejected: list[dict[str, Any]] = []
+        try:
+            self.replayed = self._replay(repair=repair)
+            self._journal = _Journal(self.journal)
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise
 
     def close(self) -> None:
         with self._lock:
             if self._lock_fd >= 0:
+                self._journal.close()
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = -1
 
@@ -190,42 +281,95 @@ class EmbeddedChain:
     def _next_timestamp(self) -> int:
         return max(int(self._clock()) + self._offset, self._last_ts + 1)
 
-    def _replay(self) -> int:
+    def _replay(self, *, repair: bool) -> int:
         if not self.journal.is_file():
             return 0
         lines = self.journal.read_bytes().split(b"\n")
+        # lines[-1] is what follows the last newline: empty, or an append that never completed
+        if lines and lines[-1].strip():
+            self.torn_tail = lines.pop()
+            log.warning(
+                "chain journal %s: cut off a torn last entry (%d bytes, from a crash mid-append)",
+                self.journal,
+                len(self.torn_tail),
+            )
+        kept: list[bytes] = []
         n = 0
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
+                if not isinstance(entry, dict):
+                    raise ValueError("not a JSON object")
             except ValueError:
-                if i >= len(lines) - 2:  # a torn final append: the caller never got an answer for it
-                    self._truncate_to(lines[:i])
-                    break
-                raise ChainStateError(f"{self.journal}: line {i + 1} is corrupt") from None
+                self._unreplayable(i, line, "is corrupt (not a journal entry)", repair)
+                continue
             try:
-                if "tx" in entry:
-                    self._set_next_timestamp(entry["ts"])
-                    self.tester.send_raw_transaction(entry["tx"])
-                    self._last_ts = entry["ts"]
-                elif "mine" in entry:
-                    self._set_next_timestamp(entry["mine"])
-                    self.tester.mine_blocks(1)
-                    self._last_ts = entry["mine"]
-                elif "offset" in entry:
-                    self._offset = int(entry["offset"])
+                self._apply(entry)
             except Exception as exc:
-                raise ChainStateError(f"{self.journal}: replay failed at line {i + 1}: {exc}") from exc
+                self._unreplayable(i, line, f"does not replay ({exc})", repair)
+                continue
+            kept.append(line)
             n += 1
+        if self.torn_tail or self.rejected:
+            if self.rejected:
+                with self.rejected_path.open("ab") as f:
+                    for r in self.rejected:
+                        f.write(json.dumps(r).encode() + b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            atomic_write(self.journal, b"".join(ln + b"\n" for ln in kept))
         return n
 
-    def _truncate_to(self, lines: list[bytes]) -> None:
-        data = b"".join(ln + b"\n" for ln in lines if ln.strip())
-        from teecloud._fs import atomic_write
+    def _unreplayable(self, i: int, line: bytes, why: str, repair: bool) -> None:
+        if not repair:
+            raise ChainStateError(
+                f"{self.journal}: line {i + 1} {why}; `teecloud chain repair` sets the entries that do not "
+                "replay aside (in journal.rejected.jsonl) and keeps the rest"
+            )
+        self.rejected.append({"line": i + 1, "reason": why, "entry": line.decode("utf-8", "replace")})
+        log.warning("chain journal %s: line %d set aside: %s", self.journal, i + 1, why)
 
-        atomic_write(self.journal, data)
+    def _apply(self, entry: dict[str, Any]) -> None:
+        if "tx" in entry:
+            snap = self.tester.take_snapshot()
+            try:
+                self._set_next_timestamp(int(entry["ts"]))
+                self.tester.send_raw_transaction(entry["tx"])
+            except Exception:
+                self.tester.revert_to_snapshot(snap)
+                raise
+            finally:
+                self.tester._snapshots.pop(snap, None)
+            self._last_ts = int(entry["ts"])
+        elif "mine" in entry:
+            self._set_next_timestamp(int(entry["mine"]))
+            self.tester.mine_blocks(1)
+            self._last_ts = int(entry["mine"])
+        elif "offset" in entry:
+            self._offset = int(entry["offset"])
+        else:
+            raise ValueError("unknown journal entry")
+
+    def _mine_journaled(self, mine: Callable[[], Any], entry: dict[str, Any]) -> Any:
+        """Mine with `mine()` from a snapshot, then journal `entry`; on a journal failure, revert the chain
+        to the snapshot, so what callers saw and what a restart replays are the same chain."""
+        snap = self.tester.take_snapshot()
+        try:
+            result = mine()
+            try:
+                self._journal.append(entry)
+            except OSError as exc:
+                self.tester.revert_to_snapshot(snap)
+                raise RpcError(
+                    -32000,
+                    f"the chain could not record the block ({exc.strerror or exc}): nothing was mined, "
+                    "send again",
+                ) from None
+        finally:
+            self.tester._snapshots.pop(snap, None)
+        return result
 
     # --- JSON-RPC ----------------------------------------------------------------------------------------
 
@@ -362,15 +506,19 @@ class EmbeddedChain:
 
         ts = self._next_timestamp()
         self._set_next_timestamp(ts)
+        raw = raw if raw.startswith("0x") else "0x" + raw
         try:
-            tx_hash = self.tester.send_raw_transaction(raw)
+            # the caller gets the hash only once the block's journal entry is on disk
+            tx_hash = self._mine_journaled(
+                lambda: self.tester.send_raw_transaction(raw), {"tx": raw, "ts": ts}
+            )
+        except RpcError:
+            raise
         except ValidationError as exc:
             raise self._validation(exc) from None
         except Exception as exc:
             raise RpcError(-32000, f"transaction rejected: {exc}") from None
         self._last_ts = ts
-        # journaled only once it is in a block; the caller gets the hash after the journal is on disk
-        append_line(self.journal, json.dumps({"tx": raw if raw.startswith("0x") else "0x" + raw, "ts": ts}))
         return str(tx_hash)
 
     def _rpc_evm_increaseTime(self, seconds: Any) -> str:
@@ -378,16 +526,21 @@ class EmbeddedChain:
         if n is None or n < 0:
             raise RpcError(-32602, "seconds must be a non-negative integer")
         # relative to the chain's clock, which runs ahead of the wall clock when blocks come faster than 1/s
-        self._offset = max(self._offset, self._last_ts - int(self._clock())) + n
-        append_line(self.journal, json.dumps({"offset": self._offset}))
+        offset = max(self._offset, self._last_ts - int(self._clock())) + n
+        try:  # write-ahead: the clock moves only once the move is on disk
+            self._journal.append({"offset": offset})
+        except OSError as exc:
+            raise RpcError(
+                -32000, f"the chain could not record the time change ({exc.strerror or exc})"
+            ) from None
+        self._offset = offset
         return _hex(self._offset)
 
     def _rpc_evm_mine(self, *_: Any) -> str:
         ts = self._next_timestamp()
         self._set_next_timestamp(ts)
-        self.tester.mine_blocks(1)
+        self._mine_journaled(lambda: self.tester.mine_blocks(1), {"mine": ts})
         self._last_ts = ts
-        append_line(self.journal, json.dumps({"mine": ts}))
         return "0x0"
 
     def _rpc_eth_getTransactionReceipt(self, tx_hash: str) -> Any:

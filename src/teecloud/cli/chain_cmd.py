@@ -234,6 +234,35 @@ def chain_up(
         chain.close()
 
 
+@chain_app.command("repair")
+@friendly
+def chain_repair() -> None:
+    """Start the embedded chain even if its journal does not replay: entries that do not replay are set
+    aside in journal.rejected.jsonl (kept, with the reason) and everything else is kept."""
+    from teecloud._fs import data_home
+    from teecloud.chain import EmbeddedChain
+
+    chain = EmbeddedChain(
+        data_home() / "chain", repair=True
+    )  # takes the chain's file lock (or fails clearly)
+    try:
+        if chain.torn_tail:
+            out.print(f"cut off a torn last entry ({len(chain.torn_tail)} bytes)")
+        for r in chain.rejected:
+            out.print(f"set aside line {r['line']}: {r['reason']}", highlight=False)
+        if chain.rejected:
+            err.print(
+                f"[yellow]warning:[/yellow] {len(chain.rejected)} journal entries set aside in "
+                f"{chain.rejected_path}: what they did on chain is undone (check apps, hashes, owners)",
+                highlight=False,
+            )
+        out.print(
+            f"journal replays: {chain.replayed} entries, block {int(chain.request('eth_blockNumber'), 16)}"
+        )
+    finally:
+        chain.close()
+
+
 @chain_app.command("deploy")
 @friendly
 def chain_deploy(ctx: typer.Context) -> None:
