@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from teecloud.chain import DEV_KEYS, ChainClient
+from teecloud.chain import DEV_KEYS, ChainClient, ChainError
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 120.0  # first start compiles the contracts (2 cores, noisy)
@@ -155,6 +155,12 @@ def test_chain_up_serves_stops_and_keeps_state(teecloud_home: Path) -> None:
             aside.rename(rpc_json)
         with ChainClient.rpc(url, DEV_KEYS[0], home=teecloud_home) as c:
             assert c.block_number() == block
+            # time travel is off unless asked for: a local process cannot skip a delay through the RPC
+            now = c.timestamp()
+            for method in ("evm_increaseTime", "evm_mine"):
+                with pytest.raises(ChainError, match=f"{method} is disabled.*--dev-time-travel"):
+                    c.rpc_call(method, 86400) if method == "evm_increaseTime" else c.rpc_call(method)
+            assert c.block_number() == block and c.timestamp() < now + 86400
 
         rc = first.stop(signal.SIGINT)
         assert rc in (0, 130), first.err
@@ -162,12 +168,17 @@ def test_chain_up_serves_stops_and_keeps_state(teecloud_home: Path) -> None:
         assert not rpc_json.exists()
 
         # a new process replays the journal: the app and both hashes are still there
-        again = ChainUp(teecloud_home)
+        again = ChainUp(teecloud_home, "--dev-time-travel")
         procs.append(again)
         url2 = again.url()
         assert re.search(r"[1-9]\d* journal entries replayed", "".join(again.stdout))
+        assert "time travel is on" in again.err
         with ChainClient.rpc(url2, DEV_KEYS[0], home=teecloud_home) as c:
             assert c.kms_auth == kms and c.block_number() == block
+            t = c.timestamp()
+            c.increase_time(86400)  # asked for explicitly: served
+            assert c.timestamp() >= t + 86400
+            block += 1
             state = c.app_state(app_id)
             assert state.registered and state.owner == OWNER
             assert set(state.allowed_compose_hashes) == {"0x" + "01" * 32, "0x" + "02" * 32}

@@ -507,3 +507,29 @@ def test_marketplace_cli_on_anvil(tmp_path: Path, anvil: Anvil) -> None:
         c.increase_time(86400)
     assert "escrow refunded: 900000 wei" in on("escrow", user, "withdraw", dep)
     assert "pending unstake: none" in on("node", stranger, "show", nid)
+
+
+def test_no_dev_key_default_on_another_rpc(
+    tmp_path: Path, anvil: Anvil, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against any RPC but the embedded chain, the CLI never signs with the public dev key: it asks."""
+    monkeypatch.delenv("TEECLOUD_CHAIN_KEY", raising=False)
+    compose = tmp_path / "app-compose.json"
+    compose.write_text(json.dumps({"name": "x", "runner": "docker-compose", "docker_compose_file": "x"}))
+    dev0 = Account.from_key(DEV_KEYS[0]).address
+    with ChainClient.rpc(anvil.url) as c:
+        before = c.rpc_call("eth_getTransactionCount", dev0, "latest")
+
+    def refused(*args: str) -> None:
+        out = run(args[0], "--rpc-url", anvil.url, *args[1:], ok=False)
+        assert "no signer key" in out and "--key-file" in out and "TEECLOUD_CHAIN_KEY" in out, out
+
+    refused("chain", "deploy")
+    assert "not deployed" in run("chain", "--rpc-url", anvil.url, "status")  # reads need no key
+    # with a key given through the environment, the same command signs with it
+    monkeypatch.setenv("TEECLOUD_CHAIN_KEY", anvil_keys(6)[5])
+    assert "KmsAuth: 0x" in run("chain", "--rpc-url", anvil.url, "deploy")
+    monkeypatch.delenv("TEECLOUD_CHAIN_KEY")
+    refused("app", "register", str(compose))
+    with ChainClient.rpc(anvil.url) as c:
+        assert c.rpc_call("eth_getTransactionCount", dev0, "latest") == before  # the dev key signed nothing

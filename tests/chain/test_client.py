@@ -292,3 +292,41 @@ def test_registered_compose_hash_is_the_one_boot_measures(doc: dict) -> None:  #
     from teecloud.agent.boot import compose_hash as measured
 
     assert compose_hash(doc).hex() == get_compose_hash(doc) == measured(doc).hex()
+
+
+def test_rpc_time_travel_only_when_enabled(teecloud_home: Path) -> None:
+    """The attacker's steps: a local process reaches the chain's RPC port and moves the clock past a
+    timelock's delay to run a queued change early. Refused unless the server was built with time travel."""
+    import httpx
+
+    chain = EmbeddedChain(teecloud_home / "chain")
+    server = ChainRpcServer(chain, "127.0.0.1", free_port()).start()
+    try:
+        with ChainClient.rpc(server.url, DEV_KEYS[0], home=teecloud_home) as c:
+            c.deploy()
+            tl = c.deploy_timelock(c.address, 3600)
+            app = c.register_app(tl, rand32())
+            cid = c.propose_app_change(app, "add_compose_hash", rand32())["id"]
+            head = c.block_number()
+            batch = [
+                {"jsonrpc": "2.0", "id": 1, "method": "evm_increaseTime", "params": [7200]},
+                {"jsonrpc": "2.0", "id": 2, "method": "evm_mine", "params": []},
+            ]
+            answers = httpx.post(server.url, json=batch).json()
+            assert [a["error"]["code"] for a in answers] == [-32601, -32601]
+            assert all("--dev-time-travel" in a["error"]["message"] for a in answers)
+            with pytest.raises(ChainError, match="evm_increaseTime is disabled"):
+                c.increase_time(7200)
+            assert c.block_number() == head
+            with pytest.raises(ChainError, match="too early"):
+                c.timelock_execute(tl, cid)
+    finally:
+        server.stop()
+    server = ChainRpcServer(chain, "127.0.0.1", free_port(), time_travel=True).start()
+    try:
+        with ChainClient.rpc(server.url, DEV_KEYS[0], home=teecloud_home) as c:
+            c.increase_time(3601)
+            c.timelock_execute(tl, cid)
+    finally:
+        server.stop()
+        chain.close()

@@ -63,7 +63,7 @@ def test_failed_journal_write_rolls_the_block_back(
     name = "_write" if failing == "short" else failing
     with monkeypatch.context() as m:
         m.setattr(embedded_mod._Journal, name, short if failing == "short" else fail)
-        with pytest.raises(ChainError, match="could not record the block.*nothing was mined"):
+        with pytest.raises(ChainError, match=r"could not record the block.*nothing was mined"):
             c.register_app(None, rand32())
         with pytest.raises(ChainError, match="could not record"):
             c.rpc_call("evm_mine")
@@ -119,7 +119,7 @@ def test_damaged_journal_refuses_writes_and_restart_repairs(
         with pytest.raises(ChainError, match="could not record"):
             c.register_app(None, rand32())
     # the torn bytes stay in the file: nothing may be appended after them, reads still work
-    with pytest.raises(ChainError, match="journal is damaged.*restart"):
+    with pytest.raises(ChainError, match=r"journal is damaged.*restart"):
         c.register_app(None, rand32())
     assert _state(c) == before
     c.close()

@@ -52,7 +52,7 @@ def cloud(hello_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     if missing:
         _fail_or_skip("; ".join(missing))
     home = tmp_path_factory.mktemp("e2e-home")
-    c = LocalCloud(home)
+    c = LocalCloud(home, dev_time_travel=True)  # test_hello skips a timelock delay
     c.start()
     yield c
     try:

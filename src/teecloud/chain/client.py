@@ -252,6 +252,7 @@ class ChainClient:
         timeout: float = REQUEST_TIMEOUT,
         home: Path | None = None,
     ) -> ChainClient:
+        """Any JSON-RPC endpoint. There is no default signer: without `signer_key`, only reads work."""
         return cls(HttpTransport(url, timeout=timeout), signer_key, chain_id=chain_id, home=home, label=url)
 
     def with_signer(self, signer_key: str) -> ChainClient:
@@ -294,7 +295,8 @@ class ChainClient:
         return _int(self.rpc_call("eth_getBlockByNumber", "latest", False)["timestamp"])
 
     def increase_time(self, seconds: int) -> None:
-        """Development chains only (embedded, anvil): move the clock forward and mine a block."""
+        """Development chains only: anvil, the embedded chain in this process, or its RPC when served with
+        time travel on (`--dev-time-travel`). Moves the clock forward and mines a block."""
         self.rpc_call("evm_increaseTime", int(seconds))
         self.rpc_call("evm_mine")
 
@@ -312,7 +314,10 @@ class ChainClient:
 
     def _require_signer(self) -> Any:
         if self._account is None:
-            raise ChainError(f"no signer key: pass --key-file or set ${KEY_ENV}")
+            raise ChainError(
+                f"no signer key for {self.label or 'this chain'}: pass --key-file FILE or set ${KEY_ENV} "
+                "(the public development keys sign only on the embedded chain)"
+            )
         return self._account
 
     def send(self, to: str | None, data: bytes, *, value: int = 0, gas: int | None = None) -> dict[str, Any]:

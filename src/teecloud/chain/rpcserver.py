@@ -1,7 +1,11 @@
 """Serve an EmbeddedChain over standard Ethereum JSON-RPC (HTTP POST, single or batch) on 127.0.0.1.
 
 The listening URL is recorded in <chain dir>/rpc.json while the server runs, so other local processes
-(ChainClient.embedded, the CLI) find it. Request bodies are capped (MAX_BODY)."""
+(ChainClient.embedded, the CLI) find it. Request bodies are capped (MAX_BODY).
+
+Time travel (evm_increaseTime, evm_mine) is refused unless the server was built with time_travel=True
+(`teecloud chain up --dev-time-travel`, `teecloud up --dev-time-travel`): over an open local port it would let
+any process on the machine skip a timelock's delay or a registry's unstake and close delays."""
 
 from __future__ import annotations
 
@@ -17,18 +21,25 @@ from teecloud._fs import atomic_write_json
 
 from .embedded import EmbeddedChain, RpcError
 
-__all__ = ["MAX_BODY", "ChainRpcServer"]
+__all__ = ["MAX_BODY", "TIME_TRAVEL_METHODS", "ChainRpcServer"]
 
 MAX_BODY = 8 * 1024 * 1024
+TIME_TRAVEL_METHODS = frozenset({"evm_increaseTime", "evm_mine"})
 
 
-def _answer(chain: EmbeddedChain, req: Any) -> dict[str, Any]:
+def _answer(chain: EmbeddedChain, req: Any, *, time_travel: bool = False) -> dict[str, Any]:
     rid = req.get("id") if isinstance(req, dict) else None
     if not isinstance(req, dict) or not isinstance(req.get("method"), str):
         return {"jsonrpc": "2.0", "id": rid, "error": {"code": -32600, "message": "invalid request"}}
     params = req.get("params") or []
     if not isinstance(params, list):
         return {"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "params must be a list"}}
+    if req["method"] in TIME_TRAVEL_METHODS and not time_travel:
+        message = (
+            f"{req['method']} is disabled: time travel is for development chains only "
+            "(start the chain with --dev-time-travel)"
+        )
+        return {"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": message}}
     try:
         return {"jsonrpc": "2.0", "id": rid, "result": chain.request(req["method"], params)}
     except RpcError as exc:
@@ -38,8 +49,11 @@ def _answer(chain: EmbeddedChain, req: Any) -> dict[str, Any]:
 
 
 class ChainRpcServer:
-    def __init__(self, chain: EmbeddedChain, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, chain: EmbeddedChain, host: str = "127.0.0.1", port: int = 0, *, time_travel: bool = False
+    ) -> None:
         self.chain = chain
+        self.time_travel = time_travel
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -92,9 +106,9 @@ class ChainRpcServer:
                     }
                 else:
                     if isinstance(req, list):
-                        out = [_answer(chain, r) for r in req[:1000]]
+                        out = [_answer(chain, r, time_travel=server.time_travel) for r in req[:1000]]
                     else:
-                        out = _answer(chain, req)
+                        out = _answer(chain, req, time_travel=server.time_travel)
                 self._send(200, json.dumps(out).encode())
 
             def do_GET(self) -> None:

@@ -117,15 +117,22 @@ def _insufficient(exc: Exception, args: list[Any]) -> str:
 
 
 def _client(ctx: typer.Context) -> Any:
+    """The chain the command talks to. The public dev key is the default signer on the embedded chain of
+    data_home() only (in-process or its recorded RPC URL); any other --rpc-url needs --key-file or
+    $TEECLOUD_CHAIN_KEY for a command that sends a transaction."""
+    from teecloud._fs import data_home
     from teecloud.chain import ChainClient, load_signer_key
+    from teecloud.chain.client import running_rpc_url
 
     obj = ctx.find_root().obj or {}
     for c in (ctx, ctx.parent):
         if c is not None and isinstance(c.obj, dict):
             obj = c.obj
     key = load_signer_key(obj.get("key_file"))
-    if obj.get("rpc_url"):
-        client = ChainClient.rpc(obj["rpc_url"], key)
+    url = obj.get("rpc_url")
+    embedded_url = running_rpc_url(data_home())
+    if url and (embedded_url is None or url.rstrip("/") != embedded_url.rstrip("/")):
+        client = ChainClient.rpc(url, key)
     else:
         client = ChainClient.embedded(None, key)
     if isinstance(ctx.obj, dict):
@@ -189,6 +196,11 @@ def chain_up(
         "127.0.0.1", "--host", help="address to bind (keep 127.0.0.1 unless you mean it)"
     ),
     deploy: bool = typer.Option(True, "--deploy/--no-deploy", help="deploy KmsAuth + factories if missing"),
+    dev_time_travel: bool = typer.Option(
+        False,
+        "--dev-time-travel",
+        help="serve evm_increaseTime/evm_mine (development only: any local process can then skip delays)",
+    ),
 ) -> None:
     """Run the embedded chain (py-evm) and serve it over JSON-RPC until interrupted."""
     from teecloud._fs import data_home
@@ -203,12 +215,16 @@ def chain_up(
         )
     chain = EmbeddedChain(data_home() / "chain")  # takes the chain's file lock (or fails clearly)
     try:
-        server = ChainRpcServer(chain, host, port)
+        server = ChainRpcServer(chain, host, port, time_travel=dev_time_travel)
     except OSError as exc:
         chain.close()
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/yellow] the chain's JSON-RPC is reachable beyond this machine ({host})")
+    if dev_time_travel:
+        err.print(
+            "[yellow]warning:[/yellow] time travel is on: any process that reaches the RPC can skip delays"
+        )
     deployment: dict[str, Any] = {}
     if deploy:
         client = ChainClient(LocalTransport(chain), DEV_KEYS[0], label="embedded")

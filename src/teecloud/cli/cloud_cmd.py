@@ -123,6 +123,14 @@ def up(
     chain_port: Annotated[int, typer.Option("--chain-port", help="JSON-RPC port of the embedded chain.")] = 0,
     kms_port: Annotated[int, typer.Option("--kms-port", help="KMS (RA-TLS) port.")] = 0,
     node_port: Annotated[int, typer.Option("--node-port", help="Node API port.")] = 0,
+    dev_time_travel: Annotated[
+        bool,
+        typer.Option(
+            "--dev-time-travel",
+            help="Let the chain's RPC serve evm_increaseTime/evm_mine (development only: any local process "
+            "can then skip a timelock's delay).",
+        ),
+    ] = False,
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""
@@ -134,7 +142,9 @@ def up(
             f"a local cloud is already running for this data directory (pid {running.pid}, "
             f"node {running.node})"
         )
-    cloud = LocalCloud(chain_port=chain_port, kms_port=kms_port, node_port=node_port)
+    cloud = LocalCloud(
+        chain_port=chain_port, kms_port=kms_port, node_port=node_port, dev_time_travel=dev_time_travel
+    )
     with _errors():
         ep = cloud.start()
     resumed = len(cloud.node.store.all()) if cloud.node else 0

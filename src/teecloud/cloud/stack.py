@@ -85,10 +85,17 @@ def check_prerequisites() -> list[str]:
 
 class LocalCloud:
     def __init__(
-        self, home: Path | None = None, *, chain_port: int = 0, kms_port: int = 0, node_port: int = 0
+        self,
+        home: Path | None = None,
+        *,
+        chain_port: int = 0,
+        kms_port: int = 0,
+        node_port: int = 0,
+        dev_time_travel: bool = False,
     ):
         self.home = Path(home) if home is not None else data_home()
         self.ports = (chain_port, kms_port, node_port)
+        self.dev_time_travel = dev_time_travel  # serve evm_increaseTime/evm_mine on the chain's RPC
         self._stack = contextlib.ExitStack()
         self.endpoints: CloudEndpoints | None = None
         self.node: Any = None
@@ -125,7 +132,7 @@ class LocalCloud:
 
         embedded = EmbeddedChain(self.home / "chain")
         self._stack.callback(embedded.close)
-        rpc = ChainRpcServer(embedded, port=self.ports[0]).start()
+        rpc = ChainRpcServer(embedded, port=self.ports[0], time_travel=self.dev_time_travel).start()
         self._stack.callback(rpc.stop)
         chain = ChainClient(
             HttpTransport(rpc.url), DEV_KEYS[0], home=self.home, label=f"embedded via {rpc.url}"
