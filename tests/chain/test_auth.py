@@ -126,6 +126,7 @@ def test_registered_with_upgrades_disabled(chain: ChainClient) -> None:
         ("set_require_tcb_up_to_date", (True,)),
         ("disable_upgrades", ()),
         ("transfer_ownership", ("0x" + "22" * 20,)),
+        ("retire_instance", ("0x" + "00" * 19 + "01",)),
     ],
 )
 def test_app_owner_only(
@@ -237,8 +238,46 @@ def test_every_change_emits_an_event(chain: ChainClient, app: tuple[str, bytes])
     chain.transact("AppAuth", app_id, "set_allow_any_device", False)
     chain.transact("AppAuth", app_id, "add_device", rand32())
     chain.transact("AppAuth", app_id, "disable_upgrades")
+    chain.retire_instance(app_id, INSTANCE)
     names = [e["event"] for e in chain.events("AppAuth", app_id)[before:]]
-    assert names == ["ComposeHashAdded", "AllowAnyDeviceSet", "DeviceAdded", "UpgradesDisabled"]
+    assert names == [
+        "ComposeHashAdded",
+        "AllowAnyDeviceSet",
+        "DeviceAdded",
+        "UpgradesDisabled",
+        "InstanceRetired",
+    ]
+
+
+INSTANCE = "0x" + "1e" * 20
+
+
+def test_retired_instance_is_refused_for_good(chain: ChainClient, app: tuple[str, bytes]) -> None:
+    app_id, h = app
+    mine = boot_info(app_id, h, instance_id=bytes.fromhex(INSTANCE[2:]))
+    sibling = boot_info(app_id, h, instance_id=b"\x2f" * 20)
+    assert chain.is_app_allowed(mine) == (True, "") and not chain.is_instance_retired(app_id, INSTANCE)
+    r = chain.retire_instance(app_id, INSTANCE)
+    e = chain.event_of(r, "AppAuth", "InstanceRetired")
+    assert e["instance_id"].lower() == INSTANCE and e["by"] == chain.address
+    assert chain.is_instance_retired(app_id, INSTANCE)
+    # through KmsAuth (what the KMS asks) and through the app's own AppAuth
+    assert chain.is_app_allowed(mine) == (False, "instance retired")
+    assert chain.call("AppAuth", app_id, "is_app_allowed", mine.to_abi()) == (False, "instance retired")
+    assert chain.is_app_allowed(sibling) == (True, "")  # other instances of the app are untouched
+    # nothing brings it back: not a new compose hash, not disabling upgrades, not retiring it again
+    new = rand32()
+    chain.add_compose_hash(app_id, new)
+    assert chain.is_app_allowed(dataclasses.replace(mine, compose_hash=new)) == (False, "instance retired")
+    with pytest.raises(ContractReverted, match="instance already retired"):
+        chain.retire_instance(app_id, INSTANCE)
+    chain.transact("AppAuth", app_id, "disable_upgrades")
+    chain.retire_instance(app_id, "0x" + "2f" * 20)  # still possible once upgrades are frozen
+    assert chain.is_app_allowed(sibling) == (False, "instance retired")
+    with pytest.raises(ContractReverted, match="no instance id"):
+        chain.retire_instance(app_id, "0x" + "00" * 20)
+    state = chain.app_state(app_id)
+    assert [i.lower() for i in state.retired_instances] == [INSTANCE, "0x" + "2f" * 20]
 
 
 def test_boot_info_validation() -> None:

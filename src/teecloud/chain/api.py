@@ -96,3 +96,4 @@ class AppState:
     upgrades_disabled: bool
     pending: list[PendingUpgrade]
     history: list[dict[str, Any]]
+    retired_instances: list[str] = field(default_factory=list)  # instance ids the KMS refuses for good

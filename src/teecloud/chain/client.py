@@ -614,6 +614,14 @@ class ChainClient:
     def is_compose_hash_allowed(self, app_id: str | bytes, compose_hash: bytes | str) -> bool:
         return bool(self.call("AppAuth", app_id, "allowed_compose_hashes", _b32(compose_hash)))
 
+    def retire_instance(self, app_id: str | bytes, instance_id: str | bytes) -> dict[str, Any]:
+        """AppAuth owner: retire an instance for good; is_app_allowed (and so the KMS) refuses it from the
+        next block on. Under a multisig or timelock owner, use propose_app_change("retire_instance", ...)."""
+        return self.transact("AppAuth", app_id, "retire_instance", _addr(instance_id))
+
+    def is_instance_retired(self, app_id: str | bytes, instance_id: str | bytes) -> bool:
+        return bool(self.call("AppAuth", app_id, "retired_instances", _addr(instance_id)))
+
     def app_owner(self, app_id: str | bytes) -> str:
         return str(self.call("AppAuth", app_id, "owner"))
 
@@ -745,6 +753,7 @@ class ChainClient:
         history: list[dict[str, Any]] = []
         hashes: dict[str, None] = {}
         devices: dict[str, None] = {}
+        retired: list[str] = []
         for e in self.events("AppAuth", app):
             history.append({"source": "app", **e})
             a = e["args"]
@@ -752,6 +761,8 @@ class ChainClient:
                 hashes["0x" + bytes(a["compose_hash"]).hex()] = None
             elif e["event"] == "DeviceAdded":
                 devices["0x" + bytes(a["device_id"]).hex()] = None
+            elif e["event"] == "InstanceRetired":
+                retired.append(str(a["instance_id"]))
         allowed = [h for h in hashes if self.is_compose_hash_allowed(app, h)]
         allowed_devs = [d for d in devices if self.call("AppAuth", app, "allowed_device_ids", _b32(d))]
         governance: dict[str, Any] = {"address": owner, "kind": kind}
@@ -838,6 +849,7 @@ class ChainClient:
             allow_any_device=bool(self.call("AppAuth", app, "allow_any_device")),
             require_tcb_up_to_date=bool(self.call("AppAuth", app, "require_tcb_up_to_date")),
             upgrades_disabled=bool(self.call("AppAuth", app, "upgrades_disabled")),
+            retired_instances=retired,
             pending=pending,
             history=history,
         )

@@ -410,18 +410,44 @@ def upgrade_propose(
     with _client(ctx) as c:
         res = c.propose_app_change(app_id, "remove_compose_hash" if remove else "add_compose_hash", h)
         out.print(f"compose hash: 0x{h.hex()}", highlight=False)
+        _print_proposal(res)
+
+
+def _print_proposal(res: dict[str, Any]) -> None:
+    if res["kind"] == "direct":
+        out.print("applied directly (the app is owned by this signer)")
+    elif res["kind"] == "timelock":
+        out.print(
+            f"queued in timelock {res['governance']}: call id {res['id']}, executable from unix time "
+            f"{res['eta']}",
+            highlight=False,
+        )
+    else:
+        out.print(f"proposal {res['id']} in multisig {res['governance']} ({res['kind']})", highlight=False)
+
+
+@app_app.command("retire-instance")
+@friendly
+def app_retire_instance(ctx: typer.Context, app_id: str, instance_id: str) -> None:
+    """Retire an instance for good (what `teecloud rm` does on chain): the KMS never releases its keys
+    again. Directly when the signer owns the app, else as a multisig proposal or a timelocked call."""
+    from eth_utils.address import is_address, to_checksum_address
+
+    if not is_address(instance_id):
+        raise ValueError("INSTANCE_ID must be 20 bytes of hex (40 hex digits)")
+    instance_id = to_checksum_address(instance_id)
+    with _client(ctx) as c:
+        if c.is_instance_retired(app_id, instance_id):
+            out.print(f"instance {instance_id} is already retired", highlight=False)
+            return
+        res = c.propose_app_change(app_id, "retire_instance", instance_id)
+        _print_proposal(res)
         if res["kind"] == "direct":
-            out.print("applied directly (the app is owned by this signer)")
-        elif res["kind"] == "timelock":
             out.print(
-                f"queued in timelock {res['governance']}: call id {res['id']}, executable from unix time "
-                f"{res['eta']}",
-                highlight=False,
+                f"instance retired: {instance_id}; the KMS refuses its keys from now on", highlight=False
             )
         else:
-            out.print(
-                f"proposal {res['id']} in multisig {res['governance']} ({res['kind']})", highlight=False
-            )
+            out.print("the instance keeps getting its keys until this change is executed on chain")
 
 
 def _governance_for(c: Any, app_id: str, ident: str) -> tuple[str, str]:
@@ -511,6 +537,10 @@ def app_show(ctx: typer.Context, app_id: str, as_json: bool = typer.Option(False
             out.print(f"  {h}", highlight=False)
         for d in st.allowed_device_ids:
             out.print(f"  device {d}", highlight=False)
+        if st.retired_instances:
+            out.print("retired instances (the KMS refuses their keys):")
+            for i in st.retired_instances:
+                out.print(f"  {i}", highlight=False)
         # plain lines, not a table: ids must stay whole so they can be copied into `upgrade approve|execute`
         out.print("pending upgrades:" if st.pending else "pending upgrades: none")
         for p in st.pending:

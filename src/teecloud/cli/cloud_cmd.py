@@ -349,14 +349,32 @@ def rm(
     app: Annotated[str, typer.Argument(help="CVM name or instance id.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
-    """Remove a CVM: containers, keys and its encrypted data are gone for good."""
+    """Remove a CVM for good: the instance is retired on chain (no KMS releases its keys again), then its
+    containers, keys and encrypted data are deleted."""
+    from teecloud.cloud.deploy import retire_instance
+
     with _errors():
         session = _session()
         st = session.node.get(app)
         if not yes and not typer.confirm(f"remove {st.name} ({st.instance_id[:12]}) and destroy its data?"):
             raise typer.Exit(1)
+        # (1) on chain first: once retired, neither a restart nor a stolen quote gets the keys back
+        retirement = retire_instance(session, "0x" + st.app_id.removeprefix("0x"), st.instance_id)
         result = session.node.remove(st.instance_id)
-    out.print(f"removed {st.name} ({st.instance_id}); its keys are forgotten and its data is unrecoverable")
+    if retirement.retired:
+        out.print(
+            f"removed {st.name} ({st.instance_id}); instance {retirement.detail}: no KMS releases its keys "
+            "again, so its data, and any copy of its ciphertext, can no longer be decrypted",
+            highlight=False,
+        )
+    else:
+        out.print(f"removed {st.name} ({st.instance_id}) from the node", highlight=False)
+        err.print(
+            f"[yellow]warning:[/] the instance is NOT retired on chain: {retirement.detail}. Until it is, "
+            "the KMS still releases its keys to a CVM that boots with its measurements, so a copy of its "
+            "encrypted data taken before removal can still be opened.",
+            highlight=False,
+        )
     for left in getattr(result, "leftovers", None) or []:
         out.print(f"[yellow]left behind:[/] {left}", highlight=False)
 

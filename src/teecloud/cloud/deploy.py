@@ -25,10 +25,12 @@ from teecloud.node.errors import ComposeRejected, NodeError
 __all__ = [
     "DeployError",
     "DeployResult",
+    "Retirement",
     "Session",
     "build_app_compose",
     "deploy",
     "parse_env_file",
+    "retire_instance",
     "upgrade",
 ]
 
@@ -180,6 +182,39 @@ def _node_check(session: Session, name: str | None, app_compose: bytes) -> None:
         session.node.check(CheckCvmRequest(name=name, app_compose=app_compose.decode()))
     except NodeApiError as exc:
         raise DeployError(f"the node refuses this app: {exc}") from exc
+
+
+@dataclass
+class Retirement:
+    """What `teecloud rm` achieved on chain for one instance."""
+
+    retired: bool  # True: AppAuth refuses the instance from now on, so no KMS releases its keys again
+    detail: str
+
+
+def retire_instance(session: Session, app_id: str, instance_id: str) -> Retirement:
+    """Retire `instance_id` in the app's AppAuth when this session's signer owns the app directly. An app
+    governed by a multisig or a timelock needs a governance proposal instead: nothing is sent, and the
+    answer says so (its keys stay releasable to the measured code until the proposal is executed)."""
+    from teecloud.chain.errors import ChainError
+
+    chain = session.chain
+    try:
+        if chain.is_instance_retired(app_id, instance_id):
+            return Retirement(True, "already retired on chain")
+        owner = chain.app_owner(app_id)
+        kind = chain.governance_kind(owner)
+        if kind != "account" or owner != chain.address:
+            what = f"a {kind}" if kind != "account" else "another account"
+            return Retirement(
+                False,
+                f"app {app_id} is owned by {what} ({owner}), not by this signer: retiring the instance needs "
+                f"a governance proposal (`teecloud app retire-instance {app_id} {instance_id}`)",
+            )
+        r = chain.retire_instance(app_id, instance_id)
+    except ChainError as exc:
+        return Retirement(False, f"the chain did not retire it: {exc}")
+    return Retirement(True, f"retired on chain in block {int(str(r['blockNumber']), 0)}")
 
 
 def deploy(

@@ -41,6 +41,10 @@ event RequireTcbUpToDateSet:
 event UpgradesDisabled:
     by: indexed(address)
 
+event InstanceRetired:
+    instance_id: indexed(address)
+    by: indexed(address)
+
 event OwnershipTransferStarted:
     previous_owner: indexed(address)
     new_owner: indexed(address)
@@ -57,6 +61,8 @@ allowed_device_ids: public(HashMap[bytes32, bool])
 allow_any_device: public(bool)
 require_tcb_up_to_date: public(bool)
 upgrades_disabled: public(bool)
+# instances removed for good (`teecloud rm`): the KMS never releases their keys again
+retired_instances: public(HashMap[address, bool])
 # the KmsAuth (or account) that created this app; informational
 creator: public(address)
 
@@ -156,6 +162,19 @@ def disable_upgrades():
 
 
 @external
+def retire_instance(instance_id: address):
+    """
+    @notice Irreversible: no KMS releases this instance's keys again (is_app_allowed refuses it). Allowed
+            even after disable_upgrades: retiring an instance takes nothing new into the app.
+    """
+    self._only_owner()
+    assert instance_id != empty(address), "no instance id (the app runs without one)"
+    assert not self.retired_instances[instance_id], "instance already retired"
+    self.retired_instances[instance_id] = True
+    log InstanceRetired(instance_id=instance_id, by=msg.sender)
+
+
+@external
 def transfer_ownership(new_owner: address):
     """@notice Two steps: the new owner must call accept_ownership (guards against typos)."""
     self._only_owner()
@@ -176,6 +195,8 @@ def accept_ownership():
 def is_app_allowed(boot_info: BootInfo) -> (bool, String[128]):
     if boot_info.app_id != self:
         return False, "boot info names another app"
+    if self.retired_instances[boot_info.instance_id]:
+        return False, "instance retired"
     if self.require_tcb_up_to_date and keccak256(boot_info.tcb_status) != keccak256(UP_TO_DATE):
         return False, "TCB status is not UpToDate"
     if not self.allowed_compose_hashes[boot_info.compose_hash]:
