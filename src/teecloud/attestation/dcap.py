@@ -83,7 +83,6 @@ _TD_REPORT15_SIZE = L.TD_REPORT15_SIZE
 _SGX_REPORT_SIZE = L.SGX_REPORT_SIZE
 _QE_REPORT_SIZE = L.QE_REPORT_SIZE
 _CERT_TYPE_PCK_CHAIN = L.CERT_DATA_PCK_CHAIN
-_CERT_TYPE_QE_REPORT = L.CERT_DATA_QE_REPORT
 _TD_ATTR_DEBUG = L.TD_ATTR_DEBUG
 _TD_ATTR_SEPT_VE_DISABLE = L.TD_ATTR_SEPT_VE_DISABLE
 _SGX_ATTR_DEBUG = L.SGX_ATTR_DEBUG
@@ -244,17 +243,17 @@ def _parse(quote: bytes, limits: VerifierLimits = DEFAULT_LIMITS) -> _Quote:
         outer_type, pos = _u16(sig, pos, "certification data type")
         outer_len, pos = _u32(sig, pos, "certification data size")
         outer = quote[: _need(sig, pos, outer_len, "certification data")]
-        if outer_type != _CERT_TYPE_QE_REPORT:
-            raise MalformedEvidence(f"certification data type {outer_type} is not 6 (QE report data)")
+        # dcap-qvl 0.7 reads the outer type-6 structure without checking its type number; so do we.
+        del outer_type
         pos = _need(outer, pos, _QE_REPORT_SIZE + 64, "QE report and signature")
         auth_len, pos = _u16(outer, pos, "QE auth data size")
         pos = _need(outer, pos, auth_len, "QE auth data")
         cert_type, pos = _u16(outer, pos, "PCK certification data type")
         cert_len, pos = _u32(outer, pos, "PCK certification data size")
         cert_end = _need(outer, pos, cert_len, "PCK certification data")
-    cert = quote[pos:cert_end]
-    if cert_type != _CERT_TYPE_PCK_CHAIN:
-        raise MalformedEvidence(f"PCK certification data type {cert_type} is not 5 (PEM certificate chain)")
+    # Type 5 is the PEM chain; any other (an encrypted PPID) needs the chain from the collateral, which
+    # dcap-qvl decides (it rejects the quote unless the collateral carries a pck_certificate_chain).
+    cert = quote[pos:cert_end] if cert_type == _CERT_TYPE_PCK_CHAIN else b""
     return _Quote(
         version=version,
         tee="sgx" if tee_type == _TEE_TYPE_SGX else "tdx",
@@ -485,26 +484,37 @@ def _root_of_chain(chain_pem: bytes) -> tuple[str, str, bytes]:
         return hit
     start = chain_pem.rfind(_BEGIN_CERT)
     end = chain_pem.find(_END_CERT, start)
-    if start < 0 or end < 0:
-        raise MalformedEvidence("the quote carries no PCK certificate chain", step="cert_chain_verified")
-    try:
-        der = binascii.a2b_base64(chain_pem[start + len(_BEGIN_CERT) : end])
-        cert = x509.load_der_x509_certificate(der)
-        # Decoding a name costs as much as the rest; only a root that could be a development root needs
-        # it now (the subject of any other is read for an error message, if one is needed).
-        cn = subject = ""
-        if _DEV_ROOT_CN_BYTES in der:
-            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            cn = str(cns[0].value) if cns else ""
-            subject = cert.subject.rfc4514_string()
-        info = (cn, subject, der)
-    except Exception as exc:  # cryptography raises ValueError, and KeyError for unknown string tags
-        raise MalformedEvidence(
-            f"the quote's root certificate cannot be decoded: {type(exc).__name__}: {exc}",
-            step="cert_chain_verified",
-        ) from exc
+    der = b""
+    info = ("", "", b"")  # no readable root: not a development root; dcap-qvl judges the chain
+    if start >= 0 and end >= 0:
+        try:
+            der = binascii.a2b_base64(chain_pem[start + len(_BEGIN_CERT) : end])
+            cert = x509.load_der_x509_certificate(der)
+            # Decoding a name costs as much as the rest; only a root that could be a development root
+            # needs it now (the subject of any other is read for an error message, if one is needed).
+            cn = subject = ""
+            if _DEV_ROOT_CN_BYTES in der:
+                cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+                cn = str(cns[0].value) if cns else ""
+                subject = cert.subject.rfc4514_string()
+            info = (cn, subject, der)
+        except Exception:  # cryptography raises ValueError, and KeyError for unknown string tags
+            info = ("", "", b"")
     _PCK_ROOTS.put(chain_pem, info, 2 * len(chain_pem) + len(der))
     return info
+
+
+def _issued_under(chain_pem: bytes, root_der: bytes) -> bool:
+    """Whether a certificate of the chain names `root_der`'s subject as its issuer (and is not that root)."""
+    try:
+        root = x509.load_der_x509_certificate(root_der)
+        for der in _pem_ders(chain_pem) or []:
+            cert = x509.load_der_x509_certificate(der)
+            if cert.issuer == root.subject and cert.subject != root.subject:
+                return True
+    except Exception:  # unreadable certificates are judged by dcap-qvl; here they link nothing
+        return False
+    return False
 
 
 def _subject_of(der: bytes) -> str:
@@ -740,19 +750,16 @@ def verify_dcap_quote(
     # (3): collateral must be for this kind of TEE (dcap-qvl checks it too, later; this names it).
     if (col.tcb_id == "TDX") != (q.tee == "tdx"):
         raise CollateralMismatch(f"collateral is for {col.tcb_id}, the quote is {kind_name}")
-    # (4): choose the root.
+    # (4): choose the root. The development root only when the caller trusts it and the chain is under it
+    # (its root copy, or a certificate issued in that root's name: webpki ignores the copy); else Intel's.
     root_cn, root_subject, root_der = _root_of_chain(q.pck_chain_pem)
-    simulated = root_cn.startswith(DEV_ROOT_CN_PREFIX)
+    dev_chain = root_cn.startswith(DEV_ROOT_CN_PREFIX)
+    dev = bytes(dev_root_der) if dev_root_der is not None else None
+    simulated = dev is not None and (root_der == dev or _issued_under(q.pck_chain_pem, dev))
+    anchor: bytes | None
     if simulated:
-        if dev_root_der is None:
-            raise UntrustedRoot(DEV_ROOT_REASON)
-        if bytes(dev_root_der) != root_der:
-            raise UntrustedRoot(
-                f"{DEV_ROOT_REASON} (its root {root_subject!r} is not the trusted development root "
-                f"{_cert_cn(bytes(dev_root_der))!r})"
-            )
-        anchor: bytes | None = bytes(dev_root_der)
-        anchor_name = root_cn
+        anchor = dev
+        anchor_name = _cert_cn(dev) if dev is not None else ""
     else:
         anchor = bytes(intel_root_der) if intel_root_der is not None else None
         anchor_name = _cert_cn(anchor) if anchor is not None else "Intel SGX Root CA (built into dcap-qvl)"
@@ -770,6 +777,13 @@ def verify_dcap_quote(
             else:
                 report = dcap_qvl.verify_with_root_ca(quote, col.obj, anchor, now)
         except (ValueError, RuntimeError) as exc:
+            if dev_chain and not simulated:  # a development chain can only fail against Intel's root
+                detail = ""
+                if dev is not None:
+                    detail = (
+                        f" (its root {root_subject!r} is not the trusted development root {_cert_cn(dev)!r})"
+                    )
+                raise UntrustedRoot(DEV_ROOT_REASON + detail) from exc
             # Collateral for another platform (FMSPC) is named as such, whichever check of dcap-qvl's
             # failed first (it compares FMSPCs last, after every signature and date).
             fmspc = _chain_fmspc(q.pck_chain_pem, quote)

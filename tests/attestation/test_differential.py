@@ -1,0 +1,287 @@
+"""Differential test: teecloud's DCAP verifier (with its verdict cache) against dcap-qvl itself.
+
+For every TDX/SGX vector in ../shared/vectors and for a simulated platform (many distinct valid quotes, so
+the verdict cache is hit with good signatures), both must give the same accept/reject and, on accept, the
+same TCB status and advisories, on:
+  - the vectors at their pins and at and around every validity boundary (each certificate's notBefore /
+    notAfter, both CRLs' thisUpdate / nextUpdate, TCB info and QE identity issueDate / nextUpdate);
+  - seeded mutations: bit flips in the header and report body, the quote signature and attestation key,
+    the QE report and its auth data, the PCK certificates, and every collateral field.
+Every comparison runs with the caches as earlier comparisons left them (warm), which is what could go
+wrong: a reused verdict that dcap-qvl would not give.
+
+Where: `test_differential_default` (a few hundred mutations, seeded, a few seconds) runs in every pytest
+run; `test_differential_thousands` (marked slow: thousands of mutations) runs in the full suite
+(scripts/test.sh, CI) and is skipped with `-m "not slow"`.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dcap_qvl
+import pytest
+from cryptography import x509
+
+from teecloud.attestation import _cache, dcap
+from teecloud.attestation.errors import VerificationError
+
+Verdict = tuple[bool, str, tuple[str, ...]]
+
+
+def ts(text: str) -> int:
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+@dataclass
+class Case:
+    name: str
+    quote: bytes
+    collateral: bytes
+    now: int
+    root: bytes | None = None  # a trusted development root (simulated platform); None = Intel's
+
+
+def theirs(quote: bytes, collateral: bytes, now: int, root: bytes | None) -> Verdict:
+    try:
+        obj = dcap_qvl.QuoteCollateralV3.from_json(collateral.decode("utf-8"))
+        if root is None:
+            r = dcap_qvl.verify(quote, obj, now)
+        else:
+            r = dcap_qvl.verify_with_root_ca(quote, obj, root, now)
+    except (ValueError, RuntimeError, UnicodeDecodeError):
+        return (False, "", ())
+    return (True, str(r.status), tuple(str(a) for a in r.advisory_ids))
+
+
+def ours(quote: bytes, collateral: bytes, now: int, root: bytes | None) -> Verdict:
+    try:
+        ev = dcap.verify_dcap_quote(quote, collateral, now=now, dev_root_der=root)
+    except VerificationError:
+        return (False, "", ())
+    return (True, ev.tcb_status, ev.advisory_ids)
+
+
+def check(case: Case, quote: bytes, collateral: bytes, now: int, what: str) -> bool:
+    a, b = ours(quote, collateral, now, case.root), theirs(quote, collateral, now, case.root)
+    assert a == b, f"{case.name}: {what} at {now}: teecloud {a}, dcap-qvl {b}"
+    return a[0]
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+def _vector_cases(vectors: Path) -> list[Case]:
+    report = json.loads((vectors / "tdx/dstack_quote_report.json").read_text())
+    outdated_col = (vectors / "tdx/tdx_quote_outdated_collateral.json").read_bytes()
+    return [
+        Case(
+            "tdx_quote",
+            (vectors / "tdx/tdx_quote").read_bytes(),
+            (vectors / "tdx/tdx_quote_collateral.json").read_bytes(),
+            ts("2025-07-04T00:00:00Z"),
+        ),
+        Case("dstack", bytes.fromhex(report["quote"]), outdated_col, ts("2026-03-05T00:00:00Z")),
+        Case(
+            "tdx_v5_outdated",
+            (vectors / "tdx/tdx_quote_outdated").read_bytes(),
+            outdated_col,
+            ts("2026-03-05T00:00:00Z"),
+        ),
+        Case(
+            "sgx",
+            (vectors / "sgx/sgx_quote").read_bytes(),
+            (vectors / "sgx/sgx_quote_collateral.json").read_bytes(),
+            ts("2025-07-04T00:00:00Z"),
+        ),
+    ]
+
+
+@pytest.fixture(scope="module")
+def sim_cases(tmp_path_factory: pytest.TempPathFactory) -> list[Case]:
+    from teecloud.tee.simulated import SimulatedTdx
+
+    home = tmp_path_factory.mktemp("sim")
+    now = int(time.time())
+    sim = SimulatedTdx(home)
+    out = [
+        Case(f"sim-{i}", sim.quote(i.to_bytes(4, "big")), sim.collateral(now=now), now, sim.dev_root_der())
+        for i in range(8)
+    ]
+    debug = SimulatedTdx(home, debug=True)
+    out.append(Case("sim-debug", debug.quote(b"d"), debug.collateral(now=now), now, sim.dev_root_der()))
+    old = SimulatedTdx(home, tcb="OutOfDate")
+    out.append(Case("sim-outofdate", old.quote(b"o"), old.collateral(now=now), now, sim.dev_root_der()))
+    revoked = SimulatedTdx(home, revoked_pck=True)
+    out.append(Case("sim-revoked", revoked.quote(b"r"), revoked.collateral(now=now), now, sim.dev_root_der()))
+    return out
+
+
+# --------------------------------------------------------------------------------------- boundaries
+
+
+def _pem_certs(text: str) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(text.encode()) if "BEGIN" in text else []
+
+
+def boundaries(case: Case) -> list[int]:
+    """Every validity boundary of the quote's chain and the collateral, in unix seconds."""
+    raw = json.loads(case.collateral)
+    times: set[float] = set()
+    for key in ("tcb_info", "qe_identity"):
+        doc = json.loads(raw[key])
+        for field in ("issueDate", "nextUpdate"):
+            times.add(dt.datetime.fromisoformat(doc[field]).timestamp())
+    for key in ("root_ca_crl", "pck_crl"):
+        crl = x509.load_der_x509_crl(bytes.fromhex(raw[key]))
+        times.add(crl.last_update_utc.timestamp())
+        if crl.next_update_utc is not None:
+            times.add(crl.next_update_utc.timestamp())
+    chains = [
+        raw.get(k, "") for k in ("tcb_info_issuer_chain", "qe_identity_issuer_chain", "pck_crl_issuer_chain")
+    ]
+    chains.append(dcap.parse_quote(case.quote)["pck_chain_pem"].decode())
+    for text in chains:
+        for cert in _pem_certs(text):
+            times.add(cert.not_valid_before_utc.timestamp())
+            times.add(cert.not_valid_after_utc.timestamp())
+    return sorted({int(t) + d for t in times for d in (-1, 0, 1) if 0 < int(t) + d < 2**40})
+
+
+# ---------------------------------------------------------------------------------------- mutations
+
+
+def _regions(quote: bytes) -> dict[str, tuple[int, int]]:
+    q = dcap._parse(quote)
+    sig = q.signed_end + 4
+    pem = dcap.parse_quote(quote)["pck_chain_pem"]
+    cert_at = quote.find(pem[:40])
+    return {
+        "header": (0, q.body_start),
+        "body": (q.body_start, q.signed_end),
+        "signature": (sig, sig + 64),
+        "attestation_key": (sig + 64, sig + 128),
+        "qe_report_and_auth": (sig + 128, cert_at),
+        "pck_certificates": (cert_at, cert_at + len(pem)),
+    }
+
+
+_B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_HEX = b"0123456789abcdef"
+
+
+def _flip_text(rng: random.Random, text: bytes, alphabet: bytes) -> bytes:
+    """Replace one character of `alphabet` in `text` by another of it (keeps PEM / hex well-formed)."""
+    spots = [i for i, c in enumerate(text) if c in alphabet]
+    if not spots:
+        return text
+    i = rng.choice(spots)
+    new = rng.choice([c for c in alphabet if c != text[i]])
+    return text[:i] + bytes([new]) + text[i + 1 :]
+
+
+def mutate_quote(rng: random.Random, quote: bytes) -> tuple[str, bytes]:
+    regions = _regions(quote)
+    name = rng.choice(list(regions))
+    lo, hi = regions[name]
+    if name == "pck_certificates":
+        return name, quote[:lo] + _flip_text(rng, quote[lo:hi], _B64) + quote[hi:]
+    pos = rng.randrange(lo, hi)
+    data = bytearray(quote)
+    data[pos] ^= 1 << rng.randrange(8)
+    return f"{name}@{pos}", bytes(data)
+
+
+COLLATERAL_FIELDS = (
+    "pck_crl_issuer_chain",
+    "root_ca_crl",
+    "pck_crl",
+    "tcb_info_issuer_chain",
+    "tcb_info",
+    "tcb_info_signature",
+    "qe_identity_issuer_chain",
+    "qe_identity",
+    "qe_identity_signature",
+)
+
+
+def mutate_collateral(rng: random.Random, collateral: bytes) -> tuple[str, bytes]:
+    raw = json.loads(collateral)
+    field = rng.choice(COLLATERAL_FIELDS)
+    value = raw[field].encode()
+    if field.endswith("_chain"):
+        value = _flip_text(rng, value, _B64)
+    elif field in ("tcb_info", "qe_identity"):
+        value = _flip_text(rng, value, b"0123456789")
+    else:
+        value = _flip_text(rng, value, _HEX)
+    raw[field] = value.decode()
+    return field, json.dumps(raw).encode()
+
+
+def run_mutations(cases: list[Case], count: int, seed: int) -> Iterator[str]:
+    rng = random.Random(seed)
+    for i in range(count):
+        case = cases[i % len(cases)]
+        kind = rng.random()
+        if kind < 0.6:
+            what, quote = mutate_quote(rng, case.quote)
+            check(case, quote, case.collateral, case.now, f"quote mutation {what}")
+        elif kind < 0.9:
+            what, col = mutate_collateral(rng, case.collateral)
+            check(case, case.quote, col, case.now, f"collateral mutation {what}")
+        else:
+            times = boundaries(case)
+            now = rng.choice(times)
+            what = "boundary time"
+            check(case, case.quote, case.collateral, now, what)
+        # and the unmutated evidence still gets dcap-qvl's verdict, whatever the caches now hold
+        check(case, case.quote, case.collateral, case.now, f"original after {what}")
+        yield what
+
+
+# -------------------------------------------------------------------------------------------- tests
+
+
+def test_vectors_and_every_boundary(vectors: Path) -> None:
+    _cache.clear_all()
+    for case in _vector_cases(vectors):
+        check(case, case.quote, case.collateral, case.now, "pin")
+        check(case, case.quote, case.collateral, case.now + 40 * 86400, "pin + 40 days")
+        accepted = [t for t in boundaries(case) if check(case, case.quote, case.collateral, t, "boundary")]
+        if case.name != "tdx_v5_outdated":  # "No matching TCB level" at every time
+            assert accepted, f"{case.name}: accepted at no boundary time"
+
+
+def test_simulated_platform_boundaries(sim_cases: list[Case]) -> None:
+    for case in sim_cases:
+        for t in [case.now, *boundaries(case)]:
+            check(case, case.quote, case.collateral, t, "boundary")
+
+
+def test_cache_is_hit_and_agrees(sim_cases: list[Case]) -> None:
+    # Distinct valid quotes of one platform: the second and later reuse the first one's verdict.
+    _cache.clear_all()
+    plain = [c for c in sim_cases if c.name.startswith("sim-") and c.name[4:].isdigit()]
+    for case in plain:
+        assert check(case, case.quote, case.collateral, case.now, "distinct quote")
+    stats = {s.name: s for s in _cache.all_caches()}["dcap.verdicts"]
+    assert stats.hits >= len(plain) - 1
+
+
+def test_differential_default(vectors: Path, sim_cases: list[Case]) -> None:
+    cases = _vector_cases(vectors) + sim_cases
+    assert len(list(run_mutations(cases, 300, seed=12))) == 300
+
+
+@pytest.mark.slow
+def test_differential_thousands(vectors: Path, sim_cases: list[Case]) -> None:
+    cases = _vector_cases(vectors) + sim_cases
+    assert len(list(run_mutations(cases, 4000, seed=2026))) == 4000
