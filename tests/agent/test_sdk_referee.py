@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from dstack_sdk import AsyncDstackClient, DstackClient, TappdClient, get_compose_hash
 
 from teecloud.agent.api import decode_attestation
-from teecloud.agent.server import _mr_aggregated
+from teecloud.attestation.eventlog import mr_aggregated as _mr_aggregated
 from teecloud.keys.certs import verify_cert_chain
 from teecloud.keys.kdf import derive_key
 from teecloud.keys.ratls import verify_ratls_cert

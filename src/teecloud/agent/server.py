@@ -42,6 +42,7 @@ from starlette.responses import Response
 from teecloud import __version__, _json
 from teecloud.agent import api
 from teecloud.agent.boot import AgentState, boot
+from teecloud.attestation.eventlog import mr_aggregated
 from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem
 from teecloud.keys.errors import KeysError, KeyUsageError
 from teecloud.keys.kdf import derive_p256_key
@@ -324,7 +325,7 @@ class AgentService:
             "rtmr1": ms["rtmr1"].hex(),
             "rtmr2": ms["rtmr2"].hex(),
             "rtmr3": ms["rtmr3"].hex(),
-            "mr_aggregated": _mr_aggregated(ms).hex(),
+            "mr_aggregated": mr_aggregated(ms).hex(),
             "os_image_hash": self.state.os_image_hash.hex(),
             "compose_hash": self.state.compose_hash.hex(),
             "device_id": self.state.device_id.hex(),
@@ -485,14 +486,6 @@ def _octets(content: bytes) -> bytes:
     from teecloud.keys.ratls import _der_octet_string
 
     return _der_octet_string(content)
-
-
-def _mr_aggregated(ms: dict[str, bytes]) -> bytes:
-    """dstack's mr_aggregated = sha256(MRTD ‖ RTMR0..3 [‖ mr_config_id ‖ mr_owner ‖ mr_owner_config if any
-    is non-zero]) (reference/dstack.md §4)."""
-    base = b"".join(ms[n] for n in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"))
-    config = b"".join(ms.get(n, b"") for n in ("mr_config_id", "mr_owner", "mr_owner_config"))
-    return hashlib.sha256(base + (config if any(config) else b"")).digest()
 
 
 # -- HTTP layer ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ __all__ = [
     "derive_app_info",
     "event_log_to_json",
     "extract_app_info",
+    "mr_aggregated",
     "parse_event_log",
     "replay_rtmrs",
     "runtime_event_digest",
@@ -285,8 +286,13 @@ def derive_app_info(
     base = b"".join(measurements[n] for n in needed[:4])
     kp = app.key_provider_info
     mr_system = hashlib.sha256(base + (hashlib.sha256(kp).digest() if kp else bytes(32))).digest()
+    return replace(app, mr_system=mr_system, mr_aggregated=mr_aggregated(measurements), device_id=device_id)
+
+
+def mr_aggregated(measurements: Mapping[str, bytes]) -> bytes:
+    """dstack's mr_aggregated = sha256(MRTD || RTMR0..3 [|| mr_config_id || mr_owner || mr_owner_config]),
+    the last three appended when any of them is non-zero (reference/dstack.md §4). The one implementation:
+    the verifier, the guest agent's Info and the KMS's own identity all use it."""
+    base = b"".join(measurements[n] for n in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"))
     config = b"".join(measurements.get(n, b"") for n in ("mr_config_id", "mr_owner", "mr_owner_config"))
-    aggregated = base + measurements["rtmr3"] + (config if any(config) else b"")
-    return replace(
-        app, mr_system=mr_system, mr_aggregated=hashlib.sha256(aggregated).digest(), device_id=device_id
-    )
+    return hashlib.sha256(base + (config if any(config) else b"")).digest()

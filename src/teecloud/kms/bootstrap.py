@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import teecloud
 from teecloud._fs import atomic_write, data_home
+from teecloud.appcompose import compose_hash
+from teecloud.attestation.eventlog import mr_aggregated
 from teecloud.keys.appkeys import RootKeys
 from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem, make_root_ca_cert
 from teecloud.kms.errors import BootstrapError, SealingError
@@ -66,11 +68,6 @@ def kms_compose(build: str | None = None) -> dict[str, Any]:
     }
 
 
-def _compose_hash(compose: dict[str, Any]) -> bytes:
-    text = json.dumps(compose, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).digest()
-
-
 @dataclass(frozen=True)
 class KmsIdentity:
     """What boot measured: compose hash of the KMS build and the boot-time mr_aggregated."""
@@ -81,25 +78,19 @@ class KmsIdentity:
 
 def boot_kms_tee(tee: TeePlatform, *, build: str | None = None) -> KmsIdentity:
     """Step (1): measure the KMS build into RTMR3 (dstack event order, reference/dstack.md §4)."""
-    compose_hash = _compose_hash(kms_compose(build))
+    chash = compose_hash(kms_compose(build))
     tee.emit_event("system-preparing", b"")
     tee.emit_event("app-id", KMS_APP_ID)
-    tee.emit_event("compose-hash", compose_hash)
+    tee.emit_event("compose-hash", chash)
     # No instance id: every KMS of one build must share one mr_aggregated so KmsAuth can allowlist it.
     tee.emit_event("instance-id", b"")
     tee.emit_event("boot-mr-done", b"")
-    os_image_hash = getattr(tee, "os_image_hash", None)
-    if isinstance(os_image_hash, bytes) and len(os_image_hash) == 32:
-        tee.emit_event("os-image-hash", os_image_hash)
+    if len(tee.os_image_hash) == 32:
+        tee.emit_event("os-image-hash", tee.os_image_hash)
     tee.emit_event("key-provider", json.dumps({"name": "kms-root", "id": ""}, separators=(",", ":")).encode())
     tee.emit_event("system-ready", b"")
-    m = tee.measurements()
-    # dstack's mr_aggregated = sha256(MRTD ‖ RTMR0 ‖ RTMR1 ‖ RTMR2 ‖ RTMR3), computed over the final RTMR3
-    # as teecloud.attestation.eventlog.derive_app_info does, so it equals what verifiers see in our quotes.
-    mr_aggregated = hashlib.sha256(
-        b"".join(m[k] for k in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"))
-    ).digest()
-    return KmsIdentity(compose_hash=compose_hash, mr_aggregated=mr_aggregated)
+    # over the final RTMR3, as the verifier derives it from this KMS's quotes (one implementation)
+    return KmsIdentity(compose_hash=chash, mr_aggregated=mr_aggregated(tee.measurements()))
 
 
 @dataclass(frozen=True)

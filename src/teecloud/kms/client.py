@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 import tempfile
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ValidationError
 
+from teecloud import vmconfig
 from teecloud.attestation.errors import VerificationError
 from teecloud.attestation.policy import Policy
 from teecloud.keys.appkeys import AppKeys, env_encrypt_pubkey_digest
@@ -128,13 +128,8 @@ def _issued_by(cert_der: bytes, issuer_pubkey_der: bytes) -> bool:
 
 
 def vm_config_json(tee: object) -> str:
-    """The CVM's VmConfig as dstack sends it (compact JSON), from the TEE's `vm_config()`; "" when the TEE
-    has none (a KMS that checks OS images then refuses: it cannot check RTMR0 without the VM shape)."""
-    fn = getattr(tee, "vm_config", None)
-    config = fn() if callable(fn) else None
-    if not isinstance(config, dict) or not config:
-        return ""
-    return json.dumps(config, separators=(",", ":"), sort_keys=True)
+    """The CVM's VmConfig as dstack sends it (teecloud.vmconfig.of)."""
+    return vmconfig.of(tee)
 
 
 class KmsClient:

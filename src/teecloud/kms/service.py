@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import secrets
 import ssl
@@ -47,6 +46,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from teecloud import vmconfig
 from teecloud._asgi import BoundedBody
 from teecloud.attestation.models import VerifiedEvidence
 from teecloud.attestation.policy import Policy
@@ -118,65 +118,18 @@ class OsImageReference(Protocol):
 IMAGE_REGISTERS = ("mrtd", "rtmr1", "rtmr2")
 SHAPE_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
 _COMPARED_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
-# The caller's vm_config (dstack-types VmConfig JSON) is untrusted input: bounded before it is parsed.
-MAX_VM_CONFIG_BYTES = 4096
-MAX_VM_CONFIG_KEYS = 64
-_U32_MAX, _U64_MAX = 0xFFFFFFFF, 2**64 - 1
+# The caller's vm_config is dstack's VmConfig (teecloud.vmconfig, its one home): the KMS reads the image it
+# claims and the shape (CPU count, memory size) RTMR0 depends on.
+VmShape = vmconfig.VmConfig
 
 
-@dataclass(frozen=True)
-class VmShape:
-    """What the KMS reads from a caller's vm_config: the image it claims and the shape RTMR0 depends on."""
-
-    os_image_hash: bytes
-    cpu_count: int
-    memory_size: int
-
-
-def parse_vm_config(vm_config: object) -> VmShape:
-    """The caller's vm_config (JSON text, as dstack sends it, or an already-decoded mapping), checked for
-    size and types. Raises AccessDenied at step `os_image`: without it RTMR0 cannot be checked."""
-    if isinstance(vm_config, str):
-        if not vm_config:
-            raise AccessDenied(
-                "the request carries no vm_config, so the VM shape (CPU count, memory) that RTMR0 depends "
-                "on is unknown and the firmware configuration cannot be checked",
-                step="os_image",
-            )
-        if len(vm_config) > MAX_VM_CONFIG_BYTES:
-            raise AccessDenied(
-                f"vm_config is {len(vm_config)} characters; at most {MAX_VM_CONFIG_BYTES} are accepted",
-                step="os_image",
-            )
-        try:
-            doc = json.loads(vm_config)
-        except (ValueError, RecursionError) as exc:
-            raise AccessDenied(f"vm_config is not JSON: {str(exc)[:100]}", step="os_image") from exc
-    elif vm_config is None:
-        return parse_vm_config("")
-    else:
-        doc = vm_config
-    if not isinstance(doc, Mapping):
-        raise AccessDenied("vm_config is not a JSON object", step="os_image")
-    if len(doc) > MAX_VM_CONFIG_KEYS:
-        raise AccessDenied(f"vm_config has more than {MAX_VM_CONFIG_KEYS} fields", step="os_image")
-    image = doc.get("os_image_hash")
-    raw = image.lower().removeprefix("0x") if isinstance(image, str) and len(image) <= 66 else ""
+def parse_vm_config(vm_config: object) -> vmconfig.VmConfig:
+    """The caller's vm_config, checked for size and types. Raises AccessDenied at step `os_image`: without it
+    RTMR0 cannot be checked."""
     try:
-        image_hash = bytes.fromhex(raw)
-    except ValueError:
-        image_hash = b""
-    if len(image_hash) != 32:
-        raise AccessDenied("vm_config.os_image_hash must be 32 bytes of hex", step="os_image")
-    shape: list[int] = []
-    for name, limit in (("cpu_count", _U32_MAX), ("memory_size", _U64_MAX)):
-        value = doc.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
-            raise AccessDenied(
-                f"vm_config.{name} must be a positive integer of at most {limit}", step="os_image"
-            )
-        shape.append(value)
-    return VmShape(image_hash, shape[0], shape[1])
+        return vmconfig.parse(vm_config)
+    except vmconfig.VmConfigError as exc:
+        raise AccessDenied(str(exc), step="os_image") from exc
 
 
 # ----------------------------------------------------------------------------------------------- config

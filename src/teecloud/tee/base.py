@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from teecloud.attestation.models import EventLogEntry
 
@@ -21,6 +21,10 @@ class TeePlatform(Protocol):
                   extend RTMR3, append the entry to the event log.
     event_log     every entry so far, dstack JSON-compatible (RTMR0-2 digests, RTMR3 with payloads).
     measurements  {"mrtd": .., "rtmr0": .., .., "rtmr3": ..} current values (48 bytes each).
+    os_image_hash the booted OS image's hash (32 bytes), b"" when the platform does not know it.
+    device_id     dstack's device id (TDX: sha256(PPID)), b"" when unknown.
+    vm_config()   dstack-types VmConfig of this CVM (os_image_hash, cpu_count, memory_size, ...), {} when
+                  unknown; a KMS uses it to pick the RTMR0 reference (teecloud.vmconfig).
     """
 
     @property
@@ -35,3 +39,11 @@ class TeePlatform(Protocol):
     def event_log(self) -> list[EventLogEntry]: ...
 
     def measurements(self) -> dict[str, bytes]: ...
+
+    @property
+    def os_image_hash(self) -> bytes: ...
+
+    @property
+    def device_id(self) -> bytes: ...
+
+    def vm_config(self) -> dict[str, Any]: ...

@@ -10,6 +10,7 @@ which this backend does not drive.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from teecloud.attestation.models import EventLogEntry
 from teecloud.tee.configfs import DEFAULT_TSM_REPORT_ROOT, TsmFs, TsmReport
@@ -34,6 +35,19 @@ class SevSnpPlatform:
     @property
     def kind(self) -> str:
         return "sev_snp"
+
+    # -- identity the host tells the guest (dstack: .host-shared/.sys-config); not wired on hardware yet
+
+    @property
+    def os_image_hash(self) -> bytes:
+        return b""
+
+    @property
+    def device_id(self) -> bytes:
+        return b""
+
+    def vm_config(self) -> dict[str, Any]:
+        return {}
 
     def _report(self, report_data: bytes, *, aux: bool) -> tuple[bytes, bytes | None]:
         rd = _check_report_data(report_data)

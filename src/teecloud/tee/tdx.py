@@ -24,6 +24,7 @@ import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from teecloud.attestation.models import EventLogEntry
 from teecloud.tee._ccel import parse_ccel
@@ -138,6 +139,19 @@ class TdxPlatform:
     @property
     def kind(self) -> str:
         return "tdx"
+
+    # -- identity the host tells the guest (dstack: .host-shared/.sys-config); not wired on hardware yet
+
+    @property
+    def os_image_hash(self) -> bytes:
+        return b""
+
+    @property
+    def device_id(self) -> bytes:
+        return b""
+
+    def vm_config(self) -> dict[str, Any]:
+        return {}
 
     # -- quotes ---------------------------------------------------------------------------------------
 
