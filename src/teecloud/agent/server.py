@@ -40,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from teecloud import __version__, _json
+from teecloud._serve import AGENT, LimitedServer, ServeLimits, limited_config
 from teecloud.agent import api
 from teecloud.agent.boot import AgentState, boot
 from teecloud.attestation.eventlog import mr_aggregated
@@ -743,36 +744,37 @@ class AgentRunner:
         port: int | None = None,
         host: str = "127.0.0.1",
         limits: api.AgentLimits | None = None,
+        serve_limits: ServeLimits = AGENT,
     ) -> None:
         if dstack_sock is None and port is None and tappd_sock is None:
             raise ValueError("AgentRunner needs at least one listener")
         self.service = AgentService(state, limits)
+        self.serve_limits = serve_limits  # per listener: connections, timeouts (teecloud._serve)
         self.dstack_sock = Path(dstack_sock) if dstack_sock else None
         self.tappd_sock = Path(tappd_sock) if tappd_sock else None
         self.port = port
         self.host = host
-        self._servers: list[uvicorn.Server] = []
+        self._servers: list[LimitedServer] = []
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def _configs(self) -> list[uvicorn.Config]:
-        common: dict[str, Any] = {
-            "log_level": "warning",
-            "access_log": False,
-            "lifespan": "off",
-            "timeout_keep_alive": 30,
-            "server_header": False,
-        }
+    def _configs(self) -> list[tuple[str, uvicorn.Config]]:
+        common: dict[str, Any] = {"server_header": False}
+        lim = self.serve_limits
         out = []
         agent_app = make_agent_app(self.service)
         if self.dstack_sock:
             _prepare_socket(self.dstack_sock)
-            out.append(uvicorn.Config(agent_app, uds=str(self.dstack_sock), **common))
+            out.append(
+                ("agent dstack.sock", limited_config(agent_app, lim, uds=str(self.dstack_sock), **common))
+            )
         if self.tappd_sock:
             _prepare_socket(self.tappd_sock)
-            out.append(uvicorn.Config(make_tappd_app(self.service), uds=str(self.tappd_sock), **common))
+            tappd = make_tappd_app(self.service)
+            out.append(("agent tappd.sock", limited_config(tappd, lim, uds=str(self.tappd_sock), **common)))
         if self.port is not None:
-            out.append(uvicorn.Config(agent_app, host=self.host, port=self.port, **common))
+            tcp = limited_config(agent_app, lim, host=self.host, port=self.port, **common)
+            out.append(("agent TCP listener", tcp))
         return out
 
     @property
@@ -789,7 +791,7 @@ class AgentRunner:
     def start(self, timeout: float = 15.0) -> AgentRunner:
         if self._thread is not None:
             raise RuntimeError("AgentRunner already started")
-        self._servers = [uvicorn.Server(c) for c in self._configs()]
+        self._servers = [LimitedServer(c, self.serve_limits, name=n) for n, c in self._configs()]
 
         def run() -> None:
             try:

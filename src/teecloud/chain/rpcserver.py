@@ -1,7 +1,8 @@
 """Serve an EmbeddedChain over standard Ethereum JSON-RPC (HTTP POST, single or batch) on 127.0.0.1.
 
 The listening URL is recorded in <chain dir>/rpc.json while the server runs, so other local processes
-(ChainClient.embedded, the CLI) find it. Request bodies are capped (MAX_BODY).
+(ChainClient.embedded, the CLI) find it. Request bodies are capped (MAX_BODY); connections, threads and
+read/keep-alive deadlines by teecloud._serve.CHAIN_RPC (BoundedHTTPServer).
 
 Time travel (evm_increaseTime, evm_mine) is refused unless the server was built with time_travel=True
 (`teecloud chain up --dev-time-travel`, `teecloud up --dev-time-travel`): over an open local port it would let
@@ -11,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from teecloud import _json
 from teecloud._fs import atomic_write_json
+from teecloud._serve import CHAIN_RPC, BoundedHTTPServer, BoundedRequestHandler, ServeLimits
 
 from .embedded import EmbeddedChain, RpcError
 
@@ -50,28 +50,24 @@ def _answer(chain: EmbeddedChain, req: Any, *, time_travel: bool = False) -> dic
 
 class ChainRpcServer:
     def __init__(
-        self, chain: EmbeddedChain, host: str = "127.0.0.1", port: int = 0, *, time_travel: bool = False
+        self,
+        chain: EmbeddedChain,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        time_travel: bool = False,
+        limits: ServeLimits = CHAIN_RPC,
     ) -> None:
         self.chain = chain
         self.time_travel = time_travel
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(BoundedRequestHandler):
             protocol_version = "HTTP/1.1"
             # headers and body go out in two writes: without this, Nagle + delayed ACK add ~40 ms per call
             disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet: no request logging
                 return
-
-            def setup(self) -> None:
-                super().setup()
-                with server._lock:
-                    server._connections.add(self.connection)
-
-            def finish(self) -> None:
-                with server._lock:
-                    server._connections.discard(self.connection)
-                super().finish()
 
             def _send(self, code: int, body: bytes) -> None:
                 self.send_response(code)
@@ -94,7 +90,9 @@ class ChainRpcServer:
                 if server._stopping:
                     self.close_connection = True
                     return
+                self.reading_body()  # under the read deadline until the body is in
                 raw = self.rfile.read(length)
+                self.busy()
                 try:
                     # depth-bounded: py-evm has raised the recursion limit in this process (teecloud._json)
                     req = _json.loads(raw)
@@ -115,11 +113,8 @@ class ChainRpcServer:
                 self._send(405, b'{"error":"POST JSON-RPC requests"}')
 
         server = self
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
         self._stopping = False
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = BoundedHTTPServer((host, port), Handler, limits, name="chain RPC listener")
         self.host: str = str(self.httpd.server_address[0])
         self.port: int = int(self.httpd.server_address[1])
         self._thread: threading.Thread | None = None
@@ -157,12 +152,7 @@ class ChainRpcServer:
         self._stopping = True
         self.httpd.shutdown()
         self.httpd.server_close()
-        with self._lock:
-            for conn in list(self._connections):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        self.httpd.cut_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._unrecord()

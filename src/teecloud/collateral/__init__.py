@@ -4,7 +4,13 @@ and a PCCS-compatible server over local files) and vendor trust anchors (`teeclo
 from __future__ import annotations
 
 from teecloud.collateral.errors import CollateralError, CollateralNotFound, InvalidCollateral, PccsUnavailable
-from teecloud.collateral.pccs import PccsClient, collateral_next_update, make_pccs_app, serve_collateral
+from teecloud.collateral.pccs import (
+    PccsClient,
+    collateral_next_update,
+    make_pccs_app,
+    pccs_server,
+    serve_collateral,
+)
 from teecloud.collateral.store import CollateralEntry, CollateralStore, describe_collateral
 from teecloud.collateral.trust import (
     VENDOR_ROOT_URLS,
@@ -30,5 +36,6 @@ __all__ = [
     "fetch_trust_anchors",
     "load_trust_directory",
     "make_pccs_app",
+    "pccs_server",
     "serve_collateral",
 ]

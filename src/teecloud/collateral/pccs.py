@@ -24,7 +24,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote as urlquote
 from urllib.parse import unquote
 
@@ -38,7 +38,17 @@ from teecloud._fs import atomic_write
 from teecloud.collateral.errors import CollateralError, CollateralNotFound, InvalidCollateral, PccsUnavailable
 from teecloud.collateral.store import CollateralEntry, CollateralStore, describe_collateral
 
-__all__ = ["MAX_RESPONSE_SIZE", "PccsClient", "collateral_next_update", "make_pccs_app", "serve_collateral"]
+if TYPE_CHECKING:  # the server side (uvicorn) is imported only by whoever serves
+    from teecloud._serve import LimitedServer, ServeLimits
+
+__all__ = [
+    "MAX_RESPONSE_SIZE",
+    "PccsClient",
+    "collateral_next_update",
+    "make_pccs_app",
+    "pccs_server",
+    "serve_collateral",
+]
 
 MAX_RESPONSE_SIZE = 1024 * 1024
 _HEX = re.compile(rb"^[0-9a-fA-F\s]+$")
@@ -335,10 +345,28 @@ def make_pccs_app(store: CollateralStore | str | Path | Mapping[str, bytes]) -> 
     return app
 
 
+def pccs_server(
+    source: CollateralStore | str | Path | Mapping[str, bytes],
+    host: str = "127.0.0.1",
+    port: int = 8081,
+    *,
+    limits: ServeLimits | None = None,
+) -> LimitedServer:
+    """A server (not yet running) for `source`, with the listener limits of teecloud._serve (PCCS)."""
+    from teecloud._serve import PCCS, LimitedServer, limited_config
+
+    limits = limits or PCCS
+    return LimitedServer(
+        limited_config(make_pccs_app(source), limits, host=host, port=port), limits, name="PCCS listener"
+    )
+
+
 def serve_collateral(
-    source: CollateralStore | str | Path | Mapping[str, bytes], host: str = "127.0.0.1", port: int = 8081
+    source: CollateralStore | str | Path | Mapping[str, bytes],
+    host: str = "127.0.0.1",
+    port: int = 8081,
+    *,
+    limits: ServeLimits | None = None,
 ) -> None:
     """Serve `source` (a directory of `<FMSPC>.json`, a file, or a mapping) as a PCCS. Blocks."""
-    import uvicorn
-
-    uvicorn.run(make_pccs_app(source), host=host, port=port, log_level="warning")
+    pccs_server(source, host, port, limits=limits).run()

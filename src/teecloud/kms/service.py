@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -44,10 +43,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from teecloud import vmconfig
 from teecloud._asgi import BoundedBody
+from teecloud._serve import (
+    KMS_ADMIN,
+    KMS_PUBLIC,
+    LimitedH11Protocol,
+    LimitedServer,
+    ServeLimits,
+    limited_config,
+)
 from teecloud.attestation.models import VerifiedEvidence
 from teecloud.attestation.policy import Policy
 from teecloud.chain.api import BootInfo
@@ -67,6 +73,7 @@ from teecloud.kms.authz import (
 )
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.errors import AccessDenied, KmsUsageError
+from teecloud.kms.tlsaudit import TlsRejectionAudit
 from teecloud.peer import (
     AttestedPeer,
     CollateralSource,
@@ -587,8 +594,9 @@ class KmsService:
 # ------------------------------------------------------------------------------------------------- HTTP
 
 
-class RaTlsH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol that hands the TLS peer certificate (DER) to the app.
+class RaTlsH11Protocol(LimitedH11Protocol):
+    """uvicorn's h11 protocol (with the listener limits of teecloud._serve) that hands the TLS peer
+    certificate (DER) to the app.
 
     The handshake is complete when an SSL transport calls connection_made, so the certificate is known for
     the whole connection; it is placed in this connection's copy of the lifespan state, which uvicorn copies
@@ -814,6 +822,8 @@ class KmsServer:
         admin_port: int = 0,
         admin_token: str | None = None,
         chain_label: str = "",
+        limits: ServeLimits = KMS_PUBLIC,
+        admin_limits: ServeLimits = KMS_ADMIN,
     ) -> None:
         self.service = service
         self.host = host
@@ -821,22 +831,27 @@ class KmsServer:
         self.identity = make_server_identity(service)
         ssl_ctx = server_ssl_context(self.identity, service.state.temp_ca_cert_pem)
         public = make_public_app(service)
-        self._public = uvicorn.Server(
-            uvicorn.Config(
+        self.limits = limits
+        self.admin_limits = admin_limits
+        # Handshakes OpenSSL refuses never reach the service: audited here, rate-limited (kms.tlsaudit).
+        self.tls_audit = TlsRejectionAudit(service.audit, clock=service.clock)
+        self._public = LimitedServer(
+            limited_config(
                 public,
+                limits,
                 host=host,
                 port=port,
                 http=RaTlsH11Protocol,
-                log_level="warning",
-                lifespan="off",
                 ssl_context_factory=lambda _config, _default: ssl_ctx,
-                timeout_keep_alive=30,
-                access_log=False,
-            )
+            ),
+            limits,
+            name="kms public listener",
+            on_tls_error=self.tls_audit,
+            on_tick=self.tls_audit.flush_due,
         )
         self._chain_label = chain_label
         self._admin_port = admin_port
-        self._admin: uvicorn.Server | None = None
+        self._admin: LimitedServer | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -876,15 +891,10 @@ class KmsServer:
             return
         url = f"https://{self.host}:{self._public.servers[0].sockets[0].getsockname()[1]}"
         admin = make_admin_app(self.service, token=self.admin_token, public_url=url, chain=self._chain_label)
-        self._admin = uvicorn.Server(
-            uvicorn.Config(
-                admin,
-                host=self.host,
-                port=self._admin_port,
-                log_level="warning",
-                lifespan="off",
-                access_log=False,
-            )
+        self._admin = LimitedServer(
+            limited_config(admin, self.admin_limits, host=self.host, port=self._admin_port),
+            self.admin_limits,
+            name="kms admin listener",
         )
         await asyncio.gather(pub_task, self._admin.serve())
 
@@ -894,10 +904,12 @@ class KmsServer:
             self._admin.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.tls_audit.flush()
 
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
+        self.tls_audit.flush()
 
     def __enter__(self) -> KmsServer:
         return self.start()

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -41,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import teecloud
 from teecloud._asgi import BoundedBody
 from teecloud._fs import atomic_write, data_home
+from teecloud._serve import NODE_API, LimitedServer, ServeLimits, limited_config
 from teecloud.agent.api import GetQuoteRequest
 from teecloud.agent.keyprovider import KeyProvider
 from teecloud.node import api
@@ -690,18 +690,22 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
 class NodeServer:
     """The node API on 127.0.0.1 in a background thread."""
 
-    def __init__(self, node: Node, *, token: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        node: Node,
+        *,
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: ServeLimits = NODE_API,
+    ) -> None:
         self.node = node
         self.host = host
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                make_node_app(node, token=token),
-                host=host,
-                port=port,
-                log_level="warning",
-                lifespan="off",
-                access_log=False,
-            )
+        self.limits = limits
+        self._server = LimitedServer(
+            limited_config(make_node_app(node, token=token), limits, host=host, port=port),
+            limits,
+            name="node API listener",
         )
         self._thread: threading.Thread | None = None
         self.port = 0
