@@ -7,7 +7,8 @@ TOOLS="${TEECLOUD_TOOLS:-$HOME/.cache/teecloud-tools}"
 export PATH="$TOOLS/node_modules/.bin:$PATH"
 
 state=$(bash scripts/dockerd.sh)
-cleanup() { if [ "$state" = started ]; then pkill -x dockerd || true; fi; }
+# Stop only the engine this run started, by the PID dockerd.sh recorded (never by name).
+cleanup() { if [ "$state" = started ]; then bash scripts/dockerd.sh stop || true; fi; }
 trap cleanup EXIT
 # The crash test may restart the engine only when this script started it (it stops every container).
 if [ "$state" = started ]; then export TEECLOUD_E2E_RESTART_DOCKERD=1; fi

@@ -107,9 +107,9 @@ class ServeLimits:
 KMS_PUBLIC = ServeLimits(max_connections=256, backlog=1024)
 KMS_ADMIN = ServeLimits(max_connections=16, backlog=16)
 NODE_API = ServeLimits(max_connections=256, backlog=1024, keep_alive_timeout_s=15.0)
-AGENT = ServeLimits(max_connections=64, backlog=64)
-CHAIN_RPC = ServeLimits(max_connections=64, backlog=64, keep_alive_timeout_s=15.0)
-PCCS = ServeLimits(max_connections=64, backlog=64)
+AGENT = ServeLimits(max_connections=64, backlog=128)
+CHAIN_RPC = ServeLimits(max_connections=64, backlog=256, keep_alive_timeout_s=15.0)
+PCCS = ServeLimits(max_connections=64, backlog=256)
 
 
 # ------------------------------------------------------------------------------------------ rate-limited log
@@ -313,6 +313,7 @@ class _Acceptor:
         self._retry: asyncio.TimerHandle | None = None
         self.stats = ServeStats()
         self.churn = 0  # connections closed since the last heap trim
+        self._batch = max(1, min(limits.backlog, limits.max_connections // 8))
         sock.setblocking(False)
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -321,7 +322,10 @@ class _Acceptor:
         return len(self._slots)
 
     def _on_readable(self) -> None:
-        for _ in range(self.limits.backlog):  # bounded batch, then let the loop serve the others
+        # A small batch, then the loop runs: a connection accepted in a burst must get its request read
+        # (and become busy) before `max_connections` newer ones arrive, or it is the oldest idle one and
+        # evicted. Its read takes two or three loop iterations, hence cap / 8 per iteration.
+        for _ in range(self._batch):
             try:
                 conn, addr = self._sock.accept()
             except (BlockingIOError, InterruptedError):

@@ -73,9 +73,10 @@ def test_sigkill_of_the_node_process_and_restart(hello_image: str, tmp_path: Pat
         assert verdict.ok, verdict.to_json()
 
         if os.environ.get("TEECLOUD_E2E_RESTART_DOCKERD") == "1":
-            subprocess.run(["pkill", "-x", "dockerd"], check=False)
-            time.sleep(2)
+            # stops the engine scripts/test.sh started, by its recorded PID (never another engine by name)
             root = Path(__file__).resolve().parents[2]
+            subprocess.run(["bash", str(root / "scripts" / "dockerd.sh"), "stop"], check=True)
+            time.sleep(2)
             subprocess.run(["bash", str(root / "scripts" / "dockerd.sh")], check=True)
             # restart: unless-stopped brings the container back; the agent and the volume never went away
             # the random host port is chosen again when the engine restarts the container
