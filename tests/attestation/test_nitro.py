@@ -99,7 +99,8 @@ def test_vector_verifies_with_expected_values(doc: bytes, aws_root: bytes) -> No
     assert ev.fields["nonce"] is None and ev.fields["public_key"] is None
     assert ev.debug is False
     assert ev.tcb_status == nitro.TCB_STATUS
-    assert [s.name for s in ev.steps] == ["parsed", "cert_chain_verified", "quote_verified"]
+    assert [s.name for s in ev.steps] == ["parsed", "cert_chain_verified", "revocation", "quote_verified"]
+    assert ev.steps[2].reason.startswith("revocation not checked")
     assert "aws.nitro-enclaves" in ev.steps[1].reason
 
 

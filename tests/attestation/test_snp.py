@@ -157,8 +157,17 @@ def test_vector_verifies_with_expected_values(vec: SnpVector) -> None:
     assert ev.debug is True  # policy 0xb0000 has bit 19 (DEBUG) set
     assert ev.device_id == vec.report[0x1A0:0x1E0] and len(ev.device_id) == 64
     assert ev.tcb_status == snp.TCB_STATUS
-    assert [s.name for s in ev.steps] == ["parsed", "cert_chain_verified", "quote_verified", "tcb_ok"]
+    assert [s.name for s in ev.steps] == [
+        "parsed",
+        "cert_chain_verified",
+        "revocation",
+        "quote_verified",
+        "tcb_ok",
+    ]
     assert all(s.ok for s in ev.steps)
+    # no CRL given: said so, never passed silently
+    assert ev.steps[2].reason == "revocation not checked: no CRL or OCSP response was supplied"
+    assert ev.fields["revocation"]["complete"] is False
 
 
 def test_parse_every_field_of_the_vector(vec: SnpVector) -> None:
@@ -298,10 +307,143 @@ def test_debug_is_policy_bit_19(vec: SnpVector, fake_amd: FakeAmd, policy: int, 
     assert ev.fields["policy_fields"]["debug"] is debug
 
 
-def test_vlek_signed_report_is_rejected(vec: SnpVector, fake_amd: FakeAmd) -> None:
+def test_vlek_flag_with_a_vcek_certificate_is_rejected(vec: SnpVector, fake_amd: FakeAmd) -> None:
+    # The report says a VLEK signed it; a VCEK certificate must not be accepted for it (key confusion).
     vlek = patch(vec.report, 0x48, struct.pack("<I", 1 << 2))
-    with pytest.raises(MalformedEvidence, match="VLEK"):
+    with pytest.raises(CertificateChainInvalid, match=r"signed by its VLEK.*SEV-VCEK"):
         verify(fake_amd.vector(vlek))
+
+
+# --- VLEK-signed reports (SIGNING_KEY = 1): VLEK <- ASVK 'SEV-VLEK-Milan' <- the same ARK -----------------
+
+
+def _csp_ext(name: str) -> x509.UnrecognizedExtension:
+    raw = name.encode()
+    return x509.UnrecognizedExtension(
+        x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.5"), bytes([0x0C, len(raw)]) + raw
+    )
+
+
+@pytest.fixture(scope="module")
+def fake_vlek(fake_amd: FakeAmd) -> tuple[FakeAmd, x509.Certificate]:
+    asvk_key = rsa.generate_private_key(65537, 2048)
+    asvk = make_cert(
+        "SEV-VLEK-Milan", asvk_key, issuer_cn="ARK-Milan", issuer_key=fake_amd.ark_key, ca=True, org=AMD_ORG
+    )
+    vlek_key = ec.generate_private_key(ec.SECP384R1())
+    exts = [
+        e for e in vcek_extensions(VECTOR_TCB, bytes(64)) if e.oid.dotted_string != "1.3.6.1.4.1.3704.1.4"
+    ]
+    vlek = make_cert(
+        "SEV-VLEK",
+        vlek_key,
+        issuer_cn="SEV-VLEK-Milan",
+        issuer_key=asvk_key,
+        org=AMD_ORG,
+        extensions=[*exts, _csp_ext("teecloud-test-csp")],
+    )
+    return FakeAmd(fake_amd.ark_key, fake_amd.ark, asvk_key, asvk, vlek_key, vlek), asvk
+
+
+def test_vlek_signed_report_verifies_to_the_same_ark(
+    vec: SnpVector, fake_amd: FakeAmd, fake_vlek: tuple[FakeAmd, x509.Certificate]
+) -> None:
+    amd, _ = fake_vlek
+    report = patch(vec.report, 0x48, struct.pack("<I", 1 << 2))
+    ev = verify(amd.vector(report))
+    assert ev.fields["signing_key_name"] == "VLEK" and ev.fields["csp_id"] == "teecloud-test-csp"
+    assert "SEV-VLEK' <- 'SEV-VLEK-Milan' <- 'ARK-Milan'" in ev.steps[1].reason
+    assert ev.fields["product_line"] == "Milan"
+
+
+def test_vlek_report_with_vcek_chain_or_flag_missing_is_rejected(
+    vec: SnpVector, fake_amd: FakeAmd, fake_vlek: tuple[FakeAmd, x509.Certificate]
+) -> None:
+    amd, _ = fake_vlek
+    # a VLEK certificate for a report that says VCEK
+    with pytest.raises(CertificateChainInvalid, match=r"signed by its VCEK.*SEV-VLEK"):
+        verify(amd.vector(vec.report))
+    # a VLEK chained through an ASK (VCEK signer) instead of the ASVK
+    report = patch(vec.report, 0x48, struct.pack("<I", 1 << 2))
+    bogus = make_cert(
+        "SEV-VLEK",
+        amd.vcek_key,
+        issuer_cn="SEV-Milan",
+        issuer_key=fake_amd.ask_key,
+        org=AMD_ORG,
+        extensions=vcek_extensions(VECTOR_TCB, bytes(64)),
+    )
+    v = SnpVector(amd.sign(report), der(bogus), pem(fake_amd.ask, fake_amd.ark), der(fake_amd.ark))
+    with pytest.raises(CertificateChainInvalid, match="not those of a VLEK"):
+        verify(v)
+
+
+# --- revocation: AMD KDS-style CRLs (signed RSA-PSS by the issuer) -----------------------------------------
+
+
+def _crl(
+    issuer: x509.Certificate,
+    key: rsa.RSAPrivateKey,
+    revoked: list[int],
+    *,
+    days: int = 7,
+    start: dt.datetime | None = None,
+) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    start = start or dt.datetime(2026, 6, 28, tzinfo=dt.UTC)
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.subject)
+        .last_update(start)
+        .next_update(start + dt.timedelta(days=days))
+    )
+    for serial in revoked:
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(start).build()
+        )
+    pss = padding.PSS(padding.MGF1(hashes.SHA384()), padding.PSS.DIGEST_LENGTH)
+    return b.sign(key, hashes.SHA384(), rsa_padding=pss).public_bytes(Encoding.DER)
+
+
+def test_crl_revoking_the_vcek_rejects(vec: SnpVector, fake_amd: FakeAmd) -> None:
+    crl = _crl(fake_amd.ask, fake_amd.ask_key, [fake_amd.vcek.serial_number])
+    with pytest.raises(
+        CertificateChainInvalid, match=r"'SEV-VCEK' .*revoked by its issuer 'SEV-Milan'"
+    ) as info:
+        verify(fake_amd.vector(vec.report), revocation=snp.Revocation(crls=(crl,)))
+    assert info.value.step == "revocation"
+
+
+def test_ark_crl_revoking_the_ask_rejects(vec: SnpVector, fake_amd: FakeAmd) -> None:
+    crl = _crl(fake_amd.ark, fake_amd.ark_key, [fake_amd.ask.serial_number])
+    with pytest.raises(CertificateChainInvalid, match=r"'SEV-Milan'.*revoked by its issuer 'ARK-Milan'"):
+        verify(fake_amd.vector(vec.report), revocation=snp.Revocation(crls=(crl,)))
+
+
+def test_crls_without_the_chain_pass_and_say_what_was_checked(vec: SnpVector, fake_amd: FakeAmd) -> None:
+    ark_crl = _crl(fake_amd.ark, fake_amd.ark_key, [12345])
+    ev = verify(fake_amd.vector(vec.report), revocation=snp.Revocation(crls=(ark_crl,)))
+    step = next(s for s in ev.steps if s.name == "revocation")
+    assert "SEV-Milan: not in the CRL of 'ARK-Milan'" in step.reason
+    assert "not checked (no CRL or OCSP response for it): SEV-VCEK" in step.reason
+    assert ev.fields["revocation"]["complete"] is False
+    ask_crl = _crl(fake_amd.ask, fake_amd.ask_key, [])
+    ev = verify(fake_amd.vector(vec.report), revocation=snp.Revocation(crls=(ark_crl, ask_crl)))
+    assert ev.fields["revocation"]["complete"] is True
+
+
+def test_crl_forged_or_stale_is_rejected(vec: SnpVector, fake_amd: FakeAmd) -> None:
+    other = rsa.generate_private_key(65537, 2048)
+    forged = _crl(fake_amd.ask, other, [])  # names the ASK as issuer, signed by another key
+    with pytest.raises(CertificateChainInvalid, match="not signed by 'SEV-Milan'"):
+        verify(fake_amd.vector(vec.report), revocation=snp.Revocation(crls=(forged,)))
+    stale = _crl(fake_amd.ask, fake_amd.ask_key, [], start=dt.datetime(2026, 5, 1, tzinfo=dt.UTC))
+    with pytest.raises(Expired, match="not current"):
+        verify(fake_amd.vector(vec.report), revocation=snp.Revocation(crls=(stale,)))
+    with pytest.raises(MalformedEvidence, match=r"not a valid X\.509 CRL"):
+        verify(fake_amd.vector(vec.report), revocation=snp.Revocation(crls=(b"junk",)))
 
 
 def test_other_signature_algorithm_is_rejected(vec: SnpVector, fake_amd: FakeAmd) -> None:

@@ -625,6 +625,13 @@ def _quote_signature_ok(q: _Quote, quote: bytes) -> bool:
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
+_DCAP_REVOCATION: dict[str, Any] = {
+    "checked": ["PCK chain and collateral signers: the root CA CRL and the PCK CRL (dcap-qvl)"],
+    "not_checked": [],
+    "complete": True,
+}
+
+
 @dataclass(frozen=True)
 class _Verdict:
     """dcap-qvl's accepting verdict on a platform, reusable strictly inside `window`."""
@@ -836,6 +843,8 @@ def verify_dcap_quote(
         "qe_vendor_id": q.header["qe_vendor_id"],
         "fmspc": col.tcb_fmspc,
         "root_ca": anchor_name,
+        # dcap-qvl checks the whole PCK chain and the collateral's signers against both CRLs, always
+        "revocation": {k: list(v) if isinstance(v, list) else v for k, v in _DCAP_REVOCATION.items()},
     }
     for name, value in q.report.items():
         if name not in measurements:

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from teecloud.attestation import _x509
+from teecloud.attestation._revocation import Revocation, check_revocation
 from teecloud.attestation.errors import (
     CertificateChainInvalid,
     MalformedEvidence,
@@ -323,8 +324,11 @@ def verify_nvidia_evidence(
     trust_anchors: Sequence[bytes],
     now: int,
     expected_nonce: bytes | None = None,
+    revocation: Revocation | None = None,
 ) -> VerifiedEvidence:
-    """Verify GPU evidence signed by the leaf of `cert_chain_pem` (PEM, any order), chained to an anchor."""
+    """Verify GPU evidence signed by the leaf of `cert_chain_pem` (PEM, any order), chained to an anchor.
+    `revocation`: OCSP responses from NVIDIA's OCSP service (or CRLs) for the device chain, checked
+    offline; without them the result says "revocation not checked"."""
     steps: list[Step] = []
     # (1): parse
     m = parse_nvidia_evidence(evidence)
@@ -336,6 +340,8 @@ def verify_nvidia_evidence(
     pool = [c for c in certs if c is not leaf]
     chain = _x509.build_and_verify_chain(leaf, pool, trust_anchors, now=now, algorithms=_x509.ECDSA_SHA384)
     steps.append(Step("cert_chain_verified", True, chain.summary()))
+    revoked = check_revocation(chain.path, revocation or Revocation(), now=now)
+    steps.append(Step("revocation", True, revoked.summary()))
 
     # (3): signature
     key = leaf.public_key()
@@ -411,6 +417,7 @@ def verify_nvidia_evidence(
         "opaque": opaque_json,
         "fwid_matched_certificate": fwid_checked,
         "leaf_subject": _x509.describe(leaf.subject),
+        "revocation": revoked.to_json(),
     }
     return VerifiedEvidence(
         tee=TeeKind.NVIDIA.value,

@@ -8,6 +8,7 @@ A policy is declarative and versioned (TOML or JSON, `version = 1`; see docs/ver
     allowed_advisory_ids = []              # absent: any advisory; present: only these (empty: none)
     reject_debug = true                    # default true
     allow_simulated = false                # default false: development-root evidence is refused
+    require_revocation = false             # true: every certificate of the chain checked against a CRL/OCSP
     report_data = "1234..."                # expected report_data (hex, zero-padded to the field)
     allowed_compose_hashes = ["..."]       # from the replayed event log
     allowed_os_image_hashes = ["..."]
@@ -52,6 +53,7 @@ _KEYS = frozenset(
         "allowed_compose_hashes",
         "allowed_os_image_hashes",
         "allowed_app_ids",
+        "require_revocation",
     }
 )
 
@@ -68,6 +70,7 @@ class _Claims:
     measurements: Mapping[str, bytes]
     report_data: bytes
     app_info: AppInfo | None
+    revocation: Mapping[str, Any] | None = None
 
     @classmethod
     def of(cls, ev: VerifiedEvidence) -> _Claims:
@@ -80,6 +83,9 @@ class _Claims:
             measurements=ev.measurements,
             report_data=ev.report_data,
             app_info=ev.app_info,
+            revocation=ev.fields.get("revocation")
+            if isinstance(ev.fields.get("revocation"), Mapping)
+            else None,
         )
 
 
@@ -128,6 +134,7 @@ class Policy:
     allowed_compose_hashes: tuple[bytes, ...] | None = None
     allowed_os_image_hashes: tuple[bytes, ...] | None = None
     allowed_app_ids: tuple[bytes, ...] | None = None
+    require_revocation: bool = False
 
     # ------------------------------------------------------------------------------------ construction
 
@@ -161,7 +168,7 @@ class Policy:
             kw["min_tcb_status"] = status
         if "allowed_advisory_ids" in data:
             kw["allowed_advisory_ids"] = _strings(data["allowed_advisory_ids"], "allowed_advisory_ids")
-        for key in ("reject_debug", "allow_simulated"):
+        for key in ("reject_debug", "allow_simulated", "require_revocation"):
             if key in data:
                 kw[key] = _bool(data[key], key)
         if "report_data" in data:
@@ -210,6 +217,8 @@ class Policy:
             "reject_debug": self.reject_debug,
             "allow_simulated": self.allow_simulated,
         }
+        if self.require_revocation:
+            out["require_revocation"] = True
         if self.allowed_tee is not None:
             out["allowed_tee"] = list(self.allowed_tee)
         if self.allowed_advisory_ids is not None:
@@ -265,6 +274,20 @@ class Policy:
                     f"{kind} is a debug TEE: its memory is readable by the host"
                     if c.debug
                     else "not in debug mode",
+                )
+            )
+        # (3b) Revocation: every certificate below the anchor checked against a CRL or OCSP response.
+        if self.require_revocation:
+            rev = c.revocation or {}
+            missing = list(rev.get("not_checked", ["the chain"])) if not rev.get("complete") else []
+            steps.append(
+                Step(
+                    "policy:revocation",
+                    not missing,
+                    "every certificate of the chain was checked for revocation"
+                    if not missing
+                    else f"revocation not checked for {', '.join(map(str, missing))} "
+                    "(require_revocation is true)",
                 )
             )
         # (4) TCB floor and advisories (Intel TCB statuses; other kinds have no TCB status to compare).

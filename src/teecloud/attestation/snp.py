@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from teecloud.attestation import _x509
+from teecloud.attestation._revocation import Revocation, check_revocation
 from teecloud.attestation.errors import (
     CertificateChainInvalid,
     CollateralMismatch,
@@ -43,6 +44,7 @@ __all__ = [
     "SIGNED_SIZE",
     "SUPPORTED_VERSIONS",
     "TCB_STATUS",
+    "Revocation",
     "SnpReport",
     "TcbVersion",
     "looks_like",
@@ -56,6 +58,7 @@ SIGNED_SIZE = 0x2A0  # the signature covers bytes [0x000, 0x2A0)
 SUPPORTED_VERSIONS = frozenset({2, 3})
 SIG_ALGO_ECDSA_P384_SHA384 = 1
 SIGNING_KEY_VCEK = 0
+SIGNING_KEY_VLEK = 1  # a Versioned Loaded Endorsement Key: issued to a cloud provider, chained ASVK -> ARK
 
 # We have no AMD TCB list to grade against: what is established is that the report's TCB is exactly the TCB
 # AMD certified in the VCEK. Policies must accept this status for SNP explicitly.
@@ -72,6 +75,7 @@ _OID_SNP_SPL = x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.3.3")
 _OID_UCODE_SPL = x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.3.8")
 _OID_FMC_SPL = x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.3.9")
 _OID_HWID = x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.4")
+_OID_CSP_ID = x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.5")  # VLEK only: the cloud provider's name
 
 
 @dataclass(frozen=True)
@@ -366,6 +370,7 @@ class VcekInfo:
     product_name: str
     tcb: dict[str, int]
     hwid: bytes | None
+    csp_id: str = ""
 
 
 def _vcek_info(vcek: x509.Certificate) -> VcekInfo:
@@ -387,18 +392,26 @@ def _vcek_info(vcek: x509.Certificate) -> VcekInfo:
     hwid = _ext_raw(vcek, _OID_HWID)
     if hwid is not None and len(hwid) == 66 and hwid[:2] == b"\x04\x40":  # tolerate an OCTET STRING wrapper
         hwid = hwid[2:]
-    return VcekInfo(product_name=product, tcb=tcb, hwid=hwid)
+    csp_raw = _ext_raw(vcek, _OID_CSP_ID)
+    csp = _der_value(csp_raw, 0x0C, "csp_id").decode("utf-8", "replace") if csp_raw is not None else ""
+    return VcekInfo(product_name=product, tcb=tcb, hwid=hwid, csp_id=csp)
 
 
-def _product_line(ask: x509.Certificate, ark: x509.Certificate) -> str:
-    """AMD names its CAs 'ARK-<product>' and 'SEV-<product>' (e.g. Milan, Genoa); they must agree."""
+def _product_line(ask: x509.Certificate, ark: x509.Certificate, *, vlek: bool) -> str:
+    """AMD names its CAs 'ARK-<product>', 'SEV-<product>' (the ASK, which signs VCEKs) and
+    'SEV-VLEK-<product>' (the ASVK, which signs VLEKs); they must agree with each other and with the key
+    type the report names."""
     ark_cn, ask_cn = _x509.common_name(ark), _x509.common_name(ask)
-    if not ark_cn.startswith("ARK-") or not ask_cn.startswith(("SEV-", "SEV-VLEK-")):
-        raise CertificateChainInvalid(
-            f"AMD CA names '{ark_cn}' / '{ask_cn}' do not follow ARK-<product> / SEV-<product>"
-        )
+    want = "SEV-VLEK-" if vlek else "SEV-"
+    if (
+        not ark_cn.startswith("ARK-")
+        or not ask_cn.startswith(want)
+        or (not vlek and ask_cn.startswith("SEV-VLEK-"))
+    ):
+        kind = "VLEK (ARK-<product> / SEV-VLEK-<product>)" if vlek else "VCEK (ARK-<product> / SEV-<product>)"
+        raise CertificateChainInvalid(f"AMD CA names '{ark_cn}' / '{ask_cn}' are not those of a {kind} chain")
     product = ark_cn.removeprefix("ARK-")
-    if ask_cn.removeprefix("SEV-VLEK-").removeprefix("SEV-") != product:
+    if ask_cn.removeprefix(want) != product:
         raise CertificateChainInvalid(f"ASK '{ask_cn}' and ARK '{ark_cn}' belong to different product lines")
     return product
 
@@ -437,9 +450,13 @@ def verify_snp_report(
     cert_chain_pem: bytes,
     trust_anchors: Sequence[bytes],
     now: int,
+    revocation: Revocation | None = None,
 ) -> VerifiedEvidence:
-    """Verify a SEV-SNP report signed by `vcek_der`, chained through `cert_chain_pem` (ASK, optionally ARK)
-    to one of `trust_anchors` (ARK certificates, PEM or DER). Raises VerificationError subclasses."""
+    """Verify a SEV-SNP report signed by `vcek_der` -- the VCEK, or the VLEK when the report's SIGNING_KEY
+    field says so -- chained through `cert_chain_pem` (ASK or ASVK, optionally ARK) to one of
+    `trust_anchors` (ARK certificates, PEM or DER). `revocation` holds the CRLs (AMD KDS: the ARK's CRL of
+    ASKs/ASVKs; an ASK's CRL covers its VCEKs) and OCSP responses to check the chain against; without them
+    the result says "revocation not checked". Raises VerificationError subclasses."""
     steps: list[Step] = []
     # (1): parse
     rep = parse_snp_report(report)
@@ -447,29 +464,41 @@ def verify_snp_report(
         raise MalformedEvidence(
             f"SEV-SNP signature algorithm {rep.signature_algo} is not supported (expected 1, ECDSA P-384)"
         )
-    if rep.signing_key != SIGNING_KEY_VCEK:
+    if rep.signing_key not in (SIGNING_KEY_VCEK, SIGNING_KEY_VLEK):
         raise MalformedEvidence(
-            f"SEV-SNP report is signed by key type {rep.signing_key} (0 = VCEK expected; VLEK unsupported)"
+            f"SEV-SNP report is signed by key type {rep.signing_key} (0 = VCEK or 1 = VLEK expected)"
         )
-    steps.append(Step("parsed", True, f"SEV-SNP attestation report version {rep.version}"))
+    vlek = rep.signing_key == SIGNING_KEY_VLEK
+    key_name = "VLEK" if vlek else "VCEK"
+    steps.append(
+        Step("parsed", True, f"SEV-SNP attestation report version {rep.version}, signed by its {key_name}")
+    )
 
     # (2): certificate chain
-    vcek = _x509.load_certificate(vcek_der, what="VCEK")
+    vcek = _x509.load_certificate(vcek_der, what=key_name)
+    leaf_cn = _x509.common_name(vcek)
+    if ("VLEK" in leaf_cn) != vlek:
+        raise CertificateChainInvalid(
+            f"the report is signed by its {key_name}, but the signing certificate given is '{leaf_cn}'"
+        )
     pool = _x509.load_certificates(cert_chain_pem, what="ASK/ARK chain")
     chain = _x509.build_and_verify_chain(
         vcek, pool, trust_anchors, now=now, algorithms=_x509.RSA_PSS, root_algorithms=_x509.RSA_PSS
     )
     if len(chain.path) != 3:
         raise CertificateChainInvalid(
-            f"expected VCEK <- ASK <- ARK, found a chain of {len(chain.path)}: {chain.summary()}"
+            f"expected {key_name} <- {'ASVK' if vlek else 'ASK'} <- ARK, found a chain of {len(chain.path)}: "
+            f"{chain.summary()}"
         )
-    product = _product_line(chain.path[1], chain.root)
+    product = _product_line(chain.path[1], chain.root, vlek=vlek)
     steps.append(Step("cert_chain_verified", True, chain.summary()))
+    revoked = check_revocation(chain.path, revocation or Revocation(), now=now)
+    steps.append(Step("revocation", True, revoked.summary()))
 
     # (3): report signature
     key = vcek.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
-        raise CertificateChainInvalid("VCEK public key is not an ECDSA P-384 key")
+        raise CertificateChainInvalid(f"{key_name} public key is not an ECDSA P-384 key")
     try:
         key.verify(
             encode_dss_signature(rep.signature_r, rep.signature_s),
@@ -477,8 +506,8 @@ def verify_snp_report(
             ec.ECDSA(hashes.SHA384()),
         )
     except InvalidSignature as exc:
-        raise SignatureInvalid("SEV-SNP report signature does not verify with the VCEK") from exc
-    steps.append(Step("quote_verified", True, "ECDSA P-384/SHA-384 report signature by the VCEK"))
+        raise SignatureInvalid(f"SEV-SNP report signature does not verify with the {key_name}") from exc
+    steps.append(Step("quote_verified", True, f"ECDSA P-384/SHA-384 report signature by the {key_name}"))
 
     # (4): the report's TCB and chip must be the ones AMD certified in the VCEK
     info = _vcek_info(vcek)
@@ -495,7 +524,8 @@ def verify_snp_report(
         raise CollateralMismatch(
             "reported_tcb does not match the VCEK's TCB (" + "; ".join(diffs) + ")", step="tcb_ok"
         )
-    if not rep.chip_id_masked:
+    # A VLEK is not tied to one chip (it has no hwID): chip_id is only compared for VCEK-signed reports.
+    if not rep.chip_id_masked and not vlek:
         if info.hwid is None:
             raise CollateralMismatch("VCEK has no hwID extension to compare chip_id with", step="tcb_ok")
         if info.hwid != rep.chip_id:
@@ -514,6 +544,9 @@ def verify_snp_report(
             "vcek_product_name": info.product_name,
             "chip_id_masked": rep.chip_id_masked,
             "vcek_tcb": info.tcb,
+            "signing_key_name": key_name,
+            "csp_id": info.csp_id,
+            "revocation": revoked.to_json(),
         }
     )
     return VerifiedEvidence(

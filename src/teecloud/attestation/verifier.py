@@ -10,22 +10,21 @@ collateral, an unreadable policy, a trust anchor that is not a certificate) rais
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from types import ModuleType
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from teecloud import _json
-from teecloud.attestation import dcap, eventlog
+from teecloud.attestation import dcap, eventlog, nitro, nvidia, snp
 from teecloud.attestation._cache import BoundedCache, named_cache
 from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
+from teecloud.attestation._revocation import Revocation
 from teecloud.attestation.errors import (
     MalformedEvidence,
     PolicyViolation,
@@ -46,23 +45,6 @@ from teecloud.attestation.policy import Policy
 __all__ = ["TrustAnchors", "detect_kind", "split_certificates", "verify", "verify_tdx_with_event_log"]
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----")
-# Modules of the kinds verified outside this file (each has looks_like() and a verify_* function).
-_OTHER_KINDS: tuple[tuple[TeeKind, str], ...] = (
-    (TeeKind.SNP, "teecloud.attestation.snp"),
-    (TeeKind.NITRO, "teecloud.attestation.nitro"),
-    (TeeKind.NVIDIA, "teecloud.attestation.nvidia"),
-)
-
-
-def _module(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            return None
-        raise
-
-
 # ------------------------------------------------------------------------------------------ certificates
 
 
@@ -215,6 +197,13 @@ def _dstack_json_decode(data: bytes) -> _Detected:
     return _Detected(kind, quote, log, container="dstack JSON")
 
 
+_SNIFFERS = (
+    (TeeKind.SNP, snp.looks_like),
+    (TeeKind.NITRO, nitro.looks_like),
+    (TeeKind.NVIDIA, nvidia.looks_like),
+)
+
+
 def detect_kind(evidence: bytes) -> TeeKind | None:
     """The TEE kind of `evidence` from its structure, or None when unrecognised (never raises)."""
     try:
@@ -228,9 +217,8 @@ def _detect(data: bytes, kind: TeeKind | None) -> _Detected:
     if found is None and dcap.looks_like_dcap_quote(data):
         found = _Detected(TeeKind.TDX if dcap.parse_quote(data)["tee"] == "tdx" else TeeKind.SGX, data)
     if found is None:
-        for other, module_name in _OTHER_KINDS:
-            module = _module(module_name)
-            if module is not None and module.looks_like(data):
+        for other, looks_like in _SNIFFERS:
+            if looks_like(data):
                 found = _Detected(other, data)
                 break
     if found is None:
@@ -296,6 +284,7 @@ def _verify_kind(
     now: int,
     limits: VerifierLimits,
     expected_nonce: bytes | None,
+    revocation: Revocation,
 ) -> VerifiedEvidence:
     if found.kind in (TeeKind.TDX, TeeKind.SGX):
         if collateral is None:
@@ -308,37 +297,44 @@ def _verify_kind(
             intel_root_der=anchors.intel_root_der,
             limits=limits,
         )
-    module = _module(dict(_OTHER_KINDS)[found.kind])
-    if module is None:
-        raise UsageError(f"{found.kind.value} evidence is not supported by this build")
     chain = split_certificates(cert_chain) if cert_chain else []
     if found.kind == TeeKind.SNP:
         pool = [*anchors.amd_ark, *anchors.other]
         roots = [c for c in pool if _self_signed(c)]
-        vceks = [c for c in chain if "VCEK" in _attr(_load(c), NameOID.COMMON_NAME)] or chain[:1]
+        # The signing key's certificate: the VCEK, or the VLEK of a VLEK-signed report (the report says).
+        names = ("VCEK", "VLEK")
+        vceks = [c for c in chain if any(n in _attr(_load(c), NameOID.COMMON_NAME) for n in names)] or chain[
+            :1
+        ]
         if not vceks:
-            raise UsageError("SEV-SNP evidence needs its VCEK certificate (--cert-chain VCEK.der)")
+            raise UsageError("SEV-SNP evidence needs its VCEK or VLEK certificate (--cert-chain VCEK.der)")
         vcek = vceks[0]
         intermediates = [c for c in chain if c != vcek] + [c for c in pool if c not in roots]
-        result: VerifiedEvidence = module.verify_snp_report(
-            found.payload, vcek_der=vcek, cert_chain_pem=_to_pem(intermediates), trust_anchors=roots, now=now
+        return snp.verify_snp_report(
+            found.payload,
+            vcek_der=vcek,
+            cert_chain_pem=_to_pem(intermediates),
+            trust_anchors=roots,
+            now=now,
+            revocation=revocation,
         )
-        return result
     if found.kind == TeeKind.NITRO:
-        result = module.verify_nitro_document(
-            found.payload, trust_anchors=[*anchors.nitro_roots, *anchors.other], now=now
+        return nitro.verify_nitro_document(
+            found.payload,
+            trust_anchors=[*anchors.nitro_roots, *anchors.other],
+            now=now,
+            revocation=revocation,
         )
-        return result
     if not chain:
         raise UsageError("NVIDIA evidence needs the device certificate chain (--cert-chain FILE, leaf first)")
-    result = module.verify_nvidia_evidence(
+    return nvidia.verify_nvidia_evidence(
         found.payload,
         cert_chain_pem=_to_pem(chain),
         trust_anchors=[*anchors.nvidia_roots, *anchors.other],
         now=now,
         expected_nonce=expected_nonce,
+        revocation=revocation,
     )
-    return result
 
 
 def verify(
@@ -352,9 +348,16 @@ def verify(
     policy: Policy | None = None,
     now: int,
     expected_nonce: bytes | None = None,
+    crls: Sequence[bytes] = (),
+    ocsp_responses: Sequence[bytes] = (),
     limits: VerifierLimits = DEFAULT_LIMITS,
 ) -> VerificationResult:
     """Verify evidence of any supported kind and judge it with `policy` (default: `Policy.default()`).
+
+    `crls` / `ocsp_responses` (DER; CRLs also PEM) are checked offline against the SEV-SNP, Nitro and NVIDIA
+    chains (AMD's KDS CRL, CRLs from the certificates' distribution points, NVIDIA's OCSP answers); without
+    them those results say "revocation not checked" (Policy.require_revocation makes that a rejection).
+    TDX/SGX revocation comes with the collateral (dcap-qvl checks both CRLs).
 
     Steps:
       (1) size limit, then detect the kind (DCAP header, dstack JSON, SEV-SNP / Nitro / NVIDIA sniffers);
@@ -393,6 +396,7 @@ def verify(
                 now=now,
                 limits=limits,
                 expected_nonce=expected_nonce,
+                revocation=Revocation(tuple(bytes(c) for c in crls), tuple(bytes(o) for o in ocsp_responses)),
             )
             tee = ev.tee
             steps = list(ev.steps)
