@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from teecloud.agent.boot import normalize_app_compose
+from teecloud.agent.storage import EncryptedVolume
 from teecloud.node import service
 from teecloud.node.boot import BootedCvm, compose_spec
 from teecloud.node.errors import ComposeRejected, NodeError
 from teecloud.node.instance import Instance
 from teecloud.node.runtime.docker import ComposeSpec, ContainerState, DockerRuntime, LogStream, ResourceLimits
 from teecloud.node.service import Node
-from teecloud.node.storage import EncryptedVolume
 
 # What a followed `docker logs` prints: one line, then nothing until it is killed.
 FOLLOW_ARGV = ["sh", "-c", "echo hello; exec sleep 60"]

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from teecloud.agent.boot import AgentState, boot
 from teecloud.agent.keyprovider import LocalDevKeyProvider
 from teecloud.agent.server import AgentService, ClientError
+from teecloud.agent.storage import EncryptedVolume
 from teecloud.attestation.policy import Policy
 from teecloud.attestation.verifier import verify_tdx_with_event_log
 from teecloud.cloud.verify import verify_attestation
@@ -27,7 +28,6 @@ from teecloud.node.api import CreateCvmRequest, NodeApiError, NodeClient, attest
 from teecloud.node.boot import BootedCvm
 from teecloud.node.instance import Instance
 from teecloud.node.service import Node, make_node_app
-from teecloud.node.storage import EncryptedVolume
 from teecloud.tee.simulated import SimulatedTdx
 from tests.node.fakes import FakeBoots, FakeRuntime, app_compose, make_node
 

@@ -12,12 +12,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from teecloud.agent.boot import normalize_app_compose
 from teecloud.agent.keyprovider import LocalDevKeyProvider
+from teecloud.agent.storage import EncryptedVolume
 from teecloud.keys.envcrypt import encrypt_env
 from teecloud.node.boot import boot_instance
-from teecloud.node.errors import NodeError, RuntimeFailed
+from teecloud.node.errors import BootFailed, RuntimeFailed
 from teecloud.node.instance import InstanceStore
 from teecloud.node.runtime.docker import ENV_FILE_NAME, ContainerState, ResourceLimits
-from teecloud.node.storage import EncryptedVolume
 from teecloud.tee.simulated import SimulatedTdx
 
 
@@ -81,13 +81,22 @@ def test_a_failed_boot_leaves_no_plaintext_env_nor_mount(teecloud_home: Path, fa
         (inst.cipher_dir / "junk").write_bytes(b"x")
 
     runtime = _FailingRuntime(fail_at)
-    with pytest.raises(NodeError):
+    phases: list[str] = []
+    with pytest.raises(BootFailed) as failed:
         boot_instance(
             inst,
             key_provider=provider,
             tee_factory=lambda: SimulatedTdx(teecloud_home),
             runtime=runtime,  # type: ignore[arg-type]
+            progress=phases.append,
         )
+    # the boot stopped where the fault was, after the keys, and says so
+    assert failed.value.phase == fail_at, failed.value
+    assert phases[-1] == fail_at and "keys" in phases
+    expected = {"storage": "gocryptfs", "starting": "compose failed", "healthy": "exited with code 1"}[
+        fail_at
+    ]
+    assert expected in failed.value.reason, failed.value.reason
     assert not runtime.running, "the failed CVM's containers were left running"
     assert not (inst.env_dir / ENV_FILE_NAME).exists(), "decrypted env left in the runtime dir"
     assert not EncryptedVolume(inst.cipher_dir, inst.mount_point).is_mounted()

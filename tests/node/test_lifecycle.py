@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from teecloud.agent.errors import StorageError
+from teecloud.agent.storage import EncryptedVolume
 from teecloud.node.api import CreateCvmRequest, UpgradeCvmRequest
-from teecloud.node.errors import InstanceNotFound, RuntimeFailed, StorageError
+from teecloud.node.errors import InstanceNotFound, RuntimeFailed
 from teecloud.node.instance import Instance
 from teecloud.node.service import Node, make_node_app
-from teecloud.node.storage import EncryptedVolume
 from tests.node.fakes import FakeBoots, FakeRuntime, app_compose, make_node
 
 ENGINE_DOWN = RuntimeFailed(

@@ -67,8 +67,8 @@ def read_endpoints(home: Path | None = None) -> CloudEndpoints | None:
 
 def check_prerequisites() -> list[str]:
     """Everything missing for `teecloud up`, each with how to fix it."""
+    from teecloud.agent.storage import check_prerequisites as storage_prereqs
     from teecloud.node.runtime.docker import DockerRuntime
-    from teecloud.node.storage import check_prerequisites as storage_prereqs
 
     missing: list[str] = []
     try:

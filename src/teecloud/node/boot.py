@@ -1,16 +1,13 @@
-"""The boot sequence of one CVM on the docker runtime, equivalent to dstack's (dstack-util system_setup):
+"""The boot of one CVM on the node, equivalent to dstack's: the guest half (teecloud.agent.guest: measure,
+keys, env, storage, agent), then the host half on the docker runtime, which starts the app for the guest:
 
-(1) measuring  a fresh TEE context (RTMR3 from zero, as in a VM reboot); the agent's `boot()` emits
-               system-preparing, app-id, compose-hash, instance-id, boot-mr-done into RTMR3
-(2) keys       the key provider (the KMS, over mutual RA-TLS) returns the app's keys only if the quote,
-               the replayed event log and the chain (`isAppAllowed`) agree; then key-provider,
-               storage-fs and system-ready are measured. A refusal stops the boot here: no keys, no app.
-(3) env        .encrypted-env is decrypted with the env key; only names in app-compose `allowed_envs` are
-               kept; the result goes to tmpfs only
-(4) storage    the encrypted volume (gocryptfs, keyed by the disk key) is mounted
-(5) agent      /var/run/dstack.sock and /var/run/tappd.sock start answering
-(6) starting   the compose project is (re)created
+(1)-(5)  measuring, keys, env, storage, agent   teecloud.agent.guest.boot_guest (a refusal of the keys stops
+                                                 the boot at `keys`: no keys, no app)
+(6) starting   the compose project is (re)created through the runtime
 (7) healthy    every service runs (and passes its healthcheck, if it has one)
+
+On qemu the guest runs (6) and (7) itself, inside the VM. A failure at any phase is a BootFailed(phase) and,
+after the keys, leaves nothing decrypted behind (app stopped, agent stopped, volume unmounted, env deleted).
 """
 
 from __future__ import annotations
@@ -20,30 +17,32 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from teecloud.agent.boot import AgentState, BootError, boot
+from teecloud.agent.boot import AgentState
+from teecloud.agent.errors import GuestBootFailed
+from teecloud.agent.guest import GUEST_PHASES, STORAGE_FS, BootedGuest, GuestPaths, boot_guest, shutdown_guest
 from teecloud.agent.keyprovider import KeyProvider
 from teecloud.agent.server import AgentRunner
-from teecloud.keys.appkeys import AppKeys
+from teecloud.agent.storage import EncryptedVolume
 from teecloud.node.errors import BootFailed, KeysDenied, NodeError, RuntimeFailed
 from teecloud.node.instance import Instance
-from teecloud.node.runtime.docker import (
-    ENV_FILE_NAME,
-    ComposeSpec,
-    DockerRuntime,
-    project_name,
-    render_env_file,
-)
-from teecloud.node.storage import EncryptedVolume
+from teecloud.node.runtime.base import ComposeSpec, Runtime
+from teecloud.node.runtime.docker import ENV_FILE_NAME, project_name, render_env_file
 from teecloud.tee.base import TeePlatform
 
-__all__ = ["PHASES", "BootedCvm", "boot_instance", "compose_spec", "shutdown_instance"]
+__all__ = [
+    "PHASES",
+    "STORAGE_FS",
+    "BootedCvm",
+    "boot_instance",
+    "compose_spec",
+    "guest_paths",
+    "shutdown_instance",
+]
 
 log = logging.getLogger("teecloud.node.boot")
 
-PHASES = ("measuring", "keys", "env", "storage", "agent", "starting", "healthy")
-STORAGE_FS = "gocryptfs"
+PHASES = (*GUEST_PHASES, "starting", "healthy")
 HEALTHY_TIMEOUT_S = 60.0
 
 Progress = Callable[[str], None]
@@ -56,28 +55,7 @@ class BootedCvm:
     volume: EncryptedVolume
     timings: dict[str, float] = field(default_factory=dict)
     dropped_env: list[str] = field(default_factory=list)
-
-
-class _TimedProvider:
-    """Wraps the key provider to time the key fetch apart from measuring (and to map its errors)."""
-
-    def __init__(self, inner: KeyProvider) -> None:
-        self.inner = inner
-        self.elapsed = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def info(self) -> dict[str, Any]:
-        return self.inner.info()
-
-    def get_app_keys(self, tee: TeePlatform, app_id: bytes, instance_id: bytes) -> AppKeys:
-        t0 = time.perf_counter()
-        try:
-            return self.inner.get_app_keys(tee, app_id, instance_id)
-        finally:
-            self.elapsed += time.perf_counter() - t0
+    guest: BootedGuest | None = None
 
 
 def _kms_mode_events(tee: TeePlatform) -> list[tuple[str, bytes]]:
@@ -99,19 +77,14 @@ def compose_spec(inst: Instance, *, with_env: bool) -> ComposeSpec:
     )
 
 
-def _decrypt_env(inst: Instance, keys: AppKeys, allowed: list[str]) -> tuple[dict[str, str], list[str]]:
-    from teecloud.keys.envcrypt import decrypt_env
-
-    blob = inst.encrypted_env()
-    if not blob:
-        return {}, []
-    try:
-        env = decrypt_env(keys.env_crypt_key, blob)
-    except Exception as exc:  # any failure of hostile ciphertext is a boot failure with a reason
-        raise BootFailed("env", f"the encrypted env does not decrypt with this app's key: {exc}") from exc
-    kept = {k: v for k, v in env.items() if k in allowed}
-    dropped = sorted(k for k in env if k not in allowed)
-    return kept, dropped
+def guest_paths(inst: Instance) -> GuestPaths:
+    return GuestPaths(
+        dstack_sock=inst.agent_dir / "dstack.sock",
+        tappd_sock=inst.agent_dir / "tappd.sock",
+        env_file=inst.env_dir / ENV_FILE_NAME,
+        cipher_dir=inst.cipher_dir,
+        mount_point=inst.mount_point,
+    )
 
 
 def boot_instance(
@@ -119,11 +92,35 @@ def boot_instance(
     *,
     key_provider: KeyProvider,
     tee_factory: Callable[[], TeePlatform],
-    runtime: DockerRuntime,
+    runtime: Runtime,
     progress: Progress = lambda phase: None,
     healthy_timeout: float = HEALTHY_TIMEOUT_S,
 ) -> BootedCvm:
-    timings: dict[str, float] = {}
+    # (1)-(5): the guest half
+    info = inst.info()
+    tee = tee_factory()
+    try:
+        guest = boot_guest(
+            tee=tee,
+            app_compose=inst.app_compose_bytes(),
+            app_id=bytes.fromhex(info["app_id"]),
+            instance_id=bytes.fromhex(info["instance_id"]),
+            key_provider=key_provider,
+            encrypted_env=inst.encrypted_env(),
+            paths=guest_paths(inst),
+            render_env=render_env_file,
+            extra_events=_kms_mode_events(tee),
+            progress=progress,
+        )
+    except GuestBootFailed as exc:
+        if exc.phase == "keys":
+            raise KeysDenied(exc.reason) from exc
+        raise BootFailed(exc.phase, exc.reason) from exc
+    timings = dict(guest.timings)
+    if guest.dropped_env:
+        log.warning(
+            "CVM %s: env vars not in allowed_envs dropped: %s", inst.instance_id, ", ".join(guest.dropped_env)
+        )
     t = time.perf_counter()
 
     def mark(phase: str) -> None:
@@ -132,95 +129,50 @@ def boot_instance(
         timings[phase] = now - t
         t = now
 
-    # (1) + (2)
-    progress("measuring")
-    tee = tee_factory()
-    provider = _TimedProvider(key_provider)
-    info = inst.info()
-    try:
-        state = boot(
-            tee,
-            inst.app_compose_bytes(),
-            bytes.fromhex(info["app_id"]),
-            bytes.fromhex(info["instance_id"]),
-            provider,
-            extra_events=_kms_mode_events(tee),
-            storage_fs=STORAGE_FS,
-        )
-    except BootError as exc:
-        raise BootFailed("measuring", str(exc)) from exc
-    except NodeError:
-        raise
-    except Exception as exc:  # the key provider's refusal or failure: KmsDenied, KmsClientError, ...
-        raise KeysDenied(str(exc) or type(exc).__name__) from exc
-    total = time.perf_counter() - t
-    timings["measuring"] = total - provider.elapsed
-    timings["keys"] = provider.elapsed
-    t = time.perf_counter()
-    progress("keys")
-    if state.compose_hash != inst.compose_hash():
-        raise BootFailed("measuring", "app-compose.json is not in the normalized form its hash is taken over")
-
-    # (3)
-    progress("env")
-    allowed = state.app_compose.get("allowed_envs") or []
-    env, dropped = _decrypt_env(inst, state.keys, [a for a in allowed if isinstance(a, str)])
-    if dropped:
-        log.warning("CVM %s: env vars not in allowed_envs dropped: %s", inst.instance_id, ", ".join(dropped))
-    inst.env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    env_file = inst.env_dir / ENV_FILE_NAME
-    volume = EncryptedVolume(inst.cipher_dir, inst.mount_point)
-    runner: AgentRunner | None = None
     started: ComposeSpec | None = None
+    phase = "starting"
     try:
-        env_file.write_bytes(render_env_file(env))  # tmpfs
-        env_file.chmod(0o644)  # readable by the app's (possibly non-root) user inside the container
-        mark("env")
-
-        # (4)
-        progress("storage")
-        volume.mount(state.keys.disk_crypt_key)
-        mark("storage")
-
-        # (5)
-        progress("agent")
-        runner = AgentRunner(
-            state, dstack_sock=inst.agent_dir / "dstack.sock", tappd_sock=inst.agent_dir / "tappd.sock"
-        ).start()
-        mark("agent")
-
+        if guest.state.compose_hash != inst.compose_hash():
+            raise BootFailed(
+                "measuring", "app-compose.json is not in the normalized form its hash is taken over"
+            )
         # (6)
         progress("starting")
-        spec = compose_spec(inst, with_env=bool(env))
-        text = state.app_compose.get("docker_compose_file")
+        spec = compose_spec(inst, with_env=guest.has_env)
+        text = guest.state.app_compose.get("docker_compose_file")
         if not isinstance(text, str):
             raise BootFailed("starting", "app-compose.json has no docker_compose_file")
-        volume.ensure_dirs(runtime.prepare(spec, text, inst.limits()))
+        guest.volume.ensure_dirs(runtime.prepare(spec, text, inst.limits()))
         started = spec
         runtime.up(spec)
         mark("starting")
 
         # (7)
+        phase = "healthy"
         progress("healthy")
         wait_healthy(runtime, spec.project, timeout=healthy_timeout)
         mark("healthy")
-    except BaseException:
+    except BaseException as exc:
         # a boot that fails after the keys leaves nothing decrypted behind: no app containers still running
         # (a failed CVM is powered off), no agent, no mount, no env file
         if started is not None:
             with contextlib.suppress(NodeError):
                 runtime.stop(started)
-        if runner is not None:
-            runner.stop()
-        with contextlib.suppress(NodeError):
-            volume.unmount()
-        with contextlib.suppress(FileNotFoundError):
-            env_file.unlink()
+        shutdown_guest(guest, guest_paths(inst))
+        if isinstance(exc, NodeError) and not isinstance(exc, BootFailed):
+            raise BootFailed(phase, str(exc)) from exc  # the phase where the runtime failed
         raise
-    return BootedCvm(state=state, runner=runner, volume=volume, timings=timings, dropped_env=dropped)
+    return BootedCvm(
+        state=guest.state,
+        runner=guest.runner,
+        volume=guest.volume,
+        timings=timings,
+        dropped_env=guest.dropped_env,
+        guest=guest,
+    )
 
 
-def wait_healthy(runtime: DockerRuntime, project: str, *, timeout: float) -> None:
+def wait_healthy(runtime: Runtime, project: str, *, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last = "no containers"
     while time.monotonic() < deadline:
@@ -239,23 +191,16 @@ def wait_healthy(runtime: DockerRuntime, project: str, *, timeout: float) -> Non
     raise BootFailed("healthy", f"services not healthy after {timeout:.0f} s: {last}")
 
 
-def shutdown_instance(inst: Instance, booted: BootedCvm | None, runtime: DockerRuntime) -> None:
-    """Stop the app, the agent, unmount the volume and wipe the tmpfs state (a CVM power-off)."""
-    spec = compose_spec(inst, with_env=False)
+def shutdown_instance(inst: Instance, booted: BootedCvm | None, runtime: Runtime) -> None:
+    """Stop the app, then the guest half (agent, volume, env file): a CVM power-off."""
     errors: list[str] = []
     try:
-        runtime.stop(spec)
+        runtime.stop(compose_spec(inst, with_env=False))
     except RuntimeFailed as exc:
         errors.append(str(exc))
-    if booted is not None:
-        booted.runner.stop()
-    volume = booted.volume if booted is not None else EncryptedVolume(inst.cipher_dir, inst.mount_point)
-    try:
-        volume.unmount()
-    except NodeError as exc:
-        errors.append(str(exc))
-    env_file = inst.env_dir / ENV_FILE_NAME
-    with contextlib.suppress(FileNotFoundError):
-        env_file.unlink()
+    guest = booted.guest if booted is not None else None
+    if booted is not None and guest is None:  # a BootedCvm made by hand (tests): stop what it holds
+        guest = BootedGuest(state=booted.state, runner=booted.runner, volume=booted.volume)
+    errors += shutdown_guest(guest, guest_paths(inst))
     if errors:
         raise RuntimeFailed("; ".join(errors))

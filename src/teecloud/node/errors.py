@@ -8,7 +8,7 @@ NodeError                      base; the CLI and the HTTP API catch only this
 ├── InstanceStateError         the request does not fit the CVM's state (e.g. upgrade of a removed CVM)
 ├── RuntimeUnavailable         Docker engine / Compose missing or unreachable (operator must fix)
 ├── RuntimeFailed              docker / docker compose returned an error
-├── StorageError               gocryptfs / FUSE failure
+(StorageError, a gocryptfs / FUSE failure of the encrypted disk, is the agent's: teecloud.agent.errors)
 └── BootFailed(phase)          the boot sequence stopped; `phase` names where
     └── KeysDenied             the KMS refused the keys (code not allowed on chain, bad attestation...)
 """
@@ -27,7 +27,6 @@ __all__ = [
     "NodeError",
     "RuntimeFailed",
     "RuntimeUnavailable",
-    "StorageError",
     "TooManyStreams",
 ]
 
@@ -61,10 +60,6 @@ class RuntimeUnavailable(NodeError):
 
 
 class RuntimeFailed(NodeError):
-    pass
-
-
-class StorageError(NodeError):
     pass
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from teecloud._fs import atomic_write, atomic_write_json, data_home
 from teecloud.node.errors import InstanceNotFound, InstanceStateError
-from teecloud.node.runtime.docker import ResourceLimits
+from teecloud.node.runtime.base import ResourceLimits
 
 __all__ = ["Instance", "InstanceStore", "instance_id_for", "node_home", "runtime_root"]
 

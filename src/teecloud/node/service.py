@@ -42,7 +42,9 @@ from teecloud._asgi import BoundedBody
 from teecloud._fs import atomic_write, data_home
 from teecloud._serve import NODE_API, LimitedServer, ServeLimits, limited_config
 from teecloud.agent.api import GetQuoteRequest
+from teecloud.agent.errors import StorageError
 from teecloud.agent.keyprovider import KeyProvider
+from teecloud.agent.storage import EncryptedVolume
 from teecloud.node import api
 from teecloud.node.boot import BootedCvm, boot_instance, compose_spec, shutdown_instance
 from teecloud.node.compose import check_app_compose, image_refs
@@ -57,8 +59,8 @@ from teecloud.node.errors import (
     TooManyStreams,
 )
 from teecloud.node.instance import Instance, InstanceStore, node_home
-from teecloud.node.runtime.docker import DockerRuntime, LogStream, ResourceLimits
-from teecloud.node.storage import EncryptedVolume
+from teecloud.node.runtime.base import LogSource, ResourceLimits, Runtime
+from teecloud.node.runtime.docker import DockerRuntime
 from teecloud.tee.base import TeePlatform
 
 __all__ = ["Node", "NodeServer", "load_or_create_token", "make_node_app"]
@@ -117,7 +119,7 @@ class Node:
         *,
         key_provider: KeyProvider,
         tee_factory: Callable[[], TeePlatform],
-        runtime: DockerRuntime | None = None,
+        runtime: Runtime | None = None,
         home: Path | None = None,
         kms_urls: list[str] | None = None,
         node_id: int | None = None,
@@ -133,7 +135,7 @@ class Node:
             else max(DEFAULT_MIN_APP_MEMORY_MB, self.memory_mb // DEFAULT_APP_MEMORY_SHARE)
         )
         self.store = InstanceStore(self.home)
-        self.runtime = runtime or DockerRuntime()
+        self.runtime: Runtime = runtime or DockerRuntime()
         self.key_provider = key_provider
         self.tee_factory = tee_factory
         self.kms_urls = list(kms_urls or [])
@@ -159,7 +161,7 @@ class Node:
             device_id=bytes(getattr(p, "device_id", b"")).hex(),
             os_image_hash=bytes(getattr(p, "os_image_hash", b"")).hex(),
             kms_urls=self.kms_urls,
-            compose=" ".join(self.runtime._compose or []),
+            compose=self.runtime.describe(),
             node_id=self.node_id,
             cvms=len(self.store.all()),
         )
@@ -399,11 +401,11 @@ class Node:
                 volume = booted.volume
             try:
                 volume.unmount()
-            except NodeError as exc:
+            except StorageError as exc:
                 leftovers.append(f"the plaintext view {inst.mount_point} is still mounted: {exc}")
             try:
                 volume.shred()
-            except NodeError as exc:
+            except StorageError as exc:
                 leftovers.append(str(exc))
             try:
                 self.store.delete(inst)
@@ -451,7 +453,7 @@ class Node:
         with self._follow_lock:
             return dict(self._follows)
 
-    def logs(self, ref: str, *, service: str | None, tail: int, follow: bool, public: bool) -> LogStream:
+    def logs(self, ref: str, *, service: str | None, tail: int, follow: bool, public: bool) -> LogSource:
         """The CVM's container output. Close the stream when done: a followed stream holds a process and
         one of the node's follow slots until then."""
         inst = self.store.get(ref)
@@ -534,11 +536,11 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _next_chunk(stream: LogStream) -> bytes | None:
+def _next_chunk(stream: LogSource) -> bytes | None:
     return next(stream, None)
 
 
-async def _stream_lines(stream: LogStream, max_bytes: int | None = None) -> AsyncIterator[bytes]:
+async def _stream_lines(stream: LogSource, max_bytes: int | None = None) -> AsyncIterator[bytes]:
     """Serve a log stream and close it however the response ends. When the client goes away, Starlette
     cancels the response: the read (a thread blocked on `docker logs --follow`) is abandoned, not awaited,
     and closing the stream kills the process, which ends that thread too. With `max_bytes`, the response

@@ -1,5 +1,14 @@
-"""Runtime backends that run a CVM's app. `docker`: Docker Engine + Compose (v1 or v2)."""
+"""Runtime backends that run a CVM's app, behind `Runtime` (base.py). `docker`: Docker Engine + Compose."""
 
-from teecloud.node.runtime.docker import ComposeSpec, DockerRuntime, ResourceLimits, make_override
+from teecloud.node.runtime.base import ComposeSpec, ContainerState, LogSource, ResourceLimits, Runtime
+from teecloud.node.runtime.docker import DockerRuntime, make_override
 
-__all__ = ["ComposeSpec", "DockerRuntime", "ResourceLimits", "make_override"]
+__all__ = [
+    "ComposeSpec",
+    "ContainerState",
+    "DockerRuntime",
+    "LogSource",
+    "ResourceLimits",
+    "Runtime",
+    "make_override",
+]

@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from teecloud.node.compose import (
     parse_volume,
 )
 from teecloud.node.errors import BadRequest, ComposeRejected, RuntimeFailed, RuntimeUnavailable
+from teecloud.node.runtime.base import ComposeSpec, ContainerState, ResourceLimits
 
 __all__ = [
     "AGENT_SOCKETS",
@@ -73,60 +74,12 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
-class ResourceLimits:
-    """Caps applied to each service of the CVM (None = no cap)."""
-
-    cpus: float | None = None
-    memory_mb: int | None = None
-    pids: int | None = 4096
-
-    def __post_init__(self) -> None:
-        if self.cpus is not None and not (0 < self.cpus <= 1024):
-            raise ComposeRejected(f"cpus must be in (0, 1024], got {self.cpus}")
-        if self.memory_mb is not None and not (6 <= self.memory_mb <= 16 * 1024 * 1024):
-            raise ComposeRejected(f"memory must be at least 6 MB, got {self.memory_mb}")
-        if self.pids is not None and self.pids < 1:
-            raise ComposeRejected("pids limit must be positive")
-
-
-@dataclass(frozen=True)
 class ImageConfig:
     """What `docker image inspect` says about an image: its default argv and declared volumes."""
 
     entrypoint: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
     volumes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ComposeSpec:
-    """Where a CVM's compose project lives on the host."""
-
-    project: str  # compose project name, `tc-<instance>`
-    workdir: Path  # holds the app's compose file (unchanged) and the override
-    agent_dir: Path  # holds dstack.sock and tappd.sock
-    volume_root: Path  # plaintext view of the encrypted filesystem
-    env_dir: Path | None = None  # tmpfs directory holding env.sh (None: no env vars for the app)
-
-    @property
-    def compose_file(self) -> Path:
-        return self.workdir / "docker-compose.yaml"
-
-    @property
-    def override_file(self) -> Path:
-        return self.workdir / "teecloud.override.yaml"
-
-
-@dataclass
-class ContainerState:
-    service: str
-    container: str
-    state: str  # created | running | restarting | exited | paused | dead
-    health: str | None
-    exit_code: int
-    ports: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # [{container_port, protocol, host_ip, host_port}]
 
 
 def project_name(instance_id: str) -> str:
@@ -482,6 +435,10 @@ class DockerRuntime:
         if self._compose is None:
             self._compose = detect_compose(self.docker)
         return self._compose
+
+    def describe(self) -> str:
+        """The Compose command in use ("" until detected)."""
+        return " ".join(self._compose or [])
 
     # -- engine ---------------------------------------------------------------------------------------
     def check(self) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from teecloud.node.errors import StorageError
-from teecloud.node.storage import EncryptedVolume, check_prerequisites
+from teecloud.agent.errors import StorageError
+from teecloud.agent.storage import EncryptedVolume, check_prerequisites
 
 pytestmark = pytest.mark.skipif(bool(check_prerequisites()), reason="gocryptfs/FUSE not available")
 

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from teecloud.node.errors import StorageError
+from teecloud.agent.errors import StorageError
 
 __all__ = ["EncryptedVolume", "check_prerequisites"]
 
