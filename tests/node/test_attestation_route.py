@@ -25,7 +25,7 @@ from teecloud.cloud.verify import verify_attestation
 from teecloud.keys.ratls import ratls_report_data, spki_der
 from teecloud.node import api
 from teecloud.node.api import CreateCvmRequest, NodeApiError, NodeClient, attest_report_data
-from teecloud.node.boot import BootedCvm
+from teecloud.node.boot import BootedCvm, _kms_mode_events
 from teecloud.node.instance import Instance
 from teecloud.node.service import Node, make_node_app
 from teecloud.tee.simulated import SimulatedTdx
@@ -42,12 +42,14 @@ class _RealAgentBoots(FakeBoots):
 
     def boot(self, inst: Instance, **_: Any) -> BootedCvm:
         info = inst.info()
+        tee = SimulatedTdx(self.home)
         state = boot(
-            SimulatedTdx(self.home),
+            tee,
             inst.app_compose_bytes(),
             bytes.fromhex(info["app_id"]),
             bytes.fromhex(info["instance_id"]),
             LocalDevKeyProvider(self.home),
+            extra_events=_kms_mode_events(tee),  # as the node's boot measures them (the verifier needs them)
         )
         self.states.append(state)
         return BootedCvm(
