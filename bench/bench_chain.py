@@ -134,7 +134,7 @@ def _ctor(c: ChainClient, name: str, *args: Any) -> bytes:
     from eth_abi import encode
 
     from teecloud.chain._compile import compiled
-    from teecloud.chain.client import _ctor_types
+    from teecloud.chain.connection import _ctor_types
 
     comp = compiled(name)
     ctor = next(i for i in comp.abi if i["type"] == "constructor")

@@ -40,7 +40,7 @@ def test_register_requires_min_stake(market: dict[str, ChainClient]) -> None:
         _node(market["op"], stake=MIN_STAKE - 1)
     nid = _node(market["op"])
     n = market["op"].node(nid)
-    assert n["operator"] == market["op"].address and n["stake"] == ETH and n["active"]
+    assert n.operator == market["op"].address and n.stake == ETH and n.active
 
 
 def test_claim_pays_served_time_once(market: dict[str, ChainClient]) -> None:
@@ -59,7 +59,7 @@ def test_claim_pays_served_time_once(market: dict[str, ChainClient]) -> None:
     # cumulative: a later record pays only the difference
     assert op.claim(dep, 5400, user.sign_usage(dep, 5400)) == PRICE // 2
     esc = op.deployment_escrow(dep)
-    assert esc["paid"] == PRICE * 3 // 2 and esc["balance"] == ETH // 100 - PRICE * 3 // 2
+    assert esc.paid == PRICE * 3 // 2 and esc.balance == ETH // 100 - PRICE * 3 // 2
 
 
 def test_claim_needs_usage_signer_and_operator(market: dict[str, ChainClient]) -> None:
@@ -135,7 +135,7 @@ def test_unstake_delay(market: dict[str, ChainClient]) -> None:
     with pytest.raises(ContractReverted, match="amount above the stake"):
         op.request_unstake(nid, ETH + 1)
     op.request_unstake(nid, ETH)
-    assert not op.node(nid)["active"]  # below the minimum stake: no new deployments
+    assert not op.node(nid).active  # below the minimum stake: no new deployments
     with pytest.raises(ContractReverted, match="node is not active"):
         market["user"].open_deployment(nid, 1000)
     with pytest.raises(ContractReverted, match="unstake delay not over"):
@@ -182,13 +182,13 @@ def test_slash(market: dict[str, ChainClient]) -> None:
     treasury_before = owner.withdrawable(owner.address)
     ch.slash(nid, ETH // 2, rand32())
     n = op.node(nid)
-    assert n["stake"] == ETH // 2 and not n["active"] and n["slashed_total"] == ETH // 2
+    assert n.stake == ETH // 2 and not n.active and n.slashed_total == ETH // 2
     assert ch.withdrawable(ch.address) == ETH // 2 * 2000 // 10000
     assert owner.withdrawable(owner.address) - treasury_before == ETH // 2 - ETH // 2 * 2000 // 10000
     # stake that is unstaking stays slashable during the delay
     op.request_unstake(nid, ETH // 2)
     ch.slash(nid, ETH // 4, rand32())
-    assert op.node(nid)["unstaking"] == ETH // 4
+    assert op.node(nid).unstaking == ETH // 4
     op.increase_time(UNSTAKE_DELAY + 1)
     op.withdraw_unstaked(nid)
     assert op.withdraw() == ETH // 4
@@ -233,6 +233,6 @@ def test_registry_holds_exactly_what_it_owes(market: dict[str, ChainClient]) -> 
     op.request_unstake(nid, ETH // 3)
     reg = owner.node_registry
     n = owner.node(nid)
-    owed = n["stake"] + n["unstaking"] + owner.deployment_escrow(dep)["balance"]
+    owed = n.stake + n.unstaking + owner.deployment_escrow(dep).balance
     owed += sum(owner.withdrawable(a) for a in {op.address, user.address, ch.address, owner.address})
     assert owner.balance(reg) == owed

@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AppState", "BootInfo", "PendingUpgrade"]
+__all__ = [
+    "AppState",
+    "BootInfo",
+    "DeploymentEscrow",
+    "GovernanceAction",
+    "KmsInfo",
+    "MultisigProposal",
+    "NodeInfo",
+    "PendingUpgrade",
+    "Slash",
+    "TimelockCall",
+]
 
 # The Solidity ABI type of the contracts' BootInfo struct (AppAuth.vy / KmsAuth.vy).
 BOOT_INFO_ABI_TYPE = "(address,bytes32,address,bytes32,bytes32,bytes32,bytes32,string,string[])"
@@ -97,3 +108,115 @@ class AppState:
     pending: list[PendingUpgrade]
     history: list[dict[str, Any]]
     retired_instances: list[str] = field(default_factory=list)  # instance ids the KMS refuses for good
+
+
+@dataclass(frozen=True)
+class KmsInfo:
+    """What KmsAuth publishes about the KMS: its root public keys, the hash of its quote, the gateway app."""
+
+    k256_pubkey: bytes
+    ca_pubkey: bytes
+    quote_hash: bytes
+    gateway_app_id: str
+
+
+@dataclass(frozen=True)
+class GovernanceAction:
+    """How a change to an app was started, the way its owner requires.
+
+    kind: "direct" (applied now; `tx` is its transaction), "multisig" (proposal `ident`), "timelock" (call id
+    `ident`, executable from `eta`) or "multisig->timelock" (a multisig proposal `ident` to queue it in
+    `timelock`)."""
+
+    kind: str
+    governance: str  # the owner that decides: this signer, a multisig or a timelock
+    ident: int | str | None = None
+    eta: int | None = None
+    timelock: str | None = None
+    tx: str | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.kind == "direct"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The older dict shape: {"kind", "governance", "id", and "eta" / "timelock" / "tx" when set}."""
+        out: dict[str, Any] = {"kind": self.kind, "governance": self.governance, "id": self.ident}
+        for name in ("eta", "timelock", "tx"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+
+@dataclass(frozen=True)
+class MultisigProposal:
+    proposal_id: int
+    proposer: str
+    target: str
+    value: int
+    data: bytes
+    executed: bool
+    cancelled: bool
+    approvals: int
+    threshold: int
+
+
+@dataclass(frozen=True)
+class TimelockCall:
+    call_id: bytes
+    target: str
+    value: int
+    data: bytes
+    salt: bytes
+    eta: int  # as queued
+    pending_eta: int  # 0 once executed or cancelled
+    done: bool
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A worker node in NodeRegistry (its `nodes(node_id)` struct)."""
+
+    node_id: int
+    operator: str
+    tee_kind: str
+    device_id: bytes
+    attestation_hash: bytes
+    capacity: int
+    price_per_hour: int  # wei per CVM-hour
+    stake: int
+    unstaking: int
+    unstake_ready_at: int
+    active: bool
+    slashed_total: int
+
+
+@dataclass(frozen=True)
+class DeploymentEscrow:
+    """A deployment's escrow in NodeRegistry (its `deployments(deployment_id)` struct)."""
+
+    deployment_id: int
+    user: str
+    usage_signer: str
+    node_id: int
+    price_per_hour: int
+    balance: int
+    served_seconds: int
+    paid: int
+    close_ready_at: int  # 0 until a close is requested
+
+    def state(self, now: int) -> str:
+        if self.close_ready_at == 0:
+            return "open"
+        if self.balance == 0:
+            return "closed"
+        return "closable" if self.close_ready_at <= now else f"closing (in {self.close_ready_at - now} s)"
+
+
+@dataclass(frozen=True)
+class Slash:
+    node_id: int
+    challenger: str
+    amount: int
+    reward: int
+    evidence_hash: bytes

@@ -1,0 +1,135 @@
+"""Facade of KmsAuth: the app registry and AppAuth factory, the allowed OS images, the KMS's own
+allowlist and published keys, and the two questions the KMS asks (is_app_allowed, is_kms_allowed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._values import to_address, to_bytes32
+from .api import BootInfo, KmsInfo
+from .connection import ChainConnection
+
+__all__ = ["KmsAuth", "VerdictCache"]
+
+Verdict = tuple[bool, str]
+
+
+class VerdictCache:
+    """is_app_allowed / is_kms_allowed verdicts, each valid only for the block it was read at."""
+
+    MAX = 4096
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._entries: dict[tuple[str, BootInfo], tuple[int, Verdict]] = {}
+
+    def get(self, key: tuple[str, BootInfo], head: int) -> Verdict | None:
+        hit = self._entries.get(key)
+        return hit[1] if hit is not None and hit[0] == head else None
+
+    def put(self, key: tuple[str, BootInfo], head: int, verdict: Verdict) -> None:
+        if len(self._entries) > self.MAX:
+            self._entries.clear()
+        self._entries[key] = (head, verdict)
+
+
+class KmsAuth:
+    def __init__(
+        self, conn: ChainConnection, address: str | bytes, *, cache: VerdictCache | None = None
+    ) -> None:
+        self.conn = conn
+        self.address = to_address(address)
+        self.cache = cache if cache is not None else VerdictCache()
+
+    def _call(self, fn: str, *args: Any, block: str = "latest") -> Any:
+        return self.conn.call("KmsAuth", self.address, fn, *args, block=block)
+
+    def _send(self, fn: str, *args: Any) -> dict[str, Any]:
+        return self.conn.transact("KmsAuth", self.address, fn, *args)
+
+    # --- what the KMS asks -----------------------------------------------------------------------------
+
+    def _check(self, fn: str, boot_info: BootInfo) -> Verdict:
+        """A verdict is reused only while the chain head is the block it was read at (never longer)."""
+        key = (fn, boot_info)
+        head = self.conn.block_number() if self.cache.enabled else None
+        if head is not None:
+            hit = self.cache.get(key, head)
+            if hit is not None:
+                return hit
+        ok, reason = self._call(fn, boot_info.to_abi(), block=hex(head) if head is not None else "latest")
+        verdict = (bool(ok), str(reason))
+        if head is not None:
+            self.cache.put(key, head, verdict)
+        return verdict
+
+    def is_app_allowed(self, boot_info: BootInfo) -> Verdict:
+        """Registered app, allowed OS image, then the app's own AppAuth rules (retired instance, TCB, compose
+        hash, device)."""
+        return self._check("is_app_allowed", boot_info)
+
+    def is_kms_allowed(self, boot_info: BootInfo) -> Verdict:
+        """TCB UpToDate, allowed OS image, KMS measurement and device."""
+        return self._check("is_kms_allowed", boot_info)
+
+    # --- apps --------------------------------------------------------------------------------------------
+
+    def register_app(
+        self,
+        owner: str | bytes,
+        compose_hash: bytes | str,
+        *,
+        allow_any_device: bool = True,
+        device_id: bytes | str | None = None,
+        require_tcb_up_to_date: bool = False,
+        disable_upgrades: bool = False,
+    ) -> str:
+        """Deploy an AppAuth (from the blueprint) and register it, in one transaction; -> app_id."""
+        receipt = self._send(
+            "deploy_and_register_app",
+            to_address(owner),
+            disable_upgrades,
+            require_tcb_up_to_date,
+            allow_any_device,
+            to_bytes32(device_id, "device_id") if device_id else b"\0" * 32,
+            to_bytes32(compose_hash, "compose hash"),
+        )
+        return str(self.conn.event_of(receipt, "KmsAuth", "AppDeployed")["app_id"])
+
+    def register_existing_app(self, app_id: str | bytes) -> dict[str, Any]:
+        return self._send("register_app", to_address(app_id))
+
+    def is_registered(self, app_id: str | bytes) -> bool:
+        return bool(self._call("registered_apps", to_address(app_id)))
+
+    # --- the owner's allowlists --------------------------------------------------------------------------
+
+    def add_os_image(self, os_image_hash: bytes | str) -> dict[str, Any]:
+        return self._send("add_os_image_hash", to_bytes32(os_image_hash, "OS image hash"))
+
+    def remove_os_image(self, os_image_hash: bytes | str) -> dict[str, Any]:
+        return self._send("remove_os_image_hash", to_bytes32(os_image_hash, "OS image hash"))
+
+    def add_kms_mr(self, mr_aggregated: bytes | str) -> dict[str, Any]:
+        return self._send("add_kms_aggregated_mr", to_bytes32(mr_aggregated, "measurement"))
+
+    def add_kms_device(self, device_id: bytes | str) -> dict[str, Any]:
+        return self._send("add_kms_device", to_bytes32(device_id, "device_id"))
+
+    def set_gateway_app_id(self, app_id: str | bytes) -> dict[str, Any]:
+        return self._send("set_gateway_app_id", to_address(app_id))
+
+    # --- the KMS's published keys ------------------------------------------------------------------------
+
+    def set_info(
+        self, k256_pubkey: bytes, ca_pubkey: bytes, quote_hash: bytes | str = b"\0" * 32
+    ) -> dict[str, Any]:
+        return self._send("set_kms_info", k256_pubkey, ca_pubkey, to_bytes32(quote_hash))
+
+    def info(self) -> KmsInfo:
+        return KmsInfo(
+            k256_pubkey=bytes(self._call("kms_k256_pubkey")),
+            ca_pubkey=bytes(self._call("kms_ca_pubkey")),
+            quote_hash=bytes(self._call("kms_quote_hash")),
+            gateway_app_id=str(self._call("gateway_app_id")),
+        )
