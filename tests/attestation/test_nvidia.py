@@ -88,7 +88,13 @@ def test_vector_verifies_with_expected_values(text: bytes, chain: bytes, root: b
     assert ev.device_id.hex() == "53c22ba15e5d68088282da074ed9fb37aa585771"
     assert ev.debug is False and ev.tcb_status == nvidia.TCB_STATUS
     assert "NVIDIA Device Identity CA" in ev.steps[1].reason
-    assert [s.name for s in ev.steps] == ["parsed", "cert_chain_verified", "revocation", "quote_verified", "fwid_matched"]
+    assert [s.name for s in ev.steps] == [
+        "parsed",
+        "cert_chain_verified",
+        "revocation",
+        "quote_verified",
+        "fwid_matched",
+    ]
     assert ev.steps[2].reason.startswith("revocation not checked")
 
 

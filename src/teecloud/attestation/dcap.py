@@ -54,6 +54,7 @@ __all__ = [
     "DEV_ROOT_CN_PREFIX",
     "DEV_ROOT_REASON",
     "TCB_STATUS_ORDER",
+    "is_development_chain",
     "looks_like_dcap_quote",
     "parse_quote",
     "pck_fmspc",
@@ -515,6 +516,11 @@ def _issued_under(chain_pem: bytes, root_der: bytes) -> bool:
     except Exception:  # unreadable certificates are judged by dcap-qvl; here they link nothing
         return False
     return False
+
+
+def is_development_chain(chain_pem: bytes) -> bool:
+    """Whether a PCK chain ends at a teecloud development root (by its name; the signatures decide trust)."""
+    return _root_of_chain(chain_pem)[0].startswith(DEV_ROOT_CN_PREFIX)
 
 
 def _subject_of(der: bytes) -> str:

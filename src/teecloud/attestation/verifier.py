@@ -10,6 +10,8 @@ collateral, an unreadable policy, a trust anchor that is not a certificate) rais
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import warnings
@@ -29,6 +31,7 @@ from teecloud.attestation.errors import (
     MalformedEvidence,
     PolicyViolation,
     TcbNotAcceptable,
+    UntrustedRoot,
     UsageError,
     VerificationError,
 )
@@ -42,7 +45,14 @@ from teecloud.attestation.models import (
 )
 from teecloud.attestation.policy import Policy
 
-__all__ = ["TrustAnchors", "detect_kind", "split_certificates", "verify", "verify_tdx_with_event_log"]
+__all__ = [
+    "TrustAnchors",
+    "detect_kind",
+    "split_certificates",
+    "unwrap_evidence",
+    "verify",
+    "verify_tdx_with_event_log",
+]
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----")
 # ------------------------------------------------------------------------------------------ certificates
@@ -61,10 +71,34 @@ def split_certificates(blobs: bytes | Iterable[bytes]) -> list[bytes]:
                 if pems:
                     out += [x509.load_pem_x509_certificate(p).public_bytes(Encoding.DER) for p in pems]
                 else:
-                    out.append(x509.load_der_x509_certificate(blob).public_bytes(Encoding.DER))
+                    out += [
+                        x509.load_der_x509_certificate(d).public_bytes(Encoding.DER) for d in _der_items(blob)
+                    ]
         except ValueError as exc:
             raise UsageError(f"not a certificate (PEM or DER): {exc}") from exc
     return out
+
+
+def _der_items(blob: bytes) -> list[bytes]:
+    """A DER bundle: one certificate, or several concatenated (each a SEQUENCE with a definite length).
+    Anything that is not exactly such a sequence of SEQUENCEs is returned whole, for the loader to judge."""
+    items: list[bytes] = []
+    pos = 0
+    while pos < len(blob) and len(items) < 16:
+        if blob[pos] != 0x30 or pos + 2 > len(blob):
+            return [blob]
+        length, head = blob[pos + 1], 2
+        if length & 0x80:
+            n = length & 0x7F
+            if not 1 <= n <= 3 or pos + 2 + n > len(blob):
+                return [blob]
+            length, head = int.from_bytes(blob[pos + 2 : pos + 2 + n], "big"), 2 + n
+        end = pos + head + length
+        if end > len(blob):
+            return [blob]
+        items.append(blob[pos:end])
+        pos = end
+    return items if pos == len(blob) and items else [blob]
 
 
 def _load(der: bytes) -> x509.Certificate:
@@ -212,7 +246,62 @@ def detect_kind(evidence: bytes) -> TeeKind | None:
         return None
 
 
+_HEX_TEXT = frozenset(b"0123456789abcdefABCDEF \t\r\n")
+_B64_TEXT = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_ \t\r\n")
+
+
+def _text_payload(data: bytes) -> tuple[bytes, str] | None:
+    """Evidence written as text: hex (dstack's tappd, explorers; optional 0x) or base64 (standard or
+    URL-safe). Returns the decoded bytes and the container's name, or None when `data` is neither."""
+    text = data.strip()
+    if text[:2] in (b"0x", b"0X"):
+        text = text[2:]
+    if not text or len(text) > 2 * DEFAULT_LIMITS.max_evidence_size:
+        return None
+    if all(c in _HEX_TEXT for c in text):
+        compact = b"".join(text.split())
+        if len(compact) % 2 == 0:
+            return bytes.fromhex(compact.decode()), "hex text"
+    if all(c in _B64_TEXT for c in text):
+        compact = b"".join(text.split())
+        try:
+            raw = base64.b64decode(compact.replace(b"-", b"+").replace(b"_", b"/"), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return raw, "base64 text"
+    return None
+
+
 def _detect(data: bytes, kind: TeeKind | None) -> _Detected:
+    found = _detect_binary(data)
+    if found is None and data[:1] != b"{":
+        # Text forms of the same evidence: hex or base64 of a quote, report, document or SPDM exchange.
+        # NVIDIA's own files are hex text of the exchange, recognised either way.
+        decoded = _text_payload(data)
+        if decoded is not None:
+            inner = _detect_binary(decoded[0])
+            if inner is not None and inner.event_log is None:
+                found = replace(inner, container=decoded[1])
+    if found is None:
+        if kind is not None:
+            raise MalformedEvidence(f"evidence is not {kind.value} evidence (unrecognised format)")
+        raise MalformedEvidence(
+            "unrecognised evidence format (not a DCAP quote, SEV-SNP report, Nitro or NVIDIA document, "
+            "raw or as hex / base64 text or dstack JSON)"
+        )
+    if kind is not None and found.kind != kind:
+        raise MalformedEvidence(f"evidence is not {kind.value} evidence: it looks like {found.kind.value}")
+    return found
+
+
+def unwrap_evidence(evidence: bytes) -> tuple[TeeKind, bytes]:
+    """The kind and the binary evidence inside `evidence` as a user has it: raw, hex or base64 text,
+    dstack JSON / the dstack SDK's GetQuote output. Raises MalformedEvidence when unrecognised."""
+    found = _detect(bytes(evidence), None)
+    return found.kind, found.payload
+
+
+def _detect_binary(data: bytes) -> _Detected | None:
     found = _dstack_json(data)
     if found is None and dcap.looks_like_dcap_quote(data):
         found = _Detected(TeeKind.TDX if dcap.parse_quote(data)["tee"] == "tdx" else TeeKind.SGX, data)
@@ -221,14 +310,6 @@ def _detect(data: bytes, kind: TeeKind | None) -> _Detected:
             if looks_like(data):
                 found = _Detected(other, data)
                 break
-    if found is None:
-        if kind is not None:
-            raise MalformedEvidence(f"evidence is not {kind.value} evidence (unrecognised format)")
-        raise MalformedEvidence(
-            "unrecognised evidence format (not a DCAP quote, SEV-SNP report, Nitro or NVIDIA)"
-        )
-    if kind is not None and found.kind != kind:
-        raise MalformedEvidence(f"evidence is not {kind.value} evidence: it looks like {found.kind.value}")
     return found
 
 
@@ -288,6 +369,13 @@ def _verify_kind(
 ) -> VerifiedEvidence:
     if found.kind in (TeeKind.TDX, TeeKind.SGX):
         if collateral is None:
+            chain = dcap.parse_quote(found.payload)["pck_chain_pem"]
+            if dcap.is_development_chain(chain) and anchors.dev_root_der is None:
+                # Say what it is, not what is missing: no collateral would make it acceptable.
+                raise UntrustedRoot(
+                    f"{dcap.DEV_ROOT_REASON}: simulated evidence, rejected unless the development root "
+                    "is trusted (--trust-dev-root)"
+                )
             raise UsageError(f"{found.kind.value.upper()} quotes need collateral (QuoteCollateralV3 JSON)")
         return dcap.verify_dcap_quote(
             found.payload,

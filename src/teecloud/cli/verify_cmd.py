@@ -8,6 +8,11 @@ Trust: `--trust-anchor FILE` (repeatable; PEM bundles allowed) adds vendor roots
 `--trust-dev-root` trusts the simulated TEE's development root (`--dev-root FILE` names another one; the
 CLI parser has no optional-value options, so the path is a separate option).
 
+Evidence files are autodetected: raw bytes, hex or base64 text, dstack JSON (also the dstack SDK's GetQuote
+output), SEV-SNP report files; certificate files may be PEM bundles or DER (one or several concatenated).
+`--crl FILE` / `--ocsp FILE` (repeatable) check the SEV-SNP / Nitro / NVIDIA chain offline, `--amd-kds-url`
+fetches the ARK's CRL (cached until nextUpdate); without them the verdict says "revocation not checked".
+
 `--cert-chain FILE` (repeatable) is the evidence's own chain: the VCEK (DER or PEM) for SEV-SNP (the ASK
 may come from here or from the AMD anchors), the device chain (leaf first) for NVIDIA. TDX/SGX carry
 their chain in the quote but need collateral: `--collateral FILE` or `--pccs-url URL` (cached under
@@ -28,7 +33,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from teecloud import _json
 from teecloud._fs import data_home
 
 __all__ = ["register", "trust_app"]
@@ -155,6 +159,17 @@ def verify_command(
         str | None, typer.Option("--at", help="Verification time, ISO 8601 (default: now).")
     ] = None,
     policy: Annotated[Path | None, typer.Option("--policy", help="Policy file (TOML or JSON).")] = None,
+    crl: Annotated[
+        list[Path] | None,
+        typer.Option("--crl", help="CRL (DER or PEM) to check the SEV-SNP / Nitro / NVIDIA chain against."),
+    ] = None,
+    ocsp: Annotated[
+        list[Path] | None, typer.Option("--ocsp", help="OCSP response (DER) for a certificate of the chain.")
+    ] = None,
+    amd_kds_url: Annotated[
+        str | None,
+        typer.Option("--amd-kds-url", help="Fetch the ARK's CRL for SEV-SNP evidence from this AMD KDS."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Verify TEE evidence and print the verdict. Exit 0 valid, 1 rejected, 2 usage/unreadable input."""
@@ -168,10 +183,11 @@ def verify_command(
     if evidence is None:
         _fail_usage("missing EVIDENCE (a quote, report or document file) or --app APP", as_json)
         return
-    from teecloud.attestation.dcap import looks_like_dcap_quote, parse_quote, pck_ca, pck_fmspc
+    from teecloud.attestation.dcap import parse_quote, pck_ca, pck_fmspc
     from teecloud.attestation.errors import AttestationError, UsageError, VerificationError
+    from teecloud.attestation.models import TeeKind
     from teecloud.attestation.policy import Policy
-    from teecloud.attestation.verifier import TrustAnchors, verify
+    from teecloud.attestation.verifier import TrustAnchors, unwrap_evidence, verify
     from teecloud.collateral import CollateralError, PccsClient, load_trust_directory
 
     try:
@@ -181,36 +197,35 @@ def verify_command(
         anchor_blobs = [blob for _, blob in load_trust_directory()]
         anchor_blobs += [_read(p, "trust anchor") for p in trust_anchor or []]
         dev_root_der: bytes | None = None
+        local_root = data_home() / "simulated-tee" / "root_ca.der"
         if trust_dev_root or dev_root is not None:
-            dev_path = dev_root if dev_root is not None else data_home() / "simulated-tee" / "root_ca.der"
-            dev_root_der = _read(dev_path, "development root")
+            dev_root_der = _read(dev_root if dev_root is not None else local_root, "development root")
             _err.print(
                 "[yellow]warning:[/] trusting a teecloud development root: simulated evidence may pass",
                 highlight=False,
             )
         anchors = TrustAnchors.from_certificates(anchor_blobs, dev_root_der=dev_root_der)
         chain = [_read(p, "certificate chain") for p in cert_chain or []]
+        crls = [_read(p, "CRL") for p in crl or []]
+        ocsps = [_read(p, "OCSP response") for p in ocsp or []]
         log = _read(event_log, "event log").decode("utf-8", "replace") if event_log else None
         if dev_root_der is not None:
             # Trusting a development root is the explicit choice to accept simulated evidence.
             pol = dataclasses.replace(pol, allow_simulated=True)
         col: bytes | None = _read(collateral, "collateral") if collateral else None
-        quote = data
-        if data.lstrip()[:1] == b"{":
-            try:
-                quote = bytes.fromhex(_json.loads(data)["quote"])
-            except (ValueError, KeyError, TypeError):
-                quote = b""
-        if col is None and looks_like_dcap_quote(quote):
+        try:
+            found_kind, payload = unwrap_evidence(data)
+        except VerificationError:
+            found_kind, payload = None, b""  # verify() below says what is wrong with it
+        if col is None and found_kind in (TeeKind.TDX, TeeKind.SGX):
             if pccs_url:
-                tee = parse_quote(quote)["tee"]
+                tee = parse_quote(payload)["tee"]
                 client = PccsClient(pccs_url, data_home() / "pccs-cache")
-                col = client.get_collateral(pck_fmspc(quote), ca=pck_ca(quote), tee=tee, now=now)
+                col = client.get_collateral(pck_fmspc(payload), ca=pck_ca(payload), tee=tee, now=now)
             elif trust_dev_root and dev_root is None:
-                # This installation's simulated platform keeps its collateral beside its dev root.
-                local = data_home() / "simulated-tee" / "collateral" / f"{pck_fmspc(quote)}.json"
-                if local.is_file():
-                    col = _read(local, "collateral")
+                col = _local_simulated_collateral(payload, now=now, explicit_time=at is not None)
+        if amd_kds_url and found_kind == TeeKind.SNP:
+            crls.append(_amd_crl(amd_kds_url, payload, chain + anchor_blobs, now))
         result = verify(
             data,
             kind=kind,
@@ -220,6 +235,8 @@ def verify_command(
             anchors=anchors,
             policy=pol,
             now=now,
+            crls=crls,
+            ocsp_responses=ocsps,
         )
     except (_Usage, UsageError, CollateralError) as exc:
         _fail_usage(str(exc), as_json)
@@ -235,6 +252,48 @@ def verify_command(
     else:
         _render(result)
     raise typer.Exit(0 if result.is_valid else 1)
+
+
+def _local_simulated_collateral(quote: bytes, *, now: int, explicit_time: bool) -> bytes | None:
+    """This installation's simulated platform's collateral, made on demand (no `tee dev-root --export`
+    needed first): its TCB info and QE identity are signed by this installation's development root, so they
+    only verify quotes of this platform; for any other quote, None (and the verdict says why)."""
+    from teecloud.attestation.dcap import pck_fmspc
+    from teecloud.tee.simulated import STATE_DIR_NAME, SimulatedTdx
+
+    home = data_home()
+    if not (home / STATE_DIR_NAME / "root_ca.der").is_file():
+        return None
+    local = home / STATE_DIR_NAME / "collateral" / f"{pck_fmspc(quote)}.json"
+    if local.is_file() and not explicit_time:
+        return _read(local, "collateral")
+    tee = SimulatedTdx(home)
+    if tee.fmspc.upper() != pck_fmspc(quote).upper():
+        return None
+    return tee.collateral(now=now) if explicit_time else tee.collateral()
+
+
+def _amd_crl(url: str, report: bytes, certs: list[bytes], now: int) -> bytes:
+    """The ARK's CRL from an AMD KDS for this report's product line (from the ARK / ASK names given) and
+    signing key (VCEK or VLEK chain), cached under data_home()/amd-kds-cache until its nextUpdate."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from teecloud.attestation import snp
+    from teecloud.attestation.verifier import split_certificates
+    from teecloud.collateral import AmdKdsClient
+
+    key = "vlek" if snp.parse_snp_report(report).signing_key == snp.SIGNING_KEY_VLEK else "vcek"
+    product = ""
+    for der in split_certificates(certs) if certs else []:
+        cns = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else ""
+        if cn.startswith("ARK-"):
+            product = cn.removeprefix("ARK-")
+            break
+    if not product:
+        raise _Usage("--amd-kds-url needs the AMD ARK certificate (--trust-anchor or the trust directory)")
+    return AmdKdsClient(data_home() / "amd-kds-cache", base_url=url).crl(product, key=key, now=now)
 
 
 @trust_app.command("fetch")

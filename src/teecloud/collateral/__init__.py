@@ -1,8 +1,10 @@
-"""teecloud.collateral: the I/O around the pure verifier — PCCS collateral (client with an on-disk cache,
-and a PCCS-compatible server over local files) and vendor trust anchors (`teecloud trust fetch`)."""
+"""teecloud.collateral: the I/O around the pure verifier -- PCCS collateral (client with an on-disk cache,
+and a PCCS-compatible server over local files), AMD KDS CRLs (cached until their nextUpdate) and vendor
+trust anchors (`teecloud trust fetch`)."""
 
 from __future__ import annotations
 
+from teecloud.collateral.amd import AMD_KDS_URL, AmdKdsClient, crl_next_update
 from teecloud.collateral.errors import CollateralError, CollateralNotFound, InvalidCollateral, PccsUnavailable
 from teecloud.collateral.pccs import (
     PccsClient,
@@ -21,7 +23,9 @@ from teecloud.collateral.trust import (
 )
 
 __all__ = [
+    "AMD_KDS_URL",
     "VENDOR_ROOT_URLS",
+    "AmdKdsClient",
     "CollateralEntry",
     "CollateralError",
     "CollateralNotFound",
@@ -31,6 +35,7 @@ __all__ = [
     "PccsClient",
     "PccsUnavailable",
     "collateral_next_update",
+    "crl_next_update",
     "default_trust_dir",
     "describe_collateral",
     "fetch_trust_anchors",
