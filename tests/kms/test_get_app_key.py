@@ -226,7 +226,7 @@ def test_production_kms_without_os_image_references_fails_closed(
     kms.service.os_image_reference = None
     prod = make_kms(teecloud_home, world.chain, dev=False)
     prod.service.os_image_reference = None
-    prod.service.attest = kms.service.attest  # type: ignore[method-assign]
+    prod.service.authz.attest = kms.service.authz.attest  # type: ignore[method-assign]
     with pytest.raises(AccessDenied) as err:
         prod.service.get_app_key(der)
     assert err.value.step == "os_image"

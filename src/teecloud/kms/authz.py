@@ -1,4 +1,12 @@
-"""Authorization: turn verified evidence into dstack's `boot_info` and ask the chain, failing closed.
+"""Authorization: from a TLS peer's certificate to an `AuthorizedApp` / `AuthorizedKms`, failing closed.
+
+    Authorizer.authorize_app(cert, vm_config)  -> AuthorizedApp    (GetAppKey, SignCert)
+    Authorizer.authorize_kms(cert)             -> AuthorizedKms    (GetKmsKey)
+
+Every key-releasing handler receives only one of these objects, which only the Authorizer makes, so a new
+endpoint cannot skip a step. The steps: the RA-TLS peer verifier (teecloud.peer: quote, event log, policy,
+boot_info); the OS image the event log claims is the one that booted (MRTD, RTMR1, RTMR2, and RTMR0 for the
+VM shape an app states); for apps, the log ends at the boot measurement; then the chain.
 
     require_boot_time(evidence)       the RTMR3 log ends at the boot measurement (keys only while booting)
     ChainAuthorizer.app_allowed(bi)   KmsAuth.isAppAllowed, cached for at most one block
@@ -12,21 +20,30 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from teecloud import vmconfig
 from teecloud.attestation.models import VerifiedEvidence
 from teecloud.chain.api import BootInfo
 from teecloud.kms.errors import AccessDenied
+from teecloud.peer import AttestedPeer, PeerRejected, PeerVerifier
 
 __all__ = [
     "BOOT_MR_DONE_EVENT",
+    "IMAGE_REGISTERS",
     "KMS_MODE_BOOT_EVENTS",
+    "SHAPE_REGISTERS",
     "AuthChain",
+    "AuthorizedApp",
+    "AuthorizedKms",
+    "Authorizer",
     "ChainAuthorizer",
     "FreshBlockNumber",
+    "OsImageReference",
     "boot_info_to_json",
+    "parse_vm_config",
     "require_boot_time",
 ]
 
@@ -191,3 +208,220 @@ class ChainAuthorizer:
             what = "app" if kind == "app" else "KMS"
             raise AccessDenied(f"KmsAuth refuses this {what}: {reason or 'no reason given'}", step="chain")
         return str(reason)
+
+
+class OsImageReference(Protocol):
+    """An OS image's reference measurements: `ref(os_image_hash)` -> {register name: value}, None for an
+    unknown image. Without a VM shape it must give the registers that depend on the image only (mrtd:
+    firmware, rtmr1: kernel, rtmr2: command line + initrd); with `cpu_count` and `memory_size` (the shape
+    an app CVM states in its vm_config) it must give rtmr0 (firmware configuration, ACPI tables) as well."""
+
+    def __call__(
+        self, os_image_hash: bytes, *, cpu_count: int | None = None, memory_size: int | None = None
+    ) -> Mapping[str, bytes] | None: ...
+
+
+IMAGE_REGISTERS = ("mrtd", "rtmr1", "rtmr2")
+SHAPE_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
+_COMPARED_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
+# The caller's vm_config is dstack's VmConfig (teecloud.vmconfig, its one home): the KMS reads the image it
+# claims and the shape (CPU count, memory size) RTMR0 depends on.
+VmShape = vmconfig.VmConfig
+
+
+def parse_vm_config(vm_config: object) -> vmconfig.VmConfig:
+    """The caller's vm_config, checked for size and types. Raises AccessDenied at step `os_image`: without it
+    RTMR0 cannot be checked."""
+    try:
+        return vmconfig.parse(vm_config)
+    except vmconfig.VmConfigError as exc:
+        raise AccessDenied(str(exc), step="os_image") from exc
+
+
+_SEAL = object()  # only the Authorizer constructs authorized objects
+
+
+@dataclass(frozen=True)
+class AuthorizedApp:
+    """An app CVM that passed every step: attested, booting, on its measured OS image and VM shape, and
+    allowed by KmsAuth. `reason` is the chain's answer, for the audit record."""
+
+    peer: AttestedPeer
+    vm_config: vmconfig.VmConfig | None
+    reason: str
+    _seal: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._seal is not _SEAL:
+            raise TypeError("only kms.authz.Authorizer makes an AuthorizedApp")
+
+    @property
+    def boot_info(self) -> BootInfo:
+        return self.peer.boot_info
+
+
+@dataclass(frozen=True)
+class AuthorizedKms:
+    """A KMS CVM that passed attestation, the OS-image check and KmsAuth.isKmsAllowed."""
+
+    peer: AttestedPeer
+    reason: str
+    _seal: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._seal is not _SEAL:
+            raise TypeError("only kms.authz.Authorizer makes an AuthorizedKms")
+
+    @property
+    def boot_info(self) -> BootInfo:
+        return self.peer.boot_info
+
+
+class Authorizer:
+    """The KMS's authorization steps, independent of HTTP and of the keys."""
+
+    def __init__(
+        self,
+        peers: PeerVerifier,
+        chain: ChainAuthorizer,
+        *,
+        os_image_reference: OsImageReference | None,
+        dev_mode: bool,
+    ) -> None:
+        self.peers = peers
+        self.chain = chain
+        self.os_image_reference = os_image_reference
+        self.dev_mode = dev_mode
+
+    def authorize_app(
+        self, cert_der: bytes | None, vm_config: object, *, ctx: dict[str, Any] | None = None
+    ) -> AuthorizedApp:
+        """`ctx`, when given, receives the peer's boot_info (JSON) as soon as it is known (audit)."""
+        peer = self.attest(cert_der)
+        if ctx is not None:
+            ctx["boot_info"] = boot_info_to_json(peer.boot_info)
+        require_boot_time(peer.evidence)
+        self._require_os_image_reference()
+        shape = self._check_vm_shape(peer.boot_info, peer.evidence, vm_config)
+        reason = self.chain.app_allowed(peer.boot_info)
+        return AuthorizedApp(peer, shape, reason, _SEAL)
+
+    def authorize_kms(self, cert_der: bytes | None, *, ctx: dict[str, Any] | None = None) -> AuthorizedKms:
+        peer = self.attest(cert_der)
+        if ctx is not None:
+            ctx["boot_info"] = boot_info_to_json(peer.boot_info)
+        reason = self.chain.kms_allowed(peer.boot_info)
+        return AuthorizedKms(peer, reason, _SEAL)
+
+    def attest(self, cert_der: bytes | None) -> AttestedPeer:
+        """Steps (1)-(5) of the module docstring (the shared RA-TLS peer verifier, teecloud.peer), then the
+        OS-image registers every attested caller must match. Raises AccessDenied with the failing step."""
+        try:
+            peer = self.peers.verify_cert(cert_der)
+        except PeerRejected as exc:
+            denied = AccessDenied(exc.reason, step=exc.step)
+            if exc.boot_info is not None:
+                denied.boot_info = boot_info_to_json(exc.boot_info)
+            raise denied from exc
+        try:
+            self._check_os_image(peer.boot_info, peer.evidence)
+        except AccessDenied as exc:
+            exc.boot_info = boot_info_to_json(peer.boot_info)  # audited: which image was claimed, by whom
+            raise
+        return peer
+
+    def _require_os_image_reference(self) -> None:
+        """App keys need the OS image bound to what booted. The os-image-hash event is written by the guest
+        itself, so without reference measurements (`os_image_reference`) a TD booted from any
+        firmware/kernel could claim an allowed image. A production KMS without them releases no app keys
+        (fail closed); dev mode keeps the skip (its evidence is forgeable by the host anyway). Onboarding is
+        unaffected: KmsAuth pins the whole measurement (mr_aggregated) of a KMS."""
+        if self.os_image_reference is None and not self.dev_mode:
+            raise AccessDenied(
+                "no reference measurements for OS images are configured, so the os-image-hash event "
+                "cannot be checked against what booted; a production KMS releases no app keys without them",
+                step="os_image",
+            )
+
+    def _check_os_image(self, boot_info: BootInfo, evidence: VerifiedEvidence) -> None:
+        """The os-image-hash event is written by the guest's boot code; it is believed only when the measured
+        firmware (MRTD), kernel (RTMR1) and command line + initrd (RTMR2) are that image's reference values
+        (dstack recomputes them with dstack-mr). Every attested caller, KMS onboarding included; app
+        endpoints then compare RTMR0 too, for the VM shape the caller states (`_check_vm_shape`)."""
+        if self.os_image_reference is None:
+            return
+        expected = self.os_image_reference(boot_info.os_image_hash)
+        self._compare_reference(boot_info.os_image_hash.hex(), expected, evidence, IMAGE_REGISTERS)
+
+    def _check_vm_shape(
+        self, boot_info: BootInfo, evidence: VerifiedEvidence, vm_config: object
+    ) -> vmconfig.VmConfig | None:
+        """RTMR0 (firmware configuration: ACPI tables built from the CPU count and memory size) against the
+        image's reference for the shape the caller's vm_config states — dstack's approach. Naming a false
+        shape gains nothing: RTMR0 must still equal that shape's reference exactly. A missing or malformed
+        vm_config, or one naming another image than the measured os-image-hash event, is refused."""
+        if self.os_image_reference is None:
+            return None  # dev mode without references (_require_os_image_reference refuses production)
+        shape = parse_vm_config(vm_config)
+        image = boot_info.os_image_hash.hex()
+        if shape.os_image_hash != boot_info.os_image_hash:
+            raise AccessDenied(
+                f"vm_config names OS image {shape.os_image_hash.hex()}, but the measured os-image-hash "
+                f"event is {image}",
+                step="os_image",
+            )
+        try:
+            expected = self.os_image_reference(
+                boot_info.os_image_hash, cpu_count=shape.cpu_count, memory_size=shape.memory_size
+            )
+        except TypeError as exc:
+            raise AccessDenied(
+                f"the reference function cannot give OS image {image}'s RTMR0 for a VM shape ({exc}); "
+                "it must accept cpu_count= and memory_size= (misconfigured reference function)",
+                step="os_image",
+            ) from exc
+        self._compare_reference(
+            image,
+            expected,
+            evidence,
+            SHAPE_REGISTERS,
+            shape=f" for {shape.cpu_count} CPUs and {shape.memory_size} bytes of memory",
+        )
+        return shape
+
+    def _compare_reference(
+        self,
+        image: str,
+        expected: object,
+        evidence: VerifiedEvidence,
+        required: tuple[str, ...],
+        *,
+        shape: str = "",
+    ) -> None:
+        if expected is None:
+            raise AccessDenied(f"no reference measurements for OS image {image}{shape}", step="os_image")
+        if not isinstance(expected, Mapping):
+            raise AccessDenied(
+                f"the reference measurements for OS image {image} are not a register map "
+                "(misconfigured reference function)",
+                step="os_image",
+            )
+        missing = [r.upper() for r in required if not isinstance(expected.get(r), bytes)]
+        if missing:
+            raise AccessDenied(
+                f"the reference measurements for OS image {image}{shape} lack {', '.join(missing)}, so the "
+                "os-image-hash event cannot be checked against what booted",
+                step="os_image",
+            )
+        differing = [
+            r.upper()
+            for r in _COMPARED_REGISTERS
+            if r in expected and evidence.measurements.get(r) != expected[r]
+        ]
+        if differing:
+            raise AccessDenied(
+                f"the measured {', '.join(differing)} {'is' if len(differing) == 1 else 'are'} not OS image "
+                f"{image}'s reference value{shape} (the os-image-hash event does not match the "
+                "firmware/kernel/initrd or VM configuration that booted)",
+                step="os_image",
+            )

@@ -21,7 +21,6 @@ are keys derived. Each request is audited with its boot_info, decision and reaso
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -30,11 +29,10 @@ import ssl
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -44,7 +42,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from teecloud import vmconfig
 from teecloud._asgi import BoundedBody
 from teecloud._serve import (
     KMS_ADMIN,
@@ -54,31 +51,27 @@ from teecloud._serve import (
     ServeLimits,
     limited_config,
 )
-from teecloud.attestation.models import VerifiedEvidence
 from teecloud.attestation.policy import Policy
-from teecloud.chain.api import BootInfo
-from teecloud.keys.appkeys import derive_app_keys, env_encrypt_pubkey, sign_env_encrypt_pubkey
-from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem
-from teecloud.keys.errors import KeysError as _KeysError
-from teecloud.keys.kdf import derive_p256_key
-from teecloud.keys.ratls import OID_APP_ID, make_ratls_cert
-from teecloud.keys.sigchain import sign_k256_recoverable
+from teecloud.keys.certs import cert_to_pem, key_to_pem
+from teecloud.keys.ratls import make_ratls_cert
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
 from teecloud.kms.authz import (
     AuthChain,
+    Authorizer,
     ChainAuthorizer,
-    boot_info_to_json,
-    require_boot_time,
+    OsImageReference,
+    parse_vm_config,
 )
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.errors import AccessDenied, KmsUsageError
+from teecloud.kms.issuer import KeyIssuer
+from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.tlsaudit import TlsRejectionAudit
 from teecloud.peer import (
     AttestedPeer,
     CollateralSource,
     PeerPolicy,
-    PeerRejected,
     PeerVerifier,
     StaticCollateral,
 )
@@ -94,7 +87,6 @@ __all__ = [
     "OsImageReference",
     "RaTlsH11Protocol",
     "StaticCollateral",
-    "VmShape",
     "bootstrap_report_data",
     "make_admin_app",
     "make_public_app",
@@ -109,34 +101,6 @@ log = logging.getLogger("teecloud.kms")
 _T = TypeVar("_T")
 
 PEER_CERT_STATE_KEY = "teecloud.tls_peer_cert_der"
-
-
-class OsImageReference(Protocol):
-    """An OS image's reference measurements: `ref(os_image_hash)` -> {register name: value}, None for an
-    unknown image. Without a VM shape it must give the registers that depend on the image only (mrtd:
-    firmware, rtmr1: kernel, rtmr2: command line + initrd); with `cpu_count` and `memory_size` (the shape
-    an app CVM states in its vm_config) it must give rtmr0 (firmware configuration, ACPI tables) as well."""
-
-    def __call__(
-        self, os_image_hash: bytes, *, cpu_count: int | None = None, memory_size: int | None = None
-    ) -> Mapping[str, bytes] | None: ...
-
-
-IMAGE_REGISTERS = ("mrtd", "rtmr1", "rtmr2")
-SHAPE_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
-_COMPARED_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
-# The caller's vm_config is dstack's VmConfig (teecloud.vmconfig, its one home): the KMS reads the image it
-# claims and the shape (CPU count, memory size) RTMR0 depends on.
-VmShape = vmconfig.VmConfig
-
-
-def parse_vm_config(vm_config: object) -> vmconfig.VmConfig:
-    """The caller's vm_config, checked for size and types. Raises AccessDenied at step `os_image`: without it
-    RTMR0 cannot be checked."""
-    try:
-        return vmconfig.parse(vm_config)
-    except vmconfig.VmConfigError as exc:
-        raise AccessDenied(str(exc), step="os_image") from exc
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -204,10 +168,12 @@ class KmsService:
         dev_root_der: bytes | None = None,
         block_number: Callable[[], int] | None = None,
         os_image_reference: OsImageReference | None = None,
+        root_keys: RootKeyHolder | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
-        `teecloud.tee.simulated.simulated_os_image_reference`)."""
+        `teecloud.tee.simulated.simulated_os_image_reference`). `root_keys` holds the root (default: the
+        whole key from `state`, `LocalRootKeys`)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -241,124 +207,35 @@ class KmsService:
             cache_entries=self.config.evidence_cache_entries,
         )
         self.authorizer = ChainAuthorizer(chain, block_number=block_number)
-        self.os_image_reference = os_image_reference
-        self.clock = clock
-        self._cache_lock = threading.Lock()
-        self._app_key_cache: OrderedDict[tuple[bytes, bytes, bytes, str], tuple[int, api.AppKeyResponse]] = (
-            OrderedDict()
+        self.authz = Authorizer(
+            self.peers,
+            self.authorizer,
+            os_image_reference=os_image_reference,
+            dev_mode=self.config.dev_mode,
         )
+        self.keys: RootKeyHolder = root_keys if root_keys is not None else LocalRootKeys(state)
+        self.issuer = KeyIssuer(
+            self.keys,
+            gateway_app_id=self.config.gateway_app_id,
+            signed_cert_lifetime_s=self.config.signed_cert_lifetime_s,
+            app_key_cache_s=self.config.app_key_cache_s,
+            app_key_cache_entries=self.config.app_key_cache_entries,
+            clock=clock,
+        )
+        self.clock = clock
 
-    # --- (1)-(5)
+    @property
+    def os_image_reference(self) -> OsImageReference | None:
+        return self.authz.os_image_reference
+
+    @os_image_reference.setter
+    def os_image_reference(self, value: OsImageReference | None) -> None:
+        self.authz.os_image_reference = value
+
+    # --- (1)-(6): teecloud.kms.authz.Authorizer (peer verifier, boot time, OS image, chain)
 
     def attest(self, cert_der: bytes | None) -> AttestedPeer:
-        """Steps (1)-(5) of the module docstring (the shared RA-TLS peer verifier, teecloud.peer), then the
-        OS-image registers every attested caller must match. Raises AccessDenied with the failing step."""
-        try:
-            peer = self.peers.verify_cert(cert_der)
-        except PeerRejected as exc:
-            denied = AccessDenied(exc.reason, step=exc.step)
-            if exc.boot_info is not None:
-                denied.boot_info = boot_info_to_json(exc.boot_info)
-            raise denied from exc
-        try:
-            self._check_os_image(peer.boot_info, peer.evidence)
-        except AccessDenied as exc:
-            exc.boot_info = boot_info_to_json(peer.boot_info)  # audited: which image was claimed, by whom
-            raise
-        return peer
-
-    def _require_os_image_reference(self) -> None:
-        """App keys need the OS image bound to what booted. The os-image-hash event is written by the guest
-        itself, so without reference measurements (`os_image_reference`) a TD booted from any
-        firmware/kernel could claim an allowed image. A production KMS without them releases no app keys
-        (fail closed); dev mode keeps the skip (its evidence is forgeable by the host anyway). Onboarding is
-        unaffected: KmsAuth pins the whole measurement (mr_aggregated) of a KMS."""
-        if self.os_image_reference is None and not self.config.dev_mode:
-            raise AccessDenied(
-                "no reference measurements for OS images are configured, so the os-image-hash event "
-                "cannot be checked against what booted; a production KMS releases no app keys without them",
-                step="os_image",
-            )
-
-    def _check_os_image(self, boot_info: BootInfo, evidence: VerifiedEvidence) -> None:
-        """The os-image-hash event is written by the guest's boot code; it is believed only when the measured
-        firmware (MRTD), kernel (RTMR1) and command line + initrd (RTMR2) are that image's reference values
-        (dstack recomputes them with dstack-mr). Every attested caller, KMS onboarding included; app
-        endpoints then compare RTMR0 too, for the VM shape the caller states (`_check_vm_shape`)."""
-        if self.os_image_reference is None:
-            return
-        expected = self.os_image_reference(boot_info.os_image_hash)
-        self._compare_reference(boot_info.os_image_hash.hex(), expected, evidence, IMAGE_REGISTERS)
-
-    def _check_vm_shape(self, boot_info: BootInfo, evidence: VerifiedEvidence, vm_config: object) -> None:
-        """RTMR0 (firmware configuration: ACPI tables built from the CPU count and memory size) against the
-        image's reference for the shape the caller's vm_config states — dstack's approach. Naming a false
-        shape gains nothing: RTMR0 must still equal that shape's reference exactly. A missing or malformed
-        vm_config, or one naming another image than the measured os-image-hash event, is refused."""
-        if self.os_image_reference is None:
-            return  # dev mode without references (_require_os_image_reference refuses production)
-        shape = parse_vm_config(vm_config)
-        image = boot_info.os_image_hash.hex()
-        if shape.os_image_hash != boot_info.os_image_hash:
-            raise AccessDenied(
-                f"vm_config names OS image {shape.os_image_hash.hex()}, but the measured os-image-hash "
-                f"event is {image}",
-                step="os_image",
-            )
-        try:
-            expected = self.os_image_reference(
-                boot_info.os_image_hash, cpu_count=shape.cpu_count, memory_size=shape.memory_size
-            )
-        except TypeError as exc:
-            raise AccessDenied(
-                f"the reference function cannot give OS image {image}'s RTMR0 for a VM shape ({exc}); "
-                "it must accept cpu_count= and memory_size= (misconfigured reference function)",
-                step="os_image",
-            ) from exc
-        self._compare_reference(
-            image,
-            expected,
-            evidence,
-            SHAPE_REGISTERS,
-            shape=f" for {shape.cpu_count} CPUs and {shape.memory_size} bytes of memory",
-        )
-
-    def _compare_reference(
-        self,
-        image: str,
-        expected: object,
-        evidence: VerifiedEvidence,
-        required: tuple[str, ...],
-        *,
-        shape: str = "",
-    ) -> None:
-        if expected is None:
-            raise AccessDenied(f"no reference measurements for OS image {image}{shape}", step="os_image")
-        if not isinstance(expected, Mapping):
-            raise AccessDenied(
-                f"the reference measurements for OS image {image} are not a register map "
-                "(misconfigured reference function)",
-                step="os_image",
-            )
-        missing = [r.upper() for r in required if not isinstance(expected.get(r), bytes)]
-        if missing:
-            raise AccessDenied(
-                f"the reference measurements for OS image {image}{shape} lack {', '.join(missing)}, so the "
-                "os-image-hash event cannot be checked against what booted",
-                step="os_image",
-            )
-        differing = [
-            r.upper()
-            for r in _COMPARED_REGISTERS
-            if r in expected and evidence.measurements.get(r) != expected[r]
-        ]
-        if differing:
-            raise AccessDenied(
-                f"the measured {', '.join(differing)} {'is' if len(differing) == 1 else 'are'} not OS image "
-                f"{image}'s reference value{shape} (the os-image-hash event does not match the "
-                "firmware/kernel/initrd or VM configuration that booted)",
-                step="os_image",
-            )
+        return self.authz.attest(cert_der)
 
     def _audited(
         self, endpoint: str, cert_der: bytes | None, peer_addr: str, fn: Callable[[dict[str, Any]], _T]
@@ -402,7 +279,7 @@ class KmsService:
         assert result is not None
         return result
 
-    # --- endpoints
+    # --- endpoints: each key-releasing one passes only an Authorized* object to the issuer
 
     def get_app_key(
         self, cert_der: bytes | None, *, vm_config: str | Mapping[str, Any] = "", peer_addr: str = ""
@@ -411,57 +288,11 @@ class KmsService:
         shape selects the RTMR0 reference; missing or malformed, nothing is released."""
 
         def decide(ctx: dict[str, Any]) -> api.AppKeyResponse:
-            peer = self.attest(cert_der)
-            bi = peer.boot_info
-            ctx["boot_info"] = boot_info_to_json(bi)
-            require_boot_time(peer.evidence)
-            self._require_os_image_reference()
-            self._check_vm_shape(bi, peer.evidence, vm_config)
-            reason = self.authorizer.app_allowed(bi)
-            ctx["reason"] = f"app allowed by KmsAuth{': ' + reason if reason else ''}"
-            return self._app_keys(bi)
+            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
+            ctx["reason"] = f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
+            return self.issuer.app_keys(app)
 
         return self._audited(api.PATH_GET_APP_KEY, cert_der, peer_addr, decide)
-
-    def _app_keys(self, bi: BootInfo) -> api.AppKeyResponse:
-        """Derived keys for this boot_info, from the cache when derived less than app_key_cache_s ago. Only
-        called after attestation and the chain said yes; the cache key is everything derivation reads."""
-        now = int(self.clock())
-        key = (bi.app_id, bi.instance_id, bi.os_image_hash, self.config.gateway_app_id)
-        ttl = self.config.app_key_cache_s
-        if ttl > 0:
-            with self._cache_lock:
-                hit = self._app_key_cache.get(key)
-            if hit is not None and hit[0] <= now < hit[0] + ttl:
-                return hit[1]
-        keys = derive_app_keys(
-            self.state.root,
-            bi.app_id,
-            bi.instance_id,
-            now=now,
-            gateway_app_id=self.config.gateway_app_id,
-            os_image_hash=bi.os_image_hash,
-        )
-        resp = api.AppKeyResponse(
-            app_id=bi.app_id.hex(),
-            instance_id=bi.instance_id.hex(),
-            ca_key=keys.ca_key_pem,
-            ca_cert=keys.ca_cert_pem,
-            disk_crypt_key=keys.disk_crypt_key.hex(),
-            env_crypt_key=keys.env_crypt_key.hex(),
-            k256_key=keys.k256_key.hex(),
-            k256_signature=keys.k256_signature.hex(),
-            kms_k256_pubkey=keys.kms_k256_pubkey.hex(),
-            gateway_app_id=keys.gateway_app_id,
-            os_image_hash=keys.os_image_hash.hex(),
-        )
-        if ttl > 0:
-            with self._cache_lock:
-                self._app_key_cache[key] = (now, resp)
-                self._app_key_cache.move_to_end(key)
-                while len(self._app_key_cache) > self.config.app_key_cache_entries:
-                    self._app_key_cache.popitem(last=False)
-        return resp
 
     def sign_cert(
         self,
@@ -471,56 +302,14 @@ class KmsService:
         vm_config: str | Mapping[str, Any] = "",
         peer_addr: str = "",
     ) -> api.SignCertResponse:
-        """Issue a certificate for the CSR's key under the caller's app CA (derived from the root), for an
-        attested caller the chain allows. The app_id extension names the caller's measured app. `vm_config`
-        as for get_app_key (RTMR0 is checked for the VM shape it states)."""
+        """Issue a certificate for the CSR's key under the caller's app CA, for an attested caller the chain
+        allows. `vm_config` as for get_app_key (RTMR0 is checked for the VM shape it states)."""
 
         def decide(ctx: dict[str, Any]) -> api.SignCertResponse:
-            peer = self.attest(cert_der)
-            bi = peer.boot_info
-            ctx["boot_info"] = boot_info_to_json(bi)
-            require_boot_time(peer.evidence)
-            self._require_os_image_reference()
-            self._check_vm_shape(bi, peer.evidence, vm_config)
-            self.authorizer.app_allowed(bi)
-            try:
-                csr = x509.load_pem_x509_csr(csr_pem.encode())
-            except ValueError as exc:
-                raise AccessDenied(f"the CSR does not parse: {exc}", step="csr") from exc
-            if not csr.is_signature_valid:
-                raise AccessDenied("the CSR's self-signature does not verify", step="csr")
-            pub = csr.public_key()
-            if not isinstance(pub, ec.EllipticCurvePublicKey):
-                raise AccessDenied("only EC (P-256/P-384) keys are certified", step="csr")
-            cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-            cn = str(cns[0].value)[:64] if cns else f"app {bi.app_id.hex()}"
-            alt: list[str] = []
-            with contextlib.suppress(x509.ExtensionNotFound):
-                san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-                alt = [str(n) for n in san.get_values_for_type(x509.DNSName)][:32]
-            now = int(self.clock())
-            app_ca_key = derive_p256_key(self.state.root.ca_key, [bi.app_id, b"app-ca"])
-            keys = derive_app_keys(self.state.root, bi.app_id, bi.instance_id, now=now)
-            app_ca_cert = x509.load_pem_x509_certificate(keys.ca_cert_pem.encode())
-            try:
-                leaf = issue_cert(
-                    pub,
-                    issuer_key=app_ca_key,
-                    issuer_name=app_ca_cert.subject,
-                    subject_cn=cn,
-                    not_before=now - 60,
-                    not_after=now + self.config.signed_cert_lifetime_s,
-                    alt_names=alt,
-                    server_auth=True,
-                    client_auth=True,
-                    extra_extensions=[x509.UnrecognizedExtension(OID_APP_ID, b"\x04\x14" + bi.app_id)],
-                )
-            except _KeysError as exc:
-                raise AccessDenied(f"cannot certify this CSR: {exc}", step="csr") from exc
+            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
+            cn, answer = self.issuer.sign_cert(app, csr_pem)
             ctx["reason"] = f"certificate issued for CN={cn}"
-            return api.SignCertResponse(
-                certificate_chain=[cert_to_pem(leaf), keys.ca_cert_pem, self.state.root_ca_cert_pem]
-            )
+            return answer
 
         return self._audited(api.PATH_SIGN_CERT, cert_der, peer_addr, decide)
 
@@ -528,36 +317,17 @@ class KmsService:
         """Onboarding: root keys, only to an attested KMS that KmsAuth.isKmsAllowed accepts."""
 
         def decide(ctx: dict[str, Any]) -> api.KmsKeyResponse:
-            peer = self.attest(cert_der)
-            ctx["boot_info"] = boot_info_to_json(peer.boot_info)
-            reason = self.authorizer.kms_allowed(peer.boot_info)
-            ctx["reason"] = f"KMS allowed by KmsAuth{': ' + reason if reason else ''}; root keys replicated"
-            ca_key_pem = key_to_pem(self.state.root.ca_key)
-            return api.KmsKeyResponse(
-                ca_key=ca_key_pem,
-                ca_cert=self.state.root_ca_cert_pem,
-                k256_key=self.state.root.k256_key.hex(),
-                temp_ca_key=self.state.temp_ca_key_pem,
-                temp_ca_cert=self.state.temp_ca_cert_pem,
+            kms = self.authz.authorize_kms(cert_der, ctx=ctx)
+            ctx["reason"] = (
+                f"KMS allowed by KmsAuth{': ' + kms.reason if kms.reason else ''}; root keys replicated"
             )
+            return self.issuer.kms_keys(kms)
 
         return self._audited(api.PATH_GET_KMS_KEY, cert_der, peer_addr, decide)
 
     def env_encrypt_pubkey(self, app_id_text: str) -> api.EnvEncryptPubKeyResponse:
         """Public: the app's X25519 env-encryption key, signed by the KMS root k256 key (dstack format)."""
-        app_id = _norm_app_id(app_id_text)
-        now = int(self.clock())
-        pub = env_encrypt_pubkey(self.state.root, app_id)
-        sig_v1 = sign_env_encrypt_pubkey(self.state.root, app_id, pub, now)
-        # dstack's legacy signature (no timestamp): keccak256("dstack-env-encrypt-pubkey:" ‖ app_id ‖ pk).
-        from eth_utils.crypto import keccak
-
-        legacy = sign_k256_recoverable(
-            self.state.root.k256_key, keccak(b"dstack-env-encrypt-pubkey:" + app_id + pub)
-        )
-        return api.EnvEncryptPubKeyResponse(
-            public_key=pub.hex(), signature=legacy.hex(), timestamp=now, signature_v1=sig_v1.hex()
-        )
+        return self.issuer.env_encrypt_pubkey(_norm_app_id(app_id_text))
 
     def meta(self) -> api.KmsMeta:
         return api.KmsMeta(
