@@ -49,12 +49,8 @@ def serve(home: str, conn: Any, workers_note: str = "") -> None:  # child proces
     from teecloud.chain import ChainClient
     from teecloud.kms.audit import AuditLog
     from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
-    from teecloud.kms.service import (
-        KmsConfig,
-        KmsServer,
-        KmsService,
-        StaticCollateral,
-    )
+    from teecloud.kms.server import KmsServer
+    from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
     from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 
     chain = ChainClient.embedded(Path(home))

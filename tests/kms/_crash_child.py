@@ -13,12 +13,8 @@ from teecloud._fs import data_home
 from teecloud.chain import ChainClient
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
-from teecloud.kms.service import (
-    KmsConfig,
-    KmsServer,
-    KmsService,
-    StaticCollateral,
-)
+from teecloud.kms.server import KmsServer
+from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
 from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 
 COMPOSE = hashlib.sha256(b"crash test compose").digest()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from teecloud.chain import ChainRpcServer, ContractReverted
 from teecloud.cli import app as cli
-from teecloud.kms.service import KmsServer
+from teecloud.kms.server import KmsServer
 from tests.kms.conftest import (
     COMPOSE_V1,
     COMPOSE_V2,

@@ -21,7 +21,7 @@ from teecloud.keys.certs import spki_der
 from teecloud.keys.ratls import ratls_report_data
 from teecloud.kms.api import PATH_GET_APP_KEY
 from teecloud.kms.client import KmsClient, ratls_server_check
-from teecloud.kms.service import KmsServer
+from teecloud.kms.server import KmsServer
 from teecloud.tee.simulated import os_image_hash_for, runtime_event_digest
 from tests.kms.conftest import (
     COMPOSE_V1,

@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from teecloud import _serve
 from teecloud.kms import api
 from teecloud.kms.api import AuditRecord
-from teecloud.kms.service import KmsServer
+from teecloud.kms.server import KmsServer
 from tests.common.flood import assert_flood_ok, fresh_connection_client, run_flood
 from tests.kms.conftest import Kms, World, make_kms
 

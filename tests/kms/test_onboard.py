@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from teecloud.chain import ContractReverted
-from teecloud.kms.bootstrap import boot_kms_tee
+from teecloud.kms.bootstrap import boot_kms_tee, publish_kms_info
 from teecloud.kms.errors import BootstrapError, OnboardError
 from teecloud.kms.onboard import onboard_from
-from teecloud.kms.service import KmsServer, publish_kms_info
+from teecloud.kms.server import KmsServer
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.conftest import (
     COMPOSE_V1,

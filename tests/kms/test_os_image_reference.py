@@ -16,7 +16,7 @@ import pytest
 
 from teecloud.kms.api import PATH_GET_APP_KEY
 from teecloud.kms.errors import AccessDenied
-from teecloud.kms.service import KmsServer
+from teecloud.kms.server import KmsServer
 from teecloud.tee.simulated import (
     SimulatedTdx,
     os_image_hash_for,

@@ -14,7 +14,7 @@ from dstack_sdk.verify_env_encrypt_public_key import verify_env_encrypt_public_k
 
 from teecloud.keys.envcrypt import decrypt_env, encrypt_env
 from teecloud.kms.client import KmsClient, ratls_server_check
-from teecloud.kms.service import KmsServer
+from teecloud.kms.server import KmsServer
 from tests.kms.conftest import (
     COMPOSE_V1,
     COMPOSE_V2,

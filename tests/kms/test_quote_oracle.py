@@ -30,7 +30,7 @@ from teecloud.keys.ratls import make_ratls_cert
 from teecloud.kms.api import PATH_GET_APP_KEY, PATH_SIGN_CERT
 from teecloud.kms.client import KmsClient, ratls_server_check, vm_config_json
 from teecloud.kms.errors import AccessDenied
-from teecloud.kms.service import KmsServer
+from teecloud.kms.server import KmsServer
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.conftest import (
     COMPOSE_V1,

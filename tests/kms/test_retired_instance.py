@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from teecloud.kms.api import PATH_GET_APP_KEY
-from teecloud.kms.service import KmsServer
+from teecloud.kms.server import KmsServer
 from tests.kms.conftest import (
     COMPOSE_V1,
     Kms,

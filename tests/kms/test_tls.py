@@ -10,7 +10,7 @@ import pytest
 
 from teecloud.kms.client import KmsClient, UnsafeNoServerCheck, ratls_server_check
 from teecloud.kms.errors import KmsClientError, KmsDenied
-from teecloud.kms.service import KmsServer
+from teecloud.kms.server import KmsServer
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.conftest import COMPOSE_V1, COMPOSE_V2, World, make_app, make_kms
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from teecloud.kms.service import make_admin_app, make_public_app
+from teecloud.kms.http import make_admin_app, make_public_app
 from tests.kms.conftest import KEY_FIELDS, Kms, make_kms
 from tests.robustness._fuzz import run_hostile, run_schemathesis
 

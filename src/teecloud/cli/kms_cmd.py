@@ -103,9 +103,9 @@ def up(
     ] = "",
 ) -> None:
     """Start the KMS: boot its TEE, unseal (or create) its root keys, serve RA-TLS and the admin API."""
+    from teecloud.kms.bootstrap import publish_kms_info
     from teecloud.kms.errors import KmsError
     from teecloud.kms.launcher import KmsLaunch, launch_kms
-    from teecloud.kms.service import publish_kms_info
 
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)

@@ -221,7 +221,7 @@ class LocalCloud:
     def _publish_kms(self, chain: Any, tee: Any, identity: Any, state: Any) -> None:
         """What KmsAuth must know to trust this KMS and the CVMs it serves (once per chain and key set): the
         simulated OS image, this KMS build's measurement and device, and its root public keys."""
-        from teecloud.kms.service import publish_kms_info
+        from teecloud.kms.bootstrap import publish_kms_info
 
         marker = self.home / "cloud" / "kms-published.json"
         key = f"{chain.chain_key}:{identity.mr_aggregated.hex()}:{state.root.k256_public_key.hex()}"

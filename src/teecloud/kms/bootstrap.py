@@ -229,3 +229,31 @@ def start_kms_state(
     state = new_state(now=now)
     save_state(state, tee, identity, home)
     return state, True
+
+
+BOOTSTRAP_REPORT_PREFIX = b"teecloud-kms-bootstrap:"
+
+
+def bootstrap_report_data(state: KmsState) -> bytes:
+    """report_data of the KMS's bootstrap quote: sha512(prefix ‖ k256 pubkey ‖ CA SPKI DER), so the quote
+    published (by hash) in KmsAuth vouches that these root public keys were made in this TEE."""
+    return hashlib.sha512(
+        BOOTSTRAP_REPORT_PREFIX + state.root.k256_public_key + state.root.ca_public_key_der
+    ).digest()
+
+
+def publish_kms_info(chain: Any, state: KmsState, tee: TeePlatform, home: Path | None = None) -> str:
+    """Quote over the root public keys, kept in data_home()/kms/bootstrap-quote.* for anyone to verify, and
+    its hash with the public keys written to KmsAuth (`set_kms_info`). Returns the quote hash (hex)."""
+    from teecloud._fs import atomic_write
+    from teecloud.keys.ratls import event_log_json
+    from teecloud.kms.bootstrap import kms_dir
+
+    quote = tee.quote(bootstrap_report_data(state))
+    quote_hash = hashlib.sha256(quote).digest()
+    atomic_write(kms_dir(home) / "bootstrap-quote.bin", quote, mode=0o644)
+    atomic_write(
+        kms_dir(home) / "bootstrap-event-log.json", event_log_json(tee.event_log()).encode(), mode=0o644
+    )
+    chain.set_kms_info(state.root.k256_public_key, state.root.ca_public_key_der, quote_hash)
+    return quote_hash.hex()

@@ -24,13 +24,8 @@ from teecloud._fs import atomic_write
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.authz import AuthChain
 from teecloud.kms.bootstrap import KmsIdentity, KmsState, boot_kms_tee, kms_dir, start_kms_state
-from teecloud.kms.service import (
-    CollateralSource,
-    KmsConfig,
-    KmsServer,
-    KmsService,
-    OsImageReference,
-)
+from teecloud.kms.server import KmsServer
+from teecloud.kms.service import CollateralSource, KmsConfig, KmsService, OsImageReference
 from teecloud.tee.base import TeePlatform
 
 __all__ = [

@@ -1,0 +1,166 @@
+"""The KMS's HTTP layer: the public (RA-TLS) and admin FastAPI apps over a KmsService, one refusal shape
+(`{"error", "reason", "step"}`) for every denial, unknown route and bad body."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from teecloud._asgi import BoundedBody
+from teecloud.kms import api
+from teecloud.kms.errors import AccessDenied, KmsUsageError
+from teecloud.kms.service import KmsService
+
+__all__ = ["PEER_CERT_STATE_KEY", "make_admin_app", "make_public_app", "peer_cert_der"]
+
+PEER_CERT_STATE_KEY = "teecloud.tls_peer_cert_der"
+
+
+def peer_cert_der(request: Request) -> bytes | None:
+    """The TLS client certificate of this request, DER, or None."""
+    state = request.scope.get("state") or {}
+    der = state.get(PEER_CERT_STATE_KEY)
+    if isinstance(der, bytes) and der:
+        return der
+    tls = (request.scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    if chain:
+        first = chain[0]
+        try:
+            cert = x509.load_pem_x509_certificate(first.encode() if isinstance(first, str) else first)
+        except ValueError:
+            return None
+        return cert.public_bytes(serialization.Encoding.DER)
+    return None
+
+
+def _peer_addr(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else ""
+
+
+def _denied(status: int, reason: str, step: str = "") -> JSONResponse:
+    return JSONResponse(status_code=status, content=api.Denied(reason=reason, step=step).model_dump())
+
+
+class _ContentLengthLimit:
+    """Refuses a declared Content-Length above the limit (413) before the body is read. A plain ASGI
+    middleware: starlette's BaseHTTPMiddleware costs a task and a stream per request on the hot path."""
+
+    def __init__(self, app: Any, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers") or ():
+                if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+                    reply = _denied(413, f"request body above {self.max_bytes} bytes", "request")
+                    await reply(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _json_response(model: Any) -> Response:
+    """A pydantic model as JSON, without FastAPI re-validating it against the response_model (it is one)."""
+    return Response(content=model.model_dump_json(), media_type="application/json")
+
+
+def _install_common(app: FastAPI, max_body: int) -> None:
+    app.add_middleware(BoundedBody, max_bytes=max_body)
+    app.add_middleware(_ContentLengthLimit, max_bytes=max_body)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        )
+        return _denied(400, f"malformed request: {errors}"[:500], "request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes, wrong methods, unparsable bodies, missing admin token: one refusal shape.
+        response = _denied(exc.status_code, str(exc.detail), "request")
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.exception_handler(AccessDenied)
+    async def on_denied(request: Request, exc: AccessDenied) -> JSONResponse:
+        return _denied(403, exc.reason, exc.step)
+
+    @app.exception_handler(KmsUsageError)
+    async def on_usage(request: Request, exc: KmsUsageError) -> JSONResponse:
+        return _denied(400, str(exc), "request")
+
+
+def make_public_app(service: KmsService) -> FastAPI:
+    """The public listener: metadata, env-encrypt public keys, and the attested endpoints."""
+    app = FastAPI(title="teecloud KMS", version="1", docs_url=None, redoc_url=None)
+    _install_common(app, service.config.max_body_bytes)
+
+    @app.get(api.PATH_GET_META, response_model=api.KmsMeta)
+    def get_meta() -> Response:
+        return _json_response(service.meta())
+
+    @app.get(api.PATH_GET_TEMP_CA_CERT, response_model=api.TempCaCertResponse)
+    def get_temp_ca_cert() -> api.TempCaCertResponse:
+        return service.temp_ca()
+
+    @app.post(api.PATH_GET_APP_ENV_ENCRYPT_PUBKEY, response_model=api.EnvEncryptPubKeyResponse)
+    def get_env_pubkey(body: api.EnvEncryptPubKeyRequest) -> api.EnvEncryptPubKeyResponse:
+        return service.env_encrypt_pubkey(body.app_id)
+
+    @app.post(api.PATH_GET_APP_KEY, response_model=api.AppKeyResponse)
+    def get_app_key(request: Request, body: api.GetAppKeyRequest) -> Response:
+        return _json_response(
+            service.get_app_key(
+                peer_cert_der(request), vm_config=body.vm_config, peer_addr=_peer_addr(request)
+            )
+        )
+
+    @app.post(api.PATH_SIGN_CERT, response_model=api.SignCertResponse)
+    def sign_cert(request: Request, body: api.SignCertRequest) -> api.SignCertResponse:
+        return service.sign_cert(
+            peer_cert_der(request), body.csr, vm_config=body.vm_config, peer_addr=_peer_addr(request)
+        )
+
+    @app.post(api.PATH_GET_KMS_KEY, response_model=api.KmsKeyResponse)
+    def get_kms_key(request: Request, body: api.GetKmsKeyRequest) -> api.KmsKeyResponse:
+        return service.get_kms_key(peer_cert_der(request), peer_addr=_peer_addr(request))
+
+    return app
+
+
+def make_admin_app(service: KmsService, *, token: str, public_url: str = "", chain: str = "") -> FastAPI:
+    """The admin listener: status and audit, behind a bearer token. Never key material."""
+    app = FastAPI(title="teecloud KMS admin", version="1", docs_url=None, redoc_url=None)
+    _install_common(app, 4096)
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        got = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(got, expected):
+            return _denied(
+                401, "admin API: missing or wrong bearer token (see data_home()/kms/admin-token)", "auth"
+            )
+        return await call_next(request)
+
+    @app.get("/status", response_model=api.StatusResponse)
+    def status() -> api.StatusResponse:
+        return service.status(public_url=public_url, chain=chain)
+
+    @app.get("/audit", response_model=api.AuditResponse)
+    def audit(limit: int = 100) -> api.AuditResponse:
+        return api.AuditResponse(records=service.audit.read(limit=max(0, min(limit, 100_000))))
+
+    return app
