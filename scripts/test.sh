@@ -15,6 +15,7 @@ if [ "$state" = started ]; then export TEECLOUD_E2E_RESTART_DOCKERD=1; fi
 
 echo "== ruff"; ruff check src tests bench fuzz; ruff format --check src tests bench fuzz
 echo "== mypy"; mypy src fuzz
+echo "== import layers"; lint-imports --no-cache
 echo "== fuzz (brief)"; python3 fuzz/run.py --seconds "${FUZZ_SECONDS:-20}" > "${TMPDIR:-/tmp}/teecloud-fuzz.log" 2>&1 \
   || { tail -40 "${TMPDIR:-/tmp}/teecloud-fuzz.log"; exit 1; }
 tail -1 "${TMPDIR:-/tmp}/teecloud-fuzz.log"

@@ -1,13 +1,35 @@
-"""`teecloud` command line (Typer + Rich). Each command group lives in a module of its own."""
+"""`teecloud` command line (Typer + Rich). Each command group lives in a module of its own.
+
+Errors: every error teecloud raises on purpose derives from `teecloud.errors.Error`; the root command group
+(`ErrorsToExit`) turns one that a command did not handle into "error: <diagnostics>" and exit status 1, so a
+user never sees a traceback for it. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
-import importlib
 import sys
+from typing import Any
 
 import typer
+from typer import _click as click  # typer 0.29 vendors click; its Context is the one commands get
+from typer.core import TyperGroup
 
-__all__ = ["app", "main"]
+from teecloud.cli import agent_cmd, chain_cmd, cloud_cmd, kms_cmd, tee_cmd, verify_cmd
+from teecloud.errors import Error
+
+__all__ = ["ErrorsToExit", "app", "main"]
+
+
+class ErrorsToExit(TyperGroup):
+    """A command group that reports teecloud errors as one line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Error as exc:
+            click.echo(f"error: {exc.diagnostics()}", err=True)
+            ctx.exit(1)
+
 
 app = typer.Typer(
     name="teecloud",
@@ -15,39 +37,20 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=ErrorsToExit,
 )
 
-# (module, attribute) pairs; a module registers commands on `app` or exposes a Typer sub-app.
-_GROUPS: list[tuple[str, str | None, str | None]] = [
-    ("teecloud.cli.verify_cmd", None, None),  # `teecloud verify`, `teecloud trust ...`
-    ("teecloud.cli.tee_cmd", "app", "tee"),
-    ("teecloud.cli.agent_cmd", "app", "agent"),
-    ("teecloud.cli.chain_cmd", None, None),  # `teecloud chain ...`, `teecloud app ...`, `teecloud node ...`
-    ("teecloud.cli.kms_cmd", "app", "kms"),
-    ("teecloud.cli.cloud_cmd", None, None),  # `teecloud up`, `deploy`, `ps`, `logs`, ...
-]
-
-
-def _register() -> None:
-    for module_name, attr, name in _GROUPS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # group not built yet
-            raise
-        if attr is not None:
-            app.add_typer(getattr(module, attr), name=name)
-        elif hasattr(module, "register"):
-            module.register(app)
+verify_cmd.register(app)  # `teecloud verify`, `teecloud trust ...`
+app.add_typer(tee_cmd.app, name="tee")
+app.add_typer(agent_cmd.app, name="agent")
+chain_cmd.register(app)  # `teecloud chain ...`, `teecloud app ...`, `teecloud node ...`
+app.add_typer(kms_cmd.app, name="kms")
+cloud_cmd.register(app)  # `teecloud up`, `deploy`, `ps`, `logs`, ...
 
 
 @app.callback()
 def _root() -> None:
     """teecloud: run unchanged docker-compose apps in attested confidential VMs, governed on-chain."""
-
-
-_register()
 
 
 @app.command("version")
