@@ -113,7 +113,7 @@ def test_wrong_http_method(http):
 
 
 def test_openapi_schema_lists_methods(agent):
-    from teecloud.agent.server import make_agent_app
+    from teecloud.agent.http import make_agent_app
 
     schema = make_agent_app(agent.service).openapi()
     assert {"/GetKey", "/GetQuote", "/Info", "/Sign"} <= set(schema["paths"])

@@ -9,8 +9,8 @@ from dstack_sdk import get_compose_hash
 from fastapi.testclient import TestClient
 
 from teecloud.agent import BootError, KeyProviderError, LocalDevKeyProvider, boot, compose_hash
+from teecloud.agent.http import make_public_app
 from teecloud.agent.keyprovider import DEV_PROVIDER_NAME, KeyProvider
-from teecloud.agent.server import make_public_app
 from teecloud.attestation.eventlog import replay_rtmrs, runtime_event_digest
 from teecloud.tee.simulated import SimulatedTdx
 

@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 
 from teecloud.agent import api
-from teecloud.agent.server import AgentService
+from teecloud.agent.service import AgentService
 
 LIMITS = api.AgentLimits()
 # What one event costs in the event-log JSON besides its name and hex payload: {"imr":3,"event_type":...,

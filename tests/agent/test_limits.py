@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from teecloud import _serve
-from teecloud.agent.server import AgentRunner
+from teecloud.agent.runner import AgentRunner
 from tests.common.flood import assert_flood_ok, run_flood
 
 FAST = dataclasses.replace(_serve.AGENT, request_read_timeout_s=2.0, keep_alive_timeout_s=2.0)

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from dstack_sdk import AsyncDstackClient, DstackClient, TappdClient, get_compose_hash
 
 from teecloud.agent.api import decode_attestation
+from teecloud.attestation.dcap import parse_quote
 from teecloud.attestation.eventlog import mr_aggregated as _mr_aggregated
 from teecloud.keys.certs import verify_cert_chain
 from teecloud.keys.kdf import derive_key
@@ -153,9 +154,20 @@ def test_get_quote_verifies_with_the_cli(client, booted, tmp_path):
     assert r.exit_code != 0
 
 
-def test_get_quote_with_64_bytes_and_hex_str(client):
+def test_get_quote_with_64_bytes_and_hex_str(client, booted):
     q = client.get_quote(b"\xff" * 64)
     assert q.report_data == "ff" * 64
+    # a str is not hex-decoded by dstack-sdk: it sends its UTF-8 bytes, so a 64-character hex string binds
+    # those 64 ASCII bytes (not the 32 bytes it spells), and the quote itself carries them
+    text = "ab" * 32
+    q = client.get_quote(text)
+    assert q.report_data == text.encode().hex()
+    assert bytes.fromhex(q.report_data) != bytes.fromhex(text).ljust(64, b"\x00")
+    _verify_quote(booted.tee, bytes.fromhex(q.quote))
+    assert parse_quote(bytes.fromhex(q.quote))["report_data"] == text.encode()
+    # a longer hex string is more than 64 bytes once encoded: the SDK refuses it before sending anything
+    with pytest.raises(ValueError, match="less than 64 bytes"):
+        client.get_quote("ab" * 64)
 
 
 def test_attest_envelope(client, booted):

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.agent.api import GetQuoteRequest
 from teecloud.agent.boot import boot
-from teecloud.agent.server import AgentService
+from teecloud.agent.service import AgentService
 from teecloud.appcompose import compose_hash
 from teecloud.attestation.eventlog import parse_event_log
 from teecloud.attestation.models import EventLogEntry

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from teecloud.agent.boot import AgentState, boot
 from teecloud.agent.keyprovider import LocalDevKeyProvider
-from teecloud.agent.server import AgentService, ClientError
+from teecloud.agent.service import AgentService, ClientError
 from teecloud.agent.storage import EncryptedVolume
 from teecloud.attestation.policy import Policy
 from teecloud.attestation.verifier import verify_tdx_with_event_log

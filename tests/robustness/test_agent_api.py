@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 
 from teecloud.agent import LocalDevKeyProvider, boot
 from teecloud.agent.boot import BootError, parse_app_compose
-from teecloud.agent.server import AgentService, make_agent_app, make_public_app, make_tappd_app
+from teecloud.agent.http import make_agent_app, make_public_app, make_tappd_app
+from teecloud.agent.service import AgentService
 from teecloud.tee.simulated import SimulatedTdx
 from tests.agent.conftest import COMPOSE
 from tests.robustness._fuzz import run_hostile, run_schemathesis

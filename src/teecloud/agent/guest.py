@@ -28,7 +28,7 @@ from typing import Any
 from teecloud.agent.boot import AgentState, BootError, boot
 from teecloud.agent.errors import GuestBootFailed, StorageError
 from teecloud.agent.keyprovider import KeyProvider
-from teecloud.agent.server import AgentRunner
+from teecloud.agent.runner import AgentRunner
 from teecloud.agent.storage import EncryptedVolume
 from teecloud.keys.appkeys import AppKeys
 from teecloud.tee.base import TeePlatform

@@ -75,7 +75,7 @@ def simulate(
         _fail(str(exc))
 
     def ready(runner: object) -> None:
-        from teecloud.agent.server import AgentRunner
+        from teecloud.agent.runner import AgentRunner
 
         assert isinstance(runner, AgentRunner)
         _out.print(

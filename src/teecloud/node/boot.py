@@ -22,7 +22,7 @@ from teecloud.agent.boot import AgentState
 from teecloud.agent.errors import GuestBootFailed
 from teecloud.agent.guest import GUEST_PHASES, STORAGE_FS, BootedGuest, GuestPaths, boot_guest, shutdown_guest
 from teecloud.agent.keyprovider import KeyProvider
-from teecloud.agent.server import AgentRunner
+from teecloud.agent.runner import AgentRunner
 from teecloud.agent.storage import EncryptedVolume
 from teecloud.node.errors import BootFailed, KeysDenied, NodeError, RuntimeFailed
 from teecloud.node.instance import Instance
