@@ -201,3 +201,29 @@ def test_all_rules_are_reported_not_just_the_first() -> None:
 
 def test_tcb_status_order_is_intels() -> None:
     assert dcap.TCB_STATUS_ORDER[0] == "UpToDate" and dcap.TCB_STATUS_ORDER[-1] == "Revoked"
+
+
+def test_require_revocation_rejects_an_unchecked_chain() -> None:
+    from teecloud.attestation.models import VerifiedEvidence
+
+    def ev(revocation: dict[str, object]) -> VerifiedEvidence:
+        return VerifiedEvidence(
+            tee="nitro",
+            tcb_status="NotApplicable",
+            advisory_ids=(),
+            measurements={},
+            report_data=b"",
+            debug=False,
+            fields={"revocation": revocation},
+        )
+
+    strict = Policy.from_mapping({"version": 1, "require_revocation": True})
+    unchecked = ev({"checked": [], "not_checked": ["Leaf"], "complete": False})
+    step = next(s for s in strict.check(unchecked) if s.name == "policy:revocation")
+    assert not step.ok and "revocation not checked for Leaf" in step.reason
+    checked = ev({"checked": ["Leaf: OCSP good"], "not_checked": [], "complete": True})
+    assert next(s for s in strict.check(checked) if s.name == "policy:revocation").ok
+    # evidence without any revocation record fails closed; the default policy has no such rule
+    assert not next(s for s in strict.check(ev({})) if s.name == "policy:revocation").ok
+    assert all(s.name != "policy:revocation" for s in Policy.default().check(unchecked))
+    assert Policy.from_mapping(strict.to_mapping()) == strict

@@ -43,5 +43,6 @@ CACHE_BUDGETS: dict[str, CacheBudget] = {
     "eventlog.parsed": CacheBudget(128, 16 * 1024 * 1024),
     "eventlog.replayed": CacheBudget(256, 4 * 1024 * 1024),
     "x509.chains": CacheBudget(256, 4 * 1024 * 1024),
-    "crl.parsed": CacheBudget(64, 8 * 1024 * 1024),
+    "x509.split": CacheBudget(256, 2 * 1024 * 1024),
+    "x509.loaded": CacheBudget(512, 4 * 1024 * 1024),
 }

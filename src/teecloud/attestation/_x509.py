@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
+from teecloud.attestation._cache import BoundedCache, named_cache
 from teecloud.attestation.errors import (
     CertificateChainInvalid,
     Expired,
@@ -288,8 +289,41 @@ def build_and_verify_chain(
       (4) issuers are CAs (basicConstraints, pathLen, keyCertSign);
       (5) every certificate, anchor included, is valid at `now`.
     """
-    anchors = load_anchors(trust_anchors)
     check_validity((), now)  # rejects an unusable `now` before any work
+    # Everything below but step (5) is a pure function of the certificates, so a verified path is reused
+    # for the same certificates, anchors and algorithm sets whenever `now` is inside its validity window.
+    key = (
+        leaf.public_bytes(serialization.Encoding.DER),
+        tuple(c.public_bytes(serialization.Encoding.DER) for c in pool),
+        tuple(bytes(a) for a in trust_anchors),
+        algorithms,
+        root_algorithms,
+    )
+    hit = _CHAINS.get(key)
+    if hit is not None and hit[1][0] <= now <= hit[1][1]:
+        return hit[0]
+    chain = _build_and_verify(leaf, pool, load_anchors(trust_anchors), now, algorithms, root_algorithms)
+    lo = max(c.not_valid_before_utc.timestamp() for c in chain.path)
+    hi = min(c.not_valid_after_utc.timestamp() for c in chain.path)
+    _CHAINS.put(
+        key, (chain, (lo, hi)), sum(len(k) for k in key[:1]) + sum(map(len, key[1])) + sum(map(len, key[2]))
+    )
+    return chain
+
+
+_CHAINS: BoundedCache[tuple[object, ...], tuple[VerifiedChain, tuple[float, float]]] = named_cache(
+    "x509.chains"
+)
+
+
+def _build_and_verify(
+    leaf: x509.Certificate,
+    pool: Sequence[x509.Certificate],
+    anchors: list[x509.Certificate],
+    now: int,
+    algorithms: frozenset[object],
+    root_algorithms: frozenset[object] | None,
+) -> VerifiedChain:
     # (1): build by name
     path: list[x509.Certificate] = [leaf]
     while path[-1].issuer != path[-1].subject:

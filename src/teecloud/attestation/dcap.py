@@ -640,12 +640,37 @@ _DCAP_REVOCATION: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class _Verdict:
-    """dcap-qvl's accepting verdict on a platform, reusable strictly inside `window`."""
+    """dcap-qvl's accepting verdict on a platform, reached at time `at`, reusable strictly inside
+    `window`. The window is computed at the second sight (`None` until then): the first sight of a
+    platform then costs no more than dcap-qvl's own check, plus parsing."""
 
-    window: _Window
+    at: int
+    window: _Window | None
     status: str
     advisories: tuple[str, ...]
     ppid: bytes
+
+
+def _reusable(
+    key: tuple[bytes, ...], q: _Quote, col: _Collateral, anchor: bytes | None, now: int
+) -> _Verdict | None:
+    cached: _Verdict | None = _VERDICTS.get(key)
+    if cached is None:
+        return None
+    if cached.window is None:
+        window = _intersect(col.window, _certs_window(q.pck_chain_pem))
+        if anchor is not None:
+            window = _intersect(window, _anchor_window(anchor))
+        # Kept only when the time the verdict was reached at lies strictly inside the window: then every
+        # time-dependent check dcap-qvl makes had the same outcome then as at any time it is reused. (The
+        # key covers the chain and collateral bytes, so this window is that of the first sight's inputs.)
+        if window is None or not window[0] < cached.at < window[1]:
+            _VERDICTS.put(key, _Verdict(cached.at, (0.0, 0.0), "", (), b""), 128)  # never reusable
+            return None
+        cached = _Verdict(cached.at, window, cached.status, cached.advisories, cached.ppid)
+        _VERDICTS.put(key, cached, 128 + len(cached.ppid))
+    assert cached.window is not None
+    return cached if cached.window[0] < now < cached.window[1] else None
 
 
 # ------------------------------------------------------------------------------------ error mapping
@@ -780,8 +805,8 @@ def verify_dcap_quote(
     # (same bytes but for the measurements, same collateral and anchor) is reused at a time inside the
     # verdict's window, after checking this quote's own signature.
     key = _verdict_key(q, quote, col, anchor)
-    cached: _Verdict | None = _VERDICTS.get(key)
-    if cached is not None and cached.window[0] < now < cached.window[1] and _quote_signature_ok(q, quote):
+    cached = _reusable(key, q, col, anchor, now)
+    if cached is not None and _quote_signature_ok(q, quote):
         status, advisories, ppid = cached.status, cached.advisories, cached.ppid
     else:
         try:
@@ -810,13 +835,8 @@ def verify_dcap_quote(
         status = str(report.status)
         advisories = tuple(str(a) for a in report.advisory_ids)
         ppid = bytes(report.ppid or b"")
-        window = _intersect(col.window, _certs_window(q.pck_chain_pem))
-        if anchor is not None:
-            window = _intersect(window, _anchor_window(anchor))
-        # Kept only when the time it was reached at lies strictly inside the window: then every
-        # time-dependent check dcap-qvl makes had the same outcome then as at any time it is reused.
-        if window is not None and window[0] < now < window[1]:
-            _VERDICTS.put(key, _Verdict(window, status, advisories, ppid), 128 + len(ppid))
+        if _VERDICTS.get(key) is None:
+            _VERDICTS.put(key, _Verdict(now, None, status, advisories, ppid), 128 + len(ppid))
     # (6): Revoked means Intel withdrew the platform's keys; no policy may accept it.
     if status == "Revoked":
         raise TcbNotAcceptable("TCB status is Revoked: Intel has revoked this platform's TCB")

@@ -62,8 +62,13 @@ def split_certificates(blobs: bytes | Iterable[bytes]) -> list[bytes]:
     """Certificates (DER) from PEM text (any number of blocks) or single DER blobs. Raises UsageError."""
     items = [blobs] if isinstance(blobs, bytes | bytearray) else list(blobs)
     out: list[bytes] = []
-    for blob in items:
-        blob = bytes(blob)
+    for item in items:
+        blob = bytes(item)
+        hit = _SPLIT.get(blob)
+        if hit is not None:
+            out += hit
+            continue
+        before = len(out)
         pems = _PEM_CERT.findall(blob)
         try:
             with warnings.catch_warnings():
@@ -76,7 +81,11 @@ def split_certificates(blobs: bytes | Iterable[bytes]) -> list[bytes]:
                     ]
         except ValueError as exc:
             raise UsageError(f"not a certificate (PEM or DER): {exc}") from exc
+        _SPLIT.put(blob, tuple(out[before:]), 2 * len(blob))
     return out
+
+
+_SPLIT: BoundedCache[bytes, tuple[bytes, ...]] = named_cache("x509.split")
 
 
 def _der_items(blob: bytes) -> list[bytes]:
@@ -102,9 +111,16 @@ def _der_items(blob: bytes) -> list[bytes]:
 
 
 def _load(der: bytes) -> x509.Certificate:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return x509.load_der_x509_certificate(der)
+    hit = _LOADED.get(der)
+    if hit is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hit = x509.load_der_x509_certificate(der)
+        _LOADED.put(der, hit, 3 * len(der))
+    return hit
+
+
+_LOADED: BoundedCache[bytes, x509.Certificate] = named_cache("x509.loaded")
 
 
 def _attr(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str:
