@@ -94,3 +94,50 @@ def test_cli_retire_instance(tmp_path: Path) -> None:
     ms_app = re.search(r"app_id: (0x[0-9a-fA-F]{40})", out).group(1)  # type: ignore[union-attr]
     out = run("app", "retire-instance", ms_app, INSTANCE)
     assert "proposal 0 in multisig" in out and "until this change is executed" in out
+
+
+class _Node:
+    """The node side of `teecloud rm` (the chain side is real): one CVM, removed when asked."""
+
+    def __init__(self, app_id: str, instance_id: str) -> None:
+        self.st = types.SimpleNamespace(
+            name="hello", instance_id=instance_id, app_id=app_id.removeprefix("0x")
+        )
+        self.removed: list[str] = []
+
+    def get(self, ref: str) -> object:
+        return self.st
+
+    def remove(self, instance_id: str) -> object:
+        self.removed.append(instance_id)
+        return types.SimpleNamespace(removed=instance_id, leftovers=[])
+
+
+@pytest.mark.parametrize("governed", [False, True])
+def test_cli_rm_retires_or_says_it_did_not(
+    teecloud_home: Path, monkeypatch: pytest.MonkeyPatch, governed: bool
+) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app as cli
+    from teecloud.cli import cloud_cmd
+
+    with ChainClient.embedded(teecloud_home) as c:
+        c.deploy()
+        c.add_os_image(OS_IMAGE)
+        h = rand32()
+        owner = c.deploy_multisig([c.address, c.with_signer(DEV_KEYS[1]).address], 2) if governed else None
+        app_id = c.register_app(owner, h)
+        node = _Node(app_id, INSTANCE[2:])
+        monkeypatch.setattr(cloud_cmd, "_session", lambda: types.SimpleNamespace(node=node, chain=c))
+        r = CliRunner().invoke(cli, ["rm", "hello", "--yes"])
+        assert r.exit_code == 0, r.output
+        assert node.removed == [INSTANCE[2:]]
+        allowed = c.is_app_allowed(_instance_boot(app_id, h))  # type: ignore[arg-type]
+        if governed:
+            assert allowed == (True, "")
+            assert "NOT retired on chain" in r.output and "governance proposal" in r.output
+            assert "can no longer be decrypted" not in r.output and "unrecoverable" not in r.output
+        else:
+            assert allowed == (False, "instance retired")
+            assert "retired on chain in block" in r.output and "no KMS releases its keys again" in r.output
