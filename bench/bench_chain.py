@@ -82,6 +82,7 @@ def gas_table(c: ChainClient, keys: list[str]) -> list[tuple[str, int]]:
     g("add_compose_hash (owner = account)", c.add_compose_hash(app, os.urandom(32)))
     g("remove_compose_hash", c.remove_compose_hash(app, c.events("AppAuth", app)[-1]["args"]["compose_hash"]))
     g("KmsAuth add_os_image_hash", c.add_os_image(os.urandom(32)))
+    g("retire_instance", c.retire_instance(app, os.urandom(20)))
     del kms
     ms_r = c.send(None, _ctor(c, "Multisig", [a.address, b.address], 2))
     g("deploy Multisig (2-of-2)", ms_r)
@@ -125,7 +126,7 @@ def gas_table(c: ChainClient, keys: list[str]) -> list[tuple[str, int]]:
         op.transact("NodeRegistry", c.node_registry, "claim", dep, 3600, user.sign_usage(dep, 3600)),
     )
     g("withdraw", op.transact("NodeRegistry", c.node_registry, "withdraw"))
-    g("slash", ch.slash(nid, 10**17, os.urandom(32)))
+    g("slash", ch.transact("NodeRegistry", c.node_registry, "slash", nid, 10**17, os.urandom(32)))
     g("request unstake", op.request_unstake(nid, 10**17))
     return rows
 

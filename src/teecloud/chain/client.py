@@ -66,11 +66,13 @@ class ChainClient(ChainConnection):
         self._home = home
         self._deployment_cache: dict[str, Any] | None = None
         self._verdicts = VerdictCache()
+        self._kms: KmsAuth | None = None  # built once: it sits on the KMS's per-request path
 
     def _fork(self) -> None:
         enabled = self._verdicts.enabled
         self._verdicts = VerdictCache()  # a verdict cache per signer, as before
         self._verdicts.enabled = enabled
+        self._kms = None
 
     @property
     def read_cache(self) -> bool:
@@ -194,7 +196,9 @@ class ChainClient(ChainConnection):
 
     @property
     def kms(self) -> KmsAuth:
-        return KmsAuth(self, self.kms_auth, cache=self._verdicts)
+        if self._kms is None:
+            self._kms = KmsAuth(self, self.kms_auth, cache=self._verdicts)
+        return self._kms
 
     @property
     def registry(self) -> NodeRegistry:
