@@ -33,7 +33,7 @@ from pathlib import Path
 
 import dcap_qvl
 
-from teecloud.attestation import _cache, dcap
+from teecloud.attestation import _cache, dcap, eventlog, verifier
 from teecloud.attestation.policy import Policy
 from teecloud.attestation.verifier import TrustAnchors, verify, verify_tdx_with_event_log
 
@@ -50,12 +50,15 @@ def _round(fn: Callable[[], object], n: int) -> float:
 
 
 def _first_sight(fn: Callable[[], object]) -> Callable[[], object]:
-    """Forget every platform verdict (not the parsed collateral) before calling `fn`."""
+    """Forget every platform verdict and event log (not the parsed collateral) before calling `fn`."""
 
     def run() -> object:
         dcap._VERDICTS.clear()
         dcap._PCK_ROOTS.clear()
         dcap._ATTESTATION_KEYS.clear()
+        eventlog._PARSED.clear()
+        verifier._REPLAYED.clear()
+        verifier._DSTACK_JSON.clear()
         return fn()
 
     return run
@@ -175,7 +178,8 @@ def main() -> None:
         ("tdx", "verify_dcap_quote, first sight of the platform", _first_sight(tdx_ours)),
         ("tdx", "verify_dcap_quote, cold (collateral too)", _cold(tdx_ours)),
         ("tdx", "verify_tdx_with_event_log + policy, warm", tdx_kms),
-        ("tdx", "verify_tdx_with_event_log + policy, first sight", _cold(tdx_kms)),
+        ("tdx", "verify_tdx_with_event_log + policy, first sight of the platform", _first_sight(tdx_kms)),
+        ("tdx", "verify_tdx_with_event_log + policy, cold", _cold(tdx_kms)),
         ("sim", "dcap_qvl.verify_with_root_ca, 64 distinct quotes (baseline)", _cycle(sim_dcap)),
         ("sim", "verify_dcap_quote, 64 distinct quotes, warm", _cycle(sim_calls)),
         (
@@ -214,7 +218,9 @@ def main() -> None:
             ratios[name] = med / base[group]
         print(f"{name:<62} {1 / med:>8.0f} {med * 1e3:>8.3f} {ratio:>7}")
     warm = max(ratios[n] for n in ratios if n.endswith("warm") and "event_log" not in n)
-    first_sight = max(ratios[n] for n in ratios if n.endswith("first sight of the platform"))
+    first_sight = max(
+        ratios[n] for n in ratios if n.endswith("first sight of the platform") and "event_log" not in n
+    )
     print(f"goal warm <= {GOAL_WARM:.2f}x: {'met' if warm <= GOAL_WARM else 'NOT met'} ({warm:.2f}x)")
     print(
         f"goal first sight <= {GOAL_FIRST:.2f}x: {'met' if first_sight <= GOAL_FIRST else 'NOT met'} "

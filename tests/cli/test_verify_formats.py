@@ -164,3 +164,72 @@ def test_simulated_evidence_without_trust_is_rejected_as_simulated(tmp_path: Pat
     raw.write_text(json.loads(path.read_text())["quote"])
     code, doc = as_json("verify", raw)
     assert code == 1 and "simulated evidence" in doc["reason"]
+
+
+# --- revocation options ----------------------------------------------------------------------------------
+
+
+def _ark_named_crl(vectors: Path, *, revoke_ask: bool) -> bytes:
+    """A CRL in the name of the vector's ARK, signed by another key (we do not hold AMD's)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    ask, ark = x509.load_pem_x509_certificates((vectors / "snp/go-sev-guest_ask_ark_milan.pem").read_bytes())
+    start = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+    b = x509.CertificateRevocationListBuilder().issuer_name(ark.subject).last_update(start)
+    b = b.next_update(start + dt.timedelta(days=60))
+    if revoke_ask:
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(ask.serial_number).revocation_date(start).build()
+        )
+    return b.sign(rsa.generate_private_key(65537, 2048), hashes.SHA384()).public_bytes(Encoding.DER)
+
+
+def test_amd_kds_crl_is_fetched_cached_and_checked(
+    vectors: Path, tmp_path: Path, teecloud_home: Path
+) -> None:
+    from fastapi import FastAPI, Response
+
+    from tests.cli.test_verify_cli import serve
+
+    crl = _ark_named_crl(vectors, revoke_ask=True)
+    hits: list[str] = []
+    kds = FastAPI()
+
+    @kds.get("/vcek/v1/{product}/crl")
+    def get(product: str) -> Response:
+        hits.append(product)
+        return Response(crl, media_type="application/pkix-crl")
+
+    report = vectors / "snp/go-sev-guest_attestation.bin"
+    chain = vectors / "snp/go-sev-guest_vcek.testcer"
+    for url in serve(kds):
+        for _ in range(2):
+            code, doc = as_json(*_snp_args(vectors, report, chain), "--amd-kds-url", url)
+            # the CRL names the ARK but is not signed by it: the chain is rejected, not silently passed
+            assert code == 1 and "not signed by 'ARK-Milan'" in doc["reason"], doc
+    assert hits == ["Milan"]  # fetched once, then from data_home()/amd-kds-cache until its nextUpdate
+    assert (teecloud_home / "amd-kds-cache" / "vcek-Milan.crl").read_bytes() == crl
+
+
+def test_crl_and_ocsp_options_reach_the_verifier(vectors: Path, tmp_path: Path) -> None:
+    crl = tmp_path / "ark.crl"
+    crl.write_bytes(_ark_named_crl(vectors, revoke_ask=False))
+    report = vectors / "snp/go-sev-guest_attestation.bin"
+    code, doc = as_json(*_snp_args(vectors, report, vectors / "snp/go-sev-guest_vcek.testcer"), "--crl", crl)
+    assert code == 1 and "not signed by 'ARK-Milan'" in doc["reason"]
+    junk = tmp_path / "x.ocsp"
+    junk.write_bytes(b"junk")
+    code, doc = as_json(
+        "verify",
+        vectors / "nitro/dstack_nsm-qvl_nitro_attestation.cose_sign1.cbor",
+        "--trust-anchor",
+        vectors / "nitro/AWS_NitroEnclaves_Root-G1.pem",
+        "--at",
+        "2025-12-25T13:15:37Z",
+        "--ocsp",
+        junk,
+    )
+    assert code == 1 and "OCSP response #0" in doc["reason"]
