@@ -39,7 +39,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -259,7 +259,6 @@ class _Slot:
 
     conn: socket.socket
     peer: str
-    accepted: float
     handshake: asyncio.Task[Any] | None = None
     protocol: LimitedH11Protocol | None = None
     closed: bool = False
@@ -280,7 +279,6 @@ class ServeStats:
     read_timeouts: int = 0
     accept_errors: int = 0
     peak: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 TlsErrorHook = Callable[[BaseException, str], None]
@@ -366,7 +364,7 @@ class _Acceptor:
             self.errors.note("idle connection closed for a newer one (cap reached)")
             self._drop(victim)
         self.stats.accepted += 1
-        slot = _Slot(conn=conn, peer=peer, accepted=self._loop.time())
+        slot = _Slot(conn=conn, peer=peer)
         self._slots[id(slot)] = slot
         self.stats.peak = max(self.stats.peak, len(self._slots))
         slot.handshake = self._loop.create_task(self._connect(conn, slot))
@@ -506,6 +504,9 @@ class LimitedH11Protocol(H11Protocol):
         super().connection_made(transport)
         if self._slot is not None:
             self._slot.protocol = self
+            if self._slot.closed:  # evicted while its handshake completed: not counted, so not kept
+                transport.abort()
+                return
         self._update_read_timer()
 
     def data_received(self, data: bytes) -> None:
