@@ -248,3 +248,25 @@ def test_an_app_without_a_memory_limit_gets_the_nodes_default(teecloud_home: Pat
         ).default_memory_mb
         >= 64
     )
+
+
+def test_an_instance_created_without_a_cap_boots_with_the_default(
+    teecloud_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from teecloud.node.runtime.base import ResourceLimits
+    from tests.node.fakes import FakeBoots, make_node
+
+    node = make_node(teecloud_home, FakeRuntime(), FakeBoots(), monkeypatch)
+    inst = node.store.create(  # as an older node wrote it: no memory cap
+        app_compose=_app("services:\n  a:\n    image: x\n").encode(),
+        app_id=b"\x11" * 20,
+        name="old",
+        encrypted_env=None,
+        user_config=None,
+        sys_config={},
+        limits=ResourceLimits(),
+    )
+    assert inst.limits().memory_mb is None
+    node.resume()
+    node.wait_all(10)
+    assert inst.limits().memory_mb == node.default_memory_mb

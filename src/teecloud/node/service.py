@@ -214,6 +214,7 @@ class Node:
             if cvm.status in ("booting", "running"):
                 return
             cvm.status, cvm.phase, cvm.error, cvm.timings = "booting", "measuring", "", {}
+            self._apply_default_memory(inst)
             t = threading.Thread(
                 target=self._boot, args=(inst, cvm), name=f"boot-{inst.instance_id[:8]}", daemon=True
             )
@@ -322,6 +323,14 @@ class Node:
         self.store.prepare_runtime(inst)
         self._boot_async(inst)
         return self.status(inst.instance_id, with_containers=False)
+
+    def _apply_default_memory(self, inst: Instance) -> None:
+        """An instance created before the node set default memory caps boots with the default too."""
+        limits = inst.limits()
+        if limits.memory_mb is None:
+            inst.update_state(
+                limits={"cpus": limits.cpus, "memory_mb": self.default_memory_mb, "pids": limits.pids}
+            )
 
     def _limits(self, cpus: float | None, memory_mb: int | None) -> ResourceLimits:
         """The deployment's limits; without a memory limit, the node's default (a share of its memory), so
