@@ -8,9 +8,11 @@ NodeError                      base; the CLI and the HTTP API catch only this
 ├── InstanceStateError         the request does not fit the CVM's state (e.g. upgrade of a removed CVM)
 ├── RuntimeUnavailable         Docker engine / Compose missing or unreachable (operator must fix)
 ├── RuntimeFailed              docker / docker compose returned an error
-(StorageError, a gocryptfs / FUSE failure of the encrypted disk, is the agent's: teecloud.agent.errors)
 └── BootFailed(phase)          the boot sequence stopped; `phase` names where
     └── KeysDenied             the KMS refused the keys (code not allowed on chain, bad attestation...)
+
+A failure of the encrypted disk (gocryptfs / FUSE) is the guest's: teecloud.agent.errors.StorageError; a boot
+reports it as BootFailed("storage").
 """
 
 from __future__ import annotations
