@@ -25,7 +25,7 @@ from typing import Any
 from teecloud._fs import atomic_write_json, data_home
 
 from ._values import to_address as _addr
-from .api import AppState, BootInfo, DeploymentEscrow, NodeInfo
+from .api import AppState, BootInfo, DeploymentEscrow, NodeInfo, Slash
 from .appauth import AppAuth
 from .connection import ChainConnection, abi_of
 from .embedded import DEV_KEYS, EmbeddedChain
@@ -407,7 +407,7 @@ class ChainClient(ChainConnection):
     def set_challenger(self, challenger: str | bytes, allowed: bool = True) -> dict[str, Any]:
         return self.registry.set_challenger(challenger, allowed)
 
-    def slash(self, node_id: int, amount: int, evidence_hash: bytes | str) -> Any:
+    def slash(self, node_id: int, amount: int, evidence_hash: bytes | str) -> Slash:
         return self.registry.slash(node_id, amount, evidence_hash)
 
     def withdrawable(self, account: str | bytes) -> int:

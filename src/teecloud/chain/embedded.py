@@ -341,7 +341,7 @@ class EmbeddedChain:
                 self.tester.revert_to_snapshot(snap)
                 raise
             finally:
-                self.tester._snapshots.pop(snap, None)
+                self.tester._snapshots.pop(snap, None)  # eth-tester keeps every snapshot otherwise
             self._last_ts = int(entry["ts"])
         elif "mine" in entry:
             self._set_next_timestamp(int(entry["mine"]))
@@ -368,7 +368,7 @@ class EmbeddedChain:
                     "send again",
                 ) from None
         finally:
-            self.tester._snapshots.pop(snap, None)
+            self.tester._snapshots.pop(snap, None)  # eth-tester keeps every snapshot otherwise
         return result
 
     # --- JSON-RPC ----------------------------------------------------------------------------------------
