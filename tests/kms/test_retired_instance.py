@@ -8,8 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from teecloud.kms.api import PATH_GET_APP_KEY
+from teecloud.kms.api import PATH_GET_APP_KEY, PATH_SIGN_CERT
 from teecloud.kms.server import KmsServer
 from tests.kms.conftest import (
     COMPOSE_V1,
@@ -23,6 +26,12 @@ from tests.kms.conftest import (
     post_with_cert,
     vm_config,
 )
+
+
+def csr_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "hello")])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 @pytest.fixture
@@ -56,6 +65,13 @@ def test_retired_instance_gets_no_keys(
     assert body["step"] == "chain" and "instance retired" in body["reason"], body
     rec = denied_record(kms)
     assert rec.reason == body["reason"] and rec.cert_sha256
+    # ... and so is a certificate in its name (SignCert asks the chain the same question)
+    status, body = post_with_cert(
+        server.url, PATH_SIGN_CERT, key, der, {"csr": csr_pem(key), "vm_config": vm_config(app)}
+    )
+    assert status == 403 and body["step"] == "chain" and "instance retired" in body["reason"], body
+    assert "certificate_chain" not in body
+    assert denied_record(kms).endpoint == PATH_SIGN_CERT
     # (2) a fresh boot of the same instance (new registers, new quote, new certificate) is refused too
     again = make_app(teecloud_home, app_id, COMPOSE_V1, instance_id=iid)
     key2, der2 = client_cert(kms, again)
