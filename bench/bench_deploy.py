@@ -72,7 +72,7 @@ def main() -> None:
         tmp = Path(tmp_s)
         os.environ["TEECLOUD_HOME"] = str(tmp / "home")
         from teecloud.cloud.deploy import Session, deploy
-        from teecloud.cloud.stack import LocalCloud
+        from teecloud.devstack import LocalCloud
 
         cloud = LocalCloud(tmp / "home")
         t0 = time.perf_counter()

@@ -46,7 +46,7 @@ def hello_image() -> str:
 
 @pytest.fixture(scope="module")
 def cloud(hello_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from teecloud.cloud.stack import LocalCloud, check_prerequisites
+    from teecloud.devstack import LocalCloud, check_prerequisites
 
     missing = check_prerequisites()
     if missing:

@@ -28,7 +28,7 @@ def _start_up(home: Path) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    from teecloud.cloud.stack import read_endpoints
+    from teecloud.cloud.endpoints import read_endpoints
 
     deadline = time.monotonic() + 90
     while read_endpoints(home) is None or read_endpoints(home).pid != proc.pid:  # type: ignore[union-attr]

@@ -249,8 +249,8 @@ def test_allowed_upgrade_keeps_data_and_is_attested(session: Any, tmp_path: Path
 
 
 def test_node_restart_brings_the_app_back_attested_with_its_data(cloud: Any, session: Any) -> None:
-    from teecloud.cloud.stack import LocalCloud
     from teecloud.cloud.verify import verify_app
+    from teecloud.devstack import LocalCloud
 
     cloud.stop()
     cloud.__init__(cloud.home)  # same data directory, fresh process state

@@ -134,7 +134,7 @@ def up(
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""
-    from teecloud.cloud.stack import LocalCloud, read_endpoints
+    from teecloud.devstack import LocalCloud, read_endpoints
 
     running = read_endpoints()
     if running is not None:

@@ -121,7 +121,7 @@ class Session:
     def __init__(self, home: Path | None = None) -> None:
         from teecloud.chain.client import ChainClient, HttpTransport
         from teecloud.chain.embedded import DEV_KEYS
-        from teecloud.cloud.stack import read_endpoints
+        from teecloud.cloud.endpoints import read_endpoints
         from teecloud.node.api import NodeClient
 
         ep = read_endpoints(home)

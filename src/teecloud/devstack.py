@@ -1,4 +1,5 @@
-"""The one-process local cloud behind `teecloud up`: embedded chain (served over JSON-RPC), one KMS, one
+"""The composition root of the local cloud behind `teecloud up` — the one place that builds the real
+parts in one process: embedded chain (served over JSON-RPC), one KMS, one
 worker node, all on 127.0.0.1, all state under data_home().
 
 Start-up procedure (`LocalCloud.start`), every step idempotent so a restart loses nothing:
@@ -19,50 +20,16 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from teecloud._fs import atomic_write_json, data_home
+from teecloud.cloud.endpoints import CloudEndpoints, endpoints_path, read_endpoints
 from teecloud.node.errors import NodeError, RuntimeUnavailable
 
 __all__ = ["CloudEndpoints", "LocalCloud", "check_prerequisites", "endpoints_path", "read_endpoints"]
 
-log = logging.getLogger("teecloud.cloud")
-
-ENDPOINTS_FILE = "endpoints.json"
-
-
-def endpoints_path(home: Path | None = None) -> Path:
-    return (Path(home) if home is not None else data_home()) / "cloud" / ENDPOINTS_FILE
-
-
-@dataclass
-class CloudEndpoints:
-    chain_rpc: str
-    kms: str
-    kms_admin: str
-    node: str
-    pid: int
-    node_token_file: str
-    contracts: dict[str, Any] = field(default_factory=dict)
-
-
-def read_endpoints(home: Path | None = None) -> CloudEndpoints | None:
-    """The endpoints of the running `teecloud up` for this data directory (None if it is not running)."""
-    path = endpoints_path(home)
-    try:
-        data = json.loads(path.read_text())
-        ep = CloudEndpoints(**data)
-    except (OSError, ValueError, TypeError):
-        return None
-    try:
-        os.kill(ep.pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return ep
+log = logging.getLogger("teecloud.devstack")
 
 
 def check_prerequisites() -> list[str]:
