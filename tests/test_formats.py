@@ -75,3 +75,23 @@ def test_kms_identity_is_what_verifiers_derive(teecloud_home: Path) -> None:
         policy=dataclasses.replace(Policy.default(), allow_simulated=True),
     )
     assert ev.app_info is not None and ev.app_info.mr_aggregated == identity.mr_aggregated
+
+
+def test_hex_ids_are_read_one_way() -> None:
+    from teecloud.ids import HexError, parse_app_id, parse_hash, parse_hex
+
+    aid = bytes(range(20))
+    for text in (aid.hex(), "0x" + aid.hex(), "  0X" + aid.hex().upper() + "\n"):
+        assert parse_app_id(text) == aid
+    assert parse_hash("ab" * 32) == b"\xab" * 32
+    assert parse_hex("") == b""
+    for bad, needle in (
+        ("zz", "not hex"),
+        ("ab" * 19, "20 bytes"),
+        (None, "hex string"),
+        ("a" * (2**20 + 2), "longer"),
+    ):
+        with pytest.raises(HexError, match=needle):
+            parse_app_id(bad)
+    with pytest.raises(ValueError, match="my_field"):  # a HexError is a ValueError naming the field
+        parse_hex("0xq", name="my_field")

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 from rich.console import Console
 
+from teecloud import ids
+
 if TYPE_CHECKING:
     from teecloud.chain import ChainClient
     from teecloud.chain.api import DeploymentEscrow
@@ -134,10 +136,7 @@ def client(ctx: typer.Context) -> ChainClient:
 
 
 def parse_hash(text: str, what: str = "hash") -> bytes:
-    t = text.strip().removeprefix("0x")
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", t):
-        raise ValueError(f"{what} must be 32 bytes of hex (64 hex digits)")
-    return bytes.fromhex(t)
+    return ids.parse_hash(text, name=what)
 
 
 def parse_address(text: str, what: str) -> str:

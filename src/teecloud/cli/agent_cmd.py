@@ -62,10 +62,12 @@ def simulate(
         _fail(f"cannot read {compose}: {exc}")
     aid: bytes | None = None
     if app_id:
+        from teecloud.ids import HexError, parse_hex
+
         try:
-            aid = bytes.fromhex(app_id.removeprefix("0x"))
-        except ValueError:
-            _fail(f"--app-id must be hex, got {app_id!r}", 2)
+            aid = parse_hex(app_id, name="--app-id")
+        except HexError as exc:
+            _fail(str(exc), 2)
     if port is not None and not 0 <= port <= 65535:
         _fail("--port must be 0..65535", 2)
     try:

@@ -257,15 +257,14 @@ def pubkey(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The app's env-encryption X25519 public key, with the KMS (and its signature) checked."""
+    from teecloud.ids import HexError, parse_app_id
     from teecloud.kms.errors import KmsError
 
-    raw = app_id.strip().lower().removeprefix("0x")
     try:
-        app_bytes = bytes.fromhex(raw)
-    except ValueError:
-        _fail(f"{app_id!r} is not a hex app id")
-    if len(app_bytes) != 20:
-        _fail("an app id is 20 bytes (40 hex digits)")
+        app_bytes = parse_app_id(app_id)
+    except HexError as exc:
+        _fail(str(exc))
+    raw = app_bytes.hex()
     client = _local_client(url, dev, pccs_url, insecure, rpc_url)
     try:
         pub, resp = client.get_env_encrypt_pubkey(app_bytes)

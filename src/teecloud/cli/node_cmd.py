@@ -3,8 +3,6 @@ stake and unstake, claim usage, slash, withdraw."""
 
 from __future__ import annotations
 
-import re
-
 import typer
 
 from ._chain_common import (
@@ -156,9 +154,9 @@ def node_unstake(
 
 
 def _signature(text: str) -> bytes:
-    if not re.fullmatch(r"(0x)?[0-9a-fA-F]{130}", text.strip()):
-        raise ValueError("signature must be 65 bytes of hex (from `teecloud escrow sign-usage`)")
-    return bytes.fromhex(text.strip().removeprefix("0x"))
+    from teecloud.ids import parse_hex
+
+    return parse_hex(text, size=65, name="signature (from `teecloud escrow sign-usage`)")
 
 
 @node_app.command("claim")

@@ -276,7 +276,9 @@ def deploy(
                 f"compose hash {chash.hex()} is not allowed for app {app_id} and this account cannot add "
                 f"it: {exc}"
             ) from exc
-    app_id_bytes = bytes.fromhex(str(app_id).lower().removeprefix("0x"))
+    from teecloud.ids import parse_app_id
+
+    app_id_bytes = parse_app_id(str(app_id))
     mark("registering")
     # (3)
     enc = _encrypt_env(session, app_id_bytes, env)

@@ -74,12 +74,11 @@ def verify_attestation(
     peers = PeerVerifier(peer_policy, StaticCollateral(lambda: collateral))
     try:
         quote = bytes.fromhex(att.quote)
-        peer = peers.verify_quote(quote, att.event_log, now=now)
+        evidence = peers.verify_evidence(quote, att.event_log, now=now)
     except ValueError as exc:
         return fail("quote", f"the quote is not hex: {exc}")
     except PeerRejected as exc:
         return fail(exc.step or "quote", exc.reason)
-    evidence = peer.evidence
     steps.append(Step("quote", True, f"DCAP quote verified, TCB {evidence.tcb_status}"))
     steps.append(Step("event_log", True, "event log replays to the quoted RTMRs"))
     verdict.tcb_status = evidence.tcb_status
@@ -113,7 +112,13 @@ def verify_attestation(
             return fail(
                 "chain", f"compose hash {info.compose_hash.hex()} is not allowed for app {info.app_id.hex()}"
             )
-        ok, reason = chain.is_app_allowed(peer.boot_info)
+        from teecloud.peer import build_boot_info
+
+        try:
+            boot_info = build_boot_info(evidence)
+        except PeerRejected as exc:
+            return fail("chain", f"no boot_info to ask KmsAuth about: {exc.reason}")
+        ok, reason = chain.is_app_allowed(boot_info)
         if not ok:
             return fail("chain", f"KmsAuth.isAppAllowed refuses this boot: {reason}")
         steps.append(Step("chain", True, "compose hash allowed on chain; KmsAuth.isAppAllowed = true"))

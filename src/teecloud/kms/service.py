@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from teecloud.attestation.policy import Policy
+from teecloud.ids import HexError, parse_app_id
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
 from teecloud.kms.authz import (
@@ -105,14 +106,10 @@ class KmsConfig:
 
 
 def _norm_app_id(text: str) -> bytes:
-    raw = text.strip().lower().removeprefix("0x")
     try:
-        value = bytes.fromhex(raw)
-    except ValueError as exc:
-        raise KmsUsageError(f"app_id {text!r} is not hex") from exc
-    if len(value) != 20:
-        raise KmsUsageError(f"app_id must be 20 bytes (40 hex digits), got {len(value)}")
-    return value
+        return parse_app_id(text)
+    except HexError as exc:
+        raise KmsUsageError(str(exc)) from exc
 
 
 class KmsService:

@@ -45,6 +45,7 @@ from teecloud.agent.api import GetQuoteRequest
 from teecloud.agent.errors import StorageError
 from teecloud.agent.keyprovider import KeyProvider
 from teecloud.agent.storage import EncryptedVolume
+from teecloud.ids import HexError, parse_app_id, parse_hex
 from teecloud.node import api
 from teecloud.node.boot import BootedCvm, boot_instance, compose_spec, shutdown_instance
 from teecloud.node.compose import check_app_compose, image_refs
@@ -313,7 +314,7 @@ class Node:
         # (2) the instance directory, then (3) the boot (which fetches keys)
         inst = self.store.create(
             app_compose=app_compose,
-            app_id=bytes.fromhex(req.app_id.lower().removeprefix("0x")),
+            app_id=parse_app_id(req.app_id),
             name=req.name,
             encrypted_env=bytes.fromhex(req.encrypted_env) if req.encrypted_env else None,
             user_config=req.user_config,
@@ -688,9 +689,9 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
         # `report_data` is the route's old parameter name: accepted, and treated as the nonce it always was
         text = nonce or report_data
         try:
-            raw = bytes.fromhex(text.removeprefix("0x"))
-        except ValueError:
-            raise BadRequest("nonce must be hex") from None
+            raw = parse_hex(text, name="nonce")
+        except HexError as exc:
+            raise BadRequest(str(exc)) from None
         if len(raw) > api.MAX_ATTEST_NONCE:
             raise BadRequest(f"nonce is at most {api.MAX_ATTEST_NONCE} bytes")
         return node.attestation(ref, raw, public=not authorized(request))

@@ -237,6 +237,14 @@ class PeerVerifier:
     def verify_quote(self, quote: bytes, event_log: str | bytes, *, now: int | None = None) -> AttestedPeer:
         """(3)-(5) for a quote and event log fetched over another channel (no certificate binding: the
         caller compares report_data with what it asked for)."""
+        evidence = self.verify_evidence(quote, event_log, now=now)
+        return AttestedPeer(evidence, build_boot_info(evidence))
+
+    def verify_evidence(
+        self, quote: bytes, event_log: str | bytes, *, now: int | None = None
+    ) -> VerifiedEvidence:
+        """(3)-(4) only: the evidence under this policy, for a caller that shows what ran whether or not it
+        is a KMS-mode app with a full boot_info (an explorer)."""
         from teecloud.attestation.verifier import verify_tdx_with_event_log
 
         at = int(self.clock()) if now is None else now
@@ -253,7 +261,8 @@ class PeerVerifier:
         except VerificationError as exc:
             step = getattr(exc, "step", "") or "quote_verified"
             raise PeerRejected(str(getattr(exc, "reason", exc)), step=step) from exc
-        return AttestedPeer(evidence, self._judge(evidence))
+        self._check_policy(evidence)
+        return evidence
 
     def _collateral_for(self, quote: bytes, now: int) -> bytes:
         try:
@@ -266,6 +275,11 @@ class PeerVerifier:
             ) from exc
 
     def _judge(self, evidence: VerifiedEvidence) -> BootInfo:
+        self._check_policy(evidence)
+        # (5)
+        return build_boot_info(evidence)
+
+    def _check_policy(self, evidence: VerifiedEvidence) -> None:
         # (4) decided here whatever the attestation library was told
         if evidence.simulated and not self.policy.trusts_dev_root:
             raise PeerRejected(
@@ -281,8 +295,6 @@ class PeerVerifier:
                 f"({', '.join(self.policy.accepted_tcb_statuses)})",
                 step="tcb_ok",
             )
-        # (5)
-        return build_boot_info(evidence)
 
 
 def _cert_window(cert: x509.Certificate) -> tuple[int, int]:
