@@ -20,6 +20,37 @@ from tests.e2e.conftest import HELLO, wait_serving
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
+def _project_containers(instance: str) -> list[str]:
+    from teecloud.node.runtime.docker import project_name
+
+    out = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project_name(instance)}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return out
+
+
+def _started_at(instance: str) -> dict[str, str]:
+    """container id -> State.StartedAt, for the app's running containers."""
+    ids = _project_containers(instance)
+    if not ids:
+        return {}
+    out = subprocess.run(
+        ["docker", "inspect", "-f", "{{.Id}} {{.State.StartedAt}}", *ids], capture_output=True, text=True
+    ).stdout.split("\n")
+    return {line.split()[0][:12]: line.split()[1] for line in out if line.strip()}
+
+
+def _published_ports(instance: str) -> set[str]:
+    ports: set[str] = set()
+    for cid in _project_containers(instance):
+        out = subprocess.run(["docker", "port", cid], capture_output=True, text=True).stdout
+        ports.update(line.rsplit(":", 1)[1] for line in out.splitlines() if ":" in line)
+    return ports
+
+
 def _start_up(home: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TEECLOUD_HOME": str(home)}
     proc = subprocess.Popen(
@@ -75,20 +106,25 @@ def test_sigkill_of_the_node_process_and_restart(hello_image: str, tmp_path: Pat
         if os.environ.get("TEECLOUD_E2E_RESTART_DOCKERD") == "1":
             # stops the engine scripts/test.sh started, by its recorded PID (never another engine by name)
             root = Path(__file__).resolve().parents[2]
+            before = _started_at(instance)
+            assert before, "the app's containers are not found"
             subprocess.run(["bash", str(root / "scripts" / "dockerd.sh"), "stop"], check=True)
             time.sleep(2)
             subprocess.run(["bash", str(root / "scripts" / "dockerd.sh")], check=True)
-            # restart: unless-stopped brings the container back; the agent and the volume never went away
-            # the random host port is chosen again when the engine restarts the container
+            # restart: unless-stopped brings the containers back (a new start, seen in StartedAt); the agent
+            # and the volume never went away; the node reports the host port the engine published this time
             deadline = time.monotonic() + 60
-            while True:
-                st = session.node.wait(instance)
-                if st.urls and st.urls[0] != url:
-                    break
-                if time.monotonic() > deadline:
+            after: dict[str, str] = {}
+            while time.monotonic() < deadline:
+                after = _started_at(instance)
+                if after and all(after.get(c, "") not in ("", before[c]) for c in before):
                     break
                 time.sleep(1)
+            assert after and all(after.get(c) not in (None, before[c]) for c in before), (before, after)
+            st = session.node.wait(instance)
+            assert st.status == "running", st.error
             url = st.urls[0]
+            assert url.rsplit(":", 1)[1] in _published_ports(instance), (url, _published_ports(instance))
             assert wait_serving(url + "/note", timeout=60).json()["note"] == "survives-sigkill"
             assert verify_app(session.node, instance, platform=session.platform, chain=session.chain).ok
     finally:
