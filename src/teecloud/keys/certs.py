@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import re
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -136,13 +137,21 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         pass
-    if not name or len(name) > 253 or any(c.isspace() for c in name):
-        raise KeyUsageError(f"invalid alt name {name!r}")
+    if not name or len(name) > 253:
+        raise KeyUsageError(f"invalid alt name {name[:80]!r}")
     try:
         name.encode("ascii")
     except UnicodeEncodeError as exc:
-        raise KeyUsageError(f"alt name {name!r} must be ASCII (use the IDNA A-label form)") from exc
+        raise KeyUsageError(f"alt name {name[:80]!r} must be ASCII (use the IDNA A-label form)") from exc
+    # RFC 1035 host names (letters, digits, hyphens; labels of 1-63), optionally one leading "*." (RFC 6125):
+    # no NUL, space or other byte a certificate consumer might cut a name at.
+    if not _DNS_NAME.fullmatch(name):
+        raise KeyUsageError(f"alt name {name[:80]!r} is not a DNS name (RFC 1035) or an IP address")
     return x509.DNSName(name)
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*\.?")
 
 
 def make_root_ca_cert(
