@@ -56,6 +56,7 @@ from teecloud.node.errors import (
     InstanceNotFound,
     InstanceStateError,
     NodeError,
+    RuntimeFailed,
     RuntimeUnavailable,
     TooManyStreams,
 )
@@ -620,6 +621,8 @@ def make_node_app(node: Node, *, token: str) -> FastAPI:
             return _error(409, str(exc))
         if isinstance(exc, RuntimeUnavailable):
             return _error(503, str(exc))
+        if isinstance(exc, RuntimeFailed):  # the container engine failed: not the client's mistake, nor ours
+            return _error(502, f"the container engine failed: {exc}")
         if isinstance(exc, TooManyStreams):
             return _error(429, str(exc))
         return _error(500, str(exc))
