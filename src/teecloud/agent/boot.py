@@ -115,10 +115,9 @@ def boot(
         tee.emit_event("storage-fs", storage_fs.encode())
     tee.emit_event("system-ready", b"")
 
-    vm_config_fn = getattr(tee, "vm_config", None)
-    vm_config = vm_config_fn() if callable(vm_config_fn) else {}
-    os_image_hash = getattr(tee, "os_image_hash", b"") or keys.os_image_hash
-    device_id = getattr(tee, "device_id", b"")
+    vm_config = tee.vm_config()
+    os_image_hash = tee.os_image_hash or keys.os_image_hash
+    device_id = tee.device_id
     return AgentState(
         tee=tee,
         app_compose=compose,

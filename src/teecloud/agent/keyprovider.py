@@ -85,7 +85,7 @@ class LocalDevKeyProvider:
         return {"name": self.name, "id": self._root.ca_public_key_der.hex()}
 
     def get_app_keys(self, tee: TeePlatform, app_id: bytes, instance_id: bytes) -> AppKeys:
-        os_image_hash = getattr(tee, "os_image_hash", b"")
+        os_image_hash = tee.os_image_hash
         return derive_app_keys(
             self._root,
             app_id,

@@ -61,10 +61,7 @@ class BootedCvm:
 def _kms_mode_events(tee: TeePlatform) -> list[tuple[str, bytes]]:
     """dstack in KMS mode measures the OS image hash after boot-mr-done (the KMS reads it from the event
     log to check the OS image against KmsAuth's allowlist)."""
-    os_image_hash = getattr(tee, "os_image_hash", None)
-    if isinstance(os_image_hash, bytes) and len(os_image_hash) == 32:
-        return [("os-image-hash", os_image_hash)]
-    return []
+    return [("os-image-hash", tee.os_image_hash)] if len(tee.os_image_hash) == 32 else []
 
 
 def compose_spec(inst: Instance, *, with_env: bool) -> ComposeSpec:

@@ -50,7 +50,7 @@ def ensure_registered(
     operator = str(chain.address)
     quote = platform.quote(node_report_data(chain.chain_key, operator))
     attestation_hash = hashlib.sha256(quote).digest()
-    device_id = bytes(getattr(platform, "device_id", b"") or b"\0" * 32)
+    device_id = bytes(platform.device_id or b"\0" * 32)
     if stake is None:
         from teecloud.chain.client import DEFAULT_NODE_PARAMS
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -38,6 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import teecloud
+from teecloud import vmconfig
 from teecloud._asgi import BoundedBody
 from teecloud._fs import atomic_write, data_home
 from teecloud._serve import NODE_API, LimitedServer, ServeLimits, limited_config
@@ -310,7 +310,7 @@ class Node:
             "pccs_url": "",
             "docker_registry": "",
             "host_api_url": "",
-            "vm_config": json.dumps(getattr(self._platform, "vm_config", dict)(), separators=(",", ":")),
+            "vm_config": vmconfig.to_json(self._platform.vm_config()) or "{}",
         }
         # (2) the instance directory, then (3) the boot (which fetches keys)
         inst = self.store.create(
