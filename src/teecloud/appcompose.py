@@ -14,19 +14,24 @@ import math
 from typing import Any
 
 from teecloud import _json
+from teecloud.errors import Error
 
 __all__ = [
     "MAX_APP_COMPOSE_BYTES",
+    "MAX_COMPOSE_BYTES",
     "AppComposeError",
     "compose_hash",
     "normalize_app_compose",
     "parse_app_compose",
 ]
 
-MAX_APP_COMPOSE_BYTES = 4 * 1024 * 1024
+# The one compose size limit: the user's docker-compose file. app-compose.json carries it as a JSON string
+# (escaping at most doubles it) beside small settings, so its own bound follows from it.
+MAX_COMPOSE_BYTES = 256 * 1024
+MAX_APP_COMPOSE_BYTES = 2 * MAX_COMPOSE_BYTES + 64 * 1024
 
 
-class AppComposeError(ValueError):
+class AppComposeError(Error, ValueError):
     """The app-compose.json is unusable; the message says why."""
 
 

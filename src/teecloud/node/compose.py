@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from teecloud.appcompose import AppComposeError, normalize_app_compose, parse_app_compose
+from teecloud.appcompose import MAX_COMPOSE_BYTES, AppComposeError, normalize_app_compose, parse_app_compose
 from teecloud.node.errors import ComposeRejected
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
     "parse_volume",
 ]
 
-MAX_COMPOSE_BYTES = 256 * 1024
 MAX_COMPOSE_DEPTH = 64
 # Real compose files use a handful of anchors (`x-common: &common`, `<<: *common`); these are far beyond that.
 MAX_YAML_ALIASES = 256
