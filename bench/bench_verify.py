@@ -6,8 +6,10 @@ TDX and SGX rows compare with `dcap_qvl.verify` / `verify_with_root_ca` on the s
 - warm: the platform was seen before (its PCK chain, QE report, collateral and trust anchor verified once
   for their validity window); only this quote's own signature is checked. "distinct quotes" uses 64
   quotes of one simulated platform with different report_data, as a KMS sees RA-TLS handshakes;
-- first sight of a platform: the per-platform verdict cache is emptied before each call (collateral for
-  its FMSPC already loaded, as when a new machine of a known model appears);
+- first sight of a machine (model known): a machine never seen, of a platform model seen before (same
+  collateral, CA chain, QE and TCB: another server of the same type); its PCK certificate, QE report and
+  quote are checked, the model's TCB verdict reused;
+- first sight of a model: the first machine of its kind (dcap-qvl runs; the collateral is loaded);
 - cold: every cache emptied (new collateral too).
 
 Rows `verify_tdx_with_event_log` add what a KMS does per quote: the 28-entry event-log replay, app info
@@ -49,10 +51,13 @@ def _round(fn: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def _first_sight(fn: Callable[[], object]) -> Callable[[], object]:
-    """Forget every platform verdict and event log (not the parsed collateral) before calling `fn`."""
+def _first_sight(fn: Callable[[], object], *, model: bool = True) -> Callable[[], object]:
+    """Forget every machine verdict and event log (not the parsed collateral; with `model`, the platform
+    models too) before calling `fn`."""
 
     def run() -> object:
+        if model:
+            dcap._MODELS.clear()
         dcap._VERDICTS.clear()
         dcap._PCK_ROOTS.clear()
         dcap._ATTESTATION_KEYS.clear()
@@ -138,6 +143,15 @@ def main() -> None:
     def sgx_ours() -> object:
         return dcap.verify_dcap_quote(sgx_quote, sgx_col, now=sgx_now)
 
+    from tests.attestation.test_differential import _other_machine
+
+    machines = [_other_machine(sim, i.to_bytes(16, "big"), 1)[0] for i in range(32)]
+    machine_calls = [
+        (lambda q=q: dcap.verify_dcap_quote(q, sim_col, now=sim_now, dev_root_der=sim_root)) for q in machines
+    ]
+    machine_dcap = [
+        (lambda q=q: dcap_qvl.verify_with_root_ca(q, sim_col_obj, sim_root, sim_now)) for q in machines
+    ]
     sim_calls = [
         (lambda q=q: dcap.verify_dcap_quote(q, sim_col, now=sim_now, dev_root_der=sim_root))
         for q in sim_quotes
@@ -175,21 +189,32 @@ def main() -> None:
     paths: list[tuple[str, str, Callable[[], object]]] = [
         ("tdx", "dcap_qvl.verify (baseline)", lambda: dcap_qvl.verify(quote, col_obj, now)),
         ("tdx", "verify_dcap_quote, warm", tdx_ours),
-        ("tdx", "verify_dcap_quote, first sight of the platform", _first_sight(tdx_ours)),
+        ("tdx", "verify_dcap_quote, first sight of the platform model", _first_sight(tdx_ours)),
         ("tdx", "verify_dcap_quote, cold (collateral too)", _cold(tdx_ours)),
         ("tdx", "verify_tdx_with_event_log + policy, warm", tdx_kms),
-        ("tdx", "verify_tdx_with_event_log + policy, first sight of the platform", _first_sight(tdx_kms)),
-        ("tdx", "verify_tdx_with_event_log + policy, cold", _cold(tdx_kms)),
+        ("tdx", "verify_tdx_with_event_log + policy, first sight of the model", _first_sight(tdx_kms)),
         ("sim", "dcap_qvl.verify_with_root_ca, 64 distinct quotes (baseline)", _cycle(sim_dcap)),
         ("sim", "verify_dcap_quote, 64 distinct quotes, warm", _cycle(sim_calls)),
         (
             "sim",
-            "verify_dcap_quote, 64 distinct, first sight of the platform",
+            "verify_dcap_quote, 64 distinct quotes, first sight of the model",
             _first_sight(_cycle(sim_calls)),
+        ),
+        ("mach", "dcap_qvl.verify_with_root_ca, 32 machines (baseline)", _cycle(machine_dcap)),
+        ("mach", "verify_dcap_quote, 32 machines, warm", _cycle(machine_calls)),
+        (
+            "mach",
+            "verify_dcap_quote, first sight of a machine (model known)",
+            _first_sight(_cycle(machine_calls), model=False),
+        ),
+        (
+            "mach",
+            "verify_dcap_quote, first sight of a machine and its model",
+            _first_sight(_cycle(machine_calls)),
         ),
         ("sgx", "dcap_qvl.verify SGX (baseline)", lambda: dcap_qvl.verify(sgx_quote, sgx_obj, sgx_now)),
         ("sgx", "verify_dcap_quote SGX, warm", sgx_ours),
-        ("sgx", "verify_dcap_quote SGX, first sight of the platform", _first_sight(sgx_ours)),
+        ("sgx", "verify_dcap_quote SGX, first sight of the platform model", _first_sight(sgx_ours)),
         ("snp", "SEV-SNP verify(), warm", snp_ours),
         ("snp", "SEV-SNP verify(), first sight", _cold(snp_ours)),
         ("nitro", "Nitro verify(), warm", nitro_ours),
@@ -197,12 +222,26 @@ def main() -> None:
         ("nvidia", "NVIDIA verify(), warm", nv_ours),
         ("nvidia", "NVIDIA verify(), first sight", _cold(nv_ours)),
     ]
+    # Warm rows over many quotes or machines are primed before each timed round (the rounds of the
+    # first-sight rows in between empty the caches).
+    prime: dict[str, Callable[[], object]] = {
+        "verify_dcap_quote, 64 distinct quotes, warm": lambda: [f() for f in sim_calls],
+        "verify_dcap_quote, 32 machines, warm": lambda: [f() for f in machine_calls],
+        "verify_dcap_quote, warm": tdx_ours,
+        "verify_tdx_with_event_log + policy, warm": tdx_kms,
+        "verify_dcap_quote SGX, warm": sgx_ours,
+        "SEV-SNP verify(), warm": snp_ours,
+        "Nitro verify(), warm": nitro_ours,
+        "NVIDIA verify(), warm": nv_ours,
+    }
     for _, name, fn in paths:  # warm caches and check every path verifies (the vectors of the other
         result = fn()  # kinds are debug TEEs, refused by the default policy after verification)
         assert getattr(result, "evidence", True) is not None, (name, result)
     samples: dict[str, list[float]] = {name: [] for _, name, _ in paths}
     for _ in range(args.rounds):
         for _, name, fn in paths:
+            if name in prime:
+                prime[name]()
             samples[name].append(_round(fn, args.n))
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
@@ -211,20 +250,24 @@ def main() -> None:
     ratios: dict[str, float] = {}
     for group, name, _ in paths:
         med = statistics.median(samples[name])
-        if group not in base and group in ("tdx", "sim", "sgx"):
+        if group not in base and group in ("tdx", "sim", "mach", "sgx"):
             base[group] = med
         ratio = f"{med / base[group]:.2f}x" if group in base else ""
         if group in base:
             ratios[name] = med / base[group]
         print(f"{name:<62} {1 / med:>8.0f} {med * 1e3:>8.3f} {ratio:>7}")
     warm = max(ratios[n] for n in ratios if n.endswith("warm") and "event_log" not in n)
-    first_sight = max(
-        ratios[n] for n in ratios if n.endswith("first sight of the platform") and "event_log" not in n
+    machine = ratios["verify_dcap_quote, first sight of a machine (model known)"]
+    model = max(
+        ratios[n]
+        for n in ratios
+        if "first sight" in n and "model" in n and "event_log" not in n and "known" not in n
     )
     print(f"goal warm <= {GOAL_WARM:.2f}x: {'met' if warm <= GOAL_WARM else 'NOT met'} ({warm:.2f}x)")
     print(
-        f"goal first sight <= {GOAL_FIRST:.2f}x: {'met' if first_sight <= GOAL_FIRST else 'NOT met'} "
-        f"({first_sight:.2f}x)"
+        f"goal first sight of a platform <= {GOAL_FIRST:.2f}x: new machine of a known model "
+        f"{'met' if machine <= GOAL_FIRST else 'NOT met'} ({machine:.2f}x); "
+        f"first machine of a model {'met' if model <= GOAL_FIRST else 'NOT met'} ({model:.2f}x)"
     )
 
 

@@ -121,7 +121,60 @@ def sim_cases(tmp_path_factory: pytest.TempPathFactory) -> list[Case]:
     out.append(Case("sim-outofdate", old.quote(b"o"), old.collateral(now=now), now, sim.dev_root_der()))
     revoked = SimulatedTdx(home, revoked_pck=True)
     out.append(Case("sim-revoked", revoked.quote(b"r"), revoked.collateral(now=now), now, sim.dev_root_der()))
+    # other machines of the same model (own PCK certificate, attestation key and PPID; same CA and TCB):
+    # after the first, each is verified through the platform-model path
+    col = sim.collateral(now=now)
+    for m in range(4):
+        quotes = _other_machine(sim, bytes([0x40 + m]) * 16, 2)
+        out += [Case(f"machine-{m}-{i}", q, col, now, sim.dev_root_der()) for i, q in enumerate(quotes)]
     return out
+
+
+def _other_machine(sim: object, ppid: bytes, n: int, *, pki_out: list[object] | None = None) -> list[bytes]:
+    """Quotes of another simulated machine under `sim`'s platform CA (a PCK certificate shaped like the
+    ones Intel issues: 20-byte serial)."""
+    import dataclasses
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from teecloud.tee import _dcap_builder as b
+
+    pki, tcb = sim._pki, sim._tcb  # type: ignore[attr-defined]
+    key, att = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ext = b.sgx_extension_der(
+        ppid=ppid,
+        cpusvn=tcb.cpusvn,
+        pcesvn=tcb.pcesvn,
+        pceid=tcb.pceid,
+        fmspc=sim._identity.fmspc,  # type: ignore[attr-defined]
+    )
+    cert = b._issue(
+        subject=pki.pck_cert.subject,
+        subject_key=key,
+        issuer=pki.pck_cert.issuer,
+        issuer_key=pki.platform_key,
+        ca=False,
+        years=10,
+        now=dt.datetime.now(dt.UTC).replace(microsecond=0),
+        serial=(1 << 158) | random.getrandbits(150),
+        extra=[x509.UnrecognizedExtension(x509.ObjectIdentifier(b.SGX_EXTENSION_OID), ext)],
+    )
+    machine = dataclasses.replace(pki, pck_key=key, pck_cert=cert, attestation_key=att)
+    if pki_out is not None:
+        pki_out.append(machine)
+    builder = b.QuoteBuilder(machine, tcb)
+    return [
+        builder.quote(
+            sim._builder.td_report(  # type: ignore[attr-defined]
+                report_data=bytes([i]) * 64,
+                mrtd=sim._mrtd,
+                rtmrs=sim._rtmrs,
+                debug=False,
+                out_of_date=False,  # type: ignore[attr-defined]
+            )
+        )
+        for i in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------------------- boundaries
@@ -274,6 +327,49 @@ def test_cache_is_hit_and_agrees(sim_cases: list[Case]) -> None:
         assert check(case, case.quote, case.collateral, case.now, "distinct quote")
     stats = {s.name: s for s in _cache.all_caches()}["dcap.verdicts"]
     assert stats.hits >= len(plain) - 1
+
+
+def test_new_machines_of_a_known_model(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # The platform-model path: a first machine teaches the model; others are checked machine by machine
+    # (their PCK certificate, QE report, quote signature) and must still get dcap-qvl's verdict, including
+    # a machine whose PCK certificate the collateral revokes and one whose certificate its CA did not sign.
+    from teecloud.tee import _dcap_builder as b
+    from teecloud.tee.simulated import SimulatedTdx
+
+    _cache.clear_all()
+    home = tmp_path_factory.mktemp("models")
+    now = int(time.time())
+    sim = SimulatedTdx(home)
+    root = sim.dev_root_der()
+    pkis: list[object] = []
+    first = _other_machine(sim, b"\x01" * 16, 1, pki_out=pkis)[0]
+    second = _other_machine(sim, b"\x02" * 16, 1, pki_out=pkis)[0]
+    third = _other_machine(sim, b"\x03" * 16, 1, pki_out=pkis)[0]
+    # a collateral whose PCK CRL revokes the second machine's certificate
+    issue = b.collateral_issue_time(dt.datetime.fromtimestamp(now, dt.UTC))
+    raw = b.build_collateral(
+        pkis[1], fmspc=sim._identity.fmspc, tcb=sim._tcb, issue=issue, revoke_pck=True, crl_number=7
+    )  # type: ignore[arg-type]
+    revoking = json.dumps(raw).encode()
+    case = Case("models", first, revoking, now, root)
+    assert check(case, first, revoking, now, "first machine")  # learns the model
+    hits = {s.name: s for s in _cache.all_caches()}["dcap.models"].hits
+    assert not check(case, second, revoking, now, "revoked machine")
+    assert check(case, third, revoking, now, "third machine")
+    assert {s.name: s for s in _cache.all_caches()}["dcap.models"].hits > hits
+    # whatever their ECDSA signatures' lengths, more machines of the model take the model path
+    before = {s.name: s for s in _cache.all_caches()}["dcap.models"].hits
+    for i in range(6):
+        assert check(case, _other_machine(sim, bytes([0x10 + i]) * 16, 1)[0], revoking, now, f"machine {i}")
+    assert {s.name: s for s in _cache.all_caches()}["dcap.models"].hits - before == 6
+    # a leaf signed by another key but otherwise shaped like the model's: rejected, as dcap-qvl does
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    sim._pki = b.Pki(**{**pkis[0].__dict__, "platform_key": ec.generate_private_key(ec.SECP256R1())})  # type: ignore[attr-defined]
+    forged = _other_machine(sim, b"\x04" * 16, 1)[0]
+    assert not check(case, forged, revoking, now, "leaf not signed by the platform CA")
+    for t in boundaries(case):
+        check(case, third, revoking, t, "boundary")
 
 
 def test_differential_default(vectors: Path, sim_cases: list[Case]) -> None:

@@ -37,6 +37,7 @@ from teecloud import _json
 from teecloud.attestation import dcap_layout as L
 from teecloud.attestation._cache import BoundedCache, named_cache
 from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
+from teecloud.attestation._pck import canonical_pem, masked_tbs
 from teecloud.attestation.errors import (
     CertificateChainInvalid,
     CollateralMismatch,
@@ -125,6 +126,11 @@ class _Quote:
     size: int
     body_start: int  # offset of the report body
     signed_end: int  # the attestation key signs quote[:signed_end] (header, v5 descriptor, body)
+    qe_at: int  # offset of the QE report (384 bytes), then its signature (64), the auth data size (u16)
+    auth_at: int  # offset of the QE auth data
+    auth_len: int
+    cert_at: int  # offset of the PEM chain (type 5), -1 without one
+    cert_end: int
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -234,6 +240,7 @@ def _parse(quote: bytes, limits: VerifierLimits = DEFAULT_LIMITS) -> _Quote:
     sig = quote[:sig_end]  # reads below stay inside the signature data
     pos = _need(sig, pos, 128, "quote signature and attestation key")
     if version == 3:
+        qe_at = pos
         pos = _need(sig, pos, _QE_REPORT_SIZE + 64, "QE report and signature")
         auth_len, pos = _u16(sig, pos, "QE auth data size")
         pos = _need(sig, pos, auth_len, "QE auth data")
@@ -246,6 +253,7 @@ def _parse(quote: bytes, limits: VerifierLimits = DEFAULT_LIMITS) -> _Quote:
         outer = quote[: _need(sig, pos, outer_len, "certification data")]
         # dcap-qvl 0.7 reads the outer type-6 structure without checking its type number; so do we.
         del outer_type
+        qe_at = pos
         pos = _need(outer, pos, _QE_REPORT_SIZE + 64, "QE report and signature")
         auth_len, pos = _u16(outer, pos, "QE auth data size")
         pos = _need(outer, pos, auth_len, "QE auth data")
@@ -255,6 +263,7 @@ def _parse(quote: bytes, limits: VerifierLimits = DEFAULT_LIMITS) -> _Quote:
     # Type 5 is the PEM chain; any other (an encrypted PPID) needs the chain from the collateral, which
     # dcap-qvl decides (it rejects the quote unless the collateral carries a pck_certificate_chain).
     cert = quote[pos:cert_end] if cert_type == _CERT_TYPE_PCK_CHAIN else b""
+    auth_at = qe_at + _QE_REPORT_SIZE + 64 + 2
     return _Quote(
         version=version,
         tee="sgx" if tee_type == _TEE_TYPE_SGX else "tdx",
@@ -266,6 +275,11 @@ def _parse(quote: bytes, limits: VerifierLimits = DEFAULT_LIMITS) -> _Quote:
         size=len(quote),
         body_start=end - size,
         signed_end=end,
+        qe_at=qe_at,
+        auth_at=auth_at,
+        auth_len=auth_len,
+        cert_at=pos if cert_type == _CERT_TYPE_PCK_CHAIN else -1,
+        cert_end=cert_end,
     )
 
 
@@ -326,6 +340,7 @@ class _Collateral:
     qe_next_update: str
     digest: bytes  # sha256 of the exact bytes: part of every verdict-cache key
     window: tuple[float, float] | None  # see _collateral_window
+    pck_crl: x509.CertificateRevocationList | None = None  # for the platform-model path; None: not used
 
 
 _COLLATERALS: BoundedCache[bytes, _Collateral] = named_cache("dcap.collateral")
@@ -363,9 +378,22 @@ def _load_collateral(data: bytes) -> _Collateral:
         qe_next_update=str(qe.get("nextUpdate", "?")),
         digest=hashlib.sha256(data).digest(),
         window=_collateral_window(raw, tcb, qe),
+        pck_crl=_pck_crl(raw),
     )
     _COLLATERALS.put(data, col, 3 * len(data))
     return col
+
+
+def _pck_crl(raw: dict[str, Any]) -> x509.CertificateRevocationList | None:
+    # Only when dcap-qvl takes the PCK chain from the quote (not from the collateral) and the CRL reads.
+    if raw.get("pck_certificate_chain") is not None:
+        return None
+    try:
+        crl = x509.load_der_x509_crl(bytes.fromhex(str(raw.get("pck_crl"))))
+        _ = crl.issuer, list(crl)
+    except Exception:  # lazily decoded: any error means "not used"
+        return None
+    return crl
 
 
 def _collateral(collateral: bytes | str, limits: VerifierLimits) -> _Collateral:
@@ -673,6 +701,137 @@ def _reusable(
     return cached if cached.window[0] < now < cached.window[1] else None
 
 
+# ------------------------------------------------------------------------------ platform model reuse
+#
+# A new machine of a platform model seen before (same collateral, anchor, CA chain, QE and TCB): its PCK
+# certificate, QE report and quote are checked here -- the steps that depend on the machine -- and the TCB
+# verdict dcap-qvl reached for the model is reused. Exactly what makes a model is in `_model_key`: the quote
+# and the leaf certificate with only the per-machine bytes left out (attestation key and signature, QE
+# report_data and signature, QE auth data, the leaf's serial, validity, key, key identifier and PPID).
+# Everything dcap-qvl's verdict depends on beyond those is in the key, and each of those is checked as
+# dcap-qvl checks it (leaf signed by its CA, valid, not in the PCK CRL; QE report signed by the leaf; QE
+# report_data = SHA-256(attestation key || auth data); the quote signature). Anything not read exactly
+# falls back to dcap-qvl.
+
+
+@dataclass(frozen=True)
+class _Model:
+    at: int
+    window: _Window
+    status: str
+    advisories: tuple[str, ...]
+    issuer: x509.Certificate  # the leaf's CA certificate, from the model's chain
+
+
+@dataclass(frozen=True)
+class _Machine:
+    key: tuple[bytes, ...]
+    leaf_der: bytes
+    ppid: bytes
+    rest: bytes  # the chain after the leaf
+
+
+_MODELS: BoundedCache[tuple[bytes, ...], _Model] = named_cache("dcap.models")
+
+
+def _machine(q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None) -> _Machine | None:
+    if q.cert_at < 0 or col.pck_crl is None or q.auth_len != L.QE_AUTH_DATA_SIZE:
+        return None
+    chain = quote[q.cert_at : q.cert_end]
+    b0 = chain.find(_BEGIN_CERT)
+    e0 = chain.find(_END_CERT, b0)
+    if b0 < 0 or e0 < 0:
+        return None
+    e0 += len(_END_CERT)
+    try:
+        body = b"".join(chain[b0 + len(_BEGIN_CERT) : e0 - len(_END_CERT)].split())
+        der = binascii.a2b_base64(body, strict_mode=True)
+    except binascii.Error:
+        return None
+    if chain[b0:e0] != canonical_pem(der):
+        return None
+    masked = masked_tbs(der)
+    if masked is None:
+        return None
+    # Each part length-prefixed; the three length fields (signature data, type-6 and type-5 data) are left
+    # out, as they change with the leaf's length; the positions they give are those dcap-qvl reads.
+    sig = q.signed_end + 4
+    body_bytes = quote[q.body_start : q.signed_end]
+    cert_type_at = q.auth_at + q.auth_len
+    parts = [
+        quote[: q.body_start],  # header (and the v5 body descriptor)
+        b"".join(body_bytes[lo:hi] for lo, hi in _KEPT[q.body_type]),
+        quote[sig + 128 : q.qe_at - 4] if q.qe_at > sig + 128 else b"",  # v4/v5: the type-6 type
+        quote[q.qe_at : q.qe_at + 320],  # the QE report but its report_data
+        quote[q.auth_at - 2 : q.auth_at],  # QE auth data size (32)
+        quote[cert_type_at : cert_type_at + 2],  # type 5
+        chain[:b0],
+        masked[0],
+        chain[e0:],
+        quote[q.cert_end :],
+    ]
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(4, "little") + part)
+    return _Machine((h.digest(), col.digest, anchor or b""), der, masked[1], chain[e0:])
+
+
+def _model_verdict(q: _Quote, quote: bytes, col: _Collateral, m: _Machine, now: int) -> _Model | None:
+    """The model's verdict when this machine passes every machine-specific check; None otherwise."""
+    model = _MODELS.get(m.key)
+    if model is None or not model.window[0] < now < model.window[1]:
+        return None
+    try:
+        leaf = x509.load_der_x509_certificate(m.leaf_der)
+        if not leaf.not_valid_before_utc.timestamp() < now < leaf.not_valid_after_utc.timestamp():
+            return None
+        assert col.pck_crl is not None
+        if col.pck_crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None:
+            return None
+        leaf.verify_directly_issued_by(model.issuer)
+        key = leaf.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+            return None
+        qe_report = quote[q.qe_at : q.qe_at + _QE_REPORT_SIZE]
+        raw = quote[q.qe_at + _QE_REPORT_SIZE : q.qe_at + _QE_REPORT_SIZE + 64]
+        der_sig = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+        key.verify(der_sig, qe_report, _ECDSA_SHA256)
+    except Exception:  # unreadable, unsigned or forged: dcap-qvl gives the verdict and its reason
+        return None
+    sig = q.signed_end + 4
+    att_key = quote[sig + 64 : sig + 128]
+    auth = quote[q.auth_at : q.auth_at + q.auth_len]
+    if hashlib.sha256(att_key + auth).digest() != quote[q.qe_at + 320 : q.qe_at + 352]:
+        return None
+    return model
+
+
+def _learn_model(
+    m: _Machine, col: _Collateral, anchor: bytes | None, now: int, verdict: tuple[str, tuple[str, ...]]
+) -> None:
+    """After dcap-qvl accepted this machine: remember its model, when every input reads exactly."""
+    if _MODELS.get(m.key) is not None:
+        return
+    try:
+        leaf = x509.load_der_x509_certificate(m.leaf_der)
+        cas = [x509.load_der_x509_certificate(d) for d in _pem_ders(m.rest) or []]
+        issuers = [c for c in cas if c.subject == leaf.issuer]
+        assert col.pck_crl is not None
+        if len(issuers) != 1 or col.pck_crl.issuer != leaf.issuer:
+            return
+        for c in cas:  # name constraints would apply to each leaf's own names: not a model property
+            if any(e.oid == x509.oid.ExtensionOID.NAME_CONSTRAINTS for e in c.extensions):
+                return
+    except Exception:  # anything unreadable: no model
+        return
+    window = _intersect(col.window, _certs_window(m.rest))
+    if anchor is not None:
+        window = _intersect(window, _anchor_window(anchor))
+    if window is None or not window[0] < now < window[1]:
+        return
+    _MODELS.put(m.key, _Model(now, window, verdict[0], verdict[1], issuers[0]), 1024 + len(m.rest))
+
+
 # ------------------------------------------------------------------------------------ error mapping
 
 
@@ -768,7 +927,8 @@ def verify_dcap_quote(
       (2) parse the collateral (cached by its bytes);
       (3) the collateral is for the quote's TEE kind (and, when dcap-qvl rejects, for its FMSPC: a
           mismatch is named as such);
-      (4) pick the root: a development-root chain needs exactly `dev_root_der`, any other uses Intel's;
+      (4) pick the root: `dev_root_der` when given and the chain is under it, else Intel's (a development
+          chain that fails against Intel's root is reported as "signed by a development root");
       (5) dcap-qvl: PCK chain + CRLs, collateral signatures and validity at `now`, QE report, quote
           signature, TCB level -- or its earlier accepting verdict on the same platform bytes, collateral
           and anchor, when `now` is strictly inside every validity window it depended on, after this
@@ -806,8 +966,14 @@ def verify_dcap_quote(
     # verdict's window, after checking this quote's own signature.
     key = _verdict_key(q, quote, col, anchor)
     cached = _reusable(key, q, col, anchor, now)
+    machine = _machine(q, quote, col, anchor) if cached is None else None
+    model = _model_verdict(q, quote, col, machine, now) if machine is not None else None
     if cached is not None and _quote_signature_ok(q, quote):
         status, advisories, ppid = cached.status, cached.advisories, cached.ppid
+    elif machine is not None and model is not None and _quote_signature_ok(q, quote):
+        # A new machine of a known model: its own checks passed; the model's TCB verdict applies.
+        status, advisories, ppid = model.status, model.advisories, machine.ppid
+        _VERDICTS.put(key, _Verdict(now, None, status, advisories, ppid), 128 + len(ppid))
     else:
         try:
             if anchor is None:
@@ -837,6 +1003,8 @@ def verify_dcap_quote(
         ppid = bytes(report.ppid or b"")
         if _VERDICTS.get(key) is None:
             _VERDICTS.put(key, _Verdict(now, None, status, advisories, ppid), 128 + len(ppid))
+        if machine is not None and ppid == machine.ppid:
+            _learn_model(machine, col, anchor, now, (status, advisories))
     # (6): Revoked means Intel withdrew the platform's keys; no policy may accept it.
     if status == "Revoked":
         raise TcbNotAcceptable("TCB status is Revoked: Intel has revoked this platform's TCB")
