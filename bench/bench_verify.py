@@ -58,6 +58,7 @@ def _first_sight(fn: Callable[[], object], *, model: bool = True) -> Callable[[]
     def run() -> object:
         if model:
             dcap._MODELS.clear()
+            dcap._CANDIDATES.clear()
         dcap._VERDICTS.clear()
         dcap._PCK_ROOTS.clear()
         dcap._ATTESTATION_KEYS.clear()

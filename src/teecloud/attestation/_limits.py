@@ -39,6 +39,7 @@ CACHE_BUDGETS: dict[str, CacheBudget] = {
     "dcap.fmspc": CacheBudget(1024, 4 * 1024 * 1024),
     "dcap.verdicts": CacheBudget(16384, 4 * 1024 * 1024),
     "dcap.models": CacheBudget(256, 2 * 1024 * 1024),
+    "dcap.model_candidates": CacheBudget(256, 4 * 1024 * 1024),
     "dcap.attestation_keys": CacheBudget(4096, 2 * 1024 * 1024),
     "dstack.json": CacheBudget(64, 8 * 1024 * 1024),
     "eventlog.parsed": CacheBudget(128, 16 * 1024 * 1024),

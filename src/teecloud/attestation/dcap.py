@@ -776,6 +776,45 @@ def _machine(q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None) ->
     return _Machine((h.digest(), col.digest, anchor or b""), der, masked[1], chain[e0:])
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A machine dcap-qvl accepted, kept (bytes only) until a second machine with the same CA chain,
+    collateral and anchor shows up; then its model is learned. `quote` None: learned already."""
+
+    quote: bytes | None
+    at: int
+    status: str
+    advisories: tuple[str, ...]
+    ppid: bytes
+
+
+_CANDIDATES: BoundedCache[tuple[bytes, ...], _Candidate] = named_cache("dcap.model_candidates")
+
+
+def _candidate_key(
+    q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None
+) -> tuple[bytes, ...] | None:
+    if q.cert_at < 0 or col.pck_crl is None:
+        return None
+    chain = quote[q.cert_at : q.cert_end]
+    end = chain.find(_END_CERT)
+    if end < 0:
+        return None
+    return (hashlib.sha256(chain[end:]).digest(), col.digest, anchor or b"")
+
+
+def _learn_candidate(c: _Candidate, pre: tuple[bytes, ...], col: _Collateral, anchor: bytes | None) -> None:
+    assert c.quote is not None
+    _CANDIDATES.put(pre, _Candidate(None, c.at, c.status, c.advisories, c.ppid), 256)
+    try:
+        q = _parse(c.quote)
+    except VerificationError:
+        return
+    m = _machine(q, c.quote, col, anchor)
+    if m is not None and m.ppid == c.ppid:
+        _learn_model(m, col, anchor, c.at, (c.status, c.advisories))
+
+
 def _model_verdict(q: _Quote, quote: bytes, col: _Collateral, m: _Machine, now: int) -> _Model | None:
     """The model's verdict when this machine passes every machine-specific check; None otherwise."""
     model = _MODELS.get(m.key)
@@ -966,8 +1005,17 @@ def verify_dcap_quote(
     # verdict's window, after checking this quote's own signature.
     key = _verdict_key(q, quote, col, anchor)
     cached = _reusable(key, q, col, anchor, now)
-    machine = _machine(q, quote, col, anchor) if cached is None else None
-    model = _model_verdict(q, quote, col, machine, now) if machine is not None else None
+    # The model path only runs where a machine with the same CA chain, collateral and anchor was accepted
+    # before (`_CANDIDATES`): the first machine of a model costs dcap-qvl's check and nothing more.
+    pre = _candidate_key(q, quote, col, anchor) if cached is None else None
+    candidate = _CANDIDATES.get(pre) if pre is not None else None
+    machine = model = None
+    if candidate is not None and pre is not None:
+        machine = _machine(q, quote, col, anchor)
+        if machine is not None:
+            if candidate.quote is not None:
+                _learn_candidate(candidate, pre, col, anchor)
+            model = _model_verdict(q, quote, col, machine, now)
     if cached is not None and _quote_signature_ok(q, quote):
         status, advisories, ppid = cached.status, cached.advisories, cached.ppid
     elif machine is not None and model is not None and _quote_signature_ok(q, quote):
@@ -1005,6 +1053,8 @@ def verify_dcap_quote(
             _VERDICTS.put(key, _Verdict(now, None, status, advisories, ppid), 128 + len(ppid))
         if machine is not None and ppid == machine.ppid:
             _learn_model(machine, col, anchor, now, (status, advisories))
+        elif pre is not None and candidate is None:
+            _CANDIDATES.put(pre, _Candidate(quote, now, status, advisories, ppid), 256 + len(quote))
     # (6): Revoked means Intel withdrew the platform's keys; no policy may accept it.
     if status == "Revoked":
         raise TcbNotAcceptable("TCB status is Revoked: Intel has revoked this platform's TCB")
