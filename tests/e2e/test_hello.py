@@ -1,5 +1,6 @@
 """examples/hello end to end on the docker runtime: deploy, attest, secrets, encrypted data, upgrades,
-restarts. The tests run in order and share one CVM (deploying once keeps the suite under a few minutes)."""
+restarts. The tests share one CVM, deployed once by the `hello` fixture (which also writes the note every
+data test reads), so any one of them runs alone too: `pytest tests/e2e/test_hello.py -k upgrade`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,34 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 SECRET = "s3cr3t-e2e-" + hashlib.sha256(b"teecloud e2e").hexdigest()[:16]
 NOTE = "note-on-the-encrypted-volume-" + hashlib.sha256(b"note").hexdigest()[:12]
-STATE: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def hello(session: Any) -> dict[str, Any]:
+    """The deployed app: its DeployResult, the phases it went through, and its ids/URL (kept current by the
+    upgrade tests)."""
+    from teecloud.cloud.deploy import deploy
+
+    phases: list[str] = []
+    r = deploy(
+        session,
+        HELLO / "docker-compose.yml",
+        name="hello",
+        env={"SECRET": SECRET, "NOT_ALLOWED": "dropped-value"},
+        allowed_envs=["SECRET"],
+        progress=lambda phase, _d: phases.append(phase),
+    )
+    assert r.status == "running", r.error
+    wait_serving(r.urls[0] + "/")
+    assert httpx.put(r.urls[0] + "/note", content=NOTE, timeout=10).status_code == 200
+    return {
+        "result": r,
+        "phases": phases,
+        "app_id": r.app_id,
+        "compose_hash": r.compose_hash,
+        "instance": r.instance_id,
+        "url": r.urls[0],
+    }
 
 
 def _grep(root: Path, needle: bytes) -> list[str]:
@@ -41,19 +69,8 @@ def _compose_variant(tmp: Path, greeting: str) -> Path:
     return d / "docker-compose.yml"
 
 
-def test_deploy_is_attested_and_allowed_on_chain(session: Any) -> None:
-    from teecloud.cloud.deploy import deploy
-
-    phases: list[str] = []
-    r = deploy(
-        session,
-        HELLO / "docker-compose.yml",
-        name="hello",
-        env={"SECRET": SECRET, "NOT_ALLOWED": "dropped-value"},
-        allowed_envs=["SECRET"],
-        progress=lambda phase, _d: phases.append(phase),
-    )
-    assert r.status == "running", r.error
+def test_deploy_is_attested_and_allowed_on_chain(session: Any, hello: dict[str, Any]) -> None:
+    r, phases = hello["result"], hello["phases"]
     assert r.verdict is not None and r.verdict.ok, r.verdict.to_json()
     assert r.verdict.compose_hash == r.compose_hash
     assert r.verdict.app_id == r.app_id
@@ -62,18 +79,17 @@ def test_deploy_is_attested_and_allowed_on_chain(session: Any) -> None:
     from teecloud.node.boot import PHASES
 
     assert set(PHASES) <= set(r.boot_timings)  # every boot phase ran (and was timed)
-    STATE.update(app_id=r.app_id, compose_hash=r.compose_hash, instance=r.instance_id, url=r.urls[0])
     # the app itself, through the official dstack-sdk inside the container
     body = wait_serving(r.urls[0] + "/").json()
     assert body["app_id"] == r.app_id and body["compose_hash"] == r.compose_hash
     assert len(body["key"]) == 64 and len(body["signature_chain"]) == 2
 
 
-def test_quote_from_inside_the_app_replays_to_the_deployed_hash(session: Any) -> None:
+def test_quote_from_inside_the_app_replays_to_the_deployed_hash(session: Any, hello: dict[str, Any]) -> None:
     from teecloud.attestation.verifier import verify_tdx_with_event_log
 
     nonce = hashlib.sha256(b"app-nonce").digest()
-    q = httpx.get(STATE["url"] + "/quote", params={"nonce": nonce.hex()}, timeout=10).json()
+    q = httpx.get(hello["url"] + "/quote", params={"nonce": nonce.hex()}, timeout=10).json()
     p = session.platform
     import dataclasses
 
@@ -88,7 +104,7 @@ def test_quote_from_inside_the_app_replays_to_the_deployed_hash(session: Any) ->
         policy=dataclasses.replace(Policy.default(), allow_simulated=True),
     )
     assert ev.report_data[:32] == nonce
-    assert ev.app_info is not None and ev.app_info.compose_hash.hex() == STATE["compose_hash"]
+    assert ev.app_info is not None and ev.app_info.compose_hash.hex() == hello["compose_hash"]
     names = [name for name, _ in ev.app_info.events]
     # dstack's boot order, KMS mode
     assert names[:6] == [
@@ -102,7 +118,7 @@ def test_quote_from_inside_the_app_replays_to_the_deployed_hash(session: Any) ->
     assert names[-3:] == ["key-provider", "storage-fs", "system-ready"]
 
 
-def test_cli_verify_app_checks_the_running_app(cloud: Any) -> None:
+def test_cli_verify_app_checks_the_running_app(cloud: Any, hello: dict[str, Any]) -> None:
     from typer.testing import CliRunner
 
     from teecloud.cli import app
@@ -112,16 +128,16 @@ def test_cli_verify_app_checks_the_running_app(cloud: Any) -> None:
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["is_valid"] is True and doc["tee"] == "tdx-simulated"
-    assert doc["compose_hash"] == STATE["compose_hash"] and doc["app_id"] == STATE["app_id"]
+    assert doc["compose_hash"] == hello["compose_hash"] and doc["app_id"] == hello["app_id"]
     missing = CliRunner().invoke(app, ["verify", "--app", "no-such-app"], env=env)
     assert missing.exit_code != 0 and "Traceback" not in missing.output
 
 
-def test_same_app_without_the_dev_root_is_not_attested(session: Any) -> None:
+def test_same_app_without_the_dev_root_is_not_attested(session: Any, hello: dict[str, Any]) -> None:
     from teecloud.cloud.verify import verify_attestation
 
     nonce = b"n" * 32
-    att = session.node.attestation(STATE["instance"], nonce)
+    att = session.node.attestation(hello["instance"], nonce)
     verdict = verify_attestation(
         att,
         nonce,
@@ -144,16 +160,18 @@ def test_same_app_without_the_dev_root_is_not_attested(session: Any) -> None:
     assert not verdict.ok and "nonce" in verdict.reason
 
 
-def test_secret_env_reaches_the_app_but_not_the_node_disk(cloud: Any, session: Any) -> None:
-    r = httpx.get(STATE["url"] + "/secret", timeout=10).json()
+def test_secret_env_reaches_the_app_but_not_the_node_disk(
+    cloud: Any, session: Any, hello: dict[str, Any]
+) -> None:
+    r = httpx.get(hello["url"] + "/secret", timeout=10).json()
     assert r == {"present": True, "sha256": hashlib.sha256(SECRET.encode()).hexdigest()}
-    dropped = httpx.get(STATE["url"] + "/secret", params={"name": "NOT_ALLOWED"}, timeout=10).json()
+    dropped = httpx.get(hello["url"] + "/secret", params={"name": "NOT_ALLOWED"}, timeout=10).json()
     assert dropped["present"] is False  # not in allowed_envs: the CVM dropped it
-    assert session.node.get(STATE["instance"]).dropped_env == ["NOT_ALLOWED"]
+    assert session.node.get(hello["instance"]).dropped_env == ["NOT_ALLOWED"]
     # not in the instance directory, not in Docker's container config / inspect output
     assert _grep(cloud.home, SECRET.encode()) == []
     ids = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project=tc-{STATE['instance'][:16]}"],
+        ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project=tc-{hello['instance'][:16]}"],
         capture_output=True,
         text=True,
         check=True,
@@ -167,31 +185,35 @@ def test_secret_env_reaches_the_app_but_not_the_node_disk(cloud: Any, session: A
             assert _grep(cdir, SECRET.encode()) == []
 
 
-def test_volume_data_is_ciphertext_and_survives_stop_start(cloud: Any, session: Any) -> None:
-    assert httpx.put(STATE["url"] + "/note", content=NOTE, timeout=10).status_code == 200
-    inst = cloud.node.store.get(STATE["instance"])
+def test_volume_data_is_ciphertext_and_survives_stop_start(
+    cloud: Any, session: Any, hello: dict[str, Any]
+) -> None:
+    assert httpx.put(hello["url"] + "/note", content=NOTE, timeout=10).status_code == 200
+    inst = cloud.node.store.get(hello["instance"])
     assert _grep(inst.cipher_dir, NOTE.encode()) == []
     assert _grep(cloud.home, NOTE.encode()) == []
-    st = session.node.action(STATE["instance"], "stop")
+    st = session.node.action(hello["instance"], "stop")
     assert st.status == "stopped"
     assert not any(c.state == "running" for c in st.containers)
     assert not (inst.mount_point / "volumes").exists()  # unmounted: nothing readable
-    st = session.node.wait(session.node.action(STATE["instance"], "start").instance_id)
+    st = session.node.wait(session.node.action(hello["instance"], "start").instance_id)
     assert st.status == "running", st.error
-    assert wait_serving(STATE["url"] + "/note").json()["note"] == NOTE
+    assert wait_serving(hello["url"] + "/note").json()["note"] == NOTE
 
 
-def test_upgrade_not_allowed_on_chain_gets_no_keys_and_does_not_start(session: Any, tmp_path: Path) -> None:
+def test_upgrade_not_allowed_on_chain_gets_no_keys_and_does_not_start(
+    session: Any, tmp_path: Path, hello: dict[str, Any]
+) -> None:
     from teecloud.cloud.deploy import upgrade
 
-    r = upgrade(session, STATE["instance"], _compose_variant(tmp_path, "unapproved"), register=False)
+    r = upgrade(session, hello["instance"], _compose_variant(tmp_path, "unapproved"), register=False)
     assert r.status == "failed"
     assert ("keys" in r.error and "not allowed" in r.error.lower()) or "compose" in r.error.lower(), r.error
-    st = session.node.get(STATE["instance"])
+    st = session.node.get(hello["instance"])
     assert st.phase == "keys"
     assert not any(c.state == "running" for c in st.containers)
     with pytest.raises(httpx.HTTPError):
-        httpx.get(STATE["url"] + "/health", timeout=2)
+        httpx.get(hello["url"] + "/health", timeout=2)
 
 
 def test_upgrade_inside_its_timelock_delay_gets_no_keys_until_executed(session: Any, tmp_path: Path) -> None:
@@ -234,21 +256,25 @@ def test_upgrade_inside_its_timelock_delay_gets_no_keys_until_executed(session: 
         session.node.remove(r.instance_id)
 
 
-def test_allowed_upgrade_keeps_data_and_is_attested(session: Any, tmp_path: Path) -> None:
+def test_allowed_upgrade_keeps_data_and_is_attested(
+    session: Any, tmp_path: Path, hello: dict[str, Any]
+) -> None:
     from teecloud.cloud.deploy import upgrade
     from teecloud.cloud.verify import verify_app
 
-    r = upgrade(session, STATE["instance"], _compose_variant(tmp_path, "hello-v2"))
+    r = upgrade(session, hello["instance"], _compose_variant(tmp_path, "hello-v2"))
     assert r.status == "running", r.error
-    assert r.compose_hash != STATE["compose_hash"] and r.app_id == STATE["app_id"]
-    assert wait_serving(STATE["url"] + "/note").json()["note"] == NOTE
-    assert httpx.get(STATE["url"] + "/secret", timeout=10).json()["present"] is True  # env kept
-    verdict = verify_app(session.node, STATE["instance"], platform=session.platform, chain=session.chain)
+    assert r.compose_hash != hello["compose_hash"] and r.app_id == hello["app_id"]
+    assert wait_serving(hello["url"] + "/note").json()["note"] == NOTE
+    assert httpx.get(hello["url"] + "/secret", timeout=10).json()["present"] is True  # env kept
+    verdict = verify_app(session.node, hello["instance"], platform=session.platform, chain=session.chain)
     assert verdict.ok and verdict.compose_hash == r.compose_hash
-    STATE["compose_hash"] = r.compose_hash
+    hello["compose_hash"] = r.compose_hash
 
 
-def test_node_restart_brings_the_app_back_attested_with_its_data(cloud: Any, session: Any) -> None:
+def test_node_restart_brings_the_app_back_attested_with_its_data(
+    cloud: Any, session: Any, hello: dict[str, Any]
+) -> None:
     from teecloud.cloud.verify import verify_app
     from teecloud.devstack import LocalCloud
 
@@ -259,10 +285,10 @@ def test_node_restart_brings_the_app_back_attested_with_its_data(cloud: Any, ses
 
     s2 = Session(cloud.home)
     try:
-        st = s2.node.wait(STATE["instance"])
+        st = s2.node.wait(hello["instance"])
         assert st.status == "running", st.error
-        assert wait_serving(STATE["url"] + "/note").json()["note"] == NOTE
-        verdict = verify_app(s2.node, STATE["instance"], platform=s2.platform, chain=s2.chain)
+        assert wait_serving(hello["url"] + "/note").json()["note"] == NOTE
+        verdict = verify_app(s2.node, hello["instance"], platform=s2.platform, chain=s2.chain)
         assert verdict.ok, verdict.to_json()
         assert isinstance(cloud, LocalCloud)
     finally:
@@ -272,10 +298,10 @@ def test_node_restart_brings_the_app_back_attested_with_its_data(cloud: Any, ses
     )
 
 
-def test_remove_destroys_the_data(cloud: Any, session: Any) -> None:
-    inst = cloud.node.store.get(STATE["instance"])
-    session.node.remove(STATE["instance"])
+def test_remove_destroys_the_data(cloud: Any, session: Any, hello: dict[str, Any]) -> None:
+    inst = cloud.node.store.get(hello["instance"])
+    session.node.remove(hello["instance"])
     assert not inst.dir.exists()
     assert not inst.cipher_dir.exists()
     with pytest.raises(Exception, match="no CVM"):
-        session.node.get(STATE["instance"])
+        session.node.get(hello["instance"])
