@@ -86,8 +86,8 @@ def test_hex_ids_are_read_one_way() -> None:
     assert parse_hash("ab" * 32) == b"\xab" * 32
     assert parse_hex("") == b""
     for bad, needle in (
-        ("zz", "not hex"),
-        ("ab" * 19, "20 bytes"),
+        ("zz", "20 bytes of hex"),
+        ("ab" * 19, "got 19 bytes"),
         (None, "hex string"),
         ("a" * (2**20 + 2), "longer"),
     ):

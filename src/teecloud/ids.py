@@ -29,12 +29,13 @@ def parse_hex(text: object, *, size: int | None = None, name: str = "value") -> 
         raw = raw[2:]
     if len(raw) > MAX_HEX_CHARS:
         raise HexError(f"{name} is longer than {MAX_HEX_CHARS} hex digits")
+    want = f"{size} bytes of hex ({2 * size} hex digits)" if size is not None else "hex"
     try:
         value = bytes.fromhex(raw)
     except ValueError:
-        raise HexError(f"{name} is not hex ({text[:80]!r})") from None
+        raise HexError(f"{name} must be {want}, not {text[:80]!r}") from None
     if size is not None and len(value) != size:
-        raise HexError(f"{name} must be {size} bytes ({2 * size} hex digits), got {len(value)}")
+        raise HexError(f"{name} must be {want}, got {len(value)} bytes")
     return value
 
 

@@ -66,7 +66,7 @@ CASES = [
     (["agent", "simulate", "--compose", "{d}/bad.json"], 1, "not valid UTF-8 JSON"),
     (["agent", "simulate", "--compose", "{d}/deep.json"], 1, "nests deeper"),  # was RecursionError
     (["agent", "simulate", "--compose", "{d}/list.json"], 1, "JSON object"),
-    (["agent", "simulate", "--compose", "{d}/list.json", "--app-id", "zz"], 2, "--app-id is not hex"),
+    (["agent", "simulate", "--compose", "{d}/list.json", "--app-id", "zz"], 2, "--app-id must be hex"),
     (["agent", "simulate", "--compose", "{d}/list.json", "--port", "70000"], 2, "--port"),
     (["verify", "{d}/nope"], 2, "cannot read evidence"),
     (["verify", "{d}/dir"], 2, "cannot read evidence"),
