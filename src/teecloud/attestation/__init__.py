@@ -45,6 +45,7 @@ from teecloud.attestation.verifier import (
     TrustAnchors,
     detect_kind,
     split_certificates,
+    unwrap_evidence,
     verify,
     verify_tdx_with_event_log,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "replay_rtmrs",
     "runtime_event_digest",
     "split_certificates",
+    "unwrap_evidence",
     "verify",
     "verify_dcap_quote",
     "verify_event_log",
