@@ -363,6 +363,11 @@ class _Acceptor:
             self.stats.evicted += 1
             self.errors.note("idle connection closed for a newer one (cap reached)")
             self._drop(victim)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio's connect_accepted_socket (unlike its own accept path) leaves Nagle on: a response
+            # written in two sends then waits for the client's delayed ACK, ≈40 ms per keep-alive request.
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.stats.accepted += 1
         slot = _Slot(conn=conn, peer=peer)
         self._slots[id(slot)] = slot
