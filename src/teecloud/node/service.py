@@ -71,6 +71,8 @@ log = logging.getLogger("teecloud.node")
 
 # Compose files, env blobs and user config travel in request bodies; none is near this.
 NODE_MAX_BODY_BYTES = 4 * 1024 * 1024
+# CVMs per node: bounds the node's work and every listing (GET /cvms carries each app-compose, ≤ 576 KiB).
+MAX_CVMS = 64
 # `logs?follow=true` (public for apps with public_logs) holds a `docker logs --follow` process and a worker
 # thread for as long as the client stays: capped per CVM and per node (below the 40 threads of the server's
 # pool, so followers cannot starve the other routes); beyond, 429.
@@ -127,8 +129,10 @@ class Node:
         node_id: int | None = None,
         memory_mb: int | None = None,
         default_memory_mb: int | None = None,
+        max_cvms: int = MAX_CVMS,
     ) -> None:
         self.home = Path(home) if home is not None else data_home()
+        self.max_cvms = max_cvms
         # the node's memory (default: the host's) and the cap of an app that states none (default: a quarter)
         self.memory_mb = memory_mb if memory_mb is not None else host_memory_mb()
         self.default_memory_mb = (
@@ -292,8 +296,13 @@ class Node:
         """Everything create refuses before it registers the instance: the name is free on this node, the
         app-compose and its compose file pass the whole policy (teecloud.node.compose), every image is on
         the node. `teecloud deploy` calls it (POST /cvms/check) before it registers the app on chain."""
-        if name is not None and any(i.state().get("name") == name for i in self.store.all()):
+        existing = self.store.all()
+        if name is not None and any(i.state().get("name") == name for i in existing):
             raise InstanceStateError(f"a CVM named {name!r} already exists on this node")
+        if len(existing) >= self.max_cvms:
+            raise InstanceStateError(
+                f"this node holds its maximum of {self.max_cvms} CVMs; remove one or deploy to another node"
+            )
         _doc, compose = check_app_compose(app_compose)
         images = image_refs(compose)
         self.runtime.check_images(images)

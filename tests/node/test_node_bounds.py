@@ -1,4 +1,5 @@
-"""A failing container engine is the node's 502 (named), an absent one 503; never a bare 500."""
+"""Node bounds and engine errors: a failing container engine is a named 502, an absent one 503 (never a bare
+500); a full node refuses more CVMs before anything is written."""
 
 from __future__ import annotations
 
@@ -40,3 +41,21 @@ def test_engine_errors_map_to_gateway_statuses(
     r = client.get(f"/cvms/{st.instance_id}/logs", headers={"Authorization": "Bearer t0ken"})
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]
+
+
+def test_a_full_node_refuses_more_cvms_before_anything_is_written(
+    teecloud_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from teecloud.node.errors import InstanceStateError
+
+    node = make_node(teecloud_home, FakeRuntime(), FakeBoots(), monkeypatch)
+    node.max_cvms = 2
+    for i in range(2):
+        node.create(CreateCvmRequest(name=f"a{i}", app_compose=app_compose(), app_id="11" * 20))
+    with pytest.raises(InstanceStateError, match="maximum of 2 CVMs"):
+        node.create(CreateCvmRequest(name="a2", app_compose=app_compose(), app_id="11" * 20))
+    assert len(node.store.all()) == 2
+    client = TestClient(make_node_app(node, token="t0ken"), raise_server_exceptions=False)
+    body = {"name": "a3", "app_compose": app_compose()}
+    r = client.post("/cvms/check", json=body, headers={"Authorization": "Bearer t0ken"})
+    assert r.status_code == 409 and "maximum" in r.json()["error"]
