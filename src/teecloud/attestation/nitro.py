@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import cbor2
+
+# cbor2 5.x (pinned in pyproject.toml) ships its pure-Python decoder beside the C one; see _loads.
 from cbor2._decoder import CBORDecoder as _PureCborDecoder
 from cbor2._types import CBORTag as _PureCborTag
 from cryptography.exceptions import InvalidSignature
