@@ -118,3 +118,21 @@ def test_get_tls_key_keeps_good_names(http) -> None:
     assert sorted(san.get_values_for_type(x509.DNSName)) == sorted(
         n for n in names if ":" not in n and n[0] != "1"
     )
+
+
+def test_hostile_attest_envelopes_do_not_leak() -> None:
+    """An invalid UTF-8 string in a CBOR envelope: cbor2's C decoder kept each failure alive (cbor2 #257);
+    decode_attestation uses the pure decoder, so failures are collected."""
+    import gc
+
+    import pytest as _pytest
+
+    from teecloud.agent.api import decode_attestation
+
+    bad = b"\xa1\x61\xff\x00"  # map{ text(1) = 0xff (not UTF-8) : ... }
+    for _ in range(2000):
+        with _pytest.raises(ValueError, match="not CBOR"):
+            decode_attestation(bad)
+    gc.collect()
+    alive = [o for o in gc.get_objects() if type(o).__name__.startswith("CBORDecode")]
+    assert len(alive) < 10, len(alive)

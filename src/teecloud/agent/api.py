@@ -8,10 +8,12 @@ HTTP 400 (client mistake) or 500 (agent fault) with `{"error": "..."}`; unknown 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
+from cbor2._decoder import CBORDecoder as _PureCborDecoder  # cbor2 5.x, pinned
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
@@ -225,7 +227,11 @@ def decode_attestation(data: bytes) -> AttestationEnvelope:
     if len(data) > _MAX_ATTESTATION:
         raise ValueError(f"attestation is {len(data)} bytes, above {_MAX_ATTESTATION}")
     try:
-        doc = cbor2.loads(data)
+        # cbor2's pure decoder, not its C one: the C decoder leaks every failed decode of a non-UTF-8 string
+        # with the frames holding the input (agronholm/cbor2 #257; see teecloud.attestation.nitro._loads).
+        doc = _PureCborDecoder(io.BytesIO(data)).decode()
+    except RecursionError as exc:
+        raise ValueError("attestation is nested too deeply") from exc
     except Exception as exc:  # cbor2 raises CBORDecodeError and friends
         raise ValueError(f"attestation is not CBOR: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("format") != ATTESTATION_FORMAT:
