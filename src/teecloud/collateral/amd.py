@@ -20,7 +20,8 @@ import httpx
 from cryptography import x509
 
 from teecloud._fs import atomic_write
-from teecloud.collateral.errors import CollateralNotFound, InvalidCollateral, PccsUnavailable
+from teecloud.collateral._http import bounded_get
+from teecloud.collateral.errors import InvalidCollateral
 
 __all__ = ["AMD_KDS_URL", "MAX_CRL_SIZE", "AmdKdsClient", "crl_next_update"]
 
@@ -91,22 +92,13 @@ class AmdKdsClient:
     def _fetch(self, path: str) -> bytes:
         self.fetches += 1
         url = self.base_url + path
-        try:
-            with httpx.Client(timeout=self.timeout, transport=self.transport) as client:
-                with client.stream("GET", url) as resp:
-                    body = b""
-                    for chunk in resp.iter_bytes():
-                        body += chunk
-                        if len(body) > MAX_CRL_SIZE:
-                            raise InvalidCollateral(
-                                f"AMD KDS response from {url} is over {MAX_CRL_SIZE} bytes"
-                            )
-        except httpx.HTTPError as exc:
-            raise PccsUnavailable(
-                f"AMD KDS at {self.base_url} is unreachable ({type(exc).__name__}: {exc})"
-            ) from exc
-        if resp.status_code == 404:
-            raise CollateralNotFound(f"AMD KDS at {self.base_url} has no CRL at {path}")
-        if resp.status_code != 200:
-            raise PccsUnavailable(f"AMD KDS at {self.base_url} answered HTTP {resp.status_code} for {path}")
-        return body
+        with httpx.Client(timeout=self.timeout, transport=self.transport) as client:
+            return bounded_get(
+                client,
+                url,
+                name="AMD KDS",
+                base_url=self.base_url,
+                path=path,
+                max_bytes=MAX_CRL_SIZE,
+                not_found=f"AMD KDS at {self.base_url} has no CRL at {path}",
+            ).content

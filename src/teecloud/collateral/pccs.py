@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from teecloud import _json
 from teecloud._fs import atomic_write
-from teecloud.collateral.errors import CollateralError, CollateralNotFound, InvalidCollateral, PccsUnavailable
+from teecloud.collateral._http import bounded_get
+from teecloud.collateral.errors import CollateralError, InvalidCollateral
 from teecloud.collateral.store import CollateralEntry, CollateralStore, describe_collateral
 
 if TYPE_CHECKING:  # the server side (uvicorn) is imported only by whoever serves
@@ -152,24 +153,16 @@ class PccsClient:
 
     def _get(self, client: httpx.Client, path: str, params: Mapping[str, str]) -> httpx.Response:
         url = f"{self.base_url}{path}"
-        try:
-            with client.stream("GET", url, params=params) as resp:
-                body = b""
-                for chunk in resp.iter_bytes():
-                    body += chunk
-                    if len(body) > self.max_response_size:
-                        raise InvalidCollateral(
-                            f"PCCS response from {url} is over {self.max_response_size} bytes"
-                        )
-        except httpx.HTTPError as exc:
-            raise PccsUnavailable(
-                f"PCCS at {self.base_url} is unreachable ({type(exc).__name__}: {exc})"
-            ) from exc
-        if resp.status_code == 404:
-            raise CollateralNotFound(f"PCCS at {self.base_url} has nothing at {path} ({dict(params)})")
-        if resp.status_code != 200:
-            raise PccsUnavailable(f"PCCS at {self.base_url} answered HTTP {resp.status_code} for {path}")
-        return httpx.Response(200, headers=resp.headers, content=body)
+        return bounded_get(
+            client,
+            url,
+            name="PCCS",
+            base_url=self.base_url,
+            path=path,
+            max_bytes=self.max_response_size,
+            params=params,
+            not_found=f"PCCS at {self.base_url} has nothing at {path} ({dict(params)})",
+        )
 
     @staticmethod
     def _chain(resp: httpx.Response, header: str) -> str:
