@@ -34,10 +34,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from teecloud import _json
+from teecloud.attestation import _tcb
 from teecloud.attestation import dcap_layout as L
 from teecloud.attestation._cache import BoundedCache, named_cache
 from teecloud.attestation._limits import DEFAULT_LIMITS, VerifierLimits
-from teecloud.attestation._pck import canonical_pem, masked_tbs
+from teecloud.attestation._pck import PckLeaf, canonical_pem, masked_tbs
 from teecloud.attestation.errors import (
     CertificateChainInvalid,
     CollateralMismatch,
@@ -341,6 +342,7 @@ class _Collateral:
     digest: bytes  # sha256 of the exact bytes: part of every verdict-cache key
     window: tuple[float, float] | None  # see _collateral_window
     pck_crl: x509.CertificateRevocationList | None = None  # for the platform-model path; None: not used
+    rules: _tcb.TcbRules | None = None  # the TCB levels, for the platform-model path; None: not used
 
 
 _COLLATERALS: BoundedCache[bytes, _Collateral] = named_cache("dcap.collateral")
@@ -379,6 +381,7 @@ def _load_collateral(data: bytes) -> _Collateral:
         digest=hashlib.sha256(data).digest(),
         window=_collateral_window(raw, tcb, qe),
         pck_crl=_pck_crl(raw),
+        rules=_tcb.parse_rules(tcb, qe),
     )
     _COLLATERALS.put(data, col, 3 * len(data))
     return col
@@ -703,39 +706,59 @@ def _reusable(
 
 # ------------------------------------------------------------------------------ platform model reuse
 #
-# A new machine of a platform model seen before (same collateral, anchor, CA chain, QE and TCB): its PCK
-# certificate, QE report and quote are checked here -- the steps that depend on the machine -- and the TCB
-# verdict dcap-qvl reached for the model is reused. Exactly what makes a model is in `_model_key`: the quote
-# and the leaf certificate with only the per-machine bytes left out (attestation key and signature, QE
-# report_data and signature, QE auth data, the leaf's serial, validity, key, key identifier and PPID).
-# Everything dcap-qvl's verdict depends on beyond those is in the key, and each of those is checked as
-# dcap-qvl checks it (leaf signed by its CA, valid, not in the PCK CRL; QE report signed by the leaf; QE
-# report_data = SHA-256(attestation key || auth data); the quote signature). Anything not read exactly
-# falls back to dcap-qvl.
+# A new machine of a platform model seen before (same collateral, anchor, CA chain, QE and certificate
+# shape): its PCK certificate, QE report and quote are checked here -- the steps that depend on the machine
+# -- and its TCB level is evaluated here (`_tcb`) against the collateral's TCB info and QE identity, which
+# dcap-qvl has verified for the model's first machine. Exactly what makes a model is in `_machine`: the
+# quote and the leaf certificate with only the per-machine bytes left out (attestation key and signature,
+# QE report_data and signature, QE auth data, the leaf's serial, validity, key, key identifier and PPID) and
+# the TCB values (the leaf's CPUSVN, PCESVN and component SVNs; TEE_TCB_SVN or the enclave's CPUSVN; the QE
+# report's CPUSVN and ISVSVN; the header's QE/PCE SVN, which dcap-qvl does not read). Everything else
+# dcap-qvl's verdict depends on is in the key, and each left-out part is checked as dcap-qvl checks it
+# (leaf signed by its CA, valid, not in the PCK CRL; QE report signed by the leaf; QE report_data =
+# SHA-256(attestation key || auth data); the quote signature; the TCB level). A model is learned only when
+# the TCB evaluation gave dcap-qvl's own verdict on the first machine; anything not read exactly, and
+# every rejection, falls back to dcap-qvl.
 
 
 @dataclass(frozen=True)
 class _Model:
     at: int
     window: _Window
-    status: str
-    advisories: tuple[str, ...]
     issuer: x509.Certificate  # the leaf's CA certificate, from the model's chain
+    rules: _tcb.TcbRules
 
 
 @dataclass(frozen=True)
 class _Machine:
     key: tuple[bytes, ...]
     leaf_der: bytes
-    ppid: bytes
+    leaf: PckLeaf
     rest: bytes  # the chain after the leaf
+
+    @property
+    def ppid(self) -> bytes:
+        return self.leaf.ppid
 
 
 _MODELS: BoundedCache[tuple[bytes, ...], _Model] = named_cache("dcap.models")
 
+# TCB values left out of a model's key (offsets in the report body / QE report): TEE_TCB_SVN, or an
+# enclave's CPUSVN; the QE's CPUSVN and ISVSVN.
+_FREE_TCB = {"td10": ((0, 16),), "td15": ((0, 16),), "sgx": ((0, 16),)}
+_MODEL_KEPT = {
+    name: _kept_ranges(size, free + _FREE_TCB[name])
+    for name, size, free in (
+        ("td10", L.TD_REPORT10_SIZE, _FREE_TD),
+        ("td15", L.TD_REPORT15_SIZE, _FREE_TD),
+        ("sgx", L.SGX_REPORT_SIZE, _FREE_SGX),
+    )
+}
+_QE_KEPT = _kept_ranges(320, ((0, 16), (258, 260)))  # the QE report but its report_data
+
 
 def _machine(q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None) -> _Machine | None:
-    if q.cert_at < 0 or col.pck_crl is None or q.auth_len != L.QE_AUTH_DATA_SIZE:
+    if q.cert_at < 0 or col.pck_crl is None or col.rules is None or q.auth_len != L.QE_AUTH_DATA_SIZE:
         return None
     chain = quote[q.cert_at : q.cert_end]
     b0 = chain.find(_BEGIN_CERT)
@@ -750,30 +773,49 @@ def _machine(q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None) ->
         return None
     if chain[b0:e0] != canonical_pem(der):
         return None
-    masked = masked_tbs(der)
-    if masked is None:
+    leaf = masked_tbs(der)
+    if leaf is None:
         return None
     # Each part length-prefixed; the three length fields (signature data, type-6 and type-5 data) are left
     # out, as they change with the leaf's length; the positions they give are those dcap-qvl reads.
     sig = q.signed_end + 4
     body_bytes = quote[q.body_start : q.signed_end]
+    qe_report = quote[q.qe_at : q.qe_at + 320]
     cert_type_at = q.auth_at + q.auth_len
     parts = [
-        quote[: q.body_start],  # header (and the v5 body descriptor)
-        b"".join(body_bytes[lo:hi] for lo, hi in _KEPT[q.body_type]),
+        quote[:8] + quote[12 : q.body_start],  # header but QE/PCE SVN (and the v5 body descriptor)
+        b"".join(body_bytes[lo:hi] for lo, hi in _MODEL_KEPT[q.body_type]),
         quote[sig + 128 : q.qe_at - 4] if q.qe_at > sig + 128 else b"",  # v4/v5: the type-6 type
-        quote[q.qe_at : q.qe_at + 320],  # the QE report but its report_data
+        b"".join(qe_report[lo:hi] for lo, hi in _QE_KEPT),
         quote[q.auth_at - 2 : q.auth_at],  # QE auth data size (32)
         quote[cert_type_at : cert_type_at + 2],  # type 5
         chain[:b0],
-        masked[0],
+        leaf.family,
         chain[e0:],
         quote[q.cert_end :],
     ]
     h = hashlib.sha256()
     for part in parts:
         h.update(len(part).to_bytes(4, "little") + part)
-    return _Machine((h.digest(), col.digest, anchor or b""), der, masked[1], chain[e0:])
+    return _Machine((h.digest(), col.digest, anchor or b""), der, leaf, chain[e0:])
+
+
+def _tcb_status(q: _Quote, quote: bytes, m: _Machine, rules: _tcb.TcbRules) -> _tcb.Status | None:
+    qe_isvsvn = int.from_bytes(quote[q.qe_at + 258 : q.qe_at + 260], "little")
+    if q.tee == "sgx":
+        return _tcb.evaluate(
+            rules, tdx=False, cpu_svn=m.leaf.cpu_svn, pce_svn=m.leaf.pce_svn, qe_isvsvn=qe_isvsvn
+        )
+    return _tcb.evaluate(
+        rules,
+        tdx=True,
+        cpu_svn=m.leaf.cpu_svn,
+        pce_svn=m.leaf.pce_svn,
+        qe_isvsvn=qe_isvsvn,
+        tee_tcb_svn=q.report["tee_tcb_svn"],
+        mr_signer_seam=q.report["mrsignerseam"],
+        seam_attributes=q.report["seam_attributes"],
+    )
 
 
 @dataclass(frozen=True)
@@ -794,7 +836,7 @@ _CANDIDATES: BoundedCache[tuple[bytes, ...], _Candidate] = named_cache("dcap.mod
 def _candidate_key(
     q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None
 ) -> tuple[bytes, ...] | None:
-    if q.cert_at < 0 or col.pck_crl is None:
+    if q.cert_at < 0 or col.pck_crl is None or col.rules is None:
         return None
     chain = quote[q.cert_at : q.cert_end]
     end = chain.find(_END_CERT)
@@ -812,11 +854,12 @@ def _learn_candidate(c: _Candidate, pre: tuple[bytes, ...], col: _Collateral, an
         return
     m = _machine(q, c.quote, col, anchor)
     if m is not None and m.ppid == c.ppid:
-        _learn_model(m, col, anchor, c.at, (c.status, c.advisories))
+        _learn_model(q, c.quote, m, col, anchor, c.at, (c.status, c.advisories))
 
 
-def _model_verdict(q: _Quote, quote: bytes, col: _Collateral, m: _Machine, now: int) -> _Model | None:
-    """The model's verdict when this machine passes every machine-specific check; None otherwise."""
+def _model_verdict(q: _Quote, quote: bytes, col: _Collateral, m: _Machine, now: int) -> _tcb.Status | None:
+    """The TCB status and advisories dcap-qvl would give this machine of a known model, when it passes
+    every machine-specific check; None otherwise (dcap-qvl decides)."""
     model = _MODELS.get(m.key)
     if model is None or not model.window[0] < now < model.window[1]:
         return None
@@ -842,14 +885,23 @@ def _model_verdict(q: _Quote, quote: bytes, col: _Collateral, m: _Machine, now: 
     auth = quote[q.auth_at : q.auth_at + q.auth_len]
     if hashlib.sha256(att_key + auth).digest() != quote[q.qe_at + 320 : q.qe_at + 352]:
         return None
-    return model
+    return _tcb_status(q, quote, m, model.rules)
 
 
 def _learn_model(
-    m: _Machine, col: _Collateral, anchor: bytes | None, now: int, verdict: tuple[str, tuple[str, ...]]
+    q: _Quote,
+    quote: bytes,
+    m: _Machine,
+    col: _Collateral,
+    anchor: bytes | None,
+    now: int,
+    verdict: _tcb.Status,
 ) -> None:
-    """After dcap-qvl accepted this machine: remember its model, when every input reads exactly."""
-    if _MODELS.get(m.key) is not None:
+    """After dcap-qvl accepted this machine: remember its model, when every input reads exactly and the
+    TCB evaluation gives dcap-qvl's verdict on it."""
+    if _MODELS.get(m.key) is not None or col.rules is None:
+        return
+    if _tcb_status(q, quote, m, col.rules) != verdict:
         return
     try:
         leaf = x509.load_der_x509_certificate(m.leaf_der)
@@ -868,7 +920,7 @@ def _learn_model(
         window = _intersect(window, _anchor_window(anchor))
     if window is None or not window[0] < now < window[1]:
         return
-    _MODELS.put(m.key, _Model(now, window, verdict[0], verdict[1], issuers[0]), 1024 + len(m.rest))
+    _MODELS.put(m.key, _Model(now, window, issuers[0], col.rules), 1024 + len(m.rest))
 
 
 # ------------------------------------------------------------------------------------ error mapping
@@ -1019,8 +1071,8 @@ def verify_dcap_quote(
     if cached is not None and _quote_signature_ok(q, quote):
         status, advisories, ppid = cached.status, cached.advisories, cached.ppid
     elif machine is not None and model is not None and _quote_signature_ok(q, quote):
-        # A new machine of a known model: its own checks passed; the model's TCB verdict applies.
-        status, advisories, ppid = model.status, model.advisories, machine.ppid
+        # A new machine of a known model: its own checks passed; its TCB level evaluated as dcap-qvl does.
+        (status, advisories), ppid = model, machine.ppid
         _VERDICTS.put(key, _Verdict(now, None, status, advisories, ppid), 128 + len(ppid))
     else:
         try:
@@ -1052,7 +1104,7 @@ def verify_dcap_quote(
         if _VERDICTS.get(key) is None:
             _VERDICTS.put(key, _Verdict(now, None, status, advisories, ppid), 128 + len(ppid))
         if machine is not None and ppid == machine.ppid:
-            _learn_model(machine, col, anchor, now, (status, advisories))
+            _learn_model(q, quote, machine, col, anchor, now, (status, advisories))
         elif pre is not None and candidate is None:
             _CANDIDATES.put(pre, _Candidate(quote, now, status, advisories, ppid), 256 + len(quote))
     # (6): Revoked means Intel withdrew the platform's keys; no policy may accept it.
