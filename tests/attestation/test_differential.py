@@ -130,16 +130,19 @@ def sim_cases(tmp_path_factory: pytest.TempPathFactory) -> list[Case]:
     return out
 
 
-def _other_machine(sim: object, ppid: bytes, n: int, *, pki_out: list[object] | None = None) -> list[bytes]:
+def _other_machine(
+    sim: object, ppid: bytes, n: int, *, pki_out: list[object] | None = None, tcb: object = None
+) -> list[bytes]:
     """Quotes of another simulated machine under `sim`'s platform CA (a PCK certificate shaped like the
-    ones Intel issues: 20-byte serial)."""
+    ones Intel issues: 20-byte serial); `tcb` (a SimulatedTcb) gives it other TCB values."""
     import dataclasses
 
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from teecloud.tee import _dcap_builder as b
 
-    pki, tcb = sim._pki, sim._tcb  # type: ignore[attr-defined]
+    pki = sim._pki  # type: ignore[attr-defined]
+    tcb = tcb or sim._tcb  # type: ignore[attr-defined]
     key, att = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ext = b.sgx_extension_der(
         ppid=ppid,
@@ -165,7 +168,7 @@ def _other_machine(sim: object, ppid: bytes, n: int, *, pki_out: list[object] | 
     builder = b.QuoteBuilder(machine, tcb)
     return [
         builder.quote(
-            sim._builder.td_report(  # type: ignore[attr-defined]
+            builder.td_report(
                 report_data=bytes([i]) * 64,
                 mrtd=sim._mrtd,
                 rtmrs=sim._rtmrs,

@@ -1,10 +1,13 @@
 """Intel TCB level evaluation as dcap-qvl 0.7 does it (private; the platform-family path of `dcap`).
 
-Given a platform's TCB values -- CPUSVN and PCESVN from its PCK certificate, TEE_TCB_SVN, MRSIGNERSEAM and
-SEAMATTRIBUTES from a TD report, the QE's ISVSVN -- and the collateral's TCB info and QE identity, give the
-TCB status and advisory IDs dcap-qvl would give (its steps 6, 8, 9 and 10: QE TCB level, platform TCB level,
-TDX module identity, merge). Intel's rules: "Intel TDX DCAP Quote Verification Library, TCB level
-selection" and Intel PCS API v4 (`tcbLevels`, `tdxModuleIdentities`, QE identity `tcbLevels`).
+Given a platform's TCB values -- CPUSVN and PCESVN from its PCK certificate, TEE_TCB_SVN (and a TD 1.5's
+TEE_TCB_SVN2), MRSIGNERSEAM and SEAMATTRIBUTES from a TD report, the QE's ISVSVN -- and the collateral's TCB
+info and QE identity, give the TCB status and advisory IDs dcap-qvl 0.7 gives: the first TCB level (in its
+canonical order) the platform meets, a module version leaving TEE_TCB_SVN[0..1] to the TDX module identity
+it selects, that identity's level converged in, the QE's level converged in (Intel QVL's
+convergeTcbStatusWithQeTcbStatus), the statuses each structure may carry at a matched level, Revoked
+refused, and a TD 1.5's relaunch advice. Intel's rules: Intel PCS API v4 (`tcbLevels`,
+`tdxModuleIdentities`, QE identity `tcbLevels`) and the SGX/TDX DCAP Quote Verification Library.
 
 Why hand-written: dcap-qvl exposes this only inside `verify`, which also repeats every signature check of
 the collateral; `dcap` uses this for a machine whose family (everything but per-machine bytes and TCB
@@ -19,23 +22,29 @@ and dcap-qvl runs (and gives its reason).
 from __future__ import annotations
 
 import binascii
+import datetime as _dt
+import re
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["TcbRules", "evaluate", "parse_rules"]
 
-# dcap-qvl's severity order for merging (worst wins); Revoked makes the whole quote invalid.
-_SEVERITY = {
-    "UpToDate": 0,
-    "SWHardeningNeeded": 1,
-    "ConfigurationNeeded": 2,
-    "ConfigurationAndSWHardeningNeeded": 3,
-    "OutOfDate": 4,
-    "OutOfDateConfigurationNeeded": 5,
-    "Revoked": 6,
-}
+# The statuses a TCB info or QE identity may list (Intel PCS API v4).
+_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
+)
 
 Status = tuple[str, tuple[str, ...]]
+
+# The statuses Intel's QVL (and dcap-qvl) accept at a matched level of each structure.
+_MODULE_STATUSES = ("UpToDate", "OutOfDate", "Revoked")
+_QE_STATUSES = ("UpToDate", "OutOfDate", "ConfigurationNeeded", "Revoked", "OutOfDateConfigurationNeeded")
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class _Level:
     tdx: tuple[int, ...]
     pce_svn: int
     status: Status
+    date: str
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,7 @@ class _Module:
     mrsigner: bytes | None
     attributes: bytes | None
     mask: bytes | None
-    levels: tuple[tuple[int, Status], ...]
+    levels: tuple[tuple[int, Status, str], ...]  # (ISVSVN, status, tcbDate)
 
 
 @dataclass(frozen=True)
@@ -96,9 +106,8 @@ def _dict(value: object) -> dict[str, Any]:
 
 def _status(level: dict[str, Any]) -> Status:
     status = _str(level.get("tcbStatus"))
-    if status not in _SEVERITY:
+    if status not in _STATUSES:
         raise _Unreadable
-    _str(level.get("tcbDate"))
     advisories = tuple(_str(a) for a in _list(level.get("advisoryIDs", [])))
     return status, advisories
 
@@ -116,11 +125,12 @@ def _hex(value: object, size: int) -> bytes | None:
 
 
 def _module(doc: dict[str, Any], with_levels: bool) -> _Module:
-    levels: list[tuple[int, Status]] = []
+    levels: list[tuple[int, Status, str]] = []
     if with_levels:
         for level in _list(doc.get("tcbLevels")):
             level = _dict(level)
-            levels.append((_int(_dict(level.get("tcb")).get("isvsvn"), 0xFF), _status(level)))
+            isvsvn = _int(_dict(level.get("tcb")).get("isvsvn"), 0xFF)
+            levels.append((isvsvn, _status(level), _str(level.get("tcbDate"))))
     return _Module(
         id=_str(doc.get("id", "")) if with_levels else "",
         mrsigner=_hex(doc.get("mrsigner"), 48),
@@ -145,6 +155,7 @@ def parse_rules(tcb_info: dict[str, Any], qe_identity: dict[str, Any]) -> TcbRul
                     tdx=_svns(tcb.get("tdxtcbcomponents", [])),
                     pce_svn=_int(tcb.get("pcesvn"), 0xFFFF),
                     status=_status(level),
+                    date=_str(level.get("tcbDate")),
                 )
             )
         # dcap-qvl sorts the levels as Intel's QVL does, whatever the JSON order: by SGX components, then
@@ -154,7 +165,9 @@ def parse_rules(tcb_info: dict[str, Any], qe_identity: dict[str, Any]) -> TcbRul
         if tdx:
             raw = tcb_info.get("tdxModule")
             module = _module(_dict(raw), False) if raw is not None else None
-            identities = tuple(_module(_dict(i), True) for i in _list(tcb_info.get("tdxModuleIdentities", [])))
+            identities = tuple(
+                _module(_dict(i), True) for i in _list(tcb_info.get("tdxModuleIdentities", []))
+            )
         qe_levels = []
         for level in _list(qe_identity.get("tcbLevels")):
             level = _dict(level)
@@ -164,36 +177,114 @@ def parse_rules(tcb_info: dict[str, Any], qe_identity: dict[str, Any]) -> TcbRul
     return TcbRules(tdx, tuple(levels), module, identities or (), tuple(qe_levels))
 
 
+def _converge(status: str, component: str) -> str:
+    """A status converged with a component's (the QE's, the TDX module's), as Intel's QVL does."""
+    if component == "Revoked":
+        return "Revoked"
+    if component == "OutOfDate":
+        if status in ("UpToDate", "SWHardeningNeeded"):
+            return "OutOfDate"
+        if status in ("ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded"):
+            return "OutOfDateConfigurationNeeded"
+    return status
+
+
 def _merge(a: Status, b: Status) -> Status:
-    status = b[0] if _SEVERITY[b[0]] > _SEVERITY[a[0]] else a[0]
     advisories = list(a[1])
     for adv in b[1]:
         if adv not in advisories:
             advisories.append(adv)
-    return status, tuple(advisories)
+    return _converge(a[0], b[0]), tuple(advisories)
 
 
-def _module_status(
-    rules: TcbRules, tee_tcb_svn: bytes, mr_signer_seam: bytes, seam_attributes: bytes
-) -> Status | bool:
-    """The TDX module identity's status; True when the identity checks out with no levels to merge; False
-    when dcap-qvl would reject."""
+def _relaunch(launch: str, current: str) -> str:
+    """TD 1.5: the launch TCB's status given the current TCB's (Intel QVL's checkForRelaunch)."""
+    config = ("ConfigurationNeeded", "OutOfDateConfigurationNeeded", "ConfigurationAndSWHardeningNeeded")
+    if launch in ("OutOfDate", "OutOfDateConfigurationNeeded") and current in (
+        "UpToDate",
+        "SWHardeningNeeded",
+        "ConfigurationNeeded",
+        "ConfigurationAndSWHardeningNeeded",
+    ):
+        if launch in config or current in config:
+            return "TDRelaunchAdvisedConfigurationNeeded"
+        return "TDRelaunchAdvised"
+    return launch
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})")
+
+
+def _dated(text: str) -> bool:
+    """Whether dcap-qvl (chrono's RFC 3339 parser, after the epoch) reads this date; strict: a subset."""
+    if not _RFC3339.fullmatch(text):
+        return False
+    try:
+        return _dt.datetime.fromisoformat(text).timestamp() >= 0
+    except ValueError:
+        return False
+
+
+def _module_identity(rules: TcbRules, tee_tcb_svn: bytes) -> _Module | bool | None:
+    """The identity the module version selects; None for version 0; False when none is listed."""
+    if tee_tcb_svn[1] == 0:
+        return None
+    wanted = f"TDX_{tee_tcb_svn[1]:02X}".encode().lower()
+    for ident in rules.identities:
+        if ident.id.encode("utf-8").lower() == wanted:  # ASCII-only case folding, as in Rust
+            return ident
+    return False
+
+
+def _level(
+    rules: TcbRules, cpu_svn: bytes, pce_svn: int, tee_tcb_svn: bytes | None
+) -> tuple[Status, str] | None:
+    """The first TCB level the platform meets: (status, advisories), its tcbDate."""
+    for level in rules.levels:
+        if pce_svn < level.pce_svn:
+            continue
+        if len(level.sgx) != len(cpu_svn):
+            return None
+        if any(a < b for a, b in zip(cpu_svn, level.sgx, strict=True)):
+            continue
+        if tee_tcb_svn is not None:
+            if len(level.tdx) != len(tee_tcb_svn):
+                return None
+            skip = 2 if tee_tcb_svn[1] > 0 else 0  # a module version leaves SVNs 0 and 1 to the module
+            if any(a < b for a, b in zip(tee_tcb_svn[skip:], level.tdx[skip:], strict=True)):
+                continue
+        return level.status, level.date
+    return None
+
+
+def _tdx_level(rules: TcbRules, cpu_svn: bytes, pce_svn: int, tee_tcb_svn: bytes) -> Status | None:
+    """The platform level for `tee_tcb_svn` converged with the module level the same SVNs select."""
+    found = _level(rules, cpu_svn, pce_svn, tee_tcb_svn)
+    if found is None:
+        return None
+    status, date = found
+    ident = _module_identity(rules, tee_tcb_svn)
+    if ident is False:
+        return None
+    if ident is None or isinstance(ident, bool):
+        return status
+    module = next((lv for lv in ident.levels if tee_tcb_svn[0] >= lv[0]), None)
+    if module is None or module[1][0] not in _MODULE_STATUSES:
+        return None
+    if not (_dated(module[2]) and _dated(date)):
+        return None
+    return _merge(status, module[1])
+
+
+def _module_ok(rules: TcbRules, tee_tcb_svn: bytes, mr_signer_seam: bytes, seam_attributes: bytes) -> bool:
+    """The TD report's module signer and SEAM attributes against the module identity (or `tdxModule`)."""
     base = rules.module
-    if base is None:
+    if base is None or None in (base.mrsigner, base.attributes, base.mask):
+        return False  # dcap-qvl decodes the base module's fields even when an identity replaces them
+    ident = _module_identity(rules, tee_tcb_svn)
+    if ident is False:
         return False
-    isvsvn, version = tee_tcb_svn[0], tee_tcb_svn[1]
-    chosen = base
-    if version > 0 and rules.identities:
-        wanted = f"TDX_{version:02X}".encode().lower()
-        for ident in rules.identities:
-            if ident.id.encode("utf-8").lower() == wanted:  # ASCII-only case folding, as in Rust
-                chosen = ident
-                break
-        else:
-            return False
-    # dcap-qvl decodes the base module's fields even when an identity overrides them
-    if None in (base.mrsigner, base.attributes, base.mask):
-        return False
+    chosen = base if ident is None or isinstance(ident, bool) else ident
     if chosen.mrsigner is None or chosen.attributes is None or chosen.mask is None:
         return False
     if mr_signer_seam != chosen.mrsigner:
@@ -201,12 +292,7 @@ def _module_status(
     for want, mask, have in zip(chosen.attributes, chosen.mask, seam_attributes, strict=True):
         if want & mask != have & mask or have & ~mask & 0xFF:
             return False
-    if chosen is base:
-        return True
-    for level_svn, status in chosen.levels:
-        if isvsvn >= level_svn:
-            return status
-    return False
+    return True
 
 
 def evaluate(
@@ -217,35 +303,33 @@ def evaluate(
     pce_svn: int,
     qe_isvsvn: int,
     tee_tcb_svn: bytes = b"",
+    tee_tcb_svn2: bytes | None = None,
     mr_signer_seam: bytes = b"",
     seam_attributes: bytes = b"",
 ) -> Status | None:
-    """dcap-qvl's (status, advisory IDs) for these TCB values, or None where it would not accept."""
-    platform: Status | None = None
-    for level in rules.levels:
-        if pce_svn < level.pce_svn:
-            continue
-        if len(level.sgx) != len(cpu_svn):
+    """dcap-qvl's (status, advisory IDs) for these TCB values, or None where it would not accept.
+    `tee_tcb_svn2`: a TD 1.5 report's current TCB."""
+    qe = next((s for svn, s in rules.qe_levels if qe_isvsvn >= svn), None)
+    if qe is None or qe[0] not in _QE_STATUSES:
+        return None
+    current: str | None = None
+    if not tdx:
+        found = _level(rules, cpu_svn, pce_svn, None)
+        platform = found[0] if found is not None else None
+    else:
+        platform = _tdx_level(rules, cpu_svn, pce_svn, tee_tcb_svn)
+        if platform is None or not _module_ok(rules, tee_tcb_svn, mr_signer_seam, seam_attributes):
             return None
-        if any(a < b for a, b in zip(cpu_svn, level.sgx, strict=True)):
-            continue
-        if tdx:
-            if len(level.tdx) != len(tee_tcb_svn):
+        if tee_tcb_svn2 is not None:
+            now = _tdx_level(rules, cpu_svn, pce_svn, tee_tcb_svn2)
+            if now is None:
                 return None
-            if any(a < b for a, b in zip(tee_tcb_svn, level.tdx, strict=True)):
-                continue
-        platform = level.status
-        if tdx:
-            module = _module_status(rules, tee_tcb_svn, mr_signer_seam, seam_attributes)
-            if module is False:
-                return None
-            if isinstance(module, tuple):
-                platform = _merge(platform, module)
-        break
+            current = _converge(now[0], qe[0])
     if platform is None:
         return None
-    qe: Status | None = next((s for svn, s in rules.qe_levels if qe_isvsvn >= svn), None)
-    if qe is None:
-        return None
     final = _merge(platform, qe)
-    return None if final[0] == "Revoked" else final
+    if final[0] == "Revoked" or current == "Revoked":
+        return None
+    if current is not None:
+        final = (_relaunch(final[0], current), final[1])
+    return final

@@ -743,9 +743,9 @@ class _Machine:
 
 _MODELS: BoundedCache[tuple[bytes, ...], _Model] = named_cache("dcap.models")
 
-# TCB values left out of a model's key (offsets in the report body / QE report): TEE_TCB_SVN, or an
-# enclave's CPUSVN; the QE's CPUSVN and ISVSVN.
-_FREE_TCB = {"td10": ((0, 16),), "td15": ((0, 16),), "sgx": ((0, 16),)}
+# TCB values left out of a model's key (offsets in the report body / QE report): TEE_TCB_SVN (and a TD
+# 1.5's TEE_TCB_SVN2), or an enclave's CPUSVN; the QE's CPUSVN and ISVSVN.
+_FREE_TCB = {"td10": ((0, 16),), "td15": ((0, 16), (584, 600)), "sgx": ((0, 16),)}  # td15: not used
 _MODEL_KEPT = {
     name: _kept_ranges(size, free + _FREE_TCB[name])
     for name, size, free in (
@@ -759,6 +759,8 @@ _QE_KEPT = _kept_ranges(320, ((0, 16), (258, 260)))  # the QE report but its rep
 
 def _machine(q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None) -> _Machine | None:
     if q.cert_at < 0 or col.pck_crl is None or col.rules is None or q.auth_len != L.QE_AUTH_DATA_SIZE:
+        return None
+    if q.body_type == "td15":  # a TD 1.5's relaunch rules: evaluated by dcap-qvl only (no vector tests them)
         return None
     chain = quote[q.cert_at : q.cert_end]
     b0 = chain.find(_BEGIN_CERT)
@@ -813,6 +815,7 @@ def _tcb_status(q: _Quote, quote: bytes, m: _Machine, rules: _tcb.TcbRules) -> _
         pce_svn=m.leaf.pce_svn,
         qe_isvsvn=qe_isvsvn,
         tee_tcb_svn=q.report["tee_tcb_svn"],
+        tee_tcb_svn2=q.report["tee_tcb_svn2"] if q.body_type == "td15" else None,
         mr_signer_seam=q.report["mrsignerseam"],
         seam_attributes=q.report["seam_attributes"],
     )

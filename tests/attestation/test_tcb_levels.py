@@ -1,0 +1,285 @@
+"""teecloud's own TCB level evaluation (attestation._tcb, used for new machines of a known platform model)
+against dcap-qvl: real Intel TCB infos from ../shared/vectors, and a generated TDX TCB info with many levels
+(shuffled), TDX module identities and QE levels, signed by the simulated platform's TCB signing key, over
+hundreds of simulated machines with random TCB values (CPUSVN, PCESVN, TEE_TCB_SVN incl. the module
+version and ISVSVN, QE ISVSVN). Every machine must get dcap-qvl's accept/reject, status and advisories, and
+the accepted ones must have taken teecloud's path (no dcap-qvl run), which the model cache's hits count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from teecloud.attestation import _cache, _tcb, dcap
+from tests.attestation.test_differential import Case, _other_machine, _vector_cases, check, theirs
+
+_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
+)
+
+
+def _hits() -> int:
+    return {s.name: s for s in _cache.all_caches()}["dcap.models"].hits
+
+
+def test_real_tcb_infos_evaluate_as_dcap_qvl(vectors: Path) -> None:
+    # Intel's own TCB infos and QE identities (TDX v4 and v5, SGX): the evaluation of each vector's TCB
+    # values gives dcap-qvl's status and advisories.
+    for case in _vector_cases(vectors):
+        q = dcap._parse(case.quote)
+        col = dcap._collateral(case.collateral, dcap.DEFAULT_LIMITS)
+        m = dcap._machine(q, case.quote, col, None)
+        assert col.rules is not None, case.name
+        if q.body_type == "td15":  # TD 1.5 reports are left to dcap-qvl
+            assert m is None
+            continue
+        assert m is not None, case.name
+        ok, status, advisories = theirs(case.quote, case.collateral, case.now, None)
+        got = dcap._tcb_status(q, case.quote, m, col.rules)
+        assert got == ((status, advisories) if ok else None), case.name
+
+
+def _nudge(rng: random.Random, svns: bytes, steps: tuple[int, ...]) -> list[int]:
+    """`svns` with up to two components moved by one of `steps` (often none)."""
+    out = list(svns)
+    for _ in range(rng.choice((0, 0, 1, 2))):
+        i = rng.randrange(len(out))
+        out[i] = max(0, out[i] + rng.choice(steps))
+    return out
+
+
+def _levels(rng: random.Random, base: Any) -> list[dict[str, Any]]:
+    """A dozen TDX TCB levels around the simulated platform's TCB, in random order."""
+    exact = {
+        "tcb": {
+            "sgxtcbcomponents": [{"svn": v} for v in base.cpusvn],
+            "pcesvn": base.pcesvn,
+            "tdxtcbcomponents": [{"svn": v} for v in base.tee_tcb_svn_uptodate],
+        },
+        "tcbDate": "2025-01-01T00:00:00Z",
+        "tcbStatus": "UpToDate",
+    }
+    out = [exact]
+    for i in range(12):
+        sgx = _nudge(rng, base.cpusvn, (-1, -1, 1))
+        tdx = list(base.tee_tcb_svn_uptodate)
+        tdx[2] = max(0, tdx[2] + rng.choice((-1, 0, 1)))
+        tdx[0] = rng.choice((1, 2, 3))
+        if rng.random() < 0.3:
+            tdx[1] = rng.choice((0, 1, 2))
+        status = _STATUSES[i % len(_STATUSES)] if i else "UpToDate"
+        level: dict[str, Any] = {
+            "tcb": {
+                "sgxtcbcomponents": [{"svn": v} for v in sgx],
+                "pcesvn": base.pcesvn + rng.choice((-1, 0, 1)),
+                "tdxtcbcomponents": [{"svn": v} for v in tdx],
+            },
+            "tcbDate": f"2025-0{1 + i % 9}-01T00:00:00Z",
+            "tcbStatus": status,
+        }
+        if status != "UpToDate" or rng.random() < 0.2:
+            level["advisoryIDs"] = rng.sample(["INTEL-SA-00001", "INTEL-SA-00615", "INTEL-SA-00828"], 2)
+        out.append(level)
+    rng.shuffle(out)
+    return out
+
+
+def _rich_collateral(sim: Any, now: int, rng: random.Random) -> bytes:
+    from teecloud.tee import _dcap_builder as b
+
+    base = sim._tcb
+    issue = b.collateral_issue_time(dt.datetime.fromtimestamp(now, dt.UTC))
+    raw = b.build_collateral(sim._pki, fmspc=sim._identity.fmspc, tcb=base, issue=issue)
+    info = json.loads(raw["tcb_info"])
+    zero48 = "00" * 48
+    info["tcbLevels"] = _levels(rng, base)
+    info["tdxModuleIdentities"] = [
+        {
+            "id": "TDX_01",
+            "mrsigner": zero48,
+            "attributes": "0000000000000000",
+            "attributesMask": "FFFFFFFFFFFFFFFF",
+            "tcbLevels": [
+                {"tcb": {"isvsvn": 3}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"},
+                {
+                    "tcb": {"isvsvn": 2},
+                    "tcbDate": "2024-01-01T00:00:00Z",
+                    "tcbStatus": "OutOfDate",
+                    "advisoryIDs": ["INTEL-SA-00615", "INTEL-SA-01111"],
+                },
+            ],
+        },
+        {  # a module version whose signer is not the simulated module's: rejected
+            "id": "tdx_02",
+            "mrsigner": "11" * 48,
+            "attributes": "0000000000000000",
+            "attributesMask": "FFFFFFFFFFFFFFFF",
+            "tcbLevels": [{"tcb": {"isvsvn": 1}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"}],
+        },
+    ]
+    qe = json.loads(raw["qe_identity"])
+    qe["tcbLevels"] = [
+        {"tcb": {"isvsvn": 4}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"},
+        {
+            "tcb": {"isvsvn": 3},
+            "tcbDate": "2024-06-01T00:00:00Z",
+            "tcbStatus": "SWHardeningNeeded",
+            "advisoryIDs": ["INTEL-SA-00828"],
+        },
+        {
+            "tcb": {"isvsvn": 2},
+            "tcbDate": "2024-01-01T00:00:00Z",
+            "tcbStatus": "OutOfDate",
+            "advisoryIDs": ["INTEL-SA-00615", "INTEL-SA-00828"],
+        },
+    ]
+    for key, doc in (("tcb_info", info), ("qe_identity", qe)):
+        text = json.dumps(doc, separators=(",", ":"))
+        raw[key] = text
+        raw[f"{key}_signature"] = b.raw_ecdsa_sign(sim._pki.tcb_key, text.encode()).hex()
+    return json.dumps(raw).encode()
+
+
+def _random_tcb(rng: random.Random, base: Any) -> Any:
+    tee = list(base.tee_tcb_svn_uptodate)
+    tee[0] = rng.choice((1, 2, 3, 4))
+    tee[1] = rng.choice((0, 1, 1, 1, 2, 3))
+    tee[2] = max(0, tee[2] + rng.choice((-1, 0, 1)))
+    return dataclasses.replace(
+        base,
+        cpusvn=bytes(_nudge(rng, base.cpusvn, (-1, 1, 1))),
+        pcesvn=base.pcesvn + rng.choice((-1, 0, 0, 1, 120)),  # 133: a two-byte DER INTEGER (another shape)
+        tee_tcb_svn_uptodate=bytes(tee),
+        qe_isvsvn=rng.choice((1, 2, 2, 3, 4, 4, 5)),
+    )
+
+
+def _run(tmp_path: Path, seed: int, machines: int) -> tuple[int, int]:
+    from teecloud.tee.simulated import SimulatedTdx
+
+    _cache.clear_all()
+    rng = random.Random(seed)
+    now = int(time.time())
+    sim = SimulatedTdx(tmp_path)
+    root = sim.dev_root_der()
+    col = _rich_collateral(sim, now, rng)
+    case = Case("tcb-levels", b"", col, now, root)
+    # Two machines at the simulated TCB teach the model (the first is kept as a candidate, the second
+    # makes it learned), whatever verdict dcap-qvl gives them.
+    for i in range(2):
+        check(case, _other_machine(sim, bytes([0xA0 + i]) * 16, 1)[0], col, now, "teacher")
+    accepted = native = 0
+    shapes = {False}  # PCESVN >= 128 is a two-byte INTEGER: another certificate shape, another model
+    for i in range(machines):
+        tcb = _random_tcb(rng, sim._tcb)
+        quote = _other_machine(sim, rng.randbytes(16), 1, tcb=tcb)[0]
+        before = _hits()
+        ok = check(case, quote, col, now, f"machine {i}")
+        shape = tcb.pcesvn >= 128
+        if ok and shape not in shapes:  # the first accepted machine of a shape: dcap-qvl, then learned
+            shapes.add(shape)
+            assert _hits() == before
+            continue
+        accepted += ok
+        native += ok and _hits() > before
+    return accepted, native
+
+
+def test_new_tcb_levels_of_a_model_get_dcap_qvls_verdict(tmp_path: Path) -> None:
+    accepted, native = _run(tmp_path, seed=7, machines=120)
+    assert accepted >= 20, accepted  # the generated levels accept a good share
+    assert native == accepted  # and every accepted machine took teecloud's path
+
+
+@pytest.mark.slow
+def test_new_tcb_levels_many_seeds(tmp_path: Path) -> None:
+    for seed in range(4):
+        accepted, native = _run(tmp_path / str(seed), seed=100 + seed, machines=150)
+        assert native == accepted and accepted > 0
+
+
+def test_unreadable_rules_mean_no_model_path() -> None:
+    # anything the strict reader does not read exactly: no rules, so dcap-qvl decides every machine
+    assert (
+        _tcb.parse_rules({"id": "TDX", "version": 3, "tcbLevels": [{"tcb": {}}]}, {"tcbLevels": []}) is None
+    )
+    level = {
+        "tcb": {"sgxtcbcomponents": [{"svn": 1.0}], "pcesvn": 1},
+        "tcbDate": "x",
+        "tcbStatus": "UpToDate",
+    }
+    assert _tcb.parse_rules({"id": "SGX", "version": 2, "tcbLevels": [level]}, {"tcbLevels": []}) is None
+    level["tcb"]["sgxtcbcomponents"] = [{"svn": True}]  # type: ignore[index]
+    assert _tcb.parse_rules({"id": "SGX", "version": 2, "tcbLevels": [level]}, {"tcbLevels": []}) is None
+    level["tcbStatus"] = "Fine"
+    level["tcb"]["sgxtcbcomponents"] = [{"svn": 1}]  # type: ignore[index]
+    assert _tcb.parse_rules({"id": "SGX", "version": 2, "tcbLevels": [level]}, {"tcbLevels": []}) is None
+
+
+def test_evaluation_rules() -> None:
+    # dcap-qvl's rules, one at a time: first matching level in canonical order (not JSON order); the QE's
+    # level converged in (OutOfDate makes UpToDate OutOfDate and ConfigurationNeeded
+    # OutOfDateConfigurationNeeded; advisories appended once); a status the structure may not carry, no
+    # match, a component count mismatch or Revoked: no verdict
+    def lv(sgx: int, pce: int, status: str, adv: list[str]) -> dict[str, Any]:
+        return {
+            "tcb": {"sgxtcbcomponents": [{"svn": sgx}] * 16, "pcesvn": pce},
+            "tcbDate": "2025-01-01T00:00:00Z",
+            "tcbStatus": status,
+            "advisoryIDs": adv,
+        }
+
+    def qe_level(svn: int, status: str, adv: list[str]) -> dict[str, Any]:
+        return {
+            "tcb": {"isvsvn": svn},
+            "tcbDate": "2025-01-01T00:00:00Z",
+            "tcbStatus": status,
+            "advisoryIDs": adv,
+        }
+
+    qe = {
+        "tcbLevels": [
+            qe_level(5, "UpToDate", []),
+            qe_level(3, "OutOfDate", ["B", "A"]),
+            qe_level(1, "SWHardeningNeeded", []),
+        ]
+    }
+    info = {
+        "id": "SGX",
+        "version": 2,
+        "tcbLevels": [
+            lv(2, 5, "ConfigurationNeeded", ["A"]),
+            lv(3, 5, "UpToDate", []),
+            lv(9, 1, "Revoked", []),
+        ],
+    }
+    rules = _tcb.parse_rules(info, qe)
+    assert rules is not None
+
+    def ev(cpu: int, pce: int, qsvn: int) -> _tcb.Status | None:
+        return _tcb.evaluate(rules, tdx=False, cpu_svn=bytes([cpu] * 16), pce_svn=pce, qe_isvsvn=qsvn)
+
+    assert ev(3, 5, 5) == ("UpToDate", ())
+    assert ev(3, 5, 4) == ("OutOfDate", ("B", "A"))
+    assert ev(2, 9, 4) == ("OutOfDateConfigurationNeeded", ("A", "B"))
+    assert ev(2, 9, 5) == ("ConfigurationNeeded", ("A",))
+    assert ev(3, 4, 5) is None  # PCESVN below every level it could meet
+    assert ev(1, 9, 5) is None  # CPUSVN below every level
+    assert ev(3, 5, 2) is None  # the QE level met carries SWHardeningNeeded: not a QE identity status
+    assert ev(3, 5, 0) is None  # QE below every level
+    assert ev(9, 9, 5) is None  # Revoked
+    assert _tcb.evaluate(rules, tdx=False, cpu_svn=bytes(15), pce_svn=9, qe_isvsvn=5) is None
