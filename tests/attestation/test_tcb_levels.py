@@ -168,6 +168,23 @@ def _random_tcb(rng: random.Random, base: Any) -> Any:
     )
 
 
+def _other_td(rng: random.Random, quote: bytes, key: Any) -> bytes:
+    """The quote with another module signer (the one TDX_02 names, or random), SEAMATTRIBUTES or XFAM, signed
+    again by the machine's attestation key."""
+    from teecloud.tee import _dcap_builder as b
+
+    body = bytearray(quote[48 : 48 + 584])
+    what = rng.choice(("signer", "attributes", "xfam"))
+    if what == "signer":
+        body[64:112] = rng.choice((b"\x11" * 48, rng.randbytes(48)))
+    elif what == "attributes":
+        body[112 + rng.randrange(8)] |= 1 << rng.randrange(8)
+    else:
+        body[128:136] = rng.randbytes(8)
+    signed = quote[:48] + bytes(body)
+    return signed + quote[632:636] + b.raw_ecdsa_sign(key, signed) + quote[700:]
+
+
 def _run(tmp_path: Path, seed: int, machines: int) -> tuple[int, int]:
     from teecloud.tee.simulated import SimulatedTdx
 
@@ -186,7 +203,10 @@ def _run(tmp_path: Path, seed: int, machines: int) -> tuple[int, int]:
     shapes = {False}  # PCESVN >= 128 is a two-byte INTEGER: another certificate shape, another model
     for i in range(machines):
         tcb = _random_tcb(rng, sim._tcb)
-        quote = _other_machine(sim, rng.randbytes(16), 1, tcb=tcb)[0]
+        pki: list[Any] = []
+        quote = _other_machine(sim, rng.randbytes(16), 1, tcb=tcb, pki_out=pki)[0]
+        if rng.random() < 0.3:
+            quote = _other_td(rng, quote, pki[0].attestation_key)
         before = _hits()
         ok = check(case, quote, col, now, f"machine {i}")
         shape = tcb.pcesvn >= 128

@@ -713,7 +713,8 @@ def _reusable(
 # quote and the leaf certificate with only the per-machine bytes left out (attestation key and signature,
 # QE report_data and signature, QE auth data, the leaf's serial, validity, key, key identifier and PPID) and
 # the TCB values (the leaf's CPUSVN, PCESVN and component SVNs; TEE_TCB_SVN or the enclave's CPUSVN; the QE
-# report's CPUSVN and ISVSVN; the header's QE/PCE SVN, which dcap-qvl does not read). Everything else
+# report's CPUSVN and ISVSVN; the TD's MRSIGNERSEAM and SEAMATTRIBUTES, checked against the TDX module
+# identity; XFAM and the header's QE/PCE SVN, which dcap-qvl does not read). Everything else
 # dcap-qvl's verdict depends on is in the key, and each left-out part is checked as dcap-qvl checks it
 # (leaf signed by its CA, valid, not in the PCK CRL; QE report signed by the leaf; QE report_data =
 # SHA-256(attestation key || auth data); the quote signature; the TCB level). A model is learned only when
@@ -744,8 +745,10 @@ class _Machine:
 _MODELS: BoundedCache[tuple[bytes, ...], _Model] = named_cache("dcap.models")
 
 # TCB values left out of a model's key (offsets in the report body / QE report): TEE_TCB_SVN (and a TD
-# 1.5's TEE_TCB_SVN2), or an enclave's CPUSVN; the QE's CPUSVN and ISVSVN.
-_FREE_TCB = {"td10": ((0, 16),), "td15": ((0, 16), (584, 600)), "sgx": ((0, 16),)}  # td15: not used
+# 1.5's TEE_TCB_SVN2), MRSIGNERSEAM and SEAMATTRIBUTES (the module identity, checked by `_tcb`), XFAM
+# (dcap-qvl 0.7 never reads it), or an enclave's CPUSVN; the QE's CPUSVN and ISVSVN.
+_FREE_TD_TCB = ((0, 16), (64, 120), (128, 136))
+_FREE_TCB = {"td10": _FREE_TD_TCB, "td15": (*_FREE_TD_TCB, (584, 600)), "sgx": ((0, 16),)}  # td15: not used
 _MODEL_KEPT = {
     name: _kept_ranges(size, free + _FREE_TCB[name])
     for name, size, free in (
