@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import accumulate, repeat
+from operator import sub
 from typing import Any
 
 __all__ = ["DEFAULT_MAX_DEPTH", "JsonTooDeep", "check_depth", "loads"]
 
 DEFAULT_MAX_DEPTH = 64
 
-# A JSON string (with escapes) or a bracket; strings are skipped so brackets inside them don't count.
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+# Only quotes and brackets matter once escapes are gone; strings (now plain "...") are then removed, and
+# of the brackets left, openers count 2 and closers 0: the running sum of (value - 1) is the depth.
+_KEEP = b'"[]{}'
+_NOT_KEPT = bytes(b for b in range(256) if b not in _KEEP)
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 
 
 class JsonTooDeep(ValueError):
@@ -29,15 +35,13 @@ def check_depth(data: str | bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     if raw.count(b"[") + raw.count(b"{") <= max_depth:
         return  # cannot nest deeper than the number of openers
-    depth = 0
-    for m in _TOKENS.finditer(raw):
-        tok = m.group()
-        if tok in (b"[", b"{"):
-            depth += 1
-            if depth > max_depth:
-                raise JsonTooDeep(f"JSON nests deeper than {max_depth} levels")
-        elif tok in (b"]", b"}"):
-            depth -= 1
+    # C-level work only (replace, translate, one regex over quotes and brackets, map, accumulate): a 20 KB
+    # document in tens of microseconds. In JSON a backslash occurs only inside strings, and escapes read
+    # left to right: dropping every pair of backslashes, then every escaped quote, leaves each string "...".
+    raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_KEPT)
+    brackets = _STRING.sub(b"", raw).translate(_BRACKETS)
+    if brackets and max(accumulate(map(sub, brackets, repeat(1)))) > max_depth:
+        raise JsonTooDeep(f"JSON nests deeper than {max_depth} levels")
 
 
 def loads(data: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:

@@ -53,3 +53,44 @@ async def test_bounded_body_middleware() -> None:
         assert deep.status_code == 400 and "deeper" in deep.json()["error"]
         big = await client.post("/echo", content=b"[" + b"0," * 200_000 + b"0]")
         assert big.status_code == 413
+
+
+def test_depth_check_is_exact_on_random_documents() -> None:
+    # documents full of brackets, quotes and backslashes inside strings and keys, at every depth around the
+    # bound: the check refuses exactly those nested deeper than allowed
+    import json
+    import random
+
+    rng = random.Random(3)
+    pieces = ["[", "]", "{", "}", '"', "\\", "a", "\\\\", '\\"']
+
+    def gen(d: int) -> object:
+        r = rng.random()
+        if r < 0.4:
+            return [gen(d + 1) for _ in range(rng.randrange(3))]
+        if r < 0.65:
+            return {rng.choice(pieces) + str(i): gen(d + 1) for i in range(rng.randrange(3))}
+        if r < 0.9:
+            return "".join(rng.choice(pieces) for _ in range(rng.randrange(6)))
+        return rng.randrange(100)
+
+    def depth(x: object) -> int:
+        if isinstance(x, list):
+            return 1 + max((depth(i) for i in x), default=0)
+        if isinstance(x, dict):
+            return 1 + max((depth(v) for v in x.values()), default=0)
+        return 0
+
+    for _ in range(3000):
+        doc = gen(0)
+        d = depth(doc)
+        text = json.dumps(doc, indent=rng.choice([None, 1]))
+        for limit in (d - 1, d):
+            if limit < 1:
+                continue
+            refused = False
+            try:
+                _json.check_depth(text.encode() if rng.random() < 0.5 else text, limit)
+            except _json.JsonTooDeep:
+                refused = True
+            assert refused == (d > limit), (text[:120], d, limit)

@@ -22,7 +22,7 @@ import functools
 import hashlib
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dcap_qvl
@@ -340,9 +340,24 @@ class _Collateral:
     qe_id: str
     qe_next_update: str
     digest: bytes  # sha256 of the exact bytes: part of every verdict-cache key
-    window: tuple[float, float] | None  # see _collateral_window
-    pck_crl: x509.CertificateRevocationList | None = None  # for the platform-model path; None: not used
-    rules: _tcb.TcbRules | None = None  # the TCB levels, for the platform-model path; None: not used
+    # The parsed documents (collateral, TCB info, QE identity), for what is needed from the second sight
+    # of a platform on, computed then (a first sight costs dcap-qvl's check and the parse only).
+    docs: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def window(self) -> _Window | None:
+        """See _collateral_window."""
+        return _collateral_window(*self.docs)
+
+    @functools.cached_property
+    def pck_crl(self) -> x509.CertificateRevocationList | None:
+        """For the platform-model path; None: not used."""
+        return _pck_crl(self.docs[0])
+
+    @functools.cached_property
+    def rules(self) -> _tcb.TcbRules | None:
+        """The TCB levels, for the platform-model path; None: not used."""
+        return _tcb.parse_rules(self.docs[1], self.docs[2])
 
 
 _COLLATERALS: BoundedCache[bytes, _Collateral] = named_cache("dcap.collateral")
@@ -379,11 +394,9 @@ def _load_collateral(data: bytes) -> _Collateral:
         qe_id=str(qe.get("id", "?")),
         qe_next_update=str(qe.get("nextUpdate", "?")),
         digest=hashlib.sha256(data).digest(),
-        window=_collateral_window(raw, tcb, qe),
-        pck_crl=_pck_crl(raw),
-        rules=_tcb.parse_rules(tcb, qe),
+        docs=(raw, tcb, qe),
     )
-    _COLLATERALS.put(data, col, 3 * len(data))
+    _COLLATERALS.put(data, col, 8 * len(data))  # the bytes, dcap-qvl's object, the parsed documents
     return col
 
 
@@ -842,7 +855,7 @@ _CANDIDATES: BoundedCache[tuple[bytes, ...], _Candidate] = named_cache("dcap.mod
 def _candidate_key(
     q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None
 ) -> tuple[bytes, ...] | None:
-    if q.cert_at < 0 or col.pck_crl is None or col.rules is None:
+    if q.cert_at < 0:
         return None
     chain = quote[q.cert_at : q.cert_end]
     end = chain.find(_END_CERT)
