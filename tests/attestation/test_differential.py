@@ -121,6 +121,10 @@ def sim_cases(tmp_path_factory: pytest.TempPathFactory) -> list[Case]:
     out.append(Case("sim-outofdate", old.quote(b"o"), old.collateral(now=now), now, sim.dev_root_der()))
     revoked = SimulatedTdx(home, revoked_pck=True)
     out.append(Case("sim-revoked", revoked.quote(b"r"), revoked.collateral(now=now), now, sim.dev_root_der()))
+    # quote v5 forms of the simulated platform: a TD 1.5 body and a TD 1.5ex body (service TD fields)
+    for body_type in (3, 4):
+        q5 = _as_v5(sim, sim.quote(bytes([body_type])), body_type)
+        out.append(Case(f"sim-v5-type{body_type}", q5, sim.collateral(now=now), now, sim.dev_root_der()))
     # other machines of the same model (own PCK certificate, attestation key and PPID; same CA and TCB):
     # after the first, each is verified through the platform-model path
     col = sim.collateral(now=now)
@@ -128,6 +132,23 @@ def sim_cases(tmp_path_factory: pytest.TempPathFactory) -> list[Case]:
         quotes = _other_machine(sim, bytes([0x40 + m]) * 16, 2)
         out += [Case(f"machine-{m}-{i}", q, col, now, sim.dev_root_der()) for i, q in enumerate(quotes)]
     return out
+
+
+def _as_v5(sim: object, quote: bytes, body_type: int, extra: bytes | None = None) -> bytes:
+    """A simulated v4 quote as quote v5 with a TD 1.5 (type 3) or TD 1.5ex (type 4) body: TEE_TCB_SVN2 =
+    TEE_TCB_SVN, no service TD, and for 1.5ex `extra` (237 bytes, random by default) after it; signed again
+    by the platform's attestation key."""
+    import struct
+
+    from teecloud.tee import _dcap_builder as b
+
+    body = quote[48 : 48 + 584] + quote[48 : 48 + 16] + bytes(48)
+    if body_type == 4:
+        body += extra if extra is not None else random.randbytes(237)
+    header = struct.pack("<H", 5) + quote[2:48]
+    signed = header + struct.pack("<HI", body_type, len(body)) + body
+    sig = b.raw_ecdsa_sign(sim._pki.attestation_key, signed)  # type: ignore[attr-defined]
+    return signed + quote[632:636] + sig + quote[700:]
 
 
 def _other_machine(
@@ -384,3 +405,25 @@ def test_differential_default(vectors: Path, sim_cases: list[Case]) -> None:
 def test_differential_thousands(vectors: Path, sim_cases: list[Case]) -> None:
     cases = _vector_cases(vectors) + sim_cases
     assert len(list(run_mutations(cases, 4000, seed=2026))) == 4000
+
+
+def test_quote_v5_td15ex_bodies(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # dcap-qvl 0.7 verifies a TD 1.5ex body (v5 type 4) as a TD 1.5 one; so does teecloud, and the fields
+    # only the quote signature covers (the service TD bindings, TD_ID) do not split the verdict cache
+    from teecloud.tee.simulated import SimulatedTdx
+
+    _cache.clear_all()
+    now = int(time.time())
+    sim = SimulatedTdx(tmp_path_factory.mktemp("td15ex"))
+    col, root = sim.collateral(now=now), sim.dev_root_der()
+    case = Case("td15ex", b"", col, now, root)
+    quotes = [_as_v5(sim, sim.quote(bytes([i])), 4) for i in range(4)]
+    for i, q in enumerate(quotes):
+        assert check(case, q, col, now, f"td15ex {i}")
+    assert {s.name: s for s in _cache.all_caches()}["dcap.verdicts"].hits >= 3
+    ev = dcap.verify_dcap_quote(quotes[0], col, now=now, dev_root_der=root)
+    assert ev.fields["body_type"] == "td15ex" and len(bytes.fromhex(ev.fields["td_id"])) == 32
+    # a service TD bound (MR_SERVICETD not zero): both refuse
+    q = bytearray(quotes[0])
+    q[48 + 6 + 600] = 1
+    assert not check(case, bytes(q), col, now, "service TD")

@@ -119,7 +119,7 @@ class _Quote:
 
     version: int
     tee: str  # "tdx" | "sgx"
-    body_type: str  # "td10" | "td15" | "sgx"
+    body_type: str  # "td10" | "td15" | "td15ex" | "sgx"
     header: dict[str, Any]
     report: dict[str, bytes]
     report_data: bytes
@@ -208,19 +208,29 @@ def _parse(quote: bytes, limits: VerifierLimits = DEFAULT_LIMITS) -> _Quote:
     if version == 5:
         body_type_code, pos = _u16(quote, pos, "body.type")
         body_size, pos = _u32(quote, pos, "body.size")
-        expected = {1: _SGX_REPORT_SIZE, 2: _TD_REPORT10_SIZE, 3: _TD_REPORT15_SIZE}.get(body_type_code)
+        expected = {
+            1: _SGX_REPORT_SIZE,
+            2: _TD_REPORT10_SIZE,
+            3: _TD_REPORT15_SIZE,
+            4: L.TD_REPORT15EX_SIZE,
+        }.get(body_type_code)
         if expected is None:
             raise MalformedEvidence(f"unknown quote v5 body type {body_type_code}")
         if body_size != expected:
             raise MalformedEvidence(
                 f"quote v5 body type {body_type_code} has size {body_size}, not {expected}"
             )
-        body_type = {1: "sgx", 2: "td10", 3: "td15"}[body_type_code]
+        body_type = {1: "sgx", 2: "td10", 3: "td15", 4: "td15ex"}[body_type_code]
         if (body_type == "sgx") != (tee_type == _TEE_TYPE_SGX):
             raise MalformedEvidence("quote v5 body type does not match the header's TEE type")
     else:
         body_type = "sgx" if tee_type == _TEE_TYPE_SGX else "td10"
-    size = {"sgx": _SGX_REPORT_SIZE, "td10": _TD_REPORT10_SIZE, "td15": _TD_REPORT15_SIZE}[body_type]
+    size = {
+        "sgx": _SGX_REPORT_SIZE,
+        "td10": _TD_REPORT10_SIZE,
+        "td15": _TD_REPORT15_SIZE,
+        "td15ex": L.TD_REPORT15EX_SIZE,
+    }[body_type]
     end = _need(quote, pos, size, f"{body_type} report body")
     body = quote[pos:end]
     pos = end
@@ -229,8 +239,10 @@ def _parse(quote: bytes, limits: VerifierLimits = DEFAULT_LIMITS) -> _Quote:
         off, n = _SGX_REPORT_DATA
     else:
         report = _fields(body, _TD10_FIELDS)
-        if body_type == "td15":
+        if body_type in ("td15", "td15ex"):
             report.update(_fields(body, _TD15_EXTRA))
+        if body_type == "td15ex":
+            report.update(_fields(body, L.TD15EX_EXTRA))
         off, n = _TD_REPORT_DATA
     report_data = body[off : off + n]
     # (3) Signature data: ECDSA signature (64), attestation key (64), then certification data; for v4/v5
@@ -549,16 +561,37 @@ def _root_of_chain(chain_pem: bytes) -> tuple[str, str, bytes]:
     return info
 
 
+def _complete_blocks(pem: bytes) -> list[bytes]:
+    """The DER of every complete CERTIFICATE block that decodes, the rest skipped: the blocks dcap-qvl's
+    PEM reader could take (a truncated or garbled block must not hide the others)."""
+    out: list[bytes] = []
+    pos = 0
+    while (start := pem.find(_BEGIN_CERT, pos)) >= 0:
+        end = pem.find(_END_CERT, start)
+        if end < 0:
+            break
+        try:
+            out.append(binascii.a2b_base64(pem[start + len(_BEGIN_CERT) : end]))
+        except binascii.Error:
+            pass
+        pos = end + len(_END_CERT)
+    return out
+
+
 def _issued_under(chain_pem: bytes, root_der: bytes) -> bool:
-    """Whether a certificate of the chain names `root_der`'s subject as its issuer (and is not that root)."""
+    """Whether a certificate of the chain names `root_der`'s subject as its issuer (and is not that root).
+    Decides only which anchor dcap-qvl checks the chain against, so it reads every block it can."""
     try:
         root = x509.load_der_x509_certificate(root_der)
-        for der in _pem_ders(chain_pem) or []:
+    except Exception:
+        return False
+    for der in _complete_blocks(chain_pem):
+        try:
             cert = x509.load_der_x509_certificate(der)
             if cert.issuer == root.subject and cert.subject != root.subject:
                 return True
-    except Exception:  # unreadable certificates are judged by dcap-qvl; here they link nothing
-        return False
+        except Exception:  # unreadable certificates are judged by dcap-qvl; here they link nothing
+            continue
     return False
 
 
@@ -651,6 +684,8 @@ _FREE_SGX = ((64, 96), (128, 160), (256, 260), (320, 384))  # mr_enclave, mr_sig
 _KEPT = {
     "td10": _kept_ranges(L.TD_REPORT10_SIZE, _FREE_TD),
     "td15": _kept_ranges(L.TD_REPORT15_SIZE, _FREE_TD),
+    # dcap-qvl 0.7 reads a TD 1.5ex report as a TD 1.5 one: the added fields only the signature covers
+    "td15ex": _kept_ranges(L.TD_REPORT15EX_SIZE, (*_FREE_TD, (648, L.TD_REPORT15EX_SIZE))),
     "sgx": _kept_ranges(L.SGX_REPORT_SIZE, _FREE_SGX),
 }
 
@@ -776,7 +811,7 @@ _QE_KEPT = _kept_ranges(320, ((0, 16), (258, 260)))  # the QE report but its rep
 def _machine(q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None) -> _Machine | None:
     if q.cert_at < 0 or col.pck_crl is None or col.rules is None or q.auth_len != L.QE_AUTH_DATA_SIZE:
         return None
-    if q.body_type == "td15":  # a TD 1.5's relaunch rules: evaluated by dcap-qvl only (no vector tests them)
+    if q.body_type in ("td15", "td15ex"):  # TD 1.5 relaunch rules: dcap-qvl only (no vector tests them)
         return None
     chain = quote[q.cert_at : q.cert_end]
     b0 = chain.find(_BEGIN_CERT)

@@ -23,10 +23,12 @@ __all__ = [
     "SGX_REPORT_DATA",
     "SGX_REPORT_SIZE",
     "TD10_FIELDS",
+    "TD15EX_EXTRA",
     "TD15_EXTRA",
     "TD_ATTR_DEBUG",
     "TD_ATTR_SEPT_VE_DISABLE",
     "TD_REPORT10_SIZE",
+    "TD_REPORT15EX_SIZE",
     "TD_REPORT15_SIZE",
     "TD_REPORT_DATA",
     "TEE_TYPE_SGX",
@@ -42,6 +44,7 @@ ATT_KEY_TYPE_ECDSA_P384 = 3
 QE_VENDOR_ID_INTEL = bytes.fromhex("939A7233F79C4CA9940A0DB3957F0607")
 TD_REPORT10_SIZE = 584
 TD_REPORT15_SIZE = 648
+TD_REPORT15EX_SIZE = 885
 SGX_REPORT_SIZE = 384
 QE_REPORT_SIZE = 384
 QE_AUTH_DATA_SIZE = 32
@@ -75,6 +78,20 @@ TD10_FIELDS: tuple[tuple[str, int, int], ...] = (
 TD_REPORT_DATA = (520, 64)
 # TD report 1.5 appends these (quote v5 body type 3, table A.4.4).
 TD15_EXTRA: tuple[tuple[str, int, int], ...] = (("tee_tcb_svn2", 584, 16), ("mr_servicetd", 600, 48))
+# TD report 1.5ex (quote v5 body type 4, Intel `sgx_quote_5.h` `sgx_report2_body_v1_5_ex_t`): the TD 1.5
+# report, then these (the service TD bindings, the TD's identity and its initial TCB).
+TD15EX_EXTRA: tuple[tuple[str, int, int], ...] = (
+    ("vmid", 648, 1),
+    ("td_id", 649, 32),
+    ("dev_info", 681, 48),
+    ("init_service_td_hash", 729, 48),
+    ("init_service_td_attributes", 777, 8),
+    ("init_cpu_svn", 785, 16),
+    ("init_tee_tcb_svn", 801, 16),
+    ("init_tee_fmspc", 817, 12),
+    ("cur_service_td_hash", 829, 48),
+    ("cur_service_td_attributes", 877, 8),
+)
 # SGX enclave report (table A.4.4 of the SGX ECDSA quote library API).
 SGX_FIELDS: tuple[tuple[str, int, int], ...] = (
     ("cpu_svn", 0, 16),
