@@ -588,10 +588,11 @@ def _issued_under(chain_pem: bytes, root_der: bytes) -> bool:
     for der in _complete_blocks(chain_pem):
         try:
             cert = x509.load_der_x509_certificate(der)
-            if cert.issuer == root.subject and cert.subject != root.subject:
-                return True
+            linked = cert.issuer == root.subject and cert.subject != root.subject
         except Exception:  # unreadable certificates are judged by dcap-qvl; here they link nothing
-            continue
+            linked = False
+        if linked:
+            return True
     return False
 
 
