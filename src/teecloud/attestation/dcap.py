@@ -775,7 +775,7 @@ def _reusable(
 class _Model:
     at: int
     window: _Window
-    issuer: x509.Certificate  # the leaf's CA certificate, from the model's chain
+    issuer_key: ec.EllipticCurvePublicKey  # of the leaf's CA certificate, from the model's chain
     rules: _tcb.TcbRules
 
 
@@ -925,7 +925,8 @@ def _model_verdict(q: _Quote, quote: bytes, col: _Collateral, m: _Machine, now: 
         assert col.pck_crl is not None
         if col.pck_crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None:
             return None
-        leaf.verify_directly_issued_by(model.issuer)
+        # The issuer name and both signature algorithm fields (ecdsa-with-SHA256) are in the model's key.
+        model.issuer_key.verify(leaf.signature, leaf.tbs_certificate_bytes, _ECDSA_SHA256)
         key = leaf.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
             return None
@@ -961,6 +962,8 @@ def _learn_model(
     try:
         leaf = x509.load_der_x509_certificate(m.leaf_der)
         cas = [x509.load_der_x509_certificate(d) for d in _pem_ders(m.rest) or []]
+        if leaf.signature_algorithm_oid != x509.oid.SignatureAlgorithmOID.ECDSA_WITH_SHA256:
+            return
         issuers = [c for c in cas if c.subject == leaf.issuer]
         assert col.pck_crl is not None
         if len(issuers) != 1 or col.pck_crl.issuer != leaf.issuer:
@@ -975,7 +978,10 @@ def _learn_model(
         window = _intersect(window, _anchor_window(anchor))
     if window is None or not window[0] < now < window[1]:
         return
-    _MODELS.put(m.key, _Model(now, window, issuers[0], col.rules), 1024 + len(m.rest))
+    key = issuers[0].public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        return
+    _MODELS.put(m.key, _Model(now, window, key, col.rules), 1024 + len(m.rest))
 
 
 # ------------------------------------------------------------------------------------ error mapping
