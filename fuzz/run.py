@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from teecloud.attestation import _cache, dcap, eventlog  # noqa: E402
-from teecloud.attestation._limits import CACHE_BUDGETS  # noqa: E402
+from teecloud.attestation import _cache, _pck, _tcb, dcap, eventlog  # noqa: E402
+from teecloud.attestation._limits import CACHE_BUDGETS, DEFAULT_LIMITS  # noqa: E402
 from teecloud.attestation.errors import AttestationError  # noqa: E402
 from teecloud.attestation.policy import Policy  # noqa: E402
 from teecloud.attestation.verifier import TrustAnchors, verify  # noqa: E402
@@ -64,12 +64,38 @@ NV_CHAIN = _read("nvidia/nvtrust_lgv_hopperCertChain.txt")
 
 
 def _quote(data: bytes) -> None:
+    # the platform-model path's exact DER reader, on every certificate block of the input
+    for der in dcap._complete_blocks(data):
+        _pck.masked_tbs(der)
     dcap.parse_quote(data)
     dcap.verify_dcap_quote(data, TDX_COL, now=NOW)
 
 
+TDX_QUOTE = _read("tdx/tdx_quote")
+
+
 def _collateral(data: bytes) -> None:
-    dcap.verify_dcap_quote(_read("tdx/tdx_quote"), data, now=NOW)
+    # what is read from a collateral only from a platform's second sight on: its windows, the PCK CRL and
+    # the TCB rules, evaluated for the vector's TCB values
+    try:
+        col = dcap._collateral(data, DEFAULT_LIMITS)
+    except AttestationError:
+        col = None
+    if col is not None:
+        _ = col.window, col.pck_crl
+        if col.rules is not None:
+            q = dcap._parse(TDX_QUOTE)
+            _tcb.evaluate(
+                col.rules,
+                tdx=True,
+                cpu_svn=bytes(16),
+                pce_svn=13,
+                qe_isvsvn=8,
+                tee_tcb_svn=q.report["tee_tcb_svn"],
+                mr_signer_seam=q.report["mrsignerseam"],
+                seam_attributes=q.report["seam_attributes"],
+            )
+    dcap.verify_dcap_quote(TDX_QUOTE, data, now=NOW)
 
 
 def _event_log(data: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import calendar
 import json
 from pathlib import Path
@@ -309,3 +310,26 @@ def test_verify_tdx_with_event_log_rejects_sgx_and_outdated(vectors: Path) -> No
             "[]",
             now=DSTACK_PIN,
         )
+
+
+def test_certificate_with_a_bad_version_field_is_a_clear_error(vectors: Path) -> None:
+    # cryptography raises InvalidVersion (not a ValueError) for a version field outside v1..v3; found by
+    # fuzzing the collateral: every boundary maps it to teecloud's own errors
+    from cryptography import x509
+
+    from teecloud.attestation import dcap
+    from teecloud.attestation.verifier import split_certificates
+    from teecloud.errors import Error
+
+    vcek = (vectors / "snp/go-sev-guest_vcek.testcer").read_bytes()
+    at = vcek.find(bytes.fromhex("a003020102"))
+    bad = vcek[: at + 4] + b"\x05" + vcek[at + 5 :]
+    with pytest.raises(x509.InvalidVersion):
+        x509.load_der_x509_certificate(bad)
+    with pytest.raises(Error, match="not a certificate"):
+        split_certificates([bad])
+    with pytest.raises(Error):
+        TrustAnchors.from_certificates([bad])
+    assert dcap._anchor_window(bad) is None
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bad) + b"-----END CERTIFICATE-----\n"
+    assert dcap._certs_window(pem) is None

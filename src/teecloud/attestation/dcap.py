@@ -491,7 +491,7 @@ def _certs_window(pem: bytes) -> _Window | None:
             c = x509.load_der_x509_certificate(der)
             lo, hi = c.not_valid_before_utc.timestamp(), c.not_valid_after_utc.timestamp()
             window = max(window[0], lo), min(window[1], hi)
-    except (ValueError, OverflowError):  # names and dates are decoded lazily
+    except Exception:  # ValueError, InvalidVersion, OverflowError (names and dates are decoded lazily)
         return None
     return window
 
@@ -511,7 +511,7 @@ def _crl_window(hex_der: object) -> _Window | None:
     try:
         crl = x509.load_der_x509_crl(bytes.fromhex(str(hex_der)))
         lo, nxt = crl.last_update_utc.timestamp(), crl.next_update_utc
-    except (ValueError, TypeError, OverflowError):
+    except Exception:  # ValueError, TypeError, InvalidVersion, OverflowError: no window
         return None
     return (lo, nxt.timestamp()) if nxt is not None else None
 
@@ -615,7 +615,7 @@ def _anchor_window(der: bytes) -> _Window | None:
     try:
         cert = x509.load_der_x509_certificate(der)
         return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
-    except (ValueError, OverflowError):
+    except Exception:  # ValueError, InvalidVersion, OverflowError: no window
         return None
 
 

@@ -79,7 +79,7 @@ def split_certificates(blobs: bytes | Iterable[bytes]) -> list[bytes]:
                     out += [
                         x509.load_der_x509_certificate(d).public_bytes(Encoding.DER) for d in _der_items(blob)
                     ]
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is not a ValueError
             raise UsageError(f"not a certificate (PEM or DER): {exc}") from exc
         _SPLIT.put(blob, tuple(out[before:]), 2 * len(blob))
     return out

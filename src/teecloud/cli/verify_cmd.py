@@ -339,7 +339,7 @@ def trust_list() -> None:
                 else [x509.load_der_x509_certificate(blob)]
             )
             names = ", ".join(c.subject.rfc4514_string() for c in certs)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             names = f"[red]unreadable: {exc}[/]"
         Console().print(f"{path.name}: {names}", highlight=False)
 

@@ -58,6 +58,9 @@ class FetchedAnchor:
     sha256: tuple[str, ...]  # fingerprint of each certificate (DER)
 
 
+_BadVersion = x509.InvalidVersion  # cryptography's error for a bad version field: not a ValueError
+
+
 def _certificates(blob: bytes) -> list[x509.Certificate]:
     if b"-----BEGIN CERTIFICATE-----" in blob:
         return x509.load_pem_x509_certificates(blob)
@@ -103,7 +106,13 @@ def fetch_trust_anchors(
                 if url.endswith(".zip"):
                     blob = _unzip_pem(blob, url)
                 certs = _certificates(blob)
-            except (httpx.HTTPError, PccsUnavailable, InvalidCollateral, ValueError) as exc:
+            except (
+                httpx.HTTPError,
+                PccsUnavailable,
+                InvalidCollateral,
+                ValueError,
+                x509.InvalidVersion,
+            ) as exc:
                 errors.append(f"{name}: {url}: {exc}")
                 continue
             atomic_write(dest / name, blob, mode=0o644)

@@ -122,7 +122,7 @@ def _issued_by(cert_der: bytes, issuer_pubkey_der: bytes) -> bool:
         if not isinstance(issuer_pub, ec.EllipticCurvePublicKey) or cert.signature_hash_algorithm is None:
             return False
         issuer_pub.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
-    except (ValueError, InvalidSignature):
+    except (ValueError, InvalidSignature, x509.InvalidVersion):
         return False
     return True
 

@@ -36,7 +36,7 @@ def peer_cert_der(request: Request) -> bytes | None:
         first = chain[0]
         try:
             cert = x509.load_pem_x509_certificate(first.encode() if isinstance(first, str) else first)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             return None
         return cert.public_bytes(serialization.Encoding.DER)
     return None
