@@ -36,6 +36,7 @@ class CacheBudget:
 CACHE_BUDGETS: dict[str, CacheBudget] = {
     "dcap.collateral": CacheBudget(64, 8 * 1024 * 1024),
     "dcap.pck_chain": CacheBudget(1024, 4 * 1024 * 1024),
+    "dcap.anchor_names": CacheBudget(64, 1024 * 1024),
     "dcap.fmspc": CacheBudget(1024, 4 * 1024 * 1024),
     "dcap.verdicts": CacheBudget(16384, 4 * 1024 * 1024),
     "dcap.models": CacheBudget(256, 2 * 1024 * 1024),

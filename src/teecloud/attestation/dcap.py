@@ -536,28 +536,29 @@ def _collateral_window(raw: dict[str, Any], tcb: dict[str, Any], qe: dict[str, A
 
 def _root_of_chain(chain_pem: bytes) -> tuple[str, str, bytes]:
     """(common name, RFC 4514 subject, DER) of the last certificate of a PEM chain (leaf -> root)."""
-    hit: tuple[str, str, bytes] | None = _PCK_ROOTS.get(chain_pem)
+    start = chain_pem.rfind(_BEGIN_CERT)
+    end = chain_pem.find(_END_CERT, start) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return ("", "", b"")  # no readable root: not a development root; dcap-qvl judges the chain
+    block = chain_pem[start:end]  # cached by the root's block: the same for every machine of a CA
+    hit: tuple[str, str, bytes] | None = _PCK_ROOTS.get(block)
     if hit is not None:
         return hit
-    start = chain_pem.rfind(_BEGIN_CERT)
-    end = chain_pem.find(_END_CERT, start)
     der = b""
-    info = ("", "", b"")  # no readable root: not a development root; dcap-qvl judges the chain
-    if start >= 0 and end >= 0:
-        try:
-            der = binascii.a2b_base64(chain_pem[start + len(_BEGIN_CERT) : end])
-            cert = x509.load_der_x509_certificate(der)
-            # Decoding a name costs as much as the rest; only a root that could be a development root
-            # needs it now (the subject of any other is read for an error message, if one is needed).
-            cn = subject = ""
-            if _DEV_ROOT_CN_BYTES in der:
-                cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-                cn = str(cns[0].value) if cns else ""
-                subject = cert.subject.rfc4514_string()
-            info = (cn, subject, der)
-        except Exception:  # cryptography raises ValueError, and KeyError for unknown string tags
-            info = ("", "", b"")
-    _PCK_ROOTS.put(chain_pem, info, 2 * len(chain_pem) + len(der))
+    try:
+        der = binascii.a2b_base64(chain_pem[start + len(_BEGIN_CERT) : end])
+        cert = x509.load_der_x509_certificate(der)
+        # Decoding a name costs as much as the rest; only a root that could be a development root needs
+        # it now (the subject of any other is read for an error message, if one is needed).
+        cn = subject = ""
+        if _DEV_ROOT_CN_BYTES in der:
+            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            cn = str(cns[0].value) if cns else ""
+            subject = cert.subject.rfc4514_string()
+        info = (cn, subject, der)
+    except Exception:  # cryptography raises ValueError, and KeyError for unknown string tags
+        info = ("", "", b"")
+    _PCK_ROOTS.put(block, info, 2 * len(block) + len(der))
     return info
 
 
@@ -620,11 +621,19 @@ def _anchor_window(der: bytes) -> _Window | None:
 
 
 def _cert_cn(der: bytes) -> str:
+    hit: str | None = _ANCHOR_NAMES.get(der)
+    if hit is not None:
+        return hit
     try:
         cns = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return str(cns[0].value) if cns else ""
+        name = str(cns[0].value) if cns else ""
     except Exception:  # a display name only; the certificate itself is checked by dcap-qvl
-        return ""
+        name = ""
+    _ANCHOR_NAMES.put(der, name, len(der) + 2 * len(name) + 64)
+    return name
+
+
+_ANCHOR_NAMES: BoundedCache[bytes, str] = named_cache("dcap.anchor_names")
 
 
 def _fmspc_of_chain(quote: bytes) -> str:
