@@ -134,20 +134,28 @@ def sim_cases(tmp_path_factory: pytest.TempPathFactory) -> list[Case]:
     return out
 
 
-def _as_v5(sim: object, quote: bytes, body_type: int, extra: bytes | None = None) -> bytes:
+def _as_v5(
+    sim: object,
+    quote: bytes,
+    body_type: int,
+    extra: bytes | None = None,
+    *,
+    key: object = None,
+    svn2: bytes | None = None,
+) -> bytes:
     """A simulated v4 quote as quote v5 with a TD 1.5 (type 3) or TD 1.5ex (type 4) body: TEE_TCB_SVN2 =
-    TEE_TCB_SVN, no service TD, and for 1.5ex `extra` (237 bytes, random by default) after it; signed again
-    by the platform's attestation key."""
+    `svn2` (default TEE_TCB_SVN), no service TD, and for 1.5ex `extra` (237 bytes, random by default) after
+    it; signed again by `key` (default the platform's attestation key)."""
     import struct
 
     from teecloud.tee import _dcap_builder as b
 
-    body = quote[48 : 48 + 584] + quote[48 : 48 + 16] + bytes(48)
+    body = quote[48 : 48 + 584] + (svn2 if svn2 is not None else quote[48 : 48 + 16]) + bytes(48)
     if body_type == 4:
         body += extra if extra is not None else random.randbytes(237)
     header = struct.pack("<H", 5) + quote[2:48]
     signed = header + struct.pack("<HI", body_type, len(body)) + body
-    sig = b.raw_ecdsa_sign(sim._pki.attestation_key, signed)  # type: ignore[attr-defined]
+    sig = b.raw_ecdsa_sign(key or sim._pki.attestation_key, signed)  # type: ignore[attr-defined,arg-type]
     return signed + quote[632:636] + sig + quote[700:]
 
 

@@ -12,8 +12,8 @@ refused, and a TD 1.5's relaunch advice. Intel's rules: Intel PCS API v4 (`tcbLe
 Why hand-written: dcap-qvl exposes this only inside `verify`, which also repeats every signature check of
 the collateral; `dcap` uses this for a machine whose family (everything but per-machine bytes and TCB
 values) dcap-qvl has already accepted under the same collateral, and only when this evaluation reproduced
-dcap-qvl's verdict on that first machine. `tests/attestation/test_differential.py` holds it to dcap-qvl on
-generated TCB infos and platforms.
+dcap-qvl's verdict on that first machine. `tests/attestation/test_tcb_levels.py` holds it to dcap-qvl on
+Intel's TCB infos and on generated TCB infos and platforms (quote v4 and v5).
 
 Only acceptance is computed here: anything dcap-qvl would reject, or that does not read exactly, is None
 and dcap-qvl runs (and gives its reason).

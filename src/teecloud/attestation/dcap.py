@@ -806,12 +806,18 @@ _MODELS: BoundedCache[tuple[bytes, ...], _Model] = named_cache("dcap.models")
 # 1.5's TEE_TCB_SVN2), MRSIGNERSEAM and SEAMATTRIBUTES (the module identity, checked by `_tcb`), XFAM
 # (dcap-qvl 0.7 never reads it), or an enclave's CPUSVN; the QE's CPUSVN and ISVSVN.
 _FREE_TD_TCB = ((0, 16), (64, 120), (128, 136))
-_FREE_TCB = {"td10": _FREE_TD_TCB, "td15": (*_FREE_TD_TCB, (584, 600)), "sgx": ((0, 16),)}  # td15: not used
+_FREE_TCB = {
+    "td10": _FREE_TD_TCB,
+    "td15": (*_FREE_TD_TCB, (584, 600)),  # and TEE_TCB_SVN2
+    "td15ex": (*_FREE_TD_TCB, (584, 600), (648, L.TD_REPORT15EX_SIZE)),  # and the fields dcap-qvl never reads
+    "sgx": ((0, 16),),
+}
 _MODEL_KEPT = {
     name: _kept_ranges(size, free + _FREE_TCB[name])
     for name, size, free in (
         ("td10", L.TD_REPORT10_SIZE, _FREE_TD),
         ("td15", L.TD_REPORT15_SIZE, _FREE_TD),
+        ("td15ex", L.TD_REPORT15EX_SIZE, _FREE_TD),
         ("sgx", L.SGX_REPORT_SIZE, _FREE_SGX),
     )
 }
@@ -820,8 +826,6 @@ _QE_KEPT = _kept_ranges(320, ((0, 16), (258, 260)))  # the QE report but its rep
 
 def _machine(q: _Quote, quote: bytes, col: _Collateral, anchor: bytes | None) -> _Machine | None:
     if q.cert_at < 0 or col.pck_crl is None or col.rules is None or q.auth_len != L.QE_AUTH_DATA_SIZE:
-        return None
-    if q.body_type in ("td15", "td15ex"):  # TD 1.5 relaunch rules: dcap-qvl only (no vector tests them)
         return None
     chain = quote[q.cert_at : q.cert_end]
     b0 = chain.find(_BEGIN_CERT)
@@ -876,7 +880,7 @@ def _tcb_status(q: _Quote, quote: bytes, m: _Machine, rules: _tcb.TcbRules) -> _
         pce_svn=m.leaf.pce_svn,
         qe_isvsvn=qe_isvsvn,
         tee_tcb_svn=q.report["tee_tcb_svn"],
-        tee_tcb_svn2=q.report["tee_tcb_svn2"] if q.body_type == "td15" else None,
+        tee_tcb_svn2=q.report["tee_tcb_svn2"] if q.body_type in ("td15", "td15ex") else None,
         mr_signer_seam=q.report["mrsignerseam"],
         seam_attributes=q.report["seam_attributes"],
     )
