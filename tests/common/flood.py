@@ -53,8 +53,32 @@ def assert_flood_ok(rep: FloodReport, limits: Any, *, max_latency_s: float = 2.0
     assert rep.rss_after_mb <= rep.rss_baseline_mb + 32, rep.summary()  # memory comes back
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def fd_count(port: int | None = None) -> int:
+    """This process's descriptors; with `port`, only its TCP sockets on that port (either end): what the
+    listener and its legitimate clients hold, whatever other threads of the process (earlier tests' servers,
+    clients) open or close meanwhile."""
+    if port is None:
+        return len(os.listdir("/proc/self/fd"))
+    inodes: set[str] = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            local, remote, inode = cols[1], cols[2], cols[9]
+            if int(local.rsplit(":", 1)[1], 16) == port or int(remote.rsplit(":", 1)[1], 16) == port:
+                inodes.add(inode)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            count += 1
+    return count
 
 
 def rss_mb() -> float:
@@ -141,15 +165,16 @@ def run_flood(
     must raise on failure), then keep the flood connected past `idle_timeout_s` and read `active()` (the
     listener's connection count), then end the flood and wait for the descriptors to come back."""
     rep = FloodReport()
+    port = int(target.rsplit(":", 1)[1]) if target.startswith("tcp:") else None
     for _ in range(3):
         legit()  # warm up: lazily created clients, thread pools, caches
     time.sleep(0.2)
-    rep.fd_baseline, rep.rss_baseline_mb = fd_count(), rss_mb()
+    rep.fd_baseline, rep.rss_baseline_mb = fd_count(port), rss_mb()
     stop_sampling = threading.Event()
 
     def sample() -> None:
         while not stop_sampling.wait(0.05):
-            rep.fd_peak = max(rep.fd_peak, fd_count())
+            rep.fd_peak = max(rep.fd_peak, fd_count(port))
             rep.rss_peak_mb = max(rep.rss_peak_mb, rss_mb())
             rep.active_peak = max(rep.active_peak, active())
 
@@ -196,12 +221,12 @@ def run_flood(
             if proc.stdout is not None:
                 proc.stdout.close()
         deadline = time.monotonic() + 5
-        while fd_count() > rep.fd_baseline and time.monotonic() < deadline:
+        while fd_count(port) > rep.fd_baseline and time.monotonic() < deadline:
             time.sleep(0.1)
         stop_sampling.set()
         sampler.join()
         time.sleep(0.5)
-        rep.fd_after, rep.rss_after_mb = fd_count(), rss_mb()
+        rep.fd_after, rep.rss_after_mb = fd_count(port), rss_mb()
         rep.log_lines = list(lines)
     return rep
 
