@@ -229,6 +229,120 @@ def test_new_tcb_levels_of_a_model_get_dcap_qvls_verdict(tmp_path: Path) -> None
     assert native == accepted  # and every accepted machine took teecloud's path
 
 
+# ------------------------------------------------------------------------------------------------- SGX
+
+
+def _sgx_quote(sim: Any, tcb: Any, ppid: bytes, report_data: bytes) -> bytes:
+    """An SGX quote v3 (Intel SGX ECDSA Quote Library API, A.4) of a new simulated machine at `tcb`: an
+    enclave report body, the attestation key's signature, the QE report signed by the machine's PCK key,
+    32 bytes of QE auth data and the PEM chain (type 5)."""
+    import hashlib
+    import struct
+
+    from teecloud.tee import _dcap_builder as b
+
+    pki: list[Any] = []
+    _other_machine(sim, ppid, 1, tcb=tcb, pki_out=pki)
+    machine = pki[0]
+    builder = b.QuoteBuilder(machine, tcb)
+    att_pub = b.raw_public_key(machine.attestation_key)
+    auth = hashlib.sha256(b"teecloud test SGX QE auth data" + att_pub).digest()
+    qe_report = builder._qe_report(report_data=hashlib.sha256(att_pub + auth).digest() + bytes(32))
+    qe_sig = b.raw_ecdsa_sign(machine.pck_key, qe_report)
+    chain = "".join(b._pem(c) for c in (machine.pck_cert, machine.platform_cert, machine.root_cert)).encode()
+    header = struct.pack("<HHIHH", 3, 2, 0, 0, 0) + b.QE_VENDOR_ID_INTEL + bytes(20)
+    body = (
+        tcb.cpusvn
+        + bytes(4)  # MISCSELECT
+        + bytes(28)
+        + bytes([0x05]) + bytes(7) + bytes([0x03]) + bytes(7)  # ATTRIBUTES: INIT | MODE64BIT, not DEBUG; XFRM
+        + hashlib.sha256(b"test enclave").digest()  # MRENCLAVE
+        + bytes(32)
+        + hashlib.sha256(b"test enclave signer").digest()  # MRSIGNER
+        + bytes(96)
+        + struct.pack("<HH", 1, 1)
+        + bytes(60)
+        + report_data
+    )  # fmt: skip
+    assert len(body) == 384
+    sig = b.raw_ecdsa_sign(machine.attestation_key, header + body)
+    data = (
+        sig + att_pub + qe_report + qe_sig + struct.pack("<H", len(auth)) + auth
+        + struct.pack("<HI", 5, len(chain)) + chain
+    )  # fmt: skip
+    return header + body + struct.pack("<I", len(data)) + data
+
+
+def _sgx_collateral(sim: Any, now: int, rng: random.Random) -> bytes:
+    """SGX collateral for the simulated platform (TCB info id SGX v3, QE identity id QE v2): a dozen levels
+    around its TCB, in random order, and QE levels of several statuses; signed by its TCB signing key."""
+    from teecloud.tee import _dcap_builder as b
+
+    base = sim._tcb
+    issue = b.collateral_issue_time(dt.datetime.fromtimestamp(now, dt.UTC))
+    raw = b.build_collateral(sim._pki, fmspc=sim._identity.fmspc, tcb=base, issue=issue)
+    info = json.loads(raw["tcb_info"])
+    for key in ("tdxModule", "tdxModuleIdentities"):
+        info.pop(key)
+    info["id"] = "SGX"
+    levels = [{"tcb": {"sgxtcbcomponents": [{"svn": v} for v in base.cpusvn], "pcesvn": base.pcesvn},
+               "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"}]  # fmt: skip
+    for i in range(12):
+        status = _STATUSES[i % len(_STATUSES)]
+        level: dict[str, Any] = {
+            "tcb": {
+                "sgxtcbcomponents": [{"svn": v} for v in _nudge(rng, base.cpusvn, (-1, -1, 1))],
+                "pcesvn": base.pcesvn + rng.choice((-1, 0, 1)),
+            },
+            "tcbDate": f"2024-0{1 + i % 9}-01T00:00:00Z",
+            "tcbStatus": status,
+        }
+        if status != "UpToDate":
+            level["advisoryIDs"] = rng.sample(["INTEL-SA-00001", "INTEL-SA-00615", "INTEL-SA-00828"], 2)
+        levels.append(level)
+    rng.shuffle(levels)
+    info["tcbLevels"] = levels
+    qe = json.loads(raw["qe_identity"])
+    qe["id"] = "QE"
+    qe["tcbLevels"] = [
+        {"tcb": {"isvsvn": 4}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"},
+        {"tcb": {"isvsvn": 3}, "tcbDate": "2024-06-01T00:00:00Z", "tcbStatus": "ConfigurationNeeded"},
+        {"tcb": {"isvsvn": 2}, "tcbDate": "2024-01-01T00:00:00Z", "tcbStatus": "OutOfDate",
+         "advisoryIDs": ["INTEL-SA-00615"]},
+    ]  # fmt: skip
+    for key, doc in (("tcb_info", info), ("qe_identity", qe)):
+        text = json.dumps(doc, separators=(",", ":"))
+        raw[key] = text
+        raw[f"{key}_signature"] = b.raw_ecdsa_sign(sim._pki.tcb_key, text.encode()).hex()
+    return json.dumps(raw).encode()
+
+
+def test_sgx_machines_at_new_tcb_levels(tmp_path: Path) -> None:
+    # the same for SGX quotes (v3): two machines at the simulated TCB teach the model, then machines at
+    # random TCB levels get dcap-qvl's verdict, each acceptance through teecloud's path
+    from teecloud.tee.simulated import SimulatedTdx
+
+    _cache.clear_all()
+    rng = random.Random(5)
+    now = int(time.time())
+    sim = SimulatedTdx(tmp_path)
+    col = _sgx_collateral(sim, now, rng)
+    case = Case("sgx-levels", b"", col, now, sim.dev_root_der())
+    for i in range(2):
+        assert check(case, _sgx_quote(sim, sim._tcb, bytes([0xB0 + i]) * 16, bytes(64)), col, now, "teacher")
+    accepted = native = 0
+    for i in range(100):
+        tcb = _random_tcb(rng, sim._tcb)
+        if tcb.pcesvn >= 128:
+            continue
+        quote = _sgx_quote(sim, tcb, rng.randbytes(16), rng.randbytes(64))
+        before = _hits()
+        ok = check(case, quote, col, now, f"SGX machine {i}")
+        accepted += ok
+        native += ok and _hits() > before
+    assert accepted >= 15 and native == accepted, (accepted, native)
+
+
 @pytest.mark.slow
 def test_new_tcb_levels_many_seeds(tmp_path: Path) -> None:
     for seed in range(4):
