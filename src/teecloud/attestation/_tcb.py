@@ -27,10 +27,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TcbRules", "evaluate", "parse_rules"]
+__all__ = ["TCB_STATUSES", "TcbRules", "evaluate", "parse_rules"]
 
-# The statuses a TCB info or QE identity may list (Intel PCS API v4).
-_STATUSES = (
+# The statuses a TCB info or QE identity may list, best first (Intel PCS API v4, "tcbStatus").
+TCB_STATUSES: tuple[str, ...] = (
     "UpToDate",
     "SWHardeningNeeded",
     "ConfigurationNeeded",
@@ -106,7 +106,7 @@ def _dict(value: object) -> dict[str, Any]:
 
 def _status(level: dict[str, Any]) -> Status:
     status = _str(level.get("tcbStatus"))
-    if status not in _STATUSES:
+    if status not in TCB_STATUSES:
         raise _Unreadable
     advisories = tuple(_str(a) for a in _list(level.get("advisoryIDs", [])))
     return status, advisories
@@ -225,15 +225,16 @@ def _dated(text: str) -> bool:
         return False
 
 
-def _module_identity(rules: TcbRules, tee_tcb_svn: bytes) -> _Module | bool | None:
-    """The identity the module version selects; None for version 0; False when none is listed."""
+def _module_for(rules: TcbRules, tee_tcb_svn: bytes) -> _Module | None:
+    """The module expectations that apply: the identity the module version (TEE_TCB_SVN[1]) selects, or
+    `tdxModule` (`rules.module`, no levels) for version 0; None when neither is there (dcap-qvl rejects)."""
     if tee_tcb_svn[1] == 0:
-        return None
+        return rules.module
     wanted = f"TDX_{tee_tcb_svn[1]:02X}".encode().lower()
     for ident in rules.identities:
         if ident.id.encode("utf-8").lower() == wanted:  # ASCII-only case folding, as in Rust
             return ident
-    return False
+    return None
 
 
 def _level(
@@ -263,12 +264,12 @@ def _tdx_level(rules: TcbRules, cpu_svn: bytes, pce_svn: int, tee_tcb_svn: bytes
     if found is None:
         return None
     status, date = found
-    ident = _module_identity(rules, tee_tcb_svn)
-    if ident is False:
-        return None
-    if ident is None or isinstance(ident, bool):
-        return status
-    module = next((lv for lv in ident.levels if tee_tcb_svn[0] >= lv[0]), None)
+    chosen = _module_for(rules, tee_tcb_svn)
+    if chosen is None:
+        return None  # (without `tdxModule`, `_module_ok` rejects the quote too)
+    if chosen is rules.module:
+        return status  # version 0: no module levels to converge
+    module = next((lv for lv in chosen.levels if tee_tcb_svn[0] >= lv[0]), None)
     if module is None or module[1][0] not in _MODULE_STATUSES:
         return None
     if not (_dated(module[2]) and _dated(date)):
@@ -281,11 +282,8 @@ def _module_ok(rules: TcbRules, tee_tcb_svn: bytes, mr_signer_seam: bytes, seam_
     base = rules.module
     if base is None or None in (base.mrsigner, base.attributes, base.mask):
         return False  # dcap-qvl decodes the base module's fields even when an identity replaces them
-    ident = _module_identity(rules, tee_tcb_svn)
-    if ident is False:
-        return False
-    chosen = base if ident is None or isinstance(ident, bool) else ident
-    if chosen.mrsigner is None or chosen.attributes is None or chosen.mask is None:
+    chosen = _module_for(rules, tee_tcb_svn)
+    if chosen is None or chosen.mrsigner is None or chosen.attributes is None or chosen.mask is None:
         return False
     if mr_signer_seam != chosen.mrsigner:
         return False

@@ -68,15 +68,7 @@ DEV_ROOT_REASON = "signed by a development root, not by Intel"
 _DEV_ROOT_CN_BYTES = DEV_ROOT_CN_PREFIX.encode()
 
 # Intel's TCB statuses, best first (Intel PCS API v4, "tcbStatus").
-TCB_STATUS_ORDER: tuple[str, ...] = (
-    "UpToDate",
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-    "Revoked",
-)
+TCB_STATUS_ORDER: tuple[str, ...] = _tcb.TCB_STATUSES
 
 _HEADER_SIZE = L.HEADER_SIZE
 _TEE_TYPE_SGX = L.TEE_TYPE_SGX

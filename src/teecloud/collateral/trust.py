@@ -58,9 +58,6 @@ class FetchedAnchor:
     sha256: tuple[str, ...]  # fingerprint of each certificate (DER)
 
 
-_BadVersion = x509.InvalidVersion  # cryptography's error for a bad version field: not a ValueError
-
-
 def _certificates(blob: bytes) -> list[x509.Certificate]:
     if b"-----BEGIN CERTIFICATE-----" in blob:
         return x509.load_pem_x509_certificates(blob)
@@ -111,7 +108,7 @@ def fetch_trust_anchors(
                 PccsUnavailable,
                 InvalidCollateral,
                 ValueError,
-                x509.InvalidVersion,
+                x509.InvalidVersion,  # cryptography's error for a bad version field: not a ValueError
             ) as exc:
                 errors.append(f"{name}: {url}: {exc}")
                 continue
