@@ -185,17 +185,6 @@ def main() -> None:
     ]
     level_dcap = [(lambda q=q: dcap_qvl.verify_with_root_ca(q, tcb_obj, sim_root, sim_now)) for q in levels]
 
-    def _new_level(fn: Callable[[], object]) -> Callable[[], object]:
-        """Forget every machine verdict (not the model) before calling `fn`."""
-
-        def run() -> object:
-            dcap._VERDICTS.clear()
-            dcap._PCK_ROOTS.clear()
-            dcap._ATTESTATION_KEYS.clear()
-            return fn()
-
-        return run
-
     machine_calls = [
         (lambda q=q: dcap.verify_dcap_quote(q, sim_col, now=sim_now, dev_root_der=sim_root)) for q in machines
     ]
@@ -267,7 +256,7 @@ def main() -> None:
         (
             "lvl",
             "verify_dcap_quote, first sight of a machine at a new TCB level",
-            _new_level(_cycle(level_calls)),
+            _first_sight(_cycle(level_calls), model=False),
         ),
         ("sgx", "dcap_qvl.verify SGX (baseline)", lambda: dcap_qvl.verify(sgx_quote, sgx_obj, sgx_now)),
         ("sgx", "verify_dcap_quote SGX, warm", sgx_ours),

@@ -21,15 +21,7 @@ import pytest
 from teecloud.attestation import _cache, _tcb, dcap
 from tests.attestation.test_differential import Case, _as_v5, _other_machine, _vector_cases, check, theirs
 
-_STATUSES = (
-    "UpToDate",
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-    "Revoked",
-)
+_STATUSES = dcap.TCB_STATUS_ORDER
 
 
 def _hits() -> int:
@@ -94,6 +86,17 @@ def _levels(rng: random.Random, base: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _signed(sim: Any, raw: dict[str, str], tcb_info: dict[str, Any], qe_identity: dict[str, Any]) -> bytes:
+    """The collateral `raw` with this TCB info and QE identity, signed by the platform's TCB signing key."""
+    from teecloud.tee import _dcap_builder as b
+
+    for key, doc in (("tcb_info", tcb_info), ("qe_identity", qe_identity)):
+        text = json.dumps(doc, separators=(",", ":"))
+        raw[key] = text
+        raw[f"{key}_signature"] = b.raw_ecdsa_sign(sim._pki.tcb_key, text.encode()).hex()
+    return json.dumps(raw).encode()
+
+
 def _rich_collateral(sim: Any, now: int, rng: random.Random) -> bytes:
     from teecloud.tee import _dcap_builder as b
 
@@ -143,11 +146,7 @@ def _rich_collateral(sim: Any, now: int, rng: random.Random) -> bytes:
             "advisoryIDs": ["INTEL-SA-00615", "INTEL-SA-00828"],
         },
     ]
-    for key, doc in (("tcb_info", info), ("qe_identity", qe)):
-        text = json.dumps(doc, separators=(",", ":"))
-        raw[key] = text
-        raw[f"{key}_signature"] = b.raw_ecdsa_sign(sim._pki.tcb_key, text.encode()).hex()
-    return json.dumps(raw).encode()
+    return _signed(sim, raw, info, qe)
 
 
 def _random_tcb(rng: random.Random, base: Any) -> Any:
@@ -310,11 +309,7 @@ def _sgx_collateral(sim: Any, now: int, rng: random.Random) -> bytes:
         {"tcb": {"isvsvn": 2}, "tcbDate": "2024-01-01T00:00:00Z", "tcbStatus": "OutOfDate",
          "advisoryIDs": ["INTEL-SA-00615"]},
     ]  # fmt: skip
-    for key, doc in (("tcb_info", info), ("qe_identity", qe)):
-        text = json.dumps(doc, separators=(",", ":"))
-        raw[key] = text
-        raw[f"{key}_signature"] = b.raw_ecdsa_sign(sim._pki.tcb_key, text.encode()).hex()
-    return json.dumps(raw).encode()
+    return _signed(sim, raw, info, qe)
 
 
 def test_sgx_machines_at_new_tcb_levels(tmp_path: Path) -> None:

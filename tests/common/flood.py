@@ -60,37 +60,10 @@ _TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "F
 
 
 def port_sockets(port: int) -> list[str]:
-    """ "server|client STATE" of each of this process's TCP sockets on `port` (for a failure's report)."""
-    rows: dict[str, str] = {}
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in lines:
-            cols = row.split()
-            if int(cols[1].rsplit(":", 1)[1], 16) == port:
-                rows[cols[9]] = f"server {_TCP_STATES.get(cols[3], cols[3])}"
-            elif int(cols[2].rsplit(":", 1)[1], 16) == port:
-                rows[cols[9]] = f"client {_TCP_STATES.get(cols[3], cols[3])}"
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:[") and link[8:-1] in rows:
-            out.append(rows[link[8:-1]])
-    return sorted(out)
-
-
-def fd_count(port: int | None = None) -> int:
-    """This process's descriptors; with `port`, only its TCP sockets on that port (either end): what the
+    """ "server|client STATE" of each of this process's TCP sockets on `port`, either end: what the
     listener and its legitimate clients hold, whatever other threads of the process (earlier tests' servers,
     clients) open or close meanwhile."""
-    if port is None:
-        return len(os.listdir("/proc/self/fd"))
-    inodes: set[str] = set()
+    on_port: dict[str, str] = {}  # socket inode -> description, for every process
     for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]
@@ -98,18 +71,25 @@ def fd_count(port: int | None = None) -> int:
             continue
         for row in rows:
             cols = row.split()
-            local, remote, inode = cols[1], cols[2], cols[9]
-            if int(local.rsplit(":", 1)[1], 16) == port or int(remote.rsplit(":", 1)[1], 16) == port:
-                inodes.add(inode)
-    count = 0
+            state = _TCP_STATES.get(cols[3], cols[3])
+            if int(cols[1].rsplit(":", 1)[1], 16) == port:
+                on_port[cols[9]] = f"server {state}"
+            elif int(cols[2].rsplit(":", 1)[1], 16) == port:
+                on_port[cols[9]] = f"client {state}"
+    out = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             link = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:  # closed meanwhile
             continue
-        if link.startswith("socket:[") and link[8:-1] in inodes:
-            count += 1
-    return count
+        if link.startswith("socket:[") and link[8:-1] in on_port:
+            out.append(on_port[link[8:-1]])
+    return sorted(out)
+
+
+def fd_count(port: int | None = None) -> int:
+    """This process's descriptors; with `port`, only its TCP sockets on that port (see port_sockets)."""
+    return len(os.listdir("/proc/self/fd")) if port is None else len(port_sockets(port))
 
 
 def rss_mb() -> float:
