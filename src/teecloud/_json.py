@@ -13,7 +13,7 @@ from itertools import accumulate, repeat
 from operator import sub
 from typing import Any
 
-__all__ = ["DEFAULT_MAX_DEPTH", "JsonTooDeep", "check_depth", "loads"]
+__all__ = ["DEFAULT_MAX_DEPTH", "JsonNotStrict", "JsonTooDeep", "check_depth", "loads"]
 
 DEFAULT_MAX_DEPTH = 64
 
@@ -44,7 +44,29 @@ def check_depth(data: str | bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         raise JsonTooDeep(f"JSON nests deeper than {max_depth} levels")
 
 
-def loads(data: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-    """json.loads for untrusted input; raises ValueError (JsonTooDeep or JSONDecodeError) on bad input."""
+class JsonNotStrict(ValueError):
+    """The document uses JSON that readers disagree on: a duplicate key (Python keeps the last value, other
+    readers the first) or a non-standard constant (NaN, Infinity)."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise JsonNotStrict(f"duplicate key {key[:64]!r}")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise JsonNotStrict(f"non-standard JSON constant {name}")
+
+
+def loads(data: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, strict: bool = False) -> Any:
+    """json.loads for untrusted input; raises ValueError (JsonTooDeep, JsonNotStrict or JSONDecodeError) on
+    bad input. `strict`: refuse duplicate keys and NaN/Infinity, so that every reader reads the same
+    document (for evidence whose fields a trust decision reads)."""
     check_depth(data, max_depth)
+    if strict:
+        return json.loads(data, object_pairs_hook=_unique, parse_constant=_no_constant)
     return json.loads(data)

@@ -199,6 +199,7 @@ class LocalCloud:
             pass
         chain.add_os_image(tee.os_image_hash)
         chain.add_kms_mr(identity.mr_aggregated)
+        chain.add_kms_mr(identity.boot_mr_aggregated)  # its onboarding quotes (boot-time evidence)
         chain.add_kms_device(tee.device_id)
         publish_kms_info(chain, state, tee, self.home)
         atomic_write_json(marker, {"published": [key]})

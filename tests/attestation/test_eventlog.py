@@ -105,9 +105,8 @@ def test_derive_app_info_formulas(report: dict[str, str], rtmrs: list[bytes]) ->
 
 def test_tampered_payload_names_the_event(report: dict[str, str], rtmrs: list[bytes]) -> None:
     text = _tamper(report, 22, event_payload="00" * 32)  # compose-hash
-    entries = eventlog.parse_event_log(text)
     with pytest.raises(EventLogMismatch) as info:
-        eventlog.verify_event_log(entries, rtmrs)
+        eventlog.verify_event_log(eventlog.parse_event_log(text), rtmrs)
     assert "event #22 'compose-hash'" in info.value.reason
     assert info.value.step == "event_log_verified"
 
@@ -199,9 +198,14 @@ def test_log_limits() -> None:
         eventlog.parse_event_log(" " * 101, limits=VerifierLimits(max_event_log_size=100))
 
 
-def test_short_digests_are_zero_padded() -> None:
-    e = EventLogEntry(1, 1, b"\xab" * 32)
-    assert eventlog.replay_rtmrs([e])[1] == hashlib.sha384(bytes(48) + b"\xab" * 32 + bytes(16)).digest()
+def test_digests_other_than_48_bytes_are_refused() -> None:
+    """No padding rule to guess: a digest is exactly 48 bytes, in a parsed log and in entries built in code."""
+    rtmrs = [bytes(48)] * 4
+    with pytest.raises(MalformedEvidence, match="exactly 48"):
+        eventlog.verify_event_log([EventLogEntry(1, 1, b"\xab" * 32)], rtmrs)
+    short = {"imr": 1, "event_type": 1, "digest": "ab" * 32, "event": "", "event_payload": ""}
+    with pytest.raises(MalformedEvidence, match="exactly 48 bytes"):
+        eventlog.parse_event_log(json.dumps([short]))
 
 
 def test_wrong_rtmr_shape() -> None:

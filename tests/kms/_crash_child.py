@@ -16,6 +16,7 @@ from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
 from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
+from tests.kms.conftest import harness_challenges
 
 COMPOSE = hashlib.sha256(b"crash test compose").digest()
 
@@ -40,6 +41,8 @@ def main() -> None:
         dev_root_der=tee.dev_root_der(),
         block_number=chain.block_number,
         os_image_reference=simulated_os_image_reference,
+        # the test's one boot makes every request of the run
+        challenges=harness_challenges(max_uses=1_000_000),
     )
     server = KmsServer(service).start()
     line = {

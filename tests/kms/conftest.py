@@ -23,18 +23,37 @@ from teecloud.keys.ratls import make_ratls_cert
 from teecloud.kms.api import AuditRecord
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
+from teecloud.kms.challenge import BootChallenges
 from teecloud.kms.client import vm_config_json
 from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
 from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for, simulated_os_image_reference
 
+# Every KMS this harness makes shares one challenge secret, so an app booted before its KMS was made (most
+# tests make the app first) measures a challenge that KMS accepts. Tests of the one-boot binding make KMSs
+# with other secrets and clocks (test_quote_oracle.py).
+HARNESS_CHALLENGE_SECRET = b"teecloud-test-harness-challenges"
 
-def boot_app(tee: SimulatedTdx, app_id: bytes, compose_hash: bytes, instance_id: bytes) -> None:
-    """dstack's boot events up to the point where the guest asks the KMS for keys (reference/dstack.md §4):
-    the KMS releases keys only on a log that ends here."""
+
+def harness_challenges(clock: Callable[[], float] = time.time, **kw: Any) -> BootChallenges:
+    return BootChallenges(secret=HARNESS_CHALLENGE_SECRET, clock=clock, **kw)
+
+
+def boot_app(
+    tee: SimulatedTdx,
+    app_id: bytes,
+    compose_hash: bytes,
+    instance_id: bytes,
+    *,
+    boot_nonce: bytes | None = None,
+) -> None:
+    """dstack's boot events up to the point where the guest asks the KMS for keys (reference/dstack.md §4),
+    with a boot-nonce (a harness challenge unless given): the KMS releases keys only on an RTMR3 that is
+    exactly this."""
     tee.emit_event("system-preparing", b"")
     tee.emit_event("app-id", app_id)
     tee.emit_event("compose-hash", compose_hash)
     tee.emit_event("instance-id", instance_id)
+    tee.emit_event("boot-nonce", boot_nonce if boot_nonce is not None else harness_challenges().issue())
     tee.emit_event("boot-mr-done", b"")
     tee.emit_event("os-image-hash", tee.os_image_hash)
 
@@ -81,6 +100,7 @@ def make_kms(
         dev_root_der=tee.dev_root_der() if dev else None,
         block_number=block_number if block_number is not None else getattr(chain, "block_number", None),
         os_image_reference=simulated_os_image_reference,
+        challenges=harness_challenges(clock),
         clock=clock,
     )
     return Kms(service, tee, home)

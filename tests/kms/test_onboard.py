@@ -29,7 +29,7 @@ def _onboard(
     home: Path, world: World, source: KmsServer, kms_home: Path, *, build: str | None = None
 ) -> None:
     tee = SimulatedTdx(home)
-    identity = boot_kms_tee(tee, build=build)
+    identity = boot_kms_tee(tee, build=build, finish=False)
     onboard_from(
         source.url,
         tee=tee,
@@ -44,10 +44,10 @@ def _onboard(
 def _source(home: Path, world: World, *, build: str | None = None, allow: bool = True) -> Kms:
     a = make_kms(home, world.chain, kms_home=home / "kms-a", build=build)
     if allow:
-        with contextlib.suppress(
-            ContractReverted
-        ):  # KMS builds measure the same everywhere: maybe already in
-            world.chain.add_kms_mr(a.service.identity.mr_aggregated)
+        # KMS builds measure the same everywhere: maybe already in (serving and onboarding measurements)
+        for mr in (a.service.identity.mr_aggregated, a.service.identity.boot_mr_aggregated):
+            with contextlib.suppress(ContractReverted):
+                world.chain.add_kms_mr(mr)
         world.chain.add_kms_device(a.tee.device_id)  # this test's simulated platform
     return a
 

@@ -59,6 +59,7 @@ def test_keys_come_from_the_injected_root_key_holder(teecloud_home: Path, world:
         block_number=world.chain.block_number,
         os_image_reference=s.os_image_reference,
         root_keys=holder,
+        challenges=s.challenges,
     )
     app = make_app(teecloud_home, world.register(COMPOSE_V1), COMPOSE_V1)
     _, der = client_cert(base, app)

@@ -117,6 +117,10 @@ class FakeBoots:
 class NoKeys:
     name = "none"
 
+    def boot_nonce(self) -> bytes:
+
+        return b""
+
     def info(self) -> dict[str, str]:
         return {"name": "none", "id": ""}
 

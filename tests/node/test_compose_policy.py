@@ -39,6 +39,10 @@ class CountingKeys:
     def __init__(self) -> None:
         self.calls = 0
 
+    def boot_nonce(self) -> bytes:
+
+        return b""
+
     def info(self) -> dict[str, str]:
         return {"name": "counting", "id": ""}
 

@@ -16,6 +16,10 @@ from tests.node.fakes import FakeRuntime
 class _NoKeys:
     name = "none"
 
+    def boot_nonce(self) -> bytes:
+
+        return b""
+
     def info(self) -> dict[str, str]:
         return {"name": "none", "id": ""}
 

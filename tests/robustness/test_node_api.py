@@ -25,6 +25,10 @@ class _NoKeys:
 
     name = "none"
 
+    def boot_nonce(self) -> bytes:
+
+        return b""
+
     def info(self) -> dict[str, str]:
         return {"name": "none", "id": ""}
 

@@ -1,9 +1,11 @@
 """CVM boot as the guest agent sees it: measure the app into RTMR3 in dstack's order, fetch keys.
 
-Event order (dstack v0.5.x `system_setup.rs`, reference/dstack.md §4):
-    system-preparing, app-id, compose-hash, instance-id, boot-mr-done,
-    [extra events, e.g. mr-kms, os-image-hash in KMS mode], key-provider, [storage-fs], system-ready
-Keys are fetched after `boot-mr-done`, so a KMS sees the "boot-time" RTMR3 it authorizes.
+Event order (dstack v0.5.x `system_setup.rs`, reference/dstack.md §4, plus teecloud's boot-nonce):
+    system-preparing, app-id, compose-hash, instance-id, [boot-nonce], boot-mr-done,
+    [extra events: os-image-hash in KMS mode], key-provider, [storage-fs], system-ready
+Keys are fetched after `boot-mr-done` and the KMS-mode events, so a KMS sees exactly the boot grammar's
+RTMR3 (teecloud.attestation.boottime); the boot-nonce (the key provider's challenges) binds the request to
+this boot.
 """
 
 from __future__ import annotations
@@ -105,6 +107,9 @@ def boot(
     tee.emit_event("app-id", app_id)
     tee.emit_event("compose-hash", chash)
     tee.emit_event("instance-id", instance_id)
+    nonce = key_provider.boot_nonce()
+    if nonce:
+        tee.emit_event("boot-nonce", nonce)
     tee.emit_event("boot-mr-done", b"")
     for name, payload in extra_events:
         tee.emit_event(name, payload)

@@ -78,6 +78,13 @@ class _TimedProvider:
     def info(self) -> dict[str, Any]:
         return self.inner.info()
 
+    def boot_nonce(self) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.boot_nonce()
+        finally:
+            self.elapsed += time.perf_counter() - t0
+
     def get_app_keys(self, tee: TeePlatform, app_id: bytes, instance_id: bytes) -> AppKeys:
         t0 = time.perf_counter()
         try:

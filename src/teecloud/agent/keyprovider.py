@@ -31,10 +31,15 @@ class KeyProviderError(Error):
 
 @runtime_checkable
 class KeyProvider(Protocol):
-    """Hands a booting CVM its AppKeys. `info()` is dstack's key_provider_info: {"name", "id"}."""
+    """Hands a booting CVM its AppKeys. `info()` is dstack's key_provider_info: {"name", "id"}.
+    `boot_nonce()` is called once per boot, before `boot-mr-done`: what it returns is measured into RTMR3 as
+    the `boot-nonce` event and binds this boot's key requests to this boot (a KMS's challenges; empty for a
+    provider that needs none)."""
 
     @property
     def name(self) -> str: ...
+
+    def boot_nonce(self) -> bytes: ...
 
     def get_app_keys(self, tee: TeePlatform, app_id: bytes, instance_id: bytes) -> AppKeys: ...
 
@@ -80,6 +85,9 @@ class LocalDevKeyProvider:
                 f"dev key provider root keys at {path} are unreadable or corrupt ({exc}); "
                 "they are never regenerated silently — move the file away to start over"
             ) from exc
+
+    def boot_nonce(self) -> bytes:
+        return b""  # no KMS to bind a request to
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self._root.ca_public_key_der.hex()}

@@ -11,6 +11,7 @@
         ├── CollateralMismatch       collateral for another platform (FMSPC) or kind
         ├── TcbNotAcceptable         TCB status or advisories below the policy floor
         ├── EventLogMismatch         the event log does not replay to the measured registers
+        ├── NotBootTime              RTMR3 is not exactly a boot-time measurement (keys only at boot)
         └── PolicyViolation          genuine evidence that the policy does not accept
 
 Hostile input only ever raises a VerificationError subclass with a reason a user can act on.
@@ -27,6 +28,7 @@ __all__ = [
     "EventLogMismatch",
     "Expired",
     "MalformedEvidence",
+    "NotBootTime",
     "PolicyViolation",
     "SignatureInvalid",
     "TcbNotAcceptable",
@@ -92,3 +94,10 @@ class EventLogMismatch(VerificationError):
 
 class PolicyViolation(VerificationError):
     default_step = "policy"
+
+
+class NotBootTime(VerificationError):
+    """Genuine evidence whose RTMR3 is not exactly the replay of the boot grammar: taken after boot (or with
+    events the grammar does not have), so it may bind anyone's key and never releases one."""
+
+    default_step = "boot_time"

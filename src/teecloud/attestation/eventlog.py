@@ -1,23 +1,31 @@
-"""dstack event logs: parse, replay into RTMR0-3, and read what ran from the RTMR3 runtime events.
+"""dstack event logs: parse strictly, replay into RTMR0-3, and read what ran from the RTMR3 runtime events.
 
 Format (as dstack's guest agent writes it): a JSON array of `{imr, event_type, digest, event,
-event_payload}` with hex digest and payload. Entries for RTMR0-2 come from the firmware's CCEL (TCG PC
-Client event log); only their digests are replayed. Entries for RTMR3 are dstack runtime events
-(`event_type = 0x08000001`) whose digest is recomputed from name and payload:
+event_payload}` with hex digest and payload. Only the quote's registers are signed; every field of the log
+is a claim, accepted only when it is exactly understood (an allowlist, never a denylist):
+  - strict JSON: no duplicate keys (Python keeps the last value, other readers the first, and the KMS and
+    dstack's tools must never read different logs), no NaN/Infinity;
+  - each entry has exactly the five fields; `imr` an integer 0..3; `event_type` an integer (u32); `digest`
+    exactly 48 bytes as lowercase hex; `event_payload` lowercase hex; `event` a string;
+  - an RTMR3 entry is a dstack runtime event (`event_type = 0x08000001`) whose digest is recomputed from its
+    name and payload; an RTMR3 entry of any other type is refused, whatever its digest:
 
     digest = SHA384( le32(0x08000001) || ":" || event || ":" || payload )
-    RTMR   = SHA384( RTMR || digest zero-padded to 48 bytes ), starting from 48 zero bytes
+    RTMR   = SHA384( RTMR || digest ), starting from 48 zero bytes
+
+Entries for RTMR0-2 come from the firmware's CCEL (TCG PC Client event log); only their digests are
+replayed, and they decide nothing: RTMR0-2 are judged by comparing the quoted registers with reference values.
 
 Identity events (`app-id`, `compose-hash`, `instance-id`, `key-provider`, `os-image-hash`) are taken from
-the events before `system-ready` only: after it, the app itself may emit events, and an app-emitted
-`compose-hash` must not be able to pose as the measured one. A duplicate identity event before
-`system-ready` rejects the log.
+the events before `system-ready` only, for display. Key release does not read them as labels: it recomputes
+the whole boot-time RTMR3 from the boot grammar (teecloud.attestation.boottime) and compares registers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -61,27 +69,19 @@ def runtime_event_digest(name: str, payload: bytes) -> bytes:
     return hashlib.sha384(_PREFIX + name.encode("utf-8") + b":" + bytes(payload)).digest()
 
 
-def _hex(value: Any, what: str, max_bytes: int) -> bytes:
-    if not isinstance(value, str):
-        raise MalformedEvidence(f"event log: {what} must be a hex string", step="event_log_verified")
-    if len(value) > 2 * max_bytes:
-        raise MalformedEvidence(f"event log: {what} is over {max_bytes} bytes", step="event_log_verified")
-    try:
-        return bytes.fromhex(value)
-    except ValueError as exc:
-        raise MalformedEvidence(f"event log: {what} is not valid hex", step="event_log_verified") from exc
+_FIELDS = frozenset({"imr", "event_type", "digest", "event", "event_payload"})
+_DIGEST_HEX = re.compile(r"[0-9a-f]{96}")
+_PAYLOAD_HEX = re.compile(r"(?:[0-9a-f]{2})*")
+MAX_EVENT_NAME_BYTES = 1024
 
 
-def _int(value: Any, what: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise MalformedEvidence(
-            f"event log: {what} must be an integer in {lo}..{hi}", step="event_log_verified"
-        )
-    return value
+def _refuse(reason: str) -> MalformedEvidence:
+    return MalformedEvidence(f"event log: {reason}", step="event_log_verified")
 
 
 def parse_event_log(data: str | bytes, *, limits: VerifierLimits = DEFAULT_LIMITS) -> list[EventLogEntry]:
-    """Parse a dstack JSON event log. Raises MalformedEvidence (step event_log_verified)."""
+    """Parse a dstack JSON event log strictly (module docstring). Raises MalformedEvidence
+    (step event_log_verified) naming the first entry and field that is not exactly understood."""
     if not isinstance(data, str | bytes):
         raise MalformedEvidence("event log must be JSON text", step="event_log_verified")
     key = (data, limits)
@@ -102,69 +102,72 @@ _PARSED: BoundedCache[tuple[str | bytes, VerifierLimits], tuple[EventLogEntry, .
 
 def _parse(data: str | bytes, limits: VerifierLimits) -> tuple[EventLogEntry, ...]:
     if len(data) > limits.max_event_log_size:
-        raise MalformedEvidence(
-            f"event log is {len(data)} bytes, over the {limits.max_event_log_size}-byte limit",
-            step="event_log_verified",
-        )
+        raise _refuse(f"{len(data)} bytes, over the {limits.max_event_log_size}-byte limit")
     try:
-        raw = _json.loads(data)
+        raw = _json.loads(data, strict=True)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise MalformedEvidence(f"event log is not JSON: {exc}", step="event_log_verified") from exc
+        raise _refuse(f"not strict JSON ({exc})") from exc
     if not isinstance(raw, list):
-        raise MalformedEvidence("event log must be a JSON array of entries", step="event_log_verified")
+        raise _refuse("must be a JSON array of entries")
     if len(raw) > limits.max_event_log_entries:
-        raise MalformedEvidence(
-            f"event log has {len(raw)} entries, over the limit of {limits.max_event_log_entries}",
-            step="event_log_verified",
-        )
-    entries: list[EventLogEntry] = []
-    max_payload_hex = 2 * limits.max_event_payload_size
-    fromhex = bytes.fromhex
-    for i, item in enumerate(raw):
-        # Fast path for well-formed entries; anything unexpected is re-checked by _entry for its message.
-        if type(item) is dict:
-            imr, et, dg = item.get("imr"), item.get("event_type"), item.get("digest")
-            ev, pl = item.get("event", ""), item.get("event_payload", "")
-            if (
-                type(imr) is int
-                and 0 <= imr <= 3
-                and type(et) is int
-                and 0 <= et <= 0xFFFFFFFF
-                and type(dg) is str
-                and 0 < len(dg) <= 2 * _RTMR_SIZE
-                and type(ev) is str
-                and type(pl) is str
-                and len(pl) <= max_payload_hex
-            ):
-                try:
-                    entries.append(EventLogEntry(imr, et, fromhex(dg), ev, fromhex(pl)))
-                    continue
-                except ValueError:
-                    pass
-        entries.append(_entry(i, item, limits))
-    return tuple(entries)
+        raise _refuse(f"{len(raw)} entries, over the limit of {limits.max_event_log_entries}")
+    return tuple(_entry(i, item, limits) for i, item in enumerate(raw))
 
 
 def _entry(i: int, item: Any, limits: VerifierLimits) -> EventLogEntry:
-    """One entry, checked field by field so the error names what is wrong."""
-    if not isinstance(item, dict):
-        raise MalformedEvidence(f"event log entry #{i} is not an object", step="event_log_verified")
+    """One entry, accepted only when every field is exactly what dstack writes (an allowlist of fields,
+    types and encodings); the error names the entry and the field."""
     where = f"entry #{i}"
-    event = item.get("event", "")
-    if not isinstance(event, str):
-        raise MalformedEvidence(f"event log: {where}.event must be a string", step="event_log_verified")
-    digest = _hex(item.get("digest"), f"{where}.digest", _RTMR_SIZE)
-    if not digest:
-        raise MalformedEvidence(f"event log: {where}.digest is empty", step="event_log_verified")
-    return EventLogEntry(
-        imr=_int(item.get("imr"), f"{where}.imr", 0, 3),
-        event_type=_int(item.get("event_type"), f"{where}.event_type", 0, 0xFFFFFFFF),
-        digest=digest,
-        event=event,
-        event_payload=_hex(
-            item.get("event_payload", ""), f"{where}.event_payload", limits.max_event_payload_size
-        ),
+    if type(item) is not dict:
+        raise _refuse(f"{where} is not an object")
+    if item.keys() != _FIELDS:
+        extra, missing = sorted(item.keys() - _FIELDS), sorted(_FIELDS - item.keys())
+        what = "; ".join(
+            part
+            for part in (
+                f"unknown field(s) {', '.join(repr(k[:32]) for k in extra[:4])}" if extra else "",
+                f"missing field(s) {', '.join(missing)}" if missing else "",
+            )
+            if part
+        )
+        raise _refuse(f"{where}: {what} (an entry has exactly {', '.join(sorted(_FIELDS))})")
+    imr, event_type, digest, event, payload = (
+        item["imr"],
+        item["event_type"],
+        item["digest"],
+        item["event"],
+        item["event_payload"],
     )
+    if type(imr) is not int or not 0 <= imr <= 3:
+        raise _refuse(f"{where}.imr must be an integer 0..3")
+    if type(event_type) is not int or not 0 <= event_type <= 0xFFFFFFFF:
+        raise _refuse(f"{where}.event_type must be an integer 0..0xffffffff")
+    if type(digest) is not str or not _DIGEST_HEX.fullmatch(digest):
+        raise _refuse(f"{where}.digest must be exactly 48 bytes as 96 lowercase hex digits")
+    if type(payload) is not str or len(payload) > 2 * limits.max_event_payload_size:
+        raise _refuse(f"{where}.event_payload must be hex of at most {limits.max_event_payload_size} bytes")
+    if not _PAYLOAD_HEX.fullmatch(payload):
+        raise _refuse(f"{where}.event_payload must be lowercase hex with an even number of digits")
+    if type(event) is not str:
+        raise _refuse(f"{where}.event must be a string")
+    try:
+        name_bytes = event.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _refuse(f"{where}.event is not valid Unicode text") from exc
+    if len(name_bytes) > MAX_EVENT_NAME_BYTES:
+        raise _refuse(f"{where}.event is over {MAX_EVENT_NAME_BYTES} bytes")
+    entry = EventLogEntry(imr, event_type, bytes.fromhex(digest), event, bytes.fromhex(payload))
+    if imr == 3:
+        # RTMR3 holds only dstack runtime events, and each one's digest is a fact recomputed from its name
+        # and payload: an RTMR3 entry of any other type would be a digest nobody can explain.
+        if event_type != RUNTIME_EVENT_TYPE:
+            raise _refuse(
+                f"{where} is in RTMR3 with event_type 0x{event_type:08x}; RTMR3 holds only runtime events "
+                f"(0x{RUNTIME_EVENT_TYPE:08x})"
+            )
+        if runtime_event_digest(event, entry.event_payload) != entry.digest:
+            raise EventLogMismatch(f"{_label(i, entry)}: its digest does not match its name and payload")
+    return entry
 
 
 def event_log_to_json(entries: Sequence[EventLogEntry]) -> str:
@@ -173,7 +176,7 @@ def event_log_to_json(entries: Sequence[EventLogEntry]) -> str:
 
 
 def _extend(rtmr: bytes, digest: bytes) -> bytes:
-    return hashlib.sha384(rtmr + digest.ljust(_RTMR_SIZE, b"\x00")).digest()
+    return hashlib.sha384(rtmr + digest).digest()
 
 
 def replay_rtmrs(entries: Sequence[EventLogEntry]) -> list[bytes]:
@@ -181,10 +184,7 @@ def replay_rtmrs(entries: Sequence[EventLogEntry]) -> list[bytes]:
     rtmrs = [bytes(_RTMR_SIZE)] * 4
     sha384 = hashlib.sha384
     for e in entries:
-        d = e.digest
-        rtmrs[e.imr] = sha384(
-            rtmrs[e.imr] + (d if len(d) == _RTMR_SIZE else d.ljust(_RTMR_SIZE, b"\x00"))
-        ).digest()
+        rtmrs[e.imr] = sha384(rtmrs[e.imr] + e.digest).digest()
     return rtmrs
 
 
@@ -204,9 +204,20 @@ def verify_event_log(entries: Sequence[EventLogEntry], rtmrs: Sequence[bytes]) -
     """
     if len(rtmrs) != 4 or any(len(r) != _RTMR_SIZE for r in rtmrs):
         raise MalformedEvidence("expected four 48-byte RTMR values from the quote", step="event_log_verified")
-    # (1): runtime events carry their preimage; a digest that does not match it is a tampered event.
+    # (1): every RTMR3 entry is a runtime event carrying its preimage (entries built in code, not parsed, are
+    # held to the same rule as parsed ones); a digest that does not match it is a tampered event.
     for i, e in enumerate(entries):
-        if e.event_type == RUNTIME_EVENT_TYPE and runtime_event_digest(e.event, e.event_payload) != e.digest:
+        if len(e.digest) != _RTMR_SIZE or not 0 <= e.imr <= 3:
+            raise MalformedEvidence(
+                f"{_label(i, e)}: a digest of {len(e.digest)} bytes (exactly 48 are accepted)",
+                step="event_log_verified",
+            )
+        if e.imr == 3 and e.event_type != RUNTIME_EVENT_TYPE:
+            raise MalformedEvidence(
+                f"{_label(i, e)}: RTMR3 holds only runtime events (0x{RUNTIME_EVENT_TYPE:08x})",
+                step="event_log_verified",
+            )
+        if e.imr == 3 and runtime_event_digest(e.event, e.event_payload) != e.digest:
             raise EventLogMismatch(f"{_label(i, e)}: its digest does not match its name and payload")
     # (2): replay, and on a mismatch replay that register again to find where the quote stops.
     replayed = replay_rtmrs(entries)
@@ -242,12 +253,13 @@ def _explain_mismatch(entries: Sequence[EventLogEntry], imr: int, quoted: bytes)
 
 def extract_app_info(entries: Sequence[EventLogEntry]) -> AppInfo:
     """Read app_id, compose_hash, instance_id, key-provider and os-image-hash from the RTMR3 runtime events
-    (before `system-ready`). Does not replay: call `verify_event_log` for evidence."""
+    (before `system-ready`). Does not replay: call `verify_event_log` for evidence (which holds every RTMR3
+    entry to the runtime-event rule, so every RTMR3 entry read here is one)."""
     found: dict[str, bytes] = {}
     events: list[tuple[str, bytes]] = []
     ready = False
     for i, e in enumerate(entries):
-        if e.imr != 3 or e.event_type != RUNTIME_EVENT_TYPE:
+        if e.imr != 3:
             continue
         events.append((e.event, e.event_payload))
         if e.event == SYSTEM_READY_EVENT:

@@ -188,7 +188,7 @@ def onboard(
     chain = _chain(rpc_url, None)
     collateral = _collateral(tee, dev, pccs_url)
     try:
-        identity = boot_kms_tee(tee)
+        identity = boot_kms_tee(tee, finish=False)  # onboarding needs boot-time evidence
         if load_state(tee, identity) is not None:
             _fail(f"this KMS already has root keys in {_kms_dir()}; refusing to overwrite them")
         state = onboard_from(

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 __all__ = [
     "PATH_GET_APP_ENV_ENCRYPT_PUBKEY",
     "PATH_GET_APP_KEY",
+    "PATH_GET_BOOT_CHALLENGE",
     "PATH_GET_KMS_KEY",
     "PATH_GET_META",
     "PATH_GET_TEMP_CA_CERT",
@@ -32,6 +33,7 @@ __all__ = [
     "AppKeyResponse",
     "AuditRecord",
     "AuditResponse",
+    "BootChallengeResponse",
     "Denied",
     "EnvEncryptPubKeyRequest",
     "EnvEncryptPubKeyResponse",
@@ -51,6 +53,7 @@ PATH_GET_APP_ENV_ENCRYPT_PUBKEY = "/prpc/KMS.GetAppEnvEncryptPubKey"
 PATH_GET_APP_KEY = "/prpc/KMS.GetAppKey"
 PATH_SIGN_CERT = "/prpc/KMS.SignCert"
 PATH_GET_KMS_KEY = "/prpc/KMS.GetKmsKey"
+PATH_GET_BOOT_CHALLENGE = "/prpc/KMS.GetBootChallenge"
 
 
 class Denied(BaseModel):
@@ -80,6 +83,14 @@ class TempCaCertResponse(BaseModel):
 
     temp_ca_cert: str
     temp_ca_key: str
+
+
+class BootChallengeResponse(BaseModel):
+    """A challenge a booting CVM measures into RTMR3 as its boot-nonce (teecloud.kms.challenge): this KMS
+    releases keys only to a boot that measured one of its challenges, within `window_s` of issuing it."""
+
+    challenge: str = Field(description="hex, 65 bytes")
+    window_s: int
 
 
 class EnvEncryptPubKeyRequest(BaseModel):

@@ -6,9 +6,10 @@
 Every key-releasing handler receives only one of these objects, which only the Authorizer makes, so a new
 endpoint cannot skip a step. The steps: the RA-TLS peer verifier (teecloud.peer: quote, event log, policy,
 boot_info); the OS image the event log claims is the one that booted (MRTD, RTMR1, RTMR2, and RTMR0 for the
-VM shape an app states); for apps, the log ends at the boot measurement; then the chain.
+VM shape an app states); the boot-time rule (the quoted RTMR3 is exactly the boot grammar's value: keys only
+while a CVM boots); then the chain; for apps, last, the boot-nonce (one of this KMS's fresh challenges).
 
-    require_boot_time(evidence)       the RTMR3 log ends at the boot measurement (keys only while booting)
+    require_boot_time(peer)           RTMR3 == the boot grammar's replay (teecloud.attestation.boottime)
     ChainAuthorizer.app_allowed(bi)   KmsAuth.isAppAllowed, cached for at most one block
     ChainAuthorizer.kms_allowed(bi)   KmsAuth.isKmsAllowed, same cache rule
 
@@ -25,15 +26,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from teecloud import vmconfig
+from teecloud.attestation.boottime import BootMeasurement
 from teecloud.attestation.models import VerifiedEvidence
 from teecloud.chain.api import BootInfo
+from teecloud.kms.challenge import BootChallenges
 from teecloud.kms.errors import AccessDenied
 from teecloud.peer import AttestedPeer, PeerRejected, PeerVerifier
+from teecloud.peer import require_boot_time as peer_require_boot_time
 
 __all__ = [
-    "BOOT_MR_DONE_EVENT",
     "IMAGE_REGISTERS",
-    "KMS_MODE_BOOT_EVENTS",
     "SHAPE_REGISTERS",
     "AuthChain",
     "AuthorizedApp",
@@ -47,11 +49,6 @@ __all__ = [
     "require_boot_time",
 ]
 
-BOOT_MR_DONE_EVENT = "boot-mr-done"
-# What dstack measures after `boot-mr-done` and before it asks the KMS for keys, in KMS mode
-# (reference/dstack.md §4 step 6; `mr-kms` is gone at dstack HEAD). Each at most once.
-KMS_MODE_BOOT_EVENTS = frozenset({"mr-kms", "os-image-hash"})
-
 
 class AuthChain(Protocol):
     """The part of teecloud.chain.ChainClient the KMS uses."""
@@ -61,31 +58,15 @@ class AuthChain(Protocol):
     def is_kms_allowed(self, boot_info: BootInfo) -> tuple[bool, str]: ...
 
 
-def require_boot_time(evidence: VerifiedEvidence) -> None:
-    """Keys are released only to a CVM that is booting: its RTMR3 log must end at the boot measurement
-    (`boot-mr-done`, then only the KMS-mode events). Any quote the CVM can produce later — after
-    `key-provider`, `system-ready` or an app-emitted event — is refused, so a quote over caller-chosen
-    report_data from a running app (GetQuote, an app's /quote route) can never carry a key request: the
-    "quote oracle" (docs/threat-model.md). The guest asks for its keys before it extends `key-provider`,
-    and nothing else runs in it before that point."""
-    info = evidence.app_info
-    if info is None:
-        raise AccessDenied("the evidence carries no replayed event log (no app info)", step="boot_time")
-    names = [name for name, _ in info.events]
-    if BOOT_MR_DONE_EVENT not in names:
-        raise AccessDenied(
-            f"the event log has no '{BOOT_MR_DONE_EVENT}' event: the boot measurement is incomplete",
-            step="boot_time",
-        )
-    after = names[names.index(BOOT_MR_DONE_EVENT) + 1 :]
-    for i, name in enumerate(after):
-        if name not in KMS_MODE_BOOT_EVENTS or name in after[:i]:
-            raise AccessDenied(
-                f"the event log goes on past the boot measurement ('{name[:64]}' after "
-                f"'{BOOT_MR_DONE_EVENT}'): keys are released only while a CVM boots, never on a quote "
-                "taken after it (its keys were fetched then; a later quote may bind anyone's key)",
-                step="boot_time",
-            )
+def require_boot_time(peer: AttestedPeer) -> BootMeasurement:
+    """The boot-time rule (teecloud.peer.require_boot_time: the quoted RTMR3 is exactly the boot grammar's
+    value for the peer's identity), as the KMS's AccessDenied."""
+    try:
+        return peer_require_boot_time(peer)
+    except PeerRejected as exc:
+        denied = AccessDenied(exc.reason, step=exc.step)
+        denied.boot_info = boot_info_to_json(peer.boot_info)
+        raise denied from exc
 
 
 def boot_info_to_json(boot_info: BootInfo) -> dict[str, Any]:
@@ -287,9 +268,11 @@ class Authorizer:
         *,
         os_image_reference: OsImageReference | None,
         dev_mode: bool,
+        challenges: BootChallenges | None = None,
     ) -> None:
         self.peers = peers
         self.chain = chain
+        self.challenges = challenges if challenges is not None else BootChallenges()
         self.os_image_reference = os_image_reference
         self.dev_mode = dev_mode
 
@@ -300,16 +283,19 @@ class Authorizer:
         peer = self.attest(cert_der)
         if ctx is not None:
             ctx["boot_info"] = boot_info_to_json(peer.boot_info)
-        require_boot_time(peer.evidence)
+        measured = require_boot_time(peer)
         self._require_os_image_reference()
         shape = self._check_vm_shape(peer.boot_info, peer.evidence, vm_config)
         reason = self.chain.app_allowed(peer.boot_info)
+        # Last, so that only a request that passed every other step counts against its boot's challenge.
+        self.challenges.redeem(measured.boot_nonce)
         return AuthorizedApp(peer, shape, reason, _SEAL)
 
     def authorize_kms(self, cert_der: bytes | None, *, ctx: dict[str, Any] | None = None) -> AuthorizedKms:
         peer = self.attest(cert_der)
         if ctx is not None:
             ctx["boot_info"] = boot_info_to_json(peer.boot_info)
+        require_boot_time(peer)
         reason = self.chain.kms_allowed(peer.boot_info)
         return AuthorizedKms(peer, reason, _SEAL)
 

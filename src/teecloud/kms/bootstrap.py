@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import teecloud
 from teecloud._fs import atomic_write, data_home
 from teecloud.appcompose import compose_hash
-from teecloud.attestation.eventlog import mr_aggregated
+from teecloud.attestation.eventlog import mr_aggregated, runtime_event_digest
 from teecloud.keys.appkeys import RootKeys
 from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem, make_root_ca_cert
 from teecloud.kms.errors import BootstrapError, SealingError
@@ -37,6 +37,7 @@ __all__ = [
     "KmsIdentity",
     "KmsState",
     "boot_kms_tee",
+    "finish_kms_boot",
     "kms_compose",
     "kms_dir",
     "load_state",
@@ -70,14 +71,29 @@ def kms_compose(build: str | None = None) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class KmsIdentity:
-    """What boot measured: compose hash of the KMS build and the boot-time mr_aggregated."""
+    """What boot measured: the compose hash of the KMS build; `mr_aggregated` once booted (what its server
+    certificates' quotes show, and what its sealed state is bound to); `boot_mr_aggregated` at the boot
+    measurement (what its onboarding request's quote shows: keys only to boot-time evidence). KmsAuth
+    allows a KMS build by both."""
 
     compose_hash: bytes
     mr_aggregated: bytes
+    boot_mr_aggregated: bytes = b""
 
 
-def boot_kms_tee(tee: TeePlatform, *, build: str | None = None) -> KmsIdentity:
-    """Step (1): measure the KMS build into RTMR3 (dstack event order, reference/dstack.md §4)."""
+# What the KMS measures after its keys are in place (the end of its boot, as for an app).
+_KMS_FINISH_EVENTS = (
+    ("key-provider", json.dumps({"name": "kms-root", "id": ""}, separators=(",", ":")).encode()),
+    ("system-ready", b""),
+)
+
+
+def boot_kms_tee(tee: TeePlatform, *, build: str | None = None, finish: bool = True) -> KmsIdentity:
+    """Step (1): measure the KMS build into RTMR3 (dstack event order, reference/dstack.md §4), up to the
+    boot measurement (the boot grammar of teecloud.attestation.boottime, no boot-nonce: every KMS of a build
+    must share one measurement for KmsAuth to allow it), then, unless `finish` is False, the end of boot.
+    A KMS that onboards from another boots with finish=False and calls `finish_kms_boot` once onboarded:
+    its onboarding quote must be boot-time evidence."""
     chash = compose_hash(kms_compose(build))
     tee.emit_event("system-preparing", b"")
     tee.emit_event("app-id", KMS_APP_ID)
@@ -87,10 +103,27 @@ def boot_kms_tee(tee: TeePlatform, *, build: str | None = None) -> KmsIdentity:
     tee.emit_event("boot-mr-done", b"")
     if len(tee.os_image_hash) == 32:
         tee.emit_event("os-image-hash", tee.os_image_hash)
-    tee.emit_event("key-provider", json.dumps({"name": "kms-root", "id": ""}, separators=(",", ":")).encode())
-    tee.emit_event("system-ready", b"")
-    # over the final RTMR3, as the verifier derives it from this KMS's quotes (one implementation)
-    return KmsIdentity(compose_hash=chash, mr_aggregated=mr_aggregated(tee.measurements()))
+    at_boot = tee.measurements()
+    # over the registers as the verifier derives them from this KMS's quotes (one implementation)
+    final = dict(at_boot, rtmr3=_extend_runtime(at_boot["rtmr3"], _KMS_FINISH_EVENTS))
+    identity = KmsIdentity(
+        compose_hash=chash, mr_aggregated=mr_aggregated(final), boot_mr_aggregated=mr_aggregated(at_boot)
+    )
+    if finish:
+        finish_kms_boot(tee)
+    return identity
+
+
+def finish_kms_boot(tee: TeePlatform) -> None:
+    """The end of the KMS's boot: from here on its quotes are not boot-time evidence."""
+    for name, payload in _KMS_FINISH_EVENTS:
+        tee.emit_event(name, payload)
+
+
+def _extend_runtime(rtmr3: bytes, events: tuple[tuple[str, bytes], ...]) -> bytes:
+    for name, payload in events:
+        rtmr3 = hashlib.sha384(rtmr3 + runtime_event_digest(name, payload)).digest()
+    return rtmr3
 
 
 @dataclass(frozen=True)

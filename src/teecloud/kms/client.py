@@ -43,6 +43,7 @@ from teecloud.keys.ratls import QuoteSource, make_ratls_cert
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, recover_k256
 from teecloud.kms import api
 from teecloud.kms.authz import AuthChain, ChainAuthorizer
+from teecloud.kms.challenge import TOKEN_SIZE
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
 from teecloud.peer import PeerPolicy, PeerRejected, PeerVerifier
 
@@ -255,6 +256,17 @@ class KmsClient:
         if self._meta is None or refresh:
             self._meta = self._call("GET", api.PATH_GET_META, api.KmsMeta)
         return self._meta
+
+    def boot_nonce(self) -> bytes:
+        """This KMS's boot challenge (teecloud.kms.challenge), measured by the booting CVM (boot-nonce)."""
+        resp = self._call("GET", api.PATH_GET_BOOT_CHALLENGE, api.BootChallengeResponse)
+        try:
+            challenge = bytes.fromhex(resp.challenge)
+        except ValueError as exc:
+            raise KmsClientError("the KMS's boot challenge is not hex") from exc
+        if len(challenge) != TOKEN_SIZE:
+            raise KmsClientError(f"the KMS's boot challenge is {len(challenge)} bytes, not {TOKEN_SIZE}")
+        return challenge
 
     def info(self) -> dict[str, Any]:
         """dstack's key_provider_info: {"name": "kms", "id": hex(KMS root CA SubjectPublicKeyInfo DER)}."""

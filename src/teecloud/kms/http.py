@@ -115,6 +115,10 @@ def make_public_app(service: KmsService) -> FastAPI:
     def get_temp_ca_cert() -> api.TempCaCertResponse:
         return service.temp_ca()
 
+    @app.get(api.PATH_GET_BOOT_CHALLENGE, response_model=api.BootChallengeResponse)
+    def get_boot_challenge() -> api.BootChallengeResponse:
+        return service.boot_challenge()
+
     @app.post(api.PATH_GET_APP_ENV_ENCRYPT_PUBKEY, response_model=api.EnvEncryptPubKeyResponse)
     def get_env_pubkey(body: api.EnvEncryptPubKeyRequest) -> api.EnvEncryptPubKeyResponse:
         return service.env_encrypt_pubkey(body.app_id)

@@ -25,7 +25,7 @@ from teecloud.keys.appkeys import RootKeys
 from teecloud.keys.errors import KeysError
 from teecloud.kms import api
 from teecloud.kms.authz import AuthChain
-from teecloud.kms.bootstrap import KMS_APP_ID, KmsIdentity, KmsState, save_state
+from teecloud.kms.bootstrap import KMS_APP_ID, KmsIdentity, KmsState, finish_kms_boot, save_state
 from teecloud.kms.client import KmsClient, ratls_server_check
 from teecloud.kms.errors import KmsClientError, KmsDenied, OnboardError, SealingError
 from teecloud.tee.base import TeePlatform
@@ -57,7 +57,37 @@ def onboard_from(
     home: Path | None = None,
     clock: Callable[[], float] = time.time,
 ) -> KmsState:
-    """Steps (1)-(4). Raises OnboardError naming the side that refused and why."""
+    """Steps (1)-(4). Raises OnboardError naming the side that refused and why. `tee` must be at its boot
+    measurement (`boot_kms_tee(..., finish=False)`): the source releases root keys only to boot-time
+    evidence. The boot is finished here, whatever the outcome."""
+    try:
+        return _onboard(
+            source_url,
+            tee=tee,
+            identity=identity,
+            chain=chain,
+            collateral_for=collateral_for,
+            dev_root_der=dev_root_der,
+            policy=policy,
+            home=home,
+            clock=clock,
+        )
+    finally:
+        finish_kms_boot(tee)
+
+
+def _onboard(
+    source_url: str,
+    *,
+    tee: TeePlatform,
+    identity: KmsIdentity,
+    chain: AuthChain,
+    collateral_for: Callable[[bytes, int], bytes],
+    dev_root_der: bytes | None,
+    policy: Policy | None,
+    home: Path | None,
+    clock: Callable[[], float],
+) -> KmsState:
     # (1)
     check = ratls_server_check(
         collateral_for=collateral_for, dev_root_der=dev_root_der, policy=policy, chain=chain, clock=clock

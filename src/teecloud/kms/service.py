@@ -12,9 +12,11 @@ Trust procedure for every attested request (`KmsService.attest`):
   (4) production mode never accepts simulated evidence, whatever the verifier said;
   (5) boot_info is built from the verified evidence only;
   (1)-(5) are the shared RA-TLS peer verifier's (teecloud.peer.PeerVerifier), under the KMS's PeerPolicy;
-  (6) app endpoints (GetAppKey, SignCert): the RTMR3 log ends at the boot measurement — keys only to a
-      booting CVM, never on a quote taken after boot (authz.require_boot_time), and the OS image and VM
-      shape are the measured ones;
+  (6) every releasing endpoint (GetAppKey, SignCert, GetKmsKey): the quoted RTMR3 is exactly the boot
+      grammar's value for the caller's identity — keys only to a booting CVM, never on a quote taken after
+      boot (teecloud.attestation.boottime); for apps the OS image and VM shape are the measured ones, and
+      the boot-nonce holds a fresh challenge of this KMS, so a request is bound to one boot
+      (teecloud.kms.challenge);
 then, per endpoint, the chain decides (KmsAuth.isAppAllowed / isKmsAllowed, failing closed) and only then
 are keys derived. Each request is audited with its boot_info, decision and reason, never with keys.
 """
@@ -41,6 +43,7 @@ from teecloud.kms.authz import (
     parse_vm_config,
 )
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
+from teecloud.kms.challenge import BootChallenges
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.kms.issuer import KeyIssuer
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
@@ -83,6 +86,8 @@ class KmsConfig:
     signed_cert_lifetime_s      lifetime of certificates issued by SignCert
     max_body_bytes              request bodies above this are refused before parsing
     accepted_tcb_statuses       TCB floor enforced by the KMS itself, on top of the attestation policy
+    boot_challenge_window_s     a boot's challenge (its boot-nonce) releases keys for this long after issue
+    boot_challenge_max_uses     ... and for at most this many key requests (teecloud.kms.challenge)
     app_key_cache_s             derived app keys are reused per (app_id, instance_id, os image, gateway) for
                                 at most this long: derivation is a pure function of the immutable root keys;
                                 only the app CA certificate's not_before (the derivation time) ages. 0: off
@@ -100,6 +105,8 @@ class KmsConfig:
     accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
     app_key_cache_s: int = 600
     app_key_cache_entries: int = 4096
+    boot_challenge_window_s: int = 600
+    boot_challenge_max_uses: int = 8
 
 
 # ------------------------------------------------------------------------------------------------ logic
@@ -130,11 +137,13 @@ class KmsService:
         block_number: Callable[[], int] | None = None,
         os_image_reference: OsImageReference | None = None,
         root_keys: RootKeyHolder | None = None,
+        challenges: BootChallenges | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
         `teecloud.tee.simulated.simulated_os_image_reference`). `root_keys` holds the root (default: the
-        whole key from `state`, `LocalRootKeys`)."""
+        whole key from `state`, `LocalRootKeys`). `challenges` issues and redeems boot challenges (default:
+        a fresh secret of this process, with the config's window and use count)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -168,11 +177,17 @@ class KmsService:
             cache_entries=self.config.evidence_cache_entries,
         )
         self.authorizer = ChainAuthorizer(chain, block_number=block_number)
+        self.challenges = challenges or BootChallenges(
+            window_s=self.config.boot_challenge_window_s,
+            max_uses=self.config.boot_challenge_max_uses,
+            clock=clock,
+        )
         self.authz = Authorizer(
             self.peers,
             self.authorizer,
             os_image_reference=os_image_reference,
             dev_mode=self.config.dev_mode,
+            challenges=self.challenges,
         )
         self.keys: RootKeyHolder = root_keys if root_keys is not None else LocalRootKeys(state)
         self.issuer = KeyIssuer(
@@ -285,6 +300,12 @@ class KmsService:
             return self.issuer.kms_keys(kms)
 
         return self._audited(api.PATH_GET_KMS_KEY, cert_der, peer_addr, decide)
+
+    def boot_challenge(self) -> api.BootChallengeResponse:
+        """Public: a challenge for a booting CVM's boot-nonce (teecloud.kms.challenge)."""
+        return api.BootChallengeResponse(
+            challenge=self.challenges.issue().hex(), window_s=self.challenges.window_s
+        )
 
     def env_encrypt_pubkey(self, app_id_text: str) -> api.EnvEncryptPubKeyResponse:
         """Public: the app's X25519 env-encryption key, signed by the KMS root k256 key (dstack format)."""

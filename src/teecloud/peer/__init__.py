@@ -15,6 +15,7 @@ from teecloud.peer._verifier import (
     PeerRejected,
     PeerVerifier,
     build_boot_info,
+    require_boot_time,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "PeerVerifier",
     "StaticCollateral",
     "build_boot_info",
+    "require_boot_time",
 ]

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from teecloud.attestation.boottime import BootMeasurement, check_boot_time
 from teecloud.attestation.dcap import TCB_STATUS_ORDER
-from teecloud.attestation.errors import VerificationError
+from teecloud.attestation.errors import NotBootTime, VerificationError
 from teecloud.attestation.models import VerifiedEvidence
 from teecloud.attestation.policy import Policy
 from teecloud.chain.api import BootInfo
@@ -39,7 +40,14 @@ from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import parse_ratls_cert, verify_ratls_cert
 from teecloud.peer._collateral import CollateralSource
 
-__all__ = ["AttestedPeer", "PeerPolicy", "PeerRejected", "PeerVerifier", "build_boot_info"]
+__all__ = [
+    "AttestedPeer",
+    "PeerPolicy",
+    "PeerRejected",
+    "PeerVerifier",
+    "build_boot_info",
+    "require_boot_time",
+]
 
 
 class PeerRejected(Error):
@@ -156,6 +164,35 @@ def build_boot_info(evidence: VerifiedEvidence) -> BootInfo:
         tcb_status=evidence.tcb_status,
         advisory_ids=tuple(evidence.advisory_ids),
     )
+
+
+def require_boot_time(peer: AttestedPeer) -> BootMeasurement:
+    """The boot-time rule (teecloud.attestation.boottime) for an attested peer: its quoted RTMR3 must be the
+    boot grammar's value for its identity, and that identity must be the one its boot_info names. Every
+    path that releases or signs anything for a CVM (KMS app keys and certificates, KMS onboarding, gateway
+    registration, threshold partials) calls this. Raises PeerRejected(step="boot_time")."""
+    try:
+        measured = check_boot_time(peer.evidence)
+    except NotBootTime as exc:
+        err = PeerRejected(exc.reason, step="boot_time")
+        err.boot_info = peer.boot_info
+        raise err from exc
+    bi = peer.boot_info
+    if (measured.app_id, measured.compose_hash) != (bi.app_id, bi.compose_hash) or (
+        measured.instance_id or bytes(20)
+    ) != bi.instance_id:
+        err = PeerRejected(
+            "the boot measurement and the boot_info name different identities", step="boot_time"
+        )
+        err.boot_info = bi
+        raise err
+    if measured.os_image_hash is not None and measured.os_image_hash != bi.os_image_hash:
+        err = PeerRejected(
+            "the boot measurement and the boot_info name different OS images", step="boot_time"
+        )
+        err.boot_info = bi
+        raise err
+    return measured
 
 
 class PeerVerifier:
