@@ -75,10 +75,10 @@ def test_many_aliases_are_refused() -> None:
 
 def test_ordinary_anchors_and_merge_keys_still_work() -> None:
     doc = load_compose(
-        "x-common: &common\n  restart: always\n  environment: {A: '1'}\n"
+        "x-common: &common\n  restart: unless-stopped\n  environment: {A: '1'}\n"
         "services:\n  a:\n    <<: *common\n    image: x\n  b:\n    <<: *common\n    image: y\n"
     )
-    assert doc["services"]["b"]["restart"] == "always" and doc["services"]["a"]["image"] == "x"
+    assert doc["services"]["b"]["restart"] == "unless-stopped" and doc["services"]["a"]["image"] == "x"
 
 
 def test_billion_laughs_through_the_node_api_is_a_clear_400(teecloud_home: Path) -> None:

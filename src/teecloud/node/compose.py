@@ -6,21 +6,28 @@ Parsing (`load_compose`): at most MAX_COMPOSE_BYTES, YAML safe loader, nesting a
 most MAX_YAML_ALIASES alias uses and MAX_YAML_NODES nodes once aliases are expanded (a "billion laughs" file
 of a few hundred bytes names 10^9 nodes; counting the expanded size is linear in the file, walking it is not).
 
-Isolation (`check_isolation`): things a CVM would allow inside its own VM but that would reach the host (or
-another CVM) on the docker runtime are refused with a reason: privileged mode, capabilities beyond Docker's
-default set, security_opt other than no-new-privileges, host/other-container namespaces (network_mode other
-than none/service:, pid, ipc, uts, userns, cgroup), cgroup_parent, devices (also device_cgroup_rules, GPU
-reservations, gpus), a non-default OCI runtime, logging drivers that ship logs out of the host's store,
-volumes_from another container, host files (bind mounts but the agent sockets, the Docker socket included;
-env_file, secrets/configs from a file, extends/include of another file), published ports on an address other
-than loopback (0.0.0.0, [::], a host IP), external volumes and networks, network drivers other than bridge
-(macvlan, ipvlan, host, overlay), explicit `name:` of volumes and networks (Compose v2 would attach another
-project's existing volume or network), volumes a service uses but the file does not declare,
-`oom_kill_disable` and a negative `oom_score_adj` (they make the host's OOM killer spare the app and kill host
-processes or other CVMs instead), and interpolation (`${...}`) outside environment/command/entrypoint/
-healthcheck/labels, since the checks read the file as written and Compose would substitute afterwards
-(`network_mode: ${X:-host}`). Whether the images exist is the runtime's to say (`Runtime.check_images`);
-`image_refs` lists them.
+Isolation (`check_isolation`): an allowlist. Every key, at every level (top level, service, deploy and
+its resources, healthcheck, logging, long-syntax ports/volumes/secrets, a service's networks and depends_on
+entries, ulimits, volume/network/secret/config definitions), must be one teecloud supports; the keys are data
+in `teecloud.node._compose_keys` (`ALLOWED_KEYS`), and any other key is refused with its path ("service 'web':
+key 'use_api_socket' is not allowed: ..."), whatever Compose implementation the node runs. `x-*` extension
+fields are accepted at the top level only (inert; YAML anchors and `<<` merge keys are resolved by the loader
+before any check). `build`, `extends` and `include` are refused (a node runs images; each service is checked
+and capped as written).
+The supported keys then have value rules, for what would reach the host (or another CVM) on the docker
+runtime: `privileged` only false; `cap_add` within Docker's default set; `security_opt` only
+no-new-privileges; `network_mode` only none/service:<own>; no host or `container:` pid/ipc/cgroup; `runtime`
+only runc; json-file/local logging; `volumes_from` only the app's own services; bind mounts only of the agent
+sockets (never the Docker socket or another host path); short-syntax volume modes only ro/rw/nocopy;
+published ports on loopback only (not 0.0.0.0, [::], a host IP); volumes declared, local, not external;
+networks bridge, not external, no IPv6, no bridge options but the MTU; secrets/configs from inline content or
+`environment`; `restart` not `always` (dockerd would start a container the node stopped) and one replica per
+service (the node's caps apply per container); ulimits without real-time or raised priority; sysctls only
+`net.*`; no Compose or teecloud labels; `oom_kill_disable` only false and `oom_score_adj` 0..1000 (they would
+make the host's OOM killer spare the app and kill host processes or other CVMs instead); and `$` interpolation
+only in environment/command/entrypoint/healthcheck/labels, since the checks read the file as written and
+Compose substitutes afterwards (`network_mode: ${X:-host}`). Whether the images exist is the runtime's to say
+(`Runtime.check_images`); `image_refs` lists them.
 
 App-compose (`check_app_compose`): the app-compose.json a CVM is created with: normalized form (its sha256 is
 the compose hash), the docker-compose runner, a docker_compose_file that passes the above, allowed_envs names.
@@ -35,10 +42,27 @@ from typing import Any
 import yaml
 
 from teecloud.appcompose import MAX_COMPOSE_BYTES, AppComposeError, normalize_app_compose, parse_app_compose
+from teecloud.node._compose_keys import (
+    ALLOWED_KEYS,
+    DEFAULT_CAPS,
+    DEPENDS_ON_CONDITIONS,
+    EXTENSION_PREFIX,
+    HOST_BINDING_OPT,
+    LOG_DRIVERS,
+    NESTED,
+    REFUSED_REASONS,
+    RESERVED_LABEL_PREFIXES,
+    RESTART_CONDITIONS,
+    RESTART_POLICIES,
+    SAFE_NETWORK_OPTS,
+    SYSCTL_PREFIXES,
+    VOLUME_MODES,
+)
 from teecloud.node.errors import ComposeRejected
 
 __all__ = [
     "AGENT_SOCKET_SOURCES",
+    "ALLOWED_KEYS",
     "DEFAULT_CAPS",
     "HOST_BINDING_OPT",
     "LOOPBACK",
@@ -65,7 +89,6 @@ AGENT_SOCKET_SOURCES = {
     "/run/tappd.sock": "tappd.sock",
 }
 LOOPBACK = "127.0.0.1"
-HOST_BINDING_OPT = "com.docker.network.bridge.host_binding_ipv4"
 _SERVICE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 
 
@@ -155,24 +178,6 @@ def load_compose(text: str) -> dict[str, Any]:
         raise ComposeRejected("the compose file nests too deeply") from None
     if not isinstance(doc, dict):
         raise ComposeRejected("the compose file must be a mapping with a `services` section")
-    services = doc.get("services")
-    if not isinstance(services, dict) or not services:
-        raise ComposeRejected("the compose file has no `services`")
-    for name, svc in services.items():
-        if not isinstance(name, str) or not _SERVICE_NAME.match(name):
-            raise ComposeRejected(f"invalid service name {name!r}")
-        if not isinstance(svc, dict):
-            raise ComposeRejected(f"service {name!r} must be a mapping")
-        if "build" in svc:
-            raise ComposeRejected(
-                f"service {name!r} uses `build`: a CVM runs images, not build contexts; build the image "
-                "first and refer to it with `image:`"
-            )
-        if not isinstance(svc.get("image"), str) or not svc["image"]:
-            raise ComposeRejected(f"service {name!r} has no `image`")
-    for section in ("volumes", "networks"):
-        if not isinstance(doc.get(section) or {}, dict):
-            raise ComposeRejected(f"top-level `{section}` must be a mapping")
     check_isolation(doc)
     return doc
 
@@ -210,32 +215,120 @@ def check_app_compose(app_compose: bytes) -> tuple[dict[str, Any], dict[str, Any
     return doc, compose
 
 
-# Docker's default capability set: adding one of these changes nothing; anything else widens the host's kernel
-# attack surface (SYS_ADMIN, SYS_MODULE, DAC_READ_SEARCH, SYS_PTRACE, ...) and is refused.
-DEFAULT_CAPS = frozenset(
-    {
-        "AUDIT_WRITE",
-        "CHOWN",
-        "DAC_OVERRIDE",
-        "FOWNER",
-        "FSETID",
-        "KILL",
-        "MKNOD",
-        "NET_BIND_SERVICE",
-        "NET_RAW",
-        "SETFCAP",
-        "SETGID",
-        "SETPCAP",
-        "SETUID",
-        "SYS_CHROOT",
-    }
-)
 # Service keys whose values Compose may interpolate without changing what the node checks.
-_INTERPOLATION_OK = frozenset(
-    {"environment", "command", "entrypoint", "healthcheck", "labels", "annotations"}
-)
-_SAFE_LOG_DRIVERS = (None, "json-file", "local")
-_SAFE_NETWORK_OPTS = frozenset({HOST_BINDING_OPT, "com.docker.network.driver.mtu"})
+_INTERPOLATION_OK = frozenset({"environment", "command", "entrypoint", "healthcheck", "labels"})
+_DEFINITIONS = (("volumes", "volume"), ("networks", "network"), ("secrets", "secret"), ("configs", "config"))
+_DEFINITION_NAME = re.compile(r"^[a-zA-Z0-9._-]+$")  # the Compose Specification's pattern
+_ON_FAILURE = re.compile(r"^on-failure:[0-9]+$")
+_MAX_SHOWN_KEY = 64  # characters of a refused key quoted back in the error
+
+
+def check_isolation(compose: Mapping[str, Any]) -> None:
+    """Refuse what would let a CVM's app reach the host or another CVM (see the module docstring).
+
+    (1) structure: every key at every level is one teecloud supports (`_compose_keys.ALLOWED_KEYS`);
+    (2) `$` interpolation only where it cannot change what the checks read;
+    (3) the value rules of the supported keys: top-level definitions, then each service.
+    """
+    if not isinstance(compose, Mapping):
+        raise ComposeRejected("the compose file must be a mapping with a `services` section")
+    # (1) structure: the top level, the definitions, the services
+    for key in compose:
+        if not (isinstance(key, str) and (key in ALLOWED_KEYS["top"] or key.startswith(EXTENSION_PREFIX))):
+            raise _not_allowed("top level", "top", "", key)
+    services = compose.get("services")
+    if not isinstance(services, dict) or not services:
+        raise ComposeRejected("the compose file has no `services`")
+    # (2) interpolation outside the services (a `$` in a definition's name or value)
+    for key, section in compose.items():
+        if key != "services" and not key.startswith(EXTENSION_PREFIX) and _interpolates(section):
+            raise ComposeRejected(
+                f"top-level `{key}` uses `$` interpolation; the node checks the file as written, so it is "
+                "only allowed in environment, command, entrypoint, healthcheck and labels (`$$` is a `$`)"
+            )
+    for section, level in _DEFINITIONS:
+        defs = compose.get(section)
+        if defs is None:
+            continue
+        if not isinstance(defs, dict):
+            raise ComposeRejected(f"top-level `{section}` must be a mapping")
+        for dname, ddef in defs.items():
+            if not isinstance(dname, str) or not _DEFINITION_NAME.match(dname):
+                raise ComposeRejected(f"invalid {level} name {dname!r}")
+            _check_structure(ddef, level, f"{level} {dname!r}", "")
+    for name, svc in services.items():
+        if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+            raise ComposeRejected(f"invalid service name {name!r}")
+        if not isinstance(svc, dict):
+            raise ComposeRejected(f"service {name!r} must be a mapping")
+        _check_structure(svc, "service", f"service {name!r}", "")
+        if not isinstance(svc.get("image"), str) or not svc["image"]:
+            raise ComposeRejected(f"service {name!r} has no `image`")
+    # (3) values
+    _check_definitions(compose)
+    for name, svc in services.items():
+        _check_service(name, svc, compose)
+
+
+# ------------------------------------------------------------------------------------------ (1) structure
+
+
+def _check_structure(obj: Any, level: str, where: str, path: str) -> None:
+    """Every key of `obj` (and of the levels it holds, per `NESTED`) is in `ALLOWED_KEYS[level]`."""
+    if obj is None:
+        return
+    if not isinstance(obj, dict):
+        raise ComposeRejected(
+            f"{where}: `{path}` must be a mapping" if path else f"{where} must be a mapping"
+        )
+    allowed = ALLOWED_KEYS[level]
+    nested = NESTED.get(level, {})
+    for key, value in obj.items():
+        if not isinstance(key, str) or key not in allowed:
+            raise _not_allowed(where, level, path, key)
+        shape = nested.get(key) or nested.get("*")
+        if shape is None:
+            continue
+        kind, child = shape
+        sub = f"{path}.{key}" if path else key
+        if kind == "mapping":
+            _check_structure(value, child, where, sub)
+        elif kind == "scalar_or_mapping":
+            if isinstance(value, dict):
+                _check_structure(value, child, where, sub)
+            elif isinstance(value, bool) or not isinstance(value, int | str):
+                raise ComposeRejected(f"{where}: `{sub}` must be a number or a mapping")
+        elif kind == "items":
+            if not isinstance(value, list):
+                raise ComposeRejected(f"{where}: `{sub}` must be a list")
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    _check_structure(item, child, where, f"{sub}[{i}]")
+        elif isinstance(value, dict):  # "named": name -> None or the child level
+            for entry, entry_value in value.items():
+                _check_structure(entry_value, child, where, f"{sub}.{entry}")
+        elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ComposeRejected(f"{where}: `{sub}` must be a list of names or a mapping")
+
+
+def _not_allowed(where: str, level: str, path: str, key: Any) -> ComposeRejected:
+    text = key if isinstance(key, str) else repr(key)
+    if len(text) > _MAX_SHOWN_KEY:
+        text = text[:_MAX_SHOWN_KEY] + "..."
+    shown = f"{path}.{text}" if path else text
+    reason = REFUSED_REASONS.get(level, {}).get(key) if isinstance(key, str) else None
+    if reason is None and isinstance(key, str) and key.startswith(EXTENSION_PREFIX):
+        reason = "extension fields (x-*) are accepted at the top level only"
+    if reason:
+        return ComposeRejected(f"{where}: key {shown!r} is not allowed: {reason}")
+    supported = sorted(ALLOWED_KEYS[level]) + ([EXTENSION_PREFIX + "*"] if level == "top" else [])
+    under = f" in {path}" if path else ""
+    return ComposeRejected(
+        f"{where}: key {shown!r} is not allowed (teecloud supports{under}: {', '.join(supported)})"
+    )
+
+
+# ------------------------------------------------------------------------------------- (2) interpolation
 
 
 def _interpolates(value: Any) -> bool:
@@ -249,6 +342,9 @@ def _interpolates(value: Any) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------------------------- (3) values
+
+
 def _str_list(value: Any, what: str) -> list[str]:
     if value is None:
         return []
@@ -259,157 +355,174 @@ def _str_list(value: Any, what: str) -> list[str]:
     raise ComposeRejected(f"{what} must be a list of strings")
 
 
-def _refuse_name(kind: str, name: str, definition: Any) -> None:
-    if isinstance(definition, dict) and "name" in definition:
-        raise ComposeRejected(
-            f"{kind} {name!r} sets `name:`: a CVM's {kind}s are scoped to its own project (an existing "
-            f"{kind} of that name, another CVM's included, would be reused); drop `name:`"
-        )
+def _names(value: Any, what: str) -> list[str]:
+    """The names of a list-or-dict value (`labels`, `sysctls`): dict keys, or what precedes `=`."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [str(k) for k in value]
+    return [item.split("=", 1)[0] for item in _str_list(value, what)]
 
 
-def check_isolation(compose: Mapping[str, Any]) -> None:
-    """Refuse what would let a CVM's app reach the host or another CVM (see the module docstring)."""
-    for key in ("include",):
-        if key in compose:
+def _check_labels(where: str, value: Any) -> None:
+    for label in _names(value, f"{where}: `labels`"):
+        if label.strip().startswith(RESERVED_LABEL_PREFIXES):
             raise ComposeRejected(
-                f"`{key}` reads other files on the host; put everything in one compose file"
+                f"{where}: label {label!r} is not allowed (Compose and the node use the "
+                f"{' and '.join(p + '*' for p in RESERVED_LABEL_PREFIXES)} labels to find a CVM's containers)"
             )
-    for key, section in compose.items():
-        if key == "services" or (isinstance(key, str) and key.startswith("x-")):
-            continue
-        if _interpolates(section):
-            raise ComposeRejected(
-                f"top-level `{key}` uses `$` interpolation; the node checks the file as written, so it is "
-                "only allowed in environment, command, entrypoint, healthcheck and labels (`$$` is a `$`)"
-            )
-    services: Mapping[str, Any] = compose.get("services") or {}
-    for name, svc in services.items():
-        for key, value in svc.items():
-            if key not in _INTERPOLATION_OK and _interpolates(value):
-                raise ComposeRejected(
-                    f"service {name!r}: `{key}` uses `$` interpolation; the node checks the file as written, "
-                    "so it is only allowed in environment, command, entrypoint, healthcheck and labels "
-                    "(write `$$` for a literal `$`)"
-                )
-        if svc.get("privileged") not in (None, False):
-            raise ComposeRejected(f"service {name!r}: privileged containers are not allowed")
-        for cap in _str_list(svc.get("cap_add"), f"service {name!r}: cap_add"):
-            norm = cap.upper().removeprefix("CAP_")
-            if norm not in DEFAULT_CAPS:
-                raise ComposeRejected(
-                    f"service {name!r}: cap_add {cap!r} is not allowed (only Docker's default capabilities)"
-                )
-        for opt in _str_list(svc.get("security_opt"), f"service {name!r}: security_opt"):
-            if opt.replace("=", ":") not in ("no-new-privileges", "no-new-privileges:true"):
-                raise ComposeRejected(
-                    f"service {name!r}: security_opt {opt!r} is not allowed (only no-new-privileges)"
-                )
-        net = svc.get("network_mode")
-        if net is not None and not (
-            net == "none" or (isinstance(net, str) and net.startswith("service:") and net[8:] in services)
-        ):
-            raise ComposeRejected(
-                f"service {name!r}: `network_mode: {net}` would share a network namespace outside the CVM "
-                "(host, the shared default bridge, another container's); use `networks:` or `service:<name>`"
-            )
-        for key in ("pid", "ipc", "userns_mode", "uts", "cgroup"):
-            value = svc.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, str) or value == "host" or value.startswith("container:"):
-                raise ComposeRejected(f"service {name!r}: `{key}: {value}` would share the host's namespace")
-            if value.startswith("service:") and value.removeprefix("service:") not in services:
-                raise ComposeRejected(f"service {name!r}: `{key}: {value}` names no service of this app")
-        for key in ("devices", "device_cgroup_rules", "gpus"):
-            if svc.get(key):
-                raise ComposeRejected(f"service {name!r}: host devices are not available to a CVM (`{key}`)")
-        resources = (
-            (svc.get("deploy") or {}).get("resources") if isinstance(svc.get("deploy"), dict) else None
-        )
-        if isinstance(resources, dict) and ((resources.get("reservations") or {}).get("devices")):
-            raise ComposeRejected(f"service {name!r}: host devices are not available to a CVM (`deploy`)")
-        if svc.get("cgroup_parent") is not None:
-            raise ComposeRejected(f"service {name!r}: `cgroup_parent` would escape the CVM's resource limits")
-        _check_oom(name, svc)
-        if svc.get("runtime") not in (None, "runc"):
-            raise ComposeRejected(f"service {name!r}: runtime {svc.get('runtime')!r} is not allowed")
-        logging_cfg = svc.get("logging")
-        if logging_cfg is not None and (
-            not isinstance(logging_cfg, dict) or logging_cfg.get("driver") not in _SAFE_LOG_DRIVERS
-        ):
-            raise ComposeRejected(
-                f"service {name!r}: only the json-file and local logging drivers are allowed (others "
-                "send the logs from the host)"
-            )
-        for src in _str_list(svc.get("volumes_from"), f"service {name!r}: volumes_from"):
-            if src.split(":", 1)[0] not in services:
-                raise ComposeRejected(
-                    f"service {name!r}: volumes_from {src!r} is not a service of this app (another "
-                    "container's volumes are not the CVM's)"
-                )
-        for key in ("env_file", "label_file"):
-            if svc.get(key) is not None:
-                raise ComposeRejected(
-                    f"service {name!r}: `{key}` reads a file on the host; pass env vars encrypted "
-                    "(`teecloud deploy --env-file`) or write them under `environment:`"
-                )
-        extends = svc.get("extends")
-        if isinstance(extends, dict) and "file" in extends:
-            raise ComposeRejected(f"service {name!r}: `extends` from another file reads the host's files")
-        ports = svc.get("ports") or []
-        if not isinstance(ports, list):
-            raise ComposeRejected(f"service {name!r}: `ports` must be a list")
-        for port in ports:
-            _check_port(name, port)
-        _check_service_volumes(name, svc, compose)
-    for section in ("secrets", "configs"):
-        defs = compose.get(section) or {}
-        if not isinstance(defs, dict):
-            raise ComposeRejected(f"top-level `{section}` must be a mapping")
-        for sname, sdef in defs.items():
-            if not isinstance(sdef, dict) or "file" in sdef or sdef.get("external"):
-                raise ComposeRejected(
-                    f"{section[:-1]} {sname!r} comes from the host (`file` or `external`); only inline "
-                    "`content` or `environment` sources are allowed"
-                )
+
+
+def _falsy(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, str) and value.strip().lower() == "false")
+
+
+def _check_definitions(compose: Mapping[str, Any]) -> None:
     for vname, vdef in (compose.get("volumes") or {}).items():
-        _refuse_name("volume", vname, vdef)
-        if isinstance(vdef, dict) and vdef.get("external"):
+        vdef = vdef or {}
+        if not _falsy(vdef.get("external")):
             raise ComposeRejected(
                 f"volume {vname!r} is external: a CVM's data lives in its own encrypted disk"
             )
-        if isinstance(vdef, dict) and vdef.get("driver") not in (None, "local"):
+        if vdef.get("driver") not in (None, "local"):
             raise ComposeRejected(
                 f"volume {vname!r}: driver {vdef.get('driver')!r} is not allowed (a CVM's volumes are "
                 "directories of its encrypted disk)"
             )
-        if isinstance(vdef, dict) and vdef.get("driver_opts"):
-            raise ComposeRejected(
-                f"volume {vname!r}: `driver_opts` are not allowed (they can bind a host path)"
-            )
+        _check_labels(f"volume {vname!r}", vdef.get("labels"))
     for nname, ndef in (compose.get("networks") or {}).items():
-        _refuse_name("network", nname, ndef)
-        if ndef is not None and not isinstance(ndef, dict):
-            raise ComposeRejected(f"network {nname!r} must be a mapping")
-        if isinstance(ndef, dict):
-            if ndef.get("external"):
-                raise ComposeRejected(f"network {nname!r} is external: each CVM has its own networks")
-            if ndef.get("driver", "bridge") != "bridge":
+        ndef = ndef or {}
+        if not _falsy(ndef.get("external")):
+            raise ComposeRejected(f"network {nname!r} is external: each CVM has its own networks")
+        if ndef.get("driver", "bridge") != "bridge":
+            raise ComposeRejected(
+                f"network {nname!r}: driver {ndef.get('driver')!r} is not allowed (only bridge networks: "
+                "macvlan, ipvlan, host and overlay reach beyond the CVM)"
+            )
+        if not _falsy(ndef.get("enable_ipv6")):
+            raise ComposeRejected(f"network {nname!r}: IPv6 is not supported (ports bind to 127.0.0.1)")
+        opts = ndef.get("driver_opts") or {}
+        if not isinstance(opts, dict):
+            raise ComposeRejected(f"network {nname!r}: `driver_opts` must be a mapping")
+        for opt in opts:
+            if opt not in SAFE_NETWORK_OPTS:
                 raise ComposeRejected(
-                    f"network {nname!r}: driver {ndef.get('driver')!r} is not allowed (only bridge networks: "
-                    "macvlan, ipvlan, host and overlay reach beyond the CVM)"
+                    f"network {nname!r}: driver option {opt!r} is not allowed (the node sets the "
+                    "bridge's options)"
                 )
-            if ndef.get("enable_ipv6"):
-                raise ComposeRejected(f"network {nname!r}: IPv6 is not supported (ports bind to 127.0.0.1)")
-            ipam = ndef.get("ipam")
-            if isinstance(ipam, dict) and ipam.get("driver") not in (None, "default"):
-                raise ComposeRejected(f"network {nname!r}: only the default IPAM driver is supported")
-            for opt in ndef.get("driver_opts") or {}:
-                if opt not in _SAFE_NETWORK_OPTS:
-                    raise ComposeRejected(
-                        f"network {nname!r}: driver option {opt!r} is not allowed (the node sets the "
-                        "bridge's options)"
-                    )
+        _check_labels(f"network {nname!r}", ndef.get("labels"))
+    for section, kind in (("secrets", "secret"), ("configs", "config")):
+        for sname, sdef in (compose.get(section) or {}).items():
+            if not sdef:
+                raise ComposeRejected(
+                    f"{kind} {sname!r} has no source; only inline `content` (configs) or `environment` "
+                    "sources are allowed"
+                )
+
+
+def _check_service(name: str, svc: Mapping[str, Any], compose: Mapping[str, Any]) -> None:
+    services: Mapping[str, Any] = compose["services"]
+    where = f"service {name!r}"
+    for key, value in svc.items():
+        if key not in _INTERPOLATION_OK and _interpolates(value):
+            raise ComposeRejected(
+                f"{where}: `{key}` uses `$` interpolation; the node checks the file as written, "
+                "so it is only allowed in environment, command, entrypoint, healthcheck and labels "
+                "(write `$$` for a literal `$`)"
+            )
+    if not _falsy(svc.get("privileged")):
+        raise ComposeRejected(f"{where}: privileged containers are not allowed")
+    for cap in _str_list(svc.get("cap_add"), f"{where}: cap_add"):
+        norm = cap.upper().removeprefix("CAP_")
+        if norm not in DEFAULT_CAPS:
+            raise ComposeRejected(
+                f"{where}: cap_add {cap!r} is not allowed (only Docker's default capabilities)"
+            )
+    for opt in _str_list(svc.get("security_opt"), f"{where}: security_opt"):
+        if opt.replace("=", ":") not in ("no-new-privileges", "no-new-privileges:true"):
+            raise ComposeRejected(f"{where}: security_opt {opt!r} is not allowed (only no-new-privileges)")
+    net = svc.get("network_mode")
+    if net is not None and not (
+        net == "none" or (isinstance(net, str) and net.startswith("service:") and net[8:] in services)
+    ):
+        raise ComposeRejected(
+            f"{where}: `network_mode: {net}` would share a network namespace outside the CVM "
+            "(host, the shared default bridge, another container's); use `networks:` or `service:<name>`"
+        )
+    for key in ("pid", "ipc", "cgroup"):
+        value = svc.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or value == "host" or value.startswith("container:"):
+            raise ComposeRejected(f"{where}: `{key}: {value}` would share the host's namespace")
+        if value.startswith("service:") and value.removeprefix("service:") not in services:
+            raise ComposeRejected(f"{where}: `{key}: {value}` names no service of this app")
+    _check_oom(name, svc)
+    if svc.get("runtime") not in (None, "runc"):
+        raise ComposeRejected(f"{where}: runtime {svc.get('runtime')!r} is not allowed")
+    logging_cfg = svc.get("logging") or {}
+    if logging_cfg.get("driver") not in (None, *LOG_DRIVERS):
+        raise ComposeRejected(
+            f"{where}: only the json-file and local logging drivers are allowed (others send the logs from "
+            "the host)"
+        )
+    for src in _str_list(svc.get("volumes_from"), f"{where}: volumes_from"):
+        # `service[:ro|rw]`, or `container:<name>[:mode]`: another container's volumes, never the CVM's
+        source = src.split(":", 1)[0]
+        if src.startswith("container:") or source not in services:
+            raise ComposeRejected(
+                f"{where}: volumes_from {src!r} is not a service of this app (another container's volumes "
+                "are not the CVM's)"
+            )
+    _check_restart(name, svc)
+    _check_labels(where, svc.get("labels"))
+    for sysctl in _names(svc.get("sysctls"), f"{where}: `sysctls`"):
+        if not sysctl.strip().startswith(SYSCTL_PREFIXES):
+            raise ComposeRejected(
+                f"{where}: sysctl {sysctl!r} is not allowed (only the container's own network settings, "
+                f"{', '.join(p + '*' for p in SYSCTL_PREFIXES)})"
+            )
+    for dep in svc.get("depends_on") or []:
+        if dep not in services:
+            raise ComposeRejected(f"{where}: depends_on {dep!r} is not a service of this app")
+        entry = svc["depends_on"][dep] if isinstance(svc["depends_on"], dict) else None
+        condition = (entry or {}).get("condition")
+        if condition is not None and not (isinstance(condition, str) and condition in DEPENDS_ON_CONDITIONS):
+            raise ComposeRejected(f"{where}: depends_on {dep!r}: unknown condition {condition!r}")
+    ports = svc.get("ports") or []
+    for port in ports:
+        _check_port(name, port)
+    _check_service_volumes(name, svc, compose)
+
+
+def _check_restart(name: str, svc: Mapping[str, Any]) -> None:
+    """One container per service, restarted only while the node runs the CVM: `restart: always` (and
+    `deploy.restart_policy.condition: any`) would have dockerd start it again after the node stopped it; more
+    than one replica would multiply the per-container caps."""
+    where = f"service {name!r}"
+    restart = svc.get("restart")
+    if not (
+        restart is None
+        or restart is False  # YAML 1.1 reads an unquoted `no` as false
+        or (isinstance(restart, str) and (restart in RESTART_POLICIES or _ON_FAILURE.match(restart)))
+    ):
+        raise ComposeRejected(
+            f"{where}: `restart: {restart}` is not allowed (use no, on-failure[:N] or unless-stopped: Docker "
+            "would restart an `always` container even after the node stopped the CVM)"
+        )
+    deploy = svc.get("deploy") or {}
+    condition = (deploy.get("restart_policy") or {}).get("condition")
+    if condition is not None and not (isinstance(condition, str) and condition in RESTART_CONDITIONS):
+        raise ComposeRejected(
+            f"{where}: `deploy.restart_policy.condition: {condition}` is not allowed (use none or "
+            "on-failure: Docker would restart an `any` container even after the node stopped the CVM)"
+        )
+    for key, value in (("scale", svc.get("scale")), ("deploy.replicas", deploy.get("replicas"))):
+        if value is not None and (isinstance(value, bool) or str(value).strip() != "1"):
+            raise ComposeRejected(
+                f"{where}: `{key}: {value}` is not allowed: a CVM runs one container per service (the "
+                "node's resource caps apply per container)"
+            )
 
 
 _TRUE_STRINGS = frozenset({"true", "yes", "on", "1"})
@@ -451,7 +564,7 @@ def _check_port(service: str, port: Any) -> None:
     host_ip: str | None = None
     if isinstance(port, dict):
         host_ip = port.get("host_ip")
-    elif isinstance(port, str | int):
+    elif isinstance(port, str | int) and not isinstance(port, bool):
         spec = str(port).split("/", 1)[0]
         if spec.startswith("["):
             raise ComposeRejected(f"service {service!r}: IPv6 host addresses are not supported ({port!r})")
@@ -468,7 +581,11 @@ def _check_port(service: str, port: Any) -> None:
 
 
 def parse_volume(service: str, vol: Any) -> tuple[str, str | None, str, str]:
-    """-> (kind, source, target, mode) with kind in volume | anonymous | bind | tmpfs."""
+    """-> (kind, source, target, mode) with kind in volume | anonymous | bind | tmpfs.
+
+    The short syntax is read as Compose v1 reads it (`source:target[:mode]`), and refused where Compose v2
+    would read it otherwise: a one-letter source (a Windows drive: `d:/x:/y` is the bind mount `d:/x` there),
+    more than three parts, modes other than ro/rw/nocopy (v2 also takes propagation and SELinux options)."""
     if isinstance(vol, dict):
         kind = vol.get("type", "volume")
         target = vol.get("target")
@@ -482,14 +599,28 @@ def parse_volume(service: str, vol: Any) -> tuple[str, str | None, str, str]:
             return "bind", str(source), target, mode
         if kind != "volume":
             raise ComposeRejected(f"service {service!r}: volume type {kind!r} is not supported")
+        if source is not None and not isinstance(source, str):
+            raise ComposeRejected(f"service {service!r}: invalid volume source {source!r}")
         return ("volume" if source else "anonymous"), source, target, mode
     if not isinstance(vol, str):
         raise ComposeRejected(f"service {service!r}: invalid volume {vol!r}")
     parts = vol.split(":")
     if len(parts) == 1:
         return "anonymous", None, parts[0], "rw"
+    if len(parts) > 3:
+        raise ComposeRejected(f"service {service!r}: volume {vol!r} has too many `:`")
     source, target = parts[0], parts[1]
     mode = parts[2] if len(parts) > 2 else "rw"
+    if len(source) == 1 and source.isalpha():
+        raise ComposeRejected(
+            f"service {service!r}: volume {vol!r}: a one-letter source reads as a Windows drive in "
+            "Compose v2; give the volume a longer name"
+        )
+    if not set(mode.split(",")) <= VOLUME_MODES:
+        raise ComposeRejected(
+            f"service {service!r}: volume {vol!r}: mode {mode!r} is not allowed (only "
+            f"{', '.join(sorted(VOLUME_MODES))})"
+        )
     if source.startswith(("/", ".", "~")):
         return "bind", source, target, mode
     return "volume", source, target, mode
