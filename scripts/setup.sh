@@ -26,3 +26,13 @@ fi
 
 echo "setup: pip install -e .[test,fuzz]"
 python3 -m pip install -q -e '.[test,fuzz]' 2>&1 | grep -v -e "Running pip as the 'root' user" -e '^$' || true
+
+# --- confidential AI: the [ai] extra (gguf, openai) and llama-cpp-python built from source (CPU; no
+# prebuilt wheel is reachable here). The build takes several minutes on 2 cores (docs/ai.md has the figure);
+# it is skipped when the pinned version is already installed.
+python3 -m pip install -q -e '.[ai]' 2>&1 | grep -v -e "Running pip as the 'root' user" -e '^$' || true
+if ! python3 -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '0.3.36')" 2>/dev/null; then
+  echo "setup: building llama-cpp-python 0.3.36 from source (several minutes)"
+  CMAKE_BUILD_PARALLEL_LEVEL=2 python3 -m pip install -q --no-binary llama-cpp-python \
+    'llama-cpp-python[server]==0.3.36' 2>&1 | grep -v -e "Running pip as the 'root' user" -e '^$' || true
+fi
