@@ -1,0 +1,85 @@
+"""The attested OpenAI-compatible inference app (a teecloud app like any other).
+
+It gets its keys and quotes only through the guest API (dstack-sdk on /var/run/dstack.sock, or
+DSTACK_SIMULATOR_ENDPOINT under `teecloud agent simulate`), starts the model engine (llama-cpp-python's
+OpenAI server on CPU) as a supervised child on 127.0.0.1, and serves teecloud.ai's front on HOST:PORT.
+
+Environment:
+    MODEL_PATH        GGUF weights (required; on the app's encrypted volume or baked into the image)
+    MODEL_ID          the model name clients use (default: the file name without .gguf)
+    MODEL_SHA256      if set, the app refuses to start unless the weights hash to it (pin it in the
+                      compose file, so the compose hash the quote carries names the weights)
+    RECEIPTS_DIR      receipt store and Merkle log (default /data/receipts: the encrypted volume)
+    HOST, PORT        listener (default 127.0.0.1:8000; the compose file sets HOST=0.0.0.0)
+    ENGINE_PORT       the engine's loopback port (default 8081)
+    ENGINE_THREADS, N_CTX, KEY_EPOCH
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from dstack_sdk import DstackClient
+
+    from teecloud.ai._http import Listener
+    from teecloud.ai.engine import EngineProcess, llama_cpp_argv
+    from teecloud.ai.server import InferenceConfig, keys_from_guest_api, make_inference_app, weights_sha256
+
+    model_path = Path(os.environ["MODEL_PATH"])
+    model_id = os.environ.get("MODEL_ID") or model_path.name.removesuffix(".gguf")
+    digest = weights_sha256(model_path)
+    expected = os.environ.get("MODEL_SHA256", "").lower().removeprefix("0x")
+    if expected and expected != digest.hex():
+        print(f"error: {model_path} has sha256 {digest.hex()}, MODEL_SHA256 says {expected}", file=sys.stderr)
+        return 2
+    guest = DstackClient(timeout=30)
+    keys = keys_from_guest_api(guest, epoch=int(os.environ.get("KEY_EPOCH", "0")))
+
+    def quote(report_data: bytes) -> dict[str, str]:
+        q = guest.get_quote(report_data)
+        return {"quote": q.quote, "event_log": q.event_log, "vm_config": q.vm_config}
+
+    engine_port = int(os.environ.get("ENGINE_PORT", "8081"))
+    engine = EngineProcess(
+        llama_cpp_argv(
+            model_path,
+            port=engine_port,
+            alias=model_id,
+            n_ctx=int(os.environ.get("N_CTX", "2048")),
+            threads=int(os.environ.get("ENGINE_THREADS", "2")),
+        ),
+        f"http://127.0.0.1:{engine_port}",
+    ).start()
+    try:
+        engine.wait_ready(timeout=300)
+        config = InferenceConfig(
+            model_id=model_id,
+            weights_sha256=digest,
+            engine_url=engine.url,
+            receipts_dir=Path(os.environ.get("RECEIPTS_DIR", "/data/receipts")),
+        )
+        listener = Listener(
+            make_inference_app(config, keys, quote),
+            name="teecloud-ai-front",
+            host=os.environ.get("HOST", "127.0.0.1"),
+            port=int(os.environ.get("PORT", "8000")),
+        )
+        print(
+            f"serving {model_id} (weights sha256 {digest.hex()}) for app {keys.keyset.app_id.hex()}; "
+            f"receipts signed by {keys.keyset.signing_address}",
+            flush=True,
+        )
+        listener.run_forever()
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Shared HTTP plumbing of the inference front and the verifying proxy: a listener under teecloud._serve's
+limits in a background thread, bounded body reads, OpenAI-shaped JSON errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from teecloud._serve import LimitedServer, ServeLimits, limited_config
+
+__all__ = ["AI_LISTENER", "BodyTooLarge", "Listener", "openai_error", "read_body"]
+
+# An inference listener: few clients, long answers (a streamed completion holds its connection).
+AI_LISTENER = ServeLimits(max_connections=128, backlog=256, keep_alive_timeout_s=15.0)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def openai_error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    """The error shape OpenAI clients parse: {"error": {"message", "type", "code"}}."""
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BodyTooLarge(f"request body above {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body above {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Listener:
+    """An ASGI app on host:port (127.0.0.1 unless told) in a daemon thread, under `limits`."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: ServeLimits = AI_LISTENER,
+    ) -> None:
+        self.host = host
+        self.name = name
+        self._server = LimitedServer(limited_config(app, limits, host=host, port=port), limits, name=name)
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> Listener:
+        self._thread = threading.Thread(target=self._server.run, name=self.name, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start on {self.host} (port in use?)")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def run_forever(self) -> None:
+        self._server.run()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> Listener:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,377 @@
+"""The client's verifying proxy: an OpenAI-compatible endpoint on localhost that forwards to an attested
+inference app only after checking it, and checks every answer's receipt.
+
+Attestation of the upstream (`UpstreamVerifier.attest`), each step an UpstreamRejected(step=...) on failure:
+    (1) GET /v1/attestation/report?nonce=<32 fresh random bytes>; the answer echoes our nonce
+    (2) the key set parses and its digest is the one reported
+    (3) report_data == sha256(JCS({keyset_digest, nonce, purpose})) and is what the quote signs
+    (4) the quote and event log verify under the shared peer verifier (teecloud.peer: TCB, simulated only
+        where a dev root is trusted, RTMR replay, boot_info)
+    (5) the key set names the quoted app; the app id and compose hash are the expected ones, if given
+    (6) the key set's signing key chain leads to the KMS root (the k256 key KmsAuth publishes)
+    (7) the served model and weights digest are the expected ones, if given
+Then the key set is pinned. Per request: the prompt is sealed to the pinned E2EE key (non-streamed requests),
+the answer's receipt is fetched and checked against the pinned key set, the bytes sent and received, and
+its inclusion proof under the signed tree head; only then is the answer returned. A streamed answer is
+passed on as it comes and checked at its end; a failure there ends the stream with an error event (the
+OpenAI client raises). On any failure nothing unverified is returned as a normal answer: 502 with the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from teecloud.ai._http import BodyTooLarge, openai_error, read_body
+from teecloud.ai.e2ee import ClientSession
+from teecloud.ai.errors import AiError, EnvelopeRejected, KeySetInvalid, UpstreamRejected
+from teecloud.ai.keyset import ATTESTATION_PURPOSE, KeySet, report_data_for
+from teecloud.ai.receiptlog import TreeHead, leaf_hash, verify_inclusion
+from teecloud.ai.receipts import SignedReceipt, verify_receipt
+from teecloud.peer import PeerRejected, PeerVerifier
+
+__all__ = ["ProxyPolicy", "Upstream", "UpstreamVerifier", "make_proxy_app"]
+
+_MAX_REPORT_BYTES = 1024 * 1024
+_MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ProxyPolicy:
+    kms_root_public_key: bytes
+    expected_app_id: bytes | None = None
+    allowed_compose_hashes: frozenset[bytes] | None = None
+    expected_model: str | None = None
+    expected_weights_sha256: bytes | None = None
+    e2ee: bool = True
+    reattest_s: float = 600.0
+    max_request_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What attestation established and the proxy pins."""
+
+    keyset: KeySet
+    keyset_digest: bytes
+    app_id: bytes
+    compose_hash: bytes
+    model: str
+    weights_sha256: bytes
+    simulated: bool
+    attested_at: float
+
+
+def _json(resp: httpx.Response, step: str, limit: int) -> Any:
+    if len(resp.content) > limit:
+        raise UpstreamRejected("the upstream's answer is oversized", step=step)
+    try:
+        return json.loads(resp.content)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UpstreamRejected("the upstream's answer is not JSON", step=step) from None
+
+
+class UpstreamVerifier:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        verifier: PeerVerifier,
+        policy: ProxyPolicy,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.verifier = verifier
+        self.policy = policy
+        self.clock = clock
+        self.pinned: Upstream | None = None
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> Upstream:
+        async with self._lock:
+            if self.pinned is None or self.clock() - self.pinned.attested_at > self.policy.reattest_s:
+                # A rotated key set is accepted only because it passed every check of attest() again.
+                self.pinned = await self.attest()
+            return self.pinned
+
+    async def attest(self) -> Upstream:
+        pol = self.policy
+        # (1)
+        nonce = os.urandom(32)
+        try:
+            resp = await self.client.get("/v1/attestation/report", params={"nonce": nonce.hex()})
+        except httpx.HTTPError as exc:
+            raise UpstreamRejected(f"cannot reach the upstream: {type(exc).__name__}", step="report") from exc
+        if resp.status_code != 200:
+            raise UpstreamRejected(f"the attestation route answered {resp.status_code}", step="report")
+        report = _json(resp, "report", _MAX_REPORT_BYTES)
+        if not isinstance(report, dict) or report.get("nonce") != nonce.hex():
+            raise UpstreamRejected("the report does not echo our nonce", step="report")
+        # (2)
+        try:
+            keyset = KeySet.from_json(report.get("keyset"))
+        except AiError as exc:
+            raise UpstreamRejected(str(exc), step="keyset") from exc
+        digest = keyset.digest()
+        if report.get("keyset_digest") != digest.hex():
+            raise UpstreamRejected("the reported keyset_digest is not the key set's", step="keyset")
+        # (3)
+        expected_rd = report_data_for(digest, nonce, ATTESTATION_PURPOSE)
+        quote_hex, event_log = report.get("quote"), report.get("event_log")
+        if not isinstance(quote_hex, str) or not isinstance(event_log, str):
+            raise UpstreamRejected("the report has no quote or event log", step="report")
+        try:
+            quote = bytes.fromhex(quote_hex)
+        except ValueError:
+            raise UpstreamRejected("the quote is not hex", step="report") from None
+        # (4)
+        try:
+            peer = await asyncio.to_thread(self.verifier.verify_quote, quote, event_log)
+        except PeerRejected as exc:
+            raise UpstreamRejected(f"{exc.step}: {exc.reason}", step="quote") from exc
+        if peer.evidence.report_data != expected_rd.ljust(64, b"\x00"):
+            raise UpstreamRejected(
+                "the quote's report_data does not bind this key set and our nonce", step="report_data"
+            )
+        # (5)
+        if peer.app_id != keyset.app_id:
+            raise UpstreamRejected("the key set names another app than the quote", step="app_id")
+        if pol.expected_app_id is not None and peer.app_id != pol.expected_app_id:
+            raise UpstreamRejected(
+                f"the upstream is app {peer.app_id.hex()}, expected {pol.expected_app_id.hex()}",
+                step="app_id",
+            )
+        if pol.allowed_compose_hashes is not None and peer.compose_hash not in pol.allowed_compose_hashes:
+            raise UpstreamRejected(
+                f"compose hash {peer.compose_hash.hex()} is not allowed", step="compose_hash"
+            )
+        # (6)
+        try:
+            keyset.verify_chain(pol.kms_root_public_key)
+        except KeySetInvalid as exc:
+            raise UpstreamRejected(exc.reason, step="keyset_chain") from exc
+        # (7)
+        model, weights = report.get("model"), report.get("weights_sha256")
+        if not isinstance(model, str) or not isinstance(weights, str):
+            raise UpstreamRejected("the report names no model", step="model")
+        if pol.expected_model is not None and model != pol.expected_model:
+            raise UpstreamRejected(
+                f"the upstream serves {model!r}, expected {pol.expected_model!r}", step="model"
+            )
+        if pol.expected_weights_sha256 is not None and weights != pol.expected_weights_sha256.hex():
+            raise UpstreamRejected("the upstream's weights digest is not the expected one", step="model")
+        return Upstream(
+            keyset=keyset,
+            keyset_digest=digest,
+            app_id=peer.app_id,
+            compose_hash=peer.compose_hash,
+            model=model,
+            weights_sha256=bytes.fromhex(weights) if len(weights) == 64 else b"",
+            simulated=peer.simulated,
+            attested_at=self.clock(),
+        )
+
+    async def check_receipt(
+        self, up: Upstream, rid: str | None, sent: bytes, received: bytes
+    ) -> SignedReceipt:
+        if not rid:
+            raise UpstreamRejected("the answer carries no x-receipt-id", step="receipt")
+        resp = None
+        for _ in range(20):  # a streamed answer's receipt is written as its stream ends
+            try:
+                resp = await self.client.get(f"/v1/receipts/{rid}")
+            except httpx.HTTPError as exc:
+                raise UpstreamRejected(
+                    f"cannot fetch the receipt: {type(exc).__name__}", step="receipt"
+                ) from exc
+            if resp.status_code != 404:
+                break
+            await asyncio.sleep(0.05)
+        if resp is None or resp.status_code != 200:
+            raise UpstreamRejected(f"the receipt is not served ({resp and resp.status_code})", step="receipt")
+        doc = _json(resp, "receipt", _MAX_REPORT_BYTES)
+        try:
+            receipt = SignedReceipt.from_json(doc.get("receipt") if isinstance(doc, dict) else None)
+            body = verify_receipt(
+                receipt,
+                kms_root_public_key=self.policy.kms_root_public_key,
+                expected_app_id=up.app_id,
+                pinned_keyset_digest=up.keyset_digest,
+                request_body=sent,
+                response_body=received,
+            )
+            if body.id != rid or body.model != up.model:
+                raise UpstreamRejected("the receipt is for another request or model", step="receipt")
+            head = TreeHead.from_json(doc.get("tree_head"))
+            head.verify(up.keyset.signing_public_key)
+            proof = [bytes.fromhex(p) for p in doc.get("inclusion_proof", [])][:64]
+            index = doc.get("leaf_index")
+            if not isinstance(index, int) or not verify_inclusion(
+                leaf_hash(body.body_sha256()), index, head.tree_size, proof, head.root_hash
+            ):
+                raise UpstreamRejected("the receipt is not in the published log", step="receipt_log")
+        except UpstreamRejected:
+            raise
+        except (AiError, ValueError, TypeError, AttributeError) as exc:
+            step = getattr(exc, "step", "receipt")
+            raise UpstreamRejected(str(getattr(exc, "reason", exc)), step=step) from exc
+        return receipt
+
+
+def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolicy) -> FastAPI:
+    app = FastAPI(title="teecloud verifying AI proxy", docs_url=None, redoc_url=None)
+    client = httpx.AsyncClient(base_url=upstream_url, timeout=httpx.Timeout(300.0, connect=10.0))
+    up_verifier = UpstreamVerifier(client, verifier, policy)
+    app.state.upstream = up_verifier
+
+    def refused(exc: UpstreamRejected) -> Response:
+        return openai_error(
+            502, f"teecloud proxy refused the upstream: {exc}", "upstream_verification_failed"
+        )
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        try:
+            up = await up_verifier.current()
+        except UpstreamRejected as exc:
+            return refused(exc)
+        data = [{"id": up.model, "object": "model", "created": 0, "owned_by": "teecloud"}]
+        return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
+
+    @app.get("/v1/teecloud/upstream")
+    async def upstream_info() -> Response:
+        try:
+            up = await up_verifier.current()
+        except UpstreamRejected as exc:
+            return refused(exc)
+        info = {
+            "app_id": up.app_id.hex(),
+            "compose_hash": up.compose_hash.hex(),
+            "model": up.model,
+            "weights_sha256": up.weights_sha256.hex(),
+            "keyset": up.keyset.to_json(),
+            "simulated": up.simulated,
+        }
+        return Response(json.dumps(info), media_type="application/json")
+
+    async def completion(request: Request, route: str) -> Response:
+        try:
+            raw = await read_body(request, policy.max_request_bytes)
+        except BodyTooLarge as exc:
+            return openai_error(413, str(exc))
+        try:
+            req = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return openai_error(400, "the request body is not JSON")
+        if not isinstance(req, dict):
+            return openai_error(400, "the request body must be a JSON object")
+        try:
+            up = await up_verifier.current()
+        except UpstreamRejected as exc:
+            return refused(exc)
+        stream = req.get("stream") is True
+        session: ClientSession | None = None
+        sent = raw
+        if policy.e2ee and not stream:
+            session = ClientSession(
+                up.keyset.e2ee_public_key, str(req.get("model", up.model)), now=int(time.time())
+            )
+            sent = json.dumps(session.seal_request(raw)).encode()
+        headers = {"content-type": "application/json"}
+        try:
+            resp = await client.send(
+                client.build_request("POST", route, content=sent, headers=headers), stream=True
+            )
+        except httpx.HTTPError as exc:
+            return refused(
+                UpstreamRejected(f"cannot reach the upstream: {type(exc).__name__}", step="forward")
+            )
+        rid = resp.headers.get("x-receipt-id")
+        if resp.status_code != 200:
+            body = (await resp.aread())[:65536]
+            await resp.aclose()
+            return Response(body, status_code=resp.status_code, media_type="application/json")
+        if not stream:
+            try:
+                received = await _read_limited(resp, _MAX_ANSWER_BYTES)
+                await up_verifier.check_receipt(up, rid, sent, received)
+                answer = received if session is None else session.open_response(json.loads(received))
+            except UpstreamRejected as exc:
+                return refused(exc)
+            except (EnvelopeRejected, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                return refused(UpstreamRejected(str(exc), step="e2ee"))
+            return Response(
+                answer,
+                media_type="application/json",
+                headers={"x-receipt-id": rid or "", "x-teecloud-verified": "receipt"},
+            )
+
+        async def events() -> AsyncIterator[bytes]:
+            parts: list[bytes] = []
+            size = 0
+            try:
+                async for chunk in resp.aiter_raw():
+                    size += len(chunk)
+                    if size > _MAX_ANSWER_BYTES:
+                        raise UpstreamRejected("the streamed answer is oversized", step="forward")
+                    parts.append(chunk)
+                    yield chunk
+                await up_verifier.check_receipt(up, rid, sent, b"".join(parts))
+            except UpstreamRejected as exc:
+                err = {
+                    "error": {
+                        "message": f"teecloud proxy refused the upstream: {exc}",
+                        "type": "server_error",
+                    }
+                }
+                yield b"data: " + json.dumps(err).encode() + b"\n\n"
+            except httpx.HTTPError as exc:
+                err = {
+                    "error": {
+                        "message": f"the upstream stream broke: {type(exc).__name__}",
+                        "type": "server_error",
+                    }
+                }
+                yield b"data: " + json.dumps(err).encode() + b"\n\n"
+            finally:
+                await resp.aclose()
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"x-receipt-id": rid or ""}
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await completion(request, "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await completion(request, "/v1/completions")
+
+    return app
+
+
+async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
+    parts, size = [], 0
+    try:
+        async for chunk in resp.aiter_raw():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamRejected("the answer is oversized", step="forward")
+            parts.append(chunk)
+    except httpx.HTTPError as exc:
+        raise UpstreamRejected(
+            f"the upstream answer broke off: {type(exc).__name__}", step="forward"
+        ) from exc
+    finally:
+        await resp.aclose()
+    return b"".join(parts)

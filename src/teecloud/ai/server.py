@@ -1,0 +1,399 @@
+"""The attested inference front: an OpenAI-compatible API in front of a real engine (llama.cpp's server on
+CPU, vLLM's on a GPU — both speak the same OpenAI routes), adding what a client needs to trust an answer.
+
+    GET  /v1/models                       the served model, with the sha256 of its weights
+    POST /v1/chat/completions, /v1/completions
+                                          forwarded to the engine (SSE streams pass through as they come);
+                                          the body may be an E2EE envelope (teecloud.ai.e2ee), then the
+                                          answer is sealed to the client; every answered request gets a
+                                          signed receipt (`x-receipt-id` header) appended to the Merkle log
+    GET  /v1/receipts/{id}                the receipt, leaf index, inclusion proof, signed tree head
+    GET  /v1/receipts/root                the signed tree head (the published root)
+    GET  /v1/attestation/report?nonce=    a fresh quote whose report_data is
+                                          sha256(JCS({keyset_digest, nonce, purpose})), the key set, the event
+                                          log; plus the legacy vllm-proxy fields (signing_address, ...)
+    GET  /v1/signature/{id}               vllm-proxy's legacy per-request signature (EIP-191 over
+                                          "request_sha256:response_sha256")
+
+Keys and quotes come only through the guest API (`keys_from_guest_api`, a `quote` callable over dstack-sdk),
+as for any app. A quote taken here is taken after boot: the KMS never releases keys to it (boot-time rule).
+Client mistakes are 4xx with an OpenAI-shaped error; an engine that is down or crashing is 503; request and
+response bodies are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from eth_utils.crypto import keccak
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from teecloud.ai._http import BodyTooLarge, openai_error, read_body
+from teecloud.ai.e2ee import OpenedRequest, ServerKey, is_envelope
+from teecloud.ai.errors import EnvelopeRejected, MalformedInput
+from teecloud.ai.keyset import (
+    ATTESTATION_PURPOSE,
+    E2EE_KEY_PATH,
+    MAX_NONCE_BYTES,
+    MIN_NONCE_BYTES,
+    RECEIPT_KEY_PATH,
+    RECEIPT_KEY_PURPOSE,
+    KeySet,
+    chain_from_hex,
+    key_path,
+    report_data_for,
+)
+from teecloud.ai.receiptlog import ReceiptLog
+from teecloud.ai.receipts import ReceiptBody, sign_receipt
+from teecloud.keys.sigchain import k256_public_key, sign_k256_recoverable
+
+__all__ = [
+    "GuestKeyMaterial",
+    "InferenceConfig",
+    "QuoteFn",
+    "keys_from_guest_api",
+    "make_inference_app",
+    "weights_sha256",
+]
+
+log = logging.getLogger("teecloud.ai.server")
+
+QuoteFn = Callable[[bytes], dict[str, str]]  # report_data -> {"quote", "event_log", "vm_config"} (hex/JSON)
+E2EE_KEY_PURPOSE = "teecloud-ai-e2ee"
+_COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    model_id: str
+    weights_sha256: bytes
+    engine_url: str
+    receipts_dir: Path
+    max_request_bytes: int = 256 * 1024
+    max_response_bytes: int = 8 * 1024 * 1024
+    max_tokens: int = 4096
+    engine_timeout_s: float = 300.0
+    e2ee_window_s: int = 120
+    max_concurrent_quotes: int = 4
+    extra_report: dict[str, Any] = field(default_factory=dict)  # e.g. GPU evidence, when there is any
+
+
+@dataclass(frozen=True)
+class GuestKeyMaterial:
+    signing_secret: bytes
+    e2ee_secret: bytes
+    keyset: KeySet
+
+
+def keys_from_guest_api(
+    client: Any, *, epoch: int = 0, tls_spki_sha256: bytes = bytes(32)
+) -> GuestKeyMaterial:
+    """The key set from the guest API (a dstack_sdk.DstackClient): GetKey for the receipt-signing key (its
+    signature chain is the KMS's proof) and for the X25519 E2EE secret; Info for the app_id."""
+    info = client.info()
+    app_id = bytes.fromhex(info.app_id.removeprefix("0x"))
+    signing = client.get_key(key_path(RECEIPT_KEY_PATH, epoch), RECEIPT_KEY_PURPOSE)
+    e2ee = client.get_key(key_path(E2EE_KEY_PATH, epoch), E2EE_KEY_PURPOSE)
+    signing_secret = bytes.fromhex(signing.key)
+    e2ee_secret = bytes.fromhex(e2ee.key)
+    keyset = KeySet(
+        app_id=app_id,
+        signing_public_key=k256_public_key(signing_secret),
+        signing_key_chain=chain_from_hex(signing.signature_chain),
+        e2ee_public_key=X25519PrivateKey.from_private_bytes(e2ee_secret).public_key().public_bytes_raw(),
+        tls_spki_sha256=tls_spki_sha256,
+        epoch=epoch,
+    )
+    return GuestKeyMaterial(signing_secret, e2ee_secret, keyset)
+
+
+def weights_sha256(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
+def _personal_sign(secret: bytes, text: str) -> bytes:
+    """EIP-191 personal_sign (what vllm-proxy returns), v in {27, 28}."""
+    data = text.encode()
+    sig = sign_k256_recoverable(
+        secret, keccak(b"\x19Ethereum Signed Message:\n" + str(len(data)).encode() + data)
+    )
+    return sig[:64] + bytes([sig[64] + 27])
+
+
+class _Front:
+    def __init__(
+        self, config: InferenceConfig, keys: GuestKeyMaterial, quote: QuoteFn, clock: Callable[[], float]
+    ):
+        self.config = config
+        self.keys = keys
+        self.quote = quote
+        self.clock = clock
+        self.keyset_digest = keys.keyset.digest()
+        self.e2ee = ServerKey(keys.e2ee_secret, window_s=config.e2ee_window_s)
+        self.log = ReceiptLog(config.receipts_dir)
+        self.quotes = asyncio.Semaphore(config.max_concurrent_quotes)
+        self.client = httpx.AsyncClient(
+            base_url=config.engine_url,
+            timeout=httpx.Timeout(config.engine_timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=64),
+        )
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def receipt(
+        self, rid: str, req: bytes, resp_sha256: bytes, stream: bool, e2ee: bool, started: int
+    ) -> None:
+        body = ReceiptBody(
+            id=rid,
+            app_id=self.keys.keyset.app_id,
+            keyset_digest=self.keyset_digest,
+            model=self.config.model_id,
+            weights_sha256=self.config.weights_sha256,
+            request_sha256=hashlib.sha256(req).digest(),
+            response_sha256=resp_sha256,
+            stream=stream,
+            e2ee=e2ee,
+            started_ms=started,
+            finished_ms=max(started, self.now_ms()),
+        )
+        self.log.append(sign_receipt(body, self.keys.signing_secret, self.keys.keyset))
+
+    def check_request(self, plaintext: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(plaintext)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise MalformedInput("the request body is not JSON") from None
+        if not isinstance(req, dict):
+            raise MalformedInput("the request body must be a JSON object")
+        model = req.get("model", self.config.model_id)
+        if model != self.config.model_id:
+            raise LookupError(f"model {str(model)[:80]!r} is not served here (only {self.config.model_id!r})")
+        for key in ("max_tokens", "max_completion_tokens", "n"):
+            value = req.get(key)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 < value <= self.config.max_tokens
+            ):
+                raise MalformedInput(f"{key!r} must be an integer in 1..{self.config.max_tokens}")
+        if "stream" in req and not isinstance(req["stream"], bool):
+            raise MalformedInput("'stream' must be true or false")
+        return req
+
+
+def make_inference_app(
+    config: InferenceConfig,
+    keys: GuestKeyMaterial,
+    quote: QuoteFn,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    app = FastAPI(title="teecloud attested inference", docs_url=None, redoc_url=None)
+    front = _Front(config, keys, quote, clock)
+    app.state.front = front
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return openai_error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Response:
+        log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
+        return openai_error(500, "internal error", "server_error")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "teecloud",
+                    "weights_sha256": config.weights_sha256.hex(),
+                }
+            ],
+        }
+
+    async def completion(request: Request, route: str) -> Response:
+        started = front.now_ms()
+        try:
+            raw = await read_body(request, config.max_request_bytes)
+        except BodyTooLarge as exc:
+            return openai_error(413, str(exc))
+        opened: OpenedRequest | None = None
+        plaintext = raw
+        try:
+            try:
+                outer = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise MalformedInput("the request body is not JSON") from None
+            if is_envelope(outer):
+                opened = front.e2ee.open_request(outer, model=config.model_id, now=int(clock()))
+                plaintext = opened.plaintext
+            req = front.check_request(plaintext)
+        except EnvelopeRejected as exc:
+            return openai_error(exc.status, str(exc))
+        except MalformedInput as exc:
+            return openai_error(400, str(exc))
+        except LookupError as exc:
+            return openai_error(404, str(exc), "model_not_found")
+        stream = bool(req.get("stream", False))
+        if stream and opened is not None:
+            return openai_error(400, "streaming is not offered for end-to-end encrypted requests")
+        rid = "rcpt-" + secrets.token_hex(12)
+        headers = {"content-type": "application/json"}
+        try:
+            if stream:
+                upstream = await front.client.send(
+                    front.client.build_request("POST", route, content=plaintext, headers=headers), stream=True
+                )
+            else:
+                upstream = await front.client.post(route, content=plaintext, headers=headers)
+        except httpx.HTTPError:
+            return openai_error(503, "the model engine is unavailable; retry shortly", "engine_unavailable")
+        if upstream.status_code >= 500:
+            await upstream.aclose()
+            return openai_error(503, "the model engine failed; retry shortly", "engine_unavailable")
+        if upstream.status_code != 200:
+            body = (await upstream.aread())[: config.max_response_bytes]
+            return Response(body, status_code=upstream.status_code, media_type="application/json")
+        if not stream:
+            answer = upstream.content
+            if len(answer) > config.max_response_bytes:
+                return openai_error(503, "the engine's answer is oversized", "engine_unavailable")
+            out = answer if opened is None else json.dumps(front.e2ee.seal_response(opened, answer)).encode()
+            await asyncio.to_thread(
+                front.receipt, rid, raw, hashlib.sha256(out).digest(), False, opened is not None, started
+            )
+            return Response(out, media_type="application/json", headers={"x-receipt-id": rid})
+
+        async def events() -> AsyncIterator[bytes]:
+            h, size, complete = hashlib.sha256(), 0, False
+            try:
+                async for chunk in upstream.aiter_raw():
+                    size += len(chunk)
+                    if size > config.max_response_bytes:
+                        break
+                    h.update(chunk)
+                    yield chunk
+                else:
+                    complete = True
+            except httpx.HTTPError:
+                log.warning("the engine's stream broke off (receipt %s not issued)", rid)
+            finally:
+                await upstream.aclose()
+                if complete:
+                    await asyncio.to_thread(front.receipt, rid, raw, h.digest(), True, False, started)
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"x-receipt-id": rid, "cache-control": "no-cache"},
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await completion(request, "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await completion(request, "/v1/completions")
+
+    @app.get("/v1/receipts/root")
+    async def root() -> dict[str, Any]:
+        head = front.log.tree_head(keys.keyset.app_id, keys.signing_secret, front.now_ms())
+        return {"tree_head": head.to_json(), "keyset": keys.keyset.to_json()}
+
+    @app.get("/v1/receipts/{rid}")
+    async def receipt(rid: str) -> Response:
+        found = front.log.get(rid)
+        if found is None:
+            return openai_error(404, "no such receipt (a streamed answer gets its receipt when it ends)")
+        doc, index = found
+        head = front.log.tree_head(keys.keyset.app_id, keys.signing_secret, front.now_ms())
+        size, proof, _root = front.log.proof(index, head.tree_size)
+        return JSONResponse(
+            {
+                "receipt": doc,
+                "leaf_index": index,
+                "tree_size": size,
+                "inclusion_proof": [p.hex() for p in proof],
+                "tree_head": head.to_json(),
+            }
+        )
+
+    @app.get("/v1/signature/{rid}")
+    async def legacy_signature(rid: str) -> Response:
+        found = front.log.get(rid)
+        if found is None:
+            return openai_error(404, "no such request id")
+        body = found[0]["body"]
+        text = f"{body['request_sha256']}:{body['response_sha256']}"
+        return JSONResponse(
+            {
+                "text": text,
+                "signature": "0x" + _personal_sign(keys.signing_secret, text).hex(),
+                "signing_address": keys.keyset.signing_address,
+                "signing_algo": "ecdsa",
+            }
+        )
+
+    @app.get("/v1/attestation/report")
+    async def report(nonce: str = "") -> Response:
+        try:
+            raw_nonce = bytes.fromhex(nonce.removeprefix("0x"))
+        except ValueError:
+            return openai_error(400, "nonce must be hex")
+        if not MIN_NONCE_BYTES <= len(raw_nonce) <= MAX_NONCE_BYTES:
+            return openai_error(400, f"nonce must be {MIN_NONCE_BYTES}..{MAX_NONCE_BYTES} bytes of hex")
+        report_data = report_data_for(front.keyset_digest, raw_nonce, ATTESTATION_PURPOSE)
+        if front.quotes.locked():
+            return openai_error(503, "too many attestation requests at once; retry", "busy")
+        async with front.quotes:
+            try:
+                q = await asyncio.to_thread(quote, report_data)
+            except Exception as exc:  # the guest API is down: the caller learns it, the app keeps serving
+                log.error("GetQuote failed: %s", type(exc).__name__)
+                return openai_error(503, "the guest agent did not answer GetQuote", "attestation_unavailable")
+        return JSONResponse(
+            {
+                "purpose": ATTESTATION_PURPOSE,
+                "nonce": raw_nonce.hex(),
+                "keyset": keys.keyset.to_json(),
+                "keyset_digest": front.keyset_digest.hex(),
+                "report_data": report_data.hex(),
+                "quote": q["quote"],
+                "event_log": q["event_log"],
+                "vm_config": q.get("vm_config", ""),
+                "model": config.model_id,
+                "weights_sha256": config.weights_sha256.hex(),
+                # vllm-proxy's shape
+                "signing_address": keys.keyset.signing_address,
+                "signing_algo": "ecdsa",
+                "intel_quote": q["quote"],
+                "nvidia_payload": None,
+                **config.extra_report,
+            }
+        )
+
+    return app
