@@ -1,0 +1,203 @@
+"""`teecloud ai`: the client side of confidential inference.
+
+teecloud ai proxy --upstream URL --kms-root HEX ...   a verifying OpenAI-compatible endpoint on localhost
+teecloud ai verify RECEIPT --kms-root HEX ...         check a receipt (and its log inclusion) offline
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="ai",
+    help="Confidential inference: the verifying proxy and offline receipt checks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+_err = Console(stderr=True)
+_out = Console()
+_MAX_RECEIPT_FILE = 1024 * 1024
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    _err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _hex(value: str | None, name: str, size: int | None = None) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        raw = bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        _fail(f"{name} must be hex", 2)
+    if size is not None and len(raw) != size:
+        _fail(f"{name} must be {size} bytes", 2)
+    return raw
+
+
+def _kms_root(value: str) -> bytes:
+    raw = _hex(value, "--kms-root")
+    assert raw is not None
+    if len(raw) not in (33, 65):
+        _fail("--kms-root is the KMS root's secp256k1 public key (33 or 65 bytes of hex)", 2)
+    return raw
+
+
+@app.callback()
+def _ai() -> None:
+    """Confidential inference: the verifying proxy and offline receipt checks."""
+
+
+@app.command("proxy")
+def proxy(
+    upstream: Annotated[str, typer.Option("--upstream", help="The attested inference app's base URL.")],
+    kms_root: Annotated[
+        str, typer.Option("--kms-root", help="KMS root k256 public key (hex) the app's keys must chain to.")
+    ],
+    port: Annotated[int, typer.Option("--port", help="Local port (127.0.0.1).")] = 8089,
+    app_id: Annotated[str | None, typer.Option("--app-id", help="Expected app id (hex).")] = None,
+    compose_hash: Annotated[
+        list[str] | None, typer.Option("--compose-hash", help="An allowed compose hash (hex); repeatable.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Expected model id.")] = None,
+    weights_sha256: Annotated[
+        str | None, typer.Option("--weights-sha256", help="Expected sha256 of the weights (hex).")
+    ] = None,
+    trust_dev_root: Annotated[
+        bool,
+        typer.Option("--trust-dev-root", help="Accept this installation's SIMULATED TEE (development only)."),
+    ] = False,
+    pccs_url: Annotated[str | None, typer.Option("--pccs-url", help="PCCS for TDX collateral.")] = None,
+    no_e2ee: Annotated[bool, typer.Option("--no-e2ee", help="Send prompts without E2EE.")] = False,
+) -> None:
+    """Serve a verifying OpenAI-compatible endpoint on 127.0.0.1:PORT in front of UPSTREAM: it checks the
+    upstream's quote, event log, app, compose hash and key chain, pins its keys, encrypts prompts and checks
+    every answer's receipt; it refuses (502, with the failing step) on any failure."""
+    from teecloud._fs import data_home
+    from teecloud.ai._http import Listener
+    from teecloud.ai.proxy import ProxyPolicy, make_proxy_app
+    from teecloud.peer import PccsCollateral, PeerPolicy, PeerVerifier, StaticCollateral
+
+    if not 0 <= port <= 65535:
+        _fail("--port must be 0..65535", 2)
+    allowed = frozenset(h for h in (_hex(c, "--compose-hash", 32) for c in compose_hash or []) if h)
+    policy = ProxyPolicy(
+        kms_root_public_key=_kms_root(kms_root),
+        expected_app_id=_hex(app_id, "--app-id", 20),
+        allowed_compose_hashes=allowed or None,
+        expected_model=model,
+        expected_weights_sha256=_hex(weights_sha256, "--weights-sha256", 32),
+        e2ee=not no_e2ee,
+    )
+    if trust_dev_root:
+        from teecloud.tee.simulated import SimulatedTdx
+
+        tee = SimulatedTdx()
+        verifier = PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
+        _err.print("[yellow]warning:[/] trusting this installation's simulated TEE: development only")
+    elif pccs_url:
+        from teecloud.collateral import PccsClient
+
+        verifier = PeerVerifier(
+            PeerPolicy.production(), PccsCollateral(PccsClient(pccs_url, data_home() / "pccs-cache"))
+        )
+    else:
+        _fail("give --pccs-url (real TDX) or --trust-dev-root (the simulated TEE)", 2)
+    listener = Listener(make_proxy_app(upstream, verifier, policy), name="teecloud-ai-proxy", port=port)
+    _out.print(f"teecloud ai proxy: http://127.0.0.1:{port}/v1 -> {upstream} (verifying)", highlight=False)
+    listener.run_forever()
+
+
+@app.command("verify")
+def verify(
+    receipt: Annotated[Path, typer.Argument(help="A receipt JSON (or the GET /v1/receipts/{id} answer).")],
+    kms_root: Annotated[str, typer.Option("--kms-root", help="KMS root k256 public key (hex).")],
+    app_id: Annotated[str | None, typer.Option("--app-id", help="Expected app id (hex).")] = None,
+    request: Annotated[Path | None, typer.Option("--request", help="The request body sent.")] = None,
+    response: Annotated[Path | None, typer.Option("--response", help="The response body received.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
+) -> None:
+    """Check a receipt offline: its key set's chain to the KMS root, its signature, its app, optionally the
+    request and response bytes, and (for a GET /v1/receipts answer) its inclusion in the signed log."""
+    from teecloud.ai import AiError, SignedReceipt, TreeHead, verify_inclusion, verify_receipt
+    from teecloud.ai.receiptlog import leaf_hash
+
+    root = _kms_root(kms_root)
+
+    def read(p: Path | None, what: str) -> bytes | None:
+        if p is None:
+            return None
+        try:
+            with open(p, "rb") as f:
+                data = f.read(_MAX_RECEIPT_FILE * 16 + 1)
+        except OSError as exc:
+            _fail(f"cannot read {what} {p}: {exc.strerror}", 2)
+        if len(data) > _MAX_RECEIPT_FILE * 16:
+            _fail(f"{what} {p} is too large", 2)
+        return data
+
+    raw = read(receipt, "receipt") or b""
+    try:
+        doc: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        _fail(f"{receipt} is not JSON", 2)
+    inner = doc.get("receipt", doc) if isinstance(doc, dict) else doc
+    steps: list[str] = []
+    try:
+        parsed = SignedReceipt.from_json(inner)
+        body = verify_receipt(
+            parsed,
+            kms_root_public_key=root,
+            expected_app_id=_hex(app_id, "--app-id", 20),
+            request_body=read(request, "request"),
+            response_body=read(response, "response"),
+        )
+        steps += ["keyset_chain", "keyset_binding", "signature"]
+        steps += [
+            s for s, given in (("app_id", app_id), ("request", request), ("response", response)) if given
+        ]
+        if isinstance(doc, dict) and "tree_head" in doc:
+            head = TreeHead.from_json(doc["tree_head"])
+            head.verify(parsed.keyset.signing_public_key)
+            proof_hex = doc.get("inclusion_proof")
+            index = doc.get("leaf_index")
+            if not isinstance(proof_hex, list) or len(proof_hex) > 64 or not isinstance(index, int):
+                _fail("the inclusion proof is malformed")
+            proof = [bytes.fromhex(p) for p in proof_hex if isinstance(p, str)]
+            if not verify_inclusion(
+                leaf_hash(body.body_sha256()), index, head.tree_size, proof, head.root_hash
+            ):
+                _fail("refused: receipt_log: the receipt is not in the signed log")
+            steps += ["tree_head", "inclusion"]
+    except AiError as exc:
+        if as_json:
+            _out.print_json(json.dumps({"ok": False, "reason": str(exc)}))
+            raise typer.Exit(1) from None
+        _fail(f"refused: {exc}")
+    except ValueError as exc:
+        _fail(f"refused: malformed receipt: {exc}")
+    verdict = {
+        "ok": True,
+        "steps": steps,
+        "receipt_id": body.id,
+        "app_id": body.app_id.hex(),
+        "model": body.model,
+        "weights_sha256": body.weights_sha256.hex(),
+        "signing_address": parsed.keyset.signing_address,
+    }
+    if as_json:
+        _out.print_json(json.dumps(verdict))
+    else:
+        _out.print(
+            f"receipt {body.id}: verified ({', '.join(steps)}); app {body.app_id.hex()}, model {body.model}, "
+            f"signed by {parsed.keyset.signing_address}",
+            highlight=False,
+        )
