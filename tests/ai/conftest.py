@@ -48,10 +48,20 @@ COMPOSE = {
 }
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (held open together while chosen, so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def write_model(path: Path) -> Path:

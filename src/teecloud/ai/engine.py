@@ -41,6 +41,15 @@ def llama_cpp_argv(model: Path, *, port: int, alias: str, n_ctx: int = 2048, thr
     ]
 
 
+# The engine gets a clean environment: llama-cpp-python's server reads settings such as PORT, HOST and MODEL
+# from it (they would override its arguments), and the app's own variables are none of its business.
+_ENGINE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR", "CUDA_VISIBLE_DEVICES")
+
+
+def _engine_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in _ENGINE_ENV}
+
+
 class EngineProcess:
     """Start `argv`, wait for `url`/v1/models, restart it whenever it exits until `stop()`."""
 
@@ -59,7 +68,9 @@ class EngineProcess:
     def _spawn(self) -> subprocess.Popen[bytes]:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
-            return subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=_engine_env()
+            )
         finally:
             if self.log_path:
                 out.close()  # type: ignore[union-attr]

@@ -1,0 +1,80 @@
+"""examples/llm/app.py run unchanged as a process, as the container runs it: keys and quotes through the guest
+API socket (DSTACK_SIMULATOR_ENDPOINT, as under `teecloud agent simulate`), the engine as its child."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.ai.conftest import MODEL_ID, ROOT, Stack, free_ports
+
+pytestmark = pytest.mark.slow
+
+
+def run_app(stack: Stack, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], int]:
+    port, engine_port = free_ports(2)
+    full = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "DSTACK_SIMULATOR_ENDPOINT": str(stack.sock),
+        "MODEL_PATH": str(stack.model),
+        "MODEL_ID": MODEL_ID,
+        "RECEIPTS_DIR": str(tmp_path / "receipts"),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "ENGINE_PORT": str(engine_port),
+        "ENGINE_THREADS": "1",
+        "N_CTX": "256",
+        **env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "llm" / "app.py")],
+        env=full,
+        stdout=open(tmp_path / "app.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return proc, port
+
+
+def test_the_example_app_serves_with_keys_from_the_guest_api(stack: Stack, tmp_path: Path) -> None:
+    proc, port = run_app(stack, tmp_path, MODEL_SHA256=stack.config.weights_sha256.hex())
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "app.log").read_text()
+            try:
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "app.log").read_text()
+            time.sleep(0.2)
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        rid = r.headers["x-receipt-id"]
+        receipt = httpx.get(f"{url}/v1/receipts/{rid}").json()["receipt"]
+        # The same keys as the in-process front: both derive them through the same guest API.
+        assert receipt["keyset"] == stack.keys.keyset.to_json()
+        assert (tmp_path / "receipts" / "receipts" / f"{rid}.json").is_file()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the app process this test started (its engine is its child)
+        proc.wait(timeout=30)
+
+
+def test_the_example_app_refuses_weights_that_are_not_the_pinned_ones(stack: Stack, tmp_path: Path) -> None:
+    proc, _ = run_app(stack, tmp_path, MODEL_SHA256="00" * 32)
+    assert proc.wait(timeout=60) == 2
+    assert "MODEL_SHA256" in (tmp_path / "app.log").read_text()
