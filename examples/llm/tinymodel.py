@@ -4,7 +4,7 @@ the local example: no model hub is reachable here. Deterministic for a seed, so 
     python3 examples/llm/tinymodel.py OUT.gguf [--seed N]
 
 A sentencepiece-style ("llama") vocabulary: <unk>, <s>, </s>, the 256 byte tokens, a few hundred word
-pieces. 2 layers, 64 wide: it answers gibberish, fast, through the real llama.cpp code path.
+pieces. `tiny`: 2 layers, 64 wide: it answers gibberish, fast, through the real llama.cpp code path.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-N_EMBD, N_LAYER, N_HEAD, N_FF, N_CTX = 64, 2, 4, 128, 512
+N_CTX = 512
+# --size small: ~25 M parameters (100 MB f32), for benchmarks where per-token work should dominate.
+SIZES = {"tiny": (64, 2, 4, 128), "small": (512, 8, 8, 1376)}
 
 
 def vocabulary() -> tuple[list[str], list[float], list[int]]:
@@ -34,8 +36,10 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_tiny_llama(path: Path, *, seed: int = 0) -> Path:
+def write_tiny_llama(path: Path, *, seed: int = 0, size: str = "tiny") -> Path:
     import gguf
+
+    n_embd, n_layer, n_head, n_ff = SIZES[size]
 
     rng = np.random.default_rng(seed)
     tokens, scores, types = vocabulary()
@@ -43,12 +47,12 @@ def write_tiny_llama(path: Path, *, seed: int = 0) -> Path:
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("teecloud-tiny-llama")
     w.add_context_length(N_CTX)
-    w.add_embedding_length(N_EMBD)
-    w.add_block_count(N_LAYER)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD)
-    w.add_rope_dimension_count(N_EMBD // N_HEAD)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_rope_dimension_count(n_embd // n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("llama")
@@ -63,17 +67,17 @@ def write_tiny_llama(path: Path, *, seed: int = 0) -> Path:
         data = np.ones(shape, np.float32) if ones else (rng.standard_normal(shape) * 0.02).astype(np.float32)
         w.add_tensor(name, data)
 
-    t("token_embd.weight", n_vocab, N_EMBD)
-    for i in range(N_LAYER):
-        t(f"blk.{i}.attn_norm.weight", N_EMBD, ones=True)
+    t("token_embd.weight", n_vocab, n_embd)
+    for i in range(n_layer):
+        t(f"blk.{i}.attn_norm.weight", n_embd, ones=True)
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            t(f"blk.{i}.{name}.weight", N_EMBD, N_EMBD)
-        t(f"blk.{i}.ffn_norm.weight", N_EMBD, ones=True)
-        t(f"blk.{i}.ffn_gate.weight", N_FF, N_EMBD)
-        t(f"blk.{i}.ffn_up.weight", N_FF, N_EMBD)
-        t(f"blk.{i}.ffn_down.weight", N_EMBD, N_FF)
-    t("output_norm.weight", N_EMBD, ones=True)
-    t("output.weight", n_vocab, N_EMBD)
+            t(f"blk.{i}.{name}.weight", n_embd, n_embd)
+        t(f"blk.{i}.ffn_norm.weight", n_embd, ones=True)
+        t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        t(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        t(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
+    t("output_norm.weight", n_embd, ones=True)
+    t("output.weight", n_vocab, n_embd)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -85,5 +89,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     args = ap.parse_args()
-    print(write_tiny_llama(args.out, seed=args.seed))
+    print(write_tiny_llama(args.out, seed=args.seed, size=args.size))

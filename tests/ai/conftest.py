@@ -10,6 +10,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +102,9 @@ class Stack:
         return Listener(app, name="test-ai-proxy")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("ai-home")
+@contextmanager
+def running_stack(home: Path, *, model: Path | None = None, threads: int = 1) -> Iterator[Stack]:
+    """The whole stack under `home` (also used by bench/bench_ai.py); everything it starts it stops."""
     sockdir = Path(tempfile.mkdtemp(prefix="tcai-", dir="/tmp"))
     tee = SimulatedTdx(home)
     provider = LocalDevKeyProvider(home)
@@ -113,10 +114,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     runner = AgentRunner(state, dstack_sock=sockdir / "dstack.sock")
     runner.start()
-    model = write_model(home / "tiny.gguf")
+    model = model or write_model(home / "tiny.gguf")
     port = free_port()
     engine = EngineProcess(
-        llama_cpp_argv(model, port=port, alias=MODEL_ID, n_ctx=512, threads=1),
+        llama_cpp_argv(model, port=port, alias=MODEL_ID, n_ctx=512, threads=threads),
         f"http://127.0.0.1:{port}",
         log_path=home / "engine.log",
     ).start()
@@ -131,7 +132,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             return {"quote": q.quote, "event_log": q.event_log, "vm_config": q.vm_config}
 
         config = InferenceConfig(
-            MODEL_ID, weights_sha256(model), engine.url, home / "receipts", max_tokens=64
+            MODEL_ID, weights_sha256(model), engine.url, home / "receipts", max_tokens=256
         )
         front = Listener(make_inference_app(config, keys, quote), name="test-ai-front").start()
         yield Stack(
@@ -153,3 +154,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         engine.stop()
         runner.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("ai-home")) as s:
+        yield s

@@ -1,0 +1,142 @@
+"""Confidential inference overhead: tokens/s and time to first token (TTFT) through the attested app's front
+and through the verifying proxy, against the engine called directly, on the same model in the same run; and
+receipts signed per second.
+
+    python3 bench/bench_ai.py [--size small|tiny] [--requests 12] [--tokens 64] [--threads 2]
+
+The stack is the tests' (tests/ai/conftest.py): a simulated CVM and guest agent, llama-cpp-python's server
+(the real engine) on a random-weight llama GGUF written here (`small`: ~25 M parameters, 100 MB f32), the
+teecloud.ai front, the verifying proxy (attested once, then each streamed answer's receipt is fetched and
+checked at its end). One client, streamed chat completions, EOS suppressed so each answer has --tokens
+tokens, each prompt new; the three paths are interleaved request by request so machine load (shared,
+2 cores) hits them alike. Goals (issue 21): >= 98 % of direct throughput, <= 5 ms added to the first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+
+
+def one(http: object, url: str, tokens: int, i: int) -> tuple[float, float, int]:
+    """(ttft_s, total_s, content chunks) of one streamed chat completion."""
+    import httpx
+
+    assert isinstance(http, httpx.Client)
+    body = {
+        "model": "tiny-llama",
+        "messages": [{"role": "user", "content": f"request {i:04d}: hello world, tell me about the model"}],
+        "max_tokens": tokens,
+        "stream": True,
+        "temperature": 0,
+        "logit_bias": {"2": -100},
+    }
+    t0 = time.perf_counter()
+    first, n = 0.0, 0
+    with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            doc = json.loads(line[6:])
+            assert "error" not in doc, doc
+            if doc["choices"] and doc["choices"][0]["delta"].get("content"):
+                n += 1
+                if not first:
+                    first = time.perf_counter() - t0
+    return first, time.perf_counter() - t0, n
+
+
+def receipts_per_second(home: Path, seconds: float = 2.0) -> tuple[float, float]:
+    from tests.ai._keys import app_keys
+
+    from teecloud.ai import ReceiptBody, ReceiptLog, sign_receipt
+
+    keys = app_keys()
+
+    def body(i: int) -> ReceiptBody:
+        h = hashlib.sha256(str(i).encode()).digest()
+        return ReceiptBody(
+            f"r{i}", keys.keyset.app_id, keys.keyset.digest(), "m", h, h, h, False, False, 1, 2
+        )
+
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sign_receipt(body(n), keys.signing_secret, keys.keyset)
+        n += 1
+    signed = n / (time.perf_counter() - t0)
+    log = ReceiptLog(home / "bench-log")
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        log.append(sign_receipt(body(n), keys.signing_secret, keys.keyset))
+        n += 1
+    return signed, n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=["tiny", "small"], default="small")
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import logging
+
+    import httpx
+
+    logging.disable(logging.WARNING)
+    from tests.ai.conftest import running_stack, write_model
+
+    home = Path(tempfile.mkdtemp(prefix="bench-ai-"))
+    os.environ["TEECLOUD_HOME"] = str(home)
+    spec_path = ROOT / "examples" / "llm" / "tinymodel.py"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tinymodel", spec_path)
+    assert spec and spec.loader
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    model = tiny.write_tiny_llama(home / f"{args.size}.gguf", size=args.size) if args.size != "tiny" else None
+    del write_model
+    with running_stack(home, model=model, threads=args.threads) as s, s.proxy(e2ee=False) as proxy:
+        paths = {"engine direct": s.engine.url, "attested app": s.front.url, "app + proxy": proxy.url}
+        stats: dict[str, list[tuple[float, float, int]]] = {k: [] for k in paths}
+        with httpx.Client(timeout=300) as http:
+            for url in paths.values():  # warm up (and attest, for the proxy)
+                one(http, url, 4, 9999)
+            i = 0
+            for _ in range(args.requests):
+                for name, url in paths.items():
+                    i += 1  # a different prompt each time: no path gets the engine's prompt cache for free
+                    stats[name].append(one(http, url, args.tokens, i))
+        signed, logged = receipts_per_second(home)
+    base_tps = statistics.median(n / t for _, t, n in stats["engine direct"])
+    base_ttft = statistics.median(f for f, _, _ in stats["engine direct"])
+    print(
+        f"model {args.size}, {args.requests} streamed requests x {args.tokens} tokens per path, "
+        f"engine threads {args.threads}, load avg {os.getloadavg()[0]:.1f}"
+    )
+    print("| path | TTFT median (ms) | added TTFT (ms) | tokens/s median (end to end) | vs direct |")
+    print("|---|---|---|---|---|")
+    for name, rows in stats.items():
+        ttft = statistics.median(f for f, _, _ in rows)
+        tps = statistics.median(n / t for _, t, n in rows)
+        print(
+            f"| {name} | {ttft * 1000:.1f} | {(ttft - base_ttft) * 1000:+.1f} | {tps:.1f} | "
+            f"{100 * tps / base_tps:.1f} % |"
+        )
+    print(f"receipts signed: {signed:.0f}/s; signed + appended to the Merkle log (fsync): {logged:.0f}/s")
+
+
+if __name__ == "__main__":
+    main()
