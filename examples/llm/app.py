@@ -11,6 +11,10 @@ Environment:
                       compose file, so the compose hash the quote carries names the weights)
     RECEIPTS_DIR      receipt store and Merkle log (default /data/receipts: the encrypted volume)
     HOST, PORT        listener (default 127.0.0.1:8000; the compose file sets HOST=0.0.0.0)
+    TLS_NAMES         if set (comma-separated DNS names), serve HTTPS with a GetTlsKey key and certificate:
+                      the key's SPKI hash goes into the attested key set, so clients pin it (use the gateway's
+                      TLS passthrough, `<app_id>-<port>s.<base_domain>`, so TLS ends inside the CVM)
+    TLS_DIR           where the TLS key is written for the listener (default /run/teecloud-ai, a tmpfs)
     ENGINE_PORT       the engine's loopback port (default 8081)
     ENGINE_THREADS, N_CTX, KEY_EPOCH
 """
@@ -29,7 +33,13 @@ def main() -> int:
 
     from teecloud.ai._http import Listener
     from teecloud.ai.engine import EngineProcess, llama_cpp_argv
-    from teecloud.ai.server import InferenceConfig, keys_from_guest_api, make_inference_app, weights_sha256
+    from teecloud.ai.server import (
+        InferenceConfig,
+        keys_from_guest_api,
+        make_inference_app,
+        tls_key_from_guest_api,
+        weights_sha256,
+    )
 
     model_path = Path(os.environ["MODEL_PATH"])
     model_id = os.environ.get("MODEL_ID") or model_path.name.removesuffix(".gguf")
@@ -39,7 +49,15 @@ def main() -> int:
         print(f"error: {model_path} has sha256 {digest.hex()}, MODEL_SHA256 says {expected}", file=sys.stderr)
         return 2
     guest = DstackClient(timeout=30)
-    keys = keys_from_guest_api(guest, epoch=int(os.environ.get("KEY_EPOCH", "0")))
+    names = [n.strip() for n in os.environ.get("TLS_NAMES", "").split(",") if n.strip()]
+    tls = None
+    spki = bytes(32)
+    if names:
+        chain, key, spki = tls_key_from_guest_api(
+            guest, Path(os.environ.get("TLS_DIR", "/run/teecloud-ai")), names=names
+        )
+        tls = (chain, key)
+    keys = keys_from_guest_api(guest, epoch=int(os.environ.get("KEY_EPOCH", "0")), tls_spki_sha256=spki)
 
     def quote(report_data: bytes) -> dict[str, str]:
         q = guest.get_quote(report_data)
@@ -69,6 +87,7 @@ def main() -> int:
             name="teecloud-ai-front",
             host=os.environ.get("HOST", "127.0.0.1"),
             port=int(os.environ.get("PORT", "8000")),
+            tls=tls,
         )
         print(
             f"serving {model_id} (weights sha256 {digest.hex()}) for app {keys.keyset.app_id.hex()}; "

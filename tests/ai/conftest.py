@@ -9,7 +9,7 @@ import json
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +88,8 @@ class Stack:
     keys: GuestKeyMaterial
     front: Listener
     config: InferenceConfig
+    guest: DstackClient
+    quote: Callable[[bytes], dict[str, str]]
 
     def verifier(self) -> PeerVerifier:
         return PeerVerifier(PeerPolicy.dev(self.tee.dev_root_der()), StaticCollateral(self.tee.collateral))
@@ -95,6 +97,7 @@ class Stack:
     def policy(self, **kw: object) -> ProxyPolicy:
         kw.setdefault("kms_root_public_key", self.provider.root.k256_public_key)
         kw.setdefault("expected_app_id", self.app_id)
+        kw.setdefault("allow_plain_http", True)  # the plain front; tests/ai/test_tls_pin.py covers HTTPS
         return ProxyPolicy(**kw)  # type: ignore[arg-type]
 
     def proxy(self, upstream: str | None = None, **kw: object) -> Listener:
@@ -147,6 +150,8 @@ def running_stack(home: Path, *, model: Path | None = None, threads: int = 1) ->
             keys,
             front,
             config,
+            guest,
+            quote,
         )
     finally:
         if front is not None:

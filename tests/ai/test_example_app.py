@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from teecloud.ai._http import peer_spki_sha256
 from tests.ai.conftest import MODEL_ID, ROOT, Stack, free_ports
 
 pytestmark = pytest.mark.slow
@@ -45,31 +46,47 @@ def run_app(stack: Stack, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[
 
 
 def test_the_example_app_serves_with_keys_from_the_guest_api(stack: Stack, tmp_path: Path) -> None:
-    proc, port = run_app(stack, tmp_path, MODEL_SHA256=stack.config.weights_sha256.hex())
+    proc, port = run_app(
+        stack,
+        tmp_path,
+        MODEL_SHA256=stack.config.weights_sha256.hex(),
+        TLS_NAMES="localhost",
+        TLS_DIR=str(tmp_path / "tls"),
+    )
+    http = httpx.Client(verify=False, timeout=60)  # the chain ends at the app CA; the key is checked below
     try:
-        url = f"http://127.0.0.1:{port}"
+        url = f"https://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, (tmp_path / "app.log").read_text()
             try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                if http.get(url + "/v1/models", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, (tmp_path / "app.log").read_text()
             time.sleep(0.2)
-        r = httpx.post(
+        r = http.post(
             url + "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
             timeout=60,
         )
         assert r.status_code == 200, r.text
         rid = r.headers["x-receipt-id"]
-        receipt = httpx.get(f"{url}/v1/receipts/{rid}").json()["receipt"]
-        # The same keys as the in-process front: both derive them through the same guest API.
-        assert receipt["keyset"] == stack.keys.keyset.to_json()
+        receipt = http.get(f"{url}/v1/receipts/{rid}").json()["receipt"]
+        # The same keys as the in-process front (both derive them through the same guest API), plus the TLS
+        # key it serves with, by SPKI hash.
+        tls_spki = receipt["keyset"].pop("tls_spki_sha256")
+        expected = stack.keys.keyset.to_json()
+        del expected["tls_spki_sha256"]
+        assert receipt["keyset"] == expected
+        assert (
+            tls_spki == peer_spki_sha256(r).hex()
+            and (tmp_path / "tls" / "tls-key.pem").stat().st_mode & 0o077 == 0
+        )
         assert (tmp_path / "receipts" / "receipts" / f"{rid}.json").is_file()
     finally:
+        http.close()
         os.killpg(proc.pid, signal.SIGTERM)  # the app process this test started (its engine is its child)
         proc.wait(timeout=30)
 

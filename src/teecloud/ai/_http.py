@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from teecloud._serve import LimitedServer, ServeLimits, limited_config
 
-__all__ = ["AI_LISTENER", "BodyTooLarge", "Listener", "openai_error", "read_body"]
+__all__ = ["AI_LISTENER", "BodyTooLarge", "Listener", "openai_error", "peer_spki_sha256", "read_body"]
 
 # An inference listener: few clients, long answers (a streamed completion holds its connection).
 AI_LISTENER = ServeLimits(max_connections=128, backlog=256, keep_alive_timeout_s=15.0)
@@ -51,16 +52,21 @@ class Listener:
         host: str = "127.0.0.1",
         port: int = 0,
         limits: ServeLimits = AI_LISTENER,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """`tls`: (certificate chain PEM file, key PEM file) to serve HTTPS."""
         self.host = host
         self.name = name
-        self._server = LimitedServer(limited_config(app, limits, host=host, port=port), limits, name=name)
+        self.scheme = "https" if tls else "http"
+        extra: dict[str, Any] = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+        config = limited_config(app, limits, host=host, port=port, **extra)
+        self._server = LimitedServer(config, limits, name=name)
         self._thread: threading.Thread | None = None
         self.port = 0
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> Listener:
         self._thread = threading.Thread(target=self._server.run, name=self.name, daemon=True)
@@ -86,3 +92,26 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def peer_spki_sha256(resp: Any) -> bytes | None:
+    """sha256 of the DER SubjectPublicKeyInfo of the TLS certificate the server of an httpx response
+    presented on that very connection; None over plain HTTP."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    stream = resp.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(True)  # positional: the sync transport gives a _ssl._SSLSocket
+    if not der:
+        return None
+    spki = (
+        x509.load_der_x509_certificate(der)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return hashlib.sha256(spki).digest()

@@ -10,7 +10,10 @@ Attestation of the upstream (`UpstreamVerifier.attest`), each step an UpstreamRe
     (5) the key set names the quoted app; the app id and compose hash are the expected ones, if given
     (6) the key set's signing key chain leads to the KMS root (the k256 key KmsAuth publishes)
     (7) the served model and weights digest are the expected ones, if given
-Then the key set is pinned. Per request: the prompt is sealed to the pinned E2EE key (non-streamed requests),
+    (8) over HTTPS: the TLS key the upstream presented on this connection is the key set's (SPKI sha256);
+        over plain HTTP only when the policy allows it (local development)
+Then the key set is pinned, and every later answer must come over a connection with that TLS key.
+Per request: the prompt is sealed to the pinned E2EE key (non-streamed requests),
 the answer's receipt is fetched and checked against the pinned key set, the bytes sent and received, and
 its inclusion proof under the signed tree head; only then is the answer returned. A streamed answer is
 passed on as it comes and checked at its end; a failure there ends the stream with an error event (the
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from teecloud.ai._http import BodyTooLarge, openai_error, read_body
+from teecloud.ai._http import BodyTooLarge, openai_error, peer_spki_sha256, read_body
 from teecloud.ai.e2ee import ClientSession
 from teecloud.ai.errors import AiError, EnvelopeRejected, KeySetInvalid, UpstreamRejected
 from teecloud.ai.keyset import ATTESTATION_PURPOSE, KeySet, report_data_for
@@ -55,6 +59,7 @@ class ProxyPolicy:
     e2ee: bool = True
     reattest_s: float = 600.0
     max_request_bytes: int = 256 * 1024
+    allow_plain_http: bool = False  # no TLS key to pin: development only
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class Upstream:
     weights_sha256: bytes
     simulated: bool
     attested_at: float
+    tls_pinned: bool
 
 
 def _json(resp: httpx.Response, step: str, limit: int) -> Any:
@@ -169,6 +175,12 @@ class UpstreamVerifier:
             )
         if pol.expected_weights_sha256 is not None and weights != pol.expected_weights_sha256.hex():
             raise UpstreamRejected("the upstream's weights digest is not the expected one", step="model")
+        # (8)
+        seen = peer_spki_sha256(resp)
+        if seen is None and not pol.allow_plain_http:
+            raise UpstreamRejected("the upstream is not HTTPS: no TLS key to pin", step="tls_pin")
+        if seen is not None and seen != keyset.tls_spki_sha256:
+            raise UpstreamRejected("the upstream's TLS key is not the attested key set's", step="tls_pin")
         return Upstream(
             keyset=keyset,
             keyset_digest=digest,
@@ -178,7 +190,16 @@ class UpstreamVerifier:
             weights_sha256=bytes.fromhex(weights) if len(weights) == 64 else b"",
             simulated=peer.simulated,
             attested_at=self.clock(),
+            tls_pinned=seen is not None,
         )
+
+    @staticmethod
+    def check_pin(up: Upstream, resp: httpx.Response) -> None:
+        seen = peer_spki_sha256(resp)
+        if up.tls_pinned and seen != up.keyset.tls_spki_sha256:
+            raise UpstreamRejected("the answer came over a TLS key other than the pinned one", step="tls_pin")
+        if not up.tls_pinned and seen is not None:
+            raise UpstreamRejected("the upstream switched to TLS after attestation over HTTP", step="tls_pin")
 
     async def check_receipt(
         self, up: Upstream, rid: str | None, sent: bytes, received: bytes
@@ -198,6 +219,7 @@ class UpstreamVerifier:
             await asyncio.sleep(0.05)
         if resp is None or resp.status_code != 200:
             raise UpstreamRejected(f"the receipt is not served ({resp and resp.status_code})", step="receipt")
+        self.check_pin(up, resp)
         doc = _json(resp, "receipt", _MAX_REPORT_BYTES)
         try:
             receipt = SignedReceipt.from_json(doc.get("receipt") if isinstance(doc, dict) else None)
@@ -229,7 +251,12 @@ class UpstreamVerifier:
 
 def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolicy) -> FastAPI:
     app = FastAPI(title="teecloud verifying AI proxy", docs_url=None, redoc_url=None)
-    client = httpx.AsyncClient(base_url=upstream_url, timeout=httpx.Timeout(300.0, connect=10.0))
+    # The upstream's certificate chain ends at its app CA, which no public root vouches for: the connection's
+    # key is checked against the attested key set instead (pinning), on every answer.
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    client = httpx.AsyncClient(base_url=upstream_url, timeout=httpx.Timeout(300.0, connect=10.0), verify=tls)
     up_verifier = UpstreamVerifier(client, verifier, policy)
     app.state.upstream = up_verifier
 
@@ -260,6 +287,7 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             "weights_sha256": up.weights_sha256.hex(),
             "keyset": up.keyset.to_json(),
             "simulated": up.simulated,
+            "tls_pinned": up.tls_pinned,
         }
         return Response(json.dumps(info), media_type="application/json")
 
@@ -296,6 +324,11 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                 UpstreamRejected(f"cannot reach the upstream: {type(exc).__name__}", step="forward")
             )
         rid = resp.headers.get("x-receipt-id")
+        try:
+            up_verifier.check_pin(up, resp)
+        except UpstreamRejected as exc:
+            await resp.aclose()
+            return refused(exc)
         if resp.status_code != 200:
             body = (await resp.aread())[:65536]
             await resp.aclose()

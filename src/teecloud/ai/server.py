@@ -66,6 +66,7 @@ __all__ = [
     "QuoteFn",
     "keys_from_guest_api",
     "make_inference_app",
+    "tls_key_from_guest_api",
     "weights_sha256",
 ]
 
@@ -118,6 +119,27 @@ def keys_from_guest_api(
         epoch=epoch,
     )
     return GuestKeyMaterial(signing_secret, e2ee_secret, keyset)
+
+
+def tls_key_from_guest_api(client: Any, directory: Path, *, names: list[str]) -> tuple[Path, Path, bytes]:
+    """The app's TLS key and certificate chain from GetTlsKey (under the app's KMS-derived CA), written mode
+    0600 to `directory` (a tmpfs or the encrypted volume) for the listener; returns (chain file, key file,
+    sha256 of the certificate's SPKI): the SPKI hash goes into the key set so clients can pin the key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from teecloud._fs import atomic_write
+
+    resp = client.get_tls_key(subject=names[0], alt_names=names, usage_server_auth=True)
+    chain_pem = "".join(resp.certificate_chain).encode()
+    leaf = x509.load_pem_x509_certificate(resp.certificate_chain[0].encode())
+    spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(directory / "tls-chain.pem", chain_pem)
+    atomic_write(directory / "tls-key.pem", resp.key.encode())
+    return directory / "tls-chain.pem", directory / "tls-key.pem", hashlib.sha256(spki).digest()
 
 
 def weights_sha256(path: Path) -> bytes:

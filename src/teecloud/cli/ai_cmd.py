@@ -77,6 +77,10 @@ def proxy(
     ] = False,
     pccs_url: Annotated[str | None, typer.Option("--pccs-url", help="PCCS for TDX collateral.")] = None,
     no_e2ee: Annotated[bool, typer.Option("--no-e2ee", help="Send prompts without E2EE.")] = False,
+    allow_http: Annotated[
+        bool,
+        typer.Option("--allow-http", help="Accept a plain-HTTP upstream (no TLS key to pin; development)."),
+    ] = False,
 ) -> None:
     """Serve a verifying OpenAI-compatible endpoint on 127.0.0.1:PORT in front of UPSTREAM: it checks the
     upstream's quote, event log, app, compose hash and key chain, pins its keys, encrypts prompts and checks
@@ -96,7 +100,12 @@ def proxy(
         expected_model=model,
         expected_weights_sha256=_hex(weights_sha256, "--weights-sha256", 32),
         e2ee=not no_e2ee,
+        allow_plain_http=allow_http,
     )
+    if not upstream.startswith(("https://", "http://")):
+        _fail("--upstream must be an http:// or https:// URL", 2)
+    if upstream.startswith("http://") and not allow_http:
+        _fail("--upstream is plain HTTP: there is no TLS key to pin (give --allow-http for development)", 2)
     if trust_dev_root:
         from teecloud.tee.simulated import SimulatedTdx
 
