@@ -16,6 +16,8 @@ Environment:
                       TLS passthrough, `<app_id>-<port>s.<base_domain>`, so TLS ends inside the CVM)
     TLS_DIR           where the TLS key is written for the listener (default /run/teecloud-ai, a tmpfs)
     ENGINE_PORT       the engine's loopback port (default 8081)
+    GPU               "simulated": attach this installation's simulated GPU's SPDM evidence to each report
+                      (development); unset: no GPU evidence (NVML on a real GPU is not implemented yet)
     ENGINE_THREADS, N_CTX, KEY_EPOCH
 """
 
@@ -63,6 +65,11 @@ def main() -> int:
         q = guest.get_quote(report_data)
         return {"quote": q.quote, "event_log": q.event_log, "vm_config": q.vm_config}
 
+    gpu = None
+    if os.environ.get("GPU") == "simulated":
+        from teecloud.ai.gpu import SimulatedGpu
+
+        gpu = SimulatedGpu()
     engine_port = int(os.environ.get("ENGINE_PORT", "8081"))
     engine = EngineProcess(
         llama_cpp_argv(
@@ -83,7 +90,7 @@ def main() -> int:
             receipts_dir=Path(os.environ.get("RECEIPTS_DIR", "/data/receipts")),
         )
         listener = Listener(
-            make_inference_app(config, keys, quote),
+            make_inference_app(config, keys, quote, gpu=gpu),
             name="teecloud-ai-front",
             host=os.environ.get("HOST", "127.0.0.1"),
             port=int(os.environ.get("PORT", "8000")),

@@ -103,10 +103,10 @@ def test_proxy_refuses_an_upstream_with_another_kms_root_or_app(stack: Stack) ->
             assert f"{step}:" in str(err.value.message), err.value.message
 
 
-def mitm(stack: Stack, rewrite: Any) -> Listener:
+def mitm(stack: Stack, rewrite: Any, upstream: str | None = None) -> Listener:
     """An upstream in the middle (the operator, the gateway) that rewrites what the front answers."""
     app = FastAPI()
-    http = httpx.AsyncClient(base_url=stack.front.url, timeout=60)
+    http = httpx.AsyncClient(base_url=upstream or stack.front.url, timeout=60)
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def relay(path: str, request: Request) -> Response:

@@ -12,6 +12,8 @@ Attestation of the upstream (`UpstreamVerifier.attest`), each step an UpstreamRe
     (7) the served model and weights digest are the expected ones, if given
     (8) over HTTPS: the TLS key the upstream presented on this connection is the key set's (SPKI sha256);
         over plain HTTP only when the policy allows it (local development)
+    (9) GPU evidence, when required or present: each GPU's SPDM evidence chains to a trusted device root
+        and answers nonce = report_data (fresh, and bound to this quote and key set)
 Then the key set is pinned, and every later answer must come over a connection with that TLS key.
 Per request: the prompt is sealed to the pinned E2EE key (non-streamed requests),
 the answer's receipt is fetched and checked against the pinned key set, the bytes sent and received, and
@@ -38,6 +40,7 @@ from fastapi.responses import Response, StreamingResponse
 from teecloud.ai._http import BodyTooLarge, openai_error, peer_spki_sha256, read_body
 from teecloud.ai.e2ee import ClientSession
 from teecloud.ai.errors import AiError, EnvelopeRejected, KeySetInvalid, UpstreamRejected
+from teecloud.ai.gpu import verify_gpu_evidence
 from teecloud.ai.keyset import ATTESTATION_PURPOSE, KeySet, report_data_for
 from teecloud.ai.receiptlog import TreeHead, leaf_hash, verify_inclusion
 from teecloud.ai.receipts import SignedReceipt, verify_receipt
@@ -60,6 +63,8 @@ class ProxyPolicy:
     reattest_s: float = 600.0
     max_request_bytes: int = 256 * 1024
     allow_plain_http: bool = False  # no TLS key to pin: development only
+    gpu_trust_anchors: tuple[bytes, ...] = ()  # NVIDIA device identity roots (DER or PEM)
+    require_gpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class Upstream:
     simulated: bool
     attested_at: float
     tls_pinned: bool
+    gpus_verified: int
 
 
 def _json(resp: httpx.Response, step: str, limit: int) -> Any:
@@ -181,6 +187,24 @@ class UpstreamVerifier:
             raise UpstreamRejected("the upstream is not HTTPS: no TLS key to pin", step="tls_pin")
         if seen is not None and seen != keyset.tls_spki_sha256:
             raise UpstreamRejected("the upstream's TLS key is not the attested key set's", step="tls_pin")
+        # (9)
+        gpus = report.get("gpu_evidence") or []
+        if pol.require_gpu and not gpus:
+            raise UpstreamRejected(
+                "GPU attestation is required and the report has no GPU evidence", step="gpu"
+            )
+        if gpus:
+            if not pol.gpu_trust_anchors:
+                if pol.require_gpu:
+                    raise UpstreamRejected("no GPU device root is trusted", step="gpu")
+            else:
+                await asyncio.to_thread(
+                    verify_gpu_evidence,
+                    gpus,
+                    trust_anchors=pol.gpu_trust_anchors,
+                    expected_nonce=expected_rd,
+                    now=int(self.clock()),
+                )
         return Upstream(
             keyset=keyset,
             keyset_digest=digest,
@@ -191,6 +215,7 @@ class UpstreamVerifier:
             simulated=peer.simulated,
             attested_at=self.clock(),
             tls_pinned=seen is not None,
+            gpus_verified=len(gpus) if pol.gpu_trust_anchors else 0,
         )
 
     @staticmethod
@@ -288,6 +313,7 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             "keyset": up.keyset.to_json(),
             "simulated": up.simulated,
             "tls_pinned": up.tls_pinned,
+            "gpus_verified": up.gpus_verified,
         }
         return Response(json.dumps(info), media_type="application/json")
 

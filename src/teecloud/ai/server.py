@@ -11,7 +11,8 @@ CPU, vLLM's on a GPU — both speak the same OpenAI routes), adding what a clien
     GET  /v1/receipts/root                the signed tree head (the published root)
     GET  /v1/attestation/report?nonce=    a fresh quote whose report_data is
                                           sha256(JCS({keyset_digest, nonce, purpose})), the key set, the event
-                                          log; plus the legacy vllm-proxy fields (signing_address, ...)
+                                          log, the GPUs' SPDM evidence for nonce = report_data; plus the
+                                          legacy vllm-proxy fields (signing_address, ...)
     GET  /v1/signature/{id}               vllm-proxy's legacy per-request signature (EIP-191 over
                                           "request_sha256:response_sha256")
 
@@ -44,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from teecloud.ai._http import BodyTooLarge, openai_error, read_body
 from teecloud.ai.e2ee import OpenedRequest, ServerKey, is_envelope
 from teecloud.ai.errors import EnvelopeRejected, MalformedInput
+from teecloud.ai.gpu import GpuEvidenceSource
 from teecloud.ai.keyset import (
     ATTESTATION_PURPOSE,
     E2EE_KEY_PATH,
@@ -227,7 +229,9 @@ def make_inference_app(
     quote: QuoteFn,
     *,
     clock: Callable[[], float] = time.time,
+    gpu: GpuEvidenceSource | None = None,
 ) -> FastAPI:
+    """`gpu`: the GPUs' evidence source; each report then carries their evidence for nonce = report_data."""
     app = FastAPI(title="teecloud attested inference", docs_url=None, redoc_url=None)
     front = _Front(config, keys, quote, clock)
     app.state.front = front
@@ -397,6 +401,13 @@ def make_inference_app(
             except Exception as exc:  # the guest API is down: the caller learns it, the app keeps serving
                 log.error("GetQuote failed: %s", type(exc).__name__)
                 return openai_error(503, "the guest agent did not answer GetQuote", "attestation_unavailable")
+            try:
+                gpu_evidence = await asyncio.to_thread(gpu.collect, report_data) if gpu is not None else []
+            except Exception as exc:  # the GPU did not answer: no report rather than one without its GPU
+                log.error("GPU evidence collection failed: %s", type(exc).__name__)
+                return openai_error(
+                    503, "the GPU did not answer its attestation request", "attestation_unavailable"
+                )
         return JSONResponse(
             {
                 "purpose": ATTESTATION_PURPOSE,
@@ -414,6 +425,7 @@ def make_inference_app(
                 "signing_algo": "ecdsa",
                 "intel_quote": q["quote"],
                 "nvidia_payload": None,
+                "gpu_evidence": gpu_evidence,
                 **config.extra_report,
             }
         )

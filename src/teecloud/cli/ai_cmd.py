@@ -81,6 +81,12 @@ def proxy(
         bool,
         typer.Option("--allow-http", help="Accept a plain-HTTP upstream (no TLS key to pin; development)."),
     ] = False,
+    require_gpu: Annotated[
+        bool, typer.Option("--require-gpu", help="Refuse an upstream without verified GPU evidence.")
+    ] = False,
+    gpu_root: Annotated[
+        list[Path] | None, typer.Option("--gpu-root", help="A trusted NVIDIA device identity root (DER/PEM).")
+    ] = None,
 ) -> None:
     """Serve a verifying OpenAI-compatible endpoint on 127.0.0.1:PORT in front of UPSTREAM: it checks the
     upstream's quote, event log, app, compose hash and key chain, pins its keys, encrypts prompts and checks
@@ -93,6 +99,16 @@ def proxy(
     if not 0 <= port <= 65535:
         _fail("--port must be 0..65535", 2)
     allowed = frozenset(h for h in (_hex(c, "--compose-hash", 32) for c in compose_hash or []) if h)
+    gpu_roots: list[bytes] = []
+    for path in gpu_root or []:
+        try:
+            gpu_roots.append(path.read_bytes()[:65536])
+        except OSError as exc:
+            _fail(f"cannot read --gpu-root {path}: {exc.strerror}", 2)
+    if trust_dev_root:
+        from teecloud.ai.gpu import SimulatedGpu
+
+        gpu_roots.append(SimulatedGpu().root_der())
     policy = ProxyPolicy(
         kms_root_public_key=_kms_root(kms_root),
         expected_app_id=_hex(app_id, "--app-id", 20),
@@ -101,6 +117,8 @@ def proxy(
         expected_weights_sha256=_hex(weights_sha256, "--weights-sha256", 32),
         e2ee=not no_e2ee,
         allow_plain_http=allow_http,
+        gpu_trust_anchors=tuple(gpu_roots),
+        require_gpu=require_gpu,
     )
     if not upstream.startswith(("https://", "http://")):
         _fail("--upstream must be an http:// or https:// URL", 2)
