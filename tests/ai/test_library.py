@@ -266,3 +266,16 @@ def test_replay_cache_is_bounded_and_refuses_when_full() -> None:
     assert exc.value.status == 429
     # After the window the old entries expire and room returns.
     server.open_request(ClientSession(server.public_key, "m", now=500).seal_request(b"x"), model="m", now=500)
+
+
+def test_the_logs_incremental_tree_matches_the_definition_for_every_size() -> None:
+    from teecloud.ai.receiptlog import _Tree
+
+    leaves = [leaf_hash(hashlib.sha256(bytes([i])).digest()) for i in range(40)]
+    tree = _Tree()
+    for n, leaf in enumerate(leaves, start=1):
+        tree.append(leaf)
+        for size in range(1, n + 1):  # every earlier tree size stays provable
+            assert tree.root(0, size) == _mth(leaves[:size])
+        for i in range(n):
+            assert tree.path(i, 0, n) == inclusion_proof(leaves[:n], i)

@@ -109,6 +109,42 @@ def verify_inclusion(leaf: bytes, index: int, tree_size: int, proof: Sequence[by
     return sn == 0 and r == root
 
 
+class _Tree:
+    """Every complete (perfect, aligned) subtree root, level by level, kept as leaves arrive: the root of a
+    tree of any size and an inclusion proof in it take O(log² n) hashes instead of O(n)."""
+
+    def __init__(self) -> None:
+        self.levels: list[list[bytes]] = [[]]
+
+    def append(self, leaf: bytes) -> None:
+        self.levels[0].append(leaf)
+        k = 0
+        while len(self.levels[k]) % 2 == 0:
+            if len(self.levels) == k + 1:
+                self.levels.append([])
+            self.levels[k + 1].append(_node(self.levels[k][-2], self.levels[k][-1]))
+            k += 1
+
+    def root(self, start: int, size: int) -> bytes:
+        """MTH of leaves[start:start+size]; `start` is a multiple of the largest power of two <= size."""
+        if size == 0:
+            return hashlib.sha256(b"").digest()
+        if size & (size - 1) == 0:
+            level = size.bit_length() - 1
+            return self.levels[level][start >> level]
+        k = _split(size)
+        return _node(self.root(start, k), self.root(start + k, size - k))
+
+    def path(self, index: int, start: int, size: int) -> list[bytes]:
+        """PATH(index, leaves[start:start+size]) (RFC 9162 §2.1.3.1), index relative to start."""
+        if size == 1:
+            return []
+        k = _split(size)
+        if index < k:
+            return [*self.path(index, start, k), self.root(start + k, size - k)]
+        return [*self.path(index - k, start + k, size - k), self.root(start, k)]
+
+
 @dataclass(frozen=True)
 class TreeHead:
     app_id: bytes
@@ -169,6 +205,9 @@ class ReceiptLog:
             with open(self._leaves_path, "r+b") as f:
                 f.truncate(whole)
         self._leaves = [data[i : i + 32] for i in range(0, whole, 32)]
+        self._tree = _Tree()
+        for leaf in self._leaves:
+            self._tree.append(leaf)
         self._index: dict[str, int] = {}
         for i, name in enumerate(self._ids_in_order()):
             self._index[name] = i
@@ -204,6 +243,7 @@ class ReceiptLog:
                 f.flush()
                 os.fsync(f.fileno())
             self._leaves.append(leaf)
+            self._tree.append(leaf)
             self._index[rid] = len(self._leaves) - 1
             return len(self._leaves) - 1
 
@@ -223,16 +263,15 @@ class ReceiptLog:
     def proof(self, index: int, tree_size: int | None = None) -> tuple[int, list[bytes], bytes]:
         """(tree_size, inclusion proof, root) for a leaf, against the current tree unless a size is given."""
         with self._lock:
-            leaves = list(self._leaves)
-        n = len(leaves) if tree_size is None else tree_size
-        if not 0 <= index < n <= len(leaves):
-            raise ValueError("no such leaf in a tree of that size")
-        return n, inclusion_proof(leaves[:n], index), merkle_root(leaves[:n])
+            n = len(self._leaves) if tree_size is None else tree_size
+            if not 0 <= index < n <= len(self._leaves):
+                raise ValueError("no such leaf in a tree of that size")
+            return n, self._tree.path(index, 0, n), self._tree.root(0, n)
 
     def tree_head(self, app_id: bytes, signing_key: bytes, now_ms: int) -> TreeHead:
         with self._lock:
-            leaves = list(self._leaves)
-        head = TreeHead(app_id, len(leaves), merkle_root(leaves), now_ms)
+            n = len(self._leaves)
+            head = TreeHead(app_id, n, self._tree.root(0, n), now_ms)
         return TreeHead(
             head.app_id,
             head.tree_size,
