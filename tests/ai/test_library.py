@@ -279,3 +279,23 @@ def test_the_logs_incremental_tree_matches_the_definition_for_every_size() -> No
             assert tree.root(0, size) == _mth(leaves[:size])
         for i in range(n):
             assert tree.path(i, 0, n) == inclusion_proof(leaves[:n], i)
+
+
+def test_consistency_proofs_for_every_pair_of_sizes() -> None:
+    from teecloud.ai.receiptlog import _Tree, verify_consistency
+
+    leaves = [leaf_hash(hashlib.sha256(bytes([i])).digest()) for i in range(33)]
+    tree = _Tree()
+    for leaf in leaves:
+        tree.append(leaf)
+    for n in range(1, 34):
+        for m in range(1, n + 1):
+            proof = tree.consistency(m, 0, n)
+            assert verify_consistency(m, n, _mth(leaves[:m]), _mth(leaves[:n]), proof), (m, n)
+            if m < n:
+                # A rewritten first tree (one leaf changed) is not extended by the second.
+                forged = [*leaves[: m - 1], leaf_hash(b"\xff" * 32)]
+                assert not verify_consistency(m, n, _mth(forged), _mth(leaves[:n]), proof)
+                assert not verify_consistency(m, n, _mth(leaves[:m]), _mth(leaves[:n]), proof[:-1])
+                other = [*leaves[:m], *[leaf_hash(b"\xee" * 32)] * (n - m)]
+                assert not verify_consistency(m, n, _mth(leaves[:m]), _mth(other), proof)

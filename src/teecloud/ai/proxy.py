@@ -16,8 +16,9 @@ Attestation of the upstream (`UpstreamVerifier.attest`), each step an UpstreamRe
         and answers nonce = report_data (fresh, and bound to this quote and key set)
 Then the key set is pinned, and every later answer must come over a connection with that TLS key.
 Per request: the prompt is sealed to the pinned E2EE key (non-streamed requests),
-the answer's receipt is fetched and checked against the pinned key set, the bytes sent and received, and
-its inclusion proof under the signed tree head; only then is the answer returned. A streamed answer is
+the answer's receipt is fetched and checked against the pinned key set, the bytes sent and received, its
+inclusion proof under the signed tree head, and that head's consistency with the last one seen; only then
+is the answer returned. A streamed answer is
 passed on as it comes and checked at its end; a failure there ends the stream with an error event (the
 OpenAI client raises). On any failure nothing unverified is returned as a normal answer: 502 with the step.
 """
@@ -29,6 +30,7 @@ import json
 import os
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +44,7 @@ from teecloud.ai.e2ee import ClientSession
 from teecloud.ai.errors import AiError, EnvelopeRejected, KeySetInvalid, UpstreamRejected
 from teecloud.ai.gpu import verify_gpu_evidence
 from teecloud.ai.keyset import ATTESTATION_PURPOSE, KeySet, report_data_for
-from teecloud.ai.receiptlog import TreeHead, leaf_hash, verify_inclusion
+from teecloud.ai.receiptlog import TreeHead, leaf_hash, verify_consistency, verify_inclusion
 from teecloud.ai.receipts import SignedReceipt, verify_receipt
 from teecloud.peer import PeerRejected, PeerVerifier
 
@@ -107,6 +109,8 @@ class UpstreamVerifier:
         self.clock = clock
         self.pinned: Upstream | None = None
         self._lock = asyncio.Lock()
+        self.heads: OrderedDict[int, bytes] = OrderedDict()  # tree size -> root, of heads already checked
+        self.last_size = 0
 
     async def current(self) -> Upstream:
         async with self._lock:
@@ -232,9 +236,11 @@ class UpstreamVerifier:
         if not rid:
             raise UpstreamRejected("the answer carries no x-receipt-id", step="receipt")
         resp = None
+        since = self.last_size
+        params = {"since": str(since)} if since else {}
         for _ in range(20):  # a streamed answer's receipt is written as its stream ends
             try:
-                resp = await self.client.get(f"/v1/receipts/{rid}")
+                resp = await self.client.get(f"/v1/receipts/{rid}", params=params)
             except httpx.HTTPError as exc:
                 raise UpstreamRejected(
                     f"cannot fetch the receipt: {type(exc).__name__}", step="receipt"
@@ -266,6 +272,29 @@ class UpstreamVerifier:
                 leaf_hash(body.body_sha256()), index, head.tree_size, proof, head.root_hash
             ):
                 raise UpstreamRejected("the receipt is not in the published log", step="receipt_log")
+            # The log only grows: the head extends the last one this proxy saw (a rewritten or forked log
+            # fails here).
+            if since:
+                cons = doc.get("consistency")
+                cproof = cons.get("proof") if isinstance(cons, dict) else None
+                if (
+                    not isinstance(cons, dict)
+                    or cons.get("first") != since
+                    or not isinstance(cproof, list)
+                    or len(cproof) > 64
+                    or not verify_consistency(
+                        since,
+                        head.tree_size,
+                        self.heads[since],
+                        head.root_hash,
+                        [bytes.fromhex(c) for c in cproof],
+                    )
+                ):
+                    raise UpstreamRejected("the log does not extend the one seen before", step="receipt_log")
+            self.heads[head.tree_size] = head.root_hash
+            while len(self.heads) > 256:
+                self.heads.popitem(last=False)
+            self.last_size = max(self.last_size, head.tree_size)
         except UpstreamRejected:
             raise
         except (AiError, ValueError, TypeError, AttributeError) as exc:

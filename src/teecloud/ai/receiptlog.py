@@ -6,6 +6,9 @@ signed tree heads, so a provider cannot deny or rewrite an answer it gave.
     tree head  = {"version", "app_id", "tree_size", "root_hash", "timestamp_ms"}, signed like a receipt:
                  keccak256("teecloud-ai-tree-head:" ‖ sha256(JCS(tree head))) by the receipt-signing key
 
+Consistency proofs (RFC 9162 §2.1.4) show a later tree extends an earlier one: a client that remembers a
+head detects a log that was rewritten or forked.
+
 `ReceiptLog` keeps the leaf hashes in `<dir>/leaves.bin` (32 bytes each, appended and fsynced; a torn tail
 from a crash is cut back to whole leaves on open) and each receipt as `<dir>/receipts/<id>.json` (written
 atomically before its leaf is appended). `verify_inclusion` is pure.
@@ -39,6 +42,7 @@ __all__ = [
     "inclusion_proof",
     "leaf_hash",
     "merkle_root",
+    "verify_consistency",
     "verify_inclusion",
 ]
 
@@ -135,6 +139,15 @@ class _Tree:
         k = _split(size)
         return _node(self.root(start, k), self.root(start + k, size - k))
 
+    def consistency(self, m: int, start: int, size: int, whole: bool = True) -> list[bytes]:
+        """SUBPROOF(m, leaves[start:start+size], whole) of RFC 9162 §2.1.4.1."""
+        if m == size:
+            return [] if whole else [self.root(start, size)]
+        k = _split(size)
+        if m <= k:
+            return [*self.consistency(m, start, k, whole), self.root(start + k, size - k)]
+        return [*self.consistency(m - k, start + k, size - k, False), self.root(start, k)]
+
     def path(self, index: int, start: int, size: int) -> list[bytes]:
         """PATH(index, leaves[start:start+size]) (RFC 9162 §2.1.3.1), index relative to start."""
         if size == 1:
@@ -143,6 +156,40 @@ class _Tree:
         if index < k:
             return [*self.path(index, start, k), self.root(start + k, size - k)]
         return [*self.path(index - k, start + k, size - k), self.root(start, k)]
+
+
+def verify_consistency(
+    first_size: int, second_size: int, first_root: bytes, second_root: bytes, proof: Sequence[bytes]
+) -> bool:
+    """RFC 9162 §2.1.4.2: True iff the tree of `second_size` with `second_root` extends the tree of
+    `first_size` with `first_root` (nothing in the first was changed or removed)."""
+    if not 0 < first_size <= second_size or any(len(p) != 32 for p in proof):
+        return False
+    if first_size == second_size:
+        return not proof and first_root == second_root
+    if not proof:
+        return False
+    path = list(proof)
+    if first_size & (first_size - 1) == 0:
+        path.insert(0, first_root)
+    fn, sn = first_size - 1, second_size - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr, sr = _node(c, fr), _node(c, sr)
+            while fn and not fn & 1:
+                fn >>= 1
+                sn >>= 1
+        else:
+            sr = _node(sr, c)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and fr == first_root and sr == second_root
 
 
 @dataclass(frozen=True)
@@ -267,6 +314,13 @@ class ReceiptLog:
             if not 0 <= index < n <= len(self._leaves):
                 raise ValueError("no such leaf in a tree of that size")
             return n, self._tree.path(index, 0, n), self._tree.root(0, n)
+
+    def consistency(self, first: int, second: int) -> list[bytes]:
+        """RFC 9162 consistency proof that the tree of size `second` extends the tree of size `first`."""
+        with self._lock:
+            if not 0 < first <= second <= len(self._leaves):
+                raise ValueError("need 0 < first <= second <= the log's size")
+            return self._tree.consistency(first, 0, second)
 
     def tree_head(self, app_id: bytes, signing_key: bytes, now_ms: int) -> TreeHead:
         with self._lock:

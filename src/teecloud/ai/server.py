@@ -9,6 +9,7 @@ CPU, vLLM's on a GPU — both speak the same OpenAI routes), adding what a clien
                                           signed receipt (`x-receipt-id` header) appended to the Merkle log
     GET  /v1/receipts/{id}                the receipt, leaf index, inclusion proof, signed tree head
     GET  /v1/receipts/root                the signed tree head (the published root)
+    GET  /v1/receipts/consistency?first=&second=   RFC 9162 consistency proof between two tree sizes
     GET  /v1/attestation/report?nonce=    a fresh quote whose report_data is
                                           sha256(JCS({keyset_digest, nonce, purpose})), the key set, the event
                                           log, the GPUs' SPDM evidence for nonce = report_data; plus the
@@ -39,6 +40,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from eth_utils.crypto import keccak
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -240,6 +242,11 @@ def make_inference_app(
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return openai_error(exc.status_code, str(exc.detail))
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        where = ".".join(str(x) for x in exc.errors()[0].get("loc", ())) if exc.errors() else "request"
+        return openai_error(400, f"invalid {where}")
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
         log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
@@ -350,23 +357,38 @@ def make_inference_app(
         head = front.log.tree_head(keys.keyset.app_id, keys.signing_secret, front.now_ms())
         return {"tree_head": head.to_json(), "keyset": keys.keyset.to_json()}
 
+    @app.get("/v1/receipts/consistency")
+    async def consistency(first: int = 0, second: int = 0) -> Response:
+        try:
+            proof = front.log.consistency(first, second)
+        except ValueError as exc:
+            return openai_error(400, str(exc))
+        return JSONResponse({"first": first, "second": second, "proof": [p.hex() for p in proof]})
+
     @app.get("/v1/receipts/{rid}")
-    async def receipt(rid: str) -> Response:
+    async def receipt(rid: str, since: int = 0) -> Response:
+        """`since`: a tree size the client saw before; the answer then proves the current head extends it."""
         found = front.log.get(rid)
         if found is None:
             return openai_error(404, "no such receipt (a streamed answer gets its receipt when it ends)")
         doc, index = found
         head = front.log.tree_head(keys.keyset.app_id, keys.signing_secret, front.now_ms())
         size, proof, _root = front.log.proof(index, head.tree_size)
-        return JSONResponse(
-            {
-                "receipt": doc,
-                "leaf_index": index,
-                "tree_size": size,
-                "inclusion_proof": [p.hex() for p in proof],
-                "tree_head": head.to_json(),
+        out: dict[str, Any] = {
+            "receipt": doc,
+            "leaf_index": index,
+            "tree_size": size,
+            "inclusion_proof": [p.hex() for p in proof],
+            "tree_head": head.to_json(),
+        }
+        if since:
+            if not 0 < since <= head.tree_size:
+                return openai_error(409, f"the log has {head.tree_size} receipts, fewer than since={since}")
+            out["consistency"] = {
+                "first": since,
+                "proof": [p.hex() for p in front.log.consistency(since, size)],
             }
-        )
+        return JSONResponse(out)
 
     @app.get("/v1/signature/{rid}")
     async def legacy_signature(rid: str) -> Response:
