@@ -285,16 +285,20 @@ class UpstreamVerifier:
                     or not verify_consistency(
                         since,
                         head.tree_size,
-                        self.heads[since],
+                        self.heads.get(since, b""),
                         head.root_hash,
                         [bytes.fromhex(c) for c in cproof],
                     )
                 ):
                     raise UpstreamRejected("the log does not extend the one seen before", step="receipt_log")
             self.heads[head.tree_size] = head.root_hash
-            while len(self.heads) > 256:
-                self.heads.popitem(last=False)
             self.last_size = max(self.last_size, head.tree_size)
+            while len(self.heads) > 256:  # forget old heads, never the largest (the next `since`)
+                oldest = next(iter(self.heads))
+                if oldest == self.last_size:
+                    self.heads.move_to_end(oldest)
+                else:
+                    del self.heads[oldest]
         except UpstreamRejected:
             raise
         except (AiError, ValueError, TypeError, AttributeError) as exc:
