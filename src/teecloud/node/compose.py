@@ -89,7 +89,7 @@ AGENT_SOCKET_SOURCES = {
     "/run/tappd.sock": "tappd.sock",
 }
 LOOPBACK = "127.0.0.1"
-_SERVICE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+_SERVICE_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")  # used with fullmatch (`$` admits a trailing \n)
 
 
 class _BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
@@ -218,7 +218,10 @@ def check_app_compose(app_compose: bytes) -> tuple[dict[str, Any], dict[str, Any
 # Service keys whose values Compose may interpolate without changing what the node checks.
 _INTERPOLATION_OK = frozenset({"environment", "command", "entrypoint", "healthcheck", "labels"})
 _DEFINITIONS = (("volumes", "volume"), ("networks", "network"), ("secrets", "secret"), ("configs", "config"))
-_DEFINITION_NAME = re.compile(r"^[a-zA-Z0-9._-]+$")  # the Compose Specification's pattern
+# The Compose Specification's pattern ([a-zA-Z0-9._-]+), narrowed to names starting with a letter or digit: a
+# name is a path component on the node (volumes/<name>), and "." or ".." would name the directory holding
+# every other volume (issue 16 review, finding 1: a tenant swapped a sibling for a symlink to a host path).
+_DEFINITION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*")
 _ON_FAILURE = re.compile(r"^on-failure:[0-9]+$")
 _MAX_SHOWN_KEY = 64  # characters of a refused key quoted back in the error
 
@@ -253,11 +256,16 @@ def check_isolation(compose: Mapping[str, Any]) -> None:
         if not isinstance(defs, dict):
             raise ComposeRejected(f"top-level `{section}` must be a mapping")
         for dname, ddef in defs.items():
-            if not isinstance(dname, str) or not _DEFINITION_NAME.match(dname):
-                raise ComposeRejected(f"invalid {level} name {dname!r}")
+            if not isinstance(dname, str) or not _DEFINITION_NAME.fullmatch(dname):
+                raise ComposeRejected(
+                    f"invalid {level} name {dname[:64]!r}: letters, digits, '.', '_' and '-', starting "
+                    "with a letter or digit"
+                    if isinstance(dname, str)
+                    else f"invalid {level} name {dname!r}"
+                )
             _check_structure(ddef, level, f"{level} {dname!r}", "")
     for name, svc in services.items():
-        if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+        if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
             raise ComposeRejected(f"invalid service name {name!r}")
         if not isinstance(svc, dict):
             raise ComposeRejected(f"service {name!r} must be a mapping")
