@@ -60,3 +60,29 @@ def test_volume_dirs_refuse_symlinks_and_odd_paths(tmp_path: Path) -> None:
             vol.ensure_dirs([rel])
     vol.ensure_dirs(["volumes/ok", "anon/web/0123"])
     assert (mount / "volumes" / "ok").is_dir() and not (mount / "volumes" / "ok").is_symlink()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("pid", " host"),
+        ("pid", "HOST"),
+        ("ipc", "Host"),
+        ("cgroup", "host "),
+        ("pid", "container:other-app_web_1"),
+        ("ipc", "service:nosuch"),
+        ("links", ["tc-other_web_1:web"]),
+    ],
+)
+def test_namespace_values_are_an_allowlist(key: str, value: object) -> None:
+    """The review's finding 3: spellings of `host` that the old denylist missed."""
+    compose = {"services": {"a": {"image": "x", key: value}, "b": {"image": "x"}}}
+    with pytest.raises(ComposeRejected):
+        check_isolation(compose)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("pid", "service:b"), ("ipc", "private"), ("cgroup", "private"), ("links", ["b:db"])]
+)
+def test_namespace_values_inside_the_app_are_accepted(key: str, value: object) -> None:
+    check_isolation({"services": {"a": {"image": "x", key: value}, "b": {"image": "x"}}})

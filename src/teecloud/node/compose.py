@@ -222,6 +222,12 @@ _DEFINITIONS = (("volumes", "volume"), ("networks", "network"), ("secrets", "sec
 # name is a path component on the node (volumes/<name>), and "." or ".." would name the directory holding
 # every other volume (issue 16 review, finding 1: a tenant swapped a sibling for a symlink to a host path).
 _DEFINITION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*")
+# pid/ipc/cgroup: the values that keep a namespace inside the CVM ("service:<own>" besides)
+_NAMESPACE_VALUES: dict[str, frozenset[str]] = {
+    "pid": frozenset(),
+    "ipc": frozenset({"private", "shareable", "none"}),
+    "cgroup": frozenset({"private"}),
+}
 _ON_FAILURE = re.compile(r"^on-failure:[0-9]+$")
 _MAX_SHOWN_KEY = 64  # characters of a refused key quoted back in the error
 
@@ -457,14 +463,21 @@ def _check_service(name: str, svc: Mapping[str, Any], compose: Mapping[str, Any]
             f"{where}: `network_mode: {net}` would share a network namespace outside the CVM "
             "(host, the shared default bridge, another container's); use `networks:` or `service:<name>`"
         )
-    for key in ("pid", "ipc", "cgroup"):
+    for key, plain in _NAMESPACE_VALUES.items():
+        # an allowlist of exact values (the review found " host" and "Host" accepted by the old denylist)
         value = svc.get(key)
-        if value is None:
+        if value is None or value in plain:
             continue
-        if not isinstance(value, str) or value == "host" or value.startswith("container:"):
-            raise ComposeRejected(f"{where}: `{key}: {value}` would share the host's namespace")
-        if value.startswith("service:") and value.removeprefix("service:") not in services:
-            raise ComposeRejected(f"{where}: `{key}: {value}` names no service of this app")
+        if isinstance(value, str) and value.startswith("service:") and value[8:] in services:
+            continue
+        raise ComposeRejected(
+            f"{where}: `{key}: {str(value)[:64]}` is not allowed (only "
+            f"{', '.join(sorted(plain)) + ' or ' if plain else ''}service:<a service of this app>)"
+        )
+    for link in _str_list(svc.get("links"), f"{where}: links"):
+        # `service` or `service:alias`, a service of this app (a container of another app is not reachable)
+        if link.split(":", 1)[0] not in services:
+            raise ComposeRejected(f"{where}: links {link[:64]!r} names no service of this app")
     _check_oom(name, svc)
     if svc.get("runtime") not in (None, "runc"):
         raise ComposeRejected(f"{where}: runtime {svc.get('runtime')!r} is not allowed")
