@@ -466,7 +466,7 @@ def _check_service(name: str, svc: Mapping[str, Any], compose: Mapping[str, Any]
     for key, plain in _NAMESPACE_VALUES.items():
         # an allowlist of exact values (the review found " host" and "Host" accepted by the old denylist)
         value = svc.get(key)
-        if value is None or value in plain:
+        if value is None or (isinstance(value, str) and value in plain):
             continue
         if isinstance(value, str) and value.startswith("service:") and value[8:] in services:
             continue
@@ -585,6 +585,15 @@ def _check_port(service: str, port: Any) -> None:
     host_ip: str | None = None
     if isinstance(port, dict):
         host_ip = port.get("host_ip")
+        published = port.get("published")
+        if published is not None and not (
+            (isinstance(published, int) and not isinstance(published, bool))
+            or (isinstance(published, str) and re.fullmatch(r"[0-9]{1,5}(-[0-9]{1,5})?", published))
+        ):
+            raise ComposeRejected(
+                f"service {service!r}: published {str(published)[:64]!r} must be a port number or range "
+                "(the host address is the node's: 127.0.0.1)"
+            )
     elif isinstance(port, str | int) and not isinstance(port, bool):
         spec = str(port).split("/", 1)[0]
         if spec.startswith("["):
