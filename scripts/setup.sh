@@ -36,3 +36,10 @@ if ! python3 -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '0.3.3
   CMAKE_BUILD_PARALLEL_LEVEL=2 python3 -m pip install -q --no-binary llama-cpp-python \
     'llama-cpp-python[server]==0.3.36' 2>&1 | grep -v -e "Running pip as the 'root' user" -e '^$' || true
 fi
+
+# starlette's TestClient switches to httpx2 when it is installed (openai >= 3 pulls it in), and then no longer
+# serves as an httpx transport (the node and KMS tests use it so): keep httpx2 out of this environment.
+if python3 -c "import httpx2" 2>/dev/null; then
+  echo "setup: pip uninstall httpx2 (breaks starlette's TestClient as an httpx transport)"
+  python3 -m pip uninstall -y -q httpx2 2>&1 | grep -v "Running pip as the 'root' user" || true
+fi
