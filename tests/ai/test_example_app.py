@@ -19,7 +19,7 @@ from tests.ai.conftest import MODEL_ID, ROOT, Stack, free_ports
 pytestmark = pytest.mark.slow
 
 
-def run_app(stack: Stack, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], int]:
+def run_app(stack: Stack, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], int, int]:
     port, engine_port = free_ports(2)
     full = {
         **os.environ,
@@ -42,11 +42,11 @@ def run_app(stack: Stack, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    return proc, port
+    return proc, port, engine_port
 
 
 def test_the_example_app_serves_with_keys_from_the_guest_api(stack: Stack, tmp_path: Path) -> None:
-    proc, port = run_app(
+    proc, port, engine_port = run_app(
         stack,
         tmp_path,
         MODEL_SHA256=stack.config.weights_sha256.hex(),
@@ -87,11 +87,20 @@ def test_the_example_app_serves_with_keys_from_the_guest_api(stack: Stack, tmp_p
         assert (tmp_path / "receipts" / "receipts" / f"{rid}.json").is_file()
     finally:
         http.close()
-        os.killpg(proc.pid, signal.SIGTERM)  # the app process this test started (its engine is its child)
+        os.killpg(proc.pid, signal.SIGTERM)  # the app process this test started
         proc.wait(timeout=30)
+    # The engine (in a session of its own) does not outlive the app.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{engine_port}/v1/models", timeout=1)
+        except httpx.HTTPError:
+            break
+        assert time.monotonic() < deadline, "the engine outlived the app"
+        time.sleep(0.2)
 
 
 def test_the_example_app_refuses_weights_that_are_not_the_pinned_ones(stack: Stack, tmp_path: Path) -> None:
-    proc, _ = run_app(stack, tmp_path, MODEL_SHA256="00" * 32)
+    proc, _, _ = run_app(stack, tmp_path, MODEL_SHA256="00" * 32)
     assert proc.wait(timeout=60) == 2
     assert "MODEL_SHA256" in (tmp_path / "app.log").read_text()

@@ -4,6 +4,7 @@ llama_cpp.server`) on CPU, or vLLM's (`vllm serve`) where a GPU is present. The 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -50,6 +51,21 @@ def _engine_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in _ENGINE_ENV}
 
 
+# The engine must not outlive the app that started it, however the app ends (uvicorn re-raises SIGTERM after
+# its shutdown, so a `finally` in the app never runs): Linux's PR_SET_PDEATHSIG sends it SIGTERM when its
+# parent thread dies. libc is loaded here, in the parent: the child runs only the one prctl call.
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # not Linux/glibc: the supervisor's stop() remains the only way
+    _LIBC = None
+
+
+def _die_with_parent() -> None:
+    if _LIBC is not None and hasattr(_LIBC, "prctl"):
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class EngineProcess:
     """Start `argv`, wait for `url`/v1/models, restart it whenever it exits until `stop()`."""
 
@@ -69,7 +85,12 @@ class EngineProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             return subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=_engine_env()
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=_engine_env(),
+                preexec_fn=_die_with_parent,  # one prctl call in the child, see above
             )
         finally:
             if self.log_path:
