@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from typer.testing import CliRunner
 
-from teecloud.ai import ClientSession, SignedReceipt, verify_receipt
+from teecloud.ai import ClientSession, EnvelopeRejected, SignedReceipt, verify_receipt
 from teecloud.ai._http import Listener
 from teecloud.cli import app as teecloud_app
 from tests.ai.conftest import MODEL_ID, Stack
@@ -227,3 +227,60 @@ def cli(*args: str) -> Any:
     r = CliRunner().invoke(teecloud_app, list(args))
     r.returncode = r.exit_code
     return r
+
+
+def test_streamed_e2ee_answer_is_sealed_event_by_event(stack: Stack) -> None:
+    report = httpx.get(f"{stack.front.url}/v1/attestation/report", params={"nonce": "cd" * 32}).json()
+    session = ClientSession(
+        bytes.fromhex(report["keyset"]["e2ee_public_key"]), MODEL_ID, now=int(time.time())
+    )
+    plain = json.dumps({"prompt": PROMPT, "max_tokens": 6, "stream": True}).encode()
+    with httpx.stream(
+        "POST", f"{stack.front.url}/v1/completions", json=session.seal_request(plain), timeout=60
+    ) as r:
+        assert r.status_code == 200
+        raw = r.read()
+        rid = r.headers["x-receipt-id"]
+    events = [e for e in raw.split(b"\n\n") if e.strip()]
+    opened = [session.open_stream_event(json.loads(e[6:]), i) for i, e in enumerate(events)]
+    assert [final for _, final in opened] == [False] * (len(opened) - 1) + [True]
+    texts = b"".join(p for p, _ in opened)
+    assert b'"choices"' in texts and b"[DONE]" in texts and b'"choices"' not in raw
+    # Dropped, reordered or replayed events do not open.
+    with pytest.raises(EnvelopeRejected):
+        session.open_stream_event(json.loads(events[1][6:]), 0)
+    receipt = httpx.get(f"{stack.front.url}/v1/receipts/{rid}").json()["receipt"]["body"]
+    assert receipt["stream"] and receipt["e2ee"]
+
+
+def test_proxy_refuses_a_truncated_encrypted_stream(stack: Stack) -> None:
+    def drop_final(path: str, content: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        if path == "v1/chat/completions":
+            content = b"\n\n".join([e for e in content.split(b"\n\n") if e.strip()][:-1]) + b"\n\n"
+        return content, headers
+
+    with mitm(stack, drop_final) as m, stack.proxy(m.url) as p:
+        oa = client(p.url)
+        with pytest.raises(openai.APIError) as err:
+            list(
+                oa.chat.completions.create(
+                    model=MODEL_ID, messages=[{"role": "user", "content": PROMPT}], max_tokens=6, stream=True
+                )
+            )
+        assert "e2ee:" in str(err.value), err.value
+
+
+def test_proxy_refuses_a_rewritten_plain_stream_before_its_end(stack: Stack) -> None:
+    def rewrite(path: str, content: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        if path == "v1/chat/completions":
+            assert b'"choices"' in content
+            content = content.replace(b'"choices"', b'"choices" ', 1)  # still valid JSON, other bytes
+        return content, headers
+
+    with mitm(stack, rewrite) as m, stack.proxy(m.url, e2ee=False) as p:
+        stream = client(p.url).chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+        )
+        with pytest.raises(openai.APIError) as err:
+            list(stream)
+        assert "response:" in str(err.value), err.value

@@ -7,6 +7,9 @@ Request envelope (the JSON body a client sends instead of the plain OpenAI reque
     AD      = JCS({"v": 1, "model", "direction", "ts", "epk", "request_nonce"})   (RFC 8785)
 Response envelope: {"teecloud_e2ee": 1, "nonce": hex12, "ciphertext": hex}, direction "response", the same
 epk and the request's nonce in its AD, so an answer can be opened only for the request it answers.
+Streamed answer: every SSE event of the engine is sealed whole as one event
+`data: {"teecloud_e2ee": 1, "seq", "final", "nonce", "ciphertext"}` (direction "response-stream", seq and
+final in the AD); an empty final event ends the stream, so dropping, reordering or truncating is detected.
 
 The server refuses an envelope whose timestamp is outside the window or whose (epk, nonce) it has seen within
 the window (ReplayCache, bounded: when full of live entries it refuses new ones rather than forget one).
@@ -56,17 +59,25 @@ def _key(shared: bytes, epk: bytes, model_pk: bytes, direction: str) -> bytes:
     ).derive(shared)
 
 
-def _ad(model: str, direction: str, ts: int, epk: bytes, request_nonce: bytes) -> bytes:
-    return jcs(
-        {
-            "v": E2EE_VERSION,
-            "model": model,
-            "direction": direction,
-            "ts": ts,
-            "epk": epk.hex(),
-            "request_nonce": request_nonce.hex(),
-        }
-    )
+def _ad(
+    model: str,
+    direction: str,
+    ts: int,
+    epk: bytes,
+    request_nonce: bytes,
+    stream: tuple[int, bool] | None = None,
+) -> bytes:
+    ad: dict[str, Any] = {
+        "v": E2EE_VERSION,
+        "model": model,
+        "direction": direction,
+        "ts": ts,
+        "epk": epk.hex(),
+        "request_nonce": request_nonce.hex(),
+    }
+    if stream is not None:  # a streamed answer's events: their order and the end are authenticated
+        ad["seq"], ad["final"] = stream
+    return jcs(ad)
 
 
 class ReplayCache:
@@ -143,6 +154,24 @@ class ServerKey:
         self.replay.check_and_add(epk + nonce, ts, now)  # only authentic envelopes enter the cache
         return OpenedRequest(plaintext, model, epk, nonce, ts)
 
+    def seal_stream_event(
+        self, req: OpenedRequest, seq: int, plaintext: bytes, *, final: bool
+    ) -> dict[str, Any]:
+        """One event of a streamed answer (direction "response-stream"): `seq` counts from 0, the last event
+        has `final` (and may be empty), so a client detects reordering, dropping and truncation."""
+        shared = self._sk.exchange(X25519PublicKey.from_public_bytes(req.epk))
+        key = _key(shared, req.epk, self.public_key, "response-stream")
+        nonce = os.urandom(12)
+        ad = _ad(req.model, "response-stream", req.ts, req.epk, req.nonce, (seq, final))
+        ct = AESGCM(key).encrypt(nonce, plaintext, ad)
+        return {
+            "teecloud_e2ee": E2EE_VERSION,
+            "seq": seq,
+            "final": final,
+            "nonce": nonce.hex(),
+            "ciphertext": ct.hex(),
+        }
+
     def seal_response(self, req: OpenedRequest, plaintext: bytes) -> dict[str, Any]:
         shared = self._sk.exchange(X25519PublicKey.from_public_bytes(req.epk))
         key = _key(shared, req.epk, self.public_key, "response")
@@ -176,6 +205,27 @@ class ClientSession:
             "ts": self.ts,
             "ciphertext": AESGCM(key).encrypt(self.nonce, plaintext, ad).hex(),
         }
+
+    def open_stream_event(self, envelope: Any, expected_seq: int) -> tuple[bytes, bool]:
+        """(plaintext, final) of the event numbered `expected_seq`; raises EnvelopeRejected otherwise."""
+        try:
+            obj = get_obj(envelope, "stream event")
+            if obj.get("teecloud_e2ee") != E2EE_VERSION or not isinstance(obj.get("final"), bool):
+                raise EnvelopeRejected("not an encrypted stream event")
+            seq = get_int(obj, "seq")
+            nonce = get_hex(obj, "nonce", size=12)
+            ct = get_hex(obj, "ciphertext", max_size=MAX_CIPHERTEXT_BYTES)
+        except MalformedInput as exc:
+            raise EnvelopeRejected(f"malformed stream event: {exc}") from None
+        if seq != expected_seq:
+            raise EnvelopeRejected(f"stream event {seq} arrived where {expected_seq} was due")
+        final = bool(obj["final"])
+        key = _key(self._shared, self.epk, self.model_pk, "response-stream")
+        ad = _ad(self.model, "response-stream", self.ts, self.epk, self.nonce, (seq, final))
+        try:
+            return AESGCM(key).decrypt(nonce, ct, ad), final
+        except InvalidTag:
+            raise EnvelopeRejected("a stream event does not decrypt for this request") from None
 
     def open_response(self, envelope: Any) -> bytes:
         try:

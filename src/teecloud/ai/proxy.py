@@ -15,12 +15,13 @@ Attestation of the upstream (`UpstreamVerifier.attest`), each step an UpstreamRe
     (9) GPU evidence, when required or present: each GPU's SPDM evidence chains to a trusted device root
         and answers nonce = report_data (fresh, and bound to this quote and key set)
 Then the key set is pinned, and every later answer must come over a connection with that TLS key.
-Per request: the prompt is sealed to the pinned E2EE key (non-streamed requests),
+Per request: the prompt is sealed to the pinned E2EE key (streamed answers come back sealed event by event),
 the answer's receipt is fetched and checked against the pinned key set, the bytes sent and received, its
 inclusion proof under the signed tree head, and that head's consistency with the last one seen; only then
 is the answer returned. A streamed answer is
-passed on as it comes and checked at its end; a failure there ends the stream with an error event (the
-OpenAI client raises). On any failure nothing unverified is returned as a normal answer: 502 with the step.
+passed on as it comes and checked at its end, before its closing `data: [DONE]`; a failure there ends
+the stream with an error event instead (the OpenAI client raises). On any failure nothing unverified is
+returned as a normal answer: 502 with the step.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import ssl
 import time
 from collections import OrderedDict
@@ -51,6 +53,7 @@ from teecloud.peer import PeerRejected, PeerVerifier
 __all__ = ["ProxyPolicy", "Upstream", "UpstreamVerifier", "make_proxy_app"]
 
 _MAX_REPORT_BYTES = 1024 * 1024
+_SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
 _MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 
@@ -368,7 +371,7 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
         stream = req.get("stream") is True
         session: ClientSession | None = None
         sent = raw
-        if policy.e2ee and not stream:
+        if policy.e2ee:
             session = ClientSession(
                 up.keyset.e2ee_public_key, str(req.get("model", up.model)), now=int(time.time())
             )
@@ -409,15 +412,43 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
 
         async def events() -> AsyncIterator[bytes]:
             parts: list[bytes] = []
-            size = 0
+            size, pending, seq, ended = 0, b"", 0, False
+            done: bytes | None = None  # "data: [DONE]" is held back until the receipt verifies
             try:
                 async for chunk in resp.aiter_raw():
                     size += len(chunk)
                     if size > _MAX_ANSWER_BYTES:
                         raise UpstreamRejected("the streamed answer is oversized", step="forward")
                     parts.append(chunk)
-                    yield chunk
+                    events = _SSE_EVENT_END.split(pending + chunk)
+                    pending = events.pop()
+                    out: list[bytes] = []
+                    for event in events:
+                        if not event.strip():
+                            continue
+                        if session is None:
+                            out.append(event + b"\n\n")
+                            continue
+                        if ended or not event.startswith(b"data: "):
+                            raise UpstreamRejected("an unexpected event in the encrypted stream", step="e2ee")
+                        try:
+                            plain, ended = session.open_stream_event(json.loads(event[6:]), seq)
+                        except (EnvelopeRejected, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                            raise UpstreamRejected(str(exc), step="e2ee") from exc
+                        seq += 1
+                        out += [e + b"\n\n" for e in _SSE_EVENT_END.split(plain) if e.strip()]
+                    for event in out:
+                        if event.strip() == b"data: [DONE]":
+                            done = event
+                        else:
+                            yield event
+                if pending.strip():
+                    raise UpstreamRejected("the stream ended inside an event", step="forward")
+                if session is not None and not ended:
+                    raise UpstreamRejected("the encrypted stream was cut short", step="e2ee")
                 await up_verifier.check_receipt(up, rid, sent, b"".join(parts))
+                if done is not None:
+                    yield done
             except UpstreamRejected as exc:
                 err = {
                     "error": {

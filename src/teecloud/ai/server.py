@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -79,6 +80,7 @@ log = logging.getLogger("teecloud.ai.server")
 QuoteFn = Callable[[bytes], dict[str, str]]  # report_data -> {"quote", "event_log", "vm_config"} (hex/JSON)
 E2EE_KEY_PURPOSE = "teecloud-ai-e2ee"
 _COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+_SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")  # an SSE event ends with a blank line (LF or CRLF)
 
 
 @dataclass(frozen=True)
@@ -291,8 +293,6 @@ def make_inference_app(
         except LookupError as exc:
             return openai_error(404, str(exc), "model_not_found")
         stream = bool(req.get("stream", False))
-        if stream and opened is not None:
-            return openai_error(400, "streaming is not offered for end-to-end encrypted requests")
         rid = "rcpt-" + secrets.token_hex(12)
         headers = {"content-type": "application/json"}
         try:
@@ -322,21 +322,44 @@ def make_inference_app(
 
         async def events() -> AsyncIterator[bytes]:
             h, size, complete = hashlib.sha256(), 0, False
+            pending, seq = b"", 0
+
+            def sealed(plain: bytes, final: bool) -> bytes:
+                nonlocal seq
+                assert opened is not None
+                event = front.e2ee.seal_stream_event(opened, seq, plain, final=final)
+                seq += 1
+                return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
             try:
                 async for chunk in upstream.aiter_raw():
                     size += len(chunk)
                     if size > config.max_response_bytes:
                         break
-                    h.update(chunk)
-                    yield chunk
+                    if opened is None:
+                        out = chunk
+                    else:  # seal each whole SSE event (they end with a blank line)
+                        parts = _SSE_EVENT_END.split(pending + chunk)
+                        pending = parts.pop()
+                        out = b"".join(sealed(part + b"\n\n", False) for part in parts if part.strip())
+                    if out:
+                        h.update(out)
+                        yield out
                 else:
+                    if opened is not None:
+                        tail = sealed(pending + b"\n\n", False) if pending.strip() else b""
+                        tail += sealed(b"", True)
+                        h.update(tail)
+                        yield tail
                     complete = True
             except httpx.HTTPError:
                 log.warning("the engine's stream broke off (receipt %s not issued)", rid)
             finally:
                 await upstream.aclose()
                 if complete:
-                    await asyncio.to_thread(front.receipt, rid, raw, h.digest(), True, False, started)
+                    await asyncio.to_thread(
+                        front.receipt, rid, raw, h.digest(), True, opened is not None, started
+                    )
 
         return StreamingResponse(
             events(),
