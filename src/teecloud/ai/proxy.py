@@ -241,7 +241,7 @@ class UpstreamVerifier:
         resp = None
         since = self.last_size
         params = {"since": str(since)} if since else {}
-        for _ in range(20):  # a streamed answer's receipt is written as its stream ends
+        for _ in range(50):  # the front logs a receipt before the answer's last bytes; allow for a slow disk
             try:
                 resp = await self.client.get(f"/v1/receipts/{rid}", params=params)
             except httpx.HTTPError as exc:
@@ -250,7 +250,7 @@ class UpstreamVerifier:
                 ) from exc
             if resp.status_code != 404:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         if resp is None or resp.status_code != 200:
             raise UpstreamRejected(f"the receipt is not served ({resp and resp.status_code})", step="receipt")
         self.check_pin(up, resp)

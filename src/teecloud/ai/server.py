@@ -331,6 +331,9 @@ def make_inference_app(
                 seq += 1
                 return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
 
+            # The last piece is held back until the receipt is logged, so a client that has the whole answer
+            # can fetch its receipt at once.
+            held = b""
             try:
                 async for chunk in upstream.aiter_raw():
                     size += len(chunk)
@@ -344,22 +347,26 @@ def make_inference_app(
                         out = b"".join(sealed(part + b"\n\n", False) for part in parts if part.strip())
                     if out:
                         h.update(out)
-                        yield out
+                        if held:
+                            yield held
+                        held = out
                 else:
                     if opened is not None:
                         tail = sealed(pending + b"\n\n", False) if pending.strip() else b""
                         tail += sealed(b"", True)
                         h.update(tail)
-                        yield tail
+                        held += tail
                     complete = True
             except httpx.HTTPError:
                 log.warning("the engine's stream broke off (receipt %s not issued)", rid)
             finally:
                 await upstream.aclose()
-                if complete:
-                    await asyncio.to_thread(
-                        front.receipt, rid, raw, h.digest(), True, opened is not None, started
-                    )
+            if complete:
+                await asyncio.to_thread(
+                    front.receipt, rid, raw, h.digest(), True, opened is not None, started
+                )
+            if held:
+                yield held
 
         return StreamingResponse(
             events(),
