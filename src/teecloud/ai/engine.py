@@ -52,7 +52,7 @@ def _engine_env() -> dict[str, str]:
 
 
 # The engine must not outlive the app that started it, however the app ends (uvicorn re-raises SIGTERM after
-# its shutdown, so a `finally` in the app never runs): Linux's PR_SET_PDEATHSIG sends it SIGTERM when its
+# its shutdown, so a `finally` in the app never runs): Linux's PR_SET_PDEATHSIG sends it SIGKILL when its
 # parent thread dies. libc is loaded here, in the parent: the child runs only the one prctl call.
 _PR_SET_PDEATHSIG = 1
 try:
@@ -63,7 +63,7 @@ except OSError:  # not Linux/glibc: the supervisor's stop() remains the only way
 
 def _die_with_parent() -> None:
     if _LIBC is not None and hasattr(_LIBC, "prctl"):
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # no state worth a graceful stop; never lingers
 
 
 class EngineProcess:
