@@ -85,6 +85,29 @@ def receipts_per_second(home: Path, seconds: float = 2.0) -> tuple[float, float]
     return signed, n / (time.perf_counter() - t0)
 
 
+def attestation_costs(front_url: str, home: Path, n: int = 10) -> tuple[float, float]:
+    """(median ms of GET /v1/attestation/report: GetQuote through the guest API; median ms of a simulated
+    GPU's SPDM evidence, collected and verified with attestation/nvidia.py)."""
+    import httpx
+
+    from teecloud.ai.gpu import SimulatedGpu, verify_gpu_evidence
+
+    report = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        httpx.get(front_url + "/v1/attestation/report", params={"nonce": f"{i:064x}"}).raise_for_status()
+        report.append(time.perf_counter() - t0)
+    gpu, gpu_times = SimulatedGpu(home / "gpu"), []
+    for _ in range(n):
+        nonce = os.urandom(32)
+        t0 = time.perf_counter()
+        verify_gpu_evidence(
+            gpu.collect(nonce), trust_anchors=[gpu.root_der()], expected_nonce=nonce, now=int(time.time())
+        )
+        gpu_times.append(time.perf_counter() - t0)
+    return statistics.median(report) * 1000, statistics.median(gpu_times) * 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=["tiny", "small"], default="small")
@@ -134,6 +157,7 @@ def main() -> None:
                     i += 1  # a different prompt each time: no path gets the engine's prompt cache for free
                     stats[name].append(one(http, url, args.tokens, i))
         signed, logged = receipts_per_second(home)
+        report_ms, gpu_ms = attestation_costs(s.front.url, home)
     print(
         f"model {args.size}, {args.requests} streamed requests x {args.tokens} tokens per path, "
         f"engine threads {args.threads}, load avg {os.getloadavg()[0]:.1f}"
@@ -152,6 +176,10 @@ def main() -> None:
         ratio = statistics.median((n / t) / (d[2] / d[1]) for (_, t, n), d in zip(rows, direct, strict=True))
         print(f"| {name} | {ttft * 1000:.1f} | {added * 1000:+.1f} | {tps:.1f} | {100 * ratio:.1f} % |")
     print(f"receipts signed: {signed:.0f}/s; signed + appended to the Merkle log (fsync): {logged:.0f}/s")
+    print(
+        f"attestation report (GetQuote via the guest API): {report_ms:.1f} ms median; "
+        f"simulated GPU evidence collected + verified: {gpu_ms:.1f} ms median"
+    )
 
 
 if __name__ == "__main__":
