@@ -284,3 +284,33 @@ def test_proxy_refuses_a_rewritten_plain_stream_before_its_end(stack: Stack) -> 
         with pytest.raises(openai.APIError) as err:
             list(stream)
         assert "response:" in str(err.value), err.value
+
+
+def test_malformed_fields_are_400_naming_the_field_and_never_quote_the_prompt(
+    stack: Stack, proxy: Listener
+) -> None:
+    """llama-cpp-python's server answers a malformed field with a 500 quoting the input and a traceback; the
+    front checks the fields first: a 400 naming the field, for plain and encrypted requests alike."""
+    report = httpx.get(f"{stack.front.url}/v1/attestation/report", params={"nonce": "ef" * 32}).json()
+    session = ClientSession(
+        bytes.fromhex(report["keyset"]["e2ee_public_key"]), MODEL_ID, now=int(time.time())
+    )
+    for bad, field in [
+        ({"messages": [{"role": "user", "content": PROMPT}], "temperature": "hot"}, "temperature"),
+        ({"messages": PROMPT}, "messages"),
+        ({"messages": [{"content": PROMPT}]}, "role"),
+        ({"messages": [{"role": "user", "content": PROMPT}], "stop": [1]}, "stop"),
+        ({"messages": [{"role": "user", "content": PROMPT}], "seed": 1.5}, "seed"),
+        ({"messages": [{"role": "user", "content": PROMPT}], "logit_bias": {"2": "x"}}, "logit_bias"),
+    ]:
+        body = json.dumps(bad).encode()
+        sealed = session.seal_request(body)
+        session.nonce = os.urandom(12)  # a fresh nonce per envelope (the replay cache would refuse a reuse)
+        for r in (
+            httpx.post(f"{stack.front.url}/v1/chat/completions", json=sealed, timeout=60),
+            httpx.post(f"{proxy.url}/v1/chat/completions", content=body, timeout=60),
+        ):
+            assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+            assert PROMPT.encode() not in r.content
+    r = httpx.post(f"{stack.front.url}/v1/completions", json={"prompt": 7}, timeout=60)
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]

@@ -394,6 +394,11 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
         if resp.status_code != 200:
             body = (await resp.aread())[:65536]
             await resp.aclose()
+            if session is not None and resp.status_code < 500:
+                try:  # the engine's own 4xx comes back sealed; the front's refusals are plain
+                    body = session.open_response(json.loads(body))
+                except (EnvelopeRejected, json.JSONDecodeError, UnicodeDecodeError):
+                    pass
             return Response(body, status_code=resp.status_code, media_type="application/json")
         if not stream:
             try:

@@ -204,7 +204,7 @@ class _Front:
         )
         self.log.append(sign_receipt(body, self.keys.signing_secret, self.keys.keyset))
 
-    def check_request(self, plaintext: bytes) -> dict[str, Any]:
+    def check_request(self, plaintext: bytes, route: str) -> dict[str, Any]:
         try:
             req = json.loads(plaintext)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -224,7 +224,55 @@ class _Front:
                 raise MalformedInput(f"{key!r} must be an integer in 1..{self.config.max_tokens}")
         if "stream" in req and not isinstance(req["stream"], bool):
             raise MalformedInput("'stream' must be true or false")
+        _check_openai_fields(req, chat=route == "/v1/chat/completions")
         return req
+
+
+# The request fields the engine parses, checked here so that a client's mistake is a 400 naming the field:
+# llama-cpp-python's server answers a malformed field with a 500 quoting the input and a traceback.
+_NUMBERS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty")
+_INTS = ("seed", "top_k", "logprobs", "top_logprobs")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_openai_fields(req: dict[str, Any], *, chat: bool) -> None:
+    if chat:
+        messages = req.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise MalformedInput("'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise MalformedInput(f"messages[{i}] must be an object with a string 'role'")
+            content = m.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                raise MalformedInput(f"messages[{i}].content must be a string or a list of parts")
+    else:
+        prompt = req.get("prompt")
+        if not (
+            isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(x, str) for x in prompt))
+        ):
+            raise MalformedInput("'prompt' must be a string or a list of strings")
+    for key in _NUMBERS:
+        if key in req and req[key] is not None and not _is_number(req[key]):
+            raise MalformedInput(f"{key!r} must be a number")
+    for key in _INTS:
+        if (
+            key in req
+            and req[key] is not None
+            and (isinstance(req[key], bool) or not isinstance(req[key], int))
+        ):
+            raise MalformedInput(f"{key!r} must be an integer")
+    stop = req.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise MalformedInput("'stop' must be a string or a list of strings")
+    bias = req.get("logit_bias")
+    if bias is not None and not (isinstance(bias, dict) and all(_is_number(v) for v in bias.values())):
+        raise MalformedInput("'logit_bias' must map token ids to numbers")
 
 
 def make_inference_app(
@@ -285,7 +333,7 @@ def make_inference_app(
             if is_envelope(outer):
                 opened = front.e2ee.open_request(outer, model=config.model_id, now=int(clock()))
                 plaintext = opened.plaintext
-            req = front.check_request(plaintext)
+            req = front.check_request(plaintext, route)
         except EnvelopeRejected as exc:
             return openai_error(exc.status, str(exc))
         except MalformedInput as exc:
@@ -309,6 +357,9 @@ def make_inference_app(
             return openai_error(503, "the model engine failed; retry shortly", "engine_unavailable")
         if upstream.status_code != 200:
             body = (await upstream.aread())[: config.max_response_bytes]
+            await upstream.aclose()
+            if opened is not None:  # the engine's error may quote the prompt: sealed like an answer
+                body = json.dumps(front.e2ee.seal_response(opened, body)).encode()
             return Response(body, status_code=upstream.status_code, media_type="application/json")
         if not stream:
             answer = upstream.content
