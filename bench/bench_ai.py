@@ -108,6 +108,64 @@ def attestation_costs(front_url: str, home: Path, n: int = 10) -> tuple[float, f
     return statistics.median(report) * 1000, statistics.median(gpu_times) * 1000
 
 
+def relay_cost(s: object, events: int = 400, rounds: int = 5) -> dict[str, float]:
+    """Microseconds each hop adds per streamed event, measured on a synthetic engine (labelled: NOT a model)
+    that streams `events` OpenAI-shaped SSE chunks at once, so only the relays' own cost is timed."""
+    import httpx
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from teecloud.ai._http import Listener
+    from teecloud.ai.server import InferenceConfig, make_inference_app
+
+    chunk = {
+        "id": "x",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "tok"}}],
+    }
+    line = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    synthetic = FastAPI()
+
+    @synthetic.post("/v1/chat/completions")
+    async def stream() -> StreamingResponse:
+        async def gen():  # type: ignore[no-untyped-def]
+            for _ in range(events):
+                yield line
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    @synthetic.get("/v1/models")
+    async def models() -> dict[str, object]:
+        return {"data": []}
+
+    home = Path(tempfile.mkdtemp(prefix="bench-relay-"))
+    with Listener(synthetic, name="synthetic-engine") as eng:
+        config = InferenceConfig("tiny-llama", bytes(32), eng.url, home / "receipts")
+        front = make_inference_app(config, s.keys, s.quote)  # type: ignore[attr-defined]
+        with (
+            Listener(front, name="relay-front") as f,
+            s.proxy(f.url, e2ee=False) as p,  # type: ignore[attr-defined]
+            s.proxy(f.url, e2ee=True) as pe,  # type: ignore[attr-defined]
+        ):
+            paths = {
+                "synthetic engine": eng.url,
+                "front": f.url,
+                "front + proxy": p.url,
+                "front + proxy, E2EE": pe.url,
+            }
+            times: dict[str, list[float]] = {k: [] for k in paths}
+            with httpx.Client(timeout=120) as http:
+                for _ in range(rounds + 1):
+                    for name, url in paths.items():
+                        t0 = time.perf_counter()
+                        n = one(http, url, 16, 0)
+                        times[name].append(time.perf_counter() - t0)
+                        assert n[2] == events, (name, n)
+    base = statistics.median(times["synthetic engine"][1:])
+    return {k: (statistics.median(v[1:]) - base) / events * 1e6 for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=["tiny", "small"], default="small")
@@ -158,6 +216,7 @@ def main() -> None:
                     stats[name].append(one(http, url, args.tokens, i))
         signed, logged = receipts_per_second(home)
         report_ms, gpu_ms = attestation_costs(s.front.url, home)
+        relay = relay_cost(s)
     print(
         f"model {args.size}, {args.requests} streamed requests x {args.tokens} tokens per path, "
         f"engine threads {args.threads}, load avg {os.getloadavg()[0]:.1f}"
@@ -180,6 +239,8 @@ def main() -> None:
         f"attestation report (GetQuote via the guest API): {report_ms:.1f} ms median; "
         f"simulated GPU evidence collected + verified: {gpu_ms:.1f} ms median"
     )
+    hops = ", ".join(f"{k}: +{v:.0f} µs" for k, v in relay.items() if k != "synthetic engine")
+    print(f"relay cost per streamed event (synthetic engine, not a model): {hops}")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ class OpenedRequest:
     epk: bytes
     nonce: bytes
     ts: int
+    stream_cipher: AESGCM | None = None
 
 
 class ServerKey:
@@ -159,11 +160,12 @@ class ServerKey:
     ) -> dict[str, Any]:
         """One event of a streamed answer (direction "response-stream"): `seq` counts from 0, the last event
         has `final` (and may be empty), so a client detects reordering, dropping and truncation."""
-        shared = self._sk.exchange(X25519PublicKey.from_public_bytes(req.epk))
-        key = _key(shared, req.epk, self.public_key, "response-stream")
+        if req.stream_cipher is None:  # one X25519 + HKDF per answer, not per event
+            shared = self._sk.exchange(X25519PublicKey.from_public_bytes(req.epk))
+            req.stream_cipher = AESGCM(_key(shared, req.epk, self.public_key, "response-stream"))
         nonce = os.urandom(12)
         ad = _ad(req.model, "response-stream", req.ts, req.epk, req.nonce, (seq, final))
-        ct = AESGCM(key).encrypt(nonce, plaintext, ad)
+        ct = req.stream_cipher.encrypt(nonce, plaintext, ad)
         return {
             "teecloud_e2ee": E2EE_VERSION,
             "seq": seq,
@@ -193,6 +195,7 @@ class ClientSession:
         self.ts = now
         self.nonce = os.urandom(12)
         self._shared = self._esk.exchange(X25519PublicKey.from_public_bytes(model_public_key))
+        self._stream_cipher: AESGCM | None = None
 
     def seal_request(self, plaintext: bytes) -> dict[str, Any]:
         key = _key(self._shared, self.epk, self.model_pk, "request")
@@ -220,10 +223,11 @@ class ClientSession:
         if seq != expected_seq:
             raise EnvelopeRejected(f"stream event {seq} arrived where {expected_seq} was due")
         final = bool(obj["final"])
-        key = _key(self._shared, self.epk, self.model_pk, "response-stream")
+        if self._stream_cipher is None:
+            self._stream_cipher = AESGCM(_key(self._shared, self.epk, self.model_pk, "response-stream"))
         ad = _ad(self.model, "response-stream", self.ts, self.epk, self.nonce, (seq, final))
         try:
-            return AESGCM(key).decrypt(nonce, ct, ad), final
+            return self._stream_cipher.decrypt(nonce, ct, ad), final
         except InvalidTag:
             raise EnvelopeRejected("a stream event does not decrypt for this request") from None
 
