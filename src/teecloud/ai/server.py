@@ -382,31 +382,42 @@ def make_inference_app(
                 seq += 1
                 return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
 
-            # The last piece is held back until the receipt is logged, so a client that has the whole answer
-            # can fetch its receipt at once.
-            held = b""
+            # Events pass on as they come; only the closing piece ("data: [DONE]", or the final sealed event)
+            # waits until the receipt is logged, so a client that has the whole answer finds its receipt.
+            closing = b""
             try:
                 async for chunk in upstream.aiter_raw():
                     size += len(chunk)
                     if size > config.max_response_bytes:
                         break
-                    if opened is None:
-                        out = chunk
-                    else:  # seal each whole SSE event (they end with a blank line)
-                        parts = _SSE_EVENT_END.split(pending + chunk)
-                        pending = parts.pop()
-                        out = b"".join(sealed(part + b"\n\n", False) for part in parts if part.strip())
+                    parts = _SSE_EVENT_END.split(pending + chunk)
+                    pending = parts.pop()
+                    out = []
+                    for part in parts:
+                        if not part.strip():
+                            continue
+                        if opened is not None:
+                            out.append(sealed(part + b"\n\n", False))
+                        elif part.strip() == b"data: [DONE]":
+                            closing = part + b"\n\n"
+                        else:
+                            out.append(part + b"\n\n")
                     if out:
-                        h.update(out)
-                        if held:
-                            yield held
-                        held = out
+                        data = b"".join(out)
+                        h.update(data)
+                        yield data
                 else:
+                    if pending.strip():  # an engine that ends without a blank line
+                        last = pending + b"\n\n"
+                        if opened is not None:
+                            last = sealed(last, False)
+                        elif pending.strip() == b"data: [DONE]":
+                            closing, last = last, b""
+                        h.update(last)
+                        yield last
                     if opened is not None:
-                        tail = sealed(pending + b"\n\n", False) if pending.strip() else b""
-                        tail += sealed(b"", True)
-                        h.update(tail)
-                        held += tail
+                        closing = sealed(b"", True)
+                    h.update(closing)
                     complete = True
             except httpx.HTTPError:
                 log.warning("the engine's stream broke off (receipt %s not issued)", rid)
@@ -416,8 +427,8 @@ def make_inference_app(
                 await asyncio.to_thread(
                     front.receipt, rid, raw, h.digest(), True, opened is not None, started
                 )
-            if held:
-                yield held
+                if closing:
+                    yield closing
 
         return StreamingResponse(
             events(),
