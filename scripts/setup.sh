@@ -17,6 +17,30 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# --- qemu backend: QEMU + OVMF (mode plain boots under TCG here; tdx / sev-snp command lines are checked as
+# text), and Debian's signed cloud kernel (an EFI-stub PE) for the reference-measurement tests
+need_qemu=()
+command -v qemu-system-x86_64 >/dev/null || need_qemu+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need_qemu+=(qemu-utils)
+[ -f /usr/share/OVMF/OVMF_CODE.fd ] || need_qemu+=(ovmf)
+GUEST_KERNEL_DIR=/var/cache/teecloud/guest-kernel
+if [ ${#need_qemu[@]} -gt 0 ] || [ ! -f "$GUEST_KERNEL_DIR/vmlinuz" ]; then
+  apt-get update -qq
+fi
+if [ ${#need_qemu[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_qemu[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_qemu[@]}" >/dev/null
+fi
+if [ ! -f "$GUEST_KERNEL_DIR/vmlinuz" ]; then
+  kpkg="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')"
+  echo "setup: $GUEST_KERNEL_DIR/vmlinuz from $kpkg"
+  ktmp="$(mktemp -d)"
+  (cd "$ktmp" && apt-get download -qq "$kpkg" 2>/dev/null) && dpkg-deb -x "$ktmp"/linux-image-*.deb "$ktmp/x"
+  mkdir -p "$GUEST_KERNEL_DIR"
+  cp "$ktmp"/x/boot/vmlinuz-* "$GUEST_KERNEL_DIR/vmlinuz.tmp" && mv "$GUEST_KERNEL_DIR/vmlinuz.tmp" "$GUEST_KERNEL_DIR/vmlinuz"
+  rm -rf "$ktmp"
+fi
+
 # anvil (a second, independent EVM implementation for the chain tests) ships inside this npm package.
 if [ ! -x "$TOOLS/node_modules/.bin/anvil" ]; then
   echo "setup: npm install @foundry-rs/anvil"
