@@ -185,3 +185,14 @@ def test_public_ports_only_when_allowed() -> None:
     p = (PortForward(host_port=8080, guest_port=80, host_address="0.0.0.0"),)
     argv = qemu_argv(_config("plain", SHAPES["small"], ports=p, allow_public_ports=True))
     assert "hostfwd=tcp:0.0.0.0:8080-:80" in _opt(argv, "-netdev")[0]
+
+
+def test_vvfat_host_share_is_a_read_only_disk_labelled_dstackshr() -> None:
+    argv = qemu_argv(_config("plain", SHAPES["small"], host_share="vvfat"))
+    assert not _opt(argv, "-virtfs")
+    assert f"if=none,id=hd2,driver=vvfat,dir={WORK / 'shared'},label=DSTACKSHR,readonly=on" in _opt(
+        argv, "-drive"
+    )
+    assert "virtio-blk-pci,drive=hd2" in _opt(argv, "-device")
+    with pytest.raises(UnsafeVmConfig, match="host_share"):
+        _config("plain", SHAPES["small"], host_share="nfs")

@@ -40,7 +40,7 @@ __all__ = [
     "make_backend",
 ]
 
-BACKENDS = ("docker",)
+BACKENDS = ("docker", "qemu")
 
 
 def make_backend(
@@ -55,4 +55,10 @@ def make_backend(
         from teecloud.node.runtime.docker_cvm import DockerBackend
 
         return DockerBackend(key_provider=key_provider, guest_tee_factory=guest_tee_factory, **options)
+    if kind == "qemu":
+        # the guest fetches its keys itself (KMS URLs in .sys-config.json) and produces its own evidence: the
+        # node's key provider and TEE factory are not the guest's here
+        from teecloud.node.runtime.qemu import QemuBackend
+
+        return QemuBackend(**options)
     raise BadRequest(f"unknown CVM backend {kind!r} (one of: {', '.join(BACKENDS)})")

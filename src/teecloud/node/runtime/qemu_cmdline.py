@@ -173,10 +173,15 @@ class QemuVmConfig:
     debug: bool = False  # a debuggable TD / SNP guest: the host can read its memory; always refused
     host_devices: tuple[str, ...] = ()  # PCI passthrough (vfio-pci): refused
     allow_public_ports: bool = False
+    # how the host-shared files reach the guest (dstack-vmm's host_share_mode): a read-only 9p share, or a
+    # read-only FAT disk QEMU builds from the directory (vvfat), labelled DSTACKSHR, for kernels without 9p
+    host_share: Literal["9p", "vvfat"] = "9p"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UnsafeVmConfig(f"unknown mode {self.mode!r} (one of: {', '.join(MODES)})")
+        if self.host_share not in ("9p", "vvfat"):
+            raise UnsafeVmConfig(f"host_share must be 9p or vvfat, got {self.host_share!r}")
         if self.accel not in ("kvm", "tcg"):
             raise UnsafeVmConfig(f"accel must be kvm or tcg, got {self.accel!r}")
         if self.mode != "plain" and self.accel != "kvm":
@@ -306,12 +311,16 @@ def qemu_argv(cfg: QemuVmConfig, *, qemu: str = "qemu-system-x86_64") -> list[st
     # (6) vsock to the host (tdx: also the QGS path), the host-shared config files (read-only 9p)
     if cfg.cid is not None:
         argv += ["-device", f"vhost-vsock-pci,guest-cid={cfg.cid}{virtio}"]
-    ro = "on" if cfg.image.shared_ro else "off"
-    argv += [
-        "-virtfs",
-        f"local,path={_path(cfg.shared_dir, 'shared dir')},mount_tag=host-shared,readonly={ro},"
-        "security_model=mapped,id=virtfs0",
-    ]
+    shared = _path(cfg.shared_dir, "shared dir")
+    if cfg.host_share == "vvfat":
+        argv += ["-drive", f"if=none,id=hd2,driver=vvfat,dir={shared},label=DSTACKSHR,readonly=on"]
+        argv += ["-device", f"virtio-blk-pci,drive=hd2{virtio}"]
+    else:
+        ro = "on" if cfg.image.shared_ro else "off"
+        argv += [
+            "-virtfs",
+            f"local,path={shared},mount_tag=host-shared,readonly={ro},security_model=mapped,id=virtfs0",
+        ]
     argv += ["-smp", str(cfg.shape.vcpus), "-m", f"{cfg.shape.memory_mb}M"]
     argv += ["-append", cfg.image.cmdline]
     return argv
