@@ -1,0 +1,1 @@
+"""teecloud.functions: attested off-chain functions (docs/functions.md)."""
