@@ -1,0 +1,396 @@
+"""The function runtime's logic (no HTTP): deploy, invoke, logs, secrets.
+
+State under `<home>/functions/`:
+  <function_hash>/module.wasm, manifest.json, secrets.bin (sealed; never stored opened), log.jsonl
+  claims/<function_hash>-<request_id>   one file per request taken (O_EXCL), so that a request is
+                                         answered at most once, across restarts too
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import wasmtime
+from eth_utils.crypto import keccak
+
+from teecloud._fs import atomic_write, atomic_write_json
+
+from ._fetch import Fetcher, FetchPolicy, parse_allowed_host
+from ._sandbox import CallReport, Sandbox
+from .errors import BadFunction, FunctionError, InvocationFailed, NotAllowed, SecretError, UnknownFunction
+from .keys import FunctionKeys
+from .limits import MAX_FUNCTION_LIMITS, CallLimits, RuntimeLimits
+from .result import SignedResult
+
+__all__ = ["FunctionRecord", "FunctionRuntime", "Invocation", "RegistryCheck", "function_hash_of"]
+
+log = logging.getLogger(__name__)
+
+# (function_id, function_hash, runtime_app_id) -> (allowed, reason); read from the FunctionRegistry
+RegistryCheck = Callable[[bytes, bytes, bytes], tuple[bool, str]]
+
+
+def function_hash_of(wasm: bytes, allowed_hosts: list[str], limits: dict[str, int]) -> bytes:
+    """A function's identity: sha256 of the canonical JSON of its module's sha256, its allowlist and its
+    limits (what it may reach and use is part of what it is)."""
+    doc = {
+        "v": 1,
+        "wasm_sha256": hashlib.sha256(wasm).hexdigest(),
+        "allowed_hosts": allowed_hosts,
+        "limits": limits,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+@dataclass(frozen=True)
+class FunctionRecord:
+    function_hash: bytes
+    function_id: bytes | None  # its FunctionRegistry address, when registered on chain
+    allowed_hosts: tuple[str, ...]
+    limits: dict[str, int]
+    has_secrets: bool
+    deployed_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "function_hash": "0x" + self.function_hash.hex(),
+            "function_id": "0x" + self.function_id.hex() if self.function_id else None,
+            "allowed_hosts": list(self.allowed_hosts),
+            "limits": dict(self.limits),
+            "has_secrets": self.has_secrets,
+            "deployed_at": self.deployed_at,
+        }
+
+
+@dataclass
+class Invocation:
+    result: SignedResult
+    report: CallReport
+    logs: list[str] = field(default_factory=list)
+
+
+class FunctionRuntime:
+    def __init__(
+        self,
+        home: Path,
+        keys: FunctionKeys,
+        *,
+        fetch_policy: FetchPolicy | None = None,
+        registry_check: RegistryCheck | None = None,
+        max_limits: CallLimits = MAX_FUNCTION_LIMITS,
+        limits: RuntimeLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dir = Path(home) / "functions"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.dir / "claims").mkdir(exist_ok=True, mode=0o700)
+        self.keys = keys
+        self.fetch_policy = fetch_policy or FetchPolicy()
+        self.registry_check = registry_check
+        self.max_limits = max_limits
+        self.limits = limits or RuntimeLimits()
+        self.clock = clock
+        self.sandbox = Sandbox(tick_ms=self.limits.epoch_tick_ms)
+        self._modules: OrderedDict[bytes, wasmtime.Module] = OrderedDict()
+        self._records: dict[bytes, FunctionRecord] = {}
+        self._lock = threading.Lock()
+        self._http = httpx.Client(verify=self.fetch_policy.context(), trust_env=False)
+        self._prune_claims()
+
+    def close(self) -> None:
+        self.sandbox.close()
+        self._http.close()
+
+    # --- deploy ---------------------------------------------------------------------------------------------
+
+    def secrets_public_key(self, function_hash: bytes) -> bytes:
+        """The X25519 key a deployer seals this function's secrets to (encrypt_env format)."""
+        return self.keys.secrets_key(function_hash).public_key().public_bytes_raw()
+
+    def deploy(
+        self,
+        wasm: bytes,
+        *,
+        allowed_hosts: list[str] | None = None,
+        limits: dict[str, int] | None = None,
+        sealed_secrets: bytes | None = None,
+        function_id: bytes | None = None,
+    ) -> FunctionRecord:
+        """Validate, compile and keep a function (idempotent). Sealed secrets must open with this function's
+        key (so a blob sealed to another function is refused here, not at call time)."""
+        rl = self.limits
+        if not isinstance(wasm, bytes | bytearray) or not 8 <= len(wasm) <= rl.max_module_bytes:
+            raise BadFunction(f"a module is 8..{rl.max_module_bytes} bytes")
+        hosts_in = allowed_hosts or []
+        if not isinstance(hosts_in, list) or len(hosts_in) > rl.max_allowed_hosts:
+            raise BadFunction(f"allowed_hosts is a list of at most {rl.max_allowed_hosts} hosts")
+        try:
+            hosts = sorted({parse_allowed_host(h) for h in hosts_in})
+        except ValueError as exc:
+            raise BadFunction(str(exc)) from exc
+        req_limits = dict(limits or {})
+        self.max_limits.lowered_by(req_limits)  # validates
+        if function_id is not None and len(function_id) != 20:
+            raise BadFunction("function_id is a 20-byte registry address")
+        fh = function_hash_of(wasm, hosts, req_limits)
+        module = self.sandbox.compile(wasm)
+        if sealed_secrets is not None:
+            if len(sealed_secrets) > rl.max_secrets_blob:
+                raise BadFunction(f"sealed secrets are at most {rl.max_secrets_blob} bytes")
+            names = self._open_secrets(fh, sealed_secrets)
+            if len(names) > rl.max_secrets:
+                raise BadFunction(f"at most {rl.max_secrets} secrets")
+        with self._lock:
+            known = [p for p in self.dir.iterdir() if p.is_dir() and p.name != "claims"]
+            if not (self.dir / fh.hex()).exists() and len(known) >= rl.max_functions:
+                raise BadFunction(f"this runtime holds at most {rl.max_functions} functions")
+            d = self.dir / fh.hex()
+            d.mkdir(exist_ok=True, mode=0o700)
+            atomic_write(d / "module.wasm", wasm)
+            if sealed_secrets is not None:
+                atomic_write(d / "secrets.bin", sealed_secrets)
+            rec = FunctionRecord(
+                fh, function_id, tuple(hosts), req_limits, (d / "secrets.bin").exists(), int(self.clock())
+            )
+            atomic_write_json(d / "manifest.json", rec.to_json())
+            self._records[fh] = rec
+            self._cache_module(fh, module)
+        return rec
+
+    def _cache_module(self, fh: bytes, module: wasmtime.Module) -> None:
+        self._modules[fh] = module
+        self._modules.move_to_end(fh)
+        while len(self._modules) > self.limits.max_cached_modules:
+            self._modules.popitem(last=False)
+
+    def _open_secrets(self, function_hash: bytes, blob: bytes) -> dict[str, str]:
+        from teecloud.keys.envcrypt import decrypt_env
+        from teecloud.keys.errors import KeysError
+
+        secret = self.keys.secrets_key(function_hash).private_bytes_raw()
+        try:
+            return decrypt_env(secret, blob)
+        except KeysError as exc:
+            raise SecretError(
+                "the secrets were not sealed to this function's key (each function's secrets open only "
+                f"under its own code hash): {exc}"
+            ) from exc
+
+    # --- lookup ---------------------------------------------------------------------------------------------
+
+    def record(self, ref: str) -> FunctionRecord:
+        """A function by its hash (64 hex) or its registry address (40 hex), 0x optional."""
+        h = ref.lower().removeprefix("0x")
+        if len(h) not in (40, 64) or any(c not in "0123456789abcdef" for c in h):
+            raise UnknownFunction(f"{ref!r} is neither a function hash nor a function id")
+        if len(h) == 40:
+            found = [r for r in self.functions() if r.function_id == bytes.fromhex(h)]
+            if not found:
+                raise UnknownFunction(f"no function with id 0x{h}")
+            return max(found, key=lambda r: r.deployed_at)
+        fh = bytes.fromhex(h)
+        with self._lock:
+            rec = self._records.get(fh)
+        if rec is not None:
+            return rec
+        return self._load(fh)
+
+    def _load(self, fh: bytes) -> FunctionRecord:
+        path = self.dir / fh.hex() / "manifest.json"
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UnknownFunction(f"no function 0x{fh.hex()}") from exc
+        fid = m.get("function_id")
+        rec = FunctionRecord(
+            fh,
+            bytes.fromhex(fid[2:]) if fid else None,
+            tuple(m["allowed_hosts"]),
+            dict(m["limits"]),
+            bool(m["has_secrets"]),
+            int(m["deployed_at"]),
+        )
+        with self._lock:
+            self._records[fh] = rec
+        return rec
+
+    def functions(self) -> list[FunctionRecord]:
+        out = []
+        for p in sorted(self.dir.iterdir()):
+            if p.is_dir() and len(p.name) == 64:
+                try:
+                    out.append(self.record(p.name))
+                except UnknownFunction:
+                    continue
+        return out
+
+    def _module(self, fh: bytes) -> wasmtime.Module:
+        with self._lock:
+            m = self._modules.get(fh)
+        if m is not None:
+            return m
+        m = self.sandbox.compile((self.dir / fh.hex() / "module.wasm").read_bytes())
+        with self._lock:
+            self._cache_module(fh, m)
+        return m
+
+    # --- invoke ---------------------------------------------------------------------------------------------
+
+    def _claim(self, fh: bytes, request_id: bytes, expiry: int) -> None:
+        """Take a request id for good (O_EXCL file): a second invocation, even after a restart, is refused."""
+        path = self.dir / "claims" / f"{fh.hex()}-{request_id.hex()}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError as exc:
+            raise NotAllowed(f"request 0x{request_id.hex()} was already taken (at most once)") from exc
+        with os.fdopen(fd, "w") as f:
+            f.write(str(expiry))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _prune_claims(self) -> None:
+        """Claims of expired requests can go: their results would be refused anyway."""
+        now = self.clock()
+        for p in (self.dir / "claims").iterdir():
+            try:
+                if int(p.read_text() or "0") < now:
+                    p.unlink()
+            except (OSError, ValueError):
+                continue
+
+    def invoke(
+        self, ref: str, input_bytes: bytes, *, request_id: bytes | None = None, ttl_s: int = 300
+    ) -> Invocation:
+        """Run a function once for `request_id` (random if None) and sign its result.
+
+        Steps: (1) the function and its limits; (2) its registry allows this code and this runtime;
+        (3) claim the request id (at most once); (4) run in a fresh isolate; (5) sign."""
+        # (1)
+        rec = self.record(ref)
+        limits = self.max_limits.lowered_by(rec.limits)
+        if not 1 <= ttl_s <= self.limits.max_result_ttl_s:
+            raise BadFunction(f"ttl_s is 1..{self.limits.max_result_ttl_s}")
+        if request_id is None:
+            request_id = os.urandom(32)
+        if len(request_id) != 32:
+            raise BadFunction("request_id is 32 bytes")
+        if len(input_bytes) > limits.input_bytes:
+            raise BadFunction(f"input is {len(input_bytes)} bytes, above {limits.input_bytes}")
+        ident = self.keys.identity()
+        # (2)
+        function_id = rec.function_id or b"\0" * 20
+        if self.registry_check is not None:
+            if rec.function_id is None:
+                raise NotAllowed("this runtime runs only functions registered on chain (no function_id)")
+            ok, reason = self.registry_check(rec.function_id, rec.function_hash, ident.app_id)
+            if not ok:
+                raise NotAllowed(f"the function registry refuses: {reason}")
+        expiry = int(self.clock()) + ttl_s
+        # (3)
+        self._claim(rec.function_hash, request_id, expiry)
+        # (4)
+        fetcher = Fetcher(
+            self.fetch_policy,
+            self._http,
+            frozenset(rec.allowed_hosts),
+            max_requests=limits.http_requests,
+            timeout_s=limits.http_timeout_ms / 1000,
+            max_bytes=limits.http_response_bytes,
+        )
+        secrets: dict[str, str] | None = None
+
+        def secret(name: str) -> bytes | None:
+            nonlocal secrets
+            if secrets is None:
+                path = self.dir / rec.function_hash.hex() / "secrets.bin"
+                secrets = self._open_secrets(rec.function_hash, path.read_bytes()) if path.exists() else {}
+            v = secrets.get(name)
+            return v.encode() if v is not None else None
+
+        module = self._module(rec.function_hash)
+        try:
+            output, report = self.sandbox.run(
+                module,
+                input_bytes,
+                limits,
+                fetcher,
+                secret,
+                max_log_lines=self.limits.max_log_lines_per_call,
+                max_log_chars=self.limits.max_log_line_chars,
+            )
+        except InvocationFailed as exc:
+            self._log(rec.function_hash, request_id, "failed", str(exc), exc.report, [])
+            raise
+        # (5)
+        key = self.keys.signing_key(rec.function_hash)
+        result = SignedResult.sign(
+            key.secret,
+            key.public_key,
+            key.signature_chain,
+            request_id=request_id,
+            function_id=function_id,
+            function_hash=rec.function_hash,
+            input_hash=keccak(input_bytes),
+            output=output,
+            expiry=expiry,
+            runtime_app_id=ident.app_id,
+            runtime_compose_hash=ident.compose_hash,
+        )
+        self._log(rec.function_hash, request_id, "ok", "", report.as_dict(), report.logs)
+        return Invocation(result, report, report.logs)
+
+    # --- logs -----------------------------------------------------------------------------------------------
+
+    def _log(
+        self, fh: bytes, request_id: bytes, status: str, error: str, report: dict[str, Any], lines: list[str]
+    ) -> None:
+        path = self.dir / fh.hex() / "log.jsonl"
+        entry = {
+            "time": int(self.clock()),
+            "request_id": "0x" + request_id.hex(),
+            "status": status,
+            "error": error[:512],
+            "report": report,
+            "logs": lines,
+        }
+        with self._lock:
+            try:
+                old = path.read_text().splitlines()[-(self.limits.max_log_lines - 1) :]
+            except OSError:
+                old = []
+            atomic_write(path, ("\n".join([*old, json.dumps(entry)]) + "\n").encode())
+
+    def logs(self, ref: str, *, limit: int = 50) -> list[dict[str, Any]]:
+        rec = self.record(ref)
+        try:
+            lines = (self.dir / rec.function_hash.hex() / "log.jsonl").read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for ln in lines[-max(1, min(limit, self.limits.max_log_lines)) :]:
+            try:
+                out.append(json.loads(ln))
+            except ValueError:
+                continue
+        return out
+
+
+def describe_error(exc: FunctionError) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": type(exc).__name__, "detail": str(exc)}
+    if isinstance(exc, InvocationFailed):
+        body["report"] = exc.report
+        limit = getattr(exc, "limit", None)
+        if limit:
+            body["limit"] = limit
+    return body
