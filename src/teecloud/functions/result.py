@@ -23,7 +23,13 @@ from eth_abi.abi import encode
 from eth_utils.crypto import keccak
 
 from teecloud.keys.errors import KeysError
-from teecloud.keys.sigchain import recover_k256, sign_k256_recoverable, verify_key_signature_chain
+from teecloud.keys.sigchain import (
+    kms_issued_digest,
+    purpose_digest,
+    recover_k256,
+    sign_k256_recoverable,
+    verify_key_signature_chain,
+)
 
 from .errors import ResultInvalid
 from .keys import result_key_purpose
@@ -127,6 +133,34 @@ class SignedResult:
         unsigned = cls(signature=b"", public_key=public_key, signature_chain=chain, **fields)
         sig = sign_k256_recoverable(secret, unsigned.digest())
         return cls(signature=sig, public_key=public_key, signature_chain=chain, **fields)
+
+    def to_abi(self) -> tuple[Any, ...]:
+        """The FunctionResult tuple the contracts take (teecloud.chain.functions): keys as x‖y, the app key
+        and the KMS root recovered from the signature chain (the contract checks them against it)."""
+        try:
+            app_key = recover_k256(
+                purpose_digest(result_key_purpose(self.function_hash), self.public_key),
+                self.signature_chain[0],
+            )
+            root = recover_k256(kms_issued_digest(self.runtime_app_id, app_key), self.signature_chain[1])
+        except KeysError as exc:
+            raise ResultInvalid(f"the signature chain does not recover: {exc}") from exc
+        return (
+            self.request_id,
+            "0x" + self.function_id.hex(),
+            self.function_hash,
+            self.input_hash,
+            self.output,
+            self.expiry,
+            "0x" + self.runtime_app_id.hex(),
+            self.runtime_compose_hash,
+            self.signature,
+            uncompressed_xy(self.public_key),
+            self.signature_chain[0],
+            uncompressed_xy(app_key),
+            self.signature_chain[1],
+            uncompressed_xy(root),
+        )
 
     def to_json(self) -> dict[str, Any]:
         def h(b: bytes) -> str:
