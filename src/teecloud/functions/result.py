@@ -34,7 +34,15 @@ from teecloud.keys.sigchain import (
 from .errors import ResultInvalid
 from .keys import result_key_purpose
 
-__all__ = ["RESULT_TYPEHASH", "SignedResult", "result_digest", "uncompressed_xy", "verify_result"]
+__all__ = [
+    "RESULT_TYPEHASH",
+    "SignedResult",
+    "result_digest",
+    "secrets_key_digest",
+    "uncompressed_xy",
+    "verify_result",
+    "verify_secrets_key",
+]
 
 RESULT_TYPEHASH = keccak(b"teecloud-fn-result-v1")
 MAX_RESULT_JSON = 64 << 10
@@ -77,6 +85,42 @@ def result_digest(
             ],
         )
     )
+
+
+def secrets_key_digest(function_hash: bytes, x25519_public_key: bytes) -> bytes:
+    return keccak(b"teecloud-fn-secrets-key:" + function_hash + x25519_public_key)
+
+
+def verify_secrets_key(
+    statement: dict[str, Any], *, function_hash: bytes, kms_root_public_key: bytes
+) -> bytes:
+    """Check a runtime's secrets-key statement for `function_hash`; return the X25519 key to seal to.
+    Steps: (1) it names this function; (2) the result key signed the X25519 key; (3) the result key's chain
+    (purpose bound to this function hash) goes up to `kms_root_public_key` through the runtime app key."""
+    # (1)
+    if _b(statement, "function_hash", 32) != function_hash:
+        raise ResultInvalid("the secrets key statement is for another function")
+    x = _b(statement, "x25519_public_key", 32)
+    pub = _b(statement, "result_public_key", 33)
+    chain = statement.get("signature_chain")
+    if not isinstance(chain, list) or len(chain) != 2:
+        raise ResultInvalid("signature_chain must list 2 signatures")
+    links = (_b({"s": chain[0]}, "s", 65), _b({"s": chain[1]}, "s", 65))
+    try:
+        # (2)
+        if recover_k256(secrets_key_digest(function_hash, x), _b(statement, "signature", 65)) != pub:
+            raise ResultInvalid("the secrets key is not signed by the function's result key")
+        # (3)
+        verify_key_signature_chain(
+            app_id=_b(statement, "runtime_app_id", 20),
+            public_key=pub,
+            purpose=result_key_purpose(function_hash),
+            signature_chain=links,
+            kms_root_public_key=kms_root_public_key,
+        )
+    except KeysError as exc:
+        raise ResultInvalid(f"the secrets key's signature chain does not verify: {exc}") from exc
+    return x
 
 
 def uncompressed_xy(public_key: bytes) -> bytes:

@@ -25,15 +25,23 @@ import wasmtime
 from eth_utils.crypto import keccak
 
 from teecloud._fs import atomic_write, atomic_write_json
+from teecloud.keys.sigchain import sign_k256_recoverable
 
 from ._fetch import Fetcher, FetchPolicy, parse_allowed_host
 from ._sandbox import CallReport, Sandbox
 from .errors import BadFunction, FunctionError, InvocationFailed, NotAllowed, SecretError, UnknownFunction
 from .keys import FunctionKeys
 from .limits import MAX_FUNCTION_LIMITS, CallLimits, RuntimeLimits
-from .result import SignedResult
+from .result import SignedResult, secrets_key_digest
 
-__all__ = ["FunctionRecord", "FunctionRuntime", "Invocation", "RegistryCheck", "function_hash_of"]
+__all__ = [
+    "FunctionRecord",
+    "FunctionRuntime",
+    "Invocation",
+    "RegistryCheck",
+    "function_hash_of",
+    "normalize_hosts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,16 @@ def function_hash_of(wasm: bytes, allowed_hosts: list[str], limits: dict[str, in
         "limits": limits,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def normalize_hosts(allowed_hosts: list[str], max_hosts: int = 16) -> list[str]:
+    """The allowlist as the function hash covers it: each 'host[:port]' lower-cased, sorted, unique."""
+    if not isinstance(allowed_hosts, list) or len(allowed_hosts) > max_hosts:
+        raise BadFunction(f"allowed_hosts is a list of at most {max_hosts} hosts")
+    try:
+        return sorted({parse_allowed_host(h) for h in allowed_hosts})
+    except ValueError as exc:
+        raise BadFunction(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,20 @@ class FunctionRuntime:
         """The X25519 key a deployer seals this function's secrets to (encrypt_env format)."""
         return self.keys.secrets_key(function_hash).public_key().public_bytes_raw()
 
+    def secrets_key_statement(self, function_hash: bytes) -> dict[str, Any]:
+        """The secrets key, signed by the function's result key (whose chain goes up to the KMS root)."""
+        x = self.secrets_public_key(function_hash)
+        key = self.keys.signing_key(function_hash)
+        sig = sign_k256_recoverable(key.secret, secrets_key_digest(function_hash, x))
+        return {
+            "function_hash": "0x" + function_hash.hex(),
+            "x25519_public_key": "0x" + x.hex(),
+            "signature": "0x" + sig.hex(),
+            "result_public_key": "0x" + key.public_key.hex(),
+            "signature_chain": ["0x" + s.hex() for s in key.signature_chain],
+            "runtime_app_id": "0x" + self.keys.identity().app_id.hex(),
+        }
+
     def deploy(
         self,
         wasm: bytes,
@@ -132,13 +164,7 @@ class FunctionRuntime:
         rl = self.limits
         if not isinstance(wasm, bytes | bytearray) or not 8 <= len(wasm) <= rl.max_module_bytes:
             raise BadFunction(f"a module is 8..{rl.max_module_bytes} bytes")
-        hosts_in = allowed_hosts or []
-        if not isinstance(hosts_in, list) or len(hosts_in) > rl.max_allowed_hosts:
-            raise BadFunction(f"allowed_hosts is a list of at most {rl.max_allowed_hosts} hosts")
-        try:
-            hosts = sorted({parse_allowed_host(h) for h in hosts_in})
-        except ValueError as exc:
-            raise BadFunction(str(exc)) from exc
+        hosts = normalize_hosts(allowed_hosts or [], rl.max_allowed_hosts)
         req_limits = dict(limits or {})
         self.max_limits.lowered_by(req_limits)  # validates
         if function_id is not None and len(function_id) != 20:
