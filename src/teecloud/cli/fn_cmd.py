@@ -101,7 +101,7 @@ def _kms_root(ctx: typer.Context, kms_root: str | None) -> bytes:
         root = chain.kms.info().k256_pubkey
     if not root:
         _fail("no KMS root recorded in KmsAuth: pass --kms-root", 2)
-    return root
+    return bytes(root)
 
 
 def _print(obj: Any) -> None:
