@@ -2,8 +2,9 @@
 
 State under `<home>/functions/`:
   <function_hash>/module.wasm, manifest.json, secrets.bin (sealed; never stored opened), log.jsonl
-  claims/<function_hash>-<request_id>   one file per request taken (O_EXCL), so that a request is
-                                         answered at most once, across restarts too
+  claims.log                             request ids taken (see _claims): each answered at most once,
+                                         across restarts too
+  <function_hash>/log.jsonl              its last calls (appended; trimmed to max_log_lines on load)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from eth_utils.crypto import keccak
 from teecloud._fs import atomic_write, atomic_write_json
 from teecloud.keys.sigchain import sign_k256_recoverable
 
+from ._claims import ClaimJournal
 from ._fetch import Fetcher, FetchPolicy, parse_allowed_host
 from ._sandbox import CallReport, Sandbox
 from .errors import BadFunction, FunctionError, InvocationFailed, NotAllowed, SecretError, UnknownFunction
@@ -112,7 +114,6 @@ class FunctionRuntime:
     ) -> None:
         self.dir = Path(home) / "functions"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (self.dir / "claims").mkdir(exist_ok=True, mode=0o700)
         self.keys = keys
         self.fetch_policy = fetch_policy or FetchPolicy()
         self.registry_check = registry_check
@@ -124,11 +125,13 @@ class FunctionRuntime:
         self._records: dict[bytes, FunctionRecord] = {}
         self._lock = threading.Lock()
         self._http = httpx.Client(verify=self.fetch_policy.context(), trust_env=False)
-        self._prune_claims()
+        self._claims = ClaimJournal(self.dir / "claims.log", clock=clock)
+        self._logs: dict[bytes, deque[dict[str, Any]]] = {}
 
     def close(self) -> None:
         self.sandbox.close()
         self._http.close()
+        self._claims.close()
 
     # --- deploy ---------------------------------------------------------------------------------------------
 
@@ -178,7 +181,7 @@ class FunctionRuntime:
             if len(names) > rl.max_secrets:
                 raise BadFunction(f"at most {rl.max_secrets} secrets")
         with self._lock:
-            known = [p for p in self.dir.iterdir() if p.is_dir() and p.name != "claims"]
+            known = [p for p in self.dir.iterdir() if p.is_dir()]
             if not (self.dir / fh.hex()).exists() and len(known) >= rl.max_functions:
                 raise BadFunction(f"this runtime holds at most {rl.max_functions} functions")
             d = self.dir / fh.hex()
@@ -273,28 +276,6 @@ class FunctionRuntime:
 
     # --- invoke ---------------------------------------------------------------------------------------------
 
-    def _claim(self, fh: bytes, request_id: bytes, expiry: int) -> None:
-        """Take a request id for good (O_EXCL file): a second invocation, even after a restart, is refused."""
-        path = self.dir / "claims" / f"{fh.hex()}-{request_id.hex()}"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError as exc:
-            raise NotAllowed(f"request 0x{request_id.hex()} was already taken (at most once)") from exc
-        with os.fdopen(fd, "w") as f:
-            f.write(str(expiry))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _prune_claims(self) -> None:
-        """Claims of expired requests can go: their results would be refused anyway."""
-        now = self.clock()
-        for p in (self.dir / "claims").iterdir():
-            try:
-                if int(p.read_text() or "0") < now:
-                    p.unlink()
-            except (OSError, ValueError):
-                continue
-
     def invoke(
         self, ref: str, input_bytes: bytes, *, request_id: bytes | None = None, ttl_s: int = 300
     ) -> Invocation:
@@ -324,7 +305,7 @@ class FunctionRuntime:
                 raise NotAllowed(f"the function registry refuses: {reason}")
         expiry = int(self.clock()) + ttl_s
         # (3)
-        self._claim(rec.function_hash, request_id, expiry)
+        self._claims.claim(rec.function_hash, request_id, expiry)
         # (4)
         fetcher = Fetcher(
             self.fetch_policy,
@@ -378,10 +359,30 @@ class FunctionRuntime:
 
     # --- logs -----------------------------------------------------------------------------------------------
 
+    def _ring(self, fh: bytes) -> deque[dict[str, Any]]:
+        """The function's last calls, in memory; loaded from (and trimmed in) log.jsonl the first time."""
+        ring = self._logs.get(fh)
+        if ring is None:
+            ring = deque(maxlen=self.limits.max_log_lines)
+            path = self.dir / fh.hex() / "log.jsonl"
+            try:
+                lines = path.read_text().splitlines()[-self.limits.max_log_lines :]
+            except OSError:
+                lines = []
+            for ln in lines:
+                try:
+                    ring.append(json.loads(ln))
+                except ValueError:
+                    continue
+            if lines:
+                atomic_write(path, "".join(json.dumps(e) + "\n" for e in ring).encode())
+            self._logs[fh] = ring
+        return ring
+
     def _log(
         self, fh: bytes, request_id: bytes, status: str, error: str, report: dict[str, Any], lines: list[str]
     ) -> None:
-        path = self.dir / fh.hex() / "log.jsonl"
+        """Logs are for the developer, not state: appended without fsync, kept in a bounded ring."""
         entry = {
             "time": int(self.clock()),
             "request_id": "0x" + request_id.hex(),
@@ -391,25 +392,18 @@ class FunctionRuntime:
             "logs": lines,
         }
         with self._lock:
+            self._ring(fh).append(entry)
+            fd = os.open(self.dir / fh.hex() / "log.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                old = path.read_text().splitlines()[-(self.limits.max_log_lines - 1) :]
-            except OSError:
-                old = []
-            atomic_write(path, ("\n".join([*old, json.dumps(entry)]) + "\n").encode())
+                os.write(fd, (json.dumps(entry) + "\n").encode())
+            finally:
+                os.close(fd)
 
     def logs(self, ref: str, *, limit: int = 50) -> list[dict[str, Any]]:
         rec = self.record(ref)
-        try:
-            lines = (self.dir / rec.function_hash.hex() / "log.jsonl").read_text().splitlines()
-        except OSError:
-            return []
-        out = []
-        for ln in lines[-max(1, min(limit, self.limits.max_log_lines)) :]:
-            try:
-                out.append(json.loads(ln))
-            except ValueError:
-                continue
-        return out
+        with self._lock:
+            ring = list(self._ring(rec.function_hash))
+        return ring[-max(1, min(limit, self.limits.max_log_lines)) :]
 
 
 def describe_error(exc: FunctionError) -> dict[str, Any]:
