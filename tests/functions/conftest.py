@@ -21,10 +21,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from eth_utils.crypto import keccak
 
 from teecloud.agent import AgentRunner, LocalDevKeyProvider, boot
-from teecloud.functions import FetchPolicy, FunctionKeys, FunctionRuntime, GuestAgentKeys
+from teecloud.chain import ChainClient, compose_hash
+from teecloud.chain.functions import (
+    FunctionOracle,
+    FunctionPriceFeed,
+    FunctionRegistry,
+    FunctionResultVerifier,
+    deploy_function_registry,
+)
+from teecloud.functions import FetchPolicy, FunctionKeys, FunctionRuntime, GuestAgentKeys, function_hash_of
 from teecloud.tee.simulated import SimulatedTdx
+
+from . import wat
 
 RUNTIME_COMPOSE = {
     "manifest_version": 2,
@@ -189,3 +200,59 @@ def runtime(teecloud_home: Path, guest: Guest, outside: Outside) -> Iterator[Fun
     )
     yield rt
     rt.close()
+
+
+@dataclass
+class World:
+    chain: ChainClient
+    guest: Guest
+    runtime: FunctionRuntime
+    registry: FunctionRegistry
+    verifier: FunctionResultVerifier
+    oracle: FunctionOracle
+    feed: FunctionPriceFeed
+    function_hash: bytes
+    price_input: bytes
+    outside: Outside
+
+
+def _registry_check(chain: ChainClient):  # type: ignore[no-untyped-def]
+    def check(function_id: bytes, function_hash: bytes, app_id: bytes) -> tuple[bool, str]:
+        return FunctionRegistry(chain, function_id).is_allowed(function_hash, app_id)
+
+    return check
+
+
+@pytest.fixture
+def world(teecloud_home: Path, sockdir: Path, outside: Outside) -> Iterator[World]:
+    chain = ChainClient.embedded(teecloud_home)
+    chain.deploy()
+    owner = chain.address
+    assert owner is not None
+    app_id = chain.kms.register_app(owner, compose_hash(RUNTIME_COMPOSE))
+    guest, runner = start_guest(teecloud_home, bytes.fromhex(app_id[2:]), sockdir)
+    assert guest.compose_hash == compose_hash(RUNTIME_COMPOSE)
+    chain.kms.set_info(guest.kms_root, b"dev-ca")
+    host = outside.url.removeprefix("https://")
+    fh = function_hash_of(wat.PRICE, [host], {})
+    registry = deploy_function_registry(chain, owner, "price", app_id, fh)
+    runtime = FunctionRuntime(
+        teecloud_home,
+        FunctionKeys(guest.keys),
+        fetch_policy=FetchPolicy(trust=outside.trust),
+        registry_check=_registry_check(chain),
+    )
+    rec = runtime.deploy(wat.PRICE, allowed_hosts=[host], function_id=bytes.fromhex(registry.address[2:]))
+    assert rec.function_hash == fh
+    verifier = FunctionResultVerifier.deploy(chain, chain.kms_auth)
+    oracle = FunctionOracle.deploy(chain, verifier.address)
+    price_input = f"{outside.url}/price".encode()
+    feed = FunctionPriceFeed.deploy(
+        chain, verifier.address, registry.address, keccak(price_input), oracle=oracle.address
+    )
+    try:
+        yield World(chain, guest, runtime, registry, verifier, oracle, feed, fh, price_input, outside)
+    finally:
+        runtime.close()
+        runner.stop()
+        chain.close()

@@ -6,24 +6,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from eth_utils.crypto import keccak
 
-from teecloud.chain import DEV_KEYS, ChainClient, ContractReverted, compose_hash
+from teecloud.chain import DEV_KEYS, ContractReverted
 from teecloud.chain.functions import (
-    FunctionPriceFeed,
     FunctionRegistry,
-    FunctionResultVerifier,
     deploy_function_registry,
 )
 from teecloud.functions import (
-    FetchPolicy,
-    FunctionKeys,
-    FunctionRuntime,
     NotAllowed,
     SignedResult,
     function_hash_of,
@@ -37,59 +29,7 @@ from teecloud.keys.sigchain import (
 )
 
 from . import wat
-from .conftest import RUNTIME_COMPOSE, Guest, Outside, start_guest
-
-
-@dataclass
-class World:
-    chain: ChainClient
-    guest: Guest
-    runtime: FunctionRuntime
-    registry: FunctionRegistry
-    verifier: FunctionResultVerifier
-    feed: FunctionPriceFeed
-    function_hash: bytes
-    price_input: bytes
-    outside: Outside
-
-
-def _registry_check(chain: ChainClient):  # type: ignore[no-untyped-def]
-    def check(function_id: bytes, function_hash: bytes, app_id: bytes) -> tuple[bool, str]:
-        return FunctionRegistry(chain, function_id).is_allowed(function_hash, app_id)
-
-    return check
-
-
-@pytest.fixture
-def world(teecloud_home: Path, sockdir: Path, outside: Outside) -> Iterator[World]:
-    chain = ChainClient.embedded(teecloud_home)
-    chain.deploy()
-    owner = chain.address
-    assert owner is not None
-    app_id = chain.kms.register_app(owner, compose_hash(RUNTIME_COMPOSE))
-    guest, runner = start_guest(teecloud_home, bytes.fromhex(app_id[2:]), sockdir)
-    assert guest.compose_hash == compose_hash(RUNTIME_COMPOSE)
-    chain.kms.set_info(guest.kms_root, b"dev-ca")
-    host = outside.url.removeprefix("https://")
-    fh = function_hash_of(wat.PRICE, [host], {})
-    registry = deploy_function_registry(chain, owner, "price", app_id, fh)
-    runtime = FunctionRuntime(
-        teecloud_home,
-        FunctionKeys(guest.keys),
-        fetch_policy=FetchPolicy(trust=outside.trust),
-        registry_check=_registry_check(chain),
-    )
-    rec = runtime.deploy(wat.PRICE, allowed_hosts=[host], function_id=bytes.fromhex(registry.address[2:]))
-    assert rec.function_hash == fh
-    verifier = FunctionResultVerifier.deploy(chain, chain.kms_auth)
-    price_input = f"{outside.url}/price".encode()
-    feed = FunctionPriceFeed.deploy(chain, verifier.address, registry.address, keccak(price_input))
-    try:
-        yield World(chain, guest, runtime, registry, verifier, feed, fh, price_input, outside)
-    finally:
-        runtime.close()
-        runner.stop()
-        chain.close()
+from .conftest import World
 
 
 def _invoke(w: World, ref: str | None = None, inp: bytes | None = None, ttl_s: int = 300) -> SignedResult:

@@ -21,10 +21,11 @@ CONTRACT_NAMES = (
     "Multisig",
     "Timelock",
     "NodeRegistry",
-    # teecloud.functions (docs/functions.md): one registry per function, the shared result verifier, and
-    # an example consumer that accepts one function's results
+    # teecloud.functions (docs/functions.md): one registry per function, the shared result verifier, the
+    # on-chain request/callback oracle, and an example consumer that accepts one function's results
     "FunctionRegistry",
     "FunctionResultVerifier",
+    "FunctionOracle",
     "FunctionPriceFeed",
 )
 _memo: dict[str, CompiledContract] = {}

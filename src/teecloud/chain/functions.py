@@ -6,6 +6,7 @@ teecloud.functions.SignedResult.to_abi() builds it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ._values import to_address, to_bytes32
@@ -15,9 +16,11 @@ from .governance import submit_owner_call
 
 __all__ = [
     "FUNCTION_RESULT_ABI_TYPE",
+    "FunctionOracle",
     "FunctionPriceFeed",
     "FunctionRegistry",
     "FunctionResultVerifier",
+    "OracleRequest",
     "deploy_function_registry",
 ]
 
@@ -122,11 +125,18 @@ class FunctionPriceFeed:
 
     @classmethod
     def deploy(
-        cls, conn: ChainConnection, verifier: str | bytes, function_id: str | bytes, input_hash: bytes | str
+        cls,
+        conn: ChainConnection,
+        verifier: str | bytes,
+        function_id: str | bytes,
+        input_hash: bytes | str,
+        *,
+        oracle: str | bytes | None = None,
     ) -> FunctionPriceFeed:
         addr = conn.deploy_contract(
             "FunctionPriceFeed",
             to_address(verifier),
+            to_address(oracle) if oracle else "0x" + "00" * 20,
             to_address(function_id),
             to_bytes32(input_hash, "input hash"),
         )
@@ -140,3 +150,71 @@ class FunctionPriceFeed:
 
     def updates(self) -> int:
         return int(self.conn.call("FunctionPriceFeed", self.address, "updates"))
+
+
+@dataclass(frozen=True)
+class OracleRequest:
+    request_id: bytes
+    requester: str
+    function_id: str
+    input_hash: bytes
+    callback: str
+    callback_gas: int
+    deposit: int
+    created: int
+    state: int  # 0 unknown, 1 pending, 2 fulfilled, 3 cancelled
+
+    @property
+    def pending(self) -> bool:
+        return self.state == 1
+
+
+class FunctionOracle:
+    """Function calls on chain: request (with a deposit) -> Requested event -> fulfill (signed result)."""
+
+    def __init__(self, conn: ChainConnection, address: str | bytes) -> None:
+        self.conn = conn
+        self.address = to_address(address)
+
+    @classmethod
+    def deploy(cls, conn: ChainConnection, verifier: str | bytes) -> FunctionOracle:
+        return cls(conn, conn.deploy_contract("FunctionOracle", to_address(verifier)))
+
+    def request(
+        self,
+        function_id: str | bytes,
+        input: bytes,
+        *,
+        deposit: int,
+        callback: str | bytes | None = None,
+        callback_gas: int = 200_000,
+    ) -> bytes:
+        if len(input) > 1024:
+            raise ValueError("an on-chain request's input is at most 1024 bytes")
+        receipt = self.conn.transact(
+            "FunctionOracle",
+            self.address,
+            "request",
+            to_address(function_id),
+            input,
+            to_address(callback) if callback else "0x" + "00" * 20,
+            int(callback_gas),
+            value=int(deposit),
+        )
+        return bytes(self.conn.event_of(receipt, "FunctionOracle", "Requested")["request_id"])
+
+    def get(self, request_id: bytes) -> OracleRequest:
+        v = self.conn.call("FunctionOracle", self.address, "requests", to_bytes32(request_id, "request id"))
+        return OracleRequest(request_id, str(v[0]), str(v[1]), bytes(v[2]), str(v[3]), *map(int, v[4:]))
+
+    def fulfill(self, result_abi: tuple[Any, ...]) -> dict[str, Any]:
+        return self.conn.transact("FunctionOracle", self.address, "fulfill", result_abi)
+
+    def cancel(self, request_id: bytes) -> dict[str, Any]:
+        return self.conn.transact(
+            "FunctionOracle", self.address, "cancel", to_bytes32(request_id, "request id")
+        )
+
+    def requested(self, from_block: int = 0) -> list[dict[str, Any]]:
+        """Requested events from `from_block` on (each with its block number)."""
+        return self.conn.events("FunctionOracle", self.address, from_block=from_block, names=["Requested"])

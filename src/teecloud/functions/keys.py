@@ -88,7 +88,7 @@ class FunctionKeys:
     MAX_CACHED = 1024
 
     def __init__(self, source: KeySource) -> None:
-        self._source = source
+        self.source = source
         self._lock = threading.Lock()
         self._signing: dict[bytes, SigningKey] = {}
         self._secrets: dict[bytes, X25519PrivateKey] = {}
@@ -96,7 +96,7 @@ class FunctionKeys:
 
     def identity(self) -> RuntimeIdentity:
         if self._identity is None:
-            self._identity = self._source.identity()
+            self._identity = self.source.identity()
         return self._identity
 
     def signing_key(self, function_hash: bytes) -> SigningKey:
@@ -105,7 +105,7 @@ class FunctionKeys:
         if hit is not None:
             return hit
         h = function_hash.hex()
-        secret, chain = self._source.get_key(f"teecloud-fn/{h}/result", result_key_purpose(function_hash))
+        secret, chain = self.source.get_key(f"teecloud-fn/{h}/result", result_key_purpose(function_hash))
         if len(secret) != 32 or len(chain) != 2:
             raise FunctionError("GetKey returned an unexpected key or signature chain")
         key = SigningKey(secret, k256_public_key(secret), (chain[0], chain[1]))
@@ -120,7 +120,7 @@ class FunctionKeys:
             hit = self._secrets.get(function_hash)
         if hit is not None:
             return hit
-        secret, _ = self._source.get_key(f"teecloud-fn/{function_hash.hex()}/secrets", "teecloud-fn-secrets")
+        secret, _ = self.source.get_key(f"teecloud-fn/{function_hash.hex()}/secrets", "teecloud-fn-secrets")
         key = X25519PrivateKey.from_private_bytes(secret)
         with self._lock:
             if len(self._secrets) >= self.MAX_CACHED:
