@@ -101,3 +101,43 @@ def test_deploy_registers_on_chain_and_upgrades(url: str, guest: Guest, tmp_path
     assert code == 1 and "404" in err
     code, _, err = _run("fn", "call", "00" * 32, "--url", "http://127.0.0.1:1")
     assert code == 1 and "cannot reach" in err
+
+
+def test_fn_serve_runs_the_runtime_on_the_guest_agent(
+    guest: Guest, sockdir: Path, teecloud_home: Path
+) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-c", "from teecloud.cli import main; main()", "fn", "serve", "--port", str(port)]
+    cmd += ["--dstack-sock", str(sockdir / "dstack.sock"), "--no-check-registry"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, "fn serve did not answer"
+                time.sleep(0.2)
+        assert info["app_id"] == "0x" + guest.app_id.hex()
+        assert info["compose_hash"] == "0x" + guest.compose_hash.hex()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

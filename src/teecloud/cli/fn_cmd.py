@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -115,6 +116,8 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8090,
     dstack_sock: Annotated[str | None, typer.Option(help="guest agent socket")] = None,
     check_registry: Annotated[bool, typer.Option(help="run only code its FunctionRegistry allows")] = True,
+    oracle: Annotated[str | None, typer.Option(help="answer this FunctionOracle's requests")] = None,
+    poll_s: Annotated[float, typer.Option(min=0.2, max=60, help="oracle polling interval")] = 2.0,
 ) -> None:
     """Run the function runtime (what the runtime app's container runs), keys from the guest agent."""
     from teecloud._fs import data_home
@@ -125,17 +128,41 @@ def serve(
     check = None
     chain = None
     if check_registry:
-        chain = chain_client(ctx)
+        chain = reader = chain_client(ctx)
 
         def check(function_id: bytes, function_hash: bytes, app_id: bytes) -> tuple[bool, str]:
-            return FunctionRegistry(chain, function_id).is_allowed(function_hash, app_id)
+            return FunctionRegistry(reader, function_id).is_allowed(function_hash, app_id)
 
     rt = FunctionRuntime(data_home(), FunctionKeys(GuestAgentKeys(dstack_sock)), registry_check=check)
     server = FunctionServer(rt, host=host, port=port)
+    stop = threading.Event()
+    if oracle:
+        from eth_account import Account
+
+        from teecloud.chain.functions import FunctionOracle
+        from teecloud.functions.oncall import OracleWatcher, relayer_key
+
+        if chain is None:
+            chain = chain_client(ctx)
+        key = relayer_key(rt)
+        watcher = OracleWatcher(
+            rt, FunctionOracle(chain.with_signer(key), oracle), from_block=chain.block_number()
+        )
+
+        def loop() -> None:
+            while not stop.wait(poll_s):
+                try:
+                    watcher.poll()
+                except Error as exc:  # the chain went away for a while: keep polling
+                    typer.echo(f"oracle poll failed: {exc.diagnostics()}", err=True)
+
+        threading.Thread(target=loop, name="fn-oracle", daemon=True).start()
+        typer.echo(f"answering FunctionOracle {oracle} as relayer {Account.from_key(key).address} (fund it)")
     typer.echo(f"functions runtime listening on http://{host}:{port}")
     try:
         server.serve_forever()
     finally:
+        stop.set()
         rt.close()
         if chain is not None:
             chain.close()
