@@ -22,6 +22,7 @@ __all__ = [
     "InvocationFailed",
     "LimitExceeded",
     "NotAllowed",
+    "RegistryUnavailable",
     "ResultInvalid",
     "SecretError",
     "UnknownFunction",
@@ -41,6 +42,10 @@ class UnknownFunction(FunctionError, LookupError):
 
 
 class NotAllowed(FunctionError):
+    pass
+
+
+class RegistryUnavailable(FunctionError):
     pass
 
 

@@ -26,12 +26,21 @@ import wasmtime
 from eth_utils.crypto import keccak
 
 from teecloud._fs import atomic_write, atomic_write_json
+from teecloud.errors import Error
 from teecloud.keys.sigchain import sign_k256_recoverable
 
 from ._claims import ClaimJournal
 from ._fetch import Fetcher, FetchPolicy, parse_allowed_host
 from ._sandbox import CallReport, Sandbox
-from .errors import BadFunction, FunctionError, InvocationFailed, NotAllowed, SecretError, UnknownFunction
+from .errors import (
+    BadFunction,
+    FunctionError,
+    InvocationFailed,
+    NotAllowed,
+    RegistryUnavailable,
+    SecretError,
+    UnknownFunction,
+)
 from .keys import FunctionKeys
 from .limits import MAX_FUNCTION_LIMITS, CallLimits, RuntimeLimits
 from .result import SignedResult, secrets_key_digest
@@ -227,6 +236,10 @@ class FunctionRuntime:
             found = [r for r in self.functions() if r.function_id == bytes.fromhex(h)]
             if not found:
                 raise UnknownFunction(f"no function with id 0x{h}")
+            if self.registry_check is not None and len(found) > 1:
+                # anyone may deploy code naming any function id: by id, run a version its registry allows
+                allowed = [r for r in found if self._registry_allows(r)[0]]
+                found = allowed or found
             return max(found, key=lambda r: r.deployed_at)
         fh = bytes.fromhex(h)
         with self._lock:
@@ -234,6 +247,15 @@ class FunctionRuntime:
         if rec is not None:
             return rec
         return self._load(fh)
+
+    def _registry_allows(self, rec: FunctionRecord) -> tuple[bool, str]:
+        assert self.registry_check is not None
+        if rec.function_id is None:
+            return False, "no function_id"
+        try:
+            return self.registry_check(rec.function_id, rec.function_hash, self.keys.identity().app_id)
+        except Error as exc:  # the chain (or a contract that is not a registry) failed to answer
+            raise RegistryUnavailable(f"cannot read the function's registry: {exc}") from exc
 
     def _load(self, fh: bytes) -> FunctionRecord:
         path = self.dir / fh.hex() / "manifest.json"
@@ -300,7 +322,7 @@ class FunctionRuntime:
         if self.registry_check is not None:
             if rec.function_id is None:
                 raise NotAllowed("this runtime runs only functions registered on chain (no function_id)")
-            ok, reason = self.registry_check(rec.function_id, rec.function_hash, ident.app_id)
+            ok, reason = self._registry_allows(rec)
             if not ok:
                 raise NotAllowed(f"the function registry refuses: {reason}")
         expiry = int(self.clock()) + ttl_s
