@@ -196,7 +196,9 @@ def outside(tmp_path: Path) -> Iterator[Outside]:
 @pytest.fixture
 def runtime(teecloud_home: Path, guest: Guest, outside: Outside) -> Iterator[FunctionRuntime]:
     rt = FunctionRuntime(
-        teecloud_home, FunctionKeys(guest.keys), fetch_policy=FetchPolicy(trust=outside.trust)
+        teecloud_home,
+        FunctionKeys(guest.keys),
+        fetch_policy=FetchPolicy(trust=outside.trust, allow_private_addresses=True),
     )
     yield rt
     rt.close()
@@ -239,7 +241,7 @@ def world(teecloud_home: Path, sockdir: Path, outside: Outside) -> Iterator[Worl
     runtime = FunctionRuntime(
         teecloud_home,
         FunctionKeys(guest.keys),
-        fetch_policy=FetchPolicy(trust=outside.trust),
+        fetch_policy=FetchPolicy(trust=outside.trust, allow_private_addresses=True),
         registry_check=_registry_check(chain),
     )
     rec = runtime.deploy(wat.PRICE, allowed_hosts=[host], function_id=bytes.fromhex(registry.address[2:]))

@@ -72,7 +72,7 @@ def test_a_runtime_restarting_mid_request_never_answers_twice(world: World) -> N
     restarted = FunctionRuntime(
         w.runtime.dir.parent,
         FunctionKeys(w.guest.keys),
-        fetch_policy=FetchPolicy(trust=w.outside.trust),
+        fetch_policy=FetchPolicy(trust=w.outside.trust, allow_private_addresses=True),
         registry_check=w.runtime.registry_check,
     )
     try:

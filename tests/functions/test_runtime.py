@@ -188,7 +188,11 @@ def test_a_request_is_answered_at_most_once_across_a_restart(
     from teecloud.functions import FetchPolicy
 
     home = Path(str(teecloud_home))
-    rt = FunctionRuntime(home, FunctionKeys(guest.keys), fetch_policy=FetchPolicy(trust=outside.trust))
+    rt = FunctionRuntime(
+        home,
+        FunctionKeys(guest.keys),
+        fetch_policy=FetchPolicy(trust=outside.trust, allow_private_addresses=True),
+    )
     rec = rt.deploy(wat.ECHO)
     rid = b"\7" * 32
     rt.invoke(rec.function_hash.hex(), b"a", request_id=rid)
@@ -196,7 +200,11 @@ def test_a_request_is_answered_at_most_once_across_a_restart(
         rt.invoke(rec.function_hash.hex(), b"a", request_id=rid)
     rt.close()
     # a restarted runtime (same state directory) refuses the same request too
-    rt2 = FunctionRuntime(home, FunctionKeys(guest.keys), fetch_policy=FetchPolicy(trust=outside.trust))
+    rt2 = FunctionRuntime(
+        home,
+        FunctionKeys(guest.keys),
+        fetch_policy=FetchPolicy(trust=outside.trust, allow_private_addresses=True),
+    )
     try:
         with pytest.raises(NotAllowed, match="already taken"):
             rt2.invoke(rec.function_hash.hex(), b"a", request_id=rid)
@@ -216,3 +224,25 @@ def test_unknown_functions_are_clear_errors(runtime: FunctionRuntime) -> None:
     for ref in ["nope", "00" * 32, "0x" + "ab" * 20]:
         with pytest.raises(UnknownFunction):
             runtime.invoke(ref, b"")
+
+
+def test_answers_from_non_public_addresses_are_refused_in_production(
+    teecloud_home: object, guest: Guest, outside: Outside
+) -> None:
+    from pathlib import Path
+
+    from teecloud.functions import FetchPolicy
+
+    # production policy: the allowed host resolves to loopback (127.0.0.1): refused, body never read
+    rt = FunctionRuntime(
+        Path(str(teecloud_home)) / "prod",
+        FunctionKeys(guest.keys),
+        fetch_policy=FetchPolicy(trust=outside.trust),
+    )
+    try:
+        host = outside.url.removeprefix("https://")
+        out = _call(rt, wat.FETCH_ONCE, f"{outside.url}/price".encode(), allowed_hosts=[host])
+        assert int.from_bytes(out, "big", signed=True) == -1
+        assert rt.logs(rt.functions()[0].function_hash.hex())[-1]["report"]["http_refused"] == 1
+    finally:
+        rt.close()

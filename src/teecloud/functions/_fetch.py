@@ -6,6 +6,7 @@ call's report."""
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 import urllib.parse
 from dataclasses import dataclass
@@ -45,13 +46,27 @@ def parse_allowed_host(entry: str) -> str:
     return host + (f":{int(port)}" if port else "")
 
 
+def _public_peer(response: httpx.Response) -> bool:
+    stream = response.extensions.get("network_stream")
+    addr = stream.get_extra_info("server_addr") if stream is not None else None
+    if not addr:
+        return False
+    try:
+        return ipaddress.ip_address(addr[0]).is_global
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
-    """The runtime's fetch settings. `allow_plain_http` is for development only: production runtimes
-    fetch over HTTPS and validate certificates against `trust` (the system's roots by default)."""
+    """The runtime's fetch settings. Production runtimes fetch over HTTPS, validate certificates against
+    `trust` (the system's roots by default) and read answers only from public (global) addresses, so an
+    allowed host name that resolves to loopback or a private network cannot reach the runtime's
+    neighbours. `allow_plain_http` and `allow_private_addresses` are for development and tests only."""
 
     trust: ssl.SSLContext | None = None
     allow_plain_http: bool = False
+    allow_private_addresses: bool = False
 
     def context(self) -> ssl.SSLContext:
         return self.trust if self.trust is not None else ssl.create_default_context()
@@ -114,6 +129,12 @@ class Fetcher:
         timeout = max(0.001, min(self._timeout_s, remaining_s))
         try:
             with self._client.stream("GET", checked, timeout=timeout, follow_redirects=False) as r:
+                if not self._policy.allow_private_addresses and not _public_peer(r):
+                    # checked once connected (the address actually used, whatever DNS said before); the
+                    # request has gone out by then, its answer is never read
+                    self.refused += 1
+                    self.events.append("fetch refused (the host resolved to a non-public address)")
+                    return E_HOST_NOT_ALLOWED
                 self.last_status = r.status_code
                 body = bytearray()
                 for chunk in r.iter_bytes():
