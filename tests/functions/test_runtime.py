@@ -79,6 +79,7 @@ def test_infinite_loop_stops_at_its_wall_limit(runtime: FunctionRuntime) -> None
     assert e.value.limit == "wall"
     assert 0.19 <= time.monotonic() - t0 < 5
     assert e.value.report["wall_ms"] >= 200
+    assert e.value.report["cpu_ms"] > 0 and e.value.report["cpu_fuel_used"] is None  # not written back
 
 
 def test_memory_bomb_stops_at_its_memory_limit(runtime: FunctionRuntime) -> None:

@@ -49,7 +49,7 @@ IMPORTS = {
 class CallReport:
     """What a call used, against its limits (returned with every result and every failure)."""
 
-    cpu_fuel_used: int = 0
+    cpu_fuel_used: int | None = 0  # None: unknown (wasmtime does not write fuel back on an interrupt)
     cpu_ms: float = 0.0
     wall_ms: float = 0.0
     memory_bytes: int = 0
@@ -277,7 +277,8 @@ class Sandbox:
                 error = msg
         report.wall_ms = (time.monotonic() - t0) * 1000
         report.cpu_ms = (time.thread_time() - c0) * 1000
-        report.cpu_fuel_used = limits.cpu_fuel - store.get_fuel()
+        used = limits.cpu_fuel - store.get_fuel()
+        report.cpu_fuel_used = None if report.stopped_by == "wall" and used == 0 else used
         report.http_requests = fetcher.requests
         report.http_refused = fetcher.refused
         report.http_bytes_in = fetcher.bytes_in
