@@ -118,9 +118,12 @@ def test_input_above_its_limit_and_bad_manifests_are_refused(runtime: FunctionRu
             runtime.deploy(module)
 
 
-def test_no_state_survives_a_call(runtime: FunctionRuntime) -> None:
-    rec = runtime.deploy(wat.COUNTER)
-    assert [runtime.invoke(rec.function_hash.hex(), b"").result.output for _ in range(3)] == [b"\1"] * 3
+def test_no_state_survives_a_call_or_crosses_functions(runtime: FunctionRuntime) -> None:
+    a = runtime.deploy(wat.COUNTER)
+    b = runtime.deploy(wat.COUNTER, limits={"wall_ms": 9000})  # the same code as another function
+    assert a.function_hash != b.function_hash
+    outs = [runtime.invoke(f.function_hash.hex(), b"").result.output for f in (a, b, a, b, a)]
+    assert outs == [b"\1"] * 5  # each call starts from a fresh instance: no global, memory or table carried
 
 
 def test_fetch_from_an_allowed_https_host(runtime: FunctionRuntime, outside: Outside) -> None:
