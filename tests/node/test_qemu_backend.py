@@ -177,3 +177,48 @@ def test_a_node_runs_a_cvm_as_a_vm_under_tcg(teecloud_home: Path, test_guest: Gu
         time.sleep(0.2)
     else:
         pytest.fail("the app's port still answers after remove")
+
+
+@pytest.mark.slow
+def test_a_guest_without_an_agent_fails_at_agent_with_its_console_and_leaves_no_vm(
+    teecloud_home: Path, test_guest: GuestImage, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from teecloud.image.initramfs import Entry, build_initramfs
+    from teecloud.node.errors import BootFailed
+
+    # an initramfs whose /init prints and waits: the kernel boots, no agent ever answers
+    initrd = tmp_path / "silent.cpio.gz"
+    script = (
+        b"#!/bin/busybox sh\n/bin/busybox echo silent-guest-up\nwhile :; do /bin/busybox sleep 3600; done\n"
+    )
+    initrd.write_bytes(
+        build_initramfs(
+            {
+                "init": Entry.file(script, 0o755),
+                "bin/busybox": Entry.file(Path("/bin/busybox").read_bytes(), 0o755),
+            }
+        )
+    )
+    backend = QemuBackend(
+        QemuBackendConfig(
+            image=replace(test_guest, initrd=initrd),
+            mode="plain",
+            accel="tcg",
+            host_share="vvfat",
+            disk_gb=1,
+            agent_timeout_s=20,
+        ),
+        home=teecloud_home,
+    )
+    inst = _instance(teecloud_home, _free_port())
+    with pytest.raises(BootFailed, match="no guest agent answered within 20 s") as failed:
+        backend.launch(inst, inst.limits())  # type: ignore[arg-type]
+    assert failed.value.phase == "agent"
+    assert (
+        "silent-guest-up" in failed.value.reason or "Linux version" in failed.value.reason
+    )  # the console tail
+    handle = backend.attach(inst)  # type: ignore[arg-type]
+    assert not handle.running(), "a failed launch left its QEMU running"
+    assert handle.remove() == [] and not handle.workdir.exists()
