@@ -222,3 +222,20 @@ def test_a_guest_without_an_agent_fails_at_agent_with_its_console_and_leaves_no_
     handle = backend.attach(inst)  # type: ignore[arg-type]
     assert not handle.running(), "a failed launch left its QEMU running"
     assert handle.remove() == [] and not handle.workdir.exists()
+
+
+def test_a_tdx_vm_carries_the_compose_hash_in_mrconfigid_not_the_cmdline(teecloud_home: Path) -> None:
+    import base64
+    import json
+
+    from teecloud.node.runtime.qemu_cmdline import qemu_argv
+
+    image = GuestImage(bios=OVMF, kernel=KERNEL_DIR / "vmlinuz", initrd=Path("/i"), cmdline="console=ttyS0")
+    backend = QemuBackend(QemuBackendConfig(image=image, mode="tdx"), home=teecloud_home)
+    inst = _instance(teecloud_home)
+    argv = qemu_argv(backend._vm_config(inst, ResourceLimits(cpus=2, memory_mb=4096), 40000))  # type: ignore[arg-type]
+    tdx = json.loads(argv[argv.index("-object") + 1])
+    assert base64.b64decode(tdx["mrconfigid"]) == b"\x01" + inst.compose_hash() + bytes(15)  # type: ignore[attr-defined]
+    assert argv[argv.index("-append") + 1] == "console=ttyS0"
+    assert argv[argv.index("-smp") + 1] == "2" and argv[argv.index("-m") + 1] == "4096M"
+    assert "hostfwd=tcp:127.0.0.1:40000-:8090" in argv[argv.index("-netdev") + 1]

@@ -46,6 +46,7 @@ from teecloud.node.runtime.qemu_cmdline import (
     PortForward,
     QemuVmConfig,
     VmShape,
+    mrconfigid_v1,
     qemu_argv,
 )
 
@@ -340,6 +341,8 @@ class QemuBackend:
         )
         ports: tuple[PortForward, ...] = (PortForward(host_port=agent_port, guest_port=AGENT_GUEST_PORT),)
         ports += tuple(PortForward(host_port=p, guest_port=p) for p in _published_ports(inst))
+        # tdx: the app's identity in MRCONFIGID (dstack MrConfig V1), never on the measured command line
+        mrconfigid = mrconfigid_v1(inst.compose_hash()) if self.config.mode == "tdx" else b""
         return QemuVmConfig(
             mode=self.config.mode,
             image=self.config.image,
@@ -348,6 +351,7 @@ class QemuBackend:
             accel=self.config.accel,
             ports=ports,
             host_share=self.config.host_share,
+            mrconfigid=mrconfigid,
         )
 
     def launch(
