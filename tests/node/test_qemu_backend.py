@@ -239,3 +239,17 @@ def test_a_tdx_vm_carries_the_compose_hash_in_mrconfigid_not_the_cmdline(teeclou
     assert argv[argv.index("-append") + 1] == "console=ttyS0"
     assert argv[argv.index("-smp") + 1] == "2" and argv[argv.index("-m") + 1] == "4096M"
     assert "hostfwd=tcp:127.0.0.1:40000-:8090" in argv[argv.index("-netdev") + 1]
+
+
+def test_the_node_reads_at_most_a_bounded_answer_from_a_guest() -> None:
+    from teecloud.node.errors import RuntimeFailed
+    from teecloud.node.runtime.qemu import MAX_AGENT_RESPONSE, _bounded_get
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        size = int(request.url.params.get("size", "0"))
+        return httpx.Response(200, content=b"x" * size)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        assert _bounded_get(client, "http://guest/info", {"size": "10"}) == (200, b"x" * 10)
+        with pytest.raises(RuntimeFailed, match="exceeds"):
+            _bounded_get(client, "http://guest/info", {"size": str(MAX_AGENT_RESPONSE + 1)})

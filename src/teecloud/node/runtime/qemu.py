@@ -30,7 +30,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +40,9 @@ from teecloud._fs import atomic_write
 from teecloud.node.errors import BootFailed, InstanceStateError, RuntimeFailed, RuntimeUnavailable
 from teecloud.node.instance import Instance, node_home
 from teecloud.node.runtime.base import ContainerState, CvmAttestation, Progress, ResourceLimits
+from teecloud.node.runtime.qemu_cmdline import (
+    MIN_MEMORY_MB as MIN_VM_MEMORY_MB,
+)
 from teecloud.node.runtime.qemu_cmdline import (
     GuestImage,
     Mode,
@@ -188,31 +191,25 @@ class QemuCvm:
             return False
 
     # -- what the host may ask the guest: info, logs, attestation over a nonce, shutdown
-    def _agent(self, path: str, params: dict[str, str] | None = None) -> httpx.Response:
+    def _agent(self, path: str, params: dict[str, str] | None = None) -> tuple[int, bytes]:
         if self.agent_port is None or not self.running():
             raise InstanceStateError(f"CVM {self.instance_id} is not running")
         try:
             with httpx.Client(timeout=10.0) as c:
-                r = c.get(f"http://127.0.0.1:{self.agent_port}{path}", params=params)
+                return _bounded_get(c, f"http://127.0.0.1:{self.agent_port}{path}", params)
         except httpx.HTTPError as exc:
             raise RuntimeFailed(f"the guest agent of CVM {self.instance_id} did not answer: {exc}") from exc
-        if len(r.content) > MAX_AGENT_RESPONSE:
-            raise RuntimeFailed("the guest agent's answer is too large")
-        return r
 
     def containers(self) -> list[ContainerState]:
         # the guest's ListContainers (dstack GuestApi); an image without it lists none
         if not self.booted:
             return []
         try:
-            r = self._agent("/containers")
-        except (InstanceStateError, RuntimeFailed):
-            return []
-        if r.status_code != 200:
-            return []
-        try:
-            return [ContainerState(**c) for c in r.json()][:256]
-        except (ValueError, TypeError):
+            status, body = self._agent("/containers")
+            if status != 200:
+                return []
+            return [ContainerState(**c) for c in json.loads(body)][:256]
+        except (InstanceStateError, RuntimeFailed, ValueError, TypeError):
             return []
 
     def logs(self, *, service: str | None = None, tail: int = 200, follow: bool = False) -> SerialLog:
@@ -228,11 +225,11 @@ class QemuCvm:
         sends only the nonce (never report_data)."""
         if not self.booted:
             raise InstanceStateError(f"CVM {self.instance_id} is not running: no attestation")
-        r = self._agent("/attest", {"nonce": nonce.hex()})
-        if r.status_code == 404:
+        status, body = self._agent("/attest", {"nonce": nonce.hex()})
+        if status == 404:
             raise InstanceStateError("this guest image's agent serves no attestation (GET /attest)")
         try:
-            doc = r.json()
+            doc = json.loads(body)
             return CvmAttestation(**{k: str(doc[k]) for k in CvmAttestation.__dataclass_fields__})
         except (ValueError, KeyError, TypeError) as exc:
             raise RuntimeFailed(f"the guest agent's attestation is malformed: {exc}") from None
@@ -270,6 +267,17 @@ class QemuCvm:
         except OSError as exc:
             leftovers.append(f"cannot delete the VM directory {self.workdir}: {exc}")
         return leftovers
+
+
+def _bounded_get(client: httpx.Client, url: str, params: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET `url`, reading at most MAX_AGENT_RESPONSE bytes: a guest cannot make the node buffer more."""
+    with client.stream("GET", url, params=params) as r:
+        body = bytearray()
+        for chunk in r.iter_bytes():
+            body += chunk
+            if len(body) > MAX_AGENT_RESPONSE:
+                raise RuntimeFailed(f"the guest agent's answer exceeds {MAX_AGENT_RESPONSE} bytes")
+        return r.status_code, bytes(body)
 
 
 def _qmp(sock_path: Path, command: str) -> None:
@@ -334,9 +342,10 @@ class QemuBackend:
 
     def _vm_config(self, inst: Instance, limits: ResourceLimits, agent_port: int) -> QemuVmConfig:
         cpus = max(1, round(limits.cpus)) if limits.cpus else 1
+        # a VM needs its kernel's share: the deployment's memory, at least the smallest VM shape
         shape = VmShape(
             vcpus=cpus,
-            memory_mb=limits.memory_mb or self.config.default_memory_mb,
+            memory_mb=max(MIN_VM_MEMORY_MB, limits.memory_mb or self.config.default_memory_mb),
             disk_gb=self.config.disk_gb,
         )
         ports: tuple[PortForward, ...] = (PortForward(host_port=agent_port, guest_port=AGENT_GUEST_PORT),)
@@ -361,8 +370,6 @@ class QemuBackend:
         progress("measuring")  # the guest measures itself; the host starts the VM
         agent_port = _free_port()
         cfg = self._vm_config(instance, limits, agent_port)
-        if cfg.shape.memory_mb < 256:
-            cfg = replace(cfg, shape=replace(cfg.shape, memory_mb=256))
         work = cfg.workdir
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
         cvm = QemuCvm(instance, work, agent_port=agent_port, booted=False)
@@ -413,15 +420,11 @@ class QemuBackend:
                         f"QEMU exited with code {proc.returncode}: {qlog}\nserial log:\n"
                         + _tail(cvm.workdir / "serial.log"),
                     )
-                with contextlib.suppress(httpx.HTTPError):
-                    r = client.get(url)
-                    if r.status_code == 200 and len(r.content) <= MAX_AGENT_RESPONSE:
-                        try:
-                            doc = r.json()
-                        except ValueError:
-                            doc = None
-                        if isinstance(doc, dict):
-                            return doc
+                with contextlib.suppress(httpx.HTTPError, RuntimeFailed, ValueError):
+                    status, body = _bounded_get(client, url)
+                    doc = json.loads(body) if status == 200 else None
+                    if isinstance(doc, dict):
+                        return doc
                 time.sleep(0.25)
         raise BootFailed(
             "agent",
