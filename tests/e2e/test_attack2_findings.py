@@ -30,8 +30,12 @@ def run_app(hello_image: str, tmp_path: Path) -> Iterator:
 
     def run(name: str, text: str, wait: float = 8.0) -> tuple[DockerRuntime, ComposeSpec]:
         text = text.replace("IMAGE", hello_image)
-        spec = ComposeSpec(project=f"tc-attack2-{name}", workdir=tmp_path / name / "compose",
-                           agent_dir=tmp_path / name / "agent", volume_root=tmp_path / name / "mnt")
+        spec = ComposeSpec(
+            project=f"tc-attack2-{name}",
+            workdir=tmp_path / name / "compose",
+            agent_dir=tmp_path / name / "agent",
+            volume_root=tmp_path / name / "mnt",
+        )
         spec.agent_dir.mkdir(parents=True)
         spec.volume_root.mkdir(parents=True)
         for sock in ("dstack.sock", "tappd.sock"):
@@ -93,7 +97,10 @@ services:
     volumes: [devvol:/v]
   b:
     image: IMAGE
-    entrypoint: ["sh", "-c", "grep -E ' /proc/(keys|timer_list) ' /proc/self/mountinfo; echo KEYS $$(wc -l < /proc/keys); sleep 600"]
+    entrypoint:
+      - sh
+      - -c
+      - grep -E ' /proc/(keys|timer_list) ' /proc/self/mountinfo; echo KEYS $$(wc -l < /proc/keys); sleep 600
     depends_on: {prep: {condition: service_completed_successfully}}
     volumes: [devvol:/dev]
 volumes:

@@ -65,7 +65,11 @@ def _override(text: str, tmp_path: Path, images: dict[str, ImageConfig] | None =
     compose = load_compose(text)
     imgs = images or {n: ImageConfig(cmd=("sh",)) for n in compose["services"]}
     override, _dirs = make_override(
-        compose, _spec(tmp_path), images=imgs, limits=ResourceLimits(cpus=1, memory_mb=64, pids=64), busybox=None
+        compose,
+        _spec(tmp_path),
+        images=imgs,
+        limits=ResourceLimits(cpus=1, memory_mb=64, pids=64),
+        busybox=None,
     )
     return override
 
@@ -106,9 +110,20 @@ def test_findingA_compose_sees_no_host_bind_source(tmp_path: Path) -> None:
     spec.compose_file.write_text(SOCKET_AFTER_VOLUME)
     spec.override_file.write_text(yaml.safe_dump(override))
     r = subprocess.run(
-        ["docker-compose", "-p", spec.project, "-f", str(spec.compose_file), "-f", str(spec.override_file),
-         "config"],
-        cwd=spec.workdir, capture_output=True, text=True, check=True,
+        [
+            "docker-compose",
+            "-p",
+            spec.project,
+            "-f",
+            str(spec.compose_file),
+            "-f",
+            str(spec.override_file),
+            "config",
+        ],
+        cwd=spec.workdir,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     merged = yaml.safe_load(r.stdout)
     sources = []
@@ -139,7 +154,9 @@ def test_findingB_no_app_mount_over_dev(text: str) -> None:
 def test_findingB_no_image_volume_over_dev(tmp_path: Path) -> None:
     """An image's `VOLUME /dev` becomes a persistent bind mount at /dev in make_override."""
     try:
-        override = _override("services:\n  b:\n    image: x\n", tmp_path, {"b": ImageConfig(volumes=("/dev",))})
+        override = _override(
+            "services:\n  b:\n    image: x\n", tmp_path, {"b": ImageConfig(volumes=("/dev",))}
+        )
     except ComposeRejected:
         return
     targets = [v["target"] for v in override["services"]["b"]["volumes"]]
