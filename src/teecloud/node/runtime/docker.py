@@ -45,6 +45,7 @@ from teecloud.node.compose import (
     HOST_BINDING_OPT,
     LOOPBACK,
     check_isolation,
+    check_mount_target,
     load_compose,
     parse_volume,
 )
@@ -175,6 +176,7 @@ def make_override(
                 seen_targets.add(target)
         image = images.get(name, ImageConfig())
         for target in image.volumes:
+            check_mount_target(name, target)  # an image's VOLUME /dev is a volume at /dev too
             if target not in seen_targets:  # an image VOLUME would land unencrypted in Docker's storage
                 rel = _anon_dir(name, target)
                 volume_dirs.append(rel)
