@@ -51,15 +51,23 @@ class DevCa:
 
     def issue_wildcard(self, base_domain: str, *, now: int, validity_s: int = 90 * 24 * 3600) -> IssuedCert:
         """`*.<base>` and `<base>`, server auth, a fresh P-256 key."""
+        return self.issue_server(
+            f"*.{base_domain}", (f"*.{base_domain}", base_domain), now=now, validity_s=validity_s
+        )
+
+    def issue_server(
+        self, cn: str, names: tuple[str, ...], *, now: int, validity_s: int = 90 * 24 * 3600
+    ) -> IssuedCert:
+        """A server certificate for `names` (DNS names or IP literals) with a fresh P-256 key."""
         key = ec.generate_private_key(ec.SECP256R1())
         cert = issue_cert(
             key.public_key(),
             issuer_key=self._key,
             issuer_name=self.cert.subject,
-            subject_cn=f"*.{base_domain}",
+            subject_cn=cn,
             not_before=now - 60,
             not_after=now + validity_s,
-            alt_names=(f"*.{base_domain}", base_domain),
+            alt_names=names,
             server_auth=True,
         )
         return IssuedCert(cert_to_pem(cert), key_to_pem(key), now + validity_s)
