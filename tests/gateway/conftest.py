@@ -98,7 +98,7 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
         port=free_port(),
         cert=cert,
         chain_pem=ca.cert_pem,
-        limits=DataPlaneLimits(http_backends=4, tcp_backends=4, servers_per_backend=2),
+        limits=DataPlaneLimits(http_backends=8, tcp_backends=8, servers_per_backend=2),
     )
     ca_file = tmp_path / "ca.pem"
     ca_file.write_text(ca.cert_pem)

@@ -3,9 +3,11 @@ balancing, pinning, refusals for unknown names, and route changes at run time wi
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import httpx
@@ -118,3 +120,122 @@ def test_passthrough_presents_the_apps_own_certificate(gateway: Gateway, tmp_pat
                 tls.sendall(b"ping")
                 assert tls.recv(10) == b"ping"
         assert der == app.cert_der  # end to end: the gateway never held this key
+
+
+def test_websocket_echo_through_the_gateway(gateway: Gateway) -> None:
+    from websockets.sync.client import connect
+    from websockets.sync.server import ServerConnection, serve
+
+    def echo(ws: ServerConnection) -> None:
+        for message in ws:
+            ws.send(message)
+
+    with serve(echo, "127.0.0.1", 0) as server:
+        t = threading.Thread(target=server.serve_forever, daemon=True)
+        t.start()
+        port = server.socket.getsockname()[1]
+        gateway.driver.apply([Route(APP, INST1, 8080, f"127.0.0.1:{port}")])
+        host = f"{APP}-8080.{BASE}"
+        raw = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+        with connect(f"wss://{host}:{gateway.port}/", sock=raw, ssl=gateway.client_context()) as ws:
+            for i in range(3):
+                ws.send(f"hello {i}")
+                assert ws.recv(timeout=10) == f"hello {i}"
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_route_churn_under_load_loses_no_request(gateway: Gateway, backends: list[Backend]) -> None:
+    """A bounded load loop (4 s, keep-alive clients) on one app while its second instance and other apps'
+    routes come and go through the runtime API: every request answered 200, HAProxy never reloaded."""
+    stable = Route(APP, INST1, 8080, backends[0].address)
+    extra = Route(APP, INST2, 8080, backends[1].address)
+    other = Route("c1" * 20, "c2" * 20, 9000, backends[1].address)
+    gateway.driver.apply([stable])
+    pid = gateway.driver.pid
+    host = f"{APP}-8080.{BASE}"
+    stop = time.monotonic() + 4.0
+    results: list[int | str] = []
+    lock = threading.Lock()
+
+    def load() -> None:
+        with httpx.Client(verify=gateway.client_context(), timeout=10) as c:
+            n = 0
+            while time.monotonic() < stop and n < 5000:
+                n += 1
+                try:
+                    r = c.get(
+                        f"https://127.0.0.1:{gateway.port}/",
+                        headers={"Host": host},
+                        extensions={"sni_hostname": host},
+                    )
+                    code: int | str = r.status_code
+                except httpx.HTTPError as exc:
+                    code = type(exc).__name__
+                with lock:
+                    results.append(code)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    changes = 0
+    while time.monotonic() < stop - 0.3:
+        gateway.driver.apply([stable, extra, other])
+        time.sleep(0.05)
+        gateway.driver.apply([stable])
+        time.sleep(0.05)
+        changes += 2
+    for t in threads:
+        t.join()
+    errors = [c for c in results if c != 200]
+    assert len(results) > 100 and changes > 10
+    assert errors == [], f"{len(errors)} of {len(results)} requests failed: {errors[:5]}"
+    assert gateway.driver.pid == pid
+
+
+@pytest.mark.slow
+def test_slow_clients_are_cut(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A client that never sends a ClientHello, or trickles its request headers, is closed after the
+    configured bound (here 2 s), not held."""
+    from teecloud.gateway.devca import DevCa
+    from teecloud.gateway.driver import HaproxyDriver
+    from teecloud.gateway.haproxy import HaproxyTimeouts
+    from teecloud.gateway.routing import DataPlaneLimits
+    from tests.gateway.conftest import free_port
+
+    ca = DevCa(now=int(time.time()))
+    driver = HaproxyDriver(
+        tmp_path / "run",
+        base_domain=BASE,
+        port=free_port(),
+        cert=ca.issue_wildcard(BASE, now=int(time.time())),
+        chain_pem=ca.cert_pem,
+        limits=DataPlaneLimits(http_backends=2, tcp_backends=2, servers_per_backend=1),
+        timeouts=HaproxyTimeouts(hello_timeout_s=2, http_request_s=2),
+    ).start()
+    backend = Backend("slow")
+    try:
+        driver.apply([Route(APP, INST1, 80, backend.address)])
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", driver.port), timeout=10) as raw:
+            assert raw.recv(10) == b""  # nothing sent: closed after the hello bound
+        assert 1.5 < time.monotonic() - t0 < 5
+        ctx = ssl.create_default_context(cadata=ca.cert_pem)
+        with socket.create_connection(("127.0.0.1", driver.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname=f"{APP}.{BASE}") as tls:
+                t0 = time.monotonic()
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: " + f"{APP}.{BASE}".encode() + b"\r\n")
+                answer = b""
+                with contextlib.suppress(OSError):
+                    for _ in range(20):
+                        tls.sendall(b"X-Slow: 1\r\n")
+                        time.sleep(0.25)
+                        if tls.pending():
+                            break
+                    answer = tls.recv(200)
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 408")
+                assert time.monotonic() - t0 < 5
+        assert backend.requests == 0
+    finally:
+        driver.stop()
+        backend.stop()
