@@ -203,6 +203,12 @@ def test_refusals_register_nothing(teecloud_home: Path, chain: ChainClient, gate
                 url, cvm.key, cvm.cert_der, [api.Endpoint(port=80, host="example", host_port=1)], ca_pem=ca
             )
         assert exc.value.step == "request"
+        for host, port in (("10.0.0.1", backend.port), ("127.0.0.1", gateway.admin_port)):
+            with pytest.raises(RegistrationRefused) as exc:
+                register(
+                    url, cvm.key, cvm.cert_der, [api.Endpoint(port=80, host=host, host_port=port)], ca_pem=ca
+                )
+            assert exc.value.step == "request"
         # an unattested certificate (no quote): refused at parsing
         from cryptography.hazmat.primitives import serialization
 

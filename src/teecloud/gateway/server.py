@@ -75,6 +75,7 @@ class GatewayServer:
         admin_port: int = 0,
         limits: DataPlaneLimits = DataPlaneLimits(),
         ttl_s: float = 90.0,
+        backend_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not admin_token or len(admin_token) < 16:
@@ -105,6 +106,7 @@ class GatewayServer:
             public_port=self.public_port,
             on_change=self.sync,
             clock=clock,
+            backend_networks=backend_networks,
         )
         self.admin_token = admin_token
         self._reg_port = registration_port
@@ -208,6 +210,7 @@ class GatewayServer:
             time.sleep(0.02)
         self.registration_port = reg.servers[0].sockets[0].getsockname()[1]
         self.admin_port = admin.servers[0].sockets[0].getsockname()[1]
+        self.service.reserved_ports = {self.public_port, self.registration_port, self.admin_port}
         self._stop.clear()
         self._ticker = threading.Thread(target=self._tick_loop, name="teecloud-gateway-tick", daemon=True)
         self._ticker.start()

@@ -11,11 +11,17 @@
   (5) chain       teecloud.peer.ChainGate.app_allowed: KmsAuth.isAppAllowed (allowed compose hash, instance
                   not retired), read at most one block old; a refusal here also removes the instance's
                   current routes (its hash was removed or it was retired)                        `chain`
-  (6) routes      the body's endpoints (bounded, IP literals) become routes for this instance only
+  (6) routes      the body's endpoints (bounded, IP literals inside `backend_networks`, never one of the
+                  gateway's own listeners) become routes for this instance only                 `request`
+
+Known limit: the CVM names its own endpoint addresses. Within `backend_networks` it could point its own
+name at another service there; the node vouching for each instance's addresses is the planned fix
+(docs/gateway.md).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -56,7 +62,11 @@ class GatewayService:
         public_port: int,
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        backend_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
+        reserved_ports: tuple[int, ...] = (),
     ) -> None:
+        self.backend_networks = tuple(ipaddress.ip_network(n) for n in backend_networks)
+        self.reserved_ports = set(reserved_ports)
         self.peers = peers
         self.chain = chain
         self.registry = registry
@@ -115,6 +125,13 @@ class GatewayService:
             ports.add(ep.port)
             try:
                 host, port = split_address(f"[{ep.host}]:{ep.host_port}")
+                ip = ipaddress.ip_address(host)
+                if not any(ip in net for net in self.backend_networks):
+                    raise RegistrationRefused(
+                        f"endpoint {host} is outside the gateway's backend networks", step="request"
+                    )
+                if port in self.reserved_ports:
+                    raise RegistrationRefused(f"port {port} is one of the gateway's own", step="request")
                 routes.append(Route(app_id, instance_id, ep.port, format_address(host, port)))
             except GatewayUsageError as exc:
                 raise RegistrationRefused(str(exc), step="request") from exc
