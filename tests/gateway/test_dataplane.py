@@ -4,6 +4,7 @@ balancing, pinning, refusals for unknown names, and route changes at run time wi
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import ssl
 import subprocess
@@ -239,3 +240,64 @@ def test_slow_clients_are_cut(tmp_path) -> None:  # type: ignore[no-untyped-def]
     finally:
         driver.stop()
         backend.stop()
+
+
+def test_passthrough_ratls_certificate_verifies_with_teecloud_verify(gateway: Gateway, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The app (a simulated CVM) serves its own RA-TLS certificate; through an `s` name the client gets
+    exactly that certificate, and `teecloud verify` accepts the quote in it, bound to its key."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app as cli
+    from teecloud.keys.ratls import make_ratls_cert, parse_ratls_cert, ratls_report_data
+    from teecloud.tee.simulated import SimulatedTdx
+    from tests.gateway.tls_backend import TlsEchoBackend
+    from tests.kms.conftest import boot_app
+
+    tee = SimulatedTdx(tmp_path / "home")
+    boot_app(tee, bytes.fromhex(APP), b"\x01" * 32, bytes.fromhex(INST1))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = int(time.time())
+    cert = make_ratls_cert(
+        tee,
+        key,
+        issuer_key=None,
+        issuer_cert=None,
+        subject="app",
+        usage="app:tls",
+        not_before=now - 60,
+        not_after=now + 3600,
+        server_auth=True,
+    )
+    with TlsEchoBackend(tmp_path, cert=cert, key=key) as app:
+        gateway.driver.apply([Route(APP, INST1, 443, app.address)])
+        ctx = ssl.create_default_context(cadata=app.cert_pem)
+        ctx.check_hostname = False
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname=f"{APP}-443s.{BASE}") as tls:
+                der = tls.getpeercert(binary_form=True)
+    assert der == app.cert_der
+    claims = parse_ratls_cert(der)
+    (tmp_path / "quote.bin").write_bytes(claims.quote)
+    (tmp_path / "events.json").write_text(claims.event_log)
+    (tmp_path / "collateral.json").write_bytes(tee.collateral())
+    (tmp_path / "root.der").write_bytes(tee.dev_root_der())
+    result = CliRunner().invoke(
+        cli,
+        [
+            "verify",
+            str(tmp_path / "quote.bin"),
+            "--collateral",
+            str(tmp_path / "collateral.json"),
+            "--dev-root",
+            str(tmp_path / "root.der"),
+            "--event-log",
+            str(tmp_path / "events.json"),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["is_valid"] is True
+    assert verdict["report_data"] == ratls_report_data(claims.public_key_der).hex()
+    assert verdict["app_info"]["app_id"] == APP
