@@ -130,6 +130,15 @@ def test_rendered_configuration_passes_haproxy_check(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "server s1 [::1]:1002" in Path(paths.config).read_text()
+    tcp = render_config(
+        bind_host="127.0.0.1", port=1, paths=paths, limits=LIMITS, plan=p, terminate_mode="tcp"
+    )
+    Path(paths.config).write_text(tcp)
+    out = subprocess.run(
+        [find_haproxy(), "-c", "-f", paths.config], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert "mode http" not in tcp
     # and a broken one does not (the check is real)
     Path(paths.config).write_text(
         Path(paths.config).read_text().replace("balance leastconn", "balance nope", 1)

@@ -301,3 +301,32 @@ def test_passthrough_ratls_certificate_verifies_with_teecloud_verify(gateway: Ga
     assert verdict["is_valid"] is True
     assert verdict["report_data"] == ratls_report_data(claims.public_key_der).hex()
     assert verdict["app_info"]["app_id"] == APP
+
+
+def test_tcp_terminate_mode_serves_http_and_refuses_unknown_names(tmp_path, backends: list[Backend]) -> None:  # type: ignore[no-untyped-def]
+    """terminate_mode="tcp": TLS ends at the gateway, the byte stream goes to the app unchanged."""
+    from teecloud.gateway.devca import DevCa
+    from teecloud.gateway.driver import HaproxyDriver
+    from teecloud.gateway.routing import DataPlaneLimits
+    from tests.gateway.conftest import free_port
+
+    ca = DevCa(now=int(time.time()))
+    driver = HaproxyDriver(
+        tmp_path / "run",
+        base_domain=BASE,
+        port=free_port(),
+        cert=ca.issue_wildcard(BASE, now=int(time.time())),
+        chain_pem=ca.cert_pem,
+        limits=DataPlaneLimits(http_backends=2, tcp_backends=2, servers_per_backend=1),
+        terminate_mode="tcp",
+    ).start()
+    gw = Gateway(driver, ca, tmp_path / "ca.pem")
+    try:
+        driver.apply([Route(APP, INST1, 8080, backends[0].address)])
+        r = gw.get(f"{APP}-8080.{BASE}", "/tcp")
+        assert r.status_code == 200 and r.text.startswith("one /tcp")
+        with pytest.raises(httpx.HTTPError):
+            gw.get(f"{'c' * 40}-8080.{BASE}")
+        assert backends[0].requests == 1
+    finally:
+        driver.stop()

@@ -34,6 +34,7 @@ from teecloud.gateway.errors import DataPlaneError
 from teecloud.gateway.haproxy import (
     HaproxyPaths,
     HaproxyTimeouts,
+    TerminateMode,
     render_config,
     render_map,
     runtime_commands,
@@ -68,7 +69,9 @@ class HaproxyDriver:
         limits: DataPlaneLimits = DataPlaneLimits(),
         timeouts: HaproxyTimeouts = HaproxyTimeouts(),
         haproxy: str | None = None,
+        terminate_mode: TerminateMode = "http",
     ) -> None:
+        self.terminate_mode: TerminateMode = terminate_mode
         self.run_dir = Path(run_dir)
         self.base_domain = base_domain
         self.bind_host = bind_host
@@ -106,6 +109,7 @@ class HaproxyDriver:
             limits=self.limits,
             plan=self.plan,
             timeouts=self.timeouts,
+            terminate_mode=self.terminate_mode,
         )
         atomic_write(Path(self.paths.config), config.encode(), mode=0o600)
 

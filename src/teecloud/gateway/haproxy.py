@@ -19,10 +19,20 @@ route: servers first, then the map entries that point at them, then removals.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from teecloud.gateway.routing import DataPlaneLimits, Plan, backend_names, split_address
 
-__all__ = ["HaproxyPaths", "HaproxyTimeouts", "render_config", "render_map", "runtime_commands"]
+__all__ = [
+    "HaproxyPaths",
+    "HaproxyTimeouts",
+    "TerminateMode",
+    "render_config",
+    "render_map",
+    "runtime_commands",
+]
+
+TerminateMode = Literal["http", "tcp"]
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,13 @@ def render_config(
     plan: Plan,
     timeouts: HaproxyTimeouts = HaproxyTimeouts(),
     max_header_bytes: int = 16384,
+    terminate_mode: TerminateMode = "http",
 ) -> str:
-    """The whole configuration; the plan's servers are written in (a restart starts with current routes)."""
+    """The whole configuration; the plan's servers are written in (a restart starts with current routes).
+    `terminate_mode` "http" parses HTTP after TLS (421 for a Host that is not the TLS name or an unknown
+    name, 400 for oversized headers, X-Forwarded-For, h2 from clients, per-app HTTP metrics); "tcp" forwards
+    the decrypted byte stream (HTTP/1.1 and WebSocket work unchanged; an unknown name is closed after the
+    handshake; faster: docs/benchmarks.md)."""
     t = timeouts
     host = f"[{bind_host}]" if ":" in bind_host else bind_host
     lines = [
@@ -126,25 +141,45 @@ def render_config(
         "    mode tcp",
         f"    server terminate abns@{paths.terminate_socket} send-proxy-v2",
         "",
-        "frontend fe_terminate",
-        "    mode http",
-        f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
-        "alpn h2,http/1.1",
-        "    option forwardfor",
-        "    http-request set-var(txn.host) req.hdr(host),field(1,:),lower",
-        "    http-request set-var(txn.sni) ssl_fc_sni,lower",
-        '    http-request return status 421 content-type text/plain string "misdirected request: '
-        'the Host header does not name the TLS server name" unless { var(txn.sni),strcmp(txn.host) eq 0 }',
-        '    http-request return status 421 content-type text/plain string "misdirected request: '
-        f'no app is registered under this name" unless {{ var(txn.sni),map({paths.http_map}) -m found }}',
-        "    http-request set-header X-Forwarded-Proto https",
-        f"    use_backend %[var(txn.sni),map({paths.http_map})]",
-        "",
     ]
+    if terminate_mode == "http":
+        lines += [
+            "frontend fe_terminate",
+            "    mode http",
+            f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
+            "alpn h2,http/1.1",
+            "    option forwardfor",
+            "    http-request set-var(txn.host) req.hdr(host),field(1,:),lower",
+            "    http-request set-var(txn.sni) ssl_fc_sni,lower",
+            '    http-request return status 421 content-type text/plain string "misdirected request: '
+            'the Host header does not name the TLS server name" '
+            "unless { var(txn.sni),strcmp(txn.host) eq 0 }",
+            '    http-request return status 421 content-type text/plain string "misdirected request: '
+            f'no app is registered under this name" unless {{ var(txn.sni),map({paths.http_map}) -m found }}',
+            "    http-request set-header X-Forwarded-Proto https",
+            f"    use_backend %[var(txn.sni),map({paths.http_map})]",
+            "",
+        ]
+    else:  # TLS terminated, then the byte stream (HTTP/1.1, WebSocket) forwarded as it is
+        lines += [
+            "frontend fe_terminate",
+            "    mode tcp",
+            f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
+            "alpn http/1.1",
+            f"    tcp-request content reject unless {{ ssl_fc_sni,lower,map({paths.http_map}) -m found }}",
+            f"    use_backend %[ssl_fc_sni,lower,map({paths.http_map})]",
+            "",
+        ]
     for mode in ("http", "tcp"):
         for backend in backend_names(mode, limits):
-            lines += [f"backend {backend}", f"    mode {mode}", "    balance leastconn", "    retries 2"]
-            if mode == "http":
+            backend_mode = mode if terminate_mode == "http" else "tcp"
+            lines += [
+                f"backend {backend}",
+                f"    mode {backend_mode}",
+                "    balance leastconn",
+                "    retries 2",
+            ]
+            if backend_mode == "http":
                 lines += [
                     "    option redispatch",
                     '    http-request return status 503 content-type text/plain string "the app is at its '
