@@ -138,7 +138,7 @@ def test_rendered_configuration_passes_haproxy_check(tmp_path: Path) -> None:
         [find_haproxy(), "-c", "-f", paths.config], capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0, out.stderr
-    assert "mode http" not in tcp
+    assert "backend bh0\n    mode tcp" in tcp and "frontend fe_terminate\n    mode tcp" in tcp
     # and a broken one does not (the check is real)
     Path(paths.config).write_text(
         Path(paths.config).read_text().replace("balance leastconn", "balance nope", 1)
