@@ -330,3 +330,19 @@ def test_tcp_terminate_mode_serves_http_and_refuses_unknown_names(tmp_path, back
         assert backends[0].requests == 1
     finally:
         driver.stop()
+
+
+def test_a_refused_runtime_command_resyncs_by_reload(gateway: Gateway, backends: list[Backend]) -> None:
+    """If HAProxy's state drifted from the driver's (here: an entry deleted behind its back), the refused
+    command is reported and HAProxy reloads the whole rendered state, so routes are right again."""
+    from teecloud.gateway.errors import DataPlaneError
+
+    r1 = Route(APP, INST1, 8080, backends[0].address)
+    gateway.driver.apply([r1])
+    gateway.driver.command(f"del map {gateway.driver.paths.http_map} {APP}-8080.{BASE}")
+    with pytest.raises(DataPlaneError):
+        gateway.driver.apply([])  # its "del map" of that entry is refused
+    assert gateway.driver.reloads == 1
+    assert gateway.get(f"{APP}-8080.{BASE}").status_code == 421  # the new worker has the rendered state
+    gateway.driver.apply([r1])
+    assert gateway.get(f"{APP}-8080.{BASE}").status_code == 200

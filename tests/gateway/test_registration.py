@@ -276,6 +276,33 @@ def test_refusals_register_nothing(teecloud_home: Path, chain: ChainClient, gate
         backend.stop()
 
 
+def test_no_free_slot_is_a_clear_refusal(teecloud_home: Path, chain: ChainClient) -> None:
+    from teecloud.gateway.routing import DataPlaneLimits
+
+    tiny = DataPlaneLimits(http_backends=2, tcp_backends=2, servers_per_backend=1)
+    backend = Backend("app")
+    with make_gateway(teecloud_home, chain, limits=tiny) as gw:
+        try:
+            first, second = boot_cvm(teecloud_home, chain, "cap1"), boot_cvm(teecloud_home, chain, "cap2")
+            register(
+                gw.registration_url, first.key, first.cert_der, [endpoint(backend)], ca_pem=gw.ca.cert_pem
+            )
+            with pytest.raises(RegistrationRefused) as exc:
+                register(
+                    gw.registration_url,
+                    second.key,
+                    second.cert_der,
+                    [endpoint(backend)],
+                    ca_pem=gw.ca.cert_pem,
+                )
+            assert exc.value.step == "capacity"
+            assert [r.instance_id for r in gw.registry.registrations()] == [first.instance_id]
+            assert get(gw, f"{first.app_id}-8080.{BASE}").status_code == 200
+            assert get(gw, f"{second.app_id}-8080.{BASE}").status_code == 421
+        finally:
+            backend.stop()
+
+
 @pytest.mark.slow
 def test_gateway_restart_and_a_second_gateway(teecloud_home: Path, chain: ChainClient) -> None:
     """Two gateways; the CVM registers with both (its Registrar). Killing one leaves the app served by the

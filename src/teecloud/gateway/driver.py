@@ -82,6 +82,7 @@ class HaproxyDriver:
         self.haproxy = haproxy or find_haproxy()
         self.plan = Plan()
         self.restarts = 0
+        self.reloads = 0
         self._cert = cert
         self._chain_pem = chain_pem
         self._proc: subprocess.Popen[bytes] | None = None
@@ -189,8 +190,33 @@ class HaproxyDriver:
             self._cert, self._chain_pem = cert, chain_pem
             self._write_files()
             self.check_config()
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.send_signal(signal.SIGUSR2)
+            self._reload()
+
+    def _worker_pid(self) -> int | None:
+        try:
+            info = self.command("show info", timeout=1.0)
+        except DataPlaneError:
+            return None
+        for line in info.splitlines():
+            if line.startswith("Pid: "):
+                return int(line[5:].strip() or 0)
+        return None
+
+    def _reload(self, timeout: float = 10.0) -> None:
+        """SIGUSR2 to the master, then wait until a new worker answers on the admin socket (commands sent
+        before that would reach the old worker and be lost with it)."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        old = self._worker_pid()
+        self._proc.send_signal(signal.SIGUSR2)
+        self.reloads += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self._worker_pid()
+            if pid is not None and pid != old:
+                return
+            time.sleep(0.05)
+        raise DataPlaneError(f"HAProxy did not reload within {timeout} s; see {self.run_dir / 'haproxy.log'}")
 
     # ------------------------------------------------------------------------------------------ runtime API
 
@@ -219,10 +245,18 @@ class HaproxyDriver:
         with self._lock:
             new = plan(routes, self.base_domain, self.limits, self.plan)
             cmds = runtime_commands(self.plan, new, self.paths, self.limits)
-            for cmd in cmds:
-                answer = self.command(cmd).strip()
-                if not any(answer.startswith(p) for p in _OK_PREFIXES if p) and answer:
-                    raise DataPlaneError(f"HAProxy refused {cmd!r}: {answer[:300]}")
+            try:
+                for cmd in cmds:
+                    answer = self.command(cmd).strip()
+                    if not any(answer.startswith(p) for p in _OK_PREFIXES if p) and answer:
+                        raise DataPlaneError(f"HAProxy refused {cmd!r}: {answer[:300]}")
+            except DataPlaneError:
+                # Part of the change may have happened: HAProxy re-reads the whole new state (a reload,
+                # the only way back to a known state; open connections finish on the old worker).
+                self.plan = new
+                self._write_files()
+                self._reload()
+                raise
             self.plan = new
             self._write_files()
             return cmds

@@ -104,6 +104,7 @@ def render_config(
         f"    maxconn {limits.max_connections}",
         f"    stats socket {paths.admin_socket} mode 600 level admin",
         "    stats timeout 10s",
+        "    hard-stop-after 60s",  # after a reload, the old worker's connections end within this
         f"    tune.bufsize {max(16384, max_header_bytes + 1024)}",
         "    tune.http.maxhdr 101",
         "    ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets",

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teecloud._asgi import BoundedBody
 from teecloud.gateway import api
-from teecloud.gateway.errors import RegistrationRefused
+from teecloud.gateway.errors import GatewayError, RegistrationRefused
 from teecloud.gateway.service import GatewayService
 
 __all__ = ["PEER_CERT_STATE_KEY", "make_admin_app", "make_registration_app"]
@@ -55,6 +55,9 @@ def make_registration_app(service: GatewayService) -> FastAPI:
             return service.register(der if isinstance(der, bytes) and der else None, body)
         except RegistrationRefused as exc:
             return _refusal(403, exc.reason, exc.step)
+        except GatewayError as exc:  # the data plane failed: the CVM retries at its next interval
+            reason = f"the gateway cannot apply routes now: {exc}"[:300]
+            return _refusal(503, reason, "data_plane", "unavailable")
 
     return app
 

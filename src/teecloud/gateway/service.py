@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from teecloud.gateway import api
-from teecloud.gateway.errors import GatewayUsageError, RegistrationRefused
+from teecloud.gateway.errors import CapacityExceeded, GatewayUsageError, RegistrationRefused
 from teecloud.gateway.registry import Registry
 from teecloud.gateway.routing import Route, format_address, split_address
 from teecloud.peer import ChainGate, PeerRejected, PeerVerifier, require_boot_time
@@ -135,10 +135,22 @@ class GatewayService:
                 routes.append(Route(app_id, instance_id, ep.port, format_address(host, port)))
             except GatewayUsageError as exc:
                 raise RegistrationRefused(str(exc), step="request") from exc
+        previous = next((r for r in self.registry.registrations() if r.instance_id == instance_id), None)
         reg = self.registry.register(app_id, instance_id, peer.compose_hash.hex(), routes, now=self.clock())
+        try:
+            self.on_change()
+        except (
+            CapacityExceeded
+        ) as exc:  # no slot for it: the registration is undone, the data plane unchanged
+            if previous is None:
+                self.registry.remove(instance_id)
+            else:
+                self.registry.register(
+                    app_id, instance_id, previous.compose_hash, previous.routes, now=self.clock()
+                )
+            raise RegistrationRefused(str(exc), step="capacity") from exc
         with self._lock:
             self.counters.accepted += 1
-        self.on_change()
         suffix = "" if self.public_port == 443 else f":{self.public_port}"
         return api.RegisterCvmResponse(
             app_id=app_id,
