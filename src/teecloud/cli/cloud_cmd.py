@@ -236,6 +236,8 @@ def deploy(
         table.add_row("status", result.status)
         for url in result.urls:
             table.add_row("url", url)
+        for url in result.gateway_urls:  # --- gateway
+            table.add_row("https", url)
         out.print(table)
         if result.verdict is not None:
             _print_verdict(result.verdict)

@@ -133,11 +133,16 @@ class RegisteringAtBoot:
     then asks the wrapped provider. The key stays in this object (in the CVM); after boot no quote can make
     another such certificate, because `key-provider` is measured next."""
 
+    MAX_ISSUED = 4096
+
     def __init__(self, inner: Any, *, clock: Callable[[], float] = time.time) -> None:
         self.inner = inner
         self.clock = clock
         self.key: ec.EllipticCurvePrivateKey | None = None
         self.cert_der: bytes | None = None
+        # per instance_id, for a provider shared by the boots of many CVMs (the local docker runtime)
+        self.issued: dict[bytes, tuple[ec.EllipticCurvePrivateKey, bytes]] = {}
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -150,8 +155,14 @@ class RegisteringAtBoot:
         return dict(self.inner.info())
 
     def get_app_keys(self, tee: Any, app_id: bytes, instance_id: bytes) -> Any:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.cert_der = registration_cert(tee, self.key, now=int(self.clock()))
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert_der = registration_cert(tee, key, now=int(self.clock()))
+        with self._lock:
+            self.key, self.cert_der = key, cert_der
+            self.issued.pop(bytes(instance_id), None)
+            self.issued[bytes(instance_id)] = (key, cert_der)
+            while len(self.issued) > self.MAX_ISSUED:
+                self.issued.pop(next(iter(self.issued)))
         return self.inner.get_app_keys(tee, app_id, instance_id)
 
 
