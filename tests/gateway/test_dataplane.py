@@ -10,12 +10,13 @@ import ssl
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from teecloud.gateway.routing import Route
-from tests.gateway.conftest import APP, BASE, INST1, INST2, Backend, Gateway
+from tests.gateway.conftest import APP, BASE, INST1, INST2, Backend, Gateway, free_port
 
 
 def test_terminated_https_with_the_dev_ca_reaches_the_app(gateway: Gateway, backends: list[Backend]) -> None:
@@ -346,3 +347,46 @@ def test_a_refused_runtime_command_resyncs_by_reload(gateway: Gateway, backends:
     assert gateway.get(f"{APP}-8080.{BASE}").status_code == 421  # the new worker has the rendered state
     gateway.driver.apply([r1])
     assert gateway.get(f"{APP}-8080.{BASE}").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_killed_gateway_leaves_no_haproxy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import sys
+
+    code = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2] / "src")!r})
+from teecloud.gateway.devca import DevCa
+from teecloud.gateway.driver import HaproxyDriver
+from teecloud.gateway.routing import DataPlaneLimits
+ca = DevCa(now=int(time.time()))
+d = HaproxyDriver({str(tmp_path / "run")!r}, base_domain={BASE!r}, port={free_port()},
+                  cert=ca.issue_wildcard({BASE!r}, now=int(time.time())), chain_pem=ca.cert_pem,
+                  limits=DataPlaneLimits(http_backends=1, tcp_backends=1, servers_per_backend=1)).start()
+print(d.pid, flush=True)
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        haproxy_pid = int(proc.stdout.readline())
+        os.kill(haproxy_pid, 0)  # running
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.kill(haproxy_pid, 0)
+            except ProcessLookupError:
+                break
+            # reaped by init once it exits; a zombie still answers kill(0): look at its state
+            state = Path(f"/proc/{haproxy_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                break
+            assert time.monotonic() < deadline, "HAProxy outlived its gateway"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -15,6 +15,7 @@ supervision                    a HAProxy that died is restarted (with the curren
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import secrets
@@ -47,6 +48,14 @@ log = logging.getLogger("teecloud.gateway")
 
 _OK_PREFIXES = ("", "IP changed from", "no need to change", "port changed from")
 _MAX_ANSWER = 1 << 20
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started it ends (a gateway killed with SIGKILL
+    leaves no HAProxy behind; the master stops its workers on SIGTERM). Linux prctl(PR_SET_PDEATHSIG): start
+    the driver from a thread that lives as long as the gateway (the main thread, or the tick thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def find_haproxy() -> str:
@@ -142,6 +151,7 @@ class HaproxyDriver:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             logf.close()
