@@ -53,14 +53,20 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChainClient]:
     c.close()
 
 
-def make_gateway(home: Path, chain: ChainClient, *, name: str = "gateway", **kw: object) -> GatewayServer:
+def _make_gateway(
+    home: Path, chain: ChainClient, token: str, *, name: str = "gateway", **kw: object
+) -> GatewayServer:
     tee = SimulatedTdx(home)  # the development root of this installation (TEECLOUD_HOME)
     peers = PeerVerifier(
         PeerPolicy.dev(tee.dev_root_der(), max_cert_lifetime_s=31 * 24 * 3600),
         StaticCollateral(tee.collateral),
     )
     gate = ChainGate(chain, block_number=chain.block_number)
-    return GatewayServer(home / name, base_domain=BASE, peers=peers, chain=gate, admin_token=TOKEN, **kw)  # type: ignore[arg-type]
+    return GatewayServer(home / name, base_domain=BASE, peers=peers, chain=gate, admin_token=token, **kw)  # type: ignore[arg-type]
+
+
+def make_gateway(home: Path, chain: ChainClient, **kw: object) -> GatewayServer:
+    return _make_gateway(home, chain, TOKEN, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -141,6 +147,17 @@ def test_a_booted_cvm_registers_and_is_served(
         metrics = httpx.get(gateway.admin_url + "/metrics", headers=auth).text
         assert "teecloud_gateway_registrations_accepted_total 1" in metrics
         assert "haproxy_backend_http_responses_total" in metrics
+        assert f'app_id="{cvm.app_id}"' in metrics  # slot backends carry the app they serve
+        # drain the node (its backend address): no new traffic; undrain: back
+        assert httpx.post(
+            gateway.admin_url + "/admin/drain", headers=auth, json={"host": "127.0.0.1"}
+        ).json()["draining"] == ["127.0.0.1"]
+        assert get(gateway, f"{cvm.app_id}-8080.{BASE}").status_code == 421
+        httpx.post(gateway.admin_url + "/admin/undrain", headers=auth, json={"host": "127.0.0.1"})
+        assert get(gateway, f"{cvm.app_id}-8080.{BASE}").status_code == 200
+        assert (
+            httpx.post(gateway.admin_url + "/admin/drain", headers=auth, json={"hostx": 1}).status_code == 400
+        )
         # it stops re-registering: the route goes within the registration lifetime (4 s) + 1 s tick
         deadline = time.monotonic() + 4.0 + 3.0
         while get(gateway, f"{cvm.app_id}-8080.{BASE}").status_code == 200:
@@ -274,6 +291,14 @@ def test_refusals_register_nothing(teecloud_home: Path, chain: ChainClient, gate
         assert 'teecloud_gateway_registrations_refused_total{step="chain"} 2' in metrics
     finally:
         backend.stop()
+
+
+def test_the_admin_listener_needs_a_token(teecloud_home: Path, chain: ChainClient) -> None:
+    from teecloud.gateway.errors import GatewayUsageError
+
+    for token in ("", "short"):
+        with pytest.raises(GatewayUsageError):
+            _make_gateway(teecloud_home, chain, token)
 
 
 def test_no_free_slot_is_a_clear_refusal(teecloud_home: Path, chain: ChainClient) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import ssl
 import tempfile
@@ -168,10 +169,22 @@ class GatewayServer:
         )
 
     def _haproxy_metrics(self) -> bytes:
+        """HAProxy's exporter, each slot backend's series labelled with the route group it serves
+        (`app_id` + `port`, or `instance_id` + `port`)."""
         try:
-            return fetch_unix_http(self.driver.paths.metrics_socket, "/metrics")
+            text = fetch_unix_http(self.driver.paths.metrics_socket, "/metrics")
         except OSError:
             return b"# HAProxy's exporter did not answer\n"
+        labels: dict[bytes, bytes] = {}
+        for (_mode, (kind, ident, port)), backend in self.driver.plan.groups.items():
+            key = "app_id" if kind == "app" else "instance_id"
+            labels[f'proxy="{backend}"'.encode()] = (
+                f'proxy="{backend}",{key}="{ident}",port="{port}"'.encode()
+            )
+        if not labels:
+            return text
+        pattern = re.compile(rb'proxy="b[ht]\d+"')
+        return pattern.sub(lambda m: labels.get(m.group(0), m.group(0)), text)
 
     def start(self, timeout: float = 20.0) -> GatewayServer:
         self.home.mkdir(parents=True, exist_ok=True)
