@@ -91,7 +91,11 @@ http {{
 def start_nginx(tmp: Path, body: str, workers: int) -> subprocess.Popen[bytes]:
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "nginx.conf").write_text(nginx_conf(tmp, body, workers))
-    proc = subprocess.Popen(["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"])
+    # Its own session, as HaproxyDriver starts HAProxy: with the kernel's scheduler autogroups (on here) a
+    # session is one scheduling group, so every server under test gets the same treatment.
+    proc = subprocess.Popen(
+        ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"], start_new_session=True
+    )
     time.sleep(0.5)
     if proc.poll() is not None:
         raise SystemExit("nginx did not start (its error is printed above)")
