@@ -1,7 +1,9 @@
 """The local cloud's registrar: for the `docker` runtime, where a "CVM" boots inside the node process, the
 node registers its running instances with the gateway on their behalf, with each instance's own
 registration key and boot-time certificate (made at its boot by `RegisteringAtBoot`) and its published
-ports. On a real CVM the guest runs `teecloud.gateway.client.Registrar` itself.
+ports. On a real CVM the guest runs `teecloud.gateway.client.Registrar` itself. Every `interval_s`; every
+0.25 s while an instance that booted (its certificate was issued) is not registered yet, so a deploy
+waits for its route well under a second.
 
     NodeRegistrar(gateway_urls, ca_pem, boots, running).start()
         running() -> [(instance_id hex, [(app port, host ip, host port), ...]), ...]   (from the node API)
@@ -40,6 +42,8 @@ class NodeRegistrar:
         self.running = running
         self.interval_s = interval_s
         self.failures = 0
+        self.fast_interval_s = 0.25  # while a booted instance is not registered yet (a deploy waits on it)
+        self._registered: set[str] = set()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -63,14 +67,24 @@ class NodeRegistrar:
             ]
             if issued is None or not endpoints:
                 continue  # booted before this process made certificates, or nothing published
+            done = 0
             for url in self.gateway_urls:
                 try:
                     register(url, issued[0], issued[1], endpoints, ca_pem=self.ca_pem)
                     ok += 1
+                    done += 1
                 except GatewayError as exc:
                     self.failures += 1
                     log.warning("registering %s with %s: %s", instance_id[:12], url, exc)
+            if done:
+                self._registered.add(instance_id)
         return ok
+
+    def _pending(self) -> bool:
+        """A certificate was issued (a boot) for an instance not registered yet."""
+        issued = {i.hex() for i in list(self.boots.issued)}
+        self._registered &= issued
+        return bool(issued - self._registered)
 
     def poke(self) -> None:
         """Register now (a CVM just started)."""
@@ -84,7 +98,7 @@ class NodeRegistrar:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.register_all()
-            self._wake.wait(self.interval_s)
+            self._wake.wait(self.fast_interval_s if self._pending() else self.interval_s)
             self._wake.clear()
 
     def stop(self) -> None:
