@@ -15,13 +15,10 @@ import pydantic
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teecloud.agent.api import GetQuoteRequest
 from teecloud.agent.boot import boot
 from teecloud.agent.keyprovider import LocalDevKeyProvider
 from teecloud.agent.service import AgentService
 from teecloud.appcompose import compose_hash
-from teecloud.attestation.eventlog import parse_event_log
-from teecloud.attestation.models import EventLogEntry
 from teecloud.chain import ChainClient
 from teecloud.gateway import api
 from teecloud.gateway.client import RegisteringAtBoot, Registrar, register, registration_cert
@@ -31,6 +28,7 @@ from teecloud.peer import ChainGate, PeerPolicy, PeerVerifier, StaticCollateral
 from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for
 from tests.gateway.conftest import BASE, Backend
 from tests.kms.conftest import SIM_OS
+from tests.kms.test_quote_oracle import GetQuoteOracle
 
 TOKEN = "gateway-admin-token-for-tests"
 
@@ -166,22 +164,6 @@ def test_a_booted_cvm_registers_and_is_served(
         assert get(gateway, f"{cvm.app_id}-8080.{BASE}").status_code == 421
     finally:
         backend.stop()
-
-
-class GetQuoteOracle:
-    """Quotes the way an outsider gets them from a running app: the agent's raw GetQuote."""
-
-    def __init__(self, agent: AgentService) -> None:
-        self.agent = agent
-        self._log: list[EventLogEntry] = []
-
-    def quote(self, report_data: bytes) -> bytes:
-        out = self.agent.get_quote(GetQuoteRequest(report_data=report_data.hex()))
-        self._log = list(parse_event_log(out["event_log"]))
-        return bytes.fromhex(out["quote"])
-
-    def event_log(self) -> list[EventLogEntry]:
-        return self._log
 
 
 def test_quote_oracle_registers_nothing(

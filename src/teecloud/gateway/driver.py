@@ -42,7 +42,7 @@ from teecloud.gateway.haproxy import (
 )
 from teecloud.gateway.routing import DataPlaneLimits, Plan, Route, plan
 
-__all__ = ["HaproxyDriver", "find_haproxy"]
+__all__ = ["HaproxyDriver", "find_haproxy", "unix_exchange"]
 
 log = logging.getLogger("teecloud.gateway")
 
@@ -56,6 +56,22 @@ def _die_with_parent() -> None:
     the driver from a thread that lives as long as the gateway (the main thread, or the tick thread)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def unix_exchange(path: str, request: bytes, *, timeout: float = 5.0, max_bytes: int = _MAX_ANSWER) -> bytes:
+    """Send `request` on a unix stream socket, read the answer to its end. OSError past `max_bytes`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(request)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise OSError(f"the answer on {path} is longer than {max_bytes} bytes")
+    return b"".join(chunks)
 
 
 def find_haproxy() -> str:
@@ -235,20 +251,10 @@ class HaproxyDriver:
         if "\n" in line or ";" in line:
             raise DataPlaneError("one runtime command at a time")
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout)
-                s.connect(self.paths.admin_socket)
-                s.sendall(line.encode() + b"\n")
-                chunks: list[bytes] = []
-                size = 0
-                while chunk := s.recv(65536):
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size > _MAX_ANSWER:
-                        raise DataPlaneError("HAProxy's answer is too long")
+            answer = unix_exchange(self.paths.admin_socket, line.encode() + b"\n", timeout=timeout)
         except OSError as exc:
             raise DataPlaneError(f"HAProxy's admin socket: {exc}") from exc
-        return b"".join(chunks).decode(errors="replace")
+        return answer.decode(errors="replace")
 
     def apply(self, routes: Iterable[Route]) -> list[str]:
         """Move HAProxy to the plan for `routes` at run time. Returns the commands sent."""

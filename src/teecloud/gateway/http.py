@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teecloud._asgi import BoundedBody
 from teecloud.gateway import api
+from teecloud.gateway.driver import unix_exchange
 from teecloud.gateway.errors import GatewayError, RegistrationRefused
 from teecloud.gateway.service import GatewayService
 
@@ -144,17 +144,8 @@ def make_admin_app(
 
 def fetch_unix_http(path: str, target: str, *, timeout: float = 5.0, max_bytes: int = 8 << 20) -> bytes:
     """GET `target` over HTTP/1.0 on a unix socket (HAProxy's Prometheus exporter); the body."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(f"GET {target} HTTP/1.0\r\nHost: haproxy\r\n\r\n".encode())
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > max_bytes:
-                break
-    raw = b"".join(chunks)
+    raw = unix_exchange(
+        path, f"GET {target} HTTP/1.0\r\nHost: haproxy\r\n\r\n".encode(), timeout=timeout, max_bytes=max_bytes
+    )
     _head, _sep, body = raw.partition(b"\r\n\r\n")
     return body
