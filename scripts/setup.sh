@@ -11,6 +11,9 @@ command -v gocryptfs >/dev/null || need_apt+=(gocryptfs)
 command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+# --- gateway: HAProxy is the gateway's data plane (teecloud.gateway.driver starts it; tests too)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+# --- end gateway
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq

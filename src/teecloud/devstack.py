@@ -10,6 +10,7 @@ Start-up procedure (`LocalCloud.start`), every step idempotent so a restart lose
       chain what it takes to trust it (OS image, KMS measurement and device, root public keys), listen
   (4) node: a KMS client that verifies the KMS's RA-TLS certificate (dev root, chain's isKmsAllowed),
       registration in NodeRegistry (once), the node API, then every CVM that should run boots again
+  (4b) gateway: HAProxy and the dev CA; each CVM registered with its boot-time certificate (docs/gateway.md)
   (5) endpoints.json records where everything listens (the CLI reads it)
 """
 
@@ -23,13 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from teecloud._fs import atomic_write_json, data_home
+from teecloud._fs import atomic_write, atomic_write_json, data_home
 from teecloud.cloud.endpoints import CloudEndpoints, endpoints_path, read_endpoints
 from teecloud.node.errors import NodeError, RuntimeUnavailable
 
 __all__ = ["CloudEndpoints", "LocalCloud", "check_prerequisites", "endpoints_path", "read_endpoints"]
 
 log = logging.getLogger("teecloud.devstack")
+
+GATEWAY_BASE_DOMAIN = "teecloud.localhost"  # curl and browsers resolve *.localhost to loopback
 
 
 def check_prerequisites() -> list[str]:
@@ -139,6 +142,7 @@ class LocalCloud:
         mark("kms")
 
         # (4)
+        from teecloud.gateway.client import RegisteringAtBoot
         from teecloud.kms.client import KmsClient, ratls_server_check
         from teecloud.node.registry import ensure_registered
         from teecloud.node.service import Node, NodeServer, load_or_create_token
@@ -153,8 +157,10 @@ class LocalCloud:
             ),
         )
         node_id = ensure_registered(chain, platform, home=self.home)
+        # Each CVM makes its gateway registration certificate at its boot key request (teecloud.gateway).
+        boots = RegisteringAtBoot(key_provider)
         node = Node(
-            key_provider=key_provider,
+            key_provider=boots,
             tee_factory=lambda: SimulatedTdx(self.home),
             home=self.home,
             kms_urls=[kms.url],
@@ -169,6 +175,11 @@ class LocalCloud:
             node.resume()
         mark("node")
 
+        # (4b) --- gateway: HAProxy + dev CA (https://<app_id>-<port>.teecloud.localhost:<port>/), CVMs
+        # registered over mutual RA-TLS with their boot-time certificates; skipped if HAProxy is missing
+        gateway_info = self._start_gateway(chain, platform, boots, node)
+        mark("gateway")
+
         # (5)
         from teecloud.node.instance import node_home
 
@@ -180,10 +191,70 @@ class LocalCloud:
             pid=os.getpid(),
             node_token_file=str(node_home(self.home) / "admin-token"),
             contracts={k: v for k, v in contracts.items() if isinstance(v, str | int)},
+            gateway=gateway_info,
         )
         atomic_write_json(endpoints_path(self.home), self.endpoints.__dict__, mode=0o644)
         self._stack.callback(lambda: endpoints_path(self.home).unlink(missing_ok=True))
         return self.endpoints
+
+    def _start_gateway(self, chain: Any, platform: Any, boots: Any, node: Any) -> dict[str, Any]:
+        """The local gateway and the node's registrar (teecloud.gateway.local); {} without HAProxy."""
+        import secrets
+
+        from teecloud.gateway.driver import find_haproxy
+        from teecloud.gateway.errors import GatewayError
+        from teecloud.gateway.local import NodeRegistrar
+        from teecloud.gateway.server import GatewayServer
+        from teecloud.peer import ChainGate, PeerPolicy, PeerVerifier, StaticCollateral
+
+        try:
+            find_haproxy()
+        except GatewayError as exc:
+            log.warning("no gateway: %s", exc)
+            return {}
+        token_file = self.home / "gateway" / "admin-token"
+        if not token_file.exists():
+            atomic_write(token_file, secrets.token_urlsafe(32).encode())
+        peers = PeerVerifier(
+            PeerPolicy.dev(platform.dev_root_der(), max_cert_lifetime_s=31 * 24 * 3600),
+            StaticCollateral(platform.collateral),
+        )
+        gateway = GatewayServer(
+            self.home / "gateway",
+            base_domain=GATEWAY_BASE_DOMAIN,
+            peers=peers,
+            chain=ChainGate(chain, block_number=chain.block_number),
+            admin_token=token_file.read_text().strip(),
+        ).start()
+        self._stack.callback(gateway.stop)
+
+        def running() -> list[tuple[str, list[tuple[int, str, int]]]]:
+            out = []
+            for st in node.list_cvms():
+                if st.status != "running":
+                    continue
+                ports = [
+                    (int(p["container_port"]), str(p.get("host_ip") or "127.0.0.1"), int(p["host_port"]))
+                    for c in st.containers
+                    for p in c.ports
+                    if p.get("protocol") == "tcp" and p.get("host_port")
+                ]
+                out.append((st.instance_id, sorted(set(ports))))
+            return out
+
+        registrar = NodeRegistrar(
+            [gateway.registration_url], gateway.ca.cert_pem, boots, running, interval_s=2.0
+        )
+        registrar.start()
+        self._stack.callback(registrar.stop)
+        return {
+            "public_port": gateway.public_port,
+            "base_domain": gateway.base_domain,
+            "ca_file": str(gateway.ca_file),
+            "registration": gateway.registration_url,
+            "admin": gateway.admin_url,
+            "admin_token_file": str(token_file),
+        }
 
     def _publish_kms(self, chain: Any, tee: Any, identity: Any, state: Any) -> None:
         """What KmsAuth must know to trust this KMS and the CVMs it serves (once per chain and key set): the

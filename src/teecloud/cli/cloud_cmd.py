@@ -156,6 +156,13 @@ def up(
     table.add_row("node API", ep.node)
     table.add_row("node token", ep.node_token_file)
     table.add_row("TEE", "tdx-simulated (dev root of this installation)")
+    if ep.gateway:  # --- gateway
+        table.add_row(
+            "gateway (HTTPS)",
+            f"https://<app_id>-<port>.{ep.gateway['base_domain']}:{ep.gateway['public_port']}/",
+        )
+        table.add_row("gateway CA", ep.gateway["ca_file"])
+        table.add_row("gateway admin", ep.gateway["admin"])
     out.print(table)
     if resumed:
         out.print(f"resuming {resumed} CVM(s); see `teecloud ps`")
@@ -236,6 +243,8 @@ def deploy(
         table.add_row("status", result.status)
         for url in result.urls:
             table.add_row("url", url)
+        for url in result.gateway_urls:  # --- gateway
+            table.add_row("https", url)
         out.print(table)
         if result.verdict is not None:
             _print_verdict(result.verdict)

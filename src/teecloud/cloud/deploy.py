@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from teecloud.node.errors import ComposeRejected, NodeError
 
 __all__ = [
@@ -101,6 +103,32 @@ def build_app_compose(
     return normalize_app_compose(doc).encode(), compose_hash(doc)
 
 
+def wait_gateway_urls(gateway: dict[str, Any], app_id: str, st: Any, timeout: float = 20.0) -> list[str]:
+    """https://<app_id>-<port>.<base>:<port>/ for each published TCP port of the CVM, after waiting (at most
+    `timeout`) until the app answers through the gateway on the first one (validated with the CA)."""
+    ports = sorted(
+        {int(p["container_port"]) for c in st.containers for p in c.ports if p.get("protocol") == "tcp"}
+    )
+    base, public = gateway.get("base_domain"), gateway.get("public_port")
+    if not ports or not base or not public:
+        return []
+    urls = [f"https://{app_id}-{p}.{base}:{public}/" for p in ports]
+    host = f"{app_id}-{ports[0]}.{base}"
+    deadline = time.monotonic() + timeout
+    with httpx.Client(verify=str(gateway.get("ca_file")), timeout=5) as http:
+        while time.monotonic() < deadline:
+            try:
+                r = http.get(
+                    f"https://127.0.0.1:{public}/", headers={"Host": host}, extensions={"sni_hostname": host}
+                )
+                if r.status_code < 500 and r.status_code != 421:  # the app itself answered
+                    return urls
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    return urls
+
+
 @dataclass
 class DeployResult:
     app_id: str
@@ -113,6 +141,7 @@ class DeployResult:
     verdict: Any = None
     timings: dict[str, float] = field(default_factory=dict)
     boot_timings: dict[str, float] = field(default_factory=dict)
+    gateway_urls: list[str] = field(default_factory=list)
 
 
 class Session:
@@ -312,6 +341,10 @@ def deploy(
         timings=timings,
         boot_timings=st.timings,
     )
+    if st.status == "running" and session.endpoints.gateway:
+        # --- gateway: the app's https URLs, once the gateway serves them (the CVM registers within seconds)
+        result.gateway_urls = wait_gateway_urls(session.endpoints.gateway, result.app_id, st)
+        mark("gateway")
     if st.status != "running":
         return result
     # (5)

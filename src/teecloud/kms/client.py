@@ -42,10 +42,9 @@ from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import QuoteSource, make_ratls_cert
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, recover_k256
 from teecloud.kms import api
-from teecloud.kms.authz import AuthChain, ChainAuthorizer
 from teecloud.kms.challenge import TOKEN_SIZE
-from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
-from teecloud.peer import PeerPolicy, PeerRejected, PeerVerifier
+from teecloud.kms.errors import KmsClientError, KmsDenied
+from teecloud.peer import AuthChain, ChainGate, PeerPolicy, PeerRejected, PeerVerifier
 
 __all__ = ["KmsClient", "ServerCheck", "UnsafeNoServerCheck", "ratls_server_check", "vm_config_json"]
 
@@ -94,7 +93,7 @@ def ratls_server_check(
             return collateral_for(quote, now)
 
     peers = PeerVerifier(peer_policy, _Collateral(), clock=clock, cache_s=_MAX_SERVER_CERT_S)
-    authorizer = ChainAuthorizer(chain) if chain is not None else None
+    gate = ChainGate(chain) if chain is not None else None
 
     def check(cert_der: bytes) -> None:
         try:
@@ -103,10 +102,10 @@ def ratls_server_check(
             raise KmsClientError(f"the KMS's RA-TLS certificate does not verify: {exc.reason}") from exc
         if expected_ca_pubkey_der is not None and not _issued_by(cert_der, expected_ca_pubkey_der):
             raise KmsClientError("the KMS's certificate is not issued by the expected KMS root CA key")
-        if authorizer is not None:
+        if gate is not None:
             try:
-                authorizer.kms_allowed(peer.boot_info)
-            except AccessDenied as exc:
+                gate.kms_allowed(peer.boot_info)
+            except PeerRejected as exc:
                 raise KmsClientError(f"the KMS is not an authorized KMS: {exc.reason}") from exc
 
     return check
