@@ -137,46 +137,49 @@ def test_a_node_runs_a_cvm_as_a_vm_under_tcg(teecloud_home: Path, test_guest: Gu
         home=teecloud_home,
         memory_mb=4096,
     )
-    port = _free_port()
-    compose = _compose(port, _free_port())
-    st = node.create(CreateCvmRequest(name="web", app_compose=compose, app_id="11" * 20, memory_mb=512))
-    iid = st.instance_id
-    node.wait_all(240)
-    status = node.status(iid)
-    assert status.status == "running", status.error
-    assert status.timings["agent-ready"] > 0
-    inst = node.store.get(iid)
-    # (1) the guest read the compose from the read-only host share and hashed it itself
-    cvm = node._cvm(iid).booted
-    assert isinstance(cvm, QemuCvm)
-    assert cvm.guest_info == {"guest": GUEST_NAME, "compose_hash": inst.compose_hash().hex()}
-    # (2) the app's published port, forwarded from loopback
-    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == f"hello from {GUEST_NAME}\n"
-    # (3) the serial console is the CVM's log
-    text = b"".join(node.logs(iid, service=None, tail=500, follow=False, public=False)).decode()
-    assert "Linux version" in text and f"{GUEST_NAME}: ready" in text
-    # (4) the host gets no quote from a guest whose agent offers none (and never sends report_data)
-    with pytest.raises(InstanceStateError, match="serves no attestation"):
-        node.attestation(iid, b"nonce", public=False)
-    # (5) stop: no QEMU left; remove: no VM directory left
-    pid = cvm.pid()
-    assert pid is not None
-    node.stop(iid)
-    assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-    assert node.status(iid).status == "stopped"
-    workdir = cvm.workdir
-    assert (workdir / "hda.img").is_file() and (workdir / "shared" / "app-compose.json").is_file()
-    result = node.remove(iid)
-    assert result.leftovers == [] and not workdir.exists()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-        except httpx.HTTPError:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("the app's port still answers after remove")
+    try:
+        port = _free_port()
+        compose = _compose(port, _free_port())
+        st = node.create(CreateCvmRequest(name="web", app_compose=compose, app_id="11" * 20, memory_mb=512))
+        iid = st.instance_id
+        node.wait_all(240)
+        status = node.status(iid)
+        assert status.status == "running", status.error
+        assert status.timings["agent-ready"] > 0
+        inst = node.store.get(iid)
+        # (1) the guest read the compose from the read-only host share and hashed it itself
+        cvm = node._cvm(iid).booted
+        assert isinstance(cvm, QemuCvm)
+        assert cvm.guest_info == {"guest": GUEST_NAME, "compose_hash": inst.compose_hash().hex()}
+        # (2) the app's published port, forwarded from loopback
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == f"hello from {GUEST_NAME}\n"
+        # (3) the serial console is the CVM's log
+        text = b"".join(node.logs(iid, service=None, tail=500, follow=False, public=False)).decode()
+        assert "Linux version" in text and f"{GUEST_NAME}: ready" in text
+        # (4) the host gets no quote from a guest whose agent offers none (and never sends report_data)
+        with pytest.raises(InstanceStateError, match="serves no attestation"):
+            node.attestation(iid, b"nonce", public=False)
+        # (5) stop: no QEMU left; remove: no VM directory left
+        pid = cvm.pid()
+        assert pid is not None
+        node.stop(iid)
+        assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert node.status(iid).status == "stopped"
+        workdir = cvm.workdir
+        assert (workdir / "hda.img").is_file() and (workdir / "shared" / "app-compose.json").is_file()
+        result = node.remove(iid)
+        assert result.leftovers == [] and not workdir.exists()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            except httpx.HTTPError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the app's port still answers after remove")
+    finally:
+        node.close()  # a failed assertion must not leave a VM running (VMs outlive their node by design)
 
 
 @pytest.mark.slow
