@@ -374,7 +374,9 @@ class QemuBackend:
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
         cvm = QemuCvm(instance, work, agent_port=agent_port, booted=False)
         if cvm.running():
-            raise InstanceStateError(f"the VM of CVM {instance.instance_id} is already running")
+            # a VM left by an earlier node process (VMs outlive it): a boot is a fresh VM, as on docker
+            log.warning("CVM %s: powering off the VM an earlier node process left running", instance.instance_id)
+            cvm.stop()
         _write_shared(instance, cfg.shared_dir)
         if not cfg.hda.exists():
             out = subprocess.run(
