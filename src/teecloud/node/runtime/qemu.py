@@ -375,7 +375,9 @@ class QemuBackend:
         cvm = QemuCvm(instance, work, agent_port=agent_port, booted=False)
         if cvm.running():
             # a VM left by an earlier node process (VMs outlive it): a boot is a fresh VM, as on docker
-            log.warning("CVM %s: powering off the VM an earlier node process left running", instance.instance_id)
+            log.warning(
+                "CVM %s: powering off the VM a former node process left running", instance.instance_id
+            )
             cvm.stop()
         _write_shared(instance, cfg.shared_dir)
         if not cfg.hda.exists():
