@@ -115,8 +115,8 @@ class LocalCloud:
 
         kms_tee = SimulatedTdx(self.home)
 
-        def publish(state: Any, identity: Any, _created: bool) -> str:
-            self._publish_kms(chain, kms_tee, identity, state)
+        def publish(keys: Any, identity: Any, _created: bool) -> str:
+            self._publish_kms(chain, kms_tee, identity, keys)
             return ""
 
         running = launch_kms(
@@ -139,18 +139,16 @@ class LocalCloud:
         mark("kms")
 
         # (4)
-        from teecloud.kms.client import KmsClient, ratls_server_check
+        from teecloud.kms.client import connect_kms
         from teecloud.node.registry import ensure_registered
         from teecloud.node.service import Node, NodeServer, load_or_create_token
 
         platform = SimulatedTdx(self.home)
-        key_provider = KmsClient(
+        key_provider = connect_kms(
             kms.url,
-            server_check=ratls_server_check(
-                collateral_for=lambda _quote, _now: platform.collateral(),
-                dev_root_der=platform.dev_root_der(),
-                chain=chain,
-            ),
+            collateral_for=lambda _quote, _now: platform.collateral(),
+            dev_root_der=platform.dev_root_der(),
+            chain=chain,
         )
         node_id = ensure_registered(chain, platform, home=self.home)
         node = Node(
@@ -185,13 +183,13 @@ class LocalCloud:
         self._stack.callback(lambda: endpoints_path(self.home).unlink(missing_ok=True))
         return self.endpoints
 
-    def _publish_kms(self, chain: Any, tee: Any, identity: Any, state: Any) -> None:
+    def _publish_kms(self, chain: Any, tee: Any, identity: Any, keys: Any) -> None:
         """What KmsAuth must know to trust this KMS and the CVMs it serves (once per chain and key set): the
         simulated OS image, this KMS build's measurement and device, and its root public keys."""
         from teecloud.kms.bootstrap import publish_kms_info
 
         marker = self.home / "cloud" / "kms-published.json"
-        key = f"{chain.chain_key}:{identity.mr_aggregated.hex()}:{state.root.k256_public_key.hex()}"
+        key = f"{chain.chain_key}:{identity.mr_aggregated.hex()}:{keys.k256_public_key.hex()}"
         try:
             if key in json.loads(marker.read_text()).get("published", []):
                 return
@@ -201,7 +199,7 @@ class LocalCloud:
         chain.add_kms_mr(identity.mr_aggregated)
         chain.add_kms_mr(identity.boot_mr_aggregated)  # its onboarding quotes (boot-time evidence)
         chain.add_kms_device(tee.device_id)
-        publish_kms_info(chain, state, tee, self.home)
+        publish_kms_info(chain, keys, tee, self.home)
         atomic_write_json(marker, {"published": [key]})
 
     def stop(self) -> None:

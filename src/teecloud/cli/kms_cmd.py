@@ -110,11 +110,11 @@ def up(
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)
 
-    def publish(state: Any, _identity: Any, created: bool) -> str:
+    def publish(keys: Any, _identity: Any, created: bool) -> str:
         if not created:
             return ""
         err.print("[green]generated new root keys inside the TEE and sealed them[/]")
-        return publish_kms_info(chain, state, tee)
+        return publish_kms_info(chain, keys, tee)
 
     reference = None
     if dev:
@@ -144,13 +144,13 @@ def up(
         err.print(f"published KMS info to KmsAuth (quote hash {running.published})")
     if running.publish_error:
         err.print(f"[yellow]warning:[/] could not publish KMS info to KmsAuth: {running.publish_error}")
-    server, state, identity = running.server, running.state, running.identity
+    server, keys, identity = running.server, running.keys, running.identity
     atomic_write_json(
         _kms_dir() / ENDPOINT_FILE, {"url": server.url, "admin_url": server.admin_url, "dev": dev}
     )
     out.print(f"KMS listening on {server.url} (RA-TLS), admin on {server.admin_url}")
-    out.print(f"root CA public key {state.root.ca_public_key_der.hex()}")
-    out.print(f"k256 public key    {state.root.k256_public_key.hex()}")
+    out.print(f"root CA public key {keys.ca_public_key_der.hex()}")
+    out.print(f"k256 public key    {keys.k256_public_key.hex()}")
     out.print(
         f"mr_aggregated      {identity.mr_aggregated.hex()}" + ("  [yellow](dev mode)[/]" if dev else "")
     )
@@ -191,7 +191,7 @@ def onboard(
         identity = boot_kms_tee(tee, finish=False)  # onboarding needs boot-time evidence
         if load_state(tee, identity) is not None:
             _fail(f"this KMS already has root keys in {_kms_dir()}; refusing to overwrite them")
-        state = onboard_from(
+        keys = onboard_from(
             source,
             tee=tee,
             identity=identity,
@@ -201,15 +201,13 @@ def onboard(
         )
     except KmsError as exc:
         _fail(exc.diagnostics())
-    out.print(
-        f"[green]onboarded[/] from {source}: root CA key {state.root.ca_public_key_der.hex()[:32]}…, sealed"
-    )
+    out.print(f"[green]onboarded[/] from {source}: root CA key {keys.ca_public_key_der.hex()[:32]}…, sealed")
 
 
 def _local_client(
     url: str | None, dev: bool, pccs_url: str | None, insecure: bool, rpc_url: str | None = None
 ) -> Any:
-    from teecloud.kms.client import KmsClient, UnsafeNoServerCheck, ratls_server_check
+    from teecloud.kms.client import KmsClient, UnsafeNoServerCheck, connect_kms
 
     if url is None:
         path = _kms_dir() / ENDPOINT_FILE
@@ -224,20 +222,20 @@ def _local_client(
         from teecloud.tee.simulated import SimulatedTdx
 
         sim = SimulatedTdx()
-        check = ratls_server_check(
+        return connect_kms(
+            url,
             collateral_for=lambda q, now: sim.collateral(),
             dev_root_der=sim.dev_root_der(),
             chain=_chain(rpc_url, None),
         )
-        return KmsClient(url, server_check=check)
     if pccs_url:
         tee_col = _collateral(None, False, pccs_url)
-        check = ratls_server_check(
+        return connect_kms(
+            url,
             collateral_for=lambda q, now: tee_col.collateral_for(q, now=now),
             dev_root_der=None,
             chain=_chain(rpc_url, None),
         )
-        return KmsClient(url, server_check=check)
     _fail("say how to verify the KMS: --dev (simulated, local dev root), --pccs-url URL, or --insecure")
 
 

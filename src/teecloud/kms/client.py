@@ -1,5 +1,6 @@
 """KMS client: the agent's key provider backed by a real KMS (mutual RA-TLS over httpx).
 
+    connect_kms(url, ...)              THE way to build a verifying KmsClient (RA-TLS check + KmsAuth)
     KmsClient(url, server_check=...)   implements teecloud.agent.keyprovider.KeyProvider
     ratls_server_check(...)            checks the KMS's RA-TLS server certificate: quote, report_data binding,
                                        event log, and (given a chain) KmsAuth.isKmsAllowed for its boot_info
@@ -47,7 +48,14 @@ from teecloud.kms.challenge import TOKEN_SIZE
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
 from teecloud.peer import PeerPolicy, PeerRejected, PeerVerifier
 
-__all__ = ["KmsClient", "ServerCheck", "UnsafeNoServerCheck", "ratls_server_check", "vm_config_json"]
+__all__ = [
+    "KmsClient",
+    "ServerCheck",
+    "UnsafeNoServerCheck",
+    "connect_kms",
+    "ratls_server_check",
+    "vm_config_json",
+]
 
 log = logging.getLogger("teecloud.kms.client")
 
@@ -110,6 +118,30 @@ def ratls_server_check(
                 raise KmsClientError(f"the KMS is not an authorized KMS: {exc.reason}") from exc
 
     return check
+
+
+def connect_kms(
+    url: str,
+    *,
+    collateral_for: Callable[[bytes, int], bytes],
+    dev_root_der: bytes | None,
+    chain: AuthChain | None = None,
+    expected_ca_pubkey_der: bytes | None = None,
+    policy: Policy | None = None,
+    clock: Callable[[], float] = time.time,
+) -> KmsClient:
+    """A KmsClient for `url` that verifies the KMS's RA-TLS certificate (ratls_server_check: evidence, and
+    KmsAuth.isKmsAllowed with `chain` and/or the expected root CA key). The one factory for KMS client
+    wiring: the node, `teecloud deploy`, the CLI and onboarding all build their client here."""
+    check = ratls_server_check(
+        collateral_for=collateral_for,
+        dev_root_der=dev_root_der,
+        policy=policy,
+        chain=chain,
+        expected_ca_pubkey_der=expected_ca_pubkey_der,
+        clock=clock,
+    )
+    return KmsClient(url, server_check=check, clock=clock)
 
 
 # A KMS server certificate lives as long as the KMS's RA-TLS identity (make_server_identity): up to a year.

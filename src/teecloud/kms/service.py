@@ -313,9 +313,9 @@ class KmsService:
 
     def meta(self) -> api.KmsMeta:
         return api.KmsMeta(
-            ca_cert=self.state.root_ca_cert_pem,
-            ca_pubkey=self.state.root.ca_public_key_der.hex(),
-            k256_pubkey=self.state.root.k256_public_key.hex(),
+            ca_cert=self.keys.root_ca_cert_pem,
+            ca_pubkey=self.keys.ca_public_key_der.hex(),
+            k256_pubkey=self.keys.k256_public_key.hex(),
             dev_mode=self.config.dev_mode,
             tee=str(self.tee.kind),
             mr_aggregated=self.identity.mr_aggregated.hex(),
@@ -333,8 +333,8 @@ class KmsService:
             status="serving",
             dev_mode=self.config.dev_mode,
             tee=str(self.tee.kind),
-            ca_pubkey=self.state.root.ca_public_key_der.hex(),
-            k256_pubkey=self.state.root.k256_public_key.hex(),
+            ca_pubkey=self.keys.ca_public_key_der.hex(),
+            k256_pubkey=self.keys.k256_public_key.hex(),
             mr_aggregated=self.identity.mr_aggregated.hex(),
             public_url=public_url,
             requests_allowed=self.audit.allowed,
