@@ -11,6 +11,8 @@ command -v gocryptfs >/dev/null || need_apt+=(gocryptfs)
 command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+# --- threshold KMS (issue 19): libsodium's ristretto255, used through pysodium (pinned in pyproject.toml)
+ldconfig -p | grep -q 'libsodium\.so\.23' || need_apt+=(libsodium23)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq
