@@ -29,8 +29,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pysodium
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from teecloud.keys.appkeys import AppKeys
+from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem
 from teecloud.keys.errors import KeyUsageError, MalformedKeyMaterial
+from teecloud.keys.kdf import P256_ORDER, derive_key
+from teecloud.keys.sigchain import k256_public_key
 
 __all__ = [
     "CONTEXT_STRING",
@@ -38,6 +43,8 @@ __all__ = [
     "Dealing",
     "Partial",
     "ThresholdError",
+    "app_contexts",
+    "app_keys_from_outputs",
     "combine",
     "deal",
     "derive_key_pair",
@@ -408,3 +415,63 @@ def combine(input_: bytes, partials: Sequence[Partial], t: int) -> bytes:
     lam = lagrange_at_zero(use)
     n = _sum(_mul(lam[i], chosen[i].element) for i in use)
     return finalize(input_, n)
+
+
+# ------------------------------------------------------------------------------ app keys from outputs
+
+APP_CONTEXT_PREFIX = b"teecloud-kms-v1/app\x00"
+INSTANCE_CONTEXT_PREFIX = b"teecloud-kms-v1/instance\x00"
+
+
+def app_contexts(epoch: int, app_id: bytes, instance_id: bytes) -> tuple[bytes, bytes]:
+    """The two VOPRF inputs of one app instance: (per app, per instance). The root epoch is an input of
+    both, so a new epoch (rotation) gives new keys and an old epoch's keys stay derivable."""
+    if not 0 <= epoch < 1 << 32 or not 1 <= len(app_id) <= 64 or len(instance_id) > 64:
+        raise KeyUsageError("epoch must be a u32, app_id 1..64 bytes, instance_id at most 64 bytes")
+    e = epoch.to_bytes(4, "big")
+    app = APP_CONTEXT_PREFIX + e + _lp(app_id)
+    return app, INSTANCE_CONTEXT_PREFIX + e + _lp(app_id) + _lp(instance_id)
+
+
+def app_keys_from_outputs(
+    app_output: bytes,
+    instance_output: bytes,
+    app_id: bytes,
+    *,
+    now: int,
+    key_provider_info: dict[str, object],
+    gateway_app_id: str = "",
+    os_image_hash: bytes = b"",
+) -> AppKeys:
+    """An app instance's keys from the two combined VOPRF outputs (computed inside the attested CVM).
+
+    No KMS signature exists in threshold mode yet (threshold ECDSA is not implemented, docs/kms.md): the
+    app CA certificate is self-signed by the app CA key and `k256_signature` / `kms_k256_pubkey` are empty,
+    so dstack's GetKey signature chain to a KMS root is not available under a threshold provider."""
+    if len(app_output) != 64 or len(instance_output) != 64:
+        raise KeyUsageError("VOPRF outputs are 64 bytes")
+    okm = derive_key(app_output, [b"app-ca"], 48)
+    ca_key = ec.derive_private_key(int.from_bytes(okm, "big") % (P256_ORDER - 1) + 1, ec.SECP256R1())
+    ca_cert = issue_cert(
+        ca_key.public_key(),
+        issuer_key=ca_key,
+        issuer_name=None,
+        subject_cn=f"teecloud app CA {app_id.hex()}"[:64],
+        not_before=now - 60,
+        not_after=now + 365 * 24 * 3600,
+        ca=True,
+    )
+    k256 = derive_key(app_output, [b"app-key"])
+    k256_public_key(k256)  # in range except with probability ~2^-128
+    return AppKeys(
+        ca_key_pem=key_to_pem(ca_key),
+        ca_cert_pem=cert_to_pem(ca_cert),
+        disk_crypt_key=derive_key(instance_output, [b"app-disk-crypt-key"]),
+        env_crypt_key=derive_key(app_output, [b"env-encrypt-key"]),
+        k256_key=k256,
+        k256_signature=b"",
+        kms_k256_pubkey=b"",
+        key_provider_info=dict(key_provider_info),
+        gateway_app_id=gateway_app_id,
+        os_image_hash=bytes(os_image_hash),
+    )

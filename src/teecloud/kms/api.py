@@ -30,6 +30,7 @@ __all__ = [
     "PATH_GET_META",
     "PATH_GET_TEMP_CA_CERT",
     "PATH_SIGN_CERT",
+    "PATH_THRESHOLD_EVALUATE",
     "AppKeyResponse",
     "AuditRecord",
     "AuditResponse",
@@ -45,6 +46,9 @@ __all__ = [
     "SignCertResponse",
     "StatusResponse",
     "TempCaCertResponse",
+    "ThresholdEvaluateRequest",
+    "ThresholdEvaluateResponse",
+    "ThresholdPartial",
 ]
 
 PATH_GET_META = "/prpc/KMS.GetMeta"
@@ -54,6 +58,7 @@ PATH_GET_APP_KEY = "/prpc/KMS.GetAppKey"
 PATH_SIGN_CERT = "/prpc/KMS.SignCert"
 PATH_GET_KMS_KEY = "/prpc/KMS.GetKmsKey"
 PATH_GET_BOOT_CHALLENGE = "/prpc/KMS.GetBootChallenge"
+PATH_THRESHOLD_EVALUATE = "/prpc/KMS.ThresholdEvaluate"
 
 
 class Denied(BaseModel):
@@ -186,3 +191,29 @@ class StatusResponse(BaseModel):
     requests_allowed: int = 0
     requests_denied: int = 0
     chain: str = ""
+
+
+class ThresholdEvaluateRequest(BaseModel):
+    """Threshold mode (docs/kms.md): like GetAppKey, nothing the caller says selects what is evaluated —
+    the node builds the VOPRF inputs from the caller's verified boot_info."""
+
+    api_version: int = 1
+    vm_config: str = Field(default="", max_length=65536, description="the CVM's VmConfig (JSON)")
+
+
+class ThresholdPartial(BaseModel):
+    input: str = Field(max_length=8192, description="the VOPRF input the node evaluated (hex)")
+    element: str = Field(max_length=64, description="Z_i = s_i·H(input), ristretto255 (hex)")
+    proof: str = Field(max_length=128, description="RFC 9497 DLEQ proof c ‖ s against Y_i (hex)")
+
+
+class ThresholdEvaluateResponse(BaseModel):
+    """One node's partial evaluations for the attested app instance: [per app, per instance]."""
+
+    app_id: str
+    instance_id: str
+    epoch: int
+    index: int
+    partials: list[ThresholdPartial] = Field(max_length=2)
+    gateway_app_id: str = ""
+    os_image_hash: str = ""

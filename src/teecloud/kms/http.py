@@ -137,6 +137,14 @@ def make_public_app(service: KmsService) -> FastAPI:
             peer_cert_der(request), body.csr, vm_config=body.vm_config, peer_addr=_peer_addr(request)
         )
 
+    @app.post(api.PATH_THRESHOLD_EVALUATE, response_model=api.ThresholdEvaluateResponse)
+    def threshold_evaluate(request: Request, body: api.ThresholdEvaluateRequest) -> Response:
+        return _json_response(
+            service.threshold_evaluate(
+                peer_cert_der(request), vm_config=body.vm_config, peer_addr=_peer_addr(request)
+            )
+        )
+
     @app.post(api.PATH_GET_KMS_KEY, response_model=api.KmsKeyResponse)
     def get_kms_key(request: Request, body: api.GetKmsKeyRequest) -> api.KmsKeyResponse:
         return service.get_kms_key(peer_cert_der(request), peer_addr=_peer_addr(request))

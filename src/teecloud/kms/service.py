@@ -47,6 +47,7 @@ from teecloud.kms.challenge import BootChallenges
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.kms.issuer import KeyIssuer
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
+from teecloud.kms.threshold import ThresholdEvaluator
 from teecloud.peer import (
     AttestedPeer,
     CollateralSource,
@@ -138,12 +139,15 @@ class KmsService:
         os_image_reference: OsImageReference | None = None,
         root_keys: RootKeyHolder | None = None,
         challenges: BootChallenges | None = None,
+        threshold: ThresholdEvaluator | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
         `teecloud.tee.simulated.simulated_os_image_reference`). `root_keys` holds the root (default: the
         whole key from `state`, `LocalRootKeys`). `challenges` issues and redeems boot challenges (default:
-        a fresh secret of this process, with the config's window and use count)."""
+        a fresh secret of this process, with the config's window and use count). `threshold` makes this a
+        threshold node (teecloud.kms.threshold): it serves ThresholdEvaluate and refuses the whole-key
+        endpoints (GetAppKey, SignCert, GetKmsKey, env keys): its own root is only its server identity."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -198,6 +202,7 @@ class KmsService:
             app_key_cache_entries=self.config.app_key_cache_entries,
             clock=clock,
         )
+        self.threshold = threshold
         self.clock = clock
 
     @property
@@ -264,6 +269,7 @@ class KmsService:
         shape selects the RTMR0 reference; missing or malformed, nothing is released."""
 
         def decide(ctx: dict[str, Any]) -> api.AppKeyResponse:
+            self._whole_root_only()
             app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
             ctx["reason"] = f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
             return self.issuer.app_keys(app)
@@ -282,6 +288,7 @@ class KmsService:
         allows. `vm_config` as for get_app_key (RTMR0 is checked for the VM shape it states)."""
 
         def decide(ctx: dict[str, Any]) -> api.SignCertResponse:
+            self._whole_root_only()
             app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
             cn, answer = self.issuer.sign_cert(app, csr_pem)
             ctx["reason"] = f"certificate issued for CN={cn}"
@@ -293,6 +300,7 @@ class KmsService:
         """Onboarding: root keys, only to an attested KMS that KmsAuth.isKmsAllowed accepts."""
 
         def decide(ctx: dict[str, Any]) -> api.KmsKeyResponse:
+            self._whole_root_only()
             kms = self.authz.authorize_kms(cert_der, ctx=ctx)
             ctx["reason"] = (
                 f"KMS allowed by KmsAuth{': ' + kms.reason if kms.reason else ''}; root keys replicated"
@@ -300,6 +308,32 @@ class KmsService:
             return self.issuer.kms_keys(kms)
 
         return self._audited(api.PATH_GET_KMS_KEY, cert_der, peer_addr, decide)
+
+    def threshold_evaluate(
+        self, cert_der: bytes | None, *, vm_config: str | Mapping[str, Any] = "", peer_addr: str = ""
+    ) -> api.ThresholdEvaluateResponse:
+        """Threshold mode: this node's partial evaluations for the attested, allowed app instance, after the
+        same rule as GetAppKey, applied by this node alone (its own boot challenge included)."""
+
+        def decide(ctx: dict[str, Any]) -> api.ThresholdEvaluateResponse:
+            if self.threshold is None:
+                raise AccessDenied("this KMS is not a threshold node", step="mode")
+            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
+            ctx["reason"] = (
+                f"partial evaluation (epoch {self.threshold.epoch}, share {self.threshold.index}); "
+                f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
+            )
+            return self.threshold.evaluate(app)
+
+        return self._audited(api.PATH_THRESHOLD_EVALUATE, cert_der, peer_addr, decide)
+
+    def _whole_root_only(self) -> None:
+        if self.threshold is not None:
+            raise AccessDenied(
+                "this is a threshold KMS node: keys come from t nodes' partial evaluations "
+                "(ThresholdEvaluate), never from one node",
+                step="mode",
+            )
 
     def boot_challenge(self) -> api.BootChallengeResponse:
         """Public: a challenge for a booting CVM's boot-nonce (teecloud.kms.challenge)."""
@@ -309,6 +343,8 @@ class KmsService:
 
     def env_encrypt_pubkey(self, app_id_text: str) -> api.EnvEncryptPubKeyResponse:
         """Public: the app's X25519 env-encryption key, signed by the KMS root k256 key (dstack format)."""
+        if self.threshold is not None:
+            raise KmsUsageError("threshold KMS nodes do not serve env-encryption keys yet (docs/kms.md)")
         return self.issuer.env_encrypt_pubkey(_norm_app_id(app_id_text))
 
     def meta(self) -> api.KmsMeta:

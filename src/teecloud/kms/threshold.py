@@ -1,0 +1,180 @@
+"""Threshold mode, node side: one KMS node holds one Shamir share of the root VOPRF key of one epoch and
+evaluates it only for a caller that passed this node's own key-release rule (teecloud.kms.authz: RA-TLS
+evidence, boot time, OS image and VM shape, chain, this node's boot challenge).
+
+    ThresholdShare          one node's share (epoch, index, t, n, share, the group's Feldman commitments)
+    save_share, load_share  sealed to the node TEE's measurement (teecloud.kms.sealing); a loaded share is
+                            checked against the commitments (a corrupted share is refused, never served)
+    ThresholdEvaluator      partial evaluations for an AuthorizedApp (teecloud.keys.threshold)
+    local_joint_feldman     the Joint-Feldman DKG run with its messages passed in one process (dev / tests:
+                            the process running it sees every share — see docs/kms.md, "ceremony")
+
+The client side (fan-out, proof checks, combination) is teecloud.kms.threshold_client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from teecloud._fs import atomic_write
+from teecloud.keys import threshold as th
+from teecloud.kms import api
+from teecloud.kms.authz import AuthorizedApp
+from teecloud.kms.bootstrap import KmsIdentity, kms_dir
+from teecloud.kms.errors import SealingError
+from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
+from teecloud.tee.base import TeePlatform
+
+__all__ = [
+    "SHARE_FILE",
+    "ThresholdEvaluator",
+    "ThresholdShare",
+    "load_share",
+    "local_joint_feldman",
+    "save_share",
+]
+
+SHARE_FILE = "threshold-share.sealed"
+_SHARE_FORMAT = "teecloud-kms-threshold-share-v1"
+
+
+@dataclass(frozen=True)
+class ThresholdShare:
+    epoch: int
+    index: int
+    t: int
+    n: int
+    share: int
+    commitments: tuple[bytes, ...]  # the group's: commitments[0] is the group public key
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.t <= self.n <= th.MAX_NODES or not 1 <= self.index <= self.n:
+            raise SealingError(f"threshold share: bad parameters (t={self.t}, n={self.n}, i={self.index})")
+        if len(self.commitments) != self.t:
+            raise SealingError("threshold share: the group has t commitments")
+        if not th.verify_share(self.commitments, self.index, self.share):
+            raise SealingError("threshold share: the share does not match the group's commitments (corrupt)")
+
+    @property
+    def group_public_key(self) -> bytes:
+        return self.commitments[0]
+
+    @property
+    def public_share(self) -> bytes:
+        return th.public_share(self.commitments, self.index)
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "format": _SHARE_FORMAT,
+                "epoch": self.epoch,
+                "index": self.index,
+                "t": self.t,
+                "n": self.n,
+                "share": self.share.to_bytes(32, "little").hex(),
+                "commitments": [c.hex() for c in self.commitments],
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes) -> ThresholdShare:
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != _SHARE_FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}")
+            return cls(
+                epoch=int(doc["epoch"]),
+                index=int(doc["index"]),
+                t=int(doc["t"]),
+                n=int(doc["n"]),
+                share=int.from_bytes(bytes.fromhex(doc["share"]), "little"),
+                commitments=tuple(bytes.fromhex(c) for c in doc["commitments"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SealingError(f"sealed threshold share is malformed: {exc}") from exc
+
+
+def save_share(
+    share: ThresholdShare, tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
+) -> Path:
+    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+    path = kms_dir(home) / SHARE_FILE
+    atomic_write(path, seal(key, identity.mr_aggregated, share.to_json_bytes()))
+    return path
+
+
+def load_share(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None) -> ThresholdShare | None:
+    path = kms_dir(home) / SHARE_FILE
+    if not path.exists():
+        return None
+    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+    return ThresholdShare.from_json_bytes(unseal(key, identity.mr_aggregated, path.read_bytes()))
+
+
+class ThresholdEvaluator:
+    """This node's operation on its share: partial VOPRF evaluations, only for an AuthorizedApp (which only
+    teecloud.kms.authz.Authorizer makes, after the whole key-release rule)."""
+
+    def __init__(self, share: ThresholdShare, *, gateway_app_id: str = "") -> None:
+        self._share = share
+        self.gateway_app_id = gateway_app_id
+
+    @property
+    def epoch(self) -> int:
+        return self._share.epoch
+
+    @property
+    def index(self) -> int:
+        return self._share.index
+
+    @property
+    def group_public_key(self) -> bytes:
+        return self._share.group_public_key
+
+    def evaluate(self, app: AuthorizedApp) -> api.ThresholdEvaluateResponse:
+        if not isinstance(app, AuthorizedApp):
+            raise TypeError("partial evaluations only for an AuthorizedApp")
+        bi = app.boot_info
+        s = self._share
+        inputs = th.app_contexts(s.epoch, bi.app_id, bi.instance_id)
+        partials = [th.partial_evaluate(s.index, s.share, x) for x in inputs]
+        return api.ThresholdEvaluateResponse(
+            app_id=bi.app_id.hex(),
+            instance_id=bi.instance_id.hex(),
+            epoch=s.epoch,
+            index=s.index,
+            partials=[
+                api.ThresholdPartial(input=x.hex(), element=p.element.hex(), proof=p.proof.hex())
+                for x, p in zip(inputs, partials, strict=True)
+            ],
+            gateway_app_id=self.gateway_app_id,
+            os_image_hash=bi.os_image_hash.hex(),
+        )
+
+
+def local_joint_feldman(t: int, n: int, *, epoch: int = 1) -> list[ThresholdShare]:
+    """Joint-Feldman among n simulated dealers in this process (teecloud.keys.threshold): every dealer
+    shares a random secret, every receiver checks each share against its dealer's commitments; the group
+    key is the sum of the dealers' C_0. The result is the same as the networked ceremony's, but whoever
+    runs this sees all shares: dev and tests only (docs/kms.md)."""
+    dealings = [th.deal(None, t, n, dealer=d) for d in range(1, n + 1)]
+    group = th.sum_commitments(dealings)
+    out = []
+    for r in range(1, n + 1):
+        total, complaints = th.joint_feldman(dealings, r, {d.dealer: d.shares[r] for d in dealings})
+        if complaints:  # pragma: no cover (honest in-process dealers)
+            raise SealingError(f"DKG: receiver {r} complains about dealers {complaints}")
+        out.append(ThresholdShare(epoch, r, t, n, total, group))
+    return out
+
+
+def group_commitments(shares: Sequence[ThresholdShare]) -> tuple[bytes, ...]:
+    """The group commitments the shares agree on (all of them must)."""
+    groups = {s.commitments for s in shares}
+    if len(groups) != 1:
+        raise SealingError("threshold shares disagree on the group commitments")
+    return groups.pop()
