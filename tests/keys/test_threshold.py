@@ -147,3 +147,66 @@ def test_bad_parameters_are_refused() -> None:
         th.lagrange_at_zero([1, 1])
     with pytest.raises(th.ThresholdError):
         th.Partial.from_json({"index": 1, "element": "zz", "proof": ""})
+
+
+def _outputs(shares: dict[int, int], t: int, ctx: bytes) -> set[bytes]:
+    return {
+        th.combine(ctx, [th.partial_evaluate(i, shares[i], ctx) for i in s], t)
+        for s in itertools.combinations(sorted(shares), t)
+    }
+
+
+def _reshare(
+    commitments: tuple[bytes, ...], shares: dict[int, int], old: list[int], t_new: int, n_new: int
+) -> tuple[tuple[bytes, ...], dict[int, int]]:
+    dealings = [th.reshare_deal(i, shares[i], t_new, n_new) for i in old]
+    new = {}
+    for j in range(1, n_new + 1):
+        s, complaints = th.reshare_receive(
+            commitments, dealings, j, {d.dealer: d.shares[j] for d in dealings}
+        )
+        assert complaints == []
+        new[j] = s
+    new_commitments = th.reshare_commitments(dealings)
+    assert all(th.verify_share(new_commitments, j, s) for j, s in new.items())
+    return new_commitments, new
+
+
+def test_reshare_3of5_to_4of7_and_back_keeps_every_output() -> None:
+    ctx = b"app context"
+    d = th.deal(None, 3, 5)
+    (before,) = _outputs(d.shares, 3, ctx)
+    c47, s47 = _reshare(d.commitments, d.shares, [1, 3, 5], 4, 7)
+    assert c47[0] == d.commitments[0]  # same group public key
+    assert _outputs(s47, 4, ctx) == {before}
+    c35, s35 = _reshare(c47, s47, [2, 4, 6, 7], 3, 5)
+    assert c35[0] == d.commitments[0] and _outputs(s35, 3, ctx) == {before}
+    # an old share does not combine with new ones: nothing usable from mixing committees
+    mixed = [th.partial_evaluate(1, d.shares[1], ctx)] + [th.partial_evaluate(i, s35[i], ctx) for i in (2, 3)]
+    assert th.combine(ctx, mixed, 3) != before
+    # and the old share's partial fails the new committee's proof check
+    assert not th.verify_partial(th.public_share(c35, 1), ctx, mixed[0])
+
+
+def test_reshare_refuses_a_dealer_that_does_not_deal_its_old_share() -> None:
+    d = th.deal(None, 2, 3)
+    honest = th.reshare_deal(1, d.shares[1], 2, 3)
+    forged = th.reshare_deal(2, 424242, 2, 3)  # not node 2's share: its C_0 is not Y_2
+    _, complaints = th.reshare_receive(
+        d.commitments, [honest, forged], 1, {1: honest.shares[1], 2: forged.shares[1]}
+    )
+    assert complaints == [2]
+    with pytest.raises(th.ThresholdError):
+        th.reshare_receive(d.commitments, [honest], 1, {1: honest.shares[1]})
+
+
+def test_rotation_a_new_epoch_changes_keys_and_the_old_epoch_stays_derivable() -> None:
+    app, inst = b"\x11" * 20, b"\x22" * 20
+    e1 = th.deal(None, 2, 3)
+    e2 = th.deal(None, 2, 3)
+    x1, _ = th.app_contexts(1, app, inst)
+    x2, _ = th.app_contexts(2, app, inst)
+    assert x1 != x2
+    out1 = _outputs(e1.shares, 2, x1)
+    assert out1 != _outputs(e2.shares, 2, x2)
+    assert _outputs(e1.shares, 2, x1) == out1  # the old epoch's shares still derive the old keys

@@ -57,6 +57,9 @@ __all__ = [
     "lagrange_at_zero",
     "partial_evaluate",
     "public_share",
+    "reshare_commitments",
+    "reshare_deal",
+    "reshare_receive",
     "verify_partial",
     "verify_proof",
     "verify_share",
@@ -350,6 +353,45 @@ def lagrange_at_zero(xs: Sequence[int]) -> dict[int, int]:
                 den = den * (j - i) % GROUP_ORDER
         out[i] = num * pow(den, -1, GROUP_ORDER) % GROUP_ORDER
     return out
+
+
+# ------------------------------------------------------------------ resharing (same key, new committee)
+
+
+def reshare_deal(index: int, share: int, t_new: int, n_new: int) -> Dealing:
+    """Old node `index`'s part of a reshare (Desmedt–Jajodia 1997; Herzberg et al., CRYPTO '95): a Feldman
+    sharing of its own share s_i for the new committee. Its C_0 is s_i·G, which the new nodes check against
+    the old public share Y_i."""
+    return deal(share, t_new, n_new, dealer=index)
+
+
+def reshare_receive(
+    old_commitments: Sequence[bytes], dealings: Sequence[Dealing], receiver: int, received: dict[int, int]
+) -> tuple[int, list[int]]:
+    """New node `receiver`'s side: every dealing must come from an old share (C_0 == Y_i from the old group's
+    commitments) and its sub-share must match its commitments. Returns (the new share, dealers to complain
+    about). With no complaint and at least t_old dealings: s'_j = Σ λ_i·f_i(j), a share of the SAME key."""
+    t_old = len(old_commitments)
+    complaints = []
+    for d in dealings:
+        ok = d.commitments and d.commitments[0] == public_share(old_commitments, d.dealer)
+        if not ok or not verify_share(d.commitments, receiver, received.get(d.dealer, 0)):
+            complaints.append(d.dealer)
+    if complaints:
+        return 0, complaints
+    if len(dealings) < t_old:
+        raise ThresholdError(f"a reshare needs {t_old} old shares, got {len(dealings)}")
+    lam = lagrange_at_zero([d.dealer for d in dealings])
+    return sum(lam[d.dealer] * received[d.dealer] for d in dealings) % GROUP_ORDER, []
+
+
+def reshare_commitments(dealings: Sequence[Dealing]) -> tuple[bytes, ...]:
+    """The new committee's commitments C'_k = Σ λ_i·D_{i,k}; C'_0 is the unchanged group public key."""
+    lam = lagrange_at_zero([d.dealer for d in dealings])
+    t_new = len(dealings[0].commitments)
+    if any(len(d.commitments) != t_new for d in dealings):
+        raise ThresholdError("reshare dealers disagree on the new threshold")
+    return tuple(_sum(_mul(lam[d.dealer], d.commitments[k]) for d in dealings) for k in range(t_new))
 
 
 # ------------------------------------------------------------------------------ threshold evaluation
