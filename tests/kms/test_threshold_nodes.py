@@ -134,9 +134,9 @@ def test_threshold_boot_survives_two_dead_nodes_and_a_liar_and_t_minus_1_gets_no
     assert provider.faults == {}
     keys = first.keys
     assert keys.key_provider_info["id"] == cluster.group.group_public_key.hex()
-    for n in cluster.nodes.values():
-        assert n.kms.audit.read()[-1].endpoint == api.PATH_THRESHOLD_EVALUATE
-        assert n.kms.audit.read()[-1].decision == "allowed"
+    for i, n in cluster.nodes.items():  # t nodes asked, each judged and audited the request on its own
+        recs = [r for r in n.kms.audit.read() if r.endpoint == api.PATH_THRESHOLD_EVALUATE]
+        assert [r.decision for r in recs] == (["allowed"] if i <= T else [])
 
     # Node 2 lies: same index and epoch, but evaluates with a share of another group (a wrong partial with
     # a self-consistent proof) — detected by the DLEQ check against its public share, named, skipped.

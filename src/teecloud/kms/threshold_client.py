@@ -8,9 +8,10 @@
 Procedure:
   (1) boot_nonce(): one fresh challenge from each reachable node (teecloud.kms.challenge), concatenated in
       share-index order (at most MAX_TOKENS); fewer than t reachable nodes fail the boot here;
-  (2) get_app_keys(): to every node that gave a challenge, in parallel, a ThresholdEvaluate request over
-      mutual RA-TLS (each node's server certificate checked by its own connect_kms client); each node
-      applies the whole key-release rule on its own and redeems only its own challenge;
+  (2) get_app_keys(): to t of the nodes that gave a challenge, in parallel, a ThresholdEvaluate request over
+      mutual RA-TLS (each node's server certificate checked by its own connect_kms client), then to the
+      others only if some of those failed; each node applies the whole key-release rule on its own and
+      redeems only its own challenge;
   (3) each answer is checked: the node's index and epoch, our app and instance, the two VOPRF inputs the
       node evaluated equal the ones we compute, and each partial's DLEQ proof verifies against the node's
       public share Y_i = Σ i^j·C_j; a node failing any check is named (`faults`) and skipped;
@@ -132,22 +133,27 @@ class ThresholdKeyProvider:
                 app_id=app_id,
             )
 
-        answers = self._fan_out(self._challenged, ask)
+        # Ask t nodes first; only if some of them fail, the others (a second round): an honest run costs
+        # the cluster t evaluations, not n.
         faults = dict(self.faults)
         valid: dict[int, tuple[list[th.Partial], str, str]] = {}
-        for i, answer in sorted(answers.items()):
-            if isinstance(answer, BaseException):
-                faults[i] = _describe(answer)
-                continue
-            problem = self._check(i, answer, app_id, instance_id, inputs)
-            if problem:
-                faults[i] = problem
-                log.warning("KMS node %d (%s) is skipped: %s", i, self.group.nodes[i], problem)
-                continue
-            partials = [
-                th.Partial(i, bytes.fromhex(p.element), bytes.fromhex(p.proof)) for p in answer.partials
-            ]
-            valid[i] = (partials, answer.gateway_app_id, answer.os_image_hash)
+        first, rest = self._challenged[: self.group.t], self._challenged[self.group.t :]
+        for batch in (first, rest):
+            if not batch or len(valid) >= self.group.t:
+                break
+            for i, answer in sorted(self._fan_out(batch, ask).items()):
+                if isinstance(answer, BaseException):
+                    faults[i] = _describe(answer)
+                    continue
+                problem = self._check(i, answer, app_id, instance_id, inputs)
+                if problem:
+                    faults[i] = problem
+                    log.warning("KMS node %d (%s) is skipped: %s", i, self.group.nodes[i], problem)
+                    continue
+                partials = [
+                    th.Partial(i, bytes.fromhex(p.element), bytes.fromhex(p.proof)) for p in answer.partials
+                ]
+                valid[i] = (partials, answer.gateway_app_id, answer.os_image_hash)
         self.faults = faults
         t = self.group.t
         if len(valid) < t:
