@@ -34,10 +34,10 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _kms_dir() -> Path:
+def _kms_dir(home: Path | None = None) -> Path:
     from teecloud.kms.bootstrap import kms_dir
 
-    return kms_dir()
+    return kms_dir(home)
 
 
 def _tee(dev: bool) -> Any:
@@ -101,6 +101,13 @@ def up(
     gateway_app_id: Annotated[
         str, typer.Option("--gateway-app-id", help="Gateway app id handed to CVMs.")
     ] = "",
+    threshold_node: Annotated[
+        int,
+        typer.Option(
+            "--threshold-node",
+            help="Serve share INDEX of the threshold group (data in data_home()/kms-nodes/INDEX).",
+        ),
+    ] = 0,
 ) -> None:
     """Start the KMS: boot its TEE, unseal (or create) its root keys, serve RA-TLS and the admin API."""
     from teecloud.kms.bootstrap import publish_kms_info
@@ -109,6 +116,15 @@ def up(
 
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)
+    node_dir: Path | None = None
+    if threshold_node:
+        from teecloud.kms.errors import SealingError
+        from teecloud.kms.threshold import node_home
+
+        try:
+            node_dir = node_home(threshold_node)
+        except SealingError as exc:
+            _fail(str(exc))
 
     def publish(keys: Any, _identity: Any, created: bool) -> str:
         if not created:
@@ -134,6 +150,8 @@ def up(
                 admin_port=admin_port,
                 gateway_app_id=gateway_app_id,
                 on_keys=publish,
+                home=node_dir,
+                threshold=bool(threshold_node),
             )
         )
     except KmsError as exc:
@@ -145,9 +163,22 @@ def up(
     if running.publish_error:
         err.print(f"[yellow]warning:[/] could not publish KMS info to KmsAuth: {running.publish_error}")
     server, keys, identity = running.server, running.keys, running.identity
+    endpoint = _kms_dir(node_dir) / ENDPOINT_FILE
     atomic_write_json(
-        _kms_dir() / ENDPOINT_FILE, {"url": server.url, "admin_url": server.admin_url, "dev": dev}
+        endpoint,
+        {
+            "url": server.url,
+            "admin_url": server.admin_url,
+            "dev": dev,
+            "threshold_node": threshold_node,
+            "server_ca_pubkey": keys.ca_public_key_der.hex(),
+        },
     )
+    if running.service.threshold is not None:
+        ev = running.service.threshold
+        out.print(
+            f"threshold node {ev.index} (epoch {ev.epoch}, group key {ev.group_public_key.hex()[:16]}…)"
+        )
     out.print(f"KMS listening on {server.url} (RA-TLS), admin on {server.admin_url}")
     out.print(f"root CA public key {keys.ca_public_key_der.hex()}")
     out.print(f"k256 public key    {keys.k256_public_key.hex()}")
@@ -163,7 +194,38 @@ def up(
         pass
     finally:
         server.stop()
-        (_kms_dir() / ENDPOINT_FILE).unlink(missing_ok=True)
+        endpoint.unlink(missing_ok=True)
+
+
+@app.command("threshold-init")
+def threshold_init(
+    nodes: Annotated[int, typer.Option("--nodes", help="n: how many KMS nodes hold a share.")] = 5,
+    threshold: Annotated[int, typer.Option("--threshold", help="t: how many nodes answer a release.")] = 3,
+    dev: Annotated[
+        bool, typer.Option("--dev", help="Development ceremony on the simulated TEE (required).")
+    ] = False,
+) -> None:
+    """Development key ceremony for a t-of-n threshold KMS: a Joint-Feldman DKG run in this one process
+    (which sees every share: development only), each share sealed into data_home()/kms-nodes/<i>."""
+    from teecloud.kms.bootstrap import boot_kms_tee
+    from teecloud.kms.errors import KmsError
+    from teecloud.kms.threshold import dev_ceremony, nodes_dir
+
+    if not dev:
+        _fail("only the development ceremony exists (--dev); the networked DKG among nodes is not built")
+    if not 1 <= threshold <= nodes <= 16:
+        _fail("need 1 <= --threshold <= --nodes <= 16")
+    tee = _tee(dev)
+    try:
+        group, created = dev_ceremony(tee, boot_kms_tee(tee), threshold, nodes)
+    except KmsError as exc:
+        _fail(exc.diagnostics())
+    verb = "created" if created else "already exists:"
+    out.print(
+        f"{verb} {group.t}-of-{group.n} group (epoch {group.epoch}) in {nodes_dir()}; "
+        f"group key {group.commitments[0].hex()}"
+    )
+    err.print("[yellow]development ceremony: this process saw every share[/]")
 
 
 @app.command("onboard")

@@ -25,9 +25,11 @@ from teecloud._fs import atomic_write
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.authz import AuthChain
 from teecloud.kms.bootstrap import KmsIdentity, boot_kms_tee, kms_dir, start_kms_state
+from teecloud.kms.errors import BootstrapError
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import CollateralSource, KmsConfig, KmsService, OsImageReference
+from teecloud.kms.threshold import ThresholdEvaluator, load_share
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -78,6 +80,9 @@ class KmsLaunch:
     gateway_app_id: str = ""
     kms_contract: str = ""
     dev_root_der: bytes | None = None
+    # Threshold node: serve the sealed share in `<home>/kms/threshold-share.sealed` (teecloud.kms.threshold);
+    # its own root keys are then only its server identity (no publishing, no whole-key endpoints).
+    threshold: bool = False
     # Called with (holder, identity, created) once the root keys are loaded; returns what was published.
     on_keys: Callable[[RootKeyHolder, KmsIdentity, bool], str] | None = None
 
@@ -109,9 +114,18 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
     identity = boot_kms_tee(spec.tee)
     state, created = start_kms_state(spec.tee, identity, now=int(time.time()), home=spec.home)
     holder: RootKeyHolder = LocalRootKeys(state)  # the only place the sealed root becomes a holder
+    evaluator = None
+    if spec.threshold:
+        share = load_share(spec.tee, identity, spec.home)
+        if share is None:
+            raise BootstrapError(
+                f"no threshold share sealed under {kms_dir(spec.home)}: run the key ceremony first "
+                "(`teecloud kms threshold-init` in development)"
+            )
+        evaluator = ThresholdEvaluator(share, gateway_app_id=spec.gateway_app_id)
     # (3)
     published = publish_error = ""
-    if spec.on_keys is not None:
+    if spec.on_keys is not None and evaluator is None:
         try:
             published = spec.on_keys(holder, identity, created)
         except Exception as exc:  # publishing is governance's business; serving does not depend on it
@@ -136,6 +150,7 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         block_number=getattr(spec.chain, "block_number", None),
         os_image_reference=spec.os_image_reference,
         root_keys=holder,
+        threshold=evaluator,
     )
     # (5)
     server = KmsServer(

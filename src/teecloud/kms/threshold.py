@@ -8,6 +8,8 @@ evidence, boot time, OS image and VM shape, chain, this node's boot challenge).
     ThresholdEvaluator      partial evaluations for an AuthorizedApp (teecloud.keys.threshold)
     local_joint_feldman     the Joint-Feldman DKG run with its messages passed in one process (dev / tests:
                             the process running it sees every share — see docs/kms.md, "ceremony")
+    dev_ceremony            that DKG, each share sealed into its node's data directory
+                            (`<home>/kms-nodes/<i>/kms/`), the group record in `<home>/kms-nodes/group.json`
 
 The client side (fan-out, proof checks, combination) is teecloud.kms.threshold_client.
 """
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from teecloud._fs import atomic_write
+from teecloud._fs import atomic_write, atomic_write_json, data_home
 from teecloud.keys import threshold as th
 from teecloud.kms import api
 from teecloud.kms.authz import AuthorizedApp
@@ -29,15 +31,22 @@ from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, uns
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
+    "GROUP_FILE",
     "SHARE_FILE",
     "ThresholdEvaluator",
     "ThresholdShare",
+    "dev_ceremony",
     "load_share",
     "local_joint_feldman",
+    "node_home",
+    "nodes_dir",
+    "read_group",
     "save_share",
 ]
 
 SHARE_FILE = "threshold-share.sealed"
+GROUP_FILE = "group.json"
+_GROUP_FORMAT = "teecloud-kms-threshold-group-v1"
 _SHARE_FORMAT = "teecloud-kms-threshold-share-v1"
 
 
@@ -178,3 +187,78 @@ def group_commitments(shares: Sequence[ThresholdShare]) -> tuple[bytes, ...]:
     if len(groups) != 1:
         raise SealingError("threshold shares disagree on the group commitments")
     return groups.pop()
+
+
+def nodes_dir(home: Path | None = None) -> Path:
+    return (home or data_home()) / "kms-nodes"
+
+
+def node_home(index: int, home: Path | None = None) -> Path:
+    """Node `index`'s own data directory (its sealed state, share, audit log, admin token)."""
+    if not 1 <= index <= th.MAX_NODES:
+        raise SealingError(f"node index must be 1..{th.MAX_NODES}")
+    return nodes_dir(home) / str(index)
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    epoch: int
+    t: int
+    n: int
+    commitments: tuple[bytes, ...]
+
+
+def read_group(home: Path | None = None) -> GroupRecord | None:
+    path = nodes_dir(home) / GROUP_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SealingError(f"{path} is unreadable: {exc}") from exc
+    try:
+        if doc.get("format") != _GROUP_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}")
+        rec = GroupRecord(
+            int(doc["epoch"]),
+            int(doc["t"]),
+            int(doc["n"]),
+            tuple(bytes.fromhex(c) for c in doc["commitments"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SealingError(f"{path} is malformed: {exc}") from exc
+    if len(rec.commitments) != rec.t or not 1 <= rec.t <= rec.n <= th.MAX_NODES:
+        raise SealingError(f"{path}: inconsistent t, n and commitments")
+    return rec
+
+
+def dev_ceremony(
+    tee: TeePlatform, identity: KmsIdentity, t: int, n: int, *, epoch: int = 1, home: Path | None = None
+) -> tuple[GroupRecord, bool]:
+    """Development key ceremony: local_joint_feldman, share i sealed (to this KMS build's measurement) into
+    node i's directory, then the group record written last (atomically): a crash leaves no group, and a
+    re-run with the same t and n is a no-op. Returns (the group, created)."""
+    existing = read_group(home)
+    if existing is not None:
+        if (existing.t, existing.n) != (t, n):
+            raise SealingError(
+                f"a {existing.t}-of-{existing.n} group already exists in {nodes_dir(home)}; "
+                "changing t or n is a reshare (not done), not a new ceremony"
+            )
+        return existing, False
+    shares = local_joint_feldman(t, n, epoch=epoch)
+    for s in shares:
+        save_share(s, tee, identity, node_home(s.index, home))
+    rec = GroupRecord(epoch, t, n, group_commitments(shares))
+    atomic_write_json(
+        nodes_dir(home) / GROUP_FILE,
+        {
+            "format": _GROUP_FORMAT,
+            "epoch": epoch,
+            "t": t,
+            "n": n,
+            "commitments": [c.hex() for c in rec.commitments],
+        },
+        mode=0o644,
+    )
+    return rec, True
