@@ -7,7 +7,9 @@ Start-up procedure (`LocalCloud.start`), every step idempotent so a restart lose
   (2) chain: open the embedded chain (state replayed from its journal), serve it on 127.0.0.1, deploy
       teecloud's contracts once
   (3) KMS: boot its simulated TEE (measured), unseal its root keys (generated on first start), publish on
-      chain what it takes to trust it (OS image, KMS measurement and device, root public keys), listen
+      chain what it takes to trust it (OS image, KMS measurement and device, root public keys), listen;
+      with kms_nodes > 1: the development key ceremony once, then one `teecloud kms up --threshold-node I`
+      process per node (own data directory and sealed share), and a ThresholdKeyProvider for the node
   (4) node: a KMS client that verifies the KMS's RA-TLS certificate (dev root, chain's isKmsAllowed),
       registration in NodeRegistry (once), the node API, then every CVM that should run boots again
   (5) endpoints.json records where everything listens (the CLI reads it)
@@ -50,6 +52,19 @@ def check_prerequisites() -> list[str]:
     return missing
 
 
+def _stop_process(proc: Any) -> None:
+    """Stop a child this cloud started (by its handle): SIGTERM, then SIGKILL after 20 s."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 class LocalCloud:
     def __init__(
         self,
@@ -59,10 +74,16 @@ class LocalCloud:
         kms_port: int = 0,
         node_port: int = 0,
         dev_time_travel: bool = False,
+        kms_nodes: int = 1,
+        kms_threshold: int = 1,
     ):
         self.home = Path(home) if home is not None else data_home()
         self.ports = (chain_port, kms_port, node_port)
         self.dev_time_travel = dev_time_travel  # serve evm_increaseTime/evm_mine on the chain's RPC
+        if not 1 <= kms_threshold <= kms_nodes <= 16:
+            raise NodeError("need 1 <= KMS threshold <= KMS nodes <= 16")
+        self.kms_nodes, self.kms_threshold = kms_nodes, kms_threshold
+        self.kms_processes: dict[int, Any] = {}  # threshold mode: KMS node index -> its process
         self._stack = contextlib.ExitStack()
         self.endpoints: CloudEndpoints | None = None
         self.node: Any = None
@@ -119,23 +140,27 @@ class LocalCloud:
             self._publish_kms(chain, kms_tee, identity, keys)
             return ""
 
-        running = launch_kms(
-            KmsLaunch(
-                tee=kms_tee,
-                chain=chain,
-                collateral=StaticCollateral(kms_tee.collateral),
-                dev=True,
-                home=self.home,
-                os_image_reference=simulated_os_image_reference,
-                port=self.ports[1],
-                kms_contract=str(contracts.get("KmsAuth", "")),
-                on_keys=publish,
+        threshold_provider: Any = None
+        if self.kms_nodes > 1:
+            kms_url, kms_admin_url, threshold_provider = self._start_threshold_kms(chain, rpc.url, kms_tee)
+        else:
+            running = launch_kms(
+                KmsLaunch(
+                    tee=kms_tee,
+                    chain=chain,
+                    collateral=StaticCollateral(kms_tee.collateral),
+                    dev=True,
+                    home=self.home,
+                    os_image_reference=simulated_os_image_reference,
+                    port=self.ports[1],
+                    kms_contract=str(contracts.get("KmsAuth", "")),
+                    on_keys=publish,
+                )
             )
-        )
-        if running.publish_error:
-            raise NodeError(f"could not publish the KMS to KmsAuth: {running.publish_error}")
-        kms = running.server
-        self._stack.callback(kms.stop)
+            if running.publish_error:
+                raise NodeError(f"could not publish the KMS to KmsAuth: {running.publish_error}")
+            self._stack.callback(running.server.stop)
+            kms_url, kms_admin_url = running.server.url, running.server.admin_url
         mark("kms")
 
         # (4)
@@ -144,8 +169,8 @@ class LocalCloud:
         from teecloud.node.service import Node, NodeServer, load_or_create_token
 
         platform = SimulatedTdx(self.home)
-        key_provider = connect_kms(
-            kms.url,
+        key_provider = threshold_provider or connect_kms(
+            kms_url,
             collateral_for=lambda _quote, _now: platform.collateral(),
             dev_root_der=platform.dev_root_der(),
             chain=chain,
@@ -155,7 +180,7 @@ class LocalCloud:
             key_provider=key_provider,
             tee_factory=lambda: SimulatedTdx(self.home),
             home=self.home,
-            kms_urls=[kms.url],
+            kms_urls=[kms_url],
             node_id=node_id,
         )
         self.node = node
@@ -172,8 +197,8 @@ class LocalCloud:
 
         self.endpoints = CloudEndpoints(
             chain_rpc=rpc.url,
-            kms=kms.url,
-            kms_admin=kms.admin_url,
+            kms=kms_url,
+            kms_admin=kms_admin_url,
             node=server.url,
             pid=os.getpid(),
             node_token_file=str(node_home(self.home) / "admin-token"),
@@ -185,11 +210,13 @@ class LocalCloud:
 
     def _publish_kms(self, chain: Any, tee: Any, identity: Any, keys: Any) -> None:
         """What KmsAuth must know to trust this KMS and the CVMs it serves (once per chain and key set): the
-        simulated OS image, this KMS build's measurement and device, and its root public keys."""
+        simulated OS image, this KMS build's measurement and device, and its root public keys (none for
+        threshold nodes, `keys` None: their group record is not on chain yet)."""
         from teecloud.kms.bootstrap import publish_kms_info
 
         marker = self.home / "cloud" / "kms-published.json"
-        key = f"{chain.chain_key}:{identity.mr_aggregated.hex()}:{keys.k256_public_key.hex()}"
+        root_tag = keys.k256_public_key.hex() if keys is not None else "threshold"
+        key = f"{chain.chain_key}:{identity.mr_aggregated.hex()}:{root_tag}"
         try:
             if key in json.loads(marker.read_text()).get("published", []):
                 return
@@ -199,8 +226,74 @@ class LocalCloud:
         chain.add_kms_mr(identity.mr_aggregated)
         chain.add_kms_mr(identity.boot_mr_aggregated)  # its onboarding quotes (boot-time evidence)
         chain.add_kms_device(tee.device_id)
-        publish_kms_info(chain, keys, tee, self.home)
+        if keys is not None:
+            publish_kms_info(chain, keys, tee, self.home)
         atomic_write_json(marker, {"published": [key]})
+
+    def _start_threshold_kms(self, chain: Any, rpc_url: str, tee: Any) -> tuple[str, str, Any]:
+        """`teecloud up --kms-nodes N --threshold T`: the development key ceremony (once; shares sealed per
+        node directory), then N `teecloud kms up --threshold-node I` processes on this chain, and the
+        node's ThresholdKeyProvider over them. Returns (node 1's URL, its admin URL, the provider)."""
+        import subprocess
+        import sys
+
+        import teecloud
+        from teecloud.kms.bootstrap import boot_kms_tee
+        from teecloud.kms.client import connect_kms
+        from teecloud.kms.errors import KmsError
+        from teecloud.kms.threshold import dev_ceremony, node_home
+        from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
+
+        identity = boot_kms_tee(tee)
+        self._publish_kms(chain, tee, identity, None)
+        try:
+            group, _ = dev_ceremony(tee, identity, self.kms_threshold, self.kms_nodes, home=self.home)
+        except KmsError as exc:
+            raise NodeError(f"threshold KMS key ceremony: {exc}") from exc
+        code = "import sys; from teecloud.cli import main; sys.argv[0] = 'teecloud'; main()"
+        common = ["--dev", "--rpc-url", rpc_url, "--port", "0", "--admin-port", "0"]
+        # The children run this very teecloud (its source tree first on their path), under this home.
+        src = str(Path(teecloud.__file__).resolve().parents[1])
+        path = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH", "")])])
+        env = {**os.environ, "TEECLOUD_HOME": str(self.home), "PYTHONPATH": path}
+        procs: dict[int, subprocess.Popen[bytes]] = self.kms_processes
+        for i in range(1, self.kms_nodes + 1):
+            kms_home = node_home(i, self.home) / "kms"
+            (kms_home / "endpoint.json").unlink(missing_ok=True)
+            with (kms_home / "node.log").open("ab") as logf:
+                procs[i] = subprocess.Popen(
+                    [sys.executable, "-c", code, "kms", "up", "--threshold-node", str(i), *common],
+                    env=env,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                )
+            self._stack.callback(_stop_process, procs[i])
+        endpoints: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + 90
+        while len(endpoints) < len(procs):
+            for i, p in procs.items():
+                ep_file = node_home(i, self.home) / "kms" / "endpoint.json"
+                if i not in endpoints and ep_file.exists():
+                    endpoints[i] = json.loads(ep_file.read_text())
+                elif p.poll() is not None:
+                    raise NodeError(f"KMS node {i} exited; see {ep_file.parent / 'node.log'}")
+            if time.monotonic() > deadline:
+                raise NodeError("the threshold KMS nodes did not start within 90 s")
+            time.sleep(0.1)
+        urls = {i: str(e["url"]) for i, e in endpoints.items()}
+        clients = {
+            i: connect_kms(
+                url,
+                collateral_for=lambda _quote, _now: tee.collateral(),
+                dev_root_der=tee.dev_root_der(),
+                chain=chain,
+            )
+            for i, url in urls.items()
+        }
+        provider = ThresholdKeyProvider(
+            ThresholdGroup(group.epoch, group.t, group.commitments, urls), clients
+        )
+        return urls[1], str(endpoints[1]["admin_url"]), provider
 
     def stop(self) -> None:
         try:
