@@ -65,6 +65,7 @@ ServerCheck = Callable[[bytes], None]
 _M = TypeVar("_M", bound=BaseModel)
 MAX_RESPONSE_BYTES = 1 << 20
 CLIENT_CERT_LIFETIME_S = 300
+TEMP_CA_CACHE_S = 300
 
 
 class UnsafeNoServerCheck:
@@ -187,6 +188,9 @@ class KmsClient:
         self._lifetime = cert_lifetime_s
         self._clock = clock
         self._meta: api.KmsMeta | None = None
+        # The KMS's temporary CA is public and part of its sealed state: fetched once per TEMP_CA_CACHE_S,
+        # which saves one TLS handshake per key request.
+        self._temp_ca: tuple[float, x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
 
     # --- transport
 
@@ -256,14 +260,7 @@ class KmsClient:
         app_id: bytes | None,
     ) -> _M:
         """Steps (2)-(4): a fresh RA-TLS client certificate from `tee`, then one mutual-TLS call."""
-        temp = self._call("GET", api.PATH_GET_TEMP_CA_CERT, api.TempCaCertResponse)
-        try:
-            temp_cert = x509.load_pem_x509_certificate(temp.temp_ca_cert.encode())
-            temp_key = serialization.load_pem_private_key(temp.temp_ca_key.encode(), password=None)
-        except ValueError as exc:
-            raise KmsClientError(f"the KMS's temporary CA does not parse: {exc}") from exc
-        if not isinstance(temp_key, ec.EllipticCurvePrivateKey):
-            raise KmsClientError("the KMS's temporary CA key is not an EC key")
+        temp_cert, temp_key = self._temp_ca_pair()
         now = int(self._clock())
         key = ec.generate_private_key(ec.SECP256R1())
         cert = make_ratls_cert(
@@ -281,6 +278,21 @@ class KmsClient:
         )
         chain_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
         return self._call("POST", path, model, body=body, client_cert=(key_to_pem(key), chain_pem))
+
+    def _temp_ca_pair(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        cached = self._temp_ca
+        if cached is not None and 0 <= self._clock() - cached[0] < TEMP_CA_CACHE_S:
+            return cached[1], cached[2]
+        temp = self._call("GET", api.PATH_GET_TEMP_CA_CERT, api.TempCaCertResponse)
+        try:
+            temp_cert = x509.load_pem_x509_certificate(temp.temp_ca_cert.encode())
+            temp_key = serialization.load_pem_private_key(temp.temp_ca_key.encode(), password=None)
+        except ValueError as exc:
+            raise KmsClientError(f"the KMS's temporary CA does not parse: {exc}") from exc
+        if not isinstance(temp_key, ec.EllipticCurvePrivateKey):
+            raise KmsClientError("the KMS's temporary CA key is not an EC key")
+        self._temp_ca = (self._clock(), temp_cert, temp_key)
+        return temp_cert, temp_key
 
     # --- public API
 
