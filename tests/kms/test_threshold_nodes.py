@@ -19,6 +19,7 @@ from teecloud.chain import ChainClient
 from teecloud.keys import threshold as th
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog
+from teecloud.kms.authz import AuthorizedApp
 from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
 from teecloud.kms.challenge import BootChallenges
 from teecloud.kms.client import connect_kms
@@ -55,7 +56,7 @@ class Cluster:
     group: ThresholdGroup
     dev_tee: SimulatedTdx
 
-    def provider(self) -> ThresholdKeyProvider:
+    def provider(self, hedge_s: float = 1.0) -> ThresholdKeyProvider:
         clients = {
             i: connect_kms(
                 n.server.url,
@@ -65,7 +66,7 @@ class Cluster:
             )
             for i, n in self.nodes.items()
         }
-        return ThresholdKeyProvider(self.group, clients)
+        return ThresholdKeyProvider(self.group, clients, hedge_s=hedge_s)
 
 
 def start_node(home: Path, chain: ChainClient, share: ThresholdShare) -> Node:
@@ -218,3 +219,24 @@ def test_a_corrupted_or_foreign_share_is_refused(teecloud_home: Path) -> None:
     save_share(s, tee, identity, teecloud_home / "n2")
     with pytest.raises(SealingError):  # sealed to the measurement: another build cannot unseal it
         load_share(tee, other, teecloud_home / "n2")
+
+
+class SlowEvaluator(ThresholdEvaluator):
+    """A node that answers its boot challenge but then stalls before evaluating (overloaded, paused)."""
+
+    def evaluate(self, app: AuthorizedApp) -> api.ThresholdEvaluateResponse:
+        time.sleep(4)
+        return super().evaluate(app)
+
+
+def test_a_silent_node_does_not_hold_the_boot_up(teecloud_home: Path, world: World, cluster: Cluster) -> None:
+    provider = cluster.provider()
+    app_id, first = boot_hello(teecloud_home, world, provider)
+    node1 = cluster.nodes[1].kms.service
+    assert node1.threshold is not None
+    node1.threshold = SlowEvaluator(local_joint_feldman(T, N)[0])
+    provider = cluster.provider(hedge_s=0.5)
+    t0 = time.monotonic()
+    _, second = boot_hello(teecloud_home, world, provider, app_id=app_id)
+    assert time.monotonic() - t0 < 3.5  # not the 4 s stall: nodes 4 and 5 were asked after 0.5 s
+    assert second.keys.disk_crypt_key == first.keys.disk_crypt_key

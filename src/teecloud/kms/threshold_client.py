@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,13 +76,17 @@ class ThresholdKeyProvider:
         group: ThresholdGroup,
         clients: Mapping[int, KmsClient],
         *,
+        hedge_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`hedge_s`: a node silent for this long is not waited for once others can stand in for it (its
+        call is abandoned, not cancelled: it ends at its client's own timeout)."""
         if set(clients) != set(group.nodes):
             raise KmsClientError("threshold key provider: one client per node of the group")
         self.group = group
         self._clients = dict(clients)
         self._clock = clock
+        self._hedge_s = hedge_s
         self._public_shares = {i: th.public_share(group.commitments, i) for i in group.nodes}
         self._challenged: list[int] = sorted(group.nodes)
         self.faults: dict[int, str] = {}
@@ -90,23 +94,79 @@ class ThresholdKeyProvider:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.group.group_public_key.hex(), "epoch": self.group.epoch}
 
-    def _fan_out(self, indices: list[int], fn: Callable[[KmsClient], Any]) -> dict[int, Any]:
-        """fn on each node's client in parallel: {index: result or the exception it raised}."""
-        out: dict[int, Any] = {}
-        with ThreadPoolExecutor(max_workers=max(1, len(indices))) as pool:
-            futures = {i: pool.submit(fn, self._clients[i]) for i in indices}
-            for i, fut in futures.items():
-                try:
-                    out[i] = fut.result()
-                except Exception as exc:  # each node's failure is that node's fault, named below
-                    out[i] = exc
-        return out
+    def _gather(
+        self,
+        indices: list[int],
+        fn: Callable[[KmsClient], Any],
+        accept: Callable[[int, Any], bool],
+        *,
+        need: int,
+        all_first: bool,
+    ) -> dict[int, Any]:
+        """Call fn on nodes in parallel and return {index: result or exception} for the calls that ended.
+        all_first: every node at once, then wait for all of them, or — after hedge_s — only until `need`
+        results are accepted. Otherwise `need` nodes first, a replacement for each failure, and all the rest
+        when hedge_s passes without `need` accepted results. Calls still running are abandoned."""
+        pool = ThreadPoolExecutor(max_workers=max(1, len(indices)))
+        queue = list(indices)
+        futures: dict[Future[Any], int] = {}
+        results: dict[int, Any] = {}
+        accepted = 0
+
+        def launch(k: int) -> None:
+            for _ in range(max(0, k)):
+                if queue:
+                    i = queue.pop(0)
+                    futures[pool.submit(fn, self._clients[i])] = i
+
+        try:
+            launch(len(queue) if all_first else need)
+            hedge_at = time.monotonic() + self._hedge_s
+            pending = set(futures)
+            while pending or queue:
+                if all_first and accepted >= need and time.monotonic() >= hedge_at:
+                    break
+                if not all_first and accepted >= need:
+                    break
+                timeout = max(0.0, hedge_at - time.monotonic()) if time.monotonic() < hedge_at else None
+                if all_first and accepted >= need:
+                    timeout = max(0.0, hedge_at - time.monotonic())
+                done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i = futures[fut]
+                    try:
+                        results[i] = fut.result()
+                    except Exception as exc:  # each node's failure is that node's fault, named by the caller
+                        results[i] = exc
+                    accepted += accept(i, results[i])
+                before = set(futures)
+                if time.monotonic() >= hedge_at:
+                    launch(len(queue))  # hedge: nobody waits on a silent node
+                else:
+                    launch(need - accepted - len(pending))  # replace failures
+                pending |= set(futures) - before
+                if not done and not pending and not queue:
+                    break
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return results
 
     # (1)
     def boot_nonce(self) -> bytes:
-        answers = self._fan_out(sorted(self.group.nodes), lambda c: c.boot_nonce())
+        indices = sorted(self.group.nodes)
+        answers = self._gather(
+            indices,
+            lambda c: c.boot_nonce(),
+            lambda _i, a: isinstance(a, bytes),
+            need=self.group.t,
+            all_first=True,
+        )
         ok = [i for i, a in sorted(answers.items()) if isinstance(a, bytes)]
-        self.faults = {i: _describe(a) for i, a in answers.items() if not isinstance(a, bytes)}
+        self.faults = {
+            i: _describe(answers[i]) if i in answers else f"no answer within {self._hedge_s:g} s"
+            for i in indices
+            if i not in ok
+        }
         if len(ok) < self.group.t:
             raise KmsClientError(
                 f"only {len(ok)} of the {self.group.t} KMS nodes needed gave a boot challenge"
@@ -133,27 +193,30 @@ class ThresholdKeyProvider:
                 app_id=app_id,
             )
 
-        # Ask t nodes first; only if some of them fail, the others (a second round): an honest run costs
-        # the cluster t evaluations, not n.
+        # Ask t nodes first; another for each that fails, and all the rest if hedge_s passes first: an honest
+        # run costs the cluster t evaluations, not n, and no silent node holds the boot up.
         faults = dict(self.faults)
         valid: dict[int, tuple[list[th.Partial], str, str]] = {}
-        first, rest = self._challenged[: self.group.t], self._challenged[self.group.t :]
-        for batch in (first, rest):
-            if not batch or len(valid) >= self.group.t:
-                break
-            for i, answer in sorted(self._fan_out(batch, ask).items()):
-                if isinstance(answer, BaseException):
-                    faults[i] = _describe(answer)
-                    continue
-                problem = self._check(i, answer, app_id, instance_id, inputs)
-                if problem:
-                    faults[i] = problem
-                    log.warning("KMS node %d (%s) is skipped: %s", i, self.group.nodes[i], problem)
-                    continue
-                partials = [
-                    th.Partial(i, bytes.fromhex(p.element), bytes.fromhex(p.proof)) for p in answer.partials
-                ]
-                valid[i] = (partials, answer.gateway_app_id, answer.os_image_hash)
+
+        def accept(i: int, answer: Any) -> bool:
+            if isinstance(answer, BaseException):
+                faults[i] = _describe(answer)
+                return False
+            problem = self._check(i, answer, app_id, instance_id, inputs)
+            if problem:
+                faults[i] = problem
+                log.warning("KMS node %d (%s) is skipped: %s", i, self.group.nodes[i], problem)
+                return False
+            partials = [
+                th.Partial(i, bytes.fromhex(p.element), bytes.fromhex(p.proof)) for p in answer.partials
+            ]
+            valid[i] = (partials, answer.gateway_app_id, answer.os_image_hash)
+            return True
+
+        answered = self._gather(self._challenged, ask, accept, need=self.group.t, all_first=False)
+        for i in self._challenged:
+            if i not in answered and i not in valid and len(valid) < self.group.t:
+                faults[i] = f"no answer within {self._hedge_s:g} s"
         self.faults = faults
         t = self.group.t
         if len(valid) < t:
