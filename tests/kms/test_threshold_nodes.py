@@ -28,6 +28,7 @@ from teecloud.kms.rootkeys import LocalRootKeys
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
 from teecloud.kms.threshold import (
+    ReshareDealer,
     ThresholdEvaluator,
     ThresholdShare,
     load_share,
@@ -55,6 +56,7 @@ class Cluster:
     nodes: dict[int, Node]
     group: ThresholdGroup
     dev_tee: SimulatedTdx
+    shares: list[ThresholdShare]
 
     def provider(self, hedge_s: float = 1.0) -> ThresholdKeyProvider:
         clients = {
@@ -91,6 +93,7 @@ def start_node(home: Path, chain: ChainClient, share: ThresholdShare) -> Node:
         root_keys=LocalRootKeys(state),
         challenges=BootChallenges(),  # each node its own challenge secret
         threshold=ThresholdEvaluator(sealed),
+        reshare=ReshareDealer(sealed),
     )
     server = KmsServer(service).start()
     return Node(share.index, Kms(service, tee, home), server, service.keys.ca_public_key_der)
@@ -109,7 +112,7 @@ def cluster(teecloud_home: Path, world: World) -> Iterator[Cluster]:
             commitments=shares[0].commitments,
             nodes={i: n.server.url for i, n in nodes.items()},
         )
-        yield Cluster(nodes, group, SimulatedTdx(teecloud_home))
+        yield Cluster(nodes, group, SimulatedTdx(teecloud_home), shares)
     finally:
         for n in nodes.values():
             n.server.stop()

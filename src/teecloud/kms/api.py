@@ -29,6 +29,7 @@ __all__ = [
     "PATH_GET_KMS_KEY",
     "PATH_GET_META",
     "PATH_GET_TEMP_CA_CERT",
+    "PATH_RESHARE_DEAL",
     "PATH_SIGN_CERT",
     "PATH_THRESHOLD_EVALUATE",
     "AppKeyResponse",
@@ -42,6 +43,10 @@ __all__ = [
     "GetKmsKeyRequest",
     "KmsKeyResponse",
     "KmsMeta",
+    "ReshareDealRequest",
+    "ReshareDealResponse",
+    "ReshareOpenRequest",
+    "ReshareOpenResponse",
     "SignCertRequest",
     "SignCertResponse",
     "StatusResponse",
@@ -59,6 +64,7 @@ PATH_SIGN_CERT = "/prpc/KMS.SignCert"
 PATH_GET_KMS_KEY = "/prpc/KMS.GetKmsKey"
 PATH_GET_BOOT_CHALLENGE = "/prpc/KMS.GetBootChallenge"
 PATH_THRESHOLD_EVALUATE = "/prpc/KMS.ThresholdEvaluate"
+PATH_RESHARE_DEAL = "/prpc/KMS.ReshareDeal"
 
 
 class Denied(BaseModel):
@@ -217,3 +223,33 @@ class ThresholdEvaluateResponse(BaseModel):
     partials: list[ThresholdPartial] = Field(max_length=2)
     gateway_app_id: str = ""
     os_image_hash: str = ""
+
+
+class ReshareOpenRequest(BaseModel):
+    """Admin: open a reshare round on this (old) node (teecloud.kms.threshold.ResharePlan)."""
+
+    session: str = Field(min_length=32, max_length=32, description="16 random bytes naming the round (hex)")
+    epoch: int = Field(ge=0, lt=1 << 32)
+    old_commitments: list[str] = Field(min_length=1, max_length=64)
+    dealers: list[int] = Field(min_length=1, max_length=64)
+    t_new: int = Field(ge=1, le=64)
+    n_new: int = Field(ge=1, le=64)
+
+
+class ReshareOpenResponse(BaseModel):
+    dealer: int
+    commitments: list[str]
+
+
+class ReshareDealRequest(BaseModel):
+    """A joining KMS node (boot-time RA-TLS evidence of an allowed KMS build) asks for its sub-share."""
+
+    session: str = Field(min_length=32, max_length=32)
+    index: int = Field(ge=1, le=64, description="the new share index this node will hold")
+
+
+class ReshareDealResponse(BaseModel):
+    session: str
+    dealer: int
+    commitments: list[str] = Field(max_length=64)
+    subshare: str = Field(max_length=64)

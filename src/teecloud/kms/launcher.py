@@ -29,7 +29,7 @@ from teecloud.kms.errors import BootstrapError
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import CollateralSource, KmsConfig, KmsService, OsImageReference
-from teecloud.kms.threshold import ThresholdEvaluator, load_share
+from teecloud.kms.threshold import ReshareDealer, ThresholdEvaluator, load_share
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -115,6 +115,7 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
     state, created = start_kms_state(spec.tee, identity, now=int(time.time()), home=spec.home)
     holder: RootKeyHolder = LocalRootKeys(state)  # the only place the sealed root becomes a holder
     evaluator = None
+    reshare = None
     if spec.threshold:
         share = load_share(spec.tee, identity, spec.home)
         if share is None:
@@ -123,6 +124,7 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
                 "(`teecloud kms threshold-init` in development)"
             )
         evaluator = ThresholdEvaluator(share, gateway_app_id=spec.gateway_app_id)
+        reshare = ReshareDealer(share)
     # (3)
     published = publish_error = ""
     if spec.on_keys is not None and evaluator is None:
@@ -151,6 +153,7 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         os_image_reference=spec.os_image_reference,
         root_keys=holder,
         threshold=evaluator,
+        reshare=reshare,
     )
     # (5)
     server = KmsServer(

@@ -44,10 +44,10 @@ from teecloud.kms.authz import (
 )
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.challenge import BootChallenges
-from teecloud.kms.errors import AccessDenied, KmsUsageError
+from teecloud.kms.errors import AccessDenied, KmsUsageError, SealingError
 from teecloud.kms.issuer import KeyIssuer
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
-from teecloud.kms.threshold import ThresholdEvaluator
+from teecloud.kms.threshold import ReshareDealer, ResharePlan, ThresholdEvaluator
 from teecloud.peer import (
     AttestedPeer,
     CollateralSource,
@@ -140,6 +140,7 @@ class KmsService:
         root_keys: RootKeyHolder | None = None,
         challenges: BootChallenges | None = None,
         threshold: ThresholdEvaluator | None = None,
+        reshare: ReshareDealer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
@@ -147,7 +148,8 @@ class KmsService:
         whole key from `state`, `LocalRootKeys`). `challenges` issues and redeems boot challenges (default:
         a fresh secret of this process, with the config's window and use count). `threshold` makes this a
         threshold node (teecloud.kms.threshold): it serves ThresholdEvaluate and refuses the whole-key
-        endpoints (GetAppKey, SignCert, GetKmsKey, env keys): its own root is only its server identity."""
+        endpoints (GetAppKey, SignCert, GetKmsKey, env keys): its own root is only its server identity.
+        `reshare` (with `threshold`) lets it deal its share to a new committee (ReshareDeal)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -203,6 +205,7 @@ class KmsService:
             clock=clock,
         )
         self.threshold = threshold
+        self.reshare = reshare
         self.clock = clock
 
     @property
@@ -326,6 +329,47 @@ class KmsService:
             return self.threshold.evaluate(app)
 
         return self._audited(api.PATH_THRESHOLD_EVALUATE, cert_der, peer_addr, decide)
+
+    def reshare_open(self, req: api.ReshareOpenRequest) -> api.ReshareOpenResponse:
+        """Admin: open a reshare round on this old node; returns its dealing's commitments."""
+        if self.reshare is None or self.threshold is None:
+            raise KmsUsageError("this KMS holds no threshold share to reshare")
+        try:
+            plan = ResharePlan(
+                session=bytes.fromhex(req.session),
+                epoch=req.epoch,
+                old_commitments=tuple(bytes.fromhex(c) for c in req.old_commitments),
+                dealers=tuple(req.dealers),
+                t_new=req.t_new,
+                n_new=req.n_new,
+            )
+            commitments = self.reshare.open(plan)
+        except (ValueError, SealingError) as exc:
+            raise KmsUsageError(f"reshare plan refused: {exc}") from exc
+        log.info("reshare round %s opened (%d-of-%d)", req.session[:8], req.t_new, req.n_new)
+        return api.ReshareOpenResponse(
+            dealer=self.threshold.index, commitments=[c.hex() for c in commitments]
+        )
+
+    def reshare_deal(
+        self, cert_der: bytes | None, req: api.ReshareDealRequest, *, peer_addr: str = ""
+    ) -> api.ReshareDealResponse:
+        """A joining KMS node's sub-share of this node's share, for an open round: only to boot-time
+        evidence of a KMS build KmsAuth allows (the same rule as GetKmsKey), once per new index."""
+
+        def decide(ctx: dict[str, Any]) -> api.ReshareDealResponse:
+            if self.reshare is None:
+                raise AccessDenied("this KMS is not a threshold node", step="mode")
+            kms = self.authz.authorize_kms(cert_der, ctx=ctx)
+            try:
+                session = bytes.fromhex(req.session)
+            except ValueError as exc:
+                raise AccessDenied("the reshare session is not hex", step="request") from exc
+            answer = self.reshare.deal_for(kms, session, req.index)
+            ctx["reason"] = f"reshare sub-share for new share {req.index} (round {req.session[:8]})"
+            return answer
+
+        return self._audited(api.PATH_RESHARE_DEAL, cert_der, peer_addr, decide)
 
     def _whole_root_only(self) -> None:
         if self.threshold is not None:

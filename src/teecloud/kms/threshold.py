@@ -8,6 +8,7 @@ evidence, boot time, OS image and VM shape, chain, this node's boot challenge).
     ThresholdEvaluator      partial evaluations for an AuthorizedApp (teecloud.keys.threshold)
     local_joint_feldman     the Joint-Feldman DKG run with its messages passed in one process (dev / tests:
                             the process running it sees every share — see docs/kms.md, "ceremony")
+    ResharePlan, ReshareDealer   an old node's side of a reshare round (teecloud.keys.threshold.reshare_*)
     dev_ceremony            that DKG, each share sealed into its node's data directory
                             (`<home>/kms-nodes/<i>/kms/`), the group record in `<home>/kms-nodes/group.json`
 
@@ -17,22 +18,27 @@ The client side (fan-out, proof checks, combination) is teecloud.kms.threshold_c
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from teecloud._fs import atomic_write, atomic_write_json, data_home
 from teecloud.keys import threshold as th
 from teecloud.kms import api
-from teecloud.kms.authz import AuthorizedApp
+from teecloud.kms.authz import AuthorizedApp, AuthorizedKms
 from teecloud.kms.bootstrap import KmsIdentity, kms_dir
-from teecloud.kms.errors import SealingError
+from teecloud.kms.errors import AccessDenied, SealingError
 from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
     "GROUP_FILE",
+    "RESHARE_WINDOW_S",
     "SHARE_FILE",
+    "ReshareDealer",
+    "ResharePlan",
     "ThresholdEvaluator",
     "ThresholdShare",
     "dev_ceremony",
@@ -262,3 +268,94 @@ def dev_ceremony(
         mode=0o644,
     )
     return rec, True
+
+
+# ------------------------------------------------------------------------------------------ resharing
+
+RESHARE_WINDOW_S = 600
+
+
+@dataclass(frozen=True)
+class ResharePlan:
+    """One reshare round (the same key to a new committee): the old group's commitments, the t_old old
+    nodes that deal (fixed for the round, so every new node sums the same dealings), the new t and n.
+    `session` (16 random bytes) names the round; a node's dealing exists only in its memory for that round."""
+
+    session: bytes
+    epoch: int
+    old_commitments: tuple[bytes, ...]
+    dealers: tuple[int, ...]
+    t_new: int
+    n_new: int
+
+    def __post_init__(self) -> None:
+        t_old = len(self.old_commitments)
+        if len(self.session) != 16:
+            raise SealingError("reshare plan: the session is 16 bytes")
+        if len(set(self.dealers)) != t_old or any(not 1 <= d <= th.MAX_NODES for d in self.dealers):
+            raise SealingError(f"reshare plan: exactly t_old = {t_old} distinct old dealers")
+        if not 1 <= self.t_new <= self.n_new <= th.MAX_NODES:
+            raise SealingError("reshare plan: need 1 <= t_new <= n_new <= 64")
+
+
+@dataclass
+class _Round:
+    plan: ResharePlan
+    dealing: th.Dealing
+    opened_at: float
+    served: set[int]
+
+
+class ReshareDealer:
+    """An old node's side of a reshare: `open` makes this node's dealing for a plan (in memory only: a node
+    that restarts mid-round has no dealing, and the round fails cleanly — no new share can be completed
+    from a mix); `deal_for` hands new node `index` its sub-share, once, to an AuthorizedKms only (boot-time
+    evidence of a KMS build KmsAuth allows), within RESHARE_WINDOW_S of opening."""
+
+    def __init__(self, share: ThresholdShare, *, clock: Callable[[], float] = time.time) -> None:
+        self._share = share
+        self._clock = clock
+        self._rounds: dict[bytes, _Round] = {}
+        self._lock = threading.Lock()
+
+    def open(self, plan: ResharePlan) -> tuple[bytes, ...]:
+        s = self._share
+        if plan.old_commitments != s.commitments or plan.epoch != s.epoch:
+            raise SealingError("reshare plan: not this node's group (commitments or epoch differ)")
+        if s.index not in plan.dealers:
+            raise SealingError(f"reshare plan: node {s.index} is not one of its dealers")
+        with self._lock:
+            now = self._clock()
+            for k in [k for k, r in self._rounds.items() if now - r.opened_at > RESHARE_WINDOW_S]:
+                del self._rounds[k]
+            existing = self._rounds.get(plan.session)
+            if existing is not None:
+                if existing.plan != plan:
+                    raise SealingError("reshare: this session is already open with another plan")
+                return existing.dealing.commitments
+            dealing = th.reshare_deal(s.index, s.share, plan.t_new, plan.n_new)
+            self._rounds[plan.session] = _Round(plan, dealing, now, set())
+            return dealing.commitments
+
+    def deal_for(self, kms: AuthorizedKms, session: bytes, index: int) -> api.ReshareDealResponse:
+        if not isinstance(kms, AuthorizedKms):
+            raise TypeError("sub-shares only for an AuthorizedKms")
+        with self._lock:
+            r = self._rounds.get(session)
+            if r is None or self._clock() - r.opened_at > RESHARE_WINDOW_S:
+                raise AccessDenied(
+                    "no open reshare round with this session here (never opened, expired, or this node "
+                    "restarted since: open a new round)",
+                    step="reshare",
+                )
+            if not 1 <= index <= r.plan.n_new:
+                raise AccessDenied(f"share index {index} is not in 1..{r.plan.n_new}", step="reshare")
+            if index in r.served:
+                raise AccessDenied(f"share {index} of this round was already handed out", step="reshare")
+            r.served.add(index)
+            return api.ReshareDealResponse(
+                session=session.hex(),
+                dealer=self._share.index,
+                commitments=[c.hex() for c in r.dealing.commitments],
+                subshare=r.dealing.shares[index].to_bytes(32, "little").hex(),
+            )

@@ -36,9 +36,10 @@ from teecloud.keys.ratls import QuoteSource
 from teecloud.kms import api
 from teecloud.kms.challenge import MAX_TOKENS
 from teecloud.kms.client import KmsClient, vm_config_json
-from teecloud.kms.errors import KmsClientError
+from teecloud.kms.errors import KmsClientError, SealingError
+from teecloud.kms.threshold import ResharePlan, ThresholdShare
 
-__all__ = ["ThresholdGroup", "ThresholdKeyProvider"]
+__all__ = ["ThresholdGroup", "ThresholdKeyProvider", "join_reshare"]
 
 log = logging.getLogger("teecloud.kms.threshold")
 
@@ -276,3 +277,63 @@ def _fault_text(faults: Mapping[int, str]) -> str:
     if not faults:
         return ""
     return "; failed nodes: " + "; ".join(f"node {i}: {why}" for i, why in sorted(faults.items()))
+
+
+def join_reshare(
+    plan: ResharePlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    *,
+    app_id: bytes,
+) -> ThresholdShare:
+    """A joining KMS node's side of a reshare round, run at its boot (before `boot-mr-done`'s successors:
+    the dealers release sub-shares to boot-time evidence only). From each of the plan's dealers: its
+    commitments and this node's sub-share, checked (C_0 is the dealer's old public share, the sub-share
+    matches the commitments); then s'_index = Σ λ_i·f_i(index). Any failing dealer fails the round (named):
+    every new node must sum the same dealings, so a partial round is never completed."""
+    if set(dealers) != set(plan.dealers):
+        raise KmsClientError("join_reshare: one client per dealer of the plan")
+    body = api.ReshareDealRequest(session=plan.session.hex(), index=index).model_dump()
+
+    def ask(i: int) -> api.ReshareDealResponse:
+        return dealers[i].attested_call(
+            tee, api.PATH_RESHARE_DEAL, api.ReshareDealResponse, body=body, usage="kms:reshare", app_id=app_id
+        )
+
+    with ThreadPoolExecutor(max_workers=len(plan.dealers)) as pool:
+        futures = {i: pool.submit(ask, i) for i in plan.dealers}
+    dealings, received, faults = [], {}, {}
+    for i, fut in sorted(futures.items()):
+        try:
+            resp = fut.result()
+            if resp.dealer != i or resp.session != plan.session.hex():
+                raise KmsClientError(f"answered as dealer {resp.dealer} of another round")
+            commitments = tuple(bytes.fromhex(c) for c in resp.commitments)
+            subshare = int.from_bytes(bytes.fromhex(resp.subshare), "little")
+            if len(commitments) != plan.t_new:
+                raise KmsClientError(f"sent {len(commitments)} commitments, not t_new = {plan.t_new}")
+        except (Error, ValueError) as exc:
+            faults[i] = _describe(exc)
+            continue
+        dealings.append(th.Dealing(i, commitments, {index: subshare}))
+        received[i] = subshare
+    if faults:
+        raise KmsClientError("the reshare round failed; no share was made" + _fault_text(faults))
+    try:
+        share, complaints = th.reshare_receive(plan.old_commitments, dealings, index, received)
+        if complaints:
+            raise KmsClientError(
+                "the reshare round failed; no share was made"
+                + _fault_text(
+                    {
+                        i: "its dealing does not match its old public share or its commitments"
+                        for i in complaints
+                    }
+                )
+            )
+        return ThresholdShare(
+            plan.epoch, index, plan.t_new, plan.n_new, share, th.reshare_commitments(dealings)
+        )
+    except (KeysError, SealingError) as exc:
+        raise KmsClientError(f"the reshare round failed: {exc}") from exc
