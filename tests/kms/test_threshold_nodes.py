@@ -31,6 +31,7 @@ from teecloud.kms.threshold import (
     ReshareDealer,
     ThresholdEvaluator,
     ThresholdShare,
+    erase_share,
     load_share,
     local_joint_feldman,
     save_share,
@@ -71,10 +72,12 @@ class Cluster:
         return ThresholdKeyProvider(self.group, clients, hedge_s=hedge_s)
 
 
-def start_node(home: Path, chain: ChainClient, share: ThresholdShare) -> Node:
-    node_home = home / f"kms-node-{share.index}"
+def start_node(
+    home: Path, chain: ChainClient, share: ThresholdShare, *, build: str | None = None, name: str = "kms-node"
+) -> Node:
+    node_home = home / f"{name}-{share.index}"
     tee = SimulatedTdx(home)
-    identity = boot_kms_tee(tee)
+    identity = boot_kms_tee(tee, build=build)
     state, _ = start_kms_state(tee, identity, now=int(time.time()), home=node_home)
     save_share(share, tee, identity, node_home)
     sealed = load_share(tee, identity, node_home)  # what the node serves is what it unsealed
@@ -94,6 +97,7 @@ def start_node(home: Path, chain: ChainClient, share: ThresholdShare) -> Node:
         challenges=BootChallenges(),  # each node its own challenge secret
         threshold=ThresholdEvaluator(sealed),
         reshare=ReshareDealer(sealed),
+        erase_share=lambda: erase_share(node_home),
     )
     server = KmsServer(service).start()
     return Node(share.index, Kms(service, tee, home), server, service.keys.ca_public_key_der)

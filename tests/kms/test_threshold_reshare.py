@@ -18,7 +18,7 @@ from teecloud.keys import threshold as th
 from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee
 from teecloud.kms.client import connect_kms
 from teecloud.kms.errors import KmsClientError
-from teecloud.kms.threshold import ReshareDealer, ResharePlan, ThresholdShare
+from teecloud.kms.threshold import SHARE_FILE, ReshareDealer, ResharePlan, ThresholdShare
 from teecloud.kms.threshold_client import join_reshare
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms import test_threshold_nodes
@@ -151,3 +151,62 @@ def test_a_reshare_plan_for_another_group_is_refused(teecloud_home: Path, cluste
     assert r.status_code == 400 and "not this node's group" in r.json()["reason"]
     r = httpx.post(server.admin_url + "/reshare/open", json={})
     assert r.status_code == 401
+
+
+def test_kms_code_upgrade_is_a_reshare(teecloud_home: Path, world: World, cluster: Cluster) -> None:
+    """Build v2 of the KMS, once allowed on chain, joins by resharing at its boot, seals its share to its own
+    measurement and serves; the app's keys do not change and no node ever held the whole root."""
+    provider = cluster.provider()
+    app_id, before = boot_hello(teecloud_home, world, provider)
+    v2 = "teecloud-kms v2 (upgrade test)"
+    plan = ResharePlan(os.urandom(16), 1, cluster.group.commitments, DEALERS, 3, 5)
+    _open(cluster, plan)
+    with pytest.raises(KmsClientError):  # not allowed on chain yet: no dealer gives it anything
+        _join(teecloud_home, cluster, plan, 1, build=v2)
+    tee = SimulatedTdx(teecloud_home)
+    ident = boot_kms_tee(tee, build=v2)
+    for mr in (ident.mr_aggregated, ident.boot_mr_aggregated):
+        with contextlib.suppress(ContractReverted):
+            world.chain.add_kms_mr(mr)
+    with contextlib.suppress(ContractReverted):
+        world.chain.add_kms_device(tee.device_id)
+    plan = ResharePlan(os.urandom(16), 1, cluster.group.commitments, DEALERS, 3, 5)
+    _open(cluster, plan)
+    new_shares = [_join(teecloud_home, cluster, plan, j, build=v2) for j in range(1, 6)]
+    assert all(s.group_public_key == cluster.group.group_public_key for s in new_shares)
+    new_nodes = {
+        s.index: test_threshold_nodes.start_node(teecloud_home, world.chain, s, build=v2, name="kms-v2")
+        for s in new_shares
+    }
+    try:
+        assert all(n.kms.service.identity.mr_aggregated == ident.mr_aggregated for n in new_nodes.values())
+        for i, n in cluster.nodes.items():  # the old committee retires its shares, then the old build stops
+            r = httpx.post(
+                n.server.admin_url + "/threshold/retire",
+                headers={"authorization": f"Bearer {n.server.admin_token}"},
+            )
+            assert r.status_code == 200 and r.json()["sealed_copy_erased"], r.text
+            assert not (teecloud_home / f"kms-node-{i}" / "kms" / SHARE_FILE).exists()
+            assert n.kms.service.threshold is None
+        assert cluster.provider().boot_nonce()  # challenges are still issued ...
+        with pytest.raises(KmsClientError, match="valid partial"):  # ... but no old node evaluates any more
+            boot_hello(teecloud_home, world, cluster.provider(), app_id=app_id)
+        for n in cluster.nodes.values():
+            n.server.stop()
+        v2_cluster = Cluster(
+            new_nodes,
+            test_threshold_nodes.ThresholdGroup(
+                1, 3, new_shares[0].commitments, {i: n.server.url for i, n in new_nodes.items()}
+            ),
+            cluster.dev_tee,
+            new_shares,
+        )
+        _, after = boot_hello(teecloud_home, world, v2_cluster.provider(), app_id=app_id)
+        assert (after.keys.disk_crypt_key, after.keys.env_crypt_key, after.keys.k256_key) == (
+            before.keys.disk_crypt_key,
+            before.keys.env_crypt_key,
+            before.keys.k256_key,
+        )
+    finally:
+        for n in new_nodes.values():
+            n.server.stop()

@@ -47,6 +47,7 @@ __all__ = [
     "ReshareDealResponse",
     "ReshareOpenRequest",
     "ReshareOpenResponse",
+    "RetireShareResponse",
     "SignCertRequest",
     "SignCertResponse",
     "StatusResponse",
@@ -253,3 +254,9 @@ class ReshareDealResponse(BaseModel):
     dealer: int
     commitments: list[str] = Field(max_length=64)
     subshare: str = Field(max_length=64)
+
+
+class RetireShareResponse(BaseModel):
+    index: int
+    epoch: int
+    sealed_copy_erased: bool

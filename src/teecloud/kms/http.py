@@ -181,6 +181,10 @@ def make_admin_app(service: KmsService, *, token: str, public_url: str = "", cha
     def reshare_open(body: api.ReshareOpenRequest) -> api.ReshareOpenResponse:
         return service.reshare_open(body)
 
+    @app.post("/threshold/retire", response_model=api.RetireShareResponse)
+    def retire_share() -> api.RetireShareResponse:
+        return service.retire_share()
+
     @app.get("/audit", response_model=api.AuditResponse)
     def audit(limit: int = 100) -> api.AuditResponse:
         return api.AuditResponse(records=service.audit.read(limit=max(0, min(limit, 100_000))))

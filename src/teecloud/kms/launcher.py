@@ -29,7 +29,7 @@ from teecloud.kms.errors import BootstrapError
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import CollateralSource, KmsConfig, KmsService, OsImageReference
-from teecloud.kms.threshold import ReshareDealer, ThresholdEvaluator, load_share
+from teecloud.kms.threshold import ReshareDealer, ThresholdEvaluator, erase_share, load_share
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -154,6 +154,7 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         root_keys=holder,
         threshold=evaluator,
         reshare=reshare,
+        erase_share=(lambda: erase_share(spec.home)) if spec.threshold else None,
     )
     # (5)
     server = KmsServer(

@@ -141,6 +141,7 @@ class KmsService:
         challenges: BootChallenges | None = None,
         threshold: ThresholdEvaluator | None = None,
         reshare: ReshareDealer | None = None,
+        erase_share: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
@@ -149,7 +150,8 @@ class KmsService:
         a fresh secret of this process, with the config's window and use count). `threshold` makes this a
         threshold node (teecloud.kms.threshold): it serves ThresholdEvaluate and refuses the whole-key
         endpoints (GetAppKey, SignCert, GetKmsKey, env keys): its own root is only its server identity.
-        `reshare` (with `threshold`) lets it deal its share to a new committee (ReshareDeal)."""
+        `reshare` (with `threshold`) lets it deal its share to a new committee (ReshareDeal); `erase_share`
+        removes its sealed share when it is retired (retire_share)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -206,6 +208,7 @@ class KmsService:
         )
         self.threshold = threshold
         self.reshare = reshare
+        self._erase_share = erase_share
         self.clock = clock
 
     @property
@@ -370,6 +373,18 @@ class KmsService:
             return answer
 
         return self._audited(api.PATH_RESHARE_DEAL, cert_der, peer_addr, decide)
+
+    def retire_share(self) -> api.RetireShareResponse:
+        """Admin: after a reshare moved the key to a new committee, forget this node's share: the sealed copy
+        is erased and this process stops evaluating and dealing (it then refuses ThresholdEvaluate)."""
+        if self.threshold is None:
+            raise KmsUsageError("this KMS holds no threshold share")
+        index, epoch = self.threshold.index, self.threshold.epoch
+        self.threshold = None
+        self.reshare = None
+        erased = self._erase_share() if self._erase_share is not None else False
+        log.warning("threshold share %d of epoch %d retired (sealed copy erased: %s)", index, epoch, erased)
+        return api.RetireShareResponse(index=index, epoch=epoch, sealed_copy_erased=erased)
 
     def _whole_root_only(self) -> None:
         if self.threshold is not None:

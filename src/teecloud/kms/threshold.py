@@ -42,6 +42,7 @@ __all__ = [
     "ThresholdEvaluator",
     "ThresholdShare",
     "dev_ceremony",
+    "erase_share",
     "load_share",
     "local_joint_feldman",
     "node_home",
@@ -120,6 +121,16 @@ def save_share(
     path = kms_dir(home) / SHARE_FILE
     atomic_write(path, seal(key, identity.mr_aggregated, share.to_json_bytes()))
     return path
+
+
+def erase_share(home: Path | None = None) -> bool:
+    """Remove this node's sealed share (after a reshare moved the key to a new committee). The blob is
+    sealed to this build's measurement; erasing it and the process's copy (KmsService.retire_share) leaves
+    the node nothing to combine. Returns whether there was one."""
+    path = kms_dir(home) / SHARE_FILE
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed
 
 
 def load_share(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None) -> ThresholdShare | None:
