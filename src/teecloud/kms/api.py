@@ -37,6 +37,7 @@ __all__ = [
     "AuditResponse",
     "BootChallengeResponse",
     "Denied",
+    "DkgOpenRequest",
     "EnvEncryptPubKeyRequest",
     "EnvEncryptPubKeyResponse",
     "GetAppKeyRequest",
@@ -260,3 +261,14 @@ class RetireShareResponse(BaseModel):
     index: int
     epoch: int
     sealed_copy_erased: bool
+
+
+class DkgOpenRequest(BaseModel):
+    """Admin: open a Joint-Feldman DKG round on this share-less node, as dealer `dealer`."""
+
+    session: str = Field(min_length=32, max_length=32)
+    epoch: int = Field(ge=0, lt=1 << 32)
+    dealer: int = Field(ge=1, le=64)
+    dealers: list[int] = Field(min_length=1, max_length=64)
+    t: int = Field(ge=1, le=64)
+    n: int = Field(ge=1, le=64)

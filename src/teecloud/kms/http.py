@@ -181,6 +181,10 @@ def make_admin_app(service: KmsService, *, token: str, public_url: str = "", cha
     def reshare_open(body: api.ReshareOpenRequest) -> api.ReshareOpenResponse:
         return service.reshare_open(body)
 
+    @app.post("/dkg/open", response_model=api.ReshareOpenResponse)
+    def dkg_open(body: api.DkgOpenRequest) -> api.ReshareOpenResponse:
+        return service.dkg_open(body)
+
     @app.post("/threshold/retire", response_model=api.RetireShareResponse)
     def retire_share() -> api.RetireShareResponse:
         return service.retire_share()

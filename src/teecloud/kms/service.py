@@ -47,7 +47,7 @@ from teecloud.kms.challenge import BootChallenges
 from teecloud.kms.errors import AccessDenied, KmsUsageError, SealingError
 from teecloud.kms.issuer import KeyIssuer
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
-from teecloud.kms.threshold import ReshareDealer, ResharePlan, ThresholdEvaluator
+from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, ThresholdEvaluator
 from teecloud.peer import (
     AttestedPeer,
     CollateralSource,
@@ -354,6 +354,24 @@ class KmsService:
             dealer=self.threshold.index, commitments=[c.hex() for c in commitments]
         )
 
+    def dkg_open(self, req: api.DkgOpenRequest) -> api.ReshareOpenResponse:
+        """Admin: open a DKG round on this (share-less) node as dealer `req.dealer`."""
+        if self.reshare is None:
+            raise KmsUsageError("this KMS is not a threshold node")
+        try:
+            plan = DkgPlan(
+                session=bytes.fromhex(req.session),
+                epoch=req.epoch,
+                dealers=tuple(req.dealers),
+                t_new=req.t,
+                n_new=req.n,
+            )
+            commitments = self.reshare.open_dkg(plan, req.dealer)
+        except (ValueError, SealingError) as exc:
+            raise KmsUsageError(f"DKG plan refused: {exc}") from exc
+        log.info("DKG round %s opened as dealer %d (%d-of-%d)", req.session[:8], req.dealer, req.t, req.n)
+        return api.ReshareOpenResponse(dealer=req.dealer, commitments=[c.hex() for c in commitments])
+
     def reshare_deal(
         self, cert_der: bytes | None, req: api.ReshareDealRequest, *, peer_addr: str = ""
     ) -> api.ReshareDealResponse:
@@ -387,7 +405,7 @@ class KmsService:
         return api.RetireShareResponse(index=index, epoch=epoch, sealed_copy_erased=erased)
 
     def _whole_root_only(self) -> None:
-        if self.threshold is not None:
+        if self.threshold is not None or self.reshare is not None:
             raise AccessDenied(
                 "this is a threshold KMS node: keys come from t nodes' partial evaluations "
                 "(ThresholdEvaluate), never from one node",

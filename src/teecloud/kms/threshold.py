@@ -37,6 +37,7 @@ __all__ = [
     "GROUP_FILE",
     "RESHARE_WINDOW_S",
     "SHARE_FILE",
+    "DkgPlan",
     "ReshareDealer",
     "ResharePlan",
     "ThresholdEvaluator",
@@ -309,44 +310,81 @@ class ResharePlan:
             raise SealingError("reshare plan: need 1 <= t_new <= n_new <= 64")
 
 
+@dataclass(frozen=True)
+class DkgPlan:
+    """One dealerless key generation round (Joint-Feldman): `dealers` (all n node indices) each deal a fresh
+    random secret; new node j's share is the sum of the sub-shares it receives; the group key is the sum of
+    the dealers' C_0. No process ever holds the group secret."""
+
+    session: bytes
+    epoch: int
+    dealers: tuple[int, ...]
+    t_new: int
+    n_new: int
+
+    def __post_init__(self) -> None:
+        if len(self.session) != 16:
+            raise SealingError("DKG plan: the session is 16 bytes")
+        if not 1 <= self.t_new <= self.n_new <= th.MAX_NODES:
+            raise SealingError("DKG plan: need 1 <= t <= n <= 64")
+        if len(set(self.dealers)) != len(self.dealers) or not self.t_new <= len(self.dealers) <= th.MAX_NODES:
+            raise SealingError("DKG plan: at least t distinct dealers")
+
+
 @dataclass
 class _Round:
-    plan: ResharePlan
+    plan: ResharePlan | DkgPlan
+    dealer: int
     dealing: th.Dealing
     opened_at: float
     served: set[int]
 
 
 class ReshareDealer:
-    """An old node's side of a reshare: `open` makes this node's dealing for a plan (in memory only: a node
-    that restarts mid-round has no dealing, and the round fails cleanly — no new share can be completed
-    from a mix); `deal_for` hands new node `index` its sub-share, once, to an AuthorizedKms only (boot-time
-    evidence of a KMS build KmsAuth allows), within RESHARE_WINDOW_S of opening."""
+    """A node's side of a reshare or DKG round: `open` (a reshare of this node's share) or `open_dkg` (a
+    fresh random secret, for a node that holds no share yet) makes this node's dealing for a plan, in memory
+    only: a node that restarts mid-round has no dealing, and the round fails cleanly — no new share can be
+    completed from a mix. `deal_for` hands new node `index` its sub-share, once, to an AuthorizedKms only
+    (boot-time evidence of a KMS build KmsAuth allows), within RESHARE_WINDOW_S of opening."""
 
-    def __init__(self, share: ThresholdShare, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, share: ThresholdShare | None, *, clock: Callable[[], float] = time.time) -> None:
         self._share = share
         self._clock = clock
         self._rounds: dict[bytes, _Round] = {}
         self._lock = threading.Lock()
 
-    def open(self, plan: ResharePlan) -> tuple[bytes, ...]:
-        s = self._share
-        if plan.old_commitments != s.commitments or plan.epoch != s.epoch:
-            raise SealingError("reshare plan: not this node's group (commitments or epoch differ)")
-        if s.index not in plan.dealers:
-            raise SealingError(f"reshare plan: node {s.index} is not one of its dealers")
+    def _store(
+        self, plan: ResharePlan | DkgPlan, dealer: int, make: Callable[[], th.Dealing]
+    ) -> tuple[bytes, ...]:
         with self._lock:
             now = self._clock()
             for k in [k for k, r in self._rounds.items() if now - r.opened_at > RESHARE_WINDOW_S]:
                 del self._rounds[k]
             existing = self._rounds.get(plan.session)
             if existing is not None:
-                if existing.plan != plan:
-                    raise SealingError("reshare: this session is already open with another plan")
+                if existing.plan != plan or existing.dealer != dealer:
+                    raise SealingError("this session is already open with another plan")
                 return existing.dealing.commitments
-            dealing = th.reshare_deal(s.index, s.share, plan.t_new, plan.n_new)
-            self._rounds[plan.session] = _Round(plan, dealing, now, set())
+            dealing = make()
+            self._rounds[plan.session] = _Round(plan, dealer, dealing, now, set())
             return dealing.commitments
+
+    def open(self, plan: ResharePlan) -> tuple[bytes, ...]:
+        s = self._share
+        if s is None:
+            raise SealingError("reshare plan: this node holds no share")
+        if plan.old_commitments != s.commitments or plan.epoch != s.epoch:
+            raise SealingError("reshare plan: not this node's group (commitments or epoch differ)")
+        if s.index not in plan.dealers:
+            raise SealingError(f"reshare plan: node {s.index} is not one of its dealers")
+        return self._store(plan, s.index, lambda: th.reshare_deal(s.index, s.share, plan.t_new, plan.n_new))
+
+    def open_dkg(self, plan: DkgPlan, dealer: int) -> tuple[bytes, ...]:
+        if self._share is not None:
+            raise SealingError("DKG: this node already holds a share (a new key is a new node set or epoch)")
+        if dealer not in plan.dealers:
+            raise SealingError(f"DKG plan: {dealer} is not one of its dealers")
+        return self._store(plan, dealer, lambda: th.deal(None, plan.t_new, plan.n_new, dealer=dealer))
 
     def deal_for(self, kms: AuthorizedKms, session: bytes, index: int) -> api.ReshareDealResponse:
         if not isinstance(kms, AuthorizedKms):
@@ -366,7 +404,7 @@ class ReshareDealer:
             r.served.add(index)
             return api.ReshareDealResponse(
                 session=session.hex(),
-                dealer=self._share.index,
+                dealer=r.dealer,
                 commitments=[c.hex() for c in r.dealing.commitments],
                 subshare=r.dealing.shares[index].to_bytes(32, "little").hex(),
             )

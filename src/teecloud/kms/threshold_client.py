@@ -37,9 +37,9 @@ from teecloud.kms import api
 from teecloud.kms.challenge import MAX_TOKENS
 from teecloud.kms.client import KmsClient, vm_config_json
 from teecloud.kms.errors import KmsClientError, SealingError
-from teecloud.kms.threshold import ResharePlan, ThresholdShare
+from teecloud.kms.threshold import DkgPlan, ResharePlan, ThresholdShare
 
-__all__ = ["ThresholdGroup", "ThresholdKeyProvider", "join_reshare"]
+__all__ = ["ThresholdGroup", "ThresholdKeyProvider", "join_dkg", "join_reshare"]
 
 log = logging.getLogger("teecloud.kms.threshold")
 
@@ -279,6 +279,57 @@ def _fault_text(faults: Mapping[int, str]) -> str:
     return "; failed nodes: " + "; ".join(f"node {i}: {why}" for i, why in sorted(faults.items()))
 
 
+def _collect(
+    session: bytes,
+    dealer_ids: tuple[int, ...],
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    t_new: int,
+    app_id: bytes,
+) -> list[th.Dealing]:
+    """From every dealer of a round: its commitments and this node's sub-share (over mutual RA-TLS, with this
+    node's boot-time evidence). Any dealer failing fails the round (named)."""
+    if set(dealers) != set(dealer_ids):
+        raise KmsClientError("one client per dealer of the round")
+    body = api.ReshareDealRequest(session=session.hex(), index=index).model_dump()
+
+    def ask(i: int) -> api.ReshareDealResponse:
+        return dealers[i].attested_call(
+            tee, api.PATH_RESHARE_DEAL, api.ReshareDealResponse, body=body, usage="kms:reshare", app_id=app_id
+        )
+
+    with ThreadPoolExecutor(max_workers=len(dealer_ids)) as pool:
+        futures = {i: pool.submit(ask, i) for i in dealer_ids}
+    dealings: list[th.Dealing] = []
+    faults: dict[int, str] = {}
+    for i, fut in sorted(futures.items()):
+        try:
+            resp = fut.result()
+            if resp.dealer != i or resp.session != session.hex():
+                raise KmsClientError(f"answered as dealer {resp.dealer} of another round")
+            commitments = tuple(bytes.fromhex(c) for c in resp.commitments)
+            subshare = int.from_bytes(bytes.fromhex(resp.subshare), "little")
+            if len(commitments) != t_new:
+                raise KmsClientError(f"sent {len(commitments)} commitments, not t = {t_new}")
+        except (Error, ValueError) as exc:
+            faults[i] = _describe(exc)
+            continue
+        dealings.append(th.Dealing(i, commitments, {index: subshare}))
+    if faults:
+        raise KmsClientError("the round failed; no share was made" + _fault_text(faults))
+    return dealings
+
+
+def _complaint(dealers: list[int]) -> KmsClientError:
+    return KmsClientError(
+        "the round failed; no share was made"
+        + _fault_text(
+            {i: "its dealing does not match its commitments (or its old public share)" for i in dealers}
+        )
+    )
+
+
 def join_reshare(
     plan: ResharePlan,
     index: int,
@@ -287,53 +338,39 @@ def join_reshare(
     *,
     app_id: bytes,
 ) -> ThresholdShare:
-    """A joining KMS node's side of a reshare round, run at its boot (before `boot-mr-done`'s successors:
-    the dealers release sub-shares to boot-time evidence only). From each of the plan's dealers: its
-    commitments and this node's sub-share, checked (C_0 is the dealer's old public share, the sub-share
+    """A joining KMS node's side of a reshare round, run at its boot (the dealers release sub-shares to
+    boot-time evidence only). Each dealing is checked (C_0 is the dealer's old public share, the sub-share
     matches the commitments); then s'_index = Σ λ_i·f_i(index). Any failing dealer fails the round (named):
     every new node must sum the same dealings, so a partial round is never completed."""
-    if set(dealers) != set(plan.dealers):
-        raise KmsClientError("join_reshare: one client per dealer of the plan")
-    body = api.ReshareDealRequest(session=plan.session.hex(), index=index).model_dump()
-
-    def ask(i: int) -> api.ReshareDealResponse:
-        return dealers[i].attested_call(
-            tee, api.PATH_RESHARE_DEAL, api.ReshareDealResponse, body=body, usage="kms:reshare", app_id=app_id
-        )
-
-    with ThreadPoolExecutor(max_workers=len(plan.dealers)) as pool:
-        futures = {i: pool.submit(ask, i) for i in plan.dealers}
-    dealings, received, faults = [], {}, {}
-    for i, fut in sorted(futures.items()):
-        try:
-            resp = fut.result()
-            if resp.dealer != i or resp.session != plan.session.hex():
-                raise KmsClientError(f"answered as dealer {resp.dealer} of another round")
-            commitments = tuple(bytes.fromhex(c) for c in resp.commitments)
-            subshare = int.from_bytes(bytes.fromhex(resp.subshare), "little")
-            if len(commitments) != plan.t_new:
-                raise KmsClientError(f"sent {len(commitments)} commitments, not t_new = {plan.t_new}")
-        except (Error, ValueError) as exc:
-            faults[i] = _describe(exc)
-            continue
-        dealings.append(th.Dealing(i, commitments, {index: subshare}))
-        received[i] = subshare
-    if faults:
-        raise KmsClientError("the reshare round failed; no share was made" + _fault_text(faults))
+    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id)
+    received = {d.dealer: d.shares[index] for d in dealings}
     try:
         share, complaints = th.reshare_receive(plan.old_commitments, dealings, index, received)
         if complaints:
-            raise KmsClientError(
-                "the reshare round failed; no share was made"
-                + _fault_text(
-                    {
-                        i: "its dealing does not match its old public share or its commitments"
-                        for i in complaints
-                    }
-                )
-            )
+            raise _complaint(complaints)
         return ThresholdShare(
             plan.epoch, index, plan.t_new, plan.n_new, share, th.reshare_commitments(dealings)
         )
     except (KeysError, SealingError) as exc:
         raise KmsClientError(f"the reshare round failed: {exc}") from exc
+
+
+def join_dkg(
+    plan: DkgPlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    *,
+    app_id: bytes,
+) -> ThresholdShare:
+    """A new KMS node's side of a Joint-Feldman DKG round, at its boot: every dealer's sub-share is checked
+    against that dealer's commitments (a failing dealer is a complaint, and — without GJKR's answer round —
+    fails the round); the share is the sum, the group commitments the sums of the dealers'."""
+    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id)
+    try:
+        total, complaints = th.joint_feldman(dealings, index, {d.dealer: d.shares[index] for d in dealings})
+        if complaints:
+            raise _complaint(complaints)
+        return ThresholdShare(plan.epoch, index, plan.t_new, plan.n_new, total, th.sum_commitments(dealings))
+    except (KeysError, SealingError) as exc:
+        raise KmsClientError(f"the DKG round failed: {exc}") from exc
