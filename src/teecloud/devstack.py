@@ -8,8 +8,8 @@ Start-up procedure (`LocalCloud.start`), every step idempotent so a restart lose
       teecloud's contracts once
   (3) KMS: boot its simulated TEE (measured), unseal its root keys (generated on first start), publish on
       chain what it takes to trust it (OS image, KMS measurement and device, root public keys), listen;
-      with kms_nodes > 1: the development key ceremony once, then one `teecloud kms up --threshold-node I`
-      process per node (own data directory and sealed share), and a ThresholdKeyProvider for the node
+      with kms_nodes > 1: one `teecloud kms up --threshold-node I` process per node (own data directory and
+      sealed share; on the first start a dealerless DKG between processes), and a ThresholdKeyProvider
   (4) node: a KMS client that verifies the KMS's RA-TLS certificate (dev root, chain's isKmsAllowed),
       registration in NodeRegistry (once), the node API, then every CVM that should run boots again
   (5) endpoints.json records where everything listens (the CLI reads it)
@@ -231,55 +231,37 @@ class LocalCloud:
         atomic_write_json(marker, {"published": [key]})
 
     def _start_threshold_kms(self, chain: Any, rpc_url: str, tee: Any) -> tuple[str, str, Any]:
-        """`teecloud up --kms-nodes N --threshold T`: the development key ceremony (once; shares sealed per
-        node directory), then N `teecloud kms up --threshold-node I` processes on this chain, and the
-        node's ThresholdKeyProvider over them. Returns (node 1's URL, its admin URL, the provider)."""
-        import subprocess
-        import sys
-
-        import teecloud
+        """`teecloud up --kms-nodes N --threshold T`: N `teecloud kms up --threshold-node I` processes on this
+        chain, each with its own data directory and sealed share, and the worker node's ThresholdKeyProvider
+        over them. The first start runs a dealerless DKG between processes (`_networked_dkg`): no process
+        ever holds the group secret. Returns (node 1's URL, its admin URL, the provider)."""
         from teecloud.kms.bootstrap import boot_kms_tee
         from teecloud.kms.client import connect_kms
         from teecloud.kms.errors import KmsError
-        from teecloud.kms.threshold import dev_ceremony, node_home
+        from teecloud.kms.threshold import node_home, read_group
         from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
 
-        identity = boot_kms_tee(tee)
-        self._publish_kms(chain, tee, identity, None)
+        self._publish_kms(chain, tee, boot_kms_tee(tee), None)
+        # Create the simulated platform's dev PKI here, once, before N children start: N processes creating
+        # it at the same moment have been seen to load each other's half-made state.
+        tee.dev_root_der()
         try:
-            group, _ = dev_ceremony(tee, identity, self.kms_threshold, self.kms_nodes, home=self.home)
-        except KmsError as exc:
-            raise NodeError(f"threshold KMS key ceremony: {exc}") from exc
-        code = "import sys; from teecloud.cli import main; sys.argv[0] = 'teecloud'; main()"
-        common = ["--dev", "--rpc-url", rpc_url, "--port", "0", "--admin-port", "0"]
-        # The children run this very teecloud (its source tree first on their path), under this home.
-        src = str(Path(teecloud.__file__).resolve().parents[1])
-        path = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH", "")])])
-        env = {**os.environ, "TEECLOUD_HOME": str(self.home), "PYTHONPATH": path}
-        procs: dict[int, subprocess.Popen[bytes]] = self.kms_processes
-        for i in range(1, self.kms_nodes + 1):
-            kms_home = node_home(i, self.home) / "kms"
-            (kms_home / "endpoint.json").unlink(missing_ok=True)
-            with (kms_home / "node.log").open("ab") as logf:
-                procs[i] = subprocess.Popen(
-                    [sys.executable, "-c", code, "kms", "up", "--threshold-node", str(i), *common],
-                    env=env,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
+            group = read_group(self.home)
+            if group is not None and (group.t, group.n) != (self.kms_threshold, self.kms_nodes):
+                raise NodeError(
+                    f"this data directory holds a {group.t}-of-{group.n} KMS group; changing t or n is a "
+                    "reshare (not automated)"
                 )
-            self._stack.callback(_stop_process, procs[i])
-        endpoints: dict[int, dict[str, Any]] = {}
-        deadline = time.monotonic() + 90
-        while len(endpoints) < len(procs):
-            for i, p in procs.items():
-                ep_file = node_home(i, self.home) / "kms" / "endpoint.json"
-                if i not in endpoints and ep_file.exists():
-                    endpoints[i] = json.loads(ep_file.read_text())
-                elif p.poll() is not None:
-                    raise NodeError(f"KMS node {i} exited; see {ep_file.parent / 'node.log'}")
-            if time.monotonic() > deadline:
-                raise NodeError("the threshold KMS nodes did not start within 90 s")
-            time.sleep(0.1)
+            if group is None:
+                endpoints = self._networked_dkg(rpc_url)
+                group = read_group(self.home)
+                assert group is not None
+            else:
+                for i in range(1, self.kms_nodes + 1):
+                    self.kms_processes[i] = self._spawn_kms(node_home(i, self.home), rpc_url, i)
+                endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
+        except KmsError as exc:
+            raise NodeError(f"threshold KMS: {exc}") from exc
         urls = {i: str(e["url"]) for i, e in endpoints.items()}
         clients = {
             i: connect_kms(
@@ -294,6 +276,114 @@ class LocalCloud:
             ThresholdGroup(group.epoch, group.t, group.commitments, urls), clients
         )
         return urls[1], str(endpoints[1]["admin_url"]), provider
+
+    def _networked_dkg(self, rpc_url: str) -> dict[int, dict[str, Any]]:
+        """Joint-Feldman among processes: N share-less dealer processes each open a round (admin API), then
+        the N node processes boot, fetch their sub-shares from every dealer over mutual RA-TLS with boot-time
+        evidence, seal their shares and serve; the dealers then stop. The group record (public
+        commitments) is written last."""
+        import secrets
+
+        import httpx
+
+        from teecloud.keys import threshold as th
+        from teecloud.kms.launcher import load_admin_token
+        from teecloud.kms.threshold import GroupRecord, dealer_home, node_home, nodes_dir, write_group
+
+        t, n = self.kms_threshold, self.kms_nodes
+        dealers = {
+            i: self._spawn_kms(dealer_home(i, self.home), rpc_url, i, "--dealer") for i in range(1, n + 1)
+        }
+        try:
+            dealer_eps = self._wait_endpoints(dealers, lambda i: dealer_home(i, self.home))
+            session = secrets.token_bytes(16)
+            dealings = []
+            for i, ep in dealer_eps.items():
+                token = load_admin_token(dealer_home(i, self.home))
+                r = httpx.post(
+                    f"{ep['admin_url']}/dkg/open",
+                    headers={"authorization": f"Bearer {token}"},
+                    json={
+                        "session": session.hex(),
+                        "epoch": 1,
+                        "dealer": i,
+                        "dealers": list(dealers),
+                        "t": t,
+                        "n": n,
+                    },
+                    timeout=30,
+                )
+                if r.status_code != 200:
+                    raise NodeError(f"KMS dealer {i} refused the DKG round: {r.text[:300]}")
+                commitments = tuple(bytes.fromhex(c) for c in r.json()["commitments"])
+                dealings.append(th.Dealing(i, commitments, {}))
+            plan = nodes_dir(self.home) / "dkg-plan.json"
+            atomic_write_json(
+                plan,
+                {
+                    "session": session.hex(),
+                    "epoch": 1,
+                    "t": t,
+                    "n": n,
+                    "dealers": {
+                        str(i): {"url": ep["url"], "server_ca_pubkey": ep["server_ca_pubkey"]}
+                        for i, ep in dealer_eps.items()
+                    },
+                },
+                mode=0o644,
+            )
+            for i in range(1, n + 1):
+                self.kms_processes[i] = self._spawn_kms(
+                    node_home(i, self.home), rpc_url, i, "--join-dkg", str(plan)
+                )
+            endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
+        finally:
+            for p in dealers.values():
+                _stop_process(p)
+        write_group(GroupRecord(1, t, n, th.sum_commitments(dealings)), self.home)
+        return endpoints
+
+    def _spawn_kms(self, data_dir: Path, rpc_url: str, index: int, *extra: str) -> Any:
+        """One `teecloud kms up --threshold-node I` child: this very teecloud (its source tree first on the
+        child's path) under this home; stopped (by its handle) when the cloud stops."""
+        import subprocess
+        import sys
+
+        import teecloud
+
+        src = str(Path(teecloud.__file__).resolve().parents[1])
+        path = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH", "")])])
+        env = {**os.environ, "TEECLOUD_HOME": str(self.home), "PYTHONPATH": path}
+        code = "import sys; from teecloud.cli import main; sys.argv[0] = 'teecloud'; main()"
+        args = ["kms", "up", "--dev", "--threshold-node", str(index), *extra]
+        args += ["--rpc-url", rpc_url, "--port", "0", "--admin-port", "0"]
+        kms_home = data_dir / "kms"
+        kms_home.mkdir(parents=True, exist_ok=True)
+        (kms_home / "endpoint.json").unlink(missing_ok=True)
+        with (kms_home / "node.log").open("ab") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code, *args], env=env, stdout=logf, stderr=subprocess.STDOUT
+            )
+        self._stack.callback(_stop_process, proc)
+        return proc
+
+    @staticmethod
+    def _wait_endpoints(
+        procs: dict[int, Any], data_dir: Any, timeout_s: float = 120
+    ) -> dict[int, dict[str, Any]]:
+        endpoints: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(endpoints) < len(procs):
+            for i, p in procs.items():
+                ep_file = data_dir(i) / "kms" / "endpoint.json"
+                if i not in endpoints and ep_file.exists():
+                    endpoints[i] = json.loads(ep_file.read_text())
+                elif i not in endpoints and p.poll() is not None:
+                    raise NodeError(f"KMS process {i} exited; see {ep_file.parent / 'node.log'}")
+            if time.monotonic() > deadline:
+                raise NodeError(f"the threshold KMS processes did not start within {timeout_s:g} s")
+            time.sleep(0.1)
+        return endpoints
 
     def stop(self) -> None:
         try:

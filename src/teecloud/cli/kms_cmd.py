@@ -108,6 +108,16 @@ def up(
             help="Serve share INDEX of the threshold group (data in data_home()/kms-nodes/INDEX).",
         ),
     ] = 0,
+    dealer: Annotated[
+        bool,
+        typer.Option(
+            "--dealer", help="With --threshold-node: a share-less DKG dealer (kms-nodes/dealer-INDEX)."
+        ),
+    ] = False,
+    join_dkg: Annotated[
+        Path | None,
+        typer.Option("--join-dkg", help="With --threshold-node: join this DKG round (plan JSON) at boot."),
+    ] = None,
 ) -> None:
     """Start the KMS: boot its TEE, unseal (or create) its root keys, serve RA-TLS and the admin API."""
     from teecloud.kms.bootstrap import publish_kms_info
@@ -117,14 +127,19 @@ def up(
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)
     node_dir: Path | None = None
+    join: Any = None
+    if (dealer or join_dkg is not None) and not threshold_node:
+        _fail("--dealer and --join-dkg need --threshold-node INDEX")
     if threshold_node:
         from teecloud.kms.errors import SealingError
-        from teecloud.kms.threshold import node_home
+        from teecloud.kms.threshold import dealer_home, node_home
 
         try:
-            node_dir = node_home(threshold_node)
+            node_dir = dealer_home(threshold_node) if dealer else node_home(threshold_node)
         except SealingError as exc:
             _fail(str(exc))
+        if join_dkg is not None:
+            join = _dkg_joiner(join_dkg, threshold_node, tee, dev, pccs_url, chain)
 
     def publish(keys: Any, _identity: Any, created: bool) -> str:
         if not created:
@@ -151,7 +166,9 @@ def up(
                 gateway_app_id=gateway_app_id,
                 on_keys=publish,
                 home=node_dir,
-                threshold=bool(threshold_node),
+                threshold=bool(threshold_node) and not dealer,
+                threshold_dealer=dealer,
+                join=join,
             )
         )
     except KmsError as exc:
@@ -195,6 +212,45 @@ def up(
     finally:
         server.stop()
         endpoint.unlink(missing_ok=True)
+
+
+def _dkg_joiner(plan_file: Path, index: int, tee: Any, dev: bool, pccs_url: str | None, chain: Any) -> Any:
+    """The join step of `kms up --join-dkg`: the plan names the round and its dealers (URL and server CA
+    key each); each dealer is checked as a KMS (RA-TLS + KmsAuth.isKmsAllowed) before anything is sent."""
+    from teecloud.kms.bootstrap import KMS_APP_ID
+    from teecloud.kms.client import connect_kms
+    from teecloud.kms.errors import SealingError
+    from teecloud.kms.threshold import DkgPlan
+    from teecloud.kms.threshold_client import join_dkg
+
+    try:
+        doc = json.loads(plan_file.read_text())
+        dealers = {int(i): d for i, d in doc["dealers"].items()}
+        plan = DkgPlan(
+            bytes.fromhex(doc["session"]),
+            int(doc["epoch"]),
+            tuple(sorted(dealers)),
+            int(doc["t"]),
+            int(doc["n"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SealingError) as exc:
+        _fail(f"DKG plan {plan_file}: {exc}")
+    collateral = _collateral(tee, dev, pccs_url)
+
+    def join(tee_: Any, _identity: Any) -> Any:
+        clients = {
+            i: connect_kms(
+                str(d["url"]),
+                collateral_for=lambda q, now: collateral.collateral_for(q, now=now),
+                dev_root_der=tee_.dev_root_der() if dev else None,
+                chain=chain,
+                expected_ca_pubkey_der=bytes.fromhex(str(d["server_ca_pubkey"])),
+            )
+            for i, d in dealers.items()
+        }
+        return join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID)
+
+    return join
 
 
 @app.command("threshold-init")

@@ -24,12 +24,19 @@ from pathlib import Path
 from teecloud._fs import atomic_write
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.authz import AuthChain
-from teecloud.kms.bootstrap import KmsIdentity, boot_kms_tee, kms_dir, start_kms_state
+from teecloud.kms.bootstrap import KmsIdentity, boot_kms_tee, finish_kms_boot, kms_dir, start_kms_state
 from teecloud.kms.errors import BootstrapError
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import CollateralSource, KmsConfig, KmsService, OsImageReference
-from teecloud.kms.threshold import ReshareDealer, ThresholdEvaluator, erase_share, load_share
+from teecloud.kms.threshold import (
+    ReshareDealer,
+    ThresholdEvaluator,
+    ThresholdShare,
+    erase_share,
+    load_share,
+    save_share,
+)
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -83,6 +90,11 @@ class KmsLaunch:
     # Threshold node: serve the sealed share in `<home>/kms/threshold-share.sealed` (teecloud.kms.threshold);
     # its own root keys are then only its server identity (no publishing, no whole-key endpoints).
     threshold: bool = False
+    # A share-less threshold node that deals in DKG rounds (admin /dkg/open) and serves nothing else.
+    threshold_dealer: bool = False
+    # Join a DKG or reshare round at boot: called with (tee, identity) before the boot finishes (the dealers
+    # release sub-shares to boot-time evidence only); its share is sealed, then the node serves it.
+    join: Callable[[TeePlatform, KmsIdentity], ThresholdShare] | None = None
     # Called with (holder, identity, created) once the root keys are loaded; returns what was published.
     on_keys: Callable[[RootKeyHolder, KmsIdentity, bool], str] | None = None
 
@@ -111,12 +123,15 @@ class RunningKms:
 
 def launch_kms(spec: KmsLaunch) -> RunningKms:
     # (1)-(2)
-    identity = boot_kms_tee(spec.tee)
+    identity = boot_kms_tee(spec.tee, finish=spec.join is None)
+    if spec.join is not None:
+        save_share(spec.join(spec.tee, identity), spec.tee, identity, spec.home)
+        finish_kms_boot(spec.tee)
     state, created = start_kms_state(spec.tee, identity, now=int(time.time()), home=spec.home)
     holder: RootKeyHolder = LocalRootKeys(state)  # the only place the sealed root becomes a holder
     evaluator = None
-    reshare = None
-    if spec.threshold:
+    reshare = ReshareDealer(None) if spec.threshold_dealer else None
+    if spec.threshold or spec.join is not None:
         share = load_share(spec.tee, identity, spec.home)
         if share is None:
             raise BootstrapError(
@@ -127,7 +142,7 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         reshare = ReshareDealer(share)
     # (3)
     published = publish_error = ""
-    if spec.on_keys is not None and evaluator is None:
+    if spec.on_keys is not None and evaluator is None and reshare is None:
         try:
             published = spec.on_keys(holder, identity, created)
         except Exception as exc:  # publishing is governance's business; serving does not depend on it
@@ -154,7 +169,7 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         root_keys=holder,
         threshold=evaluator,
         reshare=reshare,
-        erase_share=(lambda: erase_share(spec.home)) if spec.threshold else None,
+        erase_share=(lambda: erase_share(spec.home)) if evaluator is not None else None,
     )
     # (5)
     server = KmsServer(

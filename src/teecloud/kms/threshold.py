@@ -38,10 +38,12 @@ __all__ = [
     "RESHARE_WINDOW_S",
     "SHARE_FILE",
     "DkgPlan",
+    "GroupRecord",
     "ReshareDealer",
     "ResharePlan",
     "ThresholdEvaluator",
     "ThresholdShare",
+    "dealer_home",
     "dev_ceremony",
     "erase_share",
     "load_share",
@@ -50,6 +52,7 @@ __all__ = [
     "nodes_dir",
     "read_group",
     "save_share",
+    "write_group",
 ]
 
 SHARE_FILE = "threshold-share.sealed"
@@ -250,6 +253,28 @@ def read_group(home: Path | None = None) -> GroupRecord | None:
     return rec
 
 
+def write_group(rec: GroupRecord, home: Path | None = None) -> None:
+    """The group record (public): what clients of this installation trust (teecloud up reads it)."""
+    atomic_write_json(
+        nodes_dir(home) / GROUP_FILE,
+        {
+            "format": _GROUP_FORMAT,
+            "epoch": rec.epoch,
+            "t": rec.t,
+            "n": rec.n,
+            "commitments": [c.hex() for c in rec.commitments],
+        },
+        mode=0o644,
+    )
+
+
+def dealer_home(index: int, home: Path | None = None) -> Path:
+    """A share-less DKG dealer's own data directory (its identity, audit log, admin token)."""
+    if not 1 <= index <= th.MAX_NODES:
+        raise SealingError(f"dealer index must be 1..{th.MAX_NODES}")
+    return nodes_dir(home) / f"dealer-{index}"
+
+
 def dev_ceremony(
     tee: TeePlatform, identity: KmsIdentity, t: int, n: int, *, epoch: int = 1, home: Path | None = None
 ) -> tuple[GroupRecord, bool]:
@@ -268,17 +293,7 @@ def dev_ceremony(
     for s in shares:
         save_share(s, tee, identity, node_home(s.index, home))
     rec = GroupRecord(epoch, t, n, group_commitments(shares))
-    atomic_write_json(
-        nodes_dir(home) / GROUP_FILE,
-        {
-            "format": _GROUP_FORMAT,
-            "epoch": epoch,
-            "t": t,
-            "n": n,
-            "commitments": [c.hex() for c in rec.commitments],
-        },
-        mode=0o644,
-    )
+    write_group(rec, home)
     return rec, True
 
 
