@@ -135,8 +135,11 @@ def up(
         int, typer.Option("--kms-nodes", help="Threshold KMS: this many KMS node processes (1: one KMS).")
     ] = 1,
     kms_threshold: Annotated[
-        int, typer.Option("--threshold", help="Threshold KMS: how many nodes answer each key release.")
-    ] = 1,
+        int,
+        typer.Option(
+            "--threshold", help="Threshold KMS: how many nodes answer each key release (default: a majority)."
+        ),
+    ] = 0,
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""
@@ -148,6 +151,7 @@ def up(
             f"a local cloud is already running for this data directory (pid {running.pid}, "
             f"node {running.node})"
         )
+    kms_threshold = kms_threshold or kms_nodes // 2 + 1
     with _errors():
         cloud = LocalCloud(
             chain_port=chain_port,
