@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from teecloud.agent.boot import AgentState, boot
+from teecloud.agent.keyprovider import KeyProvider
 from teecloud.agent.service import AgentService
 from teecloud.appcompose import compose_hash
 from teecloud.chain import ChainClient
@@ -138,6 +139,7 @@ def test_threshold_boot_survives_two_dead_nodes_and_a_liar_and_t_minus_1_gets_no
 ) -> None:
     # All five up: a real guest boot gets its keys from 3 partials, checked and combined inside the CVM.
     provider = cluster.provider()
+    assert isinstance(provider, KeyProvider)  # the agent's seam (teecloud.agent.keyprovider)
     app_id, first = boot_hello(teecloud_home, world, provider)
     assert provider.faults == {}
     keys = first.keys
