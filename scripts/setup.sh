@@ -14,6 +14,8 @@ command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 # --- gateway: HAProxy is the gateway's data plane (teecloud.gateway.driver starts it; tests too)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 # --- end gateway
+# --- threshold KMS (issue 19): libsodium's ristretto255, used through pysodium (pinned in pyproject.toml)
+ldconfig -p | grep -q 'libsodium\.so\.23' || need_apt+=(libsodium23)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq

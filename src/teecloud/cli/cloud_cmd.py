@@ -131,6 +131,15 @@ def up(
             "can then skip a timelock's delay).",
         ),
     ] = False,
+    kms_nodes: Annotated[
+        int, typer.Option("--kms-nodes", help="Threshold KMS: this many KMS node processes (1: one KMS).")
+    ] = 1,
+    kms_threshold: Annotated[
+        int,
+        typer.Option(
+            "--threshold", help="Threshold KMS: how many nodes answer each key release (default: a majority)."
+        ),
+    ] = 0,
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""
@@ -142,16 +151,24 @@ def up(
             f"a local cloud is already running for this data directory (pid {running.pid}, "
             f"node {running.node})"
         )
-    cloud = LocalCloud(
-        chain_port=chain_port, kms_port=kms_port, node_port=node_port, dev_time_travel=dev_time_travel
-    )
+    kms_threshold = kms_threshold or kms_nodes // 2 + 1
     with _errors():
+        cloud = LocalCloud(
+            chain_port=chain_port,
+            kms_port=kms_port,
+            node_port=node_port,
+            dev_time_travel=dev_time_travel,
+            kms_nodes=kms_nodes,
+            kms_threshold=kms_threshold,
+        )
         ep = cloud.start()
     resumed = len(cloud.node.store.all()) if cloud.node else 0
     table = Table(title="teecloud local cloud", show_header=False)
     table.add_row("chain (JSON-RPC)", ep.chain_rpc)
     table.add_row("KmsAuth", str(ep.contracts.get("KmsAuth", "")))
-    table.add_row("KMS (RA-TLS)", ep.kms)
+    table.add_row(
+        "KMS (RA-TLS)", ep.kms if kms_nodes == 1 else f"{ep.kms} (node 1 of {kms_nodes}, t={kms_threshold})"
+    )
     table.add_row("KMS admin", ep.kms_admin)
     table.add_row("node API", ep.node)
     table.add_row("node token", ep.node_token_file)

@@ -174,14 +174,14 @@ class Session:
         return self._platform
 
     def kms_client(self) -> Any:
-        from teecloud.kms.client import KmsClient, ratls_server_check
+        from teecloud.kms.client import connect_kms
 
         p = self.platform
-        return KmsClient(
+        return connect_kms(
             self.endpoints.kms,
-            server_check=ratls_server_check(
-                collateral_for=lambda _q, _n: p.collateral(), dev_root_der=p.dev_root_der(), chain=self.chain
-            ),
+            collateral_for=lambda _q, _n: p.collateral(),
+            dev_root_der=p.dev_root_der(),
+            chain=self.chain,
         )
 
     def close(self) -> None:
