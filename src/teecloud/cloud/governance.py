@@ -276,3 +276,161 @@ class GovernanceSpec:
             owner = chain.deploy_timelock(owner, self.delay)
             done.append(f"timelock {owner}: delay {self.delay} s ({fmt_countdown(self.delay)})")
         return owner, done
+
+
+@dataclass
+class TransferOutcome:
+    """Where a move of an app under a new owner stands."""
+
+    new_owner: str
+    done: list[str] = field(default_factory=list)
+    accepted: bool = False
+    pending: PendingChange | None = None  # the new owner's acceptance, on its way
+
+
+def _accept_pending(chain: Any, app_id: str, new_owner: str) -> list[PendingChange]:
+    now = chain.timestamp()
+    app = chain.app(app_id)
+    data = _accept_calldata()
+    found: list[PendingChange] = []
+    kind = chain.governance_kind(new_owner)
+    if kind == "timelock":
+        tl = chain.timelock(new_owner)
+        for e in chain.events("Timelock", new_owner, names=["CallQueued"]):
+            a = e["args"]
+            cid = bytes(a["call_id"])
+            if a["target"] != app.address or bytes(a["data"]) != data:
+                continue
+            if chain.call("Timelock", new_owner, "eta", cid) == 0:
+                continue
+            found.append(
+                PendingChange(
+                    "timelock",
+                    tl.address,
+                    "0x" + cid.hex(),
+                    "accept_ownership",
+                    (),
+                    eta=int(a["eta"]),
+                    now=now,
+                )
+            )
+    elif kind == "multisig":
+        ms = chain.multisig(new_owner)
+        for p in ms.proposals():
+            if p.target == app.address and p.data == data and not p.executed and not p.cancelled:
+                found.append(
+                    PendingChange(
+                        "multisig",
+                        ms.address,
+                        str(p.proposal_id),
+                        "accept_ownership",
+                        (),
+                        approvals=p.approvals,
+                        threshold=p.threshold,
+                        now=now,
+                    )
+                )
+    return found
+
+
+def _accept_calldata() -> bytes:
+    from teecloud.chain.connection import abi_of
+
+    return bytes(abi_of("AppAuth").encode_call("accept_ownership"))
+
+
+def transfer_ownership(
+    chain: Any, app_id: str, *, spec: GovernanceSpec | None = None, to: str | None = None, commit: bool = True
+) -> TransferOutcome:
+    """Move an app this signer owns under a new owner (AppAuth's two steps: transfer_ownership, then the new
+    owner calls accept_ownership). Steps:
+      (1) the new owner: `to`, or a multisig/timelock deployed from `spec`; re-running finds the transfer
+          already started (AppAuth.pending_owner) instead of deploying again
+      (2) transfer_ownership(new owner), from this signer (the current, direct owner)
+      (3) the new owner's accept_ownership: a multisig proposal (executed at once when this signer's
+          approval reaches the threshold), or a call queued in the timelock (executable after its delay; with
+          `commit`, executed once it may run)"""
+    app = chain.app(app_id)
+    me = chain.address
+    owner = app.owner()
+    pending_owner = str(chain.call("AppAuth", app.address, "pending_owner"))
+    done: list[str] = []
+    # (1)
+    zero = "0x" + "00" * 20
+    if pending_owner.lower() != zero and spec is None and to is None:
+        new_owner = pending_owner
+    elif (
+        pending_owner.lower() != zero and (to is None or to.lower() == pending_owner.lower()) and spec is None
+    ):
+        new_owner = pending_owner
+    else:
+        if chain.governance_kind(owner) != "account" or owner != me:
+            raise DeployError(
+                f"app {app.address} is owned by {owner} ({chain.governance_kind(owner)}), not by this signer "
+                f"({me}): only its owner can move it (under a multisig or timelock, propose "
+                "`transfer_ownership` through it)"
+            )
+        if to is not None:
+            from teecloud.ids import parse_app_id
+
+            new_owner = "0x" + parse_app_id(to, name="--to").hex()
+        elif spec is not None:
+            new_owner, made = spec.create(chain)
+            done += made
+        else:
+            raise DeployError(
+                "give the new owner: --to ADDRESS, --multisig OWNERS --threshold K, or --timelock"
+            )
+        # (2)
+        app.conn.transact("AppAuth", app.address, "transfer_ownership", new_owner)
+        done.append(f"transfer_ownership({new_owner}) sent: the new owner must accept")
+    out = TransferOutcome(new_owner=str(new_owner), done=done)
+    if app.owner().lower() == str(new_owner).lower():
+        out.accepted = True
+        return out
+    # (3)
+    kind = chain.governance_kind(new_owner)
+    data = _accept_calldata()
+    pending = _accept_pending(chain, app_id, new_owner)
+    if not pending:
+        if kind == "timelock":
+            tl = chain.timelock(new_owner)
+            admin = tl.admin()
+            if chain.governance_kind(admin) == "multisig":
+                pid = chain.multisig(admin).propose(new_owner, tl.queue_calldata(app.address, data))
+                done.append(
+                    f"proposed in multisig {admin} (id {pid}): queue accept_ownership in the timelock"
+                )
+            elif admin == me:
+                cid = tl.queue(app.address, data)
+                done.append(f"queued accept_ownership in timelock {new_owner} (call id {cid})")
+            else:
+                raise DeployError(
+                    f"timelock {new_owner} is administered by {admin}: it must queue accept_ownership"
+                )
+        elif kind == "multisig":
+            ms = chain.multisig(new_owner)
+            if me not in ms.owners():
+                raise DeployError(
+                    f"this signer is not an owner of multisig {new_owner}: one of its owners proposes "
+                    "accept_ownership"
+                )
+            pid = ms.propose(app.address, data)
+            done.append(f"proposed accept_ownership in multisig {new_owner} (id {pid})")
+        else:
+            raise DeployError(
+                f"the new owner {new_owner} is an account: it accepts with AppAuth.accept_ownership() itself"
+            )
+        pending = _accept_pending(chain, app_id, new_owner)
+    if commit:
+        for p in pending:
+            if p.executable:
+                gov = chain.timelock(p.governance) if p.kind == "timelock" else chain.multisig(p.governance)
+                gov.execute(p.ident if p.kind == "timelock" else int(p.ident))
+                done.append(f"executed the acceptance ({p.kind} {p.ident})")
+                break
+    out.accepted = app.owner().lower() == str(new_owner).lower()
+    if not out.accepted:
+        pending = _accept_pending(chain, app_id, new_owner)
+        out.pending = pending[0] if pending else None
+    return out
