@@ -295,9 +295,16 @@ def audit(
     from teecloud.kms.audit import AuditLog
 
     log = AuditLog(path or _kms_dir() / "audit.jsonl")
-    records = (
-        [r for r in log.read() if not denied or r.decision == "denied"][-max(limit, 0) :] if limit else []
-    )
+    try:
+        if log.path.is_dir():
+            raise IsADirectoryError(21, "is a directory, not an audit file")
+        read = list(log.read()) if limit else []
+    except OSError as exc:
+        err.print(
+            f"[red]error:[/] cannot read the audit log {log.path}: {exc.strerror or exc}", highlight=False
+        )
+        raise typer.Exit(1) from None
+    records = [r for r in read if not denied or r.decision == "denied"][-max(limit, 0) :] if limit else []
     if as_json:
         for r in records:
             typer.echo(json.dumps(r.model_dump(), sort_keys=True))
