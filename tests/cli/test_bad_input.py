@@ -20,21 +20,8 @@ from typer.testing import CliRunner
 from teecloud.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
-HOSTILE = [
-    "",
-    "my app",
-    "ÄPP",
-    "../etc",
-    "x" * 300,
-    "-1",
-    "0x",
-    "0x" + "zz" * 20,
-    "nosuchapp",
-    "/nonexistent/dir/file",
-    "\u202e\u0000",
-    "9" * 90,
-]
-OPTION_VALUES = ["", "../etc", "x" * 300, "-1", "0x" + "zz" * 20]
+HOSTILE = ["", "my app", "ÄPP", "../etc", "x" * 300, "-1", "0x" + "zz" * 20, "\u202e\u0000", "9" * 90]
+OPTION_VALUES = ["", "x" * 300, "-1"]
 SERVES = {
     ("up",),
     ("chain", "up"),
