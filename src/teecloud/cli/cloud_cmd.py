@@ -593,13 +593,17 @@ def attest(
 
     with _errors():
         session = _session()
+        session.node.get(app)  # an unknown name is "no CVM ...", not an empty verdict
         verdict = verify_app(session.node, app, platform=session.platform, chain=session.chain)
     if as_json:
-        out.print_json(json.dumps(verdict.to_json()))
+        sys.stdout.write(json.dumps(verdict.to_json(), indent=2) + "\n")
     else:
-        out.print(
-            f"app_id 0x{verdict.app_id}  compose_hash {verdict.compose_hash}  instance {verdict.instance_id}"
-        )
+        if verdict.app_id:  # known only once the event log replayed
+            out.print(
+                f"app_id 0x{verdict.app_id}  compose_hash {verdict.compose_hash}  "
+                f"instance {verdict.instance_id}",
+                highlight=False,
+            )
         _print_verdict(verdict)
     if not verdict.ok:
         raise typer.Exit(1)

@@ -215,8 +215,18 @@ def _local_client(
         path = _kms_dir() / ENDPOINT_FILE
         try:
             url = str(json.loads(path.read_text())["url"])
-        except (OSError, ValueError, KeyError):
-            _fail("no --url given and no local KMS running (`teecloud kms up`)")
+        except (OSError, ValueError, KeyError, TypeError):
+            from teecloud.cloud.endpoints import read_endpoints
+
+            cloud = read_endpoints()  # the KMS of a running `teecloud up` for this data directory
+            if cloud is None:
+                _fail("no --url given and no local KMS running (`teecloud up` or `teecloud kms up`)")
+            url = cloud.kms
+            if not (dev or pccs_url or insecure):
+                dev = True  # `teecloud up` runs on the simulated TEE of this installation
+                err.print(
+                    f"[dim]KMS of the local cloud ({url}), verified against this installation's dev root[/]"
+                )
     if insecure:
         return KmsClient(url, server_check=UnsafeNoServerCheck())
     # The KMS must be one KmsAuth allows (isKmsAllowed on its attested boot info), not just any CVM.
