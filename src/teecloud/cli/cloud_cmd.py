@@ -31,6 +31,10 @@ cvm_app = typer.Typer(
 
 PHASE_TEXT = {
     "registering": "registering the app on chain",
+    "governance": "governance contract deployed",
+    "checking": "checking the chain",
+    "chain": "on chain:",
+    "rollback": "rolling back",
     "booting": "booting the CVM",
     "measuring": "measuring the app into RTMR3",
     "keys": "keys released by the KMS",
