@@ -194,10 +194,10 @@ def upgrade_execute(
         if isinstance(gov, Timelock):
             q = gov.queued(ident)
             if q.done or q.pending_eta == 0:
-                raise ValueError(f"timelocked call {ident} is not pending (executed or cancelled)")
+                raise ValueError(f"timelock: call not queued: {ident} is not pending (executed or cancelled)")
             if q.pending_eta > now:
                 when = PendingChange("timelock", gov.address, ident, "", (), eta=q.pending_eta, now=now)
-                raise ValueError(f"too early: timelocked call {ident} is {when.status_text()}")
+                raise ValueError(f"timelock: too early: call {ident} is {when.status_text()}")
             gov.execute(ident)
             kind = "timelock"
         else:
@@ -207,10 +207,11 @@ def upgrade_execute(
                 raise ValueError(f"{ident!r} is neither a proposal id nor a 0x call id") from None
             p = gov.proposal(pid)
             if p.executed or p.cancelled:
-                raise ValueError(f"proposal {pid} is {'executed' if p.executed else 'cancelled'} already")
+                raise ValueError(f"proposal already {'executed' if p.executed else 'cancelled'}: {pid}")
             if p.approvals < p.threshold:
                 raise ValueError(
-                    f"proposal {pid} has {p.approvals} of the {p.threshold} approvals it needs: other owners "
+                    f"not enough approvals: proposal {pid} has {p.approvals} of the {p.threshold} it needs; "
+                    "other owners "
                     f"approve with `teecloud app upgrade approve {app_id} {pid}`"
                 )
             gov.execute(pid)
@@ -243,11 +244,11 @@ def resolve_app(ref: str) -> tuple[str, str]:
     from teecloud.cloud.endpoints import read_endpoints
 
     if len(ref) > 64 or not ref.strip():
-        raise ValueError(f"{ref[:64]!r} is neither an app_id (0x + 40 hex digits) nor an app name")
+        raise ValueError(f"{ref[:64]!r} is not an address (app_id: 0x + 40 hex digits) nor an app name")
     if read_endpoints() is None:
         raise ValueError(
-            f"{ref!r} is not an app_id (0x + 40 hex digits); app names are looked up on the local cloud, "
-            "which is not running (`teecloud up`)"
+            f"{ref!r} is not an address (app_id: 0x + 40 hex digits); app names are looked up on the local "
+            "cloud, which is not running (`teecloud up`)"
         )
     from teecloud.cloud.deploy import Session
 
@@ -279,7 +280,7 @@ def app_show(
         pending = pending_changes(c, app_id)
         if as_json:
             data = dataclasses.asdict(st)
-            data["pending"] = [p.to_json(label) for p in pending]
+            data["pending_changes"] = [p.to_json(label) for p in pending]  # decoded, with the ETA as a date
             print_json(data)
             return
         out.print(f"app_id: {st.app_id}  registered: {st.registered}", highlight=False)
@@ -310,9 +311,19 @@ def app_show(
             for i in st.retired_instances:
                 out.print(f"  {i}", highlight=False)
         # plain lines, not a table: ids must stay whole so they can be copied into `upgrade approve|execute`
-        out.print("pending changes:" if pending else "pending changes: none")
-        for p in pending:
-            out.print(f"  {p.describe(label)}", highlight=False)
+        out.print("pending upgrades:" if st.pending else "pending upgrades: none")
+        for p, raw in zip(pending, st.pending, strict=True):
+            args = ", ".join("0x" + a.hex() if isinstance(a, bytes) else str(a) for a in raw.args)
+            when = (
+                f"executable from unix time {raw.eta}"
+                if raw.eta is not None
+                else f"approvals {raw.approvals}/{raw.threshold}"
+            )
+            out.print(
+                f"  {p.describe(label)}  [{raw.function}({args}) on {raw.target}; {when}]",
+                highlight=False,
+                markup=False,
+            )
         t = Table(title="history")
         for col in ("block", "source", "event", "details"):
             t.add_column(col, overflow="fold")

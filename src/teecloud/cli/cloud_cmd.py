@@ -57,12 +57,14 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 @contextmanager
 def _errors() -> Iterator[None]:
     """Map every error a user can cause or fix to a message and exit code 1 (never a traceback)."""
-    from teecloud.cloud.errors import CloudError
+    from teecloud.cloud.errors import CloudError, ComposeRefused
     from teecloud.errors import Error
     from teecloud.node.errors import NodeError
 
     try:
         yield
+    except ComposeRefused as exc:  # the file given is unusable: a usage error (exit 2), as before
+        _fail(str(exc), 2)
     except (CloudError, NodeError) as exc:
         _fail(str(exc))
     except Error as exc:
@@ -481,9 +483,15 @@ def upgrade(
             replace_allowed_envs=replace_allowed_envs,
             public_logs=public_logs,
         )
+        from teecloud.cloud.errors import ComposeRefused
         from teecloud.cloud.options import read_compose_file
+        from teecloud.node.compose import load_compose
+        from teecloud.node.errors import ComposeRejected
 
-        read_compose_file(compose)  # unreadable: refused before the cloud is contacted
+        try:  # an unusable file is refused before the cloud is contacted
+            load_compose(read_compose_file(compose))
+        except ComposeRejected as exc:
+            raise ComposeRefused(f"{compose}: {exc}") from exc
         result = do_upgrade(
             _session(), app, compose, opts, commit=commit, propose=not no_propose, progress=_progress(t0)
         )
@@ -597,7 +605,6 @@ def attest(
 
     with _errors():
         session = _session()
-        session.node.get(app)  # an unknown name is "no CVM ...", not an empty verdict
         verdict = verify_app(session.node, app, platform=session.platform, chain=session.chain)
     if as_json:
         sys.stdout.write(json.dumps(verdict.to_json(), indent=2) + "\n")

@@ -229,6 +229,12 @@ def _options(
 ) -> AppOptions:
     """The options of a call, from an AppOptions or (older callers) from keyword arguments."""
     if options is not None:
+        if name is not None and name != options.name:
+            from dataclasses import replace
+
+            from teecloud.cloud.options import validate_name
+
+            return replace(options, name=validate_name(name))
         return options
     return AppOptions.build(
         name=name,

@@ -98,9 +98,9 @@ class PendingChange:
         return text + (f" ({where})" if where else "")
 
     def describe(self, app: str) -> str:
-        what = "proposal" if self.kind.startswith("multisig") else "timelocked call"
-        where = f"{what} {self.ident} in {self.kind} {self.governance}"
-        return f"{where}: {self.change_text(app)}; {self.status_text()}"
+        kind = "multisig" if self.kind.startswith("multisig") else "timelock"
+        where = f"{self.kind} {self.governance}"
+        return f"{kind} {self.ident}: {self.change_text(app)}; {self.status_text()} ({where})"
 
     def to_json(self, app: str) -> dict[str, Any]:
         return {

@@ -249,7 +249,7 @@ def read_compose_file(path: Path) -> str:
         with path.open("rb") as f:
             data = f.read(MAX_COMPOSE_BYTES + 1)
     except IsADirectoryError:
-        raise ComposeRefused(f"{path} is a directory: give the docker-compose.yml file") from None
+        raise ComposeRefused(f"cannot read {path}: it is a directory (give the docker-compose.yml)") from None
     except OSError as exc:
         raise ComposeRefused(f"cannot read {path}: {exc.strerror or exc}") from exc
     if len(data) > MAX_COMPOSE_BYTES:
