@@ -58,8 +58,11 @@ def test_env_items_and_file(tmp_path: Path) -> None:
 
 
 def test_allowed_envs_are_merged_on_deploy_and_upgrade() -> None:
-    deploy = AppOptions.build(env=["A=1", "B=2"], allowed_envs=["C"])
-    assert resolve_allowed_envs(deploy, None) == (["A", "B", "C"], [])
+    deploy = AppOptions.build(env=["A=1", "B=2"])
+    assert resolve_allowed_envs(deploy, None) == (["A", "B"], [])  # no list given: the env's names
+    explicit = AppOptions.build(env=["A=1", "B=2"], allowed_envs=["A", "C"])
+    allowed, warnings = resolve_allowed_envs(explicit, None)  # an explicit list is the list; B is dropped
+    assert allowed == ["A", "C"] and warnings == ["env var B is not in allowed_envs: the CVM will drop it"]
     # upgrade with --allowed-env X keeps the app's other names (the issue: it silently dropped them)
     up = AppOptions.build(allowed_envs=["X"])
     assert resolve_allowed_envs(up, ["A", "B"]) == (["A", "B", "X"], [])

@@ -180,7 +180,8 @@ AllowedEnvOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--allowed-env",
-        help="Env var name the CVM may receive (repeat); merged with the env given and the current list.",
+        help="Env var name the CVM may receive (repeat), added to the current list; without it, the names "
+        "of the env given are allowed.",
     ),
 ]
 ReplaceAllowedOpt = Annotated[

@@ -6,9 +6,10 @@ One set of options and behaviours for every front end (the CLI today, the REST A
                             `--replace-allowed-envs`, `--public-logs`, caps; every value checked here, so
                             a bad one is a clear InvalidOption before the chain or a node is contacted
                             (never a pydantic trace)
-    resolve_allowed_envs    the allowed env names of the new version: merged with the current version's and
-                            the names of the env given (replaced only with `replace_allowed_envs`), plus a
-                            warning for every variable the CVM will drop
+    resolve_allowed_envs    the allowed env names of the new version: the current version's merged with
+                            --allowed-env (or, when none is given, with the names of the env given);
+                            replaced only with `replace_allowed_envs`; a warning for every variable the
+                            CVM will drop
     plan_compose            docker-compose.yml + options -> the exact app-compose.json and its compose hash
                             (what `teecloud compose-hash` prints and a multisig is asked to approve), after
                             the whole file passed the compose policy (the allowlist of node/compose.py)
@@ -194,14 +195,17 @@ class AppOptions:
 
 def resolve_allowed_envs(options: AppOptions, previous: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """-> (allowed env names of the new version, warnings). `previous` is the current version's list (None
-    for a new app). Merged: previous + --allowed-env + the names of the env given; replaced only with
-    `replace_allowed_envs`. One warning per variable the CVM will no longer get."""
+    for a new app). Merged: previous + --allowed-env, or previous + the names of the env given when no
+    --allowed-env is given; replaced only with `replace_allowed_envs`. One warning per variable the CVM
+    will drop or no longer get."""
     before = list(previous or [])
     given_env = list(options.env)
     if options.replace_allowed_envs:
         allowed = list(options.allowed_envs)
-    else:
-        allowed = list(dict.fromkeys([*before, *options.allowed_envs, *given_env]))
+    elif options.allowed_envs:  # an explicit list: the env's other names stay out (and are warned about)
+        allowed = list(dict.fromkeys([*before, *options.allowed_envs]))
+    else:  # no list given: the names of the env given are allowed
+        allowed = list(dict.fromkeys([*before, *given_env]))
     warnings: list[str] = []
     for n in before:
         if n not in allowed:
