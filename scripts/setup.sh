@@ -26,3 +26,9 @@ fi
 
 echo "setup: pip install -e .[test,fuzz]"
 python3 -m pip install -q -e '.[test,fuzz]' 2>&1 | grep -v -e "Running pip as the 'root' user" -e '^$' || true
+# starlette's TestClient switches to httpx2 when it is installed (openai >= 3 pulls it in), and then no longer
+# serves as an httpx transport (the node and KMS tests use it so): keep httpx2 out of this environment.
+if python3 -c "import httpx2" 2>/dev/null; then
+  echo "setup: pip uninstall httpx2 (breaks starlette's TestClient as an httpx transport)"
+  python3 -m pip uninstall -y -q httpx2 2>&1 | grep -v "Running pip as the 'root' user" || true
+fi

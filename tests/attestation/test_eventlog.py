@@ -199,7 +199,7 @@ def test_log_limits() -> None:
 
 
 def test_digests_other_than_48_bytes_are_refused() -> None:
-    """No padding rule to guess: a digest is exactly 48 bytes, in a parsed log and in entries built in code."""
+    """No padding rule to guess: a digest is exactly 48 bytes, parsed or built in code."""
     rtmrs = [bytes(48)] * 4
     with pytest.raises(MalformedEvidence, match="exactly 48"):
         eventlog.verify_event_log([EventLogEntry(1, 1, b"\xab" * 32)], rtmrs)

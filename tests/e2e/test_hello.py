@@ -106,12 +106,13 @@ def test_quote_from_inside_the_app_replays_to_the_deployed_hash(session: Any, he
     assert ev.report_data[:32] == nonce
     assert ev.app_info is not None and ev.app_info.compose_hash.hex() == hello["compose_hash"]
     names = [name for name, _ in ev.app_info.events]
-    # dstack's boot order, KMS mode
-    assert names[:6] == [
+    # dstack's boot order, KMS mode, with teecloud's boot-nonce (the KMS's challenge for this boot)
+    assert names[:7] == [
         "system-preparing",
         "app-id",
         "compose-hash",
         "instance-id",
+        "boot-nonce",
         "boot-mr-done",
         "os-image-hash",
     ]

@@ -162,3 +162,71 @@ def test_kms_admin_token_is_written_and_works(cloud: Any) -> None:
     assert httpx.get(admin + "/status", timeout=10).status_code == 401
     ok = httpx.get(admin + "/status", headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert ok.status_code == 200, ok.text
+
+
+def _raw_cert(kms_url: str, key: ec.EllipticCurvePrivateKey, quote: bytes, log_text: str) -> bytes:
+    """A certificate for K under the temporary CA with the quote and the event log text exactly as the
+    attacker wrote it (any bytes can go into the extension)."""
+    from teecloud.keys.certs import issue_cert
+    from teecloud.keys.ratls import OID_CERT_USAGE, OID_EVENT_LOG, OID_QUOTE, _ext
+
+    temp = httpx.get(kms_url + PATH_GET_TEMP_CA_CERT, verify=False, timeout=10).json()
+    ca_cert = x509.load_pem_x509_certificate(temp["temp_ca_cert"].encode())
+    ca_key = serialization.load_pem_private_key(temp["temp_ca_key"].encode(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = int(time.time()) - 30
+    cert = issue_cert(
+        key.public_key(),
+        issuer_key=ca_key,
+        issuer_name=ca_cert.subject,
+        subject_cn="teecloud app",
+        not_before=now,
+        not_after=now + 600,
+        server_auth=False,
+        client_auth=True,
+        extra_extensions=[
+            _ext(OID_QUOTE, quote),
+            _ext(OID_EVENT_LOG, log_text.encode()),
+            _ext(OID_CERT_USAGE, b"app:kms-client"),
+        ],
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_f9_relabelled_events_get_no_keys_before_or_after_a_restart(
+    cloud: Any, session: Any, hello: Any
+) -> None:
+    """Issue 16, F9, step by step: (1) K and the app's public /quote over K's binding; (2) every RTMR3 entry
+    after boot-mr-done relabelled with another event_type, digests kept (RTMR3 still replays); (3) a
+    certificate for K under GetTempCaCert's CA, GetAppKey and SignCert: denied, nothing released, audited;
+    (4) `stop; start` of the app, and the saved quote and key replayed: denied again."""
+    import json
+
+    kms_url = cloud.endpoints.kms
+    key = ec.generate_private_key(ec.SECP256R1())
+    binding = ratls_report_data(spki_der(key.public_key()))
+    q = httpx.get(hello.urls[0] + "/quote", params={"nonce": binding.hex()}, timeout=10).json()
+    entries = json.loads(q["event_log"])
+    rtmr3 = [i for i, e in enumerate(entries) if e["imr"] == 3]
+    done = next(i for i in rtmr3 if entries[i]["event"] == "boot-mr-done")
+    relabelled = 0
+    for i in rtmr3:
+        if i > done and entries[i]["event"] != "os-image-hash":
+            entries[i]["event_type"] = 0x80000001
+            relabelled += 1
+    assert relabelled >= 3  # key-provider, storage-fs, system-ready at least
+    der = _raw_cert(kms_url, key, bytes.fromhex(q["quote"]), json.dumps(entries))
+    att = httpx.get(f"{cloud.endpoints.node}/cvms/oracle-target/attestation").json()
+    r = _mtls_post(kms_url + PATH_GET_APP_KEY, key, der, {"vm_config": att["vm_config"]})
+    body = _assert_denied_and_audited(cloud, r, der, PATH_GET_APP_KEY)
+    assert body["step"] == "event_log_verified" and "RTMR3 holds only runtime events" in body["reason"], body
+    r = _mtls_post(kms_url + PATH_SIGN_CERT, key, der, {"csr": _csr(key), "vm_config": att["vm_config"]})
+    _assert_denied_and_audited(cloud, r, der, PATH_SIGN_CERT)
+
+    # (4) the app restarts (a new boot, a new boot-nonce); the saved evidence is replayed unmodified too
+    assert session.node.action(hello.instance_id, "stop").status == "stopped"
+    session.node.wait(session.node.action(hello.instance_id, "start").instance_id)
+    for text in (json.dumps(entries), q["event_log"]):
+        der = _raw_cert(kms_url, key, bytes.fromhex(q["quote"]), text)
+        r = _mtls_post(kms_url + PATH_GET_APP_KEY, key, der, {"vm_config": att["vm_config"]})
+        _assert_denied_and_audited(cloud, r, der, PATH_GET_APP_KEY)

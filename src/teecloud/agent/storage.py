@@ -128,10 +128,22 @@ class EncryptedVolume:
         raise StorageError("fusermount3 is missing: apt-get install fuse3")
 
     def ensure_dirs(self, relative: list[str]) -> None:
+        """Create the volumes' backing directories. Each is a plain relative path of ordinary names, and no
+        component may be a symlink: the runtime (dockerd) follows these paths on the host each time it
+        mounts them, so a symlink put there by an app would mount a host path into it."""
+        root = self.mount_point
         for rel in relative:
-            path = (self.mount_point / rel).resolve()
-            if self.mount_point.resolve() not in path.parents:
-                raise StorageError(f"volume path {rel!r} escapes the volume")
+            parts = rel.split("/")  # as written: PurePosixPath would drop a "." component
+            if any(p in ("", ".", "..") or "\x00" in p for p in parts):
+                raise StorageError(f"volume path {rel!r} is not a plain relative path")
+            path = root
+            for part in parts:
+                path = path / part
+                if path.is_symlink():
+                    raise StorageError(
+                        f"volume path {rel!r}: {part!r} is a symbolic link; refusing to mount it (an app may "
+                        "not point its volumes at paths outside its encrypted disk)"
+                    )
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:

@@ -99,9 +99,10 @@ class BootMeasurement:
         return replay_runtime_events(self.events())
 
 
-def replay_runtime_events(events: Sequence[tuple[str, bytes]]) -> bytes:
-    """RTMR3 from zero after extending these runtime events (dstack's digest and extend rule)."""
-    value = bytes(_RTMR_SIZE)
+def replay_runtime_events(events: Sequence[tuple[str, bytes]], *, start: bytes = bytes(_RTMR_SIZE)) -> bytes:
+    """RTMR3 after extending these runtime events onto `start` (from zero by default; dstack's digest and
+    extend rule)."""
+    value = start
     for name, payload in events:
         value = hashlib.sha384(value + runtime_event_digest(name, payload)).digest()
     return value

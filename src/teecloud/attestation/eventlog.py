@@ -8,7 +8,8 @@ is a claim, accepted only when it is exactly understood (an allowlist, never a d
   - each entry has exactly the five fields; `imr` an integer 0..3; `event_type` an integer (u32); `digest`
     exactly 48 bytes as lowercase hex; `event_payload` lowercase hex; `event` a string;
   - an RTMR3 entry is a dstack runtime event (`event_type = 0x08000001`) whose digest is recomputed from its
-    name and payload; an RTMR3 entry of any other type is refused, whatever its digest:
+    name (which may not contain ':', so each digest has one reading) and payload; an RTMR3 entry of any
+    other type is refused, whatever its digest:
 
     digest = SHA384( le32(0x08000001) || ":" || event || ":" || payload )
     RTMR   = SHA384( RTMR || digest ), starting from 48 zero bytes
@@ -160,6 +161,10 @@ def _entry(i: int, item: Any, limits: VerifierLimits) -> EventLogEntry:
     if imr == 3:
         # RTMR3 holds only dstack runtime events, and each one's digest is a fact recomputed from its name
         # and payload: an RTMR3 entry of any other type would be a digest nobody can explain.
+        if ":" in event:
+            # The digest's preimage is type ‖ ":" ‖ name ‖ ":" ‖ payload: a name holding ':' makes one digest
+            # readable as two (name, payload) pairs. dstack's and teecloud's emitters refuse such names.
+            raise _refuse(f"{where}.event: an RTMR3 event name may not contain ':'")
         if event_type != RUNTIME_EVENT_TYPE:
             raise _refuse(
                 f"{where} is in RTMR3 with event_type 0x{event_type:08x}; RTMR3 holds only runtime events "

@@ -14,7 +14,7 @@ import typer
 from typer import _click as click  # typer 0.29 vendors click; its Context is the one commands get
 from typer.core import TyperGroup
 
-from teecloud.cli import agent_cmd, chain_cmd, cloud_cmd, kms_cmd, tee_cmd, verify_cmd
+from teecloud.cli import agent_cmd, chain_cmd, cloud_cmd, fn_cmd, kms_cmd, tee_cmd, verify_cmd
 from teecloud.errors import Error
 
 __all__ = ["ErrorsToExit", "app", "main"]
@@ -46,6 +46,7 @@ app.add_typer(agent_cmd.app, name="agent")
 chain_cmd.register(app)  # `teecloud chain ...`, `teecloud app ...`, `teecloud node ...`
 app.add_typer(kms_cmd.app, name="kms")
 cloud_cmd.register(app)  # `teecloud up`, `deploy`, `ps`, `logs`, ...
+app.add_typer(fn_cmd.app, name="fn")  # `teecloud fn ...` (docs/functions.md)
 
 
 @app.callback()

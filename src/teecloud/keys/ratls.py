@@ -201,7 +201,7 @@ def parse_ratls_cert(cert: bytes | str | x509.Certificate) -> RaTlsClaims:
         c = cert_from_pem_or_der(cert)
         extensions = c.extensions  # parsing is lazy; malformed extensions raise here
         del extensions
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension) as exc:  # two quote or log extensions: which one to read?
         raise MalformedKeyMaterial(f"certificate extensions do not parse: {exc}") from exc
     quote = _ext_content(c, OID_QUOTE)
     if quote is None:

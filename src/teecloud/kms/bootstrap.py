@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import teecloud
 from teecloud._fs import atomic_write, data_home
 from teecloud.appcompose import compose_hash
-from teecloud.attestation.eventlog import mr_aggregated, runtime_event_digest
+from teecloud.attestation.boottime import replay_runtime_events
+from teecloud.attestation.eventlog import mr_aggregated
 from teecloud.keys.appkeys import RootKeys
 from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem, make_root_ca_cert
 from teecloud.kms.errors import BootstrapError, SealingError
@@ -105,7 +106,7 @@ def boot_kms_tee(tee: TeePlatform, *, build: str | None = None, finish: bool = T
         tee.emit_event("os-image-hash", tee.os_image_hash)
     at_boot = tee.measurements()
     # over the registers as the verifier derives them from this KMS's quotes (one implementation)
-    final = dict(at_boot, rtmr3=_extend_runtime(at_boot["rtmr3"], _KMS_FINISH_EVENTS))
+    final = dict(at_boot, rtmr3=replay_runtime_events(_KMS_FINISH_EVENTS, start=at_boot["rtmr3"]))
     identity = KmsIdentity(
         compose_hash=chash, mr_aggregated=mr_aggregated(final), boot_mr_aggregated=mr_aggregated(at_boot)
     )
@@ -118,12 +119,6 @@ def finish_kms_boot(tee: TeePlatform) -> None:
     """The end of the KMS's boot: from here on its quotes are not boot-time evidence."""
     for name, payload in _KMS_FINISH_EVENTS:
         tee.emit_event(name, payload)
-
-
-def _extend_runtime(rtmr3: bytes, events: tuple[tuple[str, bytes], ...]) -> bytes:
-    for name, payload in events:
-        rtmr3 = hashlib.sha384(rtmr3 + runtime_event_digest(name, payload)).digest()
-    return rtmr3
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ AGENT_SOCKET_SOURCES = {
     "/run/tappd.sock": "tappd.sock",
 }
 LOOPBACK = "127.0.0.1"
-_SERVICE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+_SERVICE_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")  # used with fullmatch (`$` admits a trailing \n)
 
 
 class _BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
@@ -218,7 +218,16 @@ def check_app_compose(app_compose: bytes) -> tuple[dict[str, Any], dict[str, Any
 # Service keys whose values Compose may interpolate without changing what the node checks.
 _INTERPOLATION_OK = frozenset({"environment", "command", "entrypoint", "healthcheck", "labels"})
 _DEFINITIONS = (("volumes", "volume"), ("networks", "network"), ("secrets", "secret"), ("configs", "config"))
-_DEFINITION_NAME = re.compile(r"^[a-zA-Z0-9._-]+$")  # the Compose Specification's pattern
+# The Compose Specification's pattern ([a-zA-Z0-9._-]+), narrowed to names starting with a letter or digit: a
+# name is a path component on the node (volumes/<name>), and "." or ".." would name the directory holding
+# every other volume (issue 16 review, finding 1: a tenant swapped a sibling for a symlink to a host path).
+_DEFINITION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*")
+# pid/ipc/cgroup: the values that keep a namespace inside the CVM ("service:<own>" besides)
+_NAMESPACE_VALUES: dict[str, frozenset[str]] = {
+    "pid": frozenset(),
+    "ipc": frozenset({"private", "shareable", "none"}),
+    "cgroup": frozenset({"private"}),
+}
 _ON_FAILURE = re.compile(r"^on-failure:[0-9]+$")
 _MAX_SHOWN_KEY = 64  # characters of a refused key quoted back in the error
 
@@ -253,11 +262,16 @@ def check_isolation(compose: Mapping[str, Any]) -> None:
         if not isinstance(defs, dict):
             raise ComposeRejected(f"top-level `{section}` must be a mapping")
         for dname, ddef in defs.items():
-            if not isinstance(dname, str) or not _DEFINITION_NAME.match(dname):
-                raise ComposeRejected(f"invalid {level} name {dname!r}")
+            if not isinstance(dname, str) or not _DEFINITION_NAME.fullmatch(dname):
+                raise ComposeRejected(
+                    f"invalid {level} name {dname[:64]!r}: letters, digits, '.', '_' and '-', starting "
+                    "with a letter or digit"
+                    if isinstance(dname, str)
+                    else f"invalid {level} name {dname!r}"
+                )
             _check_structure(ddef, level, f"{level} {dname!r}", "")
     for name, svc in services.items():
-        if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+        if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
             raise ComposeRejected(f"invalid service name {name!r}")
         if not isinstance(svc, dict):
             raise ComposeRejected(f"service {name!r} must be a mapping")
@@ -449,14 +463,21 @@ def _check_service(name: str, svc: Mapping[str, Any], compose: Mapping[str, Any]
             f"{where}: `network_mode: {net}` would share a network namespace outside the CVM "
             "(host, the shared default bridge, another container's); use `networks:` or `service:<name>`"
         )
-    for key in ("pid", "ipc", "cgroup"):
+    for key, plain in _NAMESPACE_VALUES.items():
+        # an allowlist of exact values (the review found " host" and "Host" accepted by the old denylist)
         value = svc.get(key)
-        if value is None:
+        if value is None or (isinstance(value, str) and value in plain):
             continue
-        if not isinstance(value, str) or value == "host" or value.startswith("container:"):
-            raise ComposeRejected(f"{where}: `{key}: {value}` would share the host's namespace")
-        if value.startswith("service:") and value.removeprefix("service:") not in services:
-            raise ComposeRejected(f"{where}: `{key}: {value}` names no service of this app")
+        if isinstance(value, str) and value.startswith("service:") and value[8:] in services:
+            continue
+        raise ComposeRejected(
+            f"{where}: `{key}: {str(value)[:64]}` is not allowed (only "
+            f"{', '.join(sorted(plain)) + ' or ' if plain else ''}service:<a service of this app>)"
+        )
+    for link in _str_list(svc.get("links"), f"{where}: links"):
+        # `service` or `service:alias`, a service of this app (a container of another app is not reachable)
+        if link.split(":", 1)[0] not in services:
+            raise ComposeRejected(f"{where}: links {link[:64]!r} names no service of this app")
     _check_oom(name, svc)
     if svc.get("runtime") not in (None, "runc"):
         raise ComposeRejected(f"{where}: runtime {svc.get('runtime')!r} is not allowed")
@@ -564,6 +585,15 @@ def _check_port(service: str, port: Any) -> None:
     host_ip: str | None = None
     if isinstance(port, dict):
         host_ip = port.get("host_ip")
+        published = port.get("published")
+        if published is not None and not (
+            (isinstance(published, int) and not isinstance(published, bool))
+            or (isinstance(published, str) and re.fullmatch(r"[0-9]{1,5}(-[0-9]{1,5})?", published))
+        ):
+            raise ComposeRejected(
+                f"service {service!r}: published {str(published)[:64]!r} must be a port number or range "
+                "(the host address is the node's: 127.0.0.1)"
+            )
     elif isinstance(port, str | int) and not isinstance(port, bool):
         spec = str(port).split("/", 1)[0]
         if spec.startswith("["):
