@@ -131,7 +131,7 @@ def test_compose_typos_are_refused_before_anything(runner: CliRunner, tmp_path: 
     typo.write_text("services:\n  web:\n    image: nginx\n    enviroment:\n      A: b\n")
     for argv in (["deploy", str(typo), "--name", "a"], ["compose-hash", str(typo)]):
         r = runner.invoke(app, argv)
-        assert r.exit_code == 1 and "'enviroment' is not allowed" in r.stderr, r.stderr
+        assert r.exit_code == 2 and "'enviroment' is not allowed" in r.stderr, r.stderr
     # no cloud was contacted: the deploy failed on the file, not on the missing `teecloud up`
     assert "teecloud up" not in runner.invoke(app, ["deploy", str(typo), "--name", "a"]).stderr
 
