@@ -104,6 +104,12 @@ def test_deploy_upgrade_timelock_pending_commit(home: Path, session: Any, tmp_pa
     app_id = deployed["app_id"]
     _serving(session, "journey")
     try:
+        # operator commands: full values with --wide, services named in stats, the local cloud's KMS found
+        wide = run("ps", "--wide").stdout
+        assert app_id.removeprefix("0x") in wide and deployed["compose_hash"].removeprefix("0x") in wide
+        stats = json.loads(run("cvm", "stats", "journey", "--json").stdout)
+        assert sorted(r["service"] for r in stats) == ["api", "web"], stats
+        assert re.search(r"public_key\s+[0-9a-f]{64}", run("kms", "pubkey", app_id).stdout)
         # 2. upgrade (this signer owns the app: the hash is allowed directly); the secrets are kept
         v2 = _compose(tmp_path, "v2")
         r = run("upgrade", "journey", str(v2))
