@@ -1,8 +1,9 @@
 """Every CLI command, with missing, malformed and hostile arguments: each answer is a message a user can act
 on. Fails on any traceback (an exception escaping a command), any host path (this checkout, the Python
 installation) in the output, or a non-zero exit without a message. No cloud runs: commands that need one
-must say so. Commands that serve until interrupted (`up`, `chain up`, `kms up`, `agent simulate`, `fn serve`)
-and those that fetch from the network (`trust fetch`, `kms onboard`) get only their argument parsing checked."""
+must say so. Commands that serve until interrupted (`up`, `chain up`, `kms up`, `agent simulate`,
+`fn serve`) and those that fetch from the network (`trust fetch`, `kms onboard`) get only their argument
+parsing checked."""
 
 from __future__ import annotations
 
