@@ -141,3 +141,27 @@ def test_compose_typos_are_refused_before_anything(runner: CliRunner, tmp_path: 
 def test_rm_without_a_terminal_says_to_pass_yes(runner: CliRunner) -> None:
     r = runner.invoke(app, ["rm", "nosuchapp"])
     assert r.exit_code == 1 and r.stderr.strip()  # no cloud: says so, never a bare "Aborted!"
+
+
+def test_logs_follow_merges_every_service(capsys: pytest.CaptureFixture[str]) -> None:
+    """`logs -f` without -s: one stream per service, merged with a `service | ` prefix, until all end."""
+    from types import SimpleNamespace
+
+    from teecloud.cli.cloud_cmd import _follow_all
+
+    asked: list[tuple[str | None, bool]] = []
+
+    def logs(app: str, *, service: str | None, tail: int, follow: bool) -> Iterator[str]:
+        asked.append((service, follow))
+        yield from (f"{service} line {i}" for i in range(3))
+
+    containers = [SimpleNamespace(service="web"), SimpleNamespace(service="api")]
+    node = SimpleNamespace(
+        get=lambda app: SimpleNamespace(name="shop", status="running", containers=containers), logs=logs
+    )
+    _follow_all(SimpleNamespace(node=node), "shop", 10)
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(asked) == [("api", True), ("web", True)]
+    assert sorted(lines) == sorted(
+        [f"api | api line {i}" for i in range(3)] + [f"web | web line {i}" for i in range(3)]
+    )

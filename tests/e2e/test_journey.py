@@ -161,6 +161,10 @@ def test_deploy_upgrade_timelock_pending_commit(home: Path, session: Any, tmp_pa
 
         # 6. the same command again: nothing to do (idempotent)
         assert "nothing to do" in run("upgrade", "journey", str(v3)).stdout
+        # rm without a terminal (CliRunner's stdin is not one) refuses, says how, and removes nothing
+        r = run("rm", "journey", ok=False)
+        assert r.exit_code == 1 and "pass -y/--yes" in r.stderr, r.output
+        assert session.node.get("journey").status == "running"
     finally:
         run("rm", "journey", "-y", ok=False)
 
