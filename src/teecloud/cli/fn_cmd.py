@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 
 from teecloud.cli._chain_common import client as chain_client
@@ -249,6 +250,9 @@ def call(
     rid = _hex(request_id, "--request-id", 32) if request_id else None
     try:
         _, body = FunctionsClient(_url(url)).call(ref, input or "", request_id=rid, ttl_s=ttl)
+    except httpx.InvalidURL:  # a ref with characters no URL can carry
+        _fail(f"{ref[:80]!r} is not a function hash or function id")
+        raise
     except Error as exc:
         _fail(exc.diagnostics())
         raise
@@ -266,6 +270,9 @@ def logs(
 
     try:
         entries = FunctionsClient(_url(url)).logs(ref, limit=limit)
+    except httpx.InvalidURL:  # a ref with characters no URL can carry
+        _fail(f"{ref[:80]!r} is not a function hash or function id")
+        raise
     except Error as exc:
         _fail(exc.diagnostics())
         raise

@@ -331,8 +331,18 @@ def _local_client(
         path = _kms_dir() / ENDPOINT_FILE
         try:
             url = str(json.loads(path.read_text())["url"])
-        except (OSError, ValueError, KeyError):
-            _fail("no --url given and no local KMS running (`teecloud kms up`)")
+        except (OSError, ValueError, KeyError, TypeError):
+            from teecloud.cloud.endpoints import read_endpoints
+
+            cloud = read_endpoints()  # the KMS of a running `teecloud up` for this data directory
+            if cloud is None:
+                _fail("no --url given and no local KMS running (`teecloud up` or `teecloud kms up`)")
+            url = cloud.kms
+            if not (dev or pccs_url or insecure):
+                dev = True  # `teecloud up` runs on the simulated TEE of this installation
+                err.print(
+                    f"[dim]KMS of the local cloud ({url}), verified against this installation's dev root[/]"
+                )
     if insecure:
         return KmsClient(url, server_check=UnsafeNoServerCheck())
     # The KMS must be one KmsAuth allows (isKmsAllowed on its attested boot info), not just any CVM.
@@ -411,9 +421,16 @@ def audit(
     from teecloud.kms.audit import AuditLog
 
     log = AuditLog(path or _kms_dir() / "audit.jsonl")
-    records = (
-        [r for r in log.read() if not denied or r.decision == "denied"][-max(limit, 0) :] if limit else []
-    )
+    try:
+        if log.path.is_dir():
+            raise IsADirectoryError(21, "is a directory, not an audit file")
+        read = list(log.read()) if limit else []
+    except OSError as exc:
+        err.print(
+            f"[red]error:[/] cannot read the audit log {log.path}: {exc.strerror or exc}", highlight=False
+        )
+        raise typer.Exit(1) from None
+    records = [r for r in read if not denied or r.decision == "denied"][-max(limit, 0) :] if limit else []
     if as_json:
         for r in records:
             typer.echo(json.dumps(r.model_dump(), sort_keys=True))
