@@ -682,6 +682,14 @@ class _ThreadSlot:
     since: float
     state: str = "new"  # new (no request yet) | keepalive | body | busy
     served: int = 0
+    cut: bool = False  # closed for a newcomer; its thread is on its way out
+
+
+# Idle connections closed at once when a newcomer finds the cap reached. One at a time, every accept waited
+# for one victim's thread to wake and leave (milliseconds each on a loaded machine, serially): under a flood
+# the accept loop fell behind, the kernel's accept queue overflowed (handshakes completed seconds later, from
+# SYN-ACK retransmits, long after the flood) and a request queued behind the flood waited seconds.
+EVICT_BATCH = 8
 
 
 class BoundedRequestHandler(BaseHTTPRequestHandler):
@@ -754,18 +762,22 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._free.acquire(blocking=False):
             with self._slots_lock:
-                victim = next(
-                    (s for s in self._slots.values() if s.state != "busy" and s.state != "body"), None
-                )
-            if victim is None:
+                leaving = any(s.cut for s in self._slots.values())
+                idle = [s for s in self._slots.values() if s.state not in ("busy", "body") and not s.cut]
+                # oldest first; a batch, unless victims of earlier newcomers are still leaving
+                victims = idle[: 1 if leaving else EVICT_BATCH]
+                for v in victims:
+                    v.cut = True
+            if not victims and not leaving:
                 self.stats.refused += 1
                 self.errors.note("refused (every connection busy at the cap)")
                 _reset(request)
                 return
-            self.stats.evicted += 1
-            self.errors.note("idle connection closed for a newer one (cap reached)")
-            _cut(victim.conn)
-            if not self._free.acquire(timeout=2.0):  # the victim's thread is leaving
+            for v in victims:
+                self.stats.evicted += 1
+                self.errors.note("idle connection closed for a newer one (cap reached)")
+                _cut(v.conn)
+            if not self._free.acquire(timeout=2.0):  # a victim's thread is leaving
                 self.stats.refused += 1
                 _reset(request)
                 return

@@ -7,9 +7,12 @@ Start-up procedure (`LocalCloud.start`), every step idempotent so a restart lose
   (2) chain: open the embedded chain (state replayed from its journal), serve it on 127.0.0.1, deploy
       teecloud's contracts once
   (3) KMS: boot its simulated TEE (measured), unseal its root keys (generated on first start), publish on
-      chain what it takes to trust it (OS image, KMS measurement and device, root public keys), listen
+      chain what it takes to trust it (OS image, KMS measurement and device, root public keys), listen;
+      with kms_nodes > 1: one `teecloud kms up --threshold-node I` process per node (own data directory and
+      sealed share; on the first start a dealerless DKG between processes), and a ThresholdKeyProvider
   (4) node: a KMS client that verifies the KMS's RA-TLS certificate (dev root, chain's isKmsAllowed),
       registration in NodeRegistry (once), the node API, then every CVM that should run boots again
+  (4b) gateway: HAProxy and the dev CA; each CVM registered with its boot-time certificate (docs/gateway.md)
   (5) endpoints.json records where everything listens (the CLI reads it)
 """
 
@@ -23,13 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from teecloud._fs import atomic_write_json, data_home
+from teecloud._fs import atomic_write, atomic_write_json, data_home
 from teecloud.cloud.endpoints import CloudEndpoints, endpoints_path, read_endpoints
 from teecloud.node.errors import NodeError, RuntimeUnavailable
 
 __all__ = ["CloudEndpoints", "LocalCloud", "check_prerequisites", "endpoints_path", "read_endpoints"]
 
 log = logging.getLogger("teecloud.devstack")
+
+GATEWAY_BASE_DOMAIN = "teecloud.localhost"  # curl and browsers resolve *.localhost to loopback
 
 
 def check_prerequisites() -> list[str]:
@@ -50,6 +55,19 @@ def check_prerequisites() -> list[str]:
     return missing
 
 
+def _stop_process(proc: Any) -> None:
+    """Stop a child this cloud started (by its handle): SIGTERM, then SIGKILL after 20 s."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 class LocalCloud:
     def __init__(
         self,
@@ -59,10 +77,16 @@ class LocalCloud:
         kms_port: int = 0,
         node_port: int = 0,
         dev_time_travel: bool = False,
+        kms_nodes: int = 1,
+        kms_threshold: int = 1,
     ):
         self.home = Path(home) if home is not None else data_home()
         self.ports = (chain_port, kms_port, node_port)
         self.dev_time_travel = dev_time_travel  # serve evm_increaseTime/evm_mine on the chain's RPC
+        if not 1 <= kms_threshold <= kms_nodes <= 16:
+            raise NodeError("need 1 <= KMS threshold <= KMS nodes <= 16")
+        self.kms_nodes, self.kms_threshold = kms_nodes, kms_threshold
+        self.kms_processes: dict[int, Any] = {}  # threshold mode: KMS node index -> its process
         self._stack = contextlib.ExitStack()
         self.endpoints: CloudEndpoints | None = None
         self.node: Any = None
@@ -115,49 +139,54 @@ class LocalCloud:
 
         kms_tee = SimulatedTdx(self.home)
 
-        def publish(state: Any, identity: Any, _created: bool) -> str:
-            self._publish_kms(chain, kms_tee, identity, state)
+        def publish(keys: Any, identity: Any, _created: bool) -> str:
+            self._publish_kms(chain, kms_tee, identity, keys)
             return ""
 
-        running = launch_kms(
-            KmsLaunch(
-                tee=kms_tee,
-                chain=chain,
-                collateral=StaticCollateral(kms_tee.collateral),
-                dev=True,
-                home=self.home,
-                os_image_reference=simulated_os_image_reference,
-                port=self.ports[1],
-                kms_contract=str(contracts.get("KmsAuth", "")),
-                on_keys=publish,
+        threshold_provider: Any = None
+        if self.kms_nodes > 1:
+            kms_url, kms_admin_url, threshold_provider = self._start_threshold_kms(chain, rpc.url, kms_tee)
+        else:
+            running = launch_kms(
+                KmsLaunch(
+                    tee=kms_tee,
+                    chain=chain,
+                    collateral=StaticCollateral(kms_tee.collateral),
+                    dev=True,
+                    home=self.home,
+                    os_image_reference=simulated_os_image_reference,
+                    port=self.ports[1],
+                    kms_contract=str(contracts.get("KmsAuth", "")),
+                    on_keys=publish,
+                )
             )
-        )
-        if running.publish_error:
-            raise NodeError(f"could not publish the KMS to KmsAuth: {running.publish_error}")
-        kms = running.server
-        self._stack.callback(kms.stop)
+            if running.publish_error:
+                raise NodeError(f"could not publish the KMS to KmsAuth: {running.publish_error}")
+            self._stack.callback(running.server.stop)
+            kms_url, kms_admin_url = running.server.url, running.server.admin_url
         mark("kms")
 
         # (4)
-        from teecloud.kms.client import KmsClient, ratls_server_check
+        from teecloud.gateway.client import RegisteringAtBoot
+        from teecloud.kms.client import connect_kms
         from teecloud.node.registry import ensure_registered
         from teecloud.node.service import Node, NodeServer, load_or_create_token
 
         platform = SimulatedTdx(self.home)
-        key_provider = KmsClient(
-            kms.url,
-            server_check=ratls_server_check(
-                collateral_for=lambda _quote, _now: platform.collateral(),
-                dev_root_der=platform.dev_root_der(),
-                chain=chain,
-            ),
+        key_provider = threshold_provider or connect_kms(
+            kms_url,
+            collateral_for=lambda _quote, _now: platform.collateral(),
+            dev_root_der=platform.dev_root_der(),
+            chain=chain,
         )
         node_id = ensure_registered(chain, platform, home=self.home)
+        # Each CVM makes its gateway registration certificate at its boot key request (teecloud.gateway).
+        boots = RegisteringAtBoot(key_provider)
         node = Node(
-            key_provider=key_provider,
+            key_provider=boots,
             tee_factory=lambda: SimulatedTdx(self.home),
             home=self.home,
-            kms_urls=[kms.url],
+            kms_urls=[kms_url],
             node_id=node_id,
         )
         self.node = node
@@ -169,29 +198,96 @@ class LocalCloud:
             node.resume()
         mark("node")
 
+        # (4b) --- gateway: HAProxy + dev CA (https://<app_id>-<port>.teecloud.localhost:<port>/), CVMs
+        # registered over mutual RA-TLS with their boot-time certificates; skipped if HAProxy is missing
+        gateway_info = self._start_gateway(chain, platform, boots, node)
+        mark("gateway")
+
         # (5)
         from teecloud.node.instance import node_home
 
         self.endpoints = CloudEndpoints(
             chain_rpc=rpc.url,
-            kms=kms.url,
-            kms_admin=kms.admin_url,
+            kms=kms_url,
+            kms_admin=kms_admin_url,
             node=server.url,
             pid=os.getpid(),
             node_token_file=str(node_home(self.home) / "admin-token"),
             contracts={k: v for k, v in contracts.items() if isinstance(v, str | int)},
+            gateway=gateway_info,
         )
         atomic_write_json(endpoints_path(self.home), self.endpoints.__dict__, mode=0o644)
         self._stack.callback(lambda: endpoints_path(self.home).unlink(missing_ok=True))
         return self.endpoints
 
-    def _publish_kms(self, chain: Any, tee: Any, identity: Any, state: Any) -> None:
+    def _start_gateway(self, chain: Any, platform: Any, boots: Any, node: Any) -> dict[str, Any]:
+        """The local gateway and the node's registrar (teecloud.gateway.local); {} without HAProxy."""
+        import secrets
+
+        from teecloud.gateway.driver import find_haproxy
+        from teecloud.gateway.errors import GatewayError
+        from teecloud.gateway.local import NodeRegistrar
+        from teecloud.gateway.server import GatewayServer
+        from teecloud.peer import ChainGate, PeerPolicy, PeerVerifier, StaticCollateral
+
+        try:
+            find_haproxy()
+        except GatewayError as exc:
+            log.warning("no gateway: %s", exc)
+            return {}
+        token_file = self.home / "gateway" / "admin-token"
+        if not token_file.exists():
+            atomic_write(token_file, secrets.token_urlsafe(32).encode())
+        peers = PeerVerifier(
+            PeerPolicy.dev(platform.dev_root_der(), max_cert_lifetime_s=31 * 24 * 3600),
+            StaticCollateral(platform.collateral),
+        )
+        gateway = GatewayServer(
+            self.home / "gateway",
+            base_domain=GATEWAY_BASE_DOMAIN,
+            peers=peers,
+            chain=ChainGate(chain, block_number=chain.block_number),
+            admin_token=token_file.read_text().strip(),
+        ).start()
+        self._stack.callback(gateway.stop)
+
+        def running() -> list[tuple[str, list[tuple[int, str, int]]]]:
+            out = []
+            for st in node.list_cvms():
+                if st.status != "running":
+                    continue
+                ports = [
+                    (int(p["container_port"]), str(p.get("host_ip") or "127.0.0.1"), int(p["host_port"]))
+                    for c in st.containers
+                    for p in c.ports
+                    if p.get("protocol") == "tcp" and p.get("host_port")
+                ]
+                out.append((st.instance_id, sorted(set(ports))))
+            return out
+
+        registrar = NodeRegistrar(
+            [gateway.registration_url], gateway.ca.cert_pem, boots, running, interval_s=2.0
+        )
+        registrar.start()
+        self._stack.callback(registrar.stop)
+        return {
+            "public_port": gateway.public_port,
+            "base_domain": gateway.base_domain,
+            "ca_file": str(gateway.ca_file),
+            "registration": gateway.registration_url,
+            "admin": gateway.admin_url,
+            "admin_token_file": str(token_file),
+        }
+
+    def _publish_kms(self, chain: Any, tee: Any, identity: Any, keys: Any) -> None:
         """What KmsAuth must know to trust this KMS and the CVMs it serves (once per chain and key set): the
-        simulated OS image, this KMS build's measurement and device, and its root public keys."""
+        simulated OS image, this KMS build's measurement and device, and its root public keys (none for
+        threshold nodes, `keys` None: their group record is not on chain yet)."""
         from teecloud.kms.bootstrap import publish_kms_info
 
         marker = self.home / "cloud" / "kms-published.json"
-        key = f"{chain.chain_key}:{identity.mr_aggregated.hex()}:{state.root.k256_public_key.hex()}"
+        root_tag = keys.k256_public_key.hex() if keys is not None else "threshold"
+        key = f"{chain.chain_key}:{identity.mr_aggregated.hex()}:{root_tag}"
         try:
             if key in json.loads(marker.read_text()).get("published", []):
                 return
@@ -201,8 +297,164 @@ class LocalCloud:
         chain.add_kms_mr(identity.mr_aggregated)
         chain.add_kms_mr(identity.boot_mr_aggregated)  # its onboarding quotes (boot-time evidence)
         chain.add_kms_device(tee.device_id)
-        publish_kms_info(chain, state, tee, self.home)
+        if keys is not None:
+            publish_kms_info(chain, keys, tee, self.home)
         atomic_write_json(marker, {"published": [key]})
+
+    def _start_threshold_kms(self, chain: Any, rpc_url: str, tee: Any) -> tuple[str, str, Any]:
+        """`teecloud up --kms-nodes N --threshold T`: N `teecloud kms up --threshold-node I` processes on this
+        chain, each with its own data directory and sealed share, and the worker node's ThresholdKeyProvider
+        over them. The first start runs a dealerless DKG between processes (`_networked_dkg`): no process
+        ever holds the group secret. Returns (node 1's URL, its admin URL, the provider)."""
+        from teecloud.kms.bootstrap import boot_kms_tee
+        from teecloud.kms.client import connect_kms
+        from teecloud.kms.errors import KmsError
+        from teecloud.kms.threshold import node_home, read_group
+        from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
+
+        self._publish_kms(chain, tee, boot_kms_tee(tee), None)
+        # Create the simulated platform's dev PKI here, once, before N children start: N processes creating
+        # it at the same moment have been seen to load each other's half-made state.
+        tee.dev_root_der()
+        try:
+            group = read_group(self.home)
+            if group is not None and (group.t, group.n) != (self.kms_threshold, self.kms_nodes):
+                raise NodeError(
+                    f"this data directory holds a {group.t}-of-{group.n} KMS group; changing t or n is a "
+                    "reshare (not automated)"
+                )
+            if group is None:
+                endpoints = self._networked_dkg(rpc_url)
+                group = read_group(self.home)
+                assert group is not None
+            else:
+                for i in range(1, self.kms_nodes + 1):
+                    self.kms_processes[i] = self._spawn_kms(node_home(i, self.home), rpc_url, i)
+                endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
+        except KmsError as exc:
+            raise NodeError(f"threshold KMS: {exc}") from exc
+        urls = {i: str(e["url"]) for i, e in endpoints.items()}
+        clients = {
+            i: connect_kms(
+                url,
+                collateral_for=lambda _quote, _now: tee.collateral(),
+                dev_root_der=tee.dev_root_der(),
+                chain=chain,
+            )
+            for i, url in urls.items()
+        }
+        provider = ThresholdKeyProvider(
+            ThresholdGroup(group.epoch, group.t, group.commitments, urls), clients
+        )
+        return urls[1], str(endpoints[1]["admin_url"]), provider
+
+    def _networked_dkg(self, rpc_url: str) -> dict[int, dict[str, Any]]:
+        """Joint-Feldman among processes: N share-less dealer processes each open a round (admin API), then
+        the N node processes boot, fetch their sub-shares from every dealer over mutual RA-TLS with boot-time
+        evidence, seal their shares and serve; the dealers then stop. The group record (public
+        commitments) is written last."""
+        import secrets
+
+        import httpx
+
+        from teecloud.keys import threshold as th
+        from teecloud.kms.launcher import load_admin_token
+        from teecloud.kms.threshold import GroupRecord, dealer_home, node_home, nodes_dir, write_group
+
+        t, n = self.kms_threshold, self.kms_nodes
+        dealers = {
+            i: self._spawn_kms(dealer_home(i, self.home), rpc_url, i, "--dealer") for i in range(1, n + 1)
+        }
+        try:
+            dealer_eps = self._wait_endpoints(dealers, lambda i: dealer_home(i, self.home))
+            session = secrets.token_bytes(16)
+            dealings = []
+            for i, ep in dealer_eps.items():
+                token = load_admin_token(dealer_home(i, self.home))
+                r = httpx.post(
+                    f"{ep['admin_url']}/dkg/open",
+                    headers={"authorization": f"Bearer {token}"},
+                    json={
+                        "session": session.hex(),
+                        "epoch": 1,
+                        "dealer": i,
+                        "dealers": list(dealers),
+                        "t": t,
+                        "n": n,
+                    },
+                    timeout=30,
+                )
+                if r.status_code != 200:
+                    raise NodeError(f"KMS dealer {i} refused the DKG round: {r.text[:300]}")
+                commitments = tuple(bytes.fromhex(c) for c in r.json()["commitments"])
+                dealings.append(th.Dealing(i, commitments, {}))
+            plan = nodes_dir(self.home) / "dkg-plan.json"
+            atomic_write_json(
+                plan,
+                {
+                    "session": session.hex(),
+                    "epoch": 1,
+                    "t": t,
+                    "n": n,
+                    "dealers": {
+                        str(i): {"url": ep["url"], "server_ca_pubkey": ep["server_ca_pubkey"]}
+                        for i, ep in dealer_eps.items()
+                    },
+                },
+                mode=0o644,
+            )
+            for i in range(1, n + 1):
+                self.kms_processes[i] = self._spawn_kms(
+                    node_home(i, self.home), rpc_url, i, "--join-dkg", str(plan)
+                )
+            endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
+        finally:
+            for p in dealers.values():
+                _stop_process(p)
+        write_group(GroupRecord(1, t, n, th.sum_commitments(dealings)), self.home)
+        return endpoints
+
+    def _spawn_kms(self, data_dir: Path, rpc_url: str, index: int, *extra: str) -> Any:
+        """One `teecloud kms up --threshold-node I` child: this very teecloud (its source tree first on the
+        child's path) under this home; stopped (by its handle) when the cloud stops."""
+        import subprocess
+        import sys
+
+        import teecloud
+
+        src = str(Path(teecloud.__file__).resolve().parents[1])
+        path = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH", "")])])
+        env = {**os.environ, "TEECLOUD_HOME": str(self.home), "PYTHONPATH": path}
+        code = "import sys; from teecloud.cli import main; sys.argv[0] = 'teecloud'; main()"
+        args = ["kms", "up", "--dev", "--threshold-node", str(index), *extra]
+        args += ["--rpc-url", rpc_url, "--port", "0", "--admin-port", "0"]
+        kms_home = data_dir / "kms"
+        kms_home.mkdir(parents=True, exist_ok=True)
+        (kms_home / "endpoint.json").unlink(missing_ok=True)
+        with (kms_home / "node.log").open("ab") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code, *args], env=env, stdout=logf, stderr=subprocess.STDOUT
+            )
+        self._stack.callback(_stop_process, proc)
+        return proc
+
+    @staticmethod
+    def _wait_endpoints(
+        procs: dict[int, Any], data_dir: Any, timeout_s: float = 120
+    ) -> dict[int, dict[str, Any]]:
+        endpoints: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(endpoints) < len(procs):
+            for i, p in procs.items():
+                ep_file = data_dir(i) / "kms" / "endpoint.json"
+                if i not in endpoints and ep_file.exists():
+                    endpoints[i] = json.loads(ep_file.read_text())
+                elif i not in endpoints and p.poll() is not None:
+                    raise NodeError(f"KMS process {i} exited; see {ep_file.parent / 'node.log'}")
+            if time.monotonic() > deadline:
+                raise NodeError(f"the threshold KMS processes did not start within {timeout_s:g} s")
+            time.sleep(0.1)
+        return endpoints
 
     def stop(self) -> None:
         try:

@@ -103,7 +103,7 @@ def booted_app(teecloud_home: Path, world: World, server: KmsServer, kms: Kms) -
     check = ratls_server_check(
         collateral_for=lambda quote, now: kms.tee.collateral(),
         dev_root_der=kms.tee.dev_root_der(),
-        expected_ca_pubkey_der=kms.service.state.root.ca_public_key_der,
+        expected_ca_pubkey_der=kms.service.keys.ca_public_key_der,
     )
     state = boot(
         tee,

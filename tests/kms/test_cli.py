@@ -43,7 +43,7 @@ def test_pubkey_and_audit(teecloud_home: Path, world: World) -> None:
             r = runner.invoke(cli, [*args, "--rpc-url", rpc.url])
             assert r.exit_code == 0, r.output
             doc = json.loads(r.output)
-            assert doc["kms_k256_pubkey"] == kms.service.state.root.k256_public_key.hex()
+            assert doc["kms_k256_pubkey"] == kms.service.keys.k256_public_key.hex()
             key, der = client_cert(kms, bad)
             post_with_cert(server.url, "/prpc/KMS.GetAppKey", key, der, {"vm_config": vm_config(bad)})
     finally:

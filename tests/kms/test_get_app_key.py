@@ -59,7 +59,7 @@ def client_for(kms: Kms, server: KmsServer) -> KmsClient:
     check = ratls_server_check(
         collateral_for=lambda quote, now: kms.tee.collateral(),
         dev_root_der=kms.tee.dev_root_der(),
-        expected_ca_pubkey_der=kms.service.state.root.ca_public_key_der,
+        expected_ca_pubkey_der=kms.service.keys.ca_public_key_der,
     )
     return KmsClient(server.url, server_check=check)
 

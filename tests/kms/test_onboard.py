@@ -54,16 +54,16 @@ def _source(home: Path, world: World, *, build: str | None = None, allow: bool =
 
 def test_two_kms_serve_identical_keys(teecloud_home: Path, world: World) -> None:
     a = _source(teecloud_home, world)
-    publish_kms_info(world.chain, a.service.state, a.tee, teecloud_home / "kms-a")
+    publish_kms_info(world.chain, a.service.keys, a.tee, teecloud_home / "kms-a")
     info = world.chain.kms_info()
-    assert bytes(info["k256_pubkey"]) == a.service.state.root.k256_public_key
+    assert bytes(info["k256_pubkey"]) == a.service.keys.k256_public_key
     with pytest.raises(BootstrapError, match="onboard"):
         make_kms(teecloud_home, world.chain, kms_home=teecloud_home / "kms-b", generate=False)
     with KmsServer(a.service) as server_a:
         _onboard(teecloud_home, world, server_a, teecloud_home / "kms-b")
     # B restarts from its own sealed copy, without A.
     b = make_kms(teecloud_home, world.chain, kms_home=teecloud_home / "kms-b", generate=False)
-    assert b.service.state.root.ca_public_key_der == a.service.state.root.ca_public_key_der
+    assert b.service.keys.ca_public_key_der == a.service.keys.ca_public_key_der
     app_id = world.register(COMPOSE_V1)
     app = make_app(teecloud_home, app_id, COMPOSE_V1)
     got = []

@@ -45,12 +45,12 @@ def test_env_encrypt_pubkey_verifies_with_dstack_sdk(teecloud_home: Path, world:
             app_id.hex(),
             body["timestamp"],
         )
-        assert signer == "0x" + kms.service.state.root.k256_public_key.hex()
+        assert signer == "0x" + kms.service.keys.k256_public_key.hex()
         # The CLI path: encrypt for the app, and the attested app decrypts with the key the KMS releases.
         check = ratls_server_check(
             collateral_for=lambda q, now: kms.tee.collateral(),
             dev_root_der=kms.tee.dev_root_der(),
-            expected_ca_pubkey_der=kms.service.state.root.ca_public_key_der,
+            expected_ca_pubkey_der=kms.service.keys.ca_public_key_der,
         )
         client = KmsClient(server.url, server_check=check)
         pub, _ = client.get_env_encrypt_pubkey(app_id)

@@ -124,7 +124,7 @@ def test_getquote_oracle_gets_no_keys_after_a_normal_boot(
     check = ratls_server_check(
         collateral_for=lambda quote, now: kms.tee.collateral(),
         dev_root_der=kms.tee.dev_root_der(),
-        expected_ca_pubkey_der=kms.service.state.root.ca_public_key_der,
+        expected_ca_pubkey_der=kms.service.keys.ca_public_key_der,
     )
     # The normal boot: the guest asks for its keys at boot-mr-done (+ os-image-hash) and gets them.
     state = boot(

@@ -38,9 +38,9 @@ class CountingHolder(LocalRootKeys):
         self.calls.append("derive")
         return super().derive_app_keys(app_id, instance_id, **kw)
 
-    def app_ca(self, app_id: bytes, instance_id: bytes, *, now: int) -> Any:
-        self.calls.append("app_ca")
-        return super().app_ca(app_id, instance_id, now=now)
+    def sign_under_app_ca(self, app_id: bytes, instance_id: bytes, public_key: Any, **kw: Any) -> Any:
+        self.calls.append("sign_under_app_ca")
+        return super().sign_under_app_ca(app_id, instance_id, public_key, **kw)
 
 
 def test_keys_come_from_the_injected_root_key_holder(teecloud_home: Path, world: World) -> None:
@@ -78,4 +78,26 @@ def test_keys_come_from_the_injected_root_key_holder(teecloud_home: Path, world:
         .decode()
     )
     chain = service.sign_cert(der, csr, vm_config=vm_config(app)).certificate_chain
-    assert holder.calls[-1] == "app_ca" and len(chain) == 3
+    assert holder.calls[-1] == "sign_under_app_ca" and len(chain) == 3
+
+
+def test_no_root_key_holder_operation_returns_a_private_key(teecloud_home: Path, world: World) -> None:
+    """The seam holds operations, not secrets: no RootKeyHolder member hands out the root's private keys;
+    the whole-root export of single-KMS onboarding is a separate capability only LocalRootKeys has."""
+    import inspect
+
+    from teecloud.kms.rootkeys import RootKeyHolder, WholeRootExporter
+
+    members = {n for n, _ in inspect.getmembers(RootKeyHolder) if not n.startswith("_")}
+    assert members == {
+        "ca_public_key_der",
+        "k256_public_key",
+        "root_ca_cert_pem",
+        "derive_app_keys",
+        "sign_under_app_ca",
+        "env_encrypt_pubkey",
+        "issue_server_identity",
+    }
+    kms = make_kms(teecloud_home, world.chain)
+    assert not any(hasattr(kms.service.keys, n) for n in ("root", "ca_key", "k256_key", "app_ca"))
+    assert isinstance(kms.service.keys, WholeRootExporter)

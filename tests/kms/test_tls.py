@@ -19,7 +19,7 @@ def _client(kms, url: str) -> KmsClient:
     check = ratls_server_check(
         collateral_for=lambda quote, now: kms.tee.collateral(),
         dev_root_der=kms.tee.dev_root_der(),
-        expected_ca_pubkey_der=kms.service.state.root.ca_public_key_der,
+        expected_ca_pubkey_der=kms.service.keys.ca_public_key_der,
     )
     return KmsClient(url, server_check=check)
 
@@ -30,7 +30,7 @@ def test_get_app_keys_over_mutual_ratls(teecloud_home: Path, world: World) -> No
     app = make_app(teecloud_home, app_id, COMPOSE_V1)
     with KmsServer(kms.service) as server:
         keys = _client(kms, server.url).get_app_keys(app.tee, app_id, app.instance_id)
-    assert keys.key_provider_info == {"name": "kms", "id": kms.service.state.root.ca_public_key_der.hex()}
+    assert keys.key_provider_info == {"name": "kms", "id": kms.service.keys.ca_public_key_der.hex()}
     assert len(keys.disk_crypt_key) == 32
     rec = kms.audit.read()[-1]
     assert rec.decision == "allowed" and rec.boot_info is not None
@@ -85,7 +85,7 @@ def test_server_check_rejects_a_kms_under_another_dev_root(
         check = ratls_server_check(
             collateral_for=lambda quote, now: other.collateral(),
             dev_root_der=other.dev_root_der(),
-            expected_ca_pubkey_der=kms.service.state.root.ca_public_key_der,
+            expected_ca_pubkey_der=kms.service.keys.ca_public_key_der,
         )
         with pytest.raises(KmsClientError, match="does not verify"):
             KmsClient(server.url, server_check=check).meta()
@@ -114,7 +114,7 @@ def test_admin_api_needs_token_and_never_returns_keys(teecloud_home: Path, world
         )
         auth = {"authorization": "Bearer s3cret-token"}
         st = httpx.get(server.admin_url + "/status", headers=auth).json()
-        assert st["ca_pubkey"] == kms.service.state.root.ca_public_key_der.hex()
+        assert st["ca_pubkey"] == kms.service.keys.ca_public_key_der.hex()
         audit = httpx.get(server.admin_url + "/audit", headers=auth)
         assert audit.status_code == 200
         state = kms.service.state
@@ -130,7 +130,7 @@ def test_unsafe_no_server_check_says_so(teecloud_home: Path, world: World, caplo
     kms = make_kms(teecloud_home, world.chain)
     with KmsServer(kms.service) as server:
         meta = KmsClient(server.url, server_check=UnsafeNoServerCheck()).meta()
-    assert meta.k256_pubkey == kms.service.state.root.k256_public_key.hex()
+    assert meta.k256_pubkey == kms.service.keys.k256_public_key.hex()
     assert "NOT verified" in caplog.text
 
 

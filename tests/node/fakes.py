@@ -1,5 +1,6 @@
 """Fakes for node tests without Docker, gocryptfs or a KMS: a runtime that records calls (and can fail like a
-stopped engine), and a boot/shutdown pair patched into teecloud.node.service in place of the real sequence."""
+stopped engine), and a boot/shutdown pair patched into the docker backend (teecloud.node.runtime.docker_cvm)
+in place of the real sequence."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import pytest
 
 from teecloud.agent.boot import normalize_app_compose
 from teecloud.agent.storage import EncryptedVolume
-from teecloud.node import service
-from teecloud.node.boot import BootedCvm, compose_spec
 from teecloud.node.errors import ComposeRejected, NodeError
 from teecloud.node.instance import Instance
+from teecloud.node.runtime import docker_cvm
 from teecloud.node.runtime.docker import ComposeSpec, ContainerState, DockerRuntime, LogStream, ResourceLimits
+from teecloud.node.runtime.docker_cvm import BootedCvm, compose_spec
 from teecloud.node.service import Node
 
 # What a followed `docker logs` prints: one line, then nothing until it is killed.
@@ -96,15 +97,17 @@ class FakeBoots:
         self.booted_hashes: list[str] = []
         self.shutdown_delay = 0.0
         self.in_shutdown = threading.Event()
+        self.runners: list[FakeRunner] = []  # the agent of each boot, in order
 
     def boot(self, inst: Instance, *, runtime: DockerRuntime, **_: Any) -> BootedCvm:
         self.booted_hashes.append(inst.compose_hash().hex())
         spec = compose_spec(inst, with_env=False)
         runtime.prepare(spec, "", inst.limits())
         runtime.up(spec)
+        self.runners.append(FakeRunner())
         return BootedCvm(
             state=SimpleNamespace(public_tcbinfo=True),  # type: ignore[arg-type]
-            runner=FakeRunner(),  # type: ignore[arg-type]
+            runner=self.runners[-1],  # type: ignore[arg-type]
             volume=EncryptedVolume(inst.cipher_dir, inst.mount_point),
         )
 
@@ -131,6 +134,6 @@ class NoKeys:
 def make_node(home: Path, runtime: FakeRuntime, boots: FakeBoots, monkeypatch: pytest.MonkeyPatch) -> Node:
     from teecloud.tee.simulated import SimulatedTdx
 
-    monkeypatch.setattr(service, "boot_instance", boots.boot)
-    monkeypatch.setattr(service, "shutdown_instance", boots.shutdown)
+    monkeypatch.setattr(docker_cvm, "boot_instance", boots.boot)
+    monkeypatch.setattr(docker_cvm, "shutdown_instance", boots.shutdown)
     return Node(key_provider=NoKeys(), tee_factory=lambda: SimulatedTdx(home), runtime=runtime, home=home)

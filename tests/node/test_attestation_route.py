@@ -25,8 +25,8 @@ from teecloud.cloud.verify import verify_attestation
 from teecloud.keys.ratls import ratls_report_data, spki_der
 from teecloud.node import api
 from teecloud.node.api import CreateCvmRequest, NodeApiError, NodeClient, attest_report_data
-from teecloud.node.boot import BootedCvm, _kms_mode_events
 from teecloud.node.instance import Instance
+from teecloud.node.runtime.docker_cvm import BootedCvm, _kms_mode_events
 from teecloud.node.service import Node, make_node_app
 from teecloud.tee.simulated import SimulatedTdx
 from tests.node.fakes import FakeBoots, FakeRuntime, app_compose, make_node
@@ -52,14 +52,16 @@ class _RealAgentBoots(FakeBoots):
             extra_events=_kms_mode_events(tee),  # as the node's boot measures them (the verifier needs them)
         )
         self.states.append(state)
+        _AGENTS[inst.instance_id] = AgentService(state)
         return BootedCvm(
             state=state,
-            runner=SimpleNamespace(service=AgentService(state), stop=lambda: None),  # type: ignore[arg-type]
+            runner=SimpleNamespace(service=_AGENTS[inst.instance_id], stop=lambda: None),  # type: ignore[arg-type]
             volume=EncryptedVolume(inst.cipher_dir, inst.mount_point),
         )
 
 
 _NODES: dict[str, Node] = {}  # the node behind each `running` client, by instance id
+_AGENTS: dict[str, AgentService] = {}  # the guest agent of each booted CVM, by instance id
 
 
 @pytest.fixture
@@ -163,9 +165,8 @@ def test_the_attestation_response_stays_under_its_bound(running: tuple[TestClien
     from teecloud.agent.api import EmitEventRequest
 
     client, iid = running
-    booted = _NODES[iid]._cvm(iid).booted
-    assert booted is not None
-    svc = booted.runner.service
+    assert _NODES[iid]._cvm(iid).booted is not None
+    svc = _AGENTS[iid]
     payload = "ab" * svc.limits.max_event_payload
     refused = 0
     for i in range(50):  # an app trying to bloat the shared node process (3.2 MiB asked for)

@@ -14,10 +14,10 @@ from teecloud.agent.boot import normalize_app_compose
 from teecloud.agent.keyprovider import LocalDevKeyProvider
 from teecloud.agent.storage import EncryptedVolume
 from teecloud.keys.envcrypt import encrypt_env
-from teecloud.node.boot import boot_instance
 from teecloud.node.errors import BootFailed, RuntimeFailed
 from teecloud.node.instance import InstanceStore
 from teecloud.node.runtime.docker import ENV_FILE_NAME, ContainerState, ResourceLimits
+from teecloud.node.runtime.docker_cvm import boot_instance
 from teecloud.tee.simulated import SimulatedTdx
 
 

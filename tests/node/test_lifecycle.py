@@ -113,7 +113,7 @@ def test_remove_completes_when_the_engine_is_down(
     assert ("down", f"tc-{iid[:16]}") in runtime.calls
     # everything else still happened
     assert unmounted == [inst.mount_point]
-    assert booted.runner.stopped  # type: ignore[attr-defined]
+    assert boots.runners[-1].stopped
     assert not inst.cipher_dir.exists() and not inst.dir.exists() and not inst.runtime_dir.exists()
     assert iid not in node._cvms  # the booted state (the app's keys) is forgotten
     with pytest.raises(InstanceNotFound):

@@ -15,7 +15,19 @@ from teecloud._fs import atomic_write_json, data_home
 
 __all__ = ["CONTRACT_NAMES", "CompiledContract", "compiled", "source_of"]
 
-CONTRACT_NAMES = ("AppAuth", "KmsAuth", "Multisig", "Timelock", "NodeRegistry")
+CONTRACT_NAMES = (
+    "AppAuth",
+    "KmsAuth",
+    "Multisig",
+    "Timelock",
+    "NodeRegistry",
+    # teecloud.functions (docs/functions.md): one registry per function, the shared result verifier, the
+    # on-chain request/callback oracle, and an example consumer that accepts one function's results
+    "FunctionRegistry",
+    "FunctionResultVerifier",
+    "FunctionOracle",
+    "FunctionPriceFeed",
+)
 _memo: dict[str, CompiledContract] = {}
 _lock = threading.Lock()
 

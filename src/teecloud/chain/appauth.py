@@ -9,7 +9,7 @@ from ._values import to_address, to_bytes32
 from .api import AppState, GovernanceAction, PendingUpgrade
 from .connection import ChainConnection, abi_of
 from .errors import ChainError, NotDeployed
-from .governance import Multisig, Timelock, governance_kind
+from .governance import Multisig, Timelock, governance_kind, submit_owner_call
 
 if TYPE_CHECKING:
     from .kmsauth import KmsAuth
@@ -88,27 +88,7 @@ class AppAuth:
         """Start an AppAuth owner call (`fn` is one of its functions): directly (owner = this signer), as a
         multisig proposal, or queued in a timelock (whose admin may itself be a multisig)."""
         data = abi_of("AppAuth").encode_call(fn, *args)
-        owner = self.owner()
-        kind = governance_kind(self.conn, owner)
-        me = self.conn.require_signer().address
-        if kind == "account":
-            if owner != me:
-                raise ChainError(f"app {self.address} is owned by {owner}, not by this signer ({me})")
-            r = self.conn.send(self.address, data)
-            return GovernanceAction("direct", owner, tx=r["transactionHash"])
-        if kind == "multisig":
-            return GovernanceAction("multisig", owner, Multisig(self.conn, owner).propose(self.address, data))
-        if kind == "timelock":
-            tl = Timelock(self.conn, owner)
-            admin = tl.admin()
-            if governance_kind(self.conn, admin) == "multisig":
-                pid = Multisig(self.conn, admin).propose(owner, tl.queue_calldata(self.address, data))
-                return GovernanceAction("multisig->timelock", admin, pid, timelock=owner)
-            cid = tl.queue(self.address, data)
-            return GovernanceAction("timelock", owner, cid, eta=tl.queued(cid).eta)
-        raise ChainError(
-            f"app {self.address} is owned by a contract teecloud does not know how to drive ({owner})"
-        )
+        return submit_owner_call(self.conn, self.address, self.owner(), data, what=f"app {self.address}")
 
     def governance_of(self, ident: str) -> Multisig | Timelock:
         """The multisig or timelock that holds proposal `ident` (a decimal proposal id or a 0x call id)."""

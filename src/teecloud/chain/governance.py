@@ -8,11 +8,18 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._values import to_address, to_bytes32
-from .api import MultisigProposal, TimelockCall
+from .api import GovernanceAction, MultisigProposal, TimelockCall
 from .connection import ChainConnection
 from .errors import ChainError
 
-__all__ = ["Multisig", "Timelock", "deploy_multisig", "deploy_timelock", "governance_kind"]
+__all__ = [
+    "Multisig",
+    "Timelock",
+    "deploy_multisig",
+    "deploy_timelock",
+    "governance_kind",
+    "submit_owner_call",
+]
 
 
 def governance_kind(conn: ChainConnection, address: str | bytes) -> str:
@@ -34,6 +41,32 @@ def deploy_multisig(conn: ChainConnection, owners: Iterable[str | bytes], thresh
 
 def deploy_timelock(conn: ChainConnection, admin: str | bytes, min_delay: int) -> Timelock:
     return Timelock(conn, conn.deploy_contract("Timelock", to_address(admin), int(min_delay)))
+
+
+def submit_owner_call(
+    conn: ChainConnection, target: str, owner: str, data: bytes, *, what: str
+) -> GovernanceAction:
+    """Start an owner-only call `data` on `target` the way its `owner` requires: directly (owner = this
+    signer), as a multisig proposal, or queued in a timelock (whose admin may itself be a multisig).
+    `what` names the target in errors ("app 0x..", "function 0x..")."""
+    kind = governance_kind(conn, owner)
+    me = conn.require_signer().address
+    if kind == "account":
+        if owner != me:
+            raise ChainError(f"{what} is owned by {owner}, not by this signer ({me})")
+        r = conn.send(target, data)
+        return GovernanceAction("direct", owner, tx=r["transactionHash"])
+    if kind == "multisig":
+        return GovernanceAction("multisig", owner, Multisig(conn, owner).propose(target, data))
+    if kind == "timelock":
+        tl = Timelock(conn, owner)
+        admin = tl.admin()
+        if governance_kind(conn, admin) == "multisig":
+            pid = Multisig(conn, admin).propose(owner, tl.queue_calldata(target, data))
+            return GovernanceAction("multisig->timelock", admin, pid, timelock=owner)
+        cid = tl.queue(target, data)
+        return GovernanceAction("timelock", owner, cid, eta=tl.queued(cid).eta)
+    raise ChainError(f"{what} is owned by a contract teecloud does not know how to drive ({owner})")
 
 
 class Multisig:

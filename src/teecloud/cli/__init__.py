@@ -14,7 +14,17 @@ import typer
 from typer import _click as click  # typer 0.29 vendors click; its Context is the one commands get
 from typer.core import TyperGroup
 
-from teecloud.cli import agent_cmd, ai_cmd, chain_cmd, cloud_cmd, kms_cmd, tee_cmd, verify_cmd
+from teecloud.cli import (
+    agent_cmd,
+    ai_cmd,
+    chain_cmd,
+    cloud_cmd,
+    fn_cmd,
+    image_cmd,
+    kms_cmd,
+    tee_cmd,
+    verify_cmd,
+)
 from teecloud.errors import Error
 
 __all__ = ["ErrorsToExit", "app", "main"]
@@ -47,6 +57,8 @@ chain_cmd.register(app)  # `teecloud chain ...`, `teecloud app ...`, `teecloud n
 app.add_typer(kms_cmd.app, name="kms")
 app.add_typer(ai_cmd.app, name="ai")  # --- confidential AI
 cloud_cmd.register(app)  # `teecloud up`, `deploy`, `ps`, `logs`, ...
+app.add_typer(fn_cmd.app, name="fn")  # `teecloud fn ...` (docs/functions.md)
+app.add_typer(image_cmd.app, name="image")  # `teecloud image measure` (docs/node.md, qemu backend)
 
 
 @app.callback()

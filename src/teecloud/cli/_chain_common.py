@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 
 from teecloud import ids
+from teecloud.errors import Error
 
 if TYPE_CHECKING:
     from teecloud.chain import ChainClient
@@ -94,6 +95,8 @@ def friendly(fn: F) -> F:
             _fail("a number is out of range for the contract (at most 2**256 - 1)")
         except (ValueError, OSError) as exc:
             _fail(str(exc))
+        except Error as exc:  # any other error teecloud raises on purpose (cloud, node, keys, ...)
+            _fail(exc.diagnostics())
 
     return wrapper  # type: ignore[return-value]
 

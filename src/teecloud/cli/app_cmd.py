@@ -3,6 +3,7 @@ directly or through the app's multisig / timelock (`app upgrade propose|approve|
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -185,14 +186,35 @@ def upgrade_execute(
 ) -> None:
     """Execute a multisig proposal (enough approvals) or a timelock call (delay passed)."""
     from teecloud.chain.governance import Timelock
+    from teecloud.cloud.governance import PendingChange
 
     with client(ctx) as c:
         gov = c.app(app_id).governance_of(ident)
+        now = c.timestamp()
         if isinstance(gov, Timelock):
+            q = gov.queued(ident)
+            if q.done or q.pending_eta == 0:
+                raise ValueError(f"timelock: call not queued: {ident} is not pending (executed or cancelled)")
+            if q.pending_eta > now:
+                when = PendingChange("timelock", gov.address, ident, "", (), eta=q.pending_eta, now=now)
+                raise ValueError(f"timelock: too early: call {ident} is {when.status_text()}")
             gov.execute(ident)
             kind = "timelock"
         else:
-            gov.execute(int(ident))
+            try:
+                pid = int(ident)
+            except ValueError:
+                raise ValueError(f"{ident!r} is neither a proposal id nor a 0x call id") from None
+            p = gov.proposal(pid)
+            if p.executed or p.cancelled:
+                raise ValueError(f"proposal already {'executed' if p.executed else 'cancelled'}: {pid}")
+            if p.approvals < p.threshold:
+                raise ValueError(
+                    f"not enough approvals: proposal {pid} has {p.approvals} of the {p.threshold} it needs; "
+                    "other owners "
+                    f"approve with `teecloud app upgrade approve {app_id} {pid}`"
+                )
+            gov.execute(pid)
             kind = "multisig"
         out.print(f"executed {ident} in {kind} {gov.address}", highlight=False)
 
@@ -212,14 +234,54 @@ def upgrade_cancel(ctx: typer.Context, app_id: str, ident: str) -> None:
         out.print(f"cancelled {ident}")
 
 
+def resolve_app(ref: str) -> tuple[str, str]:
+    """-> (app_id, name to show). REF is an app_id (0x + 40 hex digits), or the name of a CVM on the local
+    cloud's node (`teecloud up`)."""
+    from eth_utils.address import is_address, to_checksum_address
+
+    if is_address(ref.strip()):
+        return str(to_checksum_address(ref.strip())), ref.strip()
+    from teecloud.cloud.endpoints import read_endpoints
+
+    if len(ref) > 64 or not ref.strip():
+        raise ValueError(f"{ref[:64]!r} is not an address (app_id: 0x + 40 hex digits) nor an app name")
+    if read_endpoints() is None:
+        raise ValueError(
+            f"{ref!r} is not an address (app_id: 0x + 40 hex digits); app names are looked up on the local "
+            "cloud, which is not running (`teecloud up`)"
+        )
+    from teecloud.cloud.deploy import Session
+
+    session = Session()
+    try:
+        cvms = session.node.list_cvms()
+    finally:
+        session.close()
+    ids = sorted({c.app_id for c in cvms if c.name == ref or c.instance_id == ref})
+    if not ids:
+        names = ", ".join(sorted(c.name for c in cvms)) or "none"
+        raise ValueError(f"no app named {ref!r} on the local cloud (apps: {names}); or give its app_id")
+    return str(to_checksum_address("0x" + ids[0].removeprefix("0x"))), ref
+
+
 @app_app.command("show")
 @friendly
-def app_show(ctx: typer.Context, app_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Allowed hashes, owners, pending upgrades and history (from contract events)."""
+def app_show(
+    ctx: typer.Context,
+    app: str = typer.Argument(..., help="app_id, or the app's name on the local cloud"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Allowed hashes, owners, pending changes (decoded, with their ETA) and history (contract events)."""
+    from teecloud.cloud.governance import pending_changes
+
+    app_id, label = resolve_app(app)
     with client(ctx) as c:
         st = c.app(app_id).state()
+        pending = pending_changes(c, app_id)
         if as_json:
-            print_json(st)
+            data = dataclasses.asdict(st)
+            data["pending_changes"] = [p.to_json(label) for p in pending]  # decoded, with the ETA as a date
+            print_json(data)
             return
         out.print(f"app_id: {st.app_id}  registered: {st.registered}", highlight=False)
         out.print(f"owner: {st.owner} ({st.owner_kind})", highlight=False)
@@ -250,14 +312,18 @@ def app_show(ctx: typer.Context, app_id: str, as_json: bool = typer.Option(False
                 out.print(f"  {i}", highlight=False)
         # plain lines, not a table: ids must stay whole so they can be copied into `upgrade approve|execute`
         out.print("pending upgrades:" if st.pending else "pending upgrades: none")
-        for p in st.pending:
-            args = ", ".join("0x" + a.hex() if isinstance(a, bytes) else str(a) for a in p.args)
+        for p, raw in zip(pending, st.pending, strict=True):
+            args = ", ".join("0x" + a.hex() if isinstance(a, bytes) else str(a) for a in raw.args)
             when = (
-                f"executable from unix time {p.eta}"
-                if p.eta is not None
-                else f"approvals {p.approvals}/{p.threshold}"
+                f"executable from unix time {raw.eta}"
+                if raw.eta is not None
+                else f"approvals {raw.approvals}/{raw.threshold}"
             )
-            out.print(f"  {p.kind} {p.ident}: {p.function}({args}) on {p.target}; {when}", highlight=False)
+            out.print(
+                f"  {p.describe(label)}  [{raw.function}({args}) on {raw.target}; {when}]",
+                highlight=False,
+                markup=False,
+            )
         t = Table(title="history")
         for col in ("block", "source", "event", "details"):
             t.add_column(col, overflow="fold")
@@ -269,3 +335,47 @@ def app_show(ctx: typer.Context, app_id: str, as_json: bool = typer.Option(False
             )
             t.add_row(str(e["block"]), e["source"], e["event"], details)
         out.print(t)
+
+
+@app_app.command("transfer-ownership")
+@friendly
+def app_transfer_ownership(
+    ctx: typer.Context,
+    app: str = typer.Argument(..., help="app_id, or the app's name on the local cloud"),
+    to: str | None = typer.Option(None, "--to", help="the new owner's address (it accepts itself)"),
+    multisig: str | None = typer.Option(None, "--multisig", help="comma-separated owner addresses"),
+    threshold: int | None = typer.Option(None, "--threshold", help="approvals needed (with --multisig)"),
+    timelock: int | None = typer.Option(None, "--timelock", help="delay in seconds before any change"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Move an app this signer owns under a multisig and/or a timelock (or another owner). AppAuth takes two
+    steps: the transfer, then the new owner's acceptance, which a timelock makes wait for its delay; run the
+    same command again (without options) to execute the acceptance once it may run."""
+    from teecloud.cloud.governance import GovernanceSpec, transfer_ownership
+
+    spec = GovernanceSpec.build(multisig=multisig, threshold=threshold, timelock=timelock)
+    if spec is not None and to is not None:
+        raise ValueError("give either --to ADDRESS or --multisig/--timelock, not both")
+    app_id, label = resolve_app(app)
+    with client(ctx) as c:
+        r = transfer_ownership(c, app_id, spec=spec, to=to)
+    if as_json:
+        print_json(
+            {
+                "app_id": app_id,
+                "new_owner": r.new_owner,
+                "accepted": r.accepted,
+                "done": r.done,
+                "pending": r.pending.to_json(label) if r.pending else None,
+            }
+        )
+        return
+    for line in r.done:
+        out.print(line, highlight=False)
+    if r.accepted:
+        out.print(f"app {label} is now owned by {r.new_owner}", highlight=False)
+    elif r.pending is not None:
+        out.print(f"waiting for the new owner's acceptance: {r.pending.describe(label)}", highlight=False)
+        out.print("run `teecloud app transfer-ownership " + app + "` again once it may run", highlight=False)
+    else:
+        out.print(f"the new owner {r.new_owner} must call accept_ownership() on the app", highlight=False)

@@ -142,6 +142,34 @@ def chain_allow_os_image(ctx: typer.Context, os_image_hash: str) -> None:
         out.print(f"OS image allowed: 0x{h.hex()}")
 
 
+MAX_ADVANCE = 10 * 365 * 86400
+
+
+@chain_app.command("advance-time")
+@friendly
+def chain_advance_time(
+    ctx: typer.Context,
+    seconds: int = typer.Argument(..., min=1, max=MAX_ADVANCE, help="seconds to move the chain's clock"),
+) -> None:
+    """Development chains only (`teecloud up --dev-time-travel` or `chain up --dev-time-travel`): move the
+    chain's clock forward and mine a block, e.g. past a timelock's delay."""
+    from teecloud.chain import ChainError
+
+    with client(ctx) as c:
+        before = c.timestamp()
+        try:
+            c.increase_time(seconds)
+        except ChainError as exc:
+            if "disabled" in str(exc) or "not supported" in str(exc).lower() or "-32601" in str(exc):
+                raise ValueError(
+                    "this chain does not allow time travel: start the local cloud with "
+                    "`teecloud up --dev-time-travel` (development only)"
+                ) from None
+            raise
+        after = c.timestamp()
+        out.print(f"chain time {before} -> {after} (+{after - before} s), block {c.block_number()}")
+
+
 def register(app: typer.Typer) -> None:
     from .app_cmd import app_app
     from .escrow_cmd import escrow_app

@@ -31,6 +31,10 @@ cvm_app = typer.Typer(
 
 PHASE_TEXT = {
     "registering": "registering the app on chain",
+    "governance": "governance contract deployed",
+    "checking": "checking the chain",
+    "chain": "on chain:",
+    "rollback": "rolling back",
     "booting": "booting the CVM",
     "measuring": "measuring the app into RTMR3",
     "keys": "keys released by the KMS",
@@ -53,32 +57,20 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 @contextmanager
 def _errors() -> Iterator[None]:
     """Map every error a user can cause or fix to a message and exit code 1 (never a traceback)."""
-    from teecloud.chain.errors import ChainError
+    from teecloud.cloud.errors import CloudError, ComposeRefused
+    from teecloud.errors import Error
     from teecloud.node.errors import NodeError
 
     try:
         yield
-    except (NodeError, ChainError) as exc:
+    except ComposeRefused as exc:  # the file given is unusable: a usage error (exit 2), as before
+        _fail(str(exc), 2)
+    except (CloudError, NodeError) as exc:
         _fail(str(exc))
+    except Error as exc:
+        _fail(exc.diagnostics())
     except OSError as exc:
         _fail(f"{exc.strerror or exc}: {exc.filename or ''}")
-
-
-def _check_compose_file(path: Path) -> None:
-    """Refuse an unreadable or malformed compose file before contacting the cloud (exit 2)."""
-    from teecloud.node.compose import load_compose
-    from teecloud.node.errors import ComposeRejected
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        _fail(f"cannot read {path}: not UTF-8 text", 2)
-    except OSError as exc:
-        _fail(f"cannot read {path}: {exc.strerror or exc}", 2)
-    try:
-        load_compose(text)
-    except ComposeRejected as exc:
-        _fail(f"{path}: {exc}", 2)
 
 
 def _session() -> Any:
@@ -131,6 +123,15 @@ def up(
             "can then skip a timelock's delay).",
         ),
     ] = False,
+    kms_nodes: Annotated[
+        int, typer.Option("--kms-nodes", help="Threshold KMS: this many KMS node processes (1: one KMS).")
+    ] = 1,
+    kms_threshold: Annotated[
+        int,
+        typer.Option(
+            "--threshold", help="Threshold KMS: how many nodes answer each key release (default: a majority)."
+        ),
+    ] = 0,
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""
@@ -142,20 +143,35 @@ def up(
             f"a local cloud is already running for this data directory (pid {running.pid}, "
             f"node {running.node})"
         )
-    cloud = LocalCloud(
-        chain_port=chain_port, kms_port=kms_port, node_port=node_port, dev_time_travel=dev_time_travel
-    )
+    kms_threshold = kms_threshold or kms_nodes // 2 + 1
     with _errors():
+        cloud = LocalCloud(
+            chain_port=chain_port,
+            kms_port=kms_port,
+            node_port=node_port,
+            dev_time_travel=dev_time_travel,
+            kms_nodes=kms_nodes,
+            kms_threshold=kms_threshold,
+        )
         ep = cloud.start()
     resumed = len(cloud.node.store.all()) if cloud.node else 0
     table = Table(title="teecloud local cloud", show_header=False)
     table.add_row("chain (JSON-RPC)", ep.chain_rpc)
     table.add_row("KmsAuth", str(ep.contracts.get("KmsAuth", "")))
-    table.add_row("KMS (RA-TLS)", ep.kms)
+    table.add_row(
+        "KMS (RA-TLS)", ep.kms if kms_nodes == 1 else f"{ep.kms} (node 1 of {kms_nodes}, t={kms_threshold})"
+    )
     table.add_row("KMS admin", ep.kms_admin)
     table.add_row("node API", ep.node)
     table.add_row("node token", ep.node_token_file)
     table.add_row("TEE", "tdx-simulated (dev root of this installation)")
+    if ep.gateway:  # --- gateway
+        table.add_row(
+            "gateway (HTTPS)",
+            f"https://<app_id>-<port>.{ep.gateway['base_domain']}:{ep.gateway['public_port']}/",
+        )
+        table.add_row("gateway CA", ep.gateway["ca_file"])
+        table.add_row("gateway admin", ep.gateway["admin"])
     out.print(table)
     if resumed:
         out.print(f"resuming {resumed} CVM(s); see `teecloud ps`")
@@ -172,63 +188,184 @@ def up(
         cloud.stop()
 
 
+# One set of options for deploy, upgrade and compose-hash (teecloud.cloud.options.AppOptions).
+NameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--name", help="App/CVM name (default: the compose file's folder name).", show_default=False
+    ),
+]
+EnvOpt = Annotated[
+    list[str] | None,
+    typer.Option("--env", "-e", help="KEY=VALUE secret env var, encrypted to the app's KMS key (repeat)."),
+]
+EnvFileOpt = Annotated[Path | None, typer.Option("--env-file", help="KEY=VALUE file of secret env vars.")]
+AllowedEnvOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allowed-env",
+        help="Env var name the CVM may receive (repeat), added to the current list; without it, the names "
+        "of the env given are allowed.",
+    ),
+]
+ReplaceAllowedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--replace-allowed-envs",
+        help="Make --allowed-env the whole list instead of adding to it (variables left out are dropped).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _app_options(
+    *,
+    name: str | None = None,
+    env: list[str] | None = None,
+    env_file: Path | None = None,
+    allowed_env: list[str] | None = None,
+    replace_allowed_envs: bool = False,
+    public_logs: bool | None = None,
+    cpus: float | None = None,
+    memory: int | None = None,
+) -> Any:
+    from teecloud.cloud.options import AppOptions
+
+    return AppOptions.build(
+        name=name,
+        env=list(env or []),
+        env_file=env_file,
+        allowed_envs=list(allowed_env or []),
+        replace_allowed_envs=replace_allowed_envs,
+        public_logs=public_logs,
+        cpus=cpus,
+        memory_mb=memory,
+    )
+
+
+def _print_plan(plan: Any, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
+        return
+    for w in plan.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    out.print("app-compose.json (normalized; its sha256 is the compose hash):", highlight=False)
+    sys.stdout.write(plan.app_compose.decode() + "\n")
+    out.print(f"compose_hash: 0x{plan.compose_hash.hex()}", highlight=False)
+
+
+def compose_hash_cmd(
+    compose: Annotated[Path, typer.Argument(help="The app's docker-compose.yml.")],
+    name: NameOpt = None,
+    env: EnvOpt = None,
+    env_file: EnvFileOpt = None,
+    allowed_env: AllowedEnvOpt = None,
+    replace_allowed_envs: ReplaceAllowedOpt = False,
+    public_logs: Annotated[
+        bool, typer.Option("--public-logs", help="Anyone may read the app's logs.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the exact app-compose.json and compose hash that `deploy` (same options) registers: what a
+    multisig or timelock is asked to approve. Needs no running cloud; env values are not part of it."""
+    from teecloud.cloud.options import plan_compose
+
+    with _errors():
+        opts = _app_options(
+            name=name,
+            env=env,
+            env_file=env_file,
+            allowed_env=allowed_env,
+            replace_allowed_envs=replace_allowed_envs,
+            public_logs=public_logs,
+        )
+        plan = plan_compose(compose, opts)
+    _print_plan(plan, as_json)
+
+
 def deploy(
     compose: Annotated[Path, typer.Argument(help="The app's docker-compose.yml (used unchanged).")],
-    name: Annotated[
-        str | None, typer.Option("--name", help="CVM name (default: the directory's name).")
-    ] = None,
-    env_file: Annotated[
-        Path | None, typer.Option("--env-file", help="KEY=VALUE file of secret env vars.")
-    ] = None,
-    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE secret env var.")] = None,
-    allowed_env: Annotated[
-        list[str] | None, typer.Option("--allowed-env", help="Env var name the CVM may receive (repeat).")
-    ] = None,
+    name: NameOpt = None,
+    env: EnvOpt = None,
+    env_file: EnvFileOpt = None,
+    allowed_env: AllowedEnvOpt = None,
+    replace_allowed_envs: ReplaceAllowedOpt = False,
     public_logs: Annotated[
         bool, typer.Option("--public-logs", help="Anyone may read the app's logs.")
     ] = False,
     app_id: Annotated[
         str | None, typer.Option("--app-id", help="Deploy as an existing on-chain app.")
     ] = None,
+    multisig: Annotated[
+        str | None,
+        typer.Option(
+            "--multisig", help="Owners of the new app: a multisig of these comma-separated addresses."
+        ),
+    ] = None,
+    threshold: Annotated[
+        int | None, typer.Option("--threshold", help="Approvals the multisig needs (with --multisig).")
+    ] = None,
+    timelock: Annotated[
+        int | None,
+        typer.Option(
+            "--timelock", help="Every change to the app waits this many seconds (a timelock owns it)."
+        ),
+    ] = None,
     cpus: Annotated[float | None, typer.Option("--cpus", help="CPU cap per service.")] = None,
     memory: Annotated[int | None, typer.Option("--memory", help="Memory cap per service (MB).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the app-compose.json and compose hash; register nothing."),
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Register the app on chain, encrypt its env to its KMS key, boot it in a CVM, and verify it."""
     from teecloud.cloud.deploy import deploy as do_deploy
-    from teecloud.cloud.deploy import parse_env_file
+    from teecloud.cloud.governance import GovernanceSpec
+    from teecloud.cloud.options import plan_compose
 
     t0 = time.perf_counter()
-    _check_compose_file(compose)
     with _errors():
-        values: dict[str, str] = parse_env_file(env_file) if env_file else {}
-        for item in env or []:
-            key, sep, value = item.partition("=")
-            if not sep or not key.isidentifier():
-                _fail(f"--env expects KEY=VALUE, got {item!r}")
-            values[key] = value
-        allowed = list(allowed_env or [])
-        if env_file and not allowed_env:
-            allowed = sorted(values)  # the env file's own names, when none are listed
+        opts = _app_options(
+            name=name,
+            env=env,
+            env_file=env_file,
+            allowed_env=allowed_env,
+            replace_allowed_envs=replace_allowed_envs,
+            public_logs=public_logs,
+            cpus=cpus,
+            memory=memory,
+        )
+        governance = GovernanceSpec.build(multisig=multisig, threshold=threshold, timelock=timelock)
+        if governance is not None and app_id is not None:
+            _fail(
+                "--multisig/--timelock give a new app its owner: for an existing app use "
+                "`teecloud app transfer-ownership`",
+                2,
+            )
+        if app_id is not None:
+            from teecloud.ids import parse_app_id
+
+            parse_app_id(app_id, name="--app-id")
+        plan = plan_compose(compose, opts)  # every input refused here, before the cloud is contacted
+        if dry_run:
+            _print_plan(plan, as_json)
+            return
         session = _session()
         result = do_deploy(
             session,
             compose,
-            name=name,
-            env=values,
-            allowed_envs=allowed,
-            public_logs=public_logs,
+            opts,
             app_id=app_id,
-            cpus=cpus,
-            memory_mb=memory,
+            governance=governance,
             progress=_progress(t0),
         )
     if as_json:
-        out.print_json(
-            json.dumps({**result.__dict__, "verdict": result.verdict.to_json() if result.verdict else None})
-        )
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
     else:
         table = Table(show_header=False)
+        table.add_column(overflow="fold")
+        table.add_column(overflow="fold")
         table.add_row("app_id", "0x" + result.app_id)
         table.add_row("compose_hash", result.compose_hash)
         table.add_row("instance_id", result.instance_id)
@@ -236,6 +373,8 @@ def deploy(
         table.add_row("status", result.status)
         for url in result.urls:
             table.add_row("url", url)
+        for url in result.gateway_urls:  # --- gateway
+            table.add_row("https", url)
         out.print(table)
         if result.verdict is not None:
             _print_verdict(result.verdict)
@@ -246,41 +385,87 @@ def deploy(
     err.print(f"[dim]deployed in {time.perf_counter() - t0:.2f}s[/]")
 
 
-def ps(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def ps(
+    as_json: JsonOpt = False,
+    wide: Annotated[bool, typer.Option("--wide", "-w", help="Full ids, hashes and URLs.")] = False,
+) -> None:
     """List the CVMs on the local node."""
     with _errors():
         cvms = _session().node.list_cvms()
     if as_json:
-        out.print_json(json.dumps([c.model_dump() for c in cvms]))
+        sys.stdout.write(json.dumps([c.model_dump() for c in cvms], indent=2) + "\n")
         return
     table = Table()
     for col in ("name", "instance", "app_id", "compose_hash", "status", "urls"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold" if wide else "ellipsis", no_wrap=not wide)
     for c in cvms:
         status = c.status + (f" ({c.phase})" if c.status == "booting" else "")
         if c.error:
-            status += f": {c.error[:80]}"
+            status += f": {c.error if wide else c.error[:80]}"
         table.add_row(
             c.name,
-            c.instance_id[:12],
-            "0x" + c.app_id[:10] + "…",
-            c.compose_hash[:12],
+            c.instance_id if wide else c.instance_id[:12],
+            "0x" + (c.app_id if wide else c.app_id[:10] + "…"),
+            c.compose_hash if wide else c.compose_hash[:12],
             status,
             " ".join(c.urls),
         )
     out.print(table)
+    if not wide and cvms:
+        err.print("[dim](--wide for full values, --json for everything)[/]")
+
+
+MAX_FOLLOWED_SERVICES = 32
+
+
+def _follow_all(session: Any, app: str, tail: int) -> None:
+    """`logs -f` without -s: one follow stream per service (the node follows one service per stream),
+    merged here with a `service | ` prefix, until Ctrl-C or every stream ends."""
+    import queue
+
+    st = session.node.get(app)
+    services = sorted({c.service for c in st.containers})[:MAX_FOLLOWED_SERVICES]
+    if not services:
+        _fail(f"{st.name} has no containers to follow (status {st.status})")
+    width = max(len(x) for x in services)
+    lines: queue.Queue[tuple[str, str | None]] = queue.Queue(maxsize=1024)
+
+    def pump(service: str) -> None:
+        try:
+            for line in session.node.logs(app, service=service, tail=tail, follow=True):
+                lines.put((service, line))
+        except Exception as exc:  # reported in the merged output; the other services keep going
+            lines.put((service, f"[log stream ended: {exc}]"))
+        lines.put((service, None))
+
+    for service in services:
+        threading.Thread(target=pump, args=(service,), daemon=True, name=f"logs-{service}").start()
+    open_streams = len(services)
+    while open_streams:
+        service, line = lines.get()
+        if line is None:
+            open_streams -= 1
+            continue
+        sys.stdout.write(f"{service:<{width}} | {line}\n")
+        sys.stdout.flush()
 
 
 def logs(
     app: Annotated[str, typer.Argument(help="CVM name or instance id.")],
     service: Annotated[str | None, typer.Option("--service", "-s", help="Only this service.")] = None,
-    tail: Annotated[int, typer.Option("--tail", "-n", help="Lines from the end.")] = 200,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep following (one service).")] = False,
+    tail: Annotated[int, typer.Option("--tail", "-n", min=0, max=100_000, help="Lines from the end.")] = 200,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep following (every service unless -s).")
+    ] = False,
 ) -> None:
     """Print the app's container logs."""
     with _errors():
+        session = _session()
         try:
-            for line in _session().node.logs(app, service=service, tail=tail, follow=follow):
+            if follow and service is None:
+                _follow_all(session, app, tail)
+                return
+            for line in session.node.logs(app, service=service, tail=tail, follow=follow):
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()
         except KeyboardInterrupt:
@@ -290,38 +475,92 @@ def logs(
 def upgrade(
     app: Annotated[str, typer.Argument(help="CVM name or instance id.")],
     compose: Annotated[Path, typer.Argument(help="The new docker-compose.yml.")],
-    env_file: Annotated[
-        Path | None, typer.Option("--env-file", help="New secret env vars (else kept).")
+    env: EnvOpt = None,
+    env_file: EnvFileOpt = None,
+    allowed_env: AllowedEnvOpt = None,
+    replace_allowed_envs: ReplaceAllowedOpt = False,
+    public_logs: Annotated[
+        bool | None,
+        typer.Option("--public-logs/--private-logs", help="Change who may read logs (default: unchanged)."),
     ] = None,
-    allowed_env: Annotated[
-        list[str] | None, typer.Option("--allowed-env", help="New allowed env names.")
-    ] = None,
-    no_register: Annotated[
+    commit: Annotated[
         bool,
-        typer.Option("--no-register", help="Do not add the new compose hash on chain (it must be allowed)."),
+        typer.Option(
+            "--commit", help="Execute the pending on-chain approval if it may run now, then roll out."
+        ),
     ] = False,
+    no_propose: Annotated[
+        bool,
+        typer.Option("--no-propose", help="Only check the chain: do not propose the new hash to its owners."),
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Replace the app's compose (same app_id and data). Without on-chain approval of the new hash the CVM
-    gets no keys and does not start."""
-    from teecloud.cloud.deploy import parse_env_file
+    """Replace the app's compose (same app_id and data). The chain is checked first: while the new compose
+    hash waits for a multisig or a timelock, the current version keeps running and this says what it waits
+    for; run it again (or with --commit) once the chain allows the hash. A failed rollout returns to the
+    previous version. Without -e/--env-file the app's current encrypted env is kept."""
     from teecloud.cloud.deploy import upgrade as do_upgrade
 
     t0 = time.perf_counter()
-    _check_compose_file(compose)
     with _errors():
-        values = parse_env_file(env_file) if env_file else None
-        result = do_upgrade(
-            _session(),
-            app,
-            compose,
-            env=values,
-            allowed_envs=allowed_env,
-            register=not no_register,
-            progress=_progress(t0),
+        opts = _app_options(
+            env=env,
+            env_file=env_file,
+            allowed_env=allowed_env,
+            replace_allowed_envs=replace_allowed_envs,
+            public_logs=public_logs,
         )
-    out.print(f"compose_hash {result.compose_hash}: {result.status}")
+        from teecloud.cloud.errors import ComposeRefused
+        from teecloud.cloud.options import read_compose_file
+        from teecloud.node.compose import load_compose
+        from teecloud.node.errors import ComposeRejected
+
+        try:  # an unusable file is refused before the cloud is contacted
+            load_compose(read_compose_file(compose))
+        except ComposeRejected as exc:
+            raise ComposeRefused(f"{compose}: {exc}") from exc
+        result = do_upgrade(
+            _session(), app, compose, opts, commit=commit, propose=not no_propose, progress=_progress(t0)
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+    if result.status == "unchanged":
+        if not as_json:
+            out.print(f"{result.name} already runs compose hash {result.compose_hash}: nothing to do")
+        return
+    if result.status == "pending":
+        if not as_json:
+            out.print(
+                f"{result.name} keeps running its current version (compose hash "
+                f"{result.previous_compose_hash}).",
+                highlight=False,
+            )
+            out.print(
+                f"new compose hash 0x{result.compose_hash} is not allowed on chain yet.", highlight=False
+            )
+            if result.pending is not None:
+                out.print(f"waiting for: {result.pending.describe(result.name)}", highlight=False)
+                if result.pending.executable:
+                    out.print("it may run now: `teecloud upgrade ... --commit` executes it and rolls out")
+                else:
+                    out.print(
+                        "once it is executed (or with --commit once it may run), run this command again"
+                    )
+            else:
+                out.print(
+                    "no pending change adds it: propose it with "
+                    f"`teecloud app upgrade propose 0x{result.app_id} 0x{result.compose_hash}`",
+                    highlight=False,
+                )
+        return
+    if not as_json:
+        out.print(f"compose_hash {result.compose_hash}: {result.status}", highlight=False)
+        if result.verdict is not None:
+            _print_verdict(result.verdict)
     if result.status != "running":
         _fail(f"the upgraded CVM did not start: {result.error}")
+    if result.verdict is not None and not result.verdict.ok:
+        raise typer.Exit(1)
 
 
 def _action(action: str) -> Callable[[str], None]:
@@ -356,6 +595,11 @@ def rm(
     with _errors():
         session = _session()
         st = session.node.get(app)
+        if not yes and not sys.stdin.isatty():
+            _fail(
+                f"not removing {st.name}: removal destroys its data and needs a confirmation, but stdin is "
+                "not a terminal; pass -y/--yes to remove it without asking"
+            )
         if not yes and not typer.confirm(f"remove {st.name} ({st.instance_id[:12]}) and destroy its data?"):
             raise typer.Exit(1)
         # (1) on chain first: once retired, neither a restart nor a stolen quote gets the keys back
@@ -390,11 +634,14 @@ def attest(
         session = _session()
         verdict = verify_app(session.node, app, platform=session.platform, chain=session.chain)
     if as_json:
-        out.print_json(json.dumps(verdict.to_json()))
+        sys.stdout.write(json.dumps(verdict.to_json(), indent=2) + "\n")
     else:
-        out.print(
-            f"app_id 0x{verdict.app_id}  compose_hash {verdict.compose_hash}  instance {verdict.instance_id}"
-        )
+        if verdict.app_id:  # known only once the event log replayed
+            out.print(
+                f"app_id 0x{verdict.app_id}  compose_hash {verdict.compose_hash}  "
+                f"instance {verdict.instance_id}",
+                highlight=False,
+            )
         _print_verdict(verdict)
     if not verdict.ok:
         raise typer.Exit(1)
@@ -409,17 +656,24 @@ def cvm_status(app: Annotated[str, typer.Argument(help="CVM name or instance id.
 
 
 @cvm_app.command("stats")
-def cvm_stats(app: Annotated[str, typer.Argument(help="CVM name or instance id.")]) -> None:
-    """CPU, memory, network and block I/O of the CVM's containers."""
+def cvm_stats(
+    app: Annotated[str, typer.Argument(help="CVM name or instance id.")], as_json: JsonOpt = False
+) -> None:
+    """CPU, memory, network and block I/O of the CVM's containers, by service."""
     with _errors():
-        rows = _session().node.stats(app)
+        session = _session()
+        rows = session.node.stats(app)
+        services = {c.container: c.service for c in session.node.get(app).containers}
+    cols = ("service", "container", "cpu", "memory", "net_io", "block_io", "pids")
+    rows = [{"service": services.get(str(r.get("container", "")), ""), **r} for r in rows]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
     table = Table()
-    for col in ("container", "cpu", "memory", "net_io", "block_io", "pids"):
+    for col in cols:
         table.add_column(col)
     for r in rows:
-        table.add_row(
-            *(str(r.get(c, "")) for c in ("container", "cpu", "memory", "net_io", "block_io", "pids"))
-        )
+        table.add_row(*(str(r.get(c, "")) for c in cols))
     out.print(table)
 
 
@@ -429,6 +683,7 @@ cvm_app.command("restart")(_action("restart"))
 def register(app: typer.Typer) -> None:
     app.command("up")(up)
     app.command("deploy")(deploy)
+    app.command("compose-hash")(compose_hash_cmd)
     app.command("ps")(ps)
     app.command("logs")(logs)
     app.command("upgrade")(upgrade)

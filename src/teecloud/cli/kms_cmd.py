@@ -34,10 +34,10 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _kms_dir() -> Path:
+def _kms_dir(home: Path | None = None) -> Path:
     from teecloud.kms.bootstrap import kms_dir
 
-    return kms_dir()
+    return kms_dir(home)
 
 
 def _tee(dev: bool) -> Any:
@@ -101,6 +101,23 @@ def up(
     gateway_app_id: Annotated[
         str, typer.Option("--gateway-app-id", help="Gateway app id handed to CVMs.")
     ] = "",
+    threshold_node: Annotated[
+        int,
+        typer.Option(
+            "--threshold-node",
+            help="Serve share INDEX of the threshold group (data in data_home()/kms-nodes/INDEX).",
+        ),
+    ] = 0,
+    dealer: Annotated[
+        bool,
+        typer.Option(
+            "--dealer", help="With --threshold-node: a share-less DKG dealer (kms-nodes/dealer-INDEX)."
+        ),
+    ] = False,
+    join_dkg: Annotated[
+        Path | None,
+        typer.Option("--join-dkg", help="With --threshold-node: join this DKG round (plan JSON) at boot."),
+    ] = None,
 ) -> None:
     """Start the KMS: boot its TEE, unseal (or create) its root keys, serve RA-TLS and the admin API."""
     from teecloud.kms.bootstrap import publish_kms_info
@@ -109,12 +126,26 @@ def up(
 
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)
+    node_dir: Path | None = None
+    join: Any = None
+    if (dealer or join_dkg is not None) and not threshold_node:
+        _fail("--dealer and --join-dkg need --threshold-node INDEX")
+    if threshold_node:
+        from teecloud.kms.errors import SealingError
+        from teecloud.kms.threshold import dealer_home, node_home
 
-    def publish(state: Any, _identity: Any, created: bool) -> str:
+        try:
+            node_dir = dealer_home(threshold_node) if dealer else node_home(threshold_node)
+        except SealingError as exc:
+            _fail(str(exc))
+        if join_dkg is not None:
+            join = _dkg_joiner(join_dkg, threshold_node, tee, dev, pccs_url, chain)
+
+    def publish(keys: Any, _identity: Any, created: bool) -> str:
         if not created:
             return ""
         err.print("[green]generated new root keys inside the TEE and sealed them[/]")
-        return publish_kms_info(chain, state, tee)
+        return publish_kms_info(chain, keys, tee)
 
     reference = None
     if dev:
@@ -134,6 +165,10 @@ def up(
                 admin_port=admin_port,
                 gateway_app_id=gateway_app_id,
                 on_keys=publish,
+                home=node_dir,
+                threshold=bool(threshold_node) and not dealer,
+                threshold_dealer=dealer,
+                join=join,
             )
         )
     except KmsError as exc:
@@ -144,13 +179,26 @@ def up(
         err.print(f"published KMS info to KmsAuth (quote hash {running.published})")
     if running.publish_error:
         err.print(f"[yellow]warning:[/] could not publish KMS info to KmsAuth: {running.publish_error}")
-    server, state, identity = running.server, running.state, running.identity
+    server, keys, identity = running.server, running.keys, running.identity
+    endpoint = _kms_dir(node_dir) / ENDPOINT_FILE
     atomic_write_json(
-        _kms_dir() / ENDPOINT_FILE, {"url": server.url, "admin_url": server.admin_url, "dev": dev}
+        endpoint,
+        {
+            "url": server.url,
+            "admin_url": server.admin_url,
+            "dev": dev,
+            "threshold_node": threshold_node,
+            "server_ca_pubkey": keys.ca_public_key_der.hex(),
+        },
     )
+    if running.service.threshold is not None:
+        ev = running.service.threshold
+        out.print(
+            f"threshold node {ev.index} (epoch {ev.epoch}, group key {ev.group_public_key.hex()[:16]}…)"
+        )
     out.print(f"KMS listening on {server.url} (RA-TLS), admin on {server.admin_url}")
-    out.print(f"root CA public key {state.root.ca_public_key_der.hex()}")
-    out.print(f"k256 public key    {state.root.k256_public_key.hex()}")
+    out.print(f"root CA public key {keys.ca_public_key_der.hex()}")
+    out.print(f"k256 public key    {keys.k256_public_key.hex()}")
     out.print(
         f"mr_aggregated      {identity.mr_aggregated.hex()}" + ("  [yellow](dev mode)[/]" if dev else "")
     )
@@ -163,7 +211,77 @@ def up(
         pass
     finally:
         server.stop()
-        (_kms_dir() / ENDPOINT_FILE).unlink(missing_ok=True)
+        endpoint.unlink(missing_ok=True)
+
+
+def _dkg_joiner(plan_file: Path, index: int, tee: Any, dev: bool, pccs_url: str | None, chain: Any) -> Any:
+    """The join step of `kms up --join-dkg`: the plan names the round and its dealers (URL and server CA
+    key each); each dealer is checked as a KMS (RA-TLS + KmsAuth.isKmsAllowed) before anything is sent."""
+    from teecloud.kms.bootstrap import KMS_APP_ID
+    from teecloud.kms.client import connect_kms
+    from teecloud.kms.errors import SealingError
+    from teecloud.kms.threshold import DkgPlan
+    from teecloud.kms.threshold_client import join_dkg
+
+    try:
+        doc = json.loads(plan_file.read_text())
+        dealers = {int(i): d for i, d in doc["dealers"].items()}
+        plan = DkgPlan(
+            bytes.fromhex(doc["session"]),
+            int(doc["epoch"]),
+            tuple(sorted(dealers)),
+            int(doc["t"]),
+            int(doc["n"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SealingError) as exc:
+        _fail(f"DKG plan {plan_file}: {exc}")
+    collateral = _collateral(tee, dev, pccs_url)
+
+    def join(tee_: Any, _identity: Any) -> Any:
+        clients = {
+            i: connect_kms(
+                str(d["url"]),
+                collateral_for=lambda q, now: collateral.collateral_for(q, now=now),
+                dev_root_der=tee_.dev_root_der() if dev else None,
+                chain=chain,
+                expected_ca_pubkey_der=bytes.fromhex(str(d["server_ca_pubkey"])),
+            )
+            for i, d in dealers.items()
+        }
+        return join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID)
+
+    return join
+
+
+@app.command("threshold-init")
+def threshold_init(
+    nodes: Annotated[int, typer.Option("--nodes", help="n: how many KMS nodes hold a share.")] = 5,
+    threshold: Annotated[int, typer.Option("--threshold", help="t: how many nodes answer a release.")] = 3,
+    dev: Annotated[
+        bool, typer.Option("--dev", help="Development ceremony on the simulated TEE (required).")
+    ] = False,
+) -> None:
+    """Development key ceremony for a t-of-n threshold KMS: a Joint-Feldman DKG run in this one process
+    (which sees every share: development only), each share sealed into data_home()/kms-nodes/<i>."""
+    from teecloud.kms.bootstrap import boot_kms_tee
+    from teecloud.kms.errors import KmsError
+    from teecloud.kms.threshold import dev_ceremony, nodes_dir
+
+    if not dev:
+        _fail("only the development ceremony exists (--dev); the networked DKG among nodes is not built")
+    if not 1 <= threshold <= nodes <= 16:
+        _fail("need 1 <= --threshold <= --nodes <= 16")
+    tee = _tee(dev)
+    try:
+        group, created = dev_ceremony(tee, boot_kms_tee(tee), threshold, nodes)
+    except KmsError as exc:
+        _fail(exc.diagnostics())
+    verb = "created" if created else "already exists:"
+    out.print(
+        f"{verb} {group.t}-of-{group.n} group (epoch {group.epoch}) in {nodes_dir()}; "
+        f"group key {group.commitments[0].hex()}"
+    )
+    err.print("[yellow]development ceremony: this process saw every share[/]")
 
 
 @app.command("onboard")
@@ -191,7 +309,7 @@ def onboard(
         identity = boot_kms_tee(tee, finish=False)  # onboarding needs boot-time evidence
         if load_state(tee, identity) is not None:
             _fail(f"this KMS already has root keys in {_kms_dir()}; refusing to overwrite them")
-        state = onboard_from(
+        keys = onboard_from(
             source,
             tee=tee,
             identity=identity,
@@ -201,22 +319,30 @@ def onboard(
         )
     except KmsError as exc:
         _fail(exc.diagnostics())
-    out.print(
-        f"[green]onboarded[/] from {source}: root CA key {state.root.ca_public_key_der.hex()[:32]}…, sealed"
-    )
+    out.print(f"[green]onboarded[/] from {source}: root CA key {keys.ca_public_key_der.hex()[:32]}…, sealed")
 
 
 def _local_client(
     url: str | None, dev: bool, pccs_url: str | None, insecure: bool, rpc_url: str | None = None
 ) -> Any:
-    from teecloud.kms.client import KmsClient, UnsafeNoServerCheck, ratls_server_check
+    from teecloud.kms.client import KmsClient, UnsafeNoServerCheck, connect_kms
 
     if url is None:
         path = _kms_dir() / ENDPOINT_FILE
         try:
             url = str(json.loads(path.read_text())["url"])
-        except (OSError, ValueError, KeyError):
-            _fail("no --url given and no local KMS running (`teecloud kms up`)")
+        except (OSError, ValueError, KeyError, TypeError):
+            from teecloud.cloud.endpoints import read_endpoints
+
+            cloud = read_endpoints()  # the KMS of a running `teecloud up` for this data directory
+            if cloud is None:
+                _fail("no --url given and no local KMS running (`teecloud up` or `teecloud kms up`)")
+            url = cloud.kms
+            if not (dev or pccs_url or insecure):
+                dev = True  # `teecloud up` runs on the simulated TEE of this installation
+                err.print(
+                    f"[dim]KMS of the local cloud ({url}), verified against this installation's dev root[/]"
+                )
     if insecure:
         return KmsClient(url, server_check=UnsafeNoServerCheck())
     # The KMS must be one KmsAuth allows (isKmsAllowed on its attested boot info), not just any CVM.
@@ -224,20 +350,20 @@ def _local_client(
         from teecloud.tee.simulated import SimulatedTdx
 
         sim = SimulatedTdx()
-        check = ratls_server_check(
+        return connect_kms(
+            url,
             collateral_for=lambda q, now: sim.collateral(),
             dev_root_der=sim.dev_root_der(),
             chain=_chain(rpc_url, None),
         )
-        return KmsClient(url, server_check=check)
     if pccs_url:
         tee_col = _collateral(None, False, pccs_url)
-        check = ratls_server_check(
+        return connect_kms(
+            url,
             collateral_for=lambda q, now: tee_col.collateral_for(q, now=now),
             dev_root_der=None,
             chain=_chain(rpc_url, None),
         )
-        return KmsClient(url, server_check=check)
     _fail("say how to verify the KMS: --dev (simulated, local dev root), --pccs-url URL, or --insecure")
 
 
@@ -295,9 +421,16 @@ def audit(
     from teecloud.kms.audit import AuditLog
 
     log = AuditLog(path or _kms_dir() / "audit.jsonl")
-    records = (
-        [r for r in log.read() if not denied or r.decision == "denied"][-max(limit, 0) :] if limit else []
-    )
+    try:
+        if log.path.is_dir():
+            raise IsADirectoryError(21, "is a directory, not an audit file")
+        read = list(log.read()) if limit else []
+    except OSError as exc:
+        err.print(
+            f"[red]error:[/] cannot read the audit log {log.path}: {exc.strerror or exc}", highlight=False
+        )
+        raise typer.Exit(1) from None
+    records = [r for r in read if not denied or r.decision == "denied"][-max(limit, 0) :] if limit else []
     if as_json:
         for r in records:
             typer.echo(json.dumps(r.model_dump(), sort_keys=True))

@@ -245,9 +245,9 @@ def dev_root_cmd(
         collateral = tee.collateral()
     except TeeError as exc:
         _fail(str(exc))
-    if export.exists() and not export.is_dir():
-        _fail(f"{export} exists and is not a directory", 2)
     try:
+        if export.exists() and not export.is_dir():
+            _fail(f"{export} exists and is not a directory", 2)
         atomic_write(export / "root_ca.der", tee.dev_root_der(), mode=0o644)
         atomic_write(export / "collateral.json", collateral, mode=0o644)
     except OSError as exc:

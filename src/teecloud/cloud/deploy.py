@@ -18,11 +18,19 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from teecloud.node.errors import ComposeRejected, NodeError
+import httpx
+
+from teecloud.cloud.errors import DeployError
+from teecloud.cloud.options import AppOptions, ComposePlan, parse_env_file, plan_compose
+
+if TYPE_CHECKING:
+    from teecloud.cloud.governance import GovernanceSpec, PendingChange
 
 __all__ = [
+    "AppOptions",
+    "ComposePlan",
     "DeployError",
     "DeployResult",
     "Retirement",
@@ -30,42 +38,12 @@ __all__ = [
     "build_app_compose",
     "deploy",
     "parse_env_file",
+    "plan_compose",
     "retire_instance",
     "upgrade",
 ]
 
-MAX_ENV_FILE = 256 * 1024
 Progress = Callable[[str, str], None]  # (phase, detail)
-
-
-class DeployError(NodeError):
-    pass
-
-
-def parse_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines; blank lines and # comments skipped; optional `export `; one level of matching quotes
-    stripped. Anything else is an error with its line number (never silently ignored)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise DeployError(f"cannot read env file {path}: {exc.strerror}") from exc
-    if len(data) > MAX_ENV_FILE:
-        raise DeployError(f"env file {path} is larger than {MAX_ENV_FILE} bytes")
-    env: dict[str, str] = {}
-    for n, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        line = line.removeprefix("export ").lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise DeployError(f"{path}:{n}: expected KEY=VALUE, got {raw!r}")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        env[key] = value
-    return env
 
 
 def build_app_compose(
@@ -81,7 +59,7 @@ def build_app_compose(
     from teecloud.appcompose import compose_hash, normalize_app_compose
     from teecloud.node.compose import load_compose
 
-    load_compose(compose_text)  # refuse early what the node would refuse (the node checks again)
+    load_compose(compose_text)  # the whole compose policy, before anything else (the node checks again)
     doc: dict[str, Any] = {
         "manifest_version": 2,
         "name": name,
@@ -101,6 +79,32 @@ def build_app_compose(
     return normalize_app_compose(doc).encode(), compose_hash(doc)
 
 
+def wait_gateway_urls(gateway: dict[str, Any], app_id: str, st: Any, timeout: float = 20.0) -> list[str]:
+    """https://<app_id>-<port>.<base>:<port>/ for each published TCP port of the CVM, after waiting (at most
+    `timeout`) until the app answers through the gateway on the first one (validated with the CA)."""
+    ports = sorted(
+        {int(p["container_port"]) for c in st.containers for p in c.ports if p.get("protocol") == "tcp"}
+    )
+    base, public = gateway.get("base_domain"), gateway.get("public_port")
+    if not ports or not base or not public:
+        return []
+    urls = [f"https://{app_id}-{p}.{base}:{public}/" for p in ports]
+    host = f"{app_id}-{ports[0]}.{base}"
+    deadline = time.monotonic() + timeout
+    with httpx.Client(verify=str(gateway.get("ca_file")), timeout=5) as http:
+        while time.monotonic() < deadline:
+            try:
+                r = http.get(
+                    f"https://127.0.0.1:{public}/", headers={"Host": host}, extensions={"sni_hostname": host}
+                )
+                if r.status_code < 500 and r.status_code != 421:  # the app itself answered
+                    return urls
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    return urls
+
+
 @dataclass
 class DeployResult:
     app_id: str
@@ -113,6 +117,32 @@ class DeployResult:
     verdict: Any = None
     timings: dict[str, float] = field(default_factory=dict)
     boot_timings: dict[str, float] = field(default_factory=dict)
+    gateway_urls: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    previous_compose_hash: str = ""  # upgrade: the version that ran before
+    pending: PendingChange | None = None  # upgrade: the governance call the new hash waits for
+    done: list[str] = field(default_factory=list)  # upgrade: what was done on chain, in words
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "app_id": "0x" + self.app_id,
+            "compose_hash": "0x" + self.compose_hash,
+            "previous_compose_hash": ("0x" + self.previous_compose_hash)
+            if self.previous_compose_hash
+            else None,
+            "instance_id": self.instance_id,
+            "name": self.name,
+            "urls": self.urls,
+            "gateway_urls": self.gateway_urls,
+            "status": self.status,
+            "error": self.error,
+            "warnings": self.warnings,
+            "chain": self.done,
+            "pending": self.pending.to_json(self.name) if self.pending is not None else None,
+            "verdict": self.verdict.to_json() if self.verdict is not None else None,
+            "timings": self.timings,
+            "boot_timings": self.boot_timings,
+        }
 
 
 class Session:
@@ -145,14 +175,14 @@ class Session:
         return self._platform
 
     def kms_client(self) -> Any:
-        from teecloud.kms.client import KmsClient, ratls_server_check
+        from teecloud.kms.client import connect_kms
 
         p = self.platform
-        return KmsClient(
+        return connect_kms(
             self.endpoints.kms,
-            server_check=ratls_server_check(
-                collateral_for=lambda _q, _n: p.collateral(), dev_root_der=p.dev_root_der(), chain=self.chain
-            ),
+            collateral_for=lambda _q, _n: p.collateral(),
+            dev_root_der=p.dev_root_der(),
+            chain=self.chain,
         )
 
     def close(self) -> None:
@@ -217,15 +247,54 @@ def retire_instance(session: Session, app_id: str, instance_id: str) -> Retireme
     return Retirement(True, f"retired on chain in block {int(str(r['blockNumber']), 0)}")
 
 
+def _options(
+    options: AppOptions | None,
+    *,
+    name: str | None = None,
+    env: Mapping[str, str] | None = None,
+    allowed_envs: Sequence[str] | None = None,
+    public_logs: bool | None = None,
+    cpus: float | None = None,
+    memory_mb: int | None = None,
+) -> AppOptions:
+    """The options of a call, from an AppOptions or (older callers) from keyword arguments."""
+    if options is not None:
+        if name is not None and name != options.name:
+            from dataclasses import replace
+
+            from teecloud.cloud.options import validate_name
+
+            return replace(options, name=validate_name(name))
+        return options
+    return AppOptions.build(
+        name=name,
+        env=dict(env or {}),
+        allowed_envs=list(allowed_envs or []),
+        public_logs=public_logs,
+        cpus=cpus,
+        memory_mb=memory_mb,
+    )
+
+
+def _wait(session: Session, instance_id: str, timeout: float, progress: Progress) -> Any:
+    return session.node.wait(
+        instance_id,
+        timeout=timeout,
+        on_phase=lambda s: progress(s.phase if s.status == "booting" else s.status, s.error),
+    )
+
+
 def deploy(
     session: Session,
     compose_path: Path,
+    options: AppOptions | None = None,
     *,
     name: str | None = None,
     env: Mapping[str, str] | None = None,
     allowed_envs: Sequence[str] = (),
     public_logs: bool = False,
     app_id: str | None = None,
+    governance: GovernanceSpec | None = None,
     cpus: float | None = None,
     memory_mb: int | None = None,
     progress: Progress = lambda phase, detail: None,
@@ -243,75 +312,85 @@ def deploy(
         timings[phase] = now - t
         t = now
 
-    env = dict(env or {})
-    missing = sorted(k for k in env if k not in allowed_envs)
-    if missing:
-        # Sent anyway (encrypted): the CVM itself enforces allowed_envs and drops them, which is measured.
-        progress("warning", f"env vars {', '.join(missing)} are not in allowed_envs: the CVM will drop them")
-    compose_path = Path(compose_path)
-    try:
-        compose_text = compose_path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DeployError(f"cannot read {compose_path}: {exc}") from exc
-    name = name or compose_path.resolve().parent.name or "app"
-    # (1)
-    try:
-        app_compose, chash = build_app_compose(
-            compose_text, name=name, allowed_envs=allowed_envs, public_logs=public_logs
+    opts = _options(
+        options,
+        name=name,
+        env=env,
+        allowed_envs=allowed_envs,
+        public_logs=public_logs,
+        cpus=cpus,
+        memory_mb=memory_mb,
+    )
+    if governance is not None and app_id is not None:
+        raise DeployError(
+            "--multisig/--timelock create a new app's owner; for an existing app use "
+            "`teecloud app transfer-ownership`"
         )
-    except ComposeRejected as exc:
-        raise DeployError(f"{compose_path}: {exc}") from exc
-    _node_check(session, name, app_compose)
+    # (1)
+    plan = plan_compose(Path(compose_path), opts)
+    for w in plan.warnings:
+        progress("warning", w)
+    _node_check(session, plan.name, plan.app_compose)
+    chash = plan.compose_hash
     mark("compose")
     # (2)
-    progress("registering", f"compose_hash {chash.hex()}")
     chain = session.chain
     if app_id is None:
-        app_id = chain.register_app(None, chash)
-    elif not chain.is_compose_hash_allowed(app_id, chash):
-        try:
-            chain.add_compose_hash(app_id, chash)
-        except Exception as exc:
+        progress("registering", f"compose_hash {chash.hex()}")
+        owner = None
+        if governance is not None:
+            owner, done = governance.create(chain)
+            for line in done:
+                progress("governance", line)
+        app_id = chain.register_app(owner, chash)
+    else:
+        from teecloud.cloud.governance import ensure_allowed
+        from teecloud.ids import parse_app_id as _parse
+
+        app_id = "0x" + _parse(str(app_id), name="--app-id").hex()
+        outcome = ensure_allowed(chain, app_id, chash, propose=False)
+        if not outcome.allowed:
             raise DeployError(
-                f"compose hash {chash.hex()} is not allowed for app {app_id} and this account cannot add "
-                f"it: {exc}"
-            ) from exc
+                f"compose hash 0x{chash.hex()} is not allowed for app {app_id} yet"
+                + (f": {outcome.pending.describe(plan.name)}" if outcome.pending else "")
+            )
     from teecloud.ids import parse_app_id
 
     app_id_bytes = parse_app_id(str(app_id))
     mark("registering")
     # (3)
-    enc = _encrypt_env(session, app_id_bytes, env)
+    enc = _encrypt_env(session, app_id_bytes, opts.env)
     mark("env")
     # (4)
     progress("booting", f"app {app_id}")
     st = session.node.create(
         CreateCvmRequest(
-            name=name,
-            app_compose=app_compose.decode(),
+            name=plan.name,
+            app_compose=plan.app_compose.decode(),
             app_id=app_id_bytes.hex(),
             encrypted_env=enc,
-            cpus=cpus,
-            memory_mb=memory_mb,
+            cpus=opts.cpus,
+            memory_mb=opts.memory_mb,
         )
     )
-    st = session.node.wait(
-        st.instance_id,
-        timeout=timeout,
-        on_phase=lambda s: progress(s.phase if s.status == "booting" else s.status, s.error),
-    )
+    st = _wait(session, st.instance_id, timeout, progress)
     mark("boot")
     result = DeployResult(
         app_id=app_id_bytes.hex(),
         compose_hash=chash.hex(),
         instance_id=st.instance_id,
-        name=name,
+        name=plan.name,
         urls=st.urls,
         status=st.status,
         error=st.error,
         timings=timings,
         boot_timings=st.timings,
+        warnings=plan.warnings,
     )
+    if st.status == "running" and session.endpoints.gateway:
+        # --- gateway: the app's https URLs, once the gateway serves them (the CVM registers within seconds)
+        result.gateway_urls = wait_gateway_urls(session.endpoints.gateway, result.app_id, st)
+        mark("gateway")
     if st.status != "running":
         return result
     # (5)
@@ -328,61 +407,108 @@ def upgrade(
     session: Session,
     ref: str,
     compose_path: Path,
+    options: AppOptions | None = None,
     *,
     env: Mapping[str, str] | None = None,
     allowed_envs: Sequence[str] | None = None,
     public_logs: bool | None = None,
+    commit: bool = False,
+    propose: bool = True,
     register: bool = True,
+    verify: bool = True,
     progress: Progress = lambda phase, detail: None,
     timeout: float = 180.0,
 ) -> DeployResult:
-    """New compose for an existing CVM (same app_id and instance). With `register`, the new compose hash is
-    added to the app's AppAuth first (works when this account owns the app directly; under a multisig or
-    timelock the CVM gets no keys until the change is executed on chain)."""
+    """New compose (and optionally env) for an existing CVM: same app_id, instance and data. Never takes the
+    app down for a hash the chain does not allow yet.
+
+    Steps:
+      (1) plan: the new app-compose.json from the current one (allowed envs merged, warnings for every
+          variable dropped) and the node's check of it; nothing changes if it is the running version
+      (2) chain first (`ensure_allowed`): allowed already, or allowed now (this signer owns the app), or
+          pending under the app's multisig/timelock: then the current version keeps running and the result
+          has status "pending" and the pending call (approvals so far, or the ETA). With `commit`, a pending
+          call that may run now is executed first. `propose`: start the governance call when none exists
+      (3) rollout: the node swaps the compose (and the env, when one was given) and boots; the KMS releases
+          the keys only to a boot whose measured compose hash the chain allows
+      (4) a failed rollout returns to the previous compose (status "rolled-back")
+      (5) the running app's attestation is verified from the outside
+
+    `register=False` skips (2) entirely and rolls out whatever the chain says: for tests of the node's and
+    the KMS's own refusal of an unapproved hash, not for users."""
     import json
 
     from teecloud.node.api import UpgradeCvmRequest
 
+    opts = _options(options, env=env, allowed_envs=allowed_envs, public_logs=public_logs)
+    # (1)
     current = session.node.get(ref)
     try:
-        att_compose: dict[str, Any] = json.loads(current.app_compose) if current.app_compose else {}
+        previous: dict[str, Any] = json.loads(current.app_compose) if current.app_compose else {}
     except ValueError:
-        att_compose = {}
-    prev_allowed = att_compose.get("allowed_envs", []) if att_compose else []
-    allowed = list(allowed_envs) if allowed_envs is not None else list(prev_allowed)
-    try:
-        compose_text = Path(compose_path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DeployError(f"cannot read {compose_path}: {exc}") from exc
-    app_compose, chash = build_app_compose(
-        compose_text,
-        name=current.name,
-        allowed_envs=allowed,
-        public_logs=bool(att_compose.get("public_logs", False)) if public_logs is None else public_logs,
-    )
-    _node_check(session, None, app_compose)
-    app_id = current.app_id
-    if register and not session.chain.is_compose_hash_allowed(app_id, chash):
-        progress("registering", f"compose_hash {chash.hex()}")
-        try:
-            session.chain.add_compose_hash(app_id, chash)
-        except Exception as exc:
-            raise DeployError(f"cannot allow compose hash {chash.hex()} for app {app_id}: {exc}") from exc
-    enc = _encrypt_env(session, bytes.fromhex(app_id), env or {}) if env else None
-    progress("booting", f"upgrade to {chash.hex()[:16]}")
-    st = session.node.upgrade(ref, UpgradeCvmRequest(app_compose=app_compose.decode(), encrypted_env=enc))
-    st = session.node.wait(
-        st.instance_id,
-        timeout=timeout,
-        on_phase=lambda s: progress(s.phase if s.status == "booting" else s.status, s.error),
-    )
-    return DeployResult(
-        app_id=app_id,
+        previous = {}
+    if not isinstance(previous, dict):
+        previous = {}
+    plan = plan_compose(Path(compose_path), opts, name=current.name, previous=previous)
+    for w in plan.warnings:
+        progress("warning", w)
+    chash = plan.compose_hash
+    app_id = "0x" + current.app_id.removeprefix("0x")
+    result = DeployResult(
+        app_id=current.app_id.removeprefix("0x"),
         compose_hash=chash.hex(),
-        instance_id=st.instance_id,
-        name=st.name,
-        urls=st.urls,
-        status=st.status,
-        error=st.error,
-        boot_timings=st.timings,
+        instance_id=current.instance_id,
+        name=current.name,
+        urls=current.urls,
+        status=current.status,
+        previous_compose_hash=current.compose_hash,
+        warnings=plan.warnings,
     )
+    if chash.hex() == current.compose_hash and not opts.env_given and current.status == "running":
+        result.status = "unchanged"
+        return result
+    _node_check(session, None, plan.app_compose)
+    # (2)
+    if register:
+        from teecloud.cloud.governance import ensure_allowed
+
+        progress("checking", f"is compose hash 0x{chash.hex()} allowed on chain")
+        outcome = ensure_allowed(session.chain, app_id, chash, propose=propose, commit=commit)
+        result.done = outcome.done
+        for line in outcome.done:
+            progress("chain", line)
+        if not outcome.allowed:
+            result.status = "pending"
+            result.pending = outcome.pending
+            return result
+    # (3)
+    enc = _encrypt_env(session, bytes.fromhex(result.app_id), opts.env) if opts.env_given else None
+    progress("booting", f"upgrade to {chash.hex()[:16]}")
+    st = session.node.upgrade(
+        ref, UpgradeCvmRequest(app_compose=plan.app_compose.decode(), encrypted_env=enc)
+    )
+    st = _wait(session, st.instance_id, timeout, progress)
+    result.status, result.error, result.urls, result.boot_timings = st.status, st.error, st.urls, st.timings
+    # (4)
+    if st.status != "running" and register and current.app_compose and current.compose_hash != chash.hex():
+        progress("rollback", f"the new version failed ({st.error}): back to {current.compose_hash[:16]}")
+        back = session.node.upgrade(ref, UpgradeCvmRequest(app_compose=current.app_compose))
+        back = _wait(session, back.instance_id, timeout, progress)
+        kept_env = " (the env given with this upgrade stays in place)" if opts.env_given else ""
+        result.status = "rolled-back"
+        result.error = (
+            f"the new version (compose hash {chash.hex()}) did not start: {st.error}; rolled back to "
+            f"compose hash {current.compose_hash}{kept_env}, which is {back.status}"
+            + (f": {back.error}" if back.error else "")
+        )
+        result.urls = back.urls
+        return result
+    # (5)
+    if st.status == "running" and verify:
+        from teecloud.cloud.verify import verify_app
+
+        progress("attesting", "")
+        result.verdict = verify_app(
+            session.node, st.instance_id, platform=session.platform, chain=session.chain
+        )
+    return result

@@ -29,6 +29,8 @@ class CloudEndpoints:
     pid: int
     node_token_file: str
     contracts: dict[str, Any] = field(default_factory=dict)
+    # the local gateway (teecloud.gateway): public_port, base_domain, ca_file, registration, admin; {} if none
+    gateway: dict[str, Any] = field(default_factory=dict)
 
 
 def read_endpoints(home: Path | None = None) -> CloudEndpoints | None:

@@ -29,22 +29,33 @@ __all__ = [
     "PATH_GET_KMS_KEY",
     "PATH_GET_META",
     "PATH_GET_TEMP_CA_CERT",
+    "PATH_RESHARE_DEAL",
     "PATH_SIGN_CERT",
+    "PATH_THRESHOLD_EVALUATE",
     "AppKeyResponse",
     "AuditRecord",
     "AuditResponse",
     "BootChallengeResponse",
     "Denied",
+    "DkgOpenRequest",
     "EnvEncryptPubKeyRequest",
     "EnvEncryptPubKeyResponse",
     "GetAppKeyRequest",
     "GetKmsKeyRequest",
     "KmsKeyResponse",
     "KmsMeta",
+    "ReshareDealRequest",
+    "ReshareDealResponse",
+    "ReshareOpenRequest",
+    "ReshareOpenResponse",
+    "RetireShareResponse",
     "SignCertRequest",
     "SignCertResponse",
     "StatusResponse",
     "TempCaCertResponse",
+    "ThresholdEvaluateRequest",
+    "ThresholdEvaluateResponse",
+    "ThresholdPartial",
 ]
 
 PATH_GET_META = "/prpc/KMS.GetMeta"
@@ -54,6 +65,8 @@ PATH_GET_APP_KEY = "/prpc/KMS.GetAppKey"
 PATH_SIGN_CERT = "/prpc/KMS.SignCert"
 PATH_GET_KMS_KEY = "/prpc/KMS.GetKmsKey"
 PATH_GET_BOOT_CHALLENGE = "/prpc/KMS.GetBootChallenge"
+PATH_THRESHOLD_EVALUATE = "/prpc/KMS.ThresholdEvaluate"
+PATH_RESHARE_DEAL = "/prpc/KMS.ReshareDeal"
 
 
 class Denied(BaseModel):
@@ -186,3 +199,76 @@ class StatusResponse(BaseModel):
     requests_allowed: int = 0
     requests_denied: int = 0
     chain: str = ""
+
+
+class ThresholdEvaluateRequest(BaseModel):
+    """Threshold mode (docs/kms.md): like GetAppKey, nothing the caller says selects what is evaluated —
+    the node builds the VOPRF inputs from the caller's verified boot_info."""
+
+    api_version: int = 1
+    vm_config: str = Field(default="", max_length=65536, description="the CVM's VmConfig (JSON)")
+
+
+class ThresholdPartial(BaseModel):
+    input: str = Field(max_length=8192, description="the VOPRF input the node evaluated (hex)")
+    element: str = Field(max_length=64, description="Z_i = s_i·H(input), ristretto255 (hex)")
+    proof: str = Field(max_length=128, description="RFC 9497 DLEQ proof c ‖ s against Y_i (hex)")
+
+
+class ThresholdEvaluateResponse(BaseModel):
+    """One node's partial evaluations for the attested app instance: [per app, per instance]."""
+
+    app_id: str
+    instance_id: str
+    epoch: int
+    index: int
+    partials: list[ThresholdPartial] = Field(max_length=2)
+    gateway_app_id: str = ""
+    os_image_hash: str = ""
+
+
+class ReshareOpenRequest(BaseModel):
+    """Admin: open a reshare round on this (old) node (teecloud.kms.threshold.ResharePlan)."""
+
+    session: str = Field(min_length=32, max_length=32, description="16 random bytes naming the round (hex)")
+    epoch: int = Field(ge=0, lt=1 << 32)
+    old_commitments: list[str] = Field(min_length=1, max_length=64)
+    dealers: list[int] = Field(min_length=1, max_length=64)
+    t_new: int = Field(ge=1, le=64)
+    n_new: int = Field(ge=1, le=64)
+
+
+class ReshareOpenResponse(BaseModel):
+    dealer: int
+    commitments: list[str]
+
+
+class ReshareDealRequest(BaseModel):
+    """A joining KMS node (boot-time RA-TLS evidence of an allowed KMS build) asks for its sub-share."""
+
+    session: str = Field(min_length=32, max_length=32)
+    index: int = Field(ge=1, le=64, description="the new share index this node will hold")
+
+
+class ReshareDealResponse(BaseModel):
+    session: str
+    dealer: int
+    commitments: list[str] = Field(max_length=64)
+    subshare: str = Field(max_length=64)
+
+
+class RetireShareResponse(BaseModel):
+    index: int
+    epoch: int
+    sealed_copy_erased: bool
+
+
+class DkgOpenRequest(BaseModel):
+    """Admin: open a Joint-Feldman DKG round on this share-less node, as dealer `dealer`."""
+
+    session: str = Field(min_length=32, max_length=32)
+    epoch: int = Field(ge=0, lt=1 << 32)
+    dealer: int = Field(ge=1, le=64)
+    dealers: list[int] = Field(min_length=1, max_length=64)
+    t: int = Field(ge=1, le=64)
+    n: int = Field(ge=1, le=64)

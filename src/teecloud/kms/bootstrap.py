@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -262,26 +262,34 @@ def start_kms_state(
 BOOTSTRAP_REPORT_PREFIX = b"teecloud-kms-bootstrap:"
 
 
-def bootstrap_report_data(state: KmsState) -> bytes:
+class RootPublicKeys(Protocol):
+    """The root's public half (a `teecloud.kms.rootkeys.RootKeyHolder` is one)."""
+
+    @property
+    def ca_public_key_der(self) -> bytes: ...
+
+    @property
+    def k256_public_key(self) -> bytes: ...
+
+
+def bootstrap_report_data(root: RootPublicKeys) -> bytes:
     """report_data of the KMS's bootstrap quote: sha512(prefix ‖ k256 pubkey ‖ CA SPKI DER), so the quote
     published (by hash) in KmsAuth vouches that these root public keys were made in this TEE."""
-    return hashlib.sha512(
-        BOOTSTRAP_REPORT_PREFIX + state.root.k256_public_key + state.root.ca_public_key_der
-    ).digest()
+    return hashlib.sha512(BOOTSTRAP_REPORT_PREFIX + root.k256_public_key + root.ca_public_key_der).digest()
 
 
-def publish_kms_info(chain: Any, state: KmsState, tee: TeePlatform, home: Path | None = None) -> str:
+def publish_kms_info(chain: Any, root: RootPublicKeys, tee: TeePlatform, home: Path | None = None) -> str:
     """Quote over the root public keys, kept in data_home()/kms/bootstrap-quote.* for anyone to verify, and
     its hash with the public keys written to KmsAuth (`set_kms_info`). Returns the quote hash (hex)."""
     from teecloud._fs import atomic_write
     from teecloud.keys.ratls import event_log_json
     from teecloud.kms.bootstrap import kms_dir
 
-    quote = tee.quote(bootstrap_report_data(state))
+    quote = tee.quote(bootstrap_report_data(root))
     quote_hash = hashlib.sha256(quote).digest()
     atomic_write(kms_dir(home) / "bootstrap-quote.bin", quote, mode=0o644)
     atomic_write(
         kms_dir(home) / "bootstrap-event-log.json", event_log_json(tee.event_log()).encode(), mode=0o644
     )
-    chain.set_kms_info(state.root.k256_public_key, state.root.ca_public_key_der, quote_hash)
+    chain.set_kms_info(root.k256_public_key, root.ca_public_key_der, quote_hash)
     return quote_hash.hex()

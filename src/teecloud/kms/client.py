@@ -1,5 +1,6 @@
 """KMS client: the agent's key provider backed by a real KMS (mutual RA-TLS over httpx).
 
+    connect_kms(url, ...)              THE way to build a verifying KmsClient (RA-TLS check + KmsAuth)
     KmsClient(url, server_check=...)   implements teecloud.agent.keyprovider.KeyProvider
     ratls_server_check(...)            checks the KMS's RA-TLS server certificate: quote, report_data binding,
                                        event log, and (given a chain) KmsAuth.isKmsAllowed for its boot_info
@@ -42,12 +43,18 @@ from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import QuoteSource, make_ratls_cert
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, recover_k256
 from teecloud.kms import api
-from teecloud.kms.authz import AuthChain, ChainAuthorizer
 from teecloud.kms.challenge import TOKEN_SIZE
-from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
-from teecloud.peer import PeerPolicy, PeerRejected, PeerVerifier
+from teecloud.kms.errors import KmsClientError, KmsDenied
+from teecloud.peer import AuthChain, ChainGate, PeerPolicy, PeerRejected, PeerVerifier
 
-__all__ = ["KmsClient", "ServerCheck", "UnsafeNoServerCheck", "ratls_server_check", "vm_config_json"]
+__all__ = [
+    "KmsClient",
+    "ServerCheck",
+    "UnsafeNoServerCheck",
+    "connect_kms",
+    "ratls_server_check",
+    "vm_config_json",
+]
 
 log = logging.getLogger("teecloud.kms.client")
 
@@ -57,6 +64,7 @@ ServerCheck = Callable[[bytes], None]
 _M = TypeVar("_M", bound=BaseModel)
 MAX_RESPONSE_BYTES = 1 << 20
 CLIENT_CERT_LIFETIME_S = 300
+TEMP_CA_CACHE_S = 300
 
 
 class UnsafeNoServerCheck:
@@ -94,7 +102,7 @@ def ratls_server_check(
             return collateral_for(quote, now)
 
     peers = PeerVerifier(peer_policy, _Collateral(), clock=clock, cache_s=_MAX_SERVER_CERT_S)
-    authorizer = ChainAuthorizer(chain) if chain is not None else None
+    gate = ChainGate(chain) if chain is not None else None
 
     def check(cert_der: bytes) -> None:
         try:
@@ -103,13 +111,37 @@ def ratls_server_check(
             raise KmsClientError(f"the KMS's RA-TLS certificate does not verify: {exc.reason}") from exc
         if expected_ca_pubkey_der is not None and not _issued_by(cert_der, expected_ca_pubkey_der):
             raise KmsClientError("the KMS's certificate is not issued by the expected KMS root CA key")
-        if authorizer is not None:
+        if gate is not None:
             try:
-                authorizer.kms_allowed(peer.boot_info)
-            except AccessDenied as exc:
+                gate.kms_allowed(peer.boot_info)
+            except PeerRejected as exc:
                 raise KmsClientError(f"the KMS is not an authorized KMS: {exc.reason}") from exc
 
     return check
+
+
+def connect_kms(
+    url: str,
+    *,
+    collateral_for: Callable[[bytes, int], bytes],
+    dev_root_der: bytes | None,
+    chain: AuthChain | None = None,
+    expected_ca_pubkey_der: bytes | None = None,
+    policy: Policy | None = None,
+    clock: Callable[[], float] = time.time,
+) -> KmsClient:
+    """A KmsClient for `url` that verifies the KMS's RA-TLS certificate (ratls_server_check: evidence, and
+    KmsAuth.isKmsAllowed with `chain` and/or the expected root CA key). The one factory for KMS client
+    wiring: the node, `teecloud deploy`, the CLI and onboarding all build their client here."""
+    check = ratls_server_check(
+        collateral_for=collateral_for,
+        dev_root_der=dev_root_der,
+        policy=policy,
+        chain=chain,
+        expected_ca_pubkey_der=expected_ca_pubkey_der,
+        clock=clock,
+    )
+    return KmsClient(url, server_check=check, clock=clock)
 
 
 # A KMS server certificate lives as long as the KMS's RA-TLS identity (make_server_identity): up to a year.
@@ -155,6 +187,9 @@ class KmsClient:
         self._lifetime = cert_lifetime_s
         self._clock = clock
         self._meta: api.KmsMeta | None = None
+        # The KMS's temporary CA is public and part of its sealed state: fetched once per TEMP_CA_CACHE_S,
+        # which saves one TLS handshake per key request.
+        self._temp_ca: tuple[float, x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
 
     # --- transport
 
@@ -224,14 +259,7 @@ class KmsClient:
         app_id: bytes | None,
     ) -> _M:
         """Steps (2)-(4): a fresh RA-TLS client certificate from `tee`, then one mutual-TLS call."""
-        temp = self._call("GET", api.PATH_GET_TEMP_CA_CERT, api.TempCaCertResponse)
-        try:
-            temp_cert = x509.load_pem_x509_certificate(temp.temp_ca_cert.encode())
-            temp_key = serialization.load_pem_private_key(temp.temp_ca_key.encode(), password=None)
-        except ValueError as exc:
-            raise KmsClientError(f"the KMS's temporary CA does not parse: {exc}") from exc
-        if not isinstance(temp_key, ec.EllipticCurvePrivateKey):
-            raise KmsClientError("the KMS's temporary CA key is not an EC key")
+        temp_cert, temp_key = self._temp_ca_pair()
         now = int(self._clock())
         key = ec.generate_private_key(ec.SECP256R1())
         cert = make_ratls_cert(
@@ -249,6 +277,21 @@ class KmsClient:
         )
         chain_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
         return self._call("POST", path, model, body=body, client_cert=(key_to_pem(key), chain_pem))
+
+    def _temp_ca_pair(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        cached = self._temp_ca
+        if cached is not None and 0 <= self._clock() - cached[0] < TEMP_CA_CACHE_S:
+            return cached[1], cached[2]
+        temp = self._call("GET", api.PATH_GET_TEMP_CA_CERT, api.TempCaCertResponse)
+        try:
+            temp_cert = x509.load_pem_x509_certificate(temp.temp_ca_cert.encode())
+            temp_key = serialization.load_pem_private_key(temp.temp_ca_key.encode(), password=None)
+        except ValueError as exc:
+            raise KmsClientError(f"the KMS's temporary CA does not parse: {exc}") from exc
+        if not isinstance(temp_key, ec.EllipticCurvePrivateKey):
+            raise KmsClientError("the KMS's temporary CA key is not an EC key")
+        self._temp_ca = (self._clock(), temp_cert, temp_key)
+        return temp_cert, temp_key
 
     # --- public API
 

@@ -137,6 +137,20 @@ def make_public_app(service: KmsService) -> FastAPI:
             peer_cert_der(request), body.csr, vm_config=body.vm_config, peer_addr=_peer_addr(request)
         )
 
+    @app.post(api.PATH_THRESHOLD_EVALUATE, response_model=api.ThresholdEvaluateResponse)
+    def threshold_evaluate(request: Request, body: api.ThresholdEvaluateRequest) -> Response:
+        return _json_response(
+            service.threshold_evaluate(
+                peer_cert_der(request), vm_config=body.vm_config, peer_addr=_peer_addr(request)
+            )
+        )
+
+    @app.post(api.PATH_RESHARE_DEAL, response_model=api.ReshareDealResponse)
+    def reshare_deal(request: Request, body: api.ReshareDealRequest) -> Response:
+        return _json_response(
+            service.reshare_deal(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+        )
+
     @app.post(api.PATH_GET_KMS_KEY, response_model=api.KmsKeyResponse)
     def get_kms_key(request: Request, body: api.GetKmsKeyRequest) -> api.KmsKeyResponse:
         return service.get_kms_key(peer_cert_der(request), peer_addr=_peer_addr(request))
@@ -147,7 +161,7 @@ def make_public_app(service: KmsService) -> FastAPI:
 def make_admin_app(service: KmsService, *, token: str, public_url: str = "", chain: str = "") -> FastAPI:
     """The admin listener: status and audit, behind a bearer token. Never key material."""
     app = FastAPI(title="teecloud KMS admin", version="1", docs_url=None, redoc_url=None)
-    _install_common(app, 4096)
+    _install_common(app, 16384)  # a reshare plan carries up to 64 commitments
     expected = f"Bearer {token}".encode()
 
     @app.middleware("http")
@@ -162,6 +176,18 @@ def make_admin_app(service: KmsService, *, token: str, public_url: str = "", cha
     @app.get("/status", response_model=api.StatusResponse)
     def status() -> api.StatusResponse:
         return service.status(public_url=public_url, chain=chain)
+
+    @app.post("/reshare/open", response_model=api.ReshareOpenResponse)
+    def reshare_open(body: api.ReshareOpenRequest) -> api.ReshareOpenResponse:
+        return service.reshare_open(body)
+
+    @app.post("/dkg/open", response_model=api.ReshareOpenResponse)
+    def dkg_open(body: api.DkgOpenRequest) -> api.ReshareOpenResponse:
+        return service.dkg_open(body)
+
+    @app.post("/threshold/retire", response_model=api.RetireShareResponse)
+    def retire_share() -> api.RetireShareResponse:
+        return service.retire_share()
 
     @app.get("/audit", response_model=api.AuditResponse)
     def audit(limit: int = 100) -> api.AuditResponse:

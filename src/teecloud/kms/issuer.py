@@ -16,13 +16,13 @@ from collections.abc import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teecloud.keys.certs import cert_to_pem, issue_cert
+from teecloud.keys.certs import cert_to_pem
 from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import OID_APP_ID
 from teecloud.kms import api
 from teecloud.kms.authz import AuthorizedApp, AuthorizedKms
 from teecloud.kms.errors import AccessDenied
-from teecloud.kms.rootkeys import RootKeyHolder
+from teecloud.kms.rootkeys import RootKeyHolder, WholeRootExporter
 
 __all__ = ["KeyIssuer"]
 
@@ -114,19 +114,16 @@ class KeyIssuer:
             san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             alt = [str(n) for n in san.get_values_for_type(x509.DNSName)][:MAX_CSR_ALT_NAMES]
         now = int(self.clock())
-        ca_key, ca_cert_pem = self.holder.app_ca(bi.app_id, bi.instance_id, now=now)
-        ca_cert = x509.load_pem_x509_certificate(ca_cert_pem.encode())
         try:
-            leaf = issue_cert(
+            leaf, ca_cert_pem = self.holder.sign_under_app_ca(
+                bi.app_id,
+                bi.instance_id,
                 pub,
-                issuer_key=ca_key,
-                issuer_name=ca_cert.subject,
+                now=now,
                 subject_cn=cn,
                 not_before=now - 60,
                 not_after=now + self.signed_cert_lifetime_s,
                 alt_names=alt,
-                server_auth=True,
-                client_auth=True,
                 extra_extensions=[x509.UnrecognizedExtension(OID_APP_ID, b"\x04\x14" + bi.app_id)],
             )
         except KeysError as exc:
@@ -139,7 +136,12 @@ class KeyIssuer:
         """Onboarding: the root, for a KMS that KmsAuth accepts."""
         if not isinstance(kms, AuthorizedKms):
             raise TypeError("root keys only for an AuthorizedKms")
-        out = self.holder.export_for_onboarding()
+        if not isinstance(self.holder, WholeRootExporter):
+            raise AccessDenied(
+                "this KMS holds no whole root to hand over (threshold mode: a node joins by resharing)",
+                step="mode",
+            )
+        out = self.holder.export_whole_root()
         return api.KmsKeyResponse(
             ca_key=out.ca_key_pem,
             ca_cert=out.ca_cert_pem,

@@ -2,10 +2,11 @@
 
     launch_kms(KmsLaunch(...)) -> RunningKms
 
-(1) boot the KMS's TEE (measure its build into RTMR3), (2) unseal or create its root keys, (3) let the
-caller publish what KmsAuth must know (`on_keys`; best effort: serving does not depend on it), (4) build
-the service and (5) start both listeners, the admin one behind the token kept in
-`<home>/kms/admin-token` (0600, created once).
+(1) boot the KMS's TEE (measure its build into RTMR3), (2) unseal or create its root keys and wrap them in
+the `RootKeyHolder` the service is given (nothing else sees the root), (3) let the caller publish what
+KmsAuth must know (`on_keys`; best effort: serving does not depend on it), (4) build the service and
+(5) start both listeners, the admin one behind the token kept in `<home>/kms/admin-token` (0600, created
+once).
 
 The launcher knows nothing of the simulator: a caller in dev mode passes the simulated platform's collateral
 and OS-image references (`teecloud.tee.simulated`) like any other.
@@ -23,9 +24,19 @@ from pathlib import Path
 from teecloud._fs import atomic_write
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.authz import AuthChain
-from teecloud.kms.bootstrap import KmsIdentity, KmsState, boot_kms_tee, kms_dir, start_kms_state
+from teecloud.kms.bootstrap import KmsIdentity, boot_kms_tee, finish_kms_boot, kms_dir, start_kms_state
+from teecloud.kms.errors import BootstrapError
+from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import CollateralSource, KmsConfig, KmsService, OsImageReference
+from teecloud.kms.threshold import (
+    ReshareDealer,
+    ThresholdEvaluator,
+    ThresholdShare,
+    erase_share,
+    load_share,
+    save_share,
+)
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -76,15 +87,23 @@ class KmsLaunch:
     gateway_app_id: str = ""
     kms_contract: str = ""
     dev_root_der: bytes | None = None
-    # Called with (state, identity, created) once the root keys are loaded; returns what was published.
-    on_keys: Callable[[KmsState, KmsIdentity, bool], str] | None = None
+    # Threshold node: serve the sealed share in `<home>/kms/threshold-share.sealed` (teecloud.kms.threshold);
+    # its own root keys are then only its server identity (no publishing, no whole-key endpoints).
+    threshold: bool = False
+    # A share-less threshold node that deals in DKG rounds (admin /dkg/open) and serves nothing else.
+    threshold_dealer: bool = False
+    # Join a DKG or reshare round at boot: called with (tee, identity) before the boot finishes (the dealers
+    # release sub-shares to boot-time evidence only); its share is sealed, then the node serves it.
+    join: Callable[[TeePlatform, KmsIdentity], ThresholdShare] | None = None
+    # Called with (holder, identity, created) once the root keys are loaded; returns what was published.
+    on_keys: Callable[[RootKeyHolder, KmsIdentity, bool], str] | None = None
 
 
 @dataclass
 class RunningKms:
     server: KmsServer
     service: KmsService
-    state: KmsState
+    keys: RootKeyHolder
     identity: KmsIdentity
     created: bool
     published: str = ""  # what on_keys published (e.g. the bootstrap quote hash written to KmsAuth)
@@ -104,13 +123,28 @@ class RunningKms:
 
 def launch_kms(spec: KmsLaunch) -> RunningKms:
     # (1)-(2)
-    identity = boot_kms_tee(spec.tee)
+    identity = boot_kms_tee(spec.tee, finish=spec.join is None)
+    if spec.join is not None:
+        save_share(spec.join(spec.tee, identity), spec.tee, identity, spec.home)
+        finish_kms_boot(spec.tee)
     state, created = start_kms_state(spec.tee, identity, now=int(time.time()), home=spec.home)
+    holder: RootKeyHolder = LocalRootKeys(state)  # the only place the sealed root becomes a holder
+    evaluator = None
+    reshare = ReshareDealer(None) if spec.threshold_dealer else None
+    if spec.threshold or spec.join is not None:
+        share = load_share(spec.tee, identity, spec.home)
+        if share is None:
+            raise BootstrapError(
+                f"no threshold share sealed under {kms_dir(spec.home)}: run the key ceremony first "
+                "(`teecloud kms threshold-init` in development)"
+            )
+        evaluator = ThresholdEvaluator(share, gateway_app_id=spec.gateway_app_id)
+        reshare = ReshareDealer(share)
     # (3)
     published = publish_error = ""
-    if spec.on_keys is not None:
+    if spec.on_keys is not None and evaluator is None and reshare is None:
         try:
-            published = spec.on_keys(state, identity, created)
+            published = spec.on_keys(holder, identity, created)
         except Exception as exc:  # publishing is governance's business; serving does not depend on it
             publish_error = f"{type(exc).__name__}: {exc}"
             log.warning("could not publish KMS info to KmsAuth: %s", publish_error)
@@ -132,6 +166,10 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         dev_root_der=dev_root if spec.dev else None,
         block_number=getattr(spec.chain, "block_number", None),
         os_image_reference=spec.os_image_reference,
+        root_keys=holder,
+        threshold=evaluator,
+        reshare=reshare,
+        erase_share=(lambda: erase_share(spec.home)) if evaluator is not None else None,
     )
     # (5)
     server = KmsServer(
@@ -142,4 +180,4 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         admin_token=load_admin_token(spec.home),
         chain_label=str(getattr(spec.chain, "label", "") or ""),
     ).start()
-    return RunningKms(server, service, state, identity, created, published, publish_error)
+    return RunningKms(server, service, holder, identity, created, published, publish_error)

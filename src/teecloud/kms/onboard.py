@@ -26,8 +26,9 @@ from teecloud.keys.errors import KeysError
 from teecloud.kms import api
 from teecloud.kms.authz import AuthChain
 from teecloud.kms.bootstrap import KMS_APP_ID, KmsIdentity, KmsState, finish_kms_boot, save_state
-from teecloud.kms.client import KmsClient, ratls_server_check
+from teecloud.kms.client import connect_kms
 from teecloud.kms.errors import KmsClientError, KmsDenied, OnboardError, SealingError
+from teecloud.kms.rootkeys import LocalRootKeys
 from teecloud.tee.base import TeePlatform
 
 __all__ = ["onboard_from", "published_kms_info"]
@@ -56,7 +57,7 @@ def onboard_from(
     policy: Policy | None = None,
     home: Path | None = None,
     clock: Callable[[], float] = time.time,
-) -> KmsState:
+) -> LocalRootKeys:
     """Steps (1)-(4). Raises OnboardError naming the side that refused and why. `tee` must be at its boot
     measurement (`boot_kms_tee(..., finish=False)`): the source releases root keys only to boot-time
     evidence. The boot is finished here, whatever the outcome."""
@@ -87,12 +88,16 @@ def _onboard(
     policy: Policy | None,
     home: Path | None,
     clock: Callable[[], float],
-) -> KmsState:
+) -> LocalRootKeys:
     # (1)
-    check = ratls_server_check(
-        collateral_for=collateral_for, dev_root_der=dev_root_der, policy=policy, chain=chain, clock=clock
+    client = connect_kms(
+        source_url,
+        collateral_for=collateral_for,
+        dev_root_der=dev_root_der,
+        policy=policy,
+        chain=chain,
+        clock=clock,
     )
-    client = KmsClient(source_url, server_check=check, clock=clock)
     try:
         meta = client.meta()
         # (2)
@@ -133,4 +138,4 @@ def _onboard(
         raise OnboardError("the root keys received are not the ones published in KmsAuth")
     # (4)
     save_state(state, tee, identity, home)
-    return state
+    return LocalRootKeys(state)

@@ -25,7 +25,6 @@ from teecloud._serve import (
     limited_config,
 )
 from teecloud.keys.certs import cert_to_pem, key_to_pem
-from teecloud.keys.ratls import make_ratls_cert
 from teecloud.kms.http import PEER_CERT_STATE_KEY, make_admin_app, make_public_app
 from teecloud.kms.service import KmsService
 from teecloud.kms.tlsaudit import TlsRejectionAudit
@@ -68,21 +67,17 @@ def make_server_identity(
     client can check both the KMS's attestation and its root key."""
     now = int(service.clock())
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = make_ratls_cert(
+    cert = service.keys.issue_server_identity(
         service.tee,
         key,
-        issuer_key=service.state.root.ca_key,
-        issuer_cert=service.state.root_ca_cert,
         subject="teecloud KMS",
         usage="kms:rpc",
         not_before=now - 60,
         not_after=now + validity_s,
         alt_names=hosts,
-        server_auth=True,
-        client_auth=True,
     )
     key_pem = key_to_pem(key)
-    return ServerIdentity(key_pem=key_pem, cert_pem=cert_to_pem(cert) + service.state.root_ca_cert_pem)
+    return ServerIdentity(key_pem=key_pem, cert_pem=cert_to_pem(cert) + service.keys.root_ca_cert_pem)
 
 
 # OpenSSL X509_V_FLAG_NO_CHECK_TIME: certificate dates are checked by KmsService.attest (with an audited

@@ -44,9 +44,10 @@ from teecloud.kms.authz import (
 )
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.challenge import BootChallenges
-from teecloud.kms.errors import AccessDenied, KmsUsageError
+from teecloud.kms.errors import AccessDenied, KmsUsageError, SealingError
 from teecloud.kms.issuer import KeyIssuer
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
+from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, ThresholdEvaluator
 from teecloud.peer import (
     AttestedPeer,
     CollateralSource,
@@ -138,12 +139,19 @@ class KmsService:
         os_image_reference: OsImageReference | None = None,
         root_keys: RootKeyHolder | None = None,
         challenges: BootChallenges | None = None,
+        threshold: ThresholdEvaluator | None = None,
+        reshare: ReshareDealer | None = None,
+        erase_share: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
         `teecloud.tee.simulated.simulated_os_image_reference`). `root_keys` holds the root (default: the
         whole key from `state`, `LocalRootKeys`). `challenges` issues and redeems boot challenges (default:
-        a fresh secret of this process, with the config's window and use count)."""
+        a fresh secret of this process, with the config's window and use count). `threshold` makes this a
+        threshold node (teecloud.kms.threshold): it serves ThresholdEvaluate and refuses the whole-key
+        endpoints (GetAppKey, SignCert, GetKmsKey, env keys): its own root is only its server identity.
+        `reshare` (with `threshold`) lets it deal its share to a new committee (ReshareDeal); `erase_share`
+        removes its sealed share when it is retired (retire_share)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -198,6 +206,9 @@ class KmsService:
             app_key_cache_entries=self.config.app_key_cache_entries,
             clock=clock,
         )
+        self.threshold = threshold
+        self.reshare = reshare
+        self._erase_share = erase_share
         self.clock = clock
 
     @property
@@ -264,6 +275,7 @@ class KmsService:
         shape selects the RTMR0 reference; missing or malformed, nothing is released."""
 
         def decide(ctx: dict[str, Any]) -> api.AppKeyResponse:
+            self._whole_root_only()
             app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
             ctx["reason"] = f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
             return self.issuer.app_keys(app)
@@ -282,6 +294,7 @@ class KmsService:
         allows. `vm_config` as for get_app_key (RTMR0 is checked for the VM shape it states)."""
 
         def decide(ctx: dict[str, Any]) -> api.SignCertResponse:
+            self._whole_root_only()
             app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
             cn, answer = self.issuer.sign_cert(app, csr_pem)
             ctx["reason"] = f"certificate issued for CN={cn}"
@@ -293,6 +306,7 @@ class KmsService:
         """Onboarding: root keys, only to an attested KMS that KmsAuth.isKmsAllowed accepts."""
 
         def decide(ctx: dict[str, Any]) -> api.KmsKeyResponse:
+            self._whole_root_only()
             kms = self.authz.authorize_kms(cert_der, ctx=ctx)
             ctx["reason"] = (
                 f"KMS allowed by KmsAuth{': ' + kms.reason if kms.reason else ''}; root keys replicated"
@@ -300,6 +314,103 @@ class KmsService:
             return self.issuer.kms_keys(kms)
 
         return self._audited(api.PATH_GET_KMS_KEY, cert_der, peer_addr, decide)
+
+    def threshold_evaluate(
+        self, cert_der: bytes | None, *, vm_config: str | Mapping[str, Any] = "", peer_addr: str = ""
+    ) -> api.ThresholdEvaluateResponse:
+        """Threshold mode: this node's partial evaluations for the attested, allowed app instance, after the
+        same rule as GetAppKey, applied by this node alone (its own boot challenge included)."""
+
+        def decide(ctx: dict[str, Any]) -> api.ThresholdEvaluateResponse:
+            if self.threshold is None:
+                raise AccessDenied("this KMS is not a threshold node", step="mode")
+            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
+            ctx["reason"] = (
+                f"partial evaluation (epoch {self.threshold.epoch}, share {self.threshold.index}); "
+                f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
+            )
+            return self.threshold.evaluate(app)
+
+        return self._audited(api.PATH_THRESHOLD_EVALUATE, cert_der, peer_addr, decide)
+
+    def reshare_open(self, req: api.ReshareOpenRequest) -> api.ReshareOpenResponse:
+        """Admin: open a reshare round on this old node; returns its dealing's commitments."""
+        if self.reshare is None or self.threshold is None:
+            raise KmsUsageError("this KMS holds no threshold share to reshare")
+        try:
+            plan = ResharePlan(
+                session=bytes.fromhex(req.session),
+                epoch=req.epoch,
+                old_commitments=tuple(bytes.fromhex(c) for c in req.old_commitments),
+                dealers=tuple(req.dealers),
+                t_new=req.t_new,
+                n_new=req.n_new,
+            )
+            commitments = self.reshare.open(plan)
+        except (ValueError, SealingError) as exc:
+            raise KmsUsageError(f"reshare plan refused: {exc}") from exc
+        log.info("reshare round %s opened (%d-of-%d)", req.session[:8], req.t_new, req.n_new)
+        return api.ReshareOpenResponse(
+            dealer=self.threshold.index, commitments=[c.hex() for c in commitments]
+        )
+
+    def dkg_open(self, req: api.DkgOpenRequest) -> api.ReshareOpenResponse:
+        """Admin: open a DKG round on this (share-less) node as dealer `req.dealer`."""
+        if self.reshare is None:
+            raise KmsUsageError("this KMS is not a threshold node")
+        try:
+            plan = DkgPlan(
+                session=bytes.fromhex(req.session),
+                epoch=req.epoch,
+                dealers=tuple(req.dealers),
+                t_new=req.t,
+                n_new=req.n,
+            )
+            commitments = self.reshare.open_dkg(plan, req.dealer)
+        except (ValueError, SealingError) as exc:
+            raise KmsUsageError(f"DKG plan refused: {exc}") from exc
+        log.info("DKG round %s opened as dealer %d (%d-of-%d)", req.session[:8], req.dealer, req.t, req.n)
+        return api.ReshareOpenResponse(dealer=req.dealer, commitments=[c.hex() for c in commitments])
+
+    def reshare_deal(
+        self, cert_der: bytes | None, req: api.ReshareDealRequest, *, peer_addr: str = ""
+    ) -> api.ReshareDealResponse:
+        """A joining KMS node's sub-share of this node's share, for an open round: only to boot-time
+        evidence of a KMS build KmsAuth allows (the same rule as GetKmsKey), once per new index."""
+
+        def decide(ctx: dict[str, Any]) -> api.ReshareDealResponse:
+            if self.reshare is None:
+                raise AccessDenied("this KMS is not a threshold node", step="mode")
+            kms = self.authz.authorize_kms(cert_der, ctx=ctx)
+            try:
+                session = bytes.fromhex(req.session)
+            except ValueError as exc:
+                raise AccessDenied("the reshare session is not hex", step="request") from exc
+            answer = self.reshare.deal_for(kms, session, req.index)
+            ctx["reason"] = f"reshare sub-share for new share {req.index} (round {req.session[:8]})"
+            return answer
+
+        return self._audited(api.PATH_RESHARE_DEAL, cert_der, peer_addr, decide)
+
+    def retire_share(self) -> api.RetireShareResponse:
+        """Admin: after a reshare moved the key to a new committee, forget this node's share: the sealed copy
+        is erased and this process stops evaluating and dealing (it then refuses ThresholdEvaluate)."""
+        if self.threshold is None:
+            raise KmsUsageError("this KMS holds no threshold share")
+        index, epoch = self.threshold.index, self.threshold.epoch
+        self.threshold = None
+        self.reshare = None
+        erased = self._erase_share() if self._erase_share is not None else False
+        log.warning("threshold share %d of epoch %d retired (sealed copy erased: %s)", index, epoch, erased)
+        return api.RetireShareResponse(index=index, epoch=epoch, sealed_copy_erased=erased)
+
+    def _whole_root_only(self) -> None:
+        if self.threshold is not None or self.reshare is not None:
+            raise AccessDenied(
+                "this is a threshold KMS node: keys come from t nodes' partial evaluations "
+                "(ThresholdEvaluate), never from one node",
+                step="mode",
+            )
 
     def boot_challenge(self) -> api.BootChallengeResponse:
         """Public: a challenge for a booting CVM's boot-nonce (teecloud.kms.challenge)."""
@@ -309,13 +420,15 @@ class KmsService:
 
     def env_encrypt_pubkey(self, app_id_text: str) -> api.EnvEncryptPubKeyResponse:
         """Public: the app's X25519 env-encryption key, signed by the KMS root k256 key (dstack format)."""
+        if self.threshold is not None:
+            raise KmsUsageError("threshold KMS nodes do not serve env-encryption keys yet (docs/kms.md)")
         return self.issuer.env_encrypt_pubkey(_norm_app_id(app_id_text))
 
     def meta(self) -> api.KmsMeta:
         return api.KmsMeta(
-            ca_cert=self.state.root_ca_cert_pem,
-            ca_pubkey=self.state.root.ca_public_key_der.hex(),
-            k256_pubkey=self.state.root.k256_public_key.hex(),
+            ca_cert=self.keys.root_ca_cert_pem,
+            ca_pubkey=self.keys.ca_public_key_der.hex(),
+            k256_pubkey=self.keys.k256_public_key.hex(),
             dev_mode=self.config.dev_mode,
             tee=str(self.tee.kind),
             mr_aggregated=self.identity.mr_aggregated.hex(),
@@ -333,8 +446,8 @@ class KmsService:
             status="serving",
             dev_mode=self.config.dev_mode,
             tee=str(self.tee.kind),
-            ca_pubkey=self.state.root.ca_public_key_der.hex(),
-            k256_pubkey=self.state.root.k256_public_key.hex(),
+            ca_pubkey=self.keys.ca_public_key_der.hex(),
+            k256_pubkey=self.keys.k256_public_key.hex(),
             mr_aggregated=self.identity.mr_aggregated.hex(),
             public_url=public_url,
             requests_allowed=self.audit.allowed,

@@ -117,7 +117,7 @@ class CvmStatus(BaseModel):
     app_id: str
     compose_hash: str
     status: str  # booting | running | stopping | stopped | failed
-    phase: str = ""  # boot phase while booting (teecloud.node.boot.PHASES)
+    phase: str = ""  # boot phase while booting (teecloud.node.runtime.BOOT_PHASES)
     error: str = ""
     desired: str = "running"
     public_logs: bool = False

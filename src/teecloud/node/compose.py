@@ -35,6 +35,7 @@ the compose hash), the docker-compose runner, a docker_compose_file that passes 
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -72,6 +73,7 @@ __all__ = [
     "MAX_YAML_NODES",
     "check_app_compose",
     "check_isolation",
+    "check_mount_target",
     "image_refs",
     "load_compose",
     "parse_volume",
@@ -216,7 +218,8 @@ def check_app_compose(app_compose: bytes) -> tuple[dict[str, Any], dict[str, Any
 
 
 # Service keys whose values Compose may interpolate without changing what the node checks.
-_INTERPOLATION_OK = frozenset({"environment", "command", "entrypoint", "healthcheck", "labels"})
+# Not labels: the node reserves some and checks them as written (second review, finding C).
+_INTERPOLATION_OK = frozenset({"environment", "command", "entrypoint", "healthcheck"})
 _DEFINITIONS = (("volumes", "volume"), ("networks", "network"), ("secrets", "secret"), ("configs", "config"))
 # The Compose Specification's pattern ([a-zA-Z0-9._-]+), narrowed to names starting with a letter or digit: a
 # name is a path component on the node (volumes/<name>), and "." or ".." would name the directory holding
@@ -471,7 +474,8 @@ def _check_service(name: str, svc: Mapping[str, Any], compose: Mapping[str, Any]
         if isinstance(value, str) and value.startswith("service:") and value[8:] in services:
             continue
         raise ComposeRejected(
-            f"{where}: `{key}: {str(value)[:64]}` is not allowed (only "
+            f"{where}: `{key}: {str(value)[:64]}` is not allowed: it could share a namespace outside the "
+            "CVM (only "
             f"{', '.join(sorted(plain)) + ' or ' if plain else ''}service:<a service of this app>)"
         )
     for link in _str_list(svc.get("links"), f"{where}: links"):
@@ -514,6 +518,7 @@ def _check_service(name: str, svc: Mapping[str, Any], compose: Mapping[str, Any]
     for port in ports:
         _check_port(name, port)
     _check_service_volumes(name, svc, compose)
+    _check_tmpfs(name, svc)
 
 
 def _check_restart(name: str, svc: Mapping[str, Any]) -> None:
@@ -656,13 +661,63 @@ def parse_volume(service: str, vol: Any) -> tuple[str, str | None, str, str]:
     return "volume", source, target, mode
 
 
+# Where the container runtime mounts its own file systems (and masks host files with /dev/null)
+RESERVED_MOUNT_ROOTS = ("/dev", "/proc", "/sys")
+TMPFS_OPTIONS = re.compile(
+    r"(size=[0-9]+[kmgKMG]?|mode=[0-7]{3,4}|uid=[0-9]+|gid=[0-9]+|noexec|nosuid|nodev|ro|rw)"
+)
+
+
+def check_mount_target(service: str, target: Any) -> str:
+    """A container path a volume, tmpfs or image VOLUME may be mounted at: absolute, and not at or under
+    the runtime's own mounts (RESERVED_MOUNT_ROOTS). Returns it normalized."""
+    if not isinstance(target, str) or not target.startswith("/") or "\x00" in target:
+        raise ComposeRejected(
+            f"service {service!r}: mount target {str(target)[:128]!r} must be an absolute path"
+        )
+    norm = posixpath.normpath(target)
+    norm = "/" + norm.lstrip("/")  # normpath keeps a leading "//"
+    for root in RESERVED_MOUNT_ROOTS:
+        if norm == root or norm.startswith(root + "/"):
+            raise ComposeRejected(
+                f"service {service!r}: nothing may be mounted at {target[:128]!r} (at or under {root}, where "
+                "the container runtime mounts its own)"
+            )
+    if norm == "/":
+        raise ComposeRejected(f"service {service!r}: nothing may be mounted at the container's root")
+    return norm
+
+
+def _check_tmpfs(name: str, svc: Mapping[str, Any]) -> None:
+    """Service-level `tmpfs: [path[:options]]`: each path a mount target as above, options from an allowlist
+    (others, like rbind or remount, reach runc as mount flags)."""
+    for entry in _str_list(svc.get("tmpfs"), f"service {name!r}: tmpfs"):
+        path, _, opts = entry.partition(":")
+        check_mount_target(name, path)
+        for opt in opts.split(",") if opts else ():
+            if not TMPFS_OPTIONS.fullmatch(opt):
+                raise ComposeRejected(
+                    f"service {name!r}: tmpfs option {opt[:64]!r} is not allowed (only size=, mode=, uid=, "
+                    "gid=, noexec, nosuid, nodev, ro, rw)"
+                )
+
+
 def _check_service_volumes(name: str, svc: Mapping[str, Any], compose: Mapping[str, Any]) -> None:
     vols = svc.get("volumes") or []
     if not isinstance(vols, list):
         raise ComposeRejected(f"service {name!r}: `volumes` must be a list")
     declared = compose.get("volumes") or {}
+    targets: set[str] = set()
     for vol in vols:
-        kind, source, _target, _mode = parse_volume(name, vol)
+        kind, source, target, _mode = parse_volume(name, vol)
+        # (issue 16, second review) one mount per target: Compose keeps the file's last entry for a target,
+        # so a second entry would replace the node's agent-socket bind with the host path it names (A);
+        # and nothing at or under /dev, /proc, /sys, where runc mounts its own (a volume at /dev let an
+        # image's /dev/null symlink redirect runc's masking of /proc entries to the host's: B)
+        norm = check_mount_target(name, target)
+        if norm in targets:
+            raise ComposeRejected(f"service {name!r} mounts two volumes at {target[:128]!r}")
+        targets.add(norm)
         if kind == "bind" and source not in AGENT_SOCKET_SOURCES:
             docker_sock = bool(source) and str(source).rstrip("/").endswith("docker.sock")
             what = " (the Docker socket: control of the whole host)" if docker_sock else ""

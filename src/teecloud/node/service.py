@@ -1,9 +1,9 @@
-"""The worker node: CVM lifecycle over the docker runtime (`Node`), its HTTP API (`make_node_app`), and a
-background server (`NodeServer`).
+"""The worker node: CVM lifecycle over a CVM backend (`Node`; teecloud.node.runtime), its HTTP API
+(`make_node_app`), and a background server (`NodeServer`).
 
 Lifecycle, per CVM (one lock each, held for a whole stop, upgrade or remove, and while a boot starts; boots
 run in background threads, and a change of state first waits for a running boot to end):
-    create   instance directory written, then boot (teecloud.node.boot)          -> booting -> running|failed
+    create   instance directory written, then boot (backend.launch)              -> booting -> running|failed
     stop     app stopped, agent stopped, volume unmounted, tmpfs state wiped     -> stopped (desired: stopped)
     start    boot again (fresh RTMR3, keys fetched again)                        -> booting -> running|failed
     upgrade  stop, swap app-compose.json (same app_id, instance), boot: if the new compose hash is not allowed
@@ -41,13 +41,9 @@ from teecloud import vmconfig
 from teecloud._asgi import BoundedBody
 from teecloud._fs import atomic_write, data_home
 from teecloud._serve import NODE_API, LimitedServer, ServeLimits, limited_config
-from teecloud.agent.api import GetQuoteRequest
-from teecloud.agent.errors import StorageError
 from teecloud.agent.keyprovider import KeyProvider
-from teecloud.agent.storage import EncryptedVolume
 from teecloud.ids import HexError, parse_app_id, parse_hex
 from teecloud.node import api
-from teecloud.node.boot import BootedCvm, boot_instance, compose_spec, shutdown_instance
 from teecloud.node.compose import check_app_compose, image_refs
 from teecloud.node.errors import (
     BadRequest,
@@ -61,8 +57,7 @@ from teecloud.node.errors import (
     TooManyStreams,
 )
 from teecloud.node.instance import Instance, InstanceStore, node_home
-from teecloud.node.runtime.base import LogSource, ResourceLimits, Runtime
-from teecloud.node.runtime.docker import DockerRuntime
+from teecloud.node.runtime import Cvm, CvmBackend, LogSource, ResourceLimits, Runtime, make_backend
 from teecloud.tee.base import TeePlatform
 
 __all__ = ["Node", "NodeServer", "load_or_create_token", "make_node_app"]
@@ -112,7 +107,7 @@ class _Cvm:
     status: str = "stopped"
     phase: str = ""
     error: str = ""
-    booted: BootedCvm | None = None
+    booted: Cvm | None = None
     thread: threading.Thread | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -123,6 +118,7 @@ class Node:
         *,
         key_provider: KeyProvider,
         tee_factory: Callable[[], TeePlatform],
+        backend: CvmBackend | None = None,
         runtime: Runtime | None = None,
         home: Path | None = None,
         kms_urls: list[str] | None = None,
@@ -141,8 +137,15 @@ class Node:
             else max(DEFAULT_MIN_APP_MEMORY_MB, self.memory_mb // DEFAULT_APP_MEMORY_SHARE)
         )
         self.store = InstanceStore(self.home)
-        self.runtime: Runtime = runtime or DockerRuntime()
-        self.key_provider = key_provider
+        # `tee_factory` gives the host's platform (what the node reports: kind, device, vm_config); the docker
+        # backend's guest half runs on the same host, so it is the guest's too there. `runtime` is the docker
+        # backend's container engine (tests pass a fake one).
+        self.backend: CvmBackend = backend or make_backend(
+            "docker",
+            key_provider=key_provider,
+            guest_tee_factory=tee_factory,
+            **({"runtime": runtime} if runtime is not None else {}),
+        )
         self.tee_factory = tee_factory
         self.kms_urls = list(kms_urls or [])
         self.node_id = node_id
@@ -167,7 +170,7 @@ class Node:
             device_id=bytes(getattr(p, "device_id", b"")).hex(),
             os_image_hash=bytes(getattr(p, "os_image_hash", b"")).hex(),
             kms_urls=self.kms_urls,
-            compose=self.runtime.describe(),
+            compose=self.backend.describe(),
             node_id=self.node_id,
             cvms=len(self.store.all()),
         )
@@ -184,7 +187,7 @@ class Node:
         urls: list[str] = []
         if with_containers:
             try:
-                for c in self.runtime.ps(compose_spec(inst, with_env=False).project):
+                for c in self._handle(inst, cvm).containers():
                     containers.append(api.Container(**c.__dict__))
                     for p in c.ports:
                         if p["protocol"] == "tcp" and p["host_port"]:
@@ -213,6 +216,10 @@ class Node:
     def list_cvms(self) -> list[api.CvmStatus]:
         return [self.status(i.instance_id) for i in self.store.all()]
 
+    def _handle(self, inst: Instance, cvm: _Cvm) -> Cvm:
+        """The CVM booted by this process, or a handle on its backend's leftovers (listing, logs, removal)."""
+        return cvm.booted if cvm.booted is not None else self.backend.attach(inst)
+
     # -- boot machinery
     def _boot_async(self, inst: Instance) -> None:
         cvm = self._cvm(inst.instance_id)
@@ -233,13 +240,7 @@ class Node:
 
         t0 = time.perf_counter()
         try:
-            booted = boot_instance(
-                inst,
-                key_provider=self.key_provider,
-                tee_factory=self.tee_factory,
-                runtime=self.runtime,
-                progress=progress,
-            )
+            booted = self.backend.launch(inst, inst.limits(), progress=progress)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, NodeError) else f"{type(exc).__name__}: {exc}"
             reason = reason[:MAX_ERROR_CHARS]
@@ -286,7 +287,7 @@ class Node:
         with self._idle(cvm):
             cvm.status, cvm.phase = "stopping", ""
             try:
-                shutdown_instance(inst, cvm.booted, self.runtime)
+                self._handle(inst, cvm).stop()
             finally:
                 cvm.booted = None
                 cvm.status = "stopped"
@@ -305,7 +306,7 @@ class Node:
             )
         _doc, compose = check_app_compose(app_compose)
         images = image_refs(compose)
-        self.runtime.check_images(images)
+        self.backend.check_images(images)
         return api.CheckResult(name=name, images=images)
 
     def create(self, req: api.CreateCvmRequest) -> api.CvmStatus:
@@ -331,7 +332,6 @@ class Node:
             sys_config=sys_config,
             limits=limits,
         )
-        self.store.prepare_runtime(inst)
         self._boot_async(inst)
         return self.status(inst.instance_id, with_containers=False)
 
@@ -356,7 +356,6 @@ class Node:
     def start(self, ref: str) -> api.CvmStatus:
         inst = self.store.get(ref)
         inst.update_state(desired="running")
-        self.store.prepare_runtime(inst)
         self._boot_async(inst)
         return self.status(inst.instance_id, with_containers=False)
 
@@ -389,7 +388,6 @@ class Node:
                 state={"desired": "running"},
                 **{"from": old_hash, "compose_hash": hashlib.sha256(new).hexdigest()},
             )
-            self.store.prepare_runtime(inst)
             self._boot_async(inst)
         return self.status(inst.instance_id, with_containers=False)
 
@@ -399,34 +397,11 @@ class Node:
         cleaned is returned in `leftovers` (and logged) instead of raised."""
         inst = self.store.get(ref)
         cvm = self._cvm(inst.instance_id)
-        spec = compose_spec(inst, with_env=False)
         leftovers: list[str] = []
         with self._idle(cvm):
             cvm.status, cvm.phase = "removing", ""
-            booted, cvm.booted = cvm.booted, None  # the node's only reference to the app's keys
-            if booted is not None:
-                try:
-                    booted.runner.stop()
-                except Exception as exc:  # the agent's own failure must not stop the removal
-                    leftovers.append(f"the guest agent did not stop cleanly: {exc}")
-            try:
-                self.runtime.down(spec)
-            except NodeError as exc:
-                leftovers.append(
-                    f"containers, networks and volumes of compose project {spec.project} may remain ({exc}); "
-                    f"once the engine answers: docker compose -p {spec.project} down -v --remove-orphans"
-                )
-            volume = EncryptedVolume(inst.cipher_dir, inst.mount_point)
-            if booted is not None:
-                volume = booted.volume
-            try:
-                volume.unmount()
-            except StorageError as exc:
-                leftovers.append(f"the plaintext view {inst.mount_point} is still mounted: {exc}")
-            try:
-                volume.shred()
-            except StorageError as exc:
-                leftovers.append(str(exc))
+            handle, cvm.booted = self._handle(inst, cvm), None  # the node's only reference to the app's keys
+            leftovers += handle.remove()
             try:
                 self.store.delete(inst)
             except OSError as exc:
@@ -481,8 +456,8 @@ class Node:
             raise PermissionError("this app's logs are not public (app-compose public_logs is false)")
         release = self._take_follow_slot(inst.instance_id) if follow else None
         try:
-            stream = self.runtime.logs(
-                compose_spec(inst, with_env=False).project, service=service, tail=tail, follow=follow
+            stream = self._handle(inst, self._cvm(inst.instance_id)).logs(
+                service=service, tail=tail, follow=follow
             )
         except BaseException:
             if release is not None:
@@ -494,7 +469,7 @@ class Node:
 
     def stats(self, ref: str) -> list[dict[str, Any]]:
         inst = self.store.get(ref)
-        return self.runtime.stats(compose_spec(inst, with_env=False).project)
+        return self._handle(inst, self._cvm(inst.instance_id)).stats()
 
     def attestation(self, ref: str, nonce: bytes, *, public: bool) -> api.Attestation:
         """A quote of the CVM over api.attest_report_data(nonce): the caller's nonce behind a fixed domain
@@ -504,23 +479,20 @@ class Node:
         booted = cvm.booted
         if booted is None:
             raise InstanceStateError(f"CVM {inst.instance_id} is {cvm.status}, not running: no attestation")
-        if public and not booted.state.public_tcbinfo:
+        if public and not booted.public_tcbinfo:
             raise PermissionError("this app does not publish its attestation (public_tcbinfo is false)")
-        try:
-            report_data = api.attest_report_data(nonce)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        q = booted.runner.service.get_quote(GetQuoteRequest(report_data=report_data.hex()))
+        # the backend binds the nonce under the fixed prefix itself: the host never picks the report_data
+        a = booted.attestation(nonce)
         return api.Attestation(
             instance_id=inst.instance_id,
-            app_id=booted.state.app_id.hex(),
-            compose_hash=booted.state.compose_hash.hex(),
-            quote=q["quote"],
-            event_log=q["event_log"],
+            app_id=a.app_id,
+            compose_hash=a.compose_hash,
+            quote=a.quote,
+            event_log=a.event_log,
             nonce=nonce.hex(),
-            report_data=q["report_data"],
-            vm_config=q["vm_config"],
-            app_compose=booted.state.app_compose_text,
+            report_data=a.report_data,
+            vm_config=a.vm_config,
+            app_compose=a.app_compose,
         )
 
     # -- node lifecycle
@@ -529,7 +501,6 @@ class Node:
         started = []
         for inst in self.store.all():
             if inst.state().get("desired", "running") == "running":
-                self.store.prepare_runtime(inst)
                 self._boot_async(inst)
                 started.append(inst.instance_id)
         return started

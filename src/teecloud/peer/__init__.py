@@ -5,9 +5,11 @@ gateway all decide "who is on the other end" here, under one `PeerPolicy` (`prod
 simulated evidence only where a development root is trusted, never a debug TEE, a TCB floor, fresh
 certificates. Untrusted bytes in, verified objects out; the only I/O is the injected collateral source.
 
+    ChainGate (peer/_chain.py)             KmsAuth.isAppAllowed / isKmsAllowed, read at most one block old
     PeerRejected (teecloud.errors.Error)   `.step` names the failing check, `.reason` says why
 """
 
+from teecloud.peer._chain import AuthChain, ChainGate, FreshBlockNumber
 from teecloud.peer._collateral import CollateralSource, PccsCollateral, StaticCollateral
 from teecloud.peer._verifier import (
     AttestedPeer,
@@ -20,7 +22,10 @@ from teecloud.peer._verifier import (
 
 __all__ = [
     "AttestedPeer",
+    "AuthChain",
+    "ChainGate",
     "CollateralSource",
+    "FreshBlockNumber",
     "PccsCollateral",
     "PeerPolicy",
     "PeerRejected",

@@ -1,11 +1,23 @@
-"""The runtime seam of the node: what runs a CVM's app, behind one interface.
+"""The runtime seam of the node: what runs a CVM, behind one interface.
 
-`Runtime` is everything the node's lifecycle (teecloud.node.service) and the host half of boot
-(teecloud.node.boot) ask of a runtime; `docker` (teecloud.node.runtime.docker: Docker Engine + Compose, one
-project per CVM) implements it now, `qemu` (one confidential VM per app) is the next. A runtime gets the
-app's compose file already accepted by the compose policy (teecloud.node.compose), and the places the CVM's
-guest half uses on the host (`ComposeSpec`: agent sockets, the plaintext view of the encrypted disk, the
-tmpfs env file).
+`CvmBackend` is all the node's lifecycle (teecloud.node.service) asks of a backend: `launch(instance,
+limits) -> Cvm` boots one CVM (measure, keys, env, encrypted volume, agent, app) and returns a handle whose
+`containers / logs / stats / attestation / stop / remove` are the only ways the node reaches the CVM; the
+node never touches a container, a guest agent or a volume itself. Two backends implement it:
+
+    docker  (teecloud.node.runtime.docker_cvm)  the guest half of boot in the node's process, the app on the
+            host's Docker Engine + Compose (`Runtime` below), a gocryptfs `Volume`; local development
+    qemu    (teecloud.node.runtime.qemu)        one confidential VM per app (tdx, sev-snp, or plain under
+            TCG); the guest agent boots inside the VM, LUKS2 `Volume` in the guest
+
+Each backend chooses its isolation policy (the compose policy of teecloud.node.compose is the docker
+backend's: the app shares the host's kernel there). The attestation a `Cvm` gives is over a caller's
+*nonce*, bound by the node API's fixed domain prefix inside the backend: no backend offers a quote over
+bytes the host chooses.
+
+`Runtime`, below, is the docker backend's container engine (compose-on-host verbs); it gets the app's
+compose file already accepted by the compose policy, and the places the CVM's guest half uses on the host
+(`ComposeSpec`: agent sockets, the plaintext view of the encrypted disk, the tmpfs env file).
 
     check()                        the runtime is usable (else RuntimeUnavailable with an install hint)
     check_images(refs)             every image is present (else ComposeRejected naming the missing ones)
@@ -21,11 +33,32 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from teecloud.node.errors import ComposeRejected
 
-__all__ = ["ComposeSpec", "ContainerState", "LogSource", "ResourceLimits", "Runtime"]
+if TYPE_CHECKING:  # instance.py imports ResourceLimits from here
+    from teecloud.node.instance import Instance
+
+__all__ = [
+    "BOOT_PHASES",
+    "ComposeSpec",
+    "ContainerState",
+    "Cvm",
+    "CvmAttestation",
+    "CvmBackend",
+    "LogSource",
+    "Progress",
+    "ResourceLimits",
+    "Runtime",
+    "Volume",
+]
+
+# The phases of a CVM boot as the node reports them: the guest's (measuring, keys, env, storage, agent), then
+# the app's start and health (run by the host's engine on docker, by the guest agent inside the VM on qemu).
+BOOT_PHASES = ("measuring", "keys", "env", "storage", "agent", "starting", "healthy")
+
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -101,3 +134,58 @@ class Runtime(Protocol):
     ) -> LogSource: ...
     def stats(self, project: str) -> list[dict[str, Any]]: ...
     def describe(self) -> str: ...
+
+
+class Volume(Protocol):
+    """A CVM's encrypted data volume, keyed by the KMS disk key (gocryptfs on docker, LUKS2 in a VM)."""
+
+    def ensure_dirs(self, relative: list[str]) -> None: ...
+    def unmount(self) -> None: ...
+    def shred(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CvmAttestation:
+    """A quote of a running CVM over the node API's report_data for a caller's nonce, with what it binds."""
+
+    app_id: str
+    compose_hash: str
+    quote: str
+    event_log: str
+    report_data: str
+    vm_config: str
+    app_compose: str
+
+
+@runtime_checkable
+class Cvm(Protocol):
+    """A handle on one CVM of a backend; a handle from `attach` (no boot in this process) can list, log,
+    stop and remove, and has no attestation (`booted` is False)."""
+
+    instance_id: str
+    timings: dict[str, float]
+    dropped_env: list[str]
+
+    @property
+    def booted(self) -> bool: ...
+    @property
+    def public_tcbinfo(self) -> bool: ...
+    def containers(self) -> list[ContainerState]: ...
+    def logs(self, *, service: str | None = None, tail: int = 200, follow: bool = False) -> LogSource: ...
+    def stats(self) -> list[dict[str, Any]]: ...
+    def attestation(self, nonce: bytes) -> CvmAttestation: ...
+    def stop(self) -> None: ...
+    def remove(self) -> list[str]: ...
+
+
+@runtime_checkable
+class CvmBackend(Protocol):
+    """What runs the CVMs of a node (see the module docstring)."""
+
+    kind: str
+
+    def check(self) -> None: ...
+    def check_images(self, refs: Sequence[str]) -> None: ...
+    def describe(self) -> str: ...
+    def launch(self, instance: Instance, limits: ResourceLimits, *, progress: Progress = ...) -> Cvm: ...
+    def attach(self, instance: Instance) -> Cvm: ...

@@ -23,7 +23,6 @@ Containers are found through the `com.docker.compose.project` label both version
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -31,8 +30,7 @@ import re
 import shlex
 import shutil
 import subprocess
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +38,13 @@ from typing import Any
 import yaml
 
 from teecloud._fs import atomic_write
+from teecloud._proc import LogStream
 from teecloud.node.compose import (
     AGENT_SOCKET_SOURCES,
     HOST_BINDING_OPT,
     LOOPBACK,
     check_isolation,
+    check_mount_target,
     load_compose,
     parse_volume,
 )
@@ -175,6 +175,7 @@ def make_override(
                 seen_targets.add(target)
         image = images.get(name, ImageConfig())
         for target in image.volumes:
+            check_mount_target(name, target)  # an image's VOLUME /dev is a volume at /dev too
             if target not in seen_targets:  # an image VOLUME would land unencrypted in Docker's storage
                 rel = _anon_dir(name, target)
                 volume_dirs.append(rel)
@@ -328,97 +329,6 @@ def detect_compose(docker: str = "docker") -> list[str]:
         "Docker Compose is missing: install the v2 plugin (apt-get install docker-compose-plugin) or v1 "
         "(apt-get install docker-compose)"
     )
-
-
-class LogStream:
-    """The output of log commands run one after another, one chunk per line prefixed `service | `.
-
-    `close()` may be called from any thread, also while another thread is blocked reading (an HTTP client
-    went away in the middle of `docker logs --follow`): it kills the running process, so the reader sees the
-    end of its output at once, starts no further command, and runs the `on_close` callbacks (once). Reading to
-    the end closes the stream too, and so does dropping the last reference to one never read.
-    """
-
-    def __init__(self, commands: Sequence[tuple[str, Sequence[str]]]) -> None:
-        self._commands = [(service, list(argv)) for service, argv in commands]
-        self._lock = threading.Lock()
-        self._closed = False
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._callbacks: list[Callable[[], None]] = []
-        self._lines: Iterator[bytes] | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def process(self) -> subprocess.Popen[bytes] | None:
-        """The command running (or last run) for this stream."""
-        return self._proc
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if not self._closed:
-                self._callbacks.append(callback)
-                return
-        callback()
-
-    def __iter__(self) -> LogStream:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._lines is None:
-            self._lines = self._read()
-        return next(self._lines)
-
-    def _read(self) -> Iterator[bytes]:
-        try:
-            for service, argv in self._commands:
-                with self._lock:
-                    if self._closed:
-                        return
-                    proc = self._proc = subprocess.Popen(
-                        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-                    )
-                try:
-                    assert proc.stdout is not None
-                    prefix = f"{service} | ".encode()
-                    for line in proc.stdout:
-                        yield prefix + line
-                finally:
-                    _kill(proc)
-                    assert proc.stdout is not None
-                    proc.stdout.close()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            proc, callbacks, self._callbacks = self._proc, self._callbacks, []
-        if proc is not None:
-            _kill(proc)
-        self._lines = None  # (a generator still running in another thread keeps its own frame)
-        for callback in callbacks:
-            callback()
-
-    def __enter__(self) -> LogStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL: only an uninterruptible sleep delays it
-        proc.wait(timeout=10)
 
 
 class DockerRuntime:

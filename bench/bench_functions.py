@@ -1,0 +1,182 @@
+"""Functions runtime: warm invocation latency and throughput, cold start of a new function, the same over
+HTTP, a container per call (`docker run`) for comparison, and the gas of the on-chain result check.
+
+    python3 bench/bench_functions.py [--seconds 5] [--cold 20] [--docker 5] [--no-gas]
+
+The runtime runs in this process on a booted simulated CVM (its guest agent on a Unix socket gives the
+keys, as in production); a "call" is the whole path: claim the request id (O_EXCL file, fsync), a fresh
+wasmtime Store + instance, run, sign the result (secp256k1) and append the log. Every loop is bounded by
+count and time. Goals (issue 22): warm p50 <= 5 ms, >= 500 calls/s on 2 cores, cold start <= 50 ms,
+on-chain check <= 60k gas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).resolve().parents[1])]
+
+TRIVIAL = """(module
+  (import "teecloud" "output" (func $output (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "{tag}")
+  (func (export "run") (result i32) (drop (call $output (i32.const 0) (i32.const {n}))) (i32.const 0)))"""
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--cold", type=int, default=20)
+    ap.add_argument("--docker", type=int, default=5)
+    ap.add_argument("--no-gas", action="store_true")
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="tcfb-"))
+    sock = Path(tempfile.mkdtemp(prefix="tcfs-", dir="/tmp"))
+    os.environ["TEECLOUD_HOME"] = str(home)
+    logging.disable(logging.WARNING)
+    import httpx
+    import wasmtime
+    from tests.functions.conftest import RUNTIME_COMPOSE
+
+    from teecloud.agent import AgentRunner, LocalDevKeyProvider, boot
+    from teecloud.chain import compose_hash
+    from teecloud.functions import FunctionKeys, FunctionRuntime, GuestAgentKeys
+    from teecloud.functions.http import FunctionServer
+    from teecloud.tee.simulated import SimulatedTdx
+
+    out: dict[str, object] = {}
+    chain = None
+    app_id = bytes.fromhex("7e57" * 10)
+    if not args.no_gas:
+        from teecloud.chain import ChainClient
+
+        chain = ChainClient.embedded(home)
+        chain.deploy()
+        app_id = bytes.fromhex(chain.kms.register_app(chain.address or "", compose_hash(RUNTIME_COMPOSE))[2:])
+    provider = LocalDevKeyProvider(home)
+    state = boot(SimulatedTdx(home), json.dumps(RUNTIME_COMPOSE), app_id, None, provider)
+    runner = AgentRunner(state, dstack_sock=sock / "dstack.sock", tappd_sock=sock / "tappd.sock", port=0)
+    runner.start()
+    rt = FunctionRuntime(home, FunctionKeys(GuestAgentKeys(str(sock / "dstack.sock"))))
+    try:
+        # --- warm, in process ---------------------------------------------------------------------------
+        rec = rt.deploy(bytes(wasmtime.wat2wasm(TRIVIAL.format(tag="hello", n=5))))
+        ref = rec.function_hash.hex()
+        rt.invoke(ref, b"")  # keys cached, module compiled
+        lat: list[float] = []
+        deadline = time.monotonic() + args.seconds
+        while time.monotonic() < deadline and len(lat) < 50_000:
+            t = time.perf_counter()
+            rt.invoke(ref, b"")
+            lat.append((time.perf_counter() - t) * 1000)
+        out["warm_p50_ms"] = round(_pct(lat, 0.5), 3)
+        out["warm_p99_ms"] = round(_pct(lat, 0.99), 3)
+        out["warm_calls_per_s_1_thread"] = round(len(lat) / sum(lat) * 1000, 1)
+        counts = [0, 0]
+
+        def worker(i: int, until: float) -> None:
+            while time.monotonic() < until and counts[i] < 50_000:
+                rt.invoke(ref, b"")
+                counts[i] += 1
+
+        until = time.monotonic() + args.seconds
+        t0 = time.monotonic()
+        ths = [threading.Thread(target=worker, args=(i, until)) for i in range(2)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        out["warm_calls_per_s_2_threads"] = round(sum(counts) / (time.monotonic() - t0), 1)
+        # --- cold start: deploy a new function and call it once -------------------------------------------
+        cold: list[float] = []
+        for i in range(args.cold):
+            wasm = bytes(wasmtime.wat2wasm(TRIVIAL.format(tag=f"cold{i:04d}", n=8)))
+            t = time.perf_counter()
+            r = rt.deploy(wasm)
+            rt.invoke(r.function_hash.hex(), b"")
+            cold.append((time.perf_counter() - t) * 1000)
+        out["cold_start_p50_ms"] = round(_pct(cold, 0.5), 3)
+        out["cold_start_max_ms"] = round(max(cold), 3)
+        # --- over HTTP (one keep-alive client) --------------------------------------------------------------
+        server = FunctionServer(rt)
+        server.start()
+        hl: list[float] = []
+        with httpx.Client(base_url=server.url) as c:
+            deadline = time.monotonic() + min(args.seconds, 3)
+            while time.monotonic() < deadline and len(hl) < 10_000:
+                t = time.perf_counter()
+                c.post(f"/functions/{ref}/invoke", json={"input": ""}).raise_for_status()
+                hl.append((time.perf_counter() - t) * 1000)
+        server.stop()
+        out["http_p50_ms"] = round(_pct(hl, 0.5), 3)
+        out["http_calls_per_s_1_client"] = round(len(hl) / sum(hl) * 1000, 1)
+        # --- a container per call ---------------------------------------------------------------------------
+        if args.docker and shutil.which("docker"):
+            image = "teecloud/hello-base"
+            ok = subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
+            if ok:
+                dl: list[float] = []
+                for _ in range(args.docker):
+                    t = time.perf_counter()
+                    subprocess.run(
+                        ["docker", "run", "--rm", image, "echo", "hello"], capture_output=True, timeout=60
+                    )
+                    dl.append((time.perf_counter() - t) * 1000)
+                out["docker_run_p50_ms"] = round(_pct(dl, 0.5), 1)
+            else:
+                out["docker_run_p50_ms"] = f"not measured: no local image {image}"
+        # --- gas of the on-chain check ---------------------------------------------------------------
+        if chain is not None:
+            out.update(_gas(chain, rt, provider.root.k256_public_key, app_id))
+    finally:
+        rt.close()
+        runner.stop()
+        if chain is not None:
+            chain.close()
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(sock, ignore_errors=True)
+    print(json.dumps(out, indent=2))
+
+
+def _gas(chain, rt, kms_root: bytes, app_id: bytes) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    import wasmtime
+
+    from teecloud.chain.connection import abi_of
+    from teecloud.chain.functions import FunctionResultVerifier, deploy_function_registry
+    from teecloud.functions.service import function_hash_of
+
+    chain.kms.set_info(kms_root, b"dev-ca")
+    wasm = bytes(wasmtime.wat2wasm(TRIVIAL.format(tag="\\00" * 31 + "\\2a", n=32)))
+    fh = function_hash_of(wasm, [], {})
+    reg = deploy_function_registry(chain, chain.address, "bench", "0x" + app_id.hex(), fh)
+    rt.deploy(wasm, function_id=bytes.fromhex(reg.address[2:]))
+    verifier = FunctionResultVerifier.deploy(chain, chain.kms_auth)
+    abi = rt.invoke(fh.hex(), b"").result.to_abi()
+    data = abi_of("FunctionResultVerifier").encode_call("verify", abi)
+    calldata = sum(16 if b else 4 for b in data)
+    receipt = verifier.verify(abi)
+    used = int(receipt["gasUsed"], 16) if isinstance(receipt["gasUsed"], str) else int(receipt["gasUsed"])
+    return {
+        "verify_tx_gas": used,
+        "verify_calldata_gas": calldata,
+        "verify_execution_gas": used - 21_000 - calldata,
+    }
+
+
+if __name__ == "__main__":
+    main()

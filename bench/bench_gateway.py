@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""The gateway's data plane (HAProxy driven by teecloud.gateway) vs nginx doing the same SNI routing to the
+same backend, vs TLS to the backend directly; all in one run on 127.0.0.1.
+
+    backend        nginx, plain HTTP/1.1, one fixed 12-byte answer (1 worker)
+    direct         nginx, TLS 1.3, the same answer served directly (the "direct" baseline; 2 workers)
+    nginx gateway  nginx, TLS 1.3 terminated for <app_id>-8080.<base>, keep-alive upstream (2 workers);
+                   any other name 421
+    teecloud       teecloud.gateway.driver.HaproxyDriver: HAProxy 2.6 (2 threads), the same certificate
+                   (dev CA wildcard), the route set through the runtime API
+
+Measured with wrk (keep-alive, TLS 1.3, 2 threads, 64 connections): req/s, p50, p99, errors; then new TLS
+connections (wrk with `Connection: close`): proxy CPU ms per connection (utime+stime of its processes);
+memory per idle TLS connection (RSS growth of the proxy's processes over 500 idle TLS connections); route
+churn (10 route changes per second through the runtime API while wrk runs): errors; and the time of one
+route change (`driver.apply`).
+
+Needs: haproxy, nginx-light, wrk (Debian), and `*.localhost` resolving to loopback for wrk's SNI
+(libnss-myhostname, Debian). Not run in CI.
+
+    python3 bench/bench_gateway.py [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from teecloud.gateway.devca import DevCa  # noqa: E402
+from teecloud.gateway.driver import HaproxyDriver  # noqa: E402
+from teecloud.gateway.routing import DataPlaneLimits, Route  # noqa: E402
+
+BASE = "teecloud.localhost"
+APP = "a1" * 20
+INST = "b1" * 20
+OTHER = "c1" * 20
+HOST = f"{APP}-8080.{BASE}"
+
+
+class _Stop:
+    """A HaproxyDriver in the list of processes to stop."""
+
+    def __init__(self, driver: HaproxyDriver) -> None:
+        self.driver = driver
+
+    def terminate(self) -> None:
+        self.driver.stop()
+
+    def wait(self, timeout: float) -> None:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nginx_conf(tmp: Path, body: str, workers: int) -> str:
+    return f"""
+worker_processes {workers};
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
+    uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+    keepalive_requests 1000000;
+    server_names_hash_bucket_size 128;
+    ssl_protocols TLSv1.3;
+    ssl_session_tickets off;
+{body}
+}}
+"""
+
+
+def start_nginx(tmp: Path, body: str, workers: int) -> subprocess.Popen[bytes]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "nginx.conf").write_text(nginx_conf(tmp, body, workers))
+    # Its own session, as HaproxyDriver starts HAProxy: with the kernel's scheduler autogroups (on here) a
+    # session is one scheduling group, so every server under test gets the same treatment.
+    proc = subprocess.Popen(
+        ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"], start_new_session=True
+    )
+    time.sleep(0.5)
+    if proc.poll() is not None:
+        raise SystemExit("nginx did not start (its error is printed above)")
+    return proc
+
+
+def tree_pids(pid: int) -> list[int]:
+    out = [pid]
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(p.name))
+    return out
+
+
+def cpu_s(pids: list[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            f = (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]).split()
+            total += int(f[11]) + int(f[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def wrk(url: str, seconds: int, *extra: str) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", *extra, url], capture_output=True, text=True
+    ).stdout
+
+    def lat(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        if not m:
+            return float("nan")
+        return float(m[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m[2]]
+
+    m = re.search(r"([\d]+) requests in", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = (sum(int(x) for x in errs.groups()) if errs else 0) + (int(non2xx[1]) if non2xx else 0)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return {
+        "rps": float(rps[1]) if rps else 0.0,
+        "p50": lat("50"),
+        "p99": lat("99"),
+        "errors": errors,
+        "requests": int(m[1]) if m else 0,
+    }
+
+
+def idle_memory(port: int, host: str, ca_pem: str, pids: list[int], n: int = 500) -> float:
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    before = rss_kib(pids)
+    conns = []
+    for _ in range(n):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conns.append(ctx.wrap_socket(raw, server_hostname=host))
+    time.sleep(1.0)
+    after = rss_kib(pids)
+    for c in conns:
+        c.close()
+    return (after - before) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=8)
+    args = ap.parse_args()
+    seconds = args.seconds
+    for tool in ("haproxy", "nginx", "wrk"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing (apt-get install haproxy nginx-light wrk)")
+    tmp = Path(tempfile.mkdtemp(prefix="teecloud-bench-gw-"))
+    now = int(time.time())
+    ca = DevCa(now=now)
+    cert = ca.issue_wildcard(BASE, now=now)
+    (tmp / "cert.pem").write_text(cert.cert_pem + ca.cert_pem)
+    (tmp / "key.pem").write_text(cert.key_pem)
+    (tmp / "key.pem").chmod(0o600)
+    b_port, d_port, n_port, g_port, t_port = (free_port() for _ in range(5))
+    tls = f"ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem;"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        run(tmp, ca, cert, procs, seconds, b_port, d_port, n_port, g_port, t_port, tls)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(tmp, ca, cert, procs, seconds, b_port, d_port, n_port, g_port, t_port, tls) -> None:  # type: ignore[no-untyped-def]
+    backend = start_nginx(
+        tmp / "backend",
+        f'server {{ listen 127.0.0.1:{b_port}; location / {{ return 200 "hello world\\n"; }} }}',
+        1,
+    )
+    procs.append(backend)
+    direct = start_nginx(
+        tmp / "direct",
+        f'server {{ listen 127.0.0.1:{d_port} ssl; {tls} location / {{ return 200 "hello world\\n"; }} }}',
+        2,
+    )
+    procs.append(direct)
+    nginx_gw = start_nginx(
+        tmp / "nginx-gw",
+        f"upstream app {{ server 127.0.0.1:{b_port}; keepalive 64; }}\n"
+        f"server {{ listen 127.0.0.1:{n_port} ssl default_server; {tls} return 421; }}\n"
+        f"server {{ listen 127.0.0.1:{n_port} ssl; server_name {HOST}; {tls}\n"
+        '  location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; } }',
+        2,
+    )
+    procs.append(nginx_gw)
+    driver_tcp = HaproxyDriver(
+        tmp / "gw-tcp",
+        base_domain=BASE,
+        port=t_port,
+        cert=cert,
+        chain_pem=ca.cert_pem,
+        limits=DataPlaneLimits(http_backends=8, tcp_backends=8, servers_per_backend=2),
+        terminate_mode="tcp",
+    ).start()
+    driver_tcp.apply([Route(APP, INST, 8080, f"127.0.0.1:{b_port}")])
+    procs.append(_Stop(driver_tcp))  # type: ignore[arg-type]
+    driver = HaproxyDriver(
+        tmp / "gw",
+        base_domain=BASE,
+        port=g_port,
+        cert=cert,
+        chain_pem=ca.cert_pem,
+        limits=DataPlaneLimits(http_backends=8, tcp_backends=8, servers_per_backend=2),
+    ).start()
+    route = Route(APP, INST, 8080, f"127.0.0.1:{b_port}")
+    t0 = time.perf_counter()
+    driver.apply([route])
+    apply_ms = (time.perf_counter() - t0) * 1000
+    try:
+        rows = {}
+        targets = {
+            "direct (TLS to the backend)": (f"https://{HOST}:{d_port}/", direct.pid),
+            "nginx, same SNI routing": (f"https://{HOST}:{n_port}/", nginx_gw.pid),
+            "teecloud gateway (HAProxy)": (f"https://{HOST}:{g_port}/", driver.pid),
+            "teecloud gateway, terminate_mode=tcp": (f"https://{HOST}:{t_port}/", driver_tcp.pid),
+        }
+        for name, (url, pid) in targets.items():
+            pids = tree_pids(pid or 0)
+            ka = wrk(url, seconds)
+            c0 = cpu_s(pids)
+            new = wrk(url, max(3, seconds // 2), "-H", "Connection: close")
+            cpu = (cpu_s(pids) - c0) * 1000 / max(1, new["requests"])
+            port = int(url.rsplit(":", 1)[1].rstrip("/"))
+            mem = idle_memory(port, HOST, ca.cert_pem, pids)
+            rows[name] = (ka, new, cpu, mem)
+        # route churn: 10 changes/s (another app's route and a second server of this app come and go)
+        stop = threading.Event()
+        changes = [0]
+
+        def churn() -> None:
+            extra = [
+                Route(APP, "b2" * 20, 8080, f"127.0.0.1:{b_port}"),
+                Route(OTHER, "c2" * 20, 9000, f"127.0.0.1:{b_port}"),
+            ]
+            while not stop.is_set():
+                driver.apply([route, *extra])
+                time.sleep(0.05)
+                driver.apply([route])
+                time.sleep(0.05)
+                changes[0] += 2
+
+        t = threading.Thread(target=churn)
+        pid_before = driver.pid
+        t.start()
+        churned = wrk(f"https://{HOST}:{g_port}/", seconds)
+        stop.set()
+        t.join()
+        assert driver.pid == pid_before
+        print(
+            "| proxy | keep-alive req/s | p50 ms | p99 ms | errors | new TLS conn/s | CPU ms / new conn "
+            "| KiB / idle TLS conn |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for name, (ka, new, cpu, mem) in rows.items():
+            print(
+                f"| {name} | {ka['rps']:.0f} | {ka['p50']:.2f} | {ka['p99']:.2f} | {ka['errors']:.0f} | "
+                f"{new['rps']:.0f} | {cpu:.3f} | {mem:.1f} |"
+            )
+        direct_rps = rows["direct (TLS to the backend)"][0]["rps"]
+        ng = rows["nginx, same SNI routing"][0]["rps"]
+        for name in ("teecloud gateway (HAProxy)", "teecloud gateway, terminate_mode=tcp"):
+            gw = rows[name][0]["rps"]
+            print(f"\n{name}: / nginx = {gw / ng:.2f}x; / direct = {100 * gw / direct_rps:.0f} %")
+        print(
+            f"route churn: {changes[0]} route changes in {seconds} s under load: "
+            f"{churned['requests']:.0f} requests, {churned['errors']:.0f} errors, "
+            f"{churned['rps']:.0f} req/s, no reload"
+        )
+        print(f"one route change (driver.apply, runtime API + map files): {apply_ms:.1f} ms")
+    finally:
+        driver.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Threshold KMS benchmark (issue 19): key release at t=3 of 5 vs the single-node path, same run; DKG and
+reshare durations at 3-of-5 and 4-of-7.
+
+Part 1 (crypto only, one process): one node's ThresholdEvaluate crypto (two partial evaluations with
+DLEQ proofs), the client's checks and combination at t=3, and the single node's whole-key derivation.
+Part 2 (end to end): five threshold KMS nodes and one single KMS, each its own KmsService and RA-TLS
+listener (threads of this process: the GIL is shared, so the threshold figure is pessimistic), embedded
+chain. Per release: a fresh simulated CVM boots with the provider's boot-nonce (not timed), then
+`get_app_keys` is timed: mutual RA-TLS to the nodes (temp CA + ThresholdEvaluate each; the threshold
+client asks all reachable nodes in parallel), every partial's proof checked, any 3 combined, keys derived.
+
+    python bench/bench_tkms.py [--releases 30] [--crypto-iters 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def _ms(fn: Callable[[], object], iters: int) -> tuple[float, float]:
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    samples.sort()
+    return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+
+
+def crypto(iters: int) -> list[tuple[str, float, float]]:
+    from teecloud.keys import threshold as th
+    from teecloud.keys.appkeys import RootKeys, derive_app_keys
+
+    app, inst = b"\x11" * 20, b"\x22" * 20
+    d = th.deal(None, 3, 5)
+    xs = th.app_contexts(1, app, inst)
+    ys = {i: th.public_share(d.commitments, i) for i in range(1, 6)}
+    parts = {i: [th.partial_evaluate(i, d.shares[i], x) for x in xs] for i in (1, 2, 3)}
+
+    def node() -> None:
+        for x in xs:
+            th.partial_evaluate(2, d.shares[2], x)
+
+    def client() -> None:
+        for i in (1, 2, 3):
+            for x, p in zip(xs, parts[i], strict=True):
+                assert th.verify_partial(ys[i], x, p)
+        outs = [th.combine(x, [parts[i][k] for i in (1, 2, 3)], 3) for k, x in enumerate(xs)]
+        th.app_keys_from_outputs(outs[0], outs[1], app, now=int(time.time()), key_provider_info={})
+
+    root = RootKeys.generate()
+    rows = [
+        ("node: ThresholdEvaluate crypto (2 partials + DLEQ)", *_ms(node, iters)),
+        ("client at t=3: 6 proof checks + 2 combinations + key derivation", *_ms(client, iters)),
+        (
+            "single node: whole-key derive_app_keys",
+            *_ms(lambda: derive_app_keys(root, app, inst, now=1), iters),
+        ),
+    ]
+
+    def dkg(t: int, n: int) -> None:
+        dealings = [th.deal(None, t, n, dealer=k) for k in range(1, n + 1)]
+        th.sum_commitments(dealings)
+        for r in range(1, n + 1):
+            th.joint_feldman(dealings, r, {x.dealer: x.shares[r] for x in dealings})
+
+    def reshare(d0: th.Dealing, old: list[int], t: int, n: int) -> None:
+        ds = [th.reshare_deal(i, d0.shares[i], t, n) for i in old]
+        for j in range(1, n + 1):
+            th.reshare_receive(d0.commitments, ds, j, {x.dealer: x.shares[j] for x in ds})
+        th.reshare_commitments(ds)
+
+    d47 = th.deal(None, 4, 7)
+    few = max(5, iters // 20)
+    rows += [
+        ("DKG Joint-Feldman 3-of-5 (all parties, one process)", *_ms(lambda: dkg(3, 5), few)),
+        ("DKG Joint-Feldman 4-of-7 (all parties, one process)", *_ms(lambda: dkg(4, 7), few)),
+        ("reshare 3-of-5 -> 4-of-7", *_ms(lambda: reshare(d, [1, 2, 3], 4, 7), few)),
+        ("reshare 4-of-7 -> 3-of-5", *_ms(lambda: reshare(d47, [1, 2, 3, 4], 3, 5), few)),
+    ]
+    return rows
+
+
+def end_to_end(releases: int) -> list[tuple[str, float, float]]:
+    from teecloud.chain import ChainClient
+    from teecloud.kms.audit import AuditLog
+    from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee, kms_dir, start_kms_state
+    from teecloud.kms.challenge import BootChallenges
+    from teecloud.kms.client import connect_kms
+    from teecloud.kms.server import KmsServer
+    from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
+    from teecloud.kms.threshold import (
+        DkgPlan,
+        ReshareDealer,
+        ResharePlan,
+        ThresholdEvaluator,
+        local_joint_feldman,
+    )
+    from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider, join_dkg, join_reshare
+    from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
+
+    home = Path(os.environ["TEECLOUD_HOME"])
+    chain = ChainClient.embedded(home / "chain")
+    chain.deploy()
+    dev = SimulatedTdx(home)
+    chain.add_os_image(dev.os_image_hash)
+    compose = hashlib.sha256(b"bench tkms").digest()
+    app_id = bytes.fromhex(chain.register_app(None, compose)[2:])
+
+    def node(
+        name: str, evaluator: ThresholdEvaluator | None, reshare: ReshareDealer | None = None
+    ) -> KmsServer:
+        tee = SimulatedTdx(home)
+        identity = boot_kms_tee(tee)
+        state, _ = start_kms_state(tee, identity, now=int(time.time()), home=home / name)
+        service = KmsService(
+            state=state,
+            identity=identity,
+            tee=tee,
+            chain=chain,
+            collateral=StaticCollateral(tee.collateral),
+            audit=AuditLog(kms_dir(home / name) / "audit.jsonl"),
+            config=KmsConfig(dev_mode=True, boot_challenge_max_uses=1),
+            dev_root_der=tee.dev_root_der(),
+            block_number=chain.block_number,
+            os_image_reference=simulated_os_image_reference,
+            challenges=BootChallenges(max_uses=1),
+            threshold=evaluator,
+            reshare=reshare,
+        )
+        return KmsServer(service).start()
+
+    def client(server: KmsServer):  # type: ignore[no-untyped-def]
+        return connect_kms(
+            server.url,
+            collateral_for=lambda _q, _n: dev.collateral(),
+            dev_root_der=dev.dev_root_der(),
+            expected_ca_pubkey_der=server.service.keys.ca_public_key_der,
+        )
+
+    shares = local_joint_feldman(3, 5)
+    servers = {s.index: node(f"node-{s.index}", ThresholdEvaluator(s), ReshareDealer(s)) for s in shares}
+    single = node("single", None)
+    group = ThresholdGroup(1, 3, shares[0].commitments, {i: s.url for i, s in servers.items()})
+    threshold = ThresholdKeyProvider(group, {i: client(s) for i, s in servers.items()})
+    one = client(single)
+
+    def release(provider: object) -> float:
+        tee = SimulatedTdx(home)
+        iid = os.urandom(20)
+        for name, payload in (
+            ("system-preparing", b""),
+            ("app-id", app_id),
+            ("compose-hash", compose),
+            ("instance-id", iid),
+            ("boot-nonce", provider.boot_nonce()),  # type: ignore[attr-defined]
+            ("boot-mr-done", b""),
+            ("os-image-hash", tee.os_image_hash),
+        ):
+            tee.emit_event(name, payload)
+        t0 = time.perf_counter()
+        provider.get_app_keys(tee, app_id, iid)  # type: ignore[attr-defined]
+        return (time.perf_counter() - t0) * 1000
+
+    rows = []
+    dealers: dict[int, KmsServer] = {}
+    try:
+        for label, provider in (
+            ("single KMS node (GetAppKey)", one),
+            ("threshold 3 of 5 (ThresholdEvaluate)", threshold),
+        ):
+            release(provider)  # warm: server certificates verified once per client
+            samples = sorted(release(provider) for _ in range(releases))
+            rows.append(
+                (label, statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))])
+            )
+
+        # Rounds over mutual RA-TLS: receivers boot-time KMS CVMs, one after another (wall time of all).
+        ident = boot_kms_tee(SimulatedTdx(home))
+        for mr in (ident.mr_aggregated, ident.boot_mr_aggregated):
+            chain.add_kms_mr(mr)
+        chain.add_kms_device(dev.device_id)
+
+        def receiver_clients(srv: dict[int, KmsServer]) -> tuple[SimulatedTdx, dict[int, Any]]:
+            tee = SimulatedTdx(home)
+            boot_kms_tee(tee, finish=False)
+            return tee, {i: client(s) for i, s in srv.items()}
+
+        def run_dkg(t: int, n: int) -> float:
+            for s in dealers.values():
+                s.stop()
+            dealers.clear()
+            dealers.update({i: node(f"dkg-{t}-{n}-{i}", None, ReshareDealer(None)) for i in range(1, n + 1)})
+            plan = DkgPlan(os.urandom(16), 1, tuple(range(1, n + 1)), t, n)
+            t0 = time.perf_counter()
+            for i, s in dealers.items():
+                assert s.service.reshare is not None
+                s.service.reshare.open_dkg(plan, i)
+            for j in range(1, n + 1):
+                tee, clients = receiver_clients(dealers)
+                join_dkg(plan, j, tee, clients, app_id=KMS_APP_ID)
+            return (time.perf_counter() - t0) * 1000
+
+        def run_reshare(t_new: int, n_new: int) -> float:
+            plan = ResharePlan(os.urandom(16), 1, shares[0].commitments, (1, 2, 3), t_new, n_new)
+            t0 = time.perf_counter()
+            for i in plan.dealers:
+                dealer = servers[i].service.reshare
+                assert dealer is not None
+                dealer.open(plan)
+            for j in range(1, n_new + 1):
+                tee, clients = receiver_clients({i: servers[i] for i in plan.dealers})
+                join_reshare(plan, j, tee, clients, app_id=KMS_APP_ID)
+            return (time.perf_counter() - t0) * 1000
+
+        rows.append(("networked DKG 3-of-5 (5 dealers, 5 receivers in turn)", run_dkg(3, 5), float("nan")))
+        rows.append(("networked DKG 4-of-7 (7 dealers, 7 receivers in turn)", run_dkg(4, 7), float("nan")))
+        rows.append(
+            ("networked reshare 3-of-5 -> 4-of-7 (3 dealers, 7 receivers)", run_reshare(4, 7), float("nan"))
+        )
+    finally:
+        for s in [*servers.values(), single, *dealers.values()]:
+            s.stop()
+        chain.close()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--releases", type=int, default=30)
+    ap.add_argument("--crypto-iters", type=int, default=200)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-tkms-") as tmp:
+        os.environ["TEECLOUD_HOME"] = tmp
+        print("| case | p50 ms | p99 ms |\n|---|---|---|")
+        for label, p50, p99 in crypto(args.crypto_iters) + end_to_end(args.releases):
+            tail = "—" if p99 != p99 else f"{p99:.2f}"  # NaN: a single run
+            print(f"| {label} | {p50:.2f} | {tail} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

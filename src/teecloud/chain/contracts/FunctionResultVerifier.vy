@@ -1,0 +1,187 @@
+# pragma version 0.4.3
+"""
+@title FunctionResultVerifier
+@notice Checks a teecloud function's signed result (teecloud.functions.result) up to the KMS root
+        recorded in KmsAuth, and refuses a replay per consumer. Steps of `verify`:
+        (1) not expired; (2) the function's registry allows this code hash on this runtime app;
+        (3) the runtime app allows the compose hash the runtime booted with;
+        (4) the result key signed the result digest;
+        (5) the runtime app key signed the result key for purpose "teecloud-fn-result:<code hash>";
+        (6) the KMS root in KmsAuth signed the app key for this app (dstack's GetKey chain);
+        (7) the request was not accepted before by this consumer (msg.sender).
+        Keys come as x‖y (64 bytes): ecrecover yields addresses, and keccak256(x‖y) gives a key's address.
+"""
+
+MAX_OUTPUT: constant(uint256) = 4096
+
+struct FunctionResult:
+    request_id: bytes32
+    function_id: address
+    function_hash: bytes32
+    input_hash: bytes32
+    output: Bytes[MAX_OUTPUT]
+    expiry: uint256
+    runtime_app_id: address
+    runtime_compose_hash: bytes32
+    signature: Bytes[65]
+    result_key: Bytes[64]
+    app_signature: Bytes[65]
+    app_key: Bytes[64]
+    kms_signature: Bytes[65]
+    kms_root_key: Bytes[64]
+
+
+interface IKmsAuth:
+    def kms_k256_pubkey() -> Bytes[65]: view
+
+interface IAppAuth:
+    def allowed_compose_hashes(compose_hash: bytes32) -> bool: view
+
+interface IFunctionRegistry:
+    def is_allowed(code_hash: bytes32, runtime_app_id: address) -> (bool, String[64]): view
+
+
+event ResultAccepted:
+    consumer: indexed(address)
+    function_id: indexed(address)
+    request_id: indexed(bytes32)
+    function_hash: bytes32
+
+
+kms_auth: public(address)
+# consumer -> keccak256(function_id ‖ request_id) -> accepted
+accepted: public(HashMap[address, HashMap[bytes32, bool]])
+
+TYPEHASH: constant(bytes32) = keccak256("teecloud-fn-result-v1")
+LO128: constant(uint256) = 2**128 - 1
+
+
+@deploy
+def __init__(kms_auth: address):
+    assert kms_auth != empty(address), "no KmsAuth"
+    self.kms_auth = kms_auth
+
+
+@internal
+@pure
+def _recover(digest: bytes32, sig: Bytes[65]) -> address:
+    assert len(sig) == 65, "a signature is 65 bytes"
+    v: uint256 = convert(slice(sig, 64, 1), uint256)
+    if v < 27:
+        v += 27
+    signer: address = ecrecover(digest, v, extract32(sig, 0), extract32(sig, 32))
+    assert signer != empty(address), "unrecoverable signature"
+    return signer
+
+
+@internal
+@pure
+def _address_of(xy: Bytes[64]) -> address:
+    assert len(xy) == 64, "a public key is x||y, 64 bytes"
+    return convert(convert(keccak256(xy), uint256) & (2**160 - 1), address)
+
+
+@internal
+@pure
+def _hex16(v: uint256) -> bytes32:
+    """32 lowercase hex characters of the low 16 bytes of v: spread the 16 bytes to one nibble per byte
+    (masks 0xFFFFFFFFFFFFFFFF0..0, 0xFFFFFFFF0..0FFFFFFFF0..0, ... 0xF000F000..., in decimal because Vyper
+    reads a 64-digit hex literal as bytes32), then add "0" (0x30) and, for nibbles above 9, 39 more ("a")."""
+    r: uint256 = v << 128
+    m1: uint256 = 115792089237316195417293883273301227089434195242432897623355228563449095127040
+    m2: uint256 = 6277101735386680763495507056286727952638980837032266301440
+    r = (r & m1) | ((r & m2) >> 64)
+    r = (r & 115792089210356248756420345214020892766590636358845129917866121796647743651840) | (
+        (r & 26959946660873538059280334323183841250508706168934034630159410135040) >> 32
+    )
+    r = (r & 115790322390251417045518407665602541580876576382886237870932034214514906890240) | (
+        (r & 1766820104831717179039282343530312218946480962873630338606751010353315840) >> 16
+    )
+    r = (r & 115339776415587563416932325264655436961555197117815440296434705327231273533440) | (
+        (r & 450546001623388919597391895565060300631074988741466563657948067684497162240) >> 8
+    )
+    r = ((r & 108556740104382498616376002425174106332568976239520199200187288646466509271040) >> 4) | (
+        (r & 6784796256523906163523500151573381645785561014970012450011705540404156829440) >> 8
+    )
+    letters: uint256 = ((r + 2724519746760381068789905529616186067135764345073895624457825506068544226822) >> 4) & (
+        6811299366900952671974763824040465167839410862684739061144563765171360567055
+    )
+    return convert(21796157974083048550319244236929488537086114760591164995662604048548353814576 + r + letters * 39, bytes32)
+
+
+@internal
+@pure
+def _hex32(b: bytes32) -> Bytes[64]:
+    v: uint256 = convert(b, uint256)
+    return concat(self._hex16(v >> 128), self._hex16(v & LO128))
+
+
+@internal
+@pure
+def _compressed_prefix(xy: Bytes[64]) -> uint256:
+    return 2 + (convert(extract32(xy, 32), uint256) & 1)
+
+
+@external
+def verify(r: FunctionResult) -> Bytes[MAX_OUTPUT]:
+    """@notice Check `r` for the calling consumer and mark its request used; returns the output."""
+    # (1)
+    assert block.timestamp <= r.expiry, "result expired"
+    # (2)
+    ok: bool = False
+    reason: String[64] = ""
+    ok, reason = staticcall IFunctionRegistry(r.function_id).is_allowed(r.function_hash, r.runtime_app_id)
+    assert ok, reason
+    # (3)
+    assert staticcall IAppAuth(r.runtime_app_id).allowed_compose_hashes(r.runtime_compose_hash), (
+        "runtime compose hash not allowed"
+    )
+    # (4)
+    digest: bytes32 = keccak256(
+        abi_encode(
+            TYPEHASH,
+            r.request_id,
+            r.function_id,
+            r.function_hash,
+            r.input_hash,
+            keccak256(r.output),
+            r.expiry,
+            r.runtime_app_id,
+            r.runtime_compose_hash,
+        )
+    )
+    assert self._recover(digest, r.signature) == self._address_of(r.result_key), "bad result signature"
+    # (5)
+    key_hex: Bytes[66] = concat(
+        slice(self._hex16(self._compressed_prefix(r.result_key)), 30, 2),
+        self._hex32(extract32(r.result_key, 0)),
+    )
+    purpose_digest: bytes32 = keccak256(
+        concat(b"teecloud-fn-result:", self._hex32(r.function_hash), b":", key_hex)
+    )
+    assert self._recover(purpose_digest, r.app_signature) == self._address_of(r.app_key), (
+        "result key not signed by the runtime app key"
+    )
+    # (6)
+    app_compressed: Bytes[33] = concat(
+        convert(convert(self._compressed_prefix(r.app_key), uint8), bytes1), extract32(r.app_key, 0)
+    )
+    issued_digest: bytes32 = keccak256(
+        concat(b"dstack-kms-issued:", convert(r.runtime_app_id, bytes20), app_compressed)
+    )
+    assert self._recover(issued_digest, r.kms_signature) == self._address_of(r.kms_root_key), (
+        "app key not signed by the KMS root key given"
+    )
+    root: Bytes[65] = staticcall IKmsAuth(self.kms_auth).kms_k256_pubkey()
+    root_compressed: Bytes[33] = concat(
+        convert(convert(self._compressed_prefix(r.kms_root_key), uint8), bytes1), extract32(r.kms_root_key, 0)
+    )
+    assert (len(root) == 33 and keccak256(root) == keccak256(root_compressed)) or (
+        len(root) == 65 and keccak256(root) == keccak256(concat(b"\x04", r.kms_root_key))
+    ), "not the KMS root recorded in KmsAuth"
+    # (7)
+    key: bytes32 = keccak256(concat(convert(r.function_id, bytes20), r.request_id))
+    assert not self.accepted[msg.sender][key], "result already accepted (replay)"
+    self.accepted[msg.sender][key] = True
+    log ResultAccepted(consumer=msg.sender, function_id=r.function_id, request_id=r.request_id, function_hash=r.function_hash)
+    return r.output

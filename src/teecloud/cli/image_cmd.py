@@ -1,0 +1,84 @@
+"""`teecloud image`: guest OS images for the qemu backend.
+
+    teecloud image measure --kernel K --initrd I --cmdline C --memory 2G [--tdvf F] [--ovmf-sev F --vcpus N]
+
+prints, as JSON, the TDX RTMR1 and RTMR2 a TD booting these files directly (QEMU -kernel/-initrd/-append,
+OVMF/TDVF) must quote, with their events; MRTD when given the TDVF; and the SEV-SNP launch measurement when
+given the SEV firmware (through sev-snp-measure). RTMR0 (TD HOB and ACPI tables of the VM shape) is not
+computed yet (docs/node.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from teecloud.image import ImageFormatError
+from teecloud.image.snp import snp_launch_measurement
+from teecloud.image.tdx import mrtd, replay, rtmr1_events, rtmr2_events
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="image",
+    help="Guest OS images for the qemu backend: reference measurements.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+MAX_FILE = 512 * 1024 * 1024
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE:
+            raise ImageFormatError(f"{what} {path} is larger than {MAX_FILE >> 20} MiB")
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageFormatError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _memory(text: str) -> int:
+    m = re.fullmatch(r"(\d{1,7})([MG])", text.strip().upper())
+    if not m:
+        raise ImageFormatError(f"memory is a size like 2048M or 2G, got {text!r}")
+    return int(m.group(1)) << (20 if m.group(2) == "M" else 30)
+
+
+@app.command("measure")
+def measure(
+    kernel: Annotated[Path, typer.Option(help="the bzImage (EFI stub)")],
+    initrd: Annotated[Path, typer.Option(help="the initramfs")],
+    cmdline: Annotated[str, typer.Option(help="the kernel command line, as passed to -append")],
+    memory: Annotated[
+        str, typer.Option(help="the VM's memory, e.g. 2G (the kernel patch depends on it)")
+    ] = "2G",
+    tdvf: Annotated[Path | None, typer.Option(help="the TDX firmware (TDVF): adds MRTD")] = None,
+    two_pass: Annotated[bool, typer.Option(help="MRTD as QEMU 8 builds it (else QEMU >= 9)")] = False,
+    ovmf_sev: Annotated[Path | None, typer.Option(help="the SEV firmware: adds the SNP measurement")] = None,
+    vcpus: Annotated[int, typer.Option(help="vCPUs (SEV-SNP: one VMSA each)")] = 1,
+) -> None:
+    """Reference measurements of a guest image for a VM shape (JSON on stdout)."""
+    kernel_bytes, initrd_bytes = _read(kernel, "kernel"), _read(initrd, "initrd")
+    r1 = rtmr1_events(kernel_bytes, initrd_size=len(initrd_bytes), memory_bytes=_memory(memory))
+    r2 = rtmr2_events(cmdline, initrd_bytes)
+    out: dict[str, object] = {
+        "rtmr1": replay(r1).hex(),
+        "rtmr1_events": [d.hex() for d in r1],
+        "rtmr2": replay(r2).hex(),
+        "rtmr2_events": [d.hex() for d in r2],
+        "rtmr0": None,
+        "rtmr0_note": "not computed: needs the ACPI tables and TD HOB of the VM shape",
+    }
+    if tdvf is not None:
+        out["mrtd"] = mrtd(_read(tdvf, "TDVF"), two_pass=two_pass).hex()
+    if ovmf_sev is not None:
+        out["snp_measurement"] = snp_launch_measurement(
+            ovmf=ovmf_sev, kernel=kernel, initrd=initrd, cmdline=cmdline, vcpus=vcpus
+        ).hex()
+    typer.echo(json.dumps(out, indent=2))

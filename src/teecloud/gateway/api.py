@@ -1,0 +1,78 @@
+"""The gateway's contract: its HTTP paths and request/response models (all that clients import from it).
+
+    POST /prpc/Gateway.RegisterCvm   RegisterCvmRequest -> RegisterCvmResponse   mutual RA-TLS, a booted CVM
+    GET  /admin/status               GatewayStatus                               admin listener, bearer token
+    GET  /admin/routes               list[RouteView]                             admin listener
+    POST /admin/drain                DrainRequest -> GatewayStatus               admin listener
+    GET  /metrics                    Prometheus text                             admin listener
+
+A registration names only where the CVM's ports are reachable. Who registers (app_id, instance_id) comes
+from the attested client certificate and the chain, never from this body.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "MAX_ENDPOINTS",
+    "PATH_REGISTER",
+    "DrainRequest",
+    "Endpoint",
+    "GatewayStatus",
+    "RegisterCvmRequest",
+    "RegisterCvmResponse",
+    "RouteView",
+]
+
+PATH_REGISTER = "/prpc/Gateway.RegisterCvm"
+MAX_ENDPOINTS = 16  # ports one CVM may publish
+
+
+class Endpoint(BaseModel):
+    """One app port and the address (IP literal, port) where the gateway reaches it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(ge=1, le=65535, description="the app's port, as in <app_id>-<port>.<base>")
+    host: str = Field(min_length=2, max_length=45, description="an IPv4 or IPv6 literal")
+    host_port: int = Field(ge=1, le=65535)
+
+
+class RegisterCvmRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    endpoints: list[Endpoint] = Field(min_length=1, max_length=MAX_ENDPOINTS)
+
+
+class RegisterCvmResponse(BaseModel):
+    app_id: str
+    instance_id: str
+    expires_in_s: int
+    urls: list[str]
+
+
+class RouteView(BaseModel):
+    app_id: str
+    instance_id: str
+    port: int
+    address: str
+    expires_in_s: int
+    draining: bool = False
+
+
+class DrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(min_length=2, max_length=45, description="backend host whose instances stop routing")
+
+
+class GatewayStatus(BaseModel):
+    base_domain: str
+    public_port: int
+    instances: int
+    routes: int
+    draining: list[str]
+    haproxy_pid: int | None
+    ca_cert_sha256: str
+    wildcard_not_after: int

@@ -1,0 +1,235 @@
+"""HAProxy's configuration, map files and runtime commands for a routing plan, pure (no I/O).
+
+The data plane (HAProxy 2.6, Debian's package) has two frontends:
+
+    fe_sni        TCP on the public port. Waits (at most `hello_timeout_s`) for a TLS ClientHello; anything
+                  else is dropped. An SNI in passthrough.map goes to that TCP backend untouched (`s` names:
+                  the app's own certificate answers); everything else goes to fe_terminate.
+    fe_terminate  TLS with the wildcard certificate of the base domain only (`strict-sni`: an unknown name
+                  gets a TLS alert), HTTP/1.1 + h2 from clients, HTTP/1.1 and WebSocket to the CVM. The
+                  Host header must name the TLS server name, and that name must be in http.map (else 421).
+
+Backends are pre-allocated slots (`bh<i>` HTTP, `bt<i>` TCP, each with `servers_per_backend` servers in
+maintenance) because HAProxy cannot add a backend without a reload; the runtime API (`set map`, `add map`,
+`del map`, `set server ... addr`, `set server ... state`) moves routes into them with no reload and no
+dropped connection. `runtime_commands(old, new)` orders a change so that no request meets a half-made
+route: servers first, then the map entries that point at them, then removals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from teecloud.gateway.routing import DataPlaneLimits, Plan, backend_names, split_address
+
+__all__ = [
+    "HaproxyPaths",
+    "HaproxyTimeouts",
+    "TerminateMode",
+    "render_config",
+    "render_map",
+    "runtime_commands",
+]
+
+TerminateMode = Literal["http", "tcp"]
+
+
+@dataclass(frozen=True)
+class HaproxyPaths:
+    run_dir: str  # holds the config, the map files, the certificate directory and the admin socket
+    terminate_socket: str  # abstract unix socket name between the two frontends (unique per gateway)
+
+    @property
+    def config(self) -> str:
+        return f"{self.run_dir}/haproxy.cfg"
+
+    @property
+    def admin_socket(self) -> str:
+        return f"{self.run_dir}/admin.sock"
+
+    @property
+    def http_map(self) -> str:
+        return f"{self.run_dir}/http.map"
+
+    @property
+    def tcp_map(self) -> str:
+        return f"{self.run_dir}/passthrough.map"
+
+    @property
+    def metrics_socket(self) -> str:
+        return f"{self.run_dir}/metrics.sock"
+
+    @property
+    def cert_dir(self) -> str:
+        return f"{self.run_dir}/certs"
+
+
+@dataclass(frozen=True)
+class HaproxyTimeouts:
+    hello_timeout_s: int = 5  # ClientHello must arrive within this (slowloris on the TLS layer)
+    http_request_s: int = 10  # request headers must arrive within this (slowloris on HTTP)
+    connect_s: int = 3
+    client_s: int = 30
+    server_s: int = 30
+    tunnel_s: int = 3600  # WebSocket / passthrough idle
+    queue_s: int = 5
+
+
+def render_map(entries: dict[str, str]) -> str:
+    return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
+
+
+def render_config(
+    *,
+    bind_host: str,
+    port: int,
+    paths: HaproxyPaths,
+    limits: DataPlaneLimits,
+    plan: Plan,
+    timeouts: HaproxyTimeouts = HaproxyTimeouts(),
+    max_header_bytes: int = 16384,
+    terminate_mode: TerminateMode = "http",
+) -> str:
+    """The whole configuration; the plan's servers are written in (a restart starts with current routes).
+    `terminate_mode` "http" parses HTTP after TLS (421 for a Host that is not the TLS name or an unknown
+    name, 400 for oversized headers, X-Forwarded-For, h2 from clients, per-app HTTP metrics); "tcp" forwards
+    the decrypted byte stream (HTTP/1.1 and WebSocket work unchanged; an unknown name is closed after the
+    handshake; faster: docs/benchmarks.md)."""
+    t = timeouts
+    host = f"[{bind_host}]" if ":" in bind_host else bind_host
+    lines = [
+        "# Rendered by teecloud.gateway.haproxy; changes at run time go through the runtime API.",
+        "global",
+        f"    maxconn {limits.max_connections}",
+        f"    stats socket {paths.admin_socket} mode 600 level admin",
+        "    stats timeout 10s",
+        "    hard-stop-after 60s",  # after a reload, the old worker's connections end within this
+        f"    tune.bufsize {max(16384, max_header_bytes + 1024)}",
+        "    tune.http.maxhdr 101",
+        "    ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets",
+        "    ssl-default-bind-ciphersuites "
+        "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256",
+        "",
+        "defaults",
+        "    log global",
+        "    option dontlognull",
+        f"    timeout connect {t.connect_s}s",
+        f"    timeout client {t.client_s}s",
+        f"    timeout server {t.server_s}s",
+        f"    timeout tunnel {t.tunnel_s}s",
+        f"    timeout http-request {t.http_request_s}s",
+        "    timeout http-keep-alive 10s",
+        f"    timeout queue {t.queue_s}s",
+        "    timeout client-fin 5s",
+        "",
+        "frontend fe_sni",
+        "    mode tcp",
+        f"    bind {host}:{port}",
+        f"    tcp-request inspect-delay {t.hello_timeout_s}s",
+        "    tcp-request content accept if { req.ssl_hello_type 1 }",
+        "    tcp-request content reject",
+        f"    use_backend %[req.ssl_sni,lower,map({paths.tcp_map})] "
+        f"if {{ req.ssl_sni,lower,map({paths.tcp_map}) -m found }}",
+        "    default_backend be_terminate",
+        "",
+        "frontend fe_metrics",
+        "    mode http",
+        f"    bind unix@{paths.metrics_socket} mode 600",
+        "    http-request use-service prometheus-exporter",
+        "",
+        "backend be_terminate",
+        "    mode tcp",
+        f"    server terminate abns@{paths.terminate_socket} send-proxy-v2",
+        "",
+    ]
+    if terminate_mode == "http":
+        lines += [
+            "frontend fe_terminate",
+            "    mode http",
+            f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
+            "alpn h2,http/1.1",
+            "    option forwardfor",
+            "    http-request set-var(txn.host) req.hdr(host),field(1,:),lower",
+            "    http-request set-var(txn.sni) ssl_fc_sni,lower",
+            '    http-request return status 421 content-type text/plain string "misdirected request: '
+            'the Host header does not name the TLS server name" '
+            "unless { var(txn.sni),strcmp(txn.host) eq 0 }",
+            '    http-request return status 421 content-type text/plain string "misdirected request: '
+            f'no app is registered under this name" unless {{ var(txn.sni),map({paths.http_map}) -m found }}',
+            "    http-request set-header X-Forwarded-Proto https",
+            f"    use_backend %[var(txn.sni),map({paths.http_map})]",
+            "",
+        ]
+    else:  # TLS terminated, then the byte stream (HTTP/1.1, WebSocket) forwarded as it is
+        lines += [
+            "frontend fe_terminate",
+            "    mode tcp",
+            f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
+            "alpn http/1.1",
+            f"    tcp-request content reject unless {{ ssl_fc_sni,lower,map({paths.http_map}) -m found }}",
+            f"    use_backend %[ssl_fc_sni,lower,map({paths.http_map})]",
+            "",
+        ]
+    for mode in ("http", "tcp"):
+        for backend in backend_names(mode, limits):
+            backend_mode = mode if terminate_mode == "http" else "tcp"
+            lines += [
+                f"backend {backend}",
+                f"    mode {backend_mode}",
+                "    balance leastconn",
+                "    retries 2",
+            ]
+            if backend_mode == "http":
+                lines += [
+                    "    option redispatch",
+                    '    http-request return status 503 content-type text/plain string "the app is at its '
+                    f'connection cap" if {{ be_conn gt {limits.max_conn_per_app} }}',
+                ]
+            else:
+                lines += [
+                    "    option redispatch",
+                    f"    tcp-request content reject if {{ be_conn gt {limits.max_conn_per_app} }}",
+                ]
+            for i, address in enumerate(plan.backend_servers(backend, limits)):
+                if address is None:
+                    lines.append(f"    server s{i} 127.0.0.1:1 disabled maxconn {limits.max_conn_per_server}")
+                else:
+                    ip, p = split_address(address)
+                    ip = f"[{ip}]" if ":" in ip else ip
+                    lines.append(f"    server s{i} {ip}:{p} maxconn {limits.max_conn_per_server}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def runtime_commands(old: Plan, new: Plan, paths: HaproxyPaths, limits: DataPlaneLimits) -> list[str]:
+    """Runtime API commands taking HAProxy from `old` to `new`, ordered so no request meets a half-made
+    route: (1) servers get their address and go ready; (2) map entries are added or repointed; (3) map
+    entries are deleted; (4) servers no longer used go to maintenance (their open connections finish)."""
+    up: list[str] = []
+    down: list[str] = []
+    for backend in sorted(set(old.servers) | set(new.servers)):
+        before = old.backend_servers(backend, limits)
+        after = new.backend_servers(backend, limits)
+        for i, (a, b) in enumerate(zip(before, after, strict=True)):
+            if a == b:
+                continue
+            if b is not None:
+                ip, p = split_address(b)
+                up.append(f"set server {backend}/s{i} addr {ip} port {p}")
+                up.append(f"set server {backend}/s{i} state ready")
+            else:
+                down.append(f"set server {backend}/s{i} state maint")
+    maps: list[str] = []
+    dels: list[str] = []
+    for path, before_map, after_map in (
+        (paths.http_map, old.http_map, new.http_map),
+        (paths.tcp_map, old.tcp_map, new.tcp_map),
+    ):
+        for host, backend in sorted(after_map.items()):
+            if host not in before_map:
+                maps.append(f"add map {path} {host} {backend}")
+            elif before_map[host] != backend:
+                maps.append(f"set map {path} {host} {backend}")
+        dels += [f"del map {path} {host}" for host in sorted(before_map) if host not in after_map]
+    return up + maps + dels + down

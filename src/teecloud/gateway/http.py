@@ -1,0 +1,151 @@
+"""The gateway's HTTP layer: the registration app (mutual RA-TLS) and the admin app (bearer token,
+Prometheus metrics), one refusal shape (`{"error", "reason", "step"}`) for every denial and bad body."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from teecloud._asgi import BoundedBody
+from teecloud.gateway import api
+from teecloud.gateway.driver import unix_exchange
+from teecloud.gateway.errors import GatewayError, RegistrationRefused
+from teecloud.gateway.service import GatewayService
+
+__all__ = ["PEER_CERT_STATE_KEY", "make_admin_app", "make_registration_app"]
+
+PEER_CERT_STATE_KEY = "teecloud.gateway.tls_peer_cert_der"
+MAX_BODY = 16 * 1024
+
+
+def _refusal(status: int, reason: str, step: str = "", error: str = "refused") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": error, "reason": reason, "step": step})
+
+
+def _common(app: FastAPI) -> None:
+    app.add_middleware(BoundedBody, max_bytes=MAX_BODY)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return _refusal(400, f"bad request body at {where}: {first.get('msg', 'invalid')}"[:300], "request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _refusal(exc.status_code, str(exc.detail)[:300], "request", error="http")
+
+
+def make_registration_app(service: GatewayService) -> FastAPI:
+    app = FastAPI(title="teecloud gateway registration", docs_url=None, redoc_url=None)
+    _common(app)
+
+    @app.post(api.PATH_REGISTER, response_model=api.RegisterCvmResponse)
+    def register(request: Request, body: api.RegisterCvmRequest) -> Any:
+        state = request.scope.get("state") or {}
+        der = state.get(PEER_CERT_STATE_KEY)
+        try:
+            return service.register(der if isinstance(der, bytes) and der else None, body)
+        except RegistrationRefused as exc:
+            return _refusal(403, exc.reason, exc.step)
+        except GatewayError as exc:  # the data plane failed: the CVM retries at its next interval
+            reason = f"the gateway cannot apply routes now: {exc}"[:300]
+            return _refusal(503, reason, "data_plane", "unavailable")
+
+    return app
+
+
+def make_admin_app(
+    service: GatewayService,
+    *,
+    token: str,
+    status: Callable[[], api.GatewayStatus],
+    haproxy_metrics: Callable[[], bytes],
+) -> FastAPI:
+    """Every route needs `Authorization: Bearer <token>` (compared in constant time)."""
+    if len(token) < 16:
+        raise ValueError("the admin listener needs a token of at least 16 characters")
+    app = FastAPI(title="teecloud gateway admin", docs_url=None, redoc_url=None)
+    _common(app)
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Response:
+        got = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(got, expected):
+            return _refusal(401, "the admin API needs Authorization: Bearer <token>", "auth")
+        response: Response = await call_next(request)
+        return response
+
+    @app.get("/admin/status", response_model=api.GatewayStatus)
+    def get_status() -> api.GatewayStatus:
+        return status()
+
+    @app.get("/admin/routes", response_model=list[api.RouteView])
+    def routes() -> list[api.RouteView]:
+        now = service.clock()
+        draining = set(service.registry.draining)
+        return [
+            api.RouteView(
+                app_id=r.app_id,
+                instance_id=r.instance_id,
+                port=r.port,
+                address=r.address,
+                expires_in_s=max(0, int(reg.expires_at - now)),
+                draining=r.address.rpartition(":")[0].strip("[]") in draining,
+            )
+            for reg in service.registry.registrations()
+            for r in reg.routes
+        ]
+
+    @app.post("/admin/drain", response_model=api.GatewayStatus)
+    def drain(body: api.DrainRequest) -> api.GatewayStatus:
+        service.registry.drain(body.host)
+        service.on_change()
+        return status()
+
+    @app.post("/admin/undrain", response_model=api.GatewayStatus)
+    def undrain(body: api.DrainRequest) -> api.GatewayStatus:
+        service.registry.undrain(body.host)
+        service.on_change()
+        return status()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        c = service.counters
+        regs = service.registry.registrations()
+        lines = [
+            "# HELP teecloud_gateway_registrations_accepted_total Registrations accepted.",
+            "# TYPE teecloud_gateway_registrations_accepted_total counter",
+            f"teecloud_gateway_registrations_accepted_total {c.accepted}",
+            "# HELP teecloud_gateway_registrations_refused_total Registrations refused, by failing step.",
+            "# TYPE teecloud_gateway_registrations_refused_total counter",
+            *(
+                f'teecloud_gateway_registrations_refused_total{{step="{s}"}} {n}'
+                for s, n in sorted((c.refused or {}).items())
+            ),
+            "# HELP teecloud_gateway_instances Registered instances.",
+            "# TYPE teecloud_gateway_instances gauge",
+            f"teecloud_gateway_instances {len(regs)}",
+            "",
+        ]
+        data = await asyncio.to_thread(haproxy_metrics)
+        return PlainTextResponse("\n".join(lines).encode() + data, media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def fetch_unix_http(path: str, target: str, *, timeout: float = 5.0, max_bytes: int = 8 << 20) -> bytes:
+    """GET `target` over HTTP/1.0 on a unix socket (HAProxy's Prometheus exporter); the body."""
+    raw = unix_exchange(
+        path, f"GET {target} HTTP/1.0\r\nHost: haproxy\r\n\r\n".encode(), timeout=timeout, max_bytes=max_bytes
+    )
+    _head, _sep, body = raw.partition(b"\r\n\r\n")
+    return body

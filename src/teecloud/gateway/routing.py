@@ -1,0 +1,221 @@
+"""Route names and the data-plane plan, pure (no I/O, no clock).
+
+Names are dstack's: `<id>[-<port>][s].<base_domain>`, where `<id>` is an app_id (balanced over the app's
+registered instances) or an instance_id (pins one CVM), both 40 hex digits; `<port>` defaults to 80; no
+suffix = TLS terminated at the gateway (HTTP/1.1 and WebSocket to the CVM); `s` = TLS passthrough (the
+client's TLS reaches the app's own certificate). `g` (gRPC / h2c) is not served yet: such names are refused.
+
+    parse_host(name, base)            -> HostName        what a name asks for, or BadHostName
+    route_hosts(route, base)          -> hosts           every name a route answers to
+    plan(routes, base, limits, prev)  -> Plan            HAProxy's map entries and server slots for the
+                                                         routes; sticky (a group keeps its backend and an
+                                                         address its server slot), so a change is small
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from teecloud.gateway.errors import BadHostName, CapacityExceeded, GatewayUsageError
+
+__all__ = [
+    "MAX_HOST_NAME",
+    "DataPlaneLimits",
+    "HostName",
+    "Plan",
+    "Route",
+    "check_base_domain",
+    "parse_host",
+    "plan",
+    "route_hosts",
+]
+
+MAX_HOST_NAME = 253  # RFC 1035
+_ID = re.compile(r"[0-9a-f]{40}")
+_FIRST_LABEL = re.compile(r"(?P<id>[0-9a-f]{40})(?:-(?P<port>[1-9][0-9]{0,4}))?(?P<suffix>[sg]?)")
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+Mode = Literal["http", "tcp"]
+
+
+@dataclass(frozen=True)
+class DataPlaneLimits:
+    """Pre-allocated HAProxy slots (routes change at run time, backends cannot be added without a reload)
+    and the connection caps. `http_backends`/`tcp_backends`: route groups (one app port, or one pinned
+    instance port) per mode; `servers_per_backend`: instances one group balances over."""
+
+    http_backends: int = 64
+    tcp_backends: int = 64
+    servers_per_backend: int = 8
+    max_conn_per_server: int = 256
+    max_conn_per_app: int = 1024
+    max_connections: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("http_backends", "tcp_backends", "servers_per_backend"):
+            if not 1 <= getattr(self, name) <= 4096:
+                raise GatewayUsageError(f"{name} must be in 1..4096")
+        for name in ("max_conn_per_server", "max_conn_per_app", "max_connections"):
+            if not 1 <= getattr(self, name) <= 1_000_000:
+                raise GatewayUsageError(f"{name} must be in 1..1000000")
+
+
+def check_base_domain(base: str) -> str:
+    """A lower-case DNS name of at least two labels (e.g. `teecloud.localhost`)."""
+    b = base.strip().lower().rstrip(".")
+    labels = b.split(".")
+    if len(b) > 200 or len(labels) < 2 or not all(_LABEL.fullmatch(x) for x in labels):
+        raise GatewayUsageError(f"base domain {base[:80]!r} is not a DNS name of two labels or more")
+    return b
+
+
+@dataclass(frozen=True)
+class HostName:
+    id: str  # app_id or instance_id, 40 lower-case hex digits
+    port: int
+    mode: Mode
+
+
+def parse_host(name: str | bytes, base: str) -> HostName:
+    """What a host name (SNI or Host header, without a port) asks for. Raises BadHostName for anything that
+    is not exactly one route label under `base` (a deeper name, a wildcard, non-ASCII, overlong, `g`)."""
+    if isinstance(name, bytes):
+        try:
+            name = name.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise BadHostName("host name is not ASCII") from exc
+    if not name or len(name) > MAX_HOST_NAME or not name.isascii():
+        raise BadHostName("host name is empty, not ASCII or longer than 253 characters")
+    host = name.lower().rstrip(".")
+    suffix = "." + base
+    if not host.endswith(suffix):
+        raise BadHostName(f"{host[:80]!r} is not under {base}")
+    m = _FIRST_LABEL.fullmatch(host[: -len(suffix)])
+    if m is None:
+        raise BadHostName(f"{host[:80]!r} is not <app_id|instance_id>[-<port>][s].{base}")
+    port = int(m["port"] or 80)
+    if port > 65535:
+        raise BadHostName(f"port {port} is out of range")
+    if m["suffix"] == "g":
+        raise BadHostName("gRPC names (suffix g) are not served by this gateway yet")
+    return HostName(m["id"], port, "tcp" if m["suffix"] == "s" else "http")
+
+
+@dataclass(frozen=True, order=True)
+class Route:
+    """One registered instance's app port: where the gateway reaches it."""
+
+    app_id: str
+    instance_id: str
+    port: int
+    address: str  # "ip:port" (IPv6 in brackets)
+
+    def __post_init__(self) -> None:
+        if not (_ID.fullmatch(self.app_id) and _ID.fullmatch(self.instance_id)):
+            raise GatewayUsageError("app_id and instance_id must be 40 lower-case hex digits")
+        if not 1 <= self.port <= 65535:
+            raise GatewayUsageError("port must be in 1..65535")
+        split_address(self.address)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """("ip", port) of an "ip:port" / "[ipv6]:port" backend address; GatewayUsageError otherwise."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(host)
+        p = int(port)
+    except ValueError as exc:
+        raise GatewayUsageError(f"backend address {address[:60]!r} is not ip:port") from exc
+    if not sep or not 1 <= p <= 65535 or ip.is_unspecified or ip.is_multicast:
+        raise GatewayUsageError(f"backend address {address[:60]!r} is not a usable ip:port")
+    return str(ip), p
+
+
+def format_address(host: str, port: int) -> str:
+    ip = ipaddress.ip_address(host)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _names(ident: str, port: int, suffix: str, base: str) -> list[str]:
+    names = [f"{ident}-{port}{suffix}.{base}"]
+    if port == 80:
+        names.append(f"{ident}{suffix}.{base}")
+    return names
+
+
+def route_hosts(route: Route, base: str) -> dict[str, Mode]:
+    """Every host name a route answers to, with its mode."""
+    out: dict[str, Mode] = {}
+    for ident in (route.app_id, route.instance_id):
+        for n in _names(ident, route.port, "", base):
+            out[n] = "http"
+        for n in _names(ident, route.port, "s", base):
+            out[n] = "tcp"
+    return out
+
+
+# A group: the routes one backend balances over. ("app", app_id, port) or ("instance", instance_id, port).
+GroupKey = tuple[str, str, int]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What HAProxy should hold: host -> backend name per map, and each used backend's server slots
+    (an address, or None for a free slot in maintenance)."""
+
+    http_map: dict[str, str] = field(default_factory=dict)
+    tcp_map: dict[str, str] = field(default_factory=dict)
+    servers: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
+    groups: dict[tuple[Mode, GroupKey], str] = field(default_factory=dict)
+
+    def backend_servers(self, backend: str, limits: DataPlaneLimits) -> tuple[str | None, ...]:
+        return self.servers.get(backend, (None,) * limits.servers_per_backend)
+
+
+def backend_names(mode: Mode, limits: DataPlaneLimits) -> list[str]:
+    n = limits.http_backends if mode == "http" else limits.tcp_backends
+    return [f"{'bh' if mode == 'http' else 'bt'}{i}" for i in range(n)]
+
+
+def plan(routes: Iterable[Route], base: str, limits: DataPlaneLimits, previous: Plan | None = None) -> Plan:
+    """The data plane for `routes`. A group keeps the backend it had in `previous`, an address its server
+    slot, so that a change touches only what changed. Raises CapacityExceeded when the slots run out."""
+    prev = previous or Plan()
+    members: dict[GroupKey, set[str]] = {}
+    for r in routes:
+        members.setdefault(("app", r.app_id, r.port), set()).add(r.address)
+        members.setdefault(("instance", r.instance_id, r.port), set()).add(r.address)
+    out = Plan()
+    for mode in ("http", "tcp"):
+        names = backend_names(mode, limits)
+        used = {prev.groups[(mode, g)] for g in members if (mode, g) in prev.groups}
+        free = [b for b in names if b not in used]
+        for group in sorted(members):
+            backend = prev.groups.get((mode, group))
+            if backend is None or backend not in names:
+                if not free:
+                    raise CapacityExceeded(f"all {len(names)} {mode} backends are in use")
+                backend = free.pop(0)
+            out.groups[(mode, group)] = backend
+            out.servers[backend] = _slots(
+                sorted(members[group]), prev.servers.get(backend), limits.servers_per_backend
+            )
+            _kind, ident, port = group
+            for host in _names(ident, port, "" if mode == "http" else "s", base):
+                (out.http_map if mode == "http" else out.tcp_map)[host] = backend
+    return out
+
+
+def _slots(addresses: list[str], previous: tuple[str | None, ...] | None, n: int) -> tuple[str | None, ...]:
+    if len(addresses) > n:
+        raise CapacityExceeded(f"{len(addresses)} instances, but a backend has {n} server slots")
+    slots: list[str | None] = list(previous) if previous is not None else [None] * n
+    slots = [a if a in addresses else None for a in slots[:n]] + [None] * (n - len(slots[:n]))
+    for a in addresses:
+        if a not in slots:
+            slots[slots.index(None)] = a
+    return tuple(slots)

@@ -1,0 +1,276 @@
+"""The gateway process: dev CA, HAProxy (supervised), the registration listener (mutual RA-TLS) and the admin
+listener (bearer token), with the listener limits of teecloud._serve, and a 1 s tick that expires
+registrations, restarts a dead HAProxy and moves routes.
+
+    GatewayServer(home, base_domain=..., peers=..., chain=..., admin_token=...).start()
+        home/ca.pem        the dev CA certificate (public): curl --cacert home/ca.pem https://<name>:<port>/
+        home/run/          HAProxy's configuration, maps, admin socket and the wildcard's key (0700 / 0600)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from teecloud._fs import atomic_write
+from teecloud._serve import LimitedH11Protocol, LimitedServer, ServeLimits, limited_config
+from teecloud.gateway import api
+from teecloud.gateway.client import temp_ca
+from teecloud.gateway.devca import DevCa
+from teecloud.gateway.driver import HaproxyDriver
+from teecloud.gateway.errors import DataPlaneError, GatewayUsageError
+from teecloud.gateway.http import PEER_CERT_STATE_KEY, fetch_unix_http, make_admin_app, make_registration_app
+from teecloud.gateway.registry import Registry
+from teecloud.gateway.routing import DataPlaneLimits, check_base_domain
+from teecloud.gateway.service import GatewayService
+from teecloud.keys.certs import cert_to_pem
+from teecloud.peer import ChainGate, PeerVerifier
+
+__all__ = ["GATEWAY_ADMIN", "GATEWAY_REGISTER", "GatewayServer", "free_port"]
+
+log = logging.getLogger("teecloud.gateway")
+
+GATEWAY_REGISTER = ServeLimits(max_connections=256, backlog=1024)
+GATEWAY_ADMIN = ServeLimits(max_connections=16, backlog=16)
+# OpenSSL X509_V_FLAG_NO_CHECK_TIME: certificate dates are checked by the peer verifier, with a reason.
+_X509_V_FLAG_NO_CHECK_TIME = 0x200000
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now (HAProxy binds by number; a race with another process is reported at start)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class _RegistrationProtocol(LimitedH11Protocol):
+    """Hands the TLS client certificate (DER) of the connection to the app through the lifespan state."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(True) if ssl_object is not None else None
+        self.app_state = {**self.app_state, PEER_CERT_STATE_KEY: der}
+
+
+class GatewayServer:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        base_domain: str,
+        peers: PeerVerifier,
+        chain: ChainGate,
+        admin_token: str,
+        host: str = "127.0.0.1",
+        public_port: int = 0,
+        registration_port: int = 0,
+        admin_port: int = 0,
+        limits: DataPlaneLimits = DataPlaneLimits(),
+        ttl_s: float = 90.0,
+        backend_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not admin_token or len(admin_token) < 16:
+            raise GatewayUsageError("the gateway's admin listener needs a token of at least 16 characters")
+        self.home = Path(home)
+        self.base_domain = check_base_domain(base_domain)
+        self.host = host
+        self.public_port = public_port or free_port(host)
+        self.clock = clock
+        now = int(clock())
+        self.ca = DevCa(now=now)
+        self.wildcard = self.ca.issue_wildcard(self.base_domain, now=now)
+        self.driver = HaproxyDriver(
+            self.home / "run",
+            base_domain=self.base_domain,
+            bind_host=host,
+            port=self.public_port,
+            cert=self.wildcard,
+            chain_pem=self.ca.cert_pem,
+            limits=limits,
+        )
+        self.registry = Registry(ttl_s=ttl_s)
+        self.service = GatewayService(
+            peers,
+            chain,
+            self.registry,
+            base_domain=self.base_domain,
+            public_port=self.public_port,
+            on_change=self.sync,
+            clock=clock,
+            backend_networks=backend_networks,
+        )
+        self.admin_token = admin_token
+        self._reg_port = registration_port
+        self._admin_port = admin_port
+        self.registration_port = 0
+        self.admin_port = 0
+        self._applied = -1
+        self._sync_lock = threading.Lock()
+        self._servers: list[LimitedServer] = []
+        self._thread: threading.Thread | None = None
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.sync_errors = 0
+
+    # ------------------------------------------------------------------------------------------ TLS
+
+    def _registration_ssl(self) -> ssl.SSLContext:
+        """Server: a dev-CA certificate for the registration listener. Client: any certificate under the
+        public registration temp CA (possession of its key only; the RA-TLS evidence decides)."""
+        issued = self.ca.issue_server(
+            "teecloud gateway registration", (self.host, "localhost"), now=int(self.clock())
+        )
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        with tempfile.TemporaryDirectory(prefix="teecloud-gw-tls-") as tmp:
+            path = Path(tmp) / "server.pem"
+            path.touch(mode=0o600)
+            path.write_text(issued.haproxy_pem(self.ca.cert_pem))
+            ctx.load_cert_chain(str(path))
+        ctx.load_verify_locations(cadata=cert_to_pem(temp_ca()[1]))
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
+        return ctx
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def ca_file(self) -> Path:
+        return self.home / "ca.pem"
+
+    @property
+    def registration_url(self) -> str:
+        return f"https://{self.host}:{self.registration_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.host}:{self.admin_port}"
+
+    def status(self) -> api.GatewayStatus:
+        return api.GatewayStatus(
+            base_domain=self.base_domain,
+            public_port=self.public_port,
+            instances=len(self.registry.registrations()),
+            routes=len(self.registry.routes(self.clock())),
+            draining=self.registry.draining,
+            haproxy_pid=self.driver.pid,
+            ca_cert_sha256=self.ca.fingerprint,
+            wildcard_not_after=self.wildcard.not_after,
+        )
+
+    def _haproxy_metrics(self) -> bytes:
+        """HAProxy's exporter, each slot backend's series labelled with the route group it serves
+        (`app_id` + `port`, or `instance_id` + `port`)."""
+        try:
+            text = fetch_unix_http(self.driver.paths.metrics_socket, "/metrics")
+        except OSError:
+            return b"# HAProxy's exporter did not answer\n"
+        labels: dict[bytes, bytes] = {}
+        for (_mode, (kind, ident, port)), backend in self.driver.plan.groups.items():
+            key = "app_id" if kind == "app" else "instance_id"
+            labels[f'proxy="{backend}"'.encode()] = (
+                f'proxy="{backend}",{key}="{ident}",port="{port}"'.encode()
+            )
+        if not labels:
+            return text
+        pattern = re.compile(rb'proxy="b[ht]\d+"')
+        return pattern.sub(lambda m: labels.get(m.group(0), m.group(0)), text)
+
+    def start(self, timeout: float = 20.0) -> GatewayServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.ca_file, self.ca.cert_pem.encode(), mode=0o644)
+        self.driver.start()
+        reg_app = make_registration_app(self.service)
+        admin_app = make_admin_app(
+            self.service, token=self.admin_token, status=self.status, haproxy_metrics=self._haproxy_metrics
+        )
+        ctx = self._registration_ssl()
+        reg = LimitedServer(
+            limited_config(
+                reg_app,
+                GATEWAY_REGISTER,
+                host=self.host,
+                port=self._reg_port,
+                http=_RegistrationProtocol,
+                ssl_context_factory=lambda _c, _d: ctx,
+            ),
+            GATEWAY_REGISTER,
+            name="gateway registration listener",
+        )
+        admin = LimitedServer(
+            limited_config(admin_app, GATEWAY_ADMIN, host=self.host, port=self._admin_port),
+            GATEWAY_ADMIN,
+            name="gateway admin listener",
+        )
+        self._servers = [reg, admin]
+        self._thread = threading.Thread(target=self._run, name="teecloud-gateway", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not all(s.started for s in self._servers):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.driver.stop()
+                raise DataPlaneError("the gateway's listeners did not start (is a port in use?)")
+            time.sleep(0.02)
+        self.registration_port = reg.servers[0].sockets[0].getsockname()[1]
+        self.admin_port = admin.servers[0].sockets[0].getsockname()[1]
+        self.service.reserved_ports = {self.public_port, self.registration_port, self.admin_port}
+        self._stop.clear()
+        self._ticker = threading.Thread(target=self._tick_loop, name="teecloud-gateway-tick", daemon=True)
+        self._ticker.start()
+        return self
+
+    def _run(self) -> None:
+        async def serve() -> None:
+            await asyncio.gather(*(s.serve() for s in self._servers))
+
+        asyncio.run(serve())
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self.tick()
+
+    def tick(self) -> None:
+        """Once a second: expire registrations, supervise HAProxy, move routes."""
+        try:
+            self.registry.sweep(self.clock())
+            if self.driver.check():
+                self._applied = -1
+            self.sync()
+        except Exception:  # the loop must go on; the error is logged and counted
+            self.sync_errors += 1
+            log.exception("gateway tick failed")
+
+    def sync(self) -> None:
+        """Move HAProxy to the registry's routes, if they changed since the last move."""
+        with self._sync_lock:
+            version = self.registry.version
+            if version == self._applied:
+                return
+            self.driver.apply(self.registry.routes(self.clock()))
+            self._applied = version
+
+    def stop(self) -> None:
+        self._stop.set()
+        for s in self._servers:
+            s.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._ticker is not None:
+            self._ticker.join(timeout=10)
+        self.driver.stop()
+
+    def __enter__(self) -> GatewayServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

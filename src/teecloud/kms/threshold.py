@@ -1,0 +1,425 @@
+"""Threshold mode, node side: one KMS node holds one Shamir share of the root VOPRF key of one epoch and
+evaluates it only for a caller that passed this node's own key-release rule (teecloud.kms.authz: RA-TLS
+evidence, boot time, OS image and VM shape, chain, this node's boot challenge).
+
+    ThresholdShare          one node's share (epoch, index, t, n, share, the group's Feldman commitments)
+    save_share, load_share  sealed to the node TEE's measurement (teecloud.kms.sealing); a loaded share is
+                            checked against the commitments (a corrupted share is refused, never served)
+    ThresholdEvaluator      partial evaluations for an AuthorizedApp (teecloud.keys.threshold)
+    local_joint_feldman     the Joint-Feldman DKG run with its messages passed in one process (dev / tests:
+                            the process running it sees every share — see docs/kms.md, "ceremony")
+    ResharePlan, ReshareDealer   an old node's side of a reshare round (teecloud.keys.threshold.reshare_*)
+    dev_ceremony            that DKG, each share sealed into its node's data directory
+                            (`<home>/kms-nodes/<i>/kms/`), the group record in `<home>/kms-nodes/group.json`
+
+The client side (fan-out, proof checks, combination) is teecloud.kms.threshold_client.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from teecloud._fs import atomic_write, atomic_write_json, data_home
+from teecloud.keys import threshold as th
+from teecloud.kms import api
+from teecloud.kms.authz import AuthorizedApp, AuthorizedKms
+from teecloud.kms.bootstrap import KmsIdentity, kms_dir
+from teecloud.kms.errors import AccessDenied, SealingError
+from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
+from teecloud.tee.base import TeePlatform
+
+__all__ = [
+    "GROUP_FILE",
+    "RESHARE_WINDOW_S",
+    "SHARE_FILE",
+    "DkgPlan",
+    "GroupRecord",
+    "ReshareDealer",
+    "ResharePlan",
+    "ThresholdEvaluator",
+    "ThresholdShare",
+    "dealer_home",
+    "dev_ceremony",
+    "erase_share",
+    "load_share",
+    "local_joint_feldman",
+    "node_home",
+    "nodes_dir",
+    "read_group",
+    "save_share",
+    "write_group",
+]
+
+SHARE_FILE = "threshold-share.sealed"
+GROUP_FILE = "group.json"
+_GROUP_FORMAT = "teecloud-kms-threshold-group-v1"
+_SHARE_FORMAT = "teecloud-kms-threshold-share-v1"
+
+
+@dataclass(frozen=True)
+class ThresholdShare:
+    epoch: int
+    index: int
+    t: int
+    n: int
+    share: int
+    commitments: tuple[bytes, ...]  # the group's: commitments[0] is the group public key
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.t <= self.n <= th.MAX_NODES or not 1 <= self.index <= self.n:
+            raise SealingError(f"threshold share: bad parameters (t={self.t}, n={self.n}, i={self.index})")
+        if len(self.commitments) != self.t:
+            raise SealingError("threshold share: the group has t commitments")
+        if not th.verify_share(self.commitments, self.index, self.share):
+            raise SealingError("threshold share: the share does not match the group's commitments (corrupt)")
+
+    @property
+    def group_public_key(self) -> bytes:
+        return self.commitments[0]
+
+    @property
+    def public_share(self) -> bytes:
+        return th.public_share(self.commitments, self.index)
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "format": _SHARE_FORMAT,
+                "epoch": self.epoch,
+                "index": self.index,
+                "t": self.t,
+                "n": self.n,
+                "share": self.share.to_bytes(32, "little").hex(),
+                "commitments": [c.hex() for c in self.commitments],
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes) -> ThresholdShare:
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != _SHARE_FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}")
+            return cls(
+                epoch=int(doc["epoch"]),
+                index=int(doc["index"]),
+                t=int(doc["t"]),
+                n=int(doc["n"]),
+                share=int.from_bytes(bytes.fromhex(doc["share"]), "little"),
+                commitments=tuple(bytes.fromhex(c) for c in doc["commitments"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SealingError(f"sealed threshold share is malformed: {exc}") from exc
+
+
+def save_share(
+    share: ThresholdShare, tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
+) -> Path:
+    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+    path = kms_dir(home) / SHARE_FILE
+    atomic_write(path, seal(key, identity.mr_aggregated, share.to_json_bytes()))
+    return path
+
+
+def erase_share(home: Path | None = None) -> bool:
+    """Remove this node's sealed share (after a reshare moved the key to a new committee). The blob is
+    sealed to this build's measurement; erasing it and the process's copy (KmsService.retire_share) leaves
+    the node nothing to combine. Returns whether there was one."""
+    path = kms_dir(home) / SHARE_FILE
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed
+
+
+def load_share(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None) -> ThresholdShare | None:
+    path = kms_dir(home) / SHARE_FILE
+    if not path.exists():
+        return None
+    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+    return ThresholdShare.from_json_bytes(unseal(key, identity.mr_aggregated, path.read_bytes()))
+
+
+class ThresholdEvaluator:
+    """This node's operation on its share: partial VOPRF evaluations, only for an AuthorizedApp (which only
+    teecloud.kms.authz.Authorizer makes, after the whole key-release rule)."""
+
+    def __init__(self, share: ThresholdShare, *, gateway_app_id: str = "") -> None:
+        self._share = share
+        self.gateway_app_id = gateway_app_id
+
+    @property
+    def epoch(self) -> int:
+        return self._share.epoch
+
+    @property
+    def index(self) -> int:
+        return self._share.index
+
+    @property
+    def group_public_key(self) -> bytes:
+        return self._share.group_public_key
+
+    def evaluate(self, app: AuthorizedApp) -> api.ThresholdEvaluateResponse:
+        if not isinstance(app, AuthorizedApp):
+            raise TypeError("partial evaluations only for an AuthorizedApp")
+        bi = app.boot_info
+        s = self._share
+        inputs = th.app_contexts(s.epoch, bi.app_id, bi.instance_id)
+        partials = [th.partial_evaluate(s.index, s.share, x) for x in inputs]
+        return api.ThresholdEvaluateResponse(
+            app_id=bi.app_id.hex(),
+            instance_id=bi.instance_id.hex(),
+            epoch=s.epoch,
+            index=s.index,
+            partials=[
+                api.ThresholdPartial(input=x.hex(), element=p.element.hex(), proof=p.proof.hex())
+                for x, p in zip(inputs, partials, strict=True)
+            ],
+            gateway_app_id=self.gateway_app_id,
+            os_image_hash=bi.os_image_hash.hex(),
+        )
+
+
+def local_joint_feldman(t: int, n: int, *, epoch: int = 1) -> list[ThresholdShare]:
+    """Joint-Feldman among n simulated dealers in this process (teecloud.keys.threshold): every dealer
+    shares a random secret, every receiver checks each share against its dealer's commitments; the group
+    key is the sum of the dealers' C_0. The result is the same as the networked ceremony's, but whoever
+    runs this sees all shares: dev and tests only (docs/kms.md)."""
+    dealings = [th.deal(None, t, n, dealer=d) for d in range(1, n + 1)]
+    group = th.sum_commitments(dealings)
+    out = []
+    for r in range(1, n + 1):
+        total, complaints = th.joint_feldman(dealings, r, {d.dealer: d.shares[r] for d in dealings})
+        if complaints:  # pragma: no cover (honest in-process dealers)
+            raise SealingError(f"DKG: receiver {r} complains about dealers {complaints}")
+        out.append(ThresholdShare(epoch, r, t, n, total, group))
+    return out
+
+
+def group_commitments(shares: Sequence[ThresholdShare]) -> tuple[bytes, ...]:
+    """The group commitments the shares agree on (all of them must)."""
+    groups = {s.commitments for s in shares}
+    if len(groups) != 1:
+        raise SealingError("threshold shares disagree on the group commitments")
+    return groups.pop()
+
+
+def nodes_dir(home: Path | None = None) -> Path:
+    return (home or data_home()) / "kms-nodes"
+
+
+def node_home(index: int, home: Path | None = None) -> Path:
+    """Node `index`'s own data directory (its sealed state, share, audit log, admin token)."""
+    if not 1 <= index <= th.MAX_NODES:
+        raise SealingError(f"node index must be 1..{th.MAX_NODES}")
+    return nodes_dir(home) / str(index)
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    epoch: int
+    t: int
+    n: int
+    commitments: tuple[bytes, ...]
+
+
+def read_group(home: Path | None = None) -> GroupRecord | None:
+    path = nodes_dir(home) / GROUP_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SealingError(f"{path} is unreadable: {exc}") from exc
+    try:
+        if doc.get("format") != _GROUP_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}")
+        rec = GroupRecord(
+            int(doc["epoch"]),
+            int(doc["t"]),
+            int(doc["n"]),
+            tuple(bytes.fromhex(c) for c in doc["commitments"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SealingError(f"{path} is malformed: {exc}") from exc
+    if len(rec.commitments) != rec.t or not 1 <= rec.t <= rec.n <= th.MAX_NODES:
+        raise SealingError(f"{path}: inconsistent t, n and commitments")
+    return rec
+
+
+def write_group(rec: GroupRecord, home: Path | None = None) -> None:
+    """The group record (public): what clients of this installation trust (teecloud up reads it)."""
+    atomic_write_json(
+        nodes_dir(home) / GROUP_FILE,
+        {
+            "format": _GROUP_FORMAT,
+            "epoch": rec.epoch,
+            "t": rec.t,
+            "n": rec.n,
+            "commitments": [c.hex() for c in rec.commitments],
+        },
+        mode=0o644,
+    )
+
+
+def dealer_home(index: int, home: Path | None = None) -> Path:
+    """A share-less DKG dealer's own data directory (its identity, audit log, admin token)."""
+    if not 1 <= index <= th.MAX_NODES:
+        raise SealingError(f"dealer index must be 1..{th.MAX_NODES}")
+    return nodes_dir(home) / f"dealer-{index}"
+
+
+def dev_ceremony(
+    tee: TeePlatform, identity: KmsIdentity, t: int, n: int, *, epoch: int = 1, home: Path | None = None
+) -> tuple[GroupRecord, bool]:
+    """Development key ceremony: local_joint_feldman, share i sealed (to this KMS build's measurement) into
+    node i's directory, then the group record written last (atomically): a crash leaves no group, and a
+    re-run with the same t and n is a no-op. Returns (the group, created)."""
+    existing = read_group(home)
+    if existing is not None:
+        if (existing.t, existing.n) != (t, n):
+            raise SealingError(
+                f"a {existing.t}-of-{existing.n} group already exists in {nodes_dir(home)}; "
+                "changing t or n is a reshare (not done), not a new ceremony"
+            )
+        return existing, False
+    shares = local_joint_feldman(t, n, epoch=epoch)
+    for s in shares:
+        save_share(s, tee, identity, node_home(s.index, home))
+    rec = GroupRecord(epoch, t, n, group_commitments(shares))
+    write_group(rec, home)
+    return rec, True
+
+
+# ------------------------------------------------------------------------------------------ resharing
+
+RESHARE_WINDOW_S = 600
+
+
+@dataclass(frozen=True)
+class ResharePlan:
+    """One reshare round (the same key to a new committee): the old group's commitments, the t_old old
+    nodes that deal (fixed for the round, so every new node sums the same dealings), the new t and n.
+    `session` (16 random bytes) names the round; a node's dealing exists only in its memory for that round."""
+
+    session: bytes
+    epoch: int
+    old_commitments: tuple[bytes, ...]
+    dealers: tuple[int, ...]
+    t_new: int
+    n_new: int
+
+    def __post_init__(self) -> None:
+        t_old = len(self.old_commitments)
+        if len(self.session) != 16:
+            raise SealingError("reshare plan: the session is 16 bytes")
+        if len(set(self.dealers)) != t_old or any(not 1 <= d <= th.MAX_NODES for d in self.dealers):
+            raise SealingError(f"reshare plan: exactly t_old = {t_old} distinct old dealers")
+        if not 1 <= self.t_new <= self.n_new <= th.MAX_NODES:
+            raise SealingError("reshare plan: need 1 <= t_new <= n_new <= 64")
+
+
+@dataclass(frozen=True)
+class DkgPlan:
+    """One dealerless key generation round (Joint-Feldman): `dealers` (all n node indices) each deal a fresh
+    random secret; new node j's share is the sum of the sub-shares it receives; the group key is the sum of
+    the dealers' C_0. No process ever holds the group secret."""
+
+    session: bytes
+    epoch: int
+    dealers: tuple[int, ...]
+    t_new: int
+    n_new: int
+
+    def __post_init__(self) -> None:
+        if len(self.session) != 16:
+            raise SealingError("DKG plan: the session is 16 bytes")
+        if not 1 <= self.t_new <= self.n_new <= th.MAX_NODES:
+            raise SealingError("DKG plan: need 1 <= t <= n <= 64")
+        if len(set(self.dealers)) != len(self.dealers) or not self.t_new <= len(self.dealers) <= th.MAX_NODES:
+            raise SealingError("DKG plan: at least t distinct dealers")
+
+
+@dataclass
+class _Round:
+    plan: ResharePlan | DkgPlan
+    dealer: int
+    dealing: th.Dealing
+    opened_at: float
+    served: set[int]
+
+
+class ReshareDealer:
+    """A node's side of a reshare or DKG round: `open` (a reshare of this node's share) or `open_dkg` (a
+    fresh random secret, for a node that holds no share yet) makes this node's dealing for a plan, in memory
+    only: a node that restarts mid-round has no dealing, and the round fails cleanly — no new share can be
+    completed from a mix. `deal_for` hands new node `index` its sub-share, once, to an AuthorizedKms only
+    (boot-time evidence of a KMS build KmsAuth allows), within RESHARE_WINDOW_S of opening."""
+
+    def __init__(self, share: ThresholdShare | None, *, clock: Callable[[], float] = time.time) -> None:
+        self._share = share
+        self._clock = clock
+        self._rounds: dict[bytes, _Round] = {}
+        self._lock = threading.Lock()
+
+    def _store(
+        self, plan: ResharePlan | DkgPlan, dealer: int, make: Callable[[], th.Dealing]
+    ) -> tuple[bytes, ...]:
+        with self._lock:
+            now = self._clock()
+            for k in [k for k, r in self._rounds.items() if now - r.opened_at > RESHARE_WINDOW_S]:
+                del self._rounds[k]
+            existing = self._rounds.get(plan.session)
+            if existing is not None:
+                if existing.plan != plan or existing.dealer != dealer:
+                    raise SealingError("this session is already open with another plan")
+                return existing.dealing.commitments
+            dealing = make()
+            self._rounds[plan.session] = _Round(plan, dealer, dealing, now, set())
+            return dealing.commitments
+
+    def open(self, plan: ResharePlan) -> tuple[bytes, ...]:
+        s = self._share
+        if s is None:
+            raise SealingError("reshare plan: this node holds no share")
+        if plan.old_commitments != s.commitments or plan.epoch != s.epoch:
+            raise SealingError("reshare plan: not this node's group (commitments or epoch differ)")
+        if s.index not in plan.dealers:
+            raise SealingError(f"reshare plan: node {s.index} is not one of its dealers")
+        return self._store(plan, s.index, lambda: th.reshare_deal(s.index, s.share, plan.t_new, plan.n_new))
+
+    def open_dkg(self, plan: DkgPlan, dealer: int) -> tuple[bytes, ...]:
+        if self._share is not None:
+            raise SealingError("DKG: this node already holds a share (a new key is a new node set or epoch)")
+        if dealer not in plan.dealers:
+            raise SealingError(f"DKG plan: {dealer} is not one of its dealers")
+        return self._store(plan, dealer, lambda: th.deal(None, plan.t_new, plan.n_new, dealer=dealer))
+
+    def deal_for(self, kms: AuthorizedKms, session: bytes, index: int) -> api.ReshareDealResponse:
+        if not isinstance(kms, AuthorizedKms):
+            raise TypeError("sub-shares only for an AuthorizedKms")
+        with self._lock:
+            r = self._rounds.get(session)
+            if r is None or self._clock() - r.opened_at > RESHARE_WINDOW_S:
+                raise AccessDenied(
+                    "no open reshare round with this session here (never opened, expired, or this node "
+                    "restarted since: open a new round)",
+                    step="reshare",
+                )
+            if not 1 <= index <= r.plan.n_new:
+                raise AccessDenied(f"share index {index} is not in 1..{r.plan.n_new}", step="reshare")
+            if index in r.served:
+                raise AccessDenied(f"share {index} of this round was already handed out", step="reshare")
+            r.served.add(index)
+            return api.ReshareDealResponse(
+                session=session.hex(),
+                dealer=r.dealer,
+                commitments=[c.hex() for c in r.dealing.commitments],
+                subshare=r.dealing.shares[index].to_bytes(32, "little").hex(),
+            )

@@ -1,0 +1,464 @@
+"""The `qemu` CvmBackend: one VM per CVM, launched with the command line of qemu_cmdline.py (tdx, sev-snp, or
+plain under TCG), as dstack-vmm runs them.
+
+Per CVM, in `<home>/node/vms/<instance>/` (dstack-vmm's VmWorkDir layout):
+    shared/      the host-shared files dstack passes (app-compose.json, .instance-info, .sys-config.json,
+                 .encrypted-env, .user-config), read-only to the guest (9p, or a vvfat disk labelled
+                 DSTACKSHR where the guest kernel has no 9p)
+    hda.img      the data disk (qcow2; the guest opens it as LUKS2 with the KMS disk key: the host sees only
+                 ciphertext)
+    serial.log   the serial console: the boot log `logs` serves
+    qmp.sock     QEMU's monitor (stop)
+    qemu.pid     the QEMU process (a node restart re-attaches to it, checking it is this VM's QEMU)
+
+The guest's agent boots the CVM inside the VM (measure, keys from the KMS over RA-TLS, env, LUKS, compose)
+and answers the host on a loopback-forwarded port with `GET /info` only (plus `GET /attest?nonce=` where the
+image implements it: the guest binds the nonce under the node API's fixed prefix itself). The host never
+sends the guest bytes to quote, and holds none of the app's keys: nothing in this backend releases a key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from teecloud._fs import atomic_write
+from teecloud.node.errors import BootFailed, InstanceStateError, RuntimeFailed, RuntimeUnavailable
+from teecloud.node.instance import Instance, node_home
+from teecloud.node.runtime.base import ContainerState, CvmAttestation, Progress, ResourceLimits
+from teecloud.node.runtime.qemu_cmdline import (
+    MIN_MEMORY_MB as MIN_VM_MEMORY_MB,
+)
+from teecloud.node.runtime.qemu_cmdline import (
+    GuestImage,
+    Mode,
+    PortForward,
+    QemuVmConfig,
+    VmShape,
+    mrconfigid_v1,
+    qemu_argv,
+)
+
+__all__ = ["QemuBackend", "QemuBackendConfig", "QemuCvm", "SerialLog"]
+
+log = logging.getLogger("teecloud.node.runtime.qemu")
+
+AGENT_GUEST_PORT = 8090
+MAX_AGENT_RESPONSE = 1024 * 1024
+MAX_LOG_LINE = 64 * 1024
+STOP_GRACE_S = 5.0
+# the host-shared files, by their dstack names (dstack_types::shared_filenames)
+SHARED_FILES = ("app-compose.json", ".instance-info", ".sys-config.json", ".encrypted-env", ".user-config")
+
+
+@dataclass(frozen=True)
+class QemuBackendConfig:
+    image: GuestImage
+    mode: Mode = "plain"
+    accel: Literal["kvm", "tcg"] = "kvm"
+    host_share: Literal["9p", "vvfat"] = "9p"
+    qemu: str = "qemu-system-x86_64"
+    qemu_img: str = "qemu-img"
+    disk_gb: int = 20
+    default_memory_mb: int = 2048
+    agent_timeout_s: float = 180.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_shared(inst: Instance, shared: Path) -> None:
+    """Copy the instance's host-shared files into the VM's share (owner-only; atomic each)."""
+    shared.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sources = {
+        "app-compose.json": inst.app_compose_path,
+        ".instance-info": inst.info_path,
+        ".sys-config.json": inst.sys_config_path,
+        ".encrypted-env": inst.encrypted_env_path,
+        ".user-config": inst.user_config_path,
+    }
+    for name in SHARED_FILES:
+        src = sources[name]
+        if src.is_file():
+            atomic_write(shared / name, src.read_bytes(), mode=0o644)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (shared / name).unlink()
+
+
+class SerialLog:
+    """The VM's serial console as a LogSource: the last `tail` lines, then (follow) new lines as they come."""
+
+    def __init__(self, path: Path, *, tail: int, follow: bool, alive: Callable[[], bool]) -> None:
+        self.path, self.follow, self.alive = path, follow, alive
+        self._closed = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self._it = self._read(tail)
+
+    def _read(self, tail: int) -> Iterator[bytes]:
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with f:
+            lines = f.read().splitlines(keepends=True)
+            for line in lines[-tail:] if tail else []:
+                yield line[:MAX_LOG_LINE]
+            while self.follow and not self._closed.is_set():
+                line = f.readline(MAX_LOG_LINE)
+                if line:
+                    yield line
+                elif not self.alive():
+                    return
+                else:
+                    self._closed.wait(0.2)
+
+    def __iter__(self) -> SerialLog:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._closed.is_set():
+            raise StopIteration
+        return next(self._it)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for cb in self._callbacks:
+            cb()
+
+
+class QemuCvm:
+    """A VM of the qemu backend (a handle from `attach` re-reads the pid file)."""
+
+    def __init__(self, inst: Instance, workdir: Path, *, agent_port: int | None, booted: bool) -> None:
+        self.inst = inst
+        self.instance_id = inst.instance_id
+        self.workdir = workdir
+        self.agent_port = agent_port
+        self._booted = booted
+        self.timings: dict[str, float] = {}
+        self.dropped_env: list[str] = []
+        self.guest_info: dict[str, Any] = {}
+
+    # -- the QEMU process
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "qemu.pid"
+
+    def pid(self) -> int | None:
+        """The VM's QEMU pid, if it runs and is this VM's (its command line names this work directory)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if str(self.workdir).encode() in cmdline else None
+
+    def running(self) -> bool:
+        return self.pid() is not None
+
+    @property
+    def booted(self) -> bool:
+        return self._booted and self.running()
+
+    @property
+    def public_tcbinfo(self) -> bool:
+        try:
+            return bool(self.inst.app_compose().get("public_tcbinfo"))
+        except (OSError, ValueError):
+            return False
+
+    # -- what the host may ask the guest: info, logs, attestation over a nonce, shutdown
+    def _agent(self, path: str, params: dict[str, str] | None = None) -> tuple[int, bytes]:
+        if self.agent_port is None or not self.running():
+            raise InstanceStateError(f"CVM {self.instance_id} is not running")
+        try:
+            with httpx.Client(timeout=10.0) as c:
+                return _bounded_get(c, f"http://127.0.0.1:{self.agent_port}{path}", params)
+        except httpx.HTTPError as exc:
+            raise RuntimeFailed(f"the guest agent of CVM {self.instance_id} did not answer: {exc}") from exc
+
+    def containers(self) -> list[ContainerState]:
+        # the guest's ListContainers (dstack GuestApi); an image without it lists none
+        if not self.booted:
+            return []
+        try:
+            status, body = self._agent("/containers")
+            if status != 200:
+                return []
+            return [ContainerState(**c) for c in json.loads(body)][:256]
+        except (InstanceStateError, RuntimeFailed, ValueError, TypeError):
+            return []
+
+    def logs(self, *, service: str | None = None, tail: int = 200, follow: bool = False) -> SerialLog:
+        # the serial console is the VM's log (the app's containers log inside the guest)
+        return SerialLog(self.workdir / "serial.log", tail=tail, follow=follow, alive=self.running)
+
+    def stats(self) -> list[dict[str, Any]]:
+        pid = self.pid()
+        return [{"vm": "qemu", "pid": pid, "running": pid is not None}]
+
+    def attestation(self, nonce: bytes) -> CvmAttestation:
+        """The guest's quote over the node API's report_data for `nonce`, computed *in the guest*: the host
+        sends only the nonce (never report_data)."""
+        if not self.booted:
+            raise InstanceStateError(f"CVM {self.instance_id} is not running: no attestation")
+        status, body = self._agent("/attest", {"nonce": nonce.hex()})
+        if status == 404:
+            raise InstanceStateError("this guest image's agent serves no attestation (GET /attest)")
+        try:
+            doc = json.loads(body)
+            return CvmAttestation(**{k: str(doc[k]) for k in CvmAttestation.__dataclass_fields__})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RuntimeFailed(f"the guest agent's attestation is malformed: {exc}") from None
+
+    def stop(self) -> None:
+        """Power off: QMP `system_powerdown`, then `quit`, then SIGKILL, each after a grace period."""
+        self._booted = False
+        pid = self.pid()
+        if pid is None:
+            return
+        for command in ("system_powerdown", "quit"):
+            with contextlib.suppress(OSError, ValueError):
+                _qmp(self.workdir / "qmp.sock", command)
+            if _wait_gone(pid, STOP_GRACE_S):
+                break
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if not _wait_gone(pid, STOP_GRACE_S):
+                raise RuntimeFailed(f"QEMU pid {pid} of CVM {self.instance_id} did not stop")
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+
+    def remove(self) -> list[str]:
+        leftovers: list[str] = []
+        try:
+            self.stop()
+        except RuntimeFailed as exc:
+            leftovers.append(str(exc))
+        # hda.img holds only LUKS ciphertext (the key never left the guest and the KMS): deleting it ends it
+        try:
+            shutil.rmtree(self.workdir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            leftovers.append(f"cannot delete the VM directory {self.workdir}: {exc}")
+        return leftovers
+
+
+def _bounded_get(client: httpx.Client, url: str, params: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET `url`, reading at most MAX_AGENT_RESPONSE bytes: a guest cannot make the node buffer more."""
+    with client.stream("GET", url, params=params) as r:
+        body = bytearray()
+        for chunk in r.iter_bytes():
+            body += chunk
+            if len(body) > MAX_AGENT_RESPONSE:
+                raise RuntimeFailed(f"the guest agent's answer exceeds {MAX_AGENT_RESPONSE} bytes")
+        return r.status_code, bytes(body)
+
+
+def _qmp(sock_path: Path, command: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(3.0)
+        s.connect(str(sock_path))
+        f = s.makefile("rwb")
+        f.readline()  # the greeting
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            f.readline()
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return True
+        except ChildProcessError:  # not our child (a re-attached VM): look at /proc
+            if not Path(f"/proc/{pid}").exists():
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        return b"\n".join(path.read_bytes().splitlines()[-n:]).decode("utf-8", "replace")
+    except OSError:
+        return "(no serial log)"
+
+
+class QemuBackend:
+    """The `qemu` CvmBackend (see the module docstring)."""
+
+    kind = "qemu"
+
+    def __init__(self, config: QemuBackendConfig, *, home: Path | None = None) -> None:
+        self.config = config
+        self.root = node_home(home) / "vms"
+
+    def check(self) -> None:
+        for tool in (self.config.qemu, self.config.qemu_img):
+            if shutil.which(tool) is None:
+                raise RuntimeUnavailable(
+                    f"{tool} not found (Debian: apt-get install qemu-system-x86 qemu-utils)"
+                )
+        if self.config.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise RuntimeUnavailable("/dev/kvm is not available: use mode plain with accel tcg on this host")
+
+    def check_images(self, refs: object) -> None:
+        """Images are pulled inside the guest (the registry of .sys-config.json): nothing to check here."""
+
+    def describe(self) -> str:
+        return f"qemu ({self.config.mode}, {self.config.accel})"
+
+    def workdir(self, inst: Instance) -> Path:
+        return self.root / inst.instance_id[:16]  # short: the QMP socket path must fit sun_path
+
+    def _vm_config(self, inst: Instance, limits: ResourceLimits, agent_port: int) -> QemuVmConfig:
+        cpus = max(1, round(limits.cpus)) if limits.cpus else 1
+        # a VM needs its kernel's share: the deployment's memory, at least the smallest VM shape
+        shape = VmShape(
+            vcpus=cpus,
+            memory_mb=max(MIN_VM_MEMORY_MB, limits.memory_mb or self.config.default_memory_mb),
+            disk_gb=self.config.disk_gb,
+        )
+        ports: tuple[PortForward, ...] = (PortForward(host_port=agent_port, guest_port=AGENT_GUEST_PORT),)
+        ports += tuple(PortForward(host_port=p, guest_port=p) for p in _published_ports(inst))
+        # tdx: the app's identity in MRCONFIGID (dstack MrConfig V1), never on the measured command line
+        mrconfigid = mrconfigid_v1(inst.compose_hash()) if self.config.mode == "tdx" else b""
+        return QemuVmConfig(
+            mode=self.config.mode,
+            image=self.config.image,
+            shape=shape,
+            workdir=self.workdir(inst),
+            accel=self.config.accel,
+            ports=ports,
+            host_share=self.config.host_share,
+            mrconfigid=mrconfigid,
+        )
+
+    def launch(
+        self, instance: Instance, limits: ResourceLimits, *, progress: Progress = lambda _p: None
+    ) -> QemuCvm:
+        t0 = time.perf_counter()
+        progress("measuring")  # the guest measures itself; the host starts the VM
+        agent_port = _free_port()
+        cfg = self._vm_config(instance, limits, agent_port)
+        work = cfg.workdir
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cvm = QemuCvm(instance, work, agent_port=agent_port, booted=False)
+        if cvm.running():
+            # a VM left by an earlier node process (VMs outlive it): a boot is a fresh VM, as on docker
+            log.warning(
+                "CVM %s: powering off the VM a former node process left running", instance.instance_id
+            )
+            cvm.stop()
+        _write_shared(instance, cfg.shared_dir)
+        if not cfg.hda.exists():
+            out = subprocess.run(
+                [self.config.qemu_img, "create", "-q", "-f", "qcow2", str(cfg.hda), f"{cfg.shape.disk_gb}G"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            if out.returncode != 0:
+                raise BootFailed("storage", f"qemu-img create failed: {out.stderr.strip()[:500]}")
+        argv = qemu_argv(cfg, qemu=self.config.qemu)
+        with (work / "qemu.log").open("wb") as qlog:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        atomic_write(work / "qemu.pid", str(proc.pid).encode())
+        progress("agent")
+        try:
+            info = self._wait_agent(cvm, proc, self.config.agent_timeout_s)
+            # the guest read the compose from the share itself: the hash it reports is the one it measured
+            if info.get("compose_hash") != instance.compose_hash().hex():
+                raise BootFailed("measuring", "the guest reports another compose hash than this instance's")
+        except BaseException:
+            with contextlib.suppress(RuntimeFailed):
+                cvm.stop()
+            raise
+        cvm.guest_info = info
+        cvm._booted = True
+        cvm.timings = {"agent-ready": time.perf_counter() - t0}
+        progress("healthy")
+        return cvm
+
+    def _wait_agent(self, cvm: QemuCvm, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{cvm.agent_port}/info"
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    qlog = _tail(cvm.workdir / "qemu.log", 5)
+                    raise BootFailed(
+                        "agent",
+                        f"QEMU exited with code {proc.returncode}: {qlog}\nserial log:\n"
+                        + _tail(cvm.workdir / "serial.log"),
+                    )
+                with contextlib.suppress(httpx.HTTPError, RuntimeFailed, ValueError):
+                    status, body = _bounded_get(client, url)
+                    doc = json.loads(body) if status == 200 else None
+                    if isinstance(doc, dict):
+                        return doc
+                time.sleep(0.25)
+        raise BootFailed(
+            "agent",
+            f"no guest agent answered within {timeout:.0f} s; serial log:\n"
+            + _tail(cvm.workdir / "serial.log"),
+        )
+
+    def attach(self, instance: Instance) -> QemuCvm:
+        return QemuCvm(instance, self.workdir(instance), agent_port=None, booted=False)
+
+
+def _published_ports(inst: Instance) -> list[int]:
+    """The host ports the app publishes (compose `ports:` short "H:C" / "IP:H:C" or long `published`): in
+    the VM, Docker publishes them on the guest's port H, which the host forwards from loopback."""
+    import yaml
+
+    try:
+        text = inst.app_compose().get("docker_compose_file") or ""
+        doc = yaml.safe_load(text) if isinstance(text, str) else None
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    ports: set[int] = set()
+    services = doc.get("services") if isinstance(doc, dict) else None
+    for svc in (services or {}).values():
+        for p in (svc or {}).get("ports") or [] if isinstance(svc, dict) else []:
+            value: Any = p.get("published") if isinstance(p, dict) else str(p).split("/")[0].split(":")
+            if isinstance(value, list):
+                value = value[-2] if len(value) >= 2 else None
+            with contextlib.suppress(TypeError, ValueError):
+                port = int(value)
+                if 1 <= port <= 65535:
+                    ports.add(port)
+    return sorted(ports)[:64]

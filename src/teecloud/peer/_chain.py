@@ -1,0 +1,139 @@
+"""The chain gate: is this attested peer's code allowed on chain? One home for the KMS, the KMS client and
+the gateway (none of them imports another's internals to ask).
+
+    ChainGate.app_allowed(boot_info)   KmsAuth.isAppAllowed, cached for at most one block
+    ChainGate.kms_allowed(boot_info)   KmsAuth.isKmsAllowed, same cache rule
+    FreshBlockNumber                   the chain's block number read at or after the call, shared
+
+Every failure to get a clear "yes" from the chain — unreachable RPC, revert, wrong chain, an unexpected
+exception — is a refusal (`PeerRejected(step="chain")`): nothing is released or routed on a guess.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+from teecloud.chain.api import BootInfo
+from teecloud.peer._verifier import PeerRejected
+
+__all__ = ["AuthChain", "ChainGate", "FreshBlockNumber"]
+
+
+class AuthChain(Protocol):
+    """The part of teecloud.chain.ChainClient the chain gate uses."""
+
+    def is_app_allowed(self, boot_info: BootInfo) -> tuple[bool, str]: ...
+
+    def is_kms_allowed(self, boot_info: BootInfo) -> tuple[bool, str]: ...
+
+
+class FreshBlockNumber:
+    """The chain's block number, read at or after the moment of the call, shared by concurrent callers.
+
+    A caller never gets a number read before it arrived: it waits for a read that *starts* after its arrival
+    (the next one if one is already running), and every caller waiting at that moment shares it. So a
+    change mined before a request arrived is always seen by that request, while under load one RPC read
+    serves many requests instead of one each. A failed read fails every caller that shares it.
+    """
+
+    def __init__(self, read: Callable[[], int]) -> None:
+        self._read = read
+        self._cv = threading.Condition()
+        self._started = 0  # reads started so far (numbered 1, 2, ...)
+        self._running = False
+        self._done_no = 0  # number of the last finished read
+        self._done: int | BaseException = 0
+        self.reads = 0
+
+    def __call__(self) -> int:
+        with self._cv:
+            need = self._started + 1  # the first read that starts after now
+            while self._done_no < need:
+                if not self._running:
+                    self._running = True
+                    self._started += 1
+                    mine = self._started
+                    break
+                self._cv.wait()
+            else:
+                return self._result(self._done)
+        value: int | BaseException
+        try:
+            value = int(self._read())
+        except Exception as exc:
+            value = exc
+        with self._cv:
+            self._running = False
+            self._done_no, self._done = mine, value
+            self.reads += 1
+            self._cv.notify_all()
+        return self._result(value)
+
+    @staticmethod
+    def _result(value: int | BaseException) -> int:
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+
+class ChainGate:
+    """Asks the chain, caching each answer for at most one block.
+
+    `block_number` returns the chain's current block (read per request, shared by concurrent requests through
+    `FreshBlockNumber`); an answer is reused only while the chain is at the block it was read at, so any
+    on-chain change (which needs a new block) is seen by the next request. Without `block_number` nothing
+    is cached.
+    """
+
+    def __init__(
+        self,
+        chain: AuthChain,
+        *,
+        block_number: Callable[[], int] | None = None,
+        max_entries: int = 4096,
+    ) -> None:
+        self.chain = chain
+        self._block_number = FreshBlockNumber(block_number) if block_number is not None else None
+        self._max = max_entries
+        self._cache: OrderedDict[tuple[str, BootInfo], tuple[int, bool, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def app_allowed(self, boot_info: BootInfo) -> str:
+        return self._ask("app", boot_info)
+
+    def kms_allowed(self, boot_info: BootInfo) -> str:
+        return self._ask("kms", boot_info)
+
+    def _ask(self, kind: str, boot_info: BootInfo) -> str:
+        """Returns the chain's reason when allowed; raises PeerRejected(step="chain") otherwise."""
+        try:
+            block = self._block_number() if self._block_number is not None else None
+            cached = None
+            if block is not None:
+                with self._lock:
+                    cached = self._cache.get((kind, boot_info))
+            if cached is not None and cached[0] == block:
+                ok, reason = cached[1], cached[2]
+            else:
+                fn = self.chain.is_app_allowed if kind == "app" else self.chain.is_kms_allowed
+                ok, reason = fn(boot_info)
+                if block is not None:
+                    with self._lock:
+                        self._cache[(kind, boot_info)] = (block, bool(ok), str(reason))
+                        self._cache.move_to_end((kind, boot_info))
+                        while len(self._cache) > self._max:
+                            self._cache.popitem(last=False)
+        except PeerRejected:
+            raise
+        except Exception as exc:  # fail closed on anything the chain client raises
+            raise PeerRejected(
+                f"cannot read the authorization from the chain ({type(exc).__name__}: {exc}); failing closed",
+                step="chain",
+            ) from exc
+        if ok is not True:
+            what = "app" if kind == "app" else "KMS"
+            raise PeerRejected(f"KmsAuth refuses this {what}: {reason or 'no reason given'}", step="chain")
+        return str(reason)

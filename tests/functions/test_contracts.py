@@ -1,0 +1,213 @@
+"""On the embedded EVM: a function deployed on a runtime app registered in KmsAuth, its results checked by
+FunctionResultVerifier and accepted by the example FunctionPriceFeed; every forged, expired, replayed,
+other-function, disallowed-runtime and superseded-version result reverts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from eth_utils.crypto import keccak
+
+from teecloud.chain import DEV_KEYS, ContractReverted
+from teecloud.chain.functions import (
+    FunctionRegistry,
+    deploy_function_registry,
+)
+from teecloud.functions import (
+    NotAllowed,
+    SignedResult,
+    function_hash_of,
+    result_key_purpose,
+)
+from teecloud.keys.sigchain import (
+    k256_public_key,
+    kms_issued_digest,
+    purpose_digest,
+    sign_k256_recoverable,
+)
+
+from . import wat
+from .conftest import World
+
+
+def _invoke(w: World, ref: str | None = None, inp: bytes | None = None, ttl_s: int = 300) -> SignedResult:
+    return w.runtime.invoke(ref or w.function_hash.hex(), inp or w.price_input, ttl_s=ttl_s).result
+
+
+def _reverts(w: World, r: SignedResult | tuple, match: str) -> None:  # type: ignore[type-arg]
+    abi = r.to_abi() if isinstance(r, SignedResult) else r
+    with pytest.raises(ContractReverted, match=match):
+        w.feed.submit(abi)
+
+
+def test_the_consumer_accepts_a_signed_result_once(world: World) -> None:
+    w = world
+    r = _invoke(w)
+    assert int.from_bytes(r.output, "big") == 4242
+    assert w.verifier.check(r.to_abi()) == r.output  # a read: nothing recorded
+    gas = w.verifier.estimate_gas(r.to_abi())
+    w.feed.submit(r.to_abi())
+    assert w.feed.price() == 4242 and w.feed.updates() == 1
+    _reverts(w, r, "replay")
+    print(f"verify gas: {gas}")
+    assert 0 < gas < 110_000  # ≈100k today (docs/benchmarks.md): a regression shows here
+
+
+def test_forged_and_tampered_results_revert(world: World) -> None:
+    w = world
+    r = _invoke(w)
+    base = list(r.to_abi())
+    # tampered output / expiry / request id / input: the result signature no longer matches
+    for i, v in [(4, (4243).to_bytes(32, "big")), (5, r.expiry - 1), (0, b"\1" * 32)]:
+        _reverts(w, (*base[:i], v, *base[i + 1 :]), "bad result signature")
+    other_input = list(base)
+    other_input[3] = keccak(b"x")
+    with pytest.raises(ContractReverted, match="bad result signature"):
+        w.verifier.check(tuple(other_input))
+    # a key of the attacker's, with a chain made up under the attacker's own "KMS root"
+    fake_root, fake_app, fake_key = b"\x21" * 32, b"\x22" * 32, b"\x23" * 32
+    forged = SignedResult(**{**r.__dict__, "signature": b"\0" * 65})
+    fk_pub = k256_public_key(fake_key)
+    app_pub = k256_public_key(fake_app)
+    chain_ = (
+        sign_k256_recoverable(fake_app, purpose_digest(result_key_purpose(r.function_hash), fk_pub)),
+        sign_k256_recoverable(fake_root, kms_issued_digest(r.runtime_app_id, app_pub)),
+    )
+    forged = SignedResult.sign(fake_key, fk_pub, chain_, **_fields(r))
+    _reverts(w, forged, "not the KMS root recorded in KmsAuth")
+    # a genuine chain, but the result signed by another key
+    stolen_chain = SignedResult.sign(fake_key, r.public_key, r.signature_chain, **_fields(r))
+    _reverts(w, stolen_chain, "bad result signature")
+    # the key signed by the app key for another purpose (another function's key) does not pass step (5)
+    other_purpose = list(base)
+    other_purpose[2] = keccak(b"another function")
+    with pytest.raises(ContractReverted):
+        w.verifier.check(tuple(other_purpose))
+
+
+def _fields(r: SignedResult) -> dict[str, object]:
+    d = dict(r.__dict__)
+    for k in ("signature", "public_key", "signature_chain"):
+        d.pop(k)
+    return d
+
+
+def test_expired_results_revert(world: World) -> None:
+    w = world
+    r = _invoke(w, ttl_s=60)
+    w.chain.increase_time(120)
+    _reverts(w, r, "expired")
+
+
+def test_results_of_another_function_revert(world: World) -> None:
+    w = world
+    host = w.outside.url.removeprefix("https://")
+    # a second function (its own registry, on the same runtime) computing the same kind of output
+    other_fh = function_hash_of(wat.FETCH_ONCE, [host], {})
+    other = deploy_function_registry(
+        w.chain, w.chain.address or "", "other", "0x" + w.guest.app_id.hex(), other_fh
+    )
+    w.runtime.deploy(wat.FETCH_ONCE, allowed_hosts=[host], function_id=bytes.fromhex(other.address[2:]))
+    r = _invoke(w, other_fh.hex())
+    assert w.verifier.check(r.to_abi())  # a valid result ... of another function
+    _reverts(w, r, "result of another function")
+    # relabelled as the feed's function: its registry does not allow that code hash
+    relabelled = list(r.to_abi())
+    relabelled[1] = w.registry.address
+    _reverts(w, tuple(relabelled), "code hash not allowed")
+    # ... and with the feed's code hash too, the key's chain (purpose = its own code hash) does not match
+    relabelled[2] = w.function_hash
+    _reverts(w, tuple(relabelled), "bad result signature|not signed by the runtime app key")
+
+
+def test_results_of_a_disallowed_runtime_compose_hash_revert(world: World) -> None:
+    w = world
+    r = _invoke(w)
+    app = w.chain.app("0x" + w.guest.app_id.hex())
+    app.add_compose_hash(b"\x99" * 32)
+    app.remove_compose_hash(w.guest.compose_hash)
+    _reverts(w, r, "runtime compose hash not allowed")
+
+
+def test_results_of_another_runtime_app_revert(world: World) -> None:
+    w = world
+    r = _invoke(w)
+    other_app = w.chain.kms.register_app(w.chain.address or "", b"\x42" * 32)
+    w.registry.propose_set_runtime_app_id(other_app)
+    _reverts(w, r, "another runtime app")
+    with pytest.raises(NotAllowed, match="another runtime app"):
+        _invoke(w)
+
+
+def test_an_upgrade_through_a_multisig_retires_the_old_hash(world: World) -> None:
+    w = world
+    chain = w.chain
+    owners = [chain.with_signer(k) for k in DEV_KEYS[1:4]]
+    ms_addr = chain.deploy_multisig([o.address for o in owners], 2)
+    # hand the registry to a 2-of-3 multisig
+    chain.transact("FunctionRegistry", w.registry.address, "transfer_ownership", ms_addr)
+    from teecloud.chain.connection import abi_of
+
+    pid = (
+        owners[0]
+        .multisig(ms_addr)
+        .propose(w.registry.address, abi_of("FunctionRegistry").encode_call("accept_ownership"))
+    )
+    owners[1].multisig(ms_addr).approve(pid)
+    owners[0].multisig(ms_addr).execute(pid)
+    assert w.registry.owner() == ms_addr
+    old = _invoke(w)
+    # v2 of the function: same module, a lower CPU budget (so another code hash)
+    host = w.outside.url.removeprefix("https://")
+    v2 = w.runtime.deploy(
+        wat.PRICE,
+        allowed_hosts=[host],
+        limits={"cpu_fuel": 10_000_000},
+        function_id=bytes.fromhex(w.registry.address[2:]),
+    )
+    action = FunctionRegistry(owners[0], w.registry.address).propose_upgrade(
+        w.function_hash, v2.function_hash
+    )
+    assert action.kind == "multisig"
+    assert w.registry.is_code_hash_allowed(w.function_hash)  # one approval is not enough
+    owners[2].multisig(ms_addr).approve(int(action.ident))
+    owners[2].multisig(ms_addr).execute(int(action.ident))
+    assert not w.registry.is_code_hash_allowed(w.function_hash) and w.registry.is_code_hash_allowed(
+        v2.function_hash
+    )
+    # the old version's result (signed before the upgrade) is refused now, and the runtime no longer runs it
+    _reverts(w, old, "code hash not allowed")
+    with pytest.raises(NotAllowed, match="code hash not allowed"):
+        _invoke(w)
+    new = _invoke(w, v2.function_hash.hex())
+    w.feed.submit(new.to_abi())
+    assert w.feed.price() == 4242
+    # the registry's history shows the upgrade
+    events = [e["event"] for e in w.registry.history()]
+    assert events[-2:] == ["CodeHashRemoved", "CodeHashAdded"]
+
+
+def test_a_result_in_json_verifies_on_chain_too(world: World) -> None:
+    w = world
+    r = SignedResult.from_json(json.dumps(_invoke(w).to_json()))
+    w.feed.submit(r.to_abi())
+    assert w.feed.updates() == 1 and w.feed.price() == 4242
+    assert int(time.time()) <= r.expiry
+
+
+def test_code_naming_a_function_id_it_does_not_own_does_not_take_its_calls(world: World) -> None:
+    from teecloud.functions import RegistryUnavailable
+
+    w = world
+    # anyone may deploy code to the runtime and name any function id in it
+    impostor = w.runtime.deploy(wat.ECHO, function_id=bytes.fromhex(w.registry.address[2:]))
+    r = _invoke(w, w.registry.address)  # by id: the version the registry allows
+    assert r.function_hash == w.function_hash and int.from_bytes(r.output, "big") == 4242
+    with pytest.raises(NotAllowed, match="code hash not allowed"):
+        _invoke(w, impostor.function_hash.hex())
+    # a function id that is no registry at all: a clear error, not a crash
+    stray = w.runtime.deploy(wat.COUNTER, function_id=b"\0" * 19 + b"\1")
+    with pytest.raises(RegistryUnavailable):
+        _invoke(w, stray.function_hash.hex())

@@ -1,0 +1,149 @@
+"""The pure parts: route names (dstack's), the sticky plan, the rendered configuration (checked by the real
+`haproxy -c`) and the order of runtime commands."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from teecloud.gateway.devca import DevCa
+from teecloud.gateway.driver import find_haproxy
+from teecloud.gateway.errors import BadHostName, CapacityExceeded, GatewayUsageError
+from teecloud.gateway.haproxy import HaproxyPaths, render_config, render_map, runtime_commands
+from teecloud.gateway.routing import (
+    DataPlaneLimits,
+    HostName,
+    Plan,
+    Route,
+    check_base_domain,
+    parse_host,
+    plan,
+)
+from tests.gateway.conftest import APP, BASE, INST1, INST2
+
+LIMITS = DataPlaneLimits(http_backends=3, tcp_backends=3, servers_per_backend=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "want"),
+    [
+        (f"{APP}.{BASE}", HostName(APP, 80, "http")),
+        (f"{APP}-8080.{BASE}", HostName(APP, 8080, "http")),
+        (f"{APP}-443s.{BASE}", HostName(APP, 443, "tcp")),
+        (f"{APP.upper()}s.{BASE.upper()}.", HostName(APP, 80, "tcp")),
+    ],
+)
+def test_route_names(name: str, want: HostName) -> None:
+    assert parse_host(name, BASE) == want
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "a" * 254,
+        f"x.{APP}.{BASE}",  # two labels deep
+        f"*.{BASE}",
+        f"{APP}-0.{BASE}",
+        f"{APP}-99999.{BASE}",
+        f"{APP}-8080g.{BASE}",  # gRPC: not served yet
+        f"{APP[:-1]}.{BASE}",
+        f"{APP}.evil{BASE}",
+        f"{APP}.{BASE}.evil.com",
+        f"{APP}é.{BASE}",
+        f"{APP}.{BASE}".encode() + b"\xff",
+        BASE,
+    ],
+)
+def test_hostile_names_are_refused(name: str | bytes) -> None:
+    with pytest.raises(BadHostName):
+        parse_host(name, BASE)
+
+
+def test_base_domain_and_route_checks() -> None:
+    assert check_base_domain("TeeCloud.Localhost.") == BASE
+    for bad in ("localhost", "a..b", "-a.b", "a b.c"):
+        with pytest.raises(GatewayUsageError):
+            check_base_domain(bad)
+    with pytest.raises(GatewayUsageError):
+        Route(APP, INST1, 80, "example.com:80")
+    with pytest.raises(GatewayUsageError):
+        Route(APP, INST1, 80, "0.0.0.0:80")
+    with pytest.raises(GatewayUsageError):
+        Route("xyz", INST1, 80, "127.0.0.1:80")
+
+
+def test_plan_is_sticky_and_bounded() -> None:
+    r1 = Route(APP, INST1, 8080, "127.0.0.1:1001")
+    r2 = Route(APP, INST2, 8080, "127.0.0.1:1002")
+    p1 = plan([r1], BASE, LIMITS)
+    p2 = plan([r1, r2], BASE, LIMITS, p1)
+    app_backend = p1.http_map[f"{APP}-8080.{BASE}"]
+    assert p2.http_map[f"{APP}-8080.{BASE}"] == app_backend
+    assert p2.servers[app_backend][:1] == ("127.0.0.1:1001",)  # r1 kept its slot
+    assert "127.0.0.1:1002" in p2.servers[app_backend]
+    assert p2.tcp_map[f"{INST2}-8080s.{BASE}"].startswith("bt")
+    p3 = plan([r2], BASE, LIMITS, p2)
+    assert p3.servers[app_backend] == (None, "127.0.0.1:1002")
+    assert f"{INST1}-8080.{BASE}" not in p3.http_map
+    # 3 backends per mode: an app group and 2 instance groups fit, a fourth group does not.
+    r3 = Route(APP, "c1" * 20, 8080, "127.0.0.1:1003")
+    with pytest.raises(CapacityExceeded):
+        plan([r1, r2, r3], BASE, LIMITS)
+    many = [Route("d1" * 20, f"{i:040x}", 9, f"127.0.0.1:{2000 + i}") for i in range(3)]
+    with pytest.raises(CapacityExceeded):
+        plan(many, BASE, DataPlaneLimits(http_backends=8, tcp_backends=8, servers_per_backend=2))
+
+
+def test_runtime_commands_make_servers_before_maps_and_remove_after() -> None:
+    paths = HaproxyPaths("/run/gw", "t")
+    r1 = Route(APP, INST1, 80, "127.0.0.1:1001")
+    p1 = plan([r1], BASE, LIMITS)
+    cmds = runtime_commands(Plan(), p1, paths, LIMITS)
+    first_map = next(i for i, c in enumerate(cmds) if "map" in c)
+    assert all(c.startswith("set server") for c in cmds[:first_map])
+    assert f"add map /run/gw/http.map {APP}.{BASE} bh0" in cmds
+    back = runtime_commands(p1, Plan(), paths, LIMITS)
+    first_maint = next(i for i, c in enumerate(back) if c.endswith("state maint"))
+    assert all("del map" in c for c in back[:first_maint])
+    assert runtime_commands(p1, p1, paths, LIMITS) == []
+
+
+def test_rendered_configuration_passes_haproxy_check(tmp_path: Path) -> None:
+    import time
+
+    paths = HaproxyPaths(str(tmp_path), "teecloud-gw-test")
+    ca = DevCa(now=int(time.time()))
+    cert = ca.issue_wildcard(BASE, now=int(time.time()))
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "w.pem").write_text(cert.haproxy_pem(ca.cert_pem))
+    p = plan([Route(APP, INST1, 8080, "127.0.0.1:1001"), Route(APP, INST2, 8080, "[::1]:1002")], BASE, LIMITS)
+    Path(paths.http_map).write_text(render_map(p.http_map))
+    Path(paths.tcp_map).write_text(render_map(p.tcp_map))
+    Path(paths.config).write_text(
+        render_config(bind_host="127.0.0.1", port=1, paths=paths, limits=LIMITS, plan=p)
+    )
+    out = subprocess.run(
+        [find_haproxy(), "-c", "-f", paths.config], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert "server s1 [::1]:1002" in Path(paths.config).read_text()
+    tcp = render_config(
+        bind_host="127.0.0.1", port=1, paths=paths, limits=LIMITS, plan=p, terminate_mode="tcp"
+    )
+    Path(paths.config).write_text(tcp)
+    out = subprocess.run(
+        [find_haproxy(), "-c", "-f", paths.config], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert "backend bh0\n    mode tcp" in tcp and "frontend fe_terminate\n    mode tcp" in tcp
+    # and a broken one does not (the check is real)
+    Path(paths.config).write_text(
+        Path(paths.config).read_text().replace("balance leastconn", "balance nope", 1)
+    )
+    bad = subprocess.run(
+        [find_haproxy(), "-c", "-f", paths.config], capture_output=True, text=True, timeout=30
+    )
+    assert bad.returncode != 0

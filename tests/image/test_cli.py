@@ -1,0 +1,57 @@
+"""`teecloud image measure`: the values are the calculators' (replayed), bad input is one error line."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from teecloud.cli import app
+from teecloud.image.tdx import replay, rtmr1_events, rtmr2_events
+
+KERNEL = Path("/var/cache/teecloud/guest-kernel/vmlinuz")
+
+
+def test_measure_prints_rtmr1_and_rtmr2(tmp_path: Path) -> None:
+    if not KERNEL.is_file():
+        pytest.fail(f"{KERNEL} is missing: run scripts/setup.sh")
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"\x1f\x8b" + bytes(5000))
+    args = [
+        "image",
+        "measure",
+        "--kernel",
+        str(KERNEL),
+        "--initrd",
+        str(initrd),
+        "--cmdline",
+        "console=ttyS0",
+    ]
+    r = CliRunner().invoke(app, [*args, "--memory", "4G"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    r1 = rtmr1_events(KERNEL.read_bytes(), initrd_size=5002, memory_bytes=4 << 30)
+    assert doc["rtmr1"] == replay(r1).hex() and doc["rtmr1_events"] == [d.hex() for d in r1]
+    assert doc["rtmr2"] == replay(rtmr2_events("console=ttyS0", initrd.read_bytes())).hex()
+    assert doc["rtmr0"] is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--memory", "lots"], "memory is a size"),
+        (["--kernel", "/nonexistent"], "cannot read kernel"),
+        (["--tdvf", "/etc/hostname"], "TDVF|too short"),
+    ],
+)
+def test_bad_input_is_one_error_line(tmp_path: Path, extra: list[str], message: str) -> None:
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"x")
+    args = ["image", "measure", "--kernel", str(KERNEL), "--initrd", str(initrd), "--cmdline", "c"]
+    r = CliRunner().invoke(app, [*args, *extra])
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output
+    assert re.search(message, r.output), r.output

@@ -1,0 +1,257 @@
+"""The qemu backend (teecloud.node.runtime.qemu).
+
+Fast: what it forwards, its serial log as a LogSource, and that a stale pid file never makes it signal
+another process. Slow (real QEMU under TCG, Debian's kernel, OVMF): a Node whose backend is qemu boots a VM
+of the labelled TEST GUEST (teecloud.image.testguest: busybox, not the teecloud agent), which reads the
+host-shared app-compose.json from its read-only config disk and reports the compose hash it computed; the
+app's published port answers through the loopback forward; the serial console is the CVM's log; stop and
+remove leave no QEMU process and no VM directory. Not covered (not built yet): the real guest agent's boot
+(keys, LUKS, compose) inside the VM.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from teecloud.agent.boot import normalize_app_compose
+from teecloud.image.testguest import GUEST_NAME, build_test_guest_initramfs
+from teecloud.node.api import CreateCvmRequest
+from teecloud.node.errors import InstanceStateError
+from teecloud.node.instance import InstanceStore
+from teecloud.node.runtime import make_backend
+from teecloud.node.runtime.base import ResourceLimits
+from teecloud.node.runtime.qemu import QemuBackend, QemuBackendConfig, QemuCvm, _published_ports
+from teecloud.node.runtime.qemu_cmdline import GuestImage
+from teecloud.node.service import Node
+from teecloud.tee.simulated import SimulatedTdx
+from tests.node.fakes import NoKeys
+
+KERNEL_DIR = Path(os.environ.get("TEECLOUD_GUEST_KERNEL_DIR", "/var/cache/teecloud/guest-kernel"))
+OVMF = Path("/usr/share/OVMF/OVMF_CODE.fd")
+
+
+def _compose(port: int, long_port: int = 18089) -> str:
+    compose = f'services:\n  web:\n    image: x\n    ports:\n      - "{port}:80"\n      - target: 81\n'
+    compose += f"        published: {long_port}\n"
+    return normalize_app_compose({"name": "web", "runner": "docker-compose", "docker_compose_file": compose})
+
+
+def _instance(home: Path, port: int = 18088) -> object:
+    return InstanceStore(home).create(
+        app_compose=_compose(port).encode(),
+        app_id=b"\x11" * 20,
+        name="web",
+        encrypted_env=None,
+        user_config=None,
+        sys_config={},
+        limits=ResourceLimits(memory_mb=512),
+    )
+
+
+def test_published_ports_are_forwarded_from_loopback(teecloud_home: Path) -> None:
+    inst = _instance(teecloud_home)
+    assert _published_ports(inst) == [18088, 18089]  # type: ignore[arg-type]
+
+
+def test_a_stale_pid_file_never_signals_another_process(teecloud_home: Path, tmp_path: Path) -> None:
+    inst = _instance(teecloud_home)
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        work = tmp_path / "vm"
+        work.mkdir()
+        (work / "qemu.pid").write_text(str(other.pid))  # a reused pid: not this VM's QEMU
+        cvm = QemuCvm(inst, work, agent_port=None, booted=False)  # type: ignore[arg-type]
+        assert not cvm.running()
+        cvm.stop()
+        assert other.poll() is None, "stop signalled a process that is not the VM's QEMU"
+        with pytest.raises(InstanceStateError, match="not running"):
+            cvm.attestation(b"n")
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_serial_log_is_the_cvms_log(teecloud_home: Path, tmp_path: Path) -> None:
+    inst = _instance(teecloud_home)
+    work = tmp_path / "vm"
+    work.mkdir()
+    (work / "serial.log").write_bytes(b"".join(b"line %d\n" % i for i in range(10)))
+    cvm = QemuCvm(inst, work, agent_port=None, booted=False)  # type: ignore[arg-type]
+    assert b"".join(cvm.logs(tail=3)) == b"line 7\nline 8\nline 9\n"
+    follow = cvm.logs(tail=1, follow=True)
+    closed: list[bool] = []
+    follow.on_close(lambda: closed.append(True))
+    assert next(follow) == b"line 9\n"
+    follow.close()
+    assert closed == [True] and next(follow, None) is None
+
+
+def test_make_backend_names_the_qemu_backend(teecloud_home: Path) -> None:
+    image = GuestImage(bios=OVMF, kernel=KERNEL_DIR / "vmlinuz", initrd=Path("/x"), cmdline="console=ttyS0")
+    backend = make_backend(
+        "qemu",
+        key_provider=NoKeys(),
+        guest_tee_factory=lambda: SimulatedTdx(teecloud_home),
+        config=QemuBackendConfig(image=image, mode="plain", accel="tcg"),
+        home=teecloud_home,
+    )
+    assert isinstance(backend, QemuBackend) and backend.describe() == "qemu (plain, tcg)"
+
+
+@pytest.fixture(scope="module")
+def test_guest(tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
+    if not (KERNEL_DIR / "vmlinuz").is_file() or not (KERNEL_DIR / "modules").is_dir() or not OVMF.is_file():
+        pytest.fail(f"{KERNEL_DIR} or OVMF is missing: run scripts/setup.sh")
+    initrd = tmp_path_factory.mktemp("guest") / "initramfs.cpio.gz"
+    initrd.write_bytes(build_test_guest_initramfs(modules_dir=KERNEL_DIR / "modules"))
+    return GuestImage(
+        bios=OVMF, kernel=KERNEL_DIR / "vmlinuz", initrd=initrd, cmdline="console=ttyS0 panic=1"
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_a_node_runs_a_cvm_as_a_vm_under_tcg(teecloud_home: Path, test_guest: GuestImage) -> None:
+    backend = QemuBackend(
+        QemuBackendConfig(image=test_guest, mode="plain", accel="tcg", host_share="vvfat", disk_gb=1),
+        home=teecloud_home,
+    )
+    backend.check()
+    node = Node(
+        key_provider=NoKeys(),
+        tee_factory=lambda: SimulatedTdx(teecloud_home),
+        backend=backend,
+        home=teecloud_home,
+        memory_mb=4096,
+    )
+    try:
+        port = _free_port()
+        compose = _compose(port, _free_port())
+        st = node.create(CreateCvmRequest(name="web", app_compose=compose, app_id="11" * 20, memory_mb=512))
+        iid = st.instance_id
+        node.wait_all(240)
+        status = node.status(iid)
+        assert status.status == "running", status.error
+        assert status.timings["agent-ready"] > 0
+        inst = node.store.get(iid)
+        # (1) the guest read the compose from the read-only host share and hashed it itself
+        cvm = node._cvm(iid).booted
+        assert isinstance(cvm, QemuCvm)
+        assert cvm.guest_info == {"guest": GUEST_NAME, "compose_hash": inst.compose_hash().hex()}
+        # (2) the app's published port, forwarded from loopback
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == f"hello from {GUEST_NAME}\n"
+        # (3) the serial console is the CVM's log
+        text = b"".join(node.logs(iid, service=None, tail=500, follow=False, public=False)).decode()
+        assert "Linux version" in text and f"{GUEST_NAME}: ready" in text
+        # (4) the host gets no quote from a guest whose agent offers none (and never sends report_data)
+        with pytest.raises(InstanceStateError, match="serves no attestation"):
+            node.attestation(iid, b"nonce", public=False)
+        # (5) stop: no QEMU left; remove: no VM directory left
+        pid = cvm.pid()
+        assert pid is not None
+        node.stop(iid)
+        assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert node.status(iid).status == "stopped"
+        workdir = cvm.workdir
+        assert (workdir / "hda.img").is_file() and (workdir / "shared" / "app-compose.json").is_file()
+        result = node.remove(iid)
+        assert result.leftovers == [] and not workdir.exists()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            except httpx.HTTPError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the app's port still answers after remove")
+    finally:
+        node.close()  # a failed assertion must not leave a VM running (VMs outlive their node by design)
+
+
+@pytest.mark.slow
+def test_a_guest_without_an_agent_fails_at_agent_with_its_console_and_leaves_no_vm(
+    teecloud_home: Path, test_guest: GuestImage, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from teecloud.image.initramfs import Entry, build_initramfs
+    from teecloud.node.errors import BootFailed
+
+    # an initramfs whose /init prints and waits: the kernel boots, no agent ever answers
+    initrd = tmp_path / "silent.cpio.gz"
+    script = (
+        b"#!/bin/busybox sh\n/bin/busybox echo silent-guest-up\nwhile :; do /bin/busybox sleep 3600; done\n"
+    )
+    initrd.write_bytes(
+        build_initramfs(
+            {
+                "init": Entry.file(script, 0o755),
+                "bin/busybox": Entry.file(Path("/bin/busybox").read_bytes(), 0o755),
+            }
+        )
+    )
+    backend = QemuBackend(
+        QemuBackendConfig(
+            image=replace(test_guest, initrd=initrd),
+            mode="plain",
+            accel="tcg",
+            host_share="vvfat",
+            disk_gb=1,
+            agent_timeout_s=20,
+        ),
+        home=teecloud_home,
+    )
+    inst = _instance(teecloud_home, _free_port())
+    with pytest.raises(BootFailed, match="no guest agent answered within 20 s") as failed:
+        backend.launch(inst, inst.limits())  # type: ignore[arg-type]
+    assert failed.value.phase == "agent"
+    # the console's tail comes with the reason (what it holds depends on how far TCG got in 20 s under load)
+    assert "serial log:" in failed.value.reason
+    handle = backend.attach(inst)  # type: ignore[arg-type]
+    assert not handle.running(), "a failed launch left its QEMU running"
+    assert handle.remove() == [] and not handle.workdir.exists()
+
+
+def test_a_tdx_vm_carries_the_compose_hash_in_mrconfigid_not_the_cmdline(teecloud_home: Path) -> None:
+    import base64
+    import json
+
+    from teecloud.node.runtime.qemu_cmdline import qemu_argv
+
+    image = GuestImage(bios=OVMF, kernel=KERNEL_DIR / "vmlinuz", initrd=Path("/i"), cmdline="console=ttyS0")
+    backend = QemuBackend(QemuBackendConfig(image=image, mode="tdx"), home=teecloud_home)
+    inst = _instance(teecloud_home)
+    argv = qemu_argv(backend._vm_config(inst, ResourceLimits(cpus=2, memory_mb=4096), 40000))  # type: ignore[arg-type]
+    tdx = json.loads(argv[argv.index("-object") + 1])
+    assert base64.b64decode(tdx["mrconfigid"]) == b"\x01" + inst.compose_hash() + bytes(15)  # type: ignore[attr-defined]
+    assert argv[argv.index("-append") + 1] == "console=ttyS0"
+    assert argv[argv.index("-smp") + 1] == "2" and argv[argv.index("-m") + 1] == "4096M"
+    assert "hostfwd=tcp:127.0.0.1:40000-:8090" in argv[argv.index("-netdev") + 1]
+
+
+def test_the_node_reads_at_most_a_bounded_answer_from_a_guest() -> None:
+    from teecloud.node.errors import RuntimeFailed
+    from teecloud.node.runtime.qemu import MAX_AGENT_RESPONSE, _bounded_get
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        size = int(request.url.params.get("size", "0"))
+        return httpx.Response(200, content=b"x" * size)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        assert _bounded_get(client, "http://guest/info", {"size": "10"}) == (200, b"x" * 10)
+        with pytest.raises(RuntimeFailed, match="exceeds"):
+            _bounded_get(client, "http://guest/info", {"size": str(MAX_AGENT_RESPONSE + 1)})
