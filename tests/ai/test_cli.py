@@ -3,6 +3,7 @@ this installation), used by the official openai client; its usage errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,3 +93,32 @@ def test_verify_usage_errors(tmp_path: Path) -> None:
         teecloud_app, ["ai", "verify", str(tmp_path / "r.json"), "--kms-root", "02" + "11" * 32]
     )
     assert r.exit_code == 1 and "refused" in r.stderr
+
+
+def test_verify_checks_the_request_and_response_bytes(stack: Stack, tmp_path: Path) -> None:
+    body = json.dumps({"prompt": "hello", "max_tokens": 3}).encode()
+    r = httpx.post(stack.front.url + "/v1/completions", content=body, timeout=60)
+    assert r.status_code == 200
+    doc = httpx.get(f"{stack.front.url}/v1/receipts/{r.headers['x-receipt-id']}").json()
+    (tmp_path / "receipt.json").write_text(json.dumps(doc))
+    (tmp_path / "req").write_bytes(body)
+    (tmp_path / "resp").write_bytes(r.content)
+    (tmp_path / "other").write_bytes(r.content.replace(b'"text"', b'"text" ', 1))
+    root = stack.provider.root.k256_public_key.hex()
+    base = [
+        "ai",
+        "verify",
+        str(tmp_path / "receipt.json"),
+        "--kms-root",
+        root,
+        "--request",
+        str(tmp_path / "req"),
+    ]
+    ok = CliRunner().invoke(teecloud_app, [*base, "--response", str(tmp_path / "resp")])
+    assert ok.exit_code == 0 and "request, response" in " ".join(ok.stdout.split()), ok.stdout
+    bad = CliRunner().invoke(teecloud_app, [*base, "--response", str(tmp_path / "other")])
+    assert bad.exit_code == 1 and "refused: response" in " ".join(bad.stderr.split()), bad.stderr
+    other_root = CliRunner().invoke(
+        teecloud_app, ["ai", "verify", str(tmp_path / "receipt.json"), "--kms-root", "02" + "11" * 32]
+    )
+    assert other_root.exit_code == 1 and "keyset_chain" in " ".join(other_root.stderr.split())
