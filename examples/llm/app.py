@@ -43,23 +43,34 @@ def main() -> int:
         weights_sha256,
     )
 
+    if not os.environ.get("MODEL_PATH"):
+        print("error: set MODEL_PATH to the GGUF weights", file=sys.stderr)
+        return 2
     model_path = Path(os.environ["MODEL_PATH"])
     model_id = os.environ.get("MODEL_ID") or model_path.name.removesuffix(".gguf")
-    digest = weights_sha256(model_path)
+    try:
+        digest = weights_sha256(model_path)
+    except OSError as exc:
+        print(f"error: cannot read MODEL_PATH {model_path}: {exc.strerror}", file=sys.stderr)
+        return 2
     expected = os.environ.get("MODEL_SHA256", "").lower().removeprefix("0x")
     if expected and expected != digest.hex():
         print(f"error: {model_path} has sha256 {digest.hex()}, MODEL_SHA256 says {expected}", file=sys.stderr)
         return 2
-    guest = DstackClient(timeout=30)
     names = [n.strip() for n in os.environ.get("TLS_NAMES", "").split(",") if n.strip()]
     tls = None
     spki = bytes(32)
-    if names:
-        chain, key, spki = tls_key_from_guest_api(
-            guest, Path(os.environ.get("TLS_DIR", "/run/teecloud-ai")), names=names
-        )
-        tls = (chain, key)
-    keys = keys_from_guest_api(guest, epoch=int(os.environ.get("KEY_EPOCH", "0")), tls_spki_sha256=spki)
+    try:
+        guest = DstackClient(timeout=30)
+        if names:
+            chain, key, spki = tls_key_from_guest_api(
+                guest, Path(os.environ.get("TLS_DIR", "/run/teecloud-ai")), names=names
+            )
+            tls = (chain, key)
+        keys = keys_from_guest_api(guest, epoch=int(os.environ.get("KEY_EPOCH", "0")), tls_spki_sha256=spki)
+    except Exception as exc:  # the guest API is the app's only source of keys: without it, say why and stop
+        print(f"error: cannot get keys from the guest agent: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
     def quote(report_data: bytes) -> dict[str, str]:
         q = guest.get_quote(report_data)
