@@ -90,6 +90,7 @@ class LocalCloud:
         self._stack = contextlib.ExitStack()
         self.endpoints: CloudEndpoints | None = None
         self.node: Any = None
+        self.key_provider: Any = None
         self.chain: Any = None
         self.timings: dict[str, float] = {}
 
@@ -179,6 +180,7 @@ class LocalCloud:
             dev_root_der=platform.dev_root_der(),
             chain=chain,
         )
+        self.key_provider = key_provider  # the KMS side of every boot (one KMS, or the threshold client)
         node_id = ensure_registered(chain, platform, home=self.home)
         # Each CVM makes its gateway registration certificate at its boot key request (teecloud.gateway).
         boots = RegisteringAtBoot(key_provider)

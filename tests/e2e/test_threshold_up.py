@@ -33,7 +33,7 @@ def test_up_with_five_kms_nodes_threshold_three(tmp_path: Path) -> None:
     cloud = LocalCloud(tmp_path / "home", kms_nodes=5, kms_threshold=3)
     cloud.start(check=False, resume=False)
     try:
-        provider = cloud.node.key_provider
+        provider = cloud.key_provider
         assert isinstance(provider, ThresholdKeyProvider)
         assert (provider.group.t, len(provider.group.nodes)) == (3, 5)
         app_id = bytes.fromhex(cloud.chain.register_app(None, compose_hash(HELLO))[2:])
@@ -67,7 +67,7 @@ def test_up_with_five_kms_nodes_threshold_three(tmp_path: Path) -> None:
     again = LocalCloud(tmp_path / "home", kms_nodes=5, kms_threshold=3)
     again.start(check=False, resume=False)
     try:
-        provider = again.node.key_provider
+        provider = again.key_provider
         assert provider.group.commitments == group.commitments
         assert boot_once() == first
     finally:
