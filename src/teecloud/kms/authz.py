@@ -27,7 +27,7 @@ from teecloud import vmconfig
 from teecloud.attestation.boottime import BootMeasurement
 from teecloud.attestation.models import VerifiedEvidence
 from teecloud.chain.api import BootInfo
-from teecloud.kms.challenge import BootChallenges
+from teecloud.kms.challenge import BootChallenges, FirstUseLedger
 from teecloud.kms.errors import AccessDenied
 from teecloud.peer import AttestedPeer, AuthChain, ChainGate, FreshBlockNumber, PeerRejected, PeerVerifier
 from teecloud.peer import require_boot_time as peer_require_boot_time
@@ -161,10 +161,12 @@ class Authorizer:
         os_image_reference: OsImageReference | None,
         dev_mode: bool,
         challenges: BootChallenges | None = None,
+        onboarding: FirstUseLedger | None = None,
     ) -> None:
         self.peers = peers
         self.chain = chain
         self.challenges = challenges if challenges is not None else BootChallenges()
+        self.onboarding = onboarding if onboarding is not None else FirstUseLedger(None)
         self.os_image_reference = os_image_reference
         self.dev_mode = dev_mode
 
@@ -189,6 +191,8 @@ class Authorizer:
             ctx["boot_info"] = boot_info_to_json(peer.boot_info)
         require_boot_time(peer)
         reason = self.chain.kms_allowed(peer.boot_info)
+        # Last: only a request that passed every other step counts against its evidence's first use.
+        self.onboarding.redeem(peer.evidence.report_data)
         return AuthorizedKms(peer, reason, _SEAL)
 
     def attest(self, cert_der: bytes | None) -> AttestedPeer:
