@@ -16,7 +16,7 @@ import copy
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +83,6 @@ def cert_with_log(
         ],
     )
     return cert.public_bytes(serialization.Encoding.DER)
-
-
-@pytest.fixture
-def kms(teecloud_home: Path, world: World) -> Kms:
-    return make_kms(teecloud_home, world.chain)
-
-
-@pytest.fixture
-def server(kms: Kms) -> Iterator[KmsServer]:
-    with KmsServer(kms.service) as s:
-        yield s
 
 
 def booted_app(teecloud_home: Path, world: World, server: KmsServer, kms: Kms) -> tuple[bytes, AgentService]:
