@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import socket
 import ssl
 import tempfile
@@ -24,10 +25,18 @@ from teecloud._fs import atomic_write
 from teecloud._serve import LimitedH11Protocol, LimitedServer, ServeLimits, limited_config
 from teecloud.gateway import api
 from teecloud.gateway.client import temp_ca
+from teecloud.gateway.customdomain import CustomDomains
 from teecloud.gateway.devca import DevCa
 from teecloud.gateway.driver import HaproxyDriver
 from teecloud.gateway.errors import DataPlaneError, GatewayUsageError
-from teecloud.gateway.http import PEER_CERT_STATE_KEY, fetch_unix_http, make_admin_app, make_registration_app
+from teecloud.gateway.haproxy import CustomDomainHook
+from teecloud.gateway.http import (
+    PEER_CERT_STATE_KEY,
+    fetch_unix_http,
+    make_admin_app,
+    make_custom_domain_app,
+    make_registration_app,
+)
 from teecloud.gateway.registry import Registry
 from teecloud.gateway.routing import DataPlaneLimits, check_base_domain
 from teecloud.gateway.service import GatewayService
@@ -40,6 +49,7 @@ log = logging.getLogger("teecloud.gateway")
 
 GATEWAY_REGISTER = ServeLimits(max_connections=256, backlog=1024)
 GATEWAY_ADMIN = ServeLimits(max_connections=16, backlog=16)
+GATEWAY_HOOK = ServeLimits(max_connections=256, backlog=1024)  # HAProxy's Lua asks once per connection
 # OpenSSL X509_V_FLAG_NO_CHECK_TIME: certificate dates are checked by the peer verifier, with a reason.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 
@@ -78,6 +88,7 @@ class GatewayServer:
         ttl_s: float = 90.0,
         backend_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
         clock: Callable[[], float] = time.time,
+        custom_domains: CustomDomains | None = None,
     ) -> None:
         if not admin_token or len(admin_token) < 16:
             raise GatewayUsageError("the gateway's admin listener needs a token of at least 16 characters")
@@ -89,6 +100,10 @@ class GatewayServer:
         now = int(clock())
         self.ca = DevCa(now=now)
         self.wildcard = self.ca.issue_wildcard(self.base_domain, now=now)
+        self.custom_domains = custom_domains
+        self.hook = (
+            CustomDomainHook(free_port(host), secrets.token_hex(16)) if custom_domains is not None else None
+        )
         self.driver = HaproxyDriver(
             self.home / "run",
             base_domain=self.base_domain,
@@ -97,6 +112,7 @@ class GatewayServer:
             cert=self.wildcard,
             chain_pem=self.ca.cert_pem,
             limits=limits,
+            custom_domains=self.hook,
         )
         self.registry = Registry(ttl_s=ttl_s)
         self.service = GatewayService(
@@ -186,6 +202,17 @@ class GatewayServer:
         pattern = re.compile(rb'proxy="b[ht]\d+"')
         return pattern.sub(lambda m: labels.get(m.group(0), m.group(0)), text)
 
+    def resolve_custom_domain(self, sni: str) -> str | None:
+        """The passthrough backend serving a custom domain: its TXT record's app must be registered here for
+        that port (and not drained); None otherwise. BadHostName for a name that is not one."""
+        if self.custom_domains is None:
+            return None
+        found = self.custom_domains.lookup(sni)
+        if found is None:
+            return None
+        app_id, port = found
+        return self.driver.plan.groups.get(("tcp", ("app", app_id, port)))
+
     def start(self, timeout: float = 20.0) -> GatewayServer:
         self.home.mkdir(parents=True, exist_ok=True)
         atomic_write(self.ca_file, self.ca.cert_pem.encode(), mode=0o644)
@@ -213,6 +240,15 @@ class GatewayServer:
             name="gateway admin listener",
         )
         self._servers = [reg, admin]
+        if self.hook is not None:
+            hook_app = make_custom_domain_app(self.resolve_custom_domain, token=self.hook.token)
+            self._servers.append(
+                LimitedServer(
+                    limited_config(hook_app, GATEWAY_HOOK, host="127.0.0.1", port=self.hook.port),
+                    GATEWAY_HOOK,
+                    name="gateway custom domain hook",
+                )
+            )
         self._thread = threading.Thread(target=self._run, name="teecloud-gateway", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
