@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.chain import ChainClient
 from teecloud.gateway import api
-from teecloud.gateway.client import register
+from teecloud.gateway.client import register, registration_cert
 from teecloud.gateway.customdomain import (
     CustomDomains,
     DnslibResolver,
@@ -21,13 +23,14 @@ from teecloud.gateway.customdomain import (
     check_domain,
     parse_address,
 )
-from teecloud.gateway.errors import BadHostName, GatewayUsageError
+from teecloud.gateway.errors import BadHostName, GatewayUsageError, RegistrationRefused
 from teecloud.gateway.haproxy import CustomDomainHook, render_lua
 from teecloud.gateway.server import GatewayServer
 from tests.gateway.conftest import BASE
 from tests.gateway.dns_server import LocalDns
 from tests.gateway.test_registration import boot_cvm, chain, make_gateway
 from tests.gateway.tls_backend import TlsEchoBackend
+from tests.kms.test_quote_oracle import GetQuoteOracle
 
 __all__ = ["chain"]  # the module-scoped chain fixture of test_registration
 
@@ -159,11 +162,29 @@ def test_custom_domain_reaches_the_apps_own_tls_through_haproxy(
         TlsEchoBackend(tmp_path) as app,
     ):
         host, port = app.address.rsplit(":", 1)
+        endpoints = [api.Endpoint(port=8443, host=host, host_port=int(port))]
+        # the security rule's attack: a registration certificate over a quote taken after boot (GetQuote)
+        # registers nothing, so the app's TXT record routes nothing
+        key = ec.generate_private_key(ec.SECP256R1())
+        forged = registration_cert(GetQuoteOracle(cvm.agent), key, now=int(time.time()))
+        with pytest.raises(RegistrationRefused) as refused:
+            register(gw.registration_url, key, forged, endpoints, ca_pem=gw.ca.cert_pem)
+        assert refused.value.step == "boot_time"
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _handshake(gw, "app.example.test", app)
+        # the hook's own port is not a backend a CVM may name
+        assert gw.hook is not None
+        bad = [api.Endpoint(port=8443, host="127.0.0.1", host_port=gw.hook.port)]
+        with pytest.raises(RegistrationRefused) as refused:
+            register(gw.registration_url, cvm.key, cvm.cert_der, bad, ca_pem=gw.ca.cert_pem)
+        assert refused.value.step == "request" and "gateway's own" in refused.value.reason
+        custom = CustomDomains(DnslibResolver("127.0.0.1", dns.port), base_domain=BASE)
+        gw.custom_domains = custom  # forget the negative answer cached above (at most 10 s anyway)
         register(
             gw.registration_url,
             cvm.key,
             cvm.cert_der,
-            [api.Endpoint(port=8443, host=host, host_port=int(port))],
+            endpoints,
             ca_pem=gw.ca.cert_pem,
         )
         gw.sync()

@@ -260,6 +260,8 @@ class GatewayServer:
         self.registration_port = reg.servers[0].sockets[0].getsockname()[1]
         self.admin_port = admin.servers[0].sockets[0].getsockname()[1]
         self.service.reserved_ports = {self.public_port, self.registration_port, self.admin_port}
+        if self.hook is not None:
+            self.service.reserved_ports.add(self.hook.port)
         self._stop.clear()
         self._ticker = threading.Thread(target=self._tick_loop, name="teecloud-gateway-tick", daemon=True)
         self._ticker.start()
