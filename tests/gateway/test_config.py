@@ -33,6 +33,8 @@ LIMITS = DataPlaneLimits(http_backends=3, tcp_backends=3, servers_per_backend=2)
         (f"{APP}-8080.{BASE}", HostName(APP, 8080, "http")),
         (f"{APP}-443s.{BASE}", HostName(APP, 443, "tcp")),
         (f"{APP.upper()}s.{BASE.upper()}.", HostName(APP, 80, "tcp")),
+        (f"{APP}-50051g.{BASE}", HostName(APP, 50051, "grpc")),
+        (f"{INST1}g.{BASE}", HostName(INST1, 80, "grpc")),
     ],
 )
 def test_route_names(name: str, want: HostName) -> None:
@@ -48,7 +50,8 @@ def test_route_names(name: str, want: HostName) -> None:
         f"*.{BASE}",
         f"{APP}-0.{BASE}",
         f"{APP}-99999.{BASE}",
-        f"{APP}-8080g.{BASE}",  # gRPC: not served yet
+        f"{APP}-8080gs.{BASE}",  # dstack refuses `gs` too
+        f"{APP}-8080sg.{BASE}",
         f"{APP[:-1]}.{BASE}",
         f"{APP}.evil{BASE}",
         f"{APP}.{BASE}.evil.com",

@@ -227,9 +227,10 @@ def render_config(
             f"    use_backend %[ssl_fc_sni,lower,map({paths.http_map})]",
             "",
         ]
-    for mode in ("http", "tcp"):
+    for mode in ("http", "tcp", "grpc"):
+        proto = " proto h2" if mode == "grpc" and terminate_mode == "http" else ""  # h2c to the CVM
         for backend in backend_names(mode, limits):
-            backend_mode = mode if terminate_mode == "http" else "tcp"
+            backend_mode = "tcp" if mode == "tcp" or terminate_mode == "tcp" else "http"
             lines += [
                 f"backend {backend}",
                 f"    mode {backend_mode}",
@@ -249,11 +250,13 @@ def render_config(
                 ]
             for i, address in enumerate(plan.backend_servers(backend, limits)):
                 if address is None:
-                    lines.append(f"    server s{i} 127.0.0.1:1 disabled maxconn {limits.max_conn_per_server}")
+                    lines.append(
+                        f"    server s{i} 127.0.0.1:1 disabled maxconn {limits.max_conn_per_server}{proto}"
+                    )
                 else:
                     ip, p = split_address(address)
                     ip = f"[{ip}]" if ":" in ip else ip
-                    lines.append(f"    server s{i} {ip}:{p} maxconn {limits.max_conn_per_server}")
+                    lines.append(f"    server s{i} {ip}:{p} maxconn {limits.max_conn_per_server}{proto}")
             lines.append("")
     return "\n".join(lines)
 
