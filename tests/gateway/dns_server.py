@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from dnslib import QTYPE, RCODE, RR, TXT, DNSRecord
-from dnslib.server import BaseResolver, DNSServer
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 
 class TxtZone(BaseResolver):  # type: ignore[misc]
@@ -34,7 +34,8 @@ class TxtZone(BaseResolver):  # type: ignore[misc]
 class LocalDns:
     def __init__(self) -> None:
         self.zone = TxtZone()
-        self.server = DNSServer(self.zone, address="127.0.0.1", port=0)
+        quiet = DNSLogger(logf=lambda _line: None)
+        self.server = DNSServer(self.zone, address="127.0.0.1", port=0, logger=quiet)
         self.server.start_thread()
         self.port = int(self.server.server.server_address[1])
 
