@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -28,7 +29,7 @@ from teecloud.gateway.haproxy import CustomDomainHook, render_lua
 from teecloud.gateway.server import GatewayServer
 from tests.gateway.conftest import BASE
 from tests.gateway.dns_server import LocalDns
-from tests.gateway.test_registration import boot_cvm, chain, make_gateway
+from tests.gateway.test_registration import TOKEN, boot_cvm, chain, make_gateway
 from tests.gateway.tls_backend import TlsEchoBackend
 from tests.kms.test_quote_oracle import GetQuoteOracle
 
@@ -208,6 +209,16 @@ def test_custom_domain_reaches_the_apps_own_tls_through_haproxy(
             with pytest.raises((ssl.SSLError, ConnectionError, ValueError)):
                 _handshake(gw, name, app)
         assert len(dns.zone.questions) == asked
+        # the hook: token required; a bad name is a 400, not a 500; the answer is the passthrough slot
+        hook = f"http://127.0.0.1:{gw.hook.port}/resolve/"
+        assert httpx.get(hook + "app.example.test").status_code == 401
+        auth = {"X-Teecloud-Hook": gw.hook.token}
+        assert httpx.get(hook + "a_b.test", headers=auth).status_code == 400
+        assert httpx.get(hook + "x" * 400, headers=auth).status_code == 400
+        assert httpx.get(hook + "app.example.test", headers=auth).text.startswith("bt")
+        assert httpx.get(hook + "stranger.test", headers=auth).text == "-"
+        metrics = httpx.get(gw.admin_url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+        assert 'teecloud_gateway_custom_domain_lookups_total{result="found"}' in metrics
         # the app's route goes: its custom domain goes with it (the cached TXT does not keep it alive)
         gw.registry.remove(cvm.instance_id)
         gw.sync()

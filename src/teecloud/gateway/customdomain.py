@@ -104,6 +104,9 @@ class CustomDomains:
         self.max_entries = max_entries
         self.clock = clock
         self.queries = 0  # DNS questions asked (for tests and metrics)
+        self.cache_hits = 0
+        self.found = 0  # lookups (cache or DNS) that named an app
+        self.not_found = 0
         self._cache: OrderedDict[str, tuple[float, tuple[str, int] | None]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -116,6 +119,8 @@ class CustomDomains:
         with self._lock:
             hit = self._cache.get(name)
             if hit is not None and hit[0] > now:
+                self.cache_hits += 1
+                self._count(hit[1])
                 return hit[1]
         answer, ttl = self._resolve(name)
         with self._lock:
@@ -123,7 +128,27 @@ class CustomDomains:
             self._cache[name] = (now + ttl, answer)
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
+            self._count(answer)
         return answer
+
+    def _count(self, answer: tuple[str, int] | None) -> None:
+        if answer is None:
+            self.not_found += 1
+        else:
+            self.found += 1
+
+    def metrics(self) -> str:
+        """Prometheus lines: lookups by result, cache hits, DNS questions."""
+        return (
+            "# HELP teecloud_gateway_custom_domain_lookups_total Custom domain lookups, by result.\n"
+            "# TYPE teecloud_gateway_custom_domain_lookups_total counter\n"
+            f'teecloud_gateway_custom_domain_lookups_total{{result="found"}} {self.found}\n'
+            f'teecloud_gateway_custom_domain_lookups_total{{result="not_found"}} {self.not_found}\n'
+            "# TYPE teecloud_gateway_custom_domain_cache_hits_total counter\n"
+            f"teecloud_gateway_custom_domain_cache_hits_total {self.cache_hits}\n"
+            "# TYPE teecloud_gateway_custom_domain_dns_questions_total counter\n"
+            f"teecloud_gateway_custom_domain_dns_questions_total {self.queries}\n"
+        )
 
     def _resolve(self, name: str) -> tuple[tuple[str, int] | None, float]:
         parent = name.partition(".")[2]

@@ -187,10 +187,11 @@ class GatewayServer:
     def _haproxy_metrics(self) -> bytes:
         """HAProxy's exporter, each slot backend's series labelled with the route group it serves
         (`app_id` + `port`, or `instance_id` + `port`)."""
+        own = self.custom_domains.metrics().encode() if self.custom_domains is not None else b""
         try:
-            text = fetch_unix_http(self.driver.paths.metrics_socket, "/metrics")
+            text = own + fetch_unix_http(self.driver.paths.metrics_socket, "/metrics")
         except OSError:
-            return b"# HAProxy's exporter did not answer\n"
+            return own + b"# HAProxy's exporter did not answer\n"
         labels: dict[bytes, bytes] = {}
         for (_mode, (kind, ident, port)), backend in self.driver.plan.groups.items():
             key = "app_id" if kind == "app" else "instance_id"
