@@ -154,7 +154,7 @@ def test_custom_domain_reaches_the_apps_own_tls_through_haproxy(
     other = "d4" * 20  # on chain or not, never registered with this gateway
     custom = CustomDomains(DnslibResolver("127.0.0.1", dns.port), base_domain=BASE)
     dns.zone.set("_dstack-app-address.app.example.test", f"{cvm.app_id}:8443")
-    dns.zone.set("_dstack-app-address-wildcard.wild.test", f"{cvm.app_id}:8443")
+    dns.zone.set("_dstack-app-address-wildcard.wild.test", f"{cvm.app_id}:8443", ttl=1)
     dns.zone.set("_dstack-app-address.stranger.test", f"{other}:8443")
     dns.zone.set("_dstack-app-address.malformed.test", "hello world")
     dns.zone.set("_dstack-app-address.wrongport.test", f"{cvm.app_id}:9999")
@@ -191,8 +191,18 @@ def test_custom_domain_reaches_the_apps_own_tls_through_haproxy(
         gw.sync()
         # passthrough: the client's TLS ends at the app's own certificate, not the gateway's
         assert _handshake(gw, "app.example.test", app) == app.cert_der
+        # the first connection asked the gateway, which pinned the domain into passthrough.map: the next
+        # ones do not ask (until the TXT TTL ends)
+        assert gw.driver.plan.tcp_map.get("app.example.test", "").startswith("bt")
+        asked = custom.found + custom.not_found
         assert _handshake(gw, "App.Example.Test", app) == app.cert_der
-        assert _handshake(gw, "www.wild.test", app) == app.cert_der
+        assert custom.found + custom.not_found == asked
+        assert _handshake(gw, "www.wild.test", app) == app.cert_der  # TTL 1 s
+        assert "www.wild.test" in gw.driver.plan.tcp_map
+        time.sleep(1.1)
+        gw.tick()
+        assert "www.wild.test" not in gw.driver.plan.tcp_map  # unpinned when its TTL ended
+        assert _handshake(gw, "www.wild.test", app) == app.cert_der  # asked again, pinned again
         # refused: nothing forwarded, the gateway's strict-sni terminator alerts
         for name in (
             "stranger.test",  # a TXT naming an app that is not registered here
@@ -222,5 +232,6 @@ def test_custom_domain_reaches_the_apps_own_tls_through_haproxy(
         # the app's route goes: its custom domain goes with it (the cached TXT does not keep it alive)
         gw.registry.remove(cvm.instance_id)
         gw.sync()
+        assert "app.example.test" not in gw.driver.plan.tcp_map  # derived in the same plan as the routes
         with pytest.raises((ssl.SSLError, ConnectionError)):
             _handshake(gw, "app.example.test", app)

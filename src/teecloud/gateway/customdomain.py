@@ -112,6 +112,10 @@ class CustomDomains:
 
     def lookup(self, sni: str | bytes) -> tuple[str, int] | None:
         """(app_id, port) the domain's TXT record names, or None. BadHostName for a name that is not one."""
+        return self.lookup_until(sni)[0]
+
+    def lookup_until(self, sni: str | bytes) -> tuple[tuple[str, int] | None, float]:
+        """lookup(), and until when (this object's clock) the answer may be kept."""
         name = check_domain(sni)
         if name == self.base_domain or name.endswith("." + self.base_domain):
             raise BadHostName("names under the base domain are routed by their own label, not by TXT")
@@ -121,7 +125,7 @@ class CustomDomains:
             if hit is not None and hit[0] > now:
                 self.cache_hits += 1
                 self._count(hit[1])
-                return hit[1]
+                return hit[1], hit[0]
         answer, ttl = self._resolve(name)
         with self._lock:
             self._cache.pop(name, None)
@@ -129,7 +133,7 @@ class CustomDomains:
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
             self._count(answer)
-        return answer
+        return answer, now + ttl
 
     def _count(self, answer: tuple[str, int] | None) -> None:
         if answer is None:

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from teecloud._fs import atomic_write
@@ -264,10 +264,13 @@ class HaproxyDriver:
             raise DataPlaneError(f"HAProxy's admin socket: {exc}") from exc
         return answer.decode(errors="replace")
 
-    def apply(self, routes: Iterable[Route]) -> list[str]:
-        """Move HAProxy to the plan for `routes` at run time. Returns the commands sent."""
+    def apply(
+        self, routes: Iterable[Route], custom_domains: Mapping[str, tuple[str, int]] | None = None
+    ) -> list[str]:
+        """Move HAProxy to the plan for `routes` (and resolved custom domains) at run time. Returns the
+        commands sent."""
         with self._lock:
-            new = plan(routes, self.base_domain, self.limits, self.plan)
+            new = plan(routes, self.base_domain, self.limits, self.plan, custom_domains)
             cmds = runtime_commands(self.plan, new, self.paths, self.limits)
             try:
                 for cmd in cmds:

@@ -8,7 +8,8 @@ the CVM.
 
     parse_host(name, base)            -> HostName        what a name asks for, or BadHostName
     route_hosts(route, base)          -> hosts           every name a route answers to
-    plan(routes, base, limits, prev)  -> Plan            HAProxy's map entries and server slots for the
+    plan(routes, base, limits, prev, custom_domains)     (custom_domains: resolved domain -> (app_id, port))
+                                      -> Plan            HAProxy's map entries and server slots for the
                                                          routes; sticky (a group keeps its backend and an
                                                          address its server slot), so a change is small
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -188,7 +189,13 @@ def backend_names(mode: Mode, limits: DataPlaneLimits) -> list[str]:
     return [f"{_PREFIX[mode]}{i}" for i in range(n)]
 
 
-def plan(routes: Iterable[Route], base: str, limits: DataPlaneLimits, previous: Plan | None = None) -> Plan:
+def plan(
+    routes: Iterable[Route],
+    base: str,
+    limits: DataPlaneLimits,
+    previous: Plan | None = None,
+    custom_domains: Mapping[str, tuple[str, int]] | None = None,
+) -> Plan:
     """The data plane for `routes`. A group keeps the backend it had in `previous`, an address its server
     slot, so that a change touches only what changed. Raises CapacityExceeded when the slots run out."""
     prev = previous or Plan()
@@ -215,6 +222,13 @@ def plan(routes: Iterable[Route], base: str, limits: DataPlaneLimits, previous: 
             _kind, ident, port = group
             for host in _names(ident, port, _SUFFIX[mode], base):
                 (out.tcp_map if mode == "tcp" else out.http_map)[host] = backend
+    # custom domains (resolved from TXT by the gateway): passthrough to the app port's backend, only while
+    # that app has routes for that port; derived in the same plan, so a slot given to another group never
+    # keeps a stale custom domain entry
+    for domain, (app_id, port) in sorted((custom_domains or {}).items()):
+        backend = out.groups.get(("tcp", ("app", app_id, port)))
+        if backend is not None and domain not in out.tcp_map:
+            out.tcp_map[domain] = backend
     return out
 
 

@@ -130,7 +130,12 @@ class GatewayServer:
         self._admin_port = admin_port
         self.registration_port = 0
         self.admin_port = 0
-        self._applied = -1
+        self._applied: tuple[int, int] | None = None
+        # custom domains resolved to a registered app port, pinned into passthrough.map until their TXT TTL
+        # ends, so that only a domain's first connection per TTL asks the gateway (domain -> app, port, end)
+        self._pins: dict[str, tuple[str, int, float]] = {}
+        self._pins_version = 0
+        self._pins_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._servers: list[LimitedServer] = []
         self._thread: threading.Thread | None = None
@@ -208,11 +213,23 @@ class GatewayServer:
         that port (and not drained); None otherwise. BadHostName for a name that is not one."""
         if self.custom_domains is None:
             return None
-        found = self.custom_domains.lookup(sni)
+        found, expires_at = self.custom_domains.lookup_until(sni)
         if found is None:
             return None
         app_id, port = found
-        return self.driver.plan.groups.get(("tcp", ("app", app_id, port)))
+        backend = self.driver.plan.groups.get(("tcp", ("app", app_id, port)))
+        if backend is not None and expires_at > self.custom_domains.clock():
+            name = sni.lower().removesuffix(".")
+            with self._pins_lock:
+                if name not in self._pins and len(self._pins) < self.custom_domains.max_entries:
+                    self._pins[name] = (app_id, port, expires_at)
+                    self._pins_version += 1
+            try:
+                self.sync()  # the next connection finds the domain in passthrough.map
+            except Exception:  # this connection is answered anyway; the tick retries
+                self.sync_errors += 1
+                log.exception("pinning custom domain %s failed", name[:80])
+        return backend
 
     def start(self, timeout: float = 20.0) -> GatewayServer:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -282,21 +299,36 @@ class GatewayServer:
         """Once a second: expire registrations, supervise HAProxy, move routes."""
         try:
             self.registry.sweep(self.clock())
+            self._expire_pins()
             if self.driver.check():
-                self._applied = -1
+                self._applied = None
             self.sync()
         except Exception:  # the loop must go on; the error is logged and counted
             self.sync_errors += 1
             log.exception("gateway tick failed")
 
     def sync(self) -> None:
-        """Move HAProxy to the registry's routes, if they changed since the last move."""
+        """Move HAProxy to the registry's routes (and pinned custom domains), if they changed since the last
+        move."""
         with self._sync_lock:
-            version = self.registry.version
+            version = (self.registry.version, self._pins_version)
             if version == self._applied:
                 return
-            self.driver.apply(self.registry.routes(self.clock()))
+            with self._pins_lock:
+                pins = {d: (a, p) for d, (a, p, _exp) in self._pins.items()}
+            self.driver.apply(self.registry.routes(self.clock()), pins)
             self._applied = version
+
+    def _expire_pins(self) -> None:
+        if self.custom_domains is None:
+            return
+        now = self.custom_domains.clock()
+        with self._pins_lock:
+            dead = [d for d, (_a, _p, exp) in self._pins.items() if exp <= now]
+            for d in dead:
+                del self._pins[d]
+            if dead:
+                self._pins_version += 1
 
     def stop(self) -> None:
         self._stop.set()
