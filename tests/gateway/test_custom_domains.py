@@ -193,11 +193,13 @@ def test_custom_domain_reaches_the_apps_own_tls_through_haproxy(
         assert _handshake(gw, "app.example.test", app) == app.cert_der
         # the first connection asked the gateway, which pinned the domain into passthrough.map: the next
         # ones do not ask (until the TXT TTL ends)
+        gw.sync()  # what the next tick (<= 1 s) does
         assert gw.driver.plan.tcp_map.get("app.example.test", "").startswith("bt")
         asked = custom.found + custom.not_found
         assert _handshake(gw, "App.Example.Test", app) == app.cert_der
         assert custom.found + custom.not_found == asked
         assert _handshake(gw, "www.wild.test", app) == app.cert_der  # TTL 1 s
+        gw.sync()
         assert "www.wild.test" in gw.driver.plan.tcp_map
         time.sleep(1.1)
         gw.tick()

@@ -131,8 +131,9 @@ class GatewayServer:
         self.registration_port = 0
         self.admin_port = 0
         self._applied: tuple[int, int] | None = None
-        # custom domains resolved to a registered app port, pinned into passthrough.map until their TXT TTL
-        # ends, so that only a domain's first connection per TTL asks the gateway (domain -> app, port, end)
+        # custom domains resolved to a registered app port, pinned into passthrough.map until their TXT
+        # TTL ends, so only a domain's first connections per TTL (until the next tick, <= 1 s) ask the
+        # gateway (domain -> app, port, end)
         self._pins: dict[str, tuple[str, int, float]] = {}
         self._pins_version = 0
         self._pins_lock = threading.Lock()
@@ -224,11 +225,7 @@ class GatewayServer:
                 if name not in self._pins and len(self._pins) < self.custom_domains.max_entries:
                     self._pins[name] = (app_id, port, expires_at)
                     self._pins_version += 1
-            try:
-                self.sync()  # the next connection finds the domain in passthrough.map
-            except Exception:  # this connection is answered anyway; the tick retries
-                self.sync_errors += 1
-                log.exception("pinning custom domain %s failed", name[:80])
+            # the tick (within 1 s) moves it into passthrough.map: this connection is not delayed by it
         return backend
 
     def start(self, timeout: float = 20.0) -> GatewayServer:
