@@ -17,6 +17,7 @@ from teecloud.appcompose import compose_hash, normalize_app_compose
 from teecloud.chain import ChainClient
 from teecloud.gateway.client import RegisteringAtBoot, register
 from teecloud.gateway.errors import RegistrationRefused
+from teecloud.gateway.local import NodeRegistrar
 from teecloud.gateway.portpolicy import BadPortPolicy, ComposeHashMismatch, PortPolicy, port_policy_of
 from teecloud.gateway.server import GatewayServer
 from teecloud.tee.simulated import SimulatedTdx
@@ -136,3 +137,28 @@ def test_proxy_protocol_port_is_refused_loudly(
         assert gateway.registry.registrations() == [] and backend.requests == 0
     finally:
         backend.stop()
+
+
+def test_the_local_node_registrar_sends_the_app_compose(
+    teecloud_home: Path, chain: ChainClient, gateway: GatewayServer
+) -> None:
+    compose = restricted("local", [{"port": 8080}])
+    cvm = boot_with(teecloud_home, chain, compose)
+    listed, unlisted = Backend("listed"), Backend("unlisted")
+    try:
+        registrar = NodeRegistrar(
+            [gateway.registration_url],
+            gateway.ca.cert_pem,
+            cvm.provider,
+            lambda: [
+                (cvm.instance_id, [(8080, "127.0.0.1", listed.port), (9000, "127.0.0.1", unlisted.port)])
+            ],
+            app_compose=lambda iid: normalize_app_compose(compose) if iid == cvm.instance_id else None,
+        )
+        assert registrar.register_all() == 1
+        [reg] = gateway.registry.registrations()
+        assert [r.port for r in reg.routes] == [8080]
+        assert get(gateway, f"{cvm.app_id}-9000.{BASE}").status_code == 421 and unlisted.requests == 0
+    finally:
+        listed.stop()
+        unlisted.stop()
