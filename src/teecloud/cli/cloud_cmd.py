@@ -642,6 +642,8 @@ def attest(
                 f"instance {verdict.instance_id}",
                 highlight=False,
             )
+        else:
+            out.print(f"app {app}", highlight=False)
         _print_verdict(verdict)
     if not verdict.ok:
         raise typer.Exit(1)
