@@ -135,3 +135,29 @@ def test_cli_verify_failures_are_sentences(
     assert text.exit_code == result.exit_code
     assert "Traceback" not in text.output and text.output.strip()
     assert not BARE_KEY.search(text.output.strip())
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: {
+            **d,
+            "tcb_info": json.dumps({k: v for k, v in json.loads(d["tcb_info"]).items() if k != "fmspc"}),
+        },
+        lambda d: {**d, "tcb_info": "[1, 2]"},
+        lambda d: {**d, "pck_crl": "zz"},
+        lambda d: {k: v for k, v in d.items() if k != "qe_identity"},
+    ],
+    ids=["no-fmspc", "tcb-info-a-list", "crl-not-hex", "no-qe-identity"],
+)
+def test_collateral_store_names_what_is_wrong(
+    vectors: Path, edit: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """The collateral package (PCCS cache, `--collateral` store) reads the same documents: same rule."""
+    from teecloud.collateral import InvalidCollateral
+    from teecloud.collateral.store import describe_collateral
+
+    raw = json.dumps(edit(_col(vectors, "tdx_quote_collateral.json"))).encode()
+    with pytest.raises(InvalidCollateral) as info:
+        describe_collateral(raw)
+    assert_readable(str(info.value))
