@@ -92,3 +92,48 @@ def test_cli_upgrade_without_a_file_needs_commit() -> None:
     assert r.exit_code == 2 and "missing COMPOSE" in r.stderr and "--commit" in r.stderr
     r = CliRunner().invoke(cli_app, ["upgrade", "shop", "--commit"])  # no cloud here: says so
     assert r.exit_code == 1 and "teecloud up" in r.stderr and "Traceback" not in r.output
+
+
+class _EnvKms:
+    """Only the env-encryption key of the app (the KMS's verified answer is tested in tests/kms)."""
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        self.secret = X25519PrivateKey.generate()
+
+    def get_env_encrypt_pubkey(self, app_id: bytes) -> tuple[bytes, None]:
+        return self.secret.public_key().public_bytes_raw(), None
+
+
+def test_the_env_of_a_pending_upgrade_is_kept_encrypted_and_sent_on_commit(
+    chain: ChainClient, tmp_path: Path
+) -> None:
+    from teecloud.keys.envcrypt import decrypt_env
+
+    v2 = tmp_path / "v2.yml"
+    v2.write_text(V2)
+    assert chain.address is not None
+    tl = chain.deploy_timelock(chain.address, 60)
+    app_id, node, session = _app(chain, tl, ["DB"])
+    kms = _EnvKms()
+    session.kms_client = lambda: kms
+    sent_env: list[str | None] = []
+    record = node.upgrade
+
+    def upgrade_recording_env(ref: str, req: Any) -> Any:
+        sent_env.append(req.encrypted_env)
+        return record(ref, req)
+
+    node.upgrade = upgrade_recording_env  # type: ignore[method-assign]
+    opts = AppOptions.build(env=["DB=s3cret-value"])
+    assert upgrade(session, "shop", v2, opts, verify=False).status == "pending"
+    stored = plan_path(app_id).read_text()
+    assert "s3cret-value" not in stored  # only ciphertext on disk
+    plan = load_plan(app_id)
+    assert plan is not None and plan.encrypted_env is not None
+    secret = kms.secret.private_bytes_raw()
+    assert decrypt_env(secret, bytes.fromhex(plan.encrypted_env)) == {"DB": "s3cret-value"}
+    chain.increase_time(61)
+    r = upgrade(session, "shop", None, AppOptions.build(), commit=True, verify=False)
+    assert r.status == "running" and sent_env == [plan.encrypted_env]
