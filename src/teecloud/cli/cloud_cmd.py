@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -622,6 +622,11 @@ def rm(
         # (1) on chain first: once retired, neither a restart nor a stolen quote gets the keys back
         retirement = retire_instance(session, "0x" + st.app_id.removeprefix("0x"), st.instance_id)
         result = session.node.remove(st.instance_id)
+        from teecloud.cloud.errors import DeployError
+        from teecloud.cloud.pending import discard_plan
+
+        with suppress(DeployError):  # an upgrade it waited for has nothing left to upgrade
+            discard_plan(st.app_id, session.home)
     if retirement.retired:
         out.print(
             f"removed {st.name} ({st.instance_id}); instance {retirement.detail}: no KMS releases its keys "
