@@ -161,3 +161,37 @@ def test_collateral_store_names_what_is_wrong(
     with pytest.raises(InvalidCollateral) as info:
         describe_collateral(raw)
     assert_readable(str(info.value))
+
+
+SGX_PIN = TDX_PIN
+
+
+def _vector(vectors: Path, which: str) -> tuple[bytes, bytes, int]:
+    if which == "sgx":
+        s = vectors / "sgx"
+        return (s / "sgx_quote").read_bytes(), (s / "sgx_quote_collateral.json").read_bytes(), SGX_PIN
+    t = vectors / "tdx"
+    if which == "tdx":
+        return (t / "tdx_quote").read_bytes(), (t / "tdx_quote_collateral.json").read_bytes(), TDX_PIN
+    if which == "tdx-v5-outdated":
+        return (
+            (t / "tdx_quote_outdated").read_bytes(),
+            (t / "tdx_quote_outdated_collateral.json").read_bytes(),
+            DSTACK_PIN,
+        )
+    report = json.loads((t / "dstack_quote_report.json").read_text())
+    return bytes.fromhex(report["quote"]), (t / "tdx_quote_outdated_collateral.json").read_bytes(), DSTACK_PIN
+
+
+@pytest.mark.parametrize("which", ["sgx", "tdx", "tdx-v5-outdated", "dstack"])
+@pytest.mark.parametrize("shift_days", [-400, -60, 20, 40, 400, 4 * 365])
+def test_every_vector_fails_in_words_away_from_its_pin(vectors: Path, which: str, shift_days: int) -> None:
+    """Each real DCAP vector, at times before and after its collateral's window (TCB info, QE identity,
+    CRLs and certificates expire in turn): whatever fails, the reason is a sentence."""
+    quote, collateral, pin = _vector(vectors, which)
+    try:
+        dcap.verify_dcap_quote(quote, collateral, now=pin + shift_days * DAY)
+    except VerificationError as exc:
+        assert_readable(exc.reason)
+    else:
+        assert which != "tdx-v5-outdated" and 0 < shift_days <= 20  # only inside the window does it pass

@@ -320,7 +320,9 @@ def pck_fmspc(quote: bytes) -> str:
     try:
         return str(dcap_qvl.parse_quote(quote).fmspc()).upper()
     except Exception as exc:  # dcap-qvl raises ValueError on any undecodable input
-        raise MalformedEvidence(f"cannot read the FMSPC from the quote's PCK certificate: {exc}") from exc
+        raise MalformedEvidence(
+            f"cannot read the FMSPC from the PCK certificate: {_no_rust_debug(str(exc))}"
+        ) from exc
 
 
 def pck_ca(quote: bytes) -> str:
@@ -329,7 +331,9 @@ def pck_ca(quote: bytes) -> str:
     try:
         return str(dcap_qvl.parse_quote(quote).ca()).lower()
     except Exception as exc:
-        raise MalformedEvidence(f"cannot read the PCK CA from the quote's certificate chain: {exc}") from exc
+        raise MalformedEvidence(
+            f"cannot read the PCK CA from the certificate chain: {_no_rust_debug(str(exc))}"
+        ) from exc
 
 
 # ------------------------------------------------------------------------------------------ collateral
@@ -650,7 +654,9 @@ def _fmspc_of_chain(quote: bytes) -> str:
     try:
         return str(dcap_qvl.parse_quote(quote).fmspc()).upper()
     except Exception as exc:  # dcap-qvl raises ValueError/RuntimeError on undecodable certificates
-        raise MalformedEvidence(f"cannot read the FMSPC from the quote's PCK certificate: {exc}") from exc
+        raise MalformedEvidence(
+            f"cannot read the FMSPC from the PCK certificate: {_no_rust_debug(str(exc))}"
+        ) from exc
 
 
 _FMSPCS: BoundedCache[bytes, str] = named_cache("dcap.fmspc")
