@@ -165,3 +165,19 @@ def test_logs_follow_merges_every_service(capsys: pytest.CaptureFixture[str]) ->
     assert sorted(lines) == sorted(
         [f"api | api line {i}" for i in range(3)] + [f"web | web line {i}" for i in range(3)]
     )
+
+
+@pytest.mark.parametrize("registry", [["--no-check-registry"], []])
+def test_fn_serve_without_a_guest_agent_says_so(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: list[str]
+) -> None:
+    """Outside a CVM there is no /var/run/dstack.sock: a message naming the socket and what to do, exit 2,
+    before any chain is contacted or any port bound (the dstack SDK raises FileNotFoundError)."""
+    monkeypatch.delenv("DSTACK_SIMULATOR_ENDPOINT", raising=False)
+    missing = tmp_path / "no-agent" / "dstack.sock"
+    r = runner.invoke(app, ["fn", "serve", *registry, "--port", "0", "--dstack-sock", str(missing)])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert r.exit_code == 2, r.output
+    assert f"cannot reach the guest agent at {missing} (no such socket)" in r.stderr
+    assert "--dstack-sock" in r.stderr and "Traceback" not in r.output
+    assert "listening" not in r.stdout

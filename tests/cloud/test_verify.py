@@ -119,3 +119,27 @@ def test_chain_refusals_are_reported(tee: SimulatedTdx) -> None:
 def test_a_quote_that_is_not_hex_is_a_clear_failure(tee: SimulatedTdx) -> None:
     v = run(tee, attestation(tee, b"n", quote="zz"), b"n")
     assert not v.ok and v.steps[-1].name == "quote" and "not hex" in v.reason
+
+
+@pytest.mark.parametrize(
+    "status,body,words",
+    [
+        (404, {"error": "no CVM 'nosuchapp' on this node"}, "no app 'nosuchapp' on this node"),
+        (404, {}, "no app 'nosuchapp' on this node"),  # a node that says nothing: still a sentence
+        (409, {"error": "CVM abc is stopped, not running: no attestation"}, "not running"),
+        (503, {"error": ""}, "cannot fetch a fresh quote of app 'nosuchapp'"),
+    ],
+)
+def test_an_app_the_node_cannot_attest_is_named(status: int, body: dict[str, str], words: str) -> None:
+    """`verify --app nosuchapp`: the fetch step names the app and what to do, never an empty reason."""
+    import httpx
+
+    from teecloud.cloud.verify import verify_app
+    from teecloud.node.api import NodeClient
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, json=body))
+    with NodeClient("http://node.invalid", transport=transport) as client:
+        verdict = verify_app(client, "nosuchapp", platform=None, chain=None)
+    assert not verdict.ok and [s.name for s in verdict.steps] == ["fetch"]
+    assert words in verdict.reason and "{" not in verdict.reason
+    assert verdict.to_json()["reason"] == verdict.reason

@@ -149,9 +149,11 @@ def test_deploy_upgrade_timelock_pending_commit(home: Path, session: Any, tmp_pa
         assert early.exit_code == 1 and "too early" in early.stderr and "executable from" in early.stderr
         assert session.node.get("journey").compose_hash == hash_v2
 
-        # 5. advance time; commit: the timelocked call runs, the new version rolls out with its secrets
+        # 5. advance time; commit: the timelocked call runs, the new version rolls out with its secrets;
+        # the file is gone by now: the plan stored while pending is what rolls out
         run("chain", "advance-time", str(DELAY + 1))
-        r = run("upgrade", "journey", str(v3), "--commit")
+        v3.unlink()
+        r = run("upgrade", "journey", "--commit")
         assert "executed timelock" in r.stderr.replace("\n", " "), r.stderr
         assert f"compose_hash {hash_v3.removeprefix('0x')}: running" in r.stdout, r.stdout
         assert session.chain.is_compose_hash_allowed(app_id, hash_v3)
@@ -160,6 +162,7 @@ def test_deploy_upgrade_timelock_pending_commit(home: Path, session: Any, tmp_pa
         assert "attested" in r.stdout
 
         # 6. the same command again: nothing to do (idempotent)
+        v3 = _compose(tmp_path, "v3")
         assert "nothing to do" in run("upgrade", "journey", str(v3)).stdout
         # rm without a terminal (CliRunner's stdin is not one) refuses, says how, and removes nothing
         r = run("rm", "journey", ok=False)

@@ -320,7 +320,9 @@ def pck_fmspc(quote: bytes) -> str:
     try:
         return str(dcap_qvl.parse_quote(quote).fmspc()).upper()
     except Exception as exc:  # dcap-qvl raises ValueError on any undecodable input
-        raise MalformedEvidence(f"cannot read the FMSPC from the quote's PCK certificate: {exc}") from exc
+        raise MalformedEvidence(
+            f"cannot read the FMSPC from the PCK certificate: {_no_rust_debug(str(exc))}"
+        ) from exc
 
 
 def pck_ca(quote: bytes) -> str:
@@ -329,7 +331,9 @@ def pck_ca(quote: bytes) -> str:
     try:
         return str(dcap_qvl.parse_quote(quote).ca()).lower()
     except Exception as exc:
-        raise MalformedEvidence(f"cannot read the PCK CA from the quote's certificate chain: {exc}") from exc
+        raise MalformedEvidence(
+            f"cannot read the PCK CA from the certificate chain: {_no_rust_debug(str(exc))}"
+        ) from exc
 
 
 # ------------------------------------------------------------------------------------------ collateral
@@ -369,6 +373,12 @@ _VERDICTS: BoundedCache[tuple[bytes, ...], _Verdict] = named_cache("dcap.verdict
 _ATTESTATION_KEYS: BoundedCache[bytes, ec.EllipticCurvePublicKey] = named_cache("dcap.attestation_keys")
 
 
+_COLLATERAL_FIELDS = (
+    "pck_crl_issuer_chain, root_ca_crl, pck_crl, tcb_info_issuer_chain, tcb_info, tcb_info_signature, "
+    "qe_identity_issuer_chain, qe_identity, qe_identity_signature"
+)
+
+
 def _load_collateral(data: bytes) -> _Collateral:
     # Cached by the exact bytes: parsing (JSON + hex + PEM) costs more than a quote signature check, and
     # the KMS sees the same collateral for every quote of a platform until nextUpdate.
@@ -378,6 +388,18 @@ def _load_collateral(data: bytes) -> _Collateral:
     try:
         text = data.decode("utf-8")
         raw = _json.loads(text)
+        if not isinstance(raw, dict):
+            raise MalformedEvidence(
+                f"collateral must be a QuoteCollateralV3 JSON object with the fields {_COLLATERAL_FIELDS}",
+                step="collateral_ok",
+            )
+        missing = [k for k in ("tcb_info", "qe_identity") if not isinstance(raw.get(k), str)]
+        if missing:
+            raise MalformedEvidence(
+                f"collateral has no {' and no '.join(missing)} field (a JSON string): QuoteCollateralV3 "
+                f"JSON has the fields {_COLLATERAL_FIELDS}; fetch it again",
+                step="collateral_ok",
+            )
         tcb = _json.loads(raw["tcb_info"])
         qe = _json.loads(raw["qe_identity"])
         obj = dcap_qvl.QuoteCollateralV3.from_json(text)
@@ -632,7 +654,9 @@ def _fmspc_of_chain(quote: bytes) -> str:
     try:
         return str(dcap_qvl.parse_quote(quote).fmspc()).upper()
     except Exception as exc:  # dcap-qvl raises ValueError/RuntimeError on undecodable certificates
-        raise MalformedEvidence(f"cannot read the FMSPC from the quote's PCK certificate: {exc}") from exc
+        raise MalformedEvidence(
+            f"cannot read the FMSPC from the PCK certificate: {_no_rust_debug(str(exc))}"
+        ) from exc
 
 
 _FMSPCS: BoundedCache[bytes, str] = named_cache("dcap.fmspc")
@@ -1007,11 +1031,156 @@ def _humanize(msg: str) -> str:
     return " ".join(part.strip() for part in msg.splitlines() if part.strip())
 
 
+# rustls-webpki's error kinds, which dcap-qvl passes on in Rust's debug form (`CrlExpired { time: ..,
+# next_update: .. }`, `UnknownIssuer`): what each means for a DCAP quote and what the user can do. The kind
+# stays in the reason, in parentheses, for those who look it up.
+_FETCH = "fetch current collateral (Intel PCS or a PCCS) or verify at a time inside its validity window"
+_WEBPKI_KINDS: dict[str, tuple[type[VerificationError], str]] = {
+    "CrlExpired": (
+        Expired,
+        "a certificate revocation list (CRL) of the collateral expired at {next_update}, before the "
+        "verification time {time}: " + _FETCH,
+    ),
+    "CertExpired": (
+        Expired,
+        "a certificate of the PCK or collateral chain expired at {not_after}, before the verification "
+        "time {time}: " + _FETCH,
+    ),
+    "CertNotValidYet": (
+        Expired,
+        "a certificate of the PCK or collateral chain is not yet valid: valid from {not_before}, after the "
+        "verification time {time}; check the verification time and the clock",
+    ),
+    "CertRevoked": (
+        CertificateChainInvalid,
+        "a certificate of the PCK chain is on Intel's revocation list: the platform's key is withdrawn and "
+        "its evidence cannot be accepted",
+    ),
+    "UnknownIssuer": (
+        UntrustedRoot,
+        "the certificate chain does not lead to the trusted root: the evidence is not signed under the "
+        "expected Intel root (or the wrong root was configured)",
+    ),
+    "UnknownRevocationStatus": (
+        CertificateChainInvalid,
+        "no revocation list in the collateral covers a certificate of the chain: the collateral is "
+        "incomplete; fetch it again",
+    ),
+    "BadDer": (
+        MalformedEvidence,
+        "a certificate or revocation list is not valid DER: the quote or the collateral is damaged",
+    ),
+    "BadDerTime": (
+        MalformedEvidence,
+        "a certificate or revocation list carries an unreadable date: the quote or the collateral is damaged",
+    ),
+    "TrailingData": (
+        MalformedEvidence,
+        "a certificate or revocation list has bytes after its end: the quote or the collateral is damaged",
+    ),
+    "InvalidSignatureForPublicKey": (
+        CertificateChainInvalid,
+        "a certificate's signature does not verify with its issuer's key: the chain is damaged or forged",
+    ),
+    "InvalidCrlSignatureForPublicKey": (
+        CertificateChainInvalid,
+        "a revocation list's signature does not verify with its issuer's key: the collateral is damaged "
+        "or forged; fetch it again",
+    ),
+    "IssuerNotCrlSigner": (
+        CertificateChainInvalid,
+        "a revocation list is signed by a certificate not allowed to sign CRLs: the collateral is not "
+        "Intel's; fetch it again",
+    ),
+    "CaUsedAsEndEntity": (
+        CertificateChainInvalid,
+        "the chain's first certificate is a CA certificate, not a PCK certificate",
+    ),
+    "EndEntityUsedAsCa": (
+        CertificateChainInvalid,
+        "a leaf certificate is used as a CA in the chain: the chain is not Intel's",
+    ),
+    "PathLenConstraintViolated": (
+        CertificateChainInvalid,
+        "the chain is longer than its CA certificates allow: the chain is not Intel's",
+    ),
+    "RequiredEkuNotFound": (
+        CertificateChainInvalid,
+        "a certificate lacks the extended key usage its place in the chain needs",
+    ),
+    "UnsupportedSignatureAlgorithm": (
+        CertificateChainInvalid,
+        "a certificate uses a signature algorithm Intel's chains do not use",
+    ),
+    "UnsupportedCriticalExtension": (
+        CertificateChainInvalid,
+        "a certificate has a critical extension no Intel certificate has",
+    ),
+    "UnsupportedCrlVersion": (
+        MalformedEvidence,
+        "a revocation list has an unsupported version: the collateral is damaged",
+    ),
+    "UnsupportedDeltaCrl": (
+        MalformedEvidence,
+        "the collateral holds a delta CRL, which Intel does not publish: the collateral is not Intel's",
+    ),
+    "MaximumPathDepthExceeded": (
+        CertificateChainInvalid,
+        "the certificate chain is too deep to be an Intel chain",
+    ),
+}
+_WEBPKI_KIND_RE = re.compile(
+    r"\b(" + "|".join(sorted(_WEBPKI_KINDS, key=len, reverse=True)) + r")"
+    r"(?:Context)?\b(?:\s*\{([^{}]*)\}|\(([^()]*)\))?"
+)
+# Any other Rust debug value left in a message: `Name { a: 1, b: 2 }` -> `Name (a 1, b 2)`.
+_RUST_DEBUG_RE = re.compile(r"\b([A-Z]\w*)\s*\{([^{}]*)\}")
+
+
+def _debug_fields(body: str) -> dict[str, str]:
+    return {k: v.strip() for k, v in re.findall(r"(\w+):\s*([^,]+)", body)}
+
+
+def _webpki_reason(text: str) -> tuple[type[VerificationError], str] | None:
+    """A known webpki error kind in dcap-qvl's text -> (error class, sentence ending in "(Kind)")."""
+    m = _WEBPKI_KIND_RE.search(text)
+    if m is None:
+        return None
+    kind = m.group(1)
+    cls, template = _WEBPKI_KINDS[kind]
+    fields = _debug_fields(m.group(2) or "")
+    keys = re.findall(r"\{(\w+)\}", template)
+    values = {k: fields.get(k, "an unknown time") for k in keys}
+    return cls, f"{template.format(**values)} ({kind})"
+
+
+def _no_rust_debug(text: str) -> str:
+    """Rewrite Rust debug structs that no rule named into plain words (kept for experts)."""
+    return _RUST_DEBUG_RE.sub(
+        lambda m: f"{m.group(1)} ({', '.join(f'{k} {v}' for k, v in _debug_fields(m.group(2)).items())})",
+        text,
+    )
+
+
 def _map_error(exc: Exception, *, now: int, col: _Collateral, root_subject: str) -> VerificationError:
-    """Turn dcap-qvl's ValueError text into one of our error classes (the text is kept, made readable)."""
-    text = _humanize(str(exc))
+    """Turn dcap-qvl's ValueError text into one of our error classes: a sentence a user can act on, with
+    dcap-qvl's own words (or webpki's error kind) kept in parentheses."""
+    text = _no_rust_debug(_humanize(str(exc)))
     low = text.lower()
     at = _iso(now)
+    known = _webpki_reason(_humanize(str(exc)))
+    if known is not None:
+        cls, sentence = known
+        if cls is UntrustedRoot:
+            sentence = f"the PCK certificate chain ends at {root_subject!r}: {sentence}"
+        return cls(sentence)
+    for doc, name in (("tcb_info", "TCB info"), ("qe_identity", "QE identity")):
+        if f"invalid for {doc}" in low:
+            return SignatureInvalid(
+                f"the collateral's {name} signature does not verify with its issuer certificate: the "
+                f"collateral is damaged or altered; fetch it again ({text})",
+                step="collateral_ok",
+            )
     if "failed to decode quote" in low or "failed to parse quote" in low:
         return MalformedEvidence(f"quote is malformed: {text}")
     if "debug mode is enabled" in low:

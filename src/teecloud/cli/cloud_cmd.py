@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -474,7 +474,10 @@ def logs(
 
 def upgrade(
     app: Annotated[str, typer.Argument(help="CVM name or instance id.")],
-    compose: Annotated[Path, typer.Argument(help="The new docker-compose.yml.")],
+    compose: Annotated[
+        Path | None,
+        typer.Argument(help="The new docker-compose.yml (not needed with --commit of a stored plan)."),
+    ] = None,
     env: EnvOpt = None,
     env_file: EnvFileOpt = None,
     allowed_env: AllowedEnvOpt = None,
@@ -497,8 +500,9 @@ def upgrade(
 ) -> None:
     """Replace the app's compose (same app_id and data). The chain is checked first: while the new compose
     hash waits for a multisig or a timelock, the current version keeps running and this says what it waits
-    for; run it again (or with --commit) once the chain allows the hash. A failed rollout returns to the
-    previous version. Without -e/--env-file the app's current encrypted env is kept."""
+    for, and keeps the plan; run it again (or `teecloud upgrade APP --commit`, no file needed) once the
+    chain allows the hash. A failed rollout returns to the previous version. Without -e/--env-file the
+    app's current encrypted env is kept."""
     from teecloud.cloud.deploy import upgrade as do_upgrade
 
     t0 = time.perf_counter()
@@ -515,10 +519,17 @@ def upgrade(
         from teecloud.node.compose import load_compose
         from teecloud.node.errors import ComposeRejected
 
-        try:  # an unusable file is refused before the cloud is contacted
-            load_compose(read_compose_file(compose))
-        except ComposeRejected as exc:
-            raise ComposeRefused(f"{compose}: {exc}") from exc
+        if compose is None and not commit:
+            _fail(
+                f"missing COMPOSE: give the new docker-compose.yml, or --commit to roll out the upgrade "
+                f"of {app} that waits on chain (its plan is stored)",
+                2,
+            )
+        if compose is not None:
+            try:  # an unusable file is refused before the cloud is contacted
+                load_compose(read_compose_file(compose))
+            except ComposeRejected as exc:
+                raise ComposeRefused(f"{compose}: {exc}") from exc
         result = do_upgrade(
             _session(), app, compose, opts, commit=commit, propose=not no_propose, progress=_progress(t0)
         )
@@ -541,10 +552,16 @@ def upgrade(
             if result.pending is not None:
                 out.print(f"waiting for: {result.pending.describe(result.name)}", highlight=False)
                 if result.pending.executable:
-                    out.print("it may run now: `teecloud upgrade ... --commit` executes it and rolls out")
+                    out.print(
+                        f"it may run now: `teecloud upgrade {result.name} --commit` executes it and rolls "
+                        "out the stored plan (no file needed)",
+                        highlight=False,
+                    )
                 else:
                     out.print(
-                        "once it is executed (or with --commit once it may run), run this command again"
+                        f"the plan is kept: once the chain allows it, `teecloud upgrade {result.name} "
+                        "--commit` rolls it out (no file needed)",
+                        highlight=False,
                     )
             else:
                 out.print(
@@ -605,6 +622,11 @@ def rm(
         # (1) on chain first: once retired, neither a restart nor a stolen quote gets the keys back
         retirement = retire_instance(session, "0x" + st.app_id.removeprefix("0x"), st.instance_id)
         result = session.node.remove(st.instance_id)
+        from teecloud.cloud.errors import DeployError
+        from teecloud.cloud.pending import discard_plan
+
+        with suppress(DeployError):  # an upgrade it waited for has nothing left to upgrade
+            discard_plan(st.app_id, session.home)
     if retirement.retired:
         out.print(
             f"removed {st.name} ({st.instance_id}); instance {retirement.detail}: no KMS releases its keys "
@@ -642,6 +664,8 @@ def attest(
                 f"instance {verdict.instance_id}",
                 highlight=False,
             )
+        else:
+            out.print(f"app {app}", highlight=False)
         _print_verdict(verdict)
     if not verdict.ok:
         raise typer.Exit(1)

@@ -110,6 +110,27 @@ def _print(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def _guest_agent_keys(endpoint: str | None) -> Any:
+    """The guest agent's key source, or a clear error when its socket is not there (the dstack SDK raises
+    FileNotFoundError at construction)."""
+    from teecloud.functions import GuestAgentKeys
+
+    try:
+        return GuestAgentKeys(endpoint)
+    except (OSError, ValueError) as exc:
+        where = endpoint or os.environ.get("DSTACK_SIMULATOR_ENDPOINT") or "/var/run/dstack.sock"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unusable"
+        if isinstance(exc, FileNotFoundError):
+            reason = "no such socket"
+        _fail(
+            f"cannot reach the guest agent at {where} ({reason}): `fn serve` runs inside a CVM, where the "
+            "agent serves /var/run/dstack.sock; elsewhere give --dstack-sock with the socket of "
+            "`teecloud agent simulate`",
+            2,
+        )
+    raise AssertionError
+
+
 @app.command("serve")
 def serve(
     ctx: typer.Context,
@@ -123,9 +144,10 @@ def serve(
     """Run the function runtime (what the runtime app's container runs), keys from the guest agent."""
     from teecloud._fs import data_home
     from teecloud.chain.functions import FunctionRegistry
-    from teecloud.functions import FunctionKeys, FunctionRuntime, GuestAgentKeys
+    from teecloud.functions import FunctionKeys, FunctionRuntime
     from teecloud.functions.http import FunctionServer
 
+    keys = _guest_agent_keys(dstack_sock)
     check = None
     chain = None
     if check_registry:
@@ -134,7 +156,7 @@ def serve(
         def check(function_id: bytes, function_hash: bytes, app_id: bytes) -> tuple[bool, str]:
             return FunctionRegistry(reader, function_id).is_allowed(function_hash, app_id)
 
-    rt = FunctionRuntime(data_home(), FunctionKeys(GuestAgentKeys(dstack_sock)), registry_check=check)
+    rt = FunctionRuntime(data_home(), FunctionKeys(keys), registry_check=check)
     server = FunctionServer(rt, host=host, port=port)
     stop = threading.Event()
     if oracle:

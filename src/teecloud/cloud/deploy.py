@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from teecloud.cloud.errors import DeployError
+from teecloud.cloud.errors import DeployError, InvalidOption
 from teecloud.cloud.options import AppOptions, ComposePlan, parse_env_file, plan_compose
 
 if TYPE_CHECKING:
@@ -406,7 +406,7 @@ def deploy(
 def upgrade(
     session: Session,
     ref: str,
-    compose_path: Path,
+    compose_path: Path | None,
     options: AppOptions | None = None,
     *,
     env: Mapping[str, str] | None = None,
@@ -435,21 +435,51 @@ def upgrade(
       (5) the running app's attestation is verified from the outside
 
     `register=False` skips (2) entirely and rolls out whatever the chain says: for tests of the node's and
-    the KMS's own refusal of an unapproved hash, not for users."""
+    the KMS's own refusal of an unapproved hash, not for users.
+
+    A pending upgrade's plan is stored (cloud.pending, atomic, keyed by app): `compose_path=None` takes
+    it from there, so `--commit` needs no file; any rollout, or the running version again, removes it."""
     import json
 
+    from teecloud.cloud.pending import PendingPlan, discard_plan, load_plan, save_plan
     from teecloud.node.api import UpgradeCvmRequest
 
     opts = _options(options, env=env, allowed_envs=allowed_envs, public_logs=public_logs)
+    home = getattr(session, "home", None)
     # (1)
     current = session.node.get(ref)
-    try:
-        previous: dict[str, Any] = json.loads(current.app_compose) if current.app_compose else {}
-    except ValueError:
-        previous = {}
-    if not isinstance(previous, dict):
-        previous = {}
-    plan = plan_compose(Path(compose_path), opts, name=current.name, previous=previous)
+    stored: PendingPlan | None = None
+    if compose_path is None:
+        stored = load_plan(current.app_id, home)
+        if stored is None:
+            raise DeployError(
+                f"no pending upgrade of {current.name} is stored: give the new docker-compose.yml "
+                f"(`teecloud upgrade {current.name} FILE`)"
+            )
+        if opts.env_given or opts.allowed_envs or opts.public_logs is not None:
+            raise InvalidOption(
+                "the stored upgrade plan is rolled out as it was approved; to change its env, allowed "
+                "envs or logs, run `teecloud upgrade` with the compose file again"
+            )
+        if stored.previous_compose_hash != current.compose_hash:
+            progress(
+                "warning",
+                f"the plan was made while {stored.previous_compose_hash[:16]} ran; "
+                f"{current.compose_hash[:16]} runs now",
+            )
+        plan_doc = json.loads(stored.app_compose)
+        allowed = plan_doc.get("allowed_envs", []) if isinstance(plan_doc, dict) else []
+        plan = ComposePlan(stored.name, stored.app_compose, stored.compose_hash, list(allowed), [])
+        progress("plan", f"the stored upgrade plan to compose hash 0x{stored.compose_hash.hex()}")
+    else:
+        try:
+            previous: dict[str, Any] = json.loads(current.app_compose) if current.app_compose else {}
+        except ValueError:
+            previous = {}
+        if not isinstance(previous, dict):
+            previous = {}
+        plan = plan_compose(Path(compose_path), opts, name=current.name, previous=previous)
+    env_given = opts.env_given or (stored is not None and stored.encrypted_env is not None)
     for w in plan.warnings:
         progress("warning", w)
     chash = plan.compose_hash
@@ -464,7 +494,8 @@ def upgrade(
         previous_compose_hash=current.compose_hash,
         warnings=plan.warnings,
     )
-    if chash.hex() == current.compose_hash and not opts.env_given and current.status == "running":
+    if chash.hex() == current.compose_hash and not env_given and current.status == "running":
+        discard_plan(current.app_id, home)
         result.status = "unchanged"
         return result
     _node_check(session, None, plan.app_compose)
@@ -480,9 +511,30 @@ def upgrade(
         if not outcome.allowed:
             result.status = "pending"
             result.pending = outcome.pending
+            if stored is None:  # keep what was planned, so --commit needs no file
+                enc_now = (
+                    _encrypt_env(session, bytes.fromhex(result.app_id), opts.env) if opts.env_given else None
+                )
+                save_plan(
+                    PendingPlan(
+                        app_id=result.app_id,
+                        instance_id=current.instance_id,
+                        name=current.name,
+                        app_compose=plan.app_compose,
+                        compose_hash=chash,
+                        previous_compose_hash=current.compose_hash,
+                        encrypted_env=enc_now,
+                        warnings=list(plan.warnings),
+                    ),
+                    home,
+                )
             return result
     # (3)
-    enc = _encrypt_env(session, bytes.fromhex(result.app_id), opts.env) if opts.env_given else None
+    if stored is not None:
+        enc = stored.encrypted_env
+    else:
+        enc = _encrypt_env(session, bytes.fromhex(result.app_id), opts.env) if opts.env_given else None
+    discard_plan(current.app_id, home)  # rolled out now (or rolled back): no longer pending
     progress("booting", f"upgrade to {chash.hex()[:16]}")
     st = session.node.upgrade(
         ref, UpgradeCvmRequest(app_compose=plan.app_compose.decode(), encrypted_env=enc)
@@ -494,7 +546,7 @@ def upgrade(
         progress("rollback", f"the new version failed ({st.error}): back to {current.compose_hash[:16]}")
         back = session.node.upgrade(ref, UpgradeCvmRequest(app_compose=current.app_compose))
         back = _wait(session, back.instance_id, timeout, progress)
-        kept_env = " (the env given with this upgrade stays in place)" if opts.env_given else ""
+        kept_env = " (the env given with this upgrade stays in place)" if env_given else ""
         result.status = "rolled-back"
         result.error = (
             f"the new version (compose hash {chash.hex()}) did not start: {st.error}; rolled back to "

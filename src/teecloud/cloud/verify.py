@@ -134,7 +134,7 @@ def verify_app(node_client: Any, ref: str, *, platform: Any, chain: Any | None) 
     try:
         att = node_client.attestation(ref, nonce)
     except NodeApiError as exc:
-        return AppVerdict(ok=False, steps=[Step("fetch", False, str(exc))])
+        return AppVerdict(ok=False, steps=[Step("fetch", False, _fetch_reason(ref, exc))])
     now = int(time.time())
     return verify_attestation(
         att,
@@ -144,3 +144,17 @@ def verify_app(node_client: Any, ref: str, *, platform: Any, chain: Any | None) 
         chain=chain,
         now=now,
     )
+
+
+def _fetch_reason(ref: str, exc: Any) -> str:
+    """Why no quote could be fetched, as a sentence naming the app (the node's words kept after it)."""
+    detail = str(exc).strip()
+    if not detail or detail.startswith(("{", "[")):  # an empty or wordless body: the status is all it said
+        detail = f"HTTP {exc.status}"
+    if exc.status == 404:
+        return f"no app {ref!r} on this node ({detail}): `teecloud ps` lists the apps by name and instance id"
+    if exc.status == 409:
+        return f"app {ref!r} is not running, so it cannot be attested ({detail}): start it first"
+    if exc.status == 403:
+        return f"app {ref!r} does not publish its attestation ({detail})"
+    return f"cannot fetch a fresh quote of app {ref!r} from the node: {detail}"

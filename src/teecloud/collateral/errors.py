@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from teecloud.errors import Error
 
-__all__ = ["CollateralError", "CollateralNotFound", "InvalidCollateral", "PccsUnavailable"]
+__all__ = ["CollateralError", "CollateralNotFound", "InvalidCollateral", "PccsUnavailable", "why"]
 
 
 class CollateralError(Error):
@@ -28,3 +28,13 @@ class CollateralNotFound(CollateralError):
 
 class InvalidCollateral(CollateralError):
     pass
+
+
+def why(exc: BaseException) -> str:
+    """A parse failure of a collateral document in words: a KeyError's text is only the quoted key
+    (`'tcb_info'`), an AttributeError's names a Python type."""
+    if isinstance(exc, KeyError):
+        return f"it has no {exc.args[0] if exc.args else 'expected'} field"
+    if isinstance(exc, AttributeError | TypeError):
+        return "a member is not of the JSON type QuoteCollateralV3 and Intel's PCS API give it"
+    return str(exc)

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from teecloud import _json
 from teecloud._fs import atomic_write
 from teecloud.collateral._http import bounded_get
-from teecloud.collateral.errors import CollateralError, InvalidCollateral
+from teecloud.collateral.errors import CollateralError, InvalidCollateral, why
 from teecloud.collateral.store import CollateralEntry, CollateralStore, describe_collateral
 
 if TYPE_CHECKING:  # the server side (uvicorn) is imported only by whoever serves
@@ -69,7 +69,7 @@ def collateral_next_update(raw: bytes) -> int:
         try:
             crl = x509.load_der_x509_crl(bytes.fromhex(entry.doc[key]))
         except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidCollateral(f"collateral {key} is not a hex DER CRL: {exc}") from exc
+            raise InvalidCollateral(f"collateral {key} is not a hex DER CRL: {why(exc)}") from exc
         if crl.next_update_utc is not None:
             times.append(int(crl.next_update_utc.timestamp()))
     return min(times)
@@ -202,7 +202,7 @@ class PccsClient:
                 "qe_identity_signature": str(qe_doc["signature"]),
             }
         except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidCollateral(f"PCCS at {self.base_url} sent an unusable answer: {exc}") from exc
+            raise InvalidCollateral(f"PCCS at {self.base_url} sent an unusable answer: {why(exc)}") from exc
         raw = json.dumps(collateral, indent=2).encode()
         try:
             dcap_qvl.QuoteCollateralV3.from_json(raw.decode())

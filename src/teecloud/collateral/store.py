@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from teecloud import _json
-from teecloud.collateral.errors import CollateralNotFound, InvalidCollateral
+from teecloud.collateral.errors import CollateralNotFound, InvalidCollateral, why
 
 __all__ = ["CollateralEntry", "CollateralStore", "describe_collateral"]
 
@@ -50,7 +50,7 @@ def describe_collateral(raw: bytes) -> CollateralEntry:
         qe = _json.loads(doc["qe_identity"])
         fmspc = str(tcb["fmspc"]).upper()
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InvalidCollateral(f"not QuoteCollateralV3 JSON: {exc}") from exc
+        raise InvalidCollateral(f"not QuoteCollateralV3 JSON: {why(exc)}") from exc
     tee = "tdx" if tcb.get("id") == "TDX" else "sgx"
     next_update = min(str(tcb.get("nextUpdate", "")), str(qe.get("nextUpdate", "")))
     return CollateralEntry(fmspc, tee, bytes(raw), doc, next_update, str(tcb.get("issueDate", "")))

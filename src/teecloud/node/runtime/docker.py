@@ -455,13 +455,38 @@ class DockerRuntime:
             self._stop_by_label(spec.project)
 
     def down(self, spec: ComposeSpec) -> None:
-        """Remove containers, networks and the project's volumes (whose data lives in the encrypted dir)."""
+        """Remove containers, networks and the project's volumes (whose data lives in the encrypted dir).
+
+        `compose down` must load the app's file; a file Compose refuses (the app failed at `up` for that
+        very reason) makes it fail though nothing was ever created. Then, and without the files, the
+        project's objects are removed by their Compose label, and only what still exists is an error."""
+        failure: RuntimeFailed | None = None
         if spec.compose_file.exists() and spec.override_file.exists():
-            self._compose_run(spec, "down", "-v", "--remove-orphans", "-t", "5")
-        else:
-            ids = self._container_ids(spec.project)
-            if ids:
-                self._docker("rm", "-f", *ids, check=False)
+            try:
+                self._compose_run(spec, "down", "-v", "--remove-orphans", "-t", "5")
+                return
+            except RuntimeFailed as exc:
+                failure = exc
+        label = f"label=com.docker.compose.project={spec.project}"
+        ids = self._container_ids(spec.project)
+        if ids:
+            self._docker("rm", "-f", "-v", *ids, check=False)
+        for kind in ("network", "volume"):
+            names = self._docker(kind, "ls", "-q", "--filter", label).stdout.split()
+            if names:
+                self._docker(kind, "rm", *names, check=False)
+        remaining = [
+            f"{len(found)} {kind}(s)"
+            for kind, found in (
+                ("container", self._container_ids(spec.project)),
+                ("network", self._docker("network", "ls", "-q", "--filter", label).stdout.split()),
+                ("volume", self._docker("volume", "ls", "-q", "--filter", label).stdout.split()),
+            )
+            if found
+        ]
+        if remaining:
+            detail = f" ({failure})" if failure is not None else ""
+            raise RuntimeFailed(f"{', '.join(remaining)} of project {spec.project} remain{detail}")
 
     def _stop_by_label(self, project: str) -> None:
         ids = self._container_ids(project)
