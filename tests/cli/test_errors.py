@@ -3,6 +3,9 @@ registered by a plain import (a missing module fails loudly instead of silently 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -53,3 +56,21 @@ def test_every_command_group_is_registered() -> None:
     assert r.exit_code == 0
     for group in ("verify", "up", "deploy", "tee", "agent", "kms", "chain", "app", "node", "version"):
         assert f" {group} " in r.output, group
+
+
+def test_trust_list_has_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every listing has --json (issue 17): trust list too, empty or not."""
+    import json
+
+    monkeypatch.setenv("TEECLOUD_HOME", str(tmp_path))
+    r = CliRunner().invoke(app, ["trust", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == []
+    (tmp_path / "trust").mkdir(parents=True)
+    (tmp_path / "trust" / "junk.pem").write_bytes(
+        b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"
+    )
+    r = CliRunner().invoke(app, ["trust", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert rows and rows[0]["file"] == "junk.pem" and "unreadable" in rows[0]["error"]

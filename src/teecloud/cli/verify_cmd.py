@@ -321,16 +321,18 @@ def trust_fetch(
 
 
 @trust_app.command("list")
-def trust_list() -> None:
+def trust_list(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
     """List the certificates in the trust directory."""
+    import json
+
     from cryptography import x509
 
     from teecloud.collateral import default_trust_dir, load_trust_directory
 
     files = load_trust_directory()
-    if not files:
-        Console().print(f"no trust anchors in {default_trust_dir()} (run `teecloud trust fetch`)")
-        return
+    rows: list[dict[str, object]] = []
     for path, blob in files:
         try:
             certs = (
@@ -338,10 +340,18 @@ def trust_list() -> None:
                 if b"BEGIN CERTIFICATE" in blob
                 else [x509.load_der_x509_certificate(blob)]
             )
-            names = ", ".join(c.subject.rfc4514_string() for c in certs)
+            rows.append({"file": path.name, "subjects": [c.subject.rfc4514_string() for c in certs]})
         except (ValueError, x509.InvalidVersion) as exc:
-            names = f"[red]unreadable: {exc}[/]"
-        Console().print(f"{path.name}: {names}", highlight=False)
+            rows.append({"file": path.name, "error": f"unreadable: {exc}"})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not files:
+        Console().print(f"no trust anchors in {default_trust_dir()} (run `teecloud trust fetch`)")
+        return
+    for row in rows:
+        names = ", ".join(row["subjects"]) if "subjects" in row else f"[red]{row['error']}[/]"  # type: ignore[arg-type]
+        Console().print(f"{row['file']}: {names}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
