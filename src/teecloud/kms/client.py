@@ -178,7 +178,11 @@ class KmsClient:
         timeout: float = 15.0,
         cert_lifetime_s: int = CLIENT_CERT_LIFETIME_S,
         clock: Callable[[], float] = time.time,
+        app_compose: str = "",
     ) -> None:
+        """`app_compose`: this CVM's normalized app-compose.json, sent with GetAppKey so that the KMS can read
+        its GPU requirement (it believes it only when it hashes to the measured compose-hash)."""
+        self.app_compose = app_compose
         if not url.startswith("https://"):
             raise KmsClientError(f"KMS URL must be https:// (got {url!r})")
         self.url = url.rstrip("/")
@@ -322,7 +326,9 @@ class KmsClient:
             tee,
             api.PATH_GET_APP_KEY,
             api.AppKeyResponse,
-            body=api.GetAppKeyRequest(vm_config=vm_config_json(tee)).model_dump(),
+            body=api.GetAppKeyRequest(
+                vm_config=vm_config_json(tee), app_compose=self.app_compose
+            ).model_dump(),
             usage="app:kms-client",
             app_id=app_id,
         )

@@ -127,7 +127,10 @@ def make_public_app(service: KmsService) -> FastAPI:
     def get_app_key(request: Request, body: api.GetAppKeyRequest) -> Response:
         return _json_response(
             service.get_app_key(
-                peer_cert_der(request), vm_config=body.vm_config, peer_addr=_peer_addr(request)
+                peer_cert_der(request),
+                vm_config=body.vm_config,
+                peer_addr=_peer_addr(request),
+                app_compose=body.app_compose,
             )
         )
 

@@ -269,14 +269,21 @@ class KmsService:
     # --- endpoints: each key-releasing one passes only an Authorized* object to the issuer
 
     def get_app_key(
-        self, cert_der: bytes | None, *, vm_config: str | Mapping[str, Any] = "", peer_addr: str = ""
+        self,
+        cert_der: bytes | None,
+        *,
+        vm_config: str | Mapping[str, Any] = "",
+        peer_addr: str = "",
+        app_compose: str = "",
     ) -> api.AppKeyResponse:
         """An attested, allowed app's keys. `vm_config` is the request's (dstack VmConfig JSON): its VM
-        shape selects the RTMR0 reference; missing or malformed, nothing is released."""
+        shape selects the RTMR0 reference; missing or malformed, nothing is released. `app_compose` is the
+        request's normalized app-compose.json, read for the GPU gate only when it hashes to the measured
+        compose-hash (Authorizer.authorize_app)."""
 
         def decide(ctx: dict[str, Any]) -> api.AppKeyResponse:
             self._whole_root_only()
-            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
+            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx, app_compose=app_compose)
             ctx["reason"] = f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
             return self.issuer.app_keys(app)
 
