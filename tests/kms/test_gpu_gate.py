@@ -95,7 +95,7 @@ def gpu_boot(
         json.dumps(GPU_HELLO),
         app_id,
         IID,
-        client(kms, server, GPU_HELLO),
+        client(kms, server, None),  # boot() gives the client the measured compose (bind_app_compose)
         extra_events=[("os-image-hash", tee.os_image_hash)],
         gpu=gate,
     )
@@ -112,6 +112,7 @@ def test_required_and_verified_gpu_evidence_gets_keys(
             seen.append(gpu.collect(nonce))
             return seen[-1]
 
+    kms.service.authz.require_app_compose = True  # so the compose boot() sends is what is read
     app_id, tee, state = gpu_boot(
         teecloud_home, kms, server, world, GpuGate(Recording(), trust_anchors=(gpu.root_der(),))
     )

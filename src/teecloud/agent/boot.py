@@ -210,6 +210,10 @@ def boot(
     tee.emit_event("boot-mr-done", b"")
     for name, payload in extra_events:
         tee.emit_event(name, payload)
+    # a KMS client sends the measured compose with GetAppKey, where the KMS reads its GPU requirement
+    bind = getattr(key_provider, "bind_app_compose", None)
+    if callable(bind):
+        bind(text)
     keys = key_provider.get_app_keys(tee, app_id, instance_id)
     kp_info = json.dumps(key_provider.info(), separators=(",", ":")).encode()
     tee.emit_event("key-provider", kp_info)

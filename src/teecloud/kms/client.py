@@ -315,6 +315,10 @@ class KmsClient:
             raise KmsClientError(f"the KMS's boot challenge is {len(challenge)} bytes, not {TOKEN_SIZE}")
         return challenge
 
+    def bind_app_compose(self, app_compose: str) -> None:
+        """Send this normalized app-compose.json with GetAppKey (teecloud.agent.boot calls it at boot)."""
+        self.app_compose = app_compose
+
     def info(self) -> dict[str, Any]:
         """dstack's key_provider_info: {"name": "kms", "id": hex(KMS root CA SubjectPublicKeyInfo DER)}."""
         return {"name": self.name, "id": self.meta().ca_pubkey}
