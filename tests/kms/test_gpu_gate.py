@@ -18,13 +18,14 @@ from teecloud.agent.service import AgentService
 from teecloud.appcompose import compose_hash, normalize_app_compose
 from teecloud.attestation.boottime import GPU_EVIDENCE_EVENT
 from teecloud.kms.client import KmsClient, ratls_server_check, vm_config_json
-from teecloud.kms.errors import AccessDenied, KmsDenied
+from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
 from teecloud.kms.server import KmsServer
 from teecloud.tee.gpu import NvmlGpuSource, SimulatedGpu
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.conftest import Kms, World, boot_app, make_kms
 from tests.kms.test_boot_rule import cert_with_log, oracle_evidence
-from tests.kms.test_quote_oracle import HELLO
+from tests.kms.test_quote_oracle import HELLO, csr_pem
+from tests.kms.test_threshold_nodes import Cluster, cluster  # noqa: F401  # the 5-node fixture
 
 GPU_HELLO = {**HELLO, "gpu_attestation": "required"}
 IID = bytes.fromhex("cd" * 20)
@@ -244,3 +245,50 @@ def test_the_quote_oracle_after_a_gpu_boot_releases_nothing(
             der, vm_config=vm_config_json(tee), app_compose=normalize_app_compose(GPU_HELLO)
         )
     assert err.value.step == "boot_time", err.value
+
+
+def test_sign_cert_applies_the_same_gate(
+    teecloud_home: Path, kms: Kms, server: KmsServer, world: World
+) -> None:
+    """SignCert (an app certificate) releases too: the same compose without gpu-evidence, no certificate."""
+    app_id = world.register(compose_hash(GPU_HELLO))
+    tee = SimulatedTdx(teecloud_home)
+    boot_app(tee, app_id, compose_hash(GPU_HELLO), IID)
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(KmsDenied) as err:
+        client(kms, server, GPU_HELLO).sign_cert(tee, csr_pem(key), app_id=app_id)
+    assert err.value.step == "gpu_evidence", err.value
+
+
+def test_threshold_nodes_apply_the_gate(
+    teecloud_home: Path,
+    world: World,
+    cluster: Cluster,  # noqa: F811  # the fixture imported above
+    gpu: SimulatedGpu,
+) -> None:
+    """Every threshold node reads the compose the provider forwards: a GPU boot through boot() gets its keys
+    from nodes that require the compose; the same compose measured without gpu-evidence gets no node's
+    partial."""
+    for node in cluster.nodes.values():
+        node.kms.service.authz.require_app_compose = True
+    app_id = world.register(compose_hash(GPU_HELLO))
+    tee = SimulatedTdx(teecloud_home)
+    state = boot(
+        tee,
+        json.dumps(GPU_HELLO),
+        app_id,
+        IID,
+        cluster.provider(),
+        extra_events=[("os-image-hash", tee.os_image_hash)],
+        gpu=GpuGate(gpu, trust_anchors=(gpu.root_der(),)),
+    )
+    assert state.keys.disk_crypt_key and GPU_EVIDENCE_EVENT in dict(rtmr3_events(tee))
+
+    provider = cluster.provider()
+    tee = SimulatedTdx(teecloud_home)
+    boot_app(tee, app_id, compose_hash(GPU_HELLO), IID, boot_nonce=provider.boot_nonce())
+    provider.bind_app_compose(normalize_app_compose(GPU_HELLO))
+    with pytest.raises(KmsClientError) as err:
+        provider.get_app_keys(tee, app_id, IID)
+    assert provider.faults and all("gpu_evidence" in f for f in provider.faults.values()), provider.faults
+    assert "gpu" in str(err.value)

@@ -395,7 +395,7 @@ class KmsClient:
             tee,
             api.PATH_SIGN_CERT,
             api.SignCertResponse,
-            body={"csr": csr_pem, "vm_config": vm_config_json(tee)},
+            body={"csr": csr_pem, "vm_config": vm_config_json(tee), "app_compose": self.app_compose},
             usage="app:kms-client",
             app_id=app_id,
         )

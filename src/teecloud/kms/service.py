@@ -296,13 +296,14 @@ class KmsService:
         *,
         vm_config: str | Mapping[str, Any] = "",
         peer_addr: str = "",
+        app_compose: str = "",
     ) -> api.SignCertResponse:
         """Issue a certificate for the CSR's key under the caller's app CA, for an attested caller the chain
         allows. `vm_config` as for get_app_key (RTMR0 is checked for the VM shape it states)."""
 
         def decide(ctx: dict[str, Any]) -> api.SignCertResponse:
             self._whole_root_only()
-            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
+            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx, app_compose=app_compose)
             cn, answer = self.issuer.sign_cert(app, csr_pem)
             ctx["reason"] = f"certificate issued for CN={cn}"
             return answer
@@ -323,7 +324,12 @@ class KmsService:
         return self._audited(api.PATH_GET_KMS_KEY, cert_der, peer_addr, decide)
 
     def threshold_evaluate(
-        self, cert_der: bytes | None, *, vm_config: str | Mapping[str, Any] = "", peer_addr: str = ""
+        self,
+        cert_der: bytes | None,
+        *,
+        vm_config: str | Mapping[str, Any] = "",
+        peer_addr: str = "",
+        app_compose: str = "",
     ) -> api.ThresholdEvaluateResponse:
         """Threshold mode: this node's partial evaluations for the attested, allowed app instance, after the
         same rule as GetAppKey, applied by this node alone (its own boot challenge included)."""
@@ -331,7 +337,7 @@ class KmsService:
         def decide(ctx: dict[str, Any]) -> api.ThresholdEvaluateResponse:
             if self.threshold is None:
                 raise AccessDenied("this KMS is not a threshold node", step="mode")
-            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
+            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx, app_compose=app_compose)
             ctx["reason"] = (
                 f"partial evaluation (epoch {self.threshold.epoch}, share {self.threshold.index}); "
                 f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
