@@ -17,12 +17,15 @@ from teecloud.agent.boot import BootError, GpuGate, GpuGateFailed, boot, gpu_evi
 from teecloud.agent.service import AgentService
 from teecloud.appcompose import compose_hash, normalize_app_compose
 from teecloud.attestation.boottime import GPU_EVIDENCE_EVENT
+from teecloud.keys.certs import spki_der
+from teecloud.keys.ratls import event_log_json, ratls_report_data
+from teecloud.kms.api import PATH_GET_APP_KEY
 from teecloud.kms.client import KmsClient, ratls_server_check, vm_config_json
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
 from teecloud.kms.server import KmsServer
 from teecloud.tee.gpu import NvmlGpuSource, SimulatedGpu
 from teecloud.tee.simulated import SimulatedTdx
-from tests.kms.conftest import Kms, World, boot_app, make_kms
+from tests.kms.conftest import Kms, World, assert_nothing_released, boot_app, make_kms, post_with_cert
 from tests.kms.test_boot_rule import cert_with_log, oracle_evidence
 from tests.kms.test_quote_oracle import HELLO, csr_pem
 from tests.kms.test_threshold_nodes import Cluster, cluster  # noqa: F401  # the 5-node fixture
@@ -147,13 +150,29 @@ def test_required_and_absent_is_denied_at_the_gpu_step(
 def test_a_compose_that_is_not_the_measured_one_is_refused(
     teecloud_home: Path, kms: Kms, server: KmsServer, world: World
 ) -> None:
-    """The same CVM sending a compose without the requirement (a lie): its hash is not the measured one."""
+    """A CVM of the GPU compose sending one without the requirement (a lie; the honest client sends only a
+    compose its CVM measured): its hash is not the measured compose-hash, so nothing is released."""
     app_id = world.register(compose_hash(GPU_HELLO))
     tee = SimulatedTdx(teecloud_home)
     boot_app(tee, app_id, compose_hash(GPU_HELLO), IID)
-    with pytest.raises(KmsDenied) as err:
-        client(kms, server, HELLO).get_app_keys(tee, app_id, IID)
-    assert err.value.step == "app_compose", err.value
+    key = ec.generate_private_key(ec.SECP256R1())
+    quote = tee.quote(ratls_report_data(spki_der(key.public_key())))
+    der = cert_with_log(kms, key, quote, event_log_json(tee.event_log()), app_id)
+    vm = vm_config_json(tee)
+    status, body = post_with_cert(
+        server.url, PATH_GET_APP_KEY, key, der, {"vm_config": vm, "app_compose": normalize_app_compose(HELLO)}
+    )
+    assert status == 403 and body["step"] == "app_compose", body
+    assert_nothing_released(body)
+    # the same request with the measured compose reaches the GPU step
+    status, body = post_with_cert(
+        server.url,
+        PATH_GET_APP_KEY,
+        key,
+        der,
+        {"vm_config": vm, "app_compose": normalize_app_compose(GPU_HELLO)},
+    )
+    assert status == 403 and body["step"] == "gpu_evidence", body
 
 
 def test_a_kms_requiring_the_compose_refuses_a_request_without_it(
@@ -292,3 +311,33 @@ def test_threshold_nodes_apply_the_gate(
         provider.get_app_keys(tee, app_id, IID)
     assert provider.faults and all("gpu_evidence" in f for f in provider.faults.values()), provider.faults
     assert "gpu" in str(err.value)
+
+
+def test_one_client_shared_by_two_boots_sends_each_cvm_its_own_compose(
+    teecloud_home: Path, kms: Kms, server: KmsServer, world: World, gpu: SimulatedGpu
+) -> None:
+    """The local runtime shares one key provider between CVMs: each request carries the compose its CVM
+    measured (found by compose-hash), so a GPU app's requirement is read and a plain app is not refused."""
+    kms.service.authz.require_app_compose = True
+    shared = client(kms, server, None)
+    gpu_app = world.register(compose_hash(GPU_HELLO))
+    plain_app = world.register(compose_hash(HELLO))
+    gate = GpuGate(gpu, trust_anchors=(gpu.root_der(),))
+    for compose, app_id in ((GPU_HELLO, gpu_app), (HELLO, plain_app), (GPU_HELLO, gpu_app)):
+        tee = SimulatedTdx(teecloud_home)
+        state = boot(
+            tee,
+            json.dumps(compose),
+            app_id,
+            IID,
+            shared,
+            extra_events=[("os-image-hash", tee.os_image_hash)],
+            gpu=gate,
+        )
+        assert state.app_id == app_id
+    # a GPU-app CVM measured without the gate, through the same shared client: its own compose is sent
+    tee = SimulatedTdx(teecloud_home)
+    boot_app(tee, gpu_app, compose_hash(GPU_HELLO), IID)
+    with pytest.raises(KmsDenied) as err:
+        shared.get_app_keys(tee, gpu_app, IID)
+    assert err.value.step == "gpu_evidence", err.value
