@@ -20,7 +20,7 @@ from teecloud.attestation.boottime import GPU_EVIDENCE_EVENT
 from teecloud.keys.certs import spki_der
 from teecloud.keys.ratls import event_log_json, ratls_report_data
 from teecloud.kms.api import PATH_GET_APP_KEY
-from teecloud.kms.client import KmsClient, ratls_server_check, vm_config_json
+from teecloud.kms.client import ComposeBook, KmsClient, ratls_server_check, vm_config_json
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
 from teecloud.kms.server import KmsServer
 from teecloud.tee.gpu import NvmlGpuSource, SimulatedGpu
@@ -341,3 +341,21 @@ def test_one_client_shared_by_two_boots_sends_each_cvm_its_own_compose(
     with pytest.raises(KmsDenied) as err:
         shared.get_app_keys(tee, gpu_app, IID)
     assert err.value.step == "gpu_evidence", err.value
+
+
+def test_the_compose_book_sends_only_a_measured_compose_that_fits(teecloud_home: Path) -> None:
+    book = ComposeBook()
+    small = normalize_app_compose(GPU_HELLO)
+    big = normalize_app_compose({**GPU_HELLO, "docker_compose_file": "x" * (ComposeBook.MAX_SENT_BYTES + 1)})
+    book.add(small)
+    book.add(big)
+    tee = SimulatedTdx(teecloud_home)
+    assert book.for_tee(tee) == ""  # nothing measured yet
+    tee.emit_event("compose-hash", compose_hash(GPU_HELLO))
+    assert book.for_tee(tee) == small
+    other = SimulatedTdx(teecloud_home)
+    other.emit_event("compose-hash", hashlib.sha256(big.encode()).digest())
+    assert book.for_tee(other) == ""  # above what the KMS accepts in a body: not sent
+    for i in range(ComposeBook.MAX_ENTRIES + 1):
+        book.add(normalize_app_compose({**HELLO, "name": f"app{i}"}))
+    assert book.for_tee(tee) == ""  # bounded: the oldest entries go first

@@ -76,13 +76,16 @@ class ComposeBook:
     runtime) sends each CVM its own compose, which the KMS reads for the GPU gate. Bounded, thread-safe."""
 
     MAX_ENTRIES = 256
+    # the KMS refuses request bodies above KmsConfig.max_body_bytes (256 KiB): a larger compose is not sent
+    # (a KMS with require_app_compose then refuses, saying so; the default KMS reads no GPU requirement)
+    MAX_SENT_BYTES = 192 * 1024
 
     def __init__(self) -> None:
         self._by_hash: dict[bytes, str] = {}
         self._lock = threading.Lock()
 
     def add(self, app_compose: str) -> None:
-        if not app_compose:
+        if not app_compose or len(app_compose.encode("utf-8", "surrogatepass")) > self.MAX_SENT_BYTES:
             return
         digest = hashlib.sha256(app_compose.encode("utf-8", "surrogatepass")).digest()
         with self._lock:

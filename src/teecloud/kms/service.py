@@ -92,6 +92,9 @@ class KmsConfig:
     app_key_cache_s             derived app keys are reused per (app_id, instance_id, os image, gateway) for
                                 at most this long: derivation is a pure function of the immutable root keys;
                                 only the app CA certificate's not_before (the derivation time) ages. 0: off
+    require_app_compose         app releasing paths refuse a request without the CVM's measured app-compose
+                                (so every app's `gpu_attestation` is read: the GPU gate, docs/ai.md); off by
+                                default while some key clients do not send it
     """
 
     dev_mode: bool = False
@@ -108,6 +111,8 @@ class KmsConfig:
     app_key_cache_entries: int = 4096
     boot_challenge_window_s: int = 600
     boot_challenge_max_uses: int = 8
+    # --- gpu gate
+    require_app_compose: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ logic
@@ -196,6 +201,7 @@ class KmsService:
             os_image_reference=os_image_reference,
             dev_mode=self.config.dev_mode,
             challenges=self.challenges,
+            require_app_compose=self.config.require_app_compose,
         )
         self.keys: RootKeyHolder = root_keys if root_keys is not None else LocalRootKeys(state)
         self.issuer = KeyIssuer(
