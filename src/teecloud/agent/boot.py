@@ -91,7 +91,7 @@ def _run_gpu_gate(gate: GpuGate | None, nonce: bytes) -> bytes:
     # (2)
     try:
         items = gate.source.collect(nonce)
-    except TeeError as exc:
+    except (TeeError, ValueError, OSError) as exc:  # no GPU / NVML, a bad nonce, unreadable device state
         raise GpuGateFailed(f"gpu: {exc}") from exc
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_GPUS:
         raise GpuGateFailed(f"gpu: expected evidence for 1..{MAX_GPUS} GPUs")
