@@ -33,6 +33,8 @@ LIMITS = DataPlaneLimits(http_backends=3, tcp_backends=3, servers_per_backend=2)
         (f"{APP}-8080.{BASE}", HostName(APP, 8080, "http")),
         (f"{APP}-443s.{BASE}", HostName(APP, 443, "tcp")),
         (f"{APP.upper()}s.{BASE.upper()}.", HostName(APP, 80, "tcp")),
+        (f"{APP}-50051g.{BASE}", HostName(APP, 50051, "grpc")),
+        (f"{INST1}g.{BASE}", HostName(INST1, 80, "grpc")),
     ],
 )
 def test_route_names(name: str, want: HostName) -> None:
@@ -48,7 +50,8 @@ def test_route_names(name: str, want: HostName) -> None:
         f"*.{BASE}",
         f"{APP}-0.{BASE}",
         f"{APP}-99999.{BASE}",
-        f"{APP}-8080g.{BASE}",  # gRPC: not served yet
+        f"{APP}-8080gs.{BASE}",  # dstack refuses `gs` too
+        f"{APP}-8080sg.{BASE}",
         f"{APP[:-1]}.{BASE}",
         f"{APP}.evil{BASE}",
         f"{APP}.{BASE}.evil.com",
@@ -147,3 +150,15 @@ def test_rendered_configuration_passes_haproxy_check(tmp_path: Path) -> None:
         [find_haproxy(), "-c", "-f", paths.config], capture_output=True, text=True, timeout=30
     )
     assert bad.returncode != 0
+
+
+def test_custom_domains_follow_their_app_port_in_the_plan() -> None:
+    r = Route(APP, INST1, 8443, "127.0.0.1:9001")
+    custom = {"app.example.com": (APP, 8443), "other.example.com": (APP, 9999)}
+    p = plan([r], BASE, LIMITS, None, custom)
+    assert p.tcp_map["app.example.com"] == p.tcp_map[f"{APP}-8443s.{BASE}"]
+    assert "other.example.com" not in p.tcp_map  # the app has no route for that port
+    gone = plan([], BASE, LIMITS, p, custom)
+    assert "app.example.com" not in gone.tcp_map
+    cmds = runtime_commands(p, gone, HaproxyPaths("/run/gw", "t"), LIMITS)
+    assert any(c.endswith(" app.example.com") and c.startswith("del map") for c in cmds)

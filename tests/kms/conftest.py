@@ -25,6 +25,7 @@ from teecloud.kms.audit import AuditLog
 from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
 from teecloud.kms.challenge import BootChallenges
 from teecloud.kms.client import vm_config_json
+from teecloud.kms.server import KmsServer
 from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
 from teecloud.tee.simulated import SimulatedTdx, os_image_hash_for, simulated_os_image_reference
 
@@ -224,3 +225,16 @@ def assert_nothing_released(body: dict[str, Any]) -> None:
     assert body.get("error") == "denied", body
     for f in KEY_FIELDS:
         assert f not in body
+
+
+@pytest.fixture
+def kms(teecloud_home: Path, world: World) -> Kms:
+    """A dev-mode KMS on the shared chain (the test modules' default)."""
+    return make_kms(teecloud_home, world.chain)
+
+
+@pytest.fixture
+def server(kms: Kms) -> Iterator[KmsServer]:
+    """That KMS's listeners (real TLS on 127.0.0.1)."""
+    with KmsServer(kms.service) as s:
+        yield s

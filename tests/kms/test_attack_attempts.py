@@ -31,23 +31,11 @@ from teecloud.keys.ratls import (
 from teecloud.kms.challenge import BootChallenges
 from teecloud.kms.client import vm_config_json
 from teecloud.kms.errors import AccessDenied
-from teecloud.kms.server import KmsServer
 from teecloud.tee.simulated import SimulatedTdx
-from tests.kms.conftest import COMPOSE_V1, Kms, World, boot_app, harness_challenges, make_kms
+from tests.kms.conftest import COMPOSE_V1, Kms, boot_app, harness_challenges, make_kms
 from tests.kms.test_boot_rule import booted_app, cert_with_log, oracle_evidence
 
 RT = RUNTIME_EVENT_TYPE
-
-
-@pytest.fixture
-def kms(teecloud_home: Path, world: World) -> Kms:
-    return make_kms(teecloud_home, world.chain)
-
-
-@pytest.fixture
-def server(kms: Kms):
-    with KmsServer(kms.service) as s:
-        yield s
 
 
 def _deny(kms: Kms, der: bytes, tee_home: Path, vm: str | None = None) -> AccessDenied:

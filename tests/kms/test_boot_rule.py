@@ -16,7 +16,7 @@ import copy
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +83,6 @@ def cert_with_log(
         ],
     )
     return cert.public_bytes(serialization.Encoding.DER)
-
-
-@pytest.fixture
-def kms(teecloud_home: Path, world: World) -> Kms:
-    return make_kms(teecloud_home, world.chain)
-
-
-@pytest.fixture
-def server(kms: Kms) -> Iterator[KmsServer]:
-    with KmsServer(kms.service) as s:
-        yield s
 
 
 def booted_app(teecloud_home: Path, world: World, server: KmsServer, kms: Kms) -> tuple[bytes, AgentService]:
@@ -471,3 +460,32 @@ def test_mutations_cover_every_kind(teecloud_home: Path) -> None:
     rng = random.Random(7)
     changed = sum(mutate(rng, log)[1] for _ in range(2000))
     assert changed > 1800
+
+
+# ------------------------------------------------------------------- KMS onboarding: one boot, first use
+
+
+def test_onboarding_evidence_is_useless_after_its_first_use_window(tmp_path: Path) -> None:
+    """GetKmsKey has no boot-nonce (KmsAuth pins the KMS's whole measurement): its evidence's binding is
+    remembered at first use, across restarts of the source KMS, and refused after the window or the count."""
+    from teecloud.kms.challenge import FirstUseLedger
+
+    now = [1_800_000_000.0]
+    path = tmp_path / "onboarding-ledger.json"
+    ledger = FirstUseLedger(path, window_s=600, max_uses=2, clock=lambda: now[0])
+    binding = b"\x07" * 64
+    ledger.redeem(binding)
+    ledger.redeem(binding)
+    with pytest.raises(AccessDenied, match="already used 2 times"):
+        ledger.redeem(binding)
+    other = b"\x08" * 64
+    ledger.redeem(other)
+    now[0] += 601
+    restarted = FirstUseLedger(path, window_s=600, max_uses=2, clock=lambda: now[0])  # a restart remembers
+    with pytest.raises(AccessDenied, match="first used 601 s ago") as err:
+        restarted.redeem(other)
+    assert err.value.step == "boot_nonce"
+    restarted.redeem(b"\x09" * 64)  # a new boot's evidence is served
+    path.write_text("{not json")
+    with pytest.raises(AccessDenied, match="unreadable"):
+        FirstUseLedger(path).redeem(b"\x0a" * 64)  # fail closed, never a fresh start

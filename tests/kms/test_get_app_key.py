@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,17 +41,6 @@ from tests.kms.conftest import (
 SIM_VM_CONFIG = json.dumps(
     {"os_image_hash": os_image_hash_for(SIM_OS).hex(), "cpu_count": 2, "memory_size": 2 * 1024**3}
 )
-
-
-@pytest.fixture
-def kms(teecloud_home: Path, world: World) -> Kms:
-    return make_kms(teecloud_home, world.chain)
-
-
-@pytest.fixture
-def server(kms: Kms) -> Iterator[KmsServer]:
-    with KmsServer(kms.service) as s:
-        yield s
 
 
 def client_for(kms: Kms, server: KmsServer) -> KmsClient:

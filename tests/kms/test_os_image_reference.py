@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ from tests.kms.conftest import (
     client_cert,
     denied_record,
     make_app,
-    make_kms,
     post_with_cert,
     vm_config,
 )
@@ -60,17 +59,6 @@ def other_boot_app(home: Path, app_id: bytes, *, swap: tuple[int, ...], **kw: An
     iid = hashlib.sha256(app_id + b"instance").digest()[:20]
     boot_app(tee, app_id, COMPOSE_V1, iid)  # claims os_image_hash_for(SIM_OS), an allowed image
     return AppCvm(tee, app_id, COMPOSE_V1, iid)
-
-
-@pytest.fixture
-def kms(teecloud_home: Path, world: World) -> Kms:
-    return make_kms(teecloud_home, world.chain)
-
-
-@pytest.fixture
-def server(kms: Kms) -> Iterator[KmsServer]:
-    with KmsServer(kms.service) as s:
-        yield s
 
 
 def http_denied(kms: Kms, server: KmsServer, app: AppCvm, vm: Any = None) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,17 +53,6 @@ HELLO = {
     "runner": "docker-compose",
     "docker_compose_file": "services:\n  web:\n    image: hello\n",
 }
-
-
-@pytest.fixture
-def kms(teecloud_home: Path, world: World) -> Kms:
-    return make_kms(teecloud_home, world.chain)
-
-
-@pytest.fixture
-def server(kms: Kms) -> Iterator[KmsServer]:
-    with KmsServer(kms.service) as s:
-        yield s
 
 
 class GetQuoteOracle:

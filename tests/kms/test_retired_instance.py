@@ -4,10 +4,8 @@ and is audited. The KMS itself is not changed for this: KmsAuth asks the app's A
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,7 +20,6 @@ from tests.kms.conftest import (
     client_cert,
     denied_record,
     make_app,
-    make_kms,
     post_with_cert,
     vm_config,
 )
@@ -32,17 +29,6 @@ def csr_pem(key: ec.EllipticCurvePrivateKey) -> str:
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "hello")])
     csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
-@pytest.fixture
-def kms(teecloud_home: Path, world: World) -> Kms:
-    return make_kms(teecloud_home, world.chain)
-
-
-@pytest.fixture
-def server(kms: Kms) -> Iterator[KmsServer]:
-    with KmsServer(kms.service) as s:
-        yield s
 
 
 def test_retired_instance_gets_no_keys(

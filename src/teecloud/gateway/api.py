@@ -6,13 +6,16 @@
     POST /admin/drain                DrainRequest -> GatewayStatus               admin listener
     GET  /metrics                    Prometheus text                             admin listener
 
-A registration names only where the CVM's ports are reachable. Who registers (app_id, instance_id) comes
+A registration names where the CVM's ports are reachable and may carry its app-compose.json (its port
+policy, read only once its hash matches the attested compose hash). Who registers (app_id, instance_id) comes
 from the attested client certificate and the chain, never from this body.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from teecloud.appcompose import MAX_APP_COMPOSE_BYTES
 
 __all__ = [
     "MAX_ENDPOINTS",
@@ -43,6 +46,12 @@ class RegisterCvmRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     endpoints: list[Endpoint] = Field(min_length=1, max_length=MAX_ENDPOINTS)
+    app_compose: str | None = Field(
+        default=None,
+        max_length=MAX_APP_COMPOSE_BYTES,
+        description="the CVM's app-compose.json; the gateway checks sha256(normalized) against the attested "
+        "compose hash, then applies its port_policy (restrict_mode: only listed ports are routed)",
+    )
 
 
 class RegisterCvmResponse(BaseModel):

@@ -4,7 +4,8 @@
                                            while the CVM boots (RTMR3 at the boot grammar's value, before
                                            `key-provider` is measured), keep the key in the CVM, and use the
                                            certificate for every later (re-)registration
-    register(url, key, cert_der, endpoints, ca_pem=...)  one mutual-TLS RegisterCvm call
+    register(url, key, cert_der, endpoints, ca_pem=..., app_compose=...)  one mutual-TLS RegisterCvm call
+                                           (app_compose: the CVM's app-compose.json, for its port policy)
 
 The certificate is issued under a public, fixed "registration temp CA" (`temp_ca()`): its key is derived
 from a published constant, so it proves nothing but lets a standard TLS stack accept the client
@@ -102,6 +103,7 @@ def register(
     *,
     ca_pem: str,
     timeout: float = 10.0,
+    app_compose: str | None = None,
 ) -> api.RegisterCvmResponse:
     """POST RegisterCvm over mutual TLS. Raises RegistrationRefused on a refusal, GatewayError otherwise."""
     ctx = ssl.create_default_context(cadata=ca_pem)
@@ -112,7 +114,7 @@ def register(
         pem = x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM).decode()
         p.write_text(pem + cert_to_pem(temp_ca()[1]) + key_to_pem(key))
         ctx.load_cert_chain(str(p))
-    body = api.RegisterCvmRequest(endpoints=list(endpoints)).model_dump()
+    body = api.RegisterCvmRequest(endpoints=list(endpoints), app_compose=app_compose).model_dump()
     try:
         with httpx.Client(verify=ctx, timeout=timeout) as http:
             r = http.post(url.rstrip("/") + api.PATH_REGISTER, json=body)
@@ -186,7 +188,9 @@ class Registrar:
         *,
         ca_pem: str,
         interval_s: float = 30.0,
+        app_compose: str | None = None,
     ) -> None:
+        self.app_compose = app_compose  # the CVM's app-compose.json: the gateway applies its port policy
         self.urls = list(urls)
         self.key = key
         self.cert_der = cert_der
@@ -200,7 +204,14 @@ class Registrar:
     def register_all(self) -> None:
         for url in self.urls:
             try:
-                self.last[url] = register(url, self.key, self.cert_der, self.endpoints, ca_pem=self.ca_pem)
+                self.last[url] = register(
+                    url,
+                    self.key,
+                    self.cert_der,
+                    self.endpoints,
+                    ca_pem=self.ca_pem,
+                    app_compose=self.app_compose,
+                )
             except GatewayError as exc:
                 log.warning("registration with %s failed: %s", url, exc)
                 self.last[url] = exc

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from teecloud._fs import atomic_write
@@ -33,10 +33,12 @@ from teecloud._proc import kill
 from teecloud.gateway.devca import IssuedCert
 from teecloud.gateway.errors import DataPlaneError
 from teecloud.gateway.haproxy import (
+    CustomDomainHook,
     HaproxyPaths,
     HaproxyTimeouts,
     TerminateMode,
     render_config,
+    render_lua,
     render_map,
     runtime_commands,
 )
@@ -95,7 +97,9 @@ class HaproxyDriver:
         timeouts: HaproxyTimeouts = HaproxyTimeouts(),
         haproxy: str | None = None,
         terminate_mode: TerminateMode = "http",
+        custom_domains: CustomDomainHook | None = None,
     ) -> None:
+        self.custom_domains = custom_domains
         self.terminate_mode: TerminateMode = terminate_mode
         self.run_dir = Path(run_dir)
         self.base_domain = base_domain
@@ -128,6 +132,8 @@ class HaproxyDriver:
         atomic_write(cert_dir / "wildcard.pem", self._cert.haproxy_pem(self._chain_pem).encode(), mode=0o600)
         atomic_write(Path(self.paths.http_map), render_map(self.plan.http_map).encode(), mode=0o600)
         atomic_write(Path(self.paths.tcp_map), render_map(self.plan.tcp_map).encode(), mode=0o600)
+        if self.custom_domains is not None:
+            atomic_write(Path(self.paths.lua), render_lua(self.custom_domains).encode(), mode=0o600)
         config = render_config(
             bind_host=self.bind_host,
             port=self.port,
@@ -136,6 +142,8 @@ class HaproxyDriver:
             plan=self.plan,
             timeouts=self.timeouts,
             terminate_mode=self.terminate_mode,
+            custom_domains=self.custom_domains,
+            base_domain=self.base_domain,
         )
         atomic_write(Path(self.paths.config), config.encode(), mode=0o600)
 
@@ -256,10 +264,13 @@ class HaproxyDriver:
             raise DataPlaneError(f"HAProxy's admin socket: {exc}") from exc
         return answer.decode(errors="replace")
 
-    def apply(self, routes: Iterable[Route]) -> list[str]:
-        """Move HAProxy to the plan for `routes` at run time. Returns the commands sent."""
+    def apply(
+        self, routes: Iterable[Route], custom_domains: Mapping[str, tuple[str, int]] | None = None
+    ) -> list[str]:
+        """Move HAProxy to the plan for `routes` (and resolved custom domains) at run time. Returns the
+        commands sent."""
         with self._lock:
-            new = plan(routes, self.base_domain, self.limits, self.plan)
+            new = plan(routes, self.base_domain, self.limits, self.plan, custom_domains)
             cmds = runtime_commands(self.plan, new, self.paths, self.limits)
             try:
                 for cmd in cmds:

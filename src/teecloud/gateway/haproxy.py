@@ -24,10 +24,12 @@ from typing import Literal
 from teecloud.gateway.routing import DataPlaneLimits, Plan, backend_names, split_address
 
 __all__ = [
+    "CustomDomainHook",
     "HaproxyPaths",
     "HaproxyTimeouts",
     "TerminateMode",
     "render_config",
+    "render_lua",
     "render_map",
     "runtime_commands",
 ]
@@ -61,8 +63,44 @@ class HaproxyPaths:
         return f"{self.run_dir}/metrics.sock"
 
     @property
+    def lua(self) -> str:
+        return f"{self.run_dir}/custom_domains.lua"
+
+    @property
     def cert_dir(self) -> str:
         return f"{self.run_dir}/certs"
+
+
+@dataclass(frozen=True)
+class CustomDomainHook:
+    """Where fe_sni asks the gateway which backend serves a custom domain (a TLS name outside the base
+    domain and not in passthrough.map): `GET /resolve/<sni>` on 127.0.0.1:`port`, with `token`."""
+
+    port: int
+    token: str  # hex; the Lua file holding it is 0600 in the 0700 run directory
+
+
+def render_lua(hook: CustomDomainHook) -> str:
+    """The Lua action: for a syntactically sane SNI, ask the gateway (2 s at most) and set
+    `txn.custom_backend` to the answer when it is one of the passthrough backends (bt<i>)."""
+    if not hook.token.isalnum() or not 1 <= hook.port <= 65535:
+        raise ValueError("bad custom domain hook")
+    return f"""-- Rendered by teecloud.gateway.haproxy: custom domains (passthrough only).
+core.register_action("teecloud_custom_domain", {{ "tcp-req" }}, function(txn)
+    local sni = txn.f:req_ssl_sni()
+    if sni == nil or #sni < 3 or #sni > 253 or not sni:match("^[%w%.%-]+$") then return end
+    local s = core.tcp()
+    s:settimeout(2)
+    if not s:connect("127.0.0.1", {hook.port}) then return end
+    s:send("GET /resolve/" .. sni:lower() .. " HTTP/1.0\\r\\nHost: gateway\\r\\n"
+        .. "X-Teecloud-Hook: {hook.token}\\r\\n\\r\\n")
+    local answer = s:receive("*a")
+    s:close()
+    if answer == nil then return end
+    local backend = answer:match("\\r\\n\\r\\n(bt%d+)$")
+    if backend ~= nil then txn:set_var("txn.custom_backend", backend) end
+end, 0)
+"""
 
 
 @dataclass(frozen=True)
@@ -90,6 +128,8 @@ def render_config(
     timeouts: HaproxyTimeouts = HaproxyTimeouts(),
     max_header_bytes: int = 16384,
     terminate_mode: TerminateMode = "http",
+    custom_domains: CustomDomainHook | None = None,
+    base_domain: str = "",
 ) -> str:
     """The whole configuration; the plan's servers are written in (a restart starts with current routes).
     `terminate_mode` "http" parses HTTP after TLS (421 for a Host that is not the TLS name or an unknown
@@ -107,6 +147,7 @@ def render_config(
         "    hard-stop-after 60s",  # after a reload, the old worker's connections end within this
         f"    tune.bufsize {max(16384, max_header_bytes + 1024)}",
         "    tune.http.maxhdr 101",
+        *([f"    lua-load {paths.lua}", "    tune.lua.session-timeout 3s"] if custom_domains else []),
         "    ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets",
         "    ssl-default-bind-ciphersuites "
         "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256",
@@ -127,8 +168,23 @@ def render_config(
         "    mode tcp",
         f"    bind {host}:{port}",
         f"    tcp-request inspect-delay {t.hello_timeout_s}s",
+        *(
+            [
+                # before `accept`, which ends the rules: a name outside the base domain and not a route
+                "    tcp-request content lua.teecloud_custom_domain if { req.ssl_hello_type 1 } "
+                f"{{ req.ssl_sni -m found }} !{{ req.ssl_sni,lower,map({paths.tcp_map}) -m found }} "
+                f"!{{ req.ssl_sni,lower -m end .{base_domain} }}",
+            ]
+            if custom_domains
+            else []
+        ),
         "    tcp-request content accept if { req.ssl_hello_type 1 }",
         "    tcp-request content reject",
+        *(
+            ["    use_backend %[var(txn.custom_backend)] if { var(txn.custom_backend) -m found }"]
+            if custom_domains
+            else []
+        ),
         f"    use_backend %[req.ssl_sni,lower,map({paths.tcp_map})] "
         f"if {{ req.ssl_sni,lower,map({paths.tcp_map}) -m found }}",
         "    default_backend be_terminate",
@@ -171,9 +227,10 @@ def render_config(
             f"    use_backend %[ssl_fc_sni,lower,map({paths.http_map})]",
             "",
         ]
-    for mode in ("http", "tcp"):
+    for mode in ("http", "tcp", "grpc"):
+        proto = " proto h2" if mode == "grpc" and terminate_mode == "http" else ""  # h2c to the CVM
         for backend in backend_names(mode, limits):
-            backend_mode = mode if terminate_mode == "http" else "tcp"
+            backend_mode = "tcp" if mode == "tcp" or terminate_mode == "tcp" else "http"
             lines += [
                 f"backend {backend}",
                 f"    mode {backend_mode}",
@@ -193,11 +250,13 @@ def render_config(
                 ]
             for i, address in enumerate(plan.backend_servers(backend, limits)):
                 if address is None:
-                    lines.append(f"    server s{i} 127.0.0.1:1 disabled maxconn {limits.max_conn_per_server}")
+                    lines.append(
+                        f"    server s{i} 127.0.0.1:1 disabled maxconn {limits.max_conn_per_server}{proto}"
+                    )
                 else:
                     ip, p = split_address(address)
                     ip = f"[{ip}]" if ":" in ip else ip
-                    lines.append(f"    server s{i} {ip}:{p} maxconn {limits.max_conn_per_server}")
+                    lines.append(f"    server s{i} {ip}:{p} maxconn {limits.max_conn_per_server}{proto}")
             lines.append("")
     return "\n".join(lines)
 

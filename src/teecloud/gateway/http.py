@@ -16,10 +16,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from teecloud._asgi import BoundedBody
 from teecloud.gateway import api
 from teecloud.gateway.driver import unix_exchange
-from teecloud.gateway.errors import GatewayError, RegistrationRefused
+from teecloud.gateway.errors import BadHostName, GatewayError, RegistrationRefused
 from teecloud.gateway.service import GatewayService
 
-__all__ = ["PEER_CERT_STATE_KEY", "make_admin_app", "make_registration_app"]
+__all__ = ["PEER_CERT_STATE_KEY", "make_admin_app", "make_custom_domain_app", "make_registration_app"]
 
 PEER_CERT_STATE_KEY = "teecloud.gateway.tls_peer_cert_der"
 MAX_BODY = 16 * 1024
@@ -149,3 +149,26 @@ def fetch_unix_http(path: str, target: str, *, timeout: float = 5.0, max_bytes: 
     )
     _head, _sep, body = raw.partition(b"\r\n\r\n")
     return body
+
+
+def make_custom_domain_app(resolve: Callable[[str], str | None], *, token: str) -> FastAPI:
+    """HAProxy's Lua hook asks `GET /resolve/<sni>` (header X-Teecloud-Hook: <token>); the answer is the
+    passthrough backend serving that custom domain, or `-` (none: the connection gets a TLS alert)."""
+    if len(token) < 16:
+        raise ValueError("the custom domain hook needs a token of at least 16 characters")
+    app = FastAPI(title="teecloud gateway custom domain hook", docs_url=None, redoc_url=None)
+    _common(app)
+    expected = token.encode()
+
+    @app.get("/resolve/{sni}")
+    def resolve_sni(request: Request, sni: str) -> Response:
+        got = request.headers.get("x-teecloud-hook", "").encode()
+        if not hmac.compare_digest(got, expected):
+            return PlainTextResponse("-", status_code=401)
+        try:
+            backend = resolve(sni[:300])
+        except BadHostName as exc:
+            return PlainTextResponse(f"- {str(exc)[:200]}", status_code=400)
+        return PlainTextResponse(backend or "-")
+
+    return app

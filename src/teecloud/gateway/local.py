@@ -5,8 +5,10 @@ ports. On a real CVM the guest runs `teecloud.gateway.client.Registrar` itself. 
 0.25 s while an instance that booted (its certificate was issued) is not registered yet, so a deploy
 waits for its route well under a second.
 
-    NodeRegistrar(gateway_urls, ca_pem, boots, running).start()
+    NodeRegistrar(gateway_urls, ca_pem, boots, running, app_compose=...).start()
         running() -> [(instance_id hex, [(app port, host ip, host port), ...]), ...]   (from the node API)
+        app_compose(instance_id hex) -> its app-compose.json text, sent so the gateway applies its port
+                                        policy (None: no policy sent)
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ class NodeRegistrar:
         running: Callable[[], list[RunningInstance]],
         *,
         interval_s: float = 10.0,
+        app_compose: Callable[[str], str | None] | None = None,
     ) -> None:
+        # instance_id hex -> its app-compose.json text (the gateway applies its port policy), or None
+        self.app_compose = app_compose
         self.gateway_urls = list(gateway_urls)
         self.ca_pem = ca_pem
         self.boots = boots
@@ -68,9 +73,14 @@ class NodeRegistrar:
             if issued is None or not endpoints:
                 continue  # booted before this process made certificates, or nothing published
             done = 0
+            try:
+                compose = self.app_compose(instance_id) if self.app_compose is not None else None
+            except (OSError, ValueError) as exc:  # its files are gone (it stopped): next round
+                log.warning("cannot read the app-compose.json of %s: %s", instance_id[:12], exc)
+                continue
             for url in self.gateway_urls:
                 try:
-                    register(url, issued[0], issued[1], endpoints, ca_pem=self.ca_pem)
+                    register(url, issued[0], issued[1], endpoints, ca_pem=self.ca_pem, app_compose=compose)
                     ok += 1
                     done += 1
                 except GatewayError as exc:

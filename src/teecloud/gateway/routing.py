@@ -3,11 +3,13 @@
 Names are dstack's: `<id>[-<port>][s].<base_domain>`, where `<id>` is an app_id (balanced over the app's
 registered instances) or an instance_id (pins one CVM), both 40 hex digits; `<port>` defaults to 80; no
 suffix = TLS terminated at the gateway (HTTP/1.1 and WebSocket to the CVM); `s` = TLS passthrough (the
-client's TLS reaches the app's own certificate). `g` (gRPC / h2c) is not served yet: such names are refused.
+client's TLS reaches the app's own certificate); `g` = TLS terminated, then HTTP/2 cleartext (h2c, gRPC) to
+the CVM.
 
     parse_host(name, base)            -> HostName        what a name asks for, or BadHostName
     route_hosts(route, base)          -> hosts           every name a route answers to
-    plan(routes, base, limits, prev)  -> Plan            HAProxy's map entries and server slots for the
+    plan(routes, base, limits, prev, custom_domains)     (custom_domains: resolved domain -> (app_id, port))
+                                      -> Plan            HAProxy's map entries and server slots for the
                                                          routes; sticky (a group keeps its backend and an
                                                          address its server slot), so a change is small
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,7 +40,10 @@ MAX_HOST_NAME = 253  # RFC 1035
 _ID = re.compile(r"[0-9a-f]{40}")
 _FIRST_LABEL = re.compile(r"(?P<id>[0-9a-f]{40})(?:-(?P<port>[1-9][0-9]{0,4}))?(?P<suffix>[sg]?)")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-Mode = Literal["http", "tcp"]
+Mode = Literal["http", "tcp", "grpc"]
+_SUFFIX: dict[str, str] = {"http": "", "tcp": "s", "grpc": "g"}
+_PREFIX: dict[str, str] = {"http": "bh", "tcp": "bt", "grpc": "bg"}
+_BY_SUFFIX: dict[str, Mode] = {"": "http", "s": "tcp", "g": "grpc"}
 
 
 @dataclass(frozen=True)
@@ -49,12 +54,15 @@ class DataPlaneLimits:
 
     http_backends: int = 64
     tcp_backends: int = 64
+    grpc_backends: int = 16  # `g` names: HTTP/2 cleartext (h2c) toward the CVM; 0 = not served
     servers_per_backend: int = 8
     max_conn_per_server: int = 256
     max_conn_per_app: int = 1024
     max_connections: int = 4096
 
     def __post_init__(self) -> None:
+        if not 0 <= self.grpc_backends <= 4096:
+            raise GatewayUsageError("grpc_backends must be in 0..4096")
         for name in ("http_backends", "tcp_backends", "servers_per_backend"):
             if not 1 <= getattr(self, name) <= 4096:
                 raise GatewayUsageError(f"{name} must be in 1..4096")
@@ -99,9 +107,7 @@ def parse_host(name: str | bytes, base: str) -> HostName:
     port = int(m["port"] or 80)
     if port > 65535:
         raise BadHostName(f"port {port} is out of range")
-    if m["suffix"] == "g":
-        raise BadHostName("gRPC names (suffix g) are not served by this gateway yet")
-    return HostName(m["id"], port, "tcp" if m["suffix"] == "s" else "http")
+    return HostName(m["id"], port, _BY_SUFFIX[m["suffix"]])
 
 
 @dataclass(frozen=True, order=True)
@@ -155,6 +161,8 @@ def route_hosts(route: Route, base: str) -> dict[str, Mode]:
             out[n] = "http"
         for n in _names(ident, route.port, "s", base):
             out[n] = "tcp"
+        for n in _names(ident, route.port, "g", base):
+            out[n] = "grpc"
     return out
 
 
@@ -177,11 +185,17 @@ class Plan:
 
 
 def backend_names(mode: Mode, limits: DataPlaneLimits) -> list[str]:
-    n = limits.http_backends if mode == "http" else limits.tcp_backends
-    return [f"{'bh' if mode == 'http' else 'bt'}{i}" for i in range(n)]
+    n = {"http": limits.http_backends, "tcp": limits.tcp_backends, "grpc": limits.grpc_backends}[mode]
+    return [f"{_PREFIX[mode]}{i}" for i in range(n)]
 
 
-def plan(routes: Iterable[Route], base: str, limits: DataPlaneLimits, previous: Plan | None = None) -> Plan:
+def plan(
+    routes: Iterable[Route],
+    base: str,
+    limits: DataPlaneLimits,
+    previous: Plan | None = None,
+    custom_domains: Mapping[str, tuple[str, int]] | None = None,
+) -> Plan:
     """The data plane for `routes`. A group keeps the backend it had in `previous`, an address its server
     slot, so that a change touches only what changed. Raises CapacityExceeded when the slots run out."""
     prev = previous or Plan()
@@ -190,7 +204,8 @@ def plan(routes: Iterable[Route], base: str, limits: DataPlaneLimits, previous: 
         members.setdefault(("app", r.app_id, r.port), set()).add(r.address)
         members.setdefault(("instance", r.instance_id, r.port), set()).add(r.address)
     out = Plan()
-    for mode in ("http", "tcp"):
+    modes: tuple[Mode, ...] = ("http", "tcp", "grpc") if limits.grpc_backends else ("http", "tcp")
+    for mode in modes:
         names = backend_names(mode, limits)
         used = {prev.groups[(mode, g)] for g in members if (mode, g) in prev.groups}
         free = [b for b in names if b not in used]
@@ -205,8 +220,15 @@ def plan(routes: Iterable[Route], base: str, limits: DataPlaneLimits, previous: 
                 sorted(members[group]), prev.servers.get(backend), limits.servers_per_backend
             )
             _kind, ident, port = group
-            for host in _names(ident, port, "" if mode == "http" else "s", base):
-                (out.http_map if mode == "http" else out.tcp_map)[host] = backend
+            for host in _names(ident, port, _SUFFIX[mode], base):
+                (out.tcp_map if mode == "tcp" else out.http_map)[host] = backend
+    # custom domains (resolved from TXT by the gateway): passthrough to the app port's backend, only while
+    # that app has routes for that port; derived in the same plan, so a slot given to another group never
+    # keeps a stale custom domain entry
+    for domain, (app_id, port) in sorted((custom_domains or {}).items()):
+        backend = out.groups.get(("tcp", ("app", app_id, port)))
+        if backend is not None and domain not in out.tcp_map:
+            out.tcp_map[domain] = backend
     return out
 
 

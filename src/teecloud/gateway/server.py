@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import socket
 import ssl
 import tempfile
@@ -24,10 +25,18 @@ from teecloud._fs import atomic_write
 from teecloud._serve import LimitedH11Protocol, LimitedServer, ServeLimits, limited_config
 from teecloud.gateway import api
 from teecloud.gateway.client import temp_ca
+from teecloud.gateway.customdomain import CustomDomains
 from teecloud.gateway.devca import DevCa
 from teecloud.gateway.driver import HaproxyDriver
 from teecloud.gateway.errors import DataPlaneError, GatewayUsageError
-from teecloud.gateway.http import PEER_CERT_STATE_KEY, fetch_unix_http, make_admin_app, make_registration_app
+from teecloud.gateway.haproxy import CustomDomainHook
+from teecloud.gateway.http import (
+    PEER_CERT_STATE_KEY,
+    fetch_unix_http,
+    make_admin_app,
+    make_custom_domain_app,
+    make_registration_app,
+)
 from teecloud.gateway.registry import Registry
 from teecloud.gateway.routing import DataPlaneLimits, check_base_domain
 from teecloud.gateway.service import GatewayService
@@ -40,6 +49,7 @@ log = logging.getLogger("teecloud.gateway")
 
 GATEWAY_REGISTER = ServeLimits(max_connections=256, backlog=1024)
 GATEWAY_ADMIN = ServeLimits(max_connections=16, backlog=16)
+GATEWAY_HOOK = ServeLimits(max_connections=256, backlog=1024)  # HAProxy's Lua asks once per connection
 # OpenSSL X509_V_FLAG_NO_CHECK_TIME: certificate dates are checked by the peer verifier, with a reason.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 
@@ -78,6 +88,7 @@ class GatewayServer:
         ttl_s: float = 90.0,
         backend_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
         clock: Callable[[], float] = time.time,
+        custom_domains: CustomDomains | None = None,
     ) -> None:
         if not admin_token or len(admin_token) < 16:
             raise GatewayUsageError("the gateway's admin listener needs a token of at least 16 characters")
@@ -89,6 +100,10 @@ class GatewayServer:
         now = int(clock())
         self.ca = DevCa(now=now)
         self.wildcard = self.ca.issue_wildcard(self.base_domain, now=now)
+        self.custom_domains = custom_domains
+        self.hook = (
+            CustomDomainHook(free_port(host), secrets.token_hex(16)) if custom_domains is not None else None
+        )
         self.driver = HaproxyDriver(
             self.home / "run",
             base_domain=self.base_domain,
@@ -97,6 +112,7 @@ class GatewayServer:
             cert=self.wildcard,
             chain_pem=self.ca.cert_pem,
             limits=limits,
+            custom_domains=self.hook,
         )
         self.registry = Registry(ttl_s=ttl_s)
         self.service = GatewayService(
@@ -114,7 +130,13 @@ class GatewayServer:
         self._admin_port = admin_port
         self.registration_port = 0
         self.admin_port = 0
-        self._applied = -1
+        self._applied: tuple[int, int] | None = None
+        # custom domains resolved to a registered app port, pinned into passthrough.map until their TXT
+        # TTL ends, so only a domain's first connections per TTL (until the next tick, <= 1 s) ask the
+        # gateway (domain -> app, port, end)
+        self._pins: dict[str, tuple[str, int, float]] = {}
+        self._pins_version = 0
+        self._pins_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._servers: list[LimitedServer] = []
         self._thread: threading.Thread | None = None
@@ -171,10 +193,11 @@ class GatewayServer:
     def _haproxy_metrics(self) -> bytes:
         """HAProxy's exporter, each slot backend's series labelled with the route group it serves
         (`app_id` + `port`, or `instance_id` + `port`)."""
+        own = self.custom_domains.metrics().encode() if self.custom_domains is not None else b""
         try:
-            text = fetch_unix_http(self.driver.paths.metrics_socket, "/metrics")
+            text = own + fetch_unix_http(self.driver.paths.metrics_socket, "/metrics")
         except OSError:
-            return b"# HAProxy's exporter did not answer\n"
+            return own + b"# HAProxy's exporter did not answer\n"
         labels: dict[bytes, bytes] = {}
         for (_mode, (kind, ident, port)), backend in self.driver.plan.groups.items():
             key = "app_id" if kind == "app" else "instance_id"
@@ -183,8 +206,27 @@ class GatewayServer:
             )
         if not labels:
             return text
-        pattern = re.compile(rb'proxy="b[ht]\d+"')
+        pattern = re.compile(rb'proxy="b[htg]\d+"')
         return pattern.sub(lambda m: labels.get(m.group(0), m.group(0)), text)
+
+    def resolve_custom_domain(self, sni: str) -> str | None:
+        """The passthrough backend serving a custom domain: its TXT record's app must be registered here for
+        that port (and not drained); None otherwise. BadHostName for a name that is not one."""
+        if self.custom_domains is None:
+            return None
+        found, expires_at = self.custom_domains.lookup_until(sni)
+        if found is None:
+            return None
+        app_id, port = found
+        backend = self.driver.plan.groups.get(("tcp", ("app", app_id, port)))
+        if backend is not None and expires_at > self.custom_domains.clock():
+            name = sni.lower().removesuffix(".")
+            with self._pins_lock:
+                if name not in self._pins and len(self._pins) < self.custom_domains.max_entries:
+                    self._pins[name] = (app_id, port, expires_at)
+                    self._pins_version += 1
+            # the tick (within 1 s) moves it into passthrough.map: this connection is not delayed by it
+        return backend
 
     def start(self, timeout: float = 20.0) -> GatewayServer:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -213,6 +255,15 @@ class GatewayServer:
             name="gateway admin listener",
         )
         self._servers = [reg, admin]
+        if self.hook is not None:
+            hook_app = make_custom_domain_app(self.resolve_custom_domain, token=self.hook.token)
+            self._servers.append(
+                LimitedServer(
+                    limited_config(hook_app, GATEWAY_HOOK, host="127.0.0.1", port=self.hook.port),
+                    GATEWAY_HOOK,
+                    name="gateway custom domain hook",
+                )
+            )
         self._thread = threading.Thread(target=self._run, name="teecloud-gateway", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -224,6 +275,8 @@ class GatewayServer:
         self.registration_port = reg.servers[0].sockets[0].getsockname()[1]
         self.admin_port = admin.servers[0].sockets[0].getsockname()[1]
         self.service.reserved_ports = {self.public_port, self.registration_port, self.admin_port}
+        if self.hook is not None:
+            self.service.reserved_ports.add(self.hook.port)
         self._stop.clear()
         self._ticker = threading.Thread(target=self._tick_loop, name="teecloud-gateway-tick", daemon=True)
         self._ticker.start()
@@ -243,21 +296,36 @@ class GatewayServer:
         """Once a second: expire registrations, supervise HAProxy, move routes."""
         try:
             self.registry.sweep(self.clock())
+            self._expire_pins()
             if self.driver.check():
-                self._applied = -1
+                self._applied = None
             self.sync()
         except Exception:  # the loop must go on; the error is logged and counted
             self.sync_errors += 1
             log.exception("gateway tick failed")
 
     def sync(self) -> None:
-        """Move HAProxy to the registry's routes, if they changed since the last move."""
+        """Move HAProxy to the registry's routes (and pinned custom domains), if they changed since the last
+        move."""
         with self._sync_lock:
-            version = self.registry.version
+            version = (self.registry.version, self._pins_version)
             if version == self._applied:
                 return
-            self.driver.apply(self.registry.routes(self.clock()))
+            with self._pins_lock:
+                pins = {d: (a, p) for d, (a, p, _exp) in self._pins.items()}
+            self.driver.apply(self.registry.routes(self.clock()), pins)
             self._applied = version
+
+    def _expire_pins(self) -> None:
+        if self.custom_domains is None:
+            return
+        now = self.custom_domains.clock()
+        with self._pins_lock:
+            dead = [d for d, (_a, _p, exp) in self._pins.items() if exp <= now]
+            for d in dead:
+                del self._pins[d]
+            if dead:
+                self._pins_version += 1
 
     def stop(self) -> None:
         self._stop.set()

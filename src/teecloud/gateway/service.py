@@ -11,7 +11,11 @@
   (5) chain       teecloud.peer.ChainGate.app_allowed: KmsAuth.isAppAllowed (allowed compose hash, instance
                   not retired), read at most one block old; a refusal here also removes the instance's
                   current routes (its hash was removed or it was retired)                        `chain`
-  (6) routes      the body's endpoints (bounded, IP literals inside `backend_networks`, never one of the
+  (6) policy      if the body carries the app-compose.json: sha256(normalized) must equal the attested
+                  compose hash (boot_info), then its port_policy applies: with restrict_mode only listed
+                  ports get routes (others are not routed, so refused at accept); a port asking
+                  PROXY v2 (`pp`) is refused (not sent yet)                          `compose`/`port_policy`
+  (7) routes      the body's endpoints (bounded, IP literals inside `backend_networks`, never one of the
                   gateway's own listeners) become routes for this instance only                 `request`
 
 Known limit: the CVM names its own endpoint addresses. Within `backend_networks` it could point its own
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 
 from teecloud.gateway import api
 from teecloud.gateway.errors import CapacityExceeded, GatewayUsageError, RegistrationRefused
+from teecloud.gateway.portpolicy import UNRESTRICTED, BadPortPolicy, port_policy_of
 from teecloud.gateway.registry import Registry
 from teecloud.gateway.routing import Route, format_address, split_address
 from teecloud.peer import ChainGate, PeerRejected, PeerVerifier, require_boot_time
@@ -117,12 +122,29 @@ class GatewayService:
                 self.on_change()
             raise RegistrationRefused(exc.reason, step=exc.step) from exc
         # (6)
+        policy = UNRESTRICTED
+        if request.app_compose is not None:
+            try:
+                policy = port_policy_of(
+                    request.app_compose.encode("utf-8", "surrogatepass"), peer.compose_hash
+                )
+            except BadPortPolicy as exc:
+                raise RegistrationRefused(str(exc), step="compose") from exc
+        # (7)
         routes: list[Route] = []
         ports: set[int] = set()
         for ep in request.endpoints:
             if ep.port in ports:
                 raise RegistrationRefused(f"port {ep.port} is listed twice", step="request")
             ports.add(ep.port)
+            if not policy.allows(ep.port):
+                log.info("app %s: port %d is not in its port_policy; not routed", app_id[:12], ep.port)
+                continue
+            if policy.wants_proxy_protocol(ep.port):
+                raise RegistrationRefused(
+                    f"port {ep.port} asks for PROXY protocol v2 (pp), which this gateway does not send yet",
+                    step="port_policy",
+                )
             try:
                 host, port = split_address(f"[{ep.host}]:{ep.host_port}")
                 ip = ipaddress.ip_address(host)

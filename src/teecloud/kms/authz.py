@@ -30,7 +30,7 @@ from teecloud import appcompose, vmconfig
 from teecloud.attestation.boottime import BootMeasurement
 from teecloud.attestation.models import VerifiedEvidence
 from teecloud.chain.api import BootInfo
-from teecloud.kms.challenge import BootChallenges
+from teecloud.kms.challenge import BootChallenges, FirstUseLedger
 from teecloud.kms.errors import AccessDenied
 from teecloud.peer import AttestedPeer, AuthChain, ChainGate, FreshBlockNumber, PeerRejected, PeerVerifier
 from teecloud.peer import require_boot_time as peer_require_boot_time
@@ -165,6 +165,7 @@ class Authorizer:
         dev_mode: bool,
         challenges: BootChallenges | None = None,
         require_app_compose: bool = False,
+        onboarding: FirstUseLedger | None = None,
     ) -> None:
         # --- gpu gate: True refuses GetAppKey without the app-compose (so that every app's GPU requirement
         # is read); False trusts an absent one to require nothing, for callers that do not send it yet
@@ -172,6 +173,7 @@ class Authorizer:
         self.peers = peers
         self.chain = chain
         self.challenges = challenges if challenges is not None else BootChallenges()
+        self.onboarding = onboarding if onboarding is not None else FirstUseLedger(None)
         self.os_image_reference = os_image_reference
         self.dev_mode = dev_mode
 
@@ -236,6 +238,8 @@ class Authorizer:
             ctx["boot_info"] = boot_info_to_json(peer.boot_info)
         require_boot_time(peer)
         reason = self.chain.kms_allowed(peer.boot_info)
+        # Last: only a request that passed every other step counts against its evidence's first use.
+        self.onboarding.redeem(peer.evidence.report_data)
         return AuthorizedKms(peer, reason, _SEAL)
 
     def attest(self, cert_der: bytes | None) -> AttestedPeer:

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from teecloud._fs import atomic_write
 from teecloud.kms.errors import AccessDenied
 
-__all__ = ["MAX_TOKENS", "TOKEN_SIZE", "BootChallenges"]
+__all__ = ["MAX_TOKENS", "TOKEN_SIZE", "BootChallenges", "FirstUseLedger"]
 
 _VERSION = b"\x01"
 TOKEN_SIZE = 65
@@ -110,3 +113,68 @@ class BootChallenges:
             if token not in self._uses and len(self._uses) >= self._max_entries:
                 raise AccessDenied("too many boots in progress; retry shortly", step="boot_nonce")
             self._uses[token] = (issued_at, uses + 1)
+
+
+class FirstUseLedger:
+    """What binds KMS onboarding (GetKmsKey) to one boot, where a boot-nonce cannot: KmsAuth pins a KMS
+    build's whole measurement, which a per-boot value in RTMR3 would change (docs/threat-model.md). The
+    onboarding request's report_data binds the new KMS's fresh RA-TLS key; this ledger remembers when each
+    binding was first used and refuses it after `window_s` or `max_uses`, so a captured boot-time onboarding
+    quote and key are useless later. Kept in a file (atomic replace) so a restart of this KMS does not
+    forget; bounded to `max_entries` (a full ledger refuses new onboardings with a reason: onboardings are
+    rare). A file that does not parse refuses every onboarding (fail closed) rather than starting afresh."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        window_s: int = 600,
+        max_uses: int = 4,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.window_s = window_s
+        self.max_uses = max_uses
+        self._max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._broken = ""
+        self._seen: dict[str, list[int]] = {}  # hex(sha256(binding)) -> [first_seen, uses]
+        if path is not None and path.exists():
+            try:
+                doc = json.loads(path.read_bytes())
+                if not isinstance(doc, dict) or not all(
+                    isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)
+                    for v in doc.values()
+                ):
+                    raise ValueError("not a map of [first_seen, uses]")
+                self._seen = {str(k): [int(v[0]), int(v[1])] for k, v in doc.items()}
+            except (OSError, ValueError) as exc:
+                self._broken = f"the onboarding ledger {path.name} is unreadable ({exc}); refusing onboarding"
+
+    def redeem(self, binding: bytes) -> None:
+        """Count one onboarding request for `binding` (the quote's report_data). Raises AccessDenied (step
+        `boot_nonce`) when it was first used too long ago, too often, or the ledger cannot be trusted."""
+        if self._broken:
+            raise AccessDenied(self._broken, step="boot_nonce")
+        key = hashlib.sha256(bytes(binding)).hexdigest()
+        now = int(self._clock())
+        with self._lock:
+            first, uses = self._seen.get(key, [now, 0])
+            if now - first > self.window_s:
+                raise AccessDenied(
+                    f"this onboarding evidence was first used {now - first} s ago; a KMS boot has "
+                    f"{self.window_s} s to onboard (a captured onboarding quote is never enough)",
+                    step="boot_nonce",
+                )
+            if uses >= self.max_uses:
+                raise AccessDenied(
+                    f"this onboarding evidence was already used {uses} times (at most {self.max_uses})",
+                    step="boot_nonce",
+                )
+            if key not in self._seen and len(self._seen) >= self._max_entries:
+                raise AccessDenied("the onboarding ledger is full; refusing onboarding", step="boot_nonce")
+            self._seen[key] = [first, uses + 1]
+            if self.path is not None:
+                atomic_write(self.path, json.dumps(self._seen, sort_keys=True).encode())

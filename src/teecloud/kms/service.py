@@ -43,7 +43,7 @@ from teecloud.kms.authz import (
     parse_vm_config,
 )
 from teecloud.kms.bootstrap import KmsIdentity, KmsState
-from teecloud.kms.challenge import BootChallenges
+from teecloud.kms.challenge import BootChallenges, FirstUseLedger
 from teecloud.kms.errors import AccessDenied, KmsUsageError, SealingError
 from teecloud.kms.issuer import KeyIssuer
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
@@ -202,6 +202,8 @@ class KmsService:
             dev_mode=self.config.dev_mode,
             challenges=self.challenges,
             require_app_compose=self.config.require_app_compose,
+            # beside the audit log: this KMS's data directory (a restart must not forget)
+            onboarding=FirstUseLedger(audit.path.parent / "onboarding-ledger.json", clock=clock),
         )
         self.keys: RootKeyHolder = root_keys if root_keys is not None else LocalRootKeys(state)
         self.issuer = KeyIssuer(

@@ -1,0 +1,164 @@
+"""The port policy from app-compose.json, through registration and real HAProxy: the gateway reads the policy
+only from the app-compose.json whose normalized sha256 is the attested compose hash, and with restrict_mode an
+unlisted port gets no route (421 at accept, the backend sees nothing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from teecloud.agent.boot import boot
+from teecloud.agent.keyprovider import LocalDevKeyProvider
+from teecloud.agent.service import AgentService
+from teecloud.appcompose import compose_hash, normalize_app_compose
+from teecloud.chain import ChainClient
+from teecloud.gateway.client import RegisteringAtBoot, register
+from teecloud.gateway.errors import RegistrationRefused
+from teecloud.gateway.local import NodeRegistrar
+from teecloud.gateway.portpolicy import BadPortPolicy, ComposeHashMismatch, PortPolicy, port_policy_of
+from teecloud.gateway.server import GatewayServer
+from teecloud.tee.simulated import SimulatedTdx
+from tests.gateway.conftest import BASE, Backend
+from tests.gateway.test_registration import Cvm, chain, endpoint, gateway, get, hello
+
+__all__ = ["chain", "gateway"]  # fixtures shared with test_registration
+
+
+def restricted(name: str, ports: list[dict[str, Any]], *, restrict: bool = True) -> dict[str, Any]:
+    return {**hello(name), "port_policy": {"restrict_mode": restrict, "ports": ports}}
+
+
+def boot_with(home: Path, chain: ChainClient, compose: dict[str, Any]) -> Cvm:
+    app_id = bytes.fromhex(chain.register_app(None, compose_hash(compose))[2:])
+    tee = SimulatedTdx(home)
+    provider = RegisteringAtBoot(LocalDevKeyProvider(home))
+    state = boot(
+        tee,
+        normalize_app_compose(compose),
+        app_id,
+        None,
+        provider,
+        extra_events=[("os-image-hash", tee.os_image_hash)],
+    )
+    return Cvm(app_id.hex(), state.instance_id.hex(), provider, AgentService(state), tee)
+
+
+def test_policy_parsing_is_strict() -> None:
+    doc = restricted("p", [{"port": 8080, "pp": False}, {"port": 9000}])
+    raw = normalize_app_compose(doc).encode()
+    policy = port_policy_of(raw, compose_hash(doc))
+    assert policy == PortPolicy(True, ((8080, False), (9000, False)))
+    assert policy.allows(8080) and not policy.allows(8081)
+    assert port_policy_of(normalize_app_compose(hello("x")).encode(), compose_hash(hello("x"))).allows(1)
+    # another document (one byte of policy changed) does not hash to the attested value
+    other = restricted("p", [{"port": 8081}])
+    with pytest.raises(ComposeHashMismatch):
+        port_policy_of(normalize_app_compose(other).encode(), compose_hash(doc))
+    for bad in (
+        {"restrict_mode": "yes", "ports": []},
+        {"restrict_mode": True, "ports": [{"port": 0}]},
+        {"restrict_mode": True, "ports": [{"port": 70000}]},
+        {"restrict_mode": True, "ports": [{"port": True}]},
+        {"restrict_mode": True, "ports": [{"port": 1}, {"port": 1}]},
+        {"restrict_mode": True, "ports": [{"port": 1, "extra": 2}]},
+        {"restrict_mode": True, "ports": [{"port": p} for p in range(1, 300)]},
+        {"restrict_mode": True, "ports": "8080"},
+        ["8080"],
+    ):
+        d = {**hello("b"), "port_policy": bad}
+        with pytest.raises(BadPortPolicy):
+            port_policy_of(normalize_app_compose(d).encode(), compose_hash(d))
+    for junk in (b"", b"\xff\xfe", b"[1]", b"{" * 100_000, b"x" * 2_000_000):
+        with pytest.raises(BadPortPolicy):
+            port_policy_of(junk, compose_hash(doc))
+
+
+def test_restrict_mode_routes_only_listed_ports(
+    teecloud_home: Path, chain: ChainClient, gateway: GatewayServer
+) -> None:
+    compose = restricted("policy", [{"port": 8080, "pp": False}])
+    cvm = boot_with(teecloud_home, chain, compose)
+    listed, unlisted = Backend("listed"), Backend("unlisted")
+    url, ca = gateway.registration_url, gateway.ca.cert_pem
+    try:
+        # a hash mismatch at registration: another document (e.g. one without the restriction) is refused,
+        # and registers nothing
+        loose = restricted("policy", [{"port": 8080}], restrict=False)
+        with pytest.raises(RegistrationRefused) as exc:
+            register(
+                url,
+                cvm.key,
+                cvm.cert_der,
+                [endpoint(listed), endpoint(unlisted, 9000)],
+                ca_pem=ca,
+                app_compose=json.dumps(loose),
+            )
+        assert exc.value.step == "compose"
+        assert gateway.registry.registrations() == []
+        # the booted document, even re-serialized with spaces: its normalized hash is the attested one
+        answer = register(
+            url,
+            cvm.key,
+            cvm.cert_der,
+            [endpoint(listed), endpoint(unlisted, 9000)],
+            ca_pem=ca,
+            app_compose=json.dumps(compose, indent=2),
+        )
+        assert answer.urls == [f"https://{cvm.app_id}-8080.{BASE}:{gateway.public_port}/"]
+        assert get(gateway, f"{cvm.app_id}-8080.{BASE}").text.startswith("listed /")
+        for name in (f"{cvm.app_id}-9000.{BASE}", f"{cvm.instance_id}-9000.{BASE}"):
+            assert get(gateway, name).status_code == 421
+        assert unlisted.requests == 0
+    finally:
+        listed.stop()
+        unlisted.stop()
+
+
+def test_proxy_protocol_port_is_refused_loudly(
+    teecloud_home: Path, chain: ChainClient, gateway: GatewayServer
+) -> None:
+    compose = restricted("pp", [{"port": 8080, "pp": True}])
+    cvm = boot_with(teecloud_home, chain, compose)
+    backend = Backend("pp")
+    try:
+        with pytest.raises(RegistrationRefused) as exc:
+            register(
+                gateway.registration_url,
+                cvm.key,
+                cvm.cert_der,
+                [endpoint(backend)],
+                ca_pem=gateway.ca.cert_pem,
+                app_compose=normalize_app_compose(compose),
+            )
+        assert exc.value.step == "port_policy"
+        assert gateway.registry.registrations() == [] and backend.requests == 0
+    finally:
+        backend.stop()
+
+
+def test_the_local_node_registrar_sends_the_app_compose(
+    teecloud_home: Path, chain: ChainClient, gateway: GatewayServer
+) -> None:
+    compose = restricted("local", [{"port": 8080}])
+    cvm = boot_with(teecloud_home, chain, compose)
+    listed, unlisted = Backend("listed"), Backend("unlisted")
+    try:
+        registrar = NodeRegistrar(
+            [gateway.registration_url],
+            gateway.ca.cert_pem,
+            cvm.provider,
+            lambda: [
+                (cvm.instance_id, [(8080, "127.0.0.1", listed.port), (9000, "127.0.0.1", unlisted.port)])
+            ],
+            app_compose=lambda iid: normalize_app_compose(compose) if iid == cvm.instance_id else None,
+        )
+        assert registrar.register_all() == 1
+        [reg] = gateway.registry.registrations()
+        assert [r.port for r in reg.routes] == [8080]
+        assert get(gateway, f"{cvm.app_id}-9000.{BASE}").status_code == 421 and unlisted.requests == 0
+    finally:
+        listed.stop()
+        unlisted.stop()
