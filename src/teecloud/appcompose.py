@@ -21,6 +21,7 @@ __all__ = [
     "MAX_COMPOSE_BYTES",
     "AppComposeError",
     "compose_hash",
+    "gpu_attestation_required",
     "normalize_app_compose",
     "parse_app_compose",
 ]
@@ -83,3 +84,19 @@ def parse_app_compose(text: str | bytes) -> dict[str, Any]:
     if not isinstance(doc.get("runner", "docker-compose"), str):
         raise AppComposeError("app-compose.json: 'runner' must be a string")
     return doc
+
+
+# --- gpu gate
+GPU_ATTESTATION_FIELD = "gpu_attestation"
+
+
+def gpu_attestation_required(app_compose: dict[str, Any]) -> bool:
+    """Whether the compose requires the GPU gate at boot (`"gpu_attestation": "required"`; absent or
+    `"none"`: not required). Part of the compose hash, so measured. Any other value raises AppComposeError."""
+    value = app_compose.get(GPU_ATTESTATION_FIELD, "none")
+    if value not in ("required", "none"):
+        raise AppComposeError(
+            f'app-compose.json: \'{GPU_ATTESTATION_FIELD}\' must be "required" or "none", '
+            f"got {str(value)[:64]!r}"
+        )
+    return bool(value == "required")

@@ -209,7 +209,8 @@ def test_emit_event_extends_rtmr3(client, booted):
 
 
 @pytest.mark.parametrize(
-    "name", ["app-id", "compose-hash", "instance-id", "boot-mr-done", "key-provider", "system-ready"]
+    "name",
+    ["app-id", "compose-hash", "instance-id", "boot-mr-done", "key-provider", "system-ready", "gpu-evidence"],
 )
 def test_reserved_events_refused(client, booted, name):
     import httpx

@@ -60,6 +60,7 @@ RESERVED_EVENTS = frozenset(
         "init-script-hash",
         "gpu-policy-hash",
         "gpu-attestation",
+        "gpu-evidence",  # the GPU gate's event (teecloud.agent.boot)
     }
 )
 

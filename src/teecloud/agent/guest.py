@@ -2,7 +2,8 @@
 the app can start:
 
 (1) measuring  a fresh TEE context (RTMR3 from zero, as in a VM reboot); `boot()` measures system-preparing,
-               app-id, compose-hash, instance-id, boot-mr-done (+ the KMS-mode events) into RTMR3
+               app-id, compose-hash, instance-id, [boot-nonce], [gpu-evidence: the GPU gate, `gpu`],
+               boot-mr-done (+ the KMS-mode events) into RTMR3
 (2) keys       the key provider (the KMS, over mutual RA-TLS) returns the app's keys only if the quote, the
                replayed event log and the chain (`isAppAllowed`) agree; then key-provider, storage-fs and
                system-ready are measured. A refusal stops the boot here: no keys, no app.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from teecloud.agent.boot import AgentState, BootError, boot
+from teecloud.agent.boot import AgentState, BootError, GpuGate, boot
 from teecloud.agent.errors import GuestBootFailed, StorageError
 from teecloud.agent.keyprovider import KeyProvider
 from teecloud.agent.runner import AgentRunner
@@ -78,6 +79,11 @@ class _TimedProvider:
     def info(self) -> dict[str, Any]:
         return self.inner.info()
 
+    def bind_app_compose(self, app_compose: str) -> None:
+        bind = getattr(self.inner, "bind_app_compose", None)
+        if callable(bind):
+            bind(app_compose)
+
     def boot_nonce(self) -> bytes:
         t0 = time.perf_counter()
         try:
@@ -123,6 +129,7 @@ def boot_guest(
     render_env: RenderEnv,
     extra_events: Sequence[tuple[str, bytes]] = (),
     progress: Progress = lambda phase: None,
+    gpu: GpuGate | None = None,
 ) -> BootedGuest:
     """(1)-(5) of the module docstring; raises GuestBootFailed(phase, reason)."""
     timings: dict[str, float] = {}
@@ -139,9 +146,16 @@ def boot_guest(
     provider = _TimedProvider(key_provider)
     try:
         state = boot(
-            tee, app_compose, app_id, instance_id, provider, extra_events=extra_events, storage_fs=STORAGE_FS
+            tee,
+            app_compose,
+            app_id,
+            instance_id,
+            provider,
+            extra_events=extra_events,
+            storage_fs=STORAGE_FS,
+            gpu=gpu,
         )
-    except BootError as exc:
+    except BootError as exc:  # GpuGateFailed ("gpu: ...") included: the GPU gate stops before any key
         raise GuestBootFailed("measuring", str(exc)) from exc
     except Exception as exc:  # the key provider's refusal or failure: KmsDenied, KmsClientError, ...
         raise GuestBootFailed("keys", str(exc) or type(exc).__name__) from exc

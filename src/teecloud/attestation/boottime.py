@@ -15,8 +15,10 @@ event (teecloud.attestation.eventlog), each exactly once, in this order, nothing
     4  instance-id        20 bytes, or empty (an app without per-instance identity)
     5  boot-nonce         OPTIONAL: 1..BOOT_NONCE_MAX_BYTES bytes; what binds a key request to one boot
                           (the KMS's challenges, teecloud.kms.challenge); the KMS requires it for app keys
-    6  boot-mr-done       empty payload
-    7  os-image-hash      OPTIONAL: 32 bytes (KMS mode; dstack measures it after boot-mr-done)
+    6  gpu-evidence       OPTIONAL: 32 bytes, sha256 of the verified GPU evidence set (the GPU gate of
+                          teecloud.agent.boot); the KMS requires it when the measured compose requires it
+    7  boot-mr-done       empty payload
+    8  os-image-hash      OPTIONAL: 32 bytes (KMS mode; dstack measures it after boot-mr-done)
 
 `mr-kms` (measured by older dstack releases, gone at dstack HEAD) and anything else are not in the grammar.
 
@@ -41,6 +43,7 @@ __all__ = [
     "BOOT_MR_DONE_EVENT",
     "BOOT_NONCE_EVENT",
     "BOOT_NONCE_MAX_BYTES",
+    "GPU_EVIDENCE_EVENT",
     "BootMeasurement",
     "check_boot_time",
     "read_boot_measurement",
@@ -50,6 +53,7 @@ __all__ = [
 BOOT_MR_DONE_EVENT = "boot-mr-done"
 BOOT_NONCE_EVENT = "boot-nonce"
 BOOT_NONCE_MAX_BYTES = 1024
+GPU_EVIDENCE_EVENT = "gpu-evidence"
 _RTMR_SIZE = 48
 
 
@@ -62,6 +66,7 @@ class BootMeasurement:
     instance_id: bytes
     boot_nonce: bytes | None = None
     os_image_hash: bytes | None = None
+    gpu_evidence: bytes | None = None
 
     def __post_init__(self) -> None:
         _need(len(self.app_id) == 20, f"app-id must be 20 bytes, got {len(self.app_id)}")
@@ -74,6 +79,11 @@ class BootMeasurement:
             _need(
                 1 <= len(self.boot_nonce) <= BOOT_NONCE_MAX_BYTES,
                 f"boot-nonce must be 1..{BOOT_NONCE_MAX_BYTES} bytes, got {len(self.boot_nonce)}",
+            )
+        if self.gpu_evidence is not None:
+            _need(
+                len(self.gpu_evidence) == 32,
+                f"gpu-evidence must be 32 bytes, got {len(self.gpu_evidence)}",
             )
         if self.os_image_hash is not None:
             _need(
@@ -90,6 +100,8 @@ class BootMeasurement:
         ]
         if self.boot_nonce is not None:
             out.append((BOOT_NONCE_EVENT, self.boot_nonce))
+        if self.gpu_evidence is not None:
+            out.append((GPU_EVIDENCE_EVENT, self.gpu_evidence))
         out.append((BOOT_MR_DONE_EVENT, b""))
         if self.os_image_hash is not None:
             out.append(("os-image-hash", self.os_image_hash))
@@ -120,6 +132,7 @@ _GRAMMAR: tuple[tuple[str, bool], ...] = (
     ("compose-hash", True),
     ("instance-id", True),
     (BOOT_NONCE_EVENT, False),
+    (GPU_EVIDENCE_EVENT, False),
     (BOOT_MR_DONE_EVENT, True),
     ("os-image-hash", False),
 )
@@ -154,6 +167,7 @@ def read_boot_measurement(events: Sequence[tuple[str, bytes]]) -> BootMeasuremen
         instance_id=values["instance-id"],
         boot_nonce=values.get(BOOT_NONCE_EVENT),
         os_image_hash=values.get("os-image-hash"),
+        gpu_evidence=values.get(GPU_EVIDENCE_EVENT),
     )
 
 

@@ -153,6 +153,12 @@ class RegisteringAtBoot:
     def boot_nonce(self) -> bytes:
         return bytes(self.inner.boot_nonce())
 
+    def bind_app_compose(self, app_compose: str) -> None:
+        """Forwarded: the wrapped KMS client sends the compose for the KMS's GPU gate."""
+        bind = getattr(self.inner, "bind_app_compose", None)
+        if callable(bind):
+            bind(app_compose)
+
     def info(self) -> dict[str, Any]:
         return dict(self.inner.info())
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from teecloud.appcompose import MAX_APP_COMPOSE_BYTES
+
 __all__ = [
     "PATH_GET_APP_ENV_ENCRYPT_PUBKEY",
     "PATH_GET_APP_KEY",
@@ -128,6 +130,13 @@ class GetAppKeyRequest(BaseModel):
 
     api_version: int = 1
     vm_config: str = Field(default="", max_length=65536, description="the CVM's VmConfig (JSON)")
+    # --- gpu gate
+    app_compose: str = Field(
+        default="",
+        max_length=MAX_APP_COMPOSE_BYTES,
+        description="the CVM's normalized app-compose.json; believed only when its sha256 is the measured "
+        "compose-hash, then read for `gpu_attestation` (docs/ai.md, the GPU gate)",
+    )
 
 
 class AppKeyResponse(BaseModel):
@@ -149,6 +158,12 @@ class AppKeyResponse(BaseModel):
 class SignCertRequest(BaseModel):
     csr: str = Field(min_length=1, max_length=16384, description="PKCS#10 CSR (PEM)")
     vm_config: str = Field(default="", max_length=65536, description="the CVM's VmConfig (JSON)")
+    # --- gpu gate
+    app_compose: str = Field(
+        default="",
+        max_length=MAX_APP_COMPOSE_BYTES,
+        description="the CVM's normalized app-compose.json, as for GetAppKey (the GPU gate)",
+    )
 
 
 class SignCertResponse(BaseModel):
@@ -207,6 +222,12 @@ class ThresholdEvaluateRequest(BaseModel):
 
     api_version: int = 1
     vm_config: str = Field(default="", max_length=65536, description="the CVM's VmConfig (JSON)")
+    # --- gpu gate
+    app_compose: str = Field(
+        default="",
+        max_length=MAX_APP_COMPOSE_BYTES,
+        description="the CVM's normalized app-compose.json, as for GetAppKey (the GPU gate)",
+    )
 
 
 class ThresholdPartial(BaseModel):

@@ -7,7 +7,9 @@ Every key-releasing handler receives only one of these objects, which only the A
 endpoint cannot skip a step. The steps: the RA-TLS peer verifier (teecloud.peer: quote, event log, policy,
 boot_info); the OS image the event log claims is the one that booted (MRTD, RTMR1, RTMR2, and RTMR0 for the
 VM shape an app states); the boot-time rule (the quoted RTMR3 is exactly the boot grammar's value: keys only
-while a CVM boots); then the chain; for apps, last, the boot-nonce (one of this KMS's fresh challenges).
+while a CVM boots); for GetAppKey, the GPU gate (a measured compose requiring GPU attestation needs a
+measured gpu-evidence event); then the chain; for apps, last, the boot-nonce (one of this KMS's fresh
+challenges).
 
     require_boot_time(peer)           RTMR3 == the boot grammar's replay (teecloud.attestation.boottime)
     ChainAuthorizer.app_allowed(bi)   KmsAuth.isAppAllowed through the chain gate (teecloud.peer.ChainGate)
@@ -19,11 +21,12 @@ exception — is a denial (`AccessDenied(step="chain")`): the KMS never releases
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from teecloud import vmconfig
+from teecloud import appcompose, vmconfig
 from teecloud.attestation.boottime import BootMeasurement
 from teecloud.attestation.models import VerifiedEvidence
 from teecloud.chain.api import BootInfo
@@ -161,8 +164,12 @@ class Authorizer:
         os_image_reference: OsImageReference | None,
         dev_mode: bool,
         challenges: BootChallenges | None = None,
+        require_app_compose: bool = False,
         onboarding: FirstUseLedger | None = None,
     ) -> None:
+        # --- gpu gate: True refuses GetAppKey without the app-compose (so that every app's GPU requirement
+        # is read); False trusts an absent one to require nothing, for callers that do not send it yet
+        self.require_app_compose = require_app_compose
         self.peers = peers
         self.chain = chain
         self.challenges = challenges if challenges is not None else BootChallenges()
@@ -171,19 +178,59 @@ class Authorizer:
         self.dev_mode = dev_mode
 
     def authorize_app(
-        self, cert_der: bytes | None, vm_config: object, *, ctx: dict[str, Any] | None = None
+        self,
+        cert_der: bytes | None,
+        vm_config: object,
+        *,
+        ctx: dict[str, Any] | None = None,
+        app_compose: str = "",
     ) -> AuthorizedApp:
-        """`ctx`, when given, receives the peer's boot_info (JSON) as soon as it is known (audit)."""
+        """`ctx`, when given, receives the peer's boot_info (JSON) as soon as it is known (audit).
+        `app_compose` (GetAppKey) is read for the GPU gate (`_check_gpu_gate`)."""
         peer = self.attest(cert_der)
         if ctx is not None:
             ctx["boot_info"] = boot_info_to_json(peer.boot_info)
         measured = require_boot_time(peer)
+        self._check_gpu_gate(measured, app_compose)
         self._require_os_image_reference()
         shape = self._check_vm_shape(peer.boot_info, peer.evidence, vm_config)
         reason = self.chain.app_allowed(peer.boot_info)
         # Last, so that only a request that passed every other step counts against its boot's challenge.
         self.challenges.redeem(measured.boot_nonce)
         return AuthorizedApp(peer, shape, reason, _SEAL)
+
+    def _check_gpu_gate(self, measured: BootMeasurement, app_compose: str) -> None:
+        """(1) the caller's app-compose is believed only when sha256 of it is the measured compose-hash (a
+        fact of the register the quote signs); (2) when it requires GPU attestation, the boot measurement
+        holds a gpu-evidence event (the guest measures one only after the GPU evidence verified, before
+        boot-mr-done; teecloud.agent.boot)."""
+        if not app_compose:
+            if self.require_app_compose:
+                raise AccessDenied(
+                    "this KMS reads every app's GPU requirement from its app-compose, and none was sent",
+                    step="app_compose",
+                )
+            return
+        # (1)
+        raw = app_compose.encode("utf-8", "surrogatepass")
+        if len(raw) > appcompose.MAX_APP_COMPOSE_BYTES:
+            raise AccessDenied("the app-compose sent is too large", step="app_compose")
+        if hashlib.sha256(raw).digest() != measured.compose_hash:
+            raise AccessDenied(
+                "the app-compose sent is not the measured one (its sha256 is not the compose-hash in RTMR3)",
+                step="app_compose",
+            )
+        try:
+            required = appcompose.gpu_attestation_required(appcompose.parse_app_compose(raw))
+        except appcompose.AppComposeError as exc:
+            raise AccessDenied(str(exc), step="app_compose") from None
+        # (2)
+        if required and measured.gpu_evidence is None:
+            raise AccessDenied(
+                "the measured compose requires GPU attestation and the boot measurement has no "
+                "gpu-evidence event (the GPU gate did not run before boot-mr-done)",
+                step="gpu_evidence",
+            )
 
     def authorize_kms(self, cert_der: bytes | None, *, ctx: dict[str, Any] | None = None) -> AuthorizedKms:
         peer = self.attest(cert_der)

@@ -19,9 +19,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +50,7 @@ from teecloud.kms.errors import KmsClientError, KmsDenied
 from teecloud.peer import AuthChain, ChainGate, PeerPolicy, PeerRejected, PeerVerifier
 
 __all__ = [
+    "ComposeBook",
     "KmsClient",
     "ServerCheck",
     "UnsafeNoServerCheck",
@@ -65,6 +68,41 @@ _M = TypeVar("_M", bound=BaseModel)
 MAX_RESPONSE_BYTES = 1 << 20
 CLIENT_CERT_LIFETIME_S = 300
 TEMP_CA_CACHE_S = 300
+
+
+class ComposeBook:
+    """The app-compose documents boot() handed to a key provider (`bind_app_compose`), found again by the
+    compose-hash the requesting CVM measured: a provider shared by many booting CVMs (the local docker
+    runtime) sends each CVM its own compose, which the KMS reads for the GPU gate. Bounded, thread-safe."""
+
+    MAX_ENTRIES = 256
+    # the KMS refuses request bodies above KmsConfig.max_body_bytes (256 KiB): a larger compose is not sent
+    # (a KMS with require_app_compose then refuses, saying so; the default KMS reads no GPU requirement)
+    MAX_SENT_BYTES = 192 * 1024
+
+    def __init__(self) -> None:
+        self._by_hash: dict[bytes, str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, app_compose: str) -> None:
+        if not app_compose or len(app_compose.encode("utf-8", "surrogatepass")) > self.MAX_SENT_BYTES:
+            return
+        digest = hashlib.sha256(app_compose.encode("utf-8", "surrogatepass")).digest()
+        with self._lock:
+            self._by_hash.pop(digest, None)
+            self._by_hash[digest] = app_compose
+            while len(self._by_hash) > self.MAX_ENTRIES:
+                self._by_hash.pop(next(iter(self._by_hash)))
+
+    def for_tee(self, tee: QuoteSource) -> str:
+        """The compose whose sha256 is the compose-hash `tee` measured, or "" (then the KMS decides)."""
+        measured = [
+            bytes(e.event_payload) for e in tee.event_log() if e.imr == 3 and e.event == "compose-hash"
+        ]
+        if len(measured) != 1:
+            return ""
+        with self._lock:
+            return self._by_hash.get(measured[0], "")
 
 
 class UnsafeNoServerCheck:
@@ -178,7 +216,12 @@ class KmsClient:
         timeout: float = 15.0,
         cert_lifetime_s: int = CLIENT_CERT_LIFETIME_S,
         clock: Callable[[], float] = time.time,
+        app_compose: str = "",
     ) -> None:
+        """`app_compose`: a CVM's normalized app-compose.json, sent with GetAppKey (and SignCert) when the CVM
+        measured it, so that the KMS can read its GPU requirement (ComposeBook; boot() adds its own)."""
+        self.composes = ComposeBook()
+        self.composes.add(app_compose)
         if not url.startswith("https://"):
             raise KmsClientError(f"KMS URL must be https:// (got {url!r})")
         self.url = url.rstrip("/")
@@ -311,6 +354,11 @@ class KmsClient:
             raise KmsClientError(f"the KMS's boot challenge is {len(challenge)} bytes, not {TOKEN_SIZE}")
         return challenge
 
+    def bind_app_compose(self, app_compose: str) -> None:
+        """Send this normalized app-compose.json with the requests of the CVM that measured it (boot() calls
+        it before asking for keys)."""
+        self.composes.add(app_compose)
+
     def info(self) -> dict[str, Any]:
         """dstack's key_provider_info: {"name": "kms", "id": hex(KMS root CA SubjectPublicKeyInfo DER)}."""
         return {"name": self.name, "id": self.meta().ca_pubkey}
@@ -322,7 +370,9 @@ class KmsClient:
             tee,
             api.PATH_GET_APP_KEY,
             api.AppKeyResponse,
-            body=api.GetAppKeyRequest(vm_config=vm_config_json(tee)).model_dump(),
+            body=api.GetAppKeyRequest(
+                vm_config=vm_config_json(tee), app_compose=self.composes.for_tee(tee)
+            ).model_dump(),
             usage="app:kms-client",
             app_id=app_id,
         )
@@ -385,7 +435,11 @@ class KmsClient:
             tee,
             api.PATH_SIGN_CERT,
             api.SignCertResponse,
-            body={"csr": csr_pem, "vm_config": vm_config_json(tee)},
+            body={
+                "csr": csr_pem,
+                "vm_config": vm_config_json(tee),
+                "app_compose": self.composes.for_tee(tee),
+            },
             usage="app:kms-client",
             app_id=app_id,
         )

@@ -127,21 +127,31 @@ def make_public_app(service: KmsService) -> FastAPI:
     def get_app_key(request: Request, body: api.GetAppKeyRequest) -> Response:
         return _json_response(
             service.get_app_key(
-                peer_cert_der(request), vm_config=body.vm_config, peer_addr=_peer_addr(request)
+                peer_cert_der(request),
+                vm_config=body.vm_config,
+                peer_addr=_peer_addr(request),
+                app_compose=body.app_compose,
             )
         )
 
     @app.post(api.PATH_SIGN_CERT, response_model=api.SignCertResponse)
     def sign_cert(request: Request, body: api.SignCertRequest) -> api.SignCertResponse:
         return service.sign_cert(
-            peer_cert_der(request), body.csr, vm_config=body.vm_config, peer_addr=_peer_addr(request)
+            peer_cert_der(request),
+            body.csr,
+            vm_config=body.vm_config,
+            peer_addr=_peer_addr(request),
+            app_compose=body.app_compose,
         )
 
     @app.post(api.PATH_THRESHOLD_EVALUATE, response_model=api.ThresholdEvaluateResponse)
     def threshold_evaluate(request: Request, body: api.ThresholdEvaluateRequest) -> Response:
         return _json_response(
             service.threshold_evaluate(
-                peer_cert_der(request), vm_config=body.vm_config, peer_addr=_peer_addr(request)
+                peer_cert_der(request),
+                vm_config=body.vm_config,
+                peer_addr=_peer_addr(request),
+                app_compose=body.app_compose,
             )
         )
 

@@ -92,6 +92,9 @@ class KmsConfig:
     app_key_cache_s             derived app keys are reused per (app_id, instance_id, os image, gateway) for
                                 at most this long: derivation is a pure function of the immutable root keys;
                                 only the app CA certificate's not_before (the derivation time) ages. 0: off
+    require_app_compose         app releasing paths refuse a request without the CVM's measured app-compose
+                                (so every app's `gpu_attestation` is read: the GPU gate, docs/ai.md); off by
+                                default while some key clients do not send it
     """
 
     dev_mode: bool = False
@@ -108,6 +111,8 @@ class KmsConfig:
     app_key_cache_entries: int = 4096
     boot_challenge_window_s: int = 600
     boot_challenge_max_uses: int = 8
+    # --- gpu gate
+    require_app_compose: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ logic
@@ -196,6 +201,7 @@ class KmsService:
             os_image_reference=os_image_reference,
             dev_mode=self.config.dev_mode,
             challenges=self.challenges,
+            require_app_compose=self.config.require_app_compose,
             # beside the audit log: this KMS's data directory (a restart must not forget)
             onboarding=FirstUseLedger(audit.path.parent / "onboarding-ledger.json", clock=clock),
         )
@@ -271,14 +277,21 @@ class KmsService:
     # --- endpoints: each key-releasing one passes only an Authorized* object to the issuer
 
     def get_app_key(
-        self, cert_der: bytes | None, *, vm_config: str | Mapping[str, Any] = "", peer_addr: str = ""
+        self,
+        cert_der: bytes | None,
+        *,
+        vm_config: str | Mapping[str, Any] = "",
+        peer_addr: str = "",
+        app_compose: str = "",
     ) -> api.AppKeyResponse:
         """An attested, allowed app's keys. `vm_config` is the request's (dstack VmConfig JSON): its VM
-        shape selects the RTMR0 reference; missing or malformed, nothing is released."""
+        shape selects the RTMR0 reference; missing or malformed, nothing is released. `app_compose` is the
+        request's normalized app-compose.json, read for the GPU gate only when it hashes to the measured
+        compose-hash (Authorizer.authorize_app)."""
 
         def decide(ctx: dict[str, Any]) -> api.AppKeyResponse:
             self._whole_root_only()
-            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
+            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx, app_compose=app_compose)
             ctx["reason"] = f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
             return self.issuer.app_keys(app)
 
@@ -291,13 +304,14 @@ class KmsService:
         *,
         vm_config: str | Mapping[str, Any] = "",
         peer_addr: str = "",
+        app_compose: str = "",
     ) -> api.SignCertResponse:
         """Issue a certificate for the CSR's key under the caller's app CA, for an attested caller the chain
         allows. `vm_config` as for get_app_key (RTMR0 is checked for the VM shape it states)."""
 
         def decide(ctx: dict[str, Any]) -> api.SignCertResponse:
             self._whole_root_only()
-            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
+            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx, app_compose=app_compose)
             cn, answer = self.issuer.sign_cert(app, csr_pem)
             ctx["reason"] = f"certificate issued for CN={cn}"
             return answer
@@ -318,7 +332,12 @@ class KmsService:
         return self._audited(api.PATH_GET_KMS_KEY, cert_der, peer_addr, decide)
 
     def threshold_evaluate(
-        self, cert_der: bytes | None, *, vm_config: str | Mapping[str, Any] = "", peer_addr: str = ""
+        self,
+        cert_der: bytes | None,
+        *,
+        vm_config: str | Mapping[str, Any] = "",
+        peer_addr: str = "",
+        app_compose: str = "",
     ) -> api.ThresholdEvaluateResponse:
         """Threshold mode: this node's partial evaluations for the attested, allowed app instance, after the
         same rule as GetAppKey, applied by this node alone (its own boot challenge included)."""
@@ -326,7 +345,7 @@ class KmsService:
         def decide(ctx: dict[str, Any]) -> api.ThresholdEvaluateResponse:
             if self.threshold is None:
                 raise AccessDenied("this KMS is not a threshold node", step="mode")
-            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx)
+            app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx, app_compose=app_compose)
             ctx["reason"] = (
                 f"partial evaluation (epoch {self.threshold.epoch}, share {self.threshold.index}); "
                 f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"

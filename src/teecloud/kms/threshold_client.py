@@ -35,7 +35,7 @@ from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import QuoteSource
 from teecloud.kms import api
 from teecloud.kms.challenge import MAX_TOKENS
-from teecloud.kms.client import KmsClient, vm_config_json
+from teecloud.kms.client import ComposeBook, KmsClient, vm_config_json
 from teecloud.kms.errors import KmsClientError, SealingError
 from teecloud.kms.threshold import DkgPlan, ResharePlan, ThresholdShare
 
@@ -91,6 +91,7 @@ class ThresholdKeyProvider:
         self._public_shares = {i: th.public_share(group.commitments, i) for i in group.nodes}
         self._challenged: list[int] = sorted(group.nodes)
         self.faults: dict[int, str] = {}
+        self.composes = ComposeBook()  # the GPU gate: bind_app_compose
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.group.group_public_key.hex(), "epoch": self.group.epoch}
@@ -176,13 +177,19 @@ class ThresholdKeyProvider:
         self._challenged = ok
         return b"".join(answers[i] for i in ok)
 
+    def bind_app_compose(self, app_compose: str) -> None:
+        """Send this normalized app-compose.json with every evaluation (the GPU gate; boot() calls it)."""
+        self.composes.add(app_compose)
+
     # (2)-(4)
     def get_app_keys(self, tee: QuoteSource, app_id: bytes, instance_id: bytes) -> AppKeys:
         try:
             inputs = th.app_contexts(self.group.epoch, app_id, instance_id)
         except KeysError as exc:
             raise KmsClientError(f"cannot derive keys for this app: {exc}") from exc
-        body = api.ThresholdEvaluateRequest(vm_config=vm_config_json(tee)).model_dump()
+        body = api.ThresholdEvaluateRequest(
+            vm_config=vm_config_json(tee), app_compose=self.composes.for_tee(tee)
+        ).model_dump()
 
         def ask(client: KmsClient) -> api.ThresholdEvaluateResponse:
             return client.attested_call(

@@ -3,6 +3,7 @@
 TeeError
 ├── TeeUsageError (also ValueError)   caller mistake: report_data > 64 bytes, bad RTMR index, bad name
 ├── TeeUnavailable                    no usable TEE interface on this machine / backend not reachable
+│   └── GpuUnavailable                no GPU evidence source usable (no NVML, no GPU, CC mode off)
 ├── QuoteGenerationError              the kernel / quoting service failed to produce evidence
 └── SimulatedTeeStateError            the simulated platform's files are incomplete or corrupt
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from teecloud.errors import Error
 
 __all__ = [
+    "GpuUnavailable",
     "QuoteGenerationError",
     "SimulatedTeeStateError",
     "TeeError",
@@ -30,6 +32,10 @@ class TeeUsageError(TeeError, ValueError):
 
 class TeeUnavailable(TeeError):
     """No usable TEE interface (device, configfs-tsm provider) is present."""
+
+
+class GpuUnavailable(TeeUnavailable):
+    """No usable GPU evidence source: NVML absent, no GPU, or the GPU not in confidential-computing mode."""
 
 
 class QuoteGenerationError(TeeError):

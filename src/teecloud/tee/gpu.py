@@ -1,0 +1,225 @@
+"""GPU evidence sources: what a CVM's GPUs say about themselves, beside `TeePlatform` (teecloud.tee.base).
+
+    GpuEvidenceSource   collect(nonce32) -> [{"evidence": hex, "certificate_chain": PEM, "simulated": bool}],
+                        one item per GPU given to this CVM
+    SimulatedGpu        a development GPU: answers SPDM 1.1 GET_MEASUREMENTS (DMTF DSP0274 §10.11, the
+                        layout attestation/nvidia.py parses, NVIDIA's opaque fields) signed with ECDSA P-384
+                        by a device key under a development device root of this installation
+                        (<home>/simulated-gpu/); always labelled simulated, accepted only where that root is
+                        trusted
+    NvmlGpuSource       a real GPU through NVML (`nvmlDeviceGetConfComputeGpuAttestationReport` and
+                        `nvmlDeviceGetConfComputeGpuCertificate`, the calls NVIDIA's nvtrust local verifier
+                        makes); raises GpuUnavailable when NVML or a GPU is absent (this machine has neither,
+                        so it is untested beyond that refusal)
+
+Both the guest boot sequence (teecloud.agent.boot, the GPU gate) and the inference app's attestation route
+(teecloud.ai) read GPUs through this one protocol.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+from teecloud._fs import atomic_write, data_home
+from teecloud.tee.errors import GpuUnavailable
+
+__all__ = ["MAX_GPUS", "GpuEvidenceSource", "GpuUnavailable", "NvmlGpuSource", "SimulatedGpu"]
+
+MAX_GPUS = 16
+SIMULATED_ROOT_CN = "teecloud SIMULATED GPU device root (development only)"
+
+
+class GpuEvidenceSource(Protocol):
+    def collect(self, nonce: bytes) -> list[dict[str, Any]]: ...
+
+
+def _name(cn: str, serial: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if serial:
+        attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial))
+    return x509.Name(attrs)
+
+
+def _cert(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    return builder.sign(issuer_key, hashes.SHA384())
+
+
+class SimulatedGpu:
+    """One simulated GPU of this installation (state under <home>/simulated-gpu/, created once)."""
+
+    simulated = True
+
+    def __init__(self, home: Path | None = None, *, driver_version: str = "550.90.07") -> None:
+        self.dir = (Path(home) if home is not None else data_home()) / "simulated-gpu"
+        self.driver_version = driver_version
+        self._root_key, self._root, self._key, self._leaf = self._load_or_create()
+
+    def _load_or_create(self) -> tuple[Any, x509.Certificate, Any, x509.Certificate]:
+        path = self.dir / "device.pem"
+        if not path.exists():
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            root_key = ec.generate_private_key(ec.SECP384R1())
+            key = ec.generate_private_key(ec.SECP384R1())
+            root = _cert(_name(SIMULATED_ROOT_CN), root_key, _name(SIMULATED_ROOT_CN), root_key, ca=True)
+            serial = os.urandom(8).hex().upper()
+            leaf = _cert(
+                _name("teecloud SIMULATED GPU attestation key", serial), key, root.subject, root_key, ca=False
+            )
+            pem = b"".join(
+                k.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+                for k in (root_key, key)
+            ) + b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (root, leaf))
+            tmp = self.dir / f".device.pem.{os.getpid()}.new"
+            atomic_write(tmp, pem)
+            try:
+                os.link(tmp, path)  # create-if-absent without a race; the loser reads the winner's file
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        data = path.read_bytes()
+        keys = [
+            serialization.load_pem_private_key(b"-----BEGIN PRIVATE KEY-----" + part, None)
+            for part in data.split(b"-----BEGIN PRIVATE KEY-----")[1:]
+        ]
+        certs = x509.load_pem_x509_certificates(data)
+        return keys[0], certs[0], keys[1], certs[1]
+
+    def root_der(self) -> bytes:
+        """The development device root (trust it only for development)."""
+        return self._root.public_bytes(serialization.Encoding.DER)
+
+    def attest(self, nonce: bytes) -> bytes:
+        """The SPDM 1.1 GET_MEASUREMENTS request (signature requested, all blocks) and the signed MEASUREMENTS
+        response, raw bytes."""
+        if len(nonce) != 32:
+            raise ValueError("the SPDM requester nonce is 32 bytes")
+        request = bytes([0x11, 0xE0, 0x01, 0xFF]) + nonce + bytes([0])
+        record = b""
+        for index in range(1, 5):  # DMTF blocks: SHA-384 digests of simulated firmware and configuration
+            digest = hashlib.sha384(f"simulated gpu measurement {index}".encode()).digest()
+            value = bytes([1 if index < 3 else 3]) + len(digest).to_bytes(2, "little") + digest
+            record += bytes([index, 0x01]) + len(value).to_bytes(2, "little") + value
+        opaque = b""
+        for ftype, val in (
+            (3, self.driver_version.encode() + b"\0"),
+            (6, bytes([0x01, 0x00, 0x9F, 0x96, 0x01])),
+        ):
+            opaque += ftype.to_bytes(2, "little") + len(val).to_bytes(2, "little") + val
+        response = (
+            bytes([0x11, 0x60, 0x00, 0x00, 4])
+            + len(record).to_bytes(3, "little")
+            + record
+            + os.urandom(32)
+            + len(opaque).to_bytes(2, "little")
+            + opaque
+        )
+        der = self._key.sign(request + response, ec.ECDSA(hashes.SHA384()))
+        r, s = decode_dss_signature(der)
+        return request + response + r.to_bytes(48, "big") + s.to_bytes(48, "big")
+
+    def collect(self, nonce: bytes) -> list[dict[str, Any]]:
+        chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self._leaf, self._root))
+        return [
+            {"evidence": self.attest(nonce).hex(), "certificate_chain": chain.decode(), "simulated": True}
+        ]
+
+
+class NvmlGpuSource:
+    """Every GPU of this CVM through NVML (the `nvidia-ml-py` package, module `pynvml`), as NVIDIA's nvtrust
+    local verifier reads them. Not simulated. Raises GpuUnavailable when NVML, a GPU or CC mode is absent.
+
+    The confidential-computing state NVML reports here is the host driver's word and only a precondition;
+    what the gate trusts is the SPDM evidence the GPU signs (teecloud.attestation.nvidia)."""
+
+    simulated = False
+
+    def collect(self, nonce: bytes) -> list[dict[str, Any]]:
+        if len(nonce) != 32:
+            raise ValueError("the SPDM requester nonce is 32 bytes")
+        try:
+            import pynvml  # optional: present only on GPU hosts
+        except ImportError as exc:
+            raise GpuUnavailable("NVML is not installed (pip install nvidia-ml-py on a GPU host)") from exc
+        try:
+            pynvml.nvmlInit()
+        except Exception as exc:  # pynvml.NVMLError and ctypes load failures alike
+            raise GpuUnavailable(f"NVML could not start (no NVIDIA driver or GPU?): {exc}") from exc
+        try:
+            state = pynvml.nvmlSystemGetConfComputeState()
+            if int(state.ccFeature) != 1:
+                raise GpuUnavailable("the GPUs are not in confidential-computing mode (ccFeature off)")
+            count = int(pynvml.nvmlDeviceGetCount())
+            if not 1 <= count <= MAX_GPUS:
+                raise GpuUnavailable(f"expected 1..{MAX_GPUS} GPUs, NVML reports {count}")
+            out = []
+            for index in range(count):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                report = pynvml.nvmlDeviceGetConfComputeGpuAttestationReport(handle, nonce)
+                evidence = bytes(report.attestationReport[: int(report.attestationReportSize)])
+                certs = pynvml.nvmlDeviceGetConfComputeGpuCertificate(handle)
+                chain = bytes(certs.attestationCertChain[: int(certs.attestationCertChainSize)])
+                out.append(
+                    {
+                        "evidence": evidence.hex(),
+                        "certificate_chain": chain.decode("ascii"),
+                        "simulated": False,
+                    }
+                )
+            return out
+        except GpuUnavailable:
+            raise
+        except Exception as exc:
+            raise GpuUnavailable(f"NVML could not produce GPU attestation evidence: {exc}") from exc
+        finally:
+            try:
+                pynvml.nvmlShutdown()
+            except Exception:  # noqa: S110  # shutting down after a failure must not hide that failure
+                pass
