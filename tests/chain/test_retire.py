@@ -129,7 +129,9 @@ def test_cli_rm_retires_or_says_it_did_not(
         owner = c.deploy_multisig([c.address, c.with_signer(DEV_KEYS[1]).address], 2) if governed else None
         app_id = c.register_app(owner, h)
         node = _Node(app_id, INSTANCE[2:])
-        monkeypatch.setattr(cloud_cmd, "_session", lambda: types.SimpleNamespace(node=node, chain=c))
+        monkeypatch.setattr(
+            cloud_cmd, "_session", lambda: types.SimpleNamespace(node=node, chain=c, home=teecloud_home)
+        )
         r = CliRunner().invoke(cli, ["rm", "hello", "--yes"])
         assert r.exit_code == 0, r.output
         assert node.removed == [INSTANCE[2:]]
