@@ -56,10 +56,16 @@ def require_boot_time(peer: AttestedPeer) -> BootMeasurement:
     value for the peer's identity), as the KMS's AccessDenied."""
     try:
         return peer_require_boot_time(peer)
-    except PeerRejected as exc:
-        denied = AccessDenied(exc.reason, step=exc.step)
-        denied.boot_info = boot_info_to_json(peer.boot_info)
-        raise denied from exc
+    except PeerRejected as exc:  # carries the peer's boot_info
+        raise _denied(exc) from exc
+
+
+def _denied(exc: PeerRejected) -> AccessDenied:
+    """A refusal of the shared peer layer as the KMS's AccessDenied, with the boot_info it carries (audit)."""
+    denied = AccessDenied(exc.reason, step=exc.step)
+    if exc.boot_info is not None:
+        denied.boot_info = boot_info_to_json(exc.boot_info)
+    return denied
 
 
 def boot_info_to_json(boot_info: BootInfo) -> dict[str, Any]:
@@ -83,7 +89,7 @@ class ChainAuthorizer(ChainGate):
         try:
             return super()._ask(kind, boot_info)
         except PeerRejected as exc:
-            raise AccessDenied(exc.reason, step=exc.step) from exc
+            raise _denied(exc) from exc
 
 
 class OsImageReference(Protocol):
@@ -248,10 +254,7 @@ class Authorizer:
         try:
             peer = self.peers.verify_cert(cert_der)
         except PeerRejected as exc:
-            denied = AccessDenied(exc.reason, step=exc.step)
-            if exc.boot_info is not None:
-                denied.boot_info = boot_info_to_json(exc.boot_info)
-            raise denied from exc
+            raise _denied(exc) from exc
         try:
             self._check_os_image(peer.boot_info, peer.evidence)
         except AccessDenied as exc:
