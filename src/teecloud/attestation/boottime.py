@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from teecloud.attestation.errors import NotBootTime
 from teecloud.attestation.eventlog import runtime_event_digest
@@ -92,19 +93,11 @@ class BootMeasurement:
             )
 
     def events(self) -> tuple[tuple[str, bytes], ...]:
-        out = [
-            ("system-preparing", b""),
-            ("app-id", self.app_id),
-            ("compose-hash", self.compose_hash),
-            ("instance-id", self.instance_id),
-        ]
-        if self.boot_nonce is not None:
-            out.append((BOOT_NONCE_EVENT, self.boot_nonce))
-        if self.gpu_evidence is not None:
-            out.append((GPU_EVIDENCE_EVENT, self.gpu_evidence))
-        out.append((BOOT_MR_DONE_EVENT, b""))
-        if self.os_image_hash is not None:
-            out.append(("os-image-hash", self.os_image_hash))
+        out = []
+        for name, attr, _required in _GRAMMAR:
+            value = b"" if attr is None else getattr(self, attr)
+            if value is not None:  # an optional event this boot did not measure
+                out.append((name, value))
         return tuple(out)
 
     def rtmr3(self) -> bytes:
@@ -125,16 +118,17 @@ def _need(ok: bool, reason: str) -> None:
         raise NotBootTime(f"not a boot-time measurement: {reason}")
 
 
-# (name, required?) in grammar order
-_GRAMMAR: tuple[tuple[str, bool], ...] = (
-    ("system-preparing", True),
-    ("app-id", True),
-    ("compose-hash", True),
-    ("instance-id", True),
-    (BOOT_NONCE_EVENT, False),
-    (GPU_EVIDENCE_EVENT, False),
-    (BOOT_MR_DONE_EVENT, True),
-    ("os-image-hash", False),
+# The grammar, once: (event name, the BootMeasurement field holding its payload or None for an empty payload,
+# required?) in order. Both directions (events() and read_boot_measurement) follow this table.
+_GRAMMAR: tuple[tuple[str, str | None, bool], ...] = (
+    ("system-preparing", None, True),
+    ("app-id", "app_id", True),
+    ("compose-hash", "compose_hash", True),
+    ("instance-id", "instance_id", True),
+    (BOOT_NONCE_EVENT, "boot_nonce", False),
+    (GPU_EVIDENCE_EVENT, "gpu_evidence", False),
+    (BOOT_MR_DONE_EVENT, None, True),
+    ("os-image-hash", "os_image_hash", False),
 )
 
 
@@ -143,7 +137,7 @@ def read_boot_measurement(events: Sequence[tuple[str, bytes]]) -> BootMeasuremen
     the grammar (module docstring). Raises NotBootTime naming the first event that does not fit."""
     values: dict[str, bytes] = {}
     i = 0
-    for name, required in _GRAMMAR:
+    for name, _attr, required in _GRAMMAR:
         if i < len(events) and events[i][0] == name:
             values[name] = bytes(events[i][1])
             i += 1
@@ -159,16 +153,12 @@ def read_boot_measurement(events: Sequence[tuple[str, bytes]]) -> BootMeasuremen
             f"after '{events[i - 1][0][:64]}'); keys are released only while a CVM boots, never on a quote "
             "taken after it (a later quote may bind anyone's key)"
         )
-    for name in ("system-preparing", BOOT_MR_DONE_EVENT):
-        _need(values[name] == b"", f"'{name}' must have an empty payload")
-    return BootMeasurement(
-        app_id=values["app-id"],
-        compose_hash=values["compose-hash"],
-        instance_id=values["instance-id"],
-        boot_nonce=values.get(BOOT_NONCE_EVENT),
-        os_image_hash=values.get("os-image-hash"),
-        gpu_evidence=values.get(GPU_EVIDENCE_EVENT),
-    )
+    for name, attr, _required in _GRAMMAR:
+        if attr is None:
+            _need(values[name] == b"", f"'{name}' must have an empty payload")
+    # every required event was read above; an optional one absent is None
+    fields: dict[str, Any] = {attr: values.get(name) for name, attr, _ in _GRAMMAR if attr is not None}
+    return BootMeasurement(**fields)
 
 
 def check_boot_time(evidence: VerifiedEvidence) -> BootMeasurement:
