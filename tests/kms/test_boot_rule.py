@@ -489,3 +489,18 @@ def test_onboarding_evidence_is_useless_after_its_first_use_window(tmp_path: Pat
     path.write_text("{not json")
     with pytest.raises(AccessDenied, match="unreadable"):
         FirstUseLedger(path).redeem(b"\x0a" * 64)  # fail closed, never a fresh start
+
+
+def test_challenge_ledger_is_bounded_and_makes_room_from_expired_boots() -> None:
+    now = [1_800_000_000.0]
+    ch = BootChallenges(window_s=600, max_entries=2, clock=lambda: now[0])
+    a, b = ch.issue(), ch.issue()
+    ch.redeem(a)
+    ch.redeem(b)
+    with pytest.raises(AccessDenied, match="too many boots"):
+        ch.redeem(ch.issue())  # full of boots still inside their window
+    now[0] += 601
+    c = ch.issue()
+    ch.redeem(c)  # the expired boots' room is reused
+    with pytest.raises(AccessDenied, match="issued 601 s ago"):
+        ch.redeem(a)  # and an expired boot stays refused

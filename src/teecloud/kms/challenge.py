@@ -102,8 +102,6 @@ class BootChallenges:
                 step="boot_nonce",
             )
         with self._lock:
-            for old in [t for t, (at, _) in self._uses.items() if now - at > self.window_s]:
-                del self._uses[old]
             _, uses = self._uses.get(token, (issued_at, 0))
             if uses >= self.max_uses:
                 raise AccessDenied(
@@ -111,7 +109,12 @@ class BootChallenges:
                     step="boot_nonce",
                 )
             if token not in self._uses and len(self._uses) >= self._max_entries:
-                raise AccessDenied("too many boots in progress; retry shortly", step="boot_nonce")
+                # Expired tokens are refused above before they are looked up, so they are dropped only
+                # when their room is needed (not scanned on every request).
+                for old in [t for t, (at, _) in self._uses.items() if now - at > self.window_s]:
+                    del self._uses[old]
+                if len(self._uses) >= self._max_entries:
+                    raise AccessDenied("too many boots in progress; retry shortly", step="boot_nonce")
             self._uses[token] = (issued_at, uses + 1)
 
 
