@@ -27,6 +27,8 @@ CONTRACT_NAMES = (
     "FunctionResultVerifier",
     "FunctionOracle",
     "FunctionPriceFeed",
+    # confidential AI (docs/ai.md): the AI agent example's decision log
+    "AgentLog",
 )
 _memo: dict[str, CompiledContract] = {}
 _lock = threading.Lock()
