@@ -79,6 +79,9 @@ class LocalCloud:
         dev_time_travel: bool = False,
         kms_nodes: int = 1,
         kms_threshold: int = 1,
+        gpus: str = "none",
+        gpu_roots: list[Path] | None = None,
+        kms_require_app_compose: bool = False,
     ):
         self.home = Path(home) if home is not None else data_home()
         self.ports = (chain_port, kms_port, node_port)
@@ -86,6 +89,12 @@ class LocalCloud:
         if not 1 <= kms_threshold <= kms_nodes <= 16:
             raise NodeError("need 1 <= KMS threshold <= KMS nodes <= 16")
         self.kms_nodes, self.kms_threshold = kms_nodes, kms_threshold
+        from teecloud.node.gpus import parse_gpu_setting
+
+        self.gpus = parse_gpu_setting(gpus)  # the node's GPUs (teecloud.node.gpus): none, simulated[:N], nvml
+        self.gpu_roots = list(gpu_roots or [])  # with nvml: the trusted GPU device roots (PEM files)
+        # the KMS refuses a key request that does not send the CVM's measured app-compose (docs/ai.md)
+        self.kms_require_app_compose = kms_require_app_compose
         self.kms_processes: dict[int, Any] = {}  # threshold mode: KMS node index -> its process
         self._stack = contextlib.ExitStack()
         self.endpoints: CloudEndpoints | None = None
@@ -159,6 +168,7 @@ class LocalCloud:
                     port=self.ports[1],
                     kms_contract=str(contracts.get("KmsAuth", "")),
                     on_keys=publish,
+                    require_app_compose=self.kms_require_app_compose,
                 )
             )
             if running.publish_error:
@@ -170,6 +180,7 @@ class LocalCloud:
         # (4)
         from teecloud.gateway.client import RegisteringAtBoot
         from teecloud.kms.client import connect_kms
+        from teecloud.node.gpus import gpu_gate_for
         from teecloud.node.registry import ensure_registered
         from teecloud.node.service import Node, NodeServer, load_or_create_token
 
@@ -190,6 +201,7 @@ class LocalCloud:
             home=self.home,
             kms_urls=[kms_url],
             node_id=node_id,
+            gpu_gate=gpu_gate_for(self.gpus, self.home, nvidia_roots=self.gpu_roots),
         )
         self.node = node
         self._stack.callback(node.close)
@@ -429,6 +441,8 @@ class LocalCloud:
         env = {**os.environ, "TEECLOUD_HOME": str(self.home), "PYTHONPATH": path}
         code = "import sys; from teecloud.cli import main; sys.argv[0] = 'teecloud'; main()"
         args = ["kms", "up", "--dev", "--threshold-node", str(index), *extra]
+        if self.kms_require_app_compose:
+            args.append("--require-app-compose")
         args += ["--rpc-url", rpc_url, "--port", "0", "--admin-port", "0"]
         kms_home = data_dir / "kms"
         kms_home.mkdir(parents=True, exist_ok=True)

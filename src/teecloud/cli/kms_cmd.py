@@ -118,6 +118,14 @@ def up(
         Path | None,
         typer.Option("--join-dkg", help="With --threshold-node: join this DKG round (plan JSON) at boot."),
     ] = None,
+    require_app_compose: Annotated[
+        bool,
+        typer.Option(
+            "--require-app-compose",
+            help="Refuse app key requests that do not send the CVM's measured app-compose (so a guest that "
+            "hides a compose's GPU requirement gets nothing; every teecloud guest sends it).",
+        ),
+    ] = False,
 ) -> None:
     """Start the KMS: boot its TEE, unseal (or create) its root keys, serve RA-TLS and the admin API."""
     from teecloud.kms.bootstrap import publish_kms_info
@@ -169,6 +177,7 @@ def up(
                 threshold=bool(threshold_node) and not dealer,
                 threshold_dealer=dealer,
                 join=join,
+                require_app_compose=require_app_compose,
             )
         )
     except KmsError as exc:

@@ -97,6 +97,8 @@ class KmsLaunch:
     join: Callable[[TeePlatform, KmsIdentity], ThresholdShare] | None = None
     # Called with (holder, identity, created) once the root keys are loaded; returns what was published.
     on_keys: Callable[[RootKeyHolder, KmsIdentity, bool], str] | None = None
+    # Refuse app key requests that do not send the CVM's measured app-compose (KmsConfig.require_app_compose)
+    require_app_compose: bool = False
 
 
 @dataclass
@@ -161,7 +163,10 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         collateral=spec.collateral,
         audit=AuditLog(kms_dir(spec.home) / "audit.jsonl"),
         config=KmsConfig(
-            dev_mode=spec.dev, gateway_app_id=spec.gateway_app_id, kms_contract=spec.kms_contract
+            dev_mode=spec.dev,
+            gateway_app_id=spec.gateway_app_id,
+            kms_contract=spec.kms_contract,
+            require_app_compose=spec.require_app_compose,
         ),
         dev_root_der=dev_root if spec.dev else None,
         block_number=getattr(spec.chain, "block_number", None),
