@@ -27,8 +27,9 @@ CONTRACT_NAMES = (
     "FunctionResultVerifier",
     "FunctionOracle",
     "FunctionPriceFeed",
-    # confidential AI (docs/ai.md): the AI agent example's decision log
+    # confidential AI (docs/ai.md): the AI agent example's decision log; published receipt-log roots
     "AgentLog",
+    "ReceiptRoots",
 )
 _memo: dict[str, CompiledContract] = {}
 _lock = threading.Lock()
