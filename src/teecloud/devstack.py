@@ -81,6 +81,7 @@ class LocalCloud:
         kms_threshold: int = 1,
         gpus: str = "none",
         gpu_roots: list[Path] | None = None,
+        gpu_collateral: Path | None = None,
         kms_require_app_compose: bool = False,
     ):
         self.home = Path(home) if home is not None else data_home()
@@ -93,6 +94,7 @@ class LocalCloud:
 
         self.gpus = parse_gpu_setting(gpus)  # the node's GPUs (teecloud.node.gpus): none, simulated[:N], nvml
         self.gpu_roots = list(gpu_roots or [])  # with nvml: the trusted GPU device roots (PEM files)
+        self.gpu_collateral = gpu_collateral  # offline NVIDIA collateral (OCSP answers, RIMs) for the gate
         # the KMS refuses a key request that does not send the CVM's measured app-compose (docs/ai.md)
         self.kms_require_app_compose = kms_require_app_compose
         self.kms_processes: dict[int, Any] = {}  # threshold mode: KMS node index -> its process
@@ -201,7 +203,9 @@ class LocalCloud:
             home=self.home,
             kms_urls=[kms_url],
             node_id=node_id,
-            gpu_gate=gpu_gate_for(self.gpus, self.home, nvidia_roots=self.gpu_roots),
+            gpu_gate=gpu_gate_for(
+                self.gpus, self.home, nvidia_roots=self.gpu_roots, collateral_dir=self.gpu_collateral
+            ),
         )
         self.node = node
         self._stack.callback(node.close)

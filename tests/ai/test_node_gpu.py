@@ -202,3 +202,47 @@ def test_teecloud_up_refuses_a_bad_gpu_setting_before_starting_anything(tmp_path
     )
     assert out.returncode == 1 and "GPU setting" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "chain").exists()
+
+
+def test_the_nodes_gate_checks_rims_and_ocsp_from_offline_collateral(
+    teecloud_home: Path, tmp_path: Path
+) -> None:
+    """simulated: the node caches its GPUs' RIMs and OCSP answers; a revoked device certificate, a RIM with
+    other reference values, or no RIM at all stops the boot before any key request."""
+    import time
+
+    from teecloud.agent.keyprovider import LocalDevKeyProvider
+    from teecloud.collateral.nvidia import NvidiaCollateralCache
+
+    def boot_with(gate: Any) -> Any:
+        return boot(
+            SimulatedTdx(teecloud_home),
+            json.dumps(GPU_APP),
+            None,
+            None,
+            LocalDevKeyProvider(teecloud_home),
+            gpu=gate,
+        )
+
+    gate = gpu_gate_for(parse_gpu_setting("simulated"), teecloud_home, collateral_dir=tmp_path / "c1")
+    assert gate is not None and gate.require_rims
+    assert len(list((tmp_path / "c1" / "rim").glob("*.xml"))) == 2
+    assert boot_with(gate).keys.disk_crypt_key  # RIMs match, OCSP good
+    gpu = SimulatedGpu(teecloud_home)
+    # a revoked device certificate (a newer OCSP answer replaces the good one)
+    time.sleep(1.1)
+    NvidiaCollateralCache(tmp_path / "c1").add_ocsp(gpu.ocsp_response(revoked=True), now=int(time.time()))
+    with pytest.raises(GpuGateFailed, match="revoked"):
+        boot_with(gate)
+    # a RIM whose reference value is not the GPU's
+    gate = gpu_gate_for(parse_gpu_setting("simulated"), teecloud_home, collateral_dir=tmp_path / "c2")
+    assert gate is not None
+    for f in (tmp_path / "c2" / "rim").glob("*.xml"):
+        f.unlink()
+    with pytest.raises(GpuGateFailed, match="no RIM"):
+        boot_with(gate)
+    NvidiaCollateralCache(tmp_path / "c2").add_rim(
+        gpu.rim("driver", golden={1: b"\x07" * 48}), trust_anchors=gate.trust_anchors, now=int(time.time())
+    )
+    with pytest.raises(GpuGateFailed, match="measurement 1"):
+        boot_with(gate)

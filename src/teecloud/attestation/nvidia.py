@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from teecloud.attestation import _x509
-from teecloud.attestation._revocation import Revocation, check_revocation
+from teecloud.attestation._revocation import MAX_OCSP_BYTES, Revocation, check_revocation
 from teecloud.attestation.errors import (
     CertificateChainInvalid,
     MalformedEvidence,
@@ -57,12 +57,14 @@ from teecloud.attestation.models import Step, TeeKind, VerifiedEvidence
 
 __all__ = [
     "MAX_EVIDENCE_SIZE",
+    "MAX_OCSP_BYTES",
     "MAX_RIM_SIZE",
     "RIM_HASH_NS",
     "RIM_NS",
     "TCB_STATUS",
     "GoldenMeasurement",
     "MeasurementBlock",
+    "Revocation",
     "Rim",
     "SpdmMeasurements",
     "check_rim",

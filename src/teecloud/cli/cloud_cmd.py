@@ -146,6 +146,13 @@ def up(
             "--gpu-root", help="With --gpu nvml: a PEM file of trusted GPU device roots (NVIDIA's)."
         ),
     ] = None,
+    gpu_collateral: Annotated[
+        Path | None,
+        typer.Option(
+            "--gpu-collateral",
+            help="With --gpu nvml: directory of offline NVIDIA collateral (OCSP answers, RIMs) for the gate.",
+        ),
+    ] = None,
     kms_require_app_compose: Annotated[
         bool,
         typer.Option(
@@ -175,6 +182,7 @@ def up(
             kms_threshold=kms_threshold,
             gpus=gpu,
             gpu_roots=gpu_root or [],
+            gpu_collateral=gpu_collateral,
             kms_require_app_compose=kms_require_app_compose,
         )
         ep = cloud.start()

@@ -21,9 +21,8 @@ from pathlib import Path
 from cryptography.x509 import ocsp
 
 from teecloud._fs import atomic_write
-from teecloud.attestation._revocation import MAX_OCSP_BYTES, Revocation
 from teecloud.attestation.errors import VerificationError
-from teecloud.attestation.nvidia import MAX_RIM_SIZE, Rim, verify_rim
+from teecloud.attestation.nvidia import MAX_OCSP_BYTES, MAX_RIM_SIZE, Revocation, Rim, verify_rim
 from teecloud.collateral.errors import InvalidCollateral
 
 __all__ = ["MAX_CACHED", "NvidiaCollateralCache", "OcspEntry"]

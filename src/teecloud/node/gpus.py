@@ -10,11 +10,17 @@
                     every evidence item is labelled simulated
     nvml            the host's GPUs through NVML (NvmlGpuSource), trusting only the device roots given as PEM
                     files (NVIDIA's device identity root); untested here (no GPU)
+
+Offline NVIDIA collateral (teecloud.collateral.nvidia): with `simulated`, the node writes its simulated GPUs'
+RIMs and fresh OCSP answers into `<home>/nvidia-collateral/` and the gate requires a RIM for every GPU; with
+`nvml`, a collateral directory (`--gpu-collateral DIR`, filled with NVIDIA's OCSP answers and RIMs) makes the
+gate check revocation and require RIMs.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,16 +72,30 @@ class _EveryGpu:
         return items
 
 
-def gpu_gate_for(setting: GpuSetting, home: Path, *, nvidia_roots: Sequence[Path] = ()) -> GpuGate | None:
+def gpu_gate_for(
+    setting: GpuSetting,
+    home: Path,
+    *,
+    nvidia_roots: Sequence[Path] = (),
+    collateral_dir: Path | None = None,
+) -> GpuGate | None:
     """The GpuGate every CVM of this node boots with (None: no GPUs)."""
+    from teecloud.collateral.nvidia import NvidiaCollateralCache
+
     if setting.kind == "none":
         return None
     if setting.kind == "simulated":
-        gpus = [SimulatedGpu(home)] + [
-            SimulatedGpu(home / "simulated-gpus" / str(i)) for i in range(1, setting.count)
-        ]
+        more = [SimulatedGpu(home / "simulated-gpus" / str(i)) for i in range(1, setting.count)]
+        gpus = [SimulatedGpu(home), *more]
         log.warning("this node gives its CVMs %d SIMULATED GPU(s): development only", setting.count)
-        return GpuGate(_EveryGpu(gpus), trust_anchors=tuple(g.root_der() for g in gpus))
+        anchors = tuple(g.root_der() for g in gpus)
+        cache = NvidiaCollateralCache(collateral_dir or home / "nvidia-collateral")
+        now = int(time.time())
+        for g in gpus:  # the simulated GPUs' reference measurements and current OCSP answers
+            for kind in ("driver", "vbios"):
+                cache.add_rim(g.rim(kind), trust_anchors=anchors, now=now)
+            cache.add_ocsp(g.ocsp_response(), now=now)
+        return GpuGate(_EveryGpu(gpus), trust_anchors=anchors, collateral=cache, require_rims=True)
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
@@ -88,4 +108,7 @@ def gpu_gate_for(setting: GpuSetting, home: Path, *, nvidia_roots: Sequence[Path
                 roots.append(cert.public_bytes(serialization.Encoding.DER))
         except (OSError, ValueError) as exc:
             raise BadRequest(f"cannot read a GPU device root from {p}: {exc}") from None
-    return GpuGate(NvmlGpuSource(), trust_anchors=tuple(roots))
+    if collateral_dir is None:
+        return GpuGate(NvmlGpuSource(), trust_anchors=tuple(roots))
+    cache = NvidiaCollateralCache(collateral_dir)
+    return GpuGate(NvmlGpuSource(), trust_anchors=tuple(roots), collateral=cache, require_rims=True)
