@@ -168,6 +168,19 @@ def test_inference_failure_records_and_remembers_nothing(tmp_path: Path) -> None
                 agent.step("something happened")
             assert len(mem) == 0
     assert Log.calls == 0
+    # a header that is not a receipt id is not passed on (to the chain memo)
+    odd = InferenceClient(
+        "http://inference",
+        MODEL_ID,
+        transport=httpx.MockTransport(
+            lambda req: httpx.Response(
+                200,
+                headers={"x-receipt-id": "r" * 65 + ";memo"},
+                json={"choices": [{"message": {"content": "buy"}}]},
+            )
+        ),
+    )
+    assert odd.chat([{"role": "user", "content": "x"}]) == ("buy", "")
     with VectorMemory(tmp_path / "m.db", dim=16) as mem:
         agent = Agent(inference=client, memory=mem, embed=emb.embed, log=Log())
         for bad in ("", " \n", "x" * 5000):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 MAX_OBSERVATION_BYTES = 4096
 MAX_DECISION_CHARS = 512
 MAX_ANSWER_BYTES = 1 << 20
+_RECEIPT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # teecloud.ai.receiptlog's receipt ids
 
 
 class InferenceFailed(AiError):
@@ -146,7 +148,8 @@ class InferenceClient:
             raise InferenceFailed("inference answer is not an OpenAI chat completion") from exc
         if not isinstance(text, str):
             raise InferenceFailed("inference answer content is not text")
-        return text, r.headers.get("x-receipt-id", "")
+        rid = r.headers.get("x-receipt-id", "")
+        return text, rid if _RECEIPT_ID.fullmatch(rid) else ""  # anything else is not a receipt id
 
 
 def decision_hash(*, observation: str, decision: str, model: str, receipt_id: str) -> bytes:
