@@ -107,7 +107,7 @@ def main() -> int:
         )
         app = make_inference_app(config, keys, quote, gpu=gpu)
         if os.environ.get("RECEIPT_ROOTS_ADDRESS") and os.environ.get("CHAIN_RPC_URL"):
-            from teecloud.ai.roots import RootPublisher
+            from teecloud.ai.roots import RootPublisher, chain_proof
             from teecloud.chain import ChainConnection
             from teecloud.chain.receiptroots import ReceiptRoots
             from teecloud.chain.transport import HttpTransport
@@ -118,11 +118,18 @@ def main() -> int:
                 label="receipt roots",
             )
             roots = ReceiptRoots(conn, os.environ["RECEIPT_ROOTS_ADDRESS"])
+            publish = roots.publish
+            if int(roots.kms_auth(), 16):  # the contract checks the key's chain to the KMS root: send it
+                proof = chain_proof(keys.keyset)
+
+                def publish(app_id: bytes, size: int, root: bytes, sig: bytes) -> object:
+                    return roots.publish_verified(app_id, size, root, sig, proof)
+
             publisher = RootPublisher(
                 app.state.front.log,
                 keys.keyset.app_id,
                 keys.signing_secret,
-                roots.publish,
+                publish,
                 interval=float(os.environ.get("ROOT_INTERVAL", "60")),
             ).start()
             print(f"publishing receipt roots to {roots.address}", flush=True)

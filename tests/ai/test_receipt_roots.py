@@ -191,3 +191,84 @@ def test_ai_verify_checks_the_on_chain_root(chain: ChainClient, roots: ReceiptRo
         assert usage.exit_code == 2 and "go together" in usage.output
     finally:
         rpc.stop()
+
+
+def test_publish_verified_checks_the_key_chain_up_to_kmsauth(chain: ChainClient) -> None:
+    """The head is stored in verified_heads[app_id] only when signed by a receipt key that the app key signed
+    for its purpose and that the KMS root recorded in KmsAuth issued to this app."""
+    from teecloud.ai.roots import chain_proof
+
+    chain.deploy()
+    keys = app_keys()
+    chain.kms.set_info(keys.root_public, b"\x01" * 65)
+    roots = ReceiptRoots.deploy(chain, chain.kms_auth)
+    app, r1, r2 = keys.keyset.app_id, os.urandom(32), os.urandom(32)
+    proof = chain_proof(keys.keyset)
+    roots.publish_verified(app, 3, r1, sign_root(keys.signing_secret, app, 3, r1), proof)
+    assert roots.verified_head(app).tree_size == 3 and roots.verified_head(app).root == r1
+    with pytest.raises(ContractReverted, match="does not grow"):
+        roots.publish_verified(app, 2, r2, sign_root(keys.signing_secret, app, 2, r2), proof)
+    # another KMS's app: its chain ends at a root KmsAuth does not record
+    rogue_kms = app_keys(root_secret=hashlib.sha256(b"another kms").digest())
+    with pytest.raises(ContractReverted, match="not the KMS root recorded"):
+        rp = chain_proof(rogue_kms.keyset)
+        roots.publish_verified(
+            rogue_kms.keyset.app_id,
+            9,
+            r2,
+            sign_root(rogue_kms.signing_secret, rogue_kms.keyset.app_id, 9, r2),
+            rp,
+        )
+    # the app's chain presented for another app id: the KMS signature is over this app id
+    other_app = os.urandom(20)
+    with pytest.raises(ContractReverted, match="app key not signed by the KMS root"):
+        roots.publish_verified(other_app, 9, r2, sign_root(keys.signing_secret, other_app, 9, r2), proof)
+    # a head signed by another key, with the app's chain
+    rogue = app_keys(app_id=app)
+    with pytest.raises(ContractReverted, match="not signed by the signing key given"):
+        roots.publish_verified(app, 9, r2, sign_root(rogue.signing_secret, app, 9, r2), proof)
+    # another key presented as the signing key under the app's chain
+    with pytest.raises(ContractReverted, match="not issued by the app key"):
+        roots.publish_verified(
+            app,
+            9,
+            r2,
+            sign_root(rogue.signing_secret, app, 9, r2),
+            {**proof, "signing_key": chain_proof(rogue.keyset)["signing_key"]},
+        )
+    assert roots.verified_head(app).tree_size == 3
+    with pytest.raises(ContractReverted, match="no KmsAuth"):
+        ReceiptRoots.deploy(chain).publish_verified(
+            app, 3, r1, sign_root(keys.signing_secret, app, 3, r1), proof
+        )
+
+
+def test_ai_verify_uses_the_verified_head(chain: ChainClient, tmp_path: Path) -> None:
+    from teecloud.ai.roots import chain_proof
+
+    chain.deploy()
+    keys = app_keys()
+    chain.kms.set_info(keys.root_public, b"\x01" * 65)
+    roots = ReceiptRoots.deploy(chain, chain.kms_auth)
+    log = ReceiptLog(tmp_path / "receipts")
+    ids = fill(log, keys, 2)
+    proof = chain_proof(keys.keyset)
+    pub = RootPublisher(
+        log,
+        keys.keyset.app_id,
+        keys.signing_secret,
+        lambda a, n, r, s: roots.publish_verified(a, n, r, s, proof),
+        interval=3600,
+    )
+    assert pub.publish_once() == 2
+    assert roots.head(keys.keyset.app_id, keys.keyset.signing_address).tree_size == 0  # only the verified one
+    rpc = ChainRpcServer(chain.transport.chain).start()  # type: ignore[attr-defined]
+    try:
+        (tmp_path / "answer.json").write_text(json.dumps(answer(log, keys, ids[0])))
+        args = ["ai", "verify", str(tmp_path / "answer.json"), "--kms-root", keys.root_public.hex(), "--json"]
+        out = CliRunner().invoke(
+            teecloud_app, [*args, "--rpc-url", rpc.url, "--receipt-roots", roots.address]
+        )
+        assert out.exit_code == 0 and "on_chain" in json.loads(out.output)["steps"], out.output
+    finally:
+        rpc.stop()

@@ -22,10 +22,11 @@ from typing import Any
 from eth_utils.crypto import keccak
 
 from teecloud.ai.errors import ReceiptInvalid
+from teecloud.ai.keyset import RECEIPT_KEY_PURPOSE, KeySet
 from teecloud.ai.receiptlog import ReceiptLog, TreeHead, verify_consistency
-from teecloud.keys.sigchain import sign_k256_recoverable
+from teecloud.keys.sigchain import kms_issued_digest, purpose_digest, recover_k256, sign_k256_recoverable
 
-__all__ = ["ROOT_DOMAIN", "RootPublisher", "check_anchored", "root_digest", "sign_root"]
+__all__ = ["ROOT_DOMAIN", "RootPublisher", "chain_proof", "check_anchored", "root_digest", "sign_root"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,27 @@ def sign_root(signing_secret: bytes, app_id: bytes, tree_size: int, root: bytes)
 
 
 Publish = Callable[[bytes, int, bytes, bytes], Any]  # (app_id, tree_size, root, signature)
+
+
+def _xy(compressed: bytes) -> bytes:
+    import coincurve
+
+    return bytes(coincurve.PublicKey(compressed).format(compressed=False)[1:])
+
+
+def chain_proof(keyset: KeySet) -> dict[str, bytes]:
+    """What ReceiptRoots.publish_verified checks on chain: the receipt-signing key, the app key and the KMS
+    root (x‖y, the last two recovered from the key set's GetKey chain) and the chain's two signatures."""
+    app_sig, kms_sig = keyset.signing_key_chain
+    app_key = recover_k256(purpose_digest(RECEIPT_KEY_PURPOSE, keyset.signing_public_key), app_sig)
+    kms_root = recover_k256(kms_issued_digest(keyset.app_id, app_key), kms_sig)
+    return {
+        "signing_key": _xy(keyset.signing_public_key),
+        "app_signature": app_sig,
+        "app_key": _xy(app_key),
+        "kms_signature": kms_sig,
+        "kms_root_key": _xy(kms_root),
+    }
 
 
 class RootPublisher:

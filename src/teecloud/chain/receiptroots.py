@@ -25,8 +25,38 @@ class ReceiptRoots:
         self.address = to_address(address)
 
     @classmethod
-    def deploy(cls, conn: ChainConnection) -> ReceiptRoots:
-        return cls(conn, conn.deploy_contract("ReceiptRoots"))
+    def deploy(cls, conn: ChainConnection, kms_auth: str | bytes | None = None) -> ReceiptRoots:
+        """`kms_auth`: the KmsAuth whose KMS root publish_verified checks (None: publish only)."""
+        return cls(
+            conn, conn.deploy_contract("ReceiptRoots", to_address(kms_auth) if kms_auth else "0x" + "00" * 20)
+        )
+
+    def kms_auth(self) -> str:
+        return str(self.conn.call("ReceiptRoots", self.address, "kms_auth"))
+
+    def publish_verified(
+        self, app_id: bytes, tree_size: int, root: bytes, signature: bytes, proof: dict[str, bytes]
+    ) -> dict[str, Any]:
+        """Submit a head with its signing key's GetKey chain (`proof`: signing_key, app_signature, app_key,
+        kms_signature, kms_root_key; keys x‖y), checked on chain up to KmsAuth's KMS root."""
+        return self.conn.transact(
+            "ReceiptRoots",
+            self.address,
+            "publish_verified",
+            to_address(app_id),
+            tree_size,
+            to_bytes32(root),
+            signature,
+            proof["signing_key"],
+            proof["app_signature"],
+            proof["app_key"],
+            proof["kms_signature"],
+            proof["kms_root_key"],
+        )
+
+    def verified_head(self, app_id: bytes) -> RootOnChain:
+        size, root, at = self.conn.call("ReceiptRoots", self.address, "verified_heads", to_address(app_id))
+        return RootOnChain(int(size), bytes(root), int(at))
 
     def publish(self, app_id: bytes, tree_size: int, root: bytes, signature: bytes) -> dict[str, Any]:
         """Submit a signed head (any signer pays the gas); ContractReverted with the reason otherwise."""

@@ -156,7 +156,12 @@ def _check_on_chain(
     c = doc.get("consistency")
     try:
         with ChainConnection(HttpTransport(rpc_url), label=rpc_url) as conn:
-            on_chain = ReceiptRoots(conn, address).head(head.app_id, signer)
+            roots = ReceiptRoots(conn, address)
+            # the head checked on chain up to the KMS root (publish_verified) if there is one, else the one
+            # this receipt's signing key published (its key set was checked against --kms-root above)
+            on_chain = roots.verified_head(head.app_id)
+            if on_chain.tree_size == 0:
+                on_chain = roots.head(head.app_id, signer)
     except (ChainError, ValueError) as exc:
         _fail(f"cannot read the receipt root on chain: {exc}")
     if isinstance(c, dict) and c.get("first") == on_chain.tree_size:
