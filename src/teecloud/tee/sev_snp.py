@@ -49,6 +49,11 @@ class SevSnpPlatform:
     def vm_config(self) -> dict[str, Any]:
         return {}
 
+    def sealing_secret(self) -> bytes:
+        # SNP can derive one (MSG_KEY_REQ through /dev/sev-guest, bound to the launch measurement); teecloud
+        # does not ask for it yet.
+        raise TeeUnavailable("SEV-SNP sealing keys (MSG_KEY_REQ) are not supported by teecloud yet")
+
     def _report(self, report_data: bytes, *, aux: bool) -> tuple[bytes, bytes | None]:
         rd = _check_report_data(report_data)
         result = self._tsm.get(rd, want_auxblob=aux)

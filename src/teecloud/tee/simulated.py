@@ -297,6 +297,31 @@ def open_state(state_dir: Path, tcb: dcap.SimulatedTcb) -> tuple[dcap.Pki, dcap.
 # ---------------------------------------------------------------------------------------------------------
 
 
+SEALING_SECRET_FILE = "kms-sealing-secret"  # noqa: S105 (a file name)
+
+
+def simulated_sealing_secret(state_dir: Path) -> bytes:
+    """The sealing secret of the simulated platform whose state is `state_dir`, created once (two processes
+    racing keep the first one's), never re-created: a corrupt file is an error, not a new secret."""
+    path = state_dir / SEALING_SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        atomic_write(tmp, secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # fails if another process created it first: keep theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    data = path.read_bytes()
+    if len(data) != 32:
+        raise SimulatedTeeStateError(
+            f"{path} is corrupt ({len(data)} bytes, expected 32); refusing to re-create it"
+        )
+    return data
+
+
 class SimulatedTdx:
     """A simulated TDX CVM (implements `teecloud.tee.base.TeePlatform`).
 
@@ -428,6 +453,11 @@ class SimulatedTdx:
     @property
     def debug(self) -> bool:
         return self._debug
+
+    def sealing_secret(self) -> bytes:
+        """This simulated platform's sealing secret: 32 random bytes in its state directory, created on
+        first use and never overwritten. Only as strong as the host's file permissions (docs/kms.md)."""
+        return simulated_sealing_secret(self._state_dir)
 
     def dev_root_der(self) -> bytes:
         return self._pki.root_cert.public_bytes(serialization.Encoding.DER)

@@ -153,6 +153,12 @@ class TdxPlatform:
     def vm_config(self) -> dict[str, Any]:
         return {}
 
+    def sealing_secret(self) -> bytes:
+        raise TeeUnavailable(
+            "a TDX guest has no hardware sealing key: a KMS on TDX gets its keys from other KMS nodes "
+            "(onboarding or a threshold share) and cannot seal them to this machine"
+        )
+
     # -- quotes ---------------------------------------------------------------------------------------
 
     def quote(self, report_data: bytes) -> bytes:
