@@ -248,7 +248,7 @@ class LocalCloud:
             self.home / "gateway",
             base_domain=GATEWAY_BASE_DOMAIN,
             peers=peers,
-            chain=ChainGate(chain, block_number=chain.block_number),
+            chain=ChainGate(chain, block_number=chain.checked_head),
             admin_token=token_file.read_text().strip(),
         ).start()
         self._stack.callback(gateway.stop)

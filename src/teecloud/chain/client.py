@@ -231,11 +231,11 @@ class ChainClient(ChainConnection):
     # --- flat methods, delegating to the facades --------------------------------------------------------
 
     # KmsAuth
-    def is_app_allowed(self, boot_info: BootInfo) -> tuple[bool, str]:
-        return self.kms.is_app_allowed(boot_info)
+    def is_app_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> tuple[bool, str]:
+        return self.kms.is_app_allowed(boot_info, at=at)
 
-    def is_kms_allowed(self, boot_info: BootInfo) -> tuple[bool, str]:
-        return self.kms.is_kms_allowed(boot_info)
+    def is_kms_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> tuple[bool, str]:
+        return self.kms.is_kms_allowed(boot_info, at=at)
 
     def register_app(
         self,

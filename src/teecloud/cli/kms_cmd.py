@@ -118,6 +118,16 @@ def up(
         Path | None,
         typer.Option("--join-dkg", help="With --threshold-node: join this DKG round (plan JSON) at boot."),
     ] = None,
+    finality_depth: Annotated[
+        int,
+        typer.Option(
+            "--finality-depth",
+            min=0,
+            max=10_000,
+            help="An on-chain permission counts only once it is this many blocks deep (removals count at "
+            "once). 0 (default, local chains): the head decides.",
+        ),
+    ] = 0,
 ) -> None:
     """Start the KMS: boot its TEE, unseal (or create) its root keys, serve RA-TLS and the admin API."""
     from teecloud.kms.bootstrap import publish_kms_info
@@ -169,6 +179,7 @@ def up(
                 threshold=bool(threshold_node) and not dealer,
                 threshold_dealer=dealer,
                 join=join,
+                finality_depth=finality_depth,
             )
         )
     except KmsError as exc:
