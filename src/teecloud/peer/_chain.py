@@ -6,10 +6,10 @@ the gateway (none of them imports another's internals to ask).
     FreshBlockNumber                   the chain's block number read at or after the call, shared
 
 Finality: with `finality_depth` d > 0 the gate says yes only when the chain allows at the head AND at the
-block d below it. So a permission counts once d blocks sit on top of the block that granted it (a reorg shorter than d cannot
-authorize a release or a route), while a removal counts at once (the head says no). The chain id is the
-reader's concern: pass `ChainConnection.checked_head` as `block_number` and every fresh read first checks
-that the endpoint still serves the chain it was opened on.
+block d below it. So a permission counts once d blocks sit on top of the block that granted it (a reorg
+shorter than d cannot authorize a release or a route), while a removal counts at once (the head says no).
+The chain id is the reader's concern: pass `ChainConnection.checked_head` as `block_number` and every
+fresh read first checks that the endpoint still serves the chain it was opened on.
 
 Every failure to get a clear "yes" from the chain — unreachable RPC, revert, wrong chain, an unexpected
 exception — is a refusal (`PeerRejected(step="chain")`): nothing is released or routed on a guess.
