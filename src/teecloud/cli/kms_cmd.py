@@ -200,6 +200,8 @@ def up(
             "dev": dev,
             "threshold_node": threshold_node,
             "server_ca_pubkey": keys.ca_public_key_der.hex(),
+            "mr_aggregated": identity.mr_aggregated.hex(),
+            "device_id": bytes(tee.device_id).hex(),
         },
     )
     if running.service.threshold is not None:
@@ -417,6 +419,77 @@ def pubkey(
     out.print(f"timestamp     {resp.timestamp}")
     out.print(f"signature_v1  {resp.signature_v1}")
     out.print(f"signed by     {meta.k256_pubkey} (KMS root k256, verified)")
+
+
+@app.command("group")
+def group(
+    epoch: Annotated[int, typer.Option(min=0, help="Root epoch.")] = 1,
+    rpc_url: Annotated[
+        str | None, typer.Option("--rpc-url", help="EVM JSON-RPC URL (default: embedded chain).")
+    ] = None,
+    history: Annotated[
+        bool, typer.Option("--history", help="Print the membership log (every DKG, reshare, activation).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The threshold KMS committee serving EPOCH, as the chain (KmsGroup) records it."""
+    from teecloud.chain import ChainError
+
+    chain = _chain(rpc_url, None)
+    try:
+        kms_group = chain.kms_group
+        committee = kms_group.active(epoch)
+        log = kms_group.history() if history else []
+    except ChainError as exc:
+        _fail(f"chain: {exc}")
+    finally:
+        chain.close()
+    if committee is None:
+        _fail(f"no KMS committee serves epoch {epoch} on this chain (a single-node KMS records none)")
+    doc = {
+        "committee_id": committee.committee_id,
+        "epoch": committee.epoch,
+        "t": committee.t,
+        "n": committee.n,
+        "group_public_key": committee.group_public_key.hex(),
+        "commitments": [c.hex() for c in committee.commitments],
+        "recorded_at_block": committee.recorded_at_block,
+        "members": [
+            {
+                "index": m.index,
+                "url": m.url,
+                "mr_aggregated": m.mr_aggregated.hex(),
+                "device_id": m.device_id.hex(),
+            }
+            for m in committee.members
+        ],
+    }
+    if history:
+        doc["history"] = [
+            {"block": e["block"], "event": e["event"], **{k: _plain(v) for k, v in e["args"].items()}}
+            for e in log
+        ]
+    if as_json:
+        out.print_json(json.dumps(doc))
+        return
+    out.print(
+        f"epoch {committee.epoch}: committee {committee.committee_id}, {committee.t} of {committee.n}, "
+        f"recorded at block {committee.recorded_at_block}"
+    )
+    out.print(f"group public key  {doc['group_public_key']}")
+    for m in committee.members:
+        out.print(
+            f"  node {m.index:>2}  {m.url}  mr {m.mr_aggregated.hex()[:16]}…  dev {m.device_id.hex()[:16]}…"
+        )
+    for e in doc.get("history", []):
+        out.print(
+            f"  block {e['block']}: {e['event']} "
+            + ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("block", "event"))
+        )
+
+
+def _plain(value: Any) -> Any:
+    return value.hex() if isinstance(value, bytes) else value
 
 
 @app.command("audit")
