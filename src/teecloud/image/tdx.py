@@ -50,6 +50,7 @@ __all__ = [
     "rtmr0_events",
     "rtmr0_fixed_events",
     "rtmr1_events",
+    "rtmr1_events_of",
     "rtmr2_events",
     "sha384",
     "td_hob",
@@ -394,8 +395,15 @@ def rtmr1_events(kernel: bytes, *, initrd_size: int, memory_bytes: int) -> list[
     """RTMR1 of a direct-boot TD: the patched kernel's Authenticode hash (EV_EFI_BOOT_SERVICES_APPLICATION),
     then "Calling EFI Application from Boot Option", the separator, and the two ExitBootServices events."""
     patched = qemu_patch_kernel(kernel, initrd_size=initrd_size, memory_bytes=memory_bytes)
+    return rtmr1_events_of(authenticode_sha384(patched, pad_to_8=True))
+
+
+def rtmr1_events_of(kernel_authenticode: bytes) -> list[bytes]:
+    """RTMR1's events given the patched kernel's Authenticode hash (what a measurement file carries)."""
+    if len(kernel_authenticode) != 48:
+        raise ImageFormatError("the kernel's Authenticode hash is 48 bytes (SHA-384)")
     return [
-        authenticode_sha384(patched, pad_to_8=True),
+        kernel_authenticode,
         sha384(b"Calling EFI Application from Boot Option"),
         sha384(bytes(4)),
         sha384(b"Exit Boot Services Invocation"),
