@@ -89,7 +89,7 @@ def test_the_calculator_is_the_oracle_for_the_same_inputs(
 
 def test_every_input_counts(image: dict[str, Path]) -> None:
     base = {**image, "cmdline": "console=ttyS0", "vcpus": 2}
-    value = snp_launch_measurement(**base)  # type: ignore[arg-type]
+    value = snp_launch_measurement(**base)
     swapped = {**base, "kernel": image["initrd"], "initrd": image["kernel"]}
     others = [
         swapped,
@@ -98,7 +98,7 @@ def test_every_input_counts(image: dict[str, Path]) -> None:
         {**base, "vcpu_type": "EPYC-Milan"},
     ]
     for change in others:
-        assert snp_launch_measurement(**change) != value, change  # type: ignore[arg-type]
-    assert snp_launch_measurement(**swapped) == oracle(  # type: ignore[arg-type]
+        assert snp_launch_measurement(**change) != value, change
+    assert snp_launch_measurement(**swapped) == oracle(
         image["ovmf"], image["initrd"], image["kernel"], "console=ttyS0", 2, "EPYC-v4"
     )
