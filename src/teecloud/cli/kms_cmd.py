@@ -133,6 +133,8 @@ def up(
     from teecloud.kms.errors import KmsError
     from teecloud.kms.launcher import KmsLaunch, launch_kms
 
+    if os_images is not None and not os_images.is_dir():
+        _fail(f"--os-images {os_images}: no such directory")
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)
     node_dir: Path | None = None
@@ -160,8 +162,6 @@ def up(
     if os_images is not None:
         from teecloud.kms.os_images import MeasuredOsImages
 
-        if not os_images.is_dir():
-            _fail(f"--os-images {os_images}: no such directory")
         reference = MeasuredOsImages(os_images)
     elif dev:
         from teecloud.tee.simulated import simulated_os_image_reference
