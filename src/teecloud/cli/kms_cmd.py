@@ -143,12 +143,23 @@ def up(
             "once). 0 (default, local chains): the head decides.",
         ),
     ] = 0,
+    os_images: Annotated[
+        Path | None,
+        typer.Option(
+            "--os-images",
+            help="Real OS images' reference measurements: DIR/<os_image_hash>/{sha256sum.txt,"
+            "measurement.tdx.cbor} (teecloud image measure --out). Without it (and without --dev) no app "
+            "gets keys.",
+        ),
+    ] = None,
 ) -> None:
     """Start the KMS: boot its TEE, unseal (or create) its root keys, serve RA-TLS and the admin API."""
     from teecloud.kms.bootstrap import publish_kms_info
     from teecloud.kms.errors import KmsError
     from teecloud.kms.launcher import KmsLaunch, launch_kms
 
+    if os_images is not None and not os_images.is_dir():
+        _fail(f"--os-images {os_images}: no such directory")
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)
     node_dir: Path | None = None
@@ -178,8 +189,12 @@ def up(
         err.print("[green]generated new root keys inside the TEE and sealed them[/]")
         return publish_kms_info(chain, keys, tee)
 
-    reference = None
-    if dev:
+    reference: Any = None
+    if os_images is not None:
+        from teecloud.kms.os_images import MeasuredOsImages
+
+        reference = MeasuredOsImages(os_images)
+    elif dev:
         from teecloud.tee.simulated import simulated_os_image_reference
 
         reference = simulated_os_image_reference

@@ -35,6 +35,7 @@ import shutil
 import struct
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -565,12 +566,19 @@ def _check_event(name: str, payload: bytes) -> None:
 
 
 def simulated_os_image_reference(
-    os_image_hash: bytes, *, cpu_count: int | None = None, memory_size: int | None = None
+    os_image_hash: bytes,
+    *,
+    cpu_count: int | None = None,
+    memory_size: int | None = None,
+    vm_config: object = None,
+    rtmr0_log: Sequence[bytes] = (),
 ) -> dict[str, bytes] | None:
     """Reference MRTD, RTMR1 and RTMR2 of a simulated OS image — and RTMR0 for a VM shape (cpu_count,
     memory_size) — in the shape a KMS takes (`KmsService(os_image_reference=...)`), so the KMS holds no copy
-    of the simulator's formula. Real images get theirs from the image's measurement tool (dstack-mr); none
-    is wired in yet. None for a malformed hash or shape (the caller refuses)."""
+    of the simulator's formula. Real images get theirs from their measurement files
+    (teecloud.kms.os_images.MeasuredOsImages). None for a malformed hash or shape (the caller refuses).
+    `vm_config` and `rtmr0_log` (what a KMS passes with the shape) are not needed: the simulator's RTMR0
+    is a function of the shape."""
     if len(os_image_hash) != 32:
         return None
     try:
