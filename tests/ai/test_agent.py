@@ -309,3 +309,33 @@ def test_run_loop_retries_a_failed_step_and_skips_bad_input() -> None:
     src, agent = Source(["a", "bad", "b"]), FlakyAgent()
     assert run_loop(agent, src, interval=0.01, steps=2) == 2  # type: ignore[arg-type]
     assert agent.calls == ["a", "a", "bad", "b"] and src.committed == ["a", "bad", "b"]
+
+
+@pytest.mark.slow
+def test_the_agent_decides_through_the_verifying_proxy(
+    home: Path, chain: ChainClient, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """INFERENCE_URL at `teecloud ai proxy` (verifying the inference app's quote, key set and every receipt):
+    the agent's decision is one the proxy checked, and its memo names that receipt."""
+    log = AgentLog.deploy(chain)
+    emb = HashingEmbedder(64)
+    with running_stack(tmp_path_factory.mktemp("agent-proxy-llm")) as llm:
+        proxy = llm.proxy().start()
+        try:
+            with cvm(home, "agent-behind-proxy") as guest:
+                wallet = AgentWallet.from_guest_api(guest)
+                chain.send(wallet.address, b"", value=10**18)
+                client = InferenceClient(proxy.url, MODEL_ID)
+                with VectorMemory(tmp_path_factory.mktemp("v") / "memory.db", dim=64) as mem:
+                    agent = Agent(
+                        inference=client,
+                        memory=mem,
+                        embed=emb.embed,
+                        log=log.with_connection(chain.with_signer(wallet.signer_key())),
+                    )
+                    step = agent.step("the ETH price rose")
+                client.close()
+        finally:
+            proxy.stop()
+    assert step.receipt_id and log.count(wallet.address) == 1
+    assert log.decisions(wallet.address)[0]["args"]["memo"] == f"receipt:{step.receipt_id}"
