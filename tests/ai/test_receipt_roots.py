@@ -193,6 +193,7 @@ def test_ai_verify_checks_the_on_chain_root(chain: ChainClient, roots: ReceiptRo
         rpc.stop()
 
 
+@pytest.mark.slow
 def test_publish_verified_checks_the_key_chain_up_to_kmsauth(chain: ChainClient) -> None:
     """The head is stored in verified_heads[app_id] only when signed by a receipt key that the app key signed
     for its purpose and that the KMS root recorded in KmsAuth issued to this app."""
