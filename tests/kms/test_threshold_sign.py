@@ -37,7 +37,7 @@ APP_K256 = hashlib.sha256(b"the app's k256 key, derived in the CVM").digest()
 
 
 def _app(app_id: bytes = APP_ID) -> authz.AuthorizedApp:
-    """An AuthorizedApp as the Authorizer makes one (the full rule is tested in tests/kms/test_threshold_*)."""
+    """An AuthorizedApp as the Authorizer makes one (the whole rule is tested by the node tests)."""
     peer = SimpleNamespace(boot_info=SimpleNamespace(app_id=app_id))
     return authz.AuthorizedApp(peer, None, "test", authz._SEAL)  # type: ignore[arg-type]
 
