@@ -31,6 +31,7 @@ from teecloud.kms.authz import AuthorizedApp, AuthorizedKms
 from teecloud.kms.bootstrap import KmsIdentity, kms_dir
 from teecloud.kms.errors import AccessDenied, SealingError
 from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
+from teecloud.kms.threshold_sign import ThresholdSigner
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -149,9 +150,14 @@ class ThresholdEvaluator:
     """This node's operation on its share: partial VOPRF evaluations, only for an AuthorizedApp (which only
     teecloud.kms.authz.Authorizer makes, after the whole key-release rule)."""
 
-    def __init__(self, share: ThresholdShare, *, gateway_app_id: str = "") -> None:
+    def __init__(
+        self, share: ThresholdShare, *, gateway_app_id: str = "", signer: ThresholdSigner | None = None
+    ) -> None:
+        """`signer`: this node's share of the group's signing key and its presignatures
+        (teecloud.kms.threshold_sign); without one, the node evaluates but never signs."""
         self._share = share
         self.gateway_app_id = gateway_app_id
+        self.signer = signer
 
     @property
     def epoch(self) -> int:
@@ -183,6 +189,7 @@ class ThresholdEvaluator:
             ],
             gateway_app_id=self.gateway_app_id,
             os_image_hash=bi.os_image_hash.hex(),
+            presignatures=[p.hex() for p in self.signer.pool.unused()[:16]] if self.signer else [],
         )
 
 
