@@ -346,7 +346,8 @@ class LocalCloud:
             for i, url in urls.items()
         }
         provider = ThresholdKeyProvider(
-            ThresholdGroup(group.epoch, group.t, group.commitments, urls), clients
+            ThresholdGroup(group.epoch, group.t, group.commitments, urls, signing_key=group.signing_key),
+            clients,
         )
         return urls[1], str(endpoints[1]["admin_url"]), provider
 
