@@ -176,3 +176,20 @@ def test_getkey_without_a_signing_key_is_a_clear_error(
     _, state = boot_hello(teecloud_home, world, cluster.provider())
     with pytest.raises(ClientError, match="KMS signature of this app's key"):
         _get_key(state)
+
+
+def test_an_exhausted_pool_does_not_stop_the_boot(
+    teecloud_home: Path, world: World, cluster: Cluster
+) -> None:
+    """Every presignature used (for other messages): the app still boots with its keys; GetKey refuses with
+    the reason instead of a chain; no presignature signed a second message."""
+    for node in cluster.nodes.values():
+        pool = _signer(node).pool
+        for k, session in enumerate(pool.unused()):
+            pool.sign(session, k.to_bytes(32, "big"))
+    provider = cluster.provider()
+    _, state = boot_hello(teecloud_home, world, provider)
+    assert "no presignature is held by 3" in provider.signature_error
+    assert state.keys.k256_signature == b"" and len(state.keys.k256_key) == 32
+    with pytest.raises(ClientError, match="KMS signature of this app's key"):
+        _get_key(state)

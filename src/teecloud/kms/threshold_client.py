@@ -20,6 +20,7 @@ Procedure:
   (5) for a group with a signing key: the KMS signature of the app's k256 key (the GetKey chain's root
       signature) from t nodes' signature shares over one presignature they all hold
       (teecloud.keys.threshold_ecdsa; each share checked, the result checked against the group's key).
+      Without t valid shares the boot goes on without it (`signature_error`): GetKey then refuses.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class ThresholdKeyProvider:
         self._public_shares = {i: th.public_share(group.commitments, i) for i in group.nodes}
         self._challenged: list[int] = sorted(group.nodes)
         self.faults: dict[int, str] = {}
+        self.signature_error = ""  # why the last get_app_keys got no KMS signature ('' when it did)
         self.composes = ComposeBook()  # the GPU gate: bind_app_compose
 
     def info(self) -> dict[str, Any]:
@@ -249,8 +251,15 @@ class ThresholdKeyProvider:
         outputs = [th.combine(inputs[k], [valid[i][0][k] for i in chosen], t) for k in range(len(inputs))]
         _, gateway_app_id, os_image_hex = valid[chosen[0]]
         k256_signature = b""
+        self.signature_error = ""
         if self.group.signing_key:
-            k256_signature = self._sign_app_key(tee, app_id, offered, th.app_k256_key(outputs[0]), faults)
+            try:
+                k256_signature = self._sign_app_key(tee, app_id, offered, th.app_k256_key(outputs[0]), faults)
+            except KmsClientError as exc:
+                # The app's keys do not depend on the signature: the boot goes on, and GetKey (which needs
+                # the chain) answers with the reason. An exhausted pool must not stop every boot.
+                self.signature_error = str(exc)
+                log.warning("no KMS signature of the app key: %s", exc)
         return th.app_keys_from_outputs(
             outputs[0],
             outputs[1],
