@@ -626,6 +626,8 @@ def combine_signature(presig: Presignature, digest: bytes, shares: Sequence[Sign
     use = sorted(chosen)[: presig.t]
     lam = lagrange_at_zero(use)
     s = sum(lam[i] * chosen[i].s for i in use) % ORDER
+    if s == 0:
+        raise ThresholdSignatureError("s = 0 (discard the presignature)")
     r = _r_of(presig.big_r)
     rx = int.from_bytes(presig.big_r[1:], "big")
     v = (presig.big_r[0] & 1) | (2 if rx >= ORDER else 0)
