@@ -248,7 +248,7 @@ class LocalCloud:
             self.home / "gateway",
             base_domain=GATEWAY_BASE_DOMAIN,
             peers=peers,
-            chain=ChainGate(chain, block_number=chain.block_number),
+            chain=ChainGate(chain, block_number=chain.checked_head),
             admin_token=token_file.read_text().strip(),
         ).start()
         self._stack.callback(gateway.stop)
@@ -335,7 +335,8 @@ class LocalCloud:
                 endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
         except KmsError as exc:
             raise NodeError(f"threshold KMS: {exc}") from exc
-        urls = {i: str(e["url"]) for i, e in endpoints.items()}
+        committee = self._record_committee(chain, group, endpoints)
+        urls = committee.urls
         clients = {
             i: connect_kms(
                 url,
@@ -345,11 +346,44 @@ class LocalCloud:
             )
             for i, url in urls.items()
         }
+        # the group as the chain records it, not as a local file says; the signing key is not on chain yet
+        # (docs/kms.md, "Not done"): it comes from the ceremony's group record
         provider = ThresholdKeyProvider(
-            ThresholdGroup(group.epoch, group.t, group.commitments, urls, signing_key=group.signing_key),
+            ThresholdGroup(
+                committee.epoch, committee.t, committee.commitments, urls, signing_key=group.signing_key
+            ),
             clients,
         )
         return urls[1], str(endpoints[1]["admin_url"]), provider
+
+    @staticmethod
+    def _record_committee(chain: Any, group: Any, endpoints: dict[int, dict[str, Any]]) -> Any:
+        """The serving committee on chain (KmsGroup): recorded and activated after the first DKG (and for a
+        data directory made before KmsGroup existed); on later starts the chain's record must match the
+        nodes' sealed group, or the cloud refuses to start."""
+        from teecloud.chain.kmsgroup import CommitteeMember
+
+        kms_group = chain.kms_group
+        committee = kms_group.active(group.epoch)
+        members = [
+            CommitteeMember(
+                i, bytes.fromhex(str(e["mr_aggregated"])), bytes.fromhex(str(e["device_id"])), str(e["url"])
+            )
+            for i, e in sorted(endpoints.items())
+        ]
+        if committee is None or (
+            committee.commitments == group.commitments and committee.members != tuple(members)
+        ):
+            # first start, or the same committee serving at new addresses (ports change per start)
+            cid = kms_group.record_committee(group.epoch, group.t, group.commitments, members)
+            kms_group.activate(cid)
+            committee = kms_group.committee(cid)
+        if committee.commitments != group.commitments or committee.t != group.t:
+            raise NodeError(
+                f"the KMS committee on chain for epoch {group.epoch} (committee {committee.committee_id}) is "
+                "not the group these nodes hold; refusing to start"
+            )
+        return committee
 
     def _networked_dkg(self, rpc_url: str) -> dict[int, dict[str, Any]]:
         """Joint-Feldman among processes: N share-less dealer processes each open a round (admin API), then

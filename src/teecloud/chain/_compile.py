@@ -21,6 +21,7 @@ CONTRACT_NAMES = (
     "Multisig",
     "Timelock",
     "NodeRegistry",
+    "KmsGroup",
     # teecloud.functions (docs/functions.md): one registry per function, the shared result verifier, the
     # on-chain request/callback oracle, and an example consumer that accepts one function's results
     "FunctionRegistry",

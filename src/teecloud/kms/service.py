@@ -95,6 +95,8 @@ class KmsConfig:
     require_app_compose         app releasing paths refuse a request without the CVM's measured app-compose
                                 (so every app's `gpu_attestation` is read: the GPU gate, docs/ai.md); off by
                                 default while some key clients do not send it
+    chain_finality_depth        an on-chain permission counts once this many blocks deep; removals at once
+                                (teecloud.peer.ChainGate). 0: the head decides (local chains)
     """
 
     dev_mode: bool = False
@@ -113,6 +115,8 @@ class KmsConfig:
     boot_challenge_max_uses: int = 8
     # --- gpu gate
     require_app_compose: bool = False
+    # --- end gpu gate
+    chain_finality_depth: int = 0
 
 
 # ------------------------------------------------------------------------------------------------ logic
@@ -189,7 +193,9 @@ class KmsService:
             cache_s=self.config.evidence_cache_s,
             cache_entries=self.config.evidence_cache_entries,
         )
-        self.authorizer = ChainAuthorizer(chain, block_number=block_number)
+        self.authorizer = ChainAuthorizer(
+            chain, block_number=block_number, finality_depth=self.config.chain_finality_depth
+        )
         self.challenges = challenges or BootChallenges(
             window_s=self.config.boot_challenge_window_s,
             max_uses=self.config.boot_challenge_max_uses,

@@ -123,7 +123,7 @@ class ThresholdShare:
 def save_share(
     share: ThresholdShare, tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
 ) -> Path:
-    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
     path = kms_dir(home) / SHARE_FILE
     atomic_write(path, seal(key, identity.mr_aggregated, share.to_json_bytes()))
     return path
@@ -143,7 +143,7 @@ def load_share(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
     path = kms_dir(home) / SHARE_FILE
     if not path.exists():
         return None
-    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
     return ThresholdShare.from_json_bytes(unseal(key, identity.mr_aggregated, path.read_bytes()))
 
 

@@ -234,8 +234,8 @@ class ThresholdSigner:
         return self.pool.sign(session, kms_issued_digest(app.boot_info.app_id, pub))
 
 
-def _sealers(tee: TeePlatform, identity: KmsIdentity, home: Path | None) -> tuple[_Sealer, _Sealer]:
-    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+def _sealers(tee: TeePlatform, identity: KmsIdentity) -> tuple[_Sealer, _Sealer]:
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
     mr = identity.mr_aggregated
     return (lambda data: seal(key, mr, data)), (lambda blob: unseal(key, mr, blob))
 
@@ -245,7 +245,7 @@ def save_signing_share(
 ) -> Path:
     """Seal this node's signing share (to the node's measurement) beside its VOPRF share."""
     path = kms_dir(home) / SIGNING_SHARE_FILE
-    atomic_write(path, _sealers(tee, identity, home)[0](key_share_to_json(share)))
+    atomic_write(path, _sealers(tee, identity)[0](key_share_to_json(share)))
     return path
 
 
@@ -254,6 +254,6 @@ def open_signer(tee: TeePlatform, identity: KmsIdentity, home: Path | None = Non
     path = kms_dir(home) / SIGNING_SHARE_FILE
     if not path.exists():
         return None
-    seal_fn, unseal_fn = _sealers(tee, identity, home)
+    seal_fn, unseal_fn = _sealers(tee, identity)
     key = key_share_from_json(unseal_fn(path.read_bytes()))
     return ThresholdSigner(key, PresignaturePool(kms_dir(home) / PRESIG_FILE, seal_fn, unseal_fn))
