@@ -362,8 +362,13 @@ class LocalCloud:
             )
             for i, url in urls.items()
         }
-        provider = ThresholdKeyProvider(  # the group as the chain records it, not as a local file says
-            ThresholdGroup(committee.epoch, committee.t, committee.commitments, urls), clients
+        # the group as the chain records it, not as a local file says; the signing key is not on chain yet
+        # (docs/kms.md, "Not done"): it comes from the ceremony's group record
+        provider = ThresholdKeyProvider(
+            ThresholdGroup(
+                committee.epoch, committee.t, committee.commitments, urls, signing_key=group.signing_key
+            ),
+            clients,
         )
         return urls[1], str(endpoints[1]["admin_url"]), provider
 

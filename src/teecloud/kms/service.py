@@ -360,6 +360,39 @@ class KmsService:
 
         return self._audited(api.PATH_THRESHOLD_EVALUATE, cert_der, peer_addr, decide)
 
+    def threshold_sign(
+        self, cert_der: bytes | None, req: api.ThresholdSignRequest, *, peer_addr: str = ""
+    ) -> api.ThresholdSignResponse:
+        """Threshold mode: this node's share of the KMS signature over the app key of the attested, allowed
+        app (the same rule as ThresholdEvaluate; the message is built from the verified app_id)."""
+
+        def decide(ctx: dict[str, Any]) -> api.ThresholdSignResponse:
+            signer = self.threshold.signer if self.threshold is not None else None
+            if signer is None:
+                raise AccessDenied("this KMS holds no threshold signing share", step="mode")
+            try:
+                app_pub, session = bytes.fromhex(req.app_public_key), bytes.fromhex(req.session)
+            except ValueError as exc:
+                raise AccessDenied("app_public_key and session must be hex", step="request") from exc
+            app = self.authz.authorize_app(cert_der, req.vm_config, ctx=ctx, app_compose=req.app_compose)
+            share = signer.sign_app_key(app, app_pub, session)
+            presig = signer.pool.public(session)
+            ctx["reason"] = (
+                f"signature share {share.index} with presignature {session.hex()}; "
+                f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
+            )
+            return api.ThresholdSignResponse(
+                app_id=app.boot_info.app_id.hex(),
+                index=share.index,
+                session=session.hex(),
+                big_r=presig.big_r.hex(),
+                kinv_commitments=[c.hex() for c in presig.kinv_commitments],
+                sigma_commitments=[c.hex() for c in presig.sigma_commitments],
+                s=f"{share.s:064x}",
+            )
+
+        return self._audited(api.PATH_THRESHOLD_SIGN, cert_der, peer_addr, decide)
+
     def reshare_open(self, req: api.ReshareOpenRequest) -> api.ReshareOpenResponse:
         """Admin: open a reshare round on this old node; returns its dealing's commitments."""
         if self.reshare is None or self.threshold is None:
