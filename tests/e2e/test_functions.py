@@ -174,7 +174,7 @@ def outside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outside]:
     )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(pem))
-    routes = {"/price": b"4242"}
+    routes = {"/price": b"4242", "/slow": b"7"}
     hits: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -182,11 +182,16 @@ def outside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outside]:
 
         def do_GET(self) -> None:
             hits.append(self.path)
+            if self.path == "/slow":  # an answer that takes a while: the runtime is restarted meanwhile
+                time.sleep(4)
             body = routes.get(self.path)
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
+            try:
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+            except OSError:  # the runtime went away mid-answer (the restart test)
+                self.close_connection = True
 
         def log_message(self, *args: object) -> None:
             pass
@@ -317,6 +322,11 @@ def test_a_call_over_http_fetches_and_its_result_verifies_up_to_the_kms_root(
     )
     fnapp.feed.submit(res.to_abi())
     assert fnapp.feed.price() == 4242
+    # its key certified once: later results skip the key's chain on chain (docs/functions.md, gas)
+    fnapp.verifier.certify_key(res.to_abi())
+    again, _ = fnapp.client.call(fnapp.registry.address, outside.price_input.decode())
+    assert fnapp.verifier.is_certified(again.to_abi())
+    fnapp.feed.submit(again.to_abi())
     logs = fnapp.client.logs(fnapp.registry.address)
     assert logs and logs[-1]["logs"] == ["fetched"]
 
@@ -411,6 +421,66 @@ def test_an_on_chain_request_is_answered_by_the_runtime_through_the_callback(
         assert exc.value.status == 409
     finally:
         outside.routes["/price"] = b"4242"
+
+
+def test_the_runtime_restarting_mid_request_answers_it_at_most_once(
+    session: Any, outside: Outside, fnapp: FnApp
+) -> None:
+    """A call in flight (its fetch takes 4 s) when the runtime's container restarts: the caller gets a clean
+    error, not a hang and not a result; after the restart the same request id is refused (409): the request
+    was answered at most once (its claim is on the encrypted volume, fsynced before the function ran)."""
+    import os
+
+    from teecloud.functions import FunctionError
+    from teecloud.functions.client import FunctionsClient, RemoteError
+
+    rid = os.urandom(32)
+    slow = f"https://{outside.host}/slow"
+    outcome: dict[str, object] = {}
+
+    def call() -> None:
+        t0 = time.monotonic()
+        try:
+            outcome["result"] = fnapp.client.call(fnapp.registry.address, slow, request_id=rid)
+        except FunctionError as exc:
+            outcome["error"] = exc
+        outcome["seconds"] = time.monotonic() - t0
+
+    before = outside.hits.count("/slow")
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while outside.hits.count("/slow") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outside.hits.count("/slow") == before + 1, "the function never fetched"
+    project = f"tc-{fnapp.deployed.instance_id[:16]}"
+    ids = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(ids) == 1
+    subprocess.run(["docker", "restart", "-t", "1", ids[0]], capture_output=True, check=True, timeout=60)
+    caller.join(90)
+    assert not caller.is_alive()
+    assert "result" not in outcome, "answered although the runtime restarted mid-call"
+    assert isinstance(outcome["error"], FunctionError) and not isinstance(outcome["error"], RemoteError)
+    # a restarted container gets a new loopback port on the node: follow it
+    port = subprocess.run(
+        ["docker", "port", ids[0], "8090/tcp"], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    fnapp.url = f"http://{port}"
+    fnapp.client.close()
+    fnapp.client = FunctionsClient(fnapp.url, timeout=60)
+    wait_serving(fnapp.url + "/info", timeout=60)
+    with pytest.raises(RemoteError) as exc:
+        fnapp.client.call(fnapp.registry.address, slow, request_id=rid)
+    assert exc.value.status == 409 and "already taken" in str(exc.value)
+    assert outside.hits.count("/slow") == before + 1  # never run a second time
+    # the runtime still answers new requests after the restart
+    fresh, _ = fnapp.client.call(fnapp.registry.address, outside.price_input.decode())
+    assert int.from_bytes(fresh.output, "big") == 4242
 
 
 def test_an_upgrade_through_a_multisig_retires_the_old_hash(
