@@ -5,6 +5,7 @@ renewal by an injected clock, and the failures (wrong TXT, CA down, untrusted CA
 from __future__ import annotations
 
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +15,25 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from teecloud.chain import ChainClient
 from teecloud.gateway.acme import AcmeCertificates, AcmeError, LocalChallengeDns, caa_records
+from teecloud.gateway.certkeys import (
+    CERT_KEYS_PATH,
+    CertKeyRefused,
+    check_cert_key,
+    fetch_document,
+    presented_cert,
+)
 from teecloud.gateway.errors import GatewayUsageError
+from teecloud.gateway.server import GatewayServer
+from teecloud.peer import ChainGate, PeerPolicy, PeerVerifier, StaticCollateral
+from teecloud.tee.simulated import SimulatedTdx
+from tests.gateway.test_registration import chain
 
 from .pebble import Pebble, free_port
 
 BASE = "gw.teecloud.test"
+__all__ = ["chain"]  # the module-scoped embedded chain fixture of the registration tests
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +204,51 @@ def test_caa_records_pin_the_account() -> None:
         f'{BASE}. CAA 0 issue "letsencrypt.org; accounturi={uri}"',
         f'{BASE}. CAA 0 issuewild "letsencrypt.org; accounturi={uri}"',
     ]
+
+
+@pytest.mark.slow
+def test_gateway_serves_the_acme_certificate_and_reloads_only_on_renewal(
+    teecloud_home: Path, chain: ChainClient, pebble: Pebble, dns: LocalChallengeDns
+) -> None:
+    """The public port presents pebble's certificate (chain to pebble's root) with its key's quote published;
+    ticks that change nothing do not reload HAProxy; the renewal (injected clock) reloads it once, the new key
+    is presented and published, and the old document no longer vouches for what is served."""
+    tee = SimulatedTdx(teecloud_home)
+    verifier = PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
+    now = [time.time()]
+    acme = _acme(teecloud_home / "gw", pebble, dns, clock=lambda: now[0])
+    with GatewayServer(
+        teecloud_home / "gw",
+        base_domain=BASE,
+        peers=verifier,
+        chain=ChainGate(chain, block_number=chain.block_number),
+        admin_token="gateway-admin-token-for-tests",
+        acme=acme,
+        tee=tee,
+        clock=lambda: now[0],
+    ) as gw:
+        sni = f"{'cd' * 20}-80.{BASE}"
+        first = presented_cert("127.0.0.1", gw.public_port, server_name=sni)
+        stored = acme.current()
+        assert stored is not None and first == _pem_to_der(stored.issued.cert_pem)
+        _verify_chain(pebble, stored.issued.cert_pem, stored.chain_pem, sni, stored.not_before + 60)
+        old_document = fetch_document(gw.registration_url + CERT_KEYS_PATH)
+        assert check_cert_key(first, old_document, verifier).role == "public"
+        for _ in range(3):
+            gw.tick()
+        assert gw.driver.reloads == 0
+        now[0] = stored.not_after - 60  # inside the renewal window
+        gw.tick()
+        assert gw.driver.reloads == 1
+        gw.tick()
+        assert gw.driver.reloads == 1
+        second = presented_cert("127.0.0.1", gw.public_port, server_name=sni)
+        assert second != first and second == _pem_to_der(acme.current().issued.cert_pem)  # type: ignore[union-attr]
+        document = fetch_document(gw.registration_url + CERT_KEYS_PATH)
+        assert check_cert_key(second, document, verifier, now=int(time.time())).role == "public"
+        with pytest.raises(CertKeyRefused, match="stale"):
+            check_cert_key(second, old_document, verifier, now=int(time.time()))
+
+
+def _pem_to_der(pem: str) -> bytes:
+    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)

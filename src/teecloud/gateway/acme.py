@@ -245,7 +245,8 @@ class AcmeCertificates:
     def ensure(self, now: float | None = None) -> tuple[StoredCert, bool]:
         """The certificate to serve, and whether it changed. Issues one when there is none (errors
         propagate: a gateway cannot start without one); renews within the renewal window (a failure then
-        keeps the current certificate, is logged and counted, and is retried after `retry_s`)."""
+        keeps the current certificate, is logged and counted, and is retried after `retry_s`). At most one
+        attempt per `retry_s` once a certificate exists."""
         at = self.clock() if now is None else now
         with self._lock:
             cert = self.current()
@@ -262,6 +263,9 @@ class AcmeCertificates:
                 log.warning("certificate renewal failed (retrying in %.0f s): %s", self.retry_s, exc)
                 return cert, False
             self.last_error = ""
+            # at most one issuance per retry_s, even when the CA's certificate is already due (a skewed
+            # clock, a CA issuing short lifetimes): the CA is never hammered
+            self._next_attempt = at + self.retry_s
             return fresh, True
 
     # ------------------------------------------------------------------------------------------ issuance

@@ -5,6 +5,11 @@ registrations, restarts a dead HAProxy and moves routes.
     GatewayServer(home, base_domain=..., peers=..., chain=..., admin_token=...).start()
         home/ca.pem        the dev CA certificate (public): curl --cacert home/ca.pem https://<name>:<port>/
         home/run/          HAProxy's configuration, maps, admin socket and the wildcard's key (0700 / 0600)
+        home/acme/         with `acme=`: the ACME account key and the certificate (key + chain), 0600
+
+The public certificate is the dev CA's wildcard, or with `acme=` (teecloud.gateway.acme) the ACME CA's,
+renewed by the tick within its renewal window (HAProxy reloads only then). With `tee=` every certificate
+key it serves with gets a quote binding it, published at CERT_KEYS_PATH (teecloud.gateway.certkeys).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from pathlib import Path
 from teecloud._fs import atomic_write
 from teecloud._serve import LimitedH11Protocol, LimitedServer, ServeLimits, limited_config
 from teecloud.gateway import api
+from teecloud.gateway.acme import AcmeCertificates, StoredCert
+from teecloud.gateway.certkeys import CertKeyPublisher
 from teecloud.gateway.client import temp_ca
 from teecloud.gateway.customdomain import CustomDomains
 from teecloud.gateway.devca import DevCa
@@ -41,6 +48,7 @@ from teecloud.gateway.registry import Registry
 from teecloud.gateway.routing import DataPlaneLimits, check_base_domain
 from teecloud.gateway.service import GatewayService
 from teecloud.keys.certs import cert_to_pem
+from teecloud.keys.ratls import QuoteSource
 from teecloud.peer import ChainGate, PeerVerifier
 
 __all__ = ["GATEWAY_ADMIN", "GATEWAY_REGISTER", "GatewayServer", "free_port"]
@@ -89,6 +97,8 @@ class GatewayServer:
         backend_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
         clock: Callable[[], float] = time.time,
         custom_domains: CustomDomains | None = None,
+        acme: AcmeCertificates | None = None,
+        tee: QuoteSource | None = None,
     ) -> None:
         if not admin_token or len(admin_token) < 16:
             raise GatewayUsageError("the gateway's admin listener needs a token of at least 16 characters")
@@ -99,7 +109,23 @@ class GatewayServer:
         self.clock = clock
         now = int(clock())
         self.ca = DevCa(now=now)
-        self.wildcard = self.ca.issue_wildcard(self.base_domain, now=now)
+        self.acme = acme
+        self.public_names = (f"*.{self.base_domain}", self.base_domain)
+        self._acme_cert: StoredCert | None = None
+        self.cert_keys = CertKeyPublisher(tee) if tee is not None else None
+        if acme is not None:
+            if acme.base_domain != self.base_domain:
+                raise GatewayUsageError("the ACME certificate is for another base domain")
+            stored, _ = acme.ensure(now)
+            self._acme_cert = stored
+            self.wildcard, chain_pem = stored.issued, stored.chain_pem
+        else:
+            self.wildcard, chain_pem = self.ca.issue_wildcard(self.base_domain, now=now), self.ca.cert_pem
+        if self.cert_keys is not None:
+            self.cert_keys.publish("dev-ca", self.ca.cert_pem)
+            self.cert_keys.publish(
+                "public", self.wildcard.cert_pem, (f"*.{self.base_domain}", self.base_domain)
+            )
         self.custom_domains = custom_domains
         self.hook = (
             CustomDomainHook(free_port(host), secrets.token_hex(16)) if custom_domains is not None else None
@@ -110,7 +136,7 @@ class GatewayServer:
             bind_host=host,
             port=self.public_port,
             cert=self.wildcard,
-            chain_pem=self.ca.cert_pem,
+            chain_pem=chain_pem,
             limits=limits,
             custom_domains=self.hook,
         )
@@ -152,6 +178,8 @@ class GatewayServer:
         issued = self.ca.issue_server(
             "teecloud gateway registration", (self.host, "localhost"), now=int(self.clock())
         )
+        if self.cert_keys is not None:
+            self.cert_keys.publish("registration", issued.cert_pem, (self.host, "localhost"))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         with tempfile.TemporaryDirectory(prefix="teecloud-gw-tls-") as tmp:
@@ -232,7 +260,9 @@ class GatewayServer:
         self.home.mkdir(parents=True, exist_ok=True)
         atomic_write(self.ca_file, self.ca.cert_pem.encode(), mode=0o644)
         self.driver.start()
-        reg_app = make_registration_app(self.service)
+        reg_app = make_registration_app(
+            self.service, cert_keys=self.cert_keys.document if self.cert_keys is not None else None
+        )
         admin_app = make_admin_app(
             self.service, token=self.admin_token, status=self.status, haproxy_metrics=self._haproxy_metrics
         )
@@ -297,12 +327,29 @@ class GatewayServer:
         try:
             self.registry.sweep(self.clock())
             self._expire_pins()
+            self.renew_certificate()
             if self.driver.check():
                 self._applied = None
             self.sync()
         except Exception:  # the loop must go on; the error is logged and counted
             self.sync_errors += 1
             log.exception("gateway tick failed")
+
+    def renew_certificate(self) -> bool:
+        """With ACME: within the renewal window, a new certificate, its key's quote published, and HAProxy
+        reloaded (the only reload). True when the certificate changed."""
+        if self.acme is None or not self.acme.due(self._acme_cert, self.clock()):
+            return False
+        stored, changed = self.acme.ensure(self.clock())
+        if not changed:
+            return False
+        self._acme_cert, self.wildcard = stored, stored.issued
+        if self.cert_keys is not None:
+            self.cert_keys.publish(
+                "public", stored.issued.cert_pem, (f"*.{self.base_domain}", self.base_domain)
+            )
+        self.driver.reload_certs(stored.issued, stored.chain_pem)
+        return True
 
     def sync(self) -> None:
         """Move HAProxy to the registry's routes (and pinned custom domains), if they changed since the last
