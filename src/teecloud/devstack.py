@@ -92,6 +92,7 @@ class LocalCloud:
         self.node: Any = None
         self.key_provider: Any = None
         self.chain: Any = None
+        self.gateway_app_id = ""  # KmsAuth's gateway_app_id (teecloud.gateway.identity)
         self.timings: dict[str, float] = {}
 
     def start(self, *, check: bool = True, resume: bool = True) -> CloudEndpoints:
@@ -139,6 +140,10 @@ class LocalCloud:
         from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 
         kms_tee = SimulatedTdx(self.home)
+        # --- gateway certificates: the gateway's app, recorded as KmsAuth's gateway_app_id (docs/gateway.md)
+        from teecloud.gateway.identity import register_gateway_app
+
+        self.gateway_app_id = register_gateway_app(chain)
 
         def publish(keys: Any, identity: Any, _created: bool) -> str:
             self._publish_kms(chain, kms_tee, identity, keys)
@@ -158,6 +163,7 @@ class LocalCloud:
                     os_image_reference=simulated_os_image_reference,
                     port=self.ports[1],
                     kms_contract=str(contracts.get("KmsAuth", "")),
+                    gateway_app_id=self.gateway_app_id,
                     on_keys=publish,
                 )
             )
@@ -244,12 +250,20 @@ class LocalCloud:
             PeerPolicy.dev(platform.dev_root_der(), max_cert_lifetime_s=31 * 24 * 3600),
             StaticCollateral(platform.collateral),
         )
+        # --- gateway certificates: its (simulated) TEE names the gateway app and quotes its certificate keys
+        from teecloud.gateway.certkeys import CERT_KEYS_PATH
+        from teecloud.gateway.identity import measure_gateway
+        from teecloud.tee.simulated import SimulatedTdx
+
+        gateway_tee = SimulatedTdx(self.home)
+        measure_gateway(gateway_tee, self.gateway_app_id)
         gateway = GatewayServer(
             self.home / "gateway",
             base_domain=GATEWAY_BASE_DOMAIN,
             peers=peers,
             chain=ChainGate(chain, block_number=chain.block_number),
             admin_token=token_file.read_text().strip(),
+            tee=gateway_tee,
         ).start()
         self._stack.callback(gateway.stop)
 
@@ -279,6 +293,8 @@ class LocalCloud:
             "registration": gateway.registration_url,
             "admin": gateway.admin_url,
             "admin_token_file": str(token_file),
+            "app_id": self.gateway_app_id,
+            "cert_keys": gateway.registration_url + CERT_KEYS_PATH,
         }
 
     def _publish_kms(self, chain: Any, tee: Any, identity: Any, keys: Any) -> None:

@@ -33,7 +33,7 @@ def pebble_path() -> str:
 
 
 class Pebble:
-    def __init__(self, workdir: Path, dns_port: int, *, validity_s: int | None = None) -> None:
+    def __init__(self, workdir: Path, dns_port: int) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         now = int(time.time())
@@ -64,7 +64,7 @@ class Pebble:
         (workdir / "key.pem").write_text(key_to_pem(key))
         self.port = free_port()
         self.mgmt_port = free_port()
-        config: dict[str, object] = {
+        config = {
             "listenAddress": f"127.0.0.1:{self.port}",
             "managementListenAddress": f"127.0.0.1:{self.mgmt_port}",
             "certificate": str(workdir / "cert.pem"),
@@ -74,8 +74,6 @@ class Pebble:
             "ocspResponderURL": "",
             "externalAccountBindingRequired": False,
         }
-        if validity_s is not None:
-            config["certificateValidityPeriod"] = validity_s
         (workdir / "pebble.json").write_text(json.dumps({"pebble": config}))
         env = {
             **os.environ,

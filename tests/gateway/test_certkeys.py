@@ -243,3 +243,68 @@ def test_gateway_publishes_a_quote_for_each_certificate_key(
     with make_gateway(teecloud_home, chain, name="no-tee") as gw:
         with pytest.raises(CertKeyRefused, match="404"):
             fetch_document(gw.registration_url + CERT_KEYS_PATH)
+
+
+@pytest.mark.slow
+def test_gateway_app_id_recorded_and_pinned(
+    teecloud_home: Path, chain: ChainClient, verifier: PeerVerifier, ca: DevCa
+) -> None:
+    """KmsAuth's gateway_app_id names the gateway app (its compose hash allowed on chain); quotes from a TEE
+    measured as that app pass `expected_app_id`, with the gateway's compose hash; idempotent."""
+    from teecloud.gateway.identity import gateway_compose_hash, measure_gateway, register_gateway_app
+
+    app_id = register_gateway_app(chain)
+    assert chain.kms.info().gateway_app_id == app_id
+    assert chain.is_compose_hash_allowed(app_id, gateway_compose_hash())
+    assert register_gateway_app(chain) == app_id
+    tee = SimulatedTdx(teecloud_home)
+    measure_gateway(tee, app_id)
+    pem = _wildcard(ca)
+    pub = CertKeyPublisher(tee)
+    pub.publish("public", pem)
+    verdict = check_cert_key(_der(pem), pub.document(), verifier, expected_app_id=bytes.fromhex(app_id[2:]))
+    assert verdict.app_id == app_id[2:].lower()
+    assert verdict.compose_hash == gateway_compose_hash().hex()
+
+
+@pytest.mark.slow
+def test_gateway_keys_stay_in_its_data_directory(
+    teecloud_home: Path,
+    chain: ChainClient,
+    tee: SimulatedTdx,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Private keys on disk: only the wildcard's (for HAProxy), 0600, under the gateway's 0700 run directory;
+    nothing in the system temp directory; the dev CA key nowhere (and it refuses to be pickled)."""
+    import os
+    import pickle
+    import ssl
+    import stat
+    import tempfile
+
+    scratch = tmp_path / "system-tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    loaded: list[Path] = []
+    original = ssl.SSLContext.load_cert_chain
+
+    def recording(self: ssl.SSLContext, certfile: str, *a: object, **kw: object) -> None:
+        loaded.append(Path(certfile))
+        original(self, certfile, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", recording)
+    with make_gateway(teecloud_home, chain, name="keys-home", tee=tee) as gw:
+        with_keys = sorted(
+            p.relative_to(gw.home)
+            for p in gw.home.rglob("*")
+            if p.is_file() and b"PRIVATE KEY" in p.read_bytes()
+        )
+        assert [str(p) for p in with_keys] == [f"run/{Path(gw.driver.paths.cert_dir).name}/wildcard.pem"]
+        assert stat.S_IMODE(os.stat(gw.home / with_keys[0]).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(gw.home / "run").st_mode) == 0o700
+        assert list(scratch.iterdir()) == []
+        # the registration listener's key went through a file inside the run directory, removed since
+        assert loaded and all(p.parent == gw.home / "run" and not p.exists() for p in loaded)
+        with pytest.raises(TypeError):
+            pickle.dumps(gw.ca)

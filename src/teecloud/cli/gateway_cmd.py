@@ -83,6 +83,8 @@ def check_cert(
         )
     else:
         _fail("give --pccs-url (real TDX) or --trust-dev-root (the simulated TEE)", 2)
+    if not keys_url.startswith(("https://", "http://")):
+        _fail("--keys must be an http(s):// URL", 2)
     try:
         cert = presented_cert(host, port, server_name=server_name)
         verdict = check_cert_key(cert, fetch_document(keys_url), verifier, expected_app_id=expected)

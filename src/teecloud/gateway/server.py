@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import secrets
 import socket
@@ -182,11 +183,17 @@ class GatewayServer:
             self.cert_keys.publish("registration", issued.cert_pem, (self.host, "localhost"))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        with tempfile.TemporaryDirectory(prefix="teecloud-gw-tls-") as tmp:
-            path = Path(tmp) / "server.pem"
-            path.touch(mode=0o600)
-            path.write_text(issued.haproxy_pem(self.ca.cert_pem))
-            ctx.load_cert_chain(str(path))
+        # OpenSSL loads a key from a file only: a 0600 file in the gateway's own 0700 run directory, removed
+        # at once (the gateway's keys are never written outside its data directory)
+        run_dir = self.driver.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".registration-", suffix=".pem")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(issued.haproxy_pem(self.ca.cert_pem))
+            ctx.load_cert_chain(tmp)
+        finally:
+            os.unlink(tmp)
         ctx.load_verify_locations(cadata=cert_to_pem(temp_ca()[1]))
         ctx.verify_mode = ssl.CERT_OPTIONAL
         ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
