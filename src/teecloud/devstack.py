@@ -93,6 +93,7 @@ class LocalCloud:
         self.key_provider: Any = None
         self.chain: Any = None
         self.gateway_app_id = ""  # KmsAuth's gateway_app_id (teecloud.gateway.identity)
+        self.gateway_boot: Any = None  # the gateway TEE's boot as that app (AgentState)
         self.timings: dict[str, float] = {}
 
     def start(self, *, check: bool = True, resume: bool = True) -> CloudEndpoints:
@@ -250,13 +251,23 @@ class LocalCloud:
             PeerPolicy.dev(platform.dev_root_der(), max_cert_lifetime_s=31 * 24 * 3600),
             StaticCollateral(platform.collateral),
         )
-        # --- gateway certificates: its (simulated) TEE names the gateway app and quotes its certificate keys
+        # --- gateway certificates: its (simulated) TEE boots as the gateway app through the KMS, then quotes
+        # its certificate keys; without that boot it publishes no quotes (a warning)
+        from teecloud.errors import Error
         from teecloud.gateway.certkeys import CERT_KEYS_PATH
-        from teecloud.gateway.identity import measure_gateway
+        from teecloud.gateway.identity import boot_gateway
         from teecloud.tee.simulated import SimulatedTdx
 
-        gateway_tee = SimulatedTdx(self.home)
-        measure_gateway(gateway_tee, self.gateway_app_id)
+        gateway_tee: Any = SimulatedTdx(self.home)
+        try:
+            self.gateway_boot = boot_gateway(gateway_tee, self.gateway_app_id, self.key_provider)
+        except (
+            Error,
+            ValueError,
+            OSError,
+        ) as exc:  # the cloud runs on; the gateway's keys are not vouched for
+            log.warning("the gateway's TEE did not boot as app %s: %s", self.gateway_app_id, exc)
+            gateway_tee = None
         gateway = GatewayServer(
             self.home / "gateway",
             base_domain=GATEWAY_BASE_DOMAIN,

@@ -250,15 +250,17 @@ def test_gateway_app_id_recorded_and_pinned(
     teecloud_home: Path, chain: ChainClient, verifier: PeerVerifier, ca: DevCa
 ) -> None:
     """KmsAuth's gateway_app_id names the gateway app (its compose hash allowed on chain); quotes from a TEE
-    measured as that app pass `expected_app_id`, with the gateway's compose hash; idempotent."""
-    from teecloud.gateway.identity import gateway_compose_hash, measure_gateway, register_gateway_app
+    booted as that app pass `expected_app_id`, with the gateway's compose hash; idempotent."""
+    from teecloud.agent.keyprovider import LocalDevKeyProvider
+    from teecloud.gateway.identity import boot_gateway, gateway_compose_hash, register_gateway_app
 
     app_id = register_gateway_app(chain)
     assert chain.kms.info().gateway_app_id == app_id
     assert chain.is_compose_hash_allowed(app_id, gateway_compose_hash())
     assert register_gateway_app(chain) == app_id
     tee = SimulatedTdx(teecloud_home)
-    measure_gateway(tee, app_id)
+    state = boot_gateway(tee, app_id, LocalDevKeyProvider(teecloud_home))  # the KMS path: test_certkeys_local
+    assert state.app_id.hex() == app_id[2:].lower() and state.compose_hash == gateway_compose_hash()
     pem = _wildcard(ca)
     pub = CertKeyPublisher(tee)
     pub.publish("public", pem)

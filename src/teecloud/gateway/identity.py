@@ -6,21 +6,25 @@ every app's keys (`AppKeyResponse.gateway_app_id`, as dstack's KMS does), and `t
 --app-id <gateway_app_id>` accepts a certificate key only when the quote published for it was made in that
 app (teecloud.gateway.certkeys, step 5).
 
-Local cloud (`teecloud up`): the gateway is a process beside the node, not a CVM. Its simulated TEE gets the
-dstack boot events of that app (`app-id`, `compose-hash`, `instance-id`; `measure_gateway`) from the local
-launcher, so its quotes name the app; it does not boot through the agent (no KMS key request, no boot-time
-evidence, its keys are born in its process rather than given by the KMS). docs/gateway.md lists this gap.
+Local cloud (`teecloud up`): the gateway is a process beside the node, not a CVM, but its simulated TEE boots
+through the same guest boot as every app (`boot_gateway` = teecloud.agent.boot.boot: the dstack events, the
+boot nonce, `os-image-hash`, then the KMS key request, which the KMS grants only to boot-time evidence of an
+app KmsAuth allows), so the quotes of its certificate keys name the gateway app and follow a boot the KMS
+accepted. Its TLS keys are still born in its process (not derived from the KMS's app keys); docs/gateway.md.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any
 
+from teecloud.agent.boot import AgentState, boot
+from teecloud.agent.keyprovider import KeyProvider
 from teecloud.appcompose import compose_hash
 from teecloud.tee.base import TeePlatform
 
-__all__ = ["GATEWAY_APP_COMPOSE", "gateway_compose_hash", "measure_gateway", "register_gateway_app"]
+__all__ = ["GATEWAY_APP_COMPOSE", "boot_gateway", "gateway_compose_hash", "register_gateway_app"]
 
 # The gateway's app-compose.json (dstack's manifest shape). Its compose hash is what KmsAuth allows for the
 # gateway app; a release of the gateway changes `version` and so needs an on-chain upgrade.
@@ -54,11 +58,16 @@ def register_gateway_app(chain: Any) -> str:
     return app_id
 
 
-def measure_gateway(tee: TeePlatform, app_id: str) -> bytes:
-    """The dstack boot events naming the gateway app, into the gateway's (simulated) TEE; a new instance_id
-    per gateway process (returned)."""
-    instance_id = secrets.token_bytes(20)
-    tee.emit_event("app-id", bytes.fromhex(app_id.removeprefix("0x")))
-    tee.emit_event("compose-hash", gateway_compose_hash())
-    tee.emit_event("instance-id", instance_id)
-    return instance_id
+def boot_gateway(tee: TeePlatform, app_id: str, key_provider: KeyProvider) -> AgentState:
+    """Boot the gateway's TEE as the gateway app, the way every CVM boots (teecloud.agent.boot.boot, with the
+    KMS-mode `os-image-hash` event), a new instance_id per gateway process. Raises what the boot raises (the
+    KMS refusing the key request included)."""
+    extra = [("os-image-hash", tee.os_image_hash)] if len(tee.os_image_hash) == 32 else []
+    return boot(
+        tee,
+        json.dumps(GATEWAY_APP_COMPOSE),
+        bytes.fromhex(app_id.removeprefix("0x")),
+        secrets.token_bytes(20),
+        key_provider,
+        extra_events=extra,
+    )
