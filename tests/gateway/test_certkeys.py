@@ -201,6 +201,40 @@ def test_malformed_documents_are_refused(
             parse_document(bad)
 
 
+def test_generated_document_mutations_never_escape(
+    tee: SimulatedTdx, verifier: PeerVerifier, ca: DevCa
+) -> None:
+    """Random byte edits, truncations and deep nesting: a CertKeyRefused or, when only informational bytes
+    changed, a pass whose binding still holds; never another exception."""
+    pem = _wildcard(ca)
+    pub = CertKeyPublisher(tee)
+    pub.publish("public", pem)
+    genuine = pub.document()
+    rng = random.Random(1818)
+    inputs = [
+        b"[" * 100_000,  # deeper than the C stack allows once py-evm raised the recursion limit
+        b'"\\"' * 300_000,  # quadratic for a regex skipping strings
+        b'["' + b"[" * 1000 + b'"]',  # brackets in a string do not nest
+        b'{"purpose":' * 50_000,
+        genuine[: len(genuine) // 2],
+        b"\xff\xfe" + genuine,
+    ]
+    for _ in range(150):
+        bad = bytearray(genuine)
+        for _ in range(rng.randrange(1, 4)):
+            bad[rng.randrange(len(bad))] = rng.randrange(256)
+        inputs.append(bytes(bad))
+    passed = 0
+    for data in inputs:
+        try:
+            verdict = check_cert_key(_der(pem), data, verifier)
+        except CertKeyRefused:
+            continue
+        passed += 1
+        assert verdict.spki_sha256 == json.loads(genuine)["keys"][0]["spki_sha256"]
+    assert passed < len(inputs) // 2
+
+
 def test_not_a_certificate_is_refused(tee: SimulatedTdx, verifier: PeerVerifier) -> None:
     with pytest.raises(CertKeyRefused) as err:
         check_cert_key(b"\x30\x03\x02\x01\x00", CertKeyPublisher(tee).document(), verifier)

@@ -66,6 +66,7 @@ MAX_KEYS = 16
 MAX_QUOTE_BYTES = 64 * 1024
 MAX_EVENT_LOG_BYTES = 512 * 1024
 MAX_NAMES = 16
+MAX_NESTING = 8  # the document's own shape needs 4
 ROLES = ("public", "registration", "dev-ca")
 _ENTRY_FIELDS = {"role", "spki_sha256", "names", "not_after", "quote", "event_log"}
 
@@ -164,13 +165,39 @@ def _hex(value: object, name: str, *, size: int | None = None, max_bytes: int = 
     return raw
 
 
+def _nesting(data: bytes) -> int:
+    """The deepest [ / { nesting outside JSON strings, in one linear pass. Checked before json.loads: py-evm
+    (imported with the chain client) raises Python's recursion limit to 100000, and the C JSON decoder then
+    overflows the C stack, not the limit, on a hostile document nested some 100000 levels deep."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def parse_document(data: bytes) -> list[PublishedKey]:
     """Strict parse of a cert-keys document (untrusted bytes). Raises CertKeyRefused(step="published")."""
     if len(data) > MAX_DOCUMENT_BYTES:
         raise CertKeyRefused(f"the document is larger than {MAX_DOCUMENT_BYTES} bytes", step="published")
+    if _nesting(data) > MAX_NESTING:
+        raise CertKeyRefused(f"the document nests deeper than {MAX_NESTING} levels", step="published")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise CertKeyRefused("the document is not JSON", step="published") from exc
     if not isinstance(doc, dict) or set(doc) != {"purpose", "keys"}:
         raise CertKeyRefused("the document has not exactly the fields purpose, keys", step="published")
