@@ -8,6 +8,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -22,9 +23,10 @@ from teecloud.gateway.certkeys import (
     CertKeyRefused,
     check_cert_key,
     fetch_document,
+    parse_document,
     presented_cert,
 )
-from teecloud.gateway.errors import GatewayUsageError
+from teecloud.gateway.errors import DataPlaneError, GatewayUsageError
 from teecloud.gateway.server import GatewayServer
 from teecloud.peer import ChainGate, PeerPolicy, PeerVerifier, StaticCollateral
 from teecloud.tee.simulated import SimulatedTdx
@@ -208,7 +210,11 @@ def test_caa_records_pin_the_account() -> None:
 
 @pytest.mark.slow
 def test_gateway_serves_the_acme_certificate_and_reloads_only_on_renewal(
-    teecloud_home: Path, chain: ChainClient, pebble: Pebble, dns: LocalChallengeDns
+    teecloud_home: Path,
+    chain: ChainClient,
+    pebble: Pebble,
+    dns: LocalChallengeDns,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The public port presents pebble's certificate (chain to pebble's root) with its key's quote published;
     ticks that change nothing do not reload HAProxy; the renewal (injected clock) reloads it once, the new key
@@ -237,15 +243,32 @@ def test_gateway_serves_the_acme_certificate_and_reloads_only_on_renewal(
         for _ in range(3):
             gw.tick()
         assert gw.driver.reloads == 0
+        # a reload that fails once is retried at the next tick (the ticker thread runs too)
+        real, calls, done = gw.driver.reload_certs, [], []
+
+        def flaky(cert: Any, chain_pem: str) -> None:
+            calls.append(cert)
+            if len(calls) == 1:
+                raise DataPlaneError("a reload failure, injected")
+            real(cert, chain_pem)
+            done.append(cert)
+
+        monkeypatch.setattr(gw.driver, "reload_certs", flaky)
+        errors = gw.sync_errors
         now[0] = stored.not_after - 60  # inside the renewal window
-        gw.tick()
+        deadline = time.monotonic() + 20
+        while not done and time.monotonic() < deadline:
+            gw.tick()
+        assert len(calls) == 2 and gw.sync_errors == errors + 1
         assert gw.driver.reloads == 1
-        gw.tick()
-        assert gw.driver.reloads == 1
+        for _ in range(3):
+            gw.tick()
+        assert gw.driver.reloads == 1 and len(calls) == 2
         second = presented_cert("127.0.0.1", gw.public_port, server_name=sni)
         assert second != first and second == _pem_to_der(acme.current().issued.cert_pem)  # type: ignore[union-attr]
         document = fetch_document(gw.registration_url + CERT_KEYS_PATH)
         assert check_cert_key(second, document, verifier, now=int(time.time())).role == "public"
+        assert [k.role for k in parse_document(document)].count("public") == 1  # the old key retired
         with pytest.raises(CertKeyRefused, match="stale"):
             check_cert_key(second, old_document, verifier, now=int(time.time()))
 

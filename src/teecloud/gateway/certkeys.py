@@ -121,12 +121,16 @@ class CertKeyPublisher:
 
     def __init__(self, tee: QuoteSource) -> None:
         self.tee = tee
-        self._keys: dict[str, PublishedKey] = {}
+        self._keys: dict[tuple[str, bytes], PublishedKey] = {}
         self._document = b""
         self._lock = threading.Lock()
         self._render()
 
-    def publish(self, role: str, cert_pem: str, names: tuple[str, ...] = ()) -> PublishedKey:
+    def publish(
+        self, role: str, cert_pem: str, names: tuple[str, ...] = (), *, replace: bool = True
+    ) -> PublishedKey:
+        """A quote for this certificate's key. `replace`: the role's other keys leave the document at once;
+        otherwise they stay until `retire` (a renewal publishes the new key before HAProxy serves it)."""
         if role not in ROLES:
             raise GatewayUsageError(f"unknown certificate role {role!r}")
         cert = x509.load_pem_x509_certificate(cert_pem.encode())
@@ -140,12 +144,20 @@ class CertKeyPublisher:
             event_log=event_log_json(self.tee.event_log()),
         )
         with self._lock:
-            self._keys[role] = entry
+            if replace:
+                self._keys = {k: v for k, v in self._keys.items() if k[0] != role}
+            self._keys[(role, digest)] = entry
             self._render()
         return entry
 
+    def retire(self, role: str, *, keep: PublishedKey) -> None:
+        """The role's keys other than `keep` leave the document."""
+        with self._lock:
+            self._keys = {k: v for k, v in self._keys.items() if k[0] != role or v == keep}
+            self._render()
+
     def _render(self) -> None:
-        doc = {"purpose": CERT_KEY_PURPOSE, "keys": [k.to_json() for _r, k in sorted(self._keys.items())]}
+        doc = {"purpose": CERT_KEY_PURPOSE, "keys": [v.to_json() for _k, v in sorted(self._keys.items())]}
         self._document = json.dumps(doc, separators=(",", ":")).encode()
 
     def document(self) -> bytes:

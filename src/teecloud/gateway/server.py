@@ -165,6 +165,7 @@ class GatewayServer:
         self._pins_version = 0
         self._pins_lock = threading.Lock()
         self._sync_lock = threading.Lock()
+        self._renew_lock = threading.Lock()
         self._servers: list[LimitedServer] = []
         self._thread: threading.Thread | None = None
         self._ticker: threading.Thread | None = None
@@ -343,19 +344,26 @@ class GatewayServer:
             log.exception("gateway tick failed")
 
     def renew_certificate(self) -> bool:
-        """With ACME: within the renewal window, a new certificate, its key's quote published, and HAProxy
-        reloaded (the only reload). True when the certificate changed."""
+        """With ACME, within the renewal window: the certificate on disk (renewed by `ensure`, at most once
+        per `retry_s`), if HAProxy does not serve it yet: its key's quote published beside the old one,
+        HAProxy reloaded (the only reload), then the old key's entry retired. A failed reload is retried at
+        the next tick. True when the served certificate changed."""
         if self.acme is None or not self.acme.due(self._acme_cert, self.clock()):
             return False
-        stored, changed = self.acme.ensure(self.clock())
-        if not changed:
+        with self._renew_lock:  # the tick thread and a direct call: one reload per new certificate
+            return self._renew(self.acme)
+
+    def _renew(self, acme: AcmeCertificates) -> bool:
+        stored, _changed = acme.ensure(self.clock())
+        if stored.issued.cert_pem == self.wildcard.cert_pem:
             return False
-        self._acme_cert, self.wildcard = stored, stored.issued
+        entry = None
         if self.cert_keys is not None:
-            self.cert_keys.publish(
-                "public", stored.issued.cert_pem, (f"*.{self.base_domain}", self.base_domain)
-            )
+            entry = self.cert_keys.publish("public", stored.issued.cert_pem, self.public_names, replace=False)
         self.driver.reload_certs(stored.issued, stored.chain_pem)
+        self._acme_cert, self.wildcard = stored, stored.issued
+        if self.cert_keys is not None and entry is not None:
+            self.cert_keys.retire("public", keep=entry)
         return True
 
     def sync(self) -> None:
