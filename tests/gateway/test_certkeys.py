@@ -271,6 +271,12 @@ def test_gateway_publishes_a_quote_for_each_certificate_key(
         pinned = CliRunner().invoke(app, [*args, "--app-id", "11" * 20])
         assert pinned.exit_code == 1
         assert json.loads(pinned.stdout.strip().splitlines()[-1])["step"] == "app"
+        human = CliRunner().invoke(app, args[:-1])
+        assert (
+            human.exit_code == 0
+            and "SIMULATED TEE" in human.stdout
+            and "public certificate key" in human.stdout
+        )
         no_trust = CliRunner().invoke(app, args[:-2])
         assert no_trust.exit_code == 2
     # a gateway without a TEE publishes nothing, and says so

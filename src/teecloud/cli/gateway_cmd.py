@@ -22,7 +22,7 @@ from teecloud._fs import data_home
 __all__ = ["app"]
 
 app = typer.Typer(help="The gateway: check its certificates' keys.", no_args_is_help=True)
-_out = Console(highlight=False)
+_out = Console(highlight=False, soft_wrap=True)  # hashes on one line
 _err = Console(stderr=True, highlight=False)
 
 

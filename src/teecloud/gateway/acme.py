@@ -80,7 +80,8 @@ class AcmeError(GatewayError):
 
 class DnsProvider(Protocol):
     """Publishes the DNS-01 TXT records. A name may carry several values at once (a wildcard and its apex
-    share `_acme-challenge.<base>`)."""
+    share `_acme-challenge.<base>`). Failures are raised as OSError, ValueError or a GatewayError (the
+    issuance then fails at step `challenge` with that reason)."""
 
     def set_txt(self, name: str, value: str) -> None: ...
 
@@ -371,7 +372,7 @@ class AcmeCertificates:
             raise AcmeError(
                 f"cannot reach the ACME server at {self.directory_url} ({type(exc).__name__})", step=step
             ) from exc
-        except (acme_errors.Error, jose.errors.Error, ValueError, OSError) as exc:
+        except (acme_errors.Error, jose.errors.Error, GatewayError, ValueError, OSError) as exc:
             raise AcmeError(f"{type(exc).__name__}: {exc}"[:500], step=step) from exc
         finally:
             for name, value in published:
