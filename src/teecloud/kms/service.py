@@ -6,9 +6,11 @@ Trust procedure for every attested request (`KmsService.attest`):
       the chain to the public temporary CA carries no trust (docs/kms.md);
   (2) the certificate is fresh: now within [not_before, not_after] and its lifetime at most
       `KmsConfig.max_client_cert_lifetime_s`;
-  (3) RA-TLS: the quote verifies against collateral for its FMSPC (a development root only in dev mode),
-      report_data = sha512("ratls-cert:" ‖ SPKI) binds that same key, the event log replays to the RTMRs,
-      and the policy holds (TCB floor, no debug) — teecloud.keys.ratls.verify_ratls_cert;
+  (3) RA-TLS: the evidence is of a kind the KMS accepts (TDX), the quote verifies against collateral for
+      its FMSPC (a development root only in dev mode), the event log replays to the RTMRs
+      (teecloud.attestation.verifier.verify_peer_evidence), report_data = sha512("ratls-cert:" ‖ SPKI)
+      binds that same key (teecloud.keys.ratls.check_key_binding), and the policy holds (TCB floor, no
+      debug);
   (4) production mode never accepts simulated evidence, whatever the verifier said;
   (5) boot_info is built from the verified evidence only;
   (1)-(5) are the shared RA-TLS peer verifier's (teecloud.peer.PeerVerifier), under the KMS's PeerPolicy;
