@@ -87,6 +87,8 @@ class KmsConfig:
     evidence_cache_s            verified evidence is reused (keyed by certificate hash) for at most this long,
                                 and never past the certificate's not_after
     signed_cert_lifetime_s      lifetime of certificates issued by SignCert
+    app_cert_domains            base domains under which SignCert certifies an app's names
+                                (`<app_id|instance_id>[-<port>][s|g].<domain>`); the bare id is always allowed
     max_body_bytes              request bodies above this are refused before parsing
     accepted_tcb_statuses       TCB floor enforced by the KMS itself, on top of the attestation policy
     boot_challenge_window_s     a boot's challenge (its boot-nonce) releases keys for this long after issue
@@ -105,6 +107,7 @@ class KmsConfig:
     evidence_cache_s: int = 300
     evidence_cache_entries: int = 4096
     signed_cert_lifetime_s: int = 30 * 24 * 3600
+    app_cert_domains: tuple[str, ...] = ()
     max_body_bytes: int = 256 * 1024
     gateway_app_id: str = ""
     kms_contract: str = ""
@@ -211,6 +214,7 @@ class KmsService:
         self.issuer = KeyIssuer(
             self.keys,
             gateway_app_id=self.config.gateway_app_id,
+            app_cert_domains=self.config.app_cert_domains,
             signed_cert_lifetime_s=self.config.signed_cert_lifetime_s,
             app_key_cache_s=self.config.app_key_cache_s,
             app_key_cache_entries=self.config.app_key_cache_entries,
