@@ -338,3 +338,14 @@ def test_certificate_parse_is_structure_only() -> None:
     assert not hasattr(ratls, "verify_ratls_cert")
     assert x509.ObjectIdentifier("1.3.6.1.4.1.62397.1.1") == OID_QUOTE
     assert StaticCollateral  # the TDX source is unchanged
+
+
+def test_an_snp_only_caller_refuses_tdx_evidence(teecloud_home: Path, snp_vec: dict[str, bytes]) -> None:
+    """The allowlist cuts both ways: a caller that accepts only SEV-SNP refuses a genuine TDX certificate
+    (simulated, with the development root trusted) before any of it is verified."""
+    tee = booted(teecloud_home)
+    policy = PeerPolicy.dev(
+        tee.dev_root_der(), accepted_kinds=(TeeKind.SNP,), amd_roots=(snp_vec["ask_ark"],)
+    )
+    err = rejected(PeerVerifier(policy, StaticCollateral(tee.collateral)), cert(tee))
+    assert err.step == "kind" and "tdx evidence is not accepted" in err.reason
