@@ -1,5 +1,6 @@
 """SignCert certifies only the names the KMS issues for the attested app and instance (an allowlist):
-`<app_id|instance_id>` alone, or `<id>[-<port>][s|g].<domain>` under a configured base domain. Each attack
+`<app_id>` alone, or `<app_id>[-<port>][s|g].<domain>` under a configured base domain (never the instance id:
+the chain authorizes app ids, not instance ids). Each attack
 is a genuine booting app (boot-time evidence, allowed on chain) asking for more."""
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def booted(teecloud_home, world, kms: Kms):
 
 def test_own_names_are_issued_and_bound_to_the_caller(booted) -> None:
     mine, _, sign, _ = booted
-    a, i = mine.hex(), IID.hex()
-    names = [a, i, f"{a}.{DOMAIN}", f"{a}-8080.{DOMAIN}", f"{i}-443s.{DOMAIN}", f"{a}g.{DOMAIN}"]
+    a = mine.hex()
+    names = [a, f"{a}.{DOMAIN}", f"{a}-8080.{DOMAIN}", f"{a}-443s.{DOMAIN}", f"{a}g.{DOMAIN}"]
     chain = sign(_csr(a, [x509.DNSName(n) for n in names]))
     leaf = x509.load_pem_x509_certificate(chain[0].encode())
     assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == a
@@ -148,11 +149,17 @@ def test_malformed_and_oversized_csrs_are_refused(booted) -> None:
     assert "distinct" in refused(dup).reason
 
 
-def test_zero_instance_id_names_nothing() -> None:
+def test_instance_names_are_refused(booted) -> None:
+    """The measured instance id is the CVM's claim (in the Docker runtime the node picks it): a host that
+    boots its own app with instance-id = a victim's app id must not get the victim's name certified."""
+    mine, victim, _, refused = booted
+    assert "instance id" in refused(_csr(IID.hex())).reason
+    assert "instance id" in refused(_csr(mine.hex(), [x509.DNSName(f"{IID.hex()}-443s.{DOMAIN}")])).reason
     app = bytes(range(20))
-    csr = _csr("00" * 20)
-    with pytest.raises(AccessDenied, match="another app or instance"):
-        csr_names(csr, app_id=app, instance_id=bytes(20), domains=(DOMAIN,))
+    with pytest.raises(AccessDenied, match="another app"):
+        csr_names(_csr("00" * 20), app_id=app, instance_id=bytes(20), domains=(DOMAIN,))
+    with pytest.raises(AccessDenied, match="instance id"):
+        csr_names(_csr(victim.hex()), app_id=app, instance_id=victim, domains=(DOMAIN,))
 
 
 def test_configured_domains_are_checked() -> None:
@@ -181,7 +188,7 @@ def test_generated_names_match_an_independent_oracle() -> None:
     rng = random.Random(18)
 
     def oracle(i: str, p: str, s: str, d: str) -> bool:
-        if i not in (app.hex(), inst.hex()):
+        if i != app.hex():
             return False
         if d == "":
             return p == "" and s == ""

@@ -30,9 +30,11 @@ __all__ = ["KeyIssuer", "check_app_cert_domain", "csr_names"]
 MAX_CSR_ALT_NAMES = 32
 MAX_CSR_PEM_BYTES = 16 * 1024
 
-# The names SignCert certifies for an attested app (dstack's gateway names): the app's or the instance's
-# id as one label, lowercase hex, either alone or as `<id>[-<port>][s|g].<domain>` under a base domain the
-# KMS is configured with. Nothing else: no other label, no wildcard, no IP address, no other domain.
+# The names SignCert certifies for an attested app (dstack's gateway names): the app's id as one label,
+# lowercase hex, either alone or as `<app_id>[-<port>][s|g].<domain>` under a base domain the KMS is
+# configured with. Nothing else: no other label, no wildcard, no IP address, no other domain. Not the
+# instance id either: the chain authorizes an app id, while an instance id is whatever the booting CVM
+# measured (in the Docker runtime the node chooses it), so it could be spelled like another app's id.
 _NAME = re.compile(r"(?P<id>[0-9a-f]{40})(?:-(?P<port>[1-9][0-9]{0,4}))?(?P<suffix>[sg])?")
 _EXTENSION_REQUEST = x509.ObjectIdentifier("1.2.840.113549.1.9.14")  # PKCS#9 extensionRequest
 _DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -47,14 +49,16 @@ def check_app_cert_domain(domain: str) -> str:
     return domain
 
 
-def _name_reason(name: str, ids: tuple[str, ...], domains: tuple[str, ...]) -> str | None:
-    """None when `name` is one the KMS issues for these ids under these domains, else why not."""
+def _name_reason(name: str, app: str, instance: str, domains: tuple[str, ...]) -> str | None:
+    """None when `name` is one the KMS issues for app id `app` under these domains, else why not."""
     head, _, domain = name.partition(".")
     m = _NAME.fullmatch(head)
     if m is None:
-        return f"{name!r} is not <app_id|instance_id>[-<port>][s|g][.<domain>] (lowercase hex id)"
-    if m["id"] not in ids:
-        return f"{name!r} names another app or instance than the attested one"
+        return f"{name!r} is not <app_id>[-<port>][s|g][.<domain>] (lowercase hex id)"
+    if m["id"] == instance:
+        return f"{name!r} names the instance id: only app-id names are certified (no chain authorizes it)"
+    if m["id"] != app:
+        return f"{name!r} names another app than the attested one"
     if not domain:
         if m["port"] or m["suffix"]:
             return f"{name!r}: a port or s/g suffix only with a domain"
@@ -69,8 +73,8 @@ def _name_reason(name: str, ids: tuple[str, ...], domains: tuple[str, ...]) -> s
 def csr_names(
     csr: x509.CertificateSigningRequest, *, app_id: bytes, instance_id: bytes, domains: tuple[str, ...]
 ) -> tuple[str, list[str]]:
-    """The CSR's (CN, DNS SANs), when they are exactly names the KMS issues for this app and instance
-    (the allowlist above) and the CSR asks for nothing else. Raises AccessDenied(step="csr") naming what
+    """The CSR's (CN, DNS SANs), when they are exactly names the KMS issues for this app (the allowlist
+    above) and the CSR asks for nothing else. Raises AccessDenied(step="csr") naming what
     was refused. An empty subject gets the app id as its CN.
 
     (1) attributes: only the extension request (PKCS#9 §5.4.2 in RFC 2985); a challenge password or any
@@ -78,7 +82,7 @@ def csr_names(
     (2) subject: nothing, or exactly one common name;
     (3) extensions: only subjectAltName, and in it only DNS names (no IP, URI, e-mail, directory name);
     (4) every name (CN and SANs) on the allowlist; at most MAX_CSR_ALT_NAMES SANs, no duplicates."""
-    ids = (app_id.hex(),) + ((instance_id.hex(),) if any(instance_id) else ())
+    app, instance = app_id.hex(), (instance_id.hex() if any(instance_id) else "")
     # (1)
     for attr in csr.attributes:
         if attr.oid != _EXTENSION_REQUEST:
@@ -125,7 +129,7 @@ def csr_names(
         raise AccessDenied(f"at most {MAX_CSR_ALT_NAMES} distinct subject alternative names", step="csr")
     # (4)
     for name in (cn, *sans):
-        reason = _name_reason(name, ids, domains)
+        reason = _name_reason(name, app, instance, domains)
         if reason is not None:
             raise AccessDenied(f"the CSR names {reason}", step="csr")
     return cn, sans

@@ -88,7 +88,7 @@ class KmsConfig:
                                 and never past the certificate's not_after
     signed_cert_lifetime_s      lifetime of certificates issued by SignCert
     app_cert_domains            base domains under which SignCert certifies an app's names
-                                (`<app_id|instance_id>[-<port>][s|g].<domain>`); the bare id is always allowed
+                                (`<app_id>[-<port>][s|g].<domain>`); the bare app id is always allowed
     max_body_bytes              request bodies above this are refused before parsing
     accepted_tcb_statuses       TCB floor enforced by the KMS itself, on top of the attestation policy
     boot_challenge_window_s     a boot's challenge (its boot-nonce) releases keys for this long after issue
