@@ -90,11 +90,14 @@ def gpu_gate_for(
         log.warning("this node gives its CVMs %d SIMULATED GPU(s): development only", setting.count)
         anchors = tuple(g.root_der() for g in gpus)
         cache = NvidiaCollateralCache(collateral_dir or home / "nvidia-collateral")
-        now = int(time.time())
         for g in gpus:  # the simulated GPUs' reference measurements and current OCSP answers
             for kind in ("driver", "vbios"):
-                cache.add_rim(g.rim(kind), trust_anchors=anchors, now=now)
-            cache.add_ocsp(g.ocsp_response(), now=now)
+                rim = g.rim(kind)
+                cache.add_rim(rim, trust_anchors=anchors, now=int(time.time()))
+            # `now` read after the answer is made: its thisUpdate (the second it was signed) is never after
+            # it (a `now` read before signing was one second early when signing crossed a second)
+            answer = g.ocsp_response()
+            cache.add_ocsp(answer, now=int(time.time()))
         return GpuGate(_EveryGpu(gpus), trust_anchors=anchors, collateral=cache, require_rims=True)
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
