@@ -106,3 +106,27 @@ def test_the_oracle_refuses_results_for_another_request(world: World) -> None:
     with pytest.raises(ContractReverted, match="no pending request"):
         w.oracle.fulfill(stray.to_abi())
     assert w.oracle.get(rid).pending
+
+
+def test_the_watcher_certifies_a_result_key_once_and_later_answers_cost_less(world: World) -> None:
+    """The first answer of a result key certifies it on the oracle's verifier (one certify_key); the next
+    answers take the certified path (no chain ecrecovers): measured as the fulfil transactions' gas."""
+    w = world
+    watcher, _ = _watcher(w)
+    requester = FunctionOracle(w.chain.with_signer(DEV_KEYS[7]), w.oracle.address)
+    verifier = w.oracle.verifier()
+    gas = []
+    for _ in range(3):
+        rid = requester.request(w.registry.address, w.price_input, deposit=DEPOSIT, callback=w.feed.address)
+        before = w.chain.block_number()
+        assert watcher.poll().fulfilled == [rid]
+        fulfils = [
+            e
+            for e in w.chain.events("FunctionOracle", w.oracle.address, from_block=before + 1)
+            if e["event"] == "Fulfilled"
+        ]
+        receipt = w.chain.rpc_call("eth_getTransactionReceipt", fulfils[-1]["tx"])
+        gas.append(int(receipt["gasUsed"], 16))
+    certified = w.chain.events("FunctionResultVerifier", verifier.address, names=["KeyCertified"])
+    assert len(certified) == 1  # once, not per answer
+    assert abs(gas[1] - gas[2]) < 1_000 and gas[0] - gas[1] > 5_000, gas

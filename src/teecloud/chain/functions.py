@@ -232,6 +232,12 @@ class FunctionOracle:
     def fulfill(self, result_abi: tuple[Any, ...]) -> dict[str, Any]:
         return self.conn.transact("FunctionOracle", self.address, "fulfill", result_abi)
 
+    def verifier(self) -> FunctionResultVerifier:
+        """The result verifier this oracle checks every result with."""
+        return FunctionResultVerifier(
+            self.conn, str(self.conn.call("FunctionOracle", self.address, "verifier"))
+        )
+
     def cancel(self, request_id: bytes) -> dict[str, Any]:
         return self.conn.transact(
             "FunctionOracle", self.address, "cancel", to_bytes32(request_id, "request id")

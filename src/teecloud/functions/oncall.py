@@ -3,7 +3,12 @@ and send `fulfill` with the signed result (the oracle pays the sender's gas from
 
 The request id is claimed in the runtime's journal before the function runs (service.ClaimJournal), so a
 runtime that restarts mid-request never answers it twice: it is answered once, or its requester cancels it
-after the oracle's timeout."""
+after the oracle's timeout.
+
+Before the first answer signed by a result key, the watcher certifies that key on the oracle's verifier
+(`certify_key`: the key's chain up to the KMS root checked once, anyone may call it), so every later result
+of the key is checked without the chain's two ecrecovers (docs/functions.md, gas). A failed certification
+only costs gas: the answer is still sent and checked in full."""
 
 from __future__ import annotations
 
@@ -39,12 +44,20 @@ class OracleWatcher:
     """`poll()` once per tick (the caller's loop): every pending request for a function this runtime holds."""
 
     def __init__(
-        self, runtime: FunctionRuntime, oracle: FunctionOracle, *, from_block: int = 0, ttl_s: int = 600
+        self,
+        runtime: FunctionRuntime,
+        oracle: FunctionOracle,
+        *,
+        from_block: int = 0,
+        ttl_s: int = 600,
+        certify: bool = True,
     ):
         self.runtime = runtime
         self.oracle = oracle
         self.next_block = from_block
         self.ttl_s = ttl_s
+        self.certify = certify
+        self._certified: set[tuple[bytes, bytes]] = set()  # (result key, KMS root) seen certified
 
     def poll(self) -> PollReport:
         rep = PollReport()
@@ -74,4 +87,24 @@ class OracleWatcher:
         except UnknownFunction as exc:
             raise UnknownFunction(f"function {fid} is not on this runtime") from exc
         inv = self.runtime.invoke(fid, bytes(args["input"]), request_id=rid, ttl_s=self.ttl_s)
-        self.oracle.fulfill(inv.result.to_abi())
+        result = inv.result.to_abi()
+        if self.certify:
+            self._certify(result)
+        self.oracle.fulfill(result)
+
+    def _certify(self, result: tuple[Any, ...]) -> None:
+        # the result key and the KMS root its chain ends at (FunctionResult's field order, chain/functions.py)
+        key = (bytes(result[9]), bytes(result[13]))
+        if key in self._certified:
+            return
+        try:
+            verifier = self.oracle.verifier()
+            if not verifier.is_certified(result):
+                verifier.certify_key(result)
+            self._certified.add(key)
+        except ChainError as exc:
+            log.warning(
+                "could not certify result key %s… (its results stay checked in full): %s",
+                key[0].hex()[:16],
+                exc,
+            )
