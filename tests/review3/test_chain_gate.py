@@ -69,6 +69,20 @@ def test_a_removal_counts_at_once_even_with_a_cached_yes() -> None:
         gate.kms_allowed(BOOT)
 
 
+@pytest.mark.xfail(strict=True, reason="FINDING R3-7 open (docs/threat-model.md, third review)")
+def test_a_regrant_inside_the_finality_window_is_not_final() -> None:
+    """FINDING R3-7 (low). The gate asks at the head and at head - d only. Allowed long ago (final), removed
+    at block 155 (the owner revokes a compose hash), granted again at block 160 (the head): at head 160 with
+    d = 6 both probes (160, 154) say yes, so the new grant counts at once, though it is 0 blocks deep — a
+    reorg that drops block 160 leaves the removal in force, yet keys were released. The docstring's rule
+    ("a permission counts once d blocks sit on top of the block that granted it") does not hold. Safe:
+    refused until block 166 (every block of the window allows, or the grant's own block is d deep)."""
+    chain = ScriptedChain(160, {b: not 155 <= b < 160 for b in range(0, 200)})
+    gate = _gate(chain, 6)
+    with pytest.raises(PeerRejected):
+        gate.app_allowed(BOOT)
+
+
 def test_a_short_chain_and_a_zero_depth_head_are_not_confused() -> None:
     chain = ScriptedChain(3, {0: True, 1: True, 2: True, 3: True})
     with pytest.raises(PeerRejected, match="fewer than the finality depth"):

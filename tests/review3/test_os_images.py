@@ -235,3 +235,55 @@ def test_a_qemu8_boot_of_the_measured_image_gets_its_keys(
     _, der = client_cert(kms, app)
     keys = kms.service.get_app_key(der, vm_config=_vm(app, qemu_version="8.2.2"))
     assert keys.os_image_hash == h.hex()
+
+
+# --- the directory's files themselves (anyone may fill DIR: os_images docstring) --------------------------
+
+
+def test_unbounded_or_special_files_in_the_directory_are_refused(tmp_path: Path) -> None:
+    """sha256sum.txt as a symlink to /dev/zero and the measurement file as a 1 GiB sparse file: read up to
+    their bound, refused, nothing else read."""
+    h = publish(tmp_path, encode(_m()))
+    image_dir = tmp_path / h.hex()
+    (image_dir / MEASUREMENT_FILE).unlink()
+    with (image_dir / MEASUREMENT_FILE).open("wb") as f:
+        f.truncate(1 << 30)
+    with pytest.raises(AccessDenied, match="larger than"):
+        MeasuredOsImages(tmp_path)(h)
+    (image_dir / SHA256SUM_FILE).unlink()
+    os.symlink("/dev/zero", image_dir / SHA256SUM_FILE)
+    with pytest.raises(AccessDenied, match="larger than"):
+        MeasuredOsImages(tmp_path)(h)
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING R3-6 open (docs/threat-model.md, third review)")
+def test_a_fifo_in_the_directory_does_not_hang_the_kms(tmp_path: Path) -> None:
+    """FINDING R3-6 (availability). The directory "holds untrusted copies ... anyone may fill it" (a
+    download cache). Whoever writes it replaces an allowed image's sha256sum.txt with a named pipe: `_read`
+    opens it with a blocking open(), so every GetAppKey/SignCert/onboarding request naming that image
+    blocks its worker thread for good (no writer ever comes), until the KMS's workers are exhausted. Safe:
+    only regular files are opened (O_NONBLOCK + fstat S_ISREG, or a stat check first), others refused."""
+    import threading
+
+    h = publish(tmp_path, encode(_m()))
+    sums = tmp_path / h.hex() / SHA256SUM_FILE
+    sums.unlink()
+    os.mkfifo(sums)
+    outcome: list[object] = []
+
+    def ask() -> None:
+        try:
+            outcome.append(MeasuredOsImages(tmp_path)(h))
+        except AccessDenied as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=ask, daemon=True)
+    worker.start()
+    worker.join(3)
+    hung = worker.is_alive()
+    if hung:  # release the blocked open() so the test leaves no thread behind
+        fd = os.open(sums, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        worker.join(3)
+    assert not hung, "the KMS's reference lookup blocked on a FIFO"
+    assert len(outcome) == 1 and isinstance(outcome[0], AccessDenied)
