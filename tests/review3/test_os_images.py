@@ -163,8 +163,8 @@ def test_sha256sum_lines_are_split_as_sha256sum_splits_them(sep: str) -> None:
     """FINDING R3-1. coreutils `sha256sum -c` splits sha256sum.txt at '\\n' only. bind() splits with
     str.splitlines(), which also breaks at \\r, \\v, \\f and \\x1c-\\x1e. A publisher can therefore hide a
     measurement.tdx.cbor entry inside what `sha256sum -c` (the approver's check of the image before it is
-    allowed on chain) reads as one odd file name of another line, while the KMS reads it as an entry. Safe:
-    such a file is refused."""
+    allowed on chain) reads as one odd file name of another line (it reports that name unreadable and never
+    checks a measurement file), while the KMS reads it as an entry. Safe: such a file is refused."""
     forged = encode(_m(b"evil"))
     sums = _sums(forged, sep=sep)
     assert sums.count(b"\n") == 1  # one line for sha256sum(1)
