@@ -13,6 +13,7 @@ import pytest
 from teecloud.chain import ChainClient, ContractReverted
 from teecloud.chain.embedded import DEV_KEYS
 from teecloud.chain.kmsgroup import CommitteeMember
+from teecloud.keys import threshold as th
 from teecloud.kms.errors import KmsClientError
 from teecloud.kms.threshold import ResharePlan
 from tests.kms import test_threshold_nodes
@@ -128,3 +129,81 @@ def test_only_the_kms_group_owner_changes_the_serving_committee(teecloud_home: P
         assert served is not None and served.committee_id == second and group.group_key(1) == key
     finally:
         chain.close()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="FINDING R3-8 open (docs/threat-model.md, third review)")
+def test_a_joining_node_refuses_a_plan_for_another_group_than_the_chains(
+    teecloud_home: Path, world: World, cluster: Cluster
+) -> None:
+    """FINDING R3-8 (low). KmsGroup records the cluster's committee for epoch E. An attacker who can edit the
+    reshare plan a new node boots with (`kms up --join-reshare PLAN`) points it at the dealers of *another*
+    group of allowed KMS nodes (their URLs, CA keys, old commitments; same epoch number). The joiner checks
+    each dealer is an allowed KMS and each sub-share against the plan's commitments, but never compares the
+    plan with the chain's serving committee, so it ends with a share of the other group. Safe: the joiner
+    refuses a plan whose epoch/old commitments are not KmsGroup.active(epoch)'s."""
+    import json
+    import secrets
+
+    from teecloud.cli.kms_cmd import _round_joiner
+    from teecloud.kms.bootstrap import boot_kms_tee
+    from teecloud.kms.threshold import local_joint_feldman
+    from teecloud.tee.simulated import SimulatedTdx
+    from tests.kms.test_threshold_nodes import start_node
+
+    epoch = secrets.randbelow(2**32) + 2
+    real = local_joint_feldman(3, 5, epoch=epoch)
+    other = local_joint_feldman(3, 5, epoch=epoch)
+    nodes = {s.index: start_node(teecloud_home, world.chain, s, name="other-group") for s in other[:3]}
+    try:
+        group = world.chain.kms_group
+        cid = group.record_committee(epoch, 3, real[0].commitments, _members(5))
+        group.activate(cid)
+        _allow_kms_build(world, teecloud_home)
+        plan = ResharePlan(os.urandom(16), epoch, other[0].commitments, (1, 2, 3), 3, 5)
+        dealings = []
+        for n in nodes.values():  # the other group's operator opens the round on its nodes
+            r = httpx.post(
+                n.server.admin_url + "/reshare/open",
+                headers={"authorization": f"Bearer {n.server.admin_token}"},
+                json={
+                    "session": plan.session.hex(),
+                    "epoch": epoch,
+                    "old_commitments": [c.hex() for c in plan.old_commitments],
+                    "dealers": [1, 2, 3],
+                    "t_new": 3,
+                    "n_new": 5,
+                },
+            )
+            assert r.status_code == 200, r.text
+            answer = r.json()
+            dealings.append(
+                th.Dealing(int(answer["dealer"]), tuple(map(bytes.fromhex, answer["commitments"])), {})
+            )
+        plan_file = teecloud_home / "edited-plan.json"
+        plan_file.write_text(
+            json.dumps(
+                {
+                    "kind": "reshare",
+                    "session": plan.session.hex(),
+                    "epoch": epoch,
+                    "old_commitments": [c.hex() for c in other[0].commitments],
+                    "t": 3,
+                    "n": 5,
+                    "dealers": {
+                        str(i): {"url": n.server.url, "server_ca_pubkey": n.root_ca_spki.hex()}
+                        for i, n in nodes.items()
+                    },
+                    "new_commitments": [c.hex() for c in th.reshare_commitments(dealings)],
+                }
+            )
+        )
+        tee = SimulatedTdx(teecloud_home)
+        boot_kms_tee(tee, finish=False)  # the new node, while it boots
+        join = _round_joiner(plan_file, "reshare", 1, tee, True, None, world.chain)
+        with pytest.raises(Exception) as err:
+            join(tee, None)
+        assert "committee" in str(err.value) or "KmsGroup" in str(err.value), err.value
+    finally:
+        for n in nodes.values():
+            n.server.stop()
