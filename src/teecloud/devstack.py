@@ -103,6 +103,8 @@ class LocalCloud:
         self.node: Any = None
         self.key_provider: Any = None
         self.chain: Any = None
+        self.gateway_app_id = ""  # KmsAuth's gateway_app_id (teecloud.gateway.identity)
+        self.gateway_boot: Any = None  # the gateway TEE's boot as that app (AgentState)
         self.timings: dict[str, float] = {}
 
     def start(self, *, check: bool = True, resume: bool = True) -> CloudEndpoints:
@@ -150,6 +152,10 @@ class LocalCloud:
         from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 
         kms_tee = SimulatedTdx(self.home)
+        # --- gateway certificates: the gateway's app, recorded as KmsAuth's gateway_app_id (docs/gateway.md)
+        from teecloud.gateway.identity import register_gateway_app
+
+        self.gateway_app_id = register_gateway_app(chain)
 
         def publish(keys: Any, identity: Any, _created: bool) -> str:
             self._publish_kms(chain, kms_tee, identity, keys)
@@ -169,6 +175,7 @@ class LocalCloud:
                     os_image_reference=simulated_os_image_reference,
                     port=self.ports[1],
                     kms_contract=str(contracts.get("KmsAuth", "")),
+                    gateway_app_id=self.gateway_app_id,
                     on_keys=publish,
                     require_app_compose=self.kms_require_app_compose,
                 )
@@ -260,12 +267,30 @@ class LocalCloud:
             PeerPolicy.dev(platform.dev_root_der(), max_cert_lifetime_s=31 * 24 * 3600),
             StaticCollateral(platform.collateral),
         )
+        # --- gateway certificates: its (simulated) TEE boots as the gateway app through the KMS, then quotes
+        # its certificate keys; without that boot it publishes no quotes (a warning)
+        from teecloud.errors import Error
+        from teecloud.gateway.certkeys import CERT_KEYS_PATH
+        from teecloud.gateway.identity import boot_gateway
+        from teecloud.tee.simulated import SimulatedTdx
+
+        gateway_tee: Any = SimulatedTdx(self.home)
+        try:
+            self.gateway_boot = boot_gateway(gateway_tee, self.gateway_app_id, self.key_provider)
+        except (
+            Error,
+            ValueError,
+            OSError,
+        ) as exc:  # the cloud runs on; the gateway's keys are not vouched for
+            log.warning("the gateway's TEE did not boot as app %s: %s", self.gateway_app_id, exc)
+            gateway_tee = None
         gateway = GatewayServer(
             self.home / "gateway",
             base_domain=GATEWAY_BASE_DOMAIN,
             peers=peers,
             chain=ChainGate(chain, block_number=chain.checked_head),
             admin_token=token_file.read_text().strip(),
+            tee=gateway_tee,
         ).start()
         self._stack.callback(gateway.stop)
 
@@ -295,6 +320,8 @@ class LocalCloud:
             "registration": gateway.registration_url,
             "admin": gateway.admin_url,
             "admin_token_file": str(token_file),
+            "app_id": self.gateway_app_id,
+            "cert_keys": gateway.registration_url + CERT_KEYS_PATH,
         }
 
     def _publish_kms(self, chain: Any, tee: Any, identity: Any, keys: Any) -> None:
@@ -362,8 +389,13 @@ class LocalCloud:
             )
             for i, url in urls.items()
         }
-        provider = ThresholdKeyProvider(  # the group as the chain records it, not as a local file says
-            ThresholdGroup(committee.epoch, committee.t, committee.commitments, urls), clients
+        # the group as the chain records it, not as a local file says; the signing key is not on chain yet
+        # (docs/kms.md, "Not done"): it comes from the ceremony's group record
+        provider = ThresholdKeyProvider(
+            ThresholdGroup(
+                committee.epoch, committee.t, committee.commitments, urls, signing_key=group.signing_key
+            ),
+            clients,
         )
         return urls[1], str(endpoints[1]["admin_url"]), provider
 

@@ -361,6 +361,7 @@ def threshold_init(
     out.print(
         f"{verb} {group.t}-of-{group.n} group (epoch {group.epoch}) in {nodes_dir()}; "
         f"group key {group.commitments[0].hex()}"
+        + (f"; signing key {group.signing_key.hex()}" if group.signing_key else "")
     )
     err.print("[yellow]development ceremony: this process saw every share[/]")
 

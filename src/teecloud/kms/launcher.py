@@ -37,6 +37,7 @@ from teecloud.kms.threshold import (
     load_share,
     save_share,
 )
+from teecloud.kms.threshold_sign import open_signer
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -142,7 +143,9 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
                 f"no threshold share sealed under {kms_dir(spec.home)}: run the key ceremony first "
                 "(`teecloud kms threshold-init` in development)"
             )
-        evaluator = ThresholdEvaluator(share, gateway_app_id=spec.gateway_app_id)
+        evaluator = ThresholdEvaluator(
+            share, gateway_app_id=spec.gateway_app_id, signer=open_signer(spec.tee, identity, spec.home)
+        )
         reshare = ReshareDealer(share)
     # (3)
     published = publish_error = ""
