@@ -132,7 +132,6 @@ def test_only_the_kms_group_owner_changes_the_serving_committee(teecloud_home: P
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="FINDING R3-8 open (docs/threat-model.md, third review)")
 def test_a_joining_node_refuses_a_plan_for_another_group_than_the_chains(
     teecloud_home: Path, world: World, cluster: Cluster
 ) -> None:

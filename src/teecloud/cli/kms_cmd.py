@@ -313,7 +313,31 @@ def _round_joiner(
         _fail(f"{'DKG' if kind == 'dkg' else 'reshare'} plan {plan_file}: {exc}")
     collateral = _collateral(tee, dev, pccs_url)
 
+    def check_against_chain() -> None:
+        """The plan must be about the group the chain records (KmsGroup): a reshare moves the shares of the
+        committee serving its epoch, a DKG makes the key of an epoch that has none. An edited plan naming
+        another group's dealers and commitments is refused before anything is asked of them."""
+        from teecloud.chain import ChainError
+
+        try:
+            kms_group = chain.kms_group
+            if isinstance(plan, DkgPlan):
+                if kms_group.group_key(plan.epoch) is not None:
+                    raise KmsClientError(
+                        f"KmsGroup already records a group key for epoch {plan.epoch}: a DKG makes a new one"
+                    )
+                return
+            served = kms_group.active(plan.epoch)
+        except ChainError as exc:
+            raise KmsClientError(f"cannot read the serving committee from KmsGroup: {exc}") from exc
+        if served is None or served.commitments != plan.old_commitments:
+            raise KmsClientError(
+                f"the reshare plan is not for the committee KmsGroup records as serving epoch {plan.epoch}; "
+                "refusing to join"
+            )
+
     def join(tee_: Any, _identity: Any) -> Any:
+        check_against_chain()
         clients = {
             i: connect_kms(
                 str(d["url"]),
@@ -640,9 +664,15 @@ def reshare_finish(
             _fail(f"new node {j} is not serving yet ({ep_file}: {exc}); start every new node first")
     chain = _chain(rpc_url, key_file)
     try:
+        served = chain.kms_group.active(epoch)
+        old_commitments = tuple(bytes.fromhex(c) for c in plan["old_commitments"])
+        if served is None or served.commitments != old_commitments:
+            _fail(f"the plan is not a reshare of the committee KmsGroup records as serving epoch {epoch}")
+        if commitments[0] != served.group_public_key:
+            _fail("the plan's new committee has another group key: a reshare keeps the key")
         cid = chain.kms_group.record_committee(epoch, t, commitments, members)
         chain.kms_group.activate(cid)
-    except ChainError as exc:
+    except (ChainError, ValueError, KeyError, TypeError) as exc:
         _fail(f"chain: {exc}")
     finally:
         chain.close()

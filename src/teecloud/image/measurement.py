@@ -253,9 +253,17 @@ def bind(os_image_hash: bytes, sha256sum_txt: bytes, measurement: bytes) -> TdxI
     if hashlib.sha256(sha256sum_txt).digest() != os_image_hash:
         raise ImageFormatError(f"sha256sum.txt is not OS image {os_image_hash.hex()}'s (its sha256 differs)")
     try:
-        lines = sha256sum_txt.decode("ascii").splitlines()
+        text = sha256sum_txt.decode("ascii")
     except UnicodeDecodeError:
         raise ImageFormatError("sha256sum.txt is not ASCII") from None
+    # lines as sha256sum(1) splits them: at "\n" only (str.splitlines would also split at \r, \v, \f and
+    # \x1c-\x1e, showing the KMS an entry that `sha256sum -c` reads as part of another name); no other
+    # control character anywhere
+    if any((ord(c) < 0x20 and c != "\n") or ord(c) == 0x7F for c in text):
+        raise ImageFormatError("sha256sum.txt holds a control character (only \\n ends a line)")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     listed: dict[str, str] = {}
     for line in lines:
         match = _SUM_LINE.fullmatch(line)

@@ -20,6 +20,8 @@ computed for the stated vm_config.
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -114,7 +116,12 @@ class MeasuredOsImages:
 
 
 def _read(path: Path, limit: int) -> bytes:
-    with path.open("rb") as f:
+    """At most `limit` bytes of a regular file. Opened without blocking and checked on the open descriptor:
+    a FIFO (or a device) in the image directory would otherwise hang the KMS's worker thread."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, f"{path.name} is not a regular file")
         data = f.read(limit + 1)
     if len(data) > limit:
         raise OSError(0, f"{path.name} is larger than {limit} bytes")
