@@ -162,3 +162,34 @@ def test_the_local_node_registrar_sends_the_app_compose(
     finally:
         listed.stop()
         unlisted.stop()
+
+
+def test_deploy_options_write_a_restricting_port_policy_into_the_measured_app_compose() -> None:
+    from teecloud.cloud.deploy import build_app_compose
+    from teecloud.cloud.errors import InvalidOption
+    from teecloud.cloud.options import AppOptions
+
+    opts = AppOptions.build(gateway_ports=["8080", "9000:pp"])
+    assert opts.port_policy == PortPolicy(True, ((8080, False), (9000, True)))
+    text = "services:\n  web:\n    image: nginx:1.27\n"
+    app_compose, chash = build_app_compose(text, name="web", port_policy=opts.port_policy)
+    # the gateway reads back exactly this policy from the bytes whose hash is measured
+    assert port_policy_of(app_compose, chash) == opts.port_policy
+    plain, plain_hash = build_app_compose(text, name="web")
+    assert plain_hash != chash and b"port_policy" not in plain
+    for bad in (["x"], ["0"], ["70000"], ["80:tls"], ["80", "80"], ["80:"]):
+        with pytest.raises(InvalidOption):
+            AppOptions.build(gateway_ports=bad)
+
+
+def test_up_checks_the_gateway_dns_setting() -> None:
+    from teecloud.devstack import _dns_server
+    from teecloud.node.errors import NodeError
+
+    assert _dns_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
+    assert _dns_server("127.0.0.1") == ("127.0.0.1", 53)
+    assert _dns_server("[::1]:53") == ("::1", 53)
+    assert _dns_server("::1") == ("::1", 53)
+    for bad in ("dns.example:53", "127.0.0.1:0", "127.0.0.1:x", "127.0.0.1:99999", ""):
+        with pytest.raises(NodeError):
+            _dns_server(bad)

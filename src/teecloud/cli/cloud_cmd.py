@@ -132,6 +132,15 @@ def up(
             "--threshold", help="Threshold KMS: how many nodes answer each key release (default: a majority)."
         ),
     ] = 0,
+    gateway_dns: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway-dns",
+            help="HOST:PORT of a DNS server (a validating resolver you trust): the gateway then serves "
+            "custom domains whose _dstack-app-address TXT record names a registered app port "
+            "(TLS passthrough).",
+        ),
+    ] = None,
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""
@@ -152,6 +161,7 @@ def up(
             dev_time_travel=dev_time_travel,
             kms_nodes=kms_nodes,
             kms_threshold=kms_threshold,
+            gateway_dns=gateway_dns,
         )
         ep = cloud.start()
     resumed = len(cloud.node.store.all()) if cloud.node else 0
@@ -172,6 +182,8 @@ def up(
         )
         table.add_row("gateway CA", ep.gateway["ca_file"])
         table.add_row("gateway admin", ep.gateway["admin"])
+        if ep.gateway.get("custom_domains_dns"):
+            table.add_row("custom domains (TXT via)", ep.gateway["custom_domains_dns"])
     out.print(table)
     if resumed:
         out.print(f"resuming {resumed} CVM(s); see `teecloud ps`")
@@ -216,6 +228,14 @@ ReplaceAllowedOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+GatewayPortOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--gateway-port",
+        help="PORT or PORT:pp (repeat): the app's port_policy (measured) routes only these ports through the "
+        "gateway; :pp sends PROXY protocol v2 to that port.",
+    ),
+]
 
 
 def _app_options(
@@ -228,6 +248,7 @@ def _app_options(
     public_logs: bool | None = None,
     cpus: float | None = None,
     memory: int | None = None,
+    gateway_port: list[str] | None = None,
 ) -> Any:
     from teecloud.cloud.options import AppOptions
 
@@ -240,6 +261,7 @@ def _app_options(
         public_logs=public_logs,
         cpus=cpus,
         memory_mb=memory,
+        gateway_ports=gateway_port,
     )
 
 
@@ -264,6 +286,7 @@ def compose_hash_cmd(
     public_logs: Annotated[
         bool, typer.Option("--public-logs", help="Anyone may read the app's logs.")
     ] = False,
+    gateway_port: GatewayPortOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the exact app-compose.json and compose hash that `deploy` (same options) registers: what a
@@ -278,6 +301,7 @@ def compose_hash_cmd(
             allowed_env=allowed_env,
             replace_allowed_envs=replace_allowed_envs,
             public_logs=public_logs,
+            gateway_port=gateway_port,
         )
         plan = plan_compose(compose, opts)
     _print_plan(plan, as_json)
@@ -317,6 +341,7 @@ def deploy(
         bool,
         typer.Option("--dry-run", help="Print the app-compose.json and compose hash; register nothing."),
     ] = False,
+    gateway_port: GatewayPortOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register the app on chain, encrypt its env to its KMS key, boot it in a CVM, and verify it."""
@@ -335,6 +360,7 @@ def deploy(
             public_logs=public_logs,
             cpus=cpus,
             memory=memory,
+            gateway_port=gateway_port,
         )
         governance = GovernanceSpec.build(multisig=multisig, threshold=threshold, timelock=timelock)
         if governance is not None and app_id is not None:

@@ -29,6 +29,7 @@ __all__ = [
     "BadPortPolicy",
     "ComposeHashMismatch",
     "PortPolicy",
+    "parse_port_policy",
     "port_policy_of",
 ]
 
@@ -54,12 +55,20 @@ class PortPolicy:
     def wants_proxy_protocol(self, port: int) -> bool:
         return any(p == port and pp for p, pp in self.ports)
 
+    def to_json(self) -> dict[str, Any]:
+        """dstack's form, as written into app-compose.json."""
+        return {"restrict_mode": self.restrict_mode, "ports": [{"port": p, "pp": pp} for p, pp in self.ports]}
+
 
 UNRESTRICTED = PortPolicy()
 
 
 def _policy(doc: dict[str, Any]) -> PortPolicy:
-    raw = doc.get("port_policy")
+    return parse_port_policy(doc.get("port_policy"))
+
+
+def parse_port_policy(raw: object) -> PortPolicy:
+    """A `port_policy` value (dstack's form; None: no policy), strictly: BadPortPolicy for anything else."""
     if raw is None:
         return UNRESTRICTED
     if not isinstance(raw, dict) or set(raw) - {"restrict_mode", "ports"}:
