@@ -21,7 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from teecloud.gateway.routing import DataPlaneLimits, Plan, backend_names, split_address
+from teecloud.gateway.routing import (
+    DataPlaneLimits,
+    Plan,
+    backend_names,
+    sends_proxy_protocol,
+    split_address,
+)
 
 __all__ = [
     "CustomDomainHook",
@@ -97,7 +103,7 @@ core.register_action("teecloud_custom_domain", {{ "tcp-req" }}, function(txn)
     local answer = s:receive("*a")
     s:close()
     if answer == nil then return end
-    local backend = answer:match("\\r\\n\\r\\n(bt%d+)$")
+    local backend = answer:match("\\r\\n\\r\\n(btp?%d+)$")
     if backend ~= nil then txn:set_var("txn.custom_backend", backend) end
 end, 0)
 """
@@ -228,8 +234,12 @@ def render_config(
             "",
         ]
     for mode in ("http", "tcp", "grpc"):
-        proto = " proto h2" if mode == "grpc" and terminate_mode == "http" else ""  # h2c to the CVM
-        for backend in backend_names(mode, limits):
+        h2c = " proto h2" if mode == "grpc" and terminate_mode == "http" else ""  # h2c to the CVM
+        pools = (False, True) if mode != "grpc" or limits.grpc_backends else ()
+        for backend in [b for pp in pools for b in backend_names(mode, limits, proxy_protocol=pp)]:
+            # PROXY v2 (the client's address) at the start of each connection to a `pp` port's servers;
+            # HAProxy never shares such a connection between clients
+            proto = h2c + (" send-proxy-v2" if sends_proxy_protocol(backend) else "")
             backend_mode = "tcp" if mode == "tcp" or terminate_mode == "tcp" else "http"
             lines += [
                 f"backend {backend}",

@@ -5,8 +5,8 @@ dstack's field (`dstack-types` `AppCompose.port_policy`):
     "port_policy": {"restrict_mode": true, "ports": [{"port": 8080, "pp": false}, ...]}
 
 `restrict_mode` true: only the listed ports are routed; false or no `port_policy`: every registered port is.
-`pp` asks for PROXY protocol v2 toward the CVM (not sent by this gateway yet: such a port is refused at
-registration, loudly, rather than served without the header the app expects).
+`pp` asks for PROXY protocol v2 toward the CVM: the gateway's connections to that port start with the
+header carrying the client's address (teecloud.gateway.haproxy, `send-proxy-v2`).
 
 `port_policy_of(app_compose, compose_hash)` (1) parses the bytes (size- and depth-bounded,
 teecloud.appcompose.parse_app_compose), (2) recomputes sha256 of the normalized form and compares it with

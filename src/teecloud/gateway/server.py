@@ -206,7 +206,7 @@ class GatewayServer:
             )
         if not labels:
             return text
-        pattern = re.compile(rb'proxy="b[htg]\d+"')
+        pattern = re.compile(rb'proxy="b[htg]p?\d+"')
         return pattern.sub(lambda m: labels.get(m.group(0), m.group(0)), text)
 
     def resolve_custom_domain(self, sni: str) -> str | None:
