@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 TerminateMode = Literal["http", "tcp"]
+# access log lines (teecloud.gateway.accesslog parses them): backend, HTTP status, Ta / Tt (ms), termination
+_HTTP_LOG = "teecloud http %b %ST %Ta %ts"
+_TCP_LOG = "teecloud tcp %b %Tt %ts"
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,10 @@ class HaproxyPaths:
     @property
     def metrics_socket(self) -> str:
         return f"{self.run_dir}/metrics.sock"
+
+    @property
+    def access_log(self) -> str:
+        return f"{self.run_dir}/access.sock"
 
     @property
     def lua(self) -> str:
@@ -120,6 +127,12 @@ class HaproxyTimeouts:
     queue_s: int = 5
 
 
+def _log_lines(paths: HaproxyPaths, log_format: str) -> list[str]:
+    # in the frontends only (the global section has no log target, so server state events are not sent);
+    # never blocks: a line the socket cannot take now is dropped (and counted by HAProxy)
+    return [f"    log {paths.access_log} len 512 format raw local0 info", f'    log-format "{log_format}"']
+
+
 def render_map(entries: dict[str, str]) -> str:
     return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
 
@@ -136,12 +149,14 @@ def render_config(
     terminate_mode: TerminateMode = "http",
     custom_domains: CustomDomainHook | None = None,
     base_domain: str = "",
+    access_log: bool = False,
 ) -> str:
     """The whole configuration; the plan's servers are written in (a restart starts with current routes).
     `terminate_mode` "http" parses HTTP after TLS (421 for a Host that is not the TLS name or an unknown
     name, 400 for oversized headers, X-Forwarded-For, h2 from clients, per-app HTTP metrics); "tcp" forwards
     the decrypted byte stream (HTTP/1.1 and WebSocket work unchanged; an unknown name is closed after the
-    handshake; faster: docs/benchmarks.md)."""
+    handshake; faster: docs/benchmarks.md). `access_log`: one line per HTTP request / TCP connection to
+    the unix datagram socket `paths.access_log` (teecloud.gateway.accesslog: per-app latency histograms)."""
     t = timeouts
     host = f"[{bind_host}]" if ":" in bind_host else bind_host
     lines = [
@@ -173,6 +188,7 @@ def render_config(
         "frontend fe_sni",
         "    mode tcp",
         f"    bind {host}:{port}",
+        *(_log_lines(paths, _TCP_LOG) if access_log else []),
         f"    tcp-request inspect-delay {t.hello_timeout_s}s",
         *(
             [
@@ -197,6 +213,7 @@ def render_config(
         "",
         "frontend fe_metrics",
         "    mode http",
+        "    no log",
         f"    bind unix@{paths.metrics_socket} mode 600",
         "    http-request use-service prometheus-exporter",
         "",
@@ -212,6 +229,7 @@ def render_config(
             f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
             "alpn h2,http/1.1",
             "    option forwardfor",
+            *(_log_lines(paths, _HTTP_LOG) if access_log else []),
             "    http-request set-var(txn.host) req.hdr(host),field(1,:),lower",
             "    http-request set-var(txn.sni) ssl_fc_sni,lower",
             '    http-request return status 421 content-type text/plain string "misdirected request: '
@@ -229,6 +247,7 @@ def render_config(
             "    mode tcp",
             f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
             "alpn http/1.1",
+            *(_log_lines(paths, _TCP_LOG) if access_log else []),
             f"    tcp-request content reject unless {{ ssl_fc_sni,lower,map({paths.http_map}) -m found }}",
             f"    use_backend %[ssl_fc_sni,lower,map({paths.http_map})]",
             "",
