@@ -74,6 +74,7 @@ def test_histogram_and_the_bound_on_apps(tmp_path: Path) -> None:
     log.observe(b"teecloud http bh2 200 4 ----")  # a third app: counted, under _other
     log.observe(b"teecloud http fe_terminate 421 0 LR--")  # no app
     log.observe(b"teecloud tcp be_terminate 9 ----")  # the hop to the terminator: not an app request
+    log.observe(b"teecloud connection_error\n")  # a failed TLS handshake: no request, no app
     log.set_backends({"bh1": "a" * 40})  # a slot reassigned: its lines count for the new app from now on
     log.observe(b"teecloud http bh1 200 4 ----")
     text = log.metrics()
@@ -88,6 +89,7 @@ def test_histogram_and_the_bound_on_apps(tmp_path: Path) -> None:
     assert f'teecloud_gateway_requests_total{{app="{a}"}} 6' in text
     assert 'teecloud_gateway_requests_total{app="_other"} 1' in text
     assert "teecloud_gateway_unrouted_requests_total 1" in text
+    assert "teecloud_gateway_connection_errors_total 1" in text and log.malformed == 0
     assert len(log.snapshot()) == 3 and len(BUCKETS_S) == 15
 
 
@@ -150,6 +152,13 @@ def _requests_move_buckets(teecloud_home: Path, chain: ChainClient, gateway: Gat
         for _ in range(2):
             assert get(gateway, f"{broken.app_id}-8080.{BASE}").status_code == 503
         assert get(gateway, f"{'ee' * 20}-8080.{BASE}").status_code == 421
+        # a client that does not trust the certificate: the handshake fails, no request
+        with pytest.raises(httpx.ConnectError), httpx.Client(timeout=10) as untrusting:
+            untrusting.get(
+                f"https://127.0.0.1:{gateway.public_port}/",
+                headers={"Host": f"{slow.app_id}-8080.{BASE}"},
+                extensions={"sni_hostname": f"{slow.app_id}-8080.{BASE}"},
+            )
         auth = {"Authorization": f"Bearer {TOKEN}"}
         name = "teecloud_gateway_request_duration_seconds"
         deadline = time.monotonic() + 10
@@ -173,6 +182,7 @@ def _requests_move_buckets(teecloud_home: Path, chain: ChainClient, gateway: Gat
         assert _value(text, f'teecloud_gateway_request_errors_total{{app="{b_app}"}}') == 2
         assert _value(text, "teecloud_gateway_unrouted_requests_total") >= 1
         assert _value(text, "teecloud_gateway_access_log_lines_dropped_total") == 0
+        assert _value(text, "teecloud_gateway_connection_errors_total") >= 1
         assert "haproxy_backend_http_responses_total" in text  # HAProxy's own exporter follows
     finally:
         backend.stop()

@@ -7,6 +7,8 @@ in `terminate_mode="tcp"`) to a unix datagram socket in the run directory (`form
 
     teecloud http <backend> <status> <Ta ms> <termination state>    Ta: request header in -> response out
     teecloud tcp <backend> <Tt ms> <termination state>              Tt: the whole connection
+    teecloud connection_error                                       a connection that failed before any
+                                                                    request (a TLS handshake failure)
 
 `AccessLog` reads them in one thread, maps the slot backend to its app (`set_backends`, after each route
 change) and keeps, per app, a histogram of durations (`teecloud_gateway_request_duration_seconds`, ms
@@ -35,6 +37,9 @@ BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 _ERROR_STATES = frozenset("SPRI")  # HAProxy's termination state, first letter: who ended the session, why
 _OTHER = "_other"
 _NOT_AN_APP = frozenset({"be_terminate"})  # fe_sni's hop to the terminator: its requests are logged there
+
+
+CONNECTION_ERROR = b"teecloud connection_error"
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class AccessLog:
         self.max_apps = max_apps
         self.rcvbuf = rcvbuf
         self.malformed = 0
+        self.connection_errors = 0  # failed before any request (TLS handshake failures): no app to count
         self.unrouted = 0  # lines for no app backend (an unknown name answered 421, the terminator hop)
         self._apps: dict[str, AppStats] = {}
         self._backend_app: dict[str, str] = {}
@@ -117,6 +123,10 @@ class AccessLog:
             self._backend_app.update(backend_app)
 
     def observe(self, raw: bytes) -> None:
+        if raw.rstrip(b"\n") == CONNECTION_ERROR:
+            with self._lock:
+                self.connection_errors += 1
+            return
         line = parse_line(raw)
         with self._lock:
             if line is None:
@@ -205,6 +215,10 @@ class AccessLog:
             "# HELP teecloud_gateway_access_log_lines_dropped_total Log lines not counted (malformed).",
             "# TYPE teecloud_gateway_access_log_lines_dropped_total counter",
             f"teecloud_gateway_access_log_lines_dropped_total {self.malformed}",
+            "# HELP teecloud_gateway_connection_errors_total Connections that failed before any request "
+            "(TLS handshake failures).",
+            "# TYPE teecloud_gateway_connection_errors_total counter",
+            f"teecloud_gateway_connection_errors_total {self.connection_errors}",
             "# HELP teecloud_gateway_unrouted_requests_total Requests for no registered app (421).",
             "# TYPE teecloud_gateway_unrouted_requests_total counter",
             f"teecloud_gateway_unrouted_requests_total {self.unrouted}",

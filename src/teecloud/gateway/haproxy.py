@@ -130,7 +130,11 @@ class HaproxyTimeouts:
 def _log_lines(paths: HaproxyPaths, log_format: str) -> list[str]:
     # in the frontends only (the global section has no log target, so server state events are not sent);
     # never blocks: a line the socket cannot take now is dropped (and counted by HAProxy)
-    return [f"    log {paths.access_log} len 512 format raw local0 info", f'    log-format "{log_format}"']
+    return [
+        f"    log {paths.access_log} len 512 format raw local0 info",
+        f'    log-format "{log_format}"',
+        '    error-log-format "teecloud connection_error"',  # e.g. a failed TLS handshake (no request)
+    ]
 
 
 def render_map(entries: dict[str, str]) -> str:
