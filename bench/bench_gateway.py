@@ -18,7 +18,8 @@ between 0.2 and 36 KiB); several rounds, the order of the proxies rotated each r
 churn (10 route changes per second through the runtime API while wrk runs): errors; and the time of one
 route change (`driver.apply`).
 
-Needs: haproxy, nginx-light, wrk (Debian), and `*.localhost` resolving to loopback for wrk's SNI
+Needs: haproxy, nginx-light (+ libnginx-mod-stream for the "same split" nginx), wrk (Debian), and
+`*.localhost` resolving to loopback for wrk's SNI
 (libnss-myhostname, Debian). Not run in CI.
 
     python3 bench/bench_gateway.py [--seconds 8] [--rounds 3]
@@ -72,9 +73,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def nginx_conf(tmp: Path, body: str, workers: int) -> str:
+STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+def nginx_conf(tmp: Path, body: str, workers: int, stream: str = "") -> str:
+    # the split's workers connect to the unix socket their master (root here) made
+    load = f"load_module {STREAM_MODULE};\nuser {os.getlogin() if os.getuid() else 'root'};" if stream else ""
     return f"""
+{load}
 worker_processes {workers};
+worker_rlimit_nofile 16384;
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -88,12 +96,13 @@ http {{
     ssl_session_tickets off;
 {body}
 }}
+{stream}
 """
 
 
-def start_nginx(tmp: Path, body: str, workers: int) -> subprocess.Popen[bytes]:
+def start_nginx(tmp: Path, body: str, workers: int, stream: str = "") -> subprocess.Popen[bytes]:
     tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "nginx.conf").write_text(nginx_conf(tmp, body, workers))
+    (tmp / "nginx.conf").write_text(nginx_conf(tmp, body, workers, stream))
     # Its own session, as HaproxyDriver starts HAProxy: with the kernel's scheduler autogroups (on here) a
     # session is one scheduling group, so every server under test gets the same treatment.
     proc = subprocess.Popen(
@@ -210,11 +219,20 @@ def main() -> None:
     (tmp / "cert.pem").write_text(cert.cert_pem + ca.cert_pem)
     (tmp / "key.pem").write_text(cert.key_pem)
     (tmp / "key.pem").chmod(0o600)
-    b_port, d_port, n_port, g_port, t_port, l_port = (free_port() for _ in range(6))
+    b_port, d_port, n_port, g_port, t_port, l_port, s_port = (free_port() for _ in range(7))
     tls = f"ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem;"
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        run(tmp, ca, cert, procs, seconds, args.rounds, (b_port, d_port, n_port, g_port, t_port, l_port), tls)
+        run(
+            tmp,
+            ca,
+            cert,
+            procs,
+            seconds,
+            args.rounds,
+            (b_port, d_port, n_port, g_port, t_port, l_port, s_port),
+            tls,
+        )
     finally:
         for p in procs:
             p.terminate()
@@ -223,7 +241,7 @@ def main() -> None:
 
 
 def run(tmp, ca, cert, procs, seconds, rounds, ports, tls) -> None:  # type: ignore[no-untyped-def]
-    b_port, d_port, n_port, g_port, t_port, l_port = ports
+    b_port, d_port, n_port, g_port, t_port, l_port, s_port = ports
     backend = start_nginx(
         tmp / "backend",
         f'server {{ listen 127.0.0.1:{b_port}; location / {{ return 200 "hello world\\n"; }} }}',
@@ -245,6 +263,26 @@ def run(tmp, ca, cert, procs, seconds, rounds, ports, tls) -> None:  # type: ign
         2,
     )
     procs.append(nginx_gw)
+    # nginx built like the gateway: one public port that reads the ClientHello (stream, ssl_preread), sends
+    # passthrough names on untouched and the rest over a unix socket (PROXY protocol) to a TLS server
+    split = None
+    if Path(STREAM_MODULE).exists():
+        sock = tmp / "nginx-split" / "term.sock"
+        split = start_nginx(
+            tmp / "nginx-split",
+            f"upstream app {{ server 127.0.0.1:{b_port}; keepalive 64; }}\n"
+            f"server {{ listen unix:{sock} ssl proxy_protocol default_server; {tls} return 421; }}\n"
+            f"server {{ listen unix:{sock} ssl proxy_protocol; server_name {HOST}; {tls}\n"
+            "  location / { proxy_pass http://app; proxy_http_version 1.1; "
+            'proxy_set_header Connection ""; } }',
+            2,
+            stream=f"stream {{\n  map_hash_bucket_size 128;\n"
+            f"  map $ssl_preread_server_name $to {{ {APP}-8443s.{BASE} 127.0.0.1:{d_port}; "
+            f"default unix:{sock}; }}\n"
+            f"  server {{ listen 127.0.0.1:{s_port}; ssl_preread on; proxy_pass $to; "
+            "proxy_protocol on; }\n}",
+        )
+        procs.append(split)
     driver_tcp = HaproxyDriver(
         tmp / "gw-tcp",
         base_domain=BASE,
@@ -289,6 +327,16 @@ def run(tmp, ca, cert, procs, seconds, rounds, ports, tls) -> None:  # type: ign
         targets = {
             "direct (TLS to the backend)": (f"https://{HOST}:{d_port}/", direct.pid),
             "nginx, same SNI routing": (f"https://{HOST}:{n_port}/", nginx_gw.pid),
+            **(
+                {
+                    "nginx, same split as the gateway (preread + unix hop)": (
+                        f"https://{HOST}:{s_port}/",
+                        split.pid,
+                    )
+                }
+                if split is not None
+                else {}
+            ),
             "teecloud gateway (HAProxy), access log on": (f"https://{HOST}:{l_port}/", driver_log.pid),
             "teecloud gateway (HAProxy), no access log": (f"https://{HOST}:{g_port}/", driver.pid),
             "teecloud gateway, terminate_mode=tcp": (f"https://{HOST}:{t_port}/", driver_tcp.pid),
@@ -357,6 +405,8 @@ def run(tmp, ca, cert, procs, seconds, rounds, ports, tls) -> None:  # type: ign
         for name, rs in results.items():
             print(f"  {name}: " + ", ".join(f"{x[0]['rps']:.0f}" for x in rs))
         for name in names[2:]:
+            if name.startswith("nginx"):
+                continue
             # ratios per round (the baselines measured in the same round), then their median
             vs_nginx = [
                 a[0]["rps"] / b[0]["rps"] for a, b in zip(results[name], results[names[1]], strict=True)
@@ -372,6 +422,18 @@ def run(tmp, ca, cert, procs, seconds, rounds, ports, tls) -> None:  # type: ign
                 f"CPU per new conn / nginx's = {med[name]['cpu'] / med[names[1]]['cpu']:.2f}; "
                 f"idle memory / nginx's = {med[name]['mem'] / med[names[1]]['mem']:.2f}"
             )
+            if split is not None:
+                same = names[2]
+                vs_split = [
+                    a[0]["rps"] / b[0]["rps"] for a, b in zip(results[name], results[same], strict=True)
+                ]
+                print(
+                    f"  / nginx with the same split = {median(vs_split):.2f}x "
+                    f"(rounds {', '.join(f'{x:.2f}' for x in vs_split)}); "
+                    f"p99 / its = {med[name]['p99'] / med[same]['p99']:.2f}; "
+                    f"CPU per new conn / its = {med[name]['cpu'] / med[same]['cpu']:.2f}; "
+                    f"idle memory / its = {med[name]['mem'] / med[same]['mem']:.2f}"
+                )
         snap = access_log.snapshot().get(APP)
         counted = snap.requests if snap else 0
         print(f"access log: {counted} requests counted for the app, {access_log.malformed} malformed")
