@@ -13,10 +13,10 @@ same backend, vs TLS to the backend directly; all in one run on 127.0.0.1.
 Measured with wrk (keep-alive, TLS 1.3, 2 threads, 64 connections): req/s, p50, p99, errors; then new TLS
 connections (wrk with `Connection: close`): proxy CPU ms per connection (utime+stime of its processes);
 memory per idle TLS connection (the marginal RSS growth of the proxy's processes from 300 to 800 idle TLS
-connections: the first 300 absorb start-up and allocator effects, which made a from-zero figure swing
-between 0.2 and 36 KiB); several rounds, the order of the proxies rotated each round, medians reported; route
-churn (10 route changes per second through the runtime API while wrk runs): errors; and the time of one
-route change (`driver.apply`).
+connections, on fresh processes before any load: the first 300 absorb start-up and allocator effects, which
+made a from-zero figure swing between 0.2 and 36 KiB); several rounds, the order of the proxies rotated
+each round, medians reported; route churn (10 route changes per second through the runtime API while wrk
+runs): errors; and the time of one route change (`driver.apply`).
 
 Needs: haproxy, nginx-light (+ libnginx-mod-stream for the "same split" nginx), wrk (Debian), and
 `*.localhost` resolving to loopback for wrk's SNI
@@ -345,6 +345,12 @@ def run(tmp, ca, cert, procs, seconds, rounds, ports, tls) -> None:  # type: ign
             n: [] for n in targets
         }
         names = list(targets)
+        # memory first, on fresh processes: an allocator that already held 800 connections' worth of pools
+        # (a later round) shows ~0 growth, which measures the previous round, not a connection
+        fresh_mem = {}
+        for name, (url, pid) in targets.items():
+            port = int(url.rsplit(":", 1)[1].rstrip("/"))
+            fresh_mem[name] = idle_memory(port, HOST, ca.cert_pem, tree_pids(pid or 0))
         for r in range(rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:  # rotated: no fixed position
                 url, pid = targets[name]
@@ -353,9 +359,7 @@ def run(tmp, ca, cert, procs, seconds, rounds, ports, tls) -> None:  # type: ign
                 c0 = cpu_s(pids)
                 new = wrk(url, max(3, seconds // 2), "-H", "Connection: close")
                 cpu = (cpu_s(pids) - c0) * 1000 / max(1, new["requests"])
-                port = int(url.rsplit(":", 1)[1].rstrip("/"))
-                mem = idle_memory(port, HOST, ca.cert_pem, pids)
-                results[name].append((ka, new, cpu, mem))
+                results[name].append((ka, new, cpu, fresh_mem[name]))
                 print(f"round {r + 1} {name}: {ka['rps']:.0f} req/s p99 {ka['p99']:.1f} ms", flush=True)
         # route churn: 10 changes/s (another app's route and a second server of this app come and go)
         stop = threading.Event()
