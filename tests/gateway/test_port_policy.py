@@ -210,3 +210,18 @@ def test_up_checks_the_gateway_dns_setting() -> None:
     for bad in ("dns.example:53", "127.0.0.1:0", "127.0.0.1:x", "127.0.0.1:99999", ""):
         with pytest.raises(NodeError):
             _dns_server(bad)
+
+
+def test_an_upgrade_keeps_the_current_port_policy_unless_given(tmp_path: Path) -> None:
+    from teecloud.cloud.errors import ComposeRefused
+    from teecloud.cloud.options import AppOptions, plan_compose
+
+    compose = tmp_path / "docker-compose.yml"
+    compose.write_text("services:\n  web:\n    image: nginx:1.27\n")
+    current = json.loads(plan_compose(compose, AppOptions.build(gateway_ports=["8080:pp"])).app_compose)
+    kept = plan_compose(compose, AppOptions.build(), name="web", previous=current)
+    assert json.loads(kept.app_compose)["port_policy"] == current["port_policy"]
+    changed = plan_compose(compose, AppOptions.build(gateway_ports=["9000"]), name="web", previous=current)
+    assert json.loads(changed.app_compose)["port_policy"]["ports"] == [{"port": 9000, "pp": False}]
+    with pytest.raises(ComposeRefused):  # a current policy that is not one is not carried over silently
+        plan_compose(compose, AppOptions.build(), name="web", previous={"port_policy": {"ports": "all"}})
