@@ -7,18 +7,22 @@ same backend, vs TLS to the backend directly; all in one run on 127.0.0.1.
     nginx gateway  nginx, TLS 1.3 terminated for <app_id>-8080.<base>, keep-alive upstream (2 workers);
                    any other name 421
     teecloud       teecloud.gateway.driver.HaproxyDriver: HAProxy 2.6 (2 threads), the same certificate
-                   (dev CA wildcard), the route set through the runtime API
+                   (dev CA wildcard), the route set through the runtime API; with the access log
+                   (per-app latency histograms, as GatewayServer runs it) and without
 
 Measured with wrk (keep-alive, TLS 1.3, 2 threads, 64 connections): req/s, p50, p99, errors; then new TLS
 connections (wrk with `Connection: close`): proxy CPU ms per connection (utime+stime of its processes);
-memory per idle TLS connection (RSS growth of the proxy's processes over 500 idle TLS connections); route
-churn (10 route changes per second through the runtime API while wrk runs): errors; and the time of one
-route change (`driver.apply`).
+memory per idle TLS connection (the marginal RSS growth of the proxy's processes from 300 to 800 idle TLS
+connections, on fresh processes before any load: the first 300 absorb start-up and allocator effects, which
+made a from-zero figure swing between 0.2 and 36 KiB); several rounds, the order of the proxies rotated
+each round, medians reported; route churn (10 route changes per second through the runtime API while wrk
+runs): errors; and the time of one route change (`driver.apply`).
 
-Needs: haproxy, nginx-light, wrk (Debian), and `*.localhost` resolving to loopback for wrk's SNI
+Needs: haproxy, nginx-light (+ libnginx-mod-stream for the "same split" nginx), wrk (Debian), and
+`*.localhost` resolving to loopback for wrk's SNI
 (libnss-myhostname, Debian). Not run in CI.
 
-    python3 bench/bench_gateway.py [--seconds 8]
+    python3 bench/bench_gateway.py [--seconds 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -69,9 +73,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def nginx_conf(tmp: Path, body: str, workers: int) -> str:
+STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+def nginx_conf(tmp: Path, body: str, workers: int, stream: str = "") -> str:
+    # the split's workers connect to the unix socket their master (root here) made
+    load = f"load_module {STREAM_MODULE};\nuser {os.getlogin() if os.getuid() else 'root'};" if stream else ""
     return f"""
+{load}
 worker_processes {workers};
+worker_rlimit_nofile 16384;
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -85,12 +96,13 @@ http {{
     ssl_session_tickets off;
 {body}
 }}
+{stream}
 """
 
 
-def start_nginx(tmp: Path, body: str, workers: int) -> subprocess.Popen[bytes]:
+def start_nginx(tmp: Path, body: str, workers: int, stream: str = "") -> subprocess.Popen[bytes]:
     tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "nginx.conf").write_text(nginx_conf(tmp, body, workers))
+    (tmp / "nginx.conf").write_text(nginx_conf(tmp, body, workers, stream))
     # Its own session, as HaproxyDriver starts HAProxy: with the kernel's scheduler autogroups (on here) a
     # session is one scheduling group, so every server under test gets the same treatment.
     proc = subprocess.Popen(
@@ -164,23 +176,37 @@ def wrk(url: str, seconds: int, *extra: str) -> dict[str, float]:
     }
 
 
-def idle_memory(port: int, host: str, ca_pem: str, pids: list[int], n: int = 500) -> float:
+def idle_memory(port: int, host: str, ca_pem: str, pids: list[int], warm: int = 300, n: int = 500) -> float:
+    """KiB per idle TLS connection: RSS growth from `warm` to `warm + n` open connections."""
     ctx = ssl.create_default_context(cadata=ca_pem)
-    before = rss_kib(pids)
     conns = []
-    for _ in range(n):
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        conns.append(ctx.wrap_socket(raw, server_hostname=host))
-    time.sleep(1.0)
-    after = rss_kib(pids)
-    for c in conns:
-        c.close()
+
+    def open_more(k: int) -> int:
+        for _ in range(k):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            conns.append(ctx.wrap_socket(raw, server_hostname=host))
+        time.sleep(0.5)
+        return rss_kib(pids)
+
+    try:
+        before = open_more(warm)
+        after = open_more(n)
+    finally:
+        for c in conns:
+            c.close()
     return (after - before) / n
+
+
+def median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    mid = len(ys) // 2
+    return ys[mid] if len(ys) % 2 else (ys[mid - 1] + ys[mid]) / 2
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     seconds = args.seconds
     for tool in ("haproxy", "nginx", "wrk"):
@@ -193,11 +219,20 @@ def main() -> None:
     (tmp / "cert.pem").write_text(cert.cert_pem + ca.cert_pem)
     (tmp / "key.pem").write_text(cert.key_pem)
     (tmp / "key.pem").chmod(0o600)
-    b_port, d_port, n_port, g_port, t_port = (free_port() for _ in range(5))
+    b_port, d_port, n_port, g_port, t_port, l_port, s_port = (free_port() for _ in range(7))
     tls = f"ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem;"
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        run(tmp, ca, cert, procs, seconds, b_port, d_port, n_port, g_port, t_port, tls)
+        run(
+            tmp,
+            ca,
+            cert,
+            procs,
+            seconds,
+            args.rounds,
+            (b_port, d_port, n_port, g_port, t_port, l_port, s_port),
+            tls,
+        )
     finally:
         for p in procs:
             p.terminate()
@@ -205,7 +240,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(tmp, ca, cert, procs, seconds, b_port, d_port, n_port, g_port, t_port, tls) -> None:  # type: ignore[no-untyped-def]
+def run(tmp, ca, cert, procs, seconds, rounds, ports, tls) -> None:  # type: ignore[no-untyped-def]
+    b_port, d_port, n_port, g_port, t_port, l_port, s_port = ports
     backend = start_nginx(
         tmp / "backend",
         f'server {{ listen 127.0.0.1:{b_port}; location / {{ return 200 "hello world\\n"; }} }}',
@@ -227,6 +263,26 @@ def run(tmp, ca, cert, procs, seconds, b_port, d_port, n_port, g_port, t_port, t
         2,
     )
     procs.append(nginx_gw)
+    # nginx built like the gateway: one public port that reads the ClientHello (stream, ssl_preread), sends
+    # passthrough names on untouched and the rest over a unix socket (PROXY protocol) to a TLS server
+    split = None
+    if Path(STREAM_MODULE).exists():
+        sock = tmp / "nginx-split" / "term.sock"
+        split = start_nginx(
+            tmp / "nginx-split",
+            f"upstream app {{ server 127.0.0.1:{b_port}; keepalive 64; }}\n"
+            f"server {{ listen unix:{sock} ssl proxy_protocol default_server; {tls} return 421; }}\n"
+            f"server {{ listen unix:{sock} ssl proxy_protocol; server_name {HOST}; {tls}\n"
+            "  location / { proxy_pass http://app; proxy_http_version 1.1; "
+            'proxy_set_header Connection ""; } }',
+            2,
+            stream=f"stream {{\n  map_hash_bucket_size 128;\n"
+            f"  map $ssl_preread_server_name $to {{ {APP}-8443s.{BASE} 127.0.0.1:{d_port}; "
+            f"default unix:{sock}; }}\n"
+            f"  server {{ listen 127.0.0.1:{s_port}; ssl_preread on; proxy_pass $to; "
+            "proxy_protocol on; }\n}",
+        )
+        procs.append(split)
     driver_tcp = HaproxyDriver(
         tmp / "gw-tcp",
         base_domain=BASE,
@@ -238,6 +294,23 @@ def run(tmp, ca, cert, procs, seconds, b_port, d_port, n_port, g_port, t_port, t
     ).start()
     driver_tcp.apply([Route(APP, INST, 8080, f"127.0.0.1:{b_port}")])
     procs.append(_Stop(driver_tcp))  # type: ignore[arg-type]
+    from teecloud.gateway.accesslog import AccessLog
+
+    driver_log = HaproxyDriver(
+        tmp / "gw-log",
+        base_domain=BASE,
+        port=l_port,
+        cert=cert,
+        chain_pem=ca.cert_pem,
+        limits=DataPlaneLimits(http_backends=8, tcp_backends=8, servers_per_backend=2),
+        access_log=True,
+    )
+    (tmp / "gw-log").mkdir(mode=0o700)
+    access_log = AccessLog(Path(driver_log.paths.access_log)).start()  # read as GatewayServer does
+    driver_log.start()
+    driver_log.apply([Route(APP, INST, 8080, f"127.0.0.1:{b_port}")])
+    access_log.set_backends({b: APP for (_m, _g), b in driver_log.plan.groups.items()})
+    procs.append(_Stop(driver_log))  # type: ignore[arg-type]
     driver = HaproxyDriver(
         tmp / "gw",
         base_domain=BASE,
@@ -251,22 +324,43 @@ def run(tmp, ca, cert, procs, seconds, b_port, d_port, n_port, g_port, t_port, t
     driver.apply([route])
     apply_ms = (time.perf_counter() - t0) * 1000
     try:
-        rows = {}
         targets = {
             "direct (TLS to the backend)": (f"https://{HOST}:{d_port}/", direct.pid),
             "nginx, same SNI routing": (f"https://{HOST}:{n_port}/", nginx_gw.pid),
-            "teecloud gateway (HAProxy)": (f"https://{HOST}:{g_port}/", driver.pid),
+            **(
+                {
+                    "nginx, same split as the gateway (preread + unix hop)": (
+                        f"https://{HOST}:{s_port}/",
+                        split.pid,
+                    )
+                }
+                if split is not None
+                else {}
+            ),
+            "teecloud gateway (HAProxy), access log on": (f"https://{HOST}:{l_port}/", driver_log.pid),
+            "teecloud gateway (HAProxy), no access log": (f"https://{HOST}:{g_port}/", driver.pid),
             "teecloud gateway, terminate_mode=tcp": (f"https://{HOST}:{t_port}/", driver_tcp.pid),
         }
+        results: dict[str, list[tuple[dict[str, float], dict[str, float], float, float]]] = {
+            n: [] for n in targets
+        }
+        names = list(targets)
+        # memory first, on fresh processes: an allocator that already held 800 connections' worth of pools
+        # (a later round) shows ~0 growth, which measures the previous round, not a connection
+        fresh_mem = {}
         for name, (url, pid) in targets.items():
-            pids = tree_pids(pid or 0)
-            ka = wrk(url, seconds)
-            c0 = cpu_s(pids)
-            new = wrk(url, max(3, seconds // 2), "-H", "Connection: close")
-            cpu = (cpu_s(pids) - c0) * 1000 / max(1, new["requests"])
             port = int(url.rsplit(":", 1)[1].rstrip("/"))
-            mem = idle_memory(port, HOST, ca.cert_pem, pids)
-            rows[name] = (ka, new, cpu, mem)
+            fresh_mem[name] = idle_memory(port, HOST, ca.cert_pem, tree_pids(pid or 0))
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotated: no fixed position
+                url, pid = targets[name]
+                pids = tree_pids(pid or 0)
+                ka = wrk(url, seconds)
+                c0 = cpu_s(pids)
+                new = wrk(url, max(3, seconds // 2), "-H", "Connection: close")
+                cpu = (cpu_s(pids) - c0) * 1000 / max(1, new["requests"])
+                results[name].append((ka, new, cpu, fresh_mem[name]))
+                print(f"round {r + 1} {name}: {ka['rps']:.0f} req/s p99 {ka['p99']:.1f} ms", flush=True)
         # route churn: 10 changes/s (another app's route and a second server of this app come and go)
         stop = threading.Event()
         changes = [0]
@@ -295,16 +389,58 @@ def run(tmp, ca, cert, procs, seconds, b_port, d_port, n_port, g_port, t_port, t
             "| KiB / idle TLS conn |"
         )
         print("|---|---|---|---|---|---|---|---|")
-        for name, (ka, new, cpu, mem) in rows.items():
+        med: dict[str, dict[str, float]] = {}
+        for name, rs in results.items():
+            m = {
+                "rps": median([x[0]["rps"] for x in rs]),
+                "p50": median([x[0]["p50"] for x in rs]),
+                "p99": median([x[0]["p99"] for x in rs]),
+                "errors": sum(x[0]["errors"] + x[1]["errors"] for x in rs),
+                "new": median([x[1]["rps"] for x in rs]),
+                "cpu": median([x[2] for x in rs]),
+                "mem": median([x[3] for x in rs]),
+            }
+            med[name] = m
             print(
-                f"| {name} | {ka['rps']:.0f} | {ka['p50']:.2f} | {ka['p99']:.2f} | {ka['errors']:.0f} | "
-                f"{new['rps']:.0f} | {cpu:.3f} | {mem:.1f} |"
+                f"| {name} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['errors']:.0f} | "
+                f"{m['new']:.0f} | {m['cpu']:.3f} | {m['mem']:.1f} |"
             )
-        direct_rps = rows["direct (TLS to the backend)"][0]["rps"]
-        ng = rows["nginx, same SNI routing"][0]["rps"]
-        for name in ("teecloud gateway (HAProxy)", "teecloud gateway, terminate_mode=tcp"):
-            gw = rows[name][0]["rps"]
-            print(f"\n{name}: / nginx = {gw / ng:.2f}x; / direct = {100 * gw / direct_rps:.0f} %")
+        print(f"\nmedians of {rounds} rounds; per round (req/s): ")
+        for name, rs in results.items():
+            print(f"  {name}: " + ", ".join(f"{x[0]['rps']:.0f}" for x in rs))
+        for name in names[2:]:
+            if name.startswith("nginx"):
+                continue
+            # ratios per round (the baselines measured in the same round), then their median
+            vs_nginx = [
+                a[0]["rps"] / b[0]["rps"] for a, b in zip(results[name], results[names[1]], strict=True)
+            ]
+            vs_direct = [
+                a[0]["rps"] / b[0]["rps"] for a, b in zip(results[name], results[names[0]], strict=True)
+            ]
+            p99 = [a[0]["p99"] / b[0]["p99"] for a, b in zip(results[name], results[names[1]], strict=True)]
+            print(
+                f"{name}: / nginx = {median(vs_nginx):.2f}x "
+                f"(rounds {', '.join(f'{x:.2f}' for x in vs_nginx)}); "
+                f"/ direct = {100 * median(vs_direct):.0f} %; p99 / nginx's = {median(p99):.2f}; "
+                f"CPU per new conn / nginx's = {med[name]['cpu'] / med[names[1]]['cpu']:.2f}; "
+                f"idle memory / nginx's = {med[name]['mem'] / med[names[1]]['mem']:.2f}"
+            )
+            if split is not None:
+                same = names[2]
+                vs_split = [
+                    a[0]["rps"] / b[0]["rps"] for a, b in zip(results[name], results[same], strict=True)
+                ]
+                print(
+                    f"  / nginx with the same split = {median(vs_split):.2f}x "
+                    f"(rounds {', '.join(f'{x:.2f}' for x in vs_split)}); "
+                    f"p99 / its = {med[name]['p99'] / med[same]['p99']:.2f}; "
+                    f"CPU per new conn / its = {med[name]['cpu'] / med[same]['cpu']:.2f}; "
+                    f"idle memory / its = {med[name]['mem'] / med[same]['mem']:.2f}"
+                )
+        snap = access_log.snapshot().get(APP)
+        counted = snap.requests if snap else 0
+        print(f"access log: {counted} requests counted for the app, {access_log.malformed} malformed")
         print(
             f"route churn: {changes[0]} route changes in {seconds} s under load: "
             f"{churned['requests']:.0f} requests, {churned['errors']:.0f} errors, "
@@ -313,6 +449,7 @@ def run(tmp, ca, cert, procs, seconds, b_port, d_port, n_port, g_port, t_port, t
         print(f"one route change (driver.apply, runtime API + map files): {apply_ms:.1f} ms")
     finally:
         driver.stop()
+        access_log.stop()
 
 
 if __name__ == "__main__":

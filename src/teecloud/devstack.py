@@ -55,6 +55,23 @@ def check_prerequisites() -> list[str]:
     return missing
 
 
+def _dns_server(value: str) -> tuple[str, int]:
+    """`host:port` (IPv6 in brackets; port 53 if omitted) of a DNS server, as an IP literal."""
+    import ipaddress
+
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or (value.count(":") > 1 and not value.startswith("[")):
+        host, port = value.strip(), "53"
+    host = host.strip("[]")
+    try:
+        ip = str(ipaddress.ip_address(host))
+    except ValueError as exc:
+        raise NodeError(f"gateway DNS server {value[:80]!r}: not an IP address (host:port)") from exc
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise NodeError(f"gateway DNS server {value[:80]!r}: the port must be in 1..65535")
+    return ip, int(port)
+
+
 def _stop_process(proc: Any) -> None:
     """Stop a child this cloud started (by its handle): SIGTERM, then SIGKILL after 20 s."""
     import subprocess
@@ -79,11 +96,15 @@ class LocalCloud:
         dev_time_travel: bool = False,
         kms_nodes: int = 1,
         kms_threshold: int = 1,
+        gateway_dns: str | None = None,
         gpus: str = "none",
         gpu_roots: list[Path] | None = None,
         gpu_collateral: Path | None = None,
         kms_require_app_compose: bool = False,
     ):
+        # "host:port" of the DNS server the gateway asks for custom domains' TXT records (None: no custom
+        # domains); checked here so a typo fails before anything starts
+        self.gateway_dns = _dns_server(gateway_dns) if gateway_dns else None
         self.home = Path(home) if home is not None else data_home()
         self.ports = (chain_port, kms_port, node_port)
         self.dev_time_travel = dev_time_travel  # serve evm_increaseTime/evm_mine on the chain's RPC
@@ -103,6 +124,7 @@ class LocalCloud:
         self.node: Any = None
         self.key_provider: Any = None
         self.chain: Any = None
+        self.gateway: Any = None  # the GatewayServer (None without HAProxy)
         self.gateway_app_id = ""  # KmsAuth's gateway_app_id (teecloud.gateway.identity)
         self.gateway_boot: Any = None  # the gateway TEE's boot as that app (AgentState)
         self.timings: dict[str, float] = {}
@@ -249,6 +271,7 @@ class LocalCloud:
         """The local gateway and the node's registrar (teecloud.gateway.local); {} without HAProxy."""
         import secrets
 
+        from teecloud.gateway.customdomain import CustomDomains, DnslibResolver
         from teecloud.gateway.driver import find_haproxy
         from teecloud.gateway.errors import GatewayError
         from teecloud.gateway.local import NodeRegistrar
@@ -290,9 +313,15 @@ class LocalCloud:
             peers=peers,
             chain=ChainGate(chain, block_number=chain.checked_head),
             admin_token=token_file.read_text().strip(),
+            custom_domains=(
+                CustomDomains(DnslibResolver(*self.gateway_dns), base_domain=GATEWAY_BASE_DOMAIN)
+                if self.gateway_dns is not None
+                else None
+            ),
             tee=gateway_tee,
         ).start()
         self._stack.callback(gateway.stop)
+        self.gateway = gateway
 
         def running() -> list[tuple[str, list[tuple[int, str, int]]]]:
             out = []
@@ -308,8 +337,21 @@ class LocalCloud:
                 out.append((st.instance_id, sorted(set(ports))))
             return out
 
+        def app_compose(instance_id: str) -> str:
+            # the instance's app-compose.json, byte for byte what its compose hash measures: the gateway
+            # checks it against the certificate's compose hash, then applies its port_policy
+            try:
+                return str(node.store.get(instance_id).app_compose_bytes().decode())
+            except NodeError as exc:  # removed meanwhile: the registrar skips it this round
+                raise ValueError(str(exc)) from exc
+
         registrar = NodeRegistrar(
-            [gateway.registration_url], gateway.ca.cert_pem, boots, running, interval_s=2.0
+            [gateway.registration_url],
+            gateway.ca.cert_pem,
+            boots,
+            running,
+            interval_s=2.0,
+            app_compose=app_compose,
         )
         registrar.start()
         self._stack.callback(registrar.stop)
@@ -320,6 +362,9 @@ class LocalCloud:
             "registration": gateway.registration_url,
             "admin": gateway.admin_url,
             "admin_token_file": str(token_file),
+            "custom_domains_dns": (
+                f"{self.gateway_dns[0]}:{self.gateway_dns[1]}" if self.gateway_dns is not None else ""
+            ),
             "app_id": self.gateway_app_id,
             "cert_keys": gateway.registration_url + CERT_KEYS_PATH,
         }

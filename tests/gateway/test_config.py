@@ -162,3 +162,68 @@ def test_custom_domains_follow_their_app_port_in_the_plan() -> None:
     assert "app.example.com" not in gone.tcp_map
     cmds = runtime_commands(p, gone, HaproxyPaths("/run/gw", "t"), LIMITS)
     assert any(c.endswith(" app.example.com") and c.startswith("del map") for c in cmds)
+
+
+def test_pp_ports_take_backends_whose_servers_send_proxy_v2() -> None:
+    pp = Route(APP, INST1, 8080, "127.0.0.1:1001", proxy_protocol=True)
+    plain = Route(APP, INST1, 9090, "127.0.0.1:1002")
+    p = plan([pp, plain], BASE, LIMITS)
+    assert p.http_map[f"{APP}-8080.{BASE}"] == "bhp0" and p.tcp_map[f"{APP}-8080s.{BASE}"] == "btp0"
+    assert p.http_map[f"{APP}-8080g.{BASE}"] == "bgp0"
+    assert p.http_map[f"{APP}-9090.{BASE}"] == "bh0" and p.tcp_map[f"{APP}-9090s.{BASE}"] == "bt0"
+    paths = HaproxyPaths("/run/gw", "t")
+    cfg = render_config(bind_host="127.0.0.1", port=1, paths=paths, limits=LIMITS, plan=p)
+    # golden: the pp pool's servers send PROXY v2, free slots included (a route moves in at run time)
+    assert (
+        "backend bhp0\n"
+        "    mode http\n"
+        "    balance leastconn\n"
+        "    retries 2\n"
+        "    option redispatch\n"
+        '    http-request return status 503 content-type text/plain string "the app is at its connection '
+        'cap" if { be_conn gt 1024 }\n'
+        "    server s0 127.0.0.1:1001 maxconn 256 send-proxy-v2\n"
+        "    server s1 127.0.0.1:1 disabled maxconn 256 send-proxy-v2\n"
+    ) in cfg
+    assert (
+        "backend btp0\n"
+        "    mode tcp\n"
+        "    balance leastconn\n"
+        "    retries 2\n"
+        "    option redispatch\n"
+        "    tcp-request content reject if { be_conn gt 1024 }\n"
+        "    server s0 127.0.0.1:1001 maxconn 256 send-proxy-v2\n"
+    ) in cfg
+    assert "    server s0 127.0.0.1:1001 maxconn 256 proto h2 send-proxy-v2\n" in cfg  # bgp0
+    # non-pp ports are unchanged: no server outside the pp pools sends PROXY v2
+    blocks = [b for b in cfg.split("\nbackend ")[1:] if not b.startswith("be_terminate")]
+    for block in blocks:
+        name = block.split("\n", 1)[0]
+        sends = "send-proxy-v2" in block
+        assert sends == (name[:3] in ("bhp", "btp", "bgp")), name
+    assert sum(b.startswith(("bhp", "btp", "bgp")) for b in blocks) == 3 * LIMITS.pp_backends
+    assert "    server s0 127.0.0.1:1002 maxconn 256\n" in cfg
+
+
+def test_pp_rollouts_and_pool_limits() -> None:
+    a = Route(APP, INST1, 8080, "127.0.0.1:1001", proxy_protocol=True)
+    b = Route(APP, INST2, 8080, "127.0.0.1:1002", proxy_protocol=True)
+    old = Route(APP, "c3" * 20, 8080, "127.0.0.1:1003")  # an instance of the previous compose (no pp)
+    p = plan([a, b, old], BASE, LIMITS)
+    app_backend = p.http_map[f"{APP}-8080.{BASE}"]
+    # the app name balances over the majority (pp) only; each instance's own name reaches it correctly
+    assert app_backend.startswith("bhp") and set(p.servers[app_backend]) == {a.address, b.address}
+    assert not p.http_map[f"{'c3' * 20}-8080.{BASE}"].startswith("bhp")
+    assert p.http_map[f"{INST1}-8080.{BASE}"].startswith("bhp")
+    # a tie sends no PROXY v2
+    tie = plan([a, old], BASE, LIMITS)
+    assert set(tie.servers[tie.http_map[f"{APP}-8080.{BASE}"]]) == {old.address, None}
+    # an app port that turns pp moves to the pp pool; its old backend goes to maintenance
+    before = plan([Route(APP, INST1, 8080, "127.0.0.1:1001")], BASE, LIMITS)
+    after = plan([a], BASE, LIMITS, before)
+    assert before.http_map[f"{APP}-8080.{BASE}"] == "bh0" and after.http_map[f"{APP}-8080.{BASE}"] == "bhp0"
+    cmds = runtime_commands(before, after, HaproxyPaths("/run/gw", "t"), LIMITS)
+    assert "set server bh0/s0 state maint" in cmds and "set server bhp0/s0 state ready" in cmds
+    assert f"set map /run/gw/http.map {APP}-8080.{BASE} bhp0" in cmds
+    with pytest.raises(CapacityExceeded, match="PROXY v2"):
+        plan([a], BASE, DataPlaneLimits(http_backends=3, tcp_backends=3, pp_backends=0))

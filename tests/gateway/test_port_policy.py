@@ -5,6 +5,7 @@ unlisted port gets no route (421 at accept, the backend sees nothing)."""
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from teecloud.agent.keyprovider import LocalDevKeyProvider
 from teecloud.agent.service import AgentService
 from teecloud.appcompose import compose_hash, normalize_app_compose
 from teecloud.chain import ChainClient
+from teecloud.gateway import api
 from teecloud.gateway.client import RegisteringAtBoot, register
 from teecloud.gateway.errors import RegistrationRefused
 from teecloud.gateway.local import NodeRegistrar
@@ -117,26 +119,41 @@ def test_restrict_mode_routes_only_listed_ports(
         unlisted.stop()
 
 
-def test_proxy_protocol_port_is_refused_loudly(
+def test_pp_port_registers_and_its_cvm_sees_the_client_address(
     teecloud_home: Path, chain: ChainClient, gateway: GatewayServer
 ) -> None:
-    compose = restricted("pp", [{"port": 8080, "pp": True}])
+    from tests.gateway.proxy_backend import ProxyV2Backend
+    from tests.gateway.test_proxy_protocol import tls_get
+
+    compose = restricted("pp", [{"port": 8080, "pp": True}, {"port": 9090}])
     cvm = boot_with(teecloud_home, chain, compose)
-    backend = Backend("pp")
+    pp_backend, plain = ProxyV2Backend(), Backend("plain")
     try:
-        with pytest.raises(RegistrationRefused) as exc:
-            register(
-                gateway.registration_url,
-                cvm.key,
-                cvm.cert_der,
-                [endpoint(backend)],
-                ca_pem=gateway.ca.cert_pem,
-                app_compose=normalize_app_compose(compose),
-            )
-        assert exc.value.step == "port_policy"
-        assert gateway.registry.registrations() == [] and backend.requests == 0
+        register(
+            gateway.registration_url,
+            cvm.key,
+            cvm.cert_der,
+            [api.Endpoint(port=8080, host="127.0.0.1", host_port=pp_backend.port), endpoint(plain, 9090)],
+            ca_pem=gateway.ca.cert_pem,
+            app_compose=normalize_app_compose(compose),
+        )
+        routes = {r.port: r.proxy_protocol for reg in gateway.registry.registrations() for r in reg.routes}
+        assert routes == {8080: True, 9090: False}
+
+        class Gw:  # what tls_get needs of a gateway
+            port = gateway.public_port
+
+            @staticmethod
+            def client_context() -> ssl.SSLContext:
+                return ssl.create_default_context(cadata=gateway.ca.cert_pem)
+
+        local_port, answer = tls_get(Gw, f"{cvm.app_id}-8080.{BASE}")  # type: ignore[arg-type]
+        assert answer.endswith(f"pp src=127.0.0.1:{local_port}".encode()), answer[-200:]
+        assert get(gateway, f"{cvm.app_id}-9090.{BASE}").text.startswith("plain /")  # no header there
+        assert pp_backend.bad == [] and len(pp_backend.headers) == 1
     finally:
-        backend.stop()
+        pp_backend.stop()
+        plain.stop()
 
 
 def test_the_local_node_registrar_sends_the_app_compose(
@@ -162,3 +179,49 @@ def test_the_local_node_registrar_sends_the_app_compose(
     finally:
         listed.stop()
         unlisted.stop()
+
+
+def test_deploy_options_write_a_restricting_port_policy_into_the_measured_app_compose() -> None:
+    from teecloud.cloud.deploy import build_app_compose
+    from teecloud.cloud.errors import InvalidOption
+    from teecloud.cloud.options import AppOptions
+
+    opts = AppOptions.build(gateway_ports=["8080", "9000:pp"])
+    assert opts.port_policy == PortPolicy(True, ((8080, False), (9000, True)))
+    text = "services:\n  web:\n    image: nginx:1.27\n"
+    app_compose, chash = build_app_compose(text, name="web", port_policy=opts.port_policy)
+    # the gateway reads back exactly this policy from the bytes whose hash is measured
+    assert port_policy_of(app_compose, chash) == opts.port_policy
+    plain, plain_hash = build_app_compose(text, name="web")
+    assert plain_hash != chash and b"port_policy" not in plain
+    for bad in (["x"], ["0"], ["70000"], ["80:tls"], ["80", "80"], ["80:"]):
+        with pytest.raises(InvalidOption):
+            AppOptions.build(gateway_ports=bad)
+
+
+def test_up_checks_the_gateway_dns_setting() -> None:
+    from teecloud.devstack import _dns_server
+    from teecloud.node.errors import NodeError
+
+    assert _dns_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
+    assert _dns_server("127.0.0.1") == ("127.0.0.1", 53)
+    assert _dns_server("[::1]:53") == ("::1", 53)
+    assert _dns_server("::1") == ("::1", 53)
+    for bad in ("dns.example:53", "127.0.0.1:0", "127.0.0.1:x", "127.0.0.1:99999", ""):
+        with pytest.raises(NodeError):
+            _dns_server(bad)
+
+
+def test_an_upgrade_keeps_the_current_port_policy_unless_given(tmp_path: Path) -> None:
+    from teecloud.cloud.errors import ComposeRefused
+    from teecloud.cloud.options import AppOptions, plan_compose
+
+    compose = tmp_path / "docker-compose.yml"
+    compose.write_text("services:\n  web:\n    image: nginx:1.27\n")
+    current = json.loads(plan_compose(compose, AppOptions.build(gateway_ports=["8080:pp"])).app_compose)
+    kept = plan_compose(compose, AppOptions.build(), name="web", previous=current)
+    assert json.loads(kept.app_compose)["port_policy"] == current["port_policy"]
+    changed = plan_compose(compose, AppOptions.build(gateway_ports=["9000"]), name="web", previous=current)
+    assert json.loads(changed.app_compose)["port_policy"]["ports"] == [{"port": 9000, "pp": False}]
+    with pytest.raises(ComposeRefused):  # a current policy that is not one is not carried over silently
+        plan_compose(compose, AppOptions.build(), name="web", previous={"port_policy": {"ports": "all"}})

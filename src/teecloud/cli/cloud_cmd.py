@@ -132,6 +132,15 @@ def up(
             "--threshold", help="Threshold KMS: how many nodes answer each key release (default: a majority)."
         ),
     ] = 0,
+    gateway_dns: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway-dns",
+            help="HOST:PORT of a DNS server (a validating resolver you trust): the gateway then serves "
+            "custom domains whose _dstack-app-address TXT record names a registered app port "
+            "(TLS passthrough).",
+        ),
+    ] = None,
     gpu: Annotated[
         str,
         typer.Option(
@@ -180,6 +189,7 @@ def up(
             dev_time_travel=dev_time_travel,
             kms_nodes=kms_nodes,
             kms_threshold=kms_threshold,
+            gateway_dns=gateway_dns,
             gpus=gpu,
             gpu_roots=gpu_root or [],
             gpu_collateral=gpu_collateral,
@@ -204,6 +214,8 @@ def up(
         )
         table.add_row("gateway CA", ep.gateway["ca_file"])
         table.add_row("gateway admin", ep.gateway["admin"])
+        if ep.gateway.get("custom_domains_dns"):
+            table.add_row("custom domains (TXT via)", ep.gateway["custom_domains_dns"])
     out.print(table)
     if resumed:
         out.print(f"resuming {resumed} CVM(s); see `teecloud ps`")
@@ -248,6 +260,14 @@ ReplaceAllowedOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+GatewayPortOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--gateway-port",
+        help="PORT or PORT:pp (repeat): the app's port_policy (measured) routes only these ports through the "
+        "gateway; :pp sends PROXY protocol v2 to that port.",
+    ),
+]
 
 
 def _app_options(
@@ -260,6 +280,7 @@ def _app_options(
     public_logs: bool | None = None,
     cpus: float | None = None,
     memory: int | None = None,
+    gateway_port: list[str] | None = None,
 ) -> Any:
     from teecloud.cloud.options import AppOptions
 
@@ -272,6 +293,7 @@ def _app_options(
         public_logs=public_logs,
         cpus=cpus,
         memory_mb=memory,
+        gateway_ports=gateway_port,
     )
 
 
@@ -296,6 +318,7 @@ def compose_hash_cmd(
     public_logs: Annotated[
         bool, typer.Option("--public-logs", help="Anyone may read the app's logs.")
     ] = False,
+    gateway_port: GatewayPortOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the exact app-compose.json and compose hash that `deploy` (same options) registers: what a
@@ -310,6 +333,7 @@ def compose_hash_cmd(
             allowed_env=allowed_env,
             replace_allowed_envs=replace_allowed_envs,
             public_logs=public_logs,
+            gateway_port=gateway_port,
         )
         plan = plan_compose(compose, opts)
     _print_plan(plan, as_json)
@@ -349,6 +373,7 @@ def deploy(
         bool,
         typer.Option("--dry-run", help="Print the app-compose.json and compose hash; register nothing."),
     ] = False,
+    gateway_port: GatewayPortOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register the app on chain, encrypt its env to its KMS key, boot it in a CVM, and verify it."""
@@ -367,6 +392,7 @@ def deploy(
             public_logs=public_logs,
             cpus=cpus,
             memory=memory,
+            gateway_port=gateway_port,
         )
         governance = GovernanceSpec.build(multisig=multisig, threshold=threshold, timelock=timelock)
         if governance is not None and app_id is not None:

@@ -27,6 +27,7 @@ from teecloud.cloud.options import AppOptions, ComposePlan, parse_env_file, plan
 
 if TYPE_CHECKING:
     from teecloud.cloud.governance import GovernanceSpec, PendingChange
+    from teecloud.gateway.portpolicy import PortPolicy
 
 __all__ = [
     "AppOptions",
@@ -54,6 +55,7 @@ def build_app_compose(
     public_logs: bool = False,
     public_sysinfo: bool = True,
     public_tcbinfo: bool = True,
+    port_policy: PortPolicy | None = None,
 ) -> tuple[bytes, bytes]:
     """-> (app-compose.json bytes in normalized form, compose_hash). Field names as dstack's AppCompose."""
     from teecloud.appcompose import compose_hash, normalize_app_compose
@@ -76,6 +78,8 @@ def build_app_compose(
         "no_instance_id": False,
         "secure_time": False,
     }
+    if port_policy is not None:  # dstack's field; the gateway reads it from the attested app-compose.json
+        doc["port_policy"] = port_policy.to_json()
     return normalize_app_compose(doc).encode(), compose_hash(doc)
 
 

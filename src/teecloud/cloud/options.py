@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from teecloud.cloud.errors import ComposeRefused, InvalidOption
+from teecloud.gateway.portpolicy import BadPortPolicy, PortPolicy, parse_port_policy
 
 __all__ = [
     "MAX_ENV_FILE",
@@ -149,6 +150,9 @@ class AppOptions:
     public_logs: bool | None = None
     cpus: float | None = None
     memory_mb: int | None = None
+    # dstack's app-compose `port_policy` (measured): with it only the listed ports get gateway routes, and
+    # `pp` ports get PROXY protocol v2; None keeps the current version's policy on upgrade (a new app: none)
+    port_policy: PortPolicy | None = None
 
     @classmethod
     def build(
@@ -162,6 +166,7 @@ class AppOptions:
         public_logs: bool | None = None,
         cpus: float | None = None,
         memory_mb: int | None = None,
+        gateway_ports: Sequence[str] | None = None,
     ) -> AppOptions:
         if name is not None:
             validate_name(name)
@@ -182,6 +187,7 @@ class AppOptions:
         if memory_mb is not None and not (6 <= memory_mb <= 16 * 1024 * 1024):
             raise InvalidOption("--memory must be at least 6 (MB) and at most 16777216")
         return cls(
+            port_policy=_port_policy(gateway_ports) if gateway_ports is not None else None,
             name=name,
             env=values,
             env_given=env_file is not None or bool(env),
@@ -191,6 +197,20 @@ class AppOptions:
             cpus=cpus,
             memory_mb=memory_mb,
         )
+
+
+def _port_policy(items: Sequence[str]) -> PortPolicy:
+    """`--gateway-port PORT[:pp]` items -> a restricting port policy (only these ports routed)."""
+    ports: list[dict[str, Any]] = []
+    for item in items:
+        port, sep, flag = item.strip().partition(":")
+        if not port.isdigit() or len(port) > 5 or (sep and flag != "pp"):
+            raise InvalidOption(f"--gateway-port {item[:40]!r} is not PORT or PORT:pp")
+        ports.append({"port": int(port), "pp": flag == "pp"})
+    try:
+        return parse_port_policy({"restrict_mode": True, "ports": ports})
+    except BadPortPolicy as exc:
+        raise InvalidOption(f"--gateway-port: {exc}") from exc
 
 
 def resolve_allowed_envs(options: AppOptions, previous: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -288,9 +308,15 @@ def plan_compose(
         prev_public_logs = bool(previous.get("public_logs", False))
     allowed, warnings = resolve_allowed_envs(options, prev_allowed)
     public_logs = prev_public_logs if options.public_logs is None else options.public_logs
+    port_policy = options.port_policy
+    if port_policy is None and previous is not None and previous.get("port_policy") is not None:
+        try:
+            port_policy = parse_port_policy(previous.get("port_policy"))
+        except BadPortPolicy as exc:
+            raise ComposeRefused(f"the current version's port_policy: {exc}") from exc
     try:
         app_compose, chash = build_app_compose(
-            text, name=final_name, allowed_envs=allowed, public_logs=public_logs
+            text, name=final_name, allowed_envs=allowed, public_logs=public_logs, port_policy=port_policy
         )
     except ComposeRejected as exc:
         raise ComposeRefused(f"{compose_path}: {exc}") from exc

@@ -68,6 +68,7 @@ class RouteView(BaseModel):
     address: str
     expires_in_s: int
     draining: bool = False
+    proxy_protocol: bool = False  # PROXY v2 toward the CVM (its port_policy marks the port `pp`)
 
 
 class DrainRequest(BaseModel):

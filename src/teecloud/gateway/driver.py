@@ -98,8 +98,10 @@ class HaproxyDriver:
         haproxy: str | None = None,
         terminate_mode: TerminateMode = "http",
         custom_domains: CustomDomainHook | None = None,
+        access_log: bool = False,
     ) -> None:
         self.custom_domains = custom_domains
+        self.access_log = access_log  # log lines to paths.access_log (teecloud.gateway.accesslog)
         self.terminate_mode: TerminateMode = terminate_mode
         self.run_dir = Path(run_dir)
         self.base_domain = base_domain
@@ -144,6 +146,7 @@ class HaproxyDriver:
             terminate_mode=self.terminate_mode,
             custom_domains=self.custom_domains,
             base_domain=self.base_domain,
+            access_log=self.access_log,
         )
         atomic_write(Path(self.paths.config), config.encode(), mode=0o600)
 

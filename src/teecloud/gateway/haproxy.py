@@ -21,7 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from teecloud.gateway.routing import DataPlaneLimits, Plan, backend_names, split_address
+from teecloud.gateway.routing import (
+    DataPlaneLimits,
+    Plan,
+    backend_names,
+    sends_proxy_protocol,
+    split_address,
+)
 
 __all__ = [
     "CustomDomainHook",
@@ -35,6 +41,9 @@ __all__ = [
 ]
 
 TerminateMode = Literal["http", "tcp"]
+# access log lines (teecloud.gateway.accesslog parses them): backend, HTTP status, Ta / Tt (ms), termination
+_HTTP_LOG = "teecloud http %b %ST %Ta %ts"
+_TCP_LOG = "teecloud tcp %b %Tt %ts"
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,10 @@ class HaproxyPaths:
     @property
     def metrics_socket(self) -> str:
         return f"{self.run_dir}/metrics.sock"
+
+    @property
+    def access_log(self) -> str:
+        return f"{self.run_dir}/access.sock"
 
     @property
     def lua(self) -> str:
@@ -97,7 +110,7 @@ core.register_action("teecloud_custom_domain", {{ "tcp-req" }}, function(txn)
     local answer = s:receive("*a")
     s:close()
     if answer == nil then return end
-    local backend = answer:match("\\r\\n\\r\\n(bt%d+)$")
+    local backend = answer:match("\\r\\n\\r\\n(btp?%d+)$")
     if backend ~= nil then txn:set_var("txn.custom_backend", backend) end
 end, 0)
 """
@@ -112,6 +125,16 @@ class HaproxyTimeouts:
     server_s: int = 30
     tunnel_s: int = 3600  # WebSocket / passthrough idle
     queue_s: int = 5
+
+
+def _log_lines(paths: HaproxyPaths, log_format: str) -> list[str]:
+    # in the frontends only (the global section has no log target, so server state events are not sent);
+    # never blocks: a line the socket cannot take now is dropped (and counted by HAProxy)
+    return [
+        f"    log {paths.access_log} len 512 format raw local0 info",
+        f'    log-format "{log_format}"',
+        '    error-log-format "teecloud connection_error"',  # e.g. a failed TLS handshake (no request)
+    ]
 
 
 def render_map(entries: dict[str, str]) -> str:
@@ -130,12 +153,14 @@ def render_config(
     terminate_mode: TerminateMode = "http",
     custom_domains: CustomDomainHook | None = None,
     base_domain: str = "",
+    access_log: bool = False,
 ) -> str:
     """The whole configuration; the plan's servers are written in (a restart starts with current routes).
     `terminate_mode` "http" parses HTTP after TLS (421 for a Host that is not the TLS name or an unknown
     name, 400 for oversized headers, X-Forwarded-For, h2 from clients, per-app HTTP metrics); "tcp" forwards
     the decrypted byte stream (HTTP/1.1 and WebSocket work unchanged; an unknown name is closed after the
-    handshake; faster: docs/benchmarks.md)."""
+    handshake; faster: docs/benchmarks.md). `access_log`: one line per HTTP request / TCP connection to
+    the unix datagram socket `paths.access_log` (teecloud.gateway.accesslog: per-app latency histograms)."""
     t = timeouts
     host = f"[{bind_host}]" if ":" in bind_host else bind_host
     lines = [
@@ -167,6 +192,7 @@ def render_config(
         "frontend fe_sni",
         "    mode tcp",
         f"    bind {host}:{port}",
+        *(_log_lines(paths, _TCP_LOG) if access_log else []),
         f"    tcp-request inspect-delay {t.hello_timeout_s}s",
         *(
             [
@@ -191,6 +217,7 @@ def render_config(
         "",
         "frontend fe_metrics",
         "    mode http",
+        "    no log",
         f"    bind unix@{paths.metrics_socket} mode 600",
         "    http-request use-service prometheus-exporter",
         "",
@@ -206,6 +233,7 @@ def render_config(
             f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
             "alpn h2,http/1.1",
             "    option forwardfor",
+            *(_log_lines(paths, _HTTP_LOG) if access_log else []),
             "    http-request set-var(txn.host) req.hdr(host),field(1,:),lower",
             "    http-request set-var(txn.sni) ssl_fc_sni,lower",
             '    http-request return status 421 content-type text/plain string "misdirected request: '
@@ -223,13 +251,18 @@ def render_config(
             "    mode tcp",
             f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
             "alpn http/1.1",
+            *(_log_lines(paths, _TCP_LOG) if access_log else []),
             f"    tcp-request content reject unless {{ ssl_fc_sni,lower,map({paths.http_map}) -m found }}",
             f"    use_backend %[ssl_fc_sni,lower,map({paths.http_map})]",
             "",
         ]
     for mode in ("http", "tcp", "grpc"):
-        proto = " proto h2" if mode == "grpc" and terminate_mode == "http" else ""  # h2c to the CVM
-        for backend in backend_names(mode, limits):
+        h2c = " proto h2" if mode == "grpc" and terminate_mode == "http" else ""  # h2c to the CVM
+        pools = (False, True) if mode != "grpc" or limits.grpc_backends else ()
+        for backend in [b for pp in pools for b in backend_names(mode, limits, proxy_protocol=pp)]:
+            # PROXY v2 (the client's address) at the start of each connection to a `pp` port's servers;
+            # HAProxy never shares such a connection between clients
+            proto = h2c + (" send-proxy-v2" if sends_proxy_protocol(backend) else "")
             backend_mode = "tcp" if mode == "tcp" or terminate_mode == "tcp" else "http"
             lines += [
                 f"backend {backend}",

@@ -5,8 +5,8 @@ dstack's field (`dstack-types` `AppCompose.port_policy`):
     "port_policy": {"restrict_mode": true, "ports": [{"port": 8080, "pp": false}, ...]}
 
 `restrict_mode` true: only the listed ports are routed; false or no `port_policy`: every registered port is.
-`pp` asks for PROXY protocol v2 toward the CVM (not sent by this gateway yet: such a port is refused at
-registration, loudly, rather than served without the header the app expects).
+`pp` asks for PROXY protocol v2 toward the CVM: the gateway's connections to that port start with the
+header carrying the client's address (teecloud.gateway.haproxy, `send-proxy-v2`).
 
 `port_policy_of(app_compose, compose_hash)` (1) parses the bytes (size- and depth-bounded,
 teecloud.appcompose.parse_app_compose), (2) recomputes sha256 of the normalized form and compares it with
@@ -29,6 +29,7 @@ __all__ = [
     "BadPortPolicy",
     "ComposeHashMismatch",
     "PortPolicy",
+    "parse_port_policy",
     "port_policy_of",
 ]
 
@@ -54,12 +55,20 @@ class PortPolicy:
     def wants_proxy_protocol(self, port: int) -> bool:
         return any(p == port and pp for p, pp in self.ports)
 
+    def to_json(self) -> dict[str, Any]:
+        """dstack's form, as written into app-compose.json."""
+        return {"restrict_mode": self.restrict_mode, "ports": [{"port": p, "pp": pp} for p, pp in self.ports]}
+
 
 UNRESTRICTED = PortPolicy()
 
 
 def _policy(doc: dict[str, Any]) -> PortPolicy:
-    raw = doc.get("port_policy")
+    return parse_port_policy(doc.get("port_policy"))
+
+
+def parse_port_policy(raw: object) -> PortPolicy:
+    """A `port_policy` value (dstack's form; None: no policy), strictly: BadPortPolicy for anything else."""
     if raw is None:
         return UNRESTRICTED
     if not isinstance(raw, dict) or set(raw) - {"restrict_mode", "ports"}:

@@ -43,6 +43,7 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 Mode = Literal["http", "tcp", "grpc"]
 _SUFFIX: dict[str, str] = {"http": "", "tcp": "s", "grpc": "g"}
 _PREFIX: dict[str, str] = {"http": "bh", "tcp": "bt", "grpc": "bg"}
+_PP = "p"  # pools of backends whose servers send PROXY protocol v2 (`bhp<i>`, `btp<i>`, `bgp<i>`)
 _BY_SUFFIX: dict[str, Mode] = {"": "http", "s": "tcp", "g": "grpc"}
 
 
@@ -55,14 +56,17 @@ class DataPlaneLimits:
     http_backends: int = 64
     tcp_backends: int = 64
     grpc_backends: int = 16  # `g` names: HTTP/2 cleartext (h2c) toward the CVM; 0 = not served
+    # per mode, route groups whose port the app's port_policy marks `pp` (their servers send PROXY v2)
+    pp_backends: int = 8
     servers_per_backend: int = 8
     max_conn_per_server: int = 256
     max_conn_per_app: int = 1024
     max_connections: int = 4096
 
     def __post_init__(self) -> None:
-        if not 0 <= self.grpc_backends <= 4096:
-            raise GatewayUsageError("grpc_backends must be in 0..4096")
+        for name in ("grpc_backends", "pp_backends"):
+            if not 0 <= getattr(self, name) <= 4096:
+                raise GatewayUsageError(f"{name} must be in 0..4096")
         for name in ("http_backends", "tcp_backends", "servers_per_backend"):
             if not 1 <= getattr(self, name) <= 4096:
                 raise GatewayUsageError(f"{name} must be in 1..4096")
@@ -118,6 +122,7 @@ class Route:
     instance_id: str
     port: int
     address: str  # "ip:port" (IPv6 in brackets)
+    proxy_protocol: bool = False  # the app's port_policy marks this port `pp`: PROXY v2 toward the CVM
 
     def __post_init__(self) -> None:
         if not (_ID.fullmatch(self.app_id) and _ID.fullmatch(self.instance_id)):
@@ -184,9 +189,17 @@ class Plan:
         return self.servers.get(backend, (None,) * limits.servers_per_backend)
 
 
-def backend_names(mode: Mode, limits: DataPlaneLimits) -> list[str]:
+def backend_names(mode: Mode, limits: DataPlaneLimits, *, proxy_protocol: bool = False) -> list[str]:
+    """The slot backends of a mode; with `proxy_protocol`, the pool whose servers send PROXY v2."""
+    if proxy_protocol:
+        return [f"{_PREFIX[mode]}{_PP}{i}" for i in range(limits.pp_backends)]
     n = {"http": limits.http_backends, "tcp": limits.tcp_backends, "grpc": limits.grpc_backends}[mode]
     return [f"{_PREFIX[mode]}{i}" for i in range(n)]
+
+
+def sends_proxy_protocol(backend: str) -> bool:
+    """Whether a slot backend's servers send PROXY v2 (it is one of the `pp` pools)."""
+    return len(backend) > 3 and backend[2] == _PP
 
 
 def plan(
@@ -197,28 +210,36 @@ def plan(
     custom_domains: Mapping[str, tuple[str, int]] | None = None,
 ) -> Plan:
     """The data plane for `routes`. A group keeps the backend it had in `previous`, an address its server
-    slot, so that a change touches only what changed. Raises CapacityExceeded when the slots run out."""
+    slot, so that a change touches only what changed. A group whose port is `pp` (PROXY v2) takes its
+    backend from the pp pool; an app port whose instances disagree on `pp` (a rollout between two
+    app-compose versions) is balanced over the majority's instances (ties: no PROXY v2), each instance's
+    own name still reaching it correctly. Raises CapacityExceeded when the slots run out."""
     prev = previous or Plan()
-    members: dict[GroupKey, set[str]] = {}
+    members: dict[GroupKey, dict[str, bool]] = {}
     for r in routes:
-        members.setdefault(("app", r.app_id, r.port), set()).add(r.address)
-        members.setdefault(("instance", r.instance_id, r.port), set()).add(r.address)
+        members.setdefault(("app", r.app_id, r.port), {})[r.address] = r.proxy_protocol
+        members.setdefault(("instance", r.instance_id, r.port), {})[r.address] = r.proxy_protocol
+    chosen: dict[GroupKey, tuple[bool, list[str]]] = {}
+    for group, by_address in members.items():
+        pp = 2 * sum(by_address.values()) > len(by_address)
+        chosen[group] = (pp, sorted(a for a, v in by_address.items() if v == pp))
     out = Plan()
     modes: tuple[Mode, ...] = ("http", "tcp", "grpc") if limits.grpc_backends else ("http", "tcp")
     for mode in modes:
-        names = backend_names(mode, limits)
-        used = {prev.groups[(mode, g)] for g in members if (mode, g) in prev.groups}
-        free = [b for b in names if b not in used]
+        pools = {pp: backend_names(mode, limits, proxy_protocol=pp) for pp in (False, True)}
+        kept = {g: prev.groups.get((mode, g)) for g in members}
+        used = {b for g, b in kept.items() if b is not None and b in pools[chosen[g][0]]}
+        free = {pp: [b for b in names if b not in used] for pp, names in pools.items()}
         for group in sorted(members):
-            backend = prev.groups.get((mode, group))
-            if backend is None or backend not in names:
-                if not free:
-                    raise CapacityExceeded(f"all {len(names)} {mode} backends are in use")
-                backend = free.pop(0)
+            pp, addresses = chosen[group]
+            backend = kept[group]
+            if backend is None or backend not in pools[pp]:
+                if not free[pp]:
+                    kind = f"{mode} PROXY v2 (pp)" if pp else mode
+                    raise CapacityExceeded(f"all {len(pools[pp])} {kind} backends are in use")
+                backend = free[pp].pop(0)
             out.groups[(mode, group)] = backend
-            out.servers[backend] = _slots(
-                sorted(members[group]), prev.servers.get(backend), limits.servers_per_backend
-            )
+            out.servers[backend] = _slots(addresses, prev.servers.get(backend), limits.servers_per_backend)
             _kind, ident, port = group
             for host in _names(ident, port, _SUFFIX[mode], base):
                 (out.tcp_map if mode == "tcp" else out.http_map)[host] = backend

@@ -30,6 +30,7 @@ from pathlib import Path
 from teecloud._fs import atomic_write
 from teecloud._serve import LimitedH11Protocol, LimitedServer, ServeLimits, limited_config
 from teecloud.gateway import api
+from teecloud.gateway.accesslog import AccessLog
 from teecloud.gateway.acme import AcmeCertificates, StoredCert
 from teecloud.gateway.certkeys import CertKeyPublisher
 from teecloud.gateway.client import temp_ca
@@ -98,6 +99,7 @@ class GatewayServer:
         backend_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
         clock: Callable[[], float] = time.time,
         custom_domains: CustomDomains | None = None,
+        access_log: bool = True,
         acme: AcmeCertificates | None = None,
         tee: QuoteSource | None = None,
     ) -> None:
@@ -140,7 +142,10 @@ class GatewayServer:
             chain_pem=chain_pem,
             limits=limits,
             custom_domains=self.hook,
+            access_log=access_log,
         )
+        # per-app latency histograms and counters from HAProxy's log lines (None: not logged)
+        self.access_log = AccessLog(Path(self.driver.paths.access_log)) if access_log else None
         self.registry = Registry(ttl_s=ttl_s)
         self.service = GatewayService(
             peers,
@@ -230,6 +235,8 @@ class GatewayServer:
         """HAProxy's exporter, each slot backend's series labelled with the route group it serves
         (`app_id` + `port`, or `instance_id` + `port`)."""
         own = self.custom_domains.metrics().encode() if self.custom_domains is not None else b""
+        if self.access_log is not None:
+            own = self.access_log.metrics().encode() + own
         try:
             text = own + fetch_unix_http(self.driver.paths.metrics_socket, "/metrics")
         except OSError:
@@ -242,7 +249,7 @@ class GatewayServer:
             )
         if not labels:
             return text
-        pattern = re.compile(rb'proxy="b[htg]\d+"')
+        pattern = re.compile(rb'proxy="b[htg]p?\d+"')
         return pattern.sub(lambda m: labels.get(m.group(0), m.group(0)), text)
 
     def resolve_custom_domain(self, sni: str) -> str | None:
@@ -267,7 +274,15 @@ class GatewayServer:
     def start(self, timeout: float = 20.0) -> GatewayServer:
         self.home.mkdir(parents=True, exist_ok=True)
         atomic_write(self.ca_file, self.ca.cert_pem.encode(), mode=0o644)
-        self.driver.start()
+        if self.access_log is not None:
+            (self.home / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.access_log.start()  # before HAProxy, so its first lines are not lost
+        try:
+            self.driver.start()
+        except BaseException:
+            if self.access_log is not None:
+                self.access_log.stop()
+            raise
         reg_app = make_registration_app(
             self.service, cert_keys=self.cert_keys.document if self.cert_keys is not None else None
         )
@@ -308,6 +323,8 @@ class GatewayServer:
         while not all(s.started for s in self._servers):
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.driver.stop()
+                if self.access_log is not None:
+                    self.access_log.stop()
                 raise DataPlaneError("the gateway's listeners did not start (is a port in use?)")
             time.sleep(0.02)
         self.registration_port = reg.servers[0].sockets[0].getsockname()[1]
@@ -375,8 +392,15 @@ class GatewayServer:
                 return
             with self._pins_lock:
                 pins = {d: (a, p) for d, (a, p, _exp) in self._pins.items()}
-            self.driver.apply(self.registry.routes(self.clock()), pins)
+            routes = self.registry.routes(self.clock())
+            self.driver.apply(routes, pins)
             self._applied = version
+            if self.access_log is not None:
+                app_of = {("app", r.app_id, r.port): r.app_id for r in routes}
+                app_of.update({("instance", r.instance_id, r.port): r.app_id for r in routes})
+                self.access_log.set_backends(
+                    {b: app_of[g] for (_mode, g), b in self.driver.plan.groups.items() if g in app_of}
+                )
 
     def _expire_pins(self) -> None:
         if self.custom_domains is None:
@@ -398,6 +422,8 @@ class GatewayServer:
         if self._ticker is not None:
             self._ticker.join(timeout=10)
         self.driver.stop()
+        if self.access_log is not None:
+            self.access_log.stop()
 
     def __enter__(self) -> GatewayServer:
         return self.start()

@@ -13,8 +13,8 @@
                   current routes (its hash was removed or it was retired)                        `chain`
   (6) policy      if the body carries the app-compose.json: sha256(normalized) must equal the attested
                   compose hash (boot_info), then its port_policy applies: with restrict_mode only listed
-                  ports get routes (others are not routed, so refused at accept); a port asking
-                  PROXY v2 (`pp`) is refused (not sent yet)                          `compose`/`port_policy`
+                  ports get routes (others are not routed, so refused at accept); a `pp` port's route
+                  sends PROXY v2 (the client's address) to the CVM                             `compose`
   (7) routes      the body's endpoints (bounded, IP literals inside `backend_networks`, never one of the
                   gateway's own listeners) become routes for this instance only                 `request`
 
@@ -140,11 +140,6 @@ class GatewayService:
             if not policy.allows(ep.port):
                 log.info("app %s: port %d is not in its port_policy; not routed", app_id[:12], ep.port)
                 continue
-            if policy.wants_proxy_protocol(ep.port):
-                raise RegistrationRefused(
-                    f"port {ep.port} asks for PROXY protocol v2 (pp), which this gateway does not send yet",
-                    step="port_policy",
-                )
             try:
                 host, port = split_address(f"[{ep.host}]:{ep.host_port}")
                 ip = ipaddress.ip_address(host)
@@ -154,7 +149,8 @@ class GatewayService:
                     )
                 if port in self.reserved_ports:
                     raise RegistrationRefused(f"port {port} is one of the gateway's own", step="request")
-                routes.append(Route(app_id, instance_id, ep.port, format_address(host, port)))
+                pp = policy.wants_proxy_protocol(ep.port)  # PROXY v2 toward the CVM on this port
+                routes.append(Route(app_id, instance_id, ep.port, format_address(host, port), pp))
             except GatewayUsageError as exc:
                 raise RegistrationRefused(str(exc), step="request") from exc
         previous = next((r for r in self.registry.registrations() if r.instance_id == instance_id), None)
