@@ -91,9 +91,10 @@ def test_a_malformed_lock_file_is_one_error_line(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The image built twice from the same recipe into two directories (both builds assemble everything;
-    the mmdebstrap rootfs tar is shared through the cache)."""
-    a = build_image(out=tmp_path_factory.mktemp("a") / "img", force=True)
+    """The image built twice from the same recipe (both builds assemble everything; the mmdebstrap rootfs tar
+    is shared through the cache): into the cache (so the VM tests of tests/node find it there), then into a
+    directory of its own."""
+    a = build_image(force=True)
     b = build_image(out=tmp_path_factory.mktemp("b") / "img", force=True)
     assert not a.cached and not b.cached
     return a.path, b.path
