@@ -93,6 +93,55 @@ def crypto(iters: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def signatures(iters: int) -> list[tuple[str, float, float]]:
+    """Threshold ECDSA (secp256k1) and threshold X25519 at t=3 of 5, one process, vs one whole key."""
+    import coincurve
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from teecloud.keys import threshold_ecdh as td
+    from teecloud.keys import threshold_ecdsa as te
+    from teecloud.keys.envcrypt import encrypt_env
+
+    digest = hashlib.sha256(b"bench").digest()
+    keys = te.dkg_local(3, 5)
+    ps = te.presign_local(keys, [1, 2, 3, 4, 5])
+    shares = [te.sign_share(ps[i], digest) for i in (1, 2, 3)]
+    whole = coincurve.PrivateKey()
+    few = max(5, iters // 10)
+
+    env_keys = td.dkg_local(3, 5)
+    blob = encrypt_env(td.x25519_public_key(env_keys[0].commitments), {"A": "b"})
+    point = td.ephemeral_point(blob)
+    app = b"\x11" * 20
+    parts = [td.partial_decrypt(s, app, point) for s in env_keys[:3]]
+    x_whole = X25519PrivateKey.generate()
+    x_peer = X25519PrivateKey.generate().public_key()
+    return [
+        (
+            "tECDSA presignature 3-of-5 (5 participants' math, one process)",
+            *_ms(lambda: te.presign_local(keys, [1, 2, 3, 4, 5]), few),
+        ),
+        ("tECDSA node: one signature share", *_ms(lambda: te.sign_share(ps[2], digest), iters)),
+        (
+            "tECDSA client at t=3: 3 share checks + combine + recover check",
+            *_ms(lambda: te.combine_signature(ps[1], digest, shares), iters),
+        ),
+        (
+            "single key: secp256k1 sign_recoverable (libsecp256k1)",
+            *_ms(lambda: whole.sign_recoverable(digest, hasher=None), iters),
+        ),
+        (
+            "tECDH node: one partial + Chaum-Pedersen proof",
+            *_ms(lambda: td.partial_decrypt(env_keys[1], app, point), iters),
+        ),
+        (
+            "tECDH client at t=3: point decode + 3 proof checks + combine",
+            *_ms(lambda: td.combine(env_keys[0].commitments, app, td.ephemeral_point(blob), parts), iters),
+        ),
+        ("single key: X25519 exchange (OpenSSL)", *_ms(lambda: x_whole.exchange(x_peer), iters)),
+    ]
+
+
 def end_to_end(releases: int) -> list[tuple[str, float, float]]:
     from teecloud.chain import ChainClient
     from teecloud.kms.audit import AuditLog
@@ -241,11 +290,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--releases", type=int, default=30)
     ap.add_argument("--crypto-iters", type=int, default=200)
+    ap.add_argument("--signatures-only", action="store_true", help="only the threshold ECDSA / ECDH rows")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tkms-") as tmp:
         os.environ["TEECLOUD_HOME"] = tmp
         print("| case | p50 ms | p99 ms |\n|---|---|---|")
-        for label, p50, p99 in crypto(args.crypto_iters) + end_to_end(args.releases):
+        rows = signatures(args.crypto_iters)
+        if not args.signatures_only:
+            rows = crypto(args.crypto_iters) + rows + end_to_end(args.releases)
+        for label, p50, p99 in rows:
             tail = "—" if p99 != p99 else f"{p99:.2f}"  # NaN: a single run
             print(f"| {label} | {p50:.2f} | {tail} |", flush=True)
 

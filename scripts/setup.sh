@@ -14,6 +14,9 @@ command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 # --- gateway: HAProxy is the gateway's data plane (teecloud.gateway.driver starts it; tests too)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 # --- end gateway
+# --- gateway certificates: pebble (Let's Encrypt's ACME test server) for the ACME DNS-01 end-to-end tests
+command -v pebble >/dev/null || need_apt+=(pebble)
+# --- end gateway certificates
 # --- threshold KMS (issue 19): libsodium's ristretto255, used through pysodium (pinned in pyproject.toml)
 ldconfig -p | grep -q 'libsodium\.so\.23' || need_apt+=(libsodium23)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -18,6 +18,10 @@ Environment:
     ENGINE_PORT       the engine's loopback port (default 8081)
     GPU               "simulated": attach this installation's simulated GPU's SPDM evidence to each report
                       (development); unset: no GPU evidence (NVML on a real GPU is not implemented yet)
+    RECEIPT_ROOTS_ADDRESS, CHAIN_RPC_URL
+                      if both set, publish the receipt log's head to this ReceiptRoots contract every
+                      ROOT_INTERVAL seconds (default 60) when it grew, in transactions sent from the
+                      receipt-signing address (fund it with gas money)
     ENGINE_THREADS, N_CTX, KEY_EPOCH
 """
 
@@ -81,6 +85,7 @@ def main() -> int:
         from teecloud.ai.gpu import SimulatedGpu
 
         gpu = SimulatedGpu()
+    publisher = None
     engine_port = int(os.environ.get("ENGINE_PORT", "8081"))
     engine = EngineProcess(
         llama_cpp_argv(
@@ -100,8 +105,36 @@ def main() -> int:
             engine_url=engine.url,
             receipts_dir=Path(os.environ.get("RECEIPTS_DIR", "/data/receipts")),
         )
+        app = make_inference_app(config, keys, quote, gpu=gpu)
+        if os.environ.get("RECEIPT_ROOTS_ADDRESS") and os.environ.get("CHAIN_RPC_URL"):
+            from teecloud.ai.roots import RootPublisher, chain_proof
+            from teecloud.chain import ChainConnection
+            from teecloud.chain.receiptroots import ReceiptRoots
+            from teecloud.chain.transport import HttpTransport
+
+            conn = ChainConnection(
+                HttpTransport(os.environ["CHAIN_RPC_URL"]),
+                "0x" + keys.signing_secret.hex(),
+                label="receipt roots",
+            )
+            roots = ReceiptRoots(conn, os.environ["RECEIPT_ROOTS_ADDRESS"])
+            publish = roots.publish
+            if int(roots.kms_auth(), 16):  # the contract checks the key's chain to the KMS root: send it
+                proof = chain_proof(keys.keyset)
+
+                def publish(app_id: bytes, size: int, root: bytes, sig: bytes) -> object:
+                    return roots.publish_verified(app_id, size, root, sig, proof)
+
+            publisher = RootPublisher(
+                app.state.front.log,
+                keys.keyset.app_id,
+                keys.signing_secret,
+                publish,
+                interval=float(os.environ.get("ROOT_INTERVAL", "60")),
+            ).start()
+            print(f"publishing receipt roots to {roots.address}", flush=True)
         listener = Listener(
-            make_inference_app(config, keys, quote, gpu=gpu),
+            app,
             name="teecloud-ai-front",
             host=os.environ.get("HOST", "127.0.0.1"),
             port=int(os.environ.get("PORT", "8000")),
@@ -114,6 +147,8 @@ def main() -> int:
         )
         listener.run_forever()
     finally:
+        if publisher is not None:
+            publisher.stop()
         engine.stop()
     return 0
 

@@ -204,6 +204,20 @@ _tuned_lock = threading.Lock()
 _tuned = False
 
 
+# py_ecc (under eth_account -> eth_keys) raises the interpreter's recursion limit to 100 000 when imported.
+# At that limit the C JSON parser (json.loads, under starlette's and httpx's .json()) recurses on deeply
+# nested input until it overflows the C stack: a segfault, not a RecursionError, and a 100 000-deep `[[[...`
+# fits in any request body. py-evm needs 1024 × 12 (its EVM_RECURSION_LIMIT: 1024 nested EVM calls).
+SAFE_RECURSION_LIMIT = 1024 * 12
+
+
+def clamp_recursion_limit() -> None:
+    """Bring the recursion limit back to SAFE_RECURSION_LIMIT if a library raised it (called by the chain
+    package after its imports and by every listener at start; tests/robustness/test_recursion_limit.py)."""
+    if sys.getrecursionlimit() > SAFE_RECURSION_LIMIT:
+        sys.setrecursionlimit(SAFE_RECURSION_LIMIT)
+
+
 def _tune_process() -> None:
     """Once per process, before the first listener: log filters, and a fixed malloc mmap threshold.
 
@@ -212,6 +226,7 @@ def _tune_process() -> None:
     process after the flood (fragmentation). A fixed threshold (mallopt M_MMAP_THRESHOLD = -3, malloc.h)
     keeps blocks of 128 KiB and more in their own mappings, which free(3) returns to the kernel."""
     global _tuned
+    clamp_recursion_limit()  # every time: a library imported since the first listener may have raised it
     with _tuned_lock:
         if _tuned:
             return
@@ -736,6 +751,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         self.request_queue_size = limits.backlog
         self.errors = RateLimitedLog(name, interval_s=limits.log_interval_s)
         self.stats = ServeStats()
+        _tune_process()
         self._slots_lock = threading.Lock()
         self._slots: OrderedDict[socket.socket, _ThreadSlot] = OrderedDict()
         self._free = threading.BoundedSemaphore(limits.max_connections)

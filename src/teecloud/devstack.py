@@ -79,6 +79,10 @@ class LocalCloud:
         dev_time_travel: bool = False,
         kms_nodes: int = 1,
         kms_threshold: int = 1,
+        gpus: str = "none",
+        gpu_roots: list[Path] | None = None,
+        gpu_collateral: Path | None = None,
+        kms_require_app_compose: bool = False,
     ):
         self.home = Path(home) if home is not None else data_home()
         self.ports = (chain_port, kms_port, node_port)
@@ -86,12 +90,21 @@ class LocalCloud:
         if not 1 <= kms_threshold <= kms_nodes <= 16:
             raise NodeError("need 1 <= KMS threshold <= KMS nodes <= 16")
         self.kms_nodes, self.kms_threshold = kms_nodes, kms_threshold
+        from teecloud.node.gpus import parse_gpu_setting
+
+        self.gpus = parse_gpu_setting(gpus)  # the node's GPUs (teecloud.node.gpus): none, simulated[:N], nvml
+        self.gpu_roots = list(gpu_roots or [])  # with nvml: the trusted GPU device roots (PEM files)
+        self.gpu_collateral = gpu_collateral  # offline NVIDIA collateral (OCSP answers, RIMs) for the gate
+        # the KMS refuses a key request that does not send the CVM's measured app-compose (docs/ai.md)
+        self.kms_require_app_compose = kms_require_app_compose
         self.kms_processes: dict[int, Any] = {}  # threshold mode: KMS node index -> its process
         self._stack = contextlib.ExitStack()
         self.endpoints: CloudEndpoints | None = None
         self.node: Any = None
         self.key_provider: Any = None
         self.chain: Any = None
+        self.gateway_app_id = ""  # KmsAuth's gateway_app_id (teecloud.gateway.identity)
+        self.gateway_boot: Any = None  # the gateway TEE's boot as that app (AgentState)
         self.timings: dict[str, float] = {}
 
     def start(self, *, check: bool = True, resume: bool = True) -> CloudEndpoints:
@@ -139,6 +152,10 @@ class LocalCloud:
         from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 
         kms_tee = SimulatedTdx(self.home)
+        # --- gateway certificates: the gateway's app, recorded as KmsAuth's gateway_app_id (docs/gateway.md)
+        from teecloud.gateway.identity import register_gateway_app
+
+        self.gateway_app_id = register_gateway_app(chain)
 
         def publish(keys: Any, identity: Any, _created: bool) -> str:
             self._publish_kms(chain, kms_tee, identity, keys)
@@ -158,7 +175,9 @@ class LocalCloud:
                     os_image_reference=simulated_os_image_reference,
                     port=self.ports[1],
                     kms_contract=str(contracts.get("KmsAuth", "")),
+                    gateway_app_id=self.gateway_app_id,
                     on_keys=publish,
+                    require_app_compose=self.kms_require_app_compose,
                 )
             )
             if running.publish_error:
@@ -170,6 +189,7 @@ class LocalCloud:
         # (4)
         from teecloud.gateway.client import RegisteringAtBoot
         from teecloud.kms.client import connect_kms
+        from teecloud.node.gpus import gpu_gate_for
         from teecloud.node.registry import ensure_registered
         from teecloud.node.service import Node, NodeServer, load_or_create_token
 
@@ -190,6 +210,9 @@ class LocalCloud:
             home=self.home,
             kms_urls=[kms_url],
             node_id=node_id,
+            gpu_gate=gpu_gate_for(
+                self.gpus, self.home, nvidia_roots=self.gpu_roots, collateral_dir=self.gpu_collateral
+            ),
         )
         self.node = node
         self._stack.callback(node.close)
@@ -244,12 +267,30 @@ class LocalCloud:
             PeerPolicy.dev(platform.dev_root_der(), max_cert_lifetime_s=31 * 24 * 3600),
             StaticCollateral(platform.collateral),
         )
+        # --- gateway certificates: its (simulated) TEE boots as the gateway app through the KMS, then quotes
+        # its certificate keys; without that boot it publishes no quotes (a warning)
+        from teecloud.errors import Error
+        from teecloud.gateway.certkeys import CERT_KEYS_PATH
+        from teecloud.gateway.identity import boot_gateway
+        from teecloud.tee.simulated import SimulatedTdx
+
+        gateway_tee: Any = SimulatedTdx(self.home)
+        try:
+            self.gateway_boot = boot_gateway(gateway_tee, self.gateway_app_id, self.key_provider)
+        except (
+            Error,
+            ValueError,
+            OSError,
+        ) as exc:  # the cloud runs on; the gateway's keys are not vouched for
+            log.warning("the gateway's TEE did not boot as app %s: %s", self.gateway_app_id, exc)
+            gateway_tee = None
         gateway = GatewayServer(
             self.home / "gateway",
             base_domain=GATEWAY_BASE_DOMAIN,
             peers=peers,
-            chain=ChainGate(chain, block_number=chain.block_number),
+            chain=ChainGate(chain, block_number=chain.checked_head),
             admin_token=token_file.read_text().strip(),
+            tee=gateway_tee,
         ).start()
         self._stack.callback(gateway.stop)
 
@@ -279,6 +320,8 @@ class LocalCloud:
             "registration": gateway.registration_url,
             "admin": gateway.admin_url,
             "admin_token_file": str(token_file),
+            "app_id": self.gateway_app_id,
+            "cert_keys": gateway.registration_url + CERT_KEYS_PATH,
         }
 
     def _publish_kms(self, chain: Any, tee: Any, identity: Any, keys: Any) -> None:
@@ -335,7 +378,8 @@ class LocalCloud:
                 endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
         except KmsError as exc:
             raise NodeError(f"threshold KMS: {exc}") from exc
-        urls = {i: str(e["url"]) for i, e in endpoints.items()}
+        committee = self._record_committee(chain, group, endpoints)
+        urls = committee.urls
         clients = {
             i: connect_kms(
                 url,
@@ -345,10 +389,44 @@ class LocalCloud:
             )
             for i, url in urls.items()
         }
+        # the group as the chain records it, not as a local file says; the signing key is not on chain yet
+        # (docs/kms.md, "Not done"): it comes from the ceremony's group record
         provider = ThresholdKeyProvider(
-            ThresholdGroup(group.epoch, group.t, group.commitments, urls), clients
+            ThresholdGroup(
+                committee.epoch, committee.t, committee.commitments, urls, signing_key=group.signing_key
+            ),
+            clients,
         )
         return urls[1], str(endpoints[1]["admin_url"]), provider
+
+    @staticmethod
+    def _record_committee(chain: Any, group: Any, endpoints: dict[int, dict[str, Any]]) -> Any:
+        """The serving committee on chain (KmsGroup): recorded and activated after the first DKG (and for a
+        data directory made before KmsGroup existed); on later starts the chain's record must match the
+        nodes' sealed group, or the cloud refuses to start."""
+        from teecloud.chain.kmsgroup import CommitteeMember
+
+        kms_group = chain.kms_group
+        committee = kms_group.active(group.epoch)
+        members = [
+            CommitteeMember(
+                i, bytes.fromhex(str(e["mr_aggregated"])), bytes.fromhex(str(e["device_id"])), str(e["url"])
+            )
+            for i, e in sorted(endpoints.items())
+        ]
+        if committee is None or (
+            committee.commitments == group.commitments and committee.members != tuple(members)
+        ):
+            # first start, or the same committee serving at new addresses (ports change per start)
+            cid = kms_group.record_committee(group.epoch, group.t, group.commitments, members)
+            kms_group.activate(cid)
+            committee = kms_group.committee(cid)
+        if committee.commitments != group.commitments or committee.t != group.t:
+            raise NodeError(
+                f"the KMS committee on chain for epoch {group.epoch} (committee {committee.committee_id}) is "
+                "not the group these nodes hold; refusing to start"
+            )
+        return committee
 
     def _networked_dkg(self, rpc_url: str) -> dict[int, dict[str, Any]]:
         """Joint-Feldman among processes: N share-less dealer processes each open a round (admin API), then
@@ -429,6 +507,8 @@ class LocalCloud:
         env = {**os.environ, "TEECLOUD_HOME": str(self.home), "PYTHONPATH": path}
         code = "import sys; from teecloud.cli import main; sys.argv[0] = 'teecloud'; main()"
         args = ["kms", "up", "--dev", "--threshold-node", str(index), *extra]
+        if self.kms_require_app_compose:
+            args.append("--require-app-compose")
         args += ["--rpc-url", rpc_url, "--port", "0", "--admin-port", "0"]
         kms_home = data_dir / "kms"
         kms_home.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ from teecloud.attestation.dcap import parse_quote
 from teecloud.attestation.eventlog import mr_aggregated as _mr_aggregated
 from teecloud.keys.certs import verify_cert_chain
 from teecloud.keys.kdf import derive_key
-from teecloud.keys.ratls import verify_ratls_cert
 from teecloud.keys.sigchain import verify_key_signature_chain, verify_sign_signature_chain
 
 from .conftest import COMPOSE
@@ -273,18 +272,14 @@ def test_tls_key_options(client):
 
 def test_ra_tls_certificate_verifies(client, booted):
     r = client.get_tls_key(subject="ra", usage_ra_tls=True)
-    now = int(time.time())
-    import dataclasses
+    from teecloud.keys.ratls import check_key_binding, parse_ratls_cert
+    from teecloud.peer import PeerPolicy, PeerVerifier, StaticCollateral
 
-    from teecloud.attestation.policy import Policy
-
-    ev = verify_ratls_cert(
-        r.certificate_chain[0],
-        collateral=booted.tee.collateral(now=now),
-        now=now + 1,
-        dev_root_der=booted.tee.dev_root_der(),
-        policy=dataclasses.replace(Policy.default(), allow_simulated=True),
-    )
+    # the evidence (this test app's boot is not a full KMS-mode boot_info) and the key binding
+    claims = parse_ratls_cert(r.certificate_chain[0])
+    peers = PeerVerifier(PeerPolicy.dev(booted.tee.dev_root_der()), StaticCollateral(booted.tee.collateral))
+    ev = peers.verify_evidence(claims.quote, claims.event_log)
+    check_key_binding(claims, ev.report_data)
     assert ev.app_info is not None and ev.app_info.app_id == booted.app_id
     assert ev.app_info.compose_hash == booted.compose_hash
 

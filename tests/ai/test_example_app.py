@@ -104,3 +104,43 @@ def test_the_example_app_refuses_weights_that_are_not_the_pinned_ones(stack: Sta
     proc, _, _ = run_app(stack, tmp_path, MODEL_SHA256="00" * 32)
     assert proc.wait(timeout=60) == 2
     assert "MODEL_SHA256" in (tmp_path / "app.log").read_text()
+
+
+def test_the_example_app_publishes_its_receipt_root_on_chain(stack: Stack, tmp_path: Path) -> None:
+    from teecloud.chain import DEV_KEYS, ChainClient, ChainRpcServer
+    from teecloud.chain.receiptroots import ReceiptRoots
+
+    with ChainClient.embedded(tmp_path / "chain-home", DEV_KEYS[0]) as chain:
+        roots = ReceiptRoots.deploy(chain)
+        signer = stack.keys.keyset.signing_address
+        chain.send(signer, b"", value=10**18)  # the app's gas money
+        rpc = ChainRpcServer(chain.transport.chain).start()  # type: ignore[attr-defined]
+        proc, port, _ = run_app(
+            stack, tmp_path, RECEIPT_ROOTS_ADDRESS=roots.address, CHAIN_RPC_URL=rpc.url, ROOT_INTERVAL="0.3"
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, (tmp_path / "app.log").read_text()
+                try:
+                    if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, (tmp_path / "app.log").read_text()
+                time.sleep(0.2)
+            for _ in range(2):
+                r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+                assert r.status_code == 200, r.text
+            head = httpx.get(url + "/v1/receipts/root", timeout=10).json()["tree_head"]
+            deadline = time.monotonic() + 30
+            while roots.head(stack.app_id, signer).tree_size < 2:
+                assert time.monotonic() < deadline, (tmp_path / "app.log").read_text()
+                time.sleep(0.2)
+            on_chain = roots.head(stack.app_id, signer)
+            assert on_chain.tree_size == head["tree_size"] == 2 and on_chain.root.hex() == head["root_hash"]
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)  # the app process this test started
+            proc.wait(timeout=30)
+            rpc.stop()

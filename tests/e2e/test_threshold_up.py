@@ -54,6 +54,10 @@ def test_up_with_five_kms_nodes_threshold_three(tmp_path: Path) -> None:
         assert (home / "kms-nodes" / "dkg-plan.json").exists()  # the networked ceremony ran, not the dev one
         group = read_group(home)
         assert group is not None and group.commitments == provider.group.commitments
+        on_chain = cloud.chain.kms_group.active(1)  # on chain: the client takes its group from it
+        assert on_chain is not None and on_chain.commitments == group.commitments and on_chain.t == 3
+        assert on_chain.urls == dict(provider.group.nodes)
+        assert len({m.mr_aggregated for m in on_chain.members}) == 1  # one KMS build, five nodes
         first = boot_once()
         assert set(cloud.kms_processes) == {1, 2, 3, 4, 5}
         for i in (2, 5):  # two node processes stopped (children of this cloud, by their handles)
@@ -69,6 +73,9 @@ def test_up_with_five_kms_nodes_threshold_three(tmp_path: Path) -> None:
     try:
         provider = again.key_provider
         assert provider.group.commitments == group.commitments
+        served = again.chain.kms_group.active(1)
+        assert served is not None and served.urls == dict(provider.group.nodes)
+        assert served.group_public_key == group.commitments[0]
         assert boot_once() == first
     finally:
         again.stop()

@@ -125,6 +125,7 @@ class Outside:
     trust: ssl.SSLContext  # trusts the test CA only
     hits: list[str]
     routes: dict[str, tuple[int, bytes, dict[str, str]]]
+    ca_pem: str = ""  # the test CA's certificate
 
 
 def _serve(
@@ -186,6 +187,7 @@ def outside(tmp_path: Path) -> Iterator[Outside]:
             trust,
             hits,
             routes,
+            ca_pem.decode(),
         )
     finally:
         for s in (good, bad):

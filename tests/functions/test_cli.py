@@ -134,6 +134,7 @@ def test_fn_serve_runs_the_runtime_on_the_guest_agent(
                 time.sleep(0.2)
         assert info["app_id"] == "0x" + guest.app_id.hex()
         assert info["compose_hash"] == "0x" + guest.compose_hash.hex()
+        assert info["relayer"] is None  # no --oracle: no relayer
     finally:
         proc.terminate()
         try:
@@ -141,3 +142,28 @@ def test_fn_serve_runs_the_runtime_on_the_guest_agent(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_fn_serve_refuses_a_trust_bundle_that_is_not_pem(sockdir: Path, guest: Guest) -> None:
+    """TEECLOUD_FN_TRUST_PEM (the runtime app's compose declares the CAs `fetch` trusts): bad text is a clear
+    error before anything listens, never a traceback."""
+    r = CliRunner().invoke(
+        app,
+        ["fn", "serve", "--port", "0", "--dstack-sock", str(sockdir / "dstack.sock"), "--no-check-registry"],
+        env={"TEECLOUD_FN_TRUST_PEM": "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"},
+    )
+    assert r.exit_code == 2 and "not a PEM certificate bundle" in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_fn_serve_trust_bundle_adds_to_the_system_roots(outside: Outside) -> None:
+    import ssl
+
+    from teecloud.cli.fn_cmd import _trust
+
+    ctx = _trust(outside.ca_pem)
+    assert ctx is not None
+    names = [dict(x[0] for x in c["subject"]).get("commonName") for c in ctx.get_ca_certs()]
+    assert "teecloud test CA" in names
+    assert len(names) > 1 or not ssl.create_default_context().get_ca_certs()  # the system's roots stay
+    assert _trust("") is None and _trust(None) is None

@@ -211,3 +211,60 @@ def test_code_naming_a_function_id_it_does_not_own_does_not_take_its_calls(world
     stray = w.runtime.deploy(wat.COUNTER, function_id=b"\0" * 19 + b"\1")
     with pytest.raises(RegistryUnavailable):
         _invoke(w, stray.function_hash.hex())
+
+
+def test_a_certified_result_key_skips_its_chain_but_no_other_check(world: World) -> None:
+    """certify_key checks a result key's chain once and remembers it under the KMS root KmsAuth records
+    now; results of that key then skip steps 5-6, and every other check still applies."""
+    w = world
+    first = _invoke(w)
+    full_gas = w.verifier.estimate_gas(first.to_abi())
+    assert not w.verifier.is_certified(first.to_abi())
+    # a made-up chain under the attacker's own root cannot be certified (nor can a key be relabelled)
+    fake_root, fake_app, fake_key = b"\x31" * 32, b"\x32" * 32, b"\x33" * 32
+    fk_pub = k256_public_key(fake_key)
+    forged_chain = (
+        sign_k256_recoverable(fake_app, purpose_digest(result_key_purpose(first.function_hash), fk_pub)),
+        sign_k256_recoverable(fake_root, kms_issued_digest(first.runtime_app_id, k256_public_key(fake_app))),
+    )
+    forged = SignedResult.sign(fake_key, fk_pub, forged_chain, **_fields(first))
+    with pytest.raises(ContractReverted, match="not the KMS root recorded in KmsAuth"):
+        w.verifier.certify_key(forged.to_abi())
+    relabelled = list(first.to_abi())
+    relabelled[2] = keccak(b"another function")
+    with pytest.raises(ContractReverted, match="not signed by the runtime app key"):
+        w.verifier.certify_key(tuple(relabelled))
+    assert not w.verifier.is_certified(forged.to_abi()) and not w.verifier.is_certified(tuple(relabelled))
+
+    key_id = w.verifier.certify_key(first.to_abi())
+    assert len(key_id) == 32 and w.verifier.is_certified(first.to_abi())
+    assert w.verifier.certify_key(first.to_abi()) == key_id  # idempotent
+    r = _invoke(w)
+    certified_gas = w.verifier.estimate_gas(r.to_abi())
+    print(f"verify gas: full chain {full_gas}, certified key {certified_gas}")
+    assert certified_gas < full_gas - 5_000  # two ecrecovers and the hex purpose string skipped
+    # still refused: tampered, expired, replayed; the forged chain is not made good by the certified key
+    base = list(r.to_abi())
+    _reverts(w, (*base[:4], (1).to_bytes(32, "big"), *base[5:]), "bad result signature")
+    _reverts(
+        w, SignedResult.sign(fake_key, r.public_key, r.signature_chain, **_fields(r)), "bad result signature"
+    )
+    w.feed.submit(r.to_abi())
+    assert w.feed.price() == 4242
+    _reverts(w, r, "replay")
+    late = _invoke(w, ttl_s=60)
+    w.chain.increase_time(120)
+    _reverts(w, late, "expired")
+    # the KMS root rotated in KmsAuth: the certification no longer applies, and the old chain fails
+    fresh = _invoke(w)
+    w.chain.kms.set_info(k256_public_key(b"\x44" * 32), b"dev-ca")
+    assert not w.verifier.is_certified(fresh.to_abi())
+    _reverts(w, fresh, "not the KMS root recorded in KmsAuth")
+
+
+def test_certify_key_refuses_malformed_keys(world: World) -> None:
+    w = world
+    abi = list(_invoke(w).to_abi())
+    abi[9] = abi[9][:63]
+    with pytest.raises(ContractReverted, match="64 bytes"):
+        w.verifier.certify_key(tuple(abi))

@@ -55,3 +55,38 @@ def test_bad_input_is_one_error_line(tmp_path: Path, extra: list[str], message: 
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output
     assert re.search(message, r.output), r.output
+
+
+def test_measure_writes_the_measurement_file(tmp_path: Path) -> None:
+    from teecloud.image.measurement import measure_tdx_image, parse
+    from tests.image.test_measure_rtmr0 import BFV, DSTACK_SECTIONS
+    from tests.image.test_tdx import _tdvf
+
+    if not KERNEL.is_file():
+        pytest.fail(f"{KERNEL} is missing: run scripts/setup.sh")
+    initrd, tdvf, out = tmp_path / "initrd", tmp_path / "tdvf.fd", tmp_path / "img" / "measurement.tdx.cbor"
+    initrd.write_bytes(b"\x1f\x8b" + bytes(5000))
+    tdvf.write_bytes(_tdvf([BFV, *DSTACK_SECTIONS], b"\xf4" * 0x2000))
+    args = [
+        "image",
+        "measure",
+        "--kernel",
+        str(KERNEL),
+        "--initrd",
+        str(initrd),
+        "--cmdline",
+        "console=ttyS0",
+    ]
+    r = CliRunner().invoke(app, [*args, "--tdvf", str(tdvf), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["measurement_file"] == str(out)
+    expected = measure_tdx_image(
+        kernel=KERNEL.read_bytes(),
+        initrd=initrd.read_bytes(),
+        cmdline="console=ttyS0",
+        tdvf=tdvf.read_bytes(),
+    )
+    assert parse(out.read_bytes()) == expected
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x.cbor")])  # no firmware: refused
+    assert r.exit_code == 1 and "--tdvf" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.cbor").exists()

@@ -66,6 +66,9 @@ def test_unexpected_answer_error_does_not_echo_key_material(monkeypatch: pytest.
     content = json.dumps(answer).encode()
     monkeypatch.setattr(client_mod.httpx, "Client", lambda **kw: _FakeHttp(content))
     client = KmsClient("https://kms.invalid", server_check=UnsafeNoServerCheck())
+    # the server identity is probed and pinned before any request (kms.client docstring): pinned here
+    monkeypatch.setattr(client, "_pin", lambda **kw: b"server-cert")
+    monkeypatch.setattr(client, "_ssl_context", lambda *a, **kw: None)
     with pytest.raises(KmsClientError) as err:
         client._call("POST", api.PATH_GET_APP_KEY, api.AppKeyResponse, body={})
     assert "unexpected answer" in str(err.value)

@@ -227,8 +227,8 @@ def _csr() -> tuple[Any, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "app.example")])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    # an empty subject: the KMS names the certificate after the attested app (SignCert's name allowlist)
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
     return key, csr.public_bytes(serialization.Encoding.PEM).decode()
 
 

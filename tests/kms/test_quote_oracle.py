@@ -97,7 +97,7 @@ def attacker_cert(
 def csr_pem(key: ec.EllipticCurvePrivateKey) -> str:
     csr = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "hello")]))
+        .subject_name(x509.Name([]))  # the KMS names the certificate after the attested app
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM).decode()

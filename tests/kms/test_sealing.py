@@ -39,3 +39,35 @@ def test_tampered_sealed_file(teecloud_home: Path) -> None:
     path.write_text(text[:i] + ("0" if text[i] != "0" else "1") + text[i + 1 :])
     with pytest.raises(SealingError):
         load_state(tee, identity)
+
+
+def test_platform_without_sealing_key_is_refused_with_the_reason(teecloud_home: Path, tmp_path: Path) -> None:
+    """A KMS on a TDX guest has no hardware sealing key: sealing refuses with a sentence, never falls back
+    to a file on the host (the simulator's way)."""
+    from teecloud.tee.tdx import TdxPlatform
+
+    tdx = TdxPlatform(tsm_root=tmp_path / "tsm", measurements_dir=tmp_path / "m", device=tmp_path / "dev")
+    identity = boot_kms_tee(SimulatedTdx(teecloud_home))
+    start_kms_state(SimulatedTdx(teecloud_home), identity, now=1_800_000_000)
+    with pytest.raises(SealingError, match="no hardware sealing key"):
+        load_state(tdx, identity)
+
+
+def test_another_platform_cannot_unseal(teecloud_home: Path, tmp_path: Path) -> None:
+    tee = SimulatedTdx(teecloud_home)
+    identity = boot_kms_tee(tee)
+    start_kms_state(tee, identity, now=1_800_000_000)
+    other_machine = SimulatedTdx(tmp_path / "other-machine")  # another platform: another sealing secret
+    with pytest.raises(SealingError, match="another platform"):
+        load_state(other_machine, identity)
+
+
+def test_corrupt_platform_secret_is_an_error_and_left_alone(teecloud_home: Path) -> None:
+    tee = SimulatedTdx(teecloud_home)
+    identity = boot_kms_tee(tee)
+    start_kms_state(tee, identity, now=1_800_000_000)
+    secret = tee.state_dir / "kms-sealing-secret"
+    secret.write_bytes(b"short")
+    with pytest.raises(SealingError, match="corrupt"):
+        load_state(tee, identity)
+    assert secret.read_bytes() == b"short"  # never silently replaced by a new secret

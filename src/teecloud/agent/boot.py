@@ -22,14 +22,14 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from teecloud import appcompose
 from teecloud.agent.keyprovider import KeyProvider
 from teecloud.appcompose import compose_hash, gpu_attestation_required, normalize_app_compose
 from teecloud.attestation.boottime import GPU_EVIDENCE_EVENT
 from teecloud.attestation.errors import AttestationError
-from teecloud.attestation.nvidia import verify_nvidia_evidence
+from teecloud.attestation.nvidia import Revocation, parse_nvidia_evidence, verify_nvidia_evidence
 from teecloud.keys.appkeys import AppKeys
 from teecloud.tee.base import TeePlatform
 from teecloud.tee.errors import TeeError
@@ -59,14 +59,29 @@ class GpuGateFailed(BootError):
     """The GPU gate refused: no source, no GPU, or evidence that does not verify. No key was requested."""
 
 
+class GpuCollateral(Protocol):
+    """Offline NVIDIA collateral (teecloud.collateral.nvidia.NvidiaCollateralCache): current OCSP answers
+    and the RIMs of given driver/VBIOS versions."""
+
+    def revocation(self, *, now: int) -> Revocation: ...
+
+    def rims(
+        self, versions: Sequence[str], *, trust_anchors: Sequence[bytes], now: int
+    ) -> tuple[bytes, ...]: ...
+
+
 @dataclass(frozen=True)
 class GpuGate:
     """What the GPU gate needs: the CVM's GPUs and the device roots this installation trusts (NVIDIA's
-    device identity root in production; a SimulatedGpu's root only where development is trusted)."""
+    device identity root in production; a SimulatedGpu's root only where development is trusted).
+    `collateral`: OCSP answers (a revoked device certificate fails the gate) and RIMs (the measurements must
+    be the reference ones); with `require_rims`, a GPU whose driver/VBIOS has no RIM fails the gate."""
 
     source: GpuEvidenceSource
     trust_anchors: tuple[bytes, ...]
     clock: Callable[[], float] = time.time
+    collateral: GpuCollateral | None = None
+    require_rims: bool = False
 
 
 def gpu_nonce(boot_nonce: bytes, app_id: bytes) -> bytes:
@@ -105,12 +120,23 @@ def _run_gpu_gate(gate: GpuGate | None, nonce: bytes) -> bytes:
         if len(evidence) > MAX_GPU_EVIDENCE_HEX or len(chain) > MAX_GPU_CHAIN_PEM:
             raise GpuGateFailed(f"gpu: GPU {i}: evidence or certificate chain too large")
         try:
+            revocation: Revocation | None = None
+            rims: tuple[bytes, ...] = ()
+            if gate.collateral is not None:
+                m = parse_nvidia_evidence(evidence.encode())
+                versions = [v for v in (m.driver_version, m.vbios_version) if v]
+                revocation = gate.collateral.revocation(now=now)
+                rims = gate.collateral.rims(versions, trust_anchors=gate.trust_anchors, now=now)
+            if gate.require_rims and not rims:
+                raise GpuGateFailed(f"gpu: GPU {i}: no RIM for its driver/VBIOS (offline NVIDIA collateral)")
             verify_nvidia_evidence(
                 evidence.encode(),
                 cert_chain_pem=chain.encode(),
                 trust_anchors=gate.trust_anchors,
                 now=now,
                 expected_nonce=nonce,
+                revocation=revocation,
+                rims=rims,
             )
         except AttestationError as exc:
             raise GpuGateFailed(f"gpu: GPU {i}: {exc}") from exc

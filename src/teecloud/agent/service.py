@@ -191,8 +191,13 @@ class AgentService:
         cached = self._key_cache.get(ck)
         if cached is not None:
             return cached
-        dk = self._derived_key(req.path, algo)
         keys = self.state.keys
+        if len(keys.k256_signature) != 65:
+            raise ClientError(
+                "GetKey needs the KMS signature of this app's key, which this CVM's key provider did not "
+                "give (a threshold KMS group without a signing key: docs/kms.md, 'Threshold mode')"
+            )
+        dk = self._derived_key(req.path, algo)
         chain = build_key_signature_chain(keys.k256_key, keys.k256_signature, req.purpose, dk.public_key)
         body = _dumps({"key": dk.secret.hex(), "signature_chain": [s.hex() for s in chain]})
         with self._lock:

@@ -258,12 +258,16 @@ def _explain_mismatch(entries: Sequence[EventLogEntry], imr: int, quoted: bytes)
 
 def extract_app_info(entries: Sequence[EventLogEntry]) -> AppInfo:
     """Read app_id, compose_hash, instance_id, key-provider and os-image-hash from the RTMR3 runtime events
-    (before `system-ready`). Does not replay: call `verify_event_log` for evidence (which holds every RTMR3
-    entry to the runtime-event rule, so every RTMR3 entry read here is one)."""
+    (before `system-ready`), and RTMR0's digests in order. Does not replay: call `verify_event_log` for
+    evidence (which holds every RTMR3 entry to the runtime-event rule, so every RTMR3 entry read here is
+    one)."""
     found: dict[str, bytes] = {}
     events: list[tuple[str, bytes]] = []
     ready = False
+    rtmr0_log: list[bytes] = []
     for i, e in enumerate(entries):
+        if e.imr == 0:
+            rtmr0_log.append(e.digest)
         if e.imr != 3:
             continue
         events.append((e.event, e.event_payload))
@@ -277,7 +281,7 @@ def extract_app_info(entries: Sequence[EventLogEntry]) -> AppInfo:
                 f"{_label(i, e)}: a second '{e.event}' event before '{SYSTEM_READY_EVENT}'"
             )
         found[field] = e.event_payload
-    return AppInfo(events=tuple(events), **found)
+    return AppInfo(events=tuple(events), rtmr0_log=tuple(rtmr0_log), **found)
 
 
 def derive_app_info(

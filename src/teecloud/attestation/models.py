@@ -74,6 +74,9 @@ class AppInfo:
     mr_system: bytes = b""
     mr_aggregated: bytes = b""
     events: tuple[tuple[str, bytes], ...] = ()
+    # RTMR0's event digests in log order (replayed to the quoted RTMR0 when the log was verified): a verifier
+    # of a real OS image reads the firmware's ACPI events from them (teecloud.image.measurement)
+    rtmr0_log: tuple[bytes, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -14,7 +14,20 @@ Verification steps (`verify_nvidia_evidence`):
   (3) ECDSA P-384/SHA-384 signature, r || s big-endian in the last 96 bytes, over
       request || response-without-signature (SPDM 1.1 L1/L2 transcript of this exchange);
   (4) the requester nonce equals `expected_nonce` when the caller gives one (freshness);
-  (5) collect the measurement blocks ("measurement_<index>"), nonce, driver and VBIOS versions.
+  (5) collect the measurement blocks ("measurement_<index>"), nonce, driver and VBIOS versions;
+  (6) with RIMs given (`rims`, NVIDIA's Reference Integrity Manifests; `verify_rim`): each RIM verifies,
+      is for the evidence's driver or VBIOS version, and every active golden measurement it lists is a
+      measurement block of the evidence with one of its allowed values.
+
+RIM format (`verify_rim`), as NVIDIA's RIM service serves it and nvtrust's verifier reads it: an ISO/IEC
+19770-2:2015 SWID tag (`SoftwareIdentity`, TCG PC Client RIM profile) whose `Meta@colloquialVersion` is the
+driver or VBIOS version and whose `Payload` holds one `Resource` per measurement index (`index`, `active`,
+`name`, `size`, `alternatives` = N and N attributes `Hash0..HashN-1` in the xmlenc#sha384 namespace, hex),
+signed by an enveloped XML-DSig signature whose KeyInfo carries the signing certificate chain. Checked here:
+the chain to a trusted RIM root (ECDSA SHA-384), the XML signature (signxml), and only the signed content is
+read. Not checked (simplified): the SWID schema itself (structure is checked field by field instead), the
+TCG RIM attributes other than those above, and OCSP for the RIM signing chain (the device chain's revocation
+is `revocation`).
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from teecloud.attestation import _x509
-from teecloud.attestation._revocation import Revocation, check_revocation
+from teecloud.attestation._revocation import MAX_OCSP_BYTES, Revocation, check_revocation
 from teecloud.attestation.errors import (
     CertificateChainInvalid,
     MalformedEvidence,
@@ -44,15 +57,31 @@ from teecloud.attestation.models import Step, TeeKind, VerifiedEvidence
 
 __all__ = [
     "MAX_EVIDENCE_SIZE",
+    "MAX_OCSP_BYTES",
+    "MAX_RIM_SIZE",
+    "RIM_HASH_NS",
+    "RIM_NS",
     "TCB_STATUS",
+    "GoldenMeasurement",
     "MeasurementBlock",
+    "Revocation",
+    "Rim",
     "SpdmMeasurements",
+    "check_rim",
     "looks_like",
     "parse_nvidia_evidence",
     "verify_nvidia_evidence",
+    "verify_rim",
 ]
 
 MAX_EVIDENCE_SIZE = 64 * 1024  # decoded bytes; a real H100 exchange is ~4 KiB
+MAX_RIM_SIZE = 1024 * 1024  # a driver RIM is ~20 KiB
+MAX_RIMS = 8
+MAX_RIM_MEASUREMENTS = 512
+MAX_RIM_ALTERNATIVES = 16
+RIM_NS = "http://standards.iso.org/iso/19770/-2/2015/schema.xsd"
+RIM_HASH_NS = "http://www.w3.org/2001/04/xmlenc#sha384"
+_DSIG_NS = "http://www.w3.org/2000/09/xmldsig#"
 SPDM_VERSION_1_1 = 0x11
 GET_MEASUREMENTS = 0xE0
 MEASUREMENTS = 0x60
@@ -317,6 +346,160 @@ def parse_nvidia_evidence(evidence: bytes) -> SpdmMeasurements:
     )
 
 
+@dataclass(frozen=True)
+class GoldenMeasurement:
+    index: int
+    name: str
+    active: bool
+    size: int
+    values: tuple[bytes, ...]  # the allowed values ("alternatives")
+
+
+@dataclass(frozen=True)
+class Rim:
+    """A verified RIM: only what its signature covers."""
+
+    tag_id: str
+    name: str
+    version: str  # Meta@colloquialVersion, lower case
+    measurements: tuple[GoldenMeasurement, ...]
+    signer: str  # the signing certificate's subject
+
+
+def _rim_attr(el: Any, name: str, what: str) -> str:
+    value = el.get(name)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise MalformedEvidence(f"RIM {what}: attribute {name!r} missing or oversized", step="rim")
+    return value
+
+
+def _rim_int(el: Any, name: str, what: str, hi: int) -> int:
+    text = _rim_attr(el, name, what)
+    if not text.isdigit() or not 0 <= int(text) <= hi:
+        raise MalformedEvidence(f"RIM {what}: {name}={text!r} is not an integer 0..{hi}", step="rim")
+    return int(text)
+
+
+def verify_rim(xml: bytes, *, trust_anchors: Sequence[bytes], now: int) -> Rim:
+    """(1) parse (no DTD, no entities, bounded); (2) the signing chain from the signature's X509Data to a
+    trusted RIM root; (3) the enveloped XML signature by its leaf; (4) the golden measurements, read from the
+    signed content only. Raises MalformedEvidence / CertificateChainInvalid / SignatureInvalid."""
+    from lxml import etree
+    from signxml.exceptions import InvalidInput
+    from signxml.exceptions import InvalidSignature as XmlInvalidSignature
+    from signxml.verifier import XMLVerifier
+
+    # (1)
+    if not isinstance(xml, bytes) or not 0 < len(xml) <= MAX_RIM_SIZE:
+        raise MalformedEvidence(f"a RIM is 1..{MAX_RIM_SIZE} bytes of XML", step="rim")
+    if b"<!DOCTYPE" in xml or b"<!ENTITY" in xml:
+        raise MalformedEvidence("a RIM carries no DTD or entities", step="rim")
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, remove_comments=True)
+    try:
+        doc = etree.fromstring(xml, parser)
+    except etree.XMLSyntaxError as exc:
+        raise MalformedEvidence(f"RIM is not XML: {exc}", step="rim") from None
+    if doc.tag != f"{{{RIM_NS}}}SoftwareIdentity":
+        raise MalformedEvidence("RIM root element is not a 2015 SWID SoftwareIdentity", step="rim")
+    # (2)
+    pems = [
+        "-----BEGIN CERTIFICATE-----\n" + "".join((c.text or "").split()) + "\n-----END CERTIFICATE-----\n"
+        for c in doc.iterfind(
+            f"{{{_DSIG_NS}}}Signature/{{{_DSIG_NS}}}KeyInfo/{{{_DSIG_NS}}}X509Data/"
+            f"{{{_DSIG_NS}}}X509Certificate"
+        )
+    ]
+    if not pems or len(pems) > 8:
+        raise MalformedEvidence("RIM signature carries no (or too many) X509 certificates", step="rim")
+    certs = _x509.load_certificates("".join(pems).encode(), what="RIM signing chain")
+    leaf = _x509.pick_leaf(certs)
+    chain = _x509.build_and_verify_chain(
+        leaf, [c for c in certs if c is not leaf], trust_anchors, now=now, algorithms=_x509.ECDSA_SHA384
+    )
+    # (3)
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+        result = XMLVerifier().verify(xml, x509_cert=pem, parser=parser)
+    except (XmlInvalidSignature, InvalidInput) as exc:
+        raise SignatureInvalid(f"RIM XML signature does not verify: {exc}", step="rim") from None
+    except Exception as exc:  # lxml's schema and c14n errors on a malformed signature: mapped here
+        raise SignatureInvalid(f"RIM XML signature is malformed: {type(exc).__name__}", step="rim") from None
+    signed = result.signed_xml if not isinstance(result, list) else None  # one signature, not several
+    if signed is None or signed.tag != f"{{{RIM_NS}}}SoftwareIdentity":
+        raise SignatureInvalid("the RIM signature does not cover the SoftwareIdentity", step="rim")
+    # (4)
+    meta = signed.find(f"{{{RIM_NS}}}Meta")
+    payload = signed.find(f"{{{RIM_NS}}}Payload")
+    if meta is None or payload is None:
+        raise MalformedEvidence("RIM has no Meta or Payload", step="rim")
+    golden: dict[int, GoldenMeasurement] = {}
+    for res in payload:
+        if res.tag != f"{{{RIM_NS}}}Resource" or res.get("type") != "Measurement":
+            raise MalformedEvidence(
+                "RIM Payload holds something other than Measurement resources", step="rim"
+            )
+        index = _rim_int(res, "index", "measurement", 255)
+        n = _rim_int(res, "alternatives", f"measurement {index}", MAX_RIM_ALTERNATIVES)
+        size = _rim_int(res, "size", f"measurement {index}", 64)
+        active = _rim_attr(res, "active", f"measurement {index}")
+        if active not in ("True", "False") or n < 1 or index in golden or len(golden) >= MAX_RIM_MEASUREMENTS:
+            raise MalformedEvidence(
+                f"RIM measurement {index}: bad active/alternatives or repeated", step="rim"
+            )
+        values = []
+        for i in range(n):
+            text = _rim_attr(res, f"{{{RIM_HASH_NS}}}Hash{i}", f"measurement {index}")
+            try:
+                value = bytes.fromhex(text)
+            except ValueError:
+                raise MalformedEvidence(f"RIM measurement {index}: Hash{i} is not hex", step="rim") from None
+            if len(value) != size:
+                raise MalformedEvidence(f"RIM measurement {index}: Hash{i} is not {size} bytes", step="rim")
+            values.append(value)
+        golden[index] = GoldenMeasurement(
+            index, _rim_attr(res, "name", f"measurement {index}"), active == "True", size, tuple(values)
+        )
+    if not golden:
+        raise MalformedEvidence("RIM lists no measurements", step="rim")
+    return Rim(
+        tag_id=_rim_attr(signed, "tagId", "SoftwareIdentity"),
+        name=_rim_attr(signed, "name", "SoftwareIdentity"),
+        version=_rim_attr(meta, "colloquialVersion", "Meta").lower(),
+        measurements=tuple(golden[i] for i in sorted(golden)),
+        signer=_x509.describe(chain.leaf.subject),
+    )
+
+
+def check_rim(m: SpdmMeasurements, rim: Rim) -> int:
+    """The evidence is what `rim` allows: the RIM is for its driver or VBIOS version, and every active golden
+    measurement is an evidence block with an allowed value. Returns how many were compared."""
+    versions = {v.lower() for v in (m.driver_version, m.vbios_version) if v}
+    if rim.version not in versions:
+        raise PolicyViolation(
+            f"RIM {rim.tag_id} is for version {rim.version}, the GPU reports {sorted(versions)}", step="rim"
+        )
+    blocks = {b.index: b.value for b in m.blocks}
+    compared = 0
+    for g in rim.measurements:
+        if not g.active:
+            continue
+        value = blocks.get(g.index)
+        if value is None:
+            raise PolicyViolation(
+                f"measurement {g.index} ({g.name}) of RIM {rim.tag_id} is absent", step="rim"
+            )
+        if not any(hmac.compare_digest(value, v) for v in g.values):
+            raise PolicyViolation(
+                f"measurement {g.index} ({g.name}) is {value.hex()[:16]}..., not a value RIM {rim.tag_id} "
+                "allows (firmware or configuration other than the reference)",
+                step="measurements",
+            )
+        compared += 1
+    return compared
+
+
 def verify_nvidia_evidence(
     evidence: bytes,
     *,
@@ -325,10 +508,14 @@ def verify_nvidia_evidence(
     now: int,
     expected_nonce: bytes | None = None,
     revocation: Revocation | None = None,
+    rims: Sequence[bytes] = (),
+    rim_trust_anchors: Sequence[bytes] | None = None,
 ) -> VerifiedEvidence:
     """Verify GPU evidence signed by the leaf of `cert_chain_pem` (PEM, any order), chained to an anchor.
     `revocation`: OCSP responses from NVIDIA's OCSP service (or CRLs) for the device chain, checked
-    offline; without them the result says "revocation not checked"."""
+    offline; without them the result says "revocation not checked". `rims`: RIM XML documents (step 6),
+    signed under `rim_trust_anchors` (default: `trust_anchors`); without them the measurements are reported,
+    not judged."""
     steps: list[Step] = []
     # (1): parse
     m = parse_nvidia_evidence(evidence)
@@ -392,6 +579,25 @@ def verify_nvidia_evidence(
             )
         steps.append(Step("nonce", True, "requester nonce matches the expected nonce"))
 
+    # (6): reference measurements
+    if len(rims) > MAX_RIMS:
+        raise MalformedEvidence(f"at most {MAX_RIMS} RIMs", step="rim")
+    rim_results: list[dict[str, Any]] = []
+    for raw_rim in rims:
+        rim = verify_rim(
+            raw_rim, trust_anchors=trust_anchors if rim_trust_anchors is None else rim_trust_anchors, now=now
+        )
+        rim_results.append({"tag_id": rim.tag_id, "version": rim.version, "compared": check_rim(m, rim)})
+    if rim_results:
+        steps.append(
+            Step(
+                "rim_measurements",
+                True,
+                f"measurements match {len(rim_results)} RIM(s): "
+                + ", ".join(str(r["tag_id"]) for r in rim_results),
+            )
+        )
+
     # (5): result
     serial = leaf.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
     device_id = b""
@@ -418,6 +624,7 @@ def verify_nvidia_evidence(
         "fwid_matched_certificate": fwid_checked,
         "leaf_subject": _x509.describe(leaf.subject),
         "revocation": revoked.to_json(),
+        "rims": rim_results,  # empty: measurements not judged against a RIM
     }
     return VerifiedEvidence(
         tee=TeeKind.NVIDIA.value,

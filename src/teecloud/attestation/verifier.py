@@ -6,6 +6,10 @@ collateral, an unreadable policy, a trust anchor that is not a certificate) rais
 
 `verify_tdx_with_event_log()` is what services embed (the KMS, the RA-TLS verifier): it returns a
 `VerifiedEvidence` with `app_info` filled from the replayed event log, or raises a `VerificationError`.
+
+`peer_evidence_kind()` / `verify_peer_evidence()` are the same for every kind a peer may present in an
+RA-TLS certificate (the raw bytes of a TDX quote or a SEV-SNP report; no text or JSON containers): the
+peer verifier (teecloud.peer) decides which kinds a caller accepts, then verifies through here.
 """
 
 from __future__ import annotations
@@ -48,9 +52,11 @@ from teecloud.attestation.policy import Policy
 __all__ = [
     "TrustAnchors",
     "detect_kind",
+    "peer_evidence_kind",
     "split_certificates",
     "unwrap_evidence",
     "verify",
+    "verify_peer_evidence",
     "verify_tdx_with_event_log",
 ]
 
@@ -565,6 +571,92 @@ def verify_tdx_with_event_log(
     except Exception as exc:  # boundary, as in verify()
         raise MalformedEvidence(f"evidence could not be parsed ({type(exc).__name__}: {exc})") from exc
     judged = policy.check(ev)
+    for step in judged:
+        if not step.ok:
+            cls = (
+                TcbNotAcceptable
+                if step.name in ("policy:tcb_status", "policy:advisories")
+                else PolicyViolation
+            )
+            raise cls(step.reason, step=step.name)
+    return replace(ev, steps=(*ev.steps, *judged))
+
+
+# The kinds a peer's RA-TLS certificate may carry, and how their raw bytes are recognised.
+PEER_KINDS: tuple[TeeKind, ...] = (TeeKind.TDX, TeeKind.SNP)
+
+
+def peer_evidence_kind(evidence: bytes) -> TeeKind:
+    """The kind of the raw evidence a peer presents: a TDX quote or a SEV-SNP report, nothing else (an SGX
+    quote, a Nitro or NVIDIA document, text or JSON wrappers are not peer evidence). Raises
+    MalformedEvidence."""
+    data = bytes(evidence)
+    if dcap.looks_like_dcap_quote(data):
+        if len(data) >= 8 and (data[:2] == b"\x03\x00" or data[4:8] == bytes(4)):
+            raise MalformedEvidence(
+                "the evidence is an SGX quote; a peer presents a TDX quote or SEV-SNP report"
+            )
+        return TeeKind.TDX
+    if snp.looks_like(data):
+        return TeeKind.SNP
+    raise MalformedEvidence("unrecognised peer evidence (neither a TDX quote nor a SEV-SNP report)")
+
+
+def verify_peer_evidence(
+    evidence: bytes,
+    *,
+    collateral: bytes | str,
+    event_log: str | bytes,
+    now: int,
+    anchors: TrustAnchors | None = None,
+    policy: Policy | None = None,
+    limits: VerifierLimits = DEFAULT_LIMITS,
+) -> VerifiedEvidence:
+    """Verify a peer's evidence of any kind in PEER_KINDS and apply `policy`; raise a VerificationError.
+
+    (1) the kind from the raw bytes (peer_evidence_kind);
+    (2) TDX: `collateral` is QuoteCollateralV3 JSON and `event_log` replays into RTMR0-3
+        (verify_tdx_with_event_log, with anchors.dev_root_der / intel_root_der);
+        SEV-SNP: `collateral` is the VCEK (or VLEK) certificate with its ASK, DER or PEM, chained to
+        anchors.amd_ark; there is no event log (a non-empty one is refused: it could only be a claim);
+    (3) the policy, each failing rule raising PolicyViolation / TcbNotAcceptable with its step.
+    Caller mistakes (no AMD root for SEV-SNP evidence) raise UsageError."""
+    kind = peer_evidence_kind(evidence)  # (1)
+    anchors = anchors or TrustAnchors()
+    if kind == TeeKind.TDX:  # (2) TDX
+        return verify_tdx_with_event_log(
+            bytes(evidence),
+            collateral,
+            event_log,
+            now=now,
+            dev_root_der=anchors.dev_root_der,
+            policy=policy,
+            intel_root_der=anchors.intel_root_der,
+            limits=limits,
+        )
+    # (2) SEV-SNP
+    if event_log:
+        raise MalformedEvidence("SEV-SNP evidence has no event log (an event log is TDX's RTMR replay)")
+    if not anchors.amd_ark:
+        raise UsageError("SEV-SNP evidence needs the AMD root (ARK) as a trust anchor")
+    chain = collateral.encode() if isinstance(collateral, str) else bytes(collateral)
+    try:
+        ev = _verify_kind(
+            _Detected(kind, bytes(evidence)),
+            collateral=None,
+            cert_chain=chain,
+            anchors=_normalized(anchors),
+            now=now,
+            limits=limits,
+            expected_nonce=None,
+            revocation=Revocation((), ()),
+        )
+    except (VerificationError, UsageError):
+        raise
+    except Exception as exc:  # boundary, as in verify()
+        raise MalformedEvidence(f"evidence could not be parsed ({type(exc).__name__}: {exc})") from exc
+    # (3)
+    judged = (policy or Policy.default()).check(ev)
     for step in judged:
         if not step.ok:
             cls = (

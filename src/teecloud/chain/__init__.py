@@ -13,6 +13,8 @@ registry (one facade per contract), api (typed results), client (ChainClient: al
 contracts are), embedded + rpcserver (the embedded chain), errors.
 """
 
+from teecloud._serve import clamp_recursion_limit
+
 from .api import (
     AppState,
     BootInfo,
@@ -78,3 +80,7 @@ __all__ = [
     "load_signer_key",
     "normalize_app_compose",
 ]
+
+# py_ecc (imported under eth_account -> eth_keys, above) raises the recursion limit to 100 000: back to
+# a limit at which deeply nested JSON is an error, not a segfault (teecloud._serve.clamp_recursion_limit).
+clamp_recursion_limit()

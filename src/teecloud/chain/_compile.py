@@ -21,12 +21,16 @@ CONTRACT_NAMES = (
     "Multisig",
     "Timelock",
     "NodeRegistry",
+    "KmsGroup",
     # teecloud.functions (docs/functions.md): one registry per function, the shared result verifier, the
     # on-chain request/callback oracle, and an example consumer that accepts one function's results
     "FunctionRegistry",
     "FunctionResultVerifier",
     "FunctionOracle",
     "FunctionPriceFeed",
+    # confidential AI (docs/ai.md): the AI agent example's decision log; published receipt-log roots
+    "AgentLog",
+    "ReceiptRoots",
 )
 _memo: dict[str, CompiledContract] = {}
 _lock = threading.Lock()

@@ -32,6 +32,7 @@ from .embedded import DEV_KEYS, EmbeddedChain
 from .errors import ChainStateError, NotDeployed
 from .governance import Multisig, Timelock, governance_kind
 from .kmsauth import KmsAuth, VerdictCache
+from .kmsgroup import KmsGroup
 from .registry import DEFAULT_NODE_PARAMS, Escrow, NodeRegistry
 from .signer import KEY_ENV, load_signer_key
 from .transport import REQUEST_TIMEOUT, HttpTransport, LocalTransport, Transport
@@ -155,15 +156,27 @@ class ChainClient(ChainConnection):
         """NodeRegistry's address."""
         return self._require("NodeRegistry")
 
+    @property
+    def kms_group_address(self) -> str:
+        """KmsGroup's address (the threshold KMS's committees)."""
+        return self._require("KmsGroup")
+
     def deploy(
         self, *, treasury: str | None = None, node_params: dict[str, int] | None = None
     ) -> dict[str, str]:
         """Deploy the AppAuth blueprint, KmsAuth and NodeRegistry once (idempotent); owner = the signer.
         The addresses are recorded atomically in data_home()/chain/deployment.json."""
         current = self.deployment
-        if current:
+        if current and ("KmsGroup" in current or self.address is None):
             return current
         acct = self.require_signer()
+        if current:  # a deployment made before KmsGroup existed: add it, keep the rest
+            upgraded = {**current, "KmsGroup": self.deploy_contract("KmsGroup", acct.address)}
+            data = self._load_deployments()
+            data[self.chain_key] = upgraded
+            atomic_write_json(self._deployment_path(), data, mode=0o644)
+            self._deployment_cache = dict(upgraded)
+            return dict(upgraded)
         params = {**DEFAULT_NODE_PARAMS, **(node_params or {})}
         blueprint = self.deploy_blueprint("AppAuth")
         kms = self.deploy_contract("KmsAuth", acct.address, blueprint)
@@ -176,10 +189,12 @@ class ChainClient(ChainConnection):
             params["close_delay"],
             params["challenger_reward_bps"],
         )
+        group = self.deploy_contract("KmsGroup", acct.address)
         entry = {
             "AppAuthBlueprint": blueprint,
             "KmsAuth": kms,
             "NodeRegistry": registry,
+            "KmsGroup": group,
             "chain_id": self.chain_id,
             "deployed_at_block": self.block_number(),
         }
@@ -199,6 +214,10 @@ class ChainClient(ChainConnection):
         if self._kms is None:
             self._kms = KmsAuth(self, self.kms_auth, cache=self._verdicts)
         return self._kms
+
+    @property
+    def kms_group(self) -> KmsGroup:
+        return KmsGroup(self, self.kms_group_address)
 
     @property
     def registry(self) -> NodeRegistry:
@@ -231,11 +250,11 @@ class ChainClient(ChainConnection):
     # --- flat methods, delegating to the facades --------------------------------------------------------
 
     # KmsAuth
-    def is_app_allowed(self, boot_info: BootInfo) -> tuple[bool, str]:
-        return self.kms.is_app_allowed(boot_info)
+    def is_app_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> tuple[bool, str]:
+        return self.kms.is_app_allowed(boot_info, at=at)
 
-    def is_kms_allowed(self, boot_info: BootInfo) -> tuple[bool, str]:
-        return self.kms.is_kms_allowed(boot_info)
+    def is_kms_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> tuple[bool, str]:
+        return self.kms.is_kms_allowed(boot_info, at=at)
 
     def register_app(
         self,

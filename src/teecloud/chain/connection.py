@@ -118,6 +118,15 @@ class ChainConnection:
     def block_number(self) -> int:
         return to_int(self.rpc_call("eth_blockNumber"))
 
+    def checked_head(self) -> int:
+        """The head block number, after checking that the endpoint still serves the chain this connection
+        was opened on (its chain id): an endpoint switched to another chain answers nothing. Raises
+        WrongChainId."""
+        actual = to_int(self.rpc_call("eth_chainId"))
+        if actual != self.chain_id:
+            raise WrongChainId(self.chain_id, actual)
+        return self.block_number()
+
     def balance(self, address: str | bytes) -> int:
         return to_int(self.rpc_call("eth_getBalance", to_address(address), "latest"))
 

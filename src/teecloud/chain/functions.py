@@ -111,6 +111,28 @@ class FunctionResultVerifier:
         """verify as a transaction from this signer (the signer is the consumer the replay rule keys on)."""
         return self.conn.transact("FunctionResultVerifier", self.address, "verify", result_abi)
 
+    def certify_key(self, result_abi: tuple[Any, ...]) -> bytes:
+        """certify_key with the result key's chain from a signed result: later results of that key skip the
+        chain's two ecrecovers (while KmsAuth records the same root). Returns the certification id."""
+        args = (result_abi[6], result_abi[2], *result_abi[9:14])
+        key_id = bytes(self.conn.call("FunctionResultVerifier", self.address, "certify_key", *args))
+        if not self.is_certified(result_abi):
+            self.conn.transact("FunctionResultVerifier", self.address, "certify_key", *args)
+        return key_id
+
+    def is_certified(self, result_abi: tuple[Any, ...]) -> bool:
+        """Whether this result's key is certified under the KMS root KmsAuth records now."""
+        return bool(
+            self.conn.call(
+                "FunctionResultVerifier",
+                self.address,
+                "is_certified",
+                result_abi[6],
+                result_abi[2],
+                result_abi[9],
+            )
+        )
+
     def estimate_gas(self, result_abi: tuple[Any, ...]) -> int:
         data = abi_of("FunctionResultVerifier").encode_call("verify", result_abi)
         me = self.conn.require_signer().address

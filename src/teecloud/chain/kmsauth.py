@@ -49,8 +49,14 @@ class KmsAuth:
 
     # --- what the KMS asks -----------------------------------------------------------------------------
 
-    def _check(self, fn: str, boot_info: BootInfo) -> Verdict:
-        """A verdict is reused only while the chain head is the block it was read at (never longer)."""
+    def _check(self, fn: str, boot_info: BootInfo, at: int | None = None) -> Verdict:
+        """The verdict at block `at`, or at the head; a head verdict is reused only while the chain head is
+        the block it was read at (never longer). A verdict at a given block is not cached here."""
+        if at is not None:
+            if at < 0:
+                raise ValueError(f"block number must be >= 0, not {at}")
+            ok, reason = self._call(fn, boot_info.to_abi(), block=hex(at))
+            return (bool(ok), str(reason))
         key = (fn, boot_info)
         head = self.conn.block_number() if self.cache.enabled else None
         if head is not None:
@@ -63,14 +69,14 @@ class KmsAuth:
             self.cache.put(key, head, verdict)
         return verdict
 
-    def is_app_allowed(self, boot_info: BootInfo) -> Verdict:
+    def is_app_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> Verdict:
         """Registered app, allowed OS image, then the app's own AppAuth rules (retired instance, TCB, compose
-        hash, device)."""
-        return self._check("is_app_allowed", boot_info)
+        hash, device). `at`: ask at that block (default: the head)."""
+        return self._check("is_app_allowed", boot_info, at)
 
-    def is_kms_allowed(self, boot_info: BootInfo) -> Verdict:
+    def is_kms_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> Verdict:
         """TCB UpToDate, allowed OS image, KMS measurement and device."""
-        return self._check("is_kms_allowed", boot_info)
+        return self._check("is_kms_allowed", boot_info, at)
 
     # --- apps --------------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from teecloud.cli import (
     chain_cmd,
     cloud_cmd,
     fn_cmd,
+    gateway_cmd,
     image_cmd,
     kms_cmd,
     tee_cmd,
@@ -58,6 +59,7 @@ app.add_typer(kms_cmd.app, name="kms")
 app.add_typer(ai_cmd.app, name="ai")  # --- confidential AI
 cloud_cmd.register(app)  # `teecloud up`, `deploy`, `ps`, `logs`, ...
 app.add_typer(fn_cmd.app, name="fn")  # `teecloud fn ...` (docs/functions.md)
+app.add_typer(gateway_cmd.app, name="gateway")  # `teecloud gateway check-cert` (docs/gateway.md)
 app.add_typer(image_cmd.app, name="image")  # `teecloud image measure` (docs/node.md, qemu backend)
 
 

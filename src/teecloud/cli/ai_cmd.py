@@ -143,6 +143,35 @@ def proxy(
     listener.run_forever()
 
 
+def _check_on_chain(
+    doc: dict[str, Any], index: int, head: Any, signer: str, rpc_url: str, address: str
+) -> None:
+    """The receipt is anchored in the head ReceiptRoots holds for (app, signing address)."""
+    from teecloud.ai.roots import check_anchored
+    from teecloud.chain import ChainConnection, ChainError
+    from teecloud.chain.receiptroots import ReceiptRoots
+    from teecloud.chain.transport import HttpTransport
+
+    consistency = None
+    c = doc.get("consistency")
+    try:
+        with ChainConnection(HttpTransport(rpc_url), label=rpc_url) as conn:
+            roots = ReceiptRoots(conn, address)
+            # the head checked on chain up to the KMS root (publish_verified) if there is one, else the one
+            # this receipt's signing key published (its key set was checked against --kms-root above)
+            on_chain = roots.verified_head(head.app_id)
+            if on_chain.tree_size == 0:
+                on_chain = roots.head(head.app_id, signer)
+    except (ChainError, ValueError) as exc:
+        _fail(f"cannot read the receipt root on chain: {exc}")
+    if isinstance(c, dict) and c.get("first") == on_chain.tree_size:
+        proof = c.get("proof")
+        if not isinstance(proof, list) or len(proof) > 128 or not all(isinstance(p, str) for p in proof):
+            _fail("the consistency proof is malformed")
+        consistency = [bytes.fromhex(p) for p in proof]
+    check_anchored(index, head, on_chain.tree_size, on_chain.root, consistency)
+
+
 @app.command("verify")
 def verify(
     receipt: Annotated[Path, typer.Argument(help="A receipt JSON (or the GET /v1/receipts/{id} answer).")],
@@ -151,13 +180,28 @@ def verify(
     request: Annotated[Path | None, typer.Option("--request", help="The request body sent.")] = None,
     response: Annotated[Path | None, typer.Option("--response", help="The response body received.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
+    rpc_url: Annotated[
+        str | None, typer.Option("--rpc-url", help="With --receipt-roots: the chain's JSON-RPC URL.")
+    ] = None,
+    receipt_roots: Annotated[
+        str | None,
+        typer.Option(
+            "--receipt-roots",
+            help="ReceiptRoots contract: also check the receipt is anchored in the root published on chain "
+            "(fetch the receipt with ?since=<on-chain size> when the log grew since).",
+        ),
+    ] = None,
 ) -> None:
     """Check a receipt offline: its key set's chain to the KMS root, its signature, its app, optionally the
-    request and response bytes, and (for a GET /v1/receipts answer) its inclusion in the signed log."""
+    request and response bytes, and (for a GET /v1/receipts answer) its inclusion in the signed log and,
+    with --receipt-roots, in the root the app published on chain."""
     from teecloud.ai import AiError, SignedReceipt, TreeHead, verify_inclusion, verify_receipt
     from teecloud.ai.receiptlog import leaf_hash
 
     root = _kms_root(kms_root)
+    if (rpc_url is None) != (receipt_roots is None):
+        _fail("--rpc-url and --receipt-roots go together", 2)
+    _hex(receipt_roots, "--receipt-roots", 20)  # an address
 
     def read(p: Path | None, what: str) -> bytes | None:
         if p is None:
@@ -204,6 +248,11 @@ def verify(
             ):
                 _fail("refused: receipt_log: the receipt is not in the signed log")
             steps += ["tree_head", "inclusion"]
+            if receipt_roots is not None and rpc_url is not None:
+                _check_on_chain(doc, index, head, parsed.keyset.signing_address, rpc_url, receipt_roots)
+                steps.append("on_chain")
+        elif receipt_roots is not None:
+            _fail("refused: on_chain: give the whole GET /v1/receipts/{id} answer (with its tree head)")
     except AiError as exc:
         if as_json:
             _out.print_json(json.dumps({"ok": False, "reason": str(exc)}))

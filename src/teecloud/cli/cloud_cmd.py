@@ -132,6 +132,34 @@ def up(
             "--threshold", help="Threshold KMS: how many nodes answer each key release (default: a majority)."
         ),
     ] = 0,
+    gpu: Annotated[
+        str,
+        typer.Option(
+            "--gpu",
+            help="GPUs the node gives its CVMs, attested at boot by the guest's GPU gate: none, "
+            "simulated[:N] (development: SIMULATED GPUs under this installation's device root) or nvml.",
+        ),
+    ] = "none",
+    gpu_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--gpu-root", help="With --gpu nvml: a PEM file of trusted GPU device roots (NVIDIA's)."
+        ),
+    ] = None,
+    gpu_collateral: Annotated[
+        Path | None,
+        typer.Option(
+            "--gpu-collateral",
+            help="With --gpu nvml: directory of offline NVIDIA collateral (OCSP answers, RIMs) for the gate.",
+        ),
+    ] = None,
+    kms_require_app_compose: Annotated[
+        bool,
+        typer.Option(
+            "--kms-require-app-compose",
+            help="The KMS refuses key requests that do not send the CVM's measured app-compose.",
+        ),
+    ] = False,
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""
@@ -152,6 +180,10 @@ def up(
             dev_time_travel=dev_time_travel,
             kms_nodes=kms_nodes,
             kms_threshold=kms_threshold,
+            gpus=gpu,
+            gpu_roots=gpu_root or [],
+            gpu_collateral=gpu_collateral,
+            kms_require_app_compose=kms_require_app_compose,
         )
         ep = cloud.start()
     resumed = len(cloud.node.store.all()) if cloud.node else 0

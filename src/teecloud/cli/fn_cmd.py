@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -131,6 +132,18 @@ def _guest_agent_keys(endpoint: str | None) -> Any:
     raise AssertionError
 
 
+def _trust(pem: str | None) -> ssl.SSLContext | None:
+    """The system's roots plus the given CA certificates; None (the system's roots) when none given."""
+    if not pem or not pem.strip():
+        return None
+    ctx = ssl.create_default_context()
+    try:
+        ctx.load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        _fail(f"TEECLOUD_FN_TRUST_PEM / --trust-pem is not a PEM certificate bundle ({exc})", 2)
+    return ctx
+
+
 @app.command("serve")
 def serve(
     ctx: typer.Context,
@@ -138,15 +151,33 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8090,
     dstack_sock: Annotated[str | None, typer.Option(help="guest agent socket")] = None,
     check_registry: Annotated[bool, typer.Option(help="run only code its FunctionRegistry allows")] = True,
-    oracle: Annotated[str | None, typer.Option(help="answer this FunctionOracle's requests")] = None,
+    oracle: Annotated[
+        str | None,
+        typer.Option(envvar="TEECLOUD_FN_ORACLE", help="answer this FunctionOracle's requests"),
+    ] = None,
     poll_s: Annotated[float, typer.Option(min=0.2, max=60, help="oracle polling interval")] = 2.0,
+    trust_pem: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TEECLOUD_FN_TRUST_PEM",
+            help="extra CA certificates (PEM text) `fetch` trusts beside the system's roots",
+        ),
+    ] = None,
+    allow_private_addresses: Annotated[
+        bool,
+        typer.Option(
+            envvar="TEECLOUD_FN_ALLOW_PRIVATE_ADDRESSES",
+            help="development only: let `fetch` read answers from loopback/private addresses",
+        ),
+    ] = False,
 ) -> None:
     """Run the function runtime (what the runtime app's container runs), keys from the guest agent."""
     from teecloud._fs import data_home
     from teecloud.chain.functions import FunctionRegistry
-    from teecloud.functions import FunctionKeys, FunctionRuntime
+    from teecloud.functions import FetchPolicy, FunctionKeys, FunctionRuntime
     from teecloud.functions.http import FunctionServer
 
+    policy = FetchPolicy(trust=_trust(trust_pem), allow_private_addresses=allow_private_addresses)
     keys = _guest_agent_keys(dstack_sock)
     check = None
     chain = None
@@ -156,9 +187,9 @@ def serve(
         def check(function_id: bytes, function_hash: bytes, app_id: bytes) -> tuple[bool, str]:
             return FunctionRegistry(reader, function_id).is_allowed(function_hash, app_id)
 
-    rt = FunctionRuntime(data_home(), FunctionKeys(keys), registry_check=check)
-    server = FunctionServer(rt, host=host, port=port)
+    rt = FunctionRuntime(data_home(), FunctionKeys(keys), fetch_policy=policy, registry_check=check)
     stop = threading.Event()
+    relayer = None
     if oracle:
         from eth_account import Account
 
@@ -168,6 +199,7 @@ def serve(
         if chain is None:
             chain = chain_client(ctx)
         key = relayer_key(rt)
+        relayer = Account.from_key(key).address
         watcher = OracleWatcher(
             rt, FunctionOracle(chain.with_signer(key), oracle), from_block=chain.block_number()
         )
@@ -180,7 +212,8 @@ def serve(
                     typer.echo(f"oracle poll failed: {exc.diagnostics()}", err=True)
 
         threading.Thread(target=loop, name="fn-oracle", daemon=True).start()
-        typer.echo(f"answering FunctionOracle {oracle} as relayer {Account.from_key(key).address} (fund it)")
+        typer.echo(f"answering FunctionOracle {oracle} as relayer {relayer} (fund it)")
+    server = FunctionServer(rt, host=host, port=port, relayer=relayer)
     typer.echo(f"functions runtime listening on http://{host}:{port}")
     try:
         server.serve_forever()

@@ -5,12 +5,15 @@
 builds the guest image from Debian packages (teecloud.image.build; cached by recipe hash) and prints its
 directory, os_image_hash and recipe hash as JSON.
 
-    teecloud image measure --kernel K --initrd I --cmdline C --memory 2G [--tdvf F] [--ovmf-sev F --vcpus N]
+    teecloud image measure --kernel K --initrd I --cmdline C --memory 2G [--tdvf F [--out FILE]]
+                           [--ovmf-sev F --vcpus N]
 
 prints, as JSON, the TDX RTMR1 and RTMR2 a TD booting these files directly (QEMU -kernel/-initrd/-append,
-OVMF/TDVF) must quote, with their events; MRTD when given the TDVF; and the SEV-SNP launch measurement when
-given the SEV firmware (through sev-snp-measure). RTMR0 (TD HOB and ACPI tables of the VM shape) is not
-computed yet (docs/node.md).
+OVMF/TDVF) must quote, with their events; MRTD and the TD-HOB witness when given the TDVF; and the SEV-SNP
+launch measurement when given the SEV firmware (through sev-snp-measure). `--out` writes the image's
+measurement file (measurement.tdx.cbor, teecloud.image.measurement), from which a verifier computes MRTD
+and RTMR0-2 for any vm_config without the image. RTMR0 itself is not printed: its ACPI events are the
+tables QEMU builds for the VM's devices, which a verifier takes from the quote's event log (docs/node.md).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from typing import Annotated
 
 import typer
 
+from teecloud._fs import atomic_write
 from teecloud.image import ImageError, ImageFormatError
 from teecloud.image.build import DEFAULT_CACHE, Recipe, build_image
+from teecloud.image.measurement import encode, measure_tdx_image
 from teecloud.image.snp import snp_launch_measurement
 from teecloud.image.tdx import mrtd, replay, rtmr1_events, rtmr2_events
 
@@ -66,28 +71,43 @@ def measure(
     ] = "2G",
     tdvf: Annotated[Path | None, typer.Option(help="the TDX firmware (TDVF): adds MRTD")] = None,
     two_pass: Annotated[bool, typer.Option(help="MRTD as QEMU 8 builds it (else QEMU >= 9)")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="write the measurement file (measurement.tdx.cbor; needs --tdvf)")
+    ] = None,
     ovmf_sev: Annotated[Path | None, typer.Option(help="the SEV firmware: adds the SNP measurement")] = None,
     vcpus: Annotated[int, typer.Option(help="vCPUs (SEV-SNP: one VMSA each)")] = 1,
 ) -> None:
     """Reference measurements of a guest image for a VM shape (JSON on stdout)."""
+    if out is not None and tdvf is None:
+        raise ImageFormatError("--out writes the TDX measurement file, which needs the firmware: pass --tdvf")
     kernel_bytes, initrd_bytes = _read(kernel, "kernel"), _read(initrd, "initrd")
     r1 = rtmr1_events(kernel_bytes, initrd_size=len(initrd_bytes), memory_bytes=_memory(memory))
     r2 = rtmr2_events(cmdline, initrd_bytes)
-    out: dict[str, object] = {
+    result: dict[str, object] = {
         "rtmr1": replay(r1).hex(),
         "rtmr1_events": [d.hex() for d in r1],
         "rtmr2": replay(r2).hex(),
         "rtmr2_events": [d.hex() for d in r2],
         "rtmr0": None,
-        "rtmr0_note": "not computed: needs the ACPI tables and TD HOB of the VM shape",
+        "rtmr0_note": "depends on the ACPI tables QEMU builds for the VM: a verifier takes their digests "
+        "from the quote's event log and the rest from the measurement file (--out)",
     }
     if tdvf is not None:
-        out["mrtd"] = mrtd(_read(tdvf, "TDVF"), two_pass=two_pass).hex()
+        firmware = _read(tdvf, "TDVF")
+        result["mrtd"] = mrtd(firmware, two_pass=two_pass).hex()
+        if out is not None:
+            m = measure_tdx_image(kernel=kernel_bytes, initrd=initrd_bytes, cmdline=cmdline, tdvf=firmware)
+            result["td_hob_witness"] = m.td_hob_witness.hex()
+            try:
+                atomic_write(out, encode(m), mode=0o644)
+            except OSError as exc:
+                raise ImageFormatError(f"cannot write {out}: {exc.strerror or exc}") from None
+            result["measurement_file"] = str(out)
     if ovmf_sev is not None:
-        out["snp_measurement"] = snp_launch_measurement(
+        result["snp_measurement"] = snp_launch_measurement(
             ovmf=ovmf_sev, kernel=kernel, initrd=initrd, cmdline=cmdline, vcpus=vcpus
         ).hex()
-    typer.echo(json.dumps(out, indent=2))
+    typer.echo(json.dumps(result, indent=2))
 
 
 MAX_LOCK = 1024 * 1024

@@ -118,18 +118,64 @@ def up(
         Path | None,
         typer.Option("--join-dkg", help="With --threshold-node: join this DKG round (plan JSON) at boot."),
     ] = None,
+    require_app_compose: Annotated[
+        bool,
+        typer.Option(
+            "--require-app-compose",
+            help="Refuse app key requests that do not send the CVM's measured app-compose (so a guest that "
+            "hides a compose's GPU requirement gets nothing; every teecloud guest sends it).",
+        ),
+    ] = False,
+    join_reshare: Annotated[
+        Path | None,
+        typer.Option(
+            "--join-reshare",
+            help="With --threshold-node: join this reshare round (plan from `kms reshare-open`) at boot.",
+        ),
+    ] = None,
+    node_dir_opt: Annotated[
+        Path | None,
+        typer.Option(
+            "--node-dir",
+            help="With --threshold-node: this node's data directory (default data_home()/kms-nodes/INDEX); "
+            "a new committee's nodes on the same machine need their own.",
+        ),
+    ] = None,
+    finality_depth: Annotated[
+        int,
+        typer.Option(
+            "--finality-depth",
+            min=0,
+            max=10_000,
+            help="An on-chain permission counts only once it is this many blocks deep (removals count at "
+            "once). 0 (default, local chains): the head decides.",
+        ),
+    ] = 0,
+    os_images: Annotated[
+        Path | None,
+        typer.Option(
+            "--os-images",
+            help="Real OS images' reference measurements: DIR/<os_image_hash>/{sha256sum.txt,"
+            "measurement.tdx.cbor} (teecloud image measure --out). Without it (and without --dev) no app "
+            "gets keys.",
+        ),
+    ] = None,
 ) -> None:
     """Start the KMS: boot its TEE, unseal (or create) its root keys, serve RA-TLS and the admin API."""
     from teecloud.kms.bootstrap import publish_kms_info
     from teecloud.kms.errors import KmsError
     from teecloud.kms.launcher import KmsLaunch, launch_kms
 
+    if os_images is not None and not os_images.is_dir():
+        _fail(f"--os-images {os_images}: no such directory")
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)
     node_dir: Path | None = None
     join: Any = None
-    if (dealer or join_dkg is not None) and not threshold_node:
-        _fail("--dealer and --join-dkg need --threshold-node INDEX")
+    if (dealer or join_dkg or join_reshare or node_dir_opt) and not threshold_node:
+        _fail("--dealer, --join-dkg, --join-reshare and --node-dir need --threshold-node INDEX")
+    if join_dkg is not None and join_reshare is not None:
+        _fail("a node joins one round: --join-dkg or --join-reshare")
     if threshold_node:
         from teecloud.kms.errors import SealingError
         from teecloud.kms.threshold import dealer_home, node_home
@@ -138,8 +184,12 @@ def up(
             node_dir = dealer_home(threshold_node) if dealer else node_home(threshold_node)
         except SealingError as exc:
             _fail(str(exc))
+        if node_dir_opt is not None:
+            node_dir = node_dir_opt
         if join_dkg is not None:
-            join = _dkg_joiner(join_dkg, threshold_node, tee, dev, pccs_url, chain)
+            join = _round_joiner(join_dkg, "dkg", threshold_node, tee, dev, pccs_url, chain)
+        if join_reshare is not None:
+            join = _round_joiner(join_reshare, "reshare", threshold_node, tee, dev, pccs_url, chain)
 
     def publish(keys: Any, _identity: Any, created: bool) -> str:
         if not created:
@@ -147,8 +197,12 @@ def up(
         err.print("[green]generated new root keys inside the TEE and sealed them[/]")
         return publish_kms_info(chain, keys, tee)
 
-    reference = None
-    if dev:
+    reference: Any = None
+    if os_images is not None:
+        from teecloud.kms.os_images import MeasuredOsImages
+
+        reference = MeasuredOsImages(os_images)
+    elif dev:
         from teecloud.tee.simulated import simulated_os_image_reference
 
         reference = simulated_os_image_reference
@@ -169,6 +223,8 @@ def up(
                 threshold=bool(threshold_node) and not dealer,
                 threshold_dealer=dealer,
                 join=join,
+                require_app_compose=require_app_compose,
+                finality_depth=finality_depth,
             )
         )
     except KmsError as exc:
@@ -189,6 +245,8 @@ def up(
             "dev": dev,
             "threshold_node": threshold_node,
             "server_ca_pubkey": keys.ca_public_key_der.hex(),
+            "mr_aggregated": identity.mr_aggregated.hex(),
+            "device_id": bytes(tee.device_id).hex(),
         },
     )
     if running.service.threshold is not None:
@@ -214,27 +272,45 @@ def up(
         endpoint.unlink(missing_ok=True)
 
 
-def _dkg_joiner(plan_file: Path, index: int, tee: Any, dev: bool, pccs_url: str | None, chain: Any) -> Any:
-    """The join step of `kms up --join-dkg`: the plan names the round and its dealers (URL and server CA
-    key each); each dealer is checked as a KMS (RA-TLS + KmsAuth.isKmsAllowed) before anything is sent."""
+def _round_joiner(
+    plan_file: Path, kind: str, index: int, tee: Any, dev: bool, pccs_url: str | None, chain: Any
+) -> Any:
+    """The join step of `kms up --join-dkg / --join-reshare`: the plan names the round and its dealers (URL
+    and server CA key each); each dealer is checked as a KMS (RA-TLS + KmsAuth.isKmsAllowed) before anything
+    is sent. A reshare plan also states the commitments the new committee must end with."""
     from teecloud.kms.bootstrap import KMS_APP_ID
     from teecloud.kms.client import connect_kms
-    from teecloud.kms.errors import SealingError
-    from teecloud.kms.threshold import DkgPlan
-    from teecloud.kms.threshold_client import join_dkg
+    from teecloud.kms.errors import KmsClientError, SealingError
+    from teecloud.kms.threshold import DkgPlan, ResharePlan
+    from teecloud.kms.threshold_client import join_dkg, join_reshare
 
     try:
         doc = json.loads(plan_file.read_text())
         dealers = {int(i): d for i, d in doc["dealers"].items()}
-        plan = DkgPlan(
-            bytes.fromhex(doc["session"]),
-            int(doc["epoch"]),
-            tuple(sorted(dealers)),
-            int(doc["t"]),
-            int(doc["n"]),
-        )
+        plan: DkgPlan | ResharePlan
+        if kind == "dkg":
+            plan = DkgPlan(
+                bytes.fromhex(doc["session"]),
+                int(doc["epoch"]),
+                tuple(sorted(dealers)),
+                int(doc["t"]),
+                int(doc["n"]),
+            )
+            expected: tuple[bytes, ...] | None = None
+        else:
+            if doc.get("kind") != "reshare":
+                raise ValueError("not a reshare plan (kind)")
+            plan = ResharePlan(
+                bytes.fromhex(doc["session"]),
+                int(doc["epoch"]),
+                tuple(bytes.fromhex(c) for c in doc["old_commitments"]),
+                tuple(sorted(dealers)),
+                int(doc["t"]),
+                int(doc["n"]),
+            )
+            expected = tuple(bytes.fromhex(c) for c in doc["new_commitments"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SealingError) as exc:
-        _fail(f"DKG plan {plan_file}: {exc}")
+        _fail(f"{'DKG' if kind == 'dkg' else 'reshare'} plan {plan_file}: {exc}")
     collateral = _collateral(tee, dev, pccs_url)
 
     def join(tee_: Any, _identity: Any) -> Any:
@@ -248,7 +324,12 @@ def _dkg_joiner(plan_file: Path, index: int, tee: Any, dev: bool, pccs_url: str 
             )
             for i, d in dealers.items()
         }
-        return join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID)
+        if isinstance(plan, DkgPlan):
+            return join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID)
+        share = join_reshare(plan, index, tee_, clients, app_id=KMS_APP_ID)
+        if share.commitments != expected:
+            raise KmsClientError("the reshare round ended with other commitments than its plan states")
+        return share
 
     return join
 
@@ -280,6 +361,7 @@ def threshold_init(
     out.print(
         f"{verb} {group.t}-of-{group.n} group (epoch {group.epoch}) in {nodes_dir()}; "
         f"group key {group.commitments[0].hex()}"
+        + (f"; signing key {group.signing_key.hex()}" if group.signing_key else "")
     )
     err.print("[yellow]development ceremony: this process saw every share[/]")
 
@@ -406,6 +488,243 @@ def pubkey(
     out.print(f"timestamp     {resp.timestamp}")
     out.print(f"signature_v1  {resp.signature_v1}")
     out.print(f"signed by     {meta.k256_pubkey} (KMS root k256, verified)")
+
+
+def _index_list(text: str, what: str) -> list[int]:
+    try:
+        out = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        _fail(f"{what}: a comma-separated list of share indices, e.g. 1,2,3")
+    if not out or any(not 1 <= i <= 64 for i in out):
+        _fail(f"{what}: share indices are 1..64")
+    return out
+
+
+def _admin_post(home: Path, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    """POST to the admin listener of the threshold node whose data directory is `home` (its endpoint file
+    names the listener, its admin-token file the bearer token: the operator's own nodes)."""
+    import httpx
+
+    from teecloud.kms.launcher import load_admin_token
+
+    ep_file = _kms_dir(home) / ENDPOINT_FILE
+    try:
+        ep = json.loads(ep_file.read_text())
+        token = load_admin_token(home)
+        r = httpx.post(
+            f"{ep['admin_url']}{path}", headers={"authorization": f"Bearer {token}"}, json=body, timeout=30
+        )
+    except (OSError, ValueError, KeyError, httpx.HTTPError) as exc:
+        _fail(f"the KMS node in {home} is not reachable (is it running?): {exc}")
+    if r.status_code != 200:
+        _fail(f"the KMS node in {home} refused {path}: {r.status_code} {r.text[:300]}")
+    return dict(r.json())
+
+
+@app.command("reshare-open")
+def reshare_open(
+    dealers_text: Annotated[
+        str, typer.Option("--dealers", help="t old share indices that deal, e.g. 1,2,3 (running nodes).")
+    ],
+    threshold: Annotated[int, typer.Option("--threshold", min=1, max=64, help="The new committee's t.")],
+    nodes: Annotated[int, typer.Option("--nodes", min=1, max=64, help="The new committee's n.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the round's plan (JSON).")],
+) -> None:
+    """Open a reshare round on t running nodes of this installation's group: the same group key to a new
+    committee (new t, n, members; e.g. a KMS code upgrade). New nodes then boot with
+    `kms up --threshold-node J --node-dir DIR --join-reshare PLAN`; `kms reshare-finish` records them."""
+    import secrets
+
+    from teecloud.keys import threshold as th
+    from teecloud.kms.errors import KmsError
+    from teecloud.kms.threshold import node_home, read_group
+
+    dealers = _index_list(dealers_text, "--dealers")
+    if threshold > nodes:
+        _fail("need --threshold <= --nodes")
+    try:
+        group = read_group()
+    except KmsError as exc:
+        _fail(exc.diagnostics())
+    if group is None:
+        _fail(f"no threshold group in {data_home()} (kms-nodes/group.json): nothing to reshare")
+    if len(dealers) != group.t:
+        _fail(f"a reshare of this {group.t}-of-{group.n} group needs exactly {group.t} dealers")
+    session = secrets.token_bytes(16)
+    body = {
+        "session": session.hex(),
+        "epoch": group.epoch,
+        "old_commitments": [c.hex() for c in group.commitments],
+        "dealers": dealers,
+        "t_new": threshold,
+        "n_new": nodes,
+    }
+    plan_dealers: dict[str, Any] = {}
+    dealings = []
+    for i in dealers:
+        home = node_home(i)
+        answer = _admin_post(home, "/reshare/open", body)
+        ep = json.loads((_kms_dir(home) / ENDPOINT_FILE).read_text())
+        commitments = tuple(bytes.fromhex(c) for c in answer["commitments"])
+        dealings.append(th.Dealing(int(answer["dealer"]), commitments, {}))
+        plan_dealers[str(i)] = {
+            "url": ep["url"],
+            "server_ca_pubkey": ep["server_ca_pubkey"],
+            "commitments": answer["commitments"],
+        }
+    try:
+        new_commitments = th.reshare_commitments(dealings)
+    except th.ThresholdError as exc:
+        _fail(f"the dealers' commitments do not combine: {exc}")
+    if new_commitments[0] != group.commitments[0]:
+        _fail("the dealings would change the group key: refusing the round (a dealer is faulty)")
+    plan = {
+        "kind": "reshare",
+        "session": session.hex(),
+        "epoch": group.epoch,
+        "old_commitments": body["old_commitments"],
+        "t": threshold,
+        "n": nodes,
+        "dealers": plan_dealers,
+        "new_commitments": [c.hex() for c in new_commitments],
+    }
+    atomic_write_json(out_file, plan, mode=0o644)
+    out.print(
+        f"reshare round {session.hex()[:8]}… open on dealers {dealers} for {threshold}-of-{nodes} "
+        f"(10 minutes); plan written to {out_file}"
+    )
+
+
+@app.command("reshare-finish")
+def reshare_finish(
+    plan_file: Annotated[Path, typer.Option("--plan", help="The round's plan (from `kms reshare-open`).")],
+    new_nodes_dir: Annotated[
+        Path,
+        typer.Option("--new-nodes-dir", help="Holds the new nodes' data directories, one per index (1..n)."),
+    ],
+    rpc_url: Annotated[
+        str | None, typer.Option("--rpc-url", help="EVM JSON-RPC URL (default: embedded chain).")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="KmsGroup owner's key (records the committee).")
+    ] = None,
+    retire: Annotated[
+        bool, typer.Option("--retire", help="Then erase the old committee's shares (POST /threshold/retire).")
+    ] = False,
+) -> None:
+    """Record the new committee on chain (KmsGroup) once its n nodes serve, make it the serving one, and
+    optionally retire the old committee's shares."""
+    from teecloud.chain import ChainError
+    from teecloud.chain.kmsgroup import CommitteeMember
+    from teecloud.kms.threshold import node_home, read_group
+
+    try:
+        plan = json.loads(plan_file.read_text())
+        if plan.get("kind") != "reshare":
+            raise ValueError("not a reshare plan")
+        epoch, t, n = int(plan["epoch"]), int(plan["t"]), int(plan["n"])
+        commitments = tuple(bytes.fromhex(c) for c in plan["new_commitments"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        _fail(f"reshare plan {plan_file}: {exc}")
+    members = []
+    for j in range(1, n + 1):
+        ep_file = _kms_dir(new_nodes_dir / str(j)) / ENDPOINT_FILE
+        try:
+            ep = json.loads(ep_file.read_text())
+            members.append(
+                CommitteeMember(
+                    j, bytes.fromhex(ep["mr_aggregated"]), bytes.fromhex(ep["device_id"]), str(ep["url"])
+                )
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _fail(f"new node {j} is not serving yet ({ep_file}: {exc}); start every new node first")
+    chain = _chain(rpc_url, key_file)
+    try:
+        cid = chain.kms_group.record_committee(epoch, t, commitments, members)
+        chain.kms_group.activate(cid)
+    except ChainError as exc:
+        _fail(f"chain: {exc}")
+    finally:
+        chain.close()
+    old = read_group()
+    out.print(f"committee {cid} ({t}-of-{n}, epoch {epoch}) recorded and serving")
+    if retire and old is not None:
+        for i in range(1, old.n + 1):
+            home = node_home(i)
+            if (home / "kms" / ENDPOINT_FILE).exists():
+                _admin_post(home, "/threshold/retire", None)
+                out.print(f"old node {i}: share erased")
+
+
+@app.command("group")
+def group(
+    epoch: Annotated[int, typer.Option(min=0, help="Root epoch.")] = 1,
+    rpc_url: Annotated[
+        str | None, typer.Option("--rpc-url", help="EVM JSON-RPC URL (default: embedded chain).")
+    ] = None,
+    history: Annotated[
+        bool, typer.Option("--history", help="Print the membership log (every DKG, reshare, activation).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The threshold KMS committee serving EPOCH, as the chain (KmsGroup) records it."""
+    from teecloud.chain import ChainError
+
+    chain = _chain(rpc_url, None)
+    try:
+        kms_group = chain.kms_group
+        committee = kms_group.active(epoch)
+        log = kms_group.history() if history else []
+    except ChainError as exc:
+        _fail(f"chain: {exc}")
+    finally:
+        chain.close()
+    if committee is None:
+        _fail(f"no KMS committee serves epoch {epoch} on this chain (a single-node KMS records none)")
+    doc = {
+        "committee_id": committee.committee_id,
+        "epoch": committee.epoch,
+        "t": committee.t,
+        "n": committee.n,
+        "group_public_key": committee.group_public_key.hex(),
+        "commitments": [c.hex() for c in committee.commitments],
+        "recorded_at_block": committee.recorded_at_block,
+        "members": [
+            {
+                "index": m.index,
+                "url": m.url,
+                "mr_aggregated": m.mr_aggregated.hex(),
+                "device_id": m.device_id.hex(),
+            }
+            for m in committee.members
+        ],
+    }
+    if history:
+        doc["history"] = [
+            {"block": e["block"], "event": e["event"], **{k: _plain(v) for k, v in e["args"].items()}}
+            for e in log
+        ]
+    if as_json:
+        out.print_json(json.dumps(doc))
+        return
+    out.print(
+        f"epoch {committee.epoch}: committee {committee.committee_id}, {committee.t} of {committee.n}, "
+        f"recorded at block {committee.recorded_at_block}"
+    )
+    out.print(f"group public key  {doc['group_public_key']}")
+    for m in committee.members:
+        out.print(
+            f"  node {m.index:>2}  {m.url}  mr {m.mr_aggregated.hex()[:16]}…  dev {m.device_id.hex()[:16]}…"
+        )
+    for e in doc.get("history", []):
+        out.print(
+            f"  block {e['block']}: {e['event']} "
+            + ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("block", "event"))
+        )
+
+
+def _plain(value: Any) -> Any:
+    return value.hex() if isinstance(value, bytes) else value
 
 
 @app.command("audit")

@@ -17,6 +17,11 @@ fetches the ARK's CRL (cached until nextUpdate); without them the verdict says "
 may come from here or from the AMD anchors), the device chain (leaf first) for NVIDIA. TDX/SGX carry
 their chain in the quote but need collateral: `--collateral FILE` or `--pccs-url URL` (cached under
 data_home()/pccs-cache/).
+
+`--measurement FILE` (an OS image's measurement.tdx.cbor, `teecloud image measure --out`) adds the image's
+expected MRTD and RTMR0-2 for the CVM's vm_config (`--vm-config FILE`, or the dstack JSON's `vm_config`)
+beside the quoted values, register by register; a register that differs makes the exit code 1. RTMR0's ACPI
+events come from the replayed event log (dstack's lite verification; docs/node.md).
 """
 
 from __future__ import annotations
@@ -170,6 +175,16 @@ def verify_command(
         str | None,
         typer.Option("--amd-kds-url", help="Fetch the ARK's CRL for SEV-SNP evidence from this AMD KDS."),
     ] = None,
+    measurement: Annotated[
+        Path | None,
+        typer.Option(
+            "--measurement", help="The OS image's measurement.tdx.cbor: show expected MRTD/RTMR0-2."
+        ),
+    ] = None,
+    vm_config_file: Annotated[
+        Path | None,
+        typer.Option("--vm-config", help="The CVM's vm_config JSON (default: the dstack JSON's vm_config)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Verify TEE evidence and print the verdict. Exit 0 valid, 1 rejected, 2 usage/unreadable input."""
@@ -247,11 +262,93 @@ def verify_command(
     except AttestationError as exc:
         _fail_usage(exc.diagnostics(), as_json)
         return
+    reference: dict[str, Any] | None = None
+    if measurement is not None:
+        try:
+            reference = _reference(result, _read(measurement, "measurement file"), data, vm_config_file)
+        except _Usage as exc:
+            _fail_usage(str(exc), as_json)
+            return
     if as_json:
-        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+        doc = result.to_json()
+        if reference is not None:
+            doc["reference"] = reference
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         _render(result)
-    raise typer.Exit(0 if result.is_valid else 1)
+        if reference is not None:
+            _render_reference(reference)
+    matches = reference is None or reference["status"] == "verified"
+    raise typer.Exit(0 if result.is_valid and matches else 1)
+
+
+def _reference(
+    result: Any, measurement: bytes, evidence: bytes, vm_config_file: Path | None
+) -> dict[str, Any]:
+    """The image's expected registers beside the quoted ones: {status, reason, registers: {name: {expected,
+    quoted, match}}}; status is `verified`, `failed` (a register differs) or `not applicable` (why)."""
+    from teecloud import vmconfig
+    from teecloud.image import ImageError
+    from teecloud.image.measurement import acpi_digests_of, expected_tdx_registers, parse
+
+    try:
+        m = parse(measurement)
+    except ImageError as exc:
+        raise _Usage(str(exc)) from None
+    if vm_config_file is not None:
+        raw: object = _read(vm_config_file, "vm_config", vmconfig.MAX_VM_CONFIG_BYTES).decode(
+            "utf-8", "replace"
+        )
+    else:
+        try:
+            raw = json.loads(evidence).get("vm_config")
+        except (ValueError, AttributeError, RecursionError):
+            raw = None
+        if raw is None:
+            raise _Usage(
+                "--measurement needs the CVM's vm_config: --vm-config FILE (or dstack JSON evidence)"
+            )
+    try:
+        config = vmconfig.parse(raw)
+    except vmconfig.VmConfigError as exc:
+        raise _Usage(str(exc)) from None
+    ev = result.evidence
+    if ev is None or ev.app_info is None or "rtmr0" not in ev.measurements:
+        why = "the evidence was not verified with its TDX event log (RTMR0's ACPI events come from it)"
+        return {"status": "not applicable", "reason": why, "registers": {}}
+    try:
+        expected = expected_tdx_registers(m, config, acpi_digests_of(ev.app_info.rtmr0_log)).registers()
+    except ImageError as exc:
+        return {"status": "not applicable", "reason": str(exc), "registers": {}}
+    registers = {
+        name: {
+            "expected": value.hex(),
+            "quoted": ev.measurements[name].hex(),
+            "match": ev.measurements[name] == value,
+        }
+        for name, value in expected.items()
+    }
+    differing = [n.upper() for n, r in registers.items() if not r["match"]]
+    if differing:
+        reason = f"{', '.join(differing)} differ from the image's reference for this vm_config"
+        return {"status": "failed", "reason": reason, "registers": registers}
+    return {"status": "verified", "reason": "MRTD and RTMR0-2 are the image's", "registers": registers}
+
+
+def _render_reference(reference: dict[str, Any]) -> None:
+    out = Console()
+    colour = {"verified": "green", "failed": "red"}.get(reference["status"], "yellow")
+    out.print(f"[bold {colour}]reference: {reference['status']}[/]  {reference['reason']}", highlight=False)
+    if not reference["registers"]:
+        return
+    table = Table(title="Reference measurements (the OS image's measurement file, this vm_config)")
+    table.add_column("register")
+    table.add_column("match")
+    table.add_column("expected / quoted (hex)", overflow="fold")
+    for name, r in reference["registers"].items():
+        mark = "[green]✓[/]" if r["match"] else "[red]✗[/]"
+        table.add_row(name, mark, f"{r['expected']}\n{r['quoted']}")
+    out.print(table)
 
 
 def _local_simulated_collateral(quote: bytes, *, now: int, explicit_time: bool) -> bytes | None:

@@ -70,3 +70,4 @@ class RuntimeInfo(BaseModel):
     compose_hash: str
     functions: int
     limits: dict[str, int]
+    relayer: str | None = None  # the address that sends the oracle's fulfil transactions (fund it)

@@ -67,7 +67,7 @@ def _status(exc: FunctionError) -> int:
     return 503  # the guest agent / chain behind the runtime failed
 
 
-def make_app(runtime: FunctionRuntime) -> FastAPI:
+def make_app(runtime: FunctionRuntime, relayer: str | None = None) -> FastAPI:
     app = FastAPI(title="teecloud functions", version="1", docs_url=None, redoc_url=None)
     app.add_middleware(BoundedBody, max_bytes=MAX_BODY)
 
@@ -94,6 +94,7 @@ def make_app(runtime: FunctionRuntime) -> FastAPI:
             compose_hash="0x" + ident.compose_hash.hex(),
             functions=len(runtime.functions()),
             limits=runtime.max_limits.as_dict(),
+            relayer=relayer,
         )
 
     @app.get(api.PATH_SECRETS_KEY, response_model=api.SecretsKeyResponse)
@@ -156,11 +157,14 @@ class FunctionServer:
         host: str = "127.0.0.1",
         port: int = 0,
         limits: ServeLimits = FUNCTIONS_LIMITS,
+        relayer: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.host = host
         self._server = LimitedServer(
-            limited_config(make_app(runtime), limits, host=host, port=port), limits, name="functions runtime"
+            limited_config(make_app(runtime, relayer), limits, host=host, port=port),
+            limits,
+            name="functions runtime",
         )
         self._thread: threading.Thread | None = None
         self.port = 0

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teecloud._asgi import BoundedBody
 from teecloud.gateway import api
+from teecloud.gateway.certkeys import CERT_KEYS_PATH
 from teecloud.gateway.driver import unix_exchange
 from teecloud.gateway.errors import BadHostName, GatewayError, RegistrationRefused
 from teecloud.gateway.service import GatewayService
@@ -43,9 +44,18 @@ def _common(app: FastAPI) -> None:
         return _refusal(exc.status_code, str(exc.detail)[:300], "request", error="http")
 
 
-def make_registration_app(service: GatewayService) -> FastAPI:
+def make_registration_app(
+    service: GatewayService, *, cert_keys: Callable[[], bytes] | None = None
+) -> FastAPI:
+    """The registration route, and the published quotes of the gateway's certificate keys (public)."""
     app = FastAPI(title="teecloud gateway registration", docs_url=None, redoc_url=None)
     _common(app)
+
+    @app.get(CERT_KEYS_PATH)
+    def published_cert_keys() -> Response:
+        if cert_keys is None:
+            return _refusal(404, "this gateway has no TEE to quote its certificate keys", "cert_keys")
+        return Response(cert_keys(), media_type="application/json")
 
     @app.post(api.PATH_REGISTER, response_model=api.RegisterCvmResponse)
     def register(request: Request, body: api.RegisterCvmRequest) -> Any:

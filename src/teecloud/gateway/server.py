@@ -5,12 +5,18 @@ registrations, restarts a dead HAProxy and moves routes.
     GatewayServer(home, base_domain=..., peers=..., chain=..., admin_token=...).start()
         home/ca.pem        the dev CA certificate (public): curl --cacert home/ca.pem https://<name>:<port>/
         home/run/          HAProxy's configuration, maps, admin socket and the wildcard's key (0700 / 0600)
+        home/acme/         with `acme=`: the ACME account key and the certificate (key + chain), 0600
+
+The public certificate is the dev CA's wildcard, or with `acme=` (teecloud.gateway.acme) the ACME CA's,
+renewed by the tick within its renewal window (HAProxy reloads only then). With `tee=` every certificate
+key it serves with gets a quote binding it, published at CERT_KEYS_PATH (teecloud.gateway.certkeys).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import secrets
 import socket
@@ -24,6 +30,8 @@ from pathlib import Path
 from teecloud._fs import atomic_write
 from teecloud._serve import LimitedH11Protocol, LimitedServer, ServeLimits, limited_config
 from teecloud.gateway import api
+from teecloud.gateway.acme import AcmeCertificates, StoredCert
+from teecloud.gateway.certkeys import CertKeyPublisher
 from teecloud.gateway.client import temp_ca
 from teecloud.gateway.customdomain import CustomDomains
 from teecloud.gateway.devca import DevCa
@@ -41,6 +49,7 @@ from teecloud.gateway.registry import Registry
 from teecloud.gateway.routing import DataPlaneLimits, check_base_domain
 from teecloud.gateway.service import GatewayService
 from teecloud.keys.certs import cert_to_pem
+from teecloud.keys.ratls import QuoteSource
 from teecloud.peer import ChainGate, PeerVerifier
 
 __all__ = ["GATEWAY_ADMIN", "GATEWAY_REGISTER", "GatewayServer", "free_port"]
@@ -89,6 +98,8 @@ class GatewayServer:
         backend_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
         clock: Callable[[], float] = time.time,
         custom_domains: CustomDomains | None = None,
+        acme: AcmeCertificates | None = None,
+        tee: QuoteSource | None = None,
     ) -> None:
         if not admin_token or len(admin_token) < 16:
             raise GatewayUsageError("the gateway's admin listener needs a token of at least 16 characters")
@@ -99,7 +110,23 @@ class GatewayServer:
         self.clock = clock
         now = int(clock())
         self.ca = DevCa(now=now)
-        self.wildcard = self.ca.issue_wildcard(self.base_domain, now=now)
+        self.acme = acme
+        self.public_names = (f"*.{self.base_domain}", self.base_domain)
+        self._acme_cert: StoredCert | None = None
+        self.cert_keys = CertKeyPublisher(tee) if tee is not None else None
+        if acme is not None:
+            if acme.base_domain != self.base_domain:
+                raise GatewayUsageError("the ACME certificate is for another base domain")
+            stored, _ = acme.ensure(now)
+            self._acme_cert = stored
+            self.wildcard, chain_pem = stored.issued, stored.chain_pem
+        else:
+            self.wildcard, chain_pem = self.ca.issue_wildcard(self.base_domain, now=now), self.ca.cert_pem
+        if self.cert_keys is not None:
+            self.cert_keys.publish("dev-ca", self.ca.cert_pem)
+            self.cert_keys.publish(
+                "public", self.wildcard.cert_pem, (f"*.{self.base_domain}", self.base_domain)
+            )
         self.custom_domains = custom_domains
         self.hook = (
             CustomDomainHook(free_port(host), secrets.token_hex(16)) if custom_domains is not None else None
@@ -110,7 +137,7 @@ class GatewayServer:
             bind_host=host,
             port=self.public_port,
             cert=self.wildcard,
-            chain_pem=self.ca.cert_pem,
+            chain_pem=chain_pem,
             limits=limits,
             custom_domains=self.hook,
         )
@@ -138,6 +165,7 @@ class GatewayServer:
         self._pins_version = 0
         self._pins_lock = threading.Lock()
         self._sync_lock = threading.Lock()
+        self._renew_lock = threading.Lock()
         self._servers: list[LimitedServer] = []
         self._thread: threading.Thread | None = None
         self._ticker: threading.Thread | None = None
@@ -152,13 +180,21 @@ class GatewayServer:
         issued = self.ca.issue_server(
             "teecloud gateway registration", (self.host, "localhost"), now=int(self.clock())
         )
+        if self.cert_keys is not None:
+            self.cert_keys.publish("registration", issued.cert_pem, (self.host, "localhost"))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        with tempfile.TemporaryDirectory(prefix="teecloud-gw-tls-") as tmp:
-            path = Path(tmp) / "server.pem"
-            path.touch(mode=0o600)
-            path.write_text(issued.haproxy_pem(self.ca.cert_pem))
-            ctx.load_cert_chain(str(path))
+        # OpenSSL loads a key from a file only: a 0600 file in the gateway's own 0700 run directory, removed
+        # at once (the gateway's keys are never written outside its data directory)
+        run_dir = self.driver.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".registration-", suffix=".pem")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(issued.haproxy_pem(self.ca.cert_pem))
+            ctx.load_cert_chain(tmp)
+        finally:
+            os.unlink(tmp)
         ctx.load_verify_locations(cadata=cert_to_pem(temp_ca()[1]))
         ctx.verify_mode = ssl.CERT_OPTIONAL
         ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
@@ -232,7 +268,9 @@ class GatewayServer:
         self.home.mkdir(parents=True, exist_ok=True)
         atomic_write(self.ca_file, self.ca.cert_pem.encode(), mode=0o644)
         self.driver.start()
-        reg_app = make_registration_app(self.service)
+        reg_app = make_registration_app(
+            self.service, cert_keys=self.cert_keys.document if self.cert_keys is not None else None
+        )
         admin_app = make_admin_app(
             self.service, token=self.admin_token, status=self.status, haproxy_metrics=self._haproxy_metrics
         )
@@ -297,12 +335,36 @@ class GatewayServer:
         try:
             self.registry.sweep(self.clock())
             self._expire_pins()
+            self.renew_certificate()
             if self.driver.check():
                 self._applied = None
             self.sync()
         except Exception:  # the loop must go on; the error is logged and counted
             self.sync_errors += 1
             log.exception("gateway tick failed")
+
+    def renew_certificate(self) -> bool:
+        """With ACME, within the renewal window: the certificate on disk (renewed by `ensure`, at most once
+        per `retry_s`), if HAProxy does not serve it yet: its key's quote published beside the old one,
+        HAProxy reloaded (the only reload), then the old key's entry retired. A failed reload is retried at
+        the next tick. True when the served certificate changed."""
+        if self.acme is None or not self.acme.due(self._acme_cert, self.clock()):
+            return False
+        with self._renew_lock:  # the tick thread and a direct call: one reload per new certificate
+            return self._renew(self.acme)
+
+    def _renew(self, acme: AcmeCertificates) -> bool:
+        stored, _changed = acme.ensure(self.clock())
+        if stored.issued.cert_pem == self.wildcard.cert_pem:
+            return False
+        entry = None
+        if self.cert_keys is not None:
+            entry = self.cert_keys.publish("public", stored.issued.cert_pem, self.public_names, replace=False)
+        self.driver.reload_certs(stored.issued, stored.chain_pem)
+        self._acme_cert, self.wildcard = stored, stored.issued
+        if self.cert_keys is not None and entry is not None:
+            self.cert_keys.retire("public", keep=entry)
+        return True
 
     def sync(self) -> None:
         """Move HAProxy to the registry's routes (and pinned custom domains), if they changed since the last

@@ -7,7 +7,7 @@ A pure library (no I/O, no clock reads): time, trust anchors and collateral are 
     sigchain   GetKey / Sign keys and their signature chains, with verifiers
     envcrypt   encrypted environment variables (X25519 + AES-256-GCM, dstack format)
     certs      X.509 hierarchy: root CA -> app CA -> TLS leaves, chain verification
-    ratls      RA-TLS certificates (dstack OIDs 1.3.6.1.4.1.62397.1.*): build, parse, verify
+    ratls      RA-TLS certificates (dstack OIDs 1.3.6.1.4.1.62397.1.*): build, parse, check the key binding
     errors     the error tree (see teecloud.keys.errors)
 """
 
@@ -31,10 +31,10 @@ from teecloud.keys.errors import (
 from teecloud.keys.kdf import derive_key
 from teecloud.keys.ratls import (
     RaTlsClaims,
+    check_key_binding,
     generate_ratls_identity,
     make_ratls_cert,
     parse_ratls_cert,
-    verify_ratls_cert,
 )
 from teecloud.keys.sigchain import verify_key_signature_chain, verify_sign_signature_chain
 
@@ -49,6 +49,7 @@ __all__ = [
     "RaTlsClaims",
     "RootKeys",
     "SignatureChainInvalid",
+    "check_key_binding",
     "decrypt_env",
     "derive_app_keys",
     "derive_key",
@@ -59,6 +60,5 @@ __all__ = [
     "parse_ratls_cert",
     "sign_env_encrypt_pubkey",
     "verify_key_signature_chain",
-    "verify_ratls_cert",
     "verify_sign_signature_chain",
 ]

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from teecloud import _json
 from teecloud.keys.errors import EnvDecryptionFailed, KeyUsageError, MalformedKeyMaterial
 
-__all__ = ["ENV_NAME_RE", "MAX_ENV_BLOB", "decrypt_env", "encrypt_env"]
+__all__ = ["ENV_NAME_RE", "MAX_ENV_BLOB", "decrypt_env", "decrypt_env_with_shared_secret", "encrypt_env"]
 
 MAX_ENV_BLOB = 1 << 20
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -56,12 +56,29 @@ def decrypt_env(secret: bytes, blob: bytes) -> dict[str, str]:
         raise MalformedKeyMaterial(f"encrypted env is {len(blob)} bytes, above the {MAX_ENV_BLOB}-byte limit")
     if len(blob) < _HEADER + _TAG:
         raise MalformedKeyMaterial(f"encrypted env is {len(blob)} bytes, shorter than header + tag (60)")
-    eph_pk, iv, ct = blob[:32], blob[32:_HEADER], blob[_HEADER:]
     try:
         shared = X25519PrivateKey.from_private_bytes(bytes(secret)).exchange(
-            X25519PublicKey.from_public_bytes(eph_pk)
+            X25519PublicKey.from_public_bytes(blob[:32])
         )
-        plaintext = AESGCM(shared).decrypt(iv, ct, None)
+    except ValueError as exc:
+        raise EnvDecryptionFailed(
+            "encrypted env does not decrypt with this app's key (wrong key or tampered)"
+        ) from exc
+    return decrypt_env_with_shared_secret(shared, blob)
+
+
+def decrypt_env_with_shared_secret(shared: bytes, blob: bytes) -> dict[str, str]:
+    """The same, given the X25519 shared secret of the blob's ephemeral key (threshold mode computes it
+    from t nodes' partials, keys.threshold_ecdh, without any party holding the env secret)."""
+    if len(shared) != 32:
+        raise KeyUsageError(f"an X25519 shared secret is 32 bytes, got {len(shared)}")
+    if len(blob) > MAX_ENV_BLOB:
+        raise MalformedKeyMaterial(f"encrypted env is {len(blob)} bytes, above the {MAX_ENV_BLOB}-byte limit")
+    if len(blob) < _HEADER + _TAG:
+        raise MalformedKeyMaterial(f"encrypted env is {len(blob)} bytes, shorter than header + tag (60)")
+    iv, ct = blob[32:_HEADER], blob[_HEADER:]
+    try:
+        plaintext = AESGCM(bytes(shared)).decrypt(iv, ct, None)
     except (InvalidTag, ValueError) as exc:
         raise EnvDecryptionFailed(
             "encrypted env does not decrypt with this app's key (wrong key or tampered)"

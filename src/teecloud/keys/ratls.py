@@ -7,23 +7,26 @@ also accepts the bare content). The quote's report_data is sha512(b"ratls-cert:"
 
     make_ratls_cert / generate_ratls_identity   build (the quote comes from a TEE passed in)
     parse_ratls_cert                             untrusted bytes -> RaTlsClaims (no crypto checks)
-    verify_ratls_cert                            claims -> VerifiedEvidence, or a VerificationError
+    check_key_binding                            claims + verified report_data: the quote binds the key
+
+Only the key binding is checked here. Verifying the evidence (any TEE kind), the certificate's validity
+window and its app_id claim is the peer verifier's job (teecloud.peer.PeerVerifier.verify_cert), in one place.
+The quote extension carries a TDX quote (dstack) or a SEV-SNP attestation report (raw, 1184 bytes; teecloud).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teecloud.attestation.errors import Expired
-from teecloud.attestation.models import EventLogEntry, VerifiedEvidence
+from teecloud.attestation.models import EventLogEntry
 from teecloud.keys.certs import cert_from_pem_or_der, cert_to_pem, issue_cert, key_to_pem, spki_der
 from teecloud.keys.errors import MalformedKeyMaterial, RaTlsCertInvalid
 
@@ -34,12 +37,12 @@ __all__ = [
     "OID_QUOTE",
     "QuoteSource",
     "RaTlsClaims",
+    "check_key_binding",
     "event_log_json",
     "generate_ratls_identity",
     "make_ratls_cert",
     "parse_ratls_cert",
     "ratls_report_data",
-    "verify_ratls_cert",
 ]
 
 OID_QUOTE = x509.ObjectIdentifier("1.3.6.1.4.1.62397.1.1")
@@ -196,7 +199,7 @@ def _ext_content(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | 
 
 def parse_ratls_cert(cert: bytes | str | x509.Certificate) -> RaTlsClaims:
     """Parse an untrusted RA-TLS certificate (PEM or DER). Checks structure only — call
-    verify_ratls_cert to trust anything in it."""
+    teecloud.peer.PeerVerifier.verify_cert to trust anything in it."""
     try:
         c = cert_from_pem_or_der(cert)
         extensions = c.extensions  # parsing is lazy; malformed extensions raise here
@@ -205,9 +208,7 @@ def parse_ratls_cert(cert: bytes | str | x509.Certificate) -> RaTlsClaims:
         raise MalformedKeyMaterial(f"certificate extensions do not parse: {exc}") from exc
     quote = _ext_content(c, OID_QUOTE)
     if quote is None:
-        raise RaTlsCertInvalid(
-            "certificate has no TDX quote extension (1.3.6.1.4.1.62397.1.1)", step="parsed"
-        )
+        raise RaTlsCertInvalid("certificate has no quote extension (1.3.6.1.4.1.62397.1.1)", step="parsed")
     if len(quote) > MAX_QUOTE_BYTES:
         raise MalformedKeyMaterial(f"quote extension is {len(quote)} bytes, above {MAX_QUOTE_BYTES}")
     raw_log = _ext_content(c, OID_EVENT_LOG) or b""
@@ -237,62 +238,13 @@ def parse_ratls_cert(cert: bytes | str | x509.Certificate) -> RaTlsClaims:
     )
 
 
-# The quote + event-log verifier; a module attribute so tests of the certificate rules can count calls.
-QuoteVerifier = Callable[..., VerifiedEvidence]
-
-
-def _default_quote_verifier() -> QuoteVerifier:
-    from teecloud.attestation.verifier import verify_tdx_with_event_log
-
-    return cast(QuoteVerifier, verify_tdx_with_event_log)
-
-
-def verify_ratls_cert(
-    cert: bytes | str | x509.Certificate,
-    *,
-    collateral: bytes,
-    now: int,
-    dev_root_der: bytes | None = None,
-    policy: Any = None,
-    expected_usage: str | None = None,
-) -> VerifiedEvidence:
-    """Verify an RA-TLS certificate and return the evidence its quote carries.
-
-    Steps: (1) parse the extensions; (2) the certificate is within its validity at `now`; (3) quote
-    verified against `collateral` (development root only if `dev_root_der` names it) and the event log
-    replayed to its RTMRs, policy applied (attestation package); (4) report_data ==
-    sha512("ratls-cert:" ‖ SPKI DER) binds the certificate key; (5) the app_id extension, when present,
-    matches the app-id event; (6) usage matches `expected_usage` when given.
-    Raises VerificationError subclasses (RaTlsCertInvalid, Expired, MalformedEvidence, ...).
-    """
-    # (1)
-    claims = parse_ratls_cert(cert)
-    c = claims.certificate
-    # (2)
-    nb, na = int(c.not_valid_before_utc.timestamp()), int(c.not_valid_after_utc.timestamp())
-    if not nb <= now <= na:
-        raise Expired(
-            f"RA-TLS certificate is not valid at {now} (valid {nb}..{na})", step="ratls_cert_verified"
-        )
-    # (3)
-    verify = _default_quote_verifier()
-    evidence = verify(
-        claims.quote, collateral, claims.event_log, now=now, dev_root_der=dev_root_der, policy=policy
-    )
-    # (4)
-    expected = ratls_report_data(claims.public_key_der)
-    if evidence.report_data[:64] != expected:
+def check_key_binding(claims: RaTlsClaims, report_data: bytes) -> None:
+    """The key binding, and nothing else: the verified evidence's report_data (`report_data`, from a quote
+    or report whose signature the caller has checked) is sha512("ratls-cert:" ‖ SPKI DER) of this
+    certificate's key. The certificate's window, its app_id and usage claims, and the evidence itself are
+    judged by the peer verifier (teecloud.peer). Raises RaTlsCertInvalid."""
+    if len(report_data) < 64 or report_data[:64] != ratls_report_data(claims.public_key_der):
         raise RaTlsCertInvalid(
             "the quote's report_data does not bind this certificate's public key "
             "(expected sha512('ratls-cert:' + SPKI DER))"
         )
-    # (5)
-    app_info = evidence.app_info
-    if claims.app_id and app_info is not None and app_info.app_id and app_info.app_id != claims.app_id:
-        raise RaTlsCertInvalid(
-            f"app_id extension {claims.app_id.hex()} differs from the measured app-id {app_info.app_id.hex()}"
-        )
-    # (6)
-    if expected_usage is not None and claims.usage != expected_usage:
-        raise RaTlsCertInvalid(f"certificate usage is {claims.usage!r}, expected {expected_usage!r}")
-    return evidence

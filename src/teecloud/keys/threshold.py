@@ -44,6 +44,7 @@ __all__ = [
     "Partial",
     "ThresholdError",
     "app_contexts",
+    "app_k256_key",
     "app_keys_from_outputs",
     "combine",
     "deal",
@@ -475,6 +476,15 @@ def app_contexts(epoch: int, app_id: bytes, instance_id: bytes) -> tuple[bytes, 
     return app, INSTANCE_CONTEXT_PREFIX + e + _lp(app_id) + _lp(instance_id)
 
 
+def app_k256_key(app_output: bytes) -> bytes:
+    """The app's k256 key (32 bytes) from its combined VOPRF output (the key the KMS signature covers)."""
+    if len(app_output) != 64:
+        raise KeyUsageError("VOPRF outputs are 64 bytes")
+    k256 = derive_key(app_output, [b"app-key"])
+    k256_public_key(k256)  # in range except with probability ~2^-128
+    return k256
+
+
 def app_keys_from_outputs(
     app_output: bytes,
     instance_output: bytes,
@@ -484,14 +494,19 @@ def app_keys_from_outputs(
     key_provider_info: dict[str, object],
     gateway_app_id: str = "",
     os_image_hash: bytes = b"",
+    k256_signature: bytes = b"",
+    kms_k256_pubkey: bytes = b"",
 ) -> AppKeys:
     """An app instance's keys from the two combined VOPRF outputs (computed inside the attested CVM).
 
-    No KMS signature exists in threshold mode yet (threshold ECDSA is not implemented, docs/kms.md): the
-    app CA certificate is self-signed by the app CA key and `k256_signature` / `kms_k256_pubkey` are empty,
-    so dstack's GetKey signature chain to a KMS root is not available under a threshold provider."""
+    `k256_signature` is the KMS signature of the app's k256 key made by t nodes (keys.threshold_ecdsa, over
+    sigchain.kms_issued_digest) and `kms_k256_pubkey` the group's signing key it verifies under; without
+    them (a group with no signing key) dstack's GetKey chain is not available. The app CA certificate is
+    self-signed by the app CA key (a P-256 signature of the group is not done, docs/kms.md)."""
     if len(app_output) != 64 or len(instance_output) != 64:
         raise KeyUsageError("VOPRF outputs are 64 bytes")
+    if k256_signature and (len(k256_signature) != 65 or len(kms_k256_pubkey) != 33):
+        raise KeyUsageError("a KMS k256 signature is 65 bytes and its key 33 bytes")
     okm = derive_key(app_output, [b"app-ca"], 48)
     ca_key = ec.derive_private_key(int.from_bytes(okm, "big") % (P256_ORDER - 1) + 1, ec.SECP256R1())
     ca_cert = issue_cert(
@@ -503,16 +518,15 @@ def app_keys_from_outputs(
         not_after=now + 365 * 24 * 3600,
         ca=True,
     )
-    k256 = derive_key(app_output, [b"app-key"])
-    k256_public_key(k256)  # in range except with probability ~2^-128
+    k256 = app_k256_key(app_output)
     return AppKeys(
         ca_key_pem=key_to_pem(ca_key),
         ca_cert_pem=cert_to_pem(ca_cert),
         disk_crypt_key=derive_key(instance_output, [b"app-disk-crypt-key"]),
         env_crypt_key=derive_key(app_output, [b"env-encrypt-key"]),
         k256_key=k256,
-        k256_signature=b"",
-        kms_k256_pubkey=b"",
+        k256_signature=bytes(k256_signature),
+        kms_k256_pubkey=bytes(kms_k256_pubkey),
         key_provider_info=dict(key_provider_info),
         gateway_app_id=gateway_app_id,
         os_image_hash=bytes(os_image_hash),

@@ -58,6 +58,8 @@ __all__ = [
     "ThresholdEvaluateRequest",
     "ThresholdEvaluateResponse",
     "ThresholdPartial",
+    "ThresholdSignRequest",
+    "ThresholdSignResponse",
 ]
 
 PATH_GET_META = "/prpc/KMS.GetMeta"
@@ -69,6 +71,7 @@ PATH_GET_KMS_KEY = "/prpc/KMS.GetKmsKey"
 PATH_GET_BOOT_CHALLENGE = "/prpc/KMS.GetBootChallenge"
 PATH_THRESHOLD_EVALUATE = "/prpc/KMS.ThresholdEvaluate"
 PATH_RESHARE_DEAL = "/prpc/KMS.ReshareDeal"
+PATH_THRESHOLD_SIGN = "/prpc/KMS.ThresholdSignAppKey"
 
 
 class Denied(BaseModel):
@@ -246,6 +249,32 @@ class ThresholdEvaluateResponse(BaseModel):
     partials: list[ThresholdPartial] = Field(max_length=2)
     gateway_app_id: str = ""
     os_image_hash: str = ""
+    # --- threshold signatures: unused presignature sessions of this node (hex), for ThresholdSignAppKey
+    presignatures: list[str] = Field(default_factory=list, max_length=16)
+
+
+class ThresholdSignRequest(BaseModel):
+    """Threshold mode: this node's share of the KMS signature over keccak256("dstack-kms-issued:" ‖ app_id ‖
+    app_public_key). The node takes app_id from the caller's verified boot_info and builds the message itself;
+    the caller names only its app k256 public key (derived in the CVM) and the presignature to use."""
+
+    api_version: int = 1
+    vm_config: str = Field(default="", max_length=65536, description="the CVM's VmConfig (JSON)")
+    app_compose: str = Field(default="", max_length=MAX_APP_COMPOSE_BYTES)
+    app_public_key: str = Field(min_length=66, max_length=66, description="compressed secp256k1 (hex)")
+    session: str = Field(min_length=32, max_length=32, description="the presignature's session (hex)")
+
+
+class ThresholdSignResponse(BaseModel):
+    """One node's signature share and the presignature's public part (to check the share)."""
+
+    app_id: str
+    index: int
+    session: str
+    big_r: str = Field(max_length=66)
+    kinv_commitments: list[str] = Field(max_length=64)
+    sigma_commitments: list[str] = Field(max_length=64)
+    s: str = Field(max_length=64, description="s_i = (k^-1)_i·e + σ_i·r (hex, 32 bytes)")
 
 
 class ReshareOpenRequest(BaseModel):

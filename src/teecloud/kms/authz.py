@@ -22,7 +22,7 @@ exception — is a denial (`AccessDenied(step="chain")`): the KMS never releases
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -81,6 +81,10 @@ def boot_info_to_json(boot_info: BootInfo) -> dict[str, Any]:
     return out
 
 
+def _rtmr0_log(evidence: VerifiedEvidence) -> tuple[bytes, ...]:
+    return evidence.app_info.rtmr0_log if evidence.app_info is not None else ()
+
+
 class ChainAuthorizer(ChainGate):
     """The chain gate (teecloud.peer.ChainGate: KmsAuth, cached for at most one block) as the KMS's
     AccessDenied(step="chain")."""
@@ -96,10 +100,20 @@ class OsImageReference(Protocol):
     """An OS image's reference measurements: `ref(os_image_hash)` -> {register name: value}, None for an
     unknown image. Without a VM shape it must give the registers that depend on the image only (mrtd:
     firmware, rtmr1: kernel, rtmr2: command line + initrd); with `cpu_count` and `memory_size` (the shape
-    an app CVM states in its vm_config) it must give rtmr0 (firmware configuration, ACPI tables) as well."""
+    an app CVM states in its vm_config) it must give rtmr0 (firmware configuration, ACPI tables) as well.
+    With the shape the KMS also passes the whole parsed `vm_config` (QEMU version: MRTD's page order) and
+    `rtmr0_log`, the caller's RTMR0 event digests as its quote-replayed log gives them (real images take
+    the ACPI events from there: teecloud.kms.os_images); a reference may ignore both. A reference may
+    raise AccessDenied (step os_image) to refuse with its own reason."""
 
     def __call__(
-        self, os_image_hash: bytes, *, cpu_count: int | None = None, memory_size: int | None = None
+        self,
+        os_image_hash: bytes,
+        *,
+        cpu_count: int | None = None,
+        memory_size: int | None = None,
+        vm_config: vmconfig.VmConfig | None = None,
+        rtmr0_log: Sequence[bytes] = (),
     ) -> Mapping[str, bytes] | None: ...
 
 
@@ -304,7 +318,11 @@ class Authorizer:
             )
         try:
             expected = self.os_image_reference(
-                boot_info.os_image_hash, cpu_count=shape.cpu_count, memory_size=shape.memory_size
+                boot_info.os_image_hash,
+                cpu_count=shape.cpu_count,
+                memory_size=shape.memory_size,
+                vm_config=shape,
+                rtmr0_log=_rtmr0_log(evidence),
             )
         except TypeError as exc:
             raise AccessDenied(

@@ -227,7 +227,7 @@ def new_state(*, now: int) -> KmsState:
 
 
 def save_state(state: KmsState, tee: TeePlatform, identity: KmsIdentity, home: Path | None = None) -> Path:
-    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
     path = kms_dir(home) / SEALED_STATE_NAME
     atomic_write(path, seal(key, identity.mr_aggregated, state.to_json_bytes()))
     return path
@@ -237,7 +237,7 @@ def load_state(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
     path = kms_dir(home) / SEALED_STATE_NAME
     if not path.exists():
         return None
-    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
     return KmsState.from_json_bytes(unseal(key, identity.mr_aggregated, path.read_bytes()))
 
 

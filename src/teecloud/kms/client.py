@@ -6,6 +6,20 @@
                                        event log, and (given a chain) KmsAuth.isKmsAllowed for its boot_info
     UnsafeNoServerCheck()              skips that check (tests of other things only); says so in a warning
 
+Server first, then credentials. Python's ssl exposes no certificate-verify callback and no hook between the
+server's Certificate and the client's, so the RA-TLS check cannot run inside the handshake that would send
+the client certificate. Instead (`_pinned_context`):
+  (a) a first TLS connection without any client certificate: handshake only, no request; its server
+      certificate goes through `server_check` (RA-TLS evidence, KmsAuth / the KMS root key);
+  (b) that exact certificate is pinned: every request, with or without a client certificate, goes over a
+      context whose only trust anchor is the pinned certificate (OpenSSL, partial chains allowed). OpenSSL
+      verifies the server's chain when it receives it and aborts the handshake on a mismatch, before the
+      client's Certificate message (TLS 1.3: after the server's Finished; TLS 1.2: after its Certificate),
+      so a client certificate only ever reaches the server that was checked; the peer certificate is
+      compared with the pin again after each request;
+  (c) when the pinned handshake fails verification (the KMS restarted with a new identity), the pin is
+      dropped and (a) runs again, once.
+
 `get_app_keys` procedure:
   (1) GetMeta (server checked) -> the KMS root CA and k256 public keys, cached;
   (2) GetTempCaCert -> the public temporary CA that makes stdlib TLS accept our self-made certificate;
@@ -21,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import ssl
 import tempfile
 import threading
@@ -198,6 +213,18 @@ def _issued_by(cert_der: bytes, issuer_pubkey_der: bytes) -> bool:
     return True
 
 
+def _cert_verification_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The ssl verification failure under an httpx/httpcore connection error, if that is what it was."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def vm_config_json(tee: object) -> str:
     """The CVM's VmConfig as dstack sends it (teecloud.vmconfig.of)."""
     return vmconfig.of(tee)
@@ -233,16 +260,28 @@ class KmsClient:
         # The KMS's temporary CA is public and part of its sealed state: fetched once per TEMP_CA_CACHE_S,
         # which saves one TLS handshake per key request.
         self._temp_ca: tuple[float, x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+        # The server certificate (DER) that passed server_check; the only one requests are sent to.
+        self._pinned: bytes | None = None
+        self._pin_lock = threading.Lock()
 
     # --- transport
 
-    def _ssl_context(self, client: tuple[str, str] | None) -> ssl.SSLContext:
-        # Server authentication is the RA-TLS check on the peer certificate (server_check), not a CA chain.
+    def _ssl_context(self, client: tuple[str, str] | None, *, pinned: bytes | None) -> ssl.SSLContext:
+        """`pinned` None: no server verification, for the identity probe only (no request is sent on it).
+        Otherwise OpenSSL accepts exactly a server whose chain contains the pinned certificate."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+        ctx.check_hostname = False  # the identity is the RA-TLS-checked certificate, not a host name
+        if pinned is None:
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cadata=pinned)
+            # the pinned certificate is an anchor even when it is not self-signed (a KMS leaf under its root)
+            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         if client is not None:
+            if pinned is None:
+                raise RuntimeError("a client certificate is only ever sent to a pinned, checked server")
             key_pem, chain_pem = client
             with tempfile.TemporaryDirectory(prefix="teecloud-kms-client-") as tmp:
                 path = Path(tmp) / "client.pem"
@@ -250,6 +289,31 @@ class KmsClient:
                 path.write_text(chain_pem + key_pem)
                 ctx.load_cert_chain(str(path))
         return ctx
+
+    def _probe_server_identity(self) -> bytes:
+        """(a): one TLS handshake without a client certificate and without a request; the server's
+        certificate, checked by server_check."""
+        url = httpx.URL(self.url)
+        host, port = url.host, url.port or 443
+        try:
+            with (
+                socket.create_connection((host, port), timeout=self._timeout) as raw,
+                self._ssl_context(None, pinned=None).wrap_socket(raw, server_hostname=host) as tls,
+            ):
+                der = tls.getpeercert(binary_form=True)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
+        if not der:
+            raise KmsClientError("the KMS presented no TLS certificate")
+        self._server_check(der)
+        return der
+
+    def _pin(self, *, renew: bool = False) -> bytes:
+        with self._pin_lock:
+            if self._pinned is None or renew:
+                self._pinned = None
+                self._pinned = self._probe_server_identity()
+            return self._pinned
 
     def _call(
         self,
@@ -260,20 +324,20 @@ class KmsClient:
         body: dict[str, Any] | None = None,
         client_cert: tuple[str, str] | None = None,
     ) -> _M:
+        pinned = self._pin()
         try:
-            with httpx.Client(verify=self._ssl_context(client_cert), timeout=self._timeout) as http:
-                resp = http.request(method, self.url + path, json=body)
-                stream = resp.extensions.get("network_stream")
-                ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-                server_der = ssl_object.getpeercert(True) if ssl_object is not None else None
-                content = resp.content
-        except httpx.HTTPError as exc:
-            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
-        except ssl.SSLError as exc:
-            raise KmsClientError(f"TLS with the KMS at {self.url} failed: {exc}") from exc
-        if not server_der:
-            raise KmsClientError("the KMS presented no TLS certificate")
-        self._server_check(server_der)
+            resp, content, server_der = self._request(method, path, body, client_cert, pinned)
+        except ssl.SSLCertVerificationError:
+            # (c) the server is no longer the pinned one: check the new identity, then try once more
+            pinned = self._pin(renew=True)
+            try:
+                resp, content, server_der = self._request(method, path, body, client_cert, pinned)
+            except ssl.SSLCertVerificationError as exc:
+                raise KmsClientError(
+                    f"the KMS at {self.url} is not the server that was checked: {exc}"
+                ) from exc
+        if server_der != pinned:  # OpenSSL enforced it; say so if it ever did not
+            raise KmsClientError("the KMS's certificate changed during the request")
         if len(content) > MAX_RESPONSE_BYTES:
             raise KmsClientError("the KMS's response is too large")
         if resp.status_code in (400, 401, 403, 413, 422):
@@ -290,6 +354,37 @@ class KmsClient:
             raise KmsClientError(
                 f"unexpected answer from the KMS: {exc.errors(include_input=False, include_url=False)[:1]}"
             ) from exc
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        client_cert: tuple[str, str] | None,
+        pinned: bytes,
+    ) -> tuple[httpx.Response, bytes, bytes | None]:
+        """One request over a context pinned to `pinned` (b). Raises ssl.SSLCertVerificationError when the
+        server is not the pinned one (nothing was sent), KmsClientError on other failures."""
+        try:
+            ctx = self._ssl_context(client_cert, pinned=pinned)
+            with httpx.Client(verify=ctx, timeout=self._timeout) as http:
+                resp = http.request(method, self.url + path, json=body)
+                stream = resp.extensions.get("network_stream")
+                ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+                server_der = ssl_object.getpeercert(True) if ssl_object is not None else None
+                content = resp.content
+        except httpx.ConnectError as exc:
+            verify_failed = _cert_verification_error(exc)
+            if verify_failed is not None:
+                raise verify_failed from exc
+            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
+        except ssl.SSLCertVerificationError:
+            raise
+        except ssl.SSLError as exc:
+            raise KmsClientError(f"TLS with the KMS at {self.url} failed: {exc}") from exc
+        return resp, content, server_der
 
     def attested_call(
         self,

@@ -155,6 +155,12 @@ def make_public_app(service: KmsService) -> FastAPI:
             )
         )
 
+    @app.post(api.PATH_THRESHOLD_SIGN, response_model=api.ThresholdSignResponse)
+    def threshold_sign(request: Request, body: api.ThresholdSignRequest) -> Response:
+        return _json_response(
+            service.threshold_sign(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+        )
+
     @app.post(api.PATH_RESHARE_DEAL, response_model=api.ReshareDealResponse)
     def reshare_deal(request: Request, body: api.ReshareDealRequest) -> Response:
         return _json_response(

@@ -7,7 +7,7 @@ The public env-encryption key needs none (it is public by design).
 
 from __future__ import annotations
 
-import contextlib
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from teecloud.keys.certs import cert_to_pem
 from teecloud.keys.errors import KeysError
@@ -24,9 +25,114 @@ from teecloud.kms.authz import AuthorizedApp, AuthorizedKms
 from teecloud.kms.errors import AccessDenied
 from teecloud.kms.rootkeys import RootKeyHolder, WholeRootExporter
 
-__all__ = ["KeyIssuer"]
+__all__ = ["KeyIssuer", "check_app_cert_domain", "csr_names"]
 
 MAX_CSR_ALT_NAMES = 32
+MAX_CSR_PEM_BYTES = 16 * 1024
+
+# The names SignCert certifies for an attested app (dstack's gateway names): the app's id as one label,
+# lowercase hex, either alone or as `<app_id>[-<port>][s|g].<domain>` under a base domain the KMS is
+# configured with. Nothing else: no other label, no wildcard, no IP address, no other domain. Not the
+# instance id either: the chain authorizes an app id, while an instance id is whatever the booting CVM
+# measured (in the Docker runtime the node chooses it), so it could be spelled like another app's id.
+_NAME = re.compile(r"(?P<id>[0-9a-f]{40})(?:-(?P<port>[1-9][0-9]{0,4}))?(?P<suffix>[sg])?")
+_EXTENSION_REQUEST = x509.ObjectIdentifier("1.2.840.113549.1.9.14")  # PKCS#9 extensionRequest
+_DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def check_app_cert_domain(domain: str) -> str:
+    """A configured base domain: lowercase LDH labels (RFC 1035 §2.3.1), at most 200 characters. Raises
+    ValueError (a configuration mistake)."""
+    labels = domain.split(".")
+    if not 0 < len(domain) <= 200 or not all(_DOMAIN_LABEL.fullmatch(x) for x in labels):
+        raise ValueError(f"app certificate domain {domain!r} is not a lowercase DNS name (no wildcard)")
+    return domain
+
+
+def _name_reason(name: str, app: str, instance: str, domains: tuple[str, ...]) -> str | None:
+    """None when `name` is one the KMS issues for app id `app` under these domains, else why not."""
+    head, _, domain = name.partition(".")
+    m = _NAME.fullmatch(head)
+    if m is None:
+        return f"{name!r} is not <app_id>[-<port>][s|g][.<domain>] (lowercase hex id)"
+    if m["id"] == instance:
+        return f"{name!r} names the instance id: only app-id names are certified (no chain authorizes it)"
+    if m["id"] != app:
+        return f"{name!r} names another app than the attested one"
+    if not domain:
+        if m["port"] or m["suffix"]:
+            return f"{name!r}: a port or s/g suffix only with a domain"
+        return None
+    if m["port"] and not 1 <= int(m["port"]) <= 65535:
+        return f"{name!r}: port out of range"
+    if domain not in domains:
+        return f"{name!r}: {domain!r} is not a domain this KMS issues app names under"
+    return None
+
+
+def csr_names(
+    csr: x509.CertificateSigningRequest, *, app_id: bytes, instance_id: bytes, domains: tuple[str, ...]
+) -> tuple[str, list[str]]:
+    """The CSR's (CN, DNS SANs), when they are exactly names the KMS issues for this app (the allowlist
+    above) and the CSR asks for nothing else. Raises AccessDenied(step="csr") naming what
+    was refused. An empty subject gets the app id as its CN.
+
+    (1) attributes: only the extension request (PKCS#9 §5.4.2 in RFC 2985); a challenge password or any
+        other attribute is refused;
+    (2) subject: nothing, or exactly one common name;
+    (3) extensions: only subjectAltName, and in it only DNS names (no IP, URI, e-mail, directory name);
+    (4) every name (CN and SANs) on the allowlist; at most MAX_CSR_ALT_NAMES SANs, no duplicates."""
+    app, instance = app_id.hex(), (instance_id.hex() if any(instance_id) else "")
+    # (1)
+    for attr in csr.attributes:
+        if attr.oid != _EXTENSION_REQUEST:
+            raise AccessDenied(
+                f"the CSR carries attribute {attr.oid.dotted_string}; only the extension request is accepted",
+                step="csr",
+            )
+    # (2)
+    attrs = list(csr.subject)
+    if not attrs:
+        cn = app_id.hex()
+    elif len(attrs) == 1 and attrs[0].oid == NameOID.COMMON_NAME and isinstance(attrs[0].value, str):
+        cn = attrs[0].value
+    else:
+        raise AccessDenied(
+            f"the CSR's subject is {csr.subject.rfc4514_string()!r}: only one common name is accepted",
+            step="csr",
+        )
+    # (3)
+    sans: list[str] = []
+    try:
+        extensions = list(csr.extensions)
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise AccessDenied(f"the CSR's extensions do not parse: {exc}", step="csr") from exc
+    for ext in extensions:
+        if ext.oid != ExtensionOID.SUBJECT_ALTERNATIVE_NAME:
+            raise AccessDenied(
+                f"the CSR asks for extension {ext.oid.dotted_string}; only subjectAltName is accepted "
+                "(the KMS sets every other extension itself)",
+                step="csr",
+            )
+        san = ext.value
+        if not isinstance(san, x509.SubjectAlternativeName):  # the OID says it is one
+            raise AccessDenied("the CSR's subjectAltName does not parse", step="csr")
+        for general in san:
+            if not isinstance(general, x509.DNSName):
+                raise AccessDenied(
+                    f"the CSR asks for a {type(general).__name__} ({general.value!r}); only DNS names are "
+                    "certified",
+                    step="csr",
+                )
+            sans.append(general.value)
+    if len(sans) > MAX_CSR_ALT_NAMES or len(set(sans)) != len(sans):
+        raise AccessDenied(f"at most {MAX_CSR_ALT_NAMES} distinct subject alternative names", step="csr")
+    # (4)
+    for name in (cn, *sans):
+        reason = _name_reason(name, app, instance, domains)
+        if reason is not None:
+            raise AccessDenied(f"the CSR names {reason}", step="csr")
+    return cn, sans
 
 
 class KeyIssuer:
@@ -35,6 +141,7 @@ class KeyIssuer:
         holder: RootKeyHolder,
         *,
         gateway_app_id: str = "",
+        app_cert_domains: tuple[str, ...] = (),
         signed_cert_lifetime_s: int = 30 * 24 * 3600,
         app_key_cache_s: int = 600,
         app_key_cache_entries: int = 4096,
@@ -42,6 +149,7 @@ class KeyIssuer:
     ) -> None:
         self.holder = holder
         self.gateway_app_id = gateway_app_id
+        self.app_cert_domains = tuple(check_app_cert_domain(d) for d in app_cert_domains)
         self.signed_cert_lifetime_s = signed_cert_lifetime_s
         self.clock = clock
         self._ttl = app_key_cache_s
@@ -94,10 +202,13 @@ class KeyIssuer:
 
     def sign_cert(self, app: AuthorizedApp, csr_pem: str) -> tuple[str, api.SignCertResponse]:
         """A certificate for the CSR's key under the app's CA, naming the measured app in its app_id
-        extension. Returns (the issued CN, the answer). A bad CSR is AccessDenied at step `csr`."""
+        extension, for names on the allowlist of `csr_names` only. Returns (the issued CN, the answer). A
+        bad CSR is AccessDenied at step `csr`."""
         if not isinstance(app, AuthorizedApp):
             raise TypeError("certificates only for an AuthorizedApp")
         bi = app.boot_info
+        if len(csr_pem) > MAX_CSR_PEM_BYTES:
+            raise AccessDenied(f"the CSR is above {MAX_CSR_PEM_BYTES} bytes", step="csr")
         try:
             csr = x509.load_pem_x509_csr(csr_pem.encode())
         except ValueError as exc:
@@ -107,12 +218,7 @@ class KeyIssuer:
         pub = csr.public_key()
         if not isinstance(pub, ec.EllipticCurvePublicKey):
             raise AccessDenied("only EC (P-256/P-384) keys are certified", step="csr")
-        cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        cn = str(cns[0].value)[:64] if cns else f"app {bi.app_id.hex()}"
-        alt: list[str] = []
-        with contextlib.suppress(x509.ExtensionNotFound):
-            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            alt = [str(n) for n in san.get_values_for_type(x509.DNSName)][:MAX_CSR_ALT_NAMES]
+        cn, alt = csr_names(csr, app_id=bi.app_id, instance_id=bi.instance_id, domains=self.app_cert_domains)
         now = int(self.clock())
         try:
             leaf, ca_cert_pem = self.holder.sign_under_app_ca(

@@ -37,6 +37,7 @@ from teecloud.kms.threshold import (
     load_share,
     save_share,
 )
+from teecloud.kms.threshold_sign import open_signer
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -95,8 +96,12 @@ class KmsLaunch:
     # Join a DKG or reshare round at boot: called with (tee, identity) before the boot finishes (the dealers
     # release sub-shares to boot-time evidence only); its share is sealed, then the node serves it.
     join: Callable[[TeePlatform, KmsIdentity], ThresholdShare] | None = None
+    # An on-chain permission counts only once this many blocks deep (teecloud.peer.ChainGate); 0: the head.
+    finality_depth: int = 0
     # Called with (holder, identity, created) once the root keys are loaded; returns what was published.
     on_keys: Callable[[RootKeyHolder, KmsIdentity, bool], str] | None = None
+    # Refuse app key requests that do not send the CVM's measured app-compose (KmsConfig.require_app_compose)
+    require_app_compose: bool = False
 
 
 @dataclass
@@ -138,7 +143,9 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
                 f"no threshold share sealed under {kms_dir(spec.home)}: run the key ceremony first "
                 "(`teecloud kms threshold-init` in development)"
             )
-        evaluator = ThresholdEvaluator(share, gateway_app_id=spec.gateway_app_id)
+        evaluator = ThresholdEvaluator(
+            share, gateway_app_id=spec.gateway_app_id, signer=open_signer(spec.tee, identity, spec.home)
+        )
         reshare = ReshareDealer(share)
     # (3)
     published = publish_error = ""
@@ -161,10 +168,15 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         collateral=spec.collateral,
         audit=AuditLog(kms_dir(spec.home) / "audit.jsonl"),
         config=KmsConfig(
-            dev_mode=spec.dev, gateway_app_id=spec.gateway_app_id, kms_contract=spec.kms_contract
+            dev_mode=spec.dev,
+            gateway_app_id=spec.gateway_app_id,
+            kms_contract=spec.kms_contract,
+            require_app_compose=spec.require_app_compose,
+            chain_finality_depth=spec.finality_depth,
         ),
         dev_root_der=dev_root if spec.dev else None,
-        block_number=getattr(spec.chain, "block_number", None),
+        # checked_head (a ChainConnection's) also checks the endpoint still serves the same chain id
+        block_number=getattr(spec.chain, "checked_head", None) or getattr(spec.chain, "block_number", None),
         os_image_reference=spec.os_image_reference,
         root_keys=holder,
         threshold=evaluator,

@@ -6,9 +6,11 @@ Trust procedure for every attested request (`KmsService.attest`):
       the chain to the public temporary CA carries no trust (docs/kms.md);
   (2) the certificate is fresh: now within [not_before, not_after] and its lifetime at most
       `KmsConfig.max_client_cert_lifetime_s`;
-  (3) RA-TLS: the quote verifies against collateral for its FMSPC (a development root only in dev mode),
-      report_data = sha512("ratls-cert:" ‖ SPKI) binds that same key, the event log replays to the RTMRs,
-      and the policy holds (TCB floor, no debug) — teecloud.keys.ratls.verify_ratls_cert;
+  (3) RA-TLS: the evidence is of a kind the KMS accepts (TDX), the quote verifies against collateral for
+      its FMSPC (a development root only in dev mode), the event log replays to the RTMRs
+      (teecloud.attestation.verifier.verify_peer_evidence), report_data = sha512("ratls-cert:" ‖ SPKI)
+      binds that same key (teecloud.keys.ratls.check_key_binding), and the policy holds (TCB floor, no
+      debug);
   (4) production mode never accepts simulated evidence, whatever the verifier said;
   (5) boot_info is built from the verified evidence only;
   (1)-(5) are the shared RA-TLS peer verifier's (teecloud.peer.PeerVerifier), under the KMS's PeerPolicy;
@@ -85,6 +87,8 @@ class KmsConfig:
     evidence_cache_s            verified evidence is reused (keyed by certificate hash) for at most this long,
                                 and never past the certificate's not_after
     signed_cert_lifetime_s      lifetime of certificates issued by SignCert
+    app_cert_domains            base domains under which SignCert certifies an app's names
+                                (`<app_id>[-<port>][s|g].<domain>`); the bare app id is always allowed
     max_body_bytes              request bodies above this are refused before parsing
     accepted_tcb_statuses       TCB floor enforced by the KMS itself, on top of the attestation policy
     boot_challenge_window_s     a boot's challenge (its boot-nonce) releases keys for this long after issue
@@ -95,6 +99,8 @@ class KmsConfig:
     require_app_compose         app releasing paths refuse a request without the CVM's measured app-compose
                                 (so every app's `gpu_attestation` is read: the GPU gate, docs/ai.md); off by
                                 default while some key clients do not send it
+    chain_finality_depth        an on-chain permission counts once this many blocks deep; removals at once
+                                (teecloud.peer.ChainGate). 0: the head decides (local chains)
     """
 
     dev_mode: bool = False
@@ -103,6 +109,7 @@ class KmsConfig:
     evidence_cache_s: int = 300
     evidence_cache_entries: int = 4096
     signed_cert_lifetime_s: int = 30 * 24 * 3600
+    app_cert_domains: tuple[str, ...] = ()
     max_body_bytes: int = 256 * 1024
     gateway_app_id: str = ""
     kms_contract: str = ""
@@ -113,6 +120,8 @@ class KmsConfig:
     boot_challenge_max_uses: int = 8
     # --- gpu gate
     require_app_compose: bool = False
+    # --- end gpu gate
+    chain_finality_depth: int = 0
 
 
 # ------------------------------------------------------------------------------------------------ logic
@@ -189,7 +198,9 @@ class KmsService:
             cache_s=self.config.evidence_cache_s,
             cache_entries=self.config.evidence_cache_entries,
         )
-        self.authorizer = ChainAuthorizer(chain, block_number=block_number)
+        self.authorizer = ChainAuthorizer(
+            chain, block_number=block_number, finality_depth=self.config.chain_finality_depth
+        )
         self.challenges = challenges or BootChallenges(
             window_s=self.config.boot_challenge_window_s,
             max_uses=self.config.boot_challenge_max_uses,
@@ -209,6 +220,7 @@ class KmsService:
         self.issuer = KeyIssuer(
             self.keys,
             gateway_app_id=self.config.gateway_app_id,
+            app_cert_domains=self.config.app_cert_domains,
             signed_cert_lifetime_s=self.config.signed_cert_lifetime_s,
             app_key_cache_s=self.config.app_key_cache_s,
             app_key_cache_entries=self.config.app_key_cache_entries,
@@ -353,6 +365,39 @@ class KmsService:
             return self.threshold.evaluate(app)
 
         return self._audited(api.PATH_THRESHOLD_EVALUATE, cert_der, peer_addr, decide)
+
+    def threshold_sign(
+        self, cert_der: bytes | None, req: api.ThresholdSignRequest, *, peer_addr: str = ""
+    ) -> api.ThresholdSignResponse:
+        """Threshold mode: this node's share of the KMS signature over the app key of the attested, allowed
+        app (the same rule as ThresholdEvaluate; the message is built from the verified app_id)."""
+
+        def decide(ctx: dict[str, Any]) -> api.ThresholdSignResponse:
+            signer = self.threshold.signer if self.threshold is not None else None
+            if signer is None:
+                raise AccessDenied("this KMS holds no threshold signing share", step="mode")
+            try:
+                app_pub, session = bytes.fromhex(req.app_public_key), bytes.fromhex(req.session)
+            except ValueError as exc:
+                raise AccessDenied("app_public_key and session must be hex", step="request") from exc
+            app = self.authz.authorize_app(cert_der, req.vm_config, ctx=ctx, app_compose=req.app_compose)
+            share = signer.sign_app_key(app, app_pub, session)
+            presig = signer.pool.public(session)
+            ctx["reason"] = (
+                f"signature share {share.index} with presignature {session.hex()}; "
+                f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
+            )
+            return api.ThresholdSignResponse(
+                app_id=app.boot_info.app_id.hex(),
+                index=share.index,
+                session=session.hex(),
+                big_r=presig.big_r.hex(),
+                kinv_commitments=[c.hex() for c in presig.kinv_commitments],
+                sigma_commitments=[c.hex() for c in presig.sigma_commitments],
+                s=f"{share.s:064x}",
+            )
+
+        return self._audited(api.PATH_THRESHOLD_SIGN, cert_der, peer_addr, decide)
 
     def reshare_open(self, req: api.ReshareOpenRequest) -> api.ReshareOpenResponse:
         """Admin: open a reshare round on this old node; returns its dealing's commitments."""

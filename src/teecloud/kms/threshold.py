@@ -26,11 +26,13 @@ from pathlib import Path
 
 from teecloud._fs import atomic_write, atomic_write_json, data_home
 from teecloud.keys import threshold as th
+from teecloud.keys import threshold_ecdsa as te
 from teecloud.kms import api
 from teecloud.kms.authz import AuthorizedApp, AuthorizedKms
 from teecloud.kms.bootstrap import KmsIdentity, kms_dir
 from teecloud.kms.errors import AccessDenied, SealingError
 from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
+from teecloud.kms.threshold_sign import ThresholdSigner, open_signer, save_signing_share
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -121,7 +123,7 @@ class ThresholdShare:
 def save_share(
     share: ThresholdShare, tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
 ) -> Path:
-    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
     path = kms_dir(home) / SHARE_FILE
     atomic_write(path, seal(key, identity.mr_aggregated, share.to_json_bytes()))
     return path
@@ -141,7 +143,7 @@ def load_share(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
     path = kms_dir(home) / SHARE_FILE
     if not path.exists():
         return None
-    key = sealing_key(platform_sealing_secret(tee, home), identity.mr_aggregated)
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
     return ThresholdShare.from_json_bytes(unseal(key, identity.mr_aggregated, path.read_bytes()))
 
 
@@ -149,9 +151,14 @@ class ThresholdEvaluator:
     """This node's operation on its share: partial VOPRF evaluations, only for an AuthorizedApp (which only
     teecloud.kms.authz.Authorizer makes, after the whole key-release rule)."""
 
-    def __init__(self, share: ThresholdShare, *, gateway_app_id: str = "") -> None:
+    def __init__(
+        self, share: ThresholdShare, *, gateway_app_id: str = "", signer: ThresholdSigner | None = None
+    ) -> None:
+        """`signer`: this node's share of the group's signing key and its presignatures
+        (teecloud.kms.threshold_sign); without one, the node evaluates but never signs."""
         self._share = share
         self.gateway_app_id = gateway_app_id
+        self.signer = signer
 
     @property
     def epoch(self) -> int:
@@ -183,6 +190,7 @@ class ThresholdEvaluator:
             ],
             gateway_app_id=self.gateway_app_id,
             os_image_hash=bi.os_image_hash.hex(),
+            presignatures=[p.hex() for p in self.signer.pool.unused()[:16]] if self.signer else [],
         )
 
 
@@ -227,6 +235,8 @@ class GroupRecord:
     t: int
     n: int
     commitments: tuple[bytes, ...]
+    # the group's secp256k1 signing key (teecloud.kms.threshold_sign), b"" for a group without one
+    signing_key: bytes = b""
 
 
 def read_group(home: Path | None = None) -> GroupRecord | None:
@@ -245,9 +255,12 @@ def read_group(home: Path | None = None) -> GroupRecord | None:
             int(doc["t"]),
             int(doc["n"]),
             tuple(bytes.fromhex(c) for c in doc["commitments"]),
+            bytes.fromhex(doc.get("signing_key", "")),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SealingError(f"{path} is malformed: {exc}") from exc
+    if rec.signing_key and len(rec.signing_key) != 33:
+        raise SealingError(f"{path}: the signing key is 33 bytes")
     if len(rec.commitments) != rec.t or not 1 <= rec.t <= rec.n <= th.MAX_NODES:
         raise SealingError(f"{path}: inconsistent t, n and commitments")
     return rec
@@ -263,6 +276,7 @@ def write_group(rec: GroupRecord, home: Path | None = None) -> None:
             "t": rec.t,
             "n": rec.n,
             "commitments": [c.hex() for c in rec.commitments],
+            **({"signing_key": rec.signing_key.hex()} if rec.signing_key else {}),
         },
         mode=0o644,
     )
@@ -275,12 +289,24 @@ def dealer_home(index: int, home: Path | None = None) -> Path:
     return nodes_dir(home) / f"dealer-{index}"
 
 
+DEV_PRESIGNATURES = 32
+
+
 def dev_ceremony(
-    tee: TeePlatform, identity: KmsIdentity, t: int, n: int, *, epoch: int = 1, home: Path | None = None
+    tee: TeePlatform,
+    identity: KmsIdentity,
+    t: int,
+    n: int,
+    *,
+    epoch: int = 1,
+    home: Path | None = None,
+    presignatures: int = DEV_PRESIGNATURES,
 ) -> tuple[GroupRecord, bool]:
     """Development key ceremony: local_joint_feldman, share i sealed (to this KMS build's measurement) into
-    node i's directory, then the group record written last (atomically): a crash leaves no group, and a
-    re-run with the same t and n is a no-op. Returns (the group, created)."""
+    node i's directory; when n >= 2t-1 also a Joint-Feldman secp256k1 signing key (kms.threshold_sign)
+    and `presignatures` presignatures per node, made in this process (which sees every share and every
+    presignature: development only); then the group record written last (atomically): a crash leaves no
+    group, and a re-run with the same t and n is a no-op. Returns (the group, created)."""
     existing = read_group(home)
     if existing is not None:
         if (existing.t, existing.n) != (t, n):
@@ -292,7 +318,23 @@ def dev_ceremony(
     shares = local_joint_feldman(t, n, epoch=epoch)
     for s in shares:
         save_share(s, tee, identity, node_home(s.index, home))
-    rec = GroupRecord(epoch, t, n, group_commitments(shares))
+    signing_key = b""
+    if n >= 2 * t - 1:
+        keys = te.dkg_local(t, n)
+        pools = {}
+        for k in keys:
+            save_signing_share(k, tee, identity, node_home(k.index, home))
+            signer = open_signer(tee, identity, node_home(k.index, home))
+            assert signer is not None
+            pools[k.index] = signer.pool
+        made: dict[int, list[te.Presignature]] = {i: [] for i in pools}
+        for _ in range(presignatures):
+            for i, p in te.presign_local(keys, list(range(1, n + 1))).items():
+                made[i].append(p)
+        for i, pool in pools.items():
+            pool.add(made[i])
+        signing_key = keys[0].group_public_key
+    rec = GroupRecord(epoch, t, n, group_commitments(shares), signing_key)
     write_group(rec, home)
     return rec, True
 

@@ -16,7 +16,11 @@ Procedure:
       node evaluated equal the ones we compute, and each partial's DLEQ proof verifies against the node's
       public share Y_i = Σ i^j·C_j; a node failing any check is named (`faults`) and skipped;
   (4) any t valid answers combine (Lagrange at 0) into the two VOPRF outputs, from which the app's keys are
-      derived inside this CVM (teecloud.keys.threshold.app_keys_from_outputs).
+      derived inside this CVM (teecloud.keys.threshold.app_keys_from_outputs);
+  (5) for a group with a signing key: the KMS signature of the app's k256 key (the GetKey chain's root
+      signature) from t nodes' signature shares over one presignature they all hold
+      (teecloud.keys.threshold_ecdsa; each share checked, the result checked against the group's key).
+      Without t valid shares the boot goes on without it (`signature_error`): GetKey then refuses.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from typing import Any
 
 from teecloud.errors import Error
 from teecloud.keys import threshold as th
+from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.appkeys import AppKeys
 from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import QuoteSource
+from teecloud.keys.sigchain import k256_public_key, kms_issued_digest
 from teecloud.kms import api
 from teecloud.kms.challenge import MAX_TOKENS
 from teecloud.kms.client import ComposeBook, KmsClient, vm_config_json
@@ -50,8 +56,13 @@ class ThresholdGroup:
     t: int
     commitments: tuple[bytes, ...]
     nodes: Mapping[int, str]  # share index -> https URL
+    # the group's secp256k1 signing key (33 bytes, from the ceremony's record): what the KMS signature of an
+    # app key verifies under (the GetKey chain's root); empty for a group that has no signing key
+    signing_key: bytes = b""
 
     def __post_init__(self) -> None:
+        if self.signing_key and len(self.signing_key) != 33:
+            raise KmsClientError("threshold group: the signing key is a 33-byte compressed secp256k1 key")
         n = len(self.nodes)
         if not 1 <= self.t <= n <= MAX_TOKENS or len(self.commitments) != self.t:
             raise KmsClientError(
@@ -91,6 +102,7 @@ class ThresholdKeyProvider:
         self._public_shares = {i: th.public_share(group.commitments, i) for i in group.nodes}
         self._challenged: list[int] = sorted(group.nodes)
         self.faults: dict[int, str] = {}
+        self.signature_error = ""  # why the last get_app_keys got no KMS signature ('' when it did)
         self.composes = ComposeBook()  # the GPU gate: bind_app_compose
 
     def info(self) -> dict[str, Any]:
@@ -205,6 +217,7 @@ class ThresholdKeyProvider:
         # run costs the cluster t evaluations, not n, and no silent node holds the boot up.
         faults = dict(self.faults)
         valid: dict[int, tuple[list[th.Partial], str, str]] = {}
+        offered: dict[int, list[str]] = {}
 
         def accept(i: int, answer: Any) -> bool:
             if isinstance(answer, BaseException):
@@ -219,6 +232,7 @@ class ThresholdKeyProvider:
                 th.Partial(i, bytes.fromhex(p.element), bytes.fromhex(p.proof)) for p in answer.partials
             ]
             valid[i] = (partials, answer.gateway_app_id, answer.os_image_hash)
+            offered[i] = list(answer.presignatures)
             return True
 
         answered = self._gather(self._challenged, ask, accept, need=self.group.t, all_first=False)
@@ -236,6 +250,16 @@ class ThresholdKeyProvider:
             raise KmsClientError("the KMS nodes disagree on the gateway app id or the measured OS image")
         outputs = [th.combine(inputs[k], [valid[i][0][k] for i in chosen], t) for k in range(len(inputs))]
         _, gateway_app_id, os_image_hex = valid[chosen[0]]
+        k256_signature = b""
+        self.signature_error = ""
+        if self.group.signing_key:
+            try:
+                k256_signature = self._sign_app_key(tee, app_id, offered, th.app_k256_key(outputs[0]), faults)
+            except KmsClientError as exc:
+                # The app's keys do not depend on the signature: the boot goes on, and GetKey (which needs
+                # the chain) answers with the reason. An exhausted pool must not stop every boot.
+                self.signature_error = str(exc)
+                log.warning("no KMS signature of the app key: %s", exc)
         return th.app_keys_from_outputs(
             outputs[0],
             outputs[1],
@@ -244,6 +268,109 @@ class ThresholdKeyProvider:
             key_provider_info=self.info(),
             gateway_app_id=gateway_app_id,
             os_image_hash=bytes.fromhex(os_image_hex),
+            k256_signature=k256_signature,
+            kms_k256_pubkey=self.group.signing_key if k256_signature else b"",
+        )
+
+    # (5)
+    def _sign_app_key(
+        self,
+        tee: QuoteSource,
+        app_id: bytes,
+        offered: Mapping[int, list[str]],
+        app_k256: bytes,
+        faults: dict[int, str],
+    ) -> bytes:
+        """The KMS signature of this app's k256 key from t nodes (keys.threshold_ecdsa): one presignature
+        that t of them hold, a share from each (each node judges the request on its own again and builds the
+        message from our verified app_id), every share checked, combined, and the result checked to recover
+        to the group's signing key from the ceremony's record (never a node's say-so)."""
+        t = self.group.t
+        app_pub = k256_public_key(app_k256)
+        digest = kms_issued_digest(app_id, app_pub)
+        holders: dict[str, list[int]] = {}
+        for i, sessions in offered.items():
+            for sess in sessions:
+                holders.setdefault(sess, []).append(i)
+        usable = sorted(
+            (s for s, who in holders.items() if len(who) >= t), key=lambda s: (-len(holders[s]), s)
+        )
+        if not usable:
+            raise KmsClientError(
+                f"no presignature is held by {t} of the answering KMS nodes (their pools are exhausted: "
+                "run a presigning round)" + _fault_text(faults)
+            )
+        session = usable[0]
+        body = api.ThresholdSignRequest(
+            vm_config=vm_config_json(tee),
+            app_compose=self.composes.for_tee(tee),
+            app_public_key=app_pub.hex(),
+            session=session,
+        ).model_dump()
+        got: dict[int, tuple[te.Presignature, te.SignatureShare]] = {}
+
+        def ask(client: KmsClient) -> api.ThresholdSignResponse:
+            return client.attested_call(
+                tee,
+                api.PATH_THRESHOLD_SIGN,
+                api.ThresholdSignResponse,
+                body=body,
+                usage="app:kms-client",
+                app_id=app_id,
+            )
+
+        def accept(i: int, answer: Any) -> bool:
+            if isinstance(answer, BaseException):
+                faults[i] = "signature share: " + _describe(answer)
+                return False
+            try:
+                if answer.index != i or answer.session != session or answer.app_id != app_id.hex():
+                    raise ValueError("answered for another share, presignature or app")
+                presig = te.Presignature(
+                    index=i,
+                    t=t,
+                    session=bytes.fromhex(session),
+                    big_r=bytes.fromhex(answer.big_r),
+                    group_public_key=self.group.signing_key,
+                    kinv_share=None,
+                    sigma_share=0,
+                    kinv_commitments=tuple(bytes.fromhex(c) for c in answer.kinv_commitments),
+                    sigma_commitments=tuple(bytes.fromhex(c) for c in answer.sigma_commitments),
+                )
+                share = te.SignatureShare(i, int(answer.s, 16))
+                if len(presig.kinv_commitments) != t or len(presig.sigma_commitments) != t:
+                    raise ValueError("presignature commitments of another threshold")
+                if not te.verify_signature_share(presig, digest, share):
+                    raise ValueError("the signature share does not verify against the presignature")
+            except (ValueError, KeysError) as exc:
+                faults[i] = f"signature share: {exc}"
+                log.warning("KMS node %d (%s) is skipped: %s", i, self.group.nodes[i], faults[i])
+                return False
+            got[i] = (presig, share)
+            return True
+
+        # the holders first; then nodes that were challenged but not asked to evaluate (their pools, made in
+        # the same presigning rounds, normally hold the same session)
+        candidates = holders[session] + [i for i in self._challenged if i not in offered]
+        self._gather(candidates, ask, accept, need=t, all_first=False)
+        # the nodes that agree on the presignature's public part; a node off the majority is named
+        by_public: dict[tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]], list[int]] = {}
+        for i, (p, _) in got.items():
+            by_public.setdefault((p.big_r, p.kinv_commitments, p.sigma_commitments), []).append(i)
+        for members in sorted(by_public.values(), key=len, reverse=True):
+            if len(members) < t:
+                break
+            try:
+                sig = te.combine_signature(got[members[0]][0], digest, [got[i][1] for i in members])
+            except KeysError as exc:
+                faults[members[0]] = f"signature: {exc}"
+                continue
+            for i in got:
+                if i not in members:
+                    faults[i] = "signature share for another presignature than the other nodes"
+            return sig
+        raise KmsClientError(
+            f"fewer than {t} KMS nodes gave a valid signature share for the app key" + _fault_text(faults)
         )
 
     def _check(

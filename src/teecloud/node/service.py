@@ -41,6 +41,7 @@ from teecloud import vmconfig
 from teecloud._asgi import BoundedBody
 from teecloud._fs import atomic_write, data_home
 from teecloud._serve import NODE_API, LimitedServer, ServeLimits, limited_config
+from teecloud.agent.boot import GpuGate
 from teecloud.agent.keyprovider import KeyProvider
 from teecloud.ids import HexError, parse_app_id, parse_hex
 from teecloud.node import api
@@ -126,6 +127,7 @@ class Node:
         memory_mb: int | None = None,
         default_memory_mb: int | None = None,
         max_cvms: int = MAX_CVMS,
+        gpu_gate: GpuGate | None = None,
     ) -> None:
         self.home = Path(home) if home is not None else data_home()
         self.max_cvms = max_cvms
@@ -139,12 +141,14 @@ class Node:
         self.store = InstanceStore(self.home)
         # `tee_factory` gives the host's platform (what the node reports: kind, device, vm_config); the docker
         # backend's guest half runs on the same host, so it is the guest's too there. `runtime` is the docker
-        # backend's container engine (tests pass a fake one).
+        # backend's container engine (tests pass a fake one). `gpu_gate` (teecloud.node.gpus): the GPUs the
+        # docker backend's guests attest at boot, and the device roots trusted for them.
         self.backend: CvmBackend = backend or make_backend(
             "docker",
             key_provider=key_provider,
             guest_tee_factory=tee_factory,
             **({"runtime": runtime} if runtime is not None else {}),
+            **({"gpu_gate": gpu_gate} if gpu_gate is not None else {}),
         )
         self.tee_factory = tee_factory
         self.kms_urls = list(kms_urls or [])

@@ -5,6 +5,12 @@ the gateway (none of them imports another's internals to ask).
     ChainGate.kms_allowed(boot_info)   KmsAuth.isKmsAllowed, same cache rule
     FreshBlockNumber                   the chain's block number read at or after the call, shared
 
+Finality: with `finality_depth` d > 0 the gate says yes only when the chain allows at the head AND at the
+block d below it. So a permission counts once d blocks sit on top of the block that granted it (a reorg
+shorter than d cannot authorize a release or a route), while a removal counts at once (the head says no).
+The chain id is the reader's concern: pass `ChainConnection.checked_head` as `block_number` and every
+fresh read first checks that the endpoint still serves the chain it was opened on.
+
 Every failure to get a clear "yes" from the chain — unreachable RPC, revert, wrong chain, an unexpected
 exception — is a refusal (`PeerRejected(step="chain")`): nothing is released or routed on a guess.
 """
@@ -23,11 +29,18 @@ __all__ = ["AuthChain", "ChainGate", "FreshBlockNumber"]
 
 
 class AuthChain(Protocol):
-    """The part of teecloud.chain.ChainClient the chain gate uses."""
+    """The part of teecloud.chain.ChainClient the chain gate uses (`at`: ask at that block; only used with a
+    finality depth)."""
 
     def is_app_allowed(self, boot_info: BootInfo) -> tuple[bool, str]: ...
 
     def is_kms_allowed(self, boot_info: BootInfo) -> tuple[bool, str]: ...
+
+
+class AuthChainAt(AuthChain, Protocol):
+    def is_app_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> tuple[bool, str]: ...
+
+    def is_kms_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> tuple[bool, str]: ...
 
 
 class FreshBlockNumber:
@@ -94,8 +107,14 @@ class ChainGate:
         *,
         block_number: Callable[[], int] | None = None,
         max_entries: int = 4096,
+        finality_depth: int = 0,
     ) -> None:
+        if type(finality_depth) is not int or not 0 <= finality_depth <= 10_000:
+            raise ValueError(f"finality depth must be 0..10000 blocks, not {finality_depth!r}")
+        if finality_depth and block_number is None:
+            raise ValueError("a finality depth needs the chain's block number (block_number=)")
         self.chain = chain
+        self.finality_depth = finality_depth
         self._block_number = FreshBlockNumber(block_number) if block_number is not None else None
         self._max = max_entries
         self._cache: OrderedDict[tuple[str, BootInfo], tuple[int, bool, str]] = OrderedDict()
@@ -118,8 +137,7 @@ class ChainGate:
             if cached is not None and cached[0] == block:
                 ok, reason = cached[1], cached[2]
             else:
-                fn = self.chain.is_app_allowed if kind == "app" else self.chain.is_kms_allowed
-                ok, reason = fn(boot_info)
+                ok, reason = self._verdict(kind, boot_info, block)
                 if block is not None:
                     with self._lock:
                         self._cache[(kind, boot_info)] = (block, bool(ok), str(reason))
@@ -137,3 +155,24 @@ class ChainGate:
             what = "app" if kind == "app" else "KMS"
             raise PeerRejected(f"KmsAuth refuses this {what}: {reason or 'no reason given'}", step="chain")
         return str(reason)
+
+    def _verdict(self, kind: str, boot_info: BootInfo, head: int | None) -> tuple[bool, str]:
+        if not self.finality_depth:
+            fn = self.chain.is_app_allowed if kind == "app" else self.chain.is_kms_allowed
+            return fn(boot_info)
+        assert head is not None  # the constructor requires block_number with a depth
+        chain: AuthChainAt = self.chain  # type: ignore[assignment]
+        ask = chain.is_app_allowed if kind == "app" else chain.is_kms_allowed
+        depth = self.finality_depth
+        if head < depth:
+            return False, f"the chain is {head} blocks long, fewer than the finality depth {depth}"
+        ok, reason = ask(boot_info, at=head)
+        if ok is not True:
+            return False, str(reason)
+        final_ok, final_reason = ask(boot_info, at=head - depth)
+        if final_ok is not True:
+            return False, (
+                f"allowed at the head (block {head}) but not yet {depth} blocks deep (block {head - depth}: "
+                f"{final_reason or 'no'}); a permission counts once it is final"
+            )
+        return True, str(reason)

@@ -25,6 +25,8 @@ class TeePlatform(Protocol):
     device_id     dstack's device id (TDX: sha256(PPID)), b"" when unknown.
     vm_config()   dstack-types VmConfig of this CVM (os_image_hash, cpu_count, memory_size, ...), {} when
                   unknown; a KMS uses it to pick the RTMR0 reference (teecloud.vmconfig).
+    sealing_secret()  32+ bytes only this platform can derive (a KMS seals its state under a key derived
+                  from it and its own measurement); raises TeeUnavailable where the platform offers none.
     """
 
     @property
@@ -47,3 +49,5 @@ class TeePlatform(Protocol):
     def device_id(self) -> bytes: ...
 
     def vm_config(self) -> dict[str, Any]: ...
+
+    def sealing_secret(self) -> bytes: ...

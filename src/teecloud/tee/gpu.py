@@ -22,7 +22,7 @@ import datetime as dt
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -144,13 +144,13 @@ class SimulatedGpu:
         request = bytes([0x11, 0xE0, 0x01, 0xFF]) + nonce + bytes([0])
         record = b""
         for index in range(1, 5):  # DMTF blocks: SHA-384 digests of simulated firmware and configuration
-            digest = hashlib.sha384(f"simulated gpu measurement {index}".encode()).digest()
+            digest = self.measurement(index)
             value = bytes([1 if index < 3 else 3]) + len(digest).to_bytes(2, "little") + digest
             record += bytes([index, 0x01]) + len(value).to_bytes(2, "little") + value
         opaque = b""
         for ftype, val in (
             (3, self.driver_version.encode() + b"\0"),
-            (6, bytes([0x01, 0x00, 0x9F, 0x96, 0x01])),
+            (6, self.VBIOS_OPAQUE),
         ):
             opaque += ftype.to_bytes(2, "little") + len(val).to_bytes(2, "little") + val
         response = (
@@ -164,6 +164,103 @@ class SimulatedGpu:
         der = self._key.sign(request + response, ec.ECDSA(hashes.SHA384()))
         r, s = decode_dss_signature(der)
         return request + response + r.to_bytes(48, "big") + s.to_bytes(48, "big")
+
+    # The simulated measurement blocks by RIM: NVIDIA splits the golden values between a driver RIM and a
+    # VBIOS RIM; here blocks 1-2 are the "driver's", 3-4 the "VBIOS's".
+    RIM_BLOCKS: ClassVar[dict[str, tuple[int, ...]]] = {"driver": (1, 2), "vbios": (3, 4)}
+    VBIOS_OPAQUE = bytes([0x01, 0x00, 0x9F, 0x96, 0x01])
+
+    @staticmethod
+    def measurement(index: int) -> bytes:
+        return hashlib.sha384(f"simulated gpu measurement {index}".encode()).digest()
+
+    def rim(self, kind: str = "driver", *, golden: dict[int, bytes] | None = None) -> bytes:
+        """A RIM for this GPU's simulated firmware in NVIDIA's format (a signed SWID tag; see
+        teecloud.attestation.nvidia), signed by a RIM-signing certificate under the simulated device root.
+        Labelled SIMULATED in its name and tagId. `golden` overrides values (for tests of a mismatch)."""
+        from lxml import etree
+        from signxml import methods
+        from signxml.signer import XMLSigner
+
+        from teecloud.attestation.nvidia import RIM_HASH_NS, RIM_NS
+
+        if kind not in self.RIM_BLOCKS:
+            raise ValueError("kind is 'driver' or 'vbios'")
+        v = self.VBIOS_OPAQUE
+        version = (
+            self.driver_version
+            if kind == "driver"
+            else ".".join(f"{b:02X}" for b in (v[3], v[2], v[1], v[0], v[4]))
+        )
+        key = ec.generate_private_key(ec.SECP384R1())
+        cert = _cert(
+            _name("teecloud SIMULATED GPU RIM signing"), key, self._root.subject, self._root_key, ca=False
+        )
+        root = etree.Element(
+            f"{{{RIM_NS}}}SoftwareIdentity",
+            nsmap={None: RIM_NS, "SHA384": RIM_HASH_NS},
+            name=f"teecloud SIMULATED GPU {kind} RIM",
+            tagId=f"TEECLOUD_SIMULATED_GPU_{kind.upper()}_{version}",
+            version=version,
+            corpus="true",
+        )
+        etree.SubElement(root, f"{{{RIM_NS}}}Meta", colloquialVersion=version, product="SIMULATED GPU")
+        payload = etree.SubElement(root, f"{{{RIM_NS}}}Payload")
+        for index in self.RIM_BLOCKS[kind]:
+            value = (golden or {}).get(index, self.measurement(index))
+            etree.SubElement(
+                payload,
+                f"{{{RIM_NS}}}Resource",
+                {
+                    "type": "Measurement",
+                    "index": str(index),
+                    "active": "True",
+                    "alternatives": "1",
+                    "name": f"SIMULATED_MEASUREMENT_{index}",
+                    "size": str(len(value)),
+                    f"{{{RIM_HASH_NS}}}Hash0": value.hex(),
+                },
+            )
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        chain = [c.public_bytes(serialization.Encoding.PEM).decode() for c in (cert, self._root)]
+        signer = XMLSigner(
+            method=methods.enveloped, signature_algorithm="ecdsa-sha384", digest_algorithm="sha384"
+        )
+        return bytes(
+            etree.tostring(signer.sign(root, key=pem, cert=chain), xml_declaration=True, encoding="UTF-8")
+        )
+
+    def device_certificates(self) -> tuple[x509.Certificate, x509.Certificate]:
+        """(attestation leaf, device root): what an OCSP response for this GPU is about."""
+        return self._leaf, self._root
+
+    def ocsp_response(
+        self,
+        *,
+        revoked: bool = False,
+        this_update: dt.datetime | None = None,
+        valid_for: dt.timedelta | None = None,
+    ) -> bytes:
+        """An OCSP response (RFC 6960, DER) for the attestation certificate, signed by the device root, as
+        NVIDIA's OCSP service answers for a real GPU's chain. Development only."""
+        from cryptography.x509 import ocsp
+
+        now = this_update or dt.datetime.now(dt.UTC)
+        builder = ocsp.OCSPResponseBuilder().add_response(
+            cert=self._leaf,
+            issuer=self._root,
+            algorithm=hashes.SHA384(),
+            cert_status=ocsp.OCSPCertStatus.REVOKED if revoked else ocsp.OCSPCertStatus.GOOD,
+            this_update=now,
+            next_update=now + (valid_for or dt.timedelta(days=7)),
+            revocation_time=now if revoked else None,
+            revocation_reason=x509.ReasonFlags.key_compromise if revoked else None,
+        )
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self._root)
+        resp = builder.sign(self._root_key, hashes.SHA384())
+        return resp.public_bytes(serialization.Encoding.DER)
 
     def collect(self, nonce: bytes) -> list[dict[str, Any]]:
         chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self._leaf, self._root))

@@ -16,6 +16,7 @@ from teecloud.attestation.models import EventLogEntry
 from teecloud.tee.configfs import DEFAULT_TSM_REPORT_ROOT, TsmFs, TsmReport
 from teecloud.tee.errors import QuoteGenerationError, TeeUnavailable
 from teecloud.tee.simulated import _check_report_data
+from teecloud.tee.sysconfig import DEFAULT_SYS_CONFIG, read_sys_config
 
 __all__ = ["SNP_REPORT_LEN", "SevSnpPlatform"]
 
@@ -28,26 +29,40 @@ _MEASUREMENT_AT = 0x90
 class SevSnpPlatform:
     """An SEV-SNP guest (implements `teecloud.tee.base.TeePlatform` as far as SNP can)."""
 
-    def __init__(self, *, tsm_root: Path = DEFAULT_TSM_REPORT_ROOT, fs: TsmFs | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tsm_root: Path = DEFAULT_TSM_REPORT_ROOT,
+        fs: TsmFs | None = None,
+        sys_config: Path = DEFAULT_SYS_CONFIG,
+    ) -> None:
         self.tsm_root = Path(tsm_root)
+        self.sys_config_path = Path(sys_config)
         self._tsm = TsmReport(self.tsm_root, expected_provider=TSM_PROVIDER_SNP, fs=fs)
 
     @property
     def kind(self) -> str:
         return "sev_snp"
 
-    # -- identity the host tells the guest (dstack: .host-shared/.sys-config); not wired on hardware yet
+    # -- identity the host tells the guest (dstack's host-shared .sys-config.json; teecloud.tee.sysconfig)
 
     @property
     def os_image_hash(self) -> bytes:
-        return b""
+        config = read_sys_config(self.sys_config_path)
+        return config.os_image_hash if config is not None else b""
 
     @property
     def device_id(self) -> bytes:
         return b""
 
     def vm_config(self) -> dict[str, Any]:
-        return {}
+        config = read_sys_config(self.sys_config_path)
+        return dict(config.vm_config) if config is not None else {}
+
+    def sealing_secret(self) -> bytes:
+        # SNP can derive one (MSG_KEY_REQ through /dev/sev-guest, bound to the launch measurement); teecloud
+        # does not ask for it yet.
+        raise TeeUnavailable("SEV-SNP sealing keys (MSG_KEY_REQ) are not supported by teecloud yet")
 
     def _report(self, report_data: bytes, *, aux: bool) -> tuple[bytes, bytes | None]:
         rd = _check_report_data(report_data)

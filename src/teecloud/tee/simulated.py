@@ -35,6 +35,7 @@ import shutil
 import struct
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -297,6 +298,31 @@ def open_state(state_dir: Path, tcb: dcap.SimulatedTcb) -> tuple[dcap.Pki, dcap.
 # ---------------------------------------------------------------------------------------------------------
 
 
+SEALING_SECRET_FILE = "kms-sealing-secret"  # noqa: S105 (a file name)
+
+
+def simulated_sealing_secret(state_dir: Path) -> bytes:
+    """The sealing secret of the simulated platform whose state is `state_dir`, created once (two processes
+    racing keep the first one's), never re-created: a corrupt file is an error, not a new secret."""
+    path = state_dir / SEALING_SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        atomic_write(tmp, secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # fails if another process created it first: keep theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    data = path.read_bytes()
+    if len(data) != 32:
+        raise SimulatedTeeStateError(
+            f"{path} is corrupt ({len(data)} bytes, expected 32); refusing to re-create it"
+        )
+    return data
+
+
 class SimulatedTdx:
     """A simulated TDX CVM (implements `teecloud.tee.base.TeePlatform`).
 
@@ -429,6 +455,11 @@ class SimulatedTdx:
     def debug(self) -> bool:
         return self._debug
 
+    def sealing_secret(self) -> bytes:
+        """This simulated platform's sealing secret: 32 random bytes in its state directory, created on
+        first use and never overwritten. Only as strong as the host's file permissions (docs/kms.md)."""
+        return simulated_sealing_secret(self._state_dir)
+
     def dev_root_der(self) -> bytes:
         return self._pki.root_cert.public_bytes(serialization.Encoding.DER)
 
@@ -535,12 +566,19 @@ def _check_event(name: str, payload: bytes) -> None:
 
 
 def simulated_os_image_reference(
-    os_image_hash: bytes, *, cpu_count: int | None = None, memory_size: int | None = None
+    os_image_hash: bytes,
+    *,
+    cpu_count: int | None = None,
+    memory_size: int | None = None,
+    vm_config: object = None,
+    rtmr0_log: Sequence[bytes] = (),
 ) -> dict[str, bytes] | None:
     """Reference MRTD, RTMR1 and RTMR2 of a simulated OS image — and RTMR0 for a VM shape (cpu_count,
     memory_size) — in the shape a KMS takes (`KmsService(os_image_reference=...)`), so the KMS holds no copy
-    of the simulator's formula. Real images get theirs from the image's measurement tool (dstack-mr); none
-    is wired in yet. None for a malformed hash or shape (the caller refuses)."""
+    of the simulator's formula. Real images get theirs from their measurement files
+    (teecloud.kms.os_images.MeasuredOsImages). None for a malformed hash or shape (the caller refuses).
+    `vm_config` and `rtmr0_log` (what a KMS passes with the shape) are not needed: the simulator's RTMR0
+    is a function of the shape."""
     if len(os_image_hash) != 32:
         return None
     try:

@@ -31,6 +31,7 @@ from teecloud.tee._ccel import parse_ccel
 from teecloud.tee.configfs import DEFAULT_TSM_REPORT_ROOT, TsmFs, TsmReport
 from teecloud.tee.errors import QuoteGenerationError, TeeError, TeeUnavailable, TeeUsageError
 from teecloud.tee.simulated import RUNTIME_EVENT_TYPE, _check_event, _check_report_data, runtime_event_digest
+from teecloud.tee.sysconfig import DEFAULT_SYS_CONFIG, read_sys_config
 
 __all__ = ["TdxPlatform", "td_report_fields_from_quote"]
 
@@ -127,6 +128,7 @@ class TdxPlatform:
         event_log_path: Path = DEFAULT_EVENT_LOG,
         fs: TsmFs | None = None,
         qgs_connect: Callable[[], socket.socket] = _vsock_qgs_connect,
+        sys_config: Path = DEFAULT_SYS_CONFIG,
     ) -> None:
         self.tsm_root = Path(tsm_root)
         self.measurements_dir = Path(measurements_dir)
@@ -135,23 +137,32 @@ class TdxPlatform:
         self.event_log_path = Path(event_log_path)
         self._tsm = TsmReport(self.tsm_root, expected_provider=TSM_PROVIDER_TDX, fs=fs)
         self._qgs_connect = qgs_connect
+        self.sys_config_path = Path(sys_config)
 
     @property
     def kind(self) -> str:
         return "tdx"
 
-    # -- identity the host tells the guest (dstack: .host-shared/.sys-config); not wired on hardware yet
+    # -- identity the host tells the guest (dstack's host-shared .sys-config.json; teecloud.tee.sysconfig)
 
     @property
     def os_image_hash(self) -> bytes:
-        return b""
+        config = read_sys_config(self.sys_config_path)
+        return config.os_image_hash if config is not None else b""
 
     @property
     def device_id(self) -> bytes:
         return b""
 
     def vm_config(self) -> dict[str, Any]:
-        return {}
+        config = read_sys_config(self.sys_config_path)
+        return dict(config.vm_config) if config is not None else {}
+
+    def sealing_secret(self) -> bytes:
+        raise TeeUnavailable(
+            "a TDX guest has no hardware sealing key: a KMS on TDX gets its keys from other KMS nodes "
+            "(onboarding or a threshold share) and cannot seal them to this machine"
+        )
 
     # -- quotes ---------------------------------------------------------------------------------------
 

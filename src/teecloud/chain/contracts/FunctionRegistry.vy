@@ -115,3 +115,15 @@ def is_allowed(code_hash: bytes32, runtime_app_id: address) -> (bool, String[64]
     if runtime_app_id != self.runtime_app_id:
         return False, "another runtime app"
     return True, ""
+
+
+@external
+@view
+def check(code_hash: bytes32, runtime_app_id: address) -> uint256:
+    """@notice `is_allowed` as a number (0 allowed, 1 code hash not allowed, 2 another runtime app): the
+    verifier's path, without returning a string."""
+    if not self.allowed_code_hashes[code_hash]:
+        return 1
+    if runtime_app_id != self.runtime_app_id:
+        return 2
+    return 0

@@ -38,8 +38,13 @@ interface IAppAuth:
     def allowed_compose_hashes(compose_hash: bytes32) -> bool: view
 
 interface IFunctionRegistry:
-    def is_allowed(code_hash: bytes32, runtime_app_id: address) -> (bool, String[64]): view
+    def check(code_hash: bytes32, runtime_app_id: address) -> uint256: view
 
+
+event KeyCertified:
+    key_id: indexed(bytes32)
+    runtime_app_id: indexed(address)
+    function_hash: bytes32
 
 event ResultAccepted:
     consumer: indexed(address)
@@ -48,37 +53,35 @@ event ResultAccepted:
     function_hash: bytes32
 
 
-kms_auth: public(address)
+kms_auth: public(immutable(address))  # immutable: read from code, not a storage slot
 # consumer -> keccak256(function_id ‖ request_id) -> accepted
 accepted: public(HashMap[address, HashMap[bytes32, bool]])
+# keccak256(keccak256(KMS root) ‖ runtime app ‖ code hash ‖ result key x‖y) -> its chain checked (certify_key)
+certified: public(HashMap[bytes32, bool])
 
 TYPEHASH: constant(bytes32) = keccak256("teecloud-fn-result-v1")
 LO128: constant(uint256) = 2**128 - 1
+PURPOSE_PREFIX: constant(bytes19) = 0x746565636c6f75642d666e2d726573756c743a  # "teecloud-fn-result:"
 
 
 @deploy
-def __init__(kms_auth: address):
-    assert kms_auth != empty(address), "no KmsAuth"
-    self.kms_auth = kms_auth
+def __init__(auth: address):
+    assert auth != empty(address), "no KmsAuth"
+    kms_auth = auth
 
 
 @internal
 @pure
-def _recover(digest: bytes32, sig: Bytes[65]) -> address:
+def _signer(digest: bytes32, sig: Bytes[65], xy: Bytes[64]) -> bool:
+    """Whether `sig` over `digest` recovers to the key x‖y (its address: the low 20 bytes of keccak256(x‖y))."""
     assert len(sig) == 65, "a signature is 65 bytes"
+    assert len(xy) == 64, "a public key is x||y, 64 bytes"
     v: uint256 = convert(slice(sig, 64, 1), uint256)
     if v < 27:
         v += 27
     signer: address = ecrecover(digest, v, extract32(sig, 0), extract32(sig, 32))
     assert signer != empty(address), "unrecoverable signature"
-    return signer
-
-
-@internal
-@pure
-def _address_of(xy: Bytes[64]) -> address:
-    assert len(xy) == 64, "a public key is x||y, 64 bytes"
-    return convert(convert(keccak256(xy), uint256) & (2**160 - 1), address)
+    return signer == convert(convert(keccak256(xy), uint256) & (2**160 - 1), address)
 
 
 @internal
@@ -111,15 +114,92 @@ def _hex16(v: uint256) -> bytes32:
 
 @internal
 @pure
-def _hex32(b: bytes32) -> Bytes[64]:
-    v: uint256 = convert(b, uint256)
-    return concat(self._hex16(v >> 128), self._hex16(v & LO128))
+def _compressed_prefix(xy: Bytes[64]) -> uint256:
+    return 2 + (convert(extract32(xy, 32), uint256) & 1)
 
 
 @internal
 @pure
-def _compressed_prefix(xy: Bytes[64]) -> uint256:
-    return 2 + (convert(extract32(xy, 32), uint256) & 1)
+def _key_id(root: Bytes[65], runtime_app_id: address, function_hash: bytes32, result_key: Bytes[64]) -> bytes32:
+    """What a certification covers: the KMS root, the runtime app, the code hash and the result key."""
+    return keccak256(concat(keccak256(root), convert(runtime_app_id, bytes20), function_hash, result_key))
+
+
+@internal
+@view
+def _check_key(
+    root: Bytes[65],
+    runtime_app_id: address,
+    function_hash: bytes32,
+    result_key: Bytes[64],
+    app_signature: Bytes[65],
+    app_key: Bytes[64],
+    kms_signature: Bytes[65],
+    kms_root_key: Bytes[64],
+):
+    """Steps (5) and (6): `result_key` is the key the KMS derived for (runtime app, code hash) under `root`."""
+    # (5) "teecloud-fn-result:<code hash hex>:<compressed result key hex>", built from fixed-size pieces
+    fh: uint256 = convert(function_hash, uint256)
+    kx: uint256 = convert(extract32(result_key, 0), uint256)
+    purpose_digest: bytes32 = keccak256(
+        concat(
+            PURPOSE_PREFIX,
+            self._hex16(fh >> 128),
+            self._hex16(fh & LO128),
+            convert(convert(3813424 + self._compressed_prefix(result_key), uint24), bytes3),
+            self._hex16(kx >> 128),
+            self._hex16(kx & LO128),
+        )
+    )
+    assert self._signer(purpose_digest, app_signature, app_key), "result key not signed by the runtime app key"
+    # (6)
+    app_compressed: Bytes[33] = concat(
+        convert(convert(self._compressed_prefix(app_key), uint8), bytes1), extract32(app_key, 0)
+    )
+    issued_digest: bytes32 = keccak256(
+        concat(b"dstack-kms-issued:", convert(runtime_app_id, bytes20), app_compressed)
+    )
+    assert self._signer(issued_digest, kms_signature, kms_root_key), "app key not signed by the KMS root key given"
+    root_compressed: Bytes[33] = concat(
+        convert(convert(self._compressed_prefix(kms_root_key), uint8), bytes1), extract32(kms_root_key, 0)
+    )
+    assert (len(root) == 33 and keccak256(root) == keccak256(root_compressed)) or (
+        len(root) == 65 and keccak256(root) == keccak256(concat(b"\x04", kms_root_key))
+    ), "not the KMS root recorded in KmsAuth"
+
+
+@external
+def certify_key(
+    runtime_app_id: address,
+    function_hash: bytes32,
+    result_key: Bytes[64],
+    app_signature: Bytes[65],
+    app_key: Bytes[64],
+    kms_signature: Bytes[65],
+    kms_root_key: Bytes[64],
+) -> bytes32:
+    """@notice Check a result key's chain (steps 5 and 6) once and remember the conclusion, keyed by
+    everything it rests on (the KMS root KmsAuth records now, the runtime app, the code hash, the key):
+    later results signed by that key skip the two ecrecovers. A rotated root gives other ids, so a key
+    certified under the old root is checked in full again. Anyone may call it; it only records a fact."""
+    assert len(result_key) == 64, "a public key is x||y, 64 bytes"
+    root: Bytes[65] = staticcall IKmsAuth(kms_auth).kms_k256_pubkey()
+    self._check_key(
+        root, runtime_app_id, function_hash, result_key, app_signature, app_key, kms_signature, kms_root_key
+    )
+    key_id: bytes32 = self._key_id(root, runtime_app_id, function_hash, result_key)
+    if not self.certified[key_id]:
+        self.certified[key_id] = True
+        log KeyCertified(key_id=key_id, runtime_app_id=runtime_app_id, function_hash=function_hash)
+    return key_id
+
+
+@external
+@view
+def is_certified(runtime_app_id: address, function_hash: bytes32, result_key: Bytes[64]) -> bool:
+    """@notice Whether this result key is certified under the KMS root KmsAuth records now."""
+    root: Bytes[65] = staticcall IKmsAuth(kms_auth).kms_k256_pubkey()
+    return self.certified[self._key_id(root, runtime_app_id, function_hash, result_key)]
 
 
 @external
@@ -128,10 +208,9 @@ def verify(r: FunctionResult) -> Bytes[MAX_OUTPUT]:
     # (1)
     assert block.timestamp <= r.expiry, "result expired"
     # (2)
-    ok: bool = False
-    reason: String[64] = ""
-    ok, reason = staticcall IFunctionRegistry(r.function_id).is_allowed(r.function_hash, r.runtime_app_id)
-    assert ok, reason
+    status: uint256 = staticcall IFunctionRegistry(r.function_id).check(r.function_hash, r.runtime_app_id)
+    assert status != 1, "code hash not allowed"
+    assert status == 0, "another runtime app"
     # (3)
     assert staticcall IAppAuth(r.runtime_app_id).allowed_compose_hashes(r.runtime_compose_hash), (
         "runtime compose hash not allowed"
@@ -150,35 +229,14 @@ def verify(r: FunctionResult) -> Bytes[MAX_OUTPUT]:
             r.runtime_compose_hash,
         )
     )
-    assert self._recover(digest, r.signature) == self._address_of(r.result_key), "bad result signature"
-    # (5)
-    key_hex: Bytes[66] = concat(
-        slice(self._hex16(self._compressed_prefix(r.result_key)), 30, 2),
-        self._hex32(extract32(r.result_key, 0)),
-    )
-    purpose_digest: bytes32 = keccak256(
-        concat(b"teecloud-fn-result:", self._hex32(r.function_hash), b":", key_hex)
-    )
-    assert self._recover(purpose_digest, r.app_signature) == self._address_of(r.app_key), (
-        "result key not signed by the runtime app key"
-    )
-    # (6)
-    app_compressed: Bytes[33] = concat(
-        convert(convert(self._compressed_prefix(r.app_key), uint8), bytes1), extract32(r.app_key, 0)
-    )
-    issued_digest: bytes32 = keccak256(
-        concat(b"dstack-kms-issued:", convert(r.runtime_app_id, bytes20), app_compressed)
-    )
-    assert self._recover(issued_digest, r.kms_signature) == self._address_of(r.kms_root_key), (
-        "app key not signed by the KMS root key given"
-    )
-    root: Bytes[65] = staticcall IKmsAuth(self.kms_auth).kms_k256_pubkey()
-    root_compressed: Bytes[33] = concat(
-        convert(convert(self._compressed_prefix(r.kms_root_key), uint8), bytes1), extract32(r.kms_root_key, 0)
-    )
-    assert (len(root) == 33 and keccak256(root) == keccak256(root_compressed)) or (
-        len(root) == 65 and keccak256(root) == keccak256(concat(b"\x04", r.kms_root_key))
-    ), "not the KMS root recorded in KmsAuth"
+    assert self._signer(digest, r.signature, r.result_key), "bad result signature"
+    # (5), (6): skipped for a result key certified earlier under the KMS root KmsAuth records now
+    root: Bytes[65] = staticcall IKmsAuth(kms_auth).kms_k256_pubkey()
+    if not self.certified[self._key_id(root, r.runtime_app_id, r.function_hash, r.result_key)]:
+        self._check_key(
+            root, r.runtime_app_id, r.function_hash, r.result_key, r.app_signature, r.app_key, r.kms_signature,
+            r.kms_root_key,
+        )
     # (7)
     key: bytes32 = keccak256(concat(convert(r.function_id, bytes20), r.request_id))
     assert not self.accepted[msg.sender][key], "result already accepted (replay)"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from teecloud.agent.api import GetQuoteRequest
-from teecloud.agent.boot import AgentState
+from teecloud.agent.boot import AgentState, GpuGate
 from teecloud.agent.errors import GuestBootFailed, StorageError
 from teecloud.agent.guest import GUEST_PHASES, STORAGE_FS, BootedGuest, GuestPaths, boot_guest, shutdown_guest
 from teecloud.agent.keyprovider import KeyProvider
@@ -119,6 +119,7 @@ def boot_instance(
     runtime: Runtime,
     progress: Progress = lambda phase: None,
     healthy_timeout: float = HEALTHY_TIMEOUT_S,
+    gpu: GpuGate | None = None,
 ) -> BootedCvm:
     # (1)-(5): the guest half
     info = inst.info()
@@ -135,6 +136,7 @@ def boot_instance(
             render_env=render_env_file,
             extra_events=_kms_mode_events(tee),
             progress=progress,
+            gpu=gpu,  # the node's GPUs (teecloud.node.gpus): the guest's GPU gate
         )
     except GuestBootFailed as exc:
         if exc.phase == "keys":
@@ -334,8 +336,10 @@ class DockerBackend:
         guest_tee_factory: Callable[[], TeePlatform],
         runtime: Runtime | None = None,
         healthy_timeout: float = HEALTHY_TIMEOUT_S,
+        gpu_gate: GpuGate | None = None,
     ) -> None:
         self.key_provider = key_provider
+        self.gpu_gate = gpu_gate
         self.guest_tee_factory = guest_tee_factory
         self.runtime: Runtime = runtime or DockerRuntime()
         self.healthy_timeout = healthy_timeout
@@ -362,6 +366,7 @@ class DockerBackend:
             runtime=self.runtime,
             progress=progress,
             healthy_timeout=self.healthy_timeout,
+            gpu=self.gpu_gate,
         )
         return DockerCvm(instance, self.runtime, booted)
 

@@ -1,0 +1,153 @@
+# pragma version 0.4.3
+"""
+@title KmsGroup
+@notice The threshold KMS's committees, on chain (docs/kms.md, "Threshold mode"): for every root epoch, the
+        group public key and share commitments of each committee that holds it (a DKG creates the first,
+        every reshare a new one), its members (share index, measurement, device, URL), and which committee
+        serves. Clients take the group they combine under from here, not from an operator's file, and the
+        events are the membership log (every DKG, reshare and activation).
+        Rule kept on chain: within one epoch every committee has the same group key (commitments[0]): a
+        reshare moves shares, never the key. A new key is a new epoch (a rotation).
+"""
+
+MAX_NODES: constant(uint256) = 64
+
+
+struct Member:
+    index: uint8
+    mr_aggregated: bytes32
+    device_id: bytes32
+    url: String[256]
+
+
+event CommitteeRecorded:
+    committee_id: indexed(uint256)
+    epoch: indexed(uint64)
+    t: uint8
+    n: uint8
+    group_key: bytes32
+
+event MemberRecorded:
+    committee_id: indexed(uint256)
+    index: uint8
+    mr_aggregated: bytes32
+    device_id: bytes32
+    url: String[256]
+
+event CommitteeActivated:
+    epoch: indexed(uint64)
+    committee_id: indexed(uint256)
+    previous: uint256
+
+event OwnershipTransferStarted:
+    previous_owner: indexed(address)
+    new_owner: indexed(address)
+
+event OwnershipTransferred:
+    previous_owner: indexed(address)
+    new_owner: indexed(address)
+
+
+owner: public(address)
+pending_owner: public(address)
+committee_count: public(uint256)
+# committee id (1-based) ->
+committee_epoch: public(HashMap[uint256, uint64])
+committee_t: public(HashMap[uint256, uint8])
+committee_block: public(HashMap[uint256, uint256])
+_commitments: HashMap[uint256, DynArray[bytes32, MAX_NODES]]
+_members: HashMap[uint256, DynArray[Member, MAX_NODES]]
+# epoch ->
+group_key: public(HashMap[uint64, bytes32])
+active: public(HashMap[uint64, uint256])
+
+
+@deploy
+def __init__(owner: address):
+    assert owner != empty(address), "owner is the zero address"
+    self.owner = owner
+    log OwnershipTransferred(previous_owner=empty(address), new_owner=owner)
+
+
+@internal
+@view
+def _only_owner():
+    assert msg.sender == self.owner, "caller is not the owner"
+
+
+@external
+def record_committee(
+    epoch: uint64,
+    t: uint8,
+    commitments: DynArray[bytes32, MAX_NODES],
+    members: DynArray[Member, MAX_NODES],
+) -> uint256:
+    """@notice Record a committee (the result of a DKG or a reshare); it serves once activated."""
+    self._only_owner()
+    n: uint256 = len(members)
+    assert t >= 1 and convert(t, uint256) <= n, "need 1 <= t <= n"
+    assert len(commitments) == convert(t, uint256), "need exactly t commitments"
+    key: bytes32 = commitments[0]
+    assert key != empty(bytes32), "the group key is empty"
+    if self.group_key[epoch] == empty(bytes32):
+        self.group_key[epoch] = key
+    else:
+        assert self.group_key[epoch] == key, "a reshare keeps the epoch's group key"
+    last: uint8 = 0
+    for m: Member in members:
+        assert m.index > last, "member indices must increase"
+        assert convert(m.index, uint256) <= MAX_NODES, "member index above 64"
+        assert m.mr_aggregated != empty(bytes32), "a member needs its measurement"
+        last = m.index
+    cid: uint256 = self.committee_count + 1
+    self.committee_count = cid
+    self.committee_epoch[cid] = epoch
+    self.committee_t[cid] = t
+    self.committee_block[cid] = block.number
+    self._commitments[cid] = commitments
+    self._members[cid] = members
+    log CommitteeRecorded(committee_id=cid, epoch=epoch, t=t, n=convert(n, uint8), group_key=key)
+    for m: Member in members:
+        log MemberRecorded(
+            committee_id=cid, index=m.index, mr_aggregated=m.mr_aggregated, device_id=m.device_id, url=m.url
+        )
+    return cid
+
+
+@external
+def activate(committee_id: uint256):
+    """@notice Make a recorded committee the one that serves its epoch (after its nodes hold their shares)."""
+    self._only_owner()
+    assert committee_id >= 1 and committee_id <= self.committee_count, "no such committee"
+    epoch: uint64 = self.committee_epoch[committee_id]
+    previous: uint256 = self.active[epoch]
+    assert previous != committee_id, "already active"
+    self.active[epoch] = committee_id
+    log CommitteeActivated(epoch=epoch, committee_id=committee_id, previous=previous)
+
+
+@external
+@view
+def commitments(committee_id: uint256) -> DynArray[bytes32, MAX_NODES]:
+    return self._commitments[committee_id]
+
+
+@external
+@view
+def members(committee_id: uint256) -> DynArray[Member, MAX_NODES]:
+    return self._members[committee_id]
+
+
+@external
+def transfer_ownership(new_owner: address):
+    self._only_owner()
+    self.pending_owner = new_owner
+    log OwnershipTransferStarted(previous_owner=self.owner, new_owner=new_owner)
+
+
+@external
+def accept_ownership():
+    assert msg.sender == self.pending_owner, "caller is not the pending owner"
+    log OwnershipTransferred(previous_owner=self.owner, new_owner=msg.sender)
+    self.owner = msg.sender
+    self.pending_owner = empty(address)

@@ -1,0 +1,116 @@
+"""Facade of KmsGroup: the threshold KMS's committees on chain (group key and share commitments per root
+epoch, members, which committee serves) and their membership log (docs/kms.md, "Threshold mode")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ._values import to_bytes32
+from .connection import ChainConnection
+from .errors import ChainStateError
+
+__all__ = ["Committee", "CommitteeMember", "KmsGroup"]
+
+MAX_NODES = 64
+MAX_URL = 256
+
+
+@dataclass(frozen=True)
+class CommitteeMember:
+    index: int  # the share index, 1..64
+    mr_aggregated: bytes  # the node's KMS measurement (what KmsAuth.isKmsAllowed was asked about)
+    device_id: bytes
+    url: str  # where it serves (https://...)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= MAX_NODES:
+            raise ValueError(f"member index must be 1..{MAX_NODES}, not {self.index}")
+        to_bytes32(self.mr_aggregated, "measurement")
+        to_bytes32(self.device_id, "device id")
+        if len(self.url.encode()) > MAX_URL:
+            raise ValueError(f"member URL above {MAX_URL} bytes")
+
+    def to_abi(self) -> tuple[int, bytes, bytes, str]:
+        return (self.index, bytes(self.mr_aggregated), bytes(self.device_id), self.url)
+
+
+@dataclass(frozen=True)
+class Committee:
+    committee_id: int
+    epoch: int
+    t: int
+    commitments: tuple[bytes, ...]  # Feldman commitments, commitments[0] = the group public key
+    members: tuple[CommitteeMember, ...]
+    recorded_at_block: int
+
+    @property
+    def n(self) -> int:
+        return len(self.members)
+
+    @property
+    def group_public_key(self) -> bytes:
+        return self.commitments[0]
+
+    @property
+    def urls(self) -> dict[int, str]:
+        return {m.index: m.url for m in self.members}
+
+
+class KmsGroup:
+    def __init__(self, conn: ChainConnection, address: str | bytes) -> None:
+        self.conn = conn
+        self.address = address
+
+    def _call(self, fn: str, *args: Any) -> Any:
+        return self.conn.call("KmsGroup", self.address, fn, *args)
+
+    def _send(self, fn: str, *args: Any) -> dict[str, Any]:
+        return self.conn.transact("KmsGroup", self.address, fn, *args)
+
+    def record_committee(
+        self, epoch: int, t: int, commitments: tuple[bytes, ...] | list[bytes], members: list[CommitteeMember]
+    ) -> int:
+        """Record a DKG's or a reshare's committee (owner only); -> its committee id. It serves once
+        `activate`d. Reverts when a reshare would change the epoch's group key."""
+        receipt = self._send(
+            "record_committee",
+            int(epoch),
+            int(t),
+            [to_bytes32(c, "commitment") for c in commitments],
+            [m.to_abi() for m in sorted(members, key=lambda m: m.index)],
+        )
+        return int(self.conn.event_of(receipt, "KmsGroup", "CommitteeRecorded")["committee_id"])
+
+    def activate(self, committee_id: int) -> dict[str, Any]:
+        return self._send("activate", int(committee_id))
+
+    def committee(self, committee_id: int) -> Committee:
+        if not 1 <= committee_id <= int(self._call("committee_count")):
+            raise ChainStateError(f"no KMS committee {committee_id} on chain")
+        members = tuple(
+            CommitteeMember(int(i), bytes(mr), bytes(dev), str(url))
+            for i, mr, dev, url in self._call("members", committee_id)
+        )
+        return Committee(
+            committee_id=committee_id,
+            epoch=int(self._call("committee_epoch", committee_id)),
+            t=int(self._call("committee_t", committee_id)),
+            commitments=tuple(bytes(c) for c in self._call("commitments", committee_id)),
+            members=members,
+            recorded_at_block=int(self._call("committee_block", committee_id)),
+        )
+
+    def active(self, epoch: int) -> Committee | None:
+        """The committee serving `epoch`, None when none is active."""
+        cid = int(self._call("active", int(epoch)))
+        return self.committee(cid) if cid else None
+
+    def group_key(self, epoch: int) -> bytes | None:
+        key = bytes(self._call("group_key", int(epoch)))
+        return None if key == bytes(32) else key
+
+    def history(self) -> list[dict[str, Any]]:
+        """The membership log: every CommitteeRecorded / MemberRecorded / CommitteeActivated, in chain order
+        ({event, args, block, tx, log_index, address})."""
+        return list(self.conn.events("KmsGroup", self.address))

@@ -1,0 +1,106 @@
+"""`teecloud gateway check-cert HOST[:PORT] --keys URL`: is the key this server presents held in a TEE?
+
+Fetches the leaf certificate the server presents on the wire (SNI `--server-name`, default HOST) and the
+gateway's published quotes (`GET <registration URL>/.well-known/teecloud/cert-keys`), then checks, with
+`teecloud.gateway.certkeys.check_cert_key`, that a quote verified under the chosen trust (real TDX
+collateral from a PCCS, or this installation's simulated TEE, labelled) binds exactly that key. `--app-id`
+(the KMS's `gateway_app_id`) also requires the key to be held by that app.
+
+Exit codes: 0 = the key is vouched for, 1 = refused (the reason and step are printed), 2 = usage error.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from teecloud._fs import data_home
+
+__all__ = ["app"]
+
+app = typer.Typer(help="The gateway: check its certificates' keys.", no_args_is_help=True)
+_out = Console(highlight=False, soft_wrap=True)  # hashes on one line
+_err = Console(stderr=True, highlight=False)
+
+
+def _fail(message: str, code: int) -> None:
+    _err.print(f"[red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or "]" in port:
+        return value.strip("[]"), 443
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        _fail(f"bad port in {value!r}", 2)
+    return host.strip("[]"), int(port)
+
+
+@app.command("check-cert")
+def check_cert(
+    target: Annotated[str, typer.Argument(help="HOST or HOST:PORT of the gateway's public TLS port.")],
+    keys_url: Annotated[
+        str, typer.Option("--keys", help="URL of the gateway's published cert-keys document.")
+    ],
+    server_name: Annotated[
+        str | None, typer.Option("--server-name", help="SNI to send (default HOST).")
+    ] = None,
+    app_id: Annotated[str | None, typer.Option("--app-id", help="Require this app (hex, 20 bytes).")] = None,
+    trust_dev_root: Annotated[
+        bool, typer.Option("--trust-dev-root", help="Trust this installation's simulated TEE (development).")
+    ] = False,
+    pccs_url: Annotated[str | None, typer.Option("--pccs-url", help="PCCS for real TDX collateral.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
+) -> None:
+    """Check that the certificate key HOST presents is bound by a verified quote the gateway publishes."""
+    from teecloud.gateway.certkeys import CertKeyRefused, check_cert_key, fetch_document, presented_cert
+    from teecloud.peer import PccsCollateral, PeerPolicy, PeerVerifier, StaticCollateral
+
+    host, port = _host_port(target)
+    expected: bytes | None = None
+    if app_id is not None:
+        try:
+            expected = bytes.fromhex(app_id.removeprefix("0x"))
+        except ValueError:
+            expected = b""
+        if len(expected) != 20:
+            _fail("--app-id must be 20 bytes of hex", 2)
+    if trust_dev_root:
+        from teecloud.tee.simulated import SimulatedTdx
+
+        tee = SimulatedTdx()
+        verifier = PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
+        _err.print("[yellow]warning:[/] trusting this installation's simulated TEE: development only")
+    elif pccs_url:
+        from teecloud.collateral import PccsClient
+
+        verifier = PeerVerifier(
+            PeerPolicy.production(), PccsCollateral(PccsClient(pccs_url, data_home() / "pccs-cache"))
+        )
+    else:
+        _fail("give --pccs-url (real TDX) or --trust-dev-root (the simulated TEE)", 2)
+    if not keys_url.startswith(("https://", "http://")):
+        _fail("--keys must be an http(s):// URL", 2)
+    try:
+        cert = presented_cert(host, port, server_name=server_name)
+        verdict = check_cert_key(cert, fetch_document(keys_url), verifier, expected_app_id=expected)
+    except CertKeyRefused as exc:
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "step": exc.step, "reason": exc.reason}))
+        else:
+            _err.print(f"[red]refused[/] at step {exc.step}: {exc.reason}")
+        raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **verdict.to_json()}))
+        return
+    label = " [yellow](SIMULATED TEE)[/]" if verdict.simulated else ""
+    _out.print(f"[green]ok[/]: the {verdict.role} certificate key of {host}:{port} is held in a TEE{label}")
+    _out.print(f"  key spki sha256  {verdict.spki_sha256}")
+    _out.print(f"  tee / tcb        {verdict.tee} / {verdict.tcb_status}")
+    _out.print(f"  app_id           {verdict.app_id or '(none measured: not a teecloud app)'}")
+    if verdict.compose_hash:
+        _out.print(f"  compose_hash     {verdict.compose_hash}")

@@ -1,0 +1,357 @@
+"""A published quote per certificate key: anyone can check that the key a gateway's TLS certificate carries is
+held inside a TEE (and, from the quote's event log, by which code).
+
+Binding (the construction of the inference app's key set, docs/ai.md; RFC 8785 JCS, hex strings):
+
+    report_data = sha256(JCS({"purpose": "teecloud:gateway-cert-key", "spki_sha256": hex(sha256(SPKI DER))}))
+                  zero-padded to TDX's 64 bytes
+
+Document, served at `GET /.well-known/teecloud/cert-keys` (CERT_KEYS_PATH) on the gateway's registration
+listener (public HTTPS; the document authenticates itself, so the transport need not be trusted):
+
+    {"purpose": "teecloud:gateway-cert-key",
+     "keys": [{"role": "public" | "registration" | "dev-ca", "spki_sha256": hex, "names": [...],
+               "not_after": int, "quote": hex, "event_log": dstack event-log JSON text}]}
+
+`role`, `names` and `not_after` are informational (not covered by the quote); `spki_sha256` only selects an
+entry. The checker (`check_cert_key`) decides from the quote and the key presented on the wire:
+  (1) presented   the server's certificate (as received in the TLS handshake) parses; its SPKI is hashed
+  (2) published   the document parses (strict: known fields, bounded sizes) and has an entry for that
+                  SPKI hash; none means the key is not vouched for (a stale document after a renewal, or a
+                  key no TEE holds)
+  (3) quote       the entry's quote and event log verify under the verifier's policy (teecloud.peer:
+                  signatures, collateral, TCB, RTMR replay; simulated evidence only where a development root
+                  is trusted, and then reported as simulated)
+  (4) binding     the quote's report_data equals the binding recomputed from the presented SPKI
+  (5) app         optionally, the measured app_id is the expected one (the KMS's `gateway_app_id`)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import rfc8785
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from teecloud.gateway.errors import GatewayError, GatewayUsageError
+from teecloud.keys.ratls import QuoteSource, event_log_json
+from teecloud.peer import PeerRejected, PeerVerifier
+
+__all__ = [
+    "CERT_KEYS_PATH",
+    "CERT_KEY_PURPOSE",
+    "CertKeyPublisher",
+    "CertKeyRefused",
+    "CertKeyVerdict",
+    "PublishedKey",
+    "cert_key_report_data",
+    "check_cert_key",
+    "fetch_document",
+    "parse_document",
+    "presented_cert",
+]
+
+CERT_KEYS_PATH = "/.well-known/teecloud/cert-keys"
+CERT_KEY_PURPOSE = "teecloud:gateway-cert-key"
+MAX_DOCUMENT_BYTES = 1 << 20
+MAX_KEYS = 16
+MAX_QUOTE_BYTES = 64 * 1024
+MAX_EVENT_LOG_BYTES = 512 * 1024
+MAX_NAMES = 16
+MAX_NESTING = 8  # the document's own shape needs 4
+ROLES = ("public", "registration", "dev-ca")
+_ENTRY_FIELDS = {"role", "spki_sha256", "names", "not_after", "quote", "event_log"}
+
+
+class CertKeyRefused(GatewayError):
+    """The presented certificate key is not shown to be TEE-held; `step` names the failing check."""
+
+    def __init__(self, reason: str, *, step: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.reason = reason
+        self.step = step
+
+
+def spki_sha256(cert: x509.Certificate) -> bytes:
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()
+
+
+def cert_key_report_data(spki_digest: bytes) -> bytes:
+    """The 64-byte report_data binding a certificate key (its SPKI's sha256) for CERT_KEY_PURPOSE."""
+    if len(spki_digest) != 32:
+        raise GatewayUsageError("spki_sha256 is 32 bytes")
+    doc = {"purpose": CERT_KEY_PURPOSE, "spki_sha256": spki_digest.hex()}
+    return hashlib.sha256(rfc8785.dumps(doc)).digest().ljust(64, b"\x00")
+
+
+@dataclass(frozen=True)
+class PublishedKey:
+    role: str
+    spki_sha256: bytes
+    names: tuple[str, ...]
+    not_after: int
+    quote: bytes
+    event_log: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "spki_sha256": self.spki_sha256.hex(),
+            "names": list(self.names),
+            "not_after": self.not_after,
+            "quote": self.quote.hex(),
+            "event_log": self.event_log,
+        }
+
+
+class CertKeyPublisher:
+    """The gateway side: a quote for each certificate key it serves with, from its TEE, taken when the
+    certificate is made; the document lists the keys in use now (a replaced key's entry goes with it)."""
+
+    def __init__(self, tee: QuoteSource) -> None:
+        self.tee = tee
+        self._keys: dict[tuple[str, bytes], PublishedKey] = {}
+        self._document = b""
+        self._lock = threading.Lock()
+        self._render()
+
+    def publish(
+        self, role: str, cert_pem: str, names: tuple[str, ...] = (), *, replace: bool = True
+    ) -> PublishedKey:
+        """A quote for this certificate's key. `replace`: the role's other keys leave the document at once;
+        otherwise they stay until `retire` (a renewal publishes the new key before HAProxy serves it)."""
+        if role not in ROLES:
+            raise GatewayUsageError(f"unknown certificate role {role!r}")
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        digest = spki_sha256(cert)
+        entry = PublishedKey(
+            role=role,
+            spki_sha256=digest,
+            names=tuple(names)[:MAX_NAMES],
+            not_after=int(cert.not_valid_after_utc.timestamp()),
+            quote=self.tee.quote(cert_key_report_data(digest)),
+            event_log=event_log_json(self.tee.event_log()),
+        )
+        with self._lock:
+            if replace:
+                self._keys = {k: v for k, v in self._keys.items() if k[0] != role}
+            self._keys[(role, digest)] = entry
+            self._render()
+        return entry
+
+    def retire(self, role: str, *, keep: PublishedKey) -> None:
+        """The role's keys other than `keep` leave the document."""
+        with self._lock:
+            self._keys = {k: v for k, v in self._keys.items() if k[0] != role or v == keep}
+            self._render()
+
+    def _render(self) -> None:
+        doc = {"purpose": CERT_KEY_PURPOSE, "keys": [v.to_json() for _k, v in sorted(self._keys.items())]}
+        self._document = json.dumps(doc, separators=(",", ":")).encode()
+
+    def document(self) -> bytes:
+        with self._lock:
+            return self._document
+
+
+def _hex(value: object, name: str, *, size: int | None = None, max_bytes: int = MAX_QUOTE_BYTES) -> bytes:
+    if not isinstance(value, str) or len(value) > 2 * max_bytes:
+        raise CertKeyRefused(f"{name} is not a hex string of at most {max_bytes} bytes", step="published")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError as exc:
+        raise CertKeyRefused(f"{name} is not hex", step="published") from exc
+    if size is not None and len(raw) != size:
+        raise CertKeyRefused(f"{name} is not {size} bytes", step="published")
+    return raw
+
+
+def _nesting(data: bytes) -> int:
+    """The deepest [ / { nesting outside JSON strings, in one linear pass. Checked before json.loads: py-evm
+    (imported with the chain client) raises Python's recursion limit to 100000, and the C JSON decoder then
+    overflows the C stack, not the limit, on a hostile document nested some 100000 levels deep."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def parse_document(data: bytes) -> list[PublishedKey]:
+    """Strict parse of a cert-keys document (untrusted bytes). Raises CertKeyRefused(step="published")."""
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise CertKeyRefused(f"the document is larger than {MAX_DOCUMENT_BYTES} bytes", step="published")
+    if _nesting(data) > MAX_NESTING:
+        raise CertKeyRefused(f"the document nests deeper than {MAX_NESTING} levels", step="published")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise CertKeyRefused("the document is not JSON", step="published") from exc
+    if not isinstance(doc, dict) or set(doc) != {"purpose", "keys"}:
+        raise CertKeyRefused("the document has not exactly the fields purpose, keys", step="published")
+    if doc["purpose"] != CERT_KEY_PURPOSE:
+        raise CertKeyRefused(f"the document's purpose is not {CERT_KEY_PURPOSE!r}", step="published")
+    keys = doc["keys"]
+    if not isinstance(keys, list) or len(keys) > MAX_KEYS:
+        raise CertKeyRefused(f"keys is not a list of at most {MAX_KEYS}", step="published")
+    out = []
+    for i, e in enumerate(keys):
+        if not isinstance(e, dict) or set(e) != _ENTRY_FIELDS:
+            raise CertKeyRefused(
+                f"keys[{i}] has not exactly the fields {sorted(_ENTRY_FIELDS)}", step="published"
+            )
+        names = e["names"]
+        if (
+            e["role"] not in ROLES
+            or not isinstance(names, list)
+            or len(names) > MAX_NAMES
+            or not all(isinstance(n, str) and len(n) <= 253 for n in names)
+            or not isinstance(e["not_after"], int)
+            or isinstance(e["not_after"], bool)
+            or not isinstance(e["event_log"], str)
+            or len(e["event_log"]) > MAX_EVENT_LOG_BYTES
+        ):
+            raise CertKeyRefused(f"keys[{i}] has a malformed field", step="published")
+        out.append(
+            PublishedKey(
+                role=e["role"],
+                spki_sha256=_hex(e["spki_sha256"], f"keys[{i}].spki_sha256", size=32),
+                names=tuple(names),
+                not_after=e["not_after"],
+                quote=_hex(e["quote"], f"keys[{i}].quote"),
+                event_log=e["event_log"],
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class CertKeyVerdict:
+    spki_sha256: str
+    role: str
+    tee: str
+    simulated: bool
+    tcb_status: str
+    app_id: str
+    compose_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_cert_key(
+    cert_der: bytes,
+    document: bytes,
+    verifier: PeerVerifier,
+    *,
+    now: int | None = None,
+    expected_app_id: bytes | None = None,
+) -> CertKeyVerdict:
+    """(1)-(5) of the module docstring. Raises CertKeyRefused with the failing step."""
+    # (1)
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        digest = spki_sha256(cert)
+    except ValueError as exc:
+        raise CertKeyRefused(f"the server's certificate does not parse ({exc})", step="presented") from exc
+    # (2)
+    entry = next((k for k in parse_document(document) if k.spki_sha256 == digest), None)
+    if entry is None:
+        raise CertKeyRefused(
+            f"no published quote covers the key this server presented (spki sha256 {digest.hex()}): "
+            "the document is stale or the key is not TEE-held",
+            step="published",
+        )
+    # (3)
+    try:
+        evidence = verifier.verify_evidence(entry.quote, entry.event_log, now=now)
+    except PeerRejected as exc:
+        raise CertKeyRefused(f"the published quote does not verify: {exc.reason}", step="quote") from exc
+    # (4)
+    if evidence.report_data != cert_key_report_data(digest):
+        raise CertKeyRefused(
+            "the published quote's report_data does not bind the presented key "
+            f"(expected sha256(JCS({{purpose: {CERT_KEY_PURPOSE}, spki_sha256}})))",
+            step="binding",
+        )
+    # (5)
+    app = evidence.app_info
+    app_id = app.app_id if app is not None else b""
+    if expected_app_id is not None and app_id != expected_app_id:
+        raise CertKeyRefused(
+            f"the key is held by app {app_id.hex() or '(none measured)'}, not {expected_app_id.hex()}",
+            step="app",
+        )
+    return CertKeyVerdict(
+        spki_sha256=digest.hex(),
+        role=entry.role,
+        tee=evidence.tee,
+        simulated=evidence.simulated,
+        tcb_status=evidence.tcb_status,
+        app_id=app_id.hex(),
+        compose_hash=app.compose_hash.hex() if app is not None else "",
+    )
+
+
+def presented_cert(host: str, port: int, *, server_name: str | None = None, timeout: float = 10.0) -> bytes:
+    """The leaf certificate (DER) a TLS server presents for `server_name` (default `host`). The chain is not
+    checked here: the question is which key answers, and the published quote decides about that key."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=server_name or host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError) as exc:
+        raise CertKeyRefused(f"TLS to {host}:{port} failed: {exc}", step="presented") from exc
+    if not der:
+        raise CertKeyRefused(f"{host}:{port} presented no certificate", step="presented")
+    return der
+
+
+def fetch_document(url: str, *, timeout: float = 10.0) -> bytes:
+    """GET the cert-keys document (at most MAX_DOCUMENT_BYTES). TLS is not verified: the document carries
+    its own proof (the quotes), and a forged one fails at step (3) or (4)."""
+    if not url.startswith(("https://", "http://")):
+        raise GatewayUsageError("the cert-keys URL must be http(s)://")
+    try:
+        with httpx.Client(verify=False, timeout=timeout) as client:  # noqa: S501 - self-authenticating
+            with client.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise CertKeyRefused(f"{url} answered {r.status_code}", step="published")
+                chunks, size = [], 0
+                for chunk in r.iter_bytes():
+                    size += len(chunk)
+                    if size > MAX_DOCUMENT_BYTES:
+                        raise CertKeyRefused(
+                            f"{url} sent more than {MAX_DOCUMENT_BYTES} bytes", step="published"
+                        )
+                    chunks.append(chunk)
+    except httpx.HTTPError as exc:
+        raise CertKeyRefused(f"cannot fetch {url}: {type(exc).__name__}", step="published") from exc
+    return b"".join(chunks)

@@ -1,0 +1,686 @@
+"""Threshold ECDSA over secp256k1 for an honest majority (pure functions and message types; no I/O).
+
+The protocol is Gennaro, Jarecki, Krawczyk, Rabin, "Robust Threshold DSS Signatures" (EUROCRYPT '96;
+Information and Computation 164, 2001), §4 "DSS-Thresh-Sig", carried over from DSS to ECDSA on secp256k1
+and split into an offline presignature phase and an online signing phase:
+
+  * Key: the signing key x is Shamir-shared at degree t-1 (shares at x = 1..n) with Feldman commitments
+    (Feldman, FOCS '87); the group public key X = x·G is commitments[0]. `dkg_local` is Pedersen's
+    Joint-Feldman among n dealers (the keys.threshold module's DKG, over this curve's scalar field).
+  * Presignature (offline; participants P with |P| >= 2t-1, GJKR's "n >= 2t+1" for degree t-1 shares):
+      (1) every i in P deals Feldman sharings of random k^(i), a^(i) (degree t-1, to all n share holders)
+          and of zero z^(i) (degree 2t-2: GJKR's Joint-ZVSS, to P); receivers check every sub-share
+          against its dealer's commitments and name a dealer whose sub-share does not verify.
+          k = Σ k^(i), a = Σ a^(i); R = k·G = Σ C_0 of the k^(i) sharings (GJKR: r = g^k, DSS r = R.x).
+      (2) GJKR's inversion (their §4, after Bar-Ilan–Beaver): every j in P publishes w_j = k_j·a_j + z_j,
+          a point on a degree 2t-2 polynomial whose value at 0 is μ = k·a; anyone interpolates μ from P.
+          Then k^-1 = μ^-1·a, so (k^-1)_j = μ^-1·a_j is a degree t-1 sharing of k^-1.
+      (3) The product k^-1·x is computed by degree reduction (Gennaro, Rabin, Rabin, PODC '98, the
+          "resharing" step GJKR use for the second multiplication): every j in P Feldman-shares
+          p_j = (k^-1)_j·x_j at degree t-1; σ_m = Σ_j λ_j^P·p_j(m) is a degree t-1 sharing of k^-1·x.
+    GJKR detect a wrong w_j with error-correcting codes (which needs n >= 4t+1 for the basic variant);
+    here every published value carries a Chaum–Pedersen proof (CRYPTO '92) of equal discrete logarithms
+    against the public shares the Feldman commitments fix, so a wrong w_j or p_j is detected and its
+    sender named with only 2t-1 participants (these proofs are non-interactive by Fiat–Shamir, SHA-256
+    over the session, the sender and every point).
+  * Signing (online; any t holders of the presignature): s_m = (k^-1)_m·e + σ_m·r, a degree t-1 sharing
+    of s = k^-1(e + r·x). Each s_m is checked in the exponent against public shares
+    (s_m·G == e·(k^-1)_m·G + r·σ_m·G), so a wrong share names its sender; any t valid ones interpolate to
+    s. The output is an ordinary 65-byte recoverable signature r‖s‖v (low s, v in {0, 1}) over the digest.
+    A presignature is used for at most one digest (a reused k reveals x): the holder must erase it first.
+
+What t-1 holders learn: nothing about x or k beyond the public values (GJKR Thm 4.2 for the ECDSA
+analogue, with Feldman commitments revealing x·G, k·G, a·G and k^-1·G, k^-1·x·G; GJKR prove DSS secure
+with g^a public). Joint-Feldman lets a rushing participant abort after seeing R and so choose among
+several R (GJKR, J. Cryptology 2007, §3): an abort here names the participant, which the caller excludes.
+Scalars are Python ints mod N (not constant time); points are SEC1 compressed bytes through coincurve
+(libsecp256k1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import coincurve
+
+from teecloud.keys.errors import KeyUsageError, MalformedKeyMaterial
+
+__all__ = [
+    "GENERATOR",
+    "MAX_NODES",
+    "ORDER",
+    "Dealing",
+    "KeyShare",
+    "MulMessage",
+    "PresignDealing",
+    "PresignPublic",
+    "Presignature",
+    "ReduceDealing",
+    "SignatureShare",
+    "ThresholdSignatureError",
+    "combine_signature",
+    "dkg_local",
+    "feldman_deal",
+    "lagrange_at_zero",
+    "presign_finish",
+    "presign_local",
+    "presign_multiply",
+    "presign_reduce",
+    "presign_round1",
+    "public_share",
+    "sign_local",
+    "sign_share",
+    "verify_signature_share",
+]
+
+ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141  # SEC 2 §2.4.1, secp256k1 n
+MAX_NODES = 64
+_DOMAIN = b"teecloud-tecdsa-secp256k1-v1"
+
+
+class ThresholdSignatureError(MalformedKeyMaterial):
+    """A dealing, proof or signature share that does not verify; `party` names the sender when known."""
+
+    def __init__(self, message: str, *, party: int | None = None) -> None:
+        super().__init__(message if party is None else f"party {party}: {message}")
+        self.party = party
+
+
+# ------------------------------------------------------------------------------------------ group ops
+
+
+def _scalar(k: int) -> bytes:
+    return (k % ORDER).to_bytes(32, "big")
+
+
+def _mul_base(k: int) -> bytes:
+    k %= ORDER
+    if k == 0:
+        raise ThresholdSignatureError("a zero scalar (probability 2^-256 unless forced)")
+    return bytes(coincurve.PublicKey.from_secret(_scalar(k)).format(compressed=True))
+
+
+def _point(p: bytes) -> coincurve.PublicKey:
+    if len(p) != 33 or p[0] not in (2, 3):
+        raise ThresholdSignatureError("a point is 33 bytes SEC1 compressed")
+    try:
+        return coincurve.PublicKey(p)
+    except Exception as exc:  # coincurve raises ValueError / bare Exception for points not on the curve
+        raise ThresholdSignatureError("not a secp256k1 point") from exc
+
+
+def _mul(k: int, p: bytes) -> bytes:
+    k %= ORDER
+    if k == 0:
+        raise ThresholdSignatureError("a zero scalar (probability 2^-256 unless forced)")
+    return bytes(_point(p).multiply(_scalar(k)).format(compressed=True))
+
+
+def _sum(points: Sequence[bytes]) -> bytes:
+    if not points:
+        raise KeyUsageError("empty sum")
+    if len(points) == 1:
+        return bytes(_point(points[0]).format(compressed=True))
+    try:
+        return bytes(coincurve.PublicKey.combine_keys([_point(p) for p in points]).format(compressed=True))
+    except ThresholdSignatureError:
+        raise
+    except Exception as exc:  # the point at infinity: never from honest parties
+        raise ThresholdSignatureError("a sum of points is the point at infinity") from exc
+
+
+def _neg(p: bytes) -> bytes:
+    _point(p)
+    return bytes([p[0] ^ 1]) + p[1:]  # SEC1: negation flips the y-parity prefix 02 <-> 03
+
+
+def _eq(a: bytes, b: bytes) -> bool:
+    return secrets.compare_digest(a, b)
+
+
+GENERATOR = _mul_base(1)
+
+
+def _poly_eval(coeffs: Sequence[int], x: int) -> int:
+    acc = 0
+    for a in reversed(coeffs):
+        acc = (acc * x + a) % ORDER
+    return acc
+
+
+def _rand() -> int:
+    return secrets.randbelow(ORDER - 1) + 1
+
+
+def _check_params(t: int, n: int) -> None:
+    if not 1 <= t <= n <= MAX_NODES:
+        raise KeyUsageError(f"need 1 <= t <= n <= {MAX_NODES}, got t={t}, n={n}")
+
+
+def lagrange_at_zero(xs: Sequence[int]) -> dict[int, int]:
+    """λ_i = Π_{j≠i} x_j / (x_j − x_i) mod N, for interpolation at 0."""
+    if not xs or len(set(xs)) != len(xs) or any(not 1 <= x <= MAX_NODES for x in xs):
+        raise KeyUsageError(f"share indices must be distinct, in 1..{MAX_NODES}")
+    out = {}
+    for i in xs:
+        num, den = 1, 1
+        for j in xs:
+            if j != i:
+                num = num * j % ORDER
+                den = den * (j - i) % ORDER
+        out[i] = num * pow(den, -1, ORDER) % ORDER
+    return out
+
+
+# ------------------------------------------------------------------------------- Feldman VSS (secp256k1)
+
+
+@dataclass(frozen=True)
+class Dealing:
+    """A Feldman sharing: public `commitments` (C_j = a_j·G; for a zero-sharing C_0 is omitted, so
+    commitments[0] is C_1) and secret `shares` (recipient -> f(recipient))."""
+
+    dealer: int
+    commitments: tuple[bytes, ...]
+    shares: dict[int, int]
+    zero: bool = False
+
+
+def feldman_deal(
+    secret: int | None, degree: int, recipients: Sequence[int], *, dealer: int, zero: bool = False
+) -> Dealing:
+    """Feldman VSS of `secret` (random when None; 0 when `zero`) with a degree-`degree` polynomial."""
+    if zero:
+        a0 = 0
+    else:
+        a0 = secret if secret is not None else _rand()
+        if not 0 < a0 < ORDER:
+            raise KeyUsageError("secret out of range")
+    coeffs = [a0] + [_rand() for _ in range(degree)]
+    shown = coeffs[1:] if zero else coeffs
+    return Dealing(
+        dealer, tuple(_mul_base(a) for a in shown), {x: _poly_eval(coeffs, x) for x in recipients}, zero
+    )
+
+
+def public_share(commitments: Sequence[bytes], x: int, *, zero: bool = False) -> bytes:
+    """Σ_j x^j·C_j (j from 1 for a zero-sharing): the public image f(x)·G of share x."""
+    if not 1 <= x <= MAX_NODES or not commitments:
+        raise KeyUsageError("share index out of range or no commitments")
+    first = 1 if zero else 0
+    return _sum([_mul(pow(x, j + first, ORDER), c) for j, c in enumerate(commitments)])
+
+
+def _verify_sub_share(d_commitments: Sequence[bytes], x: int, share: int, *, zero: bool = False) -> bool:
+    if not 0 < share < ORDER:
+        return False
+    try:
+        return _eq(_mul_base(share), public_share(d_commitments, x, zero=zero))
+    except ThresholdSignatureError:
+        return False
+
+
+def _sum_commitments(
+    vectors: Sequence[Sequence[bytes]], weights: Sequence[int] | None = None
+) -> tuple[bytes, ...]:
+    length = len(vectors[0])
+    if any(len(v) != length for v in vectors):
+        raise ThresholdSignatureError("dealings disagree on the degree")
+    w = weights if weights is not None else [1] * len(vectors)
+    return tuple(_sum([_mul(wi, v[j]) for wi, v in zip(w, vectors, strict=True)]) for j in range(length))
+
+
+# ------------------------------------------------------------------------- Chaum–Pedersen DLEQ proofs
+
+
+def _hash_scalar(*parts: bytes) -> int:
+    h = hashlib.sha256()
+    for p in (_DOMAIN, *parts):
+        h.update(len(p).to_bytes(4, "big") + p)
+    return int.from_bytes(h.digest(), "big") % ORDER
+
+
+def _dleq_prove(label: bytes, w: int, g1: bytes, h1: bytes, g2: bytes, h2: bytes) -> bytes:
+    """Chaum–Pedersen (CRYPTO '92) with Fiat–Shamir: log_g1(h1) == log_g2(h2) == w. Proof c ‖ z."""
+    r = _rand()
+    t1, t2 = _mul(r, g1), _mul(r, g2)
+    c = _hash_scalar(label, g1, h1, g2, h2, t1, t2)
+    return _scalar(c) + _scalar(r + c * w)
+
+
+def _dleq_verify(label: bytes, g1: bytes, h1: bytes, g2: bytes, h2: bytes, proof: bytes) -> bool:
+    if len(proof) != 64:
+        return False
+    c, z = int.from_bytes(proof[:32], "big"), int.from_bytes(proof[32:], "big")
+    if not (0 < c < ORDER and 0 < z < ORDER):
+        return False
+    try:
+        t1 = _sum([_mul(z, g1), _neg(_mul(c, h1))])
+        t2 = _sum([_mul(z, g2), _neg(_mul(c, h2))])
+    except ThresholdSignatureError:
+        return False
+    return _eq(_scalar(_hash_scalar(label, g1, h1, g2, h2, t1, t2)), _scalar(c))
+
+
+def _label(session: bytes, step: bytes, party: int) -> bytes:
+    return session + b"/" + step + b"/" + party.to_bytes(2, "big")
+
+
+# ----------------------------------------------------------------------------------------- key shares
+
+
+@dataclass(frozen=True)
+class KeyShare:
+    """Share holder `index`'s share x_index of the signing key and the group's Feldman commitments."""
+
+    index: int
+    t: int
+    n: int
+    share: int
+    commitments: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _check_params(self.t, self.n)
+        if not 1 <= self.index <= self.n or len(self.commitments) != self.t:
+            raise KeyUsageError("key share: index out of 1..n or not t commitments")
+        if not _verify_sub_share(self.commitments, self.index, self.share):
+            raise ThresholdSignatureError(
+                "key share does not match the group's commitments", party=self.index
+            )
+
+    @property
+    def group_public_key(self) -> bytes:
+        return self.commitments[0]
+
+
+def dkg_local(t: int, n: int) -> list[KeyShare]:
+    """Joint-Feldman among n dealers in one process (dev, tests, bench: the caller sees every share)."""
+    _check_params(t, n)
+    holders = list(range(1, n + 1))
+    dealings = [feldman_deal(None, t - 1, holders, dealer=d) for d in holders]
+    group = _sum_commitments([d.commitments for d in dealings])
+    return [KeyShare(j, t, n, sum(d.shares[j] for d in dealings) % ORDER, group) for j in holders]
+
+
+# ---------------------------------------------------------------------------------------- presigning
+
+
+@dataclass(frozen=True)
+class PresignDealing:
+    """Round 1 of participant `dealer`: sharings of k^(i), a^(i) (degree t-1, to all n) and of zero
+    (degree 2t-2, to the participants). Commitments are broadcast; shares[j] goes to j only."""
+
+    dealer: int
+    k: Dealing
+    a: Dealing
+    z: Dealing
+
+    def commitments(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]:
+        return self.k.commitments, self.a.commitments, self.z.commitments
+
+    def shares_for(self, j: int) -> tuple[int, int, int | None]:
+        return self.k.shares[j], self.a.shares[j], self.z.shares.get(j)
+
+
+@dataclass(frozen=True)
+class MulMessage:
+    """Round 2 of participant `index`: w = k_j·a_j + z_j, proved against K_j, A_j, Z_j (broadcast)."""
+
+    index: int
+    w: int
+    proof: bytes
+
+
+@dataclass(frozen=True)
+class ReduceDealing:
+    """Round 3 of participant `dealer`: a Feldman sharing of p_j = (k^-1)_j·x_j (degree t-1, to all n)
+    and the proof that commitments[0] = p_j·G has the same log base X_j as (k^-1)_j·G has base G."""
+
+    dealing: Dealing
+    proof: bytes
+
+
+@dataclass(frozen=True)
+class _Round1State:
+    index: int
+    k: int
+    a: int
+    z: int | None
+    public: PresignPublic
+
+
+@dataclass(frozen=True)
+class PresignPublic:
+    """What everyone agrees on after round 1: the session, t, n, the participants and the summed
+    commitments of k, a and z (so every share's public image is computable)."""
+
+    session: bytes
+    t: int
+    n: int
+    participants: tuple[int, ...]
+    k_commitments: tuple[bytes, ...]
+    a_commitments: tuple[bytes, ...]
+    z_commitments: tuple[bytes, ...]
+
+    @property
+    def big_r(self) -> bytes:
+        return self.k_commitments[0]
+
+
+@dataclass(frozen=True)
+class Presignature:
+    """Share holder `index`'s part of one presignature: R, its shares of k^-1 and of k^-1·x, and the public
+    commitments of both sharings (to check anyone's signature share). Use once, then erase."""
+
+    index: int
+    t: int
+    session: bytes
+    big_r: bytes
+    group_public_key: bytes
+    kinv_share: int | None  # None for a holder that received no round-1 sub-shares
+    sigma_share: int
+    kinv_commitments: tuple[bytes, ...]
+    sigma_commitments: tuple[bytes, ...]
+
+
+def _check_participants(t: int, n: int, participants: Sequence[int]) -> tuple[int, ...]:
+    _check_params(t, n)
+    p = tuple(sorted(set(participants)))
+    if len(p) != len(participants) or any(not 1 <= i <= n for i in p):
+        raise KeyUsageError("participants must be distinct share indices in 1..n")
+    if len(p) < 2 * t - 1:
+        raise KeyUsageError(
+            f"a presignature needs 2t-1 = {2 * t - 1} participants (degree doubling), got {len(p)}"
+        )
+    return p
+
+
+def presign_round1(session: bytes, key: KeyShare, participants: Sequence[int]) -> PresignDealing:
+    """(1) This participant's dealings of k^(i), a^(i) and a zero-sharing."""
+    if len(session) != 16:
+        raise KeyUsageError("a presign session is 16 bytes")
+    p = _check_participants(key.t, key.n, participants)
+    if key.index not in p:
+        raise KeyUsageError(f"share holder {key.index} is not a participant")
+    holders = list(range(1, key.n + 1))
+    return PresignDealing(
+        key.index,
+        feldman_deal(None, key.t - 1, holders, dealer=key.index),
+        feldman_deal(None, key.t - 1, holders, dealer=key.index),
+        feldman_deal(None, 2 * key.t - 2, p, dealer=key.index, zero=True),
+    )
+
+
+def _receive_round1(
+    session: bytes,
+    t: int,
+    n: int,
+    participants: Sequence[int],
+    me: int,
+    commitments: Mapping[int, tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]],
+    my_shares: Mapping[int, tuple[int, int, int | None]],
+) -> _Round1State:
+    p = _check_participants(t, n, participants)
+    missing = [i for i in p if i not in commitments or i not in my_shares]
+    if missing:
+        raise ThresholdSignatureError("round 1: no dealing", party=missing[0])
+    k = a = z = 0
+    for i in p:
+        ck, ca, cz = commitments[i]
+        sk, sa, sz = my_shares[i]
+        if len(ck) != t or len(ca) != t or len(cz) != 2 * t - 2:
+            raise ThresholdSignatureError("round 1: commitments of the wrong degree", party=i)
+        ok = _verify_sub_share(ck, me, sk) and _verify_sub_share(ca, me, sa)
+        if me in p:
+            ok = ok and sz is not None and (t == 1 or _verify_sub_share(cz, me, sz, zero=True))
+        if not ok:
+            raise ThresholdSignatureError(
+                f"round 1: the sub-share for {me} does not match the commitments", party=i
+            )
+        k, a = (k + sk) % ORDER, (a + sa) % ORDER
+        z = (z + (sz or 0)) % ORDER
+    czs = [commitments[i][2] for i in p]
+    public = PresignPublic(
+        session,
+        t,
+        n,
+        p,
+        _sum_commitments([commitments[i][0] for i in p]),
+        _sum_commitments([commitments[i][1] for i in p]),
+        _sum_commitments(czs) if t > 1 else (),
+    )
+    return _Round1State(me, k, a, z if me in p else None, public)
+
+
+def presign_multiply(
+    session: bytes, key: KeyShare, participants: Sequence[int], dealings: Sequence[PresignDealing]
+) -> tuple[_Round1State, MulMessage | None]:
+    """(1 check, 2) Verify the sub-shares received for this holder (naming a bad dealer) and, for a
+    participant, publish w_j = k_j·a_j + z_j with its proof. `dealings` stand for the broadcast
+    commitments plus this holder's own sub-shares (in a networked run only those reach it)."""
+    commitments = {d.dealer: d.commitments() for d in dealings}
+    mine = {d.dealer: d.shares_for(key.index) for d in dealings}
+    state = _receive_round1(session, key.t, key.n, participants, key.index, commitments, mine)
+    if state.z is None:
+        return state, None
+    w = (state.k * state.a + state.z) % ORDER
+    pub = state.public
+    big_k, big_a = public_share(pub.k_commitments, key.index), public_share(pub.a_commitments, key.index)
+    target = _w_minus_z(pub, key.index, w)
+    proof = _dleq_prove(_label(session, b"mul", key.index), state.k, GENERATOR, big_k, big_a, target)
+    return state, MulMessage(key.index, w, proof)
+
+
+def _w_minus_z(pub: PresignPublic, j: int, w: int) -> bytes:
+    """W_j − Z_j = k_j·A_j for an honest j (Z_j the public image of j's zero-share)."""
+    if pub.t == 1:
+        return _mul_base(w)
+    return _sum([_mul_base(w), _neg(public_share(pub.z_commitments, j, zero=True))])
+
+
+def _mu(pub: PresignPublic, muls: Sequence[MulMessage]) -> int:
+    by = {m.index: m for m in muls}
+    missing = [j for j in pub.participants if j not in by]
+    if missing:
+        raise ThresholdSignatureError("round 2: no multiplication message", party=missing[0])
+    for j in pub.participants:
+        m = by[j]
+        big_k, big_a = public_share(pub.k_commitments, j), public_share(pub.a_commitments, j)
+        try:
+            target = _w_minus_z(pub, j, m.w)
+        except ThresholdSignatureError:
+            target = b""
+        if not target or not _dleq_verify(
+            _label(pub.session, b"mul", j), GENERATOR, big_k, big_a, target, m.proof
+        ):
+            raise ThresholdSignatureError("round 2: w is not k_j·a_j + z_j (proof fails)", party=j)
+    lam = lagrange_at_zero(pub.participants)
+    mu = sum(lam[j] * by[j].w for j in pub.participants) % ORDER
+    if mu == 0:
+        raise ThresholdSignatureError("round 2: k·a = 0 (restart the presignature)")
+    return mu
+
+
+def presign_reduce(key: KeyShare, state: _Round1State, muls: Sequence[MulMessage]) -> ReduceDealing:
+    """(2 check, 3) Check every participant's w (naming a liar), get μ = k·a, then share
+    p_j = (k^-1)_j·x_j at degree t-1 with the proof that it is (k^-1)_j times x_j."""
+    pub = state.public
+    if key.index not in pub.participants:
+        raise KeyUsageError("only participants deal in round 3")
+    mu_inv = pow(_mu(pub, muls), -1, ORDER)
+    kinv = mu_inv * state.a % ORDER
+    p = kinv * key.share % ORDER
+    dealing = feldman_deal(p, key.t - 1, list(range(1, key.n + 1)), dealer=key.index)
+    big_kinv = _mul_base(kinv)
+    big_x = public_share(key.commitments, key.index)
+    proof = _dleq_prove(
+        _label(pub.session, b"reduce", key.index), kinv, GENERATOR, big_kinv, big_x, dealing.commitments[0]
+    )
+    return ReduceDealing(dealing, proof)
+
+
+def presign_finish(
+    key: KeyShare,
+    state: _Round1State,
+    muls: Sequence[MulMessage],
+    reduces: Sequence[ReduceDealing],
+) -> Presignature:
+    """(3 check) Check every participant's reduce dealing (proof and this holder's sub-share; naming a
+    liar) and assemble this holder's presignature. Any share holder may run it, participant or not."""
+    pub = state.public
+    mu_inv = pow(_mu(pub, muls), -1, ORDER)
+    kinv_commitments = tuple(_mul(mu_inv, c) for c in pub.a_commitments)
+    by = {r.dealing.dealer: r for r in reduces}
+    missing = [j for j in pub.participants if j not in by]
+    if missing:
+        raise ThresholdSignatureError("round 3: no reduce dealing", party=missing[0])
+    for j in pub.participants:
+        r = by[j]
+        c = r.dealing.commitments
+        if len(c) != key.t:
+            raise ThresholdSignatureError("round 3: commitments of the wrong degree", party=j)
+        big_kinv_j = public_share(kinv_commitments, j)
+        big_x = public_share(key.commitments, j)
+        if not _dleq_verify(_label(pub.session, b"reduce", j), GENERATOR, big_kinv_j, big_x, c[0], r.proof):
+            raise ThresholdSignatureError(
+                "round 3: the reshared value is not (k^-1)_j·x_j (proof fails)", party=j
+            )
+        if not _verify_sub_share(c, key.index, r.dealing.shares.get(key.index, 0)):
+            raise ThresholdSignatureError(f"round 3: the sub-share for {key.index} does not match", party=j)
+    lam = lagrange_at_zero(pub.participants)
+    sigma = sum(lam[j] * by[j].dealing.shares[key.index] for j in pub.participants) % ORDER
+    sigma_commitments = _sum_commitments(
+        [by[j].dealing.commitments for j in pub.participants], [lam[j] for j in pub.participants]
+    )
+    return Presignature(
+        key.index,
+        key.t,
+        pub.session,
+        pub.big_r,
+        key.group_public_key,
+        mu_inv * state.a % ORDER,
+        sigma,
+        kinv_commitments,
+        sigma_commitments,
+    )
+
+
+# ------------------------------------------------------------------------------------------- signing
+
+
+@dataclass(frozen=True)
+class SignatureShare:
+    index: int
+    s: int
+
+
+def _r_of(big_r: bytes) -> int:
+    r = int.from_bytes(big_r[1:], "big") % ORDER
+    if r == 0:
+        raise ThresholdSignatureError("R.x = 0 mod n (discard the presignature)")
+    return r
+
+
+def _digest_scalar(digest: bytes) -> int:
+    if len(digest) != 32:
+        raise KeyUsageError(f"a digest is 32 bytes, got {len(digest)}")
+    return int.from_bytes(digest, "big") % ORDER  # SEC 1 §4.1.3 step 5 for a 256-bit curve
+
+
+def sign_share(presig: Presignature, digest: bytes) -> SignatureShare:
+    """s_m = (k^-1)_m·e + σ_m·r (linear: any t of these interpolate to s)."""
+    if presig.kinv_share is None:
+        raise KeyUsageError("this presignature has no k^-1 share here")
+    e, r = _digest_scalar(digest), _r_of(presig.big_r)
+    return SignatureShare(presig.index, (presig.kinv_share * e + presig.sigma_share * r) % ORDER)
+
+
+def verify_signature_share(presig: Presignature, digest: bytes, share: SignatureShare) -> bool:
+    """s_m·G == e·(k^-1)_m·G + r·σ_m·G, from the presignature's public commitments."""
+    if not 1 <= share.index <= MAX_NODES or not 0 < share.s < ORDER:
+        return False
+    e, r = _digest_scalar(digest), _r_of(presig.big_r)
+    try:
+        terms = [_mul(r, public_share(presig.sigma_commitments, share.index))]
+        if e:
+            terms.append(_mul(e, public_share(presig.kinv_commitments, share.index)))
+        return _eq(_mul_base(share.s), _sum(terms))
+    except ThresholdSignatureError:
+        return False
+
+
+def combine_signature(presig: Presignature, digest: bytes, shares: Sequence[SignatureShare]) -> bytes:
+    """Any t valid shares -> the 65-byte recoverable signature r‖s‖v (low s). A share that does not
+    verify raises ThresholdSignatureError naming its sender (drop it and ask another holder)."""
+    chosen: dict[int, SignatureShare] = {}
+    for sh in shares:
+        if not verify_signature_share(presig, digest, sh):
+            raise ThresholdSignatureError("signature share does not verify", party=sh.index)
+        chosen[sh.index] = sh
+    if len(chosen) < presig.t:
+        raise ThresholdSignatureError(f"{len(chosen)} valid signature shares, {presig.t} needed")
+    use = sorted(chosen)[: presig.t]
+    lam = lagrange_at_zero(use)
+    s = sum(lam[i] * chosen[i].s for i in use) % ORDER
+    if s == 0:
+        raise ThresholdSignatureError("s = 0 (discard the presignature)")
+    r = _r_of(presig.big_r)
+    rx = int.from_bytes(presig.big_r[1:], "big")
+    v = (presig.big_r[0] & 1) | (2 if rx >= ORDER else 0)
+    if s > ORDER // 2:  # low s (BIP 62 / libsecp256k1's normalisation); -s goes with -R
+        s, v = ORDER - s, v ^ 1
+    sig = _scalar(r) + _scalar(s) + bytes([v])
+    try:
+        recovered = coincurve.PublicKey.from_signature_and_message(sig, digest, hasher=None)
+    except Exception as exc:  # coincurve: bare Exception when nothing recovers
+        raise ThresholdSignatureError("the combined signature does not recover") from exc
+    if not _eq(recovered.format(compressed=True), presig.group_public_key):
+        raise ThresholdSignatureError("the combined signature does not verify under the group key")
+    return sig
+
+
+# ------------------------------------------------------------------------ in-process drivers (tests, dev)
+
+Tamper = Callable[[str, int, object], object]
+
+
+def presign_local(
+    keys: Sequence[KeyShare],
+    participants: Sequence[int],
+    *,
+    session: bytes | None = None,
+    tamper: Tamper | None = None,
+) -> dict[int, Presignature]:
+    """All rounds of one presignature with the messages passed in this process. `tamper(round, sender,
+    message)` may replace a message (tests: a participant that lies). Returns every holder's part."""
+    sess = session if session is not None else secrets.token_bytes(16)
+    by = {k.index: k for k in keys}
+
+    def send(step: str, sender: int, msg: object) -> object:
+        return tamper(step, sender, msg) if tamper is not None else msg
+
+    dealings = [
+        cast(PresignDealing, send("deal", i, presign_round1(sess, by[i], participants)))
+        for i in sorted(participants)
+    ]
+    states, muls = {}, []
+    for j in sorted(by):
+        state, mul = presign_multiply(sess, by[j], participants, dealings)
+        states[j] = state
+        if mul is not None:
+            muls.append(cast(MulMessage, send("mul", j, mul)))
+    reduces = [
+        cast(ReduceDealing, send("reduce", j, presign_reduce(by[j], states[j], muls)))
+        for j in sorted(participants)
+    ]
+    return {j: presign_finish(by[j], states[j], muls, reduces) for j in sorted(by)}
+
+
+def sign_local(presigs: Mapping[int, Presignature], signers: Sequence[int], digest: bytes) -> bytes:
+    """Signature shares from `signers` and their combination (tests, bench)."""
+    any_presig = presigs[signers[0]]
+    return combine_signature(any_presig, digest, [sign_share(presigs[i], digest) for i in signers])

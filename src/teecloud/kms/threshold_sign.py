@@ -1,0 +1,259 @@
+"""Threshold mode, node side of the KMS's signatures (teecloud.keys.threshold_ecdsa): one node's share of
+the group's secp256k1 signing key and its pool of presignatures, sealed to the node's measurement.
+
+    SigningShare       this node's KeyShare of the signing key (x·G, commitments[0], is what verifiers pin)
+    PresignaturePool   presignatures by session; each signs at most ONE digest, ever: the digest is recorded
+                       durably (atomic replace of the sealed pool) before the signature share is computed, so
+                       a crash or a restart cannot make this node sign a second digest with the same k (which
+                       would reveal the key to whoever holds both signatures). The same digest again gets the
+                       same share (a client retrying, or fetching from other nodes, learns nothing new).
+    ThresholdSigner    signature shares only for an AuthorizedApp, over a message the node recomputes:
+                       keccak256("dstack-kms-issued:" ‖ app_id from the verified boot_info ‖ the app's k256
+                       public key). The caller supplies only the public key (a checked curve point): the key
+                       is derived inside the CVM from the VOPRF outputs, which no node knows; the boot-time
+                       evidence that authorized this call is what vouches for the measured agent that sent it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import coincurve
+
+from teecloud._fs import atomic_write
+from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys.errors import KeysError
+from teecloud.keys.sigchain import kms_issued_digest
+from teecloud.kms.authz import AuthorizedApp
+from teecloud.kms.bootstrap import KmsIdentity, kms_dir
+from teecloud.kms.errors import AccessDenied, SealingError
+from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
+from teecloud.tee.base import TeePlatform
+
+__all__ = [
+    "MAX_PRESIGNATURES",
+    "PRESIG_FILE",
+    "SIGNING_SHARE_FILE",
+    "PresignaturePool",
+    "ThresholdSigner",
+    "key_share_from_json",
+    "key_share_to_json",
+    "open_signer",
+    "save_signing_share",
+]
+
+SIGNING_SHARE_FILE = "threshold-signing-share.sealed"
+PRESIG_FILE = "threshold-presignatures.sealed"
+MAX_PRESIGNATURES = 512  # ~1 KiB each sealed: within kms.sealing's 1 MiB limit
+_Sealer = Callable[[bytes], bytes]
+_Entries = dict[bytes, tuple[te.Presignature, bytes | None]]
+_POOL_FORMAT = "teecloud-kms-threshold-presignatures-v1"
+_SHARE_FORMAT = "teecloud-kms-threshold-signing-share-v1"
+
+
+def key_share_to_json(k: te.KeyShare) -> bytes:
+    return json.dumps(
+        {
+            "format": _SHARE_FORMAT,
+            "index": k.index,
+            "t": k.t,
+            "n": k.n,
+            "share": f"{k.share:064x}",
+            "commitments": [c.hex() for c in k.commitments],
+        },
+        sort_keys=True,
+    ).encode()
+
+
+def key_share_from_json(data: bytes) -> te.KeyShare:
+    """Parse and Feldman-check a signing share (a corrupted or foreign share is refused, never used)."""
+    try:
+        doc = json.loads(data)
+        if doc.get("format") != _SHARE_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}")
+        return te.KeyShare(
+            int(doc["index"]),
+            int(doc["t"]),
+            int(doc["n"]),
+            int(doc["share"], 16),
+            tuple(bytes.fromhex(c) for c in doc["commitments"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, KeysError) as exc:
+        raise SealingError(f"signing share is malformed or does not match its commitments: {exc}") from exc
+
+
+def _presig_to_doc(p: te.Presignature, used: bytes | None) -> dict[str, object]:
+    return {
+        "index": p.index,
+        "t": p.t,
+        "big_r": p.big_r.hex(),
+        "group_public_key": p.group_public_key.hex(),
+        "kinv_share": None if p.kinv_share is None else f"{p.kinv_share:064x}",
+        "sigma_share": f"{p.sigma_share:064x}",
+        "kinv_commitments": [c.hex() for c in p.kinv_commitments],
+        "sigma_commitments": [c.hex() for c in p.sigma_commitments],
+        "used_for": None if used is None else used.hex(),
+    }
+
+
+def _presig_from_doc(session: bytes, d: dict[str, object]) -> tuple[te.Presignature, bytes | None]:
+    def hexes(key: str) -> tuple[bytes, ...]:
+        v = d[key]
+        if not isinstance(v, list):
+            raise TypeError(f"{key} is not a list")
+        return tuple(bytes.fromhex(str(c)) for c in v)
+
+    kinv = d["kinv_share"]
+    used = d["used_for"]
+    p = te.Presignature(
+        index=int(str(d["index"])),
+        t=int(str(d["t"])),
+        session=session,
+        big_r=bytes.fromhex(str(d["big_r"])),
+        group_public_key=bytes.fromhex(str(d["group_public_key"])),
+        kinv_share=None if kinv is None else int(str(kinv), 16),
+        sigma_share=int(str(d["sigma_share"]), 16),
+        kinv_commitments=hexes("kinv_commitments"),
+        sigma_commitments=hexes("sigma_commitments"),
+    )
+    return p, None if used is None else bytes.fromhex(str(used))
+
+
+class PresignaturePool:
+    """This node's presignatures, sealed in one file (teecloud.kms.sealing's seal/unseal, passed in as
+    `seal` / `unseal` closures over the node's sealing key) and replaced atomically on every change."""
+
+    def __init__(self, path: Path, seal: _Sealer, unseal: _Sealer) -> None:
+        self._path = Path(path)
+        self._seal, self._unseal = seal, unseal
+        self._lock = threading.Lock()
+        self._entries = self._load()
+
+    def _load(self) -> _Entries:
+        if not self._path.exists():
+            return {}
+        try:
+            doc = json.loads(self._unseal(self._path.read_bytes()))
+            if doc.get("format") != _POOL_FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}")
+            return {
+                bytes.fromhex(s): _presig_from_doc(bytes.fromhex(s), e) for s, e in doc["entries"].items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # fail closed: a pool that does not parse is never rebuilt from scratch (that could reuse a k)
+            raise SealingError(f"the presignature pool {self._path} is malformed: {exc}") from exc
+
+    def _persist(self, entries: _Entries) -> None:
+        doc = {
+            "format": _POOL_FORMAT,
+            "entries": {s.hex(): _presig_to_doc(p, used) for s, (p, used) in entries.items()},
+        }
+        atomic_write(self._path, self._seal(json.dumps(doc, sort_keys=True).encode()))
+
+    def add(self, presigs: Iterable[te.Presignature]) -> int:
+        """Add fresh presignatures (a session already present is refused: never overwrite one that may
+        have signed). Returns the number unused."""
+        with self._lock:
+            entries = dict(self._entries)
+            for p in presigs:
+                if p.session in entries:
+                    raise SealingError(f"presignature {p.session.hex()} is already in the pool")
+                entries[p.session] = (p, None)
+            if len(entries) > MAX_PRESIGNATURES:
+                entries = self._drop_used(entries)
+            if len(entries) > MAX_PRESIGNATURES:
+                raise SealingError(f"the presignature pool holds at most {MAX_PRESIGNATURES}")
+            self._persist(entries)
+            self._entries = entries
+            return sum(1 for _, used in entries.values() if used is None)
+
+    @staticmethod
+    def _drop_used(entries: _Entries) -> _Entries:
+        return {s: e for s, e in entries.items() if e[1] is None}
+
+    def unused(self) -> list[bytes]:
+        with self._lock:
+            return sorted(s for s, (_, used) in self._entries.items() if used is None)
+
+    def public(self, session: bytes) -> te.Presignature:
+        with self._lock:
+            entry = self._entries.get(session)
+        if entry is None:
+            raise AccessDenied(f"no presignature {session.hex()} here", step="presignature")
+        return entry[0]
+
+    def sign(self, session: bytes, digest: bytes) -> te.SignatureShare:
+        """This node's share over `digest` with presignature `session`: the digest is bound to the
+        presignature durably first; a presignature already bound to another digest is refused."""
+        with self._lock:
+            entry = self._entries.get(session)
+            if entry is None:
+                raise AccessDenied(f"no presignature {session.hex()} here", step="presignature")
+            presig, used = entry
+            if used is not None and used != digest:
+                raise AccessDenied(
+                    f"presignature {session.hex()} has already signed another message (a presignature "
+                    "signs one message, ever)",
+                    step="presignature",
+                )
+            if used is None:
+                entries = dict(self._entries)
+                entries[session] = (presig, digest)
+                self._persist(entries)  # (write-ahead) before any share over this digest leaves the node
+                self._entries = entries
+        return te.sign_share(presig, digest)
+
+
+class ThresholdSigner:
+    """This node's signature shares as the KMS (the GetKey chain's KMS signature), only for an
+    AuthorizedApp (which only teecloud.kms.authz.Authorizer makes, after the whole key-release rule)."""
+
+    def __init__(self, key: te.KeyShare, pool: PresignaturePool) -> None:
+        self.key = key
+        self.pool = pool
+
+    @property
+    def group_public_key(self) -> bytes:
+        return self.key.group_public_key
+
+    def sign_app_key(self, app: AuthorizedApp, app_public_key: bytes, session: bytes) -> te.SignatureShare:
+        if not isinstance(app, AuthorizedApp):
+            raise TypeError("signature shares only for an AuthorizedApp")
+        try:
+            pub = coincurve.PublicKey(bytes(app_public_key)).format(compressed=True)
+        except Exception as exc:  # coincurve raises ValueError / bare Exception for non-points
+            raise AccessDenied("the app public key is not a secp256k1 point", step="request") from exc
+        if pub != bytes(app_public_key):
+            raise AccessDenied("the app public key must be SEC1 compressed (33 bytes)", step="request")
+        presig = self.pool.public(session)
+        if presig.group_public_key != self.key.group_public_key or presig.index != self.key.index:
+            raise AccessDenied("presignature of another group or share", step="presignature")
+        return self.pool.sign(session, kms_issued_digest(app.boot_info.app_id, pub))
+
+
+def _sealers(tee: TeePlatform, identity: KmsIdentity) -> tuple[_Sealer, _Sealer]:
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
+    mr = identity.mr_aggregated
+    return (lambda data: seal(key, mr, data)), (lambda blob: unseal(key, mr, blob))
+
+
+def save_signing_share(
+    share: te.KeyShare, tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
+) -> Path:
+    """Seal this node's signing share (to the node's measurement) beside its VOPRF share."""
+    path = kms_dir(home) / SIGNING_SHARE_FILE
+    atomic_write(path, _sealers(tee, identity)[0](key_share_to_json(share)))
+    return path
+
+
+def open_signer(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None) -> ThresholdSigner | None:
+    """This node's signer from its sealed signing share and presignature pool; None without a share."""
+    path = kms_dir(home) / SIGNING_SHARE_FILE
+    if not path.exists():
+        return None
+    seal_fn, unseal_fn = _sealers(tee, identity)
+    key = key_share_from_json(unseal_fn(path.read_bytes()))
+    return ThresholdSigner(key, PresignaturePool(kms_dir(home) / PRESIG_FILE, seal_fn, unseal_fn))

@@ -1,0 +1,152 @@
+"""KmsGroup: the threshold KMS's committees on chain (both real EVMs): recorded, activated, read back; a
+reshare keeps the epoch's group key (enforced on chain); only the owner writes; the events are the log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from teecloud.chain import ChainClient, ContractReverted
+from teecloud.chain.kmsgroup import CommitteeMember
+
+from .helpers import rand32
+
+
+def _members(n: int, first: int = 1) -> list[CommitteeMember]:
+    return [
+        CommitteeMember(i, rand32(), rand32(), f"https://127.0.0.1:{9000 + i}")
+        for i in range(first, first + n)
+    ]
+
+
+def test_dkg_then_reshare_to_a_bigger_committee(chain: ChainClient) -> None:
+    group = chain.kms_group
+    key = rand32()
+    dkg = [key, rand32(), rand32()]
+    members = _members(5)
+    cid = group.record_committee(1, 3, dkg, members)
+    assert group.active(1) is None  # recorded is not serving
+    group.activate(cid)
+    served = group.active(1)
+    assert served is not None
+    assert (served.committee_id, served.epoch, served.t, served.n) == (cid, 1, 3, 5)
+    assert served.commitments == tuple(dkg) and served.group_public_key == key
+    assert served.members == tuple(members)
+    assert served.urls[5] == "https://127.0.0.1:9005"
+
+    reshared = [key, rand32(), rand32(), rand32()]  # 4-of-7, same group key
+    cid2 = group.record_committee(1, 4, reshared, _members(7, first=1))
+    group.activate(cid2)
+    now = group.active(1)
+    assert now is not None and (now.committee_id, now.t, now.n) == (cid2, 4, 7)
+    assert group.group_key(1) == key
+
+    log = [e["event"] for e in group.history()]
+    assert log.count("CommitteeRecorded") == 2 and log.count("MemberRecorded") == 12
+    assert log.count("CommitteeActivated") == 2
+    activated = [e["args"] for e in group.history() if e["event"] == "CommitteeActivated"]
+    assert activated[-1]["previous"] == cid and activated[-1]["committee_id"] == cid2
+
+
+def test_a_reshare_cannot_change_the_group_key(chain: ChainClient) -> None:
+    group = chain.kms_group
+    group.record_committee(2, 2, [rand32(), rand32()], _members(3))
+    with pytest.raises(ContractReverted, match="keeps the epoch's group key"):
+        group.record_committee(2, 2, [rand32(), rand32()], _members(3))
+    group.record_committee(3, 2, [rand32(), rand32()], _members(3))  # a new epoch may have a new key
+
+
+@pytest.mark.parametrize(
+    ("t", "n_commitments", "n_members", "reason"),
+    [
+        (0, 0, 3, "need 1 <= t <= n"),
+        (4, 4, 3, "need 1 <= t <= n"),
+        (2, 3, 3, "need exactly t commitments"),
+        (3, 2, 3, "need exactly t commitments"),
+    ],
+)
+def test_malformed_committees_revert(
+    chain: ChainClient, t: int, n_commitments: int, n_members: int, reason: str
+) -> None:
+    with pytest.raises(ContractReverted, match=reason):
+        chain.kms_group.record_committee(7, t, [rand32() for _ in range(n_commitments)], _members(n_members))
+
+
+def test_member_rules_revert(chain: ChainClient) -> None:
+    group = chain.kms_group
+    twice = [*_members(2), CommitteeMember(2, rand32(), rand32(), "https://x")]
+    with pytest.raises(ContractReverted, match="indices must increase"):
+        chain.transact(
+            "KmsGroup",
+            chain.kms_group_address,
+            "record_committee",
+            8,
+            2,
+            [rand32(), rand32()],
+            [m.to_abi() for m in twice],
+        )
+    with pytest.raises(ContractReverted, match="needs its measurement"):
+        group.record_committee(8, 1, [rand32()], [CommitteeMember(1, bytes(32), rand32(), "https://x")])
+    with pytest.raises(ContractReverted, match="group key is empty"):
+        group.record_committee(8, 1, [bytes(32)], _members(1))
+    with pytest.raises(ContractReverted, match="no such committee"):
+        group.activate(999)
+
+
+def test_only_the_owner_records_and_activates(chain: ChainClient) -> None:
+    cid = chain.kms_group.record_committee(9, 1, [rand32()], _members(1))
+    stranger = chain.with_signer(chain.keys[3])  # type: ignore[attr-defined]
+    with pytest.raises(ContractReverted, match="not the owner"):
+        stranger.kms_group.record_committee(9, 1, [rand32()], _members(1))
+    with pytest.raises(ContractReverted, match="not the owner"):
+        stranger.kms_group.activate(cid)
+
+
+def test_member_values_are_checked_before_sending() -> None:
+    with pytest.raises(ValueError, match="index"):
+        CommitteeMember(0, rand32(), rand32(), "https://x")
+    with pytest.raises(ValueError, match="URL"):
+        CommitteeMember(1, rand32(), rand32(), "https://" + "x" * 300)
+
+
+def test_a_deployment_made_before_kms_group_gains_it_and_keeps_the_rest(
+    embedded_chain: ChainClient, teecloud_home: Path
+) -> None:
+    path = teecloud_home / "chain" / "deployment.json"
+    data = json.loads(path.read_text())
+    (entry,) = data.values()
+    old = {k: v for k, v in entry.items() if k != "KmsGroup"}
+    data = {k: old for k in data}
+    path.write_text(json.dumps(data))
+    embedded_chain._deployment_cache = None  # as a process that reads the file afresh
+    added = embedded_chain.deploy()
+    assert {k: added[k] for k in old} == old and added["KmsGroup"] != entry["KmsGroup"]
+    assert embedded_chain.kms_group.active(1) is None
+    assert "KmsGroup" in json.loads(path.read_text())[embedded_chain.chain_key]
+
+
+def test_cli_shows_the_serving_committee_and_its_log(teecloud_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app as cli
+
+    with ChainClient.embedded(teecloud_home) as c:  # one process holds the embedded chain at a time
+        c.deploy()
+    runner = CliRunner()
+    r = runner.invoke(cli, ["kms", "group"])
+    assert r.exit_code == 1 and "no KMS committee serves epoch 1" in r.output and "Traceback" not in r.output
+    members = _members(3)
+    c = ChainClient.embedded(teecloud_home)
+    cid = c.kms_group.record_committee(1, 2, [b"\x11" * 32, rand32()], members)
+    c.kms_group.activate(cid)
+    c.close()
+    r = runner.invoke(cli, ["kms", "group", "--json", "--history"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert (doc["t"], doc["n"], doc["group_public_key"]) == (2, 3, "11" * 32)
+    assert [m["url"] for m in doc["members"]] == [m.url for m in members]
+    assert [e["event"] for e in doc["history"]][-1] == "CommitteeActivated"
+    r = runner.invoke(cli, ["kms", "group"])
+    assert r.exit_code == 0 and "2 of 3" in r.output
