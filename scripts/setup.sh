@@ -50,6 +50,17 @@ if [ ! -f "$GUEST_KERNEL_DIR/vmlinuz" ] || [ ! -d "$GUEST_KERNEL_DIR/modules" ];
   cp "$ktmp"/x/boot/vmlinuz-* "$GUEST_KERNEL_DIR/vmlinuz.tmp" && mv "$GUEST_KERNEL_DIR/vmlinuz.tmp" "$GUEST_KERNEL_DIR/vmlinuz"
   rm -rf "$ktmp"
 fi
+# --- qemu guest image: `teecloud image build` (mmdebstrap from deb.debian.org, squashfs, dm-verity)
+need_img=()
+command -v mmdebstrap >/dev/null || need_img+=(mmdebstrap)
+command -v mksquashfs >/dev/null || need_img+=(squashfs-tools)
+command -v veritysetup >/dev/null || need_img+=(cryptsetup-bin)
+if [ ${#need_img[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_img[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_img[@]}" >/dev/null
+fi
+# --- end qemu guest image
 
 # anvil (a second, independent EVM implementation for the chain tests) ships inside this npm package.
 if [ ! -x "$TOOLS/node_modules/.bin/anvil" ]; then

@@ -1,5 +1,10 @@
 """`teecloud image`: guest OS images for the qemu backend.
 
+    teecloud image build [--cache DIR] [--out DIR] [--force] [--lock packages.txt]
+
+builds the guest image from Debian packages (teecloud.image.build; cached by recipe hash) and prints its
+directory, os_image_hash and recipe hash as JSON.
+
     teecloud image measure --kernel K --initrd I --cmdline C --memory 2G [--tdvf F [--out FILE]]
                            [--ovmf-sev F --vcpus N]
 
@@ -21,7 +26,8 @@ from typing import Annotated
 import typer
 
 from teecloud._fs import atomic_write
-from teecloud.image import ImageFormatError
+from teecloud.image import ImageError, ImageFormatError
+from teecloud.image.build import DEFAULT_CACHE, Recipe, build_image
 from teecloud.image.measurement import encode, measure_tdx_image
 from teecloud.image.snp import snp_launch_measurement
 from teecloud.image.tdx import mrtd, replay, rtmr1_events, rtmr2_events
@@ -30,7 +36,7 @@ __all__ = ["app"]
 
 app = typer.Typer(
     name="image",
-    help="Guest OS images for the qemu backend: reference measurements.",
+    help="Guest OS images for the qemu backend: build, reference measurements.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -102,3 +108,41 @@ def measure(
             ovmf=ovmf_sev, kernel=kernel, initrd=initrd, cmdline=cmdline, vcpus=vcpus
         ).hex()
     typer.echo(json.dumps(result, indent=2))
+
+
+MAX_LOCK = 1024 * 1024
+
+
+@app.command("build")
+def build(
+    cache: Annotated[
+        Path, typer.Option(help="the image cache (one directory per recipe hash)")
+    ] = DEFAULT_CACHE,
+    out: Annotated[Path | None, typer.Option(help="build into this directory instead of the cache")] = None,
+    force: Annotated[
+        bool, typer.Option(help="rebuild even on a cache hit (the rootfs tar is reused)")
+    ] = False,
+    lock: Annotated[
+        Path | None, typer.Option(help="a packages.txt of an earlier build: refuse any other version")
+    ] = None,
+) -> None:
+    """Build the reproducible guest image (Debian bookworm, Docker, cryptsetup, the agent); JSON on stdout."""
+    try:
+        lines: tuple[str, ...] = ()
+        if lock is not None:
+            text = _read(lock, "lock file")[:MAX_LOCK].decode("utf-8", "replace")
+            lines = tuple(ln.strip() for ln in text.splitlines() if ln.strip())
+            if not lines or any(ln.count("=") != 1 or " " in ln for ln in lines):
+                raise ImageFormatError(f"{lock}: expected package=version lines (packages.txt)")
+        built = build_image(Recipe(lock=lines), cache=cache, force=force, out=out, log=typer.echo)
+    except ImageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    doc = {
+        "path": str(built.path),
+        "os_image_hash": built.os_image_hash,
+        "recipe_hash": built.recipe_hash,
+        "cached": built.cached,
+        "seconds": round(built.seconds, 1),
+    }
+    typer.echo(json.dumps(doc, indent=2))
