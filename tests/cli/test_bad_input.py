@@ -2,8 +2,8 @@
 on. Fails on any traceback (an exception escaping a command), any host path (this checkout, the Python
 installation) in the output, or a non-zero exit without a message. No cloud runs: commands that need one
 must say so. Commands that serve until interrupted (`up`, `chain up`, `kms up`, `agent simulate`,
-`fn serve`) and those that fetch from the network (`trust fetch`, `kms onboard`) get only their argument
-parsing checked."""
+`fn serve`), those that fetch from the network (`trust fetch`, `kms onboard`) and `image build` (minutes)
+get only their argument parsing checked."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ SERVES = {
     ("agent", "simulate"),
     ("trust", "fetch"),
     ("kms", "onboard"),
+    ("image", "build"),  # builds a guest image (minutes): tests/image/test_build.py
 }
 
 

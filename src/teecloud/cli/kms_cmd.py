@@ -63,7 +63,7 @@ def _chain(rpc_url: str | None, key_file: Path | None) -> Any:
             return ChainClient.rpc(rpc_url, load_signer_key(key_file))
         key = load_signer_key(key_file)
         return ChainClient.embedded(signer_key=key)
-    except ChainError as exc:
+    except (ChainError, ValueError) as exc:  # ValueError: a malformed --rpc-url
         _fail(f"chain: {exc}")
 
 
