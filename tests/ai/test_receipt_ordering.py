@@ -1,9 +1,11 @@
 """The receipt's write ordering on the answer path: the answer's last bytes do not wait for the receipt log's
 fsyncs, but a receipt is served (`/v1/receipts/{id}`, `/v1/signature/{id}`) only once its append is durable,
-and a receipt whose append failed is never served; the verifying proxy then refuses to complete the answer."""
+and a receipt whose append failed is never served; the verifying proxy then refuses to complete the answer.
+The log's own ordering: an id's line never outlives a failed or crashed append to shift later receipts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -15,8 +17,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from teecloud.ai import receiptlog
 from teecloud.ai._http import Listener
-from teecloud.ai.receiptlog import ReceiptLog
+from teecloud.ai.receiptlog import ReceiptLog, leaf_hash, verify_inclusion
+from teecloud.ai.receipts import ReceiptBody, SignedReceipt, sign_receipt
 from teecloud.ai.server import InferenceConfig, make_inference_app
 from tests.ai._keys import app_keys
 from tests.ai.conftest import MODEL_ID, Stack
@@ -156,3 +160,56 @@ def test_proxy_refuses_to_complete_an_answer_whose_receipt_was_not_logged(
         assert "receipt:" in err["error"]["message"] and "503" in err["error"]["message"], err
         # The content before the failure passed on as it came; only the success terminator is withheld.
         assert sum('"content"' in line for line in lines) == 3
+
+
+# ------------------------------------------------------------------------ the log's own write ordering
+
+
+def signed(keys: Any, rid: str) -> Any:
+    h = hashlib.sha256(rid.encode()).digest()
+    body = ReceiptBody(rid, keys.keyset.app_id, keys.keyset.digest(), "m", h, h, h, False, False, 1, 2)
+    return sign_receipt(body, keys.signing_secret, keys.keyset)
+
+
+def assert_mapped(log: ReceiptLog, rids: list[str]) -> None:
+    """Every id maps to its own leaf, and that leaf's inclusion proof verifies under the log's root."""
+    for i, rid in enumerate(rids):
+        found = log.get(rid)
+        assert found is not None and found[1] == i, (rid, found)
+        size, proof, root = log.proof(i)
+        body_hash = SignedReceipt.from_json(found[0]).body.body_sha256()
+        assert verify_inclusion(leaf_hash(body_hash), i, size, proof, root)
+
+
+def test_a_line_left_by_a_crash_before_its_leaf_does_not_shift_later_receipts(tmp_path: Path) -> None:
+    keys = app_keys()
+    log = ReceiptLog(tmp_path)
+    log.append(signed(keys, "r0"))
+    log.append(signed(keys, "r1"))
+    with open(tmp_path / "order.txt", "a") as f:  # the crash: the id's line is durable, its leaf is not
+        f.write("lost\n")
+    log = ReceiptLog(tmp_path)
+    log.append(signed(keys, "r2"))
+    log = ReceiptLog(tmp_path)
+    assert log.get("lost") is None
+    assert_mapped(log, ["r0", "r1", "r2"])
+
+
+def test_a_failed_receipt_write_leaves_no_line_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = app_keys()
+    log = ReceiptLog(tmp_path)
+    log.append(signed(keys, "r0"))
+    before = (tmp_path / "order.txt").read_bytes()
+
+    def disk_full(path: Path, data: bytes, **kw: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(receiptlog, "atomic_write", disk_full)
+    with pytest.raises(OSError):
+        log.append(signed(keys, "r1"))
+    monkeypatch.undo()
+    assert (tmp_path / "order.txt").read_bytes() == before and len(log) == 1
+    log.append(signed(keys, "r2"))
+    assert_mapped(ReceiptLog(tmp_path), ["r0", "r2"])
