@@ -7,7 +7,9 @@ CPU, vLLM's on a GPU — both speak the same OpenAI routes), adding what a clien
                                           the body may be an E2EE envelope (teecloud.ai.e2ee), then the
                                           answer is sealed to the client; every answered request gets a
                                           signed receipt (`x-receipt-id` header) appended to the Merkle log
-    GET  /v1/receipts/{id}                the receipt, leaf index, inclusion proof, signed tree head
+                                          while the answer's last bytes go out
+    GET  /v1/receipts/{id}                the receipt, leaf index, inclusion proof, signed tree head (a
+                                          receipt still being appended is waited for: served once durable)
     GET  /v1/receipts/root                the signed tree head (the published root)
     GET  /v1/receipts/consistency?first=&second=   RFC 9162 consistency proof between two tree sizes
     GET  /v1/attestation/report?nonce=    a fresh quote whose report_data is
