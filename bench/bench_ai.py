@@ -3,6 +3,7 @@ and through the verifying proxy, against the engine called directly, on the same
 receipts signed per second.
 
     python3 bench/bench_ai.py [--size small|tiny] [--requests 12] [--tokens 64] [--threads 2]
+                              [--relays thread|process] [--pin]
 
 The stack is the tests' (tests/ai/conftest.py): a simulated CVM and guest agent, llama-cpp-python's server
 (the real engine) on a random-weight llama GGUF written here (`small`: ~25 M parameters, 100 MB f32), the
@@ -10,12 +11,18 @@ teecloud.ai front, the verifying proxy (attested once, then each streamed answer
 checked at its end; once without E2EE, once with it). One client, streamed chat completions, EOS
 suppressed so each answer has --tokens tokens, each prompt new; the paths are interleaved request by
 request in a shuffled order so machine load (shared, 2 cores) hits them alike.
+`--relays thread` runs the front and the proxies as threads of this (the client's) process, sharing its GIL;
+`--relays process` runs each in its own process, as deployed (the front in the CVM, the proxy beside the
+client). `--pin` (with --threads 1) pins the engine to CPU 0 and this process and the relays to CPU 1, so the
+engine and the relays do not take turns on the same core (the machine's other work still runs on both).
 Goals (issue 21): >= 98 % of direct throughput, <= 5 ms added to the first token.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 
-def one(http: object, url: str, tokens: int, i: int) -> tuple[float, float, int]:
-    """(ttft_s, total_s, content chunks) of one streamed chat completion."""
+def one(http: object, url: str, tokens: int, i: int) -> tuple[float, float, int, float]:
+    """(ttft_s, total_s, content chunks, last_s: time of the last content chunk) of one streamed chat
+    completion; total_s ends with the stream (after [DONE], which the proxy releases once the receipt
+    verifies)."""
     import httpx
 
     assert isinstance(http, httpx.Client)
@@ -44,7 +53,7 @@ def one(http: object, url: str, tokens: int, i: int) -> tuple[float, float, int]
         "logit_bias": {"2": -100},
     }
     t0 = time.perf_counter()
-    first, n = 0.0, 0
+    first, last, n = 0.0, 0.0, 0
     with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -54,9 +63,76 @@ def one(http: object, url: str, tokens: int, i: int) -> tuple[float, float, int]
             assert "error" not in doc, doc
             if doc["choices"] and doc["choices"][0]["delta"].get("content"):
                 n += 1
+                last = time.perf_counter() - t0
                 if not first:
-                    first = time.perf_counter() - t0
-    return first, time.perf_counter() - t0, n
+                    first = last
+    return first, time.perf_counter() - t0, n, last
+
+
+def _relay_main(kind: str, args: dict[str, object], ready: object, stop: object) -> None:
+    """A relay in its own process (spawned): the front, keys and quotes through the guest API socket as the
+    example app does; or the verifying proxy. Puts its URL on `ready`, serves until `stop` is set."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    from teecloud.ai._http import Listener
+
+    if kind == "front":
+        from dstack_sdk import DstackClient
+
+        from teecloud.ai.server import keys_from_guest_api, make_inference_app
+
+        guest = DstackClient(str(args["sock"]), timeout=30)
+
+        def quote(report_data: bytes) -> dict[str, str]:
+            q = guest.get_quote(report_data)
+            return {"quote": q.quote, "event_log": q.event_log, "vm_config": q.vm_config}
+
+        app = make_inference_app(args["config"], keys_from_guest_api(guest), quote)
+    else:
+        from teecloud.ai.proxy import make_proxy_app
+        from teecloud.peer import PeerPolicy, PeerVerifier, StaticCollateral
+        from teecloud.tee.simulated import SimulatedTdx
+
+        tee = SimulatedTdx(Path(str(args["home"])))
+        verifier = PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
+        app = make_proxy_app(str(args["upstream"]), verifier, args["policy"])
+    with Listener(app, name=f"bench-{kind}") as listener:
+        ready.put(listener.url)  # type: ignore[attr-defined]
+        stop.wait()  # type: ignore[attr-defined]
+
+
+class RelayProcess:
+    """Context manager: `_relay_main` in a spawned process; `.url` once it serves."""
+
+    def __init__(self, kind: str, **args: object) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.ready, self.stop = ctx.Queue(), ctx.Event()
+        self.proc = ctx.Process(target=_relay_main, args=(kind, args, self.ready, self.stop), daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> RelayProcess:
+        self.proc.start()
+        self.url = self.ready.get(timeout=120)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+
+
+def pin_engine(pid: int, cpu: int) -> None:
+    """Pin every thread of the engine process to `cpu` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except ProcessLookupError:
+            pass
 
 
 def receipts_per_second(home: Path, seconds: float = 2.0) -> tuple[float, float]:
@@ -155,15 +231,22 @@ def relay_cost(s: object, events: int = 400, rounds: int = 5) -> dict[str, float
                 "front + proxy, E2EE": pe.url,
             }
             times: dict[str, list[float]] = {k: [] for k in paths}
+            firsts: dict[str, list[float]] = {k: [] for k in paths}
             with httpx.Client(timeout=120) as http:
                 for _ in range(rounds + 1):
                     for name, url in paths.items():
                         t0 = time.perf_counter()
                         n = one(http, url, 16, 0)
                         times[name].append(time.perf_counter() - t0)
+                        firsts[name].append(n[0])
                         assert n[2] == events, (name, n)
     base = statistics.median(times["synthetic engine"][1:])
-    return {k: (statistics.median(v[1:]) - base) / events * 1e6 for k, v in times.items()}
+    first = statistics.median(firsts["synthetic engine"][1:])
+    out = {k: (statistics.median(v[1:]) - base) / events * 1e6 for k, v in times.items()}
+    # Time to the first event over the synthetic engine's (its first event comes at once: the relays' own
+    # per-request cost, the added TTFT without a model's compute competing for the CPU).
+    out |= {f"{k} TTFT": (statistics.median(v[1:]) - first) * 1e6 for k, v in firsts.items()}
+    return out
 
 
 def main() -> None:
@@ -172,7 +255,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--relays", choices=["thread", "process"], default="thread")
+    ap.add_argument("--pin", action="store_true", help="engine on CPU 0, client and relays on CPU 1")
+    ap.add_argument("--no-extras", action="store_true", help="only the paths (no receipts/s, relay cost)")
     args = ap.parse_args()
+    if args.pin and (args.threads != 1 or os.cpu_count() != 2):
+        ap.error("--pin splits 2 CPUs: one engine thread (--threads 1) on CPU 0, the rest on CPU 1")
     import logging
 
     import httpx
@@ -180,6 +268,8 @@ def main() -> None:
     logging.disable(logging.WARNING)
     from tests.ai.conftest import running_stack, write_model
 
+    if args.pin:
+        os.sched_setaffinity(0, {1})  # this process and everything it starts; the engine is moved below
     home = Path(tempfile.mkdtemp(prefix="bench-ai-"))
     os.environ["TEECLOUD_HOME"] = str(home)
     spec_path = ROOT / "examples" / "llm" / "tinymodel.py"
@@ -191,19 +281,33 @@ def main() -> None:
     spec.loader.exec_module(tiny)
     model = tiny.write_tiny_llama(home / f"{args.size}.gguf", size=args.size) if args.size != "tiny" else None
     del write_model
-    with (
-        running_stack(home, model=model, threads=args.threads) as s,
-        s.proxy(e2ee=False) as proxy,
-        s.proxy(e2ee=True) as sealed,
-    ):
+    load_before = os.getloadavg()
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(running_stack(home, model=model, threads=args.threads))
+        if args.relays == "thread":
+            front_url = s.front.url
+            proxy_url = stack.enter_context(s.proxy(e2ee=False)).url
+            sealed_url = stack.enter_context(s.proxy(e2ee=True)).url
+        else:
+            config = dataclasses.replace(s.config, receipts_dir=home / "receipts-process")
+            front_url = stack.enter_context(RelayProcess("front", sock=s.sock, config=config)).url
+            proxy_url, sealed_url = (
+                stack.enter_context(
+                    RelayProcess("proxy", home=home, upstream=front_url, policy=s.policy(e2ee=e2ee))
+                ).url
+                for e2ee in (False, True)
+            )
         paths = {
             "engine direct": s.engine.url,
-            "attested app": s.front.url,
-            "app + proxy": proxy.url,
-            "app + proxy, E2EE": sealed.url,
+            "attested app": front_url,
+            "app + proxy": proxy_url,
+            "app + proxy, E2EE": sealed_url,
         }
-        stats: dict[str, list[tuple[float, float, int]]] = {k: [] for k in paths}
+        stats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
         with httpx.Client(timeout=300) as http:
+            if args.pin:
+                assert s.engine.proc is not None
+                pin_engine(s.engine.proc.pid, 0)
             for url in paths.values():  # warm up (and attest, for the proxy)
                 one(http, url, 4, 9999)
             i = 0
@@ -214,33 +318,51 @@ def main() -> None:
                 for name, url in order:
                     i += 1  # a different prompt each time: no path gets the engine's prompt cache for free
                     stats[name].append(one(http, url, args.tokens, i))
-        signed, logged = receipts_per_second(home)
-        report_ms, gpu_ms = attestation_costs(s.front.url, home)
-        relay = relay_cost(s)
+        load_after = os.getloadavg()
+        if not args.no_extras:
+            signed, logged = receipts_per_second(home)
+            report_ms, gpu_ms = attestation_costs(s.front.url, home)
+            relay = relay_cost(s)
     print(
         f"model {args.size}, {args.requests} streamed requests x {args.tokens} tokens per path, "
-        f"engine threads {args.threads}, load avg {os.getloadavg()[0]:.1f}"
+        f"engine threads {args.threads}, relays in {'threads' if args.relays == 'thread' else 'processes'}"
+        f"{', engine pinned to CPU 0, client + relays to CPU 1' if args.pin else ''}; "
+        f"load avg (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
     print(
         "| path | TTFT median (ms) | added TTFT, paired median (ms) | tokens/s median (end to end) "
-        "| vs direct, paired median |"
+        "| vs direct, paired median | last token to end of stream, median (ms) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     direct = stats["engine direct"]
     for name, rows in stats.items():
-        ttft = statistics.median(f for f, _, _ in rows)
-        tps = statistics.median(n / t for _, t, n in rows)
+        ttft = statistics.median(r[0] for r in rows)
+        tps = statistics.median(r[2] / r[1] for r in rows)
+        tail = statistics.median(r[1] - r[3] for r in rows)
         # Paired within a round (same moment, same machine load): the difference and the ratio per round.
-        added = statistics.median(f - d[0] for (f, _, _), d in zip(rows, direct, strict=True))
-        ratio = statistics.median((n / t) / (d[2] / d[1]) for (_, t, n), d in zip(rows, direct, strict=True))
-        print(f"| {name} | {ttft * 1000:.1f} | {added * 1000:+.1f} | {tps:.1f} | {100 * ratio:.1f} % |")
+        added = statistics.median(r[0] - d[0] for r, d in zip(rows, direct, strict=True))
+        ratio = statistics.median((r[2] / r[1]) / (d[2] / d[1]) for r, d in zip(rows, direct, strict=True))
+        print(
+            f"| {name} | {ttft * 1000:.1f} | {added * 1000:+.1f} | {tps:.1f} | {100 * ratio:.1f} % "
+            f"| {tail * 1000:.1f} |"
+        )
+    if args.no_extras:
+        return
     print(f"receipts signed: {signed:.0f}/s; signed + appended to the Merkle log (fsync): {logged:.0f}/s")
     print(
         f"attestation report (GetQuote via the guest API): {report_ms:.1f} ms median; "
         f"simulated GPU evidence collected + verified: {gpu_ms:.1f} ms median"
     )
-    hops = ", ".join(f"{k}: +{v:.0f} µs" for k, v in relay.items() if k != "synthetic engine")
+    hops = ", ".join(
+        f"{k}: +{v:.0f} µs" for k, v in relay.items() if not k.startswith("synthetic") and "TTFT" not in k
+    )
     print(f"relay cost per streamed event (synthetic engine, not a model): {hops}")
+    ttfts = ", ".join(
+        f"{k.removesuffix(' TTFT')}: +{v / 1000:.2f} ms"
+        for k, v in relay.items()
+        if not k.startswith("synthetic") and "TTFT" in k
+    )
+    print(f"added time to the first event (synthetic engine, not a model): {ttfts}")
 
 
 if __name__ == "__main__":

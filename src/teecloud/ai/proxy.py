@@ -241,7 +241,7 @@ class UpstreamVerifier:
         resp = None
         since = self.last_size
         params = {"since": str(since)} if since else {}
-        for _ in range(50):  # the front logs a receipt before the answer's last bytes; allow for a slow disk
+        for _ in range(50):  # the front waits for a receipt being logged; an older front may still 404
             try:
                 resp = await self.client.get(f"/v1/receipts/{rid}", params=params)
             except httpx.HTTPError as exc:

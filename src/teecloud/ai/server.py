@@ -7,7 +7,9 @@ CPU, vLLM's on a GPU — both speak the same OpenAI routes), adding what a clien
                                           the body may be an E2EE envelope (teecloud.ai.e2ee), then the
                                           answer is sealed to the client; every answered request gets a
                                           signed receipt (`x-receipt-id` header) appended to the Merkle log
-    GET  /v1/receipts/{id}                the receipt, leaf index, inclusion proof, signed tree head
+                                          while the answer's last bytes go out
+    GET  /v1/receipts/{id}                the receipt, leaf index, inclusion proof, signed tree head (a
+                                          receipt still being appended is waited for: served once durable)
     GET  /v1/receipts/root                the signed tree head (the published root)
     GET  /v1/receipts/consistency?first=&second=   RFC 9162 consistency proof between two tree sizes
     GET  /v1/attestation/report?nonce=    a fresh quote whose report_data is
@@ -32,6 +34,7 @@ import logging
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +65,7 @@ from teecloud.ai.keyset import (
     report_data_for,
 )
 from teecloud.ai.receiptlog import ReceiptLog
-from teecloud.ai.receipts import ReceiptBody, sign_receipt
+from teecloud.ai.receipts import ReceiptBody, SignedReceipt, sign_receipt
 from teecloud.keys.sigchain import k256_public_key, sign_k256_recoverable
 
 __all__ = [
@@ -95,6 +98,7 @@ class InferenceConfig:
     engine_timeout_s: float = 300.0
     e2ee_window_s: int = 120
     max_concurrent_quotes: int = 4
+    receipt_wait_s: float = 10.0  # how long a receipt route waits for a receipt still being appended
     extra_report: dict[str, Any] = field(default_factory=dict)  # e.g. GPU evidence, when there is any
 
 
@@ -177,6 +181,10 @@ class _Front:
         self.e2ee = ServerKey(keys.e2ee_secret, window_s=config.e2ee_window_s)
         self.log = ReceiptLog(config.receipts_dir)
         self.quotes = asyncio.Semaphore(config.max_concurrent_quotes)
+        # Receipts signed and being appended (one per answer in flight: bounded by the listener's
+        # connections), and the ids whose append failed (never served; the last 1024 kept).
+        self.pending: dict[str, asyncio.Task[int]] = {}
+        self.failed: OrderedDict[str, None] = OrderedDict()
         self.client = httpx.AsyncClient(
             base_url=config.engine_url,
             timeout=httpx.Timeout(config.engine_timeout_s, connect=5.0),
@@ -188,7 +196,7 @@ class _Front:
 
     def receipt(
         self, rid: str, req: bytes, resp_sha256: bytes, stream: bool, e2ee: bool, started: int
-    ) -> None:
+    ) -> SignedReceipt:
         body = ReceiptBody(
             id=rid,
             app_id=self.keys.keyset.app_id,
@@ -202,7 +210,35 @@ class _Front:
             started_ms=started,
             finished_ms=max(started, self.now_ms()),
         )
-        self.log.append(sign_receipt(body, self.keys.signing_secret, self.keys.keyset))
+        return sign_receipt(body, self.keys.signing_secret, self.keys.keyset)
+
+    def log_later(self, receipt: SignedReceipt) -> None:
+        """Append a signed receipt to the log (its fsyncs) off the answer's path: the answer's last bytes go
+        out while the disk works. The receipt routes wait for this (`logged`), so a receipt is served only
+        once it is durable."""
+        rid = receipt.body.id
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.log.append, receipt))
+        self.pending[rid] = task
+
+        def done(t: asyncio.Task[int]) -> None:
+            self.pending.pop(rid, None)
+            if t.cancelled() or t.exception() is not None:
+                self.failed[rid] = None
+                while len(self.failed) > 1024:
+                    self.failed.popitem(last=False)
+                log.error("receipt %s could not be logged", rid)
+
+        task.add_done_callback(done)
+
+    async def logged(self, rid: str) -> bool:
+        """Wait until a receipt being appended is durable; False when its append failed."""
+        task = self.pending.get(rid)
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.config.receipt_wait_s)
+            except Exception:  # the append failed or the disk is stuck: refused below, not served
+                return False
+        return rid not in self.failed
 
     def check_request(self, plaintext: bytes, route: str) -> dict[str, Any]:
         try:
@@ -366,8 +402,8 @@ def make_inference_app(
             if len(answer) > config.max_response_bytes:
                 return openai_error(503, "the engine's answer is oversized", "engine_unavailable")
             out = answer if opened is None else json.dumps(front.e2ee.seal_response(opened, answer)).encode()
-            await asyncio.to_thread(
-                front.receipt, rid, raw, hashlib.sha256(out).digest(), False, opened is not None, started
+            front.log_later(
+                front.receipt(rid, raw, hashlib.sha256(out).digest(), False, opened is not None, started)
             )
             return Response(out, media_type="application/json", headers={"x-receipt-id": rid})
 
@@ -383,7 +419,9 @@ def make_inference_app(
                 return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
 
             # Events pass on as they come; only the closing piece ("data: [DONE]", or the final sealed event)
-            # waits until the receipt is logged, so a client that has the whole answer finds its receipt.
+            # waits until the receipt is signed. Its append to the log (fsyncs) runs while the closing piece
+            # goes out; the receipt routes wait for it, so a client that has the whole answer finds its
+            # receipt, served only once durable.
             closing = b""
             try:
                 async for chunk in upstream.aiter_raw():
@@ -424,9 +462,7 @@ def make_inference_app(
             finally:
                 await upstream.aclose()
             if complete:
-                await asyncio.to_thread(
-                    front.receipt, rid, raw, h.digest(), True, opened is not None, started
-                )
+                front.log_later(front.receipt(rid, raw, h.digest(), True, opened is not None, started))
                 if closing:
                     yield closing
 
@@ -460,6 +496,8 @@ def make_inference_app(
     @app.get("/v1/receipts/{rid}")
     async def receipt(rid: str, since: int = 0) -> Response:
         """`since`: a tree size the client saw before; the answer then proves the current head extends it."""
+        if not await front.logged(rid):
+            return openai_error(503, "the receipt could not be logged", "receipt_unavailable")
         found = front.log.get(rid)
         if found is None:
             return openai_error(404, "no such receipt (a streamed answer gets its receipt when it ends)")
@@ -484,6 +522,8 @@ def make_inference_app(
 
     @app.get("/v1/signature/{rid}")
     async def legacy_signature(rid: str) -> Response:
+        if not await front.logged(rid):
+            return openai_error(503, "the receipt could not be logged", "receipt_unavailable")
         found = front.log.get(rid)
         if found is None:
             return openai_error(404, "no such request id")
