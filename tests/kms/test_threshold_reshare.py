@@ -6,6 +6,7 @@ mid-round are refused, and a failed round leaves no share and the old committee 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 from pathlib import Path
@@ -40,7 +41,13 @@ def _allow_kms_build(world: World, home: Path) -> None:
         world.chain.add_kms_device(tee.device_id)
 
 
+def member_token(plan: ResharePlan, index: int) -> bytes:
+    """The one-time token the operator gives new member `index` of the round (a test derives them)."""
+    return hashlib.sha256(b"member-token:" + plan.session + bytes([index])).digest()
+
+
 def _open(cluster: Cluster, plan: ResharePlan) -> None:
+    hashes = {str(j): hashlib.sha256(member_token(plan, j)).hexdigest() for j in range(1, plan.n_new + 1)}
     for i in plan.dealers:
         server = cluster.nodes[i].server
         r = httpx.post(
@@ -53,6 +60,7 @@ def _open(cluster: Cluster, plan: ResharePlan) -> None:
                 "dealers": list(plan.dealers),
                 "t_new": plan.t_new,
                 "n_new": plan.n_new,
+                "member_token_hashes": hashes,
             },
         )
         assert r.status_code == 200, r.text
@@ -66,7 +74,9 @@ def _join(
     *,
     build: str | None = None,
     boot_time: bool = True,
+    token: bytes | None = None,
 ) -> ThresholdShare:
+    """New member `index` joins, with its own token unless `token` names another (an attacker's)."""
     tee = SimulatedTdx(home)
     boot_kms_tee(tee, build=build, finish=not boot_time)
     clients = {
@@ -78,7 +88,8 @@ def _join(
         )
         for i in plan.dealers
     }
-    return join_reshare(plan, index, tee, clients, app_id=KMS_APP_ID)
+    mine = member_token(plan, index) if token is None and 1 <= index <= 64 else token
+    return join_reshare(plan, index, tee, clients, app_id=KMS_APP_ID, member_token=mine)
 
 
 def _outputs(shares: dict[int, int], t: int, x: bytes) -> set[bytes]:
@@ -146,6 +157,7 @@ def test_a_reshare_plan_for_another_group_is_refused(teecloud_home: Path, cluste
             "dealers": [1, 2, 3],
             "t_new": 3,
             "n_new": 5,
+            "member_token_hashes": {str(j): "11" * 32 for j in range(1, 6)},
         },
     )
     assert r.status_code == 400 and "not this node's group" in r.json()["reason"]

@@ -52,7 +52,7 @@ def test_a_permission_counts_only_once_it_is_final() -> None:
     gate = _gate(chain, 6)
     for head in range(100, 106):
         chain.head = head
-        with pytest.raises(PeerRejected, match="not yet 6 blocks deep") as err:
+        with pytest.raises(PeerRejected, match="counts once it is 6 blocks deep") as err:
             gate.app_allowed(BOOT)
         assert err.value.step == "chain"
     chain.head = 106
@@ -69,7 +69,6 @@ def test_a_removal_counts_at_once_even_with_a_cached_yes() -> None:
         gate.kms_allowed(BOOT)
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING R3-7 open (docs/threat-model.md, third review)")
 def test_a_regrant_inside_the_finality_window_is_not_final() -> None:
     """FINDING R3-7 (low). The gate asks at the head and at head - d only. Allowed long ago (final), removed
     at block 155 (the owner revokes a compose hash), granted again at block 160 (the head): at head 160 with

@@ -4,6 +4,7 @@ cluster of tests/kms/test_threshold_nodes.py. Open findings are strict xfails (s
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from teecloud.kms.threshold import ResharePlan
 from tests.kms import test_threshold_nodes
 from tests.kms.conftest import World
 from tests.kms.test_threshold_nodes import Cluster
-from tests.kms.test_threshold_reshare import _allow_kms_build, _join, _open
+from tests.kms.test_threshold_reshare import _allow_kms_build, _join, _open, member_token
 
 cluster = test_threshold_nodes.cluster  # the five-node fixture
 
@@ -27,25 +28,21 @@ DEALERS = (1, 2, 3)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="FINDING R3-5 open (docs/threat-model.md, third review)")
 def test_a_sub_share_goes_only_to_the_new_member_the_round_names(
     teecloud_home: Path, world: World, cluster: Cluster
 ) -> None:
-    """FINDING R3-5. The operator reshares 3-of-5 to a new committee (a KMS code upgrade, or to move the key
-    off a host it no longer trusts). Anyone who can boot *a* KMS of an allowed build on an allowed device —
-    the distrusted host itself, or any host of the old build, still allowed while the old committee serves
-    — asks the dealers for share 1 of the round first: `deal_for` hands each index's sub-shares to the
-    first AuthorizedKms that asks (neither the plan nor the round names the new members), so that boot
-    becomes new member 1 and the operator's own new node 1 is refused ("already handed out"). Here the
-    stranger's KMS is another boot on the simulated world's one allowed device (a second device would need
-    a second simulated root; on hardware every device chains to Intel's). Safe: the round names each new
-    member (its attested RA-TLS key, or device id and measurement) and a dealer hands index j's sub-share
-    only to that member."""
+    """FINDING R3-5 (fixed). The operator reshares 3-of-5 to a new committee (a KMS code upgrade, or to move
+    the key off a host it no longer trusts). Anyone who can boot *a* KMS of an allowed build on an allowed
+    device — the distrusted host itself, or any host of the old build — asks the dealers for share 1 of the
+    round first. Fixed: the round names each new member by a one-time token (its sha256 given to the dealers
+    at /reshare/open, the token to new node j only): the stranger without it, or with another member's
+    token, gets nothing, and the operator's own node 1 still joins."""
     _allow_kms_build(world, teecloud_home)
     plan = ResharePlan(os.urandom(16), 1, cluster.group.commitments, DEALERS, 3, 5)
     _open(cluster, plan)
-    with pytest.raises(KmsClientError):
-        _join(teecloud_home, cluster, plan, 1)  # the stranger's boot, first
+    for stolen in (b"\0" * 32, member_token(plan, 2)):  # no token of its own / another member's
+        with pytest.raises(KmsClientError, match="not the new member"):
+            _join(teecloud_home, cluster, plan, 1, token=stolen)
     assert _join(teecloud_home, cluster, plan, 1).group_public_key == cluster.group.group_public_key
 
 
@@ -172,6 +169,9 @@ def test_a_joining_node_refuses_a_plan_for_another_group_than_the_chains(
                     "dealers": [1, 2, 3],
                     "t_new": 3,
                     "n_new": 5,
+                    "member_token_hashes": {
+                        str(j): hashlib.sha256(member_token(plan, j)).hexdigest() for j in range(1, 6)
+                    },
                 },
             )
             assert r.status_code == 200, r.text
@@ -194,6 +194,7 @@ def test_a_joining_node_refuses_a_plan_for_another_group_than_the_chains(
                         for i, n in nodes.items()
                     },
                     "new_commitments": [c.hex() for c in th.reshare_commitments(dealings)],
+                    "member_tokens": {str(j): member_token(plan, j).hex() for j in range(1, 6)},
                 }
             )
         )

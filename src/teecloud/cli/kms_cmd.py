@@ -146,7 +146,7 @@ def up(
         typer.Option(
             "--finality-depth",
             min=0,
-            max=10_000,
+            max=256,
             help="An on-chain permission counts only once it is this many blocks deep (removals count at "
             "once). 0 (default, local chains): the head decides.",
         ),
@@ -297,6 +297,7 @@ def _round_joiner(
                 int(doc["n"]),
             )
             expected: tuple[bytes, ...] | None = None
+            member_token: bytes | None = None
         else:
             if doc.get("kind") != "reshare":
                 raise ValueError("not a reshare plan (kind)")
@@ -309,6 +310,7 @@ def _round_joiner(
                 int(doc["n"]),
             )
             expected = tuple(bytes.fromhex(c) for c in doc["new_commitments"])
+            member_token = bytes.fromhex(doc["member_tokens"][str(index)])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SealingError) as exc:
         _fail(f"{'DKG' if kind == 'dkg' else 'reshare'} plan {plan_file}: {exc}")
     collateral = _collateral(tee, dev, pccs_url)
@@ -350,7 +352,7 @@ def _round_joiner(
         }
         if isinstance(plan, DkgPlan):
             return join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID)
-        share = join_reshare(plan, index, tee_, clients, app_id=KMS_APP_ID)
+        share = join_reshare(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
         if share.commitments != expected:
             raise KmsClientError("the reshare round ended with other commitments than its plan states")
         return share
@@ -557,6 +559,7 @@ def reshare_open(
     """Open a reshare round on t running nodes of this installation's group: the same group key to a new
     committee (new t, n, members; e.g. a KMS code upgrade). New nodes then boot with
     `kms up --threshold-node J --node-dir DIR --join-reshare PLAN`; `kms reshare-finish` records them."""
+    import hashlib
     import secrets
 
     from teecloud.keys import threshold as th
@@ -575,6 +578,9 @@ def reshare_open(
     if len(dealers) != group.t:
         _fail(f"a reshare of this {group.t}-of-{group.n} group needs exactly {group.t} dealers")
     session = secrets.token_bytes(16)
+    # one one-time token per new member: a dealer hands share j's sub-share only to the boot presenting
+    # token j, not to whichever allowed KMS asks first (give new node j its token only)
+    tokens = {j: secrets.token_bytes(32) for j in range(1, nodes + 1)}
     body = {
         "session": session.hex(),
         "epoch": group.epoch,
@@ -582,6 +588,7 @@ def reshare_open(
         "dealers": dealers,
         "t_new": threshold,
         "n_new": nodes,
+        "member_token_hashes": {str(j): hashlib.sha256(tok).hexdigest() for j, tok in tokens.items()},
     }
     plan_dealers: dict[str, Any] = {}
     dealings = []
@@ -611,8 +618,9 @@ def reshare_open(
         "n": nodes,
         "dealers": plan_dealers,
         "new_commitments": [c.hex() for c in new_commitments],
+        "member_tokens": {str(j): tok.hex() for j, tok in tokens.items()},
     }
-    atomic_write_json(out_file, plan, mode=0o644)
+    atomic_write_json(out_file, plan, mode=0o600)  # holds every member's token
     out.print(
         f"reshare round {session.hex()[:8]}… open on dealers {dealers} for {threshold}-of-{nodes} "
         f"(10 minutes); plan written to {out_file}"

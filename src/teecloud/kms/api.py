@@ -286,6 +286,12 @@ class ReshareOpenRequest(BaseModel):
     dealers: list[int] = Field(min_length=1, max_length=64)
     t_new: int = Field(ge=1, le=64)
     n_new: int = Field(ge=1, le=64)
+    member_token_hashes: dict[str, str] = Field(
+        min_length=1,
+        max_length=64,
+        description="new share index -> sha256 of the one-time token only that new member holds (hex): a "
+        "dealer hands index j's sub-share only to a caller presenting member j's token",
+    )
 
 
 class ReshareOpenResponse(BaseModel):
@@ -298,6 +304,9 @@ class ReshareDealRequest(BaseModel):
 
     session: str = Field(min_length=32, max_length=32)
     index: int = Field(ge=1, le=64, description="the new share index this node will hold")
+    member_token: str | None = Field(
+        default=None, min_length=64, max_length=64, description="reshare rounds: this member's token (hex)"
+    )
 
 
 class ReshareDealResponse(BaseModel):

@@ -412,7 +412,8 @@ class KmsService:
                 t_new=req.t_new,
                 n_new=req.n_new,
             )
-            commitments = self.reshare.open(plan)
+            hashes = {int(j): bytes.fromhex(h) for j, h in req.member_token_hashes.items()}
+            commitments = self.reshare.open(plan, hashes)
         except (ValueError, SealingError) as exc:
             raise KmsUsageError(f"reshare plan refused: {exc}") from exc
         log.info("reshare round %s opened (%d-of-%d)", req.session[:8], req.t_new, req.n_new)
@@ -450,9 +451,10 @@ class KmsService:
             kms = self.authz.authorize_kms(cert_der, ctx=ctx)
             try:
                 session = bytes.fromhex(req.session)
+                token = bytes.fromhex(req.member_token) if req.member_token is not None else None
             except ValueError as exc:
-                raise AccessDenied("the reshare session is not hex", step="request") from exc
-            answer = self.reshare.deal_for(kms, session, req.index)
+                raise AccessDenied("the reshare session or member token is not hex", step="request") from exc
+            answer = self.reshare.deal_for(kms, session, req.index, token)
             ctx["reason"] = f"reshare sub-share for new share {req.index} (round {req.session[:8]})"
             return answer
 

@@ -17,10 +17,12 @@ The client side (fan-out, proof checks, combination) is teecloud.kms.threshold_c
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -395,6 +397,7 @@ class _Round:
     dealing: th.Dealing
     opened_at: float
     served: set[int]
+    member_token_hashes: dict[int, bytes] | None = None  # reshare rounds: index -> sha256(member token)
 
 
 class ReshareDealer:
@@ -411,7 +414,11 @@ class ReshareDealer:
         self._lock = threading.Lock()
 
     def _store(
-        self, plan: ResharePlan | DkgPlan, dealer: int, make: Callable[[], th.Dealing]
+        self,
+        plan: ResharePlan | DkgPlan,
+        dealer: int,
+        make: Callable[[], th.Dealing],
+        member_token_hashes: dict[int, bytes] | None = None,
     ) -> tuple[bytes, ...]:
         with self._lock:
             now = self._clock()
@@ -419,14 +426,24 @@ class ReshareDealer:
                 del self._rounds[k]
             existing = self._rounds.get(plan.session)
             if existing is not None:
-                if existing.plan != plan or existing.dealer != dealer:
+                if (
+                    existing.plan != plan
+                    or existing.dealer != dealer
+                    or existing.member_token_hashes != member_token_hashes
+                ):
                     raise SealingError("this session is already open with another plan")
                 return existing.dealing.commitments
             dealing = make()
-            self._rounds[plan.session] = _Round(plan, dealer, dealing, now, set())
+            self._rounds[plan.session] = _Round(plan, dealer, dealing, now, set(), member_token_hashes)
             return dealing.commitments
 
-    def open(self, plan: ResharePlan) -> tuple[bytes, ...]:
+    def open(self, plan: ResharePlan, member_token_hashes: Mapping[int, bytes]) -> tuple[bytes, ...]:
+        """`member_token_hashes`: for each new index 1..n_new, sha256 of a one-time token only that new member
+        holds (the operator hands each new node its own): a sub-share goes only to its named member, not to
+        whichever allowed KMS boot asks first (review 3, R3-5)."""
+        hashes = {int(j): bytes(h) for j, h in member_token_hashes.items()}
+        if set(hashes) != set(range(1, plan.n_new + 1)) or any(len(h) != 32 for h in hashes.values()):
+            raise SealingError(f"reshare plan: one 32-byte member token hash per new index 1..{plan.n_new}")
         s = self._share
         if s is None:
             raise SealingError("reshare plan: this node holds no share")
@@ -434,7 +451,9 @@ class ReshareDealer:
             raise SealingError("reshare plan: not this node's group (commitments or epoch differ)")
         if s.index not in plan.dealers:
             raise SealingError(f"reshare plan: node {s.index} is not one of its dealers")
-        return self._store(plan, s.index, lambda: th.reshare_deal(s.index, s.share, plan.t_new, plan.n_new))
+        return self._store(
+            plan, s.index, lambda: th.reshare_deal(s.index, s.share, plan.t_new, plan.n_new), hashes
+        )
 
     def open_dkg(self, plan: DkgPlan, dealer: int) -> tuple[bytes, ...]:
         if self._share is not None:
@@ -443,7 +462,9 @@ class ReshareDealer:
             raise SealingError(f"DKG plan: {dealer} is not one of its dealers")
         return self._store(plan, dealer, lambda: th.deal(None, plan.t_new, plan.n_new, dealer=dealer))
 
-    def deal_for(self, kms: AuthorizedKms, session: bytes, index: int) -> api.ReshareDealResponse:
+    def deal_for(
+        self, kms: AuthorizedKms, session: bytes, index: int, member_token: bytes | None = None
+    ) -> api.ReshareDealResponse:
         if not isinstance(kms, AuthorizedKms):
             raise TypeError("sub-shares only for an AuthorizedKms")
         with self._lock:
@@ -456,6 +477,14 @@ class ReshareDealer:
                 )
             if not 1 <= index <= r.plan.n_new:
                 raise AccessDenied(f"share index {index} is not in 1..{r.plan.n_new}", step="reshare")
+            if r.member_token_hashes is not None and not (
+                member_token is not None
+                and hmac.compare_digest(hashlib.sha256(member_token).digest(), r.member_token_hashes[index])
+            ):
+                raise AccessDenied(
+                    f"not the new member this round names for share {index} (no or another member token)",
+                    step="reshare",
+                )
             if index in r.served:
                 raise AccessDenied(f"share {index} of this round was already handed out", step="reshare")
             r.served.add(index)

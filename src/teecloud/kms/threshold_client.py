@@ -421,12 +421,15 @@ def _collect(
     dealers: Mapping[int, KmsClient],
     t_new: int,
     app_id: bytes,
+    member_token: bytes | None = None,
 ) -> list[th.Dealing]:
     """From every dealer of a round: its commitments and this node's sub-share (over mutual RA-TLS, with this
     node's boot-time evidence). Any dealer failing fails the round (named)."""
     if set(dealers) != set(dealer_ids):
         raise KmsClientError("one client per dealer of the round")
-    body = api.ReshareDealRequest(session=session.hex(), index=index).model_dump()
+    body = api.ReshareDealRequest(
+        session=session.hex(), index=index, member_token=member_token.hex() if member_token else None
+    ).model_dump()
 
     def ask(i: int) -> api.ReshareDealResponse:
         return dealers[i].attested_call(
@@ -471,12 +474,13 @@ def join_reshare(
     dealers: Mapping[int, KmsClient],
     *,
     app_id: bytes,
+    member_token: bytes | None = None,
 ) -> ThresholdShare:
     """A joining KMS node's side of a reshare round, run at its boot (the dealers release sub-shares to
     boot-time evidence only). Each dealing is checked (C_0 is the dealer's old public share, the sub-share
     matches the commitments); then s'_index = Σ λ_i·f_i(index). Any failing dealer fails the round (named):
     every new node must sum the same dealings, so a partial round is never completed."""
-    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id)
+    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token)
     received = {d.dealer: d.shares[index] for d in dealings}
     try:
         share, complaints = th.reshare_receive(plan.old_commitments, dealings, index, received)

@@ -5,9 +5,11 @@ the gateway (none of them imports another's internals to ask).
     ChainGate.kms_allowed(boot_info)   KmsAuth.isKmsAllowed, same cache rule
     FreshBlockNumber                   the chain's block number read at or after the call, shared
 
-Finality: with `finality_depth` d > 0 the gate says yes only when the chain allows at the head AND at the
-block d below it. So a permission counts once d blocks sit on top of the block that granted it (a reorg
-shorter than d cannot authorize a release or a route), while a removal counts at once (the head says no).
+Finality: with `finality_depth` d > 0 the gate says yes only when the chain allows at the head AND at every
+one of the d blocks below it. So a permission counts once d blocks sit on top of the block that granted it
+(a reorg shorter than d cannot authorize a release or a route, also after a removal and a re-grant inside
+the window), while a removal counts at once (the head says no). A cache miss costs d + 1 reads, so d is at
+most MAX_FINALITY_DEPTH.
 The chain id is the reader's concern: pass `ChainConnection.checked_head` as `block_number` and every
 fresh read first checks that the endpoint still serves the chain it was opened on.
 
@@ -25,7 +27,9 @@ from typing import Protocol
 from teecloud.chain.api import BootInfo
 from teecloud.peer._verifier import PeerRejected
 
-__all__ = ["AuthChain", "ChainGate", "FreshBlockNumber"]
+__all__ = ["MAX_FINALITY_DEPTH", "AuthChain", "ChainGate", "FreshBlockNumber"]
+
+MAX_FINALITY_DEPTH = 256  # blocks; a cache miss asks the chain at each of them
 
 
 class AuthChain(Protocol):
@@ -109,8 +113,8 @@ class ChainGate:
         max_entries: int = 4096,
         finality_depth: int = 0,
     ) -> None:
-        if type(finality_depth) is not int or not 0 <= finality_depth <= 10_000:
-            raise ValueError(f"finality depth must be 0..10000 blocks, not {finality_depth!r}")
+        if type(finality_depth) is not int or not 0 <= finality_depth <= MAX_FINALITY_DEPTH:
+            raise ValueError(f"finality depth must be 0..{MAX_FINALITY_DEPTH} blocks, not {finality_depth!r}")
         if finality_depth and block_number is None:
             raise ValueError("a finality depth needs the chain's block number (block_number=)")
         self.chain = chain
@@ -169,10 +173,11 @@ class ChainGate:
         ok, reason = ask(boot_info, at=head)
         if ok is not True:
             return False, str(reason)
-        final_ok, final_reason = ask(boot_info, at=head - depth)
-        if final_ok is not True:
-            return False, (
-                f"allowed at the head (block {head}) but not yet {depth} blocks deep (block {head - depth}: "
-                f"{final_reason or 'no'}); a permission counts once it is final"
-            )
+        for block in range(head - depth, head):  # every block of the window, oldest first
+            final_ok, final_reason = ask(boot_info, at=block)
+            if final_ok is not True:
+                return False, (
+                    f"allowed at the head (block {head}) but not at block {block} ({final_reason or 'no'}): "
+                    f"a permission counts once it is {depth} blocks deep"
+                )
         return True, str(reason)
