@@ -48,6 +48,8 @@ def test_dkg_then_reshare_to_a_bigger_committee(chain: ChainClient) -> None:
     assert log.count("CommitteeActivated") == 2
     activated = [e["args"] for e in group.history() if e["event"] == "CommitteeActivated"]
     assert activated[-1]["previous"] == cid and activated[-1]["committee_id"] == cid2
+    with pytest.raises(ContractReverted, match="newer committee already serves"):
+        group.activate(cid)  # no rollback to the committee the key was moved away from
 
 
 def test_a_reshare_cannot_change_the_group_key(chain: ChainClient) -> None:

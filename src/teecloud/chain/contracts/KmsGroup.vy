@@ -116,12 +116,16 @@ def record_committee(
 
 @external
 def activate(committee_id: uint256):
-    """@notice Make a recorded committee the one that serves its epoch (after its nodes hold their shares)."""
+    """@notice Make a recorded committee the one that serves its epoch (after its nodes hold their shares);
+               only a newer one than the committee serving now."""
     self._only_owner()
     assert committee_id >= 1 and committee_id <= self.committee_count, "no such committee"
     epoch: uint64 = self.committee_epoch[committee_id]
     previous: uint256 = self.active[epoch]
     assert previous != committee_id, "already active"
+    # forward only: an older committee's shares were (or may have been) retired, and re-activating it would
+    # hand the epoch back to nodes an operator moved the key away from
+    assert committee_id > previous, "a newer committee already serves this epoch"
     self.active[epoch] = committee_id
     log CommitteeActivated(epoch=epoch, committee_id=committee_id, previous=previous)
 
