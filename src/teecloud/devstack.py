@@ -398,6 +398,8 @@ class LocalCloud:
             ),
             "app_id": self.gateway_app_id,
             "cert_keys": gateway.registration_url + CERT_KEYS_PATH,
+            # the same document on the public port, the base domain's apex (`teecloud gateway check-cert`)
+            "cert_keys_public": gateway.cert_keys_url,
             "certificate": "acme" if acme is not None else "dev-ca",
             "acme_directory": self.acme_directory or "",
         }

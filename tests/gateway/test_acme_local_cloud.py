@@ -5,6 +5,7 @@ unreachable CA are clear errors, with no traceback and nothing left running."""
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,7 +68,9 @@ def acme_cloud(
 
 @pytest.mark.slow
 @pytest.mark.docker
-def test_app_served_under_the_acme_certificate(acme_cloud: Any, pebble: Pebble) -> None:
+def test_app_served_under_the_acme_certificate(
+    acme_cloud: Any, pebble: Pebble, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from teecloud.cloud.deploy import Session, deploy
 
     gw = acme_cloud.endpoints.gateway
@@ -101,6 +104,12 @@ def test_app_served_under_the_acme_certificate(acme_cloud: Any, pebble: Pebble) 
     assert acme_cloud.gateway.acme is not None
     assert (acme_cloud.home / "gateway" / "acme" / "certificate.pem").is_file()
     assert acme_cloud.gateway.acme.status()["failures"] == 0
+    # the ACME key's quote is published on the public port: check-cert finds it there by default
+    monkeypatch.setenv("TEECLOUD_HOME", str(acme_cloud.home))  # --trust-dev-root: this cloud's dev root
+    args = ["gateway", "check-cert", f"127.0.0.1:{gw['public_port']}", "--server-name", gw["base_domain"]]
+    ok = CliRunner().invoke(cli_app, [*args, "--trust-dev-root", "--json", "--app-id", gw["app_id"]])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["role"] == "public"
 
 
 @pytest.mark.slow

@@ -243,6 +243,8 @@ def up(
             table.add_row("gateway certificate", f"ACME ({ep.gateway['acme_directory']})")
         else:
             table.add_row("gateway CA", ep.gateway["ca_file"])
+        if ep.gateway.get("cert_keys_public"):
+            table.add_row("gateway cert-keys", ep.gateway["cert_keys_public"])
         table.add_row("gateway admin", ep.gateway["admin"])
         if ep.gateway.get("custom_domains_dns"):
             table.add_row("custom domains (TXT via)", ep.gateway["custom_domains_dns"])
