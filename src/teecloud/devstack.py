@@ -55,7 +55,7 @@ def check_prerequisites() -> list[str]:
     return missing
 
 
-def _dns_server(value: str) -> tuple[str, int]:
+def _dns_server(value: str, what: str = "gateway DNS server") -> tuple[str, int]:
     """`host:port` (IPv6 in brackets; port 53 if omitted) of a DNS server, as an IP literal."""
     import ipaddress
 
@@ -66,9 +66,9 @@ def _dns_server(value: str) -> tuple[str, int]:
     try:
         ip = str(ipaddress.ip_address(host))
     except ValueError as exc:
-        raise NodeError(f"gateway DNS server {value[:80]!r}: not an IP address (host:port)") from exc
+        raise NodeError(f"{what} {value[:80]!r}: not an IP address (host:port)") from exc
     if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise NodeError(f"gateway DNS server {value[:80]!r}: the port must be in 1..65535")
+        raise NodeError(f"{what} {value[:80]!r}: the port must be in 1..65535")
     return ip, int(port)
 
 
@@ -126,7 +126,7 @@ class LocalCloud:
         # --- gateway ACME: the base domain's wildcard by ACME DNS-01 (docs/gateway.md, "Certificates"); the
         # challenge DNS server (dnslib) listens at acme_dns, the address the CA resolves the names with
         self.acme_directory = _acme_directory(acme_directory) if acme_directory else None
-        self.acme_dns = _dns_server(acme_dns) if self.acme_directory else None
+        self.acme_dns = _dns_server(acme_dns, "ACME DNS-01 server") if self.acme_directory else None
         if acme_ca_file is not None and not Path(acme_ca_file).is_file():
             raise NodeError(f"ACME CA file {str(acme_ca_file)[:200]}: not a readable file")
         self.acme_ca_file = str(acme_ca_file) if acme_ca_file is not None else None

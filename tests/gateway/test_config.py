@@ -11,7 +11,13 @@ import pytest
 from teecloud.gateway.devca import DevCa
 from teecloud.gateway.driver import find_haproxy
 from teecloud.gateway.errors import BadHostName, CapacityExceeded, GatewayUsageError
-from teecloud.gateway.haproxy import HaproxyPaths, render_config, render_map, runtime_commands
+from teecloud.gateway.haproxy import (
+    CustomDomainHook,
+    HaproxyPaths,
+    render_config,
+    render_map,
+    runtime_commands,
+)
 from teecloud.gateway.routing import (
     DataPlaneLimits,
     HostName,
@@ -293,6 +299,20 @@ def test_cert_keys_self_route_is_the_apex_path_only(tmp_path: Path) -> None:
             base_domain='x" bad',
             cert_keys_port=4567,
         )
+    # with custom domains, the apex never goes to the hook (an app's TXT record cannot claim it)
+    hooked = render_config(
+        bind_host="127.0.0.1",
+        port=1,
+        paths=paths,
+        limits=LIMITS,
+        plan=p,
+        base_domain=BASE,
+        cert_keys_port=4567,
+        custom_domains=CustomDomainHook(4568, "ab" * 16),
+    )
+    (hook_line,) = [line for line in hooked.splitlines() if "lua.teecloud_custom_domain" in line]
+    apex_excluded = f"!{{ req.ssl_sni,lower -m end .{BASE} }} !{{ req.ssl_sni,lower -m str {BASE} }}"
+    assert hook_line.endswith(apex_excluded)
     ca = DevCa(now=1_700_000_000)
     (tmp_path / "certs").mkdir()
     (tmp_path / "certs" / "w.pem").write_text(
