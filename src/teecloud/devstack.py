@@ -55,7 +55,7 @@ def check_prerequisites() -> list[str]:
     return missing
 
 
-def _dns_server(value: str) -> tuple[str, int]:
+def _dns_server(value: str, what: str = "gateway DNS server") -> tuple[str, int]:
     """`host:port` (IPv6 in brackets; port 53 if omitted) of a DNS server, as an IP literal."""
     import ipaddress
 
@@ -66,10 +66,24 @@ def _dns_server(value: str) -> tuple[str, int]:
     try:
         ip = str(ipaddress.ip_address(host))
     except ValueError as exc:
-        raise NodeError(f"gateway DNS server {value[:80]!r}: not an IP address (host:port)") from exc
+        raise NodeError(f"{what} {value[:80]!r}: not an IP address (host:port)") from exc
     if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise NodeError(f"gateway DNS server {value[:80]!r}: the port must be in 1..65535")
+        raise NodeError(f"{what} {value[:80]!r}: the port must be in 1..65535")
     return ip, int(port)
+
+
+def _acme_directory(value: str) -> str:
+    """An ACME directory URL (https, a host, at most 2048 characters), checked before anything starts."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme == "https" and bool(parts.hostname) and len(value) <= 2048 and parts.port != 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise NodeError(f"ACME directory {value[:80]!r}: not an https:// URL with a host")
+    return value
 
 
 def _stop_process(proc: Any) -> None:
@@ -101,10 +115,23 @@ class LocalCloud:
         gpu_roots: list[Path] | None = None,
         gpu_collateral: Path | None = None,
         kms_require_app_compose: bool = False,
+        acme_directory: str | None = None,
+        acme_dns: str = "127.0.0.1:53",
+        acme_ca_file: Path | None = None,
+        acme_email: str | None = None,
     ):
         # "host:port" of the DNS server the gateway asks for custom domains' TXT records (None: no custom
         # domains); checked here so a typo fails before anything starts
         self.gateway_dns = _dns_server(gateway_dns) if gateway_dns else None
+        # --- gateway ACME: the base domain's wildcard by ACME DNS-01 (docs/gateway.md, "Certificates"); the
+        # challenge DNS server (dnslib) listens at acme_dns, the address the CA resolves the names with
+        self.acme_directory = _acme_directory(acme_directory) if acme_directory else None
+        self.acme_dns = _dns_server(acme_dns, "ACME DNS-01 server") if self.acme_directory else None
+        if acme_ca_file is not None and not Path(acme_ca_file).is_file():
+            raise NodeError(f"ACME CA file {str(acme_ca_file)[:200]}: not a readable file")
+        self.acme_ca_file = str(acme_ca_file) if acme_ca_file is not None else None
+        self.acme_email = acme_email
+        # --- end gateway ACME
         self.home = Path(home) if home is not None else data_home()
         self.ports = (chain_port, kms_port, node_port)
         self.dev_time_travel = dev_time_travel  # serve evm_increaseTime/evm_mine on the chain's RPC
@@ -281,6 +308,8 @@ class LocalCloud:
         try:
             find_haproxy()
         except GatewayError as exc:
+            if self.acme_directory is not None:  # asked for explicitly: not silently dropped
+                raise NodeError(f"ACME needs the gateway: {exc}") from exc
             log.warning("no gateway: %s", exc)
             return {}
         token_file = self.home / "gateway" / "admin-token"
@@ -307,6 +336,7 @@ class LocalCloud:
         ) as exc:  # the cloud runs on; the gateway's keys are not vouched for
             log.warning("the gateway's TEE did not boot as app %s: %s", self.gateway_app_id, exc)
             gateway_tee = None
+        acme = self._gateway_acme()
         gateway = GatewayServer(
             self.home / "gateway",
             base_domain=GATEWAY_BASE_DOMAIN,
@@ -319,6 +349,7 @@ class LocalCloud:
                 else None
             ),
             tee=gateway_tee,
+            acme=acme,
         ).start()
         self._stack.callback(gateway.stop)
         self.gateway = gateway
@@ -367,7 +398,35 @@ class LocalCloud:
             ),
             "app_id": self.gateway_app_id,
             "cert_keys": gateway.registration_url + CERT_KEYS_PATH,
+            # the same document on the public port, the base domain's apex (`teecloud gateway check-cert`)
+            "cert_keys_public": gateway.cert_keys_url,
+            "certificate": "acme" if acme is not None else "dev-ca",
+            "acme_directory": self.acme_directory or "",
         }
+
+    def _gateway_acme(self) -> Any:
+        """With an ACME directory: the challenge DNS server (stopped with the cloud) and the gateway's
+        AcmeCertificates (the first issuance happens when the gateway is made; its tick renews)."""
+        if self.acme_directory is None or self.acme_dns is None:
+            return None
+        from teecloud.gateway.acme import AcmeCertificates, LocalChallengeDns
+
+        try:
+            dns = LocalChallengeDns(*self.acme_dns)
+        except OSError as exc:
+            raise NodeError(
+                f"cannot serve ACME DNS-01 answers on {self.acme_dns[0]}:{self.acme_dns[1]}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        self._stack.callback(dns.stop)
+        return AcmeCertificates(
+            self.home / "gateway",
+            directory_url=self.acme_directory,
+            base_domain=GATEWAY_BASE_DOMAIN,
+            dns=dns,
+            email=self.acme_email,
+            ca_bundle=self.acme_ca_file,
+        )
 
     def _publish_kms(self, chain: Any, tee: Any, identity: Any, keys: Any) -> None:
         """What KmsAuth must know to trust this KMS and the CVMs it serves (once per chain and key set): the

@@ -350,3 +350,63 @@ def test_gateway_keys_stay_in_its_data_directory(
         assert loaded and all(p.parent == gw.home / "run" and not p.exists() for p in loaded)
         with pytest.raises(TypeError):
             pickle.dumps(gw.ca)
+
+
+@pytest.mark.slow
+def test_public_port_serves_the_document_and_apps_cannot_shadow_it(
+    teecloud_home: Path, chain: ChainClient, tee: SimulatedTdx, verifier: PeerVerifier
+) -> None:
+    """`https://<base domain>:<public port>/.well-known/teecloud/cert-keys` is the gateway's own document
+    (byte for byte the registration listener's), `check-cert HOST` uses it by default; a registered app
+    whose backend answers every path never answers it, and the apex serves nothing else."""
+    import httpx
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app
+    from teecloud.gateway.certkeys import CERT_KEYS_PATH, fetch_document, presented_cert
+    from teecloud.gateway.routing import Route
+    from tests.gateway.conftest import Backend
+
+    rogue = Backend("rogue")  # an app that would answer /.well-known/teecloud/cert-keys with its own bytes
+    try:
+        with make_gateway(teecloud_home, chain, tee=tee) as gw:
+            app_id, instance_id = "ab" * 20, "cd" * 20
+            gw.driver.apply([Route(app_id, instance_id, 80, rogue.address)])
+            public_url = f"https://127.0.0.1:{gw.public_port}{CERT_KEYS_PATH}"
+            document = fetch_document(public_url, server_name=BASE)
+            assert document == fetch_document(gw.registration_url + CERT_KEYS_PATH)
+            apex = presented_cert("127.0.0.1", gw.public_port, server_name=BASE)
+            assert check_cert_key(apex, document, verifier).role == "public"
+            assert gw.cert_keys_url == f"https://{BASE}:{gw.public_port}{CERT_KEYS_PATH}"
+
+            def get(sni: str, host: str, path: str = CERT_KEYS_PATH) -> httpx.Response:
+                with httpx.Client(verify=str(gw.ca_file), timeout=10) as http:
+                    return http.get(
+                        f"https://127.0.0.1:{gw.public_port}{path}",
+                        headers={"Host": host},
+                        extensions={"sni_hostname": sni},
+                    )
+
+            # the app's own name reaches the app (its path is its own business), never the apex
+            app_name = f"{app_id}.{BASE}"
+            assert get(app_name, app_name).text.startswith(f"rogue {CERT_KEYS_PATH}")
+            before = rogue.requests
+            # fronting either way round is 421; the apex answers nothing but the document; a path that is
+            # only a prefix or an extension of it is not it
+            assert get(BASE, app_name).status_code == 421
+            assert get(app_name, BASE).status_code == 421
+            for path in ("/", "/.well-known/teecloud/cert-keys/x", "/.well-known/teecloud/cert-key"):
+                assert get(BASE, BASE, path).status_code == 421
+            assert get(BASE, BASE).content == document
+            assert rogue.requests == before  # nothing of the above reached the app
+            # check-cert HOST: the document from HOST's own public port by default
+            args = ["gateway", "check-cert", f"127.0.0.1:{gw.public_port}", "--server-name", BASE]
+            ok = CliRunner().invoke(app, [*args, "--trust-dev-root", "--json"])
+            assert ok.exit_code == 0, ok.output
+            assert json.loads(ok.stdout.strip().splitlines()[-1])["role"] == "public"
+            # an app name as the document's name asks the app: its bytes are no document, refused
+            by_app = CliRunner().invoke(app, [*args, "--base-domain", app_name, "--trust-dev-root", "--json"])
+            assert by_app.exit_code == 1
+            assert json.loads(by_app.stdout.strip().splitlines()[-1])["step"] in {"document", "published"}
+    finally:
+        rogue.stop()

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 def test_local_cloud_gateway_key_is_quoted_in_the_gateway_app(teecloud_home: Path) -> None:
     from teecloud.cli import app
     from teecloud.devstack import LocalCloud
+    from teecloud.gateway.certkeys import CERT_KEYS_PATH
     from teecloud.gateway.identity import gateway_compose_hash, register_gateway_app
 
     cloud = LocalCloud(teecloud_home)
@@ -38,5 +39,12 @@ def test_local_cloud_gateway_key_is_quoted_in_the_gateway_app(teecloud_home: Pat
         assert verdict["compose_hash"] == gateway_compose_hash().hex()
         other = CliRunner().invoke(app, [*args, "--app-id", "22" * 20])
         assert other.exit_code == 1
+        # by default the document comes from the public port itself (the base domain's apex)
+        assert gw["cert_keys_public"].endswith(f"{gw['base_domain']}:{gw['public_port']}{CERT_KEYS_PATH}")
+        apex = ["gateway", "check-cert", f"127.0.0.1:{gw['public_port']}", "--server-name"]
+        apex += [gw["base_domain"], "--trust-dev-root", "--json", "--app-id", app_id]
+        default = CliRunner().invoke(app, apex)
+        assert default.exit_code == 0, default.output
+        assert json.loads(default.stdout.strip().splitlines()[-1])["role"] == "public"
     finally:
         cloud.stop()

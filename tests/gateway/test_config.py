@@ -11,7 +11,13 @@ import pytest
 from teecloud.gateway.devca import DevCa
 from teecloud.gateway.driver import find_haproxy
 from teecloud.gateway.errors import BadHostName, CapacityExceeded, GatewayUsageError
-from teecloud.gateway.haproxy import HaproxyPaths, render_config, render_map, runtime_commands
+from teecloud.gateway.haproxy import (
+    CustomDomainHook,
+    HaproxyPaths,
+    render_config,
+    render_map,
+    runtime_commands,
+)
 from teecloud.gateway.routing import (
     DataPlaneLimits,
     HostName,
@@ -227,3 +233,95 @@ def test_pp_rollouts_and_pool_limits() -> None:
     assert f"set map /run/gw/http.map {APP}-8080.{BASE} bhp0" in cmds
     with pytest.raises(CapacityExceeded, match="PROXY v2"):
         plan([a], BASE, DataPlaneLimits(http_backends=3, tcp_backends=3, pp_backends=0))
+
+
+def test_cert_keys_self_route_is_the_apex_path_only(tmp_path: Path) -> None:
+    """Golden: with `cert_keys_port`, fe_terminate sends exactly `<apex>` + CERT_KEYS_PATH to the gateway's
+    own loopback listener, before the app map, and exempts only that from the no-route 421; nothing else
+    changes, and HAProxy accepts the result."""
+    paths = HaproxyPaths(str(tmp_path), "teecloud-gw-test")
+    p = plan([Route(APP, INST1, 8080, "127.0.0.1:1001")], BASE, LIMITS)
+    plain = render_config(bind_host="127.0.0.1", port=1, paths=paths, limits=LIMITS, plan=p, base_domain=BASE)
+    cfg = render_config(
+        bind_host="127.0.0.1",
+        port=1,
+        paths=paths,
+        limits=LIMITS,
+        plan=p,
+        base_domain=BASE,
+        cert_keys_port=4567,
+    )
+    import difflib
+
+    diff = list(difflib.ndiff(plain.splitlines(), cfg.splitlines()))
+    added = [line[2:] for line in diff if line.startswith("+ ")]
+    removed = [line[2:] for line in diff if line.startswith("- ")]
+    assert removed == [  # only the no-route 421 changes: it gains the apex exemption
+        '    http-request return status 421 content-type text/plain string "misdirected request: no app is '
+        f'registered under this name" unless {{ var(txn.sni),map({paths.http_map}) -m found }}'
+    ]
+    assert added == [
+        f"    acl gateway_apex var(txn.sni) -m str {BASE}",
+        "    acl gateway_cert_keys path /.well-known/teecloud/cert-keys",
+        '    http-request return status 421 content-type text/plain string "misdirected request: no app is '
+        f'registered under this name" unless {{ var(txn.sni),map({paths.http_map}) -m found }} '
+        "|| gateway_apex gateway_cert_keys",
+        "    use_backend be_gateway_self if gateway_apex gateway_cert_keys",
+        "backend be_gateway_self",
+        "    mode http",
+        "    server gateway 127.0.0.1:4567 maxconn 64",
+        "",
+    ]
+    # the self route comes before the app map's use_backend
+    lines = cfg.splitlines()
+    assert lines.index("    use_backend be_gateway_self if gateway_apex gateway_cert_keys") < lines.index(
+        f"    use_backend %[var(txn.sni),map({paths.http_map})]"
+    )
+    # tcp terminate mode parses no HTTP: no self route there
+    tcp = render_config(
+        bind_host="127.0.0.1",
+        port=1,
+        paths=paths,
+        limits=LIMITS,
+        plan=p,
+        base_domain=BASE,
+        cert_keys_port=4567,
+        terminate_mode="tcp",
+    )
+    assert "be_gateway_self" not in tcp
+    with pytest.raises(ValueError):
+        render_config(
+            bind_host="127.0.0.1",
+            port=1,
+            paths=paths,
+            limits=LIMITS,
+            plan=p,
+            base_domain='x" bad',
+            cert_keys_port=4567,
+        )
+    # with custom domains, the apex never goes to the hook (an app's TXT record cannot claim it)
+    hooked = render_config(
+        bind_host="127.0.0.1",
+        port=1,
+        paths=paths,
+        limits=LIMITS,
+        plan=p,
+        base_domain=BASE,
+        cert_keys_port=4567,
+        custom_domains=CustomDomainHook(4568, "ab" * 16),
+    )
+    (hook_line,) = [line for line in hooked.splitlines() if "lua.teecloud_custom_domain" in line]
+    apex_excluded = f"!{{ req.ssl_sni,lower -m end .{BASE} }} !{{ req.ssl_sni,lower -m str {BASE} }}"
+    assert hook_line.endswith(apex_excluded)
+    ca = DevCa(now=1_700_000_000)
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "w.pem").write_text(
+        ca.issue_wildcard(BASE, now=1_700_000_000).haproxy_pem(ca.cert_pem)
+    )
+    Path(paths.http_map).write_text(render_map(p.http_map))
+    Path(paths.tcp_map).write_text(render_map(p.tcp_map))
+    Path(paths.config).write_text(cfg)
+    out = subprocess.run(
+        [find_haproxy(), "-c", "-f", paths.config], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr

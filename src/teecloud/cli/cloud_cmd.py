@@ -169,6 +169,29 @@ def up(
             help="The KMS refuses key requests that do not send the CVM's measured app-compose.",
         ),
     ] = False,
+    acme_directory: Annotated[
+        str | None,
+        typer.Option(
+            "--acme-directory",
+            help="https URL of an ACME directory: the gateway gets its base domain's wildcard certificate "
+            "from that CA by DNS-01 (renewed before expiry) instead of the dev CA.",
+        ),
+    ] = None,
+    acme_dns: Annotated[
+        str,
+        typer.Option(
+            "--acme-dns",
+            help="With --acme-directory: IP:PORT where the gateway serves the DNS-01 TXT answers "
+            "(point the CA's resolver there).",
+        ),
+    ] = "127.0.0.1:53",
+    acme_ca_file: Annotated[
+        Path | None,
+        typer.Option("--acme-ca-file", help="With --acme-directory: PEM bundle to trust for the CA's TLS."),
+    ] = None,
+    acme_email: Annotated[
+        str | None, typer.Option("--acme-email", help="With --acme-directory: the ACME account's contact.")
+    ] = None,
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""
@@ -194,6 +217,10 @@ def up(
             gpu_roots=gpu_root or [],
             gpu_collateral=gpu_collateral,
             kms_require_app_compose=kms_require_app_compose,
+            acme_directory=acme_directory,
+            acme_dns=acme_dns,
+            acme_ca_file=acme_ca_file,
+            acme_email=acme_email,
         )
         ep = cloud.start()
     resumed = len(cloud.node.store.all()) if cloud.node else 0
@@ -212,7 +239,12 @@ def up(
             "gateway (HTTPS)",
             f"https://<app_id>-<port>.{ep.gateway['base_domain']}:{ep.gateway['public_port']}/",
         )
-        table.add_row("gateway CA", ep.gateway["ca_file"])
+        if ep.gateway.get("certificate") == "acme":
+            table.add_row("gateway certificate", f"ACME ({ep.gateway['acme_directory']})")
+        else:
+            table.add_row("gateway CA", ep.gateway["ca_file"])
+        if ep.gateway.get("cert_keys_public"):
+            table.add_row("gateway cert-keys", ep.gateway["cert_keys_public"])
         table.add_row("gateway admin", ep.gateway["admin"])
         if ep.gateway.get("custom_domains_dns"):
             table.add_row("custom domains (TXT via)", ep.gateway["custom_domains_dns"])

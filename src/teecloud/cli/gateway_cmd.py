@@ -1,7 +1,9 @@
-"""`teecloud gateway check-cert HOST[:PORT] --keys URL`: is the key this server presents held in a TEE?
+"""`teecloud gateway check-cert HOST[:PORT]`: is the key this server presents held in a TEE?
 
 Fetches the leaf certificate the server presents on the wire (SNI `--server-name`, default HOST) and the
-gateway's published quotes (`GET <registration URL>/.well-known/teecloud/cert-keys`), then checks, with
+gateway's published quotes: by default from the same HOST:PORT, `GET https://<base domain>/.well-known/
+teecloud/cert-keys` (SNI and Host `--base-domain`, default the server name: the gateway answers it on its
+base domain's apex), or from `--keys URL` (e.g. the registration listener). Then it checks, with
 `teecloud.gateway.certkeys.check_cert_key`, that a quote verified under the chosen trust (real TDX
 collateral from a PCCS, or this installation's simulated TEE, labelled) binds exactly that key. `--app-id`
 (the KMS's `gateway_app_id`) also requires the key to be held by that app.
@@ -44,8 +46,21 @@ def _host_port(value: str) -> tuple[str, int]:
 def check_cert(
     target: Annotated[str, typer.Argument(help="HOST or HOST:PORT of the gateway's public TLS port.")],
     keys_url: Annotated[
-        str, typer.Option("--keys", help="URL of the gateway's published cert-keys document.")
-    ],
+        str | None,
+        typer.Option(
+            "--keys",
+            help="URL of the gateway's published cert-keys document (default: HOST:PORT itself, "
+            "asking for the base domain's /.well-known/teecloud/cert-keys).",
+        ),
+    ] = None,
+    base_domain: Annotated[
+        str | None,
+        typer.Option(
+            "--base-domain",
+            help="Without --keys: the gateway's base domain (SNI and Host of the document request; "
+            "default the server name).",
+        ),
+    ] = None,
     server_name: Annotated[
         str | None, typer.Option("--server-name", help="SNI to send (default HOST).")
     ] = None,
@@ -57,7 +72,13 @@ def check_cert(
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
 ) -> None:
     """Check that the certificate key HOST presents is bound by a verified quote the gateway publishes."""
-    from teecloud.gateway.certkeys import CertKeyRefused, check_cert_key, fetch_document, presented_cert
+    from teecloud.gateway.certkeys import (
+        CERT_KEYS_PATH,
+        CertKeyRefused,
+        check_cert_key,
+        fetch_document,
+        presented_cert,
+    )
     from teecloud.peer import PccsCollateral, PeerPolicy, PeerVerifier, StaticCollateral
 
     host, port = _host_port(target)
@@ -83,11 +104,19 @@ def check_cert(
         )
     else:
         _fail("give --pccs-url (real TDX) or --trust-dev-root (the simulated TEE)", 2)
-    if not keys_url.startswith(("https://", "http://")):
+    doc_name: str | None = None
+    if keys_url is None:  # the gateway's own public port, its base domain's apex
+        doc_name = (base_domain or server_name or host).strip().rstrip(".").lower()
+        if not doc_name or len(doc_name) > 253 or not all(c.isalnum() or c in ".-" for c in doc_name):
+            _fail(f"bad base domain {doc_name[:80]!r}", 2)
+        netloc = f"[{host}]" if ":" in host else host
+        keys_url = f"https://{netloc}:{port}{CERT_KEYS_PATH}"
+    elif not keys_url.startswith(("https://", "http://")):
         _fail("--keys must be an http(s):// URL", 2)
     try:
         cert = presented_cert(host, port, server_name=server_name)
-        verdict = check_cert_key(cert, fetch_document(keys_url), verifier, expected_app_id=expected)
+        document = fetch_document(keys_url, server_name=doc_name)
+        verdict = check_cert_key(cert, document, verifier, expected_app_id=expected)
     except CertKeyRefused as exc:
         if as_json:
             typer.echo(json.dumps({"ok": False, "step": exc.step, "reason": exc.reason}))

@@ -334,14 +334,18 @@ def presented_cert(host: str, port: int, *, server_name: str | None = None, time
     return der
 
 
-def fetch_document(url: str, *, timeout: float = 10.0) -> bytes:
+def fetch_document(url: str, *, timeout: float = 10.0, server_name: str | None = None) -> bytes:
     """GET the cert-keys document (at most MAX_DOCUMENT_BYTES). TLS is not verified: the document carries
-    its own proof (the quotes), and a forged one fails at step (3) or (4)."""
+    its own proof (the quotes), and a forged one fails at step (3) or (4). `server_name`: the TLS server
+    name and Host header to send when the URL's host is an address (the gateway's public port routes the
+    document by the base domain's name)."""
     if not url.startswith(("https://", "http://")):
         raise GatewayUsageError("the cert-keys URL must be http(s)://")
+    headers = {"Host": server_name} if server_name else {}
+    extensions = {"sni_hostname": server_name} if server_name and url.startswith("https://") else {}
     try:
         with httpx.Client(verify=False, timeout=timeout) as client:  # noqa: S501 - self-authenticating
-            with client.stream("GET", url) as r:
+            with client.stream("GET", url, headers=headers, extensions=extensions) as r:
                 if r.status_code != 200:
                     raise CertKeyRefused(f"{url} answered {r.status_code}", step="published")
                 chunks, size = [], 0

@@ -99,8 +99,10 @@ class HaproxyDriver:
         terminate_mode: TerminateMode = "http",
         custom_domains: CustomDomainHook | None = None,
         access_log: bool = False,
+        cert_keys_port: int = 0,
     ) -> None:
         self.custom_domains = custom_domains
+        self.cert_keys_port = cert_keys_port  # the gateway's own cert-keys listener (haproxy.render_config)
         self.access_log = access_log  # log lines to paths.access_log (teecloud.gateway.accesslog)
         self.terminate_mode: TerminateMode = terminate_mode
         self.run_dir = Path(run_dir)
@@ -147,6 +149,7 @@ class HaproxyDriver:
             custom_domains=self.custom_domains,
             base_domain=self.base_domain,
             access_log=self.access_log,
+            cert_keys_port=self.cert_keys_port,
         )
         atomic_write(Path(self.paths.config), config.encode(), mode=0o600)
 

@@ -7,7 +7,9 @@ The data plane (HAProxy 2.6, Debian's package) has two frontends:
                   the app's own certificate answers); everything else goes to fe_terminate.
     fe_terminate  TLS with the wildcard certificate of the base domain only (`strict-sni`: an unknown name
                   gets a TLS alert), HTTP/1.1 + h2 from clients, HTTP/1.1 and WebSocket to the CVM. The
-                  Host header must name the TLS server name, and that name must be in http.map (else 421).
+                  Host header must name the TLS server name, and that name must be in http.map (else 421);
+                  the one exception: `GET <base domain apex>/.well-known/teecloud/cert-keys` goes to the
+                  gateway's own listener (`cert_keys_port`). No app name is the apex, so no app shadows it.
 
 Backends are pre-allocated slots (`bh<i>` HTTP, `bt<i>` TCP, each with `servers_per_backend` servers in
 maintenance) because HAProxy cannot add a backend without a reload; the runtime API (`set map`, `add map`,
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from teecloud.gateway.certkeys import CERT_KEYS_PATH
 from teecloud.gateway.routing import (
     DataPlaneLimits,
     Plan,
@@ -154,14 +157,20 @@ def render_config(
     custom_domains: CustomDomainHook | None = None,
     base_domain: str = "",
     access_log: bool = False,
+    cert_keys_port: int = 0,
 ) -> str:
     """The whole configuration; the plan's servers are written in (a restart starts with current routes).
     `terminate_mode` "http" parses HTTP after TLS (421 for a Host that is not the TLS name or an unknown
     name, 400 for oversized headers, X-Forwarded-For, h2 from clients, per-app HTTP metrics); "tcp" forwards
     the decrypted byte stream (HTTP/1.1 and WebSocket work unchanged; an unknown name is closed after the
     handshake; faster: docs/benchmarks.md). `access_log`: one line per HTTP request / TCP connection to
-    the unix datagram socket `paths.access_log` (teecloud.gateway.accesslog: per-app latency histograms)."""
+    the unix datagram socket `paths.access_log` (teecloud.gateway.accesslog: per-app latency histograms).
+    `cert_keys_port` (HTTP mode, with `base_domain`): the loopback port of the gateway's own listener that
+    answers CERT_KEYS_PATH on the base domain's apex."""
     t = timeouts
+    self_route = terminate_mode == "http" and bool(base_domain) and 0 < cert_keys_port < 65536
+    if self_route and not all(c.isalnum() or c in ".-" for c in base_domain):
+        raise ValueError("bad base domain")
     host = f"[{bind_host}]" if ":" in bind_host else bind_host
     lines = [
         "# Rendered by teecloud.gateway.haproxy; changes at run time go through the runtime API.",
@@ -199,7 +208,8 @@ def render_config(
                 # before `accept`, which ends the rules: a name outside the base domain and not a route
                 "    tcp-request content lua.teecloud_custom_domain if { req.ssl_hello_type 1 } "
                 f"{{ req.ssl_sni -m found }} !{{ req.ssl_sni,lower,map({paths.tcp_map}) -m found }} "
-                f"!{{ req.ssl_sni,lower -m end .{base_domain} }}",
+                f"!{{ req.ssl_sni,lower -m end .{base_domain} }} "
+                f"!{{ req.ssl_sni,lower -m str {base_domain} }}",  # nor the apex (the gateway's own)
             ]
             if custom_domains
             else []
@@ -236,14 +246,34 @@ def render_config(
             *(_log_lines(paths, _HTTP_LOG) if access_log else []),
             "    http-request set-var(txn.host) req.hdr(host),field(1,:),lower",
             "    http-request set-var(txn.sni) ssl_fc_sni,lower",
+            *(
+                [
+                    f"    acl gateway_apex var(txn.sni) -m str {base_domain}",
+                    f"    acl gateway_cert_keys path {CERT_KEYS_PATH}",
+                ]
+                if self_route
+                else []
+            ),
             '    http-request return status 421 content-type text/plain string "misdirected request: '
             'the Host header does not name the TLS server name" '
             "unless { var(txn.sni),strcmp(txn.host) eq 0 }",
             '    http-request return status 421 content-type text/plain string "misdirected request: '
-            f'no app is registered under this name" unless {{ var(txn.sni),map({paths.http_map}) -m found }}',
+            f'no app is registered under this name" unless {{ var(txn.sni),map({paths.http_map}) -m found }}'
+            + (" || gateway_apex gateway_cert_keys" if self_route else ""),
             "    http-request set-header X-Forwarded-Proto https",
+            *(["    use_backend be_gateway_self if gateway_apex gateway_cert_keys"] if self_route else []),
             f"    use_backend %[var(txn.sni),map({paths.http_map})]",
             "",
+            *(
+                [
+                    "backend be_gateway_self",  # the gateway's own listener (cert-keys only), loopback
+                    "    mode http",
+                    f"    server gateway 127.0.0.1:{cert_keys_port} maxconn 64",
+                    "",
+                ]
+                if self_route
+                else []
+            ),
         ]
     else:  # TLS terminated, then the byte stream (HTTP/1.1, WebSocket) forwarded as it is
         lines += [

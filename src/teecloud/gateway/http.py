@@ -20,7 +20,13 @@ from teecloud.gateway.driver import unix_exchange
 from teecloud.gateway.errors import BadHostName, GatewayError, RegistrationRefused
 from teecloud.gateway.service import GatewayService
 
-__all__ = ["PEER_CERT_STATE_KEY", "make_admin_app", "make_custom_domain_app", "make_registration_app"]
+__all__ = [
+    "PEER_CERT_STATE_KEY",
+    "make_admin_app",
+    "make_cert_keys_app",
+    "make_custom_domain_app",
+    "make_registration_app",
+]
 
 PEER_CERT_STATE_KEY = "teecloud.gateway.tls_peer_cert_der"
 MAX_BODY = 16 * 1024
@@ -44,6 +50,25 @@ def _common(app: FastAPI) -> None:
         return _refusal(exc.status_code, str(exc.detail)[:300], "request", error="http")
 
 
+def _no_tee() -> JSONResponse:
+    return _refusal(404, "this gateway has no TEE to quote its certificate keys", "cert_keys")
+
+
+def make_cert_keys_app(cert_keys: Callable[[], bytes] | None) -> FastAPI:
+    """The published quotes of the gateway's certificate keys, alone: HAProxy sends
+    `https://<base domain>/.well-known/teecloud/cert-keys` here (loopback, plain HTTP)."""
+    app = FastAPI(title="teecloud gateway cert-keys", docs_url=None, redoc_url=None)
+    _common(app)
+
+    @app.get(CERT_KEYS_PATH)
+    def published_cert_keys() -> Response:
+        if cert_keys is None:
+            return _no_tee()
+        return Response(cert_keys(), media_type="application/json")
+
+    return app
+
+
 def make_registration_app(
     service: GatewayService, *, cert_keys: Callable[[], bytes] | None = None
 ) -> FastAPI:
@@ -54,7 +79,7 @@ def make_registration_app(
     @app.get(CERT_KEYS_PATH)
     def published_cert_keys() -> Response:
         if cert_keys is None:
-            return _refusal(404, "this gateway has no TEE to quote its certificate keys", "cert_keys")
+            return _no_tee()
         return Response(cert_keys(), media_type="application/json")
 
     @app.post(api.PATH_REGISTER, response_model=api.RegisterCvmResponse)

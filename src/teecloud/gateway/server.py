@@ -9,7 +9,9 @@ registrations, restarts a dead HAProxy and moves routes.
 
 The public certificate is the dev CA's wildcard, or with `acme=` (teecloud.gateway.acme) the ACME CA's,
 renewed by the tick within its renewal window (HAProxy reloads only then). With `tee=` every certificate
-key it serves with gets a quote binding it, published at CERT_KEYS_PATH (teecloud.gateway.certkeys).
+key it serves with gets a quote binding it, published at CERT_KEYS_PATH (teecloud.gateway.certkeys) on the
+registration listener and on the public port (`https://<base domain>:<public port>` + CERT_KEYS_PATH: HAProxy
+routes that path on the apex to the gateway's own loopback listener).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from teecloud._serve import LimitedH11Protocol, LimitedServer, ServeLimits, limi
 from teecloud.gateway import api
 from teecloud.gateway.accesslog import AccessLog
 from teecloud.gateway.acme import AcmeCertificates, StoredCert
-from teecloud.gateway.certkeys import CertKeyPublisher
+from teecloud.gateway.certkeys import CERT_KEYS_PATH, CertKeyPublisher
 from teecloud.gateway.client import temp_ca
 from teecloud.gateway.customdomain import CustomDomains
 from teecloud.gateway.devca import DevCa
@@ -43,6 +45,7 @@ from teecloud.gateway.http import (
     PEER_CERT_STATE_KEY,
     fetch_unix_http,
     make_admin_app,
+    make_cert_keys_app,
     make_custom_domain_app,
     make_registration_app,
 )
@@ -60,6 +63,7 @@ log = logging.getLogger("teecloud.gateway")
 GATEWAY_REGISTER = ServeLimits(max_connections=256, backlog=1024)
 GATEWAY_ADMIN = ServeLimits(max_connections=16, backlog=16)
 GATEWAY_HOOK = ServeLimits(max_connections=256, backlog=1024)  # HAProxy's Lua asks once per connection
+GATEWAY_CERT_KEYS = ServeLimits(max_connections=64, backlog=256)  # HAProxy's be_gateway_self (maxconn 64)
 # OpenSSL X509_V_FLAG_NO_CHECK_TIME: certificate dates are checked by the peer verifier, with a reason.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 
@@ -133,6 +137,8 @@ class GatewayServer:
         self.hook = (
             CustomDomainHook(free_port(host), secrets.token_hex(16)) if custom_domains is not None else None
         )
+        # the cert-keys document on the public port: HAProxy -> this loopback listener (haproxy.render_config)
+        self.cert_keys_port = free_port("127.0.0.1")
         self.driver = HaproxyDriver(
             self.home / "run",
             base_domain=self.base_domain,
@@ -143,6 +149,7 @@ class GatewayServer:
             limits=limits,
             custom_domains=self.hook,
             access_log=access_log,
+            cert_keys_port=self.cert_keys_port,
         )
         # per-app latency histograms and counters from HAProxy's log lines (None: not logged)
         self.access_log = AccessLog(Path(self.driver.paths.access_log)) if access_log else None
@@ -214,6 +221,11 @@ class GatewayServer:
     @property
     def registration_url(self) -> str:
         return f"https://{self.host}:{self.registration_port}"
+
+    @property
+    def cert_keys_url(self) -> str:
+        """The cert-keys document on the public port (the base domain's apex)."""
+        return f"https://{self.base_domain}:{self.public_port}{CERT_KEYS_PATH}"
 
     @property
     def admin_url(self) -> str:
@@ -307,7 +319,13 @@ class GatewayServer:
             GATEWAY_ADMIN,
             name="gateway admin listener",
         )
-        self._servers = [reg, admin]
+        doc_app = make_cert_keys_app(self.cert_keys.document if self.cert_keys is not None else None)
+        doc = LimitedServer(
+            limited_config(doc_app, GATEWAY_CERT_KEYS, host="127.0.0.1", port=self.cert_keys_port),
+            GATEWAY_CERT_KEYS,
+            name="gateway cert-keys listener",
+        )
+        self._servers = [reg, admin, doc]
         if self.hook is not None:
             hook_app = make_custom_domain_app(self.resolve_custom_domain, token=self.hook.token)
             self._servers.append(
@@ -332,6 +350,7 @@ class GatewayServer:
         self.service.reserved_ports = {self.public_port, self.registration_port, self.admin_port}
         if self.hook is not None:
             self.service.reserved_ports.add(self.hook.port)
+        self.service.reserved_ports.add(self.cert_keys_port)
         self._stop.clear()
         self._ticker = threading.Thread(target=self._tick_loop, name="teecloud-gateway-tick", daemon=True)
         self._ticker.start()
