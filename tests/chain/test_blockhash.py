@@ -169,3 +169,30 @@ def test_the_embedded_chain_reads_eip1898_block_objects_strictly(embedded_chain:
             backend.request("eth_getBalance", [addr, bad])
         with pytest.raises(ChainError):
             embedded_chain.rpc_call("eth_call", {"to": addr, "data": "0x"}, bad)
+
+
+def test_the_embedded_chains_http_rpc_answers_a_bad_block_object_with_an_error(teecloud_home: Any) -> None:
+    import httpx
+
+    from teecloud.chain.rpcserver import ChainRpcServer
+
+    chain = EmbeddedChain(teecloud_home / "chain")
+    server = ChainRpcServer(chain).start()
+    try:
+        head = chain.request("eth_getBlockByNumber", ["latest", False])
+        addr = "0x" + "00" * 20
+
+        def ask(block: Any) -> Any:
+            body = {"jsonrpc": "2.0", "id": 1, "method": "eth_getBalance", "params": [addr, block]}
+            r = httpx.post(server.url, json=body, timeout=10)
+            assert r.status_code == 200
+            return r.json()
+
+        assert ask({"blockHash": head["hash"], "requireCanonical": True})["result"] == "0x0"
+        unknown = ask({"blockHash": "0x" + "ab" * 32})
+        assert "result" not in unknown and unknown["error"]["code"] == -32001
+        malformed = ask({"blockHash": head["hash"], "x": 1})
+        assert "result" not in malformed and malformed["error"]["code"] == -32602
+    finally:
+        server.stop()
+        chain.close()
