@@ -199,6 +199,8 @@ class SwitchingEndpoint:
         self.chain_id = 1
         self.calls: list[str] = []
         self.switch_after = switch_after
+        self.switch_at_call: int | None = None  # switch after this many calls (counted from 1)
+        self.refuse_at: int | None = None  # chain 1 refuses at this block only (default: everywhere)
 
     def request(self, method: str, params: list[Any]) -> Any:
         self.calls.append(method)
@@ -213,10 +215,13 @@ class SwitchingEndpoint:
                 return hex(500)
             if method == "eth_call":
                 allowed = self.chain_id != 1  # the real chain refuses, the other one allows
+                if self.chain_id == 1 and self.refuse_at is not None:
+                    by_hash = {self._block(n)["hash"]: n for n in range(501)}
+                    allowed = by_hash[params[1]["blockHash"]] != self.refuse_at
                 return "0x" + encode(["bool", "string"], [allowed, "other chain" if allowed else "no"]).hex()
             raise AssertionError(method)
         finally:
-            if method == self.switch_after:
+            if method == self.switch_after or len(self.calls) == self.switch_at_call:
                 self.chain_id = 666
 
     def close(self) -> None:
@@ -258,3 +263,26 @@ def test_an_endpoint_that_switches_right_after_the_chain_id_check_answers_nothin
     endpoint.switch_after = None
     with pytest.raises(PeerRejected, match="wrong chain id"):
         gate.app_allowed(BOOT)  # nothing of the other chain was cached: still refused
+
+
+@pytest.mark.parametrize("depth", [0, 6])
+def test_a_switch_after_any_call_of_the_exchange_answers_nothing(depth: int) -> None:
+    """Generated: the endpoint switches to the allowing chain after call k, for every k of one request's
+    exchange (chain id, head, eth_calls, window walk, chain id again)."""
+    refuse_at = 499 if depth else None  # with a window: chain 1 refuses only at its newest block
+    probe = SwitchingEndpoint()
+    probe.refuse_at = refuse_at
+    gate = _kms_gate(probe, depth)
+    before = len(probe.calls)
+    with pytest.raises(PeerRejected, match="refuses"):
+        gate.app_allowed(BOOT)
+    exchange = len(probe.calls) - before
+    assert exchange == 4 + depth * 2  # chain id, head, eth_call at the head, (walk, eth_call) * d, chain id
+    for k in range(exchange + 1):
+        endpoint = SwitchingEndpoint()
+        endpoint.refuse_at = refuse_at
+        gate = _kms_gate(endpoint, depth)
+        endpoint.switch_at_call = len(endpoint.calls) + k
+        with pytest.raises(PeerRejected) as err:
+            gate.app_allowed(BOOT)
+        assert "other chain" not in err.value.reason, k
