@@ -7,6 +7,7 @@ from typing import Any
 
 __all__ = [
     "AppState",
+    "BlockRef",
     "BootInfo",
     "DeploymentEscrow",
     "GovernanceAction",
@@ -23,6 +24,37 @@ BOOT_INFO_ABI_TYPE = "(address,bytes32,address,bytes32,bytes32,bytes32,bytes32,s
 MAX_TCB_STATUS = 32
 MAX_ADVISORY_ID = 64
 MAX_ADVISORIES = 64
+
+
+_HASH_HEX = frozenset("0123456789abcdef")
+
+
+def _block_hash(value: object, what: str) -> str:
+    if not isinstance(value, str) or len(value) != 66 or value[:2] != "0x" or not set(value[2:]) <= _HASH_HEX:
+        raise ValueError(f"{what} must be 0x and 64 lower-case hex digits, not {value!r:.80}")
+    return value
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One block, named by number and hash. The hash pins the fork: a question asked at a BlockRef is asked
+    of that block's state only (EIP-1898 `{"blockHash": ...}`), never of whatever block holds that number
+    when the question arrives."""
+
+    number: int
+    hash: str  # 0x + 64 lower-case hex digits
+    parent_hash: str
+
+    def __post_init__(self) -> None:
+        if type(self.number) is not int or self.number < 0:
+            raise ValueError(f"block number must be an int >= 0, not {self.number!r}")
+        _block_hash(self.hash, "block hash")
+        _block_hash(self.parent_hash, "parent hash")
+
+    def rpc_id(self) -> dict[str, Any]:
+        """The EIP-1898 block parameter naming this block (and only it: an endpoint that does not know the
+        hash, or holds it off its canonical chain, answers an error)."""
+        return {"blockHash": self.hash, "requireCanonical": True}
 
 
 def _fixed(name: str, value: bytes, size: int) -> bytes:

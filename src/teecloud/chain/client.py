@@ -25,7 +25,7 @@ from typing import Any
 from teecloud._fs import atomic_write_json, data_home
 
 from ._values import to_address as _addr
-from .api import AppState, BootInfo, DeploymentEscrow, NodeInfo, Slash
+from .api import AppState, BlockRef, BootInfo, DeploymentEscrow, NodeInfo, Slash
 from .appauth import AppAuth
 from .connection import ChainConnection, abi_of
 from .embedded import DEV_KEYS, EmbeddedChain
@@ -250,10 +250,10 @@ class ChainClient(ChainConnection):
     # --- flat methods, delegating to the facades --------------------------------------------------------
 
     # KmsAuth
-    def is_app_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> tuple[bool, str]:
+    def is_app_allowed(self, boot_info: BootInfo, *, at: int | BlockRef | None = None) -> tuple[bool, str]:
         return self.kms.is_app_allowed(boot_info, at=at)
 
-    def is_kms_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> tuple[bool, str]:
+    def is_kms_allowed(self, boot_info: BootInfo, *, at: int | BlockRef | None = None) -> tuple[bool, str]:
         return self.kms.is_kms_allowed(boot_info, at=at)
 
     def register_app(

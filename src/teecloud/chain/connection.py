@@ -20,6 +20,7 @@ from eth_utils.address import to_checksum_address
 from ._abi import ContractAbi, _type
 from ._compile import compiled
 from ._values import to_address, to_int
+from .api import BlockRef
 from .errors import ChainError, ChainUnreachable, ContractReverted, WrongChainId
 from .signer import KEY_ENV
 from .transport import Transport
@@ -42,6 +43,16 @@ def abi_of(name: str) -> ContractAbi:
 
 def _ctor_types(ctor: dict[str, Any] | None) -> list[str]:
     return [] if ctor is None else [_type(i) for i in ctor["inputs"]]
+
+
+def _block_ref(block: Any, what: str) -> BlockRef:
+    """A JSON-RPC block object as a BlockRef (strict: number, hash and parentHash must all be there)."""
+    if not isinstance(block, dict):
+        raise ChainError(f"the endpoint does not know {what}")
+    try:
+        return BlockRef(to_int(block["number"]), str(block["hash"]).lower(), str(block["parentHash"]).lower())
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ChainError(f"malformed block object for {what}: {exc}") from exc
 
 
 class ChainConnection:
@@ -118,14 +129,30 @@ class ChainConnection:
     def block_number(self) -> int:
         return to_int(self.rpc_call("eth_blockNumber"))
 
-    def checked_head(self) -> int:
-        """The head block number, after checking that the endpoint still serves the chain this connection
-        was opened on (its chain id): an endpoint switched to another chain answers nothing. Raises
-        WrongChainId."""
+    def check_chain_id(self) -> None:
+        """Raises WrongChainId unless the endpoint still serves the chain this connection was opened on."""
         actual = to_int(self.rpc_call("eth_chainId"))
         if actual != self.chain_id:
             raise WrongChainId(self.chain_id, actual)
-        return self.block_number()
+
+    def head(self) -> BlockRef:
+        """The head block as (number, hash, parent hash), read in one request: questions asked at it
+        (`call(..., block=head.rpc_id())`) are answered from that block on that fork only."""
+        return _block_ref(self.rpc_call("eth_getBlockByNumber", "latest", False), "the head block")
+
+    def checked_head(self) -> BlockRef:
+        """The head block, after checking that the endpoint still serves the chain this connection was
+        opened on (its chain id): an endpoint switched to another chain answers nothing. Raises
+        WrongChainId."""
+        self.check_chain_id()
+        return self.head()
+
+    def block_by_hash(self, block_hash: str) -> BlockRef:
+        """The block with this hash; ChainError if the endpoint does not know it (or answers another)."""
+        ref = _block_ref(self.rpc_call("eth_getBlockByHash", block_hash, False), f"block {block_hash}")
+        if ref.hash != block_hash:
+            raise ChainError(f"asked for block {block_hash}, the endpoint answered block {ref.hash}")
+        return ref
 
     def balance(self, address: str | bytes) -> int:
         return to_int(self.rpc_call("eth_getBalance", to_address(address), "latest"))
@@ -144,7 +171,9 @@ class ChainConnection:
 
     # --- contracts -----------------------------------------------------------------------------------------
 
-    def call(self, contract: str, address: str | bytes, fn: str, *args: Any, block: str = "latest") -> Any:
+    def call(
+        self, contract: str, address: str | bytes, fn: str, *args: Any, block: str | dict[str, Any] = "latest"
+    ) -> Any:
         abi = abi_of(contract)
         data = abi.encode_call(fn, *args)
         tx: dict[str, Any] = {"to": to_address(address), "data": "0x" + data.hex()}

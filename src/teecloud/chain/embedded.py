@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +69,10 @@ class RpcError(Exception):
         if self.data is not None:
             err["data"] = self.data
         return err
+
+
+_QUANTITY = re.compile(r"0x(0|[1-9a-fA-F][0-9a-fA-F]*)")
+_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 
 
 def _hex(n: int) -> str:
@@ -394,9 +399,36 @@ class EmbeddedChain:
         if block == "earliest":
             return "earliest"
         if isinstance(block, dict):
-            block = block.get("blockNumber", "latest")
-            return self._block_id(block)
+            return self._block_object(block)
         return _int(block)
+
+    def _block_object(self, block: dict[str, Any]) -> int:
+        """An EIP-1898 block parameter, strictly: {"blockNumber": n} or {"blockHash": h} (with an optional
+        boolean "requireCanonical"). A hash names that block only: an unknown hash, or one off the canonical
+        chain (this chain cannot serve a side fork's state), is an error, never "latest"."""
+        from eth_tester.exceptions import BlockNotFound
+
+        keys = set(block)
+        if keys == {"blockNumber"}:
+            number = block["blockNumber"]
+            if not isinstance(number, str) or not _QUANTITY.fullmatch(number):
+                raise RpcError(-32602, f"invalid blockNumber {number!r:.80}: a hex quantity")
+            return int(number, 16)
+        if "blockHash" not in keys or not keys <= {"blockHash", "requireCanonical"}:
+            raise RpcError(-32602, f"invalid block parameter {sorted(keys)!r:.200} (EIP-1898)")
+        block_hash = block["blockHash"]
+        if not isinstance(block_hash, str) or not _HASH.fullmatch(block_hash):
+            raise RpcError(-32602, f"invalid blockHash {block_hash!r:.80}: 0x and 64 hex digits")
+        if type(block.get("requireCanonical", False)) is not bool:
+            raise RpcError(-32602, "requireCanonical must be a boolean")
+        try:
+            found = self.tester.get_block_by_hash(block_hash.lower())
+        except BlockNotFound:
+            raise RpcError(-32001, f"header for hash {block_hash} not found") from None
+        number = int(found["number"])
+        if _to_rpc(self.tester.get_block_by_number(number)["hash"]) != _to_rpc(found["hash"]):
+            raise RpcError(-32001, f"block {block_hash} is not on the canonical chain")
+        return number
 
     def _call_tx(self, tx: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {

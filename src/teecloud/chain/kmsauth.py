@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._values import to_address, to_bytes32
-from .api import BootInfo, KmsInfo
+from .api import BlockRef, BootInfo, KmsInfo
 from .connection import ChainConnection
 
 __all__ = ["KmsAuth", "VerdictCache"]
@@ -15,22 +15,23 @@ Verdict = tuple[bool, str]
 
 
 class VerdictCache:
-    """is_app_allowed / is_kms_allowed verdicts, each valid only for the block it was read at."""
+    """is_app_allowed / is_kms_allowed verdicts, each valid only for the block it was read at, named by its
+    hash: a reorg that replaces the head by another block at the same height is a miss."""
 
     MAX = 4096
 
     def __init__(self) -> None:
         self.enabled = True
-        self._entries: dict[tuple[str, BootInfo], tuple[int, Verdict]] = {}
+        self._entries: dict[tuple[str, BootInfo], tuple[str, Verdict]] = {}
 
-    def get(self, key: tuple[str, BootInfo], head: int) -> Verdict | None:
+    def get(self, key: tuple[str, BootInfo], block_hash: str) -> Verdict | None:
         hit = self._entries.get(key)
-        return hit[1] if hit is not None and hit[0] == head else None
+        return hit[1] if hit is not None and hit[0] == block_hash else None
 
-    def put(self, key: tuple[str, BootInfo], head: int, verdict: Verdict) -> None:
+    def put(self, key: tuple[str, BootInfo], block_hash: str, verdict: Verdict) -> None:
         if len(self._entries) > self.MAX:
             self._entries.clear()
-        self._entries[key] = (head, verdict)
+        self._entries[key] = (block_hash, verdict)
 
 
 class KmsAuth:
@@ -41,7 +42,7 @@ class KmsAuth:
         self.address = to_address(address)
         self.cache = cache if cache is not None else VerdictCache()
 
-    def _call(self, fn: str, *args: Any, block: str = "latest") -> Any:
+    def _call(self, fn: str, *args: Any, block: str | dict[str, Any] = "latest") -> Any:
         return self.conn.call("KmsAuth", self.address, fn, *args, block=block)
 
     def _send(self, fn: str, *args: Any) -> dict[str, Any]:
@@ -49,34 +50,48 @@ class KmsAuth:
 
     # --- what the KMS asks -----------------------------------------------------------------------------
 
-    def _check(self, fn: str, boot_info: BootInfo, at: int | None = None) -> Verdict:
-        """The verdict at block `at`, or at the head; a head verdict is reused only while the chain head is
-        the block it was read at (never longer). A verdict at a given block is not cached here."""
+    def _check(self, fn: str, boot_info: BootInfo, at: int | BlockRef | None = None) -> Verdict:
+        """The verdict at block `at` (a BlockRef: that block by hash, EIP-1898; an int: the block with that
+        number), or at the head. A head verdict is asked at the head's hash and reused only while the head
+        is that same block (same hash: never across a reorg, even one at the same height). A verdict at a
+        given block is not cached here."""
+        if isinstance(at, BlockRef):
+            return self._verdict(fn, boot_info, at.rpc_id())
         if at is not None:
-            if at < 0:
-                raise ValueError(f"block number must be >= 0, not {at}")
-            ok, reason = self._call(fn, boot_info.to_abi(), block=hex(at))
-            return (bool(ok), str(reason))
+            if type(at) is not int or at < 0:
+                raise ValueError(f"block number must be an int >= 0, not {at!r}")
+            return self._verdict(fn, boot_info, hex(at))
+        if not self.cache.enabled:
+            return self._verdict(fn, boot_info, "latest")
         key = (fn, boot_info)
-        head = self.conn.block_number() if self.cache.enabled else None
-        if head is not None:
-            hit = self.cache.get(key, head)
-            if hit is not None:
-                return hit
-        ok, reason = self._call(fn, boot_info.to_abi(), block=hex(head) if head is not None else "latest")
-        verdict = (bool(ok), str(reason))
-        if head is not None:
-            self.cache.put(key, head, verdict)
+        head = self.conn.head()
+        hit = self.cache.get(key, head.hash)
+        if hit is not None:
+            return hit
+        verdict = self._verdict(fn, boot_info, head.rpc_id())
+        self.cache.put(key, head.hash, verdict)
         return verdict
 
-    def is_app_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> Verdict:
+    def _verdict(self, fn: str, boot_info: BootInfo, block: str | dict[str, Any]) -> Verdict:
+        ok, reason = self._call(fn, boot_info.to_abi(), block=block)
+        return (bool(ok), str(reason))
+
+    def is_app_allowed(self, boot_info: BootInfo, *, at: int | BlockRef | None = None) -> Verdict:
         """Registered app, allowed OS image, then the app's own AppAuth rules (retired instance, TCB, compose
         hash, device). `at`: ask at that block (default: the head)."""
         return self._check("is_app_allowed", boot_info, at)
 
-    def is_kms_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> Verdict:
+    def is_kms_allowed(self, boot_info: BootInfo, *, at: int | BlockRef | None = None) -> Verdict:
         """TCB UpToDate, allowed OS image, KMS measurement and device."""
         return self._check("is_kms_allowed", boot_info, at)
+
+    # --- the blocks the questions are asked at (for the chain gate's finality window) --------------------
+
+    def block_by_hash(self, block_hash: str) -> BlockRef:
+        return self.conn.block_by_hash(block_hash)
+
+    def check_chain_id(self) -> None:
+        self.conn.check_chain_id()
 
     # --- apps --------------------------------------------------------------------------------------------
 

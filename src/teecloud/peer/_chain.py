@@ -3,15 +3,20 @@ the gateway (none of them imports another's internals to ask).
 
     ChainGate.app_allowed(boot_info)   KmsAuth.isAppAllowed, cached for at most one block
     ChainGate.kms_allowed(boot_info)   KmsAuth.isKmsAllowed, same cache rule
-    FreshBlockNumber                   the chain's block number read at or after the call, shared
+    FreshBlockNumber                   the chain's head read at or after the call, shared
 
 Finality: with `finality_depth` d > 0 the gate says yes only when the chain allows at the head AND at every
 one of the d blocks below it. So a permission counts once d blocks sit on top of the block that granted it
 (a reorg shorter than d cannot authorize a release or a route, also after a removal and a re-grant inside
 the window), while a removal counts at once (the head says no). A cache miss costs d + 1 reads, so d is at
 most MAX_FINALITY_DEPTH.
-The chain id is the reader's concern: pass `ChainConnection.checked_head` as `block_number` and every
-fresh read first checks that the endpoint still serves the chain it was opened on.
+One block, by hash: pass `ChainConnection.checked_head` as `block_number`. Each fresh read then checks the
+chain id and reads the head as (number, hash) in one request; every question is asked at a block named by
+its hash (EIP-1898), the finality window's blocks are found by walking parent hashes down from the head (so
+they are that head's ancestors, not whatever the endpoint holds at those numbers), a verdict is cached under
+the head's hash (a reorg at the same height is a miss), and after the answers the chain id is checked again:
+answers read while the endpoint switched chains are discarded (review 3, R3-3 and R3-4). A reader that
+returns a bare block number (tests, simple fakes) keys the cache by number and asks by number.
 
 Every failure to get a clear "yes" from the chain — unreachable RPC, revert, wrong chain, an unexpected
 exception — is a refusal (`PeerRejected(step="chain")`): nothing is released or routed on a guess.
@@ -24,12 +29,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-from teecloud.chain.api import BootInfo
+from teecloud.chain.api import BlockRef, BootInfo
 from teecloud.peer._verifier import PeerRejected
 
 __all__ = ["MAX_FINALITY_DEPTH", "AuthChain", "ChainGate", "FreshBlockNumber"]
 
 MAX_FINALITY_DEPTH = 256  # blocks; a cache miss asks the chain at each of them
+
+Head = int | BlockRef  # a block named by number only (simple readers), or by number and hash
 
 
 class AuthChain(Protocol):
@@ -42,13 +49,26 @@ class AuthChain(Protocol):
 
 
 class AuthChainAt(AuthChain, Protocol):
-    def is_app_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> tuple[bool, str]: ...
+    def is_app_allowed(
+        self, boot_info: BootInfo, *, at: int | BlockRef | None = None
+    ) -> tuple[bool, str]: ...
 
-    def is_kms_allowed(self, boot_info: BootInfo, *, at: int | None = None) -> tuple[bool, str]: ...
+    def is_kms_allowed(
+        self, boot_info: BootInfo, *, at: int | BlockRef | None = None
+    ) -> tuple[bool, str]: ...
+
+
+class AuthChainByHash(AuthChainAt, Protocol):
+    """What the gate needs when the head is a BlockRef (KmsAuth and ChainClient have it)."""
+
+    def block_by_hash(self, block_hash: str) -> BlockRef: ...
+
+    def check_chain_id(self) -> None: ...
 
 
 class FreshBlockNumber:
-    """The chain's block number, read at or after the moment of the call, shared by concurrent callers.
+    """The chain's head (a block number or a BlockRef), read at or after the moment of the call, shared by
+    concurrent callers.
 
     A caller never gets a number read before it arrived: it waits for a read that *starts* after its arrival
     (the next one if one is already running), and every caller waiting at that moment shares it. So a
@@ -56,16 +76,16 @@ class FreshBlockNumber:
     serves many requests instead of one each. A failed read fails every caller that shares it.
     """
 
-    def __init__(self, read: Callable[[], int]) -> None:
+    def __init__(self, read: Callable[[], Head]) -> None:
         self._read = read
         self._cv = threading.Condition()
         self._started = 0  # reads started so far (numbered 1, 2, ...)
         self._running = False
         self._done_no = 0  # number of the last finished read
-        self._done: int | BaseException = 0
+        self._done: Head | BaseException = 0
         self.reads = 0
 
-    def __call__(self) -> int:
+    def __call__(self) -> Head:
         with self._cv:
             need = self._started + 1  # the first read that starts after now
             while self._done_no < need:
@@ -77,9 +97,11 @@ class FreshBlockNumber:
                 self._cv.wait()
             else:
                 return self._result(self._done)
-        value: int | BaseException
+        value: Head | BaseException
         try:
-            value = int(self._read())
+            value = self._read()
+            if not isinstance(value, BlockRef):
+                value = int(value)
         except Exception as exc:
             value = exc
         with self._cv:
@@ -90,7 +112,7 @@ class FreshBlockNumber:
         return self._result(value)
 
     @staticmethod
-    def _result(value: int | BaseException) -> int:
+    def _result(value: Head | BaseException) -> Head:
         if isinstance(value, BaseException):
             raise value
         return value
@@ -99,17 +121,17 @@ class FreshBlockNumber:
 class ChainGate:
     """Asks the chain, caching each answer for at most one block.
 
-    `block_number` returns the chain's current block (read per request, shared by concurrent requests through
-    `FreshBlockNumber`); an answer is reused only while the chain is at the block it was read at, so any
-    on-chain change (which needs a new block) is seen by the next request. Without `block_number` nothing
-    is cached.
+    `block_number` returns the chain's current head (read per request, shared by concurrent requests through
+    `FreshBlockNumber`): a BlockRef (`ChainConnection.checked_head`) or a bare number. An answer is reused
+    only while the chain is at the block it was read at (same hash for a BlockRef), so any on-chain change
+    (which needs a new block) is seen by the next request. Without `block_number` nothing is cached.
     """
 
     def __init__(
         self,
         chain: AuthChain,
         *,
-        block_number: Callable[[], int] | None = None,
+        block_number: Callable[[], Head] | None = None,
         max_entries: int = 4096,
         finality_depth: int = 0,
     ) -> None:
@@ -121,7 +143,8 @@ class ChainGate:
         self.finality_depth = finality_depth
         self._block_number = FreshBlockNumber(block_number) if block_number is not None else None
         self._max = max_entries
-        self._cache: OrderedDict[tuple[str, BootInfo], tuple[int, bool, str]] = OrderedDict()
+        # (kind, boot_info) -> (the head's hash, or its number for a bare-number reader; ok; reason)
+        self._cache: OrderedDict[tuple[str, BootInfo], tuple[str | int, bool, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def app_allowed(self, boot_info: BootInfo) -> str:
@@ -133,18 +156,23 @@ class ChainGate:
     def _ask(self, kind: str, boot_info: BootInfo) -> str:
         """Returns the chain's reason when allowed; raises PeerRejected(step="chain") otherwise."""
         try:
-            block = self._block_number() if self._block_number is not None else None
+            head = self._block_number() if self._block_number is not None else None
+            key = head.hash if isinstance(head, BlockRef) else head
             cached = None
-            if block is not None:
+            if key is not None:
                 with self._lock:
                     cached = self._cache.get((kind, boot_info))
-            if cached is not None and cached[0] == block:
+            if cached is not None and cached[0] == key:
                 ok, reason = cached[1], cached[2]
             else:
-                ok, reason = self._verdict(kind, boot_info, block)
-                if block is not None:
+                ok, reason = self._verdict(kind, boot_info, head)
+                if isinstance(head, BlockRef):
+                    # R3-4: answers read while the endpoint switched to another chain are discarded
+                    by_hash: AuthChainByHash = self.chain  # type: ignore[assignment]
+                    by_hash.check_chain_id()
+                if key is not None:
                     with self._lock:
-                        self._cache[(kind, boot_info)] = (block, bool(ok), str(reason))
+                        self._cache[(kind, boot_info)] = (key, bool(ok), str(reason))
                         self._cache.move_to_end((kind, boot_info))
                         while len(self._cache) > self._max:
                             self._cache.popitem(last=False)
@@ -160,24 +188,44 @@ class ChainGate:
             raise PeerRejected(f"KmsAuth refuses this {what}: {reason or 'no reason given'}", step="chain")
         return str(reason)
 
-    def _verdict(self, kind: str, boot_info: BootInfo, head: int | None) -> tuple[bool, str]:
-        if not self.finality_depth:
+    def _verdict(self, kind: str, boot_info: BootInfo, head: Head | None) -> tuple[bool, str]:
+        depth = self.finality_depth
+        if head is None or (not depth and not isinstance(head, BlockRef)):  # the chain's own head
             fn = self.chain.is_app_allowed if kind == "app" else self.chain.is_kms_allowed
             return fn(boot_info)
-        assert head is not None  # the constructor requires block_number with a depth
         chain: AuthChainAt = self.chain  # type: ignore[assignment]
         ask = chain.is_app_allowed if kind == "app" else chain.is_kms_allowed
-        depth = self.finality_depth
-        if head < depth:
-            return False, f"the chain is {head} blocks long, fewer than the finality depth {depth}"
+        number = head.number if isinstance(head, BlockRef) else head
+        if number < depth:
+            return False, f"the chain is {number} blocks long, fewer than the finality depth {depth}"
         ok, reason = ask(boot_info, at=head)
-        if ok is not True:
-            return False, str(reason)
-        for block in range(head - depth, head):  # every block of the window, oldest first
+        if ok is not True or not depth:
+            return ok, str(reason)
+        for block in self._window(head, depth):  # every block of the window, oldest first
             final_ok, final_reason = ask(boot_info, at=block)
             if final_ok is not True:
+                at = block.number if isinstance(block, BlockRef) else block
                 return False, (
-                    f"allowed at the head (block {head}) but not at block {block} ({final_reason or 'no'}): "
+                    f"allowed at the head (block {number}) but not at block {at} ({final_reason or 'no'}): "
                     f"a permission counts once it is {depth} blocks deep"
                 )
         return True, str(reason)
+
+    def _window(self, head: Head, depth: int) -> list[Head]:
+        """The `depth` blocks below the head, oldest first. Below a BlockRef head each is read by its hash,
+        the parent hash of the block above it, so all are that head's ancestors on one fork."""
+        if not isinstance(head, BlockRef):
+            return list(range(head - depth, head))
+        chain: AuthChainByHash = self.chain  # type: ignore[assignment]
+        blocks: list[Head] = []
+        child = head
+        for _ in range(depth):
+            parent = chain.block_by_hash(child.parent_hash)
+            if parent.hash != child.parent_hash or parent.number != child.number - 1:
+                raise ValueError(
+                    f"block {child.number}'s parent {child.parent_hash} came back as block {parent.number} "
+                    f"{parent.hash}"
+                )
+            blocks.append(parent)
+            child = parent
+        return blocks[::-1]
