@@ -183,7 +183,7 @@ def test_os_image_event_must_match_measured_firmware(
     ]:
         tee.emit_event(name, payload)
     key, der = client_cert(kms, AppCvm(tee, app_id, COMPOSE_V1, iid))
-    expect_denied(kms, server, key, der, "mrtd", "os_image")
+    expect_denied(kms, server, key, der, "rtmr1", "os_image")  # (its MRTD waits for the VM shape)
 
 
 def test_production_kms_without_os_image_references_fails_closed(

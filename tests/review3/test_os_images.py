@@ -214,7 +214,6 @@ def test_a_vm_config_stated_to_match_a_malicious_boot_gains_nothing(
     assert err.value.step == "os_image"
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING R3-2 open (docs/threat-model.md, third review)")
 def test_a_qemu8_boot_of_the_measured_image_gets_its_keys(
     teecloud_home: Path, world: World, kms: Kms, real_boot: dict[str, Any], tmp_path: Path
 ) -> None:

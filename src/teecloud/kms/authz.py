@@ -119,6 +119,10 @@ class OsImageReference(Protocol):
 
 IMAGE_REGISTERS = ("mrtd", "rtmr1", "rtmr2")
 SHAPE_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
+# An app's MRTD depends on the QEMU that launched it (one-pass or two-pass page order, both in the image's
+# measurement file): it is compared in _check_vm_shape, which always runs for apps when references are
+# configured, against the candidate for the QEMU version its vm_config states (review 3, R3-2).
+APP_IMAGE_REGISTERS = ("rtmr1", "rtmr2")
 _COMPARED_REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
 # The caller's vm_config is dstack's VmConfig (teecloud.vmconfig, its one home): the KMS reads the image it
 # claims and the shape (CPU count, memory size) RTMR0 depends on.
@@ -207,7 +211,7 @@ class Authorizer:
     ) -> AuthorizedApp:
         """`ctx`, when given, receives the peer's boot_info (JSON) as soon as it is known (audit).
         `app_compose` (GetAppKey) is read for the GPU gate (`_check_gpu_gate`)."""
-        peer = self.attest(cert_der)
+        peer = self.attest(cert_der, image_registers=APP_IMAGE_REGISTERS)
         if ctx is not None:
             ctx["boot_info"] = boot_info_to_json(peer.boot_info)
         measured = require_boot_time(peer)
@@ -262,15 +266,18 @@ class Authorizer:
         self.onboarding.redeem(peer.evidence.report_data)
         return AuthorizedKms(peer, reason, _SEAL)
 
-    def attest(self, cert_der: bytes | None) -> AttestedPeer:
+    def attest(
+        self, cert_der: bytes | None, *, image_registers: tuple[str, ...] = IMAGE_REGISTERS
+    ) -> AttestedPeer:
         """Steps (1)-(5) of the module docstring (the shared RA-TLS peer verifier, teecloud.peer), then the
-        OS-image registers every attested caller must match. Raises AccessDenied with the failing step."""
+        OS-image registers every attested caller must match (`image_registers`: an app's MRTD waits for its
+        VM shape). Raises AccessDenied with the failing step."""
         try:
             peer = self.peers.verify_cert(cert_der)
         except PeerRejected as exc:
             raise _denied(exc) from exc
         try:
-            self._check_os_image(peer.boot_info, peer.evidence)
+            self._check_os_image(peer.boot_info, peer.evidence, image_registers)
         except AccessDenied as exc:
             exc.boot_info = boot_info_to_json(peer.boot_info)  # audited: which image was claimed, by whom
             raise
@@ -289,7 +296,9 @@ class Authorizer:
                 step="os_image",
             )
 
-    def _check_os_image(self, boot_info: BootInfo, evidence: VerifiedEvidence) -> None:
+    def _check_os_image(
+        self, boot_info: BootInfo, evidence: VerifiedEvidence, registers: tuple[str, ...] = IMAGE_REGISTERS
+    ) -> None:
         """The os-image-hash event is written by the guest's boot code; it is believed only when the measured
         firmware (MRTD), kernel (RTMR1) and command line + initrd (RTMR2) are that image's reference values
         (dstack recomputes them with dstack-mr). Every attested caller, KMS onboarding included; app
@@ -297,7 +306,10 @@ class Authorizer:
         if self.os_image_reference is None:
             return
         expected = self.os_image_reference(boot_info.os_image_hash)
-        self._compare_reference(boot_info.os_image_hash.hex(), expected, evidence, IMAGE_REGISTERS)
+        deferred = tuple(r for r in IMAGE_REGISTERS if r not in registers)
+        self._compare_reference(
+            boot_info.os_image_hash.hex(), expected, evidence, registers, deferred=deferred
+        )
 
     def _check_vm_shape(
         self, boot_info: BootInfo, evidence: VerifiedEvidence, vm_config: object
@@ -347,7 +359,10 @@ class Authorizer:
         required: tuple[str, ...],
         *,
         shape: str = "",
+        deferred: tuple[str, ...] = (),
     ) -> None:
+        """Every register of `required` must be in the reference; every compared register the reference
+        gives must equal the quoted one, except `deferred` ones (compared later, with the VM shape)."""
         if expected is None:
             raise AccessDenied(f"no reference measurements for OS image {image}{shape}", step="os_image")
         if not isinstance(expected, Mapping):
@@ -366,7 +381,7 @@ class Authorizer:
         differing = [
             r.upper()
             for r in _COMPARED_REGISTERS
-            if r in expected and evidence.measurements.get(r) != expected[r]
+            if r in expected and r not in deferred and evidence.measurements.get(r) != expected[r]
         ]
         if differing:
             raise AccessDenied(
