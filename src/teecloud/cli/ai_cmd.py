@@ -91,10 +91,9 @@ def proxy(
     """Serve a verifying OpenAI-compatible endpoint on 127.0.0.1:PORT in front of UPSTREAM: it checks the
     upstream's quote, event log, app, compose hash and key chain, pins its keys, encrypts prompts and checks
     every answer's receipt; it refuses (502, with the failing step) on any failure."""
-    from teecloud._fs import data_home
     from teecloud.ai._http import Listener
     from teecloud.ai.proxy import ProxyPolicy, make_proxy_app
-    from teecloud.peer import PccsCollateral, PeerPolicy, PeerVerifier, StaticCollateral
+    from teecloud.cli._peers import MISSING, verifier_from_flags
 
     if not 0 <= port <= 65535:
         _fail("--port must be 0..65535", 2)
@@ -124,20 +123,9 @@ def proxy(
         _fail("--upstream must be an http:// or https:// URL", 2)
     if upstream.startswith("http://") and not allow_http:
         _fail("--upstream is plain HTTP: there is no TLS key to pin (give --allow-http for development)", 2)
-    if trust_dev_root:
-        from teecloud.tee.simulated import SimulatedTdx
-
-        tee = SimulatedTdx()
-        verifier = PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
-        _err.print("[yellow]warning:[/] trusting this installation's simulated TEE: development only")
-    elif pccs_url:
-        from teecloud.collateral import PccsClient
-
-        verifier = PeerVerifier(
-            PeerPolicy.production(), PccsCollateral(PccsClient(pccs_url, data_home() / "pccs-cache"))
-        )
-    else:
-        _fail("give --pccs-url (real TDX) or --trust-dev-root (the simulated TEE)", 2)
+    verifier = verifier_from_flags(trust_dev_root, pccs_url, _err)
+    if verifier is None:
+        _fail(MISSING, 2)
     listener = Listener(make_proxy_app(upstream, verifier, policy), name="teecloud-ai-proxy", port=port)
     _out.print(f"teecloud ai proxy: http://127.0.0.1:{port}/v1 -> {upstream} (verifying)", highlight=False)
     listener.run_forever()

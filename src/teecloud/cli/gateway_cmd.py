@@ -14,12 +14,10 @@ Exit codes: 0 = the key is vouched for, 1 = refused (the reason and step are pri
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
-
-from teecloud._fs import data_home
 
 __all__ = ["app"]
 
@@ -28,7 +26,7 @@ _out = Console(highlight=False, soft_wrap=True)  # hashes on one line
 _err = Console(stderr=True, highlight=False)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     _err.print(f"[red]error:[/] {message}")
     raise typer.Exit(code)
 
@@ -72,6 +70,7 @@ def check_cert(
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
 ) -> None:
     """Check that the certificate key HOST presents is bound by a verified quote the gateway publishes."""
+    from teecloud.cli._peers import MISSING, verifier_from_flags
     from teecloud.gateway.certkeys import (
         CERT_KEYS_PATH,
         CertKeyRefused,
@@ -79,7 +78,6 @@ def check_cert(
         fetch_document,
         presented_cert,
     )
-    from teecloud.peer import PccsCollateral, PeerPolicy, PeerVerifier, StaticCollateral
 
     host, port = _host_port(target)
     expected: bytes | None = None
@@ -90,20 +88,9 @@ def check_cert(
             expected = b""
         if len(expected) != 20:
             _fail("--app-id must be 20 bytes of hex", 2)
-    if trust_dev_root:
-        from teecloud.tee.simulated import SimulatedTdx
-
-        tee = SimulatedTdx()
-        verifier = PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
-        _err.print("[yellow]warning:[/] trusting this installation's simulated TEE: development only")
-    elif pccs_url:
-        from teecloud.collateral import PccsClient
-
-        verifier = PeerVerifier(
-            PeerPolicy.production(), PccsCollateral(PccsClient(pccs_url, data_home() / "pccs-cache"))
-        )
-    else:
-        _fail("give --pccs-url (real TDX) or --trust-dev-root (the simulated TEE)", 2)
+    verifier = verifier_from_flags(trust_dev_root, pccs_url, _err)
+    if verifier is None:
+        _fail(MISSING, 2)
     doc_name: str | None = None
     if keys_url is None:  # the gateway's own public port, its base domain's apex
         doc_name = (base_domain or server_name or host).strip().rstrip(".").lower()

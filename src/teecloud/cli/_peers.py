@@ -1,0 +1,34 @@
+"""The RA-TLS peer verifier a client command builds from its flags (`ai proxy`, `gateway check-cert`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from teecloud._fs import data_home
+
+if TYPE_CHECKING:
+    from teecloud.peer import PeerVerifier
+
+MISSING = "give --pccs-url (real TDX) or --trust-dev-root (the simulated TEE)"
+
+
+def verifier_from_flags(trust_dev_root: bool, pccs_url: str | None, warn: Console) -> PeerVerifier | None:
+    """`--trust-dev-root`: this installation's simulated TEE (a warning goes to `warn`); `--pccs-url`: real
+    TDX with Intel collateral through that PCCS (cached in the data directory). None when neither is given
+    (the caller fails with MISSING)."""
+    from teecloud.peer import PccsCollateral, PeerPolicy, PeerVerifier, StaticCollateral
+
+    if trust_dev_root:
+        from teecloud.tee.simulated import SimulatedTdx
+
+        tee = SimulatedTdx()
+        warn.print("[yellow]warning:[/] trusting this installation's simulated TEE: development only")
+        return PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
+    if pccs_url:
+        from teecloud.collateral import PccsClient
+
+        collateral = PccsCollateral(PccsClient(pccs_url, data_home() / "pccs-cache"))
+        return PeerVerifier(PeerPolicy.production(), collateral)
+    return None
