@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import pysodium
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from teecloud.keys import _shamir
 from teecloud.keys.appkeys import AppKeys
 from teecloud.keys.certs import cert_to_pem, issue_cert, key_to_pem
 from teecloud.keys.errors import KeyUsageError, MalformedKeyMaterial
@@ -262,10 +263,7 @@ def unblind(blind_scalar: int, evaluated: bytes) -> bytes:
 
 
 def _poly_eval(coeffs: Sequence[int], x: int) -> int:
-    acc = 0
-    for a in reversed(coeffs):
-        acc = (acc * x + a) % GROUP_ORDER
-    return acc
+    return _shamir.poly_eval(coeffs, x, GROUP_ORDER)
 
 
 def _check_params(t: int, n: int) -> None:
@@ -343,17 +341,7 @@ def sum_commitments(dealings: Sequence[Dealing]) -> tuple[bytes, ...]:
 
 def lagrange_at_zero(xs: Sequence[int]) -> dict[int, int]:
     """λ_i = Π_{j≠i} x_j / (x_j − x_i) mod L, for interpolation at 0."""
-    if len(set(xs)) != len(xs) or any(not 1 <= x <= MAX_NODES for x in xs):
-        raise KeyUsageError("share indices must be distinct, in 1..MAX_NODES")
-    out = {}
-    for i in xs:
-        num, den = 1, 1
-        for j in xs:
-            if j != i:
-                num = num * j % GROUP_ORDER
-                den = den * (j - i) % GROUP_ORDER
-        out[i] = num * pow(den, -1, GROUP_ORDER) % GROUP_ORDER
-    return out
+    return _shamir.lagrange_at_zero(xs, GROUP_ORDER, MAX_NODES)
 
 
 # ------------------------------------------------------------------ resharing (same key, new committee)

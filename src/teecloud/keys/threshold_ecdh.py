@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import pysodium
 
+from teecloud.keys import _shamir
 from teecloud.keys.errors import KeyUsageError, MalformedKeyMaterial
 
 __all__ = [
@@ -122,23 +123,13 @@ def _rand() -> int:
 
 
 def _poly_eval(coeffs: Sequence[int], x: int) -> int:
-    acc = 0
-    for a in reversed(coeffs):
-        acc = (acc * x + a) % ORDER
-    return acc
+    return _shamir.poly_eval(coeffs, x, ORDER)
 
 
 def lagrange_at_zero(xs: Sequence[int]) -> dict[int, int]:
-    if not xs or len(set(xs)) != len(xs) or any(not 1 <= x <= MAX_NODES for x in xs):
+    if not xs:
         raise KeyUsageError(f"share indices must be distinct, in 1..{MAX_NODES}")
-    out = {}
-    for i in xs:
-        num, den = 1, 1
-        for j in xs:
-            if j != i:
-                num, den = num * j % ORDER, den * (j - i) % ORDER
-        out[i] = num * pow(den, -1, ORDER) % ORDER
-    return out
+    return _shamir.lagrange_at_zero(xs, ORDER, MAX_NODES)
 
 
 def public_share(commitments: Sequence[bytes], x: int) -> bytes:

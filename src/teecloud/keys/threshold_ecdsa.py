@@ -47,6 +47,7 @@ from typing import cast
 
 import coincurve
 
+from teecloud.keys import _shamir
 from teecloud.keys.errors import KeyUsageError, MalformedKeyMaterial
 
 __all__ = [
@@ -146,10 +147,7 @@ GENERATOR = _mul_base(1)
 
 
 def _poly_eval(coeffs: Sequence[int], x: int) -> int:
-    acc = 0
-    for a in reversed(coeffs):
-        acc = (acc * x + a) % ORDER
-    return acc
+    return _shamir.poly_eval(coeffs, x, ORDER)
 
 
 def _rand() -> int:
@@ -163,17 +161,9 @@ def _check_params(t: int, n: int) -> None:
 
 def lagrange_at_zero(xs: Sequence[int]) -> dict[int, int]:
     """λ_i = Π_{j≠i} x_j / (x_j − x_i) mod N, for interpolation at 0."""
-    if not xs or len(set(xs)) != len(xs) or any(not 1 <= x <= MAX_NODES for x in xs):
+    if not xs:
         raise KeyUsageError(f"share indices must be distinct, in 1..{MAX_NODES}")
-    out = {}
-    for i in xs:
-        num, den = 1, 1
-        for j in xs:
-            if j != i:
-                num = num * j % ORDER
-                den = den * (j - i) % ORDER
-        out[i] = num * pow(den, -1, ORDER) % ORDER
-    return out
+    return _shamir.lagrange_at_zero(xs, ORDER, MAX_NODES)
 
 
 # ------------------------------------------------------------------------------- Feldman VSS (secp256k1)
