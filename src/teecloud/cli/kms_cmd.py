@@ -526,16 +526,26 @@ def _index_list(text: str, what: str) -> list[int]:
     return out
 
 
-def _admin_post(home: Path, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
-    """POST to the admin listener of the threshold node whose data directory is `home` (its endpoint file
+def _node_endpoint(home: Path) -> dict[str, Any]:
+    """The endpoint file a running `kms up` writes in its data directory `home`."""
+    ep_file = _kms_dir(home) / ENDPOINT_FILE
+    try:
+        ep = json.loads(ep_file.read_text())
+        if not isinstance(ep, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        _fail(f"the KMS node in {home} is not reachable (is it running?): {exc}")
+    return ep
+
+
+def _admin_post(home: Path, ep: dict[str, Any], path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    """POST to the admin listener of the threshold node whose data directory is `home` (its endpoint `ep`
     names the listener, its admin-token file the bearer token: the operator's own nodes)."""
     import httpx
 
     from teecloud.kms.launcher import load_admin_token
 
-    ep_file = _kms_dir(home) / ENDPOINT_FILE
     try:
-        ep = json.loads(ep_file.read_text())
         token = load_admin_token(home)
         r = httpx.post(
             f"{ep['admin_url']}{path}", headers={"authorization": f"Bearer {token}"}, json=body, timeout=30
@@ -594,8 +604,8 @@ def reshare_open(
     dealings = []
     for i in dealers:
         home = node_home(i)
-        answer = _admin_post(home, "/reshare/open", body)
-        ep = json.loads((_kms_dir(home) / ENDPOINT_FILE).read_text())
+        ep = _node_endpoint(home)
+        answer = _admin_post(home, ep, "/reshare/open", body)
         commitments = tuple(bytes.fromhex(c) for c in answer["commitments"])
         dealings.append(th.Dealing(int(answer["dealer"]), commitments, {}))
         plan_dealers[str(i)] = {
@@ -689,8 +699,8 @@ def reshare_finish(
     if retire and old is not None:
         for i in range(1, old.n + 1):
             home = node_home(i)
-            if (home / "kms" / ENDPOINT_FILE).exists():
-                _admin_post(home, "/threshold/retire", None)
+            if (_kms_dir(home) / ENDPOINT_FILE).exists():
+                _admin_post(home, _node_endpoint(home), "/threshold/retire", None)
                 out.print(f"old node {i}: share erased")
 
 
