@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from teecloud.attestation.policy import Policy
+from teecloud.chain.api import BlockRef
 from teecloud.ids import HexError, parse_app_id
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
@@ -149,7 +150,7 @@ class KmsService:
         config: KmsConfig | None = None,
         policy: Policy | None = None,
         dev_root_der: bytes | None = None,
-        block_number: Callable[[], int] | None = None,
+        block_number: Callable[[], int | BlockRef] | None = None,  # ChainConnection.checked_head: by hash
         os_image_reference: OsImageReference | None = None,
         root_keys: RootKeyHolder | None = None,
         challenges: BootChallenges | None = None,
