@@ -1,4 +1,5 @@
-"""The RA-TLS peer verifier a client command builds from its flags (`ai proxy`, `gateway check-cert`)."""
+"""The RA-TLS peer verifier a client command builds from its flags (`ai proxy`, `gateway check-cert`), and the
+one PCCS client (one collateral cache folder) for every command."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ from rich.console import Console
 from teecloud._fs import data_home
 
 if TYPE_CHECKING:
+    from teecloud.collateral import PccsClient
     from teecloud.peer import PeerVerifier
 
 MISSING = "give --pccs-url (real TDX) or --trust-dev-root (the simulated TEE)"
+
+
+def pccs_client(pccs_url: str) -> PccsClient:
+    """The client of a PCCS, caching its collateral in the one cache folder every command shares."""
+    from teecloud.collateral import PccsClient
+
+    return PccsClient(pccs_url, data_home() / "pccs-cache")
 
 
 def verifier_from_flags(trust_dev_root: bool, pccs_url: str | None, warn: Console) -> PeerVerifier | None:
@@ -27,8 +36,6 @@ def verifier_from_flags(trust_dev_root: bool, pccs_url: str | None, warn: Consol
         warn.print("[yellow]warning:[/] trusting this installation's simulated TEE: development only")
         return PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
     if pccs_url:
-        from teecloud.collateral import PccsClient
-
-        collateral = PccsCollateral(PccsClient(pccs_url, data_home() / "pccs-cache"))
+        collateral = PccsCollateral(pccs_client(pccs_url))
         return PeerVerifier(PeerPolicy.production(), collateral)
     return None

@@ -74,11 +74,9 @@ def _collateral(tee: Any, dev: bool, pccs_url: str | None) -> Any:
         return StaticCollateral(tee.collateral)
     if not pccs_url:
         _fail("production mode needs --pccs-url (a PCCS serving Intel collateral)")
-    try:
-        from teecloud.collateral import PccsClient
-    except ImportError:
-        _fail("this build has no PCCS client (teecloud.collateral.PccsClient); cannot fetch collateral")
-    return PccsCollateral(PccsClient(pccs_url, data_home() / "collateral-cache"))
+    from teecloud.cli._peers import pccs_client
+
+    return PccsCollateral(pccs_client(pccs_url))
 
 
 @app.command("up")

@@ -203,7 +203,8 @@ def verify_command(
     from teecloud.attestation.models import TeeKind
     from teecloud.attestation.policy import Policy
     from teecloud.attestation.verifier import TrustAnchors, unwrap_evidence, verify
-    from teecloud.collateral import CollateralError, PccsClient, load_trust_directory
+    from teecloud.cli._peers import pccs_client
+    from teecloud.collateral import CollateralError, load_trust_directory
 
     try:
         now = _parse_at(at)
@@ -235,7 +236,7 @@ def verify_command(
         if col is None and found_kind in (TeeKind.TDX, TeeKind.SGX):
             if pccs_url:
                 tee = parse_quote(payload)["tee"]
-                client = PccsClient(pccs_url, data_home() / "pccs-cache")
+                client = pccs_client(pccs_url)
                 col = client.get_collateral(pck_fmspc(payload), ca=pck_ca(payload), tee=tee, now=now)
             elif trust_dev_root and dev_root is None:
                 col = _local_simulated_collateral(payload, now=now, explicit_time=at is not None)
