@@ -319,24 +319,25 @@ class LocalCloud:
             PeerPolicy.dev(platform.dev_root_der(), max_cert_lifetime_s=31 * 24 * 3600),
             StaticCollateral(platform.collateral),
         )
-        # --- gateway certificates: its (simulated) TEE boots as the gateway app through the KMS, then quotes
-        # its certificate keys; without that boot it publishes no quotes (a warning)
+        # --- gateway certificates: its (simulated) TEE boots as the gateway app through the KMS; its TLS keys
+        # are derived from the app keys the KMS released (teecloud.gateway.kmskeys) and it quotes them. A
+        # gateway the KMS refuses (not allowed on chain) has no keys: it does not start (the cloud runs on)
         from teecloud.errors import Error
         from teecloud.gateway.certkeys import CERT_KEYS_PATH
         from teecloud.gateway.identity import boot_gateway
+        from teecloud.gateway.kmskeys import GatewayKeys
         from teecloud.tee.simulated import SimulatedTdx
 
         gateway_tee: Any = SimulatedTdx(self.home)
         try:
             self.gateway_boot = boot_gateway(gateway_tee, self.gateway_app_id, self.key_provider)
-        except (
-            Error,
-            ValueError,
-            OSError,
-        ) as exc:  # the cloud runs on; the gateway's keys are not vouched for
-            log.warning("the gateway's TEE did not boot as app %s: %s", self.gateway_app_id, exc)
-            gateway_tee = None
-        acme = self._gateway_acme()
+        except (Error, ValueError, OSError) as exc:
+            if self.acme_directory is not None:  # asked for explicitly: not silently dropped
+                raise NodeError(f"the gateway got no keys from the KMS: {exc}") from exc
+            log.warning("no gateway: its TEE did not boot as app %s: %s", self.gateway_app_id, exc)
+            return {}
+        keys = GatewayKeys.from_app_keys(self.gateway_boot.keys)
+        acme = self._gateway_acme(keys)
         gateway = GatewayServer(
             self.home / "gateway",
             base_domain=GATEWAY_BASE_DOMAIN,
@@ -350,6 +351,7 @@ class LocalCloud:
             ),
             tee=gateway_tee,
             acme=acme,
+            keys=keys,
         ).start()
         self._stack.callback(gateway.stop)
         self.gateway = gateway
@@ -404,7 +406,7 @@ class LocalCloud:
             "acme_directory": self.acme_directory or "",
         }
 
-    def _gateway_acme(self) -> Any:
+    def _gateway_acme(self, keys: Any) -> Any:
         """With an ACME directory: the challenge DNS server (stopped with the cloud) and the gateway's
         AcmeCertificates (the first issuance happens when the gateway is made; its tick renews)."""
         if self.acme_directory is None or self.acme_dns is None:
@@ -426,6 +428,7 @@ class LocalCloud:
             dns=dns,
             email=self.acme_email,
             ca_bundle=self.acme_ca_file,
+            keys=keys,
         )
 
     def _publish_kms(self, chain: Any, tee: Any, identity: Any, keys: Any) -> None:

@@ -120,3 +120,5 @@ def check_cert(
     _out.print(f"  app_id           {verdict.app_id or '(none measured: not a teecloud app)'}")
     if verdict.compose_hash:
         _out.print(f"  compose_hash     {verdict.compose_hash}")
+    origin = verdict.key_origin or "(not stated)"
+    _out.print(f"  key origin       {origin} (the measured code's statement, covered by the quote)")

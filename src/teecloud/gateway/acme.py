@@ -20,12 +20,19 @@ Issuance (`_issue`), each step failing with an AcmeError that names it:
 
 The certificate key never leaves the gateway's data directory: HAProxy (the gateway's own child) reads a
 copy in the gateway's run directory.
+
+With `keys=` (teecloud.gateway.kmskeys, derived from the KMS's keys for the gateway app) no private key is
+stored: the account key is the derived P-256 key `acme-account` (ES256, the same account after a restart),
+each issuance's certificate key is `acme-certificate/<generation>` (generation = the stored one + 1, so a
+renewal has a new key), and the store file holds the line `teecloud-key-generation: <n>` and the chain; the
+key is derived again when it is loaded (a file whose leaf is not that key's is ignored: a new issuance).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -42,11 +49,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from dnslib import QTYPE, RCODE, RR, TXT, DNSRecord
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
-from josepy.jwk import JWKRSA
+from josepy.jwk import JWKEC, JWKRSA
 
 from teecloud._fs import atomic_write, atomic_write_json
 from teecloud.gateway.devca import IssuedCert
 from teecloud.gateway.errors import GatewayError, GatewayUsageError
+from teecloud.gateway.kmskeys import ACME_ACCOUNT, GatewayKeys, acme_certificate_path, key_origin
 from teecloud.gateway.routing import check_base_domain
 from teecloud.keys.certs import cert_to_pem, key_to_pem
 
@@ -147,11 +155,13 @@ class LocalChallengeDns:
 
 @dataclass(frozen=True)
 class StoredCert:
-    """The certificate in use: the leaf and its key (IssuedCert, what HAProxy loads) and the chain above."""
+    """The certificate in use: the leaf and its key (IssuedCert, what HAProxy loads) and the chain above.
+    `generation`: the derived key's generation (0: a key born here, stored with the chain)."""
 
     issued: IssuedCert
     chain_pem: str
     not_before: int
+    generation: int = 0
 
     @property
     def not_after(self) -> int:
@@ -165,9 +175,25 @@ def caa_records(base_domain: str, ca_domain: str, account_uri: str) -> list[str]
     return [f'{base_domain}. CAA 0 issue "{value}"', f'{base_domain}. CAA 0 issuewild "{value}"']
 
 
-def _load_stored(data: bytes) -> StoredCert:
-    """Parse the store file (key, then leaf, then chain). Raises ValueError when it is not one."""
-    key = serialization.load_pem_private_key(data, password=None)
+_GENERATION = re.compile(rb"\Ateecloud-key-generation: ([0-9]{1,10})\n")
+
+
+def _load_stored(data: bytes, keys: GatewayKeys | None = None) -> StoredCert:
+    """Parse the store file (key, then leaf, then chain; with `keys`: the generation line, then leaf and
+    chain, the key derived). Raises ValueError when it is not one."""
+    generation = 0
+    if keys is not None:
+        m = _GENERATION.match(data)
+        if m is None:
+            raise ValueError("no teecloud-key-generation line (a key stored by a gateway without KMS keys)")
+        generation = int(m.group(1))
+        try:
+            key: Any = keys.p256(acme_certificate_path(generation))
+        except GatewayUsageError as exc:
+            raise ValueError(str(exc)) from exc
+        data = data[m.end() :]
+    else:
+        key = serialization.load_pem_private_key(data, password=None)
     certs = x509.load_pem_x509_certificates(data)
     if not certs or not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError("no certificate or no P-256 key")
@@ -179,7 +205,10 @@ def _load_stored(data: bytes) -> StoredCert:
         raise ValueError("the key is not the leaf certificate's")
     issued = IssuedCert(cert_to_pem(leaf), key_to_pem(key), int(leaf.not_valid_after_utc.timestamp()))
     return StoredCert(
-        issued, "".join(cert_to_pem(c) for c in certs[1:]), int(leaf.not_valid_before_utc.timestamp())
+        issued,
+        "".join(cert_to_pem(c) for c in certs[1:]),
+        int(leaf.not_valid_before_utc.timestamp()),
+        generation,
     )
 
 
@@ -197,6 +226,7 @@ class AcmeCertificates:
         retry_s: float = 300.0,
         timeout_s: float = 120.0,
         clock: Callable[[], float] = time.time,
+        keys: GatewayKeys | None = None,
     ) -> None:
         if not directory_url.startswith("https://"):
             raise GatewayUsageError("the ACME directory URL must be https://")
@@ -210,6 +240,7 @@ class AcmeCertificates:
         self.retry_s = retry_s
         self.timeout_s = timeout_s
         self.clock = clock
+        self.keys = keys
         self.account_uri = ""
         self.failures = 0
         self.last_error = ""
@@ -231,7 +262,7 @@ class AcmeCertificates:
         try:
             if len(data) > MAX_CHAIN_BYTES:
                 raise ValueError("too large")
-            return _load_stored(data)
+            return _load_stored(data, self.keys)
         except ValueError as exc:
             log.warning("ignoring %s (%s): a new certificate will be issued", path, exc)
             return None
@@ -271,7 +302,13 @@ class AcmeCertificates:
 
     # ------------------------------------------------------------------------------------------ issuance
 
-    def _account_key(self) -> JWKRSA:
+    def key_origin(self, cert: StoredCert) -> str:
+        """What the cert-keys document says of this certificate's key (teecloud.gateway.kmskeys)."""
+        return key_origin(acme_certificate_path(cert.generation) if cert.generation else None)
+
+    def _account_key(self) -> JWKEC | JWKRSA:
+        if self.keys is not None:  # derived: nothing stored, the same account after a restart
+            return JWKEC(key=self.keys.p256(ACME_ACCOUNT))
         path = self.dir / ACCOUNT_KEY
         if path.exists():
             key = serialization.load_pem_private_key(path.read_bytes()[:16384], password=None)
@@ -287,9 +324,10 @@ class AcmeCertificates:
             atomic_write(path, pem, mode=0o600)
         return JWKRSA(key=key)
 
-    def _client(self, key: JWKRSA) -> client.ClientV2:
+    def _client(self, key: JWKEC | JWKRSA) -> client.ClientV2:
         verify: Any = self.ca_bundle if self.ca_bundle is not None else True
-        net = client.ClientNetwork(key, user_agent="teecloud-gateway", verify_ssl=verify, timeout=30)
+        alg = jose.jwa.ES256 if isinstance(key, JWKEC) else jose.jwa.RS256
+        net = client.ClientNetwork(key, alg=alg, user_agent="teecloud-gateway", verify_ssl=verify, timeout=30)
         directory = client.ClientV2.get_directory(self.directory_url, net)
         acme = client.ClientV2(directory, net=net)
         try:
@@ -313,7 +351,13 @@ class AcmeCertificates:
             acme = self._client(account_key)
             # (2)
             step = "order"
-            cert_key = ec.generate_private_key(ec.SECP256R1())
+            generation = 0
+            if self.keys is not None:
+                previous = self.current()
+                generation = (previous.generation if previous is not None else 0) + 1
+                cert_key = self.keys.p256(acme_certificate_path(generation))
+            else:
+                cert_key = ec.generate_private_key(ec.SECP256R1())
             key_pem = key_to_pem(cert_key).encode()
             orderr = acme.new_order(crypto_util.make_csr(key_pem, list(self.names)))
             # (3)
@@ -342,14 +386,23 @@ class AcmeCertificates:
             step = "finalize"
             deadline = dt.datetime.now() + dt.timedelta(seconds=self.timeout_s)
             orderr = acme.poll_and_finalize(orderr, deadline)
-            stored = _load_stored(key_pem + (orderr.fullchain_pem or "").encode())
+            fullchain = (orderr.fullchain_pem or "").encode()
+            stored = (
+                _load_stored(f"teecloud-key-generation: {generation}\n".encode() + fullchain, self.keys)
+                if self.keys is not None
+                else _load_stored(key_pem + fullchain)
+            )
             leaf = x509.load_pem_x509_certificate(stored.issued.cert_pem.encode())
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             if set(san.get_values_for_type(x509.DNSName)) != set(self.names):
                 raise AcmeError(f"the certificate names {san} are not {self.names}", step=step)
             # (5)
             step = "store"
-            atomic_write(self.dir / CERTIFICATE, key_pem + orderr.fullchain_pem.encode(), mode=0o600)
+            if self.keys is not None:  # no private key at rest: it is derived again when loaded
+                record = f"teecloud-key-generation: {generation}\n".encode() + fullchain
+            else:
+                record = key_pem + fullchain
+            atomic_write(self.dir / CERTIFICATE, record, mode=0o600)
         except AcmeError:
             raise
         except acme_errors.ValidationError as exc:
