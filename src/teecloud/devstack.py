@@ -616,6 +616,8 @@ class LocalCloud:
         args = ["kms", "up", "--dev", "--threshold-node", str(index), *extra]
         if self.kms_require_app_compose:
             args.append("--require-app-compose")
+        if self.gateway_app_id:  # every node returns it with an app's keys; the client checks they agree
+            args += ["--gateway-app-id", self.gateway_app_id]
         args += ["--rpc-url", rpc_url, "--port", "0", "--admin-port", "0"]
         kms_home = data_dir / "kms"
         kms_home.mkdir(parents=True, exist_ok=True)
