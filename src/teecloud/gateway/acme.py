@@ -61,10 +61,12 @@ from teecloud.keys.certs import cert_to_pem, key_to_pem
 __all__ = [
     "AcmeCertificates",
     "AcmeError",
+    "AcmeSettings",
     "DnsProvider",
     "LocalChallengeDns",
     "StoredCert",
     "caa_records",
+    "parse_dns_server",
 ]
 
 log = logging.getLogger("teecloud.gateway")
@@ -444,6 +446,83 @@ class AcmeCertificates:
             "failures": self.failures,
             "last_error": self.last_error,
         }
+
+
+def parse_dns_server(value: str, what: str = "DNS server") -> tuple[str, int]:
+    """`ip[:port]` (IPv6 in brackets; port 53 if omitted) of a DNS server, as an IP literal. Raises
+    GatewayUsageError naming `what`."""
+    import ipaddress
+
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or (value.count(":") > 1 and not value.startswith("[")):
+        host, port = value.strip(), "53"
+    host = host.strip("[]")
+    try:
+        ip = str(ipaddress.ip_address(host))
+    except ValueError as exc:
+        raise GatewayUsageError(f"{what} {value[:80]!r}: not an IP address (host:port)") from exc
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise GatewayUsageError(f"{what} {value[:80]!r}: the port must be in 1..65535")
+    return ip, int(port)
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    """The `--acme-*` options of `teecloud up` and `teecloud gateway up` (one parser: `parse`), checked before
+    anything starts: the directory (https, a host, at most 2048 characters), the IP:PORT where the challenge
+    DNS server (LocalChallengeDns) answers, a readable CA bundle for the CA's TLS, the account's contact."""
+
+    directory_url: str
+    dns: tuple[str, int] = ("127.0.0.1", 53)
+    ca_file: str | None = None
+    email: str | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        directory_url: str,
+        dns: str = "127.0.0.1:53",
+        ca_file: str | Path | None = None,
+        email: str | None = None,
+    ) -> AcmeSettings:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(directory_url)
+            ok = parts.scheme == "https" and bool(parts.hostname) and len(directory_url) <= 2048
+            ok = ok and parts.port != 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise GatewayUsageError(f"ACME directory {directory_url[:80]!r}: not an https:// URL with a host")
+        where = parse_dns_server(dns, "ACME DNS-01 server")
+        if ca_file is not None and not Path(ca_file).is_file():
+            raise GatewayUsageError(f"ACME CA file {str(ca_file)[:200]}: not a readable file")
+        if email is not None and (len(email) > 254 or not re.fullmatch(r"[^@\s]+@[^@\s]+", email)):
+            raise GatewayUsageError(f"ACME contact {email[:80]!r}: not an e-mail address")
+        return cls(directory_url, where, str(ca_file) if ca_file is not None else None, email)
+
+    def open(
+        self, home: Path, *, base_domain: str, keys: GatewayKeys | None
+    ) -> tuple[AcmeCertificates, LocalChallengeDns]:
+        """The challenge DNS server (started: the caller stops it) and the certificates (the first issuance
+        happens when the gateway is made). Raises GatewayUsageError when the DNS address cannot be served."""
+        try:
+            dns = LocalChallengeDns(*self.dns)
+        except OSError as exc:
+            raise GatewayUsageError(
+                f"cannot serve ACME DNS-01 answers on {self.dns[0]}:{self.dns[1]}: {exc.strerror or exc}"
+            ) from exc
+        certs = AcmeCertificates(
+            home,
+            directory_url=self.directory_url,
+            base_domain=base_domain,
+            dns=dns,
+            email=self.email,
+            ca_bundle=self.ca_file,
+            keys=keys,
+        )
+        return certs, dns
 
 
 def _problem(error: Any) -> str:
