@@ -57,33 +57,13 @@ def check_prerequisites() -> list[str]:
 
 def _dns_server(value: str, what: str = "gateway DNS server") -> tuple[str, int]:
     """`host:port` (IPv6 in brackets; port 53 if omitted) of a DNS server, as an IP literal."""
-    import ipaddress
-
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or (value.count(":") > 1 and not value.startswith("[")):
-        host, port = value.strip(), "53"
-    host = host.strip("[]")
-    try:
-        ip = str(ipaddress.ip_address(host))
-    except ValueError as exc:
-        raise NodeError(f"{what} {value[:80]!r}: not an IP address (host:port)") from exc
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise NodeError(f"{what} {value[:80]!r}: the port must be in 1..65535")
-    return ip, int(port)
-
-
-def _acme_directory(value: str) -> str:
-    """An ACME directory URL (https, a host, at most 2048 characters), checked before anything starts."""
-    from urllib.parse import urlsplit
+    from teecloud.gateway.acme import parse_dns_server
+    from teecloud.gateway.errors import GatewayUsageError
 
     try:
-        parts = urlsplit(value)
-        ok = parts.scheme == "https" and bool(parts.hostname) and len(value) <= 2048 and parts.port != 0
-    except ValueError:
-        ok = False
-    if not ok:
-        raise NodeError(f"ACME directory {value[:80]!r}: not an https:// URL with a host")
-    return value
+        return parse_dns_server(value, what)
+    except GatewayUsageError as exc:
+        raise NodeError(str(exc)) from exc
 
 
 def _stop_process(proc: Any) -> None:
@@ -124,13 +104,20 @@ class LocalCloud:
         # domains); checked here so a typo fails before anything starts
         self.gateway_dns = _dns_server(gateway_dns) if gateway_dns else None
         # --- gateway ACME: the base domain's wildcard by ACME DNS-01 (docs/gateway.md, "Certificates"); the
-        # challenge DNS server (dnslib) listens at acme_dns, the address the CA resolves the names with
-        self.acme_directory = _acme_directory(acme_directory) if acme_directory else None
-        self.acme_dns = _dns_server(acme_dns, "ACME DNS-01 server") if self.acme_directory else None
-        if acme_ca_file is not None and not Path(acme_ca_file).is_file():
-            raise NodeError(f"ACME CA file {str(acme_ca_file)[:200]}: not a readable file")
-        self.acme_ca_file = str(acme_ca_file) if acme_ca_file is not None else None
-        self.acme_email = acme_email
+        # challenge DNS server (dnslib) listens at acme_dns, the address the CA resolves the names with; the
+        # options are parsed as `teecloud gateway up` parses them (AcmeSettings.parse)
+        from teecloud.gateway.acme import AcmeSettings
+        from teecloud.gateway.errors import GatewayUsageError
+
+        try:
+            self.acme = (
+                AcmeSettings.parse(acme_directory, acme_dns, acme_ca_file, acme_email)
+                if acme_directory
+                else None
+            )
+        except GatewayUsageError as exc:
+            raise NodeError(str(exc)) from exc
+        self.acme_directory = self.acme.directory_url if self.acme is not None else None
         # --- end gateway ACME
         self.home = Path(home) if home is not None else data_home()
         self.ports = (chain_port, kms_port, node_port)
@@ -319,24 +306,25 @@ class LocalCloud:
             PeerPolicy.dev(platform.dev_root_der(), max_cert_lifetime_s=31 * 24 * 3600),
             StaticCollateral(platform.collateral),
         )
-        # --- gateway certificates: its (simulated) TEE boots as the gateway app through the KMS, then quotes
-        # its certificate keys; without that boot it publishes no quotes (a warning)
+        # --- gateway certificates: its (simulated) TEE boots as the gateway app through the KMS; its TLS keys
+        # are derived from the app keys the KMS released (teecloud.gateway.kmskeys) and it quotes them. A
+        # gateway the KMS refuses (not allowed on chain) has no keys: it does not start (the cloud runs on)
         from teecloud.errors import Error
         from teecloud.gateway.certkeys import CERT_KEYS_PATH
         from teecloud.gateway.identity import boot_gateway
+        from teecloud.gateway.kmskeys import GatewayKeys
         from teecloud.tee.simulated import SimulatedTdx
 
         gateway_tee: Any = SimulatedTdx(self.home)
         try:
             self.gateway_boot = boot_gateway(gateway_tee, self.gateway_app_id, self.key_provider)
-        except (
-            Error,
-            ValueError,
-            OSError,
-        ) as exc:  # the cloud runs on; the gateway's keys are not vouched for
-            log.warning("the gateway's TEE did not boot as app %s: %s", self.gateway_app_id, exc)
-            gateway_tee = None
-        acme = self._gateway_acme()
+        except (Error, ValueError, OSError) as exc:
+            if self.acme_directory is not None:  # asked for explicitly: not silently dropped
+                raise NodeError(f"the gateway got no keys from the KMS: {exc}") from exc
+            log.warning("no gateway: its TEE did not boot as app %s: %s", self.gateway_app_id, exc)
+            return {}
+        keys = GatewayKeys.from_app_keys(self.gateway_boot.keys)
+        acme = self._gateway_acme(keys)
         gateway = GatewayServer(
             self.home / "gateway",
             base_domain=GATEWAY_BASE_DOMAIN,
@@ -350,6 +338,7 @@ class LocalCloud:
             ),
             tee=gateway_tee,
             acme=acme,
+            keys=keys,
         ).start()
         self._stack.callback(gateway.stop)
         self.gateway = gateway
@@ -404,29 +393,19 @@ class LocalCloud:
             "acme_directory": self.acme_directory or "",
         }
 
-    def _gateway_acme(self) -> Any:
+    def _gateway_acme(self, keys: Any) -> Any:
         """With an ACME directory: the challenge DNS server (stopped with the cloud) and the gateway's
         AcmeCertificates (the first issuance happens when the gateway is made; its tick renews)."""
-        if self.acme_directory is None or self.acme_dns is None:
+        if self.acme is None:
             return None
-        from teecloud.gateway.acme import AcmeCertificates, LocalChallengeDns
+        from teecloud.gateway.errors import GatewayUsageError
 
         try:
-            dns = LocalChallengeDns(*self.acme_dns)
-        except OSError as exc:
-            raise NodeError(
-                f"cannot serve ACME DNS-01 answers on {self.acme_dns[0]}:{self.acme_dns[1]}: "
-                f"{exc.strerror or exc}"
-            ) from exc
+            certs, dns = self.acme.open(self.home / "gateway", base_domain=GATEWAY_BASE_DOMAIN, keys=keys)
+        except GatewayUsageError as exc:
+            raise NodeError(str(exc)) from exc
         self._stack.callback(dns.stop)
-        return AcmeCertificates(
-            self.home / "gateway",
-            directory_url=self.acme_directory,
-            base_domain=GATEWAY_BASE_DOMAIN,
-            dns=dns,
-            email=self.acme_email,
-            ca_bundle=self.acme_ca_file,
-        )
+        return certs
 
     def _publish_kms(self, chain: Any, tee: Any, identity: Any, keys: Any) -> None:
         """What KmsAuth must know to trust this KMS and the CVMs it serves (once per chain and key set): the
@@ -613,6 +592,8 @@ class LocalCloud:
         args = ["kms", "up", "--dev", "--threshold-node", str(index), *extra]
         if self.kms_require_app_compose:
             args.append("--require-app-compose")
+        if self.gateway_app_id:  # every node returns it with an app's keys; the client checks they agree
+            args += ["--gateway-app-id", self.gateway_app_id]
         args += ["--rpc-url", rpc_url, "--port", "0", "--admin-port", "0"]
         kms_home = data_dir / "kms"
         kms_home.mkdir(parents=True, exist_ok=True)

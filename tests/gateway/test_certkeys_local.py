@@ -1,14 +1,21 @@
 """Whole system: `teecloud up` (LocalCloud) records the gateway's app as KmsAuth's gateway_app_id, and the
 gateway's public certificate key checks out (`teecloud gateway check-cert --app-id <gateway_app_id>`) against
-the quote it publishes, made in its simulated TEE booted as that app through the KMS."""
+the quote it publishes, made in its simulated TEE booted as that app through the KMS. Its keys are derived
+from the app keys the KMS released at that boot: a restarted cloud has the same CA and keys; a gateway app
+the chain does not allow gets no keys from the KMS and no gateway serves TLS."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
+
+from teecloud.gateway.kmskeys import PUBLIC
 
 
 @pytest.mark.slow
@@ -46,5 +53,57 @@ def test_local_cloud_gateway_key_is_quoted_in_the_gateway_app(teecloud_home: Pat
         default = CliRunner().invoke(app, apex)
         assert default.exit_code == 0, default.output
         assert json.loads(default.stdout.strip().splitlines()[-1])["role"] == "public"
+        assert verdict["key_origin"] == f"kms:{PUBLIC}"
+        first = (Path(gw["ca_file"]).read_text(), _presented_spki(gw))
+    finally:
+        cloud.stop()
+    # a restart: a new boot of the gateway app, the same keys from the KMS, the same CA and public key
+    cloud = LocalCloud(teecloud_home)
+    endpoints = cloud.start()
+    try:
+        gw = endpoints.gateway
+        assert gw["app_id"] == app_id
+        assert (Path(gw["ca_file"]).read_text(), _presented_spki(gw)) == first
+    finally:
+        cloud.stop()
+
+
+def _presented_spki(gw: dict[str, Any]) -> bytes:
+    from teecloud.gateway.certkeys import presented_cert
+
+    der = presented_cert("127.0.0.1", gw["public_port"], server_name=f"x.{gw['base_domain']}")
+    return (
+        x509.load_der_x509_certificate(der)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_gateway_not_allowed_on_chain_gets_no_keys(
+    teecloud_home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attacker's (or a mistaken operator's) step: record as gateway_app_id an app whose AppAuth does not
+    allow the gateway's compose hash. The KMS refuses the gateway's boot key request; no keys, no gateway."""
+    import hashlib
+
+    import teecloud.gateway.identity as identity
+    from teecloud.devstack import LocalCloud
+
+    def not_allowed(chain: Any) -> str:
+        app_id = str(chain.register_app(None, hashlib.sha256(b"some other code").digest()))
+        chain.set_gateway_app_id(app_id)
+        return app_id
+
+    monkeypatch.setattr(identity, "register_gateway_app", not_allowed)
+    cloud = LocalCloud(teecloud_home)
+    with caplog.at_level("WARNING", logger="teecloud"):
+        endpoints = cloud.start()
+    try:
+        assert endpoints.gateway == {}
+        assert cloud.gateway is None and cloud.gateway_boot is None
+        assert any("no gateway: its TEE did not boot" in r.getMessage() for r in caplog.records)
+        assert not (teecloud_home / "gateway" / "ca.pem").exists()
     finally:
         cloud.stop()

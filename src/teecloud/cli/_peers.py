@@ -23,19 +23,24 @@ def pccs_client(pccs_url: str) -> PccsClient:
     return PccsClient(pccs_url, data_home() / "pccs-cache")
 
 
-def verifier_from_flags(trust_dev_root: bool, pccs_url: str | None, warn: Console) -> PeerVerifier | None:
+def verifier_from_flags(
+    trust_dev_root: bool, pccs_url: str | None, warn: Console, *, max_cert_lifetime_s: int | None = None
+) -> PeerVerifier | None:
     """`--trust-dev-root`: this installation's simulated TEE (a warning goes to `warn`); `--pccs-url`: real
     TDX with Intel collateral through that PCCS (cached in the data directory). None when neither is given
-    (the caller fails with MISSING)."""
+    (the caller fails with MISSING). `max_cert_lifetime_s`: the policy's bound on an RA-TLS certificate's
+    lifetime (the policy's default when None)."""
     from teecloud.peer import PccsCollateral, PeerPolicy, PeerVerifier, StaticCollateral
+
+    kw = {"max_cert_lifetime_s": max_cert_lifetime_s} if max_cert_lifetime_s is not None else {}
 
     if trust_dev_root:
         from teecloud.tee.simulated import SimulatedTdx
 
         tee = SimulatedTdx()
         warn.print("[yellow]warning:[/] trusting this installation's simulated TEE: development only")
-        return PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
+        return PeerVerifier(PeerPolicy.dev(tee.dev_root_der(), **kw), StaticCollateral(tee.collateral))
     if pccs_url:
         collateral = PccsCollateral(pccs_client(pccs_url))
-        return PeerVerifier(PeerPolicy.production(), collateral)
+        return PeerVerifier(PeerPolicy.production(**kw), collateral)
     return None

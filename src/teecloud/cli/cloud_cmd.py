@@ -17,6 +17,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from teecloud.cli._gateway_options import (
+    AcmeCaFileOpt,
+    AcmeDirectoryOpt,
+    AcmeDnsOpt,
+    AcmeEmailOpt,
+    GatewayDnsOpt,
+)
+
 __all__ = ["register"]
 
 out = Console(soft_wrap=True)
@@ -132,15 +140,7 @@ def up(
             "--threshold", help="Threshold KMS: how many nodes answer each key release (default: a majority)."
         ),
     ] = 0,
-    gateway_dns: Annotated[
-        str | None,
-        typer.Option(
-            "--gateway-dns",
-            help="HOST:PORT of a DNS server (a validating resolver you trust): the gateway then serves "
-            "custom domains whose _dstack-app-address TXT record names a registered app port "
-            "(TLS passthrough).",
-        ),
-    ] = None,
+    gateway_dns: GatewayDnsOpt = None,
     gpu: Annotated[
         str,
         typer.Option(
@@ -169,29 +169,11 @@ def up(
             help="The KMS refuses key requests that do not send the CVM's measured app-compose.",
         ),
     ] = False,
-    acme_directory: Annotated[
-        str | None,
-        typer.Option(
-            "--acme-directory",
-            help="https URL of an ACME directory: the gateway gets its base domain's wildcard certificate "
-            "from that CA by DNS-01 (renewed before expiry) instead of the dev CA.",
-        ),
-    ] = None,
-    acme_dns: Annotated[
-        str,
-        typer.Option(
-            "--acme-dns",
-            help="With --acme-directory: IP:PORT where the gateway serves the DNS-01 TXT answers "
-            "(point the CA's resolver there).",
-        ),
-    ] = "127.0.0.1:53",
-    acme_ca_file: Annotated[
-        Path | None,
-        typer.Option("--acme-ca-file", help="With --acme-directory: PEM bundle to trust for the CA's TLS."),
-    ] = None,
-    acme_email: Annotated[
-        str | None, typer.Option("--acme-email", help="With --acme-directory: the ACME account's contact.")
-    ] = None,
+    # the gateway's options, shared with `teecloud gateway up` (cli/_gateway_options.py)
+    acme_directory: AcmeDirectoryOpt = None,
+    acme_dns: AcmeDnsOpt = "127.0.0.1:53",
+    acme_ca_file: AcmeCaFileOpt = None,
+    acme_email: AcmeEmailOpt = None,
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""

@@ -1,4 +1,7 @@
-"""`teecloud gateway check-cert HOST[:PORT]`: is the key this server presents held in a TEE?
+"""`teecloud gateway up`: a stand-alone gateway (docs/gateway.md, "Stand-alone gateway"), with the gateway
+options of `teecloud up` (cli/_gateway_options.py: one declaration, one parser).
+
+`teecloud gateway check-cert HOST[:PORT]`: is the key this server presents held in a TEE?
 
 Fetches the leaf certificate the server presents on the wire (SNI `--server-name`, default HOST) and the
 gateway's published quotes: by default from the same HOST:PORT, `GET https://<base domain>/.well-known/
@@ -14,14 +17,29 @@ Exit codes: 0 = the key is vouched for, 1 = refused (the reason and step are pri
 from __future__ import annotations
 
 import json
-from typing import Annotated, NoReturn
+import signal
+import threading
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.table import Table
+
+from teecloud.cli._gateway_options import (
+    AcmeCaFileOpt,
+    AcmeDirectoryOpt,
+    AcmeDnsOpt,
+    AcmeEmailOpt,
+    GatewayDnsOpt,
+)
 
 __all__ = ["app"]
 
-app = typer.Typer(help="The gateway: check its certificates' keys.", no_args_is_help=True)
+app = typer.Typer(
+    help="The gateway: run one stand-alone, check its certificates' keys.", no_args_is_help=True
+)
 _out = Console(highlight=False, soft_wrap=True)  # hashes on one line
 _err = Console(stderr=True, highlight=False)
 
@@ -38,6 +56,205 @@ def _host_port(value: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         _fail(f"bad port in {value!r}", 2)
     return host.strip("[]"), int(port)
+
+
+@app.command("up")
+def up(
+    rpc_url: Annotated[
+        str | None,
+        typer.Option(
+            "--rpc-url",
+            envvar="TEECLOUD_RPC_URL",
+            help="The chain's JSON-RPC URL (KmsAuth: which apps may get routes). Default: this data "
+            "directory's embedded chain.",
+        ),
+    ] = None,
+    base_domain: Annotated[
+        str, typer.Option("--base-domain", help="Routes are <app_id>[-<port>][s|g].<base domain>.")
+    ] = "teecloud.localhost",
+    host: Annotated[str, typer.Option("--host", help="Address of the public and registration ports.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", help="Public TLS port (0: a free one).")] = 0,
+    registration_port: Annotated[
+        int, typer.Option("--registration-port", help="Registration port, mutual RA-TLS (0: a free one).")
+    ] = 0,
+    admin_port: Annotated[int, typer.Option("--admin-port", help="Admin port (0: a free one).")] = 0,
+    backend_network: Annotated[
+        list[str] | None,
+        typer.Option("--backend-network", help="CIDR a CVM's endpoints may be in (repeatable; loopback)."),
+    ] = None,
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir", help="The gateway's data directory (default: <data home>/gateway-server)."
+        ),
+    ] = None,
+    kms_url: Annotated[
+        str | None,
+        typer.Option(
+            "--kms-url",
+            help="Boot the gateway's TEE as KmsAuth's gateway_app_id through this KMS: its TLS keys are then "
+            "derived from the app keys the KMS releases (the same CA and keys after a restart) and quoted. "
+            "Simulated TEE only (with --trust-dev-root).",
+        ),
+    ] = None,
+    trust_dev_root: Annotated[
+        bool,
+        typer.Option(
+            "--trust-dev-root", help="Register CVMs of this installation's simulated TEE (development)."
+        ),
+    ] = False,
+    pccs_url: Annotated[
+        str | None, typer.Option("--pccs-url", help="PCCS for real TDX collateral (registrations).")
+    ] = None,
+    gateway_dns: GatewayDnsOpt = None,
+    acme_directory: AcmeDirectoryOpt = None,
+    acme_dns: AcmeDnsOpt = "127.0.0.1:53",
+    acme_ca_file: AcmeCaFileOpt = None,
+    acme_email: AcmeEmailOpt = None,
+) -> None:
+    """Run a gateway (HAProxy, registration and admin listeners) until Ctrl-C / SIGTERM."""
+    from teecloud.cli._peers import MISSING, verifier_from_flags
+    from teecloud.errors import Error
+    from teecloud.gateway.acme import AcmeSettings, parse_dns_server
+    from teecloud.gateway.errors import GatewayUsageError
+
+    # every option checked before anything starts (the same parser as `teecloud up`)
+    try:
+        acme = (
+            AcmeSettings.parse(acme_directory, acme_dns, acme_ca_file, acme_email) if acme_directory else None
+        )
+        dns = parse_dns_server(gateway_dns, "gateway DNS server") if gateway_dns else None
+    except GatewayUsageError as exc:
+        _fail(str(exc), 1)
+    if kms_url is not None and not trust_dev_root:
+        _fail(
+            "--kms-url boots the simulated TEE: it needs --trust-dev-root (real hardware: not wired yet)", 2
+        )
+    # registration certificates live 30 days (teecloud.gateway.client)
+    peers = verifier_from_flags(trust_dev_root, pccs_url, _err, max_cert_lifetime_s=31 * 24 * 3600)
+    if peers is None:
+        _fail(MISSING, 2)
+    stop = threading.Event()
+    # before anything starts: a signal during start-up stops the gateway once it is up (and cleans up)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with ExitStack() as stack:
+        try:
+            gateway = _start_gateway(
+                stack,
+                peers=peers,
+                rpc_url=rpc_url,
+                base_domain=base_domain,
+                host=host,
+                ports=(port, registration_port, admin_port),
+                backend_networks=tuple(backend_network or ("127.0.0.0/8", "::1/128")),
+                home=home,
+                kms_url=kms_url,
+                dns=dns,
+                acme=acme,
+            )
+        except Error as exc:
+            _fail(exc.diagnostics(), 1)
+        except (OSError, ValueError) as exc:
+            _fail(str(exc)[:500], 1)
+        table = Table(title="teecloud gateway", show_header=False)
+        table.add_row(
+            "public (HTTPS)", f"https://<app_id>-<port>.{gateway.base_domain}:{gateway.public_port}/"
+        )
+        table.add_row("certificate", f"ACME ({acme.directory_url})" if acme else f"dev CA {gateway.ca_file}")
+        table.add_row(
+            "keys", "derived from the KMS (gateway app)" if gateway.keys else "born in this process"
+        )
+        table.add_row("registration", gateway.registration_url)
+        table.add_row("admin", f"{gateway.admin_url} (token: {gateway.home / 'admin-token'})")
+        if gateway.cert_keys is not None:
+            table.add_row("cert-keys", gateway.cert_keys_url)
+        _out.print(table)
+        while not stop.wait(0.5):
+            pass
+    _out.print("gateway stopped")
+
+
+def _start_gateway(
+    stack: ExitStack,
+    *,
+    peers: Any,
+    rpc_url: str | None,
+    base_domain: str,
+    host: str,
+    ports: tuple[int, int, int],
+    backend_networks: tuple[str, ...],
+    home: Path | None,
+    kms_url: str | None,
+    dns: tuple[str, int] | None,
+    acme: Any,
+) -> Any:
+    """The GatewayServer of `gateway up`, started; everything it started is stopped by `stack`."""
+    import secrets
+
+    from teecloud._fs import atomic_write, data_home
+    from teecloud.chain import ChainClient
+    from teecloud.gateway.customdomain import CustomDomains, DnslibResolver
+    from teecloud.gateway.server import GatewayServer
+    from teecloud.peer import ChainGate
+
+    gw_home = home if home is not None else data_home() / "gateway-server"
+    gw_home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token_file = gw_home / "admin-token"
+    if not token_file.exists():
+        atomic_write(token_file, secrets.token_urlsafe(32).encode(), mode=0o600)
+    chain = ChainClient.rpc(rpc_url) if rpc_url else ChainClient.embedded()
+    stack.callback(chain.close)
+    keys = tee = None
+    if kms_url is not None:
+        keys, tee = _boot_as_gateway_app(chain, kms_url)
+    certs = None
+    if acme is not None:
+        certs, challenge_dns = acme.open(gw_home, base_domain=base_domain, keys=keys)
+        stack.callback(challenge_dns.stop)
+    gateway = GatewayServer(
+        gw_home,
+        base_domain=base_domain,
+        peers=peers,
+        chain=ChainGate(chain, block_number=getattr(chain, "checked_head", chain.block_number)),
+        admin_token=token_file.read_text().strip(),
+        host=host,
+        public_port=ports[0],
+        registration_port=ports[1],
+        admin_port=ports[2],
+        backend_networks=backend_networks,
+        custom_domains=CustomDomains(DnslibResolver(*dns), base_domain=base_domain) if dns else None,
+        acme=certs,
+        tee=tee,
+        keys=keys,
+    ).start()
+    stack.callback(gateway.stop)
+    return gateway
+
+
+def _boot_as_gateway_app(chain: Any, kms_url: str) -> tuple[Any, Any]:
+    """The gateway's simulated TEE booted as KmsAuth's gateway_app_id through the KMS at `kms_url`, and the
+    keys derived from what the KMS released (teecloud.gateway.kmskeys)."""
+    from teecloud.gateway.errors import GatewayUsageError
+    from teecloud.gateway.identity import boot_gateway
+    from teecloud.gateway.kmskeys import GatewayKeys
+    from teecloud.kms.client import connect_kms
+    from teecloud.tee.simulated import SimulatedTdx
+
+    app_id = str(chain.kms.info().gateway_app_id)
+    if int(app_id, 16) == 0:
+        raise GatewayUsageError("KmsAuth records no gateway_app_id: no gateway app to boot as")
+    tee = SimulatedTdx()
+    provider = connect_kms(
+        kms_url,
+        collateral_for=lambda _quote, _now: tee.collateral(),
+        dev_root_der=tee.dev_root_der(),
+        chain=chain,
+    )
+    state = boot_gateway(tee, app_id, provider)
+    return GatewayKeys.from_app_keys(state.keys), tee
 
 
 @app.command("check-cert")
@@ -120,3 +337,5 @@ def check_cert(
     _out.print(f"  app_id           {verdict.app_id or '(none measured: not a teecloud app)'}")
     if verdict.compose_hash:
         _out.print(f"  compose_hash     {verdict.compose_hash}")
+    origin = verdict.key_origin or "(not stated)"
+    _out.print(f"  key origin       {origin} (the measured code's statement, covered by the quote)")

@@ -20,12 +20,19 @@ Issuance (`_issue`), each step failing with an AcmeError that names it:
 
 The certificate key never leaves the gateway's data directory: HAProxy (the gateway's own child) reads a
 copy in the gateway's run directory.
+
+With `keys=` (teecloud.gateway.kmskeys, derived from the KMS's keys for the gateway app) no private key is
+stored: the account key is the derived P-256 key `acme-account` (ES256, the same account after a restart),
+each issuance's certificate key is `acme-certificate/<generation>` (generation = the stored one + 1, so a
+renewal has a new key), and the store file holds the line `teecloud-key-generation: <n>` and the chain; the
+key is derived again when it is loaded (a file whose leaf is not that key's is ignored: a new issuance).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -42,21 +49,24 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from dnslib import QTYPE, RCODE, RR, TXT, DNSRecord
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
-from josepy.jwk import JWKRSA
+from josepy.jwk import JWKEC, JWKRSA
 
 from teecloud._fs import atomic_write, atomic_write_json
 from teecloud.gateway.devca import IssuedCert
 from teecloud.gateway.errors import GatewayError, GatewayUsageError
+from teecloud.gateway.kmskeys import ACME_ACCOUNT, GatewayKeys, acme_certificate_path, key_origin
 from teecloud.gateway.routing import check_base_domain
 from teecloud.keys.certs import cert_to_pem, key_to_pem
 
 __all__ = [
     "AcmeCertificates",
     "AcmeError",
+    "AcmeSettings",
     "DnsProvider",
     "LocalChallengeDns",
     "StoredCert",
     "caa_records",
+    "parse_dns_server",
 ]
 
 log = logging.getLogger("teecloud.gateway")
@@ -147,11 +157,13 @@ class LocalChallengeDns:
 
 @dataclass(frozen=True)
 class StoredCert:
-    """The certificate in use: the leaf and its key (IssuedCert, what HAProxy loads) and the chain above."""
+    """The certificate in use: the leaf and its key (IssuedCert, what HAProxy loads) and the chain above.
+    `generation`: the derived key's generation (0: a key born here, stored with the chain)."""
 
     issued: IssuedCert
     chain_pem: str
     not_before: int
+    generation: int = 0
 
     @property
     def not_after(self) -> int:
@@ -165,9 +177,25 @@ def caa_records(base_domain: str, ca_domain: str, account_uri: str) -> list[str]
     return [f'{base_domain}. CAA 0 issue "{value}"', f'{base_domain}. CAA 0 issuewild "{value}"']
 
 
-def _load_stored(data: bytes) -> StoredCert:
-    """Parse the store file (key, then leaf, then chain). Raises ValueError when it is not one."""
-    key = serialization.load_pem_private_key(data, password=None)
+_GENERATION = re.compile(rb"\Ateecloud-key-generation: ([0-9]{1,10})\n")
+
+
+def _load_stored(data: bytes, keys: GatewayKeys | None = None) -> StoredCert:
+    """Parse the store file (key, then leaf, then chain; with `keys`: the generation line, then leaf and
+    chain, the key derived). Raises ValueError when it is not one."""
+    generation = 0
+    if keys is not None:
+        m = _GENERATION.match(data)
+        if m is None:
+            raise ValueError("no teecloud-key-generation line (a key stored by a gateway without KMS keys)")
+        generation = int(m.group(1))
+        try:
+            key: Any = keys.p256(acme_certificate_path(generation))
+        except GatewayUsageError as exc:
+            raise ValueError(str(exc)) from exc
+        data = data[m.end() :]
+    else:
+        key = serialization.load_pem_private_key(data, password=None)
     certs = x509.load_pem_x509_certificates(data)
     if not certs or not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError("no certificate or no P-256 key")
@@ -179,7 +207,10 @@ def _load_stored(data: bytes) -> StoredCert:
         raise ValueError("the key is not the leaf certificate's")
     issued = IssuedCert(cert_to_pem(leaf), key_to_pem(key), int(leaf.not_valid_after_utc.timestamp()))
     return StoredCert(
-        issued, "".join(cert_to_pem(c) for c in certs[1:]), int(leaf.not_valid_before_utc.timestamp())
+        issued,
+        "".join(cert_to_pem(c) for c in certs[1:]),
+        int(leaf.not_valid_before_utc.timestamp()),
+        generation,
     )
 
 
@@ -197,6 +228,7 @@ class AcmeCertificates:
         retry_s: float = 300.0,
         timeout_s: float = 120.0,
         clock: Callable[[], float] = time.time,
+        keys: GatewayKeys | None = None,
     ) -> None:
         if not directory_url.startswith("https://"):
             raise GatewayUsageError("the ACME directory URL must be https://")
@@ -210,6 +242,7 @@ class AcmeCertificates:
         self.retry_s = retry_s
         self.timeout_s = timeout_s
         self.clock = clock
+        self.keys = keys
         self.account_uri = ""
         self.failures = 0
         self.last_error = ""
@@ -231,7 +264,7 @@ class AcmeCertificates:
         try:
             if len(data) > MAX_CHAIN_BYTES:
                 raise ValueError("too large")
-            return _load_stored(data)
+            return _load_stored(data, self.keys)
         except ValueError as exc:
             log.warning("ignoring %s (%s): a new certificate will be issued", path, exc)
             return None
@@ -271,7 +304,13 @@ class AcmeCertificates:
 
     # ------------------------------------------------------------------------------------------ issuance
 
-    def _account_key(self) -> JWKRSA:
+    def key_origin(self, cert: StoredCert) -> str:
+        """What the cert-keys document says of this certificate's key (teecloud.gateway.kmskeys)."""
+        return key_origin(acme_certificate_path(cert.generation) if cert.generation else None)
+
+    def _account_key(self) -> JWKEC | JWKRSA:
+        if self.keys is not None:  # derived: nothing stored, the same account after a restart
+            return JWKEC(key=self.keys.p256(ACME_ACCOUNT))
         path = self.dir / ACCOUNT_KEY
         if path.exists():
             key = serialization.load_pem_private_key(path.read_bytes()[:16384], password=None)
@@ -287,9 +326,10 @@ class AcmeCertificates:
             atomic_write(path, pem, mode=0o600)
         return JWKRSA(key=key)
 
-    def _client(self, key: JWKRSA) -> client.ClientV2:
+    def _client(self, key: JWKEC | JWKRSA) -> client.ClientV2:
         verify: Any = self.ca_bundle if self.ca_bundle is not None else True
-        net = client.ClientNetwork(key, user_agent="teecloud-gateway", verify_ssl=verify, timeout=30)
+        alg = jose.jwa.ES256 if isinstance(key, JWKEC) else jose.jwa.RS256
+        net = client.ClientNetwork(key, alg=alg, user_agent="teecloud-gateway", verify_ssl=verify, timeout=30)
         directory = client.ClientV2.get_directory(self.directory_url, net)
         acme = client.ClientV2(directory, net=net)
         try:
@@ -313,7 +353,13 @@ class AcmeCertificates:
             acme = self._client(account_key)
             # (2)
             step = "order"
-            cert_key = ec.generate_private_key(ec.SECP256R1())
+            generation = 0
+            if self.keys is not None:
+                previous = self.current()
+                generation = (previous.generation if previous is not None else 0) + 1
+                cert_key = self.keys.p256(acme_certificate_path(generation))
+            else:
+                cert_key = ec.generate_private_key(ec.SECP256R1())
             key_pem = key_to_pem(cert_key).encode()
             orderr = acme.new_order(crypto_util.make_csr(key_pem, list(self.names)))
             # (3)
@@ -342,14 +388,23 @@ class AcmeCertificates:
             step = "finalize"
             deadline = dt.datetime.now() + dt.timedelta(seconds=self.timeout_s)
             orderr = acme.poll_and_finalize(orderr, deadline)
-            stored = _load_stored(key_pem + (orderr.fullchain_pem or "").encode())
+            fullchain = (orderr.fullchain_pem or "").encode()
+            stored = (
+                _load_stored(f"teecloud-key-generation: {generation}\n".encode() + fullchain, self.keys)
+                if self.keys is not None
+                else _load_stored(key_pem + fullchain)
+            )
             leaf = x509.load_pem_x509_certificate(stored.issued.cert_pem.encode())
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             if set(san.get_values_for_type(x509.DNSName)) != set(self.names):
                 raise AcmeError(f"the certificate names {san} are not {self.names}", step=step)
             # (5)
             step = "store"
-            atomic_write(self.dir / CERTIFICATE, key_pem + orderr.fullchain_pem.encode(), mode=0o600)
+            if self.keys is not None:  # no private key at rest: it is derived again when loaded
+                record = f"teecloud-key-generation: {generation}\n".encode() + fullchain
+            else:
+                record = key_pem + fullchain
+            atomic_write(self.dir / CERTIFICATE, record, mode=0o600)
         except AcmeError:
             raise
         except acme_errors.ValidationError as exc:
@@ -391,6 +446,83 @@ class AcmeCertificates:
             "failures": self.failures,
             "last_error": self.last_error,
         }
+
+
+def parse_dns_server(value: str, what: str = "DNS server") -> tuple[str, int]:
+    """`ip[:port]` (IPv6 in brackets; port 53 if omitted) of a DNS server, as an IP literal. Raises
+    GatewayUsageError naming `what`."""
+    import ipaddress
+
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or (value.count(":") > 1 and not value.startswith("[")):
+        host, port = value.strip(), "53"
+    host = host.strip("[]")
+    try:
+        ip = str(ipaddress.ip_address(host))
+    except ValueError as exc:
+        raise GatewayUsageError(f"{what} {value[:80]!r}: not an IP address (host:port)") from exc
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise GatewayUsageError(f"{what} {value[:80]!r}: the port must be in 1..65535")
+    return ip, int(port)
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    """The `--acme-*` options of `teecloud up` and `teecloud gateway up` (one parser: `parse`), checked before
+    anything starts: the directory (https, a host, at most 2048 characters), the IP:PORT where the challenge
+    DNS server (LocalChallengeDns) answers, a readable CA bundle for the CA's TLS, the account's contact."""
+
+    directory_url: str
+    dns: tuple[str, int] = ("127.0.0.1", 53)
+    ca_file: str | None = None
+    email: str | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        directory_url: str,
+        dns: str = "127.0.0.1:53",
+        ca_file: str | Path | None = None,
+        email: str | None = None,
+    ) -> AcmeSettings:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(directory_url)
+            ok = parts.scheme == "https" and bool(parts.hostname) and len(directory_url) <= 2048
+            ok = ok and parts.port != 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise GatewayUsageError(f"ACME directory {directory_url[:80]!r}: not an https:// URL with a host")
+        where = parse_dns_server(dns, "ACME DNS-01 server")
+        if ca_file is not None and not Path(ca_file).is_file():
+            raise GatewayUsageError(f"ACME CA file {str(ca_file)[:200]}: not a readable file")
+        if email is not None and (len(email) > 254 or not re.fullmatch(r"[^@\s]+@[^@\s]+", email)):
+            raise GatewayUsageError(f"ACME contact {email[:80]!r}: not an e-mail address")
+        return cls(directory_url, where, str(ca_file) if ca_file is not None else None, email)
+
+    def open(
+        self, home: Path, *, base_domain: str, keys: GatewayKeys | None
+    ) -> tuple[AcmeCertificates, LocalChallengeDns]:
+        """The challenge DNS server (started: the caller stops it) and the certificates (the first issuance
+        happens when the gateway is made). Raises GatewayUsageError when the DNS address cannot be served."""
+        try:
+            dns = LocalChallengeDns(*self.dns)
+        except OSError as exc:
+            raise GatewayUsageError(
+                f"cannot serve ACME DNS-01 answers on {self.dns[0]}:{self.dns[1]}: {exc.strerror or exc}"
+            ) from exc
+        certs = AcmeCertificates(
+            home,
+            directory_url=self.directory_url,
+            base_domain=base_domain,
+            dns=dns,
+            email=self.email,
+            ca_bundle=self.ca_file,
+            keys=keys,
+        )
+        return certs, dns
 
 
 def _problem(error: Any) -> str:

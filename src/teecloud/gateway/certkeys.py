@@ -3,18 +3,31 @@ held inside a TEE (and, from the quote's event log, by which code).
 
 Binding (the construction of the inference app's key set, docs/ai.md; RFC 8785 JCS, hex strings):
 
-    report_data = sha256(JCS({"purpose": "teecloud:gateway-cert-key", "spki_sha256": hex(sha256(SPKI DER))}))
-                  zero-padded to TDX's 64 bytes
+    report_data = sha256(JCS({"purpose": "teecloud:gateway-cert-key", "spki_sha256": hex(sha256(SPKI DER)),
+                              "key_origin": "kms:<key path>" | "process"}))
+                  zero-padded to TDX's 64 bytes ("key_origin" is left out of the JCS object for an entry
+                  without one: the earlier documents' binding)
 
 Document, served at `GET /.well-known/teecloud/cert-keys` (CERT_KEYS_PATH) on the gateway's registration
 listener (public HTTPS; the document authenticates itself, so the transport need not be trusted):
 
     {"purpose": "teecloud:gateway-cert-key",
      "keys": [{"role": "public" | "registration" | "dev-ca", "spki_sha256": hex, "names": [...],
-               "not_after": int, "quote": hex, "event_log": dstack event-log JSON text}]}
+               "not_after": int, "key_origin": str, "quote": hex, "event_log": dstack event-log JSON text}]}
 
-`role`, `names` and `not_after` are informational (not covered by the quote); `spki_sha256` only selects an
-entry. The checker (`check_cert_key`) decides from the quote and the key presented on the wire:
+What binds what:
+- the quote binds the SPKI hash and `key_origin` to the measured app (app_id, compose hash in the event log)
+  of the TEE that took it: that app's code held the key and stated where it came from. The quote is taken
+  when the certificate is made, after the gateway's boot (a renewal, months later): it is not boot-time
+  evidence, so it says nothing about boot beyond what the measured app_id implies;
+- `key_origin` "kms:<path>": the gateway's code states the key is derived from the app keys the KMS released
+  to the gateway app at boot (teecloud.gateway.kmskeys; the KMS releases them only to boot-time evidence of
+  an app KmsAuth allows). Nobody outside can recompute that derivation (it needs the app key): it is the
+  measured code's statement, as trustworthy as that code. "process": born in the gateway process;
+- `role`, `names` and `not_after` are informational (not covered by the quote); `spki_sha256` only selects
+  an entry.
+
+The checker (`check_cert_key`) decides from the quote and the key presented on the wire:
   (1) presented   the server's certificate (as received in the TLS handshake) parses; its SPKI is hashed
   (2) published   the document parses (strict: known fields, bounded sizes) and has an entry for that
                   SPKI hash; none means the key is not vouched for (a stale document after a renewal, or a
@@ -42,6 +55,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from teecloud.gateway.errors import GatewayError, GatewayUsageError
+from teecloud.gateway.kmskeys import is_key_origin
 from teecloud.keys.ratls import QuoteSource, event_log_json
 from teecloud.peer import PeerRejected, PeerVerifier
 
@@ -69,6 +83,7 @@ MAX_NAMES = 16
 MAX_NESTING = 8  # the document's own shape needs 4
 ROLES = ("public", "registration", "dev-ca")
 _ENTRY_FIELDS = {"role", "spki_sha256", "names", "not_after", "quote", "event_log"}
+_OPTIONAL_FIELDS = {"key_origin"}
 
 
 class CertKeyRefused(GatewayError):
@@ -87,11 +102,14 @@ def spki_sha256(cert: x509.Certificate) -> bytes:
     return hashlib.sha256(spki).digest()
 
 
-def cert_key_report_data(spki_digest: bytes) -> bytes:
-    """The 64-byte report_data binding a certificate key (its SPKI's sha256) for CERT_KEY_PURPOSE."""
+def cert_key_report_data(spki_digest: bytes, key_origin: str = "") -> bytes:
+    """The 64-byte report_data binding a certificate key (its SPKI's sha256) and, when given, its origin,
+    for CERT_KEY_PURPOSE."""
     if len(spki_digest) != 32:
         raise GatewayUsageError("spki_sha256 is 32 bytes")
     doc = {"purpose": CERT_KEY_PURPOSE, "spki_sha256": spki_digest.hex()}
+    if key_origin:
+        doc["key_origin"] = key_origin
     return hashlib.sha256(rfc8785.dumps(doc)).digest().ljust(64, b"\x00")
 
 
@@ -103,9 +121,10 @@ class PublishedKey:
     not_after: int
     quote: bytes
     event_log: str
+    key_origin: str = ""  # "" only in earlier documents (not covered then)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "role": self.role,
             "spki_sha256": self.spki_sha256.hex(),
             "names": list(self.names),
@@ -113,6 +132,9 @@ class PublishedKey:
             "quote": self.quote.hex(),
             "event_log": self.event_log,
         }
+        if self.key_origin:
+            out["key_origin"] = self.key_origin
+        return out
 
 
 class CertKeyPublisher:
@@ -127,12 +149,21 @@ class CertKeyPublisher:
         self._render()
 
     def publish(
-        self, role: str, cert_pem: str, names: tuple[str, ...] = (), *, replace: bool = True
+        self,
+        role: str,
+        cert_pem: str,
+        names: tuple[str, ...] = (),
+        *,
+        replace: bool = True,
+        origin: str = "process",
     ) -> PublishedKey:
-        """A quote for this certificate's key. `replace`: the role's other keys leave the document at once;
-        otherwise they stay until `retire` (a renewal publishes the new key before HAProxy serves it)."""
+        """A quote for this certificate's key and its `origin` (kmskeys.key_origin). `replace`: the role's
+        other keys leave the document at once; otherwise they stay until `retire` (a renewal publishes the
+        new key before HAProxy serves it)."""
         if role not in ROLES:
             raise GatewayUsageError(f"unknown certificate role {role!r}")
+        if not is_key_origin(origin):
+            raise GatewayUsageError(f"not a key origin: {origin[:80]!r}")
         cert = x509.load_pem_x509_certificate(cert_pem.encode())
         digest = spki_sha256(cert)
         entry = PublishedKey(
@@ -140,8 +171,9 @@ class CertKeyPublisher:
             spki_sha256=digest,
             names=tuple(names)[:MAX_NAMES],
             not_after=int(cert.not_valid_after_utc.timestamp()),
-            quote=self.tee.quote(cert_key_report_data(digest)),
+            quote=self.tee.quote(cert_key_report_data(digest, origin)),
             event_log=event_log_json(self.tee.event_log()),
+            key_origin=origin,
         )
         with self._lock:
             if replace:
@@ -220,11 +252,18 @@ def parse_document(data: bytes) -> list[PublishedKey]:
         raise CertKeyRefused(f"keys is not a list of at most {MAX_KEYS}", step="published")
     out = []
     for i, e in enumerate(keys):
-        if not isinstance(e, dict) or set(e) != _ENTRY_FIELDS:
+        if not isinstance(e, dict) or not _ENTRY_FIELDS <= set(e) <= _ENTRY_FIELDS | _OPTIONAL_FIELDS:
             raise CertKeyRefused(
-                f"keys[{i}] has not exactly the fields {sorted(_ENTRY_FIELDS)}", step="published"
+                f"keys[{i}] has not exactly the fields {sorted(_ENTRY_FIELDS)} (and optionally "
+                f"{sorted(_OPTIONAL_FIELDS)})",
+                step="published",
             )
         names = e["names"]
+        origin = e.get("key_origin", "")
+        if "key_origin" in e and not (
+            isinstance(origin, str) and len(origin) <= 128 and is_key_origin(origin)
+        ):
+            raise CertKeyRefused(f"keys[{i}].key_origin is not a key origin", step="published")
         if (
             e["role"] not in ROLES
             or not isinstance(names, list)
@@ -244,6 +283,7 @@ def parse_document(data: bytes) -> list[PublishedKey]:
                 not_after=e["not_after"],
                 quote=_hex(e["quote"], f"keys[{i}].quote"),
                 event_log=e["event_log"],
+                key_origin=origin,
             )
         )
     return out
@@ -258,6 +298,7 @@ class CertKeyVerdict:
     tcb_status: str
     app_id: str
     compose_hash: str
+    key_origin: str  # covered by the quote ("" for an entry of an earlier document: none stated)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -292,10 +333,10 @@ def check_cert_key(
     except PeerRejected as exc:
         raise CertKeyRefused(f"the published quote does not verify: {exc.reason}", step="quote") from exc
     # (4)
-    if evidence.report_data != cert_key_report_data(digest):
+    if evidence.report_data != cert_key_report_data(digest, entry.key_origin):
         raise CertKeyRefused(
-            "the published quote's report_data does not bind the presented key "
-            f"(expected sha256(JCS({{purpose: {CERT_KEY_PURPOSE}, spki_sha256}})))",
+            "the published quote's report_data does not bind the presented key and its stated origin "
+            f"(expected sha256(JCS({{purpose: {CERT_KEY_PURPOSE}, spki_sha256, key_origin}})))",
             step="binding",
         )
     # (5)
@@ -314,6 +355,7 @@ def check_cert_key(
         tcb_status=evidence.tcb_status,
         app_id=app_id.hex(),
         compose_hash=app.compose_hash.hex() if app is not None else "",
+        key_origin=entry.key_origin,
     )
 
 

@@ -10,7 +10,8 @@ Local cloud (`teecloud up`): the gateway is a process beside the node, not a CVM
 through the same guest boot as every app (`boot_gateway` = teecloud.agent.boot.boot: the dstack events, the
 boot nonce, `os-image-hash`, then the KMS key request, which the KMS grants only to boot-time evidence of an
 app KmsAuth allows), so the quotes of its certificate keys name the gateway app and follow a boot the KMS
-accepted. Its TLS keys are still born in its process (not derived from the KMS's app keys); docs/gateway.md.
+accepted. Its TLS keys are derived from the app keys the KMS released to that boot (teecloud.gateway.kmskeys),
+so only a boot the KMS accepted has them; docs/gateway.md.
 """
 
 from __future__ import annotations

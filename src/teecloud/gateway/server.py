@@ -7,6 +7,8 @@ registrations, restarts a dead HAProxy and moves routes.
         home/run/          HAProxy's configuration, maps, admin socket and the wildcard's key (0700 / 0600)
         home/acme/         with `acme=`: the ACME account key and the certificate (key + chain), 0600
 
+With `keys=` (teecloud.gateway.kmskeys) every TLS key is derived from the KMS's keys for the gateway app: a
+restart keeps the CA (home/ca.pem reused) and the keys; without, they are born here, new per process.
 The public certificate is the dev CA's wildcard, or with `acme=` (teecloud.gateway.acme) the ACME CA's,
 renewed by the tick within its renewal window (HAProxy reloads only then). With `tee=` every certificate
 key it serves with gets a quote binding it, published at CERT_KEYS_PATH (teecloud.gateway.certkeys) on the
@@ -49,6 +51,7 @@ from teecloud.gateway.http import (
     make_custom_domain_app,
     make_registration_app,
 )
+from teecloud.gateway.kmskeys import DEV_CA, PUBLIC, REGISTRATION, GatewayKeys, key_origin
 from teecloud.gateway.registry import Registry
 from teecloud.gateway.routing import DataPlaneLimits, check_base_domain
 from teecloud.gateway.service import GatewayService
@@ -106,6 +109,7 @@ class GatewayServer:
         access_log: bool = True,
         acme: AcmeCertificates | None = None,
         tee: QuoteSource | None = None,
+        keys: GatewayKeys | None = None,
     ) -> None:
         if not admin_token or len(admin_token) < 16:
             raise GatewayUsageError("the gateway's admin listener needs a token of at least 16 characters")
@@ -115,7 +119,14 @@ class GatewayServer:
         self.public_port = public_port or free_port(host)
         self.clock = clock
         now = int(clock())
-        self.ca = DevCa(now=now)
+        # with `keys` (teecloud.gateway.kmskeys: derived from the KMS's keys for the gateway app) the same CA
+        # and certificate keys after a restart, and `ca.pem` (public) reused; without: born here, per process
+        self.keys = keys
+        self.ca = DevCa(
+            now=now,
+            key=keys.p256(DEV_CA) if keys is not None else None,
+            cert_pem=self._stored_ca() if keys is not None else None,
+        )
         self.acme = acme
         self.public_names = (f"*.{self.base_domain}", self.base_domain)
         self._acme_cert: StoredCert | None = None
@@ -127,11 +138,16 @@ class GatewayServer:
             self._acme_cert = stored
             self.wildcard, chain_pem = stored.issued, stored.chain_pem
         else:
-            self.wildcard, chain_pem = self.ca.issue_wildcard(self.base_domain, now=now), self.ca.cert_pem
+            wildcard_key = keys.p256(PUBLIC) if keys is not None else None
+            self.wildcard = self.ca.issue_wildcard(self.base_domain, now=now, key=wildcard_key)
+            chain_pem = self.ca.cert_pem
         if self.cert_keys is not None:
-            self.cert_keys.publish("dev-ca", self.ca.cert_pem)
+            self.cert_keys.publish("dev-ca", self.ca.cert_pem, origin=self._origin(DEV_CA))
             self.cert_keys.publish(
-                "public", self.wildcard.cert_pem, (f"*.{self.base_domain}", self.base_domain)
+                "public",
+                self.wildcard.cert_pem,
+                (f"*.{self.base_domain}", self.base_domain),
+                origin=self._public_origin(),
             )
         self.custom_domains = custom_domains
         self.hook = (
@@ -186,14 +202,33 @@ class GatewayServer:
 
     # ------------------------------------------------------------------------------------------ TLS
 
+    def _stored_ca(self) -> str | None:
+        try:
+            return (self.home / "ca.pem").read_bytes()[:16384].decode("ascii", "replace")
+        except OSError:
+            return None
+
+    def _origin(self, path: str) -> str:
+        return key_origin(path if self.keys is not None else None)
+
+    def _public_origin(self) -> str:
+        if self.acme is None:
+            return self._origin(PUBLIC)
+        return self.acme.key_origin(self._acme_cert) if self._acme_cert is not None else "process"
+
     def _registration_ssl(self) -> ssl.SSLContext:
         """Server: a dev-CA certificate for the registration listener. Client: any certificate under the
         public registration temp CA (possession of its key only; the RA-TLS evidence decides)."""
         issued = self.ca.issue_server(
-            "teecloud gateway registration", (self.host, "localhost"), now=int(self.clock())
+            "teecloud gateway registration",
+            (self.host, "localhost"),
+            now=int(self.clock()),
+            key=self.keys.p256(REGISTRATION) if self.keys is not None else None,
         )
         if self.cert_keys is not None:
-            self.cert_keys.publish("registration", issued.cert_pem, (self.host, "localhost"))
+            self.cert_keys.publish(
+                "registration", issued.cert_pem, (self.host, "localhost"), origin=self._origin(REGISTRATION)
+            )
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         # OpenSSL loads a key from a file only: a 0600 file in the gateway's own 0700 run directory, removed
@@ -395,7 +430,13 @@ class GatewayServer:
             return False
         entry = None
         if self.cert_keys is not None:
-            entry = self.cert_keys.publish("public", stored.issued.cert_pem, self.public_names, replace=False)
+            entry = self.cert_keys.publish(
+                "public",
+                stored.issued.cert_pem,
+                self.public_names,
+                replace=False,
+                origin=acme.key_origin(stored),
+            )
         self.driver.reload_certs(stored.issued, stored.chain_pem)
         self._acme_cert, self.wildcard = stored, stored.issued
         if self.cert_keys is not None and entry is not None:

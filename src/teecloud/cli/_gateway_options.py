@@ -1,0 +1,44 @@
+"""The gateway options `teecloud up` and `teecloud gateway up` share: one declaration each (typer `Annotated`
+aliases) and one parser (teecloud.gateway.acme.AcmeSettings.parse), so the two command lines cannot drift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["AcmeCaFileOpt", "AcmeDirectoryOpt", "AcmeDnsOpt", "AcmeEmailOpt", "GatewayDnsOpt"]
+
+GatewayDnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gateway-dns",
+        help="HOST:PORT of a DNS server (a validating resolver you trust): the gateway then serves "
+        "custom domains whose _dstack-app-address TXT record names a registered app port "
+        "(TLS passthrough).",
+    ),
+]
+AcmeDirectoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--acme-directory",
+        help="https URL of an ACME directory: the gateway gets its base domain's wildcard certificate "
+        "from that CA by DNS-01 (renewed before expiry) instead of the dev CA.",
+    ),
+]
+AcmeDnsOpt = Annotated[
+    str,
+    typer.Option(
+        "--acme-dns",
+        help="With --acme-directory: IP:PORT where the gateway serves the DNS-01 TXT answers "
+        "(point the CA's resolver there).",
+    ),
+]
+AcmeCaFileOpt = Annotated[
+    Path | None,
+    typer.Option("--acme-ca-file", help="With --acme-directory: PEM bundle to trust for the CA's TLS."),
+]
+AcmeEmailOpt = Annotated[
+    str | None, typer.Option("--acme-email", help="With --acme-directory: the ACME account's contact.")
+]
