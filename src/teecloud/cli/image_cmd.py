@@ -6,14 +6,16 @@ builds the guest image from Debian packages (teecloud.image.build; cached by rec
 directory, os_image_hash and recipe hash as JSON.
 
     teecloud image measure --kernel K --initrd I --cmdline C --memory 2G [--tdvf F [--out FILE]]
-                           [--ovmf-sev F --vcpus N]
+                           [--ovmf-sev F --vcpus N [--vcpu-type T] [--snp-out FILE]]
 
 prints, as JSON, the TDX RTMR1 and RTMR2 a TD booting these files directly (QEMU -kernel/-initrd/-append,
 OVMF/TDVF) must quote, with their events; MRTD and the TD-HOB witness when given the TDVF; and the SEV-SNP
 launch measurement when given the SEV firmware (through sev-snp-measure). `--out` writes the image's
 measurement file (measurement.tdx.cbor, teecloud.image.measurement), from which a verifier computes MRTD
-and RTMR0-2 for any vm_config without the image. RTMR0 itself is not printed: its ACPI events are the
-tables QEMU builds for the VM's devices, which a verifier takes from the quote's event log (docs/node.md).
+and RTMR0-2 for any vm_config without the image; `--snp-out` its SEV-SNP one (measurement.snp.cbor,
+teecloud.image.snp), from which the launch measurement for any vCPU count and type is computed. RTMR0
+itself is not printed: its ACPI events are the tables QEMU builds for the VM's devices, which a verifier
+takes from the quote's event log (docs/node.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from teecloud._fs import atomic_write
 from teecloud.image import ImageError, ImageFormatError
 from teecloud.image.build import DEFAULT_CACHE, Recipe, build_image
 from teecloud.image.measurement import encode, measure_tdx_image
-from teecloud.image.snp import snp_launch_measurement
+from teecloud.image.snp import (
+    DSTACK_VCPU_TYPE,
+    SnpShape,
+    encode_snp,
+    expected_snp_measurement,
+    measure_snp_image,
+    snp_launch_measurement,
+)
 from teecloud.image.tdx import mrtd, replay, rtmr1_events, rtmr2_events
 
 __all__ = ["app"]
@@ -61,6 +70,13 @@ def _memory(text: str) -> int:
     return int(m.group(1)) << (20 if m.group(2) == "M" else 30)
 
 
+def _write(path: Path, data: bytes) -> None:
+    try:
+        atomic_write(path, data, mode=0o644)
+    except OSError as exc:
+        raise ImageFormatError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 @app.command("measure")
 def measure(
     kernel: Annotated[Path, typer.Option(help="the bzImage (EFI stub)")],
@@ -76,10 +92,17 @@ def measure(
     ] = None,
     ovmf_sev: Annotated[Path | None, typer.Option(help="the SEV firmware: adds the SNP measurement")] = None,
     vcpus: Annotated[int, typer.Option(help="vCPUs (SEV-SNP: one VMSA each)")] = 1,
+    vcpu_type: Annotated[str, typer.Option(help="SEV-SNP: the QEMU -cpu model")] = DSTACK_VCPU_TYPE,
+    snp_out: Annotated[
+        Path | None,
+        typer.Option(help="write the SEV-SNP measurement file (measurement.snp.cbor; needs --ovmf-sev)"),
+    ] = None,
 ) -> None:
     """Reference measurements of a guest image for a VM shape (JSON on stdout)."""
     if out is not None and tdvf is None:
         raise ImageFormatError("--out writes the TDX measurement file, which needs the firmware: pass --tdvf")
+    if snp_out is not None and ovmf_sev is None:
+        raise ImageFormatError("--snp-out writes the SEV-SNP measurement file: pass --ovmf-sev")
     kernel_bytes, initrd_bytes = _read(kernel, "kernel"), _read(initrd, "initrd")
     r1 = rtmr1_events(kernel_bytes, initrd_size=len(initrd_bytes), memory_bytes=_memory(memory))
     r2 = rtmr2_events(cmdline, initrd_bytes)
@@ -98,15 +121,19 @@ def measure(
         if out is not None:
             m = measure_tdx_image(kernel=kernel_bytes, initrd=initrd_bytes, cmdline=cmdline, tdvf=firmware)
             result["td_hob_witness"] = m.td_hob_witness.hex()
-            try:
-                atomic_write(out, encode(m), mode=0o644)
-            except OSError as exc:
-                raise ImageFormatError(f"cannot write {out}: {exc.strerror or exc}") from None
+            _write(out, encode(m))
             result["measurement_file"] = str(out)
     if ovmf_sev is not None:
         result["snp_measurement"] = snp_launch_measurement(
-            ovmf=ovmf_sev, kernel=kernel, initrd=initrd, cmdline=cmdline, vcpus=vcpus
+            ovmf=ovmf_sev, kernel=kernel, initrd=initrd, cmdline=cmdline, vcpus=vcpus, vcpu_type=vcpu_type
         ).hex()
+        if snp_out is not None:
+            snp = measure_snp_image(ovmf=ovmf_sev, kernel=kernel_bytes, initrd=initrd_bytes, cmdline=cmdline)
+            # the file must give what the firmware itself gives, or it is not written
+            if expected_snp_measurement(snp, SnpShape(vcpus, vcpu_type)).hex() != result["snp_measurement"]:
+                raise ImageFormatError("the SEV-SNP measurement file does not reproduce the firmware's value")
+            _write(snp_out, encode_snp(snp))
+            result["snp_measurement_file"] = str(snp_out)
     typer.echo(json.dumps(result, indent=2))
 
 
