@@ -1,9 +1,11 @@
 """`teecloud image`: guest OS images for the qemu backend.
 
-    teecloud image build [--cache DIR] [--out DIR] [--force] [--lock packages.txt]
+    teecloud image build [--cache DIR] [--out DIR] [--force] [--lock packages.txt] [--tdvf F]
 
 builds the guest image from Debian packages (teecloud.image.build; cached by recipe hash) and prints its
-directory, os_image_hash and recipe hash as JSON.
+directory, os_image_hash and recipe hash as JSON. `--tdvf` makes a TDX firmware (OVMF IntelTdx; Debian 12
+ships none) the image's firmware, and the image then carries measurement.tdx.cbor (teecloud.image.reference)
+for `teecloud kms up --os-images`.
 
     teecloud image measure --kernel K --initrd I --cmdline C --memory 2G [--tdvf F [--out FILE]]
                            [--ovmf-sev F --vcpus N [--vcpu-type T] [--snp-out FILE]]
@@ -20,6 +22,7 @@ takes from the quote's event log (docs/node.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -39,7 +42,7 @@ from teecloud.image.snp import (
     measure_snp_image,
     snp_launch_measurement,
 )
-from teecloud.image.tdx import mrtd, replay, rtmr1_events, rtmr2_events
+from teecloud.image.tdx import mrtd, parse_tdvf, replay, rtmr1_events, rtmr2_events
 
 __all__ = ["app"]
 
@@ -152,6 +155,12 @@ def build(
     lock: Annotated[
         Path | None, typer.Option(help="a packages.txt of an earlier build: refuse any other version")
     ] = None,
+    tdvf: Annotated[
+        Path | None,
+        typer.Option(
+            help="a TDX firmware (OVMF IntelTdx) as the image's firmware: adds measurement.tdx.cbor"
+        ),
+    ] = None,
 ) -> None:
     """Build the reproducible guest image (Debian bookworm, Docker, cryptsetup, the agent); JSON on stdout."""
     try:
@@ -161,7 +170,11 @@ def build(
             lines = tuple(ln.strip() for ln in text.splitlines() if ln.strip())
             if not lines or any(ln.count("=") != 1 or " " in ln for ln in lines):
                 raise ImageFormatError(f"{lock}: expected package=version lines (packages.txt)")
-        built = build_image(Recipe(lock=lines), cache=cache, force=force, out=out, log=typer.echo)
+        recipe = Recipe(lock=lines)
+        if tdvf is not None:
+            parse_tdvf(_read(tdvf, "TDVF"))  # a TDX firmware, or the reason it is not
+            recipe = dataclasses.replace(recipe, ovmf=tdvf.resolve())
+        built = build_image(recipe, cache=cache, force=force, out=out, log=typer.echo)
     except ImageError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
