@@ -2,9 +2,9 @@
 dstack's verify_sev_launch does it: vm_config names the image and the launch shape (sev_snp_measurement:
 vcpus, vcpu_type, guest_features), the image's measurement.snp.cbor is bound to that os_image_hash through
 sha256sum.txt (from the directory, or carried in vm_config), and the MEASUREMENT recomputed from it must be
-the signed one. The honest case is a real SNP launch: dstack's live CVM whose report signed MEASUREMENT
-7f51e17f… (tests/image/test_measure_snp_file.py gives its source), as the verifier's VerifiedEvidence holds
-it; the debug-policy case is a real report verified here (google/go-sev-guest's, DEBUG set). Every
+the signed one. The honest case is a real SNP launch: dstack's live CVM whose report (tests/kms/data,
+verified here) signed MEASUREMENT 7f51e17f… for the image material of tests/image/test_measure_snp_file.py;
+the debug-policy case is a real report verified here (google/go-sev-guest's, DEBUG set). Every
 deviation is refused at step os_image.
 """
 
@@ -70,6 +70,33 @@ def vm_config(os_image_hash: bytes, *, cpu_count: int = 2, **shape: object) -> s
 @pytest.fixture
 def images(tmp_path: Path) -> MeasuredOsImages:
     return MeasuredOsImages(tmp_path)
+
+
+DATA = Path(__file__).parent / "data"
+SNP_PIN = calendar.timegm((2026, 7, 1, 0, 0, 0))
+
+
+def verified(vectors: Path, report: Path, vcek: Path, policy: Policy | None = None) -> VerifiedEvidence:
+    ark_ask = (vectors / "snp" / "go-sev-guest_ask_ark_milan.pem").read_bytes()
+    res = verify(
+        report.read_bytes(),
+        cert_chain=[vcek.read_bytes()],
+        anchors=TrustAnchors.from_certificates([ark_ask]),
+        now=SNP_PIN,
+        policy=policy or Policy(),
+    )
+    assert res.is_valid and res.evidence is not None, res.reason
+    return res.evidence
+
+
+def test_a_real_report_of_the_image_passes(vectors: Path, images: MeasuredOsImages) -> None:
+    """dstack's real SNP report (tests/kms/data), verified here end to end (VCEK, Milan ASK/ARK)."""
+    evidence = verified(vectors, DATA / "dstack_sev_snp_report.bin", DATA / "dstack_sev_snp_vcek.pem")
+    assert evidence.measurements["measurement"] == REAL_MEASUREMENT and not evidence.debug
+    image = publish(images.directory, encode_snp(REAL))
+    assert images.snp_launch(evidence, vm_config(image)).os_image_hash == image
+    with pytest.raises(AccessDenied, match="MEASUREMENT is not OS image"):
+        images.snp_launch(evidence, vm_config(image, cpu_count=1, vcpus=1))
 
 
 def test_a_real_launch_of_the_image_passes(images: MeasuredOsImages) -> None:
@@ -181,22 +208,17 @@ def test_a_malformed_vm_config_is_refused(images: MeasuredOsImages, config: str,
 def test_a_debug_policy_is_refused(vectors: Path, images: MeasuredOsImages) -> None:
     """A real report (google/go-sev-guest's, guest policy 0xb0000: DEBUG set), verified here with a policy
     that lets debug evidence through, is refused by the OS-image step before anything else."""
-    anchors = TrustAnchors.from_certificates(
-        [(vectors / "snp" / "go-sev-guest_ask_ark_milan.pem").read_bytes()]
+    snp = vectors / "snp"
+    evidence = verified(
+        vectors,
+        snp / "go-sev-guest_attestation.bin",
+        snp / "go-sev-guest_vcek.testcer",
+        Policy(reject_debug=False),
     )
-    report = (vectors / "snp" / "go-sev-guest_attestation.bin").read_bytes()
-    vcek = (vectors / "snp" / "go-sev-guest_vcek.testcer").read_bytes()
-    res = verify(
-        report,
-        cert_chain=[vcek],
-        anchors=anchors,
-        now=calendar.timegm((2026, 7, 1, 0, 0, 0)),
-        policy=Policy(reject_debug=False),
-    )
-    assert res.is_valid and res.evidence is not None and res.evidence.debug
+    assert evidence.debug
     image = publish(images.directory, encode_snp(REAL))
     with pytest.raises(AccessDenied, match="allows debugging"):
-        images.snp_launch(res.evidence, vm_config(image))
+        images.snp_launch(evidence, vm_config(image))
     with pytest.raises(AccessDenied, match="allows debugging"):
         images.snp_launch(snp_evidence(debug=True), vm_config(image))
 
