@@ -7,6 +7,11 @@ directory, os_image_hash and recipe hash as JSON. `--tdvf` makes a TDX firmware 
 ships none) the image's firmware, and the image then carries measurement.tdx.cbor (teecloud.image.reference)
 for `teecloud kms up --os-images`.
 
+    teecloud image acpi [--vcpus N] [--memory 2G] [--bios F] [--measurement measurement.tdx.cbor]
+
+prints RTMR0's three ACPI digests computed from the tables this host's QEMU builds for a plain q35 VM of
+that shape (teecloud.image.acpi: a short TCG boot), and with a measurement file the whole RTMR0.
+
     teecloud image measure --kernel K --initrd I --cmdline C --memory 2G [--tdvf F [--out FILE]]
                            [--ovmf-sev F --vcpus N [--vcpu-type T] [--snp-out FILE]]
 
@@ -32,7 +37,7 @@ import typer
 
 from teecloud._fs import atomic_write
 from teecloud.image import ImageError, ImageFormatError
-from teecloud.image.build import DEFAULT_CACHE, Recipe, build_image
+from teecloud.image.build import DEFAULT_CACHE, GUEST_KERNEL, Recipe, build_image
 from teecloud.image.measurement import encode, measure_tdx_image
 from teecloud.image.snp import (
     DSTACK_VCPU_TYPE,
@@ -137,6 +142,46 @@ def measure(
                 raise ImageFormatError("the SEV-SNP measurement file does not reproduce the firmware's value")
             _write(snp_out, encode_snp(snp))
             result["snp_measurement_file"] = str(snp_out)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command("acpi")
+def acpi(
+    vcpus: Annotated[int, typer.Option(help="the VM's vCPUs")] = 1,
+    memory: Annotated[str, typer.Option(help="the VM's memory, e.g. 2G")] = "2G",
+    bios: Annotated[Path, typer.Option(help="the VM's firmware")] = Path("/usr/share/ovmf/OVMF.fd"),
+    measurement: Annotated[
+        Path | None, typer.Option(help="an image's measurement.tdx.cbor: adds the whole RTMR0 for this shape")
+    ] = None,
+    kernel: Annotated[Path, typer.Option(help="the dumper's kernel")] = GUEST_KERNEL / "vmlinuz",
+) -> None:
+    """RTMR0's ACPI digests from the tables this host's QEMU builds for a plain q35 VM of this shape (a TCG
+    boot of a dumper guest; teecloud.image.acpi). Not a TD's tables: QEMU 7.2 has no tdx-guest
+    (docs/node.md)."""
+    from teecloud import vmconfig
+    from teecloud.image.acpi import acpi_digests, plain_q35_argv, qemu_acpi_files
+    from teecloud.image.measurement import expected_tdx_registers, parse
+    from teecloud.image.testguest import busybox_path
+
+    mem = _memory(memory)
+    m = parse(_read(measurement, "measurement file")) if measurement is not None else None
+    shape = plain_q35_argv(vcpus=vcpus, memory_mb=mem >> 20, bios=bios)
+    files = qemu_acpi_files(
+        shape, kernel=kernel, modules_dir=GUEST_KERNEL / "modules", busybox=busybox_path()
+    )
+    d = acpi_digests(files)
+    result: dict[str, object] = {
+        "shape": {"vcpus": vcpus, "memory_size": mem, "machine": "plain q35 (this host's QEMU)"},
+        "acpi_loader": d.loader.hex(),
+        "acpi_rsdp": d.rsdp.hex(),
+        "acpi_tables": d.tables.hex(),
+        "sizes": {
+            name: len(files[name]) for name in ("etc/table-loader", "etc/acpi/rsdp", "etc/acpi/tables")
+        },
+    }
+    if m is not None:
+        config = vmconfig.VmConfig(bytes(32), vcpus, mem)
+        result["rtmr0"] = expected_tdx_registers(m, config, d).rtmr0.hex()
     typer.echo(json.dumps(result, indent=2))
 
 
