@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import shutil
 import struct
@@ -180,3 +181,23 @@ def test_the_acpi_command_refuses_a_bad_shape_before_booting(tmp_path: Path) -> 
     for args in (["--vcpus", "0"], ["--memory", "lots"], ["--measurement", str(tmp_path / "absent")]):
         r = CliRunner().invoke(app, ["image", "acpi", *args])
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("golden", ["plain-small", "tdx-large", "sev-snp-small"])
+def test_the_dump_keeps_every_device_of_the_backends_command_line(golden: str) -> None:
+    """The qemu backend's own argv (its golden files, tests/node/data/qemu): everything the tables depend on
+    stays (machine, CPUs, memory, firmware, drives, devices, objects, shares), only the boot files, the
+    console, the QMP socket and the accelerator change."""
+    vm = (Path(__file__).parent.parent / "node" / "data" / "qemu" / f"{golden}.argv").read_text().split("\n")
+    vm = [a for a in vm if a]
+    argv = dump_argv(vm, kernel=Path("/k"), initrd=Path("/d"))
+    dropped = {"-kernel", "-initrd", "-append", "-chardev", "-serial", "-qmp", "-accel"}
+    kept = [
+        (vm[i], vm[i + 1]) for i in range(1, len(vm) - 1) if vm[i].startswith("-") and vm[i] not in dropped
+    ]
+    kept = [(opt, value) for opt, value in kept if not value.startswith("-")]
+    pairs = list(itertools.pairwise(argv))
+    assert all(pair in pairs for pair in kept)
+    assert {"-nographic", "-nodefaults"} <= set(argv)
+    assert argv.count("-kernel") == argv.count("-initrd") == argv.count("-serial") == 1
+    assert "-qmp" not in argv and "-chardev" not in argv and argv[argv.index("-accel") + 1] == "tcg"
