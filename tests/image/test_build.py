@@ -111,6 +111,7 @@ def test_the_same_recipe_gives_the_same_bytes(built: tuple[Path, Path]) -> None:
             "bzImage",
             "digest.txt",
             "initramfs.cpio.gz",
+            "measurement.tdx.cbor",
             "metadata.json",
             "ovmf.fd",
             "packages.txt",
@@ -129,7 +130,15 @@ def test_the_image_is_laid_out_as_dstacks(built: tuple[Path, Path]) -> None:
     sums = (img / "sha256sum.txt").read_bytes()
     listed = dict(reversed(line.split("  ")) for line in sums.decode().splitlines())
     assert sorted(listed) == sorted(
-        ["bzImage", "initramfs.cpio.gz", "metadata.json", "ovmf.fd", "packages.txt", "rootfs.img.verity"]
+        [
+            "bzImage",
+            "initramfs.cpio.gz",
+            "measurement.tdx.cbor",
+            "metadata.json",
+            "ovmf.fd",
+            "packages.txt",
+            "rootfs.img.verity",
+        ]
     )
     for name, digest in listed.items():
         assert hashlib.sha256((img / name).read_bytes()).hexdigest() == digest

@@ -90,3 +90,29 @@ def test_measure_writes_the_measurement_file(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x.cbor")])  # no firmware: refused
     assert r.exit_code == 1 and "--tdvf" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x.cbor").exists()
+
+
+def test_measure_writes_the_snp_measurement_file(tmp_path: Path) -> None:
+    from teecloud.image.snp import SnpShape, expected_snp_measurement, parse_snp
+    from tests.image.test_measure_snp import oracle, sev_firmware
+
+    if not KERNEL.is_file():
+        pytest.fail(f"{KERNEL} is missing: run scripts/setup.sh")
+    files = {"ovmf": sev_firmware(), "kernel": KERNEL.read_bytes(), "initrd": b"\x1f\x8b initrd" * 3000}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "measurement.snp.cbor"
+    args = ["image", "measure", "--kernel", str(tmp_path / "kernel"), "--initrd", str(tmp_path / "initrd")]
+    args += ["--cmdline", "console=ttyS0", "--ovmf-sev", str(tmp_path / "ovmf"), "--vcpus", "2"]
+    r = CliRunner().invoke(app, [*args, "--snp-out", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    want = oracle(tmp_path / "ovmf", tmp_path / "kernel", tmp_path / "initrd", "console=ttyS0", 2, "EPYC-v4")
+    assert doc["snp_measurement"] == want.hex() and doc["snp_measurement_file"] == str(out)
+    m = parse_snp(out.read_bytes())
+    assert expected_snp_measurement(m, SnpShape(2)) == want
+    assert expected_snp_measurement(m, SnpShape(3)) == oracle(
+        tmp_path / "ovmf", tmp_path / "kernel", tmp_path / "initrd", "console=ttyS0", 3, "EPYC-v4"
+    )
+    r = CliRunner().invoke(app, [*args[:8], "--snp-out", str(out)])
+    assert r.exit_code == 1 and "--ovmf-sev" in r.output and "Traceback" not in r.output

@@ -92,3 +92,40 @@ def test_a_malformed_measurement_file_is_a_usage_error(boot: dict[str, Any], tmp
     bad.write_bytes(b"\xa1\x01\x02")
     r = CliRunner().invoke(app, [*boot["args"], "--measurement", str(bad)])
     assert r.exit_code == 2 and "measurement file" in r.output and "Traceback" not in r.output
+
+
+def test_an_snp_report_shows_the_images_measurement(vectors: Path, tmp_path: Path) -> None:
+    """dstack's real SEV-SNP report (tests/kms/data), its image's measurement.snp.cbor and launch shape."""
+    from teecloud.image.snp import encode_snp
+    from tests.image.test_measure_snp_file import REAL, REAL_MEASUREMENT
+
+    data = Path(__file__).parent.parent / "kms" / "data"
+    (tmp_path / "measurement.snp.cbor").write_bytes(encode_snp(REAL))
+    args = ["verify", str(data / "dstack_sev_snp_report.bin"), "--kind", "snp"]
+    args += ["--cert-chain", str(data / "dstack_sev_snp_vcek.pem")]
+    args += ["--trust-anchor", str(vectors / "snp" / "go-sev-guest_ask_ark_milan.pem")]
+    args += ["--at", "2026-07-01T00:00:00Z", "--measurement", str(tmp_path / "measurement.snp.cbor")]
+
+    def with_shape(vcpus: int, cpu_count: int, *extra: str) -> Any:
+        shape = json.dumps({"vcpus": vcpus, "vcpu_type": "EPYC-v4", "guest_features": 1})
+        config = {"os_image_hash": "00" * 32, "cpu_count": cpu_count, "memory_size": 1 << 32}
+        (tmp_path / "vm_config.json").write_text(json.dumps({**config, "sev_snp_measurement": shape}))
+        return CliRunner().invoke(app, [*args, "--vm-config", str(tmp_path / "vm_config.json"), *extra])
+
+    r = with_shape(2, 2, "--json")
+    assert r.exit_code == 0, r.output
+    ref = json.loads(r.stdout)["reference"]
+    assert ref["status"] == "verified"
+    assert ref["registers"] == {
+        "measurement": {"expected": REAL_MEASUREMENT.hex(), "quoted": REAL_MEASUREMENT.hex(), "match": True}
+    }
+    r = with_shape(2, 2)
+    assert r.exit_code == 0 and "reference: verified" in r.output and "measurement" in r.output
+    r = with_shape(3, 3, "--json")  # another launch shape: the signed value is not that shape's
+    ref = json.loads(r.stdout)["reference"]
+    assert r.exit_code == 1 and ref["status"] == "failed" and not ref["registers"]["measurement"]["match"]
+    r = with_shape(2, 4, "--json")
+    assert r.exit_code == 1 and "4 CPUs" in json.loads(r.stdout)["reference"]["reason"]
+    (tmp_path / "measurement.snp.cbor").write_bytes(b"\xa0")  # not the SNP file: a usage error
+    r = with_shape(2, 2)
+    assert r.exit_code == 2 and "Traceback" not in r.output

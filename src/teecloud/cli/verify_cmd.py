@@ -21,7 +21,9 @@ data_home()/pccs-cache/).
 `--measurement FILE` (an OS image's measurement.tdx.cbor, `teecloud image measure --out`) adds the image's
 expected MRTD and RTMR0-2 for the CVM's vm_config (`--vm-config FILE`, or the dstack JSON's `vm_config`)
 beside the quoted values, register by register; a register that differs makes the exit code 1. RTMR0's ACPI
-events come from the replayed event log (dstack's lite verification; docs/node.md).
+events come from the replayed event log (dstack's lite verification; docs/node.md). For SEV-SNP evidence
+the file is the image's measurement.snp.cbor (`image measure --snp-out`) and the vm_config's
+`sev_snp_measurement` gives the launch shape: the expected MEASUREMENT is shown beside the signed one.
 """
 
 from __future__ import annotations
@@ -289,13 +291,10 @@ def _reference(
     """The image's expected registers beside the quoted ones: {status, reason, registers: {name: {expected,
     quoted, match}}}; status is `verified`, `failed` (a register differs) or `not applicable` (why)."""
     from teecloud import vmconfig
+    from teecloud.attestation.models import TeeKind
     from teecloud.image import ImageError
     from teecloud.image.measurement import acpi_digests_of, expected_tdx_registers, parse
 
-    try:
-        m = parse(measurement)
-    except ImageError as exc:
-        raise _Usage(str(exc)) from None
     if vm_config_file is not None:
         raw: object = _read(vm_config_file, "vm_config", vmconfig.MAX_VM_CONFIG_BYTES).decode(
             "utf-8", "replace"
@@ -314,6 +313,12 @@ def _reference(
     except vmconfig.VmConfigError as exc:
         raise _Usage(str(exc)) from None
     ev = result.evidence
+    if ev is not None and ev.kind is TeeKind.SNP:
+        return _snp_reference(ev, measurement, config)
+    try:
+        m = parse(measurement)
+    except ImageError as exc:
+        raise _Usage(str(exc)) from None
     if ev is None or ev.app_info is None or "rtmr0" not in ev.measurements:
         why = "the evidence was not verified with its TDX event log (RTMR0's ACPI events come from it)"
         return {"status": "not applicable", "reason": why, "registers": {}}
@@ -334,6 +339,40 @@ def _reference(
         reason = f"{', '.join(differing)} differ from the image's reference for this vm_config"
         return {"status": "failed", "reason": reason, "registers": registers}
     return {"status": "verified", "reason": "MRTD and RTMR0-2 are the image's", "registers": registers}
+
+
+def _snp_reference(ev: Any, measurement: bytes, config: Any) -> dict[str, Any]:
+    """The SEV-SNP image's expected MEASUREMENT for the vm_config's launch shape, beside the signed one."""
+    from teecloud.image import ImageError
+    from teecloud.image.snp import expected_snp_measurement, parse_snp, parse_snp_shape
+
+    try:
+        m = parse_snp(measurement)
+        if "sev_snp_measurement" not in config.extra:
+            raise _Usage("vm_config has no sev_snp_measurement (vcpus, vcpu_type, guest_features)")
+        shape = parse_snp_shape(config.extra["sev_snp_measurement"])
+    except ImageError as exc:
+        raise _Usage(str(exc)) from None
+    if shape.vcpus != config.cpu_count:
+        why = f"vm_config has {config.cpu_count} CPUs, its sev_snp_measurement {shape.vcpus} vCPUs"
+        return {"status": "failed", "reason": why, "registers": {}}
+    try:
+        expected = expected_snp_measurement(m, shape)
+    except ImageError as exc:
+        return {"status": "not applicable", "reason": str(exc), "registers": {}}
+    quoted = ev.measurements["measurement"]
+    registers = {
+        "measurement": {"expected": expected.hex(), "quoted": quoted.hex(), "match": quoted == expected}
+    }
+    shape_text = f"{shape.vcpus} {shape.vcpu_type} vCPUs, guest features {shape.guest_features:#x}"
+    if quoted != expected:
+        reason = f"MEASUREMENT differs from the image's reference for {shape_text}"
+        return {"status": "failed", "reason": reason, "registers": registers}
+    return {
+        "status": "verified",
+        "reason": f"MEASUREMENT is the image's for {shape_text}",
+        "registers": registers,
+    }
 
 
 def _render_reference(reference: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ Layout (dstack's OS image directory):
     initramfs.cpio.gz    busybox, dmsetup and the modules that open the verity rootfs (image.initramfs)
     rootfs.img.verity    squashfs of the Debian rootfs, then its dm-verity hash tree (no superblock); the root
                          hash, salt and sizes are on the (measured) kernel command line
-    ovmf.fd              the firmware (the host's Debian OVMF)
+    ovmf.fd              the firmware (the host's Debian OVMF, or the TDVF given with --tdvf)
+    measurement.tdx.cbor the TDX reference measurements, when ovmf.fd is a TDVF (image.reference)
     packages.txt         every installed package=version (what the image is made of)
     sha256sum.txt        `sha256  name` of each file above (sorted by name)
     digest.txt           os_image_hash = sha256(sha256sum.txt), as dstack computes it
@@ -43,6 +44,7 @@ from pathlib import Path
 
 from teecloud.image.errors import ImageError
 from teecloud.image.initramfs import Entry, build_initramfs
+from teecloud.image.reference import write_reference_files
 from teecloud.image.testguest import module_load_order
 
 __all__ = [
@@ -483,6 +485,8 @@ def build_image(
             "recipe": {**recipe.rootfs_inputs(), "cmdline": recipe.cmdline},
         }
         (img / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        for name, outcome in write_reference_files(img, metadata).items():  # image.reference
+            log(f"{name}: {outcome}")
         names = sorted(p.name for p in img.iterdir())
         sums = "".join(f"{_sha256_file(img / n)}  {n}\n" for n in names).encode()
         (img / "sha256sum.txt").write_bytes(sums)

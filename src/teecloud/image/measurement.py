@@ -7,7 +7,8 @@ encoding (RFC 8949, deterministic: it is not byte-compatible with dstack's file)
     encode(m) -> bytes / parse(bytes) -> TdxImageMeasurement       strict: exact keys, types and sizes
     expected_tdx_registers(m, vm_config, acpi) -> ExpectedRegisters  MRTD, RTMR0-2 and their events
     acpi_digests_of(rtmr0_log) -> AcpiDigests                      the ACPI events of a replayed RTMR0 log
-    bind(os_image_hash, sha256sum_txt, measurement) -> bytes       the file, once shown to be that image's
+    bind(os_image_hash, sha256sum_txt, measurement) -> TdxImageMeasurement   the file, once shown to be
+                                                                   that image's (bound_file: any listed file)
 
 What lite verification trusts (as dstack's does): the three ACPI digests are taken from the CVM's own RTMR0
 event log (the log replays to the quoted RTMR0, so they are what the firmware measured, but nothing says
@@ -52,6 +53,7 @@ __all__ = [
     "TdxImageMeasurement",
     "acpi_digests_of",
     "bind",
+    "bound_file",
     "encode",
     "expected_tdx_registers",
     "measure_tdx_image",
@@ -246,6 +248,13 @@ def bind(os_image_hash: bytes, sha256sum_txt: bytes, measurement: bytes) -> TdxI
     """The image's measurement file, once shown to belong to `os_image_hash` as dstack binds them:
     os_image_hash = sha256(sha256sum.txt) (digest.txt), and sha256sum.txt lists sha256 of
     measurement.tdx.cbor. Raises ImageFormatError naming the broken link."""
+    return parse(bound_file(os_image_hash, sha256sum_txt, MEASUREMENT_FILE, measurement))
+
+
+def bound_file(os_image_hash: bytes, sha256sum_txt: bytes, name: str, data: bytes) -> bytes:
+    """`data`, once shown to be the file `name` of OS image `os_image_hash`: sha256(sha256sum.txt) is the
+    hash, and sha256sum.txt lists `name` with sha256(data). Raises ImageFormatError naming the broken
+    link."""
     if len(os_image_hash) != 32:
         raise ImageFormatError("an os_image_hash is 32 bytes")
     if len(sha256sum_txt) > MAX_SHA256SUM:
@@ -270,8 +279,8 @@ def bind(os_image_hash: bytes, sha256sum_txt: bytes, measurement: bytes) -> TdxI
         if match is None or match.group(2) in listed:
             raise ImageFormatError(f"sha256sum.txt: malformed or repeated line {line[:80]!r}")
         listed[match.group(2)] = match.group(1)
-    if MEASUREMENT_FILE not in listed:
-        raise ImageFormatError(f"OS image {os_image_hash.hex()} lists no {MEASUREMENT_FILE}")
-    if hashlib.sha256(measurement).hexdigest() != listed[MEASUREMENT_FILE]:
-        raise ImageFormatError(f"{MEASUREMENT_FILE} is not the one OS image {os_image_hash.hex()} lists")
-    return parse(measurement)
+    if name not in listed:
+        raise ImageFormatError(f"OS image {os_image_hash.hex()} lists no {name}")
+    if hashlib.sha256(data).hexdigest() != listed[name]:
+        raise ImageFormatError(f"{name} is not the one OS image {os_image_hash.hex()} lists")
+    return data

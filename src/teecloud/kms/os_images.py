@@ -16,6 +16,14 @@ os_image_hash, and — as in dstack's lite mode — the ACPI tables' digests as 
 Without a VM shape (every attested caller, KMS onboarding included) MRTD is QEMU >= 9's candidate (single
 pass) and RTMR1/RTMR2 are the image's; with the shape (GetAppKey, SignCert) all four registers are
 computed for the stated vm_config.
+
+SEV-SNP (`snp_launch`), as dstack-mr's verify_sev_launch does it: an SNP report measures no os-image-hash
+event, so the image is the one vm_config names, believed only because the launch MEASUREMENT recomputed
+from that image's measurement.snp.cbor and the launch shape vm_config states (`sev_snp_measurement`:
+vcpus, vcpu_type, guest_features) equals the signed one. The file comes bound to os_image_hash through
+sha256sum.txt, from vm_config itself (dstack's checksum_file/measurement) or from the directory. A debug
+policy is refused. The Authorizer does not call it yet: app keys go only to boot-time evidence
+(peer.require_boot_time), which SNP evidence cannot be, so an SNP CVM gets no keys (docs/node.md).
 """
 
 from __future__ import annotations
@@ -24,9 +32,11 @@ import os
 import stat
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from teecloud import vmconfig
+from teecloud.attestation.models import TeeKind, VerifiedEvidence
 from teecloud.image import ImageError
 from teecloud.image.measurement import (
     MAX_MEASUREMENT_FILE,
@@ -35,15 +45,34 @@ from teecloud.image.measurement import (
     TdxImageMeasurement,
     acpi_digests_of,
     bind,
+    bound_file,
     expected_tdx_registers,
+)
+from teecloud.image.snp import (
+    MAX_SNP_MEASUREMENT_FILE,
+    SNP_MEASUREMENT_FILE,
+    SnpImageMeasurement,
+    SnpShape,
+    expected_snp_measurement,
+    parse_snp,
+    parse_snp_shape,
 )
 from teecloud.image.tdx import replay, rtmr1_events_of
 from teecloud.kms.errors import AccessDenied
 
-__all__ = ["SHA256SUM_FILE", "MeasuredOsImages"]
+__all__ = ["SHA256SUM_FILE", "MeasuredOsImages", "SnpLaunch"]
 
 SHA256SUM_FILE = "sha256sum.txt"
 MAX_CACHED_IMAGES = 256
+
+
+@dataclass(frozen=True)
+class SnpLaunch:
+    """An SEV-SNP launch whose MEASUREMENT is OS image `os_image_hash`'s for `shape`."""
+
+    os_image_hash: bytes
+    shape: SnpShape
+    expected: bytes
 
 
 class MeasuredOsImages:
@@ -113,6 +142,80 @@ class MeasuredOsImages:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[os_image_hash] = m  # content-addressed: a bound file never changes meaning
         return m
+
+    def snp_launch(self, evidence: VerifiedEvidence, vm_config: object) -> SnpLaunch:
+        """The OS-image step for SEV-SNP evidence (module docstring). Raises AccessDenied(step os_image)
+        naming the failing link:
+        (1) SNP evidence, debug policy off; (2) vm_config and its sev_snp_measurement parsed strictly, its
+        vcpus the vm_config's cpu_count; (3) the image's measurement.snp.cbor bound to vm_config's
+        os_image_hash; (4) the recomputed MEASUREMENT equal to the signed one."""
+
+        def deny(reason: str) -> AccessDenied:
+            return AccessDenied(reason, step="os_image")
+
+        # (1)
+        if evidence.kind is not TeeKind.SNP:
+            raise deny(f"{evidence.tee} evidence has no SEV-SNP launch measurement")
+        if evidence.debug:
+            raise deny(
+                "the SEV-SNP guest policy allows debugging (bit 19): its memory is readable by the host"
+            )
+        quoted = evidence.measurements.get("measurement")
+        if not isinstance(quoted, bytes) or len(quoted) != 48:
+            raise deny("the SEV-SNP evidence carries no 48-byte MEASUREMENT")
+        # (2)
+        try:
+            config = vmconfig.parse(vm_config)
+        except vmconfig.VmConfigError as exc:
+            raise deny(str(exc)) from None
+        image = config.os_image_hash.hex()
+        if "sev_snp_measurement" not in config.extra:
+            raise deny("vm_config has no sev_snp_measurement (vcpus, vcpu_type, guest_features)")
+        try:
+            shape = parse_snp_shape(config.extra["sev_snp_measurement"])
+        except ImageError as exc:
+            raise deny(str(exc)) from None
+        if shape.vcpus != config.cpu_count:
+            raise deny(
+                f"vm_config states {config.cpu_count} CPUs but sev_snp_measurement {shape.vcpus} vCPUs"
+            )
+        # (3)
+        try:
+            if shape.checksum_file is not None and shape.measurement is not None:
+                m = parse_snp(
+                    bound_file(
+                        config.os_image_hash, shape.checksum_file, SNP_MEASUREMENT_FILE, shape.measurement
+                    )
+                )
+            else:
+                found = self.snp_measurement(config.os_image_hash)
+                if found is None:
+                    raise deny(f"no SEV-SNP reference measurements for OS image {image}")
+                m = found
+            # (4)
+            expected = expected_snp_measurement(m, shape)
+        except ImageError as exc:
+            raise deny(f"OS image {image}: cannot compute the SEV-SNP reference ({exc})") from None
+        if expected != quoted:
+            raise deny(
+                f"the SEV-SNP MEASUREMENT is not OS image {image}'s reference value for {shape.vcpus} "
+                f"{shape.vcpu_type} vCPUs and guest features {shape.guest_features:#x} (another image, "
+                "firmware, kernel, initrd, command line or launch shape booted)"
+            )
+        return SnpLaunch(config.os_image_hash, shape, expected)
+
+    def snp_measurement(self, os_image_hash: bytes) -> SnpImageMeasurement | None:
+        """The image's measurement.snp.cbor from the directory, bound to its hash; None when the directory
+        has no such image. Raises ImageError when its files do not bind."""
+        image_dir = self.directory / os_image_hash.hex()
+        if len(os_image_hash) != 32 or not image_dir.is_dir():
+            return None
+        try:
+            sums = _read(image_dir / SHA256SUM_FILE, MAX_SHA256SUM)
+            data = _read(image_dir / SNP_MEASUREMENT_FILE, MAX_SNP_MEASUREMENT_FILE)
+        except OSError as exc:
+            raise ImageError(f"its SEV-SNP measurement files are unusable ({exc.strerror or exc})") from None
+        return parse_snp(bound_file(os_image_hash, sums, SNP_MEASUREMENT_FILE, data))
 
 
 def _read(path: Path, limit: int) -> bytes:
