@@ -97,6 +97,7 @@ def main(argv: list[str]) -> int:
     dim = int(os.environ.get("EMBED_DIM", "256"))
     conn = ChainConnection(HttpTransport(os.environ["CHAIN_RPC_URL"]), wallet.signer_key(), label="agent")
     observations = ObservationFile(Path(os.environ.get("OBSERVATIONS", "/data/agent/observations.txt")))
+    observations.path.parent.mkdir(parents=True, exist_ok=True)  # where the agent's feeder appends
     inference = InferenceClient(os.environ["INFERENCE_URL"], os.environ.get("MODEL_ID", "tiny-llama"))
     steps = int(os.environ["STEPS"]) if os.environ.get("STEPS") else None
     print(f"agent of app {wallet.app_id.hex()}: wallet {wallet.address}", flush=True)
