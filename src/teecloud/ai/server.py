@@ -49,7 +49,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teecloud.ai._http import BodyTooLarge, openai_error, read_body
-from teecloud.ai.e2ee import OpenedRequest, ServerKey, is_envelope
+from teecloud.ai.e2ee import OpenedRequest, ServerKey, is_envelope, k256_e2ee_public_key
 from teecloud.ai.errors import EnvelopeRejected, MalformedInput
 from teecloud.ai.gpu import GpuEvidenceSource
 from teecloud.ai.keyset import (
@@ -129,6 +129,7 @@ def keys_from_guest_api(
         e2ee_public_key=X25519PrivateKey.from_private_bytes(e2ee_secret).public_key().public_bytes_raw(),
         tls_spki_sha256=tls_spki_sha256,
         epoch=epoch,
+        e2ee_k256_public_key=k256_e2ee_public_key(e2ee_secret),
     )
     return GuestKeyMaterial(signing_secret, e2ee_secret, keyset)
 
