@@ -13,8 +13,8 @@
 4. models/tiny-llama.gguf: the tiny random-weight model of tinymodel.py (seed 0; deterministic), whose
    sha256 docker-compose.yml pins (MODEL_SHA256): the build checks that they agree.
 
-Usage: python3 examples/llm/build_image.py [--force-base]. Needs a Docker engine, and for a first build root
-(debootstrap), a Debian mirror and a Python package index.
+Usage: python3 examples/llm/build_image.py [--force-base | --wheel-only]. Needs a Docker engine, and for a
+first build root (debootstrap), a Debian mirror and a Python package index.
 """
 
 from __future__ import annotations
@@ -110,4 +110,7 @@ def build(force_base: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    print(build(force_base="--force-base" in sys.argv[1:]))
+    if "--wheel-only" in sys.argv[1:]:  # scripts/setup.sh: the engine's wheel, built once and kept
+        print(llama_wheel())
+    else:
+        print(build(force_base="--force-base" in sys.argv[1:]))

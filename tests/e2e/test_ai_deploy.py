@@ -9,8 +9,9 @@ engine killed inside the container -> 503, then it recovers.
 
 examples/ai-agent is built (teecloud/ai-agent:0.1) and deployed unchanged, its settings sealed to the app
 (encrypted env). It asks the inference app through the verifying proxy, keeps its memory in sqlite-vec on the
-encrypted volume, and records each decision on chain (AgentLog) with a wallet key from GetKey; after a
-restart of its CVM its memory and wallet address are the same.
+encrypted volume with the engine's own embeddings (llama.cpp /v1/embeddings), and records each decision on
+chain (AgentLog) with a wallet key from GetKey; after a restart of its CVM its memory and wallet address are
+the same.
 
 The CVMs' containers sit on Docker bridges; host services bind loopback. The chain's JSON-RPC and the proxy
 are reached from the agent's container through TCP relays on the Docker host bridge's address (reachable from
@@ -126,6 +127,7 @@ def llm(llm_image: str, cloud: Any, session: Any) -> Iterator[LlmApp]:
         first_token = _first_streamed_token(http, deadline=time.monotonic() + 300)
         took = first_token - t0
         print(f"\n[timing] deploy of examples/llm to its first streamed token: {took:.1f} s")
+        print(f"[timing] deploy phases: {r.timings}; boot: {r.boot_timings}")
         yield LlmApp(r, url, _kms_root(session), http, took)
     finally:
         http.close()
@@ -412,6 +414,14 @@ def _agent_memory(instance_id: str) -> list[list[str]]:
     return [list(r) for r in json.loads(_exec(instance_id, "python3", "-c", _MEMORY))]
 
 
+def _memory_dim(instance_id: str) -> int:
+    probe = (
+        "import apsw; db = apsw.Connection('/data/agent/memory.db'); "
+        "print(db.execute(\"SELECT value FROM meta WHERE key='dim'\").fetchall()[0][0])"
+    )
+    return int(_exec(instance_id, "python3", "-c", probe).strip())
+
+
 def _observe(instance_id: str, text: str) -> None:
     line = text.replace("'", "") + "\n"
     _exec(
@@ -469,6 +479,9 @@ def test_the_agent_decides_through_the_proxy_remembers_signs_and_survives_a_rest
         _wait(lambda: agentlog.count(address) == 1, "the agent's first decision on chain")
         _observe(r.instance_id, "the ETH price fell two percent")
         _wait(lambda: agentlog.count(address) == 2, "the agent's second decision on chain")
+        # the memory's vectors are the engine's own embeddings (the tiny model's 64 dimensions, not the
+        # local hashing embedder's 256), fetched through the verifying proxy
+        assert _memory_dim(r.instance_id) == 64
         before = _agent_memory(r.instance_id)
         assert [k for k, _ in before] == ["observation", "decision"] * 2
         assert before[0][1] == "the ETH price rose five percent"
