@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 MAX_OBSERVATION_BYTES = 4096
 MAX_DECISION_CHARS = 512
 MAX_ANSWER_BYTES = 1 << 20
+# per-token vectors (a model without a pooling type) are large: up to the front's own answer limit
+MAX_EMBEDDING_ANSWER_BYTES = 8 << 20
 _RECEIPT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # teecloud.ai.receiptlog's receipt ids
 
 
@@ -170,7 +172,7 @@ class InferenceClient:
             raise EmbeddingsUnavailable("the inference app serves no embeddings")
         if r.status_code != 200:
             raise InferenceFailed(f"inference app answered {r.status_code} to an embedding")
-        if len(r.content) > MAX_ANSWER_BYTES:
+        if len(r.content) > MAX_EMBEDDING_ANSWER_BYTES:
             raise InferenceFailed("embedding answer too large")
         try:
             vec = r.json()["data"][0]["embedding"]
