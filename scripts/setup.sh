@@ -81,6 +81,11 @@ if ! python3 -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '0.3.3
   CMAKE_BUILD_PARALLEL_LEVEL=2 python3 -m pip install -q --no-binary llama-cpp-python \
     'llama-cpp-python[server]==0.3.36' 2>&1 | grep -v -e "Running pip as the 'root' user" -e '^$' || true
 fi
+# --- ai images: the engine's wheel for examples/llm's image (teecloud/llm:0.1), kept in
+# ~/.cache/teecloud/wheels; pip's wheel cache holds it after the build above, so this takes a second (the
+# images themselves are built, and cached by their inputs, by tests/e2e/test_ai_deploy.py's fixtures).
+python3 examples/llm/build_image.py --wheel-only >/dev/null
+# --- end ai images
 
 # starlette's TestClient switches to httpx2 when it is installed (openai >= 3 pulls it in), and then no longer
 # serves as an httpx transport (the node and KMS tests use it so): keep httpx2 out of this environment.

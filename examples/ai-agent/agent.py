@@ -12,7 +12,10 @@ Environment:
     CHAIN_RPC_URL     JSON-RPC of the chain AgentLog is on (required)
     AGENTLOG_ADDRESS  the AgentLog contract (required)
     MEMORY_DB         the sqlite-vec memory file (default /data/agent/memory.db: the encrypted volume)
-    EMBED_DIM         dimension of the local hashing embedder (default 256; fixed once the file exists)
+    EMBEDDINGS        auto (default): the inference app's own embeddings (llama.cpp /v1/embeddings) when
+                      its engine serves them, else the local hashing embedder; engine; hashing. The memory's
+                      dimension is fixed when its file is made: keep the choice once the agent has memories
+    EMBED_DIM         dimension of the local hashing embedder (default 256)
     OBSERVATIONS      a text file, one observation a line, appended to by whoever feeds the agent; lines
                       already acted on are remembered in OBSERVATIONS.cursor (default
                       /data/agent/observations.txt)
@@ -73,8 +76,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from dstack_sdk import DstackClient
 
-    from teecloud.ai.agent import Agent, AgentWallet, InferenceClient, run_loop
-    from teecloud.ai.memory import HashingEmbedder, VectorMemory
+    from teecloud.ai.agent import Agent, AgentWallet, InferenceClient, run_loop, select_embedder
+    from teecloud.ai.memory import VectorMemory
     from teecloud.chain import ChainConnection
     from teecloud.chain.agentlog import AgentLog
     from teecloud.chain.transport import HttpTransport
@@ -94,17 +97,27 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"error: set {', '.join(missing)}", file=sys.stderr)
         return 2
-    dim = int(os.environ.get("EMBED_DIM", "256"))
     conn = ChainConnection(HttpTransport(os.environ["CHAIN_RPC_URL"]), wallet.signer_key(), label="agent")
     observations = ObservationFile(Path(os.environ.get("OBSERVATIONS", "/data/agent/observations.txt")))
+    observations.path.parent.mkdir(parents=True, exist_ok=True)  # where the agent's feeder appends
     inference = InferenceClient(os.environ["INFERENCE_URL"], os.environ.get("MODEL_ID", "tiny-llama"))
     steps = int(os.environ["STEPS"]) if os.environ.get("STEPS") else None
     print(f"agent of app {wallet.app_id.hex()}: wallet {wallet.address}", flush=True)
-    with VectorMemory(Path(os.environ.get("MEMORY_DB", "/data/agent/memory.db")), dim=dim) as memory:
+    name, embed, dim = select_embedder(
+        inference, os.environ.get("EMBEDDINGS", "auto"), hashing_dim=int(os.environ.get("EMBED_DIM", "256"))
+    )
+    print(f"embeddings: {name}, {dim} dimensions", flush=True)
+    try:
+        memory = VectorMemory(Path(os.environ.get("MEMORY_DB", "/data/agent/memory.db")), dim=dim)
+    except ValueError as exc:  # a memory made with another embedder: say so rather than mix vector spaces
+        hint = f"embeddings: {name}; set EMBEDDINGS to the one it was made with"
+        print(f"error: {exc} ({hint})", file=sys.stderr)
+        return 1
+    with memory:
         agent = Agent(
             inference=inference,
             memory=memory,
-            embed=HashingEmbedder(dim).embed,
+            embed=embed,
             log=AgentLog(conn, os.environ["AGENTLOG_ADDRESS"]),
         )
         run_loop(agent, observations, interval=float(os.environ.get("INTERVAL", "30")), steps=steps)

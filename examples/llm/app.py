@@ -22,6 +22,8 @@ Environment:
                       if both set, publish the receipt log's head to this ReceiptRoots contract every
                       ROOT_INTERVAL seconds (default 60) when it grew, in transactions sent from the
                       receipt-signing address (fund it with gas money)
+    ENGINE_EMBEDDINGS "1": the engine serves /v1/embeddings too (llama.cpp's own, through the front with a
+                      receipt like every answer; the AI agent uses them for its memory)
     ENGINE_THREADS, N_CTX, KEY_EPOCH
 """
 
@@ -87,6 +89,7 @@ def main() -> int:
         gpu = SimulatedGpu()
     publisher = None
     engine_port = int(os.environ.get("ENGINE_PORT", "8081"))
+    embeddings = os.environ.get("ENGINE_EMBEDDINGS", "") == "1"
     engine = EngineProcess(
         llama_cpp_argv(
             model_path,
@@ -94,6 +97,7 @@ def main() -> int:
             alias=model_id,
             n_ctx=int(os.environ.get("N_CTX", "2048")),
             threads=int(os.environ.get("ENGINE_THREADS", "2")),
+            embedding=embeddings,
         ),
         f"http://127.0.0.1:{engine_port}",
     ).start()
@@ -104,6 +108,7 @@ def main() -> int:
             weights_sha256=digest,
             engine_url=engine.url,
             receipts_dir=Path(os.environ.get("RECEIPTS_DIR", "/data/receipts")),
+            embeddings=embeddings,
         )
         app = make_inference_app(config, keys, quote, gpu=gpu)
         if os.environ.get("RECEIPT_ROOTS_ADDRESS") and os.environ.get("CHAIN_RPC_URL"):

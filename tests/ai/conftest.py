@@ -106,7 +106,9 @@ class Stack:
 
 
 @contextmanager
-def running_stack(home: Path, *, model: Path | None = None, threads: int = 1) -> Iterator[Stack]:
+def running_stack(
+    home: Path, *, model: Path | None = None, threads: int = 1, embeddings: bool = False
+) -> Iterator[Stack]:
     """The whole stack under `home` (also used by bench/bench_ai.py); everything it starts it stops."""
     sockdir = Path(tempfile.mkdtemp(prefix="tcai-", dir="/tmp"))
     tee = SimulatedTdx(home)
@@ -120,7 +122,7 @@ def running_stack(home: Path, *, model: Path | None = None, threads: int = 1) ->
     model = model or write_model(home / "tiny.gguf")
     port = free_port()
     engine = EngineProcess(
-        llama_cpp_argv(model, port=port, alias=MODEL_ID, n_ctx=512, threads=threads),
+        llama_cpp_argv(model, port=port, alias=MODEL_ID, n_ctx=512, threads=threads, embedding=embeddings),
         f"http://127.0.0.1:{port}",
         log_path=home / "engine.log",
     ).start()
@@ -135,7 +137,12 @@ def running_stack(home: Path, *, model: Path | None = None, threads: int = 1) ->
             return {"quote": q.quote, "event_log": q.event_log, "vm_config": q.vm_config}
 
         config = InferenceConfig(
-            MODEL_ID, weights_sha256(model), engine.url, home / "receipts", max_tokens=256
+            MODEL_ID,
+            weights_sha256(model),
+            engine.url,
+            home / "receipts",
+            max_tokens=256,
+            embeddings=embeddings,
         )
         front = Listener(make_inference_app(config, keys, quote), name="test-ai-front").start()
         yield Stack(

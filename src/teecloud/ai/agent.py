@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from eth_utils.address import to_checksum_address
 from teecloud.ai._jcs import jcs_sha256
 from teecloud.ai.errors import AiError, MalformedInput
 from teecloud.ai.keyset import chain_from_hex, eth_address
-from teecloud.ai.memory import Recall, VectorMemory
+from teecloud.ai.memory import MAX_DIM, HashingEmbedder, Recall, VectorMemory
 from teecloud.keys.sigchain import k256_public_key, verify_key_signature_chain
 
 __all__ = [
@@ -39,11 +40,13 @@ __all__ = [
     "AgentStep",
     "AgentWallet",
     "DecisionLog",
+    "EmbeddingsUnavailable",
     "InferenceClient",
     "InferenceFailed",
     "ObservationSource",
     "decision_hash",
     "run_loop",
+    "select_embedder",
 ]
 
 WALLET_KEY_PATH = "teecloud/ai-agent/wallet"
@@ -53,11 +56,17 @@ log = logging.getLogger(__name__)
 MAX_OBSERVATION_BYTES = 4096
 MAX_DECISION_CHARS = 512
 MAX_ANSWER_BYTES = 1 << 20
+# per-token vectors (a model without a pooling type) are large: up to the front's own answer limit
+MAX_EMBEDDING_ANSWER_BYTES = 8 << 20
 _RECEIPT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # teecloud.ai.receiptlog's receipt ids
 
 
 class InferenceFailed(AiError):
     """The inference app did not answer usably (unreachable, an error status, a malformed answer)."""
+
+
+class EmbeddingsUnavailable(InferenceFailed):
+    """The inference app's engine serves no embeddings (its /v1/embeddings answered 404)."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -150,6 +159,78 @@ class InferenceClient:
             raise InferenceFailed("inference answer content is not text")
         rid = r.headers.get("x-receipt-id", "")
         return text, rid if _RECEIPT_ID.fullmatch(rid) else ""  # anything else is not a receipt id
+
+    def embed(self, text: str) -> list[float]:
+        """The engine's own embedding of `text` (llama.cpp's `/v1/embeddings`, through the inference app and
+        its receipts): one unit vector. A model without a pooling type answers a vector per token: they are
+        mean-pooled here. Raises EmbeddingsUnavailable (the engine serves none) or InferenceFailed."""
+        try:
+            r = self._http.post("/v1/embeddings", json={"model": self.model, "input": text})
+        except httpx.HTTPError as exc:
+            raise InferenceFailed(f"inference app unreachable: {type(exc).__name__}") from exc
+        if r.status_code == 404:
+            raise EmbeddingsUnavailable("the inference app serves no embeddings")
+        if r.status_code != 200:
+            raise InferenceFailed(f"inference app answered {r.status_code} to an embedding")
+        if len(r.content) > MAX_EMBEDDING_ANSWER_BYTES:
+            raise InferenceFailed("embedding answer too large")
+        try:
+            vec = r.json()["data"][0]["embedding"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise InferenceFailed("the answer is not an OpenAI embedding") from exc
+        return _unit_vector(vec)
+
+
+def _unit_vector(vec: Any) -> list[float]:
+    rows = vec if isinstance(vec, list) and vec and isinstance(vec[0], list) else [vec]
+    dim = len(rows[0]) if isinstance(rows[0], list) else 0
+    if not 1 <= dim <= MAX_DIM or not all(isinstance(row, list) and len(row) == dim for row in rows):
+        raise InferenceFailed(f"an embedding is a vector (or one per token) of 1..{MAX_DIM} numbers")
+    pooled = [0.0] * dim
+    for row in rows:
+        for i, x in enumerate(row):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise InferenceFailed("an embedding holds a value that is not a finite number")
+            pooled[i] += x
+    norm = math.sqrt(sum(x * x for x in pooled))
+    if not norm or not math.isfinite(norm):
+        raise InferenceFailed("the embedding is the zero vector")
+    return [x / norm for x in pooled]
+
+
+def select_embedder(
+    inference: InferenceClient,
+    mode: str,
+    *,
+    hashing_dim: int,
+    retry_s: float = 5.0,
+    attempts: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[str, Callable[[str], list[float]], int]:
+    """(name, embed, dimension) for the agent's memory. `mode`: "engine" (the inference app's own
+    embeddings; required), "hashing" (the local HashingEmbedder), "auto" (the engine's when it serves
+    them, else hashing). Engine or auto ask the engine until it answers (an unreachable or failing engine
+    is waited for, every `retry_s`, at most `attempts` times when given), so a passing outage at start never
+    picks another embedder than the deployment's: the memory's dimension is fixed by the first choice."""
+    if mode not in ("auto", "engine", "hashing"):
+        raise ValueError("the embedder is one of auto, engine, hashing")
+    if mode != "hashing":
+        tried = 0
+        while True:
+            try:
+                dim = len(inference.embed("dimension probe"))
+                return "engine", inference.embed, dim
+            except EmbeddingsUnavailable:
+                if mode == "engine":
+                    raise
+                break
+            except InferenceFailed as exc:
+                tried += 1
+                if attempts is not None and tried >= attempts:
+                    raise
+                log.warning("embeddings: asking the engine again in %.0f s: %s", retry_s, exc)
+                sleep(retry_s)
+    return "hashing", HashingEmbedder(hashing_dim).embed, hashing_dim
 
 
 def decision_hash(*, observation: str, decision: str, model: str, receipt_id: str) -> bytes:

@@ -1,10 +1,20 @@
-"""End-to-end encryption of prompts and answers to the model's key (X25519 + HKDF-SHA256 + AES-256-GCM).
+"""End-to-end encryption of prompts and answers to the model's key (X25519 or secp256k1 ECDH + HKDF-SHA256 +
+AES-256-GCM).
 
 Request envelope (the JSON body a client sends instead of the plain OpenAI request):
     {"teecloud_e2ee": 1, "model": str, "epk": hex32, "nonce": hex12, "ts": seconds, "ciphertext": hex}
     shared  = X25519(client ephemeral secret, model e2ee key)       (RFC 7748)
     key     = HKDF-SHA256(shared, salt = epk ‖ model public key, info = "teecloud-ai-e2ee-v1 " ‖ direction)
     AD      = JCS({"v": 1, "model", "direction", "ts", "epk", "request_nonce"})   (RFC 8785)
+With secp256k1 (for clients that hold Ethereum tooling rather than X25519) the envelope carries
+"alg": "secp256k1" and epk is a 33-byte compressed SEC1 point:
+    shared  = x-coordinate of ECDH(client ephemeral secret, model k256 e2ee key)   (SEC 1 v2 §3.3.1)
+    key     = HKDF-SHA256 as above (salt = epk ‖ the model's 33-byte compressed key)
+    AD      = JCS({... as above, "alg": "secp256k1"})
+and every other rule (nonce, window, replay cache, response and stream sealing) is the same. The model's k256
+E2EE secret is HKDF-SHA256(the E2EE GetKey secret, info "teecloud-ai-e2ee-v1 secp256k1 key") mod n: the same
+in every replica, independent of the X25519 use of that secret; its public key is the key set's
+`e2ee_k256_public_key`.
 Response envelope: {"teecloud_e2ee": 1, "nonce": hex12, "ciphertext": hex}, direction "response", the same
 epk and the request's nonce in its AD, so an answer can be opened only for the request it answers.
 Streamed answer: every SSE event of the engine is sealed whole as one event
@@ -25,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -35,15 +46,60 @@ from teecloud.ai._jcs import jcs
 from teecloud.ai.errors import EnvelopeRejected, MalformedInput
 
 __all__ = [
+    "ALG_K256",
+    "ALG_X25519",
     "E2EE_VERSION",
     "ClientSession",
     "ReplayCache",
     "ServerKey",
     "is_envelope",
+    "k256_e2ee_public_key",
+    "k256_e2ee_secret",
 ]
 
 E2EE_VERSION = 1
 MAX_CIPHERTEXT_BYTES = 1024 * 1024
+ALG_X25519 = "x25519"  # the envelope's default: no "alg" field
+ALG_K256 = "secp256k1"
+_K256_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def k256_e2ee_secret(e2ee_secret: bytes) -> bytes:
+    """The model's secp256k1 E2EE secret, derived from the E2EE GetKey secret (see the module docstring)."""
+    counter = 0
+    while True:  # a value >= n or 0 has probability ~2^-128; the loop keeps the derivation total
+        okm = HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=None,
+            info=b"teecloud-ai-e2ee-v1 secp256k1 key" + (bytes([counter]) if counter else b""),
+        ).derive(e2ee_secret)
+        d = int.from_bytes(okm, "big")
+        if 0 < d < _K256_ORDER:
+            return okm
+        counter += 1
+
+
+def k256_e2ee_public_key(e2ee_secret: bytes) -> bytes:
+    """The 33-byte compressed public key of k256_e2ee_secret(e2ee_secret): the key set's
+    e2ee_k256_public_key."""
+    return _k256_public(_k256_private(e2ee_secret))
+
+
+def _k256_private(e2ee_secret: bytes) -> ec.EllipticCurvePrivateKey:
+    return ec.derive_private_key(int.from_bytes(k256_e2ee_secret(e2ee_secret), "big"), ec.SECP256K1())
+
+
+def _k256_public(sk: ec.EllipticCurvePrivateKey) -> bytes:
+    pub = sk.public_key()
+    return pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+
+
+def _k256_exchange(sk: ec.EllipticCurvePrivateKey, peer: bytes) -> bytes:
+    """ECDH's shared x-coordinate; raises ValueError for a point not on the curve."""
+    if len(peer) != 33 or peer[0] not in (2, 3):
+        raise ValueError("not a compressed secp256k1 point")
+    return sk.exchange(ec.ECDH(), ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), peer))
 
 
 def is_envelope(obj: Any) -> bool:
@@ -66,6 +122,7 @@ def _ad(
     epk: bytes,
     request_nonce: bytes,
     stream: tuple[int, bool] | None = None,
+    alg: str = ALG_X25519,
 ) -> bytes:
     ad: dict[str, Any] = {
         "v": E2EE_VERSION,
@@ -75,6 +132,8 @@ def _ad(
         "epk": epk.hex(),
         "request_nonce": request_nonce.hex(),
     }
+    if alg != ALG_X25519:  # the X25519 AD stays as it always was
+        ad["alg"] = alg
     if stream is not None:  # a streamed answer's events: their order and the end are authenticated
         ad["seq"], ad["final"] = stream
     return jcs(ad)
@@ -112,6 +171,7 @@ class OpenedRequest:
     nonce: bytes
     ts: int
     stream_cipher: AESGCM | None = None
+    alg: str = ALG_X25519
 
 
 class ServerKey:
@@ -122,6 +182,8 @@ class ServerKey:
             raise ValueError("an X25519 secret is 32 bytes")
         self._sk = X25519PrivateKey.from_private_bytes(secret)
         self.public_key = self._sk.public_key().public_bytes_raw()
+        self._k256 = _k256_private(secret)
+        self.k256_public_key = _k256_public(self._k256)
         self.window_s = window_s
         self.replay = replay if replay is not None else ReplayCache(window_s)
 
@@ -130,10 +192,14 @@ class ServerKey:
             obj = get_obj(envelope, "envelope")
             if obj.get("teecloud_e2ee") != E2EE_VERSION:
                 raise EnvelopeRejected(f"unsupported envelope version (expected {E2EE_VERSION})")
-            if set(obj) != {"teecloud_e2ee", "model", "epk", "nonce", "ts", "ciphertext"}:
+            alg = obj.get("alg", ALG_X25519)
+            if alg not in (ALG_X25519, ALG_K256) or obj.get("alg") == ALG_X25519:
+                raise EnvelopeRejected(f"unsupported envelope algorithm (absent for X25519, or {ALG_K256!r})")
+            fields = {"teecloud_e2ee", "model", "epk", "nonce", "ts", "ciphertext"}
+            if set(obj) != (fields | {"alg"} if alg == ALG_K256 else fields):
                 raise EnvelopeRejected("envelope has unknown or missing fields")
             env_model = get_str(obj, "model")
-            epk = get_hex(obj, "epk", size=32)
+            epk = get_hex(obj, "epk", size=33 if alg == ALG_K256 else 32)
             nonce = get_hex(obj, "nonce", size=12)
             ts = get_int(obj, "ts")
             ct = get_hex(obj, "ciphertext", max_size=MAX_CIPHERTEXT_BYTES)
@@ -144,27 +210,35 @@ class ServerKey:
         if abs(now - ts) > self.window_s:
             raise EnvelopeRejected(f"envelope timestamp outside the {self.window_s} s window")
         try:
-            shared = self._sk.exchange(X25519PublicKey.from_public_bytes(epk))
+            shared = self._shared(alg, epk)
         except ValueError:
-            raise EnvelopeRejected("epk is not a usable X25519 public key") from None
-        key = _key(shared, epk, self.public_key, "request")
+            raise EnvelopeRejected(f"epk is not a usable {alg} public key") from None
+        key = _key(shared, epk, self._model_pk(alg), "request")
         try:
-            plaintext = AESGCM(key).decrypt(nonce, ct, _ad(model, "request", ts, epk, nonce))
+            plaintext = AESGCM(key).decrypt(nonce, ct, _ad(model, "request", ts, epk, nonce, alg=alg))
         except InvalidTag:
             raise EnvelopeRejected("envelope does not decrypt (wrong key, model or tampered)") from None
         self.replay.check_and_add(epk + nonce, ts, now)  # only authentic envelopes enter the cache
-        return OpenedRequest(plaintext, model, epk, nonce, ts)
+        return OpenedRequest(plaintext, model, epk, nonce, ts, alg=alg)
+
+    def _shared(self, alg: str, epk: bytes) -> bytes:
+        if alg == ALG_K256:
+            return _k256_exchange(self._k256, epk)
+        return self._sk.exchange(X25519PublicKey.from_public_bytes(epk))
+
+    def _model_pk(self, alg: str) -> bytes:
+        return self.k256_public_key if alg == ALG_K256 else self.public_key
 
     def seal_stream_event(
         self, req: OpenedRequest, seq: int, plaintext: bytes, *, final: bool
     ) -> dict[str, Any]:
         """One event of a streamed answer (direction "response-stream"): `seq` counts from 0, the last event
         has `final` (and may be empty), so a client detects reordering, dropping and truncation."""
-        if req.stream_cipher is None:  # one X25519 + HKDF per answer, not per event
-            shared = self._sk.exchange(X25519PublicKey.from_public_bytes(req.epk))
-            req.stream_cipher = AESGCM(_key(shared, req.epk, self.public_key, "response-stream"))
+        if req.stream_cipher is None:  # one ECDH + HKDF per answer, not per event
+            shared = self._shared(req.alg, req.epk)
+            req.stream_cipher = AESGCM(_key(shared, req.epk, self._model_pk(req.alg), "response-stream"))
         nonce = os.urandom(12)
-        ad = _ad(req.model, "response-stream", req.ts, req.epk, req.nonce, (seq, final))
+        ad = _ad(req.model, "response-stream", req.ts, req.epk, req.nonce, (seq, final), alg=req.alg)
         ct = req.stream_cipher.encrypt(nonce, plaintext, ad)
         return {
             "teecloud_e2ee": E2EE_VERSION,
@@ -175,39 +249,53 @@ class ServerKey:
         }
 
     def seal_response(self, req: OpenedRequest, plaintext: bytes) -> dict[str, Any]:
-        shared = self._sk.exchange(X25519PublicKey.from_public_bytes(req.epk))
-        key = _key(shared, req.epk, self.public_key, "response")
+        shared = self._shared(req.alg, req.epk)
+        key = _key(shared, req.epk, self._model_pk(req.alg), "response")
         nonce = os.urandom(12)
-        ct = AESGCM(key).encrypt(nonce, plaintext, _ad(req.model, "response", req.ts, req.epk, req.nonce))
+        ad = _ad(req.model, "response", req.ts, req.epk, req.nonce, alg=req.alg)
+        ct = AESGCM(key).encrypt(nonce, plaintext, ad)
         return {"teecloud_e2ee": E2EE_VERSION, "nonce": nonce.hex(), "ciphertext": ct.hex()}
 
 
 class ClientSession:
     """The client side of one request: seal it to the model's key, open the answer."""
 
-    def __init__(self, model_public_key: bytes, model: str, *, now: int) -> None:
-        if len(model_public_key) != 32:
-            raise ValueError("an X25519 public key is 32 bytes")
-        self._esk = X25519PrivateKey.generate()
-        self.epk = self._esk.public_key().public_bytes_raw()
+    def __init__(self, model_public_key: bytes, model: str, *, now: int, alg: str = ALG_X25519) -> None:
+        if alg == ALG_K256:  # the key set's e2ee_k256_public_key (33-byte compressed)
+            esk = ec.generate_private_key(ec.SECP256K1())
+            self.epk = _k256_public(esk)
+            self._shared = _k256_exchange(esk, model_public_key)
+        elif alg == ALG_X25519:
+            if len(model_public_key) != 32:
+                raise ValueError("an X25519 public key is 32 bytes")
+            x_esk = X25519PrivateKey.generate()
+            self.epk = x_esk.public_key().public_bytes_raw()
+            self._shared = x_esk.exchange(X25519PublicKey.from_public_bytes(model_public_key))
+        else:
+            raise ValueError(f"unsupported algorithm {alg!r}")
+        self.alg = alg
         self.model_pk = model_public_key
         self.model = model
         self.ts = now
         self.nonce = os.urandom(12)
-        self._shared = self._esk.exchange(X25519PublicKey.from_public_bytes(model_public_key))
         self._stream_cipher: AESGCM | None = None
+
+    def _ad(self, direction: str, stream: tuple[int, bool] | None = None) -> bytes:
+        return _ad(self.model, direction, self.ts, self.epk, self.nonce, stream, alg=self.alg)
 
     def seal_request(self, plaintext: bytes) -> dict[str, Any]:
         key = _key(self._shared, self.epk, self.model_pk, "request")
-        ad = _ad(self.model, "request", self.ts, self.epk, self.nonce)
-        return {
+        envelope: dict[str, Any] = {
             "teecloud_e2ee": E2EE_VERSION,
             "model": self.model,
             "epk": self.epk.hex(),
             "nonce": self.nonce.hex(),
             "ts": self.ts,
-            "ciphertext": AESGCM(key).encrypt(self.nonce, plaintext, ad).hex(),
+            "ciphertext": AESGCM(key).encrypt(self.nonce, plaintext, self._ad("request")).hex(),
         }
+        if self.alg != ALG_X25519:
+            envelope["alg"] = self.alg
+        return envelope
 
     def open_stream_event(self, envelope: Any, expected_seq: int) -> tuple[bytes, bool]:
         """(plaintext, final) of the event numbered `expected_seq`; raises EnvelopeRejected otherwise."""
@@ -225,9 +313,8 @@ class ClientSession:
         final = bool(obj["final"])
         if self._stream_cipher is None:
             self._stream_cipher = AESGCM(_key(self._shared, self.epk, self.model_pk, "response-stream"))
-        ad = _ad(self.model, "response-stream", self.ts, self.epk, self.nonce, (seq, final))
         try:
-            return self._stream_cipher.decrypt(nonce, ct, ad), final
+            return self._stream_cipher.decrypt(nonce, ct, self._ad("response-stream", (seq, final))), final
         except InvalidTag:
             raise EnvelopeRejected("a stream event does not decrypt for this request") from None
 
@@ -242,6 +329,6 @@ class ClientSession:
             raise EnvelopeRejected(f"malformed response envelope: {exc}") from None
         key = _key(self._shared, self.epk, self.model_pk, "response")
         try:
-            return AESGCM(key).decrypt(nonce, ct, _ad(self.model, "response", self.ts, self.epk, self.nonce))
+            return AESGCM(key).decrypt(nonce, ct, self._ad("response"))
         except InvalidTag:
             raise EnvelopeRejected("the response does not decrypt for this request") from None

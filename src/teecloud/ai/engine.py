@@ -22,7 +22,11 @@ __all__ = ["EngineProcess", "llama_cpp_argv"]
 log = logging.getLogger("teecloud.ai.engine")
 
 
-def llama_cpp_argv(model: Path, *, port: int, alias: str, n_ctx: int = 2048, threads: int = 2) -> list[str]:
+def llama_cpp_argv(
+    model: Path, *, port: int, alias: str, n_ctx: int = 2048, threads: int = 2, embedding: bool = False
+) -> list[str]:
+    """llama-cpp-python's OpenAI server; `embedding`: serve /v1/embeddings too (per-token vectors for a model
+    without a pooling type; generation works as before)."""
     return [
         sys.executable,
         "-m",
@@ -39,6 +43,7 @@ def llama_cpp_argv(model: Path, *, port: int, alias: str, n_ctx: int = 2048, thr
         str(n_ctx),
         "--n_threads",
         str(threads),
+        *(["--embedding", "true"] if embedding else []),
     ]
 
 

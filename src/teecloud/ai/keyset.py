@@ -7,7 +7,8 @@ route (`GET /v1/attestation/report?nonce=`):
                   its GetKey signature chain (reference/dstack.md §5) lets anyone check, with the KMS root's
                   k256 public key, that the KMS issued it to this app_id
     e2ee key      X25519 public key; its private key is GetKey(path=E2EE_KEY_PATH) (32 bytes), so every
-                  replica of the app holds the same one and nobody outside the CVM does
+                  replica of the app holds the same one and nobody outside the CVM does; and optionally a
+                  secp256k1 E2EE public key derived from the same secret (teecloud.ai.e2ee)
     tls spki      sha256 of the DER SubjectPublicKeyInfo of the TLS key the app serves with (for pinning)
     epoch         bumped by the app to rotate all keys (it is part of both GetKey paths)
 
@@ -76,13 +77,16 @@ class KeySet:
     e2ee_public_key: bytes  # 32-byte X25519
     tls_spki_sha256: bytes  # 32 bytes (all zero when the app serves no TLS itself)
     epoch: int = 0
+    # 33-byte compressed secp256k1 E2EE key (teecloud.ai.e2ee.k256_e2ee_public_key); None: X25519 only, and
+    # the field is left out of the JSON (so key sets without it keep their digest)
+    e2ee_k256_public_key: bytes | None = None
 
     @property
     def signing_address(self) -> str:
         return eth_address(self.signing_public_key)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "version": KEYSET_VERSION,
             "app_id": self.app_id.hex(),
             "signing_address": self.signing_address,
@@ -92,6 +96,9 @@ class KeySet:
             "tls_spki_sha256": self.tls_spki_sha256.hex(),
             "epoch": self.epoch,
         }
+        if self.e2ee_k256_public_key is not None:
+            out["e2ee_k256_public_key"] = self.e2ee_k256_public_key.hex()
+        return out
 
     def digest(self) -> bytes:
         return jcs_sha256(self.to_json())
@@ -112,7 +119,12 @@ class KeySet:
             e2ee_public_key=get_hex(obj, "e2ee_public_key", size=32),
             tls_spki_sha256=get_hex(obj, "tls_spki_sha256", size=32),
             epoch=get_int(obj, "epoch", hi=2**32 - 1),
+            e2ee_k256_public_key=(
+                get_hex(obj, "e2ee_k256_public_key", size=33) if "e2ee_k256_public_key" in obj else None
+            ),
         )
+        if ks.e2ee_k256_public_key is not None and ks.e2ee_k256_public_key[0] not in (2, 3):
+            raise MalformedInput("'e2ee_k256_public_key' must be a compressed secp256k1 point")
         if obj.get("signing_address") != ks.signing_address:
             raise MalformedInput("'signing_address' is not the address of 'signing_public_key'")
         if set(obj) != set(ks.to_json()):

@@ -485,6 +485,10 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
     async def completions(request: Request) -> Response:
         return await completion(request, "/v1/completions")
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await completion(request, "/v1/embeddings")
+
     return app
 
 

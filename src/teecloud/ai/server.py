@@ -49,7 +49,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teecloud.ai._http import BodyTooLarge, openai_error, read_body
-from teecloud.ai.e2ee import OpenedRequest, ServerKey, is_envelope
+from teecloud.ai.e2ee import OpenedRequest, ServerKey, is_envelope, k256_e2ee_public_key
 from teecloud.ai.errors import EnvelopeRejected, MalformedInput
 from teecloud.ai.gpu import GpuEvidenceSource
 from teecloud.ai.keyset import (
@@ -100,6 +100,8 @@ class InferenceConfig:
     max_concurrent_quotes: int = 4
     receipt_wait_s: float = 10.0  # how long a receipt route waits for a receipt still being appended
     extra_report: dict[str, Any] = field(default_factory=dict)  # e.g. GPU evidence, when there is any
+    embeddings: bool = False  # the engine serves /v1/embeddings (llama_cpp_argv(embedding=True))
+    max_embedding_inputs: int = 64
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ def keys_from_guest_api(
         e2ee_public_key=X25519PrivateKey.from_private_bytes(e2ee_secret).public_key().public_bytes_raw(),
         tls_spki_sha256=tls_spki_sha256,
         epoch=epoch,
+        e2ee_k256_public_key=k256_e2ee_public_key(e2ee_secret),
     )
     return GuestKeyMaterial(signing_secret, e2ee_secret, keyset)
 
@@ -260,8 +263,22 @@ class _Front:
                 raise MalformedInput(f"{key!r} must be an integer in 1..{self.config.max_tokens}")
         if "stream" in req and not isinstance(req["stream"], bool):
             raise MalformedInput("'stream' must be true or false")
+        if route == "/v1/embeddings":
+            _check_embedding_input(req, self.config.max_embedding_inputs)
+            return req
         _check_openai_fields(req, chat=route == "/v1/chat/completions")
         return req
+
+
+def _check_embedding_input(req: dict[str, Any], max_inputs: int) -> None:
+    inp = req.get("input")
+    items = inp if isinstance(inp, list) else [inp]
+    if not items or len(items) > max_inputs or not all(isinstance(x, str) and x for x in items):
+        raise MalformedInput(f"'input' must be a non-empty string or a list of 1..{max_inputs} of them")
+    if req.get("stream"):
+        raise MalformedInput("'stream' is not supported for embeddings")
+    if req.get("encoding_format", "float") != "float":
+        raise MalformedInput("'encoding_format' must be 'float'")
 
 
 # The request fields the engine parses, checked here so that a client's mistake is a 400 naming the field:
@@ -479,6 +496,12 @@ def make_inference_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await completion(request, "/v1/completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        if not config.embeddings:
+            return openai_error(404, "this model's engine serves no embeddings", "embeddings_unavailable")
+        return await completion(request, "/v1/embeddings")
 
     @app.get("/v1/receipts/root")
     async def root() -> dict[str, Any]:
