@@ -83,9 +83,13 @@ def build_app_compose(
     return normalize_app_compose(doc).encode(), compose_hash(doc)
 
 
-def wait_gateway_urls(gateway: dict[str, Any], app_id: str, st: Any, timeout: float = 20.0) -> list[str]:
+def wait_gateway_urls(
+    gateway: dict[str, Any], app_id: str, st: Any, timeout: float = 20.0, backend_grace: float = 3.0
+) -> list[str]:
     """https://<app_id>-<port>.<base>:<port>/ for each published TCP port of the CVM, after waiting (at most
-    `timeout`) until the app answers through the gateway on the first one (validated with the CA)."""
+    `timeout`) until the app answers through the gateway on the first one (validated with the CA). Once the
+    gateway knows the name (no 421) but the backend keeps failing (5xx: e.g. an app serving its own TLS, which
+    only its passthrough name `-<port>s` reaches), the wait ends `backend_grace` seconds later."""
     ports = sorted(
         {int(p["container_port"]) for c in st.containers for p in c.ports if p.get("protocol") == "tcp"}
     )
@@ -103,6 +107,8 @@ def wait_gateway_urls(gateway: dict[str, Any], app_id: str, st: Any, timeout: fl
                 )
                 if r.status_code < 500 and r.status_code != 421:  # the app itself answered
                     return urls
+                if r.status_code >= 500:  # routed; the backend does not answer plain HTTP (yet)
+                    deadline = min(deadline, time.monotonic() + backend_grace)
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
