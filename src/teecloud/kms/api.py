@@ -231,6 +231,9 @@ class ThresholdEvaluateRequest(BaseModel):
         max_length=MAX_APP_COMPOSE_BYTES,
         description="the CVM's normalized app-compose.json, as for GetAppKey (the GPU gate)",
     )
+    # --- rotation: the root epoch to evaluate under (None: the app's current one); a node evaluates only
+    # epochs the app's measured app-compose names (teecloud.kms.rotation)
+    epoch: int | None = Field(default=None, ge=1, lt=1 << 32)
 
 
 class ThresholdPartial(BaseModel):
