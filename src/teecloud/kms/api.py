@@ -334,3 +334,9 @@ class DkgOpenRequest(BaseModel):
     dealers: list[int] = Field(min_length=1, max_length=64)
     t: int = Field(ge=1, le=64)
     n: int = Field(ge=1, le=64)
+    member_token_hashes: dict[str, str] | None = Field(
+        default=None,
+        max_length=64,
+        description="as for a reshare (a rotation's round sets them): share j's sub-share only to the boot "
+        "presenting member j's token",
+    )

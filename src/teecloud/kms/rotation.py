@@ -9,6 +9,7 @@ Joint-Feldman DKG (not a reshare: a new group key), beside the old ones.
                             epoch, t, n and the group commitments the dealings sum to
     open_rotation           open that DKG round on the dealers' admin listeners (bearer token each)
     serving_groups          the committee KmsGroup activates for every epoch on chain
+    refresh_committees      the same committees recorded again at their nodes' new addresses
 
 Why the app-compose: an app's epoch changes its keys, so it must be a fact a node can check and the app's
 owner decides, never the host's say-so. The app-compose is measured (its sha256 is the compose-hash in
@@ -18,6 +19,7 @@ RTMR3, which each node checks against what the CVM sends) and the owner allows e
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ __all__ = [
     "evaluation_epoch",
     "key_epochs",
     "open_rotation",
+    "refresh_committees",
     "serving_groups",
 ]
 
@@ -114,7 +117,8 @@ def evaluation_epoch(app_compose: str, requested: int | None) -> int:
 class RotationPlan:
     """One rotation round (module docstring). `dealers`: index -> {url, server_ca_pubkey} of each running
     share-less dealer; `commitments`: the new group's (the sum of the dealers' C_j), which every node that
-    joins must end with and `kms rotate-finish` records."""
+    joins must end with and `kms rotate-finish` records; `member_tokens`: one one-time token per member
+    (the dealers hold only their sha256 and hand share j only to the boot presenting token j)."""
 
     session: bytes
     epoch: int
@@ -122,6 +126,7 @@ class RotationPlan:
     n: int
     dealers: Mapping[int, Mapping[str, str]]
     commitments: tuple[bytes, ...]
+    member_tokens: Mapping[int, bytes]
 
     def to_json(self) -> dict[str, Any]:
         # the DKG plan format `kms up --join-dkg` reads, plus the kind and the expected commitments
@@ -133,6 +138,7 @@ class RotationPlan:
             "n": self.n,
             "dealers": {str(i): dict(d) for i, d in sorted(self.dealers.items())},
             "commitments": [c.hex() for c in self.commitments],
+            "member_tokens": {str(j): tok.hex() for j, tok in sorted(self.member_tokens.items())},
         }
 
     @classmethod
@@ -150,6 +156,7 @@ class RotationPlan:
                     for i, d in doc["dealers"].items()
                 },
                 commitments=tuple(bytes.fromhex(c) for c in doc["commitments"]),
+                member_tokens={int(j): bytes.fromhex(tok) for j, tok in doc["member_tokens"].items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KmsUsageError(f"rotation plan: {exc}") from exc
@@ -161,10 +168,12 @@ class RotationPlan:
             raise KmsUsageError("rotation plan: inconsistent session, t, n or commitments")
         if not 1 <= plan.epoch <= MAX_EPOCH:
             raise KmsUsageError("rotation plan: the epoch is 1..2^32-1")
+        if set(plan.member_tokens) != set(range(1, plan.n + 1)):
+            raise KmsUsageError("rotation plan: one member token per index 1..n")
         return plan
 
 
-# (admin_url, path, body) -> the JSON answer; the CLI posts with each dealer's bearer token
+# (dealer index, path, body) -> the JSON answer; the CLI posts with each dealer's bearer token
 AdminPost = Callable[[int, str, dict[str, Any]], dict[str, Any]]
 
 
@@ -190,6 +199,8 @@ def open_rotation(
     if group_key_on_chain(epoch - 1) is None:
         raise KmsUsageError(f"KmsGroup records no group for epoch {epoch - 1}: rotate to the next epoch only")
     session = secrets.token_bytes(16)
+    tokens = {j: secrets.token_bytes(32) for j in range(1, n + 1)}
+    hashes = {str(j): hashlib.sha256(tok).hexdigest() for j, tok in tokens.items()}
     dealings = []
     for i in sorted(dealers):
         answer = admin_post(
@@ -202,6 +213,7 @@ def open_rotation(
                 "dealers": sorted(dealers),
                 "t": t,
                 "n": n,
+                "member_token_hashes": hashes,
             },
         )
         try:
@@ -225,6 +237,7 @@ def open_rotation(
             for i, d in dealers.items()
         },
         group,
+        tokens,
     )
 
 
@@ -245,3 +258,37 @@ def serving_groups(kms_group: Any) -> dict[int, Any]:
         if committee is not None:
             out[e] = committee
     return out
+
+
+def refresh_committees(kms_group: Any, endpoints: Mapping[int, Mapping[str, Any]]) -> dict[int, Any]:
+    """After the nodes restarted (a rotation restarts every node; local nodes get new ports): every epoch
+    whose serving committee's members all run here again, each stating in its endpoint file that it holds
+    the epoch under the chain's group key, but at another address, is recorded again as the same
+    committee (same t and commitments; KmsGroup refuses another key) at the new addresses and activated.
+    Returns the serving committees by epoch (serving_groups)."""
+    from teecloud.chain.kmsgroup import CommitteeMember
+
+    served = serving_groups(kms_group)
+    for epoch, committee in served.items():
+        members = []
+        for m in committee.members:
+            ep = endpoints.get(m.index)
+            if ep is None:
+                break
+            epochs = ep.get("epochs")
+            if not isinstance(epochs, Mapping) or epochs.get(str(epoch)) != committee.group_public_key.hex():
+                break
+            members.append(
+                CommitteeMember(
+                    m.index,
+                    bytes.fromhex(str(ep["mr_aggregated"])),
+                    bytes.fromhex(str(ep["device_id"])),
+                    str(ep["url"]),
+                )
+            )
+        else:
+            if tuple(members) != committee.members:
+                cid = kms_group.record_committee(epoch, committee.t, committee.commitments, members)
+                kms_group.activate(cid)
+                served[epoch] = kms_group.committee(cid)
+    return served

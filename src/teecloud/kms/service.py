@@ -439,7 +439,12 @@ class KmsService:
                 t_new=req.t,
                 n_new=req.n,
             )
-            commitments = self.reshare.open_dkg(plan, req.dealer)
+            hashes = (
+                {int(j): bytes.fromhex(h) for j, h in req.member_token_hashes.items()}
+                if req.member_token_hashes is not None
+                else None
+            )
+            commitments = self.reshare.open_dkg(plan, req.dealer, hashes)
         except (ValueError, SealingError) as exc:
             raise KmsUsageError(f"DKG plan refused: {exc}") from exc
         log.info("DKG round %s opened as dealer %d (%d-of-%d)", req.session[:8], req.dealer, req.t, req.n)

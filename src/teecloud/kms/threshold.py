@@ -230,6 +230,11 @@ class ThresholdEvaluator:
     def group_public_key(self) -> bytes:
         return self._share.group_public_key
 
+    @property
+    def group_keys(self) -> dict[int, bytes]:
+        """epoch -> that epoch's group public key, for every epoch this node holds."""
+        return {e: s.group_public_key for e, s in sorted(self._shares.items())}
+
     def share_of(self, epoch: int) -> ThresholdShare | None:
         return self._shares.get(epoch)
 
@@ -467,6 +472,13 @@ class _Round:
     member_token_hashes: dict[int, bytes] | None = None  # reshare rounds: index -> sha256(member token)
 
 
+def _token_hashes(member_token_hashes: Mapping[int, bytes], n_new: int) -> dict[int, bytes]:
+    hashes = {int(j): bytes(h) for j, h in member_token_hashes.items()}
+    if set(hashes) != set(range(1, n_new + 1)) or any(len(h) != 32 for h in hashes.values()):
+        raise SealingError(f"round plan: one 32-byte member token hash per new index 1..{n_new}")
+    return hashes
+
+
 class ReshareDealer:
     """A node's side of a reshare or DKG round: `open` (a reshare of this node's share) or `open_dkg` (a
     fresh random secret, for a node that holds no share yet) makes this node's dealing for a plan, in memory
@@ -508,9 +520,7 @@ class ReshareDealer:
         """`member_token_hashes`: for each new index 1..n_new, sha256 of a one-time token only that new member
         holds (the operator hands each new node its own): a sub-share goes only to its named member, not to
         whichever allowed KMS boot asks first (review 3, R3-5)."""
-        hashes = {int(j): bytes(h) for j, h in member_token_hashes.items()}
-        if set(hashes) != set(range(1, plan.n_new + 1)) or any(len(h) != 32 for h in hashes.values()):
-            raise SealingError(f"reshare plan: one 32-byte member token hash per new index 1..{plan.n_new}")
+        hashes = _token_hashes(member_token_hashes, plan.n_new)
         s = self._share
         if s is None:
             raise SealingError("reshare plan: this node holds no share")
@@ -522,12 +532,16 @@ class ReshareDealer:
             plan, s.index, lambda: th.reshare_deal(s.index, s.share, plan.t_new, plan.n_new), hashes
         )
 
-    def open_dkg(self, plan: DkgPlan, dealer: int) -> tuple[bytes, ...]:
+    def open_dkg(
+        self, plan: DkgPlan, dealer: int, member_token_hashes: Mapping[int, bytes] | None = None
+    ) -> tuple[bytes, ...]:
+        """`member_token_hashes` (a rotation's round): as for `open`."""
         if self._share is not None:
             raise SealingError("DKG: this node already holds a share (a new key is a new node set or epoch)")
         if dealer not in plan.dealers:
             raise SealingError(f"DKG plan: {dealer} is not one of its dealers")
-        return self._store(plan, dealer, lambda: th.deal(None, plan.t_new, plan.n_new, dealer=dealer))
+        hashes = None if member_token_hashes is None else _token_hashes(member_token_hashes, plan.n_new)
+        return self._store(plan, dealer, lambda: th.deal(None, plan.t_new, plan.n_new, dealer=dealer), hashes)
 
     def deal_for(
         self, kms: AuthorizedKms, session: bytes, index: int, member_token: bytes | None = None

@@ -548,11 +548,13 @@ def join_dkg(
     dealers: Mapping[int, KmsClient],
     *,
     app_id: bytes,
+    member_token: bytes | None = None,
 ) -> ThresholdShare:
     """A new KMS node's side of a Joint-Feldman DKG round, at its boot: every dealer's sub-share is checked
     against that dealer's commitments (a failing dealer is a complaint, and — without GJKR's answer round —
-    fails the round); the share is the sum, the group commitments the sums of the dealers'."""
-    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id)
+    fails the round); the share is the sum, the group commitments the sums of the dealers'. `member_token`:
+    this member's token, for a round opened with member token hashes (a rotation's)."""
+    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token)
     try:
         total, complaints = th.joint_feldman(dealings, index, {d.dealer: d.shares[index] for d in dealings})
         if complaints:
