@@ -5,16 +5,19 @@ holds no share of, or one the app's compose does not name."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from teecloud.agent.boot import AgentState, boot
 from teecloud.appcompose import AppComposeError, compose_hash
-from teecloud.kms.bootstrap import boot_kms_tee
+from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee
 from teecloud.kms.client import connect_kms
 from teecloud.kms.errors import AccessDenied, KmsClientError, SealingError
 from teecloud.kms.launcher import KmsLaunch, launch_kms
@@ -22,6 +25,8 @@ from teecloud.kms.rotation import KeyEpochs, evaluation_epoch, key_epochs
 from teecloud.kms.service import StaticCollateral
 from teecloud.kms.threshold import (
     SHARE_FILE,
+    DkgPlan,
+    ReshareDealer,
     ThresholdEvaluator,
     ThresholdShare,
     erase_share,
@@ -29,11 +34,12 @@ from teecloud.kms.threshold import (
     local_joint_feldman,
     save_share,
 )
-from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
+from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider, join_dkg
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.conftest import World
 from tests.kms.test_quote_oracle import HELLO
 from tests.kms.test_threshold_nodes import N, Node, T, start_node
+from tests.kms.test_threshold_reshare import _allow_kms_build
 
 pytestmark = pytest.mark.slow
 
@@ -307,3 +313,60 @@ def test_a_failed_join_keeps_the_node_serving_its_epochs(teecloud_home: Path, wo
     assert sorted(load_shares(tee, identity, home)) == [1]
     with pytest.raises(KmsClientError):
         launch(teecloud_home / "empty")
+
+
+def test_a_rotation_round_hands_share_j_only_to_member_j(
+    teecloud_home: Path, world: World, rotated: Rotated
+) -> None:
+    """The attacker's steps: an allowed KMS build booted by someone else asks the dealers of an open rotation
+    round for a member's sub-share, with no token or another member's; each dealer refuses (step reshare),
+    the member with its token gets its share, and no share is handed out twice."""
+    _allow_kms_build(world, teecloud_home)
+    dealers = (1, 2, 3)
+    for i in dealers:  # share-less dealers (`kms up --dealer`), here three of the fixture's listeners
+        rotated.nodes[i].kms.service.reshare = ReshareDealer(None)
+    tokens = {j: os.urandom(32) for j in (1, 2, 3)}
+    plan = DkgPlan(os.urandom(16), 2, dealers, 2, 3)
+    for i in dealers:
+        server = rotated.nodes[i].server
+        r = httpx.post(
+            server.admin_url + "/dkg/open",
+            headers={"authorization": f"Bearer {server.admin_token}"},
+            json={
+                "session": plan.session.hex(),
+                "epoch": 2,
+                "dealer": i,
+                "dealers": list(dealers),
+                "t": 2,
+                "n": 3,
+                "member_token_hashes": {str(j): hashlib.sha256(t).hexdigest() for j, t in tokens.items()},
+            },
+        )
+        assert r.status_code == 200, r.text
+
+    def join(index: int, token: bytes | None) -> ThresholdShare:
+        tee = SimulatedTdx(teecloud_home)
+        boot_kms_tee(tee, finish=False)
+        clients = {
+            i: connect_kms(
+                rotated.nodes[i].server.url,
+                collateral_for=lambda _q, _n: tee.collateral(),
+                dev_root_der=tee.dev_root_der(),
+                expected_ca_pubkey_der=rotated.nodes[i].root_ca_spki,
+            )
+            for i in dealers
+        }
+        return join_dkg(plan, index, tee, clients, app_id=KMS_APP_ID, member_token=token)
+
+    with pytest.raises(KmsClientError, match="member token"):
+        join(1, None)
+    with pytest.raises(KmsClientError, match="member token"):
+        join(1, tokens[2])
+    shares = {j: join(j, tokens[j]) for j in (1, 2, 3)}
+    assert len({s.commitments for s in shares.values()}) == 1
+    assert shares[1].epoch == 2 and shares[1].group_public_key != rotated.e1[0].group_public_key
+    with pytest.raises(KmsClientError, match="already handed out"):
+        join(2, tokens[2])
+    for i in dealers:
+        denied = [r for r in rotated.nodes[i].kms.audit.read() if r.decision == "denied"]
+        assert [r.step for r in denied] == ["reshare"] * 3
