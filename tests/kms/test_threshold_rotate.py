@@ -27,6 +27,7 @@ from teecloud.kms.threshold import (
     SHARE_FILE,
     DkgPlan,
     ReshareDealer,
+    ResharePlan,
     ThresholdEvaluator,
     ThresholdShare,
     erase_share,
@@ -370,3 +371,19 @@ def test_a_rotation_round_hands_share_j_only_to_member_j(
     for i in dealers:
         denied = [r for r in rotated.nodes[i].kms.audit.read() if r.decision == "denied"]
         assert [r.step for r in denied] == ["reshare"] * 3
+
+
+def test_a_rotated_node_reshares_the_epoch_a_plan_names() -> None:
+    e1 = local_joint_feldman(2, 3, epoch=1)
+    e2 = local_joint_feldman(2, 3, epoch=2)
+    dealer = ReshareDealer(e2[0], older=[e1[0]])
+    hashes = {j: os.urandom(32) for j in (1, 2, 3)}
+    for shares in (e1, e2):
+        plan = ResharePlan(os.urandom(16), shares[0].epoch, shares[0].commitments, (1, 2), 2, 3)
+        commitments = dealer.open(plan, hashes)
+        # the dealing re-shares this epoch's share: its C_0 is node 1's public share of that epoch
+        assert commitments[0] == shares[0].public_share
+    with pytest.raises(SealingError, match="not this node's group"):
+        dealer.open(ResharePlan(os.urandom(16), 3, e2[0].commitments, (1, 2), 2, 3), hashes)
+    with pytest.raises(SealingError, match="not this node's group"):  # epoch 1's number, epoch 2's key
+        dealer.open(ResharePlan(os.urandom(16), 1, e2[0].commitments, (1, 2), 2, 3), hashes)

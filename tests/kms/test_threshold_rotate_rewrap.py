@@ -4,17 +4,21 @@ that opens with the old key or with the new one (and the next boot finishes the 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import teecloud
 from teecloud.agent.errors import StorageError
+from teecloud.agent.guest import GuestPaths, boot_guest, shutdown_guest
 from teecloud.agent.storage import REWRAP_FILE, EncryptedVolume, check_prerequisites
+from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.conftest import World
 from tests.kms.test_threshold_rotate import HELLO, MIGRATING, Rotated, _app, _boot, rotated  # noqa: F401
 
@@ -155,3 +159,58 @@ def test_data_written_under_epoch_1_is_readable_after_rotation_and_rewrap(
     v.mount(again.keys.disk_crypt_key, previous_key=again.previous_keys.disk_crypt_key)
     v.unmount()
     assert _opens(v, new_key)
+
+
+@pytest.mark.slow
+def test_the_guest_boot_of_a_migrating_app_rewraps_its_volume(
+    tmp_path: Path,
+    teecloud_home: Path,
+    world: World,
+    rotated: Rotated,  # noqa: F811
+) -> None:
+    """The guest half of a CVM's boot (agent.guest.boot_guest, what the Docker runtime runs) with threshold
+    keys: the volume written by the app on epoch 1 is re-wrapped at the mount of its migrating boot, the
+    previous epoch's keys are dropped once mounted, and its data is there."""
+    app_id = _app(world)
+    paths = GuestPaths(
+        dstack_sock=tmp_path / "run" / "dstack.sock",
+        tappd_sock=tmp_path / "run" / "tappd.sock",
+        env_file=tmp_path / "run" / "env",
+        cipher_dir=tmp_path / "disk" / "cipher",
+        mount_point=tmp_path / "run" / "mnt",
+    )
+    (tmp_path / "run").mkdir()
+
+    def boot_once(provider: Any, compose: dict[str, Any]) -> Any:
+        tee = SimulatedTdx(teecloud_home)
+        return boot_guest(
+            tee=tee,
+            app_compose=json.dumps(compose).encode(),
+            app_id=app_id,
+            instance_id=b"\x01" * 20,
+            key_provider=provider,
+            encrypted_env=None,
+            paths=paths,
+            render_env=lambda env: b"".join(f"{k}={v}\n".encode() for k, v in env.items()),
+            extra_events=[("os-image-hash", tee.os_image_hash)],
+        )
+
+    guest = boot_once(rotated.provider(rotated=False), HELLO)
+    (paths.mount_point / "db").write_text(DATA)
+    epoch1_key = guest.state.keys.disk_crypt_key
+    assert shutdown_guest(guest, paths) == []
+    rotated.rotate([1, 2, 3, 4, 5])
+    guest = boot_once(rotated.provider(), MIGRATING)
+    try:
+        assert (paths.mount_point / "db").read_text() == DATA
+        assert guest.state.previous_keys is None  # dropped once the volume is mounted
+        epoch2_key = guest.state.keys.disk_crypt_key
+        assert epoch2_key != epoch1_key
+    finally:
+        assert shutdown_guest(guest, paths) == []
+    v = EncryptedVolume(paths.cipher_dir, tmp_path / "check")
+    v.mount(epoch2_key)
+    assert (v.mount_point / "db").read_text() == DATA
+    v.unmount()
+    with pytest.raises(StorageError, match="does not open"):
+        v.mount(epoch1_key)

@@ -162,13 +162,14 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
                 "(`teecloud kms threshold-init` in development)"
             )
         share = shares[max(shares)]
+        evaluator_older = [s for e, s in sorted(shares.items()) if e != share.epoch]
         evaluator = ThresholdEvaluator(
             share,
             gateway_app_id=spec.gateway_app_id,
             signer=open_signer(spec.tee, identity, spec.home),
-            older=[s for e, s in sorted(shares.items()) if e != share.epoch],
+            older=evaluator_older,
         )
-        reshare = ReshareDealer(share)  # a reshare moves the newest epoch (docs/kms.md, "Rotation")
+        reshare = ReshareDealer(share, older=evaluator_older)  # a reshare plan names its epoch
     # (3)
     published = publish_error = ""
     if spec.on_keys is not None and evaluator is None and reshare is None:

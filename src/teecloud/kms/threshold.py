@@ -486,8 +486,16 @@ class ReshareDealer:
     completed from a mix. `deal_for` hands new node `index` its sub-share, once, to an AuthorizedKms only
     (boot-time evidence of a KMS build KmsAuth allows), within RESHARE_WINDOW_S of opening."""
 
-    def __init__(self, share: ThresholdShare | None, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        share: ThresholdShare | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        older: Sequence[ThresholdShare] = (),
+    ) -> None:
+        """`older`: a rotated node's older epochs' shares; a reshare plan names the epoch it moves."""
         self._share = share
+        self._by_epoch = {s.epoch: s for s in (*older, *([share] if share is not None else []))}
         self._clock = clock
         self._rounds: dict[bytes, _Round] = {}
         self._lock = threading.Lock()
@@ -521,7 +529,7 @@ class ReshareDealer:
         holds (the operator hands each new node its own): a sub-share goes only to its named member, not to
         whichever allowed KMS boot asks first (review 3, R3-5)."""
         hashes = _token_hashes(member_token_hashes, plan.n_new)
-        s = self._share
+        s = self._by_epoch.get(plan.epoch, self._share)
         if s is None:
             raise SealingError("reshare plan: this node holds no share")
         if plan.old_commitments != s.commitments or plan.epoch != s.epoch:
