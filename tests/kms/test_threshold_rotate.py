@@ -387,3 +387,58 @@ def test_a_rotated_node_reshares_the_epoch_a_plan_names() -> None:
         dealer.open(ResharePlan(os.urandom(16), 3, e2[0].commitments, (1, 2), 2, 3), hashes)
     with pytest.raises(SealingError, match="not this node's group"):  # epoch 1's number, epoch 2's key
         dealer.open(ResharePlan(os.urandom(16), 1, e2[0].commitments, (1, 2), 2, 3), hashes)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        "not json",
+        "[]",
+        '{"kind": "reshare"}',
+        '{"kind": "rotate", "session": "zz"}',
+        '{"kind": "rotate", "session": "00", "epoch": 2, "t": 1, "n": 1, "dealers": {}, "commitments": [],'
+        ' "member_tokens": {}}',
+    ],
+)
+def test_rotate_finish_refuses_a_bad_plan_cleanly(tmp_path: Path, plan: str) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app as cli
+
+    f = tmp_path / "plan.json"
+    f.write_text(plan)
+    r = CliRunner().invoke(cli, ["kms", "rotate-finish", "--plan", str(f), "--nodes-dir", str(tmp_path)])
+    assert r.exit_code == 1, r.output
+    assert "rotation plan" in r.output and "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_rotate_finish_refuses_while_a_node_does_not_serve_the_epoch(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app as cli
+
+    e2 = local_joint_feldman(1, 2, epoch=2)
+    f = tmp_path / "plan.json"
+    f.write_text(
+        json.dumps(
+            {
+                "kind": "rotate",
+                "session": "00" * 16,
+                "epoch": 2,
+                "t": 1,
+                "n": 2,
+                "dealers": {"1": {"url": "https://127.0.0.1:1", "server_ca_pubkey": "00"}},
+                "commitments": [c.hex() for c in e2[0].commitments],
+                "member_tokens": {"1": "11" * 32, "2": "22" * 32},
+            }
+        )
+    )
+    (tmp_path / "1" / "kms").mkdir(parents=True)
+    (tmp_path / "1" / "kms" / "endpoint.json").write_text(
+        json.dumps({"url": "https://127.0.0.1:2", "epochs": {"1": "ab" * 32}, "join_error": "dealer 2: gone"})
+    )
+    r = CliRunner().invoke(cli, ["kms", "rotate-finish", "--plan", str(f), "--nodes-dir", str(tmp_path)])
+    assert r.exit_code == 1, r.output
+    assert "not complete" in r.output and "node 1: does not serve epoch 2 (dealer 2: gone)" in r.output
+    assert "node 2: not serving" in r.output
