@@ -137,6 +137,11 @@ def test_only_an_app_that_opts_in_changes_keys(teecloud_home: Path, world: World
     assert opted.previous_keys is None
     assert opted.keys.key_provider_info["epoch"] == 2
     assert opted.keys.key_provider_info["id"] == rotated.e2[0].group_public_key.hex()
+    # the measured key-provider event states the group the keys came from, as the Info route does
+    (measured,) = [e.event_payload for e in opted.tee.event_log() if e.event == "key-provider"]
+    assert json.loads(measured) == opted.keys.key_provider_info
+    (measured,) = [e.event_payload for e in after.tee.event_log() if e.event == "key-provider"]
+    assert json.loads(measured)["epoch"] == 1
     # the same epoch-2 keys on every boot, from any 3 nodes
     again = _boot(teecloud_home, rotated.provider(), OPTED_IN, app_id)
     assert _secrets(again) == _secrets(opted)

@@ -248,7 +248,9 @@ def boot(
     # previous epoch's keys too, now, while the evidence is still boot-time evidence
     previous = getattr(key_provider, "get_previous_app_keys", None)
     previous_keys = previous(tee, app_id, instance_id) if callable(previous) else None
-    kp_info = json.dumps(key_provider.info(), separators=(",", ":")).encode()
+    # what the provider states for these keys (a rotated threshold group: the app's epoch and its group key;
+    # the same as info() for every other provider), so the measured event matches the Info route's
+    kp_info = json.dumps(keys.key_provider_info or key_provider.info(), separators=(",", ":")).encode()
     tee.emit_event("key-provider", kp_info)
     if storage_fs:
         tee.emit_event("storage-fs", storage_fs.encode())
