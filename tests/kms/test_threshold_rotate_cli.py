@@ -221,6 +221,18 @@ def test_rotation_between_processes_and_a_dealer_killed_mid_round(
             ],
         )
         assert r.exit_code != 0 and "already records" in r.output
+
+        # `teecloud up` again over the same data directory: the nodes (new ports) serve both epochs, the
+        # chain records both committees at their new addresses, and the worker's provider has both
+        for proc in procs.values():
+            _stop(proc)
+        cloud.stop()
+        cloud = LocalCloud(home, kms_nodes=3, kms_threshold=2)
+        cloud.start(check=False, resume=False)
+        chain = cloud.chain
+        assert sorted(cloud.key_provider.groups) == [1, 2]
+        assert keys(cloud.key_provider, HELLO) == before
+        assert keys(cloud.key_provider, OPTED_IN) == opted
     finally:
         for proc in procs.values():
             _stop(proc)
