@@ -437,6 +437,7 @@ class LocalCloud:
         from teecloud.kms.bootstrap import boot_kms_tee
         from teecloud.kms.client import connect_kms
         from teecloud.kms.errors import KmsError
+        from teecloud.kms.rotation import refresh_committees
         from teecloud.kms.threshold import node_home, read_group
         from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
 
@@ -474,11 +475,19 @@ class LocalCloud:
         }
         # the group as the chain records it, not as a local file says; the signing key is not on chain yet
         # (docs/kms.md, "Not done"): it comes from the ceremony's group record
+        # after a rotation (`teecloud kms rotate`): the newer root epochs these nodes also serve, as the chain
+        # records them (at the nodes' addresses of this start), for the apps whose compose opts in
+        served = refresh_committees(chain.kms_group, endpoints)
         provider = ThresholdKeyProvider(
             ThresholdGroup(
                 committee.epoch, committee.t, committee.commitments, urls, signing_key=group.signing_key
             ),
             clients,
+            epochs={
+                e: ThresholdGroup(c.epoch, c.t, c.commitments, c.urls)
+                for e, c in served.items()
+                if e != committee.epoch and c.urls == urls
+            },
         )
         return urls[1], str(endpoints[1]["admin_url"]), provider
 

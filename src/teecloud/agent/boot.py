@@ -163,6 +163,9 @@ class AgentState:
     cloud_product: str = ""
     booted: bool = True
     reserved_events: frozenset[str] = field(default_factory=frozenset)
+    # an app migrating to a new root epoch: its keys under the previous one, for the volume's re-wrap
+    # (teecloud.agent.guest drops them once the volume is mounted)
+    previous_keys: AppKeys | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.app_compose_text:
@@ -241,7 +244,13 @@ def boot(
     if callable(bind):
         bind(text)
     keys = key_provider.get_app_keys(tee, app_id, instance_id)
-    kp_info = json.dumps(key_provider.info(), separators=(",", ":")).encode()
+    # a key provider of a rotated root (teecloud.kms.rotation): while the measured compose migrates, the
+    # previous epoch's keys too, now, while the evidence is still boot-time evidence
+    previous = getattr(key_provider, "get_previous_app_keys", None)
+    previous_keys = previous(tee, app_id, instance_id) if callable(previous) else None
+    # what the provider states for these keys (a rotated threshold group: the app's epoch and its group key;
+    # the same as info() for every other provider), so the measured event matches the Info route's
+    kp_info = json.dumps(keys.key_provider_info or key_provider.info(), separators=(",", ":")).encode()
     tee.emit_event("key-provider", kp_info)
     if storage_fs:
         tee.emit_event("storage-fs", storage_fs.encode())
@@ -262,4 +271,5 @@ def boot(
         os_image_hash=os_image_hash if isinstance(os_image_hash, bytes) else b"",
         device_id=device_id if isinstance(device_id, bytes) else b"",
         cloud_product=cloud_product or tee.kind,
+        previous_keys=previous_keys,
     )

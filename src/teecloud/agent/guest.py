@@ -98,6 +98,16 @@ class _TimedProvider:
         finally:
             self.elapsed += time.perf_counter() - t0
 
+    def get_previous_app_keys(self, tee: TeePlatform, app_id: bytes, instance_id: bytes) -> AppKeys | None:
+        previous = getattr(self.inner, "get_previous_app_keys", None)
+        if not callable(previous):
+            return None
+        t0 = time.perf_counter()
+        try:
+            return previous(tee, app_id, instance_id)  # type: ignore[no-any-return]
+        finally:
+            self.elapsed += time.perf_counter() - t0
+
 
 def _decrypt_env(
     blob: bytes | None, keys: AppKeys, allowed: Sequence[str]
@@ -181,7 +191,11 @@ def boot_guest(
         # (4)
         phase = "storage"
         progress("storage")
-        volume.mount(state.keys.disk_crypt_key)
+        # an app migrating to a new root epoch: a volume still under the previous epoch's disk key is
+        # re-wrapped to this one first (teecloud.agent.storage.EncryptedVolume.rewrap)
+        previous = state.previous_keys
+        state.previous_keys = None
+        volume.mount(state.keys.disk_crypt_key, previous_key=previous.disk_crypt_key if previous else None)
         mark("storage")
 
         # (5)

@@ -233,6 +233,12 @@ def up(
         err.print(f"published KMS info to KmsAuth (quote hash {running.published})")
     if running.publish_error:
         err.print(f"[yellow]warning:[/] could not publish KMS info to KmsAuth: {running.publish_error}")
+    if running.join_error:
+        err.print(
+            f"[red]the round was not joined[/] ({running.join_error}); serving the epochs this node holds"
+        )
+    evaluator = running.service.threshold
+    epochs = {str(e): k.hex() for e, k in evaluator.group_keys.items()} if evaluator is not None else {}
     server, keys, identity = running.server, running.keys, running.identity
     endpoint = _kms_dir(node_dir) / ENDPOINT_FILE
     atomic_write_json(
@@ -245,6 +251,10 @@ def up(
             "server_ca_pubkey": keys.ca_public_key_der.hex(),
             "mr_aggregated": identity.mr_aggregated.hex(),
             "device_id": bytes(tee.device_id).hex(),
+            # a threshold node's root epochs (epoch -> group key) and a rotation round it failed to join:
+            # what `kms rotate-finish` checks before it records an epoch's committee
+            "epochs": epochs,
+            "join_error": running.join_error,
         },
     )
     if running.service.threshold is not None:
@@ -296,6 +306,9 @@ def _round_joiner(
             )
             expected: tuple[bytes, ...] | None = None
             member_token: bytes | None = None
+            if doc.get("kind") == "rotate":  # `kms rotate`: the new group's commitments and a token each
+                expected = tuple(bytes.fromhex(c) for c in doc["commitments"])
+                member_token = bytes.fromhex(doc["member_tokens"][str(index)])
         else:
             if doc.get("kind") != "reshare":
                 raise ValueError("not a reshare plan (kind)")
@@ -349,10 +362,11 @@ def _round_joiner(
             for i, d in dealers.items()
         }
         if isinstance(plan, DkgPlan):
-            return join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID)
-        share = join_reshare(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
-        if share.commitments != expected:
-            raise KmsClientError("the reshare round ended with other commitments than its plan states")
+            share = join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
+        else:
+            share = join_reshare(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
+        if expected is not None and share.commitments != expected:
+            raise KmsClientError("the round ended with other commitments than its plan states")
         return share
 
     return join
@@ -700,6 +714,157 @@ def reshare_finish(
             if (_kms_dir(home) / ENDPOINT_FILE).exists():
                 _admin_post(home, _node_endpoint(home), "/threshold/retire", None)
                 out.print(f"old node {i}: share erased")
+
+
+@app.command("rotate")
+def rotate(
+    dealers_text: Annotated[
+        str,
+        typer.Option(
+            "--dealers",
+            help="Share-less dealers that deal the new epoch's key, e.g. 1,2,3 (running `kms up "
+            "--threshold-node I --dealer` processes; all n is the usual choice).",
+        ),
+    ],
+    threshold: Annotated[int, typer.Option("--threshold", min=1, max=64, help="The new epoch's t.")],
+    nodes: Annotated[int, typer.Option("--nodes", min=1, max=64, help="The new epoch's n.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the round's plan (JSON, 0600).")],
+    epoch: Annotated[
+        int, typer.Option("--epoch", min=0, help="The new root epoch (default: the newest on chain + 1).")
+    ] = 0,
+    dealers_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--dealers-dir", help="Holds dealer I's data directory as dealer-I (default kms-nodes)."
+        ),
+    ] = None,
+    rpc_url: Annotated[
+        str | None, typer.Option("--rpc-url", help="EVM JSON-RPC URL (default: embedded chain).")
+    ] = None,
+) -> None:
+    """Rotate the root: open a DKG round for a NEW root epoch (a new group key; the old epochs stay) on
+    running share-less dealers (admin listener, bearer token from each dealer's data dir). Each committee
+    node then restarts with `kms up --threshold-node J --join-dkg PLAN`, keeping its old epochs' shares;
+    `kms rotate-finish` records the epoch on chain. Only apps whose app-compose opts in change keys."""
+    from teecloud.chain import ChainError
+    from teecloud.kms.errors import KmsError
+    from teecloud.kms.rotation import open_rotation, serving_groups
+    from teecloud.kms.threshold import dealer_home
+
+    dealers = _index_list(dealers_text, "--dealers")
+    if threshold > nodes:
+        _fail("need --threshold <= --nodes")
+
+    def home_of(i: int) -> Path:
+        return (dealers_dir / f"dealer-{i}") if dealers_dir is not None else dealer_home(i)
+
+    endpoints = {i: _node_endpoint(home_of(i)) for i in dealers}
+    chain = _chain(rpc_url, None)
+    try:
+        kms_group = chain.kms_group
+        if not epoch:
+            served = serving_groups(kms_group)
+            if not served:
+                _fail("KmsGroup records no serving committee: run the first DKG (`teecloud up --kms-nodes`)")
+            epoch = max(served) + 1
+        plan = open_rotation(
+            epoch,
+            threshold,
+            nodes,
+            endpoints,
+            lambda i, path, body: _admin_post(home_of(i), endpoints[i], path, body),
+            group_key_on_chain=kms_group.group_key,
+        )
+    except ChainError as exc:
+        _fail(f"chain: {exc}")
+    except KmsError as exc:
+        _fail(exc.diagnostics())
+    finally:
+        chain.close()
+    atomic_write_json(out_file, plan.to_json(), mode=0o600)  # holds every member's token
+    out.print(
+        f"rotation to root epoch {plan.epoch} ({threshold}-of-{nodes}, group key "
+        f"{plan.commitments[0].hex()[:16]}…) open on dealers {dealers} for 10 minutes; plan in {out_file}"
+    )
+    out.print(
+        f"next: restart each node J with `teecloud kms up --threshold-node J --join-dkg {out_file}` (it "
+        f"keeps its older epochs), then `teecloud kms rotate-finish --plan {out_file}`"
+    )
+
+
+@app.command("rotate-finish")
+def rotate_finish(
+    plan_file: Annotated[Path, typer.Option("--plan", help="The round's plan (from `kms rotate`).")],
+    nodes_dir_opt: Annotated[
+        Path | None,
+        typer.Option("--nodes-dir", help="Holds node J's data directory as J (default kms-nodes)."),
+    ] = None,
+    rpc_url: Annotated[
+        str | None, typer.Option("--rpc-url", help="EVM JSON-RPC URL (default: embedded chain).")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="KmsGroup owner's key (records the committee).")
+    ] = None,
+) -> None:
+    """Record the new root epoch's committee on chain (KmsGroup) and make it serve that epoch, once every one
+    of its n nodes serves the epoch with the plan's group key; otherwise refuse (the old epochs keep serving
+    and nothing is recorded: re-run `kms rotate`)."""
+    from teecloud.chain import ChainError
+    from teecloud.chain.kmsgroup import CommitteeMember
+    from teecloud.kms.errors import KmsError
+    from teecloud.kms.rotation import RotationPlan, refresh_committees
+    from teecloud.kms.threshold import node_home
+
+    try:
+        plan = RotationPlan.from_json(json.loads(plan_file.read_text()))
+    except (OSError, ValueError) as exc:
+        _fail(f"rotation plan {plan_file}: {exc}")
+    except KmsError as exc:
+        _fail(exc.diagnostics())
+    members, missing = [], []
+    endpoints: dict[int, dict[str, Any]] = {}
+    for j in range(1, plan.n + 1):
+        home = (nodes_dir_opt / str(j)) if nodes_dir_opt is not None else node_home(j)
+        ep_file = _kms_dir(home) / ENDPOINT_FILE
+        try:
+            ep = json.loads(ep_file.read_text())
+            endpoints[j] = ep
+            key = ep.get("epochs", {}).get(str(plan.epoch))
+            if key != plan.commitments[0].hex():
+                why = ep.get("join_error") or "not restarted with --join-dkg on this plan"
+                missing.append(f"node {j}: does not serve epoch {plan.epoch} ({why})")
+                continue
+            members.append(
+                CommitteeMember(
+                    j, bytes.fromhex(ep["mr_aggregated"]), bytes.fromhex(ep["device_id"]), str(ep["url"])
+                )
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            missing.append(f"node {j}: not serving ({ep_file}: {exc})")
+    if missing:
+        _fail(
+            f"the rotation to epoch {plan.epoch} is not complete; nothing was recorded and the old epochs "
+            "keep serving (re-run `teecloud kms rotate`, then restart the nodes again): " + "; ".join(missing)
+        )
+    chain = _chain(rpc_url, key_file)
+    try:
+        kms_group = chain.kms_group
+        if kms_group.group_key(plan.epoch) is not None:
+            _fail(f"KmsGroup already records epoch {plan.epoch}")
+        cid = kms_group.record_committee(plan.epoch, plan.t, plan.commitments, members)
+        kms_group.activate(cid)
+        # the older epochs' committees: the same nodes, restarted (at new addresses when ports are dynamic)
+        moved = [e for e, c in refresh_committees(kms_group, endpoints).items() if c.committee_id > cid]
+    except (ChainError, ValueError) as exc:
+        _fail(f"chain: {exc}")
+    finally:
+        chain.close()
+    out.print(
+        f"root epoch {plan.epoch}: committee {cid} ({plan.t}-of-{plan.n}) recorded and serving; apps opt in "
+        'with "kms_key_epoch" in their app-compose (docs/kms.md, "Rotation")'
+    )
+    for e in moved:
+        out.print(f"root epoch {e}: the same committee recorded at its nodes' new addresses")
 
 
 @app.command("group")

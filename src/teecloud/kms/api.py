@@ -231,6 +231,9 @@ class ThresholdEvaluateRequest(BaseModel):
         max_length=MAX_APP_COMPOSE_BYTES,
         description="the CVM's normalized app-compose.json, as for GetAppKey (the GPU gate)",
     )
+    # --- rotation: the root epoch to evaluate under (None: the app's current one); a node evaluates only
+    # epochs the app's measured app-compose names (teecloud.kms.rotation)
+    epoch: int | None = Field(default=None, ge=1, lt=1 << 32)
 
 
 class ThresholdPartial(BaseModel):
@@ -331,3 +334,9 @@ class DkgOpenRequest(BaseModel):
     dealers: list[int] = Field(min_length=1, max_length=64)
     t: int = Field(ge=1, le=64)
     n: int = Field(ge=1, le=64)
+    member_token_hashes: dict[str, str] | None = Field(
+        default=None,
+        max_length=64,
+        description="as for a reshare (a rotation's round sets them): share j's sub-share only to the boot "
+        "presenting member j's token",
+    )

@@ -152,6 +152,7 @@ def make_public_app(service: KmsService) -> FastAPI:
                 vm_config=body.vm_config,
                 peer_addr=_peer_addr(request),
                 app_compose=body.app_compose,
+                epoch=body.epoch,
             )
         )
 

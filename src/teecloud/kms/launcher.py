@@ -25,7 +25,7 @@ from teecloud._fs import atomic_write
 from teecloud.kms.audit import AuditLog
 from teecloud.kms.authz import AuthChain
 from teecloud.kms.bootstrap import KmsIdentity, boot_kms_tee, finish_kms_boot, kms_dir, start_kms_state
-from teecloud.kms.errors import BootstrapError
+from teecloud.kms.errors import BootstrapError, KmsError
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import CollateralSource, KmsConfig, KmsService, OsImageReference
@@ -34,7 +34,7 @@ from teecloud.kms.threshold import (
     ThresholdEvaluator,
     ThresholdShare,
     erase_share,
-    load_share,
+    load_shares,
     save_share,
 )
 from teecloud.kms.threshold_sign import open_signer
@@ -113,6 +113,7 @@ class RunningKms:
     created: bool
     published: str = ""  # what on_keys published (e.g. the bootstrap quote hash written to KmsAuth)
     publish_error: str = ""
+    join_error: str = ""  # a rotation round this node failed to join (it serves its older epochs)
 
     @property
     def url(self) -> str:
@@ -129,24 +130,46 @@ class RunningKms:
 def launch_kms(spec: KmsLaunch) -> RunningKms:
     # (1)-(2)
     identity = boot_kms_tee(spec.tee, finish=spec.join is None)
+    join_error = ""
     if spec.join is not None:
-        save_share(spec.join(spec.tee, identity), spec.tee, identity, spec.home)
+        held = load_shares(spec.tee, identity, spec.home)
+        try:
+            joined = spec.join(spec.tee, identity)
+            if held and joined.epoch < max(held):
+                raise BootstrapError(
+                    f"the round makes epoch {joined.epoch}, older than this node's epoch {max(held)}: "
+                    "rotation goes forward only"
+                )
+        except KmsError as exc:
+            if not held:
+                raise
+            # a rotation's join (teecloud.kms.rotation) that failed: nothing new is sealed, and the node
+            # keeps serving the epochs it holds (the old epoch keeps serving; the round is re-run)
+            join_error = exc.diagnostics()
+            log.error("joining the round failed; serving the epochs this node holds: %s", join_error)
+        else:
+            save_share(joined, spec.tee, identity, spec.home)
         finish_kms_boot(spec.tee)
     state, created = start_kms_state(spec.tee, identity, now=int(time.time()), home=spec.home)
     holder: RootKeyHolder = LocalRootKeys(state)  # the only place the sealed root becomes a holder
     evaluator = None
     reshare = ReshareDealer(None) if spec.threshold_dealer else None
     if spec.threshold or spec.join is not None:
-        share = load_share(spec.tee, identity, spec.home)
-        if share is None:
+        shares = load_shares(spec.tee, identity, spec.home)
+        if not shares:
             raise BootstrapError(
                 f"no threshold share sealed under {kms_dir(spec.home)}: run the key ceremony first "
                 "(`teecloud kms threshold-init` in development)"
             )
+        share = shares[max(shares)]
+        evaluator_older = [s for e, s in sorted(shares.items()) if e != share.epoch]
         evaluator = ThresholdEvaluator(
-            share, gateway_app_id=spec.gateway_app_id, signer=open_signer(spec.tee, identity, spec.home)
+            share,
+            gateway_app_id=spec.gateway_app_id,
+            signer=open_signer(spec.tee, identity, spec.home),
+            older=evaluator_older,
         )
-        reshare = ReshareDealer(share)
+        reshare = ReshareDealer(share, older=evaluator_older)  # a reshare plan names its epoch
     # (3)
     published = publish_error = ""
     if spec.on_keys is not None and evaluator is None and reshare is None:
@@ -192,4 +215,4 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         admin_token=load_admin_token(spec.home),
         chain_label=str(getattr(spec.chain, "label", "") or ""),
     ).start()
-    return RunningKms(server, service, holder, identity, created, published, publish_error)
+    return RunningKms(server, service, holder, identity, created, published, publish_error, join_error)

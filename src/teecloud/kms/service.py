@@ -50,6 +50,7 @@ from teecloud.kms.challenge import BootChallenges, FirstUseLedger
 from teecloud.kms.errors import AccessDenied, KmsUsageError, SealingError
 from teecloud.kms.issuer import KeyIssuer
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
+from teecloud.kms.rotation import evaluation_epoch
 from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, ThresholdEvaluator
 from teecloud.peer import (
     AttestedPeer,
@@ -351,19 +352,23 @@ class KmsService:
         vm_config: str | Mapping[str, Any] = "",
         peer_addr: str = "",
         app_compose: str = "",
+        epoch: int | None = None,
     ) -> api.ThresholdEvaluateResponse:
         """Threshold mode: this node's partial evaluations for the attested, allowed app instance, after the
-        same rule as GetAppKey, applied by this node alone (its own boot challenge included)."""
+        same rule as GetAppKey, applied by this node alone (its own boot challenge included), under a root
+        epoch the app's measured app-compose names (teecloud.kms.rotation.evaluation_epoch)."""
 
         def decide(ctx: dict[str, Any]) -> api.ThresholdEvaluateResponse:
             if self.threshold is None:
                 raise AccessDenied("this KMS is not a threshold node", step="mode")
             app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx, app_compose=app_compose)
+            wanted = evaluation_epoch(app_compose, epoch)
+            answer = self.threshold.evaluate(app, epoch=wanted)
             ctx["reason"] = (
-                f"partial evaluation (epoch {self.threshold.epoch}, share {self.threshold.index}); "
+                f"partial evaluation (epoch {answer.epoch}, share {answer.index}); "
                 f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
             )
-            return self.threshold.evaluate(app)
+            return answer
 
         return self._audited(api.PATH_THRESHOLD_EVALUATE, cert_der, peer_addr, decide)
 
@@ -434,7 +439,12 @@ class KmsService:
                 t_new=req.t,
                 n_new=req.n,
             )
-            commitments = self.reshare.open_dkg(plan, req.dealer)
+            hashes = (
+                {int(j): bytes.fromhex(h) for j, h in req.member_token_hashes.items()}
+                if req.member_token_hashes is not None
+                else None
+            )
+            commitments = self.reshare.open_dkg(plan, req.dealer, hashes)
         except (ValueError, SealingError) as exc:
             raise KmsUsageError(f"DKG plan refused: {exc}") from exc
         log.info("DKG round %s opened as dealer %d (%d-of-%d)", req.session[:8], req.dealer, req.t, req.n)

@@ -5,7 +5,9 @@ evidence, boot time, OS image and VM shape, chain, this node's boot challenge).
     ThresholdShare          one node's share (epoch, index, t, n, share, the group's Feldman commitments)
     save_share, load_share  sealed to the node TEE's measurement (teecloud.kms.sealing); a loaded share is
                             checked against the commitments (a corrupted share is refused, never served)
-    ThresholdEvaluator      partial evaluations for an AuthorizedApp (teecloud.keys.threshold)
+    load_shares             every root epoch's share this node holds (a rotation adds an epoch beside the
+                            old ones: teecloud.kms.rotation)
+    ThresholdEvaluator      partial evaluations for an AuthorizedApp (teecloud.keys.threshold), per epoch
     local_joint_feldman     the Joint-Feldman DKG run with its messages passed in one process (dev / tests:
                             the process running it sees every share — see docs/kms.md, "ceremony")
     ResharePlan, ReshareDealer   an old node's side of a reshare round (teecloud.keys.threshold.reshare_*)
@@ -51,6 +53,7 @@ __all__ = [
     "dev_ceremony",
     "erase_share",
     "load_share",
+    "load_shares",
     "local_joint_feldman",
     "node_home",
     "nodes_dir",
@@ -59,7 +62,9 @@ __all__ = [
     "write_group",
 ]
 
-SHARE_FILE = "threshold-share.sealed"
+SHARE_FILE = "threshold-share.sealed"  # the node's first share; a rotation's epochs go beside it:
+_EPOCH_SHARE_FILE = "threshold-share.epoch-{epoch}.sealed"
+_EPOCH_SHARE_GLOB = "threshold-share.epoch-*.sealed"
 GROUP_FILE = "group.json"
 _GROUP_FORMAT = "teecloud-kms-threshold-group-v1"
 _SHARE_FORMAT = "teecloud-kms-threshold-share-v1"
@@ -122,49 +127,100 @@ class ThresholdShare:
             raise SealingError(f"sealed threshold share is malformed: {exc}") from exc
 
 
+def _share_files(home: Path | None) -> list[Path]:
+    d = kms_dir(home)
+    return [p for p in [d / SHARE_FILE, *sorted(d.glob(_EPOCH_SHARE_GLOB))] if p.exists()]
+
+
+def _held(
+    tee: TeePlatform, identity: KmsIdentity, home: Path | None
+) -> dict[int, tuple[Path, ThresholdShare]]:
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
+    held: dict[int, tuple[Path, ThresholdShare]] = {}
+    for path in _share_files(home):
+        share = ThresholdShare.from_json_bytes(unseal(key, identity.mr_aggregated, path.read_bytes()))
+        if share.epoch in held:
+            raise SealingError(
+                f"two sealed shares of root epoch {share.epoch} ({held[share.epoch][0]}, {path})"
+            )
+        held[share.epoch] = (path, share)
+    return held
+
+
 def save_share(
     share: ThresholdShare, tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
 ) -> Path:
+    """Seal `share` into the node's directory: over the sealed share of the same epoch (a failed, never
+    recorded round's, or a reshare's), else beside the node's other epochs (a rotation keeps them)."""
     key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
-    path = kms_dir(home) / SHARE_FILE
+    held = _held(tee, identity, home) if _share_files(home) else {}
+    if share.epoch in held:
+        path = held[share.epoch][0]
+    elif not held:
+        path = kms_dir(home) / SHARE_FILE
+    else:
+        path = kms_dir(home) / _EPOCH_SHARE_FILE.format(epoch=share.epoch)
     atomic_write(path, seal(key, identity.mr_aggregated, share.to_json_bytes()))
     return path
 
 
 def erase_share(home: Path | None = None) -> bool:
-    """Remove this node's sealed share (after a reshare moved the key to a new committee). The blob is
-    sealed to this build's measurement; erasing it and the process's copy (KmsService.retire_share) leaves
-    the node nothing to combine. Returns whether there was one."""
-    path = kms_dir(home) / SHARE_FILE
-    existed = path.exists()
-    path.unlink(missing_ok=True)
-    return existed
+    """Remove this node's sealed shares, of every epoch (after a reshare moved the key to a new committee).
+    Each blob is sealed to this build's measurement; erasing them and the process's copy
+    (KmsService.retire_share) leaves the node nothing to combine. Returns whether there was one."""
+    files = _share_files(home)
+    for path in files:
+        path.unlink(missing_ok=True)
+    return bool(files)
 
 
 def load_share(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None) -> ThresholdShare | None:
-    path = kms_dir(home) / SHARE_FILE
-    if not path.exists():
-        return None
-    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
-    return ThresholdShare.from_json_bytes(unseal(key, identity.mr_aggregated, path.read_bytes()))
+    """The node's newest epoch's share (None when it holds none)."""
+    shares = load_shares(tee, identity, home)
+    return shares[max(shares)] if shares else None
+
+
+def load_shares(
+    tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
+) -> dict[int, ThresholdShare]:
+    """Every root epoch's share this node holds, by epoch; each unsealed and Feldman-checked (one that does
+    not unseal or check fails the start: a node never serves a corrupt share, nor silently drops one)."""
+    return {epoch: share for epoch, (_, share) in _held(tee, identity, home).items()}
 
 
 class ThresholdEvaluator:
-    """This node's operation on its share: partial VOPRF evaluations, only for an AuthorizedApp (which only
-    teecloud.kms.authz.Authorizer makes, after the whole key-release rule)."""
+    """This node's operation on its shares: partial VOPRF evaluations, only for an AuthorizedApp (which only
+    teecloud.kms.authz.Authorizer makes, after the whole key-release rule), under one root epoch it holds.
+    `share` is the newest epoch's; `older` the epochs a rotation keeps (data written under them stays
+    readable); which epoch an app may have is the caller's rule (teecloud.kms.rotation.evaluation_epoch)."""
 
     def __init__(
-        self, share: ThresholdShare, *, gateway_app_id: str = "", signer: ThresholdSigner | None = None
+        self,
+        share: ThresholdShare,
+        *,
+        gateway_app_id: str = "",
+        signer: ThresholdSigner | None = None,
+        older: Sequence[ThresholdShare] = (),
     ) -> None:
         """`signer`: this node's share of the group's signing key and its presignatures
         (teecloud.kms.threshold_sign); without one, the node evaluates but never signs."""
         self._share = share
+        self._shares = {s.epoch: s for s in older}
+        if share.epoch in self._shares or len(self._shares) != len(older):
+            raise SealingError("threshold evaluator: one share per root epoch")
+        if any(e > share.epoch for e in self._shares):
+            raise SealingError("threshold evaluator: `share` is the newest epoch's")
+        self._shares[share.epoch] = share
         self.gateway_app_id = gateway_app_id
         self.signer = signer
 
     @property
     def epoch(self) -> int:
         return self._share.epoch
+
+    @property
+    def epochs(self) -> tuple[int, ...]:
+        return tuple(sorted(self._shares))
 
     @property
     def index(self) -> int:
@@ -174,11 +230,27 @@ class ThresholdEvaluator:
     def group_public_key(self) -> bytes:
         return self._share.group_public_key
 
-    def evaluate(self, app: AuthorizedApp) -> api.ThresholdEvaluateResponse:
+    @property
+    def group_keys(self) -> dict[int, bytes]:
+        """epoch -> that epoch's group public key, for every epoch this node holds."""
+        return {e: s.group_public_key for e, s in sorted(self._shares.items())}
+
+    def share_of(self, epoch: int) -> ThresholdShare | None:
+        return self._shares.get(epoch)
+
+    def evaluate(self, app: AuthorizedApp, epoch: int | None = None) -> api.ThresholdEvaluateResponse:
+        """Partials under root epoch `epoch` (None: the newest); an epoch this node holds no share of is
+        refused (step `epoch`), never answered with another epoch's."""
         if not isinstance(app, AuthorizedApp):
             raise TypeError("partial evaluations only for an AuthorizedApp")
         bi = app.boot_info
-        s = self._share
+        s = self._share if epoch is None else self._shares.get(epoch)
+        if s is None:
+            raise AccessDenied(
+                f"this node holds no share of root epoch {epoch} (it holds epochs "
+                f"{', '.join(map(str, self.epochs))})",
+                step="epoch",
+            )
         inputs = th.app_contexts(s.epoch, bi.app_id, bi.instance_id)
         partials = [th.partial_evaluate(s.index, s.share, x) for x in inputs]
         return api.ThresholdEvaluateResponse(
@@ -400,6 +472,13 @@ class _Round:
     member_token_hashes: dict[int, bytes] | None = None  # reshare rounds: index -> sha256(member token)
 
 
+def _token_hashes(member_token_hashes: Mapping[int, bytes], n_new: int) -> dict[int, bytes]:
+    hashes = {int(j): bytes(h) for j, h in member_token_hashes.items()}
+    if set(hashes) != set(range(1, n_new + 1)) or any(len(h) != 32 for h in hashes.values()):
+        raise SealingError(f"round plan: one 32-byte member token hash per new index 1..{n_new}")
+    return hashes
+
+
 class ReshareDealer:
     """A node's side of a reshare or DKG round: `open` (a reshare of this node's share) or `open_dkg` (a
     fresh random secret, for a node that holds no share yet) makes this node's dealing for a plan, in memory
@@ -407,8 +486,16 @@ class ReshareDealer:
     completed from a mix. `deal_for` hands new node `index` its sub-share, once, to an AuthorizedKms only
     (boot-time evidence of a KMS build KmsAuth allows), within RESHARE_WINDOW_S of opening."""
 
-    def __init__(self, share: ThresholdShare | None, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        share: ThresholdShare | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        older: Sequence[ThresholdShare] = (),
+    ) -> None:
+        """`older`: a rotated node's older epochs' shares; a reshare plan names the epoch it moves."""
         self._share = share
+        self._by_epoch = {s.epoch: s for s in (*older, *([share] if share is not None else []))}
         self._clock = clock
         self._rounds: dict[bytes, _Round] = {}
         self._lock = threading.Lock()
@@ -441,10 +528,8 @@ class ReshareDealer:
         """`member_token_hashes`: for each new index 1..n_new, sha256 of a one-time token only that new member
         holds (the operator hands each new node its own): a sub-share goes only to its named member, not to
         whichever allowed KMS boot asks first (review 3, R3-5)."""
-        hashes = {int(j): bytes(h) for j, h in member_token_hashes.items()}
-        if set(hashes) != set(range(1, plan.n_new + 1)) or any(len(h) != 32 for h in hashes.values()):
-            raise SealingError(f"reshare plan: one 32-byte member token hash per new index 1..{plan.n_new}")
-        s = self._share
+        hashes = _token_hashes(member_token_hashes, plan.n_new)
+        s = self._by_epoch.get(plan.epoch, self._share)
         if s is None:
             raise SealingError("reshare plan: this node holds no share")
         if plan.old_commitments != s.commitments or plan.epoch != s.epoch:
@@ -455,12 +540,16 @@ class ReshareDealer:
             plan, s.index, lambda: th.reshare_deal(s.index, s.share, plan.t_new, plan.n_new), hashes
         )
 
-    def open_dkg(self, plan: DkgPlan, dealer: int) -> tuple[bytes, ...]:
+    def open_dkg(
+        self, plan: DkgPlan, dealer: int, member_token_hashes: Mapping[int, bytes] | None = None
+    ) -> tuple[bytes, ...]:
+        """`member_token_hashes` (a rotation's round): as for `open`."""
         if self._share is not None:
             raise SealingError("DKG: this node already holds a share (a new key is a new node set or epoch)")
         if dealer not in plan.dealers:
             raise SealingError(f"DKG plan: {dealer} is not one of its dealers")
-        return self._store(plan, dealer, lambda: th.deal(None, plan.t_new, plan.n_new, dealer=dealer))
+        hashes = None if member_token_hashes is None else _token_hashes(member_token_hashes, plan.n_new)
+        return self._store(plan, dealer, lambda: th.deal(None, plan.t_new, plan.n_new, dealer=dealer), hashes)
 
     def deal_for(
         self, kms: AuthorizedKms, session: bytes, index: int, member_token: bytes | None = None

@@ -32,6 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from teecloud.appcompose import AppComposeError
 from teecloud.errors import Error
 from teecloud.keys import threshold as th
 from teecloud.keys import threshold_ecdsa as te
@@ -43,6 +44,7 @@ from teecloud.kms import api
 from teecloud.kms.challenge import MAX_TOKENS
 from teecloud.kms.client import ComposeBook, KmsClient, vm_config_json
 from teecloud.kms.errors import KmsClientError, SealingError
+from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
 from teecloud.kms.threshold import DkgPlan, ResharePlan, ThresholdShare
 
 __all__ = ["ThresholdGroup", "ThresholdKeyProvider", "join_dkg", "join_reshare"]
@@ -90,16 +92,26 @@ class ThresholdKeyProvider:
         *,
         hedge_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        epochs: Mapping[int, ThresholdGroup] | None = None,
     ) -> None:
         """`hedge_s`: a node silent for this long is not waited for once others can stand in for it (its
-        call is abandoned, not cancelled: it ends at its client's own timeout)."""
+        call is abandoned, not cancelled: it ends at its client's own timeout). `epochs`: the groups of the
+        other root epochs this client trusts (after a rotation, teecloud.kms.rotation), served by the same
+        nodes; an app's measured app-compose picks its epoch."""
         if set(clients) != set(group.nodes):
             raise KmsClientError("threshold key provider: one client per node of the group")
         self.group = group
+        self.groups = {group.epoch: group, **dict(epochs or {})}
+        if any(g.epoch != e or dict(g.nodes) != dict(group.nodes) for e, g in self.groups.items()):
+            raise KmsClientError(
+                "threshold key provider: each epoch's group is under its epoch and on the same nodes"
+            )
         self._clients = dict(clients)
         self._clock = clock
         self._hedge_s = hedge_s
-        self._public_shares = {i: th.public_share(group.commitments, i) for i in group.nodes}
+        self._public_shares = {
+            e: {i: th.public_share(g.commitments, i) for i in g.nodes} for e, g in self.groups.items()
+        }
         self._challenged: list[int] = sorted(group.nodes)
         self.faults: dict[int, str] = {}
         self.signature_error = ""  # why the last get_app_keys got no KMS signature ('' when it did)
@@ -193,14 +205,49 @@ class ThresholdKeyProvider:
         """Send this normalized app-compose.json with every evaluation (the GPU gate; boot() calls it)."""
         self.composes.add(app_compose)
 
+    def _key_epochs(self, tee: QuoteSource) -> KeyEpochs:
+        """The root epochs of the booting app, from its measured app-compose (bound by boot()); without one,
+        this provider's group's epoch."""
+        text = self.composes.for_tee(tee)
+        if not text:
+            return KeyEpochs(self.group.epoch)
+        try:
+            return key_epochs_of_text(text)
+        except AppComposeError as exc:
+            raise KmsClientError(str(exc)) from exc
+
+    def _group_of(self, epoch: int) -> ThresholdGroup:
+        group = self.groups.get(epoch)
+        if group is None:
+            raise KmsClientError(
+                f"the app's measured app-compose names root epoch {epoch}, and this client trusts no group "
+                f"for it (epochs {', '.join(map(str, sorted(self.groups)))}; see `teecloud kms group "
+                f"--epoch {epoch}`)"
+            )
+        return group
+
     # (2)-(4)
     def get_app_keys(self, tee: QuoteSource, app_id: bytes, instance_id: bytes) -> AppKeys:
+        """The app's keys under its current root epoch (its measured app-compose's `kms_key_epoch`)."""
+        return self._app_keys(tee, app_id, instance_id, self._group_of(self._key_epochs(tee).current))
+
+    def get_previous_app_keys(self, tee: QuoteSource, app_id: bytes, instance_id: bytes) -> AppKeys | None:
+        """While an app migrates (`kms_key_epoch_previous` in its measured app-compose): its keys under the
+        previous epoch, to re-wrap its volume (teecloud.agent.storage); None when it does not migrate."""
+        previous = self._key_epochs(tee).previous
+        if previous is None:
+            return None
+        return self._app_keys(tee, app_id, instance_id, self._group_of(previous), sign=False)
+
+    def _app_keys(
+        self, tee: QuoteSource, app_id: bytes, instance_id: bytes, group: ThresholdGroup, *, sign: bool = True
+    ) -> AppKeys:
         try:
-            inputs = th.app_contexts(self.group.epoch, app_id, instance_id)
+            inputs = th.app_contexts(group.epoch, app_id, instance_id)
         except KeysError as exc:
             raise KmsClientError(f"cannot derive keys for this app: {exc}") from exc
         body = api.ThresholdEvaluateRequest(
-            vm_config=vm_config_json(tee), app_compose=self.composes.for_tee(tee)
+            vm_config=vm_config_json(tee), app_compose=self.composes.for_tee(tee), epoch=group.epoch
         ).model_dump()
 
         def ask(client: KmsClient) -> api.ThresholdEvaluateResponse:
@@ -223,7 +270,7 @@ class ThresholdKeyProvider:
             if isinstance(answer, BaseException):
                 faults[i] = _describe(answer)
                 return False
-            problem = self._check(i, answer, app_id, instance_id, inputs)
+            problem = self._check(i, answer, app_id, instance_id, inputs, group.epoch)
             if problem:
                 faults[i] = problem
                 log.warning("KMS node %d (%s) is skipped: %s", i, self.group.nodes[i], problem)
@@ -235,12 +282,12 @@ class ThresholdKeyProvider:
             offered[i] = list(answer.presignatures)
             return True
 
-        answered = self._gather(self._challenged, ask, accept, need=self.group.t, all_first=False)
+        answered = self._gather(self._challenged, ask, accept, need=group.t, all_first=False)
         for i in self._challenged:
-            if i not in answered and i not in valid and len(valid) < self.group.t:
+            if i not in answered and i not in valid and len(valid) < group.t:
                 faults[i] = f"no answer within {self._hedge_s:g} s"
         self.faults = faults
-        t = self.group.t
+        t = group.t
         if len(valid) < t:
             raise KmsClientError(
                 f"only {len(valid)} valid partial evaluations, {t} needed" + _fault_text(faults)
@@ -252,7 +299,7 @@ class ThresholdKeyProvider:
         _, gateway_app_id, os_image_hex = valid[chosen[0]]
         k256_signature = b""
         self.signature_error = ""
-        if self.group.signing_key:
+        if sign and self.group.signing_key:
             try:
                 k256_signature = self._sign_app_key(tee, app_id, offered, th.app_k256_key(outputs[0]), faults)
             except KmsClientError as exc:
@@ -265,7 +312,7 @@ class ThresholdKeyProvider:
             outputs[1],
             app_id,
             now=int(self._clock()),
-            key_provider_info=self.info(),
+            key_provider_info={**self.info(), "id": group.group_public_key.hex(), "epoch": group.epoch},
             gateway_app_id=gateway_app_id,
             os_image_hash=bytes.fromhex(os_image_hex),
             k256_signature=k256_signature,
@@ -380,9 +427,10 @@ class ThresholdKeyProvider:
         app_id: bytes,
         instance_id: bytes,
         inputs: tuple[bytes, bytes],
+        epoch: int,
     ) -> str:
         """'' when node i's answer is right, else what is wrong with it."""
-        if answer.index != i or answer.epoch != self.group.epoch:
+        if answer.index != i or answer.epoch != epoch:
             return f"answered as share {answer.index} of epoch {answer.epoch}"
         if answer.app_id != app_id.hex() or answer.instance_id != instance_id.hex():
             return "answered for another app or instance"
@@ -394,7 +442,7 @@ class ThresholdKeyProvider:
                 if bytes.fromhex(p.input) != x:
                     return "evaluated another input than this app's context"
                 partial = th.Partial(i, bytes.fromhex(p.element), bytes.fromhex(p.proof))
-                if not th.verify_partial(self._public_shares[i], x, partial):
+                if not th.verify_partial(self._public_shares[epoch][i], x, partial):
                     return "a partial evaluation's DLEQ proof does not verify against the node's public share"
         except ValueError:
             return "a malformed partial evaluation"
@@ -500,11 +548,13 @@ def join_dkg(
     dealers: Mapping[int, KmsClient],
     *,
     app_id: bytes,
+    member_token: bytes | None = None,
 ) -> ThresholdShare:
     """A new KMS node's side of a Joint-Feldman DKG round, at its boot: every dealer's sub-share is checked
     against that dealer's commitments (a failing dealer is a complaint, and — without GJKR's answer round —
-    fails the round); the share is the sum, the group commitments the sums of the dealers'."""
-    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id)
+    fails the round); the share is the sum, the group commitments the sums of the dealers'. `member_token`:
+    this member's token, for a round opened with member token hashes (a rotation's)."""
+    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token)
     try:
         total, complaints = th.joint_feldman(dealings, index, {d.dealer: d.shares[index] for d in dealings})
         if complaints:
