@@ -67,6 +67,18 @@ def _chain(rpc_url: str | None, key_file: Path | None) -> Any:
         _fail(f"chain: {exc}")
 
 
+def _recorded_gateway_app_id(chain: Any) -> str:
+    """KmsAuth's gateway_app_id ("" when none is recorded), so that every node of a group, and a node
+    restarted without the flag, hands CVMs the same one."""
+    from teecloud.chain import ChainError
+
+    try:
+        recorded = str(chain.kms.info().gateway_app_id)
+    except ChainError as exc:
+        _fail(f"chain: cannot read KmsAuth's gateway_app_id: {exc}")
+    return recorded if int(recorded, 16) else ""
+
+
 def _collateral(tee: Any, dev: bool, pccs_url: str | None) -> Any:
     from teecloud.peer import PccsCollateral, StaticCollateral
 
@@ -97,7 +109,11 @@ def up(
         str | None, typer.Option("--pccs-url", help="PCCS for collateral (production).")
     ] = None,
     gateway_app_id: Annotated[
-        str, typer.Option("--gateway-app-id", help="Gateway app id handed to CVMs.")
+        str,
+        typer.Option(
+            "--gateway-app-id",
+            help="Gateway app id handed to CVMs (default: KmsAuth's gateway_app_id on chain at start).",
+        ),
     ] = "",
     threshold_node: Annotated[
         int,
@@ -168,6 +184,7 @@ def up(
         _fail(f"--os-images {os_images}: no such directory")
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)
+    gateway_app_id = gateway_app_id or _recorded_gateway_app_id(chain)
     node_dir: Path | None = None
     join: Any = None
     if (dealer or join_dkg or join_reshare or node_dir_opt) and not threshold_node:
