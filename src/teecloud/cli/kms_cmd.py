@@ -184,7 +184,6 @@ def up(
         _fail(f"--os-images {os_images}: no such directory")
     tee = _tee(dev)
     chain = _chain(rpc_url, key_file)
-    gateway_app_id = gateway_app_id or _recorded_gateway_app_id(chain)
     node_dir: Path | None = None
     join: Any = None
     if (dealer or join_dkg or join_reshare or node_dir_opt) and not threshold_node:
@@ -221,6 +220,7 @@ def up(
         from teecloud.tee.simulated import simulated_os_image_reference
 
         reference = simulated_os_image_reference
+    gateway_app_id = gateway_app_id or _recorded_gateway_app_id(chain)
     try:
         running = launch_kms(
             KmsLaunch(
