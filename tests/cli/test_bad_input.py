@@ -2,8 +2,8 @@
 on. Fails on any traceback (an exception escaping a command), any host path (this checkout, the Python
 installation) in the output, or a non-zero exit without a message. No cloud runs: commands that need one
 must say so. Commands that serve until interrupted (`up`, `chain up`, `kms up`, `agent simulate`,
-`fn serve`), those that fetch from the network (`trust fetch`, `kms onboard`) and `image build` (minutes)
-get only their argument parsing checked."""
+`fn serve`, `gateway up`), those that fetch from the network (`trust fetch`, `kms onboard`) and `image build`
+(minutes) get only their argument parsing checked."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ SERVES = {
     ("chain", "up"),
     ("kms", "up"),
     ("fn", "serve"),
+    ("gateway", "up"),
     ("agent", "simulate"),
     ("trust", "fetch"),
     ("kms", "onboard"),

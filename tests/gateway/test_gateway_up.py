@@ -77,6 +77,13 @@ def test_kms_url_needs_the_simulated_tee_flag(tmp_path: Path, monkeypatch: pytes
     assert result.exit_code == 2 and "--trust-dev-root" in result.output
 
 
+def test_no_passthrough_refuses_custom_domains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEECLOUD_HOME", str(tmp_path))
+    args = ["gateway", "up", "--trust-dev-root", "--no-passthrough", "--gateway-dns", "127.0.0.1:53"]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 2 and "--no-passthrough" in result.output and "custom domains" in result.output
+
+
 # ---------------------------------------------------------------------------------------- a running one
 
 

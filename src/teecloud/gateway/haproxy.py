@@ -1,6 +1,7 @@
 """HAProxy's configuration, map files and runtime commands for a routing plan, pure (no I/O).
 
-The data plane (HAProxy 2.6, Debian's package) has two frontends:
+The data plane (HAProxy 2.6, Debian's package) has two frontends when it serves passthrough (`s`) names or
+custom domains (the split; `needs_split`):
 
     fe_sni        TCP on the public port. Waits (at most `hello_timeout_s`) for a TLS ClientHello; anything
                   else is dropped. An SNI in passthrough.map goes to that TCP backend untouched (`s` names:
@@ -10,6 +11,11 @@ The data plane (HAProxy 2.6, Debian's package) has two frontends:
                   Host header must name the TLS server name, and that name must be in http.map (else 421);
                   the one exception: `GET <base domain apex>/.well-known/teecloud/cert-keys` goes to the
                   gateway's own listener (`cert_keys_port`). No app name is the apex, so no app shadows it.
+
+Without passthrough names and custom domains (`DataPlaneLimits(passthrough=False)`) fe_terminate binds the
+public port itself: no ClientHello reader, no hop (one HAProxy session per connection instead of two). The
+TLS handshake is then bounded by `timeout client` (the ClientHello reader's 5 s `hello_timeout_s` is
+fe_sni's). The choice follows the configuration, never the routes: a change is a restart.
 
 Backends are pre-allocated slots (`bh<i>` HTTP, `bt<i>` TCP, each with `servers_per_backend` servers in
 maintenance) because HAProxy cannot add a backend without a reload; the runtime API (`set map`, `add map`,
@@ -37,6 +43,7 @@ __all__ = [
     "HaproxyPaths",
     "HaproxyTimeouts",
     "TerminateMode",
+    "needs_split",
     "render_config",
     "render_lua",
     "render_map",
@@ -144,6 +151,12 @@ def render_map(entries: dict[str, str]) -> str:
     return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
 
 
+def needs_split(limits: DataPlaneLimits, custom_domains: CustomDomainHook | None) -> bool:
+    """Whether the public port needs the ClientHello reader and the hop: passthrough names or custom
+    domains (both are TLS the gateway must not terminate)."""
+    return limits.passthrough or custom_domains is not None
+
+
 def render_config(
     *,
     bind_host: str,
@@ -168,6 +181,9 @@ def render_config(
     `cert_keys_port` (HTTP mode, with `base_domain`): the loopback port of the gateway's own listener that
     answers CERT_KEYS_PATH on the base domain's apex."""
     t = timeouts
+    if custom_domains is not None and not limits.passthrough:
+        raise ValueError("custom domains are served in passthrough: they need passthrough")
+    split = needs_split(limits, custom_domains)
     self_route = terminate_mode == "http" and bool(base_domain) and 0 < cert_keys_port < 65536
     if self_route and not all(c.isalnum() or c in ".-" for c in base_domain):
         raise ValueError("bad base domain")
@@ -198,6 +214,8 @@ def render_config(
         f"    timeout queue {t.queue_s}s",
         "    timeout client-fin 5s",
         "",
+    ]
+    fe_sni = [
         "frontend fe_sni",
         "    mode tcp",
         f"    bind {host}:{port}",
@@ -225,23 +243,30 @@ def render_config(
         f"if {{ req.ssl_sni,lower,map({paths.tcp_map}) -m found }}",
         "    default_backend be_terminate",
         "",
+    ]
+    lines += fe_sni if split else []
+    lines += [
         "frontend fe_metrics",
         "    mode http",
         "    no log",
         f"    bind unix@{paths.metrics_socket} mode 600",
         "    http-request use-service prometheus-exporter",
         "",
-        "backend be_terminate",
-        "    mode tcp",
-        f"    server terminate abns@{paths.terminate_socket} send-proxy-v2",
-        "",
     ]
+    if split:
+        lines += [
+            "backend be_terminate",
+            "    mode tcp",
+            f"    server terminate abns@{paths.terminate_socket} send-proxy-v2",
+            "",
+        ]
+    # the TLS frontend's address: behind the hop (the client address comes in PROXY v2), or the public port
+    tls_bind = f"abns@{paths.terminate_socket} accept-proxy" if split else f"{host}:{port}"
     if terminate_mode == "http":
         lines += [
             "frontend fe_terminate",
             "    mode http",
-            f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
-            "alpn h2,http/1.1",
+            f"    bind {tls_bind} ssl crt {paths.cert_dir}/ strict-sni alpn h2,http/1.1",
             "    option forwardfor",
             *(_log_lines(paths, _HTTP_LOG) if access_log else []),
             "    http-request set-var(txn.host) req.hdr(host),field(1,:),lower",
@@ -279,8 +304,7 @@ def render_config(
         lines += [
             "frontend fe_terminate",
             "    mode tcp",
-            f"    bind abns@{paths.terminate_socket} accept-proxy ssl crt {paths.cert_dir}/ strict-sni "
-            "alpn http/1.1",
+            f"    bind {tls_bind} ssl crt {paths.cert_dir}/ strict-sni alpn http/1.1",
             *(_log_lines(paths, _TCP_LOG) if access_log else []),
             f"    tcp-request content reject unless {{ ssl_fc_sni,lower,map({paths.http_map}) -m found }}",
             f"    use_backend %[ssl_fc_sni,lower,map({paths.http_map})]",

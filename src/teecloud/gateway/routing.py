@@ -51,7 +51,9 @@ _BY_SUFFIX: dict[str, Mode] = {"": "http", "s": "tcp", "g": "grpc"}
 class DataPlaneLimits:
     """Pre-allocated HAProxy slots (routes change at run time, backends cannot be added without a reload)
     and the connection caps. `http_backends`/`tcp_backends`: route groups (one app port, or one pinned
-    instance port) per mode; `servers_per_backend`: instances one group balances over."""
+    instance port) per mode; `servers_per_backend`: instances one group balances over. `passthrough`:
+    `s` names are served; False: none are (and, without custom domains, HAProxy terminates TLS on the
+    public port itself, with no ClientHello reader and no hop: faster, docs/benchmarks.md)."""
 
     http_backends: int = 64
     tcp_backends: int = 64
@@ -62,6 +64,7 @@ class DataPlaneLimits:
     max_conn_per_server: int = 256
     max_conn_per_app: int = 1024
     max_connections: int = 4096
+    passthrough: bool = True
 
     def __post_init__(self) -> None:
         for name in ("grpc_backends", "pp_backends"):
@@ -224,7 +227,11 @@ def plan(
         pp = 2 * sum(by_address.values()) > len(by_address)
         chosen[group] = (pp, sorted(a for a, v in by_address.items() if v == pp))
     out = Plan()
-    modes: tuple[Mode, ...] = ("http", "tcp", "grpc") if limits.grpc_backends else ("http", "tcp")
+    modes: tuple[Mode, ...] = (
+        "http",
+        *(("tcp",) if limits.passthrough else ()),
+        *(("grpc",) if limits.grpc_backends else ()),
+    )
     for mode in modes:
         pools = {pp: backend_names(mode, limits, proxy_protocol=pp) for pp in (False, True)}
         kept = {g: prev.groups.get((mode, g)) for g in members}

@@ -113,6 +113,8 @@ class GatewayServer:
     ) -> None:
         if not admin_token or len(admin_token) < 16:
             raise GatewayUsageError("the gateway's admin listener needs a token of at least 16 characters")
+        if custom_domains is not None and not limits.passthrough:
+            raise GatewayUsageError("custom domains are served in passthrough: they need passthrough names")
         self.home = Path(home)
         self.base_domain = check_base_domain(base_domain)
         self.host = host

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""HAProxy configuration variants of the gateway's data plane, each against the same baselines in the same
+rounds (docs/benchmarks.md, "Gateway — variants"): is there a configuration that closes the gap to nginx?
+
+    base        the configuration teecloud.gateway.haproxy renders (fe_sni reads the ClientHello, then an
+                abstract unix socket hop with PROXY v2 to the TLS frontend), no access log
+    unix-path   the hop over a unix socket path (unix@) instead of an abstract one (abns@)
+    cpu-map     nbthread 2 with each thread pinned to a core (cpu-map auto:1/1-2 0-1)
+    ssl-cache   tune.ssl.cachesize 100000 (default 20000 sessions)
+    small-bufs  tune.bufsize 16384, tune.maxrewrite 1024, no-memory-trimming (memory per connection)
+    reuse       http-reuse always in the app backends (server connections shared between clients)
+    no-hop      what teecloud.gateway.haproxy renders with DataPlaneLimits(passthrough=False) and no custom
+                domains: TLS terminated on the public port itself (no fe_sni, no hop)
+    no-hop+cpu-map, no-hop+small-bufs, no-hop+reuse   those tunings on top of no-hop
+    no-hop+no-cache   and no TLS session cache (tune.ssl.cachesize 0; with tickets off as well, as in the
+                nginx baselines, which keep no session cache either: no resumption)
+
+Baselines in every round: direct TLS (nginx serving the answer), nginx terminating TLS for the route name
+(`same SNI routing`) and nginx built like the gateway (stream ssl_preread + unix socket with PROXY protocol
+to a TLS server: `same split`). wrk: 2 threads, 64 keep-alive connections, TLS 1.3; memory per idle TLS
+connection on fresh processes (bench_gateway.idle_memory: RSS growth from 300 to 800 connections).
+
+    python3 bench/bench_gateway_variants.py [--seconds 5] [--rounds 3] [--variants base,no-hop,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_gateway as bg
+
+from teecloud.gateway.devca import DevCa
+from teecloud.gateway.driver import HaproxyDriver
+from teecloud.gateway.routing import DataPlaneLimits, Route
+
+
+def _global(extra: str) -> Callable[[str, str], str]:
+    return lambda cfg, _port: cfg.replace("global\n", f"global\n{extra}\n", 1)
+
+
+VARIANTS: dict[str, Callable[[str, str], str]] = {
+    "base": lambda cfg, _port: cfg,
+    "unix-path": lambda cfg, _port: cfg,  # the socket path is set per instance below
+    "cpu-map": _global("    nbthread 2\n    cpu-map auto:1/1-2 0-1"),
+    "ssl-cache": _global("    tune.ssl.cachesize 100000"),
+    "small-bufs": lambda cfg, _port: _global("    tune.maxrewrite 1024\n    no-memory-trimming")(
+        "\n".join(
+            "    tune.bufsize 16384" if line.startswith("    tune.bufsize") else line
+            for line in cfg.splitlines()
+        )
+        + "\n",
+        _port,
+    ),
+    "reuse": lambda cfg, _port: cfg.replace(
+        "    balance leastconn\n", "    balance leastconn\n    http-reuse always\n"
+    ),
+    "no-hop": lambda cfg, _port: cfg,  # rendered by the driver with passthrough=False (below)
+    "no-hop+cpu-map": _global("    nbthread 2\n    cpu-map auto:1/1-2 0-1"),
+    "no-hop+small-bufs": lambda cfg, port: VARIANTS["small-bufs"](cfg, port),
+    "no-hop+reuse": lambda cfg, port: VARIANTS["reuse"](cfg, port),
+    "no-hop+no-cache": _global("    tune.ssl.cachesize 0"),
+}
+
+
+class Haproxy:
+    """One HAProxy of a variant: the driver's rendered configuration (its maps and certificates), its own
+    sockets and port, its own session (as the driver starts it)."""
+
+    def __init__(self, tmp: Path, name: str, base_cfg: str, driver: HaproxyDriver, port: int) -> None:
+        self.dir = tmp / f"variant-{name}"
+        self.dir.mkdir(mode=0o700)
+        paths = driver.paths
+        cfg = base_cfg
+        cfg = cfg.replace(paths.admin_socket, str(self.dir / "admin.sock"))
+        cfg = cfg.replace(paths.metrics_socket, str(self.dir / "metrics.sock"))
+        hop = f"unix@{self.dir}/term.sock" if name == "unix-path" else f"abns@teecloud-bench-{name}-{port}"
+        cfg = cfg.replace(f"abns@{paths.terminate_socket}", hop)
+        cfg = cfg.replace(f"bind 127.0.0.1:{driver.port}", f"bind 127.0.0.1:{port}")
+        cfg = VARIANTS[name](cfg, f"127.0.0.1:{port}")
+        (self.dir / "haproxy.cfg").write_text(cfg)
+        check = subprocess.run(["haproxy", "-c", "-f", str(self.dir / "haproxy.cfg")], capture_output=True)
+        if check.returncode != 0:
+            raise SystemExit(f"variant {name}: {check.stderr.decode()[-2000:]}")
+        self.proc = subprocess.Popen(
+            ["haproxy", "-W", "-db", "-f", str(self.dir / "haproxy.cfg")],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.port = port
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="teecloud-bench-gwv-"))
+    now = int(time.time())
+    ca = DevCa(now=now)
+    cert = ca.issue_wildcard(bg.BASE, now=now)
+    (tmp / "cert.pem").write_text(cert.cert_pem + ca.cert_pem)
+    (tmp / "key.pem").write_text(cert.key_pem)
+    (tmp / "key.pem").chmod(0o600)
+    tls = f"ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem;"
+    b_port, d_port, n_port, s_port, g_port = (bg.free_port() for _ in range(5))
+    procs: list[subprocess.Popen[bytes]] = []
+    haproxies: dict[str, Haproxy] = {}
+    drivers: list[HaproxyDriver] = []
+    driver = None
+    try:
+        procs.append(
+            bg.start_nginx(
+                tmp / "backend",
+                f'server {{ listen 127.0.0.1:{b_port}; location / {{ return 200 "hello world\\n"; }} }}',
+                1,
+            )
+        )
+        direct = bg.start_nginx(
+            tmp / "direct",
+            f"server {{ listen 127.0.0.1:{d_port} ssl; {tls} "
+            'location / { return 200 "hello world\\n"; } }',
+            2,
+        )
+        procs.append(direct)
+        nginx_gw = bg.start_nginx(
+            tmp / "nginx-gw",
+            f"upstream app {{ server 127.0.0.1:{b_port}; keepalive 64; }}\n"
+            f"server {{ listen 127.0.0.1:{n_port} ssl default_server; {tls} return 421; }}\n"
+            f"server {{ listen 127.0.0.1:{n_port} ssl; server_name {bg.HOST}; {tls}\n"
+            "  location / { proxy_pass http://app; proxy_http_version 1.1; "
+            'proxy_set_header Connection ""; } }',
+            2,
+        )
+        procs.append(nginx_gw)
+        sock = tmp / "nginx-split" / "term.sock"
+        split = bg.start_nginx(
+            tmp / "nginx-split",
+            f"upstream app {{ server 127.0.0.1:{b_port}; keepalive 64; }}\n"
+            f"server {{ listen unix:{sock} ssl proxy_protocol default_server; {tls} return 421; }}\n"
+            f"server {{ listen unix:{sock} ssl proxy_protocol; server_name {bg.HOST}; {tls}\n"
+            "  location / { proxy_pass http://app; proxy_http_version 1.1; "
+            'proxy_set_header Connection ""; } }',
+            2,
+            stream=f"stream {{\n  map_hash_bucket_size 128;\n"
+            f"  map $ssl_preread_server_name $to {{ {bg.APP}-8443s.{bg.BASE} 127.0.0.1:{d_port}; "
+            f"default unix:{sock}; }}\n"
+            f"  server {{ listen 127.0.0.1:{s_port}; ssl_preread on; proxy_pass $to; "
+            "proxy_protocol on; }\n}",
+        )
+        procs.append(split)
+        # the driver renders the configuration (maps, certificates) of one route; variants start from it
+        driver = HaproxyDriver(
+            tmp / "gw",
+            base_domain=bg.BASE,
+            port=g_port,
+            cert=cert,
+            chain_pem=ca.cert_pem,
+            limits=DataPlaneLimits(http_backends=8, tcp_backends=8, servers_per_backend=2),
+        ).start()
+        driver.apply([Route(bg.APP, bg.INST, 8080, f"127.0.0.1:{b_port}")])
+        base_cfg = Path(driver.paths.config).read_text()
+        # the same route, rendered without passthrough names: no ClientHello reader, no hop
+        direct_driver = HaproxyDriver(
+            tmp / "gw-direct",
+            base_domain=bg.BASE,
+            port=bg.free_port(),
+            cert=cert,
+            chain_pem=ca.cert_pem,
+            limits=DataPlaneLimits(http_backends=8, tcp_backends=8, servers_per_backend=2, passthrough=False),
+        ).start()
+        drivers.append(direct_driver)
+        direct_driver.apply([Route(bg.APP, bg.INST, 8080, f"127.0.0.1:{b_port}")])
+        no_hop_cfg = Path(direct_driver.paths.config).read_text()
+        for name in names:
+            src, drv = (no_hop_cfg, direct_driver) if name.startswith("no-hop") else (base_cfg, driver)
+            haproxies[name] = Haproxy(tmp, name, src, drv, bg.free_port())
+        targets: dict[str, tuple[int, int]] = {
+            "direct": (d_port, direct.pid),
+            "nginx same SNI routing": (n_port, nginx_gw.pid),
+            "nginx same split": (s_port, split.pid),
+            **{f"haproxy {n}": (h.port, h.proc.pid) for n, h in haproxies.items()},
+        }
+        # memory first, on fresh processes (bench_gateway explains why)
+        mem = {
+            n: bg.idle_memory(port, bg.HOST, ca.cert_pem, bg.tree_pids(pid))
+            for n, (port, pid) in targets.items()
+        }
+        order = list(targets)
+        rounds: dict[str, list[dict[str, float]]] = {n: [] for n in order}
+        for r in range(args.rounds):
+            for n in order[r % len(order) :] + order[: r % len(order)]:
+                port, _pid = targets[n]
+                res = bg.wrk(f"https://{bg.HOST}:{port}/", args.seconds)
+                rounds[n].append(res)
+                print(f"round {r + 1} {n}: {res['rps']:.0f} req/s p99 {res['p99']:.1f} ms", flush=True)
+        print(
+            "\n| variant | req/s (median) | p99 ms | errors | / nginx same routing | / nginx same split "
+            "| / direct | p99 / nginx's | KiB / idle TLS conn |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for n in order:
+            rs = rounds[n]
+
+            def ratio(base: str, key: str = "rps", rs: list[dict[str, float]] = rs) -> float:
+                return bg.median([a[key] / b[key] for a, b in zip(rs, rounds[base], strict=True)])
+
+            print(
+                f"| {n} | {bg.median([x['rps'] for x in rs]):.0f} | {bg.median([x['p99'] for x in rs]):.1f} "
+                f"| {sum(x['errors'] for x in rs):.0f} | {ratio('nginx same SNI routing'):.2f} "
+                f"| {ratio('nginx same split'):.2f} | {100 * ratio('direct'):.0f} % "
+                f"| {ratio('nginx same SNI routing', 'p99'):.2f} | {mem[n]:.1f} |"
+            )
+        print("\nper round req/s:")
+        for n in order:
+            print(f"  {n}: " + ", ".join(f"{x['rps']:.0f}" for x in rounds[n]))
+    finally:
+        for h in haproxies.values():
+            h.stop()
+        for d in [driver, *drivers]:
+            if d is not None:
+                d.stop()
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
