@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import re
 import struct
 import subprocess
@@ -118,14 +119,18 @@ for f in etc/table-loader etc/acpi/rsdp etc/acpi/tables; do
   dump "$f" /sys/firmware/qemu_fw_cfg/by_name/$f/raw
 done
 dump installed/DSDT /sys/firmware/acpi/tables/DSDT
+mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
+log=/sys/kernel/security/tpm0/binary_bios_measurements
+[ -r $log ] && cat $log > /tpm-log && dump installed/tpm-log /tpm-log
 echo "@@ACPI-DONE"
 poweroff -f
 """
 
 
 def dumper_initramfs(*, modules_dir: Path, busybox: Path) -> bytes:
-    """A guest (busybox and the kernel's qemu_fw_cfg module) that prints the three fw_cfg files, and the
-    DSDT the firmware installed (a cross-check), base64 between markers on its console."""
+    """A guest (busybox and the kernel's qemu_fw_cfg module) that prints the three fw_cfg files, the DSDT
+    the firmware installed and, when the VM has a TPM, the firmware's TCG event log (cross-checks), base64
+    between markers on its console."""
     if not busybox.is_file():
         raise ImageFormatError(f"{busybox} is missing (Debian package busybox-static)")
     kos = module_load_order(modules_dir, ("qemu_fw_cfg",))
@@ -157,10 +162,18 @@ _DROPPED = {
 def dump_argv(shape_argv: Sequence[str], *, kernel: Path, initrd: Path) -> list[str]:
     """The VM's QEMU argv (its machine, CPUs, memory, devices and firmware: what the tables depend on) with
     the dumper as the boot files, the console on stdio, under TCG."""
+    # the console's chardevs go with -serial; others (a TPM's socket) are devices of the shape and stay
+    consoles = {v.removeprefix("chardev:") for o, v in itertools.pairwise(shape_argv) if o == "-serial"}
     argv = list(shape_argv[:1])
     i = 1
     while i < len(shape_argv):
         opt = shape_argv[i]
+        value = shape_argv[i + 1] if i + 1 < len(shape_argv) else ""
+        chardev_id = dict(p.split("=", 1) for p in value.split(",") if "=" in p).get("id")
+        if opt == "-chardev" and chardev_id not in consoles:
+            argv += [opt, value]
+            i += 2
+            continue
         if opt in _DROPPED:
             i += 1 if opt == "-daemonize" else 2
             continue
