@@ -230,10 +230,12 @@ def test_debians_ovmf_logs_rtmr0s_fixed_events_but_secureboot(tmp_path: Path) ->
     with a software TPM (swtpm; no TDX host here): PK, KEK, db, dbx, the separator, BootOrder and Boot0000
     are the digests of teecloud's RTMR0 model (from a real dstack TD), SecureBoot is not (Debian's logs the
     variable as one byte 00, dstack's firmware as absent), and it logs no ACPI DATA event outside a TD. So a
-    built image's RTMR0 reference is not yet right for its own firmware (docs/node.md)."""
+    built image's RTMR0 reference is not yet right for its own firmware (docs/node.md). The kernel, command
+    line and initrd events are teecloud's RTMR1/RTMR2 calculators' values, digest for digest."""
     import subprocess
 
-    from teecloud.image.tdx import efi_variable_digest, rtmr0_fixed_events
+    from teecloud.image.acpi import DUMP_CMDLINE, dumper_initramfs
+    from teecloud.image.tdx import efi_variable_digest, rtmr0_fixed_events, rtmr1_events, rtmr2_events
 
     swtpm = shutil.which("swtpm")
     if swtpm is None:
@@ -276,3 +278,12 @@ def test_debians_ovmf_logs_rtmr0s_fixed_events_but_secureboot(tmp_path: Path) ->
         fixed["boot0000"],
     ]
     assert not [e for e in events if e[1] == 0xA]  # no EV_PLATFORM_CONFIG_FLAGS (ACPI DATA) outside a TD
+    # RTMR1 and RTMR2 as teecloud computes them for the kernel, initrd and command line this VM booted
+    # (QEMU 7.2 patched the kernel's setup header for 2 GiB and this initrd) are what the firmware measured
+    # into PCR 4/5 (RTMR1 in a TD) and PCR 9 (RTMR2): the kernel's Authenticode hash and the fixed events,
+    # the command line and the initrd
+    initrd = dumper_initramfs(modules_dir=MODULES, busybox=busybox_path())  # reproducible: the VM's bytes
+    r1 = rtmr1_events(KERNEL.read_bytes(), initrd_size=len(initrd), memory_bytes=2048 << 20)
+    boot = [d for pcr, kind, d in sha384 if pcr in (4, 5) and kind != 4]
+    assert boot == [r1[0], r1[1], r1[3], r1[4]] and r1[2] == fixed["separator"]
+    assert [d for pcr, kind, d in sha384 if pcr == 9] == rtmr2_events(DUMP_CMDLINE, initrd)

@@ -39,6 +39,7 @@ from teecloud.image.tdx import AcpiDigests
 from teecloud.image.testguest import module_load_order
 
 __all__ = [
+    "DUMP_CMDLINE",
     "FWCFG_FILES",
     "acpi_digests",
     "dump_argv",
@@ -54,6 +55,7 @@ MAX_LOADER = 64 * 1024
 MAX_TABLES = 2 * 1024 * 1024
 MAX_SERIAL = 8 * 1024 * 1024  # the dump's console: base64 of at most ~2.1 MiB, and boot noise
 DUMP_TIMEOUT = 300.0
+DUMP_CMDLINE = "console=ttyS0 quiet loglevel=0 panic=-1"
 _COMMAND = 128
 _FILE_NAME = 56  # BiosLinkerLoaderEntry's file fields (QEMU hw/acpi/bios-linker-loader.c)
 # command types: 0 = padding, 1 ALLOCATE, 2 ADD_POINTER, 3 ADD_CHECKSUM, 4 WRITE_POINTER
@@ -182,7 +184,7 @@ def dump_argv(shape_argv: Sequence[str], *, kernel: Path, initrd: Path) -> list[
             continue
         argv.append(opt)
         i += 1
-    append = "console=ttyS0 quiet loglevel=0 panic=-1"
+    append = DUMP_CMDLINE
     return [
         *argv,
         "-accel",
