@@ -34,6 +34,7 @@ from teecloud.image.acpi import (
     qemu_acpi_files,
 )
 from teecloud.image.errors import ImageFormatError
+from teecloud.image.tdx import AcpiDigests
 from teecloud.image.testguest import busybox_path
 
 KERNEL = Path("/var/cache/teecloud/guest-kernel/vmlinuz")
@@ -287,3 +288,35 @@ def test_debians_ovmf_logs_rtmr0s_fixed_events_but_secureboot(tmp_path: Path) ->
     boot = [d for pcr, kind, d in sha384 if pcr in (4, 5) and kind != 4]
     assert boot == [r1[0], r1[1], r1[3], r1[4]] and r1[2] == fixed["separator"]
     assert [d for pcr, kind, d in sha384 if pcr == 9] == rtmr2_events(DUMP_CMDLINE, initrd)
+
+
+@pytest.mark.slow
+def test_the_acpi_command_prints_the_digests_and_rtmr0(tmp_path: Path) -> None:
+    """`teecloud image acpi` on a built image's measurement file (Debian's OVMF is a TDVF): the digests of
+    the dumped files, and RTMR0 = the replay of the model's 13 events with them."""
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app
+    from teecloud.image.measurement import encode, measure_tdx_image, parse
+    from teecloud.image.tdx import replay, rtmr0_events, sha384, td_hob
+
+    m = measure_tdx_image(
+        kernel=KERNEL.read_bytes(),
+        initrd=b"\x1f\x8b" + bytes(100),
+        cmdline="console=ttyS0",
+        tdvf=OVMF.read_bytes(),
+    )
+    (tmp_path / "m.cbor").write_bytes(encode(m))
+    r = CliRunner().invoke(
+        app, ["image", "acpi", "--vcpus", "2", "--memory", "2G", "--measurement", str(tmp_path / "m.cbor")]
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["sizes"]["etc/acpi/rsdp"] == 20 and doc["sizes"]["etc/table-loader"] % 128 == 0
+    digests = tdx_acpi(doc)
+    hob = sha384(td_hob(parse(encode(m)).td_hob_witness, 2 << 30))
+    assert doc["rtmr0"] == replay(rtmr0_events(hob, digests)).hex()
+
+
+def tdx_acpi(doc: dict[str, object]) -> AcpiDigests:
+    return AcpiDigests(*(bytes.fromhex(str(doc[k])) for k in ("acpi_loader", "acpi_rsdp", "acpi_tables")))
