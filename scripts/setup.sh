@@ -61,6 +61,14 @@ if [ ${#need_img[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_img[@]}" >/dev/null
 fi
 # --- end qemu guest image
+# --- reference measurements: swtpm, a software TPM for the test that reads Debian OVMF's event log
+# (tests/image/test_measure_acpi.py)
+if ! command -v swtpm >/dev/null; then
+  echo "setup: apt-get install swtpm"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends swtpm >/dev/null
+fi
+# --- end reference measurements
 
 # anvil (a second, independent EVM implementation for the chain tests) ships inside this npm package.
 if [ ! -x "$TOOLS/node_modules/.bin/anvil" ]; then

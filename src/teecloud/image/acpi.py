@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import re
 import struct
 import subprocess
@@ -38,6 +39,7 @@ from teecloud.image.tdx import AcpiDigests
 from teecloud.image.testguest import module_load_order
 
 __all__ = [
+    "DUMP_CMDLINE",
     "FWCFG_FILES",
     "acpi_digests",
     "dump_argv",
@@ -53,6 +55,7 @@ MAX_LOADER = 64 * 1024
 MAX_TABLES = 2 * 1024 * 1024
 MAX_SERIAL = 8 * 1024 * 1024  # the dump's console: base64 of at most ~2.1 MiB, and boot noise
 DUMP_TIMEOUT = 300.0
+DUMP_CMDLINE = "console=ttyS0 quiet loglevel=0 panic=-1"
 _COMMAND = 128
 _FILE_NAME = 56  # BiosLinkerLoaderEntry's file fields (QEMU hw/acpi/bios-linker-loader.c)
 # command types: 0 = padding, 1 ALLOCATE, 2 ADD_POINTER, 3 ADD_CHECKSUM, 4 WRITE_POINTER
@@ -118,14 +121,18 @@ for f in etc/table-loader etc/acpi/rsdp etc/acpi/tables; do
   dump "$f" /sys/firmware/qemu_fw_cfg/by_name/$f/raw
 done
 dump installed/DSDT /sys/firmware/acpi/tables/DSDT
+mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
+log=/sys/kernel/security/tpm0/binary_bios_measurements
+[ -r $log ] && cat $log > /tpm-log && dump installed/tpm-log /tpm-log
 echo "@@ACPI-DONE"
 poweroff -f
 """
 
 
 def dumper_initramfs(*, modules_dir: Path, busybox: Path) -> bytes:
-    """A guest (busybox and the kernel's qemu_fw_cfg module) that prints the three fw_cfg files, and the
-    DSDT the firmware installed (a cross-check), base64 between markers on its console."""
+    """A guest (busybox and the kernel's qemu_fw_cfg module) that prints the three fw_cfg files, the DSDT
+    the firmware installed and, when the VM has a TPM, the firmware's TCG event log (cross-checks), base64
+    between markers on its console."""
     if not busybox.is_file():
         raise ImageFormatError(f"{busybox} is missing (Debian package busybox-static)")
     kos = module_load_order(modules_dir, ("qemu_fw_cfg",))
@@ -157,10 +164,18 @@ _DROPPED = {
 def dump_argv(shape_argv: Sequence[str], *, kernel: Path, initrd: Path) -> list[str]:
     """The VM's QEMU argv (its machine, CPUs, memory, devices and firmware: what the tables depend on) with
     the dumper as the boot files, the console on stdio, under TCG."""
+    # the console's chardevs go with -serial; others (a TPM's socket) are devices of the shape and stay
+    consoles = {v.removeprefix("chardev:") for o, v in itertools.pairwise(shape_argv) if o == "-serial"}
     argv = list(shape_argv[:1])
     i = 1
     while i < len(shape_argv):
         opt = shape_argv[i]
+        value = shape_argv[i + 1] if i + 1 < len(shape_argv) else ""
+        chardev_id = dict(p.split("=", 1) for p in value.split(",") if "=" in p).get("id")
+        if opt == "-chardev" and chardev_id not in consoles:
+            argv += [opt, value]
+            i += 2
+            continue
         if opt in _DROPPED:
             i += 1 if opt == "-daemonize" else 2
             continue
@@ -169,7 +184,7 @@ def dump_argv(shape_argv: Sequence[str], *, kernel: Path, initrd: Path) -> list[
             continue
         argv.append(opt)
         i += 1
-    append = "console=ttyS0 quiet loglevel=0 panic=-1"
+    append = DUMP_CMDLINE
     return [
         *argv,
         "-accel",
