@@ -31,6 +31,7 @@ __all__ = [
     "PATH_GET_KMS_KEY",
     "PATH_GET_META",
     "PATH_GET_TEMP_CA_CERT",
+    "PATH_PEER_HELLO",
     "PATH_RESHARE_DEAL",
     "PATH_SIGN_CERT",
     "PATH_THRESHOLD_EVALUATE",
@@ -46,6 +47,9 @@ __all__ = [
     "GetKmsKeyRequest",
     "KmsKeyResponse",
     "KmsMeta",
+    "PeerHelloRequest",
+    "PeerHelloResponse",
+    "PeerMember",
     "ReshareDealRequest",
     "ReshareDealResponse",
     "ReshareOpenRequest",
@@ -72,6 +76,7 @@ PATH_GET_BOOT_CHALLENGE = "/prpc/KMS.GetBootChallenge"
 PATH_THRESHOLD_EVALUATE = "/prpc/KMS.ThresholdEvaluate"
 PATH_RESHARE_DEAL = "/prpc/KMS.ReshareDeal"
 PATH_THRESHOLD_SIGN = "/prpc/KMS.ThresholdSignAppKey"
+PATH_PEER_HELLO = "/prpc/KMS.PeerHello"
 
 
 class Denied(BaseModel):
@@ -331,3 +336,27 @@ class DkgOpenRequest(BaseModel):
     dealers: list[int] = Field(min_length=1, max_length=64)
     t: int = Field(ge=1, le=64)
     n: int = Field(ge=1, le=64)
+
+
+# --- threshold mode: the channel between running nodes (teecloud.kms.peering)
+
+
+class PeerMember(BaseModel):
+    """A running node's membership proof (teecloud.kms.peering): its partial evaluation, with share `index`
+    of the committee of `epoch`, of the VOPRF input naming its boot-time peer key, and the DLEQ proof."""
+
+    epoch: int = Field(ge=0, lt=1 << 32)
+    index: int = Field(ge=1, le=64)
+    element: str = Field(min_length=64, max_length=64)
+    proof: str = Field(min_length=128, max_length=128)
+
+
+class PeerHelloRequest(BaseModel):
+    """A running node checks the channel to another (both sides apply kms.peering's rule)."""
+
+    member: PeerMember | None = None
+
+
+class PeerHelloResponse(BaseModel):
+    index: int = Field(description="the caller's share index, as the rule admitted it")
+    member: PeerMember

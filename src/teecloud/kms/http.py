@@ -167,6 +167,10 @@ def make_public_app(service: KmsService) -> FastAPI:
             service.reshare_deal(peer_cert_der(request), body, peer_addr=_peer_addr(request))
         )
 
+    @app.post(api.PATH_PEER_HELLO, response_model=api.PeerHelloResponse)
+    def peer_hello(request: Request, body: api.PeerHelloRequest) -> api.PeerHelloResponse:
+        return service.peer_hello(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+
     @app.post(api.PATH_GET_KMS_KEY, response_model=api.KmsKeyResponse)
     def get_kms_key(request: Request, body: api.GetKmsKeyRequest) -> api.KmsKeyResponse:
         return service.get_kms_key(peer_cert_der(request), peer_addr=_peer_addr(request))

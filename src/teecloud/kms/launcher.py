@@ -26,6 +26,7 @@ from teecloud.kms.audit import AuditLog
 from teecloud.kms.authz import AuthChain
 from teecloud.kms.bootstrap import KmsIdentity, boot_kms_tee, finish_kms_boot, kms_dir, start_kms_state
 from teecloud.kms.errors import BootstrapError
+from teecloud.kms.peering import PeerIdentity
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import CollateralSource, KmsConfig, KmsService, OsImageReference
@@ -126,23 +127,33 @@ class RunningKms:
         self.server.stop()
 
 
-def launch_kms(spec: KmsLaunch) -> RunningKms:
-    # (1)-(2)
-    identity = boot_kms_tee(spec.tee, finish=spec.join is None)
-    if spec.join is not None:
-        save_share(spec.join(spec.tee, identity), spec.tee, identity, spec.home)
-        finish_kms_boot(spec.tee)
-    state, created = start_kms_state(spec.tee, identity, now=int(time.time()), home=spec.home)
-    holder: RootKeyHolder = LocalRootKeys(state)  # the only place the sealed root becomes a holder
-    evaluator = None
-    reshare = ReshareDealer(None) if spec.threshold_dealer else None
-    if spec.threshold or spec.join is not None:
+def _member_at_boot(spec: KmsLaunch, identity: KmsIdentity) -> tuple[ThresholdShare, PeerIdentity]:
+    """A threshold member's boot, before its boot finishes: join a round (when told to), load its share,
+    and make its peer identity from a quote taken now (teecloud.kms.peering: the boot-time key)."""
+    try:
+        if spec.join is not None:
+            save_share(spec.join(spec.tee, identity), spec.tee, identity, spec.home)
         share = load_share(spec.tee, identity, spec.home)
         if share is None:
             raise BootstrapError(
                 f"no threshold share sealed under {kms_dir(spec.home)}: run the key ceremony first "
                 "(`teecloud kms threshold-init` in development)"
             )
+        return share, PeerIdentity.at_boot(spec.tee, epoch=share.epoch, index=share.index, share=share.share)
+    finally:
+        finish_kms_boot(spec.tee)
+
+
+def launch_kms(spec: KmsLaunch) -> RunningKms:
+    # (1)-(2)
+    member = spec.threshold or spec.join is not None
+    identity = boot_kms_tee(spec.tee, finish=not member)
+    share, peer_identity = _member_at_boot(spec, identity) if member else (None, None)
+    state, created = start_kms_state(spec.tee, identity, now=int(time.time()), home=spec.home)
+    holder: RootKeyHolder = LocalRootKeys(state)  # the only place the sealed root becomes a holder
+    evaluator = None
+    reshare = ReshareDealer(None) if spec.threshold_dealer else None
+    if share is not None:
         evaluator = ThresholdEvaluator(
             share, gateway_app_id=spec.gateway_app_id, signer=open_signer(spec.tee, identity, spec.home)
         )
@@ -182,6 +193,7 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         threshold=evaluator,
         reshare=reshare,
         erase_share=(lambda: erase_share(spec.home)) if evaluator is not None else None,
+        peer_identity=peer_identity,
     )
     # (5)
     server = KmsServer(

@@ -49,6 +49,7 @@ from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.challenge import BootChallenges, FirstUseLedger
 from teecloud.kms.errors import AccessDenied, KmsUsageError, SealingError
 from teecloud.kms.issuer import KeyIssuer
+from teecloud.kms.peering import AdmittedNode, Committee, PeerAdmission, PeerIdentity
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, ThresholdEvaluator
 from teecloud.peer import (
@@ -127,6 +128,8 @@ class KmsConfig:
 
 # ------------------------------------------------------------------------------------------------ logic
 
+PEER_NODE_CERT_MAX_S = 366 * 24 * 3600  # a KMS server certificate's longest life (kms.client)
+
 
 def _norm_app_id(text: str) -> bytes:
     try:
@@ -157,6 +160,7 @@ class KmsService:
         threshold: ThresholdEvaluator | None = None,
         reshare: ReshareDealer | None = None,
         erase_share: Callable[[], bool] | None = None,
+        peer_identity: PeerIdentity | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
@@ -166,7 +170,9 @@ class KmsService:
         threshold node (teecloud.kms.threshold): it serves ThresholdEvaluate and refuses the whole-key
         endpoints (GetAppKey, SignCert, GetKmsKey, env keys): its own root is only its server identity.
         `reshare` (with `threshold`) lets it deal its share to a new committee (ReshareDeal); `erase_share`
-        removes its sealed share when it is retired (retire_share)."""
+        removes its sealed share when it is retired (retire_share). `peer_identity` (a threshold node's
+        boot-time key and membership proof, teecloud.kms.peering) lets it talk to the other running members
+        of its committee: it is also its TLS server key (kms.server.make_server_identity)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -231,6 +237,19 @@ class KmsService:
         self.reshare = reshare
         self._erase_share = erase_share
         self.clock = clock
+        # Running KMS nodes' certificates live as long as the node's boot-time key (its server certificate
+        # too), so they are checked by the same verifier under a server certificate's lifetime.
+        self.node_peers = PeerVerifier(
+            dataclasses.replace(peer_policy, max_cert_lifetime_s=PEER_NODE_CERT_MAX_S),
+            collateral,
+            clock=clock,
+            cache_s=self.config.evidence_cache_s,
+            cache_entries=self.config.evidence_cache_entries,
+        )
+        self.peer_identity = peer_identity
+        self.peering = PeerAdmission(
+            lambda der: self.authz.attest(der, peers=self.node_peers), self.authz.chain, self._committee
+        )
 
     @property
     def os_image_reference(self) -> OsImageReference | None:
@@ -472,6 +491,37 @@ class KmsService:
         erased = self._erase_share() if self._erase_share is not None else False
         log.warning("threshold share %d of epoch %d retired (sealed copy erased: %s)", index, epoch, erased)
         return api.RetireShareResponse(index=index, epoch=epoch, sealed_copy_erased=erased)
+
+    # --- threshold mode: running nodes (teecloud.kms.peering)
+
+    def _committee(self) -> Committee | None:
+        ev = self.threshold
+        return None if ev is None else Committee(ev.epoch, ev.n, ev.commitments)
+
+    def admit_peer(
+        self, cert_der: bytes | None, member: api.PeerMember | None, ctx: dict[str, Any]
+    ) -> AdmittedNode:
+        """The rule for a running member of this node's committee (kms.peering.PeerAdmission.admit)."""
+        if self.peer_identity is None:
+            raise AccessDenied(
+                "this node has no boot-time peer identity (not a threshold member)", step="mode"
+            )
+        node = self.peering.admit(cert_der, member)
+        ctx["boot_info"] = node.boot_info
+        return node
+
+    def peer_hello(
+        self, cert_der: bytes | None, req: api.PeerHelloRequest, *, peer_addr: str = ""
+    ) -> api.PeerHelloResponse:
+        """A running member checks its channel to this node (both sides apply the same rule)."""
+
+        def decide(ctx: dict[str, Any]) -> api.PeerHelloResponse:
+            node = self.admit_peer(cert_der, req.member, ctx)
+            assert self.peer_identity is not None
+            ctx["reason"] = f"running member {node.index} admitted (boot-time key; {node.reason})"
+            return api.PeerHelloResponse(index=node.index, member=self.peer_identity.member)
+
+        return self._audited(api.PATH_PEER_HELLO, cert_der, peer_addr, decide)
 
     def _whole_root_only(self) -> None:
         if self.threshold is not None or self.reshare is not None:

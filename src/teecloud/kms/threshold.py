@@ -174,6 +174,14 @@ class ThresholdEvaluator:
     def group_public_key(self) -> bytes:
         return self._share.group_public_key
 
+    @property
+    def n(self) -> int:
+        return self._share.n
+
+    @property
+    def commitments(self) -> tuple[bytes, ...]:
+        return self._share.commitments
+
     def evaluate(self, app: AuthorizedApp) -> api.ThresholdEvaluateResponse:
         if not isinstance(app, AuthorizedApp):
             raise TypeError("partial evaluations only for an AuthorizedApp")
