@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.chain import ChainClient, ContractReverted
 from teecloud.keys import threshold as th
+from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.certs import spki_der
 from teecloud.keys.ratls import make_ratls_cert
 from teecloud.kms import api
@@ -28,6 +29,7 @@ from teecloud.kms.rootkeys import LocalRootKeys
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
 from teecloud.kms.threshold import ThresholdEvaluator, ThresholdShare, local_joint_feldman
+from teecloud.kms.threshold_sign import ThresholdSigner, open_signer, save_signing_share
 from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 from tests.kms.conftest import World, post_with_cert
 
@@ -63,6 +65,11 @@ def start_member(
     peer = PeerIdentity.at_boot(tee, epoch=share.epoch, index=share.index, share=share.share)
     finish_kms_boot(tee)
     state, _ = start_kms_state(tee, identity, now=int(time.time()), home=node_home)
+
+    def install(key: te.KeyShare) -> ThresholdSigner | None:
+        save_signing_share(key, tee, identity, node_home)
+        return open_signer(tee, identity, node_home)
+
     service = KmsService(
         state=state,
         identity=identity,
@@ -78,6 +85,7 @@ def start_member(
         challenges=BootChallenges(),
         threshold=ThresholdEvaluator(share),
         peer_identity=peer,
+        install_signing_key=install,
     )
     return Member(share.index, tee, service, KmsServer(service).start(), peer)
 

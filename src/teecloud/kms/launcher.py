@@ -38,7 +38,7 @@ from teecloud.kms.threshold import (
     load_share,
     save_share,
 )
-from teecloud.kms.threshold_sign import open_signer
+from teecloud.kms.threshold_sign import open_signer, save_signing_share
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -194,6 +194,12 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         reshare=reshare,
         erase_share=(lambda: erase_share(spec.home)) if evaluator is not None else None,
         peer_identity=peer_identity,
+        install_signing_key=(
+            lambda key: (
+                save_signing_share(key, spec.tee, identity, spec.home),
+                open_signer(spec.tee, identity, spec.home),
+            )[1]
+        ),
     )
     # (5)
     server = KmsServer(

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 from teecloud.attestation.policy import Policy
 from teecloud.chain.api import BlockRef
 from teecloud.ids import HexError, parse_app_id
+from teecloud.keys import threshold_ecdsa as te
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
 from teecloud.kms.authz import (
@@ -49,9 +50,11 @@ from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.challenge import BootChallenges, FirstUseLedger
 from teecloud.kms.errors import AccessDenied, KmsUsageError, SealingError
 from teecloud.kms.issuer import KeyIssuer
-from teecloud.kms.peering import AdmittedNode, Committee, PeerAdmission, PeerIdentity
+from teecloud.kms.peering import AdmittedNode, Committee, PeerAdmission, PeerClient, PeerIdentity
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, ThresholdEvaluator
+from teecloud.kms.threshold_net import SignRounds
+from teecloud.kms.threshold_sign import ThresholdSigner
 from teecloud.peer import (
     AttestedPeer,
     CollateralSource,
@@ -161,6 +164,7 @@ class KmsService:
         reshare: ReshareDealer | None = None,
         erase_share: Callable[[], bool] | None = None,
         peer_identity: PeerIdentity | None = None,
+        install_signing_key: Callable[[te.KeyShare], ThresholdSigner | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
@@ -172,7 +176,9 @@ class KmsService:
         `reshare` (with `threshold`) lets it deal its share to a new committee (ReshareDeal); `erase_share`
         removes its sealed share when it is retired (retire_share). `peer_identity` (a threshold node's
         boot-time key and membership proof, teecloud.kms.peering) lets it talk to the other running members
-        of its committee: it is also its TLS server key (kms.server.make_server_identity)."""
+        of its committee: it is also its TLS server key (kms.server.make_server_identity).
+        `install_signing_key` seals a signing share made by a networked round and returns its signer
+        (teecloud.kms.threshold_net)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -250,6 +256,18 @@ class KmsService:
         self.peering = PeerAdmission(
             lambda der: self.authz.attest(der, peers=self.node_peers), self.authz.chain, self._committee
         )
+        self._install_signing_key = install_signing_key
+        self.sign_rounds: SignRounds | None = None
+        if threshold is not None and peer_identity is not None:
+            self.sign_rounds = SignRounds(
+                index=threshold.index,
+                t=len(threshold.commitments),
+                n=threshold.n,
+                signer=lambda: self.threshold.signer if self.threshold is not None else None,
+                install_key=self._install_signer,
+                connect=self._peer_client,
+                clock=clock,
+            )
 
     @property
     def os_image_reference(self) -> OsImageReference | None:
@@ -509,6 +527,56 @@ class KmsService:
         node = self.peering.admit(cert_der, member)
         ctx["boot_info"] = node.boot_info
         return node
+
+    def _peer_client(self, index: int, url: str) -> PeerClient:
+        assert self.peer_identity is not None
+        return PeerClient(url, identity=self.peer_identity, admission=self.peering, expected_index=index)
+
+    def _install_signer(self, key: te.KeyShare) -> None:
+        if self._install_signing_key is None or self.threshold is None:
+            raise KmsUsageError("this node cannot seal a signing share (no sealing configured)")
+        self.threshold.signer = self._install_signing_key(key)
+        log.info("signing share %d sealed (group key %s)", key.index, key.group_public_key.hex()[:16])
+
+    def _rounds(self) -> SignRounds:
+        if self.sign_rounds is None or self.threshold is None:
+            raise KmsUsageError("this KMS is not a running threshold member (no share or no peer identity)")
+        return self.sign_rounds
+
+    def round_open(self, req: api.RoundOpenRequest) -> api.RoundPublic:
+        """Admin: open a signing-key DKG or presigning round on this member (kms.threshold_net)."""
+        out = self._rounds().open(req)
+        log.info("%s round %s opened (%d)", req.kind, req.session[:8], req.count)
+        return out
+
+    def round_view(self, req: api.RoundViewRequest) -> api.RoundViewResponse:
+        return self._rounds().view(req)
+
+    def round_advance(self, req: api.RoundAdvanceRequest) -> api.RoundPublic:
+        return self._rounds().advance(req)
+
+    def peer_round(
+        self, cert_der: bytes | None, req: api.PeerRoundRequest, *, peer_addr: str = ""
+    ) -> api.PeerRoundResponse:
+        """A running member's sub-shares of an open round: only under kms.peering's rule, once per stage."""
+
+        def decide(ctx: dict[str, Any]) -> api.PeerRoundResponse:
+            rounds = self.sign_rounds
+            if rounds is None or self.threshold is None:
+                raise AccessDenied("this KMS is not a running threshold member", step="mode")
+            node = self.admit_peer(cert_der, req.member, ctx)
+            dealer, shares = rounds.serve(node, req)
+            assert self.peer_identity is not None
+            ctx["reason"] = f"{req.stage} sub-shares of round {req.session[:8]} for member {node.index}"
+            return api.PeerRoundResponse(
+                session=req.session,
+                stage=req.stage,
+                dealer=dealer,
+                shares=shares,
+                member=self.peer_identity.member,
+            )
+
+        return self._audited(api.PATH_PEER_ROUND, cert_der, peer_addr, decide)
 
     def peer_hello(
         self, cert_der: bytes | None, req: api.PeerHelloRequest, *, peer_addr: str = ""
