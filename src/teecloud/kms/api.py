@@ -53,6 +53,7 @@ __all__ = [
     "PeerMember",
     "PeerRoundRequest",
     "PeerRoundResponse",
+    "PoolResponse",
     "ReshareDealRequest",
     "ReshareDealResponse",
     "ReshareOpenRequest",
@@ -416,6 +417,13 @@ class RoundViewRequest(BaseModel):
     session: str = Field(min_length=32, max_length=32)
     stage: str = Field(pattern="^(deal|mul|reduce)$")
     broadcast: dict[str, list[RoundValue]] = Field(max_length=64)
+
+
+class PoolResponse(BaseModel):
+    """Admin: this member's unused presignatures and its group signing key (hex; "" without one)."""
+
+    unused: int
+    signing_key: str
 
 
 class RoundViewResponse(BaseModel):

@@ -209,6 +209,10 @@ def make_admin_app(service: KmsService, *, token: str, public_url: str = "", cha
     def dkg_open(body: api.DkgOpenRequest) -> api.ReshareOpenResponse:
         return service.dkg_open(body)
 
+    @app.get("/tround/pool", response_model=api.PoolResponse)
+    def round_pool() -> api.PoolResponse:
+        return service.presignature_pool()
+
     @app.post("/tround/open", response_model=api.RoundPublic)
     def round_open(body: api.RoundOpenRequest) -> api.RoundPublic:
         return service.round_open(body)

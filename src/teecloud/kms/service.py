@@ -549,6 +549,14 @@ class KmsService:
         log.info("%s round %s opened (%d)", req.kind, req.session[:8], req.count)
         return out
 
+    def presignature_pool(self) -> api.PoolResponse:
+        """Admin: how many unused presignatures this member holds (0 without a signing share)."""
+        signer = self.threshold.signer if self.threshold is not None else None
+        return api.PoolResponse(
+            unused=len(signer.pool.unused()) if signer is not None else 0,
+            signing_key=signer.group_public_key.hex() if signer is not None else "",
+        )
+
     def round_view(self, req: api.RoundViewRequest) -> api.RoundViewResponse:
         return self._rounds().view(req)
 
