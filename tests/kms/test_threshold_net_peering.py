@@ -5,6 +5,7 @@ committee for that very key. Each negative test is the attacker's exact request.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -238,3 +239,28 @@ def test_retired_node_admits_nobody(committee: tuple[dict[int, Member], list[Thr
     members[2].service.threshold = None  # what retire_share does to the process's copy
     status, body = post_with_cert_as(members[1], members[2])
     assert status == 403 and body["step"] == "mode", body
+
+
+def test_generated_mutations_of_a_membership_proof_are_refused(
+    committee: tuple[dict[int, Member], list[ThresholdShare]],
+) -> None:
+    """Member 2's genuine boot-time key and certificate, with its membership proof mutated: one byte of the
+    element or of the proof flipped (every position class), or the index / epoch changed."""
+    members, _ = committee
+    src, dst = members[2], members[1]
+    genuine = src.identity.member
+    status, body = forged_post(dst, src.identity.key, src.identity.evidence, genuine)
+    assert status == 200, body
+    rng = random.Random(19)
+    mutants: list[api.PeerMember] = []
+    for field_name, length in (("element", 32), ("proof", 64)):
+        raw = bytearray(bytes.fromhex(getattr(genuine, field_name)))
+        for pos in sorted({0, length - 1, *rng.sample(range(length), 10)}):
+            m = bytearray(raw)
+            m[pos] ^= 1 << rng.randrange(8)
+            mutants.append(genuine.model_copy(update={field_name: m.hex()}))
+    mutants += [genuine.model_copy(update={"index": i}) for i in (1, 3, 4, 5)]
+    mutants += [genuine.model_copy(update={"epoch": e}) for e in (0, 2)]
+    for mutant in mutants:
+        status, body = forged_post(dst, src.identity.key, src.identity.evidence, mutant)
+        assert status == 403 and body["step"] == "membership", (mutant, body)

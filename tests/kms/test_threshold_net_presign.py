@@ -219,6 +219,9 @@ def test_a_lying_member_is_named_and_nothing_is_added(members: dict[int, Member]
         )
         r = admin(m, "/tround/advance", {"session": session, "stage": "mul"})
         assert r.status_code == 400 and r.json()["reason"].startswith("member 4:"), r.text
+    # had the relay made that change (member 4 honest), member 4 refuses its view: the relay is caught
+    r = admin(members[4], "/tround/view", {"session": session, "stage": "mul", "broadcast": muls})
+    assert r.status_code == 400 and "alters this member's own values" in r.json()["reason"], r.text
     for m in members.values():
         assert m.service.threshold.signer.pool.unused() == []  # type: ignore[union-attr]
 

@@ -11,11 +11,13 @@ from pathlib import Path
 import coincurve
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from teecloud.agent import api as agent_api
 from teecloud.agent.boot import boot
 from teecloud.agent.service import AgentService
 from teecloud.appcompose import compose_hash
+from teecloud.cli import app as cli_app
 from teecloud.devstack import PRESIGN_BATCH, LocalCloud
 from teecloud.keys.sigchain import verify_key_signature_chain
 from teecloud.kms.launcher import load_admin_token
@@ -75,5 +77,12 @@ def test_up_makes_its_signing_key_and_presignatures_and_getkey_works(tmp_path: P
             int(str(p["unused"])) - int(str(_pool(home, cloud, i)["unused"])) for i, p in enumerate(pools, 1)
         )
         assert used == 3  # one presignature on each of the t signing nodes
+        # the operator's refill: `teecloud kms presign` among the running node processes
+        before = [int(str(_pool(home, cloud, i)["unused"])) for i in range(1, 6)]
+        env = {"TEECLOUD_HOME": str(home)}
+        result = CliRunner().invoke(cli_app, ["kms", "presign", "--count", "2"], env=env)
+        assert result.exit_code == 0, result.output
+        assert "2 presignatures made by nodes [1, 2, 3, 4, 5]" in result.output
+        assert [int(str(_pool(home, cloud, i)["unused"])) for i in range(1, 6)] == [b + 2 for b in before]
     finally:
         cloud.stop()

@@ -17,9 +17,11 @@ sub-shares go member to member only, over mutual RA-TLS under kms.peering's rule
     reduce  -                                         view: every re-dealing; advance: fetch my sub-shares,
                                                       check proofs and sub-shares, presignatures -> pool
 
-The relay is untrusted: each member hashes the broadcast it was given (chained over the stages) and sends
-that hash with every sub-share request; a dealer answers only a member that saw exactly what it saw (an
-equivocating relay is refused), each (stage, member) once (a replayed request is refused).
+The relay is untrusted: a member refuses a view that alters its own values of that stage (so a relay that
+changes member j's values everywhere is caught by j, not blamed on j); each member hashes the broadcast it
+was given (chained over the stages) and sends that hash with every sub-share request; a dealer answers only
+a member that saw exactly what it saw (an equivocating relay is refused), each (stage, member) once (a
+replayed request is refused).
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ class _Round:
     served: set[tuple[str, int]] = field(default_factory=set)
     states: list[Any] = field(default_factory=list)  # keys.threshold_ecdsa round-1 states, one per presig
     reduces: list[te.ReduceDealing] = field(default_factory=list)
+    # what this member broadcast for each stage (checked against every view it is relayed)
+    outputs: dict[str, list[api.RoundValue]] = field(default_factory=dict)
     done: bool = False
 
     def fully_served(self, me: int) -> bool:
@@ -186,6 +190,7 @@ class SignRounds:
                 )
                 for d in rnd.presign_dealings
             ]
+        rnd.outputs["deal"] = values
         with self._lock:
             self._expire()
             if session in self._rounds:
@@ -209,8 +214,8 @@ class SignRounds:
             raise KmsUsageError("broadcast: one entry per participant")
         if any(len(v) != rnd.count for v in broadcast.values()):
             raise KmsUsageError(f"broadcast: {rnd.count} values per participant")
-        mine = self._own_values(rnd, req.stage)
-        if mine is not None and broadcast[self.index] != mine:
+        mine = rnd.outputs.get(req.stage)
+        if mine is None or broadcast[self.index] != mine:
             raise RoundFailed("the relayed broadcast alters this member's own values (relay fault)")
         prev = rnd.views[stages[pos - 1]][0] if pos > 0 else rnd.session.hex()
         h = _view_hash(prev, broadcast)
@@ -238,7 +243,10 @@ class SignRounds:
             self._drop(session)
             raise RoundFailed(str(exc).removeprefix(f"party {exc.party}: "), party=exc.party) from exc
         rnd.advanced.add(req.stage)
-        done = req.stage == _STAGES[rnd.kind][-1]
+        stages = _STAGES[rnd.kind]
+        done = req.stage == stages[-1]
+        if not done:
+            rnd.outputs[stages[stages.index(req.stage) + 1]] = values
         if done:
             with self._lock:
                 # the secret dealings stay only until every other participant has fetched its sub-shares
@@ -306,18 +314,6 @@ class SignRounds:
         if signer is None:
             raise KmsUsageError("this member holds no signing share: run the signing-key DKG first")
         return signer.key
-
-    def _own_values(self, rnd: _Round, stage: str) -> list[api.RoundValue] | None:
-        if stage == "deal":
-            if rnd.sigkey_dealing is not None:
-                return [api.RoundValue(c=_hexes(rnd.sigkey_dealing.commitments))]
-            return [
-                api.RoundValue(
-                    k=_hexes(d.k.commitments), a=_hexes(d.a.commitments), z=_hexes(d.z.commitments)
-                )
-                for d in rnd.presign_dealings
-            ]
-        return None  # mul / reduce: checked by the proofs each value carries
 
     def _fetch(self, rnd: _Round, stage: str) -> dict[int, list[list[str]]]:
         """This member's sub-shares of `stage` from every other participant, in parallel."""
