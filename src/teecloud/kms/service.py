@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -257,6 +258,8 @@ class KmsService:
             lambda der: self.authz.attest(der, peers=self.node_peers), self.authz.chain, self._committee
         )
         self._install_signing_key = install_signing_key
+        self._peer_clients: dict[tuple[int, str], PeerClient] = {}
+        self._peer_clients_lock = threading.Lock()
         self.sign_rounds: SignRounds | None = None
         if threshold is not None and peer_identity is not None:
             self.sign_rounds = SignRounds(
@@ -529,8 +532,19 @@ class KmsService:
         return node
 
     def _peer_client(self, index: int, url: str) -> PeerClient:
+        """One client per member and URL, kept (its checked server certificate is pinned; a member whose
+        certificate changes is checked again, kms.client.KmsClient)."""
         assert self.peer_identity is not None
-        return PeerClient(url, identity=self.peer_identity, admission=self.peering, expected_index=index)
+        with self._peer_clients_lock:
+            client = self._peer_clients.get((index, url))
+            if client is None:
+                if len(self._peer_clients) >= 256:
+                    self._peer_clients.clear()
+                client = PeerClient(
+                    url, identity=self.peer_identity, admission=self.peering, expected_index=index
+                )
+                self._peer_clients[(index, url)] = client
+            return client
 
     def _install_signer(self, key: te.KeyShare) -> None:
         if self._install_signing_key is None or self.threshold is None:
