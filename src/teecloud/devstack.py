@@ -460,6 +460,7 @@ class LocalCloud:
                 for i in range(1, self.kms_nodes + 1):
                     self.kms_processes[i] = self._spawn_kms(node_home(i, self.home), rpc_url, i)
                 endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
+            group = self._networked_signing(group, endpoints)
         except KmsError as exc:
             raise NodeError(f"threshold KMS: {exc}") from exc
         committee = self._record_committee(chain, group, endpoints)
@@ -519,6 +520,41 @@ class LocalCloud:
                 "not the group these nodes hold; refusing to start"
             )
         return committee
+
+    def _networked_signing(self, group: Any, endpoints: dict[int, dict[str, Any]]) -> Any:
+        """The group's signing key and presignatures, made by the running nodes (teecloud.kms.threshold_net,
+        over kms.peering's channel), when there are 2t-1 nodes: a signing-key DKG when the group has no
+        signing key yet (its key is then written to the group record), and a presigning batch whenever a
+        node's pool is below PRESIGN_LOW. A failed round is a warning: keys are still derived, and GetKey
+        says why it cannot sign."""
+        import dataclasses
+
+        from teecloud.kms.launcher import load_admin_token
+        from teecloud.kms.threshold import node_home, write_group
+        from teecloud.kms.threshold_net import (
+            AdminEndpoint,
+            RoundFailed,
+            run_presign_round,
+            run_signing_key_dkg,
+        )
+
+        if group.n < 2 * group.t - 1:
+            return group
+        nodes = {
+            i: AdminEndpoint(str(e["admin_url"]), load_admin_token(node_home(i, self.home)), str(e["url"]))
+            for i, e in sorted(endpoints.items())
+        }
+        try:
+            if not group.signing_key:
+                group = dataclasses.replace(group, signing_key=run_signing_key_dkg(nodes))
+                write_group(group, self.home)
+            if min(_pool_size(ep) for ep in nodes.values()) < PRESIGN_LOW:
+                started = time.monotonic()
+                run_presign_round(nodes, PRESIGN_BATCH)
+                log.info("%d presignatures made in %.1f s", PRESIGN_BATCH, time.monotonic() - started)
+        except RoundFailed as exc:
+            log.warning("threshold KMS: signing key / presignatures not made: %s", exc)
+        return group
 
     def _networked_dkg(self, rpc_url: str) -> dict[int, dict[str, Any]]:
         """Joint-Feldman among processes: N share-less dealer processes each open a round (admin API), then
@@ -644,3 +680,20 @@ class LocalCloud:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+PRESIGN_LOW = 8  # `teecloud up` tops a node's presignature pool up when it holds fewer
+PRESIGN_BATCH = 16  # presignatures per networked round (each boot uses one per signing node)
+
+
+def _pool_size(ep: Any) -> int:
+    """A threshold node's unused presignatures (its admin listener); 0 when it cannot say."""
+    import httpx
+
+    try:
+        r = httpx.get(
+            f"{ep.admin_url}/tround/pool", headers={"authorization": f"Bearer {ep.token}"}, timeout=30
+        )
+        return int(r.json()["unused"]) if r.status_code == 200 else 0
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return 0

@@ -999,3 +999,41 @@ def audit(
             r.reason + (f" [dim]({r.step})[/]" if r.decision == "denied" and r.step else ""),
         )
     out.print(table)
+
+
+@app.command("presign")
+def presign(
+    count: Annotated[
+        int, typer.Option("--count", min=1, max=32, help="Presignatures to make in this round (one batch).")
+    ] = 16,
+    nodes_text: Annotated[
+        str, typer.Option("--nodes", help="Running share indices that take part (>= 2t-1); default: all n.")
+    ] = "",
+) -> None:
+    """Make presignatures for the group's threshold signing key among running nodes of this installation
+    (teecloud.kms.threshold_net: sub-shares move node to node over mutual RA-TLS; this command relays only
+    public values through the nodes' admin listeners). Each boot of a CVM uses one per signing node."""
+    from teecloud.kms.errors import KmsError
+    from teecloud.kms.launcher import load_admin_token
+    from teecloud.kms.threshold import node_home, read_group
+    from teecloud.kms.threshold_net import AdminEndpoint, RoundFailed, run_presign_round
+
+    try:
+        group = read_group()
+    except KmsError as exc:
+        _fail(exc.diagnostics())
+    if group is None or not group.signing_key:
+        _fail(f"no threshold group with a signing key in {data_home()} (kms-nodes/group.json)")
+    indices = _index_list(nodes_text, "--nodes") if nodes_text else list(range(1, group.n + 1))
+    if len(indices) < 2 * group.t - 1 or any(i > group.n for i in indices):
+        _fail(f"a presignature of this {group.t}-of-{group.n} group needs {2 * group.t - 1} of its nodes")
+    nodes = {}
+    for i in indices:
+        ep = _node_endpoint(node_home(i))
+        nodes[i] = AdminEndpoint(str(ep["admin_url"]), load_admin_token(node_home(i)), str(ep["url"]))
+    started = time.monotonic()
+    try:
+        rs = run_presign_round(nodes, count)
+    except RoundFailed as exc:
+        _fail(f"the presigning round failed: {exc}")
+    out.print(f"{len(rs)} presignatures made by nodes {indices} in {time.monotonic() - started:.1f} s")

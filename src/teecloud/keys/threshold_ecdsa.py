@@ -65,6 +65,7 @@ __all__ = [
     "ThresholdSignatureError",
     "combine_signature",
     "dkg_local",
+    "dkg_receive",
     "feldman_deal",
     "lagrange_at_zero",
     "presign_finish",
@@ -294,6 +295,26 @@ def dkg_local(t: int, n: int) -> list[KeyShare]:
     dealings = [feldman_deal(None, t - 1, holders, dealer=d) for d in holders]
     group = _sum_commitments([d.commitments for d in dealings])
     return [KeyShare(j, t, n, sum(d.shares[j] for d in dealings) % ORDER, group) for j in holders]
+
+
+def dkg_receive(
+    me: int, t: int, n: int, commitments: Mapping[int, Sequence[bytes]], shares: Mapping[int, int]
+) -> KeyShare:
+    """Receiver `me` of a Joint-Feldman DKG with dealers `commitments` (each degree t-1): every sub-share is
+    checked against its dealer's commitments (a failing dealer is named); the key share is the sum, the
+    group commitments the sums of the dealers'."""
+    _check_params(t, n)
+    if not commitments or set(commitments) != set(shares):
+        raise ThresholdSignatureError("DKG: every dealer needs commitments and a sub-share")
+    for d in sorted(commitments):
+        if len(commitments[d]) != t:
+            raise ThresholdSignatureError("DKG: commitments of the wrong degree", party=d)
+        if not _verify_sub_share(commitments[d], me, shares[d]):
+            raise ThresholdSignatureError(
+                f"DKG: the sub-share for {me} does not match the commitments", party=d
+            )
+    group = _sum_commitments([commitments[d] for d in sorted(commitments)])
+    return KeyShare(me, t, n, sum(shares.values()) % ORDER, group)
 
 
 # ---------------------------------------------------------------------------------------- presigning

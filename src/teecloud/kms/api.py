@@ -18,9 +18,9 @@ Byte strings travel as lowercase hex without 0x (app ids may be sent with or wit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from teecloud.appcompose import MAX_APP_COMPOSE_BYTES
 
@@ -31,6 +31,8 @@ __all__ = [
     "PATH_GET_KMS_KEY",
     "PATH_GET_META",
     "PATH_GET_TEMP_CA_CERT",
+    "PATH_PEER_HELLO",
+    "PATH_PEER_ROUND",
     "PATH_RESHARE_DEAL",
     "PATH_SIGN_CERT",
     "PATH_THRESHOLD_EVALUATE",
@@ -46,11 +48,23 @@ __all__ = [
     "GetKmsKeyRequest",
     "KmsKeyResponse",
     "KmsMeta",
+    "PeerHelloRequest",
+    "PeerHelloResponse",
+    "PeerMember",
+    "PeerRoundRequest",
+    "PeerRoundResponse",
+    "PoolResponse",
     "ReshareDealRequest",
     "ReshareDealResponse",
     "ReshareOpenRequest",
     "ReshareOpenResponse",
     "RetireShareResponse",
+    "RoundAdvanceRequest",
+    "RoundOpenRequest",
+    "RoundPublic",
+    "RoundValue",
+    "RoundViewRequest",
+    "RoundViewResponse",
     "SignCertRequest",
     "SignCertResponse",
     "StatusResponse",
@@ -72,6 +86,8 @@ PATH_GET_BOOT_CHALLENGE = "/prpc/KMS.GetBootChallenge"
 PATH_THRESHOLD_EVALUATE = "/prpc/KMS.ThresholdEvaluate"
 PATH_RESHARE_DEAL = "/prpc/KMS.ReshareDeal"
 PATH_THRESHOLD_SIGN = "/prpc/KMS.ThresholdSignAppKey"
+PATH_PEER_HELLO = "/prpc/KMS.PeerHello"
+PATH_PEER_ROUND = "/prpc/KMS.PeerRoundShares"
 
 
 class Denied(BaseModel):
@@ -340,3 +356,107 @@ class DkgOpenRequest(BaseModel):
         description="as for a reshare (a rotation's round sets them): share j's sub-share only to the boot "
         "presenting member j's token",
     )
+
+
+# --- threshold mode: the channel between running nodes (teecloud.kms.peering)
+
+
+class PeerMember(BaseModel):
+    """A running node's membership proof (teecloud.kms.peering): its partial evaluation, with share `index`
+    of the committee of `epoch`, of the VOPRF input naming its boot-time peer key, and the DLEQ proof."""
+
+    epoch: int = Field(ge=0, lt=1 << 32)
+    index: int = Field(ge=1, le=64)
+    element: str = Field(min_length=64, max_length=64)
+    proof: str = Field(min_length=128, max_length=128)
+
+
+class PeerHelloRequest(BaseModel):
+    """A running node checks the channel to another (both sides apply kms.peering's rule)."""
+
+    member: PeerMember | None = None
+
+
+class PeerHelloResponse(BaseModel):
+    index: int = Field(description="the caller's share index, as the rule admitted it")
+    member: PeerMember
+
+
+# --- threshold mode: signing-key DKG and presigning rounds among running nodes (teecloud.kms.threshold_net)
+
+_Point = Annotated[str, StringConstraints(max_length=66)]  # SEC1 compressed or a 32-byte scalar, hex
+MAX_ROUND_BATCH = 32
+
+
+class RoundValue(BaseModel):
+    """One broadcast value of one sender for one presignature (or the signing-key dealing): points are
+    33-byte SEC1 compressed (hex), scalars 32 bytes (hex). Which fields a stage uses: kms.threshold_net."""
+
+    c: list[_Point] = Field(default_factory=list, max_length=64)  # sigkey / reduce commitments; result
+    k: list[_Point] = Field(default_factory=list, max_length=64)
+    a: list[_Point] = Field(default_factory=list, max_length=64)
+    z: list[_Point] = Field(default_factory=list, max_length=64)
+    w: str = Field(default="", max_length=64)
+    proof: str = Field(default="", max_length=128)
+
+
+class RoundOpenRequest(BaseModel):
+    """Admin: open a round on this member. `kind` "sigkey" (Joint-Feldman of the group's secp256k1 signing
+    key among all n members) or "presign" (`count` presignatures among `participants`, >= 2t-1)."""
+
+    session: str = Field(min_length=32, max_length=32)
+    kind: str = Field(pattern="^(sigkey|presign)$")
+    count: int = Field(default=1, ge=1, le=MAX_ROUND_BATCH)
+    participants: list[int] = Field(min_length=1, max_length=64)
+    peers: dict[str, str] = Field(max_length=64, description="share index -> that member's public URL")
+
+
+class RoundPublic(BaseModel):
+    """This member's broadcast values for the next stage (one per presignature), or the round's result."""
+
+    session: str
+    index: int
+    stage: str
+    values: list[RoundValue] = Field(max_length=MAX_ROUND_BATCH)
+
+
+class RoundViewRequest(BaseModel):
+    """Admin: every participant's values of `stage`, as the operator relays them to each member."""
+
+    session: str = Field(min_length=32, max_length=32)
+    stage: str = Field(pattern="^(deal|mul|reduce)$")
+    broadcast: dict[str, list[RoundValue]] = Field(max_length=64)
+
+
+class PoolResponse(BaseModel):
+    """Admin: this member's unused presignatures and its group signing key (hex; "" without one)."""
+
+    unused: int
+    signing_key: str
+
+
+class RoundViewResponse(BaseModel):
+    view_hash: str
+
+
+class RoundAdvanceRequest(BaseModel):
+    session: str = Field(min_length=32, max_length=32)
+    stage: str = Field(pattern="^(deal|mul|reduce)$")
+
+
+class PeerRoundRequest(BaseModel):
+    """A running member fetches its sub-shares of `stage` from this member (mutual RA-TLS, kms.peering's
+    rule). `view_hash` hashes the broadcast it was relayed: a dealer answers only when it saw the same."""
+
+    session: str = Field(min_length=32, max_length=32)
+    stage: str = Field(pattern="^(deal|reduce)$")
+    view_hash: str = Field(min_length=64, max_length=64)
+    member: PeerMember | None = None
+
+
+class PeerRoundResponse(BaseModel):
+    session: str
+    stage: str
+    dealer: int
+    shares: list[list[_Point]] = Field(max_length=MAX_ROUND_BATCH)
+    member: PeerMember

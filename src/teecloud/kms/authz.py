@@ -267,13 +267,18 @@ class Authorizer:
         return AuthorizedKms(peer, reason, _SEAL)
 
     def attest(
-        self, cert_der: bytes | None, *, image_registers: tuple[str, ...] = IMAGE_REGISTERS
+        self,
+        cert_der: bytes | None,
+        *,
+        image_registers: tuple[str, ...] = IMAGE_REGISTERS,
+        peers: PeerVerifier | None = None,
     ) -> AttestedPeer:
         """Steps (1)-(5) of the module docstring (the shared RA-TLS peer verifier, teecloud.peer), then the
         OS-image registers every attested caller must match (`image_registers`: an app's MRTD waits for its
-        VM shape). Raises AccessDenied with the failing step."""
+        VM shape). `peers`: the same verifier under another certificate lifetime (running KMS nodes'
+        certificates, teecloud.kms.peering). Raises AccessDenied with the failing step."""
         try:
-            peer = self.peers.verify_cert(cert_der)
+            peer = (peers or self.peers).verify_cert(cert_der)
         except PeerRejected as exc:
             raise _denied(exc) from exc
         try:

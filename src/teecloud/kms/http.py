@@ -168,6 +168,14 @@ def make_public_app(service: KmsService) -> FastAPI:
             service.reshare_deal(peer_cert_der(request), body, peer_addr=_peer_addr(request))
         )
 
+    @app.post(api.PATH_PEER_HELLO, response_model=api.PeerHelloResponse)
+    def peer_hello(request: Request, body: api.PeerHelloRequest) -> api.PeerHelloResponse:
+        return service.peer_hello(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+
+    @app.post(api.PATH_PEER_ROUND, response_model=api.PeerRoundResponse)
+    def peer_round(request: Request, body: api.PeerRoundRequest) -> Response:
+        return _json_response(service.peer_round(peer_cert_der(request), body, peer_addr=_peer_addr(request)))
+
     @app.post(api.PATH_GET_KMS_KEY, response_model=api.KmsKeyResponse)
     def get_kms_key(request: Request, body: api.GetKmsKeyRequest) -> api.KmsKeyResponse:
         return service.get_kms_key(peer_cert_der(request), peer_addr=_peer_addr(request))
@@ -178,7 +186,7 @@ def make_public_app(service: KmsService) -> FastAPI:
 def make_admin_app(service: KmsService, *, token: str, public_url: str = "", chain: str = "") -> FastAPI:
     """The admin listener: status and audit, behind a bearer token. Never key material."""
     app = FastAPI(title="teecloud KMS admin", version="1", docs_url=None, redoc_url=None)
-    _install_common(app, 16384)  # a reshare plan carries up to 64 commitments
+    _install_common(app, 1 << 20)  # a presigning round's relayed broadcast (32 presignatures x members)
     expected = f"Bearer {token}".encode()
 
     @app.middleware("http")
@@ -201,6 +209,22 @@ def make_admin_app(service: KmsService, *, token: str, public_url: str = "", cha
     @app.post("/dkg/open", response_model=api.ReshareOpenResponse)
     def dkg_open(body: api.DkgOpenRequest) -> api.ReshareOpenResponse:
         return service.dkg_open(body)
+
+    @app.get("/tround/pool", response_model=api.PoolResponse)
+    def round_pool() -> api.PoolResponse:
+        return service.presignature_pool()
+
+    @app.post("/tround/open", response_model=api.RoundPublic)
+    def round_open(body: api.RoundOpenRequest) -> api.RoundPublic:
+        return service.round_open(body)
+
+    @app.post("/tround/view", response_model=api.RoundViewResponse)
+    def round_view(body: api.RoundViewRequest) -> api.RoundViewResponse:
+        return service.round_view(body)
+
+    @app.post("/tround/advance", response_model=api.RoundPublic)
+    def round_advance(body: api.RoundAdvanceRequest) -> api.RoundPublic:
+        return service.round_advance(body)
 
     @app.post("/threshold/retire", response_model=api.RetireShareResponse)
     def retire_share() -> api.RetireShareResponse:

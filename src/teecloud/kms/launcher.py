@@ -26,6 +26,7 @@ from teecloud.kms.audit import AuditLog
 from teecloud.kms.authz import AuthChain
 from teecloud.kms.bootstrap import KmsIdentity, boot_kms_tee, finish_kms_boot, kms_dir, start_kms_state
 from teecloud.kms.errors import BootstrapError, KmsError
+from teecloud.kms.peering import PeerIdentity
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import CollateralSource, KmsConfig, KmsService, OsImageReference
@@ -37,7 +38,7 @@ from teecloud.kms.threshold import (
     load_shares,
     save_share,
 )
-from teecloud.kms.threshold_sign import open_signer
+from teecloud.kms.threshold_sign import open_signer, save_signing_share
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -127,40 +128,60 @@ class RunningKms:
         self.server.stop()
 
 
-def launch_kms(spec: KmsLaunch) -> RunningKms:
-    # (1)-(2)
-    identity = boot_kms_tee(spec.tee, finish=spec.join is None)
+def _member_at_boot(
+    spec: KmsLaunch, identity: KmsIdentity
+) -> tuple[dict[int, ThresholdShare], PeerIdentity, str]:
+    """A threshold member's boot, before its boot finishes: join a round (when told to), load its shares (one
+    per root epoch), and make its peer identity for the newest epoch from a quote taken now
+    (teecloud.kms.peering: the boot-time key). A rotation's join that fails leaves the epochs held serving:
+    nothing new is sealed and the error is returned."""
     join_error = ""
-    if spec.join is not None:
+    try:
         held = load_shares(spec.tee, identity, spec.home)
-        try:
-            joined = spec.join(spec.tee, identity)
-            if held and joined.epoch < max(held):
-                raise BootstrapError(
-                    f"the round makes epoch {joined.epoch}, older than this node's epoch {max(held)}: "
-                    "rotation goes forward only"
-                )
-        except KmsError as exc:
-            if not held:
-                raise
-            # a rotation's join (teecloud.kms.rotation) that failed: nothing new is sealed, and the node
-            # keeps serving the epochs it holds (the old epoch keeps serving; the round is re-run)
-            join_error = exc.diagnostics()
-            log.error("joining the round failed; serving the epochs this node holds: %s", join_error)
-        else:
-            save_share(joined, spec.tee, identity, spec.home)
-        finish_kms_boot(spec.tee)
-    state, created = start_kms_state(spec.tee, identity, now=int(time.time()), home=spec.home)
-    holder: RootKeyHolder = LocalRootKeys(state)  # the only place the sealed root becomes a holder
-    evaluator = None
-    reshare = ReshareDealer(None) if spec.threshold_dealer else None
-    if spec.threshold or spec.join is not None:
-        shares = load_shares(spec.tee, identity, spec.home)
-        if not shares:
+        if spec.join is not None:
+            try:
+                joined = spec.join(spec.tee, identity)
+                if held and joined.epoch < max(held):
+                    raise BootstrapError(
+                        f"the round makes epoch {joined.epoch}, older than this node's epoch {max(held)}: "
+                        "rotation goes forward only"
+                    )
+            except KmsError as exc:
+                if not held:
+                    raise
+                # a rotation's join (teecloud.kms.rotation) that failed: the old epoch keeps serving; the
+                # round is re-run
+                join_error = exc.diagnostics()
+                log.error("joining the round failed; serving the epochs this node holds: %s", join_error)
+            else:
+                save_share(joined, spec.tee, identity, spec.home)
+                held = load_shares(spec.tee, identity, spec.home)
+        if not held:
             raise BootstrapError(
                 f"no threshold share sealed under {kms_dir(spec.home)}: run the key ceremony first "
                 "(`teecloud kms threshold-init` in development)"
             )
+        newest = held[max(held)]
+        peer = PeerIdentity.at_boot(spec.tee, epoch=newest.epoch, index=newest.index, share=newest.share)
+        return held, peer, join_error
+    finally:
+        finish_kms_boot(spec.tee)
+
+
+def launch_kms(spec: KmsLaunch) -> RunningKms:
+    # (1)-(2)
+    member = spec.threshold or spec.join is not None
+    identity = boot_kms_tee(spec.tee, finish=not member)
+    shares: dict[int, ThresholdShare] = {}
+    peer_identity: PeerIdentity | None = None
+    join_error = ""
+    if member:
+        shares, peer_identity, join_error = _member_at_boot(spec, identity)
+    state, created = start_kms_state(spec.tee, identity, now=int(time.time()), home=spec.home)
+    holder: RootKeyHolder = LocalRootKeys(state)  # the only place the sealed root becomes a holder
+    evaluator = None
+    reshare = ReshareDealer(None) if spec.threshold_dealer else None
+    if shares:
         share = shares[max(shares)]
         evaluator_older = [s for e, s in sorted(shares.items()) if e != share.epoch]
         evaluator = ThresholdEvaluator(
@@ -205,6 +226,13 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         threshold=evaluator,
         reshare=reshare,
         erase_share=(lambda: erase_share(spec.home)) if evaluator is not None else None,
+        peer_identity=peer_identity,
+        install_signing_key=(
+            lambda key: (
+                save_signing_share(key, spec.tee, identity, spec.home),
+                open_signer(spec.tee, identity, spec.home),
+            )[1]
+        ),
     )
     # (5)
     server = KmsServer(

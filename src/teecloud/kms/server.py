@@ -64,11 +64,14 @@ def make_server_identity(
     validity_s: int = 7 * 24 * 3600,
 ) -> ServerIdentity:
     """The KMS's own RA-TLS server certificate: a fresh key, a quote binding it, issued by the root CA, so a
-    client can check both the KMS's attestation and its root key."""
+    client can check both the KMS's attestation and its root key. A threshold member's server key is its
+    boot-time peer key with the quote taken at boot (teecloud.kms.peering), so that the other running
+    members can apply the same rule to it as it applies to them."""
     now = int(service.clock())
-    key = ec.generate_private_key(ec.SECP256R1())
+    peer = service.peer_identity
+    key = peer.key if peer is not None else ec.generate_private_key(ec.SECP256R1())
     cert = service.keys.issue_server_identity(
-        service.tee,
+        peer.evidence if peer is not None else service.tee,
         key,
         subject="teecloud KMS",
         usage="kms:rpc",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from typing import Any, TypeVar
 from teecloud.attestation.policy import Policy
 from teecloud.chain.api import BlockRef
 from teecloud.ids import HexError, parse_app_id
+from teecloud.keys import threshold_ecdsa as te
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
 from teecloud.kms.authz import (
@@ -49,9 +51,12 @@ from teecloud.kms.bootstrap import KmsIdentity, KmsState
 from teecloud.kms.challenge import BootChallenges, FirstUseLedger
 from teecloud.kms.errors import AccessDenied, KmsUsageError, SealingError
 from teecloud.kms.issuer import KeyIssuer
+from teecloud.kms.peering import AdmittedNode, Committee, PeerAdmission, PeerClient, PeerIdentity
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.rotation import evaluation_epoch
 from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, ThresholdEvaluator
+from teecloud.kms.threshold_net import SignRounds
+from teecloud.kms.threshold_sign import ThresholdSigner
 from teecloud.peer import (
     AttestedPeer,
     CollateralSource,
@@ -128,6 +133,8 @@ class KmsConfig:
 
 # ------------------------------------------------------------------------------------------------ logic
 
+PEER_NODE_CERT_MAX_S = 366 * 24 * 3600  # a KMS server certificate's longest life (kms.client)
+
 
 def _norm_app_id(text: str) -> bytes:
     try:
@@ -158,6 +165,8 @@ class KmsService:
         threshold: ThresholdEvaluator | None = None,
         reshare: ReshareDealer | None = None,
         erase_share: Callable[[], bool] | None = None,
+        peer_identity: PeerIdentity | None = None,
+        install_signing_key: Callable[[te.KeyShare], ThresholdSigner | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
@@ -167,7 +176,11 @@ class KmsService:
         threshold node (teecloud.kms.threshold): it serves ThresholdEvaluate and refuses the whole-key
         endpoints (GetAppKey, SignCert, GetKmsKey, env keys): its own root is only its server identity.
         `reshare` (with `threshold`) lets it deal its share to a new committee (ReshareDeal); `erase_share`
-        removes its sealed share when it is retired (retire_share)."""
+        removes its sealed share when it is retired (retire_share). `peer_identity` (a threshold node's
+        boot-time key and membership proof, teecloud.kms.peering) lets it talk to the other running members
+        of its committee: it is also its TLS server key (kms.server.make_server_identity).
+        `install_signing_key` seals a signing share made by a networked round and returns its signer
+        (teecloud.kms.threshold_net)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -232,6 +245,33 @@ class KmsService:
         self.reshare = reshare
         self._erase_share = erase_share
         self.clock = clock
+        # Running KMS nodes' certificates live as long as the node's boot-time key (its server certificate
+        # too), so they are checked by the same verifier under a server certificate's lifetime.
+        self.node_peers = PeerVerifier(
+            dataclasses.replace(peer_policy, max_cert_lifetime_s=PEER_NODE_CERT_MAX_S),
+            collateral,
+            clock=clock,
+            cache_s=self.config.evidence_cache_s,
+            cache_entries=self.config.evidence_cache_entries,
+        )
+        self.peer_identity = peer_identity
+        self.peering = PeerAdmission(
+            lambda der: self.authz.attest(der, peers=self.node_peers), self.authz.chain, self._committee
+        )
+        self._install_signing_key = install_signing_key
+        self._peer_clients: dict[tuple[int, str], PeerClient] = {}
+        self._peer_clients_lock = threading.Lock()
+        self.sign_rounds: SignRounds | None = None
+        if threshold is not None and peer_identity is not None:
+            self.sign_rounds = SignRounds(
+                index=threshold.index,
+                t=len(threshold.commitments),
+                n=threshold.n,
+                signer=lambda: self.threshold.signer if self.threshold is not None else None,
+                install_key=self._install_signer,
+                connect=self._peer_client,
+                clock=clock,
+            )
 
     @property
     def os_image_reference(self) -> OsImageReference | None:
@@ -482,6 +522,106 @@ class KmsService:
         erased = self._erase_share() if self._erase_share is not None else False
         log.warning("threshold share %d of epoch %d retired (sealed copy erased: %s)", index, epoch, erased)
         return api.RetireShareResponse(index=index, epoch=epoch, sealed_copy_erased=erased)
+
+    # --- threshold mode: running nodes (teecloud.kms.peering)
+
+    def _committee(self) -> Committee | None:
+        ev = self.threshold
+        return None if ev is None else Committee(ev.epoch, ev.n, ev.commitments)
+
+    def admit_peer(
+        self, cert_der: bytes | None, member: api.PeerMember | None, ctx: dict[str, Any]
+    ) -> AdmittedNode:
+        """The rule for a running member of this node's committee (kms.peering.PeerAdmission.admit)."""
+        if self.peer_identity is None:
+            raise AccessDenied(
+                "this node has no boot-time peer identity (not a threshold member)", step="mode"
+            )
+        node = self.peering.admit(cert_der, member)
+        ctx["boot_info"] = node.boot_info
+        return node
+
+    def _peer_client(self, index: int, url: str) -> PeerClient:
+        """One client per member and URL, kept (its checked server certificate is pinned; a member whose
+        certificate changes is checked again, kms.client.KmsClient)."""
+        assert self.peer_identity is not None
+        with self._peer_clients_lock:
+            client = self._peer_clients.get((index, url))
+            if client is None:
+                if len(self._peer_clients) >= 256:
+                    self._peer_clients.clear()
+                client = PeerClient(
+                    url, identity=self.peer_identity, admission=self.peering, expected_index=index
+                )
+                self._peer_clients[(index, url)] = client
+            return client
+
+    def _install_signer(self, key: te.KeyShare) -> None:
+        if self._install_signing_key is None or self.threshold is None:
+            raise KmsUsageError("this node cannot seal a signing share (no sealing configured)")
+        self.threshold.signer = self._install_signing_key(key)
+        log.info("signing share %d sealed (group key %s)", key.index, key.group_public_key.hex()[:16])
+
+    def _rounds(self) -> SignRounds:
+        if self.sign_rounds is None or self.threshold is None:
+            raise KmsUsageError("this KMS is not a running threshold member (no share or no peer identity)")
+        return self.sign_rounds
+
+    def round_open(self, req: api.RoundOpenRequest) -> api.RoundPublic:
+        """Admin: open a signing-key DKG or presigning round on this member (kms.threshold_net)."""
+        out = self._rounds().open(req)
+        log.info("%s round %s opened (%d)", req.kind, req.session[:8], req.count)
+        return out
+
+    def presignature_pool(self) -> api.PoolResponse:
+        """Admin: how many unused presignatures this member holds (0 without a signing share)."""
+        signer = self.threshold.signer if self.threshold is not None else None
+        return api.PoolResponse(
+            unused=len(signer.pool.unused()) if signer is not None else 0,
+            signing_key=signer.group_public_key.hex() if signer is not None else "",
+        )
+
+    def round_view(self, req: api.RoundViewRequest) -> api.RoundViewResponse:
+        return self._rounds().view(req)
+
+    def round_advance(self, req: api.RoundAdvanceRequest) -> api.RoundPublic:
+        return self._rounds().advance(req)
+
+    def peer_round(
+        self, cert_der: bytes | None, req: api.PeerRoundRequest, *, peer_addr: str = ""
+    ) -> api.PeerRoundResponse:
+        """A running member's sub-shares of an open round: only under kms.peering's rule, once per stage."""
+
+        def decide(ctx: dict[str, Any]) -> api.PeerRoundResponse:
+            rounds = self.sign_rounds
+            if rounds is None or self.threshold is None:
+                raise AccessDenied("this KMS is not a running threshold member", step="mode")
+            node = self.admit_peer(cert_der, req.member, ctx)
+            dealer, shares = rounds.serve(node, req)
+            assert self.peer_identity is not None
+            ctx["reason"] = f"{req.stage} sub-shares of round {req.session[:8]} for member {node.index}"
+            return api.PeerRoundResponse(
+                session=req.session,
+                stage=req.stage,
+                dealer=dealer,
+                shares=shares,
+                member=self.peer_identity.member,
+            )
+
+        return self._audited(api.PATH_PEER_ROUND, cert_der, peer_addr, decide)
+
+    def peer_hello(
+        self, cert_der: bytes | None, req: api.PeerHelloRequest, *, peer_addr: str = ""
+    ) -> api.PeerHelloResponse:
+        """A running member checks its channel to this node (both sides apply the same rule)."""
+
+        def decide(ctx: dict[str, Any]) -> api.PeerHelloResponse:
+            node = self.admit_peer(cert_der, req.member, ctx)
+            assert self.peer_identity is not None
+            ctx["reason"] = f"running member {node.index} admitted (boot-time key; {node.reason})"
+            return api.PeerHelloResponse(index=node.index, member=self.peer_identity.member)
+
+        return self._audited(api.PATH_PEER_HELLO, cert_der, peer_addr, decide)
 
     def _whole_root_only(self) -> None:
         if self.threshold is not None or self.reshare is not None:

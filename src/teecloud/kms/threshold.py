@@ -231,6 +231,16 @@ class ThresholdEvaluator:
         return self._share.group_public_key
 
     @property
+    def n(self) -> int:
+        """The newest epoch's committee size."""
+        return self._share.n
+
+    @property
+    def commitments(self) -> tuple[bytes, ...]:
+        """The newest epoch's Feldman commitments (the committee kms.peering admits members of)."""
+        return self._share.commitments
+
+    @property
     def group_keys(self) -> dict[int, bytes]:
         """epoch -> that epoch's group public key, for every epoch this node holds."""
         return {e: s.group_public_key for e, s in sorted(self._shares.items())}

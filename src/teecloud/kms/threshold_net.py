@@ -1,0 +1,540 @@
+"""Threshold mode: the group's secp256k1 signing key and presignatures made by RUNNING nodes (GJKR as
+teecloud.keys.threshold_ecdsa implements it), over the channel of teecloud.kms.peering.
+
+A round lives in the memory of each member only (a member that restarts mid-round has nothing: the round
+fails, nothing is half-applied); its result is sealed at the end in one atomic write (the signing share, or
+every presignature of the batch into the pool: one message per presignature, ever, as before). The operator
+(or the launcher) drives it on the members' admin listeners and relays the broadcast values; secret
+sub-shares go member to member only, over mutual RA-TLS under kms.peering's rule.
+
+    stage   sigkey (Joint-Feldman, all n deal)        presign (count presignatures, participants P >= 2t-1)
+    open    Feldman dealing -> commitments            round 1 dealings of k, a, z -> their commitments
+    deal    view: everyone's commitments; advance: fetch the sub-shares dealt to me from every dealer,
+            check them against the relayed commitments (a bad dealer is named), then
+              sigkey: sum -> KeyShare, sealed          presign: w_j = k_j·a_j + z_j with its proof
+    mul     -                                         view: every w; advance: check them (a liar is named),
+                                                      μ, re-deal p_j = (k^-1)_j·x_j -> commitments + proof
+    reduce  -                                         view: every re-dealing; advance: fetch my sub-shares,
+                                                      check proofs and sub-shares, presignatures -> pool
+
+The relay is untrusted: a member refuses a view that alters its own values of that stage (so a relay that
+changes member j's values everywhere is caught by j, not blamed on j); each member hashes the broadcast it
+was given (chained over the stages) and sends that hash with every sub-share request; a dealer answers only
+a member that saw exactly what it saw (an equivocating relay is refused), each (stage, member) once (a
+replayed request is refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys.errors import KeysError
+from teecloud.kms import api
+from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied, KmsUsageError
+from teecloud.kms.peering import AdmittedNode, PeerClient
+from teecloud.kms.threshold_sign import ThresholdSigner
+
+__all__ = [
+    "ROUND_WINDOW_S",
+    "AdminEndpoint",
+    "RoundFailed",
+    "SignRounds",
+    "presignature_session",
+    "run_presign_round",
+    "run_signing_key_dkg",
+]
+
+ROUND_WINDOW_S = 600
+_STAGES = {"sigkey": ("deal",), "presign": ("deal", "mul", "reduce")}
+
+
+class RoundFailed(KmsUsageError):
+    """A round failed; `party` names the member at fault when one is known."""
+
+    def __init__(self, message: str, *, party: int | None = None) -> None:
+        super().__init__(message if party is None else f"member {party}: {message}")
+        self.party = party
+
+
+def presignature_session(round_session: bytes, k: int) -> bytes:
+    """The 16-byte session of presignature k of a batch (each presignature its own Fiat–Shamir labels)."""
+    return hashlib.sha256(b"teecloud-presign\x00" + round_session + k.to_bytes(2, "big")).digest()[:16]
+
+
+def _hexes(points: Sequence[bytes]) -> list[str]:
+    return [p.hex() for p in points]
+
+
+def _points(values: Sequence[str], *, what: str, party: int) -> tuple[bytes, ...]:
+    try:
+        return tuple(bytes.fromhex(v) for v in values)
+    except ValueError as exc:
+        raise RoundFailed(f"{what} is not hex", party=party) from exc
+
+
+def _scalar(text: str, *, what: str, party: int) -> int:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError as exc:
+        raise RoundFailed(f"{what} is not hex", party=party) from exc
+    if len(raw) != 32:
+        raise RoundFailed(f"{what} is not 32 bytes", party=party)
+    return int.from_bytes(raw, "big")
+
+
+def _view_hash(prev: str, broadcast: Mapping[int, Sequence[api.RoundValue]]) -> str:
+    doc = {str(i): [v.model_dump() for v in vals] for i, vals in sorted(broadcast.items())}
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(prev.encode() + b"\x00" + body).hexdigest()
+
+
+@dataclass
+class _Round:
+    kind: str
+    session: bytes
+    t: int
+    n: int
+    participants: tuple[int, ...]
+    count: int
+    peers: dict[int, str]
+    opened_at: float
+    sigkey_dealing: te.Dealing | None = None
+    presign_dealings: list[te.PresignDealing] = field(default_factory=list)
+    views: dict[str, tuple[str, dict[int, list[api.RoundValue]]]] = field(default_factory=dict)
+    advanced: set[str] = field(default_factory=set)
+    served: set[tuple[str, int]] = field(default_factory=set)
+    states: list[Any] = field(default_factory=list)  # keys.threshold_ecdsa round-1 states, one per presig
+    reduces: list[te.ReduceDealing] = field(default_factory=list)
+    # what this member broadcast for each stage (checked against every view it is relayed)
+    outputs: dict[str, list[api.RoundValue]] = field(default_factory=dict)
+    done: bool = False
+
+    def fully_served(self, me: int) -> bool:
+        last = _STAGES[self.kind][-1]
+        stage = "deal" if last == "mul" else last
+        return all((stage, j) in self.served for j in self.participants if j != me)
+
+
+class SignRounds:
+    """This member's side of signing-key and presigning rounds (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        t: int,
+        n: int,
+        signer: Callable[[], ThresholdSigner | None],
+        install_key: Callable[[te.KeyShare], None],
+        connect: Callable[[int, str], PeerClient],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`signer`: this member's current signer (None without a signing share); `install_key` seals a new
+        signing share and makes it this member's signer; `connect(i, url)` a PeerClient to member i."""
+        self.index, self.t, self.n = index, t, n
+        self._signer = signer
+        self._install_key = install_key
+        self._connect = connect
+        self._clock = clock
+        self._rounds: dict[bytes, _Round] = {}
+        self._lock = threading.Lock()
+
+    # --- admin: open, view, advance
+
+    def open(self, req: api.RoundOpenRequest) -> api.RoundPublic:
+        session = bytes.fromhex(req.session)
+        participants = tuple(sorted(set(req.participants)))
+        try:
+            peers = {int(i): u for i, u in req.peers.items()}
+        except ValueError as exc:
+            raise KmsUsageError("peers: share index -> URL") from exc
+        if len(participants) != len(req.participants) or any(not 1 <= i <= self.n for i in participants):
+            raise KmsUsageError(f"participants must be distinct members 1..{self.n}")
+        if self.index not in participants:
+            raise KmsUsageError(f"member {self.index} is not a participant of this round")
+        if set(peers) != set(participants) - {self.index} and set(peers) != set(participants):
+            raise KmsUsageError("peers: one URL per other participant")
+        rnd = _Round(req.kind, session, self.t, self.n, participants, req.count, peers, self._clock())
+        if req.kind == "sigkey":
+            if self._signer() is not None:
+                raise KmsUsageError("this member already holds a signing share (a new key is a new epoch)")
+            if participants != tuple(range(1, self.n + 1)) or req.count != 1:
+                raise KmsUsageError("a signing-key DKG is dealt by all n members, once")
+            rnd.sigkey_dealing = te.feldman_deal(
+                None, self.t - 1, list(range(1, self.n + 1)), dealer=self.index
+            )
+            values = [api.RoundValue(c=_hexes(rnd.sigkey_dealing.commitments))]
+        else:
+            key = self._key()
+            try:
+                rnd.presign_dealings = [
+                    te.presign_round1(presignature_session(session, k), key, participants)
+                    for k in range(req.count)
+                ]
+            except KeysError as exc:
+                raise KmsUsageError(f"presign round refused: {exc}") from exc
+            values = [
+                api.RoundValue(
+                    k=_hexes(d.k.commitments), a=_hexes(d.a.commitments), z=_hexes(d.z.commitments)
+                )
+                for d in rnd.presign_dealings
+            ]
+        rnd.outputs["deal"] = values
+        with self._lock:
+            self._expire()
+            if session in self._rounds:
+                raise KmsUsageError("a round with this session is already open here")
+            self._rounds[session] = rnd
+        return api.RoundPublic(session=req.session, index=self.index, stage="open", values=values)
+
+    def view(self, req: api.RoundViewRequest) -> api.RoundViewResponse:
+        rnd = self._round(bytes.fromhex(req.session))
+        stages = _STAGES[rnd.kind]
+        if req.stage not in stages:
+            raise KmsUsageError(f"a {rnd.kind} round has no stage {req.stage}")
+        pos = stages.index(req.stage)
+        if req.stage in rnd.views or (pos > 0 and stages[pos - 1] not in rnd.advanced):
+            raise KmsUsageError(f"stage {req.stage} is not the next one of this round")
+        try:
+            broadcast = {int(i): list(v) for i, v in req.broadcast.items()}
+        except ValueError as exc:
+            raise KmsUsageError("broadcast: share index -> values") from exc
+        if set(broadcast) != set(rnd.participants):
+            raise KmsUsageError("broadcast: one entry per participant")
+        if any(len(v) != rnd.count for v in broadcast.values()):
+            raise KmsUsageError(f"broadcast: {rnd.count} values per participant")
+        mine = rnd.outputs.get(req.stage)
+        if mine is None or broadcast[self.index] != mine:
+            raise RoundFailed("the relayed broadcast alters this member's own values (relay fault)")
+        prev = rnd.views[stages[pos - 1]][0] if pos > 0 else rnd.session.hex()
+        h = _view_hash(prev, broadcast)
+        rnd.views[req.stage] = (h, broadcast)
+        return api.RoundViewResponse(view_hash=h)
+
+    def advance(self, req: api.RoundAdvanceRequest) -> api.RoundPublic:
+        session = bytes.fromhex(req.session)
+        rnd = self._round(session)
+        if req.stage not in rnd.views or req.stage in rnd.advanced:
+            raise KmsUsageError(f"stage {req.stage}: no view yet, or already advanced")
+        try:
+            if rnd.kind == "sigkey":
+                values = self._finish_sigkey(rnd)
+            elif req.stage == "deal":
+                values = self._multiply(rnd)
+            elif req.stage == "mul":
+                values = self._reduce(rnd)
+            else:
+                values = self._finish_presign(rnd)
+        except RoundFailed:
+            self._drop(session)
+            raise
+        except te.ThresholdSignatureError as exc:
+            self._drop(session)
+            raise RoundFailed(str(exc).removeprefix(f"party {exc.party}: "), party=exc.party) from exc
+        rnd.advanced.add(req.stage)
+        stages = _STAGES[rnd.kind]
+        done = req.stage == stages[-1]
+        if not done:
+            rnd.outputs[stages[stages.index(req.stage) + 1]] = values
+        if done:
+            with self._lock:
+                # the secret dealings stay only until every other participant has fetched its sub-shares
+                rnd.done = True
+                if rnd.fully_served(self.index):
+                    self._rounds.pop(session, None)
+        return api.RoundPublic(
+            session=req.session, index=self.index, stage="done" if done else req.stage, values=values
+        )
+
+    # --- peer: sub-shares for an admitted member
+
+    def serve(self, node: AdmittedNode, req: api.PeerRoundRequest) -> tuple[int, list[list[str]]]:
+        if not isinstance(node, AdmittedNode):
+            raise TypeError("sub-shares only for an AdmittedNode")
+        session = bytes.fromhex(req.session)
+        with self._lock:
+            self._expire()
+            rnd = self._rounds.get(session)
+            if rnd is None:
+                raise AccessDenied(
+                    "no open round with this session here (never opened, finished, expired, or this node "
+                    "restarted since)",
+                    step="round",
+                )
+            if req.stage not in _STAGES[rnd.kind] or req.stage == "mul":
+                raise AccessDenied(f"a {rnd.kind} round has no sub-shares at stage {req.stage}", step="round")
+            if node.index not in rnd.participants or node.index == self.index:
+                raise AccessDenied(
+                    f"member {node.index} is not another participant of this round", step="round"
+                )
+            view = rnd.views.get(req.stage)
+            if view is None or not secrets.compare_digest(view[0], req.view_hash):
+                raise AccessDenied(
+                    "the broadcast values member "
+                    f"{node.index} was relayed differ from this member's (or it has none yet): refusing",
+                    step="round",
+                )
+            if (req.stage, node.index) in rnd.served:
+                raise AccessDenied(
+                    f"stage {req.stage} sub-shares for member {node.index} were already handed out (replay)",
+                    step="round",
+                )
+            rnd.served.add((req.stage, node.index))
+            if rnd.done and rnd.fully_served(self.index):
+                self._rounds.pop(session, None)
+            j = node.index
+            if rnd.kind == "sigkey":
+                assert rnd.sigkey_dealing is not None
+                return self.index, [[f"{rnd.sigkey_dealing.shares[j]:064x}"]]
+            if req.stage == "deal":
+                out = []
+                for d in rnd.presign_dealings:
+                    sk, sa, sz = d.shares_for(j)
+                    out.append([f"{sk:064x}", f"{sa:064x}", "" if sz is None else f"{sz:064x}"])
+                return self.index, out
+            if len(rnd.reduces) != rnd.count:
+                raise AccessDenied("this member has not made its re-dealings yet", step="round")
+            return self.index, [[f"{r.dealing.shares[j]:064x}"] for r in rnd.reduces]
+
+    # --- the stages
+
+    def _key(self) -> te.KeyShare:
+        signer = self._signer()
+        if signer is None:
+            raise KmsUsageError("this member holds no signing share: run the signing-key DKG first")
+        return signer.key
+
+    def _fetch(self, rnd: _Round, stage: str) -> dict[int, list[list[str]]]:
+        """This member's sub-shares of `stage` from every other participant, in parallel."""
+        view_hash = rnd.views[stage][0]
+        others = [i for i in rnd.participants if i != self.index]
+
+        def one(i: int) -> list[list[str]]:
+            url = rnd.peers.get(i)
+            if url is None:
+                raise RoundFailed("no URL for this participant", party=i)
+            try:
+                answer = self._connect(i, url).peer_call(
+                    api.PATH_PEER_ROUND,
+                    api.PeerRoundResponse,
+                    {"session": rnd.session.hex(), "stage": stage, "view_hash": view_hash},
+                )
+            except (KmsClientError, KmsDenied) as exc:
+                raise RoundFailed(f"sub-shares not obtained: {exc}", party=i) from exc
+            if answer.dealer != i or answer.session != rnd.session.hex() or answer.stage != stage:
+                raise RoundFailed("answered for another dealer, round or stage", party=i)
+            if len(answer.shares) != rnd.count:
+                raise RoundFailed(f"{len(answer.shares)} sub-share sets, {rnd.count} expected", party=i)
+            return answer.shares
+
+        with ThreadPoolExecutor(max_workers=max(1, len(others))) as pool:
+            results = dict(zip(others, pool.map(one, others), strict=True))
+        return results
+
+    def _finish_sigkey(self, rnd: _Round) -> list[api.RoundValue]:
+        assert rnd.sigkey_dealing is not None
+        broadcast = rnd.views["deal"][1]
+        fetched = self._fetch(rnd, "deal")
+        commitments = {i: _points(broadcast[i][0].c, what="commitments", party=i) for i in rnd.participants}
+        shares = {self.index: rnd.sigkey_dealing.shares[self.index]}
+        for i, sets in fetched.items():
+            if len(sets[0]) != 1:
+                raise RoundFailed("one sub-share expected", party=i)
+            shares[i] = _scalar(sets[0][0], what="sub-share", party=i)
+        key = te.dkg_receive(self.index, self.t, self.n, commitments, shares)
+        self._install_key(key)
+        return [api.RoundValue(c=[key.group_public_key.hex()])]
+
+    def _multiply(self, rnd: _Round) -> list[api.RoundValue]:
+        key = self._key()
+        broadcast = rnd.views["deal"][1]
+        fetched = self._fetch(rnd, "deal")
+        out = []
+        rnd.states = []
+        for k in range(rnd.count):
+            dealings = []
+            for i in rnd.participants:
+                v = broadcast[i][k]
+                ck = _points(v.k, what="k commitments", party=i)
+                ca = _points(v.a, what="a commitments", party=i)
+                cz = _points(v.z, what="z commitments", party=i)
+                if i == self.index:
+                    sk, sa, sz = rnd.presign_dealings[k].shares_for(self.index)
+                else:
+                    got = fetched[i][k]
+                    if len(got) != 3:
+                        raise RoundFailed("three sub-shares (k, a, z) expected", party=i)
+                    sk = _scalar(got[0], what="k sub-share", party=i)
+                    sa = _scalar(got[1], what="a sub-share", party=i)
+                    sz = _scalar(got[2], what="z sub-share", party=i) if got[2] else None
+                dealings.append(
+                    te.PresignDealing(
+                        i,
+                        te.Dealing(i, ck, {self.index: sk}),
+                        te.Dealing(i, ca, {self.index: sa}),
+                        te.Dealing(i, cz, {} if sz is None else {self.index: sz}, zero=True),
+                    )
+                )
+            state, mul = te.presign_multiply(
+                presignature_session(rnd.session, k), key, rnd.participants, dealings
+            )
+            assert mul is not None  # this member is a participant
+            rnd.states.append(state)
+            out.append(api.RoundValue(w=f"{mul.w:064x}", proof=mul.proof.hex()))
+        return out
+
+    def _muls(self, rnd: _Round, k: int) -> list[te.MulMessage]:
+        broadcast = rnd.views["mul"][1]
+        out = []
+        for j in rnd.participants:
+            v = broadcast[j][k]
+            try:
+                proof = bytes.fromhex(v.proof)
+            except ValueError as exc:
+                raise RoundFailed("a multiplication proof is not hex", party=j) from exc
+            out.append(te.MulMessage(j, _scalar(v.w, what="w", party=j), proof))
+        return out
+
+    def _reduce(self, rnd: _Round) -> list[api.RoundValue]:
+        key = self._key()
+        rnd.reduces = [te.presign_reduce(key, rnd.states[k], self._muls(rnd, k)) for k in range(rnd.count)]
+        return [api.RoundValue(c=_hexes(r.dealing.commitments), proof=r.proof.hex()) for r in rnd.reduces]
+
+    def _finish_presign(self, rnd: _Round) -> list[api.RoundValue]:
+        key = self._key()
+        signer = self._signer()
+        assert signer is not None
+        broadcast = rnd.views["reduce"][1]
+        fetched = self._fetch(rnd, "reduce")
+        made = []
+        for k in range(rnd.count):
+            reduces = []
+            for j in rnd.participants:
+                v = broadcast[j][k]
+                if j == self.index:
+                    share = rnd.reduces[k].dealing.shares[self.index]
+                else:
+                    got = fetched[j][k]
+                    if len(got) != 1:
+                        raise RoundFailed("one re-dealing sub-share expected", party=j)
+                    share = _scalar(got[0], what="re-dealing sub-share", party=j)
+                try:
+                    proof = bytes.fromhex(v.proof)
+                except ValueError as exc:
+                    raise RoundFailed("a re-dealing proof is not hex", party=j) from exc
+                reduces.append(
+                    te.ReduceDealing(
+                        te.Dealing(
+                            j, _points(v.c, what="re-dealing commitments", party=j), {self.index: share}
+                        ),
+                        proof,
+                    )
+                )
+            made.append(te.presign_finish(key, rnd.states[k], self._muls(rnd, k), reduces))
+        signer.pool.add(made)  # one atomic replace of the sealed pool
+        return [api.RoundValue(c=[p.big_r.hex()]) for p in made]
+
+    # --- bookkeeping
+
+    def _round(self, session: bytes) -> _Round:
+        with self._lock:
+            self._expire()
+            rnd = self._rounds.get(session)
+        if rnd is None:
+            raise KmsUsageError("no open round with this session (never opened, failed, finished or expired)")
+        return rnd
+
+    def _drop(self, session: bytes) -> None:
+        with self._lock:
+            self._rounds.pop(session, None)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for s in [s for s, r in self._rounds.items() if now - r.opened_at > ROUND_WINDOW_S]:
+            del self._rounds[s]
+
+
+# ------------------------------------------------------------------------------ the operator's driver
+
+
+@dataclass(frozen=True)
+class AdminEndpoint:
+    """A member as the operator reaches it: its admin listener and token, and its public URL."""
+
+    admin_url: str
+    token: str
+    url: str
+
+
+def _admin(ep: AdminEndpoint, path: str, body: dict[str, Any], index: int) -> dict[str, Any]:
+    try:
+        r = httpx.post(
+            ep.admin_url + path, json=body, headers={"authorization": f"Bearer {ep.token}"}, timeout=120
+        )
+    except httpx.HTTPError as exc:
+        raise RoundFailed(f"unreachable: {exc}", party=index) from exc
+    if r.status_code != 200:
+        try:
+            reason = str(r.json().get("reason", r.text))
+        except ValueError:
+            reason = r.text
+        raise RoundFailed(f"refused {path}: {reason[:500]}", party=index)
+    doc = r.json()
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _all(nodes: Mapping[int, AdminEndpoint], path: str, body: dict[str, Any]) -> dict[int, list[Any]]:
+    """The same admin call on every member in parallel; each answer's `values` (none for a view)."""
+    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        futures = {i: pool.submit(_admin, ep, path, body, i) for i, ep in sorted(nodes.items())}
+        return {i: f.result().get("values", []) for i, f in futures.items()}
+
+
+def _run(nodes: Mapping[int, AdminEndpoint], kind: str, *, count: int = 1) -> dict[int, list[Any]]:
+    """One round: open on every member, then per stage relay every member's values to all (view) and let
+    each advance. A failure names the member (RoundFailed.party) and leaves every member's state unchanged
+    except what a completed round sealed."""
+    session = secrets.token_hex(16)
+    peers = {str(i): ep.url for i, ep in nodes.items()}
+    values = _all(
+        nodes,
+        "/tround/open",
+        {"session": session, "kind": kind, "count": count, "participants": sorted(nodes), "peers": peers},
+    )
+    for stage in _STAGES[kind]:
+        broadcast = {str(i): v for i, v in values.items()}
+        _all(nodes, "/tround/view", {"session": session, "stage": stage, "broadcast": broadcast})
+        values = _all(nodes, "/tround/advance", {"session": session, "stage": stage})
+    return values
+
+
+def run_signing_key_dkg(nodes: Mapping[int, AdminEndpoint]) -> bytes:
+    """Joint-Feldman of the group's signing key among all members (each seals its share). Returns the group
+    signing key; every member must report the same one."""
+    results = _run(nodes, "sigkey")
+    keys = {i: v[0]["c"][0] for i, v in results.items()}
+    if len(set(keys.values())) != 1:
+        raise RoundFailed(f"the members disagree on the group signing key: {keys}")
+    return bytes.fromhex(next(iter(keys.values())))
+
+
+def run_presign_round(nodes: Mapping[int, AdminEndpoint], count: int) -> list[bytes]:
+    """`count` presignatures among `nodes` (>= 2t-1 members); each member adds its part to its sealed pool.
+    Returns the presignatures' R (every member must agree)."""
+    results = _run(nodes, "presign", count=count)
+    rs = {i: tuple(v["c"][0] for v in vals) for i, vals in results.items()}
+    if len(set(rs.values())) != 1:
+        raise RoundFailed("the members disagree on the presignatures' R")
+    return [bytes.fromhex(r) for r in next(iter(rs.values()))]
