@@ -282,7 +282,8 @@ class ReceiptLog:
         size = self._data_path.stat().st_size if self._data_path.exists() else 0
         lines = raw.split(b"\n")
         lines.pop()  # after the last newline: empty, or a line torn by a crash
-        spans, end = [], 0
+        spans: list[tuple[int, int]] = []
+        end = 0
         for i, line in enumerate(lines):
             parts = line.split(b" ")
             if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit() or int(parts[1]) != end:
