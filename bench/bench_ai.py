@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -246,7 +247,8 @@ def relay_cost(s: object, events: int = 400, rounds: int = 5) -> dict[str, float
         return {"data": []}
 
     home = Path(tempfile.mkdtemp(prefix="bench-relay-"))
-    with Listener(synthetic, name="synthetic-engine") as eng:
+    with contextlib.ExitStack() as cleanup, Listener(synthetic, name="synthetic-engine") as eng:
+        cleanup.callback(shutil.rmtree, home, ignore_errors=True)
         config = InferenceConfig("tiny-llama", bytes(32), eng.url, home / "receipts")
         front = make_inference_app(config, s.keys, s.quote)  # type: ignore[attr-defined]
         with (
@@ -339,7 +341,9 @@ def main() -> None:
 
     if args.pin:
         os.sched_setaffinity(0, {1})  # this process and everything it starts; the engine is moved below
-    home = Path(tempfile.mkdtemp(prefix="bench-ai-"))
+    home = Path(
+        tempfile.mkdtemp(prefix="bench-ai-")
+    )  # the model (~100 MB), logs, receipts: removed at the end
     os.environ["TEECLOUD_HOME"] = str(home)
     spec_path = ROOT / "examples" / "llm" / "tinymodel.py"
     import importlib.util
@@ -353,6 +357,7 @@ def main() -> None:
     load_before = os.getloadavg()
     modes = {"stream": [True], "plain": [False], "both": [True, False]}[args.mode]
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, home, ignore_errors=True)
         s = stack.enter_context(running_stack(home, model=model, threads=args.threads))
         paths = {"engine direct": s.engine.url}
         if args.relays == "thread":
