@@ -3,7 +3,8 @@ and through the verifying proxy, against the engine called directly, on the same
 receipts signed per second.
 
     python3 bench/bench_ai.py [--size small|tiny] [--requests 12] [--tokens 64] [--threads 2]
-                              [--relays thread|process] [--pin]
+                              [--relays thread|process] [--pin] [--mode stream|plain|both]
+                              [--before SRC]
 
 The stack is the tests' (tests/ai/conftest.py): a simulated CVM and guest agent, llama-cpp-python's server
 (the real engine) on a random-weight llama GGUF written here (`small`: ~25 M parameters, 100 MB f32), the
@@ -15,6 +16,10 @@ request in a shuffled order so machine load (shared, 2 cores) hits them alike.
 `--relays process` runs each in its own process, as deployed (the front in the CVM, the proxy beside the
 client). `--pin` (with --threads 1) pins the engine to CPU 0 and this process and the relays to CPU 1, so the
 engine and the relays do not take turns on the same core (the machine's other work still runs on both).
+`--mode plain` times non-streamed completions too (tokens from the answer's usage). `--before SRC` adds the
+front and proxies of another tree (e.g. `git archive <base> src | tar -x -C /tmp/base`), so a change is
+measured before/after in the same run. "decode rate" is tokens/s from the first token to the last (the
+relays' cost per token, without the fixed per-answer costs at either end).
 Goals (issue 21): >= 98 % of direct throughput, <= 5 ms added to the first token.
 """
 
@@ -27,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -69,12 +75,34 @@ def one(http: object, url: str, tokens: int, i: int) -> tuple[float, float, int,
     return first, time.perf_counter() - t0, n, last
 
 
+def one_plain(http: object, url: str, tokens: int, i: int) -> tuple[float, float, int, float]:
+    """The same for a non-streamed chat completion: (total_s, total_s, completion tokens, total_s); the
+    proxy answers once the receipt verifies."""
+    import httpx
+
+    assert isinstance(http, httpx.Client)
+    body = {
+        "model": "tiny-llama",
+        "messages": [{"role": "user", "content": f"request {i:04d}: hello world, tell me about the model"}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "logit_bias": {"2": -100},
+    }
+    t0 = time.perf_counter()
+    r = http.post(url + "/v1/chat/completions", json=body)
+    total = time.perf_counter() - t0
+    assert r.status_code == 200, r.text
+    return total, total, int(r.json()["usage"]["completion_tokens"]), total
+
+
 def _relay_main(kind: str, args: dict[str, object], ready: object, stop: object) -> None:
     """A relay in its own process (spawned): the front, keys and quotes through the guest API socket as the
     example app does; or the verifying proxy. Puts its URL on `ready`, serves until `stop` is set."""
     import logging
 
     logging.disable(logging.WARNING)
+    if args.get("src"):  # another tree's teecloud (nothing of teecloud is imported yet in this process)
+        sys.path.insert(0, str(args["src"]))
     from teecloud.ai._http import Listener
 
     if kind == "front":
@@ -88,15 +116,18 @@ def _relay_main(kind: str, args: dict[str, object], ready: object, stop: object)
             q = guest.get_quote(report_data)
             return {"quote": q.quote, "event_log": q.event_log, "vm_config": q.vm_config}
 
-        app = make_inference_app(args["config"], keys_from_guest_api(guest), quote)
+        from teecloud.ai.server import InferenceConfig
+
+        config = InferenceConfig(**args["config"])  # type: ignore[arg-type]
+        app = make_inference_app(config, keys_from_guest_api(guest), quote)
     else:
-        from teecloud.ai.proxy import make_proxy_app
+        from teecloud.ai.proxy import ProxyPolicy, make_proxy_app
         from teecloud.peer import PeerPolicy, PeerVerifier, StaticCollateral
         from teecloud.tee.simulated import SimulatedTdx
 
         tee = SimulatedTdx(Path(str(args["home"])))
         verifier = PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
-        app = make_proxy_app(str(args["upstream"]), verifier, args["policy"])
+        app = make_proxy_app(str(args["upstream"]), verifier, ProxyPolicy(**args["policy"]))  # type: ignore[arg-type]
     with Listener(app, name=f"bench-{kind}") as listener:
         ready.put(listener.url)  # type: ignore[attr-defined]
         stop.wait()  # type: ignore[attr-defined]
@@ -216,7 +247,8 @@ def relay_cost(s: object, events: int = 400, rounds: int = 5) -> dict[str, float
         return {"data": []}
 
     home = Path(tempfile.mkdtemp(prefix="bench-relay-"))
-    with Listener(synthetic, name="synthetic-engine") as eng:
+    with contextlib.ExitStack() as cleanup, Listener(synthetic, name="synthetic-engine") as eng:
+        cleanup.callback(shutil.rmtree, home, ignore_errors=True)
         config = InferenceConfig("tiny-llama", bytes(32), eng.url, home / "receipts")
         front = make_inference_app(config, s.keys, s.quote)  # type: ignore[attr-defined]
         with (
@@ -249,6 +281,36 @@ def relay_cost(s: object, events: int = 400, rounds: int = 5) -> dict[str, float
     return out
 
 
+def table(stats: dict[str, list[tuple[float, float, int, float]]], streamed: bool) -> None:
+    """One row per path; the differences and ratios are paired per round (same moment, same load)."""
+    print(
+        "| path | TTFT median (ms) | added TTFT, paired median (ms) | tokens/s median (end to end) "
+        "| vs direct, paired median | decode rate vs direct, paired median "
+        "| last token to end of stream, median (ms) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    direct = stats["engine direct"]
+
+    def decode(r: tuple[float, float, int, float]) -> float:  # tokens/s from the first to the last token
+        return (r[2] - 1) / (r[3] - r[0]) if r[3] > r[0] else float("nan")
+
+    for name, rows in stats.items():
+        ttft = statistics.median(r[0] for r in rows)
+        tps = statistics.median(r[2] / r[1] for r in rows)
+        tail = statistics.median(r[1] - r[3] for r in rows)
+        pairs = list(zip(rows, direct, strict=True))
+        added = statistics.median(r[0] - d[0] for r, d in pairs)
+        ratio = statistics.median((r[2] / r[1]) / (d[2] / d[1]) for r, d in pairs)
+        if streamed:
+            rate = f"{100 * statistics.median(decode(r) / decode(d) for r, d in pairs):.1f} %"
+            print(
+                f"| {name} | {ttft * 1000:.1f} | {added * 1000:+.1f} | {tps:.1f} | {100 * ratio:.1f} % "
+                f"| {rate} | {tail * 1000:.1f} |"
+            )
+        else:
+            print(f"| {name} | — | — | {tps:.1f} | {100 * ratio:.1f} % | — | — |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=["tiny", "small"], default="small")
@@ -258,9 +320,18 @@ def main() -> None:
     ap.add_argument("--relays", choices=["thread", "process"], default="thread")
     ap.add_argument("--pin", action="store_true", help="engine on CPU 0, client and relays on CPU 1")
     ap.add_argument("--no-extras", action="store_true", help="only the paths (no receipts/s, relay cost)")
+    ap.add_argument("--mode", choices=["stream", "plain", "both"], default="stream")
+    ap.add_argument(
+        "--before",
+        metavar="SRC",
+        help="also the front and proxies of another tree's src/ (e.g. the base commit's, from git archive), "
+        "in the same run: a before/after (needs --relays process)",
+    )
     args = ap.parse_args()
     if args.pin and (args.threads != 1 or os.cpu_count() != 2):
         ap.error("--pin splits 2 CPUs: one engine thread (--threads 1) on CPU 0, the rest on CPU 1")
+    if args.before and args.relays != "process":
+        ap.error("--before needs --relays process")
     import logging
 
     import httpx
@@ -270,7 +341,9 @@ def main() -> None:
 
     if args.pin:
         os.sched_setaffinity(0, {1})  # this process and everything it starts; the engine is moved below
-    home = Path(tempfile.mkdtemp(prefix="bench-ai-"))
+    home = Path(
+        tempfile.mkdtemp(prefix="bench-ai-")
+    )  # the model (~100 MB), logs, receipts: removed at the end
     os.environ["TEECLOUD_HOME"] = str(home)
     spec_path = ROOT / "examples" / "llm" / "tinymodel.py"
     import importlib.util
@@ -282,28 +355,30 @@ def main() -> None:
     model = tiny.write_tiny_llama(home / f"{args.size}.gguf", size=args.size) if args.size != "tiny" else None
     del write_model
     load_before = os.getloadavg()
+    modes = {"stream": [True], "plain": [False], "both": [True, False]}[args.mode]
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, home, ignore_errors=True)
         s = stack.enter_context(running_stack(home, model=model, threads=args.threads))
+        paths = {"engine direct": s.engine.url}
         if args.relays == "thread":
-            front_url = s.front.url
-            proxy_url = stack.enter_context(s.proxy(e2ee=False)).url
-            sealed_url = stack.enter_context(s.proxy(e2ee=True)).url
+            paths["attested app"] = s.front.url
+            paths["app + proxy"] = stack.enter_context(s.proxy(e2ee=False)).url
+            paths["app + proxy, E2EE"] = stack.enter_context(s.proxy(e2ee=True)).url
         else:
-            config = dataclasses.replace(s.config, receipts_dir=home / "receipts-process")
-            front_url = stack.enter_context(RelayProcess("front", sock=s.sock, config=config)).url
-            proxy_url, sealed_url = (
-                stack.enter_context(
-                    RelayProcess("proxy", home=home, upstream=front_url, policy=s.policy(e2ee=e2ee))
+            trees = {"": None} | ({" (before)": args.before} if args.before else {})
+            for label, src in trees.items():
+                config = dataclasses.replace(s.config, receipts_dir=home / f"receipts-process{label.strip()}")
+                front_url = stack.enter_context(
+                    RelayProcess("front", sock=s.sock, config=dataclasses.asdict(config), src=src)
                 ).url
-                for e2ee in (False, True)
-            )
-        paths = {
-            "engine direct": s.engine.url,
-            "attested app": front_url,
-            "app + proxy": proxy_url,
-            "app + proxy, E2EE": sealed_url,
-        }
-        stats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
+                paths[f"attested app{label}"] = front_url
+                for e2ee in (False, True):
+                    policy = dataclasses.asdict(s.policy(e2ee=e2ee))
+                    url = stack.enter_context(
+                        RelayProcess("proxy", home=home, upstream=front_url, policy=policy, src=src)
+                    ).url
+                    paths[f"app + proxy{', E2EE' if e2ee else ''}{label}"] = url
+        results: dict[bool, dict[str, list[tuple[float, float, int, float]]]] = {}
         with httpx.Client(timeout=300) as http:
             if args.pin:
                 assert s.engine.proc is not None
@@ -312,40 +387,30 @@ def main() -> None:
                 one(http, url, 4, 9999)
             i = 0
             rng = random.Random(0)
-            for _ in range(args.requests):
-                order = list(paths.items())
-                rng.shuffle(order)  # no path is always first (or last) in a round
-                for name, url in order:
-                    i += 1  # a different prompt each time: no path gets the engine's prompt cache for free
-                    stats[name].append(one(http, url, args.tokens, i))
+            for streamed in modes:
+                stats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
+                request = one if streamed else one_plain
+                for _ in range(args.requests):
+                    order = list(paths.items())
+                    rng.shuffle(order)  # no path is always first (or last) in a round
+                    for name, url in order:
+                        i += 1  # a different prompt each time: no path gets the engine's prompt cache free
+                        stats[name].append(request(http, url, args.tokens, i))
+                results[streamed] = stats
         load_after = os.getloadavg()
         if not args.no_extras:
             signed, logged = receipts_per_second(home)
             report_ms, gpu_ms = attestation_costs(s.front.url, home)
             relay = relay_cost(s)
     print(
-        f"model {args.size}, {args.requests} streamed requests x {args.tokens} tokens per path, "
+        f"model {args.size}, {args.requests} requests x {args.tokens} tokens per path and mode, "
         f"engine threads {args.threads}, relays in {'threads' if args.relays == 'thread' else 'processes'}"
         f"{', engine pinned to CPU 0, client + relays to CPU 1' if args.pin else ''}; "
         f"load avg (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
-    print(
-        "| path | TTFT median (ms) | added TTFT, paired median (ms) | tokens/s median (end to end) "
-        "| vs direct, paired median | last token to end of stream, median (ms) |"
-    )
-    print("|---|---|---|---|---|---|")
-    direct = stats["engine direct"]
-    for name, rows in stats.items():
-        ttft = statistics.median(r[0] for r in rows)
-        tps = statistics.median(r[2] / r[1] for r in rows)
-        tail = statistics.median(r[1] - r[3] for r in rows)
-        # Paired within a round (same moment, same machine load): the difference and the ratio per round.
-        added = statistics.median(r[0] - d[0] for r, d in zip(rows, direct, strict=True))
-        ratio = statistics.median((r[2] / r[1]) / (d[2] / d[1]) for r, d in zip(rows, direct, strict=True))
-        print(
-            f"| {name} | {ttft * 1000:.1f} | {added * 1000:+.1f} | {tps:.1f} | {100 * ratio:.1f} % "
-            f"| {tail * 1000:.1f} |"
-        )
+    for streamed, stats in results.items():
+        print(f"\n{'streamed' if streamed else 'not streamed'}:")
+        table(stats, streamed)
     if args.no_extras:
         return
     print(f"receipts signed: {signed:.0f}/s; signed + appended to the Merkle log (fsync): {logged:.0f}/s")

@@ -84,7 +84,7 @@ def test_the_example_app_serves_with_keys_from_the_guest_api(stack: Stack, tmp_p
             tls_spki == peer_spki_sha256(r).hex()
             and (tmp_path / "tls" / "tls-key.pem").stat().st_mode & 0o077 == 0
         )
-        assert (tmp_path / "receipts" / "receipts" / f"{rid}.json").is_file()
+        assert rid.encode() in (tmp_path / "receipts" / "receipts.jsonl").read_bytes()
     finally:
         http.close()
         os.killpg(proc.pid, signal.SIGTERM)  # the app process this test started

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,11 @@ def engine() -> Iterator[Listener]:
         yield e
 
 
+def logged_bytes(directory: Path) -> bytes:
+    path = directory / "receipts.jsonl"
+    return path.read_bytes() if path.exists() else b""
+
+
 def front_on(engine_url: str, home: Path, keys: Any, quote: Any) -> tuple[FastAPI, Any]:
     app = make_inference_app(InferenceConfig(MODEL_ID, bytes(32), engine_url, home / "receipts"), keys, quote)
     return app, app.state.front
@@ -116,11 +122,11 @@ def test_answer_ends_before_the_fsyncs_and_the_receipt_is_served_only_once_durab
         t = get_later(f.url + route.format(rid), seen, gated, rid)
         t.join(0.5)
         assert t.is_alive() and not seen, "the receipt route answered before the receipt was durable"
-        assert not (tmp_path / "receipts" / "receipts" / f"{rid}.json").exists()
+        assert rid.encode() not in logged_bytes(tmp_path / "receipts")
         gated.gate.set()
         t.join(10)
         assert seen["status"] == 200 and seen["durable_when_answered"], seen
-        assert (tmp_path / "receipts" / "receipts" / f"{rid}.json").exists()
+        assert rid.encode() in logged_bytes(tmp_path / "receipts")
         assert rid not in front.pending
         if route.startswith("/v1/receipts"):
             assert seen["json"]["receipt"]["body"]["id"] == rid and seen["json"]["leaf_index"] == 0
@@ -181,35 +187,146 @@ def assert_mapped(log: ReceiptLog, rids: list[str]) -> None:
         assert verify_inclusion(leaf_hash(body_hash), i, size, proof, root)
 
 
-def test_a_line_left_by_a_crash_before_its_leaf_does_not_shift_later_receipts(tmp_path: Path) -> None:
+def test_an_index_line_left_by_a_crash_before_its_leaf_does_not_shift_later_receipts(tmp_path: Path) -> None:
     keys = app_keys()
     log = ReceiptLog(tmp_path)
     log.append(signed(keys, "r0"))
     log.append(signed(keys, "r1"))
-    with open(tmp_path / "order.txt", "a") as f:  # the crash: the id's line is durable, its leaf is not
-        f.write("lost\n")
+    # The crash: the receipt's line and its index line are durable, its leaf is not.
+    lost = json.dumps(signed(keys, "lost").to_json(), separators=(",", ":")).encode() + b"\n"
+    end = (tmp_path / "receipts.jsonl").stat().st_size
+    with open(tmp_path / "receipts.jsonl", "ab") as f:
+        f.write(lost)
+    with open(tmp_path / "index.txt", "a") as f:
+        f.write(f"lost {end} {len(lost)}\n")
     log = ReceiptLog(tmp_path)
+    assert log.get("lost") is None and (tmp_path / "receipts.jsonl").stat().st_size == end
     log.append(signed(keys, "r2"))
     log = ReceiptLog(tmp_path)
     assert log.get("lost") is None
     assert_mapped(log, ["r0", "r1", "r2"])
 
 
-def test_a_failed_receipt_write_leaves_no_line_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("torn", ["receipts.jsonl", "index.txt", "leaves.bin"])
+def test_a_write_torn_by_a_crash_is_cut_back_on_open(tmp_path: Path, torn: str) -> None:
     keys = app_keys()
     log = ReceiptLog(tmp_path)
     log.append(signed(keys, "r0"))
-    before = (tmp_path / "order.txt").read_bytes()
+    sizes = {name: (tmp_path / name).stat().st_size for name in ("receipts.jsonl", "index.txt", "leaves.bin")}
+    with open(tmp_path / torn, "ab") as f:  # part of the next append's first, second or third write
+        f.write(
+            b'{"body":{"id":"r1"'
+            if torn == "receipts.jsonl"
+            else b"r1 4"
+            if torn == "index.txt"
+            else b"\x07" * 9
+        )
+    log = ReceiptLog(tmp_path)
+    assert {name: (tmp_path / name).stat().st_size for name in sizes} == sizes
+    log.append(signed(keys, "r1"))
+    assert_mapped(ReceiptLog(tmp_path), ["r0", "r1"])
 
-    def disk_full(path: Path, data: bytes, **kw: Any) -> None:
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(receiptlog, "atomic_write", disk_full)
+@pytest.mark.parametrize("call", ["pwrite", "fsync"])
+@pytest.mark.parametrize("fails", [1, 2, 3])
+def test_a_failed_receipt_write_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, fails: int
+) -> None:
+    """The disk fills during the append's first, second or third write (half of it written), or an fsync
+    fails: every file is taken back, and the log goes on."""
+    keys = app_keys()
+    log = ReceiptLog(tmp_path)
+    log.append(signed(keys, "r0"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_pwrite, real_fsync = os.pwrite, os.fsync
+    calls = 0
+
+    def pwrite(fd: int, data: bytes, at: int) -> int:
+        nonlocal calls
+        calls += 1
+        if call == "pwrite" and calls == fails:
+            real_pwrite(fd, data[: len(data) // 2], at)
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, at)
+
+    def fsync(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if call == "fsync" and calls == 3 + fails:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(receiptlog.os, "pwrite", pwrite)
+    monkeypatch.setattr(receiptlog.os, "fsync", fsync)
     with pytest.raises(OSError):
         log.append(signed(keys, "r1"))
     monkeypatch.undo()
-    assert (tmp_path / "order.txt").read_bytes() == before and len(log) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and len(log) == 1
+    assert log.get("r1") is None
     log.append(signed(keys, "r2"))
     assert_mapped(ReceiptLog(tmp_path), ["r0", "r2"])
+
+
+def test_a_damaged_log_is_refused_on_open(tmp_path: Path) -> None:
+    """More than a crash can leave: refused, not cut back (that would drop receipts a head already named)."""
+    keys = app_keys()
+    log = ReceiptLog(tmp_path)
+    for rid in ("r0", "r1", "r2"):
+        log.append(signed(keys, rid))
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    index, data = files["index.txt"], files["receipts.jsonl"]
+    first = index.split(b"\n")[0] + b"\n"
+    for name, damaged in (
+        ("index.txt", first),  # two leaves without their index lines
+        ("index.txt", index.replace(b"r1 ", b"r0 ")),  # an id twice
+        ("index.txt", index.replace(b" 0 ", b" 1 ")),  # a gap
+        ("index.txt", index.replace(b"r1 ", b"r1  ")),  # a malformed line
+        ("receipts.jsonl", data[: len(data) // 2]),  # two receipts lost
+        ("receipts.jsonl", data.replace(b'"r2"', b'"r9"')),  # the last receipt is not its leaf's
+        ("leaves.bin", files["leaves.bin"][:32]),  # two leaves lost
+    ):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(RuntimeError, match="damaged"):
+            ReceiptLog(tmp_path)
+        (tmp_path / name).write_bytes(files[name])
+    assert_mapped(ReceiptLog(tmp_path), ["r0", "r1", "r2"])
+
+
+@pytest.mark.parametrize("durable", ["leaves.bin", "index.txt", "receipts.jsonl", "index.txt+leaves.bin"])
+def test_an_append_cut_short_by_a_crash_is_cut_back_whatever_reached_the_disk(
+    tmp_path: Path, durable: str
+) -> None:
+    """The three writes are fsynced together, so a crash may leave any of them without the others."""
+    keys = app_keys()
+    log = ReceiptLog(tmp_path)
+    log.append(signed(keys, "r0"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    log.append(signed(keys, "r1"))
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for name in before:
+        if name not in durable.split("+"):
+            (tmp_path / name).write_bytes(before[name])
+    log = ReceiptLog(tmp_path)
+    assert log.get("r1") is None and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert after != before
+    log.append(signed(keys, "r2"))
+    assert_mapped(ReceiptLog(tmp_path), ["r0", "r2"])
+
+
+def test_a_log_in_the_earlier_layout_is_converted(tmp_path: Path) -> None:
+    """receipts/<id>.json + order.txt + leaves.bin, as written before: the same receipts at the same leaves,
+    an order line whose leaf never came dropped; appends continue the same tree."""
+    keys = app_keys()
+    receipts = [signed(keys, f"r{i}") for i in range(3)]
+    (tmp_path / "receipts").mkdir()
+    for r in receipts:
+        (tmp_path / "receipts" / f"{r.body.id}.json").write_text(json.dumps(r.to_json()))
+    (tmp_path / "order.txt").write_text("r0\nr1\nr2\nlost\n")
+    (tmp_path / "leaves.bin").write_bytes(b"".join(leaf_hash(r.body.body_sha256()) for r in receipts))
+    log = ReceiptLog(tmp_path)
+    assert_mapped(log, ["r0", "r1", "r2"])
+    assert log.get("lost") is None
+    log.append(signed(keys, "r3"))
+    reopened = ReceiptLog(tmp_path)
+    assert_mapped(reopened, ["r0", "r1", "r2", "r3"])
+    assert SignedReceipt.from_json(reopened.get("r1")[0]) == receipts[1]  # type: ignore[index]

@@ -27,6 +27,7 @@ returned as a normal answer: 502 with the step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -236,6 +237,12 @@ class UpstreamVerifier:
     async def check_receipt(
         self, up: Upstream, rid: str | None, sent: bytes, received: bytes
     ) -> SignedReceipt:
+        return self.verify_fetched_receipt(up, rid, await self.fetch_receipt(up, rid), sent, received)
+
+    async def fetch_receipt(self, up: Upstream, rid: str | None) -> tuple[httpx.Response, int]:
+        """GET the receipt (and the consistency proof from the largest head seen so far); the answer is
+        not trusted until verify_fetched_receipt. Started before an answer's last bytes are in, so that the
+        round trip overlaps them: the front waits until the receipt is durable before it answers."""
         if not rid:
             raise UpstreamRejected("the answer carries no x-receipt-id", step="receipt")
         resp = None
@@ -253,6 +260,19 @@ class UpstreamVerifier:
             await asyncio.sleep(0.02)
         if resp is None or resp.status_code != 200:
             raise UpstreamRejected(f"the receipt is not served ({resp and resp.status_code})", step="receipt")
+        return resp, since
+
+    def verify_fetched_receipt(
+        self,
+        up: Upstream,
+        rid: str | None,
+        fetched: tuple[httpx.Response, int],
+        sent: bytes,
+        received: bytes,
+    ) -> SignedReceipt:
+        """The receipt against the pinned key set and the exact bytes sent and received, its inclusion
+        under the signed tree head, and that head's consistency with the last one seen."""
+        resp, since = fetched
         self.check_pin(up, resp)
         doc = _json(resp, "receipt", _MAX_REPORT_BYTES)
         try:
@@ -401,14 +421,18 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                     pass
             return Response(body, status_code=resp.status_code, media_type="application/json")
         if not stream:
+            # The front signs the receipt before it answers: fetched while the answer is read.
+            fetching = asyncio.create_task(up_verifier.fetch_receipt(up, rid))
             try:
                 received = await _read_limited(resp, _MAX_ANSWER_BYTES)
-                await up_verifier.check_receipt(up, rid, sent, received)
+                up_verifier.verify_fetched_receipt(up, rid, await fetching, sent, received)
                 answer = received if session is None else session.open_response(json.loads(received))
             except UpstreamRejected as exc:
                 return refused(exc)
             except (EnvelopeRejected, json.JSONDecodeError, UnicodeDecodeError) as exc:
                 return refused(UpstreamRejected(str(exc), step="e2ee"))
+            finally:
+                await _cancel(fetching)
             return Response(
                 answer,
                 media_type="application/json",
@@ -419,6 +443,10 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             parts: list[bytes] = []
             size, pending, seq, ended = 0, b"", 0, False
             done: bytes | None = None  # "data: [DONE]" is held back until the receipt verifies
+            # The front signs the receipt before it sends its closing piece ([DONE], or the final sealed
+            # event): the fetch starts there and overlaps the rest of the stream. It is verified only
+            # against every byte received, once the stream has ended.
+            fetching: asyncio.Task[tuple[httpx.Response, int]] | None = None
             try:
                 async for chunk in resp.aiter_raw():
                     size += len(chunk)
@@ -447,11 +475,15 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                             done = event
                         else:
                             yield event
+                    if fetching is None and (ended or done is not None):
+                        fetching = asyncio.create_task(up_verifier.fetch_receipt(up, rid))
                 if pending.strip():
                     raise UpstreamRejected("the stream ended inside an event", step="forward")
                 if session is not None and not ended:
                     raise UpstreamRejected("the encrypted stream was cut short", step="e2ee")
-                await up_verifier.check_receipt(up, rid, sent, b"".join(parts))
+                if fetching is None:  # a stream without a closing piece: its receipt is checked all the same
+                    fetching = asyncio.create_task(up_verifier.fetch_receipt(up, rid))
+                up_verifier.verify_fetched_receipt(up, rid, await fetching, sent, b"".join(parts))
                 if done is not None:
                     yield done
             except UpstreamRejected as exc:
@@ -472,6 +504,7 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                 yield b"data: " + json.dumps(err).encode() + b"\n\n"
             finally:
                 await resp.aclose()
+                await _cancel(fetching)
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"x-receipt-id": rid or ""}
@@ -490,6 +523,16 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
         return await completion(request, "/v1/embeddings")
 
     return app
+
+
+async def _cancel(task: asyncio.Task[Any] | None) -> None:
+    """Stop a receipt fetch whose answer is no longer wanted (the stream failed or the client left)."""
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    elif task is not None and not task.cancelled():
+        task.exception()  # retrieved: a failure already reported through `await` is not logged again
 
 
 async def _read_limited(resp: httpx.Response, limit: int) -> bytes:

@@ -9,9 +9,8 @@ signed tree heads, so a provider cannot deny or rewrite an answer it gave.
 Consistency proofs (RFC 9162 §2.1.4) show a later tree extends an earlier one: a client that remembers a
 head detects a log that was rewritten or forked.
 
-`ReceiptLog` keeps the leaf hashes in `<dir>/leaves.bin` (32 bytes each, appended and fsynced; a torn tail
-from a crash is cut back to whole leaves on open) and each receipt as `<dir>/receipts/<id>.json` (written
-atomically before its leaf is appended). `verify_inclusion` is pure.
+`ReceiptLog` keeps the receipts, an index of them and the leaf hashes in three append-only files (the
+receipt durable before its leaf; see its docstring). `verify_inclusion` is pure.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from eth_utils.crypto import keccak
 from teecloud._fs import atomic_write
 from teecloud.ai._fields import get_hex, get_int, get_obj
 from teecloud.ai._jcs import jcs_sha256
-from teecloud.ai.errors import MalformedInput, ReceiptInvalid
+from teecloud.ai.errors import AiError, MalformedInput, ReceiptInvalid
 from teecloud.ai.receipts import MAX_RECEIPT_BYTES, SignedReceipt
 from teecloud.keys.errors import KeysError
 from teecloud.keys.sigchain import recover_k256, sign_k256_recoverable
@@ -239,38 +238,116 @@ class TreeHead:
 
 
 class ReceiptLog:
-    """The app's receipt store and Merkle log on its (encrypted) volume. Thread-safe; append-only."""
+    """The app's receipt store and Merkle log on its (encrypted) volume. Thread-safe; append-only.
+
+    Three append-only files:
+        receipts.jsonl  each receipt as one line of compact JSON, in log order
+        index.txt       one line per receipt: "<id> <offset> <length>" into receipts.jsonl
+        leaves.bin      the leaf hashes, 32 bytes each
+    An append writes all three, then fsyncs them side by side: it waits for about one flush instead of two
+    in sequence (before: a new file per receipt, fsynced beside its id's line, then the leaf).
+    The log is what all three hold. On open, whatever a crash left of the one append in flight (any of its
+    three writes, whole or torn) is cut back, and the last entry's leaf must be its receipt's; no tree head
+    can name a cut entry, since heads cover only appends that returned, after their fsyncs. Anything else
+    (more than one entry's difference, a malformed index line, a last leaf that is not its receipt's) is
+    damage: refused, never cut. A log in the earlier layout (`receipts/<id>.json`, `order.txt`) is converted
+    on open (its files stay).
+    """
 
     def __init__(self, directory: Path, *, max_leaves: int = 10_000_000) -> None:
         self.dir = Path(directory)
-        (self.dir / "receipts").mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._leaves_path = self.dir / "leaves.bin"
+        self._data_path = self.dir / "receipts.jsonl"
+        self._index_path = self.dir / "index.txt"
         self._lock = threading.Lock()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipt-log")
+        self._syncer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="receipt-log-fsync")
         self._max = max_leaves
-        data = self._leaves_path.read_bytes() if self._leaves_path.exists() else b""
-        whole = len(data) - len(data) % 32
-        if whole != len(data):  # a torn append from a crash: the receipt file exists, its leaf does not
-            with open(self._leaves_path, "r+b") as f:
-                f.truncate(whole)
-        self._leaves = [data[i : i + 32] for i in range(0, whole, 32)]
+        if not self._index_path.exists() and (self.dir / "order.txt").exists():
+            self._convert_earlier_layout()
+        self._index: dict[str, int] = {}
+        self._spans: list[tuple[int, int]] = []  # (offset, length) in receipts.jsonl, by leaf index
+        self._leaves: list[bytes] = []
+        self._recover()
         self._tree = _Tree()
         for leaf in self._leaves:
             self._tree.append(leaf)
-        self._index: dict[str, int] = {}
-        for i, name in enumerate(self._ids_in_order()):
-            self._index[name] = i
 
-    def _ids_in_order(self) -> list[str]:
-        order_path = self.dir / "order.txt"
-        if not order_path.exists():
-            return []
-        names = order_path.read_text(encoding="ascii").split()
-        if len(names) > len(self._leaves):
-            # A crash after an id's line was written but before its leaf was: drop the line, or the next
-            # append's leaf would be mapped to that id on the next open.
-            atomic_write(order_path, "".join(n + "\n" for n in names[: len(self._leaves)]).encode())
-        return names[: len(self._leaves)]
+    def _damaged(self, what: str) -> RuntimeError:
+        return RuntimeError(f"the receipt log in {self.dir} is damaged: {what}")
+
+    def _recover(self) -> None:
+        leaves = self._leaves_path.read_bytes() if self._leaves_path.exists() else b""
+        raw = self._index_path.read_bytes() if self._index_path.exists() else b""
+        size = self._data_path.stat().st_size if self._data_path.exists() else 0
+        lines = raw.split(b"\n")
+        lines.pop()  # after the last newline: empty, or a line torn by a crash
+        spans: list[tuple[int, int]] = []
+        end = 0
+        for i, line in enumerate(lines):
+            parts = line.split(b" ")
+            if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit() or int(parts[1]) != end:
+                raise self._damaged(f"index line {i}")
+            rid, length = parts[0].decode("ascii", "replace"), int(parts[2])
+            if not _ID.match(rid) or rid in self._index:
+                raise self._damaged(f"index line {i}")
+            if end + length > size:
+                if i < len(lines) - 1:
+                    raise self._damaged("receipts.jsonl is short")
+                break  # the last append's receipt bytes did not all reach the disk
+            self._index[rid] = len(spans)
+            spans.append((end, length))
+            end += length
+        n = min(len(leaves) // 32, len(spans))
+        if max(len(leaves) // 32, len(lines)) > n + 1:
+            raise self._damaged(
+                f"{len(leaves) // 32} leaves, {len(lines)} index lines, {len(spans)} readable"
+            )
+        self._leaves = [leaves[i : i + 32] for i in range(0, 32 * n, 32)]
+        self._spans = spans[:n]
+        for rid in [r for r, i in self._index.items() if i >= n]:
+            del self._index[rid]
+        if n and self._leaves[-1] != self._leaf_on_disk(n - 1):
+            # Only the last append can have been cut short; one before it that does not match is damage.
+            raise self._damaged(f"leaf {n - 1} is not its receipt's")
+        end = self._spans[-1][0] + self._spans[-1][1] if n else 0
+        if len(leaves) != 32 * n:
+            with open(self._leaves_path, "r+b") as f:
+                f.truncate(32 * n)
+        if len(raw) != sum(len(x) + 1 for x in lines[:n]):
+            atomic_write(self._index_path, b"".join(x + b"\n" for x in lines[:n]))
+        if size != end:
+            with open(self._data_path, "r+b") as f:
+                f.truncate(end)
+
+    def _leaf_on_disk(self, index: int) -> bytes:
+        offset, length = self._spans[index]
+        with open(self._data_path, "rb") as f:
+            f.seek(offset)
+            raw = f.read(length)
+        try:
+            return leaf_hash(SignedReceipt.from_json(json.loads(raw)).body.body_sha256())
+        except (ValueError, AiError):
+            return b""
+
+    def _convert_earlier_layout(self) -> None:
+        """receipts/<id>.json + order.txt (ids in log order) -> receipts.jsonl + index.txt, each written
+        atomically, the index last (its presence marks the conversion done)."""
+        leaves = self._leaves_path.stat().st_size // 32 if self._leaves_path.exists() else 0
+        names = (self.dir / "order.txt").read_text(encoding="ascii").split()[:leaves]
+        chunks, index, offset = [], [], 0
+        for rid in names:
+            if not _ID.match(rid):
+                raise RuntimeError(f"the receipt log in {self.dir} is damaged: order.txt names {rid[:80]!r}")
+            line = json.dumps(
+                json.loads((self.dir / "receipts" / f"{rid}.json").read_bytes()), separators=(",", ":")
+            )
+            data = line.encode() + b"\n"
+            chunks.append(data)
+            index.append(f"{rid} {offset} {len(data)}\n".encode())
+            offset += len(data)
+        atomic_write(self._data_path, b"".join(chunks))
+        atomic_write(self._index_path, b"".join(index))
 
     def __len__(self) -> int:
         return len(self._leaves)
@@ -279,37 +356,46 @@ class ReceiptLog:
         rid = receipt.body.id
         if not _ID.match(rid):
             raise ValueError("receipt ids are 1..64 characters of [A-Za-z0-9_-]")
-        data = json.dumps(receipt.to_json(), separators=(",", ":")).encode()
+        data = json.dumps(receipt.to_json(), separators=(",", ":")).encode() + b"\n"
+        leaf = leaf_hash(receipt.body.body_sha256())
         with self._lock:
             if rid in self._index:
                 raise ValueError(f"receipt {rid} is already logged")
             if len(self._leaves) >= self._max:
                 raise RuntimeError("the receipt log is full")
-            # The receipt file and its id's line are written and fsynced side by side (one fsync's wait
-            # instead of two); both are durable before the leaf that makes the receipt part of the log.
-            written = self._writer.submit(atomic_write, self.dir / "receipts" / f"{rid}.json", data)
-            order_path = self.dir / "order.txt"
-            order_size = order_path.stat().st_size if order_path.exists() else 0
+            offset = self._spans[-1][0] + self._spans[-1][1] if self._spans else 0
+            index_size = self._index_path.stat().st_size if self._index_path.exists() else 0
+            writes = [
+                (self._data_path, offset, data),
+                (self._index_path, index_size, f"{rid} {offset} {len(data)}\n".encode()),
+                (self._leaves_path, 32 * len(self._leaves), leaf),
+            ]
+            fds: list[int] = []
             try:
+                for path, at, chunk in writes:
+                    fds.append(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+                    if os.pwrite(fds[-1], chunk, at) != len(chunk):
+                        raise OSError(f"short write to {path.name}")
+                # Side by side: the flushes overlap (on the development machine's disk 0.25-0.3 ms for
+                # the three, against 0.35-1 ms one after another).
+                synced = [self._syncer.submit(os.fsync, fd) for fd in fds[1:]]
                 try:
-                    with open(order_path, "a", encoding="ascii") as f:
-                        f.write(rid + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
+                    os.fsync(fds[0])
                 finally:
-                    written.result()
-            except BaseException:  # no leaf follows: take the id's line back so later lines stay aligned
-                if order_path.exists():
-                    with open(order_path, "r+b") as f:
-                        f.truncate(order_size)
+                    for future in synced:
+                        future.result()
+            except BaseException:  # take every file back so that they stay aligned
+                for path, at, _ in writes:
+                    if path.exists():
+                        with open(path, "r+b") as f:
+                            f.truncate(at)
                 raise
-            leaf = leaf_hash(receipt.body.body_sha256())
-            with open(self._leaves_path, "ab") as f:
-                f.write(leaf)
-                f.flush()
-                os.fsync(f.fileno())
+            finally:
+                for fd in fds:
+                    os.close(fd)
             self._leaves.append(leaf)
             self._tree.append(leaf)
+            self._spans.append((offset, len(data)))
             self._index[rid] = len(self._leaves) - 1
             return len(self._leaves) - 1
 
@@ -319,12 +405,17 @@ class ReceiptLog:
             return None
         with self._lock:
             index = self._index.get(rid)
-        if index is None:
-            return None
-        raw = (self.dir / "receipts" / f"{rid}.json").read_bytes()
-        if len(raw) > MAX_RECEIPT_BYTES * 4:
+            if index is None:
+                return None
+            offset, length = self._spans[index]
+        if length > MAX_RECEIPT_BYTES * 4:
             raise RuntimeError(f"receipt {rid} on disk is oversized")
-        return json.loads(raw), index
+        with open(self._data_path, "rb") as f:
+            f.seek(offset)
+            doc = json.loads(f.read(length))
+        if not isinstance(doc, dict) or not isinstance(doc.get("body"), dict) or doc["body"].get("id") != rid:
+            raise RuntimeError(f"the receipt log in {self.dir} is damaged: receipt {rid}")
+        return doc, index
 
     def proof(self, index: int, tree_size: int | None = None) -> tuple[int, list[bytes], bytes]:
         """(tree_size, inclusion proof, root) for a leaf, against the current tree unless a size is given."""
