@@ -310,3 +310,19 @@ def test_only_images_present_in_the_hosts_docker_pass_the_check(teecloud_home: P
     with pytest.raises(ComposeRejected, match="absent:2"):
         backend.check_images(["present:1", "absent:2"])
     QemuBackend(QemuBackendConfig(image=image, docker=None), home=teecloud_home).check_images(["absent:2"])
+
+
+def test_teecloud_up_refuses_an_unknown_backend_or_accel_in_one_line(teecloud_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app
+
+    for args, reason in (
+        (["--backend", "vmware"], "unknown CVM backend 'vmware' (one of: docker, qemu)"),
+        (["--backend", "qemu", "--qemu-accel", "hvf"], "--qemu-accel is kvm or tcg"),
+        (["--backend", "qemu", "--kms-nodes", "3"], "--backend qemu runs with one KMS"),
+    ):
+        result = CliRunner().invoke(app, ["up", *args])
+        assert result.exit_code == 1, result.output
+        assert reason in result.output and "Traceback" not in result.output
+    assert not (teecloud_home / "chain").exists()  # refused before anything started
