@@ -74,3 +74,18 @@ def test_volume_directories_are_plain_relative_paths_without_symlinks(tmp_path: 
     with pytest.raises(StorageError, match="symbolic link"):
         vol.ensure_dirs(["link/x"])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_rotation_rewraps_the_disk_to_the_new_key_and_the_old_key_no_longer_opens_it(
+    tmp_path: Path,
+) -> None:
+    vol = LuksVolume(_disk(tmp_path / "hda.img"), tmp_path / "mnt")
+    vol.format(KEY)
+    new = bytes(range(100, 132))
+    vol.rewrap(KEY, new)
+    assert vol.opens_with(new) and not vol.opens_with(KEY)
+    with pytest.raises(StorageError, match="adding the new disk key"):
+        vol.rewrap(KEY, bytes(32))  # the old key no longer authorizes anything
+    assert vol.opens_with(new)
+    with pytest.raises(StorageError, match="too short"):
+        vol.rewrap(new, b"short")

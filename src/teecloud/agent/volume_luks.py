@@ -14,6 +14,7 @@ disk key is a uniformly random 256-bit secret, so the key derivation is PBKDF2 a
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 from pathlib import Path
 
@@ -28,6 +29,16 @@ BLANK_PROBE = 64 * 1024
 PBKDF2_ITERATIONS = 1000
 
 
+def _key_pipe(key: bytes) -> int:
+    """A pipe's read end holding `key` as hex (dstack's passphrase form), for `--key-file=/dev/fd/N`."""
+    r, w = os.pipe()
+    try:
+        os.write(w, key.hex().encode())  # 128 bytes at most here: far below a pipe's buffer
+    finally:
+        os.close(w)
+    return r
+
+
 class LuksVolume:
     """The Volume of a VM's data disk (`device`), mounted at `mount_point` once opened with the disk key."""
 
@@ -40,7 +51,15 @@ class LuksVolume:
     def mapper(self) -> Path:
         return Path("/dev/mapper") / self.name
 
-    def _run(self, argv: list[str], what: str, *, key: bytes | None = None, timeout: float = 300) -> None:
+    def _run(
+        self,
+        argv: list[str],
+        what: str,
+        *,
+        key: bytes | None = None,
+        timeout: float = 300,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         try:
             r = subprocess.run(
                 argv,
@@ -48,6 +67,7 @@ class LuksVolume:
                 capture_output=True,
                 timeout=timeout,
                 check=False,
+                pass_fds=pass_fds,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise StorageError(f"{what}: {exc}") from None
@@ -106,8 +126,47 @@ class LuksVolume:
         )
         return r.returncode == 0
 
-    def mount(self, key: bytes) -> None:
-        """Open the disk with `key` (formatting a blank disk first) and mount its ext4 at mount_point."""
+    def rewrap(self, previous_key: bytes, key: bytes) -> None:
+        """Move the volume from `previous_key` to `key` (a root rotation): `luksAddKey` (the new key in a
+        second keyslot, authorized by the old one), then `luksRemoveKey` of the old one. The data's volume key
+        stays; a crash in between leaves a disk that opens with either key. Both keys through pipes."""
+        if len(key) < 16 or len(previous_key) < 16:
+            raise StorageError("the disk key is too short")
+        old_fd, new_fd = _key_pipe(previous_key), _key_pipe(key)
+        try:
+            self._run(
+                [
+                    "cryptsetup",
+                    "luksAddKey",
+                    f"--key-file=/dev/fd/{old_fd}",
+                    str(self.device),
+                    f"/dev/fd/{new_fd}",
+                ],
+                "adding the new disk key",
+                pass_fds=(old_fd, new_fd),
+            )
+        finally:
+            os.close(old_fd)
+            os.close(new_fd)
+        old_fd = _key_pipe(previous_key)
+        try:
+            self._run(
+                [
+                    "cryptsetup",
+                    "luksRemoveKey",
+                    "--batch-mode",
+                    f"--key-file=/dev/fd/{old_fd}",
+                    str(self.device),
+                ],
+                "removing the previous disk key",
+                pass_fds=(old_fd,),
+            )
+        finally:
+            os.close(old_fd)
+
+    def mount(self, key: bytes, *, previous_key: bytes | None = None) -> None:
+        """Open the disk with `key` (formatting a blank disk first; re-wrapping one still under
+        `previous_key`, the previous root epoch's disk key) and mount its ext4 at mount_point."""
         if len(key) < 16:
             raise StorageError("the disk key is too short")
         if not self.device.exists():
@@ -116,6 +175,8 @@ class LuksVolume:
         if not self.is_luks():
             self.format(key)
             fresh = True
+        elif previous_key is not None and not self.opens_with(key) and self.opens_with(previous_key):
+            self.rewrap(previous_key, key)
         if not self.mapper.exists():
             r = subprocess.run(
                 ["cryptsetup", "open", "--type=luks2", "--key-file=-", str(self.device), self.name],
