@@ -68,7 +68,10 @@ def main() -> None:
             cmdline="console=ttyS0 panic=1",
         )
         backend = QemuBackend(
-            QemuBackendConfig(image=image, mode="plain", accel="tcg", host_share="vvfat", disk_gb=1),
+            # the test guest runs no app: no `docker save` of its images
+            QemuBackendConfig(
+                image=image, mode="plain", accel="tcg", host_share="vvfat", disk_gb=1, docker=None
+            ),
             home=home,
         )
         backend.check()

@@ -99,6 +99,9 @@ class LocalCloud:
         acme_dns: str = "127.0.0.1:53",
         acme_ca_file: Path | None = None,
         acme_email: str | None = None,
+        backend: str = "docker",
+        qemu_image: Path | None = None,
+        qemu_accel: str = "tcg",
     ):
         # "host:port" of the DNS server the gateway asks for custom domains' TXT records (None: no custom
         # domains); checked here so a typo fails before anything starts
@@ -120,6 +123,19 @@ class LocalCloud:
         self.acme_directory = self.acme.directory_url if self.acme is not None else None
         # --- end gateway ACME
         self.home = Path(home) if home is not None else data_home()
+        # --- qemu backend: the node's CVM backend (docker, or qemu: one VM per CVM, mode plain here)
+        from teecloud.node.runtime import BACKENDS
+
+        if backend not in BACKENDS:
+            raise NodeError(f"unknown CVM backend {backend!r} (one of: {', '.join(BACKENDS)})")
+        if backend == "qemu" and kms_nodes > 1:
+            raise NodeError("--backend qemu runs with one KMS (the guest pins one KMS root key)")
+        self.backend_kind = backend
+        self.qemu_image = Path(qemu_image) if qemu_image is not None else None
+        if qemu_accel not in ("kvm", "tcg"):
+            raise NodeError(f"--qemu-accel is kvm or tcg, not {qemu_accel!r}")
+        self.qemu_accel = qemu_accel
+        # --- end qemu backend
         self.ports = (chain_port, kms_port, node_port)
         self.dev_time_travel = dev_time_travel  # serve evm_increaseTime/evm_mine on the chain's RPC
         if not 1 <= kms_threshold <= kms_nodes <= 16:
@@ -241,6 +257,7 @@ class LocalCloud:
         # Each CVM makes its gateway registration certificate at its boot key request (teecloud.gateway).
         boots = RegisteringAtBoot(key_provider)
         node = Node(
+            backend=self._qemu_backend(key_provider) if self.backend_kind == "qemu" else None,
             key_provider=boots,
             tee_factory=lambda: SimulatedTdx(self.home),
             home=self.home,
@@ -280,6 +297,36 @@ class LocalCloud:
         atomic_write_json(endpoints_path(self.home), self.endpoints.__dict__, mode=0o644)
         self._stack.callback(lambda: endpoints_path(self.home).unlink(missing_ok=True))
         return self.endpoints
+
+    def _qemu_backend(self, key_provider: Any) -> Any:
+        """--backend qemu: one VM per CVM in mode plain (TCG, or KVM with qemu_accel), the image of
+        `teecloud image build` (built, or found in its cache, now), the guest's simulated TEE sharing this
+        installation's state, the KMS root key as this node's KMS client verified it on chain."""
+        from teecloud.image.build import build_image, guest_image_fields
+        from teecloud.node.runtime import make_backend
+        from teecloud.node.runtime.qemu import QemuBackendConfig
+        from teecloud.node.runtime.qemu_cmdline import GuestImage
+        from teecloud.tee.simulated import SimulatedTdx
+
+        path = self.qemu_image or build_image(log=lambda m: log.info("image build: %s", m)).path
+        image = GuestImage(**guest_image_fields(path))  # type: ignore[arg-type]
+        kvm = self.qemu_accel == "kvm"
+        config = QemuBackendConfig(
+            image=image,
+            mode="plain",
+            accel="kvm" if kvm else "tcg",
+            host_share="vvfat",  # the image's kernel (Debian's cloud kernel) has no 9p
+            agent_timeout_s=180.0 if kvm else 900.0,
+            simulated_tee=self.home / "simulated-tee",
+            kms_ca_pubkey=lambda: str(key_provider.info()["id"]),
+        )
+        return make_backend(
+            "qemu",
+            key_provider=key_provider,
+            guest_tee_factory=lambda: SimulatedTdx(self.home),  # unused: each guest has its own TEE
+            config=config,
+            home=self.home,
+        )
 
     def _start_gateway(self, chain: Any, platform: Any, boots: Any, node: Any) -> dict[str, Any]:
         """The local gateway and the node's registrar (teecloud.gateway.local); {} without HAProxy."""

@@ -197,3 +197,34 @@ def test_the_initramfs_holds_what_opens_the_rootfs(built: tuple[Path, Path]) -> 
     # every file's owner is root and its mtime the recipe's SOURCE_DATE_EPOCH (read_newc keeps modes only:
     # the bytes-equality test above covers the rest)
     assert all(mode & 0o170000 in (0o100000, 0o040000, 0o120000) for mode, _ in files.values())
+
+
+def test_the_guest_wheels_cover_what_the_guest_agent_imports() -> None:
+    """Every distribution the guest's boot path imports (vm_agent's boot: the guest half, the KMS client, the
+    simulated TEE, LUKS) is among the wheels the image installs, at the version installed here."""
+    import subprocess
+    import sys
+
+    from teecloud.image.build import GUEST_DISTRIBUTIONS, guest_wheel_pins
+
+    probe = (
+        "import sys, json, importlib.metadata as md\n"
+        "import teecloud.agent.vm_agent, teecloud.agent.guest, teecloud.agent.volume_luks\n"
+        "import teecloud.agent.runner, teecloud.kms.client, teecloud.tee.simulated, teecloud.keys.envcrypt\n"
+        "pd = md.packages_distributions()\n"
+        "tops = {m.split('.')[0] for m in sys.modules}\n"
+        "print(json.dumps(sorted({d for t in tops for d in pd.get(t, [])})))\n"
+    )
+    import teecloud
+
+    src = str(Path(teecloud.__file__).resolve().parents[1])  # this tree's, not the installed one
+    env = {**os.environ, "PYTHONPATH": src}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    imported = set(json.loads(out.stdout)) - {"teecloud", "setuptools"}  # teecloud: its own wheel
+    assert imported, "the probe found no distributions"
+    norm = {d.lower().replace("_", "-") for d in GUEST_DISTRIBUTIONS}
+    missing = sorted(d for d in imported if d.lower().replace("_", "-") not in norm)
+    assert missing == [], f"the guest imports distributions the image does not install: {missing}"
+    import importlib.metadata as md
+
+    assert guest_wheel_pins() == [f"{d}=={md.version(d)}" for d in GUEST_DISTRIBUTIONS]

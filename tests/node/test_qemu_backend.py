@@ -5,8 +5,8 @@ another process. Slow (real QEMU under TCG, Debian's kernel, OVMF): a Node whose
 of the labelled TEST GUEST (teecloud.image.testguest: busybox, not the teecloud agent), which reads the
 host-shared app-compose.json from its read-only config disk and reports the compose hash it computed; the
 app's published port answers through the loopback forward; the serial console is the CVM's log; stop and
-remove leave no QEMU process and no VM directory. Not covered (not built yet): the real guest agent's boot
-(keys, LUKS, compose) inside the VM.
+remove leave no QEMU process and no VM directory. The real guest agent's boot (keys, LUKS, compose) inside
+the VM is tests/node/test_qemu_boot.py.
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_a_node_runs_a_cvm_as_a_vm_under_tcg(teecloud_home: Path, test_guest: GuestImage) -> None:
     backend = QemuBackend(
-        QemuBackendConfig(image=test_guest, mode="plain", accel="tcg", host_share="vvfat", disk_gb=1),
+        QemuBackendConfig(
+            image=test_guest, mode="plain", accel="tcg", host_share="vvfat", disk_gb=1, docker=None
+        ),
         home=teecloud_home,
     )
     backend.check()
@@ -150,7 +152,11 @@ def test_a_node_runs_a_cvm_as_a_vm_under_tcg(teecloud_home: Path, test_guest: Gu
         # (1) the guest read the compose from the read-only host share and hashed it itself
         cvm = node._cvm(iid).booted
         assert isinstance(cvm, QemuCvm)
-        assert cvm.guest_info == {"guest": GUEST_NAME, "compose_hash": inst.compose_hash().hex()}
+        assert cvm.guest_info == {
+            "guest": GUEST_NAME,
+            "compose_hash": inst.compose_hash().hex(),
+            "phase": "running",
+        }
         # (2) the app's published port, forwarded from loopback
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == f"hello from {GUEST_NAME}\n"
         # (3) the serial console is the CVM's log
@@ -212,6 +218,7 @@ def test_a_guest_without_an_agent_fails_at_agent_with_its_console_and_leaves_no_
             host_share="vvfat",
             disk_gb=1,
             agent_timeout_s=20,
+            docker=None,
         ),
         home=teecloud_home,
     )
@@ -255,3 +262,67 @@ def test_the_node_reads_at_most_a_bounded_answer_from_a_guest() -> None:
         assert _bounded_get(client, "http://guest/info", {"size": "10"}) == (200, b"x" * 10)
         with pytest.raises(RuntimeFailed, match="exceeds"):
             _bounded_get(client, "http://guest/info", {"size": str(MAX_AGENT_RESPONSE + 1)})
+
+
+def test_the_share_carries_the_pinned_kms_key_and_the_simulated_tee_but_no_sealing_secret(
+    teecloud_home: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from teecloud.node.runtime.qemu import _write_shared
+    from teecloud.tee.simulated import SEALING_SECRET_FILE
+
+    inst = InstanceStore(teecloud_home).create(
+        app_compose=_compose(18088).encode(),
+        app_id=b"\x11" * 20,
+        name="web",
+        encrypted_env=b"\x01\x02",
+        user_config=None,
+        sys_config={"kms_urls": ["https://127.0.0.1:1"]},
+        limits=ResourceLimits(memory_mb=512),
+    )
+    sim = tmp_path / "simulated-tee"
+    sim.mkdir()
+    (sim / "attestation_key.pem").write_text("k")
+    (sim / SEALING_SECRET_FILE).write_text("the simulated KMS's sealing secret")
+    shared = tmp_path / "shared"
+    _write_shared(inst, shared, kms_ca_pubkey="ab" * 8, simulated_tee=sim)  # type: ignore[arg-type]
+    doc = json.loads((shared / ".sys-config.json").read_text())
+    assert doc == {"kms_urls": ["https://127.0.0.1:1"], "kms_ca_pubkey": "ab" * 8}
+    assert (shared / ".encrypted-env").read_bytes() == b"\x01\x02"
+    assert (shared / "simulated-tee" / "attestation_key.pem").read_text() == "k"
+    assert not (shared / "simulated-tee" / SEALING_SECRET_FILE).exists()
+    # a later launch of another mode shares no simulated TEE
+    _write_shared(inst, shared)  # type: ignore[arg-type]
+    assert not (shared / "simulated-tee").exists()
+    assert "kms_ca_pubkey" not in json.loads((shared / ".sys-config.json").read_text())
+
+
+def test_only_images_present_in_the_hosts_docker_pass_the_check(teecloud_home: Path, tmp_path: Path) -> None:
+    from teecloud.node.errors import ComposeRejected
+
+    fake = tmp_path / "docker"  # answers `image inspect` for "present:1" only
+    fake.write_text('#!/bin/sh\n[ "$1 $2" = "image inspect" ] && [ "$5" = "present:1" ] && exit 0\nexit 1\n')
+    fake.chmod(0o755)
+    image = GuestImage(bios=OVMF, kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0")
+    backend = QemuBackend(QemuBackendConfig(image=image, docker=str(fake)), home=teecloud_home)
+    backend.check_images(["present:1"])
+    with pytest.raises(ComposeRejected, match="absent:2"):
+        backend.check_images(["present:1", "absent:2"])
+    QemuBackend(QemuBackendConfig(image=image, docker=None), home=teecloud_home).check_images(["absent:2"])
+
+
+def test_teecloud_up_refuses_an_unknown_backend_or_accel_in_one_line(teecloud_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app
+
+    for args, reason in (
+        (["--backend", "vmware"], "unknown CVM backend 'vmware' (one of: docker, qemu)"),
+        (["--backend", "qemu", "--qemu-accel", "hvf"], "--qemu-accel is kvm or tcg"),
+        (["--backend", "qemu", "--kms-nodes", "3"], "--backend qemu runs with one KMS"),
+    ):
+        result = CliRunner().invoke(app, ["up", *args])
+        assert result.exit_code == 1, result.output
+        assert reason in result.output and "Traceback" not in result.output
+    assert not (teecloud_home / "chain").exists()  # refused before anything started

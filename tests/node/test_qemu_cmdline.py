@@ -196,3 +196,15 @@ def test_vvfat_host_share_is_a_read_only_disk_labelled_dstackshr() -> None:
     assert "virtio-blk-pci,drive=hd2" in _opt(argv, "-device")
     with pytest.raises(UnsafeVmConfig, match="host_share"):
         _config("plain", SHAPES["small"], host_share="nfs")
+
+
+@pytest.mark.parametrize("mode", ["plain", "sev-snp"])
+def test_the_app_images_are_a_read_only_raw_disk_the_guest_knows_by_its_serial(mode: str) -> None:
+    images = WORK / "app-images.tar"
+    argv = qemu_argv(_config(mode, SHAPES["small"], app_images=images))
+    assert f"file={images},if=none,id=hd3,format=raw,readonly=on" in _opt(argv, "-drive")
+    virtio = ",disable-legacy=on,iommu_platform=true" if mode == "sev-snp" else ""
+    assert f"virtio-blk-pci,drive=hd3,serial=tc-images{virtio}" in _opt(argv, "-device")
+    assert not any("hd3" in a for a in qemu_argv(_config(mode, SHAPES["small"])))  # none: no disk
+    with pytest.raises(UnsafeVmConfig, match="app images"):
+        qemu_argv(_config(mode, SHAPES["small"], app_images=Path("/x,file=/etc/shadow")))

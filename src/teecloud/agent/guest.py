@@ -9,7 +9,8 @@ the app can start:
                system-ready are measured. A refusal stops the boot here: no keys, no app.
 (3) env        the encrypted env is decrypted with the env key; only names in app-compose `allowed_envs` are
                kept; the result is written (in the runtime's format) to a file in tmpfs only
-(4) storage    the encrypted volume (gocryptfs, keyed by the disk key) is mounted
+(4) storage    the encrypted volume (keyed by the disk key) is mounted: gocryptfs by default (the docker
+               backend), or the `volume` the caller passes (LUKS2 on a VM's data disk: the qemu guest)
 (5) agent      dstack.sock and tappd.sock start answering
 
 What then starts the app is the runtime's (teecloud.node.boot on the docker runtime; inside the VM on qemu).
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from teecloud.agent.boot import AgentState, BootError, GpuGate, boot
 from teecloud.agent.errors import GuestBootFailed, StorageError
@@ -34,13 +35,29 @@ from teecloud.agent.storage import EncryptedVolume
 from teecloud.keys.appkeys import AppKeys
 from teecloud.tee.base import TeePlatform
 
-__all__ = ["GUEST_PHASES", "STORAGE_FS", "BootedGuest", "GuestPaths", "boot_guest", "shutdown_guest"]
+__all__ = [
+    "GUEST_PHASES",
+    "STORAGE_FS",
+    "BootedGuest",
+    "GuestPaths",
+    "GuestVolume",
+    "boot_guest",
+    "shutdown_guest",
+]
 
 GUEST_PHASES = ("measuring", "keys", "env", "storage", "agent")
 STORAGE_FS = "gocryptfs"
 
 Progress = Callable[[str], None]
 RenderEnv = Callable[[Mapping[str, str]], bytes]
+
+
+class GuestVolume(Protocol):
+    """The encrypted volume the guest half mounts with the disk key (EncryptedVolume, LuksVolume)."""
+
+    def mount(self, key: bytes, *, previous_key: bytes | None = None) -> None: ...
+    def unmount(self) -> None: ...
+    def ensure_dirs(self, relative: list[str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +76,7 @@ class GuestPaths:
 class BootedGuest:
     state: AgentState
     runner: AgentRunner
-    volume: EncryptedVolume
+    volume: GuestVolume
     has_env: bool = False
     dropped_env: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -140,8 +157,11 @@ def boot_guest(
     extra_events: Sequence[tuple[str, bytes]] = (),
     progress: Progress = lambda phase: None,
     gpu: GpuGate | None = None,
+    volume: GuestVolume | None = None,
+    storage_fs: str = STORAGE_FS,
 ) -> BootedGuest:
-    """(1)-(5) of the module docstring; raises GuestBootFailed(phase, reason)."""
+    """(1)-(5) of the module docstring; raises GuestBootFailed(phase, reason). `volume` (default: gocryptfs
+    on `paths.cipher_dir`) is what (4) mounts; `storage_fs` is measured as the `storage-fs` event."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -162,7 +182,7 @@ def boot_guest(
             instance_id,
             provider,
             extra_events=extra_events,
-            storage_fs=STORAGE_FS,
+            storage_fs=storage_fs,
             gpu=gpu,
         )
     except BootError as exc:  # GpuGateFailed ("gpu: ...") included: the GPU gate stops before any key
@@ -180,7 +200,8 @@ def boot_guest(
     allowed = state.app_compose.get("allowed_envs") or []
     env, dropped = _decrypt_env(encrypted_env, state.keys, [a for a in allowed if isinstance(a, str)])
     paths.env_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    volume = EncryptedVolume(paths.cipher_dir, paths.mount_point)
+    if volume is None:
+        volume = EncryptedVolume(paths.cipher_dir, paths.mount_point)
     runner: AgentRunner | None = None
     phase = "env"
     try:
@@ -215,7 +236,7 @@ def boot_guest(
     )
 
 
-def _undo(runner: AgentRunner | None, volume: EncryptedVolume, paths: GuestPaths) -> list[str]:
+def _undo(runner: AgentRunner | None, volume: GuestVolume, paths: GuestPaths) -> list[str]:
     errors: list[str] = []
     if runner is not None:
         runner.stop()

@@ -1,77 +1,421 @@
-"""The guest agent's host-facing listener inside a qemu-backend VM (what `teecloud image build` installs as
-/opt/teecloud/vm_agent.py and the guest's init starts).
+"""The guest agent inside a qemu-backend VM (`teecloud image build` installs teecloud and its runtime
+dependencies as wheels in the rootfs; the guest's init runs `python3 -m teecloud.agent.vm_agent`).
 
-Standard library only: the image copies this file into the rootfs as a script (the guest has Debian's
-python3, none of teecloud's dependencies), so it imports nothing from teecloud.
+Boot, in the guest (the SAME guest half as the docker backend's: teecloud.agent.guest.boot_guest):
+(1)-(5) measuring, keys, env, storage, agent
+        the TEE: plain mode has no hardware TEE, so the guest uses the SIMULATED TDX (teecloud.tee.simulated;
+        its state comes from the host share, `simulated-tee/`: simulated quotes verify only where a
+        development root is trusted); RTMR3 measured in dstack's order with `os-image-hash` (KMS mode); keys
+        from the KMS of `.sys-config.json` (`kms_urls`, reached at the host's loopback through QEMU's user
+        network, 10.0.2.2) over mutual RA-TLS, the KMS's certificate checked against its quote and the KMS
+        root key `kms_ca_pubkey` the node verified on chain (KmsAuth.isKmsAllowed); env decrypted (only
+        `allowed_envs`), into tmpfs; the data disk opened as LUKS2 with the disk key (LuksVolume, ext4
+        inside, mounted at /data); /var/run/dstack.sock and tappd.sock served to the app's containers
+(6) starting   dockerd with its data root on the encrypted disk; `docker load` of the read-only app-images
+               disk (the host's `docker save` of the compose's images, if attached); Compose up, the
+               decrypted env given to Compose's process only (interpolation, `environment: [NAME]`)
+(7) healthy    every service running
 
-What the host may ask (and nothing else; never a quote over bytes the host chose):
-    GET /info   {"guest", "compose_hash", "tee"}: the compose hash is sha256 of app-compose.json as read
-                from the read-only host share by the guest itself (dstack's compose hash), so the node can
-                check that the VM runs the instance it launched
+What the host may ask (the loopback-forwarded port 8090; never a quote over bytes the host chose):
+    GET /info   {"guest", "compose_hash", "tee", "phase", "error", "timings", "dropped_env"}: the compose
+                hash is sha256 of app-compose.json as the guest read it from the read-only host share
+                (dstack's compose hash); `phase` is the boot's (BOOT_PHASES, then "running" or "failed")
+    GET /attest?nonce=<hex, at most 64 bytes>
+                the node API's attestation (teecloud.node.api.attest_report_data, computed HERE): a quote
+                over sha512("teecloud-attest:" ‖ nonce), never over bytes the host chose; 409 before the
+                boot is done
 Any other method or path is a 404/405. Requests are bounded by http.server (64 KiB request line, 100
-headers) and a per-connection timeout.
-
-Not done here (docs/node.md, "What is not done yet"): the boot sequence in the guest (RTMR3, keys from the
-KMS, env, LUKS2, Compose, /var/run/dstack.sock) and `GET /attest`.
+headers) and a per-connection timeout; answers are small and fixed in shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 import sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import threading
+import time
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+__all__ = [
+    "AGENT_PORT",
+    "GUEST_NAME",
+    "GuestStatus",
+    "attest_report_data",
+    "find_data_disk",
+    "guest_kms_url",
+    "make_handler",
+    "read_info",
+]
 
 GUEST_NAME = "teecloud-guest"
 AGENT_PORT = 8090
 GUEST_ADDRESS = "10.0.2.10"
+HOST_LOOPBACK = "10.0.2.2"  # QEMU user networking: the host's 127.0.0.1 as the guest sees it
 MAX_APP_COMPOSE = 512 * 1024
-# plain mode: no TEE at all (a simulated one is not reachable from this stdlib-only listener)
-TEE = "none (plain mode: not confidential)"
+MAX_SHARED_FILE = 1024 * 1024
+SHARE = Path("/dstack/.host-shared")
+RUN = Path("/run/teecloud")
+DATA = Path("/data")
+APP_IMAGES_SERIAL = "tc-images"
+# the node API's attestation domain (teecloud.node.api.ATTEST_DOMAIN; a test checks they are the same: the
+# agent layer cannot import the node's)
+ATTEST_DOMAIN = b"teecloud-attest:"
+MAX_ATTEST_NONCE = 64
+TEE = "simulated TDX (plain mode: NOT confidential; teecloud.tee.simulated)"
+DOCKERD_TIMEOUT_S = 300.0
+HEALTHY_TIMEOUT_S = 300.0
 
 
 def read_info(shared: Path) -> dict[str, str]:
-    """What `GET /info` answers, read once at start from the host share."""
+    """The host-facing identity, read once at start from the host share."""
     raw = (shared / "app-compose.json").read_bytes()[: MAX_APP_COMPOSE + 1]
     if len(raw) > MAX_APP_COMPOSE:
         raise ValueError(f"app-compose.json is larger than {MAX_APP_COMPOSE} bytes")
     return {"guest": GUEST_NAME, "compose_hash": hashlib.sha256(raw).hexdigest(), "tee": TEE}
 
 
-def make_handler(info: dict[str, str]) -> type[BaseHTTPRequestHandler]:
-    body = json.dumps(info).encode()
+def attest_report_data(nonce: bytes) -> bytes:
+    """The report_data of the node API's attestation for `nonce` (as teecloud.node.api's; in the guest)."""
+    if len(nonce) > MAX_ATTEST_NONCE:
+        raise ValueError(f"the nonce is at most {MAX_ATTEST_NONCE} bytes")
+    return hashlib.sha512(ATTEST_DOMAIN + bytes(nonce)).digest()
+
+
+Attest = Callable[[bytes], dict[str, str]]
+
+
+class GuestStatus:
+    """What `GET /info` reports: the identity, then the boot's phase, error and timings (thread-safe); and,
+    once booted, how to attest (`attest(report_data)`)."""
+
+    def __init__(self, info: Mapping[str, str]) -> None:
+        self._lock = threading.Lock()
+        self._doc: dict[str, Any] = {**info, "phase": "measuring", "error": None, "timings": {}}
+        self.attest: Attest | None = None
+
+    def set(self, **fields: Any) -> None:
+        with self._lock:
+            self._doc.update(fields)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            copy: dict[str, Any] = json.loads(json.dumps(self._doc))  # a deep copy
+            return copy
+
+
+def make_handler(
+    info: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+    attest: Callable[[], Attest | None] = lambda: None,
+) -> type[BaseHTTPRequestHandler]:
+    current: Callable[[], Mapping[str, Any]] = info if callable(info) else (lambda: info)
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 10
         server_version = "teecloud-vm-agent"
 
-        def do_GET(self) -> None:  # http.server's name
-            if self.path != "/info":
-                self.send_error(404, "not found")
-                return
-            self.send_response(200)
+        def _json(self, code: int, doc: Mapping[str, Any]) -> None:
+            body = json.dumps(doc).encode()
+            self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
+        def do_GET(self) -> None:  # http.server's name
+            parts = urlsplit(self.path)
+            if self.path == "/info":
+                self._json(200, current())
+            elif parts.path == "/attest":
+                self._attest(parts.query)
+            else:
+                self.send_error(404, "not found")
+
+        def _attest(self, query: str) -> None:
+            params = parse_qs(query, keep_blank_values=True, max_num_fields=4)
+            values = params.get("nonce", [])
+            if set(params) != {"nonce"} or len(values) != 1:
+                self._json(400, {"error": "exactly one parameter: nonce (hex)"})
+                return
+            try:
+                nonce = bytes.fromhex(values[0])
+                report_data = attest_report_data(nonce)
+            except ValueError as exc:
+                self._json(400, {"error": f"bad nonce: {exc}"})
+                return
+            fn = attest()
+            if fn is None:
+                self._json(409, {"error": "the CVM has not finished booting"})
+                return
+            self._json(200, fn(report_data))
+
         def log_message(self, format: str, *args: object) -> None:
             sys.stderr.write("vm-agent: " + (format % args) + "\n")
+
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            if str(code) != "200" or self.path != "/info":  # the host polls /info: not one console line each
+                super().log_request(code, size)
 
     return Handler
 
 
+def guest_kms_url(url: str) -> str:
+    """A KMS URL of the node (on the host's loopback) as the guest reaches it: 127.0.0.1/localhost become
+    QEMU user networking's host address; any other host is kept."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"bad KMS URL {url[:200]!r}")
+    if parts.hostname in ("127.0.0.1", "localhost"):
+        netloc = HOST_LOOPBACK + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _serial(dev: Path) -> str:
+    try:
+        return (Path("/sys/block") / dev.name / "serial").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _mount_sources() -> set[str]:
+    try:
+        with open("/proc/mounts") as f:
+            return {line.split()[0] for line in f if line.strip()}
+    except OSError:
+        return set()
+
+
+def _in_use(dev: Path, mounted: set[str]) -> bool:
+    """`dev` or one of its partitions (`/dev/vdc1`: vvfat's disk is partitioned) is mounted."""
+    return any(m == str(dev) or (m.startswith(str(dev)) and m[len(str(dev)) :].isdigit()) for m in mounted)
+
+
+def find_data_disk(devices: list[Path], mounted: set[str] | None = None) -> Path:
+    """The VM's data disk among its virtio disks: not the verity rootfs (squashfs), not the app-images disk
+    (its serial), not a mounted one or one with a mounted partition (the host share)."""
+    mounted = _mount_sources() if mounted is None else mounted
+    found = []
+    for dev in devices:
+        with contextlib.suppress(OSError):
+            with dev.open("rb") as f:
+                if f.read(4) == b"hsqs":
+                    continue
+        if _serial(dev) == APP_IMAGES_SERIAL or _in_use(dev, mounted):
+            continue
+        found.append(dev)
+    if len(found) != 1:
+        raise RuntimeError(f"expected one data disk, found {[str(d) for d in found]}")
+    return found[0]
+
+
+def _read_shared(name: str) -> bytes | None:
+    try:
+        with (SHARE / name).open("rb") as f:
+            data = f.read(MAX_SHARED_FILE + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > MAX_SHARED_FILE:
+        raise ValueError(f"{name} is larger than {MAX_SHARED_FILE} bytes")
+    return data
+
+
+def _json_shared(name: str) -> dict[str, Any]:
+    raw = _read_shared(name)
+    doc = json.loads(raw) if raw is not None else None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{name} is missing or not a JSON object")
+    return doc
+
+
+def _log(msg: str) -> None:
+    print(f"vm-agent: {msg}", flush=True)
+
+
+def _run(argv: list[str], what: str, *, env: Mapping[str, str] | None = None, timeout: float = 600) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True, env=dict(env) if env else None, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
+    return r.stdout
+
+
+def _start_dockerd() -> None:
+    root = DATA / "docker"
+    root.mkdir(parents=True, exist_ok=True)
+    log = (RUN / "dockerd.log").open("ab")
+    subprocess.Popen(
+        ["dockerd", f"--data-root={root}", "--host=unix:///var/run/docker.sock"],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + DOCKERD_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if subprocess.run(["docker", "version"], capture_output=True, timeout=60).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"dockerd did not answer within {DOCKERD_TIMEOUT_S:.0f} s")
+
+
+def _app_images_disk(devices: list[Path]) -> Path | None:
+    return next((d for d in devices if _serial(d) == APP_IMAGES_SERIAL), None)
+
+
+def _compose_ps(project: str, compose: list[str], env: Mapping[str, str]) -> list[str]:
+    ids = _run([*compose, "-p", project, "ps", "-q"], "compose ps", env=env).split()
+    states = []
+    for cid in ids:
+        states.append(_run(["docker", "inspect", "-f", "{{.State.Status}}", cid], "docker inspect").strip())
+    return states
+
+
+def boot_vm(status: GuestStatus) -> None:
+    """(1)-(7) of the module docstring, reporting each phase through `status`."""
+    from teecloud.agent.api import GetQuoteRequest
+    from teecloud.agent.guest import GuestPaths, boot_guest
+    from teecloud.agent.volume_luks import STORAGE_FS, LuksVolume
+    from teecloud.kms.client import connect_kms
+    from teecloud.tee.simulated import SimulatedTdx
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def progress(phase: str) -> None:
+        timings[phase] = round(time.perf_counter() - t0, 2)
+        status.set(phase=phase, timings=dict(timings))
+        _log(f"phase {phase} at {timings[phase]} s")
+
+    app_compose = _read_shared("app-compose.json") or b""
+    info = _json_shared(".instance-info")
+    sys_config = _json_shared(".sys-config.json")
+    encrypted_env = _read_shared(".encrypted-env")
+    # the TEE: plain mode's simulated TDX, its state from the share (copied: it writes collateral)
+    if not (SHARE / "simulated-tee").is_dir():
+        raise RuntimeError(
+            "no TEE: this image runs mode plain with the simulated TEE only (no simulated-tee/)"
+        )
+    home = RUN / "home"
+    shutil.copytree(SHARE / "simulated-tee", home / "simulated-tee", dirs_exist_ok=True)
+    tee = SimulatedTdx(home)
+    kms_urls = sys_config.get("kms_urls")
+    ca_pubkey = sys_config.get("kms_ca_pubkey")
+    if not isinstance(kms_urls, list) or not kms_urls or not isinstance(kms_urls[0], str):
+        raise RuntimeError(".sys-config.json names no KMS (kms_urls)")
+    if not isinstance(ca_pubkey, str):
+        raise RuntimeError(".sys-config.json names no KMS root key (kms_ca_pubkey)")
+    provider = connect_kms(
+        guest_kms_url(kms_urls[0]),
+        collateral_for=lambda _quote, _now: tee.collateral(),
+        dev_root_der=tee.dev_root_der(),
+        expected_ca_pubkey_der=bytes.fromhex(ca_pubkey),
+    )
+    devices = sorted(Path("/dev").glob("vd[a-z]"))
+    volume = LuksVolume(find_data_disk(devices), DATA)
+    env_file = RUN / "env" / "env.json"
+    os_image = tee.os_image_hash
+    guest = boot_guest(
+        tee=tee,
+        app_compose=app_compose,
+        app_id=bytes.fromhex(info["app_id"]),
+        instance_id=bytes.fromhex(info["instance_id"]),
+        key_provider=provider,
+        encrypted_env=encrypted_env,
+        paths=GuestPaths(
+            dstack_sock=Path("/var/run/dstack.sock"),
+            tappd_sock=Path("/var/run/tappd.sock"),
+            env_file=env_file,
+            cipher_dir=Path("/nonexistent"),  # unused: the volume is the LUKS disk
+            mount_point=DATA,
+        ),
+        render_env=lambda env: json.dumps(dict(env)).encode(),
+        extra_events=[("os-image-hash", os_image)] if len(os_image) == 32 else [],
+        progress=progress,
+        volume=volume,
+        storage_fs=STORAGE_FS,
+    )
+    if guest.dropped_env:
+        _log(f"env vars not in allowed_envs dropped: {', '.join(guest.dropped_env)}")
+    status.set(dropped_env=guest.dropped_env)
+    # (6)
+    progress("starting")
+    _start_dockerd()
+    images = _app_images_disk(devices)
+    if images is not None:
+        _run(["docker", "load", "-i", str(images)], "docker load of the app images")
+    text = guest.state.app_compose.get("docker_compose_file")
+    if not isinstance(text, str):
+        raise RuntimeError("app-compose.json has no docker_compose_file")
+    workdir = RUN / "app"
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "docker-compose.yaml").write_text(text)
+    env = {**os.environ, **json.loads(env_file.read_text() or "{}")}
+    compose = ["docker-compose", "-f", str(workdir / "docker-compose.yaml")]
+    _run([*compose, "-p", "app", "up", "-d", "--no-build"], "compose up", env=env)
+    # (7)
+    progress("healthy")
+    deadline = time.monotonic() + HEALTHY_TIMEOUT_S
+    while True:
+        states = _compose_ps("app", compose, env)
+        if states and all(s == "running" for s in states):
+            break
+        if time.monotonic() > deadline or any(s in ("exited", "dead") for s in states):
+            raise RuntimeError(f"the app's containers are not running: {states}")
+        time.sleep(1)
+    state = guest.state
+    service = guest.runner.service
+
+    def attest(report_data: bytes) -> dict[str, str]:
+        q = service.get_quote(GetQuoteRequest(report_data=report_data.hex()))
+        return {
+            "app_id": state.app_id.hex(),
+            "compose_hash": state.compose_hash.hex(),
+            "quote": q["quote"],
+            "event_log": q["event_log"],
+            "report_data": q["report_data"],
+            "vm_config": q["vm_config"],
+            "app_compose": state.app_compose_text,
+        }
+
+    status.attest = attest
+    timings["running"] = round(time.perf_counter() - t0, 2)
+    status.set(phase="running", timings=dict(timings))
+    _log(f"app running ({timings['running']} s after the agent started)")
+
+
 def main(argv: list[str]) -> int:
-    shared = Path(argv[1]) if len(argv) > 1 else Path("/dstack/.host-shared")
+    shared = Path(argv[1]) if len(argv) > 1 else SHARE
     try:
         info = read_info(shared)
     except (OSError, ValueError) as exc:
         print(f"vm-agent: cannot read the host share {shared}: {exc}", file=sys.stderr)
         return 1
-    print(f"vm-agent: compose hash {info['compose_hash']}; listening on port {AGENT_PORT}", flush=True)
+    status = GuestStatus(info)
+    RUN.mkdir(parents=True, exist_ok=True, mode=0o700)
     # the address QEMU's user network forwards the host's loopback port to (the init configures it)
-    HTTPServer((GUEST_ADDRESS, AGENT_PORT), make_handler(info)).serve_forever()
+    server = ThreadingHTTPServer(
+        (GUEST_ADDRESS, AGENT_PORT), make_handler(status.snapshot, lambda: status.attest)
+    )
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _log(f"compose hash {info['compose_hash']}; listening on port {AGENT_PORT}")
+    try:
+        boot_vm(status)
+    except Exception as exc:  # any failure is the boot's: reported to the host (which powers the VM off)
+        from teecloud.agent.errors import GuestBootFailed
+
+        phase = exc.phase if isinstance(exc, GuestBootFailed) else status.snapshot().get("phase")
+        _log(f"boot failed at {phase}: {exc}")
+        status.set(phase="failed", error=f"{phase}: {type(exc).__name__}: {str(exc)[:2000]}")
+    threading.Event().wait()
     return 0
 
 

@@ -174,6 +174,24 @@ def up(
     acme_dns: AcmeDnsOpt = "127.0.0.1:53",
     acme_ca_file: AcmeCaFileOpt = None,
     acme_email: AcmeEmailOpt = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="What runs a CVM: docker (containers on this host's Docker; the default) or qemu (one VM "
+            "per CVM, mode plain: the image of `teecloud image build`, the guest's TEE SIMULATED).",
+        ),
+    ] = "docker",
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            "--image", help="With --backend qemu: a built guest image directory (default: build it)."
+        ),
+    ] = None,
+    qemu_accel: Annotated[
+        str,
+        typer.Option("--qemu-accel", help="With --backend qemu: tcg (any host) or kvm (a host with KVM)."),
+    ] = "tcg",
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""
@@ -203,6 +221,9 @@ def up(
             acme_dns=acme_dns,
             acme_ca_file=acme_ca_file,
             acme_email=acme_email,
+            backend=backend,
+            qemu_image=image,
+            qemu_accel=qemu_accel,
         )
         ep = cloud.start()
     resumed = len(cloud.node.store.all()) if cloud.node else 0
@@ -216,6 +237,7 @@ def up(
     table.add_row("node API", ep.node)
     table.add_row("node token", ep.node_token_file)
     table.add_row("TEE", "tdx-simulated (dev root of this installation)")
+    table.add_row("CVM backend", cloud.node.backend.describe() if cloud.node else backend)
     if ep.gateway:  # --- gateway
         table.add_row(
             "gateway (HTTPS)",

@@ -16,8 +16,12 @@ Steps (each reproducible: the same inputs give the same bytes):
 (1) rootfs    mmdebstrap --variant=minbase of the recipe's packages from deb.debian.org, SOURCE_DATE_EPOCH
               set (mmdebstrap then clamps mtimes and empties /etc/machine-id); fixed /etc/hostname and
               /etc/resolv.conf; cached as a tar by the hash of its inputs (suite, mirror, packages, epoch)
-(2) assemble  the kernel's modules (+ depmod), the init and the guest agent into the rootfs; mksquashfs
-              with every timestamp SOURCE_DATE_EPOCH; veritysetup with a salt derived from the recipe
+(2) assemble  the kernel's modules (+ depmod), the init and the guest agent into the rootfs: teecloud (a
+              wheel built from this source tree, SOURCE_DATE_EPOCH set) and its runtime dependencies on the
+              guest's path (GUEST_DISTRIBUTIONS at the versions installed here, as wheels fetched with pip
+              into <cache>/wheels/) installed `--no-index --no-deps` under /opt/teecloud/lib, compiled by
+              the guest's own python3 (unchecked-hash .pyc: no mtimes); mksquashfs with every timestamp
+              SOURCE_DATE_EPOCH; veritysetup with a salt derived from the recipe
 (3) initramfs busybox, dmsetup and its libraries from the rootfs, the modules that open the rootfs
 (4) digests   sha256sum.txt, digest.txt; the directory is cached by the recipe hash under
               /var/cache/teecloud/images/<recipe hash>/ (a later build of the same recipe is a cache hit)
@@ -36,6 +40,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -65,6 +70,61 @@ BUILDER_VERSION = "1"
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "dm_verity", "squashfs", "overlay")
 VERITY_BLOCK = 4096
 AGENT_SOURCE = Path(__file__).resolve().parent.parent / "agent" / "vm_agent.py"
+TEECLOUD_PACKAGE = Path(__file__).resolve().parent.parent
+GUEST_LIB = "opt/teecloud/lib"
+# what the guest agent imports (teecloud.agent.vm_agent: the guest half of boot, the KMS client, the simulated
+# TEE of mode plain) and what those import, by distribution name; the versions are the ones installed here
+# (pinned by pyproject.toml), recorded in the image's wheels.txt
+GUEST_DISTRIBUTIONS = (
+    "Pygments",
+    "annotated-doc",
+    "annotated-types",
+    "anyio",
+    "bitarray",
+    "cbor2",
+    "certifi",
+    "cffi",
+    "ckzg",
+    "click",
+    "coincurve",
+    "cryptography",
+    "cytoolz",
+    "dcap-qvl",
+    "eth-account",
+    "eth-hash",
+    "eth-keyfile",
+    "eth-keys",
+    "eth-rlp",
+    "eth-typing",
+    "eth-utils",
+    "eth_abi",
+    "fastapi",
+    "h11",
+    "hexbytes",
+    "httpx",
+    "httpcore",
+    "idna",
+    "markdown-it-py",
+    "mdurl",
+    "opentelemetry-api",
+    "orjson",
+    "parsimonious",
+    "py-ecc",
+    "pycparser",
+    "pycryptodome",
+    "pydantic",
+    "pydantic_core",
+    "PyYAML",
+    "regex",
+    "rich",
+    "rlp",
+    "sniffio",
+    "starlette",
+    "toolz",
+    "typing-inspection",
+    "typing_extensions",
+    "uvicorn",
+)
 
 # the guest's packages: what the agent, the boot sequence and the app need (docker.io brings containerd,
 # runc and iptables); minbase brings dpkg, apt and the Essential set
@@ -134,6 +194,9 @@ class Recipe:
                 "modules": _tree_hash(self.kernel_dir / "modules"),
                 "ovmf": _sha256_file(self.ovmf),
                 "agent": _sha256_file(AGENT_SOURCE),
+                "teecloud": _tree_hash(TEECLOUD_PACKAGE),
+                "project": _sha256_file(TEECLOUD_PACKAGE.parent.parent / "pyproject.toml"),
+                "wheels": guest_wheel_pins(),
                 "init": hashlib.sha256((_INITRAMFS_INIT + _ROOTFS_INIT).encode()).hexdigest(),
                 "initramfs_modules": list(INITRAMFS_MODULES),
             }
@@ -180,7 +243,7 @@ def _sha256_file(path: Path) -> str:
 def _tree_hash(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
             h.update(f"{p.relative_to(root)}\0{_sha256_file(p)}\n".encode())
     return h.hexdigest()
 
@@ -267,7 +330,11 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>
 mkdir -p /dev/pts /run /tmp; mount -t devpts devpts /dev/pts; mount -t tmpfs -o mode=755 tmpfs /run
 mount -t tmpfs tmpfs /tmp; mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo "teecloud-guest: init on $(uname -r)"
-for m in virtio_net vfat nls_cp437 nls_ascii; do modprobe $m || echo "teecloud-guest: no module $m"; done
+for m in virtio_net vfat nls_cp437 nls_ascii dm_crypt overlay bridge veth br_netfilter ip_tables \\
+         iptable_nat iptable_filter nf_nat xt_MASQUERADE xt_addrtype xt_conntrack; do
+  modprobe $m || echo "teecloud-guest: no module $m"
+done
+export DM_DISABLE_UDEV=1  # no udev: libdevmapper (cryptsetup) creates its /dev/mapper nodes itself
 i=0; dev=""
 while [ -z "$dev" ] && [ $i -lt 100 ]; do
   dev=$(busybox findfs LABEL=DSTACKSHR 2>/dev/null); i=$((i+1)); sleep 0.1
@@ -277,7 +344,7 @@ mkdir -p /dstack/.host-shared && mount -t vfat -o ro "$dev" /dstack/.host-shared
 ip link set lo up; ip link set eth0 up
 ip addr add 10.0.2.10/24 dev eth0; ip route add default via 10.0.2.2
 echo "teecloud-guest: starting the agent"
-python3 /opt/teecloud/vm_agent.py /dstack/.host-shared &
+PYTHONPATH=/opt/teecloud/lib python3 -m teecloud.agent.vm_agent /dstack/.host-shared &
 echo "teecloud-guest: ready"
 while true; do sleep 3600; done
 """
@@ -314,12 +381,138 @@ exec switch_root /newroot /sbin/teecloud-init
 """
 
 
-def _install_guest_files(root: Path, recipe: Recipe, release: str) -> None:
+def guest_wheel_pins() -> list[str]:
+    """`name==version` of each GUEST_DISTRIBUTIONS as installed here (what the image's wheels are)."""
+    import importlib.metadata as md
+
+    pins = []
+    for name in GUEST_DISTRIBUTIONS:
+        try:
+            pins.append(f"{name}=={md.version(name)}")
+        except md.PackageNotFoundError:
+            raise ImageBuildError(f"{name} is not installed here (pip install -e .)") from None
+    return pins
+
+
+def _guest_wheels(recipe: Recipe, cache: Path, work: Path, log: Callable[[str], None]) -> list[Path]:
+    """The wheels installed in the guest: the dependencies (fetched once into <cache>/wheels/, binary only)
+    and teecloud's own wheel built from this source tree."""
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    pins = guest_wheel_pins()
+    marker = wheels / f".complete-{_sha256_json(pins)[:32]}"
+    if not marker.exists():
+        log(f"pip download {len(pins)} wheels")
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-q",
+                "-d",
+                str(wheels),
+                *pins,
+            ],
+            what="pip download (the guest's wheels)",
+        )
+        marker.touch()
+    found = []
+    for pin in pins:
+        name, version = pin.split("==")
+        prefix = f"{name.replace('-', '_').lower()}-{version}-"
+        match = sorted(p for p in wheels.glob("*.whl") if p.name.lower().startswith(prefix))
+        if not match:
+            raise ImageBuildError(f"no wheel for {pin} in {wheels}")
+        found.append(match[-1])
+    # teecloud's wheel, built from a clean copy of the project (setuptools leaves build/ and *.egg-info in
+    # the tree it builds, and reuses build/lib: a stale module could reach the image)
+    project = TEECLOUD_PACKAGE.parent.parent
+    tree = work / "teecloud-src"
+    shutil.copytree(
+        TEECLOUD_PACKAGE,
+        tree / "src" / "teecloud",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(project / name, tree / name)
+    own = work / "teecloud-wheel"
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(recipe.source_date_epoch)}
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(own),
+            str(tree),
+        ],
+        env=env,
+        what="pip wheel (teecloud)",
+    )
+    found += sorted(own.glob("teecloud-*.whl"))
+    return found
+
+
+def _install_guest_files(root: Path, recipe: Recipe, release: str, wheels: list[Path] | None = None) -> None:
     modules = root / "lib" / "modules" / release / "kernel"
     shutil.copytree(recipe.kernel_dir / "modules", modules, symlinks=True)
     _run(["chroot", str(root), "depmod", release], what="depmod (the rootfs's kmod)")
-    (root / "opt" / "teecloud").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(AGENT_SOURCE, root / "opt" / "teecloud" / "vm_agent.py")
+    lib = root / GUEST_LIB
+    lib.mkdir(parents=True, exist_ok=True)
+    if wheels:
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "-q",
+                "--target",
+                str(lib),
+                *map(str, wheels),
+            ],
+            what="pip install (the guest's wheels)",
+        )
+        # direct_url.json names the path a wheel was installed from (the build's temporary directory): drop
+        # it, and its line in RECORD
+        for info in sorted(lib.glob("*.dist-info")):
+            (info / "direct_url.json").unlink(missing_ok=True)
+            record = info / "RECORD"
+            if record.is_file():
+                lines = record.read_text().splitlines(keepends=True)
+                drop = f"{info.name}/direct_url.json,"
+                record.write_text("".join(line for line in lines if not line.startswith(drop)))
+        shutil.rmtree(lib / "bin", ignore_errors=True)  # console scripts: nothing in the guest runs them
+        # the guest's own interpreter compiles: .pyc keyed by source hash, no mtimes (reproducible)
+        _run(
+            [
+                "chroot",
+                str(root),
+                "env",
+                "PYTHONHASHSEED=0",  # frozenset constants are ordered by the string hash: fix its seed
+                "python3",
+                "-m",
+                "compileall",
+                "-q",
+                "-j",
+                "1",
+                "--invalidation-mode",
+                "unchecked-hash",
+                f"/{GUEST_LIB}",
+            ],
+            what="compileall (the guest's python3)",
+        )
+        (root / "opt" / "teecloud" / "wheels.txt").write_text("".join(f"{w.name}\n" for w in wheels))
     init = root / "sbin" / "teecloud-init"
     init.write_text(_ROOTFS_INIT)
     init.chmod(0o755)
@@ -461,7 +654,7 @@ def build_image(
         if recipe.lock and sorted(recipe.lock) != packages:
             diff = sorted(set(recipe.lock) ^ set(packages))[:20]
             raise ImageBuildError(f"the mirror's packages differ from the lock: {diff}")
-        _install_guest_files(root, recipe, release)
+        _install_guest_files(root, recipe, release, _guest_wheels(recipe, cache, work, log))
         log("mksquashfs + veritysetup")
         t1 = time.perf_counter()
         verity_root, salt, blocks = _squashfs_verity(root, img / "rootfs.img.verity", recipe)

@@ -5,13 +5,14 @@ TCG here: Debian's kernel with an initramfs of busybox, the kernel's virtio modu
        reads app-compose.json from it (as dstack-util's setup reads the host share);
     2. configures eth0 (QEMU user network: 10.0.2.10/24, the address dstack-vmm's dhcpstart gives and the
        port forwards reach);
-    3. serves the agent's host-facing `GET /info` on guest port AGENT_PORT ({"compose_hash", "guest"}, the
-       compose hash computed in the guest from the shared file) and, standing in for the app's containers,
-       `index.html` on each port the compose publishes (where Docker would publish it in the guest);
+    3. serves the agent's host-facing `GET /info` on guest port AGENT_PORT ({"compose_hash", "guest",
+       "phase": "running"}, the compose hash computed in the guest from the shared file) and, standing in
+       for the app's containers, `index.html` on each port the compose publishes (where Docker would
+       publish it in the guest);
     4. prints its progress on the serial console, the VM's boot log.
 
 It measures nothing, fetches no keys, opens no LUKS volume and runs no container: those are the real guest
-image's (not built yet; see docs/node.md). Its `/info` says `"guest": "teecloud-testguest"`, so nothing can
+image's (teecloud.agent.vm_agent). Its `/info` says `"guest": "teecloud-testguest"`, so nothing can
 mistake it for a CVM.
 """
 
@@ -48,7 +49,7 @@ h=$(sha256sum /host-shared/app-compose.json | cut -d' ' -f1)
 echo "{name}: app-compose.json sha256 $h"
 ip link set lo up; ip link set eth0 up; ip addr add 10.0.2.10/24 dev eth0; ip route add default via 10.0.2.2
 mkdir -p /agent /app
-echo "{{\\"guest\\": \\"{name}\\", \\"compose_hash\\": \\"$h\\"}}" > /agent/info
+echo "{{\\"guest\\": \\"{name}\\", \\"compose_hash\\": \\"$h\\", \\"phase\\": \\"running\\"}}" > /agent/info
 echo "hello from {name}" > /app/index.html
 httpd -p {port} -h /agent
 # stands in for Docker publishing the app's ports in the guest: the compose's "H:C" and `published: H`

@@ -188,6 +188,7 @@ def boot_instance(
         if isinstance(exc, NodeError) and not isinstance(exc, BootFailed):
             raise BootFailed(phase, str(exc)) from exc  # the phase where the runtime failed
         raise
+    assert isinstance(guest.volume, EncryptedVolume)  # boot_guest's default volume: gocryptfs
     return BootedCvm(
         state=guest.state,
         runner=guest.runner,

@@ -11,10 +11,16 @@ Per CVM, in `<home>/node/vms/<instance>/` (dstack-vmm's VmWorkDir layout):
     qmp.sock     QEMU's monitor (stop)
     qemu.pid     the QEMU process (a node restart re-attaches to it, checking it is this VM's QEMU)
 
-The guest's agent boots the CVM inside the VM (measure, keys from the KMS over RA-TLS, env, LUKS, compose)
-and answers the host on a loopback-forwarded port with `GET /info` only (plus `GET /attest?nonce=` where the
-image implements it: the guest binds the nonce under the node API's fixed prefix itself). The host never
-sends the guest bytes to quote, and holds none of the app's keys: nothing in this backend releases a key.
+    app-images.tar  `docker save` of the compose's images (from the host's Docker), attached read-only: the
+                 guest `docker load`s it (the VM pulls nothing)
+
+The guest's agent (teecloud.agent.vm_agent) boots the CVM inside the VM (measure, keys from the KMS over
+RA-TLS, env, LUKS, compose) and answers the host on a loopback-forwarded port with `GET /info` only: its
+identity and the boot's phase, which the backend follows until `running` (or `failed`, with the guest's
+reason, a BootFailed at that phase). The host never sends the guest bytes to quote, and holds none of the
+app's keys: nothing in this backend releases a key. Mode plain's guest uses the simulated TEE (its state
+from the node's `simulated-tee/`, shared with the VM: plain mode protects nothing from the host), and pins
+the KMS root key the node verified on chain (`kms_ca_pubkey` in .sys-config.json).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +43,16 @@ from typing import Any, Literal
 import httpx
 
 from teecloud._fs import atomic_write
-from teecloud.node.errors import BootFailed, InstanceStateError, RuntimeFailed, RuntimeUnavailable
+from teecloud.node.errors import (
+    BootFailed,
+    ComposeRejected,
+    InstanceStateError,
+    KeysDenied,
+    RuntimeFailed,
+    RuntimeUnavailable,
+)
 from teecloud.node.instance import Instance, node_home
-from teecloud.node.runtime.base import ContainerState, CvmAttestation, Progress, ResourceLimits
+from teecloud.node.runtime.base import BOOT_PHASES, ContainerState, CvmAttestation, Progress, ResourceLimits
 from teecloud.node.runtime.qemu_cmdline import (
     MIN_MEMORY_MB as MIN_VM_MEMORY_MB,
 )
@@ -76,6 +89,12 @@ class QemuBackendConfig:
     disk_gb: int = 20
     default_memory_mb: int = 2048
     agent_timeout_s: float = 180.0
+    # the host's Docker CLI, to `docker save` the app's images for the guest (None: no images disk)
+    docker: str | None = "docker"
+    # mode plain: the node's simulated TEE state directory (`<home>/simulated-tee`), shared with the guest
+    simulated_tee: Path | None = None
+    # the KMS root key (hex DER SPKI) the guest pins: the node's KMS client verified it on chain
+    kms_ca_pubkey: Callable[[], str] | None = None
 
 
 def _free_port() -> int:
@@ -84,8 +103,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _write_shared(inst: Instance, shared: Path) -> None:
-    """Copy the instance's host-shared files into the VM's share (owner-only; atomic each)."""
+def _write_shared(
+    inst: Instance, shared: Path, *, kms_ca_pubkey: str | None = None, simulated_tee: Path | None = None
+) -> None:
+    """Copy the instance's host-shared files into the VM's share (owner-only; atomic each), with the KMS
+    root key in .sys-config.json and (mode plain) the simulated TEE's state."""
     shared.mkdir(parents=True, exist_ok=True, mode=0o700)
     sources = {
         "app-compose.json": inst.app_compose_path,
@@ -97,10 +119,38 @@ def _write_shared(inst: Instance, shared: Path) -> None:
     for name in SHARED_FILES:
         src = sources[name]
         if src.is_file():
-            atomic_write(shared / name, src.read_bytes(), mode=0o644)
+            data = src.read_bytes()
+            if name == ".sys-config.json" and kms_ca_pubkey is not None:
+                doc = json.loads(data)
+                data = json.dumps({**doc, "kms_ca_pubkey": kms_ca_pubkey}, sort_keys=True).encode()
+            atomic_write(shared / name, data, mode=0o644)
         else:
             with contextlib.suppress(FileNotFoundError):
                 (shared / name).unlink()
+    shutil.rmtree(shared / "simulated-tee", ignore_errors=True)
+    if simulated_tee is not None:
+        from teecloud.tee.simulated import SEALING_SECRET_FILE
+
+        # what quoting needs (the simulated PKI, attestation key, collateral); never the sealing secret of
+        # this installation's simulated KMS
+        shutil.copytree(
+            simulated_tee, shared / "simulated-tee", ignore=shutil.ignore_patterns(SEALING_SECRET_FILE)
+        )
+
+
+def _save_images(docker: str, refs: list[str], out: Path) -> None:
+    """`docker save` of the app's images into `out` (atomic), the guest's read-only images disk."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        r = subprocess.run(
+            [docker, "save", "-o", str(tmp), *refs], capture_output=True, text=True, timeout=600, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BootFailed("starting", f"docker save of the app's images: {exc}") from None
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BootFailed("starting", f"docker save of the app's images failed: {r.stderr.strip()[:500]}")
+    os.replace(tmp, out)
 
 
 class SerialLog:
@@ -331,8 +381,22 @@ class QemuBackend:
         if self.config.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise RuntimeUnavailable("/dev/kvm is not available: use mode plain with accel tcg on this host")
 
-    def check_images(self, refs: object) -> None:
-        """Images are pulled inside the guest (the registry of .sys-config.json): nothing to check here."""
+    def check_images(self, refs: Sequence[str]) -> None:
+        """Every image is in the host's Docker (the guest gets them through `docker save`)."""
+        if self.config.docker is None or not refs:
+            return
+        missing = []
+        for ref in refs:
+            r = subprocess.run(
+                [self.config.docker, "image", "inspect", "--format", "{{.Id}}", ref],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            if r.returncode != 0:
+                missing.append(ref)
+        if missing:
+            raise ComposeRejected(f"images not present on this node (docker save): {', '.join(missing)}")
 
     def describe(self) -> str:
         return f"qemu ({self.config.mode}, {self.config.accel})"
@@ -361,6 +425,7 @@ class QemuBackend:
             ports=ports,
             host_share=self.config.host_share,
             mrconfigid=mrconfigid,
+            app_images=self.workdir(inst) / "app-images.tar" if self.config.docker is not None else None,
         )
 
     def launch(
@@ -379,7 +444,11 @@ class QemuBackend:
                 "CVM %s: powering off the VM a former node process left running", instance.instance_id
             )
             cvm.stop()
-        _write_shared(instance, cfg.shared_dir)
+        ca = self.config.kms_ca_pubkey() if self.config.kms_ca_pubkey is not None else None
+        sim = self.config.simulated_tee if self.config.mode == "plain" else None
+        _write_shared(instance, cfg.shared_dir, kms_ca_pubkey=ca, simulated_tee=sim)
+        if cfg.app_images is not None and self.config.docker is not None:
+            _save_images(self.config.docker, _image_refs(instance), cfg.app_images)
         if not cfg.hda.exists():
             out = subprocess.run(
                 [self.config.qemu_img, "create", "-q", "-f", "qcow2", str(cfg.hda), f"{cfg.shape.disk_gb}G"],
@@ -396,21 +465,63 @@ class QemuBackend:
                 argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True
             )
         atomic_write(work / "qemu.pid", str(proc.pid).encode())
-        progress("agent")
+        deadline = time.monotonic() + self.config.agent_timeout_s
         try:
             info = self._wait_agent(cvm, proc, self.config.agent_timeout_s)
+            agent_ready = time.perf_counter() - t0
             # the guest read the compose from the share itself: the hash it reports is the one it measured
             if info.get("compose_hash") != instance.compose_hash().hex():
                 raise BootFailed("measuring", "the guest reports another compose hash than this instance's")
+            info = self._follow_boot(cvm, proc, info, deadline, progress)
         except BaseException:
             with contextlib.suppress(RuntimeFailed):
                 cvm.stop()
             raise
         cvm.guest_info = info
         cvm._booted = True
-        cvm.timings = {"agent-ready": time.perf_counter() - t0}
-        progress("healthy")
+        cvm.timings = {"agent-ready": agent_ready, "app-running": time.perf_counter() - t0}
+        cvm.dropped_env = [str(n) for n in info.get("dropped_env") or []][:256]
         return cvm
+
+    def _follow_boot(
+        self,
+        cvm: QemuCvm,
+        proc: subprocess.Popen[bytes],
+        info: dict[str, Any],
+        deadline: float,
+        progress: Progress,
+    ) -> dict[str, Any]:
+        """Follow the guest's boot phases (GET /info) until `running`; `failed` is a BootFailed at the phase
+        the guest names (KeysDenied at `keys`)."""
+        reported = ""
+        with httpx.Client(timeout=5.0) as client:
+            while True:
+                phase = str(info.get("phase", ""))
+                if phase != reported and phase in BOOT_PHASES:
+                    progress(phase)
+                    reported = phase
+                if phase == "running":
+                    return info
+                if phase == "failed":
+                    error = str(info.get("error") or "no reason given")[:4000]
+                    at = error.split(":", 1)[0]
+                    if at == "keys":
+                        raise KeysDenied(f"the guest: {error}")
+                    raise BootFailed(at if at in BOOT_PHASES else "agent", f"the guest: {error}")
+                if proc.poll() is not None:
+                    raise BootFailed(reported or "agent", "QEMU exited: " + _tail(cvm.workdir / "serial.log"))
+                if time.monotonic() > deadline:
+                    raise BootFailed(
+                        reported or "agent",
+                        f"the guest did not finish booting within {self.config.agent_timeout_s:.0f} s; "
+                        "serial log:\n" + _tail(cvm.workdir / "serial.log"),
+                    )
+                time.sleep(0.5)
+                with contextlib.suppress(httpx.HTTPError, RuntimeFailed, ValueError):
+                    status, body = _bounded_get(client, f"http://127.0.0.1:{cvm.agent_port}/info")
+                    doc = json.loads(body) if status == 200 else None
+                    if isinstance(doc, dict):
+                        info = doc
 
     def _wait_agent(self, cvm: QemuCvm, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -438,6 +549,16 @@ class QemuBackend:
 
     def attach(self, instance: Instance) -> QemuCvm:
         return QemuCvm(instance, self.workdir(instance), agent_port=None, booted=False)
+
+
+def _image_refs(inst: Instance) -> list[str]:
+    import yaml
+
+    from teecloud.node.compose import image_refs
+
+    text = inst.app_compose().get("docker_compose_file") or ""
+    doc = yaml.safe_load(text) if isinstance(text, str) else None
+    return image_refs(doc) if isinstance(doc, dict) else []
 
 
 def _published_ports(inst: Instance) -> list[int]:

@@ -32,6 +32,7 @@ from typing import Literal
 from teecloud.node.errors import BadRequest
 
 __all__ = [
+    "APP_IMAGES_SERIAL",
     "MODES",
     "SNP_POLICY_DEBUG",
     "SNP_POLICY_DEFAULT",
@@ -60,6 +61,7 @@ MAX_DISK_GB = 64 * 1024
 MAX_PORT_FORWARDS = 128
 MAX_CMDLINE = 4096  # bytes; x86 COMMAND_LINE_SIZE is 2048 on older kernels, 4096 on this project's
 DEFAULT_QGS_PORT = 4050
+APP_IMAGES_SERIAL = "tc-images"
 # a value inside a QEMU option list: no separator (,), no `=` in paths we do not expect, no control bytes
 _SAFE_OPTION_VALUE = re.compile(r"[A-Za-z0-9_./+\-:@]+")
 
@@ -176,6 +178,9 @@ class QemuVmConfig:
     # how the host-shared files reach the guest (dstack-vmm's host_share_mode): a read-only 9p share, or a
     # read-only FAT disk QEMU builds from the directory (vvfat), labelled DSTACKSHR, for kernels without 9p
     host_share: Literal["9p", "vvfat"] = "9p"
+    # the app's images (`docker save` on the host) as a read-only raw disk the guest `docker load`s; its
+    # serial (APP_IMAGES_SERIAL) is how the guest tells it from the data disk
+    app_images: Path | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -321,6 +326,10 @@ def qemu_argv(cfg: QemuVmConfig, *, qemu: str = "qemu-system-x86_64") -> list[st
             "-virtfs",
             f"local,path={shared},mount_tag=host-shared,readonly={ro},security_model=mapped,id=virtfs0",
         ]
+    if cfg.app_images is not None:
+        images = _path(cfg.app_images, "app images")
+        argv += ["-drive", f"file={images},if=none,id=hd3,format=raw,readonly=on"]
+        argv += ["-device", f"virtio-blk-pci,drive=hd3,serial={APP_IMAGES_SERIAL}{virtio}"]
     argv += ["-smp", str(cfg.shape.vcpus), "-m", f"{cfg.shape.memory_mb}M"]
     argv += ["-append", cfg.image.cmdline]
     return argv
