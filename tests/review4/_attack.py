@@ -1,20 +1,25 @@
 """The attacker's tools: RA-TLS client certificates under a target's public temporary CA from any quote
-source, and raw mutual-TLS posts (tests/kms/conftest.post_with_cert)."""
+source, and raw mutual-TLS posts."""
 
 from __future__ import annotations
 
+import ssl
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.attestation.models import EventLogEntry
+from teecloud.keys.certs import key_to_pem
 from teecloud.keys.ratls import make_ratls_cert
 from teecloud.kms import api
 from teecloud.kms.bootstrap import KMS_APP_ID
-from tests.kms.conftest import post_with_cert
 from tests.kms.test_threshold_net_peering import Member
 
 
@@ -64,7 +69,22 @@ def post_as(
     body: dict[str, Any],
     path: str = api.PATH_PEER_HELLO,
 ) -> tuple[int, dict[str, Any]]:
-    return post_with_cert(target.server.url, path, key, cert_der, body)
+    """One mutual-TLS POST; a body that is not JSON (an HTTP 500's text) comes back as {"raw": text}."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "c.pem"
+        pem = x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM)
+        p.write_bytes(pem + key_to_pem(key).encode())
+        ctx.load_cert_chain(str(p))
+    with httpx.Client(verify=ctx, timeout=30) as http:
+        r = http.post(target.server.url + path, json=body)
+    try:
+        doc = r.json()
+    except ValueError:
+        doc = {"raw": r.text}
+    return r.status_code, doc if isinstance(doc, dict) else {"json": doc}
 
 
 def member_doc(member: api.PeerMember | None) -> dict[str, Any] | None:
