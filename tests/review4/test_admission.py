@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from teecloud.chain.kmsgroup import CommitteeMember
 from teecloud.keys import threshold as th
 from teecloud.keys.certs import spki_der
 from teecloud.kms import api
@@ -262,3 +263,41 @@ def test_audit_names_the_refusal_without_secrets(committee: Committee) -> None:
     assert recs and recs[-1].decision == "denied" and recs[-1].step == "membership"
     text = json.dumps([r.model_dump() for r in recs])
     assert members[2].identity.member.element not in text and members[2].identity.member.proof not in text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="R4-6 open: admission never consults KmsGroup: members of a committee the owner has superseded "
+    "(a newer committee of the same epoch is active) keep admitting each other until they are retired",
+)
+def test_a_committee_superseded_on_chain_is_not_admitted(teecloud_home: Path, world: World) -> None:
+    """The owner records and activates committee A (epoch 4242), then a reshare's committee B (same key) —
+    A's nodes are no longer the committee KmsGroup says serves the epoch. A's members 1 and 2, still running
+    (not yet retired), talk to each other: safe is a refusal (they could still make presignatures)."""
+    allow_build(world.chain, teecloud_home)
+    epoch = 4242
+    old = local_joint_feldman(T, 5, epoch=epoch)
+    a1 = start_member(teecloud_home, world.chain, old[0], name="sup")
+    a2 = start_member(teecloud_home, world.chain, old[1], name="sup")
+    try:
+        group = world.chain.kms_group
+
+        def record(shares: list[ThresholdShare]) -> int:
+            ms = [
+                CommitteeMember(
+                    s.index, a1.service.identity.mr_aggregated, a1.tee.device_id, f"https://n{s.index}"
+                )
+                for s in shares
+            ]
+            return group.record_committee(epoch, T, shares[0].commitments, ms)
+
+        group.activate(record(old))
+        assert hello(a2, a1).index == 2  # the active committee talks
+        group.activate(record(_reshare(old, T, 5)))
+        active = group.active(epoch)
+        assert active is not None and active.commitments != old[0].commitments
+        with pytest.raises((KmsDenied, KmsClientError)):
+            hello(a2, a1)
+    finally:
+        a1.server.stop()
+        a2.server.stop()
