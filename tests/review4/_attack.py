@@ -66,7 +66,7 @@ def post_as(
     target: Member,
     key: ec.EllipticCurvePrivateKey,
     cert_der: bytes,
-    body: dict[str, Any],
+    body: dict[str, Any] | bytes,
     path: str = api.PATH_PEER_HELLO,
 ) -> tuple[int, dict[str, Any]]:
     """One mutual-TLS POST; a body that is not JSON (an HTTP 500's text) comes back as {"raw": text}."""
@@ -79,7 +79,12 @@ def post_as(
         p.write_bytes(pem + key_to_pem(key).encode())
         ctx.load_cert_chain(str(p))
     with httpx.Client(verify=ctx, timeout=30) as http:
-        r = http.post(target.server.url + path, json=body)
+        if isinstance(body, bytes):
+            r = http.post(
+                target.server.url + path, content=body, headers={"content-type": "application/json"}
+            )
+        else:
+            r = http.post(target.server.url + path, json=body)
     try:
         doc = r.json()
     except ValueError:

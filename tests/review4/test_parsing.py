@@ -5,6 +5,8 @@ membership step, never as an internal error. Open findings are xfail(strict=True
 
 from __future__ import annotations
 
+import json
+import random
 from typing import Any
 
 import pytest
@@ -153,3 +155,37 @@ def test_member_field_bounds_are_refused_as_requests(committee: Committee) -> No
     for change in ({"element": "zz" * 32}, {"element": genuine["element"][:62] + " 1"}, {"proof": "é" * 128}):
         status, body = _hello(members, {**genuine, **change})
         assert status == 403 and body["step"] == "membership", (change, body)
+
+
+def test_generated_byte_mutations_of_the_hello_body_are_refused_or_read_the_same(
+    committee: Committee,
+) -> None:
+    """The genuine PeerHello body as bytes on the wire; 120 generated single-byte mutations (fixed seed):
+    each is refused (400 `request` / 403 `membership`) or admitted exactly as member 2 (e.g. a hex digit's
+    case changed). Never a 500, never another index."""
+    members, _ = committee
+    key, cert = as_member(members[2], members[1])
+    wire = json.dumps({"member": members[2].identity.member.model_dump()}, separators=(",", ":")).encode()
+    status, body = post_as(members[1], key, cert, wire)
+    assert status == 200 and body["index"] == 2, body
+    rng = random.Random(4)
+    outcomes: dict[str, int] = {}
+    for _ in range(120):
+        mutated = bytearray(wire)
+        pos = rng.randrange(len(mutated))
+        mutated[pos] = rng.choice([rng.randrange(256), mutated[pos] ^ 0x20, mutated[pos] ^ 0x01])
+        if bytes(mutated) == wire:
+            continue
+        status, body = post_as(members[1], key, cert, bytes(mutated))
+        if status == 200:
+            assert body["index"] == 2 and body["member"]["index"] == 1, (bytes(mutated), body)
+            outcome = "read the same"
+        else:
+            assert (status, body.get("step")) in ((400, "request"), (403, "membership")), (
+                bytes(mutated),
+                status,
+                body,
+            )
+            outcome = f"{status} {body['step']}"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert outcomes.get("403 membership", 0) > 0 and outcomes.get("400 request", 0) > 0, outcomes
