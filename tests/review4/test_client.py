@@ -1,0 +1,82 @@
+"""Review 4, area 4: the calling side (kms.peering.PeerClient): what reaches a server before its membership
+is proven, and how long a running member's channel lasts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from teecloud.kms import api
+from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
+from teecloud.kms.peering import PeerClient
+from teecloud.kms.threshold import ThresholdShare, local_joint_feldman
+from tests.kms.conftest import World
+from tests.kms.test_threshold_net_peering import Member, T, start_member
+
+Committee = tuple[dict[int, Member], list[ThresholdShare]]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="R4-3 open: PeerClient checks the server's membership (step 4) only on its answer: the request "
+    "(client certificate and body) has already reached a server that passed steps 1-3 only",
+)
+def test_nothing_reaches_a_server_before_its_membership_is_proven(
+    teecloud_home: Path, world: World, committee: Committee
+) -> None:
+    """The host routes member 2's URL to a KMS of the allowed build that holds a share of ANOTHER committee
+    (steps 1-3 pass: boot-time key, allowed build). Member 1 calls it as member 2: the call fails — but the
+    stranger's service already handled member 1's request. Safe: no request before step 4."""
+    members, _ = committee
+    other = local_joint_feldman(T, 5, epoch=1)[1]
+    stranger = start_member(teecloud_home, world.chain, other, name="stranger")
+    try:
+        call = PeerClient(
+            stranger.server.url,
+            identity=members[1].identity,
+            admission=members[1].service.peering,
+            expected_index=2,
+        )
+        with pytest.raises((KmsClientError, KmsDenied)):
+            call.peer_call(
+                api.PATH_PEER_ROUND,
+                api.PeerRoundResponse,
+                {"session": "ab" * 16, "stage": "deal", "view_hash": "00" * 32},
+            )
+        seen = [r for r in stranger.service.audit.read(limit=20) if r.endpoint == api.PATH_PEER_ROUND]
+        assert seen == [], [(r.decision, r.step, r.reason) for r in seen]
+    finally:
+        stranger.server.stop()
+
+
+def _server_cert_der(m: Member) -> bytes:
+    pem = m.server.identity.cert_pem
+    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
+
+
+def test_a_member_is_admitted_on_its_server_certificate_today(committee: Committee) -> None:
+    members, _ = committee
+    node = members[1].service.peering.admit(_server_cert_der(members[2]), members[2].identity.member)
+    assert node.index == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="R4-5 open: a member's server certificate (its boot-time peer key) is issued once for 7 days and "
+    "never renewed; after that every peer refuses it (cert_fresh) until the node restarts",
+)
+def test_a_running_members_channel_outlives_its_first_week(committee: Committee) -> None:
+    """Eight days after boot (no restart), member 1 checks member 2's server certificate as PeerClient
+    does. Safe (docs/kms.md: running nodes talk for days; the peers' lifetime cap is 366 days): admitted."""
+    members, _ = committee
+    later = time.time() + 8 * 24 * 3600
+    members[1].service.node_peers.clock = lambda: later
+    try:
+        node = members[1].service.peering.admit(_server_cert_der(members[2]), members[2].identity.member)
+    except AccessDenied as exc:
+        pytest.fail(f"refused at {exc.step}: {exc.reason}")
+    assert node.index == 2
