@@ -1,6 +1,7 @@
-"""teecloud.kms.threshold_sign: a node's sealed signing share and presignature pool. A presignature signs
-one message, ever (also across a restart of the node); the message is recomputed from the verified app; the
-shares of any 3 of 5 nodes combine into the GetKey chain's KMS signature under the group key."""
+"""teecloud.kms.threshold_sign: a node's sealed signing share and in-memory presignature pool. A
+presignature signs one message, and only in the process that made it (a restart has none); the message is
+recomputed from the verified app; the shares of any 3 of 5 nodes combine into the GetKey chain's KMS
+signature under the group key."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from teecloud.kms import authz
 from teecloud.kms.bootstrap import boot_kms_tee
 from teecloud.kms.errors import AccessDenied, SealingError
 from teecloud.kms.threshold_sign import (
-    PRESIG_FILE,
+    LEGACY_PRESIG_FILE,
     SIGNING_SHARE_FILE,
     ThresholdSigner,
     open_signer,
@@ -96,13 +97,13 @@ def test_a_presignature_never_signs_a_second_message(nodes, teecloud_home: Path)
         nodes[1].sign_app_key(_app(), other, session)
     with pytest.raises(AccessDenied, match="already signed another message"):  # nor for another app
         nodes[1].sign_app_key(_app(bytes(20)), first, session)
-    # ... also after a restart of the node: the binding was sealed before the share left
+    # ... nor after a restart, or in a copy of the node's disk: the pool never left the process (R4-4)
     tee = SimulatedTdx(teecloud_home)
     restarted = open_signer(tee, boot_kms_tee(tee), teecloud_home / "node-1")
-    assert restarted is not None and session not in restarted.pool.unused()
-    with pytest.raises(AccessDenied, match="already signed another message"):
-        restarted.sign_app_key(_app(), other, session)
-    assert restarted.sign_app_key(_app(), first, session) == nodes[1].sign_app_key(_app(), first, session)
+    assert restarted is not None and restarted.key == nodes[1].key and restarted.pool.unused() == []
+    for pub in (other, first):
+        with pytest.raises(AccessDenied, match="no presignature"):
+            restarted.sign_app_key(_app(), pub, session)
 
 
 def test_the_message_is_the_nodes_own(nodes) -> None:
@@ -122,17 +123,20 @@ def test_the_message_is_the_nodes_own(nodes) -> None:
         nodes[2].sign_app_key(_app(), pub, b"\x00" * 16)
 
 
-def test_pool_is_sealed_and_fails_closed(nodes, teecloud_home: Path) -> None:
+def test_pool_lives_in_memory_only(nodes, teecloud_home: Path) -> None:
+    """R4-4: presignatures are never written (a copy of the disk, or a restored file, would sign with them
+    again); a pool file an older version sealed is never loaded, and is deleted at open."""
     home = teecloud_home / "node-3"
-    blob = (home / "kms" / PRESIG_FILE).read_bytes()
-    assert b"sigma_share" not in blob  # sealed, not plaintext
+    assert sorted(p.name for p in (home / "kms").iterdir() if "presig" in p.name) == []
+    session = nodes[3].pool.unused()[0]
+    sealed = (home / "kms" / SIGNING_SHARE_FILE).read_bytes()
+    (home / "kms" / LEGACY_PRESIG_FILE).write_bytes(sealed)  # any file at the old name
     tee = SimulatedTdx(teecloud_home)
-    other_build = boot_kms_tee(tee, build="another KMS build")
-    with pytest.raises(SealingError):
-        open_signer(tee, other_build, home)
-    (home / "kms" / PRESIG_FILE).write_bytes(blob[:-20] + b"x" * 20)
-    with pytest.raises(SealingError):  # never rebuilt from scratch (that could reuse a nonce)
-        open_signer(tee, boot_kms_tee(tee), home)
+    reopened = open_signer(tee, boot_kms_tee(tee), home)
+    assert reopened is not None and reopened.pool.unused() == []
+    assert not (home / "kms" / LEGACY_PRESIG_FILE).exists()
+    with pytest.raises(SealingError):  # the signing share stays sealed to the build
+        open_signer(tee, boot_kms_tee(tee, build="another KMS build"), home)
     with pytest.raises(SealingError, match="already in the pool"):
-        nodes[3].pool.add([nodes[3].pool.public(nodes[3].pool.unused()[0])])
-    assert (home / "kms" / SIGNING_SHARE_FILE).exists()
+        nodes[3].pool.add([nodes[3].pool.public(session)])
+    assert session in nodes[3].pool.unused()

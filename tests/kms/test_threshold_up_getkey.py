@@ -1,7 +1,8 @@
 """`teecloud kms threshold-init --dev` then `teecloud up --kms-nodes 5 --threshold 3` (issue 19): the
-development ceremony also makes the group's secp256k1 signing key and presignatures; the five node
-processes serve them, and a CVM's GetKey chain ends in a signature made by three node processes that
-verifies under the group's signing key (the one in the group record). Two nodes stopped: still."""
+development ceremony also makes the group's secp256k1 signing key; the five node processes make their
+presignatures at start (a networked round, kept in memory only) and serve them, and a CVM's GetKey chain
+ends in a signature made by three node processes that verifies under the group's signing key (the one in
+the group record). Two nodes stopped: still."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ HELLO = {
 def test_getkey_through_five_node_processes(tmp_path: Path) -> None:
     home = tmp_path / "home"
     tee = SimulatedTdx(home)
-    group, created = dev_ceremony(tee, boot_kms_tee(tee), 3, 5, home=home, presignatures=4)
+    group, created = dev_ceremony(tee, boot_kms_tee(tee), 3, 5, home=home)
     assert created and len(group.signing_key) == 33
     assert read_group(home) == group
     cloud = LocalCloud(home, kms_nodes=5, kms_threshold=3)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import coincurve
-import pytest
 
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest
@@ -24,6 +24,7 @@ from teecloud.kms.threshold_sign import ThresholdSigner, open_signer, save_signi
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.conftest import World
 from tests.kms.test_threshold_net_peering import Member, hello, start_member
+from tests.kms.test_threshold_net_presign import _fetch_as, _open_sigkey
 
 Committee = tuple[dict[int, Member], list[ThresholdShare]]
 APP_ID = bytes.fromhex("5a" * 20)
@@ -50,11 +51,6 @@ def _app(app_id: bytes) -> authz.AuthorizedApp:
     return authz.AuthorizedApp(peer, None, "review4", authz._SEAL)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R4-4 open: the presignature pool's one-message rule is per process; two copies of a node (same "
-    "sealed files) each sign a different message with the same presignature",
-)
 def test_copies_of_t_nodes_never_sign_two_messages_with_one_presignature(teecloud_home: Path) -> None:
     keys = te.dkg_local(3, 5)
     tee = SimulatedTdx(teecloud_home)
@@ -71,6 +67,7 @@ def test_copies_of_t_nodes_never_sign_two_messages_with_one_presignature(teeclou
     for i, p in te.presign_local(keys, [1, 2, 3, 4, 5]).items():  # a batch, sealed into each pool
         copies["a"][i].pool.add([p])
     copies["b"] = {i: boot(i) for i in range(1, 6)}  # the host boots a copy of each disk
+    assert all(not c.pool.unused() for c in copies["b"].values())  # (fix: pools live in memory only)
     session = copies["a"][1].pool.unused()[0]
     pub_a = k256_public_key(hashlib.sha256(b"app key A").digest())
     pub_b = k256_public_key(hashlib.sha256(b"app key B").digest())
@@ -94,3 +91,34 @@ def test_copies_of_t_nodes_never_sign_two_messages_with_one_presignature(teeclou
         leaked = coincurve.PrivateKey(x.to_bytes(32, "big")).public_key.format(compressed=True)
         assert leaked != keys[0].group_public_key, "the group's signing key was recovered"
     assert refused == 3
+
+
+def test_a_copy_of_a_member_gets_nothing_of_a_round_its_twin_takes_part_in(
+    teecloud_home: Path, world: World, members: dict[int, Member]
+) -> None:
+    """R4-4, within a round: a dealer hands out member i's sub-shares to one boot-time key only; a second
+    process of share 2 (admitted as member 2, another key) is refused at every stage, before and after."""
+    session = _open_sigkey(members)
+    vh = rounds_of(members[1])._rounds[bytes.fromhex(session)].views["deal"][0]
+    evaluator = members[2].service.threshold
+    assert evaluator is not None
+    copy = start_member(teecloud_home, world.chain, evaluator._share, name="copy")
+    try:
+        assert hello(copy, members[1]).index == 2  # the channel admits it (documented above)
+        status, body = _fetch_as(members[2], members[1], session, vh)
+        assert status == 200 and body["dealer"] == 1, body
+        status, body = _fetch_as(copy, members[1], session, vh)
+        assert status == 403 and body["step"] == "round" and "another process" in str(body["reason"]), body
+        assert "shares" not in body
+        vh3 = rounds_of(members[3])._rounds[bytes.fromhex(session)].views["deal"][0]
+        status, body = _fetch_as(copy, members[3], session, vh3)  # the copy first, at dealer 3
+        assert status == 200, body
+        status, body = _fetch_as(members[2], members[3], session, vh3)  # then its twin is refused there
+        assert status == 403 and "another process" in str(body["reason"]), body
+    finally:
+        copy.server.stop()
+
+
+def rounds_of(m: Member) -> Any:
+    assert m.service.sign_rounds is not None
+    return m.service.sign_rounds

@@ -164,6 +164,7 @@ class AdmittedNode:
     index: int
     boot_info: dict[str, Any]
     reason: str
+    key_id: str  # sha256 (hex) of the SPKI of its boot-time peer key: tells two processes of one share apart
     _seal: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -218,9 +219,10 @@ class PeerAdmission:
             raise
         # (4) a member of this committee, vouching for this certificate's key
         assert cert_der is not None  # attest refused None
-        self._check_member(committee, member, _spki_of(cert_der), bi)
+        spki = _spki_of(cert_der)
+        self._check_member(committee, member, spki, bi)
         assert member is not None
-        return AdmittedNode(member.index, bi, reason, _SEAL)
+        return AdmittedNode(member.index, bi, reason, hashlib.sha256(spki).hexdigest(), _SEAL)
 
     @staticmethod
     def _check_member(

@@ -36,7 +36,7 @@ from teecloud.kms.authz import AuthorizedApp, AuthorizedKms
 from teecloud.kms.bootstrap import KmsIdentity, kms_dir
 from teecloud.kms.errors import AccessDenied, SealingError
 from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
-from teecloud.kms.threshold_sign import ThresholdSigner, open_signer, save_signing_share
+from teecloud.kms.threshold_sign import ThresholdSigner, save_signing_share
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -373,9 +373,6 @@ def dealer_home(index: int, home: Path | None = None) -> Path:
     return nodes_dir(home) / f"dealer-{index}"
 
 
-DEV_PRESIGNATURES = 32
-
-
 def dev_ceremony(
     tee: TeePlatform,
     identity: KmsIdentity,
@@ -384,13 +381,13 @@ def dev_ceremony(
     *,
     epoch: int = 1,
     home: Path | None = None,
-    presignatures: int = DEV_PRESIGNATURES,
 ) -> tuple[GroupRecord, bool]:
     """Development key ceremony: local_joint_feldman, share i sealed (to this KMS build's measurement) into
     node i's directory; when n >= 2t-1 also a Joint-Feldman secp256k1 signing key (kms.threshold_sign)
-    and `presignatures` presignatures per node, made in this process (which sees every share and every
-    presignature: development only); then the group record written last (atomically): a crash leaves no
-    group, and a re-run with the same t and n is a no-op. Returns (the group, created)."""
+    made in this process (which sees every share: development only), but no presignatures: those live only
+    in the memory of the running node process whose round made them (R4-4; `teecloud up` makes them); then
+    the group record written last (atomically): a crash leaves no group, and a re-run with the same t and n
+    is a no-op. Returns (the group, created)."""
     existing = read_group(home)
     if existing is not None:
         if (existing.t, existing.n) != (t, n):
@@ -405,18 +402,8 @@ def dev_ceremony(
     signing_key = b""
     if n >= 2 * t - 1:
         keys = te.dkg_local(t, n)
-        pools = {}
         for k in keys:
             save_signing_share(k, tee, identity, node_home(k.index, home))
-            signer = open_signer(tee, identity, node_home(k.index, home))
-            assert signer is not None
-            pools[k.index] = signer.pool
-        made: dict[int, list[te.Presignature]] = {i: [] for i in pools}
-        for _ in range(presignatures):
-            for i, p in te.presign_local(keys, list(range(1, n + 1))).items():
-                made[i].append(p)
-        for i, pool in pools.items():
-            pool.add(made[i])
         signing_key = keys[0].group_public_key
     rec = GroupRecord(epoch, t, n, group_commitments(shares), signing_key)
     write_group(rec, home)

@@ -2,8 +2,9 @@
 teecloud.keys.threshold_ecdsa implements it), over the channel of teecloud.kms.peering.
 
 A round lives in the memory of each member only (a member that restarts mid-round has nothing: the round
-fails, nothing is half-applied); its result is sealed at the end in one atomic write (the signing share, or
-every presignature of the batch into the pool: one message per presignature, ever, as before). The operator
+fails, nothing is half-applied); its result is applied at the end at once (the signing share, sealed in one
+atomic write; or every presignature of the batch into this process's in-memory pool, never sealed: one
+message per presignature, in one process only — R4-4). The operator
 (or the launcher) drives it on the members' admin listeners and relays the broadcast values; secret
 sub-shares go member to member only, over mutual RA-TLS under kms.peering's rule.
 
@@ -21,7 +22,8 @@ The relay is untrusted: a member refuses a view that alters its own values of th
 changes member j's values everywhere is caught by j, not blamed on j); each member hashes the broadcast it
 was given (chained over the stages) and sends that hash with every sub-share request; a dealer answers only
 a member that saw exactly what it saw (an equivocating relay is refused), each (stage, member) once (a
-replayed request is refused).
+replayed request is refused), and, per round, member i under one boot-time peer key only (a second process
+of share i, a copy of the node's disk, is refused: R4-4).
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ class _Round:
     views: dict[str, tuple[str, dict[int, list[api.RoundValue]]]] = field(default_factory=dict)
     advanced: set[str] = field(default_factory=set)
     served: set[tuple[str, int]] = field(default_factory=set)
+    # the one process (its boot-time peer key) that fetches as member i in this round (R4-4: a copy of a
+    # node's disk is admitted as member i too; it gets nothing of a round its twin takes part in)
+    bound: dict[int, str] = field(default_factory=dict)
     states: list[Any] = field(default_factory=list)  # keys.threshold_ecdsa round-1 states, one per presig
     reduces: list[te.ReduceDealing] = field(default_factory=list)
     # what this member broadcast for each stage (checked against every view it is relayed)
@@ -285,6 +290,12 @@ class SignRounds:
                     f"{node.index} was relayed differ from this member's (or it has none yet): refusing",
                     step="round",
                 )
+            if rnd.bound.setdefault(node.index, node.key_id) != node.key_id:
+                raise AccessDenied(
+                    f"another process (another boot-time key) already fetches as member {node.index} in this "
+                    "round: one process per share index per round",
+                    step="round",
+                )
             if (req.stage, node.index) in rnd.served:
                 raise AccessDenied(
                     f"stage {req.stage} sub-shares for member {node.index} were already handed out (replay)",
@@ -442,7 +453,7 @@ class SignRounds:
                     )
                 )
             made.append(te.presign_finish(key, rnd.states[k], self._muls(rnd, k), reduces))
-        signer.pool.add(made)  # one atomic replace of the sealed pool
+        signer.pool.add(made)  # this process's memory only (never sealed: R4-4)
         return [api.RoundValue(c=[p.big_r.hex()]) for p in made]
 
     # --- bookkeeping
@@ -531,7 +542,7 @@ def run_signing_key_dkg(nodes: Mapping[int, AdminEndpoint]) -> bytes:
 
 
 def run_presign_round(nodes: Mapping[int, AdminEndpoint], count: int) -> list[bytes]:
-    """`count` presignatures among `nodes` (>= 2t-1 members); each member adds its part to its sealed pool.
+    """`count` presignatures among `nodes` (>= 2t-1 members); each member adds its part to its in-memory pool.
     Returns the presignatures' R (every member must agree)."""
     results = _run(nodes, "presign", count=count)
     rs = {i: tuple(v["c"][0] for v in vals) for i, vals in results.items()}

@@ -1,12 +1,14 @@
 """Threshold mode, node side of the KMS's signatures (teecloud.keys.threshold_ecdsa): one node's share of
-the group's secp256k1 signing key and its pool of presignatures, sealed to the node's measurement.
+the group's secp256k1 signing key (sealed to the node's measurement) and its pool of presignatures (in
+memory only).
 
     SigningShare       this node's KeyShare of the signing key (x·G, commitments[0], is what verifiers pin)
-    PresignaturePool   presignatures by session; each signs at most ONE digest, ever: the digest is recorded
-                       durably (atomic replace of the sealed pool) before the signature share is computed, so
-                       a crash or a restart cannot make this node sign a second digest with the same k (which
-                       would reveal the key to whoever holds both signatures). The same digest again gets the
-                       same share (a client retrying, or fetching from other nodes, learns nothing new).
+    PresignaturePool   presignatures by session, in this process's memory only (never sealed, never reloaded:
+                       a copy of the node's disk, or a restart, has none); each signs at most ONE digest: the
+                       digest is bound before the signature share is computed, so this process never signs a
+                       second digest with the same k (which would reveal the key to whoever holds both
+                       signatures). The same digest again gets the same share (a client retrying, or fetching
+                       from other nodes, learns nothing new).
     ThresholdSigner    signature shares only for an AuthorizedApp, over a message the node recomputes:
                        keccak256("dstack-kms-issued:" ‖ app_id from the verified boot_info ‖ the app's k256
                        public key). The caller supplies only the public key (a checked curve point): the key
@@ -34,8 +36,8 @@ from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, uns
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
+    "LEGACY_PRESIG_FILE",
     "MAX_PRESIGNATURES",
-    "PRESIG_FILE",
     "SIGNING_SHARE_FILE",
     "PresignaturePool",
     "ThresholdSigner",
@@ -46,11 +48,10 @@ __all__ = [
 ]
 
 SIGNING_SHARE_FILE = "threshold-signing-share.sealed"
-PRESIG_FILE = "threshold-presignatures.sealed"
-MAX_PRESIGNATURES = 512  # ~1 KiB each sealed: within kms.sealing's 1 MiB limit
+LEGACY_PRESIG_FILE = "threshold-presignatures.sealed"  # before R4-4's fix: never read, removed at open
+MAX_PRESIGNATURES = 512  # a bound on one process's memory
 _Sealer = Callable[[bytes], bytes]
 _Entries = dict[bytes, tuple[te.Presignature, bytes | None]]
-_POOL_FORMAT = "teecloud-kms-threshold-presignatures-v1"
 _SHARE_FORMAT = "teecloud-kms-threshold-signing-share-v1"
 
 
@@ -85,73 +86,16 @@ def key_share_from_json(data: bytes) -> te.KeyShare:
         raise SealingError(f"signing share is malformed or does not match its commitments: {exc}") from exc
 
 
-def _presig_to_doc(p: te.Presignature, used: bytes | None) -> dict[str, object]:
-    return {
-        "index": p.index,
-        "t": p.t,
-        "big_r": p.big_r.hex(),
-        "group_public_key": p.group_public_key.hex(),
-        "kinv_share": None if p.kinv_share is None else f"{p.kinv_share:064x}",
-        "sigma_share": f"{p.sigma_share:064x}",
-        "kinv_commitments": [c.hex() for c in p.kinv_commitments],
-        "sigma_commitments": [c.hex() for c in p.sigma_commitments],
-        "used_for": None if used is None else used.hex(),
-    }
-
-
-def _presig_from_doc(session: bytes, d: dict[str, object]) -> tuple[te.Presignature, bytes | None]:
-    def hexes(key: str) -> tuple[bytes, ...]:
-        v = d[key]
-        if not isinstance(v, list):
-            raise TypeError(f"{key} is not a list")
-        return tuple(bytes.fromhex(str(c)) for c in v)
-
-    kinv = d["kinv_share"]
-    used = d["used_for"]
-    p = te.Presignature(
-        index=int(str(d["index"])),
-        t=int(str(d["t"])),
-        session=session,
-        big_r=bytes.fromhex(str(d["big_r"])),
-        group_public_key=bytes.fromhex(str(d["group_public_key"])),
-        kinv_share=None if kinv is None else int(str(kinv), 16),
-        sigma_share=int(str(d["sigma_share"]), 16),
-        kinv_commitments=hexes("kinv_commitments"),
-        sigma_commitments=hexes("sigma_commitments"),
-    )
-    return p, None if used is None else bytes.fromhex(str(used))
-
-
 class PresignaturePool:
-    """This node's presignatures, sealed in one file (teecloud.kms.sealing's seal/unseal, passed in as
-    `seal` / `unseal` closures over the node's sealing key) and replaced atomically on every change."""
+    """This node's presignatures, in the memory of the process whose round made them ONLY: never sealed,
+    never reloaded (review 4, R4-4). Sealing binds to the KMS measurement, which has no per-boot value, so a
+    sealed pool is readable by every copy of the node's disk; two copies would each sign one message with
+    the same presignature, and two messages under one R give away the group's key. A restart starts
+    empty (`teecloud up` tops pools up at start with a networked round, kms.threshold_net)."""
 
-    def __init__(self, path: Path, seal: _Sealer, unseal: _Sealer) -> None:
-        self._path = Path(path)
-        self._seal, self._unseal = seal, unseal
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries = self._load()
-
-    def _load(self) -> _Entries:
-        if not self._path.exists():
-            return {}
-        try:
-            doc = json.loads(self._unseal(self._path.read_bytes()))
-            if doc.get("format") != _POOL_FORMAT:
-                raise ValueError(f"format {doc.get('format')!r}")
-            return {
-                bytes.fromhex(s): _presig_from_doc(bytes.fromhex(s), e) for s, e in doc["entries"].items()
-            }
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # fail closed: a pool that does not parse is never rebuilt from scratch (that could reuse a k)
-            raise SealingError(f"the presignature pool {self._path} is malformed: {exc}") from exc
-
-    def _persist(self, entries: _Entries) -> None:
-        doc = {
-            "format": _POOL_FORMAT,
-            "entries": {s.hex(): _presig_to_doc(p, used) for s, (p, used) in entries.items()},
-        }
-        atomic_write(self._path, self._seal(json.dumps(doc, sort_keys=True).encode()))
+        self._entries: _Entries = {}
 
     def add(self, presigs: Iterable[te.Presignature]) -> int:
         """Add fresh presignatures (a session already present is refused: never overwrite one that may
@@ -166,7 +110,6 @@ class PresignaturePool:
                 entries = self._drop_used(entries)
             if len(entries) > MAX_PRESIGNATURES:
                 raise SealingError(f"the presignature pool holds at most {MAX_PRESIGNATURES}")
-            self._persist(entries)
             self._entries = entries
             return sum(1 for _, used in entries.values() if used is None)
 
@@ -187,7 +130,7 @@ class PresignaturePool:
 
     def sign(self, session: bytes, digest: bytes) -> te.SignatureShare:
         """This node's share over `digest` with presignature `session`: the digest is bound to the
-        presignature durably first; a presignature already bound to another digest is refused."""
+        presignature first (under the lock); a presignature already bound to another digest is refused."""
         with self._lock:
             entry = self._entries.get(session)
             if entry is None:
@@ -200,10 +143,7 @@ class PresignaturePool:
                     step="presignature",
                 )
             if used is None:
-                entries = dict(self._entries)
-                entries[session] = (presig, digest)
-                self._persist(entries)  # (write-ahead) before any share over this digest leaves the node
-                self._entries = entries
+                self._entries = {**self._entries, session: (presig, digest)}
         return te.sign_share(presig, digest)
 
 
@@ -250,10 +190,12 @@ def save_signing_share(
 
 
 def open_signer(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None) -> ThresholdSigner | None:
-    """This node's signer from its sealed signing share and presignature pool; None without a share."""
+    """This node's signer from its sealed signing share, with an EMPTY presignature pool (presignatures live
+    in the memory of the process that made them only); None without a share. A sealed pool left by an
+    older version is never loaded: it is deleted."""
     path = kms_dir(home) / SIGNING_SHARE_FILE
     if not path.exists():
         return None
-    seal_fn, unseal_fn = _sealers(tee, identity)
-    key = key_share_from_json(unseal_fn(path.read_bytes()))
-    return ThresholdSigner(key, PresignaturePool(kms_dir(home) / PRESIG_FILE, seal_fn, unseal_fn))
+    key = key_share_from_json(_sealers(tee, identity)[1](path.read_bytes()))
+    (kms_dir(home) / LEGACY_PRESIG_FILE).unlink(missing_ok=True)
+    return ThresholdSigner(key, PresignaturePool())
