@@ -97,11 +97,6 @@ def test_sub_shares_need_a_view_and_stop_with_the_round(members: dict[int, Membe
         pytest.param({"view_hash": "é" * 64}, id="view-hash-not-ascii"),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="R4-2 open: session/view_hash are not checked as hex: bytes.fromhex / compare_digest raise "
-    "inside the handler -> audited `internal`, HTTP 500",
-)
 def test_malformed_round_fields_from_a_member_are_a_clear_refusal(
     members: dict[int, Member], over: dict[str, str]
 ) -> None:
@@ -110,7 +105,6 @@ def test_malformed_round_fields_from_a_member_are_a_clear_refusal(
     assert status in (400, 403) and body.get("step") in ("request", "round"), (status, body)
 
 
-@pytest.mark.xfail(strict=True, reason="R4-2 open: a non-hex session on the admin listener is an HTTP 500")
 def test_malformed_session_on_the_admin_listener_is_a_clear_refusal(members: dict[int, Member]) -> None:
     m = members[1]
     r = admin(m, "/tround/view", {"session": "zz" * 16, "stage": "deal", "broadcast": {}})

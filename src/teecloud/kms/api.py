@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from teecloud.appcompose import MAX_APP_COMPOSE_BYTES
 
@@ -361,18 +361,30 @@ class DkgOpenRequest(BaseModel):
 # --- threshold mode: the channel between running nodes (teecloud.kms.peering)
 
 
+# The channel between running nodes and its rounds parse strictly (review 4, R4-1/R4-2): JSON integers
+# only (no "1", true or 2.0), no field the API does not define, lowercase hex of the exact length, so a
+# handler never sees a value `bytes.fromhex` refuses and no two encodings read as the same value.
+_STRICT = ConfigDict(strict=True, extra="forbid")
+_Session = Annotated[str, StringConstraints(pattern="^[0-9a-f]{32}$")]  # 16 bytes, lowercase hex
+_Hash = Annotated[str, StringConstraints(pattern="^[0-9a-f]{64}$")]  # 32 bytes, lowercase hex
+
+
 class PeerMember(BaseModel):
     """A running node's membership proof (teecloud.kms.peering): its partial evaluation, with share `index`
     of the committee of `epoch`, of the VOPRF input naming its boot-time peer key, and the DLEQ proof."""
 
+    model_config = _STRICT
+
     epoch: int = Field(ge=0, lt=1 << 32)
     index: int = Field(ge=1, le=64)
-    element: str = Field(min_length=64, max_length=64)
-    proof: str = Field(min_length=128, max_length=128)
+    element: str = Field(pattern="^[0-9a-f]{64}$")
+    proof: str = Field(pattern="^[0-9a-f]{128}$")
 
 
 class PeerHelloRequest(BaseModel):
     """A running node checks the channel to another (both sides apply kms.peering's rule)."""
+
+    model_config = _STRICT
 
     member: PeerMember | None = None
 
@@ -384,7 +396,8 @@ class PeerHelloResponse(BaseModel):
 
 # --- threshold mode: signing-key DKG and presigning rounds among running nodes (teecloud.kms.threshold_net)
 
-_Point = Annotated[str, StringConstraints(max_length=66)]  # SEC1 compressed or a 32-byte scalar, hex
+# SEC1 compressed or a 32-byte scalar ("" for none), lowercase hex
+_Point = Annotated[str, StringConstraints(max_length=66, pattern="^[0-9a-f]*$")]
 MAX_ROUND_BATCH = 32
 
 
@@ -392,19 +405,23 @@ class RoundValue(BaseModel):
     """One broadcast value of one sender for one presignature (or the signing-key dealing): points are
     33-byte SEC1 compressed (hex), scalars 32 bytes (hex). Which fields a stage uses: kms.threshold_net."""
 
+    model_config = _STRICT
+
     c: list[_Point] = Field(default_factory=list, max_length=64)  # sigkey / reduce commitments; result
     k: list[_Point] = Field(default_factory=list, max_length=64)
     a: list[_Point] = Field(default_factory=list, max_length=64)
     z: list[_Point] = Field(default_factory=list, max_length=64)
-    w: str = Field(default="", max_length=64)
-    proof: str = Field(default="", max_length=128)
+    w: str = Field(default="", max_length=64, pattern="^[0-9a-f]*$")
+    proof: str = Field(default="", max_length=128, pattern="^[0-9a-f]*$")
 
 
 class RoundOpenRequest(BaseModel):
     """Admin: open a round on this member. `kind` "sigkey" (Joint-Feldman of the group's secp256k1 signing
     key among all n members) or "presign" (`count` presignatures among `participants`, >= 2t-1)."""
 
-    session: str = Field(min_length=32, max_length=32)
+    model_config = _STRICT
+
+    session: _Session
     kind: str = Field(pattern="^(sigkey|presign)$")
     count: int = Field(default=1, ge=1, le=MAX_ROUND_BATCH)
     participants: list[int] = Field(min_length=1, max_length=64)
@@ -423,7 +440,9 @@ class RoundPublic(BaseModel):
 class RoundViewRequest(BaseModel):
     """Admin: every participant's values of `stage`, as the operator relays them to each member."""
 
-    session: str = Field(min_length=32, max_length=32)
+    model_config = _STRICT
+
+    session: _Session
     stage: str = Field(pattern="^(deal|mul|reduce)$")
     broadcast: dict[str, list[RoundValue]] = Field(max_length=64)
 
@@ -440,7 +459,9 @@ class RoundViewResponse(BaseModel):
 
 
 class RoundAdvanceRequest(BaseModel):
-    session: str = Field(min_length=32, max_length=32)
+    model_config = _STRICT
+
+    session: _Session
     stage: str = Field(pattern="^(deal|mul|reduce)$")
 
 
@@ -448,9 +469,11 @@ class PeerRoundRequest(BaseModel):
     """A running member fetches its sub-shares of `stage` from this member (mutual RA-TLS, kms.peering's
     rule). `view_hash` hashes the broadcast it was relayed: a dealer answers only when it saw the same."""
 
-    session: str = Field(min_length=32, max_length=32)
+    model_config = _STRICT
+
+    session: _Session
     stage: str = Field(pattern="^(deal|reduce)$")
-    view_hash: str = Field(min_length=64, max_length=64)
+    view_hash: _Hash
     member: PeerMember | None = None
 
 
