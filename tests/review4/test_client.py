@@ -20,11 +20,6 @@ from tests.kms.test_threshold_net_peering import Member, T, start_member
 Committee = tuple[dict[int, Member], list[ThresholdShare]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R4-3 open: PeerClient checks the server's membership (step 4) only on its answer: the request "
-    "(client certificate and body) has already reached a server that passed steps 1-3 only",
-)
 def test_nothing_reaches_a_server_before_its_membership_is_proven(
     teecloud_home: Path, world: World, committee: Committee
 ) -> None:
@@ -51,6 +46,38 @@ def test_nothing_reaches_a_server_before_its_membership_is_proven(
         assert seen == [], [(r.decision, r.step, r.reason) for r in seen]
     finally:
         stranger.server.stop()
+
+
+def test_membership_is_proven_on_each_new_pin_before_any_other_request(committee: Committee) -> None:
+    """R4-3's fix: member 1's first call to member 2 is preceded by a PeerHello on the pinned certificate;
+    a new pin (the server's certificate changed) is proven again before the next request."""
+    members, _ = committee
+    call = PeerClient(
+        members[2].server.url,
+        identity=members[1].identity,
+        admission=members[1].service.peering,
+        expected_index=2,
+    )
+    body = {"session": "ab" * 16, "stage": "deal", "view_hash": "00" * 32}
+
+    def endpoints() -> list[str]:
+        return [
+            r.endpoint
+            for r in members[2].service.audit.read(limit=50)
+            if r.endpoint in (api.PATH_PEER_HELLO, api.PATH_PEER_ROUND)
+        ]
+
+    before = len(endpoints())
+    with pytest.raises(KmsDenied, match="no open round"):  # reached member 2, which refused at `round`
+        call.peer_call(api.PATH_PEER_ROUND, api.PeerRoundResponse, body)
+    assert endpoints()[before:] == [api.PATH_PEER_HELLO, api.PATH_PEER_ROUND]
+    with pytest.raises(KmsDenied, match="no open round"):  # same pin: no second proof
+        call.peer_call(api.PATH_PEER_ROUND, api.PeerRoundResponse, body)
+    assert endpoints()[before:] == [api.PATH_PEER_HELLO, api.PATH_PEER_ROUND, api.PATH_PEER_ROUND]
+    call._proven = b"another certificate"  # as after a re-pin: proven again first
+    with pytest.raises(KmsDenied, match="no open round"):
+        call.peer_call(api.PATH_PEER_ROUND, api.PeerRoundResponse, body)
+    assert endpoints()[before + 3 :] == [api.PATH_PEER_HELLO, api.PATH_PEER_ROUND]
 
 
 def _server_cert_der(m: Member) -> bytes:

@@ -35,15 +35,18 @@ captured boot quote lacks is step (4), which needs the share.
 from __future__ import annotations
 
 import hashlib
+import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from teecloud.attestation.models import EventLogEntry
 from teecloud.keys import threshold as th
@@ -52,7 +55,7 @@ from teecloud.keys.ratls import make_ratls_cert, ratls_report_data
 from teecloud.kms import api
 from teecloud.kms.authz import ChainAuthorizer, boot_info_to_json, require_boot_time
 from teecloud.kms.bootstrap import KMS_APP_ID
-from teecloud.kms.client import KmsClient
+from teecloud.kms.client import MAX_RESPONSE_BYTES, KmsClient
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
 from teecloud.peer import AttestedPeer
 from teecloud.tee.base import TeePlatform
@@ -255,8 +258,14 @@ class PeerAdmission:
 
 class PeerClient(KmsClient):
     """This node calling member `expected_index` over mutual RA-TLS: the server must pass the rule (steps
-    (1)-(3) on its certificate before anything is sent, (4) on the membership proof in its answer), and
-    this node presents its boot-time identity."""
+    (1)-(3) on its certificate before anything is sent, (4) before any request but the proof itself), and
+    this node presents its boot-time identity.
+
+    Step (4) first (review 4, R4-3): on every newly pinned server certificate (the first call, or a server
+    whose certificate changed) the client sends a PeerHello — nothing but this node's own public proof —
+    and checks the membership proof in its answer against that pinned certificate before it sends any
+    other request on it. Before that proof, the pin carries only the proof's prerequisites: the GET of the
+    server's (public) temporary CA, without a client certificate, and the PeerHello itself."""
 
     name = "kms-peer"
 
@@ -273,34 +282,84 @@ class PeerClient(KmsClient):
         self._admission = admission
         self._identity = identity
         self.expected_index = expected_index
+        self._proven: bytes | None = None  # the pinned certificate whose membership (step 4) was checked
+        self._proving = threading.local()
+        self._prove_lock = threading.Lock()
         super().__init__(url, server_check=self._check_server, clock=clock, timeout=timeout)
 
     def _check_server(self, cert_der: bytes) -> None:
         try:
-            self._admission.admit(cert_der, self._identity.member)  # (1)-(3); (4) once it answers
+            self._admission.admit(cert_der, self._identity.member)  # (1)-(3); (4) by _prove
         except AccessDenied as exc:
             if exc.step != "membership":
                 raise KmsClientError(
                     f"peer {self.expected_index} at {self.url} refused: {exc.reason}"
                 ) from exc
 
-    def peer_call(self, path: str, model: type[_M], body: dict[str, Any]) -> _M:
-        """POST `body` (with this node's membership proof) and check the answer's `member` proves the
-        server is member `expected_index`. Raises KmsClientError / KmsDenied naming the peer."""
+    def _pin(self, *, renew: bool = False) -> bytes:
+        """The pinned, checked server certificate, with step (4) proven on it before it is returned to any
+        request but the proof's own."""
+        pinned = super()._pin(renew=renew)
+        if pinned == self._proven or getattr(self._proving, "on", False):
+            return pinned
+        with self._prove_lock:
+            if pinned != self._proven:
+                self._proving.on = True
+                try:
+                    self._prove(pinned)
+                finally:
+                    self._proving.on = False
+                self._proven = pinned
+        return pinned
+
+    def _prove(self, pinned: bytes) -> None:
+        """A PeerHello on exactly `pinned` (never renewed here); its answer must prove membership as
+        `expected_index` for that certificate's key."""
+        answer = self._send(api.PATH_PEER_HELLO, api.PeerHelloResponse, {}, pinned)
+        self._check_answer(pinned, answer.member)
+
+    def _send(self, path: str, model: type[_M], body: dict[str, Any], pinned: bytes | None = None) -> _M:
         temp_cert, temp_key = self._temp_ca_pair()
         client = self._identity.client_cert(temp_cert, temp_key, now=int(self._clock()))
+        full = {**body, "member": self._identity.member.model_dump()}
         try:
-            answer = self._call(
-                "POST",
-                path,
-                model,
-                body={**body, "member": self._identity.member.model_dump()},
-                client_cert=client,
-            )
+            if pinned is None:
+                return self._call("POST", path, model, body=full, client_cert=client)
+            return self._call_on(pinned, path, model, full, client)
         except KmsDenied as exc:
             raise KmsDenied(f"peer {self.expected_index} refused: {exc.reason}", step=exc.step) from exc
-        member = getattr(answer, "member", None)
-        pinned = self._pinned
+
+    def _call_on(
+        self, pinned: bytes, path: str, model: type[_M], body: dict[str, Any], client: tuple[str, str]
+    ) -> _M:
+        try:
+            resp, content, server_der = self._request("POST", path, body, client, pinned)
+        except ssl.SSLCertVerificationError as exc:
+            raise KmsClientError(f"the node at {self.url} is not the server that was checked: {exc}") from exc
+        if server_der != pinned:
+            raise KmsClientError("the node's certificate changed during the request")
+        return self._answer(resp, content, model)
+
+    def _answer(self, resp: httpx.Response, content: bytes, model: type[_M]) -> _M:
+        """The answer of a request sent by _call_on, judged as KmsClient._call judges its answers."""
+        if len(content) > MAX_RESPONSE_BYTES:
+            raise KmsClientError("the node's response is too large")
+        if resp.status_code in (400, 401, 403, 413, 422):
+            try:
+                denied = api.Denied.model_validate_json(content)
+            except ValidationError:
+                raise KmsClientError(f"the node answered HTTP {resp.status_code}") from None
+            raise KmsDenied(denied.reason, step=denied.step)
+        if resp.status_code != 200:
+            raise KmsClientError(f"the node answered HTTP {resp.status_code}")
+        try:
+            return model.model_validate_json(content)
+        except ValidationError as exc:
+            raise KmsClientError(
+                f"unexpected answer from the node: {exc.errors(include_input=False, include_url=False)[:1]}"
+            ) from exc
+
+    def _check_answer(self, pinned: bytes, member: api.PeerMember | None) -> None:
         try:
             admitted = self._admission.admit(pinned, member)
         except AccessDenied as exc:
@@ -310,6 +369,15 @@ class PeerClient(KmsClient):
                 f"the node at {self.url} proved membership as share {admitted.index}, "
                 f"not {self.expected_index}"
             )
+
+    def peer_call(self, path: str, model: type[_M], body: dict[str, Any]) -> _M:
+        """POST `body` (with this node's membership proof) to a server whose membership was proven on the
+        pinned certificate, and check the answer's `member` proves it again. Raises KmsClientError /
+        KmsDenied naming the peer."""
+        answer = self._send(path, model, body)
+        pinned = self._pinned
+        assert pinned is not None  # _call pinned (and proved) it
+        self._check_answer(pinned, getattr(answer, "member", None))
         return answer
 
 
