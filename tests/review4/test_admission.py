@@ -265,11 +265,6 @@ def test_audit_names_the_refusal_without_secrets(committee: Committee) -> None:
     assert members[2].identity.member.element not in text and members[2].identity.member.proof not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R4-6 open: admission never consults KmsGroup: members of a committee the owner has superseded "
-    "(a newer committee of the same epoch is active) keep admitting each other until they are retired",
-)
 def test_a_committee_superseded_on_chain_is_not_admitted(teecloud_home: Path, world: World) -> None:
     """The owner records and activates committee A (epoch 4242), then a reshare's committee B (same key) —
     A's nodes are no longer the committee KmsGroup says serves the epoch. A's members 1 and 2, still running
@@ -296,8 +291,11 @@ def test_a_committee_superseded_on_chain_is_not_admitted(teecloud_home: Path, wo
         group.activate(record(_reshare(old, T, 5)))
         active = group.active(epoch)
         assert active is not None and active.commitments != old[0].commitments
-        with pytest.raises((KmsDenied, KmsClientError)):
-            hello(a2, a1)
+        with pytest.raises((KmsDenied, KmsClientError), match="superseded"):
+            hello(a2, a1)  # the caller refuses first (its own committee is superseded)
+        key, cert = as_member(a2, a1)  # and the server refuses a2's genuine request
+        status, body = post_as(a1, key, cert, hello_body(a2.identity.member))
+        assert status == 403 and body["step"] == "membership" and "superseded" in str(body["reason"]), body
     finally:
         a1.server.stop()
         a2.server.stop()

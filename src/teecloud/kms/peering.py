@@ -193,13 +193,17 @@ class PeerAdmission:
         attest: Callable[[bytes | None], AttestedPeer],
         chain: ChainAuthorizer,
         committee: Callable[[], Committee | None],
+        *,
+        still_active: Callable[[Committee], None] | None = None,
     ) -> None:
         """`attest`: kms.authz.Authorizer.attest (the shared peer verifier, then the OS-image registers);
         `chain`: the KMS's chain gate; `committee`: this node's current committee (None once its share is
-        retired: it then admits nobody)."""
+        retired: it then admits nobody); `still_active` raises AccessDenied when the chain (KmsGroup) names
+        another committee as the active one of that epoch (R4-6: a superseded committee admits nobody)."""
         self._attest = attest
         self._chain = chain
         self._committee = committee
+        self._still_active = still_active
 
     def admit(self, cert_der: bytes | None, member: api.PeerMember | None) -> AdmittedNode:
         committee = self._committee()
@@ -220,7 +224,14 @@ class PeerAdmission:
         except AccessDenied as exc:
             exc.boot_info = bi
             raise
-        # (4) a member of this committee, vouching for this certificate's key
+        # (4) a member of this committee — still the one KmsGroup names for its epoch — vouching for this
+        # certificate's key
+        if self._still_active is not None:
+            try:
+                self._still_active(committee)
+            except AccessDenied as exc:
+                exc.boot_info = bi
+                raise
         assert cert_der is not None  # attest refused None
         spki = _spki_of(cert_der)
         self._check_member(committee, member, spki, bi)

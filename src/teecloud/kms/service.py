@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from teecloud.attestation.policy import Policy
 from teecloud.chain.api import BlockRef
+from teecloud.chain.errors import NotDeployed
 from teecloud.ids import HexError, parse_app_id
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.kms import api
@@ -134,6 +135,9 @@ class KmsConfig:
 # ------------------------------------------------------------------------------------------------ logic
 
 PEER_NODE_CERT_MAX_S = 366 * 24 * 3600  # a KMS server certificate's longest life (kms.client)
+# KmsGroup's active committee per epoch (R4-6) is reused while the chain stays at the block it was read at,
+# and for at most this long (a reader without block numbers reads it on every admission)
+ACTIVE_COMMITTEE_CACHE_S = 30.0
 
 
 def _norm_app_id(text: str) -> bytes:
@@ -255,8 +259,14 @@ class KmsService:
             cache_entries=self.config.evidence_cache_entries,
         )
         self.peer_identity = peer_identity
+        self._head = block_number
+        self._active_cache: dict[int, tuple[str | int, float, tuple[bytes, ...] | None]] = {}
+        self._active_lock = threading.Lock()
         self.peering = PeerAdmission(
-            lambda der: self.authz.attest(der, peers=self.node_peers), self.authz.chain, self._committee
+            lambda der: self.authz.attest(der, peers=self.node_peers),
+            self.authz.chain,
+            self._committee,
+            still_active=self._committee_still_active,
         )
         self._install_signing_key = install_signing_key
         self._peer_clients: dict[tuple[int, str], PeerClient] = {}
@@ -528,6 +538,49 @@ class KmsService:
     def _committee(self) -> Committee | None:
         ev = self.threshold
         return None if ev is None else Committee(ev.epoch, ev.n, ev.commitments)
+
+    def _committee_still_active(self, committee: Committee) -> None:
+        """R4-6: refuses (step membership) when KmsGroup names another committee (other commitments) as the
+        active one of this node's epoch: a superseded committee neither admits nor calls its members. No
+        active committee (none recorded yet: `teecloud up` records it after the first rounds) or no
+        KmsGroup on this chain: nothing supersedes this node's share. A failed read refuses (step chain)."""
+        active = self._active_commitments(committee.epoch)
+        if active is not None and active != committee.commitments:
+            raise AccessDenied(
+                f"committee superseded on chain: KmsGroup's active committee of epoch {committee.epoch} is "
+                "another one (this node's share awaits retirement)",
+                step="membership",
+            )
+
+    def _active_commitments(self, epoch: int) -> tuple[bytes, ...] | None:
+        """KmsGroup's active commitments of `epoch`, cached while the chain stays at the block they were
+        read at and for at most ACTIVE_COMMITTEE_CACHE_S (without a block reader: read every time)."""
+        head = self._head() if self._head is not None else None
+        key = head.hash if isinstance(head, BlockRef) else head
+        now = self.clock()
+        with self._active_lock:
+            cached = self._active_cache.get(epoch)
+        if (
+            cached is not None
+            and key is not None
+            and cached[0] == key
+            and 0 <= now - cached[1] < (ACTIVE_COMMITTEE_CACHE_S)
+        ):
+            return cached[2]
+        try:
+            group = getattr(self.authorizer.chain, "kms_group", None)
+            active = group.active(epoch) if group is not None else None
+        except NotDeployed:
+            active = None
+        except Exception as exc:  # fail closed on anything the chain client raises
+            raise AccessDenied(f"KmsGroup could not be read: {type(exc).__name__}", step="chain") from exc
+        value = None if active is None else tuple(active.commitments)
+        if key is not None:
+            with self._active_lock:
+                if len(self._active_cache) >= 64:
+                    self._active_cache.clear()
+                self._active_cache[epoch] = (key, now, value)
+        return value
 
     def admit_peer(
         self, cert_der: bytes | None, member: api.PeerMember | None, ctx: dict[str, Any]
