@@ -3,6 +3,7 @@ is proven, and how long a running member's channel lasts."""
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from teecloud.keys.ratls import OID_EVENT_LOG, OID_QUOTE
 from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
 from teecloud.kms.peering import PeerClient
@@ -91,19 +93,37 @@ def test_a_member_is_admitted_on_its_server_certificate_today(committee: Committ
     assert node.index == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R4-5 open: a member's server certificate (its boot-time peer key) is issued once for 7 days and "
-    "never renewed; after that every peer refuses it (cert_fresh) until the node restarts",
-)
 def test_a_running_members_channel_outlives_its_first_week(committee: Committee) -> None:
     """Eight days after boot (no restart), member 1 checks member 2's server certificate as PeerClient
-    does. Safe (docs/kms.md: running nodes talk for days; the peers' lifetime cap is 366 days): admitted."""
+    does. Safe (docs/kms.md: running nodes talk for days; the peers' lifetime cap is 366 days): admitted.
+    R4-5's fix: member 2's listener reissued it (same boot-time key and quote) once half its week passed
+    (its renewal timer's check, run here at day 4 and day 8 of its clock)."""
     members, _ = committee
-    later = time.time() + 8 * 24 * 3600
+    m2 = members[2]
+    first = _server_cert_der(m2)
+    booted = time.time()
+    assert not m2.server.renew_identity_if_due()  # not due yet
+    for day in (4, 8):
+        m2.service.clock = lambda d=day: booted + d * 24 * 3600  # type: ignore[misc]
+        assert m2.server.renew_identity_if_due()
+    renewed = _server_cert_der(m2)
+    assert renewed != first
+    old_cert, new_cert = x509.load_der_x509_certificate(first), x509.load_der_x509_certificate(renewed)
+    assert new_cert.public_key() == old_cert.public_key()  # the boot-time key, not a new one
+    for oid in (OID_QUOTE, OID_EVENT_LOG):  # the same boot-time quote and event log
+        value = new_cert.extensions.get_extension_for_oid(oid).value
+        assert value == old_cert.extensions.get_extension_for_oid(oid).value
+    # the listener serves the reissued certificate on new handshakes
+    host, port = m2.server.host, m2.server.port
+    served = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((host, port)))
+    assert served == renewed
+    later = booted + 8 * 24 * 3600 + 60
     members[1].service.node_peers.clock = lambda: later
     try:
-        node = members[1].service.peering.admit(_server_cert_der(members[2]), members[2].identity.member)
+        node = members[1].service.peering.admit(renewed, m2.identity.member)
     except AccessDenied as exc:
         pytest.fail(f"refused at {exc.step}: {exc.reason}")
     assert node.index == 2
+    with pytest.raises(AccessDenied) as refused:  # the first week's certificate is not
+        members[1].service.peering.admit(first, m2.identity.member)
+    assert refused.value.step == "cert_fresh"

@@ -57,11 +57,17 @@ class ServerIdentity:
     cert_pem: str
 
 
+SERVER_CERT_VALIDITY_S = 7 * 24 * 3600
+# A threshold member's server certificate is reissued (same boot-time key and quote) once half its life has
+# passed, checked this often (review 4, R4-5: running members talk for longer than one certificate lives).
+RENEW_CHECK_S = 3600.0
+
+
 def make_server_identity(
     service: KmsService,
     *,
     hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
-    validity_s: int = 7 * 24 * 3600,
+    validity_s: int = SERVER_CERT_VALIDITY_S,
 ) -> ServerIdentity:
     """The KMS's own RA-TLS server certificate: a fresh key, a quote binding it, issued by the root CA, so a
     client can check both the KMS's attestation and its root key. A threshold member's server key is its
@@ -123,7 +129,9 @@ class KmsServer:
         self.host = host
         self.admin_token = admin_token or secrets.token_urlsafe(24)
         self.identity = make_server_identity(service)
+        self._identity_issued = service.clock()
         ssl_ctx = server_ssl_context(self.identity, service.state.temp_ca_cert_pem)
+        self._ssl_ctx = ssl_ctx
         public = make_public_app(service)
         self.limits = limits
         self.admin_limits = admin_limits
@@ -172,6 +180,42 @@ class KmsServer:
         self.admin_port = self._admin.servers[0].sockets[0].getsockname()[1]
         return self
 
+    def renew_identity_if_due(self) -> bool:
+        """R4-5: a threshold member's server certificate, reissued from the same boot-time key and quote
+        (never a new key or a post-boot quote: peers admit boot-time evidence only) once half of its
+        SERVER_CERT_VALIDITY_S has passed; new handshakes get it. Runs in the listeners' event loop (the
+        SSL context is never changed under a handshake). A KMS that is not a threshold member keeps its
+        certificate (not renewed: its key and quote are not boot-time ones). Returns whether it renewed."""
+        loop = self._loop
+        if loop is not None and loop.is_running() and threading.current_thread() is not self._thread:
+            return asyncio.run_coroutine_threadsafe(self._renew_async(), loop).result(timeout=30)
+        return self._renew()
+
+    async def _renew_async(self) -> bool:
+        return self._renew()
+
+    def _renew(self) -> bool:
+        now = self.service.clock()
+        if self.service.peer_identity is None or now - self._identity_issued < SERVER_CERT_VALIDITY_S / 2:
+            return False
+        identity = make_server_identity(self.service)
+        with tempfile.TemporaryDirectory(prefix="teecloud-kms-tls-") as tmp:
+            path = Path(tmp) / "server.pem"
+            path.touch(mode=0o600)
+            path.write_text(identity.cert_pem + identity.key_pem)
+            self._ssl_ctx.load_cert_chain(str(path))
+        self.identity, self._identity_issued = identity, now
+        log.info("server certificate reissued from the boot-time peer key")
+        return True
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_CHECK_S)
+            try:
+                self._renew()
+            except Exception as exc:  # the old certificate serves on; the next check tries again
+                log.warning("could not reissue the server certificate: %s", exc)
+
     def _run(self) -> None:
         asyncio.run(self._serve())
 
@@ -190,7 +234,12 @@ class KmsServer:
             self.admin_limits,
             name="kms admin listener",
         )
-        await asyncio.gather(pub_task, self._admin.serve())
+        self._loop = asyncio.get_running_loop()
+        renew = asyncio.create_task(self._renew_loop())
+        try:
+            await asyncio.gather(pub_task, self._admin.serve())
+        finally:
+            renew.cancel()
 
     def stop(self) -> None:
         self._public.should_exit = True
