@@ -1,0 +1,135 @@
+"""Review 5, R5-1: one presignature, two disjoint signing sets — no copy of any node needed.
+
+R4-4's fix keeps a presignature in the memory of one process per share and says "no k is shared". But a
+presignature made by participants P is held by every member of P, and ANY t of them sign with it
+(keys.threshold_ecdsa: "Signing (online; any t holders of the presignature)"); each holder only knows that
+it itself has not signed another digest. `teecloud kms presign` and `teecloud up` make presignatures among
+all n running nodes, and `teecloud up --kms-nodes N --threshold T` accepts any T (only the default is a
+majority). With |P| >= 2t, two disjoint sets of t holders each sign ONE digest with the same presignature:
+every process keeps its rule, yet two signatures share k and give away the group's signing key.
+
+How it happens without an attacker: the app's boot (ThresholdClient._sign_app_key) picks the lowest-named
+session that t answering nodes offer. App X's boot signs with nodes {1, 2}; nodes 1 and 2 restart (their
+pools are empty now); app Y's boot gets offers only from {3, 4}, which still list the same session as unused
+(it is the lowest), and signs with it. A host that delays nodes' answers steers it at will.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import coincurve
+import pytest
+
+from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys.errors import KeysError
+from teecloud.keys.sigchain import k256_public_key, kms_issued_digest
+from teecloud.kms import authz
+from teecloud.kms.errors import AccessDenied
+from teecloud.kms.threshold import local_joint_feldman
+from teecloud.kms.threshold_net import RoundFailed, run_presign_round, run_signing_key_dkg
+from teecloud.kms.threshold_sign import PresignaturePool, ThresholdSigner
+from tests.kms.conftest import World
+from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
+from tests.kms.test_threshold_net_presign import endpoints
+
+APP_X, APP_Y = bytes.fromhex("5a" * 20), bytes.fromhex("6b" * 20)
+ORDER = te.ORDER
+
+
+def _app(app_id: bytes) -> authz.AuthorizedApp:
+    peer = SimpleNamespace(boot_info=SimpleNamespace(app_id=app_id))
+    return authz.AuthorizedApp(peer, None, "review5", authz._SEAL)  # type: ignore[arg-type]
+
+
+def _recover_key(sig1: bytes, d1: bytes, sig2: bytes, d2: bytes, group_key: bytes) -> int | None:
+    """x from two ECDSA signatures with one k, x = (s1·k − e1) / r with k = (e1 − e2) / (s1 − s2); either s
+    may have been low-s normalised, so each sign is tried and the candidate checked against the group key."""
+    r1, r2 = int.from_bytes(sig1[:32], "big"), int.from_bytes(sig2[:32], "big")
+    if r1 != r2:
+        return None
+    e1, e2 = int.from_bytes(d1, "big") % ORDER, int.from_bytes(d2, "big") % ORDER
+    s1, s2 = int.from_bytes(sig1[32:64], "big"), int.from_bytes(sig2[32:64], "big")
+    for a in (s1, ORDER - s1):
+        for b in (s2, ORDER - s2):
+            if a == b:
+                continue
+            k = (e1 - e2) * pow(a - b, -1, ORDER) % ORDER
+            x = (a * k - e1) * pow(r1, -1, ORDER) % ORDER
+            if x and coincurve.PrivateKey.from_int(x).public_key.format(compressed=True) == group_key:
+                return x
+    return None
+
+
+def _sign(
+    signers: dict[int, ThresholdSigner], who: list[int], app_id: bytes, pub: bytes, session: bytes
+) -> bytes:
+    digest = kms_issued_digest(app_id, pub)
+    shares = [signers[i].sign_app_key(_app(app_id), pub, session) for i in who]
+    return te.combine_signature(signers[who[0]].pool.public(session), digest, shares)
+
+
+def _attack(signers: dict[int, ThresholdSigner], session: bytes, group_key: bytes, t: int) -> None:
+    """Two disjoint sets of t holders, one digest each, the same presignature. Safe: refused somewhere
+    (a presignature made by more than 2t-1 holders, or the second signing). Raises AssertionError with the
+    recovered key otherwise."""
+    pub_x = k256_public_key(hashlib.sha256(b"app X key").digest())
+    pub_y = k256_public_key(hashlib.sha256(b"app Y key").digest())
+    first, second = sorted(signers)[:t], sorted(signers)[t : 2 * t]
+    sig_x = _sign(signers, first, APP_X, pub_x, session)
+    try:
+        sig_y = _sign(signers, second, APP_Y, pub_y, session)
+    except (AccessDenied, KeysError):
+        return  # safe: the second digest is refused
+    d_x, d_y = kms_issued_digest(APP_X, pub_x), kms_issued_digest(APP_Y, pub_y)
+    x = _recover_key(sig_x, d_x, sig_y, d_y, group_key)
+    assert x is None, (
+        f"nodes {first} signed app X and nodes {second} signed app Y with presignature {session.hex()}: "
+        "the group's signing key was recovered from the two signatures"
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="R5-1: a presignature held by >= 2t processes signs two digests")
+def test_disjoint_signing_sets_never_share_a_presignature() -> None:
+    """2-of-4 (as `teecloud up --kms-nodes 4 --threshold 2` makes), presignatures among all 4 nodes (the
+    default of `teecloud kms presign` and of `teecloud up`). Safe: no two signatures under one R."""
+    t, n = 2, 4
+    keys = te.dkg_local(t, n)
+    try:
+        presigs = te.presign_local(keys, list(range(1, n + 1)))
+    except KeysError:
+        return  # safe: a presignature is made by exactly 2t-1 participants
+    signers = {k.index: ThresholdSigner(k, PresignaturePool()) for k in keys}
+    for i, p in presigs.items():
+        signers[i].pool.add([p])
+    session = signers[1].pool.unused()[0]
+    _attack(signers, session, keys[0].group_public_key, t)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="R5-1: networked presignatures among all n >= 2t running members")
+def test_running_members_never_sign_two_digests_with_one_presignature(
+    teecloud_home: Path, world: World
+) -> None:
+    """The same over the network: four running members of a 2-of-4 committee, the signing-key DKG and one
+    presigning round among all four (run_presign_round, as `teecloud kms presign` runs it by default)."""
+    allow_build(world.chain, teecloud_home)
+    members: dict[int, Member] = {}
+    try:
+        for s in local_joint_feldman(2, 4, epoch=1):
+            members[s.index] = start_member(teecloud_home, world.chain, s, name="r5")
+        eps = endpoints(members)
+        group_key = run_signing_key_dkg(eps)
+        try:
+            run_presign_round(eps, 1)
+        except RoundFailed:
+            return  # safe: a round of more than 2t-1 participants is refused
+        signers = {i: m.service.threshold.signer for i, m in members.items()}  # type: ignore[union-attr]
+        assert all(s is not None for s in signers.values())
+        session = signers[1].pool.unused()[0]  # type: ignore[union-attr]
+        _attack(signers, session, group_key, 2)  # type: ignore[arg-type]
+    finally:
+        for m in members.values():
+            m.server.stop()
