@@ -64,10 +64,10 @@ def test_the_client_works_again_once_the_url_leads_back_to_the_member(
     teecloud_home: Path, world: World, committee: Committee
 ) -> None:
     """After the stranger, the host routes the URL back to member 2. Safe: the same client (the service
-    keeps one per (index, URL)) reaches member 2 at once. Today: its pin stays the stranger's certificate
-    (_prove never re-pins: "not the server that was checked" on every call until the node restarts), and
-    the stranger's temporary CA stays cached for 300 s (member 2's handshake drops a client certificate
-    issued under it)."""
+    keeps one per (index, URL)) reaches member 2 at once. Today it fails while the stranger's temporary CA
+    stays cached (TEMP_CA_CACHE_S, 300 s): with it cached no path re-pins (_prove sends on the stranger's
+    unproven pin: "not the server that was checked"), and a client certificate issued under it is dropped
+    by member 2's handshake. (Clearing that cache alone let the next call through in the reviewer's run.)"""
     members, _ = committee
     stranger, call = _stranger_call(teecloud_home, world, members)
     try:
