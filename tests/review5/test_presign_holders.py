@@ -8,7 +8,7 @@ all n running nodes, and `teecloud up --kms-nodes N --threshold T` accepts any T
 majority). With |P| >= 2t, two disjoint sets of t holders each sign ONE digest with the same presignature:
 every process keeps its rule, yet two signatures share k and give away the group's signing key.
 
-How it happens without an attacker: the app's boot (ThresholdClient._sign_app_key) picks the lowest-named
+How it happens without an attacker: the app's boot (ThresholdKeyProvider._sign_app_key) picks the lowest-named
 session that t answering nodes offer. App X's boot signs with nodes {1, 2}; nodes 1 and 2 restart (their
 pools are empty now); app Y's boot gets offers only from {3, 4}, which still list the same session as unused
 (it is the lowest), and signs with it. A host that delays nodes' answers steers it at will.
@@ -135,3 +135,67 @@ def test_running_members_never_sign_two_digests_with_one_presignature(
     finally:
         for m in members.values():
             m.server.stop()
+
+
+class _Node:
+    """A node's answer to ThresholdSign as the service gives it (its pool's share for the verified app)."""
+
+    def __init__(self, signer: ThresholdSigner) -> None:
+        self.signer = signer
+
+    def attested_call(self, tee: object, path: str, model: object, *, body: dict, usage: str, app_id: bytes):  # type: ignore[no-untyped-def,type-arg]
+        from teecloud.kms import api
+
+        session = bytes.fromhex(body["session"])
+        pub = bytes.fromhex(body["app_public_key"])
+        share = self.signer.sign_app_key(_app(app_id), pub, session)
+        p = self.signer.pool.public(session)
+        return api.ThresholdSignResponse(
+            app_id=app_id.hex(),
+            index=share.index,
+            session=session.hex(),
+            big_r=p.big_r.hex(),
+            kinv_commitments=[c.hex() for c in p.kinv_commitments],
+            sigma_commitments=[c.hex() for c in p.sigma_commitments],
+            s=f"{share.s:064x}",
+        )
+
+
+@pytest.mark.xfail(strict=True, reason="R5-1: the app's own client picks a used presignature after a restart")
+def test_the_apps_client_never_picks_a_presignature_used_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No attacker: 2-of-4, two presignatures among all four. App X's boot (the client's real choice:
+    ThresholdKeyProvider._sign_app_key) signs with nodes 1, 2. Nodes 1 and 2 restart (empty pools). App
+    Y's boot: nodes 3, 4 offer both sessions; the client picks the lowest, the one X used. Safe: no key
+    recovered."""
+    from teecloud.kms import threshold_client as tc
+
+    monkeypatch.setattr(tc, "vm_config_json", lambda tee: "")
+    t, n = 2, 4
+    keys = te.dkg_local(t, n)
+    signers = {k.index: ThresholdSigner(k, PresignaturePool()) for k in keys}
+    for _ in range(2):
+        for i, p in te.presign_local(keys, list(range(1, n + 1))).items():
+            signers[i].pool.add([p])
+    group = SimpleNamespace(t=t, signing_key=keys[0].group_public_key, nodes={i: f"n{i}" for i in signers})
+    client = SimpleNamespace(
+        group=group,
+        composes=SimpleNamespace(for_tee=lambda tee: ""),
+        _clients={i: _Node(s) for i, s in signers.items()},
+        _hedge_s=5.0,
+        _challenged=sorted(signers),
+    )
+    client._gather = lambda *a, **kw: tc.ThresholdKeyProvider._gather(client, *a, **kw)  # type: ignore[arg-type]
+
+    def boot(app_id: bytes, k256: bytes) -> bytes:
+        offered = {i: [s.hex() for s in signers[i].pool.unused()] for i in signers}
+        return tc.ThresholdKeyProvider._sign_app_key(client, None, app_id, offered, k256, {})  # type: ignore[arg-type]
+
+    k_x, k_y = hashlib.sha256(b"app X key").digest(), hashlib.sha256(b"app Y key").digest()
+    sig_x = boot(APP_X, k_x)
+    for i in (1, 2):  # nodes 1 and 2 restart: their pools are empty
+        signers[i] = ThresholdSigner(signers[i].key, PresignaturePool())
+        client._clients[i] = _Node(signers[i])
+    sig_y = boot(APP_Y, k_y)
+    d_x = kms_issued_digest(APP_X, k256_public_key(k_x))
+    d_y = kms_issued_digest(APP_Y, k256_public_key(k_y))
+    assert _recover_key(sig_x, d_x, sig_y, d_y, keys[0].group_public_key) is None, "group key recovered"
