@@ -55,7 +55,7 @@ def main() -> None:
                 net, local = [], []
                 for _ in range(args.reps):
                     t1 = time.perf_counter()
-                    run_presign_round(nodes, b)
+                    run_presign_round(nodes, b, 3)
                     net.append((time.perf_counter() - t1) * 1000)
                     t2 = time.perf_counter()
                     for _ in range(b):

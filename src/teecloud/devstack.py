@@ -581,6 +581,7 @@ class LocalCloud:
         from teecloud.kms.threshold_net import (
             AdminEndpoint,
             RoundFailed,
+            presign_participants,
             run_presign_round,
             run_signing_key_dkg,
         )
@@ -595,9 +596,10 @@ class LocalCloud:
             if not group.signing_key:
                 group = dataclasses.replace(group, signing_key=run_signing_key_dkg(nodes))
                 write_group(group, self.home)
-            if min(_pool_size(ep) for ep in nodes.values()) < PRESIGN_LOW:
+            makers = presign_participants(list(nodes), group.t)
+            if min(_pool_size(nodes[i]) for i in makers) < PRESIGN_LOW:
                 started = time.monotonic()
-                run_presign_round(nodes, PRESIGN_BATCH)
+                run_presign_round(nodes, PRESIGN_BATCH, group.t)
                 log.info("%d presignatures made in %.1f s", PRESIGN_BATCH, time.monotonic() - started)
         except RoundFailed as exc:
             log.warning("threshold KMS: signing key / presignatures not made: %s", exc)

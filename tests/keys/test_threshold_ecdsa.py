@@ -79,10 +79,15 @@ def test_t_minus_1_cannot_sign(keys_3_of_5, presigs) -> None:
         te.combine_signature(weak, DIGEST, shares)
 
 
-def test_non_participants_receive_usable_presignatures() -> None:
+def test_only_the_2t_minus_1_participants_hold_a_presignature() -> None:
     keys = te.dkg_local(3, 7)
     ps = te.presign_local(keys, [1, 2, 3, 4, 5])  # 2t-1 = 5 multiply; 6 and 7 were offline
-    sig = te.sign_local(ps, [5, 6, 7], DIGEST)
+    # 6 and 7 hold none: otherwise {1, 2, 3} and {4, 6, 7} could each sign a different digest with the same
+    # k, which reveals the key (review 5, R5-1); any two sets of 3 among 5 share a holder
+    assert sorted(ps) == [1, 2, 3, 4, 5]
+    with pytest.raises(KeyUsageError, match="exactly 2t-1 = 5"):
+        te.presign_local(keys, [1, 2, 3, 4, 5, 6])
+    sig = te.sign_local(ps, [3, 4, 5], DIGEST)
     assert (
         coincurve.PublicKey.from_signature_and_message(sig, DIGEST, hasher=None).format()
         == keys[0].group_public_key
@@ -96,7 +101,7 @@ def test_single_node_group_is_ordinary_ecdsa() -> None:
 
 
 def test_presign_needs_2t_minus_1_participants(keys_3_of_5) -> None:
-    with pytest.raises(KeyUsageError, match="2t-1 = 5"):
+    with pytest.raises(KeyUsageError, match="exactly 2t-1 = 5"):
         te.presign_local(keys_3_of_5, [1, 2, 3, 4])
     with pytest.raises(KeyUsageError, match="distinct"):
         te.presign_round1(b"s" * 16, keys_3_of_5[0], [1, 1, 2, 3, 4])

@@ -80,7 +80,7 @@ def test_signing_key_and_presignatures_between_running_nodes(members: dict[int, 
     # a second signing-key DKG on the same members is refused (a new key is a new epoch)
     with pytest.raises(RoundFailed, match="already holds a signing share"):
         run_signing_key_dkg(eps)
-    rs = run_presign_round(eps, 4)
+    rs = run_presign_round(eps, 4, 3)
     assert len(rs) == 4 and len(set(rs)) == 4
     pools = [set(m.service.threshold.signer.pool.unused()) for m in members.values()]  # type: ignore[union-attr]
     assert all(p == pools[0] for p in pools) and len(pools[0]) == 4

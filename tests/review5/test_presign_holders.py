@@ -26,7 +26,7 @@ import pytest
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.errors import KeysError
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest
-from teecloud.kms import authz
+from teecloud.kms import authz, threshold_net
 from teecloud.kms.errors import AccessDenied
 from teecloud.kms.threshold import local_joint_feldman
 from teecloud.kms.threshold_net import RoundFailed, run_presign_round, run_signing_key_dkg
@@ -91,7 +91,6 @@ def _attack(signers: dict[int, ThresholdSigner], session: bytes, group_key: byte
     )
 
 
-@pytest.mark.xfail(strict=True, reason="R5-1: a presignature held by >= 2t processes signs two digests")
 @pytest.mark.parametrize(("t", "n"), [(2, 4), (3, 6), (2, 5)])
 def test_disjoint_signing_sets_never_share_a_presignature(t: int, n: int) -> None:
     """t-of-n with n >= 2t, presignatures among all n nodes (the default of `teecloud kms presign` and of
@@ -111,7 +110,6 @@ def test_disjoint_signing_sets_never_share_a_presignature(t: int, n: int) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="R5-1: networked presignatures among all n >= 2t running members")
 def test_running_members_never_sign_two_digests_with_one_presignature(
     teecloud_home: Path, world: World
 ) -> None:
@@ -124,10 +122,11 @@ def test_running_members_never_sign_two_digests_with_one_presignature(
             members[s.index] = start_member(teecloud_home, world.chain, s, name="r5")
         eps = endpoints(members)
         group_key = run_signing_key_dkg(eps)
-        try:
-            run_presign_round(eps, 1)
-        except RoundFailed:
-            return  # safe: a round of more than 2t-1 participants is refused
+        # the fix (R5-1): a relay that opens a presigning round on all four is refused by the members ...
+        with pytest.raises(RoundFailed, match="exactly 2t-1"):
+            threshold_net._run(eps, "presign", count=1)
+        # ... and run_presign_round chooses exactly 2t-1 = 3 of them: member 4 holds nothing
+        run_presign_round(eps, 1, 2)
         signers = {i: m.service.threshold.signer for i, m in members.items()}  # type: ignore[union-attr]
         assert all(s is not None for s in signers.values())
         session = signers[1].pool.unused()[0]  # type: ignore[union-attr]
@@ -161,7 +160,6 @@ class _Node:
         )
 
 
-@pytest.mark.xfail(strict=True, reason="R5-1: the app's own client picks a used presignature after a restart")
 def test_the_apps_client_never_picks_a_presignature_used_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
     """No attacker: 2-of-4, two presignatures among all four. App X's boot (the client's real choice:
     ThresholdKeyProvider._sign_app_key) signs with nodes 1, 2. Nodes 1 and 2 restart (empty pools). App
@@ -173,8 +171,10 @@ def test_the_apps_client_never_picks_a_presignature_used_elsewhere(monkeypatch: 
     t, n = 2, 4
     keys = te.dkg_local(t, n)
     signers = {k.index: ThresholdSigner(k, PresignaturePool()) for k in keys}
+    with pytest.raises(KeysError, match="exactly 2t-1"):  # the fix (R5-1): never among all four
+        te.presign_local(keys, list(range(1, n + 1)))
     for _ in range(2):
-        for i, p in te.presign_local(keys, list(range(1, n + 1))).items():
+        for i, p in te.presign_local(keys, list(range(1, 2 * t))).items():
             signers[i].pool.add([p])
     group = SimpleNamespace(t=t, signing_key=keys[0].group_public_key, nodes={i: f"n{i}" for i in signers})
     client = SimpleNamespace(
@@ -192,10 +192,15 @@ def test_the_apps_client_never_picks_a_presignature_used_elsewhere(monkeypatch: 
 
     k_x, k_y = hashlib.sha256(b"app X key").digest(), hashlib.sha256(b"app Y key").digest()
     sig_x = boot(APP_X, k_x)
+    assert (
+        coincurve.PublicKey.from_signature_and_message(
+            sig_x, kms_issued_digest(APP_X, k256_public_key(k_x)), hasher=None
+        ).format()
+        == keys[0].group_public_key
+    )
     for i in (1, 2):  # nodes 1 and 2 restart: their pools are empty
         signers[i] = ThresholdSigner(signers[i].key, PresignaturePool())
         client._clients[i] = _Node(signers[i])
-    sig_y = boot(APP_Y, k_y)
-    d_x = kms_issued_digest(APP_X, k256_public_key(k_x))
-    d_y = kms_issued_digest(APP_Y, k256_public_key(k_y))
-    assert _recover_key(sig_x, d_x, sig_y, d_y, keys[0].group_public_key) is None, "group key recovered"
+    # only node 3 still holds the presignatures: Y's boot finds none that 2 nodes hold (no second signature)
+    with pytest.raises(tc.KmsClientError, match="no presignature is held by 2"):
+        boot(APP_Y, k_y)

@@ -1007,7 +1007,11 @@ def presign(
         int, typer.Option("--count", min=1, max=32, help="Presignatures to make in this round (one batch).")
     ] = 16,
     nodes_text: Annotated[
-        str, typer.Option("--nodes", help="Running share indices that take part (>= 2t-1); default: all n.")
+        str,
+        typer.Option(
+            "--nodes",
+            help="Running share indices to choose from (>= 2t-1; the lowest 2t-1 take part); default: all n.",
+        ),
     ] = "",
 ) -> None:
     """Make presignatures for the group's threshold signing key among running nodes of this installation
@@ -1027,13 +1031,14 @@ def presign(
     indices = _index_list(nodes_text, "--nodes") if nodes_text else list(range(1, group.n + 1))
     if len(indices) < 2 * group.t - 1 or any(i > group.n for i in indices):
         _fail(f"a presignature of this {group.t}-of-{group.n} group needs {2 * group.t - 1} of its nodes")
+    indices = sorted(set(indices))[: 2 * group.t - 1]  # exactly 2t-1 (threshold_net.presign_participants)
     nodes = {}
     for i in indices:
         ep = _node_endpoint(node_home(i))
         nodes[i] = AdminEndpoint(str(ep["admin_url"]), load_admin_token(node_home(i)), str(ep["url"]))
     started = time.monotonic()
     try:
-        rs = run_presign_round(nodes, count)
+        rs = run_presign_round(nodes, count, group.t)
     except RoundFailed as exc:
         _fail(f"the presigning round failed: {exc}")
     out.print(f"{len(rs)} presignatures made by nodes {indices} in {time.monotonic() - started:.1f} s")

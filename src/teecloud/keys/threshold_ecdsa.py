@@ -403,10 +403,12 @@ def _check_participants(t: int, n: int, participants: Sequence[int]) -> tuple[in
     p = tuple(sorted(set(participants)))
     if len(p) != len(participants) or any(not 1 <= i <= n for i in p):
         raise KeyUsageError("participants must be distinct share indices in 1..n")
-    if len(p) < 2 * t - 1:
-        raise KeyUsageError(
-            f"a presignature needs 2t-1 = {2 * t - 1} participants (degree doubling), got {len(p)}"
-        )
+    if len(p) != 2 * t - 1:
+        # Exactly 2t-1 (degree doubling needs at least that many): with more, two disjoint sets of t holders
+        # could each sign a different digest with the same presignature (the same k), which reveals the
+        # signing key; among 2t-1 any two sets of t share a holder, and a holder signs one digest per
+        # presignature, ever (review 5, R5-1, docs/threat-model.md).
+        raise KeyUsageError(f"a presignature needs exactly 2t-1 = {2 * t - 1} participants, got {len(p)}")
     return p
 
 
@@ -667,7 +669,9 @@ def presign_local(
     tamper: Tamper | None = None,
 ) -> dict[int, Presignature]:
     """All rounds of one presignature with the messages passed in this process. `tamper(round, sender,
-    message)` may replace a message (tests: a participant that lies). Returns every holder's part."""
+    message)` may replace a message (tests: a participant that lies). Returns the participants' parts only:
+    a holder outside the 2t-1 participants gets none, so no two disjoint sets of t can use one presignature
+    (R5-1)."""
     sess = session if session is not None else secrets.token_bytes(16)
     by = {k.index: k for k in keys}
 
@@ -688,7 +692,7 @@ def presign_local(
         cast(ReduceDealing, send("reduce", j, presign_reduce(by[j], states[j], muls)))
         for j in sorted(participants)
     ]
-    return {j: presign_finish(by[j], states[j], muls, reduces) for j in sorted(by)}
+    return {j: presign_finish(by[j], states[j], muls, reduces) for j in sorted(participants)}
 
 
 def sign_local(presigs: Mapping[int, Presignature], signers: Sequence[int], digest: bytes) -> bytes:

@@ -541,10 +541,20 @@ def run_signing_key_dkg(nodes: Mapping[int, AdminEndpoint]) -> bytes:
     return bytes.fromhex(next(iter(keys.values())))
 
 
-def run_presign_round(nodes: Mapping[int, AdminEndpoint], count: int) -> list[bytes]:
-    """`count` presignatures among `nodes` (>= 2t-1 members); each member adds its part to its in-memory pool.
-    Returns the presignatures' R (every member must agree)."""
-    results = _run(nodes, "presign", count=count)
+def presign_participants(indices: Sequence[int], t: int) -> list[int]:
+    """The 2t-1 members (the lowest of `indices`) that make a presignature: exactly 2t-1, never more
+    (keys.threshold_ecdsa: two disjoint signing sets must not share a presignature)."""
+    chosen = sorted(set(indices))[: 2 * t - 1]
+    if len(chosen) != 2 * t - 1:
+        raise RoundFailed(f"a presignature needs {2 * t - 1} running members, got {len(chosen)}")
+    return chosen
+
+
+def run_presign_round(nodes: Mapping[int, AdminEndpoint], count: int, t: int) -> list[bytes]:
+    """`count` presignatures among exactly 2t-1 of `nodes` (presign_participants); each adds its part to its
+    in-memory pool. Returns the presignatures' R (every participant must agree)."""
+    chosen = presign_participants(list(nodes), t)
+    results = _run({i: nodes[i] for i in chosen}, "presign", count=count)
     rs = {i: tuple(v["c"][0] for v in vals) for i, vals in results.items()}
     if len(set(rs.values())) != 1:
         raise RoundFailed("the members disagree on the presignatures' R")
