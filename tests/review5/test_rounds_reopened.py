@@ -22,7 +22,6 @@ def _pools(members: dict[int, Member]) -> dict[int, dict[bytes, bytes]]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="R5-3: a reopened session's end is an HTTP 500 on the admin listener")
 def test_a_reopened_session_adds_nothing_and_changes_no_presignature(
     members: dict[int, Member], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -32,11 +31,11 @@ def test_a_reopened_session_adds_nothing_and_changes_no_presignature(
     run_signing_key_dkg(eps)
     session = "5e" * 16
     monkeypatch.setattr(threshold_net.secrets, "token_hex", lambda n: session)
-    run_presign_round(eps, 2)
+    run_presign_round(eps, 2, 3)
     before = _pools(members)
     assert all(len(p) == 2 for p in before.values())
     with pytest.raises(RoundFailed) as failed:
-        run_presign_round(eps, 2)  # the same session again
+        run_presign_round(eps, 2, 3)  # the same session again
     assert _pools(members) == before  # nothing added, no name holds another R (held)
     # a clear refusal of the operator's request (the pool's SealingError escapes advance: HTTP 500)
     assert "Internal Server Error" not in str(failed.value), str(failed.value)

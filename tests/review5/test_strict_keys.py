@@ -42,7 +42,6 @@ def test_the_strict_fields_of_the_fix_hold() -> None:
             api.RoundOpenRequest.model_validate({**_open(["2", "3"]), **bad})
 
 
-@pytest.mark.xfail(strict=True, reason="R5-4: round models' share-index keys are read with int()")
 @pytest.mark.parametrize("key", ["01", " 1", "+1", "1_0", "\u0661"])
 def test_non_canonical_share_index_keys_are_refused(key: str) -> None:
     """Safe: a key that is not the canonical decimal of 1..64 is a 400 (as every other field now)."""

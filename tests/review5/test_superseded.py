@@ -107,7 +107,6 @@ def test_no_active_committee_or_no_kmsgroup_admits_as_documented() -> None:
     assert _admits(svc, A) and _admits(svc, B)
 
 
-@pytest.mark.xfail(strict=True, reason="R5-2: a failed head read in step 4 is an HTTP 500, not a refusal")
 def test_a_failed_head_read_during_admission_is_a_clear_refusal(
     committee: tuple[dict[int, Member], list[ThresholdShare]],
 ) -> None:

@@ -401,6 +401,10 @@ _Point = Annotated[str, StringConstraints(max_length=66, pattern="^[0-9a-f]*$")]
 MAX_ROUND_BATCH = 32
 
 
+# a share index as a JSON object key, in its one canonical spelling (review 5, R5-4: int() merged "01", "+1")
+_ShareIndexKey = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]?$")]
+
+
 class RoundValue(BaseModel):
     """One broadcast value of one sender for one presignature (or the signing-key dealing): points are
     33-byte SEC1 compressed (hex), scalars 32 bytes (hex). Which fields a stage uses: kms.threshold_net."""
@@ -425,7 +429,9 @@ class RoundOpenRequest(BaseModel):
     kind: str = Field(pattern="^(sigkey|presign)$")
     count: int = Field(default=1, ge=1, le=MAX_ROUND_BATCH)
     participants: list[int] = Field(min_length=1, max_length=64)
-    peers: dict[str, str] = Field(max_length=64, description="share index -> that member's public URL")
+    peers: dict[_ShareIndexKey, str] = Field(
+        max_length=64, description="share index -> that member's public URL"
+    )
 
 
 class RoundPublic(BaseModel):
@@ -444,7 +450,7 @@ class RoundViewRequest(BaseModel):
 
     session: _Session
     stage: str = Field(pattern="^(deal|mul|reduce)$")
-    broadcast: dict[str, list[RoundValue]] = Field(max_length=64)
+    broadcast: dict[_ShareIndexKey, list[RoundValue]] = Field(max_length=64)
 
 
 class PoolResponse(BaseModel):

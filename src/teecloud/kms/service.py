@@ -555,7 +555,11 @@ class KmsService:
     def _active_commitments(self, epoch: int) -> tuple[bytes, ...] | None:
         """KmsGroup's active commitments of `epoch`, cached while the chain stays at the block they were
         read at and for at most ACTIVE_COMMITTEE_CACHE_S (without a block reader: read every time)."""
-        head = self._head() if self._head is not None else None
+        try:
+            head = self._head() if self._head is not None else None
+        except Exception as exc:  # fail closed, as for the read below (review 5, R5-2: it was an HTTP 500)
+            what = type(exc).__name__
+            raise AccessDenied(f"the chain's head could not be read: {what}", step="chain") from exc
         key = head.hash if isinstance(head, BlockRef) else head
         now = self.clock()
         with self._active_lock:

@@ -43,7 +43,7 @@ import httpx
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.errors import KeysError
 from teecloud.kms import api
-from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied, KmsUsageError
+from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied, KmsUsageError, SealingError
 from teecloud.kms.peering import AdmittedNode, PeerClient
 from teecloud.kms.threshold_sign import ThresholdSigner
 
@@ -247,6 +247,9 @@ class SignRounds:
         except te.ThresholdSignatureError as exc:
             self._drop(session)
             raise RoundFailed(str(exc).removeprefix(f"party {exc.party}: "), party=exc.party) from exc
+        except (KeysError, SealingError) as exc:  # e.g. a reopened session's names already pooled (R5-3)
+            self._drop(session)
+            raise KmsUsageError(f"the round cannot finish here: {exc}") from exc
         rnd.advanced.add(req.stage)
         stages = _STAGES[rnd.kind]
         done = req.stage == stages[-1]
