@@ -18,7 +18,8 @@ The guest's agent (teecloud.agent.vm_agent) boots the CVM inside the VM (measure
 RA-TLS, env, LUKS, compose) and answers the host on a loopback-forwarded port with `GET /info` only: its
 identity and the boot's phase, which the backend follows until `running` (or `failed`, with the guest's
 reason, a BootFailed at that phase). The host never sends the guest bytes to quote, and holds none of the
-app's keys: nothing in this backend releases a key. Mode plain's guest uses the simulated TEE (its state
+app's keys: nothing in this backend releases a key. The guest picks its TEE from the mode written into
+.sys-config.json (`tee_mode`; teecloud.tee.guest). Mode plain's guest uses the simulated TEE (its state
 from the node's `simulated-tee/`, shared with the VM: plain mode protects nothing from the host), and pins
 the KMS root key the node verified on chain (`kms_ca_pubkey` in .sys-config.json).
 """
@@ -104,10 +105,16 @@ def _free_port() -> int:
 
 
 def _write_shared(
-    inst: Instance, shared: Path, *, kms_ca_pubkey: str | None = None, simulated_tee: Path | None = None
+    inst: Instance,
+    shared: Path,
+    *,
+    kms_ca_pubkey: str | None = None,
+    simulated_tee: Path | None = None,
+    tee_mode: Mode | None = None,
 ) -> None:
     """Copy the instance's host-shared files into the VM's share (owner-only; atomic each), with the KMS
-    root key in .sys-config.json and (mode plain) the simulated TEE's state."""
+    root key and the guest's TEE mode (`tee_mode`, teecloud.tee.guest) in .sys-config.json and (mode
+    plain) the simulated TEE's state."""
     shared.mkdir(parents=True, exist_ok=True, mode=0o700)
     sources = {
         "app-compose.json": inst.app_compose_path,
@@ -120,9 +127,13 @@ def _write_shared(
         src = sources[name]
         if src.is_file():
             data = src.read_bytes()
-            if name == ".sys-config.json" and kms_ca_pubkey is not None:
+            if name == ".sys-config.json" and (kms_ca_pubkey is not None or tee_mode is not None):
                 doc = json.loads(data)
-                data = json.dumps({**doc, "kms_ca_pubkey": kms_ca_pubkey}, sort_keys=True).encode()
+                if kms_ca_pubkey is not None:
+                    doc["kms_ca_pubkey"] = kms_ca_pubkey
+                if tee_mode is not None:
+                    doc["tee_mode"] = tee_mode
+                data = json.dumps(doc, sort_keys=True).encode()
             atomic_write(shared / name, data, mode=0o644)
         else:
             with contextlib.suppress(FileNotFoundError):
@@ -446,7 +457,9 @@ class QemuBackend:
             cvm.stop()
         ca = self.config.kms_ca_pubkey() if self.config.kms_ca_pubkey is not None else None
         sim = self.config.simulated_tee if self.config.mode == "plain" else None
-        _write_shared(instance, cfg.shared_dir, kms_ca_pubkey=ca, simulated_tee=sim)
+        _write_shared(
+            instance, cfg.shared_dir, kms_ca_pubkey=ca, simulated_tee=sim, tee_mode=self.config.mode
+        )
         if cfg.app_images is not None and self.config.docker is not None:
             _save_images(self.config.docker, _image_refs(instance), cfg.app_images)
         if not cfg.hda.exists():
