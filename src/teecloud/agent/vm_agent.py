@@ -14,7 +14,9 @@ Boot, in the guest (the SAME guest half as the docker backend's: teecloud.agent.
         the development root; tdx / sev-snp: Intel's root with the collateral of `pccs_url`) and the KMS
         root key `kms_ca_pubkey` the node verified on chain (KmsAuth.isKmsAllowed); env decrypted (only
         `allowed_envs`), into tmpfs; the data disk opened as LUKS2 with the disk key (LuksVolume, ext4
-        inside, mounted at /data); /var/run/dstack.sock and tappd.sock served to the app's containers
+        inside, mounted at /data); /var/run/dstack.sock and tappd.sock served to the app's containers;
+        the GPU gate (guest_gpu_gate: NVML on a passed-through GPU, in mode plain the labelled simulated
+        GPU) runs when the compose requires GPU attestation
 (6) starting   dockerd with its data root on the encrypted disk; `docker load` of the read-only app-images
                disk (the host's `docker save` of the compose's images, if attached); Compose up, the
                decrypted env given to Compose's process only (interpolation, `environment: [NAME]`)
@@ -74,6 +76,10 @@ APP_IMAGES_SERIAL = "tc-images"
 # agent layer cannot import the node's)
 ATTEST_DOMAIN = b"teecloud-attest:"
 MAX_ATTEST_NONCE = 64
+# NVIDIA device identity roots the guest's GPU gate trusts for a passed-through GPU: PEM files in the
+# measured rootfs (none in the default image: `image build` does not add NVIDIA's root yet)
+GPU_ROOTS = Path("/opt/teecloud/gpu-roots")
+MAX_GPU_ROOTS = 16
 DOCKERD_TIMEOUT_S = 300.0
 HEALTHY_TIMEOUT_S = 300.0
 
@@ -264,6 +270,33 @@ def _json_shared(name: str) -> dict[str, Any]:
     return doc
 
 
+def image_gpu_roots(directory: Path = GPU_ROOTS) -> tuple[bytes, ...]:
+    """The DER certificates of the PEM files in `directory` (the image's trusted GPU device roots)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    roots: list[bytes] = []
+    for path in sorted(directory.glob("*.pem"))[:MAX_GPU_ROOTS] if directory.is_dir() else []:
+        for cert in x509.load_pem_x509_certificates(path.read_bytes()[:65536]):
+            roots.append(cert.public_bytes(serialization.Encoding.DER))
+    return tuple(roots[:MAX_GPU_ROOTS])
+
+
+def guest_gpu_gate(mode: str, *, home: Path, pci_devices: Path | None = None) -> Any:
+    """The guest's GPU gate (teecloud.agent.boot.GpuGate) for `mode`, or None without a GPU source: NVML
+    over a passed-through NVIDIA GPU, trusting the image's roots (GPU_ROOTS); in mode plain without a GPU,
+    a SIMULATED GPU of this boot, trusting its own development root only (labelled in every item)."""
+    from teecloud.agent.boot import GpuGate
+    from teecloud.tee.gpu import PCI_DEVICES, SimulatedGpu, guest_gpu_source
+
+    source = guest_gpu_source(mode, pci_devices=pci_devices or PCI_DEVICES, home=home)
+    if source is None:
+        return None
+    if isinstance(source, SimulatedGpu):
+        return GpuGate(source, (source.root_der(),))
+    return GpuGate(source, image_gpu_roots())
+
+
 def _log(msg: str) -> None:
     print(f"vm-agent: {msg}", flush=True)
 
@@ -390,6 +423,7 @@ def boot_vm(status: GuestStatus) -> None:
         progress=progress,
         volume=volume,
         storage_fs=STORAGE_FS,
+        gpu=guest_gpu_gate(mode, home=RUN / "home"),
     )
     if guest.dropped_env:
         _log(f"env vars not in allowed_envs dropped: {', '.join(guest.dropped_env)}")

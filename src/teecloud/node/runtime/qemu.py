@@ -67,7 +67,7 @@ from teecloud.node.runtime.qemu_cmdline import (
     qemu_argv,
 )
 
-__all__ = ["QemuBackend", "QemuBackendConfig", "QemuCvm", "SerialLog"]
+__all__ = ["QemuBackend", "QemuBackendConfig", "QemuCvm", "SerialLog", "check_passthrough_devices"]
 
 log = logging.getLogger("teecloud.node.runtime.qemu")
 
@@ -96,6 +96,69 @@ class QemuBackendConfig:
     simulated_tee: Path | None = None
     # the KMS root key (hex DER SPKI) the guest pins: the node's KMS client verified it on chain
     kms_ca_pubkey: Callable[[], str] | None = None
+    # GPUs (and NVSwitch bridges) this node passes through to its CVMs, host PCI addresses (modes tdx and
+    # sev-snp; dstack-vmm's attach mode "all": each CVM gets all of them, so one CVM at a time holds them,
+    # which vfio enforces: a second VM cannot open a device in use)
+    gpus: tuple[str, ...] = ()
+    gpu_bridges: tuple[str, ...] = ()
+    pci_hole64_size: int = 0
+    hotplug_off: bool = False
+    sysfs: Path = Path("/sys")  # where the GPU host checks read (tests: a fake tree)
+    dev: Path = Path("/dev")
+
+
+def check_passthrough_devices(
+    addresses: Sequence[str], *, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")
+) -> None:
+    """Each device can be given to a VM safely, as QEMU's vfio-pci over iommufd takes it; else
+    RuntimeUnavailable naming the device and the fix:
+    (1) the host kernel has iommufd (/dev/iommu);
+    (2) the device exists and is bound to vfio-pci (no host driver keeps using it);
+    (3) it has an IOMMU group and is alone in it (any other device of the group could DMA into the memory
+        the IOMMU maps for this one: the group is the unit of isolation);
+    (4) it has a VFIO device node (vfio-dev/vfioN: CONFIG_VFIO_DEVICE_CDEV), which iommufd needs."""
+    if not addresses:
+        return
+    # (1)
+    if not (dev / "iommu").exists():
+        raise RuntimeUnavailable(
+            f"{dev / 'iommu'} is absent: GPU passthrough needs the host kernel's iommufd (Linux >= 6.2 with "
+            "CONFIG_IOMMUFD) and the IOMMU on (intel_iommu=on / amd_iommu=on)"
+        )
+    for address in addresses:
+        device = sysfs / "bus" / "pci" / "devices" / address
+        if not device.is_dir():
+            raise RuntimeUnavailable(f"no PCI device {address} on this host ({device})")
+        # (2)
+        driver = (
+            os.path.basename(os.readlink(device / "driver")) if (device / "driver").is_symlink() else None
+        )
+        if driver != "vfio-pci":
+            raise RuntimeUnavailable(
+                f"PCI device {address} is bound to {driver or 'no driver'}, not vfio-pci: bind it first "
+                f"(e.g. `driverctl set-override {address} vfio-pci`)"
+            )
+        # (3)
+        group_link = device / "iommu_group"
+        if not group_link.is_symlink():
+            raise RuntimeUnavailable(
+                f"PCI device {address} has no IOMMU group: the IOMMU is off (intel_iommu=on / amd_iommu=on)"
+            )
+        group = os.path.basename(os.readlink(group_link))
+        members = sorted(p.name for p in (group_link / "devices").iterdir())
+        if members != [address]:
+            others = [m for m in members if m != address]
+            raise RuntimeUnavailable(
+                f"PCI device {address} is not alone in IOMMU group {group} (also: "
+                f"{', '.join(others)[:300]}): those devices could reach the memory mapped for it; refused "
+                "(put it in its own group: another slot, or ACS on the bridge above it)"
+            )
+        # (4)
+        if not any((device / "vfio-dev").glob("vfio*")):
+            raise RuntimeUnavailable(
+                f"PCI device {address} has no VFIO device node (vfio-dev/vfioN): QEMU's iommufd backend "
+                "needs CONFIG_VFIO_DEVICE_CDEV (Linux >= 6.6)"
+            )
 
 
 def _free_port() -> int:
@@ -391,6 +454,9 @@ class QemuBackend:
                 )
         if self.config.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise RuntimeUnavailable("/dev/kvm is not available: use mode plain with accel tcg on this host")
+        check_passthrough_devices(
+            (*self.config.gpus, *self.config.gpu_bridges), sysfs=self.config.sysfs, dev=self.config.dev
+        )
 
     def check_images(self, refs: Sequence[str]) -> None:
         """Every image is in the host's Docker (the guest gets them through `docker save`)."""
@@ -410,7 +476,8 @@ class QemuBackend:
             raise ComposeRejected(f"images not present on this node (docker save): {', '.join(missing)}")
 
     def describe(self) -> str:
-        return f"qemu ({self.config.mode}, {self.config.accel})"
+        gpus = f", {len(self.config.gpus)} GPU(s)" if self.config.gpus else ""
+        return f"qemu ({self.config.mode}, {self.config.accel}{gpus})"
 
     def workdir(self, inst: Instance) -> Path:
         return self.root / inst.instance_id[:16]  # short: the QMP socket path must fit sun_path
@@ -437,6 +504,10 @@ class QemuBackend:
             host_share=self.config.host_share,
             mrconfigid=mrconfigid,
             app_images=self.workdir(inst) / "app-images.tar" if self.config.docker is not None else None,
+            gpus=self.config.gpus,
+            gpu_bridges=self.config.gpu_bridges,
+            pci_hole64_size=self.config.pci_hole64_size,
+            hotplug_off=self.config.hotplug_off,
         )
 
     def launch(
@@ -446,6 +517,8 @@ class QemuBackend:
         progress("measuring")  # the guest measures itself; the host starts the VM
         agent_port = _free_port()
         cfg = self._vm_config(instance, limits, agent_port)
+        # the passed-through GPUs, checked at every launch (a device may have been rebound since the start)
+        check_passthrough_devices((*cfg.gpus, *cfg.gpu_bridges), sysfs=self.config.sysfs, dev=self.config.dev)
         work = cfg.workdir
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
         cvm = QemuCvm(instance, work, agent_port=agent_port, booted=False)
