@@ -186,3 +186,17 @@ def test_an_attest_request_writes_the_report_data_the_agent_computed(
         assert bad.status_code == 400 and len(guest.inblobs) == 1
     finally:
         server.shutdown()
+
+
+def test_an_snp_guest_stops_at_measuring_and_its_reports_do_not_tell_boot_from_later(tmp_path: Path) -> None:
+    """Why SNP gets no keys (docs/threat-model.md, "SEV-SNP and key release"): the guest cannot measure its
+    boot (no runtime register), and a report taken after boot over bytes the app chose differs from the
+    boot's only in REPORT_DATA, which the requester picks whole."""
+    guest = _Guest(tmp_path, "sev-snp", "sev_guest", rtmr=False)
+    tee = guest.tee()
+    with pytest.raises(TeeUnavailable, match="no runtime measurement registers"):
+        tee.emit_event("app-id", b"\x01" * 20)  # boot_guest's first step on SNP
+    boot = tee.quote(hashlib.sha512(b"ratls-cert:" + b"the boot's key").digest())
+    later = tee.quote(hashlib.sha512(b"ratls-cert:" + b"the attacker's key").digest())
+    assert boot[:0x50] == later[:0x50] and boot[0x90:] == later[0x90:]  # everything but REPORT_DATA
+    assert boot[0x50:0x90] != later[0x50:0x90]
