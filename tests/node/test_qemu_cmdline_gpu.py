@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import difflib
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from teecloud.agent.boot import normalize_app_compose
-from teecloud.node.errors import RuntimeUnavailable
+from teecloud.node.errors import InstanceStateError, RuntimeUnavailable
 from teecloud.node.instance import InstanceStore
 from teecloud.node.runtime.base import ResourceLimits
 from teecloud.node.runtime.qemu import QemuBackend, QemuBackendConfig, check_passthrough_devices
@@ -179,25 +182,26 @@ def test_a_device_the_host_does_not_have_is_refused(tmp_path: Path) -> None:
         check_passthrough_devices(["0000:18:00.0", "0000:19:00.0"], sysfs=sysfs, dev=dev)
 
 
-def test_the_backend_gives_its_gpus_and_checks_them_before_starting_qemu(
-    teecloud_home: Path, tmp_path: Path
-) -> None:
-    compose = normalize_app_compose(
-        {"name": "web", "runner": "docker-compose", "docker_compose_file": "services: {}\n"}
-    )
-    inst = InstanceStore(teecloud_home).create(
-        app_compose=compose.encode(),
-        app_id=b"\x11" * 20,
-        name="web",
+def _instance(home: Path, name: str, *, gpu: bool) -> Any:
+    doc: dict[str, Any] = {"name": name, "runner": "docker-compose", "docker_compose_file": "services: {}\n"}
+    if gpu:
+        doc["gpu_attestation"] = "required"
+    return InstanceStore(home).create(
+        app_compose=normalize_app_compose(doc).encode(),
+        app_id=bytes([len(name)]) * 20,
+        name=name,
         encrypted_env=None,
         user_config=None,
         sys_config={},
         limits=ResourceLimits(memory_mb=2048),
     )
-    sysfs, dev = _host(tmp_path, driver="nvidia")
+
+
+def _backend(home: Path, sysfs: Path, dev: Path, mode: str = "tdx") -> QemuBackend:
     config = QemuBackendConfig(
         image=IMAGE,
-        mode="tdx",
+        mode=mode,  # type: ignore[arg-type]
+        accel="tcg" if mode == "plain" else "kvm",
         gpus=("0000:18:00.0",),
         pci_hole64_size=1 << 40,
         sysfs=sysfs,
@@ -205,17 +209,66 @@ def test_the_backend_gives_its_gpus_and_checks_them_before_starting_qemu(
         qemu="/nonexistent/qemu",
         docker=None,
     )
-    backend = QemuBackend(config, home=teecloud_home)
-    cfg = backend._vm_config(inst, ResourceLimits(memory_mb=2048), 18090)  # type: ignore[arg-type]
-    assert cfg.gpus == ("0000:18:00.0",) and "vfio-pci,host=0000:18:00.0,bus=pci.1,iommufd=iommufd0" in (
-        qemu_argv(cfg)
-    )
+    return QemuBackend(config, home=home)
+
+
+def test_a_cvm_whose_compose_requires_gpu_attestation_gets_the_nodes_gpus(
+    teecloud_home: Path, tmp_path: Path
+) -> None:
+    sysfs, dev = _host(tmp_path)
+    backend = _backend(teecloud_home, sysfs, dev)
+    gpu_app, plain_app = _instance(teecloud_home, "ai", gpu=True), _instance(teecloud_home, "web", gpu=False)
+    cfg = backend._vm_config(gpu_app, ResourceLimits(memory_mb=2048), 18090)
+    assert cfg.gpus == ("0000:18:00.0",)
+    assert "vfio-pci,host=0000:18:00.0,bus=pci.1,iommufd=iommufd0" in qemu_argv(cfg)
+    cfg = backend._vm_config(plain_app, ResourceLimits(memory_mb=2048), 18091)
+    assert cfg.gpus == () and cfg.pci_hole64_size == 0
+    assert not [a for a in qemu_argv(cfg) if "vfio" in a or a == "-global"]
     assert "1 GPU" in backend.describe()
-    with pytest.raises(RuntimeUnavailable, match="not vfio-pci"):
-        backend.launch(inst, ResourceLimits(memory_mb=2048))  # type: ignore[arg-type]
-    assert not backend.workdir(inst).exists()  # refused before anything was written or started
     with pytest.raises(UnsafeVmConfig, match="mode plain"):
-        QemuBackend(
-            QemuBackendConfig(image=IMAGE, mode="plain", accel="tcg", gpus=("0000:18:00.0",), docker=None),
-            home=teecloud_home,
-        )._vm_config(inst, ResourceLimits(memory_mb=2048), 18090)  # type: ignore[arg-type]
+        _backend(teecloud_home, sysfs, dev, mode="plain")._vm_config(
+            gpu_app, ResourceLimits(memory_mb=2048), 18090
+        )
+
+
+def test_the_host_is_checked_before_qemu_starts(teecloud_home: Path, tmp_path: Path) -> None:
+    sysfs, dev = _host(tmp_path, driver="nvidia")
+    backend = _backend(teecloud_home, sysfs, dev)
+    app = _instance(teecloud_home, "ai", gpu=True)
+    with pytest.raises(RuntimeUnavailable, match="not vfio-pci"):
+        backend.launch(app, ResourceLimits(memory_mb=2048))
+    assert not backend.workdir(app).exists()  # refused before anything was written or started
+
+
+def test_gpus_held_by_another_running_vm_are_refused(teecloud_home: Path, tmp_path: Path) -> None:
+    sysfs, dev = _host(tmp_path)
+    backend = _backend(teecloud_home, sysfs, dev)
+    first, second = _instance(teecloud_home, "ai", gpu=True), _instance(teecloud_home, "ai2", gpu=True)
+    work = backend.workdir(first)
+    work.mkdir(parents=True)
+    # a process standing in for the first CVM's QEMU: its command line names its work directory and GPU
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; time.sleep(60)",
+            str(work),
+            "-device",
+            "vfio-pci,host=0000:18:00.0,bus=pci.1,iommufd=iommufd0",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while str(work).encode() not in Path(f"/proc/{holder.pid}/cmdline").read_bytes():  # exec'd yet?
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (work / "qemu.pid").write_text(str(holder.pid))
+        with pytest.raises(InstanceStateError, match=f"held by the running VM {work.name}"):
+            backend.launch(second, ResourceLimits(memory_mb=2048))
+        assert not backend.workdir(second).exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    # once it is gone, the GPU is free (the launch then fails only at the absent QEMU binary, named)
+    with pytest.raises(RuntimeUnavailable, match="cannot start /nonexistent/qemu"):
+        backend.launch(second, ResourceLimits(memory_mb=2048))

@@ -44,6 +44,7 @@ from typing import Any, Literal
 import httpx
 
 from teecloud._fs import atomic_write
+from teecloud.appcompose import AppComposeError, gpu_attestation_required
 from teecloud.node.errors import (
     BootFailed,
     ComposeRejected,
@@ -96,9 +97,9 @@ class QemuBackendConfig:
     simulated_tee: Path | None = None
     # the KMS root key (hex DER SPKI) the guest pins: the node's KMS client verified it on chain
     kms_ca_pubkey: Callable[[], str] | None = None
-    # GPUs (and NVSwitch bridges) this node passes through to its CVMs, host PCI addresses (modes tdx and
-    # sev-snp; dstack-vmm's attach mode "all": each CVM gets all of them, so one CVM at a time holds them,
-    # which vfio enforces: a second VM cannot open a device in use)
+    # GPUs (and NVSwitch bridges) this node passes through, host PCI addresses (modes tdx and sev-snp;
+    # dstack-vmm's attach mode "all"): a CVM whose measured compose requires GPU attestation
+    # (`"gpu_attestation": "required"`) gets all of them, others none; one running CVM at a time holds them
     gpus: tuple[str, ...] = ()
     gpu_bridges: tuple[str, ...] = ()
     pci_hole64_size: int = 0
@@ -482,6 +483,40 @@ class QemuBackend:
     def workdir(self, inst: Instance) -> Path:
         return self.root / inst.instance_id[:16]  # short: the QMP socket path must fit sun_path
 
+    def _gpus_for(self, inst: Instance) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The GPUs and bridges a CVM gets: the node's when its compose (measured: part of the compose hash)
+        requires GPU attestation, else none."""
+        if not self.config.gpus:
+            return (), ()
+        try:
+            wanted = gpu_attestation_required(inst.app_compose())
+        except AppComposeError as exc:
+            raise ComposeRejected(str(exc)) from None
+        return (self.config.gpus, self.config.gpu_bridges) if wanted else ((), ())
+
+    def _check_gpus_free(self, inst: Instance, devices: Sequence[str]) -> None:
+        """No other running VM of this node holds one of `devices` (read from the running QEMUs' command
+        lines, so it holds across node restarts)."""
+        if not devices or not self.root.is_dir():
+            return
+        mine = self.workdir(inst)
+        for work in sorted(self.root.iterdir()):
+            if work == mine or not work.is_dir():
+                continue
+            pid = QemuCvm(inst, work, agent_port=None, booted=False).pid()
+            if pid is None:
+                continue
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            held = [d for d in devices if any(a.startswith(f"vfio-pci,host={d},".encode()) for a in argv)]
+            if held:
+                raise InstanceStateError(
+                    f"GPU {', '.join(held)} is held by the running VM {work.name}: one CVM at a time gets "
+                    "this node's GPUs (stop that CVM first)"
+                )
+
     def _vm_config(self, inst: Instance, limits: ResourceLimits, agent_port: int) -> QemuVmConfig:
         cpus = max(1, round(limits.cpus)) if limits.cpus else 1
         # a VM needs its kernel's share: the deployment's memory, at least the smallest VM shape
@@ -494,6 +529,7 @@ class QemuBackend:
         ports += tuple(PortForward(host_port=p, guest_port=p) for p in _published_ports(inst))
         # tdx: the app's identity in MRCONFIGID (dstack MrConfig V1), never on the measured command line
         mrconfigid = mrconfigid_v1(inst.compose_hash()) if self.config.mode == "tdx" else b""
+        gpus, bridges = self._gpus_for(inst)
         return QemuVmConfig(
             mode=self.config.mode,
             image=self.config.image,
@@ -504,10 +540,10 @@ class QemuBackend:
             host_share=self.config.host_share,
             mrconfigid=mrconfigid,
             app_images=self.workdir(inst) / "app-images.tar" if self.config.docker is not None else None,
-            gpus=self.config.gpus,
-            gpu_bridges=self.config.gpu_bridges,
-            pci_hole64_size=self.config.pci_hole64_size,
-            hotplug_off=self.config.hotplug_off,
+            gpus=gpus,
+            gpu_bridges=bridges,
+            pci_hole64_size=self.config.pci_hole64_size if gpus else 0,
+            hotplug_off=self.config.hotplug_off and bool(gpus),
         )
 
     def launch(
@@ -519,6 +555,7 @@ class QemuBackend:
         cfg = self._vm_config(instance, limits, agent_port)
         # the passed-through GPUs, checked at every launch (a device may have been rebound since the start)
         check_passthrough_devices((*cfg.gpus, *cfg.gpu_bridges), sysfs=self.config.sysfs, dev=self.config.dev)
+        self._check_gpus_free(instance, (*cfg.gpus, *cfg.gpu_bridges))
         work = cfg.workdir
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
         cvm = QemuCvm(instance, work, agent_port=agent_port, booted=False)
@@ -536,20 +573,40 @@ class QemuBackend:
         if cfg.app_images is not None and self.config.docker is not None:
             _save_images(self.config.docker, _image_refs(instance), cfg.app_images)
         if not cfg.hda.exists():
-            out = subprocess.run(
-                [self.config.qemu_img, "create", "-q", "-f", "qcow2", str(cfg.hda), f"{cfg.shape.disk_gb}G"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            try:
+                out = subprocess.run(
+                    [
+                        self.config.qemu_img,
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        str(cfg.hda),
+                        f"{cfg.shape.disk_gb}G",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+            except OSError as exc:
+                raise RuntimeUnavailable(
+                    f"cannot run {self.config.qemu_img}: {exc.strerror or exc}"
+                ) from None
             if out.returncode != 0:
                 raise BootFailed("storage", f"qemu-img create failed: {out.stderr.strip()[:500]}")
         argv = qemu_argv(cfg, qemu=self.config.qemu)
         with (work / "qemu.log").open("wb") as qlog:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=qlog,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:  # no QEMU binary: the host's problem, named (not a traceback)
+                raise RuntimeUnavailable(f"cannot start {self.config.qemu}: {exc.strerror or exc}") from None
         atomic_write(work / "qemu.pid", str(proc.pid).encode())
         deadline = time.monotonic() + self.config.agent_timeout_s
         try:
