@@ -3,14 +3,20 @@ dependencies as wheels in the rootfs; the guest's init runs `python3 -m teecloud
 
 Boot, in the guest (the SAME guest half as the docker backend's: teecloud.agent.guest.boot_guest):
 (1)-(5) measuring, keys, env, storage, agent
-        the TEE: plain mode has no hardware TEE, so the guest uses the SIMULATED TDX (teecloud.tee.simulated;
-        its state comes from the host share, `simulated-tee/`: simulated quotes verify only where a
-        development root is trusted); RTMR3 measured in dstack's order with `os-image-hash` (KMS mode); keys
-        from the KMS of `.sys-config.json` (`kms_urls`, reached at the host's loopback through QEMU's user
-        network, 10.0.2.2) over mutual RA-TLS, the KMS's certificate checked against its quote and the KMS
+        the TEE: the guest TEE factory (teecloud.tee.guest.guest_tee) for the mode the host states in
+        `.sys-config.json` (`tee_mode`): tdx → TdxPlatform (configfs-tsm quotes, RTMR3 through the
+        tdx_guest sysfs registers), sev-snp → SevSnpPlatform (configfs-tsm), plain → the SIMULATED TDX
+        (teecloud.tee.simulated; its state from the host share, `simulated-tee/`: simulated quotes verify
+        only where a development root is trusted). A mode whose device is absent fails the boot, never
+        falls back to the simulated TEE. RTMR3 measured in dstack's order with `os-image-hash` (KMS mode);
+        keys from the KMS of `.sys-config.json` (`kms_urls`, reached at the host's loopback through QEMU's
+        user network, 10.0.2.2) over mutual RA-TLS, the KMS's certificate checked against its quote (plain:
+        the development root; tdx / sev-snp: Intel's root with the collateral of `pccs_url`) and the KMS
         root key `kms_ca_pubkey` the node verified on chain (KmsAuth.isKmsAllowed); env decrypted (only
         `allowed_envs`), into tmpfs; the data disk opened as LUKS2 with the disk key (LuksVolume, ext4
-        inside, mounted at /data); /var/run/dstack.sock and tappd.sock served to the app's containers
+        inside, mounted at /data); /var/run/dstack.sock and tappd.sock served to the app's containers;
+        the GPU gate (guest_gpu_gate: NVML on a passed-through GPU, in mode plain the labelled simulated
+        GPU) runs when the compose requires GPU attestation
 (6) starting   dockerd with its data root on the encrypted disk; `docker load` of the read-only app-images
                disk (the host's `docker save` of the compose's images, if attached); Compose up, the
                decrypted env given to Compose's process only (interpolation, `environment: [NAME]`)
@@ -34,7 +40,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -49,6 +54,7 @@ __all__ = [
     "AGENT_PORT",
     "GUEST_NAME",
     "GuestStatus",
+    "attest_document",
     "attest_report_data",
     "find_data_disk",
     "guest_kms_url",
@@ -70,17 +76,30 @@ APP_IMAGES_SERIAL = "tc-images"
 # agent layer cannot import the node's)
 ATTEST_DOMAIN = b"teecloud-attest:"
 MAX_ATTEST_NONCE = 64
-TEE = "simulated TDX (plain mode: NOT confidential; teecloud.tee.simulated)"
+# NVIDIA device identity roots the guest's GPU gate trusts for a passed-through GPU: PEM files in the
+# measured rootfs (none in the default image: `image build` does not add NVIDIA's root yet)
+GPU_ROOTS = Path("/opt/teecloud/gpu-roots")
+MAX_GPU_ROOTS = 16
 DOCKERD_TIMEOUT_S = 300.0
 HEALTHY_TIMEOUT_S = 300.0
 
 
 def read_info(shared: Path) -> dict[str, str]:
-    """The host-facing identity, read once at start from the host share."""
+    """The host-facing identity, read once at start from the host share: the compose hash and the TEE of
+    the mode the host states (plain: labelled simulated; an unreadable mode is reported, and the boot then
+    fails at measuring with the reason)."""
+    from teecloud.tee import TeeError
+    from teecloud.tee.guest import guest_mode, tee_label
+    from teecloud.tee.sysconfig import read_sys_config
+
     raw = (shared / "app-compose.json").read_bytes()[: MAX_APP_COMPOSE + 1]
     if len(raw) > MAX_APP_COMPOSE:
         raise ValueError(f"app-compose.json is larger than {MAX_APP_COMPOSE} bytes")
-    return {"guest": GUEST_NAME, "compose_hash": hashlib.sha256(raw).hexdigest(), "tee": TEE}
+    try:
+        tee = tee_label(guest_mode(read_sys_config(shared / ".sys-config.json")))
+    except TeeError as exc:
+        tee = f"none ({str(exc)[:200]})"
+    return {"guest": GUEST_NAME, "compose_hash": hashlib.sha256(raw).hexdigest(), "tee": tee}
 
 
 def attest_report_data(nonce: bytes) -> bytes:
@@ -91,6 +110,21 @@ def attest_report_data(nonce: bytes) -> bytes:
 
 
 Attest = Callable[[bytes], dict[str, str]]
+
+
+def attest_document(
+    get_quote: Callable[[bytes], Mapping[str, Any]], identity: Mapping[str, str], report_data: bytes
+) -> dict[str, str]:
+    """`/attest`'s answer: a quote over `report_data` (the agent's own attest_report_data of the host's
+    nonce) through `get_quote` (the guest API's GetQuote, i.e. the guest TEE), with the CVM's identity."""
+    q = get_quote(report_data)
+    return {
+        **identity,
+        "quote": q["quote"],
+        "event_log": q["event_log"],
+        "report_data": q["report_data"],
+        "vm_config": q["vm_config"],
+    }
 
 
 class GuestStatus:
@@ -236,6 +270,33 @@ def _json_shared(name: str) -> dict[str, Any]:
     return doc
 
 
+def image_gpu_roots(directory: Path = GPU_ROOTS) -> tuple[bytes, ...]:
+    """The DER certificates of the PEM files in `directory` (the image's trusted GPU device roots)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    roots: list[bytes] = []
+    for path in sorted(directory.glob("*.pem"))[:MAX_GPU_ROOTS] if directory.is_dir() else []:
+        for cert in x509.load_pem_x509_certificates(path.read_bytes()[:65536]):
+            roots.append(cert.public_bytes(serialization.Encoding.DER))
+    return tuple(roots[:MAX_GPU_ROOTS])
+
+
+def guest_gpu_gate(mode: str, *, home: Path, pci_devices: Path | None = None) -> Any:
+    """The guest's GPU gate (teecloud.agent.boot.GpuGate) for `mode`, or None without a GPU source: NVML
+    over a passed-through NVIDIA GPU, trusting the image's roots (GPU_ROOTS); in mode plain without a GPU,
+    a SIMULATED GPU of this boot, trusting its own development root only (labelled in every item)."""
+    from teecloud.agent.boot import GpuGate
+    from teecloud.tee.gpu import PCI_DEVICES, SimulatedGpu, guest_gpu_source
+
+    source = guest_gpu_source(mode, pci_devices=pci_devices or PCI_DEVICES, home=home)
+    if source is None:
+        return None
+    if isinstance(source, SimulatedGpu):
+        return GpuGate(source, (source.root_der(),))
+    return GpuGate(source, image_gpu_roots())
+
+
 def _log(msg: str) -> None:
     print(f"vm-agent: {msg}", flush=True)
 
@@ -284,7 +345,9 @@ def boot_vm(status: GuestStatus) -> None:
     from teecloud.agent.guest import GuestPaths, boot_guest
     from teecloud.agent.volume_luks import STORAGE_FS, LuksVolume
     from teecloud.kms.client import connect_kms
+    from teecloud.tee.guest import GuestTeePaths, guest_mode, guest_tee
     from teecloud.tee.simulated import SimulatedTdx
+    from teecloud.tee.sysconfig import read_sys_config
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -298,24 +361,43 @@ def boot_vm(status: GuestStatus) -> None:
     info = _json_shared(".instance-info")
     sys_config = _json_shared(".sys-config.json")
     encrypted_env = _read_shared(".encrypted-env")
-    # the TEE: plain mode's simulated TDX, its state from the share (copied: it writes collateral)
-    if not (SHARE / "simulated-tee").is_dir():
-        raise RuntimeError(
-            "no TEE: this image runs mode plain with the simulated TEE only (no simulated-tee/)"
-        )
-    home = RUN / "home"
-    shutil.copytree(SHARE / "simulated-tee", home / "simulated-tee", dirs_exist_ok=True)
-    tee = SimulatedTdx(home)
+    # the TEE of the mode the host states (teecloud.tee.guest): tdx, sev-snp, or plain's simulated TDX;
+    # a mode whose device is absent raises here, and the boot fails at measuring
+    mode = guest_mode(read_sys_config(SHARE / ".sys-config.json"))
+    tee = guest_tee(mode, GuestTeePaths(share=SHARE, run=RUN))
+    _log(f"TEE: {mode} ({tee.kind})")
     kms_urls = sys_config.get("kms_urls")
     ca_pubkey = sys_config.get("kms_ca_pubkey")
     if not isinstance(kms_urls, list) or not kms_urls or not isinstance(kms_urls[0], str):
         raise RuntimeError(".sys-config.json names no KMS (kms_urls)")
     if not isinstance(ca_pubkey, str):
         raise RuntimeError(".sys-config.json names no KMS root key (kms_ca_pubkey)")
+    if isinstance(tee, SimulatedTdx):
+        # plain: the KMS's quote is simulated too, under this installation's development root
+        sim = tee
+
+        def collateral_for(quote: bytes, now: int) -> bytes:
+            return sim.collateral()
+
+        dev_root_der: bytes | None = sim.dev_root_der()
+    else:
+        # a real TEE: the KMS's quote under Intel's root, with the collateral of the host's PCCS
+        from teecloud.collateral.pccs import PccsClient
+        from teecloud.peer import PccsCollateral
+
+        pccs_url = sys_config.get("pccs_url")
+        if not isinstance(pccs_url, str) or not pccs_url:
+            raise RuntimeError(f"mode {mode}: .sys-config.json names no PCCS (pccs_url) to verify the KMS")
+        pccs = PccsCollateral(PccsClient(pccs_url, RUN / "pccs"))
+
+        def collateral_for(quote: bytes, now: int) -> bytes:
+            return pccs.collateral_for(quote, now=now)
+
+        dev_root_der = None
     provider = connect_kms(
         guest_kms_url(kms_urls[0]),
-        collateral_for=lambda _quote, _now: tee.collateral(),
-        dev_root_der=tee.dev_root_der(),
+        collateral_for=collateral_for,
+        dev_root_der=dev_root_der,
         expected_ca_pubkey_der=bytes.fromhex(ca_pubkey),
     )
     devices = sorted(Path("/dev").glob("vd[a-z]"))
@@ -341,6 +423,7 @@ def boot_vm(status: GuestStatus) -> None:
         progress=progress,
         volume=volume,
         storage_fs=STORAGE_FS,
+        gpu=guest_gpu_gate(mode, home=RUN / "home"),
     )
     if guest.dropped_env:
         _log(f"env vars not in allowed_envs dropped: {', '.join(guest.dropped_env)}")
@@ -373,17 +456,17 @@ def boot_vm(status: GuestStatus) -> None:
     state = guest.state
     service = guest.runner.service
 
+    identity = {
+        "app_id": state.app_id.hex(),
+        "compose_hash": state.compose_hash.hex(),
+        "app_compose": state.app_compose_text,
+    }
+
+    def get_quote(report_data: bytes) -> dict[str, Any]:
+        return service.get_quote(GetQuoteRequest(report_data=report_data.hex()))
+
     def attest(report_data: bytes) -> dict[str, str]:
-        q = service.get_quote(GetQuoteRequest(report_data=report_data.hex()))
-        return {
-            "app_id": state.app_id.hex(),
-            "compose_hash": state.compose_hash.hex(),
-            "quote": q["quote"],
-            "event_log": q["event_log"],
-            "report_data": q["report_data"],
-            "vm_config": q["vm_config"],
-            "app_compose": state.app_compose_text,
-        }
+        return attest_document(get_quote, identity, report_data)
 
     status.attest = attest
     timings["running"] = round(time.perf_counter() - t0, 2)

@@ -18,7 +18,8 @@ The guest's agent (teecloud.agent.vm_agent) boots the CVM inside the VM (measure
 RA-TLS, env, LUKS, compose) and answers the host on a loopback-forwarded port with `GET /info` only: its
 identity and the boot's phase, which the backend follows until `running` (or `failed`, with the guest's
 reason, a BootFailed at that phase). The host never sends the guest bytes to quote, and holds none of the
-app's keys: nothing in this backend releases a key. Mode plain's guest uses the simulated TEE (its state
+app's keys: nothing in this backend releases a key. The guest picks its TEE from the mode written into
+.sys-config.json (`tee_mode`; teecloud.tee.guest). Mode plain's guest uses the simulated TEE (its state
 from the node's `simulated-tee/`, shared with the VM: plain mode protects nothing from the host), and pins
 the KMS root key the node verified on chain (`kms_ca_pubkey` in .sys-config.json).
 """
@@ -43,6 +44,7 @@ from typing import Any, Literal
 import httpx
 
 from teecloud._fs import atomic_write
+from teecloud.appcompose import AppComposeError, gpu_attestation_required
 from teecloud.node.errors import (
     BootFailed,
     ComposeRejected,
@@ -66,7 +68,7 @@ from teecloud.node.runtime.qemu_cmdline import (
     qemu_argv,
 )
 
-__all__ = ["QemuBackend", "QemuBackendConfig", "QemuCvm", "SerialLog"]
+__all__ = ["QemuBackend", "QemuBackendConfig", "QemuCvm", "SerialLog", "check_passthrough_devices"]
 
 log = logging.getLogger("teecloud.node.runtime.qemu")
 
@@ -95,6 +97,69 @@ class QemuBackendConfig:
     simulated_tee: Path | None = None
     # the KMS root key (hex DER SPKI) the guest pins: the node's KMS client verified it on chain
     kms_ca_pubkey: Callable[[], str] | None = None
+    # GPUs (and NVSwitch bridges) this node passes through, host PCI addresses (modes tdx and sev-snp;
+    # dstack-vmm's attach mode "all"): a CVM whose measured compose requires GPU attestation
+    # (`"gpu_attestation": "required"`) gets all of them, others none; one running CVM at a time holds them
+    gpus: tuple[str, ...] = ()
+    gpu_bridges: tuple[str, ...] = ()
+    pci_hole64_size: int = 0
+    hotplug_off: bool = False
+    sysfs: Path = Path("/sys")  # where the GPU host checks read (tests: a fake tree)
+    dev: Path = Path("/dev")
+
+
+def check_passthrough_devices(
+    addresses: Sequence[str], *, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")
+) -> None:
+    """Each device can be given to a VM safely, as QEMU's vfio-pci over iommufd takes it; else
+    RuntimeUnavailable naming the device and the fix:
+    (1) the host kernel has iommufd (/dev/iommu);
+    (2) the device exists and is bound to vfio-pci (no host driver keeps using it);
+    (3) it has an IOMMU group and is alone in it (any other device of the group could DMA into the memory
+        the IOMMU maps for this one: the group is the unit of isolation);
+    (4) it has a VFIO device node (vfio-dev/vfioN: CONFIG_VFIO_DEVICE_CDEV), which iommufd needs."""
+    if not addresses:
+        return
+    # (1)
+    if not (dev / "iommu").exists():
+        raise RuntimeUnavailable(
+            f"{dev / 'iommu'} is absent: GPU passthrough needs the host kernel's iommufd (Linux >= 6.2 with "
+            "CONFIG_IOMMUFD) and the IOMMU on (intel_iommu=on / amd_iommu=on)"
+        )
+    for address in addresses:
+        device = sysfs / "bus" / "pci" / "devices" / address
+        if not device.is_dir():
+            raise RuntimeUnavailable(f"no PCI device {address} on this host ({device})")
+        # (2)
+        driver = (
+            os.path.basename(os.readlink(device / "driver")) if (device / "driver").is_symlink() else None
+        )
+        if driver != "vfio-pci":
+            raise RuntimeUnavailable(
+                f"PCI device {address} is bound to {driver or 'no driver'}, not vfio-pci: bind it first "
+                f"(e.g. `driverctl set-override {address} vfio-pci`)"
+            )
+        # (3)
+        group_link = device / "iommu_group"
+        if not group_link.is_symlink():
+            raise RuntimeUnavailable(
+                f"PCI device {address} has no IOMMU group: the IOMMU is off (intel_iommu=on / amd_iommu=on)"
+            )
+        group = os.path.basename(os.readlink(group_link))
+        members = sorted(p.name for p in (group_link / "devices").iterdir())
+        if members != [address]:
+            others = [m for m in members if m != address]
+            raise RuntimeUnavailable(
+                f"PCI device {address} is not alone in IOMMU group {group} (also: "
+                f"{', '.join(others)[:300]}): those devices could reach the memory mapped for it; refused "
+                "(put it in its own group: another slot, or ACS on the bridge above it)"
+            )
+        # (4)
+        if not any((device / "vfio-dev").glob("vfio*")):
+            raise RuntimeUnavailable(
+                f"PCI device {address} has no VFIO device node (vfio-dev/vfioN): QEMU's iommufd backend "
+                "needs CONFIG_VFIO_DEVICE_CDEV (Linux >= 6.6)"
+            )
 
 
 def _free_port() -> int:
@@ -104,10 +169,16 @@ def _free_port() -> int:
 
 
 def _write_shared(
-    inst: Instance, shared: Path, *, kms_ca_pubkey: str | None = None, simulated_tee: Path | None = None
+    inst: Instance,
+    shared: Path,
+    *,
+    kms_ca_pubkey: str | None = None,
+    simulated_tee: Path | None = None,
+    tee_mode: Mode | None = None,
 ) -> None:
     """Copy the instance's host-shared files into the VM's share (owner-only; atomic each), with the KMS
-    root key in .sys-config.json and (mode plain) the simulated TEE's state."""
+    root key and the guest's TEE mode (`tee_mode`, teecloud.tee.guest) in .sys-config.json and (mode
+    plain) the simulated TEE's state."""
     shared.mkdir(parents=True, exist_ok=True, mode=0o700)
     sources = {
         "app-compose.json": inst.app_compose_path,
@@ -120,9 +191,13 @@ def _write_shared(
         src = sources[name]
         if src.is_file():
             data = src.read_bytes()
-            if name == ".sys-config.json" and kms_ca_pubkey is not None:
+            if name == ".sys-config.json" and (kms_ca_pubkey is not None or tee_mode is not None):
                 doc = json.loads(data)
-                data = json.dumps({**doc, "kms_ca_pubkey": kms_ca_pubkey}, sort_keys=True).encode()
+                if kms_ca_pubkey is not None:
+                    doc["kms_ca_pubkey"] = kms_ca_pubkey
+                if tee_mode is not None:
+                    doc["tee_mode"] = tee_mode
+                data = json.dumps(doc, sort_keys=True).encode()
             atomic_write(shared / name, data, mode=0o644)
         else:
             with contextlib.suppress(FileNotFoundError):
@@ -380,6 +455,9 @@ class QemuBackend:
                 )
         if self.config.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise RuntimeUnavailable("/dev/kvm is not available: use mode plain with accel tcg on this host")
+        check_passthrough_devices(
+            (*self.config.gpus, *self.config.gpu_bridges), sysfs=self.config.sysfs, dev=self.config.dev
+        )
 
     def check_images(self, refs: Sequence[str]) -> None:
         """Every image is in the host's Docker (the guest gets them through `docker save`)."""
@@ -399,10 +477,45 @@ class QemuBackend:
             raise ComposeRejected(f"images not present on this node (docker save): {', '.join(missing)}")
 
     def describe(self) -> str:
-        return f"qemu ({self.config.mode}, {self.config.accel})"
+        gpus = f", {len(self.config.gpus)} GPU(s)" if self.config.gpus else ""
+        return f"qemu ({self.config.mode}, {self.config.accel}{gpus})"
 
     def workdir(self, inst: Instance) -> Path:
         return self.root / inst.instance_id[:16]  # short: the QMP socket path must fit sun_path
+
+    def _gpus_for(self, inst: Instance) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The GPUs and bridges a CVM gets: the node's when its compose (measured: part of the compose hash)
+        requires GPU attestation, else none."""
+        if not self.config.gpus:
+            return (), ()
+        try:
+            wanted = gpu_attestation_required(inst.app_compose())
+        except AppComposeError as exc:
+            raise ComposeRejected(str(exc)) from None
+        return (self.config.gpus, self.config.gpu_bridges) if wanted else ((), ())
+
+    def _check_gpus_free(self, inst: Instance, devices: Sequence[str]) -> None:
+        """No other running VM of this node holds one of `devices` (read from the running QEMUs' command
+        lines, so it holds across node restarts)."""
+        if not devices or not self.root.is_dir():
+            return
+        mine = self.workdir(inst)
+        for work in sorted(self.root.iterdir()):
+            if work == mine or not work.is_dir():
+                continue
+            pid = QemuCvm(inst, work, agent_port=None, booted=False).pid()
+            if pid is None:
+                continue
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            held = [d for d in devices if any(a.startswith(f"vfio-pci,host={d},".encode()) for a in argv)]
+            if held:
+                raise InstanceStateError(
+                    f"GPU {', '.join(held)} is held by the running VM {work.name}: one CVM at a time gets "
+                    "this node's GPUs (stop that CVM first)"
+                )
 
     def _vm_config(self, inst: Instance, limits: ResourceLimits, agent_port: int) -> QemuVmConfig:
         cpus = max(1, round(limits.cpus)) if limits.cpus else 1
@@ -416,6 +529,7 @@ class QemuBackend:
         ports += tuple(PortForward(host_port=p, guest_port=p) for p in _published_ports(inst))
         # tdx: the app's identity in MRCONFIGID (dstack MrConfig V1), never on the measured command line
         mrconfigid = mrconfigid_v1(inst.compose_hash()) if self.config.mode == "tdx" else b""
+        gpus, bridges = self._gpus_for(inst)
         return QemuVmConfig(
             mode=self.config.mode,
             image=self.config.image,
@@ -426,6 +540,10 @@ class QemuBackend:
             host_share=self.config.host_share,
             mrconfigid=mrconfigid,
             app_images=self.workdir(inst) / "app-images.tar" if self.config.docker is not None else None,
+            gpus=gpus,
+            gpu_bridges=bridges,
+            pci_hole64_size=self.config.pci_hole64_size if gpus else 0,
+            hotplug_off=self.config.hotplug_off and bool(gpus),
         )
 
     def launch(
@@ -435,6 +553,9 @@ class QemuBackend:
         progress("measuring")  # the guest measures itself; the host starts the VM
         agent_port = _free_port()
         cfg = self._vm_config(instance, limits, agent_port)
+        # the passed-through GPUs, checked at every launch (a device may have been rebound since the start)
+        check_passthrough_devices((*cfg.gpus, *cfg.gpu_bridges), sysfs=self.config.sysfs, dev=self.config.dev)
+        self._check_gpus_free(instance, (*cfg.gpus, *cfg.gpu_bridges))
         work = cfg.workdir
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
         cvm = QemuCvm(instance, work, agent_port=agent_port, booted=False)
@@ -446,24 +567,46 @@ class QemuBackend:
             cvm.stop()
         ca = self.config.kms_ca_pubkey() if self.config.kms_ca_pubkey is not None else None
         sim = self.config.simulated_tee if self.config.mode == "plain" else None
-        _write_shared(instance, cfg.shared_dir, kms_ca_pubkey=ca, simulated_tee=sim)
+        _write_shared(
+            instance, cfg.shared_dir, kms_ca_pubkey=ca, simulated_tee=sim, tee_mode=self.config.mode
+        )
         if cfg.app_images is not None and self.config.docker is not None:
             _save_images(self.config.docker, _image_refs(instance), cfg.app_images)
         if not cfg.hda.exists():
-            out = subprocess.run(
-                [self.config.qemu_img, "create", "-q", "-f", "qcow2", str(cfg.hda), f"{cfg.shape.disk_gb}G"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            try:
+                out = subprocess.run(
+                    [
+                        self.config.qemu_img,
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        str(cfg.hda),
+                        f"{cfg.shape.disk_gb}G",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+            except OSError as exc:
+                raise RuntimeUnavailable(
+                    f"cannot run {self.config.qemu_img}: {exc.strerror or exc}"
+                ) from None
             if out.returncode != 0:
                 raise BootFailed("storage", f"qemu-img create failed: {out.stderr.strip()[:500]}")
         argv = qemu_argv(cfg, qemu=self.config.qemu)
         with (work / "qemu.log").open("wb") as qlog:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=qlog,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:  # no QEMU binary: the host's problem, named (not a traceback)
+                raise RuntimeUnavailable(f"cannot start {self.config.qemu}: {exc.strerror or exc}") from None
         atomic_write(work / "qemu.pid", str(proc.pid).encode())
         deadline = time.monotonic() + self.config.agent_timeout_s
         try:
