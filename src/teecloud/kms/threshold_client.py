@@ -35,6 +35,7 @@ from typing import Any
 from teecloud.appcompose import AppComposeError
 from teecloud.errors import Error
 from teecloud.keys import threshold as th
+from teecloud.keys import threshold_ecdh as tx
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.appkeys import AppKeys
 from teecloud.keys.errors import KeysError
@@ -116,6 +117,8 @@ class ThresholdKeyProvider:
         self.faults: dict[int, str] = {}
         self.signature_error = ""  # why the last get_app_keys got no KMS signature ('' when it did)
         self.composes = ComposeBook()  # the GPU gate: bind_app_compose
+        self._env_blob: bytes | None = None
+        self.env_shared_secret: bytes | None = None  # the bound env's X25519 secret, after get_app_keys
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.group.group_public_key.hex(), "epoch": self.group.epoch}
@@ -228,8 +231,94 @@ class ThresholdKeyProvider:
 
     # (2)-(4)
     def get_app_keys(self, tee: QuoteSource, app_id: bytes, instance_id: bytes) -> AppKeys:
-        """The app's keys under its current root epoch (its measured app-compose's `kms_key_epoch`)."""
-        return self._app_keys(tee, app_id, instance_id, self._group_of(self._key_epochs(tee).current))
+        """The app's keys under its current root epoch (its measured app-compose's `kms_key_epoch`); with an
+        encrypted env bound (`bind_encrypted_env`), also its env's shared secret (`env_shared_secret`),
+        asked at the same boot-time point."""
+        group = self._group_of(self._key_epochs(tee).current)
+        keys = self._app_keys(tee, app_id, instance_id, group)
+        self.env_shared_secret = None
+        if self._env_blob:
+            self.env_shared_secret = self._env_secret(tee, app_id, group)
+        return keys
+
+    def bind_encrypted_env(self, blob: bytes | None) -> None:
+        """The CVM's encrypted env (dstack format): get_app_keys then gets the partials for its ephemeral key
+        (guest.boot_guest calls this before the boot measurement is finished)."""
+        self._env_blob = bytes(blob) if blob else None
+
+    def _env_secret(self, tee: QuoteSource, app_id: bytes, group: ThresholdGroup) -> bytes:
+        """The X25519 shared secret of the bound env: D_i = x_i·P from t nodes (each applies the whole
+        key-release rule and takes the app from our evidence), each Chaum–Pedersen proof checked against the
+        app's env commitments that t nodes agree on; a node whose proof fails or whose commitments differ
+        is named in `faults` and skipped; any t combine (keys.threshold_ecdh)."""
+        blob = self._env_blob or b""
+        try:
+            point = tx.ephemeral_point(blob)
+        except tx.ThresholdEcdhError as exc:
+            raise KmsClientError(f"the encrypted env: {exc}") from exc
+        body = api.ThresholdEnvPartialRequest(
+            vm_config=vm_config_json(tee),
+            app_compose=self.composes.for_tee(tee),
+            epoch=group.epoch,
+            ephemeral_key=blob[:32].hex(),
+        ).model_dump()
+        faults = self.faults
+        valid: dict[int, tuple[tuple[bytes, ...], tx.EcdhPartial]] = {}
+
+        def ask(client: KmsClient) -> api.ThresholdEnvPartialResponse:
+            return client.attested_call(
+                tee,
+                api.PATH_THRESHOLD_ENV_PARTIAL,
+                api.ThresholdEnvPartialResponse,
+                body=body,
+                usage="app:kms-client",
+                app_id=app_id,
+            )
+
+        def accept(i: int, answer: Any) -> bool:
+            if isinstance(answer, BaseException):
+                faults[i] = "env partial: " + _describe(answer)
+                return False
+            try:
+                if answer.index != i or answer.app_id != app_id.hex() or answer.epoch != group.epoch:
+                    raise ValueError("answered as another share, app or epoch")
+                commitments = tuple(bytes.fromhex(c) for c in answer.commitments)
+                if len(commitments) != group.t:
+                    raise ValueError(f"{len(commitments)} env commitments, {group.t} expected")
+                partial = tx.EcdhPartial(i, bytes.fromhex(answer.element), bytes.fromhex(answer.proof))
+                if not tx.verify_partial(commitments, app_id, point, partial):
+                    raise ValueError("the env partial's proof does not verify")
+            except (ValueError, KeysError) as exc:
+                faults[i] = f"env partial: {exc}"
+                log.warning("KMS node %d (%s) is skipped: %s", i, self.group.nodes[i], faults[i])
+                return False
+            valid[i] = (commitments, partial)
+            return True
+
+        self._gather(self._challenged, ask, accept, need=group.t, all_first=False)
+        by_key: dict[tuple[bytes, ...], list[int]] = {}
+        for i, (c, _) in valid.items():
+            by_key.setdefault(c, []).append(i)
+        if not by_key or max(len(v) for v in by_key.values()) < group.t:
+            rest = [i for i in self._challenged if i not in valid and i not in faults]
+            self._gather(rest, ask, accept, need=len(rest), all_first=True)
+            by_key = {}
+            for i, (c, _) in valid.items():
+                by_key.setdefault(c, []).append(i)
+        best = max(by_key.values(), key=len, default=[])
+        if len(best) < group.t:
+            raise KmsClientError(
+                f"fewer than {group.t} KMS nodes gave a valid env partial for one env key"
+                + _fault_text(faults)
+            )
+        for i in valid:
+            if i not in best:
+                faults[i] = "env partial: under other env-key commitments than the other nodes"
+        commitments = valid[best[0]][0]
+        try:
+            return tx.combine(commitments, app_id, point, [valid[i][1] for i in sorted(best)[: group.t]])
+        except KeysError as exc:
+            raise KmsClientError(f"the env partials do not combine: {exc}") from exc
 
     def get_previous_app_keys(self, tee: QuoteSource, app_id: bytes, instance_id: bytes) -> AppKeys | None:
         """While an app migrates (`kms_key_epoch_previous` in its measured app-compose): its keys under the
