@@ -190,8 +190,7 @@ def boot_guest(
     # (1) + (2)
     progress("measuring")
     provider = _TimedProvider(key_provider)
-    if encrypted_env:  # a threshold provider asks for its env's partials at the boot-time point
-        provider.bind_encrypted_env(encrypted_env)
+    provider.bind_encrypted_env(encrypted_env)  # a threshold provider asks for its partials at boot time
     try:
         state = boot(
             tee,

@@ -206,12 +206,52 @@ def _encrypt_env(session: Session, app_id: bytes, env: Mapping[str, str]) -> str
     from teecloud.keys.envcrypt import encrypt_env
 
     try:
-        pub, _resp = session.kms_client().get_env_encrypt_pubkey(app_id)
+        threshold = _threshold_env_key(session, app_id)
+        pub = threshold if threshold is not None else session.kms_client().get_env_encrypt_pubkey(app_id)[0]
     except Exception as exc:  # KmsClientError and transport failures, reported as a deploy error
         raise DeployError(
             f"cannot get a verified env-encryption key for the app from the KMS: {exc}"
         ) from exc
     return encrypt_env(pub, dict(env)).hex()
+
+
+def _threshold_env_key(session: Session, app_id: bytes) -> bytes | None:
+    """With a threshold KMS (`teecloud up --kms-nodes N`): the app's env key from the serving committee
+    KmsGroup records, t nodes agreeing and every signature recovering to the group's signing key from the
+    local group record (teecloud.kms.threshold_client.fetch_env_public_key); a node that disagrees or fails
+    is named in a warning. None with a single KMS."""
+    import logging
+
+    from teecloud.chain.errors import NotDeployed
+    from teecloud.kms.client import connect_kms
+    from teecloud.kms.threshold import read_group
+    from teecloud.kms.threshold_client import fetch_env_public_key
+
+    group = read_group(session.home)
+    if group is None or group.n < 2:
+        return None
+    if not group.signing_key:
+        raise DeployError("the threshold KMS group has no signing key: env public keys cannot be verified")
+    try:
+        committee = session.chain.kms_group.active(group.epoch)
+    except NotDeployed:
+        committee = None
+    if committee is None:
+        raise DeployError(f"KmsGroup records no serving committee for epoch {group.epoch}")
+    p = session.platform
+    clients = {
+        i: connect_kms(
+            url,
+            collateral_for=lambda _q, _n: p.collateral(),
+            dev_root_der=p.dev_root_der(),
+            chain=session.chain,
+        )
+        for i, url in committee.urls.items()
+    }
+    pub, faults = fetch_env_public_key(clients, app_id, t=committee.t, signing_key=group.signing_key)
+    for i, why in sorted(faults.items()):
+        logging.getLogger(__name__).warning("KMS node %d: %s", i, why)
+    return pub
 
 
 def _node_check(session: Session, name: str | None, app_compose: bytes) -> None:

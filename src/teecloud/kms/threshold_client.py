@@ -26,6 +26,7 @@ Procedure:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from teecloud.appcompose import AppComposeError
+from teecloud.attestation.errors import VerificationError
 from teecloud.errors import Error
 from teecloud.keys import threshold as th
 from teecloud.keys import threshold_ecdh as tx
@@ -48,7 +50,7 @@ from teecloud.kms.errors import KmsClientError, SealingError
 from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
 from teecloud.kms.threshold import DkgPlan, ResharePlan, ThresholdShare
 
-__all__ = ["ThresholdGroup", "ThresholdKeyProvider", "join_dkg", "join_reshare"]
+__all__ = ["ThresholdGroup", "ThresholdKeyProvider", "fetch_env_public_key", "join_dkg", "join_reshare"]
 
 log = logging.getLogger("teecloud.kms.threshold")
 
@@ -117,8 +119,8 @@ class ThresholdKeyProvider:
         self.faults: dict[int, str] = {}
         self.signature_error = ""  # why the last get_app_keys got no KMS signature ('' when it did)
         self.composes = ComposeBook()  # the GPU gate: bind_app_compose
-        self._env_blob: bytes | None = None
-        self.env_shared_secret: bytes | None = None  # the bound env's X25519 secret, after get_app_keys
+        # per boot thread (one provider serves every CVM of a worker): the bound env and its secret
+        self._env = threading.local()
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.group.group_public_key.hex(), "epoch": self.group.epoch}
@@ -236,22 +238,29 @@ class ThresholdKeyProvider:
         asked at the same boot-time point."""
         group = self._group_of(self._key_epochs(tee).current)
         keys = self._app_keys(tee, app_id, instance_id, group)
-        self.env_shared_secret = None
-        if self._env_blob:
-            self.env_shared_secret = self._env_secret(tee, app_id, group)
+        self._env.secret = None
+        if getattr(self._env, "blob", None):
+            self._env.secret = self._env_secret(tee, app_id, group)
         return keys
 
     def bind_encrypted_env(self, blob: bytes | None) -> None:
-        """The CVM's encrypted env (dstack format): get_app_keys then gets the partials for its ephemeral key
-        (guest.boot_guest calls this before the boot measurement is finished)."""
-        self._env_blob = bytes(blob) if blob else None
+        """The CVM's encrypted env (dstack format), for this thread's next get_app_keys, which then gets the
+        partials for its ephemeral key (guest.boot_guest calls this before boot, with None for no env)."""
+        self._env.blob = bytes(blob) if blob else None
+        self._env.secret = None
+
+    @property
+    def env_shared_secret(self) -> bytes | None:
+        """The X25519 shared secret of the env bound in this thread, after get_app_keys (else None)."""
+        secret = getattr(self._env, "secret", None)
+        return secret if isinstance(secret, bytes) else None
 
     def _env_secret(self, tee: QuoteSource, app_id: bytes, group: ThresholdGroup) -> bytes:
         """The X25519 shared secret of the bound env: D_i = x_i·P from t nodes (each applies the whole
         key-release rule and takes the app from our evidence), each Chaum–Pedersen proof checked against the
         app's env commitments that t nodes agree on; a node whose proof fails or whose commitments differ
         is named in `faults` and skipped; any t combine (keys.threshold_ecdh)."""
-        blob = self._env_blob or b""
+        blob: bytes = self._env.blob
         try:
             point = tx.ephemeral_point(blob)
         except tx.ThresholdEcdhError as exc:
@@ -536,6 +545,67 @@ class ThresholdKeyProvider:
         except ValueError:
             return "a malformed partial evaluation"
         return ""
+
+
+def fetch_env_public_key(
+    clients: Mapping[int, KmsClient],
+    app_id: bytes,
+    *,
+    t: int,
+    signing_key: bytes,
+    epoch: int | None = None,
+) -> tuple[bytes, dict[int, str]]:
+    """The app's threshold env public key (teecloud.kms.threshold_env), as `teecloud deploy` takes it: the
+    lowest reachable node first (its first request runs the app's ceremony), then every other node; each
+    answer's two signatures must recover to the group's signing key (the trusted record's, never a node's
+    say-so), and t nodes must agree on the key. Returns (key, faults): every node that failed or disagreed,
+    by index, with the reason. Raises KmsClientError when no key has t agreeing nodes."""
+    from teecloud.keys.appkeys import env_encrypt_pubkey_digest
+    from teecloud.keys.sigchain import recover_k256
+    from teecloud.kms.threshold_env import legacy_digest
+
+    body: dict[str, Any] = {"app_id": app_id.hex(), **({"epoch": epoch} if epoch else {})}
+    faults: dict[int, str] = {}
+    keys: dict[int, bytes] = {}
+
+    def ask(i: int) -> None:
+        try:
+            ans = clients[i]._call(
+                "POST", api.PATH_GET_APP_ENV_ENCRYPT_PUBKEY, api.EnvEncryptPubKeyResponse, body=body
+            )
+            pub = bytes.fromhex(ans.public_key)
+            if len(pub) != 32:
+                raise ValueError("the public key is not 32 bytes")
+            for sig, digest in (
+                (ans.signature_v1, env_encrypt_pubkey_digest(app_id, pub, ans.timestamp)),
+                (ans.signature, legacy_digest(app_id, pub)),
+            ):
+                if recover_k256(digest, bytes.fromhex(sig)) != signing_key:
+                    raise ValueError("a signature does not recover to the group's signing key")
+            keys[i] = pub
+        except (KmsClientError, ValueError, KeysError, VerificationError, Error) as exc:
+            faults[i] = _describe(exc)
+
+    order = sorted(clients)
+    for first in order:  # the first answer makes the key (one ceremony), the rest only read it
+        ask(first)
+        if first in keys:
+            break
+    rest = [i for i in order if i not in keys and i not in faults]
+    with ThreadPoolExecutor(max_workers=max(1, len(rest))) as pool:
+        list(pool.map(ask, rest))
+    counts: dict[bytes, list[int]] = {}
+    for i, k in keys.items():
+        counts.setdefault(k, []).append(i)
+    best = max(counts.values(), key=len, default=[])
+    if len(best) < t:
+        raise KmsClientError(
+            f"fewer than {t} KMS nodes agree on the app's env public key" + _fault_text(faults)
+        )
+    for i, k in keys.items():
+        if i not in best:
+            faults[i] = f"returned another env public key ({k.hex()}) than the {len(best)} others"
+    return keys[best[0]], faults
 
 
 def _describe(exc: BaseException) -> str:
