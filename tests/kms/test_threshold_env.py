@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 import warnings
 from collections.abc import Iterator
@@ -54,7 +55,7 @@ def members(teecloud_home: Path, world: World) -> Iterator[tuple[dict[int, Membe
             m = start_member(teecloud_home, world.chain, s, name="env")
             m.service._install_signer(keys[s.index - 1])
             out[s.index] = m
-        for _ in range(12):  # presignatures (made in one process here; networked: kms.threshold_net)
+        for _ in range(24):  # presignatures (made in one process here; networked: kms.threshold_net)
             for i, p in te.presign_local(keys, list(range(1, N + 1))).items():
                 out[i].service.threshold.signer.pool.add([p])  # type: ignore[union-attr]
         urls = {i: m.server.url for i, m in out.items()}
@@ -243,6 +244,22 @@ def test_attacks_on_the_env_partial(
         "wrong length": "00" * 31,
         "not hex": "zz" * 32,
     }
+    # generated mutations: random keys and flipped bytes of a genuine one are a 400 (malformed) or a 403
+    # (well-formed, but no attested caller), never a 500 and never a partial
+    rng = random.Random(19)
+    genuine = bytearray(blob_b[:32])
+    for k in range(24):
+        if k % 2:
+            key = bytes(rng.getrandbits(8) for _ in range(32))
+        else:
+            key = bytes(genuine[:k] + bytes([genuine[k] ^ (1 << (k % 8))]) + genuine[k + 1 :])
+        r = httpx.post(
+            nodes[2].server.url + api.PATH_THRESHOLD_ENV_PARTIAL,
+            json={"vm_config": "", "ephemeral_key": key.hex()},
+            verify=False,
+            timeout=30,
+        )
+        assert r.status_code in (400, 403) and "element" not in r.json(), (key.hex(), r.text)
     for what, key in bad.items():
         r = httpx.post(
             nodes[1].server.url + api.PATH_THRESHOLD_ENV_PARTIAL,
@@ -261,14 +278,27 @@ def _on_twist(u: int) -> bool:
 
 
 def test_no_ceremony_for_an_unregistered_app_and_concurrent_first_requests(
-    world: World, members: tuple[dict[int, Member], bytes]
+    teecloud_home: Path, world: World, members: tuple[dict[int, Member], bytes]
 ) -> None:
-    nodes, _ = members
+    nodes, signing_key = members
     stranger = bytes.fromhex("77" * 20)
     for n in nodes.values():
         with pytest.raises(AccessDenied, match="not registered in KmsAuth"):
             pubkey(n, stranger)
     assert all(f == [] for f in env_files(nodes).values())
+    # its CVM booting with an env blob (the attacker's exact steps: a boot of an app KmsAuth does not
+    # allow) gets no keys and no partial from any node
+    blob = encrypt_env(bytes(32 * [9]), {"K": "v"})
+    provider = provider_for(nodes, signing_key, SimulatedTdx(teecloud_home))
+    provider.bind_encrypted_env(blob)
+    with pytest.raises(Exception, match=r"(?i)denied|refused|not allowed|valid partial"):
+        boot_hello(teecloud_home, world, provider, app_id=stranger)
+    assert provider.env_shared_secret is None
+    for n in nodes.values():
+        assert not any(
+            r.endpoint == api.PATH_THRESHOLD_ENV_PARTIAL and r.decision == "allowed"
+            for r in n.service.audit.read()
+        )
 
     # first requests of one app at once, on one node and on two: one ceremony; the others wait or are
     # told to retry; in the end every node serves the same key and holds exactly one sharing

@@ -573,7 +573,8 @@ class PeerEnvSignRequest(BaseModel):
     epoch: int = Field(ge=1, lt=1 << 32)
     app_id: _AppIdHex
     timestamp: int = Field(ge=0, lt=1 << 63)
-    sessions: list[_Session] = Field(min_length=2, max_length=2)
+    # two presignatures to sign with; none: a probe, answered with this member's unused presignatures
+    sessions: list[_Session] = Field(min_length=0, max_length=2)
     member: PeerMember | None = None
 
 
@@ -589,6 +590,7 @@ class PeerEnvSignResponse(BaseModel):
     index: int
     public_key: str
     shares: list[EnvSignShare] = Field(max_length=2)
+    unused: list[str] = Field(default_factory=list, max_length=512)
     member: PeerMember
 
 

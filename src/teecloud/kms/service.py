@@ -813,7 +813,13 @@ class KmsService:
             env = self._env()
             node = self.admit_peer(cert_der, req.member, ctx)
             sessions = [bytes.fromhex(s) for s in req.sessions]
+            if len(sessions) == 1:
+                raise KmsUsageError("sessions: two presignatures, or none for a probe")
             pub, pairs = env.sign_shares(req.epoch, bytes.fromhex(req.app_id), req.timestamp, sessions)
+            signer = self.threshold.signer if self.threshold is not None else None
+            unused = (
+                [u.hex() for u in signer.pool.unused()][:512] if signer is not None and not sessions else []
+            )
             assert self.peer_identity is not None
             ctx["reason"] = f"env public key signature shares for member {node.index}"
             return api.PeerEnvSignResponse(
@@ -829,6 +835,7 @@ class KmsService:
                     )
                     for p, sh in pairs
                 ],
+                unused=unused,
                 member=self.peer_identity.member,
             )
 

@@ -65,6 +65,8 @@ __all__ = [
 CEREMONY_WINDOW_S = 120
 SIGNATURE_REFRESH_S = 120
 TIMESTAMP_SKEW_S = 60
+SIGN_ATTEMPTS = 6
+_pick = secrets.SystemRandom()
 MAX_OPEN_CEREMONIES = 64
 ENV_DIR = "threshold-env"
 
@@ -178,6 +180,7 @@ class EnvKeys:
         self._lock = threading.Lock()
         self._app_locks: dict[tuple[int, bytes], threading.Lock] = {}
         self._answers: dict[tuple[int, bytes], api.EnvEncryptPubKeyResponse] = {}
+        self._burnt: set[bytes] = set()  # presignatures some member refused (bound to another digest)
 
     # --- configuration
 
@@ -404,6 +407,8 @@ class EnvKeys:
         if signer is None:
             raise AccessDenied("this member holds no threshold signing share", step="mode")
         pub = tx.x25519_public_key(share.commitments)
+        if not sessions:  # a probe: the caller then asks for the unused presignatures (KmsService)
+            return pub, []
         digests = [legacy_digest(app_id, pub), env_encrypt_pubkey_digest(app_id, pub, timestamp)]
         try:
             out = [
@@ -421,15 +426,23 @@ class EnvKeys:
         pub = tx.x25519_public_key(share.commitments)
         group_key = signer.group_public_key
         t = signer.key.t
-        unused = sorted(signer.pool.unused())
         faults: dict[int, str] = {}
-        for attempt in range(3):
-            sessions = unused[2 * attempt : 2 * attempt + 2]
-            if len(sessions) < 2:
+        for _attempt in range(SIGN_ATTEMPTS):
+            # which presignatures each member still holds unused (a probe to every other member), then two
+            # that this node and t-1 of them hold, at random (two coordinators may still race for one: the
+            # members refuse the second digest, and this node tries again)
+            held = self._probe(epoch, app_id, faults)
+            if len(self._burnt) > 4096:
+                self._burnt.clear()
+            mine = [u for u in signer.pool.unused() if u not in self._burnt]
+            by_count = [u for u in mine if sum(u in h for h in held.values()) >= t - 1]
+            if len(by_count) < 2:
                 break
+            sessions = _pick.sample(sorted(by_count), 2)
+            signers = [i for i in sorted(held) if all(s in held[i] for s in sessions)]
             ts = int(self._clock())
             digests = [legacy_digest(app_id, pub), env_encrypt_pubkey_digest(app_id, pub, ts)]
-            sigs = self._gather_signatures(epoch, app_id, pub, ts, sessions, digests, t, faults)
+            sigs = self._gather_signatures(epoch, app_id, pub, ts, sessions, digests, t, faults, signers)
             if sigs is not None:
                 for sig, digest in zip(sigs, digests, strict=True):
                     rec = coincurve.PublicKey.from_signature_and_message(sig, digest, hasher=None)
@@ -446,6 +459,27 @@ class EnvKeys:
             f"`teecloud kms presign`){': ' + detail if detail else ''}"
         )
 
+    def _probe(self, epoch: int, app_id: bytes, faults: dict[int, str]) -> dict[int, set[bytes]]:
+        """Every other member's unused presignatures (members that fail are left out, named in faults)."""
+        body = {"epoch": epoch, "app_id": app_id.hex(), "timestamp": int(self._clock()), "sessions": []}
+
+        def one(i: int) -> set[bytes] | None:
+            try:
+                answer = self._connect(i, self.peers[i]).peer_call(
+                    api.PATH_PEER_ENV_SIGN, api.PeerEnvSignResponse, body
+                )
+                if answer.index != i:
+                    raise ValueError("answered as another member")
+                return {bytes.fromhex(u) for u in answer.unused}
+            except (KmsClientError, KmsDenied, ValueError) as exc:
+                faults[i] = str(exc)[:300]
+                return None
+
+        others = sorted(self.peers)
+        with ThreadPoolExecutor(max_workers=max(1, len(others))) as pool:
+            got = dict(zip(others, pool.map(one, others), strict=True))
+        return {i: u for i, u in got.items() if u is not None}
+
     def _gather_signatures(
         self,
         epoch: int,
@@ -456,6 +490,7 @@ class EnvKeys:
         digests: list[bytes],
         t: int,
         faults: dict[int, str],
+        signers: list[int],
     ) -> list[bytes] | None:
         got: dict[int, list[tuple[te.Presignature, te.SignatureShare]]] = {}
         signer = self._signer()
@@ -471,7 +506,7 @@ class EnvKeys:
             "timestamp": ts,
             "sessions": [s.hex() for s in sessions],
         }
-        for i in sorted(self.peers):
+        for i in signers:
             if len(got) >= t:
                 break
             try:
@@ -506,7 +541,10 @@ class EnvKeys:
                 got[i] = pairs
             except (KmsClientError, KmsDenied, ValueError, KeysError) as exc:
                 faults[i] = str(exc)[:300]
+                if "already signed another message" in str(exc):
+                    self._burnt.update(sessions)
         if len(got) < t:
+            self._burnt.update(sessions)  # this node bound them to this attempt's digests: never again
             return None
         out = []
         for k, digest in enumerate(digests):
