@@ -227,7 +227,7 @@ def _threshold_env_key(session: Session, app_id: bytes) -> bytes | None:
     from teecloud.kms.threshold import read_group
     from teecloud.kms.threshold_client import fetch_env_public_key
 
-    group = read_group(session.home)
+    group = read_group(getattr(session, "home", None))
     if group is None or group.n < 2:
         return None
     if not group.signing_key:
