@@ -29,9 +29,9 @@ from teecloud.keys.appkeys import env_encrypt_pubkey_digest
 from teecloud.keys.envcrypt import EnvDecryptionFailed, decrypt_env_with_shared_secret, encrypt_env
 from teecloud.kms import api
 from teecloud.kms.client import connect_kms
-from teecloud.kms.errors import AccessDenied
+from teecloud.kms.errors import AccessDenied, KmsClientError
 from teecloud.kms.threshold import local_joint_feldman
-from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
+from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider, fetch_env_public_key
 from teecloud.kms.threshold_env import EnvKeyBusy, legacy_digest
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.conftest import World, post_with_cert
@@ -170,13 +170,49 @@ def test_env_key_made_on_first_request_signed_by_the_group_and_decrypted_at_boot
         element = bytes.fromhex(ans.element)
         return ans.model_copy(update={"element": tx._add(element, tx.BASE).hex()})
 
+    env3 = nodes[3].service.env_keys
+    assert env3 is not None
+    real3 = env3.partial
+
+    def bad_proof(epoch: int, app: bytes, key: bytes) -> api.ThresholdEnvPartialResponse:
+        ans = real3(epoch, app, key)
+        proof = bytearray(bytes.fromhex(ans.proof))
+        proof[40] ^= 4
+        return ans.model_copy(update={"proof": proof.hex()})
+
     env2.partial = lie  # type: ignore[method-assign]
+    env3.partial = bad_proof  # type: ignore[method-assign]
     provider = provider_for(nodes, signing_key, dev)
     provider.bind_encrypted_env(blob)
     boot_hello(teecloud_home, world, provider, app_id=app_id)
-    assert set(provider.faults) == {2} and "proof does not verify" in provider.faults[2]
+    assert set(provider.faults) == {2, 3}
+    assert all("proof does not verify" in provider.faults[i] for i in (2, 3))
     assert decrypt_env_with_shared_secret(provider.env_shared_secret or b"", blob) == {"SECRET": "s3cr3t"}
     env2.partial = real  # type: ignore[method-assign]
+    env3.partial = real3  # type: ignore[method-assign]
+
+    # the deploy side: t nodes must agree on the key, each answer's signatures recover to the group key,
+    # and a node that answers another key (here: signed for another app's sharing) is named
+    clients = {
+        i: connect_kms(
+            m.server.url,
+            collateral_for=lambda _q, _n: dev.collateral(),
+            dev_root_der=dev.dev_root_der(),
+            expected_ca_pubkey_der=m.service.keys.ca_public_key_der,
+        )
+        for i, m in nodes.items()
+    }
+    got, faults = fetch_env_public_key(clients, app_id, t=T, signing_key=signing_key)
+    assert got == pub and faults == {}
+    other_app = world.register(compose_hash(dict(HELLO, name="someone-else")))
+    other_answer = pubkey(nodes[4], other_app)
+    env4 = nodes[4].service.env_keys
+    assert env4 is not None
+    env4.public_key = lambda epoch, app: other_answer  # type: ignore[method-assign,assignment,misc]
+    got, faults = fetch_env_public_key(clients, app_id, t=T, signing_key=signing_key)
+    assert got == pub and set(faults) == {4} and "does not recover to the group" in faults[4]
+    with pytest.raises(KmsClientError, match="fewer than 3 KMS nodes agree"):
+        fetch_env_public_key(clients, app_id, t=T, signing_key=b"\x02" + b"\x11" * 32)
     nodes[4].server.stop()
     nodes[5].server.stop()
     provider = provider_for(nodes, signing_key, dev)
@@ -285,6 +321,11 @@ def test_no_ceremony_for_an_unregistered_app_and_concurrent_first_requests(
     for n in nodes.values():
         with pytest.raises(AccessDenied, match="not registered in KmsAuth"):
             pubkey(n, stranger)
+    assert all(f == [] for f in env_files(nodes).values())
+    # a root epoch these nodes do not serve: no ceremony either
+    registered = world.register(compose_hash(dict(HELLO, name="epoch-two")))
+    with pytest.raises(AccessDenied, match="serves no root epoch 2"):
+        nodes[1].service.env_encrypt_pubkey(registered.hex(), 2)
     assert all(f == [] for f in env_files(nodes).values())
     # its CVM booting with an env blob (the attacker's exact steps: a boot of an app KmsAuth does not
     # allow) gets no keys and no partial from any node

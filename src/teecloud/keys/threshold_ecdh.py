@@ -13,10 +13,11 @@ Construction:
     proof (CRYPTO '92; Fiat–Shamir with SHA-512) that log_B(Y_i) = log_P(D_i), Y_i = Σ i^j·C_j. The client
     checks each proof, names a node whose proof fails, and interpolates any t: Σ λ_i·D_i = x·P, whose u is
     X25519(e, u_X) — the AES-256-GCM key of dstack's format (keys.envcrypt).
-  * One sharing per app, made by its own dealerless DKG (`dkg_local` here; Joint-Feldman as in
-    keys.threshold): the app keys must be unrelated. A public tweak of one group key (x + h(app) or
-    x·h(app)) would let an app whose boot asks for x_A·P on a host-supplied P (the host chooses the env blob)
-    compute another app's x_B·P from the answer, i.e. decrypt another app's env.
+  * One sharing per app, made by its own dealerless DKG (Joint-Feldman: `deal` by each member,
+    `dkg_receive` to check and sum; among running nodes by teecloud.kms.threshold_env; `dkg_local` in one
+    process for tests and the bench): the app keys must be unrelated. A public tweak of one group key
+    (x + h(app) or x·h(app)) would let an app whose boot asks for x_A·P on a host-supplied P (the host
+    chooses the env blob) compute another app's x_B·P from the answer, i.e. decrypt another app's env.
 What a single node's D_i gives: x_i·P, a share; with t−1 of them nothing about x·P (Shamir), under DDH.
 Group operations: libsodium's edwards25519 functions (noclamp scalar multiplication, point validation on
 the main subgroup) through pysodium's binding of Debian's libsodium.
