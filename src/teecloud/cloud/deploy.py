@@ -200,13 +200,15 @@ class Session:
         self.chain.close()
 
 
-def _encrypt_env(session: Session, app_id: bytes, env: Mapping[str, str]) -> str | None:
+def _encrypt_env(
+    session: Session, app_id: bytes, env: Mapping[str, str], app_compose: bytes = b""
+) -> str | None:
     if not env:
         return None
     from teecloud.keys.envcrypt import encrypt_env
 
     try:
-        threshold = _threshold_env_key(session, app_id)
+        threshold = _threshold_env_key(session, app_id, app_compose)
         pub = threshold if threshold is not None else session.kms_client().get_env_encrypt_pubkey(app_id)[0]
     except Exception as exc:  # KmsClientError and transport failures, reported as a deploy error
         raise DeployError(
@@ -215,11 +217,12 @@ def _encrypt_env(session: Session, app_id: bytes, env: Mapping[str, str]) -> str
     return encrypt_env(pub, dict(env)).hex()
 
 
-def _threshold_env_key(session: Session, app_id: bytes) -> bytes | None:
-    """With a threshold KMS (`teecloud up --kms-nodes N`): the app's env key from the serving committee
-    KmsGroup records, t nodes agreeing and every signature recovering to the group's signing key from the
-    local group record (teecloud.kms.threshold_client.fetch_env_public_key); a node that disagrees or fails
-    is named in a warning. None with a single KMS."""
+def _threshold_env_key(session: Session, app_id: bytes, app_compose: bytes = b"") -> bytes | None:
+    """With a threshold KMS (`teecloud up --kms-nodes N`): the app's env key under the root epoch its
+    app-compose names (`kms_key_epoch`, default 1) from the serving committee KmsGroup records, t nodes
+    agreeing and every signature recovering to the group's signing key from the local group record
+    (teecloud.kms.threshold_client.fetch_env_public_key); a node that disagrees or fails is named in a
+    warning. None with a single KMS."""
     import logging
 
     from teecloud.chain.errors import NotDeployed
@@ -248,7 +251,12 @@ def _threshold_env_key(session: Session, app_id: bytes) -> bytes | None:
         )
         for i, url in committee.urls.items()
     }
-    pub, faults = fetch_env_public_key(clients, app_id, t=committee.t, signing_key=group.signing_key)
+    from teecloud.kms.rotation import key_epochs_of_text
+
+    epoch = key_epochs_of_text(app_compose.decode()).current
+    pub, faults = fetch_env_public_key(
+        clients, app_id, t=committee.t, signing_key=group.signing_key, epoch=epoch
+    )
     for i, why in sorted(faults.items()):
         logging.getLogger(__name__).warning("KMS node %d: %s", i, why)
     return pub
@@ -409,7 +417,7 @@ def deploy(
     app_id_bytes = parse_app_id(str(app_id))
     mark("registering")
     # (3)
-    enc = _encrypt_env(session, app_id_bytes, opts.env)
+    enc = _encrypt_env(session, app_id_bytes, opts.env, plan.app_compose)
     mark("env")
     # (4)
     progress("booting", f"app {app_id}")
@@ -563,7 +571,9 @@ def upgrade(
             result.pending = outcome.pending
             if stored is None:  # keep what was planned, so --commit needs no file
                 enc_now = (
-                    _encrypt_env(session, bytes.fromhex(result.app_id), opts.env) if opts.env_given else None
+                    _encrypt_env(session, bytes.fromhex(result.app_id), opts.env, plan.app_compose)
+                    if opts.env_given
+                    else None
                 )
                 save_plan(
                     PendingPlan(
@@ -583,7 +593,11 @@ def upgrade(
     if stored is not None:
         enc = stored.encrypted_env
     else:
-        enc = _encrypt_env(session, bytes.fromhex(result.app_id), opts.env) if opts.env_given else None
+        enc = (
+            _encrypt_env(session, bytes.fromhex(result.app_id), opts.env, plan.app_compose)
+            if opts.env_given
+            else None
+        )
     discard_plan(current.app_id, home)  # rolled out now (or rolled back): no longer pending
     progress("booting", f"upgrade to {chash.hex()[:16]}")
     st = session.node.upgrade(
