@@ -286,15 +286,128 @@ def end_to_end(releases: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def env_ceremony(apps: int) -> list[tuple[str, float, float]]:
+    """Threshold env keys (kms.threshold_env) among five running members (own listeners, sealed shares,
+    boot-time peer identities, mutual RA-TLS between them): the first GetAppEnvEncryptPubKey of an app (its
+    Joint-Feldman ceremony among all 5 + the two threshold signatures), a re-signed answer (t = 3 members'
+    signature shares), and the single-KMS GetAppEnvEncryptPubKey (one whole key) in the same run."""
+    import contextlib
+    import statistics
+
+    from teecloud.chain import ChainClient, ContractReverted
+    from teecloud.keys import threshold_ecdsa as te
+    from teecloud.kms.audit import AuditLog
+    from teecloud.kms.bootstrap import boot_kms_tee, finish_kms_boot, kms_dir, start_kms_state
+    from teecloud.kms.challenge import BootChallenges
+    from teecloud.kms.peering import PeerIdentity
+    from teecloud.kms.rootkeys import LocalRootKeys
+    from teecloud.kms.server import KmsServer
+    from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
+    from teecloud.kms.threshold import ThresholdEvaluator, local_joint_feldman
+    from teecloud.kms.threshold_sign import open_signer, save_signing_share
+    from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
+
+    home = Path(os.environ["TEECLOUD_HOME"]) / "env"
+    chain = ChainClient.embedded(home / "chain")
+    chain.deploy()
+    dev = SimulatedTdx(home)
+    chain.add_os_image(dev.os_image_hash)
+    ident0 = boot_kms_tee(SimulatedTdx(home))
+    for mr in (ident0.mr_aggregated, ident0.boot_mr_aggregated):
+        with contextlib.suppress(ContractReverted):
+            chain.add_kms_mr(mr)
+    with contextlib.suppress(ContractReverted):
+        chain.add_kms_device(dev.device_id)
+    shares = local_joint_feldman(3, 5, epoch=1)
+    keys = te.dkg_local(3, 5)
+    services: dict[int, KmsService] = {}
+    servers: list[KmsServer] = []
+    try:
+        for s in shares:
+            node_home = home / f"m-{s.index}"
+            tee = SimulatedTdx(home)
+            identity = boot_kms_tee(tee, finish=False)
+            peer = PeerIdentity.at_boot(tee, epoch=1, index=s.index, share=s.share)
+            finish_kms_boot(tee)
+            state, _ = start_kms_state(tee, identity, now=int(time.time()), home=node_home)
+            save_signing_share(keys[s.index - 1], tee, identity, node_home)
+            signer = open_signer(tee, identity, node_home)
+            svc = KmsService(
+                state=state,
+                identity=identity,
+                tee=tee,
+                chain=chain,
+                collateral=StaticCollateral(tee.collateral),
+                audit=AuditLog(kms_dir(node_home) / "audit.jsonl"),
+                config=KmsConfig(dev_mode=True),
+                dev_root_der=tee.dev_root_der(),
+                block_number=chain.block_number,
+                os_image_reference=simulated_os_image_reference,
+                root_keys=LocalRootKeys(state),
+                challenges=BootChallenges(),
+                threshold=ThresholdEvaluator(s, signer=signer),
+                peer_identity=peer,
+            )
+            services[s.index] = svc
+            servers.append(KmsServer(svc).start())
+        for _ in range(4 * apps + 4):
+            for i, p in te.presign_local(keys, [1, 2, 3, 4, 5]).items():
+                services[i].threshold.signer.pool.add([p])  # type: ignore[union-attr]
+        urls = {i: srv.url for i, srv in zip(sorted(services), servers, strict=True)}
+        for svc in services.values():
+            assert svc.env_keys is not None
+            svc.env_keys.set_peers(urls)
+        first, resign = [], []
+        for k in range(apps):
+            app = bytes.fromhex(chain.register_app(None, hashlib.sha256(b"env %d" % k).digest())[2:])
+            t0 = time.perf_counter()
+            services[1 + k % 5].env_encrypt_pubkey(app.hex())
+            first.append((time.perf_counter() - t0) * 1000)
+            env = services[1 + k % 5].env_keys
+            assert env is not None
+            env._answers.clear()  # force a fresh signature (normally at most once per 120 s per app)
+            t0 = time.perf_counter()
+            services[1 + k % 5].env_encrypt_pubkey(app.hex())
+            resign.append((time.perf_counter() - t0) * 1000)
+        single = KmsService(
+            state=services[1].state,
+            identity=services[1].identity,
+            tee=services[1].tee,
+            chain=chain,
+            collateral=StaticCollateral(dev.collateral),
+            audit=AuditLog(home / "single-audit.jsonl"),
+            config=KmsConfig(dev_mode=True),
+            dev_root_der=dev.dev_root_der(),
+        )
+        base = _ms(lambda: single.env_encrypt_pubkey("11" * 20), 50)
+    finally:
+        for srv in servers:
+            srv.stop()
+
+    def row(label: str, xs: list[float]) -> tuple[str, float, float]:
+        return label, statistics.median(xs), max(xs)
+
+    return [
+        row(f"env key: first request, ceremony among 5 + 2 threshold signatures ({apps} apps)", first),
+        row(f"env key: re-signed answer (3 members' shares, 2 signatures) ({apps} apps)", resign),
+        ("baseline: single KMS GetAppEnvEncryptPubKey (whole key, 2 signatures)", *base),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--releases", type=int, default=30)
     ap.add_argument("--crypto-iters", type=int, default=200)
     ap.add_argument("--signatures-only", action="store_true", help="only the threshold ECDSA / ECDH rows")
+    ap.add_argument("--env-only", type=int, default=0, metavar="APPS", help="only the env-key ceremony rows")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tkms-") as tmp:
         os.environ["TEECLOUD_HOME"] = tmp
         print("| case | p50 ms | p99 ms |\n|---|---|---|")
+        if args.env_only:
+            for label, p50, p99 in env_ceremony(args.env_only):
+                print(f"| {label} | {p50:.2f} | {p99:.2f} |", flush=True)
+            return
         rows = signatures(args.crypto_iters)
         if not args.signatures_only:
             rows = crypto(args.crypto_iters) + rows + end_to_end(args.releases)

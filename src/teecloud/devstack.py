@@ -508,6 +508,7 @@ class LocalCloud:
                     self.kms_processes[i] = self._spawn_kms(node_home(i, self.home), rpc_url, i)
                 endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
             group = self._networked_signing(group, endpoints)
+            self._env_peers(endpoints)
         except KmsError as exc:
             raise NodeError(f"threshold KMS: {exc}") from exc
         committee = self._record_committee(chain, group, endpoints)
@@ -567,6 +568,28 @@ class LocalCloud:
                 "not the group these nodes hold; refusing to start"
             )
         return committee
+
+    def _env_peers(self, endpoints: dict[int, dict[str, Any]]) -> None:
+        """Each node learns the other members' URLs (admin POST /tenv/peers): the node asked for an app's
+        env key first coordinates that app's ceremony (teecloud.kms.threshold_env). A node that does not
+        take them is a warning: env keys then cannot be made."""
+        import httpx
+
+        from teecloud.kms.launcher import load_admin_token
+        from teecloud.kms.threshold import node_home
+
+        peers = {str(i): str(e["url"]) for i, e in sorted(endpoints.items())}
+        for i, e in sorted(endpoints.items()):
+            try:
+                r = httpx.post(
+                    str(e["admin_url"]) + "/tenv/peers",
+                    json={"peers": peers},
+                    headers={"authorization": f"Bearer {load_admin_token(node_home(i, self.home))}"},
+                    timeout=30,
+                )
+                r.raise_for_status()
+            except httpx.HTTPError as exc:
+                log.warning("threshold KMS node %d did not take its peers (no env keys): %s", i, exc)
 
     def _networked_signing(self, group: Any, endpoints: dict[int, dict[str, Any]]) -> Any:
         """The group's signing key and presignatures, made by the running nodes (teecloud.kms.threshold_net,

@@ -96,6 +96,17 @@ class _TimedProvider:
     def info(self) -> dict[str, Any]:
         return self.inner.info()
 
+    @property
+    def env_shared_secret(self) -> bytes | None:
+        """A threshold provider's X25519 secret of the bound encrypted env (None: decrypt with the key)."""
+        secret = getattr(self.inner, "env_shared_secret", None)
+        return secret if isinstance(secret, bytes) else None
+
+    def bind_encrypted_env(self, blob: bytes | None) -> None:
+        bind = getattr(self.inner, "bind_encrypted_env", None)
+        if callable(bind):
+            bind(blob)
+
     def bind_app_compose(self, app_compose: str) -> None:
         bind = getattr(self.inner, "bind_app_compose", None)
         if callable(bind):
@@ -127,14 +138,19 @@ class _TimedProvider:
 
 
 def _decrypt_env(
-    blob: bytes | None, keys: AppKeys, allowed: Sequence[str]
+    blob: bytes | None, keys: AppKeys, allowed: Sequence[str], shared: bytes | None = None
 ) -> tuple[dict[str, str], list[str]]:
-    from teecloud.keys.envcrypt import decrypt_env
+    """`shared`: the X25519 secret a threshold key provider computed from t nodes' partials (the env key
+    itself exists nowhere); else the app's env key."""
+    from teecloud.keys.envcrypt import decrypt_env, decrypt_env_with_shared_secret
 
     if not blob:
         return {}, []
     try:
-        env = decrypt_env(keys.env_crypt_key, blob)
+        if shared is not None:
+            env = decrypt_env_with_shared_secret(shared, blob)
+        else:
+            env = decrypt_env(keys.env_crypt_key, blob)
     except Exception as exc:  # any failure of hostile ciphertext is a boot failure with a reason
         raise GuestBootFailed(
             "env", f"the encrypted env does not decrypt with this app's key: {exc}"
@@ -174,6 +190,7 @@ def boot_guest(
     # (1) + (2)
     progress("measuring")
     provider = _TimedProvider(key_provider)
+    provider.bind_encrypted_env(encrypted_env)  # a threshold provider asks for its partials at boot time
     try:
         state = boot(
             tee,
@@ -198,7 +215,9 @@ def boot_guest(
     # (3)
     progress("env")
     allowed = state.app_compose.get("allowed_envs") or []
-    env, dropped = _decrypt_env(encrypted_env, state.keys, [a for a in allowed if isinstance(a, str)])
+    env, dropped = _decrypt_env(
+        encrypted_env, state.keys, [a for a in allowed if isinstance(a, str)], provider.env_shared_secret
+    )
     paths.env_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if volume is None:
         volume = EncryptedVolume(paths.cipher_dir, paths.mount_point)

@@ -200,18 +200,66 @@ class Session:
         self.chain.close()
 
 
-def _encrypt_env(session: Session, app_id: bytes, env: Mapping[str, str]) -> str | None:
+def _encrypt_env(
+    session: Session, app_id: bytes, env: Mapping[str, str], app_compose: bytes = b""
+) -> str | None:
     if not env:
         return None
     from teecloud.keys.envcrypt import encrypt_env
 
     try:
-        pub, _resp = session.kms_client().get_env_encrypt_pubkey(app_id)
+        threshold = _threshold_env_key(session, app_id, app_compose)
+        pub = threshold if threshold is not None else session.kms_client().get_env_encrypt_pubkey(app_id)[0]
     except Exception as exc:  # KmsClientError and transport failures, reported as a deploy error
         raise DeployError(
             f"cannot get a verified env-encryption key for the app from the KMS: {exc}"
         ) from exc
     return encrypt_env(pub, dict(env)).hex()
+
+
+def _threshold_env_key(session: Session, app_id: bytes, app_compose: bytes = b"") -> bytes | None:
+    """With a threshold KMS (`teecloud up --kms-nodes N`): the app's env key under the root epoch its
+    app-compose names (`kms_key_epoch`, default 1) from the serving committee KmsGroup records, t nodes
+    agreeing and every signature recovering to the group's signing key from the local group record
+    (teecloud.kms.threshold_client.fetch_env_public_key); a node that disagrees or fails is named in a
+    warning. None with a single KMS."""
+    import logging
+
+    from teecloud.chain.errors import NotDeployed
+    from teecloud.kms.client import connect_kms
+    from teecloud.kms.threshold import read_group
+    from teecloud.kms.threshold_client import fetch_env_public_key
+
+    group = read_group(getattr(session, "home", None))
+    if group is None or group.n < 2:
+        return None
+    if not group.signing_key:
+        raise DeployError("the threshold KMS group has no signing key: env public keys cannot be verified")
+    try:
+        committee = session.chain.kms_group.active(group.epoch)
+    except NotDeployed:
+        committee = None
+    if committee is None:
+        raise DeployError(f"KmsGroup records no serving committee for epoch {group.epoch}")
+    p = session.platform
+    clients = {
+        i: connect_kms(
+            url,
+            collateral_for=lambda _q, _n: p.collateral(),
+            dev_root_der=p.dev_root_der(),
+            chain=session.chain,
+        )
+        for i, url in committee.urls.items()
+    }
+    from teecloud.kms.rotation import key_epochs_of_text
+
+    epoch = key_epochs_of_text(app_compose.decode()).current
+    pub, faults = fetch_env_public_key(
+        clients, app_id, t=committee.t, signing_key=group.signing_key, epoch=epoch
+    )
+    for i, why in sorted(faults.items()):
+        logging.getLogger(__name__).warning("KMS node %d: %s", i, why)
+    return pub
 
 
 def _node_check(session: Session, name: str | None, app_compose: bytes) -> None:
@@ -369,7 +417,7 @@ def deploy(
     app_id_bytes = parse_app_id(str(app_id))
     mark("registering")
     # (3)
-    enc = _encrypt_env(session, app_id_bytes, opts.env)
+    enc = _encrypt_env(session, app_id_bytes, opts.env, plan.app_compose)
     mark("env")
     # (4)
     progress("booting", f"app {app_id}")
@@ -523,7 +571,9 @@ def upgrade(
             result.pending = outcome.pending
             if stored is None:  # keep what was planned, so --commit needs no file
                 enc_now = (
-                    _encrypt_env(session, bytes.fromhex(result.app_id), opts.env) if opts.env_given else None
+                    _encrypt_env(session, bytes.fromhex(result.app_id), opts.env, plan.app_compose)
+                    if opts.env_given
+                    else None
                 )
                 save_plan(
                     PendingPlan(
@@ -543,7 +593,11 @@ def upgrade(
     if stored is not None:
         enc = stored.encrypted_env
     else:
-        enc = _encrypt_env(session, bytes.fromhex(result.app_id), opts.env) if opts.env_given else None
+        enc = (
+            _encrypt_env(session, bytes.fromhex(result.app_id), opts.env, plan.app_compose)
+            if opts.env_given
+            else None
+        )
     discard_plan(current.app_id, home)  # rolled out now (or rolled back): no longer pending
     progress("booting", f"upgrade to {chash.hex()[:16]}")
     st = session.node.upgrade(

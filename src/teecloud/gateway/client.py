@@ -159,6 +159,17 @@ class RegisteringAtBoot:
         if callable(bind):
             bind(app_compose)
 
+    def bind_encrypted_env(self, blob: bytes | None) -> None:
+        """Forwarded: a threshold KMS client asks for the env's partials with the keys."""
+        bind = getattr(self.inner, "bind_encrypted_env", None)
+        if callable(bind):
+            bind(blob)
+
+    @property
+    def env_shared_secret(self) -> bytes | None:
+        secret = getattr(self.inner, "env_shared_secret", None)
+        return secret if isinstance(secret, bytes) else None
+
     def info(self) -> dict[str, Any]:
         return dict(self.inner.info())
 

@@ -13,10 +13,11 @@ Construction:
     proof (CRYPTO '92; Fiat–Shamir with SHA-512) that log_B(Y_i) = log_P(D_i), Y_i = Σ i^j·C_j. The client
     checks each proof, names a node whose proof fails, and interpolates any t: Σ λ_i·D_i = x·P, whose u is
     X25519(e, u_X) — the AES-256-GCM key of dstack's format (keys.envcrypt).
-  * One sharing per app, made by its own dealerless DKG (`dkg_local` here; Joint-Feldman as in
-    keys.threshold): the app keys must be unrelated. A public tweak of one group key (x + h(app) or
-    x·h(app)) would let an app whose boot asks for x_A·P on a host-supplied P (the host chooses the env blob)
-    compute another app's x_B·P from the answer, i.e. decrypt another app's env.
+  * One sharing per app, made by its own dealerless DKG (Joint-Feldman: `deal` by each member,
+    `dkg_receive` to check and sum; among running nodes by teecloud.kms.threshold_env; `dkg_local` in one
+    process for tests and the bench): the app keys must be unrelated. A public tweak of one group key
+    (x + h(app) or x·h(app)) would let an app whose boot asks for x_A·P on a host-supplied P (the host
+    chooses the env blob) compute another app's x_B·P from the answer, i.e. decrypt another app's env.
 What a single node's D_i gives: x_i·P, a share; with t−1 of them nothing about x·P (Shamir), under DDH.
 Group operations: libsodium's edwards25519 functions (noclamp scalar multiplication, point validation on
 the main subgroup) through pysodium's binding of Debian's libsodium.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,10 +43,15 @@ __all__ = [
     "EnvKeyShare",
     "ThresholdEcdhError",
     "combine",
+    "deal",
     "dkg_local",
+    "dkg_receive",
     "ephemeral_point",
     "partial_decrypt",
     "public_share",
+    "share_from_json",
+    "share_to_json",
+    "strict_ephemeral_point",
     "verify_partial",
     "x25519_public_key",
 ]
@@ -173,6 +180,66 @@ def dkg_local(t: int, n: int) -> list[EnvKeyShare]:
     return [
         EnvKeyShare(i, t, sum(_poly_eval(p, i) for p in polys) % ORDER, commitments) for i in range(1, n + 1)
     ]
+
+
+def deal(t: int, n: int) -> tuple[tuple[bytes, ...], dict[int, int]]:
+    """One dealer's Feldman dealing of a fresh random secret (Joint-Feldman, Pedersen '91): its commitments
+    (t points) and the sub-share of each member 1..n."""
+    if not 1 <= t <= n <= MAX_NODES:
+        raise KeyUsageError(f"need 1 <= t <= n <= {MAX_NODES}")
+    poly = [_rand() for _ in range(t)]
+    return tuple(_mul_base(a) for a in poly), {i: _poly_eval(poly, i) for i in range(1, n + 1)}
+
+
+def dkg_receive(
+    index: int, t: int, commitments: dict[int, Sequence[bytes]], shares: dict[int, int]
+) -> EnvKeyShare:
+    """Member `index`'s share of a Joint-Feldman DKG: each dealer's sub-share checked against that dealer's
+    commitments (a bad dealer is named), summed; the group commitments are the dealers' sums."""
+    if set(commitments) != set(shares) or not commitments:
+        raise ThresholdEcdhError("one sub-share per dealer")
+    for d in sorted(commitments):
+        c = commitments[d]
+        if len(c) != t or not all(_valid(p) for p in c):
+            raise ThresholdEcdhError(f"{len(c)} commitments or not points, {t} expected", party=d)
+        s = shares[d]
+        if not 0 <= s < ORDER or _mul_base(s) != public_share(c, index):
+            raise ThresholdEcdhError("the sub-share does not match the dealer's commitments", party=d)
+    group = tuple(_sum([commitments[d][j] for d in sorted(commitments)]) for j in range(t))
+    return EnvKeyShare(index, t, sum(shares.values()) % ORDER, group)
+
+
+def share_to_json(share: EnvKeyShare) -> bytes:
+    doc = {
+        "index": share.index,
+        "t": share.t,
+        "share": _scalar(share.share).hex(),
+        "commitments": [c.hex() for c in share.commitments],
+    }
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def share_from_json(data: bytes) -> EnvKeyShare:
+    """The inverse of share_to_json; the share is checked against its commitments (EnvKeyShare)."""
+    try:
+        doc = json.loads(data)
+        return EnvKeyShare(
+            index=int(doc["index"]),
+            t=int(doc["t"]),
+            share=int.from_bytes(bytes.fromhex(doc["share"]), "little"),
+            commitments=tuple(bytes.fromhex(c) for c in doc["commitments"]),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ThresholdEcdhError(f"env key share record malformed: {exc}") from exc
+
+
+def strict_ephemeral_point(key: bytes) -> bytes:
+    """ephemeral_point for a node's request: exactly 32 bytes, the top bit clear (a canonical u < p)."""
+    if len(key) != 32:
+        raise ThresholdEcdhError("the ephemeral key is 32 bytes")
+    if key[31] & 0x80:
+        raise ThresholdEcdhError("the ephemeral key is not canonical (top bit set)")
+    return ephemeral_point(key)
 
 
 def ephemeral_point(blob: bytes) -> bytes:

@@ -129,6 +129,8 @@ class BootChallengeResponse(BaseModel):
 
 class EnvEncryptPubKeyRequest(BaseModel):
     app_id: str = Field(min_length=1, max_length=66)
+    # threshold mode: the root epoch whose per-app env key is wanted (the app's `kms_key_epoch`; default 1)
+    epoch: int | None = Field(default=None, ge=1, lt=1 << 32)
 
 
 class EnvEncryptPubKeyResponse(BaseModel):
@@ -489,3 +491,112 @@ class PeerRoundResponse(BaseModel):
     dealer: int
     shares: list[list[_Point]] = Field(max_length=MAX_ROUND_BATCH)
     member: PeerMember
+
+
+# --- threshold mode: per-app env keys (teecloud.kms.threshold_env)
+
+PATH_THRESHOLD_ENV_PARTIAL = "/prpc/KMS.ThresholdEnvPartial"
+PATH_PEER_ENV_DKG = "/prpc/KMS.PeerEnvDkg"
+PATH_PEER_ENV_SHARE = "/prpc/KMS.PeerEnvShare"
+PATH_PEER_ENV_SIGN = "/prpc/KMS.PeerEnvSign"
+_Ed = Annotated[str, StringConstraints(pattern="^[0-9a-f]{64}$")]  # an edwards25519 point / X25519 key
+_AppIdHex = Annotated[str, StringConstraints(pattern="^[0-9a-f]{40}$")]
+
+
+class ThresholdEnvPartialRequest(BaseModel):
+    """A booting CVM asks for D_i = x_i·P, P the ephemeral key of its own encrypted env (its first 32
+    bytes, hex). The app (and so x) comes from the caller's verified evidence, never from this body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_version: int = 1
+    vm_config: str = Field(default="", max_length=65536)
+    app_compose: str = Field(default="", max_length=MAX_APP_COMPOSE_BYTES)
+    epoch: int | None = Field(default=None, ge=1, lt=1 << 32)
+    ephemeral_key: str = Field(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")
+
+
+class ThresholdEnvPartialResponse(BaseModel):
+    app_id: str
+    epoch: int
+    index: int
+    element: str = Field(pattern="^[0-9a-f]{64}$")
+    proof: str = Field(pattern="^[0-9a-f]{128}$")
+    commitments: list[str] = Field(max_length=64)
+
+
+class PeerEnvDkgRequest(BaseModel):
+    """A running member drives one stage of an app's env-key DKG on this member (kms.threshold_env)."""
+
+    model_config = _STRICT
+
+    stage: str = Field(pattern="^(deal|view|finish|commit|abort)$")
+    session: _Session
+    epoch: int = Field(ge=1, lt=1 << 32)
+    app_id: _AppIdHex
+    peers: dict[_ShareIndexKey, str] = Field(default_factory=dict, max_length=64)
+    view: dict[_ShareIndexKey, list[_Ed]] = Field(default_factory=dict, max_length=64)
+    commitments: list[_Ed] = Field(default_factory=list, max_length=64)
+    member: PeerMember | None = None
+
+
+class PeerEnvDkgResponse(BaseModel):
+    index: int
+    stage: str
+    held: bool = False  # this member already holds a sealed sharing of the app (its commitments follow)
+    commitments: list[_Ed] = Field(default_factory=list, max_length=64)
+    view_hash: str = ""
+    member: PeerMember | None = None
+
+
+class PeerEnvShareRequest(BaseModel):
+    model_config = _STRICT
+
+    session: _Session
+    view_hash: _Hash
+    member: PeerMember | None = None
+
+
+class PeerEnvShareResponse(BaseModel):
+    session: str
+    dealer: int
+    share: _Ed
+    member: PeerMember
+
+
+class PeerEnvSignRequest(BaseModel):
+    """Signature shares over the env public key's two dstack digests, which this member builds itself from
+    its own sealed sharing of the app (legacy: no timestamp; v1: `timestamp`, within 60 s of its clock)."""
+
+    model_config = _STRICT
+
+    epoch: int = Field(ge=1, lt=1 << 32)
+    app_id: _AppIdHex
+    timestamp: int = Field(ge=0, lt=1 << 63)
+    # two presignatures to sign with; none: a probe, answered with this member's unused presignatures
+    sessions: list[_Session] = Field(min_length=0, max_length=2)
+    member: PeerMember | None = None
+
+
+class EnvSignShare(BaseModel):
+    session: str
+    big_r: str = Field(max_length=66)
+    kinv_commitments: list[str] = Field(max_length=64)
+    sigma_commitments: list[str] = Field(max_length=64)
+    s: str = Field(pattern="^[0-9a-f]{64}$")
+
+
+class PeerEnvSignResponse(BaseModel):
+    index: int
+    public_key: str
+    shares: list[EnvSignShare] = Field(max_length=2)
+    unused: list[str] = Field(default_factory=list, max_length=512)
+    member: PeerMember
+
+
+class EnvPeersRequest(BaseModel):
+    """Admin: the public URL of every other member of this node's committee (env-key ceremonies)."""
+
+    model_config = _STRICT
+
+    peers: dict[_ShareIndexKey, str] = Field(max_length=64)

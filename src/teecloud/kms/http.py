@@ -18,6 +18,7 @@ from teecloud._asgi import BoundedBody
 from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.kms.service import KmsService
+from teecloud.kms.threshold_env import EnvKeyBusy
 
 __all__ = ["PEER_CERT_STATE_KEY", "make_admin_app", "make_public_app", "peer_cert_der"]
 
@@ -97,6 +98,12 @@ def _install_common(app: FastAPI, max_body: int) -> None:
     async def on_denied(request: Request, exc: AccessDenied) -> JSONResponse:
         return _denied(403, exc.reason, exc.step)
 
+    @app.exception_handler(EnvKeyBusy)
+    async def on_busy(request: Request, exc: EnvKeyBusy) -> JSONResponse:
+        response = _denied(503, str(exc), "retry")
+        response.headers["retry-after"] = "2"
+        return response
+
     @app.exception_handler(KmsUsageError)
     async def on_usage(request: Request, exc: KmsUsageError) -> JSONResponse:
         return _denied(400, str(exc), "request")
@@ -121,7 +128,7 @@ def make_public_app(service: KmsService) -> FastAPI:
 
     @app.post(api.PATH_GET_APP_ENV_ENCRYPT_PUBKEY, response_model=api.EnvEncryptPubKeyResponse)
     def get_env_pubkey(body: api.EnvEncryptPubKeyRequest) -> api.EnvEncryptPubKeyResponse:
-        return service.env_encrypt_pubkey(body.app_id)
+        return service.env_encrypt_pubkey(body.app_id, body.epoch)
 
     @app.post(api.PATH_GET_APP_KEY, response_model=api.AppKeyResponse)
     def get_app_key(request: Request, body: api.GetAppKeyRequest) -> Response:
@@ -176,6 +183,30 @@ def make_public_app(service: KmsService) -> FastAPI:
     def peer_round(request: Request, body: api.PeerRoundRequest) -> Response:
         return _json_response(service.peer_round(peer_cert_der(request), body, peer_addr=_peer_addr(request)))
 
+    @app.post(api.PATH_THRESHOLD_ENV_PARTIAL, response_model=api.ThresholdEnvPartialResponse)
+    def threshold_env_partial(request: Request, body: api.ThresholdEnvPartialRequest) -> Response:
+        return _json_response(
+            service.threshold_env_partial(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+        )
+
+    @app.post(api.PATH_PEER_ENV_DKG, response_model=api.PeerEnvDkgResponse)
+    def peer_env_dkg(request: Request, body: api.PeerEnvDkgRequest) -> Response:
+        return _json_response(
+            service.peer_env_dkg(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+        )
+
+    @app.post(api.PATH_PEER_ENV_SHARE, response_model=api.PeerEnvShareResponse)
+    def peer_env_share(request: Request, body: api.PeerEnvShareRequest) -> Response:
+        return _json_response(
+            service.peer_env_share(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+        )
+
+    @app.post(api.PATH_PEER_ENV_SIGN, response_model=api.PeerEnvSignResponse)
+    def peer_env_sign(request: Request, body: api.PeerEnvSignRequest) -> Response:
+        return _json_response(
+            service.peer_env_sign(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+        )
+
     @app.post(api.PATH_GET_KMS_KEY, response_model=api.KmsKeyResponse)
     def get_kms_key(request: Request, body: api.GetKmsKeyRequest) -> api.KmsKeyResponse:
         return service.get_kms_key(peer_cert_der(request), peer_addr=_peer_addr(request))
@@ -225,6 +256,10 @@ def make_admin_app(service: KmsService, *, token: str, public_url: str = "", cha
     @app.post("/tround/advance", response_model=api.RoundPublic)
     def round_advance(body: api.RoundAdvanceRequest) -> api.RoundPublic:
         return service.round_advance(body)
+
+    @app.post("/tenv/peers", response_model=api.RoundViewResponse)
+    def env_peers(body: api.EnvPeersRequest) -> api.RoundViewResponse:
+        return service.env_peers(body)
 
     @app.post("/threshold/retire", response_model=api.RetireShareResponse)
     def retire_share() -> api.RetireShareResponse:

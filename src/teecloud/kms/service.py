@@ -54,8 +54,10 @@ from teecloud.kms.errors import AccessDenied, KmsUsageError, SealingError
 from teecloud.kms.issuer import KeyIssuer
 from teecloud.kms.peering import AdmittedNode, Committee, PeerAdmission, PeerClient, PeerIdentity
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
-from teecloud.kms.rotation import evaluation_epoch
+from teecloud.kms.rotation import FIRST_EPOCH, evaluation_epoch
+from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
 from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, ThresholdEvaluator
+from teecloud.kms.threshold_env import ENV_DIR, EnvKeys, EnvKeyStore
 from teecloud.kms.threshold_net import SignRounds
 from teecloud.kms.threshold_sign import ThresholdSigner
 from teecloud.peer import (
@@ -282,6 +284,46 @@ class KmsService:
                 connect=self._peer_client,
                 clock=clock,
             )
+        self.env_keys: EnvKeys | None = None
+        if threshold is not None and peer_identity is not None:
+            self.env_keys = self._make_env_keys(threshold, clock)
+
+    def _make_env_keys(self, threshold: ThresholdEvaluator, clock: Callable[[], float]) -> EnvKeys:
+        """Per-app env keys (teecloud.kms.threshold_env), sealed beside the audit log in this node's dir."""
+        seal_key = sealing_key(platform_sealing_secret(self.tee), self.identity.mr_aggregated)
+        mr = self.identity.mr_aggregated
+        store = EnvKeyStore(
+            self.audit.path.parent / ENV_DIR,
+            lambda data: seal(seal_key, mr, data),
+            lambda blob: unseal(seal_key, mr, blob),
+            index=threshold.index,
+            t=len(threshold.commitments),
+        )
+        return EnvKeys(
+            index=threshold.index,
+            t=len(threshold.commitments),
+            n=threshold.n,
+            epochs=lambda: self.threshold.epochs if self.threshold is not None else (),
+            store=store,
+            signer=lambda: self.threshold.signer if self.threshold is not None else None,
+            connect=self._peer_client,
+            app_registered=self._app_registered,
+            clock=clock,
+        )
+
+    def _app_registered(self, app_id: bytes) -> None:
+        """KmsAuth registers the app (fail closed: anything but a clear yes refuses, step chain)."""
+        is_registered = getattr(self.authorizer.chain, "is_registered", None)
+        if not callable(is_registered):
+            raise AccessDenied(
+                "this chain client cannot tell whether KmsAuth registers the app", step="chain"
+            )
+        try:
+            ok = bool(is_registered(app_id))
+        except Exception as exc:
+            raise AccessDenied(f"KmsAuth could not be read: {type(exc).__name__}", step="chain") from exc
+        if not ok:
+            raise AccessDenied("the app is not registered in KmsAuth: no env key", step="chain")
 
     @property
     def os_image_reference(self) -> OsImageReference | None:
@@ -694,11 +736,115 @@ class KmsService:
             challenge=self.challenges.issue().hex(), window_s=self.challenges.window_s
         )
 
-    def env_encrypt_pubkey(self, app_id_text: str) -> api.EnvEncryptPubKeyResponse:
-        """Public: the app's X25519 env-encryption key, signed by the KMS root k256 key (dstack format)."""
+    def env_encrypt_pubkey(self, app_id_text: str, epoch: int | None = None) -> api.EnvEncryptPubKeyResponse:
+        """Public: the app's X25519 env-encryption key, signed by the KMS root k256 key (dstack format). A
+        threshold node: the app's per-app sharing (made by a ceremony among the members on first request),
+        signed by t members with the group's signing key (teecloud.kms.threshold_env)."""
         if self.threshold is not None:
-            raise KmsUsageError("threshold KMS nodes do not serve env-encryption keys yet (docs/kms.md)")
+            if self.env_keys is None:
+                raise KmsUsageError("this threshold node has no peer identity: it serves no env keys")
+            return self.env_keys.public_key(epoch or FIRST_EPOCH, _norm_app_id(app_id_text))
         return self.issuer.env_encrypt_pubkey(_norm_app_id(app_id_text))
+
+    def _env(self) -> EnvKeys:
+        if self.env_keys is None or self.threshold is None:
+            raise AccessDenied("this KMS is not a running threshold member", step="mode")
+        return self.env_keys
+
+    def threshold_env_partial(
+        self, cert_der: bytes | None, req: api.ThresholdEnvPartialRequest, *, peer_addr: str = ""
+    ) -> api.ThresholdEnvPartialResponse:
+        """Threshold mode: D_i = x_i·P for the ephemeral key of the caller's own encrypted env, after the
+        same rule as ThresholdEvaluate (authorize_app: boot-time evidence, this node's challenge, OS image,
+        chain, GPU gate); the app and epoch come from the verified evidence and its measured app-compose."""
+
+        env = self._env()
+        env.check_ephemeral_key(bytes.fromhex(req.ephemeral_key))  # a malformed point: 400, before anything
+
+        def decide(ctx: dict[str, Any]) -> api.ThresholdEnvPartialResponse:
+            app = self.authz.authorize_app(cert_der, req.vm_config, ctx=ctx, app_compose=req.app_compose)
+            wanted = evaluation_epoch(req.app_compose, req.epoch)
+            answer = env.partial(
+                wanted or FIRST_EPOCH, app.boot_info.app_id, bytes.fromhex(req.ephemeral_key)
+            )
+            ctx["reason"] = (
+                f"env partial (epoch {answer.epoch}, share {answer.index}); "
+                f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
+            )
+            return answer
+
+        return self._audited(api.PATH_THRESHOLD_ENV_PARTIAL, cert_der, peer_addr, decide)
+
+    def peer_env_dkg(
+        self, cert_der: bytes | None, req: api.PeerEnvDkgRequest, *, peer_addr: str = ""
+    ) -> api.PeerEnvDkgResponse:
+        """A running member drives a stage of an app's env-key ceremony here (kms.peering's rule)."""
+
+        def decide(ctx: dict[str, Any]) -> api.PeerEnvDkgResponse:
+            env = self._env()
+            node = self.admit_peer(cert_der, req.member, ctx)
+            answer = env.stage(req)
+            assert self.peer_identity is not None
+            answer.member = self.peer_identity.member
+            ctx["reason"] = f"env-key ceremony {req.session[:8]} stage {req.stage} for member {node.index}"
+            return answer
+
+        return self._audited(api.PATH_PEER_ENV_DKG, cert_der, peer_addr, decide)
+
+    def peer_env_share(
+        self, cert_der: bytes | None, req: api.PeerEnvShareRequest, *, peer_addr: str = ""
+    ) -> api.PeerEnvShareResponse:
+        def decide(ctx: dict[str, Any]) -> api.PeerEnvShareResponse:
+            env = self._env()
+            node = self.admit_peer(cert_der, req.member, ctx)
+            dealer, share = env.serve_share(node, req)
+            assert self.peer_identity is not None
+            ctx["reason"] = f"env-key sub-share of ceremony {req.session[:8]} for member {node.index}"
+            return api.PeerEnvShareResponse(
+                session=req.session, dealer=dealer, share=share.hex(), member=self.peer_identity.member
+            )
+
+        return self._audited(api.PATH_PEER_ENV_SHARE, cert_der, peer_addr, decide)
+
+    def peer_env_sign(
+        self, cert_der: bytes | None, req: api.PeerEnvSignRequest, *, peer_addr: str = ""
+    ) -> api.PeerEnvSignResponse:
+        def decide(ctx: dict[str, Any]) -> api.PeerEnvSignResponse:
+            env = self._env()
+            node = self.admit_peer(cert_der, req.member, ctx)
+            sessions = [bytes.fromhex(s) for s in req.sessions]
+            if len(sessions) == 1:
+                raise KmsUsageError("sessions: two presignatures, or none for a probe")
+            pub, pairs = env.sign_shares(req.epoch, bytes.fromhex(req.app_id), req.timestamp, sessions)
+            signer = self.threshold.signer if self.threshold is not None else None
+            unused = (
+                [u.hex() for u in signer.pool.unused()][:512] if signer is not None and not sessions else []
+            )
+            assert self.peer_identity is not None
+            ctx["reason"] = f"env public key signature shares for member {node.index}"
+            return api.PeerEnvSignResponse(
+                index=env.index,
+                public_key=pub.hex(),
+                shares=[
+                    api.EnvSignShare(
+                        session=p.session.hex(),
+                        big_r=p.big_r.hex(),
+                        kinv_commitments=[c.hex() for c in p.kinv_commitments],
+                        sigma_commitments=[c.hex() for c in p.sigma_commitments],
+                        s=f"{sh.s:064x}",
+                    )
+                    for p, sh in pairs
+                ],
+                unused=unused,
+                member=self.peer_identity.member,
+            )
+
+        return self._audited(api.PATH_PEER_ENV_SIGN, cert_der, peer_addr, decide)
+
+    def env_peers(self, req: api.EnvPeersRequest) -> api.RoundViewResponse:
+        """Admin: the other members' URLs (env-key ceremonies are coordinated by the node asked)."""
+        self._env().set_peers({int(i): u for i, u in req.peers.items()})
+        return api.RoundViewResponse(view_hash="")
 
     def meta(self) -> api.KmsMeta:
         return api.KmsMeta(

@@ -26,6 +26,7 @@ Procedure:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -33,8 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from teecloud.appcompose import AppComposeError
+from teecloud.attestation.errors import VerificationError
 from teecloud.errors import Error
 from teecloud.keys import threshold as th
+from teecloud.keys import threshold_ecdh as tx
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.appkeys import AppKeys
 from teecloud.keys.errors import KeysError
@@ -47,7 +50,7 @@ from teecloud.kms.errors import KmsClientError, SealingError
 from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
 from teecloud.kms.threshold import DkgPlan, ResharePlan, ThresholdShare
 
-__all__ = ["ThresholdGroup", "ThresholdKeyProvider", "join_dkg", "join_reshare"]
+__all__ = ["ThresholdGroup", "ThresholdKeyProvider", "fetch_env_public_key", "join_dkg", "join_reshare"]
 
 log = logging.getLogger("teecloud.kms.threshold")
 
@@ -116,6 +119,8 @@ class ThresholdKeyProvider:
         self.faults: dict[int, str] = {}
         self.signature_error = ""  # why the last get_app_keys got no KMS signature ('' when it did)
         self.composes = ComposeBook()  # the GPU gate: bind_app_compose
+        # per boot thread (one provider serves every CVM of a worker): the bound env and its secret
+        self._env = threading.local()
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.group.group_public_key.hex(), "epoch": self.group.epoch}
@@ -228,8 +233,101 @@ class ThresholdKeyProvider:
 
     # (2)-(4)
     def get_app_keys(self, tee: QuoteSource, app_id: bytes, instance_id: bytes) -> AppKeys:
-        """The app's keys under its current root epoch (its measured app-compose's `kms_key_epoch`)."""
-        return self._app_keys(tee, app_id, instance_id, self._group_of(self._key_epochs(tee).current))
+        """The app's keys under its current root epoch (its measured app-compose's `kms_key_epoch`); with an
+        encrypted env bound (`bind_encrypted_env`), also its env's shared secret (`env_shared_secret`),
+        asked at the same boot-time point."""
+        group = self._group_of(self._key_epochs(tee).current)
+        keys = self._app_keys(tee, app_id, instance_id, group)
+        self._env.secret = None
+        if getattr(self._env, "blob", None):
+            self._env.secret = self._env_secret(tee, app_id, group)
+        return keys
+
+    def bind_encrypted_env(self, blob: bytes | None) -> None:
+        """The CVM's encrypted env (dstack format), for this thread's next get_app_keys, which then gets the
+        partials for its ephemeral key (guest.boot_guest calls this before boot, with None for no env)."""
+        self._env.blob = bytes(blob) if blob else None
+        self._env.secret = None
+
+    @property
+    def env_shared_secret(self) -> bytes | None:
+        """The X25519 shared secret of the env bound in this thread, after get_app_keys (else None)."""
+        secret = getattr(self._env, "secret", None)
+        return secret if isinstance(secret, bytes) else None
+
+    def _env_secret(self, tee: QuoteSource, app_id: bytes, group: ThresholdGroup) -> bytes:
+        """The X25519 shared secret of the bound env: D_i = x_i·P from t nodes (each applies the whole
+        key-release rule and takes the app from our evidence), each Chaum–Pedersen proof checked against the
+        app's env commitments that t nodes agree on; a node whose proof fails or whose commitments differ
+        is named in `faults` and skipped; any t combine (keys.threshold_ecdh)."""
+        blob: bytes = self._env.blob
+        try:
+            point = tx.ephemeral_point(blob)
+        except tx.ThresholdEcdhError as exc:
+            raise KmsClientError(f"the encrypted env: {exc}") from exc
+        body = api.ThresholdEnvPartialRequest(
+            vm_config=vm_config_json(tee),
+            app_compose=self.composes.for_tee(tee),
+            epoch=group.epoch,
+            ephemeral_key=blob[:32].hex(),
+        ).model_dump()
+        faults = self.faults
+        valid: dict[int, tuple[tuple[bytes, ...], tx.EcdhPartial]] = {}
+
+        def ask(client: KmsClient) -> api.ThresholdEnvPartialResponse:
+            return client.attested_call(
+                tee,
+                api.PATH_THRESHOLD_ENV_PARTIAL,
+                api.ThresholdEnvPartialResponse,
+                body=body,
+                usage="app:kms-client",
+                app_id=app_id,
+            )
+
+        def accept(i: int, answer: Any) -> bool:
+            if isinstance(answer, BaseException):
+                faults[i] = "env partial: " + _describe(answer)
+                return False
+            try:
+                if answer.index != i or answer.app_id != app_id.hex() or answer.epoch != group.epoch:
+                    raise ValueError("answered as another share, app or epoch")
+                commitments = tuple(bytes.fromhex(c) for c in answer.commitments)
+                if len(commitments) != group.t:
+                    raise ValueError(f"{len(commitments)} env commitments, {group.t} expected")
+                partial = tx.EcdhPartial(i, bytes.fromhex(answer.element), bytes.fromhex(answer.proof))
+                if not tx.verify_partial(commitments, app_id, point, partial):
+                    raise ValueError("the env partial's proof does not verify")
+            except (ValueError, KeysError) as exc:
+                faults[i] = f"env partial: {exc}"
+                log.warning("KMS node %d (%s) is skipped: %s", i, self.group.nodes[i], faults[i])
+                return False
+            valid[i] = (commitments, partial)
+            return True
+
+        self._gather(self._challenged, ask, accept, need=group.t, all_first=False)
+        by_key: dict[tuple[bytes, ...], list[int]] = {}
+        for i, (c, _) in valid.items():
+            by_key.setdefault(c, []).append(i)
+        if not by_key or max(len(v) for v in by_key.values()) < group.t:
+            rest = [i for i in self._challenged if i not in valid and i not in faults]
+            self._gather(rest, ask, accept, need=len(rest), all_first=True)
+            by_key = {}
+            for i, (c, _) in valid.items():
+                by_key.setdefault(c, []).append(i)
+        best = max(by_key.values(), key=len, default=[])
+        if len(best) < group.t:
+            raise KmsClientError(
+                f"fewer than {group.t} KMS nodes gave a valid env partial for one env key"
+                + _fault_text(faults)
+            )
+        for i in valid:
+            if i not in best:
+                faults[i] = "env partial: under other env-key commitments than the other nodes"
+        commitments = valid[best[0]][0]
+        try:
+            return tx.combine(commitments, app_id, point, [valid[i][1] for i in sorted(best)[: group.t]])
+        except KeysError as exc:
+            raise KmsClientError(f"the env partials do not combine: {exc}") from exc
 
     def get_previous_app_keys(self, tee: QuoteSource, app_id: bytes, instance_id: bytes) -> AppKeys | None:
         """While an app migrates (`kms_key_epoch_previous` in its measured app-compose): its keys under the
@@ -447,6 +545,67 @@ class ThresholdKeyProvider:
         except ValueError:
             return "a malformed partial evaluation"
         return ""
+
+
+def fetch_env_public_key(
+    clients: Mapping[int, KmsClient],
+    app_id: bytes,
+    *,
+    t: int,
+    signing_key: bytes,
+    epoch: int | None = None,
+) -> tuple[bytes, dict[int, str]]:
+    """The app's threshold env public key (teecloud.kms.threshold_env), as `teecloud deploy` takes it: the
+    lowest reachable node first (its first request runs the app's ceremony), then every other node; each
+    answer's two signatures must recover to the group's signing key (the trusted record's, never a node's
+    say-so), and t nodes must agree on the key. Returns (key, faults): every node that failed or disagreed,
+    by index, with the reason. Raises KmsClientError when no key has t agreeing nodes."""
+    from teecloud.keys.appkeys import env_encrypt_pubkey_digest
+    from teecloud.keys.sigchain import recover_k256
+    from teecloud.kms.threshold_env import legacy_digest
+
+    body: dict[str, Any] = {"app_id": app_id.hex(), **({"epoch": epoch} if epoch else {})}
+    faults: dict[int, str] = {}
+    keys: dict[int, bytes] = {}
+
+    def ask(i: int) -> None:
+        try:
+            ans = clients[i]._call(
+                "POST", api.PATH_GET_APP_ENV_ENCRYPT_PUBKEY, api.EnvEncryptPubKeyResponse, body=body
+            )
+            pub = bytes.fromhex(ans.public_key)
+            if len(pub) != 32:
+                raise ValueError("the public key is not 32 bytes")
+            for sig, digest in (
+                (ans.signature_v1, env_encrypt_pubkey_digest(app_id, pub, ans.timestamp)),
+                (ans.signature, legacy_digest(app_id, pub)),
+            ):
+                if recover_k256(digest, bytes.fromhex(sig)) != signing_key:
+                    raise ValueError("a signature does not recover to the group's signing key")
+            keys[i] = pub
+        except (KmsClientError, ValueError, KeysError, VerificationError, Error) as exc:
+            faults[i] = _describe(exc)
+
+    order = sorted(clients)
+    for first in order:  # the first answer makes the key (one ceremony), the rest only read it
+        ask(first)
+        if first in keys:
+            break
+    rest = [i for i in order if i not in keys and i not in faults]
+    with ThreadPoolExecutor(max_workers=max(1, len(rest))) as pool:
+        list(pool.map(ask, rest))
+    counts: dict[bytes, list[int]] = {}
+    for i, k in keys.items():
+        counts.setdefault(k, []).append(i)
+    best = max(counts.values(), key=len, default=[])
+    if len(best) < t:
+        raise KmsClientError(
+            f"fewer than {t} KMS nodes agree on the app's env public key" + _fault_text(faults)
+        )
+    for i, k in keys.items():
+        if i not in best:
+            faults[i] = f"returned another env public key ({k.hex()}) than the {len(best)} others"
+    return keys[best[0]], faults
 
 
 def _describe(exc: BaseException) -> str:

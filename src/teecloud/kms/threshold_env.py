@@ -1,0 +1,604 @@
+"""Threshold mode: per-app env keys among RUNNING nodes (teecloud.keys.threshold_ecdh), over the channel of
+teecloud.kms.peering, and their dstack-format public key signed by the group's threshold ECDSA key.
+
+One sharing per (root epoch, app), made on the first GetAppEnvEncryptPubKey for an app registered in
+KmsAuth, by a Joint-Feldman DKG among all n members that the node receiving the request coordinates (it
+relays public values only; secret sub-shares go member to member under kms.peering's rule):
+
+    stage   each member (the coordinator included)
+    deal    checks the epoch is one it serves and KmsAuth registers the app; if it already holds a sealed
+            sharing of the app it answers its commitments (no new dealing); else a fresh Feldman dealing,
+            kept in memory (one open ceremony per app: a second is refused with a retry error)
+    view    every dealer's commitments: checks its own are unaltered, hashes the view (bound to the session)
+    finish  fetches its sub-share from every other dealer (the dealer answers only a member whose view hash
+            equals its own, once), checks each against its dealer's commitments (a bad dealer is named),
+            sums: the share is PENDING, in memory; answers the group commitments
+    commit  the commitments every member finished with (the coordinator checked they all agree): equal to
+            its pending result, it seals the share (one atomic write; an existing sealing is never
+            replaced); nothing is sealed anywhere before every member finished
+
+A ceremony that fails before commit leaves nothing sealed and is retried by the next request (a new
+session). The answer (`public_key`, `signature`, `timestamp`, `signature_v1`, dstack's shape) is signed by
+t members over the two digests each member builds itself from ITS OWN sealed sharing (one presignature
+each; a node re-signs at most once per SIGNATURE_REFRESH_S per app, so an unauthenticated caller drains at
+most two presignatures per app per period).
+
+The CVM's partial (ThresholdEnvPartial): after the whole key-release rule of ThresholdEvaluate (the same
+Authorizer.authorize_app call), D_i = x_i·P for the epoch its measured app-compose names and the app its
+evidence names, P mapped from the ephemeral key it sends; the proof binds app_id and index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import coincurve
+from eth_utils.crypto import keccak
+
+from teecloud._fs import atomic_write
+from teecloud.keys import threshold_ecdh as tx
+from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys.appkeys import env_encrypt_pubkey_digest
+from teecloud.keys.errors import KeysError
+from teecloud.kms import api
+from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied, KmsUsageError, SealingError
+from teecloud.kms.peering import AdmittedNode, PeerClient
+from teecloud.kms.threshold_sign import ThresholdSigner
+
+__all__ = [
+    "CEREMONY_WINDOW_S",
+    "SIGNATURE_REFRESH_S",
+    "EnvKeyBusy",
+    "EnvKeyStore",
+    "EnvKeys",
+    "legacy_digest",
+]
+
+CEREMONY_WINDOW_S = 120
+SIGNATURE_REFRESH_S = 120
+TIMESTAMP_SKEW_S = 60
+SIGN_ATTEMPTS = 6
+_pick = secrets.SystemRandom()
+MAX_OPEN_CEREMONIES = 64
+ENV_DIR = "threshold-env"
+
+_Sealer = Callable[[bytes], bytes]
+
+
+class EnvKeyBusy(KmsUsageError):
+    """Another ceremony for this app is under way (or the members' pools are contended): retry shortly."""
+
+
+def legacy_digest(app_id: bytes, public_key: bytes) -> bytes:
+    """dstack's legacy env-key signature digest: keccak256("dstack-env-encrypt-pubkey:" ‖ app_id ‖ pk)."""
+    return keccak(b"dstack-env-encrypt-pubkey:" + app_id + public_key)
+
+
+class EnvKeyStore:
+    """This node's sealed per-app env shares: `<kms dir>/threshold-env/<epoch>-<app_id>.sealed`, each
+    sealed to the node's measurement, written once (atomic), never replaced."""
+
+    def __init__(self, directory: Path, seal: _Sealer, unseal: _Sealer, *, index: int, t: int) -> None:
+        self.dir = Path(directory)
+        self._seal, self._unseal = seal, unseal
+        self.index, self.t = index, t
+        self._cache: dict[tuple[int, bytes], tx.EnvKeyShare] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, epoch: int, app_id: bytes) -> Path:
+        return self.dir / f"{epoch}-{app_id.hex()}.sealed"
+
+    def get(self, epoch: int, app_id: bytes) -> tx.EnvKeyShare | None:
+        with self._lock:
+            hit = self._cache.get((epoch, app_id))
+        if hit is not None:
+            return hit
+        path = self._path(epoch, app_id)
+        if not path.exists():
+            return None
+        try:
+            share = tx.share_from_json(self._unseal(path.read_bytes()))
+        except (KeysError, SealingError, OSError) as exc:
+            raise SealingError(f"the sealed env share {path.name} does not open: {exc}") from exc
+        if share.index != self.index or share.t != self.t:
+            raise SealingError(f"the sealed env share {path.name} is not share {self.index} at t={self.t}")
+        with self._lock:
+            if len(self._cache) >= 4096:
+                self._cache.clear()
+            self._cache[(epoch, app_id)] = share
+        return share
+
+    def put(self, epoch: int, app_id: bytes, share: tx.EnvKeyShare) -> None:
+        if self.get(epoch, app_id) is not None:
+            raise KmsUsageError("this member already holds a sealed env share of this app (never replaced)")
+        atomic_write(self._path(epoch, app_id), self._seal(tx.share_to_json(share)))
+        with self._lock:
+            self._cache[(epoch, app_id)] = share
+
+
+@dataclass
+class _Ceremony:
+    session: bytes
+    epoch: int
+    app_id: bytes
+    opened_at: float
+    commitments: tuple[bytes, ...]
+    shares: dict[int, int] = field(repr=False)
+    view_hash: str = ""
+    view: dict[int, tuple[bytes, ...]] = field(default_factory=dict)
+    served: set[int] = field(default_factory=set)
+    bound: dict[int, str] = field(default_factory=dict)
+    pending: tx.EnvKeyShare | None = field(default=None, repr=False)
+
+
+def _view_hash(session: bytes, epoch: int, app_id: bytes, view: Mapping[int, tuple[bytes, ...]]) -> str:
+    doc = {str(i): [c.hex() for c in cs] for i, cs in sorted(view.items())}
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    h = hashlib.sha256(b"teecloud-env-dkg\x00" + session + epoch.to_bytes(4, "big") + app_id + body)
+    return h.hexdigest()
+
+
+def _hex32(text: str) -> bytes:
+    return bytes.fromhex(text)
+
+
+class EnvKeys:
+    """This member's side of per-app env keys (module docstring): ceremony stages, the coordinator, the
+    signature and the CVM's partial."""
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        t: int,
+        n: int,
+        epochs: Callable[[], tuple[int, ...]],
+        store: EnvKeyStore,
+        signer: Callable[[], ThresholdSigner | None],
+        connect: Callable[[int, str], PeerClient],
+        app_registered: Callable[[bytes], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`app_registered(app_id)` raises AccessDenied unless KmsAuth registers the app (fail closed)."""
+        self.index, self.t, self.n = index, t, n
+        self._epochs = epochs
+        self.store = store
+        self._signer = signer
+        self._connect = connect
+        self._app_registered = app_registered
+        self._clock = clock
+        self.peers: dict[int, str] = {}
+        self._open: dict[bytes, _Ceremony] = {}
+        self._lock = threading.Lock()
+        self._app_locks: dict[tuple[int, bytes], threading.Lock] = {}
+        self._answers: dict[tuple[int, bytes], api.EnvEncryptPubKeyResponse] = {}
+        self._burnt: set[bytes] = set()  # presignatures some member refused (bound to another digest)
+
+    # --- configuration
+
+    def set_peers(self, peers: Mapping[int, str]) -> None:
+        if any(not 1 <= i <= self.n for i in peers):
+            raise KmsUsageError(f"peers: share indices 1..{self.n}")
+        self.peers = {i: u for i, u in peers.items() if i != self.index}
+
+    def _check_epoch(self, epoch: int) -> None:
+        if epoch not in self._epochs():
+            raise AccessDenied(f"this node serves no root epoch {epoch}", step="epoch")
+
+    # --- a member's stages (the coordinator calls its own directly, the others over kms.peering)
+
+    def stage(self, req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
+        session, app_id = bytes.fromhex(req.session), bytes.fromhex(req.app_id)
+        out = api.PeerEnvDkgResponse(index=self.index, stage=req.stage)
+        if req.stage == "deal":
+            self._check_epoch(req.epoch)
+            self._app_registered(app_id)
+            held = self.store.get(req.epoch, app_id)
+            if held is not None:
+                out.held, out.commitments = True, [c.hex() for c in held.commitments]
+                return out
+            commitments, shares = tx.deal(self.t, self.n)
+            with self._lock:
+                self._expire()
+                if session in self._open:
+                    raise KmsUsageError("a ceremony with this session is already open here")
+                busy = [c for c in self._open.values() if (c.epoch, c.app_id) == (req.epoch, app_id)]
+                if busy:
+                    raise EnvKeyBusy(
+                        f"member {self.index}: another env-key ceremony for this app is under way: "
+                        "retry shortly"
+                    )
+                if len(self._open) >= MAX_OPEN_CEREMONIES:
+                    raise EnvKeyBusy(f"member {self.index}: too many env-key ceremonies open: retry shortly")
+                self._open[session] = _Ceremony(
+                    session, req.epoch, app_id, self._clock(), commitments, shares
+                )
+            out.commitments = [c.hex() for c in commitments]
+            return out
+        if req.stage == "abort":  # the coordinator gave up: this member's dealing is dropped
+            with self._lock:
+                cer_ = self._open.get(session)
+                if cer_ is not None and (cer_.epoch, cer_.app_id) == (req.epoch, app_id):
+                    del self._open[session]
+            return out
+        cer = self._ceremony(session, req.epoch, app_id)
+        if req.stage == "view":
+            view = {int(i): tuple(_hex32(c) for c in cs) for i, cs in req.view.items()}
+            if set(view) != set(range(1, self.n + 1)) or any(len(cs) != self.t for cs in view.values()):
+                raise KmsUsageError(f"view: {self.t} commitments of each of the {self.n} members")
+            if view[self.index] != cer.commitments:
+                self._drop(session)
+                raise KmsUsageError("the relayed view alters this member's own commitments")
+            if cer.view_hash:
+                raise KmsUsageError("this ceremony already has its view")
+            cer.view, cer.view_hash = view, _view_hash(session, cer.epoch, app_id, view)
+            out.view_hash = cer.view_hash
+            return out
+        if req.stage == "finish":
+            if not cer.view_hash:
+                raise KmsUsageError("finish before view")
+            if cer.pending is None:
+                try:
+                    cer.pending = self._finish(cer, {int(i): u for i, u in req.peers.items()})
+                except (tx.ThresholdEcdhError, KmsClientError, KmsDenied) as exc:
+                    self._drop(session)
+                    raise KmsUsageError(f"member {self.index}: the ceremony fails here: {exc}") from exc
+            out.commitments = [c.hex() for c in cer.pending.commitments]
+            return out
+        # commit
+        if cer.pending is None or [c.hex() for c in cer.pending.commitments] != req.commitments:
+            self._drop(session)
+            raise KmsUsageError("commit of other commitments than this member finished with")
+        self.store.put(cer.epoch, app_id, cer.pending)
+        self._drop(session)
+        out.commitments = req.commitments
+        return out
+
+    def _finish(self, cer: _Ceremony, peers: Mapping[int, str]) -> tx.EnvKeyShare:
+        urls = {**self.peers, **{i: u for i, u in peers.items() if i != self.index}}
+        others = [i for i in range(1, self.n + 1) if i != self.index]
+
+        def one(i: int) -> int:
+            url = urls.get(i)
+            if url is None:
+                raise tx.ThresholdEcdhError("no URL for this member", party=i)
+            try:
+                answer = self._connect(i, url).peer_call(
+                    api.PATH_PEER_ENV_SHARE,
+                    api.PeerEnvShareResponse,
+                    {"session": cer.session.hex(), "view_hash": cer.view_hash},
+                )
+            except (KmsClientError, KmsDenied) as exc:
+                raise tx.ThresholdEcdhError(f"sub-share not obtained: {exc}", party=i) from exc
+            if answer.dealer != i or answer.session != cer.session.hex():
+                raise tx.ThresholdEcdhError("answered for another dealer or ceremony", party=i)
+            return int.from_bytes(bytes.fromhex(answer.share), "little")
+
+        with ThreadPoolExecutor(max_workers=max(1, len(others))) as pool:
+            got = dict(zip(others, pool.map(one, others), strict=True))
+        got[self.index] = cer.shares[self.index]
+        return tx.dkg_receive(self.index, self.t, dict(cer.view), got)
+
+    def serve_share(self, node: AdmittedNode, req: api.PeerEnvShareRequest) -> tuple[int, bytes]:
+        """A member's sub-share of this member's dealing: once, to one boot-time key, same view only."""
+        if not isinstance(node, AdmittedNode):
+            raise TypeError("sub-shares only for an AdmittedNode")
+        with self._lock:
+            self._expire()
+            cer = self._open.get(bytes.fromhex(req.session))
+            if cer is None:
+                raise AccessDenied("no open env-key ceremony with this session here", step="round")
+            if node.index == self.index or not 1 <= node.index <= self.n:
+                raise AccessDenied(f"member {node.index} is not another member", step="round")
+            if not cer.view_hash or not secrets.compare_digest(cer.view_hash, req.view_hash):
+                raise AccessDenied(
+                    f"the commitments member {node.index} was relayed differ from this member's", step="round"
+                )
+            if cer.bound.setdefault(node.index, node.key_id) != node.key_id or node.index in cer.served:
+                raise AccessDenied(f"member {node.index}'s sub-share was already handed out", step="round")
+            cer.served.add(node.index)
+            return self.index, tx._scalar(cer.shares[node.index])
+
+    # --- the coordinator (GetAppEnvEncryptPubKey on this node)
+
+    def public_key(self, epoch: int, app_id: bytes) -> api.EnvEncryptPubKeyResponse:
+        self._check_epoch(epoch)
+        self._app_registered(app_id)
+        key = (epoch, app_id)
+        with self._lock:
+            lock = self._app_locks.setdefault(key, threading.Lock())
+            if len(self._app_locks) > 4096:
+                self._app_locks = {key: lock}
+        with lock:  # concurrent first requests of one app on this node: one ceremony, the others wait
+            share = self.store.get(epoch, app_id)
+            if share is None:
+                self._ceremony_run(epoch, app_id)
+                share = self.store.get(epoch, app_id)
+                assert share is not None
+            cached = self._answers.get(key)
+            if cached is not None and 0 <= self._clock() - cached.timestamp < SIGNATURE_REFRESH_S:
+                return cached
+            answer = self._sign(epoch, app_id, share)
+            if len(self._answers) >= 4096:
+                self._answers.clear()
+            self._answers[key] = answer
+            return answer
+
+    def _all(self, body: dict[str, object], members: list[int]) -> dict[int, api.PeerEnvDkgResponse]:
+        req = api.PeerEnvDkgRequest.model_validate(body)
+
+        def one(i: int) -> api.PeerEnvDkgResponse:
+            if i == self.index:
+                return self.stage(req)
+            url = self.peers.get(i)
+            if url is None:
+                raise KmsUsageError(f"member {i}: no URL known (admin POST /tenv/peers)")
+            try:
+                answer = self._connect(i, url).peer_call(api.PATH_PEER_ENV_DKG, api.PeerEnvDkgResponse, body)
+            except (KmsClientError, KmsDenied) as exc:
+                if "retry shortly" in str(exc) or "HTTP 503" in str(exc):  # that member's EnvKeyBusy
+                    raise EnvKeyBusy(
+                        f"member {i}: busy with another env-key ceremony: retry shortly"
+                    ) from exc
+                raise KmsUsageError(f"member {i}: env-key ceremony stage {req.stage}: {exc}") from exc
+            if answer.index != i or answer.stage != req.stage:
+                raise KmsUsageError(f"member {i}: answered as another member or stage")
+            return answer
+
+        with ThreadPoolExecutor(max_workers=len(members)) as pool:
+            futures = {i: pool.submit(one, i) for i in members}
+            return {i: f.result() for i, f in futures.items()}
+
+    def _ceremony_run(self, epoch: int, app_id: bytes) -> None:
+        members = list(range(1, self.n + 1))
+        base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": epoch, "app_id": app_id.hex()}
+        try:
+            self._ceremony_stages(base, members)
+        except Exception:
+            # best effort: every member drops its dealing of this session (else it would hold the app's
+            # ceremony slot until CEREMONY_WINDOW_S); nothing was sealed unless commit ran
+            try:
+                self._all({**base, "stage": "abort"}, members)
+            except Exception:  # noqa: S110 - a member that cannot be told expires the dealing itself
+                pass
+            raise
+
+    def _ceremony_stages(self, base: dict[str, object], members: list[int]) -> None:
+        deals = self._all({**base, "stage": "deal"}, members)
+        held = sorted(i for i, a in deals.items() if a.held)
+        if held:
+            raise KmsUsageError(
+                f"members {held} already hold a sealed env share of this app and this node does not (an "
+                "earlier ceremony failed at commit): ask a member that holds it (docs/kms.md, recovery)"
+            )
+        view = {str(i): a.commitments for i, a in deals.items()}
+        hashes = self._all({**base, "stage": "view", "view": view}, members)
+        if len({a.view_hash for a in hashes.values()}) != 1:
+            raise KmsUsageError("the members hashed different views")
+        peers = {str(i): u for i, u in self.peers.items()}
+        finished = self._all({**base, "stage": "finish", "peers": peers}, members)
+        results = {i: tuple(a.commitments) for i, a in finished.items()}
+        agreed = results[self.index]
+        off = sorted(i for i, c in results.items() if c != agreed)
+        if off:
+            raise KmsUsageError(f"members {off} finished with other commitments than this member")
+        self._all({**base, "stage": "commit", "commitments": list(agreed)}, members)
+
+    # --- the signature (dstack's shape) by t members
+
+    def sign_shares(
+        self, epoch: int, app_id: bytes, timestamp: int, sessions: list[bytes]
+    ) -> tuple[bytes, list[tuple[te.Presignature, te.SignatureShare]]]:
+        """This member's signature shares over the two digests it builds from its own sealed sharing."""
+        share = self.store.get(epoch, app_id)
+        if share is None:
+            raise AccessDenied("this member holds no env share of this app", step="env")
+        if abs(timestamp - self._clock()) > TIMESTAMP_SKEW_S:
+            raise AccessDenied("the timestamp is not within 60 s of this member's clock", step="request")
+        signer = self._signer()
+        if signer is None:
+            raise AccessDenied("this member holds no threshold signing share", step="mode")
+        pub = tx.x25519_public_key(share.commitments)
+        if not sessions:  # a probe: the caller then asks for the unused presignatures (KmsService)
+            return pub, []
+        digests = [legacy_digest(app_id, pub), env_encrypt_pubkey_digest(app_id, pub, timestamp)]
+        try:
+            out = [
+                (signer.pool.public(s), signer.pool.sign(s, d))
+                for s, d in zip(sessions, digests, strict=True)
+            ]
+        except KeysError as exc:
+            raise AccessDenied(f"presignature refused: {exc}", step="presignature") from exc
+        return pub, out
+
+    def _sign(self, epoch: int, app_id: bytes, share: tx.EnvKeyShare) -> api.EnvEncryptPubKeyResponse:
+        signer = self._signer()
+        if signer is None:
+            raise KmsUsageError("this node holds no threshold signing key: env public keys cannot be signed")
+        pub = tx.x25519_public_key(share.commitments)
+        group_key = signer.group_public_key
+        t = signer.key.t
+        faults: dict[int, str] = {}
+        for _attempt in range(SIGN_ATTEMPTS):
+            # which presignatures each member still holds unused (a probe to every other member), then two
+            # that this node and t-1 of them hold, at random (two coordinators may still race for one: the
+            # members refuse the second digest, and this node tries again)
+            held = self._probe(epoch, app_id, faults)
+            if len(self._burnt) > 4096:
+                self._burnt.clear()
+            mine = [u for u in signer.pool.unused() if u not in self._burnt]
+            by_count = [u for u in mine if sum(u in h for h in held.values()) >= t - 1]
+            if len(by_count) < 2:
+                break
+            sessions = _pick.sample(sorted(by_count), 2)
+            signers = [i for i in sorted(held) if all(s in held[i] for s in sessions)]
+            ts = int(self._clock())
+            digests = [legacy_digest(app_id, pub), env_encrypt_pubkey_digest(app_id, pub, ts)]
+            sigs = self._gather_signatures(epoch, app_id, pub, ts, sessions, digests, t, faults, signers)
+            if sigs is not None:
+                for sig, digest in zip(sigs, digests, strict=True):
+                    rec = coincurve.PublicKey.from_signature_and_message(sig, digest, hasher=None)
+                    if rec.format(compressed=True) != group_key:
+                        raise KmsUsageError(
+                            "the combined env-key signature does not recover to the group key"
+                        )
+                return api.EnvEncryptPubKeyResponse(
+                    public_key=pub.hex(), signature=sigs[0].hex(), timestamp=ts, signature_v1=sigs[1].hex()
+                )
+        detail = "; ".join(f"member {i}: {r}" for i, r in sorted(faults.items()))
+        raise EnvKeyBusy(
+            f"no {t} members signed the env public key (presignature pools exhausted or contended: "
+            f"`teecloud kms presign`){': ' + detail if detail else ''}"
+        )
+
+    def _probe(self, epoch: int, app_id: bytes, faults: dict[int, str]) -> dict[int, set[bytes]]:
+        """Every other member's unused presignatures (members that fail are left out, named in faults)."""
+        body = {"epoch": epoch, "app_id": app_id.hex(), "timestamp": int(self._clock()), "sessions": []}
+
+        def one(i: int) -> set[bytes] | None:
+            try:
+                answer = self._connect(i, self.peers[i]).peer_call(
+                    api.PATH_PEER_ENV_SIGN, api.PeerEnvSignResponse, body
+                )
+                if answer.index != i:
+                    raise ValueError("answered as another member")
+                return {bytes.fromhex(u) for u in answer.unused}
+            except (KmsClientError, KmsDenied, ValueError) as exc:
+                faults[i] = str(exc)[:300]
+                return None
+
+        others = sorted(self.peers)
+        with ThreadPoolExecutor(max_workers=max(1, len(others))) as pool:
+            got = dict(zip(others, pool.map(one, others), strict=True))
+        return {i: u for i, u in got.items() if u is not None}
+
+    def _gather_signatures(
+        self,
+        epoch: int,
+        app_id: bytes,
+        pub: bytes,
+        ts: int,
+        sessions: list[bytes],
+        digests: list[bytes],
+        t: int,
+        faults: dict[int, str],
+        signers: list[int],
+    ) -> list[bytes] | None:
+        got: dict[int, list[tuple[te.Presignature, te.SignatureShare]]] = {}
+        signer = self._signer()
+        assert signer is not None
+        try:
+            got[self.index] = self.sign_shares(epoch, app_id, ts, sessions)[1]
+        except AccessDenied as exc:
+            faults[self.index] = exc.reason
+            return None
+        body = {
+            "epoch": epoch,
+            "app_id": app_id.hex(),
+            "timestamp": ts,
+            "sessions": [s.hex() for s in sessions],
+        }
+        for i in signers:
+            if len(got) >= t:
+                break
+            try:
+                answer = self._connect(i, self.peers[i]).peer_call(
+                    api.PATH_PEER_ENV_SIGN, api.PeerEnvSignResponse, body
+                )
+                if answer.index != i or answer.public_key != pub.hex() or len(answer.shares) != 2:
+                    raise ValueError("answered as another member, for another key, or not two shares")
+                pairs: list[tuple[te.Presignature, te.SignatureShare]] = []
+                for s, sess, digest in zip(answer.shares, sessions, digests, strict=True):
+                    presig = te.Presignature(
+                        index=i,
+                        t=t,
+                        session=sess,
+                        big_r=bytes.fromhex(s.big_r),
+                        group_public_key=signer.group_public_key,
+                        kinv_share=None,
+                        sigma_share=0,
+                        kinv_commitments=tuple(bytes.fromhex(c) for c in s.kinv_commitments),
+                        sigma_commitments=tuple(bytes.fromhex(c) for c in s.sigma_commitments),
+                    )
+                    mine = got[self.index][len(pairs)][0]
+                    if s.session != sess.hex() or (presig.big_r, presig.kinv_commitments) != (
+                        mine.big_r,
+                        mine.kinv_commitments,
+                    ):
+                        raise ValueError("a share for another presignature")
+                    share = te.SignatureShare(i, int(s.s, 16))
+                    if not te.verify_signature_share(presig, digest, share):
+                        raise ValueError("a signature share does not verify")
+                    pairs.append((presig, share))
+                got[i] = pairs
+            except (KmsClientError, KmsDenied, ValueError, KeysError) as exc:
+                faults[i] = str(exc)[:300]
+                if "already signed another message" in str(exc):
+                    self._burnt.update(sessions)
+        if len(got) < t:
+            self._burnt.update(sessions)  # this node bound them to this attempt's digests: never again
+            return None
+        out = []
+        for k, digest in enumerate(digests):
+            try:
+                out.append(te.combine_signature(got[self.index][k][0], digest, [got[i][k][1] for i in got]))
+            except KeysError as exc:
+                faults[self.index] = f"combine: {exc}"
+                return None
+        return out
+
+    # --- the CVM's partial (after the whole key-release rule, in KmsService)
+
+    @staticmethod
+    def check_ephemeral_key(ephemeral_key: bytes) -> bytes:
+        """The Edwards point of a request's ephemeral key; KmsUsageError (400) for a malformed one: wrong
+        length, top bit set, u >= p, off the curve (the twist), small order."""
+        try:
+            return tx.strict_ephemeral_point(ephemeral_key)
+        except tx.ThresholdEcdhError as exc:
+            raise KmsUsageError(f"ephemeral_key: {exc}") from exc
+
+    def partial(self, epoch: int, app_id: bytes, ephemeral_key: bytes) -> api.ThresholdEnvPartialResponse:
+        point = self.check_ephemeral_key(ephemeral_key)
+        self._check_epoch(epoch)
+        share = self.store.get(epoch, app_id)
+        if share is None:
+            raise AccessDenied(
+                f"no env key of this app under epoch {epoch} (GetAppEnvEncryptPubKey makes it)", step="env"
+            )
+        p = tx.partial_decrypt(share, app_id, point)
+        return api.ThresholdEnvPartialResponse(
+            app_id=app_id.hex(),
+            epoch=epoch,
+            index=p.index,
+            element=p.element.hex(),
+            proof=p.proof.hex(),
+            commitments=[c.hex() for c in share.commitments],
+        )
+
+    # --- bookkeeping
+
+    def _ceremony(self, session: bytes, epoch: int, app_id: bytes) -> _Ceremony:
+        with self._lock:
+            self._expire()
+            cer = self._open.get(session)
+        if cer is None or (cer.epoch, cer.app_id) != (epoch, app_id):
+            raise KmsUsageError("no open env-key ceremony with this session (failed, finished or expired)")
+        return cer
+
+    def _drop(self, session: bytes) -> None:
+        with self._lock:
+            self._open.pop(session, None)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for s in [s for s, c in self._open.items() if now - c.opened_at > CEREMONY_WINDOW_S]:
+            del self._open[s]
