@@ -42,8 +42,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from cryptography import x509
 
+from teecloud.keys import threshold_certs as tc
 from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys.certs import cert_to_pem
 from teecloud.keys.errors import KeysError
 from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied, KmsUsageError, SealingError
@@ -56,6 +59,7 @@ __all__ = [
     "RoundFailed",
     "SignRounds",
     "presignature_session",
+    "run_ca_root",
     "run_presign_round",
     "run_signing_key_dkg",
 ]
@@ -545,11 +549,13 @@ def _all(nodes: Mapping[int, AdminEndpoint], path: str, body: dict[str, Any]) ->
         return {i: f.result().get("values", []) for i, f in futures.items()}
 
 
-def _run(nodes: Mapping[int, AdminEndpoint], kind: str, *, count: int = 1) -> dict[int, list[Any]]:
+def _run(
+    nodes: Mapping[int, AdminEndpoint], kind: str, *, count: int = 1, session: str | None = None
+) -> dict[int, list[Any]]:
     """One round: open on every member, then per stage relay every member's values to all (view) and let
     each advance. A failure names the member (RoundFailed.party) and leaves every member's state unchanged
     except what a completed round sealed."""
-    session = secrets.token_hex(16)
+    session = session or secrets.token_hex(16)
     peers = {str(i): ep.url for i, ep in nodes.items()}
     values = _all(
         nodes,
@@ -594,3 +600,49 @@ def run_presign_round(
     if len(set(rs.values())) != 1:
         raise RoundFailed("the members disagree on the presignatures' R")
     return [bytes.fromhex(r) for r in next(iter(rs.values()))]
+
+
+def run_ca_root(
+    nodes: Mapping[int, AdminEndpoint], t: int, ca_key: bytes, *, not_before: int
+) -> x509.Certificate:
+    """The group's root CA, self-signed by t members with the P-256 CA key `ca_key` (after the "ca-sigkey"
+    DKG): one fresh "ca-presign" presignature among 2t-1 members, a share of the root's self-signature from t
+    of them (each builds the TBS itself, kms.threshold_sign), combined and checked here, then installed on
+    every member (each keeps it only if it is exactly its key's root). Returns the root."""
+    chosen = presign_participants(list(nodes), t)
+    round_session = secrets.token_hex(16)
+    _run({i: nodes[i] for i in chosen}, "ca-presign", count=1, session=round_session)
+    session = presignature_session(bytes.fromhex(round_session), 0).hex()
+    signers = chosen[:t]
+    answers = {
+        i: _admin(nodes[i], "/tround/ca-root-share", {"session": session, "not_before": not_before}, i)
+        for i in signers
+    }
+    to_sign = tc.root_ca_to_sign(ca_key, not_before=not_before)
+    first = answers[signers[0]]
+    try:
+        presig = te.Presignature(
+            index=signers[0],
+            t=t,
+            session=bytes.fromhex(session),
+            big_r=bytes.fromhex(str(first["big_r"])),
+            group_public_key=ca_key,
+            kinv_share=None,
+            sigma_share=0,
+            kinv_commitments=tuple(bytes.fromhex(c) for c in first["kinv_commitments"]),
+            sigma_commitments=tuple(bytes.fromhex(c) for c in first["sigma_commitments"]),
+            curve=te.P256.name,
+        )
+        shares = [te.SignatureShare(i, int(str(answers[i]["s"]), 16)) for i in signers]
+        root = tc.assemble_certificate(
+            to_sign, te.combine_signature(presig, to_sign.digest, shares), tc.group_ca_public_key(ca_key)
+        )
+    except te.ThresholdSignatureError as exc:
+        raise RoundFailed(str(exc).removeprefix(f"party {exc.party}: "), party=exc.party) from exc
+    except (KeysError, ValueError, KeyError, TypeError) as exc:
+        raise RoundFailed(f"the root CA's signature shares do not combine: {exc}") from exc
+    body = {"certificate": cert_to_pem(root)}
+    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        for f in [pool.submit(_admin, ep, "/tround/ca-root", body, i) for i, ep in sorted(nodes.items())]:
+            f.result()
+    return root
