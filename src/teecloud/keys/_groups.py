@@ -16,6 +16,7 @@ written here: it is the libraries'.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
 from typing import Protocol
@@ -156,13 +157,7 @@ class _P256:
     def _point(self, p: bytes) -> PointJacobi:
         if len(p) != 33 or p[0] not in (2, 3):
             raise ThresholdSignatureError("a point is 33 bytes SEC1 compressed")
-        try:
-            # from_bytes checks the x coordinate is in the field and has a square root (on the curve)
-            point = PointJacobi.from_bytes(NIST256p.curve, p, valid_encodings=("compressed",))
-        except Exception as exc:  # ecdsa.errors.MalformedPointError and friends
-            raise ThresholdSignatureError("not a P-256 point") from exc
-        assert isinstance(point, PointJacobi)
-        return point
+        return _p256_decode(bytes(p))
 
     def check(self, p: bytes) -> bytes:
         self._point(p)
@@ -201,6 +196,19 @@ class _P256:
                 "the combined signature does not verify under the group key"
             ) from exc
         return self.scalar(r) + self.scalar(s)
+
+
+@functools.lru_cache(maxsize=4096)
+def _p256_decode(p: bytes) -> PointJacobi:
+    """A validated P-256 point (cached: the same commitments are decoded again and again in a round, and
+    decoding takes a modular square root; python-ecdsa's operations return new points, never mutate)."""
+    try:
+        # from_bytes checks the x coordinate is in the field and has a square root (on the curve)
+        point = PointJacobi.from_bytes(NIST256p.curve, p, valid_encodings=("compressed",))
+    except Exception as exc:  # ecdsa.errors.MalformedPointError and friends
+        raise ThresholdSignatureError("not a P-256 point") from exc
+    assert isinstance(point, PointJacobi)
+    return point
 
 
 SECP256K1: Group = _Secp256k1()
