@@ -117,6 +117,10 @@ def test_the_app_ca_is_signed_by_t_nodes_under_the_group_root(
         )
     ]
     assert len(signed) == T
+    # GetMeta names the group root (informational: the client took it from the group record)
+    assert all(
+        n.kms.service.meta().group_ca_cert == cluster.group.ca_root_cert for n in cluster.nodes.values()
+    )
     # the next boot of the same app: the same app CA key, a certificate from another presignature
     _, again = boot_hello(teecloud_home, world, cluster.provider(), app_id=app_id)
     assert again.keys.ca_key_pem == state.keys.ca_key_pem and again.keys.ca_cert_pem != state.keys.ca_cert_pem

@@ -114,6 +114,9 @@ class KmsMeta(BaseModel):
     mr_aggregated: str = Field(description="this KMS's boot-time mr_aggregated, hex")
     gateway_app_id: str = ""
     kms_contract: str = ""
+    # threshold node: the group's root CA (PEM; its key is the group's P-256 CA key, and app CAs are signed
+    # under it by t nodes). Informational: clients trust the ceremony's group record, not a node's say-so
+    group_ca_cert: str = ""
 
 
 class TempCaCertResponse(BaseModel):

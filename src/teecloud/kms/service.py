@@ -41,6 +41,7 @@ from teecloud.chain.api import BlockRef
 from teecloud.chain.errors import NotDeployed
 from teecloud.ids import HexError, parse_app_id
 from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys.certs import cert_to_pem
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
 from teecloud.kms.authz import (
@@ -800,6 +801,11 @@ class KmsService:
             mr_aggregated=self.identity.mr_aggregated.hex(),
             gateway_app_id=self.config.gateway_app_id,
             kms_contract=self.config.kms_contract,
+            group_ca_cert=(
+                cert_to_pem(self.ca_signer.ca_root)
+                if self.threshold is not None and self.ca_signer is not None and self.ca_signer.ca_root
+                else ""
+            ),
         )
 
     def temp_ca(self) -> api.TempCaCertResponse:
