@@ -581,6 +581,7 @@ class LocalCloud:
         says why it cannot sign."""
         import dataclasses
 
+        from teecloud.keys.certs import cert_to_pem
         from teecloud.kms.launcher import load_admin_token
         from teecloud.kms.threshold import node_home, write_group
         from teecloud.kms.threshold_net import (
@@ -612,10 +613,13 @@ class LocalCloud:
         # the group's P-256 CA key, its root CA (self-signed by t nodes) and app CA presignatures (issue 19)
         try:
             if not group.ca_root_cert:
-                ca_key = run_signing_key_dkg(nodes, kind="ca-sigkey")
+                # a CA key every member already holds (a start that stopped before the root) is kept
+                held = {str(_pool_doc(ep).get("ca_key", "")) for ep in nodes.values()}
+                if len(held) == 1 and "" not in held:
+                    ca_key = bytes.fromhex(held.pop())
+                else:
+                    ca_key = run_signing_key_dkg(nodes, kind="ca-sigkey")
                 root = run_ca_root(nodes, group.t, ca_key, not_before=int(time.time()) - 300)
-                from teecloud.keys.certs import cert_to_pem
-
                 group = dataclasses.replace(group, ca_root_cert=cert_to_pem(root))
                 write_group(group, self.home)
             makers = presign_participants(list(nodes), group.t)
@@ -761,15 +765,24 @@ CA_PRESIGN_LOW = 4  # the same for the group's P-256 CA key (app CA certificates
 CA_PRESIGN_BATCH = 8
 
 
-def _pool_size(ep: Any, field: str = "unused") -> int:
-    """A threshold node's unused presignatures (its admin listener; `field` "ca_unused": of the P-256 CA
-    key); 0 when it cannot say."""
+def _pool_doc(ep: Any) -> dict[str, Any]:
+    """A threshold node's pool answer (its admin listener: api.PoolResponse); {} when it cannot say."""
     import httpx
 
     try:
         r = httpx.get(
             f"{ep.admin_url}/tround/pool", headers={"authorization": f"Bearer {ep.token}"}, timeout=30
         )
-        return int(r.json()[field]) if r.status_code == 200 else 0
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        doc = r.json() if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _pool_size(ep: Any, field: str = "unused") -> int:
+    """A threshold node's unused presignatures (`field` "ca_unused": of the P-256 CA key); 0 when it
+    cannot say."""
+    try:
+        return int(_pool_doc(ep).get(field, 0))
+    except (ValueError, TypeError):
         return 0

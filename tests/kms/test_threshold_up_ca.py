@@ -15,11 +15,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from typer.testing import CliRunner
 
 from teecloud.agent import api as agent_api
 from teecloud.agent.boot import boot
 from teecloud.agent.service import AgentService
 from teecloud.appcompose import compose_hash
+from teecloud.cli import app as cli_app
 from teecloud.devstack import LocalCloud
 from teecloud.keys.certs import verify_cert_chain
 from teecloud.kms.threshold import read_group
@@ -85,5 +87,13 @@ def test_a_booted_apps_ra_tls_chain_verifies_under_the_group_root_ca(tmp_path: P
         # the root's key is the group's P-256 CA key that every node reports (C_0 of its commitments)
         ca_key = root_key.public_bytes(Encoding.X962, PublicFormat.CompressedPoint).hex()
         assert all(p.get("ca_key") == ca_key for p in _pools(home))
+        # the operator's refill of the CA pools: `teecloud kms presign --ca`
+        before = [int(str(p["ca_unused"])) for p in _pools(home)]
+        result = CliRunner().invoke(
+            cli_app, ["kms", "presign", "--ca", "--count", "2"], env={"TEECLOUD_HOME": str(home)}
+        )
+        assert result.exit_code == 0, result.output
+        assert "2 CA presignatures made by nodes [1, 2, 3, 4, 5]" in result.output
+        assert [int(str(p["ca_unused"])) for p in _pools(home)] == [b + 2 for b in before]
     finally:
         cloud.stop()
