@@ -178,6 +178,21 @@ def test_group_root_ca_and_an_app_ca_between_running_nodes(
     for m in members.values():
         r = _admin(m, "/tround/ca-root", {"certificate": cert_to_pem(root)})
         assert r.status_code == 200 and r.json()["ca_root"] is True, r.text
+    # a second root (another validity, genuinely signed by three members) does not replace the first
+    answers2 = [
+        _admin(
+            members[i], "/tround/ca-root-share", {"session": pool[3].hex(), "not_before": not_before + 1}
+        ).json()
+        for i in (2, 3, 5)
+    ]
+    second_tbs = tc.root_ca_to_sign(ca_key, not_before=not_before + 1)
+    second = tc.assemble_certificate(
+        second_tbs, _combine(answers2, ca_key, second_tbs.digest), tc.group_ca_public_key(ca_key)
+    )
+    r = _admin(members[1], "/tround/ca-root", {"certificate": cert_to_pem(second)})
+    assert r.status_code == 400 and "already keeps another" in r.text
+    r = _admin(members[1], "/tround/ca-root", {"certificate": cert_to_pem(root)})  # the same again: fine
+    assert r.status_code == 200
     # the root is kept across a restart (re-checked against the sealed CA share when opened)
     m2 = members[2]
     reopened = open_ca_signer(m2.tee, m2.service.identity, m2.service.audit.path.parent.parent)

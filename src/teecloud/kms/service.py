@@ -528,6 +528,10 @@ class KmsService:
             cert = x509.load_pem_x509_certificate(req.certificate.encode())
         except ValueError as exc:
             raise KmsUsageError("not a PEM certificate") from exc
+        held = self.ca_signer.ca_root
+        if held is not None and held != cert:
+            # one root per CA key: a second (other validity) would let an operator swap what app CAs chain to
+            raise KmsUsageError("this member already keeps another group root CA certificate")
         try:
             self.ca_signer.install_ca_root(cert)
         except SealingError as exc:
