@@ -94,7 +94,8 @@ def crypto(iters: int) -> list[tuple[str, float, float]]:
 
 
 def signatures(iters: int) -> list[tuple[str, float, float]]:
-    """Threshold ECDSA (secp256k1) and threshold X25519 at t=3 of 5, one process, vs one whole key."""
+    """Threshold ECDSA (secp256k1, then P-256) and threshold X25519 at t=3 of 5, one process, vs one whole
+    key."""
     import coincurve
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -139,6 +140,42 @@ def signatures(iters: int) -> list[tuple[str, float, float]]:
             *_ms(lambda: td.combine(env_keys[0].commitments, app, td.ephemeral_point(blob), parts), iters),
         ),
         ("single key: X25519 exchange (OpenSSL)", *_ms(lambda: x_whole.exchange(x_peer), iters)),
+        *p256_signatures(iters, keys, ps, shares, digest),
+    ]
+
+
+def p256_signatures(
+    iters: int, k256_keys: Any, k256_ps: Any, k256_shares: Any, digest: bytes
+) -> list[tuple[str, float, float]]:
+    """The same GJKR rounds over NIST P-256 (python-ecdsa arithmetic: the group's CA key, app CA
+    certificates) beside secp256k1 (coincurve) in the same run, and a whole P-256 key (OpenSSL)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    from teecloud.keys import threshold_ecdsa as te
+
+    keys = te.dkg_local(3, 5, group=te.P256)
+    ps = te.presign_local(keys, [1, 2, 3, 4, 5])
+    shares = [te.sign_share(ps[i], digest) for i in (1, 2, 3)]
+    whole = ec.generate_private_key(ec.SECP256R1())
+    few = max(5, iters // 20)
+    presign_k = _ms(lambda: te.presign_local(k256_keys, [1, 2, 3, 4, 5]), few)
+    presign_p = _ms(lambda: te.presign_local(keys, [1, 2, 3, 4, 5]), few)
+    combine_k = _ms(lambda: te.combine_signature(k256_ps[1], digest, k256_shares), iters)
+    combine_p = _ms(lambda: te.combine_signature(ps[1], digest, shares), iters)
+    return [
+        ("P-256 tECDSA presignature 3-of-5 (5 participants' math, one process)", *presign_p),
+        ("  secp256k1 presignature, same run (baseline)", *presign_k),
+        ("  ratio P-256 / secp256k1 presignature (p50)", presign_p[0] / presign_k[0], float("nan")),
+        ("P-256 tECDSA node: one signature share", *_ms(lambda: te.sign_share(ps[2], digest), iters)),
+        ("P-256 tECDSA client at t=3: 3 share checks + combine + OpenSSL verify", *combine_p),
+        ("  secp256k1 client, same run (baseline)", *combine_k),
+        ("  ratio P-256 / secp256k1 client (p50)", combine_p[0] / combine_k[0], float("nan")),
+        (
+            "single key: P-256 ECDSA sign (OpenSSL)",
+            *_ms(lambda: whole.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))), iters),
+        ),
     ]
 
 

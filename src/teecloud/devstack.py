@@ -529,7 +529,12 @@ class LocalCloud:
         served = refresh_committees(chain.kms_group, endpoints)
         provider = ThresholdKeyProvider(
             ThresholdGroup(
-                committee.epoch, committee.t, committee.commitments, urls, signing_key=group.signing_key
+                committee.epoch,
+                committee.t,
+                committee.commitments,
+                urls,
+                signing_key=group.signing_key,
+                ca_root_cert=group.ca_root_cert,
             ),
             clients,
             epochs={
@@ -599,12 +604,14 @@ class LocalCloud:
         says why it cannot sign."""
         import dataclasses
 
+        from teecloud.keys.certs import cert_to_pem
         from teecloud.kms.launcher import load_admin_token
         from teecloud.kms.threshold import node_home, write_group
         from teecloud.kms.threshold_net import (
             AdminEndpoint,
             RoundFailed,
             presign_participants,
+            run_ca_root,
             run_presign_round,
             run_signing_key_dkg,
         )
@@ -626,6 +633,27 @@ class LocalCloud:
                 log.info("%d presignatures made in %.1f s", PRESIGN_BATCH, time.monotonic() - started)
         except RoundFailed as exc:
             log.warning("threshold KMS: signing key / presignatures not made: %s", exc)
+        # the group's P-256 CA key, its root CA (self-signed by t nodes) and app CA presignatures (issue 19)
+        try:
+            if not group.ca_root_cert:
+                # a CA key every member already holds (a start that stopped before the root) is kept
+                held = {str(_pool_doc(ep).get("ca_key", "")) for ep in nodes.values()}
+                if len(held) == 1 and "" not in held:
+                    ca_key = bytes.fromhex(held.pop())
+                else:
+                    ca_key = run_signing_key_dkg(nodes, kind="ca-sigkey")
+                root = run_ca_root(nodes, group.t, ca_key, not_before=int(time.time()) - 300)
+                group = dataclasses.replace(group, ca_root_cert=cert_to_pem(root))
+                write_group(group, self.home)
+            makers = presign_participants(list(nodes), group.t)
+            if min(_pool_size(nodes[i], "ca_unused") for i in makers) < CA_PRESIGN_LOW:
+                started = time.monotonic()
+                run_presign_round(nodes, CA_PRESIGN_BATCH, group.t, kind="ca-presign")
+                log.info("%d CA presignatures made in %.1f s", CA_PRESIGN_BATCH, time.monotonic() - started)
+        except RoundFailed as exc:
+            log.warning(
+                "threshold KMS: CA key / root / presignatures not made (self-signed app CAs): %s", exc
+            )
         return group
 
     def _networked_dkg(self, rpc_url: str) -> dict[int, dict[str, Any]]:
@@ -756,16 +784,28 @@ class LocalCloud:
 
 PRESIGN_LOW = 8  # `teecloud up` tops a node's presignature pool up when it holds fewer
 PRESIGN_BATCH = 16  # presignatures per networked round (each boot uses one per signing node)
+CA_PRESIGN_LOW = 4  # the same for the group's P-256 CA key (app CA certificates; P-256 rounds are slower)
+CA_PRESIGN_BATCH = 8
 
 
-def _pool_size(ep: Any) -> int:
-    """A threshold node's unused presignatures (its admin listener); 0 when it cannot say."""
+def _pool_doc(ep: Any) -> dict[str, Any]:
+    """A threshold node's pool answer (its admin listener: api.PoolResponse); {} when it cannot say."""
     import httpx
 
     try:
         r = httpx.get(
             f"{ep.admin_url}/tround/pool", headers={"authorization": f"Bearer {ep.token}"}, timeout=30
         )
-        return int(r.json()["unused"]) if r.status_code == 200 else 0
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        doc = r.json() if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _pool_size(ep: Any, field: str = "unused") -> int:
+    """A threshold node's unused presignatures (`field` "ca_unused": of the P-256 CA key); 0 when it
+    cannot say."""
+    try:
+        return int(_pool_doc(ep).get(field, 0))
+    except (ValueError, TypeError):
         return 0

@@ -1013,10 +1013,14 @@ def presign(
             help="Running share indices to choose from (>= 2t-1; the lowest 2t-1 take part); default: all n.",
         ),
     ] = "",
+    ca: Annotated[
+        bool, typer.Option("--ca", help="For the group's P-256 CA key (app CA certificates) instead.")
+    ] = False,
 ) -> None:
-    """Make presignatures for the group's threshold signing key among running nodes of this installation
-    (teecloud.kms.threshold_net: sub-shares move node to node over mutual RA-TLS; this command relays only
-    public values through the nodes' admin listeners). Each boot of a CVM uses one per signing node."""
+    """Make presignatures for the group's threshold signing key (or, with --ca, its P-256 CA key) among
+    running nodes of this installation (teecloud.kms.threshold_net: sub-shares move node to node over mutual
+    RA-TLS; this command relays only public values through the nodes' admin listeners). Each boot of a CVM
+    uses one of each per signing node."""
     from teecloud.kms.errors import KmsError
     from teecloud.kms.launcher import load_admin_token
     from teecloud.kms.threshold import node_home, read_group
@@ -1026,8 +1030,9 @@ def presign(
         group = read_group()
     except KmsError as exc:
         _fail(exc.diagnostics())
-    if group is None or not group.signing_key:
-        _fail(f"no threshold group with a signing key in {data_home()} (kms-nodes/group.json)")
+    if group is None or not (group.ca_root_cert if ca else group.signing_key):
+        what = "a root CA (P-256 CA key)" if ca else "a signing key"
+        _fail(f"no threshold group with {what} in {data_home()} (kms-nodes/group.json)")
     indices = _index_list(nodes_text, "--nodes") if nodes_text else list(range(1, group.n + 1))
     if len(indices) < 2 * group.t - 1 or any(i > group.n for i in indices):
         _fail(f"a presignature of this {group.t}-of-{group.n} group needs {2 * group.t - 1} of its nodes")
@@ -1038,7 +1043,8 @@ def presign(
         nodes[i] = AdminEndpoint(str(ep["admin_url"]), load_admin_token(node_home(i)), str(ep["url"]))
     started = time.monotonic()
     try:
-        rs = run_presign_round(nodes, count, group.t)
+        rs = run_presign_round(nodes, count, group.t, kind="ca-presign" if ca else "presign")
     except RoundFailed as exc:
         _fail(f"the presigning round failed: {exc}")
-    out.print(f"{len(rs)} presignatures made by nodes {indices} in {time.monotonic() - started:.1f} s")
+    what = "CA presignatures" if ca else "presignatures"
+    out.print(f"{len(rs)} {what} made by nodes {indices} in {time.monotonic() - started:.1f} s")

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pysodium
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.keys import _shamir
@@ -484,13 +485,15 @@ def app_keys_from_outputs(
     os_image_hash: bytes = b"",
     k256_signature: bytes = b"",
     kms_k256_pubkey: bytes = b"",
+    ca_cert_pem: str = "",
 ) -> AppKeys:
     """An app instance's keys from the two combined VOPRF outputs (computed inside the attested CVM).
 
     `k256_signature` is the KMS signature of the app's k256 key made by t nodes (keys.threshold_ecdsa, over
     sigchain.kms_issued_digest) and `kms_k256_pubkey` the group's signing key it verifies under; without
-    them (a group with no signing key) dstack's GetKey chain is not available. The app CA certificate is
-    self-signed by the app CA key (a P-256 signature of the group is not done, docs/kms.md)."""
+    them (a group with no signing key) dstack's GetKey chain is not available. `ca_cert_pem` is the app CA
+    certificate t nodes signed under the group's root CA (teecloud.keys.threshold_certs; its key must be
+    the app CA key derived here); without it the app CA certificate is self-signed by the app CA key."""
     if len(app_output) != 64 or len(instance_output) != 64:
         raise KeyUsageError("VOPRF outputs are 64 bytes")
     if k256_signature and (len(k256_signature) != 65 or len(kms_k256_pubkey) != 33):
@@ -506,6 +509,11 @@ def app_keys_from_outputs(
         not_after=now + 365 * 24 * 3600,
         ca=True,
     )
+    if ca_cert_pem:
+        signed = x509.load_pem_x509_certificate(ca_cert_pem.encode())
+        if signed.public_key() != ca_key.public_key():
+            raise KeyUsageError("the group-signed app CA certificate is for another key than this app's")
+        ca_cert = signed
     k256 = app_k256_key(app_output)
     return AppKeys(
         ca_key_pem=key_to_pem(ca_key),

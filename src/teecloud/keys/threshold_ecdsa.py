@@ -33,8 +33,12 @@ What t-1 holders learn: nothing about x or k beyond the public values (GJKR Thm 
 analogue, with Feldman commitments revealing x·G, k·G, a·G and k^-1·G, k^-1·x·G; GJKR prove DSS secure
 with g^a public). Joint-Feldman lets a rushing participant abort after seeing R and so choose among
 several R (GJKR, J. Cryptology 2007, §3): an abort here names the participant, which the caller excludes.
-Scalars are Python ints mod N (not constant time); points are SEC1 compressed bytes through coincurve
-(libsecp256k1).
+Scalars are Python ints mod N (not constant time); points are SEC1 compressed bytes.
+
+The same code runs over two curves (teecloud.keys._groups): secp256k1 through coincurve (libsecp256k1), the
+default everywhere and byte-for-byte what it was, and NIST P-256 through python-ecdsa (`curve="p256"` on
+the key share; every later value carries its key's curve), whose signatures are X.509's ecdsa-with-SHA256
+(the group's root CA and the app CAs it signs, teecloud.keys.threshold_certs).
 """
 
 from __future__ import annotations
@@ -45,16 +49,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-import coincurve
-
 from teecloud.keys import _shamir
-from teecloud.keys.errors import KeyUsageError, MalformedKeyMaterial
+from teecloud.keys._groups import P256, SECP256K1, Group, ThresholdSignatureError, group_named
+from teecloud.keys.errors import KeyUsageError
 
 __all__ = [
     "GENERATOR",
     "MAX_NODES",
     "ORDER",
+    "P256",
+    "SECP256K1",
     "Dealing",
+    "Group",
     "KeyShare",
     "MulMessage",
     "PresignDealing",
@@ -67,6 +73,7 @@ __all__ = [
     "dkg_local",
     "dkg_receive",
     "feldman_deal",
+    "group_named",
     "lagrange_at_zero",
     "presign_finish",
     "presign_local",
@@ -79,80 +86,26 @@ __all__ = [
     "verify_signature_share",
 ]
 
-ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141  # SEC 2 §2.4.1, secp256k1 n
+ORDER = SECP256K1.order  # SEC 2 §2.4.1, secp256k1 n (the default group's; P256.order for P-256)
 MAX_NODES = 64
-_DOMAIN = b"teecloud-tecdsa-secp256k1-v1"
-
-
-class ThresholdSignatureError(MalformedKeyMaterial):
-    """A dealing, proof or signature share that does not verify; `party` names the sender when known."""
-
-    def __init__(self, message: str, *, party: int | None = None) -> None:
-        super().__init__(message if party is None else f"party {party}: {message}")
-        self.party = party
 
 
 # ------------------------------------------------------------------------------------------ group ops
-
-
-def _scalar(k: int) -> bytes:
-    return (k % ORDER).to_bytes(32, "big")
-
-
-def _mul_base(k: int) -> bytes:
-    k %= ORDER
-    if k == 0:
-        raise ThresholdSignatureError("a zero scalar (probability 2^-256 unless forced)")
-    return bytes(coincurve.PublicKey.from_secret(_scalar(k)).format(compressed=True))
-
-
-def _point(p: bytes) -> coincurve.PublicKey:
-    if len(p) != 33 or p[0] not in (2, 3):
-        raise ThresholdSignatureError("a point is 33 bytes SEC1 compressed")
-    try:
-        return coincurve.PublicKey(p)
-    except Exception as exc:  # coincurve raises ValueError / bare Exception for points not on the curve
-        raise ThresholdSignatureError("not a secp256k1 point") from exc
-
-
-def _mul(k: int, p: bytes) -> bytes:
-    k %= ORDER
-    if k == 0:
-        raise ThresholdSignatureError("a zero scalar (probability 2^-256 unless forced)")
-    return bytes(_point(p).multiply(_scalar(k)).format(compressed=True))
-
-
-def _sum(points: Sequence[bytes]) -> bytes:
-    if not points:
-        raise KeyUsageError("empty sum")
-    if len(points) == 1:
-        return bytes(_point(points[0]).format(compressed=True))
-    try:
-        return bytes(coincurve.PublicKey.combine_keys([_point(p) for p in points]).format(compressed=True))
-    except ThresholdSignatureError:
-        raise
-    except Exception as exc:  # the point at infinity: never from honest parties
-        raise ThresholdSignatureError("a sum of points is the point at infinity") from exc
-
-
-def _neg(p: bytes) -> bytes:
-    _point(p)
-    return bytes([p[0] ^ 1]) + p[1:]  # SEC1: negation flips the y-parity prefix 02 <-> 03
 
 
 def _eq(a: bytes, b: bytes) -> bool:
     return secrets.compare_digest(a, b)
 
 
-GENERATOR = _mul_base(1)
+GENERATOR = SECP256K1.generator
 
 
-def _poly_eval(coeffs: Sequence[int], x: int) -> int:
-    return _shamir.poly_eval(coeffs, x, ORDER)
+def _poly_eval(coeffs: Sequence[int], x: int, g: Group) -> int:
+    return _shamir.poly_eval(coeffs, x, g.order)
 
 
-def _rand() -> int:
-    return secrets.randbelow(ORDER - 1) + 1
+def _rand(g: Group) -> int:
+    return secrets.randbelow(g.order - 1) + 1
 
 
 def _check_params(t: int, n: int) -> None:
@@ -160,14 +113,14 @@ def _check_params(t: int, n: int) -> None:
         raise KeyUsageError(f"need 1 <= t <= n <= {MAX_NODES}, got t={t}, n={n}")
 
 
-def lagrange_at_zero(xs: Sequence[int]) -> dict[int, int]:
+def lagrange_at_zero(xs: Sequence[int], *, group: Group = SECP256K1) -> dict[int, int]:
     """λ_i = Π_{j≠i} x_j / (x_j − x_i) mod N, for interpolation at 0."""
     if not xs:
         raise KeyUsageError(f"share indices must be distinct, in 1..{MAX_NODES}")
-    return _shamir.lagrange_at_zero(xs, ORDER, MAX_NODES)
+    return _shamir.lagrange_at_zero(xs, group.order, MAX_NODES)
 
 
-# ------------------------------------------------------------------------------- Feldman VSS (secp256k1)
+# --------------------------------------------------------------------------------------- Feldman VSS
 
 
 @dataclass(frozen=True)
@@ -182,79 +135,91 @@ class Dealing:
 
 
 def feldman_deal(
-    secret: int | None, degree: int, recipients: Sequence[int], *, dealer: int, zero: bool = False
+    secret: int | None,
+    degree: int,
+    recipients: Sequence[int],
+    *,
+    dealer: int,
+    zero: bool = False,
+    group: Group = SECP256K1,
 ) -> Dealing:
     """Feldman VSS of `secret` (random when None; 0 when `zero`) with a degree-`degree` polynomial."""
+    g = group
     if zero:
         a0 = 0
     else:
-        a0 = secret if secret is not None else _rand()
-        if not 0 < a0 < ORDER:
+        a0 = secret if secret is not None else _rand(g)
+        if not 0 < a0 < g.order:
             raise KeyUsageError("secret out of range")
-    coeffs = [a0] + [_rand() for _ in range(degree)]
+    coeffs = [a0] + [_rand(g) for _ in range(degree)]
     shown = coeffs[1:] if zero else coeffs
     return Dealing(
-        dealer, tuple(_mul_base(a) for a in shown), {x: _poly_eval(coeffs, x) for x in recipients}, zero
+        dealer, tuple(g.base_mul(a) for a in shown), {x: _poly_eval(coeffs, x, g) for x in recipients}, zero
     )
 
 
-def public_share(commitments: Sequence[bytes], x: int, *, zero: bool = False) -> bytes:
+def public_share(
+    commitments: Sequence[bytes], x: int, *, zero: bool = False, group: Group = SECP256K1
+) -> bytes:
     """Σ_j x^j·C_j (j from 1 for a zero-sharing): the public image f(x)·G of share x."""
     if not 1 <= x <= MAX_NODES or not commitments:
         raise KeyUsageError("share index out of range or no commitments")
+    g = group
     first = 1 if zero else 0
-    return _sum([_mul(pow(x, j + first, ORDER), c) for j, c in enumerate(commitments)])
+    return g.sum([g.mul(pow(x, j + first, g.order), c) for j, c in enumerate(commitments)])
 
 
-def _verify_sub_share(d_commitments: Sequence[bytes], x: int, share: int, *, zero: bool = False) -> bool:
-    if not 0 < share < ORDER:
+def _verify_sub_share(
+    d_commitments: Sequence[bytes], x: int, share: int, g: Group, *, zero: bool = False
+) -> bool:
+    if not 0 < share < g.order:
         return False
     try:
-        return _eq(_mul_base(share), public_share(d_commitments, x, zero=zero))
+        return _eq(g.base_mul(share), public_share(d_commitments, x, zero=zero, group=g))
     except ThresholdSignatureError:
         return False
 
 
 def _sum_commitments(
-    vectors: Sequence[Sequence[bytes]], weights: Sequence[int] | None = None
+    vectors: Sequence[Sequence[bytes]], g: Group, weights: Sequence[int] | None = None
 ) -> tuple[bytes, ...]:
     length = len(vectors[0])
     if any(len(v) != length for v in vectors):
         raise ThresholdSignatureError("dealings disagree on the degree")
     w = weights if weights is not None else [1] * len(vectors)
-    return tuple(_sum([_mul(wi, v[j]) for wi, v in zip(w, vectors, strict=True)]) for j in range(length))
+    return tuple(g.sum([g.mul(wi, v[j]) for wi, v in zip(w, vectors, strict=True)]) for j in range(length))
 
 
 # ------------------------------------------------------------------------- Chaum–Pedersen DLEQ proofs
 
 
-def _hash_scalar(*parts: bytes) -> int:
+def _hash_scalar(g: Group, *parts: bytes) -> int:
     h = hashlib.sha256()
-    for p in (_DOMAIN, *parts):
+    for p in (g.domain, *parts):
         h.update(len(p).to_bytes(4, "big") + p)
-    return int.from_bytes(h.digest(), "big") % ORDER
+    return int.from_bytes(h.digest(), "big") % g.order
 
 
-def _dleq_prove(label: bytes, w: int, g1: bytes, h1: bytes, g2: bytes, h2: bytes) -> bytes:
+def _dleq_prove(g: Group, label: bytes, w: int, g1: bytes, h1: bytes, g2: bytes, h2: bytes) -> bytes:
     """Chaum–Pedersen (CRYPTO '92) with Fiat–Shamir: log_g1(h1) == log_g2(h2) == w. Proof c ‖ z."""
-    r = _rand()
-    t1, t2 = _mul(r, g1), _mul(r, g2)
-    c = _hash_scalar(label, g1, h1, g2, h2, t1, t2)
-    return _scalar(c) + _scalar(r + c * w)
+    r = _rand(g)
+    t1, t2 = g.mul(r, g1), g.mul(r, g2)
+    c = _hash_scalar(g, label, g1, h1, g2, h2, t1, t2)
+    return g.scalar(c) + g.scalar(r + c * w)
 
 
-def _dleq_verify(label: bytes, g1: bytes, h1: bytes, g2: bytes, h2: bytes, proof: bytes) -> bool:
+def _dleq_verify(g: Group, label: bytes, g1: bytes, h1: bytes, g2: bytes, h2: bytes, proof: bytes) -> bool:
     if len(proof) != 64:
         return False
     c, z = int.from_bytes(proof[:32], "big"), int.from_bytes(proof[32:], "big")
-    if not (0 < c < ORDER and 0 < z < ORDER):
+    if not (0 < c < g.order and 0 < z < g.order):
         return False
     try:
-        t1 = _sum([_mul(z, g1), _neg(_mul(c, h1))])
-        t2 = _sum([_mul(z, g2), _neg(_mul(c, h2))])
+        t1 = g.sum([g.mul(z, g1), g.neg(g.mul(c, h1))])
+        t2 = g.sum([g.mul(z, g2), g.neg(g.mul(c, h2))])
     except ThresholdSignatureError:
         return False
-    return _eq(_scalar(_hash_scalar(label, g1, h1, g2, h2, t1, t2)), _scalar(c))
+    return _eq(g.scalar(_hash_scalar(g, label, g1, h1, g2, h2, t1, t2)), g.scalar(c))
 
 
 def _label(session: bytes, step: bytes, party: int) -> bytes:
@@ -266,55 +231,70 @@ def _label(session: bytes, step: bytes, party: int) -> bytes:
 
 @dataclass(frozen=True)
 class KeyShare:
-    """Share holder `index`'s share x_index of the signing key and the group's Feldman commitments."""
+    """Share holder `index`'s share x_index of the signing key and the group's Feldman commitments, over
+    the group named `curve` ("secp256k1" or "p256")."""
 
     index: int
     t: int
     n: int
     share: int
     commitments: tuple[bytes, ...]
+    curve: str = SECP256K1.name
 
     def __post_init__(self) -> None:
         _check_params(self.t, self.n)
+        g = group_named(self.curve)
         if not 1 <= self.index <= self.n or len(self.commitments) != self.t:
             raise KeyUsageError("key share: index out of 1..n or not t commitments")
-        if not _verify_sub_share(self.commitments, self.index, self.share):
+        if not _verify_sub_share(self.commitments, self.index, self.share, g):
             raise ThresholdSignatureError(
                 "key share does not match the group's commitments", party=self.index
             )
+
+    @property
+    def group(self) -> Group:
+        return group_named(self.curve)
 
     @property
     def group_public_key(self) -> bytes:
         return self.commitments[0]
 
 
-def dkg_local(t: int, n: int) -> list[KeyShare]:
+def dkg_local(t: int, n: int, *, group: Group = SECP256K1) -> list[KeyShare]:
     """Joint-Feldman among n dealers in one process (dev, tests, bench: the caller sees every share)."""
     _check_params(t, n)
+    g = group
     holders = list(range(1, n + 1))
-    dealings = [feldman_deal(None, t - 1, holders, dealer=d) for d in holders]
-    group = _sum_commitments([d.commitments for d in dealings])
-    return [KeyShare(j, t, n, sum(d.shares[j] for d in dealings) % ORDER, group) for j in holders]
+    dealings = [feldman_deal(None, t - 1, holders, dealer=d, group=g) for d in holders]
+    pub = _sum_commitments([d.commitments for d in dealings], g)
+    return [KeyShare(j, t, n, sum(d.shares[j] for d in dealings) % g.order, pub, g.name) for j in holders]
 
 
 def dkg_receive(
-    me: int, t: int, n: int, commitments: Mapping[int, Sequence[bytes]], shares: Mapping[int, int]
+    me: int,
+    t: int,
+    n: int,
+    commitments: Mapping[int, Sequence[bytes]],
+    shares: Mapping[int, int],
+    *,
+    group: Group = SECP256K1,
 ) -> KeyShare:
     """Receiver `me` of a Joint-Feldman DKG with dealers `commitments` (each degree t-1): every sub-share is
     checked against its dealer's commitments (a failing dealer is named); the key share is the sum, the
     group commitments the sums of the dealers'."""
     _check_params(t, n)
+    g = group
     if not commitments or set(commitments) != set(shares):
         raise ThresholdSignatureError("DKG: every dealer needs commitments and a sub-share")
     for d in sorted(commitments):
         if len(commitments[d]) != t:
             raise ThresholdSignatureError("DKG: commitments of the wrong degree", party=d)
-        if not _verify_sub_share(commitments[d], me, shares[d]):
+        if not _verify_sub_share(commitments[d], me, shares[d], g):
             raise ThresholdSignatureError(
                 f"DKG: the sub-share for {me} does not match the commitments", party=d
             )
-    group = _sum_commitments([commitments[d] for d in sorted(commitments)])
-    return KeyShare(me, t, n, sum(shares.values()) % ORDER, group)
+    pub = _sum_commitments([commitments[d] for d in sorted(commitments)], g)
+    return KeyShare(me, t, n, sum(shares.values()) % g.order, pub, g.name)
 
 
 # ---------------------------------------------------------------------------------------- presigning
@@ -376,10 +356,15 @@ class PresignPublic:
     k_commitments: tuple[bytes, ...]
     a_commitments: tuple[bytes, ...]
     z_commitments: tuple[bytes, ...]
+    curve: str = SECP256K1.name
 
     @property
     def big_r(self) -> bytes:
         return self.k_commitments[0]
+
+    @property
+    def group(self) -> Group:
+        return group_named(self.curve)
 
 
 @dataclass(frozen=True)
@@ -396,6 +381,11 @@ class Presignature:
     sigma_share: int
     kinv_commitments: tuple[bytes, ...]
     sigma_commitments: tuple[bytes, ...]
+    curve: str = SECP256K1.name
+
+    @property
+    def group(self) -> Group:
+        return group_named(self.curve)
 
 
 def _check_participants(t: int, n: int, participants: Sequence[int]) -> tuple[int, ...]:
@@ -420,11 +410,12 @@ def presign_round1(session: bytes, key: KeyShare, participants: Sequence[int]) -
     if key.index not in p:
         raise KeyUsageError(f"share holder {key.index} is not a participant")
     holders = list(range(1, key.n + 1))
+    g = key.group
     return PresignDealing(
         key.index,
-        feldman_deal(None, key.t - 1, holders, dealer=key.index),
-        feldman_deal(None, key.t - 1, holders, dealer=key.index),
-        feldman_deal(None, 2 * key.t - 2, p, dealer=key.index, zero=True),
+        feldman_deal(None, key.t - 1, holders, dealer=key.index, group=g),
+        feldman_deal(None, key.t - 1, holders, dealer=key.index, group=g),
+        feldman_deal(None, 2 * key.t - 2, p, dealer=key.index, zero=True, group=g),
     )
 
 
@@ -436,6 +427,7 @@ def _receive_round1(
     me: int,
     commitments: Mapping[int, tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]],
     my_shares: Mapping[int, tuple[int, int, int | None]],
+    g: Group,
 ) -> _Round1State:
     p = _check_participants(t, n, participants)
     missing = [i for i in p if i not in commitments or i not in my_shares]
@@ -447,24 +439,25 @@ def _receive_round1(
         sk, sa, sz = my_shares[i]
         if len(ck) != t or len(ca) != t or len(cz) != 2 * t - 2:
             raise ThresholdSignatureError("round 1: commitments of the wrong degree", party=i)
-        ok = _verify_sub_share(ck, me, sk) and _verify_sub_share(ca, me, sa)
+        ok = _verify_sub_share(ck, me, sk, g) and _verify_sub_share(ca, me, sa, g)
         if me in p:
-            ok = ok and sz is not None and (t == 1 or _verify_sub_share(cz, me, sz, zero=True))
+            ok = ok and sz is not None and (t == 1 or _verify_sub_share(cz, me, sz, g, zero=True))
         if not ok:
             raise ThresholdSignatureError(
                 f"round 1: the sub-share for {me} does not match the commitments", party=i
             )
-        k, a = (k + sk) % ORDER, (a + sa) % ORDER
-        z = (z + (sz or 0)) % ORDER
+        k, a = (k + sk) % g.order, (a + sa) % g.order
+        z = (z + (sz or 0)) % g.order
     czs = [commitments[i][2] for i in p]
     public = PresignPublic(
         session,
         t,
         n,
         p,
-        _sum_commitments([commitments[i][0] for i in p]),
-        _sum_commitments([commitments[i][1] for i in p]),
-        _sum_commitments(czs) if t > 1 else (),
+        _sum_commitments([commitments[i][0] for i in p], g),
+        _sum_commitments([commitments[i][1] for i in p], g),
+        _sum_commitments(czs, g) if t > 1 else (),
+        g.name,
     )
     return _Round1State(me, k, a, z if me in p else None, public)
 
@@ -475,63 +468,81 @@ def presign_multiply(
     """(1 check, 2) Verify the sub-shares received for this holder (naming a bad dealer) and, for a
     participant, publish w_j = k_j·a_j + z_j with its proof. `dealings` stand for the broadcast
     commitments plus this holder's own sub-shares (in a networked run only those reach it)."""
+    g = key.group
     commitments = {d.dealer: d.commitments() for d in dealings}
     mine = {d.dealer: d.shares_for(key.index) for d in dealings}
-    state = _receive_round1(session, key.t, key.n, participants, key.index, commitments, mine)
+    state = _receive_round1(session, key.t, key.n, participants, key.index, commitments, mine, g)
     if state.z is None:
         return state, None
-    w = (state.k * state.a + state.z) % ORDER
+    w = (state.k * state.a + state.z) % g.order
     pub = state.public
-    big_k, big_a = public_share(pub.k_commitments, key.index), public_share(pub.a_commitments, key.index)
+    big_k = public_share(pub.k_commitments, key.index, group=g)
+    big_a = public_share(pub.a_commitments, key.index, group=g)
     target = _w_minus_z(pub, key.index, w)
-    proof = _dleq_prove(_label(session, b"mul", key.index), state.k, GENERATOR, big_k, big_a, target)
+    proof = _dleq_prove(g, _label(session, b"mul", key.index), state.k, g.generator, big_k, big_a, target)
     return state, MulMessage(key.index, w, proof)
 
 
 def _w_minus_z(pub: PresignPublic, j: int, w: int) -> bytes:
     """W_j − Z_j = k_j·A_j for an honest j (Z_j the public image of j's zero-share)."""
+    g = pub.group
     if pub.t == 1:
-        return _mul_base(w)
-    return _sum([_mul_base(w), _neg(public_share(pub.z_commitments, j, zero=True))])
+        return g.base_mul(w)
+    return g.sum([g.base_mul(w), g.neg(public_share(pub.z_commitments, j, zero=True, group=g))])
 
 
 def _mu(pub: PresignPublic, muls: Sequence[MulMessage]) -> int:
+    g = pub.group
     by = {m.index: m for m in muls}
     missing = [j for j in pub.participants if j not in by]
     if missing:
         raise ThresholdSignatureError("round 2: no multiplication message", party=missing[0])
     for j in pub.participants:
         m = by[j]
-        big_k, big_a = public_share(pub.k_commitments, j), public_share(pub.a_commitments, j)
+        big_k = public_share(pub.k_commitments, j, group=g)
+        big_a = public_share(pub.a_commitments, j, group=g)
         try:
             target = _w_minus_z(pub, j, m.w)
         except ThresholdSignatureError:
             target = b""
         if not target or not _dleq_verify(
-            _label(pub.session, b"mul", j), GENERATOR, big_k, big_a, target, m.proof
+            g, _label(pub.session, b"mul", j), g.generator, big_k, big_a, target, m.proof
         ):
             raise ThresholdSignatureError("round 2: w is not k_j·a_j + z_j (proof fails)", party=j)
-    lam = lagrange_at_zero(pub.participants)
-    mu = sum(lam[j] * by[j].w for j in pub.participants) % ORDER
+    lam = lagrange_at_zero(pub.participants, group=g)
+    mu = sum(lam[j] * by[j].w for j in pub.participants) % g.order
     if mu == 0:
         raise ThresholdSignatureError("round 2: k·a = 0 (restart the presignature)")
     return mu
 
 
+def _same_curve(key: KeyShare, state: _Round1State) -> Group:
+    if key.curve != state.public.curve:
+        raise KeyUsageError(f"a {key.curve} key share with a {state.public.curve} presigning state")
+    return key.group
+
+
 def presign_reduce(key: KeyShare, state: _Round1State, muls: Sequence[MulMessage]) -> ReduceDealing:
     """(2 check, 3) Check every participant's w (naming a liar), get μ = k·a, then share
     p_j = (k^-1)_j·x_j at degree t-1 with the proof that it is (k^-1)_j times x_j."""
+    g = _same_curve(key, state)
     pub = state.public
     if key.index not in pub.participants:
         raise KeyUsageError("only participants deal in round 3")
-    mu_inv = pow(_mu(pub, muls), -1, ORDER)
-    kinv = mu_inv * state.a % ORDER
-    p = kinv * key.share % ORDER
-    dealing = feldman_deal(p, key.t - 1, list(range(1, key.n + 1)), dealer=key.index)
-    big_kinv = _mul_base(kinv)
-    big_x = public_share(key.commitments, key.index)
+    mu_inv = pow(_mu(pub, muls), -1, g.order)
+    kinv = mu_inv * state.a % g.order
+    p = kinv * key.share % g.order
+    dealing = feldman_deal(p, key.t - 1, list(range(1, key.n + 1)), dealer=key.index, group=g)
+    big_kinv = g.base_mul(kinv)
+    big_x = public_share(key.commitments, key.index, group=g)
     proof = _dleq_prove(
-        _label(pub.session, b"reduce", key.index), kinv, GENERATOR, big_kinv, big_x, dealing.commitments[0]
+        g,
+        _label(pub.session, b"reduce", key.index),
+        kinv,
+        g.generator,
+        big_kinv,
+        big_x,
+        dealing.commitments[0],
     )
     return ReduceDealing(dealing, proof)
 
@@ -544,9 +555,10 @@ def presign_finish(
 ) -> Presignature:
     """(3 check) Check every participant's reduce dealing (proof and this holder's sub-share; naming a
     liar) and assemble this holder's presignature. Any share holder may run it, participant or not."""
+    g = _same_curve(key, state)
     pub = state.public
-    mu_inv = pow(_mu(pub, muls), -1, ORDER)
-    kinv_commitments = tuple(_mul(mu_inv, c) for c in pub.a_commitments)
+    mu_inv = pow(_mu(pub, muls), -1, g.order)
+    kinv_commitments = tuple(g.mul(mu_inv, c) for c in pub.a_commitments)
     by = {r.dealing.dealer: r for r in reduces}
     missing = [j for j in pub.participants if j not in by]
     if missing:
@@ -556,18 +568,20 @@ def presign_finish(
         c = r.dealing.commitments
         if len(c) != key.t:
             raise ThresholdSignatureError("round 3: commitments of the wrong degree", party=j)
-        big_kinv_j = public_share(kinv_commitments, j)
-        big_x = public_share(key.commitments, j)
-        if not _dleq_verify(_label(pub.session, b"reduce", j), GENERATOR, big_kinv_j, big_x, c[0], r.proof):
+        big_kinv_j = public_share(kinv_commitments, j, group=g)
+        big_x = public_share(key.commitments, j, group=g)
+        if not _dleq_verify(
+            g, _label(pub.session, b"reduce", j), g.generator, big_kinv_j, big_x, c[0], r.proof
+        ):
             raise ThresholdSignatureError(
                 "round 3: the reshared value is not (k^-1)_j·x_j (proof fails)", party=j
             )
-        if not _verify_sub_share(c, key.index, r.dealing.shares.get(key.index, 0)):
+        if not _verify_sub_share(c, key.index, r.dealing.shares.get(key.index, 0), g):
             raise ThresholdSignatureError(f"round 3: the sub-share for {key.index} does not match", party=j)
-    lam = lagrange_at_zero(pub.participants)
-    sigma = sum(lam[j] * by[j].dealing.shares[key.index] for j in pub.participants) % ORDER
+    lam = lagrange_at_zero(pub.participants, group=g)
+    sigma = sum(lam[j] * by[j].dealing.shares[key.index] for j in pub.participants) % g.order
     sigma_commitments = _sum_commitments(
-        [by[j].dealing.commitments for j in pub.participants], [lam[j] for j in pub.participants]
+        [by[j].dealing.commitments for j in pub.participants], g, [lam[j] for j in pub.participants]
     )
     return Presignature(
         key.index,
@@ -575,10 +589,11 @@ def presign_finish(
         pub.session,
         pub.big_r,
         key.group_public_key,
-        mu_inv * state.a % ORDER,
+        mu_inv * state.a % g.order,
         sigma,
         kinv_commitments,
         sigma_commitments,
+        g.name,
     )
 
 
@@ -591,44 +606,48 @@ class SignatureShare:
     s: int
 
 
-def _r_of(big_r: bytes) -> int:
-    r = int.from_bytes(big_r[1:], "big") % ORDER
+def _r_of(big_r: bytes, g: Group) -> int:
+    r = int.from_bytes(big_r[1:], "big") % g.order
     if r == 0:
         raise ThresholdSignatureError("R.x = 0 mod n (discard the presignature)")
     return r
 
 
-def _digest_scalar(digest: bytes) -> int:
+def _digest_scalar(digest: bytes, g: Group) -> int:
     if len(digest) != 32:
         raise KeyUsageError(f"a digest is 32 bytes, got {len(digest)}")
-    return int.from_bytes(digest, "big") % ORDER  # SEC 1 §4.1.3 step 5 for a 256-bit curve
+    return int.from_bytes(digest, "big") % g.order  # SEC 1 §4.1.3 step 5 for a 256-bit curve
 
 
 def sign_share(presig: Presignature, digest: bytes) -> SignatureShare:
     """s_m = (k^-1)_m·e + σ_m·r (linear: any t of these interpolate to s)."""
     if presig.kinv_share is None:
         raise KeyUsageError("this presignature has no k^-1 share here")
-    e, r = _digest_scalar(digest), _r_of(presig.big_r)
-    return SignatureShare(presig.index, (presig.kinv_share * e + presig.sigma_share * r) % ORDER)
+    g = presig.group
+    e, r = _digest_scalar(digest, g), _r_of(presig.big_r, g)
+    return SignatureShare(presig.index, (presig.kinv_share * e + presig.sigma_share * r) % g.order)
 
 
 def verify_signature_share(presig: Presignature, digest: bytes, share: SignatureShare) -> bool:
     """s_m·G == e·(k^-1)_m·G + r·σ_m·G, from the presignature's public commitments."""
-    if not 1 <= share.index <= MAX_NODES or not 0 < share.s < ORDER:
+    g = presig.group
+    if not 1 <= share.index <= MAX_NODES or not 0 < share.s < g.order:
         return False
-    e, r = _digest_scalar(digest), _r_of(presig.big_r)
+    e, r = _digest_scalar(digest, g), _r_of(presig.big_r, g)
     try:
-        terms = [_mul(r, public_share(presig.sigma_commitments, share.index))]
+        terms = [g.mul(r, public_share(presig.sigma_commitments, share.index, group=g))]
         if e:
-            terms.append(_mul(e, public_share(presig.kinv_commitments, share.index)))
-        return _eq(_mul_base(share.s), _sum(terms))
+            terms.append(g.mul(e, public_share(presig.kinv_commitments, share.index, group=g)))
+        return _eq(g.base_mul(share.s), g.sum(terms))
     except ThresholdSignatureError:
         return False
 
 
 def combine_signature(presig: Presignature, digest: bytes, shares: Sequence[SignatureShare]) -> bytes:
-    """Any t valid shares -> the 65-byte recoverable signature r‖s‖v (low s). A share that does not
-    verify raises ThresholdSignatureError naming its sender (drop it and ask another holder)."""
+    """Any t valid shares -> the signature, checked under the group key by an independent verifier:
+    secp256k1, 65 bytes r‖s‖v (low s, recoverable); P-256, 64 bytes r‖s. A share that does not verify
+    raises ThresholdSignatureError naming its sender (drop it and ask another holder)."""
+    g = presig.group
     chosen: dict[int, SignatureShare] = {}
     for sh in shares:
         if not verify_signature_share(presig, digest, sh):
@@ -637,23 +656,11 @@ def combine_signature(presig: Presignature, digest: bytes, shares: Sequence[Sign
     if len(chosen) < presig.t:
         raise ThresholdSignatureError(f"{len(chosen)} valid signature shares, {presig.t} needed")
     use = sorted(chosen)[: presig.t]
-    lam = lagrange_at_zero(use)
-    s = sum(lam[i] * chosen[i].s for i in use) % ORDER
+    lam = lagrange_at_zero(use, group=g)
+    s = sum(lam[i] * chosen[i].s for i in use) % g.order
     if s == 0:
         raise ThresholdSignatureError("s = 0 (discard the presignature)")
-    r = _r_of(presig.big_r)
-    rx = int.from_bytes(presig.big_r[1:], "big")
-    v = (presig.big_r[0] & 1) | (2 if rx >= ORDER else 0)
-    if s > ORDER // 2:  # low s (BIP 62 / libsecp256k1's normalisation); -s goes with -R
-        s, v = ORDER - s, v ^ 1
-    sig = _scalar(r) + _scalar(s) + bytes([v])
-    try:
-        recovered = coincurve.PublicKey.from_signature_and_message(sig, digest, hasher=None)
-    except Exception as exc:  # coincurve: bare Exception when nothing recovers
-        raise ThresholdSignatureError("the combined signature does not recover") from exc
-    if not _eq(recovered.format(compressed=True), presig.group_public_key):
-        raise ThresholdSignatureError("the combined signature does not verify under the group key")
-    return sig
+    return g.finish_signature(_r_of(presig.big_r, g), s, presig.big_r, digest, presig.group_public_key)
 
 
 # ------------------------------------------------------------------------ in-process drivers (tests, dev)

@@ -36,10 +36,13 @@ __all__ = [
     "PATH_RESHARE_DEAL",
     "PATH_SIGN_CERT",
     "PATH_THRESHOLD_EVALUATE",
+    "PATH_THRESHOLD_SIGN_APP_CA",
     "AppKeyResponse",
     "AuditRecord",
     "AuditResponse",
     "BootChallengeResponse",
+    "CaRootInstallRequest",
+    "CaRootShareRequest",
     "Denied",
     "DkgOpenRequest",
     "EnvEncryptPubKeyRequest",
@@ -72,6 +75,7 @@ __all__ = [
     "ThresholdEvaluateRequest",
     "ThresholdEvaluateResponse",
     "ThresholdPartial",
+    "ThresholdSignAppCaRequest",
     "ThresholdSignRequest",
     "ThresholdSignResponse",
 ]
@@ -86,6 +90,7 @@ PATH_GET_BOOT_CHALLENGE = "/prpc/KMS.GetBootChallenge"
 PATH_THRESHOLD_EVALUATE = "/prpc/KMS.ThresholdEvaluate"
 PATH_RESHARE_DEAL = "/prpc/KMS.ReshareDeal"
 PATH_THRESHOLD_SIGN = "/prpc/KMS.ThresholdSignAppKey"
+PATH_THRESHOLD_SIGN_APP_CA = "/prpc/KMS.ThresholdSignAppCa"
 PATH_PEER_HELLO = "/prpc/KMS.PeerHello"
 PATH_PEER_ROUND = "/prpc/KMS.PeerRoundShares"
 
@@ -109,6 +114,9 @@ class KmsMeta(BaseModel):
     mr_aggregated: str = Field(description="this KMS's boot-time mr_aggregated, hex")
     gateway_app_id: str = ""
     kms_contract: str = ""
+    # threshold node: the group's root CA (PEM; its key is the group's P-256 CA key, and app CAs are signed
+    # under it by t nodes). Informational: clients trust the ceremony's group record, not a node's say-so
+    group_ca_cert: str = ""
 
 
 class TempCaCertResponse(BaseModel):
@@ -272,6 +280,8 @@ class ThresholdEvaluateResponse(BaseModel):
     os_image_hash: str = ""
     # --- threshold signatures: unused presignature sessions of this node (hex), for ThresholdSignAppKey
     presignatures: list[str] = Field(default_factory=list, max_length=16)
+    # --- the group's P-256 CA key: unused presignature sessions (hex), for ThresholdSignAppCa
+    ca_presignatures: list[str] = Field(default_factory=list, max_length=16)
 
 
 class ThresholdSignRequest(BaseModel):
@@ -428,7 +438,7 @@ class RoundOpenRequest(BaseModel):
     model_config = _STRICT
 
     session: _Session
-    kind: str = Field(pattern="^(sigkey|presign)$")
+    kind: str = Field(pattern="^(ca-)?(sigkey|presign)$")  # "ca-": the group's P-256 CA key
     count: int = Field(default=1, ge=1, le=MAX_ROUND_BATCH)
     participants: list[int] = Field(min_length=1, max_length=64)
     peers: dict[_ShareIndexKey, str] = Field(
@@ -456,10 +466,47 @@ class RoundViewRequest(BaseModel):
 
 
 class PoolResponse(BaseModel):
-    """Admin: this member's unused presignatures and its group signing key (hex; "" without one)."""
+    """Admin: this member's unused presignatures and its group signing key (hex; "" without one); the same
+    for the group's P-256 CA key, and whether this member holds the group root CA certificate."""
 
     unused: int
     signing_key: str
+    ca_unused: int = 0
+    ca_key: str = ""
+    ca_root: bool = False
+
+
+class ThresholdSignAppCaRequest(BaseModel):
+    """Threshold mode: this node's share of the app CA certificate's signature under the group's root CA
+    (teecloud.keys.threshold_certs). The node builds the TBS itself from the caller's verified app_id, the
+    group root's validity and the app CA key named here (derived in the CVM)."""
+
+    model_config = _STRICT
+
+    api_version: int = 1
+    vm_config: str = Field(default="", max_length=65536, description="the CVM's VmConfig (JSON)")
+    app_compose: str = Field(default="", max_length=MAX_APP_COMPOSE_BYTES)
+    app_ca_public_key: str = Field(pattern="^0[23][0-9a-f]{64}$", description="compressed P-256 (hex)")
+    session: _Session
+
+
+class CaRootShareRequest(BaseModel):
+    """Admin: this member's share of the group root CA's self-signature, valid from `not_before`, with
+    presignature `session` of the P-256 CA key (the member builds the TBS itself)."""
+
+    model_config = _STRICT
+
+    session: _Session
+    not_before: int = Field(ge=0, lt=2**34)
+
+
+class CaRootInstallRequest(BaseModel):
+    """Admin: the group root CA certificate (PEM) for this member to keep; refused unless it is exactly this
+    group's root, signed by the group's P-256 key."""
+
+    model_config = _STRICT
+
+    certificate: str = Field(max_length=8192)
 
 
 class RoundViewResponse(BaseModel):

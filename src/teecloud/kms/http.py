@@ -169,6 +169,12 @@ def make_public_app(service: KmsService) -> FastAPI:
             service.threshold_sign(peer_cert_der(request), body, peer_addr=_peer_addr(request))
         )
 
+    @app.post(api.PATH_THRESHOLD_SIGN_APP_CA, response_model=api.ThresholdSignResponse)
+    def threshold_sign_app_ca(request: Request, body: api.ThresholdSignAppCaRequest) -> Response:
+        return _json_response(
+            service.threshold_sign_app_ca(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+        )
+
     @app.post(api.PATH_RESHARE_DEAL, response_model=api.ReshareDealResponse)
     def reshare_deal(request: Request, body: api.ReshareDealRequest) -> Response:
         return _json_response(
@@ -260,6 +266,14 @@ def make_admin_app(service: KmsService, *, token: str, public_url: str = "", cha
     @app.post("/tenv/peers", response_model=api.RoundViewResponse)
     def env_peers(body: api.EnvPeersRequest) -> api.RoundViewResponse:
         return service.env_peers(body)
+
+    @app.post("/tround/ca-root-share", response_model=api.ThresholdSignResponse)
+    def ca_root_share(body: api.CaRootShareRequest) -> api.ThresholdSignResponse:
+        return service.ca_root_share(body)
+
+    @app.post("/tround/ca-root", response_model=api.PoolResponse)
+    def ca_root_install(body: api.CaRootInstallRequest) -> api.PoolResponse:
+        return service.ca_root_install(body)
 
     @app.post("/threshold/retire", response_model=api.RetireShareResponse)
     def retire_share() -> api.RetireShareResponse:

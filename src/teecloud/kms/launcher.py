@@ -38,7 +38,13 @@ from teecloud.kms.threshold import (
     load_shares,
     save_share,
 )
-from teecloud.kms.threshold_sign import open_signer, save_signing_share
+from teecloud.kms.threshold_sign import (
+    CA_SHARE_FILE,
+    open_ca_signer,
+    open_signer,
+    save_ca_root,
+    save_signing_share,
+)
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -233,6 +239,15 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
                 open_signer(spec.tee, identity, spec.home),
             )[1]
         ),
+        # the group's P-256 CA key (issue 19's app CA): its own sealed share, pool and root certificate
+        ca_signer=open_ca_signer(spec.tee, identity, spec.home) if evaluator is not None else None,
+        install_ca_key=(
+            lambda key: (
+                save_signing_share(key, spec.tee, identity, spec.home, file=CA_SHARE_FILE),
+                open_ca_signer(spec.tee, identity, spec.home),
+            )[1]
+        ),
+        save_ca_root=lambda cert: save_ca_root(cert, spec.home),
     )
     # (5)
     server = KmsServer(

@@ -34,11 +34,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from cryptography import x509
+
 from teecloud.attestation.policy import Policy
 from teecloud.chain.api import BlockRef
 from teecloud.chain.errors import NotDeployed
 from teecloud.ids import HexError, parse_app_id
 from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys.certs import cert_to_pem
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
 from teecloud.kms.authz import (
@@ -174,6 +177,9 @@ class KmsService:
         peer_identity: PeerIdentity | None = None,
         install_signing_key: Callable[[te.KeyShare], ThresholdSigner | None] | None = None,
         clock: Callable[[], float] = time.time,
+        ca_signer: ThresholdSigner | None = None,
+        install_ca_key: Callable[[te.KeyShare], ThresholdSigner | None] | None = None,
+        save_ca_root: Callable[[x509.Certificate], object] | None = None,
     ) -> None:
         """`os_image_reference` gives an OS image's reference measurements (simulated images:
         `teecloud.tee.simulated.simulated_os_image_reference`). `root_keys` holds the root (default: the
@@ -186,7 +192,8 @@ class KmsService:
         boot-time key and membership proof, teecloud.kms.peering) lets it talk to the other running members
         of its committee: it is also its TLS server key (kms.server.make_server_identity).
         `install_signing_key` seals a signing share made by a networked round and returns its signer
-        (teecloud.kms.threshold_net)."""
+        (teecloud.kms.threshold_net). `ca_signer`, `install_ca_key`, `save_ca_root`: the same for the group's
+        P-256 CA key and its root CA certificate (ThresholdSignAppCa, docs/kms.md)."""
         self.state = state
         self.identity = identity
         self.tee = tee
@@ -271,6 +278,9 @@ class KmsService:
             still_active=self._committee_still_active,
         )
         self._install_signing_key = install_signing_key
+        self.ca_signer = ca_signer
+        self._install_ca_key = install_ca_key
+        self._save_ca_root = save_ca_root
         self._peer_clients: dict[tuple[int, str], PeerClient] = {}
         self._peer_clients_lock = threading.Lock()
         self.sign_rounds: SignRounds | None = None
@@ -283,6 +293,8 @@ class KmsService:
                 install_key=self._install_signer,
                 connect=self._peer_client,
                 clock=clock,
+                ca_signer=lambda: self.ca_signer,
+                install_ca_key=self._install_ca_signer if install_ca_key is not None else None,
             )
         self.env_keys: EnvKeys | None = None
         if threshold is not None and peer_identity is not None:
@@ -456,6 +468,8 @@ class KmsService:
             app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx, app_compose=app_compose)
             wanted = evaluation_epoch(app_compose, epoch)
             answer = self.threshold.evaluate(app, epoch=wanted)
+            if self.ca_signer is not None and self.ca_signer.ca_root is not None:
+                answer.ca_presignatures = [p.hex() for p in self.ca_signer.pool.unused()[:16]]
             ctx["reason"] = (
                 f"partial evaluation (epoch {answer.epoch}, share {answer.index}); "
                 f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
@@ -496,6 +510,83 @@ class KmsService:
             )
 
         return self._audited(api.PATH_THRESHOLD_SIGN, cert_der, peer_addr, decide)
+
+    def threshold_sign_app_ca(
+        self, cert_der: bytes | None, req: api.ThresholdSignAppCaRequest, *, peer_addr: str = ""
+    ) -> api.ThresholdSignResponse:
+        """Threshold mode: this node's share of the attested, allowed app's app CA certificate under the
+        group's root CA (the same rule as ThresholdEvaluate; the TBS is built here from the verified app_id,
+        kms.threshold_sign.ThresholdSigner.sign_app_ca)."""
+
+        def decide(ctx: dict[str, Any]) -> api.ThresholdSignResponse:
+            signer = self.ca_signer if self.threshold is not None else None
+            if signer is None or signer.ca_root is None:
+                raise AccessDenied("this KMS holds no share of a group CA key with its root", step="mode")
+            app_ca_pub, session = bytes.fromhex(req.app_ca_public_key), bytes.fromhex(req.session)
+            app = self.authz.authorize_app(cert_der, req.vm_config, ctx=ctx, app_compose=req.app_compose)
+            share = signer.sign_app_ca(app, app_ca_pub, session)
+            presig = signer.pool.public(session)
+            ctx["reason"] = (
+                f"app CA signature share {share.index} with presignature {session.hex()}; "
+                f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
+            )
+            return api.ThresholdSignResponse(
+                app_id=app.boot_info.app_id.hex(),
+                index=share.index,
+                session=session.hex(),
+                big_r=presig.big_r.hex(),
+                kinv_commitments=[c.hex() for c in presig.kinv_commitments],
+                sigma_commitments=[c.hex() for c in presig.sigma_commitments],
+                s=f"{share.s:064x}",
+            )
+
+        return self._audited(api.PATH_THRESHOLD_SIGN_APP_CA, cert_der, peer_addr, decide)
+
+    def ca_root_share(self, req: api.CaRootShareRequest) -> api.ThresholdSignResponse:
+        """Admin: this member's share of the group root CA's self-signature (kms.threshold_sign)."""
+        if self.ca_signer is None:
+            raise KmsUsageError("this member holds no share of the group's P-256 CA key")
+        session = bytes.fromhex(req.session)
+        try:
+            share = self.ca_signer.sign_root_ca(req.not_before, session)
+        except AccessDenied as exc:
+            raise KmsUsageError(str(exc)) from exc
+        presig = self.ca_signer.pool.public(session)
+        return api.ThresholdSignResponse(
+            app_id="",
+            index=share.index,
+            session=session.hex(),
+            big_r=presig.big_r.hex(),
+            kinv_commitments=[c.hex() for c in presig.kinv_commitments],
+            sigma_commitments=[c.hex() for c in presig.sigma_commitments],
+            s=f"{share.s:064x}",
+        )
+
+    def ca_root_install(self, req: api.CaRootInstallRequest) -> api.PoolResponse:
+        """Admin: keep the group root CA certificate, only if it is this group's root (checked)."""
+        if self.ca_signer is None:
+            raise KmsUsageError("this member holds no share of the group's P-256 CA key")
+        try:
+            cert = x509.load_pem_x509_certificate(req.certificate.encode())
+        except ValueError as exc:
+            raise KmsUsageError("not a PEM certificate") from exc
+        held = self.ca_signer.ca_root
+        if held is not None and held != cert:
+            # one root per CA key: a second (other validity) would let an operator swap what app CAs chain to
+            raise KmsUsageError("this member already keeps another group root CA certificate")
+        try:
+            self.ca_signer.install_ca_root(cert)
+        except SealingError as exc:
+            raise KmsUsageError(str(exc)) from exc
+        if self._save_ca_root is not None:
+            self._save_ca_root(cert)
+        return self.presignature_pool()
+
+    def _install_ca_signer(self, key: te.KeyShare) -> None:
+        if self._install_ca_key is None:
+            raise KmsUsageError("this node cannot seal a CA key share (no sealing configured)")
+        self.ca_signer = self._install_ca_key(key)
+        log.info("CA key share %d sealed (group CA key %s)", key.index, key.group_public_key.hex()[:16])
 
     def reshare_open(self, req: api.ReshareOpenRequest) -> api.ReshareOpenResponse:
         """Admin: open a reshare round on this old node; returns its dealing's commitments."""
@@ -675,9 +766,13 @@ class KmsService:
     def presignature_pool(self) -> api.PoolResponse:
         """Admin: how many unused presignatures this member holds (0 without a signing share)."""
         signer = self.threshold.signer if self.threshold is not None else None
+        ca = self.ca_signer
         return api.PoolResponse(
             unused=len(signer.pool.unused()) if signer is not None else 0,
             signing_key=signer.group_public_key.hex() if signer is not None else "",
+            ca_unused=len(ca.pool.unused()) if ca is not None else 0,
+            ca_key=ca.group_public_key.hex() if ca is not None else "",
+            ca_root=ca is not None and ca.ca_root is not None,
         )
 
     def round_view(self, req: api.RoundViewRequest) -> api.RoundViewResponse:
@@ -856,6 +951,11 @@ class KmsService:
             mr_aggregated=self.identity.mr_aggregated.hex(),
             gateway_app_id=self.config.gateway_app_id,
             kms_contract=self.config.kms_contract,
+            group_ca_cert=(
+                cert_to_pem(self.ca_signer.ca_root)
+                if self.threshold is not None and self.ca_signer is not None and self.ca_signer.ca_root
+                else ""
+            ),
         )
 
     def temp_ca(self) -> api.TempCaCertResponse:

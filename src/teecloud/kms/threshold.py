@@ -321,6 +321,8 @@ class GroupRecord:
     commitments: tuple[bytes, ...]
     # the group's secp256k1 signing key (teecloud.kms.threshold_sign), b"" for a group without one
     signing_key: bytes = b""
+    # the group's root CA certificate (PEM; key: the group's P-256 CA key), "" for a group without one
+    ca_root_cert: str = ""
 
 
 def read_group(home: Path | None = None) -> GroupRecord | None:
@@ -340,6 +342,7 @@ def read_group(home: Path | None = None) -> GroupRecord | None:
             int(doc["n"]),
             tuple(bytes.fromhex(c) for c in doc["commitments"]),
             bytes.fromhex(doc.get("signing_key", "")),
+            str(doc.get("ca_root_cert", "")),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SealingError(f"{path} is malformed: {exc}") from exc
@@ -361,6 +364,7 @@ def write_group(rec: GroupRecord, home: Path | None = None) -> None:
             "n": rec.n,
             "commitments": [c.hex() for c in rec.commitments],
             **({"signing_key": rec.signing_key.hex()} if rec.signing_key else {}),
+            **({"ca_root_cert": rec.ca_root_cert} if rec.ca_root_cert else {}),
         },
         mode=0o644,
     )

@@ -33,13 +33,19 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from teecloud.appcompose import AppComposeError
 from teecloud.attestation.errors import VerificationError
 from teecloud.errors import Error
 from teecloud.keys import threshold as th
+from teecloud.keys import threshold_certs as tc
 from teecloud.keys import threshold_ecdh as tx
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.appkeys import AppKeys
+from teecloud.keys.certs import cert_to_pem
 from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import QuoteSource
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest
@@ -64,10 +70,21 @@ class ThresholdGroup:
     # the group's secp256k1 signing key (33 bytes, from the ceremony's record): what the KMS signature of an
     # app key verifies under (the GetKey chain's root); empty for a group that has no signing key
     signing_key: bytes = b""
+    # the group's root CA certificate (PEM; its key is the group's P-256 CA key, from the ceremony's record):
+    # what app CA certificates are signed under by t nodes; "" for a group without one (self-signed app CAs)
+    ca_root_cert: str = ""
 
     def __post_init__(self) -> None:
         if self.signing_key and len(self.signing_key) != 33:
             raise KmsClientError("threshold group: the signing key is a 33-byte compressed secp256k1 key")
+        if self.ca_root_cert:
+            try:
+                root = x509.load_pem_x509_certificate(self.ca_root_cert.encode())
+                root.verify_directly_issued_by(root)
+            except Exception as exc:  # ValueError, TypeError, InvalidSignature: a broken record
+                raise KmsClientError(
+                    f"threshold group: the root CA certificate does not verify: {exc}"
+                ) from exc
         n = len(self.nodes)
         if not 1 <= self.t <= n <= MAX_TOKENS or len(self.commitments) != self.t:
             raise KmsClientError(
@@ -118,6 +135,7 @@ class ThresholdKeyProvider:
         self._challenged: list[int] = sorted(group.nodes)
         self.faults: dict[int, str] = {}
         self.signature_error = ""  # why the last get_app_keys got no KMS signature ('' when it did)
+        self.ca_error = ""  # why the last get_app_keys got no app CA certificate under the group root
         self.composes = ComposeBook()  # the GPU gate: bind_app_compose
         # per boot thread (one provider serves every CVM of a worker): the bound env and its secret
         self._env = threading.local()
@@ -363,6 +381,7 @@ class ThresholdKeyProvider:
         faults = dict(self.faults)
         valid: dict[int, tuple[list[th.Partial], str, str]] = {}
         offered: dict[int, list[str]] = {}
+        offered_ca: dict[int, list[str]] = {}
 
         def accept(i: int, answer: Any) -> bool:
             if isinstance(answer, BaseException):
@@ -378,6 +397,7 @@ class ThresholdKeyProvider:
             ]
             valid[i] = (partials, answer.gateway_app_id, answer.os_image_hash)
             offered[i] = list(answer.presignatures)
+            offered_ca[i] = list(answer.ca_presignatures)
             return True
 
         answered = self._gather(self._challenged, ask, accept, need=group.t, all_first=False)
@@ -405,6 +425,18 @@ class ThresholdKeyProvider:
                 # the chain) answers with the reason. An exhausted pool must not stop every boot.
                 self.signature_error = str(exc)
                 log.warning("no KMS signature of the app key: %s", exc)
+        ca_cert_pem = ""
+        self.ca_error = ""
+        if sign and self.group.ca_root_cert:
+            try:
+                ca_key_pem = th.app_keys_from_outputs(
+                    outputs[0], outputs[1], app_id, now=int(self._clock()), key_provider_info={}
+                ).ca_key_pem
+                ca_cert_pem = self._sign_app_ca(tee, app_id, offered_ca, ca_key_pem, faults)
+            except KmsClientError as exc:
+                # as for the k256 signature: the boot goes on with a self-signed app CA, and says why
+                self.ca_error = str(exc)
+                log.warning("no app CA certificate under the group root: %s", exc)
         return th.app_keys_from_outputs(
             outputs[0],
             outputs[1],
@@ -415,6 +447,7 @@ class ThresholdKeyProvider:
             os_image_hash=bytes.fromhex(os_image_hex),
             k256_signature=k256_signature,
             kms_k256_pubkey=self.group.signing_key if k256_signature else b"",
+            ca_cert_pem=ca_cert_pem,
         )
 
     # (5)
@@ -430,93 +463,82 @@ class ThresholdKeyProvider:
         that t of them hold, a share from each (each node judges the request on its own again and builds the
         message from our verified app_id), every share checked, combined, and the result checked to recover
         to the group's signing key from the ceremony's record (never a node's say-so)."""
-        t = self.group.t
         app_pub = k256_public_key(app_k256)
-        digest = kms_issued_digest(app_id, app_pub)
-        holders: dict[str, list[int]] = {}
-        for i, sessions in offered.items():
-            for sess in sessions:
-                holders.setdefault(sess, []).append(i)
-        usable = sorted(
-            (s for s, who in holders.items() if len(who) >= t), key=lambda s: (-len(holders[s]), s)
+
+        def body(session: str) -> dict[str, Any]:
+            return api.ThresholdSignRequest(
+                vm_config=vm_config_json(tee),
+                app_compose=self.composes.for_tee(tee),
+                app_public_key=app_pub.hex(),
+                session=session,
+            ).model_dump()
+
+        return _group_signature(
+            self,
+            tee,
+            app_id,
+            offered,
+            faults,
+            path=api.PATH_THRESHOLD_SIGN,
+            body=body,
+            digest=kms_issued_digest(app_id, app_pub),
+            group_key=self.group.signing_key,
+            curve=te.SECP256K1.name,
+            what="",
         )
-        if not usable:
+
+    # (6)
+    def _sign_app_ca(
+        self,
+        tee: QuoteSource,
+        app_id: bytes,
+        offered: Mapping[int, list[str]],
+        app_ca_key_pem: str,
+        faults: dict[int, str],
+    ) -> str:
+        """The app CA certificate under the group's root CA (ca_root_cert from the ceremony's record): the
+        TBS built here exactly as each node builds it (keys.threshold_certs, from the root, our app_id and
+        our app CA key), t nodes' shares over it (each judging the request itself), combined and the
+        certificate checked under the root's key."""
+        root = x509.load_pem_x509_certificate(self.group.ca_root_cert.encode())
+        key = serialization.load_pem_private_key(app_ca_key_pem.encode(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise KmsClientError("the app CA key is not an EC key")
+        pub = key.public_key()
+        to_sign = tc.app_ca_to_sign(root, app_id, pub)
+        pub33 = pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+
+        def body(session: str) -> dict[str, Any]:
+            return api.ThresholdSignAppCaRequest(
+                vm_config=vm_config_json(tee),
+                app_compose=self.composes.for_tee(tee),
+                app_ca_public_key=pub33.hex(),
+                session=session,
+            ).model_dump()
+
+        root_key = root.public_key()
+        assert isinstance(root_key, ec.EllipticCurvePublicKey)
+        sig = _group_signature(
+            self,
+            tee,
+            app_id,
+            offered,
+            faults,
+            path=api.PATH_THRESHOLD_SIGN_APP_CA,
+            body=body,
+            digest=to_sign.digest,
+            group_key=root_key.public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+            ),
+            curve=te.P256.name,
+            what="app CA ",
+        )
+        try:
+            return cert_to_pem(tc.assemble_certificate(to_sign, sig, root_key))
+        except KeysError as exc:
             raise KmsClientError(
-                f"no presignature is held by {t} of the answering KMS nodes (their pools are exhausted: "
-                "run a presigning round)" + _fault_text(faults)
-            )
-        session = usable[0]
-        body = api.ThresholdSignRequest(
-            vm_config=vm_config_json(tee),
-            app_compose=self.composes.for_tee(tee),
-            app_public_key=app_pub.hex(),
-            session=session,
-        ).model_dump()
-        got: dict[int, tuple[te.Presignature, te.SignatureShare]] = {}
-
-        def ask(client: KmsClient) -> api.ThresholdSignResponse:
-            return client.attested_call(
-                tee,
-                api.PATH_THRESHOLD_SIGN,
-                api.ThresholdSignResponse,
-                body=body,
-                usage="app:kms-client",
-                app_id=app_id,
-            )
-
-        def accept(i: int, answer: Any) -> bool:
-            if isinstance(answer, BaseException):
-                faults[i] = "signature share: " + _describe(answer)
-                return False
-            try:
-                if answer.index != i or answer.session != session or answer.app_id != app_id.hex():
-                    raise ValueError("answered for another share, presignature or app")
-                presig = te.Presignature(
-                    index=i,
-                    t=t,
-                    session=bytes.fromhex(session),
-                    big_r=bytes.fromhex(answer.big_r),
-                    group_public_key=self.group.signing_key,
-                    kinv_share=None,
-                    sigma_share=0,
-                    kinv_commitments=tuple(bytes.fromhex(c) for c in answer.kinv_commitments),
-                    sigma_commitments=tuple(bytes.fromhex(c) for c in answer.sigma_commitments),
-                )
-                share = te.SignatureShare(i, int(answer.s, 16))
-                if len(presig.kinv_commitments) != t or len(presig.sigma_commitments) != t:
-                    raise ValueError("presignature commitments of another threshold")
-                if not te.verify_signature_share(presig, digest, share):
-                    raise ValueError("the signature share does not verify against the presignature")
-            except (ValueError, KeysError) as exc:
-                faults[i] = f"signature share: {exc}"
-                log.warning("KMS node %d (%s) is skipped: %s", i, self.group.nodes[i], faults[i])
-                return False
-            got[i] = (presig, share)
-            return True
-
-        # the holders first; then nodes that were challenged but not asked to evaluate (their pools, made in
-        # the same presigning rounds, normally hold the same session)
-        candidates = holders[session] + [i for i in self._challenged if i not in offered]
-        self._gather(candidates, ask, accept, need=t, all_first=False)
-        # the nodes that agree on the presignature's public part; a node off the majority is named
-        by_public: dict[tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]], list[int]] = {}
-        for i, (p, _) in got.items():
-            by_public.setdefault((p.big_r, p.kinv_commitments, p.sigma_commitments), []).append(i)
-        for members in sorted(by_public.values(), key=len, reverse=True):
-            if len(members) < t:
-                break
-            try:
-                sig = te.combine_signature(got[members[0]][0], digest, [got[i][1] for i in members])
-            except KeysError as exc:
-                faults[members[0]] = f"signature: {exc}"
-                continue
-            for i in got:
-                if i not in members:
-                    faults[i] = "signature share for another presignature than the other nodes"
-            return sig
-        raise KmsClientError(
-            f"fewer than {t} KMS nodes gave a valid signature share for the app key" + _fault_text(faults)
-        )
+                f"the app CA certificate does not verify under the group root: {exc}"
+            ) from exc
 
     def _check(
         self,
@@ -606,6 +628,106 @@ def fetch_env_public_key(
         if i not in best:
             faults[i] = f"returned another env public key ({k.hex()}) than the {len(best)} others"
     return keys[best[0]], faults
+
+
+def _group_signature(
+    provider: ThresholdKeyProvider,
+    tee: QuoteSource,
+    app_id: bytes,
+    offered: Mapping[int, list[str]],
+    faults: dict[int, str],
+    *,
+    path: str,
+    body: Callable[[str], dict[str, Any]],
+    digest: bytes,
+    group_key: bytes,
+    curve: str,
+    what: str,
+) -> bytes:
+    """One signature of the group over `digest` (the key `group_key` on `curve`) from t nodes' shares
+    over one presignature they all hold; every share checked, a node that lies named in `faults`. (A
+    function of the provider, not a method: the k256 and app CA signatures share it.)"""
+    t = provider.group.t
+    holders: dict[str, list[int]] = {}
+    for i, sessions in offered.items():
+        for sess in sessions:
+            holders.setdefault(sess, []).append(i)
+    usable = sorted((s for s, who in holders.items() if len(who) >= t), key=lambda s: (-len(holders[s]), s))
+    if not usable:
+        raise KmsClientError(
+            f"no {what}presignature is held by {t} of the answering KMS nodes (their pools are "
+            "exhausted: run a presigning round)" + _fault_text(faults)
+        )
+    session = usable[0]
+    request = body(session)
+    got: dict[int, tuple[te.Presignature, te.SignatureShare]] = {}
+
+    def ask(client: KmsClient) -> api.ThresholdSignResponse:
+        return client.attested_call(
+            tee,
+            path,
+            api.ThresholdSignResponse,
+            body=request,
+            usage="app:kms-client",
+            app_id=app_id,
+        )
+
+    def accept(i: int, answer: Any) -> bool:
+        if isinstance(answer, BaseException):
+            faults[i] = f"{what}signature share: " + _describe(answer)
+            return False
+        try:
+            if answer.index != i or answer.session != session or answer.app_id != app_id.hex():
+                raise ValueError("answered for another share, presignature or app")
+            presig = te.Presignature(
+                index=i,
+                t=t,
+                session=bytes.fromhex(session),
+                big_r=bytes.fromhex(answer.big_r),
+                group_public_key=group_key,
+                kinv_share=None,
+                sigma_share=0,
+                kinv_commitments=tuple(bytes.fromhex(c) for c in answer.kinv_commitments),
+                sigma_commitments=tuple(bytes.fromhex(c) for c in answer.sigma_commitments),
+                curve=curve,
+            )
+            share = te.SignatureShare(i, int(answer.s, 16))
+            if len(presig.kinv_commitments) != t or len(presig.sigma_commitments) != t:
+                raise ValueError("presignature commitments of another threshold")
+            if not te.verify_signature_share(presig, digest, share):
+                raise ValueError("the signature share does not verify against the presignature")
+        except (ValueError, KeysError) as exc:
+            faults[i] = f"{what}signature share: {exc}"
+            log.warning("KMS node %d (%s) is skipped: %s", i, provider.group.nodes[i], faults[i])
+            return False
+        got[i] = (presig, share)
+        return True
+
+    # the holders first; then nodes that were challenged but not asked to evaluate (their pools, made in
+    # the same presigning rounds, normally hold the same session)
+    candidates = holders[session] + [i for i in provider._challenged if i not in offered]
+    provider._gather(candidates, ask, accept, need=t, all_first=False)
+    # the nodes that agree on the presignature's public part; a node off the majority is named
+    by_public: dict[tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]], list[int]] = {}
+    for i, (p, _) in got.items():
+        by_public.setdefault((p.big_r, p.kinv_commitments, p.sigma_commitments), []).append(i)
+    for members in sorted(by_public.values(), key=len, reverse=True):
+        if len(members) < t:
+            break
+        try:
+            sig = te.combine_signature(got[members[0]][0], digest, [got[i][1] for i in members])
+        except KeysError as exc:
+            faults[members[0]] = f"{what}signature: {exc}"
+            continue
+        for i in got:
+            if i not in members:
+                faults[i] = f"{what}signature share for another presignature than the other nodes"
+        return sig
+    raise KmsClientError(
+        f"fewer than {t} KMS nodes gave a valid {what}signature share"
+        + ("" if what else " for the app key")
+        + _fault_text(faults)
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,6 +18,9 @@ sub-shares go member to member only, over mutual RA-TLS under kms.peering's rule
     reduce  -                                         view: every re-dealing; advance: fetch my sub-shares,
                                                       check proofs and sub-shares, presignatures -> pool
 
+The same two rounds run over the group's P-256 CA key (kinds "ca-sigkey", "ca-presign": its own sealed
+share and its own in-memory pool; the root CA and app CA certificates, kms.threshold_sign).
+
 The relay is untrusted: a member refuses a view that alters its own values of that stage (so a relay that
 changes member j's values everywhere is caught by j, not blamed on j); each member hashes the broadcast it
 was given (chained over the stages) and sends that hash with every sub-share request; a dealer answers only
@@ -39,8 +42,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from cryptography import x509
 
+from teecloud.keys import threshold_certs as tc
 from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys.certs import cert_to_pem
 from teecloud.keys.errors import KeysError
 from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied, KmsUsageError, SealingError
@@ -53,12 +59,23 @@ __all__ = [
     "RoundFailed",
     "SignRounds",
     "presignature_session",
+    "run_ca_root",
     "run_presign_round",
     "run_signing_key_dkg",
 ]
 
 ROUND_WINDOW_S = 600
 _STAGES = {"sigkey": ("deal",), "presign": ("deal", "mul", "reduce")}
+# the same rounds over the group's P-256 CA key (issue 19's app CA): "ca-" kinds, their own share and pool
+_STAGES.update({"ca-" + kind: stages for kind, stages in _STAGES.items()})
+
+
+def _is_sigkey(kind: str) -> bool:
+    return kind.endswith("sigkey")
+
+
+def _group_of(kind: str) -> te.Group:
+    return te.P256 if kind.startswith("ca-") else te.SECP256K1
 
 
 class RoundFailed(KmsUsageError):
@@ -144,12 +161,18 @@ class SignRounds:
         install_key: Callable[[te.KeyShare], None],
         connect: Callable[[int, str], PeerClient],
         clock: Callable[[], float] = time.time,
+        ca_signer: Callable[[], ThresholdSigner | None] | None = None,
+        install_ca_key: Callable[[te.KeyShare], None] | None = None,
     ) -> None:
         """`signer`: this member's current signer (None without a signing share); `install_key` seals a new
-        signing share and makes it this member's signer; `connect(i, url)` a PeerClient to member i."""
+        signing share and makes it this member's signer; `connect(i, url)` a PeerClient to member i.
+        `ca_signer` / `install_ca_key`: the same for the group's P-256 CA key (without them the "ca-" rounds
+        are refused)."""
         self.index, self.t, self.n = index, t, n
         self._signer = signer
         self._install_key = install_key
+        self._ca_signer = ca_signer
+        self._install_ca_key = install_ca_key
         self._connect = connect
         self._clock = clock
         self._rounds: dict[bytes, _Round] = {}
@@ -171,17 +194,19 @@ class SignRounds:
         if set(peers) != set(participants) - {self.index} and set(peers) != set(participants):
             raise KmsUsageError("peers: one URL per other participant")
         rnd = _Round(req.kind, session, self.t, self.n, participants, req.count, peers, self._clock())
-        if req.kind == "sigkey":
-            if self._signer() is not None:
+        if req.kind.startswith("ca-") and (self._ca_signer is None or self._install_ca_key is None):
+            raise KmsUsageError("this member has no place for a P-256 CA key share (no sealing configured)")
+        if _is_sigkey(req.kind):
+            if self._signer_of(req.kind) is not None:
                 raise KmsUsageError("this member already holds a signing share (a new key is a new epoch)")
             if participants != tuple(range(1, self.n + 1)) or req.count != 1:
                 raise KmsUsageError("a signing-key DKG is dealt by all n members, once")
             rnd.sigkey_dealing = te.feldman_deal(
-                None, self.t - 1, list(range(1, self.n + 1)), dealer=self.index
+                None, self.t - 1, list(range(1, self.n + 1)), dealer=self.index, group=_group_of(req.kind)
             )
             values = [api.RoundValue(c=_hexes(rnd.sigkey_dealing.commitments))]
         else:
-            key = self._key()
+            key = self._key(req.kind)
             try:
                 rnd.presign_dealings = [
                     te.presign_round1(presignature_session(session, k), key, participants)
@@ -233,7 +258,7 @@ class SignRounds:
         if req.stage not in rnd.views or req.stage in rnd.advanced:
             raise KmsUsageError(f"stage {req.stage}: no view yet, or already advanced")
         try:
-            if rnd.kind == "sigkey":
+            if _is_sigkey(rnd.kind):
                 values = self._finish_sigkey(rnd)
             elif req.stage == "deal":
                 values = self._multiply(rnd)
@@ -308,7 +333,7 @@ class SignRounds:
             if rnd.done and rnd.fully_served(self.index):
                 self._rounds.pop(session, None)
             j = node.index
-            if rnd.kind == "sigkey":
+            if _is_sigkey(rnd.kind):
                 assert rnd.sigkey_dealing is not None
                 return self.index, [[f"{rnd.sigkey_dealing.shares[j]:064x}"]]
             if req.stage == "deal":
@@ -323,10 +348,16 @@ class SignRounds:
 
     # --- the stages
 
-    def _key(self) -> te.KeyShare:
-        signer = self._signer()
+    def _signer_of(self, kind: str) -> ThresholdSigner | None:
+        if kind.startswith("ca-"):
+            return self._ca_signer() if self._ca_signer is not None else None
+        return self._signer()
+
+    def _key(self, kind: str) -> te.KeyShare:
+        signer = self._signer_of(kind)
         if signer is None:
-            raise KmsUsageError("this member holds no signing share: run the signing-key DKG first")
+            what = "P-256 CA key share" if kind.startswith("ca-") else "signing share"
+            raise KmsUsageError(f"this member holds no {what}: run the signing-key DKG first")
         return signer.key
 
     def _fetch(self, rnd: _Round, stage: str) -> dict[int, list[list[str]]]:
@@ -366,12 +397,14 @@ class SignRounds:
             if len(sets[0]) != 1:
                 raise RoundFailed("one sub-share expected", party=i)
             shares[i] = _scalar(sets[0][0], what="sub-share", party=i)
-        key = te.dkg_receive(self.index, self.t, self.n, commitments, shares)
-        self._install_key(key)
+        key = te.dkg_receive(self.index, self.t, self.n, commitments, shares, group=_group_of(rnd.kind))
+        install = self._install_ca_key if rnd.kind.startswith("ca-") else self._install_key
+        assert install is not None  # open() refused a "ca-" round without one
+        install(key)
         return [api.RoundValue(c=[key.group_public_key.hex()])]
 
     def _multiply(self, rnd: _Round) -> list[api.RoundValue]:
-        key = self._key()
+        key = self._key(rnd.kind)
         broadcast = rnd.views["deal"][1]
         fetched = self._fetch(rnd, "deal")
         out = []
@@ -421,13 +454,13 @@ class SignRounds:
         return out
 
     def _reduce(self, rnd: _Round) -> list[api.RoundValue]:
-        key = self._key()
+        key = self._key(rnd.kind)
         rnd.reduces = [te.presign_reduce(key, rnd.states[k], self._muls(rnd, k)) for k in range(rnd.count)]
         return [api.RoundValue(c=_hexes(r.dealing.commitments), proof=r.proof.hex()) for r in rnd.reduces]
 
     def _finish_presign(self, rnd: _Round) -> list[api.RoundValue]:
-        key = self._key()
-        signer = self._signer()
+        key = self._key(rnd.kind)
+        signer = self._signer_of(rnd.kind)
         assert signer is not None
         broadcast = rnd.views["reduce"][1]
         fetched = self._fetch(rnd, "reduce")
@@ -516,11 +549,13 @@ def _all(nodes: Mapping[int, AdminEndpoint], path: str, body: dict[str, Any]) ->
         return {i: f.result().get("values", []) for i, f in futures.items()}
 
 
-def _run(nodes: Mapping[int, AdminEndpoint], kind: str, *, count: int = 1) -> dict[int, list[Any]]:
+def _run(
+    nodes: Mapping[int, AdminEndpoint], kind: str, *, count: int = 1, session: str | None = None
+) -> dict[int, list[Any]]:
     """One round: open on every member, then per stage relay every member's values to all (view) and let
     each advance. A failure names the member (RoundFailed.party) and leaves every member's state unchanged
     except what a completed round sealed."""
-    session = secrets.token_hex(16)
+    session = session or secrets.token_hex(16)
     peers = {str(i): ep.url for i, ep in nodes.items()}
     values = _all(
         nodes,
@@ -534,10 +569,10 @@ def _run(nodes: Mapping[int, AdminEndpoint], kind: str, *, count: int = 1) -> di
     return values
 
 
-def run_signing_key_dkg(nodes: Mapping[int, AdminEndpoint]) -> bytes:
-    """Joint-Feldman of the group's signing key among all members (each seals its share). Returns the group
-    signing key; every member must report the same one."""
-    results = _run(nodes, "sigkey")
+def run_signing_key_dkg(nodes: Mapping[int, AdminEndpoint], *, kind: str = "sigkey") -> bytes:
+    """Joint-Feldman of the group's signing key (`kind` "ca-sigkey": its P-256 CA key) among all members
+    (each seals its share). Returns the group key; every member must report the same one."""
+    results = _run(nodes, kind)
     keys = {i: v[0]["c"][0] for i, v in results.items()}
     if len(set(keys.values())) != 1:
         raise RoundFailed(f"the members disagree on the group signing key: {keys}")
@@ -553,12 +588,61 @@ def presign_participants(indices: Sequence[int], t: int) -> list[int]:
     return chosen
 
 
-def run_presign_round(nodes: Mapping[int, AdminEndpoint], count: int, t: int) -> list[bytes]:
-    """`count` presignatures among exactly 2t-1 of `nodes` (presign_participants); each adds its part to its
-    in-memory pool. Returns the presignatures' R (every participant must agree)."""
+def run_presign_round(
+    nodes: Mapping[int, AdminEndpoint], count: int, t: int, *, kind: str = "presign"
+) -> list[bytes]:
+    """`count` presignatures (`kind` "ca-presign": of the P-256 CA key) among exactly 2t-1 of `nodes`
+    (presign_participants); each adds its part to its in-memory pool. Returns the presignatures' R (every
+    participant must agree)."""
     chosen = presign_participants(list(nodes), t)
-    results = _run({i: nodes[i] for i in chosen}, "presign", count=count)
+    results = _run({i: nodes[i] for i in chosen}, kind, count=count)
     rs = {i: tuple(v["c"][0] for v in vals) for i, vals in results.items()}
     if len(set(rs.values())) != 1:
         raise RoundFailed("the members disagree on the presignatures' R")
     return [bytes.fromhex(r) for r in next(iter(rs.values()))]
+
+
+def run_ca_root(
+    nodes: Mapping[int, AdminEndpoint], t: int, ca_key: bytes, *, not_before: int
+) -> x509.Certificate:
+    """The group's root CA, self-signed by t members with the P-256 CA key `ca_key` (after the "ca-sigkey"
+    DKG): one fresh "ca-presign" presignature among 2t-1 members, a share of the root's self-signature from t
+    of them (each builds the TBS itself, kms.threshold_sign), combined and checked here, then installed on
+    every member (each keeps it only if it is exactly its key's root). Returns the root."""
+    chosen = presign_participants(list(nodes), t)
+    round_session = secrets.token_hex(16)
+    _run({i: nodes[i] for i in chosen}, "ca-presign", count=1, session=round_session)
+    session = presignature_session(bytes.fromhex(round_session), 0).hex()
+    signers = chosen[:t]
+    answers = {
+        i: _admin(nodes[i], "/tround/ca-root-share", {"session": session, "not_before": not_before}, i)
+        for i in signers
+    }
+    to_sign = tc.root_ca_to_sign(ca_key, not_before=not_before)
+    first = answers[signers[0]]
+    try:
+        presig = te.Presignature(
+            index=signers[0],
+            t=t,
+            session=bytes.fromhex(session),
+            big_r=bytes.fromhex(str(first["big_r"])),
+            group_public_key=ca_key,
+            kinv_share=None,
+            sigma_share=0,
+            kinv_commitments=tuple(bytes.fromhex(c) for c in first["kinv_commitments"]),
+            sigma_commitments=tuple(bytes.fromhex(c) for c in first["sigma_commitments"]),
+            curve=te.P256.name,
+        )
+        shares = [te.SignatureShare(i, int(str(answers[i]["s"]), 16)) for i in signers]
+        root = tc.assemble_certificate(
+            to_sign, te.combine_signature(presig, to_sign.digest, shares), tc.group_ca_public_key(ca_key)
+        )
+    except te.ThresholdSignatureError as exc:
+        raise RoundFailed(str(exc).removeprefix(f"party {exc.party}: "), party=exc.party) from exc
+    except (KeysError, ValueError, KeyError, TypeError) as exc:
+        raise RoundFailed(f"the root CA's signature shares do not combine: {exc}") from exc
+    body = {"certificate": cert_to_pem(root)}
+    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        for f in [pool.submit(_admin, ep, "/tround/ca-root", body, i) for i, ep in sorted(nodes.items())]:
+            f.result()
+    return root

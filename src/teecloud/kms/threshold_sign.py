@@ -14,6 +14,10 @@ memory only).
                        public key). The caller supplies only the public key (a checked curve point): the key
                        is derived inside the CVM from the VOPRF outputs, which no node knows; the boot-time
                        evidence that authorized this call is what vouches for the measured agent that sent it.
+                       With a P-256 key (the group's CA key, issue 19's app CA): the group's root CA
+                       (self-signed by t nodes, `sign_root_ca`) and app CA certificates under it
+                       (`sign_app_ca`), each node building the TBS itself (teecloud.keys.threshold_certs) from
+                       the verified app_id and the app CA key the caller names.
 """
 
 from __future__ import annotations
@@ -24,9 +28,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import coincurve
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from teecloud._fs import atomic_write
+from teecloud.keys import threshold_certs as tc
 from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys.certs import cert_to_pem
 from teecloud.keys.errors import KeysError
 from teecloud.keys.sigchain import kms_issued_digest
 from teecloud.kms.authz import AuthorizedApp
@@ -36,6 +45,8 @@ from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, uns
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
+    "CA_ROOT_FILE",
+    "CA_SHARE_FILE",
     "LEGACY_PRESIG_FILE",
     "MAX_PRESIGNATURES",
     "SIGNING_SHARE_FILE",
@@ -43,11 +54,15 @@ __all__ = [
     "ThresholdSigner",
     "key_share_from_json",
     "key_share_to_json",
+    "open_ca_signer",
     "open_signer",
+    "save_ca_root",
     "save_signing_share",
 ]
 
 SIGNING_SHARE_FILE = "threshold-signing-share.sealed"
+CA_SHARE_FILE = "threshold-ca-share.sealed"  # the group's P-256 CA key share (issue 19's app CA)
+CA_ROOT_FILE = "threshold-ca-root.pem"  # public; re-checked against the CA key at every open
 LEGACY_PRESIG_FILE = "threshold-presignatures.sealed"  # before R4-4's fix: never read, removed at open
 MAX_PRESIGNATURES = 512  # a bound on one process's memory
 _Sealer = Callable[[bytes], bytes]
@@ -64,6 +79,8 @@ def key_share_to_json(k: te.KeyShare) -> bytes:
             "n": k.n,
             "share": f"{k.share:064x}",
             "commitments": [c.hex() for c in k.commitments],
+            # secp256k1 shares keep their earlier bytes (no field); others name their curve
+            **({"curve": k.curve} if k.curve != te.SECP256K1.name else {}),
         },
         sort_keys=True,
     ).encode()
@@ -81,6 +98,7 @@ def key_share_from_json(data: bytes) -> te.KeyShare:
             int(doc["n"]),
             int(doc["share"], 16),
             tuple(bytes.fromhex(c) for c in doc["commitments"]),
+            str(doc.get("curve", te.SECP256K1.name)),
         )
     except (ValueError, KeyError, TypeError, AttributeError, KeysError) as exc:
         raise SealingError(f"signing share is malformed or does not match its commitments: {exc}") from exc
@@ -148,12 +166,19 @@ class PresignaturePool:
 
 
 class ThresholdSigner:
-    """This node's signature shares as the KMS (the GetKey chain's KMS signature), only for an
-    AuthorizedApp (which only teecloud.kms.authz.Authorizer makes, after the whole key-release rule)."""
+    """This node's signature shares as the KMS, only for an AuthorizedApp (which only
+    teecloud.kms.authz.Authorizer makes, after the whole key-release rule): with a secp256k1 key the GetKey
+    chain's KMS signature (`sign_app_key`), with a P-256 key (and its root CA) app CA certificates
+    (`sign_app_ca`)."""
 
-    def __init__(self, key: te.KeyShare, pool: PresignaturePool) -> None:
+    def __init__(
+        self, key: te.KeyShare, pool: PresignaturePool, *, ca_root: x509.Certificate | None = None
+    ) -> None:
         self.key = key
         self.pool = pool
+        self.ca_root: x509.Certificate | None = None
+        if ca_root is not None:
+            self.install_ca_root(ca_root)
 
     @property
     def group_public_key(self) -> bytes:
@@ -162,16 +187,80 @@ class ThresholdSigner:
     def sign_app_key(self, app: AuthorizedApp, app_public_key: bytes, session: bytes) -> te.SignatureShare:
         if not isinstance(app, AuthorizedApp):
             raise TypeError("signature shares only for an AuthorizedApp")
+        if self.key.curve != te.SECP256K1.name:
+            raise AccessDenied("this is not the group's secp256k1 signing key", step="mode")
         try:
             pub = coincurve.PublicKey(bytes(app_public_key)).format(compressed=True)
         except Exception as exc:  # coincurve raises ValueError / bare Exception for non-points
             raise AccessDenied("the app public key is not a secp256k1 point", step="request") from exc
         if pub != bytes(app_public_key):
             raise AccessDenied("the app public key must be SEC1 compressed (33 bytes)", step="request")
+        return self._sign(session, kms_issued_digest(app.boot_info.app_id, pub))
+
+    def _sign(self, session: bytes, digest: bytes) -> te.SignatureShare:
         presig = self.pool.public(session)
         if presig.group_public_key != self.key.group_public_key or presig.index != self.key.index:
             raise AccessDenied("presignature of another group or share", step="presignature")
-        return self.pool.sign(session, kms_issued_digest(app.boot_info.app_id, pub))
+        return self.pool.sign(session, digest)
+
+    # --- the group's CA (P-256)
+
+    def _ca_key(self) -> ec.EllipticCurvePublicKey:
+        if self.key.curve != te.P256.name:
+            raise AccessDenied("this is not the group's P-256 CA key", step="mode")
+        return tc.group_ca_public_key(self.key.group_public_key)
+
+    def root_ca_to_sign(self, not_before: int) -> tc.CertToSign:
+        """The group's root CA TBS (this node builds it from its own key; the caller names only the start
+        of its validity)."""
+        self._ca_key()
+        return tc.root_ca_to_sign(self.key.group_public_key, not_before=not_before)
+
+    def sign_root_ca(self, not_before: int, session: bytes) -> te.SignatureShare:
+        """This node's share of the root CA's self-signature (operator only: kms admin listener)."""
+        return self._sign(session, self.root_ca_to_sign(not_before).digest)
+
+    def install_ca_root(self, cert: x509.Certificate) -> None:
+        """Accept the group's root CA certificate only if it is exactly the TBS this node builds for its
+        validity and the group's key signed it (a tampered or foreign root is refused)."""
+        key = self._ca_key()
+        try:
+            expected = self.root_ca_to_sign(int(cert.not_valid_before_utc.timestamp()))
+            tc.assemble_certificate(expected, _raw_signature(cert), key)
+        except KeysError as exc:
+            raise SealingError(f"the group root CA certificate is refused: {exc}") from exc
+        if cert.tbs_certificate_bytes != expected.tbs:
+            raise SealingError("the group root CA certificate is not this group's root (other fields)")
+        self.ca_root = cert
+
+    def app_ca_to_sign(self, app_id: bytes, app_ca_public_key: bytes) -> tc.CertToSign:
+        self._ca_key()
+        if self.ca_root is None:
+            raise AccessDenied("this node has no group root CA certificate yet", step="mode")
+        try:
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes(app_ca_public_key))
+        except ValueError as exc:
+            raise AccessDenied("the app CA public key is not a P-256 point", step="request") from exc
+        if len(app_ca_public_key) != 33:
+            raise AccessDenied("the app CA public key must be SEC1 compressed (33 bytes)", step="request")
+        return tc.app_ca_to_sign(self.ca_root, app_id, key)
+
+    def sign_app_ca(self, app: AuthorizedApp, app_ca_public_key: bytes, session: bytes) -> te.SignatureShare:
+        """This node's share of the app CA certificate of the attested app: subject and serial from the
+        verified app_id, the key the caller names (derived in its CVM), validity from the group root."""
+        if not isinstance(app, AuthorizedApp):
+            raise TypeError("signature shares only for an AuthorizedApp")
+        return self._sign(session, self.app_ca_to_sign(app.boot_info.app_id, app_ca_public_key).digest)
+
+
+def _raw_signature(cert: x509.Certificate) -> bytes:
+    try:
+        r, s = decode_dss_signature(cert.signature)
+    except ValueError as exc:
+        raise SealingError("the certificate's signature is not an ECDSA signature") from exc
+    if not (0 < r < te.P256.order and 0 < s < te.P256.order):
+        raise SealingError("the certificate's signature is out of range")
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 def _sealers(tee: TeePlatform, identity: KmsIdentity) -> tuple[_Sealer, _Sealer]:
@@ -181,10 +270,16 @@ def _sealers(tee: TeePlatform, identity: KmsIdentity) -> tuple[_Sealer, _Sealer]
 
 
 def save_signing_share(
-    share: te.KeyShare, tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
+    share: te.KeyShare,
+    tee: TeePlatform,
+    identity: KmsIdentity,
+    home: Path | None = None,
+    *,
+    file: str = SIGNING_SHARE_FILE,
 ) -> Path:
-    """Seal this node's signing share (to the node's measurement) beside its VOPRF share."""
-    path = kms_dir(home) / SIGNING_SHARE_FILE
+    """Seal this node's signing share (to the node's measurement) beside its VOPRF share (the P-256 CA
+    key's share: `file=CA_SHARE_FILE`)."""
+    path = kms_dir(home) / file
     atomic_write(path, _sealers(tee, identity)[0](key_share_to_json(share)))
     return path
 
@@ -199,3 +294,31 @@ def open_signer(tee: TeePlatform, identity: KmsIdentity, home: Path | None = Non
     key = key_share_from_json(_sealers(tee, identity)[1](path.read_bytes()))
     (kms_dir(home) / LEGACY_PRESIG_FILE).unlink(missing_ok=True)
     return ThresholdSigner(key, PresignaturePool())
+
+
+def save_ca_root(cert: x509.Certificate, home: Path | None = None) -> Path:
+    """Write the group's root CA certificate (public; `open_ca_signer` checks it against the key again)."""
+    path = kms_dir(home) / CA_ROOT_FILE
+    atomic_write(path, cert_to_pem(cert).encode())
+    return path
+
+
+def open_ca_signer(
+    tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
+) -> ThresholdSigner | None:
+    """This node's signer of the group's P-256 CA key (empty pool), with the group root CA certificate if
+    one was installed (checked to be this key's root, else the start fails); None without a CA share."""
+    path = kms_dir(home) / CA_SHARE_FILE
+    if not path.exists():
+        return None
+    key = key_share_from_json(_sealers(tee, identity)[1](path.read_bytes()))
+    if key.curve != te.P256.name:
+        raise SealingError(f"{CA_SHARE_FILE} holds a {key.curve} share, not the P-256 CA key's")
+    signer = ThresholdSigner(key, PresignaturePool())
+    root = kms_dir(home) / CA_ROOT_FILE
+    if root.exists():
+        try:
+            signer.install_ca_root(x509.load_pem_x509_certificate(root.read_bytes()))
+        except ValueError as exc:
+            raise SealingError(f"{root} is not a certificate") from exc
+    return signer
