@@ -7,13 +7,16 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from teecloud._fs import atomic_write_json, data_home
+
+if TYPE_CHECKING:
+    from teecloud.kms.threshold_net import AdminEndpoint
 
 __all__ = ["app"]
 
@@ -567,22 +570,31 @@ def _node_endpoint(home: Path) -> dict[str, Any]:
     return ep
 
 
-def _admin_post(home: Path, ep: dict[str, Any], path: str, body: dict[str, Any] | None) -> dict[str, Any]:
-    """POST to the admin listener of the threshold node whose data directory is `home` (its endpoint `ep`
-    names the listener, its admin-token file the bearer token: the operator's own nodes)."""
+def _running_node(home: Path) -> tuple[dict[str, Any], AdminEndpoint]:
+    """A running threshold node of this installation, by its data directory `home`: its endpoint file and
+    (teecloud.kms.threshold_net.AdminEndpoint) its admin listener with the bearer token from its
+    admin-token file (the operator's own nodes). Fails with a clear error when either is missing."""
+    from teecloud.kms.launcher import load_admin_token
+    from teecloud.kms.threshold_net import AdminEndpoint
+
+    ep = _node_endpoint(home)
+    try:
+        return ep, AdminEndpoint(str(ep["admin_url"]), load_admin_token(home), str(ep["url"]))
+    except (OSError, ValueError, KeyError) as exc:
+        _fail(f"the KMS node in {home} is not reachable (is it running?): {exc}")
+
+
+def _admin_post(node: AdminEndpoint, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    """POST to a running node's admin listener (`node`: an AdminEndpoint from _running_node)."""
     import httpx
 
-    from teecloud.kms.launcher import load_admin_token
-
     try:
-        token = load_admin_token(home)
-        r = httpx.post(
-            f"{ep['admin_url']}{path}", headers={"authorization": f"Bearer {token}"}, json=body, timeout=30
-        )
-    except (OSError, ValueError, KeyError, httpx.HTTPError) as exc:
-        _fail(f"the KMS node in {home} is not reachable (is it running?): {exc}")
+        auth = {"authorization": f"Bearer {node.token}"}
+        r = httpx.post(f"{node.admin_url}{path}", headers=auth, json=body, timeout=30)
+    except httpx.HTTPError as exc:
+        _fail(f"the KMS node at {node.admin_url} is not reachable (is it running?): {exc}")
     if r.status_code != 200:
-        _fail(f"the KMS node in {home} refused {path}: {r.status_code} {r.text[:300]}")
+        _fail(f"the KMS node at {node.admin_url} refused {path}: {r.status_code} {r.text[:300]}")
     return dict(r.json())
 
 
@@ -632,9 +644,8 @@ def reshare_open(
     plan_dealers: dict[str, Any] = {}
     dealings = []
     for i in dealers:
-        home = node_home(i)
-        ep = _node_endpoint(home)
-        answer = _admin_post(home, ep, "/reshare/open", body)
+        ep, admin = _running_node(node_home(i))
+        answer = _admin_post(admin, "/reshare/open", body)
         commitments = tuple(bytes.fromhex(c) for c in answer["commitments"])
         dealings.append(th.Dealing(int(answer["dealer"]), commitments, {}))
         plan_dealers[str(i)] = {
@@ -729,7 +740,7 @@ def reshare_finish(
         for i in range(1, old.n + 1):
             home = node_home(i)
             if (_kms_dir(home) / ENDPOINT_FILE).exists():
-                _admin_post(home, _node_endpoint(home), "/threshold/retire", None)
+                _admin_post(_running_node(home)[1], "/threshold/retire", None)
                 out.print(f"old node {i}: share erased")
 
 
@@ -775,7 +786,8 @@ def rotate(
     def home_of(i: int) -> Path:
         return (dealers_dir / f"dealer-{i}") if dealers_dir is not None else dealer_home(i)
 
-    endpoints = {i: _node_endpoint(home_of(i)) for i in dealers}
+    running = {i: _running_node(home_of(i)) for i in dealers}
+    endpoints = {i: ep for i, (ep, _) in running.items()}
     chain = _chain(rpc_url, None)
     try:
         kms_group = chain.kms_group
@@ -789,7 +801,7 @@ def rotate(
             threshold,
             nodes,
             endpoints,
-            lambda i, path, body: _admin_post(home_of(i), endpoints[i], path, body),
+            lambda i, path, body: _admin_post(running[i][1], path, body),
             group_key_on_chain=kms_group.group_key,
         )
     except ChainError as exc:
@@ -1018,9 +1030,8 @@ def presign(
     (teecloud.kms.threshold_net: sub-shares move node to node over mutual RA-TLS; this command relays only
     public values through the nodes' admin listeners). Each boot of a CVM uses one per signing node."""
     from teecloud.kms.errors import KmsError
-    from teecloud.kms.launcher import load_admin_token
     from teecloud.kms.threshold import node_home, read_group
-    from teecloud.kms.threshold_net import AdminEndpoint, RoundFailed, run_presign_round
+    from teecloud.kms.threshold_net import RoundFailed, run_presign_round
 
     try:
         group = read_group()
@@ -1032,10 +1043,7 @@ def presign(
     if len(indices) < 2 * group.t - 1 or any(i > group.n for i in indices):
         _fail(f"a presignature of this {group.t}-of-{group.n} group needs {2 * group.t - 1} of its nodes")
     indices = sorted(set(indices))[: 2 * group.t - 1]  # exactly 2t-1 (threshold_net.presign_participants)
-    nodes = {}
-    for i in indices:
-        ep = _node_endpoint(node_home(i))
-        nodes[i] = AdminEndpoint(str(ep["admin_url"]), load_admin_token(node_home(i)), str(ep["url"]))
+    nodes = {i: _running_node(node_home(i))[1] for i in indices}
     started = time.monotonic()
     try:
         rs = run_presign_round(nodes, count, group.t)

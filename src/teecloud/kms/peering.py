@@ -42,11 +42,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from teecloud.attestation.models import EventLogEntry
 from teecloud.keys import threshold as th
@@ -55,7 +54,7 @@ from teecloud.keys.ratls import make_ratls_cert, ratls_report_data
 from teecloud.kms import api
 from teecloud.kms.authz import ChainAuthorizer, boot_info_to_json, require_boot_time
 from teecloud.kms.bootstrap import KMS_APP_ID
-from teecloud.kms.client import MAX_RESPONSE_BYTES, KmsClient
+from teecloud.kms.client import KmsClient, read_answer
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
 from teecloud.peer import AttestedPeer
 from teecloud.tee.base import TeePlatform
@@ -349,26 +348,7 @@ class PeerClient(KmsClient):
             raise KmsClientError(f"the node at {self.url} is not the server that was checked: {exc}") from exc
         if server_der != pinned:
             raise KmsClientError("the node's certificate changed during the request")
-        return self._answer(resp, content, model)
-
-    def _answer(self, resp: httpx.Response, content: bytes, model: type[_M]) -> _M:
-        """The answer of a request sent by _call_on, judged as KmsClient._call judges its answers."""
-        if len(content) > MAX_RESPONSE_BYTES:
-            raise KmsClientError("the node's response is too large")
-        if resp.status_code in (400, 401, 403, 413, 422):
-            try:
-                denied = api.Denied.model_validate_json(content)
-            except ValidationError:
-                raise KmsClientError(f"the node answered HTTP {resp.status_code}") from None
-            raise KmsDenied(denied.reason, step=denied.step)
-        if resp.status_code != 200:
-            raise KmsClientError(f"the node answered HTTP {resp.status_code}")
-        try:
-            return model.model_validate_json(content)
-        except ValidationError as exc:
-            raise KmsClientError(
-                f"unexpected answer from the node: {exc.errors(include_input=False, include_url=False)[:1]}"
-            ) from exc
+        return read_answer(resp, content, model, who="the node")
 
     def _check_answer(self, pinned: bytes, member: api.PeerMember | None) -> None:
         try:
