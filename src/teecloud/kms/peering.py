@@ -317,10 +317,22 @@ class PeerClient(KmsClient):
                 self._proving.on = True
                 try:
                     self._prove(pinned)
+                except BaseException:
+                    self._forget(pinned)
+                    raise
                 finally:
                     self._proving.on = False
                 self._proven = pinned
         return pinned
+
+    def _forget(self, pinned: bytes) -> None:
+        """Drop an unproven or unreachable pin and the temporary CA fetched through it (review 5, R5-5): the
+        next call probes the URL afresh, so a server that failed its proof leaves nothing behind that would
+        keep the member behind that URL unreachable once the URL leads back to it."""
+        with self._pin_lock:
+            if self._pinned == pinned:
+                self._pinned = None
+            self._temp_ca = None
 
     def _prove(self, pinned: bytes) -> None:
         """A PeerHello on exactly `pinned` (never renewed here); its answer must prove membership as
@@ -345,6 +357,7 @@ class PeerClient(KmsClient):
         try:
             resp, content, server_der = self._request("POST", path, body, client, pinned)
         except ssl.SSLCertVerificationError as exc:
+            self._forget(pinned)  # the next call re-pins, as KmsClient._call does at once
             raise KmsClientError(f"the node at {self.url} is not the server that was checked: {exc}") from exc
         if server_der != pinned:
             raise KmsClientError("the node's certificate changed during the request")
