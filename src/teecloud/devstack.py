@@ -486,7 +486,7 @@ class LocalCloud:
         from teecloud.kms.errors import KmsError
         from teecloud.kms.rotation import refresh_committees
         from teecloud.kms.threshold import node_home, read_group
-        from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
+        from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider, group_from_chain
 
         self._publish_kms(chain, tee, boot_kms_tee(tee), None)
         # Create the simulated platform's dev PKI here, once, before N children start: N processes creating
@@ -510,8 +510,17 @@ class LocalCloud:
             group = self._networked_signing(group, endpoints)
         except KmsError as exc:
             raise NodeError(f"threshold KMS: {exc}") from exc
-        committee = self._record_committee(chain, group, endpoints)
-        urls = committee.urls
+        self._record_committee(chain, group, endpoints)
+        if group.signing_key and chain.kms_group.signing_key(group.epoch) is None:
+            # the signing-key round's result, recorded once by the operator as the committee is
+            chain.kms_group.record_signing_key(group.epoch, group.signing_key)
+        try:
+            # the group as the chain records it (signing key included), not as a local file says; a
+            # group.json that disagrees with the chain stops the start
+            trusted = group_from_chain(chain.kms_group, group.epoch, local=group)
+        except KmsError as exc:
+            raise NodeError(f"threshold KMS: {exc}") from exc
+        urls = dict(trusted.nodes)
         clients = {
             i: connect_kms(
                 url,
@@ -521,20 +530,16 @@ class LocalCloud:
             )
             for i, url in urls.items()
         }
-        # the group as the chain records it, not as a local file says; the signing key is not on chain yet
-        # (docs/kms.md, "Not done"): it comes from the ceremony's group record
         # after a rotation (`teecloud kms rotate`): the newer root epochs these nodes also serve, as the chain
         # records them (at the nodes' addresses of this start), for the apps whose compose opts in
         served = refresh_committees(chain.kms_group, endpoints)
         provider = ThresholdKeyProvider(
-            ThresholdGroup(
-                committee.epoch, committee.t, committee.commitments, urls, signing_key=group.signing_key
-            ),
+            trusted,
             clients,
             epochs={
                 e: ThresholdGroup(c.epoch, c.t, c.commitments, c.urls)
                 for e, c in served.items()
-                if e != committee.epoch and c.urls == urls
+                if e != trusted.epoch and c.urls == urls
             },
         )
         return urls[1], str(endpoints[1]["admin_url"]), provider

@@ -914,6 +914,7 @@ def group(
     try:
         kms_group = chain.kms_group
         committee = kms_group.active(epoch)
+        signing_key = kms_group.signing_key(epoch) if committee is not None else None
         log = kms_group.history() if history else []
     except ChainError as exc:
         _fail(f"chain: {exc}")
@@ -927,6 +928,7 @@ def group(
         "t": committee.t,
         "n": committee.n,
         "group_public_key": committee.group_public_key.hex(),
+        "signing_key": signing_key.hex() if signing_key else None,
         "commitments": [c.hex() for c in committee.commitments],
         "recorded_at_block": committee.recorded_at_block,
         "members": [
@@ -952,6 +954,7 @@ def group(
         f"recorded at block {committee.recorded_at_block}"
     )
     out.print(f"group public key  {doc['group_public_key']}")
+    out.print(f"signing key       {doc['signing_key'] or 'none recorded (this epoch does not sign)'}")
     for m in committee.members:
         out.print(
             f"  node {m.index:>2}  {m.url}  mr {m.mr_aggregated.hex()[:16]}…  dev {m.device_id.hex()[:16]}…"

@@ -8,6 +8,8 @@
         events are the membership log (every DKG, reshare and activation).
         Rule kept on chain: within one epoch every committee has the same group key (commitments[0]): a
         reshare moves shares, never the key. A new key is a new epoch (a rotation).
+        The group's secp256k1 signing key (the GetKey chain's KMS key, made by the running nodes after the
+        DKG) is recorded once per epoch, after its committee: clients verify KMS signatures under it.
 """
 
 MAX_NODES: constant(uint256) = 64
@@ -39,6 +41,10 @@ event CommitteeActivated:
     committee_id: indexed(uint256)
     previous: uint256
 
+event SigningKeyRecorded:
+    epoch: indexed(uint64)
+    signing_key: Bytes[33]
+
 event OwnershipTransferStarted:
     previous_owner: indexed(address)
     new_owner: indexed(address)
@@ -60,6 +66,8 @@ _members: HashMap[uint256, DynArray[Member, MAX_NODES]]
 # epoch ->
 group_key: public(HashMap[uint64, bytes32])
 active: public(HashMap[uint64, uint256])
+# the group's secp256k1 signing key (SEC1 compressed, 33 bytes); empty until recorded, then never changed
+signing_key: public(HashMap[uint64, Bytes[33]])
 
 
 @deploy
@@ -128,6 +136,20 @@ def activate(committee_id: uint256):
     assert committee_id > previous, "a newer committee already serves this epoch"
     self.active[epoch] = committee_id
     log CommitteeActivated(epoch=epoch, committee_id=committee_id, previous=previous)
+
+
+@external
+def record_signing_key(epoch: uint64, key: Bytes[33]):
+    """@notice Record the group's threshold signing key of an epoch (owner only, once): a new signing key
+               is a new epoch, as a new group key is."""
+    self._only_owner()
+    assert self.group_key[epoch] != empty(bytes32), "no committee recorded for this epoch"
+    assert len(key) == 33, "a signing key is 33 bytes (SEC1 compressed)"
+    prefix: bytes1 = convert(slice(key, 0, 1), bytes1)
+    assert prefix == 0x02 or prefix == 0x03, "a signing key is a compressed point (02 or 03)"
+    assert len(self.signing_key[epoch]) == 0, "the epoch's signing key is recorded once"
+    self.signing_key[epoch] = key
+    log SigningKeyRecorded(epoch=epoch, signing_key=key)
 
 
 @external
