@@ -149,6 +149,10 @@ class LocalCloud:
         # the KMS refuses a key request that does not send the CVM's measured app-compose (docs/ai.md)
         self.kms_require_app_compose = kms_require_app_compose
         self.kms_processes: dict[int, Any] = {}  # threshold mode: KMS node index -> its process
+        # threshold mode: how the supervisor keeps presignature pools filled (kms.threshold_net.RefillPolicy;
+        # None: PRESIGN_LOW / PRESIGN_BATCH) and the loop doing it while the cloud runs
+        self.presign_policy: Any = None
+        self.presign_refiller: Any = None
         self._stack = contextlib.ExitStack()
         self.endpoints: CloudEndpoints | None = None
         self.node: Any = None
@@ -576,18 +580,19 @@ class LocalCloud:
     def _networked_signing(self, group: Any, endpoints: dict[int, dict[str, Any]]) -> Any:
         """The group's signing key and presignatures, made by the running nodes (teecloud.kms.threshold_net,
         over kms.peering's channel), when there are 2t-1 nodes: a signing-key DKG when the group has no
-        signing key yet (its key is then written to the group record), and a presigning batch whenever a
-        node's pool is below PRESIGN_LOW. A failed round is a warning: keys are still derived, and GetKey
-        says why it cannot sign."""
+        signing key yet (its key is then written to the group record), a presigning batch now when a
+        maker's pool is below the low watermark, and then the supervisor's refill loop
+        (threshold_net.PresignRefiller, `presign_policy`) while the cloud runs. A failed round is a warning:
+        keys are still derived, and GetKey says why it cannot sign."""
         import dataclasses
 
         from teecloud.kms.launcher import load_admin_token
         from teecloud.kms.threshold import node_home, write_group
         from teecloud.kms.threshold_net import (
             AdminEndpoint,
+            PresignRefiller,
+            RefillPolicy,
             RoundFailed,
-            presign_participants,
-            run_presign_round,
             run_signing_key_dkg,
         )
 
@@ -601,13 +606,16 @@ class LocalCloud:
             if not group.signing_key:
                 group = dataclasses.replace(group, signing_key=run_signing_key_dkg(nodes))
                 write_group(group, self.home)
-            makers = presign_participants(list(nodes), group.t)
-            if min(_pool_size(nodes[i]) for i in makers) < PRESIGN_LOW:
-                started = time.monotonic()
-                run_presign_round(nodes, PRESIGN_BATCH, group.t)
-                log.info("%d presignatures made in %.1f s", PRESIGN_BATCH, time.monotonic() - started)
         except RoundFailed as exc:
-            log.warning("threshold KMS: signing key / presignatures not made: %s", exc)
+            log.warning("threshold KMS: signing key not made: %s", exc)
+            return group
+        policy = self.presign_policy or RefillPolicy(low=PRESIGN_LOW, batch=PRESIGN_BATCH)
+        refiller = PresignRefiller(nodes, group.t, policy)
+        started = time.monotonic()
+        if refiller.check():
+            log.info("%d presignatures made in %.1f s", policy.batch, time.monotonic() - started)
+        self.presign_refiller = refiller.start()
+        self._stack.callback(refiller.stop)  # before the node processes stop (the stack unwinds LIFO)
         return group
 
     def _networked_dkg(self, rpc_url: str) -> dict[int, dict[str, Any]]:
@@ -736,18 +744,5 @@ class LocalCloud:
         self.stop()
 
 
-PRESIGN_LOW = 8  # `teecloud up` tops a node's presignature pool up when it holds fewer
+PRESIGN_LOW = 8  # `teecloud up` tops a node's presignature pool up when it holds fewer (at start and running)
 PRESIGN_BATCH = 16  # presignatures per networked round (each boot uses one per signing node)
-
-
-def _pool_size(ep: Any) -> int:
-    """A threshold node's unused presignatures (its admin listener); 0 when it cannot say."""
-    import httpx
-
-    try:
-        r = httpx.get(
-            f"{ep.admin_url}/tround/pool", headers={"authorization": f"Bearer {ep.token}"}, timeout=30
-        )
-        return int(r.json()["unused"]) if r.status_code == 200 else 0
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
-        return 0

@@ -51,9 +51,19 @@ from teecloud.kms.errors import KmsClientError, SealingError
 from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
 from teecloud.kms.threshold import GROUP_FILE, DkgPlan, GroupRecord, ResharePlan, ThresholdShare
 
-__all__ = ["ThresholdGroup", "ThresholdKeyProvider", "group_from_chain", "join_dkg", "join_reshare"]
+__all__ = [
+    "NO_PRESIGNATURES",
+    "ThresholdGroup",
+    "ThresholdKeyProvider",
+    "group_from_chain",
+    "join_dkg",
+    "join_reshare",
+]
 
 log = logging.getLogger("teecloud.kms.threshold")
+
+# why a boot of a group that signs got no KMS signature when t nodes hold no common presignature
+NO_PRESIGNATURES = "no presignatures, refill in progress"
 
 
 @dataclass(frozen=True)
@@ -360,7 +370,9 @@ class ThresholdKeyProvider:
             gateway_app_id=gateway_app_id,
             os_image_hash=bytes.fromhex(os_image_hex),
             k256_signature=k256_signature,
-            kms_k256_pubkey=self.group.signing_key if k256_signature else b"",
+            # the group's key whenever the group signs, also when this boot got no signature: GetKey then
+            # tells "no presignatures" (a retry after a refill, 503) from "no signing key" (400)
+            kms_k256_pubkey=self.group.signing_key if sign else b"",
         )
 
     # (5)
@@ -388,8 +400,9 @@ class ThresholdKeyProvider:
         )
         if not usable:
             raise KmsClientError(
-                f"no presignature is held by {t} of the answering KMS nodes (their pools are exhausted: "
-                "run a presigning round)" + _fault_text(faults)
+                f"{NO_PRESIGNATURES}: no presignature is held by {t} of the answering KMS nodes (their pools "
+                "are exhausted; `teecloud up` refills a pool that falls below its low watermark, else run "
+                "`teecloud kms presign`)" + _fault_text(faults)
             )
         session = usable[0]
         body = api.ThresholdSignRequest(
