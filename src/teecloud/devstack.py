@@ -511,10 +511,18 @@ class LocalCloud:
                 for i in range(1, self.kms_nodes + 1):
                     self.kms_processes[i] = self._spawn_kms(node_home(i, self.home), rpc_url, i)
                 endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
-            group = self._networked_signing(group, endpoints)
         except KmsError as exc:
             raise NodeError(f"threshold KMS: {exc}") from exc
         self._record_committee(chain, group, endpoints)
+        # every root epoch these nodes serve, as the chain records it at the nodes' addresses of this start
+        # (after a rotation: `teecloud kms rotate`), each with the nodes' boot-time peer keys of this start:
+        # members admit one live process per share index, the one recorded (before any round runs)
+        served = refresh_committees(chain.kms_group, endpoints)
+        try:
+            self._record_peer_keys(chain, served, endpoints)
+            group = self._networked_signing(group, endpoints)
+        except KmsError as exc:
+            raise NodeError(f"threshold KMS: {exc}") from exc
         if group.signing_key and chain.kms_group.signing_key(group.epoch) is None:
             # the signing-key round's result, recorded once by the operator as the committee is
             chain.kms_group.record_signing_key(group.epoch, group.signing_key)
@@ -534,9 +542,7 @@ class LocalCloud:
             )
             for i, url in urls.items()
         }
-        # after a rotation (`teecloud kms rotate`): the newer root epochs these nodes also serve, as the chain
-        # records them (at the nodes' addresses of this start), for the apps whose compose opts in
-        served = refresh_committees(chain.kms_group, endpoints)
+        # the newer root epochs these nodes also serve, for the apps whose compose opts in
         provider = ThresholdKeyProvider(
             trusted,
             clients,
@@ -547,6 +553,21 @@ class LocalCloud:
             },
         )
         return urls[1], str(endpoints[1]["admin_url"]), provider
+
+    @staticmethod
+    def _record_peer_keys(chain: Any, served: dict[int, Any], endpoints: dict[int, dict[str, Any]]) -> None:
+        """Record on KmsGroup each running node's current boot-time peer key (sha256 of the SPKI its
+        listener serves: a threshold member's TLS key is its peer key) for every committee these nodes
+        serve: peers admit member i under that key only (kms.peering step 5)."""
+        from teecloud.kms.peering import served_key_id
+
+        urls = {i: str(e["url"]) for i, e in endpoints.items()}
+        keys = {i: bytes.fromhex(served_key_id(url)) for i, url in sorted(urls.items())}
+        for committee in served.values():
+            if committee.urls != urls:
+                continue
+            if committee.peer_keys != keys:
+                chain.kms_group.record_peer_keys(committee.committee_id, keys)
 
     @staticmethod
     def _record_committee(chain: Any, group: Any, endpoints: dict[int, dict[str, Any]]) -> Any:

@@ -215,3 +215,24 @@ def test_records_read_at_a_finality_depth(chain: ChainClient) -> None:
 
     with pytest.raises(ChainError, match="fewer than the finality depth"):
         group.final_block(chain.head().number + 1)
+
+
+def test_members_current_peer_keys_are_recorded_and_replaced(chain: ChainClient) -> None:
+    group = chain.kms_group
+    cid = group.record_committee(16, 2, [rand32(), rand32()], _members(3))
+    assert group.committee(cid).peer_keys == {}
+    first = {1: rand32(), 3: rand32()}
+    group.record_peer_keys(cid, first)
+    assert group.committee(cid).peer_keys == first  # member 2 has none yet
+    restarted = rand32()
+    group.record_peer_keys(cid, {3: restarted})  # a restarted member's new key replaces its old one
+    assert group.committee(cid).peer_keys == {1: first[1], 3: restarted}
+    with pytest.raises(ContractReverted, match="not a member of this committee"):
+        group.record_peer_keys(cid, {4: rand32()})
+    with pytest.raises(ContractReverted, match="one key per index"):
+        chain.transact("KmsGroup", chain.kms_group_address, "record_peer_keys", cid, [1, 2], [rand32()])
+    logged = [e["args"] for e in group.history() if e["event"] == "PeerKeyRecorded"]
+    assert [(e["index"], bytes(e["peer_key"])) for e in logged if e["committee_id"] == cid][-1] == (
+        3,
+        restarted,
+    )

@@ -3,7 +3,7 @@ epoch, members, which committee serves) and their membership log (docs/kms.md, "
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._values import to_bytes32
@@ -46,6 +46,8 @@ class Committee:
     commitments: tuple[bytes, ...]  # Feldman commitments, commitments[0] = the group public key
     members: tuple[CommitteeMember, ...]
     recorded_at_block: int
+    # share index -> sha256(SPKI) of the member's current boot-time peer key, for members that have one
+    peer_keys: dict[int, bytes] = field(default_factory=dict, compare=False)
 
     @property
     def n(self) -> int:
@@ -96,6 +98,18 @@ class KmsGroup:
             raise ValueError("a signing key is a 33-byte SEC1 compressed secp256k1 point")
         return self._send("record_signing_key", int(epoch), bytes(key))
 
+    def record_peer_keys(self, committee_id: int, keys: dict[int, bytes]) -> dict[str, Any]:
+        """Record members' current boot-time peer keys (sha256 of each SPKI) by share index (owner only):
+        members of that committee admit member i under this key only (docs/kms.md, "one live process per
+        share index")."""
+        indices = sorted(keys)
+        return self._send(
+            "record_peer_keys",
+            int(committee_id),
+            indices,
+            [to_bytes32(keys[i], "peer key") for i in indices],
+        )
+
     def final_block(self, depth: int) -> BlockRef:
         """The block `depth` blocks below the head (after the chain-id check), found by walking parent
         hashes down from the head, so that a question asked at it is asked of the head's own fork: a record
@@ -121,7 +135,9 @@ class KmsGroup:
             CommitteeMember(int(i), bytes(mr), bytes(dev), str(url))
             for i, mr, dev, url in self._call("members", committee_id, at=at)
         )
+        keys = [bytes(k) for k in self._call("peer_keys", committee_id, at=at)]
         return Committee(
+            peer_keys={m.index: k for m, k in zip(members, keys, strict=True) if k != bytes(32)},
             committee_id=committee_id,
             epoch=int(self._call("committee_epoch", committee_id, at=at)),
             t=int(self._call("committee_t", committee_id, at=at)),

@@ -25,7 +25,10 @@ accepted as committee member i iff
   (4) it proves membership: a DLEQ-proved partial evaluation, under public share Y_i of THIS node's own
       committee (the Feldman commitments of the share this node serves; same epoch), of
       membership_input(epoch, i, sha256(SPKI of the certificate of step 1)). Only a process holding share i
-      — sealed to an allowed KMS measurement — can make it, and it names this key only.
+      — sealed to an allowed KMS measurement — can make it, and it names this key only;
+  (5) one live process per share index: when KmsGroup records a current peer key for member i of this
+      (active) committee, the certificate's key is that key (a copy of node i's disk boots with another
+      key: it is refused everywhere, with the reason).
 Both directions apply it: the server's TLS certificate carries the same boot-time key and quote
 (make_server_identity with the peer identity) and every peer answer carries the server's membership proof.
 There is no first-use window (unlike onboarding's FirstUseLedger): running nodes talk for days; what a
@@ -35,6 +38,7 @@ captured boot quote lacks is step (4), which needs the share.
 from __future__ import annotations
 
 import hashlib
+import socket
 import ssl
 import threading
 import time
@@ -42,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -68,6 +73,7 @@ __all__ = [
     "PeerClient",
     "PeerIdentity",
     "membership_input",
+    "served_key_id",
 ]
 
 PEER_CERT_USAGE = "kms:peer"
@@ -194,15 +200,19 @@ class PeerAdmission:
         committee: Callable[[], Committee | None],
         *,
         still_active: Callable[[Committee], None] | None = None,
+        registered_key: Callable[[Committee, int], str | None] | None = None,
     ) -> None:
         """`attest`: kms.authz.Authorizer.attest (the shared peer verifier, then the OS-image registers);
         `chain`: the KMS's chain gate; `committee`: this node's current committee (None once its share is
         retired: it then admits nobody); `still_active` raises AccessDenied when the chain (KmsGroup) names
-        another committee as the active one of that epoch (R4-6: a superseded committee admits nobody)."""
+        another committee as the active one of that epoch (R4-6: a superseded committee admits nobody);
+        `registered_key(committee, i)` is the hex sha256(SPKI) of member i's current boot-time peer key as
+        KmsGroup records it for that (active) committee, None when none is recorded (step (5))."""
         self._attest = attest
         self._chain = chain
         self._committee = committee
         self._still_active = still_active
+        self._registered_key = registered_key
 
     def admit(self, cert_der: bytes | None, member: api.PeerMember | None) -> AdmittedNode:
         committee = self._committee()
@@ -235,7 +245,24 @@ class PeerAdmission:
         spki = _spki_of(cert_der)
         self._check_member(committee, member, spki, bi)
         assert member is not None
-        return AdmittedNode(member.index, bi, reason, hashlib.sha256(spki).hexdigest(), _SEAL)
+        key_id = hashlib.sha256(spki).hexdigest()
+        # (5) one live process per share index: the key KmsGroup records as member i's current one
+        if self._registered_key is not None:
+            try:
+                registered = self._registered_key(committee, member.index)
+            except AccessDenied as exc:
+                exc.boot_info = bi
+                raise
+            if registered is not None and registered != key_id:
+                denied = AccessDenied(
+                    f"another process of share {member.index}: KmsGroup records member {member.index}'s "
+                    f"current peer key as {registered[:16]}…, not this process's {key_id[:16]}… (one live "
+                    "process per share index; a copy of a node, or a process its operator replaced)",
+                    step="membership",
+                )
+                denied.boot_info = bi
+                raise denied
+        return AdmittedNode(member.index, bi, reason, key_id, _SEAL)
 
     @staticmethod
     def _check_member(
@@ -383,6 +410,30 @@ class PeerClient(KmsClient):
         assert pinned is not None  # _call pinned (and proved) it
         self._check_answer(pinned, getattr(answer, "member", None))
         return answer
+
+
+def served_key_id(url: str, *, timeout: float = 10.0) -> str:
+    """sha256 (hex) of the SPKI of the certificate a KMS node serves at `url` (a threshold member serves its
+    boot-time peer key): what its operator records on KmsGroup as member i's current key. No trust is drawn
+    from it here — the members check the key through the whole rule when the process calls them."""
+    u = httpx.URL(url)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((u.host, u.port or 443), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname=u.host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError) as exc:
+        raise KmsClientError(f"cannot read the peer key served at {url}: {exc}") from exc
+    if not der:
+        raise KmsClientError(f"the node at {url} presented no certificate")
+    try:
+        return hashlib.sha256(_spki_of(der)).hexdigest()
+    except AccessDenied as exc:
+        raise KmsClientError(f"the node at {url}: {exc.reason}") from exc
 
 
 def peer_clients(
