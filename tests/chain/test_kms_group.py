@@ -152,6 +152,17 @@ def test_cli_shows_the_serving_committee_and_its_log(teecloud_home: Path) -> Non
     assert [e["event"] for e in doc["history"]][-1] == "CommitteeActivated"
     r = runner.invoke(cli, ["kms", "group"])
     assert r.exit_code == 0 and "2 of 3" in r.output
+    assert "signing key       none recorded" in r.output
+    c = ChainClient.embedded(teecloud_home)
+    key = _compressed_key()
+    c.kms_group.record_signing_key(1, key)
+    c.close()
+    r = runner.invoke(cli, ["kms", "group", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["signing_key"] == key.hex(), r.output
+    r = runner.invoke(cli, ["kms", "group", "--json", "--finality-depth", "1"])  # one block below: not yet
+    assert r.exit_code == 0 and json.loads(r.output)["signing_key"] is None, r.output
+    r = runner.invoke(cli, ["kms", "group", "--finality-depth", "1000"])
+    assert r.exit_code == 1 and "fewer than the finality depth" in r.output and "Traceback" not in r.output
 
 
 def _compressed_key() -> bytes:

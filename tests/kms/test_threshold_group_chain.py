@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +124,26 @@ def test_a_signing_key_not_recorded_on_chain_is_refused_and_depth_counts(
     assert group_from_chain(kms_group, 1, finality_depth=0, local=_local(cluster)).signing_key
     with pytest.raises(KmsClientError, match="fewer than the finality depth"):
         group_from_chain(kms_group, 1, finality_depth=group_chain.head().number + 1)
+
+
+def test_generated_mutations_of_the_files_keys_are_refused(
+    cluster: Cluster,  # noqa: F811
+    group_chain: ChainClient,
+) -> None:
+    """One-byte changes anywhere in group.json's signing key or group key: each refused."""
+    _record(group_chain, cluster, signing_key=cluster.group.signing_key)
+    kms_group = group_chain.kms_group
+    rng = random.Random(19)
+    for field, value in (
+        ("signing_key", cluster.group.signing_key),
+        ("group_key", cluster.group.commitments[0]),
+    ):
+        for pos in [0, len(value) - 1, *rng.sample(range(1, len(value) - 1), 4)]:
+            mutated = bytearray(value)
+            mutated[pos] ^= rng.randrange(1, 256)
+            if field == "signing_key":
+                local = _local(cluster, signing_key=bytes(mutated))
+            else:
+                local = _local(cluster, commitments=(bytes(mutated), *cluster.group.commitments[1:]))
+            with pytest.raises(KmsClientError, match="disagrees with the chain"):
+                group_from_chain(kms_group, 1, local=local)

@@ -113,3 +113,22 @@ def test_the_record_is_the_owners_and_names_members_only(
     assert kms_group.committee(cid).peer_keys == {}
     logged = [e for e in kms_group.history() if e["event"] == "PeerKeyRecorded"]
     assert all(e["args"]["committee_id"] != cid for e in logged)
+
+
+def test_generated_mutations_of_the_recorded_key_refuse_the_member(
+    world: World, group: tuple[dict[int, Member], Member, int]
+) -> None:
+    """Any other recorded value (each a one-bit flip of member 2's key) refuses member 2; its exact key
+    admits it again."""
+    members, _, cid = group
+    kms_group = world.chain.kms_group
+    key = _key_id(members[2])
+    rng = secrets.SystemRandom()
+    for bit in [0, 255, *rng.sample(range(1, 255), 3)]:
+        mutated = bytearray(key)
+        mutated[bit // 8] ^= 1 << (bit % 8)
+        kms_group.record_peer_keys(cid, {2: bytes(mutated)})
+        with pytest.raises(KmsDenied, match="another process of share 2"):
+            hello(members[2], members[1])
+    kms_group.record_peer_keys(cid, {2: key})
+    assert hello(members[2], members[1]).index == 2

@@ -906,22 +906,33 @@ def group(
         bool, typer.Option("--history", help="Print the membership log (every DKG, reshare, activation).")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    finality_depth: Annotated[
+        int,
+        typer.Option(
+            "--finality-depth", min=0, max=1024, help="Read the record this many blocks below the head."
+        ),
+    ] = 0,
 ) -> None:
-    """The threshold KMS committee serving EPOCH, as the chain (KmsGroup) records it."""
+    """The threshold KMS committee serving EPOCH, as the chain (KmsGroup) records it (with its signing key:
+    what a verifier of a GetKey signature chain pins)."""
     from teecloud.chain import ChainError
 
     chain = _chain(rpc_url, None)
     try:
         kms_group = chain.kms_group
-        committee = kms_group.active(epoch)
-        signing_key = kms_group.signing_key(epoch) if committee is not None else None
+        at = kms_group.final_block(finality_depth)
+        committee = kms_group.active(epoch, at=at)
+        signing_key = kms_group.signing_key(epoch, at=at) if committee is not None else None
         log = kms_group.history() if history else []
     except ChainError as exc:
         _fail(f"chain: {exc}")
     finally:
         chain.close()
     if committee is None:
-        _fail(f"no KMS committee serves epoch {epoch} on this chain (a single-node KMS records none)")
+        _fail(
+            f"no KMS committee serves epoch {epoch} on this chain at block {at.number} (a single-node KMS "
+            "records none)"
+        )
     doc = {
         "committee_id": committee.committee_id,
         "epoch": committee.epoch,
