@@ -559,15 +559,12 @@ class LocalCloud:
         """Record on KmsGroup each running node's current boot-time peer key (sha256 of the SPKI its
         listener serves: a threshold member's TLS key is its peer key) for every committee these nodes
         serve: peers admit member i under that key only (kms.peering step 5)."""
-        from teecloud.kms.peering import served_key_id
+        from teecloud.kms.peering import record_current_peer_keys
 
         urls = {i: str(e["url"]) for i, e in endpoints.items()}
-        keys = {i: bytes.fromhex(served_key_id(url)) for i, url in sorted(urls.items())}
         for committee in served.values():
-            if committee.urls != urls:
-                continue
-            if committee.peer_keys != keys:
-                chain.kms_group.record_peer_keys(committee.committee_id, keys)
+            if committee.urls == urls:
+                record_current_peer_keys(chain.kms_group, committee)
 
     @staticmethod
     def _record_committee(chain: Any, group: Any, endpoints: dict[int, dict[str, Any]]) -> Any:

@@ -132,3 +132,40 @@ def test_generated_mutations_of_the_recorded_key_refuse_the_member(
             hello(members[2], members[1])
     kms_group.record_peer_keys(cid, {2: key})
     assert hello(members[2], members[1]).index == 2
+
+
+def test_kms_peer_keys_records_what_the_members_serve(
+    teecloud_home: Path, group: tuple[dict[int, Member], Member, int]
+) -> None:
+    """`teecloud kms peer-keys` (after a node was restarted by hand): the key each member of the serving
+    committee serves now goes on chain; unchanged keys are not sent again; a member that does not answer is
+    a clear error and nothing is recorded."""
+    from typer.testing import CliRunner
+
+    from teecloud.chain import ChainClient
+    from teecloud.cli import app as cli
+
+    members, _, _ = group
+    c = ChainClient.embedded(teecloud_home)  # the CLI's own chain (data_home), one process at a time
+    c.deploy()
+    cid = c.kms_group.record_committee(
+        1,
+        T,
+        [bytes([j]) * 32 for j in range(1, T + 1)],
+        [CommitteeMember(i, bytes([i]) * 32, bytes(32), m.server.url) for i, m in members.items()],
+    )
+    c.kms_group.activate(cid)
+    c.close()
+    runner = CliRunner()
+    r = runner.invoke(cli, ["kms", "peer-keys"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("recorded") == N
+    c = ChainClient.embedded(teecloud_home)
+    assert c.kms_group.committee(cid).peer_keys == {i: _key_id(m) for i, m in members.items()}
+    c.close()
+    r = runner.invoke(cli, ["kms", "peer-keys"])
+    assert r.exit_code == 0 and r.output.count("unchanged") == N, r.output
+    members[5].server.stop()
+    r = runner.invoke(cli, ["kms", "peer-keys"])
+    assert r.exit_code == 1 and "cannot read the peer key served at" in r.output, r.output
+    assert "Traceback" not in r.output

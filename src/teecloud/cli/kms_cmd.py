@@ -598,6 +598,19 @@ def _admin_post(node: AdminEndpoint, path: str, body: dict[str, Any] | None) -> 
     return dict(r.json())
 
 
+def _record_peer_keys(kms_group: Any, committee_id: int) -> None:
+    """A just-recorded committee's current peer keys (one live process per share index); a node that does
+    not answer is a warning — its index is then admitted on the membership proof alone until
+    `teecloud kms peer-keys` records it."""
+    from teecloud.kms.errors import KmsError
+    from teecloud.kms.peering import record_current_peer_keys
+
+    try:
+        record_current_peer_keys(kms_group, kms_group.committee(committee_id))
+    except KmsError as exc:
+        err.print(f"[yellow]warning:[/] peer keys not recorded: {exc}; run `teecloud kms peer-keys`")
+
+
 @app.command("reshare-open")
 def reshare_open(
     dealers_text: Annotated[
@@ -730,6 +743,7 @@ def reshare_finish(
             _fail("the plan's new committee has another group key: a reshare keeps the key")
         cid = chain.kms_group.record_committee(epoch, t, commitments, members)
         chain.kms_group.activate(cid)
+        _record_peer_keys(chain.kms_group, cid)
     except (ChainError, ValueError, KeyError, TypeError) as exc:
         _fail(f"chain: {exc}")
     finally:
@@ -882,6 +896,7 @@ def rotate_finish(
             _fail(f"KmsGroup already records epoch {plan.epoch}")
         cid = kms_group.record_committee(plan.epoch, plan.t, plan.commitments, members)
         kms_group.activate(cid)
+        _record_peer_keys(kms_group, cid)
         # the older epochs' committees: the same nodes, restarted (at new addresses when ports are dynamic)
         moved = [e for e, c in refresh_committees(kms_group, endpoints).items() if c.committee_id > cid]
     except (ChainError, ValueError) as exc:
@@ -975,6 +990,42 @@ def group(
             f"  block {e['block']}: {e['event']} "
             + ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("block", "event"))
         )
+
+
+@app.command("peer-keys")
+def peer_keys(
+    epoch: Annotated[int, typer.Option(min=0, help="Root epoch whose serving committee to update.")] = 1,
+    rpc_url: Annotated[
+        str | None, typer.Option("--rpc-url", help="EVM JSON-RPC URL (default: embedded chain).")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="KmsGroup owner's key (records the keys).")
+    ] = None,
+) -> None:
+    """Record on chain the boot-time peer key each member of EPOCH's serving committee serves now (after a
+    node was restarted or replaced by hand): members admit member i under its recorded key only, one live
+    process per share index (`teecloud up` does this at every start)."""
+    from teecloud.chain import ChainError
+    from teecloud.kms.errors import KmsError
+    from teecloud.kms.peering import record_current_peer_keys
+
+    chain = _chain(rpc_url, key_file)
+    try:
+        kms_group = chain.kms_group
+        committee = kms_group.active(epoch)
+        if committee is None:
+            _fail(f"no KMS committee serves epoch {epoch} on this chain")
+        before = dict(committee.peer_keys)
+        keys = record_current_peer_keys(kms_group, committee)
+    except ChainError as exc:
+        _fail(f"chain: {exc}")
+    except KmsError as exc:
+        _fail(exc.diagnostics())
+    finally:
+        chain.close()
+    for i, k in sorted(keys.items()):
+        what = "unchanged" if before.get(i) == k else "recorded"
+        out.print(f"node {i:>2}  peer key {k.hex()[:16]}…  {what}")
 
 
 def _plain(value: Any) -> Any:

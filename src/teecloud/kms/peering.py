@@ -73,6 +73,7 @@ __all__ = [
     "PeerClient",
     "PeerIdentity",
     "membership_input",
+    "record_current_peer_keys",
     "served_key_id",
 ]
 
@@ -434,6 +435,18 @@ def served_key_id(url: str, *, timeout: float = 10.0) -> str:
         return hashlib.sha256(_spki_of(der)).hexdigest()
     except AccessDenied as exc:
         raise KmsClientError(f"the node at {url}: {exc.reason}") from exc
+
+
+def record_current_peer_keys(kms_group: Any, committee: Any) -> dict[int, bytes]:
+    """The operator's step for one live process per share index: read the key each member of `committee`
+    (teecloud.chain.kmsgroup.Committee) serves at its recorded URL now and record on KmsGroup those that
+    differ from the record (a restarted member's new key replaces its old one). Returns what is recorded.
+    Raises KmsClientError naming a member that does not answer (nothing is recorded then)."""
+    keys = {i: bytes.fromhex(served_key_id(url)) for i, url in sorted(committee.urls.items())}
+    changed = {i: k for i, k in keys.items() if committee.peer_keys.get(i) != k}
+    if changed:
+        kms_group.record_peer_keys(committee.committee_id, changed)
+    return keys
 
 
 def peer_clients(
