@@ -9,7 +9,16 @@ chain. Per release: a fresh simulated CVM boots with the provider's boot-nonce (
 `get_app_keys` is timed: mutual RA-TLS to the nodes (temp CA + ThresholdEvaluate each; the threshold
 client asks all reachable nodes in parallel), every partial's proof checked, any 3 combined, keys derived.
 
+Part 4 (`--processes`, run alone): the same release against `teecloud up`'s own KMS setups, each in a
+fresh data directory: the single KMS (`LocalCloud()`: its listener is a thread of this process) and five
+threshold nodes as separate `teecloud kms up --threshold-node I` processes (`LocalCloud(kms_nodes=5,
+kms_threshold=3)`: networked DKG, signing key and a batch of 32 presignatures first, untimed). Timed:
+`get_app_keys` of the cloud's own key provider for a fresh simulated CVM (boot-nonce measured first,
+untimed) — for the threshold group including the KMS signature of the app key (one presignature from t
+nodes), which the single node's GetAppKey also returns.
+
     python bench/bench_tkms.py [--releases 30] [--crypto-iters 200]
+    python bench/bench_tkms.py --processes [--releases 20]    # under flock /tmp/teecloud-e2e.lock
 """
 
 from __future__ import annotations
@@ -431,12 +440,66 @@ def env_ceremony(apps: int) -> list[tuple[str, float, float]]:
     ]
 
 
+def processes(releases: int) -> list[tuple[str, float, float]]:
+    """Part 4: the release against LocalCloud's single KMS and against five threshold node processes."""
+    from teecloud.devstack import LocalCloud
+    from teecloud.kms.threshold_net import RefillPolicy
+    from teecloud.tee.simulated import SimulatedTdx
+
+    compose = hashlib.sha256(b"bench tkms processes").digest()
+    rows = []
+    for label, nodes in (
+        ("single KMS node (GetAppKey; listener in this process), LocalCloud", 1),
+        ("threshold 3 of 5, nodes as separate processes (evaluate + sign), LocalCloud", 5),
+    ):
+        home = Path(os.environ["TEECLOUD_HOME"]) / f"cloud-{nodes}"
+        cloud = LocalCloud(home, kms_nodes=nodes, kms_threshold=3 if nodes > 1 else 1)
+        # one batch large enough for every timed boot: no refill round runs while releases are timed
+        cloud.presign_policy = RefillPolicy(low=2, batch=32, interval_s=3600)
+        cloud.start(check=False, resume=False)
+        try:
+            provider = cloud.key_provider
+            app_id = bytes.fromhex(cloud.chain.register_app(None, compose)[2:])
+
+            def release(
+                provider: Any = provider, home: Path = home, app_id: bytes = app_id, label: str = label
+            ) -> float:
+                tee = SimulatedTdx(home)
+                iid = os.urandom(20)
+                for name, payload in (
+                    ("system-preparing", b""),
+                    ("app-id", app_id),
+                    ("compose-hash", compose),
+                    ("instance-id", iid),
+                    ("boot-nonce", provider.boot_nonce()),
+                    ("boot-mr-done", b""),
+                    ("os-image-hash", tee.os_image_hash),
+                ):
+                    tee.emit_event(name, payload)
+                t0 = time.perf_counter()
+                keys = provider.get_app_keys(tee, app_id, iid)
+                took = (time.perf_counter() - t0) * 1000
+                if len(keys.k256_signature) != 65:
+                    raise SystemExit(f"{label}: the release carries no KMS signature")
+                return took
+
+            release()  # warm: server certificates verified once per client
+            samples = sorted(release() for _ in range(releases))
+            rows.append(
+                (label, statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))])
+            )
+        finally:
+            cloud.stop()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--releases", type=int, default=30)
     ap.add_argument("--crypto-iters", type=int, default=200)
     ap.add_argument("--signatures-only", action="store_true", help="only the threshold ECDSA / ECDH rows")
     ap.add_argument("--env-only", type=int, default=0, metavar="APPS", help="only the env-key ceremony rows")
+    ap.add_argument("--processes", action="store_true", help="only part 4 (nodes as separate processes)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tkms-") as tmp:
         os.environ["TEECLOUD_HOME"] = tmp
@@ -444,6 +507,10 @@ def main() -> None:
         if args.env_only:
             for label, p50, p99 in env_ceremony(args.env_only):
                 print(f"| {label} | {p50:.2f} | {p99:.2f} |", flush=True)
+            return
+        if args.processes:
+            for label, p50, p99 in processes(args.releases):
+                print(f"| key release, {label} | {p50:.2f} | {p99:.2f} |", flush=True)
             return
         rows = signatures(args.crypto_iters)
         if not args.signatures_only:

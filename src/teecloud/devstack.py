@@ -149,6 +149,10 @@ class LocalCloud:
         # the KMS refuses a key request that does not send the CVM's measured app-compose (docs/ai.md)
         self.kms_require_app_compose = kms_require_app_compose
         self.kms_processes: dict[int, Any] = {}  # threshold mode: KMS node index -> its process
+        # threshold mode: how the supervisor keeps presignature pools filled (kms.threshold_net.RefillPolicy;
+        # None: PRESIGN_LOW / PRESIGN_BATCH) and the loop doing it while the cloud runs
+        self.presign_policy: Any = None
+        self.presign_refiller: Any = None
         self._stack = contextlib.ExitStack()
         self.endpoints: CloudEndpoints | None = None
         self.node: Any = None
@@ -481,12 +485,14 @@ class LocalCloud:
         chain, each with its own data directory and sealed share, and the worker node's ThresholdKeyProvider
         over them. The first start runs a dealerless DKG between processes (`_networked_dkg`): no process
         ever holds the group secret. Returns (node 1's URL, its admin URL, the provider)."""
+        import dataclasses
+
         from teecloud.kms.bootstrap import boot_kms_tee
         from teecloud.kms.client import connect_kms
         from teecloud.kms.errors import KmsError
         from teecloud.kms.rotation import refresh_committees
         from teecloud.kms.threshold import node_home, read_group
-        from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
+        from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider, group_from_chain
 
         self._publish_kms(chain, tee, boot_kms_tee(tee), None)
         # Create the simulated platform's dev PKI here, once, before N children start: N processes creating
@@ -507,12 +513,29 @@ class LocalCloud:
                 for i in range(1, self.kms_nodes + 1):
                     self.kms_processes[i] = self._spawn_kms(node_home(i, self.home), rpc_url, i)
                 endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
+        except KmsError as exc:
+            raise NodeError(f"threshold KMS: {exc}") from exc
+        self._record_committee(chain, group, endpoints)
+        # every root epoch these nodes serve, as the chain records it at the nodes' addresses of this start
+        # (after a rotation: `teecloud kms rotate`), each with the nodes' boot-time peer keys of this start:
+        # members admit one live process per share index, the one recorded (before any round runs)
+        served = refresh_committees(chain.kms_group, endpoints)
+        try:
+            self._record_peer_keys(chain, served, endpoints)
             group = self._networked_signing(group, endpoints)
             self._env_peers(endpoints)
         except KmsError as exc:
             raise NodeError(f"threshold KMS: {exc}") from exc
-        committee = self._record_committee(chain, group, endpoints)
-        urls = committee.urls
+        if group.signing_key and chain.kms_group.signing_key(group.epoch) is None:
+            # the signing-key round's result, recorded once by the operator as the committee is
+            chain.kms_group.record_signing_key(group.epoch, group.signing_key)
+        try:
+            # the group as the chain records it (signing key included), not as a local file says; a
+            # group.json that disagrees with the chain stops the start
+            trusted = group_from_chain(chain.kms_group, group.epoch, local=group)
+        except KmsError as exc:
+            raise NodeError(f"threshold KMS: {exc}") from exc
+        urls = dict(trusted.nodes)
         clients = {
             i: connect_kms(
                 url,
@@ -522,28 +545,29 @@ class LocalCloud:
             )
             for i, url in urls.items()
         }
-        # the group as the chain records it, not as a local file says; the signing key is not on chain yet
-        # (docs/kms.md, "Not done"): it comes from the ceremony's group record
-        # after a rotation (`teecloud kms rotate`): the newer root epochs these nodes also serve, as the chain
-        # records them (at the nodes' addresses of this start), for the apps whose compose opts in
-        served = refresh_committees(chain.kms_group, endpoints)
+        # the newer root epochs these nodes also serve, for the apps whose compose opts in
         provider = ThresholdKeyProvider(
-            ThresholdGroup(
-                committee.epoch,
-                committee.t,
-                committee.commitments,
-                urls,
-                signing_key=group.signing_key,
-                ca_root_cert=group.ca_root_cert,
-            ),
+            dataclasses.replace(trusted, ca_root_cert=group.ca_root_cert),
             clients,
             epochs={
                 e: ThresholdGroup(c.epoch, c.t, c.commitments, c.urls)
                 for e, c in served.items()
-                if e != committee.epoch and c.urls == urls
+                if e != trusted.epoch and c.urls == urls
             },
         )
         return urls[1], str(endpoints[1]["admin_url"]), provider
+
+    @staticmethod
+    def _record_peer_keys(chain: Any, served: dict[int, Any], endpoints: dict[int, dict[str, Any]]) -> None:
+        """Record on KmsGroup each running node's current boot-time peer key (sha256 of the SPKI its
+        listener serves: a threshold member's TLS key is its peer key) for every committee these nodes
+        serve: peers admit member i under that key only (kms.peering step 5)."""
+        from teecloud.kms.peering import record_current_peer_keys
+
+        urls = {i: str(e["url"]) for i, e in endpoints.items()}
+        for committee in served.values():
+            if committee.urls == urls:
+                record_current_peer_keys(chain.kms_group, committee)
 
     @staticmethod
     def _record_committee(chain: Any, group: Any, endpoints: dict[int, dict[str, Any]]) -> Any:
@@ -599,9 +623,10 @@ class LocalCloud:
     def _networked_signing(self, group: Any, endpoints: dict[int, dict[str, Any]]) -> Any:
         """The group's signing key and presignatures, made by the running nodes (teecloud.kms.threshold_net,
         over kms.peering's channel), when there are 2t-1 nodes: a signing-key DKG when the group has no
-        signing key yet (its key is then written to the group record), and a presigning batch whenever a
-        node's pool is below PRESIGN_LOW. A failed round is a warning: keys are still derived, and GetKey
-        says why it cannot sign."""
+        signing key yet (its key is then written to the group record), a presigning batch now when a
+        maker's pool is below the low watermark, and then the supervisor's refill loop
+        (threshold_net.PresignRefiller, `presign_policy`) while the cloud runs. A failed round is a warning:
+        keys are still derived, and GetKey says why it cannot sign."""
         import dataclasses
 
         from teecloud.keys.certs import cert_to_pem
@@ -609,8 +634,11 @@ class LocalCloud:
         from teecloud.kms.threshold import node_home, write_group
         from teecloud.kms.threshold_net import (
             AdminEndpoint,
+            PresignRefiller,
+            RefillPolicy,
             RoundFailed,
             presign_participants,
+            read_pool,
             run_ca_root,
             run_presign_round,
             run_signing_key_dkg,
@@ -626,18 +654,22 @@ class LocalCloud:
             if not group.signing_key:
                 group = dataclasses.replace(group, signing_key=run_signing_key_dkg(nodes))
                 write_group(group, self.home)
-            makers = presign_participants(list(nodes), group.t)
-            if min(_pool_size(nodes[i]) for i in makers) < PRESIGN_LOW:
-                started = time.monotonic()
-                run_presign_round(nodes, PRESIGN_BATCH, group.t)
-                log.info("%d presignatures made in %.1f s", PRESIGN_BATCH, time.monotonic() - started)
         except RoundFailed as exc:
-            log.warning("threshold KMS: signing key / presignatures not made: %s", exc)
+            log.warning("threshold KMS: signing key not made: %s", exc)
+        else:
+            policy = self.presign_policy or RefillPolicy(low=PRESIGN_LOW, batch=PRESIGN_BATCH)
+            refiller = PresignRefiller(nodes, group.t, policy)
+            started = time.monotonic()
+            if refiller.check():
+                log.info("%d presignatures made in %.1f s", policy.batch, time.monotonic() - started)
+            self.presign_refiller = refiller.start()
+            self._stack.callback(refiller.stop)  # before the node processes stop (the stack unwinds LIFO)
         # the group's P-256 CA key, its root CA (self-signed by t nodes) and app CA presignatures (issue 19)
         try:
             if not group.ca_root_cert:
                 # a CA key every member already holds (a start that stopped before the root) is kept
-                held = {str(_pool_doc(ep).get("ca_key", "")) for ep in nodes.values()}
+                docs = [read_pool(ep) for ep in nodes.values()]
+                held = {doc.ca_key if doc is not None else "" for doc in docs}
                 if len(held) == 1 and "" not in held:
                     ca_key = bytes.fromhex(held.pop())
                 else:
@@ -646,11 +678,12 @@ class LocalCloud:
                 group = dataclasses.replace(group, ca_root_cert=cert_to_pem(root))
                 write_group(group, self.home)
             makers = presign_participants(list(nodes), group.t)
-            if min(_pool_size(nodes[i], "ca_unused") for i in makers) < CA_PRESIGN_LOW:
+            ca_pools = [read_pool(nodes[i]) for i in makers]
+            if min(doc.ca_unused if doc is not None else 0 for doc in ca_pools) < CA_PRESIGN_LOW:
                 started = time.monotonic()
                 run_presign_round(nodes, CA_PRESIGN_BATCH, group.t, kind="ca-presign")
                 log.info("%d CA presignatures made in %.1f s", CA_PRESIGN_BATCH, time.monotonic() - started)
-        except RoundFailed as exc:
+        except (RoundFailed, ValueError) as exc:
             log.warning(
                 "threshold KMS: CA key / root / presignatures not made (self-signed app CAs): %s", exc
             )
@@ -782,30 +815,7 @@ class LocalCloud:
         self.stop()
 
 
-PRESIGN_LOW = 8  # `teecloud up` tops a node's presignature pool up when it holds fewer
+PRESIGN_LOW = 8  # `teecloud up` tops a node's presignature pool up when it holds fewer (at start and running)
 PRESIGN_BATCH = 16  # presignatures per networked round (each boot uses one per signing node)
 CA_PRESIGN_LOW = 4  # the same for the group's P-256 CA key (app CA certificates; P-256 rounds are slower)
 CA_PRESIGN_BATCH = 8
-
-
-def _pool_doc(ep: Any) -> dict[str, Any]:
-    """A threshold node's pool answer (its admin listener: api.PoolResponse); {} when it cannot say."""
-    import httpx
-
-    try:
-        r = httpx.get(
-            f"{ep.admin_url}/tround/pool", headers={"authorization": f"Bearer {ep.token}"}, timeout=30
-        )
-        doc = r.json() if r.status_code == 200 else {}
-    except (httpx.HTTPError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-def _pool_size(ep: Any, field: str = "unused") -> int:
-    """A threshold node's unused presignatures (`field` "ca_unused": of the P-256 CA key); 0 when it
-    cannot say."""
-    try:
-        return int(_pool_doc(ep).get(field, 0))
-    except (ValueError, TypeError):
-        return 0

@@ -152,3 +152,98 @@ def test_cli_shows_the_serving_committee_and_its_log(teecloud_home: Path) -> Non
     assert [e["event"] for e in doc["history"]][-1] == "CommitteeActivated"
     r = runner.invoke(cli, ["kms", "group"])
     assert r.exit_code == 0 and "2 of 3" in r.output
+    assert "signing key       none recorded" in r.output
+    c = ChainClient.embedded(teecloud_home)
+    key = _compressed_key()
+    c.kms_group.record_signing_key(1, key)
+    c.close()
+    r = runner.invoke(cli, ["kms", "group", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["signing_key"] == key.hex(), r.output
+    r = runner.invoke(cli, ["kms", "group", "--json", "--finality-depth", "1"])  # one block below: not yet
+    assert r.exit_code == 0 and json.loads(r.output)["signing_key"] is None, r.output
+    r = runner.invoke(cli, ["kms", "group", "--finality-depth", "1000"])
+    assert r.exit_code == 1 and "fewer than the finality depth" in r.output and "Traceback" not in r.output
+
+
+def _compressed_key() -> bytes:
+    import coincurve
+
+    return coincurve.PrivateKey().public_key.format(compressed=True)
+
+
+def test_the_signing_key_is_recorded_once_after_its_committee(chain: ChainClient) -> None:
+    group = chain.kms_group
+    key = _compressed_key()
+    with pytest.raises(ContractReverted, match="no committee recorded for this epoch"):
+        group.record_signing_key(11, key)
+    group.activate(group.record_committee(11, 2, [rand32(), rand32()], _members(3)))
+    assert group.signing_key(11) is None
+    group.record_signing_key(11, key)
+    assert group.signing_key(11) == key
+    with pytest.raises(ContractReverted, match="recorded once"):
+        group.record_signing_key(11, _compressed_key())  # a new signing key is a new epoch
+    stranger = chain.with_signer(chain.keys[3])  # type: ignore[attr-defined]
+    with pytest.raises(ContractReverted, match="not the owner"):
+        stranger.kms_group.record_signing_key(11, key)
+    recorded = [e["args"] for e in group.history() if e["event"] == "SigningKeyRecorded"]
+    assert recorded[-1]["epoch"] == 11 and bytes(recorded[-1]["signing_key"]) == key
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [(b"\x04" + bytes(32), "compressed point"), (b"\x02" + bytes(31), "33 bytes"), (b"", "33 bytes")],
+)
+def test_a_malformed_signing_key_reverts(chain: ChainClient, key: bytes, reason: str) -> None:
+    chain.kms_group.record_committee(12, 1, [rand32()], _members(1))
+    with pytest.raises(ValueError, match="33-byte SEC1"):
+        chain.kms_group.record_signing_key(12, key)  # the facade refuses before sending
+    with pytest.raises(ContractReverted, match=reason):
+        chain.transact("KmsGroup", chain.kms_group_address, "record_signing_key", 12, key)
+
+
+def test_records_read_at_a_finality_depth(chain: ChainClient) -> None:
+    """A record counts once it is `depth` blocks deep: read at the block that many below the head (each
+    transaction here mines one block)."""
+    group = chain.kms_group
+    cid = group.record_committee(13, 1, [rand32()], _members(1))
+    group.activate(cid)
+    key = _compressed_key()
+    group.record_signing_key(13, key)
+    assert group.signing_key(13, at=group.final_block(0)) == key
+    assert group.signing_key(13, at=group.final_block(1)) is None  # one block below: not recorded yet
+    below = group.final_block(2)
+    assert group.active(13, at=below) is None  # recorded, not yet activated there
+    head = chain.head()
+    assert below.number == head.number - 2
+    for other in (14, 15):  # two more blocks on top
+        group.record_committee(other, 1, [rand32()], _members(1))
+    assert group.signing_key(13, at=group.final_block(2)) == key
+    committee = group.active(13, at=group.final_block(2))
+    assert committee is not None and committee.committee_id == cid
+    with pytest.raises(ValueError, match="finality depth"):
+        group.final_block(-1)
+    from teecloud.chain import ChainError
+
+    with pytest.raises(ChainError, match="fewer than the finality depth"):
+        group.final_block(chain.head().number + 1)
+
+
+def test_members_current_peer_keys_are_recorded_and_replaced(chain: ChainClient) -> None:
+    group = chain.kms_group
+    cid = group.record_committee(16, 2, [rand32(), rand32()], _members(3))
+    assert group.committee(cid).peer_keys == {}
+    first = {1: rand32(), 3: rand32()}
+    group.record_peer_keys(cid, first)
+    assert group.committee(cid).peer_keys == first  # member 2 has none yet
+    restarted = rand32()
+    group.record_peer_keys(cid, {3: restarted})  # a restarted member's new key replaces its old one
+    assert group.committee(cid).peer_keys == {1: first[1], 3: restarted}
+    with pytest.raises(ContractReverted, match="not a member of this committee"):
+        group.record_peer_keys(cid, {4: rand32()})
+    with pytest.raises(ContractReverted, match="one key per index"):
+        chain.transact("KmsGroup", chain.kms_group_address, "record_peer_keys", cid, [1, 2], [rand32()])
+    logged = [e["args"] for e in group.history() if e["event"] == "PeerKeyRecorded"]
+    assert [(e["index"], bytes(e["peer_key"])) for e in logged if e["committee_id"] == cid][-1] == (
+        3,
+        restarted,
+    )

@@ -174,8 +174,9 @@ def test_getkey_without_a_signing_key_is_a_clear_error(
 
     cluster.group = dataclasses.replace(cluster.group, signing_key=b"")
     _, state = boot_hello(teecloud_home, world, cluster.provider())
-    with pytest.raises(ClientError, match="KMS signature of this app's key"):
+    with pytest.raises(ClientError, match="KMS signature of this app's key") as refused:
         _get_key(state)
+    assert refused.value.status == 400  # configuration: this group does not sign
 
 
 def test_an_exhausted_pool_does_not_stop_the_boot(
@@ -189,7 +190,12 @@ def test_an_exhausted_pool_does_not_stop_the_boot(
             pool.sign(session, k.to_bytes(32, "big"))
     provider = cluster.provider()
     _, state = boot_hello(teecloud_home, world, provider)
+    assert provider.signature_error.startswith("no presignatures, refill in progress")
     assert "no presignature is held by 3" in provider.signature_error
     assert state.keys.k256_signature == b"" and len(state.keys.k256_key) == 32
-    with pytest.raises(ClientError, match="KMS signature of this app's key"):
+    # a clear 503 at once (no wait for a refill): the signature is made at boot only, a restart gets it
+    with pytest.raises(
+        ClientError, match=r"not obtained at boot \(no presignatures, refill in progress"
+    ) as e:
         _get_key(state)
+    assert e.value.status == 503

@@ -23,6 +23,7 @@ from teecloud.keys.sigchain import verify_key_signature_chain
 from teecloud.kms.launcher import load_admin_token
 from teecloud.kms.threshold import node_home, read_group
 from teecloud.kms.threshold_client import ThresholdKeyProvider
+from teecloud.node.errors import NodeError
 from teecloud.tee.simulated import SimulatedTdx
 
 pytestmark = pytest.mark.slow
@@ -59,6 +60,8 @@ def test_up_makes_its_signing_key_and_presignatures_and_getkey_works(tmp_path: P
         provider = cloud.key_provider
         assert isinstance(provider, ThresholdKeyProvider)
         assert provider.group.signing_key == group.signing_key
+        # the provider's group is the chain's record: KmsGroup holds the signing key the nodes made
+        assert cloud.chain.kms_group.signing_key(1) == group.signing_key
         app_id = bytes.fromhex(cloud.chain.register_app(None, compose_hash(HELLO))[2:])
         t = SimulatedTdx(home)
         state = boot(
@@ -86,3 +89,13 @@ def test_up_makes_its_signing_key_and_presignatures_and_getkey_works(tmp_path: P
         assert [int(str(_pool(home, cloud, i)["unused"])) for i in range(1, 6)] == [b + 2 for b in before]
     finally:
         cloud.stop()
+    # a group.json whose signing key is not the chain's: the next start refuses, naming the file
+    doc = json.loads((home / "kms-nodes" / "group.json").read_text())
+    doc["signing_key"] = coincurve.PrivateKey().public_key.format(compressed=True).hex()
+    (home / "kms-nodes" / "group.json").write_text(json.dumps(doc))
+    again = LocalCloud(home, kms_nodes=5, kms_threshold=3)
+    try:
+        with pytest.raises(NodeError, match=r"group\.json disagrees with the chain: its signing key"):
+            again.start(check=False, resume=False)
+    finally:
+        again.stop()

@@ -59,15 +59,14 @@ def test_a_stranger_gets_the_hello_only_also_on_a_second_try(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="R5-5: a failed proof leaves the unproven pin and temporary CA behind")
 def test_the_client_works_again_once_the_url_leads_back_to_the_member(
     teecloud_home: Path, world: World, committee: Committee
 ) -> None:
     """After the stranger, the host routes the URL back to member 2. Safe: the same client (the service
-    keeps one per (index, URL)) reaches member 2 at once. Today it fails while the stranger's temporary CA
-    stays cached (TEMP_CA_CACHE_S, 300 s): with it cached no path re-pins (_prove sends on the stranger's
-    unproven pin: "not the server that was checked"), and a client certificate issued under it is dropped
-    by member 2's handshake. (Clearing that cache alone let the next call through in the reviewer's run.)"""
+    keeps one per (index, URL)) reaches member 2 at once. Before the fix (R5-5) it failed while the
+    stranger's temporary CA stayed cached (TEMP_CA_CACHE_S, 300 s): no path re-pinned (_prove sent on the
+    stranger's unproven pin: "not the server that was checked"), and a client certificate issued under it
+    was dropped by member 2's handshake. Now a failed proof drops the pin and the temporary CA."""
     members, _ = committee
     stranger, call = _stranger_call(teecloud_home, world, members)
     try:

@@ -36,7 +36,9 @@ class FakeGroup:
         self.reads += 1
         if self.error is not None:
             raise self.error
-        return None if self.commitments is None else SimpleNamespace(commitments=self.commitments)
+        return (
+            None if self.commitments is None else SimpleNamespace(commitments=self.commitments, peer_keys={})
+        )
 
 
 def _service(group: FakeGroup, head: list[Any], now: list[float]) -> Any:
@@ -48,7 +50,7 @@ def _service(group: FakeGroup, head: list[Any], now: list[float]) -> Any:
         _active_cache={},
         authorizer=SimpleNamespace(chain=SimpleNamespace(kms_group=group)),
     )
-    svc._active_commitments = lambda e: KmsService._active_commitments(svc, e)
+    svc._active_record = lambda e: KmsService._active_record(svc, e)
     return svc
 
 
@@ -80,7 +82,7 @@ def test_a_superseded_member_is_in_for_at_most_the_documented_30_s() -> None:
     assert not _admits(svc, A)  # a new block: read again at once
     now[0] = 2000.0 - 5  # a clock set back does not extend the cache
     group.commitments, head[0] = A, 101
-    svc._active_cache[EPOCH] = (101, 2000.0, B)
+    svc._active_cache[EPOCH] = (101, 2000.0, (B, {}))
     assert _admits(svc, A) and group.reads == 5
 
 

@@ -82,7 +82,8 @@ def _check_alt_names(names: Sequence[str], max_names: int) -> None:
 
 
 class ClientError(Exception):
-    """A request the agent refuses: 400 (bad input) or 404 (unknown method)."""
+    """A request the agent refuses: 400 (bad input), 404 (unknown method) or 503 (not possible now: GetKey
+    without the KMS signature its threshold KMS could not give at boot)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -192,6 +193,15 @@ class AgentService:
         if cached is not None:
             return cached
         keys = self.state.keys
+        if len(keys.k256_signature) != 65 and keys.kms_k256_pubkey:
+            # a threshold group that signs, whose nodes held no common presignature at this CVM's boot: the
+            # signature is made at boot only (boot-time evidence), so a restart after the refill gets it
+            raise ClientError(
+                "the KMS signature of this app's key was not obtained at boot (no presignatures, refill in "
+                "progress; or fewer than t signing nodes answered): restart this CVM once the threshold KMS "
+                "nodes' pools are refilled (docs/kms.md, 'Threshold mode')",
+                503,
+            )
         if len(keys.k256_signature) != 65:
             raise ClientError(
                 "GetKey needs the KMS signature of this app's key, which this CVM's key provider did not "

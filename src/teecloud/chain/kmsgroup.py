@@ -3,17 +3,20 @@ epoch, members, which committee serves) and their membership log (docs/kms.md, "
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._values import to_bytes32
+from .api import BlockRef
 from .connection import ChainConnection
-from .errors import ChainStateError
+from .errors import ChainError, ChainStateError
 
 __all__ = ["Committee", "CommitteeMember", "KmsGroup"]
 
 MAX_NODES = 64
 MAX_URL = 256
+MAX_FINALITY_DEPTH = 1024  # as the chain gate's (teecloud.peer)
+SIGNING_KEY_SIZE = 33  # SEC1 compressed secp256k1
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Committee:
     commitments: tuple[bytes, ...]  # Feldman commitments, commitments[0] = the group public key
     members: tuple[CommitteeMember, ...]
     recorded_at_block: int
+    # share index -> sha256(SPKI) of the member's current boot-time peer key, for members that have one
+    peer_keys: dict[int, bytes] = field(default_factory=dict, compare=False)
 
     @property
     def n(self) -> int:
@@ -62,8 +67,10 @@ class KmsGroup:
         self.conn = conn
         self.address = address
 
-    def _call(self, fn: str, *args: Any) -> Any:
-        return self.conn.call("KmsGroup", self.address, fn, *args)
+    def _call(self, fn: str, *args: Any, at: BlockRef | None = None) -> Any:
+        if at is None:
+            return self.conn.call("KmsGroup", self.address, fn, *args)
+        return self.conn.call("KmsGroup", self.address, fn, *args, block=at.rpc_id())
 
     def _send(self, fn: str, *args: Any) -> dict[str, Any]:
         return self.conn.transact("KmsGroup", self.address, fn, *args)
@@ -85,30 +92,77 @@ class KmsGroup:
     def activate(self, committee_id: int) -> dict[str, Any]:
         return self._send("activate", int(committee_id))
 
-    def committee(self, committee_id: int) -> Committee:
-        if not 1 <= committee_id <= int(self._call("committee_count")):
+    def record_signing_key(self, epoch: int, key: bytes) -> dict[str, Any]:
+        """Record the epoch's threshold signing key (owner only, once, after the epoch's committee)."""
+        if len(key) != SIGNING_KEY_SIZE or key[0] not in (2, 3):
+            raise ValueError("a signing key is a 33-byte SEC1 compressed secp256k1 point")
+        return self._send("record_signing_key", int(epoch), bytes(key))
+
+    def record_peer_keys(self, committee_id: int, keys: dict[int, bytes]) -> dict[str, Any]:
+        """Record members' current boot-time peer keys (sha256 of each SPKI) by share index (owner only):
+        members of that committee admit member i under this key only (docs/kms.md, "one live process per
+        share index")."""
+        indices = sorted(keys)
+        return self._send(
+            "record_peer_keys",
+            int(committee_id),
+            indices,
+            [to_bytes32(keys[i], "peer key") for i in indices],
+        )
+
+    def final_block(self, depth: int) -> BlockRef:
+        """The block `depth` blocks below the head (after the chain-id check), found by walking parent
+        hashes down from the head, so that a question asked at it is asked of the head's own fork: a record
+        read there has `depth` blocks on top of it (a reorg shorter than that cannot change it)."""
+        if type(depth) is not int or not 0 <= depth <= MAX_FINALITY_DEPTH:
+            raise ValueError(f"finality depth must be 0..{MAX_FINALITY_DEPTH} blocks, not {depth!r}")
+        block = self.conn.checked_head()
+        if block.number < depth:
+            raise ChainStateError(
+                f"the chain is {block.number} blocks long, fewer than the finality depth {depth}"
+            )
+        for _ in range(depth):
+            parent = self.conn.block_by_hash(block.parent_hash)
+            if parent.number != block.number - 1:
+                raise ChainError(f"block {block.number}'s parent came back as block {parent.number}")
+            block = parent
+        return block
+
+    def committee(self, committee_id: int, *, at: BlockRef | None = None) -> Committee:
+        if not 1 <= committee_id <= int(self._call("committee_count", at=at)):
             raise ChainStateError(f"no KMS committee {committee_id} on chain")
         members = tuple(
             CommitteeMember(int(i), bytes(mr), bytes(dev), str(url))
-            for i, mr, dev, url in self._call("members", committee_id)
+            for i, mr, dev, url in self._call("members", committee_id, at=at)
         )
+        keys = [bytes(k) for k in self._call("peer_keys", committee_id, at=at)]
         return Committee(
+            peer_keys={m.index: k for m, k in zip(members, keys, strict=True) if k != bytes(32)},
             committee_id=committee_id,
-            epoch=int(self._call("committee_epoch", committee_id)),
-            t=int(self._call("committee_t", committee_id)),
-            commitments=tuple(bytes(c) for c in self._call("commitments", committee_id)),
+            epoch=int(self._call("committee_epoch", committee_id, at=at)),
+            t=int(self._call("committee_t", committee_id, at=at)),
+            commitments=tuple(bytes(c) for c in self._call("commitments", committee_id, at=at)),
             members=members,
-            recorded_at_block=int(self._call("committee_block", committee_id)),
+            recorded_at_block=int(self._call("committee_block", committee_id, at=at)),
         )
 
-    def active(self, epoch: int) -> Committee | None:
-        """The committee serving `epoch`, None when none is active."""
-        cid = int(self._call("active", int(epoch)))
-        return self.committee(cid) if cid else None
+    def active(self, epoch: int, *, at: BlockRef | None = None) -> Committee | None:
+        """The committee serving `epoch` (at block `at`, default the head), None when none is active."""
+        cid = int(self._call("active", int(epoch), at=at))
+        return self.committee(cid, at=at) if cid else None
 
-    def group_key(self, epoch: int) -> bytes | None:
-        key = bytes(self._call("group_key", int(epoch)))
+    def group_key(self, epoch: int, *, at: BlockRef | None = None) -> bytes | None:
+        key = bytes(self._call("group_key", int(epoch), at=at))
         return None if key == bytes(32) else key
+
+    def signing_key(self, epoch: int, *, at: BlockRef | None = None) -> bytes | None:
+        """The epoch's threshold signing key (33 bytes), None when none is recorded."""
+        key = bytes(self._call("signing_key", int(epoch), at=at))
+        if not key:
+            return None
+        if len(key) != SIGNING_KEY_SIZE or key[0] not in (2, 3):  # the contract allows nothing else
+            raise ChainStateError("KmsGroup's signing key is not a 33-byte compressed point")
+        return key
 
     def history(self) -> list[dict[str, Any]]:
         """The membership log: every CommitteeRecorded / MemberRecorded / CommitteeActivated, in chain order

@@ -7,13 +7,16 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from teecloud._fs import atomic_write_json, data_home
+
+if TYPE_CHECKING:
+    from teecloud.kms.threshold_net import AdminEndpoint
 
 __all__ = ["app"]
 
@@ -567,23 +570,45 @@ def _node_endpoint(home: Path) -> dict[str, Any]:
     return ep
 
 
-def _admin_post(home: Path, ep: dict[str, Any], path: str, body: dict[str, Any] | None) -> dict[str, Any]:
-    """POST to the admin listener of the threshold node whose data directory is `home` (its endpoint `ep`
-    names the listener, its admin-token file the bearer token: the operator's own nodes)."""
+def _running_node(home: Path) -> tuple[dict[str, Any], AdminEndpoint]:
+    """A running threshold node of this installation, by its data directory `home`: its endpoint file and
+    (teecloud.kms.threshold_net.AdminEndpoint) its admin listener with the bearer token from its
+    admin-token file (the operator's own nodes). Fails with a clear error when either is missing."""
+    from teecloud.kms.launcher import load_admin_token
+    from teecloud.kms.threshold_net import AdminEndpoint
+
+    ep = _node_endpoint(home)
+    try:
+        return ep, AdminEndpoint(str(ep["admin_url"]), load_admin_token(home), str(ep["url"]))
+    except (OSError, ValueError, KeyError) as exc:
+        _fail(f"the KMS node in {home} is not reachable (is it running?): {exc}")
+
+
+def _admin_post(node: AdminEndpoint, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    """POST to a running node's admin listener (`node`: an AdminEndpoint from _running_node)."""
     import httpx
 
-    from teecloud.kms.launcher import load_admin_token
+    try:
+        auth = {"authorization": f"Bearer {node.token}"}
+        r = httpx.post(f"{node.admin_url}{path}", headers=auth, json=body, timeout=30)
+    except httpx.HTTPError as exc:
+        _fail(f"the KMS node at {node.admin_url} is not reachable (is it running?): {exc}")
+    if r.status_code != 200:
+        _fail(f"the KMS node at {node.admin_url} refused {path}: {r.status_code} {r.text[:300]}")
+    return dict(r.json())
+
+
+def _record_peer_keys(kms_group: Any, committee_id: int) -> None:
+    """A just-recorded committee's current peer keys (one live process per share index); a node that does
+    not answer is a warning — its index is then admitted on the membership proof alone until
+    `teecloud kms peer-keys` records it."""
+    from teecloud.kms.errors import KmsError
+    from teecloud.kms.peering import record_current_peer_keys
 
     try:
-        token = load_admin_token(home)
-        r = httpx.post(
-            f"{ep['admin_url']}{path}", headers={"authorization": f"Bearer {token}"}, json=body, timeout=30
-        )
-    except (OSError, ValueError, KeyError, httpx.HTTPError) as exc:
-        _fail(f"the KMS node in {home} is not reachable (is it running?): {exc}")
-    if r.status_code != 200:
-        _fail(f"the KMS node in {home} refused {path}: {r.status_code} {r.text[:300]}")
-    return dict(r.json())
+        record_current_peer_keys(kms_group, kms_group.committee(committee_id))
+    except KmsError as exc:
+        err.print(f"[yellow]warning:[/] peer keys not recorded: {exc}; run `teecloud kms peer-keys`")
 
 
 @app.command("reshare-open")
@@ -632,9 +657,8 @@ def reshare_open(
     plan_dealers: dict[str, Any] = {}
     dealings = []
     for i in dealers:
-        home = node_home(i)
-        ep = _node_endpoint(home)
-        answer = _admin_post(home, ep, "/reshare/open", body)
+        ep, admin = _running_node(node_home(i))
+        answer = _admin_post(admin, "/reshare/open", body)
         commitments = tuple(bytes.fromhex(c) for c in answer["commitments"])
         dealings.append(th.Dealing(int(answer["dealer"]), commitments, {}))
         plan_dealers[str(i)] = {
@@ -719,6 +743,7 @@ def reshare_finish(
             _fail("the plan's new committee has another group key: a reshare keeps the key")
         cid = chain.kms_group.record_committee(epoch, t, commitments, members)
         chain.kms_group.activate(cid)
+        _record_peer_keys(chain.kms_group, cid)
     except (ChainError, ValueError, KeyError, TypeError) as exc:
         _fail(f"chain: {exc}")
     finally:
@@ -729,7 +754,7 @@ def reshare_finish(
         for i in range(1, old.n + 1):
             home = node_home(i)
             if (_kms_dir(home) / ENDPOINT_FILE).exists():
-                _admin_post(home, _node_endpoint(home), "/threshold/retire", None)
+                _admin_post(_running_node(home)[1], "/threshold/retire", None)
                 out.print(f"old node {i}: share erased")
 
 
@@ -775,7 +800,8 @@ def rotate(
     def home_of(i: int) -> Path:
         return (dealers_dir / f"dealer-{i}") if dealers_dir is not None else dealer_home(i)
 
-    endpoints = {i: _node_endpoint(home_of(i)) for i in dealers}
+    running = {i: _running_node(home_of(i)) for i in dealers}
+    endpoints = {i: ep for i, (ep, _) in running.items()}
     chain = _chain(rpc_url, None)
     try:
         kms_group = chain.kms_group
@@ -789,7 +815,7 @@ def rotate(
             threshold,
             nodes,
             endpoints,
-            lambda i, path, body: _admin_post(home_of(i), endpoints[i], path, body),
+            lambda i, path, body: _admin_post(running[i][1], path, body),
             group_key_on_chain=kms_group.group_key,
         )
     except ChainError as exc:
@@ -870,6 +896,7 @@ def rotate_finish(
             _fail(f"KmsGroup already records epoch {plan.epoch}")
         cid = kms_group.record_committee(plan.epoch, plan.t, plan.commitments, members)
         kms_group.activate(cid)
+        _record_peer_keys(kms_group, cid)
         # the older epochs' committees: the same nodes, restarted (at new addresses when ports are dynamic)
         moved = [e for e, c in refresh_committees(kms_group, endpoints).items() if c.committee_id > cid]
     except (ChainError, ValueError) as exc:
@@ -894,27 +921,40 @@ def group(
         bool, typer.Option("--history", help="Print the membership log (every DKG, reshare, activation).")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    finality_depth: Annotated[
+        int,
+        typer.Option(
+            "--finality-depth", min=0, max=1024, help="Read the record this many blocks below the head."
+        ),
+    ] = 0,
 ) -> None:
-    """The threshold KMS committee serving EPOCH, as the chain (KmsGroup) records it."""
+    """The threshold KMS committee serving EPOCH, as the chain (KmsGroup) records it (with its signing key:
+    what a verifier of a GetKey signature chain pins)."""
     from teecloud.chain import ChainError
 
     chain = _chain(rpc_url, None)
     try:
         kms_group = chain.kms_group
-        committee = kms_group.active(epoch)
+        at = kms_group.final_block(finality_depth)
+        committee = kms_group.active(epoch, at=at)
+        signing_key = kms_group.signing_key(epoch, at=at) if committee is not None else None
         log = kms_group.history() if history else []
     except ChainError as exc:
         _fail(f"chain: {exc}")
     finally:
         chain.close()
     if committee is None:
-        _fail(f"no KMS committee serves epoch {epoch} on this chain (a single-node KMS records none)")
+        _fail(
+            f"no KMS committee serves epoch {epoch} on this chain at block {at.number} (a single-node KMS "
+            "records none)"
+        )
     doc = {
         "committee_id": committee.committee_id,
         "epoch": committee.epoch,
         "t": committee.t,
         "n": committee.n,
         "group_public_key": committee.group_public_key.hex(),
+        "signing_key": signing_key.hex() if signing_key else None,
         "commitments": [c.hex() for c in committee.commitments],
         "recorded_at_block": committee.recorded_at_block,
         "members": [
@@ -940,6 +980,7 @@ def group(
         f"recorded at block {committee.recorded_at_block}"
     )
     out.print(f"group public key  {doc['group_public_key']}")
+    out.print(f"signing key       {doc['signing_key'] or 'none recorded (this epoch does not sign)'}")
     for m in committee.members:
         out.print(
             f"  node {m.index:>2}  {m.url}  mr {m.mr_aggregated.hex()[:16]}…  dev {m.device_id.hex()[:16]}…"
@@ -949,6 +990,42 @@ def group(
             f"  block {e['block']}: {e['event']} "
             + ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("block", "event"))
         )
+
+
+@app.command("peer-keys")
+def peer_keys(
+    epoch: Annotated[int, typer.Option(min=0, help="Root epoch whose serving committee to update.")] = 1,
+    rpc_url: Annotated[
+        str | None, typer.Option("--rpc-url", help="EVM JSON-RPC URL (default: embedded chain).")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="KmsGroup owner's key (records the keys).")
+    ] = None,
+) -> None:
+    """Record on chain the boot-time peer key each member of EPOCH's serving committee serves now (after a
+    node was restarted or replaced by hand): members admit member i under its recorded key only, one live
+    process per share index (`teecloud up` does this at every start)."""
+    from teecloud.chain import ChainError
+    from teecloud.kms.errors import KmsError
+    from teecloud.kms.peering import record_current_peer_keys
+
+    chain = _chain(rpc_url, key_file)
+    try:
+        kms_group = chain.kms_group
+        committee = kms_group.active(epoch)
+        if committee is None:
+            _fail(f"no KMS committee serves epoch {epoch} on this chain")
+        before = dict(committee.peer_keys)
+        keys = record_current_peer_keys(kms_group, committee)
+    except ChainError as exc:
+        _fail(f"chain: {exc}")
+    except KmsError as exc:
+        _fail(exc.diagnostics())
+    finally:
+        chain.close()
+    for i, k in sorted(keys.items()):
+        what = "unchanged" if before.get(i) == k else "recorded"
+        out.print(f"node {i:>2}  peer key {k.hex()[:16]}…  {what}")
 
 
 def _plain(value: Any) -> Any:
@@ -1022,9 +1099,8 @@ def presign(
     RA-TLS; this command relays only public values through the nodes' admin listeners). Each boot of a CVM
     uses one of each per signing node."""
     from teecloud.kms.errors import KmsError
-    from teecloud.kms.launcher import load_admin_token
     from teecloud.kms.threshold import node_home, read_group
-    from teecloud.kms.threshold_net import AdminEndpoint, RoundFailed, run_presign_round
+    from teecloud.kms.threshold_net import RoundFailed, run_presign_round
 
     try:
         group = read_group()
@@ -1037,10 +1113,7 @@ def presign(
     if len(indices) < 2 * group.t - 1 or any(i > group.n for i in indices):
         _fail(f"a presignature of this {group.t}-of-{group.n} group needs {2 * group.t - 1} of its nodes")
     indices = sorted(set(indices))[: 2 * group.t - 1]  # exactly 2t-1 (threshold_net.presign_participants)
-    nodes = {}
-    for i in indices:
-        ep = _node_endpoint(node_home(i))
-        nodes[i] = AdminEndpoint(str(ep["admin_url"]), load_admin_token(node_home(i)), str(ep["url"]))
+    nodes = {i: _running_node(node_home(i))[1] for i in indices}
     started = time.monotonic()
     try:
         rs = run_presign_round(nodes, count, group.t, kind="ca-presign" if ca else "presign")

@@ -220,27 +220,29 @@ def _encrypt_env(
 def _threshold_env_key(session: Session, app_id: bytes, app_compose: bytes = b"") -> bytes | None:
     """With a threshold KMS (`teecloud up --kms-nodes N`): the app's env key under the root epoch its
     app-compose names (`kms_key_epoch`, default 1) from the serving committee KmsGroup records, t nodes
-    agreeing and every signature recovering to the group's signing key from the local group record
+    agreeing and every signature recovering to the group's signing key as KmsGroup records it
     (teecloud.kms.threshold_client.fetch_env_public_key); a node that disagrees or fails is named in a
     warning. None with a single KMS."""
     import logging
 
     from teecloud.chain.errors import NotDeployed
     from teecloud.kms.client import connect_kms
+    from teecloud.kms.errors import KmsClientError
     from teecloud.kms.threshold import read_group
-    from teecloud.kms.threshold_client import fetch_env_public_key
+    from teecloud.kms.threshold_client import fetch_env_public_key, group_from_chain
 
     group = read_group(getattr(session, "home", None))
     if group is None or group.n < 2:
         return None
-    if not group.signing_key:
-        raise DeployError("the threshold KMS group has no signing key: env public keys cannot be verified")
     try:
-        committee = session.chain.kms_group.active(group.epoch)
-    except NotDeployed:
-        committee = None
-    if committee is None:
-        raise DeployError(f"KmsGroup records no serving committee for epoch {group.epoch}")
+        # the committee and the group's signing key as KmsGroup records them (the local record must agree)
+        trusted = group_from_chain(session.chain.kms_group, group.epoch, local=group)
+    except NotDeployed as exc:
+        raise DeployError(f"KmsGroup is not deployed: {exc}") from exc
+    except KmsClientError as exc:
+        raise DeployError(str(exc)) from exc
+    if not trusted.signing_key:
+        raise DeployError("the threshold KMS group has no signing key: env public keys cannot be verified")
     p = session.platform
     clients = {
         i: connect_kms(
@@ -249,13 +251,13 @@ def _threshold_env_key(session: Session, app_id: bytes, app_compose: bytes = b""
             dev_root_der=p.dev_root_der(),
             chain=session.chain,
         )
-        for i, url in committee.urls.items()
+        for i, url in trusted.nodes.items()
     }
     from teecloud.kms.rotation import key_epochs_of_text
 
     epoch = key_epochs_of_text(app_compose.decode()).current
     pub, faults = fetch_env_public_key(
-        clients, app_id, t=committee.t, signing_key=group.signing_key, epoch=epoch
+        clients, app_id, t=trusted.t, signing_key=trusted.signing_key, epoch=epoch
     )
     for i, why in sorted(faults.items()):
         logging.getLogger(__name__).warning("KMS node %d: %s", i, why)

@@ -71,6 +71,7 @@ __all__ = [
     "UnsafeNoServerCheck",
     "connect_kms",
     "ratls_server_check",
+    "read_answer",
     "vm_config_json",
 ]
 
@@ -230,6 +231,28 @@ def vm_config_json(tee: object) -> str:
     return vmconfig.of(tee)
 
 
+def read_answer(resp: httpx.Response, content: bytes, model: type[_M], *, who: str) -> _M:
+    """A KMS answer judged once for every client (`who` names the server in errors: "the KMS", "the
+    node"): at most MAX_RESPONSE_BYTES; 400/401/403/413/422 carry a Denied (KmsDenied); any other status
+    but 200 is a KmsClientError; the body must validate as `model`."""
+    if len(content) > MAX_RESPONSE_BYTES:
+        raise KmsClientError(f"{who}'s response is too large")
+    if resp.status_code in (400, 401, 403, 413, 422):
+        try:
+            denied = api.Denied.model_validate_json(content)
+        except ValidationError:
+            raise KmsClientError(f"{who} answered HTTP {resp.status_code}") from None
+        raise KmsDenied(denied.reason, step=denied.step)
+    if resp.status_code != 200:
+        raise KmsClientError(f"{who} answered HTTP {resp.status_code}")
+    try:
+        return model.model_validate_json(content)
+    except ValidationError as exc:
+        raise KmsClientError(
+            f"unexpected answer from {who}: {exc.errors(include_input=False, include_url=False)[:1]}"
+        ) from exc
+
+
 class KmsClient:
     """Key provider that fetches an app's keys from a KMS (teecloud.agent.keyprovider.KeyProvider)."""
 
@@ -338,22 +361,7 @@ class KmsClient:
                 ) from exc
         if server_der != pinned:  # OpenSSL enforced it; say so if it ever did not
             raise KmsClientError("the KMS's certificate changed during the request")
-        if len(content) > MAX_RESPONSE_BYTES:
-            raise KmsClientError("the KMS's response is too large")
-        if resp.status_code in (400, 401, 403, 413, 422):
-            try:
-                denied = api.Denied.model_validate_json(content)
-            except ValidationError:
-                raise KmsClientError(f"KMS answered HTTP {resp.status_code}") from None
-            raise KmsDenied(denied.reason, step=denied.step)
-        if resp.status_code != 200:
-            raise KmsClientError(f"KMS answered HTTP {resp.status_code}")
-        try:
-            return model.model_validate_json(content)
-        except ValidationError as exc:
-            raise KmsClientError(
-                f"unexpected answer from the KMS: {exc.errors(include_input=False, include_url=False)[:1]}"
-            ) from exc
+        return read_answer(resp, content, model, who="the KMS")
 
     def _request(
         self,

@@ -25,7 +25,10 @@ accepted as committee member i iff
   (4) it proves membership: a DLEQ-proved partial evaluation, under public share Y_i of THIS node's own
       committee (the Feldman commitments of the share this node serves; same epoch), of
       membership_input(epoch, i, sha256(SPKI of the certificate of step 1)). Only a process holding share i
-      — sealed to an allowed KMS measurement — can make it, and it names this key only.
+      — sealed to an allowed KMS measurement — can make it, and it names this key only;
+  (5) one live process per share index: when KmsGroup records a current peer key for member i of this
+      (active) committee, the certificate's key is that key (a copy of node i's disk boots with another
+      key: it is refused everywhere, with the reason).
 Both directions apply it: the server's TLS certificate carries the same boot-time key and quote
 (make_server_identity with the peer identity) and every peer answer carries the server's membership proof.
 There is no first-use window (unlike onboarding's FirstUseLedger): running nodes talk for days; what a
@@ -35,6 +38,7 @@ captured boot quote lacks is step (4), which needs the share.
 from __future__ import annotations
 
 import hashlib
+import socket
 import ssl
 import threading
 import time
@@ -46,7 +50,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from teecloud.attestation.models import EventLogEntry
 from teecloud.keys import threshold as th
@@ -55,7 +59,7 @@ from teecloud.keys.ratls import make_ratls_cert, ratls_report_data
 from teecloud.kms import api
 from teecloud.kms.authz import ChainAuthorizer, boot_info_to_json, require_boot_time
 from teecloud.kms.bootstrap import KMS_APP_ID
-from teecloud.kms.client import MAX_RESPONSE_BYTES, KmsClient
+from teecloud.kms.client import KmsClient, read_answer
 from teecloud.kms.errors import AccessDenied, KmsClientError, KmsDenied
 from teecloud.peer import AttestedPeer
 from teecloud.tee.base import TeePlatform
@@ -69,6 +73,8 @@ __all__ = [
     "PeerClient",
     "PeerIdentity",
     "membership_input",
+    "record_current_peer_keys",
+    "served_key_id",
 ]
 
 PEER_CERT_USAGE = "kms:peer"
@@ -195,15 +201,19 @@ class PeerAdmission:
         committee: Callable[[], Committee | None],
         *,
         still_active: Callable[[Committee], None] | None = None,
+        registered_key: Callable[[Committee, int], str | None] | None = None,
     ) -> None:
         """`attest`: kms.authz.Authorizer.attest (the shared peer verifier, then the OS-image registers);
         `chain`: the KMS's chain gate; `committee`: this node's current committee (None once its share is
         retired: it then admits nobody); `still_active` raises AccessDenied when the chain (KmsGroup) names
-        another committee as the active one of that epoch (R4-6: a superseded committee admits nobody)."""
+        another committee as the active one of that epoch (R4-6: a superseded committee admits nobody);
+        `registered_key(committee, i)` is the hex sha256(SPKI) of member i's current boot-time peer key as
+        KmsGroup records it for that (active) committee, None when none is recorded (step (5))."""
         self._attest = attest
         self._chain = chain
         self._committee = committee
         self._still_active = still_active
+        self._registered_key = registered_key
 
     def admit(self, cert_der: bytes | None, member: api.PeerMember | None) -> AdmittedNode:
         committee = self._committee()
@@ -236,7 +246,24 @@ class PeerAdmission:
         spki = _spki_of(cert_der)
         self._check_member(committee, member, spki, bi)
         assert member is not None
-        return AdmittedNode(member.index, bi, reason, hashlib.sha256(spki).hexdigest(), _SEAL)
+        key_id = hashlib.sha256(spki).hexdigest()
+        # (5) one live process per share index: the key KmsGroup records as member i's current one
+        if self._registered_key is not None:
+            try:
+                registered = self._registered_key(committee, member.index)
+            except AccessDenied as exc:
+                exc.boot_info = bi
+                raise
+            if registered is not None and registered != key_id:
+                denied = AccessDenied(
+                    f"another process of share {member.index}: KmsGroup records member {member.index}'s "
+                    f"current peer key as {registered[:16]}…, not this process's {key_id[:16]}… (one live "
+                    "process per share index; a copy of a node, or a process its operator replaced)",
+                    step="membership",
+                )
+                denied.boot_info = bi
+                raise denied
+        return AdmittedNode(member.index, bi, reason, key_id, _SEAL)
 
     @staticmethod
     def _check_member(
@@ -318,10 +345,22 @@ class PeerClient(KmsClient):
                 self._proving.on = True
                 try:
                     self._prove(pinned)
+                except BaseException:
+                    self._forget(pinned)
+                    raise
                 finally:
                     self._proving.on = False
                 self._proven = pinned
         return pinned
+
+    def _forget(self, pinned: bytes) -> None:
+        """Drop an unproven or unreachable pin and the temporary CA fetched through it (review 5, R5-5): the
+        next call probes the URL afresh, so a server that failed its proof leaves nothing behind that would
+        keep the member behind that URL unreachable once the URL leads back to it."""
+        with self._pin_lock:
+            if self._pinned == pinned:
+                self._pinned = None
+            self._temp_ca = None
 
     def _prove(self, pinned: bytes) -> None:
         """A PeerHello on exactly `pinned` (never renewed here); its answer must prove membership as
@@ -346,29 +385,11 @@ class PeerClient(KmsClient):
         try:
             resp, content, server_der = self._request("POST", path, body, client, pinned)
         except ssl.SSLCertVerificationError as exc:
+            self._forget(pinned)  # the next call re-pins, as KmsClient._call does at once
             raise KmsClientError(f"the node at {self.url} is not the server that was checked: {exc}") from exc
         if server_der != pinned:
             raise KmsClientError("the node's certificate changed during the request")
-        return self._answer(resp, content, model)
-
-    def _answer(self, resp: httpx.Response, content: bytes, model: type[_M]) -> _M:
-        """The answer of a request sent by _call_on, judged as KmsClient._call judges its answers."""
-        if len(content) > MAX_RESPONSE_BYTES:
-            raise KmsClientError("the node's response is too large")
-        if resp.status_code in (400, 401, 403, 413, 422):
-            try:
-                denied = api.Denied.model_validate_json(content)
-            except ValidationError:
-                raise KmsClientError(f"the node answered HTTP {resp.status_code}") from None
-            raise KmsDenied(denied.reason, step=denied.step)
-        if resp.status_code != 200:
-            raise KmsClientError(f"the node answered HTTP {resp.status_code}")
-        try:
-            return model.model_validate_json(content)
-        except ValidationError as exc:
-            raise KmsClientError(
-                f"unexpected answer from the node: {exc.errors(include_input=False, include_url=False)[:1]}"
-            ) from exc
+        return read_answer(resp, content, model, who="the node")
 
     def _check_answer(self, pinned: bytes, member: api.PeerMember | None) -> None:
         try:
@@ -390,6 +411,42 @@ class PeerClient(KmsClient):
         assert pinned is not None  # _call pinned (and proved) it
         self._check_answer(pinned, getattr(answer, "member", None))
         return answer
+
+
+def served_key_id(url: str, *, timeout: float = 10.0) -> str:
+    """sha256 (hex) of the SPKI of the certificate a KMS node serves at `url` (a threshold member serves its
+    boot-time peer key): what its operator records on KmsGroup as member i's current key. No trust is drawn
+    from it here — the members check the key through the whole rule when the process calls them."""
+    u = httpx.URL(url)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((u.host, u.port or 443), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname=u.host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError) as exc:
+        raise KmsClientError(f"cannot read the peer key served at {url}: {exc}") from exc
+    if not der:
+        raise KmsClientError(f"the node at {url} presented no certificate")
+    try:
+        return hashlib.sha256(_spki_of(der)).hexdigest()
+    except AccessDenied as exc:
+        raise KmsClientError(f"the node at {url}: {exc.reason}") from exc
+
+
+def record_current_peer_keys(kms_group: Any, committee: Any) -> dict[int, bytes]:
+    """The operator's step for one live process per share index: read the key each member of `committee`
+    (teecloud.chain.kmsgroup.Committee) serves at its recorded URL now and record on KmsGroup those that
+    differ from the record (a restarted member's new key replaces its old one). Returns what is recorded.
+    Raises KmsClientError naming a member that does not answer (nothing is recorded then)."""
+    keys = {i: bytes.fromhex(served_key_id(url)) for i, url in sorted(committee.urls.items())}
+    changed = {i: k for i, k in keys.items() if committee.peer_keys.get(i) != k}
+    if changed:
+        kms_group.record_peer_keys(committee.committee_id, changed)
+    return keys
 
 
 def peer_clients(

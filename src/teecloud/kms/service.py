@@ -269,13 +269,16 @@ class KmsService:
         )
         self.peer_identity = peer_identity
         self._head = block_number
-        self._active_cache: dict[int, tuple[str | int, float, tuple[bytes, ...] | None]] = {}
+        self._active_cache: dict[
+            int, tuple[str | int, float, tuple[tuple[bytes, ...], dict[int, bytes]] | None]
+        ] = {}
         self._active_lock = threading.Lock()
         self.peering = PeerAdmission(
             lambda der: self.authz.attest(der, peers=self.node_peers),
             self.authz.chain,
             self._committee,
             still_active=self._committee_still_active,
+            registered_key=self._registered_peer_key,
         )
         self._install_signing_key = install_signing_key
         self.ca_signer = ca_signer
@@ -677,17 +680,28 @@ class KmsService:
         active one of this node's epoch: a superseded committee neither admits nor calls its members. No
         active committee (none recorded yet: `teecloud up` records it after the first rounds) or no
         KmsGroup on this chain: nothing supersedes this node's share. A failed read refuses (step chain)."""
-        active = self._active_commitments(committee.epoch)
-        if active is not None and active != committee.commitments:
+        active = self._active_record(committee.epoch)
+        if active is not None and active[0] != committee.commitments:
             raise AccessDenied(
                 f"committee superseded on chain: KmsGroup's active committee of epoch {committee.epoch} is "
                 "another one (this node's share awaits retirement)",
                 step="membership",
             )
 
-    def _active_commitments(self, epoch: int) -> tuple[bytes, ...] | None:
-        """KmsGroup's active commitments of `epoch`, cached while the chain stays at the block they were
-        read at and for at most ACTIVE_COMMITTEE_CACHE_S (without a block reader: read every time)."""
+    def _registered_peer_key(self, committee: Committee, index: int) -> str | None:
+        """One live process per share index: the hex sha256(SPKI) KmsGroup records as member `index`'s
+        current boot-time peer key in this node's committee while it is the active one (None: none recorded,
+        or no active committee: then steps (1)-(4) decide alone, docs/kms.md). Same cache as R4-6's."""
+        active = self._active_record(committee.epoch)
+        if active is None or active[0] != committee.commitments:
+            return None  # superseded: _committee_still_active refuses
+        key = active[1].get(index)
+        return key.hex() if key is not None else None
+
+    def _active_record(self, epoch: int) -> tuple[tuple[bytes, ...], dict[int, bytes]] | None:
+        """KmsGroup's active committee of `epoch` (its commitments and members' recorded peer keys), cached
+        while the chain stays at the block it was read at and for at most ACTIVE_COMMITTEE_CACHE_S (without
+        a block reader: read every time)."""
         try:
             head = self._head() if self._head is not None else None
         except Exception as exc:  # fail closed, as for the read below (review 5, R5-2: it was an HTTP 500)
@@ -711,7 +725,7 @@ class KmsService:
             active = None
         except Exception as exc:  # fail closed on anything the chain client raises
             raise AccessDenied(f"KmsGroup could not be read: {type(exc).__name__}", step="chain") from exc
-        value = None if active is None else tuple(active.commitments)
+        value = None if active is None else (tuple(active.commitments), dict(active.peer_keys))
         if key is not None:
             with self._active_lock:
                 if len(self._active_cache) >= 64:

@@ -1,8 +1,11 @@
 """Threshold mode, client side: the key provider of a CVM whose keys come from t of n KMS nodes.
 
     ThresholdGroup          what the client trusts: root epoch, t, the group's Feldman commitments (C_0 is the
-                            group public key) and each node's URL by share index — from the ceremony's
-                            published record, never from a node's say-so
+                            group public key), each node's URL by share index and the group's signing key —
+                            from the chain (group_from_chain: KmsGroup at a finality depth), never from a
+                            node's say-so
+    group_from_chain        KmsGroup's record of an epoch at a finality depth; a local group.json that
+                            disagrees with it (group key, signing key) is refused
     ThresholdKeyProvider    teecloud.agent.keyprovider.KeyProvider over the nodes
 
 Procedure:
@@ -39,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.appcompose import AppComposeError
 from teecloud.attestation.errors import VerificationError
+from teecloud.chain.errors import ChainError
 from teecloud.errors import Error
 from teecloud.keys import threshold as th
 from teecloud.keys import threshold_certs as tc
@@ -54,11 +58,22 @@ from teecloud.kms.challenge import MAX_TOKENS
 from teecloud.kms.client import ComposeBook, KmsClient, vm_config_json
 from teecloud.kms.errors import KmsClientError, SealingError
 from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
-from teecloud.kms.threshold import DkgPlan, ResharePlan, ThresholdShare
+from teecloud.kms.threshold import GROUP_FILE, DkgPlan, GroupRecord, ResharePlan, ThresholdShare
 
-__all__ = ["ThresholdGroup", "ThresholdKeyProvider", "fetch_env_public_key", "join_dkg", "join_reshare"]
+__all__ = [
+    "NO_PRESIGNATURES",
+    "ThresholdGroup",
+    "ThresholdKeyProvider",
+    "fetch_env_public_key",
+    "group_from_chain",
+    "join_dkg",
+    "join_reshare",
+]
 
 log = logging.getLogger("teecloud.kms.threshold")
+
+# why a boot of a group that signs got no KMS signature when t nodes hold no common presignature
+NO_PRESIGNATURES = "no presignatures, refill in progress"
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,7 @@ class ThresholdGroup:
     t: int
     commitments: tuple[bytes, ...]
     nodes: Mapping[int, str]  # share index -> https URL
-    # the group's secp256k1 signing key (33 bytes, from the ceremony's record): what the KMS signature of an
+    # the group's secp256k1 signing key (33 bytes, from KmsGroup's record): what the KMS signature of an
     # app key verifies under (the GetKey chain's root); empty for a group that has no signing key
     signing_key: bytes = b""
     # the group's root CA certificate (PEM; its key is the group's P-256 CA key, from the ceremony's record):
@@ -97,6 +112,46 @@ class ThresholdGroup:
     @property
     def group_public_key(self) -> bytes:
         return self.commitments[0]
+
+
+def group_from_chain(
+    kms_group: Any, epoch: int, *, finality_depth: int = 0, local: GroupRecord | None = None
+) -> ThresholdGroup:
+    """The group of root epoch `epoch` as KmsGroup (`kms_group`: teecloud.chain.kmsgroup.KmsGroup) records
+    it at the block `finality_depth` blocks below the head (after the chain-id check; walked down by parent
+    hash): the serving committee's t, Feldman commitments and node URLs, and the epoch's signing key (none
+    recorded: a group that does not sign). `local`: this installation's group record (kms-nodes/group.json);
+    when it is of this epoch and names another group key or another signing key than the chain — or a
+    signing key the chain does not record — it is refused (KmsClientError): the file is the operator's,
+    the chain is what every client checks. Its commitments may lag the chain's (after a reshare the serving
+    committee is the chain's), so they are not compared."""
+    try:
+        at = kms_group.final_block(finality_depth)
+        committee = kms_group.active(epoch, at=at)
+        signing_key = kms_group.signing_key(epoch, at=at) if committee is not None else None
+    except (ChainError, ValueError) as exc:
+        raise KmsClientError(f"the threshold group could not be read from KmsGroup: {exc}") from exc
+    if committee is None:
+        raise KmsClientError(
+            f"KmsGroup names no committee serving root epoch {epoch} at block {at.number} "
+            f"({finality_depth} blocks below the head)"
+        )
+    if local is not None and local.epoch == epoch:
+        differs = f"{GROUP_FILE} disagrees with the chain: its"
+        chain_key = signing_key.hex() if signing_key else "none"
+        if local.commitments[0] != committee.group_public_key:
+            raise KmsClientError(
+                f"{differs} group key {local.commitments[0].hex()} is not the one KmsGroup records for epoch "
+                f"{epoch} ({committee.group_public_key.hex()}); refusing it"
+            )
+        if local.signing_key and local.signing_key != signing_key:
+            raise KmsClientError(
+                f"{differs} signing key {local.signing_key.hex()} is not the one KmsGroup records for epoch "
+                f"{epoch} ({chain_key}); refusing it"
+            )
+    return ThresholdGroup(
+        committee.epoch, committee.t, committee.commitments, committee.urls, signing_key=signing_key or b""
+    )
 
 
 class ThresholdKeyProvider:
@@ -446,7 +501,9 @@ class ThresholdKeyProvider:
             gateway_app_id=gateway_app_id,
             os_image_hash=bytes.fromhex(os_image_hex),
             k256_signature=k256_signature,
-            kms_k256_pubkey=self.group.signing_key if k256_signature else b"",
+            # the group's key whenever the group signs, also when this boot got no signature: GetKey then
+            # tells "no presignatures" (a retry after a refill, 503) from "no signing key" (400)
+            kms_k256_pubkey=self.group.signing_key if sign else b"",
             ca_cert_pem=ca_cert_pem,
         )
 
@@ -462,7 +519,7 @@ class ThresholdKeyProvider:
         """The KMS signature of this app's k256 key from t nodes (keys.threshold_ecdsa): one presignature
         that t of them hold, a share from each (each node judges the request on its own again and builds the
         message from our verified app_id), every share checked, combined, and the result checked to recover
-        to the group's signing key from the ceremony's record (never a node's say-so)."""
+        to the group's signing key as the chain records it (never a node's say-so)."""
         app_pub = k256_public_key(app_k256)
 
         def body(session: str) -> dict[str, Any]:
@@ -655,8 +712,9 @@ def _group_signature(
     usable = sorted((s for s, who in holders.items() if len(who) >= t), key=lambda s: (-len(holders[s]), s))
     if not usable:
         raise KmsClientError(
-            f"no {what}presignature is held by {t} of the answering KMS nodes (their pools are "
-            "exhausted: run a presigning round)" + _fault_text(faults)
+            f"{NO_PRESIGNATURES}: no {what}presignature is held by {t} of the answering KMS nodes (their "
+            "pools are exhausted; `teecloud up` refills a pool that falls below its low watermark, else run "
+            "`teecloud kms presign`)" + _fault_text(faults)
         )
     session = usable[0]
     request = body(session)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -56,13 +57,19 @@ from teecloud.kms.threshold_sign import ThresholdSigner
 __all__ = [
     "ROUND_WINDOW_S",
     "AdminEndpoint",
+    "PresignRefiller",
+    "RefillPolicy",
     "RoundFailed",
     "SignRounds",
+    "pool_size",
     "presignature_session",
+    "read_pool",
     "run_ca_root",
     "run_presign_round",
     "run_signing_key_dkg",
 ]
+
+log = logging.getLogger("teecloud.kms.threshold")
 
 ROUND_WINDOW_S = 600
 _STAGES = {"sigkey": ("deal",), "presign": ("deal", "mul", "reduce")}
@@ -646,3 +653,139 @@ def run_ca_root(
         for f in [pool.submit(_admin, ep, "/tround/ca-root", body, i) for i, ep in sorted(nodes.items())]:
             f.result()
     return root
+
+
+# ------------------------------------------------------------------------------ pools refilled while running
+
+
+def read_pool(ep: AdminEndpoint) -> api.PoolResponse | None:
+    """A member's pool answer (`GET /tround/pool` on its admin listener: unused presignatures of the signing
+    key and of the P-256 CA key, the keys it holds); None when it cannot say (unreachable, refused,
+    malformed answer)."""
+    try:
+        r = httpx.get(
+            ep.admin_url + "/tround/pool", headers={"authorization": f"Bearer {ep.token}"}, timeout=30
+        )
+        if r.status_code != 200:
+            return None
+        return api.PoolResponse.model_validate_json(r.content)
+    except (httpx.HTTPError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
+
+
+def pool_size(ep: AdminEndpoint) -> int | None:
+    """A member's unused presignatures of the signing key; None when it cannot say."""
+    doc = read_pool(ep)
+    return None if doc is None else int(doc.unused)
+
+
+@dataclass(frozen=True)
+class RefillPolicy:
+    """When and how much the supervisor refills. A batch is one round (count <= 32, the round's bound);
+    a failed round waits backoff_s, doubled per failure in a row up to max_backoff_s."""
+
+    low: int = 8  # refill when a maker holds fewer unused presignatures than this
+    batch: int = 16
+    interval_s: float = 5.0  # how often the pools are read
+    backoff_s: float = 5.0
+    max_backoff_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch <= 32 or not 1 <= self.low <= 512 - self.batch:
+            raise ValueError("refill: 1 <= batch <= 32 and 1 <= low <= 512 - batch (the pool's bound)")
+        if not (0 < self.interval_s and 0 < self.backoff_s <= self.max_backoff_s):
+            raise ValueError("refill: positive interval, 0 < backoff_s <= max_backoff_s")
+
+
+class PresignRefiller:
+    """The supervisor's refill loop (`teecloud up`, which holds every member's admin token): every
+    `interval_s` it reads the pools of the 2t-1 makers (presign_participants of the members it reaches)
+    and, when one holds fewer than `low`, runs ONE presigning round of `batch` among them. One round at a
+    time (a check while a round runs returns at once); a failed round is logged and the next one waits
+    (exponential backoff). Nothing here touches a pool: members add a whole batch at the end of a round,
+    so signing (GetKey's boots) never waits for a refill; a member whose pool is empty meanwhile answers
+    with what it has (none), and the CVM's GetKey says so (503, "no presignatures, refill in progress")."""
+
+    def __init__(
+        self,
+        nodes: Mapping[int, AdminEndpoint],
+        t: int,
+        policy: RefillPolicy | None = None,
+        *,
+        run_round: Callable[[Mapping[int, AdminEndpoint], int, int], list[bytes]] = run_presign_round,
+        read_pool: Callable[[AdminEndpoint], int | None] = pool_size,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._nodes = dict(nodes)
+        self._t = t
+        self.policy = policy or RefillPolicy()
+        self._run_round = run_round
+        self._read_pool = read_pool
+        self._clock = clock
+        self._busy = threading.Lock()  # held for one check (and its round): one round at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.failures = 0  # failed rounds in a row
+        self.not_before = 0.0  # the clock value before which no round is started (backoff)
+        self.last_error = ""
+        self.rounds = 0  # rounds completed
+
+    def check(self) -> bool:
+        """One look at the pools, and one round when a maker is below the watermark. True when a round
+        completed; False when none was needed or due, a round was already running, or it failed."""
+        if not self._busy.acquire(blocking=False):
+            return False
+        try:
+            if self._clock() < self.not_before:
+                return False
+            sizes = {i: self._read_pool(ep) for i, ep in sorted(self._nodes.items())}
+            reachable = [i for i, size in sizes.items() if size is not None]
+            try:
+                makers = presign_participants(reachable, self._t)
+            except RoundFailed as exc:
+                return self._failed(exc)
+            low = min(int(sizes[i] or 0) for i in makers)
+            if low >= self.policy.low:
+                return False
+            try:
+                made = self._run_round({i: self._nodes[i] for i in makers}, self.policy.batch, self._t)
+            except RoundFailed as exc:
+                return self._failed(exc)
+            log.info(
+                "presignature pools refilled: %d by members %s (the lowest held %d)", len(made), makers, low
+            )
+            self.failures, self.not_before, self.last_error = 0, 0.0, ""
+            self.rounds += 1
+            return True
+        finally:
+            self._busy.release()
+
+    def _failed(self, exc: RoundFailed) -> bool:
+        self.failures += 1
+        wait = min(self.policy.backoff_s * 2 ** min(self.failures - 1, 16), self.policy.max_backoff_s)
+        self.not_before = self._clock() + wait
+        self.last_error = str(exc)
+        log.warning(
+            "presignature refill failed (%d in a row; next try in %.0f s): %s", self.failures, wait, exc
+        )
+        return False
+
+    def start(self) -> PresignRefiller:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="presign-refill", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.policy.interval_s):
+            try:
+                self.check()
+            except Exception:  # a supervisor thread must not die silently on an unexpected error
+                log.exception("presignature refill: unexpected error")
+
+    def stop(self, timeout: float = 150.0) -> None:
+        """Stop the loop; waits for a round in progress (its HTTP calls are bounded) up to `timeout`."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None

@@ -8,6 +8,11 @@
         events are the membership log (every DKG, reshare and activation).
         Rule kept on chain: within one epoch every committee has the same group key (commitments[0]): a
         reshare moves shares, never the key. A new key is a new epoch (a rotation).
+        The group's secp256k1 signing key (the GetKey chain's KMS key, made by the running nodes after the
+        DKG) is recorded once per epoch, after its committee: clients verify KMS signatures under it.
+        Each member's CURRENT boot-time peer key (sha256 of its SPKI; a node makes a new one at every
+        start) is recorded per committee and share index: members admit a running peer only under the key
+        recorded for its index, so one live process per share index takes part in rounds.
 """
 
 MAX_NODES: constant(uint256) = 64
@@ -39,6 +44,15 @@ event CommitteeActivated:
     committee_id: indexed(uint256)
     previous: uint256
 
+event SigningKeyRecorded:
+    epoch: indexed(uint64)
+    signing_key: Bytes[33]
+
+event PeerKeyRecorded:
+    committee_id: indexed(uint256)
+    index: uint8
+    peer_key: bytes32
+
 event OwnershipTransferStarted:
     previous_owner: indexed(address)
     new_owner: indexed(address)
@@ -60,6 +74,10 @@ _members: HashMap[uint256, DynArray[Member, MAX_NODES]]
 # epoch ->
 group_key: public(HashMap[uint64, bytes32])
 active: public(HashMap[uint64, uint256])
+# the group's secp256k1 signing key (SEC1 compressed, 33 bytes); empty until recorded, then never changed
+signing_key: public(HashMap[uint64, Bytes[33]])
+# committee id -> share index -> sha256(SPKI) of the member's current boot-time peer key (empty: none yet)
+peer_key: public(HashMap[uint256, HashMap[uint8, bytes32]])
 
 
 @deploy
@@ -128,6 +146,54 @@ def activate(committee_id: uint256):
     assert committee_id > previous, "a newer committee already serves this epoch"
     self.active[epoch] = committee_id
     log CommitteeActivated(epoch=epoch, committee_id=committee_id, previous=previous)
+
+
+@external
+def record_signing_key(epoch: uint64, key: Bytes[33]):
+    """@notice Record the group's threshold signing key of an epoch (owner only, once): a new signing key
+               is a new epoch, as a new group key is."""
+    self._only_owner()
+    assert self.group_key[epoch] != empty(bytes32), "no committee recorded for this epoch"
+    assert len(key) == 33, "a signing key is 33 bytes (SEC1 compressed)"
+    prefix: bytes1 = convert(slice(key, 0, 1), bytes1)
+    assert prefix == 0x02 or prefix == 0x03, "a signing key is a compressed point (02 or 03)"
+    assert len(self.signing_key[epoch]) == 0, "the epoch's signing key is recorded once"
+    self.signing_key[epoch] = key
+    log SigningKeyRecorded(epoch=epoch, signing_key=key)
+
+
+@external
+def record_peer_keys(
+    committee_id: uint256, indices: DynArray[uint8, MAX_NODES], keys: DynArray[bytes32, MAX_NODES]
+):
+    """@notice Record members' current boot-time peer keys (owner only; a restarted member's new key
+               replaces its old one): peers admit member i under this key only."""
+    self._only_owner()
+    assert committee_id >= 1 and committee_id <= self.committee_count, "no such committee"
+    assert len(indices) == len(keys), "one key per index"
+    for k: uint256 in range(MAX_NODES):
+        if k >= len(indices):
+            break
+        index: uint8 = indices[k]
+        assert keys[k] != empty(bytes32), "a peer key is not empty"
+        found: bool = False
+        for m: Member in self._members[committee_id]:
+            if m.index == index:
+                found = True
+                break
+        assert found, "not a member of this committee"
+        self.peer_key[committee_id][index] = keys[k]
+        log PeerKeyRecorded(committee_id=committee_id, index=index, peer_key=keys[k])
+
+
+@external
+@view
+def peer_keys(committee_id: uint256) -> DynArray[bytes32, MAX_NODES]:
+    """@notice Every member's recorded peer key, in member order (empty where none is recorded)."""
+    out: DynArray[bytes32, MAX_NODES] = []
+    for m: Member in self._members[committee_id]:
+        out.append(self.peer_key[committee_id][m.index])
+    return out
 
 
 @external
