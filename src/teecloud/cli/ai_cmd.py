@@ -2,6 +2,7 @@
 
 teecloud ai proxy --upstream URL --kms-root HEX ...   a verifying OpenAI-compatible endpoint on localhost
 teecloud ai verify RECEIPT --kms-root HEX ...         check a receipt (and its log inclusion) offline
+teecloud ai collateral fetch --dir DIR ...           fill the offline NVIDIA collateral cache (OCSP, RIMs)
 """
 
 from __future__ import annotations
@@ -265,3 +266,105 @@ def verify(
             f"signed by {parsed.keyset.signing_address}",
             highlight=False,
         )
+
+
+collateral_app = typer.Typer(
+    name="collateral",
+    help="Offline NVIDIA collateral (OCSP answers and RIMs) for the GPU gate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(collateral_app, name="collateral")
+
+
+def _read_pem_or_der(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        _fail(f"cannot read {what} {path}: {exc.strerror}", 2)
+    if len(data) > 65536:
+        _fail(f"{what} {path} is over 64 KiB", 2)
+    return data
+
+
+@collateral_app.command("fetch")
+def collateral_fetch(
+    directory: Annotated[Path, typer.Option("--dir", help="The cache directory (NvidiaCollateralCache).")],
+    chain: Annotated[
+        Path | None,
+        typer.Option("--chain", help="A GPU device certificate chain (PEM, leaf first): OCSP for each."),
+    ] = None,
+    rim: Annotated[list[str] | None, typer.Option("--rim", help="A RIM id to fetch; repeatable.")] = None,
+    trust_root: Annotated[
+        list[Path] | None,
+        typer.Option("--trust-root", help="A trusted RIM signing root (DER/PEM); repeatable."),
+    ] = None,
+    trust_dev_root: Annotated[
+        bool, typer.Option("--trust-dev-root", help="Trust this installation's SIMULATED GPU root (dev).")
+    ] = False,
+    ocsp_url: Annotated[str | None, typer.Option("--ocsp-url", help="OCSP responder URL.")] = None,
+    rim_url: Annotated[str | None, typer.Option("--rim-url", help="RIM service URL.")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per request.")] = 10.0,
+) -> None:
+    """Fetch OCSP answers for a device chain from NVIDIA's OCSP responder and RIMs by id from NVIDIA's RIM
+    service into DIR; each is checked (signature, dates, the certificate or id asked for) before it is cached,
+    and a refused answer leaves the cache as it was."""
+    import time
+
+    from cryptography import x509
+
+    from teecloud.collateral.errors import CollateralError
+    from teecloud.collateral.nvidia import NvidiaCollateralCache
+    from teecloud.collateral.nvidia_fetch import NVIDIA_OCSP_URL, NVIDIA_RIM_URL, NvidiaCollateralClient
+
+    if chain is None and not rim:
+        _fail("nothing to fetch: give --chain and/or --rim", 2)
+    if not 0 < timeout <= 120:
+        _fail("--timeout is 0..120 seconds", 2)
+    anchors = [_read_pem_or_der(p, "--trust-root") for p in trust_root or []]
+    if trust_dev_root:
+        from teecloud.ai.gpu import SimulatedGpu
+
+        anchors.append(SimulatedGpu().root_der())
+    if rim and not anchors:
+        _fail("--rim needs a trusted RIM signing root (--trust-root, or --trust-dev-root for development)", 2)
+    certs: list[x509.Certificate] = []
+    if chain is not None:
+        try:
+            certs = x509.load_pem_x509_certificates(_read_pem_or_der(chain, "--chain"))
+        except ValueError:
+            _fail(f"--chain {chain} is not a PEM certificate chain", 2)
+    client = NvidiaCollateralClient(
+        NvidiaCollateralCache(directory),
+        ocsp_url=ocsp_url or NVIDIA_OCSP_URL,
+        rim_url=rim_url or NVIDIA_RIM_URL,
+        timeout_s=timeout,
+    )
+    failed = 0
+    now = int(time.time())
+    try:
+        if certs:
+            try:
+                for got in client.fetch_ocsp_chain(certs, now=now):
+                    e = got.entry
+                    _out.print(
+                        f"ocsp {e.status} serial {e.serial:x} ({got.subject}), valid until {e.next_update}",
+                        highlight=False,
+                    )
+            except CollateralError as exc:
+                failed += 1
+                _err.print(f"[bold red]refused:[/] ocsp: {exc}", highlight=False)
+        for rim_id in rim or []:
+            try:
+                got_rim = client.fetch_rim(rim_id, trust_anchors=anchors, now=now)
+                _out.print(f"rim {rim_id}: version {got_rim.version}", highlight=False)
+            except ValueError as exc:
+                failed += 1
+                _err.print(f"[bold red]refused:[/] rim {rim_id!r}: {exc}", highlight=False)
+            except CollateralError as exc:
+                failed += 1
+                _err.print(f"[bold red]refused:[/] rim {rim_id}: {exc}", highlight=False)
+    finally:
+        client.close()
+    if failed:
+        raise typer.Exit(1)
