@@ -149,6 +149,15 @@ class RelayProcess:
         self.url = self.ready.get(timeout=120)
         return self
 
+    def cpu_s(self) -> float:
+        """The relay process's CPU time so far: every thread's time on a CPU (/proc/<pid>/task/*/schedstat,
+        nanoseconds; threads that ended are not counted: the relays' threads live as long as they do)."""
+        total = 0
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
+        return total / 1e9
+
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.proc.join(10)
@@ -360,6 +369,7 @@ def main() -> None:
         stack.callback(shutil.rmtree, home, ignore_errors=True)
         s = stack.enter_context(running_stack(home, model=model, threads=args.threads))
         paths = {"engine direct": s.engine.url}
+        relays: dict[str, RelayProcess] = {}  # path -> its own relay process (the proxies'; --relays process)
         if args.relays == "thread":
             paths["attested app"] = s.front.url
             paths["app + proxy"] = stack.enter_context(s.proxy(e2ee=False)).url
@@ -374,10 +384,12 @@ def main() -> None:
                 paths[f"attested app{label}"] = front_url
                 for e2ee in (False, True):
                     policy = dataclasses.asdict(s.policy(e2ee=e2ee))
-                    url = stack.enter_context(
+                    relay_proc = stack.enter_context(
                         RelayProcess("proxy", home=home, upstream=front_url, policy=policy, src=src)
-                    ).url
-                    paths[f"app + proxy{', E2EE' if e2ee else ''}{label}"] = url
+                    )
+                    name = f"app + proxy{', E2EE' if e2ee else ''}{label}"
+                    paths[name] = relay_proc.url
+                    relays[name] = relay_proc
         results: dict[bool, dict[str, list[tuple[float, float, int, float]]]] = {}
         with httpx.Client(timeout=300) as http:
             if args.pin:
@@ -387,6 +399,7 @@ def main() -> None:
                 one(http, url, 4, 9999)
             i = 0
             rng = random.Random(0)
+            cpu0 = {name: r.cpu_s() for name, r in relays.items()}
             for streamed in modes:
                 stats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
                 request = one if streamed else one_plain
@@ -397,6 +410,7 @@ def main() -> None:
                         i += 1  # a different prompt each time: no path gets the engine's prompt cache free
                         stats[name].append(request(http, url, args.tokens, i))
                 results[streamed] = stats
+            cpu = {name: r.cpu_s() - cpu0[name] for name, r in relays.items()}
         load_after = os.getloadavg()
         if not args.no_extras:
             signed, logged = receipts_per_second(home)
@@ -411,6 +425,15 @@ def main() -> None:
     for streamed, stats in results.items():
         print(f"\n{'streamed' if streamed else 'not streamed'}:")
         table(stats, streamed)
+    if cpu:
+        answers = args.requests * len(modes)
+        tokens = answers * args.tokens
+        print("\nverifying proxy's own CPU (its process's threads on a CPU, every answer of the run):")
+        for name, seconds in cpu.items():
+            print(
+                f"- {name}: {seconds * 1000 / answers:.2f} ms per answer, "
+                f"{seconds * 1e6 / tokens:.0f} µs per token ({seconds:.2f} s for {answers} answers)"
+            )
     if args.no_extras:
         return
     print(f"receipts signed: {signed:.0f}/s; signed + appended to the Merkle log (fsync): {logged:.0f}/s")

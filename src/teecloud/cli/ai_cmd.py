@@ -78,6 +78,10 @@ def proxy(
     ] = False,
     pccs_url: Annotated[str | None, typer.Option("--pccs-url", help="PCCS for TDX collateral.")] = None,
     no_e2ee: Annotated[bool, typer.Option("--no-e2ee", help="Send prompts without E2EE.")] = False,
+    secp256k1: Annotated[
+        bool,
+        typer.Option("--secp256k1", help="Seal prompts to the key set's secp256k1 E2EE key (not X25519)."),
+    ] = False,
     allow_http: Annotated[
         bool,
         typer.Option("--allow-http", help="Accept a plain-HTTP upstream (no TLS key to pin; development)."),
@@ -93,11 +97,14 @@ def proxy(
     upstream's quote, event log, app, compose hash and key chain, pins its keys, encrypts prompts and checks
     every answer's receipt; it refuses (502, with the failing step) on any failure."""
     from teecloud.ai._http import Listener
+    from teecloud.ai.e2ee import ALG_K256, ALG_X25519
     from teecloud.ai.proxy import ProxyPolicy, make_proxy_app
     from teecloud.cli._peers import MISSING, verifier_from_flags
 
     if not 0 <= port <= 65535:
         _fail("--port must be 0..65535", 2)
+    if secp256k1 and no_e2ee:
+        _fail("--secp256k1 chooses the E2EE key: it cannot go with --no-e2ee", 2)
     allowed = frozenset(h for h in (_hex(c, "--compose-hash", 32) for c in compose_hash or []) if h)
     gpu_roots: list[bytes] = []
     for path in gpu_root or []:
@@ -116,6 +123,7 @@ def proxy(
         expected_model=model,
         expected_weights_sha256=_hex(weights_sha256, "--weights-sha256", 32),
         e2ee=not no_e2ee,
+        e2ee_alg=ALG_K256 if secp256k1 else ALG_X25519,
         allow_plain_http=allow_http,
         gpu_trust_anchors=tuple(gpu_roots),
         require_gpu=require_gpu,
