@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from teecloud.attestation.errors import CertificateChainInvalid
+from teecloud.attestation.errors import CertificateChainInvalid, VerificationError
 from teecloud.attestation.nvidia import MAX_OCSP_BYTES, verify_nvidia_evidence
 from teecloud.collateral.errors import CollateralError, CollateralNotFound, InvalidCollateral, PccsUnavailable
 from teecloud.collateral.nvidia import NvidiaCollateralCache
@@ -446,3 +446,30 @@ def test_client_uses_its_timeout(server: tuple[NvidiaServices, str], tmp_path: P
     c = NvidiaCollateralClient(NvidiaCollateralCache(tmp_path), rim_url=f"{url}/v1/rim", timeout_s=0.25)
     assert isinstance(c.client, httpx.Client) and c.client.timeout.read == 0.25
     c.close()
+
+
+def test_the_cache_never_serves_an_answer_the_verifier_cannot_read(
+    gpus: tuple[SimulatedGpu, SimulatedGpu], tmp_path: Path
+) -> None:
+    """One-byte mutations of a good OCSP answer written straight into the cache's directory (as damage or a
+    hand-placed file would be): each is either not served, or served and judged by the verifier with a
+    verification error or as before -- never an exception of the parsing library (an unknown signature
+    algorithm is read lazily by cryptography)."""
+    gpu = gpus[0]
+    good = gpu.ocsp_response()
+    now = int(time.time())
+    cache = NvidiaCollateralCache(tmp_path)
+    entry = cache.add_ocsp(good, now=now)
+    [path] = (tmp_path / "ocsp").glob("*.der")
+    rng = random.Random(1)
+    for _ in range(300):
+        data = bytearray(good)
+        i = rng.randrange(len(data))
+        data[i] = (data[i] + rng.randrange(1, 256)) % 256
+        path.write_bytes(bytes(data))
+        try:
+            verify_with(gpu, cache, now)
+        except VerificationError:
+            continue
+    path.write_bytes(good)
+    assert cache.ocsp_responses(now=now) == (good,) and entry.status == "good"
