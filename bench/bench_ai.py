@@ -19,7 +19,9 @@ engine and the relays do not take turns on the same core (the machine's other wo
 `--mode plain` times non-streamed completions too (tokens from the answer's usage). `--before SRC` adds the
 front and proxies of another tree (e.g. `git archive <base> src | tar -x -C /tmp/base`), so a change is
 measured before/after in the same run. "decode rate" is tokens/s from the first token to the last (the
-relays' cost per token, without the fixed per-answer costs at either end).
+relays' cost per token, without the fixed per-answer costs at either end). With `--relays process`, each
+verifying proxy's own CPU per answer and per token is printed too (its threads' time on a CPU over the timed
+answers, less its idle rate measured just before).
 Goals (issue 21): >= 98 % of direct throughput, <= 5 ms added to the first token.
 """
 
@@ -127,7 +129,11 @@ def _relay_main(kind: str, args: dict[str, object], ready: object, stop: object)
 
         tee = SimulatedTdx(Path(str(args["home"])))
         verifier = PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
-        app = make_proxy_app(str(args["upstream"]), verifier, ProxyPolicy(**args["policy"]))  # type: ignore[arg-type]
+        import dataclasses
+
+        known = {f.name for f in dataclasses.fields(ProxyPolicy)}  # another tree's policy may have fewer
+        policy = {k: v for k, v in args["policy"].items() if k in known}  # type: ignore[attr-defined]
+        app = make_proxy_app(str(args["upstream"]), verifier, ProxyPolicy(**policy))
     with Listener(app, name=f"bench-{kind}") as listener:
         ready.put(listener.url)  # type: ignore[attr-defined]
         stop.wait()  # type: ignore[attr-defined]
@@ -148,6 +154,15 @@ class RelayProcess:
         self.proc.start()
         self.url = self.ready.get(timeout=120)
         return self
+
+    def cpu_s(self) -> float:
+        """The relay process's CPU time so far: every thread's time on a CPU (/proc/<pid>/task/*/schedstat,
+        nanoseconds; threads that ended are not counted: the relays' threads live as long as they do)."""
+        total = 0
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
+        return total / 1e9
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
@@ -360,6 +375,7 @@ def main() -> None:
         stack.callback(shutil.rmtree, home, ignore_errors=True)
         s = stack.enter_context(running_stack(home, model=model, threads=args.threads))
         paths = {"engine direct": s.engine.url}
+        relays: dict[str, RelayProcess] = {}  # path -> its own relay process (the proxies'; --relays process)
         if args.relays == "thread":
             paths["attested app"] = s.front.url
             paths["app + proxy"] = stack.enter_context(s.proxy(e2ee=False)).url
@@ -374,10 +390,12 @@ def main() -> None:
                 paths[f"attested app{label}"] = front_url
                 for e2ee in (False, True):
                     policy = dataclasses.asdict(s.policy(e2ee=e2ee))
-                    url = stack.enter_context(
+                    relay_proc = stack.enter_context(
                         RelayProcess("proxy", home=home, upstream=front_url, policy=policy, src=src)
-                    ).url
-                    paths[f"app + proxy{', E2EE' if e2ee else ''}{label}"] = url
+                    )
+                    name = f"app + proxy{', E2EE' if e2ee else ''}{label}"
+                    paths[name] = relay_proc.url
+                    relays[name] = relay_proc
         results: dict[bool, dict[str, list[tuple[float, float, int, float]]]] = {}
         with httpx.Client(timeout=300) as http:
             if args.pin:
@@ -387,6 +405,12 @@ def main() -> None:
                 one(http, url, 4, 9999)
             i = 0
             rng = random.Random(0)
+            # Each relay's CPU while idle (uvicorn's once-per-0.1-s tick), taken out of the figure below.
+            idle0 = {name: r.cpu_s() for name, r in relays.items()}
+            time.sleep(2.0 if relays else 0)
+            idle = {name: (r.cpu_s() - idle0[name]) / 2.0 for name, r in relays.items()}
+            cpu0 = {name: r.cpu_s() for name, r in relays.items()}
+            t_timed = time.monotonic()
             for streamed in modes:
                 stats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
                 request = one if streamed else one_plain
@@ -397,6 +421,8 @@ def main() -> None:
                         i += 1  # a different prompt each time: no path gets the engine's prompt cache free
                         stats[name].append(request(http, url, args.tokens, i))
                 results[streamed] = stats
+            elapsed = time.monotonic() - t_timed
+            cpu = {name: r.cpu_s() - cpu0[name] for name, r in relays.items()}
         load_after = os.getloadavg()
         if not args.no_extras:
             signed, logged = receipts_per_second(home)
@@ -411,6 +437,19 @@ def main() -> None:
     for streamed, stats in results.items():
         print(f"\n{'streamed' if streamed else 'not streamed'}:")
         table(stats, streamed)
+    if cpu:
+        answers = args.requests * len(modes)
+        tokens = answers * args.tokens
+        print(
+            "\nverifying proxy's own CPU (its process's threads on a CPU over the timed answers, less its "
+            "idle rate measured just before; a VM's steal time inside a syscall counts as CPU here):"
+        )
+        for name, seconds in cpu.items():
+            busy = seconds - idle[name] * elapsed
+            print(
+                f"- {name}: {busy * 1000 / answers:.2f} ms per answer, {busy * 1e6 / tokens:.0f} µs per "
+                f"token ({seconds:.2f} s in {elapsed:.0f} s, idle {idle[name] * 1000:.2f} ms/s)"
+            )
     if args.no_extras:
         return
     print(f"receipts signed: {signed:.0f}/s; signed + appended to the Merkle log (fsync): {logged:.0f}/s")

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,6 +257,27 @@ def python_site(
 
 INPUTS_LABEL = "org.teecloud.build-inputs"
 
+# What an app built on teecloud's library imports at least (the guest API client, teecloud.ai's JCS, HTTP
+# client and server, the chain client and the contracts it compiles, the CLI's own imports); an app's
+# build_image.py adds its own. pip adds their requirements.
+TEECLOUD_APP_REQUIREMENTS = [
+    "dstack-sdk",
+    "rfc8785",
+    "httpx",
+    "fastapi",
+    "uvicorn",
+    "coincurve",
+    "cryptography",
+    "cbor2",
+    "dcap-qvl",
+    "eth-account",
+    "eth-utils",
+    "vyper",
+    "typer",
+    "rich",
+    "PyYAML",
+]
+
 
 def inputs_digest(*parts: object, trees: Sequence[Path] = ()) -> str:
     """A digest of what goes into an image: `parts` (the base's tag, pinned requirements, ...) and every file
@@ -290,4 +311,36 @@ def docker_build(context: Path, image: str, base: str, inputs: str = "") -> str:
     if r.returncode != 0:
         sys.stderr.write(r.stderr.decode(errors="replace"))
         fail(f"docker build of {image} failed")
+    return image
+
+
+def app_image(
+    image: str,
+    *,
+    here: Path,
+    base: str,
+    requirements: Sequence[str],
+    files: Sequence[str],
+    local_wheels: Callable[[], Sequence[Path]] = lambda: (),
+    prepare: Callable[[Path], None] = lambda ctx: None,
+) -> str:
+    """An app's image on `base`: site/ (teecloud + `requirements`, pinned by the caller, + `local_wheels()`),
+    `files` copied from `here`, and what `prepare(context)` adds; rebuilt only when its inputs (the base, the
+    requirements, teecloud's source, the app's folder, this builder) changed. Returns its reference."""
+    t0 = time.monotonic()
+    trees = [ROOT / "src" / "teecloud", ROOT / "pyproject.toml", here, Path(__file__)]
+    inputs = inputs_digest(base, list(requirements), trees=trees)
+    if up_to_date(image, inputs):
+        return image
+    with tempfile.TemporaryDirectory(prefix=image.split("/")[-1].replace(":", "-") + "-image-") as tmp:
+        ctx = Path(tmp)
+        prepare(ctx)
+        wheels = local_wheels()
+        python_site(ctx / "site", requirements, wheels)
+        if wheels:  # a wheel for a prefix install (llama-cpp-python's) also ships its libraries under lib/
+            shutil.rmtree(ctx / "site" / "lib", ignore_errors=True)
+        for name in files:
+            shutil.copy2(here / name, ctx / name)
+        docker_build(ctx, image, base, inputs)
+    print(f"build_image: {image} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return image

@@ -12,10 +12,7 @@ Usage: python3 examples/ai-agent/build_image.py. Needs a Docker engine, and for 
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,47 +21,19 @@ sys.path.insert(0, str(HERE.parent))
 import _imagebuild as ib  # noqa: E402
 
 IMAGE = "teecloud/ai-agent:0.1"
-# What agent.py imports (the agent, its sqlite-vec memory in apsw's SQLite, the chain client and the
-# contracts it compiles, the guest API client); pip adds their own requirements.
-REQUIREMENTS = [
-    "dstack-sdk",
-    "rfc8785",
-    "httpx",
-    "fastapi",
-    "uvicorn",
-    "sqlite-vec",
-    "apsw",
-    "coincurve",
-    "cryptography",
-    "cbor2",
-    "dcap-qvl",
-    "eth-account",
-    "eth-utils",
-    "vyper",
-    "typer",
-    "rich",
-    "PyYAML",
-]
+# What agent.py imports beyond the library's common set: its sqlite-vec memory in apsw's SQLite.
+REQUIREMENTS = [*ib.TEECLOUD_APP_REQUIREMENTS, "sqlite-vec", "apsw"]
 
 
 def build() -> str:
     """Build (or refresh) the image from this checkout; returns its reference."""
-    t0 = time.monotonic()
-    base = ib.base_image()
-    reqs = ib.pinned(REQUIREMENTS)
-    inputs = ib.inputs_digest(
-        base, reqs, trees=[ib.ROOT / "src" / "teecloud", ib.ROOT / "pyproject.toml", HERE, Path(ib.__file__)]
+    return ib.app_image(
+        IMAGE,
+        here=HERE,
+        base=ib.base_image(),
+        requirements=ib.pinned(REQUIREMENTS),
+        files=["Dockerfile", "agent.py"],
     )
-    if ib.up_to_date(IMAGE, inputs):
-        return IMAGE
-    with tempfile.TemporaryDirectory(prefix="ai-agent-image-") as tmp:
-        ctx = Path(tmp)
-        ib.python_site(ctx / "site", reqs)
-        for name in ("Dockerfile", "agent.py"):
-            shutil.copy2(HERE / name, ctx / name)
-        image = ib.docker_build(ctx, IMAGE, base, inputs)
-    print(f"build_image: {IMAGE} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    return image
 
 
 if __name__ == "__main__":

@@ -22,10 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -40,24 +37,8 @@ EXTRA_DEBS = ["libgomp1"]
 LLAMA = "llama-cpp-python==0.3.36"
 LLAMA_SERVER = "llama-cpp-python[server]==0.3.36"
 # What app.py imports (teecloud.ai's front, the engine's supervisor, the guest API client, the receipt-root
-# publisher's chain client and the contracts it compiles); pip adds their own requirements.
-REQUIREMENTS = [
-    "dstack-sdk",
-    "rfc8785",
-    "httpx",
-    "fastapi",
-    "uvicorn",
-    "coincurve",
-    "cryptography",
-    "cbor2",
-    "dcap-qvl",
-    "eth-account",
-    "eth-utils",
-    "vyper",
-    "typer",
-    "rich",
-    "PyYAML",
-]
+# publisher's chain client) is the library's common set; the engine comes as a local wheel.
+REQUIREMENTS = ib.TEECLOUD_APP_REQUIREMENTS
 MODEL_NAME = "tiny-llama.gguf"
 
 
@@ -86,27 +67,20 @@ def llama_wheel() -> Path:
 
 def build(force_base: bool = False) -> str:
     """Build (or refresh) the image from this checkout; returns its reference."""
-    t0 = time.monotonic()
-    base = ib.base_image(EXTRA_DEBS, repo="teecloud/ai-base", force=force_base)
-    reqs = [*ib.pinned(REQUIREMENTS), LLAMA_SERVER]
-    inputs = ib.inputs_digest(
-        base, reqs, trees=[ib.ROOT / "src" / "teecloud", ib.ROOT / "pyproject.toml", HERE, Path(ib.__file__)]
-    )
-    if ib.up_to_date(IMAGE, inputs):
-        return IMAGE
-    with tempfile.TemporaryDirectory(prefix="llm-image-") as tmp:
-        ctx = Path(tmp)
+
+    def add_model(ctx: Path) -> None:
         (ctx / "models").mkdir()
         write_model(ctx / "models" / MODEL_NAME)
-        wheel = llama_wheel()
-        ib.python_site(ctx / "site", reqs, [wheel])
-        # the wheel also ships llama.cpp's libraries under lib/ for a prefix install: llama_cpp/lib has them
-        shutil.rmtree(ctx / "site" / "lib", ignore_errors=True)
-        for name in ("Dockerfile", "app.py"):
-            shutil.copy2(HERE / name, ctx / name)
-        image = ib.docker_build(ctx, IMAGE, base, inputs)
-    print(f"build_image: {IMAGE} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    return image
+
+    return ib.app_image(
+        IMAGE,
+        here=HERE,
+        base=ib.base_image(EXTRA_DEBS, repo="teecloud/ai-base", force=force_base),
+        requirements=[*ib.pinned(REQUIREMENTS), LLAMA_SERVER],
+        files=["Dockerfile", "app.py"],
+        local_wheels=lambda: [llama_wheel()],
+        prepare=add_model,
+    )
 
 
 if __name__ == "__main__":

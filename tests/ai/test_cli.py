@@ -22,7 +22,8 @@ from tests.ai.conftest import MODEL_ID, ROOT, Stack, free_port
 pytestmark = pytest.mark.slow
 
 
-def test_the_proxy_command_verifies_and_forwards(stack: Stack, tmp_path: Path) -> None:
+@pytest.mark.parametrize("e2ee", [[], ["--secp256k1"]], ids=["x25519", "secp256k1"])
+def test_the_proxy_command_verifies_and_forwards(stack: Stack, tmp_path: Path, e2ee: list[str]) -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TEECLOUD_HOME": str(stack.home)}
     cmd = [
@@ -30,7 +31,7 @@ def test_the_proxy_command_verifies_and_forwards(stack: Stack, tmp_path: Path) -
         "--upstream", stack.front.url, "--allow-http", "--trust-dev-root", "--port", str(port),
         "--kms-root", stack.provider.root.k256_public_key.hex(), "--app-id", stack.app_id.hex(),
         "--compose-hash", stack.compose_hash.hex(), "--model", MODEL_ID,
-        "--weights-sha256", stack.config.weights_sha256.hex(),
+        "--weights-sha256", stack.config.weights_sha256.hex(), *e2ee,
     ]  # fmt: skip
     log = open(tmp_path / "proxy.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -68,6 +69,7 @@ def test_the_proxy_command_verifies_and_forwards(stack: Stack, tmp_path: Path) -
         (["--upstream", "ftp://x", "--kms-root", "02" + "11" * 32, "--trust-dev-root"], "http"),
         (["--upstream", "https://x", "--kms-root", "zz", "--trust-dev-root"], "hex"),
         (["--upstream", "https://x", "--kms-root", "0211"], "33 or 65"),
+        (["--upstream", "https://x", "--kms-root", "02" + "11" * 32, "--secp256k1", "--no-e2ee"], "cannot"),
         (["--upstream", "https://x", "--kms-root", "02" + "11" * 32], "--pccs-url"),
         (
             ["--upstream", "https://x", "--kms-root", "02" + "11" * 32, "--app-id", "11", "--trust-dev-root"],

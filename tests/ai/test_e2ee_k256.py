@@ -16,7 +16,10 @@ import coincurve
 import httpx
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
+from teecloud.ai._http import Listener
 from teecloud.ai._jcs import jcs
 from teecloud.ai.e2ee import (
     ALG_K256,
@@ -214,3 +217,71 @@ def test_the_front_answers_a_k256_sealed_prompt(stack: Stack) -> None:
     bad = {**session.seal_request(plain), "epk": "02" + "00" * 31 + "05"}
     r = httpx.post(f"{stack.front.url}/v1/completions", json=bad, timeout=60)
     assert r.status_code == 400 and "epk" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_proxy_seals_prompts_with_secp256k1_when_asked(stack: Stack, stream: bool) -> None:
+    """`teecloud ai proxy --secp256k1`: every prompt leaves the proxy sealed to the key set's secp256k1
+    key (what crossed the wire is recorded in the middle); the answer comes back opened, receipt checked."""
+    sent: list[bytes] = []
+    app = FastAPI()
+    http = httpx.AsyncClient(base_url=stack.front.url, timeout=60)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def forward(path: str, request: Request) -> Response:
+        body = await request.body()
+        if request.method == "POST":
+            sent.append(body)
+        r = await http.request(
+            request.method,
+            "/" + path,
+            params=request.query_params,
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        headers = {k: v for k, v in r.headers.items() if k in ("x-receipt-id", "content-type")}
+        return Response(r.content, status_code=r.status_code, headers=headers)
+
+    prompt = f"a secret prompt for the k256 proxy ({stream})"
+    with Listener(app, name="test-recording-relay") as m, stack.proxy(m.url, e2ee_alg=ALG_K256) as p:
+        body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": stream}
+        r = httpx.post(f"{p.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        if stream:
+            assert "data: [DONE]" in r.text and "error" not in r.text
+        else:
+            assert r.headers["x-teecloud-verified"] == "receipt"
+            assert r.json()["choices"][0]["text"] is not None
+    [envelope] = [json.loads(b) for b in sent]
+    assert envelope["alg"] == ALG_K256 and len(bytes.fromhex(envelope["epk"])) == 33
+    assert prompt.encode() not in sent[0]
+
+
+def test_the_proxy_policy_refuses_an_unknown_e2ee_alg() -> None:
+    from teecloud.ai.proxy import ProxyPolicy
+
+    with pytest.raises(ValueError, match="e2ee_alg"):
+        ProxyPolicy(kms_root_public_key=b"\x02" * 33, e2ee_alg="rsa")
+
+
+@pytest.mark.slow
+def test_the_proxy_refuses_a_key_set_without_the_k256_key_when_asked_for_it(stack: Stack) -> None:
+    """An upstream whose key set lacks the secp256k1 key (an older front, or an operator who strips it and
+    states the stripped set's digest) is refused at `keyset` before any prompt leaves: the proxy never falls
+    back to X25519 on its own, and the stripped set does not match the quote anyway."""
+    from tests.ai.test_inference_e2e import mitm
+
+    def strip_k256(path: str, content: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        if path == "v1/attestation/report":
+            doc = json.loads(content)
+            doc["keyset"].pop("e2ee_k256_public_key", None)
+            doc["keyset_digest"] = hashlib.sha256(jcs(doc["keyset"])).hexdigest()
+            content = json.dumps(doc).encode()
+        return content, headers
+
+    body = {"model": MODEL_ID, "prompt": "never sent", "max_tokens": 4}
+    with mitm(stack, strip_k256) as m, stack.proxy(m.url, e2ee_alg=ALG_K256) as p:
+        r = httpx.post(f"{p.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 502 and "keyset:" in r.json()["error"]["message"]
+        assert "secp256k1" in r.json()["error"]["message"]

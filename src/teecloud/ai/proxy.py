@@ -34,16 +34,17 @@ import re
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from teecloud.ai._http import BodyTooLarge, openai_error, peer_spki_sha256, read_body
-from teecloud.ai.e2ee import ClientSession
+from teecloud.ai.e2ee import ALG_K256, ALG_X25519, ClientSession
 from teecloud.ai.errors import AiError, EnvelopeRejected, KeySetInvalid, UpstreamRejected
 from teecloud.ai.gpu import verify_gpu_evidence
 from teecloud.ai.keyset import ATTESTATION_PURPOSE, KeySet, report_data_for
@@ -66,11 +67,16 @@ class ProxyPolicy:
     expected_model: str | None = None
     expected_weights_sha256: bytes | None = None
     e2ee: bool = True
+    e2ee_alg: str = ALG_X25519  # or ALG_K256: prompts sealed to the key set's secp256k1 E2EE key
     reattest_s: float = 600.0
     max_request_bytes: int = 256 * 1024
     allow_plain_http: bool = False  # no TLS key to pin: development only
     gpu_trust_anchors: tuple[bytes, ...] = ()  # NVIDIA device identity roots (DER or PEM)
     require_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.e2ee_alg not in (ALG_X25519, ALG_K256):
+            raise ValueError(f"e2ee_alg is {ALG_X25519!r} or {ALG_K256!r}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,9 @@ class UpstreamVerifier:
         self.last_size = 0
 
     async def current(self) -> Upstream:
+        up = self.pinned  # the common case: attested and fresh, no lock to take on the request's path
+        if up is not None and self.clock() - up.attested_at <= self.policy.reattest_s:
+            return up
         async with self._lock:
             if self.pinned is None or self.clock() - self.pinned.attested_at > self.policy.reattest_s:
                 # A rotated key set is accepted only because it passed every check of attest() again.
@@ -144,6 +153,8 @@ class UpstreamVerifier:
         digest = keyset.digest()
         if report.get("keyset_digest") != digest.hex():
             raise UpstreamRejected("the reported keyset_digest is not the key set's", step="keyset")
+        if pol.e2ee and pol.e2ee_alg == ALG_K256 and keyset.e2ee_k256_public_key is None:
+            raise UpstreamRejected("the key set has no secp256k1 E2EE key to seal prompts to", step="keyset")
         # (3)
         expected_rd = report_data_for(digest, nonce, ATTESTATION_PURPOSE)
         quote_hex, event_log = report.get("quote"), report.get("event_log")
@@ -392,8 +403,15 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
         session: ClientSession | None = None
         sent = raw
         if policy.e2ee:
+            model_pk = up.keyset.e2ee_public_key
+            if policy.e2ee_alg == ALG_K256:
+                assert up.keyset.e2ee_k256_public_key is not None  # attest() refuses a key set without it
+                model_pk = up.keyset.e2ee_k256_public_key
             session = ClientSession(
-                up.keyset.e2ee_public_key, str(req.get("model", up.model)), now=int(time.time())
+                model_pk,
+                str(req.get("model", up.model)),
+                now=int(time.time()),
+                alg=policy.e2ee_alg,
             )
             sent = json.dumps(session.seal_request(raw)).encode()
         headers = {"content-type": "application/json"}
@@ -453,7 +471,16 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                     if size > _MAX_ANSWER_BYTES:
                         raise UpstreamRejected("the streamed answer is oversized", step="forward")
                     parts.append(chunk)
-                    events = _SSE_EVENT_END.split(pending + chunk)
+                    buf = pending + chunk if pending else chunk
+                    if session is None and done is None and b"[DONE]" not in buf:
+                        # Plain and not the closing piece: every complete event goes on in one piece, as
+                        # the bytes came (the receipt covers exactly these bytes); the rest waits.
+                        end = _last_event_end(buf)
+                        pending = buf[end:]
+                        if end:
+                            yield buf[:end]
+                        continue
+                    events = _SSE_EVENT_END.split(buf)
                     pending = events.pop()
                     out: list[bytes] = []
                     for event in events:
@@ -510,19 +537,38 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             events(), media_type="text/event-stream", headers={"x-receipt-id": rid or ""}
         )
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await completion(request, "/v1/chat/completions")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await completion(request, "/v1/completions")
-
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        return await completion(request, "/v1/embeddings")
-
+    app.add_middleware(_CompletionRoutes, handler=completion)
     return app
+
+
+_COMPLETION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+
+
+class _CompletionRoutes:
+    """POST /v1/chat/completions, /v1/completions and /v1/embeddings served straight from the ASGI server:
+    past FastAPI's routing and the exception, telemetry and body-limit layers, each of which wraps every
+    message of a streamed answer (the body limit is read_body's). Added as the app's middleware, so
+    Starlette's ServerErrorMiddleware still answers 500 to anything that escapes."""
+
+    def __init__(self, app: ASGIApp, handler: Callable[[Request, str], Awaitable[Response]]) -> None:
+        self.app = app
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _COMPLETION_ROUTES:
+            response = await self.handler(Request(scope, receive), scope["path"])
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _last_event_end(buf: bytes) -> int:
+    """The offset just past the last complete SSE event in `buf` (0 if none): the end of its blank line."""
+    cut = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\n\r\n")
+    if crlf >= 0 and crlf + 3 > cut + 2:
+        return crlf + 3
+    return cut + 2 if cut >= 0 else 0
 
 
 async def _cancel(task: asyncio.Task[Any] | None) -> None:

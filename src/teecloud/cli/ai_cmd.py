@@ -2,6 +2,7 @@
 
 teecloud ai proxy --upstream URL --kms-root HEX ...   a verifying OpenAI-compatible endpoint on localhost
 teecloud ai verify RECEIPT --kms-root HEX ...         check a receipt (and its log inclusion) offline
+teecloud ai collateral fetch --dir DIR ...           fill the offline NVIDIA collateral cache (OCSP, RIMs)
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ def proxy(
     ] = False,
     pccs_url: Annotated[str | None, typer.Option("--pccs-url", help="PCCS for TDX collateral.")] = None,
     no_e2ee: Annotated[bool, typer.Option("--no-e2ee", help="Send prompts without E2EE.")] = False,
+    secp256k1: Annotated[
+        bool,
+        typer.Option("--secp256k1", help="Seal prompts to the key set's secp256k1 E2EE key (not X25519)."),
+    ] = False,
     allow_http: Annotated[
         bool,
         typer.Option("--allow-http", help="Accept a plain-HTTP upstream (no TLS key to pin; development)."),
@@ -92,11 +97,14 @@ def proxy(
     upstream's quote, event log, app, compose hash and key chain, pins its keys, encrypts prompts and checks
     every answer's receipt; it refuses (502, with the failing step) on any failure."""
     from teecloud.ai._http import Listener
+    from teecloud.ai.e2ee import ALG_K256, ALG_X25519
     from teecloud.ai.proxy import ProxyPolicy, make_proxy_app
     from teecloud.cli._peers import MISSING, verifier_from_flags
 
     if not 0 <= port <= 65535:
         _fail("--port must be 0..65535", 2)
+    if secp256k1 and no_e2ee:
+        _fail("--secp256k1 chooses the E2EE key: it cannot go with --no-e2ee", 2)
     allowed = frozenset(h for h in (_hex(c, "--compose-hash", 32) for c in compose_hash or []) if h)
     gpu_roots: list[bytes] = []
     for path in gpu_root or []:
@@ -115,6 +123,7 @@ def proxy(
         expected_model=model,
         expected_weights_sha256=_hex(weights_sha256, "--weights-sha256", 32),
         e2ee=not no_e2ee,
+        e2ee_alg=ALG_K256 if secp256k1 else ALG_X25519,
         allow_plain_http=allow_http,
         gpu_trust_anchors=tuple(gpu_roots),
         require_gpu=require_gpu,
@@ -265,3 +274,105 @@ def verify(
             f"signed by {parsed.keyset.signing_address}",
             highlight=False,
         )
+
+
+collateral_app = typer.Typer(
+    name="collateral",
+    help="Offline NVIDIA collateral (OCSP answers and RIMs) for the GPU gate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(collateral_app, name="collateral")
+
+
+def _read_pem_or_der(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        _fail(f"cannot read {what} {path}: {exc.strerror}", 2)
+    if len(data) > 65536:
+        _fail(f"{what} {path} is over 64 KiB", 2)
+    return data
+
+
+@collateral_app.command("fetch")
+def collateral_fetch(
+    directory: Annotated[Path, typer.Option("--dir", help="The cache directory (NvidiaCollateralCache).")],
+    chain: Annotated[
+        Path | None,
+        typer.Option("--chain", help="A GPU device certificate chain (PEM, leaf first): OCSP for each."),
+    ] = None,
+    rim: Annotated[list[str] | None, typer.Option("--rim", help="A RIM id to fetch; repeatable.")] = None,
+    trust_root: Annotated[
+        list[Path] | None,
+        typer.Option("--trust-root", help="A trusted RIM signing root (DER/PEM); repeatable."),
+    ] = None,
+    trust_dev_root: Annotated[
+        bool, typer.Option("--trust-dev-root", help="Trust this installation's SIMULATED GPU root (dev).")
+    ] = False,
+    ocsp_url: Annotated[str | None, typer.Option("--ocsp-url", help="OCSP responder URL.")] = None,
+    rim_url: Annotated[str | None, typer.Option("--rim-url", help="RIM service URL.")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per request.")] = 10.0,
+) -> None:
+    """Fetch OCSP answers for a device chain from NVIDIA's OCSP responder and RIMs by id from NVIDIA's RIM
+    service into DIR; each is checked (signature, dates, the certificate or id asked for) before it is cached,
+    and a refused answer leaves the cache as it was."""
+    import time
+
+    from cryptography import x509
+
+    from teecloud.collateral.errors import CollateralError
+    from teecloud.collateral.nvidia import NvidiaCollateralCache
+    from teecloud.collateral.nvidia_fetch import NVIDIA_OCSP_URL, NVIDIA_RIM_URL, NvidiaCollateralClient
+
+    if chain is None and not rim:
+        _fail("nothing to fetch: give --chain and/or --rim", 2)
+    if not 0 < timeout <= 120:
+        _fail("--timeout is 0..120 seconds", 2)
+    anchors = [_read_pem_or_der(p, "--trust-root") for p in trust_root or []]
+    if trust_dev_root:
+        from teecloud.ai.gpu import SimulatedGpu
+
+        anchors.append(SimulatedGpu().root_der())
+    if rim and not anchors:
+        _fail("--rim needs a trusted RIM signing root (--trust-root, or --trust-dev-root for development)", 2)
+    certs: list[x509.Certificate] = []
+    if chain is not None:
+        try:
+            certs = x509.load_pem_x509_certificates(_read_pem_or_der(chain, "--chain"))
+        except ValueError:
+            _fail(f"--chain {chain} is not a PEM certificate chain", 2)
+    client = NvidiaCollateralClient(
+        NvidiaCollateralCache(directory),
+        ocsp_url=ocsp_url or NVIDIA_OCSP_URL,
+        rim_url=rim_url or NVIDIA_RIM_URL,
+        timeout_s=timeout,
+    )
+    failed = 0
+    now = int(time.time())
+    try:
+        if certs:
+            try:
+                for got in client.fetch_ocsp_chain(certs, now=now):
+                    e = got.entry
+                    _out.print(
+                        f"ocsp {e.status} serial {e.serial:x} ({got.subject}), valid until {e.next_update}",
+                        highlight=False,
+                    )
+            except CollateralError as exc:
+                failed += 1
+                _err.print(f"[bold red]refused:[/] ocsp: {exc}", highlight=False)
+        for rim_id in rim or []:
+            try:
+                got_rim = client.fetch_rim(rim_id, trust_anchors=anchors, now=now)
+                _out.print(f"rim {rim_id}: version {got_rim.version}", highlight=False)
+            except ValueError as exc:
+                failed += 1
+                _err.print(f"[bold red]refused:[/] rim {rim_id!r}: {exc}", highlight=False)
+            except CollateralError as exc:
+                failed += 1
+                _err.print(f"[bold red]refused:[/] rim {rim_id}: {exc}", highlight=False)
+    finally:
+        client.close()
+    if failed:
+        raise typer.Exit(1)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509 import ocsp
 
 from teecloud._fs import atomic_write
@@ -55,6 +56,8 @@ def describe_ocsp(der: bytes) -> OcspEntry:
         if len(singles) != 1:
             raise InvalidCollateral("an OCSP response for the cache answers for exactly one certificate")
         one = singles[0]
+        # cryptography parses these lazily: an unknown algorithm would surface only in the verifier
+        _ = (resp.signature_hash_algorithm, one.hash_algorithm, resp.tbs_response_bytes)
         if one.next_update_utc is None:
             raise InvalidCollateral("OCSP response without nextUpdate (it would never expire)")
         return OcspEntry(
@@ -66,7 +69,7 @@ def describe_ocsp(der: bytes) -> OcspEntry:
         )
     except InvalidCollateral:
         raise
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise InvalidCollateral(f"not a DER OCSP response: {exc}") from None
 
 
