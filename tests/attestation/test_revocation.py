@@ -206,3 +206,17 @@ def test_nvidia_ocsp_forged_stale_or_unknown(gpu: tuple[bytes, bytes], pki: Test
     assert "Revocation Test Leaf" in ev.fields["revocation"]["not_checked"]
     with pytest.raises(MalformedEvidence, match="OCSP"):
         nv_verify(gpu, pki, Revocation(ocsp_responses=(b"junk",)))
+
+
+def test_nvidia_ocsp_with_an_unknown_signature_algorithm_is_refused(
+    gpu: tuple[bytes, bytes], pki: TestPki
+) -> None:
+    """cryptography raises UnsupportedAlgorithm when asked for the hash of an unknown signature algorithm;
+    the verifier must refuse such a response as unsigned, not crash (found by the collateral client's
+    mutation test)."""
+    good = ocsp_response(pki.leaf, pki.inter, pki.inter_key, ocsp.OCSPCertStatus.GOOD, NV_NOW)
+    ecdsa_sha384 = bytes.fromhex("06082a8648ce3d040303")  # OID 1.2.840.10045.4.3.3, DER
+    at = good.rindex(ecdsa_sha384)  # the BasicOCSPResponse's signatureAlgorithm (after tbsResponseData)
+    mutated = good[: at + len(ecdsa_sha384) - 1] + b"\x7f" + good[at + len(ecdsa_sha384) :]
+    with pytest.raises(CertificateChainInvalid, match="not signed by"):
+        nv_verify(gpu, pki, Revocation(ocsp_responses=(mutated,)))

@@ -148,16 +148,18 @@ def _ocsp_signed_by(resp: ocsp.OCSPResponse, issuer: x509.Certificate, now: int)
     """Signed by the issuer itself, or by a responder certificate (in the response) that the issuer signed
     for id-kp-OCSPSigning and that is valid at `now` (RFC 6960 section 4.2.2.2)."""
     pss = resp.signature_algorithm_oid == x509.oid.SignatureAlgorithmOID.RSASSA_PSS
-    if _verify_signed(
-        issuer.public_key(), resp.signature, resp.tbs_response_bytes, resp.signature_hash_algorithm, pss
-    ):
+    try:
+        hash_algorithm = resp.signature_hash_algorithm
+    except UnsupportedAlgorithm:  # a signature algorithm this verifier does not know: not signed by anyone
+        return False
+    if _verify_signed(issuer.public_key(), resp.signature, resp.tbs_response_bytes, hash_algorithm, pss):
         return True
     for responder in resp.certificates:
         if _certified_responder(responder, issuer, now) and _verify_signed(
             responder.public_key(),
             resp.signature,
             resp.tbs_response_bytes,
-            resp.signature_hash_algorithm,
+            hash_algorithm,
             pss,
         ):
             return True
