@@ -46,6 +46,7 @@ from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
 from teecloud.kms.authz import (
     AuthChain,
+    AuthorizedApp,
     Authorizer,
     ChainAuthorizer,
     OsImageReference,
@@ -497,20 +498,7 @@ class KmsService:
                 raise AccessDenied("app_public_key and session must be hex", step="request") from exc
             app = self.authz.authorize_app(cert_der, req.vm_config, ctx=ctx, app_compose=req.app_compose)
             share = signer.sign_app_key(app, app_pub, session)
-            presig = signer.pool.public(session)
-            ctx["reason"] = (
-                f"signature share {share.index} with presignature {session.hex()}; "
-                f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
-            )
-            return api.ThresholdSignResponse(
-                app_id=app.boot_info.app_id.hex(),
-                index=share.index,
-                session=session.hex(),
-                big_r=presig.big_r.hex(),
-                kinv_commitments=[c.hex() for c in presig.kinv_commitments],
-                sigma_commitments=[c.hex() for c in presig.sigma_commitments],
-                s=f"{share.s:064x}",
-            )
+            return _signature_share_answer(ctx, app, share, signer.pool.public(session), "signature share")
 
         return self._audited(api.PATH_THRESHOLD_SIGN, cert_der, peer_addr, decide)
 
@@ -528,19 +516,8 @@ class KmsService:
             app_ca_pub, session = bytes.fromhex(req.app_ca_public_key), bytes.fromhex(req.session)
             app = self.authz.authorize_app(cert_der, req.vm_config, ctx=ctx, app_compose=req.app_compose)
             share = signer.sign_app_ca(app, app_ca_pub, session)
-            presig = signer.pool.public(session)
-            ctx["reason"] = (
-                f"app CA signature share {share.index} with presignature {session.hex()}; "
-                f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
-            )
-            return api.ThresholdSignResponse(
-                app_id=app.boot_info.app_id.hex(),
-                index=share.index,
-                session=session.hex(),
-                big_r=presig.big_r.hex(),
-                kinv_commitments=[c.hex() for c in presig.kinv_commitments],
-                sigma_commitments=[c.hex() for c in presig.sigma_commitments],
-                s=f"{share.s:064x}",
+            return _signature_share_answer(
+                ctx, app, share, signer.pool.public(session), "app CA signature share"
             )
 
         return self._audited(api.PATH_THRESHOLD_SIGN_APP_CA, cert_der, peer_addr, decide)
@@ -990,3 +967,23 @@ class KmsService:
             requests_denied=self.audit.denied,
             chain=chain,
         )
+
+
+def _signature_share_answer(
+    ctx: dict[str, Any], app: AuthorizedApp, share: te.SignatureShare, presig: te.Presignature, what: str
+) -> api.ThresholdSignResponse:
+    """A node's signature share answer (ThresholdSignAppKey, ThresholdSignAppCa): the share over the named
+    presignature, with its public part, for the app the node verified; the audit reason says which."""
+    ctx["reason"] = (
+        f"{what} {share.index} with presignature {presig.session.hex()}; "
+        f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
+    )
+    return api.ThresholdSignResponse(
+        app_id=app.boot_info.app_id.hex(),
+        index=share.index,
+        session=presig.session.hex(),
+        big_r=presig.big_r.hex(),
+        kinv_commitments=[c.hex() for c in presig.kinv_commitments],
+        sigma_commitments=[c.hex() for c in presig.sigma_commitments],
+        s=f"{share.s:064x}",
+    )
