@@ -406,3 +406,55 @@ def test_the_share_carries_the_guests_sys_config(teecloud_home: Path, tmp_path: 
     guest = {"kms_urls": ["https://10.0.2.100:443"], "gateway_urls": []}
     _write_shared(inst, tmp_path / "shared", sys_config=guest)  # type: ignore[arg-type]
     assert json.loads((tmp_path / "shared" / ".sys-config.json").read_text()) == guest
+
+
+def test_the_hosts_view_of_the_guests_containers_keeps_only_the_ports_it_forwards(
+    teecloud_home: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+    import threading
+    from http.server import HTTPServer
+
+    from teecloud.agent.vm_agent import make_handler
+
+    inst = _instance(teecloud_home)  # publishes 18088:80 and 18089:81
+    listed = [
+        {
+            "service": "web",
+            "container": "app-web-1",
+            "state": "running",
+            "health": None,
+            "exit_code": 0,
+            "ports": [
+                {"container_port": 80, "protocol": "tcp", "host_ip": "0.0.0.0", "host_port": 18088},
+                {"container_port": 80, "protocol": "tcp", "host_ip": "::", "host_port": 18088},
+                {
+                    "container_port": 22,
+                    "protocol": "tcp",
+                    "host_ip": "0.0.0.0",
+                    "host_port": 2222,
+                },  # not forwarded
+            ],
+        }
+    ]
+    server = HTTPServer(("127.0.0.1", 0), make_handler({}, containers=lambda: listed))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    workdir = tmp_path / "vm"
+    workdir.mkdir()
+    # a process standing in for the VM's QEMU (its command line names the VM's directory)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(workdir)])
+    try:
+        (workdir / "qemu.pid").write_text(str(proc.pid))
+        cvm = QemuCvm(inst, workdir, agent_port=server.server_address[1], booted=True)  # type: ignore[arg-type]
+        (state,) = cvm.containers()
+        assert (state.service, state.state) == ("web", "running")
+        # where the gateway and `teecloud deploy` reach it: the host's loopback forward, once per port
+        assert state.ports == [
+            {"container_port": 80, "protocol": "tcp", "host_ip": "127.0.0.1", "host_port": 18088}
+        ]
+    finally:
+        proc.kill()
+        proc.wait()
+        server.shutdown()
+        server.server_close()
