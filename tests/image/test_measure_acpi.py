@@ -226,16 +226,18 @@ def _tcg2_events(log: bytes) -> list[tuple[int, int, dict[int, bytes], bytes]]:
 
 
 @pytest.mark.slow
-def test_debians_ovmf_logs_rtmr0s_fixed_events_but_secureboot(tmp_path: Path) -> None:
+def test_debians_ovmf_logs_rtmr0s_fixed_events_as_its_file_says(tmp_path: Path) -> None:
     """What Debian's OVMF.fd (a built image's firmware) measures, seen through its TCG event log in a VM
-    with a software TPM (swtpm; no TDX host here): PK, KEK, db, dbx, the separator, BootOrder and Boot0000
-    are the digests of teecloud's RTMR0 model (from a real dstack TD), SecureBoot is not (Debian's logs the
-    variable as one byte 00, dstack's firmware as absent), and it logs no ACPI DATA event outside a TD. So a
-    built image's RTMR0 reference is not yet right for its own firmware (docs/node.md). The kernel, command
-    line and initrd events are teecloud's RTMR1/RTMR2 calculators' values, digest for digest."""
+    with a software TPM (swtpm; no TDX host here): SecureBoot, PK, KEK, db, dbx, the separator, BootOrder
+    and Boot0000 are exactly the digests of teecloud's RTMR0 model for what `secure_boot_variable` reads
+    from the firmware file ("00": Debian's logs the variable as one byte 00, where dstack's firmware logs it
+    absent, and the model for "absent" differs in that event only), and it logs no ACPI DATA event outside
+    a TD. The kernel, command line and initrd events are teecloud's RTMR1/RTMR2 calculators' values, digest
+    for digest."""
     import subprocess
 
     from teecloud.image.acpi import DUMP_CMDLINE, dumper_initramfs
+    from teecloud.image.ovmf import secure_boot_variable
     from teecloud.image.tdx import efi_variable_digest, rtmr0_fixed_events, rtmr1_events, rtmr2_events
 
     swtpm = shutil.which("swtpm")
@@ -267,12 +269,14 @@ def test_debians_ovmf_logs_rtmr0s_fixed_events_but_secureboot(tmp_path: Path) ->
     acpi_digests(files)
     events = _tcg2_events(files["installed/tpm-log"])
     sha384 = [(pcr, kind, d[0xC]) for pcr, kind, d, _ in events]
-    fixed = rtmr0_fixed_events()
+    detected = secure_boot_variable(OVMF.read_bytes())
+    assert detected == "00"
+    fixed = rtmr0_fixed_events(detected)
     variables = [d for pcr, kind, d in sha384 if (pcr, kind) == (7, 0x80000001)]
-    assert variables[1:] == [fixed["pk"], fixed["kek"], fixed["db"], fixed["dbx"]]
-    assert variables[0] != fixed["secure-boot"]
+    assert variables == [fixed["secure-boot"], fixed["pk"], fixed["kek"], fixed["db"], fixed["dbx"]]
     guid = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
     assert variables[0] == efi_variable_digest(guid, "SecureBoot", b"\x00")
+    assert variables[0] != rtmr0_fixed_events("absent")["secure-boot"]  # dstack's firmware's event
     assert (7, 4, fixed["separator"]) in sha384
     assert [d for pcr, kind, d in sha384 if (pcr, kind) == (1, 0x80000002)] == [
         fixed["boot-order"],
@@ -315,7 +319,8 @@ def test_the_acpi_command_prints_the_digests_and_rtmr0(tmp_path: Path) -> None:
     assert doc["sizes"]["etc/acpi/rsdp"] == 20 and doc["sizes"]["etc/table-loader"] % 128 == 0
     digests = tdx_acpi(doc)
     hob = sha384(td_hob(parse(encode(m)).td_hob_witness, 2 << 30))
-    assert doc["rtmr0"] == replay(rtmr0_events(hob, digests)).hex()
+    assert m.secure_boot == "00"  # Debian's OVMF, detected from the file
+    assert doc["rtmr0"] == replay(rtmr0_events(hob, digests, secure_boot="00")).hex()
 
 
 def tdx_acpi(doc: dict[str, object]) -> AcpiDigests:

@@ -5,6 +5,7 @@ quote, the registers recomputed and compared with the quoted ones); the file's r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -165,7 +166,12 @@ def _without(key: str) -> bytes:
         (cbor2.dumps([1, 2]), "map of exactly"),
         (_with(extra=1), "map of exactly"),
         (_without("td_hob_witness"), "map of exactly"),
-        (_with(version=2), "version 2"),
+        (_with(version=3), "version 3"),
+        (_with(version=2), "map of exactly"),  # version 2 states secure_boot
+        (_with(secure_boot="00"), "map of exactly"),  # version 1 has no secure_boot
+        (_with(version=2, secure_boot="absent"), "'absent' is version 1"),
+        (_with(version=2, secure_boot="01"), "secure_boot '01'"),
+        (_with(version=2, secure_boot=b"\x00"), "secure_boot"),
         (_with(version=True), "version True"),
         (_with(ovmf_variant="stable202505"), "OVMF variant"),
         (_with(kernel_authenticode=bytes(32)), "kernel_authenticode must be 48 bytes"),
@@ -184,6 +190,18 @@ def _without(key: str) -> bytes:
 def test_malformed_measurement_files_are_refused(data: bytes, reason: str) -> None:
     with pytest.raises(ImageFormatError, match=reason):
         parse(data)
+
+
+def test_the_firmwares_secure_boot_variable_is_version_2_and_dstacks_stays_version_1() -> None:
+    """A firmware that logs SecureBoot = 00 (Debian's OVMF) gets a version-2 file stating it; dstack's
+    layout (absent) keeps version 1's bytes, so files written before are read as they were."""
+    assert cbor2.loads(encode(GOOD))["version"] == 1 and "secure_boot" not in cbor2.loads(encode(GOOD))
+    debian = dataclasses.replace(GOOD, secure_boot="00")
+    data = encode(debian)
+    assert data == _with(version=2, secure_boot="00")
+    assert parse(data) == debian and parse(data) != GOOD
+    with pytest.raises(ImageFormatError, match="secure_boot must be one of"):
+        dataclasses.replace(GOOD, secure_boot="01")  # type: ignore[arg-type]
 
 
 def test_every_single_byte_mutation_is_refused_or_parses_to_another_measurement() -> None:

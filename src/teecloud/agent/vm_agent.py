@@ -3,20 +3,26 @@ dependencies as wheels in the rootfs; the guest's init runs `python3 -m teecloud
 
 Boot, in the guest (the SAME guest half as the docker backend's: teecloud.agent.guest.boot_guest):
 (1)-(5) measuring, keys, env, storage, agent
-        the TEE: plain mode has no hardware TEE, so the guest uses the SIMULATED TDX (teecloud.tee.simulated;
-        its state comes from the host share, `simulated-tee/`: simulated quotes verify only where a
-        development root is trusted); RTMR3 measured in dstack's order with `os-image-hash` (KMS mode); keys
-        from the KMS of `.sys-config.json` over mutual RA-TLS (`key_provider_from_sys_config`): one KMS
-        (`kms_urls[0]`, its certificate checked against its quote and the KMS root key `kms_ca_pubkey` the
-        node verified on chain, KmsAuth.isKmsAllowed), or t of n threshold nodes (`kms_group`: the group's
-        epoch, t, commitments and signing key as the chain records them, each node's URL and the
-        measurement and device of the certificate the node checked on chain; the same
+        the TEE: the guest TEE factory (teecloud.tee.guest.guest_tee) for the mode the host states in
+        `.sys-config.json` (`tee_mode`): tdx → TdxPlatform (configfs-tsm quotes, RTMR3 through the
+        tdx_guest sysfs registers), sev-snp → SevSnpPlatform (configfs-tsm), plain → the SIMULATED TDX
+        (teecloud.tee.simulated; its state from the host share, `simulated-tee/`: simulated quotes verify
+        only where a development root is trusted). A mode whose device is absent fails the boot, never
+        falls back to the simulated TEE. RTMR3 measured in dstack's order with `os-image-hash` (KMS mode);
+        keys from the KMS of `.sys-config.json` over mutual RA-TLS (`key_provider_from_sys_config`), the
+        KMS's certificate checked against its quote (plain: the development root; tdx / sev-snp: Intel's
+        root with the collateral of `pccs_url`): one KMS (`kms_urls[0]`, and the KMS root key
+        `kms_ca_pubkey` the node verified on chain, KmsAuth.isKmsAllowed), or t of n threshold nodes
+        (`kms_group`: the group's epoch, t, commitments and signing key as the chain records them, each
+        node's URL and the measurement and device of the certificate the node checked on chain; the same
         ThresholdKeyProvider as the docker backend's). The URLs are guest-side addresses (10.0.2.100+):
         QEMU's restricted user network forwards each to one host loopback port and nothing else. Env
         decrypted (only `allowed_envs`), into tmpfs; the data disk opened as LUKS2 with the disk key
         (LuksVolume, ext4 inside, mounted at /data); /var/run/dstack.sock and tappd.sock served to the
-        app's containers. With `gateway_urls`, the registration key and certificate are made at the key
-        request (RegisteringAtBoot: RTMR3 is then the boot grammar's value)
+        app's containers; the GPU gate (guest_gpu_gate: NVML on a passed-through GPU, in mode plain the
+        labelled simulated GPU) runs when the compose requires GPU attestation. With `gateway_urls`, the
+        registration key and certificate are made at the key request (RegisteringAtBoot: RTMR3 is then the
+        boot grammar's value)
 (6) starting   dockerd with its data root on the encrypted disk; `docker load` of the read-only app-images
                disk (the host's `docker save` of the compose's images, if attached); Compose up, the
                decrypted env given to Compose's process only (interpolation, `environment: [NAME]`)
@@ -47,7 +53,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -62,6 +67,7 @@ __all__ = [
     "AGENT_PORT",
     "GUEST_NAME",
     "GuestStatus",
+    "attest_document",
     "attest_report_data",
     "find_data_disk",
     "gateway_endpoints",
@@ -84,17 +90,30 @@ APP_IMAGES_SERIAL = "tc-images"
 # agent layer cannot import the node's)
 ATTEST_DOMAIN = b"teecloud-attest:"
 MAX_ATTEST_NONCE = 64
-TEE = "simulated TDX (plain mode: NOT confidential; teecloud.tee.simulated)"
+# NVIDIA device identity roots the guest's GPU gate trusts for a passed-through GPU: PEM files in the
+# measured rootfs (none in the default image: `image build` does not add NVIDIA's root yet)
+GPU_ROOTS = Path("/opt/teecloud/gpu-roots")
+MAX_GPU_ROOTS = 16
 DOCKERD_TIMEOUT_S = 300.0
 HEALTHY_TIMEOUT_S = 300.0
 
 
 def read_info(shared: Path) -> dict[str, str]:
-    """The host-facing identity, read once at start from the host share."""
+    """The host-facing identity, read once at start from the host share: the compose hash and the TEE of
+    the mode the host states (plain: labelled simulated; an unreadable mode is reported, and the boot then
+    fails at measuring with the reason)."""
+    from teecloud.tee import TeeError
+    from teecloud.tee.guest import guest_mode, tee_label
+    from teecloud.tee.sysconfig import read_sys_config
+
     raw = (shared / "app-compose.json").read_bytes()[: MAX_APP_COMPOSE + 1]
     if len(raw) > MAX_APP_COMPOSE:
         raise ValueError(f"app-compose.json is larger than {MAX_APP_COMPOSE} bytes")
-    return {"guest": GUEST_NAME, "compose_hash": hashlib.sha256(raw).hexdigest(), "tee": TEE}
+    try:
+        tee = tee_label(guest_mode(read_sys_config(shared / ".sys-config.json")))
+    except TeeError as exc:
+        tee = f"none ({str(exc)[:200]})"
+    return {"guest": GUEST_NAME, "compose_hash": hashlib.sha256(raw).hexdigest(), "tee": tee}
 
 
 def attest_report_data(nonce: bytes) -> bytes:
@@ -105,6 +124,21 @@ def attest_report_data(nonce: bytes) -> bytes:
 
 
 Attest = Callable[[bytes], dict[str, str]]
+
+
+def attest_document(
+    get_quote: Callable[[bytes], Mapping[str, Any]], identity: Mapping[str, str], report_data: bytes
+) -> dict[str, str]:
+    """`/attest`'s answer: a quote over `report_data` (the agent's own attest_report_data of the host's
+    nonce) through `get_quote` (the guest API's GetQuote, i.e. the guest TEE), with the CVM's identity."""
+    q = get_quote(report_data)
+    return {
+        **identity,
+        "quote": q["quote"],
+        "event_log": q["event_log"],
+        "report_data": q["report_data"],
+        "vm_config": q["vm_config"],
+    }
 
 
 class GuestStatus:
@@ -375,6 +409,33 @@ def _json_shared(name: str) -> dict[str, Any]:
     return doc
 
 
+def image_gpu_roots(directory: Path = GPU_ROOTS) -> tuple[bytes, ...]:
+    """The DER certificates of the PEM files in `directory` (the image's trusted GPU device roots)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    roots: list[bytes] = []
+    for path in sorted(directory.glob("*.pem"))[:MAX_GPU_ROOTS] if directory.is_dir() else []:
+        for cert in x509.load_pem_x509_certificates(path.read_bytes()[:65536]):
+            roots.append(cert.public_bytes(serialization.Encoding.DER))
+    return tuple(roots[:MAX_GPU_ROOTS])
+
+
+def guest_gpu_gate(mode: str, *, home: Path, pci_devices: Path | None = None) -> Any:
+    """The guest's GPU gate (teecloud.agent.boot.GpuGate) for `mode`, or None without a GPU source: NVML
+    over a passed-through NVIDIA GPU, trusting the image's roots (GPU_ROOTS); in mode plain without a GPU,
+    a SIMULATED GPU of this boot, trusting its own development root only (labelled in every item)."""
+    from teecloud.agent.boot import GpuGate
+    from teecloud.tee.gpu import PCI_DEVICES, SimulatedGpu, guest_gpu_source
+
+    source = guest_gpu_source(mode, pci_devices=pci_devices or PCI_DEVICES, home=home)
+    if source is None:
+        return None
+    if isinstance(source, SimulatedGpu):
+        return GpuGate(source, (source.root_der(),))
+    return GpuGate(source, image_gpu_roots())
+
+
 def _log(msg: str) -> None:
     print(f"vm-agent: {msg}", flush=True)
 
@@ -462,7 +523,9 @@ def boot_vm(status: GuestStatus) -> None:
     from teecloud.agent.api import GetQuoteRequest
     from teecloud.agent.guest import GuestPaths, boot_guest
     from teecloud.agent.volume_luks import STORAGE_FS, LuksVolume
+    from teecloud.tee.guest import GuestTeePaths, guest_mode, guest_tee
     from teecloud.tee.simulated import SimulatedTdx
+    from teecloud.tee.sysconfig import read_sys_config
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -476,16 +539,35 @@ def boot_vm(status: GuestStatus) -> None:
     info = _json_shared(".instance-info")
     sys_config = _json_shared(".sys-config.json")
     encrypted_env = _read_shared(".encrypted-env")
-    # the TEE: plain mode's simulated TDX, its state from the share (copied: it writes collateral)
-    if not (SHARE / "simulated-tee").is_dir():
-        raise RuntimeError(
-            "no TEE: this image runs mode plain with the simulated TEE only (no simulated-tee/)"
-        )
-    home = RUN / "home"
-    shutil.copytree(SHARE / "simulated-tee", home / "simulated-tee", dirs_exist_ok=True)
-    tee = SimulatedTdx(home)
+    # the TEE of the mode the host states (teecloud.tee.guest): tdx, sev-snp, or plain's simulated TDX;
+    # a mode whose device is absent raises here, and the boot fails at measuring
+    mode = guest_mode(read_sys_config(SHARE / ".sys-config.json"))
+    tee = guest_tee(mode, GuestTeePaths(share=SHARE, run=RUN))
+    _log(f"TEE: {mode} ({tee.kind})")
+    if isinstance(tee, SimulatedTdx):
+        # plain: the KMS's quote is simulated too, under this installation's development root
+        sim = tee
+
+        def collateral_for(quote: bytes, now: int) -> bytes:
+            return sim.collateral()
+
+        dev_root_der: bytes | None = sim.dev_root_der()
+    else:
+        # a real TEE: the KMS's quote under Intel's root, with the collateral of the host's PCCS
+        from teecloud.collateral.pccs import PccsClient
+        from teecloud.peer import PccsCollateral
+
+        pccs_url = sys_config.get("pccs_url")
+        if not isinstance(pccs_url, str) or not pccs_url:
+            raise RuntimeError(f"mode {mode}: .sys-config.json names no PCCS (pccs_url) to verify the KMS")
+        pccs = PccsCollateral(PccsClient(pccs_url, RUN / "pccs"))
+
+        def collateral_for(quote: bytes, now: int) -> bytes:
+            return pccs.collateral_for(quote, now=now)
+
+        dev_root_der = None
     provider: Any = key_provider_from_sys_config(
-        sys_config, collateral_for=lambda _quote, _now: tee.collateral(), dev_root_der=tee.dev_root_der()
+        sys_config, collateral_for=collateral_for, dev_root_der=dev_root_der
     )
     gateway_urls = sys_config.get("gateway_urls") or []
     boots = None
@@ -517,6 +599,7 @@ def boot_vm(status: GuestStatus) -> None:
         progress=progress,
         volume=volume,
         storage_fs=STORAGE_FS,
+        gpu=guest_gpu_gate(mode, home=RUN / "home"),
     )
     # the KMS the keys came from, as measured in `key-provider` (one KMS's root key, or the threshold group's)
     kp = provider.info()
@@ -552,17 +635,17 @@ def boot_vm(status: GuestStatus) -> None:
     state = guest.state
     service = guest.runner.service
 
+    identity = {
+        "app_id": state.app_id.hex(),
+        "compose_hash": state.compose_hash.hex(),
+        "app_compose": state.app_compose_text,
+    }
+
+    def get_quote(report_data: bytes) -> dict[str, Any]:
+        return service.get_quote(GetQuoteRequest(report_data=report_data.hex()))
+
     def attest(report_data: bytes) -> dict[str, str]:
-        q = service.get_quote(GetQuoteRequest(report_data=report_data.hex()))
-        return {
-            "app_id": state.app_id.hex(),
-            "compose_hash": state.compose_hash.hex(),
-            "quote": q["quote"],
-            "event_log": q["event_log"],
-            "report_data": q["report_data"],
-            "vm_config": q["vm_config"],
-            "app_compose": state.app_compose_text,
-        }
+        return attest_document(get_quote, identity, report_data)
 
     status.attest = attest
     status.containers = list_containers

@@ -32,6 +32,7 @@ import cbor2
 
 from teecloud import vmconfig
 from teecloud.image.errors import ImageFormatError, MeasurementUnavailable
+from teecloud.image.ovmf import SECURE_BOOT_VARIABLES, SecureBootVariable, secure_boot_variable
 from teecloud.image.tdx import (
     AcpiDigests,
     authenticode_sha384,
@@ -61,7 +62,10 @@ __all__ = [
 ]
 
 MEASUREMENT_FILE = "measurement.tdx.cbor"
-MEASUREMENT_VERSION = 1
+# version 1: dstack's firmware (SecureBoot logged absent); version 2 adds `secure_boot`, what the image's
+# firmware logs for the SecureBoot variable (teecloud.image.ovmf). A file is written in the lowest version
+# that states its content, so one content has one encoding and version-1 files keep their bytes.
+MEASUREMENT_VERSION = 2
 MAX_MEASUREMENT_FILE = 8192
 MAX_SHA256SUM = 64 * 1024
 OVMF_VARIANT = "pre202505"  # the 13-event RTMR0 layout (teecloud.image.tdx.rtmr0_events)
@@ -80,6 +84,7 @@ _KEYS = {
     "mrtd",
     "td_hob_witness",
 }
+_KEYS_V2 = _KEYS | {"secure_boot"}
 _MRTD_KEYS = {"single_pass", "two_pass"}
 
 
@@ -94,8 +99,14 @@ class TdxImageMeasurement:
     mrtd_single_pass: bytes
     mrtd_two_pass: bytes
     td_hob_witness: bytes
+    # what the image's firmware logs for SecureBoot in RTMR0 (teecloud.image.ovmf.secure_boot_variable)
+    secure_boot: SecureBootVariable = "absent"
 
     def __post_init__(self) -> None:
+        if self.secure_boot not in SECURE_BOOT_VARIABLES:
+            raise ImageFormatError(
+                f"measurement file: secure_boot must be one of {', '.join(SECURE_BOOT_VARIABLES)}"
+            )
         for name in (
             "cmdline_sha384",
             "kernel_authenticode",
@@ -127,7 +138,8 @@ class ExpectedRegisters:
 
 
 def measure_tdx_image(*, kernel: bytes, initrd: bytes, cmdline: str, tdvf: bytes) -> TdxImageMeasurement:
-    """The measurement material of an image's files (dstack-mr's, for the same files)."""
+    """The measurement material of an image's files (dstack-mr's, for the same files), with what this
+    firmware logs for SecureBoot (detected from the firmware file: teecloud.image.ovmf)."""
     patched = qemu_patch_kernel(kernel, initrd_size=len(initrd), memory_bytes=KERNEL_HASH_MEMORY)
     return TdxImageMeasurement(
         cmdline_sha384=rtmr2_events(cmdline, b"")[0],
@@ -136,13 +148,15 @@ def measure_tdx_image(*, kernel: bytes, initrd: bytes, cmdline: str, tdvf: bytes
         mrtd_single_pass=mrtd(tdvf, two_pass=False),
         mrtd_two_pass=mrtd(tdvf, two_pass=True),
         td_hob_witness=td_hob_witness(tdvf),
+        secure_boot=secure_boot_variable(tdvf),
     )
 
 
 def encode(m: TdxImageMeasurement) -> bytes:
-    """Deterministic CBOR (RFC 8949 section 4.2.1: shortest forms, sorted map keys)."""
-    doc = {
-        "version": MEASUREMENT_VERSION,
+    """Deterministic CBOR (RFC 8949 section 4.2.1: shortest forms, sorted map keys), version 1 for dstack's
+    firmware layout (SecureBoot absent), else version 2 with `secure_boot`."""
+    doc: dict[str, Any] = {
+        "version": 1 if m.secure_boot == "absent" else MEASUREMENT_VERSION,
         "ovmf_variant": OVMF_VARIANT,
         "cmdline_sha384": m.cmdline_sha384,
         "kernel_authenticode": m.kernel_authenticode,
@@ -150,6 +164,8 @@ def encode(m: TdxImageMeasurement) -> bytes:
         "mrtd": {"single_pass": m.mrtd_single_pass, "two_pass": m.mrtd_two_pass},
         "td_hob_witness": m.td_hob_witness,
     }
+    if m.secure_boot != "absent":
+        doc["secure_boot"] = m.secure_boot
     return cbor2.dumps(doc, canonical=True)
 
 
@@ -172,9 +188,18 @@ def parse(data: bytes) -> TdxImageMeasurement:
         doc = cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
         raise ImageFormatError(f"measurement file: not CBOR ({str(exc)[:100]})") from None
-    top = _map(doc, _KEYS, "the document")
-    if top["version"] != MEASUREMENT_VERSION or isinstance(top["version"], bool):
-        raise ImageFormatError(f"measurement file: version {top['version']!r} (this code reads version 1)")
+    if not isinstance(doc, dict):
+        _map(doc, _KEYS, "the document")  # raises: names the expected keys
+    version = doc.get("version")
+    if version not in (1, 2) or isinstance(version, bool):
+        raise ImageFormatError(f"measurement file: version {version!r} (this code reads versions 1 and 2)")
+    top = _map(doc, _KEYS if version == 1 else _KEYS_V2, "the document")
+    secure_boot = top.get("secure_boot", "absent")
+    if version == 2 and secure_boot not in SECURE_BOOT_VARIABLES[1:]:
+        raise ImageFormatError(
+            f"measurement file: secure_boot {secure_boot!r} in version 2 (one of "
+            f"{', '.join(SECURE_BOOT_VARIABLES[1:])}; dstack's 'absent' is version 1)"
+        )
     if top["ovmf_variant"] != OVMF_VARIANT:
         raise ImageFormatError(
             f"measurement file: OVMF variant {top['ovmf_variant']!r} (only {OVMF_VARIANT!r}'s RTMR0 layout)"
@@ -187,6 +212,7 @@ def parse(data: bytes) -> TdxImageMeasurement:
         mrtd_single_pass=candidates["single_pass"],
         mrtd_two_pass=candidates["two_pass"],
         td_hob_witness=top["td_hob_witness"],
+        secure_boot=secure_boot,
     )
     if encode(m) != data:
         raise ImageFormatError("measurement file: not in deterministic CBOR (re-encoding differs)")
@@ -228,7 +254,7 @@ def expected_tdx_registers(
             f"{memory} bytes (QEMU places the initrd, and so patches the kernel, by the RAM below 4 GiB)"
         )
     two_pass = _two_pass(config)
-    r0 = rtmr0_events(sha384(td_hob(m.td_hob_witness, memory)), acpi)
+    r0 = rtmr0_events(sha384(td_hob(m.td_hob_witness, memory)), acpi, secure_boot=m.secure_boot)
     r1 = rtmr1_events_of(m.kernel_authenticode)
     r2 = [m.cmdline_sha384, m.initrd_sha384]
     return ExpectedRegisters(

@@ -83,6 +83,8 @@ _BOOT0000_DIGEST = bytes.fromhex(
 )
 _EFI_GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 _EFI_IMAGE_SECURITY_DATABASE = uuid.UUID("d719b2cb-3d3a-4596-a3bc-dad00e67656f")
+# the SecureBoot variable's data as the firmware logs it (teecloud.image.ovmf): absent, or one byte 0
+_SECURE_BOOT_DATA = {"absent": b"", "00": b"\x00"}
 
 
 def sha384(data: bytes) -> bytes:
@@ -109,12 +111,18 @@ def efi_variable_digest(guid: uuid.UUID, name: str, data: bytes = b"") -> bytes:
     return sha384(guid.bytes_le + struct.pack("<QQ", len(name), len(data)) + encoded + data)
 
 
-def rtmr0_fixed_events() -> dict[str, bytes]:
+def rtmr0_fixed_events(secure_boot: str = "absent") -> dict[str, bytes]:
     """The RTMR0 events that do not depend on the VM shape, by name, in their order in the log (the TD HOB
-    comes before them and the ACPI tables between `separator` and `boot-order`)."""
+    comes before them and the ACPI tables between `separator` and `boot-order`). `secure_boot` is what the
+    firmware logs for the SecureBoot variable (teecloud.image.ovmf.secure_boot_variable): "absent" (dstack's
+    TDVF: no data) or "00" (a firmware with authenticated variables and no PK, e.g. Debian's OVMF)."""
+    if secure_boot not in _SECURE_BOOT_DATA:
+        raise ImageFormatError(f"SecureBoot variable {secure_boot!r}: one of {', '.join(_SECURE_BOOT_DATA)}")
     return {
         "cfv": _CFV_DIGEST,
-        "secure-boot": efi_variable_digest(_EFI_GLOBAL_VARIABLE, "SecureBoot"),
+        "secure-boot": efi_variable_digest(
+            _EFI_GLOBAL_VARIABLE, "SecureBoot", _SECURE_BOOT_DATA[secure_boot]
+        ),
         "pk": efi_variable_digest(_EFI_GLOBAL_VARIABLE, "PK"),
         "kek": efi_variable_digest(_EFI_GLOBAL_VARIABLE, "KEK"),
         "db": efi_variable_digest(_EFI_IMAGE_SECURITY_DATABASE, "db"),
@@ -139,13 +147,13 @@ class AcpiDigests:
             raise ImageFormatError("an ACPI event digest is 48 bytes (SHA-384)")
 
 
-def rtmr0_events(td_hob_digest: bytes, acpi: AcpiDigests) -> list[bytes]:
+def rtmr0_events(td_hob_digest: bytes, acpi: AcpiDigests, *, secure_boot: str = "absent") -> list[bytes]:
     """RTMR0 of a TD booted by TDVF (OVMF before edk2-stable202505, as dstack ships it), in log order: the TD
-    HOB, the CFV, SecureBoot, PK, KEK, db, dbx, the separator, the ACPI loader, RSDP and tables, BootOrder,
-    Boot0000."""
+    HOB, the CFV, SecureBoot (as the firmware logs it: `secure_boot`, see rtmr0_fixed_events), PK, KEK, db,
+    dbx, the separator, the ACPI loader, RSDP and tables, BootOrder, Boot0000."""
     if len(td_hob_digest) != 48:
         raise ImageFormatError("the TD HOB digest is 48 bytes (SHA-384)")
-    f = rtmr0_fixed_events()
+    f = rtmr0_fixed_events(secure_boot)
     return [
         td_hob_digest,
         f["cfv"],

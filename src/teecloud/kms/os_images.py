@@ -148,7 +148,11 @@ class MeasuredOsImages:
         naming the failing link:
         (1) SNP evidence, debug policy off; (2) vm_config and its sev_snp_measurement parsed strictly, its
         vcpus the vm_config's cpu_count; (3) the image's measurement.snp.cbor bound to vm_config's
-        os_image_hash; (4) the recomputed MEASUREMENT equal to the signed one."""
+        os_image_hash; (4) the recomputed MEASUREMENT equal to the signed one.
+
+        Not called by any key-releasing endpoint: a launch check says which image was launched, not that
+        the report was made at boot, and no SNP report field can say that (docs/threat-model.md, "SEV-SNP
+        and key release"); SNP evidence stays refused by peer.require_boot_time."""
 
         def deny(reason: str) -> AccessDenied:
             return AccessDenied(reason, step="os_image")

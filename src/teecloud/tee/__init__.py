@@ -4,7 +4,9 @@ Backends implement `teecloud.tee.base.TeePlatform`:
     SimulatedTdx     real DCAP v4 quotes under a local development root CA (no hardware; dev/CI only)
     TdxPlatform      Intel TDX guest: configfs-tsm, /dev/tdx_guest + QGS fallback, sysfs RTMRs
     SevSnpPlatform   AMD SEV-SNP guest: configfs-tsm
-`detect()` picks one; `TEECLOUD_TEE=simulated|tdx|sev_snp` forces the choice.
+Two factories (issue 20): `detect()` is the HOST's (what this process runs in; `TEECLOUD_TEE=simulated|tdx|
+sev_snp` forces the choice); `guest_tee(mode, paths)` (teecloud.tee.guest) is the GUEST agent's, from the
+mode the host states in `.sys-config.json`, refusing a mode whose device is absent.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from teecloud.tee.errors import (
     TeeUnavailable,
     TeeUsageError,
 )
+from teecloud.tee.guest import GUEST_MODES, GuestTeePaths, guest_mode, guest_tee
 from teecloud.tee.sev_snp import SevSnpPlatform
 from teecloud.tee.simulated import SimulatedTdx
 from teecloud.tee.tdx import TdxPlatform
 
 __all__ = [
     "ENV_VAR",
+    "GUEST_MODES",
+    "GuestTeePaths",
     "QuoteGenerationError",
     "SevSnpPlatform",
     "SimulatedTdx",
@@ -37,6 +42,8 @@ __all__ = [
     "TeeUnavailable",
     "TeeUsageError",
     "detect",
+    "guest_mode",
+    "guest_tee",
 ]
 
 ENV_VAR = "TEECLOUD_TEE"

@@ -14,6 +14,10 @@
 
 Both the guest boot sequence (teecloud.agent.boot, the GPU gate) and the inference app's attestation route
 (teecloud.ai) read GPUs through this one protocol.
+
+    guest_gpu_source(mode, ...)   the qemu guest's source: NVML when the VM has an NVIDIA GPU (PCI vendor
+                        0x10de, display class; passed through by the host with vfio-pci), else in mode plain
+                        the SimulatedGpu (labelled), else none (a tdx / sev-snp VM without a GPU)
 """
 
 from __future__ import annotations
@@ -33,7 +37,15 @@ from cryptography.x509.oid import NameOID
 from teecloud._fs import atomic_write, data_home
 from teecloud.tee.errors import GpuUnavailable
 
-__all__ = ["MAX_GPUS", "GpuEvidenceSource", "GpuUnavailable", "NvmlGpuSource", "SimulatedGpu"]
+__all__ = [
+    "MAX_GPUS",
+    "GpuEvidenceSource",
+    "GpuUnavailable",
+    "NvmlGpuSource",
+    "SimulatedGpu",
+    "guest_gpu_source",
+    "nvidia_gpus",
+]
 
 MAX_GPUS = 16
 SIMULATED_ROOT_CN = "teecloud SIMULATED GPU device root (development only)"
@@ -320,3 +332,39 @@ class NvmlGpuSource:
                 pynvml.nvmlShutdown()
             except Exception:  # noqa: S110  # shutting down after a failure must not hide that failure
                 pass
+
+
+NVIDIA_VENDOR = "0x10de"
+_DISPLAY_CLASS = "0x03"  # PCI base class 03h: display controller (VGA 0300, 3D controller 0302)
+PCI_DEVICES = Path("/sys/bus/pci/devices")
+
+
+def nvidia_gpus(pci_devices: Path = PCI_DEVICES) -> list[str]:
+    """The PCI addresses of this machine's NVIDIA GPUs (vendor 0x10de, display class), from sysfs."""
+    found = []
+    try:
+        devices = sorted(pci_devices.iterdir())
+    except OSError:
+        return []
+    for device in devices[:4096]:
+        try:
+            vendor = (device / "vendor").read_text()[:16].strip().lower()
+            klass = (device / "class").read_text()[:16].strip().lower()
+        except OSError:
+            continue
+        if vendor == NVIDIA_VENDOR and klass.startswith(_DISPLAY_CLASS):
+            found.append(device.name)
+    return found[:MAX_GPUS]
+
+
+def guest_gpu_source(
+    mode: str, *, pci_devices: Path = PCI_DEVICES, home: Path | None = None
+) -> GpuEvidenceSource | None:
+    """The GPU evidence source of a qemu guest in `mode`: NvmlGpuSource when the VM has an NVIDIA GPU (any
+    mode: a plain VM never gets one, the host refuses it); else the SimulatedGpu of `home` in mode plain
+    (labelled simulated in every evidence item); else None."""
+    if nvidia_gpus(pci_devices):
+        return NvmlGpuSource()
+    if mode == "plain":
+        return SimulatedGpu(home)
+    return None

@@ -1,7 +1,9 @@
 """dstack's host-shared system config (`.sys-config.json`, reference/dstack.md section 7): what the host
 tells a guest about itself — KMS and gateway URLs, PCCS, registry, host API, and the VM's `vm_config`
-(OS image hash, CPU count, memory size, QEMU settings). The one reader for the guest TEE backends
-(`teecloud.tee.tdx`, `teecloud.tee.sev_snp`), which take the OS image hash and vm_config from it.
+(OS image hash, CPU count, memory size, QEMU settings), and teecloud's `tee_mode` (the qemu backend's
+mode: tdx, sev-snp or plain; teecloud.tee.guest picks the guest's TEE from it). The one reader for the guest
+TEE backends (`teecloud.tee.tdx`, `teecloud.tee.sev_snp`), which take the OS image hash and vm_config from
+it.
 
     read_sys_config(path) -> SysConfig | None     None when the file is absent (not a dstack guest)
     parse_sys_config(bytes) -> SysConfig          bounded, typed; unknown fields ignored
@@ -48,6 +50,8 @@ class SysConfig:
     docker_registry: str = ""
     host_api_url: str = ""
     vm_config: Mapping[str, Any] = field(default_factory=dict)
+    # teecloud's qemu backend: the guest's TEE mode (teecloud.tee.guest), "" when the host states none
+    tee_mode: str = ""
 
     @property
     def os_image_hash(self) -> bytes:
@@ -76,6 +80,16 @@ def _urls(doc: Mapping[str, Any], name: str) -> tuple[str, ...]:
     ):
         raise SysConfigError(f".sys-config.json: {name} must be a list of at most {MAX_URLS} URL strings")
     return tuple(value)
+
+
+TEE_MODES = ("tdx", "sev-snp", "plain")
+
+
+def _tee_mode(doc: Mapping[str, Any]) -> str:
+    value = doc.get("tee_mode", "")
+    if value != "" and value not in TEE_MODES:
+        raise SysConfigError(f".sys-config.json: tee_mode must be one of {', '.join(TEE_MODES)}")
+    return str(value)
 
 
 def parse_sys_config(data: bytes) -> SysConfig:
@@ -110,6 +124,7 @@ def parse_sys_config(data: bytes) -> SysConfig:
         docker_registry=_text(doc, "docker_registry"),
         host_api_url=_text(doc, "host_api_url"),
         vm_config=vm,
+        tee_mode=_tee_mode(doc),
     )
 
 

@@ -16,15 +16,17 @@ Per CVM, in `<home>/node/vms/<instance>/` (dstack-vmm's VmWorkDir layout):
 
 The guest's network is QEMU's user network with `restrict=on`: it reaches neither the host nor the outside
 (no DNS, no registry), only the host services the backend forwards to it (`guest_services`): each KMS node
-at 10.0.2.100+k:443 and each gateway registration listener at 10.0.2.120+k:443, each a `guestfwd` to one
-host loopback port; `.sys-config.json` names those guest-side URLs (`kms_urls`, `kms_group`,
-`gateway_urls`), as dstack passes its KMS and gateway URLs. Published app ports come in by hostfwd.
+at 10.0.2.100+k:443, each gateway registration listener at 10.0.2.120+k:443 and the PCCS (tdx / sev-snp)
+at 10.0.2.124:443, each a `guestfwd` to one host loopback port; `.sys-config.json` names those guest-side
+URLs (`kms_urls`, `kms_group`, `gateway_urls`, `pccs_url`), as dstack passes its KMS and gateway URLs.
+Published app ports come in by hostfwd.
 
 The guest's agent (teecloud.agent.vm_agent) boots the CVM inside the VM (measure, keys from the KMS over
 RA-TLS, env, LUKS, compose) and answers the host on a loopback-forwarded port with `GET /info` only: its
 identity and the boot's phase, which the backend follows until `running` (or `failed`, with the guest's
 reason, a BootFailed at that phase). The host never sends the guest bytes to quote, and holds none of the
-app's keys: nothing in this backend releases a key. Mode plain's guest uses the simulated TEE (its state
+app's keys: nothing in this backend releases a key. The guest picks its TEE from the mode written into
+.sys-config.json (`tee_mode`; teecloud.tee.guest). Mode plain's guest uses the simulated TEE (its state
 from the node's `simulated-tee/`, shared with the VM: plain mode protects nothing from the host), and pins
 the KMS root key the node verified on chain (`kms_ca_pubkey` in .sys-config.json).
 """
@@ -50,6 +52,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from teecloud._fs import atomic_write
+from teecloud.appcompose import AppComposeError, gpu_attestation_required
 from teecloud.node.errors import (
     BootFailed,
     ComposeRejected,
@@ -74,7 +77,14 @@ from teecloud.node.runtime.qemu_cmdline import (
     qemu_argv,
 )
 
-__all__ = ["QemuBackend", "QemuBackendConfig", "QemuCvm", "SerialLog", "guest_services"]
+__all__ = [
+    "QemuBackend",
+    "QemuBackendConfig",
+    "QemuCvm",
+    "SerialLog",
+    "check_passthrough_devices",
+    "guest_services",
+]
 
 log = logging.getLogger("teecloud.node.runtime.qemu")
 
@@ -86,6 +96,7 @@ STOP_GRACE_S = 5.0
 GUEST_SERVICE_PORT = 443
 KMS_GUEST_ADDRESSES = tuple(f"10.0.2.{100 + k}" for k in range(16))
 GATEWAY_GUEST_ADDRESSES = tuple(f"10.0.2.{120 + k}" for k in range(4))
+PCCS_GUEST_ADDRESSES = ("10.0.2.124",)
 # the host-shared files, by their dstack names (dstack_types::shared_filenames)
 SHARED_FILES = ("app-compose.json", ".instance-info", ".sys-config.json", ".encrypted-env", ".user-config")
 
@@ -113,6 +124,69 @@ class QemuBackendConfig:
     # the gateways the guest registers with: (registration URLs on the host's loopback, their CA's PEM), or
     # None (no gateway: nothing forwarded, no registration)
     gateway: Callable[[], tuple[list[str], str] | None] | None = None
+    # GPUs (and NVSwitch bridges) this node passes through, host PCI addresses (modes tdx and sev-snp;
+    # dstack-vmm's attach mode "all"): a CVM whose measured compose requires GPU attestation
+    # (`"gpu_attestation": "required"`) gets all of them, others none; one running CVM at a time holds them
+    gpus: tuple[str, ...] = ()
+    gpu_bridges: tuple[str, ...] = ()
+    pci_hole64_size: int = 0
+    hotplug_off: bool = False
+    sysfs: Path = Path("/sys")  # where the GPU host checks read (tests: a fake tree)
+    dev: Path = Path("/dev")
+
+
+def check_passthrough_devices(
+    addresses: Sequence[str], *, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")
+) -> None:
+    """Each device can be given to a VM safely, as QEMU's vfio-pci over iommufd takes it; else
+    RuntimeUnavailable naming the device and the fix:
+    (1) the host kernel has iommufd (/dev/iommu);
+    (2) the device exists and is bound to vfio-pci (no host driver keeps using it);
+    (3) it has an IOMMU group and is alone in it (any other device of the group could DMA into the memory
+        the IOMMU maps for this one: the group is the unit of isolation);
+    (4) it has a VFIO device node (vfio-dev/vfioN: CONFIG_VFIO_DEVICE_CDEV), which iommufd needs."""
+    if not addresses:
+        return
+    # (1)
+    if not (dev / "iommu").exists():
+        raise RuntimeUnavailable(
+            f"{dev / 'iommu'} is absent: GPU passthrough needs the host kernel's iommufd (Linux >= 6.2 with "
+            "CONFIG_IOMMUFD) and the IOMMU on (intel_iommu=on / amd_iommu=on)"
+        )
+    for address in addresses:
+        device = sysfs / "bus" / "pci" / "devices" / address
+        if not device.is_dir():
+            raise RuntimeUnavailable(f"no PCI device {address} on this host ({device})")
+        # (2)
+        driver = (
+            os.path.basename(os.readlink(device / "driver")) if (device / "driver").is_symlink() else None
+        )
+        if driver != "vfio-pci":
+            raise RuntimeUnavailable(
+                f"PCI device {address} is bound to {driver or 'no driver'}, not vfio-pci: bind it first "
+                f"(e.g. `driverctl set-override {address} vfio-pci`)"
+            )
+        # (3)
+        group_link = device / "iommu_group"
+        if not group_link.is_symlink():
+            raise RuntimeUnavailable(
+                f"PCI device {address} has no IOMMU group: the IOMMU is off (intel_iommu=on / amd_iommu=on)"
+            )
+        group = os.path.basename(os.readlink(group_link))
+        members = sorted(p.name for p in (group_link / "devices").iterdir())
+        if members != [address]:
+            others = [m for m in members if m != address]
+            raise RuntimeUnavailable(
+                f"PCI device {address} is not alone in IOMMU group {group} (also: "
+                f"{', '.join(others)[:300]}): those devices could reach the memory mapped for it; refused "
+                "(put it in its own group: another slot, or ACS on the bridge above it)"
+            )
+        # (4)
+        if not any((device / "vfio-dev").glob("vfio*")):
+            raise RuntimeUnavailable(
+                f"PCI device {address} has no VFIO device node (vfio-dev/vfioN): QEMU's iommufd backend "
+                "needs CONFIG_VFIO_DEVICE_CDEV (Linux >= 6.6)"
+            )
 
 
 def _free_port() -> int:
@@ -147,9 +221,10 @@ def guest_services(
     gateway: tuple[list[str], str] | None = None,
 ) -> tuple[dict[str, Any], tuple[GuestForward, ...]]:
     """The guest's .sys-config.json and the guestfwd rules that make its URLs reachable: every KMS URL
-    (`kms_urls`, or `kms_group`'s nodes by share index) and gateway registration URL, each on this host's
-    loopback, becomes a fixed guest-side address (KMS_GUEST_ADDRESSES, GATEWAY_GUEST_ADDRESSES, port 443)
-    forwarded to that one port. Pure; a URL off loopback is a BootFailed at `keys`."""
+    (`kms_urls`, or `kms_group`'s nodes by share index), gateway registration URL and the PCCS URL, each on
+    this host's loopback, becomes a fixed guest-side address (KMS_GUEST_ADDRESSES, GATEWAY_GUEST_ADDRESSES,
+    PCCS_GUEST_ADDRESSES, port 443) forwarded to that one port. Pure; a URL off loopback is a BootFailed at
+    `keys`."""
     doc = {k: v for k, v in sys_config.items() if k not in ("kms_ca_pubkey", "kms_group", "gateway_ca_pem")}
     forwards: list[GuestForward] = []
 
@@ -173,6 +248,8 @@ def guest_services(
         doc["kms_urls"] = [forward(u, KMS_GUEST_ADDRESSES, k, "KMS URL") for k, u in enumerate(urls)]
         if kms_ca_pubkey is not None:
             doc["kms_ca_pubkey"] = kms_ca_pubkey
+    if sys_config.get("pccs_url"):  # tdx / sev-snp: the collateral the guest verifies the KMS with
+        doc["pccs_url"] = forward(sys_config["pccs_url"], PCCS_GUEST_ADDRESSES, 0, "PCCS URL")
     if gateway is not None:
         urls, ca_pem = gateway
         doc["gateway_urls"] = [
@@ -191,10 +268,11 @@ def _write_shared(
     kms_ca_pubkey: str | None = None,
     simulated_tee: Path | None = None,
     sys_config: dict[str, Any] | None = None,
+    tee_mode: Mode | None = None,
 ) -> None:
     """Copy the instance's host-shared files into the VM's share (owner-only; atomic each): .sys-config.json
-    as `sys_config` gives it (guest_services), else with the KMS root key added; in mode plain the simulated
-    TEE's state."""
+    as `sys_config` gives it (guest_services), else with the KMS root key and the guest's TEE mode
+    (`tee_mode`, teecloud.tee.guest) added; in mode plain the simulated TEE's state."""
     shared.mkdir(parents=True, exist_ok=True, mode=0o700)
     sources = {
         "app-compose.json": inst.app_compose_path,
@@ -209,9 +287,13 @@ def _write_shared(
             data = src.read_bytes()
             if name == ".sys-config.json" and sys_config is not None:
                 data = json.dumps(sys_config, sort_keys=True).encode()
-            elif name == ".sys-config.json" and kms_ca_pubkey is not None:
+            elif name == ".sys-config.json" and (kms_ca_pubkey is not None or tee_mode is not None):
                 doc = json.loads(data)
-                data = json.dumps({**doc, "kms_ca_pubkey": kms_ca_pubkey}, sort_keys=True).encode()
+                if kms_ca_pubkey is not None:
+                    doc["kms_ca_pubkey"] = kms_ca_pubkey
+                if tee_mode is not None:
+                    doc["tee_mode"] = tee_mode
+                data = json.dumps(doc, sort_keys=True).encode()
             atomic_write(shared / name, data, mode=0o644)
         else:
             with contextlib.suppress(FileNotFoundError):
@@ -486,6 +568,9 @@ class QemuBackend:
                 )
         if self.config.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise RuntimeUnavailable("/dev/kvm is not available: use mode plain with accel tcg on this host")
+        check_passthrough_devices(
+            (*self.config.gpus, *self.config.gpu_bridges), sysfs=self.config.sysfs, dev=self.config.dev
+        )
 
     def check_images(self, refs: Sequence[str]) -> None:
         """Every image is in the host's Docker (the guest gets them through `docker save`)."""
@@ -505,10 +590,45 @@ class QemuBackend:
             raise ComposeRejected(f"images not present on this node (docker save): {', '.join(missing)}")
 
     def describe(self) -> str:
-        return f"qemu ({self.config.mode}, {self.config.accel})"
+        gpus = f", {len(self.config.gpus)} GPU(s)" if self.config.gpus else ""
+        return f"qemu ({self.config.mode}, {self.config.accel}{gpus})"
 
     def workdir(self, inst: Instance) -> Path:
         return self.root / inst.instance_id[:16]  # short: the QMP socket path must fit sun_path
+
+    def _gpus_for(self, inst: Instance) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The GPUs and bridges a CVM gets: the node's when its compose (measured: part of the compose hash)
+        requires GPU attestation, else none."""
+        if not self.config.gpus:
+            return (), ()
+        try:
+            wanted = gpu_attestation_required(inst.app_compose())
+        except AppComposeError as exc:
+            raise ComposeRejected(str(exc)) from None
+        return (self.config.gpus, self.config.gpu_bridges) if wanted else ((), ())
+
+    def _check_gpus_free(self, inst: Instance, devices: Sequence[str]) -> None:
+        """No other running VM of this node holds one of `devices` (read from the running QEMUs' command
+        lines, so it holds across node restarts)."""
+        if not devices or not self.root.is_dir():
+            return
+        mine = self.workdir(inst)
+        for work in sorted(self.root.iterdir()):
+            if work == mine or not work.is_dir():
+                continue
+            pid = QemuCvm(inst, work, agent_port=None, booted=False).pid()
+            if pid is None:
+                continue
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            held = [d for d in devices if any(a.startswith(f"vfio-pci,host={d},".encode()) for a in argv)]
+            if held:
+                raise InstanceStateError(
+                    f"GPU {', '.join(held)} is held by the running VM {work.name}: one CVM at a time gets "
+                    "this node's GPUs (stop that CVM first)"
+                )
 
     def _vm_config(
         self,
@@ -528,6 +648,7 @@ class QemuBackend:
         ports += tuple(PortForward(host_port=p, guest_port=p) for p in _published_ports(inst))
         # tdx: the app's identity in MRCONFIGID (dstack MrConfig V1), never on the measured command line
         mrconfigid = mrconfigid_v1(inst.compose_hash()) if self.config.mode == "tdx" else b""
+        gpus, bridges = self._gpus_for(inst)
         return QemuVmConfig(
             mode=self.config.mode,
             image=self.config.image,
@@ -539,6 +660,10 @@ class QemuBackend:
             host_share=self.config.host_share,
             mrconfigid=mrconfigid,
             app_images=self.workdir(inst) / "app-images.tar" if self.config.docker is not None else None,
+            gpus=gpus,
+            gpu_bridges=bridges,
+            pci_hole64_size=self.config.pci_hole64_size if gpus else 0,
+            hotplug_off=self.config.hotplug_off and bool(gpus),
         )
 
     def launch(
@@ -549,6 +674,9 @@ class QemuBackend:
         agent_port = _free_port()
         sys_config, forwards = self._guest_sys_config(instance)
         cfg = self._vm_config(instance, limits, agent_port, forwards)
+        # the passed-through GPUs, checked at every launch (a device may have been rebound since the start)
+        check_passthrough_devices((*cfg.gpus, *cfg.gpu_bridges), sysfs=self.config.sysfs, dev=self.config.dev)
+        self._check_gpus_free(instance, (*cfg.gpus, *cfg.gpu_bridges))
         work = cfg.workdir
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
         cvm = QemuCvm(instance, work, agent_port=agent_port, booted=False)
@@ -563,20 +691,40 @@ class QemuBackend:
         if cfg.app_images is not None and self.config.docker is not None:
             _save_images(self.config.docker, _image_refs(instance), cfg.app_images)
         if not cfg.hda.exists():
-            out = subprocess.run(
-                [self.config.qemu_img, "create", "-q", "-f", "qcow2", str(cfg.hda), f"{cfg.shape.disk_gb}G"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            try:
+                out = subprocess.run(
+                    [
+                        self.config.qemu_img,
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        str(cfg.hda),
+                        f"{cfg.shape.disk_gb}G",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+            except OSError as exc:
+                raise RuntimeUnavailable(
+                    f"cannot run {self.config.qemu_img}: {exc.strerror or exc}"
+                ) from None
             if out.returncode != 0:
                 raise BootFailed("storage", f"qemu-img create failed: {out.stderr.strip()[:500]}")
         argv = qemu_argv(cfg, qemu=self.config.qemu)
         with (work / "qemu.log").open("wb") as qlog:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=qlog,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:  # no QEMU binary: the host's problem, named (not a traceback)
+                raise RuntimeUnavailable(f"cannot start {self.config.qemu}: {exc.strerror or exc}") from None
         atomic_write(work / "qemu.pid", str(proc.pid).encode())
         deadline = time.monotonic() + self.config.agent_timeout_s
         try:
@@ -605,9 +753,9 @@ class QemuBackend:
         group = self.config.kms_group() if self.config.kms_group is not None else None
         ca = self.config.kms_ca_pubkey() if self.config.kms_ca_pubkey is not None and group is None else None
         gateway = self.config.gateway() if self.config.gateway is not None else None
-        return guest_services(
-            doc if isinstance(doc, dict) else {}, kms_ca_pubkey=ca, kms_group=group, gateway=gateway
-        )
+        # the guest's TEE mode (teecloud.tee.guest reads it)
+        doc = {**(doc if isinstance(doc, dict) else {}), "tee_mode": self.config.mode}
+        return guest_services(doc, kms_ca_pubkey=ca, kms_group=group, gateway=gateway)
 
     def _follow_boot(
         self,

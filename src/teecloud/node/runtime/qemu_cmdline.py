@@ -7,12 +7,19 @@ shared/reference/dstack-vmm.md section 1), for three modes:
              every virtio device with `disable-legacy=on,iommu_platform=true`
     plain    no TEE (q35 only): the same image and devices; what the tests here boot under TCG
 
+GPUs (tdx, sev-snp; dstack-vmm's layout for NVIDIA confidential-computing GPUs): one `iommufd` object, then
+per GPU (and per NVSwitch bridge) its own `pcie-root-port` on pcie.0 (chassis N) with a `vfio-pci` device
+of the host's PCI address behind it, bound to the iommufd; optionally a larger 64-bit PCI hole
+(`q35-pcihost.pci-hole64-size`, for BARs as large as an H100's) and ACPI PCI hot-plug off. A GPU in mode
+plain is refused: its evidence would be bound to no TEE. The host checks of those devices (bound to
+vfio-pci, alone in their IOMMU group) are teecloud.node.runtime.qemu's (they read sysfs).
+
 Pure: `qemu_argv(config) -> list[str]` does no I/O. `QemuVmConfig` refuses, with a reason a user can act on
 (`UnsafeVmConfig`), what would give the host the guest's secrets or an unmeasured boot: a debug TD or SNP
 policy, SNP without kernel hashes (the kernel, initrd and command line would then be unmeasured), host
-device passthrough (not supported here), a TEE mode under TCG, a port forward off loopback by default, a
-guest forward to anything but a host loopback port, and values out of bounds or carrying QEMU option
-separators.
+device passthrough other than GPUs, a GPU in mode plain, a TEE mode under TCG, a port forward off loopback
+by default, a guest forward to anything but a host loopback port, and values out of bounds or carrying QEMU
+option separators.
 
 The guest's user network is `restrict=on` in every mode (dstack-vmm uses `restrict=no`): the guest reaches
 the host only through its `guestfwd` rules (GuestForward), each relayed to one host loopback port.
@@ -50,6 +57,7 @@ __all__ = [
     "UnsafeVmConfig",
     "VmShape",
     "mrconfigid_v1",
+    "pci_address",
     "qemu_argv",
 ]
 
@@ -79,6 +87,10 @@ DEFAULT_QGS_PORT = 4050
 APP_IMAGES_SERIAL = "tc-images"
 # a value inside a QEMU option list: no separator (,), no `=` in paths we do not expect, no control bytes
 _SAFE_OPTION_VALUE = re.compile(r"[A-Za-z0-9_./+\-:@]+")
+MAX_GPUS = 16  # GPUs + NVSwitch bridges of one CVM (an HGX board: 8 GPUs, 4 NVSwitches)
+# a PCI address: [domain:]bus:device.function, lower-case hex (sysfs's spelling)
+_PCI_ADDRESS = re.compile(r"(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([01][0-9a-f])\.([0-7])")
+MAX_PCI_HOLE64 = 1 << 46  # 64 TiB
 
 
 class UnsafeVmConfig(BadRequest):
@@ -95,6 +107,16 @@ def _option_value(value: str, what: str) -> str:
 
 def _path(value: Path, what: str) -> str:
     return _option_value(str(value), what)
+
+
+def pci_address(value: str) -> str:
+    """A host PCI address as sysfs names it (`0000:bb:dd.f`), from `bb:dd.f` or `dddd:bb:dd.f`."""
+    m = _PCI_ADDRESS.fullmatch(value.strip().lower()) if isinstance(value, str) else None
+    if m is None:
+        raise UnsafeVmConfig(
+            f"PCI address {str(value)[:64]!r}: expected [domain:]bus:device.function, e.g. 0000:3b:00.0"
+        )
+    return f"{m.group(1) or '0000'}:{m.group(2)}:{m.group(3)}.{m.group(4)}"
 
 
 @dataclass(frozen=True)
@@ -221,7 +243,13 @@ class QemuVmConfig:
     qgs_port: int | None = DEFAULT_QGS_PORT  # tdx: the host QGS's vsock port (None: no quote socket)
     snp: SevSnpParams = field(default_factory=SevSnpParams)
     debug: bool = False  # a debuggable TD / SNP guest: the host can read its memory; always refused
-    host_devices: tuple[str, ...] = ()  # PCI passthrough (vfio-pci): refused
+    host_devices: tuple[str, ...] = ()  # PCI passthrough of other devices (vfio-pci): refused
+    # GPUs and NVSwitch bridges passed through (vfio-pci over iommufd; tdx and sev-snp only): host PCI
+    # addresses, normalized by pci_address
+    gpus: tuple[str, ...] = ()
+    gpu_bridges: tuple[str, ...] = ()
+    pci_hole64_size: int = 0  # bytes; 0: QEMU's default (dstack-vmm's qemu_pci_hole64_size)
+    hotplug_off: bool = False  # ACPI PCI hot-plug with bridge support off (dstack-vmm's qemu_hotplug_off)
     allow_public_ports: bool = False
     # how the host-shared files reach the guest (dstack-vmm's host_share_mode): a read-only 9p share, or a
     # read-only FAT disk QEMU builds from the directory (vvfat), labelled DSTACKSHR, for kernels without 9p
@@ -251,6 +279,7 @@ class QemuVmConfig:
                 "host device passthrough is not supported by this node: a passed-through device is outside "
                 f"the CVM's measurement and can DMA into shared memory ({', '.join(self.host_devices)[:200]})"
             )
+        self._check_gpus()
         if self.mode == "sev-snp":
             if not self.snp.kernel_hashes:
                 raise UnsafeVmConfig(
@@ -292,6 +321,29 @@ class QemuVmConfig:
         if len(set(targets)) != len(targets):
             raise UnsafeVmConfig("a guest address and port is forwarded twice")
 
+    def _check_gpus(self) -> None:
+        devices = (*self.gpus, *self.gpu_bridges)
+        if not devices:
+            if self.pci_hole64_size and not 0 < self.pci_hole64_size <= MAX_PCI_HOLE64:
+                raise UnsafeVmConfig(f"pci_hole64_size must be in 1..{MAX_PCI_HOLE64} bytes")
+            return
+        if self.mode == "plain":
+            raise UnsafeVmConfig(
+                "a GPU in mode plain is refused: the VM has no TEE, so the GPU's evidence would be bound to "
+                "nothing and its data readable by the host (use mode tdx or sev-snp)"
+            )
+        if not self.gpus:
+            raise UnsafeVmConfig("NVSwitch bridges are passed through only with the GPUs they connect")
+        if len(devices) > MAX_GPUS:
+            raise UnsafeVmConfig(f"at most {MAX_GPUS} GPUs and bridges per CVM")
+        for d in devices:
+            if pci_address(d) != d:
+                raise UnsafeVmConfig(f"PCI address {d[:64]!r} is not in sysfs's form {pci_address(d)!r}")
+        if len(set(devices)) != len(devices):
+            raise UnsafeVmConfig("a PCI device is passed through twice")
+        if not 0 <= self.pci_hole64_size <= MAX_PCI_HOLE64:
+            raise UnsafeVmConfig(f"pci_hole64_size must be in 0..{MAX_PCI_HOLE64} bytes")
+
     # -- the files in the work directory (dstack-vmm's VmWorkDir names)
     @property
     def hda(self) -> Path:
@@ -330,6 +382,11 @@ def qemu_argv(cfg: QemuVmConfig, *, qemu: str = "qemu-system-x86_64") -> list[st
     # (2) firmware, kernel, initrd and command line, passed unchanged (they are what is measured)
     bios = cfg.image.bios_sev if snp and cfg.image.bios_sev is not None else cfg.image.bios
     argv += ["-bios", str(bios), "-kernel", str(cfg.image.kernel), "-initrd", str(cfg.image.initrd)]
+    # PCI layout for large device BARs (GPUs), as dstack-vmm places them
+    if cfg.hotplug_off:
+        argv += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+    if cfg.pci_hole64_size:
+        argv += ["-global", f"q35-pcihost.pci-hole64-size={cfg.pci_hole64_size:#x}"]
     # (3) disks: the verity rootfs read-only, the data disk (LUKS2 inside the guest: the host sees ciphertext)
     if cfg.image.rootfs is not None:
         argv += ["-drive", f"file={_path(cfg.image.rootfs, 'rootfs')},if=none,id=hd0,format=raw,readonly=on"]
@@ -387,6 +444,12 @@ def qemu_argv(cfg: QemuVmConfig, *, qemu: str = "qemu-system-x86_64") -> list[st
         images = _path(cfg.app_images, "app images")
         argv += ["-drive", f"file={images},if=none,id=hd3,format=raw,readonly=on"]
         argv += ["-device", f"virtio-blk-pci,drive=hd3,serial={APP_IMAGES_SERIAL}{virtio}"]
+    # (7) GPUs, then NVSwitch bridges: each behind its own PCIe root port, vfio-pci over one iommufd
+    if cfg.gpus:
+        argv += ["-object", "iommufd,id=iommufd0"]
+        for n, address in enumerate((*cfg.gpus, *cfg.gpu_bridges), start=1):
+            argv += ["-device", f"pcie-root-port,id=pci.{n},bus=pcie.0,chassis={n}"]
+            argv += ["-device", f"vfio-pci,host={address},bus=pci.{n},iommufd=iommufd0"]
     argv += ["-smp", str(cfg.shape.vcpus), "-m", f"{cfg.shape.memory_mb}M"]
     argv += ["-append", cfg.image.cmdline]
     return argv
