@@ -458,3 +458,39 @@ def test_the_hosts_view_of_the_guests_containers_keeps_only_the_ports_it_forward
         proc.wait()
         server.shutdown()
         server.server_close()
+
+
+def test_a_pccs_on_the_hosts_loopback_is_forwarded_and_a_remote_one_refused() -> None:
+    from teecloud.node.errors import BootFailed
+    from teecloud.node.runtime.qemu import guest_services
+    from teecloud.node.runtime.qemu_cmdline import GuestForward
+
+    host = {
+        "kms_urls": ["https://127.0.0.1:8443"],
+        "pccs_url": "https://127.0.0.1:8081/sgx/certification/v4/",
+    }
+    doc, forwards = guest_services(host, kms_ca_pubkey="ab" * 8)
+    assert doc["pccs_url"] == "https://10.0.2.124:443/sgx/certification/v4/"
+    assert GuestForward("10.0.2.124", 443, 8081) in forwards
+    with pytest.raises(BootFailed, match="host loopback services"):
+        guest_services({**host, "pccs_url": "https://api.trustedservices.intel.com/sgx/certification/v4/"})
+
+
+def test_the_guests_sys_config_states_the_backends_tee_mode(teecloud_home: Path) -> None:
+    image = GuestImage(bios=OVMF, kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0")
+    backend = QemuBackend(
+        QemuBackendConfig(image=image, mode="plain", accel="tcg", kms_ca_pubkey=lambda: "ab" * 8),
+        home=teecloud_home,
+    )
+    inst = InstanceStore(teecloud_home).create(
+        app_compose=_compose(18088).encode(),
+        app_id=b"\x11" * 20,
+        name="web",
+        encrypted_env=None,
+        user_config=None,
+        sys_config={"kms_urls": ["https://127.0.0.1:8443"], "tee_mode": "tdx"},  # the backend's mode wins
+        limits=ResourceLimits(memory_mb=512),
+    )
+    doc, forwards = backend._guest_sys_config(inst)  # type: ignore[arg-type]
+    assert doc["tee_mode"] == "plain" and doc["kms_ca_pubkey"] == "ab" * 8
+    assert doc["kms_urls"] == ["https://10.0.2.100:443"] and len(forwards) == 1
