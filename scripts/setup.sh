@@ -50,6 +50,14 @@ if [ ! -f "$GUEST_KERNEL_DIR/vmlinuz" ] || [ ! -d "$GUEST_KERNEL_DIR/modules" ];
   cp "$ktmp"/x/boot/vmlinuz-* "$GUEST_KERNEL_DIR/vmlinuz.tmp" && mv "$GUEST_KERNEL_DIR/vmlinuz.tmp" "$GUEST_KERNEL_DIR/vmlinuz"
   rm -rf "$ktmp"
 fi
+# --- qemu guest network: socat relays each guestfwd connection (the KMS nodes, the gateway) of a
+# restricted guest to one host loopback port
+if ! command -v socat >/dev/null; then
+  echo "setup: apt-get install socat"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat >/dev/null
+fi
+# --- end qemu guest network
 # --- qemu guest image: `teecloud image build` (mmdebstrap from deb.debian.org, squashfs, dm-verity)
 need_img=()
 command -v mmdebstrap >/dev/null || need_img+=(mmdebstrap)

@@ -128,8 +128,6 @@ class LocalCloud:
 
         if backend not in BACKENDS:
             raise NodeError(f"unknown CVM backend {backend!r} (one of: {', '.join(BACKENDS)})")
-        if backend == "qemu" and kms_nodes > 1:
-            raise NodeError("--backend qemu runs with one KMS (the guest pins one KMS root key)")
         self.backend_kind = backend
         self.qemu_image = Path(qemu_image) if qemu_image is not None else None
         if qemu_accel not in ("kvm", "tcg"):
@@ -305,7 +303,9 @@ class LocalCloud:
     def _qemu_backend(self, key_provider: Any) -> Any:
         """--backend qemu: one VM per CVM in mode plain (TCG, or KVM with qemu_accel), the image of
         `teecloud image build` (built, or found in its cache, now), the guest's simulated TEE sharing this
-        installation's state, the KMS root key as this node's KMS client verified it on chain."""
+        installation's state; what the guest trusts and reaches: the KMS root key as this node's KMS client
+        verified it on chain, or (threshold) the group and committee as the chain records them; the gateway's
+        registration listener and CA once the gateway runs."""
         from teecloud.image.build import build_image, guest_image_fields
         from teecloud.node.runtime import make_backend
         from teecloud.node.runtime.qemu import QemuBackendConfig
@@ -323,6 +323,8 @@ class LocalCloud:
             agent_timeout_s=180.0 if kvm else 900.0,
             simulated_tee=self.home / "simulated-tee",
             kms_ca_pubkey=lambda: str(key_provider.info()["id"]),
+            kms_group=self._guest_kms_group(key_provider) if self.kms_nodes > 1 else None,
+            gateway=self._guest_gateway,
         )
         return make_backend(
             "qemu",
@@ -331,6 +333,56 @@ class LocalCloud:
             config=config,
             home=self.home,
         )
+
+    def _guest_gateway(self) -> tuple[list[str], str] | None:
+        """The gateway a qemu guest registers with: its registration listener and CA (None before it runs)."""
+        if self.gateway is None:
+            return None
+        return [str(self.gateway.registration_url)], str(self.gateway.ca.cert_pem)
+
+    def _guest_kms_group(self, provider: Any) -> Any:
+        """A threshold guest's KMS: the group the node's ThresholdKeyProvider trusts (epoch, t, commitments,
+        signing key: the chain's committee record) and, per share index, the node's URL and the measurement
+        and device its server certificate shows, that certificate being the one this node's client checked
+        against KmsAuth.isKmsAllowed (read at each launch: a node that restarted has a new certificate)."""
+        from teecloud.node.errors import BootFailed
+        from teecloud.peer import PeerPolicy, PeerRejected, PeerVerifier, StaticCollateral
+        from teecloud.tee.simulated import SimulatedTdx
+
+        platform = SimulatedTdx(self.home)
+        peers = PeerVerifier(
+            PeerPolicy.dev(platform.dev_root_der(), max_cert_lifetime_s=366 * 24 * 3600),
+            StaticCollateral(platform.collateral),
+        )
+
+        def doc() -> dict[str, Any]:
+            from teecloud.kms.errors import KmsClientError
+
+            group = provider.group
+            nodes = {}
+            for i, url in sorted(group.nodes.items()):
+                try:
+                    # the certificate the node's client pinned after its chain check (the guest has no chain)
+                    boot_info = peers.verify_cert(provider._clients[i]._pin()).boot_info
+                except (KmsClientError, PeerRejected) as exc:
+                    log.warning("KMS node %d is not pinned for the guest: %s", i, exc)
+                    continue
+                nodes[str(i)] = {
+                    "url": url,
+                    "mr_aggregated": boot_info.mr_aggregated.hex(),
+                    "device_id": boot_info.device_id.hex(),
+                }
+            if len(nodes) < group.t:
+                raise BootFailed("keys", f"fewer than t={group.t} KMS nodes show a valid certificate")
+            return {
+                "epoch": group.epoch,
+                "t": group.t,
+                "commitments": [c.hex() for c in group.commitments],
+                "signing_key": group.signing_key.hex(),
+                "nodes": nodes,
+            }
+
+        return doc
 
     def _start_gateway(self, chain: Any, platform: Any, boots: Any, node: Any) -> dict[str, Any]:
         """The local gateway and the node's registrar (teecloud.gateway.local); {} without HAProxy."""

@@ -320,9 +320,177 @@ def test_teecloud_up_refuses_an_unknown_backend_or_accel_in_one_line(teecloud_ho
     for args, reason in (
         (["--backend", "vmware"], "unknown CVM backend 'vmware' (one of: docker, qemu)"),
         (["--backend", "qemu", "--qemu-accel", "hvf"], "--qemu-accel is kvm or tcg"),
-        (["--backend", "qemu", "--kms-nodes", "3"], "--backend qemu runs with one KMS"),
+        (["--backend", "qemu", "--kms-nodes", "3", "--threshold", "4"], "need 1 <= KMS threshold"),
     ):
         result = CliRunner().invoke(app, ["up", *args])
         assert result.exit_code == 1, result.output
         assert reason in result.output and "Traceback" not in result.output
     assert not (teecloud_home / "chain").exists()  # refused before anything started
+
+
+def test_the_guest_reaches_each_kms_and_gateway_at_a_fixed_address_forwarded_to_one_loopback_port() -> None:
+    from teecloud.node.runtime.qemu import guest_services
+    from teecloud.node.runtime.qemu_cmdline import GuestForward
+
+    host = {"kms_urls": ["https://127.0.0.1:8443"], "gateway_urls": [], "vm_config": "{}"}
+    doc, forwards = guest_services(
+        host, kms_ca_pubkey="ab" * 8, gateway=(["https://127.0.0.1:9443"], "-----BEGIN CERTIFICATE-----")
+    )
+    assert doc == {
+        "kms_urls": ["https://10.0.2.100:443"],
+        "kms_ca_pubkey": "ab" * 8,
+        "gateway_urls": ["https://10.0.2.120:443"],
+        "gateway_ca_pem": "-----BEGIN CERTIFICATE-----",
+        "vm_config": "{}",  # the rest of dstack's file unchanged
+    }
+    assert forwards == (GuestForward("10.0.2.100", 443, 8443), GuestForward("10.0.2.120", 443, 9443))
+    # threshold: every node by share index (the node's own sys-config names only one), pins kept
+    group = {
+        "epoch": 1,
+        "t": 2,
+        "commitments": ["00"],
+        "signing_key": "",
+        "nodes": {
+            str(i): {"url": f"https://localhost:{8000 + i}", "mr_aggregated": "11", "device_id": "22"}
+            for i in (3, 1, 2)
+        },
+    }
+    doc, forwards = guest_services(host, kms_ca_pubkey="ab" * 8, kms_group=group)
+    assert doc["kms_urls"] == [f"https://10.0.2.{99 + i}:443" for i in (1, 2, 3)]
+    assert doc["kms_group"]["nodes"]["2"] == {
+        "url": "https://10.0.2.101:443",
+        "mr_aggregated": "11",
+        "device_id": "22",
+    }
+    assert "kms_ca_pubkey" not in doc and doc["gateway_urls"] == []  # no gateway: nothing to reach
+    assert forwards == tuple(GuestForward(f"10.0.2.{99 + i}", 443, 8000 + i) for i in (1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    ("urls", "reason"),
+    [
+        (["https://10.1.2.3:8443"], "host loopback services"),  # a remote KMS: never routed from a guest
+        (["https://0.0.0.0:8443"], "host loopback services"),
+        (["https://127.0.0.1"], "host loopback services"),  # no explicit port
+        (["https://127.0.0.1:99999"], "not an http"),
+        (["file:///etc/passwd"], "not an http"),
+        ([7], "not an http"),
+        ([f"https://127.0.0.1:{8000 + k}" for k in range(17)], "at most 16"),
+    ],
+)
+def test_a_kms_url_the_guest_cannot_be_forwarded_to_fails_the_boot_at_keys(
+    urls: list[object], reason: str
+) -> None:
+    from teecloud.node.errors import BootFailed
+    from teecloud.node.runtime.qemu import guest_services
+
+    with pytest.raises(BootFailed, match=reason) as info:
+        guest_services({"kms_urls": urls})
+    assert info.value.phase == "keys"
+
+
+def test_the_share_carries_the_guests_sys_config(teecloud_home: Path, tmp_path: Path) -> None:
+    import json
+
+    from teecloud.node.runtime.qemu import _write_shared
+
+    inst = InstanceStore(teecloud_home).create(
+        app_compose=_compose(18088).encode(),
+        app_id=b"\x11" * 20,
+        name="web",
+        encrypted_env=None,
+        user_config=None,
+        sys_config={"kms_urls": ["https://127.0.0.1:1"]},
+        limits=ResourceLimits(memory_mb=512),
+    )
+    guest = {"kms_urls": ["https://10.0.2.100:443"], "gateway_urls": []}
+    _write_shared(inst, tmp_path / "shared", sys_config=guest)  # type: ignore[arg-type]
+    assert json.loads((tmp_path / "shared" / ".sys-config.json").read_text()) == guest
+
+
+def test_the_hosts_view_of_the_guests_containers_keeps_only_the_ports_it_forwards(
+    teecloud_home: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+    import threading
+    from http.server import HTTPServer
+
+    from teecloud.agent.vm_agent import make_handler
+
+    inst = _instance(teecloud_home)  # publishes 18088:80 and 18089:81
+    listed = [
+        {
+            "service": "web",
+            "container": "app-web-1",
+            "state": "running",
+            "health": None,
+            "exit_code": 0,
+            "ports": [
+                {"container_port": 80, "protocol": "tcp", "host_ip": "0.0.0.0", "host_port": 18088},
+                {"container_port": 80, "protocol": "tcp", "host_ip": "::", "host_port": 18088},
+                {
+                    "container_port": 22,
+                    "protocol": "tcp",
+                    "host_ip": "0.0.0.0",
+                    "host_port": 2222,
+                },  # not forwarded
+            ],
+        }
+    ]
+    server = HTTPServer(("127.0.0.1", 0), make_handler({}, containers=lambda: listed))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    workdir = tmp_path / "vm"
+    workdir.mkdir()
+    # a process standing in for the VM's QEMU (its command line names the VM's directory)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(workdir)])
+    try:
+        (workdir / "qemu.pid").write_text(str(proc.pid))
+        cvm = QemuCvm(inst, workdir, agent_port=server.server_address[1], booted=True)  # type: ignore[arg-type]
+        (state,) = cvm.containers()
+        assert (state.service, state.state) == ("web", "running")
+        # where the gateway and `teecloud deploy` reach it: the host's loopback forward, once per port
+        assert state.ports == [
+            {"container_port": 80, "protocol": "tcp", "host_ip": "127.0.0.1", "host_port": 18088}
+        ]
+    finally:
+        proc.kill()
+        proc.wait()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_pccs_on_the_hosts_loopback_is_forwarded_and_a_remote_one_refused() -> None:
+    from teecloud.node.errors import BootFailed
+    from teecloud.node.runtime.qemu import guest_services
+    from teecloud.node.runtime.qemu_cmdline import GuestForward
+
+    host = {
+        "kms_urls": ["https://127.0.0.1:8443"],
+        "pccs_url": "https://127.0.0.1:8081/sgx/certification/v4/",
+    }
+    doc, forwards = guest_services(host, kms_ca_pubkey="ab" * 8)
+    assert doc["pccs_url"] == "https://10.0.2.124:443/sgx/certification/v4/"
+    assert GuestForward("10.0.2.124", 443, 8081) in forwards
+    with pytest.raises(BootFailed, match="host loopback services"):
+        guest_services({**host, "pccs_url": "https://api.trustedservices.intel.com/sgx/certification/v4/"})
+
+
+def test_the_guests_sys_config_states_the_backends_tee_mode(teecloud_home: Path) -> None:
+    image = GuestImage(bios=OVMF, kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0")
+    backend = QemuBackend(
+        QemuBackendConfig(image=image, mode="plain", accel="tcg", kms_ca_pubkey=lambda: "ab" * 8),
+        home=teecloud_home,
+    )
+    inst = InstanceStore(teecloud_home).create(
+        app_compose=_compose(18088).encode(),
+        app_id=b"\x11" * 20,
+        name="web",
+        encrypted_env=None,
+        user_config=None,
+        sys_config={"kms_urls": ["https://127.0.0.1:8443"], "tee_mode": "tdx"},  # the backend's mode wins
+        limits=ResourceLimits(memory_mb=512),
+    )
+    doc, forwards = backend._guest_sys_config(inst)  # type: ignore[arg-type]
+    assert doc["tee_mode"] == "plain" and doc["kms_ca_pubkey"] == "ab" * 8
+    assert doc["kms_urls"] == ["https://10.0.2.100:443"] and len(forwards) == 1

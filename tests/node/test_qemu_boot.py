@@ -1,12 +1,20 @@
-"""A whole CVM on the qemu backend: `teecloud up --backend qemu`'s LocalCloud (chain, KMS, node) deploys an
-app whose image was `docker save`d on the host; the VM (mode plain, TCG) boots the built image, and its guest
-agent runs the guest half of boot (simulated TEE measuring into RTMR3, keys from the KMS over RA-TLS, env
-decrypted, the data disk opened as LUKS2) then dockerd, `docker load` and Compose.
+"""A whole CVM on the qemu backend: `teecloud up --backend qemu`'s LocalCloud (chain, KMS, node, gateway)
+deploys an app whose image was `docker save`d on the host; the VM (mode plain, TCG) boots the built image,
+and its guest agent runs the guest half of boot (simulated TEE measuring into RTMR3, keys from the KMS over
+RA-TLS, env decrypted, the data disk opened as LUKS2) then dockerd, `docker load` and Compose, then registers
+with the gateway.
 
-One VM for every assertion (TCG is slow): the app serves through the host's loopback forward what it wrote to
-its volume (the decrypted secret and a random token), the data disk file on the host is LUKS2 and holds
-neither, and after stop/start (a fresh VM, the same disk key from the KMS) the app reads the same data back.
-Slow (minutes), under the e2e lock; needs the host's Docker only to build and save the tiny image.
+One VM for every assertion of the first test (TCG is slow): the app serves through the host's loopback
+forward, and through the gateway over HTTPS (curl with the dev CA, at the URL deploy printed), what it wrote
+to its volume (the decrypted secret and a random token); the guest re-registers before its route expires;
+the app cannot reach a host loopback port that is not forwarded to it (restricted user network) and the host
+listener there sees no connection; the data disk file on the host is LUKS2 and holds neither value; after
+stop/start (a fresh VM, the same disk key from the KMS) the app reads the same data back.
+
+The second test boots one more VM on `teecloud up --backend qemu --kms-nodes 3 --threshold 2` (without an
+env: threshold nodes serve no env-encryption key yet, docs/kms.md): the guest's keys come from t of the n
+KMS node processes, each reached through its own guest forward, and the app is reachable through the gateway.
+Slow (minutes each), under the e2e lock; needs the host's Docker only to build and save the tiny image.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,11 +39,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
 IMAGE = "teecloud-qboot-test:1"
 SECRET = "qboot-secret-" + hashlib.sha256(b"teecloud qemu boot").hexdigest()[:20]
-# the app: its note (the decrypted secret + a random token) written once to its volume, one line per boot
+BANNER = b"host-loopback-service-the-guest-must-not-reach"
+# the app: its note (the decrypted secret + a random token) written once to its volume, one line per boot;
+# in the background, a probe of a host loopback port that is not forwarded to the guest ({probe})
 APP_SCRIPT = (
     "/bin/busybox --install -s /bin && mkdir -p /data/www && cd /data/www && "
-    '{ [ -f note ] || { echo "$$SECRET" > note && cat /proc/sys/kernel/random/uuid >> note; }; } && '
-    "echo boot >> boots && exec httpd -f -p 8080 -h /data/www"
+    '{{ [ -f note ] || {{ echo "$$SECRET" > note && cat /proc/sys/kernel/random/uuid >> note; }}; }} && '
+    "echo boot >> boots && "
+    "{{ ( nc -w 5 10.0.2.2 {probe} </dev/null > probe.out 2>&1; "
+    'echo "rc=$$?" >> probe.out; mv probe.out probe ) & }} && '
+    "exec httpd -f -p 8080 -h /data/www"
 )
 
 
@@ -70,8 +84,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def qcloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def _cloud(tmp_path_factory: pytest.TempPathFactory, **kw: Any) -> Iterator[Any]:
     if not _docker_ok():
         pytest.skip("no Docker engine reachable (the test's image is built and saved with it)")
     from teecloud.devstack import LocalCloud
@@ -82,7 +95,7 @@ def qcloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     given = os.environ.get("TEECLOUD_GUEST_IMAGE")
     path = Path(given) if given else build_image().path
     home = tmp_path_factory.mktemp("qboot-home")
-    cloud = LocalCloud(home, backend="qemu", qemu_image=path)
+    cloud = LocalCloud(home, backend="qemu", qemu_image=path, **kw)
     cloud.start(check=False)
     try:
         yield cloud
@@ -92,6 +105,16 @@ def qcloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                 cloud.node.remove(inst.instance_id)
         finally:
             cloud.stop()
+
+
+@pytest.fixture
+def qcloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    yield from _cloud(tmp_path_factory)
+
+
+@pytest.fixture
+def qcloud_threshold(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    yield from _cloud(tmp_path_factory, kms_nodes=3, kms_threshold=2)
 
 
 def _get(url: str, timeout: float = 120.0) -> httpx.Response:
@@ -109,18 +132,55 @@ def _get(url: str, timeout: float = 120.0) -> httpx.Response:
         time.sleep(1)
 
 
+class _HostService:
+    """A host loopback service (a banner to every connection) that no guest forward names; counts accepts."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.sendall(BANNER + b"\n")
+
+
+def _via_gateway(gateway: dict[str, Any], app_id: str, path: str) -> subprocess.CompletedProcess[str]:
+    host = f"{app_id}-8080.{gateway['base_domain']}"
+    public = gateway["public_port"]
+    return subprocess.run(
+        [
+            *("curl", "-sS", "--max-time", "20", "--cacert", str(gateway["ca_file"])),
+            *("--resolve", f"{host}:{public}:127.0.0.1", f"https://{host}:{public}{path}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.timeout(2400)
 def test_a_qemu_cvm_boots_serves_and_keeps_its_data_encrypted(qcloud: Any, tmp_path: Path) -> None:
     from teecloud.cloud.deploy import Session, deploy
     from teecloud.node.runtime.qemu import QemuCvm
 
+    gateway = qcloud.endpoints.gateway
+    assert gateway, "the local cloud started no gateway (HAProxy missing? scripts/setup.sh installs it)"
+    host_service = _HostService()
     port = _free_port()
     compose = tmp_path / "docker-compose.yml"
     compose.write_text(
         "services:\n"
         "  web:\n"
         f"    image: {IMAGE}\n"
-        f'    command: ["/bin/busybox", "sh", "-c", \'{APP_SCRIPT}\']\n'
+        f'    command: ["/bin/busybox", "sh", "-c", \'{APP_SCRIPT.format(probe=host_service.port)}\']\n'
         "    environment:\n"
         "      - SECRET\n"
         "    ports:\n"
@@ -159,6 +219,9 @@ def test_a_qemu_cvm_boots_serves_and_keeps_its_data_encrypted(qcloud: Any, tmp_p
             assert phase in cvm.guest_info["timings"], cvm.guest_info
         assert cvm.guest_info["dropped_env"] == ["DROPPED"]
         assert "simulated" in cvm.guest_info["tee"].lower()
+        # the guest's keys came from the KMS whose root key the node pinned (measured in key-provider)
+        assert cvm.guest_info["key_provider"]["name"] == "kms"
+        assert cvm.guest_info["key_provider"]["id"] == qcloud.key_provider.info()["id"]
         # deploy verified the attestation (quote over its nonce, compose hash); the guest computed report_data
         nonce = b"qboot-nonce"
         att = node.attestation(iid, nonce, public=False)
@@ -168,6 +231,16 @@ def test_a_qemu_cvm_boots_serves_and_keeps_its_data_encrypted(qcloud: Any, tmp_p
         note = _get(f"http://127.0.0.1:{port}/note").text
         assert note.splitlines()[0] == SECRET and len(note.splitlines()) == 2
         assert _get(f"http://127.0.0.1:{port}/boots").text.split() == ["boot"]
+        # (2b) and through the gateway: deploy printed the https URL, curl with the dev CA reaches the app
+        assert r.gateway_urls == [
+            f"https://{r.app_id}-8080.{gateway['base_domain']}:{gateway['public_port']}/"
+        ]
+        via = _via_gateway(gateway, r.app_id, "/note")
+        assert via.returncode == 0 and via.stdout == note, via.stderr
+        # (2c) restricted network: the app's probe of a host loopback port not forwarded to it got nothing
+        probe = _get(f"http://127.0.0.1:{port}/probe", timeout=60).text
+        assert "rc=" in probe and "rc=0" not in probe, probe
+        assert BANNER.decode() not in probe and host_service.accepted == 0, probe
         # (3) the data disk on the host is LUKS2 ciphertext: neither the secret nor the token is in it
         hda = cvm.workdir / "hda.img"
         disk = hda.read_bytes()
@@ -177,6 +250,17 @@ def test_a_qemu_cvm_boots_serves_and_keeps_its_data_encrypted(qcloud: Any, tmp_p
         # the serial console (the CVM's log) shows the guest's phases
         log = b"".join(node.logs(iid, service=None, tail=5000, follow=False, public=False)).decode()
         assert "vm-agent: phase keys" in log and "vm-agent: app running" in log
+        # (3b) the guest re-registers before its route expires (the registrar's period is a third of the TTL)
+        reg = [x for x in qcloud.gateway.registry.registrations() if x.instance_id == iid]
+        assert len(reg) == 1 and reg[0].app_id == r.app_id
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            again = [x for x in qcloud.gateway.registry.registrations() if x.instance_id == iid]
+            if again and again[0].expires_at > reg[0].expires_at + 1:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the guest did not re-register with the gateway within 60 s")
         pid = cvm.pid()
         # (4) stop + start: a fresh VM; the KMS gives the same disk key, so the app reads its data back
         node.stop(iid)
@@ -189,6 +273,8 @@ def test_a_qemu_cvm_boots_serves_and_keeps_its_data_encrypted(qcloud: Any, tmp_p
         print(f"TCG restart to app running: {time.monotonic() - t1:.1f} s")
         assert _get(f"http://127.0.0.1:{port}/note").text == note
         assert _get(f"http://127.0.0.1:{port}/boots").text.split() == ["boot", "boot"]
+        via = _via_gateway(gateway, r.app_id, "/boots")
+        assert via.returncode == 0 and via.stdout.split() == ["boot", "boot"], via.stderr
         assert SECRET.encode() not in hda.read_bytes()
         # (5) remove: no QEMU left, the VM's directory (its ciphertext) gone
         cvm2 = node._cvm(iid).booted
@@ -198,5 +284,57 @@ def test_a_qemu_cvm_boots_serves_and_keeps_its_data_encrypted(qcloud: Any, tmp_p
         assert result.leftovers == []
         assert pid2 is not None and not Path(f"/proc/{pid2}/cmdline").exists()
         assert not cvm2.workdir.exists()
+    finally:
+        session.close()
+
+
+@pytest.mark.timeout(2400)
+def test_a_qemu_cvm_gets_its_keys_from_t_of_n_kms_nodes(qcloud_threshold: Any, tmp_path: Path) -> None:
+    from teecloud.cloud.deploy import Session, deploy
+    from teecloud.kms.threshold_client import ThresholdKeyProvider
+    from teecloud.node.runtime.qemu import QemuCvm
+
+    cloud = qcloud_threshold
+    gateway = cloud.endpoints.gateway
+    assert gateway, "the local cloud started no gateway (HAProxy missing? scripts/setup.sh installs it)"
+    port = _free_port()
+    compose = tmp_path / "docker-compose.yml"
+    script = (
+        "/bin/busybox --install -s /bin && mkdir /w && echo threshold > /w/k && exec httpd -f -p 8080 -h /w"
+    )
+    compose.write_text(
+        "services:\n"
+        "  web:\n"
+        f"    image: {IMAGE}\n"
+        f'    command: ["/bin/busybox", "sh", "-c", \'{script}\']\n'
+        "    ports:\n"
+        f'      - "{port}:8080"\n'
+    )
+    session = Session(cloud.home)
+    try:
+        t0 = time.monotonic()
+        r = deploy(session, compose, name="qthr", timeout=1500)
+        assert r.status == "running", r.error
+        print(f"TCG deploy to app running (threshold KMS): {time.monotonic() - t0:.1f} s")
+        cvm = cloud.node._cvm(r.instance_id).booted
+        assert isinstance(cvm, QemuCvm)
+        # the guest's provider is the threshold group's (its key measured in key-provider): the keys came
+        # from t of the n nodes, each reached at its own guest forward (10.0.2.100-102)
+        provider = cloud.key_provider
+        assert isinstance(provider, ThresholdKeyProvider) and len(provider.group.nodes) == 3
+        assert cvm.guest_info["key_provider"] == {
+            "name": "kms-threshold",
+            "id": provider.group.group_public_key.hex(),
+            "epoch": str(provider.group.epoch),
+        }
+        shared = (cvm.workdir / "shared" / ".sys-config.json").read_text()
+        assert all(f"https://10.0.2.{100 + k}:443" in shared for k in range(3))
+        # deploy printed the https URL; curl through the gateway with the dev CA reaches the app
+        assert r.gateway_urls == [
+            f"https://{r.app_id}-8080.{gateway['base_domain']}:{gateway['public_port']}/"
+        ]
+        via = _via_gateway(gateway, r.app_id, "/k")
+        assert via.returncode == 0 and via.stdout == "threshold\n", via.stderr
+        assert cloud.node.remove(r.instance_id).leftovers == []
     finally:
         session.close()

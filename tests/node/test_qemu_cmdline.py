@@ -18,6 +18,7 @@ import pytest
 
 from teecloud.node.runtime.qemu_cmdline import (
     SNP_POLICY_DEBUG,
+    GuestForward,
     GuestImage,
     PortForward,
     QemuVmConfig,
@@ -51,6 +52,10 @@ def _config(mode: str, shape: VmShape, **kw: Any) -> QemuVmConfig:
         "workdir": WORK,
         "cid": 1000,
         "ports": (PortForward(host_port=18080, guest_port=80), PortForward(host_port=18443, guest_port=443)),
+        "guest_forwards": (
+            GuestForward(guest_address="10.0.2.100", guest_port=443, host_port=18000),
+            GuestForward(guest_address="10.0.2.120", guest_port=443, host_port=18100),
+        ),
     }
     if mode == "tdx":
         base["mrconfigid"] = mrconfigid_v1(COMPOSE_HASH)
@@ -96,6 +101,13 @@ def test_every_mode_boots_the_images_files_unchanged_at_the_deployments_size(sha
         assert f"file={WORK / 'hda.img'},if=none,id=hd1,format=qcow2" in drives
         (netdev,) = _opt(argv, "-netdev")
         assert "hostfwd=tcp:127.0.0.1:18080-:80" in netdev and "hostfwd=tcp:127.0.0.1:18443-:443" in netdev
+        opts = netdev.split(",")
+        # restricted: the guest reaches the host only through its guest forwards, each to one loopback port
+        assert "restrict=on" in opts and "restrict=no" not in opts
+        assert [o for o in opts if o.startswith("guestfwd=")] == [
+            "guestfwd=tcp:10.0.2.100:443-cmd:socat STDIO TCP4:127.0.0.1:18000",
+            "guestfwd=tcp:10.0.2.120:443-cmd:socat STDIO TCP4:127.0.0.1:18100",
+        ]
         (virtfs,) = _opt(argv, "-virtfs")
         assert "mount_tag=host-shared" in virtfs and "readonly=on" in virtfs
         assert f"logfile={WORK / 'serial.log'}" in _opt(argv, "-chardev")[0]
@@ -151,6 +163,16 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("tdx", {"ports": (PortForward(host_port=80, guest_port=80, host_address="0.0.0.0"),)}, "loopback only"),
     ("tdx", {"ports": (PortForward(host_port=80, guest_port=80),) * 2}, "forwarded twice"),
     ("tdx", {"cid": 2}, "vsock CID"),
+    (
+        "plain",
+        {"guest_forwards": (GuestForward("10.0.2.100", 443, 1), GuestForward("10.0.2.100", 443, 2))},
+        "twice",
+    ),
+    (
+        "plain",
+        {"guest_forwards": tuple(GuestForward(f"10.0.2.{100 + i}", 443, 1) for i in range(33))},
+        "at most",
+    ),
     ("sgx", {}, "unknown mode"),
     ("tdx", {"workdir": Path("/tmp/a,b")}, "cannot go into a QEMU option"),
 ]
@@ -171,6 +193,15 @@ def test_unsafe_settings_are_refused_with_a_reason(mode: str, change: dict[str, 
         (lambda: PortForward(host_port=0, guest_port=80), "host_port"),
         (lambda: PortForward(host_port=1, guest_port=80, protocol="sctp"), "tcp or udp"),  # type: ignore[arg-type]
         (lambda: PortForward(host_port=1, guest_port=80, host_address="localhost"), "IPv4 address"),
+        (lambda: GuestForward("10.0.2.100", 443, 8000, host_address="10.1.2.3"), "loopback"),
+        (lambda: GuestForward("10.0.2.100", 443, 8000, host_address="0.0.0.0"), "loopback"),
+        (lambda: GuestForward("10.0.2.2", 443, 8000), "slirp's own addresses"),  # the host itself
+        (lambda: GuestForward("10.0.2.3", 53, 8000), "slirp's own addresses"),  # slirp's DNS
+        (lambda: GuestForward("10.0.2.15", 443, 8000), "DHCP pool"),
+        (lambda: GuestForward("192.168.1.1", 443, 8000), "must be in 10.0.2.0/24"),
+        (lambda: GuestForward("10.0.2.100,x", 443, 8000), "IPv4"),
+        (lambda: GuestForward("10.0.2.100", 0, 8000), "guest_port"),
+        (lambda: GuestForward("10.0.2.100", 443, 70000), "host_port"),
         (lambda: dataclasses.replace(IMAGE, cmdline="a\nb"), "printable"),
         (lambda: dataclasses.replace(IMAGE, cmdline="x" * 5000), "printable"),
         (lambda: dataclasses.replace(IMAGE, rootfs=Path("/r.img")), "dm-verity"),

@@ -20,9 +20,11 @@ from teecloud.agent.vm_agent import (
     GUEST_NAME,
     MAX_APP_COMPOSE,
     GuestStatus,
+    PinnedKmsNode,
     attest_report_data,
     find_data_disk,
-    guest_kms_url,
+    gateway_endpoints,
+    key_provider_from_sys_config,
     make_handler,
     read_info,
 )
@@ -60,7 +62,8 @@ def test_the_vm_agent_answers_info_attest_over_a_nonce_and_nothing_else() -> Non
         status.set(phase="failed", error="keys: refused")
         doc = httpx.get(f"{base}/info", timeout=5).json()
         assert (doc["phase"], doc["error"]) == ("failed", "keys: refused")
-        for path in ("/GetQuote", "/info/x", "/info?report_data=00", "/", "/attest/x"):
+        assert httpx.get(f"{base}/containers", timeout=5).json() == []  # none before the boot is done
+        for path in ("/GetQuote", "/info/x", "/info?report_data=00", "/", "/attest/x", "/containers/x"):
             assert httpx.get(base + path, timeout=5).status_code == 404, path
         assert httpx.post(f"{base}/info", content=b"x", timeout=5).status_code == 501
         assert httpx.post(f"{base}/attest?nonce=00", content=b"x", timeout=5).status_code == 501
@@ -97,13 +100,130 @@ def test_the_guests_attestation_domain_is_the_node_apis() -> None:
         assert vm_agent.attest_report_data(nonce) == api.attest_report_data(nonce)
 
 
-def test_the_guest_reaches_the_hosts_loopback_kms_through_qemus_host_address() -> None:
-    assert guest_kms_url("https://127.0.0.1:8443") == "https://10.0.2.2:8443"
-    assert guest_kms_url("https://localhost:8443/x") == "https://10.0.2.2:8443/x"
-    assert guest_kms_url("https://kms.example:443") == "https://kms.example:443"
-    for bad in ("ftp://127.0.0.1:1", "https://", "127.0.0.1:8443"):
-        with pytest.raises(ValueError):
-            guest_kms_url(bad)
+def _group_doc(t: int = 2, n: int = 3) -> dict[str, object]:
+    from teecloud.keys import threshold as th
+
+    return {
+        "epoch": 1,
+        "t": t,
+        "commitments": [c.hex() for c in th.deal(None, t, n).commitments],
+        "signing_key": "",
+        "nodes": {
+            str(i): {
+                "url": f"https://10.0.2.{99 + i}:443",
+                "mr_aggregated": f"{i:02x}" * 32,
+                "device_id": "dd" * 32,
+            }
+            for i in range(1, n + 1)
+        },
+    }
+
+
+def _provider(doc: dict[str, object]) -> object:
+    return key_provider_from_sys_config(doc, collateral_for=lambda _q, _n: b"", dev_root_der=None)
+
+
+def test_the_guests_kms_is_the_shared_configs_one_pinned_kms_or_its_threshold_group() -> None:
+    from teecloud.kms.client import KmsClient
+    from teecloud.kms.threshold_client import ThresholdKeyProvider
+
+    # one KMS: its guest-side URL (a guest forward), pinned to the root key the node verified on chain
+    single = _provider({"kms_urls": ["https://10.0.2.100:443"], "kms_ca_pubkey": "ab" * 8})
+    assert isinstance(single, KmsClient) and single.url == "https://10.0.2.100:443"
+    # t of n: the group as the chain records it, one verifying client per node at its guest-side URL
+    doc = _group_doc()
+    provider = _provider({"kms_urls": ["ignored"], "kms_group": doc})
+    assert isinstance(provider, ThresholdKeyProvider)
+    assert (provider.group.epoch, provider.group.t) == (1, 2)
+    assert dict(provider.group.nodes) == {i: f"https://10.0.2.{99 + i}:443" for i in (1, 2, 3)}
+    assert provider.info()["id"] == doc["commitments"][0]  # type: ignore[index]
+    assert {i: c.url for i, c in provider._clients.items()} == dict(provider.group.nodes)
+
+
+def _broken(change: str) -> dict[str, object]:
+    doc = _group_doc()
+    nodes = doc["nodes"]
+    assert isinstance(nodes, dict)
+    if change == "t above n":
+        doc["t"] = 4
+    elif change == "a node without its measurement":
+        del nodes["2"]["mr_aggregated"]
+    elif change == "a short device id":
+        nodes["2"]["device_id"] = "dd"
+    elif change == "an http URL":
+        nodes["1"]["url"] = "http://10.0.2.100:443"
+    elif change == "a named share index":
+        nodes["x"] = nodes.pop("1")
+    elif change == "commitments not hex":
+        doc["commitments"] = ["zz", "zz"]
+    elif change == "a string epoch":
+        doc["epoch"] = "1"
+    elif change == "no nodes":
+        doc["nodes"] = {}
+    return {"kms_group": doc}
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        ({}, "names no KMS"),
+        ({"kms_urls": ["https://10.0.2.100:443"]}, "no KMS root key"),
+        ({"kms_urls": ["ftp://x"], "kms_ca_pubkey": "ab"}, "bad KMS URL"),
+        ({"kms_urls": ["https://10.0.2.100:443"], "kms_ca_pubkey": "zz"}, "kms_ca_pubkey is not hex"),
+        ({"kms_group": []}, "not an object"),
+        (_broken("t above n"), "kms_group"),
+        (_broken("a node without its measurement"), "mr_aggregated is not 32 bytes"),
+        (_broken("a short device id"), "device_id is not 32 bytes"),
+        (_broken("an http URL"), "bad KMS URL"),
+        (_broken("a named share index"), "maps a share index"),
+        (_broken("commitments not hex"), "kms_group"),
+        (_broken("a string epoch"), "integers"),
+        (_broken("no nodes"), "1..16 nodes"),
+    ],
+)
+def test_a_malformed_kms_config_is_refused_with_a_reason(doc: dict[str, object], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        _provider(doc)
+
+
+def test_a_pinned_kms_node_is_allowed_only_with_its_pinned_measurement_and_device() -> None:
+    from teecloud.chain.api import BootInfo
+
+    def boot_info(mr: bytes, device: bytes, tcb: str = "UpToDate") -> BootInfo:
+        z = bytes(32)
+        return BootInfo(bytes(20), z, bytes(20), device, mr, z, z, tcb)
+
+    pin = PinnedKmsNode(2, b"\x02" * 32, b"\xdd" * 32)
+    assert pin.is_kms_allowed(boot_info(b"\x02" * 32, b"\xdd" * 32))[0] is True
+    assert pin.is_kms_allowed(boot_info(b"\x01" * 32, b"\xdd" * 32)) == (
+        False,
+        "not the measurement pinned for KMS node 2",
+    )  # node 1's measurement does not stand in for node 2
+    assert pin.is_kms_allowed(boot_info(b"\x02" * 32, b"\xee" * 32))[0] is False
+    assert pin.is_kms_allowed(boot_info(b"\x02" * 32, b"\xdd" * 32, "OutOfDate"))[0] is False
+    assert pin.is_app_allowed(boot_info(b"\x02" * 32, b"\xdd" * 32))[0] is False
+
+
+def test_the_gateway_routes_each_app_port_to_the_hosts_loopback_forward() -> None:
+    containers = [
+        {
+            "ports": [
+                {"container_port": 8080, "protocol": "tcp", "host_ip": "0.0.0.0", "host_port": 18080},
+                {"container_port": 8080, "protocol": "tcp", "host_ip": "::", "host_port": 18080},
+                {"container_port": 53, "protocol": "udp", "host_ip": "0.0.0.0", "host_port": 1053},
+                {"container_port": 9000, "protocol": "tcp", "host_ip": None, "host_port": 0},
+            ]
+        },
+        {"ports": [{"container_port": 443, "protocol": "tcp", "host_ip": "0.0.0.0", "host_port": 18443}]},
+        {"ports": []},
+    ]
+    assert gateway_endpoints(containers) == [
+        {"port": 443, "host": "127.0.0.1", "host_port": 18443},
+        {"port": 8080, "host": "127.0.0.1", "host_port": 18080},
+    ]
+    from teecloud.gateway.api import Endpoint
+
+    assert [Endpoint(**e).host_port for e in gateway_endpoints(containers)] == [18443, 18080]
 
 
 def test_the_data_disk_is_the_one_disk_that_is_neither_rootfs_nor_mounted(tmp_path: Path) -> None:

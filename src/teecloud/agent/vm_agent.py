@@ -9,23 +9,36 @@ Boot, in the guest (the SAME guest half as the docker backend's: teecloud.agent.
         (teecloud.tee.simulated; its state from the host share, `simulated-tee/`: simulated quotes verify
         only where a development root is trusted). A mode whose device is absent fails the boot, never
         falls back to the simulated TEE. RTMR3 measured in dstack's order with `os-image-hash` (KMS mode);
-        keys from the KMS of `.sys-config.json` (`kms_urls`, reached at the host's loopback through QEMU's
-        user network, 10.0.2.2) over mutual RA-TLS, the KMS's certificate checked against its quote (plain:
-        the development root; tdx / sev-snp: Intel's root with the collateral of `pccs_url`) and the KMS
-        root key `kms_ca_pubkey` the node verified on chain (KmsAuth.isKmsAllowed); env decrypted (only
-        `allowed_envs`), into tmpfs; the data disk opened as LUKS2 with the disk key (LuksVolume, ext4
-        inside, mounted at /data); /var/run/dstack.sock and tappd.sock served to the app's containers;
-        the GPU gate (guest_gpu_gate: NVML on a passed-through GPU, in mode plain the labelled simulated
-        GPU) runs when the compose requires GPU attestation
+        keys from the KMS of `.sys-config.json` over mutual RA-TLS (`key_provider_from_sys_config`), the
+        KMS's certificate checked against its quote (plain: the development root; tdx / sev-snp: Intel's
+        root with the collateral of `pccs_url`): one KMS (`kms_urls[0]`, and the KMS root key
+        `kms_ca_pubkey` the node verified on chain, KmsAuth.isKmsAllowed), or t of n threshold nodes
+        (`kms_group`: the group's epoch, t, commitments and signing key as the chain records them, each
+        node's URL and the measurement and device of the certificate the node checked on chain; the same
+        ThresholdKeyProvider as the docker backend's). The URLs are guest-side addresses (10.0.2.100+):
+        QEMU's restricted user network forwards each to one host loopback port and nothing else. Env
+        decrypted (only `allowed_envs`), into tmpfs; the data disk opened as LUKS2 with the disk key
+        (LuksVolume, ext4 inside, mounted at /data); /var/run/dstack.sock and tappd.sock served to the
+        app's containers; the GPU gate (guest_gpu_gate: NVML on a passed-through GPU, in mode plain the
+        labelled simulated GPU) runs when the compose requires GPU attestation. With `gateway_urls`, the
+        registration key and certificate are made at the key request (RegisteringAtBoot: RTMR3 is then the
+        boot grammar's value)
 (6) starting   dockerd with its data root on the encrypted disk; `docker load` of the read-only app-images
                disk (the host's `docker save` of the compose's images, if attached); Compose up, the
                decrypted env given to Compose's process only (interpolation, `environment: [NAME]`)
 (7) healthy    every service running
+(8) gateway    with `gateway_urls` (+ `gateway_ca_pem`): teecloud.gateway.client.Registrar registers the CVM
+               with every gateway over mutual RA-TLS now and re-registers periodically (what docker CVMs'
+               registrations run, teecloud.gateway.client.register); each route's backend is the host's
+               loopback forward of the published port (`127.0.0.1:H`, where QEMU's hostfwd enters the guest)
 
 What the host may ask (the loopback-forwarded port 8090; never a quote over bytes the host chose):
-    GET /info   {"guest", "compose_hash", "tee", "phase", "error", "timings", "dropped_env"}: the compose
+    GET /info   {"guest", "compose_hash", "tee", "phase", "error", "timings", "dropped_env", "key_provider",
+                "gateway"}: the compose
                 hash is sha256 of app-compose.json as the guest read it from the read-only host share
                 (dstack's compose hash); `phase` is the boot's (BOOT_PHASES, then "running" or "failed")
+    GET /containers  the app's containers (dstack's ListContainers; `docker inspect` in the guest), [] before
+                the boot is done
     GET /attest?nonce=<hex, at most 64 bytes>
                 the node API's attestation (teecloud.node.api.attest_report_data, computed HERE): a quote
                 over sha512("teecloud-attest:" ‖ nonce), never over bytes the host chose; 409 before the
@@ -48,7 +61,7 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 __all__ = [
     "AGENT_PORT",
@@ -57,7 +70,8 @@ __all__ = [
     "attest_document",
     "attest_report_data",
     "find_data_disk",
-    "guest_kms_url",
+    "gateway_endpoints",
+    "key_provider_from_sys_config",
     "make_handler",
     "read_info",
 ]
@@ -65,7 +79,7 @@ __all__ = [
 GUEST_NAME = "teecloud-guest"
 AGENT_PORT = 8090
 GUEST_ADDRESS = "10.0.2.10"
-HOST_LOOPBACK = "10.0.2.2"  # QEMU user networking: the host's 127.0.0.1 as the guest sees it
+MAX_KMS_NODES = 16
 MAX_APP_COMPOSE = 512 * 1024
 MAX_SHARED_FILE = 1024 * 1024
 SHARE = Path("/dstack/.host-shared")
@@ -135,6 +149,17 @@ class GuestStatus:
         self._lock = threading.Lock()
         self._doc: dict[str, Any] = {**info, "phase": "measuring", "error": None, "timings": {}}
         self.attest: Attest | None = None
+        self.containers: Callable[[], list[dict[str, Any]]] | None = None
+
+    def list_containers(self) -> list[dict[str, Any]]:
+        """The app's containers once booted ([] before, or when Docker does not answer)."""
+        fn = self.containers
+        if fn is None:
+            return []
+        try:
+            return fn()
+        except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired):
+            return []
 
     def set(self, **fields: Any) -> None:
         with self._lock:
@@ -149,6 +174,7 @@ class GuestStatus:
 def make_handler(
     info: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
     attest: Callable[[], Attest | None] = lambda: None,
+    containers: Callable[[], list[dict[str, Any]]] = lambda: [],
 ) -> type[BaseHTTPRequestHandler]:
     current: Callable[[], Mapping[str, Any]] = info if callable(info) else (lambda: info)
 
@@ -156,7 +182,7 @@ def make_handler(
         timeout = 10
         server_version = "teecloud-vm-agent"
 
-        def _json(self, code: int, doc: Mapping[str, Any]) -> None:
+        def _json(self, code: int, doc: Mapping[str, Any] | list[Any]) -> None:
             body = json.dumps(doc).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -168,6 +194,8 @@ def make_handler(
             parts = urlsplit(self.path)
             if self.path == "/info":
                 self._json(200, current())
+            elif self.path == "/containers":
+                self._json(200, containers())
             elif parts.path == "/attest":
                 self._attest(parts.query)
             else:
@@ -195,22 +223,133 @@ def make_handler(
             sys.stderr.write("vm-agent: " + (format % args) + "\n")
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            if str(code) != "200" or self.path != "/info":  # the host polls /info: not one console line each
+            if str(code) != "200" or self.path not in ("/info", "/containers"):  # polled by the host
                 super().log_request(code, size)
 
     return Handler
 
 
-def guest_kms_url(url: str) -> str:
-    """A KMS URL of the node (on the host's loopback) as the guest reaches it: 127.0.0.1/localhost become
-    QEMU user networking's host address; any other host is kept."""
+class PinnedKmsNode:
+    """The chain answer a guest without a chain client can give about one threshold KMS node: allowed iff its
+    certificate's quote shows the measurement and device pinned for that share index and TCB UpToDate. The
+    node pins, in .sys-config.json, what the certificate its own client checked against
+    KmsAuth.isKmsAllowed showed. Never an app authority."""
+
+    def __init__(self, index: int, mr_aggregated: bytes, device_id: bytes) -> None:
+        self.index, self.mr_aggregated, self.device_id = index, mr_aggregated, device_id
+
+    def is_kms_allowed(self, boot_info: Any) -> tuple[bool, str]:
+        if boot_info.tcb_status != "UpToDate":
+            return False, "TCB status is not UpToDate"
+        if bytes(boot_info.mr_aggregated) != self.mr_aggregated:
+            return False, f"not the measurement pinned for KMS node {self.index}"
+        if bytes(boot_info.device_id) != self.device_id:
+            return False, f"not the device pinned for KMS node {self.index}"
+        return True, f"KMS node {self.index} as pinned"
+
+    def is_app_allowed(self, boot_info: Any) -> tuple[bool, str]:
+        return False, "a guest's pinned KMS committee answers for KMS nodes only"
+
+
+def _hex(doc: Mapping[str, Any], name: str, size: int | None = None) -> bytes:
+    value = doc.get(name)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        raw = None
+    if raw is None or (size is not None and len(raw) != size):
+        want = f"{size} bytes of hex" if size is not None else "hex"
+        raise ValueError(f".sys-config.json: {name} is not {want}")
+    return raw
+
+
+def _guest_url(url: object) -> str:
+    if not isinstance(url, str) or len(url) > 512:
+        raise ValueError(".sys-config.json: a KMS URL is not a string")
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"bad KMS URL {url[:200]!r}")
-    if parts.hostname in ("127.0.0.1", "localhost"):
-        netloc = HOST_LOOPBACK + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f".sys-config.json: bad KMS URL {url[:200]!r} (https://host:port)")
     return url
+
+
+def key_provider_from_sys_config(
+    sys_config: Mapping[str, Any],
+    *,
+    collateral_for: Callable[[bytes, int], bytes],
+    dev_root_der: bytes | None,
+) -> Any:
+    """The guest's KeyProvider from the host-shared .sys-config.json: a KmsClient of `kms_urls[0]` pinned to
+    `kms_ca_pubkey`, or, with `kms_group`, a ThresholdKeyProvider over its nodes (each node's certificate
+    checked by its own client against the committee's record of that node). Raises ValueError naming what
+    is missing or malformed."""
+    from teecloud.kms.client import connect_kms
+
+    group = sys_config.get("kms_group")
+    if group is None:
+        kms_urls = sys_config.get("kms_urls")
+        ca_pubkey = sys_config.get("kms_ca_pubkey")
+        if not isinstance(kms_urls, list) or not kms_urls:
+            raise ValueError(".sys-config.json names no KMS (kms_urls)")
+        if not isinstance(ca_pubkey, str):
+            raise ValueError(".sys-config.json names no KMS root key (kms_ca_pubkey) and no kms_group")
+        return connect_kms(
+            _guest_url(kms_urls[0]),
+            collateral_for=collateral_for,
+            dev_root_der=dev_root_der,
+            expected_ca_pubkey_der=_hex(sys_config, "kms_ca_pubkey"),
+        )
+    if not isinstance(group, dict):
+        raise ValueError(".sys-config.json: kms_group is not an object")
+    # threshold only (its ristretto255 needs pysodium and libsodium, in the image)
+    from teecloud.errors import Error
+    from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
+
+    nodes = group.get("nodes")
+    commitments = group.get("commitments")
+    epoch, t = group.get("epoch"), group.get("t")
+    if not isinstance(nodes, dict) or not 1 <= len(nodes) <= MAX_KMS_NODES:
+        raise ValueError(f".sys-config.json: kms_group.nodes is 1..{MAX_KMS_NODES} nodes by share index")
+    if not isinstance(commitments, list) or not all(isinstance(c, str) for c in commitments):
+        raise ValueError(".sys-config.json: kms_group.commitments is a list of hex strings")
+    if type(epoch) is not int or type(t) is not int:
+        raise ValueError(".sys-config.json: kms_group.epoch and .t are integers")
+    clients = {}
+    urls = {}
+    for key, node in nodes.items():
+        if not isinstance(key, str) or not key.isdigit() or not isinstance(node, dict):
+            raise ValueError(
+                ".sys-config.json: kms_group.nodes maps a share index to {url, mr_aggregated, ...}"
+            )
+        index = int(key)
+        urls[index] = _guest_url(node.get("url"))
+        pin = PinnedKmsNode(index, _hex(node, "mr_aggregated", 32), _hex(node, "device_id", 32))
+        clients[index] = connect_kms(
+            urls[index], collateral_for=collateral_for, dev_root_der=dev_root_der, chain=pin
+        )
+    try:
+        signing_key = _hex(group, "signing_key") if group.get("signing_key") else b""
+        parsed = ThresholdGroup(
+            epoch, t, tuple(bytes.fromhex(c) for c in commitments), urls, signing_key=signing_key
+        )
+    except (ValueError, Error) as exc:
+        raise ValueError(f".sys-config.json: kms_group: {exc}") from None
+    return ThresholdKeyProvider(parsed, clients)
+
+
+def gateway_endpoints(containers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The gateway Endpoints (teecloud.gateway.api) of the app's published TCP ports: the app port and the
+    host's loopback forward of it (hostfwd 127.0.0.1:H enters the guest at port H, where Docker publishes
+    it), one per app port."""
+    seen: dict[int, dict[str, Any]] = {}
+    for c in containers:
+        for p in c.get("ports") or []:
+            if p.get("protocol") == "tcp" and p.get("host_port") and p["container_port"] not in seen:
+                seen[p["container_port"]] = {
+                    "port": p["container_port"],
+                    "host": "127.0.0.1",
+                    "host_port": p["host_port"],
+                }
+    return [seen[k] for k in sorted(seen)]
 
 
 def _serial(dev: Path) -> str:
@@ -331,6 +470,46 @@ def _app_images_disk(devices: list[Path]) -> Path | None:
     return next((d for d in devices if _serial(d) == APP_IMAGES_SERIAL), None)
 
 
+def list_containers(project: str = "app") -> list[dict[str, Any]]:
+    """The project's containers as the node's ContainerState fields (teecloud.node.runtime.base), from
+    `docker inspect` in the guest; ports as Docker publishes them in the guest (the host keeps the ones it
+    forwards)."""
+    ids = _run(
+        ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+        "docker ps",
+        timeout=30,
+    ).split()[:256]
+    if not ids:
+        return []
+    out = []
+    for c in json.loads(_run(["docker", "inspect", *ids], "docker inspect", timeout=30)):
+        labels = (c.get("Config") or {}).get("Labels") or {}
+        st = c.get("State") or {}
+        ports = []
+        for key, binds in ((c.get("NetworkSettings") or {}).get("Ports") or {}).items():
+            cport, _, proto = key.partition("/")
+            for b in binds or []:
+                ports.append(
+                    {
+                        "container_port": int(cport),
+                        "protocol": proto or "tcp",
+                        "host_ip": b.get("HostIp"),
+                        "host_port": int(b.get("HostPort") or 0),
+                    }
+                )
+        out.append(
+            {
+                "service": str(labels.get("com.docker.compose.service", "?")),
+                "container": str(c.get("Name", "")).lstrip("/"),
+                "state": str(st.get("Status", "unknown")),
+                "health": (st.get("Health") or {}).get("Status"),
+                "exit_code": int(st.get("ExitCode") or 0),
+                "ports": ports,
+            }
+        )
+    return sorted(out, key=lambda c: str(c["container"]))
+
+
 def _compose_ps(project: str, compose: list[str], env: Mapping[str, str]) -> list[str]:
     ids = _run([*compose, "-p", project, "ps", "-q"], "compose ps", env=env).split()
     states = []
@@ -340,11 +519,10 @@ def _compose_ps(project: str, compose: list[str], env: Mapping[str, str]) -> lis
 
 
 def boot_vm(status: GuestStatus) -> None:
-    """(1)-(7) of the module docstring, reporting each phase through `status`."""
+    """(1)-(8) of the module docstring, reporting each phase through `status`."""
     from teecloud.agent.api import GetQuoteRequest
     from teecloud.agent.guest import GuestPaths, boot_guest
     from teecloud.agent.volume_luks import STORAGE_FS, LuksVolume
-    from teecloud.kms.client import connect_kms
     from teecloud.tee.guest import GuestTeePaths, guest_mode, guest_tee
     from teecloud.tee.simulated import SimulatedTdx
     from teecloud.tee.sysconfig import read_sys_config
@@ -366,12 +544,6 @@ def boot_vm(status: GuestStatus) -> None:
     mode = guest_mode(read_sys_config(SHARE / ".sys-config.json"))
     tee = guest_tee(mode, GuestTeePaths(share=SHARE, run=RUN))
     _log(f"TEE: {mode} ({tee.kind})")
-    kms_urls = sys_config.get("kms_urls")
-    ca_pubkey = sys_config.get("kms_ca_pubkey")
-    if not isinstance(kms_urls, list) or not kms_urls or not isinstance(kms_urls[0], str):
-        raise RuntimeError(".sys-config.json names no KMS (kms_urls)")
-    if not isinstance(ca_pubkey, str):
-        raise RuntimeError(".sys-config.json names no KMS root key (kms_ca_pubkey)")
     if isinstance(tee, SimulatedTdx):
         # plain: the KMS's quote is simulated too, under this installation's development root
         sim = tee
@@ -394,12 +566,16 @@ def boot_vm(status: GuestStatus) -> None:
             return pccs.collateral_for(quote, now=now)
 
         dev_root_der = None
-    provider = connect_kms(
-        guest_kms_url(kms_urls[0]),
-        collateral_for=collateral_for,
-        dev_root_der=dev_root_der,
-        expected_ca_pubkey_der=bytes.fromhex(ca_pubkey),
+    provider: Any = key_provider_from_sys_config(
+        sys_config, collateral_for=collateral_for, dev_root_der=dev_root_der
     )
+    gateway_urls = sys_config.get("gateway_urls") or []
+    boots = None
+    if gateway_urls:
+        from teecloud.gateway.client import RegisteringAtBoot
+
+        # the registration certificate's quote is taken at the key request, RTMR3 the boot grammar's
+        provider = boots = RegisteringAtBoot(provider)
     devices = sorted(Path("/dev").glob("vd[a-z]"))
     volume = LuksVolume(find_data_disk(devices), DATA)
     env_file = RUN / "env" / "env.json"
@@ -425,6 +601,9 @@ def boot_vm(status: GuestStatus) -> None:
         storage_fs=STORAGE_FS,
         gpu=guest_gpu_gate(mode, home=RUN / "home"),
     )
+    # the KMS the keys came from, as measured in `key-provider` (one KMS's root key, or the threshold group's)
+    kp = provider.info()
+    status.set(key_provider={k: str(kp.get(k, "")) for k in ("name", "id", "epoch")})
     if guest.dropped_env:
         _log(f"env vars not in allowed_envs dropped: {', '.join(guest.dropped_env)}")
     status.set(dropped_env=guest.dropped_env)
@@ -469,9 +648,40 @@ def boot_vm(status: GuestStatus) -> None:
         return attest_document(get_quote, identity, report_data)
 
     status.attest = attest
+    status.containers = list_containers
     timings["running"] = round(time.perf_counter() - t0, 2)
     status.set(phase="running", timings=dict(timings))
     _log(f"app running ({timings['running']} s after the agent started)")
+    # (8)
+    if boots is not None and boots.key is not None and boots.cert_der is not None:
+        try:
+            # the app-compose.json bytes the guest measured: the gateway checks them against the certificate
+            _register_with_gateways(status, sys_config, boots.key, boots.cert_der, app_compose.decode())
+        except (RuntimeError, ValueError, OSError) as exc:  # the app runs on; it is just not routed
+            _log(f"gateway registration not started: {exc}")
+            status.set(gateway={"error": str(exc)[:500]})
+
+
+def _register_with_gateways(
+    status: GuestStatus, sys_config: Mapping[str, Any], key: Any, cert_der: bytes, app_compose: str
+) -> None:
+    """(8): the same Registrar a CVM runs anywhere (teecloud.gateway.client), started once, its first round
+    now; `/info`'s `gateway` says how each gateway answered that round."""
+    from teecloud.gateway import api as gateway_api
+    from teecloud.gateway.client import Registrar
+
+    urls = sys_config.get("gateway_urls")
+    ca_pem = sys_config.get("gateway_ca_pem")
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls) or not isinstance(ca_pem, str):
+        raise RuntimeError(".sys-config.json: gateway_urls is a list of URLs and gateway_ca_pem a PEM")
+    endpoints = [gateway_api.Endpoint(**e) for e in gateway_endpoints(list_containers())]
+    if not endpoints:
+        status.set(gateway={"registered": [], "error": "the app publishes no TCP port"})
+        return
+    registrar = Registrar(urls[:8], key, cert_der, endpoints, ca_pem=ca_pem, app_compose=app_compose).start()
+    answers = {u: str(a) if isinstance(a, Exception) else "registered" for u, a in registrar.last.items()}
+    _log(f"gateway registration: {answers}")
+    status.set(gateway=answers)
 
 
 def main(argv: list[str]) -> int:
@@ -485,7 +695,8 @@ def main(argv: list[str]) -> int:
     RUN.mkdir(parents=True, exist_ok=True, mode=0o700)
     # the address QEMU's user network forwards the host's loopback port to (the init configures it)
     server = ThreadingHTTPServer(
-        (GUEST_ADDRESS, AGENT_PORT), make_handler(status.snapshot, lambda: status.attest)
+        (GUEST_ADDRESS, AGENT_PORT),
+        make_handler(status.snapshot, lambda: status.attest, status.list_containers),
     )
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()

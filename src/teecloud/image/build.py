@@ -114,6 +114,7 @@ GUEST_DISTRIBUTIONS = (
     "pycryptodome",
     "pydantic",
     "pydantic_core",
+    "pysodium",
     "PyYAML",
     "regex",
     "rich",
@@ -126,6 +127,11 @@ GUEST_DISTRIBUTIONS = (
     "uvicorn",
 )
 
+# --- qemu guest network: a threshold guest's KMS client (teecloud.keys.threshold) needs pysodium, which
+# PyPI ships as an sdist only: its wheel is built here (pure Python, SOURCE_DATE_EPOCH), over the rootfs's
+# libsodium23
+SDIST_ONLY_DISTRIBUTIONS = ("pysodium",)
+# --- end qemu guest network
 # the guest's packages: what the agent, the boot sequence and the app need (docker.io brings containerd,
 # runc and iptables); minbase brings dpkg, apt and the Essential set
 PACKAGES = (
@@ -138,6 +144,7 @@ PACKAGES = (
     "e2fsprogs",
     "iproute2",
     "kmod",
+    "libsodium23",
     "python3",
 )
 # left out of the rootfs (smaller; nothing at runtime reads them)
@@ -402,7 +409,8 @@ def _guest_wheels(recipe: Recipe, cache: Path, work: Path, log: Callable[[str], 
     pins = guest_wheel_pins()
     marker = wheels / f".complete-{_sha256_json(pins)[:32]}"
     if not marker.exists():
-        log(f"pip download {len(pins)} wheels")
+        sdist_only = [p for p in pins if p.split("==")[0] in SDIST_ONLY_DISTRIBUTIONS]
+        log(f"pip download {len(pins) - len(sdist_only)} wheels")
         _run(
             [
                 sys.executable,
@@ -414,10 +422,20 @@ def _guest_wheels(recipe: Recipe, cache: Path, work: Path, log: Callable[[str], 
                 "-q",
                 "-d",
                 str(wheels),
-                *pins,
+                *[p for p in pins if p not in sdist_only],
             ],
             what="pip download (the guest's wheels)",
         )
+        if sdist_only:
+            env = {**os.environ, "SOURCE_DATE_EPOCH": str(recipe.source_date_epoch)}
+            _run(
+                [
+                    *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-binary=:all:"),
+                    *("--no-build-isolation", "-q", "-w", str(wheels), *sdist_only),
+                ],
+                env=env,
+                what="pip wheel (the guest's sdist-only distributions)",
+            )
         marker.touch()
     found = []
     for pin in pins:

@@ -14,6 +14,13 @@ Per CVM, in `<home>/node/vms/<instance>/` (dstack-vmm's VmWorkDir layout):
     app-images.tar  `docker save` of the compose's images (from the host's Docker), attached read-only: the
                  guest `docker load`s it (the VM pulls nothing)
 
+The guest's network is QEMU's user network with `restrict=on`: it reaches neither the host nor the outside
+(no DNS, no registry), only the host services the backend forwards to it (`guest_services`): each KMS node
+at 10.0.2.100+k:443, each gateway registration listener at 10.0.2.120+k:443 and the PCCS (tdx / sev-snp)
+at 10.0.2.124:443, each a `guestfwd` to one host loopback port; `.sys-config.json` names those guest-side
+URLs (`kms_urls`, `kms_group`, `gateway_urls`, `pccs_url`), as dstack passes its KMS and gateway URLs.
+Published app ports come in by hostfwd.
+
 The guest's agent (teecloud.agent.vm_agent) boots the CVM inside the VM (measure, keys from the KMS over
 RA-TLS, env, LUKS, compose) and answers the host on a loopback-forwarded port with `GET /info` only: its
 identity and the boot's phase, which the backend follows until `running` (or `failed`, with the guest's
@@ -40,6 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -59,6 +67,7 @@ from teecloud.node.runtime.qemu_cmdline import (
     MIN_MEMORY_MB as MIN_VM_MEMORY_MB,
 )
 from teecloud.node.runtime.qemu_cmdline import (
+    GuestForward,
     GuestImage,
     Mode,
     PortForward,
@@ -68,7 +77,14 @@ from teecloud.node.runtime.qemu_cmdline import (
     qemu_argv,
 )
 
-__all__ = ["QemuBackend", "QemuBackendConfig", "QemuCvm", "SerialLog", "check_passthrough_devices"]
+__all__ = [
+    "QemuBackend",
+    "QemuBackendConfig",
+    "QemuCvm",
+    "SerialLog",
+    "check_passthrough_devices",
+    "guest_services",
+]
 
 log = logging.getLogger("teecloud.node.runtime.qemu")
 
@@ -76,6 +92,11 @@ AGENT_GUEST_PORT = 8090
 MAX_AGENT_RESPONSE = 1024 * 1024
 MAX_LOG_LINE = 64 * 1024
 STOP_GRACE_S = 5.0
+# the fixed guest-side addresses of the host services a guest reaches (guest_services)
+GUEST_SERVICE_PORT = 443
+KMS_GUEST_ADDRESSES = tuple(f"10.0.2.{100 + k}" for k in range(16))
+GATEWAY_GUEST_ADDRESSES = tuple(f"10.0.2.{120 + k}" for k in range(4))
+PCCS_GUEST_ADDRESSES = ("10.0.2.124",)
 # the host-shared files, by their dstack names (dstack_types::shared_filenames)
 SHARED_FILES = ("app-compose.json", ".instance-info", ".sys-config.json", ".encrypted-env", ".user-config")
 
@@ -97,6 +118,12 @@ class QemuBackendConfig:
     simulated_tee: Path | None = None
     # the KMS root key (hex DER SPKI) the guest pins: the node's KMS client verified it on chain
     kms_ca_pubkey: Callable[[], str] | None = None
+    # threshold KMS: the group as the chain records it, {"epoch", "t", "commitments": [hex], "signing_key":
+    # hex, "nodes": {index: {"url" (the host's), "mr_aggregated", "device_id"}}} (replaces kms_ca_pubkey)
+    kms_group: Callable[[], dict[str, Any]] | None = None
+    # the gateways the guest registers with: (registration URLs on the host's loopback, their CA's PEM), or
+    # None (no gateway: nothing forwarded, no registration)
+    gateway: Callable[[], tuple[list[str], str] | None] | None = None
     # GPUs (and NVSwitch bridges) this node passes through, host PCI addresses (modes tdx and sev-snp;
     # dstack-vmm's attach mode "all"): a CVM whose measured compose requires GPU attestation
     # (`"gpu_attestation": "required"`) gets all of them, others none; one running CVM at a time holds them
@@ -168,17 +195,84 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _host_loopback_port(url: object, what: str) -> tuple[str, int, str]:
+    """(scheme, port, path) of a service URL on this host's loopback: the only services a guest reaches."""
+    text = str(url)[:200]
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        port = parts.port if parts is not None else None
+    except ValueError:
+        parts = port = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BootFailed("keys", f"{what} {text!r} is not an http(s) URL")
+    if parts.hostname not in ("127.0.0.1", "localhost") or port is None:
+        raise BootFailed(
+            "keys",
+            f"{what} {text!r}: the qemu backend forwards host loopback services (127.0.0.1:port) only",
+        )
+    return parts.scheme, port, parts.path
+
+
+def guest_services(
+    sys_config: dict[str, Any],
+    *,
+    kms_ca_pubkey: str | None = None,
+    kms_group: dict[str, Any] | None = None,
+    gateway: tuple[list[str], str] | None = None,
+) -> tuple[dict[str, Any], tuple[GuestForward, ...]]:
+    """The guest's .sys-config.json and the guestfwd rules that make its URLs reachable: every KMS URL
+    (`kms_urls`, or `kms_group`'s nodes by share index), gateway registration URL and the PCCS URL, each on
+    this host's loopback, becomes a fixed guest-side address (KMS_GUEST_ADDRESSES, GATEWAY_GUEST_ADDRESSES,
+    PCCS_GUEST_ADDRESSES, port 443) forwarded to that one port. Pure; a URL off loopback is a BootFailed at
+    `keys`."""
+    doc = {k: v for k, v in sys_config.items() if k not in ("kms_ca_pubkey", "kms_group", "gateway_ca_pem")}
+    forwards: list[GuestForward] = []
+
+    def forward(url: object, addresses: tuple[str, ...], k: int, what: str) -> str:
+        if k >= len(addresses):
+            raise BootFailed("keys", f"at most {len(addresses)} {what}s are forwarded to a guest")
+        scheme, port, path = _host_loopback_port(url, what)
+        forwards.append(GuestForward(addresses[k], GUEST_SERVICE_PORT, port))
+        return f"{scheme}://{addresses[k]}:{GUEST_SERVICE_PORT}{path}"
+
+    if kms_group is not None:
+        nodes = kms_group["nodes"]
+        guest_nodes = {}
+        for k, index in enumerate(sorted(nodes, key=int)):
+            node = nodes[index]
+            guest_nodes[str(index)] = {**node, "url": forward(node["url"], KMS_GUEST_ADDRESSES, k, "KMS URL")}
+        doc["kms_group"] = {**kms_group, "nodes": guest_nodes}
+        doc["kms_urls"] = [n["url"] for n in guest_nodes.values()]
+    else:
+        urls = sys_config.get("kms_urls") or []
+        doc["kms_urls"] = [forward(u, KMS_GUEST_ADDRESSES, k, "KMS URL") for k, u in enumerate(urls)]
+        if kms_ca_pubkey is not None:
+            doc["kms_ca_pubkey"] = kms_ca_pubkey
+    if sys_config.get("pccs_url"):  # tdx / sev-snp: the collateral the guest verifies the KMS with
+        doc["pccs_url"] = forward(sys_config["pccs_url"], PCCS_GUEST_ADDRESSES, 0, "PCCS URL")
+    if gateway is not None:
+        urls, ca_pem = gateway
+        doc["gateway_urls"] = [
+            forward(u, GATEWAY_GUEST_ADDRESSES, k, "gateway URL") for k, u in enumerate(urls)
+        ]
+        doc["gateway_ca_pem"] = ca_pem
+    else:
+        doc["gateway_urls"] = []
+    return doc, tuple(forwards)
+
+
 def _write_shared(
     inst: Instance,
     shared: Path,
     *,
     kms_ca_pubkey: str | None = None,
     simulated_tee: Path | None = None,
+    sys_config: dict[str, Any] | None = None,
     tee_mode: Mode | None = None,
 ) -> None:
-    """Copy the instance's host-shared files into the VM's share (owner-only; atomic each), with the KMS
-    root key and the guest's TEE mode (`tee_mode`, teecloud.tee.guest) in .sys-config.json and (mode
-    plain) the simulated TEE's state."""
+    """Copy the instance's host-shared files into the VM's share (owner-only; atomic each): .sys-config.json
+    as `sys_config` gives it (guest_services), else with the KMS root key and the guest's TEE mode
+    (`tee_mode`, teecloud.tee.guest) added; in mode plain the simulated TEE's state."""
     shared.mkdir(parents=True, exist_ok=True, mode=0o700)
     sources = {
         "app-compose.json": inst.app_compose_path,
@@ -191,7 +285,9 @@ def _write_shared(
         src = sources[name]
         if src.is_file():
             data = src.read_bytes()
-            if name == ".sys-config.json" and (kms_ca_pubkey is not None or tee_mode is not None):
+            if name == ".sys-config.json" and sys_config is not None:
+                data = json.dumps(sys_config, sort_keys=True).encode()
+            elif name == ".sys-config.json" and (kms_ca_pubkey is not None or tee_mode is not None):
                 doc = json.loads(data)
                 if kms_ca_pubkey is not None:
                     doc["kms_ca_pubkey"] = kms_ca_pubkey
@@ -333,9 +429,22 @@ class QemuCvm:
             status, body = self._agent("/containers")
             if status != 200:
                 return []
-            return [ContainerState(**c) for c in json.loads(body)][:256]
+            forwarded = set(_published_ports(self.inst))
+            states = [ContainerState(**c) for c in json.loads(body)[:256]]
         except (InstanceStateError, RuntimeFailed, ValueError, TypeError):
             return []
+        for st in states:
+            # as the host sees them: a guest port the host forwards from its loopback, once per port
+            ports = {
+                (int(p["container_port"]), str(p["protocol"]), int(p["host_port"]))
+                for p in st.ports
+                if isinstance(p, dict) and p.get("host_port") in forwarded
+            }
+            st.ports = [
+                {"container_port": c, "protocol": proto, "host_ip": "127.0.0.1", "host_port": h}
+                for c, proto, h in sorted(ports)
+            ]
+        return states
 
     def logs(self, *, service: str | None = None, tail: int = 200, follow: bool = False) -> SerialLog:
         # the serial console is the VM's log (the app's containers log inside the guest)
@@ -448,6 +557,10 @@ class QemuBackend:
         self.root = node_home(home) / "vms"
 
     def check(self) -> None:
+        if shutil.which("socat") is None:
+            raise RuntimeUnavailable(
+                "socat not found (Debian: apt-get install socat): it relays the guest's forwarded services"
+            )
         for tool in (self.config.qemu, self.config.qemu_img):
             if shutil.which(tool) is None:
                 raise RuntimeUnavailable(
@@ -517,7 +630,13 @@ class QemuBackend:
                     "this node's GPUs (stop that CVM first)"
                 )
 
-    def _vm_config(self, inst: Instance, limits: ResourceLimits, agent_port: int) -> QemuVmConfig:
+    def _vm_config(
+        self,
+        inst: Instance,
+        limits: ResourceLimits,
+        agent_port: int,
+        guest_forwards: tuple[GuestForward, ...] = (),
+    ) -> QemuVmConfig:
         cpus = max(1, round(limits.cpus)) if limits.cpus else 1
         # a VM needs its kernel's share: the deployment's memory, at least the smallest VM shape
         shape = VmShape(
@@ -537,6 +656,7 @@ class QemuBackend:
             workdir=self.workdir(inst),
             accel=self.config.accel,
             ports=ports,
+            guest_forwards=guest_forwards,
             host_share=self.config.host_share,
             mrconfigid=mrconfigid,
             app_images=self.workdir(inst) / "app-images.tar" if self.config.docker is not None else None,
@@ -552,7 +672,8 @@ class QemuBackend:
         t0 = time.perf_counter()
         progress("measuring")  # the guest measures itself; the host starts the VM
         agent_port = _free_port()
-        cfg = self._vm_config(instance, limits, agent_port)
+        sys_config, forwards = self._guest_sys_config(instance)
+        cfg = self._vm_config(instance, limits, agent_port, forwards)
         # the passed-through GPUs, checked at every launch (a device may have been rebound since the start)
         check_passthrough_devices((*cfg.gpus, *cfg.gpu_bridges), sysfs=self.config.sysfs, dev=self.config.dev)
         self._check_gpus_free(instance, (*cfg.gpus, *cfg.gpu_bridges))
@@ -565,11 +686,8 @@ class QemuBackend:
                 "CVM %s: powering off the VM a former node process left running", instance.instance_id
             )
             cvm.stop()
-        ca = self.config.kms_ca_pubkey() if self.config.kms_ca_pubkey is not None else None
         sim = self.config.simulated_tee if self.config.mode == "plain" else None
-        _write_shared(
-            instance, cfg.shared_dir, kms_ca_pubkey=ca, simulated_tee=sim, tee_mode=self.config.mode
-        )
+        _write_shared(instance, cfg.shared_dir, simulated_tee=sim, sys_config=sys_config)
         if cfg.app_images is not None and self.config.docker is not None:
             _save_images(self.config.docker, _image_refs(instance), cfg.app_images)
         if not cfg.hda.exists():
@@ -625,6 +743,19 @@ class QemuBackend:
         cvm.timings = {"agent-ready": agent_ready, "app-running": time.perf_counter() - t0}
         cvm.dropped_env = [str(n) for n in info.get("dropped_env") or []][:256]
         return cvm
+
+    def _guest_sys_config(self, inst: Instance) -> tuple[dict[str, Any], tuple[GuestForward, ...]]:
+        """The instance's .sys-config.json as the guest gets it, and the guest forwards it needs."""
+        try:
+            doc = json.loads(inst.sys_config_path.read_bytes()) if inst.sys_config_path.is_file() else {}
+        except ValueError as exc:
+            raise BootFailed("keys", f"the instance's .sys-config.json is not JSON: {exc}") from None
+        group = self.config.kms_group() if self.config.kms_group is not None else None
+        ca = self.config.kms_ca_pubkey() if self.config.kms_ca_pubkey is not None and group is None else None
+        gateway = self.config.gateway() if self.config.gateway is not None else None
+        # the guest's TEE mode (teecloud.tee.guest reads it)
+        doc = {**(doc if isinstance(doc, dict) else {}), "tee_mode": self.config.mode}
+        return guest_services(doc, kms_ca_pubkey=ca, kms_group=group, gateway=gateway)
 
     def _follow_boot(
         self,

@@ -18,7 +18,11 @@ Pure: `qemu_argv(config) -> list[str]` does no I/O. `QemuVmConfig` refuses, with
 (`UnsafeVmConfig`), what would give the host the guest's secrets or an unmeasured boot: a debug TD or SNP
 policy, SNP without kernel hashes (the kernel, initrd and command line would then be unmeasured), host
 device passthrough other than GPUs, a GPU in mode plain, a TEE mode under TCG, a port forward off loopback
-by default, and values out of bounds or carrying QEMU option separators.
+by default, a guest forward to anything but a host loopback port, and values out of bounds or carrying QEMU
+option separators.
+
+The guest's user network is `restrict=on` in every mode (dstack-vmm uses `restrict=no`): the guest reaches
+the host only through its `guestfwd` rules (GuestForward), each relayed to one host loopback port.
 
 Minimum host for each mode: tdx — a TDX-enabled host kernel (Linux >= 6.16 with kvm_intel tdx=1), QEMU >=
 10.1 (upstream tdx-guest) or a TDX-patched QEMU >= 8, TDVF (OVMF built with IntelTdx); sev-snp — a host
@@ -40,9 +44,12 @@ from teecloud.node.errors import BadRequest
 
 __all__ = [
     "APP_IMAGES_SERIAL",
+    "GUESTFWD_RELAY",
+    "GUEST_NET",
     "MODES",
     "SNP_POLICY_DEBUG",
     "SNP_POLICY_DEFAULT",
+    "GuestForward",
     "GuestImage",
     "PortForward",
     "QemuVmConfig",
@@ -67,6 +74,14 @@ MAX_VCPUS = 512
 MIN_MEMORY_MB, MAX_MEMORY_MB = 256, 4 * 1024 * 1024
 MAX_DISK_GB = 64 * 1024
 MAX_PORT_FORWARDS = 128
+MAX_GUEST_FORWARDS = 32
+# the guest's user-mode network; slirp's own addresses (.2 the host, .3 DNS) and its DHCP pool (16 from .10)
+# are never a guestfwd address
+GUEST_NET = ipaddress.IPv4Network("10.0.2.0/24")
+_SLIRP_RESERVED = {ipaddress.IPv4Address(f"10.0.2.{n}") for n in (0, 2, 3, 255, *range(10, 26))}
+# a guestfwd's host end: a relay process per guest connection (a chardev would be ONE connection, opened at
+# QEMU's start), speaking stdio to QEMU and TCP to one host loopback port
+GUESTFWD_RELAY = "socat STDIO TCP4:{host}:{port}"
 MAX_CMDLINE = 4096  # bytes; x86 COMMAND_LINE_SIZE is 2048 on older kernels, 4096 on this project's
 DEFAULT_QGS_PORT = 4050
 APP_IMAGES_SERIAL = "tc-images"
@@ -169,6 +184,37 @@ class PortForward:
 
 
 @dataclass(frozen=True)
+class GuestForward:
+    """`guestfwd=tcp:<guest_address>:<guest_port>-cmd:<relay to host_address:host_port>`: the ONE way a
+    guest reaches a host service under `restrict=on` (the KMS nodes, the gateway's registration listener).
+    Host end on loopback only: a forward elsewhere would route the guest off the host."""
+
+    guest_address: str
+    guest_port: int
+    host_port: int
+    host_address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        for name, port in (("guest_port", self.guest_port), ("host_port", self.host_port)):
+            if not 1 <= port <= 65535:
+                raise UnsafeVmConfig(f"guest forward {name} must be in 1..65535, got {port}")
+        try:
+            guest = ipaddress.IPv4Address(self.guest_address)
+            host = ipaddress.IPv4Address(self.host_address)
+        except ValueError:
+            raise UnsafeVmConfig(
+                f"guest forward addresses are IPv4 ({self.guest_address!r} -> {self.host_address!r})"
+            ) from None
+        if guest not in GUEST_NET or guest in _SLIRP_RESERVED:
+            raise UnsafeVmConfig(
+                f"guest forward address {guest} must be in {GUEST_NET}, off slirp's own addresses and the "
+                "DHCP pool"
+            )
+        if not host.is_loopback:
+            raise UnsafeVmConfig(f"guest forward to {host}: only host loopback services are forwarded")
+
+
+@dataclass(frozen=True)
 class SevSnpParams:
     """What `sev-snp-guest` needs beyond the image: the C-bit position and reduced physical bits come from
     QMP `query-sev-capabilities` of the same QEMU on the same host (AMD EPYC: 51 and 1)."""
@@ -191,6 +237,8 @@ class QemuVmConfig:
     accel: Literal["kvm", "tcg"] = "kvm"
     cid: int | None = None  # vsock guest CID (None: no vsock device; the agent is reached over a port)
     ports: tuple[PortForward, ...] = ()
+    # what the guest may reach on the host (restrict=on: nothing else, not the outside either)
+    guest_forwards: tuple[GuestForward, ...] = ()
     mrconfigid: bytes = b""  # tdx: 48 bytes, or empty
     qgs_port: int | None = DEFAULT_QGS_PORT  # tdx: the host QGS's vsock port (None: no quote socket)
     snp: SevSnpParams = field(default_factory=SevSnpParams)
@@ -267,6 +315,11 @@ class QemuVmConfig:
                     f"host port {p.protocol}/{p.host_address}:{p.host_port} is forwarded twice"
                 )
             seen.add(key)
+        if len(self.guest_forwards) > MAX_GUEST_FORWARDS:
+            raise UnsafeVmConfig(f"at most {MAX_GUEST_FORWARDS} guest forwards")
+        targets = [(g.guest_address, g.guest_port) for g in self.guest_forwards]
+        if len(set(targets)) != len(targets):
+            raise UnsafeVmConfig("a guest address and port is forwarded twice")
 
     def _check_gpus(self) -> None:
         devices = (*self.gpus, *self.gpu_bridges)
@@ -340,10 +393,14 @@ def qemu_argv(cfg: QemuVmConfig, *, qemu: str = "qemu-system-x86_64") -> list[st
         argv += ["-device", f"virtio-blk-pci,drive=hd0{virtio}"]
     argv += ["-drive", f"file={_path(cfg.hda, 'data disk')},if=none,id=hd1,format=qcow2"]
     argv += ["-device", f"virtio-blk-pci,drive=hd1{virtio}"]
-    # (4) user-mode network with the published ports (loopback unless allowed otherwise)
-    netdev = "user,id=net0,net=10.0.2.0/24,dhcpstart=10.0.2.10,restrict=no"
+    # (4) user-mode network, restricted: the guest reaches neither the host nor the outside, only the host
+    # services of its guest forwards; the published ports come in by hostfwd (loopback unless allowed)
+    netdev = "user,id=net0,net=10.0.2.0/24,dhcpstart=10.0.2.10,restrict=on"
     for p in cfg.ports:
         netdev += f",hostfwd={p.protocol}:{p.host_address}:{p.host_port}-:{p.guest_port}"
+    for g in cfg.guest_forwards:
+        relay = GUESTFWD_RELAY.format(host=g.host_address, port=g.host_port)
+        netdev += f",guestfwd=tcp:{g.guest_address}:{g.guest_port}-cmd:{relay}"
     argv += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net0{virtio}"]
     # (5) the mode
     if cfg.mode == "tdx":
