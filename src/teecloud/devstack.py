@@ -379,6 +379,7 @@ class LocalCloud:
                 "t": group.t,
                 "commitments": [c.hex() for c in group.commitments],
                 "signing_key": group.signing_key.hex(),
+                "ca_root_cert": group.ca_root_cert,  # "" without a group root CA (self-signed app CAs)
                 "nodes": nodes,
             }
 

@@ -138,6 +138,7 @@ def test_the_guests_kms_is_the_shared_configs_one_pinned_kms_or_its_threshold_gr
     assert dict(provider.group.nodes) == {i: f"https://10.0.2.{99 + i}:443" for i in (1, 2, 3)}
     assert provider.info()["id"] == doc["commitments"][0]  # type: ignore[index]
     assert {i: c.url for i, c in provider._clients.items()} == dict(provider.group.nodes)
+    assert provider.group.ca_root_cert == ""  # no group root CA: self-signed app CAs
 
 
 def _broken(change: str) -> dict[str, object]:
@@ -160,6 +161,12 @@ def _broken(change: str) -> dict[str, object]:
         doc["epoch"] = "1"
     elif change == "no nodes":
         doc["nodes"] = {}
+    elif change == "a root CA that is not a string":
+        doc["ca_root_cert"] = ["-----BEGIN CERTIFICATE-----"]
+    elif change == "an oversized root CA":
+        doc["ca_root_cert"] = "A" * 9000
+    elif change == "a root CA that does not verify":
+        doc["ca_root_cert"] = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
     return {"kms_group": doc}
 
 
@@ -179,6 +186,9 @@ def _broken(change: str) -> dict[str, object]:
         (_broken("commitments not hex"), "kms_group"),
         (_broken("a string epoch"), "integers"),
         (_broken("no nodes"), "1..16 nodes"),
+        (_broken("a root CA that is not a string"), "ca_root_cert is a PEM certificate"),
+        (_broken("an oversized root CA"), "ca_root_cert is a PEM certificate"),
+        (_broken("a root CA that does not verify"), "root CA certificate does not verify"),
     ],
 )
 def test_a_malformed_kms_config_is_refused_with_a_reason(doc: dict[str, object], reason: str) -> None:
@@ -299,3 +309,32 @@ def test_a_tampered_rootfs_does_not_boot(
         assert "teecloud-guest: ready" not in (status.error or "")
     finally:
         node.close()
+
+
+def test_a_threshold_guest_is_given_the_group_root_ca() -> None:
+    """The group root CA (the app CA is signed under it by t nodes) reaches the guest's provider."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "teecloud KMS Root CA")])
+    now = dt.datetime.now(dt.UTC)
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    pem = root.public_bytes(serialization.Encoding.PEM).decode()
+    doc = _group_doc()
+    doc["ca_root_cert"] = pem
+    provider = _provider({"kms_group": doc})
+    assert provider.group.ca_root_cert == pem  # type: ignore[attr-defined]

@@ -79,6 +79,7 @@ __all__ = [
 GUEST_NAME = "teecloud-guest"
 AGENT_PORT = 8090
 GUEST_ADDRESS = "10.0.2.10"
+MAX_CA_ROOT_PEM = 8192  # the group root CA certificate (PEM) a threshold guest is given
 MAX_KMS_NODES = 16
 MAX_APP_COMPOSE = 512 * 1024
 MAX_SHARED_FILE = 1024 * 1024
@@ -328,8 +329,16 @@ def key_provider_from_sys_config(
         )
     try:
         signing_key = _hex(group, "signing_key") if group.get("signing_key") else b""
+        ca_root_cert = group.get("ca_root_cert", "")
+        if not isinstance(ca_root_cert, str) or len(ca_root_cert) > MAX_CA_ROOT_PEM:
+            raise ValueError(f"ca_root_cert is a PEM certificate of at most {MAX_CA_ROOT_PEM} characters")
         parsed = ThresholdGroup(
-            epoch, t, tuple(bytes.fromhex(c) for c in commitments), urls, signing_key=signing_key
+            epoch,
+            t,
+            tuple(bytes.fromhex(c) for c in commitments),
+            urls,
+            signing_key=signing_key,
+            ca_root_cert=ca_root_cert,
         )
     except (ValueError, Error) as exc:
         raise ValueError(f".sys-config.json: kms_group: {exc}") from None
