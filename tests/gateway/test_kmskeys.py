@@ -11,7 +11,6 @@ import pickle
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -226,20 +225,6 @@ def test_relabelled_origin_fails_the_binding(tee: SimulatedTdx, verifier: PeerVe
 
 
 # ---------------------------------------------------------------------------------------- ACME
-
-
-@pytest.fixture(scope="module")
-def dns() -> Iterator[LocalChallengeDns]:
-    server = LocalChallengeDns()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def pebble(tmp_path_factory: pytest.TempPathFactory, dns: LocalChallengeDns) -> Iterator[Pebble]:
-    p = Pebble(tmp_path_factory.mktemp("pebble"), dns.port)
-    yield p
-    p.stop()
 
 
 @pytest.mark.slow
