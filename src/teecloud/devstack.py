@@ -97,6 +97,8 @@ class LocalCloud:
         kms_require_app_compose: bool = False,
         acme_directory: str | None = None,
         acme_dns: str = "127.0.0.1:53",
+        acme_dns_server: str | None = None,
+        acme_tsig_key_file: Path | None = None,
         acme_ca_file: Path | None = None,
         acme_email: str | None = None,
         backend: str = "docker",
@@ -114,7 +116,14 @@ class LocalCloud:
 
         try:
             self.acme = (
-                AcmeSettings.parse(acme_directory, acme_dns, acme_ca_file, acme_email)
+                AcmeSettings.parse(
+                    acme_directory,
+                    acme_dns,
+                    acme_ca_file,
+                    acme_email,
+                    dns_server=acme_dns_server,
+                    tsig_key_file=acme_tsig_key_file,
+                )
                 if acme_directory
                 else None
             )

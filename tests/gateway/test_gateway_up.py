@@ -23,7 +23,15 @@ from teecloud.cli import app as cli_app
 from .pebble import Pebble, free_port
 
 BASE = "gw.teecloud.test"
-ACME_OPTIONS = ("--acme-directory", "--acme-dns", "--acme-ca-file", "--acme-email", "--gateway-dns")
+ACME_OPTIONS = (
+    "--acme-directory",
+    "--acme-dns",
+    "--acme-dns-server",
+    "--acme-tsig-key-file",
+    "--acme-ca-file",
+    "--acme-email",
+    "--gateway-dns",
+)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +46,37 @@ ACME_OPTIONS = ("--acme-directory", "--acme-dns", "--acme-ca-file", "--acme-emai
         ),
         (["--acme-directory", "https://ca.example/d", "--acme-email", "no at sign"], "not an e-mail"),
         (["--gateway-dns", "resolver.example"], "not an IP"),
+        (["--acme-directory", "https://ca.example/d", "--acme-dns", "rfc2136"], "needs --acme-dns-server"),
+        (
+            ["--acme-directory", "https://ca.example/d", "--acme-dns-server", "127.0.0.1"],
+            "go with --acme-dns rfc2136",
+        ),
+        (
+            [
+                "--acme-directory",
+                "https://ca.example/d",
+                "--acme-dns",
+                "rfc2136",
+                "--acme-dns-server",
+                "ns.example",
+                "--acme-tsig-key-file",
+                "/nonexistent.key",
+            ],
+            "not an IP",
+        ),
+        (
+            [
+                "--acme-directory",
+                "https://ca.example/d",
+                "--acme-dns",
+                "rfc2136",
+                "--acme-dns-server",
+                "127.0.0.1",
+                "--acme-tsig-key-file",
+                "/nonexistent.key",
+            ],
+            "TSIG key file",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", [["up"], ["gateway", "up", "--trust-dev-root"]])

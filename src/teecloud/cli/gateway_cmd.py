@@ -31,7 +31,9 @@ from teecloud.cli._gateway_options import (
     AcmeCaFileOpt,
     AcmeDirectoryOpt,
     AcmeDnsOpt,
+    AcmeDnsServerOpt,
     AcmeEmailOpt,
+    AcmeTsigKeyFileOpt,
     GatewayDnsOpt,
 )
 
@@ -119,6 +121,8 @@ def up(
     gateway_dns: GatewayDnsOpt = None,
     acme_directory: AcmeDirectoryOpt = None,
     acme_dns: AcmeDnsOpt = "127.0.0.1:53",
+    acme_dns_server: AcmeDnsServerOpt = None,
+    acme_tsig_key_file: AcmeTsigKeyFileOpt = None,
     acme_ca_file: AcmeCaFileOpt = None,
     acme_email: AcmeEmailOpt = None,
 ) -> None:
@@ -131,7 +135,16 @@ def up(
     # every option checked before anything starts (the same parser as `teecloud up`)
     try:
         acme = (
-            AcmeSettings.parse(acme_directory, acme_dns, acme_ca_file, acme_email) if acme_directory else None
+            AcmeSettings.parse(
+                acme_directory,
+                acme_dns,
+                acme_ca_file,
+                acme_email,
+                dns_server=acme_dns_server,
+                tsig_key_file=acme_tsig_key_file,
+            )
+            if acme_directory
+            else None
         )
         dns = parse_dns_server(gateway_dns, "gateway DNS server") if gateway_dns else None
     except GatewayUsageError as exc:
