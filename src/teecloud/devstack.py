@@ -379,7 +379,9 @@ class LocalCloud:
                 raise NodeError(f"the gateway got no keys from the KMS: {exc}") from exc
             log.warning("no gateway: its TEE did not boot as app %s: %s", self.gateway_app_id, exc)
             return {}
-        keys = GatewayKeys.from_app_keys(self.gateway_boot.keys)
+        keys = GatewayKeys.from_app_keys(
+            self.gateway_boot.keys, app_id=bytes.fromhex(self.gateway_app_id.removeprefix("0x"))
+        )
         acme = self._gateway_acme(keys)
         gateway = GatewayServer(
             self.home / "gateway",
