@@ -34,6 +34,7 @@ class Bind:
         self.key_file.write_text(
             f'key "{key_name}" {{\n\talgorithm hmac-sha256;\n\tsecret "{self.secret}";\n}};\n'
         )
+        self.key_file.chmod(0o600)
         (workdir / f"{zone}.zone").write_text(
             f"$TTL 60\n@ IN SOA ns1.{zone}. hostmaster.{zone}. 1 3600 600 86400 60\n"
             f"@ IN NS ns1.{zone}.\nns1 IN A 127.0.0.1\n"

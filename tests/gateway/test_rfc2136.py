@@ -57,6 +57,10 @@ def test_key_file_from_tsig_keygen(tmp_path: Path) -> None:
     keygen = shutil.which("tsig-keygen") or "/usr/sbin/tsig-keygen"
     text = subprocess.run([keygen, "-a", "hmac-sha512", "acme-gw."], capture_output=True, check=True).stdout
     (tmp_path / "k").write_bytes(b"# made by tsig-keygen\n" + text)
+    (tmp_path / "k").chmod(0o644)
+    with pytest.raises(GatewayUsageError, match="readable by other users"):
+        TsigKey.from_file(tmp_path / "k")
+    (tmp_path / "k").chmod(0o600)
     key = TsigKey.from_file(tmp_path / "k")
     assert key.name == "acme-gw" and key.algorithm == "hmac-sha512" and len(key.secret) == 64
     assert base64.b64encode(key.secret).decode() in text.decode()
@@ -77,6 +81,7 @@ def test_key_file_from_tsig_keygen(tmp_path: Path) -> None:
 )
 def test_bad_key_files_are_refused(tmp_path: Path, text: str, reason: str) -> None:
     (tmp_path / "k").write_text(text)
+    (tmp_path / "k").chmod(0o600)
     with pytest.raises(GatewayUsageError, match=reason):
         TsigKey.from_file(tmp_path / "k")
 
@@ -84,6 +89,8 @@ def test_bad_key_files_are_refused(tmp_path: Path, text: str, reason: str) -> No
 def test_oversized_binary_and_missing_key_files(tmp_path: Path) -> None:
     (tmp_path / "big").write_text(" " * 5000)
     (tmp_path / "bin").write_bytes(b'key "\xff" {};')
+    (tmp_path / "big").chmod(0o600)
+    (tmp_path / "bin").chmod(0o600)
     for name, reason in (("big", "larger than"), ("bin", "not ASCII"), ("none", "No such file")):
         with pytest.raises(GatewayUsageError, match=reason):
             TsigKey.from_file(tmp_path / name)

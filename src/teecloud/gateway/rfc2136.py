@@ -15,13 +15,15 @@ TSIG key allowed to update the zone that holds `_acme-challenge.<base>` (in BIND
 Failures raise Rfc2136Error (a GatewayError): the ACME issuance then fails at step `challenge` with its
 reason.
 The key file is BIND's `key "<name>" { algorithm hmac-sha256; secret "<base64>"; };` (what `tsig-keygen`
-writes), parsed strictly: one key, HMAC-SHA256/384/512 only, a secret of 16..128 bytes.
+writes), parsed strictly: one key, HMAC-SHA256/384/512 only, a secret of 16..128 bytes; a file that other
+users may read (mode & 077) is refused.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -98,6 +100,10 @@ class TsigKey:
     def from_file(cls, path: str | Path) -> TsigKey:
         try:
             with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_mode & 0o077:
+                    raise GatewayUsageError(
+                        f"TSIG key file {str(path)[:200]}: readable by other users (chmod 600 it)"
+                    )
                 data = f.read(MAX_KEY_FILE_BYTES + 1)
         except OSError as exc:
             raise GatewayUsageError(f"TSIG key file {str(path)[:200]}: {exc.strerror or exc}") from exc
