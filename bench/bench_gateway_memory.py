@@ -208,7 +208,8 @@ def main() -> None:
             pooled = "—" if name.startswith("nginx") else f"{med('pools'):.2f}"
             rest = "—" if name.startswith("nginx") else f"{med('not pools'):.2f}"
             print(
-                f"| {name} | {med('rss'):.2f} | {med('shmem'):.2f} | {med('pss'):.2f} | {med('anon'):.2f} "
+                f"| {name} | {med('rss'):.2f} | {med('shmem'):.2f} | {med('file'):.2f} | {med('pss'):.2f} "
+                f"| {med('anon'):.2f} "
                 f"| {pooled} | {rest} | " + ", ".join(f"{k[5:]} {med(k):.2f}" for k in top) + " |"
             )
     finally:
