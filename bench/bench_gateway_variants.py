@@ -21,6 +21,7 @@ to a TLS server: `same split`). wrk: 2 threads, 64 keep-alive connections, TLS 1
 connection on fresh processes (bench_gateway.idle_memory: RSS growth from 300 to 800 connections).
 
     python3 bench/bench_gateway_variants.py [--seconds 5] [--rounds 3] [--variants base,no-hop,...]
+        [--no-memory]
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--no-memory", action="store_true", help="req/s only (bench_gateway_memory.py: memory)")
     args = ap.parse_args()
     names = args.variants.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="teecloud-bench-gwv-"))
@@ -219,7 +221,9 @@ def main() -> None:
         }
         # memory first, on fresh processes (bench_gateway explains why)
         mem = {
-            n: bg.idle_memory(port, bg.HOST, ca.cert_pem, bg.tree_pids(pid))
+            n: float("nan")
+            if args.no_memory
+            else bg.idle_memory(port, bg.HOST, ca.cert_pem, bg.tree_pids(pid))
             for n, (port, pid) in targets.items()
         }
         order = list(targets)
