@@ -21,11 +21,13 @@ to a TLS server: `same split`). wrk: 2 threads, 64 keep-alive connections, TLS 1
 connection on fresh processes (bench_gateway.idle_memory: RSS growth from 300 to 800 connections).
 
     python3 bench/bench_gateway_variants.py [--seconds 5] [--rounds 3] [--variants base,no-hop,...]
+        [--no-memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -68,6 +70,23 @@ VARIANTS: dict[str, Callable[[str, str], str]] = {
     "no-hop+small-bufs": lambda cfg, port: VARIANTS["small-bufs"](cfg, port),
     "no-hop+reuse": lambda cfg, port: VARIANTS["reuse"](cfg, port),
     "no-hop+no-cache": _global("    tune.ssl.cachesize 0"),
+    # stateless TLS session tickets instead of the server-side cache (resumption kept, no per-session state)
+    "no-hop+tickets": lambda cfg, port: _global("    tune.ssl.cachesize 0")(
+        cfg.replace(" no-tls-tickets", ""), port
+    ),
+    "no-hop+arena1": lambda cfg, _port: cfg,  # MALLOC_ARENA_MAX=1 in HAProxy's environment (ENV below)
+    "no-hop+tickets+arena1": lambda cfg, port: VARIANTS["no-hop+tickets"](cfg, port),
+    "no-hop+nbthread1": _global("    nbthread 1"),
+    "no-hop+no-cache+no-tag": _global("    tune.ssl.cachesize 0"),  # -dMno-tag (ARGS below)
+    "no-hop+tickets+no-tag": lambda cfg, port: VARIANTS["no-hop+tickets"](cfg, port),
+}
+# command-line flags per variant: Debian builds HAProxy with DEBUG_MEMORY_POOLS, which tags every pool object
+# (8 bytes after it, to catch frees into the wrong pool); -dMno-tag turns that off
+ARGS: dict[str, list[str]] = {"no-hop+no-cache+no-tag": ["-dMno-tag"], "no-hop+tickets+no-tag": ["-dMno-tag"]}
+# environment per variant: glibc's malloc keeps one arena per thread (up to 8 x cores); one arena for all
+ENV: dict[str, dict[str, str]] = {
+    "no-hop+arena1": {"MALLOC_ARENA_MAX": "1"},
+    "no-hop+tickets+arena1": {"MALLOC_ARENA_MAX": "1"},
 }
 
 
@@ -90,8 +109,10 @@ class Haproxy:
         check = subprocess.run(["haproxy", "-c", "-f", str(self.dir / "haproxy.cfg")], capture_output=True)
         if check.returncode != 0:
             raise SystemExit(f"variant {name}: {check.stderr.decode()[-2000:]}")
+        self.admin_socket = str(self.dir / "admin.sock")
         self.proc = subprocess.Popen(
-            ["haproxy", "-W", "-db", "-f", str(self.dir / "haproxy.cfg")],
+            ["haproxy", "-W", "-db", *ARGS.get(name, []), "-f", str(self.dir / "haproxy.cfg")],
+            env={**os.environ, **ENV.get(name, {})},
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -109,6 +130,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--no-memory", action="store_true", help="req/s only (bench_gateway_memory.py: memory)")
     args = ap.parse_args()
     names = args.variants.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="teecloud-bench-gwv-"))
@@ -199,7 +221,9 @@ def main() -> None:
         }
         # memory first, on fresh processes (bench_gateway explains why)
         mem = {
-            n: bg.idle_memory(port, bg.HOST, ca.cert_pem, bg.tree_pids(pid))
+            n: float("nan")
+            if args.no_memory
+            else bg.idle_memory(port, bg.HOST, ca.cert_pem, bg.tree_pids(pid))
             for n, (port, pid) in targets.items()
         }
         order = list(targets)

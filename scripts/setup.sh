@@ -17,6 +17,9 @@ command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 # --- gateway certificates: pebble (Let's Encrypt's ACME test server) for the ACME DNS-01 end-to-end tests
 command -v pebble >/dev/null || need_apt+=(pebble)
 # --- end gateway certificates
+# --- gateway rfc2136: BIND9 `named` for the RFC 2136 (DNS UPDATE + TSIG) DnsProvider's end-to-end tests
+command -v named >/dev/null || [ -x /usr/sbin/named ] || need_apt+=(bind9 bind9-utils)
+# --- end gateway rfc2136
 # --- threshold KMS (issue 19): libsodium's ristretto255, used through pysodium (pinned in pyproject.toml)
 ldconfig -p | grep -q 'libsodium\.so\.23' || need_apt+=(libsodium23)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -97,6 +97,8 @@ class LocalCloud:
         kms_require_app_compose: bool = False,
         acme_directory: str | None = None,
         acme_dns: str = "127.0.0.1:53",
+        acme_dns_server: str | None = None,
+        acme_tsig_key_file: Path | None = None,
         acme_ca_file: Path | None = None,
         acme_email: str | None = None,
         backend: str = "docker",
@@ -114,7 +116,14 @@ class LocalCloud:
 
         try:
             self.acme = (
-                AcmeSettings.parse(acme_directory, acme_dns, acme_ca_file, acme_email)
+                AcmeSettings.parse(
+                    acme_directory,
+                    acme_dns,
+                    acme_ca_file,
+                    acme_email,
+                    dns_server=acme_dns_server,
+                    tsig_key_file=acme_tsig_key_file,
+                )
                 if acme_directory
                 else None
             )
@@ -427,7 +436,9 @@ class LocalCloud:
                 raise NodeError(f"the gateway got no keys from the KMS: {exc}") from exc
             log.warning("no gateway: its TEE did not boot as app %s: %s", self.gateway_app_id, exc)
             return {}
-        keys = GatewayKeys.from_app_keys(self.gateway_boot.keys)
+        keys = GatewayKeys.from_app_keys(
+            self.gateway_boot.keys, app_id=bytes.fromhex(self.gateway_app_id.removeprefix("0x"))
+        )
         acme = self._gateway_acme(keys)
         gateway = GatewayServer(
             self.home / "gateway",

@@ -14,9 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from teecloud.gateway.acme import LocalChallengeDns
 from teecloud.gateway.devca import DevCa
 from teecloud.gateway.driver import HaproxyDriver
 from teecloud.gateway.routing import DataPlaneLimits
+
+from .pebble import Pebble
 
 BASE = "teecloud.localhost"
 APP = "a1" * 20
@@ -115,3 +118,19 @@ def backends() -> Iterator[list[Backend]]:
     yield made
     for b in made:
         b.stop()
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[LocalChallengeDns]:
+    """The ACME challenge DNS server (one per test module; a module may define its own `dns`)."""
+    server = LocalChallengeDns()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pebble(tmp_path_factory: pytest.TempPathFactory, dns: LocalChallengeDns) -> Iterator[Pebble]:
+    """pebble resolving through `dns` (one per test module)."""
+    p = Pebble(tmp_path_factory.mktemp("pebble"), dns.port)
+    yield p
+    p.stop()

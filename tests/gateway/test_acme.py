@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +35,6 @@ from .pebble import Pebble, free_port
 
 BASE = "gw.teecloud.test"
 __all__ = ["chain"]  # the module-scoped embedded chain fixture of the registration tests
-
-
-@pytest.fixture(scope="module")
-def dns() -> Iterator[LocalChallengeDns]:
-    server = LocalChallengeDns()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def pebble(tmp_path_factory: pytest.TempPathFactory, dns: LocalChallengeDns) -> Iterator[Pebble]:
-    p = Pebble(tmp_path_factory.mktemp("pebble"), dns.port)
-    yield p
-    p.stop()
 
 
 def _acme(home: Path, pebble: Pebble, dns: object, **kw: object) -> AcmeCertificates:

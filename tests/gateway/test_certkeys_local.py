@@ -54,6 +54,23 @@ def test_local_cloud_gateway_key_is_quoted_in_the_gateway_app(teecloud_home: Pat
         assert default.exit_code == 0, default.output
         assert json.loads(default.stdout.strip().splitlines()[-1])["role"] == "public"
         assert verdict["key_origin"] == f"kms:{PUBLIC}"
+        # the KMS signature chain over the same key, checked under the KMS root and gateway_app_id that
+        # KmsAuth records (read from the chain, not from the gateway)
+        chained = ["gateway", "check-keys", f"127.0.0.1:{gw['public_port']}", "--server-name"]
+        chained += [
+            f"x.{gw['base_domain']}",
+            "--base-domain",
+            gw["base_domain"],
+            "--rpc-url",
+            endpoints.chain_rpc,
+        ]
+        chained += ["--json"]
+        signed = CliRunner().invoke(app, [*chained, "--domain", gw["base_domain"]])
+        assert signed.exit_code == 0, signed.output
+        signed_verdict = json.loads(signed.stdout.strip().splitlines()[-1])
+        assert signed_verdict["app_id"] == app_id.lower().removeprefix("0x")
+        assert signed_verdict["spki_sha256"] == verdict["spki_sha256"]
+        assert CliRunner().invoke(app, [*chained, "--domain", "other.localhost"]).exit_code == 1
         first = (Path(gw["ca_file"]).read_text(), _presented_spki(gw))
     finally:
         cloud.stop()

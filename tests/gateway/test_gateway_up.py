@@ -20,10 +20,19 @@ from typer.testing import CliRunner
 
 from teecloud.cli import app as cli_app
 
+from .bind_server import Bind
 from .pebble import Pebble, free_port
 
 BASE = "gw.teecloud.test"
-ACME_OPTIONS = ("--acme-directory", "--acme-dns", "--acme-ca-file", "--acme-email", "--gateway-dns")
+ACME_OPTIONS = (
+    "--acme-directory",
+    "--acme-dns",
+    "--acme-dns-server",
+    "--acme-tsig-key-file",
+    "--acme-ca-file",
+    "--acme-email",
+    "--gateway-dns",
+)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +47,37 @@ ACME_OPTIONS = ("--acme-directory", "--acme-dns", "--acme-ca-file", "--acme-emai
         ),
         (["--acme-directory", "https://ca.example/d", "--acme-email", "no at sign"], "not an e-mail"),
         (["--gateway-dns", "resolver.example"], "not an IP"),
+        (["--acme-directory", "https://ca.example/d", "--acme-dns", "rfc2136"], "needs --acme-dns-server"),
+        (
+            ["--acme-directory", "https://ca.example/d", "--acme-dns-server", "127.0.0.1"],
+            "go with --acme-dns rfc2136",
+        ),
+        (
+            [
+                "--acme-directory",
+                "https://ca.example/d",
+                "--acme-dns",
+                "rfc2136",
+                "--acme-dns-server",
+                "ns.example",
+                "--acme-tsig-key-file",
+                "/nonexistent.key",
+            ],
+            "not an IP",
+        ),
+        (
+            [
+                "--acme-directory",
+                "https://ca.example/d",
+                "--acme-dns",
+                "rfc2136",
+                "--acme-dns-server",
+                "127.0.0.1",
+                "--acme-tsig-key-file",
+                "/nonexistent.key",
+            ],
+            "TSIG key file",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", [["up"], ["gateway", "up", "--trust-dev-root"]])
@@ -114,8 +154,14 @@ def _tls_ready(port: int, ca_pem: str, deadline: float) -> ssl.SSLSocket | None:
 
 
 @pytest.mark.slow
-def test_standalone_gateway_serves_the_acme_certificate(tmp_path: Path, chain_rpc: str) -> None:
-    dns_port = free_port()
+@pytest.mark.parametrize("dns_mode", ["local", "rfc2136"])
+def test_standalone_gateway_serves_the_acme_certificate(
+    tmp_path: Path, chain_rpc: str, dns_mode: str
+) -> None:
+    """With the gateway's own challenge DNS server, and with RFC 2136 updates to a real BIND9 named that
+    pebble resolves through."""
+    bind = Bind(tmp_path / "bind", BASE) if dns_mode == "rfc2136" else None
+    dns_port = bind.port if bind is not None else free_port()
     (tmp_path / "pebble").mkdir()
     pebble = Pebble(tmp_path / "pebble", dns_port)
     port = free_port()
@@ -126,7 +172,12 @@ def test_standalone_gateway_serves_the_acme_certificate(tmp_path: Path, chain_rp
     code = "import sys; from teecloud.cli import main; sys.argv[0] = 'teecloud'; main()"
     args = ["gateway", "up", "--rpc-url", chain_rpc, "--trust-dev-root", "--base-domain", BASE]
     args += ["--port", str(port), "--data-dir", str(tmp_path / "gw")]
-    args += ["--acme-directory", pebble.directory_url, "--acme-dns", f"127.0.0.1:{dns_port}"]
+    args += ["--acme-directory", pebble.directory_url]
+    if bind is not None:
+        args += ["--acme-dns", "rfc2136", "--acme-dns-server", f"127.0.0.1:{bind.port}"]
+        args += ["--acme-tsig-key-file", str(bind.key_file)]
+    else:
+        args += ["--acme-dns", f"127.0.0.1:{dns_port}"]
     args += ["--acme-ca-file", pebble.ca_bundle]
     log = (tmp_path / "gateway.log").open("wb")
     proc = subprocess.Popen(
@@ -140,9 +191,15 @@ def test_standalone_gateway_serves_the_acme_certificate(tmp_path: Path, chain_rp
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert "gateway stopped" in (tmp_path / "gateway.log").read_text()
+        if bind is not None:  # named took the challenge records (and they were removed after)
+            named_log = (bind.workdir / "named.log").read_text()
+            assert f"updating zone '{BASE}/IN': adding an RR at '_acme-challenge.{BASE}' TXT" in named_log
+            assert f"updating zone '{BASE}/IN': deleting an RR at _acme-challenge.{BASE} TXT" in named_log
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+        if bind is not None:
+            bind.stop()
         log.close()
         pebble.stop()

@@ -11,21 +11,23 @@ import pickle
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from typer.testing import CliRunner
 
 from teecloud.agent.keyprovider import LocalDevKeyProvider
 from teecloud.chain import ChainClient
+from teecloud.cli import app as cli_app
 from teecloud.gateway.acme import AcmeCertificates, LocalChallengeDns
 from teecloud.gateway.certkeys import (
     CERT_KEYS_PATH,
     CertKeyRefused,
     cert_key_report_data,
     check_cert_key,
+    check_cert_key_signature,
     fetch_document,
     parse_document,
     presented_cert,
@@ -81,12 +83,14 @@ def verifier(tee: SimulatedTdx) -> PeerVerifier:
     return PeerVerifier(PeerPolicy.dev(tee.dev_root_der()), StaticCollateral(tee.collateral))
 
 
-def _boot_keys(home: Path, chain: ChainClient) -> tuple[GatewayKeys, SimulatedTdx]:
-    """A gateway TEE booted as the gateway app (a fresh instance each time) and the keys it was given."""
+def _boot_keys(home: Path, chain: ChainClient) -> tuple[GatewayKeys, SimulatedTdx, bytes]:
+    """A gateway TEE booted as the gateway app (a fresh instance each time), the keys it was given (with the
+    certificate-key signer) and the KMS's k256 root public key."""
     app_id = register_gateway_app(chain)
     tee = SimulatedTdx(home)
     state = boot_gateway(tee, app_id, LocalDevKeyProvider(home))
-    return GatewayKeys.from_app_keys(state.keys), tee
+    keys = GatewayKeys.from_app_keys(state.keys, app_id=bytes.fromhex(app_id.removeprefix("0x")))
+    return keys, tee, state.keys.kms_k256_pubkey
 
 
 # ---------------------------------------------------------------------------------------- derivation
@@ -155,7 +159,9 @@ def test_restart_keeps_the_ca_and_keys(
 ) -> None:
     seen = []
     for _restart in range(2):
-        keys, tee = _boot_keys(teecloud_home, chain)  # a new boot: a new instance, the same app keys
+        keys, tee, kms_root = _boot_keys(
+            teecloud_home, chain
+        )  # a new boot: a new instance, the same app keys
         with make_gateway(teecloud_home, chain, name="kms-keys", tee=tee, keys=keys) as gw:
             public = presented_cert("127.0.0.1", gw.public_port, server_name=f"x.{BASE}")
             registration = presented_cert("127.0.0.1", gw.registration_port)
@@ -177,6 +183,26 @@ def test_restart_keeps_the_ca_and_keys(
             }
             verdict = check_cert_key(public, document, verifier)
             assert verdict.key_origin == f"kms:{PUBLIC}"
+            # and the KMS signature chain over each key leads to the KMS root, for the gateway app
+            assert keys.signer is not None
+            app_id = keys.signer.app_id
+            for der in (public, registration):
+                signed = check_cert_key_signature(
+                    der, document, kms_root_public_key=kms_root, expected_app_id=app_id, expected_domain=BASE
+                )
+                assert signed.app_id == app_id.hex() and signed.domain == BASE
+            # ... and through the CLI, which trusts only the KMS root given to it
+            args = ["gateway", "check-keys", f"127.0.0.1:{gw.registration_port}", "--keys"]
+            args += [gw.registration_url + CERT_KEYS_PATH, "--kms-root-key", kms_root.hex(), "--json"]
+            ok = CliRunner().invoke(cli_app, [*args, "--app-id", app_id.hex(), "--domain", BASE])
+            assert ok.exit_code == 0, ok.output
+            assert json.loads(ok.stdout.strip().splitlines()[-1])["role"] == "registration"
+            other = CliRunner().invoke(cli_app, [*args, "--app-id", "22" * 20])
+            assert other.exit_code == 1 and '"step": "app"' in other.stdout
+            wrong_root = CliRunner().invoke(
+                cli_app, [*args[:-3], "--kms-root-key", "02" + "11" * 32, "--json"]
+            )
+            assert wrong_root.exit_code == 1 and '"step": "chain"' in wrong_root.stdout
     (ca1, pub1, reg1), (ca2, pub2, reg2) = seen
     assert ca1 == ca2 and pub1 == pub2 and reg1 == reg2  # the same CA certificate, the same keys
 
@@ -226,20 +252,6 @@ def test_relabelled_origin_fails_the_binding(tee: SimulatedTdx, verifier: PeerVe
 
 
 # ---------------------------------------------------------------------------------------- ACME
-
-
-@pytest.fixture(scope="module")
-def dns() -> Iterator[LocalChallengeDns]:
-    server = LocalChallengeDns()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def pebble(tmp_path_factory: pytest.TempPathFactory, dns: LocalChallengeDns) -> Iterator[Pebble]:
-    p = Pebble(tmp_path_factory.mktemp("pebble"), dns.port)
-    yield p
-    p.stop()
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ nodes and its TLS keys are derived from the app keys they released (teecloud.gat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from teecloud.agent.boot import boot
 from teecloud.appcompose import compose_hash
 from teecloud.devstack import LocalCloud
-from teecloud.gateway.certkeys import presented_cert
+from teecloud.gateway.certkeys import check_cert_key_signature, fetch_document, presented_cert
 from teecloud.gateway.kmskeys import PUBLIC, GatewayKeys
 from teecloud.kms import api as kms_api
 from teecloud.kms.threshold_client import ThresholdKeyProvider
@@ -64,10 +65,21 @@ def test_threshold_nodes_serve_the_gateway_app_id(tmp_path: Path) -> None:
         assert cloud.gateway_boot is not None
         assert cloud.gateway_boot.keys.gateway_app_id.lower() == gateway_app_id.lower()
         gw = endpoints.gateway
+        assert gw or shutil.which("haproxy") is None, "HAProxy is installed but no gateway started"
         if gw:  # HAProxy installed (setup.sh installs it)
             der = presented_cert("127.0.0.1", gw["public_port"], server_name=f"x.{gw['base_domain']}")
             served = x509.load_der_x509_certificate(der).public_key().public_bytes(*SPKI)
             derived = GatewayKeys.from_app_keys(cloud.gateway_boot.keys).p256(PUBLIC)
             assert served == derived.public_key().public_bytes(*SPKI)
+            # the KMS signature chain over that key leads to the nodes' group k256 key, for the gateway app
+            document = fetch_document(gw["cert_keys"])
+            verdict = check_cert_key_signature(
+                der,
+                document,
+                kms_root_public_key=cloud.gateway_boot.keys.kms_k256_pubkey,
+                expected_app_id=bytes.fromhex(gateway_app_id.removeprefix("0x")),
+                expected_domain=gw["base_domain"],
+            )
+            assert verdict.role == "public"
     finally:
         cloud.stop()

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-__all__ = ["AcmeCaFileOpt", "AcmeDirectoryOpt", "AcmeDnsOpt", "AcmeEmailOpt", "GatewayDnsOpt"]
+__all__ = [
+    "AcmeCaFileOpt",
+    "AcmeDirectoryOpt",
+    "AcmeDnsOpt",
+    "AcmeDnsServerOpt",
+    "AcmeEmailOpt",
+    "AcmeTsigKeyFileOpt",
+    "GatewayDnsOpt",
+]
 
 GatewayDnsOpt = Annotated[
     str | None,
@@ -31,8 +39,9 @@ AcmeDnsOpt = Annotated[
     str,
     typer.Option(
         "--acme-dns",
-        help="With --acme-directory: IP:PORT where the gateway serves the DNS-01 TXT answers "
-        "(point the CA's resolver there).",
+        help="With --acme-directory: where the DNS-01 TXT records go. IP:PORT: the gateway serves them "
+        "itself there (point the CA's resolver there; a local CA). `rfc2136`: TSIG-signed DNS UPDATE to "
+        "--acme-dns-server with --acme-tsig-key-file (BIND, PowerDNS, Knot, DNS hosts).",
     ),
 ]
 AcmeCaFileOpt = Annotated[
@@ -41,4 +50,20 @@ AcmeCaFileOpt = Annotated[
 ]
 AcmeEmailOpt = Annotated[
     str | None, typer.Option("--acme-email", help="With --acme-directory: the ACME account's contact.")
+]
+AcmeDnsServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--acme-dns-server",
+        help="With --acme-dns rfc2136: IP[:PORT] of the primary (authoritative) DNS server that takes the "
+        "updates for the zone holding _acme-challenge.<base domain>.",
+    ),
+]
+AcmeTsigKeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--acme-tsig-key-file",
+        help='With --acme-dns rfc2136: the TSIG key in BIND\'s format (tsig-keygen: key "<name>" { algorithm '
+        'hmac-sha256; secret "<base64>"; };).',
+    ),
 ]

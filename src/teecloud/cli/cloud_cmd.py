@@ -21,7 +21,9 @@ from teecloud.cli._gateway_options import (
     AcmeCaFileOpt,
     AcmeDirectoryOpt,
     AcmeDnsOpt,
+    AcmeDnsServerOpt,
     AcmeEmailOpt,
+    AcmeTsigKeyFileOpt,
     GatewayDnsOpt,
 )
 
@@ -172,6 +174,8 @@ def up(
     # the gateway's options, shared with `teecloud gateway up` (cli/_gateway_options.py)
     acme_directory: AcmeDirectoryOpt = None,
     acme_dns: AcmeDnsOpt = "127.0.0.1:53",
+    acme_dns_server: AcmeDnsServerOpt = None,
+    acme_tsig_key_file: AcmeTsigKeyFileOpt = None,
     acme_ca_file: AcmeCaFileOpt = None,
     acme_email: AcmeEmailOpt = None,
     backend: Annotated[
@@ -219,6 +223,8 @@ def up(
             kms_require_app_compose=kms_require_app_compose,
             acme_directory=acme_directory,
             acme_dns=acme_dns,
+            acme_dns_server=acme_dns_server,
+            acme_tsig_key_file=acme_tsig_key_file,
             acme_ca_file=acme_ca_file,
             acme_email=acme_email,
             backend=backend,

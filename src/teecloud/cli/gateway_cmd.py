@@ -11,6 +11,12 @@ base domain's apex), or from `--keys URL` (e.g. the registration listener). Then
 collateral from a PCCS, or this installation's simulated TEE, labelled) binds exactly that key. `--app-id`
 (the KMS's `gateway_app_id`) also requires the key to be held by that app.
 
+`teecloud gateway check-keys HOST[:PORT] (--kms-root-key HEX | --rpc-url URL) [--app-id] [--domain]`: is the
+key this server presents vouched for by the gateway app's KMS-derived key, whose GetKey signature chain leads
+to the KMS root (`teecloud.gateway.certkeys.check_cert_key_signature`)? No TEE evidence is involved and the
+gateway is not trusted: the KMS root (given, or read from KmsAuth with `--rpc-url`, which also pins KmsAuth's
+gateway_app_id unless `--app-id` is given) decides.
+
 Exit codes: 0 = the key is vouched for, 1 = refused (the reason and step are printed), 2 = usage error.
 """
 
@@ -31,7 +37,9 @@ from teecloud.cli._gateway_options import (
     AcmeCaFileOpt,
     AcmeDirectoryOpt,
     AcmeDnsOpt,
+    AcmeDnsServerOpt,
     AcmeEmailOpt,
+    AcmeTsigKeyFileOpt,
     GatewayDnsOpt,
 )
 
@@ -119,6 +127,8 @@ def up(
     gateway_dns: GatewayDnsOpt = None,
     acme_directory: AcmeDirectoryOpt = None,
     acme_dns: AcmeDnsOpt = "127.0.0.1:53",
+    acme_dns_server: AcmeDnsServerOpt = None,
+    acme_tsig_key_file: AcmeTsigKeyFileOpt = None,
     acme_ca_file: AcmeCaFileOpt = None,
     acme_email: AcmeEmailOpt = None,
 ) -> None:
@@ -131,7 +141,16 @@ def up(
     # every option checked before anything starts (the same parser as `teecloud up`)
     try:
         acme = (
-            AcmeSettings.parse(acme_directory, acme_dns, acme_ca_file, acme_email) if acme_directory else None
+            AcmeSettings.parse(
+                acme_directory,
+                acme_dns,
+                acme_ca_file,
+                acme_email,
+                dns_server=acme_dns_server,
+                tsig_key_file=acme_tsig_key_file,
+            )
+            if acme_directory
+            else None
         )
         dns = parse_dns_server(gateway_dns, "gateway DNS server") if gateway_dns else None
     except GatewayUsageError as exc:
@@ -268,7 +287,35 @@ def _boot_as_gateway_app(chain: Any, kms_url: str) -> tuple[Any, Any]:
         chain=chain,
     )
     state = boot_gateway(tee, app_id, provider)
-    return GatewayKeys.from_app_keys(state.keys), tee
+    return GatewayKeys.from_app_keys(state.keys, app_id=bytes.fromhex(app_id.removeprefix("0x"))), tee
+
+
+def _hex_option(value: str, name: str, size: int) -> bytes:
+    try:
+        raw = bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        _fail(f"{name} must be {size} bytes of hex", 2)
+    return raw
+
+
+def _keys_url(
+    host: str, port: int, keys_url: str | None, base_domain: str | None, server_name: str | None
+) -> tuple[str, str | None]:
+    """Where the cert-keys document is, and the TLS server name / Host to ask with (the gateway's own public
+    port answers it on its base domain's apex)."""
+    from teecloud.gateway.certkeys import CERT_KEYS_PATH
+
+    if keys_url is not None:
+        if not keys_url.startswith(("https://", "http://")):
+            _fail("--keys must be an http(s):// URL", 2)
+        return keys_url, None
+    doc_name = (base_domain or server_name or host).strip().rstrip(".").lower()
+    if not doc_name or len(doc_name) > 253 or not all(c.isalnum() or c in ".-" for c in doc_name):
+        _fail(f"bad base domain {doc_name[:80]!r}", 2)
+    netloc = f"[{host}]" if ":" in host else host
+    return f"https://{netloc}:{port}{CERT_KEYS_PATH}", doc_name
 
 
 @app.command("check-cert")
@@ -302,35 +349,14 @@ def check_cert(
 ) -> None:
     """Check that the certificate key HOST presents is bound by a verified quote the gateway publishes."""
     from teecloud.cli._peers import MISSING, verifier_from_flags
-    from teecloud.gateway.certkeys import (
-        CERT_KEYS_PATH,
-        CertKeyRefused,
-        check_cert_key,
-        fetch_document,
-        presented_cert,
-    )
+    from teecloud.gateway.certkeys import CertKeyRefused, check_cert_key, fetch_document, presented_cert
 
     host, port = _host_port(target)
-    expected: bytes | None = None
-    if app_id is not None:
-        try:
-            expected = bytes.fromhex(app_id.removeprefix("0x"))
-        except ValueError:
-            expected = b""
-        if len(expected) != 20:
-            _fail("--app-id must be 20 bytes of hex", 2)
+    expected = _hex_option(app_id, "--app-id", 20) if app_id is not None else None
     verifier = verifier_from_flags(trust_dev_root, pccs_url, _err)
     if verifier is None:
         _fail(MISSING, 2)
-    doc_name: str | None = None
-    if keys_url is None:  # the gateway's own public port, its base domain's apex
-        doc_name = (base_domain or server_name or host).strip().rstrip(".").lower()
-        if not doc_name or len(doc_name) > 253 or not all(c.isalnum() or c in ".-" for c in doc_name):
-            _fail(f"bad base domain {doc_name[:80]!r}", 2)
-        netloc = f"[{host}]" if ":" in host else host
-        keys_url = f"https://{netloc}:{port}{CERT_KEYS_PATH}"
-    elif not keys_url.startswith(("https://", "http://")):
-        _fail("--keys must be an http(s):// URL", 2)
+    keys_url, doc_name = _keys_url(host, port, keys_url, base_domain, server_name)
     try:
         cert = presented_cert(host, port, server_name=server_name)
         document = fetch_document(keys_url, server_name=doc_name)
@@ -353,3 +379,112 @@ def check_cert(
         _out.print(f"  compose_hash     {verdict.compose_hash}")
     origin = verdict.key_origin or "(not stated)"
     _out.print(f"  key origin       {origin} (the measured code's statement, covered by the quote)")
+
+
+@app.command("check-keys")
+def check_keys(
+    target: Annotated[str, typer.Argument(help="HOST or HOST:PORT of the gateway's public TLS port.")],
+    kms_root_key: Annotated[
+        str | None,
+        typer.Option(
+            "--kms-root-key",
+            help="The KMS's k256 root (or threshold group) public key, hex (33-byte compressed or 65-byte "
+            "uncompressed SEC1): what the chain must lead to.",
+        ),
+    ] = None,
+    rpc_url: Annotated[
+        str | None,
+        typer.Option(
+            "--rpc-url",
+            help="Instead of --kms-root-key: read the KMS root key (and, without --app-id, the "
+            "gateway_app_id to require) from KmsAuth on this chain.",
+        ),
+    ] = None,
+    keys_url: Annotated[
+        str | None,
+        typer.Option("--keys", help="URL of the gateway's cert-keys document (default: HOST:PORT itself)."),
+    ] = None,
+    base_domain: Annotated[
+        str | None,
+        typer.Option("--base-domain", help="Without --keys: SNI and Host of the document request."),
+    ] = None,
+    server_name: Annotated[
+        str | None, typer.Option("--server-name", help="SNI to send (default HOST).")
+    ] = None,
+    app_id: Annotated[
+        str | None, typer.Option("--app-id", help="Require this app's chain (the KMS's gateway_app_id).")
+    ] = None,
+    domain: Annotated[
+        str | None, typer.Option("--domain", help="Require the key to be vouched for this base domain.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
+) -> None:
+    """Check the KMS signature chain over the certificate key HOST presents (no TEE evidence involved: the
+    KMS root decides)."""
+    from teecloud.gateway.certkeys import (
+        CertKeyRefused,
+        check_cert_key_signature,
+        fetch_document,
+        presented_cert,
+    )
+
+    host, port = _host_port(target)
+    expected = _hex_option(app_id, "--app-id", 20) if app_id is not None else None
+    if (kms_root_key is None) == (rpc_url is None):
+        _fail("give one of --kms-root-key HEX or --rpc-url URL", 2)
+    if kms_root_key is not None:
+        root = bytes.fromhex(kms_root_key.removeprefix("0x")) if _is_hex(kms_root_key) else b""
+        if len(root) not in (33, 65):
+            _fail("--kms-root-key must be a 33- or 65-byte SEC1 public key in hex", 2)
+    else:
+        root, expected = _kms_from_chain(str(rpc_url), expected)
+    keys_url, doc_name = _keys_url(host, port, keys_url, base_domain, server_name)
+    try:
+        cert = presented_cert(host, port, server_name=server_name)
+        document = fetch_document(keys_url, server_name=doc_name)
+        verdict = check_cert_key_signature(
+            cert, document, kms_root_public_key=root, expected_app_id=expected, expected_domain=domain
+        )
+    except CertKeyRefused as exc:
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "step": exc.step, "reason": exc.reason}))
+        else:
+            _err.print(f"[red]refused[/] at step {exc.step}: {exc.reason}")
+        raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **verdict.to_json()}))
+        return
+    _out.print(
+        f"[green]ok[/]: the {verdict.role} certificate key of {host}:{port} is vouched for by the KMS chain"
+    )
+    _out.print(f"  key spki sha256  {verdict.spki_sha256}")
+    _out.print(
+        f"  domain           {verdict.domain} (until {verdict.not_after}, the certificate's not_after)"
+    )
+    _out.print(
+        f"  app_id           {verdict.app_id} (its app key {verdict.app_public_key}, issued by the KMS root)"
+    )
+
+
+def _kms_from_chain(rpc_url: str, expected: bytes | None) -> tuple[bytes, bytes | None]:
+    from teecloud.chain import ChainClient
+    from teecloud.errors import Error
+
+    try:
+        chain = ChainClient.rpc(rpc_url)
+        try:
+            info = chain.kms.info()
+        finally:
+            chain.close()
+    except (Error, OSError, ValueError) as exc:
+        _fail(f"cannot read KmsAuth at {rpc_url[:200]}: {exc}", 1)
+    if len(info.k256_pubkey) not in (33, 65):
+        _fail("KmsAuth records no KMS k256 root key", 1)
+    if expected is None and int(info.gateway_app_id or "0", 16) != 0:
+        expected = bytes.fromhex(info.gateway_app_id.removeprefix("0x"))
+    return info.k256_pubkey, expected
+
+
+def _is_hex(value: str) -> bool:
+    v = value.removeprefix("0x")
+    return len(v) <= 200 and len(v) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in v)

@@ -55,6 +55,7 @@ from teecloud._fs import atomic_write, atomic_write_json
 from teecloud.gateway.devca import IssuedCert
 from teecloud.gateway.errors import GatewayError, GatewayUsageError
 from teecloud.gateway.kmskeys import ACME_ACCOUNT, GatewayKeys, acme_certificate_path, key_origin
+from teecloud.gateway.rfc2136 import Rfc2136Dns, TsigKey
 from teecloud.gateway.routing import check_base_domain
 from teecloud.keys.certs import cert_to_pem, key_to_pem
 
@@ -77,6 +78,7 @@ CERTIFICATE = "certificate.pem"
 MAX_CHAIN_BYTES = 64 * 1024
 MAX_TXT_NAMES = 64
 MAX_TXT_VALUES = 8
+RFC2136 = "rfc2136"  # --acme-dns rfc2136: DNS UPDATE to an authoritative server
 
 
 class AcmeError(GatewayError):
@@ -469,13 +471,19 @@ def parse_dns_server(value: str, what: str = "DNS server") -> tuple[str, int]:
 @dataclass(frozen=True)
 class AcmeSettings:
     """The `--acme-*` options of `teecloud up` and `teecloud gateway up` (one parser: `parse`), checked before
-    anything starts: the directory (https, a host, at most 2048 characters), the IP:PORT where the challenge
-    DNS server (LocalChallengeDns) answers, a readable CA bundle for the CA's TLS, the account's contact."""
+    anything starts: the directory (https, a host, at most 2048 characters), where the DNS-01 TXT records go,
+    a readable CA bundle for the CA's TLS, the account's contact.
+
+    DNS-01 records go either to the gateway's own challenge DNS server (`--acme-dns IP:PORT`,
+    LocalChallengeDns: the CA's resolver must be pointed there — a local CA) or, with `--acme-dns rfc2136`,
+    to an authoritative DNS server by TSIG-signed DNS UPDATE (`--acme-dns-server IP[:PORT]`,
+    `--acme-tsig-key-file` in BIND's format; teecloud.gateway.rfc2136)."""
 
     directory_url: str
     dns: tuple[str, int] = ("127.0.0.1", 53)
     ca_file: str | None = None
     email: str | None = None
+    tsig_key: TsigKey | None = None  # set: RFC 2136 updates to `dns` (the authoritative server)
 
     @classmethod
     def parse(
@@ -484,6 +492,9 @@ class AcmeSettings:
         dns: str = "127.0.0.1:53",
         ca_file: str | Path | None = None,
         email: str | None = None,
+        *,
+        dns_server: str | None = None,
+        tsig_key_file: str | Path | None = None,
     ) -> AcmeSettings:
         from urllib.parse import urlsplit
 
@@ -495,24 +506,42 @@ class AcmeSettings:
             ok = False
         if not ok:
             raise GatewayUsageError(f"ACME directory {directory_url[:80]!r}: not an https:// URL with a host")
-        where = parse_dns_server(dns, "ACME DNS-01 server")
+        tsig_key = None
+        if dns.strip().lower() == RFC2136:
+            if dns_server is None or tsig_key_file is None:
+                raise GatewayUsageError(
+                    "--acme-dns rfc2136 needs --acme-dns-server IP[:PORT] and --acme-tsig-key-file PATH"
+                )
+            where = parse_dns_server(dns_server, "ACME DNS UPDATE server")
+            tsig_key = TsigKey.from_file(tsig_key_file)
+        else:
+            if dns_server is not None or tsig_key_file is not None:
+                raise GatewayUsageError(
+                    "--acme-dns-server and --acme-tsig-key-file go with --acme-dns rfc2136"
+                )
+            where = parse_dns_server(dns, "ACME DNS-01 server")
         if ca_file is not None and not Path(ca_file).is_file():
             raise GatewayUsageError(f"ACME CA file {str(ca_file)[:200]}: not a readable file")
         if email is not None and (len(email) > 254 or not re.fullmatch(r"[^@\s]+@[^@\s]+", email)):
             raise GatewayUsageError(f"ACME contact {email[:80]!r}: not an e-mail address")
-        return cls(directory_url, where, str(ca_file) if ca_file is not None else None, email)
+        return cls(directory_url, where, str(ca_file) if ca_file is not None else None, email, tsig_key)
 
     def open(
         self, home: Path, *, base_domain: str, keys: GatewayKeys | None
-    ) -> tuple[AcmeCertificates, LocalChallengeDns]:
-        """The challenge DNS server (started: the caller stops it) and the certificates (the first issuance
-        happens when the gateway is made). Raises GatewayUsageError when the DNS address cannot be served."""
-        try:
-            dns = LocalChallengeDns(*self.dns)
-        except OSError as exc:
-            raise GatewayUsageError(
-                f"cannot serve ACME DNS-01 answers on {self.dns[0]}:{self.dns[1]}: {exc.strerror or exc}"
-            ) from exc
+    ) -> tuple[AcmeCertificates, LocalChallengeDns | Rfc2136Dns]:
+        """The DNS provider (a started challenge DNS server, or the RFC 2136 client; the caller stops it) and
+        the certificates (the first issuance happens when the gateway is made). Raises GatewayUsageError
+        when the DNS address cannot be served."""
+        dns: LocalChallengeDns | Rfc2136Dns
+        if self.tsig_key is not None:
+            dns = Rfc2136Dns(self.dns, self.tsig_key)
+        else:
+            try:
+                dns = LocalChallengeDns(*self.dns)
+            except OSError as exc:
+                raise GatewayUsageError(
+                    f"cannot serve ACME DNS-01 answers on {self.dns[0]}:{self.dns[1]}: {exc.strerror or exc}"
+                ) from exc
         certs = AcmeCertificates(
             home,
             directory_url=self.directory_url,

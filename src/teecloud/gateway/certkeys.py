@@ -37,6 +37,34 @@ The checker (`check_cert_key`) decides from the quote and the key presented on t
                   is trusted, and then reported as simulated)
   (4) binding     the quote's report_data equals the binding recomputed from the presented SPKI
   (5) app         optionally, the measured app_id is the expected one (the KMS's `gateway_app_id`)
+
+Signature chain (an entry's optional `kms_signature`, when the gateway's keys come from the KMS): a statement
+by the gateway app's KMS-derived key that anyone holding the KMS's k256 root (or threshold group) public key
+checks without trusting the gateway, the TEE vendor or the document's transport:
+
+    statement  = sha256(JCS({"purpose": "teecloud:gateway-cert-key-signature", "spki_sha256": hex,
+                             "domain": <the gateway's base domain>, "not_after": <the certificate's, int>}))
+    signature  = recoverable secp256k1 (r||s||v) over `statement` by the signing key (kmskeys.CertKeySigner:
+                 GetKey("teecloud-gateway/v1/cert-key-signing"))
+    signature_chain = the signing key's GetKey chain (teecloud.keys.sigchain): [app key over
+                 keccak256("teecloud:gateway-cert-key-signing:<hex(signing key)>"), KMS root over
+                 keccak256("dstack-kms-issued:" || app_id || app key)]
+
+    "kms_signature": {"domain", "app_id": hex, "signing_key": hex (33 B), "signature": hex (65 B),
+                      "signature_chain": [hex, hex]}
+
+`check_cert_key_signature` decides from the key presented on the wire:
+  (1) presented   as above; its SPKI hash and not_after are taken from the presented certificate
+  (2) published   an entry for that SPKI hash carrying a kms_signature
+  (3) signature   the signature over the statement recomputed from (1) and the entry's domain recovers to
+                  the entry's signing key (a tampered signature, a substituted key, another certificate's
+                  not_after or another domain fail here)
+  (4) chain       the signing key's chain verifies up to the given KMS root for the entry's app_id (another
+                  app's chain, or a chain under another KMS, fail here)
+  (5) app         optionally, that app_id is the expected one (the KMS's `gateway_app_id`)
+  (6) domain      optionally, the signed domain is the expected one
+What it shows: the KMS released keys to app_id (only to boot-time evidence of code KmsAuth allows for it),
+and whoever holds that app's keys vouched for this certificate key for this domain until not_after.
 """
 
 from __future__ import annotations
@@ -55,19 +83,26 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from teecloud.gateway.errors import GatewayError, GatewayUsageError
-from teecloud.gateway.kmskeys import is_key_origin
+from teecloud.gateway.kmskeys import CERT_KEY_SIGNING_PURPOSE, CertKeySigner, is_key_origin
+from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import QuoteSource, event_log_json
+from teecloud.keys.sigchain import recover_k256, verify_key_signature_chain
 from teecloud.peer import PeerRejected, PeerVerifier
 
 __all__ = [
     "CERT_KEYS_PATH",
     "CERT_KEY_PURPOSE",
+    "CERT_KEY_SIGNATURE_PURPOSE",
     "CertKeyPublisher",
     "CertKeyRefused",
+    "CertKeySignatureVerdict",
     "CertKeyVerdict",
+    "KmsSignature",
     "PublishedKey",
     "cert_key_report_data",
+    "cert_key_statement",
     "check_cert_key",
+    "check_cert_key_signature",
     "fetch_document",
     "parse_document",
     "presented_cert",
@@ -75,6 +110,7 @@ __all__ = [
 
 CERT_KEYS_PATH = "/.well-known/teecloud/cert-keys"
 CERT_KEY_PURPOSE = "teecloud:gateway-cert-key"
+CERT_KEY_SIGNATURE_PURPOSE = "teecloud:gateway-cert-key-signature"
 MAX_DOCUMENT_BYTES = 1 << 20
 MAX_KEYS = 16
 MAX_QUOTE_BYTES = 64 * 1024
@@ -83,7 +119,8 @@ MAX_NAMES = 16
 MAX_NESTING = 8  # the document's own shape needs 4
 ROLES = ("public", "registration", "dev-ca")
 _ENTRY_FIELDS = {"role", "spki_sha256", "names", "not_after", "quote", "event_log"}
-_OPTIONAL_FIELDS = {"key_origin"}
+_OPTIONAL_FIELDS = {"key_origin", "kms_signature"}
+_SIGNATURE_FIELDS = {"domain", "app_id", "signing_key", "signature", "signature_chain"}
 
 
 class CertKeyRefused(GatewayError):
@@ -113,6 +150,37 @@ def cert_key_report_data(spki_digest: bytes, key_origin: str = "") -> bytes:
     return hashlib.sha256(rfc8785.dumps(doc)).digest().ljust(64, b"\x00")
 
 
+def cert_key_statement(spki_digest: bytes, domain: str, not_after: int) -> bytes:
+    """The 32-byte digest the gateway app's signing key signs for a certificate key (module docstring)."""
+    if len(spki_digest) != 32:
+        raise GatewayUsageError("spki_sha256 is 32 bytes")
+    doc: dict[str, str | int] = {
+        "purpose": CERT_KEY_SIGNATURE_PURPOSE,
+        "spki_sha256": spki_digest.hex(),
+        "domain": domain,
+        "not_after": not_after,
+    }
+    return hashlib.sha256(rfc8785.dumps(doc)).digest()
+
+
+@dataclass(frozen=True)
+class KmsSignature:
+    domain: str
+    app_id: bytes
+    signing_key: bytes
+    signature: bytes
+    signature_chain: tuple[bytes, bytes]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "app_id": self.app_id.hex(),
+            "signing_key": self.signing_key.hex(),
+            "signature": self.signature.hex(),
+            "signature_chain": [s.hex() for s in self.signature_chain],
+        }
+
+
 @dataclass(frozen=True)
 class PublishedKey:
     role: str
@@ -122,6 +190,7 @@ class PublishedKey:
     quote: bytes
     event_log: str
     key_origin: str = ""  # "" only in earlier documents (not covered then)
+    kms_signature: KmsSignature | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -134,15 +203,22 @@ class PublishedKey:
         }
         if self.key_origin:
             out["key_origin"] = self.key_origin
+        if self.kms_signature is not None:
+            out["kms_signature"] = self.kms_signature.to_json()
         return out
 
 
 class CertKeyPublisher:
     """The gateway side: a quote for each certificate key it serves with, from its TEE, taken when the
-    certificate is made; the document lists the keys in use now (a replaced key's entry goes with it)."""
+    certificate is made; the document lists the keys in use now (a replaced key's entry goes with it). With
+    `signer` (the gateway's keys from the KMS) each entry also carries the signature chain, for `domain`."""
 
-    def __init__(self, tee: QuoteSource) -> None:
+    def __init__(self, tee: QuoteSource, *, signer: CertKeySigner | None = None, domain: str = "") -> None:
+        if signer is not None and not domain:
+            raise GatewayUsageError("a signed cert-keys document names the gateway's base domain")
         self.tee = tee
+        self.signer = signer
+        self.domain = domain
         self._keys: dict[tuple[str, bytes], PublishedKey] = {}
         self._document = b""
         self._lock = threading.Lock()
@@ -166,14 +242,25 @@ class CertKeyPublisher:
             raise GatewayUsageError(f"not a key origin: {origin[:80]!r}")
         cert = x509.load_pem_x509_certificate(cert_pem.encode())
         digest = spki_sha256(cert)
+        not_after = int(cert.not_valid_after_utc.timestamp())
+        signature = None
+        if self.signer is not None:
+            signature = KmsSignature(
+                domain=self.domain,
+                app_id=self.signer.app_id,
+                signing_key=self.signer.public_key,
+                signature=self.signer.sign(cert_key_statement(digest, self.domain, not_after)),
+                signature_chain=(self.signer.signature_chain[0], self.signer.signature_chain[1]),
+            )
         entry = PublishedKey(
             role=role,
             spki_sha256=digest,
             names=tuple(names)[:MAX_NAMES],
-            not_after=int(cert.not_valid_after_utc.timestamp()),
+            not_after=not_after,
             quote=self.tee.quote(cert_key_report_data(digest, origin)),
             event_log=event_log_json(self.tee.event_log()),
             key_origin=origin,
+            kms_signature=signature,
         )
         with self._lock:
             if replace:
@@ -284,9 +371,33 @@ def parse_document(data: bytes) -> list[PublishedKey]:
                 quote=_hex(e["quote"], f"keys[{i}].quote"),
                 event_log=e["event_log"],
                 key_origin=origin,
+                kms_signature=_parse_signature(e["kms_signature"], i) if "kms_signature" in e else None,
             )
         )
     return out
+
+
+def _parse_signature(sig: object, i: int) -> KmsSignature:
+    where = f"keys[{i}].kms_signature"
+    if not isinstance(sig, dict) or set(sig) != _SIGNATURE_FIELDS:
+        raise CertKeyRefused(
+            f"{where} has not exactly the fields {sorted(_SIGNATURE_FIELDS)}", step="published"
+        )
+    domain, chain = sig["domain"], sig["signature_chain"]
+    if not isinstance(domain, str) or not 0 < len(domain) <= 253:
+        raise CertKeyRefused(f"{where}.domain is not a domain name", step="published")
+    if not isinstance(chain, list) or len(chain) != 2:
+        raise CertKeyRefused(f"{where}.signature_chain is not 2 signatures", step="published")
+    return KmsSignature(
+        domain=domain,
+        app_id=_hex(sig["app_id"], f"{where}.app_id", size=20),
+        signing_key=_hex(sig["signing_key"], f"{where}.signing_key", size=33),
+        signature=_hex(sig["signature"], f"{where}.signature", size=65),
+        signature_chain=(
+            _hex(chain[0], f"{where}.signature_chain[0]", size=65),
+            _hex(chain[1], f"{where}.signature_chain[1]", size=65),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -356,6 +467,93 @@ def check_cert_key(
         app_id=app_id.hex(),
         compose_hash=app.compose_hash.hex() if app is not None else "",
         key_origin=entry.key_origin,
+    )
+
+
+@dataclass(frozen=True)
+class CertKeySignatureVerdict:
+    spki_sha256: str
+    role: str
+    domain: str
+    not_after: int
+    app_id: str
+    app_public_key: str  # the app's k256 key the KMS root issued (recovered from the chain)
+    signing_key: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_cert_key_signature(
+    cert_der: bytes,
+    document: bytes,
+    *,
+    kms_root_public_key: bytes,
+    expected_app_id: bytes | None = None,
+    expected_domain: str | None = None,
+) -> CertKeySignatureVerdict:
+    """(1)-(6) of "Signature chain" in the module docstring; no TEE evidence involved. Raises CertKeyRefused
+    with the failing step."""
+    # (1)
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        digest = spki_sha256(cert)
+        not_after = int(cert.not_valid_after_utc.timestamp())
+    except ValueError as exc:
+        raise CertKeyRefused(f"the server's certificate does not parse ({exc})", step="presented") from exc
+    # (2)
+    entry = next((k for k in parse_document(document) if k.spki_sha256 == digest), None)
+    if entry is None:
+        raise CertKeyRefused(
+            f"no published entry covers the key this server presented (spki sha256 {digest.hex()})",
+            step="published",
+        )
+    sig = entry.kms_signature
+    if sig is None:
+        raise CertKeyRefused(
+            "the entry for the presented key carries no KMS signature chain", step="published"
+        )
+    # (3)
+    try:
+        signer = recover_k256(cert_key_statement(digest, sig.domain, not_after), sig.signature)
+    except KeysError as exc:
+        raise CertKeyRefused(f"the signature is malformed ({exc})", step="signature") from exc
+    if signer != sig.signing_key:
+        raise CertKeyRefused(
+            "the signature does not verify under the published signing key for the presented key, its "
+            "not_after and the signed domain (tampered, or made for another key or certificate)",
+            step="signature",
+        )
+    # (4)
+    try:
+        app_public_key = verify_key_signature_chain(
+            app_id=sig.app_id,
+            public_key=sig.signing_key,
+            purpose=CERT_KEY_SIGNING_PURPOSE,
+            signature_chain=sig.signature_chain,
+            kms_root_public_key=kms_root_public_key,
+        )
+    except KeysError as exc:
+        raise CertKeyRefused(
+            f"the signing key's chain does not lead to the KMS root for app {sig.app_id.hex()}: {exc}",
+            step="chain",
+        ) from exc
+    # (5)
+    if expected_app_id is not None and sig.app_id != expected_app_id:
+        raise CertKeyRefused(
+            f"the chain is app {sig.app_id.hex()}'s, not {expected_app_id.hex()}'s", step="app"
+        )
+    # (6)
+    if expected_domain is not None and sig.domain != expected_domain.rstrip(".").lower():
+        raise CertKeyRefused(f"the key is vouched for {sig.domain!r}, not {expected_domain!r}", step="domain")
+    return CertKeySignatureVerdict(
+        spki_sha256=digest.hex(),
+        role=entry.role,
+        domain=sig.domain,
+        not_after=not_after,
+        app_id=sig.app_id.hex(),
+        app_public_key=app_public_key.hex(),
+        signing_key=sig.signing_key.hex(),
     )
 
 

@@ -132,7 +132,11 @@ class GatewayServer:
         self.acme = acme
         self.public_names = (f"*.{self.base_domain}", self.base_domain)
         self._acme_cert: StoredCert | None = None
-        self.cert_keys = CertKeyPublisher(tee) if tee is not None else None
+        # with KMS keys (and the gateway's app_id) each entry also carries the KMS signature chain
+        signer = keys.signer if keys is not None else None
+        self.cert_keys = (
+            CertKeyPublisher(tee, signer=signer, domain=self.base_domain) if tee is not None else None
+        )
         if acme is not None:
             if acme.base_domain != self.base_domain:
                 raise GatewayUsageError("the ACME certificate is for another base domain")

@@ -1,0 +1,95 @@
+"""A real BIND9 `named` (Debian bind9) on 127.0.0.1 for tests: its own config in a temporary directory, one
+local primary zone, dynamic updates allowed only to one TSIG key and only for `_acme-challenge.<zone>` TXT."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .pebble import free_port
+
+
+def named_path() -> str:
+    path = shutil.which("named") or ("/usr/sbin/named" if os.path.exists("/usr/sbin/named") else None)
+    if path is None:
+        raise RuntimeError("named is missing: apt-get install bind9 (scripts/setup.sh does)")
+    return path
+
+
+class Bind:
+    def __init__(self, workdir: Path, zone: str, *, key_name: str = "acme-gw") -> None:
+        self.workdir = workdir
+        self.zone = zone
+        workdir.mkdir(parents=True, exist_ok=True)
+        workdir.chmod(0o777)  # named may drop to the `bind` user; it writes the zone's journal here
+        self.port = free_port()
+        self.key_name = key_name
+        self.secret = base64.b64encode(os.urandom(32)).decode()
+        self.key_file = workdir / "acme.key"
+        self.key_file.write_text(
+            f'key "{key_name}" {{\n\talgorithm hmac-sha256;\n\tsecret "{self.secret}";\n}};\n'
+        )
+        self.key_file.chmod(0o600)
+        (workdir / f"{zone}.zone").write_text(
+            f"$TTL 60\n@ IN SOA ns1.{zone}. hostmaster.{zone}. 1 3600 600 86400 60\n"
+            f"@ IN NS ns1.{zone}.\nns1 IN A 127.0.0.1\n"
+        )
+        (workdir / f"{zone}.zone").chmod(0o666)
+        conf = workdir / "named.conf"
+        conf.write_text(
+            f"""
+include "{self.key_file}";
+options {{
+    directory "{workdir}";
+    pid-file "{workdir}/named.pid";
+    session-keyfile "{workdir}/session.key";
+    listen-on port {self.port} {{ 127.0.0.1; }};
+    listen-on-v6 {{ none; }};
+    recursion no;
+    dnssec-validation no;
+    notify no;
+}};
+controls {{ }};
+zone "{zone}" {{
+    type primary;
+    file "{workdir}/{zone}.zone";
+    update-policy {{ grant {key_name} name _acme-challenge.{zone}. TXT; }};
+}};
+"""
+        )
+        self._log = open(workdir / "named.log", "wb")
+        self.proc = subprocess.Popen(
+            [named_path(), "-g", "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self._wait()
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"named exited: {(self.workdir / 'named.log').read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    pass
+                if "running" in (self.workdir / "named.log").read_text():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("named did not start within 15 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
