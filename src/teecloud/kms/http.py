@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teecloud._asgi import BoundedBody
 from teecloud.kms import api
-from teecloud.kms.errors import AccessDenied, KmsUsageError
+from teecloud.kms.errors import AccessDenied, KmsUsageError, SealingError
 from teecloud.kms.service import KmsService
 from teecloud.kms.threshold_env import EnvKeyBusy
+
+log = logging.getLogger("teecloud.kms")
 
 __all__ = ["PEER_CERT_STATE_KEY", "make_admin_app", "make_public_app", "peer_cert_der"]
 
@@ -107,6 +110,13 @@ def _install_common(app: FastAPI, max_body: int) -> None:
     @app.exception_handler(KmsUsageError)
     async def on_usage(request: Request, exc: KmsUsageError) -> JSONResponse:
         return _denied(400, str(exc), "request")
+
+    @app.exception_handler(SealingError)
+    async def on_sealing(request: Request, exc: SealingError) -> JSONResponse:
+        # this node's sealed state does not open (corrupted, relabelled, another measurement's): not the
+        # client's mistake and not a crash; the node serves nothing from it (review 6, R6-3)
+        log.warning("sealed state refused: %s", exc)
+        return _denied(503, f"this KMS node's sealed state does not open: {exc}"[:500], "sealing")
 
 
 def make_public_app(service: KmsService) -> FastAPI:

@@ -82,9 +82,43 @@ def legacy_digest(app_id: bytes, public_key: bytes) -> bytes:
     return keccak(b"dstack-env-encrypt-pubkey:" + app_id + public_key)
 
 
+_RECORD_FORMAT = "teecloud-env-share-v2"
+
+
+def _sealed_record(epoch: int, app_id: bytes, share: tx.EnvKeyShare) -> bytes:
+    """What is sealed for one app's env share: the share AND the (epoch, app_id) it belongs to. The file
+    name is the host's to change; the sealed content is not (review 6, R6-1: a host that copied app B's
+    sealed share over app A's file made the node answer A's boots with B's key)."""
+    doc = {
+        "format": _RECORD_FORMAT,
+        "epoch": epoch,
+        "app_id": app_id.hex(),
+        "share": json.loads(tx.share_to_json(share)),
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _open_record(data: bytes, epoch: int, app_id: bytes) -> tx.EnvKeyShare:
+    """The share of a sealed record, only if it was sealed for exactly (epoch, app_id)."""
+    try:
+        doc = json.loads(data)
+        ok = isinstance(doc, dict) and set(doc) == {"format", "epoch", "app_id", "share"}
+        if not ok or doc["format"] != _RECORD_FORMAT:
+            raise SealingError(f"not a {_RECORD_FORMAT} record")
+        if type(doc["epoch"]) is not int or doc["epoch"] != epoch or doc["app_id"] != app_id.hex():
+            raise SealingError(
+                f"sealed for epoch {doc['epoch']} and app {doc['app_id']}, not epoch {epoch} and app "
+                f"{app_id.hex()} (a relabelled file)"
+            )
+        return tx.share_from_json(json.dumps(doc["share"]).encode())
+    except (ValueError, TypeError) as exc:
+        raise SealingError(f"malformed sealed env record: {exc}") from exc
+
+
 class EnvKeyStore:
     """This node's sealed per-app env shares: `<kms dir>/threshold-env/<epoch>-<app_id>.sealed`, each
-    sealed to the node's measurement, written once (atomic), never replaced."""
+    sealed to the node's measurement together with the (epoch, app_id) it belongs to (checked on open: the
+    file name is the host's), written once (atomic), never replaced."""
 
     def __init__(self, directory: Path, seal: _Sealer, unseal: _Sealer, *, index: int, t: int) -> None:
         self.dir = Path(directory)
@@ -105,7 +139,7 @@ class EnvKeyStore:
         if not path.exists():
             return None
         try:
-            share = tx.share_from_json(self._unseal(path.read_bytes()))
+            share = _open_record(self._unseal(path.read_bytes()), epoch, app_id)
         except (KeysError, SealingError, OSError) as exc:
             raise SealingError(f"the sealed env share {path.name} does not open: {exc}") from exc
         if share.index != self.index or share.t != self.t:
@@ -119,7 +153,7 @@ class EnvKeyStore:
     def put(self, epoch: int, app_id: bytes, share: tx.EnvKeyShare) -> None:
         if self.get(epoch, app_id) is not None:
             raise KmsUsageError("this member already holds a sealed env share of this app (never replaced)")
-        atomic_write(self._path(epoch, app_id), self._seal(tx.share_to_json(share)))
+        atomic_write(self._path(epoch, app_id), self._seal(_sealed_record(epoch, app_id, share)))
         with self._lock:
             self._cache[(epoch, app_id)] = share
 
