@@ -276,3 +276,68 @@ def test_the_key_to_sign_is_never_named_by_the_coordinator_and_t_minus_1_liars_l
     got, faults = fetch_env_public_key(clients, app_a, t=T, signing_key=signing_key)
     assert got == pub_a and set(faults) == {1, 2}
     assert all("does not recover to the group" in faults[i] for i in (1, 2))
+
+
+def test_generated_dkg_messages_from_a_member_never_seal_nor_500(
+    world: World, members: tuple[dict[int, Member], bytes]
+) -> None:
+    """Generated mutations of the peer messages a genuine member can send (stages out of order, altered
+    views, non-point commitments, unknown app / epoch, bad sessions): each is a clear refusal (never an
+    HTTP 500), nothing is sealed, and the app's key is then made once by an honest ceremony."""
+    import random
+
+    nodes, _ = members
+    app_id = world.register(compose_hash(dict(HELLO, name="dkg-mutations")))
+    stranger_app = bytes.fromhex("66" * 20)  # not registered
+    c = client(nodes[1], nodes[3])
+    rng = random.Random(66)
+    not_point = "ff" * 31 + "7f"  # y = p + ... (non-canonical): not a valid point encoding
+    session = "5e" * 16
+    good_deal = {"stage": "deal", "session": session, "epoch": 1, "app_id": app_id.hex()}
+    deal = c.peer_call(api.PATH_PEER_ENV_DKG, api.PeerEnvDkgResponse, good_deal)  # opens member 3's dealing
+    mine = deal.commitments
+    view_ok = {
+        str(i): [tx._mul_base(rng.randrange(1, tx.ORDER)).hex() for _ in range(T)] for i in range(1, 6)
+    }
+    view_ok["3"] = mine
+    bodies: list[dict[str, Any]] = [
+        {**good_deal, "app_id": stranger_app.hex(), "session": "01" * 16},
+        {**good_deal, "epoch": 2, "session": "02" * 16},
+        {**good_deal, "stage": "finish"},  # finish before view
+        {**good_deal, "stage": "commit", "commitments": mine},  # commit before finish
+        {**good_deal, "stage": "view", "view": {**view_ok, "3": view_ok["2"]}},  # its own altered
+    ]
+    for b in bodies:
+        with pytest.raises((KmsDenied, KmsClientError)) as err:
+            c.peer_call(api.PATH_PEER_ENV_DKG, api.PeerEnvDkgResponse, b)
+        assert "500" not in str(err.value) and "nternal" not in str(err.value), (b, err.value)
+    # generated: a fresh dealing at member 3 each time, then a view with a non-point commitment or a dealer
+    # missing; the view is refused or hashed, and finish is refused (no sub-share, not a point): never sealed
+    for k in range(8):
+        sess = rng.randbytes(16).hex()
+        opened = c.peer_call(api.PATH_PEER_ENV_DKG, api.PeerEnvDkgResponse, {**good_deal, "session": sess})
+        v = {i: list(cs) for i, cs in view_ok.items()}
+        v["3"] = opened.commitments
+        other = str(rng.choice([1, 2, 4, 5]))
+        if k % 2:
+            v.pop(other)
+        else:
+            v[other][rng.randrange(T)] = not_point
+        for stage, extra in (("view", {"view": v}), ("finish", {})):
+            try:
+                c.peer_call(
+                    api.PATH_PEER_ENV_DKG,
+                    api.PeerEnvDkgResponse,
+                    {**good_deal, "session": sess, "stage": stage, **extra},
+                )
+                assert stage == "view" and k % 2 == 0, (k, stage)  # only a full view is hashed
+            except (KmsDenied, KmsClientError) as exc:
+                assert "500" not in str(exc) and "nternal" not in str(exc), (k, stage, exc)
+        c.peer_call(
+            api.PATH_PEER_ENV_DKG, api.PeerEnvDkgResponse, {**good_deal, "session": sess, "stage": "abort"}
+        )
+    # member 3 dropped the dealing whose view altered its own: the honest ceremony now runs
+    assert all(f == [] for f in env_files(nodes).values())
+    first = pubkey(nodes[2], app_id).public_key
+    assert {pubkey(m, app_id).public_key for m in nodes.values()} == {first}
+    assert all(len(f) == 1 for f in env_files(nodes).values())
