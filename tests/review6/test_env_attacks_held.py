@@ -341,3 +341,34 @@ def test_generated_dkg_messages_from_a_member_never_seal_nor_500(
     first = pubkey(nodes[2], app_id).public_key
     assert {pubkey(m, app_id).public_key for m in nodes.values()} == {first}
     assert all(len(f) == 1 for f in env_files(nodes).values())
+
+
+def test_a_coordinator_pointing_a_member_at_another_node_for_a_sub_share_gets_nothing_sealed(
+    world: World, members: tuple[dict[int, Member], bytes]
+) -> None:
+    """`finish` carries the coordinator's map of member URLs (it overrides the member's own). A coordinator
+    (here member 1, driving the stages by hand) tells member 3 that member 2 lives at member 4's URL: the
+    member's peer client expects index 2 there, so the fetch fails, the ceremony fails, nothing is sealed."""
+    nodes, _ = members
+    app_id = world.register(compose_hash(dict(HELLO, name="redirect")))
+    base = {"session": "7a" * 16, "epoch": 1, "app_id": app_id.hex()}
+    env1 = nodes[1].service.env_keys
+    assert env1 is not None
+
+    def on(i: int, body: dict[str, Any]) -> api.PeerEnvDkgResponse:
+        if i == 1:
+            return env1.stage(api.PeerEnvDkgRequest.model_validate(body))
+        return client(nodes[1], nodes[i]).peer_call(api.PATH_PEER_ENV_DKG, api.PeerEnvDkgResponse, body)
+
+    deals = {i: on(i, {**base, "stage": "deal"}) for i in nodes}
+    view = {str(i): a.commitments for i, a in deals.items()}
+    hashes = {on(i, {**base, "stage": "view", "view": view}).view_hash for i in nodes}
+    assert len(hashes) == 1
+    urls = {str(i): m.server.url for i, m in nodes.items()}
+    with pytest.raises((KmsDenied, KmsClientError), match="proved membership as share 4, not 2"):
+        on(3, {**base, "stage": "finish", "peers": {**urls, "2": nodes[4].server.url}})
+    with pytest.raises((KmsDenied, KmsClientError)):  # member 3 dropped the ceremony
+        on(3, {**base, "stage": "commit", "commitments": deals[3].commitments})
+    for i in nodes:
+        on(i, {**base, "stage": "abort"})
+    assert all(f == [] for f in env_files(nodes).values())
