@@ -1,8 +1,9 @@
 """Attacks on the threshold env-secret path that HELD (each test asserts the refusal, so it fails if the
 defence regresses): a compromised guest steering the partial with its own genuine boot certificate, the
 boot certificate replayed, the env DKG from a non-member / an unlisted build, replayed and stale DKG
-messages, a member restarting between finish and commit, a coordinator naming the key to sign, and t−1
-nodes serving another app's genuinely signed key to the deployer."""
+messages and generated mutations of them, a coordinator redirecting a member's sub-share fetch, a member
+restarting between finish and commit, a coordinator naming the key to sign, and t−1 nodes serving another
+app's genuinely signed key to the deployer."""
 
 from __future__ import annotations
 
