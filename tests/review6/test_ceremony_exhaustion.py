@@ -73,7 +73,7 @@ def test_a_registered_contract_that_is_no_app_gets_no_ceremony_and_burns_no_pres
     assert _unused(nodes[1]) == before
 
 
-@pytest.mark.xfail(strict=True, reason="R6-2: unauthenticated env-key requests burn the pools app boots need")
+# R6-2, half fixed: env-key signatures use only presignatures kept for them (threshold_env.env_usable)
 def test_unauthenticated_env_key_requests_do_not_starve_app_boots_of_their_signature(
     teecloud_home: Path, world: World, members: tuple[dict[int, Member], bytes]
 ) -> None:

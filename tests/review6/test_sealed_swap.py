@@ -47,7 +47,7 @@ def _apps(world: World, nodes: dict[int, Member], tag: str) -> tuple[bytes, byte
     return app_a, app_b, pub_b
 
 
-@pytest.mark.xfail(strict=True, reason="R6-1: sealed env shares are not bound to their (epoch, app)")
+# R6-1 (high), fixed in 55c41db: the seal binds (epoch, app_id)
 def test_a_relabelled_sealed_share_does_not_open_as_another_apps(
     world: World, members: tuple[dict[int, Member], bytes]
 ) -> None:
@@ -60,7 +60,7 @@ def test_a_relabelled_sealed_share_does_not_open_as_another_apps(
         env3.store.get(1, app_a)
 
 
-@pytest.mark.xfail(strict=True, reason="R6-1: t relabelling hosts let app A's boot decrypt app B's env")
+# R6-1 (high), fixed in 55c41db
 def test_hosts_relabelling_sealed_shares_do_not_give_app_a_app_bs_env(
     teecloud_home: Path, world: World, members: tuple[dict[int, Member], bytes]
 ) -> None:
@@ -82,7 +82,7 @@ def test_hosts_relabelling_sealed_shares_do_not_give_app_a_app_bs_env(
         decrypt_env_with_shared_secret(secret, blob_b)
 
 
-@pytest.mark.xfail(strict=True, reason="R6-3: a sealed env share that does not open is a bare HTTP 500")
+# R6-3 (low), fixed in 55c41db: 503, step sealing
 def test_a_corrupted_sealed_share_is_a_clear_refusal_not_a_bare_500(
     world: World, members: tuple[dict[int, Member], bytes]
 ) -> None:

@@ -35,7 +35,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +64,20 @@ __all__ = [
 
 CEREMONY_WINDOW_S = 120
 SIGNATURE_REFRESH_S = 120
+
+# presignatures an env-key signature never takes: each member's ENV_RESERVED lowest unused sessions are kept
+# for app boots (ThresholdSignAppKey). Session ids are the same on every maker and env signing never takes
+# the lowest ones, so those stay unused on every member alike (a count per member would not do: members'
+# pools diverge as different t-subsets sign) and unauthenticated env-key requests cannot starve boots of
+# their KMS signature (review 6, R6-2); when no other presignature is left the env request is a 503 "retry"
+ENV_RESERVED = 4
+
+
+def env_usable(unused: Iterable[bytes]) -> list[bytes]:
+    """The presignatures of `unused` an env-key signature may take (all but the ENV_RESERVED lowest)."""
+    return sorted(unused)[ENV_RESERVED:]
+
+
 TIMESTAMP_SKEW_S = 60
 SIGN_ATTEMPTS = 6
 _pick = secrets.SystemRandom()
@@ -443,6 +457,9 @@ class EnvKeys:
         pub = tx.x25519_public_key(share.commitments)
         if not sessions:  # a probe: the caller then asks for the unused presignatures (KmsService)
             return pub, []
+        usable = set(env_usable(signer.pool.unused()))
+        if not all(s in usable for s in sessions):
+            raise AccessDenied("a presignature kept for app boots (env_usable)", step="presignature")
         digests = [legacy_digest(app_id, pub), env_encrypt_pubkey_digest(app_id, pub, timestamp)]
         try:
             out = [
@@ -468,7 +485,7 @@ class EnvKeys:
             held = self._probe(epoch, app_id, faults)
             if len(self._burnt) > 4096:
                 self._burnt.clear()
-            mine = [u for u in signer.pool.unused() if u not in self._burnt]
+            mine = [u for u in env_usable(signer.pool.unused()) if u not in self._burnt]
             by_count = [u for u in mine if sum(u in h for h in held.values()) >= t - 1]
             if len(by_count) < 2:
                 break
