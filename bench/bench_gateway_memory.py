@@ -11,6 +11,10 @@ answered on each, then idle) and, after a settling pause, reads for the server's
     RSS        sum of VmRSS (what bench_gateway reports), and its RssShmem / RssFile parts
     PSS        sum of Pss from smaps_rollup (shared pages split between the processes that map them)
     anon       sum of Anonymous from smaps_rollup (private heap / mmap pages: the per-connection state)
+    PSS anon   sum of Pss_Anon (Linux >= 5.13): anon, plus the pages a worker copies on its first write to a
+               page it shared with its master since the fork (Anonymous counts such a page before and after
+               the copy, in both processes, so it misses that growth; an allocator that reuses memory the
+               master touched before the fork looks smaller by `anon` than it is)
 and, for HAProxy, its own accounting through the runtime API: `show pools` (bytes allocated per pool:
 connection, ssl_sock_ctx, session, h1c, stream, buffers, ...; pools of one size are merged and listed under
 one name). What is not in HAProxy's pools (anonymous growth minus pool growth) is OpenSSL's SSL objects plus
@@ -19,16 +23,18 @@ Figures are KiB per connection over the `--n` connections after the `--warm` one
 not the fixed start-up cost); medians over rounds.
 
     python3 bench/bench_gateway_memory.py [--rounds 3] [--warm 300] [--n 500] [--request]
-        [--variants no-hop,no-hop+no-cache,...]
+        [--variants no-hop,no-hop+no-cache,no-hop+jemalloc,...] [--nginx-allocators jemalloc,tcmalloc]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,11 +49,33 @@ from teecloud.gateway.devca import DevCa
 from teecloud.gateway.driver import HaproxyDriver
 from teecloud.gateway.routing import DataPlaneLimits, Route
 
+# malloc implementations tried under HAProxy and nginx, preloaded (LD_PRELOAD; Debian packages libjemalloc2,
+# libtcmalloc-minimal4). nginx's workers are forked from the master, so they keep the master's allocator.
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "jemalloc": {"LD_PRELOAD": JEMALLOC},
+    # jemalloc tuned for a small footprint: one arena, no thread caches
+    "jemalloc-small": {"LD_PRELOAD": JEMALLOC, "MALLOC_CONF": "narenas:1,tcache:false"},
+    # and freed pages returned at once (no decay delay)
+    "jemalloc-small-nodecay": {
+        "LD_PRELOAD": JEMALLOC,
+        "MALLOC_CONF": "narenas:1,tcache:false,dirty_decay_ms:0,muzzy_decay_ms:0",
+    },
+    "tcmalloc": {"LD_PRELOAD": TCMALLOC},
+    # glibc's malloc without its per-thread cache of freed chunks, and without fastbins
+    "glibc-notcache": {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"},
+    "glibc-notcache-nofast": {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"},
+}
+for _alloc, _env in ALLOCATORS.items():
+    bv.VARIANTS[f"no-hop+{_alloc}"] = bv.VARIANTS["no-hop"]
+    bv.ENV[f"no-hop+{_alloc}"] = _env
+
 _POOL = re.compile(r"Pool (\S+) \((\d+) bytes\) : (\d+) allocated \((\d+) bytes\), (\d+) used")
 
 
 def smaps(pids: list[int]) -> dict[str, int]:
-    out = {"rss": bg.rss_kib(pids), "pss": 0, "anon": 0, "shmem": 0, "file": 0}
+    out = {"rss": bg.rss_kib(pids), "pss": 0, "anon": 0, "pss_anon": 0, "shmem": 0, "file": 0}
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -60,6 +88,8 @@ def smaps(pids: list[int]) -> dict[str, int]:
                     out["pss"] += int(rest.split()[0])
                 elif key == "Anonymous":
                     out["anon"] += int(rest.split()[0])
+                elif key == "Pss_Anon":
+                    out["pss_anon"] += int(rest.split()[0])
         except OSError:
             pass
     return out
@@ -98,6 +128,32 @@ def open_connections(port: int, ca_pem: str, k: int, conns: list[ssl.SSLSocket],
         conns.append(tls)
 
 
+def start_nginx(tmp: Path, body: str, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """bench_gateway.start_nginx with extra environment (an allocator preloaded into the master, which
+    its forked workers keep)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "nginx.conf").write_text(bg.nginx_conf(tmp, body, workers, ""))
+    proc = subprocess.Popen(
+        ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"],
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    time.sleep(0.5)
+    if proc.poll() is not None:
+        raise SystemExit("nginx did not start (its error is printed above)")
+    return proc
+
+
+def check_preload(pid: int, env: dict[str, str]) -> None:
+    """Every process of the server's tree maps the preloaded allocator (else the variant measured glibc)."""
+    lib = env.get("LD_PRELOAD")
+    if lib is None:
+        return
+    for p in bg.tree_pids(pid):
+        if lib not in Path(f"/proc/{p}/maps").read_text():
+            raise SystemExit(f"process {p} does not map {lib}")
+
+
 def measure(
     port: int, pid: int, ca_pem: str, warm: int, n: int, request: bool, admin: str | None
 ) -> dict[str, float]:
@@ -129,8 +185,23 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--request", action="store_true", help="one request per connection before it idles")
     ap.add_argument("--variants", default="no-hop,no-hop+no-cache,no-hop+tickets")
+    ap.add_argument(
+        "--nginx-allocators",
+        default="",
+        help=f"comma-separated, of {','.join(ALLOCATORS)}: nginx with that allocator as well",
+    )
     args = ap.parse_args()
     names = args.variants.split(",")
+    args.nginx_allocators = [a for a in args.nginx_allocators.split(",") if a]
+    for a in args.nginx_allocators:
+        if a not in ALLOCATORS:
+            raise SystemExit(f"unknown allocator {a!r}: one of {', '.join(ALLOCATORS)}")
+    for path in {e["LD_PRELOAD"] for e in ALLOCATORS.values() if "LD_PRELOAD" in e}:
+        if any(ALLOCATORS[a].get("LD_PRELOAD") == path for a in args.nginx_allocators) or any(
+            bv.ENV.get(v, {}).get("LD_PRELOAD") == path for v in names
+        ):
+            if not Path(path).exists():
+                raise SystemExit(f"{path} is missing (apt-get install libjemalloc2 libtcmalloc-minimal4)")
     tmp = Path(tempfile.mkdtemp(prefix="teecloud-bench-gwm-"))
     now = int(time.time())
     ca = DevCa(now=now)
@@ -158,21 +229,23 @@ def main() -> None:
         driver.apply([Route(bg.APP, bg.INST, 8080, f"127.0.0.1:{b_port}")])
         cfg = Path(driver.paths.config).read_text()
         for r in range(args.rounds):
-            order = ["nginx same SNI routing", *names]
+            order = ["nginx same SNI routing", *(f"nginx+{a}" for a in args.nginx_allocators), *names]
             order = order[r % len(order) :] + order[: r % len(order)]
             for name in order:
                 if name.startswith("nginx"):
                     n_port = bg.free_port()
-                    proc = bg.start_nginx(
-                        tmp / f"nginx-{r}",
+                    proc = start_nginx(
+                        tmp / f"{name.replace(' ', '-')}-{r}",
                         f"upstream app {{ server 127.0.0.1:{b_port}; keepalive 64; }}\n"
                         f"server {{ listen 127.0.0.1:{n_port} ssl default_server; {tls} return 421; }}\n"
                         f"server {{ listen 127.0.0.1:{n_port} ssl; server_name {bg.HOST}; {tls}\n"
                         "  location / { proxy_pass http://app; proxy_http_version 1.1; "
                         'proxy_set_header Connection ""; } }',
                         2,
+                        ALLOCATORS.get(name.partition("+")[2], {}),
                     )
                     try:
+                        check_preload(proc.pid, ALLOCATORS.get(name.partition("+")[2], {}))
                         res = measure(n_port, proc.pid, ca.cert_pem, args.warm, args.n, args.request, None)
                     finally:
                         proc.terminate()
@@ -181,6 +254,7 @@ def main() -> None:
                     (tmp / f"r{r}").mkdir(exist_ok=True)
                     h = bv.Haproxy(tmp / f"r{r}", name, cfg, driver, bg.free_port())
                     try:
+                        check_preload(h.proc.pid, bv.ENV.get(name, {}))
                         res = measure(
                             h.port, h.proc.pid, ca.cert_pem, args.warm, args.n, args.request, h.admin_socket
                         )
@@ -196,9 +270,10 @@ def main() -> None:
             f"{args.rounds} rounds)\n"
         )
         print(
-            "| server | RSS | of it shmem | PSS | anon | HAProxy pools | anon not in pools | largest pools |"
+            "| server | RSS | of it shmem | of it file | PSS | anon | PSS anon | HAProxy pools "
+            "| anon not in pools | largest pools |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name, rs in results.items():
 
             def med(key: str, rs: list[dict[str, float]] = rs) -> float:
@@ -209,7 +284,7 @@ def main() -> None:
             rest = "—" if name.startswith("nginx") else f"{med('not pools'):.2f}"
             print(
                 f"| {name} | {med('rss'):.2f} | {med('shmem'):.2f} | {med('file'):.2f} | {med('pss'):.2f} "
-                f"| {med('anon'):.2f} "
+                f"| {med('anon'):.2f} | {med('pss_anon'):.2f} "
                 f"| {pooled} | {rest} | " + ", ".join(f"{k[5:]} {med(k):.2f}" for k in top) + " |"
             )
     finally:
