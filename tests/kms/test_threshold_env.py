@@ -387,6 +387,25 @@ def test_a_ceremony_failing_half_way_leaves_nothing_sealed_and_is_retried(
     assert {pubkey(n, app_id).public_key for n in nodes.values()} == {ans.public_key}
 
 
+def test_a_member_opens_at_most_its_budget_of_ceremonies_per_minute(
+    world: World, members: tuple[dict[int, Member], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 6, R6-2: anyone can register apps, so each member bounds the new ceremonies it opens per
+    minute for all apps together; over the budget a first request is told to retry (503), nothing sealed."""
+    from teecloud.kms import threshold_env
+
+    nodes, _ = members
+    monkeypatch.setattr(threshold_env, "CEREMONIES_PER_MINUTE", 2)
+    apps = [world.register(compose_hash(dict(HELLO, name=f"budget-{k}"))) for k in range(3)]
+    pubkey(nodes[1], apps[0])
+    pubkey(nodes[2], apps[1])  # another coordinator: the budget is each member's, whoever asks
+    with pytest.raises(EnvKeyBusy, match=r"in the last minute|budget"):
+        pubkey(nodes[3], apps[2])
+    assert all(len(f) == 2 for f in env_files(nodes).values())
+    # the apps that have their key are served as before (no ceremony: no budget used)
+    assert pubkey(nodes[4], apps[0]).public_key == pubkey(nodes[1], apps[0]).public_key
+
+
 def test_a_wrong_partial_is_named_by_the_library_and_fewer_than_t_get_nothing() -> None:
     """Generated mutations of a genuine partial (each byte of element and proof, other index) fail the
     check, naming the node."""

@@ -30,6 +30,7 @@ evidence names, P mapped from the ephemeral key it sends; the proof binds app_id
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import secrets
@@ -64,6 +65,9 @@ __all__ = [
 
 CEREMONY_WINDOW_S = 120
 SIGNATURE_REFRESH_S = 120
+# new env-key ceremonies a member opens per minute, for all apps together: a ceremony is n^2 sub-share calls
+# and n sealed files kept for ever, and anyone can register an app (review 6, R6-2)
+CEREMONIES_PER_MINUTE = 30
 
 # presignatures an env-key signature never takes: each member's ENV_RESERVED lowest unused sessions are kept
 # for app boots (ThresholdSignAppKey). Session ids are the same on every maker and env signing never takes
@@ -228,6 +232,7 @@ class EnvKeys:
         self._lock = threading.Lock()
         self._app_locks: dict[tuple[int, bytes], threading.Lock] = {}
         self._answers: dict[tuple[int, bytes], api.EnvEncryptPubKeyResponse] = {}
+        self._opened: collections.deque[float] = collections.deque()  # when this member opened ceremonies
         self._burnt: set[bytes] = set()  # presignatures some member refused (bound to another digest)
 
     # --- configuration
@@ -266,6 +271,15 @@ class EnvKeys:
                     )
                 if len(self._open) >= MAX_OPEN_CEREMONIES:
                     raise EnvKeyBusy(f"member {self.index}: too many env-key ceremonies open: retry shortly")
+                now = self._clock()
+                while self._opened and now - self._opened[0] >= 60:
+                    self._opened.popleft()
+                if len(self._opened) >= CEREMONIES_PER_MINUTE:  # node-wide, whoever asks (review 6, R6-2)
+                    raise EnvKeyBusy(
+                        f"member {self.index}: {CEREMONIES_PER_MINUTE} env-key ceremonies in the last minute "
+                        "(this node's budget): retry shortly"
+                    )
+                self._opened.append(now)
                 self._open[session] = _Ceremony(
                     session, req.epoch, app_id, self._clock(), commitments, shares
                 )
@@ -394,7 +408,8 @@ class EnvKeys:
             except (KmsClientError, KmsDenied) as exc:
                 if "retry shortly" in str(exc) or "HTTP 503" in str(exc):  # that member's EnvKeyBusy
                     raise EnvKeyBusy(
-                        f"member {i}: busy with another env-key ceremony: retry shortly"
+                        f"member {i}: busy (another env-key ceremony of this app, or its budget of "
+                        "ceremonies per minute): retry shortly"
                     ) from exc
                 raise KmsUsageError(f"member {i}: env-key ceremony stage {req.stage}: {exc}") from exc
             if answer.index != i or answer.stage != req.stage:
