@@ -104,6 +104,8 @@ class LocalCloud:
         backend: str = "docker",
         qemu_image: Path | None = None,
         qemu_accel: str = "tcg",
+        qemu_mode: str = "plain",
+        qemu_gpus: tuple[str, ...] = (),
     ):
         # "host:port" of the DNS server the gateway asks for custom domains' TXT records (None: no custom
         # domains); checked here so a typo fails before anything starts
@@ -142,6 +144,11 @@ class LocalCloud:
         if qemu_accel not in ("kvm", "tcg"):
             raise NodeError(f"--qemu-accel is kvm or tcg, not {qemu_accel!r}")
         self.qemu_accel = qemu_accel
+        # mode tdx / sev-snp and GPUs: QemuBackendConfig refuses what no launch could use; a tdx / sev-snp
+        # guest verifies its KMS under the vendor's root, so it refuses this cloud's simulated KMS (fail
+        # closed at key release); `teecloud up` refuses those modes before starting (docs/node.md)
+        self.qemu_mode = qemu_mode
+        self.qemu_gpus = tuple(qemu_gpus)
         # --- end qemu backend
         self.ports = (chain_port, kms_port, node_port)
         self.dev_time_travel = dev_time_travel  # serve evm_increaseTime/evm_mine on the chain's RPC
@@ -310,11 +317,11 @@ class LocalCloud:
         return self.endpoints
 
     def _qemu_backend(self, key_provider: Any) -> Any:
-        """--backend qemu: one VM per CVM in mode plain (TCG, or KVM with qemu_accel), the image of
-        `teecloud image build` (built, or found in its cache, now), the guest's simulated TEE sharing this
-        installation's state; what the guest trusts and reaches: the KMS root key as this node's KMS client
-        verified it on chain, or (threshold) the group and committee as the chain records them; the gateway's
-        registration listener and CA once the gateway runs."""
+        """--backend qemu: one VM per CVM in qemu_mode (plain: TCG, or KVM with qemu_accel) with qemu_gpus,
+        the image of `teecloud image build` (built, or found in its cache, now), the guest's simulated TEE
+        sharing this installation's state; what the guest trusts and reaches: the KMS root key as this node's
+        KMS client verified it on chain, or (threshold) the group and committee as the chain records them;
+        the gateway's registration listener and CA once the gateway runs."""
         from teecloud.image.build import build_image, guest_image_fields
         from teecloud.node.runtime import make_backend
         from teecloud.node.runtime.qemu import QemuBackendConfig
@@ -326,8 +333,9 @@ class LocalCloud:
         kvm = self.qemu_accel == "kvm"
         config = QemuBackendConfig(
             image=image,
-            mode="plain",
+            mode=self.qemu_mode,  # type: ignore[arg-type]  # QemuBackendConfig checks it
             accel="kvm" if kvm else "tcg",
+            gpus=self.qemu_gpus,
             host_share="vvfat",  # the image's kernel (Debian's cloud kernel) has no 9p
             agent_timeout_s=180.0 if kvm else 900.0,
             simulated_tee=self.home / "simulated-tee",

@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from teecloud.cli._gateway_options import (
@@ -121,6 +122,60 @@ def _print_verdict(verdict: Any) -> None:
         out.print(f"[bold red]NOT attested:[/] {verdict.reason}")
 
 
+def _qemu_options(
+    backend: str, mode: str | None, accel: str | None, gpus: list[str]
+) -> tuple[str, str, tuple[str, ...]]:
+    """`up`'s qemu options, checked before anything starts: (mode, accel, GPU addresses in sysfs's form).
+    A usage error exits 2; a tdx / sev-snp host that lacks the TEE exits 1 naming what is missing. Modes
+    tdx and sev-snp are then refused: their guest verifies the KMS under Intel's / AMD's root and this
+    local cloud's KMS is simulated, so no CVM could get its keys (a node with a real KMS sets them in
+    QemuBackendConfig; docs/node.md)."""
+    from teecloud.node.runtime.qemu import tee_host_missing
+    from teecloud.node.runtime.qemu_cmdline import MAX_GPUS, MODES, UnsafeVmConfig, pci_address
+
+    if backend != "qemu":
+        given = [o for o, v in (("--qemu-mode", mode), ("--qemu-accel", accel), ("--qemu-gpu", gpus)) if v]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            _fail(
+                f"{', '.join(given)} {verb} --backend qemu (the CVM backend is {escape(repr(backend[:40]))})",
+                2,
+            )
+        return "plain", "tcg", ()
+    mode = mode if mode is not None else "plain"
+    if mode not in MODES:
+        _fail(f"--qemu-mode is one of {', '.join(sorted(MODES))}, not {escape(repr(mode[:40]))}", 2)
+    accel = accel if accel is not None else ("tcg" if mode == "plain" else "kvm")
+    if mode != "plain" and accel != "kvm":
+        _fail(f"--qemu-mode {mode} runs under KVM only (TCG runs mode plain)", 2)
+    if len(gpus) > MAX_GPUS:
+        _fail(f"at most {MAX_GPUS} --qemu-gpu", 2)
+    try:
+        addresses = tuple(pci_address(g) for g in gpus)
+    except UnsafeVmConfig as exc:
+        _fail(f"--qemu-gpu: {escape(str(exc))}", 2)
+    if len(set(addresses)) != len(addresses):
+        _fail("--qemu-gpu: a PCI device is given twice", 2)
+    if addresses and mode == "plain":
+        _fail(
+            "--qemu-gpu needs --qemu-mode tdx or sev-snp: a VM in mode plain has no TEE to bind the GPU's "
+            "evidence to, and its memory is readable by the host",
+            2,
+        )
+    if mode == "plain":
+        return mode, accel, addresses
+    missing = tee_host_missing(mode)
+    if missing:
+        _fail(f"--qemu-mode {mode} needs a {mode} host; this one lacks: " + escape("; ".join(missing)))
+    _fail(
+        f"--qemu-mode {mode} needs a real KMS: a {mode} guest verifies the KMS's attestation under "
+        f"{'Intel' if mode == 'tdx' else 'AMD'}'s root, and the local cloud's KMS is simulated, so no CVM "
+        "would get its keys. Run the node against a real KMS (QemuBackendConfig(mode=..., gpus=...); "
+        "docs/node.md); `teecloud up` runs mode plain only",
+        2,
+    )
+
+
 def up(
     chain_port: Annotated[int, typer.Option("--chain-port", help="JSON-RPC port of the embedded chain.")] = 0,
     kms_port: Annotated[int, typer.Option("--kms-port", help="KMS (RA-TLS) port.")] = 0,
@@ -193,14 +248,35 @@ def up(
         ),
     ] = None,
     qemu_accel: Annotated[
-        str,
-        typer.Option("--qemu-accel", help="With --backend qemu: tcg (any host) or kvm (a host with KVM)."),
-    ] = "tcg",
+        str | None,
+        typer.Option(
+            "--qemu-accel",
+            help="With --backend qemu: tcg (any host; mode plain's default) or kvm (a host with KVM).",
+        ),
+    ] = None,
+    qemu_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--qemu-mode",
+            help="With --backend qemu: plain (the default; the guest's TEE SIMULATED), tdx or sev-snp (a "
+            "TDX / SEV-SNP host and a real KMS: refused here, the local cloud's KMS is simulated).",
+        ),
+    ] = None,
+    qemu_gpu: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--qemu-gpu",
+            help="With --backend qemu --qemu-mode tdx|sev-snp: a host GPU's PCI address "
+            "([domain:]bus:dev.fn, bound to vfio-pci) passed through to CVMs that require GPU attestation; "
+            "repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
     is kept and the CVMs come back on the next `teecloud up`."""
     from teecloud.devstack import LocalCloud, read_endpoints
 
+    mode, accel, gpus = _qemu_options(backend, qemu_mode, qemu_accel, qemu_gpu or [])
     running = read_endpoints()
     if running is not None:
         _fail(
@@ -229,7 +305,9 @@ def up(
             acme_email=acme_email,
             backend=backend,
             qemu_image=image,
-            qemu_accel=qemu_accel,
+            qemu_accel=accel,
+            qemu_mode=mode,
+            qemu_gpus=gpus,
         )
         ep = cloud.start()
     resumed = len(cloud.node.store.all()) if cloud.node else 0

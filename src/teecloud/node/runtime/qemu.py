@@ -64,17 +64,21 @@ from teecloud.node.errors import (
 from teecloud.node.instance import Instance, node_home
 from teecloud.node.runtime.base import BOOT_PHASES, ContainerState, CvmAttestation, Progress, ResourceLimits
 from teecloud.node.runtime.qemu_cmdline import (
-    MIN_MEMORY_MB as MIN_VM_MEMORY_MB,
-)
-from teecloud.node.runtime.qemu_cmdline import (
+    MAX_GPUS,
+    MODES,
     GuestForward,
     GuestImage,
     Mode,
     PortForward,
     QemuVmConfig,
+    UnsafeVmConfig,
     VmShape,
     mrconfigid_v1,
+    pci_address,
     qemu_argv,
+)
+from teecloud.node.runtime.qemu_cmdline import (
+    MIN_MEMORY_MB as MIN_VM_MEMORY_MB,
 )
 
 __all__ = [
@@ -84,6 +88,7 @@ __all__ = [
     "SerialLog",
     "check_passthrough_devices",
     "guest_services",
+    "tee_host_missing",
 ]
 
 log = logging.getLogger("teecloud.node.runtime.qemu")
@@ -131,8 +136,65 @@ class QemuBackendConfig:
     gpu_bridges: tuple[str, ...] = ()
     pci_hole64_size: int = 0
     hotplug_off: bool = False
-    sysfs: Path = Path("/sys")  # where the GPU host checks read (tests: a fake tree)
+    sysfs: Path = Path("/sys")  # where the GPU and TEE host checks read (tests: a fake tree)
     dev: Path = Path("/dev")
+
+    def __post_init__(self) -> None:
+        """Refuse what no launch could use, before any VM: an unknown mode, tdx / sev-snp under TCG, GPUs in
+        mode plain, a PCI address not in sysfs's form, a device given twice (QemuVmConfig checks again)."""
+        if self.mode not in MODES:
+            raise UnsafeVmConfig(f"unknown mode {self.mode!r} (one of: {', '.join(MODES)})")
+        if self.accel not in ("kvm", "tcg"):
+            raise UnsafeVmConfig(f"accel must be kvm or tcg, got {self.accel!r}")
+        if self.mode != "plain" and self.accel != "kvm":
+            raise UnsafeVmConfig(
+                f"mode {self.mode} needs KVM on a {self.mode} host; TCG runs mode plain only"
+            )
+        devices = (*self.gpus, *self.gpu_bridges)
+        if devices and self.mode == "plain":
+            raise UnsafeVmConfig(
+                "a GPU in mode plain is refused: the VM has no TEE, so the GPU's evidence would be bound to "
+                "nothing and its data readable by the host (use mode tdx or sev-snp)"
+            )
+        if len(devices) > MAX_GPUS:
+            raise UnsafeVmConfig(f"at most {MAX_GPUS} GPUs and bridges per CVM")
+        for d in devices:
+            if pci_address(d) != d:
+                raise UnsafeVmConfig(f"PCI address {d[:64]!r} is not in sysfs's form {pci_address(d)!r}")
+        if len(set(devices)) != len(devices):
+            raise UnsafeVmConfig("a PCI device is passed through twice")
+
+
+# The host side of each confidential mode, as QEMU and KVM need it: the KVM device, the kvm module's TEE
+# parameter (the kernel shows it as Y or 1 once the firmware and BIOS have the TEE on), and for SEV-SNP the
+# PSP's device that QEMU's sev-snp-guest opens (`sev-device=/dev/sev`, qemu_cmdline.qemu_argv).
+_TEE_HOST_PARAMETER = {
+    "tdx": ("kvm_intel", "tdx", "kvm_intel tdx=1"),
+    "sev-snp": ("kvm_amd", "sev_snp", "kvm_amd sev_snp=1"),
+}
+
+
+def tee_host_missing(mode: str, *, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")) -> list[str]:
+    """What this host lacks to launch a VM in `mode` (tdx or sev-snp; nothing for plain), each item naming
+    the missing device or kernel parameter and how it is turned on; an empty list when nothing is missing.
+    The guest's /dev/tdx_guest and /dev/sev-guest are the guest kernel's, never looked for here."""
+    if mode not in _TEE_HOST_PARAMETER:
+        return []
+    missing = []
+    if not os.access(dev / "kvm", os.R_OK | os.W_OK):
+        missing.append(f"{dev / 'kvm'} (KVM, readable and writable by this user)")
+    module, name, how = _TEE_HOST_PARAMETER[mode]
+    parameter = sysfs / "module" / module / "parameters" / name
+    try:
+        value = parameter.read_text(errors="replace")[:16].strip()
+    except OSError:
+        value = ""
+    if value not in ("Y", "1"):
+        shown = f"is {value!r}" if value else "is absent"
+        missing.append(f"{parameter} {shown} (a {mode} host kernel loaded with `{how}`)")
+    if mode == "sev-snp" and not os.access(dev / "sev", os.R_OK | os.W_OK):
+        missing.append(f"{dev / 'sev'} (the AMD PSP's device QEMU opens for SEV-SNP)")
+    return missing
 
 
 def check_passthrough_devices(
@@ -568,6 +630,11 @@ class QemuBackend:
                 )
         if self.config.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise RuntimeUnavailable("/dev/kvm is not available: use mode plain with accel tcg on this host")
+        missing = tee_host_missing(self.config.mode, sysfs=self.config.sysfs, dev=self.config.dev)
+        if missing:
+            raise RuntimeUnavailable(
+                f"mode {self.config.mode} needs a {self.config.mode} host; missing: " + "; ".join(missing)
+            )
         check_passthrough_devices(
             (*self.config.gpus, *self.config.gpu_bridges), sysfs=self.config.sysfs, dev=self.config.dev
         )
