@@ -445,6 +445,13 @@ def test_the_hosts_view_of_the_guests_containers_keeps_only_the_ports_it_forward
     # a process standing in for the VM's QEMU (its command line names the VM's directory)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(workdir)])
     try:
+        # Popen can return while the child's exec is still replacing its image (/proc/PID/cmdline reads
+        # empty for a moment): wait until the stand-in shows its command line, as a running QEMU does
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        for _ in range(500):
+            if str(workdir).encode() in cmdline.read_bytes():
+                break
+            time.sleep(0.01)
         (workdir / "qemu.pid").write_text(str(proc.pid))
         cvm = QemuCvm(inst, workdir, agent_port=server.server_address[1], booted=True)  # type: ignore[arg-type]
         (state,) = cvm.containers()
