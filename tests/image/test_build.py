@@ -211,6 +211,8 @@ def test_the_guest_wheels_cover_what_the_guest_agent_imports() -> None:
         "import sys, json, importlib.metadata as md\n"
         "import teecloud.agent.vm_agent, teecloud.agent.guest, teecloud.agent.volume_luks\n"
         "import teecloud.agent.runner, teecloud.kms.client, teecloud.tee.simulated, teecloud.keys.envcrypt\n"
+        # a threshold guest's KMS client (imported when .sys-config.json names a group)
+        "import teecloud.kms.threshold_client, teecloud.gateway.client\n"
         "pd = md.packages_distributions()\n"
         "tops = {m.split('.')[0] for m in sys.modules}\n"
         "print(json.dumps(sorted({d for t in tops for d in pd.get(t, [])})))\n"
