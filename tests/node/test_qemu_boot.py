@@ -12,8 +12,9 @@ listener there sees no connection; the data disk file on the host is LUKS2 and h
 stop/start (a fresh VM, the same disk key from the KMS) the app reads the same data back.
 
 The second test boots one more VM on `teecloud up --backend qemu --kms-nodes 3 --threshold 2` (without an
-env: threshold nodes serve no env-encryption key yet, docs/kms.md): the guest's keys come from t of the n
-KMS node processes, each reached through its own guest forward, and the app is reachable through the gateway.
+env: env through a threshold guest is not tested here, one VM per test): the guest's keys come from t of
+the n KMS node processes, each reached through its own guest forward, and the app is reachable through the
+gateway.
 Slow (minutes each), under the e2e lock; needs the host's Docker only to build and save the tiny image.
 """
 

@@ -64,7 +64,9 @@ from teecloud.node.errors import (
 from teecloud.node.instance import Instance, node_home
 from teecloud.node.runtime.base import BOOT_PHASES, ContainerState, CvmAttestation, Progress, ResourceLimits
 from teecloud.node.runtime.qemu_cmdline import (
-    MAX_GPUS,
+    MIN_MEMORY_MB as MIN_VM_MEMORY_MB,
+)
+from teecloud.node.runtime.qemu_cmdline import (
     MODES,
     GuestForward,
     GuestImage,
@@ -73,12 +75,9 @@ from teecloud.node.runtime.qemu_cmdline import (
     QemuVmConfig,
     UnsafeVmConfig,
     VmShape,
+    check_passthrough,
     mrconfigid_v1,
-    pci_address,
     qemu_argv,
-)
-from teecloud.node.runtime.qemu_cmdline import (
-    MIN_MEMORY_MB as MIN_VM_MEMORY_MB,
 )
 
 __all__ = [
@@ -150,19 +149,7 @@ class QemuBackendConfig:
             raise UnsafeVmConfig(
                 f"mode {self.mode} needs KVM on a {self.mode} host; TCG runs mode plain only"
             )
-        devices = (*self.gpus, *self.gpu_bridges)
-        if devices and self.mode == "plain":
-            raise UnsafeVmConfig(
-                "a GPU in mode plain is refused: the VM has no TEE, so the GPU's evidence would be bound to "
-                "nothing and its data readable by the host (use mode tdx or sev-snp)"
-            )
-        if len(devices) > MAX_GPUS:
-            raise UnsafeVmConfig(f"at most {MAX_GPUS} GPUs and bridges per CVM")
-        for d in devices:
-            if pci_address(d) != d:
-                raise UnsafeVmConfig(f"PCI address {d[:64]!r} is not in sysfs's form {pci_address(d)!r}")
-        if len(set(devices)) != len(devices):
-            raise UnsafeVmConfig("a PCI device is passed through twice")
+        check_passthrough(self.mode, self.gpus, self.gpu_bridges)
 
 
 # The host side of each confidential mode, as QEMU and KVM need it: the KVM device, the kvm module's TEE

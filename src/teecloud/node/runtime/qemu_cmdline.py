@@ -36,6 +36,7 @@ import base64
 import ipaddress
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -107,6 +108,24 @@ def _option_value(value: str, what: str) -> str:
 
 def _path(value: Path, what: str) -> str:
     return _option_value(str(value), what)
+
+
+def check_passthrough(mode: str, gpus: Sequence[str], bridges: Sequence[str]) -> None:
+    """The PCI devices a CVM may be given (GPUs and NVSwitch bridges, host addresses): none in mode plain,
+    at most MAX_GPUS, each in sysfs's form, none twice (QemuBackendConfig and VmShape both check)."""
+    devices = (*gpus, *bridges)
+    if devices and mode == "plain":
+        raise UnsafeVmConfig(
+            "a GPU in mode plain is refused: the VM has no TEE, so the GPU's evidence would be bound to "
+            "nothing and its data readable by the host (use mode tdx or sev-snp)"
+        )
+    if len(devices) > MAX_GPUS:
+        raise UnsafeVmConfig(f"at most {MAX_GPUS} GPUs and bridges per CVM")
+    for d in devices:
+        if pci_address(d) != d:
+            raise UnsafeVmConfig(f"PCI address {d[:64]!r} is not in sysfs's form {pci_address(d)!r}")
+    if len(set(devices)) != len(devices):
+        raise UnsafeVmConfig("a PCI device is passed through twice")
 
 
 def pci_address(value: str) -> str:
@@ -327,20 +346,9 @@ class QemuVmConfig:
             if self.pci_hole64_size and not 0 < self.pci_hole64_size <= MAX_PCI_HOLE64:
                 raise UnsafeVmConfig(f"pci_hole64_size must be in 1..{MAX_PCI_HOLE64} bytes")
             return
-        if self.mode == "plain":
-            raise UnsafeVmConfig(
-                "a GPU in mode plain is refused: the VM has no TEE, so the GPU's evidence would be bound to "
-                "nothing and its data readable by the host (use mode tdx or sev-snp)"
-            )
+        check_passthrough(self.mode, self.gpus, self.gpu_bridges)
         if not self.gpus:
             raise UnsafeVmConfig("NVSwitch bridges are passed through only with the GPUs they connect")
-        if len(devices) > MAX_GPUS:
-            raise UnsafeVmConfig(f"at most {MAX_GPUS} GPUs and bridges per CVM")
-        for d in devices:
-            if pci_address(d) != d:
-                raise UnsafeVmConfig(f"PCI address {d[:64]!r} is not in sysfs's form {pci_address(d)!r}")
-        if len(set(devices)) != len(devices):
-            raise UnsafeVmConfig("a PCI device is passed through twice")
         if not 0 <= self.pci_hole64_size <= MAX_PCI_HOLE64:
             raise UnsafeVmConfig(f"pci_hole64_size must be in 0..{MAX_PCI_HOLE64} bytes")
 
