@@ -28,8 +28,8 @@ from teecloud.appcompose import compose_hash
 from teecloud.kms.errors import AccessDenied
 from teecloud.kms.threshold_env import EnvKeyBusy
 from teecloud.tee.simulated import SimulatedTdx
+from tests.kms._threshold_env_world import env_files, provider_for, pubkey
 from tests.kms.conftest import World
-from tests.kms.test_threshold_env import env_files, provider_for, pubkey
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO, boot_hello
 

@@ -21,13 +21,13 @@ from teecloud.appcompose import compose_hash
 from teecloud.keys import threshold_ecdh as tx
 from teecloud.keys.envcrypt import encrypt_env
 from teecloud.kms import api
-from teecloud.kms.client import KmsClient, connect_kms
+from teecloud.kms.client import KmsClient
 from teecloud.kms.errors import KmsClientError, KmsDenied
 from teecloud.kms.threshold import local_joint_feldman
 from teecloud.kms.threshold_client import fetch_env_public_key
 from teecloud.tee.simulated import SimulatedTdx
+from tests.kms._threshold_env_world import T, boot_with_env, env_files, kms_clients, provider_for, pubkey
 from tests.kms.conftest import World, post_with_cert
-from tests.kms.test_threshold_env import T, env_files, provider_for, pubkey
 from tests.kms.test_threshold_net_peering import Member, client, start_member
 from tests.kms.test_threshold_nodes import HELLO, boot_hello
 
@@ -234,9 +234,9 @@ def test_a_member_restarting_between_finish_and_commit_never_yields_a_second_key
     assert len(served) == 1 and env_files(nodes)[5] == []
     pub = bytes.fromhex(served.pop())
     blob = encrypt_env(pub, {"K": "restart"})
-    provider = provider_for(nodes, signing_key, SimulatedTdx(teecloud_home))
-    provider.bind_encrypted_env(blob)
-    boot_hello(teecloud_home, world, provider, app_id=app_id)
+    provider = boot_with_env(
+        teecloud_home, world, nodes, signing_key, SimulatedTdx(teecloud_home), blob, app_id=app_id
+    )
     from teecloud.keys.envcrypt import decrypt_env_with_shared_secret
 
     assert decrypt_env_with_shared_secret(provider.env_shared_secret or b"", blob) == {"K": "restart"}
@@ -265,15 +265,7 @@ def test_the_key_to_sign_is_never_named_by_the_coordinator_and_t_minus_1_liars_l
         assert env is not None
         env.public_key = lambda epoch, app: answer_b  # type: ignore[method-assign,assignment,misc]
     dev = SimulatedTdx(teecloud_home)
-    clients = {
-        i: connect_kms(
-            m.server.url,
-            collateral_for=lambda _q, _n: dev.collateral(),
-            dev_root_der=dev.dev_root_der(),
-            expected_ca_pubkey_der=m.service.keys.ca_public_key_der,
-        )
-        for i, m in nodes.items()
-    }
+    clients = kms_clients(nodes, dev)
     got, faults = fetch_env_public_key(clients, app_a, t=T, signing_key=signing_key)
     assert got == pub_a and set(faults) == {1, 2}
     assert all("does not recover to the group" in faults[i] for i in (1, 2))
