@@ -1,12 +1,13 @@
 """Threshold mode: per-app env keys among RUNNING nodes (teecloud.keys.threshold_ecdh), over the channel of
 teecloud.kms.peering, and their dstack-format public key signed by the group's threshold ECDSA key.
 
-One sharing per (root epoch, app), made on the first GetAppEnvEncryptPubKey for an app registered in
-KmsAuth, by a Joint-Feldman DKG among all n members that the node receiving the request coordinates (it
-relays public values only; secret sub-shares go member to member under kms.peering's rule):
+One sharing per (root epoch, app), made on the first GetAppEnvEncryptPubKey for an app KmsAuth deployed
+itself from its app blueprint (the env-key gate, `app_registered`; docs/kms.md), by a Joint-Feldman DKG
+among all n members that the node receiving the request coordinates (it relays public values only; secret
+sub-shares go member to member under kms.peering's rule):
 
     stage   each member (the coordinator included)
-    deal    checks the epoch is one it serves and KmsAuth registers the app; if it already holds a sealed
+    deal    checks the epoch is one it serves and the env-key gate; if it already holds a sealed
             sharing of the app it answers its commitments (no new dealing); else a fresh Feldman dealing,
             kept in memory (one open ceremony per app: a second is refused with a retry error)
     view    every dealer's commitments: checks its own are unaltered, hashes the view (bound to the session)
@@ -21,7 +22,8 @@ A ceremony that fails before commit leaves nothing sealed and is retried by the 
 session). The answer (`public_key`, `signature`, `timestamp`, `signature_v1`, dstack's shape) is signed by
 t members over the two digests each member builds itself from ITS OWN sealed sharing (one presignature
 each; a node re-signs at most once per SIGNATURE_REFRESH_S per app, so an unauthenticated caller drains at
-most two presignatures per app per period).
+most two presignatures per app per period). Every member checks the env-key gate itself before dealing
+and before signing.
 
 The CVM's partial (ThresholdEnvPartial): after the whole key-release rule of ThresholdEvaluate (the same
 Authorizer.authorize_app call), D_i = x_i·P for the epoch its measured app-compose names and the app its
@@ -219,7 +221,9 @@ class EnvKeys:
         app_registered: Callable[[bytes], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`app_registered(app_id)` raises AccessDenied unless KmsAuth registers the app (fail closed)."""
+        """`app_registered(app_id)`: the env-key gate; raises AccessDenied unless KmsAuth deployed the app
+        itself from its blueprint, read at the node's finality depth (KmsService._app_deployed; fail
+        closed)."""
         self.index, self.t, self.n = index, t, n
         self._epochs = epochs
         self.store = store
@@ -461,6 +465,7 @@ class EnvKeys:
         self, epoch: int, app_id: bytes, timestamp: int, sessions: list[bytes]
     ) -> tuple[bytes, list[tuple[te.Presignature, te.SignatureShare]]]:
         """This member's signature shares over the two digests it builds from its own sealed sharing."""
+        self._app_registered(app_id)  # every member applies the env-key gate itself before it signs
         share = self.store.get(epoch, app_id)
         if share is None:
             raise AccessDenied("this member holds no env share of this app", step="env")
