@@ -1,4 +1,5 @@
-"""The threshold env-key gate (docs/kms.md, "Which apps get a threshold env key"; review 6, R6-2).
+"""The threshold env-key gate (docs/kms.md, "Which apps get a threshold env key"; review 6, R6-2) and the
+sealed env answer.
 
 Gate: a member runs an env-key ceremony, and signs an env public key, only for an app KmsAuth deployed itself
 from its app blueprint (`KmsAuth.deployed_apps`), read through its chain gate at its finality depth. The
@@ -6,6 +7,9 @@ attacker's exact steps: register a contract that is no such app with `register_a
 unauthenticated GetAppEnvEncryptPubKey per node, or, as a member, drive a ceremony stage or a signature.
 Generated mutations: bare registered contracts of several kinds, an app another KmsAuth deployed (same
 blueprint, same code), an app deployed too recently for the finality depth.
+
+Answer: the group-signed answer is sealed beside the app's share, so a restarted node serves it without new
+signatures (a host that restarts a node spends no presignature); a swapped or damaged answer is not served.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from teecloud.appcompose import compose_hash
 from teecloud.chain.kmsauth import KmsAuth
 from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied
+from teecloud.kms.threshold_env import SIGNATURE_REFRESH_S
 from tests.kms.conftest import World
 from tests.kms.test_threshold_env import members, pubkey  # noqa: F401  (pytest fixture)
 from tests.kms.test_threshold_net_peering import Member
@@ -153,3 +158,60 @@ def test_a_deployment_counts_only_once_it_is_final(
         world.chain.rpc_call("evm_mine")
     # now `depth` blocks sit on the deployment's block
     assert len({pubkey(m, app).public_key for m in nodes.values()}) == 1
+
+
+def _restart_env(nodes: Nodes, clock: Callable[[], float] = time.time) -> None:
+    """What a restarted node builds: a fresh EnvKeys over the same sealed directory (nothing in memory)."""
+    urls = {i: m.server.url for i, m in nodes.items()}
+    for m in nodes.values():
+        assert m.service.threshold is not None
+        m.service.env_keys = m.service._make_env_keys(m.service.threshold, clock)
+        m.service.env_keys.set_peers(urls)
+
+
+def test_a_restarted_node_serves_its_sealed_answer_and_spends_no_presignature(
+    world: World,
+    members: tuple[Nodes, bytes],  # noqa: F811  (the fixture imported above)
+) -> None:
+    nodes, _ = members
+    app = world.register(compose_hash(dict(HELLO, name="restart-answer")))
+    first = {i: pubkey(m, app) for i, m in nodes.items()}  # each node signs its own answer once
+    spent = {i: _unused(m) for i, m in nodes.items()}
+    _restart_env(nodes)
+    for _round in range(3):  # a host restarting its nodes over and over
+        again = {i: pubkey(m, app) for i, m in nodes.items()}
+        assert again == first  # the same signed answer, timestamp and all
+        assert {i: _unused(m) for i, m in nodes.items()} == spent
+        _restart_env(nodes)
+    # the answer ages as before: once SIGNATURE_REFRESH_S old, a restarted node signs anew (2 presignatures)
+    _restart_env(nodes, clock=lambda: time.time() + SIGNATURE_REFRESH_S + 1)
+    fresh = pubkey(nodes[1], app)
+    assert fresh.public_key == first[1].public_key and fresh.timestamp > first[1].timestamp
+    assert _unused(nodes[1]) == spent[1] - 2
+
+
+def test_a_swapped_or_damaged_sealed_answer_is_not_served(
+    world: World,
+    members: tuple[Nodes, bytes],  # noqa: F811  (the fixture imported above)
+) -> None:
+    """The host's steps: copy app A's sealed answer over app B's, or damage B's, then restart the node.
+    The answer is bound to its (epoch, app) and checked against the share and the group key: B is signed
+    anew (its own key), never answered with A's."""
+    nodes, _ = members
+    a = world.register(compose_hash(dict(HELLO, name="answer-a")))
+    b = world.register(compose_hash(dict(HELLO, name="answer-b")))
+    m = nodes[2]
+    ans_a, ans_b = pubkey(m, a), pubkey(m, b)
+    d = m.service.env_keys.store.dir  # type: ignore[union-attr]
+    path_a, path_b = d / f"1-{a.hex()}.answer", d / f"1-{b.hex()}.answer"
+    for damage in (lambda: path_b.write_bytes(path_a.read_bytes()), lambda: path_b.write_bytes(b"{}")):
+        damage()
+        _restart_env(nodes)
+        before = _unused(m)
+        got = pubkey(m, b)
+        assert got.public_key == ans_b.public_key and got.public_key != ans_a.public_key
+        assert _unused(m) == before - 2  # signed anew, not served from the swapped or damaged file
+        assert pubkey(m, a) == ans_a  # A's own sealed answer still serves A, for free
+        assert _unused(m) == before - 2
+        reopened = m.service.env_keys.store.answer(1, b)  # type: ignore[union-attr]
+        assert reopened == got  # replaced by the new signed answer

@@ -22,7 +22,9 @@ A ceremony that fails before commit leaves nothing sealed and is retried by the 
 session). The answer (`public_key`, `signature`, `timestamp`, `signature_v1`, dstack's shape) is signed by
 t members over the two digests each member builds itself from ITS OWN sealed sharing (one presignature
 each; a node re-signs at most once per SIGNATURE_REFRESH_S per app, so an unauthenticated caller drains at
-most two presignatures per app per period). Every member checks the env-key gate itself before dealing
+most two presignatures per app per period). The signed answer is sealed beside the app's share (it is
+public; sealed for integrity, bound to its epoch and app), so a restarted node serves it without new
+signatures until it is SIGNATURE_REFRESH_S old. Every member checks the env-key gate itself before dealing
 and before signing.
 
 The CVM's partial (ThresholdEnvPartial): after the whole key-release rule of ThresholdEvaluate (the same
@@ -68,7 +70,7 @@ __all__ = [
 CEREMONY_WINDOW_S = 120
 SIGNATURE_REFRESH_S = 120
 # new env-key ceremonies a member opens per minute, for all apps together: a ceremony is n^2 sub-share calls
-# and n sealed files kept for ever, and anyone can register an app (review 6, R6-2)
+# and n sealed files kept for ever, and anyone can deploy an app (review 6, R6-2)
 CEREMONIES_PER_MINUTE = 30
 
 # presignatures an env-key signature never takes: each member's ENV_RESERVED lowest unused sessions are kept
@@ -103,6 +105,7 @@ def legacy_digest(app_id: bytes, public_key: bytes) -> bytes:
 
 
 _RECORD_FORMAT = "teecloud-env-share-v2"
+_ANSWER_FORMAT = "teecloud-env-answer-v1"
 
 
 def _sealed_record(epoch: int, app_id: bytes, share: tx.EnvKeyShare) -> bytes:
@@ -176,6 +179,34 @@ class EnvKeyStore:
         atomic_write(self._path(epoch, app_id), self._seal(_sealed_record(epoch, app_id, share)))
         with self._lock:
             self._cache[(epoch, app_id)] = share
+
+    # the last group-signed answer of GetAppEnvEncryptPubKey, sealed beside the share as
+    # `<epoch>-<app>.answer`: public, sealed for integrity, bound to (epoch, app_id); replaced when re-signed
+
+    def _answer_path(self, epoch: int, app_id: bytes) -> Path:
+        return self.dir / f"{epoch}-{app_id.hex()}.answer"
+
+    def answer(self, epoch: int, app_id: bytes) -> api.EnvEncryptPubKeyResponse | None:
+        """The answer sealed for exactly (epoch, app_id); None when there is none or it does not open as
+        one (the caller then signs anew and replaces it: nothing unverified is served)."""
+        path = self._answer_path(epoch, app_id)
+        try:
+            if not path.exists():
+                return None
+            doc = json.loads(self._unseal(path.read_bytes()))
+            if not isinstance(doc, dict) or set(doc) != {"format", "epoch", "app_id", "answer"}:
+                return None
+            bound = type(doc["epoch"]) is int and doc["epoch"] == epoch and doc["app_id"] == app_id.hex()
+            if doc["format"] != _ANSWER_FORMAT or not bound:
+                return None
+            return api.EnvEncryptPubKeyResponse.model_validate(doc["answer"])
+        except (KeysError, SealingError, OSError, ValueError, TypeError):
+            return None
+
+    def put_answer(self, epoch: int, app_id: bytes, answer: api.EnvEncryptPubKeyResponse) -> None:
+        doc = {"format": _ANSWER_FORMAT, "epoch": epoch, "app_id": app_id.hex()}
+        body = json.dumps({**doc, "answer": answer.model_dump()}, sort_keys=True, separators=(",", ":"))
+        atomic_write(self._answer_path(epoch, app_id), self._seal(body.encode()))
 
 
 @dataclass
@@ -390,13 +421,38 @@ class EnvKeys:
                 share = self.store.get(epoch, app_id)
                 assert share is not None
             cached = self._answers.get(key)
-            if cached is not None and 0 <= self._clock() - cached.timestamp < SIGNATURE_REFRESH_S:
-                return cached
-            answer = self._sign(epoch, app_id, share)
+            if cached is None:  # a restarted node: the answer sealed beside the share, if it still verifies
+                cached = self.store.answer(epoch, app_id)
+                if cached is not None and not self._answer_verifies(app_id, share, cached):
+                    cached = None
+            if cached is None or not 0 <= self._clock() - cached.timestamp < SIGNATURE_REFRESH_S:
+                cached = self._sign(epoch, app_id, share)
+                self.store.put_answer(epoch, app_id, cached)
             if len(self._answers) >= 4096:
                 self._answers.clear()
-            self._answers[key] = answer
-            return answer
+            self._answers[key] = cached
+            return cached
+
+    def _answer_verifies(
+        self, app_id: bytes, share: tx.EnvKeyShare, answer: api.EnvEncryptPubKeyResponse
+    ) -> bool:
+        """A sealed answer is served only for this share's public key, both signatures by the group key."""
+        signer = self._signer()
+        pub = tx.x25519_public_key(share.commitments)
+        if signer is None or answer.public_key != pub.hex():
+            return False
+        pairs = (
+            (answer.signature, legacy_digest(app_id, pub)),
+            (answer.signature_v1, env_encrypt_pubkey_digest(app_id, pub, answer.timestamp)),
+        )
+        try:
+            for sig, digest in pairs:
+                rec = coincurve.PublicKey.from_signature_and_message(bytes.fromhex(sig), digest, hasher=None)
+                if rec.format(compressed=True) != signer.group_public_key:
+                    return False
+        except (ValueError, TypeError, OverflowError):
+            return False
+        return True
 
     def _all(self, body: dict[str, object], members: list[int]) -> dict[int, api.PeerEnvDkgResponse]:
         req = api.PeerEnvDkgRequest.model_validate(body)
