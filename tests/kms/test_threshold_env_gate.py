@@ -215,3 +215,32 @@ def test_a_swapped_or_damaged_sealed_answer_is_not_served(
         assert _unused(m) == before - 2
         reopened = m.service.env_keys.store.answer(1, b)  # type: ignore[union-attr]
         assert reopened == got  # replaced by the new signed answer
+
+
+def test_an_answer_that_cannot_be_sealed_is_still_served_once_signed(
+    world: World,
+    members: tuple[Nodes, bytes],  # noqa: F811  (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full disk after the signature: the client gets its answer (no 500), and the node keeps it in memory
+    (the next request spends nothing)."""
+    nodes, _ = members
+    app = world.register(compose_hash(dict(HELLO, name="answer-disk-full")))
+    m = nodes[3]
+    store = m.service.env_keys.store  # type: ignore[union-attr]
+
+    def disk_full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "put_answer", disk_full)
+    before = _unused(m)
+    r = httpx.post(
+        m.server.url + api.PATH_GET_APP_ENV_ENCRYPT_PUBKEY,
+        json={"app_id": app.hex()},
+        verify=False,
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert pubkey(m, app).model_dump() == r.json()
+    assert _unused(m) == before - 2
+    assert store.answer(1, app) is None

@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -91,6 +92,7 @@ SIGN_ATTEMPTS = 6
 _pick = secrets.SystemRandom()
 MAX_OPEN_CEREMONIES = 64
 ENV_DIR = "threshold-env"
+log = logging.getLogger("teecloud.kms.threshold_env")
 
 _Sealer = Callable[[bytes], bytes]
 
@@ -427,7 +429,10 @@ class EnvKeys:
                     cached = None
             if cached is None or not 0 <= self._clock() - cached.timestamp < SIGNATURE_REFRESH_S:
                 cached = self._sign(epoch, app_id, share)
-                self.store.put_answer(epoch, app_id, cached)
+                try:
+                    self.store.put_answer(epoch, app_id, cached)
+                except (OSError, SealingError) as exc:  # served anyway (signed already); kept in memory
+                    log.warning("the signed env answer of app %s was not sealed: %s", app_id.hex(), exc)
             if len(self._answers) >= 4096:
                 self._answers.clear()
             self._answers[key] = cached
