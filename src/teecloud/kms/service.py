@@ -323,23 +323,15 @@ class KmsService:
             store=store,
             signer=lambda: self.threshold.signer if self.threshold is not None else None,
             connect=self._peer_client,
-            app_registered=self._app_registered,
+            app_registered=self._app_deployed,
             clock=clock,
         )
 
-    def _app_registered(self, app_id: bytes) -> None:
-        """KmsAuth registers the app (fail closed: anything but a clear yes refuses, step chain)."""
-        is_registered = getattr(self.authorizer.chain, "is_registered", None)
-        if not callable(is_registered):
-            raise AccessDenied(
-                "this chain client cannot tell whether KmsAuth registers the app", step="chain"
-            )
-        try:
-            ok = bool(is_registered(app_id))
-        except Exception as exc:
-            raise AccessDenied(f"KmsAuth could not be read: {type(exc).__name__}", step="chain") from exc
-        if not ok:
-            raise AccessDenied("the app is not registered in KmsAuth: no env key", step="chain")
+    def _app_deployed(self, app_id: bytes) -> None:
+        """The threshold env-key gate (docs/kms.md): KmsAuth deployed `app_id` itself from its app blueprint
+        (`deployed_apps`), read through the chain gate at this node's finality depth (the head and every
+        block of the window; chain id checked). Anything but a clear yes: AccessDenied (403, step chain)."""
+        self.authorizer.app_deployed(app_id)
 
     @property
     def os_image_reference(self) -> OsImageReference | None:

@@ -1,12 +1,13 @@
 """Threshold mode: per-app env keys among RUNNING nodes (teecloud.keys.threshold_ecdh), over the channel of
 teecloud.kms.peering, and their dstack-format public key signed by the group's threshold ECDSA key.
 
-One sharing per (root epoch, app), made on the first GetAppEnvEncryptPubKey for an app registered in
-KmsAuth, by a Joint-Feldman DKG among all n members that the node receiving the request coordinates (it
-relays public values only; secret sub-shares go member to member under kms.peering's rule):
+One sharing per (root epoch, app), made on the first GetAppEnvEncryptPubKey for an app KmsAuth deployed
+itself from its app blueprint (the env-key gate, `app_registered`; docs/kms.md), by a Joint-Feldman DKG
+among all n members that the node receiving the request coordinates (it relays public values only; secret
+sub-shares go member to member under kms.peering's rule):
 
     stage   each member (the coordinator included)
-    deal    checks the epoch is one it serves and KmsAuth registers the app; if it already holds a sealed
+    deal    checks the epoch is one it serves and the env-key gate; if it already holds a sealed
             sharing of the app it answers its commitments (no new dealing); else a fresh Feldman dealing,
             kept in memory (one open ceremony per app: a second is refused with a retry error)
     view    every dealer's commitments: checks its own are unaltered, hashes the view (bound to the session)
@@ -21,7 +22,10 @@ A ceremony that fails before commit leaves nothing sealed and is retried by the 
 session). The answer (`public_key`, `signature`, `timestamp`, `signature_v1`, dstack's shape) is signed by
 t members over the two digests each member builds itself from ITS OWN sealed sharing (one presignature
 each; a node re-signs at most once per SIGNATURE_REFRESH_S per app, so an unauthenticated caller drains at
-most two presignatures per app per period).
+most two presignatures per app per period). The signed answer is sealed beside the app's share (it is
+public; sealed for integrity, bound to its epoch and app), so a restarted node serves it without new
+signatures until it is SIGNATURE_REFRESH_S old. Every member checks the env-key gate itself before dealing
+and before signing.
 
 The CVM's partial (ThresholdEnvPartial): after the whole key-release rule of ThresholdEvaluate (the same
 Authorizer.authorize_app call), D_i = x_i·P for the epoch its measured app-compose names and the app its
@@ -33,6 +37,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -66,7 +71,7 @@ __all__ = [
 CEREMONY_WINDOW_S = 120
 SIGNATURE_REFRESH_S = 120
 # new env-key ceremonies a member opens per minute, for all apps together: a ceremony is n^2 sub-share calls
-# and n sealed files kept for ever, and anyone can register an app (review 6, R6-2)
+# and n sealed files kept for ever, and anyone can deploy an app (review 6, R6-2)
 CEREMONIES_PER_MINUTE = 30
 
 # presignatures an env-key signature never takes: each member's ENV_RESERVED lowest unused sessions are kept
@@ -87,6 +92,7 @@ SIGN_ATTEMPTS = 6
 _pick = secrets.SystemRandom()
 MAX_OPEN_CEREMONIES = 64
 ENV_DIR = "threshold-env"
+log = logging.getLogger("teecloud.kms.threshold_env")
 
 _Sealer = Callable[[bytes], bytes]
 
@@ -101,6 +107,7 @@ def legacy_digest(app_id: bytes, public_key: bytes) -> bytes:
 
 
 _RECORD_FORMAT = "teecloud-env-share-v2"
+_ANSWER_FORMAT = "teecloud-env-answer-v1"
 
 
 def _sealed_record(epoch: int, app_id: bytes, share: tx.EnvKeyShare) -> bytes:
@@ -175,6 +182,34 @@ class EnvKeyStore:
         with self._lock:
             self._cache[(epoch, app_id)] = share
 
+    # the last group-signed answer of GetAppEnvEncryptPubKey, sealed beside the share as
+    # `<epoch>-<app>.answer`: public, sealed for integrity, bound to (epoch, app_id); replaced when re-signed
+
+    def _answer_path(self, epoch: int, app_id: bytes) -> Path:
+        return self.dir / f"{epoch}-{app_id.hex()}.answer"
+
+    def answer(self, epoch: int, app_id: bytes) -> api.EnvEncryptPubKeyResponse | None:
+        """The answer sealed for exactly (epoch, app_id); None when there is none or it does not open as
+        one (the caller then signs anew and replaces it: nothing unverified is served)."""
+        path = self._answer_path(epoch, app_id)
+        try:
+            if not path.exists():
+                return None
+            doc = json.loads(self._unseal(path.read_bytes()))
+            if not isinstance(doc, dict) or set(doc) != {"format", "epoch", "app_id", "answer"}:
+                return None
+            bound = type(doc["epoch"]) is int and doc["epoch"] == epoch and doc["app_id"] == app_id.hex()
+            if doc["format"] != _ANSWER_FORMAT or not bound:
+                return None
+            return api.EnvEncryptPubKeyResponse.model_validate(doc["answer"])
+        except (KeysError, SealingError, OSError, ValueError, TypeError):
+            return None
+
+    def put_answer(self, epoch: int, app_id: bytes, answer: api.EnvEncryptPubKeyResponse) -> None:
+        doc = {"format": _ANSWER_FORMAT, "epoch": epoch, "app_id": app_id.hex()}
+        body = json.dumps({**doc, "answer": answer.model_dump()}, sort_keys=True, separators=(",", ":"))
+        atomic_write(self._answer_path(epoch, app_id), self._seal(body.encode()))
+
 
 @dataclass
 class _Ceremony:
@@ -219,7 +254,9 @@ class EnvKeys:
         app_registered: Callable[[bytes], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`app_registered(app_id)` raises AccessDenied unless KmsAuth registers the app (fail closed)."""
+        """`app_registered(app_id)`: the env-key gate; raises AccessDenied unless KmsAuth deployed the app
+        itself from its blueprint, read at the node's finality depth (KmsService._app_deployed; fail
+        closed)."""
         self.index, self.t, self.n = index, t, n
         self._epochs = epochs
         self.store = store
@@ -386,13 +423,41 @@ class EnvKeys:
                 share = self.store.get(epoch, app_id)
                 assert share is not None
             cached = self._answers.get(key)
-            if cached is not None and 0 <= self._clock() - cached.timestamp < SIGNATURE_REFRESH_S:
-                return cached
-            answer = self._sign(epoch, app_id, share)
+            if cached is None:  # a restarted node: the answer sealed beside the share, if it still verifies
+                cached = self.store.answer(epoch, app_id)
+                if cached is not None and not self._answer_verifies(app_id, share, cached):
+                    cached = None
+            if cached is None or not 0 <= self._clock() - cached.timestamp < SIGNATURE_REFRESH_S:
+                cached = self._sign(epoch, app_id, share)
+                try:
+                    self.store.put_answer(epoch, app_id, cached)
+                except (OSError, SealingError) as exc:  # served anyway (signed already); kept in memory
+                    log.warning("the signed env answer of app %s was not sealed: %s", app_id.hex(), exc)
             if len(self._answers) >= 4096:
                 self._answers.clear()
-            self._answers[key] = answer
-            return answer
+            self._answers[key] = cached
+            return cached
+
+    def _answer_verifies(
+        self, app_id: bytes, share: tx.EnvKeyShare, answer: api.EnvEncryptPubKeyResponse
+    ) -> bool:
+        """A sealed answer is served only for this share's public key, both signatures by the group key."""
+        signer = self._signer()
+        pub = tx.x25519_public_key(share.commitments)
+        if signer is None or answer.public_key != pub.hex():
+            return False
+        pairs = (
+            (answer.signature, legacy_digest(app_id, pub)),
+            (answer.signature_v1, env_encrypt_pubkey_digest(app_id, pub, answer.timestamp)),
+        )
+        try:
+            for sig, digest in pairs:
+                rec = coincurve.PublicKey.from_signature_and_message(bytes.fromhex(sig), digest, hasher=None)
+                if rec.format(compressed=True) != signer.group_public_key:
+                    return False
+        except (ValueError, TypeError, OverflowError):
+            return False
+        return True
 
     def _all(self, body: dict[str, object], members: list[int]) -> dict[int, api.PeerEnvDkgResponse]:
         req = api.PeerEnvDkgRequest.model_validate(body)
@@ -461,6 +526,7 @@ class EnvKeys:
         self, epoch: int, app_id: bytes, timestamp: int, sessions: list[bytes]
     ) -> tuple[bytes, list[tuple[te.Presignature, te.SignatureShare]]]:
         """This member's signature shares over the two digests it builds from its own sealed sharing."""
+        self._app_registered(app_id)  # every member applies the env-key gate itself before it signs
         share = self.store.get(epoch, app_id)
         if share is None:
             raise AccessDenied("this member holds no env share of this app", step="env")
