@@ -892,6 +892,41 @@ class KmsService:
 
         return self._audited(api.PATH_PEER_ENV_SHARE, cert_der, peer_addr, decide)
 
+    def peer_env_recover(
+        self, cert_der: bytes | None, req: api.PeerEnvRecoverRequest, *, peer_addr: str = ""
+    ) -> api.PeerEnvRecoverResponse:
+        """A running member recovers ITS OWN missing env share here, this node a helper (kms.peering's rule,
+        then EnvKeys.serve_recover's; docs/kms.md "Share recovery")."""
+
+        def decide(ctx: dict[str, Any]) -> api.PeerEnvRecoverResponse:
+            env = self._env()
+            node = self.admit_peer(cert_der, req.member, ctx)
+            answer = env.serve_recover(node, req)
+            assert self.peer_identity is not None
+            answer.member = self.peer_identity.member
+            ctx["reason"] = (
+                f"env share recovery {req.session[:8]} step {req.stage} for member {node.index} "
+                f"(epoch {req.epoch}, app {req.app_id})"
+            )
+            return answer
+
+        return self._audited(api.PATH_PEER_ENV_RECOVER, cert_der, peer_addr, decide)
+
+    def peer_env_piece(
+        self, cert_der: bytes | None, req: api.PeerEnvPieceRequest, *, peer_addr: str = ""
+    ) -> api.PeerEnvPieceResponse:
+        def decide(ctx: dict[str, Any]) -> api.PeerEnvPieceResponse:
+            env = self._env()
+            node = self.admit_peer(cert_der, req.member, ctx)
+            helper, piece = env.serve_piece(node, req)
+            assert self.peer_identity is not None
+            ctx["reason"] = f"env share recovery piece of {req.session[:8]} for helper {node.index}"
+            return api.PeerEnvPieceResponse(
+                session=req.session, helper=helper, piece=piece.hex(), member=self.peer_identity.member
+            )
+
+        return self._audited(api.PATH_PEER_ENV_PIECE, cert_der, peer_addr, decide)
+
     def peer_env_sign(
         self, cert_der: bytes | None, req: api.PeerEnvSignRequest, *, peer_addr: str = ""
     ) -> api.PeerEnvSignResponse:
