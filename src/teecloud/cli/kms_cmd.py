@@ -189,6 +189,7 @@ def up(
     chain = _chain(rpc_url, key_file)
     node_dir: Path | None = None
     join: Any = None
+    join_carried: Any = None
     if (dealer or join_dkg or join_reshare or node_dir_opt) and not threshold_node:
         _fail("--dealer, --join-dkg, --join-reshare and --node-dir need --threshold-node INDEX")
     if join_dkg is not None and join_reshare is not None:
@@ -204,9 +205,11 @@ def up(
         if node_dir_opt is not None:
             node_dir = node_dir_opt
         if join_dkg is not None:
-            join = _round_joiner(join_dkg, "dkg", threshold_node, tee, dev, pccs_url, chain)
+            join, join_carried = _round_joiner(join_dkg, "dkg", threshold_node, tee, dev, pccs_url, chain)
         if join_reshare is not None:
-            join = _round_joiner(join_reshare, "reshare", threshold_node, tee, dev, pccs_url, chain)
+            join, join_carried = _round_joiner(
+                join_reshare, "reshare", threshold_node, tee, dev, pccs_url, chain
+            )
 
     def publish(keys: Any, _identity: Any, created: bool) -> str:
         if not created:
@@ -241,6 +244,7 @@ def up(
                 threshold=bool(threshold_node) and not dealer,
                 threshold_dealer=dealer,
                 join=join,
+                join_carried=join_carried,
                 require_app_compose=require_app_compose,
                 finality_depth=finality_depth,
             )
@@ -302,14 +306,17 @@ def up(
 
 def _round_joiner(
     plan_file: Path, kind: str, index: int, tee: Any, dev: bool, pccs_url: str | None, chain: Any
-) -> Any:
+) -> tuple[Any, Any]:
     """The join step of `kms up --join-dkg / --join-reshare`: the plan names the round and its dealers (URL
     and server CA key each); each dealer is checked as a KMS (RA-TLS + KmsAuth.isKmsAllowed) before anything
-    is sent. A reshare plan also states the commitments the new committee must end with."""
+    is sent. A reshare plan also states the commitments the new committee must end with. Returns the join
+    step and, for a reshare, what it fills with the carried shares (kms.threshold_carry; sealed by the
+    launcher with the root share)."""
     from teecloud.kms.bootstrap import KMS_APP_ID
     from teecloud.kms.client import connect_kms
     from teecloud.kms.errors import KmsClientError, SealingError
     from teecloud.kms.threshold import DkgPlan, ResharePlan
+    from teecloud.kms.threshold_carry import CarriedShares
     from teecloud.kms.threshold_client import join_dkg, join_reshare
 
     try:
@@ -384,12 +391,21 @@ def _round_joiner(
         if isinstance(plan, DkgPlan):
             share = join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
         else:
-            share = join_reshare(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
+            share = join_reshare(
+                plan,
+                index,
+                tee_,
+                clients,
+                app_id=KMS_APP_ID,
+                member_token=member_token,
+                carried_out=carried,
+            )
         if expected is not None and share.commitments != expected:
             raise KmsClientError("the round ended with other commitments than its plan states")
         return share
 
-    return join
+    carried = CarriedShares() if kind == "reshare" else None
+    return join, carried
 
 
 @app.command("threshold-init")

@@ -340,11 +340,24 @@ class ReshareDealRequest(BaseModel):
     )
 
 
+class CarriedSubshare(BaseModel):
+    """A dealer's sub-share of one more sharing it holds of the epoch (kms.threshold_carry): an app's env
+    key ("env", edwards25519, scalar little-endian), the group's signing key ("sigkey", secp256k1) or CA key
+    ("ca-sigkey", P-256) (scalars big-endian)."""
+
+    kind: str = Field(pattern="^(env|sigkey|ca-sigkey)$")
+    app_id: str = Field(pattern="^([0-9a-f]{40})?$")
+    old_commitments: list[str] = Field(max_length=64)
+    commitments: list[str] = Field(max_length=64)
+    subshare: str = Field(pattern="^[0-9a-f]{64}$")
+
+
 class ReshareDealResponse(BaseModel):
     session: str
     dealer: int
     commitments: list[str] = Field(max_length=64)
     subshare: str = Field(max_length=64)
+    carried: list[CarriedSubshare] = Field(default_factory=list, max_length=4096)
 
 
 class RetireShareResponse(BaseModel):

@@ -61,6 +61,7 @@ from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.rotation import FIRST_EPOCH, evaluation_epoch
 from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
 from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, ThresholdEvaluator
+from teecloud.kms.threshold_carry import CarriedItem, carry_deal
 from teecloud.kms.threshold_env import ENV_DIR, EnvKeys, EnvKeyStore
 from teecloud.kms.threshold_net import SignRounds
 from teecloud.kms.threshold_sign import ThresholdSigner
@@ -634,6 +635,20 @@ class KmsService:
 
         return self._audited(api.PATH_RESHARE_DEAL, cert_der, peer_addr, decide)
 
+    def carry_for_reshare(self, epoch: int, index: int, t_new: int, n_new: int) -> list[CarriedItem]:
+        """What a reshare of `epoch` deals besides the root share (kms.threshold_carry): every env share of
+        the epoch this node holds, and its shares of the group's signing and CA keys."""
+        signer = self.threshold.signer if self.threshold is not None else None
+        return carry_deal(
+            epoch=epoch,
+            index=index,
+            t_new=t_new,
+            n_new=n_new,
+            env_store=self.env_keys.store if self.env_keys is not None else None,
+            signing_key=signer.key if signer is not None else None,
+            ca_key=self.ca_signer.key if self.ca_signer is not None else None,
+        )
+
     def retire_share(self) -> api.RetireShareResponse:
         """Admin: after a reshare moved the key to a new committee, forget this node's share: the sealed copy
         is erased and this process stops evaluating and dealing (it then refuses ThresholdEvaluate)."""
@@ -642,6 +657,7 @@ class KmsService:
         index, epoch = self.threshold.index, self.threshold.epoch
         self.threshold = None
         self.reshare = None
+        self.env_keys, self.ca_signer = None, None  # their sealed copies go with the root share's
         erased = self._erase_share() if self._erase_share is not None else False
         log.warning("threshold share %d of epoch %d retired (sealed copy erased: %s)", index, epoch, erased)
         return api.RetireShareResponse(index=index, epoch=epoch, sealed_copy_erased=erased)

@@ -190,6 +190,26 @@ class EnvKeyStore:
             self._cache[(epoch, app_id)] = share
         return share
 
+    def apps(self, epoch: int) -> list[bytes]:
+        """The apps this node holds a sealed env share of under `epoch` (from the file names; each share is
+        still opened and checked by `get`)."""
+        out = []
+        for path in sorted(self.dir.glob(f"{epoch}-*.sealed")):
+            app_hex = path.name[len(f"{epoch}-") : -len(".sealed")]
+            if len(app_hex) == 40 and all(c in "0123456789abcdef" for c in app_hex):
+                out.append(bytes.fromhex(app_hex))
+        return out
+
+    def erase(self) -> int:
+        """Remove every sealed env share (a retired member: its shares were reshared away); how many."""
+        gone = 0
+        for path in self.dir.glob("*.sealed"):
+            path.unlink(missing_ok=True)
+            gone += 1
+        with self._lock:
+            self._cache.clear()
+        return gone
+
     def put(self, epoch: int, app_id: bytes, share: tx.EnvKeyShare) -> None:
         if self.get(epoch, app_id) is not None:
             raise KmsUsageError("this member already holds a sealed env share of this app (never replaced)")
