@@ -2,8 +2,9 @@
 teecloud.kms.peering, and their dstack-format public key signed by the group's threshold ECDSA key.
 
 One sharing per (root epoch, app), made on the first GetAppEnvEncryptPubKey for an app registered in
-KmsAuth, by a Joint-Feldman DKG among all n members that the node receiving the request coordinates (it
-relays public values only; secret sub-shares go member to member under kms.peering's rule):
+KmsAuth, by a Joint-Feldman DKG among the members that answer — at least ceremony_quorum(t, n) of them —
+that the node receiving the request coordinates (it relays public values only; secret sub-shares go member
+to member under kms.peering's rule):
 
     stage   each member (the coordinator included)
     deal    checks the epoch is one it serves and KmsAuth registers the app; if it already holds a sealed
@@ -18,8 +19,13 @@ relays public values only; secret sub-shares go member to member under kms.peeri
             replaced); nothing is sealed anywhere before every member finished
 
 A ceremony that fails before commit leaves nothing sealed and is retried by the next request (a new
-session). The answer (`public_key`, `signature`, `timestamp`, `signature_v1`, dstack's shape) is signed by
-t members over the two digests each member builds itself from ITS OWN sealed sharing (one presignature
+session). A member that was down, or whose commit failed, gets ITS share of the sharing later by share
+recovery (keys.share_repair's enrollment: `recover` on the target, `serve_recover` / `serve_piece` on t
+helpers, under the rule of docs/kms.md "Share recovery"), never from a second ceremony: a deal that finds
+a member holding the app's sharing turns the request into a recovery.
+
+The answer (`public_key`, `signature`, `timestamp`, `signature_v1`, dstack's shape) is signed by t members
+over the two digests each member builds itself from ITS OWN sealed sharing (one presignature
 each; a node re-signs at most once per SIGNATURE_REFRESH_S per app, so an unauthenticated caller drains at
 most two presignatures per app per period).
 
