@@ -75,7 +75,10 @@ def _signs(keys: list[te.KeyShare], group_key: bytes) -> None:
 
 
 def test_reshare_3of5_to_4of7_and_back_carries_env_signing_and_ca_keys(
-    teecloud_home: Path, world: World, members: tuple[dict[int, Member], bytes]
+    teecloud_home: Path,
+    world: World,
+    members: tuple[dict[int, Member], bytes],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     nodes, signing_key = members
     _allow_kms_build(world, teecloud_home)
@@ -192,3 +195,22 @@ def test_reshare_3of5_to_4of7_and_back_carries_env_signing_and_ca_keys(
     erase_share(home1)
     assert not list((kms_dir(home1) / ENV_DIR).glob("*.sealed"))
     assert not (kms_dir(home1) / SIGNING_SHARE_FILE).exists()
+
+    # more sharings than a round carries (MAX_CARRIED; 1024 in production): the dealer refuses to open it,
+    # saying so (a 400 on its admin listener, never a 500)
+    from teecloud.kms import api, threshold_carry
+    from teecloud.kms.errors import KmsUsageError
+
+    monkeypatch.setattr(threshold_carry, "MAX_CARRIED", 1)
+    svc = nodes[1].service
+    req = api.ReshareOpenRequest(
+        session=os.urandom(16).hex(),
+        epoch=1,
+        old_commitments=[c.hex() for c in plan.old_commitments],
+        dealers=list(dealers),
+        t_new=4,
+        n_new=7,
+        member_token_hashes={str(j): hashlib.sha256(t).hexdigest() for j, t in tokens.items()},
+    )
+    with pytest.raises(KmsUsageError, match="more than 1 sharings"):
+        svc.reshare_open(req)

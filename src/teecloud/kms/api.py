@@ -357,7 +357,7 @@ class ReshareDealResponse(BaseModel):
     dealer: int
     commitments: list[str] = Field(max_length=64)
     subshare: str = Field(max_length=64)
-    carried: list[CarriedSubshare] = Field(default_factory=list, max_length=4096)
+    carried: list[CarriedSubshare] = Field(default_factory=list, max_length=1024)
 
 
 class RetireShareResponse(BaseModel):

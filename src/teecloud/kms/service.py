@@ -42,6 +42,7 @@ from teecloud.chain.errors import NotDeployed
 from teecloud.ids import HexError, parse_app_id
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.certs import cert_to_pem
+from teecloud.keys.errors import KeysError
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
 from teecloud.kms.authz import (
@@ -584,7 +585,7 @@ class KmsService:
             )
             hashes = {int(j): bytes.fromhex(h) for j, h in req.member_token_hashes.items()}
             commitments = self.reshare.open(plan, hashes)
-        except (ValueError, SealingError) as exc:
+        except (ValueError, SealingError, KeysError) as exc:  # KeysError: what it carries (threshold_carry)
             raise KmsUsageError(f"reshare plan refused: {exc}") from exc
         log.info("reshare round %s opened (%d-of-%d)", req.session[:8], req.t_new, req.n_new)
         return api.ReshareOpenResponse(
