@@ -205,10 +205,13 @@ def up(
         if node_dir_opt is not None:
             node_dir = node_dir_opt
         if join_dkg is not None:
-            join, join_carried = _round_joiner(join_dkg, "dkg", threshold_node, tee, dev, pccs_url, chain)
+            join = _round_joiner(join_dkg, "dkg", threshold_node, tee, dev, pccs_url, chain)
         if join_reshare is not None:
-            join, join_carried = _round_joiner(
-                join_reshare, "reshare", threshold_node, tee, dev, pccs_url, chain
+            from teecloud.kms.threshold_carry import CarriedShares
+
+            join_carried = CarriedShares()  # what the dealers carry besides the root share, sealed at boot
+            join = _round_joiner(
+                join_reshare, "reshare", threshold_node, tee, dev, pccs_url, chain, carried=join_carried
             )
 
     def publish(keys: Any, _identity: Any, created: bool) -> str:
@@ -305,18 +308,25 @@ def up(
 
 
 def _round_joiner(
-    plan_file: Path, kind: str, index: int, tee: Any, dev: bool, pccs_url: str | None, chain: Any
-) -> tuple[Any, Any]:
+    plan_file: Path,
+    kind: str,
+    index: int,
+    tee: Any,
+    dev: bool,
+    pccs_url: str | None,
+    chain: Any,
+    *,
+    carried: Any = None,
+) -> Any:
     """The join step of `kms up --join-dkg / --join-reshare`: the plan names the round and its dealers (URL
     and server CA key each); each dealer is checked as a KMS (RA-TLS + KmsAuth.isKmsAllowed) before anything
-    is sent. A reshare plan also states the commitments the new committee must end with. Returns the join
-    step and, for a reshare, what it fills with the carried shares (kms.threshold_carry; sealed by the
-    launcher with the root share)."""
+    is sent. A reshare plan also states the commitments the new committee must end with. A reshare's join
+    fills `carried` (a kms.threshold_carry.CarriedShares) with the other sharings the dealers carried; the
+    launcher seals them with the root share."""
     from teecloud.kms.bootstrap import KMS_APP_ID
     from teecloud.kms.client import connect_kms
     from teecloud.kms.errors import KmsClientError, SealingError
     from teecloud.kms.threshold import DkgPlan, ResharePlan
-    from teecloud.kms.threshold_carry import CarriedShares
     from teecloud.kms.threshold_client import join_dkg, join_reshare
 
     try:
@@ -404,8 +414,7 @@ def _round_joiner(
             raise KmsClientError("the round ended with other commitments than its plan states")
         return share
 
-    carried = CarriedShares() if kind == "reshare" else None
-    return join, carried
+    return join
 
 
 @app.command("threshold-init")
