@@ -380,7 +380,7 @@ class LocalCloud:
             for i, url in sorted(group.nodes.items()):
                 try:
                     # the certificate the node's client pinned after its chain check (the guest has no chain)
-                    boot_info = peers.verify_cert(provider._clients[i]._pin()).boot_info
+                    boot_info = peers.verify_cert(provider.node_certificate(i)).boot_info
                 except (KmsClientError, PeerRejected) as exc:
                     log.warning("KMS node %d is not pinned for the guest: %s", i, exc)
                     continue
