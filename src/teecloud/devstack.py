@@ -188,7 +188,8 @@ class LocalCloud:
         self.qemu_accel = qemu_accel
         # mode tdx / sev-snp and GPUs: QemuBackendConfig refuses what no launch could use; a tdx / sev-snp
         # guest verifies its KMS under the vendor's root, so it refuses this cloud's simulated KMS (fail
-        # closed at key release); `teecloud up` refuses those modes before starting (docs/node.md)
+        # closed at key release); `teecloud up` refuses those modes before starting unless an external KMS
+        # is given (kms_urls; docs/node.md)
         self.qemu_mode = qemu_mode
         self.qemu_gpus = tuple(qemu_gpus)
         # --- end qemu backend

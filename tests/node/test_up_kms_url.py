@@ -335,3 +335,54 @@ def test_what_the_chain_does_not_vouch_for_is_refused_before_use(kms_cloud: Any,
     with pytest.raises(NodeError, match="fewer than t=2 of the 3 KMS nodes passed their check on chain"):
         _external(kms_cloud, home, urls, same_platform=False).start(check=False)
     assert not (home / "cloud" / "endpoints.json").exists()
+
+
+@pytest.fixture(scope="module")
+def single_kms_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Another local cloud whose one KMS (its RA-TLS listener) the test uses as the external KMS."""
+    missing = devstack.check_prerequisites()
+    if missing:
+        _fail_or_skip("; ".join(missing))
+    c = devstack.LocalCloud(tmp_path_factory.mktemp("kms-url-single"))
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+@pytest.mark.timeout(900)
+def test_up_with_one_kms_url_deploys_with_env(
+    hello_image: str, single_kms_cloud: Any, tmp_path: Path
+) -> None:
+    from teecloud.cloud.deploy import Session, deploy
+    from teecloud.kms.client import KmsClient
+
+    url = single_kms_cloud.endpoints.kms.rstrip("/")
+    cloud = _external(single_kms_cloud, tmp_path / "b", (url,))
+    cloud.start()
+    try:
+        # the KMS the other cloud runs, checked on chain: its root key, no group record here
+        assert isinstance(cloud.key_provider, KmsClient)
+        assert cloud.key_provider.info() == single_kms_cloud.key_provider.info()
+        assert not (tmp_path / "b" / "kms-nodes" / "group.json").exists()
+        session = Session(cloud.home)
+        try:
+            r = deploy(
+                session,
+                HELLO / "docker-compose.yml",
+                name="hello-kms-url-1",
+                env={"SECRET": SECRET},
+                allowed_envs=["SECRET"],
+            )
+            assert r.status == "running", r.error
+            wait_serving(r.urls[0] + "/")
+            got = httpx.get(r.urls[0] + "/secret", timeout=10).json()
+            assert got == {"present": True, "sha256": hashlib.sha256(SECRET.encode()).hexdigest()}
+            assert cloud.node.remove(r.instance_id).leftovers == []
+        finally:
+            session.close()
+    finally:
+        cloud.stop()
