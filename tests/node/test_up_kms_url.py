@@ -386,3 +386,22 @@ def test_up_with_one_kms_url_deploys_with_env(
             session.close()
     finally:
         cloud.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+@pytest.mark.timeout(600)
+def test_a_kms_its_chain_does_not_allow_is_refused_before_use(
+    single_kms_cloud: Any, served_chain: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The other cloud's KMS (its evidence verifies: the same simulated platform) named on a chain whose
+    KmsAuth never allowed it: KmsAuth.isKmsAllowed says no, so the cloud refuses it and nothing runs."""
+    rpc_url, record = served_chain
+    home = tmp_path / "c"
+    shutil.copytree(Path(single_kms_cloud.home) / "simulated-tee", home / "simulated-tee")
+    url = single_kms_cloud.endpoints.kms.rstrip("/")
+    cloud = devstack.LocalCloud(home, kms_urls=(url,), kms_chain=rpc_url, kms_contracts=record)
+    with pytest.raises(NodeError, match="did not pass its check on chain") as exc:
+        cloud.start(check=False)
+    assert "KmsAuth refuses this KMS" in str(exc.value), exc.value  # the chain step, not the evidence
+    assert cloud.node is None and not (home / "cloud" / "endpoints.json").exists()
