@@ -2,9 +2,9 @@
 and through the verifying proxy, against the engine called directly, on the same model in the same run; and
 receipts signed per second.
 
-    python3 bench/bench_ai.py [--size small|tiny] [--requests 12] [--tokens 64] [--threads 2]
-                              [--relays thread|process] [--pin] [--mode stream|plain|both]
-                              [--before SRC]
+    python3 bench/bench_ai.py [--models small,medium] [--configs today,gpu-like] [--requests 12]
+                              [--tokens 64] [--threads 2] [--relays thread|process] [--pin]
+                              [--mode stream|plain|both] [--before SRC] [--proxy-loops uvloop,asyncio]
 
 The stack is the tests' (tests/ai/conftest.py): a simulated CVM and guest agent, llama-cpp-python's server
 (the real engine) on a random-weight llama GGUF written here (`small`: ~25 M parameters, 100 MB f32), the
@@ -22,6 +22,10 @@ measured before/after in the same run. "decode rate" is tokens/s from the first 
 relays' cost per token, without the fixed per-answer costs at either end). With `--relays process`, each
 verifying proxy's own CPU per answer and per token is printed too (its threads' time on a CPU over the timed
 answers, less its idle rate measured just before).
+`--configs` runs several engine setups one after the other in this run, each labelled: `today` (llama.cpp
+on 2 threads: both cores) and `gpu-like` (1 thread: a core left to the host, as a GPU engine leaves the CPU;
+the same engine for the direct and the proxied paths); `--models` does the same per model size (`medium`:
+tens of tokens/s). `--proxy-loops` runs one plain proxy per event loop side by side.
 Goals (issue 21): >= 98 % of direct throughput, <= 5 ms added to the first token.
 """
 
@@ -483,7 +487,7 @@ def main() -> None:
         "--models",
         default="small",
         help="comma-separated sizes of examples/llm/tinymodel.py: tiny, small (~25 M parameters, hundreds "
-        "of tokens/s on this CPU), medium (~150 M, tens of tokens/s: a model's pace)",
+        "of tokens/s on this CPU), medium (~57 M, tens of tokens/s: a model's pace)",
     )
     ap.add_argument("--size", help="one model size (the older spelling of --models)")
     ap.add_argument(
