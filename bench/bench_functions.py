@@ -6,8 +6,10 @@ HTTP, a container per call (`docker run`) for comparison, and the gas of the on-
 The runtime runs in this process on a booted simulated CVM (its guest agent on a Unix socket gives the
 keys, as in production); a "call" is the whole path: claim the request id (O_EXCL file, fsync), a fresh
 wasmtime Store + instance, run, sign the result (secp256k1) and append the log. Every loop is bounded by
-count and time. Goals (issue 22): warm p50 <= 5 ms, >= 500 calls/s on 2 cores, cold start <= 50 ms,
-on-chain check <= 60k gas.
+count and time. The gas of `verify` is measured on the current FunctionResultVerifier and, in the same run,
+on the same contract with the old replay record (a storage slot per request id), for a new result key and
+a certified one, with sequential and random request ids. Goals (issue 22): warm p50 <= 5 ms, >= 500 calls/s
+on 2 cores, cold start <= 50 ms, on-chain check <= 60k gas.
 """
 
 from __future__ import annotations
