@@ -26,8 +26,9 @@ from teecloud.appcompose import compose_hash
 from teecloud.chain import ChainClient
 from teecloud.chain.embedded import DEV_KEYS
 from teecloud.gateway import api
-from teecloud.gateway.client import RegisteringAtBoot, register
+from teecloud.gateway.client import RegisteringAtBoot, Registrar, register
 from teecloud.gateway.errors import RegistrationRefused
+from teecloud.gateway.local import NodeRegistrar
 from teecloud.gateway.server import GatewayServer
 from teecloud.gateway.vouch import ChainNodes, StaticNodes, VouchChecker
 from teecloud.node.instance import instance_id_for
@@ -317,10 +318,18 @@ def test_a_gateway_routes_only_what_the_node_vouches_for(
         assert gw.registry.registrations() == []
         assert get(gw, f"{cvm.app_id}-8080.{BASE}").status_code == 421
         assert victim_backend.requests == 0 and attacker_backend.requests == 0
-        # what both stand behind is routed
-        register(url, cvm.key, cvm.cert_der, own, ca_pem=ca, node_vouch=stmt)
+        # the local runtime's NodeRegistrar (the node registering its docker CVMs): without the node's
+        # statement nothing registers; with its NodeVoucher the route is served
+        running = lambda: [(iid.hex(), [(8080, "127.0.0.1", attacker_backend.port)])]  # noqa: E731
+        assert NodeRegistrar([url], ca, cvm.provider, running).register_all() == 0
+        assert gw.registry.registrations() == []
+        assert NodeRegistrar([url], ca, cvm.provider, running, vouch=node.voucher.vouch).register_all() == 1
         r = get(gw, f"{cvm.app_id}-8080.{BASE}")
         assert r.status_code == 200 and r.text.startswith("attacker /")  # the CVM's own backend here
+        # the guest's Registrar sends its node's statement each round
+        registrar = Registrar([url], cvm.key, cvm.cert_der, own, ca_pem=ca, node_vouch=lambda: stmt)
+        registrar.register_all()
+        assert isinstance(registrar.last[url], api.RegisterCvmResponse)
         assert victim_backend.requests == 0
     finally:
         victim_backend.stop()
