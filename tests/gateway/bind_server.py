@@ -8,10 +8,16 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
 
 from .pebble import free_port
 
@@ -99,20 +105,22 @@ zone "{zone}" {{
         self._wait()
 
     def _wait(self) -> None:
+        """Until named answers the zone's SOA authoritatively (a secondary: after its first transfer). Its
+        "running" log line is not enough: under load it answered SERVFAIL for a moment after it."""
         deadline = time.monotonic() + 15
+        query = dns.message.make_query(self.zone + ".", dns.rdatatype.SOA)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"named exited: {(self.workdir / 'named.log').read_text()[-2000:]}")
             try:
-                with socket.create_connection((self.listen, self.port), timeout=0.5):
-                    pass
-                if "running" in (self.workdir / "named.log").read_text():
+                reply = dns.query.udp(query, self.listen, timeout=0.5, port=self.port)
+                if reply.rcode() == dns.rcode.NOERROR and reply.flags & dns.flags.AA and reply.answer:
                     return
-            except OSError:
+            except (dns.exception.DNSException, OSError):
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError("named did not start within 15 s")
+        raise RuntimeError("named did not serve its zone within 15 s")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
