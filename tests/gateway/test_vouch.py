@@ -167,6 +167,7 @@ def test_expired_future_long_and_replayed_statements(nodes: tuple[Node, Node, Vo
     new = a.voucher.vouch(iid.hex(), [(8080, "127.0.0.1", 40009)])
     check(checker, new, iid, [ep(8080, "127.0.0.1", 40009)])
     checker.accept(api.NodeVouch.model_validate(new))
+    assert checker.newest(iid.hex()) == NOW + 60
     check(checker, new, iid, [ep(8080, "127.0.0.1", 40009)])  # the same one again: a re-registration
     # the old statement, still unexpired, replayed to bring the old port back
     assert "replayed" in refused(checker, old, iid, eps)

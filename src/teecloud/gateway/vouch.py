@@ -160,6 +160,11 @@ class VouchChecker:
             if (ep.port, ep.host, ep.host_port) not in vouched:
                 raise _refuse(f"the node does not vouch for port {ep.port} at {ep.host}:{ep.host_port}")
 
+    def newest(self, instance_id: str) -> int | None:
+        """issued_at of the newest statement taken for an instance (hex id), if any."""
+        with self._lock:
+            return self._newest.get(instance_id)
+
     def accept(self, vouch: api.NodeVouch) -> None:
         """The registration went through: no older statement for this instance is taken again."""
         now = int(self.clock())
