@@ -80,6 +80,7 @@ log = logging.getLogger("teecloud.kms.threshold")
 
 # why a boot of a group that signs got no KMS signature when t nodes hold no common presignature
 NO_PRESIGNATURES = "no presignatures, refill in progress"
+BAD_SHARE = "the signature share does not verify against the presignature"
 
 
 @dataclass(frozen=True)
@@ -760,7 +761,7 @@ def _group_signature(
             app_id=app_id,
         )
 
-    def accept(i: int, answer: Any) -> bool:
+    def accept(i: int, answer: Any, *, check_share: bool) -> bool:
         if isinstance(answer, BaseException):
             faults[i] = f"{what}signature share: " + _describe(answer)
             return False
@@ -782,8 +783,8 @@ def _group_signature(
             share = te.SignatureShare(i, int(answer.s, 16))
             if len(presig.kinv_commitments) != t or len(presig.sigma_commitments) != t:
                 raise ValueError("presignature commitments of another threshold")
-            if not te.verify_signature_share(presig, digest, share):
-                raise ValueError("the signature share does not verify against the presignature")
+            if check_share and not te.verify_signature_share(presig, digest, share):
+                raise ValueError(BAD_SHARE)
         except (ValueError, KeysError) as exc:
             faults[i] = f"{what}signature share: {exc}"
             log.warning("KMS node %d (%s) is skipped: %s", i, provider.group.nodes[i], faults[i])
@@ -791,25 +792,55 @@ def _group_signature(
         got[i] = (presig, share)
         return True
 
+    def combine(*, optimistic: bool) -> bytes | None:
+        """The signature from the largest set of at least t nodes that agree on the presignature's public
+        part (a node off it is named), or None. Optimistic: t shares combined unchecked; a failure (some
+        share is wrong) returns None at once, for the caller to check each share."""
+        by_public: dict[tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]], list[int]] = {}
+        for i, (p, _) in got.items():
+            by_public.setdefault((p.big_r, p.kinv_commitments, p.sigma_commitments), []).append(i)
+        for members in sorted(by_public.values(), key=len, reverse=True):
+            if len(members) < t:
+                break
+            chosen = sorted(members)[:t] if optimistic else members
+            try:
+                sig = te.combine_signature(
+                    got[members[0]][0], digest, [got[i][1] for i in chosen], check_shares=not optimistic
+                )
+            except KeysError as exc:
+                if optimistic:
+                    return None
+                faults[members[0]] = f"{what}signature: {exc}"
+                continue
+            for i in got:
+                if i not in members:
+                    faults[i] = f"{what}signature share for another presignature than the other nodes"
+            return sig
+        return None
+
     # the holders first; then nodes that were challenged but not asked to evaluate (their pools, made in
     # the same presigning rounds, normally hold the same session)
     candidates = holders[session] + [i for i in provider._challenged if i not in offered]
-    provider._gather(candidates, ask, accept, need=t, all_first=False)
-    # the nodes that agree on the presignature's public part; a node off the majority is named
-    by_public: dict[tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]], list[int]] = {}
-    for i, (p, _) in got.items():
-        by_public.setdefault((p.big_r, p.kinv_commitments, p.sigma_commitments), []).append(i)
-    for members in sorted(by_public.values(), key=len, reverse=True):
-        if len(members) < t:
-            break
-        try:
-            sig = te.combine_signature(got[members[0]][0], digest, [got[i][1] for i in members])
-        except KeysError as exc:
-            faults[members[0]] = f"{what}signature: {exc}"
-            continue
-        for i in got:
-            if i not in members:
-                faults[i] = f"{what}signature share for another presignature than the other nodes"
+    # (a) t shares combined optimistically: the result's check under the group key decides
+    answered = provider._gather(
+        candidates, ask, lambda i, a: accept(i, a, check_share=False), need=t, all_first=False
+    )
+    sig = combine(optimistic=True)
+    if sig is not None:
+        return sig
+    # (b) some share was wrong (or too few agree): each share checked, a liar named and dropped, and the
+    # nodes not asked yet asked for theirs (each checked as it comes)
+    for i, (p, share) in list(got.items()):
+        if not te.verify_signature_share(p, digest, share):
+            faults[i] = f"{what}signature share: {BAD_SHARE}"
+            log.warning("KMS node %d (%s) is skipped: %s", i, provider.group.nodes[i], faults[i])
+            del got[i]
+    rest = [i for i in candidates if i not in answered]
+    provider._gather(
+        rest, ask, lambda i, a: accept(i, a, check_share=True), need=max(0, t - len(got)), all_first=False
+    )
+    sig = combine(optimistic=False)
+    if sig is not None:
         return sig
     raise KmsClientError(
         f"fewer than {t} KMS nodes gave a valid {what}signature share"
