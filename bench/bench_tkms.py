@@ -325,14 +325,17 @@ def end_to_end(releases: int) -> list[tuple[str, float, float]]:
 
         def run_reshare(t_new: int, n_new: int) -> float:
             plan = ResharePlan(os.urandom(16), 1, shares[0].commitments, (1, 2, 3), t_new, n_new)
+            # each new member's one-time token (review 3, R3-5): a sub-share goes only to its named member
+            tokens = {j: os.urandom(32) for j in range(1, n_new + 1)}
+            hashes = {j: hashlib.sha256(tok).digest() for j, tok in tokens.items()}
             t0 = time.perf_counter()
             for i in plan.dealers:
                 dealer = servers[i].service.reshare
                 assert dealer is not None
-                dealer.open(plan)
+                dealer.open(plan, hashes)
             for j in range(1, n_new + 1):
                 tee, clients = receiver_clients({i: servers[i] for i in plan.dealers})
-                join_reshare(plan, j, tee, clients, app_id=KMS_APP_ID)
+                join_reshare(plan, j, tee, clients, app_id=KMS_APP_ID, member_token=tokens[j])
             return (time.perf_counter() - t0) * 1000
 
         rows.append(("networked DKG 3-of-5 (5 dealers, 5 receivers in turn)", run_dkg(3, 5), float("nan")))

@@ -211,6 +211,7 @@ class _BootSession:
     credential: BootCredential
     http: httpx.Client | None = None
     pinned: bytes | None = None
+    client_cert: tuple[str, str] | None = None  # (key PEM, certificate PEM) the connection presents
     lock: threading.Lock = field(default_factory=threading.Lock)
     ended: bool = False  # unbound: a call still running (abandoned by a hedge) opens nothing new
 
@@ -567,6 +568,7 @@ class KmsClient:
             if session.http is None or session.pinned != pinned:
                 session.close()
                 client_cert = session.credential.cert_for(*temp_ca)
+                session.client_cert = client_cert
                 session.http = httpx.Client(
                     verify=self._ssl_context(client_cert, pinned=pinned),
                     timeout=self._timeout,
