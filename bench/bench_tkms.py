@@ -34,8 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # tests.kms: the five-member setups the tests use
 
 
 def _ms(fn: Callable[[], object], iters: int) -> tuple[float, float]:
@@ -173,6 +176,10 @@ def p256_signatures(
     presign_p = _ms(lambda: te.presign_local(keys, [1, 2, 3, 4, 5]), few)
     combine_k = _ms(lambda: te.combine_signature(k256_ps[1], digest, k256_shares), iters)
     combine_p = _ms(lambda: te.combine_signature(ps[1], digest, shares), iters)
+    optimistic_k = _ms(
+        lambda: te.combine_signature(k256_ps[1], digest, k256_shares, check_shares=False), iters
+    )
+    optimistic_p = _ms(lambda: te.combine_signature(ps[1], digest, shares, check_shares=False), iters)
     return [
         ("P-256 tECDSA presignature 3-of-5 (5 participants' math, one process)", *presign_p),
         ("  secp256k1 presignature, same run (baseline)", *presign_k),
@@ -182,6 +189,11 @@ def p256_signatures(
         ("  secp256k1 client, same run (baseline)", *combine_k),
         ("  ratio P-256 / secp256k1 client (p50)", combine_p[0] / combine_k[0], float("nan")),
         (
+            "P-256 client at t=3, optimistic: combine unchecked + OpenSSL verify (the CVM's path)",
+            *optimistic_p,
+        ),
+        ("  secp256k1 client, optimistic, same run", *optimistic_k),
+        (
             "single key: P-256 ECDSA sign (OpenSSL)",
             *_ms(lambda: whole.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))), iters),
         ),
@@ -189,6 +201,8 @@ def p256_signatures(
 
 
 def end_to_end(releases: int) -> list[tuple[str, float, float]]:
+    from tests.kms.test_threshold_nodes import start_node
+
     from teecloud.chain import ChainClient
     from teecloud.kms.audit import AuditLog
     from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee, kms_dir, start_kms_state
@@ -246,7 +260,8 @@ def end_to_end(releases: int) -> list[tuple[str, float, float]]:
         )
 
     shares = local_joint_feldman(3, 5)
-    servers = {s.index: node(f"node-{s.index}", ThresholdEvaluator(s), ReshareDealer(s)) for s in shares}
+    # the tests' node (tests.kms.test_threshold_nodes): sealed share, own listener, data directory, TEE
+    servers = {s.index: start_node(home, chain, s).server for s in shares}
     single = node("single", None)
     group = ThresholdGroup(1, 3, shares[0].commitments, {i: s.url for i, s in servers.items()})
     threshold = ThresholdKeyProvider(group, {i: client(s) for i, s in servers.items()})
@@ -310,14 +325,17 @@ def end_to_end(releases: int) -> list[tuple[str, float, float]]:
 
         def run_reshare(t_new: int, n_new: int) -> float:
             plan = ResharePlan(os.urandom(16), 1, shares[0].commitments, (1, 2, 3), t_new, n_new)
+            # each new member's one-time token (review 3, R3-5): a sub-share goes only to its named member
+            tokens = {j: os.urandom(32) for j in range(1, n_new + 1)}
+            hashes = {j: hashlib.sha256(tok).digest() for j, tok in tokens.items()}
             t0 = time.perf_counter()
             for i in plan.dealers:
                 dealer = servers[i].service.reshare
                 assert dealer is not None
-                dealer.open(plan)
+                dealer.open(plan, hashes)
             for j in range(1, n_new + 1):
                 tee, clients = receiver_clients({i: servers[i] for i in plan.dealers})
-                join_reshare(plan, j, tee, clients, app_id=KMS_APP_ID)
+                join_reshare(plan, j, tee, clients, app_id=KMS_APP_ID, member_token=tokens[j])
             return (time.perf_counter() - t0) * 1000
 
         rows.append(("networked DKG 3-of-5 (5 dealers, 5 receivers in turn)", run_dkg(3, 5), float("nan")))
@@ -337,68 +355,43 @@ def env_ceremony(apps: int) -> list[tuple[str, float, float]]:
     boot-time peer identities, mutual RA-TLS between them): the first GetAppEnvEncryptPubKey of an app (its
     Joint-Feldman ceremony among all 5 + the two threshold signatures), a re-signed answer (t = 3 members'
     signature shares), and the single-KMS GetAppEnvEncryptPubKey (one whole key) in the same run."""
-    import contextlib
     import statistics
 
-    from teecloud.chain import ChainClient, ContractReverted
+    from tests.kms.test_threshold_net_peering import allow_build, start_member
+
+    from teecloud.chain import ChainClient
     from teecloud.keys import threshold_ecdsa as te
     from teecloud.kms.audit import AuditLog
-    from teecloud.kms.bootstrap import boot_kms_tee, finish_kms_boot, kms_dir, start_kms_state
-    from teecloud.kms.challenge import BootChallenges
-    from teecloud.kms.peering import PeerIdentity
-    from teecloud.kms.rootkeys import LocalRootKeys
     from teecloud.kms.server import KmsServer
     from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
     from teecloud.kms.threshold import ThresholdEvaluator, local_joint_feldman
     from teecloud.kms.threshold_sign import open_signer, save_signing_share
-    from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
+    from teecloud.tee.simulated import SimulatedTdx
 
     home = Path(os.environ["TEECLOUD_HOME"]) / "env"
     chain = ChainClient.embedded(home / "chain")
     chain.deploy()
     dev = SimulatedTdx(home)
     chain.add_os_image(dev.os_image_hash)
-    ident0 = boot_kms_tee(SimulatedTdx(home))
-    for mr in (ident0.mr_aggregated, ident0.boot_mr_aggregated):
-        with contextlib.suppress(ContractReverted):
-            chain.add_kms_mr(mr)
-    with contextlib.suppress(ContractReverted):
-        chain.add_kms_device(dev.device_id)
+    allow_build(chain, home)
     shares = local_joint_feldman(3, 5, epoch=1)
     keys = te.dkg_local(3, 5)
     services: dict[int, KmsService] = {}
     servers: list[KmsServer] = []
     try:
         for s in shares:
-            node_home = home / f"m-{s.index}"
-            tee = SimulatedTdx(home)
-            identity = boot_kms_tee(tee, finish=False)
-            peer = PeerIdentity.at_boot(tee, epoch=1, index=s.index, share=s.share)
-            finish_kms_boot(tee)
-            state, _ = start_kms_state(tee, identity, now=int(time.time()), home=node_home)
-            save_signing_share(keys[s.index - 1], tee, identity, node_home)
-            signer = open_signer(tee, identity, node_home)
-            svc = KmsService(
-                state=state,
-                identity=identity,
-                tee=tee,
-                chain=chain,
-                collateral=StaticCollateral(tee.collateral),
-                audit=AuditLog(kms_dir(node_home) / "audit.jsonl"),
-                config=KmsConfig(dev_mode=True),
-                dev_root_der=tee.dev_root_der(),
-                block_number=chain.block_number,
-                os_image_reference=simulated_os_image_reference,
-                root_keys=LocalRootKeys(state),
-                challenges=BootChallenges(),
-                threshold=ThresholdEvaluator(s, signer=signer),
-                peer_identity=peer,
+            # the tests' running member (tests.kms.test_threshold_net_peering): boot-time peer identity
+            member = start_member(home, chain, s)
+            servers.append(member.server)
+            svc = member.service
+            save_signing_share(keys[s.index - 1], member.tee, svc.identity, home / f"m-{s.index}")
+            svc.threshold = ThresholdEvaluator(
+                s, signer=open_signer(member.tee, svc.identity, home / f"m-{s.index}")
             )
             services[s.index] = svc
-            servers.append(KmsServer(svc).start())
         for _ in range(4 * apps + 4):
             for i, p in te.presign_local(keys, [1, 2, 3, 4, 5]).items():
-                services[i].threshold.signer.pool.add([p])  # type: ignore[union-attr]
+                services[i].threshold.signer.pool.add([p])
         urls = {i: srv.url for i, srv in zip(sorted(services), servers, strict=True)}
         for svc in services.values():
             assert svc.env_keys is not None
@@ -440,14 +433,73 @@ def env_ceremony(apps: int) -> list[tuple[str, float, float]]:
     ]
 
 
-def processes(releases: int) -> list[tuple[str, float, float]]:
-    """Part 4: the release against LocalCloud's single KMS and against five threshold node processes."""
+class _Phases:
+    """Per-release phases of a threshold release, measured by wrapping the provider's own steps (wall time,
+    ms): the evaluation round (ThresholdEvaluate to t nodes and each answer's checks), the signature round
+    (the app-key signature and the app CA certificate, concurrently: from the first start to the last end)
+    and the rest (combination, key derivation, the boot's credential and connection set-up)."""
+
+    def __init__(self, provider: Any) -> None:
+        self.rows: list[dict[str, float]] = []
+        self._now: dict[str, float] = {}
+        self._spans: list[tuple[str, float, float]] = []
+        gather = provider._gather
+        sign_key, sign_ca = provider._sign_app_key, provider._sign_app_ca
+
+        def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+            def run(*a: Any, **kw: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    self._spans.append((name, t0, time.perf_counter()))
+
+            return run
+
+        provider._gather = timed("gather", gather)
+        provider._sign_app_key = timed("sign", sign_key)
+        provider._sign_app_ca = timed("sign", sign_ca)
+
+    def start(self) -> None:
+        self._spans.clear()
+
+    def stop(self, total_ms: float) -> None:
+        gathers = [sp for sp in self._spans if sp[0] == "gather"]
+        signs = [sp for sp in self._spans if sp[0] == "sign"]
+        evaluate = (gathers[0][2] - gathers[0][1]) * 1000 if gathers else 0.0
+        sign = (max(e for _, _, e in signs) - min(b for _, b, _ in signs)) * 1000 if signs else 0.0
+        self.rows.append(
+            {"evaluate": evaluate, "sign": sign, "rest": total_ms - evaluate - sign, "total": total_ms}
+        )
+
+    def summary(self) -> list[tuple[str, float, float]]:
+        out = []
+        for name, label in (
+            ("evaluate", "evaluation round (ThresholdEvaluate at t nodes + proof checks)"),
+            ("sign", "signature round (app-key signature + app CA certificate, concurrent)"),
+            ("rest", "rest (combination, key derivation, credential and connections)"),
+        ):
+            xs = sorted(r[name] for r in self.rows)
+            out.append(
+                (f"  phase: {label}", statistics.median(xs), xs[min(len(xs) - 1, int(len(xs) * 0.99))])
+            )
+        return out
+
+
+def processes(releases: int, phases: bool = True) -> list[tuple[str, float, float]]:
+    """Part 4: the release against LocalCloud's single KMS and against five threshold node processes, in
+    the same run; the threshold release with its per-phase breakdown (`_Phases`) and the ratio."""
+    from teecloud import devstack
     from teecloud.devstack import LocalCloud
     from teecloud.kms.threshold_net import RefillPolicy
     from teecloud.tee.simulated import SimulatedTdx
 
+    # one batch of app CA presignatures large enough for every timed boot (`teecloud up` makes 8): a boot
+    # that finds none goes on with a self-signed app CA, which the single node's release never does
+    devstack.CA_PRESIGN_BATCH = releases + 2
     compose = hashlib.sha256(b"bench tkms processes").digest()
     rows = []
+    p50: dict[int, float] = {}
     for label, nodes in (
         ("single KMS node (GetAppKey; listener in this process), LocalCloud", 1),
         ("threshold 3 of 5, nodes as separate processes (evaluate + sign), LocalCloud", 5),
@@ -455,14 +507,19 @@ def processes(releases: int) -> list[tuple[str, float, float]]:
         home = Path(os.environ["TEECLOUD_HOME"]) / f"cloud-{nodes}"
         cloud = LocalCloud(home, kms_nodes=nodes, kms_threshold=3 if nodes > 1 else 1)
         # one batch large enough for every timed boot: no refill round runs while releases are timed
-        cloud.presign_policy = RefillPolicy(low=2, batch=32, interval_s=3600)
+        cloud.presign_policy = RefillPolicy(low=2, batch=releases + 2, interval_s=3600)
         cloud.start(check=False, resume=False)
         try:
             provider = cloud.key_provider
             app_id = bytes.fromhex(cloud.chain.register_app(None, compose)[2:])
+            timer = _Phases(provider) if nodes > 1 and phases else None
 
             def release(
-                provider: Any = provider, home: Path = home, app_id: bytes = app_id, label: str = label
+                provider: Any = provider,
+                home: Path = home,
+                app_id: bytes = app_id,
+                label: str = label,
+                timer: _Phases | None = timer,
             ) -> float:
                 tee = SimulatedTdx(home)
                 iid = os.urandom(20)
@@ -476,20 +533,38 @@ def processes(releases: int) -> list[tuple[str, float, float]]:
                     ("os-image-hash", tee.os_image_hash),
                 ):
                     tee.emit_event(name, payload)
+                if timer is not None:
+                    timer.start()
                 t0 = time.perf_counter()
                 keys = provider.get_app_keys(tee, app_id, iid)
                 took = (time.perf_counter() - t0) * 1000
+                if timer is not None:
+                    timer.stop(took)
                 if len(keys.k256_signature) != 65:
                     raise SystemExit(f"{label}: the release carries no KMS signature")
+                ca = x509.load_pem_x509_certificate(keys.ca_cert_pem.encode())
+                if ca.issuer == ca.subject:
+                    raise SystemExit(f"{label}: the app CA certificate is self-signed, not the KMS's")
                 return took
 
             release()  # warm: server certificates verified once per client
+            if timer is not None:
+                timer.rows.clear()
             samples = sorted(release() for _ in range(releases))
+            p50[nodes] = statistics.median(samples)
             rows.append(
-                (label, statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))])
+                (
+                    f"key release, {label}",
+                    p50[nodes],
+                    samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+                )
             )
+            if timer is not None:
+                rows += timer.summary()
         finally:
             cloud.stop()
+    rows.append(("  threshold minus single (p50, ms)", p50[5] - p50[1], float("nan")))
+    rows.append(("  ratio threshold / single (p50)", p50[5] / p50[1], float("nan")))
     return rows
 
 
@@ -510,7 +585,8 @@ def main() -> None:
             return
         if args.processes:
             for label, p50, p99 in processes(args.releases):
-                print(f"| key release, {label} | {p50:.2f} | {p99:.2f} |", flush=True)
+                tail = "—" if p99 != p99 else f"{p99:.2f}"
+                print(f"| {label} | {p50:.2f} | {tail} |", flush=True)
             return
         rows = signatures(args.crypto_iters)
         if not args.signatures_only:
