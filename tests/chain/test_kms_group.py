@@ -247,3 +247,48 @@ def test_members_current_peer_keys_are_recorded_and_replaced(chain: ChainClient)
         3,
         restarted,
     )
+
+
+def _p256_key() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+    )
+
+
+def test_the_group_ca_key_and_root_hash_are_recorded_once_after_the_committee(chain: ChainClient) -> None:
+    group = chain.kms_group
+    key, root_hash = _p256_key(), rand32()
+    with pytest.raises(ContractReverted, match="no committee recorded for this epoch"):
+        group.record_ca(21, key, root_hash)
+    group.activate(group.record_committee(21, 2, [rand32(), rand32()], _members(3)))
+    assert group.group_ca(21) is None
+    group.record_ca(21, key, root_hash)
+    recorded = group.group_ca(21)
+    assert recorded is not None and (recorded.ca_key, recorded.root_cert_hash) == (key, root_hash)
+    with pytest.raises(ContractReverted, match="recorded once"):
+        group.record_ca(21, key, rand32())  # another root is a new epoch
+    stranger = chain.with_signer(chain.keys[3])  # type: ignore[attr-defined]
+    with pytest.raises(ContractReverted, match="not the owner"):
+        stranger.kms_group.record_ca(21, key, root_hash)
+    log = [e["args"] for e in group.history() if e["event"] == "CaRecorded"]
+    assert log[-1]["epoch"] == 21 and bytes(log[-1]["ca_key"]) == key
+    assert bytes(log[-1]["root_cert_hash"]) == root_hash
+
+
+@pytest.mark.parametrize(
+    ("key", "root_hash", "reason"),
+    [
+        (b"\x04" + bytes(32), b"\x01" * 32, "compressed point"),
+        (b"\x02" + bytes(31), b"\x01" * 32, "33 bytes"),
+        (b"\x02" + bytes(32), bytes(32), "root certificate hash is empty"),
+    ],
+)
+def test_a_malformed_ca_record_reverts(chain: ChainClient, key: bytes, root_hash: bytes, reason: str) -> None:
+    chain.kms_group.record_committee(22, 1, [rand32()], _members(1))
+    with pytest.raises(ContractReverted, match=reason):
+        chain.transact("KmsGroup", chain.kms_group_address, "record_ca", 22, key, root_hash)
