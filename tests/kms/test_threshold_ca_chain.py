@@ -283,3 +283,29 @@ def test_the_cache_is_sealed_bounded_and_checks_what_it_reads(tmp_path: Path) ->
     b.write_bytes(b"garbage")
     assert cache.get(1, bytes([3]) * 20, b"\x02" + bytes([3]) * 32) is None
     assert not list((tmp_path / "c").glob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_signcert_on_a_threshold_node_is_a_clear_refusal(
+    teecloud_home: Path,
+    world: World,
+    cluster: Cluster,  # noqa: F811
+) -> None:
+    """dstack's SignCert (a KMS-issued leaf under the app CA) is not served: no node holds the app CA key; the
+    guest agent issues leaves itself under its group-signed app CA (GetTlsKey), which verifies to the root."""
+    from teecloud.kms.service import SIGNCERT_THRESHOLD_REFUSAL
+
+    for node in cluster.nodes.values():
+        r = httpx.post(
+            node.server.url + api.PATH_SIGN_CERT,
+            json={"csr": "-----BEGIN CERTIFICATE REQUEST-----\n", "vm_config": "{}"},
+            verify=False,
+            timeout=30,
+        )
+        assert r.status_code == 403, r.text
+        assert (r.json()["reason"], r.json()["step"]) == (SIGNCERT_THRESHOLD_REFUSAL, "mode")
+        assert "GetTlsKey" in r.json()["reason"]
+    # what a threshold CVM does instead: its agent's leaf chains to the group root through its app CA
+    _, state = boot_hello(teecloud_home, world, cluster.provider())
+    leaf, app_ca = _chain(state)
+    leaf.verify_directly_issued_by(app_ca)
+    app_ca.verify_directly_issued_by(_root(cluster))

@@ -85,6 +85,14 @@ __all__ = [
 
 log = logging.getLogger("teecloud.kms")
 
+# SignCert on a threshold node (docs/kms.md, "SignCert in threshold mode"): refused before anything is judged
+SIGNCERT_THRESHOLD_REFUSAL = (
+    "SignCert is not served in threshold mode: no KMS node holds an app CA key (it is derived inside the CVM "
+    "from t partial evaluations) and the group's CA key signs only app CA certificates; the CVM's guest "
+    "agent issues its certificates itself under its group-signed app CA (GetTlsKey), the same chain [leaf, "
+    "app CA, group root CA]"
+)
+
 _T = TypeVar("_T")
 
 
@@ -441,7 +449,8 @@ class KmsService:
         allows. `vm_config` as for get_app_key (RTMR0 is checked for the VM shape it states)."""
 
         def decide(ctx: dict[str, Any]) -> api.SignCertResponse:
-            self._whole_root_only()
+            if self.threshold is not None or self.reshare is not None:
+                raise AccessDenied(SIGNCERT_THRESHOLD_REFUSAL, step="mode")
             app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx, app_compose=app_compose)
             cn, answer = self.issuer.sign_cert(app, csr_pem)
             ctx["reason"] = f"certificate issued for CN={cn}"
