@@ -238,6 +238,7 @@ class ThresholdKeyProvider:
         self.faults: dict[int, str] = {}
         self.signature_error = ""  # why the last get_app_keys got no KMS signature ('' when it did)
         self.ca_error = ""  # why the last get_app_keys got no app CA certificate under the group root
+        self.env_epoch = 0  # the root epoch whose env key opened the last bound env (0: none bound)
         self.composes = ComposeBook()  # the GPU gate: bind_app_compose
         # per boot thread (one provider serves every CVM of a worker): the bound env and its secret
         self._env = threading.local()
@@ -360,8 +361,60 @@ class ThresholdKeyProvider:
         keys = self._app_keys(tee, app_id, instance_id, group)
         self._env.secret = None
         if getattr(self._env, "blob", None):
-            self._env.secret = self._env_secret(tee, app_id, group)
+            self._env.secret = self._bound_env_secret(tee, app_id, group)
         return keys
+
+    def _bound_env_secret(self, tee: QuoteSource, app_id: bytes, group: ThresholdGroup) -> bytes:
+        """The bound env's X25519 secret under the app's current epoch; while the app migrates
+        (`kms_key_epoch_previous` in its measured compose), an env still encrypted under the previous
+        epoch's env key (its owner has not re-encrypted it yet) is read with the previous epoch's partials:
+        when the current epoch's partials fail (no node holds an env key of that epoch for the app yet) or
+        their secret does not open the env (AES-GCM), the previous epoch's are asked, at the same boot-time
+        point, under the same rule on every node (its compose names that epoch). `env_epoch` says which
+        epoch's key opened it. Nothing here holds x: each epoch's secret is x·P, combined from t partials."""
+        from teecloud.keys.envcrypt import decrypt_env_with_shared_secret
+
+        blob: bytes = self._env.blob
+        previous = self._key_epochs(tee).previous
+        self.env_epoch = group.epoch
+        faults = dict(self.faults)
+        try:
+            secret: bytes | None = self._env_secret(tee, app_id, group)
+            failure: KmsClientError | None = None
+        except KmsClientError as exc:
+            if previous is None:
+                raise
+            secret, failure = None, exc
+        if previous is None:
+            assert secret is not None
+            return secret
+        if secret is not None:
+            try:
+                decrypt_env_with_shared_secret(secret, blob)
+                return secret
+            except KeysError:
+                pass  # not under the current epoch's key: maybe under the previous one
+        before = self.faults
+        self.faults = (
+            faults  # the current epoch's refusals are not node faults when the previous one opens it
+        )
+        try:
+            old = self._env_secret(tee, app_id, self._group_of(previous))
+            decrypt_env_with_shared_secret(old, blob)
+        except (KmsClientError, KeysError) as exc:
+            self.faults = {**before, **self.faults}
+            if secret is not None:
+                return secret  # the guest reports that the env does not decrypt
+            assert failure is not None
+            raise KmsClientError(f"{failure}; under the previous root epoch {previous}: {exc}") from exc
+        self.env_epoch = previous
+        log.info(
+            "the env is still encrypted under root epoch %d: its owner re-encrypts it to epoch %d's env key "
+            "(docs/kms.md, Rotation)",
+            previous,
+            group.epoch,
+        )
+        return old
 
     def bind_encrypted_env(self, blob: bytes | None) -> None:
         """The CVM's encrypted env (dstack format), for this thread's next get_app_keys, which then gets the
