@@ -12,6 +12,7 @@ import time
 
 import coincurve
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
@@ -32,6 +33,21 @@ from teecloud.keys.sigchain import (
 DIGEST = hashlib.sha256(b"teecloud threshold ecdsa").digest()
 
 
+_CURVES = {"secp256k1": (te.SECP256K1, ec.SECP256K1()), "p256": (te.P256, ec.SECP256R1())}
+
+
+def _verifies(key: te.KeyShare, digest: bytes, sig: bytes) -> bool:
+    """OpenSSL (`cryptography`) as the referee: ordinary ECDSA-SHA256 under the group key (r || s; a trailing
+    recovery byte, secp256k1's, is not part of it)."""
+    pk = ec.EllipticCurvePublicKey.from_encoded_point(_CURVES[key.group.name][1], key.group_public_key)
+    der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"))
+    try:
+        pk.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    except InvalidSignature:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def keys_3_of_5() -> list[te.KeyShare]:
     return te.dkg_local(3, 5)
@@ -42,16 +58,6 @@ def presigs(keys_3_of_5: list[te.KeyShare]) -> dict[int, te.Presignature]:
     return te.presign_local(keys_3_of_5, [1, 2, 3, 4, 5])
 
 
-def _openssl_verifies(group_pk: bytes, digest: bytes, sig: bytes) -> bool:
-    pk = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), group_pk)
-    der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"))
-    try:
-        pk.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-    except Exception:
-        return False
-    return True
-
-
 def test_every_t_subset_signs_and_independent_verifiers_accept(keys_3_of_5, presigs) -> None:
     group_pk = keys_3_of_5[0].group_public_key
     for signers in itertools.combinations(range(1, 6), 3):
@@ -60,23 +66,13 @@ def test_every_t_subset_signs_and_independent_verifiers_accept(keys_3_of_5, pres
         assert int.from_bytes(sig[32:64], "big") <= te.ORDER // 2  # low s
         recovered = coincurve.PublicKey.from_signature_and_message(sig, DIGEST, hasher=None)
         assert recovered.format(compressed=True) == group_pk
-        assert _openssl_verifies(group_pk, DIGEST, sig)
-        assert not _openssl_verifies(group_pk, hashlib.sha256(b"other").digest(), sig)
+        assert _verifies(keys_3_of_5[0], DIGEST, sig)
+        assert not _verifies(keys_3_of_5[0], hashlib.sha256(b"other").digest(), sig)
 
 
 def test_fresh_presignatures_give_distinct_r(keys_3_of_5) -> None:
     rs = {te.presign_local(keys_3_of_5, [1, 2, 3, 4, 5])[1].big_r for _ in range(3)}
     assert len(rs) == 3
-
-
-def test_t_minus_1_cannot_sign(keys_3_of_5, presigs) -> None:
-    shares = [te.sign_share(presigs[i], DIGEST) for i in (2, 4)]
-    with pytest.raises(te.ThresholdSignatureError, match="2 valid signature shares, 3 needed"):
-        te.combine_signature(presigs[2], DIGEST, shares)
-    # forcing the interpolation with t-1 shares gives something that verifies under no key of the group
-    weak = dataclasses.replace(presigs[2], t=2)
-    with pytest.raises(te.ThresholdSignatureError, match="does not"):
-        te.combine_signature(weak, DIGEST, shares)
 
 
 def test_only_the_2t_minus_1_participants_hold_a_presignature() -> None:
@@ -92,12 +88,6 @@ def test_only_the_2t_minus_1_participants_hold_a_presignature() -> None:
         coincurve.PublicKey.from_signature_and_message(sig, DIGEST, hasher=None).format()
         == keys[0].group_public_key
     )
-
-
-def test_single_node_group_is_ordinary_ecdsa() -> None:
-    keys = te.dkg_local(1, 1)
-    sig = te.sign_local(te.presign_local(keys, [1]), [1], DIGEST)
-    assert _openssl_verifies(keys[0].group_public_key, DIGEST, sig)
 
 
 def test_presign_needs_2t_minus_1_participants(keys_3_of_5) -> None:
@@ -139,69 +129,6 @@ def test_dstack_chain_and_env_signature_verify_under_the_group_key(keys_3_of_5) 
     assert verify_env_encrypt_public_key(env_pub, sig_v1, "0x" + app_id.hex(), now) == "0x" + group_pk.hex()
 
 
-# --------------------------------------------------------------------------------- a liar is named
-
-_STEPS = ("deal-k", "deal-a", "deal-z", "mul-w", "mul-proof", "reduce-share", "reduce-commit", "reduce-proof")
-
-
-def _corrupt(step: str, victim: int, rng: random.Random):  # type: ignore[no-untyped-def]
-    bump = rng.randrange(1, te.ORDER)
-
-    def tamper(round_: str, sender: int, msg: object) -> object:
-        if sender != victim:
-            return msg
-        if round_ == "deal" and step.startswith("deal-"):
-            assert isinstance(msg, te.PresignDealing)
-            field = step[-1]
-            d: te.Dealing = getattr(msg, field)
-            target = next(j for j in sorted(d.shares) if j != victim)
-            shares = dict(d.shares)
-            shares[target] = (shares[target] + bump) % te.ORDER
-            return dataclasses.replace(msg, **{field: dataclasses.replace(d, shares=shares)})
-        if round_ == "mul" and step.startswith("mul-"):
-            assert isinstance(msg, te.MulMessage)
-            if step == "mul-w":
-                return dataclasses.replace(msg, w=(msg.w + bump) % te.ORDER)
-            return dataclasses.replace(msg, proof=msg.proof[:32] + (bump).to_bytes(32, "big"))
-        if round_ == "reduce" and step.startswith("reduce-"):
-            assert isinstance(msg, te.ReduceDealing)
-            d = msg.dealing
-            if step == "reduce-share":
-                shares = {j: (s + bump) % te.ORDER if j != victim else s for j, s in d.shares.items()}
-                return dataclasses.replace(msg, dealing=dataclasses.replace(d, shares=shares))
-            if step == "reduce-commit":
-                # a consistent sharing of a different value: the sub-shares verify, the proof cannot
-                other = te.feldman_deal(None, len(d.commitments) - 1, sorted(d.shares), dealer=d.dealer)
-                return dataclasses.replace(msg, dealing=other)
-            return dataclasses.replace(msg, proof=bytes(64))
-        return msg
-
-    return tamper
-
-
-@pytest.mark.parametrize("step", _STEPS)
-def test_a_lying_participant_is_named_in_every_round(keys_3_of_5, step: str) -> None:
-    rng = random.Random(step)
-    victim = rng.choice([1, 2, 3, 4, 5])
-    with pytest.raises(te.ThresholdSignatureError) as err:
-        te.presign_local(keys_3_of_5, [1, 2, 3, 4, 5], tamper=_corrupt(step, victim, rng))
-    assert err.value.party == victim, err.value
-
-
-def test_wrong_signature_share_is_named_and_the_others_still_sign(keys_3_of_5, presigs) -> None:
-    rng = random.Random(7)
-    for liar in range(1, 6):
-        good = [te.sign_share(presigs[i], DIGEST) for i in range(1, 6) if i != liar]
-        bad = te.SignatureShare(
-            liar, (te.sign_share(presigs[liar], DIGEST).s + rng.randrange(1, te.ORDER)) % te.ORDER
-        )
-        with pytest.raises(te.ThresholdSignatureError) as err:
-            te.combine_signature(presigs[1], DIGEST, [*good[:2], bad])
-        assert err.value.party == liar
-        sig = te.combine_signature(presigs[1], DIGEST, good[:3])
-        assert _openssl_verifies(keys_3_of_5[0].group_public_key, DIGEST, sig)
-
-
 def test_malformed_messages_are_hostile_input_not_crashes(keys_3_of_5) -> None:
     """Generated mutations of round-2 proofs and points: always a named ThresholdSignatureError."""
     rng = random.Random(11)
@@ -218,3 +145,98 @@ def test_malformed_messages_are_hostile_input_not_crashes(keys_3_of_5) -> None:
         with pytest.raises(te.ThresholdSignatureError) as err:
             te.presign_local(keys_3_of_5, [1, 2, 3, 4, 5], tamper=tamper)
         assert err.value.party == victim
+
+
+# ---------------------------------- on both curves (P-256 alone: tests/keys/test_threshold_ecdsa_p256.py)
+
+
+@pytest.fixture(scope="module", params=sorted(_CURVES))
+def curve_keys(request: pytest.FixtureRequest) -> list[te.KeyShare]:
+    """A 3-of-5 key on each group the threshold signer supports."""
+    return te.dkg_local(3, 5, group=_CURVES[request.param][0])
+
+
+@pytest.fixture(scope="module")
+def curve_presigs(curve_keys: list[te.KeyShare]) -> dict[int, te.Presignature]:
+    return te.presign_local(curve_keys, [1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("name", sorted(_CURVES))
+def test_single_node_group_is_ordinary_ecdsa(name: str) -> None:
+    keys = te.dkg_local(1, 1, group=_CURVES[name][0])
+    sig = te.sign_local(te.presign_local(keys, [1]), [1], DIGEST)
+    assert _verifies(keys[0], DIGEST, sig)
+
+
+def test_t_minus_1_cannot_sign(curve_presigs) -> None:
+    presigs = curve_presigs
+    shares = [te.sign_share(presigs[i], DIGEST) for i in (2, 4)]
+    with pytest.raises(te.ThresholdSignatureError, match="2 valid signature shares, 3 needed"):
+        te.combine_signature(presigs[2], DIGEST, shares)
+    # forcing the interpolation with t-1 shares gives something that verifies under no key of the group
+    weak = dataclasses.replace(presigs[2], t=2)
+    with pytest.raises(te.ThresholdSignatureError, match="does not verify under the group key"):
+        te.combine_signature(weak, DIGEST, shares)
+
+
+def test_wrong_signature_share_is_named_and_the_others_still_sign(curve_keys, curve_presigs) -> None:
+    presigs, order = curve_presigs, curve_keys[0].group.order
+    rng = random.Random(7)
+    for liar in range(1, 6):
+        good = [te.sign_share(presigs[i], DIGEST) for i in range(1, 6) if i != liar]
+        bad = te.SignatureShare(
+            liar, (te.sign_share(presigs[liar], DIGEST).s + rng.randrange(1, order)) % order
+        )
+        with pytest.raises(te.ThresholdSignatureError) as err:
+            te.combine_signature(presigs[1], DIGEST, [*good[:2], bad])
+        assert err.value.party == liar
+        assert _verifies(curve_keys[0], DIGEST, te.combine_signature(presigs[1], DIGEST, good[:3]))
+
+
+_STEPS = ("deal-k", "deal-a", "deal-z", "mul-w", "mul-proof", "reduce-share", "reduce-commit", "reduce-proof")
+
+
+def _corrupt(step: str, victim: int, rng: random.Random, group: te.Group):  # type: ignore[no-untyped-def]
+    n = group.order
+    bump = rng.randrange(1, n)
+
+    def tamper(round_: str, sender: int, msg: object) -> object:
+        if sender != victim:
+            return msg
+        if round_ == "deal" and step.startswith("deal-"):
+            assert isinstance(msg, te.PresignDealing)
+            field = step[-1]
+            d: te.Dealing = getattr(msg, field)
+            target = next(j for j in sorted(d.shares) if j != victim)
+            shares = {**d.shares, target: (d.shares[target] + bump) % n}
+            return dataclasses.replace(msg, **{field: dataclasses.replace(d, shares=shares)})
+        if round_ == "mul" and step.startswith("mul-"):
+            assert isinstance(msg, te.MulMessage)
+            if step == "mul-w":
+                return dataclasses.replace(msg, w=(msg.w + bump) % n)
+            return dataclasses.replace(msg, proof=msg.proof[:32] + bump.to_bytes(32, "big"))
+        if round_ == "reduce" and step.startswith("reduce-"):
+            assert isinstance(msg, te.ReduceDealing)
+            d = msg.dealing
+            if step == "reduce-share":
+                shares = {j: (s + bump) % n if j != victim else s for j, s in d.shares.items()}
+                return dataclasses.replace(msg, dealing=dataclasses.replace(d, shares=shares))
+            if step == "reduce-commit":
+                # a consistent sharing of a different value: the sub-shares verify, the proof cannot
+                other = te.feldman_deal(
+                    None, len(d.commitments) - 1, sorted(d.shares), dealer=d.dealer, group=group
+                )
+                return dataclasses.replace(msg, dealing=other)
+            return dataclasses.replace(msg, proof=bytes(64))
+        return msg
+
+    return tamper
+
+
+@pytest.mark.parametrize("step", _STEPS)
+def test_a_lying_participant_is_named_in_every_round(curve_keys, step: str) -> None:
+    rng = random.Random(step)
+    victim = rng.choice([1, 2, 3, 4, 5])
+    with pytest.raises(te.ThresholdSignatureError) as err:
+        te.presign_local(curve_keys, [1, 2, 3, 4, 5], tamper=_corrupt(step, victim, rng, curve_keys[0].group))
+    assert err.value.party == victim, err.value

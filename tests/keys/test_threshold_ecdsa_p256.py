@@ -1,10 +1,11 @@
 """teecloud.keys.threshold_ecdsa over NIST P-256 (teecloud.keys._groups.P256, python-ecdsa arithmetic):
 the same GJKR presign/sign rounds as secp256k1, refereed by OpenSSL (`cryptography`, and the `openssl` CLI)
-as ordinary ECDSA-SHA256; any t sign, t-1 cannot, a liar is named, exactly 2t-1 participants (R5-1)."""
+as ordinary ECDSA-SHA256; any t sign, exactly 2t-1 participants (R5-1). That t-1 cannot sign, that a liar
+is named in every round and that a one-member group is ordinary ECDSA is tested on both curves in one place,
+tests/keys/test_threshold_ecdsa.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import random
@@ -88,35 +89,6 @@ def test_openssl_cli_verifies_a_group_signature(keys_3_of_5, tmp_path: Path) -> 
     assert verify("other").returncode != 0
 
 
-def test_single_node_group_is_ordinary_ecdsa() -> None:
-    keys = te.dkg_local(1, 1, group=te.P256)
-    sig = te.sign_local(te.presign_local(keys, [1]), [1], DIGEST)
-    assert _cryptography_verifies(keys[0].group_public_key, DIGEST, sig)
-
-
-def test_t_minus_1_cannot_sign(keys_3_of_5, presigs) -> None:
-    shares = [te.sign_share(presigs[i], DIGEST) for i in (2, 4)]
-    with pytest.raises(te.ThresholdSignatureError, match="2 valid signature shares, 3 needed"):
-        te.combine_signature(presigs[2], DIGEST, shares)
-    # forcing the interpolation with t-1 shares: OpenSSL refuses the result under the group key
-    weak = dataclasses.replace(presigs[2], t=2)
-    with pytest.raises(te.ThresholdSignatureError, match="does not verify under the group key"):
-        te.combine_signature(weak, DIGEST, shares)
-
-
-def test_wrong_signature_share_names_the_member(keys_3_of_5, presigs) -> None:
-    rng = random.Random(5)
-    for liar in range(1, 6):
-        good = [te.sign_share(presigs[i], DIGEST) for i in range(1, 6) if i != liar]
-        bad = te.SignatureShare(liar, (te.sign_share(presigs[liar], DIGEST).s + rng.randrange(1, N)) % N)
-        with pytest.raises(te.ThresholdSignatureError) as err:
-            te.combine_signature(presigs[1], DIGEST, [*good[:2], bad])
-        assert err.value.party == liar
-        assert _cryptography_verifies(
-            keys_3_of_5[0].group_public_key, DIGEST, te.combine_signature(presigs[1], DIGEST, good[:3])
-        )
-
-
 def test_exactly_2t_minus_1_participants_and_only_they_hold_it() -> None:
     """R5-1 on P-256: with more than 2t-1 participants two disjoint sets of t could sign two digests with
     one k; the rounds refuse any other size, and a holder outside the participants gets no presignature."""
@@ -141,53 +113,6 @@ def test_one_k_for_two_digests_reveals_the_key(keys_3_of_5) -> None:
     kinv = (s1 - s2) * pow(e1 - e2, -1, N) % N
     x = (s1 * pow(kinv, -1, N) - e1) * pow(r, -1, N) % N
     assert te.P256.base_mul(x) == keys_3_of_5[0].group_public_key
-
-
-_STEPS = ("deal-k", "deal-a", "deal-z", "mul-w", "mul-proof", "reduce-share", "reduce-commit", "reduce-proof")
-
-
-def _corrupt(step: str, victim: int, rng: random.Random):  # type: ignore[no-untyped-def]
-    bump = rng.randrange(1, N)
-
-    def tamper(round_: str, sender: int, msg: object) -> object:
-        if sender != victim:
-            return msg
-        if round_ == "deal" and step.startswith("deal-"):
-            assert isinstance(msg, te.PresignDealing)
-            field = step[-1]
-            d: te.Dealing = getattr(msg, field)
-            target = next(j for j in sorted(d.shares) if j != victim)
-            shares = {**d.shares, target: (d.shares[target] + bump) % N}
-            return dataclasses.replace(msg, **{field: dataclasses.replace(d, shares=shares)})
-        if round_ == "mul" and step.startswith("mul-"):
-            assert isinstance(msg, te.MulMessage)
-            if step == "mul-w":
-                return dataclasses.replace(msg, w=(msg.w + bump) % N)
-            return dataclasses.replace(msg, proof=msg.proof[:32] + bump.to_bytes(32, "big"))
-        if round_ == "reduce" and step.startswith("reduce-"):
-            assert isinstance(msg, te.ReduceDealing)
-            d = msg.dealing
-            if step == "reduce-share":
-                shares = {j: (s + bump) % N if j != victim else s for j, s in d.shares.items()}
-                return dataclasses.replace(msg, dealing=dataclasses.replace(d, shares=shares))
-            if step == "reduce-commit":
-                other = te.feldman_deal(
-                    None, len(d.commitments) - 1, sorted(d.shares), dealer=d.dealer, group=te.P256
-                )
-                return dataclasses.replace(msg, dealing=other)
-            return dataclasses.replace(msg, proof=bytes(64))
-        return msg
-
-    return tamper
-
-
-@pytest.mark.parametrize("step", _STEPS)
-def test_a_lying_participant_is_named_in_every_round(keys_3_of_5, step: str) -> None:
-    rng = random.Random(step)
-    victim = rng.choice([1, 2, 3, 4, 5])
-    with pytest.raises(te.ThresholdSignatureError) as err:
-        te.presign_local(keys_3_of_5, [1, 2, 3, 4, 5], tamper=_corrupt(step, victim, rng))
-    assert err.value.party == victim, err.value
 
 
 def test_points_are_validated_and_curves_do_not_mix(keys_3_of_5) -> None:

@@ -12,7 +12,6 @@ import json
 import random
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,75 +23,31 @@ import pytest
 from teecloud.agent.service import AgentService
 from teecloud.appcompose import compose_hash
 from teecloud.keys import threshold_ecdh as tx
-from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.appkeys import env_encrypt_pubkey_digest
 from teecloud.keys.envcrypt import EnvDecryptionFailed, decrypt_env_with_shared_secret, encrypt_env
 from teecloud.kms import api
-from teecloud.kms.client import connect_kms
 from teecloud.kms.errors import AccessDenied, KmsClientError
-from teecloud.kms.threshold import local_joint_feldman
-from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider, fetch_env_public_key
+from teecloud.kms.threshold_client import fetch_env_public_key
 from teecloud.kms.threshold_env import EnvKeyBusy, legacy_digest
 from teecloud.tee.simulated import SimulatedTdx
+from tests.kms import _threshold_env_world
+from tests.kms._threshold_env_world import (
+    N,
+    T,
+    boot_with_env,
+    env_files,
+    kms_clients,
+    provider_for,
+    pubkey,
+)
 from tests.kms.conftest import World, post_with_cert
 from tests.kms.test_quote_oracle import GetQuoteOracle, attacker_cert
-from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
+from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO, boot_hello
 
 pytestmark = pytest.mark.slow
 
-T, N = 3, 5
-
-
-@pytest.fixture
-def members(teecloud_home: Path, world: World) -> Iterator[tuple[dict[int, Member], bytes]]:
-    allow_build(world.chain, teecloud_home)
-    shares = local_joint_feldman(T, N, epoch=1)
-    keys = te.dkg_local(T, N)
-    out: dict[int, Member] = {}
-    try:
-        for s in shares:
-            m = start_member(teecloud_home, world.chain, s, name="env")
-            m.service._install_signer(keys[s.index - 1])
-            out[s.index] = m
-        for _ in range(24):  # presignatures (made in one process here; networked: kms.threshold_net)
-            for i, p in te.presign_local(keys, list(range(1, N + 1))).items():
-                out[i].service.threshold.signer.pool.add([p])  # type: ignore[union-attr]
-        urls = {i: m.server.url for i, m in out.items()}
-        for m in out.values():
-            assert m.service.env_keys is not None
-            m.service.env_keys.set_peers(urls)
-        yield out, keys[0].group_public_key
-    finally:
-        for m in out.values():
-            m.server.stop()
-
-
-def provider_for(members: dict[int, Member], signing_key: bytes, dev: SimulatedTdx) -> ThresholdKeyProvider:
-    ev = members[1].service.threshold
-    assert ev is not None
-    clients = {
-        i: connect_kms(
-            m.server.url,
-            collateral_for=lambda _q, _n: dev.collateral(),
-            dev_root_der=dev.dev_root_der(),
-            expected_ca_pubkey_der=m.service.keys.ca_public_key_der,
-        )
-        for i, m in members.items()
-    }
-    group = ThresholdGroup(1, T, ev.commitments, {i: m.server.url for i, m in members.items()}, signing_key)
-    return ThresholdKeyProvider(group, clients, hedge_s=60.0)
-
-
-def env_files(members: dict[int, Member]) -> dict[int, list[str]]:
-    return {
-        i: sorted(p.name for p in m.service.env_keys.store.dir.glob("*.sealed"))  # type: ignore[union-attr]
-        for i, m in members.items()
-    }
-
-
-def pubkey(m: Member, app_id: bytes) -> api.EnvEncryptPubKeyResponse:
-    return m.service.env_encrypt_pubkey(app_id.hex())
+members = _threshold_env_world.members  # the committee fixture (tests/review6 uses it too)
 
 
 def test_env_key_made_on_first_request_signed_by_the_group_and_decrypted_at_boot(
@@ -142,9 +97,7 @@ def test_env_key_made_on_first_request_signed_by_the_group_and_decrypted_at_boot
         asyncio.run(dstack_sdk.encrypt_env_vars([dstack_sdk.EnvVar("SECRET", "s3cr3t")], pub.hex()))
     )
     dev = SimulatedTdx(teecloud_home)
-    provider = provider_for(nodes, signing_key, dev)
-    provider.bind_encrypted_env(blob)
-    boot_hello(teecloud_home, world, provider, app_id=app_id)
+    provider = boot_with_env(teecloud_home, world, nodes, signing_key, dev, blob, app_id=app_id)
     assert provider.faults == {}
     assert provider.env_shared_secret is not None
     assert decrypt_env_with_shared_secret(provider.env_shared_secret, blob) == {"SECRET": "s3cr3t"}
@@ -182,9 +135,7 @@ def test_env_key_made_on_first_request_signed_by_the_group_and_decrypted_at_boot
 
     env2.partial = lie  # type: ignore[method-assign]
     env3.partial = bad_proof  # type: ignore[method-assign]
-    provider = provider_for(nodes, signing_key, dev)
-    provider.bind_encrypted_env(blob)
-    boot_hello(teecloud_home, world, provider, app_id=app_id)
+    provider = boot_with_env(teecloud_home, world, nodes, signing_key, dev, blob, app_id=app_id)
     assert set(provider.faults) == {2, 3}
     assert all("proof does not verify" in provider.faults[i] for i in (2, 3))
     assert decrypt_env_with_shared_secret(provider.env_shared_secret or b"", blob) == {"SECRET": "s3cr3t"}
@@ -193,15 +144,7 @@ def test_env_key_made_on_first_request_signed_by_the_group_and_decrypted_at_boot
 
     # the deploy side: t nodes must agree on the key, each answer's signatures recover to the group key,
     # and a node that answers another key (here: signed for another app's sharing) is named
-    clients = {
-        i: connect_kms(
-            m.server.url,
-            collateral_for=lambda _q, _n: dev.collateral(),
-            dev_root_der=dev.dev_root_der(),
-            expected_ca_pubkey_der=m.service.keys.ca_public_key_der,
-        )
-        for i, m in nodes.items()
-    }
+    clients = kms_clients(nodes, dev)
     got, faults = fetch_env_public_key(clients, app_id, t=T, signing_key=signing_key)
     assert got == pub and faults == {}
     other_app = world.register(compose_hash(dict(HELLO, name="someone-else")))
@@ -215,9 +158,7 @@ def test_env_key_made_on_first_request_signed_by_the_group_and_decrypted_at_boot
         fetch_env_public_key(clients, app_id, t=T, signing_key=b"\x02" + b"\x11" * 32)
     nodes[4].server.stop()
     nodes[5].server.stop()
-    provider = provider_for(nodes, signing_key, dev)
-    provider.bind_encrypted_env(blob)
-    boot_hello(teecloud_home, world, provider, app_id=app_id)
+    provider = boot_with_env(teecloud_home, world, nodes, signing_key, dev, blob, app_id=app_id)
     assert decrypt_env_with_shared_secret(provider.env_shared_secret or b"", blob) == {"SECRET": "s3cr3t"}
 
 

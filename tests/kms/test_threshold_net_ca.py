@@ -20,69 +20,18 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from teecloud.keys import threshold_certs as tc
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.certs import cert_to_pem, issue_cert, verify_cert_chain
-from teecloud.kms.audit import AuditLog
-from teecloud.kms.bootstrap import boot_kms_tee, finish_kms_boot, kms_dir, start_kms_state
-from teecloud.kms.challenge import BootChallenges
 from teecloud.kms.errors import AccessDenied
-from teecloud.kms.peering import PeerIdentity
-from teecloud.kms.rootkeys import LocalRootKeys
-from teecloud.kms.server import KmsServer
-from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
-from teecloud.kms.threshold import ThresholdEvaluator, ThresholdShare, local_joint_feldman
+from teecloud.kms.threshold import local_joint_feldman
 from teecloud.kms.threshold_net import AdminEndpoint, RoundFailed, run_presign_round, run_signing_key_dkg
 from teecloud.kms.threshold_sign import (
-    CA_SHARE_FILE,
     ThresholdSigner,
     open_ca_signer,
-    open_signer,
-    save_ca_root,
-    save_signing_share,
 )
-from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 from tests.kms.conftest import World
-from tests.kms.test_threshold_net_peering import Member, allow_build
+from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
 
 T, N = 3, 5
 APP_ID = bytes.fromhex("c0" * 20)
-
-
-def start_ca_member(home: Path, chain: object, share: ThresholdShare) -> Member:
-    """A threshold node booted as the launcher boots one, with places for both group keys."""
-    node_home = home / f"ca-{share.index}"
-    tee = SimulatedTdx(home)
-    identity = boot_kms_tee(tee, finish=False)
-    peer = PeerIdentity.at_boot(tee, epoch=share.epoch, index=share.index, share=share.share)
-    finish_kms_boot(tee)
-    state, _ = start_kms_state(tee, identity, now=int(time.time()), home=node_home)
-
-    def install(key: te.KeyShare) -> ThresholdSigner | None:
-        save_signing_share(key, tee, identity, node_home)
-        return open_signer(tee, identity, node_home)
-
-    def install_ca(key: te.KeyShare) -> ThresholdSigner | None:
-        save_signing_share(key, tee, identity, node_home, file=CA_SHARE_FILE)
-        return open_ca_signer(tee, identity, node_home)
-
-    service = KmsService(
-        state=state,
-        identity=identity,
-        tee=tee,
-        chain=chain,  # type: ignore[arg-type]
-        collateral=StaticCollateral(tee.collateral),
-        audit=AuditLog(kms_dir(node_home) / "audit.jsonl"),
-        config=KmsConfig(dev_mode=True),
-        dev_root_der=tee.dev_root_der(),
-        block_number=chain.block_number,  # type: ignore[attr-defined]
-        os_image_reference=simulated_os_image_reference,
-        root_keys=LocalRootKeys(state),
-        challenges=BootChallenges(),
-        threshold=ThresholdEvaluator(share),
-        peer_identity=peer,
-        install_signing_key=install,
-        install_ca_key=install_ca,
-        save_ca_root=lambda cert: save_ca_root(cert, node_home),
-    )
-    return Member(share.index, tee, service, KmsServer(service).start(), peer)
 
 
 @pytest.fixture
@@ -91,7 +40,7 @@ def members(teecloud_home: Path, world: World) -> Iterator[dict[int, Member]]:
     out: dict[int, Member] = {}
     try:
         for s in local_joint_feldman(T, N, epoch=1):
-            out[s.index] = start_ca_member(teecloud_home, world.chain, s)
+            out[s.index] = start_member(teecloud_home, world.chain, s, name="ca", app_ca=True)
         yield out
     finally:
         for m in out.values():

@@ -30,7 +30,14 @@ from teecloud.kms.rootkeys import LocalRootKeys
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
 from teecloud.kms.threshold import ThresholdEvaluator, ThresholdShare, local_joint_feldman
-from teecloud.kms.threshold_sign import ThresholdSigner, open_signer, save_signing_share
+from teecloud.kms.threshold_sign import (
+    CA_SHARE_FILE,
+    ThresholdSigner,
+    open_ca_signer,
+    open_signer,
+    save_ca_root,
+    save_signing_share,
+)
 from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 from tests.kms.conftest import World, post_with_cert
 
@@ -57,9 +64,16 @@ def allow_build(chain: ChainClient, home: Path, build: str | None = None) -> Non
 
 
 def start_member(
-    home: Path, chain: ChainClient, share: ThresholdShare, *, build: str | None = None, name: str = "m"
+    home: Path,
+    chain: ChainClient,
+    share: ThresholdShare,
+    *,
+    build: str | None = None,
+    name: str = "m",
+    app_ca: bool = False,
 ) -> Member:
-    """A threshold node booted as the launcher boots one: peer identity at the boot measurement."""
+    """A threshold node booted as the launcher boots one: peer identity at the boot measurement; with
+    `app_ca`, also a place for the group's app CA key and root (tests/kms/test_threshold_net_ca.py)."""
     node_home = home / f"{name}-{share.index}"
     tee = SimulatedTdx(home)
     identity = boot_kms_tee(tee, build=build, finish=False)
@@ -70,6 +84,10 @@ def start_member(
     def install(key: te.KeyShare) -> ThresholdSigner | None:
         save_signing_share(key, tee, identity, node_home)
         return open_signer(tee, identity, node_home)
+
+    def install_ca(key: te.KeyShare) -> ThresholdSigner | None:
+        save_signing_share(key, tee, identity, node_home, file=CA_SHARE_FILE)
+        return open_ca_signer(tee, identity, node_home)
 
     service = KmsService(
         state=state,
@@ -87,6 +105,8 @@ def start_member(
         threshold=ThresholdEvaluator(share),
         peer_identity=peer,
         install_signing_key=install,
+        install_ca_key=install_ca if app_ca else None,
+        save_ca_root=(lambda cert: save_ca_root(cert, node_home)) if app_ca else None,
     )
     return Member(share.index, tee, service, KmsServer(service).start(), peer)
 

@@ -16,7 +16,7 @@ import pytest
 from teecloud.agent.boot import normalize_app_compose
 from teecloud.agent.storage import EncryptedVolume
 from teecloud.node.errors import ComposeRejected, NodeError
-from teecloud.node.instance import Instance
+from teecloud.node.instance import Instance, InstanceStore
 from teecloud.node.runtime import docker_cvm
 from teecloud.node.runtime.docker import ComposeSpec, ContainerState, DockerRuntime, LogStream, ResourceLimits
 from teecloud.node.runtime.docker_cvm import BootedCvm, compose_spec
@@ -137,3 +137,22 @@ def make_node(home: Path, runtime: FakeRuntime, boots: FakeBoots, monkeypatch: p
     monkeypatch.setattr(docker_cvm, "boot_instance", boots.boot)
     monkeypatch.setattr(docker_cvm, "shutdown_instance", boots.shutdown)
     return Node(key_provider=NoKeys(), tee_factory=lambda: SimulatedTdx(home), runtime=runtime, home=home)
+
+
+def stored_instance(
+    home: Path,
+    app_compose: str,
+    *,
+    sys_config: dict[str, Any] | None = None,
+    encrypted_env: bytes | None = None,
+) -> Instance:
+    """App `web` (app id 11..11, 512 MB) as the node stores it, with the normalized `app_compose`."""
+    return InstanceStore(home).create(
+        app_compose=app_compose.encode(),
+        app_id=b"\x11" * 20,
+        name="web",
+        encrypted_env=encrypted_env,
+        user_config=None,
+        sys_config=sys_config or {},
+        limits=ResourceLimits(memory_mb=512),
+    )

@@ -23,14 +23,13 @@ from teecloud.agent.boot import normalize_app_compose
 from teecloud.image.testguest import GUEST_NAME, build_test_guest_initramfs
 from teecloud.node.api import CreateCvmRequest
 from teecloud.node.errors import InstanceStateError
-from teecloud.node.instance import InstanceStore
 from teecloud.node.runtime import make_backend
 from teecloud.node.runtime.base import ResourceLimits
 from teecloud.node.runtime.qemu import QemuBackend, QemuBackendConfig, QemuCvm, _published_ports
 from teecloud.node.runtime.qemu_cmdline import GuestImage
 from teecloud.node.service import Node
 from teecloud.tee.simulated import SimulatedTdx
-from tests.node.fakes import NoKeys
+from tests.node.fakes import NoKeys, stored_instance
 
 KERNEL_DIR = Path(os.environ.get("TEECLOUD_GUEST_KERNEL_DIR", "/var/cache/teecloud/guest-kernel"))
 OVMF = Path("/usr/share/OVMF/OVMF_CODE.fd")
@@ -43,15 +42,7 @@ def _compose(port: int, long_port: int = 18089) -> str:
 
 
 def _instance(home: Path, port: int = 18088) -> object:
-    return InstanceStore(home).create(
-        app_compose=_compose(port).encode(),
-        app_id=b"\x11" * 20,
-        name="web",
-        encrypted_env=None,
-        user_config=None,
-        sys_config={},
-        limits=ResourceLimits(memory_mb=512),
-    )
+    return stored_instance(home, _compose(port))
 
 
 def test_published_ports_are_forwarded_from_loopback(teecloud_home: Path) -> None:
@@ -272,14 +263,11 @@ def test_the_share_carries_the_pinned_kms_key_and_the_simulated_tee_but_no_seali
     from teecloud.node.runtime.qemu import _write_shared
     from teecloud.tee.simulated import SEALING_SECRET_FILE
 
-    inst = InstanceStore(teecloud_home).create(
-        app_compose=_compose(18088).encode(),
-        app_id=b"\x11" * 20,
-        name="web",
-        encrypted_env=b"\x01\x02",
-        user_config=None,
+    inst = stored_instance(
+        teecloud_home,
+        _compose(18088),
         sys_config={"kms_urls": ["https://127.0.0.1:1"]},
-        limits=ResourceLimits(memory_mb=512),
+        encrypted_env=b"\x01\x02",
     )
     sim = tmp_path / "simulated-tee"
     sim.mkdir()
@@ -394,15 +382,7 @@ def test_the_share_carries_the_guests_sys_config(teecloud_home: Path, tmp_path: 
 
     from teecloud.node.runtime.qemu import _write_shared
 
-    inst = InstanceStore(teecloud_home).create(
-        app_compose=_compose(18088).encode(),
-        app_id=b"\x11" * 20,
-        name="web",
-        encrypted_env=None,
-        user_config=None,
-        sys_config={"kms_urls": ["https://127.0.0.1:1"]},
-        limits=ResourceLimits(memory_mb=512),
-    )
+    inst = stored_instance(teecloud_home, _compose(18088), sys_config={"kms_urls": ["https://127.0.0.1:1"]})
     guest = {"kms_urls": ["https://10.0.2.100:443"], "gateway_urls": []}
     _write_shared(inst, tmp_path / "shared", sys_config=guest)  # type: ignore[arg-type]
     assert json.loads((tmp_path / "shared" / ".sys-config.json").read_text()) == guest
@@ -489,15 +469,9 @@ def test_the_guests_sys_config_states_the_backends_tee_mode(teecloud_home: Path)
         QemuBackendConfig(image=image, mode="plain", accel="tcg", kms_ca_pubkey=lambda: "ab" * 8),
         home=teecloud_home,
     )
-    inst = InstanceStore(teecloud_home).create(
-        app_compose=_compose(18088).encode(),
-        app_id=b"\x11" * 20,
-        name="web",
-        encrypted_env=None,
-        user_config=None,
-        sys_config={"kms_urls": ["https://127.0.0.1:8443"], "tee_mode": "tdx"},  # the backend's mode wins
-        limits=ResourceLimits(memory_mb=512),
-    )
+    # the backend's mode wins over the sys-config's
+    sys_config = {"kms_urls": ["https://127.0.0.1:8443"], "tee_mode": "tdx"}
+    inst = stored_instance(teecloud_home, _compose(18088), sys_config=sys_config)
     doc, forwards = backend._guest_sys_config(inst)  # type: ignore[arg-type]
     assert doc["tee_mode"] == "plain" and doc["kms_ca_pubkey"] == "ab" * 8
     assert doc["kms_urls"] == ["https://10.0.2.100:443"] and len(forwards) == 1

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from teecloud.agent.boot import normalize_app_compose
-from teecloud.node.instance import InstanceStore
-from teecloud.node.runtime.base import ResourceLimits
 from teecloud.node.runtime.qemu import _write_shared
 from teecloud.tee.guest import guest_mode
 from teecloud.tee.sysconfig import read_sys_config
+from tests.node.fakes import stored_instance
 
 
 @pytest.mark.parametrize("mode", ["tdx", "sev-snp", "plain"])
@@ -23,15 +22,7 @@ def test_the_share_states_the_backends_mode_for_the_guest(
     compose = normalize_app_compose(
         {"name": "web", "runner": "docker-compose", "docker_compose_file": "services: {}\n"}
     )
-    inst = InstanceStore(teecloud_home).create(
-        app_compose=compose.encode(),
-        app_id=b"\x11" * 20,
-        name="web",
-        encrypted_env=None,
-        user_config=None,
-        sys_config={"kms_urls": ["https://127.0.0.1:1"]},
-        limits=ResourceLimits(memory_mb=512),
-    )
+    inst = stored_instance(teecloud_home, compose, sys_config={"kms_urls": ["https://127.0.0.1:1"]})
     shared = tmp_path / "shared"
     _write_shared(inst, shared, tee_mode=mode)  # type: ignore[arg-type]
     doc = json.loads((shared / ".sys-config.json").read_text())

@@ -14,7 +14,10 @@ so GetKey refuses it; pools refill only at `teecloud up` start or by `teecloud k
 
 Minimal fix: a node-wide budget on ceremonies and on env-key re-signatures per period (not a per-app one),
 and gate the ceremony on an app KmsAuth deployed itself (AppDeployed, the blueprint) rather than any
-registered contract (the xfail below asserts the latter; the budget is the bound on the former)."""
+registered contract. Fixed: every member runs a ceremony and signs only for an app in
+`KmsAuth.deployed_apps` (set by deploy_and_register_app only), read through the chain gate at its finality
+depth (the test below, formerly a strict xfail; generated mutations in tests/kms/test_threshold_env_gate.py);
+an app deployed for a compose hash nobody runs still gets one (the first test), bounded by the budget."""
 
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ from teecloud.appcompose import compose_hash
 from teecloud.kms.errors import AccessDenied
 from teecloud.kms.threshold_env import EnvKeyBusy
 from teecloud.tee.simulated import SimulatedTdx
+from tests.kms._threshold_env_world import env_files, provider_for, pubkey
 from tests.kms.conftest import World
-from tests.kms.test_threshold_env import env_files, provider_for, pubkey
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO, boot_hello
 
@@ -45,7 +48,8 @@ def _unused(m: Member) -> int:
 def test_what_one_bare_registration_costs_today(
     world: World, members: tuple[dict[int, Member], bytes]
 ) -> None:
-    """The measurement behind R6-2 (passes today, documents the cost; the xfail below asserts the fix)."""
+    """The measurement behind R6-2 (passes today, documents the cost of an app KmsAuth deployed for a compose
+    hash nobody runs; the next test asserts a registered contract that is no such app costs nothing)."""
     nodes, _ = members
     bare = world.register(secrets.token_bytes(32))  # an AppAuth for a compose hash nobody runs
     before = _unused(nodes[1])
@@ -55,7 +59,6 @@ def test_what_one_bare_registration_costs_today(
     assert before - _unused(nodes[1]) == 2 * len(nodes)  # 2 presignatures for each node asked
 
 
-@pytest.mark.xfail(strict=True, reason="R6-2: any registered contract (anyone may register one): a ceremony")
 def test_a_registered_contract_that_is_no_app_gets_no_ceremony_and_burns_no_presignature(
     world: World, members: tuple[dict[int, Member], bytes]
 ) -> None:

@@ -22,8 +22,8 @@ from teecloud.keys.envcrypt import EnvDecryptionFailed, decrypt_env_with_shared_
 from teecloud.kms import api
 from teecloud.kms.errors import SealingError
 from teecloud.tee.simulated import SimulatedTdx
+from tests.kms._threshold_env_world import provider_for, pubkey
 from tests.kms.conftest import World
-from tests.kms.test_threshold_env import provider_for, pubkey
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO, boot_hello
 

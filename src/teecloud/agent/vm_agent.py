@@ -63,6 +63,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from teecloud._docker_inspect import container_states
+
 __all__ = [
     "AGENT_PORT",
     "GUEST_NAME",
@@ -490,33 +492,7 @@ def list_containers(project: str = "app") -> list[dict[str, Any]]:
     ).split()[:256]
     if not ids:
         return []
-    out = []
-    for c in json.loads(_run(["docker", "inspect", *ids], "docker inspect", timeout=30)):
-        labels = (c.get("Config") or {}).get("Labels") or {}
-        st = c.get("State") or {}
-        ports = []
-        for key, binds in ((c.get("NetworkSettings") or {}).get("Ports") or {}).items():
-            cport, _, proto = key.partition("/")
-            for b in binds or []:
-                ports.append(
-                    {
-                        "container_port": int(cport),
-                        "protocol": proto or "tcp",
-                        "host_ip": b.get("HostIp"),
-                        "host_port": int(b.get("HostPort") or 0),
-                    }
-                )
-        out.append(
-            {
-                "service": str(labels.get("com.docker.compose.service", "?")),
-                "container": str(c.get("Name", "")).lstrip("/"),
-                "state": str(st.get("Status", "unknown")),
-                "health": (st.get("Health") or {}).get("Status"),
-                "exit_code": int(st.get("ExitCode") or 0),
-                "ports": ports,
-            }
-        )
-    return sorted(out, key=lambda c: str(c["container"]))
+    return container_states(_run(["docker", "inspect", *ids], "docker inspect", timeout=30))
 
 
 def _compose_ps(project: str, compose: list[str], env: Mapping[str, str]) -> list[str]:

@@ -256,6 +256,9 @@ class ChainClient(ChainConnection):
     def is_kms_allowed(self, boot_info: BootInfo, *, at: int | BlockRef | None = None) -> tuple[bool, str]:
         return self.kms.is_kms_allowed(boot_info, at=at)
 
+    def is_app_deployed(self, app_id: str | bytes, *, at: int | BlockRef | None = None) -> tuple[bool, str]:
+        return self.kms.is_app_deployed(app_id, at=at)
+
     def register_app(
         self,
         owner: str | bytes | None,

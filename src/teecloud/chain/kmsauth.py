@@ -85,6 +85,28 @@ class KmsAuth:
         """TCB UpToDate, allowed OS image, KMS measurement and device."""
         return self._check("is_kms_allowed", boot_info, at)
 
+    def is_app_deployed(self, app_id: str | bytes, *, at: int | BlockRef | None = None) -> Verdict:
+        """Did this KmsAuth create `app_id` itself, from its app blueprint (deploy_and_register_app)? A
+        contract registered by hand (register_app), this KmsAuth, the blueprint or an app another KmsAuth
+        deployed: no. The threshold KMS makes env keys only for such apps (docs/kms.md, env-key gate).
+        `at`: ask at that block (default: the head); not cached here (the chain gate caches)."""
+        if isinstance(at, BlockRef):
+            block: str | dict[str, Any] = at.rpc_id()
+        elif at is not None:
+            if type(at) is not int or at < 0:
+                raise ValueError(f"block number must be an int >= 0, not {at!r}")
+            block = hex(at)
+        else:
+            block = "latest"
+        if self._call("deployed_apps", to_address(app_id), block=block) is True:
+            return True, "deployed by KmsAuth from its app blueprint"
+        if self._call("registered_apps", to_address(app_id), block=block) is not True:
+            return False, "the app is not registered in KmsAuth"
+        return False, (
+            "KmsAuth did not deploy this contract from its app blueprint (a contract registered by hand, "
+            "KmsAuth itself, the blueprint, or an app of another KmsAuth)"
+        )
+
     # --- the blocks the questions are asked at (for the chain gate's finality window) --------------------
 
     def block_by_hash(self, block_hash: str) -> BlockRef:

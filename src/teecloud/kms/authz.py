@@ -14,6 +14,7 @@ challenges).
     require_boot_time(peer)           RTMR3 == the boot grammar's replay (teecloud.attestation.boottime)
     ChainAuthorizer.app_allowed(bi)   KmsAuth.isAppAllowed through the chain gate (teecloud.peer.ChainGate)
     ChainAuthorizer.kms_allowed(bi)   KmsAuth.isKmsAllowed, same cache rule
+    ChainAuthorizer.app_deployed(id)  KmsAuth.deployed_apps: the threshold env-key gate (docs/kms.md)
 
 Every failure to get a clear "yes" from the chain — unreachable RPC, revert, wrong chain, an unexpected
 exception — is a denial (`AccessDenied(step="chain")`): the KMS never releases keys on a guess.
@@ -89,9 +90,9 @@ class ChainAuthorizer(ChainGate):
     """The chain gate (teecloud.peer.ChainGate: KmsAuth, cached for at most one block) as the KMS's
     AccessDenied(step="chain")."""
 
-    def _ask(self, kind: str, boot_info: BootInfo) -> str:
+    def _ask(self, kind: str, subject: BootInfo | bytes) -> str:
         try:
-            return super()._ask(kind, boot_info)
+            return super()._ask(kind, subject)
         except PeerRejected as exc:
             raise _denied(exc) from exc
 

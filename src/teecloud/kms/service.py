@@ -42,6 +42,7 @@ from teecloud.chain.errors import NotDeployed
 from teecloud.ids import HexError, parse_app_id
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.certs import cert_to_pem
+from teecloud.keys.errors import KeysError
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
 from teecloud.kms.authz import (
@@ -61,6 +62,7 @@ from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.rotation import FIRST_EPOCH, evaluation_epoch
 from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
 from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, ThresholdEvaluator
+from teecloud.kms.threshold_carry import CarriedItem, carry_deal
 from teecloud.kms.threshold_env import ENV_DIR, EnvKeys, EnvKeyStore
 from teecloud.kms.threshold_net import SignRounds
 from teecloud.kms.threshold_sign import APP_CA_CACHE_DIR, AppCaCache, ThresholdSigner
@@ -340,23 +342,15 @@ class KmsService:
             store=store,
             signer=lambda: self.threshold.signer if self.threshold is not None else None,
             connect=self._peer_client,
-            app_registered=self._app_registered,
+            app_registered=self._app_deployed,
             clock=clock,
         )
 
-    def _app_registered(self, app_id: bytes) -> None:
-        """KmsAuth registers the app (fail closed: anything but a clear yes refuses, step chain)."""
-        is_registered = getattr(self.authorizer.chain, "is_registered", None)
-        if not callable(is_registered):
-            raise AccessDenied(
-                "this chain client cannot tell whether KmsAuth registers the app", step="chain"
-            )
-        try:
-            ok = bool(is_registered(app_id))
-        except Exception as exc:
-            raise AccessDenied(f"KmsAuth could not be read: {type(exc).__name__}", step="chain") from exc
-        if not ok:
-            raise AccessDenied("the app is not registered in KmsAuth: no env key", step="chain")
+    def _app_deployed(self, app_id: bytes) -> None:
+        """The threshold env-key gate (docs/kms.md): KmsAuth deployed `app_id` itself from its app blueprint
+        (`deployed_apps`), read through the chain gate at this node's finality depth (the head and every
+        block of the window; chain id checked). Anything but a clear yes: AccessDenied (403, step chain)."""
+        self.authorizer.app_deployed(app_id)
 
     @property
     def os_image_reference(self) -> OsImageReference | None:
@@ -642,7 +636,7 @@ class KmsService:
             )
             hashes = {int(j): bytes.fromhex(h) for j, h in req.member_token_hashes.items()}
             commitments = self.reshare.open(plan, hashes)
-        except (ValueError, SealingError) as exc:
+        except (ValueError, SealingError, KeysError) as exc:  # KeysError: what it carries (threshold_carry)
             raise KmsUsageError(f"reshare plan refused: {exc}") from exc
         log.info("reshare round %s opened (%d-of-%d)", req.session[:8], req.t_new, req.n_new)
         return api.ReshareOpenResponse(
@@ -693,6 +687,20 @@ class KmsService:
 
         return self._audited(api.PATH_RESHARE_DEAL, cert_der, peer_addr, decide)
 
+    def carry_for_reshare(self, epoch: int, index: int, t_new: int, n_new: int) -> list[CarriedItem]:
+        """What a reshare of `epoch` deals besides the root share (kms.threshold_carry): every env share of
+        the epoch this node holds, and its shares of the group's signing and CA keys."""
+        signer = self.threshold.signer if self.threshold is not None else None
+        return carry_deal(
+            epoch=epoch,
+            index=index,
+            t_new=t_new,
+            n_new=n_new,
+            env_store=self.env_keys.store if self.env_keys is not None else None,
+            signing_key=signer.key if signer is not None else None,
+            ca_key=self.ca_signer.key if self.ca_signer is not None else None,
+        )
+
     def retire_share(self) -> api.RetireShareResponse:
         """Admin: after a reshare moved the key to a new committee, forget this node's share: the sealed copy
         is erased and this process stops evaluating and dealing (it then refuses ThresholdEvaluate)."""
@@ -701,6 +709,7 @@ class KmsService:
         index, epoch = self.threshold.index, self.threshold.epoch
         self.threshold = None
         self.reshare = None
+        self.env_keys, self.ca_signer = None, None  # their sealed copies go with the root share's
         erased = self._erase_share() if self._erase_share is not None else False
         log.warning("threshold share %d of epoch %d retired (sealed copy erased: %s)", index, epoch, erased)
         return api.RetireShareResponse(index=index, epoch=epoch, sealed_copy_erased=erased)
@@ -950,6 +959,41 @@ class KmsService:
             )
 
         return self._audited(api.PATH_PEER_ENV_SHARE, cert_der, peer_addr, decide)
+
+    def peer_env_recover(
+        self, cert_der: bytes | None, req: api.PeerEnvRecoverRequest, *, peer_addr: str = ""
+    ) -> api.PeerEnvRecoverResponse:
+        """A running member recovers ITS OWN missing env share here, this node a helper (kms.peering's rule,
+        then EnvKeys.serve_recover's; docs/kms.md "Share recovery")."""
+
+        def decide(ctx: dict[str, Any]) -> api.PeerEnvRecoverResponse:
+            env = self._env()
+            node = self.admit_peer(cert_der, req.member, ctx)
+            answer = env.serve_recover(node, req)
+            assert self.peer_identity is not None
+            answer.member = self.peer_identity.member
+            ctx["reason"] = (
+                f"env share recovery {req.session[:8]} step {req.stage} for member {node.index} "
+                f"(epoch {req.epoch}, app {req.app_id})"
+            )
+            return answer
+
+        return self._audited(api.PATH_PEER_ENV_RECOVER, cert_der, peer_addr, decide)
+
+    def peer_env_piece(
+        self, cert_der: bytes | None, req: api.PeerEnvPieceRequest, *, peer_addr: str = ""
+    ) -> api.PeerEnvPieceResponse:
+        def decide(ctx: dict[str, Any]) -> api.PeerEnvPieceResponse:
+            env = self._env()
+            node = self.admit_peer(cert_der, req.member, ctx)
+            helper, piece = env.serve_piece(node, req)
+            assert self.peer_identity is not None
+            ctx["reason"] = f"env share recovery piece of {req.session[:8]} for helper {node.index}"
+            return api.PeerEnvPieceResponse(
+                session=req.session, helper=helper, piece=piece.hex(), member=self.peer_identity.member
+            )
+
+        return self._audited(api.PATH_PEER_ENV_PIECE, cert_der, peer_addr, decide)
 
     def peer_env_sign(
         self, cert_der: bytes | None, req: api.PeerEnvSignRequest, *, peer_addr: str = ""

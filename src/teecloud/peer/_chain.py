@@ -3,6 +3,7 @@ the gateway (none of them imports another's internals to ask).
 
     ChainGate.app_allowed(boot_info)   KmsAuth.isAppAllowed, cached for at most one block
     ChainGate.kms_allowed(boot_info)   KmsAuth.isKmsAllowed, same cache rule
+    ChainGate.app_deployed(app_id)     KmsAuth.deployed_apps (the threshold env-key gate), same rules
     FreshBlockNumber                   the chain's head read at or after the call, shared
 
 Finality: with `finality_depth` d > 0 the gate says yes only when the chain allows at the head AND at every
@@ -37,6 +38,7 @@ __all__ = ["MAX_FINALITY_DEPTH", "AuthChain", "ChainGate", "FreshBlockNumber"]
 MAX_FINALITY_DEPTH = 256  # blocks; a cache miss asks the chain at each of them
 
 Head = int | BlockRef  # a block named by number only (simple readers), or by number and hash
+Subject = BootInfo | bytes  # what a question is about: an attested peer's boot_info, or an app id
 
 
 class AuthChain(Protocol):
@@ -56,6 +58,12 @@ class AuthChainAt(AuthChain, Protocol):
     def is_kms_allowed(
         self, boot_info: BootInfo, *, at: int | BlockRef | None = None
     ) -> tuple[bool, str]: ...
+
+
+class DeployedApps(Protocol):
+    """What `ChainGate.app_deployed` asks (KmsAuth and ChainClient have it)."""
+
+    def is_app_deployed(self, app_id: bytes, *, at: int | BlockRef | None = None) -> tuple[bool, str]: ...
 
 
 class AuthChainByHash(AuthChainAt, Protocol):
@@ -143,8 +151,8 @@ class ChainGate:
         self.finality_depth = finality_depth
         self._block_number = FreshBlockNumber(block_number) if block_number is not None else None
         self._max = max_entries
-        # (kind, boot_info) -> (the head's hash, or its number for a bare-number reader; ok; reason)
-        self._cache: OrderedDict[tuple[str, BootInfo], tuple[str | int, bool, str]] = OrderedDict()
+        # (kind, boot_info or app_id) -> (the head's hash, or its number for a bare-number reader; ok; reason)
+        self._cache: OrderedDict[tuple[str, Subject], tuple[str | int, bool, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def app_allowed(self, boot_info: BootInfo) -> str:
@@ -153,7 +161,14 @@ class ChainGate:
     def kms_allowed(self, boot_info: BootInfo) -> str:
         return self._ask("kms", boot_info)
 
-    def _ask(self, kind: str, boot_info: BootInfo) -> str:
+    def app_deployed(self, app_id: bytes) -> str:
+        """KmsAuth created `app_id` itself from its app blueprint (`deployed_apps`), at the head and, with a
+        finality depth, at every block of the window (a deployment counts once it is that deep)."""
+        if type(app_id) is not bytes or len(app_id) != 20:
+            raise PeerRejected("an app id is 20 bytes", step="chain")
+        return self._ask("deployed", app_id)
+
+    def _ask(self, kind: str, subject: Subject) -> str:
         """Returns the chain's reason when allowed; raises PeerRejected(step="chain") otherwise."""
         try:
             head = self._block_number() if self._block_number is not None else None
@@ -161,19 +176,19 @@ class ChainGate:
             cached = None
             if key is not None:
                 with self._lock:
-                    cached = self._cache.get((kind, boot_info))
+                    cached = self._cache.get((kind, subject))
             if cached is not None and cached[0] == key:
                 ok, reason = cached[1], cached[2]
             else:
-                ok, reason = self._verdict(kind, boot_info, head)
+                ok, reason = self._verdict(kind, subject, head)
                 if isinstance(head, BlockRef):
                     # R3-4: answers read while the endpoint switched to another chain are discarded
                     by_hash: AuthChainByHash = self.chain  # type: ignore[assignment]
                     by_hash.check_chain_id()
                 if key is not None:
                     with self._lock:
-                        self._cache[(kind, boot_info)] = (key, bool(ok), str(reason))
-                        self._cache.move_to_end((kind, boot_info))
+                        self._cache[(kind, subject)] = (key, bool(ok), str(reason))
+                        self._cache.move_to_end((kind, subject))
                         while len(self._cache) > self._max:
                             self._cache.popitem(last=False)
         except PeerRejected:
@@ -184,25 +199,32 @@ class ChainGate:
                 step="chain",
             ) from exc
         if ok is not True:
-            what = "app" if kind == "app" else "KMS"
+            what = {"app": "app", "kms": "KMS", "deployed": "app an env key"}[kind]
             raise PeerRejected(f"KmsAuth refuses this {what}: {reason or 'no reason given'}", step="chain")
         return str(reason)
 
-    def _verdict(self, kind: str, boot_info: BootInfo, head: Head | None) -> tuple[bool, str]:
-        depth = self.finality_depth
-        if head is None or (not depth and not isinstance(head, BlockRef)):  # the chain's own head
-            fn = self.chain.is_app_allowed if kind == "app" else self.chain.is_kms_allowed
-            return fn(boot_info)
+    def _asker(self, kind: str, subject: Subject) -> Callable[..., tuple[bool, str]]:
+        """The chain's question of `kind`, bound to its subject; called with `at=` (or without: the head)."""
+        if kind == "deployed":
+            deployed: DeployedApps = self.chain  # type: ignore[assignment]
+            return lambda **at: deployed.is_app_deployed(subject, **at)  # type: ignore[arg-type]
         chain: AuthChainAt = self.chain  # type: ignore[assignment]
-        ask = chain.is_app_allowed if kind == "app" else chain.is_kms_allowed
+        fn = chain.is_app_allowed if kind == "app" else chain.is_kms_allowed
+        return lambda **at: fn(subject, **at)  # type: ignore[arg-type]
+
+    def _verdict(self, kind: str, subject: Subject, head: Head | None) -> tuple[bool, str]:
+        depth = self.finality_depth
+        question = self._asker(kind, subject)
+        if head is None or (not depth and not isinstance(head, BlockRef)):  # the chain's own head
+            return question()
         number = head.number if isinstance(head, BlockRef) else head
         if number < depth:
             return False, f"the chain is {number} blocks long, fewer than the finality depth {depth}"
-        ok, reason = ask(boot_info, at=head)
+        ok, reason = question(at=head)
         if ok is not True or not depth:
             return ok, str(reason)
         for block in self._window(head, depth):  # every block of the window, oldest first
-            final_ok, final_reason = ask(boot_info, at=block)
+            final_ok, final_reason = question(at=block)
             if final_ok is not True:
                 at = block.number if isinstance(block, BlockRef) else block
                 return False, (

@@ -4,7 +4,9 @@
 @notice One per teecloud network. The app registry (with an AppAuth factory), the allowed OS images,
         which KMS instances may hold the root keys, and the KMS's public information.
         The KMS asks `is_app_allowed` before releasing an app's keys, and `is_kms_allowed` before
-        sharing root keys with another KMS instance.
+        sharing root keys with another KMS instance. A threshold KMS makes an app's env key (a ceremony
+        among its nodes, and signatures) only for an app this contract deployed itself from its blueprint
+        (`deployed_apps`), not for any registered contract (review 6, R6-2).
 """
 
 struct BootInfo:
@@ -74,6 +76,8 @@ owner: public(address)
 pending_owner: public(address)
 app_blueprint: public(address)
 registered_apps: public(HashMap[address, bool])
+# apps this contract created from its app blueprint (deploy_and_register_app); register_app never sets it
+deployed_apps: public(HashMap[address, bool])
 app_count: public(uint256)
 allowed_os_images: public(HashMap[bytes32, bool])
 kms_allowed_aggregated_mrs: public(HashMap[bytes32, bool])
@@ -139,6 +143,7 @@ def deploy_and_register_app(
         code_offset=3,
     )
     self._register(app)
+    self.deployed_apps[app] = True
     log AppDeployed(app_id=app, owner=owner, compose_hash=compose_hash)
     return app
 

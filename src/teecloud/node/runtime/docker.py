@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from teecloud._docker_inspect import container_states
 from teecloud._fs import atomic_write
 from teecloud._proc import LogStream
 from teecloud.node.compose import (
@@ -504,33 +505,7 @@ class DockerRuntime:
         r = self._docker("inspect", *ids, check=False)
         if r.returncode != 0:  # a container vanished between the two calls
             return []
-        states = []
-        for c in json.loads(r.stdout):
-            labels = (c.get("Config") or {}).get("Labels") or {}
-            st = c.get("State") or {}
-            ports = []
-            for key, binds in ((c.get("NetworkSettings") or {}).get("Ports") or {}).items():
-                cport, _, proto = key.partition("/")
-                for b in binds or []:
-                    ports.append(
-                        {
-                            "container_port": int(cport),
-                            "protocol": proto or "tcp",
-                            "host_ip": b.get("HostIp"),
-                            "host_port": int(b.get("HostPort") or 0),
-                        }
-                    )
-            states.append(
-                ContainerState(
-                    service=labels.get("com.docker.compose.service", "?"),
-                    container=c.get("Name", "").lstrip("/"),
-                    state=st.get("Status", "unknown"),
-                    health=(st.get("Health") or {}).get("Status"),
-                    exit_code=int(st.get("ExitCode") or 0),
-                    ports=sorted(ports, key=lambda p: (p["container_port"], p["host_port"])),
-                )
-            )
-        return sorted(states, key=lambda s: s.container)
+        return [ContainerState(**c) for c in container_states(r.stdout)]
 
     def logs(
         self, project: str, *, service: str | None = None, tail: int = 200, follow: bool = False
