@@ -176,9 +176,12 @@ class ChainGate:
         cached per (kind, key) for at most one block. `kind` must not be one of the gate's own."""
         if kind in ("app", "kms", "deployed"):
             raise ValueError(f"{kind!r} is one of the gate's own questions")
-        return self._ask(kind, key, ask)
+        return self._decide(kind, key, ask)
 
-    def _ask(self, kind: str, subject: Subject, ask: Callable[..., tuple[bool, str]] | None = None) -> str:
+    def _ask(self, kind: str, subject: Subject) -> str:
+        return self._decide(kind, subject, None)
+
+    def _decide(self, kind: str, subject: Subject, ask: Callable[..., tuple[bool, str]] | None) -> str:
         """Returns the chain's reason when allowed; raises PeerRejected(step="chain") otherwise."""
         try:
             head = self._block_number() if self._block_number is not None else None
