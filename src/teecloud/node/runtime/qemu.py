@@ -626,7 +626,11 @@ class VouchRenewer:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s) and self.cvm.running():
-            self.post_once()
+            try:
+                self.post_once()
+            except Exception as exc:  # the signer's own failure: logged, the renewal goes on
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:500]}"
+                log.warning("CVM %s: node statement not posted: %s", self.cvm.instance_id, self.last_error)
 
     def stop(self) -> None:
         self._stop.set()
