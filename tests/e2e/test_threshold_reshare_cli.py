@@ -153,6 +153,11 @@ def test_reshare_2_of_3_to_3_of_4_through_the_cli(tmp_path: Path, monkeypatch: p
             ThresholdGroup(served.epoch, served.t, served.commitments, served.urls), clients
         )
         assert boot_once(provider) == first  # same group key, same app keys, from the new committee only
+        # the reshare carried the group's signing key (made by `teecloud up`) too: each new member sealed its
+        # share of it at boot (kms.threshold_carry), and the old members' copies were erased with their root
+        assert all((d / "kms" / "threshold-signing-share.sealed").exists() for d in new_dirs.values())
+        old_homes = [home / "kms-nodes" / str(i) for i in (1, 2, 3)]
+        assert not any((h / "kms" / "threshold-signing-share.sealed").exists() for h in old_homes)
 
         with pytest.raises(Exception, match=r"(?i)threshold|retired|share|fail"):
             boot_once(cloud.key_provider)  # the old committee erased its shares: it answers nothing

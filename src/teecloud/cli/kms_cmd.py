@@ -189,6 +189,7 @@ def up(
     chain = _chain(rpc_url, key_file)
     node_dir: Path | None = None
     join: Any = None
+    join_carried: Any = None
     if (dealer or join_dkg or join_reshare or node_dir_opt) and not threshold_node:
         _fail("--dealer, --join-dkg, --join-reshare and --node-dir need --threshold-node INDEX")
     if join_dkg is not None and join_reshare is not None:
@@ -206,7 +207,12 @@ def up(
         if join_dkg is not None:
             join = _round_joiner(join_dkg, "dkg", threshold_node, tee, dev, pccs_url, chain)
         if join_reshare is not None:
-            join = _round_joiner(join_reshare, "reshare", threshold_node, tee, dev, pccs_url, chain)
+            from teecloud.kms.threshold_carry import CarriedShares
+
+            join_carried = CarriedShares()  # what the dealers carry besides the root share, sealed at boot
+            join = _round_joiner(
+                join_reshare, "reshare", threshold_node, tee, dev, pccs_url, chain, carried=join_carried
+            )
 
     def publish(keys: Any, _identity: Any, created: bool) -> str:
         if not created:
@@ -241,6 +247,7 @@ def up(
                 threshold=bool(threshold_node) and not dealer,
                 threshold_dealer=dealer,
                 join=join,
+                join_carried=join_carried,
                 require_app_compose=require_app_compose,
                 finality_depth=finality_depth,
             )
@@ -301,11 +308,21 @@ def up(
 
 
 def _round_joiner(
-    plan_file: Path, kind: str, index: int, tee: Any, dev: bool, pccs_url: str | None, chain: Any
+    plan_file: Path,
+    kind: str,
+    index: int,
+    tee: Any,
+    dev: bool,
+    pccs_url: str | None,
+    chain: Any,
+    *,
+    carried: Any = None,
 ) -> Any:
     """The join step of `kms up --join-dkg / --join-reshare`: the plan names the round and its dealers (URL
     and server CA key each); each dealer is checked as a KMS (RA-TLS + KmsAuth.isKmsAllowed) before anything
-    is sent. A reshare plan also states the commitments the new committee must end with."""
+    is sent. A reshare plan also states the commitments the new committee must end with. A reshare's join
+    fills `carried` (a kms.threshold_carry.CarriedShares) with the other sharings the dealers carried; the
+    launcher seals them with the root share."""
     from teecloud.kms.bootstrap import KMS_APP_ID
     from teecloud.kms.client import connect_kms
     from teecloud.kms.errors import KmsClientError, SealingError
@@ -384,7 +401,15 @@ def _round_joiner(
         if isinstance(plan, DkgPlan):
             share = join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
         else:
-            share = join_reshare(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
+            share = join_reshare(
+                plan,
+                index,
+                tee_,
+                clients,
+                app_id=KMS_APP_ID,
+                member_token=member_token,
+                carried_out=carried,
+            )
         if expected is not None and share.commitments != expected:
             raise KmsClientError("the round ended with other commitments than its plan states")
         return share

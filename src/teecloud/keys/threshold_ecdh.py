@@ -38,6 +38,7 @@ from teecloud.keys import _shamir
 from teecloud.keys.errors import KeyUsageError, MalformedKeyMaterial
 
 __all__ = [
+    "EDWARDS25519",
     "ORDER",
     "EcdhPartial",
     "EnvKeyShare",
@@ -322,3 +323,43 @@ def combine(
     use = sorted(chosen)[:t]
     lam = lagrange_at_zero(use)
     return _to_u(_sum([_mul(lam[i], chosen[i].element) for i in use]))
+
+
+class _Edwards25519:
+    """edwards25519's prime-order group behind keys._groups.Group's interface (keys.share_repair runs the
+    same share recovery and resharing over it as over the ECDSA groups). Points: libsodium's 32-byte
+    encoding, validated on the main subgroup; scalars little-endian (this module's wire form)."""
+
+    name = "edwards25519"
+    order = ORDER
+    domain = b"teecloud-share-repair-edwards25519-v1"
+    generator = BASE
+
+    def scalar(self, k: int) -> bytes:
+        return _scalar(k)
+
+    def base_mul(self, k: int) -> bytes:
+        return _mul_base(k)
+
+    def mul(self, k: int, p: bytes) -> bytes:
+        return _mul(k, self.check(p))
+
+    def sum(self, points: Sequence[bytes]) -> bytes:
+        if not points:
+            raise KeyUsageError("empty sum")
+        return _sum([self.check(p) for p in points])
+
+    def neg(self, p: bytes) -> bytes:
+        self.check(p)
+        return p[:31] + bytes([p[31] ^ 0x80])  # RFC 8032 §5.1.2: the top bit is the sign of x
+
+    def check(self, p: bytes) -> bytes:
+        if not _valid(p):
+            raise ThresholdEcdhError("not a point of the prime-order subgroup")
+        return p
+
+    def finish_signature(self, r: int, s: int, big_r: bytes, digest: bytes, public_key: bytes) -> bytes:
+        raise KeyUsageError("edwards25519 here carries env-key shares, not signatures")
+
+
+EDWARDS25519 = _Edwards25519()

@@ -340,11 +340,24 @@ class ReshareDealRequest(BaseModel):
     )
 
 
+class CarriedSubshare(BaseModel):
+    """A dealer's sub-share of one more sharing it holds of the epoch (kms.threshold_carry): an app's env
+    key ("env", edwards25519, scalar little-endian), the group's signing key ("sigkey", secp256k1) or CA key
+    ("ca-sigkey", P-256) (scalars big-endian)."""
+
+    kind: str = Field(pattern="^(env|sigkey|ca-sigkey)$")
+    app_id: str = Field(pattern="^([0-9a-f]{40})?$")
+    old_commitments: list[str] = Field(max_length=64)
+    commitments: list[str] = Field(max_length=64)
+    subshare: str = Field(pattern="^[0-9a-f]{64}$")
+
+
 class ReshareDealResponse(BaseModel):
     session: str
     dealer: int
     commitments: list[str] = Field(max_length=64)
     subshare: str = Field(max_length=64)
+    carried: list[CarriedSubshare] = Field(default_factory=list, max_length=1024)
 
 
 class RetireShareResponse(BaseModel):
@@ -546,6 +559,8 @@ PATH_THRESHOLD_ENV_PARTIAL = "/prpc/KMS.ThresholdEnvPartial"
 PATH_PEER_ENV_DKG = "/prpc/KMS.PeerEnvDkg"
 PATH_PEER_ENV_SHARE = "/prpc/KMS.PeerEnvShare"
 PATH_PEER_ENV_SIGN = "/prpc/KMS.PeerEnvSign"
+PATH_PEER_ENV_RECOVER = "/prpc/KMS.PeerEnvRecover"
+PATH_PEER_ENV_PIECE = "/prpc/KMS.PeerEnvPiece"
 _Ed = Annotated[str, StringConstraints(pattern="^[0-9a-f]{64}$")]  # an edwards25519 point / X25519 key
 _AppIdHex = Annotated[str, StringConstraints(pattern="^[0-9a-f]{40}$")]
 
@@ -577,7 +592,9 @@ class PeerEnvDkgRequest(BaseModel):
 
     model_config = _STRICT
 
-    stage: str = Field(pattern="^(deal|view|finish|commit|abort)$")
+    # held: does this member hold a sealed sharing (no dealing); recover: obtain this member's missing share
+    # of an existing sharing by share recovery (kms.threshold_env)
+    stage: str = Field(pattern="^(deal|view|finish|commit|abort|held|recover)$")
     session: _Session
     epoch: int = Field(ge=1, lt=1 << 32)
     app_id: _AppIdHex
@@ -608,6 +625,50 @@ class PeerEnvShareResponse(BaseModel):
     session: str
     dealer: int
     share: _Ed
+    member: PeerMember
+
+
+class PeerEnvRecoverRequest(BaseModel):
+    """The caller (an admitted member: the recovery's target is always the caller's own index) asks this
+    helper for a step of share recovery of its share of an app's env sharing (kms.threshold_env)."""
+
+    model_config = _STRICT
+
+    stage: str = Field(pattern="^(split|view|sum)$")
+    session: _Session
+    epoch: int = Field(ge=1, lt=1 << 32)
+    app_id: _AppIdHex
+    helpers: list[int] = Field(min_length=1, max_length=64)
+    # sum: every helper's split commitments D_{i,j} (helper i -> helper j -> point)
+    table: dict[_ShareIndexKey, dict[_ShareIndexKey, _Ed]] = Field(default_factory=dict, max_length=64)
+    peers: dict[_ShareIndexKey, str] = Field(default_factory=dict, max_length=64)
+    member: PeerMember | None = None
+
+
+class PeerEnvRecoverResponse(BaseModel):
+    index: int
+    stage: str
+    commitments: list[_Ed] = Field(default_factory=list, max_length=64)  # the app's sharing, as held here
+    split: dict[_ShareIndexKey, _Ed] = Field(default_factory=dict, max_length=64)
+    sum: str = Field(default="", pattern="^([0-9a-f]{64})?$")  # sum: τ_j, 32 bytes little-endian
+    view_hash: str = Field(default="", pattern="^([0-9a-f]{64})?$")
+    member: PeerMember | None = None
+
+
+class PeerEnvPieceRequest(BaseModel):
+    """Helper j asks helper i for its piece δ_{i,j} of a share recovery (same view of the table only)."""
+
+    model_config = _STRICT
+
+    session: _Session
+    view_hash: _Hash
+    member: PeerMember | None = None
+
+
+class PeerEnvPieceResponse(BaseModel):
+    session: str
+    helper: int
+    piece: _Ed
     member: PeerMember
 
 

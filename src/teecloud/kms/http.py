@@ -217,6 +217,18 @@ def make_public_app(service: KmsService) -> FastAPI:
             service.peer_env_share(peer_cert_der(request), body, peer_addr=_peer_addr(request))
         )
 
+    @app.post(api.PATH_PEER_ENV_RECOVER, response_model=api.PeerEnvRecoverResponse)
+    def peer_env_recover(request: Request, body: api.PeerEnvRecoverRequest) -> Response:
+        return _json_response(
+            service.peer_env_recover(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+        )
+
+    @app.post(api.PATH_PEER_ENV_PIECE, response_model=api.PeerEnvPieceResponse)
+    def peer_env_piece(request: Request, body: api.PeerEnvPieceRequest) -> Response:
+        return _json_response(
+            service.peer_env_piece(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+        )
+
     @app.post(api.PATH_PEER_ENV_SIGN, response_model=api.PeerEnvSignResponse)
     def peer_env_sign(request: Request, body: api.PeerEnvSignRequest) -> Response:
         return _json_response(

@@ -28,6 +28,7 @@ from teecloud.kms.bootstrap import KmsIdentity, boot_kms_tee, finish_kms_boot, k
 from teecloud.kms.errors import BootstrapError, KmsError
 from teecloud.kms.peering import PeerIdentity
 from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
+from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
 from teecloud.kms.server import KmsServer
 from teecloud.kms.service import CollateralSource, KmsConfig, KmsService, OsImageReference
 from teecloud.kms.threshold import (
@@ -38,8 +39,11 @@ from teecloud.kms.threshold import (
     load_shares,
     save_share,
 )
+from teecloud.kms.threshold_carry import CarriedShares, seal_carried
+from teecloud.kms.threshold_env import ENV_DIR, EnvKeyStore
 from teecloud.kms.threshold_sign import (
     CA_SHARE_FILE,
+    SIGNING_SHARE_FILE,
     open_ca_signer,
     open_signer,
     save_ca_root,
@@ -103,6 +107,8 @@ class KmsLaunch:
     # Join a DKG or reshare round at boot: called with (tee, identity) before the boot finishes (the dealers
     # release sub-shares to boot-time evidence only); its share is sealed, then the node serves it.
     join: Callable[[TeePlatform, KmsIdentity], ThresholdShare] | None = None
+    # A reshare's join: what the dealers carried besides the root share (kms.threshold_carry), after join
+    join_carried: CarriedShares | None = None
     # An on-chain permission counts only once this many blocks deep (teecloud.peer.ChainGate); 0: the head.
     finality_depth: int = 0
     # Called with (holder, identity, created) once the root keys are loaded; returns what was published.
@@ -161,6 +167,8 @@ def _member_at_boot(
                 log.error("joining the round failed; serving the epochs this node holds: %s", join_error)
             else:
                 save_share(joined, spec.tee, identity, spec.home)
+                if spec.join_carried is not None:
+                    _seal_carried(spec, identity, joined, spec.join_carried)
                 held = load_shares(spec.tee, identity, spec.home)
         if not held:
             raise BootstrapError(
@@ -172,6 +180,35 @@ def _member_at_boot(
         return held, peer, join_error
     finally:
         finish_kms_boot(spec.tee)
+
+
+def _seal_carried(
+    spec: KmsLaunch, identity: KmsIdentity, joined: ThresholdShare, carried: CarriedShares
+) -> None:
+    """A reshare's carried shares, sealed like the node's own (env shares in its EnvKeyStore, the signing and
+    CA key shares beside the root share), before it serves."""
+    key, mr = sealing_key(platform_sealing_secret(spec.tee), identity.mr_aggregated), identity.mr_aggregated
+    store = EnvKeyStore(
+        kms_dir(spec.home) / ENV_DIR,
+        lambda data: seal(key, mr, data),
+        lambda blob: unseal(key, mr, blob),
+        index=joined.index,
+        t=joined.t,
+    )
+    seal_carried(
+        carried,
+        joined.epoch,
+        store,
+        lambda share, file: save_signing_share(share, spec.tee, identity, spec.home, file=file),
+        signing_file=SIGNING_SHARE_FILE,
+        ca_file=CA_SHARE_FILE,
+    )
+    log.info(
+        "reshare carried %d env shares%s%s",
+        len(carried.env),
+        ", the signing key share" if carried.signing_key else "",
+        ", the CA key share" if carried.ca_key else "",
+    )
 
 
 def launch_kms(spec: KmsLaunch) -> RunningKms:
@@ -249,6 +286,8 @@ def launch_kms(spec: KmsLaunch) -> RunningKms:
         ),
         save_ca_root=lambda cert: save_ca_root(cert, spec.home),
     )
+    if reshare is not None and evaluator is not None:
+        reshare.carry = service.carry_for_reshare  # a reshare deals everything this node holds of the epoch
     # (5)
     server = KmsServer(
         service,

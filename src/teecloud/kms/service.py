@@ -42,6 +42,7 @@ from teecloud.chain.errors import NotDeployed
 from teecloud.ids import HexError, parse_app_id
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.certs import cert_to_pem
+from teecloud.keys.errors import KeysError
 from teecloud.kms import api
 from teecloud.kms.audit import AuditLog, new_request_id
 from teecloud.kms.authz import (
@@ -61,6 +62,7 @@ from teecloud.kms.rootkeys import LocalRootKeys, RootKeyHolder
 from teecloud.kms.rotation import FIRST_EPOCH, evaluation_epoch
 from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
 from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, ThresholdEvaluator
+from teecloud.kms.threshold_carry import CarriedItem, carry_deal
 from teecloud.kms.threshold_env import ENV_DIR, EnvKeys, EnvKeyStore
 from teecloud.kms.threshold_net import SignRounds
 from teecloud.kms.threshold_sign import ThresholdSigner
@@ -575,7 +577,7 @@ class KmsService:
             )
             hashes = {int(j): bytes.fromhex(h) for j, h in req.member_token_hashes.items()}
             commitments = self.reshare.open(plan, hashes)
-        except (ValueError, SealingError) as exc:
+        except (ValueError, SealingError, KeysError) as exc:  # KeysError: what it carries (threshold_carry)
             raise KmsUsageError(f"reshare plan refused: {exc}") from exc
         log.info("reshare round %s opened (%d-of-%d)", req.session[:8], req.t_new, req.n_new)
         return api.ReshareOpenResponse(
@@ -626,6 +628,20 @@ class KmsService:
 
         return self._audited(api.PATH_RESHARE_DEAL, cert_der, peer_addr, decide)
 
+    def carry_for_reshare(self, epoch: int, index: int, t_new: int, n_new: int) -> list[CarriedItem]:
+        """What a reshare of `epoch` deals besides the root share (kms.threshold_carry): every env share of
+        the epoch this node holds, and its shares of the group's signing and CA keys."""
+        signer = self.threshold.signer if self.threshold is not None else None
+        return carry_deal(
+            epoch=epoch,
+            index=index,
+            t_new=t_new,
+            n_new=n_new,
+            env_store=self.env_keys.store if self.env_keys is not None else None,
+            signing_key=signer.key if signer is not None else None,
+            ca_key=self.ca_signer.key if self.ca_signer is not None else None,
+        )
+
     def retire_share(self) -> api.RetireShareResponse:
         """Admin: after a reshare moved the key to a new committee, forget this node's share: the sealed copy
         is erased and this process stops evaluating and dealing (it then refuses ThresholdEvaluate)."""
@@ -634,6 +650,7 @@ class KmsService:
         index, epoch = self.threshold.index, self.threshold.epoch
         self.threshold = None
         self.reshare = None
+        self.env_keys, self.ca_signer = None, None  # their sealed copies go with the root share's
         erased = self._erase_share() if self._erase_share is not None else False
         log.warning("threshold share %d of epoch %d retired (sealed copy erased: %s)", index, epoch, erased)
         return api.RetireShareResponse(index=index, epoch=epoch, sealed_copy_erased=erased)
@@ -883,6 +900,41 @@ class KmsService:
             )
 
         return self._audited(api.PATH_PEER_ENV_SHARE, cert_der, peer_addr, decide)
+
+    def peer_env_recover(
+        self, cert_der: bytes | None, req: api.PeerEnvRecoverRequest, *, peer_addr: str = ""
+    ) -> api.PeerEnvRecoverResponse:
+        """A running member recovers ITS OWN missing env share here, this node a helper (kms.peering's rule,
+        then EnvKeys.serve_recover's; docs/kms.md "Share recovery")."""
+
+        def decide(ctx: dict[str, Any]) -> api.PeerEnvRecoverResponse:
+            env = self._env()
+            node = self.admit_peer(cert_der, req.member, ctx)
+            answer = env.serve_recover(node, req)
+            assert self.peer_identity is not None
+            answer.member = self.peer_identity.member
+            ctx["reason"] = (
+                f"env share recovery {req.session[:8]} step {req.stage} for member {node.index} "
+                f"(epoch {req.epoch}, app {req.app_id})"
+            )
+            return answer
+
+        return self._audited(api.PATH_PEER_ENV_RECOVER, cert_der, peer_addr, decide)
+
+    def peer_env_piece(
+        self, cert_der: bytes | None, req: api.PeerEnvPieceRequest, *, peer_addr: str = ""
+    ) -> api.PeerEnvPieceResponse:
+        def decide(ctx: dict[str, Any]) -> api.PeerEnvPieceResponse:
+            env = self._env()
+            node = self.admit_peer(cert_der, req.member, ctx)
+            helper, piece = env.serve_piece(node, req)
+            assert self.peer_identity is not None
+            ctx["reason"] = f"env share recovery piece of {req.session[:8]} for helper {node.index}"
+            return api.PeerEnvPieceResponse(
+                session=req.session, helper=helper, piece=piece.hex(), member=self.peer_identity.member
+            )
+
+        return self._audited(api.PATH_PEER_ENV_PIECE, cert_der, peer_addr, decide)
 
     def peer_env_sign(
         self, cert_der: bytes | None, req: api.PeerEnvSignRequest, *, peer_addr: str = ""

@@ -25,7 +25,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from teecloud._fs import atomic_write, atomic_write_json, data_home
@@ -36,7 +36,14 @@ from teecloud.kms.authz import AuthorizedApp, AuthorizedKms
 from teecloud.kms.bootstrap import KmsIdentity, kms_dir
 from teecloud.kms.errors import AccessDenied, SealingError
 from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
-from teecloud.kms.threshold_sign import ThresholdSigner, save_signing_share
+from teecloud.kms.threshold_carry import CarriedItem, carried_for
+from teecloud.kms.threshold_env import ENV_DIR
+from teecloud.kms.threshold_sign import (
+    CA_SHARE_FILE,
+    SIGNING_SHARE_FILE,
+    ThresholdSigner,
+    save_signing_share,
+)
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
@@ -169,7 +176,10 @@ def erase_share(home: Path | None = None) -> bool:
     Each blob is sealed to this build's measurement; erasing them and the process's copy
     (KmsService.retire_share) leaves the node nothing to combine. Returns whether there was one."""
     files = _share_files(home)
-    for path in files:
+    # everything a reshare carries goes with it: the group's signing and CA key shares, every env share
+    carried = [kms_dir(home) / SIGNING_SHARE_FILE, kms_dir(home) / CA_SHARE_FILE]
+    carried += sorted((kms_dir(home) / ENV_DIR).glob("*.sealed"))
+    for path in [*files, *carried]:
         path.unlink(missing_ok=True)
     return bool(files)
 
@@ -471,6 +481,7 @@ class _Round:
     opened_at: float
     served: set[int]
     member_token_hashes: dict[int, bytes] | None = None  # reshare rounds: index -> sha256(member token)
+    carried: list[CarriedItem] = field(default_factory=list)  # reshare rounds: kms.threshold_carry
 
 
 def _token_hashes(member_token_hashes: Mapping[int, bytes], n_new: int) -> dict[int, bytes]:
@@ -493,8 +504,12 @@ class ReshareDealer:
         *,
         clock: Callable[[], float] = time.time,
         older: Sequence[ThresholdShare] = (),
+        carry: Callable[[int, int, int, int], list[CarriedItem]] | None = None,
     ) -> None:
-        """`older`: a rotated node's older epochs' shares; a reshare plan names the epoch it moves."""
+        """`older`: a rotated node's older epochs' shares; a reshare plan names the epoch it moves.
+        `carry(epoch, index, t_new, n_new)`: this node's re-dealings of every other sharing it holds of the
+        epoch (kms.threshold_carry: env keys, the group's signing and CA keys), dealt with the root share."""
+        self.carry = carry
         self._share = share
         self._by_epoch = {s.epoch: s for s in (*older, *([share] if share is not None else []))}
         self._clock = clock
@@ -507,6 +522,7 @@ class ReshareDealer:
         dealer: int,
         make: Callable[[], th.Dealing],
         member_token_hashes: dict[int, bytes] | None = None,
+        carry: Callable[[], list[CarriedItem]] | None = None,
     ) -> tuple[bytes, ...]:
         with self._lock:
             now = self._clock()
@@ -522,7 +538,10 @@ class ReshareDealer:
                     raise SealingError("this session is already open with another plan")
                 return existing.dealing.commitments
             dealing = make()
-            self._rounds[plan.session] = _Round(plan, dealer, dealing, now, set(), member_token_hashes)
+            carried = carry() if carry is not None else []
+            self._rounds[plan.session] = _Round(
+                plan, dealer, dealing, now, set(), member_token_hashes, carried
+            )
             return dealing.commitments
 
     def open(self, plan: ResharePlan, member_token_hashes: Mapping[int, bytes]) -> tuple[bytes, ...]:
@@ -537,8 +556,13 @@ class ReshareDealer:
             raise SealingError("reshare plan: not this node's group (commitments or epoch differ)")
         if s.index not in plan.dealers:
             raise SealingError(f"reshare plan: node {s.index} is not one of its dealers")
+        carry = self.carry
         return self._store(
-            plan, s.index, lambda: th.reshare_deal(s.index, s.share, plan.t_new, plan.n_new), hashes
+            plan,
+            s.index,
+            lambda: th.reshare_deal(s.index, s.share, plan.t_new, plan.n_new),
+            hashes,
+            None if carry is None else lambda: carry(plan.epoch, s.index, plan.t_new, plan.n_new),
         )
 
     def open_dkg(
@@ -583,4 +607,5 @@ class ReshareDealer:
                 dealer=r.dealer,
                 commitments=[c.hex() for c in r.dealing.commitments],
                 subshare=r.dealing.shares[index].to_bytes(32, "little").hex(),
+                carried=carried_for(r.carried, index),
             )

@@ -59,6 +59,7 @@ from teecloud.kms.client import ComposeBook, KmsClient, vm_config_json
 from teecloud.kms.errors import KmsClientError, SealingError
 from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
 from teecloud.kms.threshold import GROUP_FILE, DkgPlan, GroupRecord, ResharePlan, ThresholdShare
+from teecloud.kms.threshold_carry import CarriedShares, carry_receive
 
 __all__ = [
     "NO_PRESIGNATURES",
@@ -809,6 +810,7 @@ def _collect(
     t_new: int,
     app_id: bytes,
     member_token: bytes | None = None,
+    carried: dict[int, list[api.CarriedSubshare]] | None = None,
 ) -> list[th.Dealing]:
     """From every dealer of a round: its commitments and this node's sub-share (over mutual RA-TLS, with this
     node's boot-time evidence). Any dealer failing fails the round (named)."""
@@ -840,6 +842,8 @@ def _collect(
             faults[i] = _describe(exc)
             continue
         dealings.append(th.Dealing(i, commitments, {index: subshare}))
+        if carried is not None:
+            carried[i] = list(resp.carried)
     if faults:
         raise KmsClientError("the round failed; no share was made" + _fault_text(faults))
     return dealings
@@ -862,12 +866,21 @@ def join_reshare(
     *,
     app_id: bytes,
     member_token: bytes | None = None,
+    carried_out: CarriedShares | None = None,
 ) -> ThresholdShare:
     """A joining KMS node's side of a reshare round, run at its boot (the dealers release sub-shares to
     boot-time evidence only). Each dealing is checked (C_0 is the dealer's old public share, the sub-share
     matches the commitments); then s'_index = Σ λ_i·f_i(index). Any failing dealer fails the round (named):
-    every new node must sum the same dealings, so a partial round is never completed."""
-    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token)
+    every new node must sum the same dealings, so a partial round is never completed. `carried_out` receives
+    this node's shares of the other sharings the dealers carried (kms.threshold_carry: env keys, the group's
+    signing and CA keys), each checked the same way."""
+    answers: dict[int, list[api.CarriedSubshare]] = {}
+    dealings = _collect(
+        plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token, answers
+    )
+    if carried_out is not None:
+        got = carry_receive(answers, index=index, t_new=plan.t_new, n_new=plan.n_new)
+        carried_out.env, carried_out.signing_key, carried_out.ca_key = got.env, got.signing_key, got.ca_key
     received = {d.dealer: d.shares[index] for d in dealings}
     try:
         share, complaints = th.reshare_receive(plan.old_commitments, dealings, index, received)

@@ -3,8 +3,9 @@ teecloud.kms.peering, and their dstack-format public key signed by the group's t
 
 One sharing per (root epoch, app), made on the first GetAppEnvEncryptPubKey for an app KmsAuth deployed
 itself from its app blueprint (the env-key gate, `app_registered`; docs/kms.md), by a Joint-Feldman DKG
-among all n members that the node receiving the request coordinates (it relays public values only; secret
-sub-shares go member to member under kms.peering's rule):
+among the members that answer — at least ceremony_quorum(t, n) of them — that the node receiving the
+request coordinates (it relays public values only; secret sub-shares go member to member under
+kms.peering's rule):
 
     stage   each member (the coordinator included)
     deal    checks the epoch is one it serves and the env-key gate; if it already holds a sealed
@@ -19,8 +20,13 @@ sub-shares go member to member under kms.peering's rule):
             replaced); nothing is sealed anywhere before every member finished
 
 A ceremony that fails before commit leaves nothing sealed and is retried by the next request (a new
-session). The answer (`public_key`, `signature`, `timestamp`, `signature_v1`, dstack's shape) is signed by
-t members over the two digests each member builds itself from ITS OWN sealed sharing (one presignature
+session). A member that was down, or whose commit failed, gets ITS share of the sharing later by share
+recovery (keys.share_repair's enrollment: `recover` on the target, `serve_recover` / `serve_piece` on t
+helpers, under the rule of docs/kms.md "Share recovery"), never from a second ceremony: a deal that finds
+a member holding the app's sharing turns the request into a recovery.
+
+The answer (`public_key`, `signature`, `timestamp`, `signature_v1`, dstack's shape) is signed by t members
+over the two digests each member builds itself from ITS OWN sealed sharing (one presignature
 each; a node re-signs at most once per SIGNATURE_REFRESH_S per app, so an unauthenticated caller drains at
 most two presignatures per app per period). The signed answer is sealed beside the app's share (it is
 public; sealed for integrity, bound to its epoch and app), so a restarted node serves it without new
@@ -50,6 +56,7 @@ import coincurve
 from eth_utils.crypto import keccak
 
 from teecloud._fs import atomic_write
+from teecloud.keys import share_repair as sr
 from teecloud.keys import threshold_ecdh as tx
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.appkeys import env_encrypt_pubkey_digest
@@ -61,12 +68,16 @@ from teecloud.kms.threshold_sign import ThresholdSigner
 
 __all__ = [
     "CEREMONY_WINDOW_S",
+    "RECOVERY_WINDOW_S",
     "SIGNATURE_REFRESH_S",
     "EnvKeyBusy",
     "EnvKeyStore",
     "EnvKeys",
+    "ceremony_quorum",
     "legacy_digest",
 ]
+
+log = logging.getLogger("teecloud.kms.threshold")
 
 CEREMONY_WINDOW_S = 120
 SIGNATURE_REFRESH_S = 120
@@ -91,6 +102,22 @@ TIMESTAMP_SKEW_S = 60
 SIGN_ATTEMPTS = 6
 _pick = secrets.SystemRandom()
 MAX_OPEN_CEREMONIES = 64
+# share recovery (a member that missed a ceremony, or whose commit failed, gets its share from t holders)
+RECOVERY_WINDOW_S = 120
+MAX_OPEN_RECOVERIES = 64
+RECOVERIES_PER_MINUTE = 30  # splits this node makes as a helper per minute, for all targets and apps
+_SEEN_RECOVERIES = 4096  # recovery sessions remembered (a replayed split is refused)
+
+
+def ceremony_quorum(t: int, n: int) -> int:
+    """Members that must deal in a new env-key ceremony: min(n, max(t+1, floor(n/2)+1)).
+    t: secrecy (any t-1 colluders leave at least one honest dealer, whose random contribution hides x);
+    +1: durability (the sharing survives one of its first holders failing before the absent members
+    recovered their shares: recovery needs t holders); a majority: two ceremonies for one app cannot both
+    gather a quorum of members that neither hold a share nor are busy with the other."""
+    return min(n, max(t + 1, n // 2 + 1))
+
+
 ENV_DIR = "threshold-env"
 log = logging.getLogger("teecloud.kms.threshold_env")
 
@@ -175,6 +202,26 @@ class EnvKeyStore:
             self._cache[(epoch, app_id)] = share
         return share
 
+    def apps(self, epoch: int) -> list[bytes]:
+        """The apps this node holds a sealed env share of under `epoch` (from the file names; each share is
+        still opened and checked by `get`)."""
+        out = []
+        for path in sorted(self.dir.glob(f"{epoch}-*.sealed")):
+            app_hex = path.name[len(f"{epoch}-") : -len(".sealed")]
+            if len(app_hex) == 40 and all(c in "0123456789abcdef" for c in app_hex):
+                out.append(bytes.fromhex(app_hex))
+        return out
+
+    def erase(self) -> int:
+        """Remove every sealed env share (a retired member: its shares were reshared away); how many."""
+        gone = 0
+        for path in self.dir.glob("*.sealed"):
+            path.unlink(missing_ok=True)
+            gone += 1
+        with self._lock:
+            self._cache.clear()
+        return gone
+
     def put(self, epoch: int, app_id: bytes, share: tx.EnvKeyShare) -> None:
         if self.get(epoch, app_id) is not None:
             raise KmsUsageError("this member already holds a sealed env share of this app (never replaced)")
@@ -226,6 +273,35 @@ class _Ceremony:
     pending: tx.EnvKeyShare | None = field(default=None, repr=False)
 
 
+@dataclass
+class _Recovery:
+    """A helper's side of one share recovery (keys.share_repair enrollment) for `target`."""
+
+    session: bytes
+    epoch: int
+    app_id: bytes
+    target: int
+    target_key: str  # the target's boot-time peer key: every later step comes from that process only
+    opened_at: float
+    split: sr.RepairSplit = field(repr=False)
+    view_hash: str = ""
+    table: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    summed: bool = False
+    served: set[int] = field(default_factory=set)
+    bound: dict[int, str] = field(default_factory=dict)
+
+
+def _recovery_hash(
+    session: bytes, epoch: int, app_id: bytes, target: int, table: Mapping[int, Mapping[int, bytes]]
+) -> str:
+    doc = {str(i): {str(j): d.hex() for j, d in sorted(row.items())} for i, row in sorted(table.items())}
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    head = (
+        b"teecloud-env-recovery\x00" + session + epoch.to_bytes(4, "big") + app_id + target.to_bytes(2, "big")
+    )
+    return hashlib.sha256(head + body).hexdigest()
+
+
 def _view_hash(session: bytes, epoch: int, app_id: bytes, view: Mapping[int, tuple[bytes, ...]]) -> str:
     doc = {str(i): [c.hex() for c in cs] for i, cs in sorted(view.items())}
     body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
@@ -271,6 +347,9 @@ class EnvKeys:
         self._answers: dict[tuple[int, bytes], api.EnvEncryptPubKeyResponse] = {}
         self._opened: collections.deque[float] = collections.deque()  # when this member opened ceremonies
         self._burnt: set[bytes] = set()  # presignatures some member refused (bound to another digest)
+        self._recoveries: dict[bytes, _Recovery] = {}
+        self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._recovered: collections.deque[float] = collections.deque()  # when this helper split
 
     # --- configuration
 
@@ -288,6 +367,16 @@ class EnvKeys:
     def stage(self, req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
         session, app_id = bytes.fromhex(req.session), bytes.fromhex(req.app_id)
         out = api.PeerEnvDkgResponse(index=self.index, stage=req.stage)
+        if req.stage in ("held", "recover"):
+            self._check_epoch(req.epoch)
+            self._app_registered(app_id)
+            held = self.store.get(req.epoch, app_id)
+            if held is None and req.stage == "recover":  # a member that holds the sharing lacks: repair
+                with self._app_lock(req.epoch, app_id):
+                    held = self.recover(req.epoch, app_id)
+            if held is not None:
+                out.held, out.commitments = True, [c.hex() for c in held.commitments]
+            return out
         if req.stage == "deal":
             self._check_epoch(req.epoch)
             self._app_registered(app_id)
@@ -331,8 +420,18 @@ class EnvKeys:
         cer = self._ceremony(session, req.epoch, app_id)
         if req.stage == "view":
             view = {int(i): tuple(_hex32(c) for c in cs) for i, cs in req.view.items()}
-            if set(view) != set(range(1, self.n + 1)) or any(len(cs) != self.t for cs in view.values()):
-                raise KmsUsageError(f"view: {self.t} commitments of each of the {self.n} members")
+            quorum = ceremony_quorum(self.t, self.n)
+            if (
+                not set(view) <= set(range(1, self.n + 1))
+                or len(view) < quorum
+                or self.index not in view
+                or any(len(cs) != self.t for cs in view.values())
+            ):
+                self._drop(session)
+                raise KmsUsageError(
+                    f"view: {self.t} commitments of each of at least {quorum} of the {self.n} members, this "
+                    "member's among them"
+                )
             if view[self.index] != cer.commitments:
                 self._drop(session)
                 raise KmsUsageError("the relayed view alters this member's own commitments")
@@ -363,7 +462,7 @@ class EnvKeys:
 
     def _finish(self, cer: _Ceremony, peers: Mapping[int, str]) -> tx.EnvKeyShare:
         urls = {**self.peers, **{i: u for i, u in peers.items() if i != self.index}}
-        others = [i for i in range(1, self.n + 1) if i != self.index]
+        others = [i for i in sorted(cer.view) if i != self.index]  # the dealers of this ceremony
 
         def one(i: int) -> int:
             url = urls.get(i)
@@ -395,8 +494,10 @@ class EnvKeys:
             cer = self._open.get(bytes.fromhex(req.session))
             if cer is None:
                 raise AccessDenied("no open env-key ceremony with this session here", step="round")
-            if node.index == self.index or not 1 <= node.index <= self.n:
-                raise AccessDenied(f"member {node.index} is not another member", step="round")
+            if node.index == self.index or node.index not in cer.view:
+                raise AccessDenied(
+                    f"member {node.index} is not another dealer of this ceremony", step="round"
+                )
             if not cer.view_hash or not secrets.compare_digest(cer.view_hash, req.view_hash):
                 raise AccessDenied(
                     f"the commitments member {node.index} was relayed differ from this member's", step="round"
@@ -412,11 +513,7 @@ class EnvKeys:
         self._check_epoch(epoch)
         self._app_registered(app_id)
         key = (epoch, app_id)
-        with self._lock:
-            lock = self._app_locks.setdefault(key, threading.Lock())
-            if len(self._app_locks) > 4096:
-                self._app_locks = {key: lock}
-        with lock:  # concurrent first requests of one app on this node: one ceremony, the others wait
+        with self._app_lock(epoch, app_id):  # concurrent first requests of one app: one ceremony, others wait
             share = self.store.get(epoch, app_id)
             if share is None:
                 self._ceremony_run(epoch, app_id)
@@ -459,6 +556,35 @@ class EnvKeys:
             return False
         return True
 
+    def _app_lock(self, epoch: int, app_id: bytes) -> threading.Lock:
+        key = (epoch, app_id)
+        with self._lock:
+            lock = self._app_locks.setdefault(key, threading.Lock())
+            if len(self._app_locks) > 4096:
+                self._app_locks = {key: lock}
+        return lock
+
+    def _each(
+        self, body: dict[str, object], members: list[int]
+    ) -> tuple[dict[int, api.PeerEnvDkgResponse], dict[int, str]]:
+        """The stage on every member in parallel: the answers, and the members that failed (why). A member
+        that is busy with another ceremony of the app makes the whole call EnvKeyBusy."""
+        answers: dict[int, api.PeerEnvDkgResponse] = {}
+        failed: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            try:
+                answers[i] = self._all(body, [i])[i]
+            except EnvKeyBusy:
+                raise
+            except (KmsUsageError, KmsDenied, KmsClientError) as exc:
+                failed[i] = str(exc)[:300]
+
+        with ThreadPoolExecutor(max_workers=len(members)) as pool:
+            for f in [pool.submit(one, i) for i in members]:
+                f.result()
+        return answers, failed
+
     def _all(self, body: dict[str, object], members: list[int]) -> dict[int, api.PeerEnvDkgResponse]:
         req = api.PeerEnvDkgRequest.model_validate(body)
 
@@ -486,28 +612,46 @@ class EnvKeys:
             return {i: f.result() for i, f in futures.items()}
 
     def _ceremony_run(self, epoch: int, app_id: bytes) -> None:
+        """A new sharing among the members that answer (at least ceremony_quorum), or, when some member
+        already holds one (an earlier ceremony sealed on some members only), this node's share of THAT
+        sharing by share recovery, and the same for every other reachable member that lacks it."""
         members = list(range(1, self.n + 1))
         base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": epoch, "app_id": app_id.hex()}
+        dealt: list[int] = members
         try:
-            self._ceremony_stages(base, members)
+            deals, down = self._each({**base, "stage": "deal"}, members)
+            dealt = sorted(i for i, a in deals.items() if not a.held)
+            held = sorted(i for i, a in deals.items() if a.held)
+            if held:  # repair, never a second sharing of the app
+                self._abort(base, dealt)
+                self._repair(epoch, app_id, [i for i in dealt if i != self.index])
+                return
+            quorum = ceremony_quorum(self.t, self.n)
+            if len(dealt) < quorum or self.index not in dealt:
+                why = "; ".join(f"member {i}: {r}" for i, r in sorted(down.items()))
+                raise EnvKeyBusy(
+                    f"a new env key needs {quorum} of {self.n} members, {len(dealt)} answered "
+                    f"(retry shortly){': ' + why if why else ''}"
+                )
+            self._ceremony_stages(base, deals, dealt)
         except Exception:
             # best effort: every member drops its dealing of this session (else it would hold the app's
             # ceremony slot until CEREMONY_WINDOW_S); nothing was sealed unless commit ran
-            try:
-                self._all({**base, "stage": "abort"}, members)
-            except Exception:  # noqa: S110 - a member that cannot be told expires the dealing itself
-                pass
+            self._abort(base, dealt)
             raise
 
-    def _ceremony_stages(self, base: dict[str, object], members: list[int]) -> None:
-        deals = self._all({**base, "stage": "deal"}, members)
-        held = sorted(i for i, a in deals.items() if a.held)
-        if held:
-            raise KmsUsageError(
-                f"members {held} already hold a sealed env share of this app and this node does not (an "
-                "earlier ceremony failed at commit): ask a member that holds it (docs/kms.md, recovery)"
-            )
-        view = {str(i): a.commitments for i, a in deals.items()}
+    def _abort(self, base: dict[str, object], members: list[int]) -> None:
+        if not members:
+            return
+        try:
+            self._each({**base, "stage": "abort"}, members)
+        except Exception:  # noqa: S110 - a member that cannot be told expires the dealing itself
+            pass
+
+    def _ceremony_stages(
+        self, base: dict[str, object], deals: Mapping[int, api.PeerEnvDkgResponse], members: list[int]
+    ) -> None:
+        view = {str(i): deals[i].commitments for i in members}
         hashes = self._all({**base, "stage": "view", "view": view}, members)
         if len({a.view_hash for a in hashes.values()}) != 1:
             raise KmsUsageError("the members hashed different views")
@@ -518,7 +662,305 @@ class EnvKeys:
         off = sorted(i for i, c in results.items() if c != agreed)
         if off:
             raise KmsUsageError(f"members {off} finished with other commitments than this member")
-        self._all({**base, "stage": "commit", "commitments": list(agreed)}, members)
+        self.stage(
+            api.PeerEnvDkgRequest.model_validate({**base, "stage": "commit", "commitments": list(agreed)})
+        )
+        # this member sealed: from here the sharing exists; a member whose commit fails now (crash, network)
+        # gets its share by recovery (below, or on its own next request), never from a second ceremony
+        others = [i for i in members if i != self.index]
+        _, failed = self._each({**base, "stage": "commit", "commitments": list(agreed)}, others)
+        if failed:
+            log.warning(
+                "env key of app %s: commit failed on members %s (%s); repairing by share recovery",
+                base["app_id"],
+                sorted(failed),
+                "; ".join(f"{i}: {r[:100]}" for i, r in sorted(failed.items())),
+            )
+            self._repair(int(str(base["epoch"])), bytes.fromhex(str(base["app_id"])), sorted(failed))
+
+    def _repair(self, epoch: int, app_id: bytes, lacking: list[int]) -> None:
+        """This node's missing share (share recovery), then best effort the other `lacking` members' (each
+        recovers its own share: a member is told to, never sent one)."""
+        if self.store.get(epoch, app_id) is None:
+            self.recover(epoch, app_id)
+        if lacking:
+            body: dict[str, object] = {
+                "session": secrets.token_hex(16),
+                "epoch": epoch,
+                "app_id": app_id.hex(),
+                "stage": "recover",
+            }
+            _, failed = self._each(body, lacking)
+            for i, reason in sorted(failed.items()):
+                log.warning("member %d did not recover its env share of app %s: %s", i, app_id.hex(), reason)
+
+    # --- share recovery: the target's side (this node lacks its share of an existing sharing)
+
+    def recover(self, epoch: int, app_id: bytes) -> tx.EnvKeyShare:
+        """This member's share of the app's existing sharing, from t members that hold it (keys.share_repair
+        enrollment over kms.peering), checked against the commitments t holders agree on, then sealed.
+        The caller holds the app's lock."""
+        held = self.store.get(epoch, app_id)
+        if held is not None:
+            return held
+        self._check_epoch(epoch)
+        base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": epoch, "app_id": app_id.hex()}
+        answers, _ = self._each({**base, "stage": "held"}, sorted(self.peers))
+        by_sharing: dict[tuple[bytes, ...], list[int]] = {}
+        for i, a in sorted(answers.items()):
+            if a.held and len(a.commitments) == self.t:
+                by_sharing.setdefault(tuple(_hex32(c) for c in a.commitments), []).append(i)
+        usable = {c: hs for c, hs in by_sharing.items() if len(hs) >= self.t}
+        if len(usable) != 1:
+            what = {i: c[0].hex()[:16] for c, hs in by_sharing.items() for i in hs}
+            raise KmsUsageError(
+                f"no env share of this app to recover: {self.t} members holding one sharing are needed, "
+                f"the reachable holders are {what or 'none'}"
+                + (" (two sharings: see docs/kms.md, recovery runbook)" if len(usable) > 1 else "")
+            )
+        sharing, holders = next(iter(usable.items()))
+        faults: dict[int, str] = {}
+        for attempt in range(2):  # a helper that fails is named and left out of a second attempt
+            helpers = [h for h in holders if h not in faults][: self.t]
+            if len(helpers) < self.t:
+                break
+            try:
+                share = self._recover_from(epoch, app_id, sharing, helpers)
+            except sr.RepairError as exc:
+                faults[exc.party if exc.party is not None else -attempt - 1] = str(exc)
+                continue
+            except (KmsClientError, KmsDenied, KmsUsageError) as exc:
+                party = next((h for h in helpers if f"member {h}" in str(exc)), -attempt - 1)
+                faults[party] = str(exc)[:300]
+                continue
+            self.store.put(epoch, app_id, share)
+            log.info("env share of app %s recovered from members %s", app_id.hex(), helpers)
+            for i, reason in sorted(faults.items()):
+                log.warning("share recovery of app %s: member %d failed or lied: %s", app_id.hex(), i, reason)
+            return share
+        detail = "; ".join(f"member {i}: {r}" for i, r in sorted(faults.items()))
+        raise KmsUsageError(f"share recovery of this app's env share failed: {detail}")
+
+    def _recover_from(
+        self, epoch: int, app_id: bytes, sharing: tuple[bytes, ...], helpers: list[int]
+    ) -> tx.EnvKeyShare:
+        g = tx.EDWARDS25519
+        base: dict[str, object] = {
+            "session": secrets.token_hex(16),
+            "epoch": epoch,
+            "app_id": app_id.hex(),
+            "helpers": helpers,
+        }
+        splits = self._helpers_call({**base, "stage": "split"}, helpers)
+        table: dict[int, dict[int, bytes]] = {}
+        for i, a in splits.items():
+            if tuple(_hex32(c) for c in a.commitments) != sharing:
+                raise sr.RepairError("it holds another sharing than the one t members agree on", party=i)
+            try:
+                table[i] = {int(j): _hex32(d) for j, d in a.split.items()}
+            except ValueError as exc:
+                raise sr.RepairError("a malformed split", party=i) from exc
+            sr.check_split(g, sharing, i, helpers, self.index, table[i])
+        wire = {str(i): {str(j): d.hex() for j, d in row.items()} for i, row in table.items()}
+        views = self._helpers_call({**base, "stage": "view", "table": wire}, helpers)
+        if any(not a.view_hash for a in views.values()) or len({a.view_hash for a in views.values()}) != 1:
+            raise KmsUsageError("the helpers hashed different tables")
+        peers = {str(i): self.peers[i] for i in helpers}
+        sums = self._helpers_call({**base, "stage": "sum", "table": wire, "peers": peers}, helpers)
+        taus = {i: int.from_bytes(bytes.fromhex(a.sum), "little") for i, a in sums.items()}
+        share = sr.repair_finish(g, sharing, self.index, table, taus)
+        return tx.EnvKeyShare(self.index, self.t, share, sharing)
+
+    def _helpers_call(
+        self, body: dict[str, object], helpers: list[int]
+    ) -> dict[int, api.PeerEnvRecoverResponse]:
+        def one(i: int) -> api.PeerEnvRecoverResponse:
+            url = self.peers.get(i)
+            if url is None:
+                raise KmsUsageError(f"member {i}: no URL known")
+            try:
+                a = self._connect(i, url).peer_call(
+                    api.PATH_PEER_ENV_RECOVER, api.PeerEnvRecoverResponse, body
+                )
+            except (KmsClientError, KmsDenied) as exc:
+                raise KmsUsageError(f"member {i}: share recovery step {body['stage']}: {exc}") from exc
+            if a.index != i or a.stage != body["stage"]:
+                raise KmsUsageError(f"member {i}: answered as another member or step")
+            return a
+
+        with ThreadPoolExecutor(max_workers=len(helpers)) as pool:
+            futures = {i: pool.submit(one, i) for i in helpers}
+            return {i: f.result() for i, f in futures.items()}
+
+    # --- share recovery: a helper's side (the rule: docs/kms.md "Share recovery")
+
+    def serve_recover(self, node: AdmittedNode, req: api.PeerEnvRecoverRequest) -> api.PeerEnvRecoverResponse:
+        """One step of a share recovery whose target is the calling member `node` (admitted by kms.peering's
+        rule: its own index only)."""
+        if not isinstance(node, AdmittedNode):
+            raise TypeError("share recovery only for an AdmittedNode")
+        session, app_id = bytes.fromhex(req.session), bytes.fromhex(req.app_id)
+        out = api.PeerEnvRecoverResponse(index=self.index, stage=req.stage)
+        if req.stage == "split":
+            target, helpers = node.index, tuple(req.helpers)
+            # (2) the target is the caller, another member of this committee, not a helper
+            if target == self.index or not 1 <= target <= self.n:
+                raise AccessDenied(f"member {target} cannot be a recovery target here", step="recovery")
+            # (3) exactly t distinct helpers of this committee, this node among them
+            if (
+                len(set(helpers)) != len(helpers)
+                or len(helpers) != self.t
+                or self.index not in helpers
+                or target in helpers
+                or any(not 1 <= h <= self.n for h in helpers)
+            ):
+                raise AccessDenied(
+                    f"helpers: exactly t = {self.t} distinct members of 1..{self.n}, this one among them, "
+                    "not the target",
+                    step="recovery",
+                )
+            # (4) an epoch this node serves, an app KmsAuth registers, a sharing this node holds
+            self._check_epoch(req.epoch)
+            self._app_registered(app_id)
+            share = self.store.get(req.epoch, app_id)
+            if share is None:
+                raise AccessDenied("this member holds no env share of this app", step="env")
+            split = sr.repair_split(
+                tx.EDWARDS25519, share.commitments, self.index, share.share, helpers, target
+            )
+            # (5) a fresh session (a replayed split is refused), one open recovery per (epoch, app, target),
+            # bounded open recoveries and splits per minute
+            with self._lock:
+                self._expire()
+                if session in self._seen:
+                    raise AccessDenied("this recovery session was already used (a replay)", step="recovery")
+                # one open recovery per (epoch, app, target): the target's new attempt replaces its last
+                key = (req.epoch, app_id, target)
+                for s in [s for s, r in self._recoveries.items() if (r.epoch, r.app_id, r.target) == key]:
+                    del self._recoveries[s]
+                now = self._clock()
+                while self._recovered and now - self._recovered[0] >= 60:
+                    self._recovered.popleft()
+                if (
+                    len(self._recoveries) >= MAX_OPEN_RECOVERIES
+                    or len(self._recovered) >= RECOVERIES_PER_MINUTE
+                ):
+                    raise EnvKeyBusy(f"member {self.index}: too many share recoveries: retry shortly")
+                self._recovered.append(now)
+                self._seen[session] = None
+                while len(self._seen) > _SEEN_RECOVERIES:
+                    self._seen.popitem(last=False)
+                self._recoveries[session] = _Recovery(
+                    session, req.epoch, app_id, target, node.key_id, now, split
+                )
+            out.commitments = [c.hex() for c in share.commitments]
+            out.split = {str(j): d.hex() for j, d in split.commitments.items()}
+            return out
+        # (6) view, sum: the open recovery of this session, for this epoch and app, from the same process
+        rec = self._recovery(session, req.epoch, app_id)
+        if node.index != rec.target or node.key_id != rec.target_key:
+            raise AccessDenied("not the target of this recovery (another member or process)", step="recovery")
+        try:
+            table = {int(i): {int(j): _hex32(d) for j, d in row.items()} for i, row in req.table.items()}
+        except ValueError as exc:
+            raise KmsUsageError("table: helper -> helper -> point") from exc
+        if req.stage == "view":
+            named = set(rec.split.helpers)
+            if rec.view_hash or set(table) != named or any(set(row) != named for row in table.values()):
+                self._drop_recovery(session)
+                raise AccessDenied(
+                    "a second view, or a table not of this recovery's helpers", step="recovery"
+                )
+            if table[self.index] != rec.split.commitments:
+                self._drop_recovery(session)
+                raise AccessDenied("the relayed table alters this helper's own split", step="recovery")
+            rec.table = table
+            rec.view_hash = _recovery_hash(session, rec.epoch, rec.app_id, rec.target, table)
+            out.view_hash = rec.view_hash
+            return out
+        if not rec.view_hash or rec.summed or table != rec.table:
+            self._drop_recovery(session)
+            raise AccessDenied("sum before view, a second sum, or another table", step="recovery")
+        rec.summed = True
+        urls = {**self.peers, **{int(i): u for i, u in req.peers.items() if int(i) != self.index}}
+        try:
+            pieces = self._fetch_pieces(rec, urls)
+            tau = sr.repair_sum(tx.EDWARDS25519, self.index, pieces, rec.table)
+        except (sr.RepairError, tx.ThresholdEcdhError) as exc:
+            self._drop_recovery(session)
+            raise KmsUsageError(f"member {self.index}: the recovery fails here: {exc}") from exc
+        self._done_recovery(rec)
+        out.sum = tx._scalar(tau).hex()
+        return out
+
+    def _fetch_pieces(self, rec: _Recovery, urls: Mapping[int, str]) -> dict[int, int]:
+        others = [i for i in rec.split.helpers if i != self.index]
+
+        def one(i: int) -> int:
+            url = urls.get(i)
+            if url is None:
+                raise sr.RepairError("no URL for this helper", party=i)
+            try:
+                a = self._connect(i, url).peer_call(
+                    api.PATH_PEER_ENV_PIECE,
+                    api.PeerEnvPieceResponse,
+                    {"session": rec.session.hex(), "view_hash": rec.view_hash},
+                )
+            except (KmsClientError, KmsDenied) as exc:
+                raise sr.RepairError(f"piece not obtained: {exc}", party=i) from exc
+            if a.helper != i or a.session != rec.session.hex():
+                raise sr.RepairError("answered for another helper or recovery", party=i)
+            return int.from_bytes(bytes.fromhex(a.piece), "little")
+
+        with ThreadPoolExecutor(max_workers=max(1, len(others))) as pool:
+            got = dict(zip(others, pool.map(one, others), strict=True))
+        got[self.index] = rec.split.pieces[self.index]
+        return got
+
+    def serve_piece(self, node: AdmittedNode, req: api.PeerEnvPieceRequest) -> tuple[int, bytes]:
+        """Helper `node`'s piece δ_{me,node} of a recovery: to another helper of it, same table, once, to one
+        boot-time key."""
+        if not isinstance(node, AdmittedNode):
+            raise TypeError("pieces only for an AdmittedNode")
+        with self._lock:
+            self._expire()
+            rec = self._recoveries.get(bytes.fromhex(req.session))
+            if rec is None:
+                raise AccessDenied("no open share recovery with this session here", step="recovery")
+            if node.index == self.index or node.index not in rec.split.helpers:
+                raise AccessDenied(
+                    f"member {node.index} is not another helper of this recovery", step="recovery"
+                )
+            if not rec.view_hash or not secrets.compare_digest(rec.view_hash, req.view_hash):
+                raise AccessDenied(f"the table member {node.index} was relayed differs", step="recovery")
+            if rec.bound.setdefault(node.index, node.key_id) != node.key_id or node.index in rec.served:
+                raise AccessDenied(f"member {node.index}'s piece was already handed out", step="recovery")
+            rec.served.add(node.index)
+            piece = rec.split.pieces[node.index]
+        self._done_recovery(rec)
+        return self.index, tx._scalar(piece)
+
+    def _recovery(self, session: bytes, epoch: int, app_id: bytes) -> _Recovery:
+        with self._lock:
+            self._expire()
+            rec = self._recoveries.get(session)
+        if rec is None or (rec.epoch, rec.app_id) != (epoch, app_id):
+            raise AccessDenied(
+                "no open share recovery with this session for this epoch and app (finished, failed, expired, "
+                "or another app's)",
+                step="recovery",
+            )
+        return rec
+
+    def _done_recovery(self, rec: _Recovery) -> None:
+        """The secret pieces stay only until this helper summed and every other helper fetched its piece."""
+        with self._lock:
+            if rec.summed and rec.served >= set(rec.split.helpers) - {self.index}:
+                self._recoveries.pop(rec.session, None)
+
+    def _drop_recovery(self, session: bytes) -> None:
+        with self._lock:
+            self._recoveries.pop(session, None)
 
     # --- the signature (dstack's shape) by t members
 
@@ -702,10 +1144,16 @@ class EnvKeys:
         point = self.check_ephemeral_key(ephemeral_key)
         self._check_epoch(epoch)
         share = self.store.get(epoch, app_id)
-        if share is None:
-            raise AccessDenied(
-                f"no env key of this app under epoch {epoch} (GetAppEnvEncryptPubKey makes it)", step="env"
-            )
+        if share is None:  # never a ceremony at a boot; a sharing this member missed: share recovery
+            try:
+                with self._app_lock(epoch, app_id):
+                    share = self.recover(epoch, app_id)
+            except (KmsUsageError, KmsClientError, KmsDenied) as exc:
+                raise AccessDenied(
+                    f"no env key of this app under epoch {epoch} here (GetAppEnvEncryptPubKey makes it; "
+                    f"recovery: {str(exc)[:300]})",
+                    step="env",
+                ) from exc
         p = tx.partial_decrypt(share, app_id, point)
         return api.ThresholdEnvPartialResponse(
             app_id=app_id.hex(),
@@ -734,3 +1182,5 @@ class EnvKeys:
         now = self._clock()
         for s in [s for s, c in self._open.items() if now - c.opened_at > CEREMONY_WINDOW_S]:
             del self._open[s]
+        for s in [s for s, r in self._recoveries.items() if now - r.opened_at > RECOVERY_WINDOW_S]:
+            del self._recoveries[s]

@@ -1,0 +1,191 @@
+"""Threshold mode: a reshare carries everything a node holds of an epoch (issue 19), not only its root
+(VOPRF) share: its share of every app's env sharing of that epoch (kms.threshold_env), and its shares of the
+group's signing key (secp256k1) and CA key (P-256) (kms.threshold_sign). Each is re-dealt in the same round
+by the same t_old dealers with keys.share_repair's resharing (Desmedt–Jajodia 1997, as Herzberg et al.
+CRYPTO '95 use it): the same public keys, new shares that do not combine with old ones.
+
+    dealer (ReshareDealer.open)   carry_deal: one ReshareDealing per sharing it holds, in memory with the
+                                  round's root dealing; ReshareDeal hands new member j its sub-shares of
+                                  each (`carried`), under the round's rule (boot-time evidence of an allowed
+                                  build, member token, once)
+    receiver (join_reshare)       carry_receive: every dealer must carry the same sharings with the same old
+                                  commitments (a dealer that differs is named); each is checked
+                                  (C_0 = Y_i, sub-share against the dealing) and summed with Lagrange
+                                  weights; the result keeps each old public key
+    receiver (launcher)           seal_carried: env shares into the node's EnvKeyStore, the signing and CA
+                                  shares beside the root share, all before the node serves
+
+A sharing that a dealer lacks (an env key made while it was down and never recovered) is not carried by it:
+the receiver refuses a round whose dealers do not all carry the same set, naming them (recover first:
+docs/kms.md, runbook).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from teecloud.keys import share_repair as sr
+from teecloud.keys import threshold_ecdh as tx
+from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys._groups import P256, SECP256K1, Group
+from teecloud.keys.errors import KeysError
+from teecloud.kms import api
+from teecloud.kms.errors import KmsClientError
+from teecloud.kms.threshold_env import EnvKeyStore
+
+__all__ = [
+    "CarriedItem",
+    "CarriedShares",
+    "carried_for",
+    "carry_deal",
+    "carry_receive",
+    "seal_carried",
+]
+
+MAX_CARRIED = 1024  # sharings per round: the answer stays under the client's 1 MiB (MAX_RESPONSE_BYTES)
+_KINDS: dict[str, Group] = {"env": tx.EDWARDS25519, "sigkey": SECP256K1, "ca-sigkey": P256}
+
+
+def _group(kind: str) -> Group:
+    return _KINDS[kind]
+
+
+def _scalar_hex(kind: str, k: int) -> str:
+    return _group(kind).scalar(k).hex()
+
+
+def _scalar_of(kind: str, text: str) -> int:
+    raw = bytes.fromhex(text)
+    if len(raw) != 32:
+        raise ValueError("a scalar is 32 bytes")
+    return int.from_bytes(raw, "little" if kind == "env" else "big")
+
+
+@dataclass(frozen=True)
+class CarriedItem:
+    """One sharing a dealer re-deals: `kind` ("env", "sigkey", "ca-sigkey"), the app (env only), the old
+    commitments and the dealing (secret sub-shares)."""
+
+    kind: str
+    app_id: bytes
+    old_commitments: tuple[bytes, ...]
+    dealing: sr.ReshareDealing = field(repr=False)
+
+
+def carry_deal(
+    *,
+    epoch: int,
+    index: int,
+    t_new: int,
+    n_new: int,
+    env_store: EnvKeyStore | None,
+    signing_key: te.KeyShare | None,
+    ca_key: te.KeyShare | None,
+) -> list[CarriedItem]:
+    """Dealer `index`'s re-dealing of every sharing it holds of `epoch` (its sealed env shares, and the
+    group's signing and CA key shares)."""
+    out: list[CarriedItem] = []
+    if env_store is not None:
+        for app_id in env_store.apps(epoch):
+            share = env_store.get(epoch, app_id)
+            if share is None:
+                continue
+            d = sr.reshare_deal(tx.EDWARDS25519, share.commitments, index, share.share, t_new, n_new)
+            out.append(CarriedItem("env", app_id, share.commitments, d))
+    for kind, key in (("sigkey", signing_key), ("ca-sigkey", ca_key)):
+        if key is not None:
+            if key.index != index:
+                raise KeysError(f"the {kind} share is share {key.index}, not {index}")
+            d = sr.reshare_deal(key.group, key.commitments, index, key.share, t_new, n_new)
+            out.append(CarriedItem(kind, b"", key.commitments, d))
+    if len(out) > MAX_CARRIED:
+        raise KeysError(f"more than {MAX_CARRIED} sharings to carry")
+    return out
+
+
+def carried_for(items: Sequence[CarriedItem], index: int) -> list[api.CarriedSubshare]:
+    """What new member `index` receives of each carried sharing (ReshareDealResponse.carried)."""
+    return [
+        api.CarriedSubshare(
+            kind=c.kind,
+            app_id=c.app_id.hex(),
+            old_commitments=[p.hex() for p in c.old_commitments],
+            commitments=[p.hex() for p in c.dealing.commitments],
+            subshare=_scalar_hex(c.kind, c.dealing.subshares[index]),
+        )
+        for c in items
+    ]
+
+
+@dataclass
+class CarriedShares:
+    """A new member's shares of the carried sharings (each checked against its new commitments)."""
+
+    env: dict[bytes, tx.EnvKeyShare] = field(default_factory=dict)
+    signing_key: te.KeyShare | None = None
+    ca_key: te.KeyShare | None = None
+
+
+def carry_receive(
+    answers: Mapping[int, Sequence[api.CarriedSubshare]], *, index: int, t_new: int, n_new: int
+) -> CarriedShares:
+    """New member `index`: the dealers' (`answers`: dealer -> what it carried for this member) sub-shares of
+    each sharing, all dealers carrying the same sharings with the same old commitments; each summed
+    (keys.share_repair.reshare_receive). Raises KmsClientError naming a dealer that differs or cheats."""
+    by: dict[int, dict[tuple[str, str], api.CarriedSubshare]] = {}
+    for dealer, items in answers.items():
+        keyed = {(c.kind, c.app_id): c for c in items}
+        if len(keyed) != len(items):
+            raise KmsClientError(f"dealer {dealer} carried a sharing twice")
+        by[dealer] = keyed
+    sets = {d: set(k) for d, k in by.items()}
+    first = next(iter(sets.values()), set())
+    differ = sorted(d for d, s in sets.items() if s != first)
+    if differ:
+        raise KmsClientError(
+            f"the dealers do not carry the same sharings (dealers {differ} differ from dealer "
+            f"{min(sets)}): a dealer lacks an env share — recover it first (docs/kms.md, runbook)"
+        )
+    out = CarriedShares()
+    for kind, app_hex in sorted(first):
+        g = _group(kind)
+        try:
+            olds = {d: tuple(bytes.fromhex(c) for c in by[d][(kind, app_hex)].old_commitments) for d in by}
+            old = olds[min(olds)]
+            off = sorted(d for d, c in olds.items() if c != old)
+            if off:
+                raise KmsClientError(f"dealers {off} carry another {kind} sharing {app_hex} than the others")
+            dealings = {d: tuple(bytes.fromhex(c) for c in by[d][(kind, app_hex)].commitments) for d in by}
+            subs = {d: _scalar_of(kind, by[d][(kind, app_hex)].subshare) for d in by}
+            share, new = sr.reshare_receive(g, old, index, dealings, subs)
+            if kind == "env":
+                out.env[bytes.fromhex(app_hex)] = tx.EnvKeyShare(index, t_new, share, new)
+            elif kind == "sigkey":
+                out.signing_key = te.KeyShare(index, t_new, n_new, share, new, g.name)
+            else:
+                out.ca_key = te.KeyShare(index, t_new, n_new, share, new, g.name)
+        except (KeysError, ValueError) as exc:
+            raise KmsClientError(f"the carried {kind} sharing {app_hex or ''} failed: {exc}") from exc
+    return out
+
+
+def seal_carried(
+    carried: CarriedShares,
+    epoch: int,
+    env_store: EnvKeyStore,
+    save_key: Callable[[te.KeyShare, str], Path],
+    *,
+    signing_file: str,
+    ca_file: str,
+) -> None:
+    """Seal a new member's carried shares (the env shares one atomic write each; the key shares beside the
+    root share)."""
+    for app_id, share in sorted(carried.env.items()):
+        if env_store.get(epoch, app_id) is None:
+            env_store.put(epoch, app_id, share)
+    if carried.signing_key is not None:
+        save_key(carried.signing_key, signing_file)
+    if carried.ca_key is not None:
+        save_key(carried.ca_key, ca_file)

@@ -1,0 +1,216 @@
+"""A reshare carries everything (issue 19, kms.threshold_carry): five running members (3-of-5) that hold an
+app's env sharing, the group's signing key and CA key reshare their root to a 4-of-7 committee over the
+real ReshareDeal endpoint (boot-time evidence of an allowed build, one member token each); the new members
+receive their shares of the env sharing and both keys too, with the same public keys; an env encrypted
+before decrypts from the new shares; back to 3-of-5 the same; old and new shares do not mix, and a retired
+node's carried shares are erased with its root share."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import coincurve
+import pytest
+
+from teecloud.appcompose import compose_hash
+from teecloud.chain import ContractReverted
+from teecloud.keys import threshold_ecdh as tx
+from teecloud.keys import threshold_ecdsa as te
+from teecloud.keys._groups import P256
+from teecloud.keys.envcrypt import decrypt_env_with_shared_secret, encrypt_env
+from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee, kms_dir
+from teecloud.kms.client import connect_kms
+from teecloud.kms.errors import KmsClientError
+from teecloud.kms.threshold import ReshareDealer, ResharePlan, erase_share
+from teecloud.kms.threshold_carry import CarriedShares, carried_for, carry_deal, carry_receive, seal_carried
+from teecloud.kms.threshold_client import join_reshare
+from teecloud.kms.threshold_env import ENV_DIR, EnvKeyStore
+from teecloud.kms.threshold_sign import CA_SHARE_FILE, SIGNING_SHARE_FILE, PresignaturePool, ThresholdSigner
+from teecloud.tee.simulated import SimulatedTdx
+from tests.kms.conftest import World
+from tests.kms.test_threshold_env import members, pubkey
+from tests.kms.test_threshold_net_peering import Member
+from tests.kms.test_threshold_nodes import HELLO
+
+pytestmark = pytest.mark.slow
+
+__all__ = ["members"]
+
+APP_SECRET = {"SECRET": "written before the reshare"}
+
+
+def _allow_kms_build(world: World, home: Path) -> None:
+    tee = SimulatedTdx(home)
+    ident = boot_kms_tee(tee)
+    for mr in (ident.mr_aggregated, ident.boot_mr_aggregated):
+        with contextlib.suppress(ContractReverted):
+            world.chain.add_kms_mr(mr)
+    with contextlib.suppress(ContractReverted):
+        world.chain.add_kms_device(tee.device_id)
+
+
+def _store(path: Path, index: int, t: int) -> EnvKeyStore:
+    """A new member's env store (sealing is the launcher's, tested elsewhere: identity here)."""
+    return EnvKeyStore(path, lambda b: b, lambda b: b, index=index, t=t)
+
+
+def _decrypts(shares: list[tx.EnvKeyShare], app_id: bytes, blob: bytes) -> dict[str, str]:
+    point = tx.ephemeral_point(blob)
+    c = shares[0].commitments
+    secret = tx.combine(c, app_id, point, [tx.partial_decrypt(s, app_id, point) for s in shares])
+    return decrypt_env_with_shared_secret(secret, blob)
+
+
+def _signs(keys: list[te.KeyShare], group_key: bytes) -> None:
+    presigs = te.presign_local(keys, [k.index for k in keys][: 2 * keys[0].t - 1])
+    digest = hashlib.sha256(b"after the reshare").digest()
+    sig = te.sign_local(presigs, sorted(presigs)[: keys[0].t], digest)
+    if keys[0].curve == "secp256k1":
+        rec = coincurve.PublicKey.from_signature_and_message(sig, digest, hasher=None)
+        assert rec.format(compressed=True) == group_key
+
+
+def test_reshare_3of5_to_4of7_and_back_carries_env_signing_and_ca_keys(
+    teecloud_home: Path,
+    world: World,
+    members: tuple[dict[int, Member], bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nodes, signing_key = members
+    _allow_kms_build(world, teecloud_home)
+    app_id = world.register(compose_hash(dict(HELLO, name="carried")))
+    pub = bytes.fromhex(pubkey(nodes[1], app_id).public_key)
+    blob = encrypt_env(pub, APP_SECRET)
+    ca_keys = te.dkg_local(3, 5, group=P256)  # the group's CA key (made by a networked round in production)
+    for m in nodes.values():
+        m.service.ca_signer = ThresholdSigner(ca_keys[m.index - 1], PresignaturePool())
+
+    # 3-of-5 -> 4-of-7: dealers 1, 3, 5 (their ReshareDealer carries what their service holds)
+    dealers = (1, 3, 5)
+    plan = ResharePlan(os.urandom(16), 1, nodes[1].service.threshold.commitments, dealers, 4, 7)  # type: ignore[union-attr]
+    tokens = {j: hashlib.sha256(plan.session + bytes([j])).digest() for j in range(1, 8)}
+    for i in dealers:
+        svc = nodes[i].service
+        svc.reshare = ReshareDealer(svc.threshold._share, carry=svc.carry_for_reshare)  # type: ignore[union-attr]
+        svc.reshare.open(plan, {j: hashlib.sha256(tok).digest() for j, tok in tokens.items()})
+    new: dict[int, CarriedShares] = {}
+    roots = {}
+    for j in range(1, 8):
+        tee = SimulatedTdx(teecloud_home)
+        boot_kms_tee(tee, finish=False)  # a new node at its boot
+        clients = {
+            i: connect_kms(
+                nodes[i].server.url,
+                collateral_for=lambda _q, _n, tee=tee: tee.collateral(),  # type: ignore[misc]
+                dev_root_der=tee.dev_root_der(),
+                expected_ca_pubkey_der=nodes[i].service.keys.ca_public_key_der,
+            )
+            for i in dealers
+        }
+        new[j] = CarriedShares()
+        roots[j] = join_reshare(
+            plan, j, tee, clients, app_id=KMS_APP_ID, member_token=tokens[j], carried_out=new[j]
+        )
+    assert {r.group_public_key for r in roots.values()} == {plan.old_commitments[0]}
+    env47 = [new[j].env[app_id] for j in range(1, 8)]
+    assert len({s.commitments for s in env47}) == 1 and env47[0].t == 4
+    assert tx.x25519_public_key(env47[0].commitments) == pub  # the same env public key
+    assert _decrypts(env47[1:5], app_id, blob) == APP_SECRET  # an env written before decrypts
+    sig47 = [new[j].signing_key for j in range(1, 8)]
+    ca47 = [new[j].ca_key for j in range(1, 8)]
+    assert all(k is not None and k.t == 4 and k.n == 7 for k in (*sig47, *ca47))
+    assert {k.group_public_key for k in sig47 if k} == {signing_key}
+    assert {k.group_public_key for k in ca47 if k} == {ca_keys[0].group_public_key}
+    _signs([k for k in sig47 if k], signing_key)
+    _signs([k for k in ca47 if k], ca_keys[0].group_public_key)
+    # old and new do not mix: an old share fails the new commitments' check
+    old_env = nodes[2].service.env_keys.store.get(1, app_id)  # type: ignore[union-attr]
+    assert old_env is not None
+    with pytest.raises(tx.ThresholdEcdhError, match="does not match its commitments"):
+        tx.EnvKeyShare(2, 4, old_env.share, env47[0].commitments)
+    with pytest.raises(te.ThresholdSignatureError, match="does not match"):
+        old_sig = nodes[2].service.threshold.signer.key  # type: ignore[union-attr]
+        te.KeyShare(2, 4, 7, old_sig.share, sig47[0].commitments)  # type: ignore[union-attr]
+
+    # 4-of-7 -> 3-of-5: the new members' stores (sealed by seal_carried), dealt by 2, 4, 6, 7
+    stores = {j: _store(teecloud_home / f"new-{j}" / ENV_DIR, j, 4) for j in range(1, 8)}
+    saved: dict[tuple[int, str], te.KeyShare] = {}
+
+    def saver(j: int) -> Callable[[te.KeyShare, str], Path]:
+        def save(key: te.KeyShare, file: str) -> Path:
+            saved[(j, file)] = key
+            return teecloud_home / f"new-{j}" / file
+
+        return save
+
+    for j in range(1, 8):
+        seal_carried(new[j], 1, stores[j], saver(j), signing_file=SIGNING_SHARE_FILE, ca_file=CA_SHARE_FILE)
+    assert all(stores[j].apps(1) == [app_id] for j in stores)
+    back_dealers = (2, 4, 6, 7)
+    items = {
+        i: carry_deal(
+            epoch=1,
+            index=i,
+            t_new=3,
+            n_new=5,
+            env_store=stores[i],
+            signing_key=saved[(i, SIGNING_SHARE_FILE)],
+            ca_key=saved[(i, CA_SHARE_FILE)],
+        )
+        for i in back_dealers
+    }
+    back = {
+        j: carry_receive({i: carried_for(items[i], j) for i in back_dealers}, index=j, t_new=3, n_new=5)
+        for j in range(1, 6)
+    }
+    env35 = [back[j].env[app_id] for j in range(1, 6)]
+    assert tx.x25519_public_key(env35[0].commitments) == pub
+    assert _decrypts(env35[2:5], app_id, blob) == APP_SECRET
+    _signs([b.signing_key for b in back.values() if b.signing_key], signing_key)
+    _signs([b.ca_key for b in back.values() if b.ca_key], ca_keys[0].group_public_key)
+    # a 4-of-7 share does not check against the 3-of-5 commitments
+    with pytest.raises(tx.ThresholdEcdhError):
+        tx.EnvKeyShare(2, 3, env47[1].share, env35[0].commitments)
+    # a dealer lacking the app's env share (it never recovered it): the receiver refuses, naming dealers
+    short = {i: carried_for(items[i], 1) for i in back_dealers}
+    short[6] = [c for c in short[6] if c.kind != "env"]
+    with pytest.raises(KmsClientError, match=r"dealers \[6\] differ"):
+        carry_receive(short, index=1, t_new=3, n_new=5)
+    # a dealer whose env sub-share is wrong is named
+    bad = {i: carried_for(items[i], 1) for i in back_dealers}
+    k = next(n for n, c in enumerate(bad[4]) if c.kind == "env")
+    wrong = (int.from_bytes(bytes.fromhex(bad[4][k].subshare), "little") + 1) % tx.ORDER
+    bad[4][k] = bad[4][k].model_copy(update={"subshare": wrong.to_bytes(32, "little").hex()})
+    with pytest.raises(KmsClientError, match="party 4"):
+        carry_receive(bad, index=1, t_new=3, n_new=5)
+
+    # old nodes retire: the root share's erasure takes the carried shares with it
+    home1 = teecloud_home / "env-1"
+    assert list((kms_dir(home1) / ENV_DIR).glob("*.sealed"))
+    (kms_dir(home1) / SIGNING_SHARE_FILE).write_bytes(b"sealed")  # the member's signing share file
+    erase_share(home1)
+    assert not list((kms_dir(home1) / ENV_DIR).glob("*.sealed"))
+    assert not (kms_dir(home1) / SIGNING_SHARE_FILE).exists()
+
+    # more sharings than a round carries (MAX_CARRIED; 1024 in production): the dealer refuses to open it,
+    # saying so (a 400 on its admin listener, never a 500)
+    from teecloud.kms import api, threshold_carry
+    from teecloud.kms.errors import KmsUsageError
+
+    monkeypatch.setattr(threshold_carry, "MAX_CARRIED", 1)
+    svc = nodes[1].service
+    req = api.ReshareOpenRequest(
+        session=os.urandom(16).hex(),
+        epoch=1,
+        old_commitments=[c.hex() for c in plan.old_commitments],
+        dealers=list(dealers),
+        t_new=4,
+        n_new=7,
+        member_token_hashes={str(j): hashlib.sha256(t).hexdigest() for j, t in tokens.items()},
+    )
+    with pytest.raises(KmsUsageError, match="more than 1 sharings"):
+        svc.reshare_open(req)
