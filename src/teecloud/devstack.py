@@ -557,7 +557,6 @@ class LocalCloud:
         chain, each with its own data directory and sealed share, and the worker node's ThresholdKeyProvider
         over them. The first start runs a dealerless DKG between processes (`_networked_dkg`): no process
         ever holds the group secret. Returns (node 1's URL, its admin URL, the provider)."""
-        import dataclasses
 
         from teecloud.kms.bootstrap import boot_kms_tee
         from teecloud.kms.client import connect_kms
@@ -601,6 +600,12 @@ class LocalCloud:
         if group.signing_key and chain.kms_group.signing_key(group.epoch) is None:
             # the signing-key round's result, recorded once by the operator as the committee is
             chain.kms_group.record_signing_key(group.epoch, group.signing_key)
+        if group.ca_root_cert and chain.kms_group.group_ca(group.epoch) is None:
+            # the root CA's key and the hash of its DER, recorded once like the signing key: clients keep a
+            # root only if the chain names exactly it (group_from_chain)
+            from teecloud.kms.threshold_client import group_ca_record
+
+            chain.kms_group.record_ca(group.epoch, *group_ca_record(group.ca_root_cert))
         try:
             # the group as the chain records it (signing key included), not as a local file says; a
             # group.json that disagrees with the chain stops the start
@@ -619,7 +624,7 @@ class LocalCloud:
         }
         # the newer root epochs these nodes also serve, for the apps whose compose opts in
         provider = ThresholdKeyProvider(
-            dataclasses.replace(trusted, ca_root_cert=group.ca_root_cert),
+            trusted,  # its root CA certificate checked against KmsGroup's record
             clients,
             epochs={
                 e: ThresholdGroup(c.epoch, c.t, c.commitments, c.urls)

@@ -247,3 +247,96 @@ def test_members_current_peer_keys_are_recorded_and_replaced(chain: ChainClient)
         3,
         restarted,
     )
+
+
+def _p256_key() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+    )
+
+
+def test_the_group_ca_key_and_root_hash_are_recorded_once_after_the_committee(chain: ChainClient) -> None:
+    group = chain.kms_group
+    key, root_hash = _p256_key(), rand32()
+    with pytest.raises(ContractReverted, match="no committee recorded for this epoch"):
+        group.record_ca(21, key, root_hash)
+    group.activate(group.record_committee(21, 2, [rand32(), rand32()], _members(3)))
+    assert group.group_ca(21) is None
+    group.record_ca(21, key, root_hash)
+    recorded = group.group_ca(21)
+    assert recorded is not None and (recorded.ca_key, recorded.root_cert_hash) == (key, root_hash)
+    with pytest.raises(ContractReverted, match="recorded once"):
+        group.record_ca(21, key, rand32())  # another root is a new epoch
+    stranger = chain.with_signer(chain.keys[3])  # type: ignore[attr-defined]
+    with pytest.raises(ContractReverted, match="not the owner"):
+        stranger.kms_group.record_ca(21, key, root_hash)
+    log = [e["args"] for e in group.history() if e["event"] == "CaRecorded"]
+    assert log[-1]["epoch"] == 21 and bytes(log[-1]["ca_key"]) == key
+    assert bytes(log[-1]["root_cert_hash"]) == root_hash
+
+
+@pytest.mark.parametrize(
+    ("key", "root_hash", "reason"),
+    [
+        (b"\x04" + bytes(32), b"\x01" * 32, "compressed point"),
+        (b"\x02" + bytes(31), b"\x01" * 32, "33 bytes"),
+        (b"\x02" + bytes(32), bytes(32), "root certificate hash is empty"),
+    ],
+)
+def test_a_malformed_ca_record_reverts(chain: ChainClient, key: bytes, root_hash: bytes, reason: str) -> None:
+    chain.kms_group.record_committee(22, 1, [rand32()], _members(1))
+    with pytest.raises(ContractReverted, match=reason):
+        chain.transact("KmsGroup", chain.kms_group_address, "record_ca", 22, key, root_hash)
+
+
+def _root_pem(not_before: int) -> str:
+    """A self-signed root of the group root's shape (its key a whole P-256 key: a stand-in here)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    from teecloud.keys import threshold_certs as tc
+    from teecloud.keys.certs import cert_to_pem
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+    to_sign = tc.root_ca_to_sign(pub, not_before=not_before)
+    r, s = decode_dss_signature(key.sign(to_sign.tbs, ec.ECDSA(hashes.SHA256())))
+    sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    return cert_to_pem(tc.assemble_certificate(to_sign, sig, key.public_key()))
+
+
+def test_cli_checks_a_root_certificate_against_the_chain(teecloud_home: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app as cli
+    from teecloud.kms.threshold_client import group_ca_record
+
+    good, other = _root_pem(1_700_000_000), _root_pem(1_700_000_000)
+    (tmp_path / "good.pem").write_text(good)
+    (tmp_path / "other.pem").write_text(other)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with ChainClient.embedded(teecloud_home) as c:
+        c.deploy()
+        c.kms_group.activate(c.kms_group.record_committee(1, 1, [rand32()], _members(1)))
+    runner = CliRunner()
+    r = runner.invoke(cli, ["kms", "group", "--root-cert", str(tmp_path / "good.pem")])
+    assert r.exit_code == 1 and "records no group CA for epoch 1" in r.output and "Traceback" not in r.output
+    with ChainClient.embedded(teecloud_home) as c:
+        c.kms_group.record_ca(1, *group_ca_record(good))
+    r = runner.invoke(cli, ["kms", "group", "--json", "--root-cert", str(tmp_path / "good.pem")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["root_cert"] == "matches the chain's record"
+    assert (bytes.fromhex(doc["ca_key"]), bytes.fromhex(doc["ca_root_sha256"])) == group_ca_record(good)
+    for bad in ("other.pem", "junk.pem", "missing.pem"):
+        r = runner.invoke(cli, ["kms", "group", "--root-cert", str(tmp_path / bad)])
+        assert r.exit_code == 1 and "not the group root CA KmsGroup records" in r.output, r.output
+        assert "Traceback" not in r.output

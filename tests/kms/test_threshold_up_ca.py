@@ -25,7 +25,7 @@ from teecloud.cli import app as cli_app
 from teecloud.devstack import LocalCloud
 from teecloud.keys.certs import verify_cert_chain
 from teecloud.kms.threshold import read_group
-from teecloud.kms.threshold_client import ThresholdKeyProvider
+from teecloud.kms.threshold_client import ThresholdKeyProvider, group_ca_record
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.test_threshold_net_up import _pool
 
@@ -58,6 +58,10 @@ def test_a_booted_apps_ra_tls_chain_verifies_under_the_group_root_ca(tmp_path: P
         assert (
             isinstance(provider, ThresholdKeyProvider) and provider.group.ca_root_cert == group.ca_root_cert
         )
+        # KmsGroup records the CA key and the root's hash; the provider's root is the one the chain names
+        recorded = cloud.chain.kms_group.group_ca(group.epoch)
+        assert recorded is not None
+        assert (recorded.ca_key, recorded.root_cert_hash) == group_ca_record(group.ca_root_cert)
         app_id = bytes.fromhex(cloud.chain.register_app(None, compose_hash(HELLO))[2:])
         t = SimulatedTdx(home)
         state = boot(

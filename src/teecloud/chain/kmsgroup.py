@@ -11,12 +11,13 @@ from .api import BlockRef
 from .connection import ChainConnection
 from .errors import ChainError, ChainStateError
 
-__all__ = ["Committee", "CommitteeMember", "KmsGroup"]
+__all__ = ["Committee", "CommitteeMember", "GroupCa", "KmsGroup"]
 
 MAX_NODES = 64
 MAX_URL = 256
 MAX_FINALITY_DEPTH = 1024  # as the chain gate's (teecloud.peer)
 SIGNING_KEY_SIZE = 33  # SEC1 compressed secp256k1
+CA_KEY_SIZE = 33  # SEC1 compressed P-256
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,14 @@ class Committee:
         return {m.index: m.url for m in self.members}
 
 
+@dataclass(frozen=True)
+class GroupCa:
+    """The group's P-256 CA key of an epoch and the sha256 of its root CA certificate's DER, as recorded."""
+
+    ca_key: bytes  # 33 bytes SEC1 compressed
+    root_cert_hash: bytes  # sha256(DER of the root CA certificate)
+
+
 class KmsGroup:
     def __init__(self, conn: ChainConnection, address: str | bytes) -> None:
         self.conn = conn
@@ -97,6 +106,13 @@ class KmsGroup:
         if len(key) != SIGNING_KEY_SIZE or key[0] not in (2, 3):
             raise ValueError("a signing key is a 33-byte SEC1 compressed secp256k1 point")
         return self._send("record_signing_key", int(epoch), bytes(key))
+
+    def record_ca(self, epoch: int, key: bytes, root_cert_hash: bytes) -> dict[str, Any]:
+        """Record the epoch's group CA key (P-256, compressed) and the sha256 of its root CA certificate's
+        DER (owner only, once, after the epoch's committee)."""
+        if len(key) != CA_KEY_SIZE or key[0] not in (2, 3):
+            raise ValueError("a CA key is a 33-byte SEC1 compressed P-256 point")
+        return self._send("record_ca", int(epoch), bytes(key), to_bytes32(root_cert_hash, "root hash"))
 
     def record_peer_keys(self, committee_id: int, keys: dict[int, bytes]) -> dict[str, Any]:
         """Record members' current boot-time peer keys (sha256 of each SPKI) by share index (owner only):
@@ -163,6 +179,15 @@ class KmsGroup:
         if len(key) != SIGNING_KEY_SIZE or key[0] not in (2, 3):  # the contract allows nothing else
             raise ChainStateError("KmsGroup's signing key is not a 33-byte compressed point")
         return key
+
+    def group_ca(self, epoch: int, *, at: BlockRef | None = None) -> GroupCa | None:
+        """The epoch's group CA key and root certificate hash, None when none is recorded."""
+        key = bytes(self._call("ca_key", int(epoch), at=at))
+        if not key:
+            return None
+        if len(key) != CA_KEY_SIZE or key[0] not in (2, 3):  # the contract allows nothing else
+            raise ChainStateError("KmsGroup's CA key is not a 33-byte compressed point")
+        return GroupCa(key, bytes(self._call("ca_root_hash", int(epoch), at=at)))
 
     def history(self) -> list[dict[str, Any]]:
         """The membership log: every CommitteeRecorded / MemberRecorded / CommitteeActivated, in chain order

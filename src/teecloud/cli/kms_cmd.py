@@ -936,6 +936,25 @@ def rotate_finish(
         out.print(f"root epoch {e}: the same committee recorded at its nodes' new addresses")
 
 
+def _check_root_cert(path: Path, group_ca: Any, epoch: int) -> str:
+    """`kms group --root-cert`: the given root is the one KmsGroup records for the epoch, else exit 1."""
+    from cryptography import x509
+
+    from teecloud.keys import threshold_certs as tc
+    from teecloud.keys.errors import KeysError
+
+    if group_ca is None:
+        _fail(f"{path}: KmsGroup records no group CA for epoch {epoch}: this root is not on chain")
+    try:
+        if path.stat().st_size > 65536:
+            raise ValueError("above 64 KiB")
+        root = x509.load_pem_x509_certificate(path.read_bytes())
+        tc.check_group_root(root, group_ca.ca_key, group_ca.root_cert_hash)
+    except (OSError, ValueError, KeysError) as exc:
+        _fail(f"{path}: not the group root CA KmsGroup records for epoch {epoch}: {exc}")
+    return "matches the chain's record"
+
+
 @app.command("group")
 def group(
     epoch: Annotated[int, typer.Option(min=0, help="Root epoch.")] = 1,
@@ -952,9 +971,17 @@ def group(
             "--finality-depth", min=0, max=1024, help="Read the record this many blocks below the head."
         ),
     ] = 0,
+    root_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--root-cert",
+            help="A group root CA certificate (PEM) to check against the chain's record of EPOCH "
+            "(its CA key and the sha256 of the root's DER); exits 1 when it is not the recorded root.",
+        ),
+    ] = None,
 ) -> None:
     """The threshold KMS committee serving EPOCH, as the chain (KmsGroup) records it (with its signing key:
-    what a verifier of a GetKey signature chain pins)."""
+    what a verifier of a GetKey signature chain pins, and its group CA: what an app CA chains to)."""
     from teecloud.chain import ChainError
 
     chain = _chain(rpc_url, None)
@@ -963,6 +990,7 @@ def group(
         at = kms_group.final_block(finality_depth)
         committee = kms_group.active(epoch, at=at)
         signing_key = kms_group.signing_key(epoch, at=at) if committee is not None else None
+        group_ca = kms_group.group_ca(epoch, at=at) if committee is not None else None
         log = kms_group.history() if history else []
     except ChainError as exc:
         _fail(f"chain: {exc}")
@@ -973,6 +1001,9 @@ def group(
             f"no KMS committee serves epoch {epoch} on this chain at block {at.number} (a single-node KMS "
             "records none)"
         )
+    root_check = ""
+    if root_cert is not None:
+        root_check = _check_root_cert(root_cert, group_ca, epoch)
     doc = {
         "committee_id": committee.committee_id,
         "epoch": committee.epoch,
@@ -980,6 +1011,8 @@ def group(
         "n": committee.n,
         "group_public_key": committee.group_public_key.hex(),
         "signing_key": signing_key.hex() if signing_key else None,
+        "ca_key": group_ca.ca_key.hex() if group_ca else None,
+        "ca_root_sha256": group_ca.root_cert_hash.hex() if group_ca else None,
         "commitments": [c.hex() for c in committee.commitments],
         "recorded_at_block": committee.recorded_at_block,
         "members": [
@@ -997,6 +1030,8 @@ def group(
             {"block": e["block"], "event": e["event"], **{k: _plain(v) for k, v in e["args"].items()}}
             for e in log
         ]
+    if root_check:
+        doc["root_cert"] = root_check
     if as_json:
         out.print_json(json.dumps(doc))
         return
@@ -1006,6 +1041,11 @@ def group(
     )
     out.print(f"group public key  {doc['group_public_key']}")
     out.print(f"signing key       {doc['signing_key'] or 'none recorded (this epoch does not sign)'}")
+    out.print(f"group CA key      {doc['ca_key'] or 'none recorded (app CAs are self-signed)'}")
+    if group_ca:
+        out.print(f"root CA sha256    {doc['ca_root_sha256']}")
+    if root_check:
+        out.print(f"root certificate  {root_check}")
     for m in committee.members:
         out.print(
             f"  node {m.index:>2}  {m.url}  mr {m.mr_aggregated.hex()[:16]}…  dev {m.device_id.hex()[:16]}…"

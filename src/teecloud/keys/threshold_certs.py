@@ -37,6 +37,7 @@ __all__ = [
     "CertToSign",
     "app_ca_to_sign",
     "assemble_certificate",
+    "check_group_root",
     "group_ca_public_key",
     "root_ca_to_sign",
 ]
@@ -154,6 +155,26 @@ def app_ca_to_sign(
         not_after=na,
         serial=_serial(b"group-app-ca", app_id, spki_der(app_ca_public_key), nb.to_bytes(8, "big")),
     )
+
+
+def check_group_root(root: x509.Certificate, ca_key: bytes, root_cert_hash: bytes) -> None:
+    """The root CA certificate a client is handed is the one a record (KmsGroup: the group's CA key and the
+    sha256 of the root's DER) names: its DER hashes to `root_cert_hash`, its key is `ca_key` and it is
+    self-signed under that key. Raises CertChainInvalid naming what differs."""
+    from cryptography.hazmat.primitives import serialization
+
+    got = hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).digest()
+    if got != root_cert_hash:
+        raise CertChainInvalid(
+            f"the root CA certificate (sha256 {got.hex()}) is not the recorded one ({root_cert_hash.hex()})"
+        )
+    key = group_ca_public_key(ca_key)
+    if root.public_key() != key:
+        raise CertChainInvalid("the root CA certificate's key is not the recorded group CA key")
+    try:
+        key.verify(root.signature, root.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature as exc:
+        raise CertChainInvalid("the root CA certificate is not self-signed by the group CA key") from exc
 
 
 def _der_length(n: int) -> bytes:

@@ -35,8 +35,12 @@ __all__ = [
     "PATH_PEER_ROUND",
     "PATH_RESHARE_DEAL",
     "PATH_SIGN_CERT",
+    "PATH_THRESHOLD_APP_CA_CACHED",
+    "PATH_THRESHOLD_APP_CA_STORE",
     "PATH_THRESHOLD_EVALUATE",
     "PATH_THRESHOLD_SIGN_APP_CA",
+    "AppCaCachedRequest",
+    "AppCaCachedResponse",
     "AppKeyResponse",
     "AuditRecord",
     "AuditResponse",
@@ -91,6 +95,8 @@ PATH_THRESHOLD_EVALUATE = "/prpc/KMS.ThresholdEvaluate"
 PATH_RESHARE_DEAL = "/prpc/KMS.ReshareDeal"
 PATH_THRESHOLD_SIGN = "/prpc/KMS.ThresholdSignAppKey"
 PATH_THRESHOLD_SIGN_APP_CA = "/prpc/KMS.ThresholdSignAppCa"
+PATH_THRESHOLD_APP_CA_CACHED = "/prpc/KMS.ThresholdAppCaCached"
+PATH_THRESHOLD_APP_CA_STORE = "/prpc/KMS.ThresholdAppCaStore"
 PATH_PEER_HELLO = "/prpc/KMS.PeerHello"
 PATH_PEER_ROUND = "/prpc/KMS.PeerRoundShares"
 
@@ -501,6 +507,28 @@ class ThresholdSignAppCaRequest(BaseModel):
     app_compose: str = Field(default="", max_length=MAX_APP_COMPOSE_BYTES)
     app_ca_public_key: str = Field(pattern="^0[23][0-9a-f]{64}$", description="compressed P-256 (hex)")
     session: _Session
+
+
+MAX_APP_CA_PEM = 4096  # a group-signed app CA certificate is ~700 characters of PEM
+
+
+class AppCaCachedRequest(BaseModel):
+    """Threshold mode: the group-signed app CA certificate this node keeps for (epoch, app_id, app CA key), if
+    any (public data: the certificate is in every RA-TLS chain the app serves). With `certificate`
+    (ThresholdAppCaStore): keep this one, which the node checks is exactly the TBS it builds for that app and
+    key under its root, signed by the group's CA key."""
+
+    model_config = _STRICT
+
+    epoch: int = Field(ge=1, lt=1 << 32)
+    app_id: str = Field(pattern="^(?:[0-9a-f]{2}){1,64}$")
+    app_ca_public_key: str = Field(pattern="^0[23][0-9a-f]{64}$", description="compressed P-256 (hex)")
+    certificate: str = Field(default="", max_length=MAX_APP_CA_PEM)
+
+
+class AppCaCachedResponse(BaseModel):
+    certificate: str = Field(default="", max_length=MAX_APP_CA_PEM, description="PEM, '' when none is kept")
+    stored: bool = False
 
 
 class CaRootShareRequest(BaseModel):

@@ -185,6 +185,16 @@ def make_public_app(service: KmsService) -> FastAPI:
             service.threshold_sign_app_ca(peer_cert_der(request), body, peer_addr=_peer_addr(request))
         )
 
+    @app.post(api.PATH_THRESHOLD_APP_CA_CACHED, response_model=api.AppCaCachedResponse)
+    def threshold_app_ca_cached(body: api.AppCaCachedRequest) -> Response:
+        if body.certificate:
+            return _denied(400, "a lookup names no certificate (ThresholdAppCaStore keeps one)", "request")
+        return _json_response(service.app_ca_cached(body))
+
+    @app.post(api.PATH_THRESHOLD_APP_CA_STORE, response_model=api.AppCaCachedResponse)
+    def threshold_app_ca_store(request: Request, body: api.AppCaCachedRequest) -> Response:
+        return _json_response(service.app_ca_store(body, peer_addr=_peer_addr(request)))
+
     @app.post(api.PATH_RESHARE_DEAL, response_model=api.ReshareDealResponse)
     def reshare_deal(request: Request, body: api.ReshareDealRequest) -> Response:
         return _json_response(

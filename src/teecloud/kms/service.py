@@ -65,7 +65,7 @@ from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, Threshol
 from teecloud.kms.threshold_carry import CarriedItem, carry_deal
 from teecloud.kms.threshold_env import ENV_DIR, EnvKeys, EnvKeyStore
 from teecloud.kms.threshold_net import SignRounds
-from teecloud.kms.threshold_sign import ThresholdSigner
+from teecloud.kms.threshold_sign import APP_CA_CACHE_DIR, AppCaCache, ThresholdSigner
 from teecloud.peer import (
     AttestedPeer,
     CollateralSource,
@@ -86,6 +86,14 @@ __all__ = [
 ]
 
 log = logging.getLogger("teecloud.kms")
+
+# SignCert on a threshold node (docs/kms.md, "SignCert in threshold mode"): refused before anything is judged
+SIGNCERT_THRESHOLD_REFUSAL = (
+    "SignCert is not served in threshold mode: no KMS node holds an app CA key (it is derived inside the CVM "
+    "from t partial evaluations) and the group's CA key signs only app CA certificates; the CVM's guest "
+    "agent issues its certificates itself under its group-signed app CA (GetTlsKey), the same chain [leaf, "
+    "app CA, group root CA]"
+)
 
 _T = TypeVar("_T")
 
@@ -305,6 +313,15 @@ class KmsService:
         self.env_keys: EnvKeys | None = None
         if threshold is not None and peer_identity is not None:
             self.env_keys = self._make_env_keys(threshold, clock)
+        self.app_ca_cache: AppCaCache | None = None
+        if threshold is not None:
+            seal_key = sealing_key(platform_sealing_secret(self.tee), self.identity.mr_aggregated)
+            mr = self.identity.mr_aggregated
+            self.app_ca_cache = AppCaCache(
+                self.audit.path.parent / APP_CA_CACHE_DIR,
+                lambda data: seal(seal_key, mr, data),
+                lambda blob: unseal(seal_key, mr, blob),
+            )
 
     def _make_env_keys(self, threshold: ThresholdEvaluator, clock: Callable[[], float]) -> EnvKeys:
         """Per-app env keys (teecloud.kms.threshold_env), sealed beside the audit log in this node's dir."""
@@ -426,7 +443,8 @@ class KmsService:
         allows. `vm_config` as for get_app_key (RTMR0 is checked for the VM shape it states)."""
 
         def decide(ctx: dict[str, Any]) -> api.SignCertResponse:
-            self._whole_root_only()
+            if self.threshold is not None or self.reshare is not None:
+                raise AccessDenied(SIGNCERT_THRESHOLD_REFUSAL, step="mode")
             app = self.authz.authorize_app(cert_der, vm_config, ctx=ctx, app_compose=app_compose)
             cn, answer = self.issuer.sign_cert(app, csr_pem)
             ctx["reason"] = f"certificate issued for CN={cn}"
@@ -515,6 +533,46 @@ class KmsService:
             )
 
         return self._audited(api.PATH_THRESHOLD_SIGN_APP_CA, cert_der, peer_addr, decide)
+
+    def _app_ca_parts(self, req: api.AppCaCachedRequest) -> tuple[ThresholdSigner, AppCaCache, bytes, bytes]:
+        signer = self.ca_signer if self.threshold is not None else None
+        if signer is None or signer.ca_root is None or self.app_ca_cache is None:
+            raise AccessDenied("this KMS holds no share of a group CA key with its root", step="mode")
+        assert self.threshold is not None
+        if req.epoch not in self.threshold.epochs:
+            raise AccessDenied(f"this node serves no root epoch {req.epoch}", step="epoch")
+        return signer, self.app_ca_cache, bytes.fromhex(req.app_id), bytes.fromhex(req.app_ca_public_key)
+
+    def app_ca_cached(self, req: api.AppCaCachedRequest) -> api.AppCaCachedResponse:
+        """Threshold mode, public: the group-signed app CA certificate this node keeps for (epoch, app, key),
+        '' when none. Certificates are public (every RA-TLS chain of the app carries its own); the one kept is
+        checked again against this node's root before it is served (a file the host swapped is not)."""
+        signer, cache, app_id, key = self._app_ca_parts(req)
+        pem = cache.get(req.epoch, app_id, key)
+        if pem is None:
+            return api.AppCaCachedResponse()
+        try:
+            signer.check_app_ca(app_id, key, pem)
+        except AccessDenied as exc:
+            log.warning("a kept app CA certificate no longer checks (not served): %s", exc.reason)
+            return api.AppCaCachedResponse()
+        return api.AppCaCachedResponse(certificate=pem)
+
+    def app_ca_store(self, req: api.AppCaCachedRequest, *, peer_addr: str = "") -> api.AppCaCachedResponse:
+        """Threshold mode: keep a group-signed app CA certificate a CVM assembled from t shares, only if it is
+        exactly the TBS this node builds for (app_id, key) under its root and verifies under the group's CA
+        key: what is kept is what t nodes signed for that app and key, whoever sends it (audited)."""
+
+        def decide(ctx: dict[str, Any]) -> api.AppCaCachedResponse:
+            signer, cache, app_id, key = self._app_ca_parts(req)
+            signer.check_app_ca(app_id, key, req.certificate)
+            stored = cache.put(req.epoch, app_id, key, req.certificate)
+            ctx["reason"] = f"app CA certificate of app {app_id.hex()} (epoch {req.epoch}) " + (
+                "kept" if stored else "already kept"
+            )
+            return api.AppCaCachedResponse(stored=stored)
+
+        return self._audited(api.PATH_THRESHOLD_APP_CA_STORE, None, peer_addr, decide)
 
     def ca_root_share(self, req: api.CaRootShareRequest) -> api.ThresholdSignResponse:
         """Admin: this member's share of the group root CA's self-signature (kms.threshold_sign)."""

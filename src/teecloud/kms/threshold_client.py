@@ -28,6 +28,7 @@ Procedure:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -37,7 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.appcompose import AppComposeError
@@ -66,6 +68,7 @@ __all__ = [
     "ThresholdGroup",
     "ThresholdKeyProvider",
     "fetch_env_public_key",
+    "group_ca_record",
     "group_from_chain",
     "join_dkg",
     "join_reshare",
@@ -116,20 +119,31 @@ class ThresholdGroup:
 
 
 def group_from_chain(
-    kms_group: Any, epoch: int, *, finality_depth: int = 0, local: GroupRecord | None = None
+    kms_group: Any,
+    epoch: int,
+    *,
+    finality_depth: int = 0,
+    local: GroupRecord | None = None,
+    ca_root_cert: str | None = None,
 ) -> ThresholdGroup:
     """The group of root epoch `epoch` as KmsGroup (`kms_group`: teecloud.chain.kmsgroup.KmsGroup) records
     it at the block `finality_depth` blocks below the head (after the chain-id check; walked down by parent
-    hash): the serving committee's t, Feldman commitments and node URLs, and the epoch's signing key (none
-    recorded: a group that does not sign). `local`: this installation's group record (kms-nodes/group.json);
-    when it is of this epoch and names another group key or another signing key than the chain — or a
-    signing key the chain does not record — it is refused (KmsClientError): the file is the operator's,
-    the chain is what every client checks. Its commitments may lag the chain's (after a reshare the serving
-    committee is the chain's), so they are not compared."""
+    hash): the serving committee's t, Feldman commitments and node URLs, the epoch's signing key (none
+    recorded: a group that does not sign) and its group CA record. `local`: this installation's group record
+    (kms-nodes/group.json); when it is of this epoch and names another group key or another signing key than
+    the chain — or a signing key the chain does not record — it is refused (KmsClientError): the file is the
+    operator's, the chain is what every client checks. Its commitments may lag the chain's (after a reshare
+    the serving committee is the chain's), so they are not compared.
+    The root CA certificate (`ca_root_cert`, default the local record's of this epoch; the chain holds only
+    its hash) is kept only if KmsGroup records this epoch's CA key and the sha256 of exactly this
+    certificate's DER (keys.threshold_certs.check_group_root); a root the chain does not record, or records
+    otherwise, is refused (KmsClientError). The chain recording a CA without a root given: a group without
+    one (app CAs self-signed)."""
     try:
         at = kms_group.final_block(finality_depth)
         committee = kms_group.active(epoch, at=at)
         signing_key = kms_group.signing_key(epoch, at=at) if committee is not None else None
+        group_ca = kms_group.group_ca(epoch, at=at) if committee is not None else None
     except (ChainError, ValueError) as exc:
         raise KmsClientError(f"the threshold group could not be read from KmsGroup: {exc}") from exc
     if committee is None:
@@ -137,6 +151,8 @@ def group_from_chain(
             f"KmsGroup names no committee serving root epoch {epoch} at block {at.number} "
             f"({finality_depth} blocks below the head)"
         )
+    if ca_root_cert is None:
+        ca_root_cert = local.ca_root_cert if local is not None and local.epoch == epoch else ""
     if local is not None and local.epoch == epoch:
         differs = f"{GROUP_FILE} disagrees with the chain: its"
         chain_key = signing_key.hex() if signing_key else "none"
@@ -150,9 +166,40 @@ def group_from_chain(
                 f"{differs} signing key {local.signing_key.hex()} is not the one KmsGroup records for epoch "
                 f"{epoch} ({chain_key}); refusing it"
             )
+    if ca_root_cert:
+        if group_ca is None:
+            raise KmsClientError(
+                f"the group root CA certificate given is not on chain: KmsGroup records no group CA for "
+                f"epoch {epoch}; refusing it"
+            )
+        try:
+            root = x509.load_pem_x509_certificate(ca_root_cert.encode())
+            tc.check_group_root(root, group_ca.ca_key, group_ca.root_cert_hash)
+        except (ValueError, KeysError) as exc:
+            raise KmsClientError(
+                f"the group root CA certificate given disagrees with the chain (epoch {epoch}): {exc}; "
+                "refusing it"
+            ) from exc
     return ThresholdGroup(
-        committee.epoch, committee.t, committee.commitments, committee.urls, signing_key=signing_key or b""
+        committee.epoch,
+        committee.t,
+        committee.commitments,
+        committee.urls,
+        signing_key=signing_key or b"",
+        ca_root_cert=ca_root_cert,
     )
+
+
+def group_ca_record(ca_root_cert: str) -> tuple[bytes, bytes]:
+    """What KmsGroup records of a group root CA certificate (PEM): its P-256 key (SEC1 compressed) and the
+    sha256 of its DER (KmsGroup.record_ca's arguments)."""
+    root = x509.load_pem_x509_certificate(ca_root_cert.encode())
+    key = root.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise KmsClientError("the group root CA certificate has no EC key")
+    der = root.public_bytes(serialization.Encoding.DER)
+    point = key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+    return point, hashlib.sha256(der).digest()
 
 
 class ThresholdKeyProvider:
@@ -192,6 +239,7 @@ class ThresholdKeyProvider:
         self.faults: dict[int, str] = {}
         self.signature_error = ""  # why the last get_app_keys got no KMS signature ('' when it did)
         self.ca_error = ""  # why the last get_app_keys got no app CA certificate under the group root
+        self.env_epoch = 0  # the root epoch whose env key opened the last bound env (0: none bound)
         self.composes = ComposeBook()  # the GPU gate: bind_app_compose
         # per boot thread (one provider serves every CVM of a worker): the bound env and its secret
         self._env = threading.local()
@@ -314,8 +362,60 @@ class ThresholdKeyProvider:
         keys = self._app_keys(tee, app_id, instance_id, group)
         self._env.secret = None
         if getattr(self._env, "blob", None):
-            self._env.secret = self._env_secret(tee, app_id, group)
+            self._env.secret = self._bound_env_secret(tee, app_id, group)
         return keys
+
+    def _bound_env_secret(self, tee: QuoteSource, app_id: bytes, group: ThresholdGroup) -> bytes:
+        """The bound env's X25519 secret under the app's current epoch; while the app migrates
+        (`kms_key_epoch_previous` in its measured compose), an env still encrypted under the previous
+        epoch's env key (its owner has not re-encrypted it yet) is read with the previous epoch's partials:
+        when the current epoch's partials fail (no node holds an env key of that epoch for the app yet) or
+        their secret does not open the env (AES-GCM), the previous epoch's are asked, at the same boot-time
+        point, under the same rule on every node (its compose names that epoch). `env_epoch` says which
+        epoch's key opened it. Nothing here holds x: each epoch's secret is x·P, combined from t partials."""
+        from teecloud.keys.envcrypt import decrypt_env_with_shared_secret
+
+        blob: bytes = self._env.blob
+        previous = self._key_epochs(tee).previous
+        self.env_epoch = group.epoch
+        faults = dict(self.faults)
+        try:
+            secret: bytes | None = self._env_secret(tee, app_id, group)
+            failure: KmsClientError | None = None
+        except KmsClientError as exc:
+            if previous is None:
+                raise
+            secret, failure = None, exc
+        if previous is None:
+            assert secret is not None
+            return secret
+        if secret is not None:
+            try:
+                decrypt_env_with_shared_secret(secret, blob)
+                return secret
+            except KeysError:
+                pass  # not under the current epoch's key: maybe under the previous one
+        before = self.faults
+        self.faults = (
+            faults  # the current epoch's refusals are not node faults when the previous one opens it
+        )
+        try:
+            old = self._env_secret(tee, app_id, self._group_of(previous))
+            decrypt_env_with_shared_secret(old, blob)
+        except (KmsClientError, KeysError) as exc:
+            self.faults = {**before, **self.faults}
+            if secret is not None:
+                return secret  # the guest reports that the env does not decrypt
+            assert failure is not None
+            raise KmsClientError(f"{failure}; under the previous root epoch {previous}: {exc}") from exc
+        self.env_epoch = previous
+        log.info(
+            "the env is still encrypted under root epoch %d: its owner re-encrypts it to epoch %d's env key "
+            "(docs/kms.md, Rotation)",
+            previous,
+            group.epoch,
+        )
+        return old
 
     def bind_encrypted_env(self, blob: bytes | None) -> None:
         """The CVM's encrypted env (dstack format), for this thread's next get_app_keys, which then gets the
@@ -554,10 +654,13 @@ class ThresholdKeyProvider:
         app_ca_key_pem: str,
         faults: dict[int, str],
     ) -> str:
-        """The app CA certificate under the group's root CA (ca_root_cert from the ceremony's record): the
-        TBS built here exactly as each node builds it (keys.threshold_certs, from the root, our app_id and
-        our app CA key), t nodes' shares over it (each judging the request itself), combined and the
-        certificate checked under the root's key."""
+        """The app CA certificate under the group's root CA (ca_root_cert, checked against KmsGroup's record
+        by group_from_chain): the TBS built here exactly as each node builds it (keys.threshold_certs, from
+        the root, our app_id and our app CA key). (a) A certificate a node keeps for (epoch, app, key) from an
+        earlier boot (ThresholdAppCaCached) is used when it is exactly that TBS and verifies under the root:
+        no presignature is spent. (b) Otherwise t nodes' shares over it (each judging the request itself),
+        combined and checked under the root's key, and (c) handed to every challenged node to keep
+        (ThresholdAppCaStore; a node that does not keep it only costs a signature at the next boot)."""
         root = x509.load_pem_x509_certificate(self.group.ca_root_cert.encode())
         key = serialization.load_pem_private_key(app_ca_key_pem.encode(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -565,6 +668,40 @@ class ThresholdKeyProvider:
         pub = key.public_key()
         to_sign = tc.app_ca_to_sign(root, app_id, pub)
         pub33 = pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+        root_key = root.public_key()
+        assert isinstance(root_key, ec.EllipticCurvePublicKey)
+        cache_body = api.AppCaCachedRequest(
+            epoch=self._key_epochs(tee).current, app_id=app_id.hex(), app_ca_public_key=pub33.hex()
+        )
+        # (a)
+        kept: list[x509.Certificate] = []
+
+        def lookup(client: KmsClient) -> api.AppCaCachedResponse:
+            return client._call(
+                "POST",
+                api.PATH_THRESHOLD_APP_CA_CACHED,
+                api.AppCaCachedResponse,
+                body=cache_body.model_dump(),
+            )
+
+        def accept_kept(i: int, answer: Any) -> bool:
+            if isinstance(answer, BaseException) or not answer.certificate:
+                return False
+            try:
+                cert = x509.load_pem_x509_certificate(answer.certificate.encode())
+                if cert.tbs_certificate_bytes != to_sign.tbs:
+                    raise ValueError("not the app CA certificate built here")
+                root_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
+            except (ValueError, InvalidSignature) as exc:
+                faults[i] = f"kept app CA certificate refused: {exc or 'signature does not verify'}"
+                log.warning("KMS node %d (%s): %s", i, self.group.nodes[i], faults[i])
+                return False
+            kept.append(cert)
+            return True
+
+        self._gather(self._challenged, lookup, accept_kept, need=1, all_first=True)
+        if kept:
+            return cert_to_pem(kept[0])
 
         def body(session: str) -> dict[str, Any]:
             return api.ThresholdSignAppCaRequest(
@@ -574,8 +711,7 @@ class ThresholdKeyProvider:
                 session=session,
             ).model_dump()
 
-        root_key = root.public_key()
-        assert isinstance(root_key, ec.EllipticCurvePublicKey)
+        # (b)
         sig = _group_signature(
             self,
             tee,
@@ -592,11 +728,27 @@ class ThresholdKeyProvider:
             what="app CA ",
         )
         try:
-            return cert_to_pem(tc.assemble_certificate(to_sign, sig, root_key))
+            pem = cert_to_pem(tc.assemble_certificate(to_sign, sig, root_key))
         except KeysError as exc:
             raise KmsClientError(
                 f"the app CA certificate does not verify under the group root: {exc}"
             ) from exc
+        # (c)
+        store_body = api.AppCaCachedRequest(**{**cache_body.model_dump(), "certificate": pem}).model_dump()
+
+        def store(client: KmsClient) -> api.AppCaCachedResponse:
+            return client._call(
+                "POST", api.PATH_THRESHOLD_APP_CA_STORE, api.AppCaCachedResponse, body=store_body
+            )
+
+        def stored(i: int, answer: Any) -> bool:
+            if isinstance(answer, BaseException):
+                log.warning("KMS node %d did not keep the app CA certificate: %s", i, _describe(answer))
+                return False
+            return True
+
+        self._gather(self._challenged, store, stored, need=len(self._challenged), all_first=True)
+        return pem
 
     def _check(
         self,

@@ -22,7 +22,9 @@ memory only).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -45,15 +47,18 @@ from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, uns
 from teecloud.tee.base import TeePlatform
 
 __all__ = [
+    "APP_CA_CACHE_DIR",
     "CA_ROOT_FILE",
     "CA_SHARE_FILE",
     "LEGACY_PRESIG_FILE",
     "MAX_PRESIGNATURES",
     "SIGNING_SHARE_FILE",
+    "AppCaCache",
     "PresignaturePool",
     "ThresholdSigner",
     "key_share_from_json",
     "key_share_to_json",
+    "open_app_ca_cache",
     "open_ca_signer",
     "open_signer",
     "save_ca_root",
@@ -65,6 +70,10 @@ CA_SHARE_FILE = "threshold-ca-share.sealed"  # the group's P-256 CA key share (i
 CA_ROOT_FILE = "threshold-ca-root.pem"  # public; re-checked against the CA key at every open
 LEGACY_PRESIG_FILE = "threshold-presignatures.sealed"  # before R4-4's fix: never read, removed at open
 MAX_PRESIGNATURES = 512  # a bound on one process's memory
+APP_CA_CACHE_DIR = "threshold-app-ca"  # group-signed app CA certificates, one sealed file each
+MAX_APP_CA_CACHE = 1024  # entries; the oldest is dropped to make room
+_APP_CA_FORMAT = "teecloud-kms-app-ca-cache-v1"
+log = logging.getLogger("teecloud.kms.threshold")
 _Sealer = Callable[[bytes], bytes]
 _Entries = dict[bytes, tuple[te.Presignature, bytes | None]]
 _SHARE_FORMAT = "teecloud-kms-threshold-signing-share-v1"
@@ -245,12 +254,109 @@ class ThresholdSigner:
             raise AccessDenied("the app CA public key must be SEC1 compressed (33 bytes)", step="request")
         return tc.app_ca_to_sign(self.ca_root, app_id, key)
 
+    def check_app_ca(self, app_id: bytes, app_ca_public_key: bytes, certificate_pem: str) -> x509.Certificate:
+        """A group-signed app CA certificate for (app_id, key), accepted only if its TBS is exactly the one
+        this node builds for them under its root and the group's CA key signed it (AccessDenied, step
+        `request`, otherwise)."""
+        to_sign = self.app_ca_to_sign(app_id, app_ca_public_key)
+        assert self.ca_root is not None  # app_ca_to_sign refuses without one
+        root_key = self.ca_root.public_key()
+        assert isinstance(root_key, ec.EllipticCurvePublicKey)
+        try:
+            cert = x509.load_pem_x509_certificate(certificate_pem.encode())
+            if cert.tbs_certificate_bytes != to_sign.tbs:
+                raise AccessDenied(
+                    "the certificate is not the app CA this node builds for this app and key", step="request"
+                )
+            tc.assemble_certificate(to_sign, _raw_signature(cert), root_key)
+        except (ValueError, KeysError, SealingError) as exc:
+            raise AccessDenied(f"the app CA certificate is refused: {exc}", step="request") from exc
+        return cert
+
     def sign_app_ca(self, app: AuthorizedApp, app_ca_public_key: bytes, session: bytes) -> te.SignatureShare:
         """This node's share of the app CA certificate of the attested app: subject and serial from the
         verified app_id, the key the caller names (derived in its CVM), validity from the group root."""
         if not isinstance(app, AuthorizedApp):
             raise TypeError("signature shares only for an AuthorizedApp")
         return self._sign(session, self.app_ca_to_sign(app.boot_info.app_id, app_ca_public_key).digest)
+
+
+class AppCaCache:
+    """Group-signed app CA certificates by (epoch, app_id, app CA public key), so that a reboot of the same
+    app re-uses its certificate and spends no presignature. One file per entry in `dir`, sealed to the
+    node's measurement, written atomically; at most `max_entries` (the oldest is dropped). The sealed record
+    names its (epoch, app_id, key), checked on read (the file name is the host's); a certificate is public,
+    and the service re-checks it against the node's root before serving it."""
+
+    def __init__(
+        self, dir: Path, seal: _Sealer, unseal: _Sealer, *, max_entries: int = MAX_APP_CA_CACHE
+    ) -> None:
+        self.dir = dir
+        self._seal, self._unseal = seal, unseal
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+
+    def _path(self, epoch: int, app_id: bytes, key: bytes) -> Path:
+        name = hashlib.sha256(
+            epoch.to_bytes(4, "big") + len(app_id).to_bytes(2, "big") + app_id + key
+        ).hexdigest()
+        return self.dir / f"{name}.sealed"
+
+    def get(self, epoch: int, app_id: bytes, key: bytes) -> str | None:
+        path = self._path(epoch, app_id, key)
+        try:
+            doc = json.loads(self._unseal(path.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, SealingError) as exc:
+            log.warning("app CA cache entry %s is unreadable (ignored): %s", path.name, exc)
+            return None
+        if (
+            not isinstance(doc, dict)
+            or doc.get("format") != _APP_CA_FORMAT
+            or (
+                doc.get("epoch"),
+                doc.get("app_id"),
+                doc.get("app_ca_public_key"),
+            )
+            != (epoch, app_id.hex(), key.hex())
+        ):
+            log.warning("app CA cache entry %s names another app, key or epoch (ignored)", path.name)
+            return None
+        cert = doc.get("certificate")
+        return cert if isinstance(cert, str) else None
+
+    def put(self, epoch: int, app_id: bytes, key: bytes, certificate_pem: str) -> bool:
+        """Keep a certificate (already checked by the caller); False when one is kept already (the first
+        stays: any genuine one serves)."""
+        path = self._path(epoch, app_id, key)
+        record = json.dumps(
+            {
+                "format": _APP_CA_FORMAT,
+                "epoch": epoch,
+                "app_id": app_id.hex(),
+                "app_ca_public_key": key.hex(),
+                "certificate": certificate_pem,
+            },
+            sort_keys=True,
+        ).encode()
+        with self._lock:
+            if path.exists():
+                return False
+            entries = (
+                sorted(self.dir.glob("*.sealed"), key=lambda p: p.stat().st_mtime)
+                if self.dir.exists()
+                else []
+            )
+            for old in entries[: max(0, len(entries) - self.max_entries + 1)]:
+                old.unlink(missing_ok=True)
+            atomic_write(path, self._seal(record))
+        return True
+
+
+def open_app_ca_cache(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None) -> AppCaCache:
+    seal_fn, unseal_fn = _sealers(tee, identity)
+    return AppCaCache(kms_dir(home) / APP_CA_CACHE_DIR, seal_fn, unseal_fn)
 
 
 def _raw_signature(cert: x509.Certificate) -> bytes:

@@ -10,6 +10,9 @@
         reshare moves shares, never the key. A new key is a new epoch (a rotation).
         The group's secp256k1 signing key (the GetKey chain's KMS key, made by the running nodes after the
         DKG) is recorded once per epoch, after its committee: clients verify KMS signatures under it.
+        The group's P-256 CA key (its root CA's key, made by the running nodes) and the sha256 of the root CA
+        certificate's DER (self-signed by t nodes) are recorded once per epoch, after its committee: clients
+        check the root certificate they are handed against this record.
         Each member's CURRENT boot-time peer key (sha256 of its SPKI; a node makes a new one at every
         start) is recorded per committee and share index: members admit a running peer only under the key
         recorded for its index, so one live process per share index takes part in rounds.
@@ -48,6 +51,11 @@ event SigningKeyRecorded:
     epoch: indexed(uint64)
     signing_key: Bytes[33]
 
+event CaRecorded:
+    epoch: indexed(uint64)
+    ca_key: Bytes[33]
+    root_cert_hash: bytes32
+
 event PeerKeyRecorded:
     committee_id: indexed(uint256)
     index: uint8
@@ -76,6 +84,10 @@ group_key: public(HashMap[uint64, bytes32])
 active: public(HashMap[uint64, uint256])
 # the group's secp256k1 signing key (SEC1 compressed, 33 bytes); empty until recorded, then never changed
 signing_key: public(HashMap[uint64, Bytes[33]])
+# the group's P-256 CA key (SEC1 compressed) and sha256 of its root CA certificate (DER); empty until
+# recorded, then never changed
+ca_key: public(HashMap[uint64, Bytes[33]])
+ca_root_hash: public(HashMap[uint64, bytes32])
 # committee id -> share index -> sha256(SPKI) of the member's current boot-time peer key (empty: none yet)
 peer_key: public(HashMap[uint256, HashMap[uint8, bytes32]])
 
@@ -160,6 +172,22 @@ def record_signing_key(epoch: uint64, key: Bytes[33]):
     assert len(self.signing_key[epoch]) == 0, "the epoch's signing key is recorded once"
     self.signing_key[epoch] = key
     log SigningKeyRecorded(epoch=epoch, signing_key=key)
+
+
+@external
+def record_ca(epoch: uint64, key: Bytes[33], root_cert_hash: bytes32):
+    """@notice Record the group's P-256 CA key and the sha256 of its root CA certificate (DER) for an epoch
+               (owner only, once): a new CA key or root is a new epoch, as a new signing key is."""
+    self._only_owner()
+    assert self.group_key[epoch] != empty(bytes32), "no committee recorded for this epoch"
+    assert len(key) == 33, "a CA key is 33 bytes (SEC1 compressed)"
+    prefix: bytes1 = convert(slice(key, 0, 1), bytes1)
+    assert prefix == 0x02 or prefix == 0x03, "a CA key is a compressed point (02 or 03)"
+    assert root_cert_hash != empty(bytes32), "the root certificate hash is empty"
+    assert len(self.ca_key[epoch]) == 0, "the epoch's CA key and root are recorded once"
+    self.ca_key[epoch] = key
+    self.ca_root_hash[epoch] = root_cert_hash
+    log CaRecorded(epoch=epoch, ca_key=key, root_cert_hash=root_cert_hash)
 
 
 @external
