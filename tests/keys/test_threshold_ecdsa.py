@@ -129,6 +129,29 @@ def test_dstack_chain_and_env_signature_verify_under_the_group_key(keys_3_of_5) 
     assert verify_env_encrypt_public_key(env_pub, sig_v1, "0x" + app_id.hex(), now) == "0x" + group_pk.hex()
 
 
+def test_optimistic_combination_is_the_same_signature_and_fails_closed_on_a_wrong_share(
+    keys_3_of_5, presigs
+) -> None:
+    """check_shares=False skips the per-share checks, not the result's: t right shares give the same
+    signature as the checked combination; any wrong share (every position, random offsets) makes it fail,
+    and the checked combination then names the sender."""
+    rng = random.Random(11)
+    good = [te.sign_share(presigs[i], DIGEST) for i in (1, 2, 3)]
+    checked = te.combine_signature(presigs[1], DIGEST, good)
+    assert te.combine_signature(presigs[1], DIGEST, good, check_shares=False) == checked
+    for k in range(3):
+        for _ in range(5):
+            shares = list(good)
+            shares[k] = te.SignatureShare(good[k].index, (good[k].s + rng.randrange(1, te.ORDER)) % te.ORDER)
+            with pytest.raises(te.ThresholdSignatureError):
+                te.combine_signature(presigs[1], DIGEST, shares, check_shares=False)
+            with pytest.raises(te.ThresholdSignatureError) as err:
+                te.combine_signature(presigs[1], DIGEST, shares)
+            assert err.value.party == good[k].index
+    with pytest.raises(te.ThresholdSignatureError):  # out of range is refused unchecked too
+        te.combine_signature(presigs[1], DIGEST, [*good[:2], te.SignatureShare(3, 0)], check_shares=False)
+
+
 def test_malformed_messages_are_hostile_input_not_crashes(keys_3_of_5) -> None:
     """Generated mutations of round-2 proofs and points: always a named ThresholdSignatureError."""
     rng = random.Random(11)

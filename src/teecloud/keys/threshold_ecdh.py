@@ -26,6 +26,7 @@ the main subgroup) through pysodium's binding of Debian's libsodium.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import secrets
@@ -141,8 +142,17 @@ def lagrange_at_zero(xs: Sequence[int]) -> dict[int, int]:
 
 
 def public_share(commitments: Sequence[bytes], x: int) -> bytes:
-    """Y_x = Σ_j x^j·C_j = x-th share times B, from the Feldman commitments alone."""
-    if not 1 <= x <= MAX_NODES or not commitments or not all(_valid(c) for c in commitments):
+    """Y_x = Σ_j x^j·C_j = x-th share times B, from the Feldman commitments alone. Memoized (a pure
+    function of its arguments): a client checks the partials of one app's env key, under the same
+    commitments, at every boot of that app, and each partial twice (its proof, then in `combine`)."""
+    if not 1 <= x <= MAX_NODES or not commitments:
+        raise ThresholdEcdhError("bad commitments or share index")
+    return _public_share(tuple(bytes(c) for c in commitments), x)
+
+
+@functools.lru_cache(maxsize=1024)
+def _public_share(commitments: tuple[bytes, ...], x: int) -> bytes:
+    if not all(_valid(c) for c in commitments):
         raise ThresholdEcdhError("bad commitments or share index")
     return _sum([_mul(pow(x, j, ORDER), c) if j else c for j, c in enumerate(commitments)])
 

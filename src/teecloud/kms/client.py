@@ -20,6 +20,14 @@ the client certificate. Instead (`_pinned_context`):
   (c) when the pinned handshake fails verification (the KMS restarted with a new identity), the pin is
       dropped and (a) runs again, once.
 
+One boot, one credential, one connection per KMS (`BootCredential`, `KmsClient.bind_boot`): a key provider
+that makes several attested calls during one boot (the threshold client: evaluate, then signatures) makes
+one RA-TLS key and one quote for the boot, and each KMS gets a certificate for that key under its own
+temporary CA and one kept-alive mutual-TLS connection for the boot's calls; unbinding (at the end of the
+boot) closes it and nothing of the credential is used again. The KMS still applies its whole rule to every
+request on that connection (its evidence check is cached per certificate; boot time, OS image, chain and
+boot challenge are judged per request). Calls for a tee that is not bound make a fresh credential each.
+
 `get_app_keys` procedure:
   (1) GetMeta (server checked) -> the KMS root CA and k256 public keys, cached;
   (2) GetTempCaCert -> the public temporary CA that makes stdlib TLS accept our self-made certificate;
@@ -35,12 +43,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
 import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +63,7 @@ from pydantic import BaseModel, ValidationError
 
 from teecloud import vmconfig
 from teecloud.attestation.errors import VerificationError
+from teecloud.attestation.models import EventLogEntry
 from teecloud.attestation.policy import Policy
 from teecloud.keys.appkeys import AppKeys, env_encrypt_pubkey_digest
 from teecloud.keys.certs import key_to_pem
@@ -65,6 +76,7 @@ from teecloud.kms.errors import KmsClientError, KmsDenied
 from teecloud.peer import AuthChain, ChainGate, PeerPolicy, PeerRejected, PeerVerifier
 
 __all__ = [
+    "BootCredential",
     "ComposeBook",
     "KmsClient",
     "ServerCheck",
@@ -119,6 +131,118 @@ class ComposeBook:
             return ""
         with self._lock:
             return self._by_hash.get(measured[0], "")
+
+
+class _OneQuote:
+    """A QuoteSource that quotes once: the first report data asked for is quoted (with the event log read
+    at that moment); the same report data again gets the same quote, any other is refused. So the
+    certificates of one BootCredential all carry one quote, which binds the credential's one key."""
+
+    def __init__(self, tee: QuoteSource) -> None:
+        self._tee = tee
+        self._taken: tuple[bytes, bytes, list[EventLogEntry]] | None = None
+        self._lock = threading.Lock()
+
+    def quote(self, report_data: bytes) -> bytes:
+        with self._lock:
+            if self._taken is None:
+                quote = self._tee.quote(report_data)
+                self._taken = (report_data, quote, list(self._tee.event_log()))
+            if self._taken[0] != report_data:
+                raise KmsClientError("a boot credential's quote binds its own key only")
+            return self._taken[1]
+
+    def event_log(self) -> list[EventLogEntry]:
+        with self._lock:
+            if self._taken is None:
+                raise KmsClientError("a boot credential's event log is read with its quote")
+            return list(self._taken[2])
+
+
+class BootCredential:
+    """One boot's RA-TLS client key and the one quote that binds it, shown to every KMS the boot calls.
+
+    A KMS accepts a client certificate only under its own public temporary CA (server_ssl_context), so
+    each KMS gets its own certificate (`cert_for`) — for the same key, carrying the same quote and event
+    log; the quote is taken at the first certificate. Valid for `lifetime_s` from its making; it lives only
+    as long as the boot scope that made it (ThresholdKeyProvider.get_app_keys), in this process's memory."""
+
+    def __init__(
+        self,
+        tee: QuoteSource,
+        *,
+        usage: str,
+        app_id: bytes | None,
+        clock: Callable[[], float] = time.time,
+        lifetime_s: int = CLIENT_CERT_LIFETIME_S,
+    ) -> None:
+        self.usage = usage
+        self.app_id = app_id
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._key_pem = key_to_pem(self._key)
+        self._evidence = _OneQuote(tee)
+        now = int(clock())
+        self._not_before, self._not_after = now - 30, now - 30 + lifetime_s
+
+    def cert_for(self, temp_cert: x509.Certificate, temp_key: ec.EllipticCurvePrivateKey) -> tuple[str, str]:
+        """(key PEM, certificate PEM) for a KMS whose temporary CA is (temp_cert, temp_key)."""
+        cert = make_ratls_cert(
+            self._evidence,
+            self._key,
+            issuer_key=temp_key,
+            issuer_cert=temp_cert,
+            subject="teecloud KMS client",
+            usage=self.usage,
+            not_before=self._not_before,
+            not_after=self._not_after,
+            app_id=self.app_id,
+            server_auth=False,
+            client_auth=True,
+        )
+        return self._key_pem, cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@dataclass
+class _BootSession:
+    """A boot's credential at one KMS and, once the boot calls it, its kept-alive connection (pinned to
+    `pinned`, the server certificate it was opened for)."""
+
+    tee: QuoteSource
+    credential: BootCredential
+    http: httpx.Client | None = None
+    pinned: bytes | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    ended: bool = False  # unbound: a call still running (abandoned by a hedge) opens nothing new
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+        self.http, self.pinned = None, None
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, pem: str) -> None:
+    """ssl loads a private key only from a path: an anonymous in-memory file (Linux memfd, opened through
+    /proc) keeps it off every file system and costs no directory to make and remove (a temporary directory
+    per request cost ≈6 ms here); elsewhere a 0600 file in a temporary directory."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None:
+        fd = memfd_create("teecloud-kms-client", os.MFD_CLOEXEC)
+        try:
+            data = pem.encode()
+            while data:
+                data = data[os.write(fd, data) :]
+            try:
+                ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+                return
+            except FileNotFoundError:  # no /proc: the temporary file below
+                pass
+        finally:
+            os.close(fd)
+    with tempfile.TemporaryDirectory(prefix="teecloud-kms-client-") as tmp:
+        path = Path(tmp) / "client.pem"
+        path.touch(mode=0o600)
+        path.write_text(pem)
+        ctx.load_cert_chain(str(path))
 
 
 class UnsafeNoServerCheck:
@@ -286,6 +410,9 @@ class KmsClient:
         # The server certificate (DER) that passed server_check; the only one requests are sent to.
         self._pinned: bytes | None = None
         self._pin_lock = threading.Lock()
+        # bound boots (bind_boot): id(tee) -> that boot's credential and connection here
+        self._boots: dict[int, _BootSession] = {}
+        self._boots_lock = threading.Lock()
 
     # --- transport
 
@@ -306,11 +433,7 @@ class KmsClient:
             if pinned is None:
                 raise RuntimeError("a client certificate is only ever sent to a pinned, checked server")
             key_pem, chain_pem = client
-            with tempfile.TemporaryDirectory(prefix="teecloud-kms-client-") as tmp:
-                path = Path(tmp) / "client.pem"
-                path.touch(mode=0o600)
-                path.write_text(chain_pem + key_pem)
-                ctx.load_cert_chain(str(path))
+            _load_cert_chain(ctx, chain_pem + key_pem)
         return ctx
 
     def _probe_server_identity(self) -> bytes:
@@ -370,17 +493,19 @@ class KmsClient:
         body: dict[str, Any] | None,
         client_cert: tuple[str, str] | None,
         pinned: bytes,
+        *,
+        http: httpx.Client | None = None,
     ) -> tuple[httpx.Response, bytes, bytes | None]:
-        """One request over a context pinned to `pinned` (b). Raises ssl.SSLCertVerificationError when the
-        server is not the pinned one (nothing was sent), KmsClientError on other failures."""
+        """One request over a context pinned to `pinned` (b): on `http` (a boot's kept-alive connection,
+        whose context is pinned and holds the boot's certificate) or on a connection of its own. Raises
+        ssl.SSLCertVerificationError when the server is not the pinned one (nothing was sent),
+        KmsClientError on other failures."""
         try:
+            if http is not None:
+                return self._exchange(http, method, path, body)
             ctx = self._ssl_context(client_cert, pinned=pinned)
-            with httpx.Client(verify=ctx, timeout=self._timeout) as http:
-                resp = http.request(method, self.url + path, json=body)
-                stream = resp.extensions.get("network_stream")
-                ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-                server_der = ssl_object.getpeercert(True) if ssl_object is not None else None
-                content = resp.content
+            with httpx.Client(verify=ctx, timeout=self._timeout) as one:
+                return self._exchange(one, method, path, body)
         except httpx.ConnectError as exc:
             verify_failed = _cert_verification_error(exc)
             if verify_failed is not None:
@@ -392,7 +517,86 @@ class KmsClient:
             raise
         except ssl.SSLError as exc:
             raise KmsClientError(f"TLS with the KMS at {self.url} failed: {exc}") from exc
-        return resp, content, server_der
+
+    def _exchange(
+        self, http: httpx.Client, method: str, path: str, body: dict[str, Any] | None
+    ) -> tuple[httpx.Response, bytes, bytes | None]:
+        resp = http.request(method, self.url + path, json=body)
+        stream = resp.extensions.get("network_stream")
+        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+        server_der = ssl_object.getpeercert(True) if ssl_object is not None else None
+        return resp, resp.content, server_der
+
+    # --- boots (one credential and one kept-alive connection per boot)
+
+    def bind_boot(self, tee: QuoteSource, credential: BootCredential) -> bool:
+        """Until unbind_boot(tee), attested calls for `tee` with the credential's usage and app_id use
+        `credential` and one kept-alive connection to this KMS (opened at the first such call). Returns
+        False (and changes nothing) when `tee` is already bound: the outer binding owns it."""
+        with self._boots_lock:
+            if id(tee) in self._boots:
+                return False
+            self._boots[id(tee)] = _BootSession(tee, credential)
+            return True
+
+    def unbind_boot(self, tee: QuoteSource) -> None:
+        """End the boot's binding: its connection is closed and its credential is not used again."""
+        with self._boots_lock:
+            session = self._boots.pop(id(tee), None)
+        if session is not None:
+            with session.lock:
+                session.ended = True
+                session.close()
+
+    def _boot_of(self, tee: QuoteSource, usage: str, app_id: bytes | None) -> _BootSession | None:
+        with self._boots_lock:
+            session = self._boots.get(id(tee))
+        if session is None or session.tee is not tee:
+            return None
+        if session.credential.usage != usage or session.credential.app_id != app_id:
+            return None  # another kind of call of the same boot: a credential of its own
+        return session
+
+    def _boot_http(self, session: _BootSession, pinned: bytes) -> httpx.Client:
+        """The boot's connection pool to this KMS, for the pinned server certificate `pinned` (re-made when
+        the pin changed: the KMS restarted with a new identity)."""
+        temp_ca = self._temp_ca_pair()  # (outside the session's lock: it may call the KMS)
+        with session.lock:
+            if session.ended:
+                raise KmsClientError("the boot this call belonged to has ended")
+            if session.http is None or session.pinned != pinned:
+                session.close()
+                client_cert = session.credential.cert_for(*temp_ca)
+                session.http = httpx.Client(
+                    verify=self._ssl_context(client_cert, pinned=pinned),
+                    timeout=self._timeout,
+                    # the KMS closes an idle kept-alive connection after 5 s (teecloud._serve KMS_PUBLIC)
+                    limits=httpx.Limits(max_connections=4, keepalive_expiry=4.0),
+                )
+                session.pinned = pinned
+            return session.http
+
+    def _boot_call(self, session: _BootSession, path: str, model: type[_M], body: dict[str, Any]) -> _M:
+        """An attested call on the boot's connection; (c) as in _call when the KMS's identity changed."""
+        pinned = self._pin()
+        try:
+            resp, content, server_der = self._request(
+                "POST", path, body, None, pinned, http=self._boot_http(session, pinned)
+            )
+        except ssl.SSLCertVerificationError:
+            pinned = self._pin(renew=True)
+            self._temp_ca = None  # a new KMS identity comes with its own temporary CA
+            try:
+                resp, content, server_der = self._request(
+                    "POST", path, body, None, pinned, http=self._boot_http(session, pinned)
+                )
+            except ssl.SSLCertVerificationError as exc:
+                raise KmsClientError(
+                    f"the KMS at {self.url} is not the server that was checked: {exc}"
+                ) from exc
+        if server_der != pinned:
+            raise KmsClientError("the KMS's certificate changed during the request")
+        return read_answer(resp, content, model, who="the KMS")
 
     def attested_call(
         self,
@@ -404,7 +608,12 @@ class KmsClient:
         usage: str,
         app_id: bytes | None,
     ) -> _M:
-        """Steps (2)-(4): a fresh RA-TLS client certificate from `tee`, then one mutual-TLS call."""
+        """Steps (2)-(4): an RA-TLS client certificate from `tee`, then one mutual-TLS call. For a bound
+        boot (bind_boot) the boot's credential and kept-alive connection; otherwise a fresh certificate and
+        a connection of this call's own."""
+        session = self._boot_of(tee, usage, app_id)
+        if session is not None:
+            return self._boot_call(session, path, model, body)
         temp_cert, temp_key = self._temp_ca_pair()
         now = int(self._clock())
         key = ec.generate_private_key(ec.SECP256R1())

@@ -24,6 +24,11 @@ Procedure:
       signature) from t nodes' signature shares over one presignature they all hold
       (teecloud.keys.threshold_ecdsa; each share checked, the result checked against the group's key).
       Without t valid shares the boot goes on without it (`signature_error`): GetKey then refuses.
+      For a group with a root CA, in the same round (concurrently): the app CA certificate (`ca_error`).
+
+Transport: one boot, one RA-TLS credential (kms.client.BootCredential: one key, one quote) and one
+kept-alive mutual-TLS connection per node for all of (2)-(5) (`_boot`); each node still applies its whole
+key-release rule to every request (its evidence check is cached per certificate, nothing else is).
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +63,7 @@ from teecloud.keys.ratls import QuoteSource
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest
 from teecloud.kms import api
 from teecloud.kms.challenge import MAX_TOKENS
-from teecloud.kms.client import ComposeBook, KmsClient, vm_config_json
+from teecloud.kms.client import BootCredential, ComposeBook, KmsClient, vm_config_json
 from teecloud.kms.errors import KmsClientError, SealingError
 from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
 from teecloud.kms.threshold import GROUP_FILE, DkgPlan, GroupRecord, ResharePlan, ThresholdShare
@@ -78,6 +84,7 @@ log = logging.getLogger("teecloud.kms.threshold")
 
 # why a boot of a group that signs got no KMS signature when t nodes hold no common presignature
 NO_PRESIGNATURES = "no presignatures, refill in progress"
+BAD_SHARE = "the signature share does not verify against the presignature"
 
 
 @dataclass(frozen=True)
@@ -359,10 +366,11 @@ class ThresholdKeyProvider:
         encrypted env bound (`bind_encrypted_env`), also its env's shared secret (`env_shared_secret`),
         asked at the same boot-time point."""
         group = self._group_of(self._key_epochs(tee).current)
-        keys = self._app_keys(tee, app_id, instance_id, group)
-        self._env.secret = None
-        if getattr(self._env, "blob", None):
-            self._env.secret = self._bound_env_secret(tee, app_id, group)
+        with self._boot(tee, app_id):
+            keys = self._app_keys(tee, app_id, instance_id, group)
+            self._env.secret = None
+            if getattr(self._env, "blob", None):
+                self._env.secret = self._bound_env_secret(tee, app_id, group)
         return keys
 
     def _bound_env_secret(self, tee: QuoteSource, app_id: bytes, group: ThresholdGroup) -> bytes:
@@ -416,6 +424,18 @@ class ThresholdKeyProvider:
             group.epoch,
         )
         return old
+
+    @contextmanager
+    def _boot(self, tee: QuoteSource, app_id: bytes) -> Iterator[None]:
+        """One RA-TLS credential for this boot's attested calls to every node (one quote), and one
+        kept-alive connection per node (opened at its first call), closed when the scope ends."""
+        credential = BootCredential(tee, usage="app:kms-client", app_id=app_id, clock=self._clock)
+        bound = [c for c in self._clients.values() if c.bind_boot(tee, credential)]
+        try:
+            yield
+        finally:
+            for client in bound:
+                client.unbind_boot(tee)
 
     def bind_encrypted_env(self, blob: bytes | None) -> None:
         """The CVM's encrypted env (dstack format), for this thread's next get_app_keys, which then gets the
@@ -509,7 +529,8 @@ class ThresholdKeyProvider:
         previous = self._key_epochs(tee).previous
         if previous is None:
             return None
-        return self._app_keys(tee, app_id, instance_id, self._group_of(previous), sign=False)
+        with self._boot(tee, app_id):
+            return self._app_keys(tee, app_id, instance_id, self._group_of(previous), sign=False)
 
     def _app_keys(
         self, tee: QuoteSource, app_id: bytes, instance_id: bytes, group: ThresholdGroup, *, sign: bool = True
@@ -571,28 +592,38 @@ class ThresholdKeyProvider:
             raise KmsClientError("the KMS nodes disagree on the gateway app id or the measured OS image")
         outputs = [th.combine(inputs[k], [valid[i][0][k] for i in chosen], t) for k in range(len(inputs))]
         _, gateway_app_id, os_image_hex = valid[chosen[0]]
+
+        # (5): both signatures depend only on the combined outputs: one round, both requests at once
+        def app_key_signature() -> bytes:
+            return self._sign_app_key(tee, app_id, offered, th.app_k256_key(outputs[0]), faults)
+
+        def app_ca_certificate() -> str:
+            ca_key_pem = th.app_keys_from_outputs(
+                outputs[0], outputs[1], app_id, now=int(self._clock()), key_provider_info={}
+            ).ca_key_pem
+            return self._sign_app_ca(tee, app_id, offered_ca, ca_key_pem, faults)
+
         k256_signature = b""
-        self.signature_error = ""
-        if sign and self.group.signing_key:
-            try:
-                k256_signature = self._sign_app_key(tee, app_id, offered, th.app_k256_key(outputs[0]), faults)
-            except KmsClientError as exc:
-                # The app's keys do not depend on the signature: the boot goes on, and GetKey (which needs
-                # the chain) answers with the reason. An exhausted pool must not stop every boot.
-                self.signature_error = str(exc)
-                log.warning("no KMS signature of the app key: %s", exc)
         ca_cert_pem = ""
+        self.signature_error = ""
         self.ca_error = ""
-        if sign and self.group.ca_root_cert:
-            try:
-                ca_key_pem = th.app_keys_from_outputs(
-                    outputs[0], outputs[1], app_id, now=int(self._clock()), key_provider_info={}
-                ).ca_key_pem
-                ca_cert_pem = self._sign_app_ca(tee, app_id, offered_ca, ca_key_pem, faults)
-            except KmsClientError as exc:
-                # as for the k256 signature: the boot goes on with a self-signed app CA, and says why
-                self.ca_error = str(exc)
-                log.warning("no app CA certificate under the group root: %s", exc)
+        signature, ca_cert = _together(
+            app_key_signature if sign and self.group.signing_key else None,
+            app_ca_certificate if sign and self.group.ca_root_cert else None,
+        )
+        if isinstance(signature, KmsClientError):
+            # The app's keys do not depend on the signature: the boot goes on, and GetKey (which needs
+            # the chain) answers with the reason. An exhausted pool must not stop every boot.
+            self.signature_error = str(signature)
+            log.warning("no KMS signature of the app key: %s", signature)
+        elif signature is not None:
+            k256_signature = signature
+        if isinstance(ca_cert, KmsClientError):
+            # as for the k256 signature: the boot goes on with a self-signed app CA, and says why
+            self.ca_error = str(ca_cert)
+            log.warning("no app CA certificate under the group root: %s", ca_cert)
+        elif ca_cert is not None:
+            ca_cert_pem = ca_cert
         return th.app_keys_from_outputs(
             outputs[0],
             outputs[1],
@@ -883,7 +914,7 @@ def _group_signature(
             app_id=app_id,
         )
 
-    def accept(i: int, answer: Any) -> bool:
+    def accept(i: int, answer: Any, *, check_share: bool) -> bool:
         if isinstance(answer, BaseException):
             faults[i] = f"{what}signature share: " + _describe(answer)
             return False
@@ -905,8 +936,8 @@ def _group_signature(
             share = te.SignatureShare(i, int(answer.s, 16))
             if len(presig.kinv_commitments) != t or len(presig.sigma_commitments) != t:
                 raise ValueError("presignature commitments of another threshold")
-            if not te.verify_signature_share(presig, digest, share):
-                raise ValueError("the signature share does not verify against the presignature")
+            if check_share and not te.verify_signature_share(presig, digest, share):
+                raise ValueError(BAD_SHARE)
         except (ValueError, KeysError) as exc:
             faults[i] = f"{what}signature share: {exc}"
             log.warning("KMS node %d (%s) is skipped: %s", i, provider.group.nodes[i], faults[i])
@@ -914,31 +945,83 @@ def _group_signature(
         got[i] = (presig, share)
         return True
 
+    def combine(*, optimistic: bool) -> bytes | None:
+        """The signature from the largest set of at least t nodes that agree on the presignature's public
+        part (a node off it is named), or None. Optimistic: t shares combined unchecked; a failure (some
+        share is wrong) returns None at once, for the caller to check each share."""
+        by_public: dict[tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]], list[int]] = {}
+        for i, (p, _) in got.items():
+            by_public.setdefault((p.big_r, p.kinv_commitments, p.sigma_commitments), []).append(i)
+        for members in sorted(by_public.values(), key=len, reverse=True):
+            if len(members) < t:
+                break
+            chosen = sorted(members)[:t] if optimistic else members
+            try:
+                sig = te.combine_signature(
+                    got[members[0]][0], digest, [got[i][1] for i in chosen], check_shares=not optimistic
+                )
+            except KeysError as exc:
+                if optimistic:
+                    return None
+                faults[members[0]] = f"{what}signature: {exc}"
+                continue
+            for i in got:
+                if i not in members:
+                    faults[i] = f"{what}signature share for another presignature than the other nodes"
+            return sig
+        return None
+
     # the holders first; then nodes that were challenged but not asked to evaluate (their pools, made in
     # the same presigning rounds, normally hold the same session)
     candidates = holders[session] + [i for i in provider._challenged if i not in offered]
-    provider._gather(candidates, ask, accept, need=t, all_first=False)
-    # the nodes that agree on the presignature's public part; a node off the majority is named
-    by_public: dict[tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]], list[int]] = {}
-    for i, (p, _) in got.items():
-        by_public.setdefault((p.big_r, p.kinv_commitments, p.sigma_commitments), []).append(i)
-    for members in sorted(by_public.values(), key=len, reverse=True):
-        if len(members) < t:
-            break
-        try:
-            sig = te.combine_signature(got[members[0]][0], digest, [got[i][1] for i in members])
-        except KeysError as exc:
-            faults[members[0]] = f"{what}signature: {exc}"
-            continue
-        for i in got:
-            if i not in members:
-                faults[i] = f"{what}signature share for another presignature than the other nodes"
+    # (a) t shares combined optimistically: the result's check under the group key decides
+    answered = provider._gather(
+        candidates, ask, lambda i, a: accept(i, a, check_share=False), need=t, all_first=False
+    )
+    sig = combine(optimistic=True)
+    if sig is not None:
+        return sig
+    # (b) some share was wrong (or too few agree): each share checked, a liar named and dropped, and the
+    # nodes not asked yet asked for theirs (each checked as it comes)
+    for i, (p, share) in list(got.items()):
+        if not te.verify_signature_share(p, digest, share):
+            faults[i] = f"{what}signature share: {BAD_SHARE}"
+            log.warning("KMS node %d (%s) is skipped: %s", i, provider.group.nodes[i], faults[i])
+            del got[i]
+    rest = [i for i in candidates if i not in answered]
+    provider._gather(
+        rest, ask, lambda i, a: accept(i, a, check_share=True), need=max(0, t - len(got)), all_first=False
+    )
+    sig = combine(optimistic=False)
+    if sig is not None:
         return sig
     raise KmsClientError(
         f"fewer than {t} KMS nodes gave a valid {what}signature share"
         + ("" if what else " for the app key")
         + _fault_text(faults)
     )
+
+
+def _together(
+    first: Callable[[], bytes] | None, second: Callable[[], str] | None
+) -> tuple[bytes | KmsClientError | None, str | KmsClientError | None]:
+    """Run the given calls at the same time (a thread for the second when both are given); each result is
+    its value, its KmsClientError, or None when the call was not given. Any other exception propagates."""
+
+    def run(fn: Callable[[], Any] | None) -> Any:
+        if fn is None:
+            return None
+        try:
+            return fn()
+        except KmsClientError as exc:
+            return exc
+
+    if first is None or second is None:
+        return run(first), run(second)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        later = pool.submit(run, second)
+        now = run(first)
+        return now, later.result()
 
 
 def _describe(exc: BaseException) -> str:
