@@ -18,7 +18,8 @@ from teecloud.keys.errors import KeyUsageError
 from teecloud.kms import api
 from teecloud.kms.errors import KmsClientError
 from teecloud.kms.threshold_carry import carried_for, carry_deal, carry_receive, seal_carried
-from teecloud.kms.threshold_env import EnvKeyStore
+from teecloud.kms.threshold_env import EnvKeyStore, ceremony_quorum
+from teecloud.kms.threshold_sign import AppCaCache
 
 G = tx.EDWARDS25519
 Q = G.order
@@ -366,3 +367,35 @@ def test_a_carried_env_share_is_never_silently_dropped_for_an_old_one(
         return
     fresh = _store(store.dir, 2, 3)
     assert fresh.get(1, APP_A) == carried.env[APP_A], "the old polynomial's share was kept"
+
+
+# ------------------------------------------------------------------------------- quorum and app-CA cache
+
+
+def test_every_quorum_leaves_an_honest_dealer_beside_t_minus_1_colluders() -> None:
+    """A coordinator with t−1 colluding members cannot run a ceremony whose key they know: each member
+    refuses a view of fewer than ceremony_quorum(t, n) dealers (tests/review6, generated views), and that
+    quorum always exceeds t−1, for every committee size the code allows."""
+    for n in range(1, 65):
+        for t in range(1, n + 1):
+            q = ceremony_quorum(t, n)
+            assert t <= q <= n and q - (t - 1) >= 1, (t, n, q)
+
+
+def test_a_kept_app_ca_relabelled_by_the_host_is_not_served_and_the_cache_stays_bounded(
+    tmp_path: Path,
+) -> None:
+    """The host's steps: copy the sealed entry of (epoch 1, app A, key KA) over the file of (1, B, KB), or of
+    (2, A, KA); then fill the cache past its bound."""
+    cache = AppCaCache(tmp_path / "ca", lambda b: b, lambda b: b, max_entries=8)
+    ka, kb = b"\x02" + b"\x11" * 32, b"\x03" + b"\x22" * 32
+    assert cache.put(1, APP_A, ka, "CERT-A")
+    assert cache.put(1, APP_A, ka, "CERT-OTHER") is False  # the first kept stays
+    for epoch, app, key in ((1, APP_B, kb), (2, APP_A, ka), (1, APP_A, kb), (1, APP_B, ka)):
+        cache._path(epoch, app, key).write_bytes(cache._path(1, APP_A, ka).read_bytes())
+        assert cache.get(epoch, app, key) is None, (epoch, app, key)
+    assert cache.get(1, APP_A, ka) == "CERT-A"
+    for k in range(40):
+        cache.put(1, bytes([k]) * 20, ka, f"C{k}")
+    assert len(list(cache.dir.glob("*.sealed"))) <= 8
+    assert not [p for p in cache.dir.iterdir() if not p.name.endswith(".sealed")]  # no temp file left
