@@ -14,7 +14,7 @@ import pytest
 from teecloud.appcompose import compose_hash
 from teecloud.kms import api
 from teecloud.kms.errors import KmsClientError, KmsDenied
-from teecloud.kms.threshold_env import EnvKeys
+from teecloud.kms.threshold_env import RECOVERIES_PER_MINUTE, EnvKeys
 from tests.kms.conftest import World
 from tests.kms.test_threshold_net_peering import Member, client
 from tests.kms.test_threshold_nodes import HELLO
@@ -118,3 +118,36 @@ def test_a_recovery_is_driven_only_by_its_target_and_pieces_go_once_to_the_other
     for who in (3, 4):
         with pytest.raises((KmsDenied, KmsClientError), match="not the target"):
             _call(nodes[who], nodes[1], {**base, "stage": "sum", "table": table})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="R7-4 (open): the 30-splits-per-minute budget is node-wide, so one member that asks for its own "
+    "share 30 times a minute at every helper stops every other member's share recovery",
+)
+def test_one_member_cannot_use_up_a_helpers_recovery_budget_for_everyone(
+    world: World, members: tuple[Nodes, bytes]
+) -> None:
+    nodes, _ = members
+    app = world.register(compose_hash(dict(HELLO, name="review7-recovery-budget")))
+    nodes[1].service.env_encrypt_pubkey(app.hex())
+    budget = RECOVERIES_PER_MINUTE
+    for k in range(budget):  # member 5 asks for "its own" share again and again (fresh sessions)
+        _call(
+            nodes[5],
+            nodes[1],
+            {
+                "stage": "split",
+                "session": f"{k:04x}" * 8,
+                "epoch": 1,
+                "app_id": app.hex(),
+                "helpers": [1, 2, 3],
+            },
+        )
+    # member 4, lacking nothing here but standing for a member that lacks its share, asks helper 1 once
+    ok = _call(
+        nodes[4],
+        nodes[1],
+        {"stage": "split", "session": "ab" * 16, "epoch": 1, "app_id": app.hex(), "helpers": [1, 2, 3]},
+    )
+    assert set(ok.split) == {"1", "2", "3"}
