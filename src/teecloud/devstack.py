@@ -600,12 +600,21 @@ class LocalCloud:
         if group.signing_key and chain.kms_group.signing_key(group.epoch) is None:
             # the signing-key round's result, recorded once by the operator as the committee is
             chain.kms_group.record_signing_key(group.epoch, group.signing_key)
-        if group.ca_root_cert and chain.kms_group.group_ca(group.epoch) is None:
+        if group.ca_root_cert:
             # the root CA's key and the hash of its DER, recorded once like the signing key: clients keep a
             # root only if the chain names exactly it (group_from_chain)
+            from teecloud.chain.errors import ChainError
             from teecloud.kms.threshold_client import group_ca_record
 
-            chain.kms_group.record_ca(group.epoch, *group_ca_record(group.ca_root_cert))
+            try:
+                if chain.kms_group.group_ca(group.epoch) is None:
+                    chain.kms_group.record_ca(group.epoch, *group_ca_record(group.ca_root_cert))
+            except ChainError as exc:
+                raise NodeError(
+                    f"threshold KMS: the group root CA could not be recorded on KmsGroup "
+                    f"({chain.kms_group_address}; a KmsGroup deployed before `record_ca` existed has no "
+                    f"such record: start from a new data directory): {exc}"
+                ) from exc
         try:
             # the group as the chain records it (signing key included), not as a local file says; a
             # group.json that disagrees with the chain stops the start

@@ -125,7 +125,7 @@ def test_the_root_is_kept_only_when_the_chain_names_it(
         mutated[pos] ^= 0x01
         try:
             pem = cert_to_pem(x509.load_der_x509_certificate(bytes(mutated)))
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             continue  # does not parse: nothing to hand over
         with pytest.raises(KmsClientError, match="disagrees with the chain"):
             group_from_chain(group_chain.kms_group, 1, ca_root_cert=pem)
@@ -172,6 +172,33 @@ def test_a_reboot_of_the_same_app_reuses_its_app_ca_and_spends_no_presignature(
     _, other = boot_hello(teecloud_home, world, cluster.provider())
     assert other.keys.ca_cert_pem != state.keys.ca_cert_pem
     assert sum(before.values()) - sum(_presigs(cluster).values()) == 3
+
+    # nodes that serve something else from their cache: another app's certificate (a lie) is named and not
+    # used; a non-canonical encoding of the genuine one (outer algorithm changed) is used only re-assembled
+    genuine = x509.load_pem_x509_certificate(state.keys.ca_cert_pem.encode()).public_bytes(
+        serialization.Encoding.DER
+    )
+    outer = bytes.fromhex("300a06082a8648ce3d040302")
+    at = genuine.rindex(outer)
+    odd_pem = cert_to_pem(
+        x509.load_der_x509_certificate(
+            genuine[:at] + bytes.fromhex("300a06082a8648ce3d040303") + genuine[at + len(outer) :]
+        )
+    )
+    served = {1: other.keys.ca_cert_pem, 2: odd_pem}
+    for i, text in served.items():
+        cluster.nodes[i].kms.service.app_ca_cached = (  # type: ignore[method-assign]
+            lambda _req, text=text: api.AppCaCachedResponse(certificate=text)
+        )
+    for i in (3, 4, 5):
+        cluster.nodes[i].kms.service.app_ca_cached = (  # type: ignore[method-assign]
+            lambda _req: api.AppCaCachedResponse()
+        )
+    liar = cluster.provider()
+    _, third = boot_hello(teecloud_home, world, liar, app_id=app_id)
+    assert "kept app CA certificate refused" in liar.faults.get(1, ""), liar.faults
+    assert third.keys.ca_cert_pem == state.keys.ca_cert_pem  # node 2's signature, canonically encoded
+    _chain(third)[1].verify_directly_issued_by(_root(cluster))
 
 
 def test_another_key_or_epoch_does_not_hit_and_a_node_keeps_only_what_it_would_sign(
@@ -223,7 +250,7 @@ def test_another_key_or_epoch_does_not_hit_and_a_node_keeps_only_what_it_would_s
     der[-3] ^= 0x01
     try:
         tampered = cert_to_pem(x509.load_der_x509_certificate(bytes(der)))
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         tampered = ""
     if tampered:
         r = httpx.post(
@@ -233,6 +260,42 @@ def test_another_key_or_epoch_does_not_hit_and_a_node_keeps_only_what_it_would_s
             timeout=30,
         )
         assert r.status_code == 403, r.text
+    # generated mutations of the genuine certificate's DER (one flipped bit each, across the whole
+    # certificate): none that parses is kept
+    genuine = cert.public_bytes(serialization.Encoding.DER)
+    tried = 0
+    for pos in range(0, len(genuine), max(1, len(genuine) // 40)):
+        mutated = bytearray(genuine)
+        mutated[pos] ^= 0x04
+        try:
+            pem = cert_to_pem(x509.load_der_x509_certificate(bytes(mutated)))
+        except (ValueError, x509.InvalidVersion):
+            continue
+        tried += 1
+        r = httpx.post(
+            url + api.PATH_THRESHOLD_APP_CA_STORE, json={**good, "certificate": pem}, verify=False, timeout=30
+        )
+        # refused, or (a bit outside the TBS and the signature values) checked and not kept again
+        assert r.status_code in (400, 403) or r.json() == {"certificate": "", "stored": False}, (pos, r.text)
+    assert tried >= 10
+    assert cache.get(1, app_id, bytes.fromhex(pub33)) == state.keys.ca_cert_pem  # the kept one is unchanged
+
+    # found by that loop: a certificate whose TBS and signature values are genuine but whose OUTER
+    # signatureAlgorithm says ecdsa-with-SHA384 checks as "t nodes signed this TBS"; kept as sent, every
+    # later boot of the app would get a chain OpenSSL refuses. A node keeps (and serves) the canonical
+    # encoding re-assembled from the TBS and signature, never the bytes it was sent; the CVM too
+    outer = bytes.fromhex("300a06082a8648ce3d040302")
+    at = genuine.rindex(outer)
+    odd = genuine[:at] + bytes.fromhex("300a06082a8648ce3d040303") + genuine[at + len(outer) :]
+    odd_pem = cert_to_pem(x509.load_der_x509_certificate(odd))
+    assert odd_pem != state.keys.ca_cert_pem
+    cache._path(1, app_id, bytes.fromhex(pub33)).unlink()  # as if this node had never kept it
+    r = httpx.post(
+        url + api.PATH_THRESHOLD_APP_CA_STORE, json={**good, "certificate": odd_pem}, verify=False, timeout=30
+    )
+    assert r.status_code == 200 and r.json()["stored"] is True, r.text
+    assert cache.get(1, app_id, bytes.fromhex(pub33)) == state.keys.ca_cert_pem  # canonical = the genuine
+    assert ask().certificate == state.keys.ca_cert_pem
     # strict fields: 400
     for body in (
         {**good, "epoch": "1"},

@@ -950,7 +950,7 @@ def _check_root_cert(path: Path, group_ca: Any, epoch: int) -> str:
             raise ValueError("above 64 KiB")
         root = x509.load_pem_x509_certificate(path.read_bytes())
         tc.check_group_root(root, group_ca.ca_key, group_ca.root_cert_hash)
-    except (OSError, ValueError, KeysError) as exc:
+    except (OSError, ValueError, x509.InvalidVersion, KeysError) as exc:
         _fail(f"{path}: not the group root CA KmsGroup records for epoch {epoch}: {exc}")
     return "matches the chain's record"
 

@@ -37,6 +37,7 @@ __all__ = [
     "CertToSign",
     "app_ca_to_sign",
     "assemble_certificate",
+    "canonical_certificate",
     "check_group_root",
     "group_ca_public_key",
     "root_ca_to_sign",
@@ -155,6 +156,26 @@ def app_ca_to_sign(
         not_after=na,
         serial=_serial(b"group-app-ca", app_id, spki_der(app_ca_public_key), nb.to_bytes(8, "big")),
     )
+
+
+def canonical_certificate(
+    to_sign: CertToSign, cert: x509.Certificate, issuer_public_key: ec.EllipticCurvePublicKey
+) -> x509.Certificate:
+    """`cert` accepted only as the certificate of `to_sign`: its TBS byte for byte, its ECDSA signature
+    verifying under `issuer_public_key`; returned re-assembled (`assemble_certificate`) from that TBS and
+    signature, so whatever else the given encoding carried (the outer signatureAlgorithm, a non-minimal
+    INTEGER or BIT STRING) is dropped. Raises CertChainInvalid / MalformedKeyMaterial."""
+    if cert.tbs_certificate_bytes != to_sign.tbs:
+        raise CertChainInvalid("the certificate is not the one built for this key and issuer (other TBS)")
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    try:
+        r, s = decode_dss_signature(cert.signature)
+    except ValueError as exc:
+        raise MalformedKeyMaterial("the certificate's signature is not an ECDSA signature") from exc
+    if not (0 < r < 2**256 and 0 < s < 2**256):
+        raise MalformedKeyMaterial("the certificate's signature is out of range")
+    return assemble_certificate(to_sign, r.to_bytes(32, "big") + s.to_bytes(32, "big"), issuer_public_key)
 
 
 def check_group_root(root: x509.Certificate, ca_key: bytes, root_cert_hash: bytes) -> None:

@@ -552,11 +552,11 @@ class KmsService:
         if pem is None:
             return api.AppCaCachedResponse()
         try:
-            signer.check_app_ca(app_id, key, pem)
+            canonical = cert_to_pem(signer.check_app_ca(app_id, key, pem))
         except AccessDenied as exc:
             log.warning("a kept app CA certificate no longer checks (not served): %s", exc.reason)
             return api.AppCaCachedResponse()
-        return api.AppCaCachedResponse(certificate=pem)
+        return api.AppCaCachedResponse(certificate=canonical)
 
     def app_ca_store(self, req: api.AppCaCachedRequest, *, peer_addr: str = "") -> api.AppCaCachedResponse:
         """Threshold mode: keep a group-signed app CA certificate a CVM assembled from t shares, only if it is
@@ -565,8 +565,9 @@ class KmsService:
 
         def decide(ctx: dict[str, Any]) -> api.AppCaCachedResponse:
             signer, cache, app_id, key = self._app_ca_parts(req)
-            signer.check_app_ca(app_id, key, req.certificate)
-            stored = cache.put(req.epoch, app_id, key, req.certificate)
+            # the canonical encoding of what t nodes signed is kept, never the bytes the caller sent
+            canonical = cert_to_pem(signer.check_app_ca(app_id, key, req.certificate))
+            stored = cache.put(req.epoch, app_id, key, canonical)
             ctx["reason"] = f"app CA certificate of app {app_id.hex()} (epoch {req.epoch}) " + (
                 "kept" if stored else "already kept"
             )

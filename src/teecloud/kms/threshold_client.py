@@ -44,8 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teecloud.appcompose import AppComposeError
@@ -182,7 +181,7 @@ def group_from_chain(
         try:
             root = x509.load_pem_x509_certificate(ca_root_cert.encode())
             tc.check_group_root(root, group_ca.ca_key, group_ca.root_cert_hash)
-        except (ValueError, KeysError) as exc:
+        except (ValueError, x509.InvalidVersion, KeysError) as exc:
             raise KmsClientError(
                 f"the group root CA certificate given disagrees with the chain (epoch {epoch}): {exc}; "
                 "refusing it"
@@ -719,12 +718,12 @@ class ThresholdKeyProvider:
             if isinstance(answer, BaseException) or not answer.certificate:
                 return False
             try:
-                cert = x509.load_pem_x509_certificate(answer.certificate.encode())
-                if cert.tbs_certificate_bytes != to_sign.tbs:
-                    raise ValueError("not the app CA certificate built here")
-                root_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
-            except (ValueError, InvalidSignature) as exc:
-                faults[i] = f"kept app CA certificate refused: {exc or 'signature does not verify'}"
+                # re-assembled from the TBS built here and the node's signature: only the signature is
+                # taken from the answer (never its other bytes)
+                given = x509.load_pem_x509_certificate(answer.certificate.encode())
+                cert = tc.canonical_certificate(to_sign, given, root_key)
+            except (ValueError, x509.InvalidVersion, KeysError) as exc:
+                faults[i] = f"kept app CA certificate refused: {exc}"
                 log.warning("KMS node %d (%s): %s", i, self.group.nodes[i], faults[i])
                 return False
             kept.append(cert)

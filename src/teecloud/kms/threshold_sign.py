@@ -257,21 +257,17 @@ class ThresholdSigner:
     def check_app_ca(self, app_id: bytes, app_ca_public_key: bytes, certificate_pem: str) -> x509.Certificate:
         """A group-signed app CA certificate for (app_id, key), accepted only if its TBS is exactly the one
         this node builds for them under its root and the group's CA key signed it (AccessDenied, step
-        `request`, otherwise)."""
+        `request`, otherwise). Returns it re-assembled from that TBS and signature (the canonical
+        encoding: keep and serve that one, never the bytes a caller sent)."""
         to_sign = self.app_ca_to_sign(app_id, app_ca_public_key)
         assert self.ca_root is not None  # app_ca_to_sign refuses without one
         root_key = self.ca_root.public_key()
         assert isinstance(root_key, ec.EllipticCurvePublicKey)
         try:
             cert = x509.load_pem_x509_certificate(certificate_pem.encode())
-            if cert.tbs_certificate_bytes != to_sign.tbs:
-                raise AccessDenied(
-                    "the certificate is not the app CA this node builds for this app and key", step="request"
-                )
-            tc.assemble_certificate(to_sign, _raw_signature(cert), root_key)
-        except (ValueError, KeysError, SealingError) as exc:
+            return tc.canonical_certificate(to_sign, cert, root_key)
+        except (ValueError, x509.InvalidVersion, KeysError) as exc:
             raise AccessDenied(f"the app CA certificate is refused: {exc}", step="request") from exc
-        return cert
 
     def sign_app_ca(self, app: AuthorizedApp, app_ca_public_key: bytes, session: bytes) -> te.SignatureShare:
         """This node's share of the app CA certificate of the attested app: subject and serial from the
