@@ -38,6 +38,7 @@ from cryptography import x509
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # tests.kms: the five-member setups the tests use
 
 
 def _ms(fn: Callable[[], object], iters: int) -> tuple[float, float]:
@@ -175,6 +176,10 @@ def p256_signatures(
     presign_p = _ms(lambda: te.presign_local(keys, [1, 2, 3, 4, 5]), few)
     combine_k = _ms(lambda: te.combine_signature(k256_ps[1], digest, k256_shares), iters)
     combine_p = _ms(lambda: te.combine_signature(ps[1], digest, shares), iters)
+    optimistic_k = _ms(
+        lambda: te.combine_signature(k256_ps[1], digest, k256_shares, check_shares=False), iters
+    )
+    optimistic_p = _ms(lambda: te.combine_signature(ps[1], digest, shares, check_shares=False), iters)
     return [
         ("P-256 tECDSA presignature 3-of-5 (5 participants' math, one process)", *presign_p),
         ("  secp256k1 presignature, same run (baseline)", *presign_k),
@@ -184,6 +189,11 @@ def p256_signatures(
         ("  secp256k1 client, same run (baseline)", *combine_k),
         ("  ratio P-256 / secp256k1 client (p50)", combine_p[0] / combine_k[0], float("nan")),
         (
+            "P-256 client at t=3, optimistic: combine unchecked + OpenSSL verify (the client's path)",
+            *optimistic_p,
+        ),
+        ("  secp256k1 client, optimistic, same run", *optimistic_k),
+        (
             "single key: P-256 ECDSA sign (OpenSSL)",
             *_ms(lambda: whole.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))), iters),
         ),
@@ -191,6 +201,8 @@ def p256_signatures(
 
 
 def end_to_end(releases: int) -> list[tuple[str, float, float]]:
+    from tests.kms.test_threshold_nodes import start_node
+
     from teecloud.chain import ChainClient
     from teecloud.kms.audit import AuditLog
     from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee, kms_dir, start_kms_state
@@ -248,7 +260,8 @@ def end_to_end(releases: int) -> list[tuple[str, float, float]]:
         )
 
     shares = local_joint_feldman(3, 5)
-    servers = {s.index: node(f"node-{s.index}", ThresholdEvaluator(s), ReshareDealer(s)) for s in shares}
+    # the tests' node (tests.kms.test_threshold_nodes): sealed share, own listener, data directory, TEE
+    servers = {s.index: start_node(home, chain, s).server for s in shares}
     single = node("single", None)
     group = ThresholdGroup(1, 3, shares[0].commitments, {i: s.url for i, s in servers.items()})
     threshold = ThresholdKeyProvider(group, {i: client(s) for i, s in servers.items()})
@@ -312,14 +325,17 @@ def end_to_end(releases: int) -> list[tuple[str, float, float]]:
 
         def run_reshare(t_new: int, n_new: int) -> float:
             plan = ResharePlan(os.urandom(16), 1, shares[0].commitments, (1, 2, 3), t_new, n_new)
+            # each new member's one-time token (review 3, R3-5): a sub-share goes only to its named member
+            tokens = {j: os.urandom(32) for j in range(1, n_new + 1)}
+            hashes = {j: hashlib.sha256(tok).digest() for j, tok in tokens.items()}
             t0 = time.perf_counter()
             for i in plan.dealers:
                 dealer = servers[i].service.reshare
                 assert dealer is not None
-                dealer.open(plan)
+                dealer.open(plan, hashes)
             for j in range(1, n_new + 1):
                 tee, clients = receiver_clients({i: servers[i] for i in plan.dealers})
-                join_reshare(plan, j, tee, clients, app_id=KMS_APP_ID)
+                join_reshare(plan, j, tee, clients, app_id=KMS_APP_ID, member_token=tokens[j])
             return (time.perf_counter() - t0) * 1000
 
         rows.append(("networked DKG 3-of-5 (5 dealers, 5 receivers in turn)", run_dkg(3, 5), float("nan")))
@@ -339,68 +355,43 @@ def env_ceremony(apps: int) -> list[tuple[str, float, float]]:
     boot-time peer identities, mutual RA-TLS between them): the first GetAppEnvEncryptPubKey of an app (its
     Joint-Feldman ceremony among all 5 + the two threshold signatures), a re-signed answer (t = 3 members'
     signature shares), and the single-KMS GetAppEnvEncryptPubKey (one whole key) in the same run."""
-    import contextlib
     import statistics
 
-    from teecloud.chain import ChainClient, ContractReverted
+    from tests.kms.test_threshold_net_peering import allow_build, start_member
+
+    from teecloud.chain import ChainClient
     from teecloud.keys import threshold_ecdsa as te
     from teecloud.kms.audit import AuditLog
-    from teecloud.kms.bootstrap import boot_kms_tee, finish_kms_boot, kms_dir, start_kms_state
-    from teecloud.kms.challenge import BootChallenges
-    from teecloud.kms.peering import PeerIdentity
-    from teecloud.kms.rootkeys import LocalRootKeys
     from teecloud.kms.server import KmsServer
     from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
     from teecloud.kms.threshold import ThresholdEvaluator, local_joint_feldman
     from teecloud.kms.threshold_sign import open_signer, save_signing_share
-    from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
+    from teecloud.tee.simulated import SimulatedTdx
 
     home = Path(os.environ["TEECLOUD_HOME"]) / "env"
     chain = ChainClient.embedded(home / "chain")
     chain.deploy()
     dev = SimulatedTdx(home)
     chain.add_os_image(dev.os_image_hash)
-    ident0 = boot_kms_tee(SimulatedTdx(home))
-    for mr in (ident0.mr_aggregated, ident0.boot_mr_aggregated):
-        with contextlib.suppress(ContractReverted):
-            chain.add_kms_mr(mr)
-    with contextlib.suppress(ContractReverted):
-        chain.add_kms_device(dev.device_id)
+    allow_build(chain, home)
     shares = local_joint_feldman(3, 5, epoch=1)
     keys = te.dkg_local(3, 5)
     services: dict[int, KmsService] = {}
     servers: list[KmsServer] = []
     try:
         for s in shares:
-            node_home = home / f"m-{s.index}"
-            tee = SimulatedTdx(home)
-            identity = boot_kms_tee(tee, finish=False)
-            peer = PeerIdentity.at_boot(tee, epoch=1, index=s.index, share=s.share)
-            finish_kms_boot(tee)
-            state, _ = start_kms_state(tee, identity, now=int(time.time()), home=node_home)
-            save_signing_share(keys[s.index - 1], tee, identity, node_home)
-            signer = open_signer(tee, identity, node_home)
-            svc = KmsService(
-                state=state,
-                identity=identity,
-                tee=tee,
-                chain=chain,
-                collateral=StaticCollateral(tee.collateral),
-                audit=AuditLog(kms_dir(node_home) / "audit.jsonl"),
-                config=KmsConfig(dev_mode=True),
-                dev_root_der=tee.dev_root_der(),
-                block_number=chain.block_number,
-                os_image_reference=simulated_os_image_reference,
-                root_keys=LocalRootKeys(state),
-                challenges=BootChallenges(),
-                threshold=ThresholdEvaluator(s, signer=signer),
-                peer_identity=peer,
+            # the tests' running member (tests.kms.test_threshold_net_peering): boot-time peer identity
+            member = start_member(home, chain, s)
+            servers.append(member.server)
+            svc = member.service
+            save_signing_share(keys[s.index - 1], member.tee, svc.identity, home / f"m-{s.index}")
+            svc.threshold = ThresholdEvaluator(
+                s, signer=open_signer(member.tee, svc.identity, home / f"m-{s.index}")
             )
             services[s.index] = svc
-            servers.append(KmsServer(svc).start())
         for _ in range(4 * apps + 4):
             for i, p in te.presign_local(keys, [1, 2, 3, 4, 5]).items():
-                services[i].threshold.signer.pool.add([p])  # type: ignore[union-attr]
+                services[i].threshold.signer.pool.add([p])
         urls = {i: srv.url for i, srv in zip(sorted(services), servers, strict=True)}
         for svc in services.values():
             assert svc.env_keys is not None

@@ -41,18 +41,19 @@ def _capture(clients: dict[int, KmsClient], path: str) -> dict[int, Captured]:
     compromised after boot would hold if it could read its agent's boot-time key)."""
     got: dict[int, Captured] = {}
     for i, c in clients.items():
-        real = c._call
+        real = c._boot_call  # a boot's calls go over its kept connection with the boot's credential
 
-        def spy(method: str, p: str, model: Any, *, i: int = i, real: Any = real, **kw: Any) -> Any:
-            cc = kw.get("client_cert")
+        def spy(session: Any, p: str, model: Any, body: Any, *, i: int = i, real: Any = real) -> Any:
+            answer = real(session, p, model, body)
+            cc = session.client_cert
             if p == path and cc is not None:
                 key = serialization.load_pem_private_key(cc[0].encode(), password=None)
                 assert isinstance(key, ec.EllipticCurvePrivateKey)
                 der = x509.load_pem_x509_certificate(cc[1].encode()).public_bytes(serialization.Encoding.DER)
-                got[i] = (key, der, dict(kw.get("body") or {}))
-            return real(method, p, model, **kw)
+                got[i] = (key, der, dict(body or {}))
+            return answer
 
-        c._call = spy  # type: ignore[method-assign]
+        c._boot_call = spy  # type: ignore[method-assign]
     return got
 
 

@@ -20,13 +20,14 @@ the client certificate. Instead (`_pinned_context`):
   (c) when the pinned handshake fails verification (the KMS restarted with a new identity), the pin is
       dropped and (a) runs again, once.
 
-One boot, one credential, one connection per KMS (`BootCredential`, `KmsClient.bind_boot`): a key provider
-that makes several attested calls during one boot (the threshold client: evaluate, then signatures) makes
-one RA-TLS key and one quote for the boot, and each KMS gets a certificate for that key under its own
-temporary CA and one kept-alive mutual-TLS connection for the boot's calls; unbinding (at the end of the
-boot) closes it and nothing of the credential is used again. The KMS still applies its whole rule to every
-request on that connection (its evidence check is cached per certificate; boot time, OS image, chain and
-boot challenge are judged per request). Calls for a tee that is not bound make a fresh credential each.
+One boot, one credential, kept connections per KMS (`BootCredential`, `KmsClient.bind_boot`): a key
+provider that makes several attested calls during one boot (the threshold client: evaluate, then
+signatures) makes one RA-TLS key and one quote for the boot; each KMS gets a certificate for that key under
+its own temporary CA and kept-alive mutual-TLS connections for the boot's calls (one; more only while calls
+to it run at once); unbinding (at the end of the boot) closes them and nothing of the credential is used
+again. The KMS still applies its whole rule to every request on a kept connection (its evidence check is
+cached per certificate; boot time, OS image, chain and boot challenge are judged per request). Calls for a
+tee that is not bound make a fresh credential each.
 
 `get_app_keys` procedure:
   (1) GetMeta (server checked) -> the KMS root CA and k256 public keys, cached;
@@ -211,6 +212,7 @@ class _BootSession:
     credential: BootCredential
     http: httpx.Client | None = None
     pinned: bytes | None = None
+    client_cert: tuple[str, str] | None = None  # (key PEM, certificate PEM) the connection presents
     lock: threading.Lock = field(default_factory=threading.Lock)
     ended: bool = False  # unbound: a call still running (abandoned by a hedge) opens nothing new
 
@@ -567,6 +569,7 @@ class KmsClient:
             if session.http is None or session.pinned != pinned:
                 session.close()
                 client_cert = session.credential.cert_for(*temp_ca)
+                session.client_cert = client_cert
                 session.http = httpx.Client(
                     verify=self._ssl_context(client_cert, pinned=pinned),
                     timeout=self._timeout,
