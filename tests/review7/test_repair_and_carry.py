@@ -399,3 +399,21 @@ def test_a_kept_app_ca_relabelled_by_the_host_is_not_served_and_the_cache_stays_
         cache.put(1, bytes([k]) * 20, ka, f"C{k}")
     assert len(list(cache.dir.glob("*.sealed"))) <= 8
     assert not [p for p in cache.dir.iterdir() if not p.name.endswith(".sealed")]  # no temp file left
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="R7-5 (open): more than MAX_CARRIED (1024) apps' env keys in an epoch and no reshare (membership "
+    "change, KMS code upgrade) can ever run again; anyone can deploy apps through KmsAuth",
+)
+def test_apps_anyone_can_deploy_cannot_block_every_future_reshare(tmp_path: Path) -> None:
+    """The attacker's steps: `deploy_and_register_app` 1025 times (open to anyone: gas only), then one
+    unauthenticated GetAppEnvEncryptPubKey per app (the node-wide budget lets 30 ceremonies a minute through:
+    about 35 minutes). Every member then holds 1025 env shares of the epoch. Here: one member's store with
+    1025 apps' shares (one sharing relabelled per app: the count is what matters), then its reshare deal."""
+    share = tx.dkg_local(3, 5)[0]
+    store = _store(tmp_path / "member-1", 1, 3)
+    for k in range(1025):
+        store.put(1, k.to_bytes(20, "big"), share)
+    items = carry_deal(epoch=1, index=1, t_new=3, n_new=5, env_store=store, signing_key=None, ca_key=None)
+    assert len(items) == 1025
