@@ -16,7 +16,7 @@ from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys._groups import P256
 from teecloud.keys.errors import KeyUsageError
 from teecloud.kms import api
-from teecloud.kms.errors import KmsClientError
+from teecloud.kms.errors import KmsClientError, SealingError
 from teecloud.kms.threshold_carry import carried_for, carry_deal, carry_receive, seal_carried
 from teecloud.kms.threshold_env import EnvKeyStore, ceremony_quorum
 from teecloud.kms.threshold_sign import AppCaCache
@@ -417,3 +417,26 @@ def test_apps_anyone_can_deploy_cannot_block_every_future_reshare(tmp_path: Path
         store.put(1, k.to_bytes(20, "big"), share)
     items = carry_deal(epoch=1, index=1, t_new=3, n_new=5, env_store=store, signing_key=None, ca_key=None)
     assert len(items) == 1025
+
+
+def test_sealed_shares_and_answers_swapped_between_epochs_do_not_open(tmp_path: Path) -> None:
+    """The host's steps: copy `1-<A>.sealed` / `1-<A>.answer` over `2-<A>.*` (another epoch, same app) and
+    `1-<B>.*` (same epoch, another app)."""
+    store = _store(tmp_path / "m", 1, 3)
+    share = tx.dkg_local(3, 5)[0]
+    store.put(1, APP_A, share)
+    answer = api.EnvEncryptPubKeyResponse(
+        public_key=tx.x25519_public_key(share.commitments).hex(),
+        signature="00" * 65,
+        timestamp=1,
+        signature_v1="00" * 65,
+    )
+    store.put_answer(1, APP_A, answer)
+    assert store.answer(1, APP_A) == answer
+    for epoch, app in ((2, APP_A), (1, APP_B)):
+        store._path(epoch, app).write_bytes(store._path(1, APP_A).read_bytes())
+        store._answer_path(epoch, app).write_bytes(store._answer_path(1, APP_A).read_bytes())
+        fresh = _store(store.dir, 1, 3)
+        with pytest.raises(SealingError, match="relabelled"):
+            fresh.get(epoch, app)
+        assert fresh.answer(epoch, app) is None
