@@ -2,9 +2,9 @@
 and through the verifying proxy, against the engine called directly, on the same model in the same run; and
 receipts signed per second.
 
-    python3 bench/bench_ai.py [--size small|tiny] [--requests 12] [--tokens 64] [--threads 2]
-                              [--relays thread|process] [--pin] [--mode stream|plain|both]
-                              [--before SRC]
+    python3 bench/bench_ai.py [--models small,medium] [--configs today,gpu-like] [--requests 12]
+                              [--tokens 64] [--threads 2] [--relays thread|process] [--pin]
+                              [--mode stream|plain|both] [--before SRC] [--proxy-loops uvloop,asyncio]
 
 The stack is the tests' (tests/ai/conftest.py): a simulated CVM and guest agent, llama-cpp-python's server
 (the real engine) on a random-weight llama GGUF written here (`small`: ~25 M parameters, 100 MB f32), the
@@ -22,6 +22,10 @@ measured before/after in the same run. "decode rate" is tokens/s from the first 
 relays' cost per token, without the fixed per-answer costs at either end). With `--relays process`, each
 verifying proxy's own CPU per answer and per token is printed too (its threads' time on a CPU over the timed
 answers, less its idle rate measured just before).
+`--configs` runs several engine setups one after the other in this run, each labelled: `today` (llama.cpp
+on 2 threads: both cores) and `gpu-like` (1 thread: a core left to the host, as a GPU engine leaves the CPU;
+the same engine for the direct and the proxied paths); `--models` does the same per model size (`medium`:
+tens of tokens/s). `--proxy-loops` runs one plain proxy per event loop side by side.
 Goals (issue 21): >= 98 % of direct throughput, <= 5 ms added to the first token.
 """
 
@@ -134,7 +138,14 @@ def _relay_main(kind: str, args: dict[str, object], ready: object, stop: object)
         known = {f.name for f in dataclasses.fields(ProxyPolicy)}  # another tree's policy may have fewer
         policy = {k: v for k, v in args["policy"].items() if k in known}  # type: ignore[attr-defined]
         app = make_proxy_app(str(args["upstream"]), verifier, ProxyPolicy(**policy))
-    with Listener(app, name=f"bench-{kind}") as listener:
+    loop = str(args.get("loop") or "default")
+    if loop == "default" and kind == "proxy":  # as `teecloud ai proxy` serves it (older trees: their default)
+        from teecloud.ai import proxy as proxy_module
+
+        chosen = getattr(proxy_module, "proxy_event_loop", None)
+        loop = chosen() if chosen is not None else "default"
+    extra = {} if loop == "default" else {"loop": loop}
+    with Listener(app, name=f"bench-{kind}", **extra) as listener:
         ready.put(listener.url)  # type: ignore[attr-defined]
         stop.wait()  # type: ignore[attr-defined]
 
@@ -326,54 +337,37 @@ def table(stats: dict[str, list[tuple[float, float, int, float]]], streamed: boo
             print(f"| {name} | — | — | {tps:.1f} | {100 * ratio:.1f} % | — | — |")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", choices=["tiny", "small"], default="small")
-    ap.add_argument("--requests", type=int, default=12)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--relays", choices=["thread", "process"], default="thread")
-    ap.add_argument("--pin", action="store_true", help="engine on CPU 0, client and relays on CPU 1")
-    ap.add_argument("--no-extras", action="store_true", help="only the paths (no receipts/s, relay cost)")
-    ap.add_argument("--mode", choices=["stream", "plain", "both"], default="stream")
-    ap.add_argument(
-        "--before",
-        metavar="SRC",
-        help="also the front and proxies of another tree's src/ (e.g. the base commit's, from git archive), "
-        "in the same run: a before/after (needs --relays process)",
-    )
-    args = ap.parse_args()
-    if args.pin and (args.threads != 1 or os.cpu_count() != 2):
-        ap.error("--pin splits 2 CPUs: one engine thread (--threads 1) on CPU 0, the rest on CPU 1")
-    if args.before and args.relays != "process":
-        ap.error("--before needs --relays process")
-    import logging
+CONFIGS = {
+    # the engine uses both cores (llama.cpp's threads = the machine's), as in every earlier round's runs
+    "today": {"threads": 2},
+    # the engine leaves one core to the host, as a GPU engine does (its compute is on the GPU): one thread
+    "gpu-like": {"threads": 1},
+}
 
+
+def _resolve(loop: str) -> str:
+    """ "default": the loop `teecloud ai proxy` serves on (this tree's choice)."""
+    from teecloud.ai.proxy import proxy_event_loop
+
+    return proxy_event_loop() if loop == "default" else loop
+
+
+def measure(
+    args: argparse.Namespace,
+    home: Path,
+    model: Path | None,
+    threads: int,
+    modes: list[bool],
+) -> dict[str, object]:
+    """One setup (model, engine threads): the engine, the front and the proxies started, every path timed
+    in shuffled rounds; returns the per-mode stats, the proxies' CPU and the load before/after."""
     import httpx
+    from tests.ai.conftest import running_stack
 
-    logging.disable(logging.WARNING)
-    from tests.ai.conftest import running_stack, write_model
-
-    if args.pin:
-        os.sched_setaffinity(0, {1})  # this process and everything it starts; the engine is moved below
-    home = Path(
-        tempfile.mkdtemp(prefix="bench-ai-")
-    )  # the model (~100 MB), logs, receipts: removed at the end
-    os.environ["TEECLOUD_HOME"] = str(home)
-    spec_path = ROOT / "examples" / "llm" / "tinymodel.py"
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tinymodel", spec_path)
-    assert spec and spec.loader
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    model = tiny.write_tiny_llama(home / f"{args.size}.gguf", size=args.size) if args.size != "tiny" else None
-    del write_model
     load_before = os.getloadavg()
-    modes = {"stream": [True], "plain": [False], "both": [True, False]}[args.mode]
+    out: dict[str, object] = {}
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, home, ignore_errors=True)
-        s = stack.enter_context(running_stack(home, model=model, threads=args.threads))
+        s = stack.enter_context(running_stack(home, model=model, threads=threads))
         paths = {"engine direct": s.engine.url}
         relays: dict[str, RelayProcess] = {}  # path -> its own relay process (the proxies'; --relays process)
         if args.relays == "thread":
@@ -388,12 +382,16 @@ def main() -> None:
                     RelayProcess("front", sock=s.sock, config=dataclasses.asdict(config), src=src)
                 ).url
                 paths[f"attested app{label}"] = front_url
-                for e2ee in (False, True):
+                loops = [_resolve(lp) for lp in args.proxy_loops] if not src else ["default"]
+                for e2ee, loop in [(False, lp) for lp in loops] + [(True, loops[0])]:
                     policy = dataclasses.asdict(s.policy(e2ee=e2ee))
                     relay_proc = stack.enter_context(
-                        RelayProcess("proxy", home=home, upstream=front_url, policy=policy, src=src)
+                        RelayProcess(
+                            "proxy", home=home, upstream=front_url, policy=policy, src=src, loop=loop
+                        )
                     )
-                    name = f"app + proxy{', E2EE' if e2ee else ''}{label}"
+                    shown = f" ({loop} loop)" if len(loops) > 1 else ""
+                    name = f"app + proxy{', E2EE' if e2ee else shown}{label}"
                     paths[name] = relay_proc.url
                     relays[name] = relay_proc
         results: dict[bool, dict[str, list[tuple[float, float, int, float]]]] = {}
@@ -422,21 +420,31 @@ def main() -> None:
                         stats[name].append(request(http, url, args.tokens, i))
                 results[streamed] = stats
             elapsed = time.monotonic() - t_timed
-            cpu = {name: r.cpu_s() - cpu0[name] for name, r in relays.items()}
-        load_after = os.getloadavg()
+            out["cpu"] = {
+                name: (r.cpu_s() - cpu0[name] - idle[name] * elapsed, r.cpu_s() - cpu0[name], idle[name])
+                for name, r in relays.items()
+            }
+            out["elapsed"] = elapsed
+        out["results"] = results
+        out["load"] = (load_before[0], os.getloadavg()[0])
         if not args.no_extras:
-            signed, logged = receipts_per_second(home)
-            report_ms, gpu_ms = attestation_costs(s.front.url, home)
-            relay = relay_cost(s)
-    print(
-        f"model {args.size}, {args.requests} requests x {args.tokens} tokens per path and mode, "
-        f"engine threads {args.threads}, relays in {'threads' if args.relays == 'thread' else 'processes'}"
-        f"{', engine pinned to CPU 0, client + relays to CPU 1' if args.pin else ''}; "
-        f"load avg (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after"
-    )
+            out["signed"], out["logged"] = receipts_per_second(home)
+            out["report_ms"], out["gpu_ms"] = attestation_costs(s.front.url, home)
+            out["relay"] = relay_cost(s)
+    return out
+
+
+def report(args: argparse.Namespace, title: str, m: dict[str, object], modes: list[bool]) -> None:
+    load = m["load"]
+    assert isinstance(load, tuple)
+    print(f"\n### {title}; load avg (1 min) {load[0]:.1f} before, {load[1]:.1f} after")
+    results = m["results"]
+    assert isinstance(results, dict)
     for streamed, stats in results.items():
         print(f"\n{'streamed' if streamed else 'not streamed'}:")
         table(stats, streamed)
+    cpu = m.get("cpu") or {}
+    assert isinstance(cpu, dict)
     if cpu:
         answers = args.requests * len(modes)
         tokens = answers * args.tokens
@@ -444,19 +452,23 @@ def main() -> None:
             "\nverifying proxy's own CPU (its process's threads on a CPU over the timed answers, less its "
             "idle rate measured just before; a VM's steal time inside a syscall counts as CPU here):"
         )
-        for name, seconds in cpu.items():
-            busy = seconds - idle[name] * elapsed
+        for name, (busy, seconds, idle) in cpu.items():
             print(
                 f"- {name}: {busy * 1000 / answers:.2f} ms per answer, {busy * 1e6 / tokens:.0f} µs per "
-                f"token ({seconds:.2f} s in {elapsed:.0f} s, idle {idle[name] * 1000:.2f} ms/s)"
+                f"token ({seconds:.2f} s in {m['elapsed']:.0f} s, idle {idle * 1000:.2f} ms/s)"
             )
-    if args.no_extras:
+    if "relay" not in m:
         return
-    print(f"receipts signed: {signed:.0f}/s; signed + appended to the Merkle log (fsync): {logged:.0f}/s")
     print(
-        f"attestation report (GetQuote via the guest API): {report_ms:.1f} ms median; "
-        f"simulated GPU evidence collected + verified: {gpu_ms:.1f} ms median"
+        f"receipts signed: {m['signed']:.0f}/s; "
+        f"signed + appended to the Merkle log (fsync): {m['logged']:.0f}/s"
     )
+    print(
+        f"attestation report (GetQuote via the guest API): {m['report_ms']:.1f} ms median; "
+        f"simulated GPU evidence collected + verified: {m['gpu_ms']:.1f} ms median"
+    )
+    relay = m["relay"]
+    assert isinstance(relay, dict)
     hops = ", ".join(
         f"{k}: +{v:.0f} µs" for k, v in relay.items() if not k.startswith("synthetic") and "TTFT" not in k
     )
@@ -467,6 +479,91 @@ def main() -> None:
         if not k.startswith("synthetic") and "TTFT" in k
     )
     print(f"added time to the first event (synthetic engine, not a model): {ttfts}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--models",
+        default="small",
+        help="comma-separated sizes of examples/llm/tinymodel.py: tiny, small (~25 M parameters, hundreds "
+        "of tokens/s on this CPU), medium (~57 M, tens of tokens/s: a model's pace)",
+    )
+    ap.add_argument("--size", help="one model size (the older spelling of --models)")
+    ap.add_argument(
+        "--configs",
+        help="comma-separated engine configurations, each a setup of its own in this run: today (engine "
+        "threads 2), gpu-like (engine threads 1, a core left to the host). Default: --threads's",
+    )
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--relays", choices=["thread", "process"], default="thread")
+    ap.add_argument(
+        "--proxy-loops",
+        default="default",
+        help="comma-separated event loops for the verifying proxy processes (--relays process): default "
+        "(the proxy's own choice), asyncio, uvloop; one plain proxy per loop, the E2EE one on the first",
+    )
+    ap.add_argument("--pin", action="store_true", help="engine on CPU 0, client and relays on CPU 1")
+    ap.add_argument("--no-extras", action="store_true", help="only the paths (no receipts/s, relay cost)")
+    ap.add_argument("--mode", choices=["stream", "plain", "both"], default="stream")
+    ap.add_argument(
+        "--before",
+        metavar="SRC",
+        help="also the front and proxies of another tree's src/ (e.g. the base commit's, from git archive), "
+        "in the same run: a before/after (needs --relays process)",
+    )
+    args = ap.parse_args()
+    args.proxy_loops = args.proxy_loops.split(",")
+    models = [args.size] if args.size else args.models.split(",")
+    configs = args.configs.split(",") if args.configs else [f"threads {args.threads}"]
+    for c in configs:
+        if c not in CONFIGS and not c.startswith("threads "):
+            ap.error(f"unknown configuration {c!r} (today, gpu-like)")
+    if args.pin and (args.threads != 1 or args.configs or os.cpu_count() != 2):
+        ap.error("--pin splits 2 CPUs: one engine thread (--threads 1) on CPU 0, the rest on CPU 1")
+    if (args.before or args.proxy_loops != ["default"]) and args.relays != "process":
+        ap.error("--before and --proxy-loops need --relays process")
+    import logging
+
+    logging.disable(logging.WARNING)
+    if args.pin:
+        os.sched_setaffinity(0, {1})  # this process and everything it starts; the engine is moved below
+    home = Path(tempfile.mkdtemp(prefix="bench-ai-"))  # the models, logs, receipts: removed at the end
+    os.environ["TEECLOUD_HOME"] = str(home)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tinymodel", ROOT / "examples" / "llm" / "tinymodel.py")
+    assert spec and spec.loader
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    modes = {"stream": [True], "plain": [False], "both": [True, False]}[args.mode]
+    print(
+        f"{args.requests} requests x {args.tokens} tokens per path and mode, relays in "
+        f"{'threads' if args.relays == 'thread' else 'processes'}"
+        f"{', engine pinned to CPU 0, client + relays to CPU 1' if args.pin else ''}"
+    )
+    try:
+        first = True
+        for size in models:
+            model = tiny.write_tiny_llama(home / f"{size}.gguf", size=size)
+            for c in configs:
+                threads = CONFIGS[c]["threads"] if c in CONFIGS else args.threads
+                setup_home = home / f"{size}-{c.replace(' ', '')}"
+                setup_home.mkdir()
+                extras = args.no_extras or not first  # the model-independent extras once
+                m = measure(
+                    argparse.Namespace(**{**vars(args), "no_extras": extras}),
+                    setup_home,
+                    model,
+                    threads,
+                    modes,
+                )
+                report(args, f"model {size}, configuration {c} (engine threads {threads})", m, modes)
+                first = False
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ HTTP, a container per call (`docker run`) for comparison, and the gas of the on-
 The runtime runs in this process on a booted simulated CVM (its guest agent on a Unix socket gives the
 keys, as in production); a "call" is the whole path: claim the request id (O_EXCL file, fsync), a fresh
 wasmtime Store + instance, run, sign the result (secp256k1) and append the log. Every loop is bounded by
-count and time. Goals (issue 22): warm p50 <= 5 ms, >= 500 calls/s on 2 cores, cold start <= 50 ms,
-on-chain check <= 60k gas.
+count and time. The gas of `verify` is measured on the current FunctionResultVerifier and, in the same run,
+on the same contract with the old replay record (a storage slot per request id), for a new result key and
+a certified one, with sequential and random request ids. Goals (issue 22): warm p50 <= 5 ms, >= 500 calls/s
+on 2 cores, cold start <= 50 ms, on-chain check <= 60k gas.
 """
 
 from __future__ import annotations
@@ -182,45 +184,101 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
+# the replay record before issue 22's change (one storage slot per request id), for the same-run comparison:
+# FunctionResultVerifier with only step (7) and its mapping swapped back; everything else is the same code
+_NEW_STEP7 = """    word_key: bytes32 = self._word_key(r.function_id, r.request_id)
+    bit: uint256 = 1 << (convert(r.request_id, uint256) & 255)
+    word: uint256 = self.accepted_words[msg.sender][word_key]
+    assert word & bit == 0, "result already accepted (replay)"
+    self.accepted_words[msg.sender][word_key] = word | bit
+"""
+_OLD_STEP7 = """    key: bytes32 = keccak256(concat(convert(r.function_id, bytes20), r.request_id))
+    assert not self.accepted[msg.sender][key], "result already accepted (replay)"
+    self.accepted[msg.sender][key] = True
+"""
+_NEW_MAP = "accepted_words: HashMap[address, HashMap[bytes32, uint256]]\n"
+_OLD_MAP = _NEW_MAP + "accepted: public(HashMap[address, HashMap[bytes32, bool]])\n"
+
+
+def _deploy_old_rule_verifier(chain, kms_auth: str) -> str:  # type: ignore[no-untyped-def]
+    import vyper
+    from eth_abi import encode
+
+    from teecloud.chain._compile import source_of
+
+    src = source_of("FunctionResultVerifier")
+    if src.count(_NEW_STEP7) != 1 or src.count(_NEW_MAP) != 1:
+        raise SystemExit("bench: FunctionResultVerifier's step (7) changed; update _NEW_STEP7")
+    old = src.replace(_NEW_STEP7, _OLD_STEP7).replace(_NEW_MAP, _OLD_MAP)
+    code = bytes.fromhex(vyper.compile_code(old, output_formats=["bytecode"])["bytecode"][2:])
+    receipt = chain.send(None, code + encode(["address"], [kms_auth]))
+    return str(receipt["contractAddress"])
+
+
 def _gas(chain, rt, kms_root: bytes, app_id: bytes) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Execution gas (transaction - 21000 - calldata) of `verify` from the same signer (the consumer), on
+    the current verifier and on the same contract with the old replay record, in this run."""
     import wasmtime
 
     from teecloud.chain.connection import abi_of
     from teecloud.chain.functions import FunctionResultVerifier, deploy_function_registry
+    from teecloud.functions import sequential_request_id
     from teecloud.functions.service import function_hash_of
 
     chain.kms.set_info(kms_root, b"dev-ca")
-    wasm = bytes(wasmtime.wat2wasm(TRIVIAL.format(tag="\\00" * 31 + "\\2a", n=32)))
-    fh = function_hash_of(wasm, [], {})
-    reg = deploy_function_registry(chain, chain.address, "bench", "0x" + app_id.hex(), fh)
-    rt.deploy(wasm, function_id=bytes.fromhex(reg.address[2:]))
-    verifier = FunctionResultVerifier.deploy(chain, chain.kms_auth)
-    abi = rt.invoke(fh.hex(), b"").result.to_abi()
-    data = abi_of("FunctionResultVerifier").encode_call("verify", abi)
-    calldata = sum(16 if b else 4 for b in data)
+    tags = ["\\00" * 31 + f"\\{k:02x}" for k in range(8)]  # 8 versions of a function returning k
+    versions = [bytes(wasmtime.wat2wasm(TRIVIAL.format(tag=t, n=32))) for t in tags]
+    hashes = [function_hash_of(w, [], {}) for w in versions]
+    reg = deploy_function_registry(chain, chain.address, "bench", "0x" + app_id.hex(), hashes[0])
+    for w, fh in zip(versions, hashes, strict=True):
+        rt.deploy(w, function_id=bytes.fromhex(reg.address[2:]))
+        if fh != hashes[0]:
+            reg.propose_add_code_hash(fh)
+    stream = os.urandom(24)
+    seq = iter(range(10_000))
+    version = iter(range(len(hashes)))
 
-    def gas(receipt: dict[str, object]) -> int:
+    def result(fh: bytes, *, sequential: bool = True) -> tuple:  # type: ignore[type-arg]
+        rid = sequential_request_id(stream, next(seq)) if sequential else os.urandom(32)
+        return rt.invoke(fh.hex(), b"", request_id=rid).result.to_abi()
+
+    def execution(receipt: dict[str, object], abi: tuple) -> int:  # type: ignore[type-arg]
         g = receipt["gasUsed"]
-        return int(g, 16) if isinstance(g, str) else int(g)  # type: ignore[call-overload]
+        used = int(g, 16) if isinstance(g, str) else int(g)  # type: ignore[call-overload]
+        data = abi_of("FunctionResultVerifier").encode_call("verify", abi)
+        return used - 21_000 - sum(16 if b else 4 for b in data)
 
-    # a key seen for the first time: the whole chain is checked (steps 1-7)
-    used = gas(verifier.verify(abi))
-    # the key certified once (certify_key), then another result of it: steps 5-6 are a storage read
-    certify = gas(
-        chain.transact("FunctionResultVerifier", verifier.address, "certify_key", *_certify_args(abi))
+    def verify(v: FunctionResultVerifier, abi: tuple) -> int:  # type: ignore[type-arg]
+        return execution(v.verify(abi), abi)
+
+    out: dict[str, object] = {}
+    for label, v in (
+        ("old_rule", FunctionResultVerifier(chain, _deploy_old_rule_verifier(chain, chain.kms_auth))),
+        ("new_rule", FunctionResultVerifier.deploy(chain, chain.kms_auth)),
+    ):
+        g: dict[str, int] = {}
+        # a new key (a version never seen: whole chain), its id the first of its word (or random)
+        fh = hashes[next(version)]
+        g["new_key_id_opens_a_word"] = verify(v, result(fh))
+        # a new key (the next version, as after an upgrade), its id in a word this consumer has used
+        fh = hashes[next(version)]
+        g["new_key_id_in_a_used_word"] = verify(v, result(fh))
+        g["new_key_random_id"] = verify(v, result(hashes[next(version)], sequential=False))
+        # that key certified (certify_key, once per runtime app x code hash x KMS root), later results
+        abi = result(fh)
+        receipt = chain.transact("FunctionResultVerifier", v.address, "certify_key", *_certify_args(abi))
+        g["certify_key_tx"] = (
+            int(receipt["gasUsed"], 16) if isinstance(receipt["gasUsed"], str) else int(receipt["gasUsed"])
+        )
+        g["certified_key_id_in_a_used_word"] = verify(v, abi)
+        g["certified_key_random_id"] = verify(v, result(fh, sequential=False))
+        out[label] = g
+    new = out["new_rule"]
+    assert isinstance(new, dict)
+    out["new_rule_new_key_amortized_over_256_sequential_ids"] = round(
+        (new["new_key_id_opens_a_word"] + 255 * new["new_key_id_in_a_used_word"]) / 256
     )
-    abi2 = rt.invoke(fh.hex(), b"").result.to_abi()
-    data2 = abi_of("FunctionResultVerifier").encode_call("verify", abi2)
-    calldata2 = sum(16 if b else 4 for b in data2)
-    used2 = gas(verifier.verify(abi2))
-    return {
-        "verify_tx_gas": used,
-        "verify_calldata_gas": calldata,
-        "verify_execution_gas": used - 21_000 - calldata,
-        "certify_key_tx_gas": certify,
-        "verify_certified_tx_gas": used2,
-        "verify_certified_execution_gas": used2 - 21_000 - calldata2,
-    }
+    return {"verify_execution_gas": out}
 
 
 def _certify_args(abi: tuple) -> tuple:  # type: ignore[type-arg]

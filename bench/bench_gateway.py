@@ -100,18 +100,57 @@ http {{
 """
 
 
-def start_nginx(tmp: Path, body: str, workers: int, stream: str = "") -> subprocess.Popen[bytes]:
+def start_nginx(
+    tmp: Path, body: str, workers: int, stream: str = "", env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """nginx in the foreground with `body` in its http block (and `stream`); `env`: extra environment (e.g.
+    an allocator preloaded into the master, which its forked workers keep)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "nginx.conf").write_text(nginx_conf(tmp, body, workers, stream))
     # Its own session, as HaproxyDriver starts HAProxy: with the kernel's scheduler autogroups (on here) a
     # session is one scheduling group, so every server under test gets the same treatment.
     proc = subprocess.Popen(
-        ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"], start_new_session=True
+        ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"],
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
     )
     time.sleep(0.5)
     if proc.poll() is not None:
         raise SystemExit("nginx did not start (its error is printed above)")
     return proc
+
+
+class BenchTls:
+    """A temporary directory with the dev CA's wildcard certificate for BASE, as nginx and HAProxy load it."""
+
+    def __init__(self, prefix: str) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix=prefix))
+        now = int(time.time())
+        self.ca = DevCa(now=now)
+        self.cert = self.ca.issue_wildcard(BASE, now=now)
+        (self.tmp / "cert.pem").write_text(self.cert.cert_pem + self.ca.cert_pem)
+        (self.tmp / "key.pem").write_text(self.cert.key_pem)
+        (self.tmp / "key.pem").chmod(0o600)
+        # nginx's directives for it
+        self.nginx = f"ssl_certificate {self.tmp}/cert.pem; ssl_certificate_key {self.tmp}/key.pem;"
+
+
+def start_backend(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+    """The backend every proxy routes to: nginx, plain HTTP/1.1, one fixed 12-byte answer, 1 worker."""
+    return start_nginx(
+        tmp, f'server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello world\\n"; }} }}', 1
+    )
+
+
+def nginx_routing(backend_port: int, port: int, tls: str) -> str:
+    """nginx terminating TLS for the route name HOST (keep-alive upstream to the backend), 421 otherwise:
+    the `nginx same SNI routing` baseline."""
+    return (
+        f"upstream app {{ server 127.0.0.1:{backend_port}; keepalive 64; }}\n"
+        f"server {{ listen 127.0.0.1:{port} ssl default_server; {tls} return 421; }}\n"
+        f"server {{ listen 127.0.0.1:{port} ssl; server_name {HOST}; {tls}\n"
+        '  location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; } }'
+    )
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -212,15 +251,9 @@ def main() -> None:
     for tool in ("haproxy", "nginx", "wrk"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing (apt-get install haproxy nginx-light wrk)")
-    tmp = Path(tempfile.mkdtemp(prefix="teecloud-bench-gw-"))
-    now = int(time.time())
-    ca = DevCa(now=now)
-    cert = ca.issue_wildcard(BASE, now=now)
-    (tmp / "cert.pem").write_text(cert.cert_pem + ca.cert_pem)
-    (tmp / "key.pem").write_text(cert.key_pem)
-    (tmp / "key.pem").chmod(0o600)
+    bt = BenchTls("teecloud-bench-gw-")
+    tmp, ca, cert, tls = bt.tmp, bt.ca, bt.cert, bt.nginx
     b_port, d_port, n_port, g_port, t_port, l_port, s_port = (free_port() for _ in range(7))
-    tls = f"ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem;"
     procs: list[subprocess.Popen[bytes]] = []
     try:
         run(
@@ -242,11 +275,7 @@ def main() -> None:
 
 def run(tmp, ca, cert, procs, seconds, rounds, ports, tls) -> None:  # type: ignore[no-untyped-def]
     b_port, d_port, n_port, g_port, t_port, l_port, s_port = ports
-    backend = start_nginx(
-        tmp / "backend",
-        f'server {{ listen 127.0.0.1:{b_port}; location / {{ return 200 "hello world\\n"; }} }}',
-        1,
-    )
+    backend = start_backend(tmp / "backend", b_port)
     procs.append(backend)
     direct = start_nginx(
         tmp / "direct",
@@ -254,14 +283,7 @@ def run(tmp, ca, cert, procs, seconds, rounds, ports, tls) -> None:  # type: ign
         2,
     )
     procs.append(direct)
-    nginx_gw = start_nginx(
-        tmp / "nginx-gw",
-        f"upstream app {{ server 127.0.0.1:{b_port}; keepalive 64; }}\n"
-        f"server {{ listen 127.0.0.1:{n_port} ssl default_server; {tls} return 421; }}\n"
-        f"server {{ listen 127.0.0.1:{n_port} ssl; server_name {HOST}; {tls}\n"
-        '  location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; } }',
-        2,
-    )
+    nginx_gw = start_nginx(tmp / "nginx-gw", nginx_routing(b_port, n_port, tls), 2)
     procs.append(nginx_gw)
     # nginx built like the gateway: one public port that reads the ClientHello (stream, ssl_preread), sends
     # passthrough names on untouched and the rest over a unix socket (PROXY protocol) to a TLS server

@@ -29,14 +29,11 @@ not the fixed start-up cost); medians over rounds.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import socket
 import ssl
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gateway as bg
 import bench_gateway_variants as bv
 
-from teecloud.gateway.devca import DevCa
 from teecloud.gateway.driver import HaproxyDriver
 from teecloud.gateway.routing import DataPlaneLimits, Route
 
@@ -128,22 +124,6 @@ def open_connections(port: int, ca_pem: str, k: int, conns: list[ssl.SSLSocket],
         conns.append(tls)
 
 
-def start_nginx(tmp: Path, body: str, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """bench_gateway.start_nginx with extra environment (an allocator preloaded into the master, which
-    its forked workers keep)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "nginx.conf").write_text(bg.nginx_conf(tmp, body, workers, ""))
-    proc = subprocess.Popen(
-        ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"],
-        env={**os.environ, **env},
-        start_new_session=True,
-    )
-    time.sleep(0.5)
-    if proc.poll() is not None:
-        raise SystemExit("nginx did not start (its error is printed above)")
-    return proc
-
-
 def check_preload(pid: int, env: dict[str, str]) -> None:
     """Every process of the server's tree maps the preloaded allocator (else the variant measured glibc)."""
     lib = env.get("LD_PRELOAD")
@@ -202,20 +182,10 @@ def main() -> None:
         ):
             if not Path(path).exists():
                 raise SystemExit(f"{path} is missing (apt-get install libjemalloc2 libtcmalloc-minimal4)")
-    tmp = Path(tempfile.mkdtemp(prefix="teecloud-bench-gwm-"))
-    now = int(time.time())
-    ca = DevCa(now=now)
-    cert = ca.issue_wildcard(bg.BASE, now=now)
-    (tmp / "cert.pem").write_text(cert.cert_pem + ca.cert_pem)
-    (tmp / "key.pem").write_text(cert.key_pem)
-    (tmp / "key.pem").chmod(0o600)
-    tls = f"ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem;"
+    bt = bg.BenchTls("teecloud-bench-gwm-")
+    tmp, ca, cert, tls = bt.tmp, bt.ca, bt.cert, bt.nginx
     b_port = bg.free_port()
-    backend = bg.start_nginx(
-        tmp / "backend",
-        f'server {{ listen 127.0.0.1:{b_port}; location / {{ return 200 "hello world\\n"; }} }}',
-        1,
-    )
+    backend = bg.start_backend(tmp / "backend", b_port)
     driver = HaproxyDriver(
         tmp / "gw",
         base_domain=bg.BASE,
@@ -234,15 +204,11 @@ def main() -> None:
             for name in order:
                 if name.startswith("nginx"):
                     n_port = bg.free_port()
-                    proc = start_nginx(
+                    proc = bg.start_nginx(
                         tmp / f"{name.replace(' ', '-')}-{r}",
-                        f"upstream app {{ server 127.0.0.1:{b_port}; keepalive 64; }}\n"
-                        f"server {{ listen 127.0.0.1:{n_port} ssl default_server; {tls} return 421; }}\n"
-                        f"server {{ listen 127.0.0.1:{n_port} ssl; server_name {bg.HOST}; {tls}\n"
-                        "  location / { proxy_pass http://app; proxy_http_version 1.1; "
-                        'proxy_set_header Connection ""; } }',
+                        bg.nginx_routing(b_port, n_port, tls),
                         2,
-                        ALLOCATORS.get(name.partition("+")[2], {}),
+                        env=ALLOCATORS.get(name.partition("+")[2], {}),
                     )
                     try:
                         check_preload(proc.pid, ALLOCATORS.get(name.partition("+")[2], {}))

@@ -22,16 +22,29 @@ connection on fresh processes (bench_gateway.idle_memory: RSS growth from 300 to
 
     python3 bench/bench_gateway_variants.py [--seconds 5] [--rounds 3] [--variants base,no-hop,...]
         [--no-memory]
+
+The goal's verdict (keep-alive req/s >= 1.0x nginx same SNI routing, p99 no worse), statistical, since the
+spread between rounds is larger than the difference:
+
+    python3 bench/bench_gateway_variants.py --verdict no-hop,no-hop+low-latency [--pairs 30]
+        [--pair-seconds 2] [--budget-s 900]
+
+runs many short pairs: in each, nginx and the candidate back to back (order alternating between pairs, so a
+drift in the machine's load hits both sides alike), and takes the ratio within the pair (paired comparison).
+Over the pairs: the geometric mean of the req/s ratios and of the p99 ratios with a 95 % confidence interval
+(Student's t on the log ratios), and the verdict per goal: met (the whole interval on the good side of 1.0),
+not met (the whole interval on the bad side) or undecidable on this machine (the interval contains 1.0).
+Bounded: at most `--pairs` pairs and `--budget-s` seconds (what is done by then is reported).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_gateway as bg
 
-from teecloud.gateway.devca import DevCa
 from teecloud.gateway.driver import HaproxyDriver
 from teecloud.gateway.routing import DataPlaneLimits, Route
 
@@ -79,6 +91,10 @@ VARIANTS: dict[str, Callable[[str, str], str]] = {
     "no-hop+nbthread1": _global("    nbthread 1"),
     "no-hop+no-cache+no-tag": _global("    tune.ssl.cachesize 0"),  # -dMno-tag (ARGS below)
     "no-hop+tickets+no-tag": lambda cfg, port: VARIANTS["no-hop+tickets"](cfg, port),
+    # not tried before: the scheduler favouring latency over batching (HAProxy 2.4+), and edge-triggered
+    # polling (2.6, experimental: fewer epoll_ctl calls per event)
+    "no-hop+low-latency": _global("    tune.sched.low-latency on"),
+    "no-hop+edge-triggered": _global("    expose-experimental-directives\n    tune.fd.edge-triggered on"),
 }
 # command-line flags per variant: Debian builds HAProxy with DEBUG_MEMORY_POOLS, which tags every pool object
 # (8 bytes after it, to catch frees into the wrong pool); -dMno-tag turns that off
@@ -88,6 +104,86 @@ ENV: dict[str, dict[str, str]] = {
     "no-hop+arena1": {"MALLOC_ARENA_MAX": "1"},
     "no-hop+tickets+arena1": {"MALLOC_ARENA_MAX": "1"},
 }
+
+
+def t_975(dof: int) -> float:
+    """Student's t 0.975 quantile: exact for 1..4 degrees of freedom, else the Cornish-Fisher expansion
+    (Abramowitz & Stegun 26.7.5; error < 0.001 from 5 on)."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
+    if dof in table:
+        return table[dof]
+    z = 1.959964
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / dof + g2 / dof**2 + g3 / dof**3
+
+
+def paired_ratio(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of per-pair ratios and its 95 % confidence interval (t on the log ratios)."""
+    logs = [math.log(r) for r in ratios if r > 0]
+    n = len(logs)
+    if n < 2:
+        return (math.exp(logs[0]) if logs else float("nan"), float("nan"), float("nan"))
+    mean = sum(logs) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+    half = t_975(n - 1) * sd / math.sqrt(n)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def judge(low: float, high: float, *, higher_is_better: bool) -> str:
+    """met / not met / undecidable for a ratio's interval against 1.0."""
+    if math.isnan(low):
+        return "undecidable"
+    good, bad = (low >= 1.0, high < 1.0) if higher_is_better else (high <= 1.0, low > 1.0)
+    return "met" if good else "not met" if bad else "undecidable"
+
+
+def verdict(
+    targets: dict[str, tuple[int, int]], candidates: list[str], pairs: int, seconds: int, budget_s: float
+) -> None:
+    """The goal's statistical verdict (module docstring): paired nginx / candidate runs, interleaved."""
+    base = "nginx same SNI routing"
+    port_of = {n.removeprefix("haproxy "): port for n, (port, _pid) in targets.items()}
+    got: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {c: [] for c in candidates}
+    deadline = time.monotonic() + budget_s
+    for i in range(pairs):
+        if time.monotonic() + 2 * seconds * len(candidates) > deadline:
+            print(f"budget of {budget_s:.0f} s reached after {i} pairs", flush=True)
+            break
+        for k, c in enumerate(candidates):
+            order = [base, c] if (i + k) % 2 == 0 else [c, base]
+            res = {n: bg.wrk(f"https://{bg.HOST}:{port_of[n]}/", seconds) for n in order}
+            got[c].append((res[c], res[base]))
+            print(
+                f"pair {i + 1} {c}: {res[c]['rps']:.0f} vs nginx {res[base]['rps']:.0f} req/s "
+                f"({res[c]['rps'] / max(res[base]['rps'], 1):.2f}x), p99 {res[c]['p99']:.2f} vs "
+                f"{res[base]['p99']:.2f} ms",
+                flush=True,
+            )
+    print(
+        "\n| candidate | pairs | req/s / nginx (geo. mean) | 95 % CI | req/s goal | p99 / nginx | 95 % CI "
+        "| p99 goal | pairs won | errors | verdict |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for c, rs in got.items():
+        rps = paired_ratio([a["rps"] / b["rps"] for a, b in rs if b["rps"] > 0])
+        p99 = paired_ratio([a["p99"] / b["p99"] for a, b in rs if b["p99"] > 0 and a["p99"] > 0])
+        v_rps = judge(rps[1], rps[2], higher_is_better=True)
+        v_p99 = judge(p99[1], p99[2], higher_is_better=False)
+        overall = (
+            "met"
+            if v_rps == v_p99 == "met"
+            else "not met"
+            if "not met" in (v_rps, v_p99)
+            else "undecidable on this machine"
+        )
+        won = sum(1 for a, b in rs if a["rps"] > b["rps"])
+        errors = sum(a["errors"] for a, _b in rs)
+        print(
+            f"| {c} | {len(rs)} | {rps[0]:.3f} | {rps[1]:.3f}–{rps[2]:.3f} | {v_rps} | {p99[0]:.3f} "
+            f"| {p99[1]:.3f}–{p99[2]:.3f} | {v_p99} | {won}/{len(rs)} | {errors:.0f} | {overall} |"
+        )
 
 
 class Haproxy:
@@ -131,29 +227,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-memory", action="store_true", help="req/s only (bench_gateway_memory.py: memory)")
+    ap.add_argument("--verdict", default="", help="candidates for the statistical verdict (module docstring)")
+    ap.add_argument("--pairs", type=int, default=30)
+    ap.add_argument("--pair-seconds", type=int, default=2)
+    ap.add_argument("--budget-s", type=float, default=900.0)
     args = ap.parse_args()
-    names = args.variants.split(",")
-    tmp = Path(tempfile.mkdtemp(prefix="teecloud-bench-gwv-"))
-    now = int(time.time())
-    ca = DevCa(now=now)
-    cert = ca.issue_wildcard(bg.BASE, now=now)
-    (tmp / "cert.pem").write_text(cert.cert_pem + ca.cert_pem)
-    (tmp / "key.pem").write_text(cert.key_pem)
-    (tmp / "key.pem").chmod(0o600)
-    tls = f"ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem;"
+    candidates = [c for c in args.verdict.split(",") if c]
+    names = candidates or args.variants.split(",")
+    for n in names:
+        if n not in VARIANTS:
+            raise SystemExit(f"unknown variant {n!r}: one of {', '.join(VARIANTS)}")
+    if not 1 <= args.pairs <= 200 or not 1 <= args.pair_seconds <= 30:
+        raise SystemExit("--pairs is 1..200 and --pair-seconds 1..30")
+    bt = bg.BenchTls("teecloud-bench-gwv-")
+    tmp, ca, cert, tls = bt.tmp, bt.ca, bt.cert, bt.nginx
     b_port, d_port, n_port, s_port, g_port = (bg.free_port() for _ in range(5))
     procs: list[subprocess.Popen[bytes]] = []
     haproxies: dict[str, Haproxy] = {}
     drivers: list[HaproxyDriver] = []
     driver = None
     try:
-        procs.append(
-            bg.start_nginx(
-                tmp / "backend",
-                f'server {{ listen 127.0.0.1:{b_port}; location / {{ return 200 "hello world\\n"; }} }}',
-                1,
-            )
-        )
+        procs.append(bg.start_backend(tmp / "backend", b_port))
         direct = bg.start_nginx(
             tmp / "direct",
             f"server {{ listen 127.0.0.1:{d_port} ssl; {tls} "
@@ -161,15 +255,7 @@ def main() -> None:
             2,
         )
         procs.append(direct)
-        nginx_gw = bg.start_nginx(
-            tmp / "nginx-gw",
-            f"upstream app {{ server 127.0.0.1:{b_port}; keepalive 64; }}\n"
-            f"server {{ listen 127.0.0.1:{n_port} ssl default_server; {tls} return 421; }}\n"
-            f"server {{ listen 127.0.0.1:{n_port} ssl; server_name {bg.HOST}; {tls}\n"
-            "  location / { proxy_pass http://app; proxy_http_version 1.1; "
-            'proxy_set_header Connection ""; } }',
-            2,
-        )
+        nginx_gw = bg.start_nginx(tmp / "nginx-gw", bg.nginx_routing(b_port, n_port, tls), 2)
         procs.append(nginx_gw)
         sock = tmp / "nginx-split" / "term.sock"
         split = bg.start_nginx(
@@ -219,6 +305,9 @@ def main() -> None:
             "nginx same split": (s_port, split.pid),
             **{f"haproxy {n}": (h.port, h.proc.pid) for n, h in haproxies.items()},
         }
+        if candidates:
+            verdict(targets, candidates, args.pairs, args.pair_seconds, args.budget_s)
+            return
         # memory first, on fresh processes (bench_gateway explains why)
         mem = {
             n: float("nan")

@@ -189,7 +189,7 @@ def p256_signatures(
         ("  secp256k1 client, same run (baseline)", *combine_k),
         ("  ratio P-256 / secp256k1 client (p50)", combine_p[0] / combine_k[0], float("nan")),
         (
-            "P-256 client at t=3, optimistic: combine unchecked + OpenSSL verify (the client's path)",
+            "P-256 client at t=3, optimistic: combine unchecked + OpenSSL verify (the CVM's path)",
             *optimistic_p,
         ),
         ("  secp256k1 client, optimistic, same run", *optimistic_k),

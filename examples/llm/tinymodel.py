@@ -17,7 +17,9 @@ import numpy as np
 
 N_CTX = 512
 # --size small: ~25 M parameters (100 MB f32), for benchmarks where per-token work should dominate.
-SIZES = {"tiny": (64, 2, 4, 128), "small": (512, 8, 8, 1376)}
+# --size medium: ~57 M parameters (230 MB f32): tens of tokens/s on one CPU core, a model's pace
+# rather than a toy's (bench/bench_ai.py --models medium).
+SIZES = {"tiny": (64, 2, 4, 128), "small": (512, 8, 8, 1376), "medium": (768, 8, 12, 2048)}
 
 
 def vocabulary() -> tuple[list[str], list[float], list[int]]:

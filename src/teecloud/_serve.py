@@ -255,6 +255,9 @@ def limited_config(app: Any, limits: ServeLimits, **kwargs: Any) -> uvicorn.Conf
     kwargs.setdefault("http", LimitedH11Protocol)
     if not (isinstance(kwargs["http"], type) and issubclass(kwargs["http"], LimitedH11Protocol)):
         raise TypeError("a LimitedServer needs http=LimitedH11Protocol (or a subclass)")
+    # uvicorn's default, "auto", would switch every listener to uvloop wherever it happens to be installed
+    # (it is, for the AI proxy): a listener runs on asyncio unless it asks for another loop.
+    kwargs.setdefault("loop", "asyncio")
     kwargs.setdefault("log_level", "warning")
     kwargs.setdefault("access_log", False)
     kwargs.setdefault("lifespan", "off")

@@ -20,7 +20,7 @@ from dstack_sdk import DstackClient
 from teecloud.agent import AgentRunner, LocalDevKeyProvider, boot
 from teecloud.ai._http import Listener
 from teecloud.ai.engine import EngineProcess, llama_cpp_argv
-from teecloud.ai.proxy import ProxyPolicy, make_proxy_app
+from teecloud.ai.proxy import ProxyPolicy, make_proxy_app, proxy_event_loop
 from teecloud.ai.server import (
     GuestKeyMaterial,
     InferenceConfig,
@@ -102,7 +102,7 @@ class Stack:
 
     def proxy(self, upstream: str | None = None, **kw: object) -> Listener:
         app = make_proxy_app(upstream or self.front.url, self.verifier(), self.policy(**kw))
-        return Listener(app, name="test-ai-proxy")
+        return Listener(app, name="test-ai-proxy", loop=proxy_event_loop())  # as `teecloud ai proxy` does
 
 
 @contextmanager

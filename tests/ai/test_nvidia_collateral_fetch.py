@@ -256,70 +256,55 @@ def test_a_revoked_answer_is_cached_and_the_gpu_then_refused(
         verify_with(gpu, client.cache, now)
 
 
-@pytest.mark.parametrize(
-    ("mode", "error", "match"),
-    [
-        ("stale", InvalidCollateral, "stale|not current"),
-        ("http-500", PccsUnavailable, "HTTP 500"),
-        ("unsuccessful", InvalidCollateral, "UNAUTHORIZED"),
-        ("garbage", InvalidCollateral, "not a DER OCSP response"),
-        ("oversized", InvalidCollateral, "over"),
-        ("other-cert", InvalidCollateral, "another certificate"),
-        ("other-nonce", InvalidCollateral, "another nonce"),
-        ("foreign-signer", InvalidCollateral, "not signed"),
-        ("unknown", InvalidCollateral, "does not know"),
-    ],
-)
-def test_a_bad_ocsp_answer_is_refused_and_the_cache_unchanged(
+_REFUSALS = [
+    ("ocsp", "stale", InvalidCollateral, "stale|not current"),
+    ("ocsp", "http-500", PccsUnavailable, "HTTP 500"),
+    ("ocsp", "unsuccessful", InvalidCollateral, "UNAUTHORIZED"),
+    ("ocsp", "garbage", InvalidCollateral, "not a DER OCSP response"),
+    ("ocsp", "oversized", InvalidCollateral, "over"),
+    ("ocsp", "other-cert", InvalidCollateral, "another certificate"),
+    ("ocsp", "other-nonce", InvalidCollateral, "another nonce"),
+    ("ocsp", "foreign-signer", InvalidCollateral, "not signed"),
+    ("ocsp", "unknown", InvalidCollateral, "does not know"),
+    ("rim", "other-id", InvalidCollateral, "answered for"),
+    ("rim", "bad-sha", InvalidCollateral, "sha256"),
+    ("rim", "not-base64", InvalidCollateral, "base64"),
+    ("rim", "not-json", InvalidCollateral, "not JSON"),
+    ("rim", "corim", InvalidCollateral, "CORIM"),
+    ("rim", "foreign-rim", InvalidCollateral, "refused"),
+    ("rim", "tampered", InvalidCollateral, "refused"),
+    ("rim", "oversized", InvalidCollateral, "over"),
+    ("rim", "http-500", PccsUnavailable, "HTTP 500"),
+    ("rim", "slow", PccsUnavailable, "Timeout"),
+]
+
+
+@pytest.mark.parametrize(("kind", "mode", "error", "match"), _REFUSALS)
+def test_a_bad_answer_is_refused_and_the_cache_unchanged(
     client: NvidiaCollateralClient,
     server: tuple[NvidiaServices, str],
     gpus: tuple[SimulatedGpu, SimulatedGpu],
+    kind: str,
     mode: str,
     error: type[Exception],
     match: str,
 ) -> None:
+    """An OCSP answer for the GPU's chain or a RIM, answered badly in `mode`: refused with `error`, and the
+    good answer cached before it (fetched first) is still the cache's, byte for byte."""
     services, _ = server
-    chain = list(gpus[0].device_certificates())
     now = int(time.time())
-    client.fetch_ocsp_chain(chain, now=now)  # a good answer first: a refused one must not replace it
+    chain, anchors = list(gpus[0].device_certificates()), [gpus[0].root_der()]
+
+    def fetch() -> object:
+        if kind == "ocsp":
+            return client.fetch_ocsp_chain(chain, now=now)
+        return client.fetch_rim(DRIVER_ID, trust_anchors=anchors, now=now)
+
+    fetch()  # a good answer first: a refused one must not replace it
     before = snapshot(client.cache.dir)
     services.mode = mode
     with pytest.raises(error, match=match):
-        client.fetch_ocsp_chain(chain, now=now)
-    assert snapshot(client.cache.dir) == before
-
-
-@pytest.mark.parametrize(
-    ("mode", "error", "match"),
-    [
-        ("other-id", InvalidCollateral, "answered for"),
-        ("bad-sha", InvalidCollateral, "sha256"),
-        ("not-base64", InvalidCollateral, "base64"),
-        ("not-json", InvalidCollateral, "not JSON"),
-        ("corim", InvalidCollateral, "CORIM"),
-        ("foreign-rim", InvalidCollateral, "refused"),
-        ("tampered", InvalidCollateral, "refused"),
-        ("oversized", InvalidCollateral, "over"),
-        ("http-500", PccsUnavailable, "HTTP 500"),
-        ("slow", PccsUnavailable, "Timeout"),
-    ],
-)
-def test_a_bad_rim_answer_is_refused_and_the_cache_unchanged(
-    client: NvidiaCollateralClient,
-    server: tuple[NvidiaServices, str],
-    gpus: tuple[SimulatedGpu, SimulatedGpu],
-    mode: str,
-    error: type[Exception],
-    match: str,
-) -> None:
-    services, _ = server
-    anchors = [gpus[0].root_der()]
-    now = int(time.time())
-    client.fetch_rim(DRIVER_ID, trust_anchors=anchors, now=now)
-    before = snapshot(client.cache.dir)
-    services.mode = mode
-    with pytest.raises(error, match=match):
-        client.fetch_rim(DRIVER_ID, trust_anchors=anchors, now=now)
+        fetch()
     assert snapshot(client.cache.dir) == before
 
 

@@ -34,6 +34,7 @@ from teecloud.chain.functions import (
 )
 from teecloud.functions import FetchPolicy, FunctionKeys, FunctionRuntime, GuestAgentKeys, function_hash_of
 from teecloud.tee.simulated import SimulatedTdx
+from tests.chain.conftest import Anvil, anvil_keys
 
 from . import wat
 
@@ -227,9 +228,7 @@ def _registry_check(chain: ChainClient):  # type: ignore[no-untyped-def]
     return check
 
 
-@pytest.fixture
-def world(teecloud_home: Path, sockdir: Path, outside: Outside) -> Iterator[World]:
-    chain = ChainClient.embedded(teecloud_home)
+def _world(chain: ChainClient, teecloud_home: Path, sockdir: Path, outside: Outside) -> Iterator[World]:
     chain.deploy()
     owner = chain.address
     assert owner is not None
@@ -260,3 +259,22 @@ def world(teecloud_home: Path, sockdir: Path, outside: Outside) -> Iterator[Worl
         runtime.close()
         runner.stop()
         chain.close()
+
+
+@pytest.fixture
+def world(teecloud_home: Path, sockdir: Path, outside: Outside) -> Iterator[World]:
+    yield from _world(ChainClient.embedded(teecloud_home), teecloud_home, sockdir, outside)
+
+
+@pytest.fixture(params=["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
+def world_both(
+    request: pytest.FixtureRequest, teecloud_home: Path, sockdir: Path, outside: Outside
+) -> Iterator[World]:
+    """The same world on the embedded EVM (py-evm) and on anvil (a second EVM)."""
+    if request.param == "embedded":
+        chain = ChainClient.embedded(teecloud_home)
+    else:
+        node = Anvil()
+        request.addfinalizer(node.stop)
+        chain = ChainClient.rpc(node.url, anvil_keys()[0], home=teecloud_home)
+    yield from _world(chain, teecloud_home, sockdir, outside)

@@ -5,6 +5,8 @@ other-function, disallowed-runtime and superseded-version result reverts."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import time
 
 import pytest
@@ -20,6 +22,7 @@ from teecloud.functions import (
     SignedResult,
     function_hash_of,
     result_key_purpose,
+    sequential_request_id,
 )
 from teecloud.keys.sigchain import (
     k256_public_key,
@@ -268,3 +271,79 @@ def test_certify_key_refuses_malformed_keys(world: World) -> None:
     abi[9] = abi[9][:63]
     with pytest.raises(ContractReverted, match="64 bytes"):
         w.verifier.certify_key(tuple(abi))
+
+
+def _at(w: World, request_id: bytes) -> SignedResult:
+    return w.runtime.invoke(w.function_hash.hex(), w.price_input, request_id=request_id).result
+
+
+def test_the_replay_record_is_one_bit_per_request_id(world_both: World) -> None:
+    """Step 7 keeps a bit per (consumer, function, request id), 256 ids differing in their low byte to a
+    word: ids taken out of order, with gaps, or across words are each accepted once, a reused id reverts,
+    and no id marks a neighbour."""
+    w = world_both
+    stream = os.urandom(24)
+    ids = [sequential_request_id(stream, s) for s in (5, 3, 4, 255, 256, 300, 2**64 - 1)]
+    results = [_at(w, rid) for rid in ids]
+    for r in results:  # out of order (5 then 3, 4), a gap (to 255), the next words (256, 300), the last id
+        w.feed.submit(r.to_abi())
+    assert w.feed.updates() == len(ids)
+    for r in results:  # reused: each one refused, in any order
+        _reverts(w, r, "replay")
+    consumer = w.feed.address
+    for s in (0, 1, 2, 6, 254, 257, 299, 301, 2**64 - 2):
+        assert not w.verifier.is_accepted(consumer, w.registry.address, sequential_request_id(stream, s))
+    for rid in ids:
+        assert w.verifier.is_accepted(consumer, w.registry.address, rid)
+        # per consumer and per function: the same id is free for another consumer or another function
+        assert not w.verifier.is_accepted(w.chain.address or "", w.registry.address, rid)
+        assert not w.verifier.is_accepted(consumer, w.oracle.address, rid)
+    # another stream whose ids differ from these only above the low byte: its own words
+    other = bytearray(ids[0])
+    other[-2] ^= 1
+    assert not w.verifier.is_accepted(consumer, w.registry.address, bytes(other))
+    w.feed.submit(_at(w, bytes(other)).to_abi())
+    # a second consumer (here: the signer, calling verify itself) takes the same result once too
+    w.verifier.verify(results[0].to_abi())
+    with pytest.raises(ContractReverted, match="replay"):
+        w.verifier.verify(results[0].to_abi())
+
+
+def test_generated_request_ids_are_accepted_exactly_once(world: World) -> None:
+    """Generated ids in three words (random low bytes, some shared): after each is accepted, exactly the
+    accepted ones read as used, and every one of them reverts when sent again."""
+    w = world
+    rng = random.Random(22)
+    bases = [os.urandom(31) for _ in range(3)]
+    ids = list(dict.fromkeys(rng.choice(bases) + bytes([rng.randrange(256)]) for _ in range(10)))
+    done: set[bytes] = set()
+    for rid in ids:
+        r = _at(w, rid)
+        w.verifier.verify(r.to_abi())
+        done.add(rid)
+        me = w.chain.address or ""
+        probes = {b + bytes([x]) for b in bases for x in rng.sample(range(256), 8)} | set(ids)
+        for p in probes:
+            assert w.verifier.is_accepted(me, w.registry.address, p) == (p in done), p.hex()
+        with pytest.raises(ContractReverted, match="replay"):
+            w.verifier.verify(r.to_abi())
+
+
+def test_a_second_id_in_a_word_costs_a_slot_rewrite_not_a_fresh_slot(world: World) -> None:
+    w = world
+    stream = os.urandom(24)
+    first, second = (_at(w, sequential_request_id(stream, s)) for s in (0, 1))
+    w.verifier.certify_key(first.to_abi())  # both on the same path (certified key)
+    opening = w.verifier.estimate_gas(first.to_abi())
+    w.verifier.verify(first.to_abi())
+    following = w.verifier.estimate_gas(second.to_abi())
+    print(f"verify gas: opening a word {opening}, the next id in it {following}")
+    assert following < opening - 12_000  # a fresh slot (~22.1k) vs a rewrite (~5k)
+
+
+def test_sequential_request_ids_refuse_a_bad_stream_or_number() -> None:
+    stream = b"\x07" * 24
+    assert sequential_request_id(stream, 258) == stream + (258).to_bytes(8, "big")
+    for bad_stream, n in [(b"\x07" * 23, 0), (b"\x07" * 32, 0), (stream, -1), (stream, 2**64)]:
+        with pytest.raises(ValueError):
+            sequential_request_id(bad_stream, n)

@@ -143,3 +143,27 @@ def test_the_watcher_certifies_a_result_key_once_and_later_answers_cost_less(wor
     certified = answer_twice(certify=True)
     assert len(w.chain.events("FunctionResultVerifier", verifier.address, names=["KeyCertified"])) == 1
     assert full - certified > 5_000, (full, certified)  # two ecrecovers and the purpose string skipped
+
+
+def test_oracle_request_ids_count_up_and_may_be_answered_out_of_order(world_both: World) -> None:
+    """Request ids are this oracle's prefix then its nonce: consecutive (they share the verifier's replay
+    words), distinct from another oracle's; answers may come in any order, each once."""
+    w = world_both
+    rids = [
+        w.oracle.request(w.registry.address, w.price_input, deposit=DEPOSIT, callback=w.feed.address)
+        for _ in range(3)
+    ]
+    n = [int.from_bytes(r, "big") for r in rids]
+    assert n[1] == n[0] + 1 and n[2] == n[0] + 2 and n[0] & (2**64 - 1) == 0
+    second = FunctionOracle.deploy(w.chain, w.verifier.address)
+    other = second.request(w.registry.address, w.price_input, deposit=DEPOSIT)
+    assert other[:24] != rids[0][:24] and other[24:] == rids[0][24:]
+    results = {r: w.runtime.invoke(w.registry.address, w.price_input, request_id=r).result for r in rids}
+    for r in (rids[2], rids[0], rids[1]):  # out of order
+        w.oracle.fulfill(results[r].to_abi())
+        assert w.oracle.get(r).state == 2
+        assert w.verifier.is_accepted(w.oracle.address, w.registry.address, r)
+    assert w.feed.updates() == 3
+    for r in rids:
+        with pytest.raises(ContractReverted, match="no pending request"):
+            w.oracle.fulfill(results[r].to_abi())

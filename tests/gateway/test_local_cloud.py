@@ -32,4 +32,15 @@ def test_deploy_hello_prints_an_https_url_that_serves(cloud: Any, session: Any) 
     assert out.returncode == 0, out.stderr
     direct = httpx.get(r.urls[0] + "/", timeout=10).text
     assert out.stdout == direct  # the same app, through the gateway
+    # the route is one the node vouched for: the gateway requires the node's statement (NodeRegistry), the
+    # instance_id commits to the node's operator, and the checker took a statement for this instance
+    from teecloud.node.instance import instance_id_for
+    from teecloud.node.vouch import launch_seed
+
+    vouching = cloud.gateway.service.vouching
+    assert vouching is not None
+    inst = cloud.node.store.get(r.instance_id)
+    operator = str(cloud.node.launcher)
+    assert instance_id_for(launch_seed(operator, inst.launch_nonce()), inst.app_id).hex() == inst.instance_id
+    assert vouching.newest(inst.instance_id) is not None
     assert "gateway" in r.timings

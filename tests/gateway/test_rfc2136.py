@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +179,79 @@ def test_a_refused_update_fails_issuance_at_challenge(
         certs.ensure()
     assert err.value.step == "challenge" and "refused the TSIG key" in err.value.reason
     assert certs.current() is None and not (tmp_path / "acme" / "certificate.pem").exists()
+
+
+# ---------------------------------------------------------------- every authoritative server of the zone
+
+ZONE2 = "ns.teecloud.test"
+CHALLENGE2 = f"_acme-challenge.{ZONE2}"
+
+
+@pytest.fixture
+def zone_pair(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Bind, Bind]]:
+    """A BIND9 primary on 127.0.0.1 and a secondary on ::1 (zone transfers), both in the NS set; the
+    primary NOTIFYs the secondary unless the test is parametrized with notify=False (it then lags: its
+    refresh is an hour). Both on the same port (the NS set's servers are asked at the configured port);
+    named listens only on an interface's addresses, and this host's loopback has 127.0.0.1 and ::1, so the
+    secondary is on ::1."""
+    notify = getattr(request, "param", True)
+    extra = ("127.0.0.3",) if not notify else ()  # no server at all listens there
+    port = free_port()
+    primary = Bind(tmp_path / "primary", ZONE2, port=port, secondaries=("::1", *extra), notify=notify)
+    try:
+        secondary = Bind(tmp_path / "secondary", ZONE2, listen="::1", port=port, primary=("127.0.0.1", port))
+    except BaseException:
+        primary.stop()
+        raise
+    try:
+        yield primary, secondary  # Bind returns once the secondary serves the zone (its first transfer)
+    finally:
+        secondary.stop()
+        primary.stop()
+
+
+def _txt_at(server: Bind, name: str = CHALLENGE2) -> list[str]:
+    return Rfc2136Dns((server.listen, server.port), TsigKey("x", "hmac-sha256", bytes(16))).served(
+        dns.name.from_text(name + ".")
+    )
+
+
+@pytest.mark.slow  # BIND sends each NOTIFY ~5 s after the update
+def test_set_txt_returns_once_every_authoritative_server_serves_it(zone_pair: tuple[Bind, Bind]) -> None:
+    primary, secondary = zone_pair
+    provider = Rfc2136Dns(
+        ("127.0.0.1", primary.port), TsigKey.from_file(primary.key_file), propagation_timeout_s=20
+    )
+    zone = dns.name.from_text(ZONE2 + ".")
+    assert provider.authoritative_servers(zone) == [("127.0.0.1", primary.port), ("::1", primary.port)]
+    for value in ("one-value", "two_value"):
+        provider.set_txt(CHALLENGE2, value)
+        # when it returns, the secondary (zone transfer after NOTIFY) answers the value too
+        assert value in _txt_at(secondary)
+    assert sorted(_txt_at(primary)) == sorted(_txt_at(secondary)) == ["one-value", "two_value"]
+    provider.clear_txt(CHALLENGE2, "one-value")
+    provider.clear_txt(CHALLENGE2, "two_value")
+    assert _txt_at(primary) == []
+    log = (secondary.workdir / "named.log").read_text()
+    assert f"zone {ZONE2}/IN: transferred serial" in log
+
+
+@pytest.mark.parametrize("zone_pair", [False], indirect=True)
+def test_a_lagging_or_silent_secondary_is_a_clear_timeout(zone_pair: tuple[Bind, Bind]) -> None:
+    primary, secondary = zone_pair
+    provider = Rfc2136Dns(
+        ("127.0.0.1", primary.port),
+        TsigKey.from_file(primary.key_file),
+        propagation_timeout_s=2,
+        timeout_s=0.5,
+    )
+    t0 = time.monotonic()
+    with pytest.raises(Rfc2136Error) as exc:
+        provider.set_txt(CHALLENGE2, "lagging")
+    assert time.monotonic() - t0 < 2 + 3  # bounded by the timeout (plus one query's)
+    reason = str(exc.value)
+    assert "2 of the 3 authoritative servers" in reason
+    assert f"[::1]:{primary.port}" in reason and f"127.0.0.3:{primary.port}" in reason
+    assert "127.0.0.1:" + str(primary.port) + "," not in reason.split("s: ", 1)[1]  # the primary serves it
+    assert _txt_at(primary) == ["lagging"] and _txt_at(secondary) == []
+    provider.clear_txt(CHALLENGE2, "lagging")

@@ -11,10 +11,11 @@ the app cannot reach a host loopback port that is not forwarded to it (restricte
 listener there sees no connection; the data disk file on the host is LUKS2 and holds neither value; after
 stop/start (a fresh VM, the same disk key from the KMS) the app reads the same data back.
 
-The second test boots one more VM on `teecloud up --backend qemu --kms-nodes 3 --threshold 2` (without an
-env: env through a threshold guest is not tested here, one VM per test): the guest's keys come from t of
-the n KMS node processes, each reached through its own guest forward, and the app is reachable through the
-gateway.
+The second test boots one more VM on `teecloud up --backend qemu --kms-nodes 3 --threshold 2` and deploys
+with an env: the app's env key is made by the nodes' ceremony on the deploy's first request, the deploy
+encrypts to it, and the guest decrypts its env from t proved partials (no extra VM: the same boot); the
+guest's keys come from t of the n KMS node processes, each reached through its own guest forward, and the
+app is reachable through the gateway and serves the secret it was given.
 Slow (minutes each), under the e2e lock; needs the host's Docker only to build and save the tiny image.
 """
 
@@ -300,21 +301,32 @@ def test_a_qemu_cvm_gets_its_keys_from_t_of_n_kms_nodes(qcloud_threshold: Any, t
     assert gateway, "the local cloud started no gateway (HAProxy missing? scripts/setup.sh installs it)"
     port = _free_port()
     compose = tmp_path / "docker-compose.yml"
+    # the app serves its env secret (decrypted in the guest from t partials) beside a fixed marker
     script = (
-        "/bin/busybox --install -s /bin && mkdir /w && echo threshold > /w/k && exec httpd -f -p 8080 -h /w"
+        "/bin/busybox --install -s /bin && mkdir /w && echo threshold > /w/k && "
+        'echo "$$SECRET" > /w/secret && exec httpd -f -p 8080 -h /w'
     )
     compose.write_text(
         "services:\n"
         "  web:\n"
         f"    image: {IMAGE}\n"
         f'    command: ["/bin/busybox", "sh", "-c", \'{script}\']\n'
+        "    environment:\n"
+        "      - SECRET\n"
         "    ports:\n"
         f'      - "{port}:8080"\n'
     )
     session = Session(cloud.home)
     try:
         t0 = time.monotonic()
-        r = deploy(session, compose, name="qthr", timeout=1500)
+        r = deploy(
+            session,
+            compose,
+            name="qthr",
+            env={"SECRET": SECRET, "DROPPED": "x"},
+            allowed_envs=["SECRET"],
+            timeout=1500,
+        )
         assert r.status == "running", r.error
         print(f"TCG deploy to app running (threshold KMS): {time.monotonic() - t0:.1f} s")
         cvm = cloud.node._cvm(r.instance_id).booted
@@ -330,6 +342,12 @@ def test_a_qemu_cvm_gets_its_keys_from_t_of_n_kms_nodes(qcloud_threshold: Any, t
         }
         shared = (cvm.workdir / "shared" / ".sys-config.json").read_text()
         assert all(f"https://10.0.2.{100 + k}:443" in shared for k in range(3))
+        # env through the threshold guest: it ran the env phase, kept SECRET (only allowed_envs), and the
+        # host's copy of the env is ciphertext
+        assert "env" in cvm.guest_info["timings"] and cvm.guest_info["dropped_env"] == ["DROPPED"]
+        assert _get(f"http://127.0.0.1:{port}/secret").text == SECRET + "\n"
+        encrypted_env = (cvm.workdir / "shared" / ".encrypted-env").read_bytes()
+        assert encrypted_env and SECRET.encode() not in encrypted_env
         # deploy printed the https URL; curl through the gateway with the dev CA reaches the app
         assert r.gateway_urls == [
             f"https://{r.app_id}-8080.{gateway['base_domain']}:{gateway['public_port']}/"

@@ -53,13 +53,15 @@ class Listener:
         port: int = 0,
         limits: ServeLimits = AI_LISTENER,
         tls: tuple[Path, Path] | None = None,
+        loop: str = "asyncio",
     ) -> None:
-        """`tls`: (certificate chain PEM file, key PEM file) to serve HTTPS."""
+        """`tls`: (certificate chain PEM file, key PEM file) to serve HTTPS. `loop`: uvicorn's event loop,
+        "asyncio" or "uvloop" (the verifying proxy's: teecloud.ai.proxy.proxy_event_loop)."""
         self.host = host
         self.name = name
         self.scheme = "https" if tls else "http"
         extra: dict[str, Any] = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
-        config = limited_config(app, limits, host=host, port=port, **extra)
+        config = limited_config(app, limits, host=host, port=port, loop=loop, **extra)
         self._server = LimitedServer(config, limits, name=name)
         self._thread: threading.Thread | None = None
         self.port = 0

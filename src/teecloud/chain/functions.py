@@ -133,6 +133,19 @@ class FunctionResultVerifier:
             )
         )
 
+    def is_accepted(self, consumer: str | bytes, function_id: str | bytes, request_id: bytes | str) -> bool:
+        """Whether `consumer` accepted a result of `function_id` for `request_id` (the replay record)."""
+        return bool(
+            self.conn.call(
+                "FunctionResultVerifier",
+                self.address,
+                "is_accepted",
+                to_address(consumer),
+                to_address(function_id),
+                to_bytes32(request_id, "request id"),
+            )
+        )
+
     def estimate_gas(self, result_abi: tuple[Any, ...]) -> int:
         data = abi_of("FunctionResultVerifier").encode_call("verify", result_abi)
         me = self.conn.require_signer().address

@@ -98,7 +98,7 @@ def proxy(
     every answer's receipt; it refuses (502, with the failing step) on any failure."""
     from teecloud.ai._http import Listener
     from teecloud.ai.e2ee import ALG_K256, ALG_X25519
-    from teecloud.ai.proxy import ProxyPolicy, make_proxy_app
+    from teecloud.ai.proxy import ProxyPolicy, make_proxy_app, proxy_event_loop
     from teecloud.cli._peers import MISSING, verifier_from_flags
 
     if not 0 <= port <= 65535:
@@ -135,7 +135,12 @@ def proxy(
     verifier = verifier_from_flags(trust_dev_root, pccs_url, _err)
     if verifier is None:
         _fail(MISSING, 2)
-    listener = Listener(make_proxy_app(upstream, verifier, policy), name="teecloud-ai-proxy", port=port)
+    listener = Listener(
+        make_proxy_app(upstream, verifier, policy),
+        name="teecloud-ai-proxy",
+        port=port,
+        loop=proxy_event_loop(),
+    )
     _out.print(f"teecloud ai proxy: http://127.0.0.1:{port}/v1 -> {upstream} (verifying)", highlight=False)
     listener.run_forever()
 

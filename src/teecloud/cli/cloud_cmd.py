@@ -123,13 +123,13 @@ def _print_verdict(verdict: Any) -> None:
 
 
 def _qemu_options(
-    backend: str, mode: str | None, accel: str | None, gpus: list[str]
+    backend: str, mode: str | None, accel: str | None, gpus: list[str], *, external_kms: bool = False
 ) -> tuple[str, str, tuple[str, ...]]:
     """`up`'s qemu options, checked before anything starts: (mode, accel, GPU addresses in sysfs's form).
     A usage error exits 2; a tdx / sev-snp host that lacks the TEE exits 1 naming what is missing. Modes
-    tdx and sev-snp are then refused: their guest verifies the KMS under Intel's / AMD's root and this
-    local cloud's KMS is simulated, so no CVM could get its keys (a node with a real KMS sets them in
-    QemuBackendConfig; docs/node.md)."""
+    tdx and sev-snp then need an external KMS (`external_kms`: --kms-url): their guest verifies the KMS
+    under Intel's / AMD's root and the KMS this local cloud would start is simulated, so no CVM could get
+    its keys (docs/node.md)."""
     from teecloud.node.runtime.qemu import tee_host_missing
     from teecloud.node.runtime.qemu_cmdline import MAX_GPUS, MODES, UnsafeVmConfig, pci_address
 
@@ -167,13 +167,49 @@ def _qemu_options(
     missing = tee_host_missing(mode)
     if missing:
         _fail(f"--qemu-mode {mode} needs a {mode} host; this one lacks: " + escape("; ".join(missing)))
+    if external_kms:
+        return mode, accel, addresses
     _fail(
         f"--qemu-mode {mode} needs a real KMS: a {mode} guest verifies the KMS's attestation under "
         f"{'Intel' if mode == 'tdx' else 'AMD'}'s root, and the local cloud's KMS is simulated, so no CVM "
-        "would get its keys. Run the node against a real KMS (QemuBackendConfig(mode=..., gpus=...); "
-        "docs/node.md); `teecloud up` runs mode plain only",
+        "would get its keys. Give the real KMS with --kms-url URL --kms-chain RPC_URL (docs/node.md)",
         2,
     )
+
+
+def _kms_options(
+    urls: list[str],
+    chain: str | None,
+    contracts: Path | None,
+    started: dict[str, bool],
+) -> tuple[str, ...]:
+    """`up`'s external-KMS options, checked before anything starts (usage errors exit 2): the --kms-url
+    values (devstack.external_kms_urls), --kms-chain with them, and none of the options that configure the
+    KMS or chain `up` would otherwise start (`started`: option -> whether it was given)."""
+    from teecloud.devstack import external_kms_urls
+    from teecloud.node.errors import NodeError
+
+    if not urls:
+        given = [o for o, v in (("--kms-chain", chain), ("--kms-contracts", contracts)) if v]
+        if given:
+            _fail(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --kms-url", 2)
+        return ()
+    try:
+        checked = external_kms_urls(urls)
+    except NodeError as exc:
+        _fail(escape(str(exc)), 2)
+    if not chain:
+        _fail("--kms-url needs --kms-chain RPC_URL: the chain the KMS trusts (this cloud then uses it)", 2)
+    clash = [o for o, v in started.items() if v]
+    if clash:
+        _fail(
+            f"{', '.join(clash)}: with --kms-url this cloud starts no KMS and no chain of its own (the "
+            "threshold and the KMS's settings are the external KMS's; t is read from its chain)",
+            2,
+        )
+    if contracts is not None and not contracts.is_file():
+        _fail(f"--kms-contracts {escape(str(contracts))}: no such file", 2)
+    return checked
 
 
 def up(
@@ -259,7 +295,7 @@ def up(
         typer.Option(
             "--qemu-mode",
             help="With --backend qemu: plain (the default; the guest's TEE SIMULATED), tdx or sev-snp (a "
-            "TDX / SEV-SNP host and a real KMS: refused here, the local cloud's KMS is simulated).",
+            "TDX / SEV-SNP host and a real KMS: --kms-url; the KMS `up` starts itself is simulated).",
         ),
     ] = None,
     qemu_gpu: Annotated[
@@ -271,19 +307,60 @@ def up(
             "repeatable.",
         ),
     ] = None,
+    kms_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--kms-url",
+            help="Use this KMS instead of starting one (https://HOST:PORT, RA-TLS); repeat for each node "
+            "of a threshold group (its t and keys are read from --kms-chain's KmsGroup). Checked on chain "
+            "first.",
+        ),
+    ] = None,
+    kms_chain: Annotated[
+        str | None,
+        typer.Option(
+            "--kms-chain",
+            help="With --kms-url: the JSON-RPC URL of the chain the KMS trusts; this cloud uses it instead "
+            "of its embedded chain (a development chain: the dev key signs).",
+        ),
+    ] = None,
+    kms_contracts: Annotated[
+        Path | None,
+        typer.Option(
+            "--kms-contracts",
+            help="With --kms-url: teecloud's contracts on --kms-chain (the KMS operator's "
+            "chain/deployment.json; default: this data directory's record for that chain).",
+        ),
+    ] = None,
 ) -> None:
-    """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node. Ctrl-C stops it; state
-    is kept and the CVMs come back on the next `teecloud up`."""
+    """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node (or, with --kms-url, a
+    worker node on an external KMS and its chain). Ctrl-C stops it; state is kept and the CVMs come back on
+    the next `teecloud up`."""
     from teecloud.devstack import LocalCloud, read_endpoints
 
-    mode, accel, gpus = _qemu_options(backend, qemu_mode, qemu_accel, qemu_gpu or [])
+    kms_urls = _kms_options(
+        kms_url or [],
+        kms_chain,
+        kms_contracts,
+        {
+            "--kms-nodes": kms_nodes != 1,
+            "--threshold": bool(kms_threshold),
+            "--kms-port": bool(kms_port),
+            "--chain-port": bool(chain_port),
+            "--dev-time-travel": dev_time_travel,
+            "--kms-require-app-compose": kms_require_app_compose,
+        },
+    )
+    mode, accel, gpus = _qemu_options(
+        backend, qemu_mode, qemu_accel, qemu_gpu or [], external_kms=bool(kms_urls)
+    )
     running = read_endpoints()
     if running is not None:
         _fail(
             f"a local cloud is already running for this data directory (pid {running.pid}, "
             f"node {running.node})"
         )
-    kms_threshold = kms_threshold or kms_nodes // 2 + 1
+    kms_threshold = (kms_threshold or kms_nodes // 2 + 1) if not kms_urls else 1
     with _errors():
         cloud = LocalCloud(
             chain_port=chain_port,
@@ -308,16 +385,29 @@ def up(
             qemu_accel=accel,
             qemu_mode=mode,
             qemu_gpus=gpus,
+            kms_urls=kms_urls,
+            kms_chain=kms_chain,
+            kms_contracts=kms_contracts,
         )
         ep = cloud.start()
     resumed = len(cloud.node.store.all()) if cloud.node else 0
     table = Table(title="teecloud local cloud", show_header=False)
     table.add_row("chain (JSON-RPC)", ep.chain_rpc)
     table.add_row("KmsAuth", str(ep.contracts.get("KmsAuth", "")))
-    table.add_row(
-        "KMS (RA-TLS)", ep.kms if kms_nodes == 1 else f"{ep.kms} (node 1 of {kms_nodes}, t={kms_threshold})"
-    )
-    table.add_row("KMS admin", ep.kms_admin)
+    if kms_urls:
+        group = getattr(cloud.key_provider, "group", None)
+        table.add_row(
+            "KMS (RA-TLS)",
+            f"external: {', '.join(kms_urls)}"
+            + (f" (threshold group, t={group.t}, epoch {group.epoch})" if group is not None else "")
+            + "; checked on chain",
+        )
+    else:
+        table.add_row(
+            "KMS (RA-TLS)",
+            ep.kms if kms_nodes == 1 else f"{ep.kms} (node 1 of {kms_nodes}, t={kms_threshold})",
+        )
+        table.add_row("KMS admin", ep.kms_admin)
     table.add_row("node API", ep.node)
     table.add_row("node token", ep.node_token_file)
     table.add_row("TEE", "tdx-simulated (dev root of this installation)")

@@ -27,7 +27,7 @@ from .errors import (
 )
 from .keys import FunctionKeys, GuestAgentKeys, KeySource, RuntimeIdentity, result_key_purpose
 from .limits import MAX_FUNCTION_LIMITS, CallLimits, RuntimeLimits
-from .result import SignedResult, result_digest, uncompressed_xy, verify_result
+from .result import SignedResult, result_digest, sequential_request_id, uncompressed_xy, verify_result
 from .service import FunctionRecord, FunctionRuntime, Invocation, function_hash_of
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "function_hash_of",
     "result_digest",
     "result_key_purpose",
+    "sequential_request_id",
     "uncompressed_xy",
     "verify_result",
 ]

@@ -6,8 +6,9 @@
     POST /admin/drain                DrainRequest -> GatewayStatus               admin listener
     GET  /metrics                    Prometheus text                             admin listener
 
-A registration names where the CVM's ports are reachable and may carry its app-compose.json (its port
-policy, read only once its hash matches the attested compose hash). Who registers (app_id, instance_id) comes
+A registration names where the CVM's ports are reachable, the launching node's signed statement of the
+same (`node_vouch`), and may carry its app-compose.json (its port policy, read only once its hash matches
+the attested compose hash). Who registers (app_id, instance_id) comes
 from the attested client certificate and the chain, never from this body.
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "DrainRequest",
     "Endpoint",
     "GatewayStatus",
+    "NodeVouch",
     "RegisterCvmRequest",
     "RegisterCvmResponse",
     "RouteView",
@@ -42,10 +44,35 @@ class Endpoint(BaseModel):
     host_port: int = Field(ge=1, le=65535)
 
 
+_HEX40 = r"^[0-9a-f]{40}$"
+
+
+class NodeVouch(BaseModel):
+    """The launching node's signed statement of where an instance is reachable (teecloud.node.vouch)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    purpose: str = Field(max_length=64)
+    node_id: int = Field(ge=0, le=2**63)
+    operator: str = Field(pattern=r"^0x[0-9a-f]{40}$")
+    app_id: str = Field(pattern=_HEX40)
+    instance_id: str = Field(pattern=_HEX40)
+    launch_nonce: str = Field(pattern=r"^[0-9a-f]{64}$")
+    endpoints: list[Endpoint] = Field(min_length=1, max_length=MAX_ENDPOINTS)
+    issued_at: int = Field(ge=0, le=2**40)
+    expires_at: int = Field(ge=0, le=2**40)
+    signature: str = Field(pattern=r"^[0-9a-f]{130}$", description="EIP-191, the node operator's key")
+
+
 class RegisterCvmRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     endpoints: list[Endpoint] = Field(min_length=1, max_length=MAX_ENDPOINTS)
+    node_vouch: NodeVouch | None = Field(
+        default=None,
+        description="the launching node's signed statement of these endpoints; a gateway that checks nodes "
+        "routes only endpoints it lists",
+    )
     app_compose: str | None = Field(
         default=None,
         max_length=MAX_APP_COMPOSE_BYTES,

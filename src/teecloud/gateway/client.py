@@ -104,8 +104,10 @@ def register(
     ca_pem: str,
     timeout: float = 10.0,
     app_compose: str | None = None,
+    node_vouch: api.NodeVouch | None = None,
 ) -> api.RegisterCvmResponse:
-    """POST RegisterCvm over mutual TLS. Raises RegistrationRefused on a refusal, GatewayError otherwise."""
+    """POST RegisterCvm over mutual TLS. Raises RegistrationRefused on a refusal, GatewayError otherwise.
+    `node_vouch`: the launching node's signed statement of these endpoints (teecloud.node.vouch)."""
     ctx = ssl.create_default_context(cadata=ca_pem)
     ctx.check_hostname = False  # the registration listener is addressed by IP; its CA is pinned
     with tempfile.TemporaryDirectory(prefix="teecloud-gw-client-") as tmp:
@@ -114,7 +116,9 @@ def register(
         pem = x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM).decode()
         p.write_text(pem + cert_to_pem(temp_ca()[1]) + key_to_pem(key))
         ctx.load_cert_chain(str(p))
-    body = api.RegisterCvmRequest(endpoints=list(endpoints), app_compose=app_compose).model_dump()
+    body = api.RegisterCvmRequest(
+        endpoints=list(endpoints), app_compose=app_compose, node_vouch=node_vouch
+    ).model_dump(exclude_none=True)
     try:
         with httpx.Client(verify=ctx, timeout=timeout) as http:
             r = http.post(url.rstrip("/") + api.PATH_REGISTER, json=body)
@@ -188,7 +192,8 @@ class RegisteringAtBoot:
 class Registrar:
     """Keeps one CVM registered with every gateway in `urls`: registers now, then every `interval_s`
     (a third of the gateways' registration lifetime). A refusal or an unreachable gateway is logged and
-    retried at the next interval; `last` holds each gateway's latest answer or error."""
+    retried at the next interval; `last` holds each gateway's latest answer or error. `node_vouch()`, asked
+    each round, gives the launching node's current signed statement of the endpoints (None: none sent)."""
 
     def __init__(
         self,
@@ -200,7 +205,9 @@ class Registrar:
         ca_pem: str,
         interval_s: float = 30.0,
         app_compose: str | None = None,
+        node_vouch: Callable[[], api.NodeVouch | None] | None = None,
     ) -> None:
+        self.node_vouch = node_vouch
         self.app_compose = app_compose  # the CVM's app-compose.json: the gateway applies its port policy
         self.urls = list(urls)
         self.key = key
@@ -213,6 +220,11 @@ class Registrar:
         self._thread: threading.Thread | None = None
 
     def register_all(self) -> None:
+        try:
+            vouch = self.node_vouch() if self.node_vouch is not None else None
+        except (OSError, ValueError) as exc:  # the node's statement is unreadable now: sent without one
+            log.warning("no node statement this round: %s", exc)
+            vouch = None
         for url in self.urls:
             try:
                 self.last[url] = register(
@@ -222,6 +234,7 @@ class Registrar:
                     self.endpoints,
                     ca_pem=self.ca_pem,
                     app_compose=self.app_compose,
+                    node_vouch=vouch,
                 )
             except GatewayError as exc:
                 log.warning("registration with %s failed: %s", url, exc)

@@ -9,6 +9,8 @@ waits for its route well under a second.
         running() -> [(instance_id hex, [(app port, host ip, host port), ...]), ...]   (from the node API)
         app_compose(instance_id hex) -> its app-compose.json text, sent so the gateway applies its port
                                         policy (None: no policy sent)
+        vouch(instance_id hex, endpoints) -> the node's signed statement of those endpoints (a
+                                        teecloud.node.vouch.NodeVoucher's), sent with each registration
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from teecloud.gateway import api
 from teecloud.gateway.client import RegisteringAtBoot, register
@@ -38,7 +41,9 @@ class NodeRegistrar:
         *,
         interval_s: float = 10.0,
         app_compose: Callable[[str], str | None] | None = None,
+        vouch: Callable[[str, list[tuple[int, str, int]]], dict[str, Any]] | None = None,
     ) -> None:
+        self.vouch = vouch
         # instance_id hex -> its app-compose.json text (the gateway applies its port policy), or None
         self.app_compose = app_compose
         self.gateway_urls = list(gateway_urls)
@@ -78,9 +83,23 @@ class NodeRegistrar:
             except (OSError, ValueError) as exc:  # its files are gone (it stopped): next round
                 log.warning("cannot read the app-compose.json of %s: %s", instance_id[:12], exc)
                 continue
+            try:
+                sent = [(e.port, e.host, e.host_port) for e in endpoints]
+                vouch = api.NodeVouch.model_validate(self.vouch(instance_id, sent)) if self.vouch else None
+            except (OSError, ValueError) as exc:  # not launched by this node (or its files are gone)
+                log.warning("no node statement for %s: %s", instance_id[:12], exc)
+                continue
             for url in self.gateway_urls:
                 try:
-                    register(url, issued[0], issued[1], endpoints, ca_pem=self.ca_pem, app_compose=compose)
+                    register(
+                        url,
+                        issued[0],
+                        issued[1],
+                        endpoints,
+                        ca_pem=self.ca_pem,
+                        app_compose=compose,
+                        node_vouch=vouch,
+                    )
                     ok += 1
                     done += 1
                 except GatewayError as exc:

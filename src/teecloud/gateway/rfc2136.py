@@ -8,8 +8,16 @@ TSIG key allowed to update the zone that holds `_acme-challenge.<base>` (in BIND
         .set_txt(name, value)    (1) the zone: the SOA the server names for `name` (it must be authoritative)
                                  (2) UPDATE: add `name TXT "value"` (TTL 60), over TCP, TSIG-signed; the reply
                                      must be NOERROR and carry a valid TSIG (dnspython checks it)
-                                 (3) wait until the server answers the value to a plain (non-recursive)
-                                     query, at most `propagation_timeout_s`
+                                 (3) the zone's authoritative servers: its NS set as the configured
+                                     server answers it, each NS name's addresses from that answer's glue,
+                                     else asked of the configured server, else the system resolver; each
+                                     asked at `ns_port` (default: the configured server's port; 53 in
+                                     production)
+                                 (4) wait until the configured server and every address of (3) answer
+                                     the value, authoritatively (AA), to a plain (non-recursive) query —
+                                     secondaries get it by NOTIFY / IXFR, so the CA may ask any of them —
+                                     at most `propagation_timeout_s` in all; else an error naming the
+                                     servers that do not serve it yet
         .clear_txt(name, value)  UPDATE: delete exactly that value (other values of the name stay)
 
 Failures raise Rfc2136Error (a GatewayError): the ACME issuance then fails at step `challenge` with its
@@ -25,6 +33,7 @@ import base64
 import binascii
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +55,8 @@ from teecloud.gateway.errors import GatewayError, GatewayUsageError
 __all__ = ["Rfc2136Dns", "Rfc2136Error", "TsigKey"]
 
 MAX_KEY_FILE_BYTES = 4096
+MAX_NS_NAMES = 16  # of a zone's NS set, asked
+MAX_NS_ADDRESSES = 32  # servers waited for
 TXT_TTL = 60
 # the ACME DNS-01 value is base64url(sha256) (RFC 8555 §8.4): 43 characters; allow what the alphabet allows
 _TXT_VALUE = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -131,7 +142,9 @@ class Rfc2136Dns:
         timeout_s: float = 5.0,
         propagation_timeout_s: float = 60.0,
         poll_s: float = 0.5,
+        ns_port: int | None = None,
     ) -> None:
+        self.ns_port = ns_port
         self.server, self.port = server
         self.key = key
         self.timeout_s = timeout_s
@@ -146,15 +159,77 @@ class Rfc2136Dns:
         update = dns.update.UpdateMessage(zone)
         update.add(qname, TXT_TTL, self._rdata(value))
         self._send(update, f"add TXT {qname}")
-        # (3)
         deadline = time.monotonic() + self.propagation_timeout_s
-        while value not in self.served(qname):
+        # (3)
+        servers = [(self.server, self.port)]
+        servers += [a for a in self.authoritative_servers(zone) if a not in servers]
+        # (4)
+        pending = list(servers)
+        while True:
+            pending = [s for s in pending if not self._serves(s, qname, value, deadline)]
+            if not pending:
+                return
             if time.monotonic() >= deadline:
+                lagging = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in pending[:8])
                 raise Rfc2136Error(
-                    f"{self.server}:{self.port} accepted the update but did not serve TXT {qname} "
-                    f"within {self.propagation_timeout_s:.0f} s"
+                    f"{self.server}:{self.port} accepted the update but {len(pending)} of the "
+                    f"{len(servers)} authoritative servers of {zone} did not serve TXT {qname} within "
+                    f"{self.propagation_timeout_s:.0f} s: {lagging}"
                 )
-            time.sleep(self.poll_s)
+            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+
+    def authoritative_servers(self, zone: dns.name.Name) -> list[tuple[str, int]]:
+        """(3): the addresses of the zone's NS set, as the configured server names it (bounded)."""
+        port = self.ns_port if self.ns_port is not None else self.port
+        reply = self._query(zone, dns.rdatatype.NS)
+        names: list[dns.name.Name] = []
+        for rrset in reply.answer:
+            if rrset.name == zone and rrset.rdtype == dns.rdatatype.NS:
+                names += [rd.target for rd in rrset]
+        if not names:
+            raise Rfc2136Error(f"{self.server}:{self.port} names no NS set for {zone}")
+        glue: dict[dns.name.Name, list[str]] = {}
+        for rrset in reply.additional:
+            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                glue.setdefault(rrset.name, []).extend(rd.address for rd in rrset)
+        out: list[tuple[str, int]] = []
+        for name in sorted(set(names))[:MAX_NS_NAMES]:
+            addresses = glue.get(name) or self._addresses(name)
+            if not addresses:
+                raise Rfc2136Error(f"cannot find the address of {zone}'s name server {name}")
+            out += [(a, port) for a in sorted(set(addresses)) if (a, port) not in out]
+        return out[:MAX_NS_ADDRESSES]
+
+    def _addresses(self, name: dns.name.Name) -> list[str]:
+        found: list[str] = []
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            try:
+                reply = self._query(name, rdtype)
+            except Rfc2136Error:
+                continue
+            for rrset in reply.answer:
+                if rrset.name == name and rrset.rdtype == rdtype:
+                    found += [rd.address for rd in rrset]
+        if found:
+            return found
+        try:  # a name server outside the zone the configured server does not answer for
+            infos = socket.getaddrinfo(name.to_text(omit_final_dot=True), None, type=socket.SOCK_DGRAM)
+        except OSError:
+            return []
+        return sorted({str(i[4][0]) for i in infos})
+
+    def _serves(self, server: tuple[str, int], qname: dns.name.Name, value: str, deadline: float) -> bool:
+        """That server answers `value` authoritatively now (no answer counts as not yet)."""
+        query = dns.message.make_query(qname, dns.rdatatype.TXT)
+        query.flags &= ~dns.flags.RD
+        timeout = max(0.2, min(self.timeout_s, deadline - time.monotonic()))
+        try:
+            reply, _tcp = dns.query.udp_with_fallback(query, server[0], timeout=timeout, port=server[1])
+        except (dns.exception.DNSException, OSError):
+            return False
+        if not reply.flags & dns.flags.AA:
+            return False
+        return value in self._txt_values(reply, qname)
 
     def clear_txt(self, name: str, value: str) -> None:
         qname = self._challenge_name(name, value)
@@ -178,7 +253,10 @@ class Rfc2136Dns:
 
     def served(self, qname: dns.name.Name) -> list[str]:
         """The TXT values the server answers for `qname` (non-recursive)."""
-        reply = self._query(qname, dns.rdatatype.TXT)
+        return self._txt_values(self._query(qname, dns.rdatatype.TXT), qname)
+
+    @staticmethod
+    def _txt_values(reply: dns.message.Message, qname: dns.name.Name) -> list[str]:
         values: list[str] = []
         for rrset in reply.answer:
             if rrset.name == qname and rrset.rdtype == dns.rdatatype.TXT:

@@ -55,6 +55,7 @@ from teecloud.gateway.kmskeys import DEV_CA, PUBLIC, REGISTRATION, GatewayKeys, 
 from teecloud.gateway.registry import Registry
 from teecloud.gateway.routing import DataPlaneLimits, check_base_domain
 from teecloud.gateway.service import GatewayService
+from teecloud.gateway.vouch import NodeDirectory, VouchChecker
 from teecloud.keys.certs import cert_to_pem
 from teecloud.keys.ratls import QuoteSource
 from teecloud.peer import ChainGate, PeerVerifier
@@ -110,6 +111,7 @@ class GatewayServer:
         acme: AcmeCertificates | None = None,
         tee: QuoteSource | None = None,
         keys: GatewayKeys | None = None,
+        nodes: NodeDirectory | None = None,
     ) -> None:
         if not admin_token or len(admin_token) < 16:
             raise GatewayUsageError("the gateway's admin listener needs a token of at least 16 characters")
@@ -185,6 +187,8 @@ class GatewayServer:
             on_change=self.sync,
             clock=clock,
             backend_networks=backend_networks,
+            # with `nodes` (NodeRegistry): routes only to addresses the launching node vouches for
+            vouching=VouchChecker(nodes, clock=clock) if nodes is not None else None,
         )
         self.admin_token = admin_token
         self._reg_port = registration_port

@@ -15,12 +15,15 @@
                   compose hash (boot_info), then its port_policy applies: with restrict_mode only listed
                   ports get routes (others are not routed, so refused at accept); a `pp` port's route
                   sends PROXY v2 (the client's address) to the CVM                             `compose`
-  (7) routes      the body's endpoints (bounded, IP literals inside `backend_networks`, never one of the
-                  gateway's own listeners) become routes for this instance only                 `request`
+  (7) vouch       with a node directory (`vouching`): the launching node's signed statement
+                  (teecloud.gateway.vouch): signed by an active NodeRegistry node's operator, whose launch
+                  gave this instance_id, unexpired, not older than one already taken, listing every
+                  endpoint of the body                                                          `vouch`
+  (8) routes      the body's endpoints (bounded, IP literals inside `backend_networks` — an extra bound —
+                  never one of the gateway's own listeners) become routes for this instance only `request`
 
-Known limit: the CVM names its own endpoint addresses. Within `backend_networks` it could point its own
-name at another service there; the node vouching for each instance's addresses is the planned fix
-(docs/gateway.md).
+Without `vouching` the CVM alone names its endpoint addresses (within `backend_networks` it could point its
+own name at another service there): a gateway that knows the nodes should always be given it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from teecloud.gateway.errors import CapacityExceeded, GatewayUsageError, Registr
 from teecloud.gateway.portpolicy import UNRESTRICTED, BadPortPolicy, port_policy_of
 from teecloud.gateway.registry import Registry
 from teecloud.gateway.routing import Route, format_address, split_address
+from teecloud.gateway.vouch import VouchChecker
 from teecloud.peer import ChainGate, PeerRejected, PeerVerifier, require_boot_time
 
 __all__ = ["GatewayService", "RegistrationCounters"]
@@ -69,7 +73,9 @@ class GatewayService:
         clock: Callable[[], float] = time.time,
         backend_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
         reserved_ports: tuple[int, ...] = (),
+        vouching: VouchChecker | None = None,
     ) -> None:
+        self.vouching = vouching
         self.backend_networks = tuple(ipaddress.ip_network(n) for n in backend_networks)
         self.reserved_ports = set(reserved_ports)
         self.peers = peers
@@ -131,6 +137,14 @@ class GatewayService:
             except BadPortPolicy as exc:
                 raise RegistrationRefused(str(exc), step="compose") from exc
         # (7)
+        if self.vouching is not None:
+            self.vouching.check(
+                request.node_vouch,
+                app_id=peer.app_id,
+                instance_id=peer.instance_id,
+                endpoints=request.endpoints,
+            )
+        # (8)
         routes: list[Route] = []
         ports: set[int] = set()
         for ep in request.endpoints:
@@ -167,6 +181,8 @@ class GatewayService:
                     app_id, instance_id, previous.compose_hash, previous.routes, now=self.clock()
                 )
             raise RegistrationRefused(str(exc), step="capacity") from exc
+        if self.vouching is not None and request.node_vouch is not None:
+            self.vouching.accept(request.node_vouch)
         with self._lock:
             self.counters.accepted += 1
         suffix = "" if self.public_port == 443 else f":{self.public_port}"

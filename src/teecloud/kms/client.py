@@ -669,6 +669,12 @@ class KmsClient:
             raise KmsClientError(f"the KMS's boot challenge is {len(challenge)} bytes, not {TOKEN_SIZE}")
         return challenge
 
+    def server_certificate(self) -> bytes:
+        """The KMS's TLS certificate (DER) this client checked with its server_check and pinned (one probe
+        handshake the first time): what a party without a chain client (a qemu guest) may pin in turn.
+        KmsClientError when the KMS cannot be reached or its certificate fails the check."""
+        return self._pin()
+
     def bind_app_compose(self, app_compose: str) -> None:
         """Send this normalized app-compose.json with the requests of the CVM that measured it (boot() calls
         it before asking for keys)."""

@@ -253,6 +253,15 @@ class ThresholdKeyProvider:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.group.group_public_key.hex(), "epoch": self.group.epoch}
 
+    def node_certificate(self, index: int) -> bytes:
+        """Node `index`'s TLS certificate (DER) as its client checked (KmsAuth.isKmsAllowed) and pinned it:
+        the node pins a qemu guest is given (KmsClient.server_certificate). KmsClientError for an index
+        outside the group or a node that cannot be reached or fails the check."""
+        client = self._clients.get(index)
+        if client is None:
+            raise KmsClientError(f"KMS node {index} is not in the group (nodes {sorted(self._clients)})")
+        return client.server_certificate()
+
     def _gather(
         self,
         indices: list[int],

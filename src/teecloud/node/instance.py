@@ -3,7 +3,8 @@
 
     <node home>/instances/<instance_id>/
         app-compose.json    the app's manifest, byte for byte what is measured (compose_hash = sha256(file))
-        .instance-info      {"app_id", "instance_id_seed", "instance_id"} (hex)
+        .instance-info      {"app_id", "instance_id_seed", "instance_id"[, "launch_nonce"]} (hex; the nonce
+                            when the node's operator is in the seed, teecloud.node.vouch)
         .sys-config.json    {"kms_urls", "gateway_urls", "pccs_url", "docker_registry", "host_api_url",
                             "vm_config"}
         .encrypted-env      the env vars, encrypted to the app's KMS env key (dstack format); may be absent
@@ -33,6 +34,7 @@ from typing import Any
 from teecloud._fs import atomic_write, atomic_write_json, data_home
 from teecloud.node.errors import InstanceNotFound, InstanceStateError
 from teecloud.node.runtime.base import ResourceLimits
+from teecloud.node.vouch import launch_seed, new_launch_nonce
 
 __all__ = ["Instance", "InstanceStore", "instance_id_for", "node_home", "runtime_root"]
 
@@ -152,6 +154,14 @@ class Instance:
     def app_id(self) -> bytes:
         return bytes.fromhex(self.info()["app_id"])
 
+    def launch_nonce(self) -> bytes:
+        """The nonce its seed was derived from with the node's operator (teecloud.node.vouch); ValueError
+        for an instance launched without one."""
+        nonce = bytes.fromhex(self.info().get("launch_nonce", ""))
+        if len(nonce) != 32:
+            raise ValueError(f"instance {self.instance_id[:12]} has no launch nonce")
+        return nonce
+
     def sys_config(self) -> dict[str, Any]:
         data = json.loads(self.sys_config_path.read_text())
         return data if isinstance(data, dict) else {}
@@ -235,10 +245,14 @@ class InstanceStore:
         user_config: str | None,
         sys_config: dict[str, Any],
         limits: ResourceLimits,
+        launcher: str | None = None,
     ) -> Instance:
         if len(app_id) != 20:
             raise InstanceStateError("app_id must be 20 bytes")
-        seed = secrets.token_bytes(32)
+        # with `launcher` (the node's operator address) the seed commits to it, so the node can vouch for
+        # this instance's addresses and no other node can (teecloud.node.vouch); else random, as dstack's
+        launch_nonce = new_launch_nonce() if launcher is not None else None
+        seed = launch_seed(launcher, launch_nonce) if launcher and launch_nonce else secrets.token_bytes(32)
         instance_id = instance_id_for(seed, app_id)
         inst = self._instance(instance_id.hex())
         inst.dir.mkdir(parents=True, mode=0o700)
@@ -263,7 +277,12 @@ class InstanceStore:
             )
             atomic_write_json(
                 inst.info_path,
-                {"app_id": app_id.hex(), "instance_id_seed": seed.hex(), "instance_id": instance_id.hex()},
+                {
+                    "app_id": app_id.hex(),
+                    "instance_id_seed": seed.hex(),
+                    "instance_id": instance_id.hex(),
+                    **({"launch_nonce": launch_nonce.hex()} if launch_nonce is not None else {}),
+                },
             )
         except BaseException:
             shutil.rmtree(inst.dir, ignore_errors=True)

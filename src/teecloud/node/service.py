@@ -128,7 +128,11 @@ class Node:
         default_memory_mb: int | None = None,
         max_cvms: int = MAX_CVMS,
         gpu_gate: GpuGate | None = None,
+        launcher: str | None = None,
     ) -> None:
+        # the operator address the instance_id seeds commit to, so this node can vouch for its CVMs'
+        # addresses to a gateway (teecloud.node.vouch); None: random seeds, nothing to vouch for
+        self.launcher = launcher
         self.home = Path(home) if home is not None else data_home()
         self.max_cvms = max_cvms
         # the node's memory (default: the host's) and the cap of an app that states none (default: a quarter)
@@ -313,6 +317,16 @@ class Node:
         self.backend.check_images(images)
         return api.CheckResult(name=name, images=images)
 
+    def launch_record(self, instance_id: str) -> tuple[bytes, bytes]:
+        """(app_id, launch nonce) of an instance this node launched (teecloud.node.vouch); ValueError else."""
+        try:
+            inst = self.store.get(instance_id)
+        except NodeError as exc:
+            raise ValueError(str(exc)) from exc
+        if inst.instance_id != instance_id:  # `get` also takes names and prefixes: only an exact id here
+            raise ValueError(f"no instance {instance_id[:16]!r} on this node")
+        return inst.app_id, inst.launch_nonce()
+
     def create(self, req: api.CreateCvmRequest) -> api.CvmStatus:
         app_compose = req.app_compose.encode()
         # (1) every refusal first: nothing is written, registered or booted (so no key is fetched) before
@@ -335,6 +349,7 @@ class Node:
             user_config=req.user_config,
             sys_config=sys_config,
             limits=limits,
+            launcher=self.launcher,
         )
         self._boot_async(inst)
         return self.status(inst.instance_id, with_containers=False)

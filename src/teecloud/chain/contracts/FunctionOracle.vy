@@ -67,12 +67,17 @@ event Cancelled:
 verifier: public(address)
 requests: public(HashMap[bytes32, Request])
 nonce: public(uint256)
+# request ids: the high 192 bits of keccak256(this oracle ‖ chain id), then the nonce (64 bits). Unique across
+# oracles and chains (a runtime's claim journal keys on the id), and consecutive, so the verifier's replay
+# record (a bit per id, 256 consecutive ids to a word) costs a fresh slot once per 256 requests.
+ID_PREFIX: immutable(uint256)
 
 
 @deploy
 def __init__(verifier: address):
     assert verifier != empty(address), "no verifier"
     self.verifier = verifier
+    ID_PREFIX = (convert(keccak256(abi_encode(self, chain.id)), uint256) >> 64) << 64
 
 
 @external
@@ -80,8 +85,10 @@ def __init__(verifier: address):
 def request(function_id: address, input: Bytes[MAX_INPUT], callback: address, callback_gas: uint256) -> bytes32:
     assert msg.value > 0, "a deposit pays the fulfilment"
     assert callback_gas <= MAX_CALLBACK_GAS, "callback gas above the maximum"
-    request_id: bytes32 = keccak256(abi_encode(self, chain.id, self.nonce))
-    self.nonce += 1
+    n: uint256 = self.nonce
+    assert n < 2**64, "request ids used up"
+    request_id: bytes32 = convert(ID_PREFIX | n, bytes32)
+    self.nonce = n + 1
     self.requests[request_id] = Request(
         requester=msg.sender,
         function_id=function_id,

@@ -8,7 +8,8 @@
         (4) the result key signed the result digest;
         (5) the runtime app key signed the result key for purpose "teecloud-fn-result:<code hash>";
         (6) the KMS root in KmsAuth signed the app key for this app (dstack's GetKey chain);
-        (7) the request was not accepted before by this consumer (msg.sender).
+        (7) the request was not accepted before by this consumer (msg.sender): one bit per
+            (consumer, function, request id), 256 ids that differ only in their low byte to a storage word.
         Keys come as x‖y (64 bytes): ecrecover yields addresses, and keccak256(x‖y) gives a key's address.
 """
 
@@ -54,8 +55,11 @@ event ResultAccepted:
 
 
 kms_auth: public(immutable(address))  # immutable: read from code, not a storage slot
-# consumer -> keccak256(function_id ‖ request_id) -> accepted
-accepted: public(HashMap[address, HashMap[bytes32, bool]])
+# consumer -> keccak256(function_id ‖ request_id >> 8) -> bit (request_id & 255) set: accepted. Ids that count
+# up (FunctionOracle's, teecloud.functions.sequential_request_id) share a word: after the word's first id,
+# marking one rewrites a non-zero slot (~5k gas) instead of filling a fresh one (~22k). Random ids open a
+# word each, as one slot per id did. The set of accepted (consumer, function, id) is the same either way.
+accepted_words: HashMap[address, HashMap[bytes32, uint256]]
 # keccak256(keccak256(KMS root) ‖ runtime app ‖ code hash ‖ result key x‖y) -> its chain checked (certify_key)
 certified: public(HashMap[bytes32, bool])
 
@@ -202,6 +206,20 @@ def is_certified(runtime_app_id: address, function_hash: bytes32, result_key: By
     return self.certified[self._key_id(root, runtime_app_id, function_hash, result_key)]
 
 
+@internal
+@pure
+def _word_key(function_id: address, request_id: bytes32) -> bytes32:
+    return keccak256(concat(convert(function_id, bytes20), convert(convert(request_id, uint256) >> 8, bytes32)))
+
+
+@external
+@view
+def is_accepted(consumer: address, function_id: address, request_id: bytes32) -> bool:
+    """@notice Whether `consumer` accepted a result of `function_id` for `request_id` (step 7 records it)."""
+    bit: uint256 = 1 << (convert(request_id, uint256) & 255)
+    return self.accepted_words[consumer][self._word_key(function_id, request_id)] & bit != 0
+
+
 @external
 def verify(r: FunctionResult) -> Bytes[MAX_OUTPUT]:
     """@notice Check `r` for the calling consumer and mark its request used; returns the output."""
@@ -238,8 +256,10 @@ def verify(r: FunctionResult) -> Bytes[MAX_OUTPUT]:
             r.kms_root_key,
         )
     # (7)
-    key: bytes32 = keccak256(concat(convert(r.function_id, bytes20), r.request_id))
-    assert not self.accepted[msg.sender][key], "result already accepted (replay)"
-    self.accepted[msg.sender][key] = True
+    word_key: bytes32 = self._word_key(r.function_id, r.request_id)
+    bit: uint256 = 1 << (convert(r.request_id, uint256) & 255)
+    word: uint256 = self.accepted_words[msg.sender][word_key]
+    assert word & bit == 0, "result already accepted (replay)"
+    self.accepted_words[msg.sender][word_key] = word | bit
     log ResultAccepted(consumer=msg.sender, function_id=r.function_id, request_id=r.request_id, function_hash=r.function_hash)
     return r.output
