@@ -234,6 +234,7 @@ class LocalCloud:
         self.key_provider: Any = None
         self.chain: Any = None
         self.gateway: Any = None  # the GatewayServer (None without HAProxy)
+        self.voucher: Any = None  # the node's NodeVoucher, once the gateway runs (qemu guests' statements)
         self.gateway_app_id = ""  # KmsAuth's gateway_app_id (teecloud.gateway.identity)
         self.gateway_boot: Any = None  # the gateway TEE's boot as that app (AgentState)
         self.timings: dict[str, float] = {}
@@ -428,6 +429,7 @@ class LocalCloud:
                 else None
             ),
             gateway=self._guest_gateway,
+            vouch=self._guest_vouch,
         )
         return make_backend(
             "qemu",
@@ -602,6 +604,13 @@ class LocalCloud:
         write_group(record, self.home)
         return group.nodes[min(group.nodes)], "", provider
 
+    def _guest_vouch(self, instance_id: str, endpoints: list[tuple[int, str, int]]) -> dict[str, Any]:
+        """The node's signed statement of a qemu guest's forwarded ports (ValueError before the gateway
+        runs: its voucher is made with it)."""
+        if self.voucher is None:
+            raise ValueError("no gateway runs: the node vouches for nothing")
+        return dict(self.voucher.vouch(instance_id, endpoints))
+
     def _guest_gateway(self) -> tuple[list[str], str] | None:
         """The gateway a qemu guest registers with: its registration listener and CA (None before it runs)."""
         if self.gateway is None:
@@ -715,9 +724,9 @@ class LocalCloud:
             tee=gateway_tee,
             acme=acme,
             keys=keys,
-            # routes only to addresses the launching node vouches for (NodeRegistry); the qemu guests'
-            # own Registrar does not carry the node's statement yet (docs/gateway.md, Not done)
-            nodes=ChainNodes(chain) if self.backend_kind != "qemu" else None,
+            # routes only to addresses the launching node vouches for (NodeRegistry): docker CVMs' statements
+            # come with the node's registrar, qemu guests get theirs posted (QemuBackendConfig.vouch)
+            nodes=ChainNodes(chain),
         ).start()
         self._stack.callback(gateway.stop)
         self.gateway = gateway
@@ -750,6 +759,7 @@ class LocalCloud:
             sign=chain.sign_message,
             launch=node.launch_record,
         )
+        self.voucher = voucher  # qemu guests' statements (_guest_vouch)
         registrar = NodeRegistrar(
             [gateway.registration_url],
             gateway.ca.cert_pem,

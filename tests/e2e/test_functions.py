@@ -413,12 +413,12 @@ def test_an_on_chain_request_is_answered_by_the_runtime_through_the_callback(
         assert fnapp.feed.price() == 5150 and fnapp.feed.updates() == updates + 1
         # paid from the deposit: the relayer is not out of pocket by more than rounding
         assert chain.balance(fnapp.relayer) > relayer_before - 10**15
-        # the request id was taken: the runtime refuses to run it again (answered once)
+        # an oracle request id is the oracle watcher's alone: over HTTP it is refused (issue 22)
         from teecloud.functions.client import RemoteError
 
         with pytest.raises(RemoteError) as exc:
             fnapp.client.call(fnapp.registry.address, outside.price_input.decode(), request_id=rid)
-        assert exc.value.status == 409
+        assert exc.value.status == 409 and exc.value.body.get("error") == "ReservedRequestId"
     finally:
         outside.routes["/price"] = b"4242"
 

@@ -67,7 +67,7 @@ def test_a_runtime_restarting_mid_request_never_answers_twice(world: World) -> N
     oracle_r = FunctionOracle(requester, w.oracle.address)
     rid = oracle_r.request(w.registry.address, w.price_input, deposit=DEPOSIT, callback=w.feed.address)
     # the runtime took the request and ran it, then stopped before sending fulfill
-    w.runtime.invoke(w.registry.address, w.price_input, request_id=rid)
+    w.runtime.invoke(w.registry.address, w.price_input, request_id=rid, oracle=True)
     w.runtime.close()
     restarted = FunctionRuntime(
         w.runtime.dir.parent,
@@ -98,7 +98,7 @@ def test_the_oracle_refuses_results_for_another_request(world: World) -> None:
     w = world
     rid = w.oracle.request(w.registry.address, w.price_input, deposit=DEPOSIT, callback=w.feed.address)
     # a valid result for the same request id but another input
-    other = w.runtime.invoke(w.registry.address, w.price_input + b"#x", request_id=rid).result
+    other = w.runtime.invoke(w.registry.address, w.price_input + b"#x", request_id=rid, oracle=True).result
     with pytest.raises(ContractReverted, match="another input"):
         w.oracle.fulfill(other.to_abi())
     # a result for a request nobody made
@@ -158,7 +158,9 @@ def test_oracle_request_ids_count_up_and_may_be_answered_out_of_order(world_both
     second = FunctionOracle.deploy(w.chain, w.verifier.address)
     other = second.request(w.registry.address, w.price_input, deposit=DEPOSIT)
     assert other[:24] != rids[0][:24] and other[24:] == rids[0][24:]
-    results = {r: w.runtime.invoke(w.registry.address, w.price_input, request_id=r).result for r in rids}
+    results = {
+        r: w.runtime.invoke(w.registry.address, w.price_input, request_id=r, oracle=True).result for r in rids
+    }
     for r in (rids[2], rids[0], rids[1]):  # out of order
         w.oracle.fulfill(results[r].to_abi())
         assert w.oracle.get(r).state == 2

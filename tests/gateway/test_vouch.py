@@ -375,3 +375,88 @@ def test_the_node_launches_with_a_seed_bound_to_its_operator(tmp_path: Path) -> 
         plain.launch_nonce()
     with pytest.raises(ValueError):
         voucher.vouch(plain.instance_id, [(8080, "127.0.0.1", 40001)])
+
+
+def test_chain_nodes_trusts_an_operator_only_at_the_finality_depth(chain: ChainClient) -> None:  # noqa: F811
+    depth = 3
+    operator = Account.from_key(DEV_KEYS[5]).address.lower()
+    node_id = chain.with_signer(DEV_KEYS[5]).register_node(
+        tee_kind="tdx",
+        device_id=b"\3" * 32,
+        attestation_hash=b"\4" * 32,
+        capacity=1,
+        price_per_hour=1,
+        stake=10**17,
+    )
+    nodes = ChainNodes(chain, finality_depth=depth, cache_s=0.0)
+    assert ChainNodes(chain, cache_s=0.0).operator_of(node_id) == operator  # at the head: registered
+    for _ in range(depth):  # registered only in the last d blocks: not trusted yet (and not cached)
+        with pytest.raises(RegistrationRefused) as err:
+            nodes.operator_of(node_id)
+        assert err.value.step == "vouch" and "blocks deep" in str(err.value)
+        chain.increase_time(1)  # mines one block
+    assert nodes.operator_of(node_id) == operator  # now d blocks sit on top of the registration
+    assert nodes.gate.finality_depth == depth
+    assert nodes.operator_of(node_id + 1000) is None
+
+
+def test_chain_nodes_refuses_a_switched_chain(chain: ChainClient, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    node_id = chain.with_signer(DEV_KEYS[6]).register_node(
+        tee_kind="tdx",
+        device_id=b"\5" * 32,
+        attestation_hash=b"\6" * 32,
+        capacity=1,
+        price_per_hour=1,
+        stake=10**17,
+    )
+    chain.increase_time(1)
+    nodes = ChainNodes(chain, finality_depth=1, cache_s=0.0)
+    assert nodes.operator_of(node_id) == Account.from_key(DEV_KEYS[6]).address.lower()
+    monkeypatch.setattr(chain, "chain_id", chain.chain_id + 1)  # the endpoint now serves another chain
+    with pytest.raises(RegistrationRefused) as err:
+        nodes.operator_of(node_id)
+    assert err.value.step == "vouch" and "WrongChainId" in str(err.value), str(err.value)
+
+
+# --- `teecloud gateway up --require-vouch` ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "depth"),
+    [([], None), (["--require-vouch"], 0), (["--require-vouch", "--finality-depth", "12"], 12)],
+)
+def test_gateway_up_require_vouch_is_parsed(
+    flags: list[str], depth: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app as cli_app
+    from teecloud.cli import gateway_cmd
+
+    seen: dict[str, Any] = {}
+
+    def start(stack: Any, **kw: Any) -> Any:
+        seen.update(kw)
+        raise ValueError("stopped by the test")  # before anything starts
+
+    monkeypatch.setenv("TEECLOUD_HOME", str(tmp_path))
+    monkeypatch.setattr(gateway_cmd, "_start_gateway", start)
+    result = CliRunner().invoke(cli_app, ["gateway", "up", "--trust-dev-root", *flags])
+    assert result.exit_code == 1 and "stopped by the test" in result.output
+    assert seen["vouch_depth"] == depth
+
+
+def test_gateway_up_finality_depth_needs_require_vouch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import app as cli_app
+
+    monkeypatch.setenv("TEECLOUD_HOME", str(tmp_path))
+    result = CliRunner().invoke(cli_app, ["gateway", "up", "--trust-dev-root", "--finality-depth", "3"])
+    assert result.exit_code == 2 and "--require-vouch" in result.output
+    result = CliRunner().invoke(
+        cli_app, ["gateway", "up", "--trust-dev-root", "--require-vouch", "--finality-depth", "999"]
+    )
+    assert result.exit_code == 2  # beyond the chain gate's bound: a usage error

@@ -239,6 +239,11 @@ def test_a_qemu_cvm_boots_serves_and_keeps_its_data_encrypted(qcloud: Any, tmp_p
         ]
         via = _via_gateway(gateway, r.app_id, "/note")
         assert via.returncode == 0 and via.stdout == note, via.stderr
+        # ... on a route the launching node vouched for: the gateway requires the node's signed statement
+        # (NodeRegistry), which the node posted to the guest (QemuBackendConfig.vouch) and the guest sent
+        vouching = qcloud.gateway.service.vouching
+        assert vouching is not None and vouching.newest(iid) is not None
+        assert cvm.vouch_renewer is not None and cvm.vouch_renewer.posted >= 1
         # (2c) restricted network: the app's probe of a host loopback port not forwarded to it got nothing
         probe = _get(f"http://127.0.0.1:{port}/probe", timeout=60).text
         assert "rc=" in probe and "rc=0" not in probe, probe

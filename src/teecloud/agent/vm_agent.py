@@ -43,6 +43,11 @@ What the host may ask (the loopback-forwarded port 8090; never a quote over byte
                 the node API's attestation (teecloud.node.api.attest_report_data, computed HERE): a quote
                 over sha512("teecloud-attest:" ‖ nonce), never over bytes the host chose; 409 before the
                 boot is done
+    POST /node-vouch  the launching node's signed statement of this CVM's endpoints (teecloud.node.vouch;
+                a JSON body of at most MAX_VOUCH_BODY bytes, parsed strictly as the gateway's NodeVouch, for
+                this instance, not older than the one held): kept and sent with each gateway registration.
+                The guest trusts nothing in it (the gateway checks the signature and NodeRegistry); the node
+                posts a fresh one before the last expires. 204, 400 for a bad statement, 409 before boot.
 Any other method or path is a 404/405. Requests are bounded by http.server (64 KiB request line, 100
 headers) and a per-connection timeout; answers are small and fixed in shape.
 """
@@ -144,15 +149,53 @@ def attest_document(
     }
 
 
+MAX_VOUCH_BODY = 16 * 1024
+VOUCH_WAIT_S = 60.0
+
+
 class GuestStatus:
     """What `GET /info` reports: the identity, then the boot's phase, error and timings (thread-safe); and,
-    once booted, how to attest (`attest(report_data)`)."""
+    once booted, how to attest (`attest(report_data)`); the node's newest vouch statement (`node_vouch`)."""
 
     def __init__(self, info: Mapping[str, str]) -> None:
         self._lock = threading.Lock()
         self._doc: dict[str, Any] = {**info, "phase": "measuring", "error": None, "timings": {}}
         self.attest: Attest | None = None
         self.containers: Callable[[], list[dict[str, Any]]] | None = None
+        # (app_id hex, instance_id hex) once booted: the instance a node statement must be for
+        self.identity: tuple[str, str] | None = None
+        self._vouch: Any = None  # teecloud.gateway.api.NodeVouch
+        self._vouched = threading.Event()
+
+    def take_vouch(self, body: bytes) -> tuple[int, str]:
+        """POST /node-vouch: (HTTP status, reason). Parsed strictly; kept only if for this instance and not
+        older than the statement held."""
+        from pydantic import ValidationError
+
+        from teecloud.gateway import api as gateway_api
+
+        if self.identity is None:
+            return 409, "the CVM has not finished booting"
+        try:
+            vouch = gateway_api.NodeVouch.model_validate_json(body)
+        except ValidationError as exc:
+            return 400, f"not a node statement: {exc.error_count()} error(s)"
+        if (vouch.app_id, vouch.instance_id) != self.identity:
+            return 400, "the statement is for another instance"
+        with self._lock:
+            if self._vouch is not None and vouch.issued_at < self._vouch.issued_at:
+                return 400, "older than the statement held"
+            self._vouch = vouch
+        self._vouched.set()
+        return 204, ""
+
+    def node_vouch(self) -> Any:
+        """The newest statement the node posted (None: none yet)."""
+        with self._lock:
+            return self._vouch
+
+    def wait_vouch(self, timeout: float) -> bool:
+        return self._vouched.wait(timeout)
 
     def list_containers(self) -> list[dict[str, Any]]:
         """The app's containers once booted ([] before, or when Docker does not answer)."""
@@ -178,6 +221,7 @@ def make_handler(
     info: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
     attest: Callable[[], Attest | None] = lambda: None,
     containers: Callable[[], list[dict[str, Any]]] = lambda: [],
+    node_vouch: Callable[[bytes], tuple[int, str]] = lambda _b: (409, "not taken"),
 ) -> type[BaseHTTPRequestHandler]:
     current: Callable[[], Mapping[str, Any]] = info if callable(info) else (lambda: info)
 
@@ -203,6 +247,27 @@ def make_handler(
                 self._attest(parts.query)
             else:
                 self.send_error(404, "not found")
+
+        def do_POST(self) -> None:  # http.server's name
+            if self.path != "/node-vouch":
+                known = urlsplit(self.path).path in ("/info", "/containers", "/attest")
+                self.send_error(405 if known else 404, "method not allowed" if known else "not found")
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or "-1")
+            except ValueError:
+                length = -1
+            if not 0 < length <= MAX_VOUCH_BODY:
+                self.close_connection = True
+                self._json(400 if length <= 0 else 413, {"error": f"a body of 1..{MAX_VOUCH_BODY} bytes"})
+                return
+            code, reason = node_vouch(self.rfile.read(length))
+            if code == 204:
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self._json(code, {"error": reason})
 
         def _attest(self, query: str) -> None:
             params = parse_qs(query, keep_blank_values=True, max_num_fields=4)
@@ -619,6 +684,7 @@ def boot_vm(status: GuestStatus) -> None:
         time.sleep(1)
     state = guest.state
     service = guest.runner.service
+    status.identity = (state.app_id.hex(), info["instance_id"].lower())
 
     identity = {
         "app_id": state.app_id.hex(),
@@ -663,7 +729,20 @@ def _register_with_gateways(
     if not endpoints:
         status.set(gateway={"registered": [], "error": "the app publishes no TCP port"})
         return
-    registrar = Registrar(urls[:8], key, cert_der, endpoints, ca_pem=ca_pem, app_compose=app_compose).start()
+    if sys_config.get("node_vouch") is True:
+        # the node posts its statement once it sees the app running: the first round waits for it (a
+        # registration without it would be refused by a gateway that requires it)
+        if not status.wait_vouch(VOUCH_WAIT_S):
+            _log(f"no node statement within {VOUCH_WAIT_S} s: registering without one until it comes")
+    registrar = Registrar(
+        urls[:8],
+        key,
+        cert_der,
+        endpoints,
+        ca_pem=ca_pem,
+        app_compose=app_compose,
+        node_vouch=status.node_vouch,
+    ).start()
     answers = {u: str(a) if isinstance(a, Exception) else "registered" for u, a in registrar.last.items()}
     _log(f"gateway registration: {answers}")
     status.set(gateway=answers)
@@ -681,7 +760,7 @@ def main(argv: list[str]) -> int:
     # the address QEMU's user network forwards the host's loopback port to (the init configures it)
     server = ThreadingHTTPServer(
         (GUEST_ADDRESS, AGENT_PORT),
-        make_handler(status.snapshot, lambda: status.attest, status.list_containers),
+        make_handler(status.snapshot, lambda: status.attest, status.list_containers, status.take_vouch),
     )
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()

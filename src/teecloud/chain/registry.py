@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._values import to_address, to_bytes32
-from .api import DeploymentEscrow, NodeInfo, Slash
+from .api import BlockRef, DeploymentEscrow, NodeInfo, Slash
 from .connection import ChainConnection
 
 __all__ = ["DEFAULT_NODE_PARAMS", "Escrow", "NodeRegistry"]
@@ -24,8 +24,17 @@ class _Registry:
         self.conn = conn
         self.address = to_address(address)
 
-    def _call(self, fn: str, *args: Any) -> Any:
-        return self.conn.call("NodeRegistry", self.address, fn, *args)
+    def _call(self, fn: str, *args: Any, at: int | BlockRef | None = None) -> Any:
+        """Ask at the head, or at block `at` (a BlockRef: that block by hash, EIP-1898; an int: by number)."""
+        if isinstance(at, BlockRef):
+            block: str | dict[str, Any] = at.rpc_id()
+        elif at is None:
+            block = "latest"
+        elif type(at) is int and at >= 0:
+            block = hex(at)
+        else:
+            raise ValueError(f"block number must be an int >= 0, not {at!r}")
+        return self.conn.call("NodeRegistry", self.address, fn, *args, block=block)
 
     def _send(self, fn: str, *args: Any, value: int = 0) -> dict[str, Any]:
         return self.conn.transact("NodeRegistry", self.address, fn, *args, value=value)
@@ -45,11 +54,11 @@ class _Registry:
 class NodeRegistry(_Registry):
     """Operators, challengers and the registry's owner."""
 
-    def node_count(self) -> int:
-        return int(self._call("node_count"))
+    def node_count(self, *, at: int | BlockRef | None = None) -> int:
+        return int(self._call("node_count", at=at))
 
-    def node(self, node_id: int) -> NodeInfo:
-        fields = self._call("nodes", int(node_id))
+    def node(self, node_id: int, *, at: int | BlockRef | None = None) -> NodeInfo:
+        fields = self._call("nodes", int(node_id), at=at)
         return NodeInfo(int(node_id), *fields)
 
     def require_node(self, node_id: int) -> NodeInfo:

@@ -124,6 +124,24 @@ def up(
             "ClientHello reader, no hop; faster). Not with --gateway-dns.",
         ),
     ] = False,
+    require_vouch: Annotated[
+        bool,
+        typer.Option(
+            "--require-vouch",
+            help="Route only to endpoints the launching node also vouches for: a statement signed by an "
+            "active NodeRegistry node's operator (registrations without one are refused).",
+        ),
+    ] = False,
+    finality_depth: Annotated[
+        int,
+        typer.Option(
+            "--finality-depth",
+            min=0,
+            max=256,
+            help="With --require-vouch: trust a NodeRegistry node only once its registration is this many "
+            "blocks deep (read through the chain gate, chain id checked).",
+        ),
+    ] = 0,
     gateway_dns: GatewayDnsOpt = None,
     acme_directory: AcmeDirectoryOpt = None,
     acme_dns: AcmeDnsOpt = "127.0.0.1:53",
@@ -157,6 +175,8 @@ def up(
         _fail(str(exc), 1)
     if no_passthrough and dns is not None:
         _fail("--gateway-dns serves custom domains in passthrough: not with --no-passthrough", 2)
+    if finality_depth and not require_vouch:
+        _fail("--finality-depth applies to NodeRegistry reads: it needs --require-vouch", 2)
     if kms_url is not None and not trust_dev_root:
         _fail(
             "--kms-url boots the simulated TEE: it needs --trust-dev-root (real hardware: not wired yet)", 2
@@ -184,6 +204,7 @@ def up(
                 dns=dns,
                 acme=acme,
                 passthrough=not no_passthrough,
+                vouch_depth=finality_depth if require_vouch else None,
             )
         except Error as exc:
             _fail(exc.diagnostics(), 1)
@@ -198,6 +219,8 @@ def up(
             "keys", "derived from the KMS (gateway app)" if gateway.keys else "born in this process"
         )
         table.add_row("registration", gateway.registration_url)
+        if require_vouch:
+            table.add_row("node vouching", f"on (NodeRegistry, finality depth {finality_depth})")
         table.add_row("admin", f"{gateway.admin_url} (token: {gateway.home / 'admin-token'})")
         if gateway.cert_keys is not None:
             table.add_row("cert-keys", gateway.cert_keys_url)
@@ -221,8 +244,10 @@ def _start_gateway(
     dns: tuple[str, int] | None,
     acme: Any,
     passthrough: bool = True,
+    vouch_depth: int | None = None,
 ) -> Any:
-    """The GatewayServer of `gateway up`, started; everything it started is stopped by `stack`."""
+    """The GatewayServer of `gateway up`, started; everything it started is stopped by `stack`. With
+    `vouch_depth` (blocks) it routes only to endpoints the launching node vouches for (NodeRegistry)."""
     import secrets
 
     from teecloud._fs import atomic_write, data_home
@@ -230,6 +255,7 @@ def _start_gateway(
     from teecloud.gateway.customdomain import CustomDomains, DnslibResolver
     from teecloud.gateway.routing import DataPlaneLimits
     from teecloud.gateway.server import GatewayServer
+    from teecloud.gateway.vouch import ChainNodes
     from teecloud.peer import ChainGate
 
     gw_home = home if home is not None else data_home() / "gateway-server"
@@ -262,6 +288,7 @@ def _start_gateway(
         acme=certs,
         tee=tee,
         keys=keys,
+        nodes=ChainNodes(chain, finality_depth=vouch_depth) if vouch_depth is not None else None,
     ).start()
     stack.callback(gateway.stop)
     return gateway

@@ -21,17 +21,27 @@ from .errors import (
     LimitExceeded,
     NotAllowed,
     RegistryUnavailable,
+    ReservedRequestId,
     ResultInvalid,
     SecretError,
     UnknownFunction,
 )
 from .keys import FunctionKeys, GuestAgentKeys, KeySource, RuntimeIdentity, result_key_purpose
 from .limits import MAX_FUNCTION_LIMITS, CallLimits, RuntimeLimits
-from .result import SignedResult, result_digest, sequential_request_id, uncompressed_xy, verify_result
+from .result import (
+    ORACLE_ID_TAG,
+    SignedResult,
+    is_oracle_request_id,
+    result_digest,
+    sequential_request_id,
+    uncompressed_xy,
+    verify_result,
+)
 from .service import FunctionRecord, FunctionRuntime, Invocation, function_hash_of
 
 __all__ = [
     "MAX_FUNCTION_LIMITS",
+    "ORACLE_ID_TAG",
     "BadFunction",
     "CallLimits",
     "CallReport",
@@ -47,6 +57,7 @@ __all__ = [
     "LimitExceeded",
     "NotAllowed",
     "RegistryUnavailable",
+    "ReservedRequestId",
     "ResultInvalid",
     "RuntimeIdentity",
     "RuntimeLimits",
@@ -54,6 +65,7 @@ __all__ = [
     "SignedResult",
     "UnknownFunction",
     "function_hash_of",
+    "is_oracle_request_id",
     "result_digest",
     "result_key_purpose",
     "sequential_request_id",

@@ -23,6 +23,7 @@ __all__ = [
     "LimitExceeded",
     "NotAllowed",
     "RegistryUnavailable",
+    "ReservedRequestId",
     "ResultInvalid",
     "SecretError",
     "UnknownFunction",
@@ -43,6 +44,11 @@ class UnknownFunction(FunctionError, LookupError):
 
 class NotAllowed(FunctionError):
     pass
+
+
+class ReservedRequestId(NotAllowed):
+    """A caller's request id in the oracles' id space (result.ORACLE_ID_TAG): only the runtime's oracle
+    watcher runs those, for a request it read from the chain."""
 
 
 class RegistryUnavailable(FunctionError):

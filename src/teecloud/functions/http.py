@@ -32,6 +32,7 @@ from .errors import (
     FunctionError,
     InvocationFailed,
     NotAllowed,
+    ReservedRequestId,
     SecretError,
     UnknownFunction,
 )
@@ -59,7 +60,7 @@ def _status(exc: FunctionError) -> int:
     if isinstance(exc, UnknownFunction):
         return 404
     if isinstance(exc, NotAllowed):
-        return 409 if "already taken" in str(exc) else 403
+        return 409 if isinstance(exc, ReservedRequestId) or "already taken" in str(exc) else 403
     if isinstance(exc, InvocationFailed):
         return 422
     if isinstance(exc, BadFunction | SecretError):

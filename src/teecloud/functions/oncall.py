@@ -3,7 +3,8 @@ and send `fulfill` with the signed result (the oracle pays the sender's gas from
 
 The request id is claimed in the runtime's journal before the function runs (service.ClaimJournal), so a
 runtime that restarts mid-request never answers it twice: it is answered once, or its requester cancels it
-after the oracle's timeout.
+after the oracle's timeout. Oracle request ids (result.ORACLE_ID_TAG) are run only from here (`oracle=True`,
+for a request read from the chain): no HTTP caller can take one in the journal first.
 
 Before the first answer signed by a result key, the watcher certifies that key on the oracle's verifier
 (`certify_key`: the key's chain up to the KMS root checked once, anyone may call it), so every later result
@@ -86,7 +87,7 @@ class OracleWatcher:
             self.runtime.record(fid)
         except UnknownFunction as exc:
             raise UnknownFunction(f"function {fid} is not on this runtime") from exc
-        inv = self.runtime.invoke(fid, bytes(args["input"]), request_id=rid, ttl_s=self.ttl_s)
+        inv = self.runtime.invoke(fid, bytes(args["input"]), request_id=rid, ttl_s=self.ttl_s, oracle=True)
         result = inv.result.to_abi()
         if self.certify:
             self._certify(result)

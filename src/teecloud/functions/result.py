@@ -35,9 +35,11 @@ from .errors import ResultInvalid
 from .keys import result_key_purpose
 
 __all__ = [
+    "ORACLE_ID_TAG",
     "REQUEST_STREAM_BYTES",
     "RESULT_TYPEHASH",
     "SignedResult",
+    "is_oracle_request_id",
     "result_digest",
     "secrets_key_digest",
     "sequential_request_id",
@@ -147,6 +149,15 @@ def _b(d: dict[str, Any], k: str, n: int | None) -> bytes:
 
 
 REQUEST_STREAM_BYTES = 24
+# The first 8 bytes of every FunctionOracle request id (chain/contracts/FunctionOracle.vy, ORACLE_ID_TAG):
+# ids in this space are answered only to an oracle's request read from the chain by the runtime's own
+# watcher; the runtime refuses them from every other caller (service.FunctionRuntime.invoke).
+ORACLE_ID_TAG = b"tcfn.orq"
+
+
+def is_oracle_request_id(request_id: bytes) -> bool:
+    """Whether `request_id` lies in the oracles' id space (any FunctionOracle, any chain)."""
+    return request_id[: len(ORACLE_ID_TAG)] == ORACLE_ID_TAG
 
 
 def sequential_request_id(stream: bytes, seq: int) -> bytes:
@@ -154,11 +165,13 @@ def sequential_request_id(stream: bytes, seq: int) -> bytes:
     per caller) then `seq` as 8 bytes big-endian. Ids that differ only in their low byte share a word of
     FunctionResultVerifier's replay record, so a consumer's check of such a result costs ~17k gas less than
     one with a random id, 255 times in 256 (docs/functions.md, gas). FunctionOracle numbers its requests
-    the same way."""
+    the same way, under ORACLE_ID_TAG, which a caller's stream must not start with."""
     if len(stream) != REQUEST_STREAM_BYTES:
         raise ValueError(f"a request stream is {REQUEST_STREAM_BYTES} bytes")
     if not 0 <= seq < 2**64:
         raise ValueError("a request sequence number is 0 ≤ seq < 2**64")
+    if is_oracle_request_id(stream):
+        raise ValueError("a request stream must not start with the oracles' id tag (ORACLE_ID_TAG)")
     return stream + seq.to_bytes(8, "big")
 
 

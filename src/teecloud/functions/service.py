@@ -38,12 +38,13 @@ from .errors import (
     InvocationFailed,
     NotAllowed,
     RegistryUnavailable,
+    ReservedRequestId,
     SecretError,
     UnknownFunction,
 )
 from .keys import FunctionKeys
 from .limits import MAX_FUNCTION_LIMITS, CallLimits, RuntimeLimits
-from .result import SignedResult, secrets_key_digest
+from .result import ORACLE_ID_TAG, SignedResult, is_oracle_request_id, secrets_key_digest
 
 __all__ = [
     "FunctionRecord",
@@ -299,9 +300,20 @@ class FunctionRuntime:
     # --- invoke ---------------------------------------------------------------------------------------------
 
     def invoke(
-        self, ref: str, input_bytes: bytes, *, request_id: bytes | None = None, ttl_s: int = 300
+        self,
+        ref: str,
+        input_bytes: bytes,
+        *,
+        request_id: bytes | None = None,
+        ttl_s: int = 300,
+        oracle: bool = False,
     ) -> Invocation:
         """Run a function once for `request_id` (random if None) and sign its result.
+
+        Request ids in the oracles' id space (result.ORACLE_ID_TAG) are run only with `oracle=True`, which
+        only the oracle watcher passes, for a request it read from the chain; every other caller's id must lie
+        outside it (ReservedRequestId, HTTP 409). So no caller can take an oracle's future request id in the
+        claim journal first, nor obtain a signed result to post for it.
 
         Steps: (1) the function and its limits; (2) its registry allows this code and this runtime;
         (3) claim the request id (at most once); (4) run in a fresh isolate; (5) sign."""
@@ -311,9 +323,21 @@ class FunctionRuntime:
         if not 1 <= ttl_s <= self.limits.max_result_ttl_s:
             raise BadFunction(f"ttl_s is 1..{self.limits.max_result_ttl_s}")
         if request_id is None:
+            if oracle:
+                raise BadFunction("an oracle request has the oracle's request id")
             request_id = os.urandom(32)
+            while is_oracle_request_id(request_id):  # 2**-64
+                request_id = os.urandom(32)
         if len(request_id) != 32:
             raise BadFunction("request_id is 32 bytes")
+        if is_oracle_request_id(request_id) != oracle:
+            if oracle:
+                raise BadFunction(f"0x{request_id.hex()} is not a FunctionOracle request id")
+            raise ReservedRequestId(
+                f"request id 0x{request_id.hex()} is in FunctionOracle's id space (it starts with "
+                f"0x{ORACLE_ID_TAG.hex()}): it is answered only to the oracle's own request on chain; "
+                "choose an id that does not start with that tag"
+            )
         if len(input_bytes) > limits.input_bytes:
             raise BadFunction(f"input is {len(input_bytes)} bytes, above {limits.input_bytes}")
         ident = self.keys.identity()

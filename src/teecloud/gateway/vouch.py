@@ -5,7 +5,8 @@ attested app_id and instance_id), fails closed with RegistrationRefused(step="vo
   (1) form        the statement's purpose; its app_id and instance_id are the attested ones
   (2) window      issued_at ≤ now + skew < expires_at + skew, and expires_at - issued_at ≤ max_lifetime_s
   (3) signature   the EIP-191 signature over sha256(canonical statement) recovers to the statement's operator
-  (4) node        NodeRegistry (through `NodeDirectory`): node_id is an active node whose operator that is
+  (4) node        NodeRegistry (through `NodeDirectory`; `ChainNodes` reads it through the chain gate at its
+                  finality depth): node_id is an active node whose operator that is
   (5) launch      sha256(launch_seed(operator, launch_nonce) ‖ app_id)[:20] is the attested instance_id: this
                   operator's node launched the CVM (no other node can vouch for it)
   (6) replay      issued_at is not older than the newest statement already taken for this instance (an old
@@ -28,7 +29,8 @@ from eth_account.messages import encode_defunct
 
 from teecloud.gateway import api
 from teecloud.gateway.errors import RegistrationRefused
-from teecloud.node.vouch import VOUCH_PURPOSE, launch_seed, vouch_digest
+from teecloud.node.vouch import VOUCH_PURPOSE, launch_seed, operator_bytes, vouch_digest
+from teecloud.peer import ChainGate, PeerRejected
 
 __all__ = ["MAX_VOUCH_LIFETIME_S", "ChainNodes", "NodeDirectory", "StaticNodes", "VouchChecker"]
 
@@ -43,14 +45,28 @@ class NodeDirectory(Protocol):
 
 
 class ChainNodes:
-    """NodeRegistry on chain (teecloud.chain's facade): `nodes(node_id)`, active nodes only. Answers are
-    kept `cache_s` (a node deactivated or slashed out stops vouching within that bound)."""
+    """NodeRegistry on chain (teecloud.chain's facade), read through the chain gate (`ChainGate`) at its
+    finality depth: `operator_of(node_id)` is the operator of a node that is registered and active, with that
+    same operator, at the head and at each of the `finality_depth` blocks below it (walked by parent hash;
+    the chain id checked around each read). An operator registered in the last d blocks is not trusted yet;
+    a deactivation counts at once (the head says no). Answers are kept `cache_s` (a node deactivated or
+    slashed out stops vouching within that bound); a refusal is never cached."""
 
-    def __init__(self, chain: Any, *, cache_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        chain: Any,
+        *,
+        finality_depth: int = 0,
+        cache_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.chain = chain
         self.cache_s = cache_s
         self.clock = clock
-        self._cache: dict[int, tuple[float, str | None]] = {}
+        # a ChainConnection names its head by hash after checking the chain id; a bare reader by number
+        head = getattr(chain, "checked_head", None) or getattr(chain, "block_number", None)
+        self.gate = ChainGate(chain, block_number=head, finality_depth=finality_depth)
+        self._cache: dict[int, tuple[float, str]] = {}
         self._lock = threading.Lock()
 
     def operator_of(self, node_id: int) -> str | None:
@@ -62,10 +78,23 @@ class ChainNodes:
         try:
             registry = self.chain.registry
             if not 0 <= node_id < registry.node_count():
-                operator = None
-            else:
-                info = registry.node(node_id)
-                operator = str(info.operator).lower() if info.active else None
+                return None
+            info = registry.node(node_id)
+            if not info.active:
+                return None
+            operator = str(info.operator).lower()
+
+            def same_operator(**at: Any) -> tuple[bool, str]:
+                if not 0 <= node_id < registry.node_count(**at):
+                    return False, f"node {node_id} is not registered"
+                there = registry.node(node_id, **at)
+                if not there.active or str(there.operator).lower() != operator:
+                    return False, f"node {node_id} is not active under operator {operator}"
+                return True, operator
+
+            self.gate.holds("node", node_id.to_bytes(32, "big") + operator_bytes(operator), same_operator)
+        except PeerRejected as exc:  # not final yet, or the gate could not read: refused, not cached
+            raise RegistrationRefused(f"NodeRegistry: {exc}", step="vouch") from exc
         except Exception as exc:  # a chain read failing refuses (fail closed), and is not cached
             raise RegistrationRefused(f"cannot read NodeRegistry: {exc}", step="vouch") from exc
         with self._lock:

@@ -381,6 +381,18 @@ class ThresholdKeyProvider:
                 self._env.secret = self._bound_env_secret(tee, app_id, group)
         return keys
 
+    @contextmanager
+    def _boot(self, tee: QuoteSource, app_id: bytes) -> Iterator[None]:
+        """One RA-TLS credential for this boot's attested calls to every node (one quote), and one
+        kept-alive connection per node (opened at its first call), closed when the scope ends."""
+        credential = BootCredential(tee, usage="app:kms-client", app_id=app_id, clock=self._clock)
+        bound = [c for c in self._clients.values() if c.bind_boot(tee, credential)]
+        try:
+            yield
+        finally:
+            for client in bound:
+                client.unbind_boot(tee)
+
     def _bound_env_secret(self, tee: QuoteSource, app_id: bytes, group: ThresholdGroup) -> bytes:
         """The bound env's X25519 secret under the app's current epoch; while the app migrates
         (`kms_key_epoch_previous` in its measured compose), an env still encrypted under the previous
@@ -432,18 +444,6 @@ class ThresholdKeyProvider:
             group.epoch,
         )
         return old
-
-    @contextmanager
-    def _boot(self, tee: QuoteSource, app_id: bytes) -> Iterator[None]:
-        """One RA-TLS credential for this boot's attested calls to every node (one quote), and one
-        kept-alive connection per node (opened at its first call), closed when the scope ends."""
-        credential = BootCredential(tee, usage="app:kms-client", app_id=app_id, clock=self._clock)
-        bound = [c for c in self._clients.values() if c.bind_boot(tee, credential)]
-        try:
-            yield
-        finally:
-            for client in bound:
-                client.unbind_boot(tee)
 
     def bind_encrypted_env(self, blob: bytes | None) -> None:
         """The CVM's encrypted env (dstack format), for this thread's next get_app_keys, which then gets the

@@ -4,6 +4,8 @@ the gateway (none of them imports another's internals to ask).
     ChainGate.app_allowed(boot_info)   KmsAuth.isAppAllowed, cached for at most one block
     ChainGate.kms_allowed(boot_info)   KmsAuth.isKmsAllowed, same cache rule
     ChainGate.app_deployed(app_id)     KmsAuth.deployed_apps (the threshold env-key gate), same rules
+    ChainGate.holds(kind, key, ask)    any other yes/no question `ask(at=block)` (e.g. the gateway's
+                                       NodeRegistry read), same cache and finality rules
     FreshBlockNumber                   the chain's head read at or after the call, shared
 
 Finality: with `finality_depth` d > 0 the gate says yes only when the chain allows at the head AND at every
@@ -168,7 +170,18 @@ class ChainGate:
             raise PeerRejected("an app id is 20 bytes", step="chain")
         return self._ask("deployed", app_id)
 
+    def holds(self, kind: str, key: bytes, ask: Callable[..., tuple[bool, str]]) -> str:
+        """Another yes/no question under the same rules: `ask(at=block)` -> (ok, reason) at that block (a
+        BlockRef or a number), asked at the head and, with a finality depth, at every block of the window;
+        cached per (kind, key) for at most one block. `kind` must not be one of the gate's own."""
+        if kind in ("app", "kms", "deployed"):
+            raise ValueError(f"{kind!r} is one of the gate's own questions")
+        return self._decide(kind, key, ask)
+
     def _ask(self, kind: str, subject: Subject) -> str:
+        return self._decide(kind, subject, None)
+
+    def _decide(self, kind: str, subject: Subject, ask: Callable[..., tuple[bool, str]] | None) -> str:
         """Returns the chain's reason when allowed; raises PeerRejected(step="chain") otherwise."""
         try:
             head = self._block_number() if self._block_number is not None else None
@@ -180,7 +193,7 @@ class ChainGate:
             if cached is not None and cached[0] == key:
                 ok, reason = cached[1], cached[2]
             else:
-                ok, reason = self._verdict(kind, subject, head)
+                ok, reason = self._verdict(kind, subject, head, ask)
                 if isinstance(head, BlockRef):
                     # R3-4: answers read while the endpoint switched to another chain are discarded
                     by_hash: AuthChainByHash = self.chain  # type: ignore[assignment]
@@ -199,7 +212,9 @@ class ChainGate:
                 step="chain",
             ) from exc
         if ok is not True:
-            what = {"app": "app", "kms": "KMS", "deployed": "app an env key"}[kind]
+            what = {"app": "app", "kms": "KMS", "deployed": "app an env key"}.get(kind)
+            if what is None:
+                raise PeerRejected(f"the chain says no ({kind}): {reason or 'no reason given'}", step="chain")
             raise PeerRejected(f"KmsAuth refuses this {what}: {reason or 'no reason given'}", step="chain")
         return str(reason)
 
@@ -212,9 +227,15 @@ class ChainGate:
         fn = chain.is_app_allowed if kind == "app" else chain.is_kms_allowed
         return lambda **at: fn(subject, **at)  # type: ignore[arg-type]
 
-    def _verdict(self, kind: str, subject: Subject, head: Head | None) -> tuple[bool, str]:
+    def _verdict(
+        self,
+        kind: str,
+        subject: Subject,
+        head: Head | None,
+        ask: Callable[..., tuple[bool, str]] | None = None,
+    ) -> tuple[bool, str]:
         depth = self.finality_depth
-        question = self._asker(kind, subject)
+        question = ask if ask is not None else self._asker(kind, subject)
         if head is None or (not depth and not isinstance(head, BlockRef)):  # the chain's own head
             return question()
         number = head.number if isinstance(head, BlockRef) else head

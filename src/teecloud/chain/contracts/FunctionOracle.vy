@@ -67,9 +67,13 @@ event Cancelled:
 verifier: public(address)
 requests: public(HashMap[bytes32, Request])
 nonce: public(uint256)
-# request ids: the high 192 bits of keccak256(this oracle ‖ chain id), then the nonce (64 bits). Unique across
-# oracles and chains (a runtime's claim journal keys on the id), and consecutive, so the verifier's replay
-# record (a bit per id, 256 consecutive ids to a word) costs a fresh slot once per 256 requests.
+# request ids: ORACLE_ID_TAG (8 bytes, the same for every FunctionOracle), the high 128 bits of
+# keccak256(this oracle ‖ chain id), then the nonce (64 bits). Unique across oracles and chains, and
+# consecutive, so the verifier's replay record (a bit per id, 256 consecutive ids to a word) costs a fresh
+# slot once per 256 requests. The tag marks the oracles' id space: a function runtime refuses every id in it
+# from any caller but its own oracle watcher (teecloud.functions.result.ORACLE_ID_TAG, docs/functions.md),
+# so no one can obtain a signed result for a request id an oracle will hand out.
+ORACLE_ID_TAG: constant(uint256) = 8386659554505486961  # 0x7463666e2e6f7271, ASCII "tcfn.orq"
 ID_PREFIX: immutable(uint256)
 
 
@@ -77,7 +81,7 @@ ID_PREFIX: immutable(uint256)
 def __init__(verifier: address):
     assert verifier != empty(address), "no verifier"
     self.verifier = verifier
-    ID_PREFIX = (convert(keccak256(abi_encode(self, chain.id)), uint256) >> 64) << 64
+    ID_PREFIX = (ORACLE_ID_TAG << 192) | ((convert(keccak256(abi_encode(self, chain.id)), uint256) >> 128) << 64)
 
 
 @external

@@ -96,6 +96,10 @@ AGENT_GUEST_PORT = 8090
 MAX_AGENT_RESPONSE = 1024 * 1024
 MAX_LOG_LINE = 64 * 1024
 STOP_GRACE_S = 5.0
+# the node's statement of a guest's endpoints (teecloud.node.vouch) is posted again this often: a third of
+# its 120 s lifetime, so a guest always holds one that is valid for its next registration rounds
+VOUCH_RENEW_S = 40.0
+VouchFn = Callable[[str, list[tuple[int, str, int]]], dict[str, Any]]
 # the fixed guest-side addresses of the host services a guest reaches (guest_services)
 GUEST_SERVICE_PORT = 443
 KMS_GUEST_ADDRESSES = tuple(f"10.0.2.{100 + k}" for k in range(16))
@@ -128,6 +132,10 @@ class QemuBackendConfig:
     # the gateways the guest registers with: (registration URLs on the host's loopback, their CA's PEM), or
     # None (no gateway: nothing forwarded, no registration)
     gateway: Callable[[], tuple[list[str], str] | None] | None = None
+    # the node vouches for its guests' forwarded ports: vouch(instance_id hex, [(app port, "127.0.0.1", host
+    # port)]) -> the signed statement (teecloud.node.vouch.NodeVoucher.vouch), posted to the guest agent
+    # after boot and renewed every VOUCH_RENEW_S (None: no statement; a gateway requiring one refuses)
+    vouch: VouchFn | None = None
     # GPUs (and NVSwitch bridges) this node passes through, host PCI addresses (modes tdx and sev-snp;
     # dstack-vmm's attach mode "all"): a CVM whose measured compose requires GPU attestation
     # (`"gpu_attestation": "required"`) gets all of them, others none; one running CVM at a time holds them
@@ -431,6 +439,7 @@ class QemuCvm:
         self.timings: dict[str, float] = {}
         self.dropped_env: list[str] = []
         self.guest_info: dict[str, Any] = {}
+        self.vouch_renewer: VouchRenewer | None = None
 
     # -- the QEMU process
     @property
@@ -517,9 +526,25 @@ class QemuCvm:
         except (ValueError, KeyError, TypeError) as exc:
             raise RuntimeFailed(f"the guest agent's attestation is malformed: {exc}") from None
 
+    def post_vouch(self, statement: dict[str, Any]) -> None:
+        """Hand the guest its node's signed statement (POST /node-vouch); RuntimeFailed if not taken."""
+        if self.agent_port is None or not self.running():
+            raise InstanceStateError(f"CVM {self.instance_id} is not running")
+        try:
+            with httpx.Client(timeout=10.0) as c:
+                r = c.post(f"http://127.0.0.1:{self.agent_port}/node-vouch", json=statement)
+        except httpx.HTTPError as exc:
+            raise RuntimeFailed(f"the guest agent of CVM {self.instance_id} did not answer: {exc}") from exc
+        if r.status_code != 204:
+            raise RuntimeFailed(
+                f"the guest of CVM {self.instance_id} refused the node statement: {r.text[:200]}"
+            )
+
     def stop(self) -> None:
         """Power off: QMP `system_powerdown`, then `quit`, then SIGKILL, each after a grace period."""
         self._booted = False
+        if self.vouch_renewer is not None:
+            self.vouch_renewer.stop()
         pid = self.pid()
         if pid is None:
             return
@@ -550,6 +575,67 @@ class QemuCvm:
         except OSError as exc:
             leftovers.append(f"cannot delete the VM directory {self.workdir}: {exc}")
         return leftovers
+
+
+def vouch_endpoints(containers: Sequence[ContainerState]) -> list[tuple[int, str, int]]:
+    """What the node vouches for: each app port's host loopback forward, (app port, "127.0.0.1", host port),
+    from the guest's containers as `QemuCvm.containers` reports them (only ports the host forwards), one per
+    app port (the guest registers the same: teecloud.agent.vm_agent.gateway_endpoints)."""
+    seen: dict[int, tuple[int, str, int]] = {}
+    for st in containers:
+        for p in st.ports:
+            if p.get("protocol") == "tcp" and p.get("host_port") and int(p["container_port"]) not in seen:
+                seen[int(p["container_port"])] = (int(p["container_port"]), "127.0.0.1", int(p["host_port"]))
+    return [seen[k] for k in sorted(seen)]
+
+
+class VouchRenewer:
+    """Posts the node's fresh statement of a booted guest's forwarded ports now, then every `interval_s`
+    until stopped or the VM is gone. A round that fails is logged and retried at the next one."""
+
+    def __init__(self, cvm: QemuCvm, vouch: VouchFn, *, interval_s: float = VOUCH_RENEW_S) -> None:
+        self.cvm = cvm
+        self.vouch = vouch
+        self.interval_s = interval_s
+        self.posted = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def post_once(self) -> bool:
+        try:
+            endpoints = vouch_endpoints(self.cvm.containers())
+            if not endpoints:
+                raise ValueError("the guest publishes no forwarded TCP port")
+            self.cvm.post_vouch(self.vouch(self.cvm.instance_id, endpoints))
+        except (InstanceStateError, RuntimeFailed, ValueError, OSError) as exc:
+            self.last_error = str(exc)[:500]
+            log.warning("CVM %s: node statement not posted: %s", self.cvm.instance_id, self.last_error)
+            return False
+        self.posted += 1
+        self.last_error = None
+        return True
+
+    def start(self) -> VouchRenewer:
+        self.post_once()
+        self._thread = threading.Thread(
+            target=self._run, name=f"vouch-{self.cvm.instance_id[:8]}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s) and self.cvm.running():
+            try:
+                self.post_once()
+            except Exception as exc:  # the signer's own failure: logged, the renewal goes on
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:500]}"
+                log.warning("CVM %s: node statement not posted: %s", self.cvm.instance_id, self.last_error)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
 
 
 def _bounded_get(client: httpx.Client, url: str, params: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -796,6 +882,8 @@ class QemuBackend:
         cvm._booted = True
         cvm.timings = {"agent-ready": agent_ready, "app-running": time.perf_counter() - t0}
         cvm.dropped_env = [str(n) for n in info.get("dropped_env") or []][:256]
+        if self.config.vouch is not None:  # the guest waits for it before its first registration round
+            cvm.vouch_renewer = VouchRenewer(cvm, self.config.vouch).start()
         return cvm
 
     def _guest_sys_config(self, inst: Instance) -> tuple[dict[str, Any], tuple[GuestForward, ...]]:
@@ -809,6 +897,8 @@ class QemuBackend:
         gateway = self.config.gateway() if self.config.gateway is not None else None
         # the guest's TEE mode (teecloud.tee.guest reads it)
         doc = {**(doc if isinstance(doc, dict) else {}), "tee_mode": self.config.mode}
+        if self.config.vouch is not None and gateway is not None:
+            doc["node_vouch"] = True  # the node posts its statement after boot: the guest waits for it
         return guest_services(doc, kms_ca_pubkey=ca, kms_group=group, gateway=gateway)
 
     def _follow_boot(
