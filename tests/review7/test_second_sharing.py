@@ -1,0 +1,115 @@
+"""Review 7, R7-1 (open): two env sharings — two group-signed env public keys — for ONE app, made by a
+coordinator that simply does not ask the members that hold the first sharing. The quorum
+(ceremony_quorum(t, n) = min(n, max(t+1, n//2+1))) stops two CONCURRENT ceremonies, but a ceremony's
+members only check their own store: when t + q <= n (2-of-5: q = 3; 3-of-7: q = 4) a usable sharing
+(t holders) and a fresh quorum of non-holders fit side by side. The steps are exactly the PeerEnvDkg
+messages a coordinating member sends (the members' own `stage` handler, with real member-to-member
+sub-share fetches under kms.peering's rule); a crash of an honest coordinator between its commits gives
+the same first half."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dstack_sdk.verify_env_encrypt_public_key import verify_env_encrypt_public_key
+
+from teecloud.appcompose import compose_hash
+from teecloud.keys import threshold_ecdsa as te
+from teecloud.kms import api
+from teecloud.kms.threshold import local_joint_feldman
+from teecloud.kms.threshold_env import EnvKeys, ceremony_quorum
+from tests.kms.conftest import World
+from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
+from tests.kms.test_threshold_nodes import HELLO
+
+pytestmark = pytest.mark.slow
+
+T2, N = 2, 5
+
+
+@pytest.fixture
+def members_2of5(teecloud_home: Path, world: World) -> Iterator[dict[int, Member]]:
+    allow_build(world.chain, teecloud_home)
+    shares = local_joint_feldman(T2, N, epoch=1)
+    keys = te.dkg_local(T2, N)
+    out: dict[int, Member] = {}
+    try:
+        for s in shares:
+            m = start_member(teecloud_home, world.chain, s, name="r7-2of5")
+            m.service._install_signer(keys[s.index - 1])
+            out[s.index] = m
+        for trio in ((1, 2, 3), (3, 4, 5)):  # 2t-1 participants each; more than ENV_RESERVED (boots')
+            for _ in range(12):
+                for i, p in te.presign_local(keys, list(trio)).items():
+                    out[i].service.threshold.signer.pool.add([p])  # type: ignore[union-attr]
+        urls = {i: m.server.url for i, m in out.items()}
+        for m in out.values():
+            assert m.service.env_keys is not None
+            m.service.env_keys.set_peers(urls)
+        yield out
+    finally:
+        for m in out.values():
+            m.server.stop()
+
+
+def _env(m: Member) -> EnvKeys:
+    assert m.service.env_keys is not None
+    return m.service.env_keys
+
+
+def _stage(m: Member, body: dict[str, object]) -> api.PeerEnvDkgResponse:
+    return _env(m).stage(api.PeerEnvDkgRequest.model_validate(body))
+
+
+def _ceremony(nodes: dict[int, Member], app_id: bytes, dealers: list[int], commit_on: list[int]) -> None:
+    """The coordinator's messages of one ceremony among `dealers`, committed on `commit_on` only."""
+    base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": 1, "app_id": app_id.hex()}
+    deals = {i: _stage(nodes[i], {**base, "stage": "deal"}) for i in dealers}
+    assert not any(a.held for a in deals.values())
+    view = {str(i): deals[i].commitments for i in dealers}
+    for i in dealers:
+        _stage(nodes[i], {**base, "stage": "view", "view": view})
+    urls = {str(i): m.server.url for i, m in nodes.items()}
+    done = {i: _stage(nodes[i], {**base, "stage": "finish", "peers": urls}) for i in dealers}
+    agreed = done[dealers[0]].commitments
+    for i in commit_on:
+        _stage(nodes[i], {**base, "stage": "commit", "commitments": agreed})
+    for i in set(dealers) - set(commit_on):
+        _stage(nodes[i], {**base, "stage": "abort"})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="R7-1 (open): a coordinator that skips the holders makes a second env sharing (and a second "
+    "group-signed env public key) for an app when t + ceremony_quorum(t, n) <= n",
+)
+def test_one_app_never_gets_two_usable_env_sharings(world: World, members_2of5: dict[int, Member]) -> None:
+    nodes = members_2of5
+    q = ceremony_quorum(T2, N)
+    assert q == 3 and T2 + q <= N
+    app_id = world.register(compose_hash(dict(HELLO, name="review7-second-sharing")))
+    # ceremony A among {1, 2, 3}, sealed on 1 and 2 (t of them: usable), not on 3
+    _ceremony(nodes, app_id, [1, 2, 3], commit_on=[1, 2])
+    # ceremony B among the three non-holders {3, 4, 5}: a quorum; nobody asks 1 or 2
+    try:
+        _ceremony(nodes, app_id, [3, 4, 5], commit_on=[3, 4, 5])
+    except Exception:  # a refusal is the safe outcome
+        return
+    held = {i: _env(m).store.get(1, app_id) for i, m in nodes.items()}
+    sharings = {s.commitments for s in held.values() if s is not None}
+    # each side signs its own key with the group's signing key: two genuine answers for one app
+    a = nodes[1].service.env_encrypt_pubkey(app_id.hex())
+    b = nodes[4].service.env_encrypt_pubkey(app_id.hex())
+    signer = nodes[1].service.threshold.signer  # type: ignore[union-attr]
+    assert signer is not None
+    for ans in (a, b):  # dstack's own verifier: both are genuine answers under the group's signing key
+        got = verify_env_encrypt_public_key(
+            bytes.fromhex(ans.public_key), bytes.fromhex(ans.signature_v1), "0x" + app_id.hex(), ans.timestamp
+        )
+        assert got == "0x" + signer.group_public_key.hex()
+    assert len(sharings) == 1 and a.public_key == b.public_key, (
+        f"{len(sharings)} sharings; node 1 answers {a.public_key[:16]}…, node 4 answers {b.public_key[:16]}…"
+    )
