@@ -88,8 +88,13 @@ class ChainUp:
         try:
             rc = self.proc.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # chain up dumps its threads' stacks to stderr
+            time.sleep(2)
             self.kill()
-            pytest.fail(f"chain up did not stop within {STOP_TIMEOUT:.0f} s of signal {sig}")
+            pytest.fail(
+                f"chain up did not stop within {STOP_TIMEOUT:.0f} s of signal {sig}; "
+                f"its threads:\n{self.err[-6000:]}"
+            )
         self.join()
         return rc
 

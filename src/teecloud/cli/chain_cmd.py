@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import sys
 import threading
@@ -61,6 +62,8 @@ def chain_up(
         deployment = client.deploy()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGUSR1 prints every thread's stack to stderr (an operator's, or a test's, view of a chain that hangs)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     server.start()
     out.print(
         f"chain: embedded py-evm, chain id {int(chain.request('eth_chainId'), 16)}, "
