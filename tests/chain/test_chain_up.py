@@ -27,7 +27,7 @@ OWNER = "0x7E5F4552091A69125d5DfCb7b8C2659029395Bdf"  # DEV_KEYS[0]
 class ChainUp:
     """One `teecloud chain up --port 0` process; its stdout and stderr are drained by threads."""
 
-    def __init__(self, home: Path, *extra: str) -> None:
+    def __init__(self, home: Path, *extra: str, sigint_ignored: bool = False) -> None:
         env = {
             **os.environ,
             "TEECLOUD_HOME": str(home),
@@ -48,6 +48,8 @@ class ChainUp:
             ],
             env=env,
             stdin=subprocess.DEVNULL,
+            # as a shell starts a background job (`teecloud chain up &`): SIGINT inherited as ignored
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -192,3 +194,16 @@ def test_chain_up_serves_stops_and_keeps_state(teecloud_home: Path) -> None:
     finally:
         for p in procs:
             p.kill()
+
+
+def test_chain_up_stops_on_sigint_even_when_started_with_sigint_ignored(teecloud_home: Path) -> None:
+    """A shell without job control starts `chain up &` with SIGINT ignored, and Python keeps an inherited
+    SIG_IGN (no KeyboardInterrupt): chain up handles SIGINT itself, so it still stops cleanly."""
+    up = ChainUp(teecloud_home, sigint_ignored=True)
+    try:
+        up.url()
+        assert up.stop(signal.SIGINT) == 0, up.err
+        assert "Traceback" not in up.err
+        assert not (teecloud_home / "chain" / "rpc.json").exists()
+    finally:
+        up.kill()

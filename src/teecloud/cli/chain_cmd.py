@@ -61,7 +61,10 @@ def chain_up(
         client = ChainClient(LocalTransport(chain), DEV_KEYS[0], label="embedded")
         deployment = client.deploy()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGINT too, explicitly: a shell starts a background job with SIGINT ignored, and Python then keeps it
+    # ignored (no KeyboardInterrupt), so `chain up &` could not be interrupted
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     # SIGUSR1 prints every thread's stack to stderr (an operator's, or a test's, view of a chain that hangs)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     server.start()
