@@ -17,7 +17,7 @@ from teecloud.appcompose import compose_hash
 from teecloud.keys import threshold_ecdh as tx
 from teecloud.kms import api, threshold_env
 from teecloud.kms.errors import KmsClientError, KmsUsageError
-from teecloud.kms.threshold_env import EnvKeys
+from teecloud.kms.threshold_env import EnvKeyBusy, EnvKeys
 from tests.kms.conftest import World
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO
@@ -124,3 +124,30 @@ def test_an_orphaned_share_is_left_out_and_serves_no_usable_key(
     good = _env(nodes[1]).partial(1, app, eph)
     p1 = tx.EcdhPartial(1, bytes.fromhex(good.element), bytes.fromhex(good.proof))
     assert tx.verify_partial(commitments, app, point, p1)
+
+
+def test_a_claimant_left_out_is_named_when_the_rest_fall_short_of_the_quorum(
+    world: World, members: tuple[Nodes, bytes]
+) -> None:
+    """Member 5 claims `held`, member 4 is down: three members deal (n − t + 1, so the claim is left out),
+    fewer than q = 4: a 503 retry that names both, and nothing is sealed anywhere."""
+    nodes, _ = members
+    real5, real4 = _env(nodes[5]).stage, _env(nodes[4]).stage
+
+    def lie(req: api.PeerEnvDkgRequest) -> Any:
+        if req.stage in ("deal", "held"):
+            return api.PeerEnvDkgResponse(index=5, stage=req.stage, held=True, commitments=["00" * 32] * 3)
+        return real5(req)
+
+    def down(req: api.PeerEnvDkgRequest) -> Any:
+        raise KmsClientError("connection refused (member 4 down)")
+
+    _env(nodes[5]).stage = lie  # type: ignore[method-assign]
+    _env(nodes[4]).stage = down  # type: ignore[method-assign]
+    app = world.register(compose_hash(dict(HELLO, name="review7-claimant-named")))
+    with pytest.raises(EnvKeyBusy, match=r"needs 4 of 5 members, 3 answered") as err:
+        nodes[1].service.env_encrypt_pubkey(app.hex())
+    assert "member 5: claims `held`, left out" in str(err.value) and "member 4:" in str(err.value)
+    assert all(_env(m).store.get(1, app) is None for m in nodes.values())
+    assert all(not _env(nodes[i])._open for i in (1, 2, 3))  # the dealings were dropped
+    _env(nodes[4]).stage = real4  # type: ignore[method-assign]
