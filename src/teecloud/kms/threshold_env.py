@@ -612,23 +612,50 @@ class EnvKeys:
             return {i: f.result() for i, f in futures.items()}
 
     def _ceremony_run(self, epoch: int, app_id: bytes) -> None:
-        """A new sharing among the members that answer (at least ceremony_quorum), or, when some member
-        already holds one (an earlier ceremony sealed on some members only), this node's share of THAT
-        sharing by share recovery, and the same for every other reachable member that lacks it."""
+        """A new sharing among the members that answer (at least ceremony_quorum), or, when t members
+        already hold one (an earlier ceremony sealed on some members only), this node's share of THAT
+        sharing by share recovery, and the same for every other reachable member that lacks it.
+
+        A `held` answer to `deal` is a claim, not proof (review 7, R7-3: one member claiming `held` for
+        every app must not stop every new env key). Claims turn the request into a repair whenever fewer
+        than n − t + 1 members dealt: t holders of an existing sharing may then be among the claimants and
+        the members that did not answer (t claimants of the same commitments always are, as
+        t + (n − t + 1) > n). When at least n − t + 1 members dealt (none of them holding a share), at most
+        t − 1 members can hold any earlier sharing of the app: the claimants are named (log, and the error
+        if the ceremony then fails), left out of the dealers, and the ceremony goes on among the others
+        under the quorum rule. Safe for the honest case: a sharing committed on fewer than t members cannot
+        be used (no t members sign its public key, no CVM combines t partials under it), and one committed
+        on t or more is always repaired, never replaced. (A compromised dealer that hides its share is
+        R7-1's case: nothing anchors an app's commitments yet.) Such an orphaned share stays sealed on its
+        member (a sealing is never replaced): that member's GetAppEnvEncryptPubKey fails (a member signs
+        only the key of its own sharing, and the coordinator refuses shares for another key) and the CVM
+        skips its partials (under other commitments than t members agree on); docs/kms.md "The ceremony"."""
         members = list(range(1, self.n + 1))
         base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": epoch, "app_id": app_id.hex()}
         dealt: list[int] = members
         try:
             deals, down = self._each({**base, "stage": "deal"}, members)
             dealt = sorted(i for i, a in deals.items() if not a.held)
-            held = sorted(i for i, a in deals.items() if a.held)
-            if held:  # repair, never a second sharing of the app
-                self._abort(base, dealt)
+            claims = {i: a.commitments for i, a in deals.items() if a.held}
+            if claims and len(dealt) < self.n - self.t + 1:
+                self._abort(base, dealt)  # repair, never a second sharing of the app
                 self._repair(epoch, app_id, [i for i in dealt if i != self.index])
                 return
+            if claims:
+                log.warning(
+                    "env key of app %s: members %s claim to hold a sharing, at most %d members can (%s): "
+                    "left out of this ceremony's dealers (a lying or orphaned holder)",
+                    app_id.hex(),
+                    sorted(claims),
+                    self.t - 1,
+                    "; ".join(f"{i}: {(cs or ['none'])[0][:16]}" for i, cs in sorted(claims.items())),
+                )
             quorum = ceremony_quorum(self.t, self.n)
             if len(dealt) < quorum or self.index not in dealt:
-                why = "; ".join(f"member {i}: {r}" for i, r in sorted(down.items()))
+                why = "; ".join(
+                    [f"member {i}: {r}" for i, r in sorted(down.items())]
+                    + [f"member {i}: claims `held`, left out" for i in sorted(claims)]
+                )
                 raise EnvKeyBusy(
                     f"a new env key needs {quorum} of {self.n} members, {len(dealt)} answered "
                     f"(retry shortly){': ' + why if why else ''}"
