@@ -106,6 +106,7 @@ MAX_OPEN_CEREMONIES = 64
 RECOVERY_WINDOW_S = 120
 MAX_OPEN_RECOVERIES = 64
 RECOVERIES_PER_MINUTE = 30  # splits this node makes as a helper per minute, for all targets and apps
+RECOVERIES_PER_TARGET = 4  # of those, splits per minute for one target (one member spends only its own)
 _SEEN_RECOVERIES = 4096  # recovery sessions remembered (a replayed split is refused)
 
 
@@ -350,6 +351,7 @@ class EnvKeys:
         self._recoveries: dict[bytes, _Recovery] = {}
         self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._recovered: collections.deque[float] = collections.deque()  # when this helper split
+        self._recovered_for: dict[int, collections.deque[float]] = {}  # the same, per target index
 
     # --- configuration
 
@@ -829,7 +831,7 @@ class EnvKeys:
                 tx.EDWARDS25519, share.commitments, self.index, share.share, helpers, target
             )
             # (5) a fresh session (a replayed split is refused), one open recovery per (epoch, app, target),
-            # bounded open recoveries and splits per minute
+            # bounded open recoveries and splits per minute, per target and for the node
             with self._lock:
                 self._expire()
                 if session in self._seen:
@@ -839,14 +841,21 @@ class EnvKeys:
                 for s in [s for s, r in self._recoveries.items() if (r.epoch, r.app_id, r.target) == key]:
                     del self._recoveries[s]
                 now = self._clock()
-                while self._recovered and now - self._recovered[0] >= 60:
-                    self._recovered.popleft()
+                mine = self._recovered_for.setdefault(target, collections.deque())
+                for q in (self._recovered, mine):
+                    while q and now - q[0] >= 60:
+                        q.popleft()
+                if len(mine) >= RECOVERIES_PER_TARGET:
+                    raise EnvKeyBusy(
+                        f"member {self.index}: too many share recoveries for member {target}: retry shortly"
+                    )
                 if (
                     len(self._recoveries) >= MAX_OPEN_RECOVERIES
                     or len(self._recovered) >= RECOVERIES_PER_MINUTE
                 ):
                     raise EnvKeyBusy(f"member {self.index}: too many share recoveries: retry shortly")
                 self._recovered.append(now)
+                mine.append(now)
                 self._seen[session] = None
                 while len(self._seen) > _SEEN_RECOVERIES:
                     self._seen.popitem(last=False)
