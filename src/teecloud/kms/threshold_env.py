@@ -111,12 +111,14 @@ _SEEN_RECOVERIES = 4096  # recovery sessions remembered (a replayed split is ref
 
 
 def ceremony_quorum(t: int, n: int) -> int:
-    """Members that must deal in a new env-key ceremony: min(n, max(t+1, floor(n/2)+1)).
+    """Members that must deal in a new env-key ceremony: min(n, max(t+1, floor(n/2)+1, n-t+1)).
     t: secrecy (any t-1 colluders leave at least one honest dealer, whose random contribution hides x);
     +1: durability (the sharing survives one of its first holders failing before the absent members
     recovered their shares: recovery needs t holders); a majority: two ceremonies for one app cannot both
-    gather a quorum of members that neither hold a share nor are busy with the other."""
-    return min(n, max(t + 1, n // 2 + 1))
+    gather a quorum of members that neither hold a share nor are busy with the other; n-t+1: every quorum
+    meets every t members, so once t members hold a (usable) sharing, no quorum of members that hold none
+    exists for a second one (review 7, R7-1; a sharing sealed on fewer than t members is not covered)."""
+    return min(n, max(t + 1, n // 2 + 1, n - t + 1))
 
 
 ENV_DIR = "threshold-env"
