@@ -84,14 +84,25 @@ def boot_from(
 
 
 def test_quorum_is_stated() -> None:
-    assert [ceremony_quorum(t, n) for t, n in ((1, 1), (2, 3), (3, 5), (4, 7), (2, 7), (5, 5))] == [
+    assert [ceremony_quorum(t, n) for t, n in ((1, 1), (2, 3), (3, 5), (4, 7), (2, 7), (5, 5), (2, 5))] == [
         1,
         3,
         4,
         5,
-        4,
+        6,
         5,
+        4,
     ]
+
+
+def test_every_quorum_meets_every_t_holders_and_every_other_quorum() -> None:
+    """The quorum's three bounds for every committee size the code allows: a quorum intersects every set of
+    t members (q + t > n: no second sharing among non-holders of a usable one, R7-1), every other quorum
+    (a majority), and exceeds t where the committee allows (durability)."""
+    for n in range(1, 65):
+        for t in range(1, n + 1):
+            q = ceremony_quorum(t, n)
+            assert q + t > n and 2 * q > n and q >= min(n, t + 1) and q <= n, (t, n, q)
 
 
 def test_a_new_key_with_a_member_down_and_that_member_recovers_its_share_at_a_boot(

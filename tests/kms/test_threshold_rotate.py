@@ -447,3 +447,36 @@ def test_rotate_finish_refuses_while_a_node_does_not_serve_the_epoch(tmp_path: P
     assert r.exit_code == 1, r.output
     assert "not complete" in r.output and "node 1: does not serve epoch 2 (dealer 2: gone)" in r.output
     assert "node 2: not serving" in r.output
+
+
+def test_a_reshare_join_into_a_home_with_the_epochs_env_shares_saves_nothing(
+    teecloud_home: Path, world: World
+) -> None:
+    """R7-2 (review 7): a reshare's new member joining into a home that already holds env shares of the
+    round's epoch is refused before the round's root share is saved: the start fails with a clear error,
+    the home keeps exactly what it held."""
+    from teecloud.keys import threshold_ecdh as tx
+    from teecloud.kms import launcher
+    from teecloud.kms.errors import BootstrapError
+    from teecloud.kms.threshold_carry import CarriedShares
+
+    tee = SimulatedTdx(teecloud_home)
+    identity = boot_kms_tee(tee)
+    home = teecloud_home / "old-home"
+    joined = local_joint_feldman(2, 3, epoch=1)[0]
+    spec = KmsLaunch(
+        tee=SimulatedTdx(teecloud_home),
+        chain=world.chain,
+        collateral=StaticCollateral(tee.collateral),
+        dev=True,
+        home=home,
+        threshold=True,
+        join=lambda _tee, _identity: joined,
+        join_carried=CarriedShares(),
+    )
+    launcher._env_store(spec, identity, joined).put(1, bytes(20), tx.dkg_local(2, 3)[0])
+    before = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    with pytest.raises(BootstrapError, match="already holds 1 env share"):
+        launch_kms(spec)
+    assert load_shares(tee, identity, home) == {}
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == before

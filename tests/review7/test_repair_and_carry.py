@@ -1,7 +1,7 @@
 """Review 7: the share-recovery protocol (keys.share_repair enrollment) and the reshare's carried sharings
 (kms.threshold_carry) attacked at the protocol level, with the attacker's exact steps and generated
 mutations around them. Every test here asserts a refusal (or a hiding property) that HELD, except the one
-marked xfail(strict=True), which asserts the safe behaviour of an open finding (R7-2)."""
+R7-2 one, which asserts the safe behaviour of a finding since fixed (seal_carried refuses)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,14 @@ from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys._groups import P256
 from teecloud.keys.errors import KeyUsageError
 from teecloud.kms import api
-from teecloud.kms.errors import KmsClientError, SealingError
-from teecloud.kms.threshold_carry import carried_for, carry_deal, carry_receive, seal_carried
+from teecloud.kms.errors import BootstrapError, KmsClientError, SealingError
+from teecloud.kms.threshold_carry import (
+    carried_for,
+    carry_deal,
+    carry_receive,
+    refuse_old_env_shares,
+    seal_carried,
+)
 from teecloud.kms.threshold_env import EnvKeyStore, ceremony_quorum
 from teecloud.kms.threshold_sign import AppCaCache
 
@@ -332,12 +338,6 @@ def test_too_few_dealers_or_old_shares_mixed_with_new_do_not_give_the_key(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R7-2 (open): seal_carried keeps an env share the node already holds for (epoch, app) — a reshare "
-    "joined into a home that holds the epoch's OLD env shares keeps the old polynomial's share beside the "
-    "new root and key shares (save_share replaces the root share of that epoch)",
-)
 def test_a_carried_env_share_is_never_silently_dropped_for_an_old_one(
     tmp_path: Path, old_world: dict[str, object]
 ) -> None:
@@ -367,6 +367,46 @@ def test_a_carried_env_share_is_never_silently_dropped_for_an_old_one(
         return
     fresh = _store(store.dir, 2, 3)
     assert fresh.get(1, APP_A) == carried.env[APP_A], "the old polynomial's share was kept"
+
+
+def test_a_home_with_old_env_shares_of_the_epoch_is_refused_before_anything_is_written(
+    tmp_path: Path, old_world: dict[str, object]
+) -> None:
+    """R7-2's fix: seal_carried (and the launcher, before it saves the round's root share) refuses a home
+    holding env shares of the round's epoch with a clear error, writing nothing; a fresh home takes them."""
+    items = {
+        d: carry_deal(
+            epoch=1,
+            index=d,
+            t_new=3,
+            n_new=5,
+            env_store=old_world["stores"][d],  # type: ignore[index]
+            signing_key=old_world["sig"][d - 1],  # type: ignore[index]
+            ca_key=None,
+        )
+        for d in (1, 3, 4)
+    }
+    carried = carry_receive(_for(items, 2), index=2, t_new=3, n_new=5)
+    store: EnvKeyStore = old_world["stores"][2]  # type: ignore[index]
+    before = sorted(p.name for p in store.dir.iterdir()), store.get(1, APP_A)
+    saved: list[str] = []
+    with pytest.raises(BootstrapError, match="already holds 2 env share"):
+        refuse_old_env_shares(1, store)
+    with pytest.raises(BootstrapError, match="fresh home"):
+        seal_carried(
+            carried, 1, store, lambda k, f: saved.append(f) or tmp_path, signing_file="s", ca_file="c"
+        )
+    assert (
+        saved == []
+        and (sorted(p.name for p in store.dir.iterdir()), _store(store.dir, 2, 3).get(1, APP_A)) == before
+    )
+    # the same carried shares into a fresh home: every env share and the signing key share sealed
+    fresh = _store(tmp_path / "fresh-2", 2, 3)
+    refuse_old_env_shares(1, fresh)
+    seal_carried(carried, 1, fresh, lambda k, f: saved.append(f) or tmp_path, signing_file="s", ca_file="c")
+    assert saved == ["s"] and {a: _store(fresh.dir, 2, 3).get(1, a) for a in (APP_A, APP_B)} == carried.env
+    # another epoch's shares in the home do not stop a round of epoch 2
+    refuse_old_env_shares(2, store)
 
 
 # ------------------------------------------------------------------------------- quorum and app-CA cache

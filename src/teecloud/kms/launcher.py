@@ -39,7 +39,7 @@ from teecloud.kms.threshold import (
     load_shares,
     save_share,
 )
-from teecloud.kms.threshold_carry import CarriedShares, seal_carried
+from teecloud.kms.threshold_carry import CarriedShares, refuse_old_env_shares, seal_carried
 from teecloud.kms.threshold_env import ENV_DIR, EnvKeyStore
 from teecloud.kms.threshold_sign import (
     CA_SHARE_FILE,
@@ -158,6 +158,8 @@ def _member_at_boot(
                         f"the round makes epoch {joined.epoch}, older than this node's epoch {max(held)}: "
                         "rotation goes forward only"
                     )
+                if spec.join_carried is not None:  # before the round's root share is saved (R7-2)
+                    refuse_old_env_shares(joined.epoch, _env_store(spec, identity, joined))
             except KmsError as exc:
                 if not held:
                     raise
@@ -182,23 +184,27 @@ def _member_at_boot(
         finish_kms_boot(spec.tee)
 
 
-def _seal_carried(
-    spec: KmsLaunch, identity: KmsIdentity, joined: ThresholdShare, carried: CarriedShares
-) -> None:
-    """A reshare's carried shares, sealed like the node's own (env shares in its EnvKeyStore, the signing and
-    CA key shares beside the root share), before it serves."""
+def _env_store(spec: KmsLaunch, identity: KmsIdentity, joined: ThresholdShare) -> EnvKeyStore:
+    """The env-share store of a joined member's home, sealed like its root share."""
     key, mr = sealing_key(platform_sealing_secret(spec.tee), identity.mr_aggregated), identity.mr_aggregated
-    store = EnvKeyStore(
+    return EnvKeyStore(
         kms_dir(spec.home) / ENV_DIR,
         lambda data: seal(key, mr, data),
         lambda blob: unseal(key, mr, blob),
         index=joined.index,
         t=joined.t,
     )
+
+
+def _seal_carried(
+    spec: KmsLaunch, identity: KmsIdentity, joined: ThresholdShare, carried: CarriedShares
+) -> None:
+    """A reshare's carried shares, sealed like the node's own (env shares in its EnvKeyStore, the signing and
+    CA key shares beside the root share), before it serves."""
     seal_carried(
         carried,
         joined.epoch,
-        store,
+        _env_store(spec, identity, joined),
         lambda share, file: save_signing_share(share, spec.tee, identity, spec.home, file=file),
         signing_file=SIGNING_SHARE_FILE,
         ca_file=CA_SHARE_FILE,

@@ -32,7 +32,7 @@ from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys._groups import P256, SECP256K1, Group
 from teecloud.keys.errors import KeysError
 from teecloud.kms import api
-from teecloud.kms.errors import KmsClientError
+from teecloud.kms.errors import BootstrapError, KmsClientError
 from teecloud.kms.threshold_env import EnvKeyStore
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "carried_for",
     "carry_deal",
     "carry_receive",
+    "refuse_old_env_shares",
     "seal_carried",
 ]
 
@@ -171,6 +172,18 @@ def carry_receive(
     return out
 
 
+def refuse_old_env_shares(epoch: int, env_store: EnvKeyStore) -> None:
+    """A reshare's new member joins only into a home without env shares of the round's epoch: such shares
+    are of the old polynomials (another index or t, or the same ones on another sharing), and keeping
+    them beside the new root share would serve a share of the wrong sharing (review 7, R7-2)."""
+    old = env_store.apps(epoch)
+    if old:
+        raise BootstrapError(
+            f"this home already holds {len(old)} env share(s) of epoch {epoch} (e.g. app {old[0].hex()}) "
+            "from before this reshare: join the round into a fresh home (or retire this one first)"
+        )
+
+
 def seal_carried(
     carried: CarriedShares,
     epoch: int,
@@ -181,10 +194,11 @@ def seal_carried(
     ca_file: str,
 ) -> None:
     """Seal a new member's carried shares (the env shares one atomic write each; the key shares beside the
-    root share)."""
+    root share). A home that already holds env shares of `epoch` is refused before anything is written
+    (`refuse_old_env_shares`; the launcher runs that check before it saves the round's root share too)."""
+    refuse_old_env_shares(epoch, env_store)
     for app_id, share in sorted(carried.env.items()):
-        if env_store.get(epoch, app_id) is None:
-            env_store.put(epoch, app_id, share)
+        env_store.put(epoch, app_id, share)
     if carried.signing_key is not None:
         save_key(carried.signing_key, signing_file)
     if carried.ca_key is not None:

@@ -106,16 +106,19 @@ MAX_OPEN_CEREMONIES = 64
 RECOVERY_WINDOW_S = 120
 MAX_OPEN_RECOVERIES = 64
 RECOVERIES_PER_MINUTE = 30  # splits this node makes as a helper per minute, for all targets and apps
+RECOVERIES_PER_TARGET = 4  # of those, splits per minute for one target (one member spends only its own)
 _SEEN_RECOVERIES = 4096  # recovery sessions remembered (a replayed split is refused)
 
 
 def ceremony_quorum(t: int, n: int) -> int:
-    """Members that must deal in a new env-key ceremony: min(n, max(t+1, floor(n/2)+1)).
+    """Members that must deal in a new env-key ceremony: min(n, max(t+1, floor(n/2)+1, n-t+1)).
     t: secrecy (any t-1 colluders leave at least one honest dealer, whose random contribution hides x);
     +1: durability (the sharing survives one of its first holders failing before the absent members
     recovered their shares: recovery needs t holders); a majority: two ceremonies for one app cannot both
-    gather a quorum of members that neither hold a share nor are busy with the other."""
-    return min(n, max(t + 1, n // 2 + 1))
+    gather a quorum of members that neither hold a share nor are busy with the other; n-t+1: every quorum
+    meets every t members, so once t members hold a (usable) sharing, no quorum of members that hold none
+    exists for a second one (review 7, R7-1; a sharing sealed on fewer than t members is not covered)."""
+    return min(n, max(t + 1, n // 2 + 1, n - t + 1))
 
 
 ENV_DIR = "threshold-env"
@@ -350,6 +353,7 @@ class EnvKeys:
         self._recoveries: dict[bytes, _Recovery] = {}
         self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._recovered: collections.deque[float] = collections.deque()  # when this helper split
+        self._recovered_for: dict[int, collections.deque[float]] = {}  # the same, per target index
 
     # --- configuration
 
@@ -856,7 +860,7 @@ class EnvKeys:
                 tx.EDWARDS25519, share.commitments, self.index, share.share, helpers, target
             )
             # (5) a fresh session (a replayed split is refused), one open recovery per (epoch, app, target),
-            # bounded open recoveries and splits per minute
+            # bounded open recoveries and splits per minute, per target and for the node
             with self._lock:
                 self._expire()
                 if session in self._seen:
@@ -866,14 +870,21 @@ class EnvKeys:
                 for s in [s for s, r in self._recoveries.items() if (r.epoch, r.app_id, r.target) == key]:
                     del self._recoveries[s]
                 now = self._clock()
-                while self._recovered and now - self._recovered[0] >= 60:
-                    self._recovered.popleft()
+                mine = self._recovered_for.setdefault(target, collections.deque())
+                for q in (self._recovered, mine):
+                    while q and now - q[0] >= 60:
+                        q.popleft()
+                if len(mine) >= RECOVERIES_PER_TARGET:
+                    raise EnvKeyBusy(
+                        f"member {self.index}: too many share recoveries for member {target}: retry shortly"
+                    )
                 if (
                     len(self._recoveries) >= MAX_OPEN_RECOVERIES
                     or len(self._recovered) >= RECOVERIES_PER_MINUTE
                 ):
                     raise EnvKeyBusy(f"member {self.index}: too many share recoveries: retry shortly")
                 self._recovered.append(now)
+                mine.append(now)
                 self._seen[session] = None
                 while len(self._seen) > _SEEN_RECOVERIES:
                     self._seen.popitem(last=False)
