@@ -290,9 +290,7 @@ def test_a_reshare_pages_its_carried_sharings_and_hands_over_only_a_complete_set
 
     # the dealer's side: each page once, page 0 first, no page past the end
     def ask(i: int, j: int, offset: int) -> object:
-        body = api.ReshareDealRequest(
-            session=plan.session.hex(), index=j, member_token=tokens[j].hex(), offset=offset
-        ).model_dump()
+        body = {"session": plan.session.hex(), "index": j, "member_token": tokens[j].hex(), "offset": offset}
         return clients()[i].attested_call(
             tee,
             api.PATH_RESHARE_DEAL,
@@ -308,6 +306,10 @@ def test_a_reshare_pages_its_carried_sharings_and_hands_over_only_a_complete_set
         ask(1, 4, 3)
     with pytest.raises(KmsDenied, match="no page of share 1 at offset 8"):
         ask(1, 1, 8)
+    # generated: every other offset, past the end or out of the model's range, is refused (never a 500)
+    for offset in (9, 100, 2**20, -1, 2**20 + 1, 2**63):
+        with pytest.raises(KmsDenied):
+            ask(3, 1, offset)
 
     # the receiver's side: a dealer lying about its pages fails the round, naming it; nothing handed over
     def at(offset: int, change: Callable[[api.ReshareDealResponse], dict]) -> Callable[..., object]:
