@@ -22,9 +22,10 @@ from teecloud.keys import threshold_ecdh as tx
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys._groups import P256
 from teecloud.keys.envcrypt import decrypt_env_with_shared_secret, encrypt_env
+from teecloud.kms import api
 from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee, kms_dir
-from teecloud.kms.client import connect_kms
-from teecloud.kms.errors import KmsClientError
+from teecloud.kms.client import KmsClient, connect_kms
+from teecloud.kms.errors import KmsClientError, KmsDenied
 from teecloud.kms.threshold import ReshareDealer, ResharePlan, erase_share
 from teecloud.kms.threshold_carry import CarriedShares, carried_for, carry_deal, carry_receive, seal_carried
 from teecloud.kms.threshold_client import join_reshare
@@ -196,12 +197,12 @@ def test_reshare_3of5_to_4of7_and_back_carries_env_signing_and_ca_keys(
     assert not list((kms_dir(home1) / ENV_DIR).glob("*.sealed"))
     assert not (kms_dir(home1) / SIGNING_SHARE_FILE).exists()
 
-    # more sharings than a round carries (MAX_CARRIED; 1024 in production): the dealer refuses to open it,
-    # saying so (a 400 on its admin listener, never a 500)
-    from teecloud.kms import api, threshold_carry
+    # more sharings than a round carries over all its pages (MAX_CARRIED_TOTAL; 2^20 in production): the
+    # dealer refuses to open it, saying so (a 400 on its admin listener, never a 500)
+    from teecloud.kms import threshold_carry
     from teecloud.kms.errors import KmsUsageError
 
-    monkeypatch.setattr(threshold_carry, "MAX_CARRIED", 1)
+    monkeypatch.setattr(threshold_carry, "MAX_CARRIED_TOTAL", 1)
     svc = nodes[1].service
     req = api.ReshareOpenRequest(
         session=os.urandom(16).hex(),
@@ -214,3 +215,117 @@ def test_reshare_3of5_to_4of7_and_back_carries_env_signing_and_ca_keys(
     )
     with pytest.raises(KmsUsageError, match="more than 1 sharings"):
         svc.reshare_open(req)
+
+
+class _Pages:
+    """A dealer's client as the joining node uses it, recording the offsets asked and, for the receiver's
+    negative cases, letting a test alter the dealer's answers (a dealer that lies about its pages)."""
+
+    def __init__(
+        self,
+        client: object,
+        tamper: Callable[[api.ReshareDealResponse], api.ReshareDealResponse] | None = None,
+    ) -> None:
+        self.client, self.tamper, self.offsets = client, tamper, []
+
+    def attested_call(self, tee: object, path: str, model: type, *, body: dict, **kw: object) -> object:
+        self.offsets.append(body["offset"])
+        resp = self.client.attested_call(tee, path, model, body=body, **kw)  # type: ignore[attr-defined]
+        return self.tamper(resp) if self.tamper is not None else resp
+
+
+def test_a_reshare_pages_its_carried_sharings_and_hands_over_only_a_complete_set(
+    teecloud_home: Path, world: World, members: tuple[dict[int, Member], bytes]
+) -> None:
+    """R7-5's fix over the real ReshareDeal endpoint: 7 env sharings (one sharing relabelled per app: the
+    count is what matters) and the signing key = 8 sharings, 3 per page (page_size; 1024 in production):
+    every dealer answers pages at 0, 3, 6 and the new member gets all 8. The attacker's and a lying
+    dealer's steps: a page asked twice, a page before page 0, a page past the end (refused by the dealer);
+    a dealer whose pages overlap, that counts fewer sharings, or whose pages disagree (refused by the
+    receiver, which hands over nothing)."""
+    nodes, signing_key = members
+    _allow_kms_build(world, teecloud_home)
+    app_id = world.register(compose_hash(dict(HELLO, name="paged")))
+    pubkey(nodes[1], app_id)  # the env ceremony: every member holds its share
+    apps = [app_id, *(bytes([0xE0, k]) * 10 for k in range(6))]
+    for m in nodes.values():
+        store = m.service.env_keys.store  # type: ignore[union-attr]
+        share = store.get(1, app_id)
+        assert share is not None
+        for a in apps[1:]:
+            store.put(1, a, share)
+    dealers = (1, 3, 5)
+    plan = ResharePlan(os.urandom(16), 1, nodes[1].service.threshold.commitments, dealers, 3, 4)  # type: ignore[union-attr]
+    tokens = {j: hashlib.sha256(plan.session + bytes([j])).digest() for j in range(1, 5)}
+    for i in dealers:
+        svc = nodes[i].service
+        svc.reshare = ReshareDealer(svc.threshold._share, carry=svc.carry_for_reshare, page_size=3)  # type: ignore[union-attr]
+        svc.reshare.open(plan, {j: hashlib.sha256(tok).digest() for j, tok in tokens.items()})
+    tee = SimulatedTdx(teecloud_home)
+    boot_kms_tee(tee, finish=False)  # the new nodes at their boot
+
+    def clients() -> dict[int, KmsClient]:
+        return {
+            i: connect_kms(
+                nodes[i].server.url,
+                collateral_for=lambda _q, _n: tee.collateral(),
+                dev_root_der=tee.dev_root_der(),
+                expected_ca_pubkey_der=nodes[i].service.keys.ca_public_key_der,
+            )
+            for i in dealers
+        }
+
+    def join(j: int, pages: dict[int, _Pages]) -> CarriedShares:
+        out = CarriedShares()
+        join_reshare(plan, j, tee, pages, app_id=KMS_APP_ID, member_token=tokens[j], carried_out=out)  # type: ignore[arg-type]
+        return out
+
+    honest = {i: _Pages(c) for i, c in clients().items()}
+    got = join(1, honest)
+    assert all(p.offsets == [0, 3, 6] for p in honest.values())
+    assert sorted(got.env) == sorted(apps)
+    old = nodes[1].service.env_keys.store.get(1, app_id)  # type: ignore[union-attr]
+    assert old is not None and {s.commitments[0] for s in got.env.values()} == {old.commitments[0]}
+    assert got.signing_key is not None and got.signing_key.group_public_key == signing_key
+
+    # the dealer's side: each page once, page 0 first, no page past the end
+    def ask(i: int, j: int, offset: int) -> object:
+        body = {"session": plan.session.hex(), "index": j, "member_token": tokens[j].hex(), "offset": offset}
+        return clients()[i].attested_call(
+            tee,
+            api.PATH_RESHARE_DEAL,
+            api.ReshareDealResponse,
+            body=body,
+            usage="kms:reshare",
+            app_id=KMS_APP_ID,
+        )
+
+    with pytest.raises(KmsDenied, match="page at 3 of share 1 of this round was already handed out"):
+        ask(1, 1, 3)
+    with pytest.raises(KmsDenied, match="page 0 comes first"):
+        ask(1, 4, 3)
+    with pytest.raises(KmsDenied, match="no page of share 1 at offset 8"):
+        ask(1, 1, 8)
+    # generated: every other offset, past the end or out of the model's range, is refused (never a 500)
+    for offset in (9, 100, 2**20, -1, 2**20 + 1, 2**63):
+        with pytest.raises(KmsDenied):
+            ask(3, 1, offset)
+
+    # the receiver's side: a dealer lying about its pages fails the round, naming it; nothing handed over
+    def at(offset: int, change: Callable[[api.ReshareDealResponse], dict]) -> Callable[..., object]:
+        def tamper(r: api.ReshareDealResponse) -> api.ReshareDealResponse:
+            return r.model_copy(update=change(r)) if r.offset == offset else r
+
+        return tamper
+
+    lies = {
+        2: (3, at(3, lambda r: {"carried": r.carried[1:]}), "dealer 3 carried a sharing twice"),
+        3: (5, lambda r: r.model_copy(update={"carried_total": 6}), r"dealers \[5\] differ"),
+        4: (1, at(6, lambda r: {"carried_total": 9}), "node 1: its pages differ"),
+    }
+    for j, (liar, tamper, why) in lies.items():
+        pages = {i: _Pages(c, tamper if i == liar else None) for i, c in clients().items()}
+        out = CarriedShares()
+        with pytest.raises(KmsClientError, match=why):
+            join_reshare(plan, j, tee, pages, app_id=KMS_APP_ID, member_token=tokens[j], carried_out=out)  # type: ignore[arg-type]
+        assert out.env == {} and out.signing_key is None and out.ca_key is None

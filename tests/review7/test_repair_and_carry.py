@@ -19,6 +19,7 @@ from teecloud.kms import api
 from teecloud.kms.errors import BootstrapError, KmsClientError, SealingError
 from teecloud.kms.threshold_carry import (
     carried_for,
+    carried_page,
     carry_deal,
     carry_receive,
     refuse_old_env_shares,
@@ -441,11 +442,6 @@ def test_a_kept_app_ca_relabelled_by_the_host_is_not_served_and_the_cache_stays_
     assert not [p for p in cache.dir.iterdir() if not p.name.endswith(".sealed")]  # no temp file left
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R7-5 (open): more than MAX_CARRIED (1024) apps' env keys in an epoch and no reshare (membership "
-    "change, KMS code upgrade) can ever run again; anyone can deploy apps through KmsAuth",
-)
 def test_apps_anyone_can_deploy_cannot_block_every_future_reshare(tmp_path: Path) -> None:
     """The attacker's steps: `deploy_and_register_app` 1025 times (open to anyone: gas only), then one
     unauthenticated GetAppEnvEncryptPubKey per app (the node-wide budget lets 30 ceremonies a minute through:
@@ -457,6 +453,23 @@ def test_apps_anyone_can_deploy_cannot_block_every_future_reshare(tmp_path: Path
         store.put(1, k.to_bytes(20, "big"), share)
     items = carry_deal(epoch=1, index=1, t_new=3, n_new=5, env_store=store, signing_key=None, ca_key=None)
     assert len(items) == 1025
+    # fixed (R7-5): the bound is per ReshareDeal answer (MAX_CARRIED_PAGE sharings, PAGE_BYTES): the
+    # receiver asks page after page by offset and gets every sharing exactly once
+    pages: list[list[api.CarriedSubshare]] = []
+    while (offset := sum(map(len, pages))) < len(items):
+        pages.append(carried_page(items, 2, offset))
+        assert 1 <= len(pages[-1]) <= api.MAX_CARRIED_PAGE
+        assert (
+            len(
+                api.ReshareDealResponse(
+                    session="", dealer=1, commitments=[], subshare="", carried=pages[-1]
+                ).model_dump_json()
+            )
+            < 1 << 20
+        )
+    assert len(pages) >= 2
+    got = [c.app_id for p in pages for c in p]
+    assert sorted(got) == [k.to_bytes(20, "big").hex() for k in range(1025)]
 
 
 def test_sealed_shares_and_answers_swapped_between_epochs_do_not_open(tmp_path: Path) -> None:

@@ -100,6 +100,12 @@ PATH_THRESHOLD_APP_CA_STORE = "/prpc/KMS.ThresholdAppCaStore"
 PATH_PEER_HELLO = "/prpc/KMS.PeerHello"
 PATH_PEER_ROUND = "/prpc/KMS.PeerRoundShares"
 
+# A reshare's carried sharings (kms.threshold_carry) go in pages: at most MAX_CARRIED_PAGE per ReshareDeal
+# answer (and under the client's 1 MiB), MAX_CARRIED_TOTAL of an epoch in all (an input bound on a dealer's
+# word, about 24 days of the node-wide env ceremony budget; docs/kms.md)
+MAX_CARRIED_PAGE = 1024
+MAX_CARRIED_TOTAL = 1 << 20
+
 
 class Denied(BaseModel):
     """The body of every refusal: which check failed and why. Never key material."""
@@ -344,6 +350,12 @@ class ReshareDealRequest(BaseModel):
     member_token: str | None = Field(
         default=None, min_length=64, max_length=64, description="reshare rounds: this member's token (hex)"
     )
+    offset: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_CARRIED_TOTAL,
+        description="the first carried sharing of the page asked for (0: the first page, with the sub-share)",
+    )
 
 
 class CarriedSubshare(BaseModel):
@@ -359,11 +371,16 @@ class CarriedSubshare(BaseModel):
 
 
 class ReshareDealResponse(BaseModel):
+    """One page of a dealer's answer: the root sub-share (the page at offset 0 only; "" on later pages), and
+    the carried sharings from `offset` (at most MAX_CARRIED_PAGE of them) of `carried_total` in all."""
+
     session: str
     dealer: int
     commitments: list[str] = Field(max_length=64)
     subshare: str = Field(max_length=64)
-    carried: list[CarriedSubshare] = Field(default_factory=list, max_length=1024)
+    carried: list[CarriedSubshare] = Field(default_factory=list, max_length=MAX_CARRIED_PAGE)
+    offset: int = Field(default=0, ge=0, le=MAX_CARRIED_TOTAL)
+    carried_total: int = Field(default=0, ge=0, le=MAX_CARRIED_TOTAL)
 
 
 class RetireShareResponse(BaseModel):

@@ -681,8 +681,9 @@ class KmsService:
                 token = bytes.fromhex(req.member_token) if req.member_token is not None else None
             except ValueError as exc:
                 raise AccessDenied("the reshare session or member token is not hex", step="request") from exc
-            answer = self.reshare.deal_for(kms, session, req.index, token)
-            ctx["reason"] = f"reshare sub-share for new share {req.index} (round {req.session[:8]})"
+            answer = self.reshare.deal_for(kms, session, req.index, token, req.offset)
+            page = "" if req.offset == 0 else f", carried page at {req.offset}"
+            ctx["reason"] = f"reshare sub-share for new share {req.index} (round {req.session[:8]}){page}"
             return answer
 
         return self._audited(api.PATH_RESHARE_DEAL, cert_der, peer_addr, decide)

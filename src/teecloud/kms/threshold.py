@@ -36,7 +36,7 @@ from teecloud.kms.authz import AuthorizedApp, AuthorizedKms
 from teecloud.kms.bootstrap import KmsIdentity, kms_dir
 from teecloud.kms.errors import AccessDenied, SealingError
 from teecloud.kms.sealing import platform_sealing_secret, seal, sealing_key, unseal
-from teecloud.kms.threshold_carry import CarriedItem, carried_for
+from teecloud.kms.threshold_carry import MAX_CARRIED_PAGE, CarriedItem, carried_page
 from teecloud.kms.threshold_env import ENV_DIR
 from teecloud.kms.threshold_sign import (
     CA_SHARE_FILE,
@@ -479,7 +479,7 @@ class _Round:
     dealer: int
     dealing: th.Dealing
     opened_at: float
-    served: set[int]
+    served: set[tuple[int, int]]  # (new index, page offset): each page goes out once
     member_token_hashes: dict[int, bytes] | None = None  # reshare rounds: index -> sha256(member token)
     carried: list[CarriedItem] = field(default_factory=list)  # reshare rounds: kms.threshold_carry
 
@@ -505,11 +505,16 @@ class ReshareDealer:
         clock: Callable[[], float] = time.time,
         older: Sequence[ThresholdShare] = (),
         carry: Callable[[int, int, int, int], list[CarriedItem]] | None = None,
+        page_size: int = MAX_CARRIED_PAGE,
     ) -> None:
         """`older`: a rotated node's older epochs' shares; a reshare plan names the epoch it moves.
         `carry(epoch, index, t_new, n_new)`: this node's re-dealings of every other sharing it holds of the
-        epoch (kms.threshold_carry: env keys, the group's signing and CA keys), dealt with the root share."""
+        epoch (kms.threshold_carry: env keys, the group's signing and CA keys), dealt with the root share.
+        `page_size`: at most this many carried sharings per ReshareDeal answer (1..MAX_CARRIED_PAGE)."""
+        if not 1 <= page_size <= MAX_CARRIED_PAGE:
+            raise ValueError(f"a page holds 1..{MAX_CARRIED_PAGE} carried sharings")
         self.carry = carry
+        self.page_size = page_size
         self._share = share
         self._by_epoch = {s.epoch: s for s in (*older, *([share] if share is not None else []))}
         self._clock = clock
@@ -577,8 +582,16 @@ class ReshareDealer:
         return self._store(plan, dealer, lambda: th.deal(None, plan.t_new, plan.n_new, dealer=dealer), hashes)
 
     def deal_for(
-        self, kms: AuthorizedKms, session: bytes, index: int, member_token: bytes | None = None
+        self,
+        kms: AuthorizedKms,
+        session: bytes,
+        index: int,
+        member_token: bytes | None = None,
+        offset: int = 0,
     ) -> api.ReshareDealResponse:
+        """One page of new member `index`'s answer: at offset 0 its root sub-share and the first carried
+        sharings, at a later offset (after page 0 went out, below the total) the carried sharings from there;
+        each page once."""
         if not isinstance(kms, AuthorizedKms):
             raise TypeError("sub-shares only for an AuthorizedKms")
         with self._lock:
@@ -599,13 +612,23 @@ class ReshareDealer:
                     f"not the new member this round names for share {index} (no or another member token)",
                     step="reshare",
                 )
-            if index in r.served:
-                raise AccessDenied(f"share {index} of this round was already handed out", step="reshare")
-            r.served.add(index)
+            total = len(r.carried)
+            if offset < 0 or (offset and not (offset < total and (index, 0) in r.served)):
+                raise AccessDenied(
+                    f"no page of share {index} at offset {offset} (the round carries {total} sharings; "
+                    "page 0 comes first)",
+                    step="reshare",
+                )
+            if (index, offset) in r.served:
+                what = f"share {index}" if offset == 0 else f"the page at {offset} of share {index}"
+                raise AccessDenied(f"{what} of this round was already handed out", step="reshare")
+            r.served.add((index, offset))
             return api.ReshareDealResponse(
                 session=session.hex(),
                 dealer=r.dealer,
                 commitments=[c.hex() for c in r.dealing.commitments],
-                subshare=r.dealing.shares[index].to_bytes(32, "little").hex(),
-                carried=carried_for(r.carried, index),
+                subshare=r.dealing.shares[index].to_bytes(32, "little").hex() if offset == 0 else "",
+                carried=carried_page(r.carried, index, offset, page_size=self.page_size),
+                offset=offset,
+                carried_total=total,
             )

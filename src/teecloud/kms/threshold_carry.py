@@ -6,9 +6,12 @@ CRYPTO '95 use it): the same public keys, new shares that do not combine with ol
 
     dealer (ReshareDealer.open)   carry_deal: one ReshareDealing per sharing it holds, in memory with the
                                   round's root dealing; ReshareDeal hands new member j its sub-shares of
-                                  each (`carried`), under the round's rule (boot-time evidence of an allowed
-                                  build, member token, once)
-    receiver (join_reshare)       carry_receive: every dealer must carry the same sharings with the same old
+                                  each (`carried`), one page at a time (carried_page: from an offset, at
+                                  most MAX_CARRIED_PAGE and PAGE_BYTES per answer, with the total), under
+                                  the round's rule (boot-time evidence of an allowed build, member token,
+                                  each page once)
+    receiver (join_reshare)       collects every page of every dealer (kms.threshold_client._collect), then
+                                  carry_receive: every dealer must carry the same sharings with the same old
                                   commitments (a dealer that differs is named); each is checked
                                   (C_0 = Y_i, sub-share against the dealing) and summed with Lagrange
                                   weights; the result keeps each old public key
@@ -39,13 +42,18 @@ __all__ = [
     "CarriedItem",
     "CarriedShares",
     "carried_for",
+    "carried_page",
     "carry_deal",
     "carry_receive",
     "refuse_old_env_shares",
     "seal_carried",
 ]
 
-MAX_CARRIED = 1024  # sharings per round: the answer stays under the client's 1 MiB (MAX_RESPONSE_BYTES)
+MAX_CARRIED_PAGE = api.MAX_CARRIED_PAGE  # sharings per ReshareDeal answer (a page)
+MAX_CARRIED_TOTAL = api.MAX_CARRIED_TOTAL  # sharings per round, over all its pages
+PAGE_BYTES = (
+    512 * 1024
+)  # a page's carried sharings as JSON: well under the client's 1 MiB (MAX_RESPONSE_BYTES)
 _KINDS: dict[str, Group] = {"env": tx.EDWARDS25519, "sigkey": SECP256K1, "ca-sigkey": P256}
 
 
@@ -101,8 +109,8 @@ def carry_deal(
                 raise KeysError(f"the {kind} share is share {key.index}, not {index}")
             d = sr.reshare_deal(key.group, key.commitments, index, key.share, t_new, n_new)
             out.append(CarriedItem(kind, b"", key.commitments, d))
-    if len(out) > MAX_CARRIED:
-        raise KeysError(f"more than {MAX_CARRIED} sharings to carry")
+    if len(out) > MAX_CARRIED_TOTAL:
+        raise KeysError(f"more than {MAX_CARRIED_TOTAL} sharings to carry")
     return out
 
 
@@ -118,6 +126,23 @@ def carried_for(items: Sequence[CarriedItem], index: int) -> list[api.CarriedSub
         )
         for c in items
     ]
+
+
+def carried_page(
+    items: Sequence[CarriedItem], index: int, offset: int, *, page_size: int = MAX_CARRIED_PAGE
+) -> list[api.CarriedSubshare]:
+    """The page of `carried_for` from `offset`: at most `page_size` (≤ MAX_CARRIED_PAGE) sharings, and no
+    more than PAGE_BYTES of them as JSON (a t = 64 sharing is ≈ 9 kB), at least one while any is left."""
+    if not 1 <= page_size <= MAX_CARRIED_PAGE:
+        raise ValueError(f"a page holds 1..{MAX_CARRIED_PAGE} carried sharings")
+    out: list[api.CarriedSubshare] = []
+    size = 0
+    for c in carried_for(items[offset : offset + page_size], index):
+        size += len(c.model_dump_json())
+        if out and size > PAGE_BYTES:
+            break
+        out.append(c)
+    return out
 
 
 @dataclass

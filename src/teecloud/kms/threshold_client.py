@@ -1056,17 +1056,38 @@ def _collect(
     carried: dict[int, list[api.CarriedSubshare]] | None = None,
 ) -> list[th.Dealing]:
     """From every dealer of a round: its commitments and this node's sub-share (over mutual RA-TLS, with this
-    node's boot-time evidence). Any dealer failing fails the round (named)."""
+    node's boot-time evidence), and every page of the sharings it carries (`carried`). Any dealer failing
+    fails the round (named); nothing is returned before every page of every dealer is in."""
     if set(dealers) != set(dealer_ids):
         raise KmsClientError("one client per dealer of the round")
-    body = api.ReshareDealRequest(
-        session=session.hex(), index=index, member_token=member_token.hex() if member_token else None
-    ).model_dump()
 
-    def ask(i: int) -> api.ReshareDealResponse:
-        return dealers[i].attested_call(
+    def call(i: int, offset: int) -> api.ReshareDealResponse:
+        body = api.ReshareDealRequest(
+            session=session.hex(),
+            index=index,
+            member_token=member_token.hex() if member_token else None,
+            offset=offset,
+        ).model_dump()
+        resp = dealers[i].attested_call(
             tee, api.PATH_RESHARE_DEAL, api.ReshareDealResponse, body=body, usage="kms:reshare", app_id=app_id
         )
+        if resp.dealer != i or resp.session != session.hex() or resp.offset != offset:
+            raise KmsClientError(f"answered as dealer {resp.dealer} of another round (or another page)")
+        return resp
+
+    def ask(i: int) -> tuple[api.ReshareDealResponse, list[api.CarriedSubshare]]:
+        first = call(i, 0)
+        got = list(first.carried)
+        while len(got) < first.carried_total:
+            page = call(i, len(got))
+            if page.carried_total != first.carried_total or page.commitments != first.commitments:
+                raise KmsClientError("its pages differ (another total or other commitments)")
+            if not page.carried or page.subshare:
+                raise KmsClientError(f"sent a malformed page at offset {len(got)}")
+            got += page.carried
+        if len(got) != first.carried_total:
+            raise KmsClientError(f"sent {len(got)} carried sharings, not the {first.carried_total} it counts")
+        return first, got
 
     with ThreadPoolExecutor(max_workers=len(dealer_ids)) as pool:
         futures = {i: pool.submit(ask, i) for i in dealer_ids}
@@ -1074,9 +1095,7 @@ def _collect(
     faults: dict[int, str] = {}
     for i, fut in sorted(futures.items()):
         try:
-            resp = fut.result()
-            if resp.dealer != i or resp.session != session.hex():
-                raise KmsClientError(f"answered as dealer {resp.dealer} of another round")
+            resp, got = fut.result()
             commitments = tuple(bytes.fromhex(c) for c in resp.commitments)
             subshare = int.from_bytes(bytes.fromhex(resp.subshare), "little")
             if len(commitments) != t_new:
@@ -1086,7 +1105,7 @@ def _collect(
             continue
         dealings.append(th.Dealing(i, commitments, {index: subshare}))
         if carried is not None:
-            carried[i] = list(resp.carried)
+            carried[i] = got
     if faults:
         raise KmsClientError("the round failed; no share was made" + _fault_text(faults))
     return dealings
