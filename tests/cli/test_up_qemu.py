@@ -7,46 +7,15 @@ check for tdx / sev-snp reads a fake /sys and /dev."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 import teecloud.devstack as devstack
 import teecloud.node.runtime.qemu as qemu_mod
-from teecloud.cli import app
-from teecloud.node.errors import NodeError
 from teecloud.node.runtime.qemu import QemuBackendConfig, tee_host_missing
 from teecloud.node.runtime.qemu_cmdline import GuestImage, UnsafeVmConfig
-
-
-class _Recorder:
-    """Stands in for LocalCloud: records its keyword arguments, and start() stops the command (exit 1)."""
-
-    calls: ClassVar[list[dict[str, Any]]] = []
-
-    def __init__(self, **kwargs: Any) -> None:
-        _Recorder.calls.append(kwargs)
-
-    def start(self) -> Any:
-        raise NodeError("recorder: not starting a cloud in this test")
-
-
-@pytest.fixture
-def up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("TEECLOUD_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("COLUMNS", "300")
-    monkeypatch.setattr(devstack, "LocalCloud", _Recorder)
-    _Recorder.calls = []
-
-    def run(*argv: str) -> tuple[int, str]:
-        result = CliRunner().invoke(app, ["up", *argv], catch_exceptions=True)
-        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-        text = (result.stdout or "") + (result.stderr or "")
-        assert "Traceback" not in text
-        return result.exit_code, " ".join(text.split())
-
-    return run
+from tests.cli._up_recorder import _Recorder, up_fixture  # noqa: F401  (the `up` fixture)
 
 
 @pytest.mark.parametrize(
