@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import coincurve
 from eth_utils.crypto import keccak
@@ -467,25 +468,17 @@ class EnvKeys:
     def _finish(self, cer: _Ceremony, peers: Mapping[int, str]) -> tx.EnvKeyShare:
         urls = {**self.peers, **{i: u for i, u in peers.items() if i != self.index}}
         others = [i for i in sorted(cer.view) if i != self.index]  # the dealers of this ceremony
-
-        def one(i: int) -> int:
-            url = urls.get(i)
-            if url is None:
-                raise tx.ThresholdEcdhError("no URL for this member", party=i)
-            try:
-                answer = self._connect(i, url).peer_call(
-                    api.PATH_PEER_ENV_SHARE,
-                    api.PeerEnvShareResponse,
-                    {"session": cer.session.hex(), "view_hash": cer.view_hash},
-                )
-            except (KmsClientError, KmsDenied) as exc:
-                raise tx.ThresholdEcdhError(f"sub-share not obtained: {exc}", party=i) from exc
-            if answer.dealer != i or answer.session != cer.session.hex():
-                raise tx.ThresholdEcdhError("answered for another dealer or ceremony", party=i)
-            return int.from_bytes(bytes.fromhex(answer.share), "little")
-
-        with ThreadPoolExecutor(max_workers=max(1, len(others))) as pool:
-            got = dict(zip(others, pool.map(one, others), strict=True))
+        got = self._secret_from_each(
+            others,
+            urls,
+            api.PATH_PEER_ENV_SHARE,
+            api.PeerEnvShareResponse,
+            session=cer.session.hex(),
+            view_hash=cer.view_hash,
+            fields=("dealer", "share"),
+            fail=tx.ThresholdEcdhError,
+            words=("member", "sub-share", "dealer or ceremony"),
+        )
         got[self.index] = cer.shares[self.index]
         return tx.dkg_receive(self.index, self.t, dict(cer.view), got)
 
@@ -933,27 +926,55 @@ class EnvKeys:
 
     def _fetch_pieces(self, rec: _Recovery, urls: Mapping[int, str]) -> dict[int, int]:
         others = [i for i in rec.split.helpers if i != self.index]
+        got = self._secret_from_each(
+            others,
+            urls,
+            api.PATH_PEER_ENV_PIECE,
+            api.PeerEnvPieceResponse,
+            session=rec.session.hex(),
+            view_hash=rec.view_hash,
+            fields=("helper", "piece"),
+            fail=sr.RepairError,
+            words=("helper", "piece", "helper or recovery"),
+        )
+        got[self.index] = rec.split.pieces[self.index]
+        return got
+
+    def _secret_from_each(
+        self,
+        others: list[int],
+        urls: Mapping[int, str],
+        path: str,
+        model: type[Any],
+        *,
+        session: str,
+        view_hash: str,
+        fields: tuple[str, str],
+        fail: Callable[..., Exception],
+        words: tuple[str, str, str],
+    ) -> dict[int, int]:
+        """The secret scalar each of `others` sends this member for one session (a ceremony's sub-shares, a
+        recovery's pieces), asked in parallel: `fields` name the answer's sender and value, `fail` is raised
+        naming the party that has no URL, does not answer, or answers for another sender or session."""
+        sender_field, value_field = fields
+        who, what, other = words
 
         def one(i: int) -> int:
             url = urls.get(i)
             if url is None:
-                raise sr.RepairError("no URL for this helper", party=i)
+                raise fail(f"no URL for this {who}", party=i)
             try:
-                a = self._connect(i, url).peer_call(
-                    api.PATH_PEER_ENV_PIECE,
-                    api.PeerEnvPieceResponse,
-                    {"session": rec.session.hex(), "view_hash": rec.view_hash},
+                answer = self._connect(i, url).peer_call(
+                    path, model, {"session": session, "view_hash": view_hash}
                 )
             except (KmsClientError, KmsDenied) as exc:
-                raise sr.RepairError(f"piece not obtained: {exc}", party=i) from exc
-            if a.helper != i or a.session != rec.session.hex():
-                raise sr.RepairError("answered for another helper or recovery", party=i)
-            return int.from_bytes(bytes.fromhex(a.piece), "little")
+                raise fail(f"{what} not obtained: {exc}", party=i) from exc
+            if getattr(answer, sender_field) != i or answer.session != session:
+                raise fail(f"answered for another {other}", party=i)
+            return int.from_bytes(bytes.fromhex(getattr(answer, value_field)), "little")
 
         with ThreadPoolExecutor(max_workers=max(1, len(others))) as pool:
-            got = dict(zip(others, pool.map(one, others), strict=True))
-        got[self.index] = rec.split.pieces[self.index]
-        return got
+            return dict(zip(others, pool.map(one, others), strict=True))
 
     def serve_piece(self, node: AdmittedNode, req: api.PeerEnvPieceRequest) -> tuple[int, bytes]:
         """Helper `node`'s piece δ_{me,node} of a recovery: to another helper of it, same table, once, to one
