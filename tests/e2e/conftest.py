@@ -84,3 +84,24 @@ def wait_serving(url: str, timeout: float = 30.0) -> httpx.Response:
             last = exc
         time.sleep(0.05)
     raise AssertionError(f"{url} not serving after {timeout} s: {last}")
+
+
+def deploy_hello_with_secret(session: object, name: str, secret: str) -> object:
+    """Deploy examples/hello with the env SECRET=secret (allowed_envs) and check that the running app sees
+    it (its /secret route answers the value's SHA-256); the deploy result, for the test's own checks."""
+    import hashlib
+
+    from teecloud.cloud.deploy import deploy
+
+    r = deploy(
+        session,  # type: ignore[arg-type]
+        HELLO / "docker-compose.yml",
+        name=name,
+        env={"SECRET": secret},
+        allowed_envs=["SECRET"],
+    )
+    assert r.status == "running", r.error
+    wait_serving(r.urls[0] + "/")
+    got = httpx.get(r.urls[0] + "/secret", timeout=10).json()
+    assert got == {"present": True, "sha256": hashlib.sha256(secret.encode()).hexdigest()}
+    return r

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.e2e.conftest import HELLO, _fail_or_skip, wait_serving
+from tests.e2e.conftest import _fail_or_skip, deploy_hello_with_secret
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -41,22 +40,12 @@ def tcloud(hello_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_deploy_with_env_against_five_threshold_nodes(tcloud: Any) -> None:
-    from teecloud.cloud.deploy import Session, deploy
+    from teecloud.cloud.deploy import Session
 
     home = Path(tcloud.home)
     session = Session(home)
     try:
-        r = deploy(
-            session,
-            HELLO / "docker-compose.yml",
-            name="hello-tenv",
-            env={"SECRET": SECRET},
-            allowed_envs=["SECRET"],
-        )
-        assert r.status == "running", r.error
-        wait_serving(r.urls[0] + "/")
-        got = httpx.get(r.urls[0] + "/secret", timeout=10).json()
-        assert got == {"present": True, "sha256": hashlib.sha256(SECRET.encode()).hexdigest()}
+        deploy_hello_with_secret(session, "hello-tenv", SECRET)
         # every node holds its own sealed share of the app's env key; none holds the key or the secret
         sealed = sorted((home / "kms-nodes").glob("*/kms/threshold-env/*.sealed"))
         assert len(sealed) == 5

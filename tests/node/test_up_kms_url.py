@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 import teecloud.devstack as devstack
@@ -30,7 +29,7 @@ import teecloud.node.runtime.qemu as qemu_mod
 from teecloud.node.errors import NodeError
 from teecloud.node.runtime.qemu import tee_host_missing
 from tests.cli._up_recorder import _Recorder, up_fixture  # noqa: F401  (the `up` fixture)
-from tests.e2e.conftest import HELLO, _fail_or_skip, hello_image, wait_serving
+from tests.e2e.conftest import _fail_or_skip, deploy_hello_with_secret, hello_image
 
 __all__ = ["hello_image"]  # a fixture (the hello app's image, built once per recipe)
 
@@ -247,7 +246,7 @@ def _node_urls(kms_cloud: Any) -> tuple[str, ...]:
 def test_up_with_a_threshold_groups_urls_deploys_with_env(
     hello_image: str, kms_cloud: Any, tmp_path: Path
 ) -> None:
-    from teecloud.cloud.deploy import Session, deploy
+    from teecloud.cloud.deploy import Session
     from teecloud.kms.threshold_client import ThresholdKeyProvider
 
     theirs = kms_cloud.key_provider
@@ -271,17 +270,7 @@ def test_up_with_a_threshold_groups_urls_deploys_with_env(
         assert [p.name for p in (tmp_path / "b" / "kms-nodes").iterdir()] == ["group.json"]
         session = Session(cloud.home)
         try:
-            r = deploy(
-                session,
-                HELLO / "docker-compose.yml",
-                name="hello-kms-url",
-                env={"SECRET": SECRET},
-                allowed_envs=["SECRET"],
-            )
-            assert r.status == "running", r.error
-            wait_serving(r.urls[0] + "/")
-            got = httpx.get(r.urls[0] + "/secret", timeout=10).json()
-            assert got == {"present": True, "sha256": hashlib.sha256(SECRET.encode()).hexdigest()}
+            r = deploy_hello_with_secret(session, "hello-kms-url", SECRET)
             assert cloud.node.remove(r.instance_id).leftovers == []
         finally:
             session.close()
@@ -327,7 +316,7 @@ def single_kms_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def test_up_with_one_kms_url_deploys_with_env(
     hello_image: str, single_kms_cloud: Any, tmp_path: Path
 ) -> None:
-    from teecloud.cloud.deploy import Session, deploy
+    from teecloud.cloud.deploy import Session
     from teecloud.kms.client import KmsClient
 
     url = single_kms_cloud.endpoints.kms.rstrip("/")
@@ -340,17 +329,7 @@ def test_up_with_one_kms_url_deploys_with_env(
         assert not (tmp_path / "b" / "kms-nodes" / "group.json").exists()
         session = Session(cloud.home)
         try:
-            r = deploy(
-                session,
-                HELLO / "docker-compose.yml",
-                name="hello-kms-url-1",
-                env={"SECRET": SECRET},
-                allowed_envs=["SECRET"],
-            )
-            assert r.status == "running", r.error
-            wait_serving(r.urls[0] + "/")
-            got = httpx.get(r.urls[0] + "/secret", timeout=10).json()
-            assert got == {"present": True, "sha256": hashlib.sha256(SECRET.encode()).hexdigest()}
+            r = deploy_hello_with_secret(session, "hello-kms-url-1", SECRET)
             assert cloud.node.remove(r.instance_id).leftovers == []
         finally:
             session.close()
