@@ -66,6 +66,10 @@ class FunctionRegistry:
     def is_code_hash_allowed(self, code_hash: bytes | str) -> bool:
         return bool(self._call("allowed_code_hashes", to_bytes32(code_hash, "code hash")))
 
+    def code_hashes(self) -> list[bytes]:
+        """The code hashes allowed now (at most 64 at once), in no particular order."""
+        return [bytes(h) for h in self._call("allowed_code_hash_list")]
+
     def is_allowed(self, code_hash: bytes | str, runtime_app_id: str | bytes) -> tuple[bool, str]:
         ok, reason = self._call("is_allowed", to_bytes32(code_hash, "code hash"), to_address(runtime_app_id))
         return bool(ok), str(reason)

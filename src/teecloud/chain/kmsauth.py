@@ -169,6 +169,11 @@ class KmsAuth:
     ) -> dict[str, Any]:
         return self._send("set_kms_info", k256_pubkey, ca_pubkey, to_bytes32(quote_hash))
 
+    def k256_pubkey_hash(self) -> bytes:
+        """keccak256 of the KMS root k256 key, set with it: what FunctionResultVerifier compares a result's
+        root key against (one storage slot instead of the key's three)."""
+        return bytes(self._call("kms_k256_pubkey_hash"))
+
     def info(self) -> KmsInfo:
         return KmsInfo(
             k256_pubkey=bytes(self._call("kms_k256_pubkey")),

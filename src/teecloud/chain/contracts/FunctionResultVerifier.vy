@@ -7,7 +7,9 @@
         (3) the runtime app allows the compose hash the runtime booted with;
         (4) the result key signed the result digest;
         (5) the runtime app key signed the result key for purpose "teecloud-fn-result:<code hash>";
-        (6) the KMS root in KmsAuth signed the app key for this app (dstack's GetKey chain);
+        (6) the KMS root in KmsAuth signed the app key for this app (dstack's GetKey chain); the given root
+            key is compared with KmsAuth's kms_k256_pubkey_hash (one slot), read at every check, so a
+            rotated root refuses results under the old one at once;
         (7) the request was not accepted before by this consumer (msg.sender): one bit per
             (consumer, function, request id), 256 ids that differ only in their low byte to a storage word.
         Keys come as x‖y (64 bytes): ecrecover yields addresses, and keccak256(x‖y) gives a key's address.
@@ -33,7 +35,7 @@ struct FunctionResult:
 
 
 interface IKmsAuth:
-    def kms_k256_pubkey() -> Bytes[65]: view
+    def kms_k256_pubkey_hash() -> bytes32: view
 
 interface IAppAuth:
     def allowed_compose_hashes(compose_hash: bytes32) -> bool: view
@@ -55,11 +57,11 @@ event ResultAccepted:
 
 
 kms_auth: public(immutable(address))  # immutable: read from code, not a storage slot
-# consumer -> keccak256(function_id ‖ request_id >> 8) -> bit (request_id & 255) set: accepted. Ids that count
+# keccak256(consumer ‖ function_id ‖ request_id >> 8) -> bit (request_id & 255) set: accepted. Ids that count
 # up (FunctionOracle's, teecloud.functions.sequential_request_id) share a word: after the word's first id,
 # marking one rewrites a non-zero slot (~5k gas) instead of filling a fresh one (~22k). Random ids open a
 # word each, as one slot per id did. The set of accepted (consumer, function, id) is the same either way.
-accepted_words: HashMap[address, HashMap[bytes32, uint256]]
+accepted_words: HashMap[bytes32, uint256]
 # keccak256(keccak256(KMS root) ‖ runtime app ‖ code hash ‖ result key x‖y) -> its chain checked (certify_key)
 certified: public(HashMap[bytes32, bool])
 
@@ -71,6 +73,13 @@ PURPOSE_PREFIX: constant(bytes19) = 0x746565636c6f75642d666e2d726573756c743a  # 
 @deploy
 def __init__(auth: address):
     assert auth != empty(address), "no KmsAuth"
+    # a KmsAuth deployed before kms_k256_pubkey_hash existed would make every check revert: refuse it here
+    ok: bool = False
+    answer: Bytes[32] = b""
+    ok, answer = raw_call(
+        auth, method_id("kms_k256_pubkey_hash()"), max_outsize=32, is_static_call=True, revert_on_failure=False
+    )
+    assert ok and len(answer) == 32, "KmsAuth has no kms_k256_pubkey_hash: redeploy KmsAuth"
     kms_auth = auth
 
 
@@ -80,7 +89,7 @@ def _signer(digest: bytes32, sig: Bytes[65], xy: Bytes[64]) -> bool:
     """Whether `sig` over `digest` recovers to the key x‖y (its address: the low 20 bytes of keccak256(x‖y))."""
     assert len(sig) == 65, "a signature is 65 bytes"
     assert len(xy) == 64, "a public key is x||y, 64 bytes"
-    v: uint256 = convert(slice(sig, 64, 1), uint256)
+    v: uint256 = convert(extract32(sig, 33), uint256) & 255  # the last byte (the length is 65)
     if v < 27:
         v += 27
     signer: address = ecrecover(digest, v, extract32(sig, 0), extract32(sig, 32))
@@ -118,21 +127,15 @@ def _hex16(v: uint256) -> bytes32:
 
 @internal
 @pure
-def _compressed_prefix(xy: Bytes[64]) -> uint256:
-    return 2 + (convert(extract32(xy, 32), uint256) & 1)
-
-
-@internal
-@pure
-def _key_id(root: Bytes[65], runtime_app_id: address, function_hash: bytes32, result_key: Bytes[64]) -> bytes32:
+def _key_id(root_hash: bytes32, runtime_app_id: address, function_hash: bytes32, result_key: Bytes[64]) -> bytes32:
     """What a certification covers: the KMS root, the runtime app, the code hash and the result key."""
-    return keccak256(concat(keccak256(root), convert(runtime_app_id, bytes20), function_hash, result_key))
+    return keccak256(concat(root_hash, convert(runtime_app_id, bytes20), function_hash, result_key))
 
 
 @internal
 @view
 def _check_key(
-    root: Bytes[65],
+    root_hash: bytes32,
     runtime_app_id: address,
     function_hash: bytes32,
     result_key: Bytes[64],
@@ -141,7 +144,8 @@ def _check_key(
     kms_signature: Bytes[65],
     kms_root_key: Bytes[64],
 ):
-    """Steps (5) and (6): `result_key` is the key the KMS derived for (runtime app, code hash) under `root`."""
+    """Steps (5) and (6): `result_key` is the key the KMS derived for (runtime app, code hash) under the
+    root whose hash KmsAuth records (`root_hash`: keccak256 of the SEC1 key, 33 or 65 bytes, as set)."""
     # (5) "teecloud-fn-result:<code hash hex>:<compressed result key hex>", built from fixed-size pieces
     fh: uint256 = convert(function_hash, uint256)
     kx: uint256 = convert(extract32(result_key, 0), uint256)
@@ -150,7 +154,8 @@ def _check_key(
             PURPOSE_PREFIX,
             self._hex16(fh >> 128),
             self._hex16(fh & LO128),
-            convert(convert(3813424 + self._compressed_prefix(result_key), uint24), bytes3),
+            # ":02" or ":03" (0x3a3032 + 1 when y is odd): the compressed key's SEC1 prefix, inline
+            convert(convert(3813426 + (convert(extract32(result_key, 32), uint256) & 1), uint24), bytes3),
             self._hex16(kx >> 128),
             self._hex16(kx & LO128),
         )
@@ -158,18 +163,20 @@ def _check_key(
     assert self._signer(purpose_digest, app_signature, app_key), "result key not signed by the runtime app key"
     # (6)
     app_compressed: Bytes[33] = concat(
-        convert(convert(self._compressed_prefix(app_key), uint8), bytes1), extract32(app_key, 0)
+        convert(convert(2 + (convert(extract32(app_key, 32), uint256) & 1), uint8), bytes1), extract32(app_key, 0)
     )
     issued_digest: bytes32 = keccak256(
         concat(b"dstack-kms-issued:", convert(runtime_app_id, bytes20), app_compressed)
     )
     assert self._signer(issued_digest, kms_signature, kms_root_key), "app key not signed by the KMS root key given"
     root_compressed: Bytes[33] = concat(
-        convert(convert(self._compressed_prefix(kms_root_key), uint8), bytes1), extract32(kms_root_key, 0)
+        convert(convert(2 + (convert(extract32(kms_root_key, 32), uint256) & 1), uint8), bytes1),
+        extract32(kms_root_key, 0),
     )
-    assert (len(root) == 33 and keccak256(root) == keccak256(root_compressed)) or (
-        len(root) == 65 and keccak256(root) == keccak256(concat(b"\x04", kms_root_key))
-    ), "not the KMS root recorded in KmsAuth"
+    # the hash of a 33-byte and of a 65-byte string: equal to root_hash only for the same length and bytes
+    assert root_hash == keccak256(root_compressed) or root_hash == keccak256(concat(b"\x04", kms_root_key)), (
+        "not the KMS root recorded in KmsAuth"
+    )
 
 
 @external
@@ -187,11 +194,11 @@ def certify_key(
     later results signed by that key skip the two ecrecovers. A rotated root gives other ids, so a key
     certified under the old root is checked in full again. Anyone may call it; it only records a fact."""
     assert len(result_key) == 64, "a public key is x||y, 64 bytes"
-    root: Bytes[65] = staticcall IKmsAuth(kms_auth).kms_k256_pubkey()
+    root_hash: bytes32 = staticcall IKmsAuth(kms_auth).kms_k256_pubkey_hash()
     self._check_key(
-        root, runtime_app_id, function_hash, result_key, app_signature, app_key, kms_signature, kms_root_key
+        root_hash, runtime_app_id, function_hash, result_key, app_signature, app_key, kms_signature, kms_root_key
     )
-    key_id: bytes32 = self._key_id(root, runtime_app_id, function_hash, result_key)
+    key_id: bytes32 = self._key_id(root_hash, runtime_app_id, function_hash, result_key)
     if not self.certified[key_id]:
         self.certified[key_id] = True
         log KeyCertified(key_id=key_id, runtime_app_id=runtime_app_id, function_hash=function_hash)
@@ -202,14 +209,15 @@ def certify_key(
 @view
 def is_certified(runtime_app_id: address, function_hash: bytes32, result_key: Bytes[64]) -> bool:
     """@notice Whether this result key is certified under the KMS root KmsAuth records now."""
-    root: Bytes[65] = staticcall IKmsAuth(kms_auth).kms_k256_pubkey()
-    return self.certified[self._key_id(root, runtime_app_id, function_hash, result_key)]
+    root_hash: bytes32 = staticcall IKmsAuth(kms_auth).kms_k256_pubkey_hash()
+    return self.certified[self._key_id(root_hash, runtime_app_id, function_hash, result_key)]
 
 
 @internal
 @pure
-def _word_key(function_id: address, request_id: bytes32) -> bytes32:
-    return keccak256(concat(convert(function_id, bytes20), convert(convert(request_id, uint256) >> 8, bytes32)))
+def _word_key(consumer: address, function_id: address, request_id: bytes32) -> bytes32:
+    word: bytes32 = convert(convert(request_id, uint256) >> 8, bytes32)
+    return keccak256(concat(convert(consumer, bytes20), convert(function_id, bytes20), word))
 
 
 @external
@@ -217,7 +225,7 @@ def _word_key(function_id: address, request_id: bytes32) -> bytes32:
 def is_accepted(consumer: address, function_id: address, request_id: bytes32) -> bool:
     """@notice Whether `consumer` accepted a result of `function_id` for `request_id` (step 7 records it)."""
     bit: uint256 = 1 << (convert(request_id, uint256) & 255)
-    return self.accepted_words[consumer][self._word_key(function_id, request_id)] & bit != 0
+    return self.accepted_words[self._word_key(consumer, function_id, request_id)] & bit != 0
 
 
 @external
@@ -249,17 +257,17 @@ def verify(r: FunctionResult) -> Bytes[MAX_OUTPUT]:
     )
     assert self._signer(digest, r.signature, r.result_key), "bad result signature"
     # (5), (6): skipped for a result key certified earlier under the KMS root KmsAuth records now
-    root: Bytes[65] = staticcall IKmsAuth(kms_auth).kms_k256_pubkey()
-    if not self.certified[self._key_id(root, r.runtime_app_id, r.function_hash, r.result_key)]:
+    root_hash: bytes32 = staticcall IKmsAuth(kms_auth).kms_k256_pubkey_hash()
+    if not self.certified[self._key_id(root_hash, r.runtime_app_id, r.function_hash, r.result_key)]:
         self._check_key(
-            root, r.runtime_app_id, r.function_hash, r.result_key, r.app_signature, r.app_key, r.kms_signature,
+            root_hash, r.runtime_app_id, r.function_hash, r.result_key, r.app_signature, r.app_key, r.kms_signature,
             r.kms_root_key,
         )
     # (7)
-    word_key: bytes32 = self._word_key(r.function_id, r.request_id)
+    word_key: bytes32 = self._word_key(msg.sender, r.function_id, r.request_id)
     bit: uint256 = 1 << (convert(r.request_id, uint256) & 255)
-    word: uint256 = self.accepted_words[msg.sender][word_key]
+    word: uint256 = self.accepted_words[word_key]
     assert word & bit == 0, "result already accepted (replay)"
-    self.accepted_words[msg.sender][word_key] = word | bit
+    self.accepted_words[word_key] = word | bit
     log ResultAccepted(consumer=msg.sender, function_id=r.function_id, request_id=r.request_id, function_hash=r.function_hash)
     return r.output

@@ -83,6 +83,9 @@ allowed_os_images: public(HashMap[bytes32, bool])
 kms_allowed_aggregated_mrs: public(HashMap[bytes32, bool])
 kms_allowed_device_ids: public(HashMap[bytes32, bool])
 kms_k256_pubkey: public(Bytes[65])
+# keccak256(kms_k256_pubkey), set with it: one slot for readers that only compare a given key against the root
+# (FunctionResultVerifier), instead of the root's length and data slots
+kms_k256_pubkey_hash: public(bytes32)
 kms_ca_pubkey: public(Bytes[256])
 kms_quote_hash: public(bytes32)
 gateway_app_id: public(address)
@@ -208,6 +211,7 @@ def remove_kms_device(device_id: bytes32):
 def set_kms_info(k256_pubkey: Bytes[65], ca_pubkey: Bytes[256], quote_hash: bytes32):
     self._only_owner()
     self.kms_k256_pubkey = k256_pubkey
+    self.kms_k256_pubkey_hash = keccak256(k256_pubkey)
     self.kms_ca_pubkey = ca_pubkey
     self.kms_quote_hash = quote_hash
     log KmsInfoSet(k256_pubkey=k256_pubkey, ca_pubkey=ca_pubkey, quote_hash=quote_hash)
