@@ -257,6 +257,9 @@ def _gas(chain, rt, kms_root: bytes, app_id: bytes) -> dict[str, object]:  # typ
     def execution(receipt: dict[str, object], data: bytes) -> int:
         g = receipt["gasUsed"]
         used = int(g, 16) if isinstance(g, str) else int(g)  # type: ignore[call-overload]
+        # Prague's calldata floor (EIP-7623: 10 gas a token) would hide the execution gas: never report it
+        if used <= 21_000 + 10 * sum(4 if b else 1 for b in data):
+            raise SystemExit("bench: the calldata floor set this transaction's gas; execution not measurable")
         return used - 21_000 - sum(16 if b else 4 for b in data)
 
     def verify(v: FunctionResultVerifier, abi: tuple) -> int:  # type: ignore[type-arg]
@@ -300,15 +303,22 @@ def _gas(chain, rt, kms_root: bytes, app_id: bytes) -> dict[str, object]:  # typ
         g["certified_key_id_opens_a_word"] = verify(
             v, rt.invoke(hashes[1].hex(), b"", request_id=fresh).result.to_abi()
         )
+        if label == "now":  # the worst path (a new key, an id opening a word) with bigger outputs
+            for size in (256, 1024, 4096):
+                wasm = bytes(wasmtime.wat2wasm(TRIVIAL.format(tag=f"out{size}", n=size)))
+                fh = function_hash_of(wasm, [], {})
+                rt.deploy(wasm, function_id=bytes.fromhex(reg.address[2:]))
+                reg.propose_add_code_hash(fh)
+                g[f"new_key_id_opens_a_word_output_{size}_bytes"] = verify(v, result(fh, sequential=False))
         out[label] = g
     now = out["now"]
     assert isinstance(now, dict)
     out["now_new_key_amortized_over_256_sequential_ids"] = round(
         (now["new_key_id_opens_a_word"] + 255 * now["new_key_id_in_a_used_word"]) / 256
     )
-    worst = max(now[k] for k in now if k != "certify_key_tx")
+    worst = max(now[k] for k in now if k != "certify_key_tx" and "output" not in k)
     out["now_worst_path"] = worst
-    out["now_goal_60k_met_on_every_path"] = worst <= 60_000
+    out["now_goal_60k_met_on_every_path_32_byte_output"] = worst <= 60_000
     return {"verify_execution_gas": out}
 
 
