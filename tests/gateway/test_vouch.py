@@ -327,8 +327,12 @@ def test_a_gateway_routes_only_what_the_node_vouches_for(
         assert NodeRegistrar([url], ca, cvm.provider, running, vouch=node.voucher.vouch).register_all() == 1
         r = get(gw, f"{cvm.app_id}-8080.{BASE}")
         assert r.status_code == 200 and r.text.startswith("attacker /")  # the CVM's own backend here
-        # the guest's Registrar sends its node's statement each round
-        registrar = Registrar([url], cvm.key, cvm.cert_der, own, ca_pem=ca, node_vouch=lambda: stmt)
+        # the guest's Registrar sends its node's newest statement each round (the one made above is older
+        # than NodeRegistrar's once a second has passed: the gateway would refuse it as a replay)
+        newest = api.NodeVouch.model_validate(
+            node.voucher.vouch(iid.hex(), [(8080, "127.0.0.1", own[0].host_port)])
+        )
+        registrar = Registrar([url], cvm.key, cvm.cert_der, own, ca_pem=ca, node_vouch=lambda: newest)
         registrar.register_all()
         assert isinstance(registrar.last[url], api.RegisterCvmResponse)
         assert victim_backend.requests == 0
