@@ -82,6 +82,19 @@ def resign(stmt: dict[str, Any], key: str) -> dict[str, Any]:
     return {**body, "signature": bytes(sig).hex()}
 
 
+def register_node(chain: ChainClient, key: str, device: int) -> int:  # noqa: F811
+    """Register a node in NodeRegistry under the operator `key` (device_id bytes `device`, attestation hash
+    bytes `device + 1`, the smallest offer): its node_id."""
+    return chain.with_signer(key).register_node(
+        tee_kind="tdx",
+        device_id=bytes([device]) * 32,
+        attestation_hash=bytes([device + 1]) * 32,
+        capacity=1,
+        price_per_hour=1,
+        stake=10**17,
+    )
+
+
 @pytest.fixture
 def nodes() -> tuple[Node, Node, VouchChecker]:
     a, b = Node(0, DEV_KEYS[1]), Node(1, DEV_KEYS[2])
@@ -220,15 +233,7 @@ def test_generated_mutations_of_the_signed_statement_are_refused(
 
 
 def test_chain_nodes_reads_node_registry(chain: ChainClient) -> None:  # noqa: F811
-    second = chain.with_signer(DEV_KEYS[4])
-    node_id = second.register_node(
-        tee_kind="tdx",
-        device_id=b"\1" * 32,
-        attestation_hash=b"\2" * 32,
-        capacity=1,
-        price_per_hour=1,
-        stake=10**17,
-    )
+    node_id = register_node(chain, DEV_KEYS[4], 1)
     nodes = ChainNodes(chain)
     assert nodes.operator_of(node_id) == Account.from_key(DEV_KEYS[4]).address.lower()
     assert nodes.operator_of(node_id + 1000) is None
@@ -256,15 +261,7 @@ def boot_launched(home: Path, chain: ChainClient, node: Node, name: str) -> Cvm:
 
 @pytest.fixture
 def vouching_gateway(teecloud_home: Path, chain: ChainClient) -> Iterator[tuple[GatewayServer, int]]:  # noqa: F811
-    operator_chain = chain.with_signer(DEV_KEYS[5])
-    node_id = operator_chain.register_node(
-        tee_kind="tdx",
-        device_id=b"\3" * 32,
-        attestation_hash=b"\4" * 32,
-        capacity=1,
-        price_per_hour=1,
-        stake=10**17,
-    )
+    node_id = register_node(chain, DEV_KEYS[5], 3)
     with make_gateway(teecloud_home, chain, ttl_s=30.0, nodes=ChainNodes(chain)) as gw:
         yield gw, node_id
 
@@ -384,14 +381,7 @@ def test_the_node_launches_with_a_seed_bound_to_its_operator(tmp_path: Path) -> 
 def test_chain_nodes_trusts_an_operator_only_at_the_finality_depth(chain: ChainClient) -> None:  # noqa: F811
     depth = 3
     operator = Account.from_key(DEV_KEYS[5]).address.lower()
-    node_id = chain.with_signer(DEV_KEYS[5]).register_node(
-        tee_kind="tdx",
-        device_id=b"\3" * 32,
-        attestation_hash=b"\4" * 32,
-        capacity=1,
-        price_per_hour=1,
-        stake=10**17,
-    )
+    node_id = register_node(chain, DEV_KEYS[5], 3)
     nodes = ChainNodes(chain, finality_depth=depth, cache_s=0.0)
     assert ChainNodes(chain, cache_s=0.0).operator_of(node_id) == operator  # at the head: registered
     for _ in range(depth):  # registered only in the last d blocks: not trusted yet (and not cached)
@@ -405,14 +395,7 @@ def test_chain_nodes_trusts_an_operator_only_at_the_finality_depth(chain: ChainC
 
 
 def test_chain_nodes_refuses_a_switched_chain(chain: ChainClient, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    node_id = chain.with_signer(DEV_KEYS[6]).register_node(
-        tee_kind="tdx",
-        device_id=b"\5" * 32,
-        attestation_hash=b"\6" * 32,
-        capacity=1,
-        price_per_hour=1,
-        stake=10**17,
-    )
+    node_id = register_node(chain, DEV_KEYS[6], 5)
     chain.increase_time(1)
     nodes = ChainNodes(chain, finality_depth=1, cache_s=0.0)
     assert nodes.operator_of(node_id) == Account.from_key(DEV_KEYS[6]).address.lower()
