@@ -447,3 +447,20 @@ def test_gateway_up_finality_depth_needs_require_vouch(
         cli_app, ["gateway", "up", "--trust-dev-root", "--require-vouch", "--finality-depth", "999"]
     )
     assert result.exit_code == 2  # beyond the chain gate's bound: a usage error
+
+
+def test_kms_up_and_gateway_up_bound_the_finality_depth_as_the_chain_gate_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import _peers
+    from teecloud.cli import app as cli_app
+    from teecloud.peer._chain import MAX_FINALITY_DEPTH
+
+    assert _peers.MAX_FINALITY_DEPTH == MAX_FINALITY_DEPTH  # one declaration (cli._peers), the gate's bound
+    monkeypatch.setenv("TEECLOUD_HOME", str(tmp_path))
+    for command in (["kms", "up", "--dev"], ["gateway", "up", "--trust-dev-root", "--require-vouch"]):
+        for depth in ("-1", str(MAX_FINALITY_DEPTH + 1)):
+            result = CliRunner().invoke(cli_app, [*command, "--finality-depth", depth])
+            assert result.exit_code == 2 and "--finality-depth" in result.output, (command, result.output)
