@@ -82,6 +82,19 @@ def resign(stmt: dict[str, Any], key: str) -> dict[str, Any]:
     return {**body, "signature": bytes(sig).hex()}
 
 
+def register_node(chain: ChainClient, key: str, device: int) -> int:  # noqa: F811
+    """Register a node in NodeRegistry under the operator `key` (device_id bytes `device`, attestation hash
+    bytes `device + 1`, the smallest offer): its node_id."""
+    return chain.with_signer(key).register_node(
+        tee_kind="tdx",
+        device_id=bytes([device]) * 32,
+        attestation_hash=bytes([device + 1]) * 32,
+        capacity=1,
+        price_per_hour=1,
+        stake=10**17,
+    )
+
+
 @pytest.fixture
 def nodes() -> tuple[Node, Node, VouchChecker]:
     a, b = Node(0, DEV_KEYS[1]), Node(1, DEV_KEYS[2])
@@ -220,15 +233,7 @@ def test_generated_mutations_of_the_signed_statement_are_refused(
 
 
 def test_chain_nodes_reads_node_registry(chain: ChainClient) -> None:  # noqa: F811
-    second = chain.with_signer(DEV_KEYS[4])
-    node_id = second.register_node(
-        tee_kind="tdx",
-        device_id=b"\1" * 32,
-        attestation_hash=b"\2" * 32,
-        capacity=1,
-        price_per_hour=1,
-        stake=10**17,
-    )
+    node_id = register_node(chain, DEV_KEYS[4], 1)
     nodes = ChainNodes(chain)
     assert nodes.operator_of(node_id) == Account.from_key(DEV_KEYS[4]).address.lower()
     assert nodes.operator_of(node_id + 1000) is None
@@ -256,15 +261,7 @@ def boot_launched(home: Path, chain: ChainClient, node: Node, name: str) -> Cvm:
 
 @pytest.fixture
 def vouching_gateway(teecloud_home: Path, chain: ChainClient) -> Iterator[tuple[GatewayServer, int]]:  # noqa: F811
-    operator_chain = chain.with_signer(DEV_KEYS[5])
-    node_id = operator_chain.register_node(
-        tee_kind="tdx",
-        device_id=b"\3" * 32,
-        attestation_hash=b"\4" * 32,
-        capacity=1,
-        price_per_hour=1,
-        stake=10**17,
-    )
+    node_id = register_node(chain, DEV_KEYS[5], 3)
     with make_gateway(teecloud_home, chain, ttl_s=30.0, nodes=ChainNodes(chain)) as gw:
         yield gw, node_id
 
@@ -327,8 +324,12 @@ def test_a_gateway_routes_only_what_the_node_vouches_for(
         assert NodeRegistrar([url], ca, cvm.provider, running, vouch=node.voucher.vouch).register_all() == 1
         r = get(gw, f"{cvm.app_id}-8080.{BASE}")
         assert r.status_code == 200 and r.text.startswith("attacker /")  # the CVM's own backend here
-        # the guest's Registrar sends its node's statement each round
-        registrar = Registrar([url], cvm.key, cvm.cert_der, own, ca_pem=ca, node_vouch=lambda: stmt)
+        # the guest's Registrar sends its node's newest statement each round (the one made above is older
+        # than NodeRegistrar's once a second has passed: the gateway would refuse it as a replay)
+        newest = api.NodeVouch.model_validate(
+            node.voucher.vouch(iid.hex(), [(8080, "127.0.0.1", own[0].host_port)])
+        )
+        registrar = Registrar([url], cvm.key, cvm.cert_der, own, ca_pem=ca, node_vouch=lambda: newest)
         registrar.register_all()
         assert isinstance(registrar.last[url], api.RegisterCvmResponse)
         assert victim_backend.requests == 0
@@ -380,14 +381,7 @@ def test_the_node_launches_with_a_seed_bound_to_its_operator(tmp_path: Path) -> 
 def test_chain_nodes_trusts_an_operator_only_at_the_finality_depth(chain: ChainClient) -> None:  # noqa: F811
     depth = 3
     operator = Account.from_key(DEV_KEYS[5]).address.lower()
-    node_id = chain.with_signer(DEV_KEYS[5]).register_node(
-        tee_kind="tdx",
-        device_id=b"\3" * 32,
-        attestation_hash=b"\4" * 32,
-        capacity=1,
-        price_per_hour=1,
-        stake=10**17,
-    )
+    node_id = register_node(chain, DEV_KEYS[5], 3)
     nodes = ChainNodes(chain, finality_depth=depth, cache_s=0.0)
     assert ChainNodes(chain, cache_s=0.0).operator_of(node_id) == operator  # at the head: registered
     for _ in range(depth):  # registered only in the last d blocks: not trusted yet (and not cached)
@@ -401,14 +395,7 @@ def test_chain_nodes_trusts_an_operator_only_at_the_finality_depth(chain: ChainC
 
 
 def test_chain_nodes_refuses_a_switched_chain(chain: ChainClient, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    node_id = chain.with_signer(DEV_KEYS[6]).register_node(
-        tee_kind="tdx",
-        device_id=b"\5" * 32,
-        attestation_hash=b"\6" * 32,
-        capacity=1,
-        price_per_hour=1,
-        stake=10**17,
-    )
+    node_id = register_node(chain, DEV_KEYS[6], 5)
     chain.increase_time(1)
     nodes = ChainNodes(chain, finality_depth=1, cache_s=0.0)
     assert nodes.operator_of(node_id) == Account.from_key(DEV_KEYS[6]).address.lower()
@@ -460,3 +447,20 @@ def test_gateway_up_finality_depth_needs_require_vouch(
         cli_app, ["gateway", "up", "--trust-dev-root", "--require-vouch", "--finality-depth", "999"]
     )
     assert result.exit_code == 2  # beyond the chain gate's bound: a usage error
+
+
+def test_kms_up_and_gateway_up_bound_the_finality_depth_as_the_chain_gate_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from teecloud.cli import _peers
+    from teecloud.cli import app as cli_app
+    from teecloud.peer._chain import MAX_FINALITY_DEPTH
+
+    assert _peers.MAX_FINALITY_DEPTH == MAX_FINALITY_DEPTH  # one declaration (cli._peers), the gate's bound
+    monkeypatch.setenv("TEECLOUD_HOME", str(tmp_path))
+    for command in (["kms", "up", "--dev"], ["gateway", "up", "--trust-dev-root", "--require-vouch"]):
+        for depth in ("-1", str(MAX_FINALITY_DEPTH + 1)):
+            result = CliRunner().invoke(cli_app, [*command, "--finality-depth", depth])
+            assert result.exit_code == 2 and "--finality-depth" in result.output, (command, result.output)

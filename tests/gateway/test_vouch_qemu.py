@@ -4,11 +4,15 @@ The node builds its statement from the guest's forwarded ports (`vouch_endpoints
 guest registers: `vm_agent.gateway_endpoints`), posts it to the guest agent (`QemuCvm.post_vouch`, POST
 /node-vouch) after boot and renews it (`VouchRenewer`); the guest keeps the newest one for its instance
 (`GuestStatus.take_vouch`) and its Registrar sends it. The statement the node posts passes the gateway's
-check (`VouchChecker`); what the guest refuses to keep is refused with a clear status, never a traceback."""
+check (`VouchChecker`); what the guest refuses to keep is refused with a clear status, never a traceback.
+A VM left running by an earlier node process is re-attached (`QemuBackend.attach`, `Node.reattach`) with
+one renewal, whichever handle started it, which its stop ends (the real VM: tests/node/test_qemu_boot.py)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,8 +28,10 @@ from teecloud.agent.vm_agent import MAX_VOUCH_BODY, GuestStatus, gateway_endpoin
 from teecloud.chain.embedded import DEV_KEYS
 from teecloud.gateway import api
 from teecloud.gateway.vouch import StaticNodes, VouchChecker
+from teecloud.node.runtime import qemu
 from teecloud.node.runtime.base import ContainerState
-from teecloud.node.runtime.qemu import QemuCvm, VouchRenewer, vouch_endpoints
+from teecloud.node.runtime.qemu import QemuBackend, QemuBackendConfig, QemuCvm, VouchRenewer, vouch_endpoints
+from teecloud.node.runtime.qemu_cmdline import GuestImage
 from tests.gateway.test_vouch import APP, Node
 
 NOW = 1_800_000_000
@@ -192,3 +198,223 @@ def test_the_guest_keeps_the_newest_statement_for_its_own_instance(
     assert httpx.post(url, content=b"").status_code == 400
     assert httpx.post(f"http://127.0.0.1:{port}/info", json=newer).status_code == 405
     assert status.node_vouch().issued_at == newer["issued_at"]
+
+
+class _LeftoverVm:
+    """What an earlier node process leaves in a VM's work directory: a running "QEMU" (a sleeping process
+    whose command line names the work directory and forwards `agent_port` to the guest agent's port, as
+    launch writes it) and its pid file."""
+
+    def __init__(self, workdir: Path, agent_port: int) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        netdev = f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{agent_port}-:{qemu.AGENT_GUEST_PORT}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(120)", str(workdir / "qmp.sock"), netdev]
+        )
+        (workdir / "qemu.pid").write_text(str(self.proc.pid))
+        deadline = time.monotonic() + 10  # until the child has exec'd: its command line is then the VM's
+        while str(workdir).encode() not in Path(f"/proc/{self.proc.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in QEMU did not start"
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _backend(home: Path, vouch: Any) -> QemuBackend:
+    """A mode-plain backend (no VM is launched: its image files are never opened) with `vouch` as signer."""
+    image = GuestImage(bios=Path("/b"), kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0")
+    return QemuBackend(QemuBackendConfig(image=image, mode="plain", accel="tcg", vouch=vouch), home=home)
+
+
+def test_a_vm_left_running_is_re_attached_with_one_renewal_that_its_stop_ends(
+    agent: tuple[GuestStatus, int], teecloud_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status, port = agent
+    node = Node(0, DEV_KEYS[1], clock=time.time)
+    iid = node.launch()
+    compose_hash = bytes(range(32))
+    compose = {"docker_compose_file": "services:\n  web:\n    ports: ['18080:8080']\n"}
+    inst = SimpleNamespace(
+        instance_id=iid.hex(), compose_hash=lambda: compose_hash, app_compose=lambda: compose
+    )
+    backend = _backend(teecloud_home, node.voucher.vouch)
+    status.identity = (APP.hex(), iid.hex())
+    status.containers = lambda: _containers({8080: 18080})
+    vm = _LeftoverVm(backend.workdir(inst), port)  # type: ignore[arg-type]
+    try:
+        # still booting, or another instance's guest on that port: a handle, not booted, nothing posted
+        status.set(phase="running", compose_hash="ff" * 32)
+        assert not backend.attach(inst).booted  # type: ignore[arg-type]
+        status.set(phase="starting", compose_hash=compose_hash.hex())
+        early = backend.attach(inst)  # type: ignore[arg-type]
+        assert early.running() and early.agent_port == port and not early.booted
+        assert early.vouch_renewer is None and status.node_vouch() is None
+        # booted: re-attached, and the node's statement is posted at once (a fresh one, this node's)
+        status.set(phase="running")
+        first = backend.attach(inst)  # type: ignore[arg-type]
+        assert first.booted and first.agent_port == port
+        renewer = first.vouch_renewer
+        assert renewer is not None and renewer.active and renewer.posted == 1
+        held = status.node_vouch()
+        assert held is not None and held.instance_id == iid.hex() and held.endpoints[0].host_port == 18080
+        # attached again (every status call of a node attaches): the same renewal, no second one
+        again = backend.attach(inst)  # type: ignore[arg-type]
+        assert again.vouch_renewer is renewer and renewer.posted == 1
+        assert [t.name for t in threading.enumerate()].count(f"vouch-{iid.hex()[:8]}") == 1
+        # stop through any handle ends the renewal with the VM
+        monkeypatch.setattr(qemu, "STOP_GRACE_S", 0.2)
+        again.stop()
+        assert not renewer.active and vm.proc.poll() is not None
+        assert not backend.attach(inst).running()  # type: ignore[arg-type]
+    finally:
+        vm.kill()
+        backend._end_renewal(iid.hex())
+
+
+def test_a_renewal_for_an_earlier_vm_of_the_instance_is_replaced_not_doubled(
+    agent: tuple[GuestStatus, int], teecloud_home: Path
+) -> None:
+    status, port = agent
+    node = Node(0, DEV_KEYS[1], clock=time.time)
+    iid = node.launch()
+    inst = SimpleNamespace(instance_id=iid.hex(), compose_hash=lambda: b"\x01" * 32, app_compose=lambda: {})
+    backend = _backend(teecloud_home, node.voucher.vouch)
+    status.identity = (APP.hex(), iid.hex())
+    status.set(phase="running", compose_hash=(b"\x01" * 32).hex())
+    status.containers = lambda: _containers({8080: 18080})
+    vm = _LeftoverVm(backend.workdir(inst), port)  # type: ignore[arg-type]
+    try:
+        # a handle on the instance's earlier VM (another agent port, gone): its renewal runs, posting nothing
+        earlier = QemuCvm(inst, backend.workdir(inst), agent_port=1, booted=True)  # type: ignore[arg-type]
+        backend._renew(earlier)
+        old = earlier.vouch_renewer
+        assert old is not None and old.active and old.posted == 0
+        current = backend.attach(inst)  # type: ignore[arg-type]
+        assert current.vouch_renewer is not None and current.vouch_renewer is not old
+        assert not old.active and current.vouch_renewer.active  # the earlier VM's renewal was stopped
+        assert backend._renewers == {iid.hex(): current.vouch_renewer}
+    finally:
+        backend._end_renewal(iid.hex())
+        vm.kill()
+    # no vouch signer: a re-attached VM is booted, with no renewal
+    bare = _backend(teecloud_home, None)
+    vm = _LeftoverVm(bare.workdir(inst), port)  # type: ignore[arg-type]
+    try:
+        handle = bare.attach(inst)  # type: ignore[arg-type]
+        assert handle.booted and handle.vouch_renewer is None and bare._renewers == {}
+    finally:
+        vm.kill()
+
+
+class _AttachBackend:
+    """A CvmBackend whose `attach` finds a VM booted by an earlier node process (`running` says which)."""
+
+    kind = "fake"
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+
+    def check(self) -> None:
+        pass
+
+    def check_images(self, refs: Any) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "fake"
+
+    def launch(self, instance: Any, limits: Any, *, progress: Any = None) -> Any:
+        self.calls.append(("launch", instance.instance_id))
+        self.running.add(instance.instance_id)
+        return _Handle(self, instance.instance_id, booted=True)
+
+    def attach(self, instance: Any) -> Any:
+        self.calls.append(("attach", instance.instance_id))
+        return _Handle(self, instance.instance_id, booted=instance.instance_id in self.running)
+
+
+class _Handle:
+    def __init__(self, backend: _AttachBackend, instance_id: str, booted: bool) -> None:
+        self.backend, self.instance_id, self._booted = backend, instance_id, booted
+        self.timings: dict[str, float] = {}
+        self.dropped_env: list[str] = []
+        self.public_tcbinfo = False
+
+    @property
+    def booted(self) -> bool:
+        return self._booted
+
+    def containers(self) -> list[ContainerState]:
+        return []
+
+    def stop(self) -> None:
+        self.backend.calls.append(("stop", self.instance_id))
+        self.backend.running.discard(self.instance_id)
+        self._booted = False
+
+    def remove(self) -> list[str]:
+        self.stop()
+        return []
+
+
+def test_a_restarted_node_adopts_the_booted_vms_and_boots_only_the_others(teecloud_home: Path) -> None:
+    from teecloud.node.api import CreateCvmRequest
+    from teecloud.node.service import Node as WorkerNode
+    from teecloud.tee.simulated import SimulatedTdx
+    from tests.node.fakes import NoKeys, app_compose
+
+    def worker(backend: _AttachBackend) -> WorkerNode:
+        return WorkerNode(
+            key_provider=NoKeys(),
+            tee_factory=lambda: SimulatedTdx(teecloud_home),
+            backend=backend,  # type: ignore[arg-type]
+            home=teecloud_home,
+            memory_mb=4096,
+        )
+
+    backend = _AttachBackend()
+    first = worker(backend)
+    a = first.create(CreateCvmRequest(name="a", app_compose=app_compose(), app_id="11" * 20)).instance_id
+    b = first.create(CreateCvmRequest(name="b", app_compose=app_compose(), app_id="11" * 20)).instance_id
+    c = first.create(CreateCvmRequest(name="c", app_compose=app_compose(), app_id="11" * 20)).instance_id
+    first.wait_all(10)
+    first.stop(c)  # desired: stopped
+    backend.running.discard(b)  # b's VM died with the host; a's outlived the node process
+    del first
+    backend.calls.clear()
+    second = worker(backend)
+    assert second.reattach() == [a]
+    assert second.status(a, with_containers=False).status == "running"
+    assert second.reattach() == []  # already adopted: not attached again
+    assert [x for x in backend.calls if x[1] == a] == [("attach", a)]
+    second.resume()
+    second.wait_all(10)
+    assert ("launch", a) not in backend.calls and ("launch", b) in backend.calls
+    assert ("attach", c) not in backend.calls  # desired stopped: not adopted
+    # the adopted handle is the one stop / remove reach (its renewal ends there, on qemu)
+    second.stop(a)
+    assert ("stop", a) in backend.calls and a not in backend.running
+    assert second.status(a, with_containers=False).status == "stopped"
+
+
+def test_a_failed_round_is_retried_soon_not_a_whole_interval_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qemu, "VOUCH_RETRY_S", 0.05)
+    node = Node(0, DEV_KEYS[1], clock=time.time)
+    cvm = FakeCvm(node.launch().hex(), {8080: 18080})
+    cvm.refuse = True  # the guest's Docker too slow to answer at the first round
+    renewer = VouchRenewer(cvm, node.voucher.vouch, interval_s=3600)  # type: ignore[arg-type]
+    renewer.start()
+    try:
+        assert cvm.posted == [] and renewer.last_error
+        cvm.refuse = False
+        deadline = time.monotonic() + 10
+        while not cvm.posted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(cvm.posted) == 1 and renewer.last_error is None  # retried at once, then the hour's wait
+        time.sleep(0.3)
+        assert len(cvm.posted) == 1
+    finally:
+        renewer.stop()

@@ -1,10 +1,12 @@
-"""The RA-TLS peer verifier a client command builds from its flags (`ai proxy`, `gateway check-cert`), and the
-one PCCS client (one collateral cache folder) for every command."""
+"""The RA-TLS peer verifier a client command builds from its flags (`ai proxy`, `gateway check-cert`), the
+one PCCS client (one collateral cache folder) for every command, and the chain gate's `--finality-depth`
+option (`kms up`, `gateway up`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import typer
 from rich.console import Console
 
 from teecloud._fs import data_home
@@ -14,6 +16,14 @@ if TYPE_CHECKING:
     from teecloud.peer import PeerVerifier
 
 MISSING = "give --pccs-url (real TDX) or --trust-dev-root (the simulated TEE)"
+# the chain gate's bound (teecloud.peer._chain.MAX_FINALITY_DEPTH; not imported: the CLI starts without peer)
+MAX_FINALITY_DEPTH = 256
+
+
+def finality_depth_option(help: str) -> Any:
+    """`--finality-depth`, 0..MAX_FINALITY_DEPTH blocks (typer refuses others with a usage error), with the
+    command's own help; the default goes on the parameter."""
+    return typer.Option("--finality-depth", min=0, max=MAX_FINALITY_DEPTH, help=help)
 
 
 def pccs_client(pccs_url: str) -> PccsClient:

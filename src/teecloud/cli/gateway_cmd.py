@@ -42,6 +42,7 @@ from teecloud.cli._gateway_options import (
     AcmeTsigKeyFileOpt,
     GatewayDnsOpt,
 )
+from teecloud.cli._peers import finality_depth_option
 
 __all__ = ["app"]
 
@@ -134,12 +135,9 @@ def up(
     ] = False,
     finality_depth: Annotated[
         int,
-        typer.Option(
-            "--finality-depth",
-            min=0,
-            max=256,
-            help="With --require-vouch: trust a NodeRegistry node only once its registration is this many "
-            "blocks deep (read through the chain gate, chain id checked).",
+        finality_depth_option(
+            "With --require-vouch: trust a NodeRegistry node only once its registration is this many "
+            "blocks deep (read through the chain gate, chain id checked)."
         ),
     ] = 0,
     gateway_dns: GatewayDnsOpt = None,

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from teecloud._fs import atomic_write_json, data_home
+from teecloud.cli._peers import finality_depth_option
 
 if TYPE_CHECKING:
     from teecloud.kms.threshold_net import AdminEndpoint
@@ -160,12 +161,9 @@ def up(
     ] = None,
     finality_depth: Annotated[
         int,
-        typer.Option(
-            "--finality-depth",
-            min=0,
-            max=256,
-            help="An on-chain permission counts only once it is this many blocks deep (removals count at "
-            "once). 0 (default, local chains): the head decides.",
+        finality_depth_option(
+            "An on-chain permission counts only once it is this many blocks deep (removals count at "
+            "once). 0 (default, local chains): the head decides."
         ),
     ] = 0,
     os_images: Annotated[

@@ -13,7 +13,8 @@ run in background threads, and a change of state first waits for a running boot 
              cipher directory deleted (crypto-shredded), directory deleted; what could not be cleaned (the
              containers while the engine is down) is reported, not raised
 Node start (`resume()`): every CVM whose desired state is running boots again; node stop (`close()`): every
-CVM is stopped but keeps its desired state, so a restart brings it back.
+CVM is stopped but keeps its desired state, so a restart brings it back. `reattach()` (before `resume()`)
+adopts instead the CVMs whose VM an earlier node process left running and booted (qemu: VMs outlive it).
 """
 
 from __future__ import annotations
@@ -515,6 +516,29 @@ class Node:
         )
 
     # -- node lifecycle
+    def reattach(self) -> list[str]:
+        """Adopt every CVM whose desired state is running and whose VM an earlier node process left running
+        and booted (the qemu backend's VMs outlive the node process; `backend.attach` says whether the guest
+        runs): its handle becomes this process's (status running; stop, upgrade and remove reach it), and on
+        qemu the node's statements of its endpoints are renewed from now on. Returns the adopted ids; a
+        `resume()` after it boots the others (an adopted CVM is not booted again)."""
+        adopted = []
+        for inst in self.store.all():
+            if inst.state().get("desired", "running") != "running":
+                continue
+            cvm = self._cvm(inst.instance_id)
+            with self._idle(cvm):
+                if cvm.booted is not None or cvm.status in ("booting", "running"):
+                    continue
+                handle = self.backend.attach(inst)
+                if not handle.booted:
+                    continue
+                cvm.booted, cvm.timings = handle, dict(handle.timings)
+                cvm.status, cvm.phase, cvm.error = "running", "healthy", ""
+            adopted.append(inst.instance_id)
+            log.info("CVM %s: re-attached to the VM an earlier node process left running", inst.instance_id)
+        return adopted
+
     def resume(self) -> list[str]:
         """Boot every CVM whose desired state is running (after a node or engine restart)."""
         started = []

@@ -99,6 +99,9 @@ STOP_GRACE_S = 5.0
 # the node's statement of a guest's endpoints (teecloud.node.vouch) is posted again this often: a third of
 # its 120 s lifetime, so a guest always holds one that is valid for its next registration rounds
 VOUCH_RENEW_S = 40.0
+# a round that failed (the guest's Docker slow to answer under load) is retried this soon: the guest's first
+# registration round waits at most 60 s for a statement
+VOUCH_RETRY_S = 5.0
 VouchFn = Callable[[str, list[tuple[int, str, int]]], dict[str, Any]]
 # the fixed guest-side addresses of the host services a guest reaches (guest_services)
 GUEST_SERVICE_PORT = 443
@@ -591,7 +594,7 @@ def vouch_endpoints(containers: Sequence[ContainerState]) -> list[tuple[int, str
 
 class VouchRenewer:
     """Posts the node's fresh statement of a booted guest's forwarded ports now, then every `interval_s`
-    until stopped or the VM is gone. A round that fails is logged and retried at the next one."""
+    until stopped or the VM is gone. A round that fails is logged and retried after VOUCH_RETRY_S."""
 
     def __init__(self, cvm: QemuCvm, vouch: VouchFn, *, interval_s: float = VOUCH_RENEW_S) -> None:
         self.cvm = cvm
@@ -616,6 +619,11 @@ class VouchRenewer:
         self.last_error = None
         return True
 
+    @property
+    def active(self) -> bool:
+        """Not stopped, and its thread (once started) still runs: it ends when the VM is gone."""
+        return not self._stop.is_set() and (self._thread is None or self._thread.is_alive())
+
     def start(self) -> VouchRenewer:
         self.post_once()
         self._thread = threading.Thread(
@@ -625,17 +633,37 @@ class VouchRenewer:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s) and self.cvm.running():
+        while not self._stop.wait(self._next_wait()) and self.cvm.running():
             try:
                 self.post_once()
             except Exception as exc:  # the signer's own failure: logged, the renewal goes on
                 self.last_error = f"{type(exc).__name__}: {str(exc)[:500]}"
                 log.warning("CVM %s: node statement not posted: %s", self.cvm.instance_id, self.last_error)
 
+    def _next_wait(self) -> float:
+        return self.interval_s if self.last_error is None else min(self.interval_s, VOUCH_RETRY_S)
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
+
+
+def _agent_port_of(pid: int) -> int | None:
+    """The host loopback port QEMU `pid` forwards to the guest agent (its `hostfwd=tcp:127.0.0.1:P-:8090`,
+    as launch wrote it), read from its command line; None if there is none."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    suffix = f"-:{AGENT_GUEST_PORT}".encode()
+    for arg in argv:
+        for part in arg.split(b","):
+            if part.startswith(b"hostfwd=tcp:127.0.0.1:") and part.endswith(suffix):
+                digits = part[len(b"hostfwd=tcp:127.0.0.1:") : -len(suffix)]
+                if digits.isdigit() and 1 <= int(digits) <= 65535:
+                    return int(digits)
+    return None
 
 
 def _bounded_get(client: httpx.Client, url: str, params: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -690,6 +718,9 @@ class QemuBackend:
     def __init__(self, config: QemuBackendConfig, *, home: Path | None = None) -> None:
         self.config = config
         self.root = node_home(home) / "vms"
+        # the node-statement renewal of each booted VM, by instance id (`_renew`)
+        self._renewers: dict[str, VouchRenewer] = {}
+        self._renewers_lock = threading.Lock()
 
     def check(self) -> None:
         if shutil.which("socat") is None:
@@ -825,6 +856,7 @@ class QemuBackend:
             log.warning(
                 "CVM %s: powering off the VM a former node process left running", instance.instance_id
             )
+            self._end_renewal(instance.instance_id)
             cvm.stop()
         sim = self.config.simulated_tee if self.config.mode == "plain" else None
         _write_shared(instance, cfg.shared_dir, simulated_tee=sim, sys_config=sys_config)
@@ -882,8 +914,7 @@ class QemuBackend:
         cvm._booted = True
         cvm.timings = {"agent-ready": agent_ready, "app-running": time.perf_counter() - t0}
         cvm.dropped_env = [str(n) for n in info.get("dropped_env") or []][:256]
-        if self.config.vouch is not None:  # the guest waits for it before its first registration round
-            cvm.vouch_renewer = VouchRenewer(cvm, self.config.vouch).start()
+        self._renew(cvm)  # the guest waits for the statement before its first registration round
         return cvm
 
     def _guest_sys_config(self, inst: Instance) -> tuple[dict[str, Any], tuple[GuestForward, ...]]:
@@ -966,7 +997,57 @@ class QemuBackend:
         )
 
     def attach(self, instance: Instance) -> QemuCvm:
-        return QemuCvm(instance, self.workdir(instance), agent_port=None, booted=False)
+        """A handle on the instance's VM, which this process may not have launched (VMs outlive the node
+        process). A VM that runs, whose QEMU forwards the agent's port and whose guest reports `running`
+        with this instance's compose hash, is re-attached: its handle is booted (containers, attestation)
+        and, with a vouch signer, carries the node's statements from now on (`_renew`: one renewal per
+        VM, whichever handle started it). Else a handle that can list, log, stop and remove."""
+        cvm = QemuCvm(instance, self.workdir(instance), agent_port=None, booted=False)
+        pid = cvm.pid()
+        port = _agent_port_of(pid) if pid is not None else None
+        if port is None:
+            return cvm
+        cvm.agent_port = port
+        try:
+            with httpx.Client(timeout=5.0) as client:
+                status, body = _bounded_get(client, f"http://127.0.0.1:{port}/info")
+            info = json.loads(body) if status == 200 else None
+        except (httpx.HTTPError, RuntimeFailed, ValueError):
+            info = None
+        if (
+            not isinstance(info, dict)
+            or info.get("phase") != "running"
+            or info.get("compose_hash") != instance.compose_hash().hex()
+        ):
+            return cvm  # not (yet) booted, or not this instance's guest: nothing to vouch for
+        cvm.guest_info = info
+        cvm._booted = True
+        cvm.dropped_env = [str(n) for n in info.get("dropped_env") or []][:256]
+        self._renew(cvm)
+        return cvm
+
+    def _renew(self, cvm: QemuCvm) -> None:
+        """Start the node's statements for a booted VM (with a vouch signer), or hand `cvm` the renewal
+        that already runs for that VM: never two renewals for one CVM. A renewal for an earlier VM of the
+        instance (another agent port) is stopped first."""
+        if self.config.vouch is None:
+            return
+        with self._renewers_lock:
+            current = self._renewers.get(cvm.instance_id)
+            if current is not None and current.active and current.cvm.agent_port == cvm.agent_port:
+                cvm.vouch_renewer = current
+                return
+            if current is not None:
+                current.stop()
+            renewer = self._renewers[cvm.instance_id] = VouchRenewer(cvm, self.config.vouch)
+            cvm.vouch_renewer = renewer
+        renewer.start()  # its first post goes to the guest at once (outside the lock: an HTTP call)
+
+    def _end_renewal(self, instance_id: str) -> None:
+        with self._renewers_lock:
+            renewer = self._renewers.pop(instance_id, None)
+        if renewer is not None:
+            renewer.stop()
 
 
 def _image_refs(inst: Instance) -> list[str]:
