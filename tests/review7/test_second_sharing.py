@@ -11,6 +11,7 @@ under kms.peering's rule); a crash of an honest coordinator between its commits 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from dstack_sdk.verify_env_encrypt_public_key import verify_env_encrypt_public_k
 from teecloud.appcompose import compose_hash
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.kms import api
+from teecloud.kms.errors import AccessDenied
 from teecloud.kms.threshold import local_joint_feldman
-from teecloud.kms.threshold_env import EnvKeys, ceremony_quorum
+from teecloud.kms.threshold_env import EnvKeys, EnvKeyStore, ceremony_quorum
 from tests.kms.conftest import World
 from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
 from tests.kms.test_threshold_nodes import HELLO
@@ -65,8 +67,11 @@ def _stage(m: Member, body: dict[str, object]) -> api.PeerEnvDkgResponse:
     return _env(m).stage(api.PeerEnvDkgRequest.model_validate(body))
 
 
-def _ceremony(nodes: dict[int, Member], app_id: bytes, dealers: list[int], commit_on: list[int]) -> None:
-    """The coordinator's messages of one ceremony among `dealers`, committed on `commit_on` only."""
+def _ceremony(
+    nodes: dict[int, Member], app_id: bytes, dealers: list[int], commit_on: list[int], *, confirm: bool = True
+) -> None:
+    """The coordinator's messages of one ceremony among `dealers`, committed on `commit_on` only, then (with
+    `confirm`) phase two: `confirm` to each of them."""
     base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": 1, "app_id": app_id.hex()}
     deals = {i: _stage(nodes[i], {**base, "stage": "deal"}) for i in dealers}
     assert not any(a.held for a in deals.values())
@@ -80,6 +85,8 @@ def _ceremony(nodes: dict[int, Member], app_id: bytes, dealers: list[int], commi
         _stage(nodes[i], {**base, "stage": "commit", "commitments": agreed})
     for i in set(dealers) - set(commit_on):
         _stage(nodes[i], {**base, "stage": "abort"})
+    for i in commit_on if confirm else []:  # phase two: each settles its tentative share from its own poll
+        _stage(nodes[i], {**base, "stage": "confirm"})
 
 
 def test_one_app_never_gets_two_usable_env_sharings(world: World, members_2of5: dict[int, Member]) -> None:
@@ -112,30 +119,33 @@ def test_one_app_never_gets_two_usable_env_sharings(world: World, members_2of5: 
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R7-1 (still open in part): a ceremony committed on fewer than t members leaves them a share of "
-    "an unusable key (kept for ever; they cannot answer the app's env key) while n - t + 1 others make a new "
-    "sharing; nothing anchors an app's commitments",
-)
 def test_a_partly_committed_sharing_leaves_no_stale_share_beside_the_apps_one(
     world: World, members_2of5: dict[int, Member]
 ) -> None:
     nodes = members_2of5
     q = ceremony_quorum(T2, N)
     app_id = world.register(compose_hash(dict(HELLO, name="review7-partial-sharing")))
-    # ceremony A among {1..q}, sealed on member 1 only (fewer than t: the coordinator stopped there)
-    _ceremony(nodes, app_id, list(range(1, q + 1)), commit_on=[1])
+    # ceremony A among {1..q}, sealed on member 1 only (fewer than t: the coordinator stopped there, before
+    # any confirm; with its confirm, member 1 would find A an orphan at once and drop it)
+    _ceremony(nodes, app_id, list(range(1, q + 1)), commit_on=[1], confirm=False)
+    one = _env(nodes[1]).store.record(1, app_id)
+    assert one is not None and one[1] is False  # sealed tentative: 1 < t members hold it, never promoted
+    a_commitments = one[0].commitments
+    with pytest.raises(AccessDenied, match="holds no env share"):  # never signs for a tentative share
+        _env(nodes[1]).sign_shares(1, app_id, int(time.time()), [])
     # ceremony B among the n - 1 >= q members that hold nothing; nobody asks 1
-    try:
-        _ceremony(nodes, app_id, [2, 3, 4, 5], commit_on=[2, 3, 4, 5])
-    except Exception:  # a refusal is the safe outcome
-        return
-    sharings = {s.commitments for m in nodes.values() if (s := _env(m).store.get(1, app_id)) is not None}
-    answers = set()
-    for i in (1, 4):
-        try:
-            answers.add(nodes[i].service.env_encrypt_pubkey(app_id.hex()).public_key)
-        except Exception:  # a node that cannot answer gives no second key (its peers sign only theirs)
-            pass
-    assert len(sharings) == 1 and len(answers) <= 1, f"{len(sharings)} sharings, answers {answers}"
+    _ceremony(nodes, app_id, [2, 3, 4, 5], commit_on=[2, 3, 4, 5])
+    b_share = _env(nodes[2]).store.get(1, app_id)
+    assert b_share is not None and b_share.commitments != a_commitments  # B confirmed on 2..5
+    # member 1's first need (its GetAppEnvEncryptPubKey): it polls, drops A (superseded), recovers B
+    answers = {i: nodes[i].service.env_encrypt_pubkey(app_id.hex()).public_key for i in (1, 4)}
+    records = {i: _env(m).store.record(1, app_id) for i, m in nodes.items()}
+    sharings = {(r[0].commitments, r[1]) for r in records.values() if r is not None}
+    assert sharings == {(b_share.commitments, True)}, f"{len(sharings)} sharings stored"
+    assert len(set(answers.values())) == 1, f"answers {answers}"
+    # the stale share is gone from member 1's directory too (not only unused): one sealed file, B's
+    files = sorted(p.name for p in _env(nodes[1]).store.dir.glob("1-*.sealed"))
+    assert files == [f"1-{app_id.hex()}.sealed"]
+    store = _env(nodes[1]).store
+    reopened = EnvKeyStore(store.dir, store._seal, store._unseal, index=1, t=T2).record(1, app_id)
+    assert reopened is not None and (reopened[0].commitments, reopened[1]) == (b_share.commitments, True)

@@ -638,8 +638,9 @@ class PeerEnvDkgRequest(BaseModel):
     model_config = _STRICT
 
     # held: does this member hold a sealed sharing (no dealing); recover: obtain this member's missing share
-    # of an existing sharing by share recovery (kms.threshold_env)
-    stage: str = Field(pattern="^(deal|view|finish|commit|abort|held|recover)$")
+    # of an existing sharing by share recovery; confirm: settle this member's tentative share (promoted only
+    # when it sees t members hold the same commitments, itself included; dropped when superseded: R7-1)
+    stage: str = Field(pattern="^(deal|view|finish|commit|confirm|abort|held|recover)$")
     session: _Session
     epoch: int = Field(ge=1, lt=1 << 32)
     app_id: _AppIdHex
@@ -653,6 +654,7 @@ class PeerEnvDkgResponse(BaseModel):
     index: int
     stage: str
     held: bool = False  # this member already holds a sealed sharing of the app (its commitments follow)
+    tentative: bool = False  # ... sealed by a commit, not yet confirmed held by t members (review 7, R7-1)
     commitments: list[_Ed] = Field(default_factory=list, max_length=64)
     view_hash: str = ""
     member: PeerMember | None = None

@@ -16,8 +16,11 @@ kms.peering's rule):
             equals its own, once), checks each against its dealer's commitments (a bad dealer is named),
             sums: the share is PENDING, in memory; answers the group commitments
     commit  the commitments every member finished with (the coordinator checked they all agree): equal to
-            its pending result, it seals the share (one atomic write; an existing sealing is never
+            its pending result, it seals the share TENTATIVE (one atomic write; an existing sealing is never
             replaced); nothing is sealed anywhere before every member finished
+    confirm after every commit: the member settles its tentative share from its own `held` poll of the
+            members: promoted (sealed CONFIRMED) when t of them, itself included, hold the same
+            commitments; dropped when fewer than t can (review 7, R7-1). Only confirmed shares are served.
 
 A ceremony that fails before commit leaves nothing sealed and is retried by the next request (a new
 session). A member that was down, or whose commit failed, gets ITS share of the sharing later by share
@@ -137,36 +140,58 @@ def legacy_digest(app_id: bytes, public_key: bytes) -> bytes:
     return keccak(b"dstack-env-encrypt-pubkey:" + app_id + public_key)
 
 
-_RECORD_FORMAT = "teecloud-env-share-v2"
+_RECORD_FORMAT = "teecloud-env-share-v3"
+_LEGACY_FORMAT = "teecloud-env-share-v2"  # sealed before R7-1's two-phase commit: opened as tentative
 _ANSWER_FORMAT = "teecloud-env-answer-v1"
+_STATES = ("tentative", "confirmed")
 
 
-def _sealed_record(epoch: int, app_id: bytes, share: tx.EnvKeyShare) -> bytes:
-    """What is sealed for one app's env share: the share AND the (epoch, app_id) it belongs to. The file
-    name is the host's to change; the sealed content is not (review 6, R6-1: a host that copied app B's
-    sealed share over app A's file made the node answer A's boots with B's key)."""
+def _sealed_record(epoch: int, app_id: bytes, share: tx.EnvKeyShare, state: str) -> bytes:
+    """What is sealed for one app's env share: the share, the (epoch, app_id) it belongs to and its state
+    (`tentative` as a ceremony's commit seals it, `confirmed` once t members are seen to hold the same
+    commitments: review 7, R7-1). The file name is the host's to change; the sealed content is not
+    (review 6, R6-1: a host that copied app B's sealed share over app A's file made the node answer A's
+    boots with B's key)."""
+    if state not in _STATES:
+        raise ValueError(f"state: one of {_STATES}")
     doc = {
         "format": _RECORD_FORMAT,
         "epoch": epoch,
         "app_id": app_id.hex(),
+        "state": state,
         "share": json.loads(tx.share_to_json(share)),
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _open_record(data: bytes, epoch: int, app_id: bytes) -> tx.EnvKeyShare:
-    """The share of a sealed record, only if it was sealed for exactly (epoch, app_id)."""
+def _open_record(data: bytes, epoch: int, app_id: bytes) -> tuple[tx.EnvKeyShare, bool]:
+    """The share of a sealed record and whether it is confirmed, only if it was sealed for exactly
+    (epoch, app_id). A v2 record (sealed before the two-phase commit) opens as tentative: it is promoted
+    on first need only if t members hold its commitments, like any other tentative share."""
     try:
         doc = json.loads(data)
-        ok = isinstance(doc, dict) and set(doc) == {"format", "epoch", "app_id", "share"}
-        if not ok or doc["format"] != _RECORD_FORMAT:
+        if not isinstance(doc, dict):
+            raise SealingError("not an env share record")
+        if doc.get("format") == _LEGACY_FORMAT and set(doc) == {"format", "epoch", "app_id", "share"}:
+            state = "tentative"
+        elif doc.get("format") == _RECORD_FORMAT and set(doc) == {
+            "format",
+            "epoch",
+            "app_id",
+            "state",
+            "share",
+        }:
+            state = doc["state"]
+            if state not in _STATES:
+                raise SealingError(f"unknown env share state {state!r}")
+        else:
             raise SealingError(f"not a {_RECORD_FORMAT} record")
         if type(doc["epoch"]) is not int or doc["epoch"] != epoch or doc["app_id"] != app_id.hex():
             raise SealingError(
                 f"sealed for epoch {doc['epoch']} and app {doc['app_id']}, not epoch {epoch} and app "
                 f"{app_id.hex()} (a relabelled file)"
             )
-        return tx.share_from_json(json.dumps(doc["share"]).encode())
+        return tx.share_from_json(json.dumps(doc["share"]).encode()), state == "confirmed"
     except (ValueError, TypeError) as exc:
         raise SealingError(f"malformed sealed env record: {exc}") from exc
 
@@ -174,19 +199,24 @@ def _open_record(data: bytes, epoch: int, app_id: bytes) -> tx.EnvKeyShare:
 class EnvKeyStore:
     """This node's sealed per-app env shares: `<kms dir>/threshold-env/<epoch>-<app_id>.sealed`, each
     sealed to the node's measurement together with the (epoch, app_id) it belongs to (checked on open: the
-    file name is the host's), written once (atomic), never replaced."""
+    file name is the host's) and its state. A ceremony's commit seals a share TENTATIVE; it is served
+    (`get`: signatures, partials, recovery help) only once CONFIRMED (`confirm`: one atomic rewrite, after
+    this member saw t members hold the same commitments); a tentative share whose sharing was superseded is
+    dropped (`drop_tentative`). A share is never replaced otherwise, and a confirmed one never dropped
+    (review 7, R7-1)."""
 
     def __init__(self, directory: Path, seal: _Sealer, unseal: _Sealer, *, index: int, t: int) -> None:
         self.dir = Path(directory)
         self._seal, self._unseal = seal, unseal
         self.index, self.t = index, t
-        self._cache: dict[tuple[int, bytes], tx.EnvKeyShare] = {}
+        self._cache: dict[tuple[int, bytes], tuple[tx.EnvKeyShare, bool]] = {}
         self._lock = threading.Lock()
 
     def _path(self, epoch: int, app_id: bytes) -> Path:
         return self.dir / f"{epoch}-{app_id.hex()}.sealed"
 
-    def get(self, epoch: int, app_id: bytes) -> tx.EnvKeyShare | None:
+    def record(self, epoch: int, app_id: bytes) -> tuple[tx.EnvKeyShare, bool] | None:
+        """This node's sealed share of the app, in either state, and whether it is confirmed."""
         with self._lock:
             hit = self._cache.get((epoch, app_id))
         if hit is not None:
@@ -195,7 +225,7 @@ class EnvKeyStore:
         if not path.exists():
             return None
         try:
-            share = _open_record(self._unseal(path.read_bytes()), epoch, app_id)
+            share, confirmed = _open_record(self._unseal(path.read_bytes()), epoch, app_id)
         except (KeysError, SealingError, OSError) as exc:
             raise SealingError(f"the sealed env share {path.name} does not open: {exc}") from exc
         if share.index != self.index or share.t != self.t:
@@ -203,12 +233,18 @@ class EnvKeyStore:
         with self._lock:
             if len(self._cache) >= 4096:
                 self._cache.clear()
-            self._cache[(epoch, app_id)] = share
-        return share
+            self._cache[(epoch, app_id)] = (share, confirmed)
+        return share, confirmed
+
+    def get(self, epoch: int, app_id: bytes) -> tx.EnvKeyShare | None:
+        """The app's CONFIRMED share (the only one anything is served from); None when there is none or
+        it is still tentative."""
+        rec = self.record(epoch, app_id)
+        return rec[0] if rec is not None and rec[1] else None
 
     def apps(self, epoch: int) -> list[bytes]:
-        """The apps this node holds a sealed env share of under `epoch` (from the file names; each share is
-        still opened and checked by `get`)."""
+        """The apps this node holds a sealed env share of under `epoch`, in either state (from the file
+        names; each share is still opened and checked by `record`)."""
         out = []
         for path in sorted(self.dir.glob(f"{epoch}-*.sealed")):
             app_hex = path.name[len(f"{epoch}-") : -len(".sealed")]
@@ -226,12 +262,38 @@ class EnvKeyStore:
             self._cache.clear()
         return gone
 
-    def put(self, epoch: int, app_id: bytes, share: tx.EnvKeyShare) -> None:
-        if self.get(epoch, app_id) is not None:
+    def put(self, epoch: int, app_id: bytes, share: tx.EnvKeyShare, *, tentative: bool = False) -> None:
+        """Seal a share of the app: tentative (a ceremony's commit) or confirmed (a recovered or carried
+        share: made from t holders' confirmed shares). Refused when any share of the app is sealed here."""
+        if self.record(epoch, app_id) is not None:
             raise KmsUsageError("this member already holds a sealed env share of this app (never replaced)")
-        atomic_write(self._path(epoch, app_id), self._seal(_sealed_record(epoch, app_id, share)))
+        state = "tentative" if tentative else "confirmed"
+        atomic_write(self._path(epoch, app_id), self._seal(_sealed_record(epoch, app_id, share, state)))
         with self._lock:
-            self._cache[(epoch, app_id)] = share
+            self._cache[(epoch, app_id)] = (share, not tentative)
+
+    def confirm(self, epoch: int, app_id: bytes, commitments: tuple[bytes, ...]) -> tx.EnvKeyShare:
+        """Promote the tentative share of exactly `commitments` (one atomic rewrite); the share."""
+        rec = self.record(epoch, app_id)
+        if rec is None or rec[0].commitments != commitments:
+            raise KmsUsageError("no sealed env share of these commitments here to confirm")
+        if not rec[1]:
+            sealed = self._seal(_sealed_record(epoch, app_id, rec[0], "confirmed"))
+            atomic_write(self._path(epoch, app_id), sealed)
+            with self._lock:
+                self._cache[(epoch, app_id)] = (rec[0], True)
+        return rec[0]
+
+    def drop_tentative(self, epoch: int, app_id: bytes, commitments: tuple[bytes, ...]) -> None:
+        """Remove the TENTATIVE share of exactly `commitments` (a superseded sharing) and any answer sealed
+        beside it; a confirmed share is never dropped here."""
+        rec = self.record(epoch, app_id)
+        if rec is None or rec[1] or rec[0].commitments != commitments:
+            raise KmsUsageError("no tentative env share of these commitments here to drop")
+        with self._lock:
+            self._cache.pop((epoch, app_id), None)
+        self._answer_path(epoch, app_id).unlink(missing_ok=True)
+        self._path(epoch, app_id).unlink()
 
     # the last group-signed answer of GetAppEnvEncryptPubKey, sealed beside the share as
     # `<epoch>-<app>.answer`: public, sealed for integrity, bound to (epoch, app_id); replaced when re-signed
@@ -372,22 +434,34 @@ class EnvKeys:
     def stage(self, req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
         session, app_id = bytes.fromhex(req.session), bytes.fromhex(req.app_id)
         out = api.PeerEnvDkgResponse(index=self.index, stage=req.stage)
-        if req.stage in ("held", "recover"):
+        if req.stage in ("held", "recover", "confirm"):
             self._check_epoch(req.epoch)
             self._app_registered(app_id)
-            held = self.store.get(req.epoch, app_id)
-            if held is None and req.stage == "recover":  # a member that holds the sharing lacks: repair
-                with self._app_lock(req.epoch, app_id):
-                    held = self.recover(req.epoch, app_id)
-            if held is not None:
-                out.held, out.commitments = True, [c.hex() for c in held.commitments]
+            rec = self.store.record(req.epoch, app_id)
+            # recover: a member that lacks the sharing (or holds a tentative share) repairs; confirm: a
+            # member with a tentative share settles it (promoted, or dropped for the app's sharing and
+            # recovered, or left tentative: the answer says which); held: never any call (a poll answer)
+            settle = req.stage == "recover" and (rec is None or not rec[1])
+            settle |= req.stage == "confirm" and rec is not None and not rec[1]
+            if settle:
+                try:
+                    with self._app_lock(req.epoch, app_id):
+                        self.recover(req.epoch, app_id)
+                except KmsUsageError:
+                    if req.stage == "recover":
+                        raise
+                rec = self.store.record(req.epoch, app_id)
+            if rec is not None:
+                out.held, out.commitments = True, [c.hex() for c in rec[0].commitments]
+                out.tentative = not rec[1]
             return out
         if req.stage == "deal":
             self._check_epoch(req.epoch)
             self._app_registered(app_id)
-            held = self.store.get(req.epoch, app_id)
-            if held is not None:
-                out.held, out.commitments = True, [c.hex() for c in held.commitments]
+            rec = self.store.record(req.epoch, app_id)
+            if rec is not None:  # a tentative share too: it is settled, never dealt over (R7-1)
+                out.held, out.commitments = True, [c.hex() for c in rec[0].commitments]
+                out.tentative = not rec[1]
                 return out
             commitments, shares = tx.deal(self.t, self.n)
             with self._lock:
@@ -460,7 +534,7 @@ class EnvKeys:
         if cer.pending is None or [c.hex() for c in cer.pending.commitments] != req.commitments:
             self._drop(session)
             raise KmsUsageError("commit of other commitments than this member finished with")
-        self.store.put(cer.epoch, app_id, cer.pending)
+        self.store.put(cer.epoch, app_id, cer.pending, tentative=True)  # served only once confirmed (R7-1)
         self._drop(session)
         out.commitments = req.commitments
         return out
@@ -512,10 +586,18 @@ class EnvKeys:
         key = (epoch, app_id)
         with self._app_lock(epoch, app_id):  # concurrent first requests of one app: one ceremony, others wait
             share = self.store.get(epoch, app_id)
+            if share is None and self.store.record(epoch, app_id) is not None:
+                try:  # this member's tentative share: settled first, never a ceremony over it (R7-1)
+                    share = self.recover(epoch, app_id)
+                except KmsUsageError as exc:
+                    if self.store.record(epoch, app_id) is not None:
+                        raise EnvKeyBusy(f"this member's env share of the app is not settled: {exc}") from exc
+                    # dropped as an orphan and no sharing to recover: a new ceremony (below)
             if share is None:
                 self._ceremony_run(epoch, app_id)
                 share = self.store.get(epoch, app_id)
-                assert share is not None
+                if share is None:
+                    raise EnvKeyBusy("the new env sharing is not confirmed on t members yet: retry shortly")
             cached = self._answers.get(key)
             if cached is None:  # a restarted node: the answer sealed beside the share, if it still verifies
                 cached = self.store.answer(epoch, app_id)
@@ -622,11 +704,18 @@ class EnvKeys:
         if the ceremony then fails), left out of the dealers, and the ceremony goes on among the others
         under the quorum rule. Safe for the honest case: a sharing committed on fewer than t members cannot
         be used (no t members sign its public key, no CVM combines t partials under it), and one committed
-        on t or more is always repaired, never replaced. (A compromised dealer that hides its share is
-        R7-1's case: nothing anchors an app's commitments yet.) Such an orphaned share stays sealed on its
-        member (a sealing is never replaced): that member's GetAppEnvEncryptPubKey fails (a member signs
-        only the key of its own sharing, and the coordinator refuses shares for another key) and the CVM
-        skips its partials (under other commitments than t members agree on); docs/kms.md "The ceremony"."""
+        on t or more is always repaired, never replaced.
+
+        Two-phase commit (review 7, R7-1): a commit seals a share TENTATIVE, served by nothing; each member
+        that committed then settles it from its own poll of the members (`confirm`, sent after every
+        commit; or its first need): promoted when t members hold those commitments, dropped when fewer than
+        t can. A ceremony that meets tentative holders lets them settle first, then deals again once, so a
+        coordinator that stopped between commits leaves nothing the next request does not finish."""
+        if not self._ceremony_once(epoch, app_id, settle=True):
+            self._ceremony_once(epoch, app_id, settle=False)
+
+    def _ceremony_once(self, epoch: int, app_id: bytes, *, settle: bool) -> bool:
+        """One try of `_ceremony_run`; False when it stopped to let tentative holders settle first."""
         members = list(range(1, self.n + 1))
         base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": epoch, "app_id": app_id.hex()}
         dealt: list[int] = members
@@ -634,10 +723,18 @@ class EnvKeys:
             deals, down = self._each({**base, "stage": "deal"}, members)
             dealt = sorted(i for i, a in deals.items() if not a.held)
             claims = {i: a.commitments for i, a in deals.items() if a.held}
+            tentative = sorted(i for i, a in deals.items() if a.held and a.tentative and i != self.index)
+            if tentative and settle:
+                # members hold tentative shares (a ceremony whose coordinator stopped between its commits
+                # and its confirms): each settles its own first (promoted when t members hold it, dropped
+                # when fewer than t can), then this runs once more with what they hold now (R7-1)
+                self._abort(base, dealt)
+                self._settle_others(base, tentative)
+                return False
             if claims and len(dealt) < self.n - self.t + 1:
                 self._abort(base, dealt)  # repair, never a second sharing of the app
                 self._repair(epoch, app_id, [i for i in dealt if i != self.index])
-                return
+                return True
             if claims:
                 log.warning(
                     "env key of app %s: members %s claim to hold a sharing, at most %d members can (%s): "
@@ -658,11 +755,20 @@ class EnvKeys:
                     f"(retry shortly){': ' + why if why else ''}"
                 )
             self._ceremony_stages(base, deals, dealt)
+            self._settle_others(base, tentative)  # a claimant still tentative: now superseded, dropped
+            return True
         except Exception:
             # best effort: every member drops its dealing of this session (else it would hold the app's
             # ceremony slot until CEREMONY_WINDOW_S); nothing was sealed unless commit ran
             self._abort(base, dealt)
             raise
+
+    def _settle_others(self, base: dict[str, object], members: list[int]) -> None:
+        """Best effort: `members` settle their tentative shares (each decides alone, from its own poll)."""
+        if members:
+            _, failed = self._each({**base, "stage": "confirm"}, members)
+            for i, reason in sorted(failed.items()):
+                log.warning("member %d did not settle its env share of app %s: %s", i, base["app_id"], reason)
 
     def _abort(self, base: dict[str, object], members: list[int]) -> None:
         if not members:
@@ -689,10 +795,21 @@ class EnvKeys:
         self.stage(
             api.PeerEnvDkgRequest.model_validate({**base, "stage": "commit", "commitments": list(agreed)})
         )
-        # this member sealed: from here the sharing exists; a member whose commit fails now (crash, network)
-        # gets its share by recovery (below, or on its own next request), never from a second ceremony
+        # this member sealed (tentative): a member whose commit fails now (crash, network) gets its share by
+        # recovery (below, or on its own next request), never from a second ceremony
         others = [i for i in members if i != self.index]
         _, failed = self._each({**base, "stage": "commit", "commitments": list(agreed)}, others)
+        # phase two: each member that committed settles its tentative share from its OWN poll of the
+        # members (promoted only when t of them, itself included, hold these commitments; the coordinator's
+        # word is not evidence); this node first (its app lock is held: called directly)
+        epoch, app_id = int(str(base["epoch"])), bytes.fromhex(str(base["app_id"]))
+        try:
+            self.recover(epoch, app_id)
+        except KmsUsageError as exc:
+            raise EnvKeyBusy(
+                f"the new env sharing is not confirmed: fewer than {self.t} members committed it ({exc})"
+            ) from exc
+        self._settle_others(base, [i for i in others if i not in failed])
         if failed:
             log.warning(
                 "env key of app %s: commit failed on members %s (%s); repairing by share recovery",
@@ -700,7 +817,7 @@ class EnvKeys:
                 sorted(failed),
                 "; ".join(f"{i}: {r[:100]}" for i, r in sorted(failed.items())),
             )
-            self._repair(int(str(base["epoch"])), bytes.fromhex(str(base["app_id"])), sorted(failed))
+            self._repair(epoch, app_id, sorted(failed))
 
     def _repair(self, epoch: int, app_id: bytes, lacking: list[int]) -> None:
         """This node's missing share (share recovery), then best effort the other `lacking` members' (each
@@ -724,16 +841,24 @@ class EnvKeys:
         """This member's share of the app's existing sharing, from t members that hold it (keys.share_repair
         enrollment over kms.peering), checked against the commitments t holders agree on, then sealed.
         The caller holds the app's lock."""
-        held = self.store.get(epoch, app_id)
-        if held is not None:
-            return held
+        rec = self.store.record(epoch, app_id)
+        if rec is not None and rec[1]:
+            return rec[0]
         self._check_epoch(epoch)
         base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": epoch, "app_id": app_id.hex()}
         answers, _ = self._each({**base, "stage": "held"}, sorted(self.peers))
-        by_sharing: dict[tuple[bytes, ...], list[int]] = {}
+        claims: dict[tuple[bytes, ...], list[int]] = {}  # sealed, in either state
+        by_sharing: dict[tuple[bytes, ...], list[int]] = {}  # confirmed: the members that may help recover
         for i, a in sorted(answers.items()):
             if a.held and len(a.commitments) == self.t:
-                by_sharing.setdefault(tuple(_hex32(c) for c in a.commitments), []).append(i)
+                cs = tuple(_hex32(c) for c in a.commitments)
+                claims.setdefault(cs, []).append(i)
+                if not a.tentative:
+                    by_sharing.setdefault(cs, []).append(i)
+        if rec is not None:  # this member's tentative share: promote, drop, or leave it (never serve it)
+            promoted = self._settle(epoch, app_id, rec[0], claims, by_sharing, len(answers))
+            if promoted is not None:
+                return promoted
         usable = {c: hs for c, hs in by_sharing.items() if len(hs) >= self.t}
         if len(usable) != 1:
             what = {i: c[0].hex()[:16] for c, hs in by_sharing.items() for i in hs}
@@ -764,6 +889,58 @@ class EnvKeys:
             return share
         detail = "; ".join(f"member {i}: {r}" for i, r in sorted(faults.items()))
         raise KmsUsageError(f"share recovery of this app's env share failed: {detail}")
+
+    def _settle(
+        self,
+        epoch: int,
+        app_id: bytes,
+        mine: tx.EnvKeyShare,
+        claims: Mapping[tuple[bytes, ...], list[int]],
+        confirmed: Mapping[tuple[bytes, ...], list[int]],
+        answered: int,
+    ) -> tx.EnvKeyShare | None:
+        """This member's tentative share `mine`, settled from one poll of the other members (`answered` of
+        them answered; `claims`: who says it sealed which commitments, `confirmed`: of those, who says
+        confirmed). Returns the share once promoted: t members hold its commitments, this one included,
+        and no other sharing has t claimants. Drops it and returns None (the caller recovers the app's
+        sharing, or a new ceremony makes one) when fewer than t members can hold it: n − t + 1 members
+        answered without claiming it (an orphan), or another sharing has t CONFIRMED claimants and this one
+        fewer than t claimants (superseded). Else it stays tentative and KmsUsageError: nothing is served
+        from it, the next need polls again. t − 1 liars can delay this (a tie), and can lift an orphan to
+        t claimants (docs/kms.md "Two-phase commit": what they can and cannot do)."""
+        own = mine.commitments
+        count = {c: len(hs) + (1 if c == own else 0) for c, hs in claims.items()}
+        count.setdefault(own, 1)
+        big = sorted(c for c, k in count.items() if k >= self.t)
+        if big == [own]:
+            log.info("env share of app %s confirmed (%d members hold it)", app_id.hex(), count[own])
+            return self.store.confirm(epoch, app_id, own)
+        not_own = answered - len(claims.get(own, []))
+        orphan = not_own >= self.n - self.t + 1
+        ahead = [c for c, hs in confirmed.items() if c != own and len(hs) >= self.t]
+        superseded = len(big) == 1 and big == ahead
+        if count[own] < self.t and (orphan or superseded):
+            self.store.drop_tentative(epoch, app_id, own)
+            log.warning(
+                "env share of app %s: this member's tentative share (%s) dropped: %d holder(s) of %d needed, "
+                "%d members answered without it%s",
+                app_id.hex(),
+                own[0].hex()[:16],
+                count[own],
+                self.t,
+                not_own,
+                f"; members {confirmed[big[0]]} confirmed the app's sharing" if superseded else "",
+            )
+            return None
+        what = {
+            i: c[0].hex()[:16] + ("" if i in confirmed.get(c, []) else " (tentative)")
+            for c, hs in claims.items()
+            for i in hs
+        }
+        raise KmsUsageError(
+            f"this member's tentative env share of the app ({own[0].hex()[:16]}, {count[own]} of the "
+            f"{self.t} holders needed) is not settled: the other members claim {what or 'nothing'}"
+        )
 
     def _recover_from(
         self, epoch: int, app_id: bytes, sharing: tuple[bytes, ...], helpers: list[int]
