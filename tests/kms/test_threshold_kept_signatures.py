@@ -210,8 +210,9 @@ def test_a_node_serving_a_wrong_kept_signature_is_named_and_the_boot_signs(
         "this key, another app's signature": (pub, other.keys.k256_signature),
         "a tampered signature": (pub, bytes(flipped)),
         "the same signature, high s (malleated)": (pub, r + (ORDER - s).to_bytes(32, "big") + bytes([v ^ 1])),
-        # a genuine group signature for this app, but of another public key than the one the CVM derives
-        "a group signature of another key for this app": (
+        # a genuine group signature for this app, but of another public key than the one the CVM derives:
+        # what a kept signature of another epoch is (the epoch is an input of the app key's derivation)
+        "a group signature of another key for this app (another epoch's)": (
             stranger,
             _group_sign(keys.signing, kms_issued_digest(app_id, stranger)),
         ),

@@ -25,6 +25,11 @@ Procedure:
       (teecloud.keys.threshold_ecdsa; each share checked, the result checked against the group's key).
       Without t valid shares the boot goes on without it (`signature_error`): GetKey then refuses.
       For a group with a root CA, in the same round (concurrently): the app CA certificate (`ca_error`).
+      Both cover keys derived from the app-level output, the same at every boot of the app under an
+      epoch: a node returns its kept copies inside its (3) answer, and the CVM uses one only when it checks
+      against the key derived in (4) and the group's key from the chain (a node whose copy does not is
+      named); only what is still missing is signed, and then handed to the nodes to keep
+      (ThresholdKeepSignatures): every boot after an app's first is one attested round.
 
 Transport: one boot, one RA-TLS credential (kms.client.BootCredential: one key, one quote) and one
 kept-alive mutual-TLS connection per node for all of (2)-(5) (`_boot`); each node still applies its whole
