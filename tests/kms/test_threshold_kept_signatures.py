@@ -246,7 +246,7 @@ def test_a_node_serving_a_wrong_kept_signature_is_named_and_the_boot_signs(
         assert liar.signature_error == "", what
 
     # node 1 lies and node 2 keeps the genuine one: node 2's is used, node 1 named, nothing signed
-    signed = _records(cluster, api.PATH_THRESHOLD_SIGN)
+    sign_records = _records(cluster, api.PATH_THRESHOLD_SIGN)
     _serve(
         cluster,
         lambda i, a: setattr(
@@ -260,7 +260,7 @@ def test_a_node_serving_a_wrong_kept_signature_is_named_and_the_boot_signs(
     liar = cluster.provider()
     _, got = boot_hello(teecloud_home, world, liar, app_id=app_id)
     assert set(liar.faults) == {1} and got.keys.k256_signature == genuine
-    assert _records(cluster, api.PATH_THRESHOLD_SIGN) == signed
+    assert _records(cluster, api.PATH_THRESHOLD_SIGN) == sign_records
 
 
 def test_a_node_serving_a_wrong_kept_app_ca_is_named_and_the_boot_signs(
@@ -463,3 +463,72 @@ def test_a_new_signing_key_or_epoch_starts_empty(teecloud_home: Path, world: Wor
     again = answer.model_copy(update={"kept_app_key": None, "kept_app_ca": None})
     service._attach_kept(again, app_id)
     assert again.kept_app_key is None
+
+
+def test_generated_mutations_of_kept_signatures_and_certificates_are_refused_by_the_cvm(keys: _Keys) -> None:
+    """The CVM's checks alone (no network): every one-bit mutation of a genuine kept signature, and of a
+    genuine kept app CA certificate's DER that still parses, is refused and its node named, or — for the
+    certificate — re-assembled to exactly the genuine one (a bit outside the TBS and signature values)."""
+    shares = local_joint_feldman(T, N, epoch=1)
+    gpk = keys.ca[0].group_public_key
+    root_tbs = tc.root_ca_to_sign(gpk, not_before=int(time.time()) - 60)
+    root = tc.assemble_certificate(
+        root_tbs, _group_sign(keys.ca, root_tbs.digest), tc.group_ca_public_key(gpk)
+    )
+    group = ThresholdGroup(
+        epoch=1,
+        t=T,
+        commitments=shares[0].commitments,
+        nodes={i: f"https://127.0.0.1:{i}" for i in range(1, N + 1)},
+        signing_key=keys.signing[0].group_public_key,
+        ca_root_cert=cert_to_pem(root),
+    )
+    provider = ThresholdKeyProvider(group, dict.fromkeys(group.nodes))  # type: ignore[arg-type]
+    app_id = b"\x5a" * 20
+    app_pub = k256_public_key(bytes([5]) * 32)
+    sig = _group_sign(keys.signing, kms_issued_digest(app_id, app_pub))
+    faults: dict[int, str] = {}
+    good = {1: api.KeptAppKey(app_public_key=app_pub.hex(), signature=sig.hex())}
+    assert provider._kept_app_key(app_id, app_pub, good, faults) == sig and faults == {}
+    for bit in range(0, 65 * 8, 3):
+        m = bytearray(sig)
+        m[bit // 8] ^= 1 << (bit % 8)
+        kept = {2: api.KeptAppKey(app_public_key=app_pub.hex(), signature=bytes(m).hex())}
+        assert provider._kept_app_key(app_id, app_pub, kept, faults) is None, bit
+        assert "kept app-key signature refused" in faults.pop(2), bit
+    assert provider._kept_app_key(b"\x5b" * 20, app_pub, good, faults) is None  # another app's
+    assert set(faults) == {1}
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_key_pem = ca_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    to_sign = tc.app_ca_to_sign(root, app_id, ca_key.public_key())
+    cert = tc.assemble_certificate(to_sign, _group_sign(keys.ca, to_sign.digest), tc.group_ca_public_key(gpk))
+    pem = cert_to_pem(cert)
+    key33 = ca_key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+    faults = {}
+    assert (
+        provider._kept_app_ca(
+            app_id, ca_key_pem, {1: api.KeptAppCa(app_ca_public_key=key33.hex(), certificate=pem)}, faults
+        )
+        == pem
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    tried = 0
+    for pos in range(0, len(der), max(1, len(der) // 60)):
+        m = bytearray(der)
+        m[pos] ^= 0x02
+        try:
+            mutated = cert_to_pem(x509.load_der_x509_certificate(bytes(m)))
+        except (ValueError, x509.InvalidVersion):
+            continue
+        tried += 1
+        kept_ca = {3: api.KeptAppCa(app_ca_public_key=key33.hex(), certificate=mutated)}
+        got = provider._kept_app_ca(app_id, ca_key_pem, kept_ca, faults)
+        assert got is None or got == pem, pos  # refused, or re-assembled to exactly the genuine one
+        if got is None:
+            assert "kept app CA certificate refused" in faults.pop(3), pos
+    assert tried >= 20
