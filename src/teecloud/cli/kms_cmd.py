@@ -211,7 +211,15 @@ def up(
 
             join_carried = CarriedShares()  # what the dealers carry besides the root share, sealed at boot
             join = _round_joiner(
-                join_reshare, "reshare", threshold_node, tee, dev, pccs_url, chain, carried=join_carried
+                join_reshare,
+                "reshare",
+                threshold_node,
+                tee,
+                dev,
+                pccs_url,
+                chain,
+                carried=join_carried,
+                finality_depth=finality_depth,
             )
 
     def publish(keys: Any, _identity: Any, created: bool) -> str:
@@ -317,11 +325,13 @@ def _round_joiner(
     chain: Any,
     *,
     carried: Any = None,
+    finality_depth: int = 0,
 ) -> Any:
     """The join step of `kms up --join-dkg / --join-reshare`: the plan names the round and its dealers (URL
     and server CA key each); each dealer is checked as a KMS (RA-TLS + KmsAuth.isKmsAllowed) before anything
     is sent. A reshare plan also states the commitments the new committee must end with. A reshare's join
-    fills `carried` (a kms.threshold_carry.CarriedShares) with the other sharings the dealers carried; the
+    fills `carried` (a kms.threshold_carry.CarriedShares) with the other sharings the dealers carried, once
+    their signing and CA keys are the ones KmsGroup records for the epoch `finality_depth` blocks deep; the
     launcher seals them with the root share."""
     from teecloud.kms.bootstrap import KMS_APP_ID
     from teecloud.kms.client import connect_kms
@@ -401,6 +411,12 @@ def _round_joiner(
         if isinstance(plan, DkgPlan):
             share = join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
         else:
+            from teecloud.chain import ChainError
+
+            try:
+                kms_group = chain.kms_group
+            except ChainError as exc:
+                raise KmsClientError(f"cannot read KmsGroup: {exc}") from exc
             share = join_reshare(
                 plan,
                 index,
@@ -409,6 +425,8 @@ def _round_joiner(
                 app_id=KMS_APP_ID,
                 member_token=member_token,
                 carried_out=carried,
+                kms_group=kms_group,
+                finality_depth=finality_depth,
             )
         if expected is not None and share.commitments != expected:
             raise KmsClientError("the round ended with other commitments than its plan states")
