@@ -176,6 +176,17 @@ def test_the_apps_key_material_verifies_under_the_recorded_group(
     )
     assert run("--app-id", APP_ID.hex(), "--get-key", tmp_path / "pub.json", "--purpose", PURPOSE)[0] == 0
     assert run("--app-id", APP_ID.hex(), "--app-ca", f["chain"], "--root-cert", f["root"])[0] == 0
+    # an ed25519 GetKey key under the same app key (dstack's second algorithm)
+    app_secret = os.urandom(32)
+    kms_sig = _sign(material.signing, kms_issued_digest(APP_ID, k256_public_key(app_secret)))
+    ed = derive_get_key(app_secret, "ssh/host", "ed25519")
+    ed_chain = build_key_signature_chain(app_secret, kms_sig, PURPOSE, ed.public_key)
+    (tmp_path / "ed.json").write_text(
+        json.dumps({"key": ed.secret.hex(), "signature_chain": [c.hex() for c in ed_chain]})
+    )
+    ed_args = ["--app-id", APP_ID.hex(), "--get-key", tmp_path / "ed.json", "--purpose", PURPOSE]
+    assert run(*ed_args, "--algorithm", "ed25519")[0] == 0
+    assert run(*ed_args)[0] == 1  # read as a secp256k1 key it is another public key: rejected
     # the app CA alone (no leaf) is a chain too
     (tmp_path / "ca-only.pem").write_text(cert_to_pem(material.app_ca))
     assert (
