@@ -20,7 +20,7 @@ from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.kms.threshold_env import EnvKeyBusy, ceremony_quorum
 from tests.kms.conftest import World
-from tests.kms.test_threshold_env_two_phase import _env
+from tests.kms.test_threshold_env_two_phase import _env, _partial_ceremony
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO
 
@@ -63,11 +63,14 @@ def _key_after_retries(m: Member, app_id: bytes, tries: int = 6) -> tuple[str | 
     return None, last
 
 
+@pytest.mark.parametrize("tentative", [False, True])
 def test_a_dealer_that_claims_held_is_left_out_and_the_honest_quorum_gets_the_key(
-    world: World, members_3of5: dict[int, Member]
+    world: World, members_3of5: dict[int, Member], tentative: bool
 ) -> None:
-    """R7-3's fix still holds (the control for the test below): member 5 claims `held` with commitments
-    of its choosing to every `deal`; members 1..4 (q = 4) make the app's sharing."""
+    """R7-3's fix still holds with the two-phase commit (the control for the tests below): member 5
+    claims `held` with commitments of its choosing to every `deal`, confirmed or tentative (the latter
+    makes the coordinator let it settle first, then deal once more); members 1..4 (q = 4) make the app's
+    sharing."""
     nodes = members_3of5
     assert ceremony_quorum(3, 5) == 4
     env5 = _env(nodes[LIAR])
@@ -76,11 +79,13 @@ def test_a_dealer_that_claims_held_is_left_out_and_the_honest_quorum_gets_the_ke
 
     def claim(req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
         if req.stage == "deal":
-            return api.PeerEnvDkgResponse(index=LIAR, stage="deal", held=True, commitments=fake)
+            return api.PeerEnvDkgResponse(
+                index=LIAR, stage="deal", held=True, commitments=fake, tentative=tentative
+            )
         return real(req)
 
     env5.stage = claim  # type: ignore[method-assign]
-    app_id = world.register(compose_hash(dict(HELLO, name="r8-held-liar")))
+    app_id = world.register(compose_hash(dict(HELLO, name=f"r8-held-liar-{tentative}")))
     key, last = _key_after_retries(nodes[1], app_id)
     assert key is not None, last
     share = _env(nodes[1]).store.get(1, app_id)
@@ -105,3 +110,39 @@ def test_one_member_dealing_then_withholding_does_not_block_every_new_apps_env_k
     app_id = world.register(compose_hash(dict(HELLO, name=f"r8-withhold-{stage}")))
     key, last = _key_after_retries(nodes[1], app_id)
     assert key is not None, f"no env key for a new app while 4 honest members (q = 4) are up: {last}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="R8-3 open: t - 1 tentative holders and one silent member leave neither a provable orphan nor a "
+    "quorum of non-holders, so the app never gets an env key while 4 honest members (q) are up",
+)
+def test_a_coordinator_that_commits_on_t_minus_1_members_and_goes_silent_does_not_block_the_app_for_ever(
+    world: World, members_3of5: dict[int, Member]
+) -> None:
+    """The attacker's steps: member 5 coordinates ceremony A among {1, 2, 3, 5} (q = 4), sends `commit` to
+    members 1 and 2 only (t - 1), no confirm, and from then on answers every PeerEnvDkg message of this app
+    with an error (it serves other apps as usual). Members 1 and 2 cannot prove A an orphan (2 members
+    answer without it, n - t + 1 = 3 are needed) and keep it tentative; a ceremony finds 2 claimants and
+    only 2 dealers (< n - t + 1), so it turns into a repair, which has no sharing to recover. A client asks
+    members 3, 1 and 4, six times each."""
+    nodes = members_3of5
+    app_id = world.register(compose_hash(dict(HELLO, name="r8-silent-coordinator")))
+    _partial_ceremony(nodes, app_id, [1, 2, 3, 5], [1, 2], [])
+    env5 = _env(nodes[LIAR])
+    real = env5.stage
+
+    def silent(req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
+        if req.app_id == app_id.hex():
+            raise KmsUsageError(f"member {LIAR}: (silent for this app)")
+        return real(req)
+
+    env5.stage = silent  # type: ignore[method-assign]
+    lasts = []
+    for i in (3, 1, 4):
+        key, last = _key_after_retries(nodes[i], app_id)
+        if key is not None:
+            return
+        lasts.append(f"member {i}: {last[:200]}")
+    raise AssertionError("no env key while members 1..4 (q = 4) are up: " + " | ".join(lasts))
