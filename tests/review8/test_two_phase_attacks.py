@@ -7,6 +7,7 @@ one host deleting its own tentative file at the wrong time (no colluder), and t 
 
 from __future__ import annotations
 
+import random
 import secrets
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from teecloud.appcompose import compose_hash
 from teecloud.keys import threshold_ecdh as tx
 from teecloud.kms.errors import AccessDenied, KmsUsageError
-from teecloud.kms.threshold_env import ceremony_quorum
+from teecloud.kms.threshold_env import EnvKeyBusy, ceremony_quorum
 from tests.kms.conftest import World
 from tests.kms.test_threshold_env_two_phase import _ask, _env, _partial_ceremony, _stage
 from tests.kms.test_threshold_net_peering import Member
@@ -180,3 +181,44 @@ def test_t_minus_1_colluding_dealers_cannot_leave_an_honest_member_a_share_that_
     app = _stranded(nodes, app_id)
     assert app != a
     _member_1_serves_only_the_apps_sharing(nodes, app_id, app)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_generated_crash_points_and_host_replays_never_give_two_served_keys(
+    world: World, members_3of5: dict[int, Member], seed: int
+) -> None:
+    """Generated around the steps above (no liar): which members got `commit` and `confirm` of ceremony A,
+    a first request at a random member, then the host writes a committed member's earlier sealed bytes
+    back (its tentative A) and restarts it, at one or two members; then requests at every member. Held:
+    every member that answers a key answers it from its own confirmed share, and all answer the same key."""
+    rng = random.Random(1000 + seed)
+    nodes = members_3of5
+    app_id = world.register(compose_hash(dict(HELLO, name=f"r8-replay-gen{seed}")))
+    dealers = sorted(rng.sample(range(1, 6), 4))
+    commit_on = sorted(rng.sample(dealers, rng.randint(1, 4)))
+    confirm_on = sorted(rng.sample(commit_on, rng.randint(0, len(commit_on))))
+    _partial_ceremony(nodes, app_id, dealers, commit_on, [])
+    kept = {i: _env(nodes[i]).store._path(1, app_id).read_bytes() for i in commit_on}  # the host's copies
+    for i in confirm_on:
+        _stage(
+            nodes[i],
+            {"session": secrets.token_hex(16), "epoch": 1, "app_id": app_id.hex(), "stage": "confirm"},
+        )
+    try:
+        _ask(nodes[rng.randint(1, 5)], app_id, tries=2)
+    except (EnvKeyBusy, KmsUsageError, AccessDenied):
+        pass
+    for i in rng.sample(sorted(kept), min(len(kept), rng.randint(1, 2))):
+        _env(nodes[i]).store._path(1, app_id).write_bytes(kept[i])
+        _restart_store(nodes[i])
+    keys: dict[int, str] = {}
+    for i in range(1, 6):
+        try:
+            keys[i] = _ask(nodes[i], app_id, tries=2)
+        except (EnvKeyBusy, KmsUsageError, AccessDenied):
+            continue
+    for i, key in keys.items():
+        share = _env(nodes[i]).store.get(1, app_id)
+        assert share is not None and tx.x25519_public_key(share.commitments).hex() == key
+    assert len(set(keys.values())) <= 1, (seed, dealers, commit_on, confirm_on, keys)
+    assert keys, (seed, dealers, commit_on, confirm_on)  # with everyone honest and up, the app has its key
