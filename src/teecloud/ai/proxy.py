@@ -66,6 +66,7 @@ _SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
 _MAX_ANSWER_BYTES = 16 * 1024 * 1024
 _MAX_INLINE_RECEIPT_BYTES = 64 * 1024  # a receipt with its key set, proofs and head: ~5 KB
 _RECEIPT_MARK = RECEIPT_EVENT.split(b"\n")[0]  # b"event: teecloud-receipt"
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 _ACCEPTED_IDS = 65536  # receipt ids remembered to refuse a replayed answer
 
 
@@ -648,6 +649,8 @@ def _inline_header(value: str | None) -> Any:
         raise UpstreamRejected("the answer carries no inline receipt", step="receipt")
     if len(value) > _MAX_INLINE_RECEIPT_BYTES:
         raise UpstreamRejected("the inline receipt is oversized", step="receipt")
+    if not _BASE64URL.fullmatch(value):  # strict: b64decode would skip characters outside the alphabet
+        raise UpstreamRejected("the inline receipt is not base64url JSON", step="receipt")
     try:
         return json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
     except (ValueError, UnicodeDecodeError):  # binascii.Error and JSONDecodeError are ValueErrors
