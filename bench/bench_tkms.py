@@ -15,7 +15,10 @@ threshold nodes as separate `teecloud kms up --threshold-node I` processes (`Loc
 kms_threshold=3)`: networked DKG, signing key and a batch of 32 presignatures first, untimed). Timed:
 `get_app_keys` of the cloud's own key provider for a fresh simulated CVM (boot-nonce measured first,
 untimed) — for the threshold group including the KMS signature of the app key (one presignature from t
-nodes), which the single node's GetAppKey also returns.
+nodes), which the single node's GetAppKey also returns. Two cases each: first boots (a fresh app per
+release: the threshold boot runs the signing round and hands the signatures to the nodes to keep) and
+repeat boots (one app booted again and again: the nodes return the kept signatures in their evaluate
+answers, one attested round).
 
     python bench/bench_tkms.py [--releases 30] [--crypto-iters 200]
     python bench/bench_tkms.py --processes [--releases 20]    # under flock /tmp/teecloud-e2e.lock
@@ -24,6 +27,7 @@ nodes), which the single node's GetAppKey also returns.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import statistics
@@ -436,15 +440,16 @@ def env_ceremony(apps: int) -> list[tuple[str, float, float]]:
 class _Phases:
     """Per-release phases of a threshold release, measured by wrapping the provider's own steps (wall time,
     ms): the evaluation round (ThresholdEvaluate to t nodes and each answer's checks), the signature round
-    (the app-key signature and the app CA certificate, concurrently: from the first start to the last end)
-    and the rest (combination, key derivation, the boot's credential and connection set-up)."""
+    (the app-key signature and the app CA certificate, concurrently: from the first start to the last end;
+    none when the nodes' kept signatures checked), the hand-over of what it signed to the nodes to keep, and
+    the rest (combination, key derivation, the boot's credential and connection set-up)."""
 
     def __init__(self, provider: Any) -> None:
         self.rows: list[dict[str, float]] = []
         self._now: dict[str, float] = {}
         self._spans: list[tuple[str, float, float]] = []
         gather = provider._gather
-        sign_key, sign_ca = provider._sign_app_key, provider._sign_app_ca
+        sign_key, sign_ca, keep = provider._sign_app_key, provider._sign_app_ca, provider._keep
 
         def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(*a: Any, **kw: Any) -> Any:
@@ -459,6 +464,7 @@ class _Phases:
         provider._gather = timed("gather", gather)
         provider._sign_app_key = timed("sign", sign_key)
         provider._sign_app_ca = timed("sign", sign_ca)
+        provider._keep = timed("keep", keep)
 
     def start(self) -> None:
         self._spans.clear()
@@ -468,15 +474,23 @@ class _Phases:
         signs = [sp for sp in self._spans if sp[0] == "sign"]
         evaluate = (gathers[0][2] - gathers[0][1]) * 1000 if gathers else 0.0
         sign = (max(e for _, _, e in signs) - min(b for _, b, _ in signs)) * 1000 if signs else 0.0
+        keep = sum((e - b) * 1000 for n, b, e in self._spans if n == "keep")
         self.rows.append(
-            {"evaluate": evaluate, "sign": sign, "rest": total_ms - evaluate - sign, "total": total_ms}
+            {
+                "evaluate": evaluate,
+                "sign": sign,
+                "keep": keep,
+                "rest": total_ms - evaluate - sign - keep,
+                "total": total_ms,
+            }
         )
 
     def summary(self) -> list[tuple[str, float, float]]:
         out = []
         for name, label in (
             ("evaluate", "evaluation round (ThresholdEvaluate at t nodes + proof checks)"),
-            ("sign", "signature round (app-key signature + app CA certificate, concurrent)"),
+            ("sign", "signature round (app-key signature + app CA certificate, concurrent; 0 when kept)"),
+            ("keep", "hand-over to keep (ThresholdKeepSignatures at every node; after a signature round)"),
             ("rest", "rest (combination, key derivation, credential and connections)"),
         ):
             xs = sorted(r[name] for r in self.rows)
@@ -488,36 +502,37 @@ class _Phases:
 
 def processes(releases: int, phases: bool = True) -> list[tuple[str, float, float]]:
     """Part 4: the release against LocalCloud's single KMS and against five threshold node processes, in
-    the same run; the threshold release with its per-phase breakdown (`_Phases`) and the ratio."""
+    the same run, first boots (a fresh app each) and repeat boots (the same app) separately; the threshold
+    release with its per-phase breakdown (`_Phases`) and the ratios."""
     from teecloud import devstack
     from teecloud.devstack import LocalCloud
     from teecloud.kms.threshold_net import RefillPolicy
     from teecloud.tee.simulated import SimulatedTdx
 
-    # one batch of app CA presignatures large enough for every timed boot (`teecloud up` makes 8): a boot
-    # that finds none goes on with a self-signed app CA, which the single node's release never does
-    devstack.CA_PRESIGN_BATCH = releases + 2
+    # presignatures for every timed first boot and the warm-ups (`teecloud up` makes 8): a boot that finds
+    # none goes on with a self-signed app CA, which the single node's release never does
+    devstack.CA_PRESIGN_BATCH = releases + 4
     compose = hashlib.sha256(b"bench tkms processes").digest()
     rows = []
-    p50: dict[int, float] = {}
+    p50: dict[tuple[int, str], float] = {}
     for label, nodes in (
         ("single KMS node (GetAppKey; listener in this process), LocalCloud", 1),
-        ("threshold 3 of 5, nodes as separate processes (evaluate + sign), LocalCloud", 5),
+        ("threshold 3 of 5, nodes as separate processes, LocalCloud", 5),
     ):
         home = Path(os.environ["TEECLOUD_HOME"]) / f"cloud-{nodes}"
         cloud = LocalCloud(home, kms_nodes=nodes, kms_threshold=3 if nodes > 1 else 1)
         # one batch large enough for every timed boot: no refill round runs while releases are timed
-        cloud.presign_policy = RefillPolicy(low=2, batch=releases + 2, interval_s=3600)
+        cloud.presign_policy = RefillPolicy(low=2, batch=releases + 4, interval_s=3600)
         cloud.start(check=False, resume=False)
         try:
             provider = cloud.key_provider
-            app_id = bytes.fromhex(cloud.chain.register_app(None, compose)[2:])
+            apps = [bytes.fromhex(cloud.chain.register_app(None, compose)[2:]) for _ in range(releases + 2)]
             timer = _Phases(provider) if nodes > 1 and phases else None
 
             def release(
+                app_id: bytes,
                 provider: Any = provider,
                 home: Path = home,
-                app_id: bytes = app_id,
                 label: str = label,
                 timer: _Phases | None = timer,
             ) -> float:
@@ -547,24 +562,33 @@ def processes(releases: int, phases: bool = True) -> list[tuple[str, float, floa
                     raise SystemExit(f"{label}: the app CA certificate is self-signed, not the KMS's")
                 return took
 
-            release()  # warm: server certificates verified once per client
-            if timer is not None:
-                timer.rows.clear()
-            samples = sorted(release() for _ in range(releases))
-            p50[nodes] = statistics.median(samples)
-            rows.append(
-                (
-                    f"key release, {label}",
-                    p50[nodes],
-                    samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+            release(apps[0])  # warm: server certificates verified once per client
+            firsts: list[Callable[[], float]] = [functools.partial(release, a) for a in apps[2:]]
+            repeats: list[Callable[[], float]] = [functools.partial(release, apps[0])] * releases
+            for case, boots in (
+                ("first boot (a fresh app each)", firsts),
+                ("repeat boot (the same app again)", repeats),
+            ):
+                if timer is not None:
+                    timer.rows.clear()
+                samples = sorted(boot() for boot in boots)
+                p50[nodes, case] = statistics.median(samples)
+                rows.append(
+                    (
+                        f"key release, {case}, {label}",
+                        p50[nodes, case],
+                        samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+                    )
                 )
-            )
-            if timer is not None:
-                rows += timer.summary()
+                if timer is not None:
+                    rows += timer.summary()
         finally:
             cloud.stop()
-    rows.append(("  threshold minus single (p50, ms)", p50[5] - p50[1], float("nan")))
-    rows.append(("  ratio threshold / single (p50)", p50[5] / p50[1], float("nan")))
+    for case in ("first boot (a fresh app each)", "repeat boot (the same app again)"):
+        rows.append(
+            (f"  {case}: threshold minus single (p50, ms)", p50[5, case] - p50[1, case], float("nan"))
+        )
+        rows.append((f"  {case}: ratio threshold / single (p50)", p50[5, case] / p50[1, case], float("nan")))
     return rows
 
 

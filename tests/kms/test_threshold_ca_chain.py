@@ -152,7 +152,7 @@ def test_a_reboot_of_the_same_app_reuses_its_app_ca_and_spends_no_presignature(
     assert first.ca_error == "" and first.faults == {}
     signed = _records(cluster, api.PATH_THRESHOLD_SIGN_APP_CA)
     assert sum(d.count("allowed") for d in signed.values()) == 3
-    kept = _records(cluster, api.PATH_THRESHOLD_APP_CA_STORE)
+    kept = _records(cluster, api.PATH_THRESHOLD_KEEP_SIGNATURES)
     assert all(d == ["allowed"] for i, d in kept.items() if i in first._challenged)
     before = _presigs(cluster)
 
@@ -185,15 +185,21 @@ def test_a_reboot_of_the_same_app_reuses_its_app_ca_and_spends_no_presignature(
             genuine[:at] + bytes.fromhex("300a06082a8648ce3d040303") + genuine[at + len(outer) :]
         )
     )
+    # (kept certificates come in the nodes' evaluate answers: each node's answer is rewritten)
+    ca_key = x509.load_pem_x509_certificate(state.keys.ca_cert_pem.encode()).public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+    key33 = ca_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
     served = {1: other.keys.ca_cert_pem, 2: odd_pem}
-    for i, text in served.items():
-        cluster.nodes[i].kms.service.app_ca_cached = (  # type: ignore[method-assign]
-            lambda _req, text=text: api.AppCaCachedResponse(certificate=text)
-        )
-    for i in (3, 4, 5):
-        cluster.nodes[i].kms.service.app_ca_cached = (  # type: ignore[method-assign]
-            lambda _req: api.AppCaCachedResponse()
-        )
+    for i in (1, 2, 3, 4, 5):
+
+        def attach(
+            answer: api.ThresholdEvaluateResponse, _app_id: bytes, text: str | None = served.get(i)
+        ) -> None:
+            answer.kept_app_ca = (
+                api.KeptAppCa(app_ca_public_key=key33.hex(), certificate=text) if text else None
+            )
+
+        cluster.nodes[i].kms.service._attach_kept = attach  # type: ignore[method-assign]
     liar = cluster.provider()
     _, third = boot_hello(teecloud_home, world, liar, app_id=app_id)
     assert "kept app CA certificate refused" in liar.faults.get(1, ""), liar.faults

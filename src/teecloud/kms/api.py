@@ -38,6 +38,7 @@ __all__ = [
     "PATH_THRESHOLD_APP_CA_CACHED",
     "PATH_THRESHOLD_APP_CA_STORE",
     "PATH_THRESHOLD_EVALUATE",
+    "PATH_THRESHOLD_KEEP_SIGNATURES",
     "PATH_THRESHOLD_SIGN_APP_CA",
     "AppCaCachedRequest",
     "AppCaCachedResponse",
@@ -53,6 +54,8 @@ __all__ = [
     "EnvEncryptPubKeyResponse",
     "GetAppKeyRequest",
     "GetKmsKeyRequest",
+    "KeptAppCa",
+    "KeptAppKey",
     "KmsKeyResponse",
     "KmsMeta",
     "PeerHelloRequest",
@@ -78,6 +81,8 @@ __all__ = [
     "TempCaCertResponse",
     "ThresholdEvaluateRequest",
     "ThresholdEvaluateResponse",
+    "ThresholdKeepRequest",
+    "ThresholdKeepResponse",
     "ThresholdPartial",
     "ThresholdSignAppCaRequest",
     "ThresholdSignRequest",
@@ -97,6 +102,7 @@ PATH_THRESHOLD_SIGN = "/prpc/KMS.ThresholdSignAppKey"
 PATH_THRESHOLD_SIGN_APP_CA = "/prpc/KMS.ThresholdSignAppCa"
 PATH_THRESHOLD_APP_CA_CACHED = "/prpc/KMS.ThresholdAppCaCached"
 PATH_THRESHOLD_APP_CA_STORE = "/prpc/KMS.ThresholdAppCaStore"
+PATH_THRESHOLD_KEEP_SIGNATURES = "/prpc/KMS.ThresholdKeepSignatures"
 PATH_PEER_HELLO = "/prpc/KMS.PeerHello"
 PATH_PEER_ROUND = "/prpc/KMS.PeerRoundShares"
 
@@ -280,6 +286,29 @@ class ThresholdPartial(BaseModel):
     proof: str = Field(max_length=128, description="RFC 9497 DLEQ proof c ‖ s against Y_i (hex)")
 
 
+_Point33 = Annotated[str, StringConstraints(pattern="^0[23][0-9a-f]{64}$")]  # SEC1 compressed, hex
+
+
+class KeptAppKey(BaseModel):
+    """The group's signature of an app's k256 key that a node kept (public data: it is in the app's GetKey
+    chain)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    app_public_key: _Point33
+    signature: str = Field(pattern="^[0-9a-f]{130}$", description="r ‖ s ‖ v (hex, 65 bytes)")
+
+
+class KeptAppCa(BaseModel):
+    """The group-signed app CA certificate a node kept for an app (public: in every RA-TLS chain it
+    serves)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    app_ca_public_key: _Point33
+    certificate: str = Field(min_length=1, max_length=4096, description="PEM")
+
+
 class ThresholdEvaluateResponse(BaseModel):
     """One node's partial evaluations for the attested app instance: [per app, per instance]."""
 
@@ -294,6 +323,11 @@ class ThresholdEvaluateResponse(BaseModel):
     presignatures: list[str] = Field(default_factory=list, max_length=16)
     # --- the group's P-256 CA key: unused presignature sessions (hex), for ThresholdSignAppCa
     ca_presignatures: list[str] = Field(default_factory=list, max_length=16)
+    # --- kept signatures (issue 19, one round per repeat boot): what this node keeps for (epoch, app_id)
+    # from an earlier boot (ThresholdKeepSignatures); the CVM uses them only after checking them against the
+    # keys it derives from the combined partials and the group's keys from the chain
+    kept_app_key: KeptAppKey | None = None
+    kept_app_ca: KeptAppCa | None = None
 
 
 class ThresholdSignRequest(BaseModel):
@@ -541,6 +575,29 @@ class AppCaCachedRequest(BaseModel):
     app_id: str = Field(pattern="^(?:[0-9a-f]{2}){1,64}$")
     app_ca_public_key: str = Field(pattern="^0[23][0-9a-f]{64}$", description="compressed P-256 (hex)")
     certificate: str = Field(default="", max_length=MAX_APP_CA_PEM)
+
+
+class ThresholdKeepRequest(BaseModel):
+    """Threshold mode, at the end of a boot that ran a signing round: keep the group's signature of this
+    app's k256 key and/or its app CA certificate, for the next boot's ThresholdEvaluate answer. Attested and
+    judged like ThresholdEvaluate (the node takes app_id from the caller's verified boot_info and the epoch
+    by the same rule); the node keeps only what verifies under the group's keys for exactly that app."""
+
+    model_config = _STRICT
+
+    api_version: int = 1
+    vm_config: str = Field(default="", max_length=65536, description="the CVM's VmConfig (JSON)")
+    app_compose: str = Field(default="", max_length=MAX_APP_COMPOSE_BYTES)
+    epoch: int | None = Field(default=None, ge=1, lt=1 << 32)
+    app_public_key: str = Field(default="", pattern="^(0[23][0-9a-f]{64})?$")
+    signature: str = Field(default="", pattern="^([0-9a-f]{130})?$", description="r ‖ s ‖ v (hex)")
+    app_ca_public_key: str = Field(default="", pattern="^(0[23][0-9a-f]{64})?$")
+    certificate: str = Field(default="", max_length=MAX_APP_CA_PEM)
+
+
+class ThresholdKeepResponse(BaseModel):
+    kept_app_key: bool = False
+    kept_app_ca: bool = False
 
 
 class AppCaCachedResponse(BaseModel):

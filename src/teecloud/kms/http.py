@@ -179,6 +179,12 @@ def make_public_app(service: KmsService) -> FastAPI:
             service.threshold_sign(peer_cert_der(request), body, peer_addr=_peer_addr(request))
         )
 
+    @app.post(api.PATH_THRESHOLD_KEEP_SIGNATURES, response_model=api.ThresholdKeepResponse)
+    def threshold_keep(request: Request, body: api.ThresholdKeepRequest) -> Response:
+        return _json_response(
+            service.threshold_keep(peer_cert_der(request), body, peer_addr=_peer_addr(request))
+        )
+
     @app.post(api.PATH_THRESHOLD_SIGN_APP_CA, response_model=api.ThresholdSignResponse)
     def threshold_sign_app_ca(request: Request, body: api.ThresholdSignAppCaRequest) -> Response:
         return _json_response(

@@ -65,7 +65,14 @@ from teecloud.kms.threshold import DkgPlan, ReshareDealer, ResharePlan, Threshol
 from teecloud.kms.threshold_carry import CarriedItem, carry_deal
 from teecloud.kms.threshold_env import ENV_DIR, EnvKeys, EnvKeyStore
 from teecloud.kms.threshold_net import SignRounds
-from teecloud.kms.threshold_sign import APP_CA_CACHE_DIR, AppCaCache, ThresholdSigner
+from teecloud.kms.threshold_sign import (
+    APP_CA_CACHE_DIR,
+    APP_SIGNATURE_CACHE_DIR,
+    AppCaCache,
+    AppSignatureCache,
+    ThresholdSigner,
+    app_key_signature_problem,
+)
 from teecloud.peer import (
     AttestedPeer,
     CollateralSource,
@@ -314,11 +321,17 @@ class KmsService:
         if threshold is not None and peer_identity is not None:
             self.env_keys = self._make_env_keys(threshold, clock)
         self.app_ca_cache: AppCaCache | None = None
+        self.app_signatures: AppSignatureCache | None = None
         if threshold is not None:
             seal_key = sealing_key(platform_sealing_secret(self.tee), self.identity.mr_aggregated)
             mr = self.identity.mr_aggregated
             self.app_ca_cache = AppCaCache(
                 self.audit.path.parent / APP_CA_CACHE_DIR,
+                lambda data: seal(seal_key, mr, data),
+                lambda blob: unseal(seal_key, mr, blob),
+            )
+            self.app_signatures = AppSignatureCache(
+                self.audit.path.parent / APP_SIGNATURE_CACHE_DIR,
                 lambda data: seal(seal_key, mr, data),
                 lambda blob: unseal(seal_key, mr, blob),
             )
@@ -476,7 +489,8 @@ class KmsService:
     ) -> api.ThresholdEvaluateResponse:
         """Threshold mode: this node's partial evaluations for the attested, allowed app instance, after the
         same rule as GetAppKey, applied by this node alone (its own boot challenge included), under a root
-        epoch the app's measured app-compose names (teecloud.kms.rotation.evaluation_epoch)."""
+        epoch the app's measured app-compose names (teecloud.kms.rotation.evaluation_epoch). With them,
+        what this node keeps for (that epoch, the verified app_id) from an earlier boot (`_attach_kept`)."""
 
         def decide(ctx: dict[str, Any]) -> api.ThresholdEvaluateResponse:
             if self.threshold is None:
@@ -486,6 +500,8 @@ class KmsService:
             answer = self.threshold.evaluate(app, epoch=wanted)
             if self.ca_signer is not None and self.ca_signer.ca_root is not None:
                 answer.ca_presignatures = [p.hex() for p in self.ca_signer.pool.unused()[:16]]
+            # only now, after the whole rule said yes: the cache never decides a release
+            self._attach_kept(answer, app.boot_info.app_id)
             ctx["reason"] = (
                 f"partial evaluation (epoch {answer.epoch}, share {answer.index}); "
                 f"app allowed by KmsAuth{': ' + app.reason if app.reason else ''}"
@@ -493,6 +509,96 @@ class KmsService:
             return answer
 
         return self._audited(api.PATH_THRESHOLD_EVALUATE, cert_der, peer_addr, decide)
+
+    def _attach_kept(self, answer: api.ThresholdEvaluateResponse, app_id: bytes) -> None:
+        """Add what this node keeps for (answer.epoch, app_id) to an evaluate answer, each item checked
+        again first: the app-key signature under this node's current signing key (a new signing key, or a
+        file the host swapped in, is a miss), the app CA certificate against this node's root. A cache
+        that cannot be read is a miss, never a failed evaluation."""
+        cache = self.app_signatures
+        kept = cache.get(answer.epoch, app_id) if cache is not None else None
+        if kept is None:
+            return
+        signer = self.threshold.signer if self.threshold is not None else None
+        if kept.signature and signer is not None and signer.key.curve == te.SECP256K1.name:
+            problem = app_key_signature_problem(
+                app_id, kept.app_public_key, kept.signature, signer.group_public_key
+            )
+            if problem:
+                log.warning("a kept app-key signature is not served: %s", problem)
+            else:
+                answer.kept_app_key = api.KeptAppKey(
+                    app_public_key=kept.app_public_key.hex(), signature=kept.signature.hex()
+                )
+        ca = self.ca_signer
+        if kept.app_ca_public_key and ca is not None and ca.ca_root is not None and self.app_ca_cache:
+            pem = self.app_ca_cache.get(answer.epoch, app_id, kept.app_ca_public_key)
+            if pem is None:
+                return
+            try:
+                canonical = cert_to_pem(ca.check_app_ca(app_id, kept.app_ca_public_key, pem))
+            except AccessDenied as exc:
+                log.warning("a kept app CA certificate no longer checks (not served): %s", exc.reason)
+                return
+            answer.kept_app_ca = api.KeptAppCa(
+                app_ca_public_key=kept.app_ca_public_key.hex(), certificate=canonical
+            )
+
+    def threshold_keep(
+        self, cert_der: bytes | None, req: api.ThresholdKeepRequest, *, peer_addr: str = ""
+    ) -> api.ThresholdKeepResponse:
+        """Threshold mode: keep the group's signature of the attested app's k256 key and/or its app CA
+        certificate for (epoch, app_id), so that the next boot's ThresholdEvaluate answer carries them.
+        Steps: (1) the whole rule of ThresholdEvaluate (boot-time evidence, chain, retired instances) and
+        its epoch rule; (2) the signature must verify under this node's signing key over exactly this
+        app's message (app_id from the verified boot_info), the certificate must be exactly the TBS this
+        node builds for this app and key under its root, signed by the group's CA key; (3) only then kept
+        (sealed, atomic; the app CA certificate in its canonical encoding). AccessDenied otherwise."""
+
+        def decide(ctx: dict[str, Any]) -> api.ThresholdKeepResponse:
+            if self.threshold is None or self.app_signatures is None or self.app_ca_cache is None:
+                raise AccessDenied("this KMS is not a threshold node", step="mode")
+            if bool(req.app_public_key) != bool(req.signature) or bool(req.app_ca_public_key) != bool(
+                req.certificate
+            ):
+                raise AccessDenied("a key comes with its signature or certificate", step="request")
+            # (1)
+            app = self.authz.authorize_app(cert_der, req.vm_config, ctx=ctx, app_compose=req.app_compose)
+            epoch = evaluation_epoch(req.app_compose, req.epoch)
+            if epoch not in self.threshold.epochs:
+                raise AccessDenied(f"this node serves no root epoch {epoch}", step="epoch")
+            app_id = app.boot_info.app_id
+            # (2)
+            app_key: tuple[bytes, bytes] | None = None
+            if req.signature:
+                signer = self.threshold.signer
+                if signer is None or signer.key.curve != te.SECP256K1.name:
+                    raise AccessDenied("this KMS holds no threshold signing share", step="mode")
+                pub, sig = bytes.fromhex(req.app_public_key), bytes.fromhex(req.signature)
+                problem = app_key_signature_problem(app_id, pub, sig, signer.group_public_key)
+                if problem:
+                    raise AccessDenied(f"the app-key signature is refused: {problem}", step="request")
+                app_key = (pub, sig)
+            ca_key: bytes | None = None
+            canonical = ""
+            if req.certificate:
+                ca = self.ca_signer
+                if ca is None or ca.ca_root is None:
+                    raise AccessDenied("this KMS holds no share of a group CA key with its root", step="mode")
+                ca_key = bytes.fromhex(req.app_ca_public_key)
+                canonical = cert_to_pem(ca.check_app_ca(app_id, ca_key, req.certificate))
+            # (3)
+            if ca_key is not None:
+                self.app_ca_cache.put(epoch, app_id, ca_key, canonical)
+            changed = self.app_signatures.put(epoch, app_id, app_key=app_key, app_ca_public_key=ca_key)
+            ctx["reason"] = (
+                f"kept signatures of app {app_id.hex()} (epoch {epoch}): "
+                f"app key {'yes' if app_key else 'no'}, app CA {'yes' if ca_key else 'no'}"
+                + ("" if changed else " (already kept)")
+            )
+            return api.ThresholdKeepResponse(kept_app_key=app_key is not None, kept_app_ca=ca_key is not None)
+
+        return self._audited(api.PATH_THRESHOLD_KEEP_SIGNATURES, cert_der, peer_addr, decide)
 
     def threshold_sign(
         self, cert_der: bytes | None, req: api.ThresholdSignRequest, *, peer_addr: str = ""

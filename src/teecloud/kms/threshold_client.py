@@ -25,6 +25,11 @@ Procedure:
       (teecloud.keys.threshold_ecdsa; each share checked, the result checked against the group's key).
       Without t valid shares the boot goes on without it (`signature_error`): GetKey then refuses.
       For a group with a root CA, in the same round (concurrently): the app CA certificate (`ca_error`).
+      Both cover keys derived from the app-level output, the same at every boot of the app under an
+      epoch: a node returns its kept copies inside its (3) answer, and the CVM uses one only when it checks
+      against the key derived in (4) and the group's key from the chain (a node whose copy does not is
+      named); only what is still missing is signed, and then handed to the nodes to keep
+      (ThresholdKeepSignatures): every boot after an app's first is one attested round.
 
 Transport: one boot, one RA-TLS credential (kms.client.BootCredential: one key, one quote) and one
 kept-alive mutual-TLS connection per node for all of (2)-(5) (`_boot`); each node still applies its whole
@@ -67,6 +72,7 @@ from teecloud.kms.errors import KmsClientError, SealingError
 from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
 from teecloud.kms.threshold import GROUP_FILE, DkgPlan, GroupRecord, ResharePlan, ThresholdShare
 from teecloud.kms.threshold_carry import CarriedShares, carry_receive
+from teecloud.kms.threshold_sign import app_key_signature_problem as _app_key_signature_problem
 
 __all__ = [
     "NO_PRESIGNATURES",
@@ -567,6 +573,8 @@ class ThresholdKeyProvider:
         valid: dict[int, tuple[list[th.Partial], str, str]] = {}
         offered: dict[int, list[str]] = {}
         offered_ca: dict[int, list[str]] = {}
+        kept_key: dict[int, api.KeptAppKey] = {}
+        kept_ca: dict[int, api.KeptAppCa] = {}
 
         def accept(i: int, answer: Any) -> bool:
             if isinstance(answer, BaseException):
@@ -583,6 +591,10 @@ class ThresholdKeyProvider:
             valid[i] = (partials, answer.gateway_app_id, answer.os_image_hash)
             offered[i] = list(answer.presignatures)
             offered_ca[i] = list(answer.ca_presignatures)
+            if answer.kept_app_key is not None:
+                kept_key[i] = answer.kept_app_key
+            if answer.kept_app_ca is not None:
+                kept_ca[i] = answer.kept_app_ca
             return True
 
         answered = self._gather(self._challenged, ask, accept, need=group.t, all_first=False)
@@ -601,23 +613,35 @@ class ThresholdKeyProvider:
         outputs = [th.combine(inputs[k], [valid[i][0][k] for i in chosen], t) for k in range(len(inputs))]
         _, gateway_app_id, os_image_hex = valid[chosen[0]]
 
-        # (5): both signatures depend only on the combined outputs: one round, both requests at once
-        def app_key_signature() -> bytes:
-            return self._sign_app_key(tee, app_id, offered, th.app_k256_key(outputs[0]), faults)
-
-        def app_ca_certificate() -> str:
+        # (5): both signatures cover keys derived from the combined outputs: a node's kept copy (from an
+        # earlier boot of this app, in its evaluate answer) when one checks against the keys derived here
+        # and the group's keys from the chain; otherwise one signing round, both requests at once, and what
+        # it made handed to the nodes to keep (the next boot is one round)
+        app_pub = k256_public_key(th.app_k256_key(outputs[0]))
+        ca_key_pem = ""
+        if sign and self.group.ca_root_cert:
             ca_key_pem = th.app_keys_from_outputs(
                 outputs[0], outputs[1], app_id, now=int(self._clock()), key_provider_info={}
             ).ca_key_pem
+        k256_kept = (
+            self._kept_app_key(app_id, app_pub, kept_key, faults) if sign and self.group.signing_key else None
+        )
+        ca_kept = self._kept_app_ca(app_id, ca_key_pem, kept_ca, faults) if ca_key_pem else None
+
+        def app_key_signature() -> bytes:
+            return self._sign_app_key(tee, app_id, offered, app_pub, faults)
+
+        def app_ca_certificate() -> str:
             return self._sign_app_ca(tee, app_id, offered_ca, ca_key_pem, faults)
 
         k256_signature = b""
         ca_cert_pem = ""
         self.signature_error = ""
         self.ca_error = ""
+        need_key = sign and bool(self.group.signing_key) and k256_kept is None
+        need_ca = bool(ca_key_pem) and ca_kept is None
         signature, ca_cert = _together(
-            app_key_signature if sign and self.group.signing_key else None,
-            app_ca_certificate if sign and self.group.ca_root_cert else None,
+            app_key_signature if need_key else None, app_ca_certificate if need_ca else None
         )
         if isinstance(signature, KmsClientError):
             # The app's keys do not depend on the signature: the boot goes on, and GetKey (which needs
@@ -632,6 +656,18 @@ class ThresholdKeyProvider:
             log.warning("no app CA certificate under the group root: %s", ca_cert)
         elif ca_cert is not None:
             ca_cert_pem = ca_cert
+        if k256_signature or ca_cert_pem:
+            self._keep(
+                tee,
+                app_id,
+                group.epoch,
+                app_pub,
+                k256_signature or k256_kept or b"",
+                ca_key_pem,
+                ca_cert_pem or ca_kept or "",
+            )
+        k256_signature = k256_signature or k256_kept or b""
+        ca_cert_pem = ca_cert_pem or ca_kept or ""
         return th.app_keys_from_outputs(
             outputs[0],
             outputs[1],
@@ -653,14 +689,13 @@ class ThresholdKeyProvider:
         tee: QuoteSource,
         app_id: bytes,
         offered: Mapping[int, list[str]],
-        app_k256: bytes,
+        app_pub: bytes,
         faults: dict[int, str],
     ) -> bytes:
         """The KMS signature of this app's k256 key from t nodes (keys.threshold_ecdsa): one presignature
         that t of them hold, a share from each (each node judges the request on its own again and builds the
         message from our verified app_id), every share checked, combined, and the result checked to recover
         to the group's signing key as the chain records it (never a node's say-so)."""
-        app_pub = k256_public_key(app_k256)
 
         def body(session: str) -> dict[str, Any]:
             return api.ThresholdSignRequest(
@@ -695,52 +730,12 @@ class ThresholdKeyProvider:
     ) -> str:
         """The app CA certificate under the group's root CA (ca_root_cert, checked against KmsGroup's record
         by group_from_chain): the TBS built here exactly as each node builds it (keys.threshold_certs, from
-        the root, our app_id and our app CA key). (a) A certificate a node keeps for (epoch, app, key) from an
-        earlier boot (ThresholdAppCaCached) is used when it is exactly that TBS and verifies under the root:
-        no presignature is spent. (b) Otherwise t nodes' shares over it (each judging the request itself),
-        combined and checked under the root's key, and (c) handed to every challenged node to keep
-        (ThresholdAppCaStore; a node that does not keep it only costs a signature at the next boot)."""
-        root = x509.load_pem_x509_certificate(self.group.ca_root_cert.encode())
-        key = serialization.load_pem_private_key(app_ca_key_pem.encode(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise KmsClientError("the app CA key is not an EC key")
-        pub = key.public_key()
-        to_sign = tc.app_ca_to_sign(root, app_id, pub)
-        pub33 = pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+        the root, our app_id and our app CA key), t nodes' shares over it (each judging the request itself),
+        combined and checked under the root's key. (A certificate a node kept from an earlier boot comes in
+        its evaluate answer instead: `_kept_app_ca`.)"""
+        root, to_sign, pub33 = self._app_ca_tbs(app_id, app_ca_key_pem)
         root_key = root.public_key()
         assert isinstance(root_key, ec.EllipticCurvePublicKey)
-        cache_body = api.AppCaCachedRequest(
-            epoch=self._key_epochs(tee).current, app_id=app_id.hex(), app_ca_public_key=pub33.hex()
-        )
-        # (a)
-        kept: list[x509.Certificate] = []
-
-        def lookup(client: KmsClient) -> api.AppCaCachedResponse:
-            return client._call(
-                "POST",
-                api.PATH_THRESHOLD_APP_CA_CACHED,
-                api.AppCaCachedResponse,
-                body=cache_body.model_dump(),
-            )
-
-        def accept_kept(i: int, answer: Any) -> bool:
-            if isinstance(answer, BaseException) or not answer.certificate:
-                return False
-            try:
-                # re-assembled from the TBS built here and the node's signature: only the signature is
-                # taken from the answer (never its other bytes)
-                given = x509.load_pem_x509_certificate(answer.certificate.encode())
-                cert = tc.canonical_certificate(to_sign, given, root_key)
-            except (ValueError, x509.InvalidVersion, KeysError) as exc:
-                faults[i] = f"kept app CA certificate refused: {exc}"
-                log.warning("KMS node %d (%s): %s", i, self.group.nodes[i], faults[i])
-                return False
-            kept.append(cert)
-            return True
-
-        self._gather(self._challenged, lookup, accept_kept, need=1, all_first=True)
-        if kept:
-            return cert_to_pem(kept[0])
 
         def body(session: str) -> dict[str, Any]:
             return api.ThresholdSignAppCaRequest(
@@ -750,7 +745,6 @@ class ThresholdKeyProvider:
                 session=session,
             ).model_dump()
 
-        # (b)
         sig = _group_signature(
             self,
             tee,
@@ -772,22 +766,104 @@ class ThresholdKeyProvider:
             raise KmsClientError(
                 f"the app CA certificate does not verify under the group root: {exc}"
             ) from exc
-        # (c)
-        store_body = api.AppCaCachedRequest(**{**cache_body.model_dump(), "certificate": pem}).model_dump()
+        return pem
 
-        def store(client: KmsClient) -> api.AppCaCachedResponse:
-            return client._call(
-                "POST", api.PATH_THRESHOLD_APP_CA_STORE, api.AppCaCachedResponse, body=store_body
+    def _kept_app_key(
+        self, app_id: bytes, app_pub: bytes, kept: Mapping[int, api.KeptAppKey], faults: dict[int, str]
+    ) -> bytes | None:
+        """The first node's kept app-key signature that is the group's signature (the chain's signing key)
+        of exactly the key derived here for this app; a node whose kept one is not is named in `faults`
+        (its partials stay valid: they were checked on their own). None when no node kept a good one."""
+        for i, item in sorted(kept.items()):
+            sig = bytes.fromhex(item.signature)
+            if item.app_public_key != app_pub.hex():
+                problem = "it is for another app public key than the one derived from the partials"
+            else:
+                problem = _app_key_signature_problem(app_id, app_pub, sig, self.group.signing_key)
+            if not problem:
+                return sig
+            faults[i] = f"kept app-key signature refused: {problem}"
+            log.warning("KMS node %d (%s): %s", i, self.group.nodes[i], faults[i])
+        return None
+
+    def _kept_app_ca(
+        self, app_id: bytes, app_ca_key_pem: str, kept: Mapping[int, api.KeptAppCa], faults: dict[int, str]
+    ) -> str | None:
+        """The first node's kept app CA certificate that is exactly the TBS built here (from the chain's
+        group root, our app_id and the app CA key derived here) and verifies under the root, re-assembled
+        from that TBS and its signature (only the signature is taken from the answer); a node whose kept
+        one is not is named in `faults`. None when no node kept a good one."""
+        if not kept:
+            return None
+        root, to_sign, pub33 = self._app_ca_tbs(app_id, app_ca_key_pem)
+        root_key = root.public_key()
+        assert isinstance(root_key, ec.EllipticCurvePublicKey)
+        for i, item in sorted(kept.items()):
+            try:
+                if item.app_ca_public_key != pub33.hex():
+                    raise ValueError("it is for another app CA key than the one derived from the partials")
+                given = x509.load_pem_x509_certificate(item.certificate.encode())
+                return cert_to_pem(tc.canonical_certificate(to_sign, given, root_key))
+            except (ValueError, x509.InvalidVersion, KeysError) as exc:
+                faults[i] = f"kept app CA certificate refused: {exc}"
+                log.warning("KMS node %d (%s): %s", i, self.group.nodes[i], faults[i])
+        return None
+
+    def _app_ca_tbs(
+        self, app_id: bytes, app_ca_key_pem: str
+    ) -> tuple[x509.Certificate, tc.CertToSign, bytes]:
+        """The group root (the chain's), the app CA TBS every node builds for this app and key, and the
+        key (SEC1 compressed)."""
+        root = x509.load_pem_x509_certificate(self.group.ca_root_cert.encode())
+        key = serialization.load_pem_private_key(app_ca_key_pem.encode(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise KmsClientError("the app CA key is not an EC key")
+        pub = key.public_key()
+        pub33 = pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+        return root, tc.app_ca_to_sign(root, app_id, pub), pub33
+
+    def _keep(
+        self,
+        tee: QuoteSource,
+        app_id: bytes,
+        epoch: int,
+        app_pub: bytes,
+        signature: bytes,
+        app_ca_key_pem: str,
+        certificate: str,
+    ) -> None:
+        """After a signing round: hand the app-key signature and the app CA certificate this boot holds to
+        every challenged node to keep (ThresholdKeepSignatures, attested and judged like an evaluation), so
+        that the next boot of this app is one round. A node that does not keep them only costs a signing
+        round at the next boot: its failure is logged, not a fault."""
+        pub33 = self._app_ca_tbs(app_id, app_ca_key_pem)[2] if certificate else b""
+        body = api.ThresholdKeepRequest(
+            vm_config=vm_config_json(tee),
+            app_compose=self.composes.for_tee(tee),
+            epoch=epoch,
+            app_public_key=app_pub.hex() if signature else "",
+            signature=signature.hex(),
+            app_ca_public_key=pub33.hex(),
+            certificate=certificate,
+        ).model_dump()
+
+        def keep(client: KmsClient) -> api.ThresholdKeepResponse:
+            return client.attested_call(
+                tee,
+                api.PATH_THRESHOLD_KEEP_SIGNATURES,
+                api.ThresholdKeepResponse,
+                body=body,
+                usage="app:kms-client",
+                app_id=app_id,
             )
 
-        def stored(i: int, answer: Any) -> bool:
+        def kept(i: int, answer: Any) -> bool:
             if isinstance(answer, BaseException):
-                log.warning("KMS node %d did not keep the app CA certificate: %s", i, _describe(answer))
+                log.warning("KMS node %d did not keep the app's signatures: %s", i, _describe(answer))
                 return False
             return True
 
-        self._gather(self._challenged, store, stored, need=len(self._challenged), all_first=True)
-        return pem
+        self._gather(self._challenged, keep, kept, need=len(self._challenged), all_first=True)
 
     def _check(
         self,

@@ -18,6 +18,10 @@ memory only).
                        (self-signed by t nodes, `sign_root_ca`) and app CA certificates under it
                        (`sign_app_ca`), each node building the TBS itself (teecloud.keys.threshold_certs) from
                        the verified app_id and the app CA key the caller names.
+    AppCaCache         group-signed app CA certificates by (epoch, app_id, app CA key)
+    AppSignatureCache  per (epoch, app_id): the group's signature of the app's k256 key (and that key), and
+                       which app CA key the app's kept certificate is for, so that a node can hand both back
+                       inside its ThresholdEvaluate answer (one attested round per repeat boot)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import coincurve
@@ -39,7 +44,7 @@ from teecloud.keys import threshold_certs as tc
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.certs import cert_to_pem
 from teecloud.keys.errors import KeysError
-from teecloud.keys.sigchain import kms_issued_digest
+from teecloud.keys.sigchain import kms_issued_digest, recover_k256
 from teecloud.kms.authz import AuthorizedApp
 from teecloud.kms.bootstrap import KmsIdentity, kms_dir
 from teecloud.kms.errors import AccessDenied, SealingError
@@ -48,14 +53,18 @@ from teecloud.tee.base import TeePlatform
 
 __all__ = [
     "APP_CA_CACHE_DIR",
+    "APP_SIGNATURE_CACHE_DIR",
     "CA_ROOT_FILE",
     "CA_SHARE_FILE",
     "LEGACY_PRESIG_FILE",
     "MAX_PRESIGNATURES",
     "SIGNING_SHARE_FILE",
     "AppCaCache",
+    "AppSignatureCache",
+    "KeptSignatures",
     "PresignaturePool",
     "ThresholdSigner",
+    "app_key_signature_problem",
     "key_share_from_json",
     "key_share_to_json",
     "open_app_ca_cache",
@@ -73,6 +82,9 @@ MAX_PRESIGNATURES = 512  # a bound on one process's memory
 APP_CA_CACHE_DIR = "threshold-app-ca"  # group-signed app CA certificates, one sealed file each
 MAX_APP_CA_CACHE = 1024  # entries; the oldest is dropped to make room
 _APP_CA_FORMAT = "teecloud-kms-app-ca-cache-v1"
+APP_SIGNATURE_CACHE_DIR = "threshold-app-signatures"  # per (epoch, app_id): kept app-key signature + CA key
+MAX_APP_SIGNATURE_CACHE = 1024  # entries; the oldest is dropped to make room
+_APP_SIG_FORMAT = "teecloud-kms-app-signature-cache-v1"
 log = logging.getLogger("teecloud.kms.threshold")
 _Sealer = Callable[[bytes], bytes]
 _Entries = dict[bytes, tuple[te.Presignature, bytes | None]]
@@ -346,6 +358,133 @@ class AppCaCache:
             )
             for old in entries[: max(0, len(entries) - self.max_entries + 1)]:
                 old.unlink(missing_ok=True)
+            atomic_write(path, self._seal(record))
+        return True
+
+
+def app_key_signature_problem(
+    app_id: bytes, app_public_key: bytes, signature: bytes, group_key: bytes
+) -> str:
+    """'' when `signature` is the group's signature of exactly this app's k256 key, in the form the group's
+    combination makes (65 bytes r‖s‖v, v in {0, 1}, low s), over keccak256("dstack-kms-issued:" ‖ app_id ‖
+    key) and recovering to `group_key`; otherwise what is wrong with it."""
+    if len(signature) != 65 or signature[64] > 1:
+        return "not a 65-byte r‖s‖v signature with v in {0, 1}"
+    s = int.from_bytes(signature[32:64], "big")
+    if not 0 < s <= te.SECP256K1.order // 2:
+        return "its s is not in the low half (not the form the group's combination makes)"
+    try:
+        pub = coincurve.PublicKey(bytes(app_public_key)).format(compressed=True)
+    except Exception:  # coincurve raises ValueError / bare Exception for non-points
+        return "the app public key is not a secp256k1 point"
+    if pub != bytes(app_public_key):
+        return "the app public key is not SEC1 compressed"
+    try:
+        signer = recover_k256(kms_issued_digest(app_id, pub), signature)
+    except KeysError as exc:
+        return f"it does not recover: {exc}"
+    if signer != group_key:
+        return "it does not verify under the group's signing key for this app and key"
+    return ""
+
+
+@dataclass(frozen=True)
+class KeptSignatures:
+    """What a node keeps for one (epoch, app_id): the group's signature of the app's k256 key and that key
+    (b"" when none), and the app CA key whose group-signed certificate AppCaCache keeps (b"" when none)."""
+
+    app_public_key: bytes = b""
+    signature: bytes = b""
+    app_ca_public_key: bytes = b""
+
+
+class AppSignatureCache:
+    """KeptSignatures by (epoch, app_id): one file per entry in `dir`, sealed to the node's measurement,
+    written atomically; at most `max_entries` (the oldest is dropped). The sealed record names its (epoch,
+    app_id), checked on read (the file name is the host's). Only the service's keep handler writes it, for
+    an attested app after the whole key-release rule and after checking what it keeps; the evaluate handler
+    checks a kept signature again (under the node's current signing key) before it serves it."""
+
+    def __init__(
+        self, dir: Path, seal: _Sealer, unseal: _Sealer, *, max_entries: int = MAX_APP_SIGNATURE_CACHE
+    ) -> None:
+        self.dir = dir
+        self._seal, self._unseal = seal, unseal
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+
+    def _path(self, epoch: int, app_id: bytes) -> Path:
+        name = hashlib.sha256(
+            b"app-signatures:" + epoch.to_bytes(4, "big") + len(app_id).to_bytes(2, "big") + app_id
+        ).hexdigest()
+        return self.dir / f"{name}.sealed"
+
+    def get(self, epoch: int, app_id: bytes) -> KeptSignatures | None:
+        path = self._path(epoch, app_id)
+        try:
+            doc = json.loads(self._unseal(path.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, SealingError) as exc:
+            log.warning("app signature cache entry %s is unreadable (ignored): %s", path.name, exc)
+            return None
+        try:
+            if (
+                not isinstance(doc, dict)
+                or doc.get("format") != _APP_SIG_FORMAT
+                or (doc.get("epoch"), doc.get("app_id")) != (epoch, app_id.hex())
+            ):
+                raise ValueError("it names another app or epoch")
+            kept = KeptSignatures(
+                bytes.fromhex(doc["app_public_key"]),
+                bytes.fromhex(doc["signature"]),
+                bytes.fromhex(doc["app_ca_public_key"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("app signature cache entry %s is refused (ignored): %s", path.name, exc)
+            return None
+        return kept
+
+    def put(
+        self,
+        epoch: int,
+        app_id: bytes,
+        *,
+        app_key: tuple[bytes, bytes] | None = None,
+        app_ca_public_key: bytes | None = None,
+    ) -> bool:
+        """Keep (already checked by the caller) the app-key signature `app_key` = (public key, signature)
+        and/or the app CA key, beside what is kept for (epoch, app_id); the newest replaces an older one.
+        False when nothing changed."""
+        path = self._path(epoch, app_id)
+        with self._lock:
+            old = self.get(epoch, app_id) or KeptSignatures()
+            new = KeptSignatures(
+                app_key[0] if app_key else old.app_public_key,
+                app_key[1] if app_key else old.signature,
+                app_ca_public_key if app_ca_public_key is not None else old.app_ca_public_key,
+            )
+            if new == old and path.exists():
+                return False
+            record = json.dumps(
+                {
+                    "format": _APP_SIG_FORMAT,
+                    "epoch": epoch,
+                    "app_id": app_id.hex(),
+                    "app_public_key": new.app_public_key.hex(),
+                    "signature": new.signature.hex(),
+                    "app_ca_public_key": new.app_ca_public_key.hex(),
+                },
+                sort_keys=True,
+            ).encode()
+            if not path.exists():
+                entries = (
+                    sorted(self.dir.glob("*.sealed"), key=lambda p: p.stat().st_mtime)
+                    if self.dir.exists()
+                    else []
+                )
+                for stale in entries[: max(0, len(entries) - self.max_entries + 1)]:
+                    stale.unlink(missing_ok=True)
             atomic_write(path, self._seal(record))
         return True
 
