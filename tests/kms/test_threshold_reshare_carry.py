@@ -17,7 +17,7 @@ import coincurve
 import pytest
 
 from teecloud.appcompose import compose_hash
-from teecloud.chain import ContractReverted
+from teecloud.chain import ChainClient, ContractReverted
 from teecloud.keys import threshold_ecdh as tx
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys._groups import P256
@@ -36,10 +36,11 @@ from tests.kms.conftest import World
 from tests.kms.test_threshold_env import members, pubkey
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO
+from tests.kms.test_threshold_reshare_chain_keys import group_chain, record_committee
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["members"]
+__all__ = ["group_chain", "members"]
 
 APP_SECRET = {"SECRET": "written before the reshare"}
 
@@ -80,6 +81,7 @@ def test_reshare_3of5_to_4of7_and_back_carries_env_signing_and_ca_keys(
     world: World,
     members: tuple[dict[int, Member], bytes],
     monkeypatch: pytest.MonkeyPatch,
+    group_chain: ChainClient,
 ) -> None:
     nodes, signing_key = members
     _allow_kms_build(world, teecloud_home)
@@ -89,6 +91,9 @@ def test_reshare_3of5_to_4of7_and_back_carries_env_signing_and_ca_keys(
     ca_keys = te.dkg_local(3, 5, group=P256)  # the group's CA key (made by a networked round in production)
     for m in nodes.values():
         m.service.ca_signer = ThresholdSigner(ca_keys[m.index - 1], PresignaturePool())
+    kms_group = record_committee(group_chain, nodes)  # what the new members check the carried keys against
+    kms_group.record_signing_key(1, signing_key)
+    kms_group.record_ca(1, ca_keys[0].group_public_key, hashlib.sha256(b"the root's DER").digest())
 
     # 3-of-5 -> 4-of-7: dealers 1, 3, 5 (their ReshareDealer carries what their service holds)
     dealers = (1, 3, 5)
@@ -114,7 +119,14 @@ def test_reshare_3of5_to_4of7_and_back_carries_env_signing_and_ca_keys(
         }
         new[j] = CarriedShares()
         roots[j] = join_reshare(
-            plan, j, tee, clients, app_id=KMS_APP_ID, member_token=tokens[j], carried_out=new[j]
+            plan,
+            j,
+            tee,
+            clients,
+            app_id=KMS_APP_ID,
+            member_token=tokens[j],
+            carried_out=new[j],
+            kms_group=kms_group,
         )
     assert {r.group_public_key for r in roots.values()} == {plan.old_commitments[0]}
     env47 = [new[j].env[app_id] for j in range(1, 8)]
@@ -235,7 +247,10 @@ class _Pages:
 
 
 def test_a_reshare_pages_its_carried_sharings_and_hands_over_only_a_complete_set(
-    teecloud_home: Path, world: World, members: tuple[dict[int, Member], bytes]
+    teecloud_home: Path,
+    world: World,
+    members: tuple[dict[int, Member], bytes],
+    group_chain: ChainClient,
 ) -> None:
     """R7-5's fix over the real ReshareDeal endpoint: 7 env sharings (one sharing relabelled per app: the
     count is what matters) and the signing key = 8 sharings, 3 per page (page_size; 1024 in production):
@@ -246,6 +261,8 @@ def test_a_reshare_pages_its_carried_sharings_and_hands_over_only_a_complete_set
     nodes, signing_key = members
     _allow_kms_build(world, teecloud_home)
     app_id = world.register(compose_hash(dict(HELLO, name="paged")))
+    kms_group = record_committee(group_chain, nodes)
+    kms_group.record_signing_key(1, signing_key)
     pubkey(nodes[1], app_id)  # the env ceremony: every member holds its share
     apps = [app_id, *(bytes([0xE0, k]) * 10 for k in range(6))]
     for m in nodes.values():
@@ -277,7 +294,16 @@ def test_a_reshare_pages_its_carried_sharings_and_hands_over_only_a_complete_set
 
     def join(j: int, pages: dict[int, _Pages]) -> CarriedShares:
         out = CarriedShares()
-        join_reshare(plan, j, tee, pages, app_id=KMS_APP_ID, member_token=tokens[j], carried_out=out)  # type: ignore[arg-type]
+        join_reshare(
+            plan,
+            j,
+            tee,
+            pages,
+            app_id=KMS_APP_ID,
+            member_token=tokens[j],
+            carried_out=out,
+            kms_group=kms_group,
+        )  # type: ignore[arg-type]
         return out
 
     honest = {i: _Pages(c) for i, c in clients().items()}
@@ -327,5 +353,14 @@ def test_a_reshare_pages_its_carried_sharings_and_hands_over_only_a_complete_set
         pages = {i: _Pages(c, tamper if i == liar else None) for i, c in clients().items()}
         out = CarriedShares()
         with pytest.raises(KmsClientError, match=why):
-            join_reshare(plan, j, tee, pages, app_id=KMS_APP_ID, member_token=tokens[j], carried_out=out)  # type: ignore[arg-type]
+            join_reshare(
+                plan,
+                j,
+                tee,
+                pages,
+                app_id=KMS_APP_ID,
+                member_token=tokens[j],
+                carried_out=out,
+                kms_group=kms_group,
+            )  # type: ignore[arg-type]
         assert out.env == {} and out.signing_key is None and out.ca_key is None

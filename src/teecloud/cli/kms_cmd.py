@@ -209,7 +209,15 @@ def up(
 
             join_carried = CarriedShares()  # what the dealers carry besides the root share, sealed at boot
             join = _round_joiner(
-                join_reshare, "reshare", threshold_node, tee, dev, pccs_url, chain, carried=join_carried
+                join_reshare,
+                "reshare",
+                threshold_node,
+                tee,
+                dev,
+                pccs_url,
+                chain,
+                carried=join_carried,
+                finality_depth=finality_depth,
             )
 
     def publish(keys: Any, _identity: Any, created: bool) -> str:
@@ -315,11 +323,13 @@ def _round_joiner(
     chain: Any,
     *,
     carried: Any = None,
+    finality_depth: int = 0,
 ) -> Any:
     """The join step of `kms up --join-dkg / --join-reshare`: the plan names the round and its dealers (URL
     and server CA key each); each dealer is checked as a KMS (RA-TLS + KmsAuth.isKmsAllowed) before anything
     is sent. A reshare plan also states the commitments the new committee must end with. A reshare's join
-    fills `carried` (a kms.threshold_carry.CarriedShares) with the other sharings the dealers carried; the
+    fills `carried` (a kms.threshold_carry.CarriedShares) with the other sharings the dealers carried, once
+    their signing and CA keys are the ones KmsGroup records for the epoch `finality_depth` blocks deep; the
     launcher seals them with the root share."""
     from teecloud.kms.bootstrap import KMS_APP_ID
     from teecloud.kms.client import connect_kms
@@ -399,6 +409,12 @@ def _round_joiner(
         if isinstance(plan, DkgPlan):
             share = join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
         else:
+            from teecloud.chain import ChainError
+
+            try:
+                kms_group = chain.kms_group
+            except ChainError as exc:
+                raise KmsClientError(f"cannot read KmsGroup: {exc}") from exc
             share = join_reshare(
                 plan,
                 index,
@@ -407,6 +423,8 @@ def _round_joiner(
                 app_id=KMS_APP_ID,
                 member_token=member_token,
                 carried_out=carried,
+                kms_group=kms_group,
+                finality_depth=finality_depth,
             )
         if expected is not None and share.commitments != expected:
             raise KmsClientError("the round ended with other commitments than its plan states")
@@ -1053,6 +1071,284 @@ def group(
             f"  block {e['block']}: {e['event']} "
             + ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("block", "event"))
         )
+
+
+MAX_APP_KEY_INPUT = 64 * 1024  # a GetKey response or a PEM chain: far below this
+
+
+class _AppKeyUsage(Exception):
+    """`kms verify-app-key`: an input that cannot be read or parsed (exit 2)."""
+
+
+def _read_small(path: Path, what: str) -> bytes:
+    try:
+        if path.stat().st_size > MAX_APP_KEY_INPUT:
+            raise _AppKeyUsage(f"{what} {path} is larger than {MAX_APP_KEY_INPUT} bytes")
+        return path.read_bytes()
+    except OSError as exc:
+        raise _AppKeyUsage(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _hex_field(value: Any, what: str, sizes: tuple[int, ...]) -> bytes:
+    if not isinstance(value, str):
+        raise _AppKeyUsage(f"{what} is not a hex string")
+    try:
+        raw = bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        raise _AppKeyUsage(f"{what} is not hex") from None
+    if len(raw) not in sizes:
+        allowed = " or ".join(map(str, sizes)) if len(sizes) < 3 else f"{min(sizes)}..{max(sizes)}"
+        raise _AppKeyUsage(f"{what} is {len(raw)} bytes, not {allowed}")
+    return raw
+
+
+def _get_key_input(path: Path, algorithm: str) -> tuple[bytes, list[bytes]]:
+    """A GetKey response (dstack's `{"key", "signature_chain"}`; `public_key` instead of, or beside, the
+    private `key`) -> (the derived public key, the signature chain). Strict: no other field."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from teecloud.keys.errors import KeysError
+    from teecloud.keys.sigchain import k256_public_key
+
+    try:
+        doc = json.loads(_read_small(path, "--get-key"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _AppKeyUsage(f"--get-key {path}: not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise _AppKeyUsage(f"--get-key {path}: not a JSON object")
+    extra = sorted(set(doc) - {"key", "public_key", "signature_chain"})
+    if extra:
+        raise _AppKeyUsage(f"--get-key {path}: unknown fields {extra} (key, public_key, signature_chain)")
+    chain = doc.get("signature_chain")
+    if not isinstance(chain, list) or len(chain) != 2:
+        raise _AppKeyUsage(f"--get-key {path}: signature_chain is a list of 2 hex signatures")
+    sigs = [_hex_field(s, f"signature_chain[{n}]", (65,)) for n, s in enumerate(chain)]
+    public = None
+    if "public_key" in doc:
+        sizes = (32,) if algorithm == "ed25519" else (33, 65)
+        public = _hex_field(doc["public_key"], "public_key", sizes)
+    if "key" in doc:
+        secret = _hex_field(doc["key"], "key", (32,))
+        try:
+            derived = (
+                Ed25519PrivateKey.from_private_bytes(secret).public_key().public_bytes_raw()
+                if algorithm == "ed25519"
+                else k256_public_key(secret)
+            )
+        except (KeysError, ValueError) as exc:
+            raise _AppKeyUsage(f"--get-key {path}: key is not a {algorithm} private key: {exc}") from None
+        if public is not None and public != derived:
+            raise _AppKeyUsage(f"--get-key {path}: public_key is not the public key of key")
+        public = derived
+    if public is None:
+        raise _AppKeyUsage(f"--get-key {path}: needs key or public_key")
+    return public, sigs
+
+
+def _pem_chain(path: Path, what: str) -> list[Any]:
+    from cryptography import x509
+
+    try:
+        certs = x509.load_pem_x509_certificates(_read_small(path, what))
+    except ValueError as exc:
+        raise _AppKeyUsage(f"{what} {path}: not PEM certificates ({exc})") from None
+    if not 1 <= len(certs) <= 8:
+        raise _AppKeyUsage(f"{what} {path}: 1..8 certificates, not {len(certs)}")
+    return certs
+
+
+def _check_get_key(
+    recorded: Any, app_id: bytes, public: bytes, sigs: list[bytes], purpose: str, epoch: int
+) -> str:
+    """(2) The GetKey chain verifies under the signing key KmsGroup records for the epoch."""
+    from teecloud.keys.errors import KeysError
+    from teecloud.keys.sigchain import verify_key_signature_chain
+
+    if recorded is None:
+        raise ValueError(f"KmsGroup records no signing key for epoch {epoch}: no app key is signed by it")
+    try:
+        app_key = verify_key_signature_chain(
+            app_id=app_id,
+            public_key=public,
+            purpose=purpose,
+            signature_chain=sigs,
+            kms_root_public_key=recorded,
+        )
+    except KeysError as exc:
+        raise ValueError(f"{exc} (the group's signing key of epoch {epoch} is {recorded.hex()})") from None
+    return f"app key {app_key.hex()} signed by the group's signing key {recorded.hex()}"
+
+
+def _check_app_ca(group_ca: Any, root: Any, certs: list[Any], app_id: bytes, epoch: int, now: int) -> str:
+    """(3) The root is the one KmsGroup records (its CA key, the sha256 of its DER, self-signed); the last
+    certificate is exactly the app CA the group signs for `app_id` and that key under it (its TBS as every
+    node builds it, its signature under the root); each earlier one is issued by the next; all valid now."""
+    import datetime as dt
+    import itertools
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from teecloud.keys import threshold_certs as tc
+    from teecloud.keys.errors import KeysError
+
+    if group_ca is None:
+        raise ValueError(f"KmsGroup records no group CA for epoch {epoch}: no app CA is signed under it")
+    try:
+        tc.check_group_root(root, group_ca.ca_key, group_ca.root_cert_hash)
+        app_ca = certs[-1]
+        key = app_ca.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError("the app CA's key is not a P-256 key")
+        root_key = root.public_key()
+        tc.canonical_certificate(tc.app_ca_to_sign(root, app_id, key), app_ca, root_key)
+    except KeysError as exc:
+        raise ValueError(f"the app CA is not the group's for app {app_id.hex()}: {exc}") from None
+    for n, (cert, issuer) in enumerate(itertools.pairwise(certs)):
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"certificate {n} is not issued by certificate {n + 1}: {exc}") from None
+        except InvalidSignature:
+            raise ValueError(f"certificate {n}'s signature does not verify under the next one") from None
+    at = dt.datetime.fromtimestamp(now, dt.UTC)
+    for n, cert in enumerate([*certs, root]):
+        if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
+            which = "the root" if cert is root else f"certificate {n}"
+            raise ValueError(
+                f"{which} is not valid at {at:%Y-%m-%dT%H:%M:%SZ} "
+                f"({cert.not_valid_before_utc:%Y-%m-%d} .. {cert.not_valid_after_utc:%Y-%m-%d})"
+            )
+    return f"app CA {app_ca.subject.rfc4514_string()} signed under the group root recorded for epoch {epoch}"
+
+
+@app.command("verify-app-key")
+def verify_app_key(
+    app_id_hex: Annotated[str, typer.Option("--app-id", help="The app's id (hex).")],
+    get_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--get-key",
+            help='A GetKey response (JSON {"key" or "public_key", "signature_chain"}): its signature chain '
+            "must end in the signing key KmsGroup records for EPOCH.",
+        ),
+    ] = None,
+    purpose: Annotated[str, typer.Option("--purpose", help="The GetKey request's purpose.")] = "",
+    algorithm: Annotated[
+        str, typer.Option("--algorithm", help="The GetKey request's algorithm: secp256k1 or ed25519.")
+    ] = "secp256k1",
+    app_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--app-ca",
+            help="The app's certificate chain (PEM; leaf first, its app CA last), e.g. its RA-TLS chain: "
+            "the app CA must be the group-signed one for --app-id under --root-cert.",
+        ),
+    ] = None,
+    root_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--root-cert",
+            help="The group root CA certificate (PEM): checked against KmsGroup's record (CA key, sha256).",
+        ),
+    ] = None,
+    epoch: Annotated[int, typer.Option(min=0, help="Root epoch.")] = 1,
+    rpc_url: Annotated[
+        str | None, typer.Option("--rpc-url", help="EVM JSON-RPC URL (default: embedded chain).")
+    ] = None,
+    finality_depth: Annotated[
+        int,
+        typer.Option(
+            "--finality-depth", min=0, max=1024, help="Read the record this many blocks below the head."
+        ),
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Verify an app's key material under the threshold group KmsGroup records for EPOCH: a GetKey
+    signature chain (dstack's; what dstack-sdk checks) under the group's signing key, and an app CA (its
+    chain) under the group's root CA. Exit 0 valid, 1 rejected, 2 usage error or unreadable input/chain."""
+    from cryptography import x509
+
+    from teecloud.chain import ChainClient, ChainError
+
+    def usage(message: str) -> NoReturn:
+        if as_json:
+            typer.echo(json.dumps({"is_valid": False, "error": message}))
+        _fail(message, 2)
+
+    # (1) inputs, parsed strictly before the chain is asked
+    try:
+        app_id = _hex_field(app_id_hex, "--app-id", tuple(range(1, 65)))
+        if get_key is None and app_ca is None:
+            raise _AppKeyUsage("give --get-key FILE and/or --app-ca FILE (with --root-cert FILE)")
+        if algorithm not in ("secp256k1", "ed25519"):
+            raise _AppKeyUsage(f"--algorithm is secp256k1 or ed25519, not {algorithm!r}")
+        if (app_ca is None) != (root_cert is None):
+            raise _AppKeyUsage(
+                "--app-ca and --root-cert go together (the chain records only the root's hash)"
+            )
+        key_input = _get_key_input(get_key, algorithm) if get_key is not None else None
+        certs = _pem_chain(app_ca, "--app-ca") if app_ca is not None else []
+        roots: list[x509.Certificate] = _pem_chain(root_cert, "--root-cert") if root_cert is not None else []
+        if len(roots) > 1:
+            raise _AppKeyUsage(f"--root-cert {root_cert}: one certificate, not {len(roots)}")
+    except _AppKeyUsage as exc:
+        usage(str(exc))
+    # (2) the group's record at the finality depth
+    try:
+        chain = ChainClient.rpc(rpc_url) if rpc_url else ChainClient.embedded()
+        try:
+            kms_group = chain.kms_group
+            at = kms_group.final_block(finality_depth)
+            committee = kms_group.active(epoch, at=at)
+            signing_key = kms_group.signing_key(epoch, at=at) if committee is not None else None
+            group_ca = kms_group.group_ca(epoch, at=at) if committee is not None else None
+        finally:
+            chain.close()
+    except (ChainError, ValueError) as exc:  # ValueError: a malformed --rpc-url
+        usage(f"chain: {exc}")
+    checks: list[dict[str, Any]] = []
+    if committee is None:
+        checks.append(
+            {"name": "group", "ok": False, "reason": f"KmsGroup names no committee serving epoch {epoch}"}
+        )
+    else:
+        # (3) each piece of key material under the group's record
+        if key_input is not None:
+            try:
+                why = _check_get_key(signing_key, app_id, key_input[0], key_input[1], purpose, epoch)
+                checks.append({"name": "get_key_signature_chain", "ok": True, "reason": why})
+            except ValueError as exc:
+                checks.append({"name": "get_key_signature_chain", "ok": False, "reason": str(exc)})
+        if certs:
+            try:
+                why = _check_app_ca(group_ca, roots[0], certs, app_id, epoch, int(time.time()))
+                checks.append({"name": "app_ca", "ok": True, "reason": why})
+            except ValueError as exc:
+                checks.append({"name": "app_ca", "ok": False, "reason": str(exc)})
+    valid = all(c["ok"] for c in checks)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "is_valid": valid,
+                    "epoch": epoch,
+                    "block": at.number,
+                    "signing_key": signing_key.hex() if signing_key else None,
+                    "ca_key": group_ca.ca_key.hex() if group_ca else None,
+                    "checks": checks,
+                }
+            )
+        )
+    else:
+        verdict = "[bold green]VALID[/]" if valid else "[bold red]REJECTED[/]"
+        out.print(f"{verdict}  epoch {epoch} as KmsGroup records it at block {at.number}", highlight=False)
+        for c in checks:
+            out.print(
+                f"  {'[green]✓[/]' if c['ok'] else '[red]✗[/]'} {c['name']}: {c['reason']}", highlight=False
+            )
+    if not valid:
+        raise typer.Exit(1)
 
 
 @app.command("peer-keys")

@@ -14,7 +14,10 @@ CRYPTO '95 use it): the same public keys, new shares that do not combine with ol
                                   carry_receive: every dealer must carry the same sharings with the same old
                                   commitments (a dealer that differs is named); each is checked
                                   (C_0 = Y_i, sub-share against the dealing) and summed with Lagrange
-                                  weights; the result keeps each old public key
+                                  weights; the result keeps each old public key; then
+                                  check_carried_keys: the signing and CA keys carried are the ones KmsGroup
+                                  records for the epoch (RecordedKeys, read at the finality depth before
+                                  any page was asked for), else the join fails naming the dealers
     receiver (launcher)           seal_carried: env shares into the node's EnvKeyStore, the signing and CA
                                   shares beside the root share, all before the node serves
 
@@ -41,10 +44,12 @@ from teecloud.kms.threshold_env import EnvKeyStore
 __all__ = [
     "CarriedItem",
     "CarriedShares",
+    "RecordedKeys",
     "carried_for",
     "carried_page",
     "carry_deal",
     "carry_receive",
+    "check_carried_keys",
     "refuse_old_env_shares",
     "seal_carried",
 ]
@@ -195,6 +200,37 @@ def carry_receive(
         except (KeysError, ValueError) as exc:
             raise KmsClientError(f"the carried {kind} sharing {app_hex or ''} failed: {exc}") from exc
     return out
+
+
+@dataclass(frozen=True)
+class RecordedKeys:
+    """What KmsGroup records of an epoch's group keys (teecloud.chain.kmsgroup: `signing_key`, the key of
+    `group_ca`), each 33 bytes SEC1 compressed, None where the chain records none."""
+
+    signing_key: bytes | None
+    ca_key: bytes | None
+
+
+def check_carried_keys(
+    carried: CarriedShares, recorded: RecordedKeys, *, epoch: int, dealers: Sequence[int]
+) -> None:
+    """A new member's carried signing and CA key sharings are of the keys KmsGroup records for `epoch`:
+    each sharing's C_0 (its group public key) is the recorded key, and a key the chain records is carried.
+    Dealers that agree among themselves pass carry_receive's checks whatever key they re-deal; only the
+    chain says which key is the group's. Raises KmsClientError naming the dealers; writes nothing."""
+    for what, share, on_chain in (
+        ("signing key (secp256k1)", carried.signing_key, recorded.signing_key),
+        ("CA key (P-256)", carried.ca_key, recorded.ca_key),
+    ):
+        got = share.group_public_key if share is not None else None
+        if got == on_chain:
+            continue
+        dealt = f"carried {got.hex()}" if got is not None else "carried none"
+        chain = f"KmsGroup records {on_chain.hex()}" if on_chain is not None else "KmsGroup records none"
+        raise KmsClientError(
+            f"dealers {sorted(dealers)} {dealt} as the group's {what} of epoch {epoch}, but {chain}: "
+            "refusing to join (nothing was sealed; a group key the chain does not name is not the group's)"
+        )
 
 
 def refuse_old_env_shares(epoch: int, env_store: EnvKeyStore) -> None:

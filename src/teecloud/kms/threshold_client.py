@@ -71,7 +71,7 @@ from teecloud.kms.client import BootCredential, ComposeBook, KmsClient, vm_confi
 from teecloud.kms.errors import KmsClientError, SealingError
 from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
 from teecloud.kms.threshold import GROUP_FILE, DkgPlan, GroupRecord, ResharePlan, ThresholdShare
-from teecloud.kms.threshold_carry import CarriedShares, carry_receive
+from teecloud.kms.threshold_carry import CarriedShares, RecordedKeys, carry_receive, check_carried_keys
 from teecloud.kms.threshold_sign import app_key_signature_problem as _app_key_signature_problem
 
 __all__ = [
@@ -83,6 +83,7 @@ __all__ = [
     "group_from_chain",
     "join_dkg",
     "join_reshare",
+    "recorded_keys",
 ]
 
 log = logging.getLogger("teecloud.kms.threshold")
@@ -1196,6 +1197,21 @@ def _complaint(dealers: list[int]) -> KmsClientError:
     )
 
 
+def recorded_keys(kms_group: Any, epoch: int, *, finality_depth: int = 0) -> RecordedKeys:
+    """The signing key and CA key KmsGroup (`kms_group`: teecloud.chain.kmsgroup.KmsGroup) records for
+    `epoch` at the block `finality_depth` blocks below the head. A chain that cannot be read fails closed
+    (KmsClientError): a reshare's new member takes no carried key it could not check."""
+    try:
+        at = kms_group.final_block(finality_depth)
+        signing_key = kms_group.signing_key(epoch, at=at)
+        group_ca = kms_group.group_ca(epoch, at=at)
+    except (ChainError, ValueError) as exc:
+        raise KmsClientError(
+            f"cannot read epoch {epoch}'s signing and CA keys from KmsGroup: {exc}; refusing to join"
+        ) from exc
+    return RecordedKeys(signing_key, group_ca.ca_key if group_ca is not None else None)
+
+
 def join_reshare(
     plan: ResharePlan,
     index: int,
@@ -1205,19 +1221,30 @@ def join_reshare(
     app_id: bytes,
     member_token: bytes | None = None,
     carried_out: CarriedShares | None = None,
+    kms_group: Any = None,
+    finality_depth: int = 0,
 ) -> ThresholdShare:
     """A joining KMS node's side of a reshare round, run at its boot (the dealers release sub-shares to
     boot-time evidence only). Each dealing is checked (C_0 is the dealer's old public share, the sub-share
     matches the commitments); then s'_index = Σ λ_i·f_i(index). Any failing dealer fails the round (named):
     every new node must sum the same dealings, so a partial round is never completed. `carried_out` receives
     this node's shares of the other sharings the dealers carried (kms.threshold_carry: env keys, the group's
-    signing and CA keys), each checked the same way."""
+    signing and CA keys), each checked the same way, and the signing and CA keys checked against what
+    `kms_group` (required with `carried_out`) records for the epoch at `finality_depth`: the chain is read
+    before any dealer is asked (a dealer hands each page out once), and a key the chain does not name fails
+    the round before `carried_out` is filled."""
+    recorded: RecordedKeys | None = None
+    if carried_out is not None:
+        if kms_group is None:
+            raise ValueError("a reshare that carries keys checks them against KmsGroup: pass kms_group")
+        recorded = recorded_keys(kms_group, plan.epoch, finality_depth=finality_depth)
     answers: dict[int, list[api.CarriedSubshare]] = {}
     dealings = _collect(
         plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token, answers
     )
-    if carried_out is not None:
+    if carried_out is not None and recorded is not None:
         got = carry_receive(answers, index=index, t_new=plan.t_new, n_new=plan.n_new)
+        check_carried_keys(got, recorded, epoch=plan.epoch, dealers=plan.dealers)
         carried_out.env, carried_out.signing_key, carried_out.ca_key = got.env, got.signing_key, got.ca_key
     received = {d.dealer: d.shares[index] for d in dealings}
     try:
