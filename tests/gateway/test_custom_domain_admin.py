@@ -88,6 +88,19 @@ def test_listing_needs_the_token_and_is_bounded() -> None:
     assert off == {"enabled": False, "total": 0, "domains": [], "next_after": None}
 
 
+def test_cli_without_a_gateway_is_a_usage_error(tmp_path: Path) -> None:
+    run = CliRunner().invoke
+    out = run(cli, ["gateway", "domains"])  # no running `teecloud up` in this TEECLOUD_HOME
+    assert out.exit_code == 2 and "no gateway found" in out.output
+    missing = tmp_path / "nope"
+    out = run(cli, ["gateway", "domains", "--admin-url", "http://127.0.0.1:9", "--token-file", str(missing)])
+    assert out.exit_code == 2 and "admin token" in out.output
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    out = run(cli, ["gateway", "domains", "--admin-url", "http://127.0.0.1:9", "--token-file", str(token)])
+    assert out.exit_code == 1 and "did not answer" in out.output  # nothing listens on port 9
+
+
 @pytest.fixture
 def dns() -> Iterator[LocalDns]:
     d = LocalDns()

@@ -55,6 +55,7 @@ def test_both_exist_the_current_prefix_wins(dns: LocalDns) -> None:
     got = cd.resolve("both.example.test")
     assert got.address == (APP, 443) and got.source == "_dstack-app-address.both.example.test"
     assert dns.zone.questions == ["_dstack-app-address.both.example.test"]  # decided by the first answer
+    assert cd.answers == {"current": 1, "legacy": 0, "wildcard": 0}
     # a malformed legacy record behind a good current one is never read (dstack returns on the first)
     dns.zone.set("_dstack-app-address.mixed.example.test", f"{APP}:443")
     dns.zone.set("_tapp-address.mixed.example.test", "garbage")
@@ -70,6 +71,8 @@ def test_wildcard_with_legacy(dns: LocalDns) -> None:
     assert got.address == (OTHER, 8443) and got.source == "_tapp-address.pinned.wild.test"
     got = cd.resolve("any.wild.test")
     assert got.address == (APP, 9443) and got.source == "_dstack-app-address-wildcard.wild.test"
+    assert cd.answers == {"current": 0, "legacy": 1, "wildcard": 1}
+    assert 'teecloud_gateway_custom_domain_answers_total{record="legacy"} 1\n' in cd.metrics()
     assert dns.zone.questions[-3:] == [
         "_dstack-app-address.any.wild.test",
         "_tapp-address.any.wild.test",

@@ -126,6 +126,8 @@ class CustomDomains:
         self.cache_hits = 0
         self.found = 0  # lookups (cache or DNS) that named an app
         self.not_found = 0
+        # DNS answers that named an app, by the record that gave them (how many still use the legacy prefix)
+        self.answers = {"current": 0, "legacy": 0, "wildcard": 0}
         self._cache: OrderedDict[str, Resolution] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -177,6 +179,12 @@ class CustomDomains:
             f"teecloud_gateway_custom_domain_cache_hits_total {self.cache_hits}\n"
             "# TYPE teecloud_gateway_custom_domain_dns_questions_total counter\n"
             f"teecloud_gateway_custom_domain_dns_questions_total {self.queries}\n"
+            "# HELP teecloud_gateway_custom_domain_answers_total DNS answers naming an app, by TXT record.\n"
+            "# TYPE teecloud_gateway_custom_domain_answers_total counter\n"
+            + "".join(
+                f'teecloud_gateway_custom_domain_answers_total{{record="{k}"}} {n}\n'
+                for k, n in self.answers.items()
+            )
         )
 
     def _resolve(self, name: str) -> tuple[tuple[str, int] | None, str | None, float]:
@@ -184,12 +192,12 @@ class CustomDomains:
         a TXT record decides. A DNS failure is a negative answer: whether an earlier name has a record is then
         unknown, so a later one is not taken in its place."""
         parent = name.partition(".")[2]
-        questions = [f"{PREFIX}.{name}"]
+        questions = [("current", f"{PREFIX}.{name}")]
         if self.legacy:
-            questions.append(f"{LEGACY_PREFIX}.{name}")
+            questions.append(("legacy", f"{LEGACY_PREFIX}.{name}"))
         if "." in parent:  # a wildcard needs a parent of two labels or more
-            questions.append(f"{PREFIX}-wildcard.{parent}")
-        for q in questions:
+            questions.append(("wildcard", f"{PREFIX}-wildcard.{parent}"))
+        for kind, q in questions:
             if len(q) > 253:
                 continue
             self.queries += 1
@@ -203,6 +211,8 @@ class CustomDomains:
                 address = parse_address(got.texts[0])
             except BadHostName:
                 return None, q, self.negative_ttl_s
+            with self._lock:
+                self.answers[kind] += 1
             return address, q, float(max(0, min(got.ttl_s, self.max_ttl_s)))
         return None, None, self.negative_ttl_s
 
