@@ -9,7 +9,9 @@
         (5) the runtime app key signed the result key for purpose "teecloud-fn-result:<code hash>";
         (6) the KMS root in KmsAuth signed the app key for this app (dstack's GetKey chain); the given root
             key is compared with KmsAuth's kms_k256_pubkey_hash (one slot), read at every check, so a
-            rotated root refuses results under the old one at once;
+            rotated root refuses results under the old one at once. (5)-(6) hold when the chain given is
+            valid or, read only when the chain is omitted (empty app signature) or fails, the result key
+            is certified (certify_key) under the root recorded now;
         (7) the request was not accepted before by this consumer (msg.sender): one bit per
             (consumer, function, request id), 256 ids that differ only in their low byte to a storage word.
         Keys come as x‖y (64 bytes): ecrecover yields addresses, and keccak256(x‖y) gives a key's address.
