@@ -27,6 +27,20 @@ on 2 threads: both cores) and `gpu-like` (1 thread: a core left to the host, as 
 the same engine for the direct and the proxied paths); `--models` does the same per model size (`medium`:
 tens of tokens/s). `--proxy-loops` runs one plain proxy per event loop side by side.
 Goals (issue 21): >= 98 % of direct throughput, <= 5 ms added to the first token.
+
+The goals' statistical verdict (like bench_gateway_variants.py --verdict):
+
+    python3 bench/bench_ai.py --verdict [--requests 40] [--budget-s 900] [--models small] [--configs today]
+
+runs --requests interleaved rounds (relays as processes): in each, every path once in a shuffled order on
+the same model with prompts of one template (numbered, so no path gets the engine's prefix cache free), and
+the comparison is paired within the round. Paths: the engine direct, the attested app, the verifying proxy
+(inline receipts: the default), with E2EE, and a proxy that fetches each receipt (`receipts="fetch"`, the
+protocol before inline receipts). Over the rounds, per path: the geometric mean of the throughput ratios
+(tokens/s end to end, path / direct) with a 95 % interval (Student's t on the log ratios), and the mean added
+time to the first token with a 95 % t interval; per goal: met (the whole interval on the good side of the
+goal), not met (the whole interval on the bad side) or undecidable on this machine (it straddles the goal).
+Bounded: at most --requests rounds and --budget-s seconds of them (what is done by then is reported).
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -383,8 +398,13 @@ def measure(
                 ).url
                 paths[f"attested app{label}"] = front_url
                 loops = [_resolve(lp) for lp in args.proxy_loops] if not src else ["default"]
-                for e2ee, loop in [(False, lp) for lp in loops] + [(True, loops[0])]:
+                variants = [(False, lp, "inline") for lp in loops] + [(True, loops[0], "inline")]
+                if args.verdict and not src:
+                    variants.append((False, loops[0], "fetch"))
+                for e2ee, loop, receipts in variants:
                     policy = dataclasses.asdict(s.policy(e2ee=e2ee))
+                    if receipts == "fetch":
+                        policy["receipts"] = "fetch"
                     relay_proc = stack.enter_context(
                         RelayProcess(
                             "proxy", home=home, upstream=front_url, policy=policy, src=src, loop=loop
@@ -392,6 +412,8 @@ def measure(
                     )
                     shown = f" ({loop} loop)" if len(loops) > 1 else ""
                     name = f"app + proxy{', E2EE' if e2ee else shown}{label}"
+                    if receipts == "fetch":
+                        name = "app + proxy, receipt fetched (before)"
                     paths[name] = relay_proc.url
                     relays[name] = relay_proc
         results: dict[bool, dict[str, list[tuple[float, float, int, float]]]] = {}
@@ -409,10 +431,17 @@ def measure(
             idle = {name: (r.cpu_s() - idle0[name]) / 2.0 for name, r in relays.items()}
             cpu0 = {name: r.cpu_s() for name, r in relays.items()}
             t_timed = time.monotonic()
+            deadline = t_timed + args.budget_s
             for streamed in modes:
                 stats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
                 request = one if streamed else one_plain
                 for _ in range(args.requests):
+                    if time.monotonic() > deadline:
+                        print(
+                            f"budget of {args.budget_s:.0f} s reached after "
+                            f"{len(stats['engine direct'])} rounds"
+                        )
+                        break
                     order = list(paths.items())
                     rng.shuffle(order)  # no path is always first (or last) in a round
                     for name, url in order:
@@ -434,6 +463,52 @@ def measure(
     return out
 
 
+def _judge(low: float, high: float, goal: float, *, higher_is_better: bool) -> str:
+    """met / not met / undecidable for an interval against a goal."""
+    if math.isnan(low):
+        return "undecidable"
+    if higher_is_better:
+        return "met" if low >= goal else "not met" if high < goal else "undecidable"
+    return "met" if high <= goal else "not met" if low > goal else "undecidable"
+
+
+def verdict(stats: dict[str, list[tuple[float, float, int, float]]]) -> None:
+    """The goals' verdict over paired rounds (module docstring)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_gateway_variants import paired_ratio, t_975
+
+    direct = stats["engine direct"]
+    print(
+        "\n| path | rounds | throughput / direct (geo. mean) | 95 % CI | ≥ 98 % goal | added TTFT, mean (ms) "
+        "| 95 % CI (ms) | ≤ 5 ms goal | last token → end, median (ms) | verdict |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, rows in stats.items():
+        if name == "engine direct":
+            continue
+        pairs = list(zip(rows, direct, strict=True))
+        ratio = paired_ratio([(r[2] / r[1]) / (d[2] / d[1]) for r, d in pairs])
+        added = [(r[0] - d[0]) * 1000 for r, d in pairs]
+        n = len(added)
+        mean = statistics.fmean(added)
+        half = t_975(n - 1) * statistics.stdev(added) / math.sqrt(n) if n > 1 else float("nan")
+        v_tps = _judge(ratio[1], ratio[2], 0.98, higher_is_better=True)
+        v_ttft = _judge(mean - half, mean + half, 5.0, higher_is_better=False)
+        overall = (
+            "met"
+            if v_tps == v_ttft == "met"
+            else "not met"
+            if "not met" in (v_tps, v_ttft)
+            else "undecidable on this machine"
+        )
+        tail = statistics.median(r[1] - r[3] for r in rows) * 1000
+        print(
+            f"| {name} | {n} | {100 * ratio[0]:.1f} % | {100 * ratio[1]:.1f}–{100 * ratio[2]:.1f} % "
+            f"| {v_tps} "
+            f"| {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} | {v_ttft} | {tail:.1f} | {overall} |"
+        )
+
+
 def report(args: argparse.Namespace, title: str, m: dict[str, object], modes: list[bool]) -> None:
     load = m["load"]
     assert isinstance(load, tuple)
@@ -443,6 +518,8 @@ def report(args: argparse.Namespace, title: str, m: dict[str, object], modes: li
     for streamed, stats in results.items():
         print(f"\n{'streamed' if streamed else 'not streamed'}:")
         table(stats, streamed)
+        if args.verdict and streamed:
+            verdict(stats)
     cpu = m.get("cpu") or {}
     assert isinstance(cpu, dict)
     if cpu:
@@ -509,6 +586,10 @@ def main() -> None:
     ap.add_argument("--no-extras", action="store_true", help="only the paths (no receipts/s, relay cost)")
     ap.add_argument("--mode", choices=["stream", "plain", "both"], default="stream")
     ap.add_argument(
+        "--verdict", action="store_true", help="the goals' statistical verdict (module docstring)"
+    )
+    ap.add_argument("--budget-s", type=float, default=3600.0, help="at most this long for the timed rounds")
+    ap.add_argument(
         "--before",
         metavar="SRC",
         help="also the front and proxies of another tree's src/ (e.g. the base commit's, from git archive), "
@@ -516,6 +597,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     args.proxy_loops = args.proxy_loops.split(",")
+    if args.verdict:
+        args.relays = "process"  # as deployed: the front in the CVM, the proxy beside the client
     models = [args.size] if args.size else args.models.split(",")
     configs = args.configs.split(",") if args.configs else [f"threads {args.threads}"]
     for c in configs:

@@ -9,7 +9,7 @@ import json
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,14 @@ COMPOSE = {
     "no_instance_id": False,
     "secure_time": False,
 }
+
+
+def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """What a relay in the middle (a gateway, a test's man in the middle) passes on of a completion request's
+    headers: the content type and the inline-receipt request (teecloud.ai.server's INLINE)."""
+    out = {"content-type": "application/json"}
+    out |= {k: v for k, v in headers.items() if k.lower().startswith("x-teecloud-receipt")}
+    return out
 
 
 def free_ports(n: int) -> list[int]:

@@ -22,7 +22,9 @@ from tests.ai.conftest import MODEL_ID, ROOT, Stack, free_port
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("e2ee", [[], ["--secp256k1"]], ids=["x25519", "secp256k1"])
+@pytest.mark.parametrize(
+    "e2ee", [[], ["--secp256k1"], ["--receipts", "fetch"]], ids=["x25519", "secp256k1", "fetched-receipts"]
+)
 def test_the_proxy_command_verifies_and_forwards(stack: Stack, tmp_path: Path, e2ee: list[str]) -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TEECLOUD_HOME": str(stack.home)}
@@ -70,6 +72,18 @@ def test_the_proxy_command_verifies_and_forwards(stack: Stack, tmp_path: Path, e
         (["--upstream", "https://x", "--kms-root", "zz", "--trust-dev-root"], "hex"),
         (["--upstream", "https://x", "--kms-root", "0211"], "33 or 65"),
         (["--upstream", "https://x", "--kms-root", "02" + "11" * 32, "--secp256k1", "--no-e2ee"], "cannot"),
+        (
+            [
+                "--upstream",
+                "https://x",
+                "--kms-root",
+                "02" + "11" * 32,
+                "--receipts",
+                "poll",
+                "--trust-dev-root",
+            ],
+            "'inline' or 'fetch'",
+        ),
         (["--upstream", "https://x", "--kms-root", "02" + "11" * 32], "--pccs-url"),
         (
             ["--upstream", "https://x", "--kms-root", "02" + "11" * 32, "--app-id", "11", "--trust-dev-root"],

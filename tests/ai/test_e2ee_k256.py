@@ -30,7 +30,7 @@ from teecloud.ai.e2ee import (
 )
 from teecloud.ai.errors import EnvelopeRejected, MalformedInput
 from teecloud.ai.keyset import KeySet
-from tests.ai.conftest import MODEL_ID, Stack
+from tests.ai.conftest import MODEL_ID, Stack, relayed_headers
 
 # ---------------------------------------------------------------- an independent reference (the test oracle)
 P = 2**256 - 2**32 - 977
@@ -238,9 +238,11 @@ def test_the_proxy_seals_prompts_with_secp256k1_when_asked(stack: Stack, stream:
             "/" + path,
             params=request.query_params,
             content=body,
-            headers={"content-type": "application/json"},
+            headers=relayed_headers(request.headers),
         )
-        headers = {k: v for k, v in r.headers.items() if k in ("x-receipt-id", "content-type")}
+        headers = {
+            k: v for k, v in r.headers.items() if k in ("x-receipt-id", "content-type", "x-teecloud-receipt")
+        }
         return Response(r.content, status_code=r.status_code, headers=headers)
 
     prompt = f"a secret prompt for the k256 proxy ({stream})"

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from teecloud.ai import ClientSession, EnvelopeRejected, SignedReceipt, verify_receipt
 from teecloud.ai._http import Listener
 from teecloud.cli import app as teecloud_app
-from tests.ai.conftest import MODEL_ID, Stack
+from tests.ai.conftest import MODEL_ID, Stack, relayed_headers
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +115,7 @@ def mitm(stack: Stack, rewrite: Any, upstream: str | None = None) -> Listener:
             "/" + path,
             params=request.query_params,
             content=await request.body(),
-            headers={"content-type": "application/json"},
+            headers=relayed_headers(request.headers),
         )
         content, headers = rewrite(path, r.content, dict(r.headers))
         headers.pop("content-length", None)

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from teecloud.ai._http import Listener
-from tests.ai.conftest import MODEL_ID, Stack
+from tests.ai.conftest import MODEL_ID, Stack, relayed_headers
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def relay(stack: Stack, rechunk: Rechunk, seen: dict[str, bytes]) -> Listener:
             "/" + path,
             params=request.query_params,
             content=await request.body(),
-            headers={"content-type": "application/json"},
+            headers=relayed_headers(request.headers),
         )
         r = await http.send(req, stream=True)
         body = await r.aread()
@@ -49,7 +49,9 @@ def relay(stack: Stack, rechunk: Rechunk, seen: dict[str, bytes]) -> Listener:
             for piece in pieces:
                 yield piece
 
-        headers = {k: v for k, v in r.headers.items() if k in ("x-receipt-id", "content-type")}
+        headers = {
+            k: v for k, v in r.headers.items() if k in ("x-receipt-id", "content-type", "x-teecloud-receipt")
+        }
         return StreamingResponse(gen(), status_code=r.status_code, headers=headers)
 
     return Listener(app, name="test-rechunking-relay")
@@ -79,10 +81,11 @@ def content_of(lines: list[str]) -> str:
     return "".join(out)
 
 
+@pytest.mark.parametrize("receipts", ["inline", "fetch"])
 @pytest.mark.parametrize("e2ee", [False, True])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_stream_cut_at_arbitrary_byte_boundaries_verifies_like_the_whole(
-    stack: Stack, e2ee: bool, seed: int
+    stack: Stack, e2ee: bool, seed: int, receipts: str
 ) -> None:
     rng = random.Random(seed)
 
@@ -95,15 +98,26 @@ def test_a_stream_cut_at_arbitrary_byte_boundaries_verifies_like_the_whole(
         return pieces
 
     seen: dict[str, bytes] = {}
-    with relay(stack, arbitrary, seen) as m, stack.proxy(m.url, e2ee=e2ee) as p:
+    with relay(stack, arbitrary, seen) as m, stack.proxy(m.url, e2ee=e2ee, receipts=receipts) as p:
         lines, rid = stream_through(p.url)
-    with stack.proxy(e2ee=e2ee) as p:
+    with stack.proxy(e2ee=e2ee, receipts=receipts) as p:
         whole, _ = stream_through(p.url)  # the same prompt straight from the front (temperature 0)
     assert lines[-1] == whole[-1] == "data: [DONE]", lines[-3:]
     assert content_of(lines) == content_of(whole) != ""
-    # The receipt the proxy checked covers exactly the bytes that crossed the relay, in whatever pieces.
+    assert not any("teecloud-receipt" in line for line in lines)  # the inline receipt is not passed on
+    # The receipt the proxy checked covers exactly the bytes that crossed the relay, in whatever pieces
+    # (inline: all but the receipt event, which came once, just before the closing piece).
     receipt = httpx.get(f"{stack.front.url}/v1/receipts/{rid}", timeout=10).json()["receipt"]
-    assert receipt["body"]["response_sha256"] == hashlib.sha256(seen[rid]).hexdigest()
+    crossed = seen[rid]
+    if receipts == "inline":
+        start = crossed.index(b"event: teecloud-receipt\n")
+        end = crossed.index(b"\n\n", start) + 2
+        assert json.loads(crossed[start:end].split(b"data: ", 1)[1])["receipt"] == receipt
+        assert crossed.count(b"event: teecloud-receipt") == 1
+        closing = crossed[end:]
+        assert closing == b"data: [DONE]\n\n" if not e2ee else closing.count(b"\n\n") == 1
+        crossed = crossed[:start] + closing
+    assert receipt["body"]["response_sha256"] == hashlib.sha256(crossed).hexdigest()
     assert receipt["body"]["stream"] is True and receipt["body"]["e2ee"] is e2ee
 
 

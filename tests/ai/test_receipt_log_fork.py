@@ -19,7 +19,7 @@ from fastapi.responses import Response
 
 from teecloud.ai._http import Listener
 from teecloud.ai.server import InferenceConfig, make_inference_app
-from tests.ai.conftest import MODEL_ID, Stack
+from tests.ai.conftest import MODEL_ID, Stack, relayed_headers
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_a_forked_receipt_log_is_refused(stack: Stack, copies: tuple[Listener, L
             f"{target['url']}/{path}",
             params=request.query_params,
             content=await request.body(),
-            headers={"content-type": "application/json"},
+            headers=relayed_headers(request.headers),
         )
         headers = {k: v for k, v in r.headers.items() if k not in ("content-length", "transfer-encoding")}
         return Response(r.content, status_code=r.status_code, headers=headers)

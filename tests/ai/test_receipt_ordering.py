@@ -153,17 +153,20 @@ def test_a_receipt_whose_append_failed_is_never_served(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("receipts", ["inline", "fetch"])
 def test_proxy_refuses_to_complete_an_answer_whose_receipt_was_not_logged(
-    stack: Stack, engine: Listener, tmp_path: Path
+    stack: Stack, engine: Listener, tmp_path: Path, receipts: str
 ) -> None:
     app, front = front_on(engine.url, tmp_path, stack.keys, stack.quote)
     gated = GatedLog(front.log, fail=True)
     gated.gate.set()
-    with Listener(app, name="test-ai-front") as f, stack.proxy(f.url, e2ee=False) as p:
+    with Listener(app, name="test-ai-front") as f, stack.proxy(f.url, e2ee=False, receipts=receipts) as p:
         _, lines = stream_all(p.url)
         assert "data: [DONE]" not in lines
         err = json.loads(lines[-1].removeprefix("data: "))
-        assert "receipt:" in err["error"]["message"] and "503" in err["error"]["message"], err
+        # Inline: the front sends no receipt it could not log; fetched: the receipt route answers 503.
+        why = "without its inline receipt" if receipts == "inline" else "503"
+        assert "receipt:" in err["error"]["message"] and why in err["error"]["message"], err
         # The content before the failure passed on as it came; only the success terminator is withheld.
         assert sum('"content"' in line for line in lines) == 3
 

@@ -25,7 +25,7 @@ from teecloud.ai.server import (
     make_inference_app,
     tls_key_from_guest_api,
 )
-from tests.ai.conftest import MODEL_ID, Stack
+from tests.ai.conftest import MODEL_ID, Stack, relayed_headers
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def test_proxy_refuses_a_relay_that_terminates_tls_with_another_key(
             "/" + path,
             params=request.query_params,
             content=await request.body(),
-            headers={"content-type": "application/json"},
+            headers=relayed_headers(request.headers),
         )
         headers = {k: v for k, v in r.headers.items() if k not in ("content-length", "transfer-encoding")}
         return Response(r.content, status_code=r.status_code, headers=headers)

@@ -288,7 +288,7 @@ def test_bad_input_is_a_usage_error_without_a_traceback(
     cases: list[tuple[list[object], str]] = [
         (["--app-id", app_id], "give --get-key FILE and/or --app-ca FILE"),
         (["--app-id", "xyz", "--get-key", f["get_key"]], "--app-id is not hex"),
-        (["--app-id", "", "--get-key", f["get_key"]], "--app-id is 0 bytes"),
+        (["--app-id", "", "--get-key", f["get_key"]], "--app-id is 0 bytes, not 1..64"),
         (["--app-id", app_id, "--get-key", tmp_path / "missing.json"], "cannot read --get-key"),
         (["--app-id", app_id, "--get-key", tmp_path / "junk.json"], "not JSON"),
         (["--app-id", app_id, "--get-key", tmp_path / "list.json"], "not a JSON object"),

@@ -16,6 +16,7 @@ from teecloud.chain import DEV_KEYS, ContractReverted
 from teecloud.chain.functions import (
     FunctionRegistry,
     deploy_function_registry,
+    without_chain,
 )
 from teecloud.functions import (
     NotAllowed,
@@ -33,6 +34,7 @@ from teecloud.keys.sigchain import (
 
 from . import wat
 from .conftest import World
+from .test_gas import _execution_gas
 
 
 def _invoke(w: World, ref: str | None = None, inp: bytes | None = None, ttl_s: int = 300) -> SignedResult:
@@ -221,8 +223,10 @@ def test_a_certified_result_key_skips_its_chain_but_no_other_check(world: World)
     now; results of that key then skip steps 5-6, and every other check still applies."""
     w = world
     first = _invoke(w)
-    full_gas = w.verifier.estimate_gas(first.to_abi())
+    full_gas = _execution_gas(w, first)  # a verify transaction by this signer (another consumer)
     assert not w.verifier.is_certified(first.to_abi())
+    # a key nobody certified: its chain may not be omitted
+    _reverts(w, without_chain(first.to_abi()), "not certified and no signature chain given")
     # a made-up chain under the attacker's own root cannot be certified (nor can a key be relabelled)
     fake_root, fake_app, fake_key = b"\x31" * 32, b"\x32" * 32, b"\x33" * 32
     fk_pub = k256_public_key(fake_key)
@@ -243,7 +247,7 @@ def test_a_certified_result_key_skips_its_chain_but_no_other_check(world: World)
     assert len(key_id) == 32 and w.verifier.is_certified(first.to_abi())
     assert w.verifier.certify_key(first.to_abi()) == key_id  # idempotent
     r = _invoke(w)
-    certified_gas = w.verifier.estimate_gas(r.to_abi())
+    certified_gas = _execution_gas(w, without_chain(r.to_abi()))  # the certification read instead
     print(f"verify gas: full chain {full_gas}, certified key {certified_gas}")
     assert certified_gas < full_gas - 5_000  # two ecrecovers and the hex purpose string skipped
     # still refused: tampered, expired, replayed; the forged chain is not made good by the certified key
@@ -263,6 +267,7 @@ def test_a_certified_result_key_skips_its_chain_but_no_other_check(world: World)
     w.chain.kms.set_info(k256_public_key(b"\x44" * 32), b"dev-ca")
     assert not w.verifier.is_certified(fresh.to_abi())
     _reverts(w, fresh, "not the KMS root recorded in KmsAuth")
+    _reverts(w, without_chain(fresh.to_abi()), "not certified and no signature chain given")
 
 
 def test_certify_key_refuses_malformed_keys(world: World) -> None:

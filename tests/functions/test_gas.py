@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import pytest
 from eth_utils.crypto import keccak
@@ -14,10 +15,12 @@ from eth_utils.crypto import keccak
 from teecloud.chain import ContractReverted
 from teecloud.chain._values import to_int
 from teecloud.chain.connection import abi_of
-from teecloud.chain.functions import FunctionResultVerifier
+from teecloud.chain.functions import FunctionResultVerifier, without_chain
 from teecloud.functions import SignedResult, sequential_request_id, uncompressed_xy
-from teecloud.keys.sigchain import k256_public_key
+from teecloud.functions.service import function_hash_of
+from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, sign_k256_recoverable
 
+from . import wat
 from .conftest import World
 
 GAS_GOAL = 60_000
@@ -27,15 +30,18 @@ def _at(w: World, request_id: bytes) -> SignedResult:
     return w.runtime.invoke(w.function_hash.hex(), w.price_input, request_id=request_id).result
 
 
-def _execution_gas(w: World, r: SignedResult) -> int:
+def _execution_gas(w: World, r: SignedResult | tuple[Any, ...], *, bound: bool = False) -> int:
     """Gas of a verify transaction from the signer (the consumer) less the transaction's base cost and its
-    calldata (16 per non-zero byte, 4 per zero byte): what the contract's code costs (a 32-byte output)."""
-    abi = r.to_abi()
+    calldata (16 per non-zero byte, 4 per zero byte): what the contract's code costs. When Prague's
+    calldata floor (EIP-7623, 10 gas a token) set the transaction's gas (a large output on a cheap path),
+    that difference is only an upper bound of the code's cost: accepted only with `bound`."""
+    abi = r.to_abi() if isinstance(r, SignedResult) else r
     receipt = w.verifier.verify(abi)
     data = abi_of("FunctionResultVerifier").encode_call("verify", abi)
     used = to_int(receipt["gasUsed"])
-    # Prague's calldata floor (EIP-7623, 10 gas a token) must not be what set the gas: then it hides execution
-    assert used > 21_000 + 10 * sum(4 if b else 1 for b in data)
+    assert bound or used > 21_000 + 10 * sum(4 if b else 1 for b in data), (
+        "the calldata floor hides execution"
+    )
     return used - 21_000 - sum(16 if b else 4 for b in data)
 
 
@@ -50,14 +56,110 @@ def test_every_path_of_the_check_costs_at_most_60k_gas(world: World) -> None:
     gas["new key, random id"] = _execution_gas(w, _at(w, os.urandom(32)))
     w.verifier.certify_key(first.to_abi())
     assert w.verifier.is_certified(first.to_abi())
-    gas["certified key, id opens a word"] = _execution_gas(w, _at(w, sequential_request_id(stream, 256)))
-    gas["certified key, id in a used word"] = _execution_gas(w, _at(w, sequential_request_id(stream, 2)))
-    gas["certified key, random id"] = _execution_gas(w, _at(w, os.urandom(32)))
+    # a certified key's results as the oracle watcher sends them: the chain omitted (the certification read)
+    for path, rid in [
+        ("id opens a word", sequential_request_id(stream, 256)),
+        ("id in a used word", sequential_request_id(stream, 2)),
+        ("random id", os.urandom(32)),
+    ]:
+        gas[f"certified key, {path}"] = _execution_gas(w, without_chain(_at(w, rid).to_abi()))
+    gas["certified key, chain given"] = _execution_gas(w, _at(w, os.urandom(32)))
+    gas["certified key, chain failing"] = _execution_gas(
+        w, chain_under_another_root(_at(w, os.urandom(32)).to_abi(), bytes.fromhex(first.to_abi()[6][2:]))
+    )
     print("verify execution gas:", gas)
     # each path did its work (a fresh slot costs 20k, the key's chain two ecrecovers): not a vacuous bound
     assert gas["new key, id opens a word"] > gas["new key, id in a used word"] + 12_000
     assert gas["new key, random id"] > gas["certified key, random id"] + 5_000
     assert min(gas.values()) > 25_000
+    over = {path: g for path, g in gas.items() if g > GAS_GOAL}
+    assert not over, f"above {GAS_GOAL} gas: {over}"
+
+
+OUTPUT_SIZES = (32, 256, 1024, 4096)  # 4096: FunctionResultVerifier's MAX_OUTPUT, the runtime's largest
+
+
+def chain_under_another_root(abi: tuple[Any, ...], runtime_app_id: bytes) -> tuple[Any, ...]:
+    """The result with a chain that fails at its last check: the genuine app signature and app key, the app
+    key signed by a root KmsAuth does not record (both ecrecovers succeed, the root comparison fails)."""
+    other_root = b"\x31" * 32
+    xy = abi[11]
+    app_key = bytes([2 + (xy[63] & 1)]) + xy[:32]
+    kms_sig = sign_k256_recoverable(other_root, kms_issued_digest(runtime_app_id, app_key))
+    return (*abi[:12], kms_sig, uncompressed_xy(k256_public_key(other_root)))
+
+
+def _echo(tag: str) -> bytes:
+    """output = input; `tag` in its data makes a function (code hash, result key) of its own."""
+    return wat.module(
+        f'(data (i32.const 65536) "{tag}")'
+        """
+  (func (export "run") (result i32)
+    (call $input_read (i32.const 0))
+    (drop (call $output (i32.const 0) (call $input_len)))
+    (i32.const 0))"""
+    )
+
+
+@pytest.mark.slow
+def test_every_path_costs_at_most_60k_gas_up_to_the_largest_output(world: World) -> None:
+    """Each output size has a function of its own (output = input), so a result key of its own. Outputs
+    are zero bytes: the code's cost does not depend on their values, and a 4 KiB random output would let
+    Prague's calldata floor (EIP-7623) set the transaction's gas and hide it. Each key is first new (its
+    chain given), then certified: its chain omitted (what the oracle watcher sends), given, or given and
+    failing at its last check (the certification read after the two ecrecovers). Ids open a replay word
+    (random or the first of a sequence: the costlier case) or fall in a used one."""
+    w = world
+    gas: dict[str, int] = {}
+    for size in OUTPUT_SIZES:
+        module = _echo(f"output of {size} bytes")
+        fh = function_hash_of(module, [], {})
+        w.registry.propose_add_code_hash(fh)
+        w.runtime.deploy(module, function_id=bytes.fromhex(w.registry.address[2:]))
+        stream = os.urandom(24)
+
+        def at(rid: bytes, fh: bytes = fh, size: int = size) -> tuple[Any, ...]:
+            r = w.runtime.invoke(fh.hex(), bytes(size), request_id=rid).result
+            assert len(r.output) == size
+            return r.to_abi()
+
+        def seq(k: int, stream: bytes = stream) -> bytes:
+            return sequential_request_id(stream, k)
+
+        first = at(os.urandom(32))
+        assert not w.verifier.is_certified(first)
+        p = f"{size} B output:"
+        gas[f"{p} new key, random id"] = _execution_gas(w, first)
+        gas[f"{p} new key, id opens a word"] = _execution_gas(w, at(seq(0)))
+        gas[f"{p} new key, id in a used word"] = _execution_gas(w, at(seq(1)), bound=True)
+        w.verifier.certify_key(first)
+        assert w.verifier.is_certified(first)
+        gas[f"{p} certified, chain omitted, random id"] = _execution_gas(w, without_chain(at(os.urandom(32))))
+        gas[f"{p} certified, chain omitted, id in a used word"] = _execution_gas(
+            w, without_chain(at(seq(2))), bound=True
+        )
+        gas[f"{p} certified, chain given, random id"] = _execution_gas(w, at(os.urandom(32)))
+        app_id = bytes.fromhex(first[6][2:])
+        gas[f"{p} certified, chain failing, random id"] = _execution_gas(
+            w, chain_under_another_root(at(os.urandom(32)), app_id)
+        )
+        gas[f"{p} certified, chain failing, id in a used word"] = _execution_gas(
+            w, chain_under_another_root(at(seq(3)), app_id), bound=True
+        )
+        # each path did its work: a fresh slot costs 20k, the chain two ecrecovers, the failing chain's
+        # fallback the certification read (random ids: measured exactly, never set by the calldata floor)
+        assert gas[f"{p} new key, random id"] > gas[f"{p} new key, id in a used word"] + 12_000
+        assert gas[f"{p} new key, random id"] > gas[f"{p} certified, chain omitted, random id"] + 5_000
+        assert (
+            gas[f"{p} certified, chain failing, random id"]
+            > gas[f"{p} certified, chain given, random id"] + 2_000
+        )
+    print("verify execution gas:", gas)
+    assert min(gas.values()) > 25_000
+    # Not done (docs/functions.md): a chain given for a certified key that fails at its last check pays the
+    # chain and then the certification read, above the goal with the largest outputs (with its chain
+    # omitted the same result costs 50.4k). Bounded here so that it cannot grow unnoticed.
+    assert gas.pop("4096 B output: certified, chain failing, random id") <= 61_400
     over = {path: g for path, g in gas.items() if g > GAS_GOAL}
     assert not over, f"above {GAS_GOAL} gas: {over}"
 

@@ -124,9 +124,10 @@ def test_dnslib_resolver_and_wildcard(dns: LocalDns) -> None:
     assert res.txt("_dstack-app-address.nothing.test") is None
     cd = CustomDomains(res, base_domain=BASE)
     assert cd.lookup("app.example.test") == (APP, 8443)
-    assert cd.lookup("anything.wild.test") == (APP, 9443)  # the exact name first, then the wildcard
-    assert dns.zone.questions[-2:] == [
+    assert cd.lookup("anything.wild.test") == (APP, 9443)  # the exact names first, then the wildcard
+    assert dns.zone.questions[-3:] == [
         "_dstack-app-address.anything.wild.test",
+        "_tapp-address.anything.wild.test",  # the legacy prefix (test_custom_domain_legacy.py)
         "_dstack-app-address-wildcard.wild.test",
     ]
     assert cd.lookup("deeper.anything.wild.test") is None  # the wildcard covers one label only

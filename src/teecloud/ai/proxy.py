@@ -16,17 +16,23 @@ Attestation of the upstream (`UpstreamVerifier.attest`), each step an UpstreamRe
         and answers nonce = report_data (fresh, and bound to this quote and key set)
 Then the key set is pinned, and every later answer must come over a connection with that TLS key.
 Per request: the prompt is sealed to the pinned E2EE key (streamed answers come back sealed event by event),
-the answer's receipt is fetched and checked against the pinned key set, the bytes sent and received, its
-inclusion proof under the signed tree head, and that head's consistency with the last one seen; only then
-is the answer returned. A streamed answer is
-passed on as it comes and checked at its end, before its closing `data: [DONE]`; a failure there ends
-the stream with an error event instead (the OpenAI client raises). On any failure nothing unverified is
-returned as a normal answer: 502 with the step.
+the answer's receipt is checked against the pinned key set, the bytes sent and received, its inclusion proof
+under the signed tree head, and that head's consistency with the last one seen; a receipt id already
+accepted is refused (a replayed answer); only then is the answer returned. How the receipt arrives
+(`ProxyPolicy.receipts`): "inline" (the default) asks the front for it with the answer (`x-teecloud-receipt:
+inline`, teecloud.ai.server's INLINE): the durable receipt and its inclusion data come as the stream's last
+event before the closing piece, or in the `x-teecloud-receipt` header of a non-streamed answer, and an
+answer without it is refused; "fetch" (for fronts that predate inline receipts) GETs /v1/receipts/{id} once
+the answer's closing piece arrives: a round trip more per answer. A streamed answer is passed on as it
+comes and checked at its end, before its closing `data: [DONE]`; a failure there ends the stream with an
+error event instead (the OpenAI client raises). On any failure nothing unverified is returned as a normal
+answer: 502 with the step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -50,6 +56,7 @@ from teecloud.ai.gpu import verify_gpu_evidence
 from teecloud.ai.keyset import ATTESTATION_PURPOSE, KeySet, report_data_for
 from teecloud.ai.receiptlog import TreeHead, leaf_hash, verify_consistency, verify_inclusion
 from teecloud.ai.receipts import SignedReceipt, verify_receipt
+from teecloud.ai.server import INLINE_HEADER, RECEIPT_EVENT, SINCE_HEADER
 from teecloud.peer import PeerRejected, PeerVerifier
 
 __all__ = ["ProxyPolicy", "Upstream", "UpstreamVerifier", "make_proxy_app", "proxy_event_loop"]
@@ -57,6 +64,10 @@ __all__ = ["ProxyPolicy", "Upstream", "UpstreamVerifier", "make_proxy_app", "pro
 _MAX_REPORT_BYTES = 1024 * 1024
 _SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
 _MAX_ANSWER_BYTES = 16 * 1024 * 1024
+_MAX_INLINE_RECEIPT_BYTES = 64 * 1024  # a receipt with its key set, proofs and head: ~5 KB
+_RECEIPT_MARK = RECEIPT_EVENT.split(b"\n")[0]  # b"event: teecloud-receipt"
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+_ACCEPTED_IDS = 65536  # receipt ids remembered to refuse a replayed answer
 
 
 @dataclass(frozen=True)
@@ -73,10 +84,13 @@ class ProxyPolicy:
     allow_plain_http: bool = False  # no TLS key to pin: development only
     gpu_trust_anchors: tuple[bytes, ...] = ()  # NVIDIA device identity roots (DER or PEM)
     require_gpu: bool = False
+    receipts: str = "inline"  # or "fetch": GET /v1/receipts/{id} per answer (fronts without inline receipts)
 
     def __post_init__(self) -> None:
         if self.e2ee_alg not in (ALG_X25519, ALG_K256):
             raise ValueError(f"e2ee_alg is {ALG_X25519!r} or {ALG_K256!r}")
+        if self.receipts not in ("inline", "fetch"):
+            raise ValueError("receipts is 'inline' or 'fetch'")
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,7 @@ class UpstreamVerifier:
         self._lock = asyncio.Lock()
         self.heads: OrderedDict[int, bytes] = OrderedDict()  # tree size -> root, of heads already checked
         self.last_size = 0
+        self.accepted: OrderedDict[str, None] = OrderedDict()  # receipt ids accepted (the last 65536)
 
     async def current(self) -> Upstream:
         up = self.pinned  # the common case: attested and fresh, no lock to take on the request's path
@@ -286,6 +301,17 @@ class UpstreamVerifier:
         resp, since = fetched
         self.check_pin(up, resp)
         doc = _json(resp, "receipt", _MAX_REPORT_BYTES)
+        return self.verify_receipt_doc(up, rid, doc, since, sent, received)
+
+    def verify_receipt_doc(
+        self, up: Upstream, rid: str | None, doc: Any, since: int, sent: bytes, received: bytes
+    ) -> SignedReceipt:
+        """A receipt document (GET /v1/receipts/{id}?since=`since`'s answer, fetched or inline) against the
+        pinned key set, the answer's id and the exact bytes sent and received; its inclusion under the
+        signed tree head; that head's consistency with the one of size `since` seen before; and an id not
+        accepted before."""
+        if not rid:
+            raise UpstreamRejected("the answer carries no x-receipt-id", step="receipt")
         try:
             receipt = SignedReceipt.from_json(doc.get("receipt") if isinstance(doc, dict) else None)
             body = verify_receipt(
@@ -298,6 +324,10 @@ class UpstreamVerifier:
             )
             if body.id != rid or body.model != up.model:
                 raise UpstreamRejected("the receipt is for another request or model", step="receipt")
+            if rid in self.accepted:
+                raise UpstreamRejected(
+                    f"receipt {rid} was accepted before: a replayed answer", step="receipt"
+                )
             head = TreeHead.from_json(doc.get("tree_head"))
             head.verify(up.keyset.signing_public_key)
             proof = [bytes.fromhex(p) for p in doc.get("inclusion_proof", [])][:64]
@@ -327,6 +357,9 @@ class UpstreamVerifier:
                     raise UpstreamRejected("the log does not extend the one seen before", step="receipt_log")
             self.heads[head.tree_size] = head.root_hash
             self.last_size = max(self.last_size, head.tree_size)
+            self.accepted[rid] = None
+            while len(self.accepted) > _ACCEPTED_IDS:
+                self.accepted.popitem(last=False)
             while len(self.heads) > 256:  # forget old heads, never the largest (the next `since`)
                 oldest = next(iter(self.heads))
                 if oldest == self.last_size:
@@ -423,6 +456,12 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             )
             sent = json.dumps(session.seal_request(raw)).encode()
         headers = {"content-type": "application/json"}
+        inline = policy.receipts == "inline"
+        since = up_verifier.last_size  # the receipt's head must extend the largest one seen so far
+        if inline:
+            headers[INLINE_HEADER] = "inline"
+            if since:
+                headers[SINCE_HEADER] = str(since)
         try:
             resp = await client.send(
                 client.build_request("POST", route, content=sent, headers=headers), stream=True
@@ -447,11 +486,16 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                     pass
             return Response(body, status_code=resp.status_code, media_type="application/json")
         if not stream:
-            # The front signs the receipt before it answers: fetched while the answer is read.
-            fetching = asyncio.create_task(up_verifier.fetch_receipt(up, rid))
+            # Inline: the durable receipt is in the answer's header. Else the front signs it before it
+            # answers: fetched while the answer is read.
+            fetching = None if inline else asyncio.create_task(up_verifier.fetch_receipt(up, rid))
             try:
                 received = await _read_limited(resp, _MAX_ANSWER_BYTES)
-                up_verifier.verify_fetched_receipt(up, rid, await fetching, sent, received)
+                if fetching is not None:
+                    up_verifier.verify_fetched_receipt(up, rid, await fetching, sent, received)
+                else:
+                    doc = _inline_header(resp.headers.get(INLINE_HEADER))
+                    up_verifier.verify_receipt_doc(up, rid, doc, since, sent, received)
                 answer = received if session is None else session.open_response(json.loads(received))
             except UpstreamRejected as exc:
                 return refused(exc)
@@ -473,6 +517,7 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             # event): the fetch starts there and overlaps the rest of the stream. It is verified only
             # against every byte received, once the stream has ended.
             fetching: asyncio.Task[tuple[httpx.Response, int]] | None = None
+            receipt_event: bytes | None = None  # inline: the receipt event's exact bytes, as received
             pieces = _coalesced(resp.aiter_raw())
             try:
                 async for chunk in pieces:
@@ -481,7 +526,7 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                         raise UpstreamRejected("the streamed answer is oversized", step="forward")
                     parts.append(chunk)
                     buf = pending + chunk if pending else chunk
-                    if session is None and done is None and b"[DONE]" not in buf:
+                    if session is None and done is None and b"[DONE]" not in buf and _RECEIPT_MARK not in buf:
                         # Plain and not the closing piece: every complete event goes on in one piece, as
                         # the bytes came (the receipt covers exactly these bytes); the rest waits.
                         end = _last_event_end(buf)
@@ -494,6 +539,20 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                     out: list[bytes] = []
                     for event in events:
                         if not event.strip():
+                            continue
+                        if event.startswith(_RECEIPT_MARK):
+                            # Inline: the receipt, just before the closing piece; never passed on.
+                            # Before the closing piece: [DONE] (plain), the final sealed event (E2EE).
+                            closed = (
+                                ended
+                                if session is not None
+                                else done is not None or any(e.strip() == b"data: [DONE]" for e in out)
+                            )
+                            if not inline or receipt_event is not None or closed:
+                                raise UpstreamRejected(
+                                    "an unexpected receipt event in the stream", step="receipt"
+                                )
+                            receipt_event = event + b"\n\n"
                             continue
                         if session is None:
                             out.append(event + b"\n\n")
@@ -511,15 +570,27 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                             done = event
                         else:
                             yield event
-                    if fetching is None and (ended or done is not None):
+                    if not inline and fetching is None and (ended or done is not None):
                         fetching = asyncio.create_task(up_verifier.fetch_receipt(up, rid))
                 if pending.strip():
                     raise UpstreamRejected("the stream ended inside an event", step="forward")
                 if session is not None and not ended:
                     raise UpstreamRejected("the encrypted stream was cut short", step="e2ee")
-                if fetching is None:  # a stream without a closing piece: its receipt is checked all the same
-                    fetching = asyncio.create_task(up_verifier.fetch_receipt(up, rid))
-                up_verifier.verify_fetched_receipt(up, rid, await fetching, sent, b"".join(parts))
+                if inline:
+                    if receipt_event is None:
+                        raise UpstreamRejected("the answer ended without its inline receipt", step="receipt")
+                    up_verifier.verify_receipt_doc(
+                        up,
+                        rid,
+                        _inline_event(receipt_event),
+                        since,
+                        sent,
+                        _without(b"".join(parts), receipt_event),
+                    )
+                else:
+                    if fetching is None:  # a stream without a closing piece: its receipt is checked anyway
+                        fetching = asyncio.create_task(up_verifier.fetch_receipt(up, rid))
+                    up_verifier.verify_fetched_receipt(up, rid, await fetching, sent, b"".join(parts))
                 if done is not None:
                     yield done
             except UpstreamRejected as exc:
@@ -570,6 +641,41 @@ class _CompletionRoutes:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _inline_header(value: str | None) -> Any:
+    """The receipt document of a non-streamed answer's `x-teecloud-receipt` header (base64url JSON)."""
+    if not value:
+        raise UpstreamRejected("the answer carries no inline receipt", step="receipt")
+    if len(value) > _MAX_INLINE_RECEIPT_BYTES:
+        raise UpstreamRejected("the inline receipt is oversized", step="receipt")
+    if not _BASE64URL.fullmatch(value):  # strict: b64decode would skip characters outside the alphabet
+        raise UpstreamRejected("the inline receipt is not base64url JSON", step="receipt")
+    try:
+        return json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+    except (ValueError, UnicodeDecodeError):  # binascii.Error and JSONDecodeError are ValueErrors
+        raise UpstreamRejected("the inline receipt is not base64url JSON", step="receipt") from None
+
+
+def _inline_event(event: bytes) -> Any:
+    """The receipt document of a streamed answer's receipt event, which has exactly the front's form."""
+    if len(event) > _MAX_INLINE_RECEIPT_BYTES or not event.startswith(RECEIPT_EVENT):
+        raise UpstreamRejected("the inline receipt event is malformed or oversized", step="receipt")
+    data = event[len(RECEIPT_EVENT) :].removesuffix(b"\n\n")
+    if b"\n" in data or b"\r" in data:
+        raise UpstreamRejected("the inline receipt event is malformed", step="receipt")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UpstreamRejected("the inline receipt is not JSON", step="receipt") from None
+
+
+def _without(stream: bytes, event: bytes) -> bytes:
+    """The stream's bytes without its receipt event: what the receipt's response hash covers."""
+    at = stream.find(event)
+    if at < 0 or stream.find(event, at + 1) >= 0:
+        raise UpstreamRejected("the inline receipt event is not in the stream once", step="receipt")
+    return stream[:at] + stream[at + len(event) :]
 
 
 def _last_event_end(buf: bytes) -> int:

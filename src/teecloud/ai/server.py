@@ -7,7 +7,10 @@ CPU, vLLM's on a GPU — both speak the same OpenAI routes), adding what a clien
                                           the body may be an E2EE envelope (teecloud.ai.e2ee), then the
                                           answer is sealed to the client; every answered request gets a
                                           signed receipt (`x-receipt-id` header) appended to the Merkle log
-                                          while the answer's last bytes go out
+                                          while the answer's last bytes go out; asked with
+                                          `x-teecloud-receipt: inline` (the verifying proxy does), the
+                                          durable receipt and its inclusion data come with the answer
+                                          instead (see INLINE below)
     GET  /v1/receipts/{id}                the receipt, leaf index, inclusion proof, signed tree head (a
                                           receipt still being appended is waited for: served once durable)
     GET  /v1/receipts/root                the signed tree head (the published root)
@@ -19,6 +22,17 @@ CPU, vLLM's on a GPU — both speak the same OpenAI routes), adding what a clien
     GET  /v1/signature/{id}               vllm-proxy's legacy per-request signature (EIP-191 over
                                           "request_sha256:response_sha256")
 
+INLINE receipts (a request header `x-teecloud-receipt: inline`, optionally `x-teecloud-receipt-since: N`,
+a tree size the client saw before): the receipt is appended to the log and the answer waits until it is
+durable; then the document GET /v1/receipts/{id}?since=N would serve (receipt, leaf index, inclusion proof,
+a fresh signed tree head, the consistency proof from N) comes with the answer, so the client needs no second
+round trip. A streamed answer carries it as one SSE event just before its closing piece (`data: [DONE]`,
+or the final sealed E2EE event), in exactly this form:
+    b"event: teecloud-receipt\ndata: " + compact JSON + b"\n\n"
+and the receipt's response hash covers every byte of the stream except that event (the same bytes a
+client without the header gets). A non-streamed answer carries it in the `x-teecloud-receipt` response
+header (base64url of the compact JSON, no padding). The receipt routes serve the same receipt either way.
+
 Keys and quotes come only through the guest API (`keys_from_guest_api`, a `quote` callable over dstack-sdk),
 as for any app. A quote taken here is taken after boot: the KMS never releases keys to it (boot-time rule).
 Client mistakes are 4xx with an OpenAI-shaped error; an engine that is down or crashing is 503; request and
@@ -28,6 +42,7 @@ response bodies are never logged.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -84,6 +99,9 @@ QuoteFn = Callable[[bytes], dict[str, str]]  # report_data -> {"quote", "event_l
 E2EE_KEY_PURPOSE = "teecloud-ai-e2ee"
 _COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 _SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")  # an SSE event ends with a blank line (LF or CRLF)
+INLINE_HEADER = "x-teecloud-receipt"  # request: "inline"; non-streamed answer: the receipt document
+SINCE_HEADER = "x-teecloud-receipt-since"
+RECEIPT_EVENT = b"event: teecloud-receipt\ndata: "  # a streamed answer's inline receipt event starts so
 
 
 @dataclass(frozen=True)
@@ -215,7 +233,7 @@ class _Front:
         )
         return sign_receipt(body, self.keys.signing_secret, self.keys.keyset)
 
-    def log_later(self, receipt: SignedReceipt) -> None:
+    def log_later(self, receipt: SignedReceipt) -> asyncio.Task[int]:
         """Append a signed receipt to the log (its fsyncs) off the answer's path: the answer's last bytes go
         out while the disk works. The receipt routes wait for this (`logged`), so a receipt is served only
         once it is durable."""
@@ -232,6 +250,41 @@ class _Front:
                 log.error("receipt %s could not be logged", rid)
 
         task.add_done_callback(done)
+        return task
+
+    async def durable(self, receipt: SignedReceipt, since: int) -> dict[str, Any] | None:
+        """Append the receipt, wait until it is durable, and return what the receipt route would serve for
+        it (INLINE in the module docstring); None when the append failed or timed out."""
+        task = self.log_later(receipt)
+        try:
+            index = await asyncio.wait_for(asyncio.shield(task), self.config.receipt_wait_s)
+        except Exception:  # the append failed or the disk is stuck (logged by log_later): no receipt
+            return None
+        try:
+            return self.inclusion(receipt.to_json(), index, since)
+        except ValueError:  # `since` is beyond the log: no consistency proof (the client refuses)
+            return self.inclusion(receipt.to_json(), index, 0)
+
+    def inclusion(self, doc: dict[str, Any], index: int, since: int) -> dict[str, Any]:
+        """A logged receipt with its leaf index, inclusion proof under a fresh signed tree head, and (since
+        > 0) the consistency proof from the tree of size `since`; ValueError when the log is smaller."""
+        head = self.log.tree_head(self.keys.keyset.app_id, self.keys.signing_secret, self.now_ms())
+        size, proof, _root = self.log.proof(index, head.tree_size)
+        out: dict[str, Any] = {
+            "receipt": doc,
+            "leaf_index": index,
+            "tree_size": size,
+            "inclusion_proof": [p.hex() for p in proof],
+            "tree_head": head.to_json(),
+        }
+        if since:
+            if not 0 < since <= head.tree_size:
+                raise ValueError(f"the log has {head.tree_size} receipts, fewer than since={since}")
+            out["consistency"] = {
+                "first": since,
+                "proof": [p.hex() for p in self.log.consistency(since, size)],
+            }
+        return out
 
     async def logged(self, rid: str) -> bool:
         """Wait until a receipt being appended is durable; False when its append failed."""
@@ -372,6 +425,11 @@ def make_inference_app(
 
     async def completion(request: Request, route: str) -> Response:
         started = front.now_ms()
+        inline = request.headers.get(INLINE_HEADER) == "inline"
+        since_text = request.headers.get(SINCE_HEADER, "0")
+        if not (since_text.isascii() and since_text.isdigit() and len(since_text) <= 18):
+            return openai_error(400, f"{SINCE_HEADER} must be a tree size (decimal)")
+        since = int(since_text)
         try:
             raw = await read_body(request, config.max_request_bytes)
         except BodyTooLarge as exc:
@@ -419,10 +477,17 @@ def make_inference_app(
             if len(answer) > config.max_response_bytes:
                 return openai_error(503, "the engine's answer is oversized", "engine_unavailable")
             out = answer if opened is None else json.dumps(front.e2ee.seal_response(opened, answer)).encode()
-            front.log_later(
-                front.receipt(rid, raw, hashlib.sha256(out).digest(), False, opened is not None, started)
-            )
-            return Response(out, media_type="application/json", headers={"x-receipt-id": rid})
+            signed = front.receipt(rid, raw, hashlib.sha256(out).digest(), False, opened is not None, started)
+            headers = {"x-receipt-id": rid}
+            if not inline:
+                front.log_later(signed)
+            else:
+                doc = await front.durable(signed, since)
+                if doc is None:
+                    return openai_error(503, "the receipt could not be logged", "receipt_unavailable")
+                text = json.dumps(doc, separators=(",", ":")).encode()
+                headers[INLINE_HEADER] = base64.urlsafe_b64encode(text).rstrip(b"=").decode()
+            return Response(out, media_type="application/json", headers=headers)
 
         async def events() -> AsyncIterator[bytes]:
             h, size, complete = hashlib.sha256(), 0, False
@@ -479,7 +544,16 @@ def make_inference_app(
             finally:
                 await upstream.aclose()
             if complete:
-                front.log_later(front.receipt(rid, raw, h.digest(), True, opened is not None, started))
+                signed = front.receipt(rid, raw, h.digest(), True, opened is not None, started)
+                if inline:
+                    # The durable receipt just before the closing piece, in one write with it. An append
+                    # that failed sends none: the client refuses the answer as it would a missing receipt.
+                    doc = await front.durable(signed, since)
+                    if doc is not None:
+                        data = json.dumps(doc, separators=(",", ":")).encode()
+                        closing = RECEIPT_EVENT + data + b"\n\n" + closing
+                else:
+                    front.log_later(signed)
                 if closing:
                     yield closing
 
@@ -525,23 +599,10 @@ def make_inference_app(
         if found is None:
             return openai_error(404, "no such receipt (a streamed answer gets its receipt when it ends)")
         doc, index = found
-        head = front.log.tree_head(keys.keyset.app_id, keys.signing_secret, front.now_ms())
-        size, proof, _root = front.log.proof(index, head.tree_size)
-        out: dict[str, Any] = {
-            "receipt": doc,
-            "leaf_index": index,
-            "tree_size": size,
-            "inclusion_proof": [p.hex() for p in proof],
-            "tree_head": head.to_json(),
-        }
-        if since:
-            if not 0 < since <= head.tree_size:
-                return openai_error(409, f"the log has {head.tree_size} receipts, fewer than since={since}")
-            out["consistency"] = {
-                "first": since,
-                "proof": [p.hex() for p in front.log.consistency(since, size)],
-            }
-        return JSONResponse(out)
+        try:
+            return JSONResponse(front.inclusion(doc, index, since))
+        except ValueError as exc:
+            return openai_error(409, str(exc))
 
     @app.get("/v1/signature/{rid}")
     async def legacy_signature(rid: str) -> Response:

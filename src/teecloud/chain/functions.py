@@ -22,6 +22,7 @@ __all__ = [
     "FunctionResultVerifier",
     "OracleRequest",
     "deploy_function_registry",
+    "without_chain",
 ]
 
 # request_id, function_id, function_hash, input_hash, output, expiry, runtime_app_id, runtime_compose_hash,
@@ -29,6 +30,13 @@ __all__ = [
 FUNCTION_RESULT_ABI_TYPE = (
     "(bytes32,address,bytes32,bytes32,bytes,uint256,address,bytes32,bytes,bytes,bytes,bytes,bytes,bytes)"
 )
+
+
+def without_chain(result_abi: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The result with its key's signature chain omitted (app signature, app key, KMS signature and root
+    empty): the verifier then reads the key's certification instead of checking the chain, which is cheaper
+    for a certified key and refused for any other (FunctionResultVerifier.certify_key, docs/functions.md)."""
+    return (*result_abi[:10], b"", b"", b"", b"")
 
 
 def deploy_function_registry(

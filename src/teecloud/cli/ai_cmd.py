@@ -92,6 +92,14 @@ def proxy(
     gpu_root: Annotated[
         list[Path] | None, typer.Option("--gpu-root", help="A trusted NVIDIA device identity root (DER/PEM).")
     ] = None,
+    receipts: Annotated[
+        str,
+        typer.Option(
+            "--receipts",
+            help="How each answer's receipt reaches the proxy: 'inline' (sent with the answer; the default) "
+            "or 'fetch' (GET /v1/receipts/{id} per answer, for inference apps that predate inline receipts).",
+        ),
+    ] = "inline",
 ) -> None:
     """Serve a verifying OpenAI-compatible endpoint on 127.0.0.1:PORT in front of UPSTREAM: it checks the
     upstream's quote, event log, app, compose hash and key chain, pins its keys, encrypts prompts and checks
@@ -105,6 +113,8 @@ def proxy(
         _fail("--port must be 0..65535", 2)
     if secp256k1 and no_e2ee:
         _fail("--secp256k1 chooses the E2EE key: it cannot go with --no-e2ee", 2)
+    if receipts not in ("inline", "fetch"):
+        _fail("--receipts is 'inline' or 'fetch'", 2)
     allowed = frozenset(h for h in (_hex(c, "--compose-hash", 32) for c in compose_hash or []) if h)
     gpu_roots: list[bytes] = []
     for path in gpu_root or []:
@@ -127,6 +137,7 @@ def proxy(
         allow_plain_http=allow_http,
         gpu_trust_anchors=tuple(gpu_roots),
         require_gpu=require_gpu,
+        receipts=receipts,
     )
     if not upstream.startswith(("https://", "http://")):
         _fail("--upstream must be an http:// or https:// URL", 2)

@@ -18,6 +18,12 @@ gateway is not trusted: the KMS root (given, or read from KmsAuth with `--rpc-ur
 gateway_app_id unless `--app-id` is given) decides.
 
 Exit codes: 0 = the key is vouched for, 1 = refused (the reason and step are printed), 2 = usage error.
+
+`teecloud gateway domains [--admin-url URL --token-file PATH] [--limit N] [--after DOMAIN] [--all] [--json]`:
+the custom domains the gateway has pinned (domain, app_id, port, the TXT name that answered, seconds until
+the cached answer ends), from its admin API (`GET /admin/domains`). Without `--admin-url` it asks the gateway
+of the running `teecloud up` (endpoints.json). Exit codes: 0 = listed, 1 = the gateway refused or did not
+answer, 2 = usage error.
 """
 
 from __future__ import annotations
@@ -513,3 +519,104 @@ def _kms_from_chain(rpc_url: str, expected: bytes | None) -> tuple[bytes, bytes 
 def _is_hex(value: str) -> bool:
     v = value.removeprefix("0x")
     return len(v) <= 200 and len(v) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in v)
+
+
+_DOMAIN_PAGES_MAX = 64  # --all follows at most this many pages (64 x 1000 > any gateway's pin bound)
+
+
+@app.command("domains")
+def domains(
+    admin_url: Annotated[
+        str | None,
+        typer.Option("--admin-url", help="The gateway's admin URL (default: the running `teecloud up`'s)."),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option("--token-file", help="File holding the admin token (default: the running cloud's)."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Domains per page (1..1000).")] = 100,
+    after: Annotated[
+        str, typer.Option("--after", help="Start after this domain (the previous page's last).")
+    ] = "",
+    all_pages: Annotated[bool, typer.Option("--all", help="Follow every page.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the listing as JSON.")] = False,
+) -> None:
+    """List the custom domains the gateway has pinned (domain -> app_id, port, TXT source, expiry)."""
+    import httpx
+
+    from teecloud.gateway import api as gw_api
+
+    if not 1 <= limit <= gw_api.DOMAINS_PAGE_MAX:
+        _fail(f"--limit must be 1..{gw_api.DOMAINS_PAGE_MAX}", 2)
+    if len(after) > 253:
+        _fail("--after is longer than a DNS name (253)", 2)
+    url, token = _gateway_admin(admin_url, token_file)
+    listed: list[gw_api.CustomDomainView] = []
+    page: gw_api.CustomDomainList | None = None
+    for _ in range(_DOMAIN_PAGES_MAX if all_pages else 1):
+        try:
+            resp = httpx.get(
+                url.rstrip("/") + "/admin/domains",
+                params={"limit": limit, "after": after},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+        except httpx.HTTPError as exc:
+            _fail(f"the gateway's admin API at {url} did not answer: {exc}"[:500], 1)
+        if resp.status_code != 200:
+            try:
+                reason = str(resp.json().get("reason", ""))
+            except ValueError:
+                reason = resp.text
+            _fail(f"the gateway answered {resp.status_code}: {reason[:300]}", 1)
+        try:
+            page = gw_api.CustomDomainList.model_validate_json(resp.content)
+        except ValueError as exc:
+            _fail(f"the gateway's answer is not a domain listing: {str(exc)[:200]}", 1)
+        listed.extend(page.domains)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert page is not None
+    next_after = page.next_after
+    if as_json:
+        out = gw_api.CustomDomainList(
+            enabled=page.enabled, total=page.total, domains=listed, next_after=next_after
+        )
+        typer.echo(out.model_dump_json())
+        return
+    if not page.enabled:
+        _out.print("this gateway serves no custom domains (started without a DNS server)")
+        return
+    table = Table(title=f"custom domains pinned ({page.total})")
+    for col in ("domain", "app_id", "port", "source (TXT)", "expires in"):
+        table.add_column(col, overflow="fold")  # never cut: app ids are copied from here
+    for d in listed:
+        table.add_row(d.domain, d.app_id, str(d.port), d.source, f"{d.expires_in_s} s")
+    _out.print(table)
+    if next_after is not None:
+        _out.print(f"more: --after {next_after}")
+
+
+def _gateway_admin(admin_url: str | None, token_file: Path | None) -> tuple[str, str]:
+    """The admin URL and token: as given, or the running local cloud's gateway (endpoints.json)."""
+    from teecloud.cloud.endpoints import read_endpoints
+
+    if admin_url is None or token_file is None:
+        running = read_endpoints()
+        gateway = running.gateway if running is not None else {}
+        if admin_url is None:
+            admin_url = gateway.get("admin") if isinstance(gateway.get("admin"), str) else None
+        if token_file is None and isinstance(gateway.get("admin_token_file"), str):
+            token_file = Path(gateway["admin_token_file"])
+    if admin_url is None or token_file is None:
+        _fail("no gateway found: give --admin-url and --token-file (or run `teecloud up`)", 2)
+    if not admin_url.startswith(("http://", "https://")):
+        _fail(f"--admin-url {admin_url[:80]!r} is not an http(s) URL", 2)
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        _fail(f"cannot read the admin token: {exc}", 2)
+    if not token or len(token) > 4096:
+        _fail(f"{token_file} holds no admin token", 2)
+    return admin_url, token

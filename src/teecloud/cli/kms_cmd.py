@@ -1097,7 +1097,8 @@ def _hex_field(value: Any, what: str, sizes: tuple[int, ...]) -> bytes:
     except ValueError:
         raise _AppKeyUsage(f"{what} is not hex") from None
     if len(raw) not in sizes:
-        raise _AppKeyUsage(f"{what} is {len(raw)} bytes, not {' or '.join(map(str, sizes))}")
+        allowed = " or ".join(map(str, sizes)) if len(sizes) < 3 else f"{min(sizes)}..{max(sizes)}"
+        raise _AppKeyUsage(f"{what} is {len(raw)} bytes, not {allowed}")
     return raw
 
 

@@ -7,9 +7,10 @@ after the oracle's timeout. Oracle request ids (result.ORACLE_ID_TAG) are run on
 for a request read from the chain): no HTTP caller can take one in the journal first.
 
 Before the first answer signed by a result key, the watcher certifies that key on the oracle's verifier
-(`certify_key`: the key's chain up to the KMS root checked once, anyone may call it), so every later result
-of the key is checked without the chain's two ecrecovers (docs/functions.md, gas). A failed certification
-only costs gas: the answer is still sent and checked in full."""
+(`certify_key`: the key's chain up to the KMS root checked once, anyone may call it) and then sends every
+answer of that key with its chain omitted (`without_chain`): the verifier reads the certification instead of
+checking the chain's two ecrecovers (docs/functions.md, gas). A failed certification only costs gas: the
+answer is still sent with its chain and checked in full."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from teecloud.chain import ChainError
-from teecloud.chain.functions import FunctionOracle
+from teecloud.chain.functions import FunctionOracle, without_chain
 
 from .errors import FunctionError, NotAllowed, UnknownFunction
 from .service import FunctionRuntime
@@ -89,23 +90,26 @@ class OracleWatcher:
             raise UnknownFunction(f"function {fid} is not on this runtime") from exc
         inv = self.runtime.invoke(fid, bytes(args["input"]), request_id=rid, ttl_s=self.ttl_s, oracle=True)
         result = inv.result.to_abi()
-        if self.certify:
-            self._certify(result)
+        if self.certify and self._certify(result):
+            result = without_chain(result)
         self.oracle.fulfill(result)
 
-    def _certify(self, result: tuple[Any, ...]) -> None:
+    def _certify(self, result: tuple[Any, ...]) -> bool:
+        """Whether the result's key is certified on the oracle's verifier (certified here if it was not)."""
         # the result key and the KMS root its chain ends at (FunctionResult's field order, chain/functions.py)
         key = (bytes(result[9]), bytes(result[13]))
         if key in self._certified:
-            return
+            return True
         try:
             verifier = self.oracle.verifier()
             if not verifier.is_certified(result):
                 verifier.certify_key(result)
             self._certified.add(key)
+            return True
         except ChainError as exc:
             log.warning(
                 "could not certify result key %s… (its results stay checked in full): %s",
                 key[0].hex()[:16],
                 exc,
             )
+            return False

@@ -3,6 +3,7 @@
     POST /prpc/Gateway.RegisterCvm   RegisterCvmRequest -> RegisterCvmResponse   mutual RA-TLS, a booted CVM
     GET  /admin/status               GatewayStatus                               admin listener, bearer token
     GET  /admin/routes               list[RouteView]                             admin listener
+    GET  /admin/domains?limit=&after=  CustomDomainList                          admin listener
     POST /admin/drain                DrainRequest -> GatewayStatus               admin listener
     GET  /metrics                    Prometheus text                             admin listener
 
@@ -19,8 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from teecloud.appcompose import MAX_APP_COMPOSE_BYTES
 
 __all__ = [
+    "DOMAINS_PAGE_DEFAULT",
+    "DOMAINS_PAGE_MAX",
     "MAX_ENDPOINTS",
     "PATH_REGISTER",
+    "CustomDomainList",
+    "CustomDomainView",
     "DrainRequest",
     "Endpoint",
     "GatewayStatus",
@@ -32,6 +37,8 @@ __all__ = [
 
 PATH_REGISTER = "/prpc/Gateway.RegisterCvm"
 MAX_ENDPOINTS = 16  # ports one CVM may publish
+DOMAINS_PAGE_DEFAULT = 100  # pinned custom domains per /admin/domains page, unless `limit` says
+DOMAINS_PAGE_MAX = 1000
 
 
 class Endpoint(BaseModel):
@@ -113,3 +120,25 @@ class GatewayStatus(BaseModel):
     haproxy_pid: int | None
     ca_cert_sha256: str
     wildcard_not_after: int
+
+
+class CustomDomainView(BaseModel):
+    """A custom domain the gateway has pinned to an app's passthrough port (docs/gateway.md)."""
+
+    domain: str
+    app_id: str
+    port: int
+    source: str = Field(
+        description="the TXT name that answered: _dstack-app-address.<domain>, the legacy "
+        "_tapp-address.<domain>, or _dstack-app-address-wildcard.<parent>"
+    )
+    expires_in_s: int = Field(description="seconds until the cached TXT answer ends and the pin goes")
+
+
+class CustomDomainList(BaseModel):
+    """One page of the pinned custom domains, sorted by name; `next_after` (if any) asks for the next page."""
+
+    enabled: bool  # False: this gateway serves no custom domains (no DNS server was given)
+    total: int  # pinned now, all pages
+    domains: list[CustomDomainView]
+    next_after: str | None = None

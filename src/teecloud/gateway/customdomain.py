@@ -3,18 +3,25 @@
 A custom domain's owner publishes
 
     _dstack-app-address.<domain>            TXT "<app_id>:<port>"
+    _tapp-address.<domain>                  TXT "<app_id>:<port>"   (the legacy prefix, dstack's compat mode)
     _dstack-app-address-wildcard.<parent>   TXT "<app_id>:<port>"   (fallback for every <label>.<parent>)
 
-(dstack `gateway/src/proxy/tls_passthough.rs`: the exact name first, then the wildcard of the parent). A TLS
-connection whose SNI is such a domain goes, untouched, to the app's port (its own certificate answers): the
-gateway never holds a custom domain's key. Only an app registered with this gateway for that port is
-reachable; a TXT record naming anything else routes nothing.
+asked in that order, as dstack's gateway does (`dstack/gateway/src/proxy/tls_passthough.rs`, with its default
+`app_address_ns_compat = true`): the current prefix wins when both exact names have a TXT record, the legacy
+one is used when the current has none, and only when neither exact name has one is the wildcard of the parent
+asked (dstack has no legacy wildcard: `_tapp-address-wildcard` is never asked). A record that is there but is
+not `<app_id>:<port>` ends the lookup, refused: it does not fall through to the next name (dstack's parse
+error does the same). A TLS connection whose SNI is such a domain goes, untouched, to the app's port (its own
+certificate answers): the gateway never holds a custom domain's key. Only an app registered with this
+gateway for that port is reachable; a TXT record naming anything else routes nothing.
 
     check_domain(sni)          -> str            a lower-case LDH name of >= 2 labels, or BadHostName
     parse_address(txt)         -> (app_id, port) or BadHostName
-    CustomDomains.lookup(sni)  -> (app_id, port) | None, positive answers cached for their TTL (at most
-                                  `max_ttl_s`), negative ones (NXDOMAIN, no TXT, malformed, DNS failure) for
-                                  `negative_ttl_s` (at most 10 s); the cache is bounded
+    CustomDomains.resolve(sni) -> Resolution(address, source, expires_at): the answer, the TXT name that gave
+                                  it, and until when it is kept; positive answers cached for their TTL (at
+                                  most `max_ttl_s`), negative ones (NXDOMAIN, no TXT, malformed, DNS failure)
+                                  for `negative_ttl_s` (at most 10 s); the cache is bounded
+    CustomDomains.lookup(sni)  -> (app_id, port) | None
     DnslibResolver             the `TxtResolver` over UDP (TCP when truncated) to one DNS server, with dnslib
 """
 
@@ -31,9 +38,11 @@ from typing import Protocol
 from teecloud.gateway.errors import BadHostName, GatewayUsageError
 
 __all__ = [
+    "LEGACY_PREFIX",
     "PREFIX",
     "CustomDomains",
     "DnslibResolver",
+    "Resolution",
     "TxtAnswer",
     "TxtResolver",
     "check_domain",
@@ -41,6 +50,7 @@ __all__ = [
 ]
 
 PREFIX = "_dstack-app-address"
+LEGACY_PREFIX = "_tapp-address"  # dstack's name before the rename (its CHANGELOG), still asked by default
 MAX_TXT = 255  # one character-string (RFC 1035 3.3.14); "<40 hex>:<port>" is at most 46
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ADDRESS = re.compile(r"(?P<app_id>[0-9a-fA-F]{40}):(?P<port>[1-9][0-9]{0,4})")
@@ -50,6 +60,13 @@ _ADDRESS = re.compile(r"(?P<app_id>[0-9a-fA-F]{40}):(?P<port>[1-9][0-9]{0,4})")
 class TxtAnswer:
     texts: tuple[str, ...]  # each record's character-strings joined
     ttl_s: int
+
+
+@dataclass(frozen=True)
+class Resolution:
+    address: tuple[str, int] | None  # (app_id, port), or None: no route
+    source: str | None  # the TXT name whose record answered (None when none did)
+    expires_at: float  # on the CustomDomains clock: the answer is kept until then
 
 
 class TxtResolver(Protocol):
@@ -93,6 +110,7 @@ class CustomDomains:
         max_ttl_s: int = 3600,
         negative_ttl_s: float = 10.0,
         max_entries: int = 4096,
+        legacy: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 <= negative_ttl_s <= 10:
@@ -102,12 +120,15 @@ class CustomDomains:
         self.max_ttl_s = max_ttl_s
         self.negative_ttl_s = negative_ttl_s
         self.max_entries = max_entries
+        self.legacy = legacy  # also ask `_tapp-address.<domain>` (dstack's `app_address_ns_compat`)
         self.clock = clock
         self.queries = 0  # DNS questions asked (for tests and metrics)
         self.cache_hits = 0
         self.found = 0  # lookups (cache or DNS) that named an app
         self.not_found = 0
-        self._cache: OrderedDict[str, tuple[float, tuple[str, int] | None]] = OrderedDict()
+        # DNS answers that named an app, by the record that gave them (how many still use the legacy prefix)
+        self.answers = {"current": 0, "legacy": 0, "wildcard": 0}
+        self._cache: OrderedDict[str, Resolution] = OrderedDict()
         self._lock = threading.Lock()
 
     def lookup(self, sni: str | bytes) -> tuple[str, int] | None:
@@ -116,24 +137,30 @@ class CustomDomains:
 
     def lookup_until(self, sni: str | bytes) -> tuple[tuple[str, int] | None, float]:
         """lookup(), and until when (this object's clock) the answer may be kept."""
+        got = self.resolve(sni)
+        return got.address, got.expires_at
+
+    def resolve(self, sni: str | bytes) -> Resolution:
+        """The answer for a domain, the TXT name it came from and until when it is kept (cached)."""
         name = check_domain(sni)
         if name == self.base_domain or name.endswith("." + self.base_domain):
             raise BadHostName("names under the base domain are routed by their own label, not by TXT")
         now = self.clock()
         with self._lock:
             hit = self._cache.get(name)
-            if hit is not None and hit[0] > now:
+            if hit is not None and hit.expires_at > now:
                 self.cache_hits += 1
-                self._count(hit[1])
-                return hit[1], hit[0]
-        answer, ttl = self._resolve(name)
+                self._count(hit.address)
+                return hit
+        answer, source, ttl = self._resolve(name)
+        got = Resolution(answer, source, now + ttl)
         with self._lock:
             self._cache.pop(name, None)
-            self._cache[name] = (now + ttl, answer)
+            self._cache[name] = got
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
             self._count(answer)
-        return answer, now + ttl
+        return got
 
     def _count(self, answer: tuple[str, int] | None) -> None:
         if answer is None:
@@ -152,29 +179,42 @@ class CustomDomains:
             f"teecloud_gateway_custom_domain_cache_hits_total {self.cache_hits}\n"
             "# TYPE teecloud_gateway_custom_domain_dns_questions_total counter\n"
             f"teecloud_gateway_custom_domain_dns_questions_total {self.queries}\n"
+            "# HELP teecloud_gateway_custom_domain_answers_total DNS answers naming an app, by TXT record.\n"
+            "# TYPE teecloud_gateway_custom_domain_answers_total counter\n"
+            + "".join(
+                f'teecloud_gateway_custom_domain_answers_total{{record="{k}"}} {n}\n'
+                for k, n in self.answers.items()
+            )
         )
 
-    def _resolve(self, name: str) -> tuple[tuple[str, int] | None, float]:
+    def _resolve(self, name: str) -> tuple[tuple[str, int] | None, str | None, float]:
+        """Ask the exact names (current prefix, then legacy), then the parent's wildcard; the first name with
+        a TXT record decides. A DNS failure is a negative answer: whether an earlier name has a record is then
+        unknown, so a later one is not taken in its place."""
         parent = name.partition(".")[2]
-        questions = [f"{PREFIX}.{name}"]
+        questions = [("current", f"{PREFIX}.{name}")]
+        if self.legacy:
+            questions.append(("legacy", f"{LEGACY_PREFIX}.{name}"))
         if "." in parent:  # a wildcard needs a parent of two labels or more
-            questions.append(f"{PREFIX}-wildcard.{parent}")
-        for q in questions:
+            questions.append(("wildcard", f"{PREFIX}-wildcard.{parent}"))
+        for kind, q in questions:
             if len(q) > 253:
                 continue
             self.queries += 1
             try:
                 got = self.resolver.txt(q)
             except OSError:
-                return None, self.negative_ttl_s
+                return None, None, self.negative_ttl_s
             if got is None or not got.texts:
                 continue
             try:
                 address = parse_address(got.texts[0])
             except BadHostName:
-                return None, self.negative_ttl_s
-            return address, float(max(0, min(got.ttl_s, self.max_ttl_s)))
-        return None, self.negative_ttl_s
+                return None, q, self.negative_ttl_s
+            with self._lock:
+                self.answers[kind] += 1
+            return address, q, float(max(0, min(got.ttl_s, self.max_ttl_s)))
+        return None, None, self.negative_ttl_s
 
 
 class DnslibResolver:

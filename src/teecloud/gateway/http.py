@@ -8,7 +8,7 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -103,8 +103,10 @@ def make_admin_app(
     token: str,
     status: Callable[[], api.GatewayStatus],
     haproxy_metrics: Callable[[], bytes],
+    custom_domains: Callable[[], list[api.CustomDomainView]] | None = None,
 ) -> FastAPI:
-    """Every route needs `Authorization: Bearer <token>` (compared in constant time)."""
+    """Every route needs `Authorization: Bearer <token>` (compared in constant time). `custom_domains`: the
+    pinned custom domains now, sorted by name (None: the gateway serves none)."""
     if len(token) < 16:
         raise ValueError("the admin listener needs a token of at least 16 characters")
     app = FastAPI(title="teecloud gateway admin", docs_url=None, redoc_url=None)
@@ -140,6 +142,23 @@ def make_admin_app(
             for reg in service.registry.registrations()
             for r in reg.routes
         ]
+
+    @app.get("/admin/domains", response_model=api.CustomDomainList)
+    def domains(
+        limit: int = Query(api.DOMAINS_PAGE_DEFAULT, ge=1, le=api.DOMAINS_PAGE_MAX),
+        after: str = Query("", max_length=253, description="the last domain of the previous page"),
+    ) -> api.CustomDomainList:
+        if custom_domains is None:
+            return api.CustomDomainList(enabled=False, total=0, domains=[])
+        pinned = custom_domains()  # at most the CustomDomains cache's bound (max_entries)
+        later = [d for d in pinned if d.domain > after.lower()]
+        page = later[:limit]
+        return api.CustomDomainList(
+            enabled=True,
+            total=len(pinned),
+            domains=page,
+            next_after=page[-1].domain if len(later) > limit else None,
+        )
 
     @app.post("/admin/drain", response_model=api.GatewayStatus)
     def drain(body: api.DrainRequest) -> api.GatewayStatus:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import secrets
@@ -198,8 +199,8 @@ class GatewayServer:
         self._applied: tuple[int, int] | None = None
         # custom domains resolved to a registered app port, pinned into passthrough.map until their TXT
         # TTL ends, so only a domain's first connections per TTL (until the next tick, <= 1 s) ask the
-        # gateway (domain -> app, port, end)
-        self._pins: dict[str, tuple[str, int, float]] = {}
+        # gateway (domain -> app, port, end, the TXT name that answered)
+        self._pins: dict[str, tuple[str, int, float, str]] = {}
         self._pins_version = 0
         self._pins_lock = threading.Lock()
         self._sync_lock = threading.Lock()
@@ -314,19 +315,34 @@ class GatewayServer:
         that port (and not drained); None otherwise. BadHostName for a name that is not one."""
         if self.custom_domains is None:
             return None
-        found, expires_at = self.custom_domains.lookup_until(sni)
-        if found is None:
+        got = self.custom_domains.resolve(sni)
+        if got.address is None or got.source is None:
             return None
-        app_id, port = found
+        app_id, port = got.address
         backend = self.driver.plan.groups.get(("tcp", ("app", app_id, port)))
-        if backend is not None and expires_at > self.custom_domains.clock():
+        if backend is not None and got.expires_at > self.custom_domains.clock():
             name = sni.lower().removesuffix(".")
             with self._pins_lock:
                 if name not in self._pins and len(self._pins) < self.custom_domains.max_entries:
-                    self._pins[name] = (app_id, port, expires_at)
+                    self._pins[name] = (app_id, port, got.expires_at, got.source)
                     self._pins_version += 1
             # the tick (within 1 s) moves it into passthrough.map: this connection is not delayed by it
         return backend
+
+    def pinned_domains(self) -> list[api.CustomDomainView]:
+        """The custom domains pinned now (not yet expired), sorted by name (the admin API's listing)."""
+        if self.custom_domains is None:
+            return []
+        now = self.custom_domains.clock()
+        with self._pins_lock:
+            pins = sorted(self._pins.items())
+        return [
+            api.CustomDomainView(
+                domain=d, app_id=a, port=p, source=src, expires_in_s=max(0, math.ceil(exp - now))
+            )
+            for d, (a, p, exp, src) in pins
+            if exp > now
+        ]
 
     def start(self, timeout: float = 20.0) -> GatewayServer:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -344,7 +360,11 @@ class GatewayServer:
             self.service, cert_keys=self.cert_keys.document if self.cert_keys is not None else None
         )
         admin_app = make_admin_app(
-            self.service, token=self.admin_token, status=self.status, haproxy_metrics=self._haproxy_metrics
+            self.service,
+            token=self.admin_token,
+            status=self.status,
+            haproxy_metrics=self._haproxy_metrics,
+            custom_domains=self.pinned_domains if self.custom_domains is not None else None,
         )
         ctx = self._registration_ssl()
         reg = LimitedServer(
@@ -461,7 +481,7 @@ class GatewayServer:
             if version == self._applied:
                 return
             with self._pins_lock:
-                pins = {d: (a, p) for d, (a, p, _exp) in self._pins.items()}
+                pins = {d: (a, p) for d, (a, p, _exp, _src) in self._pins.items()}
             routes = self.registry.routes(self.clock())
             self.driver.apply(routes, pins)
             self._applied = version
@@ -477,7 +497,7 @@ class GatewayServer:
             return
         now = self.custom_domains.clock()
         with self._pins_lock:
-            dead = [d for d, (_a, _p, exp) in self._pins.items() if exp <= now]
+            dead = [d for d, (_a, _p, exp, _src) in self._pins.items() if exp <= now]
             for d in dead:
                 del self._pins[d]
             if dead:

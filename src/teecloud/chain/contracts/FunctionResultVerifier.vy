@@ -9,7 +9,9 @@
         (5) the runtime app key signed the result key for purpose "teecloud-fn-result:<code hash>";
         (6) the KMS root in KmsAuth signed the app key for this app (dstack's GetKey chain); the given root
             key is compared with KmsAuth's kms_k256_pubkey_hash (one slot), read at every check, so a
-            rotated root refuses results under the old one at once;
+            rotated root refuses results under the old one at once. (5)-(6) hold when the chain given is
+            valid or, read only when the chain is omitted (empty app signature) or fails, the result key
+            is certified (certify_key) under the root recorded now;
         (7) the request was not accepted before by this consumer (msg.sender): one bit per
             (consumer, function, request id), 256 ids that differ only in their low byte to a storage word.
         Keys come as x‖y (64 bytes): ecrecover yields addresses, and keccak256(x‖y) gives a key's address.
@@ -102,7 +104,9 @@ def _signer(digest: bytes32, sig: Bytes[65], xy: Bytes[64]) -> bool:
 def _hex16(v: uint256) -> bytes32:
     """32 lowercase hex characters of the low 16 bytes of v: spread the 16 bytes to one nibble per byte
     (masks 0xFFFFFFFFFFFFFFFF0..0, 0xFFFFFFFF0..0FFFFFFFF0..0, ... 0xF000F000..., in decimal because Vyper
-    reads a 64-digit hex literal as bytes32), then add "0" (0x30) and, for nibbles above 9, 39 more ("a")."""
+    reads a 64-digit hex literal as bytes32), then add "0" (0x30) and, for nibbles above 9, 39 more ("a").
+    The additions and the product are unchecked: every byte stays below 0x100 (a nibble + 6 <= 0x15, a
+    0/1 flag * 39 <= 0x27, 0x30 + 0x0f + 0x27 = 0x66), so no carry crosses a byte and none can overflow."""
     r: uint256 = v << 128
     m1: uint256 = 115792089237316195417293883273301227089434195242432897623355228563449095127040
     m2: uint256 = 6277101735386680763495507056286727952638980837032266301440
@@ -119,10 +123,16 @@ def _hex16(v: uint256) -> bytes32:
     r = ((r & 108556740104382498616376002425174106332568976239520199200187288646466509271040) >> 4) | (
         (r & 6784796256523906163523500151573381645785561014970012450011705540404156829440) >> 8
     )
-    letters: uint256 = ((r + 2724519746760381068789905529616186067135764345073895624457825506068544226822) >> 4) & (
-        6811299366900952671974763824040465167839410862684739061144563765171360567055
+    letters: uint256 = (
+        unsafe_add(r, 2724519746760381068789905529616186067135764345073895624457825506068544226822) >> 4
+    ) & 6811299366900952671974763824040465167839410862684739061144563765171360567055
+    return convert(
+        unsafe_add(
+            unsafe_add(21796157974083048550319244236929488537086114760591164995662604048548353814576, r),
+            unsafe_mul(letters, 39),
+        ),
+        bytes32,
     )
-    return convert(21796157974083048550319244236929488537086114760591164995662604048548353814576 + r + letters * 39, bytes32)
 
 
 @internal
@@ -132,9 +142,52 @@ def _key_id(root_hash: bytes32, runtime_app_id: address, function_hash: bytes32,
     return keccak256(concat(root_hash, convert(runtime_app_id, bytes20), function_hash, result_key))
 
 
+# why a given chain fails (_chain_fault); 0: it holds. NO_CHAIN: omitted (no app signature given).
+NO_CHAIN: constant(uint256) = 7
+
+
+@internal
+@pure
+def _fail(fault: uint256):
+    """Revert with the reason of a chain fault (codes of _recovers and _chain_fault)."""
+    if fault == 1:
+        raise "a signature is 65 bytes"
+    if fault == 2:
+        raise "a public key is x||y, 64 bytes"
+    if fault == 3:
+        raise "unrecoverable signature"
+    if fault == 4:
+        raise "result key not signed by the runtime app key"
+    if fault == 5:
+        raise "app key not signed by the KMS root key given"
+    if fault == 6:
+        raise "not the KMS root recorded in KmsAuth"
+    raise "result key not certified and no signature chain given"
+
+
+@internal
+@pure
+def _recovers(digest: bytes32, sig: Bytes[65], xy: Bytes[64]) -> uint256:
+    """_signer without reverting: 0 when `sig` over `digest` recovers to x‖y; else 1 (signature not 65
+    bytes), 2 (key not 64 bytes), 3 (unrecoverable) or 4 (another key)."""
+    if len(sig) != 65:
+        return 1
+    if len(xy) != 64:
+        return 2
+    v: uint256 = convert(extract32(sig, 33), uint256) & 255  # the last byte (the length is 65)
+    if v < 27:
+        v += 27
+    signer: address = ecrecover(digest, v, extract32(sig, 0), extract32(sig, 32))
+    if signer == empty(address):
+        return 3
+    if signer != convert(convert(keccak256(xy), uint256) & (2**160 - 1), address):
+        return 4
+    return 0
+
+
 @internal
 @view
-def _check_key(
+def _chain_fault(
     root_hash: bytes32,
     runtime_app_id: address,
     function_hash: bytes32,
@@ -143,9 +196,12 @@ def _check_key(
     app_key: Bytes[64],
     kms_signature: Bytes[65],
     kms_root_key: Bytes[64],
-):
-    """Steps (5) and (6): `result_key` is the key the KMS derived for (runtime app, code hash) under the
-    root whose hash KmsAuth records (`root_hash`: keccak256 of the SEC1 key, 33 or 65 bytes, as set)."""
+) -> uint256:
+    """Steps (5) and (6), without reverting: 0 when `result_key` is the key the KMS derived for (runtime
+    app, code hash) under the root whose hash KmsAuth records (`root_hash`: keccak256 of the SEC1 key, 33
+    or 65 bytes, as set); else the first failing check's code (_fail gives its reason)."""
+    if len(result_key) != 64 or len(app_key) != 64 or len(kms_root_key) != 64:
+        return 2
     # (5) "teecloud-fn-result:<code hash hex>:<compressed result key hex>", built from fixed-size pieces
     fh: uint256 = convert(function_hash, uint256)
     kx: uint256 = convert(extract32(result_key, 0), uint256)
@@ -160,7 +216,9 @@ def _check_key(
             self._hex16(kx & LO128),
         )
     )
-    assert self._signer(purpose_digest, app_signature, app_key), "result key not signed by the runtime app key"
+    fault: uint256 = self._recovers(purpose_digest, app_signature, app_key)
+    if fault != 0:
+        return fault
     # (6)
     app_compressed: Bytes[33] = concat(
         convert(convert(2 + (convert(extract32(app_key, 32), uint256) & 1), uint8), bytes1), extract32(app_key, 0)
@@ -168,15 +226,19 @@ def _check_key(
     issued_digest: bytes32 = keccak256(
         concat(b"dstack-kms-issued:", convert(runtime_app_id, bytes20), app_compressed)
     )
-    assert self._signer(issued_digest, kms_signature, kms_root_key), "app key not signed by the KMS root key given"
+    fault = self._recovers(issued_digest, kms_signature, kms_root_key)
+    if fault == 4:
+        return 5
+    if fault != 0:
+        return fault
     root_compressed: Bytes[33] = concat(
         convert(convert(2 + (convert(extract32(kms_root_key, 32), uint256) & 1), uint8), bytes1),
         extract32(kms_root_key, 0),
     )
     # the hash of a 33-byte and of a 65-byte string: equal to root_hash only for the same length and bytes
-    assert root_hash == keccak256(root_compressed) or root_hash == keccak256(concat(b"\x04", kms_root_key)), (
-        "not the KMS root recorded in KmsAuth"
-    )
+    if root_hash != keccak256(root_compressed) and root_hash != keccak256(concat(b"\x04", kms_root_key)):
+        return 6
+    return 0
 
 
 @external
@@ -195,9 +257,11 @@ def certify_key(
     certified under the old root is checked in full again. Anyone may call it; it only records a fact."""
     assert len(result_key) == 64, "a public key is x||y, 64 bytes"
     root_hash: bytes32 = staticcall IKmsAuth(kms_auth).kms_k256_pubkey_hash()
-    self._check_key(
+    fault: uint256 = self._chain_fault(
         root_hash, runtime_app_id, function_hash, result_key, app_signature, app_key, kms_signature, kms_root_key
     )
+    if fault != 0:
+        self._fail(fault)
     key_id: bytes32 = self._key_id(root_hash, runtime_app_id, function_hash, result_key)
     if not self.certified[key_id]:
         self.certified[key_id] = True
@@ -256,13 +320,19 @@ def verify(r: FunctionResult) -> Bytes[MAX_OUTPUT]:
         )
     )
     assert self._signer(digest, r.signature, r.result_key), "bad result signature"
-    # (5), (6): skipped for a result key certified earlier under the KMS root KmsAuth records now
+    # (5), (6): the chain given, checked first; a result key certified earlier under the KMS root KmsAuth
+    # records now needs none (omitted: an empty app signature). The certification is read only when the
+    # chain is omitted or fails, so the accepted set is the same as "certified or a valid chain".
     root_hash: bytes32 = staticcall IKmsAuth(kms_auth).kms_k256_pubkey_hash()
-    if not self.certified[self._key_id(root_hash, r.runtime_app_id, r.function_hash, r.result_key)]:
-        self._check_key(
+    fault: uint256 = NO_CHAIN
+    if len(r.app_signature) != 0:
+        fault = self._chain_fault(
             root_hash, r.runtime_app_id, r.function_hash, r.result_key, r.app_signature, r.app_key, r.kms_signature,
             r.kms_root_key,
         )
+    if fault != 0:
+        if not self.certified[self._key_id(root_hash, r.runtime_app_id, r.function_hash, r.result_key)]:
+            self._fail(fault)
     # (7)
     word_key: bytes32 = self._word_key(msg.sender, r.function_id, r.request_id)
     bit: uint256 = 1 << (convert(r.request_id, uint256) & 255)
