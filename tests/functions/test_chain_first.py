@@ -1,9 +1,12 @@
-"""FunctionResultVerifier checks a result's key chain first and reads the key's certification only when the
-chain is omitted or fails. These tests hold it to the rule it replaced (83e4fe2, the certification read
-first: bench/baseline/FunctionResultVerifier_83e4fe2.vy, deployed beside it on the same KmsAuth and
-registry): a result is accepted by one exactly when by the other ("its key certified under the recorded
-root, or its chain valid"), over generated chains (omitted, fields emptied, cut, swapped, bit-flipped,
-random, under another root), certified and new keys, and a rotated root."""
+"""FunctionResultVerifier's rule for steps (5)-(6): a chain given must be valid up to the KMS root KmsAuth
+records now; a key certified under that root may omit it. Held against the rule it replaced (83e4fe2, "its
+key certified, or its chain valid": bench/baseline/FunctionResultVerifier_83e4fe2.vy, deployed twice beside
+it on the same KmsAuth and registry, once with the key certified and once without, so the second accepts
+exactly the results whose chain is valid): over generated chains (omitted, fields emptied, cut, swapped,
+bit-flipped, random, under another root), certified and new keys, and a rotated root, the new rule accepts
+a result exactly when its chain is omitted and the old certified verifier accepts it, or its chain is given
+and the old uncertified verifier accepts it. So it accepts nothing the old rule refused, and refuses only
+certified keys' results whose given chain fails."""
 
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def _mutations(abi: tuple[Any, ...], app_id: bytes, rng: random.Random) -> list[
 
 
 @pytest.mark.slow
-def test_the_chain_first_rule_accepts_exactly_what_the_certification_first_rule_accepted(
+def test_a_given_chain_must_hold_and_only_a_certified_key_may_omit_it(
     world: World,
 ) -> None:
     w = world
@@ -87,8 +90,9 @@ def test_the_chain_first_rule_accepts_exactly_what_the_certification_first_rule_
     certified = result(w.function_hash, w.price_input)
     for v in (w.verifier, old):
         v.certify_key(certified)
+    chain_only = _deploy_old_rule(w)  # never certifies: accepts exactly the results whose chain is valid
     app_id = bytes.fromhex(certified[6][2:])
-    compared = accepted = 0
+    compared = accepted = refused_for_a_bad_chain = 0
     for phase in ("recorded root", "rotated root", "recorded root back"):
         if phase == "rotated root":
             w.chain.kms.set_info(k256_public_key(b"\x44" * 32), b"dev-ca")
@@ -96,9 +100,15 @@ def test_the_chain_first_rule_accepts_exactly_what_the_certification_first_rule_
             w.chain.kms.set_info(w.guest.kms_root, b"dev-ca")
         for base in (certified, result(w.function_hash, w.price_input), result(fh_new, b"\x01" * 32)):
             for abi in _mutations(base, app_id, rng):
-                want = _accepts(old, abi)
+                old_accepts = _accepts(old, abi)
+                chain_given = len(bytes(abi[10])) != 0
+                want = _accepts(chain_only, abi) if chain_given else old_accepts
                 assert _accepts(w.verifier, abi) == want, (phase, [bytes(abi[i]).hex()[:16] for i in CHAIN])
+                assert old_accepts or not want  # nothing the old rule refused
                 compared += 1
                 accepted += want
-    # both outcomes occur: certified keys with any chain, new keys only with their own chain, none rotated
-    assert compared > 150 and 20 < accepted < compared - 50, (compared, accepted)
+                refused_for_a_bad_chain += old_accepts and not want
+    # every outcome occurs: certified keys without a chain or with their valid chain, new keys only with
+    # their own chain, certified keys with a failing chain refused now (the old rule took them), none rotated
+    assert compared > 150 and 10 < accepted < compared - 50, (compared, accepted)
+    assert refused_for_a_bad_chain > 10, refused_for_a_bad_chain

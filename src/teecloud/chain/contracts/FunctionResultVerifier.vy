@@ -320,19 +320,19 @@ def verify(r: FunctionResult) -> Bytes[MAX_OUTPUT]:
         )
     )
     assert self._signer(digest, r.signature, r.result_key), "bad result signature"
-    # (5), (6): the chain given, checked first; a result key certified earlier under the KMS root KmsAuth
-    # records now needs none (omitted: an empty app signature). The certification is read only when the
-    # chain is omitted or fails, so the accepted set is the same as "certified or a valid chain".
+    # (5), (6): a chain given must hold up to the KMS root KmsAuth records now; a result key certified
+    # earlier under that root may omit it (an empty app signature). Whatever evidence is given must be valid:
+    # a certified key with a chain that fails is refused, not rescued by its certification.
     root_hash: bytes32 = staticcall IKmsAuth(kms_auth).kms_k256_pubkey_hash()
-    fault: uint256 = NO_CHAIN
     if len(r.app_signature) != 0:
-        fault = self._chain_fault(
+        fault: uint256 = self._chain_fault(
             root_hash, r.runtime_app_id, r.function_hash, r.result_key, r.app_signature, r.app_key, r.kms_signature,
             r.kms_root_key,
         )
-    if fault != 0:
-        if not self.certified[self._key_id(root_hash, r.runtime_app_id, r.function_hash, r.result_key)]:
+        if fault != 0:
             self._fail(fault)
+    elif not self.certified[self._key_id(root_hash, r.runtime_app_id, r.function_hash, r.result_key)]:
+        self._fail(NO_CHAIN)
     # (7)
     word_key: bytes32 = self._word_key(msg.sender, r.function_id, r.request_id)
     bit: uint256 = 1 << (convert(r.request_id, uint256) & 255)
