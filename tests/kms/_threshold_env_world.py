@@ -15,7 +15,7 @@ from teecloud.kms.client import KmsClient, connect_kms
 from teecloud.kms.threshold import local_joint_feldman
 from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
 from teecloud.tee.simulated import SimulatedTdx
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
 from tests.kms.test_threshold_nodes import boot_hello
 
@@ -42,8 +42,7 @@ def members(teecloud_home: Path, world: World) -> Iterator[tuple[dict[int, Membe
             m.service.env_keys.set_peers(urls)
         yield out, keys[0].group_public_key
     finally:
-        for m in out.values():
-            m.server.stop()
+        stop_servers(m.server for m in out.values())
 
 
 def kms_clients(members: dict[int, Member], dev: SimulatedTdx) -> dict[int, KmsClient]:

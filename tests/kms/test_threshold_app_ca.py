@@ -33,7 +33,7 @@ from teecloud.kms.threshold_sign import (
     save_signing_share,
 )
 from teecloud.tee.simulated import SimulatedTdx
-from tests.kms.conftest import World, assert_nothing_released, post_with_cert
+from tests.kms.conftest import World, assert_nothing_released, post_with_cert, stop_servers
 from tests.kms.test_quote_oracle import GetQuoteOracle, attacker_cert
 from tests.kms.test_threshold_nodes import Cluster, N, T, boot_hello, start_node
 
@@ -82,8 +82,7 @@ def cluster(teecloud_home: Path, world: World) -> Iterator[Cluster]:
         )
         yield Cluster(nodes, group, SimulatedTdx(teecloud_home), shares)
     finally:
-        for n in nodes.values():
-            n.server.stop()
+        stop_servers(n.server for n in nodes.values())
 
 
 def _root(cluster: Cluster) -> x509.Certificate:

@@ -28,7 +28,7 @@ from teecloud.kms.threshold import DkgPlan, ReshareDealer, ThresholdShare
 from teecloud.kms.threshold_client import ThresholdGroup, join_dkg
 from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
 from tests.kms import test_threshold_nodes
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_threshold_nodes import Cluster, boot_hello
 
 N, T = 5, 3
@@ -61,8 +61,7 @@ def dealers(teecloud_home: Path, world: World) -> Iterator[dict[int, KmsServer]]
             servers[i] = KmsServer(service).start()
         yield servers
     finally:
-        for s in servers.values():
-            s.stop()
+        stop_servers(servers.values())
 
 
 def _allow_kms_build(world: World, home: Path) -> None:
@@ -135,8 +134,7 @@ def test_dkg_among_attested_nodes_then_the_new_nodes_serve(
         _, state = boot_hello(teecloud_home, world, cluster.provider())
         assert state.keys.key_provider_info["id"] == shares[0].group_public_key.hex()
     finally:
-        for n in nodes.values():
-            n.server.stop()
+        stop_servers(n.server for n in nodes.values())
 
 
 def test_a_dealer_restarting_mid_dkg_fails_the_round(

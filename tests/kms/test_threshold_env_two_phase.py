@@ -26,7 +26,7 @@ from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.kms.threshold import local_joint_feldman
 from teecloud.kms.threshold_env import EnvKeyBusy, EnvKeys, EnvKeyStore, ceremony_quorum
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
 from tests.kms.test_threshold_nodes import HELLO
 
@@ -211,8 +211,7 @@ def members_3of5(teecloud_home: Path, world: World) -> Iterator[dict[int, Member
         out = _members(teecloud_home, world, 3, 5)
         yield out
     finally:
-        for m in out.values():
-            m.server.stop()
+        stop_servers(m.server for m in out.values())
 
 
 def _env(m: Member) -> EnvKeys:

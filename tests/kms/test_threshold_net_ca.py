@@ -27,7 +27,7 @@ from teecloud.kms.threshold_sign import (
     ThresholdSigner,
     open_ca_signer,
 )
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
 
 T, N = 3, 5
@@ -43,8 +43,7 @@ def members(teecloud_home: Path, world: World) -> Iterator[dict[int, Member]]:
             out[s.index] = start_member(teecloud_home, world.chain, s, name="ca", app_ca=True)
         yield out
     finally:
-        for m in out.values():
-            m.server.stop()
+        stop_servers(m.server for m in out.values())
 
 
 def _admin(m: Member, path: str, body: dict[str, object]) -> httpx.Response:

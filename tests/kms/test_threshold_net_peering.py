@@ -39,7 +39,7 @@ from teecloud.kms.threshold_sign import (
     save_signing_share,
 )
 from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
-from tests.kms.conftest import World, post_with_cert
+from tests.kms.conftest import World, post_with_cert, stop_servers
 
 T, N = 3, 5
 
@@ -121,8 +121,7 @@ def committee(teecloud_home: Path, world: World) -> Iterator[tuple[dict[int, Mem
             members[s.index] = start_member(teecloud_home, world.chain, s)
         yield members, shares
     finally:
-        for m in members.values():
-            m.server.stop()
+        stop_servers(m.server for m in members.values())
 
 
 def client(src: Member, dst: Member) -> PeerClient:

@@ -26,7 +26,7 @@ from teecloud.kms.threshold_net import (
     run_presign_round,
     run_signing_key_dkg,
 )
-from tests.kms.conftest import World, post_with_cert
+from tests.kms.conftest import World, post_with_cert, stop_servers
 from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
 
 T, N = 3, 5
@@ -42,8 +42,7 @@ def members(teecloud_home: Path, world: World) -> Iterator[dict[int, Member]]:
             out[s.index] = start_member(teecloud_home, world.chain, s, name="net")
         yield out
     finally:
-        for m in out.values():
-            m.server.stop()
+        stop_servers(m.server for m in out.values())
 
 
 def endpoints(members: dict[int, Member]) -> dict[int, AdminEndpoint]:

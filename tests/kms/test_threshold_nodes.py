@@ -40,7 +40,7 @@ from teecloud.kms.threshold import (
 )
 from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
 from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
-from tests.kms.conftest import Kms, World, assert_nothing_released, post_with_cert
+from tests.kms.conftest import Kms, World, assert_nothing_released, post_with_cert, stop_servers
 from tests.kms.test_quote_oracle import HELLO, GetQuoteOracle, attacker_cert
 
 T, N = 3, 5
@@ -123,8 +123,7 @@ def cluster(teecloud_home: Path, world: World) -> Iterator[Cluster]:
         )
         yield Cluster(nodes, group, SimulatedTdx(teecloud_home), shares)
     finally:
-        for n in nodes.values():
-            n.server.stop()
+        stop_servers(n.server for n in nodes.values())
 
 
 def boot_hello(

@@ -19,7 +19,7 @@ from teecloud.keys.certs import spki_der
 from teecloud.kms.errors import KmsClientError, KmsDenied
 from teecloud.kms.peering import served_key_id
 from teecloud.kms.threshold import ThresholdShare, local_joint_feldman
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_threshold_net_peering import Member, allow_build, hello, start_member
 from tests.kms.test_threshold_net_presign import _fetch_as, _open_sigkey
 from tests.review4.test_clones import rounds_of
@@ -55,8 +55,7 @@ def group(teecloud_home: Path, world: World) -> Iterator[tuple[dict[int, Member]
         kms_group.activate(cid)
         yield members, copy, cid
     finally:
-        for m in [*members.values(), *([copy] if copy else [])]:
-            m.server.stop()
+        stop_servers(m.server for m in [*members.values(), *([copy] if copy else [])])
 
 
 def test_a_second_process_of_a_share_index_is_refused_once_keys_are_recorded(

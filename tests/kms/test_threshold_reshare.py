@@ -23,7 +23,7 @@ from teecloud.kms.threshold import SHARE_FILE, ReshareDealer, ResharePlan, Thres
 from teecloud.kms.threshold_client import join_reshare
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms import test_threshold_nodes
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_threshold_nodes import Cluster, boot_hello
 
 cluster = test_threshold_nodes.cluster  # the five-node fixture
@@ -203,8 +203,7 @@ def test_kms_code_upgrade_is_a_reshare(teecloud_home: Path, world: World, cluste
         assert cluster.provider().boot_nonce()  # challenges are still issued ...
         with pytest.raises(KmsClientError, match="valid partial"):  # ... but no old node evaluates any more
             boot_hello(teecloud_home, world, cluster.provider(), app_id=app_id)
-        for n in cluster.nodes.values():
-            n.server.stop()
+        stop_servers(n.server for n in cluster.nodes.values())
         v2_cluster = Cluster(
             new_nodes,
             test_threshold_nodes.ThresholdGroup(
@@ -220,5 +219,4 @@ def test_kms_code_upgrade_is_a_reshare(teecloud_home: Path, world: World, cluste
             before.keys.k256_key,
         )
     finally:
-        for n in new_nodes.values():
-            n.server.stop()
+        stop_servers(n.server for n in new_nodes.values())

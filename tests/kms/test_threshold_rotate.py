@@ -37,7 +37,7 @@ from teecloud.kms.threshold import (
 )
 from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider, join_dkg
 from teecloud.tee.simulated import SimulatedTdx
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_quote_oracle import HELLO
 from tests.kms.test_threshold_nodes import N, Node, T, start_node
 from tests.kms.test_threshold_reshare import _allow_kms_build
@@ -99,8 +99,7 @@ def rotated(teecloud_home: Path, world: World) -> Iterator[Rotated]:
             nodes[s.index] = start_node(teecloud_home, world.chain, s)
         yield Rotated(teecloud_home, nodes, e1, e2)
     finally:
-        for n in nodes.values():
-            n.server.stop()
+        stop_servers(n.server for n in nodes.values())
 
 
 def _boot(home: Path, provider: Any, compose: dict[str, Any], app_id: bytes) -> AgentState:

@@ -34,7 +34,7 @@ from teecloud.kms.threshold import ThresholdEvaluator, ThresholdShare, local_joi
 from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider, fetch_env_public_key
 from teecloud.kms.threshold_sign import ThresholdSigner, open_signer, save_signing_share
 from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_quote_oracle import HELLO
 from tests.kms.test_threshold_net_peering import Member, allow_build
 
@@ -149,8 +149,7 @@ def rotated(teecloud_home: Path, world: World) -> Iterator[Rotated]:
         r.signing_key = signing[0].group_public_key
         yield r
     finally:
-        for m in members.values():
-            m.server.stop()
+        stop_servers(m.server for m in members.values())
 
 
 def _boot(r: Rotated, compose: dict[str, Any], app_id: bytes, blob: bytes) -> ThresholdKeyProvider:

@@ -18,7 +18,7 @@ from teecloud.keys import threshold as th
 from teecloud.kms.errors import KmsClientError
 from teecloud.kms.threshold import ResharePlan
 from tests.kms import test_threshold_nodes
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_threshold_nodes import Cluster
 from tests.kms.test_threshold_reshare import _allow_kms_build, _join, _open, member_token
 
@@ -205,5 +205,4 @@ def test_a_joining_node_refuses_a_plan_for_another_group_than_the_chains(
             join(tee, None)
         assert "committee" in str(err.value) or "KmsGroup" in str(err.value), err.value
     finally:
-        for n in nodes.values():
-            n.server.stop()
+        stop_servers(n.server for n in nodes.values())

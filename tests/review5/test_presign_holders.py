@@ -31,7 +31,7 @@ from teecloud.kms.errors import AccessDenied
 from teecloud.kms.threshold import local_joint_feldman
 from teecloud.kms.threshold_net import RoundFailed, run_presign_round, run_signing_key_dkg
 from teecloud.kms.threshold_sign import PresignaturePool, ThresholdSigner
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
 from tests.kms.test_threshold_net_presign import endpoints
 
@@ -132,8 +132,7 @@ def test_running_members_never_sign_two_digests_with_one_presignature(
         session = signers[1].pool.unused()[0]  # type: ignore[union-attr]
         _attack(signers, session, group_key, 2)  # type: ignore[arg-type]
     finally:
-        for m in members.values():
-            m.server.stop()
+        stop_servers(m.server for m in members.values())
 
 
 class _Node:

@@ -24,7 +24,7 @@ from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied
 from teecloud.kms.threshold import local_joint_feldman
 from teecloud.kms.threshold_env import EnvKeys, EnvKeyStore, ceremony_quorum
-from tests.kms.conftest import World
+from tests.kms.conftest import World, stop_servers
 from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
 from tests.kms.test_threshold_nodes import HELLO
 
@@ -54,8 +54,7 @@ def members_2of5(teecloud_home: Path, world: World) -> Iterator[dict[int, Member
             m.service.env_keys.set_peers(urls)
         yield out
     finally:
-        for m in out.values():
-            m.server.stop()
+        stop_servers(m.server for m in out.values())
 
 
 def _env(m: Member) -> EnvKeys:
