@@ -172,7 +172,7 @@ def server(gpus: tuple[SimulatedGpu, SimulatedGpu]) -> Iterator[tuple[NvidiaServ
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield services, f"http://127.0.0.1:{httpd.server_address[1]}"

@@ -309,7 +309,7 @@ class _Handler(BoundedRequestHandler):
 def threaded(limits: ServeLimits) -> Iterator[BoundedHTTPServer]:
     srv = BoundedHTTPServer(("127.0.0.1", 0), _Handler, limits, name="t")
     srv.release = threading.Event()  # type: ignore[attr-defined]
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     try:
         yield srv

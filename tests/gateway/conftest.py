@@ -63,7 +63,9 @@ class Backend:
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self.address = f"127.0.0.1:{self.port}"
-        self._t = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._t = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._t.start()
 
     def stop(self) -> None:

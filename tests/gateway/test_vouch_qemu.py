@@ -154,7 +154,7 @@ def agent() -> Iterator[tuple[GuestStatus, int]]:
         ("127.0.0.1", 0),
         make_handler(status.snapshot, lambda: status.attest, status.list_containers, status.take_vouch),
     )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield status, int(server.server_address[1])
     server.shutdown()

@@ -419,7 +419,7 @@ def test_the_hosts_view_of_the_guests_containers_keeps_only_the_ports_it_forward
         }
     ]
     server = HTTPServer(("127.0.0.1", 0), make_handler({}, containers=lambda: listed))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     workdir = tmp_path / "vm"
     workdir.mkdir()
     # a process standing in for the VM's QEMU (its command line names the VM's directory)

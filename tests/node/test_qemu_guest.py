@@ -53,7 +53,7 @@ def test_the_vm_agent_hashes_the_shared_compose_and_bounds_it(tmp_path: Path) ->
 def test_the_vm_agent_answers_info_attest_over_a_nonce_and_nothing_else() -> None:
     status = GuestStatus({"guest": GUEST_NAME, "compose_hash": "00" * 32, "tee": "none"})
     server = HTTPServer(("127.0.0.1", 0), make_handler(status.snapshot, lambda: status.attest))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"

@@ -168,7 +168,7 @@ def test_an_attest_request_writes_the_report_data_the_agent_computed(
     status = GuestStatus({"guest": "g", "compose_hash": "00" * 32, "tee": mode})
     status.attest = lambda rd: attest_document(get_quote, {"app_id": "ab" * 20}, rd)
     server = HTTPServer(("127.0.0.1", 0), make_handler(status.snapshot, lambda: status.attest))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         nonce = hashlib.sha256(b"host nonce").digest()
         r = httpx.get(f"http://127.0.0.1:{server.server_address[1]}/attest", params={"nonce": nonce.hex()})
