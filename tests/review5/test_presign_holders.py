@@ -185,9 +185,10 @@ def test_the_apps_client_never_picks_a_presignature_used_elsewhere(monkeypatch: 
     )
     client._gather = lambda *a, **kw: tc.ThresholdKeyProvider._gather(client, *a, **kw)  # type: ignore[arg-type]
 
-    def boot(app_id: bytes, k256: bytes) -> bytes:
+    def boot(app_id: bytes, k256: bytes) -> bytes:  # _sign_app_key takes the app key's public key (SEC1)
         offered = {i: [s.hex() for s in signers[i].pool.unused()] for i in signers}
-        return tc.ThresholdKeyProvider._sign_app_key(client, None, app_id, offered, k256, {})  # type: ignore[arg-type]
+        pub = k256_public_key(k256)
+        return tc.ThresholdKeyProvider._sign_app_key(client, None, app_id, offered, pub, {})  # type: ignore[arg-type]
 
     k_x, k_y = hashlib.sha256(b"app X key").digest(), hashlib.sha256(b"app Y key").digest()
     sig_x = boot(APP_X, k_x)
