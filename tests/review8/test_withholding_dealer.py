@@ -92,12 +92,6 @@ def test_a_dealer_that_claims_held_is_left_out_and_the_honest_quorum_gets_the_ke
     assert share is not None and tx.x25519_public_key(share.commitments).hex() == key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R8-1 open: a member that deals and then fails view/finish/sub-share aborts every ceremony; "
-    "the next one deals it in again, so no new app gets an env key",
-)
 @pytest.mark.parametrize("stage", ["view", "finish", "share"])
 def test_one_member_dealing_then_withholding_does_not_block_every_new_apps_env_key(
     world: World, members_3of5: dict[int, Member], stage: str
