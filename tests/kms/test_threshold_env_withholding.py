@@ -1,9 +1,13 @@
 """Review 8, R8-1: a member that deals and then fails `view`/`finish` (or names a dealer for a sub-share it
 did not get) is left out of one more try at once; the negative cases: a false accuser costs rounds, not the
-app's key, and two withholders at 3-of-5 (q = 4) get a clean refusal after one more try, not a loop."""
+app's key, and two withholders at 3-of-5 (q = 4) get a clean refusal after one more try, not a loop.
+R8-3: a tentative share left by a coordinator that committed on t - 1 members and went silent is
+dropped once stale."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.kms.threshold_env import EnvKeyBusy
 from tests.kms.conftest import World
-from tests.kms.test_threshold_env_two_phase import _env, _members
+from tests.kms.test_threshold_env_two_phase import _env, _members, _partial_ceremony
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO
 
@@ -106,3 +110,41 @@ def test_two_withholders_at_3_of_5_get_a_clean_refusal_not_a_loop(
     assert "member 4: left out" in str(err.value) and "member 5: left out" in str(err.value)
     assert len(deals1) == 2
     assert all(_env(m).store.record(1, app_id) is None for m in nodes.values())
+
+
+@pytest.mark.parametrize("stale", [True, False])
+def test_a_coordinator_silent_after_t_minus_1_commits_leaves_a_stale_share_that_is_dropped(
+    world: World, members_3of5: dict[int, Member], stale: bool
+) -> None:
+    """R8-3: member 5 coordinates A among {1, 2, 3, 5}, commits on 1 and 2 only (t - 1), no confirm, then
+    errors on every PeerEnvDkg of this app. Once the tentative shares are older than the ceremony window
+    (their files' mtime set back 200 s), members 1 and 2 drop them (2 claimants + 1 silent < t: never
+    usable) and member 3's request makes the app's sharing among 1..4. While they are fresh, nothing is
+    dropped and the request is refused (a ceremony may still be under way)."""
+    nodes = members_3of5
+    app_id = world.register(compose_hash(dict(HELLO, name=f"r8-3-silent-{stale}")))
+    a = _partial_ceremony(nodes, app_id, [1, 2, 3, 5], [1, 2], [])
+    env5 = _env(nodes[5])
+    real = env5.stage
+
+    def silent(req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
+        if req.app_id == app_id.hex():
+            raise KmsUsageError("member 5: (silent for this app)")
+        return real(req)
+
+    env5.stage = silent  # type: ignore[method-assign]
+    if stale:
+        then = time.time() - 200
+        for i in (1, 2):
+            os.utime(_env(nodes[i]).store._path(1, app_id), (then, then))
+        key = nodes[3].service.env_encrypt_pubkey(app_id.hex()).public_key
+        for i in (1, 2, 3, 4):
+            share = _env(nodes[i]).store.get(1, app_id)
+            assert share is not None and tx.x25519_public_key(share.commitments).hex() == key
+            assert share.commitments != a
+    else:
+        with pytest.raises(KmsUsageError):
+            nodes[3].service.env_encrypt_pubkey(app_id.hex())
+        for i in (1, 2):
+            rec = _env(nodes[i]).store.record(1, app_id)
+            assert rec is not None and rec[1] is False and rec[0].commitments == a

@@ -253,6 +253,15 @@ class EnvKeyStore:
             self._cache[(epoch, app_id)] = (share, confirmed)
         return share, confirmed
 
+    def sealed_at(self, epoch: int, app_id: bytes) -> float:
+        """When the app's share file was last written (its mtime; 0.0 when there is none). The host can
+        change it: it decides only when a tentative share counts as stale (R8-3), never whether it may be
+        served."""
+        try:
+            return self._path(epoch, app_id).stat().st_mtime
+        except OSError:
+            return 0.0
+
     def get(self, epoch: int, app_id: bytes) -> tx.EnvKeyShare | None:
         """The app's CONFIRMED share (the only one anything is served from); None when there is none or
         it is still tentative."""
@@ -916,7 +925,8 @@ class EnvKeys:
                 if not a.tentative:
                     by_sharing.setdefault(cs, []).append(i)
         if rec is not None:  # this member's tentative share: promote, drop, or leave it (never serve it)
-            promoted = self._settle(epoch, app_id, rec[0], claims, by_sharing, len(answers))
+            silent = len(self.peers) - len(answers)  # members that did not answer this poll
+            promoted = self._settle(epoch, app_id, rec[0], claims, by_sharing, len(answers), silent)
             if promoted is not None:
                 return promoted
         usable = {c: hs for c, hs in by_sharing.items() if len(hs) >= self.t}
@@ -958,6 +968,7 @@ class EnvKeys:
         claims: Mapping[tuple[bytes, ...], list[int]],
         confirmed: Mapping[tuple[bytes, ...], list[int]],
         answered: int,
+        silent: int = 0,
     ) -> tx.EnvKeyShare | None:
         """This member's tentative share `mine`, settled from one poll of the other members (`answered` of
         them answered; `claims`: who says it sealed which commitments, `confirmed`: of those, who says
@@ -967,7 +978,13 @@ class EnvKeys:
         answered without claiming it (an orphan), or another sharing has t CONFIRMED claimants and this one
         fewer than t claimants (superseded). Else it stays tentative and KmsUsageError: nothing is served
         from it, the next need polls again. t − 1 liars can delay this (a tie), and can lift an orphan to
-        t claimants (docs/kms.md "Two-phase commit": what they can and cannot do)."""
+        t claimants (docs/kms.md "Two-phase commit": what they can and cannot do).
+
+        Also dropped (review 8, R8-3: a coordinator that committed on t − 1 members and went silent) when
+        it is STALE: sealed more than CEREMONY_WINDOW_S ago (no ceremony is still under way for it) and the
+        other members that may hold it (its claimants, in either state, plus the `silent` members that did
+        not answer the poll) are fewer than t: without this member no t members can ever confirm it, so
+        nothing is ever served from it."""
         own = mine.commitments
         count = {c: len(hs) + (1 if c == own else 0) for c, hs in claims.items()}
         count.setdefault(own, 1)
@@ -979,17 +996,22 @@ class EnvKeys:
         orphan = not_own >= self.n - self.t + 1
         ahead = [c for c, hs in confirmed.items() if c != own and len(hs) >= self.t]
         superseded = len(big) == 1 and big == ahead
-        if count[own] < self.t and (orphan or superseded):
+        stale = (
+            len(claims.get(own, [])) + silent < self.t
+            and self._clock() - self.store.sealed_at(epoch, app_id) > CEREMONY_WINDOW_S
+        )
+        if count[own] < self.t and (orphan or superseded or stale):
             self.store.drop_tentative(epoch, app_id, own)
             log.warning(
                 "env share of app %s: this member's tentative share (%s) dropped: %d holder(s) of %d needed, "
-                "%d members answered without it%s",
+                "%d members answered without it%s%s",
                 app_id.hex(),
                 own[0].hex()[:16],
                 count[own],
                 self.t,
                 not_own,
                 f"; members {confirmed[big[0]]} confirmed the app's sharing" if superseded else "",
+                f"; stale: older than {CEREMONY_WINDOW_S} s, {silent} member(s) silent" if stale else "",
             )
             return None
         what = {
