@@ -92,12 +92,6 @@ def test_a_dealer_that_claims_held_is_left_out_and_the_honest_quorum_gets_the_ke
     assert share is not None and tx.x25519_public_key(share.commitments).hex() == key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R8-1 open: a member that deals and then fails view/finish/sub-share aborts every ceremony; "
-    "the next one deals it in again, so no new app gets an env key",
-)
 @pytest.mark.parametrize("stage", ["view", "finish", "share"])
 def test_one_member_dealing_then_withholding_does_not_block_every_new_apps_env_key(
     world: World, members_3of5: dict[int, Member], stage: str
@@ -115,8 +109,9 @@ def test_one_member_dealing_then_withholding_does_not_block_every_new_apps_env_k
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="R8-3 open: t - 1 tentative holders and one silent member leave neither a provable orphan nor a "
-    "quorum of non-holders, so the app never gets an env key while 4 honest members (q) are up",
+    reason="R8-3 fixed only past the ceremony window (120 s; tests/kms/test_threshold_env_withholding.py "
+    "backdates the shares): within it t - 1 tentative holders and one silent member leave neither a provable "
+    "orphan nor a quorum of non-holders, so these immediate retries still get no key",
 )
 def test_a_coordinator_that_commits_on_t_minus_1_members_and_goes_silent_does_not_block_the_app_for_ever(
     world: World, members_3of5: dict[int, Member]

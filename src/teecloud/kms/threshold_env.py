@@ -47,6 +47,7 @@ import collections
 import hashlib
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -133,6 +134,22 @@ _Sealer = Callable[[bytes], bytes]
 
 class EnvKeyBusy(KmsUsageError):
     """Another ceremony for this app is under way (or the members' pools are contended): retry shortly."""
+
+
+class _Withheld(KmsUsageError):
+    """A ceremony's `view` or `finish` failed on `failed` (member -> why): the coordinator tries once more
+    without the member at fault (review 8, R8-1)."""
+
+    def __init__(self, stage: str, failed: Mapping[int, str]) -> None:
+        super().__init__(
+            f"env-key ceremony stage {stage} failed: "
+            + "; ".join(f"{i}: {r}" for i, r in sorted(failed.items()))
+        )
+        self.stage, self.failed = stage, dict(failed)
+
+
+# how a member's failed `finish` names the dealer whose sub-share it did not get (ThresholdEcdhError.party)
+_NAMED_DEALER = re.compile(r"the ceremony fails here: node (\d+): ")
 
 
 def legacy_digest(app_id: bytes, public_key: bytes) -> bytes:
@@ -235,6 +252,15 @@ class EnvKeyStore:
                 self._cache.clear()
             self._cache[(epoch, app_id)] = (share, confirmed)
         return share, confirmed
+
+    def sealed_at(self, epoch: int, app_id: bytes) -> float:
+        """When the app's share file was last written (its mtime; 0.0 when there is none). The host can
+        change it: it decides only when a tentative share counts as stale (R8-3), never whether it may be
+        served."""
+        try:
+            return self._path(epoch, app_id).stat().st_mtime
+        except OSError:
+            return 0.0
 
     def get(self, epoch: int, app_id: bytes) -> tx.EnvKeyShare | None:
         """The app's CONFIRMED share (the only one anything is served from); None when there is none or
@@ -711,12 +737,50 @@ class EnvKeys:
         commit; or its first need): promoted when t members hold those commitments, dropped when fewer than
         t can. A ceremony that meets tentative holders lets them settle first, then deals again once, so a
         coordinator that stopped between commits leaves nothing the next request does not finish."""
-        if not self._ceremony_once(epoch, app_id, settle=True):
-            self._ceremony_once(epoch, app_id, settle=False)
+        settle = True
+        left_out: dict[int, str] = {}  # member -> why it is not asked to deal in the next try
+        accused: dict[int, set[int]] = {}  # dealer -> the members that named it in a failed finish
+        for _ in range(self.n + 1):  # each withheld try leaves out one more member (or refuses): bounded
+            try:
+                if self._ceremony_once(epoch, app_id, settle=settle, left_out=left_out):
+                    return
+                settle = False
+            except _Withheld as exc:
+                self._leave_out(exc, left_out, accused)
+                log.warning(
+                    "env key of app %s: %s; trying again at once without members %s",
+                    app_id.hex(),
+                    exc,
+                    sorted(left_out),
+                )
+        raise EnvKeyBusy(f"no env-key ceremony completed (retry shortly); left out: {left_out}")
 
-    def _ceremony_once(self, epoch: int, app_id: bytes, *, settle: bool) -> bool:
-        """One try of `_ceremony_run`; False when it stopped to let tentative holders settle first."""
-        members = list(range(1, self.n + 1))
+    def _leave_out(self, exc: _Withheld, left_out: dict[int, str], accused: dict[int, set[int]]) -> None:
+        """Who a failed `view`/`finish` leaves out of the next try (review 8, R8-1): the member that failed
+        its own stage, or the dealer a finishing member names for a sub-share it did not get. A member that
+        names this node (which served it) or names a dealer a second time is left out itself, and the
+        dealers only it named are dealt in again: a false accuser costs a round or two, never the app's
+        key. Availability only: who deals never weakens the view rule (every member refuses a view of
+        fewer than ceremony_quorum dealers), so a quorum still meets every t members."""
+        for i, reason in sorted(exc.failed.items()):
+            m = _NAMED_DEALER.search(reason) if exc.stage == "finish" else None
+            named = int(m.group(1)) if m else None
+            accuser = any(i in who for who in accused.values())
+            if i == self.index and named in (None, self.index):
+                raise KmsUsageError(f"this member failed its own env-key ceremony stage: {exc}") from exc
+            if named is None or named in (i, self.index) or named not in range(1, self.n + 1) or accuser:
+                left_out[i] = f"failed its {exc.stage} ({reason[:120]})"
+                for d in [d for d, who in accused.items() if who == {i}]:
+                    left_out.pop(d, None)
+                    del accused[d]
+            else:
+                accused.setdefault(named, set()).add(i)
+                left_out[named] = f"withheld its sub-share from member {i} ({reason[:120]})"
+
+    def _ceremony_once(self, epoch: int, app_id: bytes, *, settle: bool, left_out: Mapping[int, str]) -> bool:
+        """One try of `_ceremony_run` among the members not `left_out`; False when it stopped to let
+        tentative holders settle first; _Withheld when `view` or `finish` failed on some member."""
+        members = [i for i in range(1, self.n + 1) if i not in left_out]
         base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": epoch, "app_id": app_id.hex()}
         dealt: list[int] = members
         try:
@@ -748,6 +812,7 @@ class EnvKeys:
             if len(dealt) < quorum or self.index not in dealt:
                 why = "; ".join(
                     [f"member {i}: {r}" for i, r in sorted(down.items())]
+                    + [f"member {i}: left out, {r}" for i, r in sorted(left_out.items())]
                     + [f"member {i}: claims `held`, left out" for i in sorted(claims)]
                 )
                 raise EnvKeyBusy(
@@ -782,11 +847,15 @@ class EnvKeys:
         self, base: dict[str, object], deals: Mapping[int, api.PeerEnvDkgResponse], members: list[int]
     ) -> None:
         view = {str(i): deals[i].commitments for i in members}
-        hashes = self._all({**base, "stage": "view", "view": view}, members)
+        hashes, failed = self._each({**base, "stage": "view", "view": view}, members)
+        if failed:  # a member that refuses the view (R8-1): the next try leaves it out
+            raise _Withheld("view", failed)
         if len({a.view_hash for a in hashes.values()}) != 1:
             raise KmsUsageError("the members hashed different views")
         peers = {str(i): u for i, u in self.peers.items()}
-        finished = self._all({**base, "stage": "finish", "peers": peers}, members)
+        finished, failed = self._each({**base, "stage": "finish", "peers": peers}, members)
+        if failed:  # a failed finish, or a dealer that withheld a sub-share (R8-1): left out next try
+            raise _Withheld("finish", failed)
         results = {i: tuple(a.commitments) for i, a in finished.items()}
         agreed = results[self.index]
         off = sorted(i for i, c in results.items() if c != agreed)
@@ -856,7 +925,8 @@ class EnvKeys:
                 if not a.tentative:
                     by_sharing.setdefault(cs, []).append(i)
         if rec is not None:  # this member's tentative share: promote, drop, or leave it (never serve it)
-            promoted = self._settle(epoch, app_id, rec[0], claims, by_sharing, len(answers))
+            silent = len(self.peers) - len(answers)  # members that did not answer this poll
+            promoted = self._settle(epoch, app_id, rec[0], claims, by_sharing, len(answers), silent)
             if promoted is not None:
                 return promoted
         usable = {c: hs for c, hs in by_sharing.items() if len(hs) >= self.t}
@@ -898,6 +968,7 @@ class EnvKeys:
         claims: Mapping[tuple[bytes, ...], list[int]],
         confirmed: Mapping[tuple[bytes, ...], list[int]],
         answered: int,
+        silent: int = 0,
     ) -> tx.EnvKeyShare | None:
         """This member's tentative share `mine`, settled from one poll of the other members (`answered` of
         them answered; `claims`: who says it sealed which commitments, `confirmed`: of those, who says
@@ -907,7 +978,13 @@ class EnvKeys:
         answered without claiming it (an orphan), or another sharing has t CONFIRMED claimants and this one
         fewer than t claimants (superseded). Else it stays tentative and KmsUsageError: nothing is served
         from it, the next need polls again. t − 1 liars can delay this (a tie), and can lift an orphan to
-        t claimants (docs/kms.md "Two-phase commit": what they can and cannot do)."""
+        t claimants (docs/kms.md "Two-phase commit": what they can and cannot do).
+
+        Also dropped (review 8, R8-3: a coordinator that committed on t − 1 members and went silent) when
+        it is STALE: sealed more than CEREMONY_WINDOW_S ago (no ceremony is still under way for it) and the
+        other members that may hold it (its claimants, in either state, plus the `silent` members that did
+        not answer the poll) are fewer than t: without this member no t members can ever confirm it, so
+        nothing is ever served from it."""
         own = mine.commitments
         count = {c: len(hs) + (1 if c == own else 0) for c, hs in claims.items()}
         count.setdefault(own, 1)
@@ -919,17 +996,22 @@ class EnvKeys:
         orphan = not_own >= self.n - self.t + 1
         ahead = [c for c, hs in confirmed.items() if c != own and len(hs) >= self.t]
         superseded = len(big) == 1 and big == ahead
-        if count[own] < self.t and (orphan or superseded):
+        stale = (
+            len(claims.get(own, [])) + silent < self.t
+            and self._clock() - self.store.sealed_at(epoch, app_id) > CEREMONY_WINDOW_S
+        )
+        if count[own] < self.t and (orphan or superseded or stale):
             self.store.drop_tentative(epoch, app_id, own)
             log.warning(
                 "env share of app %s: this member's tentative share (%s) dropped: %d holder(s) of %d needed, "
-                "%d members answered without it%s",
+                "%d members answered without it%s%s",
                 app_id.hex(),
                 own[0].hex()[:16],
                 count[own],
                 self.t,
                 not_own,
                 f"; members {confirmed[big[0]]} confirmed the app's sharing" if superseded else "",
+                f"; stale: older than {CEREMONY_WINDOW_S} s, {silent} member(s) silent" if stale else "",
             )
             return None
         what = {
