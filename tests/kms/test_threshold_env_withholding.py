@@ -148,3 +148,33 @@ def test_a_coordinator_silent_after_t_minus_1_commits_leaves_a_stale_share_that_
         for i in (1, 2):
             rec = _env(nodes[i]).store.record(1, app_id)
             assert rec is not None and rec[1] is False and rec[0].commitments == a
+
+
+def test_a_withholder_naming_an_honest_member_back_in_the_same_round_is_the_one_left_out() -> None:
+    """Seen in CI (order-dependent before the fix): member 4's finish names dealer 5 (it withheld), and the
+    withholder's own failed finish names honest member 3 in the same round; member 3 was left out beside
+    5, leaving 3 of the 4 members a ceremony needs. Now an accusation by a member that a member nobody
+    names accuses in the same round does not count."""
+    from types import SimpleNamespace
+
+    from teecloud.kms.threshold_env import EnvKeys, _Withheld
+
+    def reason(member: int, dealer: int) -> str:
+        return f"member {member}: the ceremony fails here: node {dealer}: no sub-share"
+
+    coordinator = SimpleNamespace(index=1, n=5)
+    for failed in (
+        {4: reason(4, 5), 5: reason(5, 3)},
+        {5: reason(5, 3), 4: reason(4, 5)},
+        {2: reason(2, 5), 4: reason(4, 5), 5: reason(5, 4)},
+    ):
+        left_out: dict[int, str] = {}
+        EnvKeys._leave_out(coordinator, _Withheld("finish", failed), left_out, {})  # type: ignore[arg-type]
+        assert set(left_out) == {5}, (failed, left_out)
+    # a lone accusation still leaves the named dealer out; naming oneself leaves the accuser out
+    left_out = {}
+    EnvKeys._leave_out(coordinator, _Withheld("finish", {4: reason(4, 2)}), left_out, {})  # type: ignore[arg-type]
+    assert set(left_out) == {2}
+    left_out = {}
+    EnvKeys._leave_out(coordinator, _Withheld("finish", {4: reason(4, 4)}), left_out, {})  # type: ignore[arg-type]
+    assert set(left_out) == {4}

@@ -762,9 +762,18 @@ class EnvKeys:
         dealers only it named are dealt in again: a false accuser costs a round or two, never the app's
         key. Availability only: who deals never weakens the view rule (every member refuses a view of
         fewer than ceremony_quorum dealers), so a quorum still meets every t members."""
-        for i, reason in sorted(exc.failed.items()):
+        names: dict[int, int | None] = {}
+        for i, reason in exc.failed.items():
             m = _NAMED_DEALER.search(reason) if exc.stage == "finish" else None
-            named = int(m.group(1)) if m else None
+            names[i] = int(m.group(1)) if m else None
+        # a member named in this round by a member nobody names: its own accusation does not count (the
+        # withholder naming an honest member back; it is left out by the other's accusation)
+        named_now = {n for n in names.values() if n is not None}
+        named_by_clean = {n for i, n in names.items() if n is not None and i not in named_now}
+        for i, reason in sorted(exc.failed.items()):
+            named = names[i]
+            if named is not None and i in named_by_clean:
+                continue
             accuser = any(i in who for who in accused.values())
             if i == self.index and named in (None, self.index):
                 raise KmsUsageError(f"this member failed its own env-key ceremony stage: {exc}") from exc
