@@ -10,13 +10,12 @@ which this backend does not drive.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from teecloud.attestation.models import EventLogEntry
 from teecloud.tee.configfs import DEFAULT_TSM_REPORT_ROOT, TsmFs, TsmReport
 from teecloud.tee.errors import QuoteGenerationError, TeeUnavailable
 from teecloud.tee.simulated import _check_report_data
-from teecloud.tee.sysconfig import DEFAULT_SYS_CONFIG, read_sys_config
+from teecloud.tee.sysconfig import DEFAULT_SYS_CONFIG, HostToldIdentity
 
 __all__ = ["SNP_REPORT_LEN", "SevSnpPlatform"]
 
@@ -26,7 +25,7 @@ _REPORT_DATA_AT = 0x50
 _MEASUREMENT_AT = 0x90
 
 
-class SevSnpPlatform:
+class SevSnpPlatform(HostToldIdentity):
     """An SEV-SNP guest (implements `teecloud.tee.base.TeePlatform` as far as SNP can)."""
 
     def __init__(
@@ -43,21 +42,6 @@ class SevSnpPlatform:
     @property
     def kind(self) -> str:
         return "sev_snp"
-
-    # -- identity the host tells the guest (dstack's host-shared .sys-config.json; teecloud.tee.sysconfig)
-
-    @property
-    def os_image_hash(self) -> bytes:
-        config = read_sys_config(self.sys_config_path)
-        return config.os_image_hash if config is not None else b""
-
-    @property
-    def device_id(self) -> bytes:
-        return b""
-
-    def vm_config(self) -> dict[str, Any]:
-        config = read_sys_config(self.sys_config_path)
-        return dict(config.vm_config) if config is not None else {}
 
     def sealing_secret(self) -> bytes:
         # SNP can derive one (MSG_KEY_REQ through /dev/sev-guest, bound to the launch measurement); teecloud

@@ -137,3 +137,24 @@ def read_sys_config(path: Path) -> SysConfig | None:
     except OSError as exc:
         raise SysConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     return parse_sys_config(data)
+
+
+class HostToldIdentity:
+    """What a guest TEE platform reports about its own image and VM shape: the host's word, read from dstack's
+    host-shared `.sys-config.json` at `sys_config_path` (the verifier recomputes and checks both against the
+    quote; nothing here is trusted). One reader for `tee/tdx.py` and `tee/sev_snp.py`."""
+
+    sys_config_path: Path
+
+    @property
+    def os_image_hash(self) -> bytes:
+        config = read_sys_config(self.sys_config_path)
+        return config.os_image_hash if config is not None else b""
+
+    @property
+    def device_id(self) -> bytes:
+        return b""
+
+    def vm_config(self) -> dict[str, Any]:
+        config = read_sys_config(self.sys_config_path)
+        return dict(config.vm_config) if config is not None else {}

@@ -24,14 +24,13 @@ import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from teecloud.attestation.models import EventLogEntry
 from teecloud.tee._ccel import parse_ccel
 from teecloud.tee.configfs import DEFAULT_TSM_REPORT_ROOT, TsmFs, TsmReport
 from teecloud.tee.errors import QuoteGenerationError, TeeError, TeeUnavailable, TeeUsageError
 from teecloud.tee.simulated import RUNTIME_EVENT_TYPE, _check_event, _check_report_data, runtime_event_digest
-from teecloud.tee.sysconfig import DEFAULT_SYS_CONFIG, read_sys_config
+from teecloud.tee.sysconfig import DEFAULT_SYS_CONFIG, HostToldIdentity
 
 __all__ = ["TdxPlatform", "td_report_fields_from_quote"]
 
@@ -114,7 +113,7 @@ def qgs_get_quote(td_report: bytes, connect: Callable[[], socket.socket] = _vsoc
     return resp[start : start + quote_size]
 
 
-class TdxPlatform:
+class TdxPlatform(HostToldIdentity):
     """A TDX guest (implements `teecloud.tee.base.TeePlatform`). Paths are parameters so tests can point
     them at a fake tree."""
 
@@ -142,21 +141,6 @@ class TdxPlatform:
     @property
     def kind(self) -> str:
         return "tdx"
-
-    # -- identity the host tells the guest (dstack's host-shared .sys-config.json; teecloud.tee.sysconfig)
-
-    @property
-    def os_image_hash(self) -> bytes:
-        config = read_sys_config(self.sys_config_path)
-        return config.os_image_hash if config is not None else b""
-
-    @property
-    def device_id(self) -> bytes:
-        return b""
-
-    def vm_config(self) -> dict[str, Any]:
-        config = read_sys_config(self.sys_config_path)
-        return dict(config.vm_config) if config is not None else {}
 
     def sealing_secret(self) -> bytes:
         raise TeeUnavailable(
