@@ -112,6 +112,21 @@ def test_a_mutual_accusation_leaves_a_quorum_or_only_one_of_the_two_out(coordina
         assert N - len(left_out) >= ceremony_quorum(T, N), (victim, left_out)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="R9-1 open: at 3-of-7 (q = 5) two colluders (t - 1) each naming its one victim leave four out",
+)
+def test_two_colluders_at_3_of_7_cannot_leave_fewer_than_q_by_naming_their_victims() -> None:
+    """3-of-7, q = 5: two colluders (6, 7) could not block by refusing to deal (five honest members are a
+    quorum). Each withholds its sub-share from one honest member (1, 2) and names it: four members are left
+    out, three remain. Safe: the next try still has q dealers."""
+    left_out: dict[int, str] = {}
+    failed = {1: _honest(1, 6), 6: _honest(6, 1), 2: _honest(2, 7), 7: _honest(7, 2)}
+    EnvKeys._leave_out(SimpleNamespace(index=4, n=7), _Withheld("finish", failed), left_out, {})  # type: ignore[arg-type]
+    assert 7 - len(left_out) >= ceremony_quorum(3, 7), left_out
+
+
 def _key_after_retries(m: Member, app_id: bytes, tries: int = 6) -> tuple[str | None, str]:
     last = ""
     for _ in range(tries):
