@@ -5,8 +5,11 @@ app's `s` (passthrough) name; all on 127.0.0.1, baselines in the same run.
     s name          <app_id>-8443s.<base>: SNI found in passthrough.map, HAProxy alone
     custom, pinned  app.example.test after its first connection: the gateway's tick (<= 1 s) put it in
                     passthrough.map until its TXT TTL ends, so HAProxy routes it alone
-    custom, cold    <n>.wild.test, each name new: the hook, then two DNS questions (the exact name, then the
-                    `-wildcard` record) to a local dnslib server
+    custom, cold    <n>.wild.test, each name new: the hook, then three DNS questions to a local dnslib
+                    server (the exact name under the current prefix `_dstack-app-address`, then under the
+                    legacy `_tapp-address`, then the parent's `-wildcard` record, which answers)
+    cold, no legacy the same with the legacy question off (`CustomDomains(legacy=False)`: two questions),
+                    what the third question costs
 
 Each connection: TCP connect, TLS 1.3 handshake verifying the app's own certificate (so the connection
 reached the app), close; sequential, one Python client (so the client's own cost is in every figure, equally).
@@ -103,9 +106,16 @@ def main() -> None:
             one(gw.public_port, "app.example.test", ctx)  # resolved, then pinned at the next tick
             time.sleep(1.2)
             run("custom domain, pinned in passthrough.map", gw.public_port, ["app.example.test"] * count, ctx)
-            cold = [f"n{i}.wild.test" for i in range(min(count, 200))]
-            run("custom domain, each name new (2 DNS questions)", gw.public_port, cold, ctx)
-            print(f"DNS questions asked: {custom.queries}")
+            n_cold = min(count, 200)
+            for legacy in (True, False):
+                custom.legacy = legacy  # read per lookup; only new names below, so no cached answer applies
+                asked = custom.queries
+                cold = [f"{'n' if legacy else 'm'}{i}.wild.test" for i in range(n_cold)]
+                label = (
+                    "3 DNS questions: current, legacy, wildcard" if legacy else "legacy off: 2 DNS questions"
+                )
+                run(f"custom domain, each name new ({label})", gw.public_port, cold, ctx)
+                print(f"  DNS questions asked: {custom.queries - asked} for {n_cold} new names")
         finally:
             gw.stop()
             dns.stop()

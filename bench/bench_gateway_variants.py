@@ -15,6 +15,19 @@ rounds (docs/benchmarks.md, "Gateway — variants"): is there a configuration th
     no-hop+no-cache   and no TLS session cache (tune.ssl.cachesize 0; with tickets off as well, as in the
                 nginx baselines, which keep no session cache either: no resumption)
 
+Levers for the hop itself (passthrough on, each judged against `base` with `--against base`):
+
+    tcp-hop     the hop over a loopback TCP port instead of the abstract socket (kernel splicing needs TCP
+                sockets on both sides of fe_sni)
+    tcp-hop+splice-auto       option splice-auto in fe_sni and be_terminate (HAProxy decides per direction)
+    tcp-hop+splice            option splice-request + splice-response there (always splice)
+    tcp-hop+splice+pipesize   that with tune.pipesize 262144 (the kernel's default pipe is 64 KiB)
+    tcp-hop+smart             option tcp-smart-accept (fe_sni) + tcp-smart-connect (be_terminate)
+    tcp-hop+tfo               TCP fast open on the hop's server line
+    nbthread1   nbthread 1 instead of HAProxy's default (one thread per core: 2 here, beside wrk's 2)
+    inspect-delay-1s          tcp-request inspect-delay 1s instead of 5s in fe_sni
+    no-proxy    the hop without PROXY v2 (the TLS frontend then loses the client's address: measured only)
+
 Baselines in every round: direct TLS (nginx serving the answer), nginx terminating TLS for the route name
 (`same SNI routing`) and nginx built like the gateway (stream ssl_preread + unix socket with PROXY protocol
 to a TLS server: `same split`). wrk: 2 threads, 64 keep-alive connections, TLS 1.3; memory per idle TLS
@@ -35,6 +48,12 @@ Over the pairs: the geometric mean of the req/s ratios and of the p99 ratios wit
 (Student's t on the log ratios), and the verdict per goal: met (the whole interval on the good side of 1.0),
 not met (the whole interval on the bad side) or undecidable on this machine (the interval contains 1.0).
 Bounded: at most `--pairs` pairs and `--budget-s` seconds (what is done by then is reported).
+`--against` names the baselines (default nginx; also nginx-split, direct or a variant such as base), every
+candidate paired with every baseline; `--close` judges new TLS connections/s (wrk with Connection: close,
+a full handshake per request) instead of keep-alive requests:
+
+    python3 bench/bench_gateway_variants.py --verdict tcp-hop,tcp-hop+splice --against base --pairs 25
+    python3 bench/bench_gateway_variants.py --verdict base,nginx-split --against nginx,nginx-split
 """
 
 from __future__ import annotations
@@ -95,7 +114,50 @@ VARIANTS: dict[str, Callable[[str, str], str]] = {
     # polling (2.6, experimental: fewer epoll_ctl calls per event)
     "no-hop+low-latency": _global("    tune.sched.low-latency on"),
     "no-hop+edge-triggered": _global("    expose-experimental-directives\n    tune.fd.edge-triggered on"),
+    # levers for the hop itself (passthrough on), each against `base` (round 9): `tcp-hop*` put the hop on a
+    # loopback TCP port instead of the abstract socket (HOP below), which kernel splicing needs on both sides
+    "tcp-hop": lambda cfg, _port: cfg,
+    "tcp-hop+splice-auto": lambda cfg, _port: _hop_option(cfg, "option splice-auto"),
+    "tcp-hop+splice": lambda cfg, _port: _hop_option(cfg, "option splice-request", "option splice-response"),
+    "tcp-hop+splice+pipesize": lambda cfg, port: _global("    tune.pipesize 262144")(
+        VARIANTS["tcp-hop+splice"](cfg, port), port
+    ),
+    "tcp-hop+smart": lambda cfg, _port: _hop_option(
+        cfg, "option tcp-smart-accept", "option tcp-smart-connect"
+    ),
+    "tcp-hop+tfo": lambda cfg, _port: _sub(
+        cfg, _HOP_SERVER_END, " send-proxy-v2 tfo\n\nfrontend fe_terminate"
+    ),
+    "nbthread1": _global("    nbthread 1"),
+    "inspect-delay-1s": lambda cfg, _port: _sub(cfg, "inspect-delay 5s", "inspect-delay 1s"),
+    # the hop without PROXY v2 (the TLS frontend then sees the hop's address, not the client's: measured only)
+    "no-proxy": lambda cfg, _port: _sub(
+        _sub(cfg, " accept-proxy ssl", " ssl"), _HOP_SERVER_END, "\n\nfrontend fe_terminate"
+    ),
 }
+_HOP_SERVER_END = " send-proxy-v2\n\nfrontend fe_terminate"  # the end of be_terminate's server line
+
+
+def _sub(cfg: str, old: str, new: str) -> str:
+    if old not in cfg:
+        raise SystemExit(f"{old!r} is not in the rendered configuration")
+    return cfg.replace(old, new, 1)
+
+
+# the hop's address per variant (default: an abstract unix socket per instance, as the driver renders it)
+HOP_TCP = ("tcp-hop",)
+
+
+def _hop_option(cfg: str, *options: str) -> str:
+    """`options` in the ClientHello reader (fe_sni) and the hop's backend (be_terminate), both TCP mode."""
+    extra = "".join(f"    {o}\n" for o in options)
+    for section in ("frontend fe_sni\n    mode tcp\n", "backend be_terminate\n    mode tcp\n"):
+        if section not in cfg:
+            raise SystemExit(f"no {section.splitlines()[0]!r} in the rendered configuration")
+        cfg = cfg.replace(section, section + extra, 1)
+    return cfg
+
+
 # command-line flags per variant: Debian builds HAProxy with DEBUG_MEMORY_POOLS, which tags every pool object
 # (8 bytes after it, to catch frees into the wrong pool); -dMno-tag turns that off
 ARGS: dict[str, list[str]] = {"no-hop+no-cache+no-tag": ["-dMno-tag"], "no-hop+tickets+no-tag": ["-dMno-tag"]}
@@ -139,34 +201,47 @@ def judge(low: float, high: float, *, higher_is_better: bool) -> str:
     return "met" if good else "not met" if bad else "undecidable"
 
 
+# short names of the baselines for --verdict / --against
+BASELINES = {"nginx": "nginx same SNI routing", "nginx-split": "nginx same split", "direct": "direct"}
+
+
 def verdict(
-    targets: dict[str, tuple[int, int]], candidates: list[str], pairs: int, seconds: int, budget_s: float
+    targets: dict[str, tuple[int, int]],
+    candidates: list[str],
+    pairs: int,
+    seconds: int,
+    budget_s: float,
+    bases: tuple[str, ...] = ("nginx same SNI routing",),
+    wrk_extra: tuple[str, ...] = (),
 ) -> None:
-    """The goal's statistical verdict (module docstring): paired nginx / candidate runs, interleaved."""
-    base = "nginx same SNI routing"
+    """The goal's statistical verdict (module docstring): paired base / candidate runs, interleaved, for
+    every candidate against every base."""
     port_of = {n.removeprefix("haproxy "): port for n, (port, _pid) in targets.items()}
-    got: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {c: [] for c in candidates}
+    combos = [(c, b) for b in bases for c in candidates if c != b]
+    got: dict[tuple[str, str], list[tuple[dict[str, float], dict[str, float]]]] = {cb: [] for cb in combos}
     deadline = time.monotonic() + budget_s
+    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     for i in range(pairs):
-        if time.monotonic() + 2 * seconds * len(candidates) > deadline:
+        if time.monotonic() + 2 * seconds * len(combos) > deadline:
             print(f"budget of {budget_s:.0f} s reached after {i} pairs", flush=True)
             break
-        for k, c in enumerate(candidates):
+        for k, (c, base) in enumerate(combos):
             order = [base, c] if (i + k) % 2 == 0 else [c, base]
-            res = {n: bg.wrk(f"https://{bg.HOST}:{port_of[n]}/", seconds) for n in order}
-            got[c].append((res[c], res[base]))
+            res = {n: bg.wrk(f"https://{bg.HOST}:{port_of[n]}/", seconds, *wrk_extra) for n in order}
+            got[(c, base)].append((res[c], res[base]))
             print(
-                f"pair {i + 1} {c}: {res[c]['rps']:.0f} vs nginx {res[base]['rps']:.0f} req/s "
+                f"pair {i + 1} {c}: {res[c]['rps']:.0f} vs {base} {res[base]['rps']:.0f} req/s "
                 f"({res[c]['rps'] / max(res[base]['rps'], 1):.2f}x), p99 {res[c]['p99']:.2f} vs "
                 f"{res[base]['p99']:.2f} ms",
                 flush=True,
             )
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(
-        "\n| candidate | pairs | req/s / nginx (geo. mean) | 95 % CI | req/s goal | p99 / nginx | 95 % CI "
-        "| p99 goal | pairs won | errors | verdict |"
+        "\n| candidate | against | pairs | req/s ratio (geo. mean) | 95 % CI | req/s | p99 ratio | 95 % CI "
+        "| p99 | pairs won | errors | verdict |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for c, rs in got.items():
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (c, base), rs in got.items():
         rps = paired_ratio([a["rps"] / b["rps"] for a, b in rs if b["rps"] > 0])
         p99 = paired_ratio([a["p99"] / b["p99"] for a, b in rs if b["p99"] > 0 and a["p99"] > 0])
         v_rps = judge(rps[1], rps[2], higher_is_better=True)
@@ -179,9 +254,9 @@ def verdict(
             else "undecidable on this machine"
         )
         won = sum(1 for a, b in rs if a["rps"] > b["rps"])
-        errors = sum(a["errors"] for a, _b in rs)
+        errors = sum(a["errors"] + b["errors"] for a, b in rs)
         print(
-            f"| {c} | {len(rs)} | {rps[0]:.3f} | {rps[1]:.3f}–{rps[2]:.3f} | {v_rps} | {p99[0]:.3f} "
+            f"| {c} | {base} | {len(rs)} | {rps[0]:.3f} | {rps[1]:.3f}–{rps[2]:.3f} | {v_rps} | {p99[0]:.3f} "
             f"| {p99[1]:.3f}–{p99[2]:.3f} | {v_p99} | {won}/{len(rs)} | {errors:.0f} | {overall} |"
         )
 
@@ -197,7 +272,13 @@ class Haproxy:
         cfg = base_cfg
         cfg = cfg.replace(paths.admin_socket, str(self.dir / "admin.sock"))
         cfg = cfg.replace(paths.metrics_socket, str(self.dir / "metrics.sock"))
-        hop = f"unix@{self.dir}/term.sock" if name == "unix-path" else f"abns@teecloud-bench-{name}-{port}"
+        hop = (
+            f"unix@{self.dir}/term.sock"
+            if name == "unix-path"
+            else f"127.0.0.1:{bg.free_port()}"
+            if name.startswith(HOP_TCP)
+            else f"abns@teecloud-bench-{name}-{port}"
+        )
         cfg = cfg.replace(f"abns@{paths.terminate_socket}", hop)
         cfg = cfg.replace(f"bind 127.0.0.1:{driver.port}", f"bind 127.0.0.1:{port}")
         cfg = VARIANTS[name](cfg, f"127.0.0.1:{port}")
@@ -231,9 +312,19 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--pair-seconds", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=900.0)
+    ap.add_argument(
+        "--close", action="store_true", help="verdict on new TLS connections/s (Connection: close) instead"
+    )
+    ap.add_argument(
+        "--against",
+        default="nginx",
+        help="the verdict's baselines, comma-separated: nginx, nginx-split, direct or variants",
+    )
     args = ap.parse_args()
-    candidates = [c for c in args.verdict.split(",") if c]
-    names = candidates or args.variants.split(",")
+    candidates = [BASELINES.get(c, c) for c in args.verdict.split(",") if c]
+    against = tuple(BASELINES.get(b, b) for b in args.against.split(",") if b)
+    names = [n for n in [*candidates, *against] if n not in BASELINES.values()] if candidates else []
+    names = list(dict.fromkeys(names or args.variants.split(",")))
     for n in names:
         if n not in VARIANTS:
             raise SystemExit(f"unknown variant {n!r}: one of {', '.join(VARIANTS)}")
@@ -306,7 +397,15 @@ def main() -> None:
             **{f"haproxy {n}": (h.port, h.proc.pid) for n, h in haproxies.items()},
         }
         if candidates:
-            verdict(targets, candidates, args.pairs, args.pair_seconds, args.budget_s)
+            verdict(
+                targets,
+                candidates,
+                args.pairs,
+                args.pair_seconds,
+                args.budget_s,
+                against,
+                ("-H", "Connection: close") if args.close else (),
+            )
             return
         # memory first, on fresh processes (bench_gateway explains why)
         mem = {
