@@ -220,6 +220,23 @@ def ca_material() -> CaMaterial:
     return CaMaterial(list(keys), batches, root)
 
 
+@dataclass(frozen=True)
+class SigningMaterial:
+    """A group secp256k1 signing key dealt in this process (dev) and eight presignatures per holder."""
+
+    keys: list[Any]  # te.KeyShare, one per holder
+    presigs: list[dict[int, Any]]  # te.presign_local batches: holder -> te.Presignature
+
+
+@pytest.fixture(scope="session")
+def signing_material() -> SigningMaterial:
+    """Dealt once per session, like ca_material: each test's own nodes get these values in their own pools."""
+    from teecloud.keys import threshold_ecdsa as te
+
+    keys = te.dkg_local(3, 5)
+    return SigningMaterial(list(keys), [te.presign_local(keys, [1, 2, 3, 4, 5]) for _ in range(8)])
+
+
 def denied_record(kms: Kms) -> AuditRecord:
     recs = kms.audit.read()
     assert recs, "nothing was audited"
