@@ -190,6 +190,53 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     chain.close()
 
 
+@dataclass(frozen=True)
+class CaMaterial:
+    """A group P-256 CA key dealt in this process (dev: the networked rounds are test_threshold_net_ca), six
+    presignatures for each of the five holders, and the group root CA signed by holders 1-3."""
+
+    keys: list[Any]  # te.KeyShare, one per holder
+    presigs: list[dict[int, Any]]  # te.presign_local batches: holder -> te.Presignature
+    root: x509.Certificate
+
+
+@pytest.fixture(scope="session")
+def ca_material() -> CaMaterial:
+    """Dealt once per session (each presign_local batch is ~1.7 s of elliptic-curve work): the fixtures that
+    use it start fresh nodes, homes and pools every test and install these values into them; a presignature
+    is an immutable value, spent only in the pool of the test's own node."""
+    from teecloud.keys import threshold_certs as tc
+    from teecloud.keys import threshold_ecdsa as te
+
+    t, n = 3, 5
+    keys = te.dkg_local(t, n, group=te.P256)
+    batches = [te.presign_local(keys, list(range(1, n + 1))) for _ in range(6)]
+    gpk = keys[0].group_public_key
+    to_sign = tc.root_ca_to_sign(gpk, not_before=int(time.time()) - 60)
+    presigs = te.presign_local(keys, list(range(1, n + 1)))
+    root = tc.assemble_certificate(
+        to_sign, te.sign_local(presigs, [1, 2, 3], to_sign.digest), tc.group_ca_public_key(gpk)
+    )
+    return CaMaterial(list(keys), batches, root)
+
+
+@dataclass(frozen=True)
+class SigningMaterial:
+    """A group secp256k1 signing key dealt in this process (dev) and eight presignatures per holder."""
+
+    keys: list[Any]  # te.KeyShare, one per holder
+    presigs: list[dict[int, Any]]  # te.presign_local batches: holder -> te.Presignature
+
+
+@pytest.fixture(scope="session")
+def signing_material() -> SigningMaterial:
+    """Dealt once per session, like ca_material: each test's own nodes get these values in their own pools."""
+    from teecloud.keys import threshold_ecdsa as te
+
+    keys = te.dkg_local(3, 5)
+    return SigningMaterial(list(keys), [te.presign_local(keys, [1, 2, 3, 4, 5]) for _ in range(8)])
+
+
 def denied_record(kms: Kms) -> AuditRecord:
     recs = kms.audit.read()
     assert recs, "nothing was audited"

@@ -18,7 +18,6 @@ from cryptography import x509
 
 from teecloud.agent import api as agent_api
 from teecloud.agent.service import AgentService
-from teecloud.keys import threshold_certs as tc
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.certs import cert_to_pem, verify_cert_chain
 from teecloud.kms import api
@@ -33,7 +32,7 @@ from teecloud.kms.threshold_sign import (
     save_signing_share,
 )
 from teecloud.tee.simulated import SimulatedTdx
-from tests.kms.conftest import World, assert_nothing_released, post_with_cert, stop_servers
+from tests.kms.conftest import CaMaterial, World, assert_nothing_released, post_with_cert, stop_servers
 from tests.kms.test_quote_oracle import GetQuoteOracle, attacker_cert
 from tests.kms.test_threshold_nodes import Cluster, N, T, boot_hello, start_node
 
@@ -47,11 +46,11 @@ def _ca(node: object) -> ThresholdSigner:
 
 
 @pytest.fixture
-def cluster(teecloud_home: Path, world: World) -> Iterator[Cluster]:
+def cluster(teecloud_home: Path, world: World, ca_material: CaMaterial) -> Iterator[Cluster]:
     shares = local_joint_feldman(T, N, epoch=1)
-    ca_keys = te.dkg_local(
-        T, N, group=te.P256
-    )  # dev: one process deals (the networked rounds: test_threshold_net_ca)
+    # the group CA key, its presignatures and root: dealt once per session (dev: one process deals; the
+    # networked rounds: test_threshold_net_ca); the nodes, homes, sealed shares and pools are this test's
+    ca_keys = ca_material.keys
     nodes = {}
     try:
         for s in shares:
@@ -62,15 +61,10 @@ def cluster(teecloud_home: Path, world: World) -> Iterator[Cluster]:
             save_signing_share(ca_keys[s.index - 1], tee, identity, home, file=CA_SHARE_FILE)
             node.kms.service.ca_signer = open_ca_signer(tee, identity, home)
             nodes[s.index] = node
-        for _ in range(6):
-            for i, p in te.presign_local(ca_keys, list(range(1, N + 1))).items():
+        for batch in ca_material.presigs:
+            for i, p in batch.items():
                 _ca(nodes[i]).pool.add([p])
-        gpk = ca_keys[0].group_public_key
-        to_sign = tc.root_ca_to_sign(gpk, not_before=int(time.time()) - 60)
-        presigs = te.presign_local(ca_keys, list(range(1, N + 1)))
-        root = tc.assemble_certificate(
-            to_sign, te.sign_local(presigs, [1, 2, 3], to_sign.digest), tc.group_ca_public_key(gpk)
-        )
+        root = ca_material.root
         for node in nodes.values():
             _ca(node).install_ca_root(root)
         group = ThresholdGroup(

@@ -22,7 +22,7 @@ from teecloud.kms.threshold import ThresholdEvaluator, local_joint_feldman
 from teecloud.kms.threshold_client import ThresholdGroup
 from teecloud.kms.threshold_sign import ThresholdSigner, open_signer, save_signing_share
 from teecloud.tee.simulated import SimulatedTdx
-from tests.kms.conftest import World, post_with_cert, stop_servers
+from tests.kms.conftest import SigningMaterial, World, post_with_cert, stop_servers
 from tests.kms.test_quote_oracle import GetQuoteOracle, attacker_cert
 from tests.kms.test_threshold_nodes import Cluster, N, T, boot_hello, start_node
 
@@ -30,9 +30,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def cluster(teecloud_home: Path, world: World) -> Iterator[Cluster]:
+def cluster(teecloud_home: Path, world: World, signing_material: SigningMaterial) -> Iterator[Cluster]:
     shares = local_joint_feldman(T, N, epoch=1)
-    keys = te.dkg_local(T, N)
+    keys = signing_material.keys  # dealt once per session; the nodes, homes and pools are this test's
     nodes = {}
     try:
         for s in shares:
@@ -45,8 +45,8 @@ def cluster(teecloud_home: Path, world: World) -> Iterator[Cluster]:
             assert signer is not None
             node.kms.service.threshold = ThresholdEvaluator(s, signer=signer)
             nodes[s.index] = node
-        for _ in range(8):  # presigning rounds (here in one process: see docs/kms.md)
-            for i, p in te.presign_local(keys, list(range(1, N + 1))).items():
+        for batch in signing_material.presigs:  # presigning rounds (here in one process: see docs/kms.md)
+            for i, p in batch.items():
                 _signer(nodes[i]).pool.add([p])
         group = ThresholdGroup(
             epoch=1,

@@ -51,13 +51,27 @@ class _Keys:
 
     signing: list[te.KeyShare]
     ca: list[te.KeyShare]
+    # dealt with the keys, once per module (32 presign_local rounds are ~30 s of elliptic-curve work): each
+    # test's own nodes take these immutable values into their own pools and keep-caches
+    signing_presigs: list[dict[int, te.Presignature]]
+    ca_presigs: list[dict[int, te.Presignature]]
+    root: x509.Certificate
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def keys() -> _Keys:
     k = _Keys()
     k.signing = te.dkg_local(T, N)
     k.ca = te.dkg_local(T, N, group=te.P256)
+    k.signing_presigs = [te.presign_local(k.signing, list(range(1, N + 1))) for _ in range(16)]
+    k.ca_presigs = [te.presign_local(k.ca, list(range(1, N + 1))) for _ in range(16)]
+    gpk = k.ca[0].group_public_key
+    to_sign = tc.root_ca_to_sign(gpk, not_before=int(time.time()) - 60)
+    k.root = tc.assemble_certificate(
+        to_sign,
+        te.sign_local(te.presign_local(k.ca, list(range(1, N + 1))), [1, 2, 3], to_sign.digest),
+        tc.group_ca_public_key(gpk),
+    )
     return k
 
 
@@ -79,18 +93,13 @@ def cluster(teecloud_home: Path, world: World, keys: _Keys) -> Iterator[Cluster]
             node.kms.service.threshold = ThresholdEvaluator(s, signer=signer)
             node.kms.service.ca_signer = open_ca_signer(tee, identity, home)
             nodes[s.index] = node
-        for _ in range(16):  # presigning rounds (here in one process: see docs/kms.md)
-            for i, p in te.presign_local(keys.signing, list(range(1, N + 1))).items():
+        # presigning rounds (here in one process: see docs/kms.md; dealt once per module with the keys)
+        for signing, ca in zip(keys.signing_presigs, keys.ca_presigs, strict=True):
+            for i, p in signing.items():
                 _signer(nodes[i]).pool.add([p])
-            for i, p in te.presign_local(keys.ca, list(range(1, N + 1))).items():
+            for i, p in ca.items():
                 _ca(nodes[i]).pool.add([p])
-        gpk = keys.ca[0].group_public_key
-        to_sign = tc.root_ca_to_sign(gpk, not_before=int(time.time()) - 60)
-        root = tc.assemble_certificate(
-            to_sign,
-            te.sign_local(te.presign_local(keys.ca, list(range(1, N + 1))), [1, 2, 3], to_sign.digest),
-            tc.group_ca_public_key(gpk),
-        )
+        root = keys.root
         for node in nodes.values():
             _ca(node).install_ca_root(root)
         group = ThresholdGroup(

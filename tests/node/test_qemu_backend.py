@@ -208,16 +208,16 @@ def test_a_guest_without_an_agent_fails_at_agent_with_its_console_and_leaves_no_
             accel="tcg",
             host_share="vvfat",
             disk_gb=1,
-            agent_timeout_s=20,
+            agent_timeout_s=5,
             docker=None,
         ),
         home=teecloud_home,
     )
     inst = _instance(teecloud_home, _free_port())
-    with pytest.raises(BootFailed, match="no guest agent answered within 20 s") as failed:
+    with pytest.raises(BootFailed, match="no guest agent answered within 5 s") as failed:
         backend.launch(inst, inst.limits())  # type: ignore[arg-type]
     assert failed.value.phase == "agent"
-    # the console's tail comes with the reason (what it holds depends on how far TCG got in 20 s under load)
+    # the console's tail comes with the reason (what it holds depends on how far TCG got in 5 s under load)
     assert "serial log:" in failed.value.reason
     handle = backend.attach(inst)  # type: ignore[arg-type]
     assert not handle.running(), "a failed launch left its QEMU running"
