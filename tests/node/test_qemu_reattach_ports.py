@@ -245,3 +245,25 @@ def test_down_never_signals_a_process_that_is_not_teecloud_up(teecloud_home: Pat
         proc.kill()
         proc.wait()
     assert os.path.exists(teecloud_home / "cloud" / "endpoints.json")
+
+
+def test_the_forwards_read_back_are_those_qemu_argv_writes(tmp_path: Path) -> None:
+    from teecloud.node.runtime.qemu_cmdline import GuestForward, PortForward, QemuVmConfig, VmShape, qemu_argv
+
+    image = GuestImage(bios=Path("/b"), kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0")
+    forwards = (
+        GuestForward(guest_address=qemu.KMS_GUEST_ADDRESSES[0], guest_port=443, host_port=18000),
+        GuestForward(guest_address=qemu.GATEWAY_GUEST_ADDRESSES[0], guest_port=443, host_port=18100),
+        GuestForward(guest_address=qemu.GATEWAY_GUEST_ADDRESSES[1], guest_port=443, host_port=18101),
+    )
+    cfg = QemuVmConfig(
+        mode="plain",
+        image=image,
+        shape=VmShape(vcpus=1, memory_mb=2048, disk_gb=20),
+        workdir=tmp_path,
+        accel="tcg",
+        ports=(PortForward(host_port=18090, guest_port=qemu.AGENT_GUEST_PORT),),
+        guest_forwards=forwards,
+    )
+    argv = [a.encode() for a in qemu_argv(cfg)]
+    assert qemu.guest_forwards_in(argv) == {(f.guest_address, f.host_port) for f in forwards}

@@ -712,6 +712,11 @@ def _guest_forwards_of(pid: int) -> set[tuple[str, int]] | None:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
+    return guest_forwards_in(argv)
+
+
+def guest_forwards_in(argv: Sequence[bytes]) -> set[tuple[str, int]]:
+    """The (guest address, host port) of each `guestfwd` rule in a QEMU command line (qemu_argv's form)."""
     found: set[tuple[str, int]] = set()
     for arg in argv:
         for part in arg.split(b","):
