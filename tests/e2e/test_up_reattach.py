@@ -3,7 +3,8 @@ its VM runs on; the next `up` brings the KMS and the gateway back on the ports r
 directory (cloud/ports.json) and re-attaches the VM (`Node.reattach`) instead of booting it again: the same
 QEMU process, the serial console not restarted, the app's boot counter on its encrypted volume still at one,
 and the app served through the gateway again within the guest's re-registration bound. `teecloud down`
-then powers the VM off; a second kill and `down` with no `up` running powers off the VM left behind.
+then powers the VM off. (`down` with no `up` running, and `down --keep-vms`: tests/node/
+test_qemu_reattach_ports.py, with stand-in QEMU processes.)
 
 One VM boot under TCG (minutes): slow, under the e2e lock (`flock /tmp/teecloud-e2e.lock`)."""
 
