@@ -11,9 +11,16 @@ Start-up procedure (`LocalCloud.start`), every step idempotent so a restart lose
       with kms_nodes > 1: one `teecloud kms up --threshold-node I` process per node (own data directory and
       sealed share; on the first start a dealerless DKG between processes), and a ThresholdKeyProvider
   (4) node: a KMS client that verifies the KMS's RA-TLS certificate (dev root, chain's isKmsAllowed),
-      registration in NodeRegistry (once), the node API, then every CVM that should run boots again
+      registration in NodeRegistry (once), the node API
   (4b) gateway: HAProxy and the dev CA; each CVM registered with its boot-time certificate (docs/gateway.md)
+  (4c) CVMs: on qemu, each VM an earlier `up` left running booted is adopted without a reboot
+      (`Node.reattach`); every other CVM that should run boots again (`Node.resume`)
   (5) endpoints.json records where everything listens (the CLI reads it)
+
+Ports: the KMS and the gateway listen on the ports the previous start of this data directory used (recorded
+in cloud/ports.json after each start), so that the guests of VMs that outlived it reach them where their
+QEMU forwards point: a recorded port that is taken is logged and a new one used; a VM whose guest then
+registers with no gateway of this start is not adopted but booted afresh (`QemuBackend.attach`).
 
 With an external KMS (`kms_urls`, `teecloud up --kms-url URL --kms-chain RPC`), steps (2) and (3) start
 nothing: (2') the chain is the KMS's (its contracts as its operator recorded them, `kms_contracts`, adopted
@@ -73,6 +80,106 @@ def _dns_server(value: str, what: str = "gateway DNS server") -> tuple[str, int]
     except GatewayUsageError as exc:
         raise NodeError(str(exc)) from exc
 
+
+# --- up reattach: the ports of the KMS and the gateway, kept across restarts of `teecloud up`
+PORTS_FILE = "ports.json"  # <data dir>/cloud/ports.json
+PORTS_VERSION = 1
+MAX_PORTS_FILE = 4096  # bytes: the record is a handful of numbers
+PORT_NAMES = ("kms", "gateway_public", "gateway_registration", "gateway_admin")
+PORT_WAIT_S = 5.0  # a killed `up`'s HAProxy lets go of its port once it sees its parent gone
+
+
+def ports_path(home: Path | None = None) -> Path:
+    return (Path(home) if home is not None else data_home()) / "cloud" / PORTS_FILE
+
+
+def read_ports(home: Path | None = None) -> dict[str, int]:
+    """The ports the last start of this data directory listened on, by PORT_NAMES ({} if none recorded;
+    0: that service did not run or is not this cloud's). A record that is not one `write_ports` writes is a
+    NodeError naming the file and what is wrong."""
+    path = ports_path(home)
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_PORTS_FILE + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise NodeError(f"the port record {path} is unreadable: {exc}") from exc
+    if len(raw) > MAX_PORTS_FILE:
+        raise NodeError(f"the port record {path} is larger than {MAX_PORTS_FILE} bytes")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise NodeError(f"the port record {path} is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("version") != PORTS_VERSION:
+        raise NodeError(f"the port record {path} is not a version {PORTS_VERSION} record")
+    ports = {k: v for k, v in doc.items() if k != "version"}
+    if set(ports) != set(PORT_NAMES):
+        raise NodeError(f"the port record {path} names {sorted(ports)}, not {list(PORT_NAMES)}")
+    for name, port in ports.items():
+        if type(port) is not int or not 0 <= port <= 65535:
+            raise NodeError(f"the port record {path}: {name} is not a port number ({str(port)[:20]!r})")
+    return ports
+
+
+def write_ports(ports: dict[str, int], home: Path | None = None) -> None:
+    """Record the ports this start listens on (atomically: a crash leaves the old record or the new one)."""
+    bad = [p for p in ports.values() if type(p) is not int or not 0 <= p <= 65535]
+    if set(ports) != set(PORT_NAMES) or bad:
+        raise ValueError(f"a port record has exactly {list(PORT_NAMES)}, each 0..65535")
+    atomic_write_json(ports_path(home), {"version": PORTS_VERSION, **ports}, mode=0o644)
+
+
+def recorded_ports(home: Path | None = None) -> dict[str, int]:
+    """What `up` starts from: the record (read_ports), or {} with a warning when it is unusable."""
+    try:
+        return read_ports(home)
+    except NodeError as exc:
+        log.warning("%s: ignored (new ports; qemu CVMs left running are booted afresh)", exc)
+        return {}
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listener could bind `port` now (as the servers bind: SO_REUSEADDR, so only a listening
+    socket, not a closed connection's TIME_WAIT, holds it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _url_port(url: str) -> int:
+    from urllib.parse import urlsplit
+
+    return int(urlsplit(url).port or 0)
+
+
+def claim_port(recorded: int, what: str, *, wait_s: float = PORT_WAIT_S) -> int:
+    """`recorded` if it is free (waiting up to `wait_s` for it), else 0 (a new port) with a warning that
+    says so; 0 stays 0."""
+    if not recorded:
+        return 0
+    deadline = time.monotonic() + wait_s
+    while not port_free(recorded):
+        if time.monotonic() >= deadline:
+            log.warning(
+                "the %s's recorded port %d (%s) is taken: it listens on a new port; qemu CVMs left running "
+                "whose guests use it are booted afresh",
+                what,
+                recorded,
+                PORTS_FILE,
+            )
+            return 0
+        time.sleep(0.2)
+    return recorded
+
+
+# --- end up reattach
 
 MAX_KMS_URLS = 16  # as many as a threshold group has nodes here (kms_nodes)
 MAX_URL_CHARS = 2048
@@ -238,6 +345,12 @@ class LocalCloud:
         self.gateway_app_id = ""  # KmsAuth's gateway_app_id (teecloud.gateway.identity)
         self.gateway_boot: Any = None  # the gateway TEE's boot as that app (AgentState)
         self.timings: dict[str, float] = {}
+        # --- up reattach: the ports of the last start (read_ports), the CVMs adopted without a reboot, and
+        # whether stop leaves the qemu VMs running (`teecloud down --keep-vms`)
+        self.recorded_ports: dict[str, int] = {}
+        self.reattached: list[str] = []
+        self.keep_vms = False
+        # --- end up reattach
 
     def start(self, *, check: bool = True, resume: bool = True) -> CloudEndpoints:
         try:
@@ -262,6 +375,8 @@ class LocalCloud:
                 raise RuntimeUnavailable("missing prerequisites:\n  - " + "\n  - ".join(missing))
         mark("prerequisites")
 
+        # ports: the last start's (unless given), where the guests of VMs it left running reach them
+        self.recorded_ports = recorded_ports(self.home)
         # (2)
         from teecloud.chain.client import ChainClient, HttpTransport
         from teecloud.chain.embedded import DEV_KEYS, EmbeddedChain
@@ -320,7 +435,7 @@ class LocalCloud:
                     dev=True,
                     home=self.home,
                     os_image_reference=simulated_os_image_reference,
-                    port=self.ports[1],
+                    port=self.ports[1] or claim_port(self.recorded_ports.get("kms", 0), "KMS"),
                     kms_contract=str(contracts.get("KmsAuth", "")),
                     gateway_app_id=self.gateway_app_id,
                     on_keys=publish,
@@ -356,7 +471,7 @@ class LocalCloud:
         # Each CVM makes its gateway registration certificate at its boot key request (teecloud.gateway).
         boots = RegisteringAtBoot(key_provider)
         node = Node(
-            backend=self._qemu_backend(key_provider) if self.backend_kind == "qemu" else None,
+            backend=self._qemu_backend(key_provider, kms_url) if self.backend_kind == "qemu" else None,
             key_provider=boots,
             tee_factory=lambda: SimulatedTdx(self.home),
             home=self.home,
@@ -368,18 +483,35 @@ class LocalCloud:
             ),
         )
         self.node = node
-        self._stack.callback(node.close)
+        self._stack.callback(self._close_node)
         token = load_or_create_token(self.home)
         server = NodeServer(node, token=token, port=self.ports[2]).start()
         self._stack.callback(server.stop)
-        if resume:
-            node.resume()
         mark("node")
 
         # (4b) --- gateway: HAProxy + dev CA (https://<app_id>-<port>.teecloud.localhost:<port>/), CVMs
         # registered over mutual RA-TLS with their boot-time certificates; skipped if HAProxy is missing
         gateway_info = self._start_gateway(chain, platform, boots, node)
         mark("gateway")
+
+        # (4c) the ports of this start, then the CVMs: a VM left running booted, whose guest registers with
+        # this gateway, is adopted (qemu: Node.reattach); every other CVM that should run boots (resume)
+        write_ports(
+            {
+                "kms": _url_port(kms_url) if not self.kms_urls and self.kms_nodes == 1 else 0,
+                "gateway_public": int(gateway_info.get("public_port", 0)),
+                "gateway_registration": self.gateway.registration_port if self.gateway is not None else 0,
+                "gateway_admin": self.gateway.admin_port if self.gateway is not None else 0,
+            },
+            self.home,
+        )
+        if resume:
+            if self.backend_kind == "qemu":
+                self.reattached = node.reattach()
+                if self.reattached:
+                    log.info("%d CVM(s) re-attached without a reboot", len(self.reattached))
+            node.resume()
+        mark("cvms")
 
         # (5)
         from teecloud.node.instance import node_home
@@ -398,7 +530,19 @@ class LocalCloud:
         self._stack.callback(lambda: endpoints_path(self.home).unlink(missing_ok=True))
         return self.endpoints
 
-    def _qemu_backend(self, key_provider: Any) -> Any:
+    def _close_node(self) -> None:
+        """Stop the node: its CVMs are powered off, unless `keep_vms` (qemu only: a VM runs without this
+        process; a docker CVM's guest half lives in it, so those stop either way): then only this process's
+        statement renewals end, and the next start adopts the VMs."""
+        if self.node is None:
+            return
+        if self.keep_vms and self.backend_kind == "qemu":
+            self.node.backend.release()
+            log.info("the node stops; its VMs run on (the next `teecloud up` re-attaches them)")
+            return
+        self.node.close()
+
+    def _qemu_backend(self, key_provider: Any, kms_url: str | None = None) -> Any:
         """--backend qemu: one VM per CVM in qemu_mode (plain: TCG, or KVM with qemu_accel) with qemu_gpus,
         the image of `teecloud image build` (built, or found in its cache, now), the guest's simulated TEE
         sharing this installation's state; what the guest trusts and reaches: the KMS root key as this node's
@@ -423,6 +567,10 @@ class LocalCloud:
             agent_timeout_s=180.0 if kvm else 900.0,
             simulated_tee=self.home / "simulated-tee",
             kms_ca_pubkey=lambda: str(key_provider.info()["id"]),
+            # a guest booting now reaches the KMS where it listens now (not where it did at deploy)
+            kms_urls=(lambda: [str(kms_url)])
+            if kms_url and self.kms_nodes == 1 and not self.kms_urls
+            else None,
             kms_group=(
                 self._guest_kms_group(key_provider)
                 if isinstance(key_provider, ThresholdKeyProvider)
@@ -727,6 +875,12 @@ class LocalCloud:
             # routes only to addresses the launching node vouches for (NodeRegistry): docker CVMs' statements
             # come with the node's registrar, qemu guests get theirs posted (QemuBackendConfig.vouch)
             nodes=ChainNodes(chain),
+            # the last start's ports: running guests register at the registration port their QEMU forwards
+            public_port=claim_port(self.recorded_ports.get("gateway_public", 0), "gateway's public listener"),
+            registration_port=claim_port(
+                self.recorded_ports.get("gateway_registration", 0), "gateway's registration listener"
+            ),
+            admin_port=claim_port(self.recorded_ports.get("gateway_admin", 0), "gateway's admin listener"),
         ).start()
         self._stack.callback(gateway.stop)
         self.gateway = gateway

@@ -334,8 +334,9 @@ def up(
     ] = None,
 ) -> None:
     """Start a local cloud on 127.0.0.1: embedded chain, one KMS, one worker node (or, with --kms-url, a
-    worker node on an external KMS and its chain). Ctrl-C stops it; state is kept and the CVMs come back on
-    the next `teecloud up`."""
+    worker node on an external KMS and its chain). Ctrl-C (or `teecloud down`) stops it and powers off its
+    CVMs; state is kept and the CVMs come back on the next `teecloud up`. On --backend qemu, `teecloud down
+    --keep-vms` (or a killed `up`) leaves the VMs running: the next `up` re-attaches them without a reboot."""
     from teecloud.devstack import LocalCloud, read_endpoints
 
     kms_urls = _kms_options(
@@ -427,19 +428,102 @@ def up(
         if ep.gateway.get("custom_domains_dns"):
             table.add_row("custom domains (TXT via)", ep.gateway["custom_domains_dns"])
     out.print(table)
-    if resumed:
-        out.print(f"resuming {resumed} CVM(s); see `teecloud ps`")
+    if cloud.reattached:
+        out.print(f"re-attached {len(cloud.reattached)} running CVM(s) without a reboot")
+    if resumed > len(cloud.reattached):
+        out.print(f"resuming {resumed - len(cloud.reattached)} CVM(s); see `teecloud ps`")
     out.print("next: [bold]teecloud deploy examples/hello/docker-compose.yml[/]   (Ctrl-C to stop)")
     stop = threading.Event()
+    keep_vms = threading.Event()
+
+    def detach(*_: object) -> None:  # `teecloud down --keep-vms`
+        keep_vms.set()
+        stop.set()
+
     # Both signals set the event (SIGINT too: a backgrounded process may have inherited SIGINT ignored).
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(DETACH_SIGNAL, detach)
     try:
         while not stop.is_set():
             stop.wait(0.5)
     finally:
-        err.print("stopping: CVMs are powered off and come back on the next `teecloud up` ...")
+        cloud.keep_vms = keep_vms.is_set() and backend == "qemu"
+        if cloud.keep_vms:
+            err.print("stopping: the VMs run on; the next `teecloud up` re-attaches them ...")
+        else:
+            err.print("stopping: CVMs are powered off and come back on the next `teecloud up` ...")
         cloud.stop()
+
+
+# `teecloud down --keep-vms` asks the running `up` to stop without powering its VMs off
+DETACH_SIGNAL = signal.SIGUSR1
+DOWN_WAIT_S = 300.0  # powering off takes up to 3 x 5 s per VM
+
+
+def _exited(pid: int) -> bool:
+    """The process is gone, or has exited and waits for its parent to reap it (state Z, proc(5))."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    return stat.rpartition(b")")[2].split()[:1] == [b"Z"]
+
+
+def down(
+    keep_vms: Annotated[
+        bool,
+        typer.Option(
+            "--keep-vms",
+            help="With --backend qemu: stop the cloud's services but leave its VMs running; the next "
+            "`teecloud up` re-attaches them without a reboot (docker CVMs stop either way).",
+        ),
+    ] = False,
+) -> None:
+    """Stop the local cloud of this data directory (as Ctrl-C on `teecloud up` does: its CVMs are powered
+    off and come back on the next `up`). With no `up` running, power off the qemu VMs one left running."""
+    import os
+
+    from teecloud.devstack import endpoints_path, read_endpoints
+    from teecloud.node.errors import RuntimeFailed
+    from teecloud.node.runtime.qemu import power_off_left_vms
+
+    running = read_endpoints()
+    if running is None:
+        if keep_vms:
+            out.print("no local cloud is running for this data directory: nothing to stop")
+            return
+        try:
+            stopped = power_off_left_vms()
+        except RuntimeFailed as exc:
+            _fail(str(exc))
+        out.print(
+            f"no local cloud is running; powered off {len(stopped)} VM(s) left running"
+            if stopped
+            else "no local cloud is running for this data directory: nothing to stop"
+        )
+        return
+    pid = running.pid
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        argv = []
+    # a reused pid is not signalled: the process must be teecloud's, running its `up` command
+    if b"up" not in argv or not any(b"teecloud" in a for a in argv):
+        _fail(f"pid {pid} in {endpoints_path()} is not a `teecloud up` process: not signalled")
+    try:
+        os.kill(pid, DETACH_SIGNAL if keep_vms else signal.SIGTERM)
+    except ProcessLookupError:
+        out.print("the local cloud has just stopped")
+        return
+    except PermissionError:
+        _fail(f"not allowed to signal the local cloud's process (pid {pid})")
+    deadline = time.monotonic() + DOWN_WAIT_S
+    while not _exited(pid):
+        if time.monotonic() > deadline:
+            _fail(f"the local cloud (pid {pid}) is still stopping after {DOWN_WAIT_S:.0f} s")
+        time.sleep(0.2)
+    out.print("the local cloud stopped" + ("; its VMs run on" if keep_vms else ""))
 
 
 # One set of options for deploy, upgrade and compose-hash (teecloud.cloud.options.AppOptions).
@@ -974,6 +1058,7 @@ cvm_app.command("restart")(_action("restart"))
 
 def register(app: typer.Typer) -> None:
     app.command("up")(up)
+    app.command("down")(down)
     app.command("deploy")(deploy)
     app.command("compose-hash")(compose_hash_cmd)
     app.command("ps")(ps)

@@ -87,7 +87,10 @@ __all__ = [
     "SerialLog",
     "check_passthrough_devices",
     "guest_services",
+    "power_off",
+    "power_off_left_vms",
     "tee_host_missing",
+    "vm_pid",
 ]
 
 log = logging.getLogger("teecloud.node.runtime.qemu")
@@ -129,6 +132,9 @@ class QemuBackendConfig:
     simulated_tee: Path | None = None
     # the KMS root key (hex DER SPKI) the guest pins: the node's KMS client verified it on chain
     kms_ca_pubkey: Callable[[], str] | None = None
+    # the KMS URLs (host loopback) a guest booting now reaches, instead of those the instance's
+    # .sys-config.json recorded at deploy (a restarted cloud's KMS may listen elsewhere; None: the recorded)
+    kms_urls: Callable[[], list[str]] | None = None
     # threshold KMS: the group as the chain records it, {"epoch", "t", "commitments": [hex], "signing_key":
     # hex, "nodes": {index: {"url" (the host's), "mr_aggregated", "device_id"}}} (replaces kms_ca_pubkey)
     kms_group: Callable[[], dict[str, Any]] | None = None
@@ -451,12 +457,7 @@ class QemuCvm:
 
     def pid(self) -> int | None:
         """The VM's QEMU pid, if it runs and is this VM's (its command line names this work directory)."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return None
-        return pid if str(self.workdir).encode() in cmdline else None
+        return vm_pid(self.workdir)
 
     def running(self) -> bool:
         return self.pid() is not None
@@ -548,21 +549,7 @@ class QemuCvm:
         self._booted = False
         if self.vouch_renewer is not None:
             self.vouch_renewer.stop()
-        pid = self.pid()
-        if pid is None:
-            return
-        for command in ("system_powerdown", "quit"):
-            with contextlib.suppress(OSError, ValueError):
-                _qmp(self.workdir / "qmp.sock", command)
-            if _wait_gone(pid, STOP_GRACE_S):
-                break
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            if not _wait_gone(pid, STOP_GRACE_S):
-                raise RuntimeFailed(f"QEMU pid {pid} of CVM {self.instance_id} did not stop")
-        with contextlib.suppress(FileNotFoundError):
-            self.pid_file.unlink()
+        power_off(self.workdir, f"CVM {self.instance_id}")
 
     def remove(self) -> list[str]:
         leftovers: list[str] = []
@@ -578,6 +565,58 @@ class QemuCvm:
         except OSError as exc:
             leftovers.append(f"cannot delete the VM directory {self.workdir}: {exc}")
         return leftovers
+
+
+def vm_pid(workdir: Path) -> int | None:
+    """The pid of the QEMU running the VM of `workdir`: its pid file's, honoured only while that process's
+    command line names `workdir` (a reused pid is never taken for the VM)."""
+    try:
+        pid = int((workdir / "qemu.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if str(workdir).encode() in cmdline else None
+
+
+def power_off(workdir: Path, what: str) -> bool:
+    """Power off the VM of `workdir` if it runs: QMP `system_powerdown`, then `quit`, then SIGKILL, each
+    after STOP_GRACE_S. True if a VM was running; RuntimeFailed if it would not stop."""
+    pid = vm_pid(workdir)
+    if pid is None:
+        return False
+    for command in ("system_powerdown", "quit"):
+        with contextlib.suppress(OSError, ValueError):
+            _qmp(workdir / "qmp.sock", command)
+        if _wait_gone(pid, STOP_GRACE_S):
+            break
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not _wait_gone(pid, STOP_GRACE_S):
+            raise RuntimeFailed(f"QEMU pid {pid} of {what} did not stop")
+    with contextlib.suppress(FileNotFoundError):
+        (workdir / "qemu.pid").unlink()
+    return True
+
+
+def power_off_left_vms(home: Path | None = None) -> list[str]:
+    """Power off every VM of this data directory's node still running (left by a `teecloud up` that was
+    killed or detached with `teecloud down --keep-vms`): their work directories' names (instance id
+    prefixes). A VM that would not stop raises RuntimeFailed after the others were tried."""
+    root = node_home(home) / "vms"
+    stopped: list[str] = []
+    failed: list[str] = []
+    for work in sorted(root.iterdir()) if root.is_dir() else []:
+        if not work.is_dir():
+            continue
+        try:
+            if power_off(work, f"VM {work.name}"):
+                stopped.append(work.name)
+        except RuntimeFailed as exc:
+            failed.append(str(exc))
+    if failed:
+        raise RuntimeFailed("; ".join(failed))
+    return stopped
 
 
 def vouch_endpoints(containers: Sequence[ContainerState]) -> list[tuple[int, str, int]]:
@@ -666,6 +705,31 @@ def _agent_port_of(pid: int) -> int | None:
     return None
 
 
+def _guest_forwards_of(pid: int) -> set[tuple[str, int]] | None:
+    """The (guest address, host port) of each `guestfwd` QEMU `pid` runs (as qemu_argv writes them: a relay
+    to one host loopback port, GUESTFWD_RELAY), read from its command line; None if unreadable."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return guest_forwards_in(argv)
+
+
+def guest_forwards_in(argv: Sequence[bytes]) -> set[tuple[str, int]]:
+    """The (guest address, host port) of each `guestfwd` rule in a QEMU command line (qemu_argv's form)."""
+    found: set[tuple[str, int]] = set()
+    for arg in argv:
+        for part in arg.split(b","):
+            if not part.startswith(b"guestfwd=tcp:"):
+                continue
+            guest, _, relay = part[len(b"guestfwd=tcp:") :].partition(b"-cmd:")
+            address = guest.rsplit(b":", 1)[0].decode("ascii", "replace")
+            port = relay.rsplit(b":", 1)[-1]
+            if port.isdigit() and 1 <= int(port) <= 65535:
+                found.add((address, int(port)))
+    return found
+
+
 def _bounded_get(client: httpx.Client, url: str, params: dict[str, str] | None = None) -> tuple[int, bytes]:
     """GET `url`, reading at most MAX_AGENT_RESPONSE bytes: a guest cannot make the node buffer more."""
     with client.stream("GET", url, params=params) as r:
@@ -721,6 +785,7 @@ class QemuBackend:
         # the node-statement renewal of each booted VM, by instance id (`_renew`)
         self._renewers: dict[str, VouchRenewer] = {}
         self._renewers_lock = threading.Lock()
+        self._stale_logged: set[tuple[str, int]] = set()  # VMs `attach` refused to adopt, logged once
 
     def check(self) -> None:
         if shutil.which("socat") is None:
@@ -928,6 +993,8 @@ class QemuBackend:
         gateway = self.config.gateway() if self.config.gateway is not None else None
         # the guest's TEE mode (teecloud.tee.guest reads it)
         doc = {**(doc if isinstance(doc, dict) else {}), "tee_mode": self.config.mode}
+        if self.config.kms_urls is not None and group is None:
+            doc["kms_urls"] = list(self.config.kms_urls())
         if self.config.vouch is not None and gateway is not None:
             doc["node_vouch"] = True  # the node posts its statement after boot: the guest waits for it
         return guest_services(doc, kms_ca_pubkey=ca, kms_group=group, gateway=gateway)
@@ -1005,7 +1072,7 @@ class QemuBackend:
         cvm = QemuCvm(instance, self.workdir(instance), agent_port=None, booted=False)
         pid = cvm.pid()
         port = _agent_port_of(pid) if pid is not None else None
-        if port is None:
+        if pid is None or port is None:
             return cvm
         cvm.agent_port = port
         try:
@@ -1020,11 +1087,45 @@ class QemuBackend:
             or info.get("compose_hash") != instance.compose_hash().hex()
         ):
             return cvm  # not (yet) booted, or not this instance's guest: nothing to vouch for
+        stale = self._stale_gateway_forwards(pid)
+        if stale:
+            if (instance.instance_id, pid) not in self._stale_logged:  # once per VM, not per status call
+                self._stale_logged.add((instance.instance_id, pid))
+                log.warning("CVM %s: not re-attached: %s", instance.instance_id, stale)
+            return cvm  # a guest registering with no gateway of this node: booted afresh (resume)
         cvm.guest_info = info
         cvm._booted = True
         cvm.dropped_env = [str(n) for n in info.get("dropped_env") or []][:256]
         self._renew(cvm)
         return cvm
+
+    def _stale_gateway_forwards(self, pid: int) -> str:
+        """Why the running VM `pid` cannot be adopted as it is ("" if it can): a booted guest keeps using
+        one host service, the gateway registration listeners its forwards name (it reaches the KMS during
+        its boot only), so those forwards must name the ports the node's gateways listen on now."""
+        gateway = self.config.gateway() if self.config.gateway is not None else None
+        try:
+            _, wanted = guest_services({}, gateway=gateway)
+        except BootFailed as exc:
+            return str(exc)
+        running = _guest_forwards_of(pid)
+        if running is None:
+            return "its QEMU command line is unreadable"
+        want = {(f.guest_address, f.host_port) for f in wanted}
+        have = {f for f in running if f[0] in GATEWAY_GUEST_ADDRESSES}
+        if want == have:
+            return ""
+        ports = ", ".join(str(p) for _, p in sorted(have)) or "none"
+        now = ", ".join(str(p) for _, p in sorted(want)) or "none (no gateway runs)"
+        return f"its guest registers with gateway port(s) {ports} on 127.0.0.1, the gateway listens on {now}"
+
+    def release(self) -> None:
+        """End this process's statement renewals and leave the VMs running (the node process stops without
+        powering them off: `teecloud down --keep-vms`); a later node re-attaches them (`attach`)."""
+        with self._renewers_lock:
+            renewers, self._renewers = list(self._renewers.values()), {}
+        for renewer in renewers:
+            renewer.stop()
 
     def _renew(self, cvm: QemuCvm) -> None:
         """Start the node's statements for a booted VM (with a vouch signer), or hand `cvm` the renewal
