@@ -196,3 +196,44 @@ def test_the_embedded_chains_http_rpc_answers_a_bad_block_object_with_an_error(t
     finally:
         server.stop()
         chain.close()
+
+
+def test_the_embedded_chain_answers_a_call_at_a_block_hash_once_and_anything_else_afresh(
+    embedded_chain: ChainClient,
+) -> None:
+    """Several KMS nodes of `teecloud up` ask the one embedded chain the same isAppAllowed at the same head
+    hash: it runs once. Another byte of the call, another block, or a change mined since (a new head) runs
+    on the EVM again, and the answers are the EVM's."""
+    chain = embedded_chain
+    evm = chain.transport.chain  # type: ignore[attr-defined]
+    chain.add_os_image(OS_IMAGE)
+    h = rand32()
+    app_id = chain.register_app(None, h)
+    info = boot_info(app_id, h, instance_id=b"\x01" * 20)
+    head = chain.checked_head()
+    ran = evm.calls_executed
+    assert chain.is_app_allowed(info, at=head) == (True, "")
+    assert evm.calls_executed == ran + 1
+    for _ in range(3):  # the same question at the same block: answered, not run
+        assert chain.is_app_allowed(info, at=head) == (True, "")
+    assert evm.calls_executed == ran + 1
+    # one byte of the call changed (another instance): run afresh
+    other = boot_info(app_id, h, instance_id=b"\x02" * 20)
+    assert chain.is_app_allowed(other, at=head) == (True, "")
+    assert evm.calls_executed == ran + 2
+    # a change mined since: the new head runs afresh and sees it; the old block still answers as it was
+    chain.retire_instance(app_id, b"\x01" * 20)
+    new_head = chain.checked_head()
+    assert new_head.hash != head.hash
+    ok, reason = chain.is_app_allowed(info, at=new_head)
+    assert ok is False and reason, reason
+    assert evm.calls_executed == ran + 3
+    assert chain.is_app_allowed(info, at=head) == (True, "")  # the kept answer of the older block
+    evm._calls_at.clear()
+    assert chain.is_app_allowed(info, at=head) == (True, "")  # ... is what the EVM answers there
+    assert chain.is_app_allowed(info, at=new_head)[0] is False
+    # by number, or at the head (latest), nothing is kept: each runs
+    ran = evm.calls_executed
+    chain.is_app_allowed(info, at=new_head.number)
+    chain.is_app_allowed(info, at=new_head.number)
+    assert evm.calls_executed == ran + 2
