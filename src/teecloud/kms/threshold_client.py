@@ -93,6 +93,7 @@ log = logging.getLogger("teecloud.kms.threshold")
 NO_PRESIGNATURES = "no presignatures, refill in progress"
 BAD_SHARE = "the signature share does not verify against the presignature"
 MAX_HAND_OVERS = 8  # keep hand-overs running at once in the background (one per recent first boot)
+FAN_OUT_WORKERS = 64  # threads of a provider's calls to the nodes (reused across rounds and boots)
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -264,6 +265,7 @@ class ThresholdKeyProvider:
         self._local = threading.local()  # per boot thread: the keep hand-over its boot leaves (`_keep`)
         self._hand_overs: list[threading.Thread] = []
         self._hand_overs_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # `_fan_out`
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.group.group_public_key.hex(), "epoch": self.group.epoch}
@@ -276,6 +278,14 @@ class ThresholdKeyProvider:
         if client is None:
             raise KmsClientError(f"KMS node {index} is not in the group (nodes {sorted(self._clients)})")
         return client.server_certificate()
+
+    def _fan_out(self) -> ThreadPoolExecutor:
+        """The provider's one pool for its calls to the nodes (threads started once and reused, not per
+        round; at most FAN_OUT_WORKERS, so calls abandoned by a hedge cannot exhaust it quickly)."""
+        with self._hand_overs_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=FAN_OUT_WORKERS, thread_name_prefix="kms-fan-out")
+            return self._pool
 
     def _gather(
         self,
@@ -290,7 +300,7 @@ class ThresholdKeyProvider:
         all_first: every node at once, then wait for all of them, or — after hedge_s — only until `need`
         results are accepted. Otherwise `need` nodes first, a replacement for each failure, and all the rest
         when hedge_s passes without `need` accepted results. Calls still running are abandoned."""
-        pool = ThreadPoolExecutor(max_workers=max(1, len(indices)))
+        pool = self._fan_out()
         queue = list(indices)
         futures: dict[Future[Any], int] = {}
         results: dict[int, Any] = {}
@@ -331,7 +341,8 @@ class ThresholdKeyProvider:
                 if not done and not pending and not queue:
                     break
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            for fut in futures:
+                fut.cancel()  # not started yet: never started (one still running is abandoned)
         return results
 
     # (1)
