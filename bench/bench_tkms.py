@@ -22,6 +22,11 @@ answers, one attested round).
 
     python bench/bench_tkms.py [--releases 30] [--crypto-iters 200]
     python bench/bench_tkms.py --processes [--releases 20]    # under flock /tmp/teecloud-e2e.lock
+    python bench/bench_tkms.py --processes --py-spy DIR       # + py-spy profiles of the timed releases
+
+`--py-spy DIR` (needs py-spy on PATH) samples this process (client, single KMS, chain RPC server) and every
+node process, wall clock (--idle), while one case's releases run: DIR/<nodes>-<first|repeat>-<who>.txt,
+collapsed stacks. The profiler slows every process several-fold: read shares from it, not times.
 """
 
 from __future__ import annotations

@@ -420,7 +420,13 @@ class ThresholdKeyProvider:
             yield
         finally:
             keep, self._local.keep = self._local.keep, None
-            if keep is not None and bound and not self._hand_over_later(tee, bound, *keep):
+            if keep is not None and not bound:  # an outer binding owns the connections: sent now, in it
+                try:
+                    self._hand_over(tee, *keep)
+                except Exception as exc:  # as in the background: logged, never raised into a boot
+                    log.warning("the keep hand-over failed: %s", _describe(exc))
+                keep = None
+            if keep is not None and not self._hand_over_later(tee, bound, *keep):
                 keep = None  # not started: the next boot of this app signs again
             if keep is None:
                 for client in bound:
