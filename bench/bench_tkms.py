@@ -654,6 +654,123 @@ def processes(
     return rows
 
 
+def threads_http(releases: int) -> list[tuple[str, float, float]]:
+    """`--threads-http` (no LocalCloud, so no e2e lock): the `--processes` topology's chain path in one
+    process — the embedded chain behind its JSON-RPC HTTP server, and every KMS (five threshold nodes from
+    the tests' setup, one single KMS) reading it over HTTP through its own ChainClient with
+    `checked_head` (chain id and head, every question by hash) — as threads. Repeat boots of one app (a
+    fresh instance each: every node's isAppAllowed is a new question), single and threshold releases
+    interleaved (one of each per step), evaluation only (no signing group)."""
+    from teecloud.chain import ChainClient
+    from teecloud.chain.embedded import EmbeddedChain
+    from teecloud.chain.rpcserver import ChainRpcServer
+    from teecloud.kms.audit import AuditLog
+    from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
+    from teecloud.kms.challenge import BootChallenges
+    from teecloud.kms.client import connect_kms
+    from teecloud.kms.rootkeys import LocalRootKeys
+    from teecloud.kms.server import KmsServer
+    from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
+    from teecloud.kms.threshold import ThresholdEvaluator, load_share, local_joint_feldman, save_share
+    from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
+    from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
+
+    home = Path(os.environ["TEECLOUD_HOME"]) / "http"
+    rpc = ChainRpcServer(EmbeddedChain(home / "chain")).start()
+    chain = ChainClient.embedded(home)  # over HTTP: the server recorded its URL
+    chain.deploy()
+    dev = SimulatedTdx(home)
+    chain.add_os_image(dev.os_image_hash)
+    compose = hashlib.sha256(b"bench tkms http").digest()
+    app_id = bytes.fromhex(chain.register_app(None, compose)[2:])
+
+    def own_chain() -> ChainClient:
+        return ChainClient.embedded(home)
+
+    def kms(name: str, share: Any = None) -> KmsServer:
+        """A KMS (a threshold node with `share`) as `teecloud kms up` wires it: its own chain client over
+        HTTP, the head read by hash with the chain-id check (`checked_head`)."""
+        tee = SimulatedTdx(home)
+        identity = boot_kms_tee(tee)
+        state, _ = start_kms_state(tee, identity, now=int(time.time()), home=home / name)
+        sealed = None
+        if share is not None:
+            save_share(share, tee, identity, home / name)
+            sealed = load_share(tee, identity, home / name)
+        reader = own_chain()
+        return KmsServer(
+            KmsService(
+                state=state,
+                identity=identity,
+                tee=tee,
+                chain=reader,
+                collateral=StaticCollateral(tee.collateral),
+                audit=AuditLog(kms_dir(home / name) / "audit.jsonl"),
+                config=KmsConfig(dev_mode=True),
+                dev_root_der=tee.dev_root_der(),
+                block_number=reader.checked_head,
+                os_image_reference=simulated_os_image_reference,
+                root_keys=LocalRootKeys(state) if sealed is not None else None,
+                challenges=BootChallenges(),
+                threshold=ThresholdEvaluator(sealed) if sealed is not None else None,
+            )
+        ).start()
+
+    shares = local_joint_feldman(3, 5)
+    servers = {s.index: kms(f"node-{s.index}", s) for s in shares}
+    single = kms("single")
+
+    def client(server: KmsServer):  # type: ignore[no-untyped-def]
+        return connect_kms(
+            server.url,
+            collateral_for=lambda _q, _n: dev.collateral(),
+            dev_root_der=dev.dev_root_der(),
+            expected_ca_pubkey_der=server.service.keys.ca_public_key_der,
+        )
+
+    group = ThresholdGroup(1, 3, shares[0].commitments, {i: srv.url for i, srv in servers.items()})
+    threshold = ThresholdKeyProvider(group, {i: client(srv) for i, srv in servers.items()}, hedge_s=60.0)
+    one = client(single)
+
+    def release(provider: Any) -> float:
+        boot = SimulatedTdx(home)
+        iid = os.urandom(20)
+        for name, payload in (
+            ("system-preparing", b""),
+            ("app-id", app_id),
+            ("compose-hash", compose),
+            ("instance-id", iid),
+            ("boot-nonce", provider.boot_nonce()),
+            ("boot-mr-done", b""),
+            ("os-image-hash", boot.os_image_hash),
+        ):
+            boot.emit_event(name, payload)
+        t0 = time.perf_counter()
+        provider.get_app_keys(boot, app_id, iid)
+        return (time.perf_counter() - t0) * 1000
+
+    try:
+        release(one), release(threshold)  # warm: server certificates checked once per client
+        got: dict[str, list[float]] = {"single": [], "threshold": []}
+        for _ in range(releases):
+            got["single"].append(release(one))
+            got["threshold"].append(release(threshold))
+    finally:
+        for server in [single, *servers.values()]:
+            server.stop()
+        rpc.stop()
+    rows = []
+    for name, label in (
+        ("single", "repeat boot, single KMS (GetAppKey), chain over HTTP, threads"),
+        ("threshold", "repeat boot, threshold 3 of 5 (ThresholdEvaluate), chain over HTTP, threads"),
+    ):
+        xs = sorted(got[name])
+        rows.append((label, statistics.median(xs), xs[min(len(xs) - 1, int(len(xs) * 0.99))]))
+    rows.append(("  threshold minus single (p50, ms)", rows[1][1] - rows[0][1], float("nan")))
+    rows.append(("  ratio threshold / single (p50)", rows[1][1] / rows[0][1], float("nan")))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--releases", type=int, default=30)
@@ -661,6 +778,7 @@ def main() -> None:
     ap.add_argument("--signatures-only", action="store_true", help="only the threshold ECDSA / ECDH rows")
     ap.add_argument("--env-only", type=int, default=0, metavar="APPS", help="only the env-key ceremony rows")
     ap.add_argument("--processes", action="store_true", help="only part 4 (nodes as separate processes)")
+    ap.add_argument("--threads-http", action="store_true", help="only the in-process chain-over-HTTP rows")
     ap.add_argument(
         "--py-spy", type=Path, default=None, metavar="DIR", help="with --processes: profiles to DIR"
     )
@@ -671,6 +789,11 @@ def main() -> None:
         if args.env_only:
             for label, p50, p99 in env_ceremony(args.env_only):
                 print(f"| {label} | {p50:.2f} | {p99:.2f} |", flush=True)
+            return
+        if args.threads_http:
+            for label, p50, p99 in threads_http(args.releases):
+                tail = "—" if p99 != p99 else f"{p99:.2f}"
+                print(f"| {label} | {p50:.2f} | {tail} |", flush=True)
             return
         if args.processes:
             for label, p50, p99 in processes(args.releases, spy_dir=args.py_spy):
