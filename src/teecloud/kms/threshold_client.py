@@ -46,11 +46,12 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import BaseModel
 
 from teecloud.appcompose import AppComposeError
 from teecloud.attestation.errors import VerificationError
@@ -91,6 +92,11 @@ log = logging.getLogger("teecloud.kms.threshold")
 # why a boot of a group that signs got no KMS signature when t nodes hold no common presignature
 NO_PRESIGNATURES = "no presignatures, refill in progress"
 BAD_SHARE = "the signature share does not verify against the presignature"
+MAX_HAND_OVERS = 8  # keep hand-overs running at once in the background (one per recent first boot)
+FAN_OUT_WORKERS = 64  # threads of a provider's calls to the nodes (reused across rounds and boots)
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -256,6 +262,10 @@ class ThresholdKeyProvider:
         self.composes = ComposeBook()  # the GPU gate: bind_app_compose
         # per boot thread (one provider serves every CVM of a worker): the bound env and its secret
         self._env = threading.local()
+        self._local = threading.local()  # per boot thread: the keep hand-over its boot leaves (`_keep`)
+        self._hand_overs: list[threading.Thread] = []
+        self._hand_overs_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # `_fan_out`
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.group.group_public_key.hex(), "epoch": self.group.epoch}
@@ -268,6 +278,14 @@ class ThresholdKeyProvider:
         if client is None:
             raise KmsClientError(f"KMS node {index} is not in the group (nodes {sorted(self._clients)})")
         return client.server_certificate()
+
+    def _fan_out(self) -> ThreadPoolExecutor:
+        """The provider's one pool for its calls to the nodes (threads started once and reused, not per
+        round; at most FAN_OUT_WORKERS, so calls abandoned by a hedge cannot exhaust it quickly)."""
+        with self._hand_overs_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=FAN_OUT_WORKERS, thread_name_prefix="kms-fan-out")
+            return self._pool
 
     def _gather(
         self,
@@ -282,7 +300,7 @@ class ThresholdKeyProvider:
         all_first: every node at once, then wait for all of them, or — after hedge_s — only until `need`
         results are accepted. Otherwise `need` nodes first, a replacement for each failure, and all the rest
         when hedge_s passes without `need` accepted results. Calls still running are abandoned."""
-        pool = ThreadPoolExecutor(max_workers=max(1, len(indices)))
+        pool = self._fan_out()
         queue = list(indices)
         futures: dict[Future[Any], int] = {}
         results: dict[int, Any] = {}
@@ -323,7 +341,8 @@ class ThresholdKeyProvider:
                 if not done and not pending and not queue:
                     break
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            for fut in futures:
+                fut.cancel()  # not started yet: never started (one still running is abandoned)
         return results
 
     # (1)
@@ -391,14 +410,76 @@ class ThresholdKeyProvider:
     @contextmanager
     def _boot(self, tee: QuoteSource, app_id: bytes) -> Iterator[None]:
         """One RA-TLS credential for this boot's attested calls to every node (one quote), and one
-        kept-alive connection per node (opened at its first call), closed when the scope ends."""
+        kept-alive connection per node (opened at its first call), closed when the scope ends — or, when
+        the boot signed something for the nodes to keep (`_keep`), handed to a background thread that sends
+        it and then closes them (`_hand_over`): the boot's keys are returned without waiting for that."""
         credential = BootCredential(tee, usage="app:kms-client", app_id=app_id, clock=self._clock)
         bound = [c for c in self._clients.values() if c.bind_boot(tee, credential)]
+        self._local.keep = None
         try:
             yield
         finally:
+            keep, self._local.keep = self._local.keep, None
+            if keep is not None and not bound:  # an outer binding owns the connections: sent now, in it
+                try:
+                    self._hand_over(tee, *keep)
+                except Exception as exc:  # as in the background: logged, never raised into a boot
+                    log.warning("the keep hand-over failed: %s", _describe(exc))
+                keep = None
+            if keep is not None and not self._hand_over_later(tee, bound, *keep):
+                keep = None  # not started: the next boot of this app signs again
+            if keep is None:
+                for client in bound:
+                    client.unbind_boot(tee)
+
+    def _hand_over_later(
+        self,
+        tee: QuoteSource,
+        bound: list[KmsClient],
+        app_id: bytes,
+        body: dict[str, Any],
+        challenged: list[int],
+    ) -> bool:
+        """Start the keep hand-over on a daemon thread (at most MAX_HAND_OVERS at once), on this boot's
+        connections moved to a holder that cannot quote: a call for `tee` after this returns gets a
+        credential and quote of its own, so nothing after the boot uses its boot-time evidence except this
+        hand-over. False (nothing started, the connections stay with `tee`) when too many are running."""
+        with self._hand_overs_lock:
+            self._hand_overs = [th_ for th_ in self._hand_overs if th_.is_alive()]
+            if len(self._hand_overs) >= MAX_HAND_OVERS:
+                log.warning(
+                    "the keep hand-over is skipped (%d running): the next boot signs again", MAX_HAND_OVERS
+                )
+                return False
+            holder = _EndedBoot()
+            moved = [c for c in bound if c.hand_over_boot(tee, holder)]
             for client in bound:
-                client.unbind_boot(tee)
+                if client not in moved:
+                    client.unbind_boot(tee)
+
+            def run() -> None:
+                try:
+                    self._hand_over(holder, app_id, body, challenged)
+                except Exception as exc:  # a background thread: logged, never raised into a boot
+                    log.warning("the keep hand-over failed: %s", _describe(exc))
+                finally:
+                    for client in moved:
+                        client.unbind_boot(holder)
+
+            thread = threading.Thread(target=run, name="kms-keep-hand-over", daemon=True)
+            self._hand_overs.append(thread)
+            thread.start()
+            return True
+
+    def wait_for_hand_overs(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every keep hand-over started so far has ended (tests, benchmarks, a clean stop);
+        False when some still run after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        with self._hand_overs_lock:
+            threads = list(self._hand_overs)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
 
     def _bound_env_secret(self, tee: QuoteSource, app_id: bytes, group: ThresholdGroup) -> bytes:
         """The bound env's X25519 secret under the app's current epoch; while the app migrates
@@ -483,15 +564,7 @@ class ThresholdKeyProvider:
         faults = self.faults
         valid: dict[int, tuple[tuple[bytes, ...], tx.EcdhPartial]] = {}
 
-        def ask(client: KmsClient) -> api.ThresholdEnvPartialResponse:
-            return client.attested_call(
-                tee,
-                api.PATH_THRESHOLD_ENV_PARTIAL,
-                api.ThresholdEnvPartialResponse,
-                body=body,
-                usage="app:kms-client",
-                app_id=app_id,
-            )
+        ask = _attested(tee, app_id, api.PATH_THRESHOLD_ENV_PARTIAL, api.ThresholdEnvPartialResponse, body)
 
         def accept(i: int, answer: Any) -> bool:
             if isinstance(answer, BaseException):
@@ -558,15 +631,7 @@ class ThresholdKeyProvider:
             vm_config=vm_config_json(tee), app_compose=self.composes.for_tee(tee), epoch=group.epoch
         ).model_dump()
 
-        def ask(client: KmsClient) -> api.ThresholdEvaluateResponse:
-            return client.attested_call(
-                tee,
-                api.PATH_THRESHOLD_EVALUATE,
-                api.ThresholdEvaluateResponse,
-                body=body,
-                usage="app:kms-client",
-                app_id=app_id,
-            )
+        ask = _attested(tee, app_id, api.PATH_THRESHOLD_EVALUATE, api.ThresholdEvaluateResponse, body)
 
         # Ask t nodes first; another for each that fails, and all the rest if hedge_s passes first: an honest
         # run costs the cluster t evaluations, not n, and no silent node holds the boot up.
@@ -835,8 +900,8 @@ class ThresholdKeyProvider:
     ) -> None:
         """After a signing round: hand the app-key signature and the app CA certificate this boot holds to
         every challenged node to keep (ThresholdKeepSignatures, attested and judged like an evaluation), so
-        that the next boot of this app is one round. A node that does not keep them only costs a signing
-        round at the next boot: its failure is logged, not a fault."""
+        that the next boot of this app is one round. The request is built here, inside the boot; it is sent
+        after the boot's keys are returned (`_boot`, `_hand_over`), off the boot's path."""
         pub33 = self._app_ca_tbs(app_id, app_ca_key_pem)[2] if certificate else b""
         body = api.ThresholdKeepRequest(
             vm_config=vm_config_json(tee),
@@ -847,16 +912,16 @@ class ThresholdKeyProvider:
             app_ca_public_key=pub33.hex(),
             certificate=certificate,
         ).model_dump()
+        self._local.keep = (app_id, body, list(self._challenged))
 
-        def keep(client: KmsClient) -> api.ThresholdKeepResponse:
-            return client.attested_call(
-                tee,
-                api.PATH_THRESHOLD_KEEP_SIGNATURES,
-                api.ThresholdKeepResponse,
-                body=body,
-                usage="app:kms-client",
-                app_id=app_id,
-            )
+    def _hand_over(
+        self, holder: QuoteSource, app_id: bytes, body: dict[str, Any], challenged: list[int]
+    ) -> None:
+        """Send a boot's keep request to every node it challenged on the boot's connections (`holder`: they
+        present its boot-time credential; each node judges the request by its whole rule). A node that
+        does not keep them only costs a signing round at the next boot: its failure is logged, not a
+        fault."""
+        keep = _attested(holder, app_id, api.PATH_THRESHOLD_KEEP_SIGNATURES, api.ThresholdKeepResponse, body)
 
         def kept(i: int, answer: Any) -> bool:
             if isinstance(answer, BaseException):
@@ -864,7 +929,7 @@ class ThresholdKeyProvider:
                 return False
             return True
 
-        self._gather(self._challenged, keep, kept, need=len(self._challenged), all_first=True)
+        self._gather(challenged, keep, kept, need=len(challenged), all_first=True)
 
     def _check(
         self,
@@ -989,15 +1054,7 @@ def _group_signature(
     request = body(session)
     got: dict[int, tuple[te.Presignature, te.SignatureShare]] = {}
 
-    def ask(client: KmsClient) -> api.ThresholdSignResponse:
-        return client.attested_call(
-            tee,
-            path,
-            api.ThresholdSignResponse,
-            body=request,
-            usage="app:kms-client",
-            app_id=app_id,
-        )
+    ask = _attested(tee, app_id, path, api.ThresholdSignResponse, request)
 
     def accept(i: int, answer: Any, *, check_share: bool) -> bool:
         if isinstance(answer, BaseException):
@@ -1107,6 +1164,29 @@ def _together(
         later = pool.submit(run, second)
         now = run(first)
         return now, later.result()
+
+
+class _EndedBoot:
+    """The holder of a boot's connections after its scope (KmsClient.hand_over_boot): it takes no quote,
+    so a call on it can only present the boot's own credential."""
+
+    def quote(self, report_data: bytes) -> bytes:
+        raise KmsClientError("the boot has ended: no quote is taken for its hand-over")
+
+    def event_log(self) -> list[Any]:
+        raise KmsClientError("the boot has ended: no quote is taken for its hand-over")
+
+
+def _attested(
+    tee: QuoteSource, app_id: bytes, path: str, model: type[_M], body: dict[str, Any]
+) -> Callable[[KmsClient], _M]:
+    """The one shape of a boot's request to a node, for `_gather`: `body` posted to `path` over the boot's
+    attested connection (the app's RA-TLS credential, usage app:kms-client), the answer parsed as `model`."""
+
+    def call(client: KmsClient) -> _M:
+        return client.attested_call(tee, path, model, body=body, usage="app:kms-client", app_id=app_id)
+
+    return call
 
 
 def _describe(exc: BaseException) -> str:
