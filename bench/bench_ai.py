@@ -159,6 +159,11 @@ def _relay_main(kind: str, args: dict[str, object], ready: object, stop: object)
 
         chosen = getattr(proxy_module, "proxy_event_loop", None)
         loop = chosen() if chosen is not None else "default"
+    elif loop == "default":  # the front as examples/llm/app.py serves it (older trees: asyncio)
+        from teecloud.ai import _http
+
+        chosen = getattr(_http, "fast_event_loop", None)
+        loop = chosen() if chosen is not None else "default"
     extra = {} if loop == "default" else {"loop": loop}
     with Listener(app, name=f"bench-{kind}", **extra) as listener:
         ready.put(listener.url)  # type: ignore[attr-defined]
