@@ -697,20 +697,32 @@ async def _coalesced(pieces: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None
     chunk of its own and h11 hands them out one by one even when one read brought several; a task of its
     own reads them, so every piece of a read is queued before this side wakes, and a proxy that fell behind
     (a loaded CPU) catches up with one write to the client instead of one per event. Nothing waits for
-    more: a lone piece goes on as soon as it is read. Read-ahead is bounded (_COALESCE_DEPTH)."""
+    more: a lone piece goes on as soon as it is read. Read-ahead is bounded (_COALESCE_DEPTH). The first
+    piece (the first token) is read here, before the reader task starts: no task switch on its path."""
+    source = aiter(pieces)
+    try:
+        first = await anext(source)
+    except StopAsyncIteration:
+        return
+    except BaseException:
+        await _aclose(pieces)
+        raise
+    try:
+        yield first
+    except BaseException:  # the consumer stopped at the first piece: the source ends too
+        await _aclose(pieces)
+        raise
     queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(_COALESCE_DEPTH)
 
     async def pump() -> None:
         try:
-            async for piece in pieces:
+            async for piece in source:
                 await queue.put(piece)
         except Exception as exc:  # raised again on the reading side, where the stream's errors are handled
             await queue.put(exc)
             return
         finally:
-            close = getattr(pieces, "aclose", None)  # stopped early (cancelled): the source ends too
-            if close is not None:
-                await close()
+            await _aclose(pieces)  # stopped early (cancelled): the source ends too
         await queue.put(None)
 
     task = asyncio.create_task(pump())
@@ -731,6 +743,12 @@ async def _coalesced(pieces: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None
                 raise item
     finally:
         await _cancel(task)
+
+
+async def _aclose(pieces: AsyncIterator[bytes]) -> None:
+    close = getattr(pieces, "aclose", None)
+    if close is not None:
+        await close()
 
 
 async def _cancel(task: asyncio.Task[Any] | None) -> None:
