@@ -54,6 +54,11 @@ Where the first token's time goes, stage by stage (perf_counter marks on the pat
 this process in front of a synthetic engine whose first event comes at once):
 
     python3 bench/bench_ai.py --spans --requests 60
+
+and what each path adds to the first event on that synthetic engine with the relays as processes (paired
+interleaved rounds; `--before SRC` adds another tree's front and proxies to the same run):
+
+    python3 bench/bench_ai.py --hops --requests 200 [--before SRC]
 """
 
 from __future__ import annotations
@@ -549,6 +554,77 @@ def spans(args: argparse.Namespace, home: Path, model: Path) -> None:
             prev = m
 
 
+def hops(args: argparse.Namespace, home: Path, model: Path) -> None:
+    """--hops: the added time to the first event per path on a synthetic engine (its first event at once; NOT
+    a model), the relays as processes (as deployed), paired interleaved rounds; with --before, the other
+    tree's front and proxies as paths of the same run."""
+    import multiprocessing
+
+    import httpx
+    from tests.ai.conftest import running_stack
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_gateway_variants import t_975
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    engine = ctx.Process(target=_synthetic_main, args=(ready, stop, 16, 0.002), daemon=True)
+    engine.start()
+    load_before = os.getloadavg()[0]
+    try:
+        engine_url = ready.get(timeout=120)
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(running_stack(home, model=model, threads=1))
+            paths = {"synthetic engine": engine_url}
+            trees = {"": None} | ({" (before)": args.before} if args.before else {})
+            for label, src in trees.items():
+                config = dataclasses.replace(
+                    s.config, engine_url=engine_url, receipts_dir=home / f"hops{label.strip()}"
+                )
+                front = stack.enter_context(
+                    RelayProcess("front", sock=s.sock, config=dataclasses.asdict(config), src=src)
+                ).url
+                paths[f"attested app{label}"] = front
+                for name, kw in [
+                    ("app + proxy", {"e2ee": False}),
+                    ("app + proxy, E2EE X25519", {"e2ee": True}),
+                    ("app + proxy, E2EE secp256k1", {"e2ee": True, "e2ee_alg": "secp256k1"}),
+                ]:
+                    policy = dataclasses.asdict(s.policy(**kw))
+                    relay = RelayProcess("proxy", home=home, upstream=front, policy=policy, src=src)
+                    paths[f"{name}{label}"] = stack.enter_context(relay).url
+            firsts: dict[str, list[float]] = {k: [] for k in paths}
+            with httpx.Client(timeout=60) as http:
+                for url in paths.values():
+                    for w in range(3):
+                        one(http, url, 4, 9000 + w)
+                rng = random.Random(0)
+                for i in range(args.requests):
+                    order = list(paths.items())
+                    rng.shuffle(order)
+                    for name, url in order:
+                        firsts[name].append(one(http, url, 16, i)[0] * 1000)
+    finally:
+        stop.set()
+        engine.join(10)
+    print(
+        f"\n### added time to the first event, synthetic engine (NOT a model: its first event at once), "
+        f"relays as processes; {args.requests} interleaved rounds; load avg {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after\n"
+    )
+    print("| path | first event, median (ms) | added, paired median (ms) | added, mean (ms) | 95 % CI (ms) |")
+    print("|---|---|---|---|---|")
+    base = firsts["synthetic engine"]
+    for name, xs in firsts.items():
+        added = [x - b for x, b in zip(xs, base, strict=True)]
+        mean = statistics.fmean(added)
+        half = t_975(len(added) - 1) * statistics.stdev(added) / math.sqrt(len(added))
+        print(
+            f"| {name} | {statistics.median(xs):.2f} | {statistics.median(added):+.2f} | {mean:+.2f} "
+            f"| {mean - half:+.2f} to {mean + half:+.2f} |"
+        )
+
+
 def table(stats: dict[str, list[tuple[float, float, int, float]]], streamed: bool) -> None:
     """One row per path; the differences and ratios are paired per round (same moment, same load)."""
     print(
@@ -783,7 +859,9 @@ def report(args: argparse.Namespace, title: str, m: dict[str, object], modes: li
     cpu = m.get("cpu") or {}
     assert isinstance(cpu, dict)
     if cpu:
-        answers = args.requests * len(modes)
+        results_by_mode = m["results"]
+        assert isinstance(results_by_mode, dict)
+        answers = sum(len(st["engine direct"]) for st in results_by_mode.values())  # the rounds done
         tokens = answers * args.tokens
         ttft_rounds = m.get("ttft")
         if isinstance(ttft_rounds, dict):  # --verdict's TTFT rounds ran on the same proxies
@@ -853,6 +931,11 @@ def main() -> None:
         "--verdict", action="store_true", help="the goals' statistical verdict (module docstring)"
     )
     ap.add_argument(
+        "--hops",
+        action="store_true",
+        help="added time to the first event per path, synthetic engine, relays as processes; --before too",
+    )
+    ap.add_argument(
         "--spans",
         action="store_true",
         help="the first token's path stage by stage, synthetic engine (module docstring); --requests rounds",
@@ -878,7 +961,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     args.proxy_loops = args.proxy_loops.split(",")
-    if args.verdict:
+    if args.verdict or args.hops:
         args.relays = "process"  # as deployed: the front in the CVM, the proxy beside the client
     models = [args.size] if args.size else args.models.split(",")
     configs = args.configs.split(",") if args.configs else [f"threads {args.threads}"]
@@ -909,8 +992,9 @@ def main() -> None:
         f"{', engine pinned to CPU 0, client + relays to CPU 1' if args.pin else ''}"
     )
     try:
-        if args.spans:
-            spans(args, home, tiny.write_tiny_llama(home / "tiny.gguf", size="tiny"))
+        if args.spans or args.hops:
+            tiny_model = tiny.write_tiny_llama(home / "tiny.gguf", size="tiny")
+            (spans if args.spans else hops)(args, home, tiny_model)
             return
         first = True
         for size in models:
