@@ -41,6 +41,24 @@ protocol before inline receipts). Over the rounds, per path: the geometric mean 
 time to the first token with a 95 % t interval; per goal: met (the whole interval on the good side of the
 goal), not met (the whole interval on the bad side) or undecidable on this machine (it straddles the goal).
 Bounded: at most --requests rounds and --budget-s seconds of them (what is done by then is reported).
+The TTFT goal is judged on rounds of its own first (--ttft-rounds of --ttft-tokens-token answers, at most a
+quarter of the budget): short answers give many more pairs in the same time, so its interval narrows. The
+throughput rows also give the decode rate's ratio (first to last token: the per-token cost without the fixed
+per-answer costs, which the TTFT goal covers). `--with-fetch` adds the fetch-mode proxy as a path.
+A quick verdict for a quiet machine (≤ 12 minutes; docs/benchmarks.md):
+
+    python3 bench/bench_ai.py --verdict --configs gpu-like --requests 250 --ttft-rounds 800 --tokens 64 \
+        --budget-s 560 --no-extras
+
+Where the first token's time goes, stage by stage (perf_counter marks on the path, the relays as threads of
+this process in front of a synthetic engine whose first event comes at once):
+
+    python3 bench/bench_ai.py --spans --requests 60
+
+and what each path adds to the first event on that synthetic engine with the relays as processes (paired
+interleaved rounds; `--before SRC` adds another tree's front and proxies to the same run):
+
+    python3 bench/bench_ai.py --hops --requests 200 [--before SRC]
 """
 
 from __future__ import annotations
@@ -158,6 +176,11 @@ def _relay_main(kind: str, args: dict[str, object], ready: object, stop: object)
         from teecloud.ai import proxy as proxy_module
 
         chosen = getattr(proxy_module, "proxy_event_loop", None)
+        loop = chosen() if chosen is not None else "default"
+    elif loop == "default":  # the front as examples/llm/app.py serves it (older trees: asyncio)
+        from teecloud.ai import _http
+
+        chosen = getattr(_http, "fast_event_loop", None)
         loop = chosen() if chosen is not None else "default"
     extra = {} if loop == "default" else {"loop": loop}
     with Listener(app, name=f"bench-{kind}", **extra) as listener:
@@ -322,6 +345,286 @@ def relay_cost(s: object, events: int = 400, rounds: int = 5) -> dict[str, float
     return out
 
 
+def _synthetic_main(ready: object, stop: object, events: int, gap_s: float) -> None:
+    """A synthetic engine in its own process (labelled: NOT a model): `events` OpenAI-shaped chunks, the first
+    at once and then one per `gap_s`, then [DONE]; only the relays' own time shows in front of it."""
+    import asyncio
+    import logging
+
+    logging.disable(logging.WARNING)
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from teecloud.ai._http import Listener
+
+    chunk = {
+        "id": "chatcmpl-synthetic",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "tiny-llama",
+        "choices": [{"index": 0, "delta": {"content": " tok"}, "finish_reason": None}],
+    }
+    line = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def stream() -> StreamingResponse:
+        async def gen():  # type: ignore[no-untyped-def]
+            for _ in range(events):
+                yield line
+                await asyncio.sleep(gap_s)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    with Listener(app, name="synthetic-engine") as listener:
+        ready.put(listener.url)  # type: ignore[attr-defined]
+        stop.wait()  # type: ignore[attr-defined]
+
+
+_MARKS: list[tuple[str, float]] = []  # (mark, perf_counter) of the request in flight (--spans)
+
+
+def _instrument(engine_url: str, front_url: str) -> None:
+    """--spans: wrap the first token's path with perf_counter marks (this process only: the relays run as
+    its threads here). Names: who.what, who = client, proxy, front."""
+    import functools
+
+    import httpx
+
+    from teecloud.ai import _http, e2ee, proxy, server
+
+    def mark(name: str) -> None:
+        _MARKS.append((name, time.perf_counter()))
+
+    def who_of(handler: object) -> str:
+        return "proxy" if getattr(handler, "__module__", "") == "teecloud.ai.proxy" else "front"
+
+    original_call = _http.CompletionRoutes.__call__
+
+    async def call(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        who = who_of(self.handler)
+        mark(f"{who}.request in")
+        first = True
+
+        async def timed_send(message):  # type: ignore[no-untyped-def]
+            nonlocal first
+            if message["type"] == "http.response.start":
+                mark(f"{who}.headers out")
+            if message["type"] == "http.response.body" and message.get("body") and first:
+                first = False
+                await send(message)
+                mark(f"{who}.first event out")
+                return
+            await send(message)
+
+        await original_call(self, scope, receive, timed_send)
+
+    _http.CompletionRoutes.__call__ = call  # type: ignore[method-assign]
+
+    def after(owner: object, attr: str, name: str, *, is_async: bool = False, once: bool = False) -> None:
+        fn = getattr(owner, attr)
+        if is_async:
+
+            @functools.wraps(fn)
+            async def wrapped_async(*a, **kw):  # type: ignore[no-untyped-def]
+                out = await fn(*a, **kw)
+                mark(name)
+                return out
+
+            setattr(owner, attr, wrapped_async)
+            return
+
+        @functools.wraps(fn)
+        def wrapped(*a, **kw):  # type: ignore[no-untyped-def]
+            out = fn(*a, **kw)
+            if not once or not any(m == name for m, _ in _MARKS):
+                mark(name)
+            return out
+
+        setattr(owner, attr, wrapped)
+
+    after(proxy, "read_body", "proxy.body read", is_async=True)
+    after(server, "read_body", "front.body read", is_async=True)
+    after(e2ee.EphemeralSpare, "take", "proxy.ephemeral key taken")
+    after(e2ee.ClientSession, "seal_request", "proxy.prompt sealed")
+    after(e2ee.ServerKey, "open_request", "front.prompt opened")
+    after(server._Front, "check_request", "front.request checked")
+    after(e2ee.ServerKey, "seal_stream_event", "front.first event sealed", once=True)
+    after(e2ee.ClientSession, "open_stream_event", "proxy.first event opened", once=True)
+    who_by_url = {engine_url: "front", front_url: "proxy"}
+    original_send = httpx.AsyncClient.send
+
+    async def send(self, request, **kw):  # type: ignore[no-untyped-def]
+        who = who_by_url.get(str(self.base_url).rstrip("/"), "other")
+        mark(f"{who}.upstream request sent")  # just before: the request leaves when the pool has a connection
+        resp = await original_send(self, request, **kw)
+        mark(f"{who}.upstream headers in")
+        return resp
+
+    httpx.AsyncClient.send = send  # type: ignore[method-assign]
+    original_raw = httpx.Response.aiter_raw
+
+    async def aiter_raw(self, *a, **kw):  # type: ignore[no-untyped-def]
+        origin = f"{self.request.url.scheme}://{self.request.url.host}:{self.request.url.port}"
+        name = f"{who_by_url[origin]}.upstream first piece in" if origin in who_by_url else ""
+        first = True
+        async for piece in original_raw(self, *a, **kw):
+            if first and name:
+                mark(name)
+            first = False
+            yield piece
+
+    httpx.Response.aiter_raw = aiter_raw  # type: ignore[method-assign]
+
+
+def spans(args: argparse.Namespace, home: Path, model: Path) -> None:
+    """--spans: the first token's path, stage by stage (module docstring)."""
+    import multiprocessing
+
+    import httpx
+    from tests.ai.conftest import running_stack
+
+    from teecloud.ai._http import Listener, fast_event_loop
+    from teecloud.ai.e2ee import ALG_K256, ALG_X25519
+    from teecloud.ai.proxy import make_proxy_app, proxy_event_loop
+    from teecloud.ai.server import make_inference_app
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    engine = ctx.Process(target=_synthetic_main, args=(ready, stop, 16, 0.002), daemon=True)
+    engine.start()
+    load_before = os.getloadavg()[0]
+    try:
+        engine_url = ready.get(timeout=120)
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(running_stack(home, model=model, threads=1))
+            config = dataclasses.replace(
+                s.config, engine_url=engine_url, receipts_dir=home / "spans-receipts"
+            )
+            front = stack.enter_context(
+                Listener(
+                    make_inference_app(config, s.keys, s.quote), name="spans-front", loop=fast_event_loop()
+                )
+            )
+            _instrument(engine_url, front.url)
+            paths = {"attested app": front.url}
+            for label, kw in [
+                ("app + proxy", {"e2ee": False}),
+                ("app + proxy, E2EE X25519", {"e2ee": True, "e2ee_alg": ALG_X25519}),
+                ("app + proxy, E2EE secp256k1", {"e2ee": True, "e2ee_alg": ALG_K256}),
+            ]:
+                app = make_proxy_app(front.url, s.verifier(), s.policy(**kw))
+                paths[label] = stack.enter_context(
+                    Listener(app, name="spans-proxy", loop=proxy_event_loop())
+                ).url
+            timelines: dict[str, list[dict[str, float]]] = {k: [] for k in paths}
+            with httpx.Client(timeout=60) as http:
+                for url in paths.values():
+                    for w in range(3):
+                        one(http, url, 4, 9000 + w)  # warm up, attest
+                rng = random.Random(0)
+                for i in range(args.requests):
+                    order = list(paths.items())
+                    rng.shuffle(order)
+                    for name, url in order:
+                        _MARKS.clear()
+                        t0 = time.perf_counter()
+                        _MARKS.append(("client.request sent", t0))
+                        ttft = one(http, url, 8, i)[0]
+                        _MARKS.append(("client.first token in", t0 + ttft))
+                        timelines[name].append({m: (t - t0) * 1000 for m, t in _MARKS})
+    finally:
+        stop.set()
+        engine.join(10)
+    print(
+        f"\n### the first token's path, stage by stage (synthetic engine, NOT a model: its first event at "
+        f"once; relays as threads of one process; {args.requests} interleaved rounds; load avg "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after). Median ms since the client sent the "
+        "request; step = the median of the per-request differences to the previous mark"
+    )
+    for name, rows in timelines.items():
+        print(f"\n{name}:\n\n| mark | since sent (ms) | step (ms) |\n|---|---|---|")
+        order = sorted(rows[0], key=lambda m: rows[0][m])
+        prev = None
+        for m in order:
+            at = statistics.median(r[m] for r in rows if m in r)
+            step = statistics.median(r[m] - r[prev] for r in rows if m in r and prev in r) if prev else at
+            print(f"| {m} | {at:.3f} | {step:+.3f} |")
+            prev = m
+
+
+def hops(args: argparse.Namespace, home: Path, model: Path) -> None:
+    """--hops: the added time to the first event per path on a synthetic engine (its first event at once; NOT
+    a model), the relays as processes (as deployed), paired interleaved rounds; with --before, the other
+    tree's front and proxies as paths of the same run."""
+    import multiprocessing
+
+    import httpx
+    from tests.ai.conftest import running_stack
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_gateway_variants import t_975
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    engine = ctx.Process(target=_synthetic_main, args=(ready, stop, 16, 0.002), daemon=True)
+    engine.start()
+    load_before = os.getloadavg()[0]
+    try:
+        engine_url = ready.get(timeout=120)
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(running_stack(home, model=model, threads=1))
+            paths = {"synthetic engine": engine_url}
+            trees = {"": None} | ({" (before)": args.before} if args.before else {})
+            for label, src in trees.items():
+                config = dataclasses.replace(
+                    s.config, engine_url=engine_url, receipts_dir=home / f"hops{label.strip()}"
+                )
+                front = stack.enter_context(
+                    RelayProcess("front", sock=s.sock, config=dataclasses.asdict(config), src=src)
+                ).url
+                paths[f"attested app{label}"] = front
+                for name, kw in [
+                    ("app + proxy", {"e2ee": False}),
+                    ("app + proxy, E2EE X25519", {"e2ee": True}),
+                    ("app + proxy, E2EE secp256k1", {"e2ee": True, "e2ee_alg": "secp256k1"}),
+                ]:
+                    policy = dataclasses.asdict(s.policy(**kw))
+                    relay = RelayProcess("proxy", home=home, upstream=front, policy=policy, src=src)
+                    paths[f"{name}{label}"] = stack.enter_context(relay).url
+            firsts: dict[str, list[float]] = {k: [] for k in paths}
+            with httpx.Client(timeout=60) as http:
+                for url in paths.values():
+                    for w in range(3):
+                        one(http, url, 4, 9000 + w)
+                rng = random.Random(0)
+                for i in range(args.requests):
+                    order = list(paths.items())
+                    rng.shuffle(order)
+                    for name, url in order:
+                        firsts[name].append(one(http, url, 16, i)[0] * 1000)
+    finally:
+        stop.set()
+        engine.join(10)
+    print(
+        f"\n### added time to the first event, synthetic engine (NOT a model: its first event at once), "
+        f"relays as processes; {args.requests} interleaved rounds; load avg {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after\n"
+    )
+    print("| path | first event, median (ms) | added, paired median (ms) | added, mean (ms) | 95 % CI (ms) |")
+    print("|---|---|---|---|---|")
+    base = firsts["synthetic engine"]
+    for name, xs in firsts.items():
+        added = [x - b for x, b in zip(xs, base, strict=True)]
+        mean = statistics.fmean(added)
+        half = t_975(len(added) - 1) * statistics.stdev(added) / math.sqrt(len(added))
+        print(
+            f"| {name} | {statistics.median(xs):.2f} | {statistics.median(added):+.2f} | {mean:+.2f} "
+            f"| {mean - half:+.2f} to {mean + half:+.2f} |"
+        )
+
+
 def table(stats: dict[str, list[tuple[float, float, int, float]]], streamed: bool) -> None:
     """One row per path; the differences and ratios are paired per round (same moment, same load)."""
     print(
@@ -399,7 +702,7 @@ def measure(
                 paths[f"attested app{label}"] = front_url
                 loops = [_resolve(lp) for lp in args.proxy_loops] if not src else ["default"]
                 variants = [(False, lp, "inline") for lp in loops] + [(True, loops[0], "inline")]
-                if args.verdict and not src:
+                if args.verdict and args.with_fetch and not src:
                     variants.append((False, loops[0], "fetch"))
                 for e2ee, loop, receipts in variants:
                     policy = dataclasses.asdict(s.policy(e2ee=e2ee))
@@ -432,6 +735,22 @@ def measure(
             cpu0 = {name: r.cpu_s() for name, r in relays.items()}
             t_timed = time.monotonic()
             deadline = t_timed + args.budget_s
+            if args.verdict:
+                # The TTFT goal on its own rounds of short answers (--ttft-tokens): many more pairs in a
+                # quarter of the budget than the long answers allow, so its interval narrows.
+                ttft_deadline = t_timed + args.budget_s / 4
+                tstats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
+                for _ in range(args.ttft_rounds):
+                    if time.monotonic() > ttft_deadline:
+                        done = len(tstats["engine direct"])
+                        print(f"TTFT rounds: a quarter of the budget reached after {done}")
+                        break
+                    order = list(paths.items())
+                    rng.shuffle(order)
+                    for name, url in order:
+                        i += 1
+                        tstats[name].append(one(http, url, args.ttft_tokens, i))
+                out["ttft"] = tstats
             for streamed in modes:
                 stats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
                 request = one if streamed else one_plain
@@ -472,23 +791,34 @@ def _judge(low: float, high: float, goal: float, *, higher_is_better: bool) -> s
     return "met" if high <= goal else "not met" if low > goal else "undecidable"
 
 
-def verdict(stats: dict[str, list[tuple[float, float, int, float]]]) -> None:
-    """The goals' verdict over paired rounds (module docstring)."""
+def verdict(
+    stats: dict[str, list[tuple[float, float, int, float]]],
+    ttft_stats: dict[str, list[tuple[float, float, int, float]]] | None = None,
+) -> None:
+    """The goals' verdict over paired rounds (module docstring): throughput over `stats` (long answers), the
+    added TTFT over `ttft_stats` (short answers: their own rounds) when given, else over `stats`."""
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_gateway_variants import paired_ratio, t_975
 
     direct = stats["engine direct"]
+    tstats = ttft_stats or stats
     print(
-        "\n| path | rounds | throughput / direct (geo. mean) | 95 % CI | ≥ 98 % goal | added TTFT, mean (ms) "
+        "\n| path | rounds (throughput / TTFT) | throughput / direct (geo. mean) | 95 % CI | ≥ 98 % goal "
+        "| decode rate / direct | 95 % CI | added TTFT, mean (ms) "
         "| 95 % CI (ms) | ≤ 5 ms goal | last token → end, median (ms) | verdict |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def decode(r: tuple[float, float, int, float]) -> float:
+        return (r[2] - 1) / (r[3] - r[0]) if r[3] > r[0] else float("nan")
+
     for name, rows in stats.items():
         if name == "engine direct":
             continue
         pairs = list(zip(rows, direct, strict=True))
         ratio = paired_ratio([(r[2] / r[1]) / (d[2] / d[1]) for r, d in pairs])
-        added = [(r[0] - d[0]) * 1000 for r, d in pairs]
+        rate = paired_ratio([decode(r) / decode(d) for r, d in pairs if decode(r) > 0 and decode(d) > 0])
+        added = [(r[0] - d[0]) * 1000 for r, d in zip(tstats[name], tstats["engine direct"], strict=True)]
         n = len(added)
         mean = statistics.fmean(added)
         half = t_975(n - 1) * statistics.stdev(added) / math.sqrt(n) if n > 1 else float("nan")
@@ -503,8 +833,9 @@ def verdict(stats: dict[str, list[tuple[float, float, int, float]]]) -> None:
         )
         tail = statistics.median(r[1] - r[3] for r in rows) * 1000
         print(
-            f"| {name} | {n} | {100 * ratio[0]:.1f} % | {100 * ratio[1]:.1f}–{100 * ratio[2]:.1f} % "
-            f"| {v_tps} "
+            f"| {name} | {len(pairs)} / {n} | {100 * ratio[0]:.1f} % "
+            f"| {100 * ratio[1]:.1f}–{100 * ratio[2]:.1f} % "
+            f"| {v_tps} | {100 * rate[0]:.1f} % | {100 * rate[1]:.1f}–{100 * rate[2]:.1f} % "
             f"| {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} | {v_ttft} | {tail:.1f} | {overall} |"
         )
 
@@ -519,12 +850,23 @@ def report(args: argparse.Namespace, title: str, m: dict[str, object], modes: li
         print(f"\n{'streamed' if streamed else 'not streamed'}:")
         table(stats, streamed)
         if args.verdict and streamed:
-            verdict(stats)
+            ttft = m.get("ttft")
+            if ttft:
+                assert isinstance(ttft, dict)
+                print(f"\nTTFT rounds ({args.ttft_tokens}-token answers):")
+                table(ttft, True)
+            verdict(stats, ttft if isinstance(ttft, dict) and ttft.get("engine direct") else None)
     cpu = m.get("cpu") or {}
     assert isinstance(cpu, dict)
     if cpu:
-        answers = args.requests * len(modes)
+        results_by_mode = m["results"]
+        assert isinstance(results_by_mode, dict)
+        answers = sum(len(st["engine direct"]) for st in results_by_mode.values())  # the rounds done
         tokens = answers * args.tokens
+        ttft_rounds = m.get("ttft")
+        if isinstance(ttft_rounds, dict):  # --verdict's TTFT rounds ran on the same proxies
+            answers += len(ttft_rounds["engine direct"])
+            tokens += len(ttft_rounds["engine direct"]) * args.ttft_tokens
         print(
             "\nverifying proxy's own CPU (its process's threads on a CPU over the timed answers, less its "
             "idle rate measured just before; a VM's steal time inside a syscall counts as CPU here):"
@@ -588,7 +930,29 @@ def main() -> None:
     ap.add_argument(
         "--verdict", action="store_true", help="the goals' statistical verdict (module docstring)"
     )
+    ap.add_argument(
+        "--hops",
+        action="store_true",
+        help="added time to the first event per path, synthetic engine, relays as processes; --before too",
+    )
+    ap.add_argument(
+        "--spans",
+        action="store_true",
+        help="the first token's path stage by stage, synthetic engine (module docstring); --requests rounds",
+    )
     ap.add_argument("--budget-s", type=float, default=3600.0, help="at most this long for the timed rounds")
+    ap.add_argument(
+        "--ttft-rounds",
+        type=int,
+        default=600,
+        help="--verdict: rounds of short answers for the TTFT goal (at most a quarter of --budget-s)",
+    )
+    ap.add_argument("--ttft-tokens", type=int, default=4, help="--verdict: tokens per TTFT-round answer")
+    ap.add_argument(
+        "--with-fetch",
+        action="store_true",
+        help="--verdict: also a proxy that fetches each receipt (the protocol before inline receipts)",
+    )
     ap.add_argument(
         "--before",
         metavar="SRC",
@@ -597,7 +961,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     args.proxy_loops = args.proxy_loops.split(",")
-    if args.verdict:
+    if args.verdict or args.hops:
         args.relays = "process"  # as deployed: the front in the CVM, the proxy beside the client
     models = [args.size] if args.size else args.models.split(",")
     configs = args.configs.split(",") if args.configs else [f"threads {args.threads}"]
@@ -628,6 +992,10 @@ def main() -> None:
         f"{', engine pinned to CPU 0, client + relays to CPU 1' if args.pin else ''}"
     )
     try:
+        if args.spans or args.hops:
+            tiny_model = tiny.write_tiny_llama(home / "tiny.gguf", size="tiny")
+            (spans if args.spans else hops)(args, home, tiny_model)
+            return
         first = True
         for size in models:
             model = tiny.write_tiny_llama(home / f"{size}.gguf", size=size)

@@ -39,7 +39,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from dstack_sdk import DstackClient
 
-    from teecloud.ai._http import Listener
+    from teecloud.ai._http import Listener, fast_event_loop
     from teecloud.ai.engine import EngineProcess, llama_cpp_argv
     from teecloud.ai.server import (
         InferenceConfig,
@@ -144,6 +144,7 @@ def main() -> int:
             host=os.environ.get("HOST", "127.0.0.1"),
             port=int(os.environ.get("PORT", "8000")),
             tls=tls,
+            loop=fast_event_loop(),  # uvloop where the image has it (docs/ai.md, performance)
         )
         print(
             f"serving {model_id} (weights sha256 {digest.hex()}) for app {keys.keyset.app_id.hex()}; "

@@ -13,6 +13,26 @@ import pytest
 from teecloud.ai.proxy import _COALESCE_DEPTH, _coalesced
 
 
+def test_leaving_at_the_first_piece_ends_the_source() -> None:
+    async def run() -> bool:
+        closed = False
+
+        async def upstream() -> AsyncIterator[bytes]:
+            nonlocal closed
+            try:
+                yield b"data: 0\n\n"
+                yield b"data: 1\n\n"
+            finally:
+                closed = True
+
+        reader = _coalesced(upstream())
+        assert await reader.__anext__() == b"data: 0\n\n"
+        await reader.aclose()
+        return closed
+
+    assert asyncio.run(run())
+
+
 def test_pieces_read_ahead_are_joined_and_a_lone_piece_goes_at_once() -> None:
     async def run() -> list[bytes]:
         more = asyncio.Event()
@@ -27,11 +47,18 @@ def test_pieces_read_ahead_are_joined_and_a_lone_piece_goes_at_once() -> None:
         out: list[bytes] = []
         async for piece in _coalesced(upstream()):
             out.append(piece)
-            more.set()
+            if len(out) == 2:
+                more.set()
         return out
 
     out = asyncio.run(run())
-    assert out == [b"".join(b"data: %d\n\n" % i for i in range(5)), b"data: 5\n\ndata: 6\n\n"]
+    # The first piece (the first token) goes on at once, read before the reader task starts; the pieces
+    # of the same read behind it are joined, and so are those of the next read.
+    assert out == [
+        b"data: 0\n\n",
+        b"".join(b"data: %d\n\n" % i for i in range(1, 5)),
+        b"data: 5\n\ndata: 6\n\n",
+    ]
 
 
 def test_each_piece_goes_on_as_soon_as_it_is_read() -> None:
@@ -83,8 +110,9 @@ def test_read_ahead_is_bounded_and_leaving_early_stops_the_reader() -> None:
                 closed = True
 
         reader = _coalesced(upstream())
-        first = await reader.__anext__()  # the client takes one write, then stops reading
+        first = await reader.__anext__()  # the first piece, read before the reader task starts
         assert first
+        assert await reader.__anext__()  # the client takes one more write, then stops reading
         for _ in range(50):
             await asyncio.sleep(0)
         at_most = produced

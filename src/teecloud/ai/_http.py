@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from teecloud._serve import LimitedServer, ServeLimits, limited_config
 
-__all__ = ["AI_LISTENER", "BodyTooLarge", "Listener", "openai_error", "peer_spki_sha256", "read_body"]
+__all__ = [
+    "AI_LISTENER",
+    "BodyTooLarge",
+    "CompletionRoutes",
+    "Listener",
+    "fast_event_loop",
+    "openai_error",
+    "peer_spki_sha256",
+    "read_body",
+]
 
 # An inference listener: few clients, long answers (a streamed completion holds its connection).
 AI_LISTENER = ServeLimits(max_connections=128, backlog=256, keep_alive_timeout_s=15.0)
@@ -39,6 +50,37 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"request body above {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def fast_event_loop() -> str:
+    """The event loop the AI listeners serve on (the verifying proxy, the inference front): uvloop (a
+    declared dependency of teecloud[ai]) where it is installed, which takes ~15 % less CPU per streamed event
+    here (docs/benchmarks.md); else asyncio's. Every other teecloud listener stays on asyncio."""
+    import importlib.util
+
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
+class CompletionRoutes:
+    """POST on the completion routes served straight from the ASGI server: past FastAPI's routing and the
+    exception, telemetry and body-limit layers, each of which wraps every message of a streamed answer (the
+    body limit is read_body's). Added as the app's middleware, so Starlette's ServerErrorMiddleware (and an
+    app's handler for Exception) still answers 500 to anything that escapes. The verifying proxy's and the
+    inference front's completion routes."""
+
+    def __init__(
+        self, app: ASGIApp, handler: Callable[[Request, str], Awaitable[Response]], routes: Collection[str]
+    ) -> None:
+        self.app = app
+        self.handler = handler
+        self.routes = frozenset(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.routes:
+            response = await self.handler(Request(scope, receive), scope["path"])
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class Listener:

@@ -34,23 +34,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import re
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from teecloud.ai._http import BodyTooLarge, openai_error, peer_spki_sha256, read_body
-from teecloud.ai.e2ee import ALG_K256, ALG_X25519, ClientSession
+from teecloud.ai._http import (
+    BodyTooLarge,
+    CompletionRoutes,
+    fast_event_loop,
+    openai_error,
+    peer_spki_sha256,
+    read_body,
+)
+from teecloud.ai.e2ee import ALG_K256, ALG_X25519, ClientSession, EphemeralSpare
 from teecloud.ai.errors import AiError, EnvelopeRejected, KeySetInvalid, UpstreamRejected
 from teecloud.ai.gpu import verify_gpu_evidence
 from teecloud.ai.keyset import ATTESTATION_PURPOSE, KeySet, report_data_for
@@ -68,6 +75,7 @@ _MAX_INLINE_RECEIPT_BYTES = 64 * 1024  # a receipt with its key set, proofs and 
 _RECEIPT_MARK = RECEIPT_EVENT.split(b"\n")[0]  # b"event: teecloud-receipt"
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 _ACCEPTED_IDS = 65536  # receipt ids remembered to refuse a replayed answer
+_COMPLETION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
 @dataclass(frozen=True)
@@ -375,11 +383,8 @@ class UpstreamVerifier:
 
 
 def proxy_event_loop() -> str:
-    """The event loop to serve the proxy on: uvloop (a declared dependency of teecloud[ai]) where it is
-    installed, which takes ~15 % less CPU per streamed event here (docs/benchmarks.md); else asyncio's."""
-    import importlib.util
-
-    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    """The event loop to serve the proxy on: teecloud.ai._http.fast_event_loop's (uvloop where installed)."""
+    return fast_event_loop()
 
 
 def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolicy) -> FastAPI:
@@ -392,6 +397,8 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
     client = httpx.AsyncClient(base_url=upstream_url, timeout=httpx.Timeout(300.0, connect=10.0), verify=tls)
     up_verifier = UpstreamVerifier(client, verifier, policy)
     app.state.upstream = up_verifier
+    spare = EphemeralSpare()  # E2EE: the next request's ephemeral key, made ahead
+    app.state.ephemeral_spare = spare
 
     def refused(exc: UpstreamRejected) -> Response:
         return openai_error(
@@ -442,6 +449,7 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             return refused(exc)
         stream = req.get("stream") is True
         session: ClientSession | None = None
+        refill: Callable[[], None] | None = None
         sent = raw
         if policy.e2ee:
             model_pk = up.keyset.e2ee_public_key
@@ -453,8 +461,12 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                 str(req.get("model", up.model)),
                 now=int(time.time()),
                 alg=policy.e2ee_alg,
+                ephemeral=spare.take(model_pk, policy.e2ee_alg),
             )
             sent = json.dumps(session.seal_request(raw)).encode()
+            # The next request's ephemeral key is made once this answer's first token has gone on (or, not
+            # streamed, once it is read): off every first token's path.
+            refill = functools.partial(_refill, spare, model_pk, policy.e2ee_alg)
         headers = {"content-type": "application/json"}
         inline = policy.receipts == "inline"
         since = up_verifier.last_size  # the receipt's head must extend the largest one seen so far
@@ -503,6 +515,8 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                 return refused(UpstreamRejected(str(exc), step="e2ee"))
             finally:
                 await _cancel(fetching)
+                if refill is not None:
+                    refill()
             return Response(
                 answer,
                 media_type="application/json",
@@ -510,6 +524,7 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             )
 
         async def events() -> AsyncIterator[bytes]:
+            nonlocal refill
             parts: list[bytes] = []
             size, pending, seq, ended = 0, b"", 0, False
             done: bytes | None = None  # "data: [DONE]" is held back until the receipt verifies
@@ -570,6 +585,9 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                             done = event
                         else:
                             yield event
+                    if refill is not None and seq:  # the first (sealed) event has gone on
+                        refill()
+                        refill = None
                     if not inline and fetching is None and (ended or done is not None):
                         fetching = asyncio.create_task(up_verifier.fetch_receipt(up, rid))
                 if pending.strip():
@@ -618,29 +636,13 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             events(), media_type="text/event-stream", headers={"x-receipt-id": rid or ""}
         )
 
-    app.add_middleware(_CompletionRoutes, handler=completion)
+    app.add_middleware(CompletionRoutes, handler=completion, routes=_COMPLETION_ROUTES)
     return app
 
 
-_COMPLETION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-
-
-class _CompletionRoutes:
-    """POST /v1/chat/completions, /v1/completions and /v1/embeddings served straight from the ASGI server:
-    past FastAPI's routing and the exception, telemetry and body-limit layers, each of which wraps every
-    message of a streamed answer (the body limit is read_body's). Added as the app's middleware, so
-    Starlette's ServerErrorMiddleware still answers 500 to anything that escapes."""
-
-    def __init__(self, app: ASGIApp, handler: Callable[[Request, str], Awaitable[Response]]) -> None:
-        self.app = app
-        self.handler = handler
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _COMPLETION_ROUTES:
-            response = await self.handler(Request(scope, receive), scope["path"])
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+def _refill(spare: EphemeralSpare, model_public_key: bytes, alg: str) -> None:
+    with contextlib.suppress(ValueError):  # a key ECDH refuses: the request makes (and fails) its own
+        spare.refill(model_public_key, alg)
 
 
 def _inline_header(value: str | None) -> Any:
@@ -695,20 +697,32 @@ async def _coalesced(pieces: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None
     chunk of its own and h11 hands them out one by one even when one read brought several; a task of its
     own reads them, so every piece of a read is queued before this side wakes, and a proxy that fell behind
     (a loaded CPU) catches up with one write to the client instead of one per event. Nothing waits for
-    more: a lone piece goes on as soon as it is read. Read-ahead is bounded (_COALESCE_DEPTH)."""
+    more: a lone piece goes on as soon as it is read. Read-ahead is bounded (_COALESCE_DEPTH). The first
+    piece (the first token) is read here, before the reader task starts: no task switch on its path."""
+    source = aiter(pieces)
+    try:
+        first = await anext(source)
+    except StopAsyncIteration:
+        return
+    except BaseException:
+        await _aclose(pieces)
+        raise
+    try:
+        yield first
+    except BaseException:  # the consumer stopped at the first piece: the source ends too
+        await _aclose(pieces)
+        raise
     queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(_COALESCE_DEPTH)
 
     async def pump() -> None:
         try:
-            async for piece in pieces:
+            async for piece in source:
                 await queue.put(piece)
         except Exception as exc:  # raised again on the reading side, where the stream's errors are handled
             await queue.put(exc)
             return
         finally:
-            close = getattr(pieces, "aclose", None)  # stopped early (cancelled): the source ends too
-            if close is not None:
-                await close()
+            await _aclose(pieces)  # stopped early (cancelled): the source ends too
         await queue.put(None)
 
     task = asyncio.create_task(pump())
@@ -729,6 +743,12 @@ async def _coalesced(pieces: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None
                 raise item
     finally:
         await _cancel(task)
+
+
+async def _aclose(pieces: AsyncIterator[bytes]) -> None:
+    close = getattr(pieces, "aclose", None)
+    if close is not None:
+        await close()
 
 
 async def _cancel(task: asyncio.Task[Any] | None) -> None:
