@@ -696,7 +696,8 @@ class PeerEnvDkgRequest(BaseModel):
 
     # held: does this member hold a sealed sharing (no dealing); recover: obtain this member's missing share
     # of an existing sharing by share recovery; confirm: settle this member's tentative share (promoted only
-    # when it sees t members hold the same commitments, itself included; dropped when superseded: R7-1)
+    # when it sees t members hold the same commitments, itself included; dropped when superseded: R7-1), or
+    # poll its confirmed one again (dropped only when another sharing superseded it: R8-2)
     stage: str = Field(pattern="^(deal|view|finish|commit|confirm|abort|held|recover)$")
     session: _Session
     epoch: int = Field(ge=1, lt=1 << 32)
@@ -714,6 +715,9 @@ class PeerEnvDkgResponse(BaseModel):
     tentative: bool = False  # ... sealed by a commit, not yet confirmed held by t members (review 7, R7-1)
     commitments: list[_Ed] = Field(default_factory=list, max_length=64)
     view_hash: str = ""
+    # finish: this member's finish failed because THIS dealer's sub-share did not come or did not verify
+    # against its commitments (the coordinator leaves it out of the next try: review 8, R8-1)
+    accused: int | None = Field(default=None, strict=True, ge=1, le=64)
     member: PeerMember | None = None
 
 
