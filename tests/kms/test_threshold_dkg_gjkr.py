@@ -19,7 +19,7 @@ from teecloud.keys import threshold as th
 from teecloud.kms import api
 from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee
 from teecloud.kms.client import KmsClient, connect_kms
-from teecloud.kms.errors import KmsClientError
+from teecloud.kms.errors import AccessDenied, KmsClientError
 from teecloud.kms.server import KmsServer
 from teecloud.kms.threshold import DkgPlan, ReshareDealer, ThresholdShare, _Round
 from teecloud.kms.threshold_client import _collect, _complaint_phase, join_dkg
@@ -338,3 +338,28 @@ def test_a_member_whose_plan_has_no_complaint_phase_gets_no_board_token(
     expecting = DkgPlan(plain.session, 1, plain.dealers, T, N, complaint_round=True)
     with pytest.raises(KmsClientError, match=r"node 1: .*no board token"):
         _member(teecloud_home, dealers, expecting, 1)
+
+
+class ForgetfulDealer(ReshareDealer):
+    """A dealer that handed out its sub-shares, then restarted: its board knows no round."""
+
+    def board(self, kms: object, session: bytes, *args: object, **kwargs: object) -> api.DkgBoardResponse:
+        raise AccessDenied("no open DKG round with this session here (restarted)", step="dkg")
+
+
+@pytest.mark.slow
+def test_a_dealer_whose_board_is_gone_fails_the_round_for_everyone(
+    teecloud_home: Path,
+    world: World,
+    dealers: dict[int, KmsServer],  # noqa: F811
+) -> None:
+    """Without dealer 5's board the members cannot know they decide alike: the round fails for every
+    member, naming dealer 5, and no share is made."""
+    _allow_kms_build(world, teecloud_home)
+    dealers[5].service.reshare = ForgetfulDealer(None)
+    plan = _plan()
+    _open(dealers, plan)
+    results = _round(teecloud_home, dealers, plan)
+    for j, r in results.items():
+        assert isinstance(r, KmsClientError), f"member {j} made a share: {r!r}"
+        assert "node 5: " in str(r) and "restarted" in str(r)

@@ -1302,14 +1302,21 @@ def _board_round(
             raise KmsClientError(f"answered as dealer {resp.dealer} of another round")
         return resp
 
+    failed = threading.Event()  # one board failing fails the round: the others stop waiting
+
     def follow(i: int) -> api.DkgBoardResponse:
-        board = call(i, post)
-        while not done(board):
-            if clock() > deadline:
-                raise KmsClientError("its board was not complete in time (a member did not post)")
-            time.sleep(_BOARD_POLL_S)
-            board = call(i, {})
-        return board
+        try:
+            board = call(i, post)
+            while not done(board):
+                if clock() > deadline:
+                    raise KmsClientError("its board was not complete in time (a member did not post)")
+                if failed.wait(_BOARD_POLL_S):
+                    raise KmsClientError("not read to the end: another dealer's board failed")
+                board = call(i, {})
+            return board
+        except BaseException:
+            failed.set()
+            raise
 
     with ThreadPoolExecutor(max_workers=len(plan.dealers)) as pool:
         futures = {i: pool.submit(follow, i) for i in plan.dealers}
