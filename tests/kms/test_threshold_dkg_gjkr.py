@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,8 +21,18 @@ from teecloud.kms import api
 from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee
 from teecloud.kms.client import KmsClient, connect_kms
 from teecloud.kms.errors import AccessDenied, KmsClientError
+from teecloud.kms.launcher import KmsLaunch, launch_kms
 from teecloud.kms.server import KmsServer
-from teecloud.kms.threshold import DkgPlan, ReshareDealer, ThresholdShare, _Round
+from teecloud.kms.service import StaticCollateral
+from teecloud.kms.threshold import (
+    DkgPlan,
+    ReshareDealer,
+    ThresholdShare,
+    _Round,
+    load_shares,
+    local_joint_feldman,
+    save_share,
+)
 from teecloud.kms.threshold_client import _collect, _complaint_phase, join_dkg
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.conftest import World
@@ -114,13 +125,13 @@ def _round(
     home: Path,
     servers: dict[int, KmsServer],
     plan: DkgPlan,
-    members: dict[int, Callable[[Path, dict[int, KmsServer], DkgPlan, int], ThresholdShare]] | None = None,
-) -> dict[int, ThresholdShare | BaseException]:
+    members: dict[int, Callable[[Path, dict[int, KmsServer], DkgPlan, int], Any]] | None = None,
+) -> dict[int, Any]:
     """Every member joins at once (their boots overlap, as `teecloud up` starts them)."""
     run = {j: (members or {}).get(j, _member) for j in range(1, N + 1)}
     with ThreadPoolExecutor(max_workers=N) as pool:
         futures = {j: pool.submit(run[j], home, servers, plan, j) for j in run}
-    out: dict[int, ThresholdShare | BaseException] = {}
+    out: dict[int, Any] = {}
     for j, f in futures.items():
         try:
             out[j] = f.result()
@@ -363,3 +374,52 @@ def test_a_dealer_whose_board_is_gone_fails_the_round_for_everyone(
     for j, r in results.items():
         assert isinstance(r, KmsClientError), f"member {j} made a share: {r!r}"
         assert "node 5: " in str(r) and "restarted" in str(r)
+
+
+@pytest.mark.slow
+def test_fewer_than_t_qualified_at_a_rotation_seals_nothing_and_the_old_epoch_serves(
+    teecloud_home: Path,
+    world: World,
+    dealers: dict[int, KmsServer],  # noqa: F811
+) -> None:
+    """Member 1 is a running node of epoch 1 restarted into an epoch-2 round (through the launcher, which
+    seals only what a join returns); three dealers cheat three members each, so two qualify of the three
+    needed: the join fails with the reason, nothing of epoch 2 is sealed and epoch 1 keeps serving."""
+    _allow_kms_build(world, teecloud_home)
+    for i in (1, 2, 3):
+        dealers[i].service.reshare = CheatingDealer({1, 2, 3}, "honest")
+    plan = DkgPlan(os.urandom(16), 2, tuple(range(1, N + 1)), T, N, complaint_round=True)
+    _open(dealers, plan)
+    tee = SimulatedTdx(teecloud_home)
+    identity = boot_kms_tee(tee)
+    home = teecloud_home / "member-1"
+    save_share(local_joint_feldman(T, N, epoch=1)[0], tee, identity, home)
+
+    def join(tee_: SimulatedTdx, _identity: object) -> ThresholdShare:
+        clients = _clients(teecloud_home, dealers, tee_)
+        return join_dkg(plan, 1, tee_, clients, app_id=KMS_APP_ID, timeout_s=60)
+
+    def launch_member_1(_home: Path, _servers: object, _plan: object, _index: int) -> Any:
+        return launch_kms(
+            KmsLaunch(
+                tee=SimulatedTdx(teecloud_home),
+                chain=world.chain,
+                collateral=StaticCollateral(tee.collateral),
+                dev=True,
+                home=home,
+                threshold=True,
+                join=join,
+            )
+        )
+
+    results = _round(teecloud_home, dealers, plan, {1: launch_member_1})
+    running = results[1]
+    assert not isinstance(running, BaseException), running
+    try:
+        assert "only 2 qualified dealers, 3 needed" in running.join_error
+        assert running.service.threshold is not None and running.service.threshold.epochs == (1,)
+    finally:
+        running.stop()
+    assert sorted(load_shares(tee, identity, home)) == [1]  # nothing of epoch 2 sealed
+    for j in (2, 3, 4, 5):
+        assert isinstance(results[j], KmsClientError) and "only 2 qualified" in str(results[j])
