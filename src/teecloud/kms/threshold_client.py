@@ -1211,6 +1211,7 @@ def _collect(
     app_id: bytes,
     member_token: bytes | None = None,
     carried: dict[int, list[api.CarriedSubshare]] | None = None,
+    board_tokens: dict[int, bytes] | None = None,
 ) -> list[th.Dealing]:
     """From every dealer of a round: its commitments and this node's sub-share (over mutual RA-TLS, with this
     node's boot-time evidence), and every page of the sharings it carries (`carried`). Any dealer failing
@@ -1257,6 +1258,10 @@ def _collect(
             subshare = int.from_bytes(bytes.fromhex(resp.subshare), "little")
             if len(commitments) != t_new:
                 raise KmsClientError(f"sent {len(commitments)} commitments, not t = {t_new}")
+            if board_tokens is not None:
+                if not resp.board_token:
+                    raise KmsClientError("handed out no board token (its round has no complaint phase)")
+                board_tokens[i] = bytes.fromhex(resp.board_token)
         except (Error, ValueError) as exc:
             faults[i] = _describe(exc)
             continue
@@ -1338,6 +1343,167 @@ def join_reshare(
         raise KmsClientError(f"the reshare round failed: {exc}") from exc
 
 
+DKG_BOARD_TIMEOUT_S = 300.0  # every member's statement (and confirmation) must be in by then
+_BOARD_POLL_S = 0.25
+
+
+def _dkg_digest(session: bytes, outcome: th.DkgOutcome) -> bytes:
+    """What every member confirms: the round, QUAL and the group commitments it computed."""
+    h = hashlib.sha256(b"teecloud-dkg-confirm-v1\x00" + session)
+    h.update(bytes(outcome.qual) + b"\x00")
+    for c in outcome.commitments:
+        h.update(c)
+    return h.digest()
+
+
+def _board_round(
+    plan: DkgPlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    board_tokens: Mapping[int, bytes],
+    *,
+    app_id: bytes,
+    post: dict[str, Any],
+    done: Callable[[api.DkgBoardResponse], bool],
+    deadline: float,
+    clock: Callable[[], float],
+) -> dict[int, api.DkgBoardResponse]:
+    """Post `post` (a statement or a confirmation) to every dealer's board, then read each board until
+    `done(board)` or the deadline. A dealer whose board cannot be read, or that answers for another round
+    or as another dealer, fails the round (named): the members would otherwise decide on different views."""
+
+    def call(i: int, extra: dict[str, Any]) -> api.DkgBoardResponse:
+        body = {"session": plan.session.hex(), "index": index, "board_token": board_tokens[i].hex(), **extra}
+        resp = dealers[i].attested_call(
+            tee, api.PATH_DKG_BOARD, api.DkgBoardResponse, body=body, usage="kms:reshare", app_id=app_id
+        )
+        if resp.dealer != i or resp.session != plan.session.hex():
+            raise KmsClientError(f"answered as dealer {resp.dealer} of another round")
+        return resp
+
+    failed = threading.Event()  # one board failing fails the round: the others stop waiting
+
+    def follow(i: int) -> api.DkgBoardResponse:
+        try:
+            board = call(i, post)
+            while not done(board):
+                if clock() > deadline:
+                    raise KmsClientError("its board was not complete in time (a member did not post)")
+                if failed.wait(_BOARD_POLL_S):
+                    raise KmsClientError("not read to the end: another dealer's board failed")
+                board = call(i, {})
+            return board
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=len(plan.dealers)) as pool:
+        futures = {i: pool.submit(follow, i) for i in plan.dealers}
+    boards, faults = {}, {}
+    for i, fut in sorted(futures.items()):
+        try:
+            boards[i] = fut.result()
+        except Error as exc:
+            faults[i] = _describe(exc)
+    if faults:
+        raise KmsClientError("the DKG round failed; no share was made" + _fault_text(faults))
+    return boards
+
+
+def _complaint_phase(
+    plan: DkgPlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    dealings: list[th.Dealing],
+    board_tokens: Mapping[int, bytes],
+    complaints: list[int],
+    *,
+    app_id: bytes,
+    timeout_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> th.DkgOutcome:
+    """GJKR's complaint phase (Gennaro, Jarecki, Krawczyk, Rabin, J. Cryptology 20(1) 2007, Fig. 2 steps
+    1(b)-(c), 2, 3), the dealers' boards standing in for the broadcast channel:
+      (1) post this member's statement (`complaints`, possibly none) to every dealer and wait until every
+          board holds all n members' statements, and the boards agree on them;
+      (2) read each accused dealer's answers (the sub-shares it reveals) from its own board;
+      (3) decide QUAL and the share (th.gjkr_qualify: the same decision at every member);
+      (4) post the digest of (round, QUAL, group commitments) to every board and wait for every member's:
+          all equal, or the round fails — a dealer that showed members different answers splits nobody."""
+    deadline = clock() + timeout_s
+    n = plan.n_new
+    boards = _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        board_tokens,
+        app_id=app_id,
+        post={"complaints": complaints},
+        done=lambda b: len(b.complaints) == n,
+        deadline=deadline,
+        clock=clock,
+    )
+    # (1): every board shows every member's statement, the same everywhere
+    views = {i: {int(j): tuple(a) for j, a in b.complaints.items()} for i, b in boards.items()}
+    statements = views[plan.dealers[0]]
+    differing = sorted(i for i, v in views.items() if v != statements)
+    if (
+        differing
+        or set(statements) != set(range(1, n + 1))
+        or statements.get(index) != tuple(sorted(complaints))
+    ):
+        raise KmsClientError(
+            "the DKG round failed; no share was made: the dealers' boards disagree on the members' "
+            f"statements (boards of dealers {differing or list(plan.dealers)})"
+        )
+    # (2): each dealer's answers, from its own board
+    try:
+        answers = {
+            i: {int(j): int.from_bytes(bytes.fromhex(v), "little") for j, v in b.answers.items()}
+            for i, b in boards.items()
+        }
+        # (3): QUAL and this member's share
+        received = {d.dealer: d.shares[index] for d in dealings}
+        outcome = th.gjkr_qualify(
+            dealings, index, received, {j: list(a) for j, a in statements.items()}, answers, plan.t_new
+        )
+    except (KeysError, ValueError) as exc:
+        raise KmsClientError(f"the DKG round failed; no share was made: {exc}") from exc
+    if outcome.disqualified:
+        log.warning(
+            "DKG round %s: dealers disqualified: %s",
+            plan.session.hex()[:8],
+            "; ".join(f"{i}: {why}" for i, why in sorted(outcome.disqualified.items())),
+        )
+    # (4): every member confirms the same QUAL and group key
+    digest = _dkg_digest(plan.session, outcome).hex()
+    boards = _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        board_tokens,
+        app_id=app_id,
+        post={"confirm": digest},
+        done=lambda b: len(b.confirms) == n,
+        deadline=deadline,
+        clock=clock,
+    )
+    others = sorted(
+        {int(j) for b in boards.values() for j, c in b.confirms.items() if c != digest}
+        | {j for j in range(1, n + 1) if any(str(j) not in b.confirms for b in boards.values())}
+    )
+    if others:
+        raise KmsClientError(
+            "the DKG round failed; no share was made: members "
+            f"{others} computed another QUAL or group key than this member's"
+        )
+    return outcome
+
+
 def join_dkg(
     plan: DkgPlan,
     index: int,
@@ -1346,14 +1512,28 @@ def join_dkg(
     *,
     app_id: bytes,
     member_token: bytes | None = None,
+    timeout_s: float = DKG_BOARD_TIMEOUT_S,
 ) -> ThresholdShare:
     """A new KMS node's side of a Joint-Feldman DKG round, at its boot: every dealer's sub-share is checked
-    against that dealer's commitments (a failing dealer is a complaint, and — without GJKR's answer round —
-    fails the round); the share is the sum, the group commitments the sums of the dealers'. `member_token`:
-    this member's token, for a round opened with member token hashes (a rotation's)."""
-    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token)
+    against that dealer's commitments. In a round with a complaint phase (`plan.complaint_round`: every
+    member joins together, within `timeout_s`) a failing dealer gets a complaint and the round goes on as
+    GJKR's (_complaint_phase): the share and the group commitments are the sums over QUAL, and the round
+    fails, nothing made, only with fewer than t qualified dealers or boards that disagree. Without it a
+    complaint fails the round. `member_token`: this member's token, for a round opened with member token
+    hashes (a rotation's)."""
+    tokens: dict[int, bytes] | None = {} if plan.complaint_round else None
+    dealings = _collect(
+        plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token, None, tokens
+    )
     try:
         total, complaints = th.joint_feldman(dealings, index, {d.dealer: d.shares[index] for d in dealings})
+        if tokens is not None:
+            outcome = _complaint_phase(
+                plan, index, tee, dealers, dealings, tokens, complaints, app_id=app_id, timeout_s=timeout_s
+            )
+            return ThresholdShare(
+                plan.epoch, index, plan.t_new, plan.n_new, outcome.share, outcome.commitments
+            )
         if complaints:
             raise _complaint(complaints)
         return ThresholdShare(plan.epoch, index, plan.t_new, plan.n_new, total, th.sum_commitments(dealings))
