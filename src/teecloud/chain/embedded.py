@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from eth_abi.abi import encode
+from eth_utils.address import is_checksum_address, to_checksum_address
 from eth_utils.crypto import keccak
 
 from teecloud._fs import atomic_write, atomic_write_json, data_home
@@ -116,6 +117,82 @@ def _int(v: Any, default: int | None = None) -> int | None:
     if isinstance(v, int):
         return v
     return int(str(v), 16)
+
+
+_LOG_FILTER_KEYS = frozenset({"fromBlock", "toBlock", "address", "topics", "blockHash"})
+_LOG_CACHE_BLOCKS = 65536  # blocks whose logs are kept rendered (cleared when full)
+_MAX_FILTER_ALTERNATIVES = 1024  # addresses in a filter, topics at one position
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_BLOCK_QUANTITY = re.compile(r"0x[0-9a-fA-F]{1,64}")
+_Topics = tuple[frozenset[bytes | None] | None, ...]
+
+
+def _log_addresses(value: Any) -> frozenset[bytes] | None:
+    """A filter's "address": null, one address or a non-empty list of them (any of them matches)."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not items or len(items) > _MAX_FILTER_ALTERNATIVES:
+        raise RpcError(
+            -32602, f"invalid filter: address must be one address or 1..{_MAX_FILTER_ALTERNATIVES} of them"
+        )
+    out = set()
+    for item in items:
+        if not isinstance(item, str) or not _ADDRESS.fullmatch(item):
+            raise RpcError(-32602, f"invalid filter: address {item!r:.80} is not 0x and 40 hex digits")
+        if item[2:] != item[2:].lower() and item[2:] != item[2:].upper() and not is_checksum_address(item):
+            raise RpcError(-32602, f"invalid filter: address {item} fails its EIP-55 checksum")
+        out.add(bytes.fromhex(item[2:]))
+    return frozenset(out)
+
+
+def _log_topic(value: Any) -> bytes:
+    if not isinstance(value, str) or not _HASH.fullmatch(value):
+        raise RpcError(-32602, f"invalid filter: topic {value!r:.80} is not 0x and 64 hex digits")
+    return bytes.fromhex(value[2:])
+
+
+def _log_topics(value: Any) -> _Topics | None:
+    """A filter's "topics": up to 4 positions, each null (any), a topic, or a list of topics (any of them; a
+    null in the list matches anything, an empty list nothing, as eth-tester answered before)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > 4:
+        raise RpcError(-32602, "invalid filter: topics must be a list of at most 4 positions")
+    out: list[frozenset[bytes | None] | None] = []
+    for position in value:
+        if position is None:
+            out.append(None)
+        elif isinstance(position, list):
+            if len(position) > _MAX_FILTER_ALTERNATIVES:
+                raise RpcError(
+                    -32602, f"invalid filter: more than {_MAX_FILTER_ALTERNATIVES} topics at a position"
+                )
+            alternatives = frozenset(None if t is None else _log_topic(t) for t in position)
+            out.append(None if None in alternatives else alternatives)
+        else:
+            out.append(frozenset({_log_topic(position)}))
+    return tuple(out)
+
+
+def _topics_match(log_topics: tuple[bytes, ...], topics: _Topics) -> bool:
+    """AND across positions, OR within one; a log with fewer topics than the filter has positions fails."""
+    if len(log_topics) < len(topics):
+        return False
+    return all(wanted is None or have in wanted for have, wanted in zip(log_topics, topics, strict=False))
+
+
+def _log_block(value: Any, latest: int) -> int:
+    """fromBlock/toBlock: a tag, a hex quantity or a JSON number; past the head means the head (as before)."""
+    if value is None or value in ("latest", "pending", "safe", "finalized"):
+        return latest
+    if value == "earliest":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return min(value, latest)
+    if isinstance(value, str) and _BLOCK_QUANTITY.fullmatch(value):
+        return min(int(value, 16), latest)
+    raise RpcError(-32602, f"invalid filter: block {value!r:.80} is not a tag or a hex quantity")
 
 
 class _Journal:
@@ -265,6 +342,7 @@ class EmbeddedChain:
         self.calls_executed = 0  # eth_calls run on the EVM (the others answered from `_calls_at`)
         self.tester = EthereumTester(_Backend.make(int(genesis["timestamp"])))
         self.backend = self.tester.backend
+        self._logs_cache: dict[bytes, list[tuple[bytes, tuple[bytes, ...], dict[str, Any]]]] = {}
         # what the start found: the torn tail it cut off, the entries `repair` set aside
         self.torn_tail: bytes = b""
         self.rejected: list[dict[str, Any]] = []
@@ -646,32 +724,74 @@ class EmbeddedChain:
         except BlockNotFound:
             return None
 
-    def _rpc_eth_getLogs(self, flt: dict[str, Any]) -> list[Any]:
-        latest = self.tester.get_block_by_number("latest")["number"]
-
-        def num(v: Any, default: int) -> int:
-            if v is None or v in ("latest", "pending", "safe", "finalized"):
-                return int(latest)
-            if v == "earliest":
-                return 0
-            n = _int(v, default)
-            assert n is not None
-            return int(min(n, latest))
-
-        logs = self.tester.get_logs(
-            from_block=num(flt.get("fromBlock"), latest),
-            to_block=num(flt.get("toBlock"), latest),
-            address=flt.get("address"),
-            topics=flt.get("topics"),
-        )
-        out = []
-        for log in logs:
-            d = dict(log)
-            d.pop("type", None)
-            o = _to_rpc(d)
-            o["removed"] = False
-            out.append(o)
+    def _rpc_eth_getLogs(self, flt: Any) -> list[Any]:
+        """eth_getLogs answered from each block's receipts: linear in the range. (eth-tester's get_logs looks
+        each log's transaction up again by scanning the chain from its head: quadratic in its length.)"""
+        address, topics, (first, last) = self._log_filter(flt)
+        out: list[dict[str, Any]] = []
+        for number in range(first, last + 1):
+            for addr, log_topics, rendered in self._block_logs(number):
+                if address is not None and addr not in address:
+                    continue
+                if topics is not None and not _topics_match(log_topics, topics):
+                    continue
+                out.append({**rendered, "topics": list(rendered["topics"])})
         return out
+
+    def _log_filter(self, flt: Any) -> tuple[frozenset[bytes] | None, _Topics | None, tuple[int, int]]:
+        """A filter object (execution-apis eth_getLogs), strictly: -> (addresses, topics, block range)."""
+        if not isinstance(flt, dict):
+            raise RpcError(-32602, "invalid params for eth_getLogs: the filter must be an object")
+        unknown = set(flt) - _LOG_FILTER_KEYS
+        if unknown:
+            raise RpcError(-32602, f"invalid filter: unknown keys {sorted(map(str, unknown))!r:.200}")
+        address = _log_addresses(flt.get("address"))
+        topics = _log_topics(flt.get("topics"))
+        latest = int(self.tester.get_block_by_number("latest")["number"])
+        if flt.get("blockHash") is not None:
+            if flt.get("fromBlock") is not None or flt.get("toBlock") is not None:
+                raise RpcError(-32602, "invalid filter: blockHash excludes fromBlock and toBlock")
+            number = self._block_object({"blockHash": flt["blockHash"]})
+            return address, topics, (number, number)
+        return (
+            address,
+            topics,
+            (_log_block(flt.get("fromBlock"), latest), _log_block(flt.get("toBlock"), latest)),
+        )
+
+    def _block_logs(self, number: int) -> list[tuple[bytes, tuple[bytes, ...], dict[str, Any]]]:
+        """The logs of canonical block `number` as (address, topics, JSON-RPC log), cached by block hash (a
+        hash names one block's content, so a cache entry never goes stale, even across a revert)."""
+        chain = self.backend.chain
+        block_hash = chain.chaindb.get_canonical_block_hash(number)
+        cached = self._logs_cache.get(block_hash)
+        if cached is not None:
+            return cached
+        block = chain.get_block_by_hash(block_hash)
+        entries = []
+        log_index = 0  # logIndex counts within the block (execution-apis), across its transactions
+        for tx_index, (tx, receipt) in enumerate(
+            zip(block.transactions, block.get_receipts(chain.chaindb), strict=True)
+        ):
+            for entry in receipt.logs:
+                topics = tuple(int(t).to_bytes(32, "big") for t in entry.topics)
+                rendered = {
+                    "logIndex": _hex(log_index),
+                    "transactionIndex": _hex(tx_index),
+                    "transactionHash": "0x" + bytes(tx.hash).hex(),
+                    "blockHash": "0x" + bytes(block_hash).hex(),
+                    "blockNumber": _hex(number),
+                    "address": to_checksum_address(entry.address),
+                    "data": "0x" + bytes(entry.data).hex(),
+                    "topics": tuple("0x" + t.hex() for t in topics),
+                    "removed": False,
+                }
+                entries.append((bytes(entry.address), topics, rendered))
+                log_index += 1
+        if len(self._logs_cache) >= _LOG_CACHE_BLOCKS:
+            self._logs_cache.clear()
+        self._logs_cache[block_hash] = entries
+        return entries
 
     def _rpc_eth_feeHistory(self, count: Any, newest: Any, percentiles: Any = None) -> dict[str, Any]:
         base = self.tester.get_block_by_number("pending")["base_fee_per_gas"]
