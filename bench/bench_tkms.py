@@ -22,6 +22,11 @@ answers, one attested round).
 
     python bench/bench_tkms.py [--releases 30] [--crypto-iters 200]
     python bench/bench_tkms.py --processes [--releases 20]    # under flock /tmp/teecloud-e2e.lock
+    python bench/bench_tkms.py --processes --py-spy DIR       # + py-spy profiles of the timed releases
+
+`--py-spy DIR` (needs py-spy on PATH) samples this process (client, single KMS, chain RPC server) and every
+node process, wall clock (--idle), while one case's releases run: DIR/<nodes>-<first|repeat>-<who>.txt,
+collapsed stacks. The profiler slows every process several-fold: read shares from it, not times.
 """
 
 from __future__ import annotations
@@ -441,15 +446,18 @@ class _Phases:
     """Per-release phases of a threshold release, measured by wrapping the provider's own steps (wall time,
     ms): the evaluation round (ThresholdEvaluate to t nodes and each answer's checks), the signature round
     (the app-key signature and the app CA certificate, concurrently: from the first start to the last end;
-    none when the nodes' kept signatures checked), the hand-over of what it signed to the nodes to keep, and
-    the rest (combination, key derivation, the boot's credential and connection set-up)."""
+    none when the nodes' kept signatures checked), and the rest (combination, key derivation, the boot's
+    credential and connection set-up). The hand-over of what a first boot signed to the nodes to keep runs
+    after the release returned (ThresholdKeyProvider._hand_over, a background thread): its duration is
+    listed apart, not in the release."""
 
     def __init__(self, provider: Any) -> None:
         self.rows: list[dict[str, float]] = []
         self._now: dict[str, float] = {}
         self._spans: list[tuple[str, float, float]] = []
+        self.hand_overs: list[float] = []  # background: after the release's keys were returned
         gather = provider._gather
-        sign_key, sign_ca, keep = provider._sign_app_key, provider._sign_app_ca, provider._keep
+        sign_key, sign_ca, hand_over = provider._sign_app_key, provider._sign_app_ca, provider._hand_over
 
         def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(*a: Any, **kw: Any) -> Any:
@@ -464,7 +472,15 @@ class _Phases:
         provider._gather = timed("gather", gather)
         provider._sign_app_key = timed("sign", sign_key)
         provider._sign_app_ca = timed("sign", sign_ca)
-        provider._keep = timed("keep", keep)
+
+        def background(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return hand_over(*a, **kw)
+            finally:
+                self.hand_overs.append((time.perf_counter() - t0) * 1000)
+
+        provider._hand_over = background
 
     def start(self) -> None:
         self._spans.clear()
@@ -474,15 +490,8 @@ class _Phases:
         signs = [sp for sp in self._spans if sp[0] == "sign"]
         evaluate = (gathers[0][2] - gathers[0][1]) * 1000 if gathers else 0.0
         sign = (max(e for _, _, e in signs) - min(b for _, b, _ in signs)) * 1000 if signs else 0.0
-        keep = sum((e - b) * 1000 for n, b, e in self._spans if n == "keep")
         self.rows.append(
-            {
-                "evaluate": evaluate,
-                "sign": sign,
-                "keep": keep,
-                "rest": total_ms - evaluate - sign - keep,
-                "total": total_ms,
-            }
+            {"evaluate": evaluate, "sign": sign, "rest": total_ms - evaluate - sign, "total": total_ms}
         )
 
     def summary(self) -> list[tuple[str, float, float]]:
@@ -490,17 +499,59 @@ class _Phases:
         for name, label in (
             ("evaluate", "evaluation round (ThresholdEvaluate at t nodes + proof checks)"),
             ("sign", "signature round (app-key signature + app CA certificate, concurrent; 0 when kept)"),
-            ("keep", "hand-over to keep (ThresholdKeepSignatures at every node; after a signature round)"),
             ("rest", "rest (combination, key derivation, credential and connections)"),
         ):
             xs = sorted(r[name] for r in self.rows)
             out.append(
                 (f"  phase: {label}", statistics.median(xs), xs[min(len(xs) - 1, int(len(xs) * 0.99))])
             )
+        if self.hand_overs:
+            xs = sorted(self.hand_overs)
+            label = "  background, not in the release: keep hand-over (ThresholdKeepSignatures at every node)"
+            out.append((label, statistics.median(xs), xs[min(len(xs) - 1, int(len(xs) * 0.99))]))
         return out
 
 
-def processes(releases: int, phases: bool = True) -> list[tuple[str, float, float]]:
+class _Spy:
+    """`--py-spy DIR`: py-spy (sampling, wall clock with --idle) attached to this process (the client, the
+    single KMS's listener and the chain's RPC server) and to every threshold node process while one case's
+    releases run; collapsed stacks to DIR/<case>-<who>.txt (bench/profile_tkms.py reads them)."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        self._procs: list[Any] = []
+
+    def start(self, case: str, pids: dict[str, int]) -> None:
+        import subprocess
+
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        for who, pid in pids.items():
+            dest = self.out / f"{case}-{who}.txt"
+            cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "500", "--format", "raw", "--idle"]
+            self._procs.append(
+                subprocess.Popen(
+                    [*cmd, "--output", str(dest), "--threads"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(1.0)  # attached before the first timed release
+
+    def stop(self) -> None:
+        import signal
+
+        for proc in self._procs:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        for proc in self._procs:
+            proc.wait(timeout=60)
+        self._procs.clear()
+
+
+def processes(
+    releases: int, phases: bool = True, spy_dir: Path | None = None
+) -> list[tuple[str, float, float]]:
     """Part 4: the release against LocalCloud's single KMS and against five threshold node processes, in
     the same run, first boots (a fresh app each) and repeat boots (the same app) separately; the threshold
     release with its per-phase breakdown (`_Phases`) and the ratios."""
@@ -565,13 +616,24 @@ def processes(releases: int, phases: bool = True) -> list[tuple[str, float, floa
             release(apps[0])  # warm: server certificates verified once per client
             firsts: list[Callable[[], float]] = [functools.partial(release, a) for a in apps[2:]]
             repeats: list[Callable[[], float]] = [functools.partial(release, apps[0])] * releases
+            spy = _Spy(spy_dir)
             for case, boots in (
                 ("first boot (a fresh app each)", firsts),
                 ("repeat boot (the same app again)", repeats),
             ):
                 if timer is not None:
                     timer.rows.clear()
-                samples = sorted(boot() for boot in boots)
+                    timer.hand_overs.clear()
+                if nodes > 1:
+                    provider.wait_for_hand_overs()  # the previous case's: not counted in this one
+                pids = {"client": os.getpid()} | {f"node{i}": p.pid for i, p in cloud.kms_processes.items()}
+                spy.start(f"{nodes}-{case.split()[0]}", pids)
+                try:
+                    samples = sorted(boot() for boot in boots)
+                    if nodes > 1:
+                        provider.wait_for_hand_overs()
+                finally:
+                    spy.stop()
                 p50[nodes, case] = statistics.median(samples)
                 rows.append(
                     (
@@ -592,6 +654,123 @@ def processes(releases: int, phases: bool = True) -> list[tuple[str, float, floa
     return rows
 
 
+def threads_http(releases: int) -> list[tuple[str, float, float]]:
+    """`--threads-http` (no LocalCloud, so no e2e lock): the `--processes` topology's chain path in one
+    process — the embedded chain behind its JSON-RPC HTTP server, and every KMS (five threshold nodes from
+    the tests' setup, one single KMS) reading it over HTTP through its own ChainClient with
+    `checked_head` (chain id and head, every question by hash) — as threads. Repeat boots of one app (a
+    fresh instance each: every node's isAppAllowed is a new question), single and threshold releases
+    interleaved (one of each per step), evaluation only (no signing group)."""
+    from teecloud.chain import ChainClient
+    from teecloud.chain.embedded import EmbeddedChain
+    from teecloud.chain.rpcserver import ChainRpcServer
+    from teecloud.kms.audit import AuditLog
+    from teecloud.kms.bootstrap import boot_kms_tee, kms_dir, start_kms_state
+    from teecloud.kms.challenge import BootChallenges
+    from teecloud.kms.client import connect_kms
+    from teecloud.kms.rootkeys import LocalRootKeys
+    from teecloud.kms.server import KmsServer
+    from teecloud.kms.service import KmsConfig, KmsService, StaticCollateral
+    from teecloud.kms.threshold import ThresholdEvaluator, load_share, local_joint_feldman, save_share
+    from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
+    from teecloud.tee.simulated import SimulatedTdx, simulated_os_image_reference
+
+    home = Path(os.environ["TEECLOUD_HOME"]) / "http"
+    rpc = ChainRpcServer(EmbeddedChain(home / "chain")).start()
+    chain = ChainClient.embedded(home)  # over HTTP: the server recorded its URL
+    chain.deploy()
+    dev = SimulatedTdx(home)
+    chain.add_os_image(dev.os_image_hash)
+    compose = hashlib.sha256(b"bench tkms http").digest()
+    app_id = bytes.fromhex(chain.register_app(None, compose)[2:])
+
+    def own_chain() -> ChainClient:
+        return ChainClient.embedded(home)
+
+    def kms(name: str, share: Any = None) -> KmsServer:
+        """A KMS (a threshold node with `share`) as `teecloud kms up` wires it: its own chain client over
+        HTTP, the head read by hash with the chain-id check (`checked_head`)."""
+        tee = SimulatedTdx(home)
+        identity = boot_kms_tee(tee)
+        state, _ = start_kms_state(tee, identity, now=int(time.time()), home=home / name)
+        sealed = None
+        if share is not None:
+            save_share(share, tee, identity, home / name)
+            sealed = load_share(tee, identity, home / name)
+        reader = own_chain()
+        return KmsServer(
+            KmsService(
+                state=state,
+                identity=identity,
+                tee=tee,
+                chain=reader,
+                collateral=StaticCollateral(tee.collateral),
+                audit=AuditLog(kms_dir(home / name) / "audit.jsonl"),
+                config=KmsConfig(dev_mode=True),
+                dev_root_der=tee.dev_root_der(),
+                block_number=reader.checked_head,
+                os_image_reference=simulated_os_image_reference,
+                root_keys=LocalRootKeys(state) if sealed is not None else None,
+                challenges=BootChallenges(),
+                threshold=ThresholdEvaluator(sealed) if sealed is not None else None,
+            )
+        ).start()
+
+    shares = local_joint_feldman(3, 5)
+    servers = {s.index: kms(f"node-{s.index}", s) for s in shares}
+    single = kms("single")
+
+    def client(server: KmsServer):  # type: ignore[no-untyped-def]
+        return connect_kms(
+            server.url,
+            collateral_for=lambda _q, _n: dev.collateral(),
+            dev_root_der=dev.dev_root_der(),
+            expected_ca_pubkey_der=server.service.keys.ca_public_key_der,
+        )
+
+    group = ThresholdGroup(1, 3, shares[0].commitments, {i: srv.url for i, srv in servers.items()})
+    threshold = ThresholdKeyProvider(group, {i: client(srv) for i, srv in servers.items()}, hedge_s=60.0)
+    one = client(single)
+
+    def release(provider: Any) -> float:
+        boot = SimulatedTdx(home)
+        iid = os.urandom(20)
+        for name, payload in (
+            ("system-preparing", b""),
+            ("app-id", app_id),
+            ("compose-hash", compose),
+            ("instance-id", iid),
+            ("boot-nonce", provider.boot_nonce()),
+            ("boot-mr-done", b""),
+            ("os-image-hash", boot.os_image_hash),
+        ):
+            boot.emit_event(name, payload)
+        t0 = time.perf_counter()
+        provider.get_app_keys(boot, app_id, iid)
+        return (time.perf_counter() - t0) * 1000
+
+    try:
+        release(one), release(threshold)  # warm: server certificates checked once per client
+        got: dict[str, list[float]] = {"single": [], "threshold": []}
+        for _ in range(releases):
+            got["single"].append(release(one))
+            got["threshold"].append(release(threshold))
+    finally:
+        for server in [single, *servers.values()]:
+            server.stop()
+        rpc.stop()
+    rows = []
+    for name, label in (
+        ("single", "repeat boot, single KMS (GetAppKey), chain over HTTP, threads"),
+        ("threshold", "repeat boot, threshold 3 of 5 (ThresholdEvaluate), chain over HTTP, threads"),
+    ):
+        xs = sorted(got[name])
+        rows.append((label, statistics.median(xs), xs[min(len(xs) - 1, int(len(xs) * 0.99))]))
+    rows.append(("  threshold minus single (p50, ms)", rows[1][1] - rows[0][1], float("nan")))
+    rows.append(("  ratio threshold / single (p50)", rows[1][1] / rows[0][1], float("nan")))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--releases", type=int, default=30)
@@ -599,6 +778,10 @@ def main() -> None:
     ap.add_argument("--signatures-only", action="store_true", help="only the threshold ECDSA / ECDH rows")
     ap.add_argument("--env-only", type=int, default=0, metavar="APPS", help="only the env-key ceremony rows")
     ap.add_argument("--processes", action="store_true", help="only part 4 (nodes as separate processes)")
+    ap.add_argument("--threads-http", action="store_true", help="only the in-process chain-over-HTTP rows")
+    ap.add_argument(
+        "--py-spy", type=Path, default=None, metavar="DIR", help="with --processes: profiles to DIR"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tkms-") as tmp:
         os.environ["TEECLOUD_HOME"] = tmp
@@ -607,8 +790,13 @@ def main() -> None:
             for label, p50, p99 in env_ceremony(args.env_only):
                 print(f"| {label} | {p50:.2f} | {p99:.2f} |", flush=True)
             return
+        if args.threads_http:
+            for label, p50, p99 in threads_http(args.releases):
+                tail = "—" if p99 != p99 else f"{p99:.2f}"
+                print(f"| {label} | {p50:.2f} | {tail} |", flush=True)
+            return
         if args.processes:
-            for label, p50, p99 in processes(args.releases):
+            for label, p50, p99 in processes(args.releases, spy_dir=args.py_spy):
                 tail = "—" if p99 != p99 else f"{p99:.2f}"
                 print(f"| {label} | {p50:.2f} | {tail} |", flush=True)
             return

@@ -1081,6 +1081,7 @@ class LocalCloud:
                         "dealers": list(dealers),
                         "t": t,
                         "n": n,
+                        "complaint_round": True,  # GJKR's: the n nodes below join together
                     },
                     timeout=30,
                 )
@@ -1096,6 +1097,7 @@ class LocalCloud:
                     "epoch": 1,
                     "t": t,
                     "n": n,
+                    "complaint_round": True,
                     "dealers": {
                         str(i): {"url": ep["url"], "server_ca_pubkey": ep["server_ca_pubkey"]}
                         for i, ep in dealer_eps.items()

@@ -27,6 +27,14 @@ def _record(chain: ChainClient, monkeypatch: pytest.MonkeyPatch) -> list[tuple[s
         return real(method, params)
 
     monkeypatch.setattr(chain.transport, "request", request)
+    real_batch = getattr(chain.transport, "request_batch", None)
+    if real_batch is not None:  # HTTP (anvil): the head and the chain id in one request
+
+        def request_batch(batch: list[tuple[str, list[Any]]]) -> list[Any]:
+            calls.extend((m, list(p)) for m, p in batch)
+            return real_batch(batch)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(chain.transport, "request_batch", request_batch)
     return calls
 
 
@@ -196,3 +204,129 @@ def test_the_embedded_chains_http_rpc_answers_a_bad_block_object_with_an_error(t
     finally:
         server.stop()
         chain.close()
+
+
+def test_the_embedded_chain_answers_a_call_at_a_block_hash_once_and_anything_else_afresh(
+    embedded_chain: ChainClient,
+) -> None:
+    """Several KMS nodes of `teecloud up` ask the one embedded chain the same isAppAllowed at the same head
+    hash: it runs once. Another byte of the call, another block, or a change mined since (a new head) runs
+    on the EVM again, and the answers are the EVM's."""
+    chain = embedded_chain
+    evm = chain.transport.chain  # type: ignore[attr-defined]
+    chain.add_os_image(OS_IMAGE)
+    h = rand32()
+    app_id = chain.register_app(None, h)
+    info = boot_info(app_id, h, instance_id=b"\x01" * 20)
+    head = chain.checked_head()
+    ran = evm.calls_executed
+    assert chain.is_app_allowed(info, at=head) == (True, "")
+    assert evm.calls_executed == ran + 1
+    for _ in range(3):  # the same question at the same block: answered, not run
+        assert chain.is_app_allowed(info, at=head) == (True, "")
+    assert evm.calls_executed == ran + 1
+    # one byte of the call changed (another instance): run afresh
+    other = boot_info(app_id, h, instance_id=b"\x02" * 20)
+    assert chain.is_app_allowed(other, at=head) == (True, "")
+    assert evm.calls_executed == ran + 2
+    # a change mined since: the new head runs afresh and sees it; the old block still answers as it was
+    chain.retire_instance(app_id, b"\x01" * 20)
+    new_head = chain.checked_head()
+    assert new_head.hash != head.hash
+    ok, reason = chain.is_app_allowed(info, at=new_head)
+    assert ok is False and reason, reason
+    assert evm.calls_executed == ran + 3
+    assert chain.is_app_allowed(info, at=head) == (True, "")  # the kept answer of the older block
+    evm._calls_at.clear()
+    assert chain.is_app_allowed(info, at=head) == (True, "")  # ... is what the EVM answers there
+    assert chain.is_app_allowed(info, at=new_head)[0] is False
+    # by number, or at the head (latest), nothing is kept: each runs
+    ran = evm.calls_executed
+    chain.is_app_allowed(info, at=new_head.number)
+    chain.is_app_allowed(info, at=new_head.number)
+    assert evm.calls_executed == ran + 2
+
+
+def _mock_endpoint(answer_batch: Any) -> tuple[Any, list[Any]]:
+    """A ChainConnection over HttpTransport whose endpoint (httpx.MockTransport) answers single calls as a
+    chain with id 1 and a batch with `answer_batch(payload)`; the payloads it received."""
+    import httpx
+
+    from teecloud.chain.connection import ChainConnection
+    from teecloud.chain.transport import HttpTransport
+
+    seen: list[Any] = []
+    head = {"number": "0x64", "hash": "0x" + "aa" * 32, "parentHash": "0x" + "99" * 32}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        import json
+
+        payload = json.loads(request.content)
+        seen.append(payload)
+        if isinstance(payload, list):
+            return httpx.Response(200, json=answer_batch(payload))
+        result = "0x1" if payload["method"] == "eth_chainId" else head
+        return httpx.Response(200, json={"jsonrpc": "2.0", "id": payload["id"], "result": result})
+
+    transport = HttpTransport("http://127.0.0.1:9")
+    transport._http = httpx.Client(transport=httpx.MockTransport(handle))
+    return ChainConnection(transport, chain_id=1), seen
+
+
+def _answers(payload: list[Any], chain_id: str = "0x1") -> list[Any]:
+    head = {"number": "0x64", "hash": "0x" + "aa" * 32, "parentHash": "0x" + "99" * 32}
+    results = {"eth_chainId": chain_id, "eth_getBlockByNumber": head}
+    return [{"jsonrpc": "2.0", "id": c["id"], "result": results[c["method"]]} for c in payload]
+
+
+def test_the_head_and_the_chain_id_are_read_in_one_http_request_strictly() -> None:
+    """checked_head over HTTP: one JSON-RPC batch (eth_chainId, eth_getBlockByNumber), answers matched by
+    id (in any order); another chain id, a missing, doubled or foreign id, or an error object fails the
+    read (the gate then refuses); an endpoint without batches is asked one call at a time."""
+    from teecloud.chain.errors import WrongChainId
+
+    conn, seen = _mock_endpoint(lambda p: list(reversed(_answers(p))))
+    seen.clear()
+    head = conn.checked_head()
+    assert head.number == 100 and head.hash == "0x" + "aa" * 32
+    assert len(seen) == 1 and [c["method"] for c in seen[0]] == ["eth_chainId", "eth_getBlockByNumber"]
+
+    conn, _ = _mock_endpoint(lambda p: _answers(p, chain_id="0x2"))
+    with pytest.raises(WrongChainId):
+        conn.checked_head()
+    gate = ChainGate(KmsAuth(conn, "0x" + "22" * 20), block_number=conn.checked_head)
+    with pytest.raises(PeerRejected, match="failing closed"):
+        gate.app_allowed(boot_info("0x" + "11" * 20, rand32()))
+
+    def doubled(p: list[Any]) -> list[Any]:
+        a = _answers(p)
+        return [a[0], a[0]]
+
+    def foreign(p: list[Any]) -> list[Any]:
+        a = _answers(p)
+        a[1]["id"] = a[1]["id"] + 7
+        return a
+
+    def error(p: list[Any]) -> list[Any]:
+        a = _answers(p)
+        a[1] = {"jsonrpc": "2.0", "id": a[1]["id"], "error": {"code": -32000, "message": "no"}}
+        return a
+
+    def text_id(p: list[Any]) -> list[Any]:
+        a = _answers(p)
+        a[0]["id"] = str(a[0]["id"])
+        return a
+
+    for bad in (lambda p: _answers(p)[:1], doubled, foreign, error, text_id, lambda p: [*_answers(p), 1]):
+        conn, _ = _mock_endpoint(bad)
+        with pytest.raises(ChainError):
+            conn.checked_head()
+
+    # no batch support (one error object for the batch): one call at a time, from then on
+    conn, seen = _mock_endpoint(
+        lambda p: {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "x"}}
+    )
+    seen.clear()
+    assert conn.checked_head().number == 100
+    assert conn.checked_head().number == 100
+    assert [type(x).__name__ for x in seen] == ["list", "dict", "dict", "dict", "dict"]

@@ -77,6 +77,10 @@ def test_an_endpoint_switched_to_another_chain_authorizes_nothing(
         return hex(chain.chain_id + 1) if method == "eth_chainId" else real(method, params)
 
     monkeypatch.setattr(chain.transport, "request", other_chain)
+    if hasattr(chain.transport, "request_batch"):  # HTTP: the head read's batch sees the switch too
+        monkeypatch.setattr(
+            chain.transport, "request_batch", lambda calls: [other_chain(m, p) for m, p in calls]
+        )
     with pytest.raises(PeerRejected) as exc:
         gate.app_allowed(boot_info(app_id, h))
     assert exc.value.step == "chain" and "wrong chain id" in exc.value.reason

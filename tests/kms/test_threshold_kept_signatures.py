@@ -7,6 +7,7 @@ and the group's keys; a node that serves anything else is named and the boot sig
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,13 +17,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from teecloud.agent.boot import boot
 from teecloud.agent.service import AgentService
+from teecloud.appcompose import compose_hash
 from teecloud.keys import threshold_certs as tc
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.certs import cert_to_pem
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, recover_k256
 from teecloud.kms import api
 from teecloud.kms.bootstrap import boot_kms_tee
+from teecloud.kms.errors import KmsClientError
 from teecloud.kms.threshold import ThresholdEvaluator, local_joint_feldman
 from teecloud.kms.threshold_client import ThresholdGroup, ThresholdKeyProvider
 from teecloud.kms.threshold_sign import (
@@ -37,7 +41,7 @@ from teecloud.kms.threshold_sign import (
 )
 from teecloud.tee.simulated import SimulatedTdx
 from tests.kms.conftest import World, post_with_cert, stop_servers
-from tests.kms.test_quote_oracle import GetQuoteOracle, attacker_cert
+from tests.kms.test_quote_oracle import HELLO, GetQuoteOracle, attacker_cert
 from tests.kms.test_threshold_nodes import Cluster, N, T, boot_hello, start_node
 
 pytestmark = pytest.mark.slow
@@ -531,3 +535,47 @@ def test_generated_mutations_of_kept_signatures_and_certificates_are_refused_by_
         if got is None:
             assert "kept app CA certificate refused" in faults.pop(3), pos
     assert tried >= 20
+
+
+def test_the_keep_hand_over_runs_after_the_boot_on_its_own_credential_only(
+    teecloud_home: Path, world: World, cluster: Cluster
+) -> None:
+    """A first boot's keys come back before any node keeps its signatures (the hand-over waits here, at
+    every node); once it ends, the next boot of the app is one round. While it runs, a call for the same
+    CVM after its boot (RTMR3 extended past boot-mr-done by the guest) gets no boot-time credential: its
+    own quote is taken and every node refuses it at boot_time."""
+    gate = threading.Event()
+    for node in cluster.nodes.values():
+        real = node.kms.service.threshold_keep
+
+        def slow(*a: object, real: Callable[..., object] = real, **kw: object) -> object:
+            assert gate.wait(60), "the test never opened the gate"
+            return real(*a, **kw)
+
+        node.kms.service.threshold_keep = slow  # type: ignore[method-assign]
+    provider = cluster.provider()
+    app_id = world.register(compose_hash(HELLO))
+    tee = SimulatedTdx(teecloud_home)
+    state = boot(
+        tee, json.dumps(HELLO), app_id, None, provider, extra_events=[("os-image-hash", tee.os_image_hash)]
+    )
+    assert not gate.is_set() and provider.faults == {} and state.keys.k256_signature
+    assert all(n.kms.service.app_signatures.get(1, app_id) is None for n in cluster.nodes.values())
+    # the same CVM after its boot, while the hand-over holds the boot's connections: refused at boot_time
+    evaluated = _records(cluster, api.PATH_THRESHOLD_EVALUATE)
+    with pytest.raises(KmsClientError):
+        provider.get_app_keys(tee, app_id, state.instance_id)
+    for i, node in cluster.nodes.items():
+        recs = [r for r in node.kms.audit.read() if r.endpoint == api.PATH_THRESHOLD_EVALUATE]
+        assert all((r.decision, r.step) == ("denied", "boot_time") for r in recs[len(evaluated[i]) :]), i
+    assert sum(_records(cluster, api.PATH_THRESHOLD_EVALUATE)[i].count("denied") for i in evaluated) >= T
+    gate.set()
+    assert provider.wait_for_hand_overs()
+    kept = _records(cluster, api.PATH_THRESHOLD_KEEP_SIGNATURES)
+    assert {i for i, d in kept.items() if d == ["allowed"]} == set(provider._challenged)
+    signed = _spent(cluster)
+    again = cluster.provider()
+    _, state2 = boot_hello(teecloud_home, world, again, app_id=app_id)
+    assert state2.keys.k256_signature == state.keys.k256_signature
+    assert state2.keys.ca_cert_pem == state.keys.ca_cert_pem
+    assert _spent(cluster) == signed  # the kept copies served: no presignature spent

@@ -143,9 +143,16 @@ class ChainConnection:
     def checked_head(self) -> BlockRef:
         """The head block, after checking that the endpoint still serves the chain this connection was
         opened on (its chain id): an endpoint switched to another chain answers nothing. Raises
-        WrongChainId."""
-        self.check_chain_id()
-        return self.head()
+        WrongChainId. Both in one request (a JSON-RPC batch) where the transport sends batches."""
+        batch = getattr(self.transport, "request_batch", None)
+        if batch is None:
+            self.check_chain_id()
+            return self.head()
+        chain_id, block = batch([("eth_chainId", []), ("eth_getBlockByNumber", ["latest", False])])
+        actual = to_int(chain_id)
+        if actual != self.chain_id:
+            raise WrongChainId(self.chain_id, actual)
+        return _block_ref(block, "the head block")
 
     def block_by_hash(self, block_hash: str) -> BlockRef:
         """The block with this hash; ChainError if the endpoint does not know it (or answers another)."""

@@ -348,6 +348,7 @@ def _round_joiner(
                 tuple(sorted(dealers)),
                 int(doc["t"]),
                 int(doc["n"]),
+                complaint_round=doc.get("complaint_round", False) is True,
             )
             expected: tuple[bytes, ...] | None = None
             member_token: bytes | None = None

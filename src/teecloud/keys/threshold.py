@@ -13,12 +13,14 @@ The construction (docs/kms.md):
     (GenerateProof(s_i, G, Y_i, [H], [Z_i])) that it used the s_i behind Y_i. The client checks every
     partial against Y_i, and any t valid partials combine by Lagrange interpolation at 0 in the exponent:
     Σ λ_i·Z_i = skS·H(input); Finalize then gives exactly the RFC 9497 VOPRF output under skS.
-  * Dealerless key generation: Pedersen's Joint-Feldman DKG (Pedersen, EUROCRYPT '91; with complaints as in
-    Gennaro, Jarecki, Krawczyk, Rabin, J. Cryptology 2007, §3): every dealer shares a random secret with
-    Feldman commitments; a receiver checks its share against the dealer's commitments and complains about a
-    dealer whose share does not verify; the qualified set's sharings are summed. Joint-Feldman lets a
-    rushing adversary bias the group key's distribution (GJKR §3); for a VOPRF key this is the documented
-    residual (docs/kms.md).
+  * Dealerless key generation: Pedersen's Joint-Feldman DKG (Pedersen, EUROCRYPT '91) with GJKR's
+    complaint phase (Gennaro, Jarecki, Krawczyk, Rabin, J. Cryptology 2007, Fig. 2 steps 1(b)-(c), 2, 3:
+    gjkr_answers, gjkr_qualify): every dealer shares a random secret with Feldman commitments; a receiver
+    checks its share against the dealer's commitments and complains about a dealer whose share does not
+    verify; the accused reveals the complained-about sub-shares; a dealer with more than t-1 complaints or a
+    missing or wrong answer is disqualified; the qualified set's (QUAL's) sharings are summed.
+    Joint-Feldman lets a rushing adversary bias the group key's distribution (GJKR §3): GJKR's Pedersen-
+    commitment phase (§4) is not built, so that bias remains (docs/kms.md).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "CONTEXT_STRING",
     "GROUP_ORDER",
     "Dealing",
+    "DkgOutcome",
     "Partial",
     "ThresholdError",
     "app_contexts",
@@ -54,6 +57,8 @@ __all__ = [
     "expand_message_xmd",
     "finalize",
     "generate_proof",
+    "gjkr_answers",
+    "gjkr_qualify",
     "hash_to_group",
     "hash_to_scalar",
     "joint_feldman",
@@ -328,6 +333,89 @@ def joint_feldman(
             continue
         total = (total + share) % GROUP_ORDER
     return total, complaints
+
+
+# GJKR's complaint phase: Gennaro, Jarecki, Krawczyk, Rabin, "Secure Distributed Key Generation for
+# Discrete-Log Based Cryptosystems", J. Cryptology 20(1), 2007, Fig. 2, steps 1(b)-(c), 2 and 3, with
+# Feldman commitments in place of step 1's Pedersen ones (so the key-bias remark of GJKR §3 still applies).
+# Their polynomials have degree t (t+1 shares reconstruct); ours have degree t-1, so their "more than t
+# complaints" is our "more than t-1".
+
+
+@dataclass(frozen=True)
+class DkgOutcome:
+    """One receiver's result of the complaint phase: QUAL, the dealers disqualified (with why), this
+    receiver's share (Σ over QUAL) and the group commitments (Σ over QUAL; C_0 is the group key)."""
+
+    qual: tuple[int, ...]
+    disqualified: dict[int, str]
+    share: int
+    commitments: tuple[bytes, ...]
+
+
+def gjkr_answers(dealing: Dealing, complainers: Iterable[int], t: int) -> dict[int, int]:
+    """The accused dealer's answer (GJKR Fig. 2, step 1(c)): it reveals s_ij for every receiver j that
+    complained against it. With more than t-1 complaints it is disqualified whatever it answers (step 2), so
+    it reveals nothing: an honest dealer never reveals t values of its polynomial (GJKR's secrecy argument:
+    only corrupt receivers complain against an honest dealer, and they are at most t-1)."""
+    against = sorted(set(complainers))
+    if len(against) > t - 1:
+        return {}
+    return {j: dealing.shares[j] for j in against if j in dealing.shares}
+
+
+def gjkr_qualify(
+    dealings: Sequence[Dealing],
+    receiver: int,
+    received: dict[int, int],
+    complaints: dict[int, Sequence[int]],
+    answers: dict[int, dict[int, int]],
+    t: int,
+) -> DkgOutcome:
+    """Receiver `receiver`'s decision (GJKR Fig. 2, steps 2 and 3), the same for every receiver given the same
+    broadcast `complaints` (receiver j -> the dealers it complained against) and `answers` (dealer i -> the
+    sub-shares it revealed, by complainer). A dealer is disqualified when more than t-1 receivers complained
+    against it, or when a complaint against it got no answer or an answer that fails its commitments.
+    QUAL = the others. This receiver's share from a dealer it complained against is the revealed one; a
+    sub-share it did not complain about must verify (else its own complaint was not broadcast: an error).
+    Fewer than t dealers in QUAL: ThresholdError (the round fails)."""
+    by_dealer = {d.dealer: d for d in dealings}
+    if len(by_dealer) != len(dealings):
+        raise ThresholdError("a dealer appears twice")
+    for j, against in complaints.items():
+        if not set(against) <= set(by_dealer):
+            raise ThresholdError(f"receiver {j} complained against a dealer that is not in the round")
+    disqualified: dict[int, str] = {}
+    for i, d in sorted(by_dealer.items()):
+        # (2): count the complaints against dealer i; check each answer against i's commitments
+        complainers = sorted(j for j, against in complaints.items() if i in against)
+        revealed = answers.get(i, {})
+        if len(complainers) > t - 1:
+            disqualified[i] = f"{len(complainers)} complaints (receivers {complainers}), more than t-1"
+            continue
+        for j in complainers:
+            value = revealed.get(j)
+            if value is None:
+                disqualified[i] = f"did not answer receiver {j}'s complaint"
+                break
+            if not verify_share(d.commitments, j, value):
+                disqualified[i] = f"answered receiver {j}'s complaint with a value its commitments refuse"
+                break
+    qual = tuple(i for i in sorted(by_dealer) if i not in disqualified)
+    if len(qual) < t:
+        raise ThresholdError(
+            f"only {len(qual)} qualified dealers, {t} needed; disqualified: "
+            + "; ".join(f"dealer {i}: {why}" for i, why in sorted(disqualified.items()))
+        )
+    # (3): the share is the sum over QUAL, a complained-about sub-share replaced by the revealed one
+    mine = set(complaints.get(receiver, ()))
+    total = 0
+    for i in qual:
+        value = answers[i][receiver] if i in mine else received.get(i)
+        if value is None or not verify_share(by_dealer[i].commitments, receiver, value):
+            raise ThresholdError(f"the sub-share of dealer {i} does not verify and was not complained about")
+        total = (total + value) % GROUP_ORDER
+    return DkgOutcome(qual, disqualified, total, sum_commitments([by_dealer[i] for i in qual]))
 
 
 def sum_commitments(dealings: Sequence[Dealing]) -> tuple[bytes, ...]:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from teecloud.appcompose import MAX_APP_COMPOSE_BYTES
 
 __all__ = [
+    "PATH_DKG_BOARD",
     "PATH_GET_APP_ENV_ENCRYPT_PUBKEY",
     "PATH_GET_APP_KEY",
     "PATH_GET_BOOT_CHALLENGE",
@@ -49,6 +50,8 @@ __all__ = [
     "CaRootInstallRequest",
     "CaRootShareRequest",
     "Denied",
+    "DkgBoardRequest",
+    "DkgBoardResponse",
     "DkgOpenRequest",
     "EnvEncryptPubKeyRequest",
     "EnvEncryptPubKeyResponse",
@@ -98,6 +101,7 @@ PATH_GET_KMS_KEY = "/prpc/KMS.GetKmsKey"
 PATH_GET_BOOT_CHALLENGE = "/prpc/KMS.GetBootChallenge"
 PATH_THRESHOLD_EVALUATE = "/prpc/KMS.ThresholdEvaluate"
 PATH_RESHARE_DEAL = "/prpc/KMS.ReshareDeal"
+PATH_DKG_BOARD = "/prpc/KMS.DkgBoard"
 PATH_THRESHOLD_SIGN = "/prpc/KMS.ThresholdSignAppKey"
 PATH_THRESHOLD_SIGN_APP_CA = "/prpc/KMS.ThresholdSignAppCa"
 PATH_THRESHOLD_APP_CA_CACHED = "/prpc/KMS.ThresholdAppCaCached"
@@ -415,6 +419,11 @@ class ReshareDealResponse(BaseModel):
     carried: list[CarriedSubshare] = Field(default_factory=list, max_length=MAX_CARRIED_PAGE)
     offset: int = Field(default=0, ge=0, le=MAX_CARRIED_TOTAL)
     carried_total: int = Field(default=0, ge=0, le=MAX_CARRIED_TOTAL)
+    board_token: str = Field(
+        default="",
+        pattern="^([0-9a-f]{64})?$",
+        description="a DKG round with a complaint phase: the token this member presents on DkgBoard",
+    )
 
 
 class RetireShareResponse(BaseModel):
@@ -437,6 +446,11 @@ class DkgOpenRequest(BaseModel):
         max_length=64,
         description="as for a reshare (a rotation's round sets them): share j's sub-share only to the boot "
         "presenting member j's token",
+    )
+    complaint_round: bool = Field(
+        default=False,
+        description="GJKR's complaint phase (DkgBoard): every member joins together, a complained-against "
+        "dealer answers, and QUAL decides the key; without it a complaint fails the round",
     )
 
 
@@ -812,3 +826,34 @@ class EnvPeersRequest(BaseModel):
     model_config = _STRICT
 
     peers: dict[_ShareIndexKey, str] = Field(max_length=64)
+
+
+# --- threshold mode: a DKG round's complaint phase (GJKR, J. Cryptology 2007, Fig. 2 steps 1(b)-(c), 2, 3)
+
+
+class DkgBoardRequest(BaseModel):
+    """A new member of a DKG round with a complaint phase posts its statement (the dealers it complains
+    against, possibly none) and later its confirmation (the digest of the QUAL and group key it computed)
+    to every dealer, and reads each dealer's board. Each is bound to the round (`session`) and the member
+    (`index`, with the `board_token` the dealer handed it with its sub-share); each is posted once."""
+
+    model_config = _STRICT
+
+    session: _Session
+    index: int = Field(ge=1, le=64)
+    board_token: _Hash
+    complaints: list[Annotated[int, Field(ge=1, le=64)]] | None = Field(default=None, max_length=64)
+    confirm: _Hash | None = None
+
+
+class DkgBoardResponse(BaseModel):
+    """A dealer's board: the statements and confirmations it received (by member index), and its answers
+    (the sub-shares it reveals, by complainer; only once every member's statement is in)."""
+
+    model_config = _STRICT
+
+    session: _Session
+    dealer: int = Field(ge=1, le=64)
+    complaints: dict[str, list[Annotated[int, Field(ge=1, le=64)]]] = Field(max_length=64)
+    answers: dict[str, _Hash] = Field(max_length=64)
+    confirms: dict[str, _Hash] = Field(max_length=64)

@@ -550,6 +550,21 @@ class KmsClient:
                 session.ended = True
                 session.close()
 
+    def hand_over_boot(self, tee: QuoteSource, holder: QuoteSource) -> bool:
+        """Move the boot binding of `tee` to `holder`: from now on a call for `tee` gets a credential and a
+        quote of its own (a quote taken now, after the boot, is judged as such), while calls made with
+        `holder` in place of the tee use the boot's credential (its boot-time quote) and kept-alive
+        connection, until unbind_boot(holder). For the boot's own work that finishes after its scope
+        (ThresholdKeyProvider's keep hand-over). False when `tee` is not bound here."""
+        with self._boots_lock:
+            session = self._boots.get(id(tee))
+            if session is None or session.tee is not tee or id(holder) in self._boots:
+                return False
+            del self._boots[id(tee)]
+            session.tee = holder
+            self._boots[id(holder)] = session
+            return True
+
     def _boot_of(self, tee: QuoteSource, usage: str, app_id: bytes | None) -> _BootSession | None:
         with self._boots_lock:
             session = self._boots.get(id(tee))

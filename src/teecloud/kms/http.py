@@ -207,6 +207,10 @@ def make_public_app(service: KmsService) -> FastAPI:
             service.reshare_deal(peer_cert_der(request), body, peer_addr=_peer_addr(request))
         )
 
+    @app.post(api.PATH_DKG_BOARD, response_model=api.DkgBoardResponse)
+    def dkg_board(request: Request, body: api.DkgBoardRequest) -> Response:
+        return _json_response(service.dkg_board(peer_cert_der(request), body, peer_addr=_peer_addr(request)))
+
     @app.post(api.PATH_PEER_HELLO, response_model=api.PeerHelloResponse)
     def peer_hello(request: Request, body: api.PeerHelloRequest) -> api.PeerHelloResponse:
         return service.peer_hello(peer_cert_der(request), body, peer_addr=_peer_addr(request))

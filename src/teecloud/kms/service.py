@@ -760,6 +760,7 @@ class KmsService:
                 dealers=tuple(req.dealers),
                 t_new=req.t,
                 n_new=req.n,
+                complaint_round=req.complaint_round,
             )
             hashes = (
                 {int(j): bytes.fromhex(h) for j, h in req.member_token_hashes.items()}
@@ -793,6 +794,31 @@ class KmsService:
             return answer
 
         return self._audited(api.PATH_RESHARE_DEAL, cert_der, peer_addr, decide)
+
+    def dkg_board(
+        self, cert_der: bytes | None, req: api.DkgBoardRequest, *, peer_addr: str = ""
+    ) -> api.DkgBoardResponse:
+        """A DKG round's complaint phase (GJKR): a new member posts its statement or confirmation and reads
+        this dealer's board, under the same rule as ReshareDeal (boot-time evidence of a KMS build KmsAuth
+        allows) and as the member that took its sub-share here (its board token)."""
+
+        def decide(ctx: dict[str, Any]) -> api.DkgBoardResponse:
+            if self.reshare is None:
+                raise AccessDenied("this KMS is not a threshold node", step="mode")
+            kms = self.authz.authorize_kms(cert_der, ctx=ctx)
+            answer = self.reshare.board(
+                kms,
+                bytes.fromhex(req.session),
+                req.index,
+                bytes.fromhex(req.board_token),
+                req.complaints,
+                bytes.fromhex(req.confirm) if req.confirm is not None else None,
+            )
+            what = "statement" if req.complaints is not None else "confirmation" if req.confirm else "read"
+            ctx["reason"] = f"DKG board {what} of member {req.index} (round {req.session[:8]})"
+            return answer
+
+        return self._audited(api.PATH_DKG_BOARD, cert_der, peer_addr, decide)
 
     def carry_for_reshare(self, epoch: int, index: int, t_new: int, n_new: int) -> list[CarriedItem]:
         """What a reshare of `epoch` deals besides the root share (kms.threshold_carry): every env share of

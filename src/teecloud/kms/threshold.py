@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -463,6 +464,9 @@ class DkgPlan:
     dealers: tuple[int, ...]
     t_new: int
     n_new: int
+    # GJKR's complaint phase (dealers' DkgBoard): all n_new members join together; without it (a rolling
+    # rotation joins one node at a time) a complaint fails the round
+    complaint_round: bool = False
 
     def __post_init__(self) -> None:
         if len(self.session) != 16:
@@ -482,6 +486,11 @@ class _Round:
     served: set[tuple[int, int]]  # (new index, page offset): each page goes out once
     member_token_hashes: dict[int, bytes] | None = None  # reshare rounds: index -> sha256(member token)
     carried: list[CarriedItem] = field(default_factory=list)  # reshare rounds: kms.threshold_carry
+    # DKG rounds with a complaint phase: index -> the token handed out with its sub-share, its statement
+    # (the dealers it complains against) and its confirmation digest
+    board_tokens: dict[int, bytes] = field(default_factory=dict)
+    complaints: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    confirms: dict[int, bytes] = field(default_factory=dict)
 
 
 def _token_hashes(member_token_hashes: Mapping[int, bytes], n_new: int) -> dict[int, bytes]:
@@ -623,12 +632,87 @@ class ReshareDealer:
                 what = f"share {index}" if offset == 0 else f"the page at {offset} of share {index}"
                 raise AccessDenied(f"{what} of this round was already handed out", step="reshare")
             r.served.add((index, offset))
+            board_token = b""
+            if offset == 0 and isinstance(r.plan, DkgPlan) and r.plan.complaint_round:
+                board_token = r.board_tokens.setdefault(index, secrets.token_bytes(32))
             return api.ReshareDealResponse(
                 session=session.hex(),
                 dealer=r.dealer,
                 commitments=[c.hex() for c in r.dealing.commitments],
-                subshare=r.dealing.shares[index].to_bytes(32, "little").hex() if offset == 0 else "",
+                subshare=self._subshare(r, index).to_bytes(32, "little").hex() if offset == 0 else "",
                 carried=carried_page(r.carried, index, offset, page_size=self.page_size),
                 offset=offset,
                 carried_total=total,
+                board_token=board_token.hex(),
+            )
+
+    def _subshare(self, r: _Round, index: int) -> int:
+        """What this dealer sends member `index` (a test's cheating dealer overrides it)."""
+        return r.dealing.shares[index]
+
+    def _answers(self, r: _Round, complainers: list[int]) -> dict[int, int]:
+        """This dealer's answer to the complaints against it (a test's cheating dealer overrides it)."""
+        return th.gjkr_answers(r.dealing, complainers, r.plan.t_new)
+
+    def board(
+        self,
+        kms: AuthorizedKms,
+        session: bytes,
+        index: int,
+        board_token: bytes,
+        complaints: Sequence[int] | None = None,
+        confirm: bytes | None = None,
+    ) -> api.DkgBoardResponse:
+        """A DKG round's complaint phase on this dealer's board (GJKR, J. Cryptology 2007, Fig. 2 steps
+        1(b)-(c)): member `index` (the boot that took its sub-share: `board_token`) posts its statement
+        (`complaints`: the dealers it complains against, possibly none), later its `confirm` digest, each
+        once (the same again is a no-op; another is refused), and reads the board. Once every member's
+        statement is in, this dealer answers the complaints against it by revealing those sub-shares (at
+        most t-1 of them: beyond that it is disqualified anyway and reveals nothing)."""
+        if not isinstance(kms, AuthorizedKms):
+            raise TypeError("the DKG board only for an AuthorizedKms")
+        with self._lock:
+            # (1): an open round of this session with a complaint phase, posted to by the member who took
+            # sub-share `index` (bound by the token handed out with it; another round's token is refused)
+            r = self._rounds.get(session)
+            if r is None or self._clock() - r.opened_at > RESHARE_WINDOW_S:
+                raise AccessDenied(
+                    "no open DKG round with this session here (never opened, expired, or this node "
+                    "restarted since)",
+                    step="dkg",
+                )
+            plan = r.plan
+            if not isinstance(plan, DkgPlan) or not plan.complaint_round:
+                raise AccessDenied("this round has no complaint phase", step="dkg")
+            expected = r.board_tokens.get(index)
+            if expected is None or not hmac.compare_digest(expected, board_token):
+                raise AccessDenied(
+                    f"not the member that took share {index} of this round (no or another board token)",
+                    step="dkg",
+                )
+            # (2): the statement, once; its dealers must be the round's
+            if complaints is not None:
+                against = tuple(sorted(set(complaints)))
+                if len(against) != len(complaints) or not set(against) <= set(plan.dealers):
+                    raise AccessDenied("a complaint names a dealer twice or one not in the round", step="dkg")
+                if r.complaints.setdefault(index, against) != against:
+                    raise AccessDenied(f"member {index} already posted another statement", step="dkg")
+            # (3): the confirmation, once, after the statement
+            if confirm is not None:
+                if index not in r.complaints:
+                    raise AccessDenied("a confirmation comes after the statement", step="dkg")
+                if r.confirms.setdefault(index, bytes(confirm)) != confirm:
+                    raise AccessDenied(f"member {index} already posted another confirmation", step="dkg")
+            # (4): the answers, once every member's statement is in
+            answers: dict[int, int] = {}
+            if len(r.complaints) == plan.n_new:
+                against_me = sorted(j for j, a in r.complaints.items() if r.dealer in a)
+                if against_me:
+                    answers = self._answers(r, against_me)
+            return api.DkgBoardResponse(
+                session=session.hex(),
+                dealer=r.dealer,
+                complaints={str(j): list(a) for j, a in sorted(r.complaints.items())},
+                answers={str(j): v.to_bytes(32, "little").hex() for j, v in sorted(answers.items())},
+                confirms={str(j): c.hex() for j, c in sorted(r.confirms.items())},
             )

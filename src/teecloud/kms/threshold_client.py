@@ -46,11 +46,12 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import BaseModel
 
 from teecloud.appcompose import AppComposeError
 from teecloud.attestation.errors import VerificationError
@@ -91,6 +92,11 @@ log = logging.getLogger("teecloud.kms.threshold")
 # why a boot of a group that signs got no KMS signature when t nodes hold no common presignature
 NO_PRESIGNATURES = "no presignatures, refill in progress"
 BAD_SHARE = "the signature share does not verify against the presignature"
+MAX_HAND_OVERS = 8  # keep hand-overs running at once in the background (one per recent first boot)
+FAN_OUT_WORKERS = 64  # threads of a provider's calls to the nodes (reused across rounds and boots)
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -256,6 +262,10 @@ class ThresholdKeyProvider:
         self.composes = ComposeBook()  # the GPU gate: bind_app_compose
         # per boot thread (one provider serves every CVM of a worker): the bound env and its secret
         self._env = threading.local()
+        self._local = threading.local()  # per boot thread: the keep hand-over its boot leaves (`_keep`)
+        self._hand_overs: list[threading.Thread] = []
+        self._hand_overs_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # `_fan_out`
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.group.group_public_key.hex(), "epoch": self.group.epoch}
@@ -268,6 +278,14 @@ class ThresholdKeyProvider:
         if client is None:
             raise KmsClientError(f"KMS node {index} is not in the group (nodes {sorted(self._clients)})")
         return client.server_certificate()
+
+    def _fan_out(self) -> ThreadPoolExecutor:
+        """The provider's one pool for its calls to the nodes (threads started once and reused, not per
+        round; at most FAN_OUT_WORKERS, so calls abandoned by a hedge cannot exhaust it quickly)."""
+        with self._hand_overs_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=FAN_OUT_WORKERS, thread_name_prefix="kms-fan-out")
+            return self._pool
 
     def _gather(
         self,
@@ -282,7 +300,7 @@ class ThresholdKeyProvider:
         all_first: every node at once, then wait for all of them, or — after hedge_s — only until `need`
         results are accepted. Otherwise `need` nodes first, a replacement for each failure, and all the rest
         when hedge_s passes without `need` accepted results. Calls still running are abandoned."""
-        pool = ThreadPoolExecutor(max_workers=max(1, len(indices)))
+        pool = self._fan_out()
         queue = list(indices)
         futures: dict[Future[Any], int] = {}
         results: dict[int, Any] = {}
@@ -323,7 +341,8 @@ class ThresholdKeyProvider:
                 if not done and not pending and not queue:
                     break
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            for fut in futures:
+                fut.cancel()  # not started yet: never started (one still running is abandoned)
         return results
 
     # (1)
@@ -391,14 +410,76 @@ class ThresholdKeyProvider:
     @contextmanager
     def _boot(self, tee: QuoteSource, app_id: bytes) -> Iterator[None]:
         """One RA-TLS credential for this boot's attested calls to every node (one quote), and one
-        kept-alive connection per node (opened at its first call), closed when the scope ends."""
+        kept-alive connection per node (opened at its first call), closed when the scope ends — or, when
+        the boot signed something for the nodes to keep (`_keep`), handed to a background thread that sends
+        it and then closes them (`_hand_over`): the boot's keys are returned without waiting for that."""
         credential = BootCredential(tee, usage="app:kms-client", app_id=app_id, clock=self._clock)
         bound = [c for c in self._clients.values() if c.bind_boot(tee, credential)]
+        self._local.keep = None
         try:
             yield
         finally:
+            keep, self._local.keep = self._local.keep, None
+            if keep is not None and not bound:  # an outer binding owns the connections: sent now, in it
+                try:
+                    self._hand_over(tee, *keep)
+                except Exception as exc:  # as in the background: logged, never raised into a boot
+                    log.warning("the keep hand-over failed: %s", _describe(exc))
+                keep = None
+            if keep is not None and not self._hand_over_later(tee, bound, *keep):
+                keep = None  # not started: the next boot of this app signs again
+            if keep is None:
+                for client in bound:
+                    client.unbind_boot(tee)
+
+    def _hand_over_later(
+        self,
+        tee: QuoteSource,
+        bound: list[KmsClient],
+        app_id: bytes,
+        body: dict[str, Any],
+        challenged: list[int],
+    ) -> bool:
+        """Start the keep hand-over on a daemon thread (at most MAX_HAND_OVERS at once), on this boot's
+        connections moved to a holder that cannot quote: a call for `tee` after this returns gets a
+        credential and quote of its own, so nothing after the boot uses its boot-time evidence except this
+        hand-over. False (nothing started, the connections stay with `tee`) when too many are running."""
+        with self._hand_overs_lock:
+            self._hand_overs = [th_ for th_ in self._hand_overs if th_.is_alive()]
+            if len(self._hand_overs) >= MAX_HAND_OVERS:
+                log.warning(
+                    "the keep hand-over is skipped (%d running): the next boot signs again", MAX_HAND_OVERS
+                )
+                return False
+            holder = _EndedBoot()
+            moved = [c for c in bound if c.hand_over_boot(tee, holder)]
             for client in bound:
-                client.unbind_boot(tee)
+                if client not in moved:
+                    client.unbind_boot(tee)
+
+            def run() -> None:
+                try:
+                    self._hand_over(holder, app_id, body, challenged)
+                except Exception as exc:  # a background thread: logged, never raised into a boot
+                    log.warning("the keep hand-over failed: %s", _describe(exc))
+                finally:
+                    for client in moved:
+                        client.unbind_boot(holder)
+
+            thread = threading.Thread(target=run, name="kms-keep-hand-over", daemon=True)
+            self._hand_overs.append(thread)
+            thread.start()
+            return True
+
+    def wait_for_hand_overs(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every keep hand-over started so far has ended (tests, benchmarks, a clean stop);
+        False when some still run after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        with self._hand_overs_lock:
+            threads = list(self._hand_overs)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
 
     def _bound_env_secret(self, tee: QuoteSource, app_id: bytes, group: ThresholdGroup) -> bytes:
         """The bound env's X25519 secret under the app's current epoch; while the app migrates
@@ -483,15 +564,7 @@ class ThresholdKeyProvider:
         faults = self.faults
         valid: dict[int, tuple[tuple[bytes, ...], tx.EcdhPartial]] = {}
 
-        def ask(client: KmsClient) -> api.ThresholdEnvPartialResponse:
-            return client.attested_call(
-                tee,
-                api.PATH_THRESHOLD_ENV_PARTIAL,
-                api.ThresholdEnvPartialResponse,
-                body=body,
-                usage="app:kms-client",
-                app_id=app_id,
-            )
+        ask = _attested(tee, app_id, api.PATH_THRESHOLD_ENV_PARTIAL, api.ThresholdEnvPartialResponse, body)
 
         def accept(i: int, answer: Any) -> bool:
             if isinstance(answer, BaseException):
@@ -558,15 +631,7 @@ class ThresholdKeyProvider:
             vm_config=vm_config_json(tee), app_compose=self.composes.for_tee(tee), epoch=group.epoch
         ).model_dump()
 
-        def ask(client: KmsClient) -> api.ThresholdEvaluateResponse:
-            return client.attested_call(
-                tee,
-                api.PATH_THRESHOLD_EVALUATE,
-                api.ThresholdEvaluateResponse,
-                body=body,
-                usage="app:kms-client",
-                app_id=app_id,
-            )
+        ask = _attested(tee, app_id, api.PATH_THRESHOLD_EVALUATE, api.ThresholdEvaluateResponse, body)
 
         # Ask t nodes first; another for each that fails, and all the rest if hedge_s passes first: an honest
         # run costs the cluster t evaluations, not n, and no silent node holds the boot up.
@@ -835,8 +900,8 @@ class ThresholdKeyProvider:
     ) -> None:
         """After a signing round: hand the app-key signature and the app CA certificate this boot holds to
         every challenged node to keep (ThresholdKeepSignatures, attested and judged like an evaluation), so
-        that the next boot of this app is one round. A node that does not keep them only costs a signing
-        round at the next boot: its failure is logged, not a fault."""
+        that the next boot of this app is one round. The request is built here, inside the boot; it is sent
+        after the boot's keys are returned (`_boot`, `_hand_over`), off the boot's path."""
         pub33 = self._app_ca_tbs(app_id, app_ca_key_pem)[2] if certificate else b""
         body = api.ThresholdKeepRequest(
             vm_config=vm_config_json(tee),
@@ -847,16 +912,16 @@ class ThresholdKeyProvider:
             app_ca_public_key=pub33.hex(),
             certificate=certificate,
         ).model_dump()
+        self._local.keep = (app_id, body, list(self._challenged))
 
-        def keep(client: KmsClient) -> api.ThresholdKeepResponse:
-            return client.attested_call(
-                tee,
-                api.PATH_THRESHOLD_KEEP_SIGNATURES,
-                api.ThresholdKeepResponse,
-                body=body,
-                usage="app:kms-client",
-                app_id=app_id,
-            )
+    def _hand_over(
+        self, holder: QuoteSource, app_id: bytes, body: dict[str, Any], challenged: list[int]
+    ) -> None:
+        """Send a boot's keep request to every node it challenged on the boot's connections (`holder`: they
+        present its boot-time credential; each node judges the request by its whole rule). A node that
+        does not keep them only costs a signing round at the next boot: its failure is logged, not a
+        fault."""
+        keep = _attested(holder, app_id, api.PATH_THRESHOLD_KEEP_SIGNATURES, api.ThresholdKeepResponse, body)
 
         def kept(i: int, answer: Any) -> bool:
             if isinstance(answer, BaseException):
@@ -864,7 +929,7 @@ class ThresholdKeyProvider:
                 return False
             return True
 
-        self._gather(self._challenged, keep, kept, need=len(self._challenged), all_first=True)
+        self._gather(challenged, keep, kept, need=len(challenged), all_first=True)
 
     def _check(
         self,
@@ -989,15 +1054,7 @@ def _group_signature(
     request = body(session)
     got: dict[int, tuple[te.Presignature, te.SignatureShare]] = {}
 
-    def ask(client: KmsClient) -> api.ThresholdSignResponse:
-        return client.attested_call(
-            tee,
-            path,
-            api.ThresholdSignResponse,
-            body=request,
-            usage="app:kms-client",
-            app_id=app_id,
-        )
+    ask = _attested(tee, app_id, path, api.ThresholdSignResponse, request)
 
     def accept(i: int, answer: Any, *, check_share: bool) -> bool:
         if isinstance(answer, BaseException):
@@ -1109,6 +1166,29 @@ def _together(
         return now, later.result()
 
 
+class _EndedBoot:
+    """The holder of a boot's connections after its scope (KmsClient.hand_over_boot): it takes no quote,
+    so a call on it can only present the boot's own credential."""
+
+    def quote(self, report_data: bytes) -> bytes:
+        raise KmsClientError("the boot has ended: no quote is taken for its hand-over")
+
+    def event_log(self) -> list[Any]:
+        raise KmsClientError("the boot has ended: no quote is taken for its hand-over")
+
+
+def _attested(
+    tee: QuoteSource, app_id: bytes, path: str, model: type[_M], body: dict[str, Any]
+) -> Callable[[KmsClient], _M]:
+    """The one shape of a boot's request to a node, for `_gather`: `body` posted to `path` over the boot's
+    attested connection (the app's RA-TLS credential, usage app:kms-client), the answer parsed as `model`."""
+
+    def call(client: KmsClient) -> _M:
+        return client.attested_call(tee, path, model, body=body, usage="app:kms-client", app_id=app_id)
+
+    return call
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, Error):
         return str(exc)
@@ -1131,6 +1211,7 @@ def _collect(
     app_id: bytes,
     member_token: bytes | None = None,
     carried: dict[int, list[api.CarriedSubshare]] | None = None,
+    board_tokens: dict[int, bytes] | None = None,
 ) -> list[th.Dealing]:
     """From every dealer of a round: its commitments and this node's sub-share (over mutual RA-TLS, with this
     node's boot-time evidence), and every page of the sharings it carries (`carried`). Any dealer failing
@@ -1177,6 +1258,10 @@ def _collect(
             subshare = int.from_bytes(bytes.fromhex(resp.subshare), "little")
             if len(commitments) != t_new:
                 raise KmsClientError(f"sent {len(commitments)} commitments, not t = {t_new}")
+            if board_tokens is not None:
+                if not resp.board_token:
+                    raise KmsClientError("handed out no board token (its round has no complaint phase)")
+                board_tokens[i] = bytes.fromhex(resp.board_token)
         except (Error, ValueError) as exc:
             faults[i] = _describe(exc)
             continue
@@ -1258,6 +1343,167 @@ def join_reshare(
         raise KmsClientError(f"the reshare round failed: {exc}") from exc
 
 
+DKG_BOARD_TIMEOUT_S = 300.0  # every member's statement (and confirmation) must be in by then
+_BOARD_POLL_S = 0.25
+
+
+def _dkg_digest(session: bytes, outcome: th.DkgOutcome) -> bytes:
+    """What every member confirms: the round, QUAL and the group commitments it computed."""
+    h = hashlib.sha256(b"teecloud-dkg-confirm-v1\x00" + session)
+    h.update(bytes(outcome.qual) + b"\x00")
+    for c in outcome.commitments:
+        h.update(c)
+    return h.digest()
+
+
+def _board_round(
+    plan: DkgPlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    board_tokens: Mapping[int, bytes],
+    *,
+    app_id: bytes,
+    post: dict[str, Any],
+    done: Callable[[api.DkgBoardResponse], bool],
+    deadline: float,
+    clock: Callable[[], float],
+) -> dict[int, api.DkgBoardResponse]:
+    """Post `post` (a statement or a confirmation) to every dealer's board, then read each board until
+    `done(board)` or the deadline. A dealer whose board cannot be read, or that answers for another round
+    or as another dealer, fails the round (named): the members would otherwise decide on different views."""
+
+    def call(i: int, extra: dict[str, Any]) -> api.DkgBoardResponse:
+        body = {"session": plan.session.hex(), "index": index, "board_token": board_tokens[i].hex(), **extra}
+        resp = dealers[i].attested_call(
+            tee, api.PATH_DKG_BOARD, api.DkgBoardResponse, body=body, usage="kms:reshare", app_id=app_id
+        )
+        if resp.dealer != i or resp.session != plan.session.hex():
+            raise KmsClientError(f"answered as dealer {resp.dealer} of another round")
+        return resp
+
+    failed = threading.Event()  # one board failing fails the round: the others stop waiting
+
+    def follow(i: int) -> api.DkgBoardResponse:
+        try:
+            board = call(i, post)
+            while not done(board):
+                if clock() > deadline:
+                    raise KmsClientError("its board was not complete in time (a member did not post)")
+                if failed.wait(_BOARD_POLL_S):
+                    raise KmsClientError("not read to the end: another dealer's board failed")
+                board = call(i, {})
+            return board
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=len(plan.dealers)) as pool:
+        futures = {i: pool.submit(follow, i) for i in plan.dealers}
+    boards, faults = {}, {}
+    for i, fut in sorted(futures.items()):
+        try:
+            boards[i] = fut.result()
+        except Error as exc:
+            faults[i] = _describe(exc)
+    if faults:
+        raise KmsClientError("the DKG round failed; no share was made" + _fault_text(faults))
+    return boards
+
+
+def _complaint_phase(
+    plan: DkgPlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    dealings: list[th.Dealing],
+    board_tokens: Mapping[int, bytes],
+    complaints: list[int],
+    *,
+    app_id: bytes,
+    timeout_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> th.DkgOutcome:
+    """GJKR's complaint phase (Gennaro, Jarecki, Krawczyk, Rabin, J. Cryptology 20(1) 2007, Fig. 2 steps
+    1(b)-(c), 2, 3), the dealers' boards standing in for the broadcast channel:
+      (1) post this member's statement (`complaints`, possibly none) to every dealer and wait until every
+          board holds all n members' statements, and the boards agree on them;
+      (2) read each accused dealer's answers (the sub-shares it reveals) from its own board;
+      (3) decide QUAL and the share (th.gjkr_qualify: the same decision at every member);
+      (4) post the digest of (round, QUAL, group commitments) to every board and wait for every member's:
+          all equal, or the round fails — a dealer that showed members different answers splits nobody."""
+    deadline = clock() + timeout_s
+    n = plan.n_new
+    boards = _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        board_tokens,
+        app_id=app_id,
+        post={"complaints": complaints},
+        done=lambda b: len(b.complaints) == n,
+        deadline=deadline,
+        clock=clock,
+    )
+    # (1): every board shows every member's statement, the same everywhere
+    views = {i: {int(j): tuple(a) for j, a in b.complaints.items()} for i, b in boards.items()}
+    statements = views[plan.dealers[0]]
+    differing = sorted(i for i, v in views.items() if v != statements)
+    if (
+        differing
+        or set(statements) != set(range(1, n + 1))
+        or statements.get(index) != tuple(sorted(complaints))
+    ):
+        raise KmsClientError(
+            "the DKG round failed; no share was made: the dealers' boards disagree on the members' "
+            f"statements (boards of dealers {differing or list(plan.dealers)})"
+        )
+    # (2): each dealer's answers, from its own board
+    try:
+        answers = {
+            i: {int(j): int.from_bytes(bytes.fromhex(v), "little") for j, v in b.answers.items()}
+            for i, b in boards.items()
+        }
+        # (3): QUAL and this member's share
+        received = {d.dealer: d.shares[index] for d in dealings}
+        outcome = th.gjkr_qualify(
+            dealings, index, received, {j: list(a) for j, a in statements.items()}, answers, plan.t_new
+        )
+    except (KeysError, ValueError) as exc:
+        raise KmsClientError(f"the DKG round failed; no share was made: {exc}") from exc
+    if outcome.disqualified:
+        log.warning(
+            "DKG round %s: dealers disqualified: %s",
+            plan.session.hex()[:8],
+            "; ".join(f"{i}: {why}" for i, why in sorted(outcome.disqualified.items())),
+        )
+    # (4): every member confirms the same QUAL and group key
+    digest = _dkg_digest(plan.session, outcome).hex()
+    boards = _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        board_tokens,
+        app_id=app_id,
+        post={"confirm": digest},
+        done=lambda b: len(b.confirms) == n,
+        deadline=deadline,
+        clock=clock,
+    )
+    others = sorted(
+        {int(j) for b in boards.values() for j, c in b.confirms.items() if c != digest}
+        | {j for j in range(1, n + 1) if any(str(j) not in b.confirms for b in boards.values())}
+    )
+    if others:
+        raise KmsClientError(
+            "the DKG round failed; no share was made: members "
+            f"{others} computed another QUAL or group key than this member's"
+        )
+    return outcome
+
+
 def join_dkg(
     plan: DkgPlan,
     index: int,
@@ -1266,14 +1512,28 @@ def join_dkg(
     *,
     app_id: bytes,
     member_token: bytes | None = None,
+    timeout_s: float = DKG_BOARD_TIMEOUT_S,
 ) -> ThresholdShare:
     """A new KMS node's side of a Joint-Feldman DKG round, at its boot: every dealer's sub-share is checked
-    against that dealer's commitments (a failing dealer is a complaint, and — without GJKR's answer round —
-    fails the round); the share is the sum, the group commitments the sums of the dealers'. `member_token`:
-    this member's token, for a round opened with member token hashes (a rotation's)."""
-    dealings = _collect(plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token)
+    against that dealer's commitments. In a round with a complaint phase (`plan.complaint_round`: every
+    member joins together, within `timeout_s`) a failing dealer gets a complaint and the round goes on as
+    GJKR's (_complaint_phase): the share and the group commitments are the sums over QUAL, and the round
+    fails, nothing made, only with fewer than t qualified dealers or boards that disagree. Without it a
+    complaint fails the round. `member_token`: this member's token, for a round opened with member token
+    hashes (a rotation's)."""
+    tokens: dict[int, bytes] | None = {} if plan.complaint_round else None
+    dealings = _collect(
+        plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token, None, tokens
+    )
     try:
         total, complaints = th.joint_feldman(dealings, index, {d.dealer: d.shares[index] for d in dealings})
+        if tokens is not None:
+            outcome = _complaint_phase(
+                plan, index, tee, dealers, dealings, tokens, complaints, app_id=app_id, timeout_s=timeout_s
+            )
+            return ThresholdShare(
+                plan.epoch, index, plan.t_new, plan.n_new, outcome.share, outcome.commitments
+            )
         if complaints:
             raise _complaint(complaints)
         return ThresholdShare(plan.epoch, index, plan.t_new, plan.n_new, total, th.sum_commitments(dealings))
