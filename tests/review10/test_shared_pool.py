@@ -14,7 +14,6 @@ t19-perf each round had a pool of its own, so a slow node cost a thread, never a
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,7 +52,9 @@ def _evaluate(tag: int) -> Any:
 
 def _boot(p: ThresholdKeyProvider, tag: int) -> dict[int, Any]:
     """One boot's evaluation round as `_app_keys` runs it: t = 3 of 5, the first t nodes first."""
-    return p._gather([1, 2, 3, 4, 5], _evaluate(tag), lambda _i, a: isinstance(a, tuple), need=3, all_first=False)
+    return p._gather(
+        [1, 2, 3, 4, 5], _evaluate(tag), lambda _i, a: isinstance(a, tuple), need=3, all_first=False
+    )
 
 
 def test_answers_never_cross_between_concurrent_boots() -> None:
@@ -72,7 +73,7 @@ def test_answers_never_cross_between_concurrent_boots() -> None:
             p._pool.shutdown(wait=True)
 
 
-@pytest.mark.xfail(strict=True, reason="R10-1 open: one slow node exhausts the shared pool; later boots stall")
+@pytest.mark.xfail(strict=True, reason="R10-1 open: one slow node takes the shared pool")
 def test_one_slow_node_does_not_stall_later_boots_beyond_the_hedge() -> None:
     """Boot after boot leaves node 1's call running (the hedge abandons it; 2, 3 and 4 answer at once). Each
     of FAN_OUT_WORKERS + 1 such boots must end in about hedge_s (3 s allowed), as with a pool per round."""
