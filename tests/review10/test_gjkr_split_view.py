@@ -40,13 +40,13 @@ class Equivocator(ReshareDealer):
     `hide`: member 4's statement shown empty to those readers."""
 
     def __init__(
-        self, bad: set[int], shown: set[int], *, echo: bool = False, hide: set[int] = frozenset()
-    ) -> None:  # type: ignore[assignment]
+        self, bad: set[int], shown: set[int], *, echo: bool = False, hide: frozenset[int] = frozenset()
+    ) -> None:
         super().__init__(None)
         self.bad, self.shown, self.echo, self.hide = bad, shown, echo, set(hide)
 
     def _subshare(self, r: _Round, index: int) -> int:
-        return (super()._subshare(r, index) + (7 if index in self.bad else 0)) % th.GROUP_ORDER
+        return int(super()._subshare(r, index) + (7 if index in self.bad else 0)) % th.GROUP_ORDER
 
     def board(
         self, kms: Any, session: bytes, index: int, board_token: bytes, *a: Any, **k: Any
@@ -123,7 +123,7 @@ def test_a_board_hiding_a_complaint_from_some_members_splits_nobody(
     member 4 complained about nothing: those two see the boards disagree and stop; the other three cannot
     get all five confirmations. No share anywhere (the round fails by the board timeout for 3-5)."""
     _allow_kms_build(world, teecloud_home)
-    dealers[2].service.reshare = Equivocator({4}, {1, 2, 3, 4, 5}, hide={1, 2})
+    dealers[2].service.reshare = Equivocator({4}, {1, 2, 3, 4, 5}, hide=frozenset({1, 2}))
     results = _run(teecloud_home, dealers)
     assert _no_two_keys(results) == []
     for j in (1, 2):
