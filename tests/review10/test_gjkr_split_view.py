@@ -14,6 +14,8 @@ share the others do not agree on."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import pytest
 from teecloud.keys import threshold as th
 from teecloud.kms import api
 from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee
-from teecloud.kms.errors import KmsClientError
+from teecloud.kms.errors import AccessDenied, KmsClientError
 from teecloud.kms.server import KmsServer
 from teecloud.kms.threshold import DkgPlan, ReshareDealer, ThresholdShare, _Round
 from teecloud.kms.threshold_client import join_dkg
@@ -130,3 +132,38 @@ def test_a_board_hiding_a_complaint_from_some_members_splits_nobody(
         assert "boards disagree" in str(results[j]), results[j]
     for j in (3, 4, 5):
         assert isinstance(results[j], KmsClientError), (j, results[j])
+
+
+class Hanging(ReshareDealer):
+    """A dealer whose board never answers (until the test ends): its sub-shares went out normally."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.release = threading.Event()
+
+    def board(self, *a: Any, **k: Any) -> api.DkgBoardResponse:
+        self.release.wait(60)
+        raise AccessDenied("released", step="dkg")
+
+
+@pytest.mark.slow
+def test_a_board_that_hangs_fails_the_round_within_the_client_timeout(
+    teecloud_home: Path,
+    world: World,
+    dealers: dict[int, KmsServer],
+) -> None:
+    """Dealer 5's board never answers: every member fails, naming node 5, once its read times out (the
+    KMS client's 15 s), no share made; nobody waits for the board for ever."""
+    _allow_kms_build(world, teecloud_home)
+    hanging = Hanging()
+    dealers[5].service.reshare = hanging
+    try:
+        start = time.monotonic()
+        results = _run(teecloud_home, dealers)
+        took = time.monotonic() - start
+    finally:
+        hanging.release.set()
+    assert _no_two_keys(results) == []
+    for j, r in results.items():
+        assert isinstance(r, KmsClientError) and "node 5: " in str(r), (j, r)
+    assert took < 45, took
