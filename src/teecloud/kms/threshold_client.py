@@ -99,6 +99,50 @@ FAN_OUT_WORKERS = 64  # threads of a provider's calls to the nodes (reused acros
 _M = TypeVar("_M", bound=BaseModel)
 
 
+class _FanOut:
+    """A provider's one pool for its calls to the nodes: threads started once and reused across rounds and
+    boots. A call the hedge abandons keeps its thread until its client's own timeout, so each node may hold
+    at most `per_node` threads at once; past that, a call to it fails at once as that node's fault and the
+    round asks another node (review 10, R10-1: one slow node must not take the pool from the others and
+    stall every later boot beyond the hedge)."""
+
+    def __init__(self, nodes: int, workers: int = FAN_OUT_WORKERS) -> None:
+        self.per_node = max(1, workers // max(1, nodes))
+        self._workers = workers
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: dict[int, int] = {}
+
+    def submit(self, index: int, fn: Callable[[KmsClient], Any], client: KmsClient) -> Future[Any]:
+        with self._lock:
+            if self._running.get(index, 0) >= self.per_node:
+                refused: Future[Any] = Future()
+                refused.set_exception(
+                    KmsClientError(
+                        f"KMS node {index}: {self.per_node} earlier calls to it are still running (a slow or "
+                        "silent node); not asked again until one of them ends"
+                    )
+                )
+                return refused
+            self._running[index] = self._running.get(index, 0) + 1
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="kms-fan-out")
+            pool = self._pool
+        future = pool.submit(fn, client)
+        future.add_done_callback(lambda _f: self._release(index))  # also when cancelled before it started
+        return future
+
+    def _release(self, index: int) -> None:
+        with self._lock:
+            self._running[index] -= 1
+
+    def shutdown(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
 @dataclass(frozen=True)
 class ThresholdGroup:
     epoch: int
@@ -265,7 +309,7 @@ class ThresholdKeyProvider:
         self._local = threading.local()  # per boot thread: the keep hand-over its boot leaves (`_keep`)
         self._hand_overs: list[threading.Thread] = []
         self._hand_overs_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None  # `_fan_out`
+        self._fan = _FanOut(len(group.nodes))  # `_gather`
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.group.group_public_key.hex(), "epoch": self.group.epoch}
@@ -278,14 +322,6 @@ class ThresholdKeyProvider:
         if client is None:
             raise KmsClientError(f"KMS node {index} is not in the group (nodes {sorted(self._clients)})")
         return client.server_certificate()
-
-    def _fan_out(self) -> ThreadPoolExecutor:
-        """The provider's one pool for its calls to the nodes (threads started once and reused, not per
-        round; at most FAN_OUT_WORKERS, so calls abandoned by a hedge cannot exhaust it quickly)."""
-        with self._hand_overs_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=FAN_OUT_WORKERS, thread_name_prefix="kms-fan-out")
-            return self._pool
 
     def _gather(
         self,
@@ -300,7 +336,6 @@ class ThresholdKeyProvider:
         all_first: every node at once, then wait for all of them, or — after hedge_s — only until `need`
         results are accepted. Otherwise `need` nodes first, a replacement for each failure, and all the rest
         when hedge_s passes without `need` accepted results. Calls still running are abandoned."""
-        pool = self._fan_out()
         queue = list(indices)
         futures: dict[Future[Any], int] = {}
         results: dict[int, Any] = {}
@@ -310,7 +345,7 @@ class ThresholdKeyProvider:
             for _ in range(max(0, k)):
                 if queue:
                     i = queue.pop(0)
-                    futures[pool.submit(fn, self._clients[i])] = i
+                    futures[self._fan.submit(i, fn, self._clients[i])] = i
 
         try:
             launch(len(queue) if all_first else need)
