@@ -12,26 +12,25 @@ ceremony; a member lying in its `held` answers)."""
 from __future__ import annotations
 
 import random
-import secrets
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from teecloud.appcompose import compose_hash
 from teecloud.keys import threshold_ecdh as tx
-from teecloud.keys import threshold_ecdsa as te
 from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsUsageError
-from teecloud.kms.threshold import local_joint_feldman
 from teecloud.kms.threshold_env import EnvKeyBusy, EnvKeys, EnvKeyStore, ceremony_quorum
-from tests.kms.conftest import World, stop_servers
-from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
+from tests.kms import _threshold_env_world
+from tests.kms._threshold_env_world import ask_key, env_of, lying_held, partial_ceremony
+from tests.kms.conftest import World
+from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO
 
 APP = bytes(range(20))
 Sharing = tuple[bytes, ...]
+members_3of5 = _threshold_env_world.members_3of5  # the committee fixture (tests/review8 uses it too)
 
 
 def _store(path: Path, index: int, t: int) -> EnvKeyStore:
@@ -182,83 +181,66 @@ def test_liars_cannot_make_a_member_drop_the_apps_sharing_or_promote_over_it(
         assert outcome == "dropped"  # superseded
 
 
+@pytest.mark.parametrize("seed", range(300))
+def test_liars_cannot_make_a_member_drop_a_confirmed_share_of_the_apps_sharing(
+    tmp_path: Path, seed: int
+) -> None:
+    """R8-2: member 1 holds a CONFIRMED share of sharing C, held (either state) by the honest members H_C
+    (1 among them); another sharing B on the honest H_B (disjoint), confirmed or not; some honest members
+    down; up to t - 1 liars answer anything (C, B or a third sharing, in either state, or nothing).
+    Whatever the liars say: C is never dropped while t honest members hold it. Without liars and with
+    everyone up, C is dropped exactly when fewer than t hold it and B is confirmed on t; never without
+    another sharing confirmed by t claimants."""
+    rng = random.Random(50_000 + seed)
+    n = rng.randint(3, 7)
+    t = rng.randint(2, n - 1)
+    c_share = tx.dkg_local(t, n)[0]
+    c, b, z = c_share.commitments, tx.dkg_local(t, n)[0].commitments, tx.dkg_local(t, n)[0].commitments
+    others = list(range(2, n + 1))
+    rng.shuffle(others)
+    liars = set(others[: rng.randint(0, t - 1)]) if rng.random() < 0.7 else set()
+    honest = [i for i in others if i not in liars]
+    k_c = rng.randint(0, len(honest))
+    h_c = set(honest[:k_c]) | {1}
+    h_b = set(honest[k_c : k_c + rng.randint(0, len(honest) - k_c)])
+    b_confirmed = rng.random() < 0.7
+    down = {i for i in honest if rng.random() < 0.2}
+    claims: dict[Sharing, list[int]] = {}
+    confirmed: dict[Sharing, list[int]] = {}
+    answered = 0
+    for i in sorted(set(range(2, n + 1)) - down):
+        answered += 1
+        if i in liars:
+            what = rng.choice([c, b, z, None])
+            conf = rng.random() < 0.7
+        elif i in h_c:
+            what, conf = c, rng.random() < 0.7
+        elif i in h_b:
+            what, conf = b, b_confirmed
+        else:
+            what, conf = None, False
+        if what is not None:
+            claims.setdefault(what, []).append(i)
+            if conf:
+                confirmed.setdefault(what, []).append(i)
+    env = _settler(tmp_path, t, n)
+    env.store.put(1, APP, c_share)  # confirmed
+    dropped = env._settle_confirmed(1, APP, c_share, claims, confirmed, answered)
+    assert env.store.record(1, APP) == (None if dropped else (c_share, True))
+    case = (seed, n, t, liars, h_c, h_b, b_confirmed, down)
+    if len(h_c) >= t:
+        assert not dropped, case
+    if not any(c2 != c and len(hs) >= t for c2, hs in confirmed.items()):
+        assert not dropped, case
+    if not liars and not down:
+        assert dropped == (len(h_c) < t and b_confirmed and len(h_b) >= t), case
+
+
 # --- running members: the attacker's exact steps
 
 
-def _members(home: Path, world: World, t: int, n: int) -> dict[int, Member]:
-    allow_build(world.chain, home)
-    shares = local_joint_feldman(t, n, epoch=1)
-    keys = te.dkg_local(t, n)
-    out: dict[int, Member] = {}
-    for s in shares:
-        m = start_member(home, world.chain, s, name=f"tp{t}of{n}")
-        m.service._install_signer(keys[s.index - 1])
-        out[s.index] = m
-    for _ in range(40):
-        for i, p in te.presign_local(keys, list(range(1, n + 1))).items():
-            out[i].service.threshold.signer.pool.add([p])  # type: ignore[union-attr]
-    urls = {i: m.server.url for i, m in out.items()}
-    for m in out.values():
-        assert m.service.env_keys is not None
-        m.service.env_keys.set_peers(urls)
-    return out
-
-
-@pytest.fixture
-def members_3of5(teecloud_home: Path, world: World) -> Iterator[dict[int, Member]]:
-    out: dict[int, Member] = {}
-    try:
-        out = _members(teecloud_home, world, 3, 5)
-        yield out
-    finally:
-        stop_servers(m.server for m in out.values())
-
-
-def _env(m: Member) -> EnvKeys:
-    assert m.service.env_keys is not None
-    return m.service.env_keys
-
-
-def _stage(m: Member, body: dict[str, object]) -> api.PeerEnvDkgResponse:
-    return _env(m).stage(api.PeerEnvDkgRequest.model_validate(body))
-
-
-def _partial_ceremony(
-    nodes: dict[int, Member], app_id: bytes, dealers: list[int], commit_on: list[int], confirm_on: list[int]
-) -> Sharing:
-    """A coordinator's messages, stopped after its commits to `commit_on` and confirms to `confirm_on` (the
-    rest of the dealers keep their pending dealing until it expires, as after a crash)."""
-    base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": 1, "app_id": app_id.hex()}
-    deals = {i: _stage(nodes[i], {**base, "stage": "deal"}) for i in dealers}
-    view = {str(i): deals[i].commitments for i in dealers}
-    for i in dealers:
-        _stage(nodes[i], {**base, "stage": "view", "view": view})
-    urls = {str(i): m.server.url for i, m in nodes.items()}
-    done = {i: _stage(nodes[i], {**base, "stage": "finish", "peers": urls}) for i in dealers}
-    agreed = done[dealers[0]].commitments
-    for i in commit_on:
-        _stage(nodes[i], {**base, "stage": "commit", "commitments": agreed})
-    for i in confirm_on:
-        _stage(nodes[i], {**base, "stage": "confirm"})
-    for i in set(dealers) - set(commit_on):  # their open dealing expires (here: at once)
-        _stage(nodes[i], {**base, "stage": "abort"})
-    return tuple(bytes.fromhex(c) for c in agreed)
-
-
-def _ask(m: Member, app_id: bytes, tries: int = 4) -> str:
-    """GetAppEnvEncryptPubKey on one member, as a client retries a 503."""
-    for k in range(tries):
-        try:
-            return m.service.env_encrypt_pubkey(app_id.hex()).public_key
-        except EnvKeyBusy:
-            if k == tries - 1:
-                raise
-            time.sleep(0.2)
-    raise AssertionError("unreachable")
-
-
 def _one_sharing_everywhere(nodes: dict[int, Member], app_id: bytes) -> Sharing:
-    records = {i: _env(m).store.record(1, app_id) for i, m in nodes.items()}
+    records = {i: env_of(m).store.record(1, app_id) for i, m in nodes.items()}
     states = {(r[0].commitments, r[1]) for r in records.values() if r is not None}
     assert len(states) == 1 and None not in records.values(), records
     ((sharing, confirmed),) = states
@@ -278,13 +260,13 @@ def test_a_coordinator_stopping_after_k_commits_leaves_one_sharing_after_the_nex
     nodes = members_3of5
     q = ceremony_quorum(3, 5)
     app_id = world.register(compose_hash(dict(HELLO, name=f"two-phase-k{k}")))
-    a = _partial_ceremony(nodes, app_id, list(range(1, q + 1)), list(range(1, k + 1)), [])
+    a = partial_ceremony(nodes, app_id, list(range(1, q + 1)), list(range(1, k + 1)), [])
     for i in range(1, k + 1):  # nothing served from the tentative shares meanwhile
-        assert _env(nodes[i]).store.get(1, app_id) is None
+        assert env_of(nodes[i]).store.get(1, app_id) is None
         with pytest.raises(AccessDenied, match="holds no env share"):
-            _env(nodes[i]).sign_shares(1, app_id, int(time.time()), [])
-    keys = {_ask(nodes[5], app_id)}  # the next request, at a member that holds nothing
-    keys |= {_ask(m, app_id) for m in nodes.values()}
+            env_of(nodes[i]).sign_shares(1, app_id, int(time.time()), [])
+    keys = {ask_key(nodes[5], app_id)}  # the next request, at a member that holds nothing
+    keys |= {ask_key(m, app_id) for m in nodes.values()}
     sharing = _one_sharing_everywhere(nodes, app_id)
     assert len(keys) == 1 and keys == {tx.x25519_public_key(sharing).hex()}
     assert (sharing == a) == (k >= 3)
@@ -299,29 +281,18 @@ def test_a_member_never_serves_partials_or_the_key_from_a_tentative_share(
     from A, and keeps it tentative; once member 5 is back, member 1's next need drops it."""
     nodes = members_3of5
     app_id = world.register(compose_hash(dict(HELLO, name="two-phase-no-serve")))
-    _partial_ceremony(nodes, app_id, [1, 2, 3, 4], [1, 2], [])
-    url5 = _env(nodes[1]).peers.pop(5)
+    partial_ceremony(nodes, app_id, [1, 2, 3, 4], [1, 2], [])
+    url5 = env_of(nodes[1]).peers.pop(5)
     point = tx.x25519_public_key(tx.dkg_local(2, 3)[0].commitments)
     with pytest.raises(AccessDenied, match="not settled"):
-        _env(nodes[1]).partial(1, app_id, point)
+        env_of(nodes[1]).partial(1, app_id, point)
     with pytest.raises(EnvKeyBusy, match="not settled"):
         nodes[1].service.env_encrypt_pubkey(app_id.hex())
-    assert _env(nodes[1]).store.record(1, app_id)[1] is False  # type: ignore[index]
-    _env(nodes[1]).peers[5] = url5
+    assert env_of(nodes[1]).store.record(1, app_id)[1] is False  # type: ignore[index]
+    env_of(nodes[1]).peers[5] = url5
     with pytest.raises(AccessDenied, match="no env share of this app to recover"):
-        _env(nodes[1]).partial(1, app_id, point)  # dropped (an orphan); nothing to recover yet
-    assert _env(nodes[1]).store.record(1, app_id) is None
-
-
-def _lying(m: Member, answer: Callable[[api.PeerEnvDkgRequest], api.PeerEnvDkgResponse | None]) -> None:
-    env = _env(m)
-    real = env.stage
-
-    def stage(req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
-        lie = answer(req) if req.stage == "held" else None
-        return lie if lie is not None else real(req)
-
-    env.stage = stage  # type: ignore[method-assign]
+        env_of(nodes[1]).partial(1, app_id, point)  # dropped (an orphan); nothing to recover yet
+    assert env_of(nodes[1]).store.record(1, app_id) is None
 
 
 @pytest.mark.slow
@@ -339,11 +310,11 @@ def test_generated_crash_points_and_a_lying_member_never_leave_two_served_keys(
     dealers = sorted(rng.sample(range(1, 6), 4))
     commit_on = sorted(rng.sample(dealers, rng.randint(0, 4)))
     confirm_on = sorted(rng.sample(commit_on, rng.randint(0, len(commit_on))))
-    a = _partial_ceremony(nodes, app_id, dealers, commit_on, confirm_on)
+    a = partial_ceremony(nodes, app_id, dealers, commit_on, confirm_on)
     liars = sorted(rng.sample(range(1, 6), 2))
     fake = tx.dkg_local(3, 5)[0].commitments
     for i in liars:
-        _lying(
+        lying_held(
             nodes[i],
             lambda req, i=i: (
                 api.PeerEnvDkgResponse(
@@ -361,10 +332,10 @@ def test_generated_crash_points_and_a_lying_member_never_leave_two_served_keys(
     keys: dict[int, str] = {}
     for i in honest:
         try:
-            keys[i] = _ask(nodes[i], app_id, tries=2)
+            keys[i] = ask_key(nodes[i], app_id, tries=2)
         except (EnvKeyBusy, KmsUsageError, AccessDenied):
             continue
     for i in keys:  # answered only from its own confirmed share of that key
-        share = _env(nodes[i]).store.get(1, app_id)
+        share = env_of(nodes[i]).store.get(1, app_id)
         assert share is not None and tx.x25519_public_key(share.commitments).hex() == keys[i]
     assert len(set(keys.values())) <= 1, (seed, dealers, commit_on, confirm_on, liars, keys)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,28 +16,21 @@ from teecloud.keys import threshold_ecdh as tx
 from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.kms.threshold_env import EnvKeyBusy
+from tests.kms import _threshold_env_world
+from tests.kms._threshold_env_world import env_of, partial_ceremony
 from tests.kms.conftest import World
-from tests.kms.test_threshold_env_two_phase import _env, _members, _partial_ceremony
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def members_3of5(teecloud_home: Path, world: World) -> Iterator[dict[int, Member]]:
-    out: dict[int, Member] = {}
-    try:
-        out = _members(teecloud_home, world, 3, 5)
-        yield out
-    finally:
-        for m in out.values():
-            m.server.stop()
+members_3of5 = _threshold_env_world.members_3of5  # the committee fixture
 
 
 def _count_deals(m: Member) -> list[str]:
     """Wraps member m's stage: the sessions it was asked to deal in."""
-    env = _env(m)
+    env = env_of(m)
     real = env.stage
     sessions: list[str] = []
 
@@ -57,15 +48,13 @@ def test_a_false_accuser_costs_rounds_not_the_apps_key(world: World, members_3of
     that withheld its sub-share. The first accusation leaves member 2 out; the second leaves member 5 itself
     out and deals member 2 in again: one request gets the key, from a sharing member 2 holds."""
     nodes = members_3of5
-    env5 = _env(nodes[5])
+    env5 = env_of(nodes[5])
     real = env5.stage
     victims = iter([2, 3, 4, 1, 2, 3])
 
     def accuse(req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
-        if req.stage == "finish":
-            raise KmsUsageError(
-                f"member 5: the ceremony fails here: node {next(victims)}: sub-share not obtained"
-            )
+        if req.stage == "finish":  # the structured accusation a finishing member answers (R8-1)
+            return api.PeerEnvDkgResponse(index=5, stage="finish", accused=next(victims))
         return real(req)
 
     env5.stage = accuse  # type: ignore[method-assign]
@@ -74,7 +63,7 @@ def test_a_false_accuser_costs_rounds_not_the_apps_key(world: World, members_3of
     key = nodes[1].service.env_encrypt_pubkey(app_id.hex()).public_key
     assert len(deals2) == 2  # dealt in, left out on 5's word, dealt in again once 5 accused twice
     for i in (1, 2):
-        share = _env(nodes[i]).store.get(1, app_id)
+        share = env_of(nodes[i]).store.get(1, app_id)
         assert share is not None and tx.x25519_public_key(share.commitments).hex() == key
 
 
@@ -87,7 +76,7 @@ def test_two_withholders_at_3_of_5_get_a_clean_refusal_not_a_loop(
     twice of member 1 at most), and no member sealed anything."""
     nodes = members_3of5
     for i in (4, 5):
-        env = _env(nodes[i])
+        env = env_of(nodes[i])
         real = env.stage
 
         def refuse(req: api.PeerEnvDkgRequest, real=real, i=i) -> api.PeerEnvDkgResponse:  # type: ignore[no-untyped-def]
@@ -109,7 +98,7 @@ def test_two_withholders_at_3_of_5_get_a_clean_refusal_not_a_loop(
     assert "needs 4 of 5" in str(err.value)
     assert "member 4: left out" in str(err.value) and "member 5: left out" in str(err.value)
     assert len(deals1) == 2
-    assert all(_env(m).store.record(1, app_id) is None for m in nodes.values())
+    assert all(env_of(m).store.record(1, app_id) is None for m in nodes.values())
 
 
 @pytest.mark.parametrize("stale", [True, False])
@@ -123,8 +112,8 @@ def test_a_coordinator_silent_after_t_minus_1_commits_leaves_a_stale_share_that_
     dropped and the request is refused (a ceremony may still be under way)."""
     nodes = members_3of5
     app_id = world.register(compose_hash(dict(HELLO, name=f"r8-3-silent-{stale}")))
-    a = _partial_ceremony(nodes, app_id, [1, 2, 3, 5], [1, 2], [])
-    env5 = _env(nodes[5])
+    a = partial_ceremony(nodes, app_id, [1, 2, 3, 5], [1, 2], [])
+    env5 = env_of(nodes[5])
     real = env5.stage
 
     def silent(req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
@@ -136,17 +125,17 @@ def test_a_coordinator_silent_after_t_minus_1_commits_leaves_a_stale_share_that_
     if stale:
         then = time.time() - 200
         for i in (1, 2):
-            os.utime(_env(nodes[i]).store._path(1, app_id), (then, then))
+            os.utime(env_of(nodes[i]).store._path(1, app_id), (then, then))
         key = nodes[3].service.env_encrypt_pubkey(app_id.hex()).public_key
         for i in (1, 2, 3, 4):
-            share = _env(nodes[i]).store.get(1, app_id)
+            share = env_of(nodes[i]).store.get(1, app_id)
             assert share is not None and tx.x25519_public_key(share.commitments).hex() == key
             assert share.commitments != a
     else:
         with pytest.raises(KmsUsageError):
             nodes[3].service.env_encrypt_pubkey(app_id.hex())
         for i in (1, 2):
-            rec = _env(nodes[i]).store.record(1, app_id)
+            rec = env_of(nodes[i]).store.record(1, app_id)
             assert rec is not None and rec[1] is False and rec[0].commitments == a
 
 
@@ -159,22 +148,40 @@ def test_a_withholder_naming_an_honest_member_back_in_the_same_round_is_the_one_
 
     from teecloud.kms.threshold_env import EnvKeys, _Withheld
 
-    def reason(member: int, dealer: int) -> str:
-        return f"member {member}: the ceremony fails here: node {dealer}: no sub-share"
+    def withheld(accused: dict[int, int]) -> _Withheld:
+        """A finish round where each member of `accused` answered naming its dealer (the answer's field)."""
+        return _Withheld("finish", {i: f"names dealer {d}" for i, d in accused.items()}, accused)
 
     coordinator = SimpleNamespace(index=1, n=5)
-    for failed in (
-        {4: reason(4, 5), 5: reason(5, 3)},
-        {5: reason(5, 3), 4: reason(4, 5)},
-        {2: reason(2, 5), 4: reason(4, 5), 5: reason(5, 4)},
-    ):
+    for accused in ({4: 5, 5: 3}, {5: 3, 4: 5}, {2: 5, 4: 5, 5: 4}):
         left_out: dict[int, str] = {}
-        EnvKeys._leave_out(coordinator, _Withheld("finish", failed), left_out, {})  # type: ignore[arg-type]
-        assert set(left_out) == {5}, (failed, left_out)
-    # a lone accusation still leaves the named dealer out; naming oneself leaves the accuser out
+        EnvKeys._leave_out(coordinator, withheld(accused), left_out, {})  # type: ignore[arg-type]
+        assert set(left_out) == {5}, (accused, left_out)
+    # a lone accusation still leaves the named dealer out; naming oneself, the coordinator or a non-member
+    # leaves the accuser out; a failure that names nobody leaves the failing member out
+    for accused, out in (({4: 2}, {2}), ({4: 4}, {4}), ({4: 1}, {4}), ({4: 6}, {4}), ({4: 64}, {4})):
+        left_out = {}
+        EnvKeys._leave_out(coordinator, withheld(accused), left_out, {})  # type: ignore[arg-type]
+        assert set(left_out) == out, (accused, left_out)
     left_out = {}
-    EnvKeys._leave_out(coordinator, _Withheld("finish", {4: reason(4, 2)}), left_out, {})  # type: ignore[arg-type]
-    assert set(left_out) == {2}
-    left_out = {}
-    EnvKeys._leave_out(coordinator, _Withheld("finish", {4: reason(4, 4)}), left_out, {})  # type: ignore[arg-type]
+    EnvKeys._leave_out(coordinator, _Withheld("finish", {4: "member 4: no"}), left_out, {})  # type: ignore[arg-type]
     assert set(left_out) == {4}
+    # the text of a failure no longer names anyone (was: a `node N:` regex over it)
+    left_out = {}
+    text = "member 4: the ceremony fails here: node 2: sub-share not obtained"
+    EnvKeys._leave_out(coordinator, _Withheld("finish", {4: text}), left_out, {})  # type: ignore[arg-type]
+    assert set(left_out) == {4}
+
+
+@pytest.mark.parametrize("value", [0, 65, -1, "3", 3.0, True, [3]])
+def test_a_peers_accusation_is_a_strictly_validated_share_index(value: object) -> None:
+    """The `accused` field of a `finish` answer (R8-1): an int share index 1..64 only (a member of this
+    committee is then checked by `_leave_out`); anything else makes the answer malformed."""
+    from pydantic import ValidationError
+
+    assert (
+        api.PeerEnvDkgResponse.model_validate_json('{"index": 4, "stage": "finish", "accused": 3}').accused
+        == 3
+    )
+    with pytest.raises(ValidationError):
+        api.PeerEnvDkgResponse.model_validate({"index": 4, "stage": "finish", "accused": value})

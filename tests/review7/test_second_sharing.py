@@ -10,7 +10,6 @@ under kms.peering's rule); a crash of an honest coordinator between its commits 
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +19,10 @@ from dstack_sdk.verify_env_encrypt_public_key import verify_env_encrypt_public_k
 
 from teecloud.appcompose import compose_hash
 from teecloud.keys import threshold_ecdsa as te
-from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied
 from teecloud.kms.threshold import local_joint_feldman
-from teecloud.kms.threshold_env import EnvKeys, EnvKeyStore, ceremony_quorum
+from teecloud.kms.threshold_env import EnvKeyStore, ceremony_quorum
+from tests.kms._threshold_env_world import env_of, partial_ceremony
 from tests.kms.conftest import World, stop_servers
 from tests.kms.test_threshold_net_peering import Member, allow_build, start_member
 from tests.kms.test_threshold_nodes import HELLO
@@ -57,51 +56,20 @@ def members_2of5(teecloud_home: Path, world: World) -> Iterator[dict[int, Member
         stop_servers(m.server for m in out.values())
 
 
-def _env(m: Member) -> EnvKeys:
-    assert m.service.env_keys is not None
-    return m.service.env_keys
-
-
-def _stage(m: Member, body: dict[str, object]) -> api.PeerEnvDkgResponse:
-    return _env(m).stage(api.PeerEnvDkgRequest.model_validate(body))
-
-
-def _ceremony(
-    nodes: dict[int, Member], app_id: bytes, dealers: list[int], commit_on: list[int], *, confirm: bool = True
-) -> None:
-    """The coordinator's messages of one ceremony among `dealers`, committed on `commit_on` only, then (with
-    `confirm`) phase two: `confirm` to each of them."""
-    base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": 1, "app_id": app_id.hex()}
-    deals = {i: _stage(nodes[i], {**base, "stage": "deal"}) for i in dealers}
-    assert not any(a.held for a in deals.values())
-    view = {str(i): deals[i].commitments for i in dealers}
-    for i in dealers:
-        _stage(nodes[i], {**base, "stage": "view", "view": view})
-    urls = {str(i): m.server.url for i, m in nodes.items()}
-    done = {i: _stage(nodes[i], {**base, "stage": "finish", "peers": urls}) for i in dealers}
-    agreed = done[dealers[0]].commitments
-    for i in commit_on:
-        _stage(nodes[i], {**base, "stage": "commit", "commitments": agreed})
-    for i in set(dealers) - set(commit_on):
-        _stage(nodes[i], {**base, "stage": "abort"})
-    for i in commit_on if confirm else []:  # phase two: each settles its tentative share from its own poll
-        _stage(nodes[i], {**base, "stage": "confirm"})
-
-
 def test_one_app_never_gets_two_usable_env_sharings(world: World, members_2of5: dict[int, Member]) -> None:
     nodes = members_2of5
     q = ceremony_quorum(T2, N)
     assert q == 4  # 2-of-5: n - t + 1 (it was 3 before R7-1's fix, and t + q <= n)
     app_id = world.register(compose_hash(dict(HELLO, name="review7-second-sharing")))
     # ceremony A among the first q members {1..q}, sealed on 1 and 2 (t of them: usable), not on the rest
-    _ceremony(nodes, app_id, list(range(1, q + 1)), commit_on=[1, 2])
+    partial_ceremony(nodes, app_id, list(range(1, q + 1)), [1, 2], [1, 2])
     # ceremony B among every non-holder {3, 4, 5}; nobody asks 1 or 2
     try:
-        _ceremony(nodes, app_id, [3, 4, 5], commit_on=[3, 4, 5])
+        partial_ceremony(nodes, app_id, [3, 4, 5], [3, 4, 5], [3, 4, 5])
     except Exception as exc:  # a refusal is the safe outcome: here, each member's quorum check
         assert f"at least {q} of the {N} members" in str(exc)
         return
-    held = {i: _env(m).store.get(1, app_id) for i, m in nodes.items()}
+    held = {i: env_of(m).store.get(1, app_id) for i, m in nodes.items()}
     sharings = {s.commitments for s in held.values() if s is not None}
     # each side signs its own key with the group's signing key: two genuine answers for one app
     a = nodes[1].service.env_encrypt_pubkey(app_id.hex())
@@ -126,25 +94,25 @@ def test_a_partly_committed_sharing_leaves_no_stale_share_beside_the_apps_one(
     app_id = world.register(compose_hash(dict(HELLO, name="review7-partial-sharing")))
     # ceremony A among {1..q}, sealed on member 1 only (fewer than t: the coordinator stopped there, before
     # any confirm; with its confirm, member 1 would find A an orphan at once and drop it)
-    _ceremony(nodes, app_id, list(range(1, q + 1)), commit_on=[1], confirm=False)
-    one = _env(nodes[1]).store.record(1, app_id)
+    partial_ceremony(nodes, app_id, list(range(1, q + 1)), [1], [])
+    one = env_of(nodes[1]).store.record(1, app_id)
     assert one is not None and one[1] is False  # sealed tentative: 1 < t members hold it, never promoted
     a_commitments = one[0].commitments
     with pytest.raises(AccessDenied, match="holds no env share"):  # never signs for a tentative share
-        _env(nodes[1]).sign_shares(1, app_id, int(time.time()), [])
+        env_of(nodes[1]).sign_shares(1, app_id, int(time.time()), [])
     # ceremony B among the n - 1 >= q members that hold nothing; nobody asks 1
-    _ceremony(nodes, app_id, [2, 3, 4, 5], commit_on=[2, 3, 4, 5])
-    b_share = _env(nodes[2]).store.get(1, app_id)
+    partial_ceremony(nodes, app_id, [2, 3, 4, 5], [2, 3, 4, 5], [2, 3, 4, 5])
+    b_share = env_of(nodes[2]).store.get(1, app_id)
     assert b_share is not None and b_share.commitments != a_commitments  # B confirmed on 2..5
     # member 1's first need (its GetAppEnvEncryptPubKey): it polls, drops A (superseded), recovers B
     answers = {i: nodes[i].service.env_encrypt_pubkey(app_id.hex()).public_key for i in (1, 4)}
-    records = {i: _env(m).store.record(1, app_id) for i, m in nodes.items()}
+    records = {i: env_of(m).store.record(1, app_id) for i, m in nodes.items()}
     sharings = {(r[0].commitments, r[1]) for r in records.values() if r is not None}
     assert sharings == {(b_share.commitments, True)}, f"{len(sharings)} sharings stored"
     assert len(set(answers.values())) == 1, f"answers {answers}"
     # the stale share is gone from member 1's directory too (not only unused): one sealed file, B's
-    files = sorted(p.name for p in _env(nodes[1]).store.dir.glob("1-*.sealed"))
+    files = sorted(p.name for p in env_of(nodes[1]).store.dir.glob("1-*.sealed"))
     assert files == [f"1-{app_id.hex()}.sealed"]
-    store = _env(nodes[1]).store
+    store = env_of(nodes[1]).store
     reopened = EnvKeyStore(store.dir, store._seal, store._unseal, index=1, t=T2).record(1, app_id)
     assert reopened is not None and (reopened[0].commitments, reopened[1]) == (b_share.commitments, True)

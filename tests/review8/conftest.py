@@ -2,6 +2,6 @@
 env committee of the two-phase commit's tests (members in this process, real listeners), and the five signing
 nodes of the kept-signature tests."""
 
+from tests.kms._threshold_env_world import members_3of5  # noqa: F401  (pytest fixture)
 from tests.kms.conftest import world  # noqa: F401  (pytest fixture)
-from tests.kms.test_threshold_env_two_phase import members_3of5  # noqa: F401  (pytest fixture)
 from tests.kms.test_threshold_kept_signatures import cluster, keys  # noqa: F401  (pytest fixtures)

@@ -19,8 +19,8 @@ from teecloud.keys import threshold_ecdh as tx
 from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.kms.threshold_env import EnvKeyBusy, ceremony_quorum
+from tests.kms._threshold_env_world import env_of, partial_ceremony
 from tests.kms.conftest import World
-from tests.kms.test_threshold_env_two_phase import _env, _partial_ceremony
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO
 
@@ -31,7 +31,7 @@ LIAR = 5
 
 def _withhold(m: Member, stage: str) -> None:
     """Member `m` deals honestly, then fails the ceremony at `stage`."""
-    env = _env(m)
+    env = env_of(m)
     real_stage, real_serve = env.stage, env.serve_share
 
     def lying_stage(req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
@@ -73,7 +73,7 @@ def test_a_dealer_that_claims_held_is_left_out_and_the_honest_quorum_gets_the_ke
     sharing."""
     nodes = members_3of5
     assert ceremony_quorum(3, 5) == 4
-    env5 = _env(nodes[LIAR])
+    env5 = env_of(nodes[LIAR])
     real = env5.stage
     fake = [c.hex() for c in tx.dkg_local(3, 5)[0].commitments]
 
@@ -88,7 +88,7 @@ def test_a_dealer_that_claims_held_is_left_out_and_the_honest_quorum_gets_the_ke
     app_id = world.register(compose_hash(dict(HELLO, name=f"r8-held-liar-{tentative}")))
     key, last = _key_after_retries(nodes[1], app_id)
     assert key is not None, last
-    share = _env(nodes[1]).store.get(1, app_id)
+    share = env_of(nodes[1]).store.get(1, app_id)
     assert share is not None and tx.x25519_public_key(share.commitments).hex() == key
 
 
@@ -124,8 +124,8 @@ def test_a_coordinator_that_commits_on_t_minus_1_members_and_goes_silent_does_no
     members 3, 1 and 4, six times each."""
     nodes = members_3of5
     app_id = world.register(compose_hash(dict(HELLO, name="r8-silent-coordinator")))
-    _partial_ceremony(nodes, app_id, [1, 2, 3, 5], [1, 2], [])
-    env5 = _env(nodes[LIAR])
+    partial_ceremony(nodes, app_id, [1, 2, 3, 5], [1, 2], [])
+    env5 = env_of(nodes[LIAR])
     real = env5.stage
 
     def silent(req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:

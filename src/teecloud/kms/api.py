@@ -714,6 +714,9 @@ class PeerEnvDkgResponse(BaseModel):
     tentative: bool = False  # ... sealed by a commit, not yet confirmed held by t members (review 7, R7-1)
     commitments: list[_Ed] = Field(default_factory=list, max_length=64)
     view_hash: str = ""
+    # finish: this member's finish failed because THIS dealer's sub-share did not come or did not verify
+    # against its commitments (the coordinator leaves it out of the next try: review 8, R8-1)
+    accused: int | None = Field(default=None, strict=True, ge=1, le=64)
     member: PeerMember | None = None
 
 

@@ -47,7 +47,6 @@ import collections
 import hashlib
 import json
 import logging
-import re
 import secrets
 import threading
 import time
@@ -73,6 +72,7 @@ from teecloud.kms.threshold_sign import ThresholdSigner
 
 __all__ = [
     "CEREMONY_WINDOW_S",
+    "RECHECK_S",
     "RECOVERY_WINDOW_S",
     "SIGNATURE_REFRESH_S",
     "EnvKeyBusy",
@@ -86,6 +86,9 @@ log = logging.getLogger("teecloud.kms.threshold")
 
 CEREMONY_WINDOW_S = 120
 SIGNATURE_REFRESH_S = 120
+# a confirmed share is polled again (R8-2) at most once per RECHECK_S per app while it is kept: a peer's
+# `confirm`, or a client's requests whose signature round fails, cannot make a member poll in a loop
+RECHECK_S = 10
 # new env-key ceremonies a member opens per minute, for all apps together: a ceremony is n^2 sub-share calls
 # and n sealed files kept for ever, and anyone can deploy an app (review 6, R6-2)
 CEREMONIES_PER_MINUTE = 30
@@ -130,6 +133,7 @@ ENV_DIR = "threshold-env"
 log = logging.getLogger("teecloud.kms.threshold_env")
 
 _Sealer = Callable[[bytes], bytes]
+_Sharing = tuple[bytes, ...]  # a sharing's Feldman commitments
 
 
 class EnvKeyBusy(KmsUsageError):
@@ -137,19 +141,18 @@ class EnvKeyBusy(KmsUsageError):
 
 
 class _Withheld(KmsUsageError):
-    """A ceremony's `view` or `finish` failed on `failed` (member -> why): the coordinator tries once more
+    """A ceremony's `view` or `finish` failed on `failed` (member -> why); `accused` (member -> dealer): the
+    dealer a finishing member names in its answer's `accused` field. The coordinator tries once more
     without the member at fault (review 8, R8-1)."""
 
-    def __init__(self, stage: str, failed: Mapping[int, str]) -> None:
+    def __init__(
+        self, stage: str, failed: Mapping[int, str], accused: Mapping[int, int] | None = None
+    ) -> None:
         super().__init__(
             f"env-key ceremony stage {stage} failed: "
             + "; ".join(f"{i}: {r}" for i, r in sorted(failed.items()))
         )
-        self.stage, self.failed = stage, dict(failed)
-
-
-# how a member's failed `finish` names the dealer whose sub-share it did not get (ThresholdEcdhError.party)
-_NAMED_DEALER = re.compile(r"the ceremony fails here: node (\d+): ")
+        self.stage, self.failed, self.accused = stage, dict(failed), dict(accused or {})
 
 
 def legacy_digest(app_id: bytes, public_key: bytes) -> bytes:
@@ -219,8 +222,9 @@ class EnvKeyStore:
     file name is the host's) and its state. A ceremony's commit seals a share TENTATIVE; it is served
     (`get`: signatures, partials, recovery help) only once CONFIRMED (`confirm`: one atomic rewrite, after
     this member saw t members hold the same commitments); a tentative share whose sharing was superseded is
-    dropped (`drop_tentative`). A share is never replaced otherwise, and a confirmed one never dropped
-    (review 7, R7-1)."""
+    dropped (`drop_tentative`; review 7, R7-1), and so is a confirmed one that another sharing confirmed by t
+    members superseded while n - t + 1 members answer without it (`drop_superseded`; review 8, R8-2). A
+    share is never replaced otherwise."""
 
     def __init__(self, directory: Path, seal: _Sealer, unseal: _Sealer, *, index: int, t: int) -> None:
         self.dir = Path(directory)
@@ -313,9 +317,18 @@ class EnvKeyStore:
     def drop_tentative(self, epoch: int, app_id: bytes, commitments: tuple[bytes, ...]) -> None:
         """Remove the TENTATIVE share of exactly `commitments` (a superseded sharing) and any answer sealed
         beside it; a confirmed share is never dropped here."""
+        self._drop(epoch, app_id, commitments, confirmed=False)
+
+    def drop_superseded(self, epoch: int, app_id: bytes, commitments: tuple[bytes, ...]) -> None:
+        """Remove the CONFIRMED share of exactly `commitments` and the answer sealed beside it: only for
+        `EnvKeys._settle_confirmed`'s rule (another sharing superseded it: review 8, R8-2)."""
+        self._drop(epoch, app_id, commitments, confirmed=True)
+
+    def _drop(self, epoch: int, app_id: bytes, commitments: tuple[bytes, ...], *, confirmed: bool) -> None:
         rec = self.record(epoch, app_id)
-        if rec is None or rec[1] or rec[0].commitments != commitments:
-            raise KmsUsageError("no tentative env share of these commitments here to drop")
+        if rec is None or rec[1] != confirmed or rec[0].commitments != commitments:
+            state = "confirmed" if confirmed else "tentative"
+            raise KmsUsageError(f"no {state} env share of these commitments here to drop")
         with self._lock:
             self._cache.pop((epoch, app_id), None)
         self._answer_path(epoch, app_id).unlink(missing_ok=True)
@@ -443,6 +456,7 @@ class EnvKeys:
         self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._recovered: collections.deque[float] = collections.deque()  # when this helper split
         self._recovered_for: dict[int, collections.deque[float]] = {}  # the same, per target index
+        self._rechecked: dict[tuple[int, bytes], float] = {}  # when a confirmed share was last polled, kept
 
     # --- configuration
 
@@ -476,6 +490,14 @@ class EnvKeys:
                 except KmsUsageError:
                     if req.stage == "recover":
                         raise
+                rec = self.store.record(req.epoch, app_id)
+            elif req.stage == "confirm" and rec is not None:
+                # a confirmed share: polled again, dropped if another sharing superseded it (R8-2)
+                try:
+                    with self._app_lock(req.epoch, app_id):
+                        self.recheck(req.epoch, app_id)
+                except KmsUsageError as exc:  # dropped, and recovery failed: the next need recovers
+                    log.warning("env share of app %s: dropped, not recovered: %s", app_id.hex(), exc)
                 rec = self.store.record(req.epoch, app_id)
             if rec is not None:
                 out.held, out.commitments = True, [c.hex() for c in rec[0].commitments]
@@ -551,7 +573,17 @@ class EnvKeys:
             if cer.pending is None:
                 try:
                     cer.pending = self._finish(cer, {int(i): u for i, u in req.peers.items()})
-                except (tx.ThresholdEcdhError, KmsClientError, KmsDenied) as exc:
+                except tx.ThresholdEcdhError as exc:
+                    self._drop(session)
+                    if exc.party is None or exc.party == self.index:
+                        raise KmsUsageError(f"member {self.index}: the ceremony fails here: {exc}") from exc
+                    # a dealer whose sub-share did not come or does not verify: named in a field (R8-1)
+                    log.warning(
+                        "env-key ceremony %s: dealer %d failed here: %s", req.session[:8], exc.party, exc
+                    )
+                    out.accused = exc.party
+                    return out
+                except (KmsClientError, KmsDenied) as exc:
                     self._drop(session)
                     raise KmsUsageError(f"member {self.index}: the ceremony fails here: {exc}") from exc
             out.commitments = [c.hex() for c in cer.pending.commitments]
@@ -630,7 +662,15 @@ class EnvKeys:
                 if cached is not None and not self._answer_verifies(app_id, share, cached):
                     cached = None
             if cached is None or not 0 <= self._clock() - cached.timestamp < SIGNATURE_REFRESH_S:
-                cached = self._sign(epoch, app_id, share)
+                try:
+                    cached = self._sign(epoch, app_id, share)
+                except EnvKeyBusy:
+                    # no t members signed this key: maybe this member's share is of a dead sharing (R8-2)
+                    replaced = self._after_recheck(epoch, app_id)
+                    if replaced is None:
+                        raise
+                    share = replaced
+                    cached = self._sign(epoch, app_id, share)
                 try:
                     self.store.put_answer(epoch, app_id, cached)
                 except (OSError, SealingError) as exc:  # served anyway (signed already); kept in memory
@@ -639,6 +679,16 @@ class EnvKeys:
                 self._answers.clear()
             self._answers[key] = cached
             return cached
+
+    def _after_recheck(self, epoch: int, app_id: bytes) -> tx.EnvKeyShare | None:
+        """After a failed signature round: the share this member holds once its confirmed share was polled
+        again and replaced (R8-2); None when it was kept."""
+        try:
+            return self.recheck(epoch, app_id)
+        except KmsUsageError as exc:
+            raise EnvKeyBusy(
+                f"this member's env share of the app was superseded and dropped; recovery failed: {exc}"
+            ) from exc
 
     def _answer_verifies(
         self, app_id: bytes, share: tx.EnvKeyShare, answer: api.EnvEncryptPubKeyResponse
@@ -762,10 +812,7 @@ class EnvKeys:
         dealers only it named are dealt in again: a false accuser costs a round or two, never the app's
         key. Availability only: who deals never weakens the view rule (every member refuses a view of
         fewer than ceremony_quorum dealers), so a quorum still meets every t members."""
-        names: dict[int, int | None] = {}
-        for i, reason in exc.failed.items():
-            m = _NAMED_DEALER.search(reason) if exc.stage == "finish" else None
-            names[i] = int(m.group(1)) if m else None
+        names = {i: exc.accused.get(i) if exc.stage == "finish" else None for i in exc.failed}
         # a member named in this round by a member nobody names: its own accusation does not count (the
         # withholder naming an honest member back; it is left out by the other's accusation)
         named_now = {n for n in names.values() if n is not None}
@@ -829,7 +876,8 @@ class EnvKeys:
                     f"(retry shortly){': ' + why if why else ''}"
                 )
             self._ceremony_stages(base, deals, dealt)
-            self._settle_others(base, tentative)  # a claimant still tentative: now superseded, dropped
+            # every claimant settles, or (confirmed) polls again: its sharing is now superseded (R7-1, R8-2)
+            self._settle_others(base, sorted(claims))
             return True
         except Exception:
             # best effort: every member drops its dealing of this session (else it would hold the app's
@@ -863,8 +911,10 @@ class EnvKeys:
             raise KmsUsageError("the members hashed different views")
         peers = {str(i): u for i, u in self.peers.items()}
         finished, failed = self._each({**base, "stage": "finish", "peers": peers}, members)
+        accused = {i: a.accused for i, a in finished.items() if a.accused is not None}
+        failed.update({i: f"names dealer {d} (no valid sub-share from it)" for i, d in accused.items()})
         if failed:  # a failed finish, or a dealer that withheld a sub-share (R8-1): left out next try
-            raise _Withheld("finish", failed)
+            raise _Withheld("finish", failed, accused)
         results = {i: tuple(a.commitments) for i, a in finished.items()}
         agreed = results[self.index]
         off = sorted(i for i, c in results.items() if c != agreed)
@@ -923,19 +973,10 @@ class EnvKeys:
         if rec is not None and rec[1]:
             return rec[0]
         self._check_epoch(epoch)
-        base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": epoch, "app_id": app_id.hex()}
-        answers, _ = self._each({**base, "stage": "held"}, sorted(self.peers))
-        claims: dict[tuple[bytes, ...], list[int]] = {}  # sealed, in either state
-        by_sharing: dict[tuple[bytes, ...], list[int]] = {}  # confirmed: the members that may help recover
-        for i, a in sorted(answers.items()):
-            if a.held and len(a.commitments) == self.t:
-                cs = tuple(_hex32(c) for c in a.commitments)
-                claims.setdefault(cs, []).append(i)
-                if not a.tentative:
-                    by_sharing.setdefault(cs, []).append(i)
+        claims, by_sharing, answered = self._poll(epoch, app_id)
         if rec is not None:  # this member's tentative share: promote, drop, or leave it (never serve it)
-            silent = len(self.peers) - len(answers)  # members that did not answer this poll
-            promoted = self._settle(epoch, app_id, rec[0], claims, by_sharing, len(answers), silent)
+            silent = len(self.peers) - answered  # members that did not answer this poll
+            promoted = self._settle(epoch, app_id, rec[0], claims, by_sharing, answered, silent)
             if promoted is not None:
                 return promoted
         usable = {c: hs for c, hs in by_sharing.items() if len(hs) >= self.t}
@@ -968,6 +1009,81 @@ class EnvKeys:
             return share
         detail = "; ".join(f"member {i}: {r}" for i, r in sorted(faults.items()))
         raise KmsUsageError(f"share recovery of this app's env share failed: {detail}")
+
+    def _poll(
+        self, epoch: int, app_id: bytes
+    ) -> tuple[dict[_Sharing, list[int]], dict[_Sharing, list[int]], int]:
+        """One `held` poll of every other member: who claims which commitments (sealed, either state), who
+        of those says confirmed (the members that may help recover), and how many answered."""
+        base: dict[str, object] = {"session": secrets.token_hex(16), "epoch": epoch, "app_id": app_id.hex()}
+        answers, _ = self._each({**base, "stage": "held"}, sorted(self.peers))
+        claims: dict[_Sharing, list[int]] = {}
+        confirmed: dict[_Sharing, list[int]] = {}
+        for i, a in sorted(answers.items()):
+            if a.held and len(a.commitments) == self.t:
+                cs = tuple(_hex32(c) for c in a.commitments)
+                claims.setdefault(cs, []).append(i)
+                if not a.tentative:
+                    confirmed.setdefault(cs, []).append(i)
+        return claims, confirmed, len(answers)
+
+    def recheck(self, epoch: int, app_id: bytes) -> tx.EnvKeyShare | None:
+        """This member's CONFIRMED share, polled again (review 8, R8-2): when its signature round failed,
+        or a ceremony that met it as a claimant made the app's sharing without it. Dropped when another
+        sharing superseded it (`_settle_confirmed`), then the app's sharing recovered (KmsUsageError when
+        that fails: the member then holds nothing and recovers at its next need). Returns the share it
+        holds now when it changed, None when it was kept (or there is no confirmed share, or it was
+        polled less than RECHECK_S ago and kept). The caller holds the app's lock."""
+        rec = self.store.record(epoch, app_id)
+        if rec is None or not rec[1]:
+            return None
+        key, now = (epoch, app_id), self._clock()
+        with self._lock:
+            last = self._rechecked.get(key)
+            if last is not None and 0 <= now - last < RECHECK_S:
+                return None
+            if len(self._rechecked) >= 4096:
+                self._rechecked.clear()
+            self._rechecked[key] = now
+        claims, confirmed, answered = self._poll(epoch, app_id)
+        if not self._settle_confirmed(epoch, app_id, rec[0], claims, confirmed, answered):
+            return None
+        with self._lock:
+            self._rechecked.pop(key, None)
+            self._answers.pop(key, None)
+        return self.recover(epoch, app_id)
+
+    def _settle_confirmed(
+        self,
+        epoch: int,
+        app_id: bytes,
+        mine: tx.EnvKeyShare,
+        claims: Mapping[_Sharing, list[int]],
+        confirmed: Mapping[_Sharing, list[int]],
+        answered: int,
+    ) -> bool:
+        """Drops this member's CONFIRMED share `mine` (True) when another sharing superseded it (review 8,
+        R8-2): at least n − t + 1 of the members that answered the poll do not claim its commitments, and
+        exactly one other sharing has t CONFIRMED claimants (the one the caller then recovers). Against
+        t − 1 liars: while t honest members that answer hold `mine` (the app's sharing), at most n − t
+        members answer without it, so it is never dropped whatever the liars claim; the liars can only keep
+        a dead sharing alive (docs/kms.md "Two-phase commit")."""
+        own = mine.commitments
+        not_own = answered - len(claims.get(own, []))
+        ahead = [c for c, hs in confirmed.items() if c != own and len(hs) >= self.t]
+        if not_own < self.n - self.t + 1 or len(ahead) != 1:
+            return False
+        self.store.drop_superseded(epoch, app_id, own)
+        log.warning(
+            "env share of app %s: this member's confirmed share (%s) dropped: %d members answered without "
+            "it, members %s confirmed the app's sharing %s",
+            app_id.hex(),
+            own[0].hex()[:16],
+            not_own,
+            confirmed[ahead[0]],
+            ahead[0][0].hex()[:16],
+        )
+        return True
 
     def _settle(
         self,
