@@ -111,7 +111,8 @@ def test_one_member_dealing_then_withholding_does_not_block_every_new_apps_env_k
     raises=AssertionError,
     reason="R8-3 fixed only past the ceremony window (120 s; tests/kms/test_threshold_env_withholding.py "
     "backdates the shares): within it t - 1 tentative holders and one silent member leave neither a provable "
-    "orphan nor a quorum of non-holders, so these immediate retries still get no key",
+    "orphan nor a quorum of non-holders, so these immediate retries still get no key (the window stays: a "
+    "silent coordinator cannot be told from a cut-off one still committing; docs/kms.md 'Two-phase commit')",
 )
 def test_a_coordinator_that_commits_on_t_minus_1_members_and_goes_silent_does_not_block_the_app_for_ever(
     world: World, members_3of5: dict[int, Member]

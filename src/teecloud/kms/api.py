@@ -696,7 +696,8 @@ class PeerEnvDkgRequest(BaseModel):
 
     # held: does this member hold a sealed sharing (no dealing); recover: obtain this member's missing share
     # of an existing sharing by share recovery; confirm: settle this member's tentative share (promoted only
-    # when it sees t members hold the same commitments, itself included; dropped when superseded: R7-1)
+    # when it sees t members hold the same commitments, itself included; dropped when superseded: R7-1), or
+    # poll its confirmed one again (dropped only when another sharing superseded it: R8-2)
     stage: str = Field(pattern="^(deal|view|finish|commit|confirm|abort|held|recover)$")
     session: _Session
     epoch: int = Field(ge=1, lt=1 << 32)

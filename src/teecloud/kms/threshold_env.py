@@ -21,6 +21,9 @@ kms.peering's rule):
     confirm after every commit: the member settles its tentative share from its own `held` poll of the
             members: promoted (sealed CONFIRMED) when t of them, itself included, hold the same
             commitments; dropped when fewer than t can (review 7, R7-1). Only confirmed shares are served.
+            A confirmed share is polled again when its signature round fails or a ceremony made the app's
+            sharing without it (`confirm` to each `held` claimant): dropped only when another sharing is
+            confirmed by t members and n - t + 1 answer without it, then recovered (review 8, R8-2).
 
 A ceremony that fails before commit leaves nothing sealed and is retried by the next request (a new
 session). A member that was down, or whose commit failed, gets ITS share of the sharing later by share
