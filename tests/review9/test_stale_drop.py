@@ -26,8 +26,9 @@ from teecloud.appcompose import compose_hash
 from teecloud.keys import threshold_ecdh as tx
 from teecloud.kms import api
 from teecloud.kms.errors import KmsUsageError
+from tests.kms._threshold_env_world import env_of as _env
+from tests.kms._threshold_env_world import partial_ceremony as _partial_ceremony
 from tests.kms.conftest import World
-from tests.kms.test_threshold_env_two_phase import _env, _partial_ceremony
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO
 
