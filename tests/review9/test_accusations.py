@@ -6,13 +6,14 @@ of 300 digits, non-ASCII digits, several `node N:` fragments, a prefix before th
 than one honest member out, and the liar is out by its second try (generated texts, the loop driven through
 `EnvKeys._leave_out` as `_ceremony_run` drives it).
 
-FINDING R9-1 (open): a withholder that withholds its sub-share from ONE honest member and names that member in
-its own failed `finish` makes an accusation that nobody can tell from the honest one: both are left out, which
-at 3-of-5 leaves 3 < q = 4 dealers, so the request ends in a 503 at once, and every new app's every request
-does the same (R8-1's symptom back, with one member).
+FINDING R9-1 (fixed on r9-fix, `_smallest_cover`): a withholder that withholds its sub-share from ONE honest
+member and names that member in its own `finish` made an accusation nobody could tell from the honest one:
+both were left out, which at 3-of-5 left 3 < q = 4 dealers, so the request ended in a 503 at once, and every
+new app's every request did the same (R8-1's symptom back, with one member).
 
-FINDING R9-2 (open): a member that answers `finish` (or `view`) with a success carrying other commitments (or
-another view hash) is not a `_Withheld`: the ceremony aborts with KmsUsageError, nobody is left out, and the
+FINDING R9-2 (fixed on r9-fix, `_Withheld` for the member that differs): a member that answers `finish` (or
+`view`) with a success carrying other commitments (or another view hash) was not a `_Withheld`: the ceremony
+aborted with KmsUsageError, nobody was left out, and the
 next request deals it in again (R8-1's symptom through the stages' success answers)."""
 
 from __future__ import annotations
@@ -132,11 +133,6 @@ def _key_after_retries(m: Member, app_id: bytes, tries: int = 6) -> tuple[str | 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R9-1 open: every try leaves out the victim and the liar; 3 of the 4 dealers needed remain",
-)
 def test_one_member_withholding_from_one_member_and_naming_it_does_not_block_new_env_keys(
     world: World, members_3of5: dict[int, Member]
 ) -> None:
@@ -165,12 +161,6 @@ def test_one_member_withholding_from_one_member_and_naming_it_does_not_block_new
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R9-2 open: a success answer with other commitments / another view hash aborts the ceremony "
-    "(KmsUsageError) without leaving the member out",
-)
 @pytest.mark.parametrize("stage", ["view", "finish"])
 def test_one_member_answering_a_stage_with_other_values_does_not_block_new_env_keys(
     world: World, members_3of5: dict[int, Member], stage: str
