@@ -164,3 +164,26 @@ def test_a_stage_answered_with_other_values_is_that_members_failure(lie: str) ->
     left_out: dict[int, str] = {}
     EnvKeys._leave_out(SimpleNamespace(index=1, n=5), err.value, left_out, {})  # type: ignore[arg-type]
     assert set(left_out) == {5}
+
+
+def test_the_cover_search_is_bounded_and_always_covers_every_accusation() -> None:
+    """64 members, 31 liars each naming a different honest member per try for 64 tries (far beyond what the
+    search explores): the search stops at its branch bound, and the set it returns (greedy then) still holds
+    an end of every accusation and never the coordinator; small cases stay exact (the liars, not more)."""
+    import time
+
+    from teecloud.kms.threshold_env import _smallest_cover
+
+    rng = random.Random(64)
+    liars = set(range(34, 65))
+    accused: dict[int, set[int]] = {}
+    for _ in range(64):
+        for liar in liars:
+            accused.setdefault(rng.randint(2, 33), set()).add(liar)
+    started = time.monotonic()
+    cover = _smallest_cover(accused, 1, 63)
+    assert time.monotonic() - started < 30
+    assert 1 not in cover
+    assert all(a in cover or d in cover for d, who in accused.items() for a in who)
+    assert _smallest_cover({2: {6}, 3: {6}, 4: {7}, 5: {7}}, 1, 6) == {6, 7}
+    assert _smallest_cover({1: {6}, 6: {6}, 2: {7}}, 1, 6) == {6, 2}
