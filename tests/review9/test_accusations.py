@@ -6,13 +6,14 @@ of 300 digits, non-ASCII digits, several `node N:` fragments, a prefix before th
 than one honest member out, and the liar is out by its second try (generated texts, the loop driven through
 `EnvKeys._leave_out` as `_ceremony_run` drives it).
 
-FINDING R9-1 (open): a withholder that withholds its sub-share from ONE honest member and names that member in
-its own failed `finish` makes an accusation that nobody can tell from the honest one: both are left out, which
-at 3-of-5 leaves 3 < q = 4 dealers, so the request ends in a 503 at once, and every new app's every request
-does the same (R8-1's symptom back, with one member).
+FINDING R9-1 (fixed on r9-fix, `_smallest_cover`): a withholder that withholds its sub-share from ONE honest
+member and names that member in its own `finish` made an accusation nobody could tell from the honest one:
+both were left out, which at 3-of-5 left 3 < q = 4 dealers, so the request ended in a 503 at once, and every
+new app's every request did the same (R8-1's symptom back, with one member).
 
-FINDING R9-2 (open): a member that answers `finish` (or `view`) with a success carrying other commitments (or
-another view hash) is not a `_Withheld`: the ceremony aborts with KmsUsageError, nobody is left out, and the
+FINDING R9-2 (fixed on r9-fix, `_Withheld` for the member that differs): a member that answers `finish` (or
+`view`) with a success carrying other commitments (or another view hash) was not a `_Withheld`: the ceremony
+aborted with KmsUsageError, nobody was left out, and the
 next request deals it in again (R8-1's symptom through the stages' success answers)."""
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from teecloud.keys import threshold_ecdh as tx
 from teecloud.kms import api
 from teecloud.kms.errors import AccessDenied, KmsUsageError
 from teecloud.kms.threshold_env import EnvKeyBusy, EnvKeys, _Withheld, ceremony_quorum
+from tests.kms._threshold_env_world import env_of as _env
 from tests.kms.conftest import World
-from tests.kms.test_threshold_env_two_phase import _env
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO
 
@@ -85,21 +86,17 @@ def test_a_liars_error_texts_leave_out_at_most_one_honest_member_and_then_the_li
             assert set(left_out) == {LIAR}, (text_a, text_b, left_out)
 
 
-def test_an_honest_accusation_is_parsed_from_the_first_fragment_not_from_the_dealers_text() -> None:
+def test_an_honest_accusation_is_read_from_the_answers_field_not_from_the_dealers_text() -> None:
     """The withholder's own error text is embedded after `node 5:` in the honest member's reason; a fragment
-    naming member 3 inside it does not move the accusation (the first match names the dealer that failed)."""
+    naming member 3 inside it does not move the accusation (since r8-fix2 the dealer is the answer's
+    structured `accused` field, never parsed from text)."""
     reason = _honest(2, LIAR).replace("sub-share withheld", "the ceremony fails here: node 3: x")
     left_out: dict[int, str] = {}
-    EnvKeys._leave_out(SimpleNamespace(index=1, n=N), _Withheld("finish", {2: reason}), left_out, {})  # type: ignore[arg-type]
+    failed = _Withheld("finish", {2: reason}, {2: LIAR})
+    EnvKeys._leave_out(SimpleNamespace(index=1, n=N), failed, left_out, {})  # type: ignore[arg-type]
     assert set(left_out) == {LIAR}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R9-1 open: a withholder naming the one member it withheld from is indistinguishable from that "
-    "member's accusation; both are left out (3 < q = 4 at 3-of-5)",
-)
 @pytest.mark.parametrize("coordinator", range(1, N))
 def test_a_mutual_accusation_leaves_a_quorum_or_only_one_of_the_two_out(coordinator: int) -> None:
     """Generated over coordinators and victims: the liar withholds its sub-share from honest member v only (v
@@ -108,22 +105,19 @@ def test_a_mutual_accusation_leaves_a_quorum_or_only_one_of_the_two_out(coordina
     for victim in [v for v in range(1, N) if v != coordinator]:
         left_out: dict[int, str] = {}
         failed = {victim: _honest(victim, LIAR), LIAR: _honest(LIAR, victim)}
-        EnvKeys._leave_out(me, _Withheld("finish", failed), left_out, {})  # type: ignore[arg-type]
+        names = {victim: LIAR, LIAR: victim}  # the answers' `accused` fields (r8-fix2)
+        EnvKeys._leave_out(me, _Withheld("finish", failed, names), left_out, {})  # type: ignore[arg-type]
         assert N - len(left_out) >= ceremony_quorum(T, N), (victim, left_out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R9-1 open: at 3-of-7 (q = 5) two colluders (t - 1) each naming its one victim leave four out",
-)
 def test_two_colluders_at_3_of_7_cannot_leave_fewer_than_q_by_naming_their_victims() -> None:
     """3-of-7, q = 5: two colluders (6, 7) could not block by refusing to deal (five honest members are a
     quorum). Each withholds its sub-share from one honest member (1, 2) and names it: four members are left
     out, three remain. Safe: the next try still has q dealers."""
     left_out: dict[int, str] = {}
     failed = {1: _honest(1, 6), 6: _honest(6, 1), 2: _honest(2, 7), 7: _honest(7, 2)}
-    EnvKeys._leave_out(SimpleNamespace(index=4, n=7), _Withheld("finish", failed), left_out, {})  # type: ignore[arg-type]
+    names = {1: 6, 6: 1, 2: 7, 7: 2}  # the answers' `accused` fields (r8-fix2)
+    EnvKeys._leave_out(SimpleNamespace(index=4, n=7), _Withheld("finish", failed, names), left_out, {})  # type: ignore[arg-type]
     assert 7 - len(left_out) >= ceremony_quorum(3, 7), left_out
 
 
@@ -139,24 +133,19 @@ def _key_after_retries(m: Member, app_id: bytes, tries: int = 6) -> tuple[str | 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R9-1 open: every try leaves out the victim and the liar; 3 of the 4 dealers needed remain",
-)
 def test_one_member_withholding_from_one_member_and_naming_it_does_not_block_new_env_keys(
     world: World, members_3of5: dict[int, Member]
 ) -> None:
     """The attacker's steps: member 5 deals honestly, refuses its sub-share to member 3 only (members 1, 2, 4
-    get theirs), and fails its own `finish` with `the ceremony fails here: node 3: sub-share not obtained`.
+    get theirs), and answers its own `finish` naming member 3 (`accused`: 3) as the dealer that withheld.
     Members 1..4 are honest and up (q = 4). A client asks member 1 for a new app's env key six times."""
     nodes = members_3of5
     env5 = _env(nodes[LIAR])
     real_stage, real_serve = env5.stage, env5.serve_share
 
     def lying_stage(req: api.PeerEnvDkgRequest) -> api.PeerEnvDkgResponse:
-        if req.stage == "finish":
-            raise KmsUsageError(f"member {LIAR}: the ceremony fails here: node 3: sub-share not obtained")
+        if req.stage == "finish":  # names member 3 in its answer's `accused` field (r8-fix2's structure)
+            return api.PeerEnvDkgResponse(index=LIAR, stage="finish", accused=3)
         return real_stage(req)
 
     def lying_serve(node, req):  # type: ignore[no-untyped-def]
@@ -172,12 +161,6 @@ def test_one_member_withholding_from_one_member_and_naming_it_does_not_block_new
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R9-2 open: a success answer with other commitments / another view hash aborts the ceremony "
-    "(KmsUsageError) without leaving the member out",
-)
 @pytest.mark.parametrize("stage", ["view", "finish"])
 def test_one_member_answering_a_stage_with_other_values_does_not_block_new_env_keys(
     world: World, members_3of5: dict[int, Member], stage: str

@@ -2,7 +2,8 @@
 holders, claimants plus silent members, are fewer than t is dropped) against a host that sets mtimes and a
 member that is silent.
 
-FINDING R9-3 (open, low): the rule counts the possible holders without the member that decides, so it drops
+FINDING R9-3 (low; the test passes since r8-fix2's R8-2 recheck, merged on r9-fix): the rule counts the
+possible holders without the member that decides, so it drops
 a share whose possible holders are exactly t (this member, t - 2 claimants and one silent member). When the
 silent member is the coordinator that already CONFIRMED the sharing (its own poll saw t holders), the other
 holders drop their shares once the window has passed (or at once, when their hosts backdate the files), the
@@ -26,8 +27,9 @@ from teecloud.appcompose import compose_hash
 from teecloud.keys import threshold_ecdh as tx
 from teecloud.kms import api
 from teecloud.kms.errors import KmsUsageError
+from tests.kms._threshold_env_world import env_of as _env
+from tests.kms._threshold_env_world import partial_ceremony as _partial_ceremony
 from tests.kms.conftest import World
-from tests.kms.test_threshold_env_two_phase import _env, _partial_ceremony
 from tests.kms.test_threshold_net_peering import Member
 from tests.kms.test_threshold_nodes import HELLO
 
@@ -51,13 +53,6 @@ def _set_mtime(m: Member, app_id: bytes, when: float) -> None:
     os.utime(_env(m).store._path(1, app_id), (when, when))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R9-3 open: the stale rule drops a share whose possible holders (this member included) are t, one "
-    "of them the silent coordinator that confirmed it; that member keeps a confirmed share of a dead sharing "
-    "(R8-2's state, reached without any host deletion)",
-)
 def test_a_coordinator_that_confirmed_and_was_silent_holds_the_apps_sharing_once_back(
     world: World, members_3of5: dict[int, Member]
 ) -> None:

@@ -421,6 +421,47 @@ def _hex32(text: str) -> bytes:
     return bytes.fromhex(text)
 
 
+# a cover search stops after this many branches (reached only with many members and accusations); then a
+# greedy cover (the most-accused first), which may be larger than the smallest
+_COVER_BRANCHES = 20_000
+
+
+def _smallest_cover(accused: Mapping[int, set[int]], me: int, budget: int) -> set[int]:
+    """A smallest set of members that holds an end of every accusation (`accused`: dealer -> the members
+    that named it; a member in its own set failed by itself and is forced in), `me` never in it (who names
+    `me` is forced in). Among the smallest: the most named members, then the higher indices (deterministic).
+    Searched up to `budget` members (branching on an uncovered accusation's two ends); none that small, or
+    the search too long: a greedy cover (the most named first), for the caller's refusal."""
+    edges = {(a, d) for d, who in accused.items() for a in who}
+    forced = {a if d in (a, me) else d for a, d in edges if me in (a, d) or a == d}
+    rest = sorted((a, d) for a, d in edges if a not in forced and d not in forced)
+    named = collections.Counter(d for _, d in rest)
+    found: list[frozenset[int]] = []
+    branches = 0
+
+    def grow(chosen: frozenset[int], size: int) -> None:
+        nonlocal branches
+        branches += 1
+        edge = next(((a, d) for a, d in rest if a not in chosen and d not in chosen), None)
+        if edge is None:
+            found.append(chosen)
+        elif len(chosen) < size and branches < _COVER_BRANCHES:
+            for v in edge:
+                grow(chosen | {v}, size)
+
+    for size in range(max(0, budget - len(forced)) + 1):
+        grow(frozenset(), size)
+        if found or branches >= _COVER_BRANCHES:
+            break
+    if found:
+        return forced | max(found, key=lambda c: (sum(named[v] for v in c), sorted(c, reverse=True)))
+    cover: set[int] = set()
+    for a, d in sorted(rest, key=lambda e: (-named[e[1]], e)):
+        if a not in cover and d not in cover:
+            cover.add(d)
+    return forced | cover
+
+
 class EnvKeys:
     """This member's side of per-app env keys (module docstring): ceremony stages, the coordinator, the
     signature and the CVM's partial."""
@@ -809,32 +850,39 @@ class EnvKeys:
         raise EnvKeyBusy(f"no env-key ceremony completed (retry shortly); left out: {left_out}")
 
     def _leave_out(self, exc: _Withheld, left_out: dict[int, str], accused: dict[int, set[int]]) -> None:
-        """Who a failed `view`/`finish` leaves out of the next try (review 8, R8-1): the member that failed
-        its own stage, or the dealer a finishing member names for a sub-share it did not get. A member that
-        names this node (which served it) or names a dealer a second time is left out itself, and the
-        dealers only it named are dealt in again: a false accuser costs a round or two, never the app's
-        key. Availability only: who deals never weakens the view rule (every member refuses a view of
-        fewer than ceremony_quorum dealers), so a quorum still meets every t members."""
-        names = {i: exc.accused.get(i) if exc.stage == "finish" else None for i in exc.failed}
-        # a member named in this round by a member nobody names: its own accusation does not count (the
-        # withholder naming an honest member back; it is left out by the other's accusation)
-        named_now = {n for n in names.values() if n is not None}
-        named_by_clean = {n for i, n in names.items() if n is not None and i not in named_now}
+        """Who a failed `view`/`finish` leaves out of the next try (review 8, R8-1; review 9, R9-1).
+
+        `accused` keeps this request's evidence across its tries: dealer -> the members that named it in
+        a finish answer's `accused` field; a member that failed its own stage (or named itself, this node,
+        a non-member or a member not dealing) is in its own set. Each accusation is true or a liar's, so
+        the liars (with any member that really failed) hold an end of every one: the next try leaves out
+        a SMALLEST such set (`_smallest_cover`), never this node (it knows its own stage). That set is
+        never larger than the liars, so while q honest members are up, q remain: of a withholder and its
+        one victim naming each other, one is left out, and should it be the victim, the withholder's next
+        accusation (or the next member naming it) makes the withholder alone the smaller set and deals the
+        victim in again (R9-1). No set leaves q: the next try ends in EnvKeyBusy (needs q); the tries of
+        `_ceremony_run` are bounded. Availability only: who deals never weakens the view rule (every
+        member refuses a view of fewer than ceremony_quorum dealers), so a quorum meets every t members."""
+        dealing = set(range(1, self.n + 1)) - set(left_out)
+        reasons: dict[int, str] = {}
         for i, reason in sorted(exc.failed.items()):
-            named = names[i]
-            if named is not None and i in named_by_clean:
-                continue
-            accuser = any(i in who for who in accused.values())
+            named = exc.accused.get(i) if exc.stage == "finish" else None
             if i == self.index and named in (None, self.index):
                 raise KmsUsageError(f"this member failed its own env-key ceremony stage: {exc}") from exc
-            if named is None or named in (i, self.index) or named not in range(1, self.n + 1) or accuser:
-                left_out[i] = f"failed its {exc.stage} ({reason[:120]})"
-                for d in [d for d, who in accused.items() if who == {i}]:
-                    left_out.pop(d, None)
-                    del accused[d]
+            if named is None or named in (i, self.index) or named not in dealing:
+                accused.setdefault(i, set()).add(i)  # its own failure, or a false accusation
+                reasons[i] = f"failed its {exc.stage} ({reason[:120]})"
             else:
                 accused.setdefault(named, set()).add(i)
-                left_out[named] = f"withheld its sub-share from member {i} ({reason[:120]})"
+        out = _smallest_cover(accused, self.index, self.n - 1)
+        for i in out:
+            if i not in reasons and i in accused.get(i, set()):  # failed by itself in an earlier try
+                reasons[i] = left_out.get(i, "failed its stage in an earlier try")
+            elif i not in reasons:
+                who = sorted(accused.get(i, set()))
+                reasons[i] = f"named by members {who} (withheld its sub-share from them, or they lie)"
+        left_out.clear()
+        left_out.update({i: reasons[i] for i in sorted(out)})
 
     def _ceremony_once(self, epoch: int, app_id: bytes, *, settle: bool, left_out: Mapping[int, str]) -> bool:
         """One try of `_ceremony_run` among the members not `left_out`; False when it stopped to let
@@ -908,21 +956,23 @@ class EnvKeys:
     ) -> None:
         view = {str(i): deals[i].commitments for i in members}
         hashes, failed = self._each({**base, "stage": "view", "view": view}, members)
-        if failed:  # a member that refuses the view (R8-1): the next try leaves it out
+        if self.index in hashes:  # a hash other than this member's own: that member is at fault
+            own = hashes[self.index].view_hash
+            failed.update({i: "answered another view hash" for i, a in hashes.items() if a.view_hash != own})
+        if failed:  # a member that refuses the view or hashes another (R8-1, R9-2): left out next try
             raise _Withheld("view", failed)
-        if len({a.view_hash for a in hashes.values()}) != 1:
-            raise KmsUsageError("the members hashed different views")
         peers = {str(i): u for i, u in self.peers.items()}
         finished, failed = self._each({**base, "stage": "finish", "peers": peers}, members)
         accused = {i: a.accused for i, a in finished.items() if a.accused is not None}
         failed.update({i: f"names dealer {d} (no valid sub-share from it)" for i, d in accused.items()})
-        if failed:  # a failed finish, or a dealer that withheld a sub-share (R8-1): left out next try
+        results = {i: tuple(a.commitments) for i, a in finished.items() if a.accused is None}
+        agreed = results.get(self.index)
+        if agreed is not None:  # this member finished: who finished with other commitments is at fault
+            off = sorted(i for i, c in results.items() if c != agreed)
+            failed.update({i: "finished with other commitments than this member" for i in off})
+        if failed:  # a failed finish, a named dealer, other commitments (R8-1, R9-2): left out next try
             raise _Withheld("finish", failed, accused)
-        results = {i: tuple(a.commitments) for i, a in finished.items()}
-        agreed = results[self.index]
-        off = sorted(i for i, c in results.items() if c != agreed)
-        if off:
-            raise KmsUsageError(f"members {off} finished with other commitments than this member")
+        assert agreed is not None  # this member finished (else it is in `failed`)
         self.stage(
             api.PeerEnvDkgRequest.model_validate({**base, "stage": "commit", "commitments": list(agreed)})
         )
