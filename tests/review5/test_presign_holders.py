@@ -182,6 +182,7 @@ def test_the_apps_client_never_picks_a_presignature_used_elsewhere(monkeypatch: 
         _clients={i: _Node(s) for i, s in signers.items()},
         _hedge_s=5.0,
         _challenged=sorted(signers),
+        _fan=tc._FanOut(len(signers)),  # the provider's shared fan-out pool (`_gather`)
     )
     client._gather = lambda *a, **kw: tc.ThresholdKeyProvider._gather(client, *a, **kw)  # type: ignore[arg-type]
 
