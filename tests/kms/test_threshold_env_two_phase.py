@@ -143,24 +143,9 @@ def test_liars_cannot_make_a_member_drop_the_apps_sharing_or_promote_over_it(
         h_b = set()
     b_confirmed = rng.random() < 0.7
     down = {i for i in honest if rng.random() < 0.2}
-    claims: dict[Sharing, list[int]] = {}
-    confirmed: dict[Sharing, list[int]] = {}
-    answered = 0
-    for i in sorted(set(range(2, n + 1)) - down):
-        answered += 1
-        if i in liars:
-            what = rng.choice([c, b, z, None])
-            conf = rng.random() < 0.5
-        elif i in h_c:
-            what, conf = c, rng.random() < 0.3
-        elif i in h_b:
-            what, conf = b, b_confirmed
-        else:
-            what, conf = None, False
-        if what is not None:
-            claims.setdefault(what, []).append(i)
-            if conf:
-                confirmed.setdefault(what, []).append(i)
+    claims, confirmed, answered = _poll_answers(
+        rng, n, down, liars, h_c, h_b, (c, b, z), b_confirmed, liar_p=0.5, c_p=0.3
+    )
     env = _settler(tmp_path, t, n)
     env.store.put(1, APP, c_share, tentative=True)
     try:
@@ -205,24 +190,9 @@ def test_liars_cannot_make_a_member_drop_a_confirmed_share_of_the_apps_sharing(
     h_b = set(honest[k_c : k_c + rng.randint(0, len(honest) - k_c)])
     b_confirmed = rng.random() < 0.7
     down = {i for i in honest if rng.random() < 0.2}
-    claims: dict[Sharing, list[int]] = {}
-    confirmed: dict[Sharing, list[int]] = {}
-    answered = 0
-    for i in sorted(set(range(2, n + 1)) - down):
-        answered += 1
-        if i in liars:
-            what = rng.choice([c, b, z, None])
-            conf = rng.random() < 0.7
-        elif i in h_c:
-            what, conf = c, rng.random() < 0.7
-        elif i in h_b:
-            what, conf = b, b_confirmed
-        else:
-            what, conf = None, False
-        if what is not None:
-            claims.setdefault(what, []).append(i)
-            if conf:
-                confirmed.setdefault(what, []).append(i)
+    claims, confirmed, answered = _poll_answers(
+        rng, n, down, liars, h_c, h_b, (c, b, z), b_confirmed, liar_p=0.7, c_p=0.7
+    )
     env = _settler(tmp_path, t, n)
     env.store.put(1, APP, c_share)  # confirmed
     dropped = env._settle_confirmed(1, APP, c_share, claims, confirmed, answered)
@@ -339,3 +309,41 @@ def test_generated_crash_points_and_a_lying_member_never_leave_two_served_keys(
         share = env_of(nodes[i]).store.get(1, app_id)
         assert share is not None and tx.x25519_public_key(share.commitments).hex() == keys[i]
     assert len(set(keys.values())) <= 1, (seed, dealers, commit_on, confirm_on, liars, keys)
+
+
+def _poll_answers(
+    rng: random.Random,
+    n: int,
+    down: set[int],
+    liars: set[int],
+    h_c: set[int],
+    h_b: set[int],
+    sharings: tuple[Sharing, Sharing, Sharing],
+    b_confirmed: bool,
+    *,
+    liar_p: float,
+    c_p: float,
+) -> tuple[dict[Sharing, list[int]], dict[Sharing, list[int]], int]:
+    """Member 1's poll of members 2..n (those not down): liars claim any of (c, b, z) or nothing, confirmed
+    with probability liar_p; holders of c claim it, confirmed with probability c_p; holders of b claim it,
+    confirmed as b is. -> (claims, confirmed claims, members that answered)."""
+    c, b, z = sharings
+    claims: dict[Sharing, list[int]] = {}
+    confirmed: dict[Sharing, list[int]] = {}
+    answered = 0
+    for i in sorted(set(range(2, n + 1)) - down):
+        answered += 1
+        if i in liars:
+            what = rng.choice([c, b, z, None])
+            conf = rng.random() < liar_p
+        elif i in h_c:
+            what, conf = c, rng.random() < c_p
+        elif i in h_b:
+            what, conf = b, b_confirmed
+        else:
+            what, conf = None, False
+        if what is not None:
+            claims.setdefault(what, []).append(i)
+            if conf:
+                confirmed.setdefault(what, []).append(i)
+    return claims, confirmed, answered
