@@ -270,26 +270,9 @@ def up(
         err.print(
             f"[red]the round was not joined[/] ({running.join_error}); serving the epochs this node holds"
         )
-    evaluator = running.service.threshold
-    epochs = {str(e): k.hex() for e, k in evaluator.group_keys.items()} if evaluator is not None else {}
     server, keys, identity = running.server, running.keys, running.identity
     endpoint = _kms_dir(node_dir) / ENDPOINT_FILE
-    atomic_write_json(
-        endpoint,
-        {
-            "url": server.url,
-            "admin_url": server.admin_url,
-            "dev": dev,
-            "threshold_node": threshold_node,
-            "server_ca_pubkey": keys.ca_public_key_der.hex(),
-            "mr_aggregated": identity.mr_aggregated.hex(),
-            "device_id": bytes(tee.device_id).hex(),
-            # a threshold node's root epochs (epoch -> group key) and a rotation round it failed to join:
-            # what `kms rotate-finish` checks before it records an epoch's committee
-            "epochs": epochs,
-            "join_error": running.join_error,
-        },
-    )
+    atomic_write_json(endpoint, endpoint_doc(running, tee, dev=dev, threshold_node=threshold_node))
     if running.service.threshold is not None:
         ev = running.service.threshold
         out.print(
@@ -311,6 +294,28 @@ def up(
     finally:
         server.stop()
         endpoint.unlink(missing_ok=True)
+
+
+def endpoint_doc(running: Any, tee: Any, *, dev: bool, threshold_node: int) -> dict[str, Any]:
+    """What `kms up` writes to its endpoint file once it serves (a kms.launcher.RunningKms)."""
+    evaluator = running.service.threshold
+    held = evaluator.epochs if evaluator is not None else ()
+    shares = {e: evaluator.share_of(e) for e in held}
+    return {
+        "url": running.server.url,
+        "admin_url": running.server.admin_url,
+        "dev": dev,
+        "threshold_node": threshold_node,
+        "server_ca_pubkey": running.keys.ca_public_key_der.hex(),
+        "mr_aggregated": running.identity.mr_aggregated.hex(),
+        "device_id": bytes(tee.device_id).hex(),
+        # a threshold node's root epochs (epoch -> group key), their Feldman commitments (a DKG's are the
+        # sums over QUAL: what `teecloud up` records) and a rotation round it failed to join: what
+        # `kms rotate-finish` checks before it records an epoch's committee
+        "epochs": {str(e): s.group_public_key.hex() for e, s in shares.items() if s is not None},
+        "commitments": {str(e): [c.hex() for c in s.commitments] for e, s in shares.items() if s is not None},
+        "join_error": running.join_error,
+    }
 
 
 def _round_joiner(
@@ -354,6 +359,7 @@ def _round_joiner(
             member_token: bytes | None = None
             if doc.get("kind") == "rotate":  # `kms rotate`: the new group's commitments and a token each
                 expected = tuple(bytes.fromhex(c) for c in doc["commitments"])
+            if doc.get("kind") == "rotate" or "member_tokens" in doc:  # `up`'s plans: this member's token
                 member_token = bytes.fromhex(doc["member_tokens"][str(index)])
         else:
             if doc.get("kind") != "reshare":
