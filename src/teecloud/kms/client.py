@@ -73,6 +73,7 @@ from teecloud.keys.ratls import QuoteSource, make_ratls_cert
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, recover_k256
 from teecloud.kms import api
 from teecloud.kms.challenge import TOKEN_SIZE
+from teecloud.kms.deadline import deadline_transport, peer_certificate, read_within
 from teecloud.kms.errors import KmsClientError, KmsDenied
 from teecloud.peer import AuthChain, ChainGate, PeerPolicy, PeerRejected, PeerVerifier
 
@@ -379,6 +380,14 @@ def read_answer(resp: httpx.Response, content: bytes, model: type[_M], *, who: s
         ) from exc
 
 
+def _server_der(resp: httpx.Response) -> bytes | None:
+    """The certificate (DER) the server presented on the connection that carried `resp`."""
+    stream = resp.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    der = ssl_object.getpeercert(True) if ssl_object is not None else None
+    return bytes(der) if der is not None else None
+
+
 class KmsClient:
     """Key provider that fetches an app's keys from a KMS (teecloud.agent.keyprovider.KeyProvider)."""
 
@@ -438,11 +447,19 @@ class KmsClient:
             _load_cert_chain(ctx, chain_pem + key_pem)
         return ctx
 
-    def _probe_server_identity(self) -> bytes:
+    def _probe_server_identity(self, deadline: float | None = None) -> bytes:
         """(a): one TLS handshake without a client certificate and without a request; the server's
-        certificate, checked by server_check."""
+        certificate, checked by server_check. With a `deadline` the handshake ends by then."""
         url = httpx.URL(self.url)
         host, port = url.host, url.port or 443
+        if deadline is not None:
+            der = peer_certificate(
+                host, port, self._ssl_context(None, pinned=None), deadline=deadline, timeout=self._timeout
+            )
+            if der is None:
+                raise KmsClientError(f"the KMS at {self.url} did not finish a TLS handshake by the deadline")
+            self._server_check(der)
+            return der
         try:
             with (
                 socket.create_connection((host, port), timeout=self._timeout) as raw,
@@ -455,6 +472,16 @@ class KmsClient:
             raise KmsClientError("the KMS presented no TLS certificate")
         self._server_check(der)
         return der
+
+    def _pin_by(self, deadline: float | None, *, renew: bool = False) -> bytes:
+        """_pin, with a first (or renewed) identity probe that ends by `deadline` when one is given."""
+        if deadline is None:
+            return self._pin(renew=renew)
+        with self._pin_lock:
+            if self._pinned is None or renew:
+                self._pinned = None
+                self._pinned = self._probe_server_identity(deadline)
+        return self._pin()
 
     def _pin(self, *, renew: bool = False) -> bytes:
         with self._pin_lock:
@@ -471,15 +498,20 @@ class KmsClient:
         *,
         body: dict[str, Any] | None = None,
         client_cert: tuple[str, str] | None = None,
+        deadline: float | None = None,
     ) -> _M:
-        pinned = self._pin()
+        pinned = self._pin_by(deadline)
         try:
-            resp, content, server_der = self._request(method, path, body, client_cert, pinned)
+            resp, content, server_der = self._request(
+                method, path, body, client_cert, pinned, deadline=deadline
+            )
         except ssl.SSLCertVerificationError:
             # (c) the server is no longer the pinned one: check the new identity, then try once more
-            pinned = self._pin(renew=True)
+            pinned = self._pin_by(deadline, renew=True)
             try:
-                resp, content, server_der = self._request(method, path, body, client_cert, pinned)
+                resp, content, server_der = self._request(
+                    method, path, body, client_cert, pinned, deadline=deadline
+                )
             except ssl.SSLCertVerificationError as exc:
                 raise KmsClientError(
                     f"the KMS at {self.url} is not the server that was checked: {exc}"
@@ -497,17 +529,28 @@ class KmsClient:
         pinned: bytes,
         *,
         http: httpx.Client | None = None,
+        deadline: float | None = None,
     ) -> tuple[httpx.Response, bytes, bytes | None]:
         """One request over a context pinned to `pinned` (b): on `http` (a boot's kept-alive connection,
-        whose context is pinned and holds the boot's certificate) or on a connection of its own. Raises
-        ssl.SSLCertVerificationError when the server is not the pinned one (nothing was sent),
-        KmsClientError on other failures."""
+        whose context is pinned and holds the boot's certificate) or on a connection of its own; with a
+        `deadline` (a time.monotonic() instant) that connection's whole exchange ends by then and its answer
+        is read at most MAX_RESPONSE_BYTES (kms.deadline). Raises ssl.SSLCertVerificationError when the
+        server is not the pinned one (nothing was sent), KmsClientError on other failures."""
         try:
             if http is not None:
                 return self._exchange(http, method, path, body)
             ctx = self._ssl_context(client_cert, pinned=pinned)
+            if deadline is not None:
+                with httpx.Client(transport=deadline_transport(ctx, deadline), timeout=self._timeout) as one:
+                    with one.stream(method, self.url + path, json=body) as resp:
+                        server_der = _server_der(resp)
+                        return resp, read_within(resp, MAX_RESPONSE_BYTES), server_der
             with httpx.Client(verify=ctx, timeout=self._timeout) as one:
                 return self._exchange(one, method, path, body)
+        except httpx.TimeoutException as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise KmsClientError(f"the KMS at {self.url} did not answer by the call's deadline") from exc
+            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
         except httpx.ConnectError as exc:
             verify_failed = _cert_verification_error(exc)
             if verify_failed is not None:
@@ -524,10 +567,7 @@ class KmsClient:
         self, http: httpx.Client, method: str, path: str, body: dict[str, Any] | None
     ) -> tuple[httpx.Response, bytes, bytes | None]:
         resp = http.request(method, self.url + path, json=body)
-        stream = resp.extensions.get("network_stream")
-        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-        server_der = ssl_object.getpeercert(True) if ssl_object is not None else None
-        return resp, resp.content, server_der
+        return resp, resp.content, _server_der(resp)
 
     # --- boots (one credential and one kept-alive connection per boot)
 
@@ -625,14 +665,18 @@ class KmsClient:
         body: dict[str, Any],
         usage: str,
         app_id: bytes | None,
+        deadline: float | None = None,
     ) -> _M:
         """Steps (2)-(4): an RA-TLS client certificate from `tee`, then one mutual-TLS call. For a bound
-        boot (bind_boot) the boot's credential and kept-alive connection; otherwise a fresh certificate and
-        a connection of this call's own."""
+        boot (bind_boot) the boot's credential and kept-alive connection (`deadline` refused: that
+        connection has per-read timeouts only); otherwise a fresh certificate and a connection of this
+        call's own, whose exchanges end by `deadline` (a time.monotonic() instant) when one is given."""
         session = self._boot_of(tee, usage, app_id)
         if session is not None:
+            if deadline is not None:
+                raise ValueError("a call with a deadline runs on a connection of its own, not a bound boot's")
             return self._boot_call(session, path, model, body)
-        temp_cert, temp_key = self._temp_ca_pair()
+        temp_cert, temp_key = self._temp_ca_pair(deadline)
         now = int(self._clock())
         key = ec.generate_private_key(ec.SECP256R1())
         cert = make_ratls_cert(
@@ -649,13 +693,17 @@ class KmsClient:
             client_auth=True,
         )
         chain_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-        return self._call("POST", path, model, body=body, client_cert=(key_to_pem(key), chain_pem))
+        return self._call(
+            "POST", path, model, body=body, client_cert=(key_to_pem(key), chain_pem), deadline=deadline
+        )
 
-    def _temp_ca_pair(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def _temp_ca_pair(
+        self, deadline: float | None = None
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         cached = self._temp_ca
         if cached is not None and 0 <= self._clock() - cached[0] < TEMP_CA_CACHE_S:
             return cached[1], cached[2]
-        temp = self._call("GET", api.PATH_GET_TEMP_CA_CERT, api.TempCaCertResponse)
+        temp = self._call("GET", api.PATH_GET_TEMP_CA_CERT, api.TempCaCertResponse, deadline=deadline)
         try:
             temp_cert = x509.load_pem_x509_certificate(temp.temp_ca_cert.encode())
             temp_key = serialization.load_pem_private_key(temp.temp_ca_key.encode(), password=None)

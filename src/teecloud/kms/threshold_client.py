@@ -1247,10 +1247,13 @@ def _collect(
     member_token: bytes | None = None,
     carried: dict[int, list[api.CarriedSubshare]] | None = None,
     board_tokens: dict[int, bytes] | None = None,
+    *,
+    deadline: float | None = None,
 ) -> list[th.Dealing]:
     """From every dealer of a round: its commitments and this node's sub-share (over mutual RA-TLS, with this
     node's boot-time evidence), and every page of the sharings it carries (`carried`). Any dealer failing
-    fails the round (named); nothing is returned before every page of every dealer is in."""
+    fails the round (named); nothing is returned before every page of every dealer is in. `deadline` (a
+    time.monotonic() instant): every call ends by then (kms.deadline), however slowly a dealer answers."""
     if set(dealers) != set(dealer_ids):
         raise KmsClientError("one client per dealer of the round")
 
@@ -1262,7 +1265,13 @@ def _collect(
             offset=offset,
         ).model_dump()
         resp = dealers[i].attested_call(
-            tee, api.PATH_RESHARE_DEAL, api.ReshareDealResponse, body=body, usage="kms:reshare", app_id=app_id
+            tee,
+            api.PATH_RESHARE_DEAL,
+            api.ReshareDealResponse,
+            body=body,
+            usage="kms:reshare",
+            app_id=app_id,
+            deadline=deadline,
         )
         if resp.dealer != i or resp.session != session.hex() or resp.offset != offset:
             raise KmsClientError(f"answered as dealer {resp.dealer} of another round (or another page)")
@@ -1402,16 +1411,23 @@ def _board_round(
     post: dict[str, Any],
     done: Callable[[api.DkgBoardResponse], bool],
     deadline: float,
-    clock: Callable[[], float],
 ) -> dict[int, api.DkgBoardResponse]:
     """Post `post` (a statement or a confirmation) to every dealer's board, then read each board until
-    `done(board)` or the deadline. A dealer whose board cannot be read, or that answers for another round
-    or as another dealer, fails the round (named): the members would otherwise decide on different views."""
+    `done(board)` or the deadline (a time.monotonic() instant), which also ends every call (kms.deadline:
+    a board that trickles its answer is cut off there). A dealer whose board cannot be read, or that answers
+    for another round or as another dealer, fails the round (named): the members would otherwise decide on
+    different views."""
 
     def call(i: int, extra: dict[str, Any]) -> api.DkgBoardResponse:
         body = {"session": plan.session.hex(), "index": index, "board_token": board_tokens[i].hex(), **extra}
         resp = dealers[i].attested_call(
-            tee, api.PATH_DKG_BOARD, api.DkgBoardResponse, body=body, usage="kms:reshare", app_id=app_id
+            tee,
+            api.PATH_DKG_BOARD,
+            api.DkgBoardResponse,
+            body=body,
+            usage="kms:reshare",
+            app_id=app_id,
+            deadline=deadline,
         )
         if resp.dealer != i or resp.session != plan.session.hex():
             raise KmsClientError(f"answered as dealer {resp.dealer} of another round")
@@ -1423,7 +1439,7 @@ def _board_round(
         try:
             board = call(i, post)
             while not done(board):
-                if clock() > deadline:
+                if time.monotonic() > deadline:
                     raise KmsClientError("its board was not complete in time (a member did not post)")
                 if failed.wait(_BOARD_POLL_S):
                     raise KmsClientError("not read to the end: another dealer's board failed")
@@ -1457,7 +1473,7 @@ def _complaint_phase(
     *,
     app_id: bytes,
     timeout_s: float,
-    clock: Callable[[], float] = time.monotonic,
+    deadline: float | None = None,
 ) -> th.DkgOutcome:
     """GJKR's complaint phase (Gennaro, Jarecki, Krawczyk, Rabin, J. Cryptology 20(1) 2007, Fig. 2 steps
     1(b)-(c), 2, 3), the dealers' boards standing in for the broadcast channel:
@@ -1466,8 +1482,10 @@ def _complaint_phase(
       (2) read each accused dealer's answers (the sub-shares it reveals) from its own board;
       (3) decide QUAL and the share (th.gjkr_qualify: the same decision at every member);
       (4) post the digest of (round, QUAL, group commitments) to every board and wait for every member's:
-          all equal, or the round fails — a dealer that showed members different answers splits nobody."""
-    deadline = clock() + timeout_s
+          all equal, or the round fails — a dealer that showed members different answers splits nobody.
+    Every step ends by `deadline` (a time.monotonic() instant; default: `timeout_s` from now)."""
+    if deadline is None:
+        deadline = time.monotonic() + timeout_s
     n = plan.n_new
     boards = _board_round(
         plan,
@@ -1479,7 +1497,6 @@ def _complaint_phase(
         post={"complaints": complaints},
         done=lambda b: len(b.complaints) == n,
         deadline=deadline,
-        clock=clock,
     )
     # (1): every board shows every member's statement, the same everywhere
     views = {i: {int(j): tuple(a) for j, a in b.complaints.items()} for i, b in boards.items()}
@@ -1525,7 +1542,6 @@ def _complaint_phase(
         post={"confirm": digest},
         done=lambda b: len(b.confirms) == n,
         deadline=deadline,
-        clock=clock,
     )
     others = sorted(
         {int(j) for b in boards.values() for j, c in b.confirms.items() if c != digest}
@@ -1557,14 +1573,34 @@ def join_dkg(
     complaint fails the round. `member_token`: this member's token, for a round opened with member token
     hashes (a rotation's)."""
     tokens: dict[int, bytes] | None = {} if plan.complaint_round else None
+    deadline = time.monotonic() + timeout_s  # the whole ceremony, each call included (kms.deadline)
     dealings = _collect(
-        plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token, None, tokens
+        plan.session,
+        plan.dealers,
+        index,
+        tee,
+        dealers,
+        plan.t_new,
+        app_id,
+        member_token,
+        None,
+        tokens,
+        deadline=deadline,
     )
     try:
         total, complaints = th.joint_feldman(dealings, index, {d.dealer: d.shares[index] for d in dealings})
         if tokens is not None:
             outcome = _complaint_phase(
-                plan, index, tee, dealers, dealings, tokens, complaints, app_id=app_id, timeout_s=timeout_s
+                plan,
+                index,
+                tee,
+                dealers,
+                dealings,
+                tokens,
+                complaints,
+                app_id=app_id,
+                timeout_s=timeout_s,
+                deadline=deadline,
             )
             return ThresholdShare(
                 plan.epoch, index, plan.t_new, plan.n_new, outcome.share, outcome.commitments
