@@ -39,10 +39,11 @@ key-release rule to every request (its evidence check is cached per certificate,
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from teecloud.keys.sigchain import k256_public_key, kms_issued_digest
 from teecloud.kms import api
 from teecloud.kms.challenge import MAX_TOKENS
 from teecloud.kms.client import BootCredential, ComposeBook, KmsClient, vm_config_json
-from teecloud.kms.errors import KmsClientError, SealingError
+from teecloud.kms.errors import KmsClientError, KmsUsageError, SealingError
 from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
 from teecloud.kms.threshold import GROUP_FILE, DkgPlan, GroupRecord, ResharePlan, ThresholdShare
 from teecloud.kms.threshold_carry import CarriedShares, RecordedKeys, carry_receive, check_carried_keys
@@ -77,13 +78,17 @@ from teecloud.kms.threshold_sign import app_key_signature_problem as _app_key_si
 
 __all__ = [
     "NO_PRESIGNATURES",
+    "PendingDkg",
+    "RoundPending",
     "ThresholdGroup",
     "ThresholdKeyProvider",
     "fetch_env_public_key",
+    "finish_dkg",
     "group_ca_record",
     "group_from_chain",
     "join_dkg",
     "join_reshare",
+    "post_dkg_statement",
     "recorded_keys",
 ]
 
@@ -1462,6 +1467,50 @@ def _board_round(
     return boards
 
 
+def _decide(
+    plan: DkgPlan,
+    index: int,
+    boards: Mapping[int, api.DkgBoardResponse],
+    dealings: list[th.Dealing],
+    complaints: Sequence[int],
+) -> th.DkgOutcome:
+    """Steps (1)-(3) of _complaint_phase on boards that hold every member's statement."""
+    n = plan.n_new
+    # (1): every board shows every member's statement, the same everywhere
+    views = {i: {int(j): tuple(a) for j, a in b.complaints.items()} for i, b in boards.items()}
+    statements = views[plan.dealers[0]]
+    differing = sorted(i for i, v in views.items() if v != statements)
+    if (
+        differing
+        or set(statements) != set(range(1, n + 1))
+        or statements.get(index) != tuple(sorted(complaints))
+    ):
+        raise KmsClientError(
+            "the DKG round failed; no share was made: the dealers' boards disagree on the members' "
+            f"statements (boards of dealers {differing or list(plan.dealers)})"
+        )
+    # (2): each dealer's answers, from its own board
+    try:
+        answers = {
+            i: {int(j): int.from_bytes(bytes.fromhex(v), "little") for j, v in b.answers.items()}
+            for i, b in boards.items()
+        }
+        # (3): QUAL and this member's share
+        received = {d.dealer: d.shares[index] for d in dealings}
+        outcome = th.gjkr_qualify(
+            dealings, index, received, {j: list(a) for j, a in statements.items()}, answers, plan.t_new
+        )
+    except (KeysError, ValueError) as exc:
+        raise KmsClientError(f"the DKG round failed; no share was made: {exc}") from exc
+    if outcome.disqualified:
+        log.warning(
+            "DKG round %s: dealers disqualified: %s",
+            plan.session.hex()[:8],
+            "; ".join(f"{i}: {why}" for i, why in sorted(outcome.disqualified.items())),
+        )
+    return outcome
+
+
 def _complaint_phase(
     plan: DkgPlan,
     index: int,
@@ -1498,38 +1547,7 @@ def _complaint_phase(
         done=lambda b: len(b.complaints) == n,
         deadline=deadline,
     )
-    # (1): every board shows every member's statement, the same everywhere
-    views = {i: {int(j): tuple(a) for j, a in b.complaints.items()} for i, b in boards.items()}
-    statements = views[plan.dealers[0]]
-    differing = sorted(i for i, v in views.items() if v != statements)
-    if (
-        differing
-        or set(statements) != set(range(1, n + 1))
-        or statements.get(index) != tuple(sorted(complaints))
-    ):
-        raise KmsClientError(
-            "the DKG round failed; no share was made: the dealers' boards disagree on the members' "
-            f"statements (boards of dealers {differing or list(plan.dealers)})"
-        )
-    # (2): each dealer's answers, from its own board
-    try:
-        answers = {
-            i: {int(j): int.from_bytes(bytes.fromhex(v), "little") for j, v in b.answers.items()}
-            for i, b in boards.items()
-        }
-        # (3): QUAL and this member's share
-        received = {d.dealer: d.shares[index] for d in dealings}
-        outcome = th.gjkr_qualify(
-            dealings, index, received, {j: list(a) for j, a in statements.items()}, answers, plan.t_new
-        )
-    except (KeysError, ValueError) as exc:
-        raise KmsClientError(f"the DKG round failed; no share was made: {exc}") from exc
-    if outcome.disqualified:
-        log.warning(
-            "DKG round %s: dealers disqualified: %s",
-            plan.session.hex()[:8],
-            "; ".join(f"{i}: {why}" for i, why in sorted(outcome.disqualified.items())),
-        )
+    outcome = _decide(plan, index, boards, dealings, complaints)
     # (4): every member confirms the same QUAL and group key
     digest = _dkg_digest(plan.session, outcome).hex()
     boards = _board_round(
@@ -1571,7 +1589,8 @@ def join_dkg(
     GJKR's (_complaint_phase): the share and the group commitments are the sums over QUAL, and the round
     fails, nothing made, only with fewer than t qualified dealers or boards that disagree. Without it a
     complaint fails the round. `member_token`: this member's token, for a round opened with member token
-    hashes (a rotation's)."""
+    hashes (a rotation's, `teecloud up`'s). The whole round, every call included, ends within `timeout_s`
+    (wall-clock: kms.deadline)."""
     tokens: dict[int, bytes] | None = {} if plan.complaint_round else None
     deadline = time.monotonic() + timeout_s  # the whole ceremony, each call included (kms.deadline)
     dealings = _collect(
@@ -1609,4 +1628,173 @@ def join_dkg(
             raise _complaint(complaints)
         return ThresholdShare(plan.epoch, index, plan.t_new, plan.n_new, total, th.sum_commitments(dealings))
     except (KeysError, SealingError) as exc:
+        raise KmsClientError(f"the DKG round failed: {exc}") from exc
+
+
+class RoundPending(KmsClientError):
+    """A rolling round's first pass is done at this member (its statement is on every board): it finishes
+    at its next boot, once every member has posted (post_dkg_statement / finish_dkg)."""
+
+
+_PENDING_FORMAT = "teecloud-dkg-pending-v1"
+
+
+@dataclass(frozen=True)
+class PendingDkg:
+    """A member of a rolling DKG round (`kms rotate`: its nodes restart one at a time) between its two
+    boots: the round, every dealer's commitments and this member's sub-share from it, the board tokens and
+    the statement it posted. Secret (the sub-shares, the tokens): the launcher keeps it sealed like a
+    share."""
+
+    session: bytes
+    epoch: int
+    index: int
+    dealings: tuple[th.Dealing, ...]
+    board_tokens: Mapping[int, bytes]
+    complaints: tuple[int, ...]
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "format": _PENDING_FORMAT,
+                "session": self.session.hex(),
+                "epoch": self.epoch,
+                "index": self.index,
+                "dealings": {
+                    str(d.dealer): {
+                        "commitments": [c.hex() for c in d.commitments],
+                        "subshare": d.shares[self.index].to_bytes(32, "little").hex(),
+                    }
+                    for d in self.dealings
+                },
+                "board_tokens": {str(i): t.hex() for i, t in sorted(self.board_tokens.items())},
+                "complaints": list(self.complaints),
+            }
+        ).encode()
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes) -> PendingDkg:
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != _PENDING_FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}")
+            index = int(doc["index"])
+            return cls(
+                bytes.fromhex(doc["session"]),
+                int(doc["epoch"]),
+                index,
+                tuple(
+                    th.Dealing(
+                        int(i),
+                        tuple(bytes.fromhex(c) for c in d["commitments"]),
+                        {index: int.from_bytes(bytes.fromhex(d["subshare"]), "little")},
+                    )
+                    for i, d in doc["dealings"].items()
+                ),
+                {int(i): bytes.fromhex(t) for i, t in doc["board_tokens"].items()},
+                tuple(int(j) for j in doc["complaints"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SealingError(f"a pending DKG round's state is malformed: {exc}") from exc
+
+
+def post_dkg_statement(
+    plan: DkgPlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    *,
+    app_id: bytes,
+    member_token: bytes | None = None,
+    timeout_s: float = DKG_BOARD_TIMEOUT_S,
+) -> PendingDkg:
+    """A rolling round's first pass at member `index`'s boot (GJKR's steps 1(a)-(b) only): fetch and check
+    every dealer's sub-share (as join_dkg) and post this member's statement — the dealers whose sub-share
+    fails their commitments, possibly none — to every dealer's board, without waiting for the others (they
+    restart after this one). Returns what finish_dkg needs at the member's next boot; any dealer failing
+    fails the round, named. Every call ends within `timeout_s`."""
+    if not plan.complaint_round:
+        raise KmsUsageError("a rolling round has a complaint phase")
+    deadline = time.monotonic() + timeout_s
+    tokens: dict[int, bytes] = {}
+    dealings = _collect(
+        plan.session,
+        plan.dealers,
+        index,
+        tee,
+        dealers,
+        plan.t_new,
+        app_id,
+        member_token,
+        None,
+        tokens,
+        deadline=deadline,
+    )
+    try:
+        _, complaints = th.joint_feldman(dealings, index, {d.dealer: d.shares[index] for d in dealings})
+    except (KeysError, SealingError) as exc:
+        raise KmsClientError(f"the DKG round failed: {exc}") from exc
+    _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        tokens,
+        app_id=app_id,
+        post={"complaints": complaints},
+        done=lambda _b: True,
+        deadline=deadline,
+    )
+    if complaints:
+        log.warning("DKG round %s: complained against dealers %s", plan.session.hex()[:8], complaints)
+    return PendingDkg(plan.session, plan.epoch, index, tuple(dealings), tokens, tuple(sorted(complaints)))
+
+
+def finish_dkg(
+    plan: DkgPlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    pending: PendingDkg,
+    *,
+    app_id: bytes,
+    timeout_s: float = DKG_BOARD_TIMEOUT_S,
+) -> ThresholdShare:
+    """A rolling round's second pass at member `index`'s next boot (GJKR's steps 1(c), 2, 3): every member
+    has posted its statement by now, so each board holds them all and the accused dealers' answers; read
+    them (the boards must agree), decide QUAL and this member's share (the sums over QUAL), and post the
+    confirmation digest to every board. The members' agreement is checked where the epoch is recorded
+    (`kms rotate-finish`: every node states the same commitments, or nothing is recorded): a member does
+    not wait for the others' confirmations, which come after it restarts. A board that does not yet hold
+    every statement within `timeout_s` fails the round, naming the dealers."""
+    if (pending.session, pending.epoch, pending.index) != (plan.session, plan.epoch, index):
+        raise KmsUsageError("the pending state is of another round or member")
+    deadline = time.monotonic() + timeout_s
+    n = plan.n_new
+    boards = _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        pending.board_tokens,
+        app_id=app_id,
+        post={},
+        done=lambda b: len(b.complaints) == n,
+        deadline=deadline,
+    )
+    outcome = _decide(plan, index, boards, list(pending.dealings), pending.complaints)
+    _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        pending.board_tokens,
+        app_id=app_id,
+        post={"confirm": _dkg_digest(plan.session, outcome).hex()},
+        done=lambda _b: True,
+        deadline=deadline,
+    )
+    try:
+        return ThresholdShare(plan.epoch, index, plan.t_new, plan.n_new, outcome.share, outcome.commitments)
+    except SealingError as exc:
         raise KmsClientError(f"the DKG round failed: {exc}") from exc
