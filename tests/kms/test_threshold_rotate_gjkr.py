@@ -30,6 +30,7 @@ from teecloud.kms.service import StaticCollateral
 from teecloud.kms.threshold import (
     PENDING_DKG_FILE,
     DkgPlan,
+    ReshareDealer,
     load_shares,
     local_joint_feldman,
     save_share,
@@ -236,3 +237,23 @@ def test_a_second_pass_before_every_statement_is_in_fails_named(
         post_dkg_statement(
             DkgPlan(plan.session, 2, dkg.dealers, T, N), 1, tee, clients, app_id=KMS_APP_ID, timeout_s=1.5
         )
+
+
+def test_a_dealer_restarting_between_the_passes_fails_the_rotation_cleanly(
+    rotation: Rotation,
+    dealers: dict[int, KmsServer],  # noqa: F811
+) -> None:
+    """Dealer 5 restarts after every member posted its statement (its round, in memory only, is gone): each
+    member's second pass fails naming node 5, seals nothing of epoch 2, drops its pending state and serves
+    epoch 1."""
+    _, file = rotation.open()
+    for j in range(1, N + 1):
+        assert rotation.boot(j, file)["join_error"].startswith("RoundPending: ")
+    dealers[5].service.reshare = ReshareDealer(None)  # a restarted dealer: no round
+    tee = SimulatedTdx(rotation.home)
+    identity = boot_kms_tee(tee)
+    for j in range(1, N + 1):
+        ep = rotation.boot(j, file)
+        assert "node 5: " in ep["join_error"] and "no open DKG round" in ep["join_error"], ep
+        assert list(ep["epochs"]) == ["1"] and not rotation.pending(j)
+        assert sorted(load_shares(tee, identity, rotation.member_home(j))) == [1]
