@@ -529,6 +529,7 @@ class _Cpu:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
+        self.pids = pids
         self.clocks: dict[str, int] = {}  # who -> the CPU-time clock of a separate process (a node)
         for who, pid in pids.items():
             clock = ctypes.c_int()
@@ -641,6 +642,7 @@ def processes(
             apps = [bytes.fromhex(cloud.chain.register_app(None, compose)[2:]) for _ in range(releases + 2)]
             timer = _Phases(provider) if nodes > 1 and phases else None
             cpu = _Cpu({f"node{i}": p.pid for i, p in cloud.kms_processes.items()} if nodes > 1 else {})
+            cpu_nonce = _Cpu(cpu.pids)  # the boot challenge before each release (not timed)
 
             def release(
                 app_id: bytes,
@@ -649,6 +651,7 @@ def processes(
                 label: str = label,
                 timer: _Phases | None = timer,
                 cpu: _Cpu = cpu,
+                cpu_nonce: _Cpu = cpu_nonce,
             ) -> float:
                 tee = SimulatedTdx(home)
                 iid = os.urandom(20)
@@ -657,10 +660,14 @@ def processes(
                     ("app-id", app_id),
                     ("compose-hash", compose),
                     ("instance-id", iid),
-                    ("boot-nonce", provider.boot_nonce()),
+                    ("boot-nonce", b""),
                     ("boot-mr-done", b""),
                     ("os-image-hash", tee.os_image_hash),
                 ):
+                    if name == "boot-nonce":
+                        cpu_nonce.start()
+                        payload = provider.boot_nonce()
+                        cpu_nonce.stop()
                     tee.emit_event(name, payload)
                 if timer is not None:
                     timer.start()
@@ -690,6 +697,7 @@ def processes(
                     timer.rows.clear()
                     timer.hand_overs.clear()
                 cpu.rows.clear()
+                cpu_nonce.rows.clear()
                 if nodes > 1:
                     provider.wait_for_hand_overs()  # the previous case's: not counted in this one
                 pids = {"client": os.getpid()} | {f"node{i}": p.pid for i, p in cloud.kms_processes.items()}
@@ -711,6 +719,7 @@ def processes(
                 if timer is not None:
                     rows += timer.summary()
                 rows += cpu.summary(case.split(" (")[0])
+                rows += [row for row in cpu_nonce.summary("its boot challenge before it") if "all" in row[0]]
                 cpu_total[nodes, case] = statistics.median(r["all processes"] for r in cpu.rows)
         finally:
             cloud.stop()
