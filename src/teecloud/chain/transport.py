@@ -60,11 +60,28 @@ def rpc_error(code: int, message: str, data: Any) -> ChainError:
     return ChainError(f"JSON-RPC error {code}: {text}")
 
 
+# JSON-RPC methods that only read: one of these may be sent again on a new connection when a kept-alive
+# one turns out closed on use (the server closed it as we wrote). Anything else (a transaction, evm_mine)
+# is never resent: its error reaches the caller.
+_READS = ("eth_call", "eth_chainId", "eth_blockNumber", "eth_estimateGas", "net_version")
+_READ_PREFIXES = ("eth_get",)
+_CLOSED_ON_USE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+def _only_reads(payload: Any) -> bool:
+    calls = payload if isinstance(payload, list) else [payload]
+    return all(
+        isinstance(c, dict) and (c.get("method") in _READS or str(c.get("method")).startswith(_READ_PREFIXES))
+        for c in calls
+    )
+
+
 class _PlainHttp:
     """POSTs of JSON to one http:// URL over kept-alive http.client connections, thread-safe: each call
     takes an idle connection (or opens one) and puts it back after a complete answer. An idle connection
-    the server has closed (or that holds unread bytes) is dropped before use, never written to, as httpcore
-    does: no request is ever sent twice."""
+    the server has closed (or that holds unread bytes) is dropped before use, as httpcore does; one the
+    server closes just as it is written to fails the call — except a call of reads only (`_READS`), sent
+    once more on a new connection: a transaction is never sent twice."""
 
     MAX_IDLE = 8
 
@@ -81,11 +98,23 @@ class _PlainHttp:
     def post(self, payload: Any) -> tuple[int, bytes]:
         """(HTTP status, body). OSError (socket.timeout included) or http.client.HTTPException on failure."""
         body = json.dumps(payload, separators=(",", ":")).encode()
-        conn = self._take()
+        conn, reused = self._take()
         try:
             conn.request("POST", self.target, body=body, headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             content = resp.read()
+        except _CLOSED_ON_USE:
+            conn.close()
+            if not (reused and _only_reads(payload)):
+                raise
+            conn = self._connect()  # once, on a connection of its own
+            try:
+                conn.request("POST", self.target, body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                content = resp.read()
+            except BaseException:
+                conn.close()
+                raise
         except BaseException:
             conn.close()
             raise
@@ -95,20 +124,24 @@ class _PlainHttp:
             self._give_back(conn)
         return resp.status, content
 
-    def _take(self) -> http.client.HTTPConnection:
+    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle connection that still looks open (True), or a new one (False)."""
         while True:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_TIMEOUT)
-                conn.connect()
-                if conn.sock is not None:
-                    conn.sock.settimeout(self.timeout)
-                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return conn
+                return self._connect(), False
             if conn.sock is not None and not select.select([conn.sock], [], [], 0)[0]:
-                return conn  # nothing to read on an idle connection: still open
+                return conn, True  # nothing to read on an idle connection: still open
             conn.close()  # closed by the server (or unread bytes): never reused
+
+    def _connect(self) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_TIMEOUT)
+        conn.connect()
+        if conn.sock is not None:
+            conn.sock.settimeout(self.timeout)
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
 
     def _give_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -125,9 +158,10 @@ class _PlainHttp:
 
 
 def _plain_http(url: str, timeout: float) -> _PlainHttp | None:
-    """The http.client path for `url`, or None where httpx must go (https://, or a proxy applies)."""
+    """The http.client path for `url`, or None where httpx must go (https://, credentials in the URL, which
+    httpx sends as basic auth, or a proxy variable set)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
+    if parts.scheme != "http" or not parts.hostname or parts.username or parts.password:
         return None
     proxies = urllib.request.getproxies_environment()
     if "http" in proxies or "all" in proxies:  # httpx decides (with NO_PROXY) whether the proxy applies
