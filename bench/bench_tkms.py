@@ -24,6 +24,10 @@ answers, one attested round).
     python bench/bench_tkms.py --processes [--releases 20]    # under flock /tmp/teecloud-e2e.lock
     python bench/bench_tkms.py --processes --py-spy DIR       # + py-spy profiles of the timed releases
 
+`--processes` and `--threads-http` also report CPU ms per release (kernel CPU-time clocks: per node process,
+the client's threads and the rest of this process; `--threads-http`: the whole process), the figure that
+holds on a shared, loaded machine (`_Cpu`). `--py-spy-on-cpu` drops py-spy's `--idle`.
+
 `--py-spy DIR` (needs py-spy on PATH) samples this process (client, single KMS, chain RPC server) and every
 node process, wall clock (--idle), while one case's releases run: DIR/<nodes>-<first|repeat>-<who>.txt,
 collapsed stacks. The profiler slows every process several-fold: read shares from it, not times.
