@@ -541,7 +541,8 @@ class KmsClient:
         with self._open_lock:
             if self._open is not None and self._open[0] == pinned:
                 return self._open[1]
-            stale, self._open = self._open, None
+            # the pool of the old pin is dropped, not closed: a call of another thread may still be on it
+            # (its server is gone anyway); its connections close when it is collected
             http = httpx.Client(
                 verify=self._ssl_context(None, pinned=pinned),
                 timeout=self._timeout,
@@ -550,8 +551,6 @@ class KmsClient:
                 limits=httpx.Limits(max_connections=8, keepalive_expiry=4.0),
             )
             self._open = (pinned, http)
-        if stale is not None:
-            stale[1].close()
         return http
 
     def close(self) -> None:
