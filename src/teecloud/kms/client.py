@@ -353,6 +353,11 @@ def _cert_verification_error(exc: BaseException) -> ssl.SSLCertVerificationError
     return None
 
 
+def _proxy_in_env() -> bool:
+    """Whether any proxy variable is set (httpx then decides, with NO_PROXY, which requests it carries)."""
+    return any(name.lower().endswith("_proxy") for name in os.environ)
+
+
 def vm_config_json(tee: object) -> str:
     """The CVM's VmConfig as dstack sends it (teecloud.vmconfig.of)."""
     return vmconfig.of(tee)
@@ -424,6 +429,13 @@ class KmsClient:
         # bound boots (bind_boot): id(tee) -> that boot's credential and connection here
         self._boots: dict[int, _BootSession] = {}
         self._boots_lock = threading.Lock()
+        # calls without a client certificate (boot challenge, metadata, temporary CA): one kept-alive pool
+        # for the pinned server certificate, reused across boots (a handshake per call before)
+        self._open: tuple[bytes, httpx.Client] | None = None
+        self._open_lock = threading.Lock()
+        # httpx scans the whole environment for proxy variables at every Client(): done once here; with
+        # none set, the clients below skip the scan (trust_env=False), which then changes nothing else
+        self._trust_env = _proxy_in_env()
 
     # --- transport
 
@@ -539,13 +551,18 @@ class KmsClient:
         try:
             if http is not None:
                 return self._exchange(http, method, path, body)
+            if client_cert is None and deadline is None:
+                return self._exchange(self._open_http(pinned), method, path, body)
             ctx = self._ssl_context(client_cert, pinned=pinned)
             if deadline is not None:
-                with httpx.Client(transport=deadline_transport(ctx, deadline), timeout=self._timeout) as one:
+                # a connection of its own whose whole exchange ends by the deadline (kms.deadline); direct,
+                # never through an environment proxy (whose transport would not be the deadline's)
+                transport = deadline_transport(ctx, deadline)
+                with httpx.Client(transport=transport, timeout=self._timeout, trust_env=False) as one:
                     with one.stream(method, self.url + path, json=body) as resp:
                         server_der = _server_der(resp)
                         return resp, read_within(resp, MAX_RESPONSE_BYTES), server_der
-            with httpx.Client(verify=ctx, timeout=self._timeout) as one:
+            with httpx.Client(verify=ctx, timeout=self._timeout, trust_env=self._trust_env) as one:
                 return self._exchange(one, method, path, body)
         except httpx.TimeoutException as exc:
             if deadline is not None and time.monotonic() >= deadline:
@@ -562,6 +579,32 @@ class KmsClient:
             raise
         except ssl.SSLError as exc:
             raise KmsClientError(f"TLS with the KMS at {self.url} failed: {exc}") from exc
+
+    def _open_http(self, pinned: bytes) -> httpx.Client:
+        """The kept-alive pool for calls without a client certificate, pinned to `pinned` (re-made when the
+        pin changed: the KMS restarted with a new identity). Only unattested requests use it: nothing sent
+        on it is bound to a boot, so sharing it across boots mixes no identities."""
+        with self._open_lock:
+            if self._open is not None and self._open[0] == pinned:
+                return self._open[1]
+            # the pool of the old pin is dropped, not closed: a call of another thread may still be on it
+            # (its server is gone anyway); its connections close when it is collected
+            http = httpx.Client(
+                verify=self._ssl_context(None, pinned=pinned),
+                timeout=self._timeout,
+                trust_env=self._trust_env,
+                # the KMS closes an idle kept-alive connection after 5 s (teecloud._serve KMS_PUBLIC)
+                limits=httpx.Limits(max_connections=8, keepalive_expiry=4.0),
+            )
+            self._open = (pinned, http)
+        return http
+
+    def close(self) -> None:
+        """Close the kept-alive pool of unattested calls (bound boots close theirs at unbind_boot)."""
+        with self._open_lock:
+            stale, self._open = self._open, None
+        if stale is not None:
+            stale[1].close()
 
     def _exchange(
         self, http: httpx.Client, method: str, path: str, body: dict[str, Any] | None
@@ -628,6 +671,7 @@ class KmsClient:
                 session.http = httpx.Client(
                     verify=self._ssl_context(client_cert, pinned=pinned),
                     timeout=self._timeout,
+                    trust_env=self._trust_env,
                     # the KMS closes an idle kept-alive connection after 5 s (teecloud._serve KMS_PUBLIC)
                     limits=httpx.Limits(max_connections=4, keepalive_expiry=4.0),
                 )

@@ -63,7 +63,7 @@ from teecloud.keys import threshold_certs as tc
 from teecloud.keys import threshold_ecdh as tx
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.appkeys import AppKeys
-from teecloud.keys.certs import cert_to_pem
+from teecloud.keys.certs import cert_to_pem, key_to_pem
 from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import QuoteSource
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest
@@ -726,9 +726,7 @@ class ThresholdKeyProvider:
         app_pub = k256_public_key(th.app_k256_key(outputs[0]))
         ca_key_pem = ""
         if sign and self.group.ca_root_cert:
-            ca_key_pem = th.app_keys_from_outputs(
-                outputs[0], outputs[1], app_id, now=int(self._clock()), key_provider_info={}
-            ).ca_key_pem
+            ca_key_pem = key_to_pem(th.app_ca_key(outputs[0]))  # the key only: no certificate made for it
         k256_kept = (
             self._kept_app_key(app_id, app_pub, kept_key, faults) if sign and self.group.signing_key else None
         )
