@@ -558,8 +558,8 @@ GatewayPortOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--gateway-port",
-        help="PORT or PORT:pp (repeat): the app's port_policy (measured) routes only these ports through the "
-        "gateway; :pp sends PROXY protocol v2 to that port.",
+        help="PORT[:pp][:h2c] (repeat): the app's port_policy (measured) routes only these ports through the "
+        "gateway; :pp sends PROXY protocol v2 to that port; :h2c speaks HTTP/2 cleartext to it.",
     ),
 ]
 
