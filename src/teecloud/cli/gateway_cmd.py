@@ -47,6 +47,7 @@ from teecloud.cli._gateway_options import (
     AcmeEmailOpt,
     AcmeTsigKeyFileOpt,
     GatewayDnsOpt,
+    PassthroughPortOpt,
 )
 from teecloud.cli._peers import finality_depth_option
 
@@ -131,14 +132,7 @@ def up(
             "ClientHello reader, no hop; faster). Not with --gateway-dns.",
         ),
     ] = False,
-    passthrough_port: Annotated[
-        int,
-        typer.Option(
-            "--passthrough-port",
-            help="Serve `s` (passthrough) names and custom domains on this second public port (SNI routing); "
-            "the public port then terminates TLS itself (no hop; faster). 0: both on the public port.",
-        ),
-    ] = 0,
+    passthrough_port: PassthroughPortOpt = 0,
     require_vouch: Annotated[
         bool,
         typer.Option(
