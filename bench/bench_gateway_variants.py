@@ -12,6 +12,9 @@ rounds (docs/benchmarks.md, "Gateway — variants"): is there a configuration th
     no-hop      what teecloud.gateway.haproxy renders with DataPlaneLimits(passthrough=False) and no custom
                 domains: TLS terminated on the public port itself (no fe_sni, no hop)
     no-hop+cpu-map, no-hop+small-bufs, no-hop+reuse   those tunings on top of no-hop
+    two-ports   what teecloud.gateway.haproxy renders with DataPlaneLimits(passthrough_port=N): passthrough
+                on, `s` names and custom domains on a second port (fe_sni there), the public port
+                terminating TLS itself (no hop); measured on the public port
     no-hop+no-cache   and no TLS session cache (tune.ssl.cachesize 0; with tickets off as well, as in the
                 nginx baselines, which keep no session cache either: no resumption)
 
@@ -97,6 +100,7 @@ VARIANTS: dict[str, Callable[[str, str], str]] = {
         "    balance leastconn\n", "    balance leastconn\n    http-reuse always\n"
     ),
     "no-hop": lambda cfg, _port: cfg,  # rendered by the driver with passthrough=False (below)
+    "two-ports": lambda cfg, _port: cfg,  # rendered by the driver with passthrough_port (below)
     "no-hop+cpu-map": _global("    nbthread 2\n    cpu-map auto:1/1-2 0-1"),
     "no-hop+small-bufs": lambda cfg, port: VARIANTS["small-bufs"](cfg, port),
     "no-hop+reuse": lambda cfg, port: VARIANTS["reuse"](cfg, port),
@@ -281,6 +285,10 @@ class Haproxy:
         )
         cfg = cfg.replace(f"abns@{paths.terminate_socket}", hop)
         cfg = cfg.replace(f"bind 127.0.0.1:{driver.port}", f"bind 127.0.0.1:{port}")
+        if driver.limits.passthrough_port:  # its own passthrough port too
+            cfg = cfg.replace(
+                f"bind 127.0.0.1:{driver.limits.passthrough_port}", f"bind 127.0.0.1:{bg.free_port()}"
+            )
         cfg = VARIANTS[name](cfg, f"127.0.0.1:{port}")
         (self.dir / "haproxy.cfg").write_text(cfg)
         check = subprocess.run(["haproxy", "-c", "-f", str(self.dir / "haproxy.cfg")], capture_output=True)
@@ -387,8 +395,28 @@ def main() -> None:
         drivers.append(direct_driver)
         direct_driver.apply([Route(bg.APP, bg.INST, 8080, f"127.0.0.1:{b_port}")])
         no_hop_cfg = Path(direct_driver.paths.config).read_text()
+        # the same route with passthrough on a second port: the public port terminates, no hop
+        two_driver = HaproxyDriver(
+            tmp / "gw-two-ports",
+            base_domain=bg.BASE,
+            port=bg.free_port(),
+            cert=cert,
+            chain_pem=ca.cert_pem,
+            limits=DataPlaneLimits(
+                http_backends=8, tcp_backends=8, servers_per_backend=2, passthrough_port=bg.free_port()
+            ),
+        ).start()
+        drivers.append(two_driver)
+        two_driver.apply([Route(bg.APP, bg.INST, 8080, f"127.0.0.1:{b_port}")])
+        two_cfg = Path(two_driver.paths.config).read_text()
         for name in names:
-            src, drv = (no_hop_cfg, direct_driver) if name.startswith("no-hop") else (base_cfg, driver)
+            src, drv = (
+                (no_hop_cfg, direct_driver)
+                if name.startswith("no-hop")
+                else (two_cfg, two_driver)
+                if name.startswith("two-ports")
+                else (base_cfg, driver)
+            )
             haproxies[name] = Haproxy(tmp, name, src, drv, bg.free_port())
         targets: dict[str, tuple[int, int]] = {
             "direct": (d_port, direct.pid),

@@ -240,6 +240,7 @@ class LocalCloud:
         kms_nodes: int = 1,
         kms_threshold: int = 1,
         gateway_dns: str | None = None,
+        gateway_passthrough_port: int = 0,
         gpus: str = "none",
         gpu_roots: list[Path] | None = None,
         gpu_collateral: Path | None = None,
@@ -262,6 +263,9 @@ class LocalCloud:
         # "host:port" of the DNS server the gateway asks for custom domains' TXT records (None: no custom
         # domains); checked here so a typo fails before anything starts
         self.gateway_dns = _dns_server(gateway_dns) if gateway_dns else None
+        if not 0 <= gateway_passthrough_port <= 65535:
+            raise NodeError("--passthrough-port must be a port in 1..65535 (0: the public port)")
+        self.gateway_passthrough_port = gateway_passthrough_port  # `s` names on their own port (0: public)
         # --- gateway ACME: the base domain's wildcard by ACME DNS-01 (docs/gateway.md, "Certificates"); the
         # challenge DNS server (dnslib) listens at acme_dns, the address the CA resolves the names with; the
         # options are parsed as `teecloud gateway up` parses them (AcmeSettings.parse)
@@ -821,6 +825,7 @@ class LocalCloud:
         from teecloud.gateway.driver import find_haproxy
         from teecloud.gateway.errors import GatewayError
         from teecloud.gateway.local import NodeRegistrar
+        from teecloud.gateway.routing import DataPlaneLimits
         from teecloud.gateway.server import GatewayServer
         from teecloud.gateway.vouch import ChainNodes
         from teecloud.node.vouch import NodeVoucher
@@ -878,6 +883,7 @@ class LocalCloud:
             # routes only to addresses the launching node vouches for (NodeRegistry): docker CVMs' statements
             # come with the node's registrar, qemu guests get theirs posted (QemuBackendConfig.vouch)
             nodes=ChainNodes(chain),
+            limits=DataPlaneLimits(passthrough_port=self.gateway_passthrough_port),
             # the last start's ports: running guests register at the registration port their QEMU forwards
             public_port=claim_port(self.recorded_ports.get("gateway_public", 0), "gateway's public listener"),
             registration_port=claim_port(
@@ -930,6 +936,7 @@ class LocalCloud:
         self._stack.callback(registrar.stop)
         return {
             "public_port": gateway.public_port,
+            "passthrough_port": gateway.passthrough_port,
             "base_domain": gateway.base_domain,
             "ca_file": str(gateway.ca_file),
             "registration": gateway.registration_url,

@@ -3,6 +3,7 @@ validates the gateway's dev CA and sends the route name as SNI and Host (`*.loca
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -93,8 +94,9 @@ class Gateway:
             )
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Gateway]:
+@contextlib.contextmanager
+def driver_gateway(tmp_path: Path, limits: DataPlaneLimits, **kw: object) -> Iterator[Gateway]:
+    """HAProxy with the dev CA's wildcard, driven by HaproxyDriver(limits, **kw), until the block ends."""
     ca = DevCa(now=int(time.time()))
     cert = ca.issue_wildcard(BASE, now=int(time.time()))
     driver = HaproxyDriver(
@@ -103,7 +105,8 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
         port=free_port(),
         cert=cert,
         chain_pem=ca.cert_pem,
-        limits=DataPlaneLimits(http_backends=8, tcp_backends=8, servers_per_backend=2),
+        limits=limits,
+        **kw,  # type: ignore[arg-type]
     )
     ca_file = tmp_path / "ca.pem"
     ca_file.write_text(ca.cert_pem)
@@ -112,6 +115,14 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
         yield Gateway(driver, ca, ca_file)
     finally:
         driver.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    with driver_gateway(
+        tmp_path, DataPlaneLimits(http_backends=8, tcp_backends=8, servers_per_backend=2)
+    ) as gw:
+        yield gw
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ class TlsEchoBackend:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self._stop = False
+        self.accepted = 0  # connections that reached the app
         self._t = threading.Thread(target=self._serve, daemon=True)
 
     def _serve(self) -> None:
@@ -56,6 +57,7 @@ class TlsEchoBackend:
                 continue
             except OSError:
                 return
+            self.accepted += 1
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn: socket.socket) -> None:

@@ -16,6 +16,16 @@ __all__ = [
     "AcmeEmailOpt",
     "AcmeTsigKeyFileOpt",
     "GatewayDnsOpt",
+    "PassthroughPortOpt",
+]
+
+PassthroughPortOpt = Annotated[
+    int,
+    typer.Option(
+        "--passthrough-port",
+        help="The gateway serves `s` (passthrough) names and custom domains on this second public port (SNI "
+        "routing); its public port then terminates TLS itself (no hop; faster). 0: both on the public port.",
+    ),
 ]
 
 GatewayDnsOpt = Annotated[

@@ -26,6 +26,7 @@ from teecloud.cli._gateway_options import (
     AcmeEmailOpt,
     AcmeTsigKeyFileOpt,
     GatewayDnsOpt,
+    PassthroughPortOpt,
 )
 
 __all__ = ["register"]
@@ -58,6 +59,19 @@ PHASE_TEXT = {
     "attesting": "verifying the app's attestation",
     "failed": "failed",
 }
+
+
+def gateway_url_rows(gateway: dict[str, Any]) -> list[tuple[str, str]]:
+    """`teecloud up`'s gateway URLs: plain names, and `s` names + custom domains (their own port, or the
+    public one)."""
+    base, public = gateway["base_domain"], gateway["public_port"]
+    return [
+        ("gateway (HTTPS)", f"https://<app_id>-<port>.{base}:{public}/"),
+        (
+            "gateway passthrough (TLS to the app)",
+            f"https://<app_id>-<port>s.{base}:{gateway.get('passthrough_port') or public}/",
+        ),
+    ]
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -234,6 +248,7 @@ def up(
         ),
     ] = 0,
     gateway_dns: GatewayDnsOpt = None,
+    passthrough_port: PassthroughPortOpt = 0,
     gpu: Annotated[
         str,
         typer.Option(
@@ -371,6 +386,7 @@ def up(
             kms_nodes=kms_nodes,
             kms_threshold=kms_threshold,
             gateway_dns=gateway_dns,
+            gateway_passthrough_port=passthrough_port,
             gpus=gpu,
             gpu_roots=gpu_root or [],
             gpu_collateral=gpu_collateral,
@@ -414,10 +430,8 @@ def up(
     table.add_row("TEE", "tdx-simulated (dev root of this installation)")
     table.add_row("CVM backend", cloud.node.backend.describe() if cloud.node else backend)
     if ep.gateway:  # --- gateway
-        table.add_row(
-            "gateway (HTTPS)",
-            f"https://<app_id>-<port>.{ep.gateway['base_domain']}:{ep.gateway['public_port']}/",
-        )
+        for row in gateway_url_rows(ep.gateway):
+            table.add_row(*row)
         if ep.gateway.get("certificate") == "acme":
             table.add_row("gateway certificate", f"ACME ({ep.gateway['acme_directory']})")
         else:
@@ -558,8 +572,8 @@ GatewayPortOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--gateway-port",
-        help="PORT or PORT:pp (repeat): the app's port_policy (measured) routes only these ports through the "
-        "gateway; :pp sends PROXY protocol v2 to that port.",
+        help="PORT[:pp][:h2c] (repeat): the app's port_policy (measured) routes only these ports through the "
+        "gateway; :pp sends PROXY protocol v2 to that port; :h2c speaks HTTP/2 cleartext to it.",
     ),
 ]
 

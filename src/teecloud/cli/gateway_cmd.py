@@ -47,6 +47,7 @@ from teecloud.cli._gateway_options import (
     AcmeEmailOpt,
     AcmeTsigKeyFileOpt,
     GatewayDnsOpt,
+    PassthroughPortOpt,
 )
 from teecloud.cli._peers import finality_depth_option
 
@@ -131,6 +132,7 @@ def up(
             "ClientHello reader, no hop; faster). Not with --gateway-dns.",
         ),
     ] = False,
+    passthrough_port: PassthroughPortOpt = 0,
     require_vouch: Annotated[
         bool,
         typer.Option(
@@ -179,6 +181,10 @@ def up(
         _fail(str(exc), 1)
     if no_passthrough and dns is not None:
         _fail("--gateway-dns serves custom domains in passthrough: not with --no-passthrough", 2)
+    if passthrough_port and no_passthrough:
+        _fail("--passthrough-port serves `s` names: not with --no-passthrough", 2)
+    if not 0 <= passthrough_port <= 65535 or (passthrough_port and passthrough_port == port):
+        _fail("--passthrough-port must be a port in 1..65535 other than --port", 2)
     if finality_depth and not require_vouch:
         _fail("--finality-depth applies to NodeRegistry reads: it needs --require-vouch", 2)
     if kms_url is not None and not trust_dev_root:
@@ -208,6 +214,7 @@ def up(
                 dns=dns,
                 acme=acme,
                 passthrough=not no_passthrough,
+                passthrough_port=passthrough_port,
                 vouch_depth=finality_depth if require_vouch else None,
             )
         except Error as exc:
@@ -218,6 +225,8 @@ def up(
         table.add_row(
             "public (HTTPS)", f"https://<app_id>-<port>.{gateway.base_domain}:{gateway.public_port}/"
         )
+        if not no_passthrough:
+            table.add_row("passthrough (s names, custom domains)", gateway.passthrough_url)
         table.add_row("certificate", f"ACME ({acme.directory_url})" if acme else f"dev CA {gateway.ca_file}")
         table.add_row(
             "keys", "derived from the KMS (gateway app)" if gateway.keys else "born in this process"
@@ -248,6 +257,7 @@ def _start_gateway(
     dns: tuple[str, int] | None,
     acme: Any,
     passthrough: bool = True,
+    passthrough_port: int = 0,
     vouch_depth: int | None = None,
 ) -> Any:
     """The GatewayServer of `gateway up`, started; everything it started is stopped by `stack`. With
@@ -287,7 +297,7 @@ def _start_gateway(
         registration_port=ports[1],
         admin_port=ports[2],
         backend_networks=backend_networks,
-        limits=DataPlaneLimits(passthrough=passthrough),
+        limits=DataPlaneLimits(passthrough=passthrough, passthrough_port=passthrough_port),
         custom_domains=CustomDomains(DnslibResolver(*dns), base_domain=base_domain) if dns else None,
         acme=certs,
         tee=tee,

@@ -200,13 +200,13 @@ class AppOptions:
 
 
 def _port_policy(items: Sequence[str]) -> PortPolicy:
-    """`--gateway-port PORT[:pp]` items -> a restricting port policy (only these ports routed)."""
+    """`--gateway-port PORT[:pp][:h2c]` items -> a restricting port policy (only these ports routed)."""
     ports: list[dict[str, Any]] = []
     for item in items:
-        port, sep, flag = item.strip().partition(":")
-        if not port.isdigit() or len(port) > 5 or (sep and flag != "pp"):
-            raise InvalidOption(f"--gateway-port {item[:40]!r} is not PORT or PORT:pp")
-        ports.append({"port": int(port), "pp": flag == "pp"})
+        port, *flags = item.strip().split(":")
+        if not port.isdigit() or len(port) > 5 or len(set(flags)) != len(flags) or set(flags) - {"pp", "h2c"}:
+            raise InvalidOption(f"--gateway-port {item[:40]!r} is not PORT, PORT:pp, PORT:h2c or PORT:pp:h2c")
+        ports.append({"port": int(port), "pp": "pp" in flags, **({"h2c": True} if "h2c" in flags else {})})
     try:
         return parse_port_policy({"restrict_mode": True, "ports": ports})
     except BadPortPolicy as exc:

@@ -103,6 +103,7 @@ class RouteView(BaseModel):
     expires_in_s: int
     draining: bool = False
     proxy_protocol: bool = False  # PROXY v2 toward the CVM (its port_policy marks the port `pp`)
+    h2c: bool = False  # plain names speak HTTP/2 cleartext to the CVM (its port_policy marks the port `h2c`)
 
 
 class DrainRequest(BaseModel):
@@ -114,6 +115,7 @@ class DrainRequest(BaseModel):
 class GatewayStatus(BaseModel):
     base_domain: str
     public_port: int
+    passthrough_port: int = 0  # `s` names and custom domains on a port of their own (0: the public port)
     instances: int
     routes: int
     draining: list[str]

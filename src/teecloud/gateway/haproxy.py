@@ -17,6 +17,11 @@ public port itself: no ClientHello reader, no hop (one HAProxy session per conne
 TLS handshake is then bounded by `timeout client` (the ClientHello reader's 5 s `hello_timeout_s` is
 fe_sni's). The choice follows the configuration, never the routes: a change is a restart.
 
+With passthrough on and `DataPlaneLimits(passthrough_port=N)` (the second layout, no hop): fe_terminate binds
+the public port itself and fe_sni binds port N, where it serves `s` names and custom domains only; any other
+name there is closed after its ClientHello (nothing forwarded). On the public port an `s` name is an
+unknown name (421), a custom domain gets the TLS alert, as with passthrough off.
+
 Backends are pre-allocated slots (`bh<i>` HTTP, `bt<i>` TCP, each with `servers_per_backend` servers in
 maintenance) because HAProxy cannot add a backend without a reload; the runtime API (`set map`, `add map`,
 `del map`, `set server ... addr`, `set server ... state`) moves routes into them with no reload and no
@@ -48,6 +53,7 @@ __all__ = [
     "render_lua",
     "render_map",
     "runtime_commands",
+    "serves_sni",
 ]
 
 TerminateMode = Literal["http", "tcp"]
@@ -151,10 +157,16 @@ def render_map(entries: dict[str, str]) -> str:
     return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
 
 
-def needs_split(limits: DataPlaneLimits, custom_domains: CustomDomainHook | None) -> bool:
-    """Whether the public port needs the ClientHello reader and the hop: passthrough names or custom
-    domains (both are TLS the gateway must not terminate)."""
+def serves_sni(limits: DataPlaneLimits, custom_domains: CustomDomainHook | None) -> bool:
+    """Whether there is a ClientHello reader (fe_sni): passthrough names or custom domains (both are TLS the
+    gateway must not terminate)."""
     return limits.passthrough or custom_domains is not None
+
+
+def needs_split(limits: DataPlaneLimits, custom_domains: CustomDomainHook | None) -> bool:
+    """Whether the public port needs the ClientHello reader and the hop: it serves passthrough names or
+    custom domains itself (no separate `passthrough_port`)."""
+    return serves_sni(limits, custom_domains) and not limits.passthrough_port
 
 
 def render_config(
@@ -184,6 +196,10 @@ def render_config(
     if custom_domains is not None and not limits.passthrough:
         raise ValueError("custom domains are served in passthrough: they need passthrough")
     split = needs_split(limits, custom_domains)
+    # fe_sni: on the public port (the split, with the hop), on its own port (passthrough_port), or none
+    sni_port = (limits.passthrough_port or port) if serves_sni(limits, custom_domains) else 0
+    if sni_port and sni_port == port and not split:
+        raise ValueError("the passthrough port must differ from the public port")
     self_route = terminate_mode == "http" and bool(base_domain) and 0 < cert_keys_port < 65536
     if self_route and not all(c.isalnum() or c in ".-" for c in base_domain):
         raise ValueError("bad base domain")
@@ -218,7 +234,7 @@ def render_config(
     fe_sni = [
         "frontend fe_sni",
         "    mode tcp",
-        f"    bind {host}:{port}",
+        f"    bind {host}:{sni_port}",
         *(_log_lines(paths, _TCP_LOG) if access_log else []),
         f"    tcp-request inspect-delay {t.hello_timeout_s}s",
         *(
@@ -232,6 +248,16 @@ def render_config(
             if custom_domains
             else []
         ),
+        *(
+            # its own port: only passthrough names and custom domains; anything else is closed here
+            [
+                "    tcp-request content reject if { req.ssl_hello_type 1 } "
+                f"!{{ req.ssl_sni,lower,map({paths.tcp_map}) -m found }} "
+                "!{ var(txn.custom_backend) -m found }"
+            ]
+            if not split
+            else []
+        ),
         "    tcp-request content accept if { req.ssl_hello_type 1 }",
         "    tcp-request content reject",
         *(
@@ -241,10 +267,10 @@ def render_config(
         ),
         f"    use_backend %[req.ssl_sni,lower,map({paths.tcp_map})] "
         f"if {{ req.ssl_sni,lower,map({paths.tcp_map}) -m found }}",
-        "    default_backend be_terminate",
+        *(["    default_backend be_terminate"] if split else []),
         "",
     ]
-    lines += fe_sni if split else []
+    lines += fe_sni if sni_port else []
     lines += [
         "frontend fe_metrics",
         "    mode http",

@@ -138,6 +138,7 @@ def make_admin_app(
                 expires_in_s=max(0, int(reg.expires_at - now)),
                 draining=r.address.rpartition(":")[0].strip("[]") in draining,
                 proxy_protocol=r.proxy_protocol,
+                h2c=r.h2c,
             )
             for reg in service.registry.registrations()
             for r in reg.routes

@@ -8,6 +8,12 @@ dstack's field (`dstack-types` `AppCompose.port_policy`):
 `pp` asks for PROXY protocol v2 toward the CVM: the gateway's connections to that port start with the
 header carrying the client's address (teecloud.gateway.haproxy, `send-proxy-v2`).
 
+teecloud's one extension, per port: `"h2c": true` says the app serves HTTP/2 cleartext (prior knowledge)
+on that port, so the gateway speaks h2c to it for the port's plain (terminated) names too, not only for
+its `g` names. dstack's `PortAttrs` ignores fields it does not know (serde without deny_unknown_fields), so
+a policy with it still reads there; absent or false: HTTP/1.1 as before, and `to_json` writes no `h2c` key
+(a policy without it hashes as before).
+
 `port_policy_of(app_compose, compose_hash)` (1) parses the bytes (size- and depth-bounded,
 teecloud.appcompose.parse_app_compose), (2) recomputes sha256 of the normalized form and compares it with
 the compose hash from the attested certificate's boot_info — so the policy is a fact recomputed from
@@ -48,6 +54,7 @@ class ComposeHashMismatch(BadPortPolicy):
 class PortPolicy:
     restrict_mode: bool = False
     ports: tuple[tuple[int, bool], ...] = ()  # (port, pp), sorted
+    h2c: tuple[int, ...] = ()  # listed ports whose backend speaks h2c (teecloud's extension), sorted
 
     def allows(self, port: int) -> bool:
         return not self.restrict_mode or any(p == port for p, _pp in self.ports)
@@ -55,9 +62,13 @@ class PortPolicy:
     def wants_proxy_protocol(self, port: int) -> bool:
         return any(p == port and pp for p, pp in self.ports)
 
+    def wants_h2c(self, port: int) -> bool:
+        return port in self.h2c
+
     def to_json(self) -> dict[str, Any]:
-        """dstack's form, as written into app-compose.json."""
-        return {"restrict_mode": self.restrict_mode, "ports": [{"port": p, "pp": pp} for p, pp in self.ports]}
+        """dstack's form (with `h2c` only on the ports that have it), as written into app-compose.json."""
+        ports = [{"port": p, "pp": pp, **({"h2c": True} if p in self.h2c else {})} for p, pp in self.ports]
+        return {"restrict_mode": self.restrict_mode, "ports": ports}
 
 
 UNRESTRICTED = PortPolicy()
@@ -80,16 +91,25 @@ def parse_port_policy(raw: object) -> PortPolicy:
     if not isinstance(ports, list) or len(ports) > MAX_POLICY_PORTS:
         raise BadPortPolicy(f"port_policy.ports must be a list of at most {MAX_POLICY_PORTS}")
     out: dict[int, bool] = {}
+    h2c: set[int] = set()
+    shape = "each port_policy.ports entry must be {'port': <1..65535>, 'pp': <bool>, 'h2c': <bool>}"
     for item in ports:
-        if not isinstance(item, dict) or set(item) - {"port", "pp"}:
-            raise BadPortPolicy("each port_policy.ports entry must be {'port': <1..65535>, 'pp': <bool>}")
-        port, pp = item.get("port"), item.get("pp", False)
-        if type(port) is not int or not 1 <= port <= 65535 or not isinstance(pp, bool):
-            raise BadPortPolicy("each port_policy.ports entry must be {'port': <1..65535>, 'pp': <bool>}")
+        if not isinstance(item, dict) or set(item) - {"port", "pp", "h2c"}:
+            raise BadPortPolicy(shape)
+        port, pp, h2 = item.get("port"), item.get("pp", False), item.get("h2c", False)
+        if (
+            type(port) is not int
+            or not 1 <= port <= 65535
+            or not isinstance(pp, bool)
+            or not isinstance(h2, bool)
+        ):
+            raise BadPortPolicy(shape)
         if port in out:
             raise BadPortPolicy(f"port {port} is listed twice in port_policy.ports")
         out[port] = pp
-    return PortPolicy(restrict, tuple(sorted(out.items())))
+        if h2:
+            h2c.add(port)
+    return PortPolicy(restrict, tuple(sorted(out.items())), tuple(sorted(h2c)))
 
 
 def port_policy_of(app_compose: bytes, attested_compose_hash: bytes) -> PortPolicy:

@@ -2,9 +2,9 @@
 
 Names are dstack's: `<id>[-<port>][s].<base_domain>`, where `<id>` is an app_id (balanced over the app's
 registered instances) or an instance_id (pins one CVM), both 40 hex digits; `<port>` defaults to 80; no
-suffix = TLS terminated at the gateway (HTTP/1.1 and WebSocket to the CVM); `s` = TLS passthrough (the
-client's TLS reaches the app's own certificate); `g` = TLS terminated, then HTTP/2 cleartext (h2c, gRPC) to
-the CVM.
+suffix = TLS terminated at the gateway (HTTP/1.1 and WebSocket to the CVM; h2c when the app's port policy
+marks the port `h2c`); `s` = TLS passthrough (the client's TLS reaches the app's own certificate); `g` = TLS
+terminated, then HTTP/2 cleartext (h2c, gRPC) to the CVM.
 
     parse_host(name, base)            -> HostName        what a name asks for, or BadHostName
     route_hosts(route, base)          -> hosts           every name a route answers to
@@ -65,8 +65,15 @@ class DataPlaneLimits:
     max_conn_per_app: int = 1024
     max_connections: int = 4096
     passthrough: bool = True
+    # with passthrough: the second public port that serves `s` names and custom domains (SNI routing, TCP),
+    # while the main port terminates TLS itself with no hop; 0 = both on the main port (the hop)
+    passthrough_port: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.passthrough_port <= 65535:
+            raise GatewayUsageError("passthrough_port must be in 0..65535 (0: none)")
+        if self.passthrough_port and not self.passthrough:
+            raise GatewayUsageError("a passthrough port needs passthrough on")
         for name in ("grpc_backends", "pp_backends"):
             if not 0 <= getattr(self, name) <= 4096:
                 raise GatewayUsageError(f"{name} must be in 0..4096")
@@ -126,6 +133,7 @@ class Route:
     port: int
     address: str  # "ip:port" (IPv6 in brackets)
     proxy_protocol: bool = False  # the app's port_policy marks this port `pp`: PROXY v2 toward the CVM
+    h2c: bool = False  # the app's port_policy marks this port `h2c`: plain names speak h2c to the CVM too
 
     def __post_init__(self) -> None:
         if not (_ID.fullmatch(self.app_id) and _ID.fullmatch(self.instance_id)):
@@ -214,18 +222,24 @@ def plan(
 ) -> Plan:
     """The data plane for `routes`. A group keeps the backend it had in `previous`, an address its server
     slot, so that a change touches only what changed. A group whose port is `pp` (PROXY v2) takes its
-    backend from the pp pool; an app port whose instances disagree on `pp` (a rollout between two
-    app-compose versions) is balanced over the majority's instances (ties: no PROXY v2), each instance's
-    own name still reaching it correctly. Raises CapacityExceeded when the slots run out."""
+    backend from the pp pool. A group whose port is `h2c` gets no HTTP/1.1 backend: its plain names go to
+    its `g` backend (h2c toward the CVM; none when `grpc_backends` is 0: then those names are not routed).
+    An app port whose instances disagree on `pp` or `h2c` (a rollout between two app-compose versions) is
+    balanced over the most common kind's instances (ties: no PROXY v2, then no h2c), each instance's own
+    name still reaching it correctly. `g` slots go to h2c groups first; a group that is not h2c and finds
+    none free gets no `g` names (they are 421) rather than a refusal. Raises CapacityExceeded when any
+    other slots run out."""
     prev = previous or Plan()
-    members: dict[GroupKey, dict[str, bool]] = {}
+    members: dict[GroupKey, dict[str, tuple[bool, bool]]] = {}
     for r in routes:
-        members.setdefault(("app", r.app_id, r.port), {})[r.address] = r.proxy_protocol
-        members.setdefault(("instance", r.instance_id, r.port), {})[r.address] = r.proxy_protocol
-    chosen: dict[GroupKey, tuple[bool, list[str]]] = {}
+        attrs = (r.proxy_protocol, r.h2c)
+        members.setdefault(("app", r.app_id, r.port), {})[r.address] = attrs
+        members.setdefault(("instance", r.instance_id, r.port), {})[r.address] = attrs
+    chosen: dict[GroupKey, tuple[bool, bool, list[str]]] = {}
     for group, by_address in members.items():
-        pp = 2 * sum(by_address.values()) > len(by_address)
-        chosen[group] = (pp, sorted(a for a, v in by_address.items() if v == pp))
+        kinds = list(by_address.values())
+        pp, h2c = max(set(kinds), key=lambda k: (kinds.count(k), not k[0], not k[1]))
+        chosen[group] = (pp, h2c, sorted(a for a, v in by_address.items() if v == (pp, h2c)))
     out = Plan()
     modes: tuple[Mode, ...] = (
         "http",
@@ -234,13 +248,20 @@ def plan(
     )
     for mode in modes:
         pools = {pp: backend_names(mode, limits, proxy_protocol=pp) for pp in (False, True)}
-        kept = {g: prev.groups.get((mode, g)) for g in members}
+        # h2c groups have no HTTP/1.1 backend (their plain names go to the `g` one); `g` slots go to h2c
+        # groups first (they need one), then to the others as long as any is free
+        served = [g for g in sorted(members) if mode != "http" or not chosen[g][1]]
+        if mode == "grpc":
+            served.sort(key=lambda g: not chosen[g][1])
+        kept = {g: prev.groups.get((mode, g)) for g in served}
         used = {b for g, b in kept.items() if b is not None and b in pools[chosen[g][0]]}
         free = {pp: [b for b in names if b not in used] for pp, names in pools.items()}
-        for group in sorted(members):
-            pp, addresses = chosen[group]
+        for group in served:
+            pp, h2c, addresses = chosen[group]
             backend = kept[group]
             if backend is None or backend not in pools[pp]:
+                if not free[pp] and mode == "grpc" and not h2c:
+                    continue  # no `g` slot left: this group's `g` names are not routed (421)
                 if not free[pp]:
                     kind = f"{mode} PROXY v2 (pp)" if pp else mode
                     raise CapacityExceeded(f"all {len(pools[pp])} {kind} backends are in use")
@@ -250,6 +271,9 @@ def plan(
             _kind, ident, port = group
             for host in _names(ident, port, _SUFFIX[mode], base):
                 (out.tcp_map if mode == "tcp" else out.http_map)[host] = backend
+            if mode == "grpc" and h2c:  # the port's plain names: h2c too
+                for host in _names(ident, port, "", base):
+                    out.http_map[host] = backend
     # custom domains (resolved from TXT by the gateway): passthrough to the app port's backend, only while
     # that app has routes for that port; derived in the same plan, so a slot given to another group never
     # keeps a stale custom domain entry

@@ -122,6 +122,10 @@ class GatewayServer:
         self.base_domain = check_base_domain(base_domain)
         self.host = host
         self.public_port = public_port or free_port(host)
+        # `s` names and custom domains on a port of their own (the public port then has no hop); 0: none
+        self.passthrough_port = limits.passthrough_port
+        if self.passthrough_port == self.public_port:
+            raise GatewayUsageError("the passthrough port must differ from the public port")
         self.clock = clock
         now = int(clock())
         # with `keys` (teecloud.gateway.kmskeys: derived from the KMS's keys for the gateway app) the same CA
@@ -274,6 +278,11 @@ class GatewayServer:
         return f"https://{self.base_domain}:{self.public_port}{CERT_KEYS_PATH}"
 
     @property
+    def passthrough_url(self) -> str:
+        """Where `s` names and custom domains are served: the passthrough port, or the public port."""
+        return f"https://<app_id>-<port>s.{self.base_domain}:{self.passthrough_port or self.public_port}/"
+
+    @property
     def admin_url(self) -> str:
         return f"http://{self.host}:{self.admin_port}"
 
@@ -281,6 +290,7 @@ class GatewayServer:
         return api.GatewayStatus(
             base_domain=self.base_domain,
             public_port=self.public_port,
+            passthrough_port=self.passthrough_port,
             instances=len(self.registry.registrations()),
             routes=len(self.registry.routes(self.clock())),
             draining=self.registry.draining,
@@ -413,6 +423,8 @@ class GatewayServer:
         self.registration_port = reg.servers[0].sockets[0].getsockname()[1]
         self.admin_port = admin.servers[0].sockets[0].getsockname()[1]
         self.service.reserved_ports = {self.public_port, self.registration_port, self.admin_port}
+        if self.passthrough_port:
+            self.service.reserved_ports.add(self.passthrough_port)
         if self.hook is not None:
             self.service.reserved_ports.add(self.hook.port)
         self.service.reserved_ports.add(self.cert_keys_port)

@@ -164,7 +164,8 @@ class GatewayService:
                 if port in self.reserved_ports:
                     raise RegistrationRefused(f"port {port} is one of the gateway's own", step="request")
                 pp = policy.wants_proxy_protocol(ep.port)  # PROXY v2 toward the CVM on this port
-                routes.append(Route(app_id, instance_id, ep.port, format_address(host, port), pp))
+                h2c = policy.wants_h2c(ep.port)  # its plain names speak h2c to the CVM
+                routes.append(Route(app_id, instance_id, ep.port, format_address(host, port), pp, h2c))
             except GatewayUsageError as exc:
                 raise RegistrationRefused(str(exc), step="request") from exc
         previous = next((r for r in self.registry.registrations() if r.instance_id == instance_id), None)
