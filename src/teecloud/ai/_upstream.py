@@ -67,7 +67,7 @@ def _spki_sha256(writer: asyncio.StreamWriter) -> bytes | None:
 
 
 class _Connection:
-    __slots__ = ("h11", "idle_since", "reader", "spki_sha256", "writer")
+    __slots__ = ("broken", "h11", "idle_since", "reader", "spki_sha256", "writer")
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_header_bytes: int
@@ -77,6 +77,7 @@ class _Connection:
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
         self.spki_sha256: bytes | None = None
         self.idle_since = 0.0
+        self.broken: h11.ProtocolError | None = None  # raised once the bytes before it are handed out
 
     def reusable(self, now: float, idle_s: float) -> bool:
         return (
@@ -95,18 +96,13 @@ class UpstreamResponse:
     """An answer whose head is in; its body is read with `aiter_raw` or `aread`, once. `aclose` (the
     iterators call it at their end) keeps the connection only when the answer ended cleanly."""
 
-    def __init__(
-        self, client: UpstreamClient, conn: _Connection, head: h11.Response, first: list[bytes], ended: bool
-    ) -> None:
+    def __init__(self, client: UpstreamClient, conn: _Connection, head: h11.Response) -> None:
         self._client = client
         self._conn: _Connection | None = conn
         self.status_code = head.status_code
         self._headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
         self.spki_sha256 = conn.spki_sha256
-        self._ahead = b"".join(first)  # body bytes that came with the head
         self._ended = False
-        if ended:
-            self._finish()
 
     def _finish(self) -> None:
         self._ended = True
@@ -126,9 +122,6 @@ class UpstreamResponse:
         """The body as it arrives: every piece one read brought, joined (never an empty piece); raises
         UpstreamError when it breaks off before its end."""
         try:
-            if self._ahead:
-                piece, self._ahead = self._ahead, b""
-                yield piece
             while not self._ended:
                 conn = self._conn
                 if conn is None:
@@ -162,7 +155,15 @@ def _drain(conn: _Connection) -> tuple[list[bytes], bool]:
     """The body bytes h11 holds without another read, and whether the answer ended."""
     parts: list[bytes] = []
     while True:
-        event = conn.h11.next_event()
+        if conn.broken is not None:
+            raise conn.broken
+        try:
+            event = conn.h11.next_event()
+        except h11.ProtocolError as exc:
+            if not parts:
+                raise
+            conn.broken = exc  # the bytes before the fault go out first
+            return parts, False
         if isinstance(event, h11.Data):
             parts.append(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
@@ -288,8 +289,11 @@ class UpstreamClient:
                             raise UpstreamError("the upstream sent too many informational answers")
                         continue
                     if isinstance(event, h11.Response):
-                        first, ended = _drain(conn)
-                        return UpstreamResponse(self, conn, event, first, ended)
+                        # h11 bounds an incomplete head; one that arrived whole in a large read, here.
+                        size = len(event.reason) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                        if size > self.limits.max_header_bytes:
+                            raise UpstreamError("the upstream's answer head is oversized")
+                        return UpstreamResponse(self, conn, event)  # its body: read by aiter_raw
                     # h11.ConnectionClosed (or anything else) before the answer's head
                     raise UpstreamError("the upstream closed the connection without answering")
         except _StaleConnection:
@@ -305,13 +309,16 @@ class UpstreamClient:
             raise UpstreamError("the upstream did not answer in time") from exc
         except h11.ProtocolError as exc:
             conn.close()
+            if conn.reader.at_eof():
+                raise UpstreamError("the upstream closed the connection without answering") from exc
             raise UpstreamError(f"the upstream's answer is malformed HTTP: {exc}") from exc
         except BaseException:  # UpstreamError, cancelled: the connection's state is unknown
             conn.close()
             raise
 
     async def _read_body(self, conn: _Connection) -> tuple[list[bytes], bool]:
-        """The body bytes of the next read (and of any h11 holds), and whether the answer ended."""
+        """The body bytes h11 holds (those that came with the head, or with the last read), else those of
+        the next read; and whether the answer ended."""
         try:
             async with asyncio.timeout(self.limits.read_timeout_s):
                 while True:
