@@ -8,10 +8,10 @@ presenting another TLS key than the pinned one is refused."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import select
 import socket
 import ssl
 import threading
@@ -243,6 +243,11 @@ def test_a_repeated_header_is_refused_and_a_reused_connection_that_breaks_mid_an
 def test_urls_and_tls_contexts_are_checked() -> None:
     with pytest.raises(ValueError, match="OP_NO_RENEGOTIATION"):
         UpstreamClient("https://127.0.0.1:1", ssl_context=ssl.create_default_context())
+    default = UpstreamClient("https://127.0.0.1:1").ssl_context  # no context given: one that refuses it
+    assert default is not None and default.options & ssl.OP_NO_RENEGOTIATION
+    assert default.verify_mode == ssl.CERT_REQUIRED and default.check_hostname
+    with pytest.raises(ValueError, match="plain-HTTP"):
+        UpstreamClient("http://127.0.0.1:1", ssl_context=_client_tls())
     with pytest.raises(ValueError):
         UpstreamClient("http://127.0.0.1:1/prefix")
     with pytest.raises(ValueError):
@@ -434,22 +439,25 @@ def test_a_new_connection_with_another_tls_key_is_refused(setup: Setup, tmp_path
     front_port = int(setup.front.url.rsplit(":", 1)[1])
 
     def handle(n: int, raw: socket.socket) -> None:
+        # One thread per connection moves both directions (an SSL socket is not used from two threads).
         conn = (pinned_ctx if n == 1 else other_ctx).wrap_socket(raw, server_side=True)
-        with socket.create_connection(("127.0.0.1", front_port)) as front:
-
-            def upward() -> None:
-                with contextlib.suppress(OSError):
-                    while data := conn.recv(65536):
-                        front.sendall(data)
-
-            threading.Thread(target=upward, daemon=True).start()
+        with conn, socket.create_connection(("127.0.0.1", front_port)) as front:
             seen = b""
-            while data := front.recv(65536):
-                conn.sendall(data)
-                seen = (seen + data)[-16:]
-                if seen.endswith(b"0\r\n\r\n"):  # the streamed answer's last chunk: close this connection
-                    break
-        conn.close()
+            while True:
+                ready = [conn] if conn.pending() else select.select([conn, front], [], [], 30)[0]
+                if not ready:
+                    return
+                if conn in ready:
+                    if not (data := conn.recv(65536)):
+                        return
+                    front.sendall(data)
+                if front in ready:
+                    if not (data := front.recv(65536)):
+                        return
+                    conn.sendall(data)
+                    seen = (seen + data)[-16:]
+                    if seen.endswith(b"0\r\n\r\n"):  # the streamed answer's last chunk: close this one
+                        return
 
     relay = ThreadServer(handle)
     try:

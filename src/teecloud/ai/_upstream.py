@@ -191,7 +191,9 @@ class UpstreamClient:
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.authority = url.netloc.rsplit("@", 1)[-1]
         if url.scheme == "https":
-            ssl_context = ssl_context or ssl.create_default_context()
+            if ssl_context is None:
+                ssl_context = ssl.create_default_context()  # the system's roots, host name checked
+                ssl_context.options |= ssl.OP_NO_RENEGOTIATION
             if not ssl_context.options & ssl.OP_NO_RENEGOTIATION:
                 # The TLS key is read once per connection: a renegotiation must not be able to change it.
                 raise ValueError("the upstream's TLS context must set ssl.OP_NO_RENEGOTIATION")
