@@ -390,9 +390,7 @@ def _instrument(engine_url: str, front_url: str) -> None:
     its threads here). Names: who.what, who = client, proxy, front."""
     import functools
 
-    import httpx
-
-    from teecloud.ai import _http, e2ee, proxy, server
+    from teecloud.ai import _http, _upstream, e2ee, proxy, server
 
     def mark(name: str) -> None:
         _MARKS.append((name, time.perf_counter()))
@@ -453,29 +451,34 @@ def _instrument(engine_url: str, front_url: str) -> None:
     after(e2ee.ServerKey, "seal_stream_event", "front.first event sealed", once=True)
     after(e2ee.ClientSession, "open_stream_event", "proxy.first event opened", once=True)
     who_by_url = {engine_url: "front", front_url: "proxy"}
-    original_send = httpx.AsyncClient.send
+    # The answer paths' client (teecloud.ai._upstream, round 7); httpx stays for what is off those paths.
+    original_post = _upstream.UpstreamClient.post
 
-    async def send(self, request, **kw):  # type: ignore[no-untyped-def]
-        who = who_by_url.get(str(self.base_url).rstrip("/"), "other")
-        mark(f"{who}.upstream request sent")  # just before: the request leaves when the pool has a connection
-        resp = await original_send(self, request, **kw)
+    def who_of_client(client: _upstream.UpstreamClient) -> str:
+        scheme = "https" if client.ssl_context is not None else "http"
+        return who_by_url.get(f"{scheme}://{client.host}:{client.port}", "other")
+
+    async def post(self, *a, **kw):  # type: ignore[no-untyped-def]
+        who = who_of_client(self)
+        mark(f"{who}.upstream request sent")  # just before: a kept connection or a new one
+        resp = await original_post(self, *a, **kw)
         mark(f"{who}.upstream headers in")
+        resp._who = who
         return resp
 
-    httpx.AsyncClient.send = send  # type: ignore[method-assign]
-    original_raw = httpx.Response.aiter_raw
+    _upstream.UpstreamClient.post = post  # type: ignore[method-assign]
+    original_raw = _upstream.UpstreamResponse.aiter_raw
 
     async def aiter_raw(self, *a, **kw):  # type: ignore[no-untyped-def]
-        origin = f"{self.request.url.scheme}://{self.request.url.host}:{self.request.url.port}"
-        name = f"{who_by_url[origin]}.upstream first piece in" if origin in who_by_url else ""
+        who = getattr(self, "_who", "other")
         first = True
         async for piece in original_raw(self, *a, **kw):
-            if first and name:
-                mark(name)
+            if first:
+                mark(f"{who}.upstream first piece in")
             first = False
             yield piece
 
-    httpx.Response.aiter_raw = aiter_raw  # type: ignore[method-assign]
+    _upstream.UpstreamResponse.aiter_raw = aiter_raw  # type: ignore[method-assign]
 
 
 def spans(args: argparse.Namespace, home: Path, model: Path) -> None:

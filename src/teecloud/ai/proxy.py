@@ -57,6 +57,7 @@ from teecloud.ai._http import (
     peer_spki_sha256,
     read_body,
 )
+from teecloud.ai._upstream import UpstreamClient, UpstreamError, UpstreamLimits, UpstreamResponse
 from teecloud.ai.e2ee import ALG_K256, ALG_X25519, ClientSession, EphemeralSpare
 from teecloud.ai.errors import AiError, EnvelopeRejected, KeySetInvalid, UpstreamRejected
 from teecloud.ai.gpu import verify_gpu_evidence
@@ -261,8 +262,9 @@ class UpstreamVerifier:
         )
 
     @staticmethod
-    def check_pin(up: Upstream, resp: httpx.Response) -> None:
-        seen = peer_spki_sha256(resp)
+    def check_pin(up: Upstream, resp: httpx.Response | UpstreamResponse) -> None:
+        # The answer path's client reads a connection's key once, when it is made (renegotiation refused).
+        seen = resp.spki_sha256 if isinstance(resp, UpstreamResponse) else peer_spki_sha256(resp)
         if up.tls_pinned and seen != up.keyset.tls_spki_sha256:
             raise UpstreamRejected("the answer came over a TLS key other than the pinned one", step="tls_pin")
         if not up.tls_pinned and seen is not None:
@@ -394,7 +396,14 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
     tls = ssl.create_default_context()
     tls.check_hostname = False
     tls.verify_mode = ssl.CERT_NONE
+    tls.options |= ssl.OP_NO_RENEGOTIATION  # a connection's key, once checked, stays its key
     client = httpx.AsyncClient(base_url=upstream_url, timeout=httpx.Timeout(300.0, connect=10.0), verify=tls)
+    # The completion routes' own client (the first token's path): h11 over kept connections.
+    answers = UpstreamClient(
+        upstream_url,
+        ssl_context=tls if upstream_url.startswith("https:") else None,
+        limits=UpstreamLimits(connect_timeout_s=10.0, read_timeout_s=300.0),
+    )
     up_verifier = UpstreamVerifier(client, verifier, policy)
     app.state.upstream = up_verifier
     spare = EphemeralSpare()  # E2EE: the next request's ephemeral key, made ahead
@@ -475,22 +484,24 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             if since:
                 headers[SINCE_HEADER] = str(since)
         try:
-            resp = await client.send(
-                client.build_request("POST", route, content=sent, headers=headers), stream=True
-            )
-        except httpx.HTTPError as exc:
-            return refused(
-                UpstreamRejected(f"cannot reach the upstream: {type(exc).__name__}", step="forward")
-            )
-        rid = resp.headers.get("x-receipt-id")
+            resp = await answers.post(route, sent, headers)
+        except UpstreamError as exc:
+            return refused(UpstreamRejected(f"cannot reach the upstream: {exc}", step="forward"))
         try:
             up_verifier.check_pin(up, resp)
+            rid = resp.header("x-receipt-id")
+            inline_doc = resp.header(INLINE_HEADER)
         except UpstreamRejected as exc:
             await resp.aclose()
             return refused(exc)
-        if resp.status_code != 200:
-            body = (await resp.aread())[:65536]
+        except UpstreamError as exc:
             await resp.aclose()
+            return refused(UpstreamRejected(str(exc), step="forward"))
+        if resp.status_code != 200:
+            try:
+                body = await _read_limited(resp, 65536)
+            except UpstreamRejected as exc:
+                return refused(exc)
             if session is not None and resp.status_code < 500:
                 try:  # the engine's own 4xx comes back sealed; the front's refusals are plain
                     body = session.open_response(json.loads(body))
@@ -506,7 +517,7 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                 if fetching is not None:
                     up_verifier.verify_fetched_receipt(up, rid, await fetching, sent, received)
                 else:
-                    doc = _inline_header(resp.headers.get(INLINE_HEADER))
+                    doc = _inline_header(inline_doc)
                     up_verifier.verify_receipt_doc(up, rid, doc, since, sent, received)
                 answer = received if session is None else session.open_response(json.loads(received))
             except UpstreamRejected as exc:
@@ -619,7 +630,7 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
                     }
                 }
                 yield b"data: " + json.dumps(err).encode() + b"\n\n"
-            except httpx.HTTPError as exc:
+            except (UpstreamError, httpx.HTTPError) as exc:
                 err = {
                     "error": {
                         "message": f"the upstream stream broke: {type(exc).__name__}",
@@ -762,7 +773,7 @@ async def _cancel(task: asyncio.Task[Any] | None) -> None:
         task.exception()  # retrieved: a failure already reported through `await` is not logged again
 
 
-async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
+async def _read_limited(resp: UpstreamResponse, limit: int) -> bytes:
     parts, size = [], 0
     try:
         async for chunk in resp.aiter_raw():
@@ -770,10 +781,8 @@ async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
             if size > limit:
                 raise UpstreamRejected("the answer is oversized", step="forward")
             parts.append(chunk)
-    except httpx.HTTPError as exc:
-        raise UpstreamRejected(
-            f"the upstream answer broke off: {type(exc).__name__}", step="forward"
-        ) from exc
+    except UpstreamError as exc:
+        raise UpstreamRejected(f"the upstream answer broke off: {exc}", step="forward") from exc
     finally:
         await resp.aclose()
     return b"".join(parts)

@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from eth_utils.crypto import keccak
 from fastapi import FastAPI, Request
@@ -64,6 +63,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teecloud.ai._http import BodyTooLarge, CompletionRoutes, openai_error, read_body
+from teecloud.ai._upstream import UpstreamClient, UpstreamError, UpstreamLimits
 from teecloud.ai.e2ee import OpenedRequest, ServerKey, is_envelope, k256_e2ee_public_key
 from teecloud.ai.errors import EnvelopeRejected, MalformedInput
 from teecloud.ai.gpu import GpuEvidenceSource
@@ -206,10 +206,10 @@ class _Front:
         # connections), and the ids whose append failed (never served; the last 1024 kept).
         self.pending: dict[str, asyncio.Task[int]] = {}
         self.failed: OrderedDict[str, None] = OrderedDict()
-        self.client = httpx.AsyncClient(
-            base_url=config.engine_url,
-            timeout=httpx.Timeout(config.engine_timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=64),
+        # The engine's client on the answer path: h11 over kept connections (teecloud.ai._upstream).
+        self.engine = UpstreamClient(
+            config.engine_url,
+            limits=UpstreamLimits(connect_timeout_s=5.0, read_timeout_s=config.engine_timeout_s),
         )
 
     def now_ms(self) -> int:
@@ -455,27 +455,25 @@ def make_inference_app(
         rid = "rcpt-" + secrets.token_hex(12)
         headers = {"content-type": "application/json"}
         try:
-            if stream:
-                upstream = await front.client.send(
-                    front.client.build_request("POST", route, content=plaintext, headers=headers), stream=True
-                )
-            else:
-                upstream = await front.client.post(route, content=plaintext, headers=headers)
-        except httpx.HTTPError:
+            upstream = await front.engine.post(route, plaintext, headers)
+        except UpstreamError:
             return openai_error(503, "the model engine is unavailable; retry shortly", "engine_unavailable")
         if upstream.status_code >= 500:
             await upstream.aclose()
             return openai_error(503, "the model engine failed; retry shortly", "engine_unavailable")
+        if upstream.status_code != 200 or not stream:
+            try:
+                body = await upstream.aread(config.max_response_bytes)
+            except UpstreamError:
+                return openai_error(
+                    503, "the engine's answer broke off or is oversized", "engine_unavailable"
+                )
         if upstream.status_code != 200:
-            body = (await upstream.aread())[: config.max_response_bytes]
-            await upstream.aclose()
             if opened is not None:  # the engine's error may quote the prompt: sealed like an answer
                 body = json.dumps(front.e2ee.seal_response(opened, body)).encode()
             return Response(body, status_code=upstream.status_code, media_type="application/json")
         if not stream:
-            answer = upstream.content
-            if len(answer) > config.max_response_bytes:
-                return openai_error(503, "the engine's answer is oversized", "engine_unavailable")
+            answer = body
             out = answer if opened is None else json.dumps(front.e2ee.seal_response(opened, answer)).encode()
             signed = front.receipt(rid, raw, hashlib.sha256(out).digest(), False, opened is not None, started)
             headers = {"x-receipt-id": rid}
@@ -539,7 +537,7 @@ def make_inference_app(
                         closing = sealed(b"", True)
                     h.update(closing)
                     complete = True
-            except httpx.HTTPError:
+            except UpstreamError:
                 log.warning("the engine's stream broke off (receipt %s not issued)", rid)
             finally:
                 await upstream.aclose()
