@@ -22,4 +22,5 @@ echo "== import layers"; lint-imports --no-cache
 echo "== fuzz (brief)"; python3 fuzz/run.py --seconds "${FUZZ_SECONDS:-20}" > "${TMPDIR:-/tmp}/teecloud-fuzz.log" 2>&1 \
   || { tail -40 "${TMPDIR:-/tmp}/teecloud-fuzz.log"; exit 1; }
 tail -1 "${TMPDIR:-/tmp}/teecloud-fuzz.log"
-echo "== pytest"; TEECLOUD_E2E_REQUIRED=1 python3 -m pytest -q "$@"
+# --durations=40: every CI log names its slowest test phases (where the next minutes are)
+echo "== pytest"; TEECLOUD_E2E_REQUIRED=1 python3 -m pytest -q --durations=40 "$@"

@@ -91,9 +91,11 @@ def test_a_malformed_lock_file_is_one_error_line(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The image built twice from the same recipe (both builds assemble everything; the mmdebstrap rootfs tar
-    is shared through the cache): into the cache (so the VM tests of tests/node find it there), then into a
-    directory of its own."""
+    """The image built twice from the same recipe, both full assemblies (squashfs, verity, initramfs, wheels,
+    measurement files; only the mmdebstrap rootfs tar is shared, through the cache). The first, into the
+    cache, is the image every test here inspects and the one the VM tests of tests/node boot; the second,
+    into a directory of its own, exists to be compared byte for byte with it (the assembly is
+    reproducible)."""
     a = build_image(force=True)
     b = build_image(out=tmp_path_factory.mktemp("b") / "img", force=True)
     assert not a.cached and not b.cached

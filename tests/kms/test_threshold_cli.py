@@ -1,5 +1,5 @@
 """`teecloud kms threshold-init` (issue 19): the development key ceremony's CLI. Node processes, the
-networked DKG between processes and two of five killed: tests/e2e/test_threshold_up.py."""
+networked DKG between processes and two of five killed: tests/kms/test_threshold_net_up.py."""
 
 from __future__ import annotations
 

@@ -261,19 +261,13 @@ def test_a_qemu_cvm_boots_serves_and_keeps_its_data_encrypted(qcloud: Any, tmp_p
         log = b"".join(node.logs(iid, service=None, tail=5000, follow=False, public=False)).decode()
         assert "vm-agent: phase keys" in log and "vm-agent: app running" in log
         # (3b) the guest re-registers before its route expires (the registrar's period is a third of the TTL)
+        # and (3c) the node process restarts and the VM runs on: the old process's renewal ends with it; a new
+        # node (a new backend: no renewal of the old one's) re-attaches the VM and vouches for it afresh, the
+        # guest sends the new statement at its next round and the gateway keeps the route. Both are seen on
+        # the same registration round (each waited for a round of its own: 30 s more under TCG)
         reg = [x for x in qcloud.gateway.registry.registrations() if x.instance_id == iid]
         assert len(reg) == 1 and reg[0].app_id == r.app_id
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            again = [x for x in qcloud.gateway.registry.registrations() if x.instance_id == iid]
-            if again and again[0].expires_at > reg[0].expires_at + 1:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("the guest did not re-register with the gateway within 60 s")
-        # (3c) the node process restarts and the VM runs on: the old process's renewal ends with it; a new
-        # node (a new backend: no renewal of the old one's) re-attaches the VM and vouches for it afresh, the
-        # guest sends the new statement at its next round and the gateway keeps the route
+        reg_waited = time.monotonic()  # the re-registration is due within 60 s of here
         old_renewer = cvm.vouch_renewer
         old_renewer.stop()
         posted = old_renewer.posted
@@ -295,10 +289,23 @@ def test_a_qemu_cvm_boots_serves_and_keeps_its_data_encrypted(qcloud: Any, tmp_p
             renewer = adopted.vouch_renewer
             assert renewer is not None and renewer is not old_renewer and renewer.posted == 1
             assert node2.reattach() == []  # adopted once: no second renewal
+            reregistered: float | None = None  # seconds after reg_waited
             deadline = time.monotonic() + 90  # a registration round every 30 s
-            while (vouching.newest(iid) or 0) < restarted_at:
-                assert time.monotonic() < deadline, "the gateway took no statement from the new node"
+            while reregistered is None or (vouching.newest(iid) or 0) < restarted_at:
+                assert time.monotonic() < deadline, (
+                    "the guest did not re-register with the gateway"
+                    if reregistered is None
+                    else "the gateway took no statement from the new node"
+                )
+                if reregistered is None:
+                    again = [x for x in qcloud.gateway.registry.registrations() if x.instance_id == iid]
+                    if again and again[0].expires_at > reg[0].expires_at + 1:
+                        reregistered = time.monotonic() - reg_waited
                 time.sleep(1)
+            if reregistered > 60:
+                pytest.fail(
+                    f"the guest re-registered with the gateway only after {reregistered:.0f} s (> 60 s)"
+                )
             assert old_renewer.posted == posted
             kept = [x for x in qcloud.gateway.registry.registrations() if x.instance_id == iid]
             assert kept and kept[0].expires_at > time.time()

@@ -562,6 +562,10 @@ def _squashfs_verity(root: Path, out: Path, recipe: Recipe) -> tuple[str, str, i
             "-quiet",
             "-comp",
             "gzip",
+            # gzip level 6, not mksquashfs's default 9: a quarter of the CPU (this rootfs: 11 s vs 42 s user
+            # time, measured here) for a 0.7 % larger image; gzip's decompression speed does not depend on it
+            "-Xcompression-level",
+            "6",
             *_squash_time(sde),
         ],
         # the timestamps come from the options (mksquashfs refuses SOURCE_DATE_EPOCH beside them)
