@@ -8,16 +8,18 @@ to {} with a warning, never a traceback), and replaced atomically (a failed repl
 no temporary file). By the way (info): `{"version": true}` or `1.0` is read as version 1 (Python's
 `True == 1`); same meaning, no effect.
 
-FINDING R11-3 (strict xfail, low): `attach` (and `teecloud down`'s `power_off`, as root: SIGKILL) takes whatever process the VM's `qemu.pid` names as long as
-its command line CONTAINS the work directory, an agent `hostfwd` and the gateway `guestfwd` strings (any
+FINDING R11-3 (strict xfail, low): `attach` adopts whatever process the VM's `qemu.pid` names as long as its
+command line CONTAINS the work directory, an agent `hostfwd` and the gateway `guestfwd` strings (any
 process's argv, world-readable and chosen by whoever starts it) and the agent port it names answers `/info`
 `running` with the app's compose hash (public). A process of ANOTHER local user (here uid 65534, not QEMU)
 that a stale pid file names — a VM that died while `up` was down and whose pid was reused, or a pid file
 rewritten by a writer of the data directory — is adopted: the node reports the CVM running and does not
 boot it (the app stays down), and signs its node statement for the endpoints that process reports and
 posts it there (not usable at the gateway without the CVM's attested certificate).
-Minimal fix: at launch record QEMU's start time (/proc/PID/stat field 22) and executable beside the pid;
-adopt (and power off) only a process with the same start time, executable and the node's uid."""
+By reading: `teecloud down`'s `power_off` (as root: SIGKILL after the grace periods) trusts the same pid
+file and a command line naming the work directory alone. Minimal fix: at launch record QEMU's start time
+(/proc/PID/stat field 22) and executable beside the pid; adopt (and power off) only a process with the
+same start time, executable and the node's uid."""
 
 from __future__ import annotations
 
