@@ -6,7 +6,7 @@ raises for every member instead of counting that one member as down. `_ceremony_
 `_Withheld`, so the request ends in a 503; the next request asks the same member again.
 
 FINDING R11-1 (strict xfails below): member 5 answering every `deal` with 503 "retry shortly" (a liar:
-R7-3's and R8-1's attack through another answer), or member 5's HOST writing a junk
+R7-3's and R8-1's attack through another answer; or dealing, then answering `view` or `finish` so), or member 5's HOST writing a junk
 `1-<app>.sealed` file into its node's env directory for a new app (the host watches the chain for
 registrations; node 5 then answers `deal` with 503 `sealing`), blocks the app's first env key on every
 coordinator while four honest members (q = 4) are up. The same holds for the `held` poll: one member (or
@@ -83,14 +83,16 @@ def test_control_a_member_that_is_down_for_deal_does_not_block_the_key(
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="R11-1: a member's 503 fails the whole call")
-def test_one_member_answering_busy_to_every_deal_does_not_block_a_new_apps_env_key(
-    world: World, members_3of5: dict[int, Member]
+@pytest.mark.parametrize("stage", ["deal", "view", "finish"])
+def test_one_member_answering_busy_to_a_stage_does_not_block_a_new_apps_env_key(
+    world: World, members_3of5: dict[int, Member], stage: str
 ) -> None:
-    """The attacker's steps: member 5 answers every `deal` with 503 "retry shortly"; members 1..4 honest
-    and up. A client asks member 1 (then member 2) for a new app's env key, six times each."""
+    """The attacker's steps: member 5 answers every `deal` (or deals, then answers every `view`, or every
+    `finish`) with 503 "retry shortly"; members 1..4 honest and up. A client asks member 1 (then member 2)
+    for a new app's env key, six times each."""
     nodes = members_3of5
-    _busy_at(nodes[LIAR], {"deal"})
-    app_id = world.register(compose_hash(dict(HELLO, name="r11-busy-deal")))
+    _busy_at(nodes[LIAR], {stage})
+    app_id = world.register(compose_hash(dict(HELLO, name=f"r11-busy-{stage}")))
     key, last = _key_after_retries(nodes[1], app_id)
     if key is None:
         key, last = _key_after_retries(nodes[2], app_id)
