@@ -6,11 +6,12 @@ raises for every member instead of counting that one member as down. `_ceremony_
 `_Withheld`, so the request ends in a 503; the next request asks the same member again.
 
 FINDING R11-1 (strict xfails below): member 5 answering every `deal` with 503 "retry shortly" (a liar:
-R7-3's and R8-1's attack through another answer; or dealing, then answering `view` or `finish` so), or member 5's HOST writing a junk
-`1-<app>.sealed` file into its node's env directory for a new app (the host watches the chain for
-registrations; node 5 then answers `deal` with 503 `sealing`), blocks the app's first env key on every
-coordinator while four honest members (q = 4) are up. The same holds for the `held` poll: one member (or
-host) answering 503 stops every other member's recovery and settling of that app.
+R7-3's and R8-1's attack through another answer; or dealing, then answering `view` or `finish` so), or
+member 5's HOST writing a junk `1-<app>.sealed` file into its node's env directory for a new app (the host
+watches the chain for registrations; node 5 then answers `deal` with 503 `sealing`), blocks the app's
+first env key on every coordinator while four honest members (q = 4) are up. The same holds for the
+`held` poll: one member (or host) answering 503 stops every other member's recovery and settling of that
+app.
 
 Minimal fix: in `_each`, a member's busy answer fails that member (`failed[i]`, as a down member) except
 when it is this node's own; the quorum (a majority) still keeps two concurrent ceremonies of one app from

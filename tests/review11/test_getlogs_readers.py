@@ -193,3 +193,33 @@ def _generated(evm: EmbeddedChain) -> None:
         assert all(int(log["blockNumber"], 16) <= latest for log in got)
         if a > b and a <= latest:
             assert got == []
+
+
+_ODD: list[Any] = [
+    None, True, False, 0, -1, 1.5, 2**300, "", "0x", "0xg", "latest", "earliest", "pending", "0x" + "f" * 64,
+    "0x" + "f" * 65, "0X10", [], [None], [[]], {}, {"a": 1}, "0x" + "ab" * 20, "0x" + "AB" * 20,
+    ["0x" + "ab" * 20] * 3, "0x" + "11" * 32, ["0x" + "11" * 32, None], [["0x" + "11" * 32, None]],
+    [[["x"]]], "\u0663", "0x" + "ab" * 19 + "Ab", 10**40, "0x0",
+]  # fmt: skip
+
+
+def test_generated_malformed_filters_are_invalid_params_never_an_internal_error(tmp_path: Path) -> None:
+    """3000 filters of odd values under the five keys (and one unknown), or not an object: each answer is
+    a list or a JSON-RPC error -32602 (invalid params) / -32001 (unknown block), never another exception
+    (a 500 at the RPC server)."""
+    evm = EmbeddedChain(tmp_path / "chain")
+    try:
+        ec = EventChain(evm)
+        rng = random.Random(11)
+        ec.random_events(rng, 5, [rng.randbytes(32) for _ in range(3)])
+        keys = ["fromBlock", "toBlock", "address", "topics", "blockHash", "extra"]
+        for _ in range(3000):
+            flt: Any = {k: rng.choice(_ODD) for k in rng.sample(keys, rng.randint(0, 4))}
+            if rng.random() < 0.05:
+                flt = rng.choice(_ODD)
+            try:
+                assert isinstance(evm.request("eth_getLogs", [flt]), list)
+            except RpcError as exc:
+                assert exc.code in (-32602, -32001), (flt, exc.code, exc)
+    finally:
+        evm.close()
