@@ -6,6 +6,7 @@ time matches. An old record (a bare pid) is refused with a warning: the VM boots
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from teecloud._procid import ProcessIdentity, RecordError, process_identity, process_start_time
+from teecloud.node.errors import RuntimeFailed
 from teecloud.node.runtime import qemu
 from tests.node.test_qemu_reattach_ports import _app, _fake_up
 
@@ -237,3 +239,29 @@ def test_process_start_time_is_field_22_past_a_command_name_with_parentheses(tmp
     finally:
         _stop(proc)
     assert process_start_time(proc.pid) is None and process_identity(proc.pid) is None
+
+
+def test_without_pidfd_open_nothing_is_signalled_by_a_bare_pid(
+    tmp_path: Path, teecloud_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel without pidfd_open (ENOSYS): power_off and `down` fail with a named error and signal
+    nothing (never a bare-pid kill, never a traceback)."""
+    work = tmp_path / "vm"
+    proc = _stand_in(work)
+    up = _fake_up(teecloud_home, "up")
+    try:
+        assert qemu.record_vm(work, proc.pid)
+
+        def no_pidfd(pid: int, flags: int = 0) -> int:
+            raise OSError(errno.ENOSYS, "Function not implemented")
+
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+        with pytest.raises(RuntimeFailed, match="cannot hold QEMU pid"):
+            qemu.power_off(work, "the stand-in")
+        result = CliRunner().invoke(_app(), ["down"])
+        assert result.exit_code == 1 and "cannot hold" in " ".join(result.output.split()), result.output
+        time.sleep(0.2)
+        assert proc.poll() is None and up.poll() is None
+    finally:
+        _stop(proc)
+        _stop(up)

@@ -517,6 +517,8 @@ def down(
     except ProcessLookupError:
         out.print("the local cloud has just stopped")
         return
+    except OSError as exc:  # no pidfd_open (Linux < 5.3): never a signal by a bare pid
+        _fail(f"cannot hold the local cloud's process (pid {pid}): {exc.strerror or exc}")
     try:
         # and it must be the very `up` that wrote the record (its start time), not a later one (R11-3)
         if running.pid_start_time is None or process_start_time(pid) != running.pid_start_time:

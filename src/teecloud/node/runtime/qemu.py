@@ -658,6 +658,8 @@ def power_off(workdir: Path, what: str) -> bool:
         pidfd = os.pidfd_open(rec.pid)
     except ProcessLookupError:
         return False
+    except OSError as exc:  # no pidfd_open (Linux < 5.3): never a signal by a bare pid
+        raise RuntimeFailed(f"cannot hold QEMU pid {rec.pid} of {what}: {exc.strerror or exc}") from None
     try:
         if not rec.matches(os.geteuid()):  # the pid was reused between the check and the open
             return False
