@@ -76,6 +76,27 @@ def test_another_members_busy_answer_fails_that_member_only(tmp_path: Path, busy
     assert "member 5" in failed[5] and "busy" in failed[5]
 
 
+def test_generated_mixes_of_busy_down_and_answering_members(tmp_path: Path) -> None:
+    """300 draws of what members 2..5 answer a stage (an answer, a 503 of any kind, another error): the
+    call never raises for them; exactly the answering members answer, every other one is failed, named."""
+    rng = random.Random(1114)
+    kinds: list[Exception | None] = [
+        None,
+        KmsClientError("the node answered HTTP 503"),
+        KmsDenied("peer refused: too many env-key ceremonies open: retry shortly", step="retry"),
+        KmsDenied("peer refused: not admitted", step="membership"),
+        KmsClientError("connection refused"),
+    ]
+    for _ in range(300):
+        fails = {i: rng.choice(kinds) for i in range(2, 6)}
+        env = _env(tmp_path, {i: e for i, e in fails.items() if e is not None})
+        members = sorted(rng.sample(range(2, 6), rng.randint(1, 4)))
+        answers, failed = env._each(_body(rng.choice(["held", "view", "finish", "confirm"])), members)
+        assert sorted(answers) == [i for i in members if fails[i] is None]
+        assert sorted(failed) == [i for i in members if fails[i] is not None]
+        assert all(f"member {i}" in failed[i] for i in failed)
+
+
 def test_this_nodes_own_busy_state_still_ends_the_call(tmp_path: Path) -> None:
     """This node already deals in another ceremony of the app (another coordinator's): its own `deal` is
     busy, and that ends the call (the request is a 503 "retry shortly"), whatever the others answer."""
