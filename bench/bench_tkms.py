@@ -24,6 +24,10 @@ answers, one attested round).
     python bench/bench_tkms.py --processes [--releases 20]    # under flock /tmp/teecloud-e2e.lock
     python bench/bench_tkms.py --processes --py-spy DIR       # + py-spy profiles of the timed releases
 
+`--processes` and `--threads-http` also report CPU ms per release (kernel CPU-time clocks: per node process,
+the client's threads and the rest of this process; `--threads-http`: the whole process), the figure that
+holds on a shared, loaded machine (`_Cpu`). `--py-spy-on-cpu` drops py-spy's `--idle`.
+
 `--py-spy DIR` (needs py-spy on PATH) samples this process (client, single KMS, chain RPC server) and every
 node process, wall clock (--idle), while one case's releases run: DIR/<nodes>-<first|repeat>-<who>.txt,
 collapsed stacks. The profiler slows every process several-fold: read shares from it, not times.
@@ -515,13 +519,70 @@ class _Phases:
         return out
 
 
+class _Cpu:
+    """CPU seconds per release (user + system), the robust figure on a shared, loaded machine: wall time
+    there mostly measures the other engineers' work, CPU time the release's own. Read from the kernel's
+    CPU-time clocks (clock_getcpuclockid / pthread_getcpuclockid: nanoseconds, not /proc's 10 ms ticks):
+    each threshold node process whole; this bench process split into the client (the thread that calls
+    get_app_keys, and the provider's fan-out threads) and the rest of the process (the chain's RPC server,
+    LocalCloud's gateway threads, and in the single-node case the KMS listener that serves the release: its
+    GetAppKey work is counted there). A background keep hand-over of a first boot runs into the next
+    release's window (it is listed apart only in wall time); repeat boots have none."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.pids = pids
+        self.clocks: dict[str, int] = {}  # who -> the CPU-time clock of a separate process (a node)
+        for who, pid in pids.items():
+            clock = ctypes.c_int()
+            if libc.clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
+                raise SystemExit(f"cannot read the CPU clock of {who} (pid {pid})")
+            self.clocks[who] = clock.value
+        self.rows: list[dict[str, float]] = []
+        self._before: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        out = {who: time.clock_gettime(clock) for who, clock in self.clocks.items()}
+        client = 0.0
+        for thread in threading.enumerate():
+            if thread is threading.current_thread() or thread.name.startswith("kms-fan-out"):
+                if thread.ident is not None:
+                    client += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        out["client"] = client
+        out["bench process"] = time.process_time()
+        return out
+
+    def start(self) -> None:
+        self._before = self._now()
+
+    def stop(self) -> None:
+        after = self._now()
+        # a fan-out thread started inside the window counts from 0
+        row = {who: (after[who] - self._before.get(who, 0.0)) * 1000 for who in after}
+        row["chain RPC server, gateway, in-process KMS"] = row.pop("bench process") - row["client"]
+        row["all processes"] = sum(row.values())
+        self.rows.append(row)
+
+    def summary(self, case: str) -> list[tuple[str, float, float]]:
+        """CPU ms per release by process: median (p50 column) and mean (p99 column's place, marked)."""
+        out = []
+        for who in self.rows[0]:
+            xs = [r[who] for r in self.rows]
+            label = f"  CPU ms per release, {case}: {who} (p50; mean in the second column)"
+            out.append((label, statistics.median(xs), statistics.fmean(xs)))
+        return out
+
+
 class _Spy:
     """`--py-spy DIR`: py-spy (sampling, wall clock with --idle) attached to this process (the client, the
     single KMS's listener and the chain's RPC server) and to every threshold node process while one case's
     releases run; collapsed stacks to DIR/<case>-<who>.txt (bench/profile_tkms.py reads them)."""
 
-    def __init__(self, out: Path | None) -> None:
+    def __init__(self, out: Path | None, *, idle: bool = True) -> None:
         self.out = out
+        self.idle = idle  # False (`--py-spy-on-cpu`): only samples of threads on a CPU (where CPU time goes)
         self._procs: list[Any] = []
 
     def start(self, case: str, pids: dict[str, int]) -> None:
@@ -532,7 +593,8 @@ class _Spy:
         self.out.mkdir(parents=True, exist_ok=True)
         for who, pid in pids.items():
             dest = self.out / f"{case}-{who}.txt"
-            cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "500", "--format", "raw", "--idle"]
+            cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "500", "--format", "raw"]
+            cmd += ["--idle"] if self.idle else []
             self._procs.append(
                 subprocess.Popen(
                     [*cmd, "--output", str(dest), "--threads"],
@@ -553,7 +615,7 @@ class _Spy:
 
 
 def processes(
-    releases: int, phases: bool = True, spy_dir: Path | None = None
+    releases: int, phases: bool = True, spy_dir: Path | None = None, spy_idle: bool = True
 ) -> list[tuple[str, float, float]]:
     """Part 4: the release against LocalCloud's single KMS and against five threshold node processes, in
     the same run, first boots (a fresh app each) and repeat boots (the same app) separately; the threshold
@@ -569,6 +631,7 @@ def processes(
     compose = hashlib.sha256(b"bench tkms processes").digest()
     rows = []
     p50: dict[tuple[int, str], float] = {}
+    cpu_total: dict[tuple[int, str], float] = {}
     for label, nodes in (
         ("single KMS node (GetAppKey; listener in this process), LocalCloud", 1),
         ("threshold 3 of 5, nodes as separate processes, LocalCloud", 5),
@@ -582,6 +645,8 @@ def processes(
             provider = cloud.key_provider
             apps = [bytes.fromhex(cloud.chain.register_app(None, compose)[2:]) for _ in range(releases + 2)]
             timer = _Phases(provider) if nodes > 1 and phases else None
+            cpu = _Cpu({f"node{i}": p.pid for i, p in cloud.kms_processes.items()} if nodes > 1 else {})
+            cpu_nonce = _Cpu(cpu.pids)  # the boot challenge before each release (not timed)
 
             def release(
                 app_id: bytes,
@@ -589,6 +654,8 @@ def processes(
                 home: Path = home,
                 label: str = label,
                 timer: _Phases | None = timer,
+                cpu: _Cpu = cpu,
+                cpu_nonce: _Cpu = cpu_nonce,
             ) -> float:
                 tee = SimulatedTdx(home)
                 iid = os.urandom(20)
@@ -597,16 +664,22 @@ def processes(
                     ("app-id", app_id),
                     ("compose-hash", compose),
                     ("instance-id", iid),
-                    ("boot-nonce", provider.boot_nonce()),
+                    ("boot-nonce", b""),
                     ("boot-mr-done", b""),
                     ("os-image-hash", tee.os_image_hash),
                 ):
+                    if name == "boot-nonce":
+                        cpu_nonce.start()
+                        payload = provider.boot_nonce()
+                        cpu_nonce.stop()
                     tee.emit_event(name, payload)
                 if timer is not None:
                     timer.start()
+                cpu.start()
                 t0 = time.perf_counter()
                 keys = provider.get_app_keys(tee, app_id, iid)
                 took = (time.perf_counter() - t0) * 1000
+                cpu.stop()
                 if timer is not None:
                     timer.stop(took)
                 if len(keys.k256_signature) != 65:
@@ -619,7 +692,7 @@ def processes(
             release(apps[0])  # warm: server certificates verified once per client
             firsts: list[Callable[[], float]] = [functools.partial(release, a) for a in apps[2:]]
             repeats: list[Callable[[], float]] = [functools.partial(release, apps[0])] * releases
-            spy = _Spy(spy_dir)
+            spy = _Spy(spy_dir, idle=spy_idle)
             for case, boots in (
                 ("first boot (a fresh app each)", firsts),
                 ("repeat boot (the same app again)", repeats),
@@ -627,6 +700,8 @@ def processes(
                 if timer is not None:
                     timer.rows.clear()
                     timer.hand_overs.clear()
+                cpu.rows.clear()
+                cpu_nonce.rows.clear()
                 if nodes > 1:
                     provider.wait_for_hand_overs()  # the previous case's: not counted in this one
                 pids = {"client": os.getpid()} | {f"node{i}": p.pid for i, p in cloud.kms_processes.items()}
@@ -647,6 +722,9 @@ def processes(
                 )
                 if timer is not None:
                     rows += timer.summary()
+                rows += cpu.summary(case.split(" (")[0])
+                rows += [row for row in cpu_nonce.summary("its boot challenge before it") if "all" in row[0]]
+                cpu_total[nodes, case] = statistics.median(r["all processes"] for r in cpu.rows)
         finally:
             cloud.stop()
     for case in ("first boot (a fresh app each)", "repeat boot (the same app again)"):
@@ -654,6 +732,15 @@ def processes(
             (f"  {case}: threshold minus single (p50, ms)", p50[5, case] - p50[1, case], float("nan"))
         )
         rows.append((f"  {case}: ratio threshold / single (p50)", p50[5, case] / p50[1, case], float("nan")))
+        added = cpu_total[5, case] - cpu_total[1, case]
+        rows.append(
+            (
+                f"  {case}: CPU ms per release, threshold minus single (all processes, p50)",
+                added,
+                float("nan"),
+            )
+        )
+    rows.append(("load average (1 min) at the end", os.getloadavg()[0], float("nan")))
     return rows
 
 
@@ -748,13 +835,19 @@ def threads_http(releases: int) -> list[tuple[str, float, float]]:
             ("os-image-hash", boot.os_image_hash),
         ):
             boot.emit_event(name, payload)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         provider.get_app_keys(boot, app_id, iid)
-        return (time.perf_counter() - t0) * 1000
+        took = (time.perf_counter() - t0) * 1000
+        cpu[provider is threshold].append((time.process_time() - c0) * 1000)
+        return took
 
+    # CPU ms per release of this whole process (client, every KMS, the chain's RPC server): one interpreter
+    # holds them all here, so the process's CPU clock is the release's total CPU
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     try:
         release(one), release(threshold)  # warm: server certificates checked once per client
         got: dict[str, list[float]] = {"single": [], "threshold": []}
+        cpu[False].clear(), cpu[True].clear()
         for _ in range(releases):
             got["single"].append(release(one))
             got["threshold"].append(release(threshold))
@@ -771,6 +864,11 @@ def threads_http(releases: int) -> list[tuple[str, float, float]]:
         rows.append((label, statistics.median(xs), xs[min(len(xs) - 1, int(len(xs) * 0.99))]))
     rows.append(("  threshold minus single (p50, ms)", rows[1][1] - rows[0][1], float("nan")))
     rows.append(("  ratio threshold / single (p50)", rows[1][1] / rows[0][1], float("nan")))
+    single_cpu, threshold_cpu = statistics.median(cpu[False]), statistics.median(cpu[True])
+    rows.append(("  CPU ms per release, whole process (p50): single", single_cpu, float("nan")))
+    rows.append(("  CPU ms per release, whole process (p50): threshold", threshold_cpu, float("nan")))
+    rows.append(("  CPU ms per release: threshold minus single", threshold_cpu - single_cpu, float("nan")))
+    rows.append(("load average (1 min) at the end", os.getloadavg()[0], float("nan")))
     return rows
 
 
@@ -785,6 +883,7 @@ def main() -> None:
     ap.add_argument(
         "--py-spy", type=Path, default=None, metavar="DIR", help="with --processes: profiles to DIR"
     )
+    ap.add_argument("--py-spy-on-cpu", action="store_true", help="with --py-spy: on-CPU samples only")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tkms-") as tmp:
         os.environ["TEECLOUD_HOME"] = tmp
@@ -799,7 +898,9 @@ def main() -> None:
                 print(f"| {label} | {p50:.2f} | {tail} |", flush=True)
             return
         if args.processes:
-            for label, p50, p99 in processes(args.releases, spy_dir=args.py_spy):
+            for label, p50, p99 in processes(
+                args.releases, spy_dir=args.py_spy, spy_idle=not args.py_spy_on_cpu
+            ):
                 tail = "—" if p99 != p99 else f"{p99:.2f}"
                 print(f"| {label} | {p50:.2f} | {tail} |", flush=True)
             return

@@ -34,10 +34,13 @@ least t of them passing. The node, the gateway and the guests then use it as the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import secrets
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -1205,17 +1208,15 @@ class LocalCloud:
         return group
 
     def _networked_dkg(self, rpc_url: str) -> dict[int, dict[str, Any]]:
-        """Joint-Feldman among processes: N share-less dealer processes each open a round (admin API), then
-        the N node processes boot, fetch their sub-shares from every dealer over mutual RA-TLS with boot-time
-        evidence, seal their shares and serve; the dealers then stop. The group record (public
-        commitments) is written last."""
-        import secrets
-
+        """Joint-Feldman with GJKR's complaint phase among processes: N share-less dealer processes each
+        open a round (admin API; open_first_dkg), then the N node processes boot, each with its own plan
+        (its member token only), fetch their sub-shares from every dealer over mutual RA-TLS with boot-time
+        evidence, decide QUAL on the dealers' boards, seal their shares and serve; the dealers then stop.
+        The group record is the commitments the nodes ended with (first_dkg_group), written last."""
         import httpx
 
-        from teecloud.keys import threshold as th
         from teecloud.kms.launcher import load_admin_token
-        from teecloud.kms.threshold import GroupRecord, dealer_home, node_home, nodes_dir, write_group
+        from teecloud.kms.threshold import dealer_home, node_home, nodes_dir, write_group
 
         t, n = self.kms_threshold, self.kms_nodes
         dealers = {
@@ -1223,53 +1224,36 @@ class LocalCloud:
         }
         try:
             dealer_eps = self._wait_endpoints(dealers, lambda i: dealer_home(i, self.home))
-            session = secrets.token_bytes(16)
-            dealings = []
-            for i, ep in dealer_eps.items():
-                token = load_admin_token(dealer_home(i, self.home))
+
+            def admin_post(i: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
                 r = httpx.post(
-                    f"{ep['admin_url']}/dkg/open",
-                    headers={"authorization": f"Bearer {token}"},
-                    json={
-                        "session": session.hex(),
-                        "epoch": 1,
-                        "dealer": i,
-                        "dealers": list(dealers),
-                        "t": t,
-                        "n": n,
-                        "complaint_round": True,  # GJKR's: the n nodes below join together
-                    },
+                    f"{dealer_eps[i]['admin_url']}{path}",
+                    headers={"authorization": f"Bearer {load_admin_token(dealer_home(i, self.home))}"},
+                    json=body,
                     timeout=30,
                 )
                 if r.status_code != 200:
                     raise NodeError(f"KMS dealer {i} refused the DKG round: {r.text[:300]}")
-                commitments = tuple(bytes.fromhex(c) for c in r.json()["commitments"])
-                dealings.append(th.Dealing(i, commitments, {}))
-            plan = nodes_dir(self.home) / "dkg-plan.json"
-            atomic_write_json(
-                plan,
-                {
-                    "session": session.hex(),
-                    "epoch": 1,
-                    "t": t,
-                    "n": n,
-                    "complaint_round": True,
-                    "dealers": {
-                        str(i): {"url": ep["url"], "server_ca_pubkey": ep["server_ca_pubkey"]}
-                        for i, ep in dealer_eps.items()
-                    },
-                },
-                mode=0o644,
+                answer: dict[str, Any] = r.json()
+                return answer
+
+            plans = open_first_dkg(
+                dealer_eps, admin_post, t=t, n=n, plan_file_of=lambda j: node_home(j, self.home) / DKG_PLAN
             )
+            # the round without any token, for the record (who dealt, t, n)
+            public = {k: v for k, v in json.loads(plans[1].read_text()).items() if k != "member_tokens"}
+            atomic_write_json(nodes_dir(self.home) / DKG_PLAN, public, mode=0o644)
             for i in range(1, n + 1):
                 self.kms_processes[i] = self._spawn_kms(
-                    node_home(i, self.home), rpc_url, i, "--join-dkg", str(plan)
+                    node_home(i, self.home), rpc_url, i, "--join-dkg", str(plans[i])
                 )
             endpoints = self._wait_endpoints(self.kms_processes, lambda i: node_home(i, self.home))
         finally:
             for p in dealers.values():
                 _stop_process(p)
-        write_group(GroupRecord(1, t, n, th.sum_commitments(dealings)), self.home)
+            for j in range(1, n + 1):  # each held that member's token: no longer needed
+                (node_home(j, self.home) / DKG_PLAN).unlink(missing_ok=True)
+        write_group(first_dkg_group(endpoints, t=t, n=n), self.home)
         return endpoints
 
     def _spawn_kms(self, data_dir: Path, rpc_url: str, index: int, *extra: str) -> Any:
@@ -1330,6 +1314,85 @@ class LocalCloud:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+DKG_PLAN = "dkg-plan.json"  # in a node's data directory during `up`'s first DKG: its plan and token only
+
+
+def open_first_dkg(
+    dealer_eps: Mapping[int, Mapping[str, Any]],
+    admin_post: Callable[[int, str, dict[str, Any]], dict[str, Any]],
+    *,
+    t: int,
+    n: int,
+    plan_file_of: Callable[[int], Path],
+) -> dict[int, Path]:
+    """`teecloud up`'s first DKG (epoch 1, GJKR's complaint phase: the n nodes join together): open the
+    round on every dealer (`admin_post(i, "/dkg/open", body)`, its admin listener) with the sha256 of one
+    fresh token per member, and write member j's plan — the round, the dealers, and member j's token only —
+    to `plan_file_of(j)` (0600). A dealer hands share j's sub-share and board token only to the boot that
+    presents token j (as `kms rotate`'s rounds do): not to whichever allowed KMS boot asks first.
+    Returns j -> its plan file."""
+    session = secrets.token_bytes(16)
+    tokens = {j: secrets.token_bytes(32) for j in range(1, n + 1)}
+    for i in sorted(dealer_eps):
+        answer = admin_post(
+            i,
+            "/dkg/open",
+            {
+                "session": session.hex(),
+                "epoch": 1,
+                "dealer": i,
+                "dealers": sorted(dealer_eps),
+                "t": t,
+                "n": n,
+                "complaint_round": True,
+                "member_token_hashes": {str(j): hashlib.sha256(tok).hexdigest() for j, tok in tokens.items()},
+            },
+        )
+        if answer.get("dealer") != i:
+            raise NodeError(f"KMS dealer {i} answered the DKG opening as dealer {answer.get('dealer')!r}")
+    plan: dict[str, Any] = {
+        "session": session.hex(),
+        "epoch": 1,
+        "t": t,
+        "n": n,
+        "complaint_round": True,
+        "dealers": {
+            str(i): {"url": ep["url"], "server_ca_pubkey": ep["server_ca_pubkey"]}
+            for i, ep in sorted(dealer_eps.items())
+        },
+    }
+    files = {}
+    for j, tok in tokens.items():
+        files[j] = plan_file_of(j)
+        files[j].parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(files[j], {**plan, "member_tokens": {str(j): tok.hex()}}, mode=0o600)
+    return files
+
+
+def first_dkg_group(endpoints: Mapping[int, Mapping[str, Any]], *, t: int, n: int) -> Any:
+    """The group record of `up`'s first DKG: the commitments every one of the n nodes states it sealed for
+    epoch 1 (its endpoint file), which are the sums over QUAL (GJKR may have disqualified dealers: the sum
+    over every dealer's commitments would then not be the nodes' group). Nodes that disagree, or one that
+    states none, stop the start (NodeError)."""
+    from teecloud.kms.threshold import GroupRecord
+
+    stated: dict[int, tuple[bytes, ...]] = {}
+    for j in range(1, n + 1):
+        try:
+            stated[j] = tuple(bytes.fromhex(c) for c in endpoints[j]["commitments"]["1"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise NodeError(f"KMS node {j} states no epoch-1 commitments after the DKG ({exc!r})") from exc
+    if len(set(stated.values())) != 1:
+        raise NodeError(
+            "the KMS nodes ended the DKG with different group commitments: "
+            + "; ".join(f"node {j}: {c[0].hex()[:16] if c else '-'}…" for j, c in sorted(stated.items()))
+        )
+    commitments = stated[1]
+    if len(commitments) != t:
+        raise NodeError(f"the KMS nodes state {len(commitments)} commitments, not t = {t}")
+    return GroupRecord(1, t, n, commitments)
 
 
 DEPLOYMENT_NAMES = ("AppAuthBlueprint", "KmsAuth", "NodeRegistry", "KmsGroup")  # ChainClient.deploy's

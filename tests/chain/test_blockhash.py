@@ -270,6 +270,7 @@ def _mock_endpoint(answer_batch: Any) -> tuple[Any, list[Any]]:
 
     transport = HttpTransport("http://127.0.0.1:9")
     transport._http = httpx.Client(transport=httpx.MockTransport(handle))
+    transport._plain = None  # through the httpx client above, not the http.client fast path
     return ChainConnection(transport, chain_id=1), seen
 
 

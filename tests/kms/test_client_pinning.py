@@ -249,3 +249,42 @@ def _bounded() -> Iterator[None]:
     start = time.monotonic()
     yield
     assert time.monotonic() - start < 30
+
+
+def test_calls_without_a_client_certificate_share_one_kept_alive_connection(
+    teecloud_home: Path, kms: Kms, server: KmsServer, client_cred: tuple[str, str, str]
+) -> None:
+    """Boot challenges, metadata and the temporary CA go over one kept-alive pool pinned to the checked
+    server (one handshake for many calls, issue 19's CPU); a pin change re-makes it; a server swapped in
+    behind the URL still gets no request, and the client certificate never travels on that pool."""
+    check = ratls_server_check(
+        collateral_for=lambda quote, now: kms.tee.collateral(),
+        dev_root_der=kms.tee.dev_root_der(),
+        expected_ca_pubkey_der=kms.service.keys.ca_public_key_der,
+    )
+    client = KmsClient(server.url, server_check=check)
+    nonces = {client.boot_nonce() for _ in range(4)}
+    assert len(nonces) == 4 and client.meta(refresh=True).ca_pubkey
+    assert client._open is not None and client._open[0] == client._pinned
+    pool = client._open[1]._transport._pool  # type: ignore[attr-defined]
+    assert len(pool.connections) == 1  # one TLS connection for the five calls
+    first = client._open[1]
+
+    cert_pem, key_pem = _ratls_server_identity(teecloud_home, booted=False)
+    with RecordingTlsServer(cert_pem, key_pem, client_cred[2]) as evil:
+        client.url = evil.url
+        with pytest.raises(KmsClientError):
+            client.boot_nonce()
+        time.sleep(0.3)
+        assert evil.seen.handshakes >= 1 and evil.seen.requests == 0 and evil.seen.client_certs == []
+    client.url = server.url
+
+    from cryptography import x509
+
+    client._pinned = x509.load_pem_x509_certificate(cert_pem.encode()).public_bytes(
+        serialization.Encoding.DER
+    )  # a stale pin: the next call renews it and opens a new pool for the new pin
+    assert len(client.boot_nonce()) == len(next(iter(nonces)))
+    assert client._open is not None and client._open[1] is not first and client._open[0] == client._pinned
+    client.close()
+    assert client._open is None

@@ -1,9 +1,10 @@
 """A root rotation through the CLI between processes (issue 19): a 2-of-3 group from
-`teecloud up --kms-nodes 3`, three share-less dealer processes, `kms rotate`, each node restarted with
-`--join-dkg` (keeping epoch 1's share), `kms rotate-finish`. First a round whose dealer is killed mid-DKG:
-the restarted node serves epoch 1 alone, nothing is sealed or recorded for epoch 2, and rotate-finish
-refuses. Then the real rotation: an app that does not opt in keeps its keys, one that opts in gets new ones
-from the epoch the chain records."""
+`teecloud up --kms-nodes 3`, three share-less dealer processes, `kms rotate`, each node restarted twice
+with `--join-dkg` (keeping epoch 1's share; GJKR's rolling round: statements, then QUAL),
+`kms rotate-finish`. First a round whose dealer is killed mid-DKG: the restarted node serves epoch 1
+alone, nothing is sealed or recorded for epoch 2, and rotate-finish refuses. Then the real rotation: an
+app that does not opt in keeps its keys, one that opts in gets new ones from the epoch the chain
+records."""
 
 from __future__ import annotations
 
@@ -183,9 +184,17 @@ def test_rotation_between_processes_and_a_dealer_killed_mid_round(
         plan2 = tmp_path / "rotate-2.json"
         r = rotate(plan2)
         assert r.exit_code == 0, r.output
-        for j in (1, 2, 3):
+        for j in (1, 2, 3):  # the rolling round's first pass: each posts its statement, serves epoch 1
+            ep = restart_node(j, plan2)
+            assert list(ep["epochs"]) == ["1"] and ep["join_error"].startswith("RoundPending: "), ep
+            assert (node_home(j, home) / "kms" / "dkg-pending.sealed").exists()
+        r = finish(plan2)
+        assert r.exit_code != 0 and "not complete" in r.output and "statement posted" in r.output, r.output
+        assert chain.kms_group.group_key(2) is None
+        for j in (1, 2, 3):  # the second pass: QUAL decided, epoch 2 sealed beside epoch 1
             ep = restart_node(j, plan2)
             assert sorted(ep["epochs"]) == ["1", "2"] and not ep["join_error"], ep
+            assert not (node_home(j, home) / "kms" / "dkg-pending.sealed").exists()
         r = finish(plan2)
         assert r.exit_code == 0, r.output
         doc = json.loads(plan2.read_text())

@@ -10,8 +10,8 @@ R7-3's and R8-1's attack through another answer; or dealing, then answering `vie
 member 5's HOST writing a junk `1-<app>.sealed` file into its node's env directory for a new app (the host
 watches the chain for registrations; node 5 then answers `deal` with 503 `sealing`), blocks the app's
 first env key on every coordinator while four honest members (q = 4) are up. The same holds for the
-`held` poll: one member (or host) answering 503 stops every other member's recovery and settling of that
-app.
+`held` poll: one member answering 503, or its host corrupting its sealed share of an existing app, stops
+every other member's recovery and settling of that app.
 
 Minimal fix: in `_each`, a member's busy answer fails that member (`failed[i]`, as a down member) except
 when it is this node's own; the quorum (a majority) still keeps two concurrent ceremonies of one app from
@@ -119,14 +119,16 @@ def test_one_hosts_junk_file_for_a_new_app_does_not_block_its_env_key(
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="R11-1: a 503 to `held` fails every poll")
+@pytest.mark.parametrize("who", ["member", "host"])
 def test_one_member_answering_busy_to_held_does_not_stop_another_members_recovery(
-    world: World, members_3of5: dict[int, Member]
+    world: World, members_3of5: dict[int, Member], who: str
 ) -> None:
     """The app's sharing is made on all five; member 1 loses its share (a fresh disk); member 5 answers
-    every `held` poll with 503 "retry shortly". Members 2, 3, 4 (t = 3) hold the sharing confirmed, so
-    member 1 should recover its share at its next need (GetAppEnvEncryptPubKey, six tries)."""
+    every `held` poll with 503 "retry shortly" (`member`), or the host of node 5 overwrites node 5's sealed
+    share of the app with junk (`host`: node 5 answers 503 step `sealing`). Members 2, 3, 4 (t = 3) hold
+    the sharing confirmed, so member 1 should recover its share at its next need (six tries)."""
     nodes = members_3of5
-    app_id = world.register(compose_hash(dict(HELLO, name="r11-busy-held")))
+    app_id = world.register(compose_hash(dict(HELLO, name=f"r11-busy-held-{who}")))
     key, last = _key_after_retries(nodes[2], app_id)
     assert key is not None, last
     for i in range(1, 6):  # every member settles (a member not confirmed yet recovers on its need)
@@ -138,7 +140,13 @@ def test_one_member_answering_busy_to_held_does_not_stop_another_members_recover
     with store1._lock:
         store1._cache.clear()
     env_of(nodes[1])._answers.clear()
-    _busy_at(nodes[LIAR], {"held"})
+    if who == "member":
+        _busy_at(nodes[LIAR], {"held"})
+    else:
+        store5 = env_of(nodes[LIAR]).store
+        (store5.dir / f"1-{app_id.hex()}.sealed").write_bytes(b"\x00" * 64)
+        with store5._lock:
+            store5._cache.clear()  # as after a restart of node 5
     got, last = _key_after_retries(nodes[1], app_id)
     share = store1.get(1, app_id)
     assert got == key and share is not None, f"member 1 did not recover: {last}"

@@ -203,7 +203,7 @@ def up(
         if node_dir_opt is not None:
             node_dir = node_dir_opt
         if join_dkg is not None:
-            join = _round_joiner(join_dkg, "dkg", threshold_node, tee, dev, pccs_url, chain)
+            join = _round_joiner(join_dkg, "dkg", threshold_node, tee, dev, pccs_url, chain, home=node_dir)
         if join_reshare is not None:
             from teecloud.kms.threshold_carry import CarriedShares
 
@@ -266,30 +266,17 @@ def up(
         err.print(f"published KMS info to KmsAuth (quote hash {running.published})")
     if running.publish_error:
         err.print(f"[yellow]warning:[/] could not publish KMS info to KmsAuth: {running.publish_error}")
-    if running.join_error:
+    if running.join_error.startswith("RoundPending: "):
+        err.print(
+            f"[yellow]{running.join_error.removeprefix('RoundPending: ')}[/]; serving the epochs it holds"
+        )
+    elif running.join_error:
         err.print(
             f"[red]the round was not joined[/] ({running.join_error}); serving the epochs this node holds"
         )
-    evaluator = running.service.threshold
-    epochs = {str(e): k.hex() for e, k in evaluator.group_keys.items()} if evaluator is not None else {}
     server, keys, identity = running.server, running.keys, running.identity
     endpoint = _kms_dir(node_dir) / ENDPOINT_FILE
-    atomic_write_json(
-        endpoint,
-        {
-            "url": server.url,
-            "admin_url": server.admin_url,
-            "dev": dev,
-            "threshold_node": threshold_node,
-            "server_ca_pubkey": keys.ca_public_key_der.hex(),
-            "mr_aggregated": identity.mr_aggregated.hex(),
-            "device_id": bytes(tee.device_id).hex(),
-            # a threshold node's root epochs (epoch -> group key) and a rotation round it failed to join:
-            # what `kms rotate-finish` checks before it records an epoch's committee
-            "epochs": epochs,
-            "join_error": running.join_error,
-        },
-    )
+    atomic_write_json(endpoint, endpoint_doc(running, tee, dev=dev, threshold_node=threshold_node))
     if running.service.threshold is not None:
         ev = running.service.threshold
         out.print(
@@ -313,6 +300,28 @@ def up(
         endpoint.unlink(missing_ok=True)
 
 
+def endpoint_doc(running: Any, tee: Any, *, dev: bool, threshold_node: int) -> dict[str, Any]:
+    """What `kms up` writes to its endpoint file once it serves (a kms.launcher.RunningKms)."""
+    evaluator = running.service.threshold
+    held = evaluator.epochs if evaluator is not None else ()
+    shares = {e: evaluator.share_of(e) for e in held}
+    return {
+        "url": running.server.url,
+        "admin_url": running.server.admin_url,
+        "dev": dev,
+        "threshold_node": threshold_node,
+        "server_ca_pubkey": running.keys.ca_public_key_der.hex(),
+        "mr_aggregated": running.identity.mr_aggregated.hex(),
+        "device_id": bytes(tee.device_id).hex(),
+        # a threshold node's root epochs (epoch -> group key), their Feldman commitments (a DKG's are the
+        # sums over QUAL: what `teecloud up` records) and a rotation round it failed to join: what
+        # `kms rotate-finish` checks before it records an epoch's committee
+        "epochs": {str(e): s.group_public_key.hex() for e, s in shares.items() if s is not None},
+        "commitments": {str(e): [c.hex() for c in s.commitments] for e, s in shares.items() if s is not None},
+        "join_error": running.join_error,
+    }
+
+
 def _round_joiner(
     plan_file: Path,
     kind: str,
@@ -324,18 +333,30 @@ def _round_joiner(
     *,
     carried: Any = None,
     finality_depth: int = 0,
+    home: Path | None = None,
 ) -> Any:
     """The join step of `kms up --join-dkg / --join-reshare`: the plan names the round and its dealers (URL
     and server CA key each); each dealer is checked as a KMS (RA-TLS + KmsAuth.isKmsAllowed) before anything
     is sent. A reshare plan also states the commitments the new committee must end with. A reshare's join
     fills `carried` (a kms.threshold_carry.CarriedShares) with the other sharings the dealers carried, once
     their signing and CA keys are the ones KmsGroup records for the epoch `finality_depth` blocks deep; the
-    launcher seals them with the root share."""
+    launcher seals them with the root share. A rotation plan with a complaint phase is a *rolling* round
+    (its nodes restart one at a time): the first boot posts this member's statement and seals what the
+    second needs in `home` (the join then fails with RoundPending: the node serves its older epochs); the
+    next boot on the same plan decides QUAL and returns the share (kms.threshold_client.post_dkg_statement,
+    finish_dkg)."""
     from teecloud.kms.bootstrap import KMS_APP_ID
     from teecloud.kms.client import connect_kms
     from teecloud.kms.errors import KmsClientError, SealingError
     from teecloud.kms.threshold import DkgPlan, ResharePlan
-    from teecloud.kms.threshold_client import join_dkg, join_reshare
+    from teecloud.kms.threshold_client import (
+        PendingDkg,
+        RoundPending,
+        finish_dkg,
+        join_dkg,
+        join_reshare,
+        post_dkg_statement,
+    )
 
     try:
         doc = json.loads(plan_file.read_text())
@@ -352,8 +373,10 @@ def _round_joiner(
             )
             expected: tuple[bytes, ...] | None = None
             member_token: bytes | None = None
-            if doc.get("kind") == "rotate":  # `kms rotate`: the new group's commitments and a token each
+            rolling = doc.get("kind") == "rotate" and plan.complaint_round
+            if doc.get("kind") == "rotate" and not rolling:  # the new group's commitments (no one left out)
                 expected = tuple(bytes.fromhex(c) for c in doc["commitments"])
+            if doc.get("kind") == "rotate" or "member_tokens" in doc:  # `up`'s plans: this member's token
                 member_token = bytes.fromhex(doc["member_tokens"][str(index)])
         else:
             if doc.get("kind") != "reshare":
@@ -395,6 +418,29 @@ def _round_joiner(
                 "refusing to join"
             )
 
+    def rolling_join(plan: DkgPlan, tee_: Any, identity: Any, clients: dict[int, Any]) -> Any:
+        from teecloud.kms.threshold import erase_pending_round, load_pending_round, save_pending_round
+
+        held = load_pending_round(tee_, identity, home)
+        pending = PendingDkg.from_json_bytes(held) if held is not None else None
+        if pending is None or (pending.session, pending.index) != (plan.session, index):
+            # (first pass): this member's statement on every board, then serve the older epochs
+            pending = post_dkg_statement(
+                plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token
+            )
+            save_pending_round(pending.to_json_bytes(), tee_, identity, home)
+            raise RoundPending(
+                f"statement posted in rotation round {plan.session.hex()[:8]} (complaints against dealers "
+                f"{list(pending.complaints) or 'none'}); restart this node on the same plan once every "
+                "member has posted, to finish the round"
+            )
+        # (second pass): QUAL from every member's statement and the answers; the pending state goes either
+        # way (a failed round is re-run with `kms rotate`)
+        try:
+            return finish_dkg(plan, index, tee_, clients, pending, app_id=KMS_APP_ID)
+        finally:
+            erase_pending_round(home)
+
     def join(tee_: Any, _identity: Any) -> Any:
         check_against_chain()
         clients = {
@@ -407,7 +453,9 @@ def _round_joiner(
             )
             for i, d in dealers.items()
         }
-        if isinstance(plan, DkgPlan):
+        if isinstance(plan, DkgPlan) and rolling:
+            share = rolling_join(plan, tee_, _identity, clients)
+        elif isinstance(plan, DkgPlan):
             share = join_dkg(plan, index, tee_, clients, app_id=KMS_APP_ID, member_token=member_token)
         else:
             from teecloud.chain import ChainError
@@ -827,9 +875,12 @@ def rotate(
     ] = None,
 ) -> None:
     """Rotate the root: open a DKG round for a NEW root epoch (a new group key; the old epochs stay) on
-    running share-less dealers (admin listener, bearer token from each dealer's data dir). Each committee
-    node then restarts with `kms up --threshold-node J --join-dkg PLAN`, keeping its old epochs' shares;
-    `kms rotate-finish` records the epoch on chain. Only apps whose app-compose opts in change keys."""
+    running share-less dealers (admin listener, bearer token from each dealer's data dir), with GJKR's
+    complaint phase as a rolling round. Each committee node then restarts with `kms up --threshold-node J
+    --join-dkg PLAN` twice, one node at a time (first pass: its statement; second pass, after every node's
+    first: QUAL and its share), keeping its old epochs' shares and serving them throughout;
+    `kms rotate-finish` records the epoch on chain once every node holds the same group. Only apps whose
+    app-compose opts in change keys."""
     from teecloud.chain import ChainError
     from teecloud.kms.errors import KmsError
     from teecloud.kms.rotation import open_rotation, serving_groups
@@ -872,8 +923,10 @@ def rotate(
         f"{plan.commitments[0].hex()[:16]}…) open on dealers {dealers} for 10 minutes; plan in {out_file}"
     )
     out.print(
-        f"next: restart each node J with `teecloud kms up --threshold-node J --join-dkg {out_file}` (it "
-        f"keeps its older epochs), then `teecloud kms rotate-finish --plan {out_file}`"
+        f"next: restart each node J, one at a time, with `teecloud kms up --threshold-node J --join-dkg "
+        f"{out_file}` (it keeps serving its older epochs and posts its GJKR statement); once all {nodes} "
+        "have, restart each one again the same way (it decides QUAL and seals the new epoch); then "
+        f"`teecloud kms rotate-finish --plan {out_file}` — all within 10 minutes of this opening"
     )
 
 
@@ -897,7 +950,7 @@ def rotate_finish(
     from teecloud.chain import ChainError
     from teecloud.chain.kmsgroup import CommitteeMember
     from teecloud.kms.errors import KmsError
-    from teecloud.kms.rotation import RotationPlan, refresh_committees
+    from teecloud.kms.rotation import RotationPlan, refresh_committees, rotation_commitments
     from teecloud.kms.threshold import node_home
 
     try:
@@ -906,26 +959,29 @@ def rotate_finish(
         _fail(f"rotation plan {plan_file}: {exc}")
     except KmsError as exc:
         _fail(exc.diagnostics())
-    members, missing = [], []
+    missing: list[str] = []
     endpoints: dict[int, dict[str, Any]] = {}
     for j in range(1, plan.n + 1):
         home = (nodes_dir_opt / str(j)) if nodes_dir_opt is not None else node_home(j)
         ep_file = _kms_dir(home) / ENDPOINT_FILE
         try:
-            ep = json.loads(ep_file.read_text())
-            endpoints[j] = ep
-            key = ep.get("epochs", {}).get(str(plan.epoch))
-            if key != plan.commitments[0].hex():
-                why = ep.get("join_error") or "not restarted with --join-dkg on this plan"
-                missing.append(f"node {j}: does not serve epoch {plan.epoch} ({why})")
-                continue
-            members.append(
-                CommitteeMember(
-                    j, bytes.fromhex(ep["mr_aggregated"]), bytes.fromhex(ep["device_id"]), str(ep["url"])
-                )
-            )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            endpoints[j] = dict(json.loads(ep_file.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
             missing.append(f"node {j}: not serving ({ep_file}: {exc})")
+    # every node holds the epoch, all with the same commitments (a rolling round's: the sums over QUAL)
+    commitments, disagree = rotation_commitments(plan, endpoints)
+    missing += [m for m in disagree if not m.endswith(": not serving")]  # those are in `missing` already
+    members = []
+    if not missing:
+        for j, ep in sorted(endpoints.items()):
+            try:
+                members.append(
+                    CommitteeMember(
+                        j, bytes.fromhex(ep["mr_aggregated"]), bytes.fromhex(ep["device_id"]), str(ep["url"])
+                    )
+                )
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                missing.append(f"node {j}: its endpoint file is malformed ({exc!r})")
     if missing:
         _fail(
             f"the rotation to epoch {plan.epoch} is not complete; nothing was recorded and the old epochs "
@@ -936,7 +992,8 @@ def rotate_finish(
         kms_group = chain.kms_group
         if kms_group.group_key(plan.epoch) is not None:
             _fail(f"KmsGroup already records epoch {plan.epoch}")
-        cid = kms_group.record_committee(plan.epoch, plan.t, plan.commitments, members)
+        assert commitments is not None
+        cid = kms_group.record_committee(plan.epoch, plan.t, commitments, members)
         kms_group.activate(cid)
         _record_peer_keys(kms_group, cid)
         # the older epochs' committees: the same nodes, restarted (at new addresses when ports are dynamic)
@@ -945,6 +1002,8 @@ def rotate_finish(
         _fail(f"chain: {exc}")
     finally:
         chain.close()
+    if commitments != plan.commitments:
+        out.print("the round disqualified dealers (GJKR): the group is the sum over the qualified ones")
     out.print(
         f"root epoch {plan.epoch}: committee {cid} ({plan.t}-of-{plan.n}) recorded and serving; apps opt in "
         'with "kms_key_epoch" in their app-compose (docs/kms.md, "Rotation")'

@@ -48,6 +48,7 @@ __all__ = [
     "DkgOutcome",
     "Partial",
     "ThresholdError",
+    "app_ca_key",
     "app_contexts",
     "app_k256_key",
     "app_keys_from_outputs",
@@ -562,6 +563,12 @@ def app_k256_key(app_output: bytes) -> bytes:
     return k256
 
 
+def app_ca_key(app_output: bytes) -> ec.EllipticCurvePrivateKey:
+    """The app CA's P-256 key, from the combined app-level VOPRF output (as app_keys_from_outputs)."""
+    okm = derive_key(app_output, [b"app-ca"], 48)
+    return ec.derive_private_key(int.from_bytes(okm, "big") % (P256_ORDER - 1) + 1, ec.SECP256R1())
+
+
 def app_keys_from_outputs(
     app_output: bytes,
     instance_output: bytes,
@@ -586,22 +593,21 @@ def app_keys_from_outputs(
         raise KeyUsageError("VOPRF outputs are 64 bytes")
     if k256_signature and (len(k256_signature) != 65 or len(kms_k256_pubkey) != 33):
         raise KeyUsageError("a KMS k256 signature is 65 bytes and its key 33 bytes")
-    okm = derive_key(app_output, [b"app-ca"], 48)
-    ca_key = ec.derive_private_key(int.from_bytes(okm, "big") % (P256_ORDER - 1) + 1, ec.SECP256R1())
-    ca_cert = issue_cert(
-        ca_key.public_key(),
-        issuer_key=ca_key,
-        issuer_name=None,
-        subject_cn=f"teecloud app CA {app_id.hex()}"[:64],
-        not_before=now - 60,
-        not_after=now + 365 * 24 * 3600,
-        ca=True,
-    )
+    ca_key = app_ca_key(app_output)
     if ca_cert_pem:
-        signed = x509.load_pem_x509_certificate(ca_cert_pem.encode())
-        if signed.public_key() != ca_key.public_key():
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_pem.encode())
+        if ca_cert.public_key() != ca_key.public_key():
             raise KeyUsageError("the group-signed app CA certificate is for another key than this app's")
-        ca_cert = signed
+    else:
+        ca_cert = issue_cert(
+            ca_key.public_key(),
+            issuer_key=ca_key,
+            issuer_name=None,
+            subject_cn=f"teecloud app CA {app_id.hex()}"[:64],
+            not_before=now - 60,
+            not_after=now + 365 * 24 * 3600,
+            ca=True,
+        )
     k256 = app_k256_key(app_output)
     return AppKeys(
         ca_key_pem=key_to_pem(ca_key),

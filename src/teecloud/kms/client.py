@@ -73,6 +73,7 @@ from teecloud.keys.ratls import QuoteSource, make_ratls_cert
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, recover_k256
 from teecloud.kms import api
 from teecloud.kms.challenge import TOKEN_SIZE
+from teecloud.kms.deadline import deadline_transport, peer_certificate, read_within
 from teecloud.kms.errors import KmsClientError, KmsDenied
 from teecloud.peer import AuthChain, ChainGate, PeerPolicy, PeerRejected, PeerVerifier
 
@@ -352,6 +353,11 @@ def _cert_verification_error(exc: BaseException) -> ssl.SSLCertVerificationError
     return None
 
 
+def _proxy_in_env() -> bool:
+    """Whether any proxy variable is set (httpx then decides, with NO_PROXY, which requests it carries)."""
+    return any(name.lower().endswith("_proxy") for name in os.environ)
+
+
 def vm_config_json(tee: object) -> str:
     """The CVM's VmConfig as dstack sends it (teecloud.vmconfig.of)."""
     return vmconfig.of(tee)
@@ -377,6 +383,14 @@ def read_answer(resp: httpx.Response, content: bytes, model: type[_M], *, who: s
         raise KmsClientError(
             f"unexpected answer from {who}: {exc.errors(include_input=False, include_url=False)[:1]}"
         ) from exc
+
+
+def _server_der(resp: httpx.Response) -> bytes | None:
+    """The certificate (DER) the server presented on the connection that carried `resp`."""
+    stream = resp.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    der = ssl_object.getpeercert(True) if ssl_object is not None else None
+    return bytes(der) if der is not None else None
 
 
 class KmsClient:
@@ -415,6 +429,13 @@ class KmsClient:
         # bound boots (bind_boot): id(tee) -> that boot's credential and connection here
         self._boots: dict[int, _BootSession] = {}
         self._boots_lock = threading.Lock()
+        # calls without a client certificate (boot challenge, metadata, temporary CA): one kept-alive pool
+        # for the pinned server certificate, reused across boots (a handshake per call before)
+        self._open: tuple[bytes, httpx.Client] | None = None
+        self._open_lock = threading.Lock()
+        # httpx scans the whole environment for proxy variables at every Client(): done once here; with
+        # none set, the clients below skip the scan (trust_env=False), which then changes nothing else
+        self._trust_env = _proxy_in_env()
 
     # --- transport
 
@@ -438,11 +459,19 @@ class KmsClient:
             _load_cert_chain(ctx, chain_pem + key_pem)
         return ctx
 
-    def _probe_server_identity(self) -> bytes:
+    def _probe_server_identity(self, deadline: float | None = None) -> bytes:
         """(a): one TLS handshake without a client certificate and without a request; the server's
-        certificate, checked by server_check."""
+        certificate, checked by server_check. With a `deadline` the handshake ends by then."""
         url = httpx.URL(self.url)
         host, port = url.host, url.port or 443
+        if deadline is not None:
+            der = peer_certificate(
+                host, port, self._ssl_context(None, pinned=None), deadline=deadline, timeout=self._timeout
+            )
+            if der is None:
+                raise KmsClientError(f"the KMS at {self.url} did not finish a TLS handshake by the deadline")
+            self._server_check(der)
+            return der
         try:
             with (
                 socket.create_connection((host, port), timeout=self._timeout) as raw,
@@ -455,6 +484,16 @@ class KmsClient:
             raise KmsClientError("the KMS presented no TLS certificate")
         self._server_check(der)
         return der
+
+    def _pin_by(self, deadline: float | None, *, renew: bool = False) -> bytes:
+        """_pin, with a first (or renewed) identity probe that ends by `deadline` when one is given."""
+        if deadline is None:
+            return self._pin(renew=renew)
+        with self._pin_lock:
+            if self._pinned is None or renew:
+                self._pinned = None
+                self._pinned = self._probe_server_identity(deadline)
+        return self._pin()
 
     def _pin(self, *, renew: bool = False) -> bytes:
         with self._pin_lock:
@@ -471,15 +510,20 @@ class KmsClient:
         *,
         body: dict[str, Any] | None = None,
         client_cert: tuple[str, str] | None = None,
+        deadline: float | None = None,
     ) -> _M:
-        pinned = self._pin()
+        pinned = self._pin_by(deadline)
         try:
-            resp, content, server_der = self._request(method, path, body, client_cert, pinned)
+            resp, content, server_der = self._request(
+                method, path, body, client_cert, pinned, deadline=deadline
+            )
         except ssl.SSLCertVerificationError:
             # (c) the server is no longer the pinned one: check the new identity, then try once more
-            pinned = self._pin(renew=True)
+            pinned = self._pin_by(deadline, renew=True)
             try:
-                resp, content, server_der = self._request(method, path, body, client_cert, pinned)
+                resp, content, server_der = self._request(
+                    method, path, body, client_cert, pinned, deadline=deadline
+                )
             except ssl.SSLCertVerificationError as exc:
                 raise KmsClientError(
                     f"the KMS at {self.url} is not the server that was checked: {exc}"
@@ -497,17 +541,33 @@ class KmsClient:
         pinned: bytes,
         *,
         http: httpx.Client | None = None,
+        deadline: float | None = None,
     ) -> tuple[httpx.Response, bytes, bytes | None]:
         """One request over a context pinned to `pinned` (b): on `http` (a boot's kept-alive connection,
-        whose context is pinned and holds the boot's certificate) or on a connection of its own. Raises
-        ssl.SSLCertVerificationError when the server is not the pinned one (nothing was sent),
-        KmsClientError on other failures."""
+        whose context is pinned and holds the boot's certificate) or on a connection of its own; with a
+        `deadline` (a time.monotonic() instant) that connection's whole exchange ends by then and its answer
+        is read at most MAX_RESPONSE_BYTES (kms.deadline). Raises ssl.SSLCertVerificationError when the
+        server is not the pinned one (nothing was sent), KmsClientError on other failures."""
         try:
             if http is not None:
                 return self._exchange(http, method, path, body)
+            if client_cert is None and deadline is None:
+                return self._exchange(self._open_http(pinned), method, path, body)
             ctx = self._ssl_context(client_cert, pinned=pinned)
-            with httpx.Client(verify=ctx, timeout=self._timeout) as one:
+            if deadline is not None:
+                # a connection of its own whose whole exchange ends by the deadline (kms.deadline); direct,
+                # never through an environment proxy (whose transport would not be the deadline's)
+                transport = deadline_transport(ctx, deadline)
+                with httpx.Client(transport=transport, timeout=self._timeout, trust_env=False) as one:
+                    with one.stream(method, self.url + path, json=body) as resp:
+                        server_der = _server_der(resp)
+                        return resp, read_within(resp, MAX_RESPONSE_BYTES), server_der
+            with httpx.Client(verify=ctx, timeout=self._timeout, trust_env=self._trust_env) as one:
                 return self._exchange(one, method, path, body)
+        except httpx.TimeoutException as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise KmsClientError(f"the KMS at {self.url} did not answer by the call's deadline") from exc
+            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
         except httpx.ConnectError as exc:
             verify_failed = _cert_verification_error(exc)
             if verify_failed is not None:
@@ -520,14 +580,37 @@ class KmsClient:
         except ssl.SSLError as exc:
             raise KmsClientError(f"TLS with the KMS at {self.url} failed: {exc}") from exc
 
+    def _open_http(self, pinned: bytes) -> httpx.Client:
+        """The kept-alive pool for calls without a client certificate, pinned to `pinned` (re-made when the
+        pin changed: the KMS restarted with a new identity). Only unattested requests use it: nothing sent
+        on it is bound to a boot, so sharing it across boots mixes no identities."""
+        with self._open_lock:
+            if self._open is not None and self._open[0] == pinned:
+                return self._open[1]
+            # the pool of the old pin is dropped, not closed: a call of another thread may still be on it
+            # (its server is gone anyway); its connections close when it is collected
+            http = httpx.Client(
+                verify=self._ssl_context(None, pinned=pinned),
+                timeout=self._timeout,
+                trust_env=self._trust_env,
+                # the KMS closes an idle kept-alive connection after 5 s (teecloud._serve KMS_PUBLIC)
+                limits=httpx.Limits(max_connections=8, keepalive_expiry=4.0),
+            )
+            self._open = (pinned, http)
+        return http
+
+    def close(self) -> None:
+        """Close the kept-alive pool of unattested calls (bound boots close theirs at unbind_boot)."""
+        with self._open_lock:
+            stale, self._open = self._open, None
+        if stale is not None:
+            stale[1].close()
+
     def _exchange(
         self, http: httpx.Client, method: str, path: str, body: dict[str, Any] | None
     ) -> tuple[httpx.Response, bytes, bytes | None]:
         resp = http.request(method, self.url + path, json=body)
-        stream = resp.extensions.get("network_stream")
-        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-        server_der = ssl_object.getpeercert(True) if ssl_object is not None else None
-        return resp, resp.content, server_der
+        return resp, resp.content, _server_der(resp)
 
     # --- boots (one credential and one kept-alive connection per boot)
 
@@ -588,6 +671,7 @@ class KmsClient:
                 session.http = httpx.Client(
                     verify=self._ssl_context(client_cert, pinned=pinned),
                     timeout=self._timeout,
+                    trust_env=self._trust_env,
                     # the KMS closes an idle kept-alive connection after 5 s (teecloud._serve KMS_PUBLIC)
                     limits=httpx.Limits(max_connections=4, keepalive_expiry=4.0),
                 )
@@ -625,14 +709,18 @@ class KmsClient:
         body: dict[str, Any],
         usage: str,
         app_id: bytes | None,
+        deadline: float | None = None,
     ) -> _M:
         """Steps (2)-(4): an RA-TLS client certificate from `tee`, then one mutual-TLS call. For a bound
-        boot (bind_boot) the boot's credential and kept-alive connection; otherwise a fresh certificate and
-        a connection of this call's own."""
+        boot (bind_boot) the boot's credential and kept-alive connection (`deadline` refused: that
+        connection has per-read timeouts only); otherwise a fresh certificate and a connection of this
+        call's own, whose exchanges end by `deadline` (a time.monotonic() instant) when one is given."""
         session = self._boot_of(tee, usage, app_id)
         if session is not None:
+            if deadline is not None:
+                raise ValueError("a call with a deadline runs on a connection of its own, not a bound boot's")
             return self._boot_call(session, path, model, body)
-        temp_cert, temp_key = self._temp_ca_pair()
+        temp_cert, temp_key = self._temp_ca_pair(deadline)
         now = int(self._clock())
         key = ec.generate_private_key(ec.SECP256R1())
         cert = make_ratls_cert(
@@ -649,13 +737,17 @@ class KmsClient:
             client_auth=True,
         )
         chain_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-        return self._call("POST", path, model, body=body, client_cert=(key_to_pem(key), chain_pem))
+        return self._call(
+            "POST", path, model, body=body, client_cert=(key_to_pem(key), chain_pem), deadline=deadline
+        )
 
-    def _temp_ca_pair(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def _temp_ca_pair(
+        self, deadline: float | None = None
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         cached = self._temp_ca
         if cached is not None and 0 <= self._clock() - cached[0] < TEMP_CA_CACHE_S:
             return cached[1], cached[2]
-        temp = self._call("GET", api.PATH_GET_TEMP_CA_CERT, api.TempCaCertResponse)
+        temp = self._call("GET", api.PATH_GET_TEMP_CA_CERT, api.TempCaCertResponse, deadline=deadline)
         try:
             temp_cert = x509.load_pem_x509_certificate(temp.temp_ca_cert.encode())
             temp_key = serialization.load_pem_private_key(temp.temp_ca_key.encode(), password=None)

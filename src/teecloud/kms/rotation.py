@@ -7,7 +7,10 @@ Joint-Feldman DKG (not a reshare: a new group key), beside the old ones.
     evaluation_epoch        a node's rule: the epoch a request names must be one of those (step `epoch`)
     RotationPlan            one rotation round: dealers (share-less `kms up --dealer` processes), the new
                             epoch, t, n and the group commitments the dealings sum to
-    open_rotation           open that DKG round on the dealers' admin listeners (bearer token each)
+    open_rotation           open that DKG round on the dealers' admin listeners (bearer token each), with
+                            GJKR's complaint phase run as a rolling round (two boots per member)
+    rotation_commitments    the commitments every one of the round's n nodes states it holds for the
+                            epoch (the sums over QUAL), or why not: what `kms rotate-finish` records
     serving_groups          the committee KmsGroup activates for every epoch on chain
     refresh_committees      the same committees recorded again at their nodes' new addresses
 
@@ -39,6 +42,7 @@ __all__ = [
     "key_epochs",
     "open_rotation",
     "refresh_committees",
+    "rotation_commitments",
     "serving_groups",
 ]
 
@@ -127,6 +131,10 @@ class RotationPlan:
     dealers: Mapping[int, Mapping[str, str]]
     commitments: tuple[bytes, ...]
     member_tokens: Mapping[int, bytes]
+    # GJKR's complaint phase as a rolling round: each member posts its statement at one boot and decides
+    # QUAL at its next (kms.threshold_client.post_dkg_statement / finish_dkg); `commitments` is then the
+    # group when no dealer is disqualified, and the nodes' agreed commitments are what is recorded
+    complaint_round: bool = False
 
     def to_json(self) -> dict[str, Any]:
         # the DKG plan format `kms up --join-dkg` reads, plus the kind and the expected commitments
@@ -139,6 +147,7 @@ class RotationPlan:
             "dealers": {str(i): dict(d) for i, d in sorted(self.dealers.items())},
             "commitments": [c.hex() for c in self.commitments],
             "member_tokens": {str(j): tok.hex() for j, tok in sorted(self.member_tokens.items())},
+            "complaint_round": self.complaint_round,
         }
 
     @classmethod
@@ -157,6 +166,7 @@ class RotationPlan:
                 },
                 commitments=tuple(bytes.fromhex(c) for c in doc["commitments"]),
                 member_tokens={int(j): bytes.fromhex(tok) for j, tok in doc["member_tokens"].items()},
+                complaint_round=doc.get("complaint_round", False) is True,  # JSON true only
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KmsUsageError(f"rotation plan: {exc}") from exc
@@ -185,11 +195,14 @@ def open_rotation(
     admin_post: AdminPost,
     *,
     group_key_on_chain: Callable[[int], bytes | None],
+    complaint_round: bool = True,
 ) -> RotationPlan:
     """Open a DKG round for root epoch `epoch` on every dealer (dealer i's endpoint file `dealers[i]`; their
     admin listeners through `admin_post(i, path, body)`), each dealing a fresh random secret in its memory.
     Refused when the chain already records a group key for `epoch` (a rotation makes a new one; a reshare
-    keeps one) or `epoch` is not newer than every recorded epoch (rotation is forward only)."""
+    keeps one) or `epoch` is not newer than every recorded epoch (rotation is forward only). With
+    `complaint_round` (the default) the round runs GJKR's complaint phase as a rolling round: every node
+    restarts on the plan twice, one at a time (RotationPlan.complaint_round)."""
     if not 1 < epoch <= MAX_EPOCH:
         raise KmsUsageError("a rotation makes epoch 2 or later (the first DKG makes epoch 1)")
     if not 1 <= t <= n <= th.MAX_NODES or len(dealers) < t:
@@ -214,6 +227,7 @@ def open_rotation(
                 "t": t,
                 "n": n,
                 "member_token_hashes": hashes,
+                "complaint_round": complaint_round,
             },
         )
         try:
@@ -238,7 +252,45 @@ def open_rotation(
         },
         group,
         tokens,
+        complaint_round,
     )
+
+
+def rotation_commitments(
+    plan: RotationPlan, endpoints: Mapping[int, Mapping[str, Any]]
+) -> tuple[tuple[bytes, ...] | None, list[str]]:
+    """What `kms rotate-finish` records for the plan's epoch: the Feldman commitments every node 1..n
+    states in its endpoint file that it holds for the epoch, all the same (a rolling round's members decide
+    QUAL one by one: this is where their agreement is checked — a dealer that showed members different
+    answers leaves them with different commitments, and nothing is recorded). Without a complaint phase
+    they must also be the plan's. Returns (commitments, []) or (None, why each node does not count)."""
+    stated: dict[int, tuple[bytes, ...]] = {}
+    missing: list[str] = []
+    for j in range(1, plan.n + 1):
+        ep = endpoints.get(j)
+        if ep is None:
+            missing.append(f"node {j}: not serving")
+            continue
+        try:
+            stated[j] = tuple(bytes.fromhex(c) for c in ep["commitments"][str(plan.epoch)])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            why = ep.get("join_error") or "not restarted with --join-dkg on this plan"
+            missing.append(f"node {j}: does not serve epoch {plan.epoch} ({why})")
+    if missing:
+        return None, missing
+    groups = set(stated.values())
+    if len(groups) != 1:
+        return None, [
+            f"the nodes hold different groups for epoch {plan.epoch} (a dealer showed members different "
+            "answers, or a member decided on other boards): "
+            + "; ".join(f"node {j}: {c[0].hex()[:16] if c else '-'}…" for j, c in sorted(stated.items()))
+        ]
+    commitments = groups.pop()
+    if len(commitments) != plan.t:
+        return None, [f"the nodes state {len(commitments)} commitments, not t = {plan.t}"]
+    if not plan.complaint_round and commitments != plan.commitments:
+        return None, ["the nodes hold another group than the plan states"]
+    return commitments, []
 
 
 def serving_groups(kms_group: Any) -> dict[int, Any]:

@@ -74,6 +74,7 @@ SHARE_FILE = "threshold-share.sealed"  # the node's first share; a rotation's ep
 _EPOCH_SHARE_FILE = "threshold-share.epoch-{epoch}.sealed"
 _EPOCH_SHARE_GLOB = "threshold-share.epoch-*.sealed"
 GROUP_FILE = "group.json"
+PENDING_DKG_FILE = "dkg-pending.sealed"  # a rolling DKG round's member between its two boots
 _GROUP_FORMAT = "teecloud-kms-threshold-group-v1"
 _SHARE_FORMAT = "teecloud-kms-threshold-share-v1"
 
@@ -172,13 +173,39 @@ def save_share(
     return path
 
 
+def save_pending_round(
+    data: bytes, tee: TeePlatform, identity: KmsIdentity, home: Path | None = None
+) -> None:
+    """Seal a rolling DKG round's member state (kms.threshold_client.PendingDkg: sub-shares, board
+    tokens) into the node's directory, like a share; one round at a time (a newer round's replaces it)."""
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
+    atomic_write(kms_dir(home) / PENDING_DKG_FILE, seal(key, identity.mr_aggregated, data))
+
+
+def load_pending_round(tee: TeePlatform, identity: KmsIdentity, home: Path | None = None) -> bytes | None:
+    """The sealed pending round's state, None when there is none (SealingError when it does not unseal)."""
+    path = kms_dir(home) / PENDING_DKG_FILE
+    if not path.exists():
+        return None
+    key = sealing_key(platform_sealing_secret(tee), identity.mr_aggregated)
+    return unseal(key, identity.mr_aggregated, path.read_bytes())
+
+
+def erase_pending_round(home: Path | None = None) -> None:
+    (kms_dir(home) / PENDING_DKG_FILE).unlink(missing_ok=True)
+
+
 def erase_share(home: Path | None = None) -> bool:
     """Remove this node's sealed shares, of every epoch (after a reshare moved the key to a new committee).
     Each blob is sealed to this build's measurement; erasing them and the process's copy
     (KmsService.retire_share) leaves the node nothing to combine. Returns whether there was one."""
     files = _share_files(home)
     # everything a reshare carries goes with it: the group's signing and CA key shares, every env share
-    carried = [kms_dir(home) / SIGNING_SHARE_FILE, kms_dir(home) / CA_SHARE_FILE]
+    carried = [
+        kms_dir(home) / SIGNING_SHARE_FILE,
+        kms_dir(home) / CA_SHARE_FILE,
+        kms_dir(home) / PENDING_DKG_FILE,
+    ]
     carried += sorted((kms_dir(home) / ENV_DIR).glob("*.sealed"))
     for path in [*files, *carried]:
         path.unlink(missing_ok=True)

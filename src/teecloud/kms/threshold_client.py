@@ -39,10 +39,11 @@ key-release rule to every request (its evidence check is cached per certificate,
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,14 +63,14 @@ from teecloud.keys import threshold_certs as tc
 from teecloud.keys import threshold_ecdh as tx
 from teecloud.keys import threshold_ecdsa as te
 from teecloud.keys.appkeys import AppKeys
-from teecloud.keys.certs import cert_to_pem
+from teecloud.keys.certs import cert_to_pem, key_to_pem
 from teecloud.keys.errors import KeysError
 from teecloud.keys.ratls import QuoteSource
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest
 from teecloud.kms import api
 from teecloud.kms.challenge import MAX_TOKENS
 from teecloud.kms.client import BootCredential, ComposeBook, KmsClient, vm_config_json
-from teecloud.kms.errors import KmsClientError, SealingError
+from teecloud.kms.errors import KmsClientError, KmsUsageError, SealingError
 from teecloud.kms.rotation import KeyEpochs, key_epochs_of_text
 from teecloud.kms.threshold import GROUP_FILE, DkgPlan, GroupRecord, ResharePlan, ThresholdShare
 from teecloud.kms.threshold_carry import CarriedShares, RecordedKeys, carry_receive, check_carried_keys
@@ -77,13 +78,17 @@ from teecloud.kms.threshold_sign import app_key_signature_problem as _app_key_si
 
 __all__ = [
     "NO_PRESIGNATURES",
+    "PendingDkg",
+    "RoundPending",
     "ThresholdGroup",
     "ThresholdKeyProvider",
     "fetch_env_public_key",
+    "finish_dkg",
     "group_ca_record",
     "group_from_chain",
     "join_dkg",
     "join_reshare",
+    "post_dkg_statement",
     "recorded_keys",
 ]
 
@@ -721,9 +726,7 @@ class ThresholdKeyProvider:
         app_pub = k256_public_key(th.app_k256_key(outputs[0]))
         ca_key_pem = ""
         if sign and self.group.ca_root_cert:
-            ca_key_pem = th.app_keys_from_outputs(
-                outputs[0], outputs[1], app_id, now=int(self._clock()), key_provider_info={}
-            ).ca_key_pem
+            ca_key_pem = key_to_pem(th.app_ca_key(outputs[0]))  # the key only: no certificate made for it
         k256_kept = (
             self._kept_app_key(app_id, app_pub, kept_key, faults) if sign and self.group.signing_key else None
         )
@@ -1247,10 +1250,13 @@ def _collect(
     member_token: bytes | None = None,
     carried: dict[int, list[api.CarriedSubshare]] | None = None,
     board_tokens: dict[int, bytes] | None = None,
+    *,
+    deadline: float | None = None,
 ) -> list[th.Dealing]:
     """From every dealer of a round: its commitments and this node's sub-share (over mutual RA-TLS, with this
     node's boot-time evidence), and every page of the sharings it carries (`carried`). Any dealer failing
-    fails the round (named); nothing is returned before every page of every dealer is in."""
+    fails the round (named); nothing is returned before every page of every dealer is in. `deadline` (a
+    time.monotonic() instant): every call ends by then (kms.deadline), however slowly a dealer answers."""
     if set(dealers) != set(dealer_ids):
         raise KmsClientError("one client per dealer of the round")
 
@@ -1262,7 +1268,13 @@ def _collect(
             offset=offset,
         ).model_dump()
         resp = dealers[i].attested_call(
-            tee, api.PATH_RESHARE_DEAL, api.ReshareDealResponse, body=body, usage="kms:reshare", app_id=app_id
+            tee,
+            api.PATH_RESHARE_DEAL,
+            api.ReshareDealResponse,
+            body=body,
+            usage="kms:reshare",
+            app_id=app_id,
+            deadline=deadline,
         )
         if resp.dealer != i or resp.session != session.hex() or resp.offset != offset:
             raise KmsClientError(f"answered as dealer {resp.dealer} of another round (or another page)")
@@ -1402,16 +1414,23 @@ def _board_round(
     post: dict[str, Any],
     done: Callable[[api.DkgBoardResponse], bool],
     deadline: float,
-    clock: Callable[[], float],
 ) -> dict[int, api.DkgBoardResponse]:
     """Post `post` (a statement or a confirmation) to every dealer's board, then read each board until
-    `done(board)` or the deadline. A dealer whose board cannot be read, or that answers for another round
-    or as another dealer, fails the round (named): the members would otherwise decide on different views."""
+    `done(board)` or the deadline (a time.monotonic() instant), which also ends every call (kms.deadline:
+    a board that trickles its answer is cut off there). A dealer whose board cannot be read, or that answers
+    for another round or as another dealer, fails the round (named): the members would otherwise decide on
+    different views."""
 
     def call(i: int, extra: dict[str, Any]) -> api.DkgBoardResponse:
         body = {"session": plan.session.hex(), "index": index, "board_token": board_tokens[i].hex(), **extra}
         resp = dealers[i].attested_call(
-            tee, api.PATH_DKG_BOARD, api.DkgBoardResponse, body=body, usage="kms:reshare", app_id=app_id
+            tee,
+            api.PATH_DKG_BOARD,
+            api.DkgBoardResponse,
+            body=body,
+            usage="kms:reshare",
+            app_id=app_id,
+            deadline=deadline,
         )
         if resp.dealer != i or resp.session != plan.session.hex():
             raise KmsClientError(f"answered as dealer {resp.dealer} of another round")
@@ -1423,7 +1442,7 @@ def _board_round(
         try:
             board = call(i, post)
             while not done(board):
-                if clock() > deadline:
+                if time.monotonic() > deadline:
                     raise KmsClientError("its board was not complete in time (a member did not post)")
                 if failed.wait(_BOARD_POLL_S):
                     raise KmsClientError("not read to the end: another dealer's board failed")
@@ -1446,41 +1465,15 @@ def _board_round(
     return boards
 
 
-def _complaint_phase(
+def _decide(
     plan: DkgPlan,
     index: int,
-    tee: QuoteSource,
-    dealers: Mapping[int, KmsClient],
+    boards: Mapping[int, api.DkgBoardResponse],
     dealings: list[th.Dealing],
-    board_tokens: Mapping[int, bytes],
-    complaints: list[int],
-    *,
-    app_id: bytes,
-    timeout_s: float,
-    clock: Callable[[], float] = time.monotonic,
+    complaints: Sequence[int],
 ) -> th.DkgOutcome:
-    """GJKR's complaint phase (Gennaro, Jarecki, Krawczyk, Rabin, J. Cryptology 20(1) 2007, Fig. 2 steps
-    1(b)-(c), 2, 3), the dealers' boards standing in for the broadcast channel:
-      (1) post this member's statement (`complaints`, possibly none) to every dealer and wait until every
-          board holds all n members' statements, and the boards agree on them;
-      (2) read each accused dealer's answers (the sub-shares it reveals) from its own board;
-      (3) decide QUAL and the share (th.gjkr_qualify: the same decision at every member);
-      (4) post the digest of (round, QUAL, group commitments) to every board and wait for every member's:
-          all equal, or the round fails — a dealer that showed members different answers splits nobody."""
-    deadline = clock() + timeout_s
+    """Steps (1)-(3) of _complaint_phase on boards that hold every member's statement."""
     n = plan.n_new
-    boards = _board_round(
-        plan,
-        index,
-        tee,
-        dealers,
-        board_tokens,
-        app_id=app_id,
-        post={"complaints": complaints},
-        done=lambda b: len(b.complaints) == n,
-        deadline=deadline,
-        clock=clock,
-    )
     # (1): every board shows every member's statement, the same everywhere
     views = {i: {int(j): tuple(a) for j, a in b.complaints.items()} for i, b in boards.items()}
     statements = views[plan.dealers[0]]
@@ -1513,6 +1506,46 @@ def _complaint_phase(
             plan.session.hex()[:8],
             "; ".join(f"{i}: {why}" for i, why in sorted(outcome.disqualified.items())),
         )
+    return outcome
+
+
+def _complaint_phase(
+    plan: DkgPlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    dealings: list[th.Dealing],
+    board_tokens: Mapping[int, bytes],
+    complaints: list[int],
+    *,
+    app_id: bytes,
+    timeout_s: float,
+    deadline: float | None = None,
+) -> th.DkgOutcome:
+    """GJKR's complaint phase (Gennaro, Jarecki, Krawczyk, Rabin, J. Cryptology 20(1) 2007, Fig. 2 steps
+    1(b)-(c), 2, 3), the dealers' boards standing in for the broadcast channel:
+      (1) post this member's statement (`complaints`, possibly none) to every dealer and wait until every
+          board holds all n members' statements, and the boards agree on them;
+      (2) read each accused dealer's answers (the sub-shares it reveals) from its own board;
+      (3) decide QUAL and the share (th.gjkr_qualify: the same decision at every member);
+      (4) post the digest of (round, QUAL, group commitments) to every board and wait for every member's:
+          all equal, or the round fails — a dealer that showed members different answers splits nobody.
+    Every step ends by `deadline` (a time.monotonic() instant; default: `timeout_s` from now)."""
+    if deadline is None:
+        deadline = time.monotonic() + timeout_s
+    n = plan.n_new
+    boards = _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        board_tokens,
+        app_id=app_id,
+        post={"complaints": complaints},
+        done=lambda b: len(b.complaints) == n,
+        deadline=deadline,
+    )
+    outcome = _decide(plan, index, boards, dealings, complaints)
     # (4): every member confirms the same QUAL and group key
     digest = _dkg_digest(plan.session, outcome).hex()
     boards = _board_round(
@@ -1525,7 +1558,6 @@ def _complaint_phase(
         post={"confirm": digest},
         done=lambda b: len(b.confirms) == n,
         deadline=deadline,
-        clock=clock,
     )
     others = sorted(
         {int(j) for b in boards.values() for j, c in b.confirms.items() if c != digest}
@@ -1555,16 +1587,37 @@ def join_dkg(
     GJKR's (_complaint_phase): the share and the group commitments are the sums over QUAL, and the round
     fails, nothing made, only with fewer than t qualified dealers or boards that disagree. Without it a
     complaint fails the round. `member_token`: this member's token, for a round opened with member token
-    hashes (a rotation's)."""
+    hashes (a rotation's, `teecloud up`'s). The whole round, every call included, ends within `timeout_s`
+    (wall-clock: kms.deadline)."""
     tokens: dict[int, bytes] | None = {} if plan.complaint_round else None
+    deadline = time.monotonic() + timeout_s  # the whole ceremony, each call included (kms.deadline)
     dealings = _collect(
-        plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token, None, tokens
+        plan.session,
+        plan.dealers,
+        index,
+        tee,
+        dealers,
+        plan.t_new,
+        app_id,
+        member_token,
+        None,
+        tokens,
+        deadline=deadline,
     )
     try:
         total, complaints = th.joint_feldman(dealings, index, {d.dealer: d.shares[index] for d in dealings})
         if tokens is not None:
             outcome = _complaint_phase(
-                plan, index, tee, dealers, dealings, tokens, complaints, app_id=app_id, timeout_s=timeout_s
+                plan,
+                index,
+                tee,
+                dealers,
+                dealings,
+                tokens,
+                complaints,
+                app_id=app_id,
+                timeout_s=timeout_s,
+                deadline=deadline,
             )
             return ThresholdShare(
                 plan.epoch, index, plan.t_new, plan.n_new, outcome.share, outcome.commitments
@@ -1573,4 +1626,173 @@ def join_dkg(
             raise _complaint(complaints)
         return ThresholdShare(plan.epoch, index, plan.t_new, plan.n_new, total, th.sum_commitments(dealings))
     except (KeysError, SealingError) as exc:
+        raise KmsClientError(f"the DKG round failed: {exc}") from exc
+
+
+class RoundPending(KmsClientError):
+    """A rolling round's first pass is done at this member (its statement is on every board): it finishes
+    at its next boot, once every member has posted (post_dkg_statement / finish_dkg)."""
+
+
+_PENDING_FORMAT = "teecloud-dkg-pending-v1"
+
+
+@dataclass(frozen=True)
+class PendingDkg:
+    """A member of a rolling DKG round (`kms rotate`: its nodes restart one at a time) between its two
+    boots: the round, every dealer's commitments and this member's sub-share from it, the board tokens and
+    the statement it posted. Secret (the sub-shares, the tokens): the launcher keeps it sealed like a
+    share."""
+
+    session: bytes
+    epoch: int
+    index: int
+    dealings: tuple[th.Dealing, ...]
+    board_tokens: Mapping[int, bytes]
+    complaints: tuple[int, ...]
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "format": _PENDING_FORMAT,
+                "session": self.session.hex(),
+                "epoch": self.epoch,
+                "index": self.index,
+                "dealings": {
+                    str(d.dealer): {
+                        "commitments": [c.hex() for c in d.commitments],
+                        "subshare": d.shares[self.index].to_bytes(32, "little").hex(),
+                    }
+                    for d in self.dealings
+                },
+                "board_tokens": {str(i): t.hex() for i, t in sorted(self.board_tokens.items())},
+                "complaints": list(self.complaints),
+            }
+        ).encode()
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes) -> PendingDkg:
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != _PENDING_FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}")
+            index = int(doc["index"])
+            return cls(
+                bytes.fromhex(doc["session"]),
+                int(doc["epoch"]),
+                index,
+                tuple(
+                    th.Dealing(
+                        int(i),
+                        tuple(bytes.fromhex(c) for c in d["commitments"]),
+                        {index: int.from_bytes(bytes.fromhex(d["subshare"]), "little")},
+                    )
+                    for i, d in doc["dealings"].items()
+                ),
+                {int(i): bytes.fromhex(t) for i, t in doc["board_tokens"].items()},
+                tuple(int(j) for j in doc["complaints"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SealingError(f"a pending DKG round's state is malformed: {exc}") from exc
+
+
+def post_dkg_statement(
+    plan: DkgPlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    *,
+    app_id: bytes,
+    member_token: bytes | None = None,
+    timeout_s: float = DKG_BOARD_TIMEOUT_S,
+) -> PendingDkg:
+    """A rolling round's first pass at member `index`'s boot (GJKR's steps 1(a)-(b) only): fetch and check
+    every dealer's sub-share (as join_dkg) and post this member's statement — the dealers whose sub-share
+    fails their commitments, possibly none — to every dealer's board, without waiting for the others (they
+    restart after this one). Returns what finish_dkg needs at the member's next boot; any dealer failing
+    fails the round, named. Every call ends within `timeout_s`."""
+    if not plan.complaint_round:
+        raise KmsUsageError("a rolling round has a complaint phase")
+    deadline = time.monotonic() + timeout_s
+    tokens: dict[int, bytes] = {}
+    dealings = _collect(
+        plan.session,
+        plan.dealers,
+        index,
+        tee,
+        dealers,
+        plan.t_new,
+        app_id,
+        member_token,
+        None,
+        tokens,
+        deadline=deadline,
+    )
+    try:
+        _, complaints = th.joint_feldman(dealings, index, {d.dealer: d.shares[index] for d in dealings})
+    except (KeysError, SealingError) as exc:
+        raise KmsClientError(f"the DKG round failed: {exc}") from exc
+    _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        tokens,
+        app_id=app_id,
+        post={"complaints": complaints},
+        done=lambda _b: True,
+        deadline=deadline,
+    )
+    if complaints:
+        log.warning("DKG round %s: complained against dealers %s", plan.session.hex()[:8], complaints)
+    return PendingDkg(plan.session, plan.epoch, index, tuple(dealings), tokens, tuple(sorted(complaints)))
+
+
+def finish_dkg(
+    plan: DkgPlan,
+    index: int,
+    tee: QuoteSource,
+    dealers: Mapping[int, KmsClient],
+    pending: PendingDkg,
+    *,
+    app_id: bytes,
+    timeout_s: float = DKG_BOARD_TIMEOUT_S,
+) -> ThresholdShare:
+    """A rolling round's second pass at member `index`'s next boot (GJKR's steps 1(c), 2, 3): every member
+    has posted its statement by now, so each board holds them all and the accused dealers' answers; read
+    them (the boards must agree), decide QUAL and this member's share (the sums over QUAL), and post the
+    confirmation digest to every board. The members' agreement is checked where the epoch is recorded
+    (`kms rotate-finish`: every node states the same commitments, or nothing is recorded): a member does
+    not wait for the others' confirmations, which come after it restarts. A board that does not yet hold
+    every statement within `timeout_s` fails the round, naming the dealers."""
+    if (pending.session, pending.epoch, pending.index) != (plan.session, plan.epoch, index):
+        raise KmsUsageError("the pending state is of another round or member")
+    deadline = time.monotonic() + timeout_s
+    n = plan.n_new
+    boards = _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        pending.board_tokens,
+        app_id=app_id,
+        post={},
+        done=lambda b: len(b.complaints) == n,
+        deadline=deadline,
+    )
+    outcome = _decide(plan, index, boards, list(pending.dealings), pending.complaints)
+    _board_round(
+        plan,
+        index,
+        tee,
+        dealers,
+        pending.board_tokens,
+        app_id=app_id,
+        post={"confirm": _dkg_digest(plan.session, outcome).hex()},
+        done=lambda _b: True,
+        deadline=deadline,
+    )
+    try:
+        return ThresholdShare(plan.epoch, index, plan.t_new, plan.n_new, outcome.share, outcome.commitments)
+    except SealingError as exc:
         raise KmsClientError(f"the DKG round failed: {exc}") from exc
