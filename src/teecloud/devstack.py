@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from teecloud._fs import atomic_write, atomic_write_json, data_home
+from teecloud._procid import process_start_time
 from teecloud.cloud.endpoints import CloudEndpoints, endpoints_path, read_endpoints
 from teecloud.node.errors import NodeError, RuntimeUnavailable
 
@@ -529,6 +530,7 @@ class LocalCloud:
             kms_admin=kms_admin_url,
             node=server.url,
             pid=os.getpid(),
+            pid_start_time=process_start_time(os.getpid()),
             node_token_file=str(node_home(self.home) / "admin-token"),
             contracts={k: v for k, v in contracts.items() if isinstance(v, str | int)},
             gateway=gateway_info,

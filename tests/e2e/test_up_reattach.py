@@ -130,7 +130,7 @@ def test_a_restarted_up_keeps_its_running_vm(tmp_path: Path) -> None:
         r = deploy(Session(home), compose, name="reweb", timeout=1500)
         assert r.status == "running", r.error
         workdir = home / "node" / "vms" / r.instance_id[:16]
-        vm_pid = int((workdir / "qemu.pid").read_text())
+        vm_pid = json.loads((workdir / "qemu.pid").read_text())["pid"]
         _served(ep["gateway"], r.app_id, 120)
         serial_head = (workdir / "serial.log").read_bytes()[:4096]
         assert BOOT_MARK in serial_head
@@ -149,7 +149,7 @@ def test_a_restarted_up_keeps_its_running_vm(tmp_path: Path) -> None:
         assert json.loads((home / "cloud" / "ports.json").read_text()) == ports
         assert ep2["kms"] == ep["kms"] and ep2["gateway"]["registration"] == ep["gateway"]["registration"]
         assert ep2["gateway"]["public_port"] == ep["gateway"]["public_port"]
-        assert _alive(vm_pid, workdir) and int((workdir / "qemu.pid").read_text()) == vm_pid
+        assert _alive(vm_pid, workdir) and json.loads((workdir / "qemu.pid").read_text())["pid"] == vm_pid
         assert "re-attached 1 running CVM(s) without a reboot" in log.read_text()
         status = Session(home).node.get(r.instance_id)
         assert status.status == "running", status

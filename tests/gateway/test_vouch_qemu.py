@@ -211,11 +211,11 @@ class _LeftoverVm:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(120)", str(workdir / "qmp.sock"), netdev]
         )
-        (workdir / "qemu.pid").write_text(str(self.proc.pid))
         deadline = time.monotonic() + 10  # until the child has exec'd: its command line is then the VM's
         while str(workdir).encode() not in Path(f"/proc/{self.proc.pid}/cmdline").read_bytes():
             assert time.monotonic() < deadline, "the stand-in QEMU did not start"
             time.sleep(0.01)
+        assert qemu.record_vm(workdir, self.proc.pid)  # its pid record, as launch writes it
 
     def kill(self) -> None:
         self.proc.kill()

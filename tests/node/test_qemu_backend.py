@@ -25,7 +25,7 @@ from teecloud.node.api import CreateCvmRequest
 from teecloud.node.errors import InstanceStateError
 from teecloud.node.runtime import make_backend
 from teecloud.node.runtime.base import ResourceLimits
-from teecloud.node.runtime.qemu import QemuBackend, QemuBackendConfig, QemuCvm, _published_ports
+from teecloud.node.runtime.qemu import QemuBackend, QemuBackendConfig, QemuCvm, _published_ports, record_vm
 from teecloud.node.runtime.qemu_cmdline import GuestImage
 from teecloud.node.service import Node
 from teecloud.tee.simulated import SimulatedTdx
@@ -432,7 +432,7 @@ def test_the_hosts_view_of_the_guests_containers_keeps_only_the_ports_it_forward
             if str(workdir).encode() in cmdline.read_bytes():
                 break
             time.sleep(0.01)
-        (workdir / "qemu.pid").write_text(str(proc.pid))
+        assert record_vm(workdir, proc.pid)
         cvm = QemuCvm(inst, workdir, agent_port=server.server_address[1], booted=True)  # type: ignore[arg-type]
         (state,) = cvm.containers()
         assert (state.service, state.state) == ("web", "running")

@@ -23,7 +23,7 @@ from teecloud.agent.boot import normalize_app_compose
 from teecloud.node.errors import InstanceStateError, RuntimeUnavailable
 from teecloud.node.instance import InstanceStore
 from teecloud.node.runtime.base import ResourceLimits
-from teecloud.node.runtime.qemu import QemuBackend, QemuBackendConfig, check_passthrough_devices
+from teecloud.node.runtime.qemu import QemuBackend, QemuBackendConfig, check_passthrough_devices, record_vm
 from teecloud.node.runtime.qemu_cmdline import (
     MAX_GPUS,
     UnsafeVmConfig,
@@ -262,7 +262,7 @@ def test_gpus_held_by_another_running_vm_are_refused(teecloud_home: Path, tmp_pa
         while str(work).encode() not in Path(f"/proc/{holder.pid}/cmdline").read_bytes():  # exec'd yet?
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        (work / "qemu.pid").write_text(str(holder.pid))
+        assert record_vm(work, holder.pid)
         with pytest.raises(InstanceStateError, match=f"held by the running VM {work.name}"):
             backend.launch(second, ResourceLimits(memory_mb=2048))
         assert not backend.workdir(second).exists()

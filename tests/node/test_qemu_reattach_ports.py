@@ -52,11 +52,11 @@ class _Vm:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(120)", str(workdir / "qmp.sock"), netdev]
         )
-        (workdir / "qemu.pid").write_text(str(self.proc.pid))
         deadline = time.monotonic() + 10
         while str(workdir).encode() not in Path(f"/proc/{self.proc.pid}/cmdline").read_bytes():
             assert time.monotonic() < deadline, "the stand-in QEMU did not start"
             time.sleep(0.01)
+        assert qemu.record_vm(workdir, self.proc.pid)  # its pid record, as launch writes it
 
     def kill(self) -> None:
         self.proc.kill()
@@ -172,7 +172,7 @@ def test_down_without_up_powers_off_only_this_directorys_running_vms(
     # a stale pid file naming a live process that is not this VM's QEMU (a reused pid): never signalled
     stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     (vms / "cccc").mkdir()
-    (vms / "cccc" / "qemu.pid").write_text(str(stray.pid))
+    assert qemu.record_vm(vms / "cccc", stray.pid)  # its own record even: its command line names no VM
     (vms / "dddd").mkdir()  # a VM that is not running
     try:
         result = CliRunner().invoke(_app(), ["down"], catch_exceptions=False)
@@ -196,9 +196,9 @@ def _app() -> Any:
     return app
 
 
-def _fake_up(home: Path, argv0: str) -> subprocess.Popen[bytes]:
-    """A process standing in for `teecloud up`: writes endpoints.json naming itself, reports the signal it
-    gets to a file and exits."""
+def _fake_up(home: Path, argv0: str, start: str = "0") -> subprocess.Popen[bytes]:
+    """A process standing in for `teecloud up`: writes endpoints.json naming itself (its start time plus
+    `start`, or none with "none"), reports the signal it gets to a file and exits."""
     code = (
         "import json, os, signal, sys, time\n"
         "home = sys.argv[1]\n"
@@ -210,10 +210,13 @@ def _fake_up(home: Path, argv0: str) -> subprocess.Popen[bytes]:
         "signal.signal(signal.SIGUSR1, got)\n"
         "os.makedirs(os.path.join(home, 'cloud'), exist_ok=True)\n"
         "ep = dict(chain_rpc='', kms='', kms_admin='', node='', pid=os.getpid(), node_token_file='')\n"
+        "start = int(open('/proc/self/stat').read().rpartition(')')[2].split()[19])\n"
+        "if sys.argv[3] != 'none':\n"
+        "    ep['pid_start_time'] = start + int(sys.argv[3])\n"
         "json.dump(ep, open(os.path.join(home, 'cloud', 'endpoints.json'), 'w'))\n"
         "time.sleep(60)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(home), argv0])
+    proc = subprocess.Popen([sys.executable, "-c", code, str(home), argv0, start])
     deadline = time.monotonic() + 10
     while not (home / "cloud" / "endpoints.json").exists():
         assert time.monotonic() < deadline and proc.poll() is None

@@ -5,7 +5,7 @@
 raises for every member instead of counting that one member as down. `_ceremony_run` retries only
 `_Withheld`, so the request ends in a 503; the next request asks the same member again.
 
-FINDING R11-1 (strict xfails below): member 5 answering every `deal` with 503 "retry shortly" (a liar:
+FINDING R11-1 (fixed in r11-fix): member 5 answering every `deal` with 503 "retry shortly" (a liar:
 R7-3's and R8-1's attack through another answer; or dealing, then answering `view` or `finish` so), or
 member 5's HOST writing a junk `1-<app>.sealed` file into its node's env directory for a new app (the host
 watches the chain for registrations; node 5 then answers `deal` with 503 `sealing`), blocks the app's
@@ -83,7 +83,6 @@ def test_control_a_member_that_is_down_for_deal_does_not_block_the_key(
     assert key is not None, last
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="R11-1: a member's 503 fails the whole call")
 @pytest.mark.parametrize("stage", ["deal", "view", "finish"])
 def test_one_member_answering_busy_to_a_stage_does_not_block_a_new_apps_env_key(
     world: World, members_3of5: dict[int, Member], stage: str
@@ -100,7 +99,6 @@ def test_one_member_answering_busy_to_a_stage_does_not_block_a_new_apps_env_key(
     assert key is not None, f"no env key while 4 honest members (q = 4) are up: {last}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="R11-1: a 503 `sealing` fails the whole call")
 def test_one_hosts_junk_file_for_a_new_app_does_not_block_its_env_key(
     world: World, members_3of5: dict[int, Member]
 ) -> None:
@@ -118,7 +116,6 @@ def test_one_hosts_junk_file_for_a_new_app_does_not_block_its_env_key(
     assert key is not None, f"no env key while 4 honest members (q = 4) are up: {last}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="R11-1: a 503 to `held` fails every poll")
 @pytest.mark.parametrize("who", ["member", "host"])
 def test_one_member_answering_busy_to_held_does_not_stop_another_members_recovery(
     world: World, members_3of5: dict[int, Member], who: str

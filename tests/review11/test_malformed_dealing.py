@@ -6,7 +6,7 @@ list of t − 1 (or t + 1) points is refused by EVERY member, the coordinator in
 of each of at least q ..."), so `_leave_out` sees this node failing its own stage and ends the request
 (KmsUsageError); nobody is left out and the next request deals the same member in again.
 
-FINDING R11-2 (strict xfail): member 5 answering every `deal` with t − 1 genuine points (or t + 1) blocks
+FINDING R11-2 (fixed in r11-fix): member 5 answering every `deal` with t − 1 genuine points (or t + 1) blocks
 every new app's env key while four honest members (q = 4) are up (R8-1/R9-2's symptom through the deal
 answer). Held (control): a dealing of t points that are not the dealer's (its sub-shares then fail to
 verify) is named by the finishing members and left out.
@@ -73,7 +73,6 @@ def test_control_a_dealing_under_other_commitments_is_named_and_left_out(
     assert key is not None, last
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="R11-2: a deal of t±1 points fails every view")
 @pytest.mark.parametrize("count", [2, 4])
 def test_a_dealing_of_the_wrong_length_does_not_block_a_new_apps_env_key(
     world: World, members_3of5: dict[int, Member], count: int

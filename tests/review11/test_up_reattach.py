@@ -8,8 +8,8 @@ to {} with a warning, never a traceback), and replaced atomically (a failed repl
 no temporary file). By the way (info): `{"version": true}` or `1.0` is read as version 1 (Python's
 `True == 1`); same meaning, no effect.
 
-FINDING R11-3 (strict xfail, low): `attach` adopts whatever process the VM's `qemu.pid` names as long as its
-command line CONTAINS the work directory, an agent `hostfwd` and the gateway `guestfwd` strings (any
+FINDING R11-3 (low, fixed in r11-fix): `attach` adopted whatever process the VM's `qemu.pid` named as long
+as its command line CONTAINS the work directory, an agent `hostfwd` and the gateway `guestfwd` strings (any
 process's argv, world-readable and chosen by whoever starts it) and the agent port it names answers `/info`
 `running` with the app's compose hash (public). A process of ANOTHER local user (here uid 65534, not QEMU)
 that a stale pid file names — a VM that died while `up` was down and whose pid was reused, or a pid file
@@ -118,9 +118,6 @@ def test_a_failed_replace_leaves_the_old_record(teecloud_home: Path, monkeypatch
     assert path.read_bytes() == before
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="R11-3: attach adopts any process the pid names"
-)
 def test_a_process_of_another_user_named_by_a_stale_pid_file_is_not_adopted(
     agent: tuple[GuestStatus, int],  # noqa: F811
     teecloud_home: Path,

@@ -498,6 +498,7 @@ def down(
     off and come back on the next `up`). With no `up` running, power off the qemu VMs one left running."""
     import os
 
+    from teecloud._procid import process_start_time
     from teecloud.devstack import endpoints_path, read_endpoints
     from teecloud.node.errors import RuntimeFailed
     from teecloud.node.runtime.qemu import power_off_left_vms
@@ -526,12 +527,28 @@ def down(
     if b"up" not in argv or not any(b"teecloud" in a for a in argv):
         _fail(f"pid {pid} in {endpoints_path()} is not a `teecloud up` process: not signalled")
     try:
-        os.kill(pid, DETACH_SIGNAL if keep_vms else signal.SIGTERM)
+        pidfd = os.pidfd_open(pid)  # held from here: the start time checked is the signalled process's
+    except ProcessLookupError:
+        out.print("the local cloud has just stopped")
+        return
+    except OSError as exc:  # no pidfd_open (Linux < 5.3): never a signal by a bare pid
+        _fail(f"cannot hold the local cloud's process (pid {pid}): {exc.strerror or exc}")
+    try:
+        # and it must be the very `up` that wrote the record (its start time), not a later one (R11-3)
+        if running.pid_start_time is None or process_start_time(pid) != running.pid_start_time:
+            why = "no start time: an older record" if running.pid_start_time is None else "another start time"
+            _fail(
+                f"pid {pid} in {endpoints_path()} is not the `teecloud up` that wrote it ({why}): not "
+                "signalled; stop that `up` with Ctrl-C (or kill it) if it is this data directory's"
+            )
+        signal.pidfd_send_signal(pidfd, DETACH_SIGNAL if keep_vms else signal.SIGTERM)
     except ProcessLookupError:
         out.print("the local cloud has just stopped")
         return
     except PermissionError:
         _fail(f"not allowed to signal the local cloud's process (pid {pid})")
+    finally:
+        os.close(pidfd)
     deadline = time.monotonic() + DOWN_WAIT_S
     while not _exited(pid):
         if time.monotonic() > deadline:

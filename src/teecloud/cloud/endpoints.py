@@ -31,6 +31,9 @@ class CloudEndpoints:
     contracts: dict[str, Any] = field(default_factory=dict)
     # the local gateway (teecloud.gateway): public_port, base_domain, ca_file, registration, admin; {} if none
     gateway: dict[str, Any] = field(default_factory=dict)
+    # the start time of `pid` (proc(5) /proc/PID/stat field 22): `teecloud down` signals `pid` only while it
+    # is this very process, never a later holder of a reused pid (review 11, R11-3); None: an older record
+    pid_start_time: int | None = None
 
 
 def read_endpoints(home: Path | None = None) -> CloudEndpoints | None:

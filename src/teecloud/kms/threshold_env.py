@@ -421,6 +421,20 @@ def _hex32(text: str) -> bytes:
     return bytes.fromhex(text)
 
 
+def _dealing_fault(answer: api.PeerEnvDkgResponse, t: int) -> str:
+    """Why a member's `deal` answer that is a dealing (not `held`) cannot go into a view ("" when it can):
+    exactly t commitments, each a valid edwards25519 point (review 11, R11-2: every member refuses
+    a view holding one list of another length, so one dealer's bad list would fail every view, the
+    coordinator's own included, and no one would be left out)."""
+    if len(answer.commitments) != t:
+        return f"dealt {len(answer.commitments)} commitments, {t} expected"
+    try:  # public_share checks each is a point of the prime-order group (libsodium)
+        tx.public_share([_hex32(c) for c in answer.commitments], 1)
+    except (ValueError, tx.ThresholdEcdhError) as exc:
+        return f"dealt commitments that are not points: {exc}"
+    return ""
+
+
 # a cover search stops after this many branches (reached only with many members and accusations); then a
 # greedy cover (the most-accused first), which may be larger than the smallest
 _COVER_BRANCHES = 20_000
@@ -766,16 +780,28 @@ class EnvKeys:
     def _each(
         self, body: dict[str, object], members: list[int]
     ) -> tuple[dict[int, api.PeerEnvDkgResponse], dict[int, str]]:
-        """The stage on every member in parallel: the answers, and the members that failed (why). A member
-        that is busy with another ceremony of the app makes the whole call EnvKeyBusy."""
+        """The stage on every member in parallel: the answers, and the members that failed (why). Only this
+        node's own EnvKeyBusy makes the whole call EnvKeyBusy; another member's busy answer (its 503 "retry
+        shortly", or any 503, e.g. a sealed file its host spoiled) fails THAT member, as a down one (review
+        11, R11-1: else one liar or one host answering 503 to every message stops every ceremony and every
+        poll of the app).
+
+        Leaving a busy member out never lets two concurrent ceremonies of one app both complete: a member
+        keeps at most one open dealing per app (`deal` refuses a second), so two ceremonies' dealers are
+        disjoint sets of members, and each needs ceremony_quorum(t, n) > n/2 of them (the coordinator counts
+        its dealers, and every member refuses a view of fewer): two disjoint majorities of n members do not
+        exist. A ceremony that met the other's members busy falls short of the quorum and ends in EnvKeyBusy
+        (tests/kms/test_threshold_env_busy.py)."""
         answers: dict[int, api.PeerEnvDkgResponse] = {}
         failed: dict[int, str] = {}
 
         def one(i: int) -> None:
             try:
                 answers[i] = self._all(body, [i])[i]
-            except EnvKeyBusy:
-                raise
+            except EnvKeyBusy as exc:
+                if i == self.index:  # this node's own ceremony slot or budget: the request waits
+                    raise
+                failed[i] = str(exc)[:300]
             except (KmsUsageError, KmsDenied, KmsClientError) as exc:
                 failed[i] = str(exc)[:300]
 
@@ -798,8 +824,8 @@ class EnvKeys:
             except (KmsClientError, KmsDenied) as exc:
                 if "retry shortly" in str(exc) or "HTTP 503" in str(exc):  # that member's EnvKeyBusy
                     raise EnvKeyBusy(
-                        f"member {i}: busy (another env-key ceremony of this app, or its budget of "
-                        "ceremonies per minute): retry shortly"
+                        f"member {i}: busy (another env-key ceremony of this app, its budget of ceremonies "
+                        f"per minute, or its sealed state): {str(exc)[:160]}"
                     ) from exc
                 raise KmsUsageError(f"member {i}: env-key ceremony stage {req.stage}: {exc}") from exc
             if answer.index != i or answer.stage != req.stage:
@@ -892,6 +918,20 @@ class EnvKeys:
         dealt: list[int] = members
         try:
             deals, down = self._each({**base, "stage": "deal"}, members)
+            # a dealing that is not t valid points is that member's failure, as a down member's (R11-2);
+            # its open dealing is dropped at once (else it holds the app's ceremony slot there)
+            bad = {i: _dealing_fault(a, self.t) for i, a in deals.items() if not a.held}
+            bad = {i: why for i, why in bad.items() if why}
+            if bad:
+                self._abort(base, sorted(bad))
+                for i, why in bad.items():
+                    del deals[i]
+                    down[i] = why
+                log.warning(
+                    "env key of app %s: malformed dealings left out: %s",
+                    app_id.hex(),
+                    "; ".join(f"member {i}: {w}" for i, w in sorted(bad.items())),
+                )
             dealt = sorted(i for i, a in deals.items() if not a.held)
             claims = {i: a.commitments for i, a in deals.items() if a.held}
             tentative = sorted(i for i, a in deals.items() if a.held and a.tentative and i != self.index)

@@ -9,7 +9,9 @@ Per CVM, in `<home>/node/vms/<instance>/` (dstack-vmm's VmWorkDir layout):
                  ciphertext)
     serial.log   the serial console: the boot log `logs` serves
     qmp.sock     QEMU's monitor (stop)
-    qemu.pid     the QEMU process (a node restart re-attaches to it, checking it is this VM's QEMU)
+    qemu.pid     the QEMU process: its pid, start time, executable and uid (a JSON record, written at launch;
+                 a node restart re-attaches to, and `down` powers off, only the process that matches it all
+                 and whose command line names this directory: review 11, R11-3)
 
     app-images.tar  `docker save` of the compose's images (from the host's Docker), attached read-only: the
                  guest `docker load`s it (the VM pulls nothing)
@@ -37,6 +39,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -52,6 +55,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from teecloud._fs import atomic_write
+from teecloud._proc import kill
+from teecloud._procid import MAX_RECORD, ProcessIdentity, RecordError, process_identity
 from teecloud.appcompose import AppComposeError, gpu_attestation_required
 from teecloud.node.errors import (
     BootFailed,
@@ -89,6 +94,8 @@ __all__ = [
     "guest_services",
     "power_off",
     "power_off_left_vms",
+    "read_vm_record",
+    "record_vm",
     "tee_host_missing",
     "vm_pid",
 ]
@@ -567,33 +574,107 @@ class QemuCvm:
         return leftovers
 
 
-def vm_pid(workdir: Path) -> int | None:
-    """The pid of the QEMU running the VM of `workdir`: its pid file's, honoured only while that process's
-    command line names `workdir` (a reused pid is never taken for the VM)."""
+PID_FORMAT = "teecloud-qemu-pid-v1"
+_warned: set[tuple[str, bytes]] = set()  # pid records already warned about (vm_pid runs at every status)
+
+
+def record_vm(workdir: Path, pid: int) -> bool:
+    """Record the VM's QEMU `pid` in `workdir/qemu.pid` with its start time, executable and uid (one atomic
+    write); False (and no record) when the process is already gone."""
+    ident = process_identity(pid)
+    if ident is None:
+        (workdir / "qemu.pid").unlink(missing_ok=True)
+        return False
+    atomic_write(workdir / "qemu.pid", ident.to_json(PID_FORMAT))
+    return True
+
+
+def _warn_once(path: Path, data: bytes, message: str) -> None:
+    if (str(path), data) not in _warned:
+        if len(_warned) >= 4096:
+            _warned.clear()
+        _warned.add((str(path), data))
+        log.warning("%s", message)
+
+
+def read_vm_record(workdir: Path) -> ProcessIdentity | None:
+    """The record of `workdir/qemu.pid` (None when there is none). A record that is not one `record_vm`
+    writes, or an old one (a bare pid: written before review 11), names no VM: it is never adopted nor
+    signalled, with a warning (the VM is booted anew; an old VM still running is the operator's to stop)."""
+    path = workdir / "qemu.pid"
     try:
-        pid = int((workdir / "qemu.pid").read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
+        with path.open("rb") as f:
+            data = f.read(MAX_RECORD + 1)
+    except OSError:
         return None
-    return pid if str(workdir).encode() in cmdline else None
+    try:
+        return ProcessIdentity.from_json(data, PID_FORMAT)
+    except RecordError as exc:
+        text = data.strip()
+        if text.isdigit() and len(text) < 10:
+            why = (
+                f"{path} is an old record (pid {int(text)} only, no start time, executable or uid): that "
+                f"process is not adopted nor signalled and the VM boots anew; if pid {int(text)} is still "
+                "this VM's QEMU, stop it by hand (kill) before the next boot"
+            )
+        else:
+            why = (
+                f"{path} is not a QEMU pid record ({exc}): the process it names is not adopted nor signalled"
+            )
+        _warn_once(path, data, why)
+        return None
+
+
+def _running_vm(workdir: Path) -> ProcessIdentity | None:
+    """The record of the QEMU running the VM of `workdir`, only while the process it names is that very
+    process (same start time and executable), runs as this node's user, and its command line names
+    `workdir`: a reused pid, another user's process, or a record rewritten by a writer of the data
+    directory naming another process is never taken for the VM (review 11, R11-3)."""
+    rec = read_vm_record(workdir)
+    if rec is None or not rec.matches(os.geteuid()):
+        return None
+    try:
+        cmdline = Path(f"/proc/{rec.pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return rec if str(workdir).encode() in cmdline else None
+
+
+def vm_pid(workdir: Path) -> int | None:
+    """The pid of the QEMU running the VM of `workdir` (`_running_vm`), or None."""
+    rec = _running_vm(workdir)
+    return rec.pid if rec is not None else None
 
 
 def power_off(workdir: Path, what: str) -> bool:
     """Power off the VM of `workdir` if it runs: QMP `system_powerdown`, then `quit`, then SIGKILL, each
-    after STOP_GRACE_S. True if a VM was running; RuntimeFailed if it would not stop."""
-    pid = vm_pid(workdir)
-    if pid is None:
+    after STOP_GRACE_S. True if a VM was running; RuntimeFailed if it would not stop. The process is held
+    by a pidfd opened before its identity is checked again, so every wait and the SIGKILL reach that
+    process, never a later holder of its pid."""
+    rec = _running_vm(workdir)
+    if rec is None:
         return False
-    for command in ("system_powerdown", "quit"):
-        with contextlib.suppress(OSError, ValueError):
-            _qmp(workdir / "qmp.sock", command)
-        if _wait_gone(pid, STOP_GRACE_S):
-            break
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        if not _wait_gone(pid, STOP_GRACE_S):
-            raise RuntimeFailed(f"QEMU pid {pid} of {what} did not stop")
+    try:
+        pidfd = os.pidfd_open(rec.pid)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:  # no pidfd_open (Linux < 5.3): never a signal by a bare pid
+        raise RuntimeFailed(f"cannot hold QEMU pid {rec.pid} of {what}: {exc.strerror or exc}") from None
+    try:
+        if not rec.matches(os.geteuid()):  # the pid was reused between the check and the open
+            return False
+        for command in ("system_powerdown", "quit"):
+            with contextlib.suppress(OSError, ValueError):
+                _qmp(workdir / "qmp.sock", command)
+            if _wait_gone(rec.pid, pidfd, STOP_GRACE_S):
+                break
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            if not _wait_gone(rec.pid, pidfd, STOP_GRACE_S):
+                raise RuntimeFailed(f"QEMU pid {rec.pid} of {what} did not stop")
+    finally:
+        os.close(pidfd)
     with contextlib.suppress(FileNotFoundError):
         (workdir / "qemu.pid").unlink()
     return True
@@ -753,18 +834,15 @@ def _qmp(sock_path: Path, command: str) -> None:
             f.readline()
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
-                return True
-        except ChildProcessError:  # not our child (a re-attached VM): look at /proc
-            if not Path(f"/proc/{pid}").exists():
-                return True
-        time.sleep(0.05)
-    return False
+def _wait_gone(pid: int, pidfd: int, timeout: float) -> bool:
+    """Wait until the process of `pidfd` exits (its pidfd turns readable: pidfd_open(2)); a child of this
+    process (a VM it launched) is reaped."""
+    ready, _, _ = select.select([pidfd], [], [], timeout)
+    if not ready:
+        return False
+    with contextlib.suppress(ChildProcessError):  # not our child (a re-attached VM): nothing to reap
+        os.waitpid(pid, os.WNOHANG)
+    return True
 
 
 def _tail(path: Path, n: int = 20) -> str:
@@ -962,7 +1040,10 @@ class QemuBackend:
                 )
             except OSError as exc:  # no QEMU binary: the host's problem, named (not a traceback)
                 raise RuntimeUnavailable(f"cannot start {self.config.qemu}: {exc.strerror or exc}") from None
-        atomic_write(work / "qemu.pid", str(proc.pid).encode())
+        # its pid with its start time, executable and uid: what attach and power_off check (R11-3)
+        if not record_vm(work, proc.pid) and proc.poll() is None:
+            kill(proc)
+            raise RuntimeFailed(f"cannot read the identity of QEMU pid {proc.pid} in /proc: stopped")
         deadline = time.monotonic() + self.config.agent_timeout_s
         try:
             info = self._wait_agent(cvm, proc, self.config.agent_timeout_s)
