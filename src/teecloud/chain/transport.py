@@ -100,18 +100,14 @@ class _PlainHttp:
         body = json.dumps(payload, separators=(",", ":")).encode()
         conn, reused = self._take()
         try:
-            conn.request("POST", self.target, body=body, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            content = resp.read()
+            resp, content = self._exchange(conn, body)
         except _CLOSED_ON_USE:
             conn.close()
             if not (reused and _only_reads(payload)):
                 raise
             conn = self._connect()  # once, on a connection of its own
             try:
-                conn.request("POST", self.target, body=body, headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                content = resp.read()
+                resp, content = self._exchange(conn, body)
             except BaseException:
                 conn.close()
                 raise
@@ -123,6 +119,13 @@ class _PlainHttp:
         else:
             self._give_back(conn)
         return resp.status, content
+
+    def _exchange(
+        self, conn: http.client.HTTPConnection, body: bytes
+    ) -> tuple[http.client.HTTPResponse, bytes]:
+        conn.request("POST", self.target, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp, resp.read()
 
     def _take(self) -> tuple[http.client.HTTPConnection, bool]:
         """An idle connection that still looks open (True), or a new one (False)."""
@@ -174,7 +177,11 @@ class HttpTransport:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"RPC URL must start with http:// or https://: {url!r}")
         self.url = url
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT))
+        self._timeout = timeout
+        # httpx's client (≈18 ms to make: its TLS context) only where it is used: made at the first call
+        # that goes through it (`_plain` None: https://, a proxy, credentials in the URL)
+        self._http: httpx.Client | None = None
+        self._http_lock = threading.Lock()
         self._plain = _plain_http(url, timeout)  # None: through httpx (`_http`)
         self._id = 0
         self._batches = True  # the endpoint answers JSON-RPC batches (request_batch)
@@ -217,7 +224,7 @@ class HttpTransport:
         if self._plain is not None:
             return self._post_plain(self._plain, payload, what)
         try:
-            resp = self._http.post(self.url, json=payload)
+            resp = self._httpx().post(self.url, json=payload)
         except httpx.TimeoutException as exc:
             raise ChainUnreachable(f"no answer from {self.url} within the timeout ({what})") from exc
         except httpx.HTTPError as exc:
@@ -228,6 +235,12 @@ class HttpTransport:
             return resp.json()
         except ValueError as exc:
             raise ChainUnreachable(f"{self.url} did not answer JSON-RPC") from exc
+
+    def _httpx(self) -> httpx.Client:
+        with self._http_lock:  # one client, also when threads make their first calls together
+            if self._http is None:
+                self._http = httpx.Client(timeout=httpx.Timeout(self._timeout, connect=CONNECT_TIMEOUT))
+            return self._http
 
     def _post_plain(self, plain: _PlainHttp, payload: Any, what: str) -> Any:
         """`_post` over http.client, with the same errors as the httpx path."""
@@ -245,7 +258,8 @@ class HttpTransport:
             raise ChainUnreachable(f"{self.url} did not answer JSON-RPC") from exc
 
     def close(self) -> None:
-        self._http.close()
+        if self._http is not None:
+            self._http.close()
         if self._plain is not None:
             self._plain.close()
 
