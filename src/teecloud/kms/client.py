@@ -485,21 +485,13 @@ class KmsClient:
         self._server_check(der)
         return der
 
-    def _pin_by(self, deadline: float | None, *, renew: bool = False) -> bytes:
-        """_pin, with a first (or renewed) identity probe that ends by `deadline` when one is given."""
-        if deadline is None:
-            return self._pin(renew=renew)
+    def _pin(self, *, renew: bool = False, deadline: float | None = None) -> bytes:
+        """The pinned, checked server certificate; a first (or renewed) identity probe ends by `deadline`
+        when one is given."""
         with self._pin_lock:
             if self._pinned is None or renew:
                 self._pinned = None
                 self._pinned = self._probe_server_identity(deadline)
-        return self._pin()
-
-    def _pin(self, *, renew: bool = False) -> bytes:
-        with self._pin_lock:
-            if self._pinned is None or renew:
-                self._pinned = None
-                self._pinned = self._probe_server_identity()
             return self._pinned
 
     def _call(
@@ -512,14 +504,14 @@ class KmsClient:
         client_cert: tuple[str, str] | None = None,
         deadline: float | None = None,
     ) -> _M:
-        pinned = self._pin_by(deadline)
+        pinned = self._pin(deadline=deadline)
         try:
             resp, content, server_der = self._request(
                 method, path, body, client_cert, pinned, deadline=deadline
             )
         except ssl.SSLCertVerificationError:
             # (c) the server is no longer the pinned one: check the new identity, then try once more
-            pinned = self._pin_by(deadline, renew=True)
+            pinned = self._pin(renew=True, deadline=deadline)
             try:
                 resp, content, server_der = self._request(
                     method, path, body, client_cert, pinned, deadline=deadline

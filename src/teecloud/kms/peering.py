@@ -334,10 +334,10 @@ class PeerClient(KmsClient):
                     f"peer {self.expected_index} at {self.url} refused: {exc.reason}"
                 ) from exc
 
-    def _pin(self, *, renew: bool = False) -> bytes:
+    def _pin(self, *, renew: bool = False, deadline: float | None = None) -> bytes:
         """The pinned, checked server certificate, with step (4) proven on it before it is returned to any
         request but the proof's own."""
-        pinned = super()._pin(renew=renew)
+        pinned = super()._pin(renew=renew, deadline=deadline)
         if pinned == self._proven or getattr(self._proving, "on", False):
             return pinned
         with self._prove_lock:
