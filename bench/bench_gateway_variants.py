@@ -43,6 +43,7 @@ Round 11, on the two-port layout's public port (each judged against `two-ports` 
     two-ports+no-host-check no Host-vs-SNI 421 rule (measured only)
     two-ports+balance-first `balance first` instead of leastconn (measured only)
     no-hop+2proc            two processes on the no-hop configuration (bench_gateway_memory.py)
+    base+2proc              two processes on the one-port layout (ClientHello reader + hop), each its own hop
 
 Baselines in every round: direct TLS (nginx serving the answer), nginx terminating TLS for the route name
 (`same SNI routing`) and nginx built like the gateway (stream ssl_preread + unix socket with PROXY protocol
@@ -153,6 +154,7 @@ VARIANTS: dict[str, Callable[[str, str], str]] = {
     "two-ports+2proc": _global("    nbthread 1"),
     "two-ports+nbthread1": _global("    nbthread 1"),
     "no-hop+2proc": _global("    nbthread 1"),  # for bench_gateway_memory.py (the same public frontend)
+    "base+2proc": _global("    nbthread 1"),  # the one-port layout, each process with its own hop
     # per-request work on the terminating frontend, measured only (each is a feature the gateway keeps):
     # no X-Forwarded-For / X-Forwarded-Proto; no Host-vs-SNI 421 check (the set-vars and the first 421 rule)
     "two-ports+no-xff": lambda cfg, _port: _sub(
@@ -212,7 +214,12 @@ def _hop_option(cfg: str, *options: str) -> str:
 ARGS: dict[str, list[str]] = {"no-hop+no-cache+no-tag": ["-dMno-tag"], "no-hop+tickets+no-tag": ["-dMno-tag"]}
 # processes per variant (default 1): the same configuration, each process with its own runtime and metrics
 # sockets, all binding the same ports
-PROCS: dict[str, int] = {"two-ports+2proc": 2, "two-ports+2proc+no-xff": 2, "no-hop+2proc": 2}
+PROCS: dict[str, int] = {
+    "two-ports+2proc": 2,
+    "two-ports+2proc+no-xff": 2,
+    "no-hop+2proc": 2,
+    "base+2proc": 2,
+}
 # environment per variant: glibc's malloc keeps one arena per thread (up to 8 x cores); one arena for all
 ENV: dict[str, dict[str, str]] = {
     "no-hop+arena1": {"MALLOC_ARENA_MAX": "1"},
@@ -347,11 +354,11 @@ class Haproxy:
         for k in range(PROCS.get(name, 1)):
             # process k > 0: the same configuration with its own runtime and metrics sockets
             conf = self.dir / ("haproxy.cfg" if k == 0 else f"haproxy-{k}.cfg")
-            if k:
+            if k:  # its own sockets, and its own hop (an abstract socket cannot be bound twice)
                 conf.write_text(
-                    cfg.replace(self.admin_socket, str(self.dir / f"admin-{k}.sock")).replace(
-                        str(self.dir / "metrics.sock"), str(self.dir / f"metrics-{k}.sock")
-                    )
+                    cfg.replace(self.admin_socket, str(self.dir / f"admin-{k}.sock"))
+                    .replace(str(self.dir / "metrics.sock"), str(self.dir / f"metrics-{k}.sock"))
+                    .replace(f"{hop} ", f"{hop}-{k} ")
                 )
             self.procs.append(
                 subprocess.Popen(
