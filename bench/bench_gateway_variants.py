@@ -155,6 +155,10 @@ VARIANTS: dict[str, Callable[[str, str], str]] = {
     "two-ports+nbthread1": _global("    nbthread 1"),
     "no-hop+2proc": _global("    nbthread 1"),  # for bench_gateway_memory.py (the same public frontend)
     "base+2proc": _global("    nbthread 1"),  # the one-port layout, each process with its own hop
+    # without the TLS session cache (wrk --close resumes its session on every new connection: with N
+    # processes, each with its own cache, about 1 in N resumptions finds it)
+    "two-ports+no-cache": _global("    tune.ssl.cachesize 0"),
+    "two-ports+2proc+no-cache": _global("    nbthread 1\n    tune.ssl.cachesize 0"),
     # per-request work on the terminating frontend, measured only (each is a feature the gateway keeps):
     # no X-Forwarded-For / X-Forwarded-Proto; no Host-vs-SNI 421 check (the set-vars and the first 421 rule)
     "two-ports+no-xff": lambda cfg, _port: _sub(
@@ -219,6 +223,7 @@ PROCS: dict[str, int] = {
     "two-ports+2proc+no-xff": 2,
     "no-hop+2proc": 2,
     "base+2proc": 2,
+    "two-ports+2proc+no-cache": 2,
 }
 # environment per variant: glibc's malloc keeps one arena per thread (up to 8 x cores); one arena for all
 ENV: dict[str, dict[str, str]] = {
