@@ -35,6 +35,7 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -107,6 +108,14 @@ def pools(sock: str) -> dict[str, int]:
     return {m[1]: int(m[4]) for m in _POOL.finditer(runtime(sock, "show pools"))}
 
 
+def pools_of(admins: list[str]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for sock in admins:
+        for k, v in pools(sock).items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def open_connections(port: int, ca_pem: str, k: int, conns: list[ssl.SSLSocket], request: bool) -> None:
     ctx = ssl.create_default_context(cadata=ca_pem)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -135,22 +144,29 @@ def check_preload(pid: int, env: dict[str, str]) -> None:
 
 
 def measure(
-    port: int, pid: int, ca_pem: str, warm: int, n: int, request: bool, admin: str | None
+    port: int,
+    tree: Callable[[], list[int]],
+    ca_pem: str,
+    warm: int,
+    n: int,
+    request: bool,
+    admins: list[str],
 ) -> dict[str, float]:
+    """`tree`: the server's processes now; `admins`: HAProxy runtime sockets (one per process of a
+    multi-process variant; their pools are summed)."""
     conns: list[ssl.SSLSocket] = []
     try:
         open_connections(port, ca_pem, warm, conns, request)
         time.sleep(1.0)
-        pids = bg.tree_pids(pid)
-        before, pool_before = smaps(pids), pools(admin) if admin else {}
+        before, pool_before = smaps(tree()), pools_of(admins)
         open_connections(port, ca_pem, n, conns, request)
         time.sleep(1.0)
-        after, pool_after = smaps(bg.tree_pids(pid)), pools(admin) if admin else {}
+        after, pool_after = smaps(tree()), pools_of(admins)
     finally:
         for c in conns:
             c.close()
     out = {k: (after[k] - before[k]) / n for k in after}
-    if admin:
+    if admins:
         grown = {k: (v - pool_before.get(k, 0)) / 1024 / n for k, v in pool_after.items()}
         out["pools"] = sum(grown.values())
         out.update({f"pool:{k}": v for k, v in grown.items() if abs(v) >= 0.01})
@@ -212,7 +228,15 @@ def main() -> None:
                     )
                     try:
                         check_preload(proc.pid, ALLOCATORS.get(name.partition("+")[2], {}))
-                        res = measure(n_port, proc.pid, ca.cert_pem, args.warm, args.n, args.request, None)
+                        res = measure(
+                            n_port,
+                            lambda pid=proc.pid: bg.tree_pids(pid),
+                            ca.cert_pem,
+                            args.warm,
+                            args.n,
+                            args.request,
+                            [],
+                        )
                     finally:
                         proc.terminate()
                         proc.wait(timeout=10)
@@ -221,9 +245,10 @@ def main() -> None:
                     h = bv.Haproxy(tmp / f"r{r}", name, cfg, driver, bg.free_port())
                     try:
                         check_preload(h.proc.pid, bv.ENV.get(name, {}))
-                        res = measure(
-                            h.port, h.proc.pid, ca.cert_pem, args.warm, args.n, args.request, h.admin_socket
-                        )
+                        admins = [h.admin_socket] + [
+                            str(h.dir / f"admin-{k}.sock") for k in range(1, len(h.procs))
+                        ]
+                        res = measure(h.port, h.pids, ca.cert_pem, args.warm, args.n, args.request, admins)
                     finally:
                         h.stop()
                 results.setdefault(name, []).append(res)

@@ -31,6 +31,20 @@ Levers for the hop itself (passthrough on, each judged against `base` with `--ag
     inspect-delay-1s          tcp-request inspect-delay 1s instead of 5s in fe_sni
     no-proxy    the hop without PROXY v2 (the TLS frontend then loses the client's address: measured only)
 
+Round 11, on the two-port layout's public port (each judged against `two-ports` with `--against two-ports`):
+
+    two-ports+2proc         two HAProxy processes of one thread each on the same ports (HAProxy sets
+                            SO_REUSEPORT: the kernel spreads new connections), each with its own runtime
+                            socket: processes instead of threads, as nginx runs 2 workers here
+                            (DataPlaneLimits(processes=2) renders the same, with its caps split
+                            between the processes; 64 connections stay far below either)
+    two-ports+nbthread1     one process of one thread
+    two-ports+no-xff        no X-Forwarded-For / X-Forwarded-Proto (measured only)
+    two-ports+no-host-check no Host-vs-SNI 421 rule (measured only)
+    two-ports+balance-first `balance first` instead of leastconn (measured only)
+    no-hop+2proc            two processes on the no-hop configuration (bench_gateway_memory.py)
+    base+2proc              two processes on the one-port layout (ClientHello reader + hop), each its own hop
+
 Baselines in every round: direct TLS (nginx serving the answer), nginx terminating TLS for the route name
 (`same SNI routing`) and nginx built like the gateway (stream ssl_preread + unix socket with PROXY protocol
 to a TLS server: `same split`). wrk: 2 threads, 64 keep-alive connections, TLS 1.3; memory per idle TLS
@@ -133,6 +147,32 @@ VARIANTS: dict[str, Callable[[str, str], str]] = {
         cfg, _HOP_SERVER_END, " send-proxy-v2 tfo\n\nfrontend fe_terminate"
     ),
     "nbthread1": _global("    nbthread 1"),
+    # round 11, on the two-port layout's public port (each judged against `two-ports` with --against):
+    # processes instead of threads, as nginx runs workers: N HAProxy processes of 1 thread each on the same
+    # ports (HAProxy sets SO_REUSEPORT on Linux, the kernel spreads new connections), each with its own
+    # runtime socket (PROCS below)
+    "two-ports+2proc": _global("    nbthread 1"),
+    "two-ports+nbthread1": _global("    nbthread 1"),
+    "no-hop+2proc": _global("    nbthread 1"),  # for bench_gateway_memory.py (the same public frontend)
+    "base+2proc": _global("    nbthread 1"),  # the one-port layout, each process with its own hop
+    # without the TLS session cache (wrk --close resumes its session on every new connection: with N
+    # processes, each with its own cache, about 1 in N resumptions finds it)
+    "two-ports+no-cache": _global("    tune.ssl.cachesize 0"),
+    "two-ports+2proc+no-cache": _global("    nbthread 1\n    tune.ssl.cachesize 0"),
+    # per-request work on the terminating frontend, measured only (each is a feature the gateway keeps):
+    # no X-Forwarded-For / X-Forwarded-Proto; no Host-vs-SNI 421 check (the set-vars and the first 421 rule)
+    "two-ports+no-xff": lambda cfg, _port: _sub(
+        _sub(cfg, "    option forwardfor\n", ""), "    http-request set-header X-Forwarded-Proto https\n", ""
+    ),
+    "two-ports+no-host-check": lambda cfg, _port: _drop_host_check(cfg),
+    # the app backends' balancing: leastconn repositions the server in a shared tree on every stream (a
+    # lock between threads); `first` is cheaper per request (measured only: it does not spread instances)
+    "two-ports+balance-first": lambda cfg, _port: cfg.replace(
+        "    balance leastconn\n", "    balance first\n"
+    ),
+    "two-ports+2proc+no-xff": lambda cfg, port: VARIANTS["two-ports+no-xff"](
+        VARIANTS["two-ports+2proc"](cfg, port), port
+    ),
     "inspect-delay-1s": lambda cfg, _port: _sub(cfg, "inspect-delay 5s", "inspect-delay 1s"),
     # the hop without PROXY v2 (the TLS frontend then sees the hop's address, not the client's: measured only)
     "no-proxy": lambda cfg, _port: _sub(
@@ -140,6 +180,17 @@ VARIANTS: dict[str, Callable[[str, str], str]] = {
     ),
 }
 _HOP_SERVER_END = " send-proxy-v2\n\nfrontend fe_terminate"  # the end of be_terminate's server line
+
+
+def _drop_host_check(cfg: str) -> str:
+    """fe_terminate without the Host-vs-SNI 421 rule: the SNI still selects the route (measured only)."""
+    lines = cfg.splitlines(keepends=True)
+    host_rule = [i for i, line in enumerate(lines) if "does not name the TLS server name" in line]
+    host_var = [i for i, line in enumerate(lines) if "set-var(txn.host)" in line]
+    if len(host_rule) != 1 or len(host_var) != 1:
+        raise SystemExit("no single Host-vs-SNI rule in the rendered configuration")
+    # the rule spans its line and the next (`unless ...`) when wrapped; it is one line as rendered
+    return "".join(line for i, line in enumerate(lines) if i not in (host_rule[0], host_var[0]))
 
 
 def _sub(cfg: str, old: str, new: str) -> str:
@@ -165,6 +216,15 @@ def _hop_option(cfg: str, *options: str) -> str:
 # command-line flags per variant: Debian builds HAProxy with DEBUG_MEMORY_POOLS, which tags every pool object
 # (8 bytes after it, to catch frees into the wrong pool); -dMno-tag turns that off
 ARGS: dict[str, list[str]] = {"no-hop+no-cache+no-tag": ["-dMno-tag"], "no-hop+tickets+no-tag": ["-dMno-tag"]}
+# processes per variant (default 1): the same configuration, each process with its own runtime and metrics
+# sockets, all binding the same ports
+PROCS: dict[str, int] = {
+    "two-ports+2proc": 2,
+    "two-ports+2proc+no-xff": 2,
+    "no-hop+2proc": 2,
+    "base+2proc": 2,
+    "two-ports+2proc+no-cache": 2,
+}
 # environment per variant: glibc's malloc keeps one arena per thread (up to 8 x cores); one arena for all
 ENV: dict[str, dict[str, str]] = {
     "no-hop+arena1": {"MALLOC_ARENA_MAX": "1"},
@@ -295,19 +355,41 @@ class Haproxy:
         if check.returncode != 0:
             raise SystemExit(f"variant {name}: {check.stderr.decode()[-2000:]}")
         self.admin_socket = str(self.dir / "admin.sock")
-        self.proc = subprocess.Popen(
-            ["haproxy", "-W", "-db", *ARGS.get(name, []), "-f", str(self.dir / "haproxy.cfg")],
-            env={**os.environ, **ENV.get(name, {})},
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for k in range(PROCS.get(name, 1)):
+            # process k > 0: the same configuration with its own runtime and metrics sockets
+            conf = self.dir / ("haproxy.cfg" if k == 0 else f"haproxy-{k}.cfg")
+            if k:  # its own sockets, and its own hop (an abstract socket cannot be bound twice)
+                conf.write_text(
+                    cfg.replace(self.admin_socket, str(self.dir / f"admin-{k}.sock"))
+                    .replace(str(self.dir / "metrics.sock"), str(self.dir / f"metrics-{k}.sock"))
+                    .replace(f"{hop} ", f"{hop}-{k} ")
+                )
+            self.procs.append(
+                subprocess.Popen(
+                    ["haproxy", "-W", "-db", *ARGS.get(name, []), "-f", str(conf)],
+                    env={**os.environ, **ENV.get(name, {})},
+                    start_new_session=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        self.proc = self.procs[0]
         self.port = port
         time.sleep(0.5)
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise SystemExit(f"variant {name}: a HAProxy process exited at start ({proc.returncode})")
+
+    def pids(self) -> list[int]:
+        """Every process of every HAProxy of the variant (masters and workers)."""
+        return [pid for proc in self.procs for pid in bg.tree_pids(proc.pid)]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(timeout=10)
 
 
 def main() -> None:
@@ -424,6 +506,7 @@ def main() -> None:
             "nginx same split": (s_port, split.pid),
             **{f"haproxy {n}": (h.port, h.proc.pid) for n, h in haproxies.items()},
         }
+        tree_of = {f"haproxy {n}": h.pids() for n, h in haproxies.items()}
         if candidates:
             verdict(
                 targets,
@@ -439,7 +522,7 @@ def main() -> None:
         mem = {
             n: float("nan")
             if args.no_memory
-            else bg.idle_memory(port, bg.HOST, ca.cert_pem, bg.tree_pids(pid))
+            else bg.idle_memory(port, bg.HOST, ca.cert_pem, tree_of.get(n) or bg.tree_pids(pid))
             for n, (port, pid) in targets.items()
         }
         order = list(targets)

@@ -18,6 +18,7 @@ from teecloud.chain import ChainClient
 from teecloud.gateway import api
 from teecloud.gateway.accesslog import BUCKETS_S, MAX_LINE, AccessLog, parse_line
 from teecloud.gateway.client import register
+from teecloud.gateway.routing import DataPlaneLimits
 from teecloud.gateway.server import GatewayServer
 from tests.gateway.conftest import BASE
 from tests.gateway.test_registration import TOKEN, boot_cvm, chain, gateway, get, make_gateway
@@ -134,6 +135,23 @@ def test_requests_through_the_gateway_move_their_apps_buckets(
         _requests_move_buckets(teecloud_home, chain, gateway)
 
 
+def test_two_haproxy_processes_log_and_export_as_one(teecloud_home: Path, chain: ChainClient) -> None:
+    """DataPlaneLimits(processes=2) (the one-port layout: each process with its own hop): the access log
+    lines of both processes reach the same histograms, and HAProxy's exporters come out as one exposition,
+    each series labelled with its process and its route group."""
+    limits = DataPlaneLimits(http_backends=8, tcp_backends=8, servers_per_backend=2, processes=2)
+    with make_gateway(teecloud_home, chain, ttl_s=120.0, limits=limits) as gateway:
+        assert len(gateway.driver.pids) == 2 and None not in gateway.driver.pids
+        _requests_move_buckets(teecloud_home, chain, gateway)
+        text = httpx.get(
+            gateway.admin_url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+        ).text
+        assert re.search(r'^haproxy_process_nbthread\{haproxy_process="0"\} 1$', text, re.M), text[:2000]
+        assert re.search(r'^haproxy_process_nbthread\{haproxy_process="1"\} 1$', text, re.M)
+        assert text.count("# TYPE haproxy_process_nbthread ") == 1
+        assert re.search(r'\{haproxy_process="[01]",proxy="bh\d+",app_id="[0-9a-f]{40}",port="8080"', text)
+
+
 def _requests_move_buckets(teecloud_home: Path, chain: ChainClient, gateway: GatewayServer) -> None:
     slow, broken = boot_cvm(teecloud_home, chain, "slow"), boot_cvm(teecloud_home, chain, "broken")
     backend = SlowBackend(0.15)
@@ -164,13 +182,14 @@ def _requests_move_buckets(teecloud_home: Path, chain: ChainClient, gateway: Gat
         auth = {"Authorization": f"Bearer {TOKEN}"}
         name = "teecloud_gateway_request_duration_seconds"
         deadline = time.monotonic() + 10
-        while True:  # the log lines arrive asynchronously (a datagram each)
+        while True:  # the log lines arrive asynchronously (a datagram each, from any HAProxy process)
             text = httpx.get(gateway.admin_url + "/metrics", headers=auth, timeout=10).text
             counts = (
                 _value(text, f'teecloud_gateway_requests_total{{app="{slow.app_id}"}}'),
                 _value(text, f'teecloud_gateway_requests_total{{app="{broken.app_id}"}}'),
             )
-            if counts == (4, 2) or time.monotonic() > deadline:
+            failed = _value(text, "teecloud_gateway_connection_errors_total")
+            if (counts == (4, 2) and failed >= 1) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         assert counts == (4, 2), text[:3000]

@@ -29,6 +29,7 @@ answer, 2 = usage error.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from contextlib import ExitStack
@@ -133,6 +134,15 @@ def up(
         ),
     ] = False,
     passthrough_port: PassthroughPortOpt = 0,
+    haproxy_processes: Annotated[
+        int,
+        typer.Option(
+            "--haproxy-processes",
+            help="HAProxy processes of one thread each on the same ports (as nginx runs workers; faster "
+            "than threads of one process: docs/benchmarks.md); connection caps are split between them. "
+            "0 (default): one per CPU core. 1: one process with a thread per core.",
+        ),
+    ] = 0,
     require_vouch: Annotated[
         bool,
         typer.Option(
@@ -185,6 +195,9 @@ def up(
         _fail("--passthrough-port serves `s` names: not with --no-passthrough", 2)
     if not 0 <= passthrough_port <= 65535 or (passthrough_port and passthrough_port == port):
         _fail("--passthrough-port must be a port in 1..65535 other than --port", 2)
+    if not 0 <= haproxy_processes <= 64:
+        _fail("--haproxy-processes must be in 0..64 (0: one per CPU core)", 2)
+    haproxy_processes = haproxy_processes or max(1, min(64, os.cpu_count() or 1))
     if finality_depth and not require_vouch:
         _fail("--finality-depth applies to NodeRegistry reads: it needs --require-vouch", 2)
     if kms_url is not None and not trust_dev_root:
@@ -215,6 +228,7 @@ def up(
                 acme=acme,
                 passthrough=not no_passthrough,
                 passthrough_port=passthrough_port,
+                haproxy_processes=haproxy_processes,
                 vouch_depth=finality_depth if require_vouch else None,
             )
         except Error as exc:
@@ -258,6 +272,7 @@ def _start_gateway(
     acme: Any,
     passthrough: bool = True,
     passthrough_port: int = 0,
+    haproxy_processes: int = 1,
     vouch_depth: int | None = None,
 ) -> Any:
     """The GatewayServer of `gateway up`, started; everything it started is stopped by `stack`. With
@@ -297,7 +312,9 @@ def _start_gateway(
         registration_port=ports[1],
         admin_port=ports[2],
         backend_networks=backend_networks,
-        limits=DataPlaneLimits(passthrough=passthrough, passthrough_port=passthrough_port),
+        limits=DataPlaneLimits(
+            passthrough=passthrough, passthrough_port=passthrough_port, processes=haproxy_processes
+        ),
         custom_domains=CustomDomains(DnslibResolver(*dns), base_domain=base_domain) if dns else None,
         acme=certs,
         tee=tee,

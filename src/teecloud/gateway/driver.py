@@ -10,6 +10,11 @@ HaproxyDriver.reload_certs(c)  a new certificate: files rewritten, then SIGUSR2 
                                change that needs one)
 supervision                    a HAProxy that died is restarted (with the current plan) by `check()`,
                                which the gateway calls once a second
+
+With `DataPlaneLimits(processes=N)` there are N HAProxy processes (one thread each) on the same ports, each
+with its own configuration file and runtime socket: every runtime change goes to each, in the same order
+(each process moves from the old plan to the new one as a single process does), a reload and supervision
+act on each.
 """
 
 from __future__ import annotations
@@ -118,13 +123,24 @@ class HaproxyDriver:
         self.reloads = 0
         self._cert = cert
         self._chain_pem = chain_pem
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * limits.processes
         self._lock = threading.RLock()
         self._stopping = False
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+        """The (first) HAProxy master's PID while it runs."""
+        return self.pids[0]
+
+    @property
+    def pids(self) -> list[int | None]:
+        """Each HAProxy master's PID while it runs (DataPlaneLimits.processes)."""
+        return [p.pid if p is not None and p.poll() is None else None for p in self._procs]
+
+    @property
+    def process_paths(self) -> list[HaproxyPaths]:
+        """Each process's paths (its configuration, runtime and metrics sockets); the first is `paths`."""
+        return [self.paths.for_process(k) for k in range(self.limits.processes)]
 
     # ------------------------------------------------------------------------------------------ files
 
@@ -138,27 +154,29 @@ class HaproxyDriver:
         atomic_write(Path(self.paths.tcp_map), render_map(self.plan.tcp_map).encode(), mode=0o600)
         if self.custom_domains is not None:
             atomic_write(Path(self.paths.lua), render_lua(self.custom_domains).encode(), mode=0o600)
-        config = render_config(
-            bind_host=self.bind_host,
-            port=self.port,
-            paths=self.paths,
-            limits=self.limits,
-            plan=self.plan,
-            timeouts=self.timeouts,
-            terminate_mode=self.terminate_mode,
-            custom_domains=self.custom_domains,
-            base_domain=self.base_domain,
-            access_log=self.access_log,
-            cert_keys_port=self.cert_keys_port,
-        )
-        atomic_write(Path(self.paths.config), config.encode(), mode=0o600)
+        for paths in self.process_paths:
+            config = render_config(
+                bind_host=self.bind_host,
+                port=self.port,
+                paths=paths,
+                limits=self.limits,
+                plan=self.plan,
+                timeouts=self.timeouts,
+                terminate_mode=self.terminate_mode,
+                custom_domains=self.custom_domains,
+                base_domain=self.base_domain,
+                access_log=self.access_log,
+                cert_keys_port=self.cert_keys_port,
+            )
+            atomic_write(Path(paths.config), config.encode(), mode=0o600)
 
     def check_config(self) -> None:
-        r = subprocess.run(
-            [self.haproxy, "-c", "-q", "-f", self.paths.config], capture_output=True, text=True, timeout=30
-        )
-        if r.returncode != 0:
-            raise DataPlaneError(f"HAProxy refuses the rendered configuration: {r.stderr.strip()[:2000]}")
+        for paths in self.process_paths:
+            r = subprocess.run(
+                [self.haproxy, "-c", "-q", "-f", paths.config], capture_output=True, text=True, timeout=30
+            )
+            if r.returncode != 0:
+                raise DataPlaneError(f"HAProxy refuses the rendered configuration: {r.stderr.strip()[:2000]}")
 
     # ------------------------------------------------------------------------------------------ process
 
@@ -167,16 +185,22 @@ class HaproxyDriver:
             self._stopping = False
             self._write_files()
             self.check_config()
-            self._spawn(timeout)
+            try:
+                for k in range(self.limits.processes):
+                    self._spawn(k, timeout)
+            except DataPlaneError:
+                self._stop_all()
+                raise
         return self
 
-    def _spawn(self, timeout: float) -> None:
+    def _spawn(self, k: int, timeout: float) -> None:
+        paths = self.paths.for_process(k)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.paths.admin_socket)
+            os.unlink(paths.admin_socket)
         logf = open(self.run_dir / "haproxy.log", "ab")
         try:
-            self._proc = subprocess.Popen(
-                [self.haproxy, "-W", "-db", "-f", self.paths.config],
+            self._procs[k] = proc = subprocess.Popen(
+                [self.haproxy, "-W", "-db", "-f", paths.config],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -187,39 +211,52 @@ class HaproxyDriver:
             logf.close()
         deadline = time.monotonic() + timeout
         while True:
-            if self._proc.poll() is not None:
+            if proc.poll() is not None:
                 raise DataPlaneError(
-                    f"HAProxy exited at start ({self._proc.returncode}); see {self.run_dir / 'haproxy.log'}"
+                    f"HAProxy exited at start ({proc.returncode}); see {self.run_dir / 'haproxy.log'}"
                 )
             try:
-                if "Name: HAProxy" in self.command("show info"):
+                if "Name: HAProxy" in self.command("show info", process=k):
                     return
             except DataPlaneError:
                 pass
             if time.monotonic() > deadline:
-                kill(self._proc)
+                kill(proc)
                 raise DataPlaneError(f"HAProxy did not answer on its admin socket within {timeout} s")
             time.sleep(0.05)
 
     def check(self) -> bool:
-        """Restart HAProxy if it died (supervision). Returns True when it had to."""
+        """Restart each HAProxy process that died (supervision). Returns True when it had to."""
         with self._lock:
-            if self._stopping or self._proc is None or self._proc.poll() is None:
+            if self._stopping:
                 return False
-            log.warning("HAProxy exited (%s); restarting it with the current routes", self._proc.returncode)
-            self.restarts += 1
+            dead = [k for k, p in enumerate(self._procs) if p is not None and p.poll() is not None]
+            if not dead:
+                return False
             self._write_files()
-            self._spawn(15.0)
+            for k in dead:
+                proc = self._procs[k]
+                log.warning(
+                    "HAProxy exited (%s); restarting it with the current routes",
+                    proc.returncode if proc is not None else None,
+                )
+                self.restarts += 1
+                self._spawn(k, 15.0)
             return True
 
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
-            proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # master-worker: the master stops its worker
+            self._stop_all()
+
+    def _stop_all(self) -> None:
+        procs, self._procs = self._procs, [None] * self.limits.processes
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # master-worker: the master stops its worker
+        for proc in procs:
+            if proc is None:
+                continue
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -232,9 +269,9 @@ class HaproxyDriver:
             self.check_config()
             self._reload()
 
-    def _worker_pid(self) -> int | None:
+    def _worker_pid(self, k: int) -> int | None:
         try:
-            info = self.command("show info", timeout=1.0)
+            info = self.command("show info", timeout=1.0, process=k)
         except DataPlaneError:
             return None
         for line in info.splitlines():
@@ -243,29 +280,38 @@ class HaproxyDriver:
         return None
 
     def _reload(self, timeout: float = 10.0) -> None:
-        """SIGUSR2 to the master, then wait until a new worker answers on the admin socket (commands sent
-        before that would reach the old worker and be lost with it)."""
-        if self._proc is None or self._proc.poll() is not None:
+        """SIGUSR2 to each master, then wait until each has a new worker answering on its admin socket
+        (commands sent before that would reach the old worker and be lost with it)."""
+        running = [(k, p) for k, p in enumerate(self._procs) if p is not None and p.poll() is None]
+        if not running:
             return
-        old = self._worker_pid()
-        self._proc.send_signal(signal.SIGUSR2)
+        old = {k: self._worker_pid(k) for k, _ in running}
+        for _k, proc in running:
+            proc.send_signal(signal.SIGUSR2)
         self.reloads += 1
         deadline = time.monotonic() + timeout
+        waiting = {k for k, _ in running}
         while time.monotonic() < deadline:
-            pid = self._worker_pid()
-            if pid is not None and pid != old:
+            for k in list(waiting):
+                pid = self._worker_pid(k)
+                if pid is not None and pid != old[k]:
+                    waiting.discard(k)
+            if not waiting:
                 return
             time.sleep(0.05)
         raise DataPlaneError(f"HAProxy did not reload within {timeout} s; see {self.run_dir / 'haproxy.log'}")
 
     # ------------------------------------------------------------------------------------------ runtime API
 
-    def command(self, line: str, timeout: float = 5.0) -> str:
-        """One runtime API command over the admin socket; its answer."""
+    def command(self, line: str, timeout: float = 5.0, *, process: int = 0) -> str:
+        """One runtime API command over the admin socket of one HAProxy process; its answer."""
         if "\n" in line or ";" in line:
             raise DataPlaneError("one runtime command at a time")
+        if not 0 <= process < self.limits.processes:
+            raise DataPlaneError(f"no HAProxy process {process}")
+        sock = self.paths.for_process(process).admin_socket
         try:
-            answer = unix_exchange(self.paths.admin_socket, line.encode() + b"\n", timeout=timeout)
+            answer = unix_exchange(sock, line.encode() + b"\n", timeout=timeout)
         except OSError as exc:
             raise DataPlaneError(f"HAProxy's admin socket: {exc}") from exc
         return answer.decode(errors="replace")
@@ -279,10 +325,12 @@ class HaproxyDriver:
             new = plan(routes, self.base_domain, self.limits, self.plan, custom_domains)
             cmds = runtime_commands(self.plan, new, self.paths, self.limits)
             try:
-                for cmd in cmds:
-                    answer = self.command(cmd).strip()
-                    if not any(answer.startswith(p) for p in _OK_PREFIXES if p) and answer:
-                        raise DataPlaneError(f"HAProxy refused {cmd!r}: {answer[:300]}")
+                # each process in turn, each through the whole ordered change (runtime_commands)
+                for k in range(self.limits.processes):
+                    for cmd in cmds:
+                        answer = self.command(cmd, process=k).strip()
+                        if not any(answer.startswith(p) for p in _OK_PREFIXES if p) and answer:
+                            raise DataPlaneError(f"HAProxy refused {cmd!r}: {answer[:300]}")
             except DataPlaneError:
                 # Part of the change may have happened: HAProxy re-reads the whole new state (a reload,
                 # the only way back to a known state; open connections finish on the old worker).

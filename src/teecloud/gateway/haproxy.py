@@ -48,7 +48,9 @@ __all__ = [
     "HaproxyPaths",
     "HaproxyTimeouts",
     "TerminateMode",
+    "merge_metrics",
     "needs_split",
+    "per_process",
     "render_config",
     "render_lua",
     "render_map",
@@ -66,14 +68,28 @@ _TCP_LOG = "teecloud tcp %b %Tt %ts"
 class HaproxyPaths:
     run_dir: str  # holds the config, the map files, the certificate directory and the admin socket
     terminate_socket: str  # abstract unix socket name between the two frontends (unique per gateway)
+    # which HAProxy process (DataPlaneLimits.processes): each has its own configuration file, runtime and
+    # metrics sockets and hop; the maps, certificates, Lua file and access log socket are shared
+    process: int = 0
+
+    def for_process(self, k: int) -> HaproxyPaths:
+        return HaproxyPaths(self.run_dir, self.terminate_socket, k)
+
+    @property
+    def _suffix(self) -> str:
+        return f"-{self.process}" if self.process else ""
+
+    @property
+    def hop_socket(self) -> str:
+        return f"{self.terminate_socket}{self._suffix}"
 
     @property
     def config(self) -> str:
-        return f"{self.run_dir}/haproxy.cfg"
+        return f"{self.run_dir}/haproxy{self._suffix}.cfg"
 
     @property
     def admin_socket(self) -> str:
-        return f"{self.run_dir}/admin.sock"
+        return f"{self.run_dir}/admin{self._suffix}.sock"
 
     @property
     def http_map(self) -> str:
@@ -85,7 +101,7 @@ class HaproxyPaths:
 
     @property
     def metrics_socket(self) -> str:
-        return f"{self.run_dir}/metrics.sock"
+        return f"{self.run_dir}/metrics{self._suffix}.sock"
 
     @property
     def access_log(self) -> str:
@@ -153,6 +169,13 @@ def _log_lines(paths: HaproxyPaths, log_format: str) -> list[str]:
     ]
 
 
+def per_process(cap: int, limits: DataPlaneLimits) -> int:
+    """A cap's share in each of `limits.processes` HAProxy processes: their sum never exceeds `cap` (a
+    process cannot see the others' connections; the kernel spreads connections unevenly, so one process may
+    refuse at its share while the total is below the cap: stricter, never looser)."""
+    return max(1, cap // limits.processes)
+
+
 def render_map(entries: dict[str, str]) -> str:
     return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
 
@@ -207,7 +230,8 @@ def render_config(
     lines = [
         "# Rendered by teecloud.gateway.haproxy; changes at run time go through the runtime API.",
         "global",
-        f"    maxconn {limits.max_connections}",
+        f"    maxconn {per_process(limits.max_connections, limits)}",
+        *(["    nbthread 1"] if limits.processes > 1 else []),
         f"    stats socket {paths.admin_socket} mode 600 level admin",
         "    stats timeout 10s",
         "    hard-stop-after 60s",  # after a reload, the old worker's connections end within this
@@ -283,11 +307,11 @@ def render_config(
         lines += [
             "backend be_terminate",
             "    mode tcp",
-            f"    server terminate abns@{paths.terminate_socket} send-proxy-v2",
+            f"    server terminate abns@{paths.hop_socket} send-proxy-v2",
             "",
         ]
     # the TLS frontend's address: behind the hop (the client address comes in PROXY v2), or the public port
-    tls_bind = f"abns@{paths.terminate_socket} accept-proxy" if split else f"{host}:{port}"
+    tls_bind = f"abns@{paths.hop_socket} accept-proxy" if split else f"{host}:{port}"
     if terminate_mode == "http":
         lines += [
             "frontend fe_terminate",
@@ -336,6 +360,7 @@ def render_config(
             f"    use_backend %[ssl_fc_sni,lower,map({paths.http_map})]",
             "",
         ]
+    app_cap = per_process(limits.max_conn_per_app, limits)
     for mode in ("http", "tcp", "grpc"):
         h2c = " proto h2" if mode == "grpc" and terminate_mode == "http" else ""  # h2c to the CVM
         pools = (False, True) if mode != "grpc" or limits.grpc_backends else ()
@@ -354,22 +379,21 @@ def render_config(
                 lines += [
                     "    option redispatch",
                     '    http-request return status 503 content-type text/plain string "the app is at its '
-                    f'connection cap" if {{ be_conn gt {limits.max_conn_per_app} }}',
+                    f'connection cap" if {{ be_conn gt {app_cap} }}',
                 ]
             else:
                 lines += [
                     "    option redispatch",
-                    f"    tcp-request content reject if {{ be_conn gt {limits.max_conn_per_app} }}",
+                    f"    tcp-request content reject if {{ be_conn gt {app_cap} }}",
                 ]
+            server_cap = per_process(limits.max_conn_per_server, limits)
             for i, address in enumerate(plan.backend_servers(backend, limits)):
                 if address is None:
-                    lines.append(
-                        f"    server s{i} 127.0.0.1:1 disabled maxconn {limits.max_conn_per_server}{proto}"
-                    )
+                    lines.append(f"    server s{i} 127.0.0.1:1 disabled maxconn {server_cap}{proto}")
                 else:
                     ip, p = split_address(address)
                     ip = f"[{ip}]" if ":" in ip else ip
-                    lines.append(f"    server s{i} {ip}:{p} maxconn {limits.max_conn_per_server}{proto}")
+                    lines.append(f"    server s{i} {ip}:{p} maxconn {server_cap}{proto}")
             lines.append("")
     return "\n".join(lines)
 
@@ -405,3 +429,36 @@ def runtime_commands(old: Plan, new: Plan, paths: HaproxyPaths, limits: DataPlan
                 maps.append(f"set map {path} {host} {backend}")
         dels += [f"del map {path} {host}" for host in sorted(before_map) if host not in after_map]
     return up + maps + dels + down
+
+
+def merge_metrics(texts: list[bytes]) -> bytes:
+    """The Prometheus text expositions of N HAProxy processes (DataPlaneLimits.processes) as one: every
+    sample labelled `haproxy_process="<k>"`, each metric family's HELP and TYPE lines once, followed by its
+    samples from every process (the text format wants a family's lines together). One process: unchanged."""
+    if len(texts) == 1:
+        return texts[0]
+    families: dict[bytes, tuple[list[bytes], list[bytes]]] = {}  # name -> (HELP/TYPE lines, samples)
+    for k, text in enumerate(texts):
+        label = f'haproxy_process="{k}"'.encode()
+        family = b""
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            if line.startswith(b"#"):
+                parts = line.split(None, 3)
+                if len(parts) >= 3 and parts[1] in (b"HELP", b"TYPE"):
+                    family = parts[2]
+                    comments = families.setdefault(family, ([], []))[0]
+                    if line not in comments:
+                        comments.append(line)
+                continue
+            end = min((i for i in (line.find(b"{"), line.find(b" ")) if i >= 0), default=-1)
+            if end < 0:
+                continue  # not a sample line
+            if line[end : end + 1] == b"{":
+                rest = line[end + 1 :]
+                line = line[: end + 1] + label + (b"" if rest.startswith(b"}") else b",") + rest
+            else:
+                line = line[:end] + b"{" + label + b"}" + line[end:]
+            families.setdefault(family, ([], []))[1].append(line)
+    return b"".join(b"\n".join([*c, *samples]) + b"\n" for c, samples in families.values())

@@ -68,8 +68,15 @@ class DataPlaneLimits:
     # with passthrough: the second public port that serves `s` names and custom domains (SNI routing, TCP),
     # while the main port terminates TLS itself with no hop; 0 = both on the main port (the hop)
     passthrough_port: int = 0
+    # HAProxy processes of one thread each on the same ports (SO_REUSEPORT: the kernel spreads new
+    # connections), as nginx runs workers; 1: one process with a thread per core (HAProxy's default). With
+    # more, every runtime change goes to each process, and the caps above are split between them
+    # (teecloud.gateway.haproxy.per_process): their sum never exceeds the configured cap
+    processes: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.processes <= 64:
+            raise GatewayUsageError("processes must be in 1..64")
         if not 0 <= self.passthrough_port <= 65535:
             raise GatewayUsageError("passthrough_port must be in 0..65535 (0: none)")
         if self.passthrough_port and not self.passthrough:
@@ -83,6 +90,8 @@ class DataPlaneLimits:
         for name in ("max_conn_per_server", "max_conn_per_app", "max_connections"):
             if not 1 <= getattr(self, name) <= 1_000_000:
                 raise GatewayUsageError(f"{name} must be in 1..1000000")
+            if getattr(self, name) < self.processes:  # each process gets a share of at least 1
+                raise GatewayUsageError(f"{name} must be at least processes ({self.processes})")
 
 
 def check_base_domain(base: str) -> str:

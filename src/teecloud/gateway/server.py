@@ -43,7 +43,7 @@ from teecloud.gateway.customdomain import CustomDomains
 from teecloud.gateway.devca import DevCa
 from teecloud.gateway.driver import HaproxyDriver
 from teecloud.gateway.errors import DataPlaneError, GatewayUsageError
-from teecloud.gateway.haproxy import CustomDomainHook
+from teecloud.gateway.haproxy import CustomDomainHook, merge_metrics
 from teecloud.gateway.http import (
     PEER_CERT_STATE_KEY,
     fetch_unix_http,
@@ -306,7 +306,9 @@ class GatewayServer:
         if self.access_log is not None:
             own = self.access_log.metrics().encode() + own
         try:
-            text = own + fetch_unix_http(self.driver.paths.metrics_socket, "/metrics")
+            text = own + merge_metrics(
+                [fetch_unix_http(p.metrics_socket, "/metrics") for p in self.driver.process_paths]
+            )
         except OSError:
             return own + b"# HAProxy's exporter did not answer\n"
         labels: dict[bytes, bytes] = {}
