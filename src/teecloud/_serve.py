@@ -540,6 +540,16 @@ class LimitedH11Protocol(H11Protocol):
         super().on_response_complete()
         self._update_read_timer()
 
+    def shutdown(self) -> None:
+        """On stop: an idle connection is aborted at once; one serving a request finishes it (uvicorn's
+        graceful shutdown). uvicorn closes an idle one instead, and asyncio's TLS close then waits up to
+        ssl_shutdown_timeout for the client's close_notify — which a pooling client (httpx) sends only when
+        it next touches the connection — so every stop with a kept-alive client connected took that long."""
+        if self.transport is not None and self.idle():
+            self.transport.abort()
+            return
+        super().shutdown()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_read_timer()
         super().connection_lost(exc)
