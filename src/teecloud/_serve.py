@@ -10,7 +10,8 @@ handshakes with asyncio's 60 s default. So here:
                          TLS handshake (asyncio allocates a 256 KiB buffer per TLS connection at accept) and
                          passes the handshake timeout to asyncio
     LimitedH11Protocol   uvicorn's h11 protocol plus a request-read deadline (headers and body, measured
-                         from the connection or the first byte, never reset by a trickle)
+                         from the connection or the first byte, never reset by a trickle); on stop, an idle
+                         connection is aborted instead of waiting for the client's TLS close_notify
     BoundedHTTPServer    the same limits for a stdlib ThreadingHTTPServer (the chain RPC): a thread per
                          connection up to the cap, a reaper for read and keep-alive deadlines
     RateLimitedLog       one log line per interval with counts, instead of a line (or traceback) per event
