@@ -10,7 +10,8 @@ handshakes with asyncio's 60 s default. So here:
                          TLS handshake (asyncio allocates a 256 KiB buffer per TLS connection at accept) and
                          passes the handshake timeout to asyncio
     LimitedH11Protocol   uvicorn's h11 protocol plus a request-read deadline (headers and body, measured
-                         from the connection or the first byte, never reset by a trickle)
+                         from the connection or the first byte, never reset by a trickle); on stop, an idle
+                         connection is aborted instead of waiting for the client's TLS close_notify
     BoundedHTTPServer    the same limits for a stdlib ThreadingHTTPServer (the chain RPC): a thread per
                          connection up to the cap, a reaper for read and keep-alive deadlines
     RateLimitedLog       one log line per interval with counts, instead of a line (or traceback) per event
@@ -540,6 +541,16 @@ class LimitedH11Protocol(H11Protocol):
         super().on_response_complete()
         self._update_read_timer()
 
+    def shutdown(self) -> None:
+        """On stop: an idle connection is aborted at once; one serving a request finishes it (uvicorn's
+        graceful shutdown). uvicorn closes an idle one instead, and asyncio's TLS close then waits up to
+        ssl_shutdown_timeout for the client's close_notify — which a pooling client (httpx) sends only when
+        it next touches the connection — so every stop with a kept-alive client connected took that long."""
+        if self.transport is not None and self.idle():
+            self.transport.abort()
+            return
+        super().shutdown()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_read_timer()
         super().connection_lost(exc)
@@ -649,6 +660,26 @@ class LimitedServer(uvicorn.Server):
         )
         self.servers = [self._acceptor]  # type: ignore[list-item]
         self.started = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, without its fixed 0.1 s pause (for connections to close) when, once the
+        listener is closed and the idle connections are aborted, no connection and no task is left to wait
+        for (most stops of a test server). A request in flight gets uvicorn's graceful shutdown."""
+        for server in self.servers:
+            server.close()  # stop accepting (idempotent: uvicorn's shutdown closes it again)
+        conns = self.server_state.connections
+        for conn in list(conns):
+            if isinstance(conn, LimitedH11Protocol) and conn.idle():
+                conn.shutdown()  # aborted: gone once its connection_lost has run, a few loop turns later
+        for _ in range(20):
+            if not conns:
+                break
+            await asyncio.sleep(0.001)
+        if sockets or conns or self.server_state.tasks:
+            await super().shutdown(sockets)
+            return
+        if not self.force_exit:
+            await self.lifespan.shutdown()
 
     async def on_tick(self, counter: int) -> bool:
         if counter % 10 == 0:  # once a second (uvicorn ticks every 0.1 s)

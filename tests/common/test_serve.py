@@ -81,6 +81,7 @@ def serving(limits: ServeLimits, *, ssl_ctx: ssl.SSLContext | None = None, **kw:
         time.sleep(0.01)
     server.port = server.servers[0].sockets[0].getsockname()[1]
     server.app = app
+    server.thread = thread
     try:
         yield server
     finally:
@@ -226,6 +227,45 @@ def test_tls_handshake_timeout_and_hook(tmp_path: Path) -> None:
         assert httpx.get(f"https://127.0.0.1:{srv.port}/", verify=False, timeout=5).status_code == 200
         assert srv.active_connections <= 1
         half_open.close()
+
+
+def test_stop_aborts_idle_kept_alive_tls_connections_and_finishes_requests(tmp_path: Path) -> None:
+    """On stop, a kept-alive TLS connection its client leaves idle (as an httpx pool does) is ended at once,
+    not closed with a wait for the client's close_notify (up to shutdown_timeout_s: 5 s a stop before);
+    a request in flight is still answered."""
+    limits = dataclasses.replace(
+        FAST, tls_handshake_timeout_s=60.0, keep_alive_timeout_s=60.0, shutdown_timeout_s=30.0
+    )
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    with serving(limits, ssl_ctx=_self_signed(tmp_path)) as srv:
+        idle = client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=5))
+        idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while not got.endswith(b"ok"):
+            got += idle.recv(1024)
+        assert got.startswith(b"HTTP/1.1 200") and b"connection: close" not in got.lower()  # kept alive
+        held = client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=5))
+        held.sendall(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _wait(lambda: srv.active_connections == 2)
+        time.sleep(0.2)  # the held request reaches the app
+        t0 = time.monotonic()
+        srv.should_exit = True
+        time.sleep(0.3)
+        srv.app.release.set()
+        answer = b""
+        while not answer.endswith(b"ok"):
+            answer += held.recv(1024)
+        assert answer.startswith(b"HTTP/1.1 200")
+        held.close()
+        srv.thread.join(20)
+        assert not srv.thread.is_alive()
+        # the idle client never read or closed its connection: the stop did not wait for it
+        assert time.monotonic() - t0 < 10.0 < limits.shutdown_timeout_s
+        with contextlib.suppress(OSError):
+            assert idle.recv(1024) == b""
+        idle.close()
 
 
 def test_rate_limited_log_writes_one_line_per_interval() -> None:
