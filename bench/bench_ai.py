@@ -368,8 +368,7 @@ def _synthetic_main(ready: object, stop: object, events: int, gap_s: float) -> N
     line = b"data: " + json.dumps(chunk).encode() + b"\n\n"
     app = FastAPI()
 
-    @app.post("/v1/chat/completions")
-    async def stream(request: Request) -> StreamingResponse:
+    async def stream(request: Request) -> StreamingResponse:  # a plain route: the request as it came
         asked = (await request.json()).get("max_tokens")
         n = min(events, asked) if isinstance(asked, int) and asked > 0 else events
 
@@ -385,6 +384,7 @@ def _synthetic_main(ready: object, stop: object, events: int, gap_s: float) -> N
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
+    app.add_route("/v1/chat/completions", stream, methods=["POST"])
     with Listener(app, name="synthetic-engine") as listener:
         ready.put(listener.url)  # type: ignore[attr-defined]
         stop.wait()  # type: ignore[attr-defined]
