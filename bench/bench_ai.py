@@ -32,9 +32,14 @@ The goals' statistical verdict (like bench_gateway_variants.py --verdict):
 
     python3 bench/bench_ai.py --verdict [--requests 40] [--budget-s 900] [--models small] [--configs today]
 
-runs --requests interleaved rounds (relays as processes): in each, every path once in a shuffled order on
-the same model with prompts of one template (numbered, so no path gets the engine's prefix cache free), and
-the comparison is paired within the round. Paths: the engine direct, the attested app, the verifying proxy
+runs --requests interleaved rounds (relays as processes), paired within the round. Since AI round 8 a round
+(`--pairing palindrome`, one_round) gives every path the same prompt, put in the engine's prompt cache
+first by an untimed 1-token request, so every path gets the same answer from the same cache state, and runs
+the paths in a shuffled order and then mirrored (A B C D D C B A); rounds 5-7 (`--pairing shuffled`) ran
+every path once with a prompt of its own, whose answers differ in their number of content chunks: most of
+that method's spread. `--configs synthetic` puts a paced synthetic engine (NOT a model: --tokens chunks
+--synthetic-gap-ms apart by the clock, as a GPU paces them) in place of llama.cpp: no engine variance.
+Paths: the engine direct, the attested app, the verifying proxy
 (inline receipts: the default), with E2EE, and a proxy that fetches each receipt (`receipts="fetch"`, the
 protocol before inline receipts). Over the rounds, per path: the geometric mean of the throughput ratios
 (tokens/s end to end, path / direct) with a 95 % interval (Student's t on the log ratios), and the mean added
@@ -49,6 +54,9 @@ A quick verdict for a quiet machine (≤ 12 minutes; docs/benchmarks.md):
 
     python3 bench/bench_ai.py --verdict --configs gpu-like --requests 250 --ttft-rounds 800 --tokens 64 \
         --budget-s 560 --no-extras
+
+The proxies' CPU is printed per answer and per token over all timed answers, and split (from the short
+rounds' CPU per answer against the long rounds') into a cost per answer and one per token.
 
 Where the first token's time goes, stage by stage (perf_counter marks on the path, the relays as threads of
 this process in front of a synthetic engine whose first event comes at once):
@@ -795,6 +803,12 @@ def measure(
                     for name, row in one_round(http, paths, args.ttft_tokens, i, rng, args.pairing):
                         tstats[name].append(row)
                 out["ttft"] = tstats
+                # The proxies' CPU after the short answers: with the long ones below, it splits into a cost
+                # per answer and one per token.
+                out["cpu_ttft"] = {
+                    name: r.cpu_s() - cpu0[name] - idle[name] * (time.monotonic() - t_timed)
+                    for name, r in relays.items()
+                }
             for streamed in modes:
                 stats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
                 request = one if streamed else one_plain
@@ -989,6 +1003,21 @@ def report(args: argparse.Namespace, title: str, m: dict[str, object], modes: li
                 f"- {name}: {busy * 1000 / answers:.2f} ms per answer, {busy * 1e6 / tokens:.0f} µs per "
                 f"token ({seconds:.2f} s in {m['elapsed']:.0f} s, idle {idle * 1000:.2f} ms/s)"
             )
+        split = m.get("cpu_ttft")
+        if isinstance(split, dict) and isinstance(ttft_rounds, dict) and args.tokens > args.ttft_tokens:
+            # CPU per answer of the short rounds (a) and of the long ones (b), each answer of n tokens costing
+            # fixed + n * per_token: per_token = (b - a) / (long - short), fixed = a - short * per_token.
+            n_short = len(ttft_rounds["engine direct"])
+            n_long = answers - n_short
+            print("  split (the short rounds' CPU per answer against the long rounds'):")
+            for name, (busy, _seconds, _idle) in cpu.items():
+                if not n_short or not n_long:
+                    continue
+                a = split[name] / n_short
+                b = (busy - split[name]) / n_long
+                per_token = (b - a) / (args.tokens - args.ttft_tokens)
+                fixed = a - args.ttft_tokens * per_token
+                print(f"  - {name}: {fixed * 1000:.2f} ms per answer + {per_token * 1e6:.0f} µs per token")
     if "relay" not in m:
         return
     print(
