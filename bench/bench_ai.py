@@ -32,9 +32,14 @@ The goals' statistical verdict (like bench_gateway_variants.py --verdict):
 
     python3 bench/bench_ai.py --verdict [--requests 40] [--budget-s 900] [--models small] [--configs today]
 
-runs --requests interleaved rounds (relays as processes): in each, every path once in a shuffled order on
-the same model with prompts of one template (numbered, so no path gets the engine's prefix cache free), and
-the comparison is paired within the round. Paths: the engine direct, the attested app, the verifying proxy
+runs --requests interleaved rounds (relays as processes), paired within the round. Since AI round 8 a round
+(`--pairing palindrome`, one_round) gives every path the same prompt, put in the engine's prompt cache
+first by an untimed 1-token request, so every path gets the same answer from the same cache state, and runs
+the paths in a shuffled order and then mirrored (A B C D D C B A); rounds 5-7 (`--pairing shuffled`) ran
+every path once with a prompt of its own, whose answers differ in their number of content chunks: most of
+that method's spread. `--configs synthetic` puts a paced synthetic engine (NOT a model: --tokens chunks
+--synthetic-gap-ms apart by the clock, as a GPU paces them) in place of llama.cpp: no engine variance.
+Paths: the engine direct, the attested app, the verifying proxy
 (inline receipts: the default), with E2EE, and a proxy that fetches each receipt (`receipts="fetch"`, the
 protocol before inline receipts). Over the rounds, per path: the geometric mean of the throughput ratios
 (tokens/s end to end, path / direct) with a 95 % interval (Student's t on the log ratios), and the mean added
@@ -49,6 +54,9 @@ A quick verdict for a quiet machine (≤ 12 minutes; docs/benchmarks.md):
 
     python3 bench/bench_ai.py --verdict --configs gpu-like --requests 250 --ttft-rounds 800 --tokens 64 \
         --budget-s 560 --no-extras
+
+The proxies' CPU is printed per answer and per token over all timed answers, and split (from the short
+rounds' CPU per answer against the long rounds') into a cost per answer and one per token.
 
 Where the first token's time goes, stage by stage (perf_counter marks on the path, the relays as threads of
 this process in front of a synthetic engine whose first event comes at once):
@@ -346,13 +354,14 @@ def relay_cost(s: object, events: int = 400, rounds: int = 5) -> dict[str, float
 
 
 def _synthetic_main(ready: object, stop: object, events: int, gap_s: float) -> None:
-    """A synthetic engine in its own process (labelled: NOT a model): `events` OpenAI-shaped chunks, the first
-    at once and then one per `gap_s`, then [DONE]; only the relays' own time shows in front of it."""
+    """A synthetic engine in its own process (labelled: NOT a model): `events` OpenAI-shaped chunks (fewer
+    when the request's max_tokens says so), the first at once and then one per `gap_s`, then [DONE]; only
+    the relays' own time shows in front of it."""
     import asyncio
     import logging
 
     logging.disable(logging.WARNING)
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
     from fastapi.responses import StreamingResponse
 
     from teecloud.ai._http import Listener
@@ -367,19 +376,50 @@ def _synthetic_main(ready: object, stop: object, events: int, gap_s: float) -> N
     line = b"data: " + json.dumps(chunk).encode() + b"\n\n"
     app = FastAPI()
 
-    @app.post("/v1/chat/completions")
-    async def stream() -> StreamingResponse:
+    async def stream(request: Request) -> StreamingResponse:  # a plain route: the request as it came
+        asked = (await request.json()).get("max_tokens")
+        n = min(events, asked) if isinstance(asked, int) and asked > 0 else events
+
         async def gen():  # type: ignore[no-untyped-def]
-            for _ in range(events):
+            # Paced by the clock from the first event (token k at k * gap_s): a late wake-up does not
+            # slow the rest, as a GPU's pace does not depend on the host.
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for k in range(n):
                 yield line
-                await asyncio.sleep(gap_s)
+                await asyncio.sleep(max(0.0, start + (k + 1) * gap_s - loop.time()))
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
+    app.add_route("/v1/chat/completions", stream, methods=["POST"])
     with Listener(app, name="synthetic-engine") as listener:
         ready.put(listener.url)  # type: ignore[attr-defined]
         stop.wait()  # type: ignore[attr-defined]
+
+
+class SyntheticEngine:
+    """Context manager: _synthetic_main in a spawned process (NOT a model); its URL."""
+
+    def __init__(self, events: int, gap_s: float) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.ready, self.stop = ctx.Queue(), ctx.Event()
+        self.proc = ctx.Process(
+            target=_synthetic_main, args=(self.ready, self.stop, events, gap_s), daemon=True
+        )
+
+    def __enter__(self) -> str:
+        self.proc.start()
+        return str(self.ready.get(timeout=120))
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
 
 
 _MARKS: list[tuple[str, float]] = []  # (mark, perf_counter) of the request in flight (--spans)
@@ -663,6 +703,10 @@ CONFIGS = {
     "today": {"threads": 2},
     # the engine leaves one core to the host, as a GPU engine does (its compute is on the GPU): one thread
     "gpu-like": {"threads": 1},
+    # NOT a model: a synthetic engine (its own process) that sends --tokens OpenAI-shaped chunks paced by the
+    # clock (--synthetic-gap-ms apart), as a GPU engine paces them without the host's CPU; the engine's own
+    # variance is gone, what is left is the relays' and the machine's (relays as processes only)
+    "synthetic": {"threads": 1},
 }
 
 
@@ -689,7 +733,10 @@ def measure(
     out: dict[str, object] = {}
     with contextlib.ExitStack() as stack:
         s = stack.enter_context(running_stack(home, model=model, threads=threads))
-        paths = {"engine direct": s.engine.url}
+        engine_url = s.engine.url
+        if args.synthetic:  # the llama.cpp engine of the stack stays idle
+            engine_url = stack.enter_context(SyntheticEngine(args.tokens, args.synthetic_gap_ms / 1000))
+        paths = {"engine direct": engine_url}
         relays: dict[str, RelayProcess] = {}  # path -> its own relay process (the proxies'; --relays process)
         if args.relays == "thread":
             paths["attested app"] = s.front.url
@@ -698,7 +745,9 @@ def measure(
         else:
             trees = {"": None} | ({" (before)": args.before} if args.before else {})
             for label, src in trees.items():
-                config = dataclasses.replace(s.config, receipts_dir=home / f"receipts-process{label.strip()}")
+                config = dataclasses.replace(
+                    s.config, engine_url=engine_url, receipts_dir=home / f"receipts-process{label.strip()}"
+                )
                 front_url = stack.enter_context(
                     RelayProcess("front", sock=s.sock, config=dataclasses.asdict(config), src=src)
                 ).url
@@ -731,6 +780,8 @@ def measure(
                 one(http, url, 4, 9999)
             i = 0
             rng = random.Random(0)
+            per_round = 2 if args.verdict and args.pairing == "palindrome" else 1
+            out["per_round"] = per_round
             # Each relay's CPU while idle (uvicorn's once-per-0.1-s tick), taken out of the figure below.
             idle0 = {name: r.cpu_s() for name, r in relays.items()}
             time.sleep(2.0 if relays else 0)
@@ -745,15 +796,19 @@ def measure(
                 tstats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
                 for _ in range(args.ttft_rounds):
                     if time.monotonic() > ttft_deadline:
-                        done = len(tstats["engine direct"])
+                        done = len(tstats["engine direct"]) // per_round
                         print(f"TTFT rounds: a quarter of the budget reached after {done}")
                         break
-                    order = list(paths.items())
-                    rng.shuffle(order)
-                    for name, url in order:
-                        i += 1
-                        tstats[name].append(one(http, url, args.ttft_tokens, i))
+                    i += 1
+                    for name, row in one_round(http, paths, args.ttft_tokens, i, rng, args.pairing):
+                        tstats[name].append(row)
                 out["ttft"] = tstats
+                # The proxies' CPU after the short answers: with the long ones below, it splits into a cost
+                # per answer and one per token.
+                out["cpu_ttft"] = {
+                    name: r.cpu_s() - cpu0[name] - idle[name] * (time.monotonic() - t_timed)
+                    for name, r in relays.items()
+                }
             for streamed in modes:
                 stats: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in paths}
                 request = one if streamed else one_plain
@@ -761,9 +816,14 @@ def measure(
                     if time.monotonic() > deadline:
                         print(
                             f"budget of {args.budget_s:.0f} s reached after "
-                            f"{len(stats['engine direct'])} rounds"
+                            f"{len(stats['engine direct']) // per_round} rounds"
                         )
                         break
+                    if args.verdict and streamed:
+                        i += 1
+                        for name, row in one_round(http, paths, args.tokens, i, rng, args.pairing):
+                            stats[name].append(row)
+                        continue
                     order = list(paths.items())
                     rng.shuffle(order)  # no path is always first (or last) in a round
                     for name, url in order:
@@ -785,6 +845,34 @@ def measure(
     return out
 
 
+def one_round(
+    http: object, paths: dict[str, str], tokens: int, i: int, rng: random.Random, pairing: str
+) -> list[tuple[str, tuple[float, float, int, float]]]:
+    """One --verdict round: (path, result) in the order run.
+
+    "palindrome" (the default since AI round 8): every path gets the same prompt (numbered i), so the same
+    answer (temperature 0: the same tokens, the same bytes through the relays); a 1-token request with that
+    prompt first (not timed) leaves it in the engine's prompt cache, so every timed request finds the same
+    cache (llama.cpp reuses the longest prefix of the previous request: without this, the first request of
+    a round would pay the prompt's evaluation and the others not); then the paths in a shuffled order and
+    again in the mirrored order (A B C D D C B A): each path's two requests sit symmetrically about the
+    round's middle, so a load that drifts linearly through the round weighs on every path alike. Two results
+    per path per round; the verdict pairs them by round. "shuffled" (rounds 5-7): one request per path in a
+    shuffled order, each with a prompt of its own (different answers: their number of content chunks
+    varies from prompt to prompt, which is most of that method's round-to-round spread)."""
+    if pairing == "shuffled":
+        order = list(paths.items())
+        rng.shuffle(order)
+        out = []
+        for k, (name, url) in enumerate(order):
+            out.append((name, one(http, url, tokens, i * 16 + k)))
+        return out
+    one(http, paths["engine direct"], 1, i)  # the prompt into the engine's cache (not timed)
+    order = list(paths.items())
+    rng.shuffle(order)
+    return [(name, one(http, url, tokens, i)) for name, url in order + order[::-1]]
+
+
 def _judge(low: float, high: float, goal: float, *, higher_is_better: bool) -> str:
     """met / not met / undecidable for an interval against a goal."""
     if math.isnan(low):
@@ -794,17 +882,30 @@ def _judge(low: float, high: float, goal: float, *, higher_is_better: bool) -> s
     return "met" if high <= goal else "not met" if low > goal else "undecidable"
 
 
+Row = tuple[float, float, int, float]  # one()'s (ttft_s, total_s, content chunks, last_s)
+
+
+def _by_round(rows: list[Row], per_round: int) -> list[list[Row]]:
+    """A path's results grouped by round (one_round appends `per_round` per path per round)."""
+    return [rows[k : k + per_round] for k in range(0, len(rows) - per_round + 1, per_round)]
+
+
 def verdict(
     stats: dict[str, list[tuple[float, float, int, float]]],
     ttft_stats: dict[str, list[tuple[float, float, int, float]]] | None = None,
+    per_round: int = 1,
 ) -> None:
     """The goals' verdict over paired rounds (module docstring): throughput over `stats` (long answers), the
-    added TTFT over `ttft_stats` (short answers: their own rounds) when given, else over `stats`."""
+    added TTFT over `ttft_stats` (short answers: their own rounds) when given, else over `stats`. With
+    `per_round` results per path per round (one_round's palindrome), a round's ratio is the geometric mean
+    of its requests' ratios (log: the mean of the path's logs less the mean of direct's) and its added TTFT
+    the mean of the path's less the mean of direct's: one paired value per round, Student's t over rounds."""
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_gateway_variants import paired_ratio, t_975
 
-    direct = stats["engine direct"]
+    direct = _by_round(stats["engine direct"], per_round)
     tstats = ttft_stats or stats
+    tdirect = _by_round(tstats["engine direct"], per_round)
     print(
         "\n| path | rounds (throughput / TTFT) | throughput / direct (geo. mean) | 95 % CI | ≥ 98 % goal "
         "| decode rate / direct | 95 % CI | added TTFT, mean (ms) "
@@ -815,13 +916,28 @@ def verdict(
     def decode(r: tuple[float, float, int, float]) -> float:
         return (r[2] - 1) / (r[3] - r[0]) if r[3] > r[0] else float("nan")
 
+    def geo(xs: list[float]) -> float:
+        return math.exp(statistics.fmean(math.log(x) for x in xs))
+
+    def tps(r: tuple[float, float, int, float]) -> float:
+        return r[2] / r[1]
+
     for name, rows in stats.items():
         if name == "engine direct":
             continue
-        pairs = list(zip(rows, direct, strict=True))
-        ratio = paired_ratio([(r[2] / r[1]) / (d[2] / d[1]) for r, d in pairs])
-        rate = paired_ratio([decode(r) / decode(d) for r, d in pairs if decode(r) > 0 and decode(d) > 0])
-        added = [(r[0] - d[0]) * 1000 for r, d in zip(tstats[name], tstats["engine direct"], strict=True)]
+        pairs = list(zip(_by_round(rows, per_round), direct, strict=True))
+        ratio = paired_ratio([geo([tps(r) for r in rs]) / geo([tps(d) for d in ds]) for rs, ds in pairs])
+        rate = paired_ratio(
+            [
+                geo([decode(r) for r in rs]) / geo([decode(d) for d in ds])
+                for rs, ds in pairs
+                if all(decode(x) > 0 for x in rs + ds)
+            ]
+        )
+        added = [
+            (statistics.fmean(r[0] for r in rs) - statistics.fmean(d[0] for d in ds)) * 1000
+            for rs, ds in zip(_by_round(tstats[name], per_round), tdirect, strict=True)
+        ]
         n = len(added)
         mean = statistics.fmean(added)
         half = t_975(n - 1) * statistics.stdev(added) / math.sqrt(n) if n > 1 else float("nan")
@@ -841,6 +957,10 @@ def verdict(
             f"| {v_tps} | {100 * rate[0]:.1f} % | {100 * rate[1]:.1f}–{100 * rate[2]:.1f} % "
             f"| {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} | {v_ttft} | {tail:.1f} | {overall} |"
         )
+    if per_round > 1:  # the same prompt on every path of a round: the same answer, so the same chunk count
+        rounds = zip(*(_by_round(v, per_round) for v in stats.values()), strict=True)
+        differ = sum(len({r[2] for rs in group for r in rs}) > 1 for group in rounds)
+        print(f"rounds whose answers differ in their number of content chunks across paths: {differ}")
 
 
 def report(args: argparse.Namespace, title: str, m: dict[str, object], modes: list[bool]) -> None:
@@ -858,7 +978,11 @@ def report(args: argparse.Namespace, title: str, m: dict[str, object], modes: li
                 assert isinstance(ttft, dict)
                 print(f"\nTTFT rounds ({args.ttft_tokens}-token answers):")
                 table(ttft, True)
-            verdict(stats, ttft if isinstance(ttft, dict) and ttft.get("engine direct") else None)
+            verdict(
+                stats,
+                ttft if isinstance(ttft, dict) and ttft.get("engine direct") else None,
+                int(m.get("per_round", 1)),  # type: ignore[call-overload]
+            )
     cpu = m.get("cpu") or {}
     assert isinstance(cpu, dict)
     if cpu:
@@ -879,6 +1003,21 @@ def report(args: argparse.Namespace, title: str, m: dict[str, object], modes: li
                 f"- {name}: {busy * 1000 / answers:.2f} ms per answer, {busy * 1e6 / tokens:.0f} µs per "
                 f"token ({seconds:.2f} s in {m['elapsed']:.0f} s, idle {idle * 1000:.2f} ms/s)"
             )
+        split = m.get("cpu_ttft")
+        if isinstance(split, dict) and isinstance(ttft_rounds, dict) and args.tokens > args.ttft_tokens:
+            # CPU per answer of the short rounds (a) and of the long ones (b), each answer of n tokens costing
+            # fixed + n * per_token: per_token = (b - a) / (long - short), fixed = a - short * per_token.
+            n_short = len(ttft_rounds["engine direct"])
+            n_long = answers - n_short
+            print("  split (the short rounds' CPU per answer against the long rounds'):")
+            for name, (busy, _seconds, _idle) in cpu.items():
+                if not n_short or not n_long:
+                    continue
+                a = split[name] / n_short
+                b = (busy - split[name]) / n_long
+                per_token = (b - a) / (args.tokens - args.ttft_tokens)
+                fixed = a - args.ttft_tokens * per_token
+                print(f"  - {name}: {fixed * 1000:.2f} ms per answer + {per_token * 1e6:.0f} µs per token")
     if "relay" not in m:
         return
     print(
@@ -952,6 +1091,19 @@ def main() -> None:
     )
     ap.add_argument("--ttft-tokens", type=int, default=4, help="--verdict: tokens per TTFT-round answer")
     ap.add_argument(
+        "--pairing",
+        choices=["palindrome", "shuffled"],
+        default="palindrome",
+        help="--verdict rounds: palindrome (the same prompt on every path, cached first, paths in a shuffled "
+        "order and mirrored; since AI round 8) or shuffled (rounds 5-7: a prompt per request); one_round",
+    )
+    ap.add_argument(
+        "--synthetic-gap-ms",
+        type=float,
+        default=5.0,
+        help="configuration synthetic: the paced synthetic engine's time between tokens (5 ms: 200 tokens/s)",
+    )
+    ap.add_argument(
         "--with-fetch",
         action="store_true",
         help="--verdict: also a proxy that fetches each receipt (the protocol before inline receipts)",
@@ -1007,8 +1159,10 @@ def main() -> None:
                 setup_home = home / f"{size}-{c.replace(' ', '')}"
                 setup_home.mkdir()
                 extras = args.no_extras or not first  # the model-independent extras once
+                if c == "synthetic" and args.relays != "process":
+                    ap.error("the synthetic configuration needs --relays process (or --verdict)")
                 m = measure(
-                    argparse.Namespace(**{**vars(args), "no_extras": extras}),
+                    argparse.Namespace(**{**vars(args), "no_extras": extras, "synthetic": c == "synthetic"}),
                     setup_home,
                     model,
                     threads,

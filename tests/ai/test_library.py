@@ -150,6 +150,33 @@ def test_receipt_signed_by_a_key_the_kms_did_not_issue_is_refused() -> None:
     assert exc.value.step == "keyset_chain"
 
 
+def test_a_verified_key_set_skips_only_its_own_chain_check() -> None:
+    keys, rogue = app_keys(), app_keys(os.urandom(32))
+    forged = KeySet.from_json({**rogue.keyset.to_json(), "app_id": keys.keyset.app_id.hex()})
+    body = ReceiptBody(**{**body_for(keys).__dict__, "keyset_digest": forged.digest()})
+    receipt = sign_receipt(body, rogue.signing_secret, forged)
+    # The verifying proxy's attested key set is given as verified: any other key set, here one whose
+    # chain ends at another root, is still checked in full and refused.
+    with pytest.raises(ReceiptInvalid) as exc:
+        verify_receipt(receipt, kms_root_public_key=keys.root_public, verified_keyset=keys.keyset)
+    assert exc.value.step == "keyset_chain"
+    # A receipt carrying the verified key set itself (every field equal, parsed anew) is not checked
+    # again: shown by a root it was never checked under.
+    genuine = SignedReceipt.from_json(
+        sign_receipt(body_for(keys), keys.signing_secret, keys.keyset).to_json()
+    )
+    assert genuine.keyset is not keys.keyset and genuine.keyset == keys.keyset
+    with pytest.raises(ReceiptInvalid):
+        verify_receipt(genuine, kms_root_public_key=rogue.root_public)
+    verify_receipt(genuine, kms_root_public_key=rogue.root_public, verified_keyset=keys.keyset)
+    # Its other steps still run: the signature, the bytes.
+    with pytest.raises(ReceiptInvalid) as exc:
+        verify_receipt(
+            genuine, kms_root_public_key=keys.root_public, verified_keyset=keys.keyset, response_body=b"x"
+        )
+    assert exc.value.step == "response"
+
+
 def test_response_that_does_not_match_its_receipt_is_refused() -> None:
     keys = app_keys()
     receipt = sign_receipt(body_for(keys), keys.signing_secret, keys.keyset)

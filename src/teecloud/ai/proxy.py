@@ -41,7 +41,7 @@ import re
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,6 +331,7 @@ class UpstreamVerifier:
                 pinned_keyset_digest=up.keyset_digest,
                 request_body=sent,
                 response_body=received,
+                verified_keyset=up.keyset,  # its chain to the KMS root was checked by attest() (6)
             )
             if body.id != rid or body.model != up.model:
                 raise UpstreamRejected("the receipt is for another request or model", step="receipt")
@@ -544,7 +545,9 @@ def make_proxy_app(upstream_url: str, verifier: PeerVerifier, policy: ProxyPolic
             # against every byte received, once the stream has ended.
             fetching: asyncio.Task[tuple[httpx.Response, int]] | None = None
             receipt_event: bytes | None = None  # inline: the receipt event's exact bytes, as received
-            pieces = _coalesced(resp.aiter_raw())
+            # Each piece is every chunk one read of the upstream brought, joined (UpstreamResponse.aiter_raw):
+            # a proxy that fell behind (a loaded CPU) catches up with one write to the client.
+            pieces = resp.aiter_raw()
             try:
                 async for chunk in pieces:
                     size += len(chunk)
@@ -698,68 +701,6 @@ def _last_event_end(buf: bytes) -> int:
     if crlf >= 0 and crlf + 3 > cut + 2:
         return crlf + 3
     return cut + 2 if cut >= 0 else 0
-
-
-_COALESCE_DEPTH = 256  # pieces read ahead of the client (each at most one read of the upstream, 64 KiB)
-
-
-async def _coalesced(pieces: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
-    """The upstream's pieces, with those read ahead joined into one. The front sends each event as an HTTP
-    chunk of its own and h11 hands them out one by one even when one read brought several; a task of its
-    own reads them, so every piece of a read is queued before this side wakes, and a proxy that fell behind
-    (a loaded CPU) catches up with one write to the client instead of one per event. Nothing waits for
-    more: a lone piece goes on as soon as it is read. Read-ahead is bounded (_COALESCE_DEPTH). The first
-    piece (the first token) is read here, before the reader task starts: no task switch on its path."""
-    source = aiter(pieces)
-    try:
-        first = await anext(source)
-    except StopAsyncIteration:
-        return
-    except BaseException:
-        await _aclose(pieces)
-        raise
-    try:
-        yield first
-    except BaseException:  # the consumer stopped at the first piece: the source ends too
-        await _aclose(pieces)
-        raise
-    queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(_COALESCE_DEPTH)
-
-    async def pump() -> None:
-        try:
-            async for piece in source:
-                await queue.put(piece)
-        except Exception as exc:  # raised again on the reading side, where the stream's errors are handled
-            await queue.put(exc)
-            return
-        finally:
-            await _aclose(pieces)  # stopped early (cancelled): the source ends too
-        await queue.put(None)
-
-    task = asyncio.create_task(pump())
-    try:
-        while True:
-            item = await queue.get()
-            batch: list[bytes] = []
-            while isinstance(item, bytes):
-                batch.append(item)
-                if queue.empty():
-                    break
-                item = queue.get_nowait()
-            if batch:
-                yield b"".join(batch)
-            if item is None:
-                return
-            if isinstance(item, Exception):
-                raise item
-    finally:
-        await _cancel(task)
-
-
-async def _aclose(pieces: AsyncIterator[bytes]) -> None:
-    close = getattr(pieces, "aclose", None)
-    if close is not None:
-        await close()
 
 
 async def _cancel(task: asyncio.Task[Any] | None) -> None:

@@ -146,14 +146,19 @@ def verify_receipt(
     pinned_keyset_digest: bytes | None = None,
     request_body: bytes | None = None,
     response_body: bytes | None = None,
+    verified_keyset: KeySet | None = None,
 ) -> ReceiptBody:
-    """Steps (2)-(5) of the module docstring on a parsed receipt; raises ReceiptInvalid(step=...)."""
+    """Steps (2)-(5) of the module docstring on a parsed receipt; raises ReceiptInvalid(step=...).
+    `verified_keyset`: a key set whose chain the caller has verified under this `kms_root_public_key` (the
+    verifying proxy's attested one); a receipt that carries that key set (every field equal) does not have
+    its chain checked again. Any other key set is checked in full."""
     body, keyset = receipt.body, receipt.keyset
     # (2) the key set's signing key was issued by the KMS to keyset.app_id
-    try:
-        keyset.verify_chain(kms_root_public_key)
-    except KeySetInvalid as exc:
-        raise ReceiptInvalid(exc.reason, step="keyset_chain") from exc
+    if verified_keyset is None or keyset != verified_keyset:
+        try:
+            keyset.verify_chain(kms_root_public_key)
+        except KeySetInvalid as exc:
+            raise ReceiptInvalid(exc.reason, step="keyset_chain") from exc
     # (3) the body names that key set and its app
     if body.keyset_digest != keyset.digest():
         raise ReceiptInvalid("the receipt names another key set", step="keyset_binding")
