@@ -14,11 +14,13 @@ containers only), which the runtime's compose names."""
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import importlib.util
 import ipaddress
 import json
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -58,13 +60,24 @@ def fn_image(hello_image: str) -> str:
 
 
 def _bridge_ip() -> str:
+    """The host's address on Docker's default bridge. IPAM names it when the engine was configured with one;
+    an engine started with defaults may list only the subnet, and then the bridge interface's own IPv4
+    address is the gateway its containers use."""
+    fmt = '{{(index .IPAM.Config 0).Gateway}}|{{index .Options "com.docker.network.bridge.name"}}'
     out = subprocess.run(
-        ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"],
+        ["docker", "network", "inspect", "bridge", "--format", fmt],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    return str(ipaddress.IPv4Address(out))
+    gateway, _, ifname = out.partition("|")
+    if gateway:
+        return str(ipaddress.IPv4Address(gateway))
+    # SIOCGIFADDR (linux/sockios.h): the interface's IPv4 address, from a struct ifreq
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("256s", (ifname or "docker0").encode()[:15])
+        answer = fcntl.ioctl(s.fileno(), 0x8915, ifreq)
+    return str(ipaddress.IPv4Address(answer[20:24]))
 
 
 class _Relay:
