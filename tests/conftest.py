@@ -42,6 +42,17 @@ def vectors() -> Path:
     return VECTORS
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmpdir plugin reads the base temporary directory
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker's temporary directories sit in <run's basetemp>/gw0 instead of .../popen-gw0: HAProxy
+    takes Unix socket paths of at most 97 bytes, and the gateway's sockets live under the data directory
+    (<basetemp>/<test name, 30 chars>0/home/gateway/run/metrics.sock is 91 bytes in a serial run)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    base = config.option.basetemp
+    if worker and base and Path(base).name == f"popen-{worker}":
+        config.option.basetemp = str(Path(base).with_name(worker))
+
+
 # Node-id prefixes (a module, or one test) that share a machine-wide resource besides the Docker engine
 # (tests marked `docker` are in "e2e" anyway). Why each: see the module's docstring.
 E2E: tuple[str, ...] = (
@@ -50,6 +61,7 @@ E2E: tuple[str, ...] = (
     "tests/node/test_qemu_guest.py::test_a_tampered_rootfs_does_not_boot",  # a VM; the guest-image cache
     "tests/image/test_build.py",  # rebuilds the cached guest image in /var/cache/teecloud/images (force)
     "tests/image/test_measure_acpi.py",  # QEMU/TCG guest boots
+    "tests/cli/test_bad_input.py::test_every_command_answers_bad_input_with_a_message[image acpi]",  # TCG
     "tests/gateway/test_acme_local_cloud.py",  # a LocalCloud (BIND9 + pebble + Docker)
     "tests/gateway/test_certkeys_local.py",  # a LocalCloud
     "tests/gateway/test_threshold_gateway.py",  # a threshold LocalCloud
