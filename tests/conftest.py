@@ -44,10 +44,17 @@ def vectors() -> Path:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's tmpdir plugin reads the base temporary directory
 def pytest_configure(config: pytest.Config) -> None:
-    """An xdist worker's temporary directories sit in <run's basetemp>/gw0 instead of .../popen-gw0: HAProxy
-    takes Unix socket paths of at most 97 bytes, and the gateway's sockets live under the data directory
-    (<basetemp>/<test name, 30 chars>0/home/gateway/run/metrics.sock is 91 bytes in a serial run)."""
+    """On an xdist worker: the terminal size a serial run has, and temporary directories in
+    <run's basetemp>/gw0 instead of .../popen-gw0 (HAProxy takes Unix socket paths of at most 97 bytes, and
+    the gateway's sockets live under the data directory: <basetemp>/<test name, 30 chars>0/home/gateway/
+    run/metrics.sock is 91 bytes in a serial run)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        # A worker starts with COLUMNS=80 and LINES=24 in its environment (a serial run has neither): rich
+        # fixes a Console's width from COLUMNS when the Console is made, at import of the CLI's modules,
+        # so a test's own COLUMNS (tests/e2e/test_journey.py: 250) would no longer widen `teecloud ls`.
+        os.environ.pop("COLUMNS", None)
+        os.environ.pop("LINES", None)
     base = config.option.basetemp
     if worker and base and Path(base).name == f"popen-{worker}":
         config.option.basetemp = str(Path(base).with_name(worker))
@@ -59,6 +66,7 @@ E2E: tuple[str, ...] = (
     "tests/e2e/",  # Docker, LocalCloud, QEMU: the whole-system tests
     "tests/node/test_qemu_boot.py",  # QEMU/TCG VMs of a LocalCloud; reads the guest-image cache
     "tests/node/test_qemu_guest.py::test_a_tampered_rootfs_does_not_boot",  # a VM; the guest-image cache
+    "tests/node/test_qemu_backend.py",  # QEMU/TCG VMs (two tests)
     "tests/image/test_build.py",  # rebuilds the cached guest image in /var/cache/teecloud/images (force)
     "tests/image/test_measure_acpi.py",  # QEMU/TCG guest boots
     "tests/cli/test_bad_input.py::test_every_command_answers_bad_input_with_a_message[image acpi]",  # TCG
