@@ -22,5 +22,12 @@ echo "== import layers"; lint-imports --no-cache
 echo "== fuzz (brief)"; python3 fuzz/run.py --seconds "${FUZZ_SECONDS:-20}" > "${TMPDIR:-/tmp}/teecloud-fuzz.log" 2>&1 \
   || { tail -40 "${TMPDIR:-/tmp}/teecloud-fuzz.log"; exit 1; }
 tail -1 "${TMPDIR:-/tmp}/teecloud-fuzz.log"
-# --durations=40: every CI log names its slowest test phases (where the next minutes are)
-echo "== pytest"; TEECLOUD_E2E_REQUIRED=1 python3 -m pytest -q --durations=40 "$@"
+# --durations=40: every CI log names its slowest test phases (where the next minutes are).
+# Two worker processes (pytest-xdist, TEECLOUD_TEST_WORKERS to change): many tests wait (the Docker engine,
+# QEMU/TCG, KMS node processes, HTTP round trips), so one process left a core idle. --dist loadgroup sends
+# each xdist_group to one worker as a whole: "e2e" (Docker, LocalCloud, QEMU, the guest-image cache) runs
+# serially, every other module is its own unit (tests/conftest.py); tests/conftest.py already orders the
+# units, so xdist keeps that order (--no-loadscope-reorder).
+echo "== pytest"
+TEECLOUD_E2E_REQUIRED=1 python3 -m pytest -q --durations=40 -n "${TEECLOUD_TEST_WORKERS:-2}" \
+  --dist loadgroup --no-loadscope-reorder "$@"
