@@ -219,6 +219,24 @@ def test_a_kept_connection_is_reused_and_one_the_server_closed_is_not() -> None:
         closing.stop()
 
 
+def test_bytes_after_an_answer_are_never_read_as_the_next_answer() -> None:
+    """A server that sends a second, unasked answer right after the first: the connection is not kept (the
+    next request would otherwise read the pre-sent answer as its own)."""
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    early = _OneAnswer(ok + b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlies")
+    try:
+        pool = ConnectionPool("127.0.0.1", early.port, _client_context(), timeout=10)
+        for _ in range(2):
+            assert (
+                pool.exchange("GET", "/", None, deadline=time.monotonic() + 10, max_bytes=100).content
+                == b"{}"
+            )
+            time.sleep(0.05)
+        assert pool.opened == 2
+    finally:
+        early.stop()
+
+
 @pytest.mark.slow
 def test_a_node_url_that_leads_to_another_node_gets_no_request_and_is_named(
     teecloud_home: Path, world: World, cluster: Cluster

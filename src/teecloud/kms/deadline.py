@@ -226,6 +226,9 @@ class Connection:
             raise WireError(f"malformed or cut HTTP answer: {exc}") from exc
         except (ssl.SSLError, ConnectionError) as exc:
             raise WireError(f"the connection broke: {type(exc).__name__}: {exc}") from exc
+        if conn.trailing_data[0]:  # bytes after the answer's end: never read as the next request's answer
+            self.reusable = False
+            return Answer(status, b"".join(parts), self.server_der)
         try:
             conn.start_next_cycle()
             self.idle_since = self._clock()
