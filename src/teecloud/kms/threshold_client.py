@@ -111,10 +111,10 @@ _M = TypeVar("_M", bound=BaseModel)
 
 class _FanOut:
     """A provider's one pool for its calls to the nodes: threads started once and reused across rounds and
-    boots. A call the hedge abandons keeps its thread until its client's own timeout, so each node may hold
-    at most `per_node` threads at once; past that, a call to it fails at once as that node's fault and the
-    round asks another node (review 10, R10-1: one slow node must not take the pool from the others and
-    stall every later boot beyond the hedge)."""
+    boots. A call the hedge abandons keeps its thread until its deadline (`call_timeout_s`, however slowly
+    the node answers), so each node may hold at most `per_node` threads at once; past that, a call to it
+    fails at once as that node's fault and the round asks another node (review 10, R10-1: one slow node must
+    not take the pool from the others and stall every later boot beyond the hedge)."""
 
     def __init__(self, nodes: int, workers: int = FAN_OUT_WORKERS) -> None:
         self.per_node = max(1, workers // max(1, nodes))
