@@ -439,6 +439,9 @@ class KmsClient:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.check_hostname = False  # the identity is the RA-TLS-checked certificate, not a host name
+        # no TLS 1.2 renegotiation: a second handshake on a kept connection would bring a certificate the
+        # after-answer comparison (the first handshake's) never sees (review 12)
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
         if pinned is None:
             ctx.verify_mode = ssl.CERT_NONE
         else:
@@ -483,11 +486,22 @@ class KmsClient:
     def _pin(self, *, renew: bool = False, deadline: float | None = None) -> bytes:
         """The pinned, checked server certificate; a first (or renewed) identity probe ends by `deadline`
         when one is given."""
-        with self._pin_lock:
+        # another call's probe holds the lock for up to its own deadline: wait only until this call's
+        if deadline is None:
+            got = self._pin_lock.acquire()
+        else:
+            got = self._pin_lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        if not got:
+            raise KmsClientError(
+                f"the KMS at {self.url}: another call's identity probe did not end by this call's deadline"
+            )
+        try:
             if self._pinned is None or renew:
                 self._pinned = None
                 self._pinned = self._probe_server_identity(deadline)
             return self._pinned
+        finally:
+            self._pin_lock.release()
 
     def _call(
         self,

@@ -87,6 +87,27 @@ def _left(deadline: float, clock: Clock) -> float:
     return left
 
 
+def _connect(host: str, port: int, *, deadline: float, timeout: float, clock: Clock) -> socket.socket:
+    """socket.create_connection, but each address's connect waits at most the time left before `deadline`
+    (create_connection gives every address the whole timeout: a name with k dead addresses held a call
+    k times its deadline; review 12). The name's resolution itself is not bounded (getaddrinfo)."""
+    error: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(min(timeout, _left(deadline, clock)))
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error if error is not None else OSError(f"{host!r} resolves to no address")
+
+
 def open_connection(
     host: str,
     port: int,
@@ -98,7 +119,7 @@ def open_connection(
 ) -> Connection:
     """A TLS connection to host:port: the connect waits at most `timeout` and the whole of it ends by
     `deadline`. The context decides whom it accepts (ssl.SSLCertVerificationError otherwise)."""
-    raw = socket.create_connection((host, port), timeout=min(timeout, _left(deadline, clock)))
+    raw = _connect(host, port, deadline=deadline, timeout=timeout, clock=clock)
     try:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tls = ssl_context.wrap_socket(raw, server_hostname=host, do_handshake_on_connect=False)
@@ -134,7 +155,8 @@ class Connection:
         clock: Clock = time.monotonic,
     ) -> None:
         self._tls = tls
-        self._authority = host if port == 443 else f"{host}:{port}"
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal (RFC 3986 §3.2.2)
+        self._authority = name if port == 443 else f"{name}:{port}"
         self.server_der = server_der
         self._timeout = timeout
         self._clock = clock
@@ -207,6 +229,9 @@ class Connection:
                         raise WireError("the answer's head is oversized")
                     status = event.status_code
                     length = [v for k, v in event.headers if k == b"content-length"]
+                    if length and any(k == b"transfer-encoding" for k, _ in event.headers):
+                        # RFC 9112 §6.3 (3): both framings "ought to be handled as an error" (smuggling)
+                        raise WireError("an answer with both Content-Length and Transfer-Encoding")
                     if length and int(length[0]) > max_bytes:
                         raise WireError(f"the answer is larger than {max_bytes} bytes")
                 elif isinstance(event, h11.Data):
