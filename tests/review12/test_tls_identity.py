@@ -293,3 +293,26 @@ def test_the_deadline_bounds_a_wait_for_another_threads_identity_probe() -> None
     finally:
         hole.close()
     assert elapsed < 1.0 + 1.5, f"the call took {elapsed:.1f} s past a 1 s deadline"
+
+
+@pytest.mark.xfail(
+    strict=True, reason="R12-7 (open): the name resolution (getaddrinfo) is not bounded by the deadline"
+)
+def test_the_deadline_bounds_a_slow_name_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resolver for the node's name answers after 3 s (a slow or attacker-held DNS server); the call
+    has a 1 s deadline."""
+    real = socket.getaddrinfo
+
+    def slow(host, port, *args, **kw):  # type: ignore[no-untyped-def]
+        if host == "slow.example":
+            time.sleep(3.0)
+            return real("127.0.0.1", 9, *args, **kw)
+        return real(host, port, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    client = KmsClient("https://slow.example:9", server_check=UnsafeNoServerCheck(), timeout=10)
+    start = time.monotonic()
+    with pytest.raises(KmsClientError):
+        client.boot_nonce(deadline=start + 1.0)
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0 + 1.5, f"the call took {elapsed:.1f} s past a 1 s deadline"
