@@ -10,41 +10,23 @@ import pytest
 from teecloud.kms import api
 from teecloud.kms import client as client_mod
 from teecloud.kms.client import KmsClient, UnsafeNoServerCheck
+from teecloud.kms.deadline import Answer
 from teecloud.kms.errors import KmsClientError
 
 SECRET = "5e" * 32
 
 
-class _FakeSsl:
-    def getpeercert(self, binary: bool) -> bytes:
-        return b"server-cert"
+class _FakePool:
+    """A kept-alive pool whose every exchange answers `content` from the pinned server."""
 
+    def __init__(self, content: bytes, host: str, port: int) -> None:
+        self._content, self.host, self.port = content, host, port
 
-class _FakeStream:
-    def get_extra_info(self, name: str) -> Any:
-        return _FakeSsl() if name == "ssl_object" else None
+    def exchange(self, method: str, target: str, body: bytes | None, **kw: Any) -> Answer:
+        return Answer(200, self._content, b"server-cert")
 
-
-class _FakeResponse:
-    status_code = 200
-
-    def __init__(self, content: bytes) -> None:
-        self.content = content
-        self.extensions = {"network_stream": _FakeStream()}
-
-
-class _FakeHttp:
-    def __init__(self, content: bytes) -> None:
-        self._content = content
-
-    def __enter__(self) -> _FakeHttp:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         return None
-
-    def request(self, method: str, url: str, json: Any = None) -> _FakeResponse:
-        return _FakeResponse(self._content)
 
 
 def test_unexpected_answer_error_does_not_echo_key_material(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,7 +46,9 @@ def test_unexpected_answer_error_does_not_echo_key_material(monkeypatch: pytest.
         # "os_image_hash" missing
     }
     content = json.dumps(answer).encode()
-    monkeypatch.setattr(client_mod.httpx, "Client", lambda **kw: _FakeHttp(content))
+    monkeypatch.setattr(
+        client_mod, "ConnectionPool", lambda host, port, ctx, **kw: _FakePool(content, host, port)
+    )
     client = KmsClient("https://kms.invalid", server_check=UnsafeNoServerCheck())
     # the server identity is probed and pinned before any request (kms.client docstring): pinned here
     monkeypatch.setattr(client, "_pin", lambda **kw: b"server-cert")

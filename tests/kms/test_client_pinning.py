@@ -266,8 +266,7 @@ def test_calls_without_a_client_certificate_share_one_kept_alive_connection(
     nonces = {client.boot_nonce() for _ in range(4)}
     assert len(nonces) == 4 and client.meta(refresh=True).ca_pubkey
     assert client._open is not None and client._open[0] == client._pinned
-    pool = client._open[1]._transport._pool  # type: ignore[attr-defined]
-    assert len(pool.connections) == 1  # one TLS connection for the five calls
+    assert client._open[1].opened == 1  # one TLS connection for the five calls
     first = client._open[1]
 
     cert_pem, key_pem = _ratls_server_identity(teecloud_home, booted=False)

@@ -1,6 +1,6 @@
 """A wall-clock deadline over each DKG call and the whole ceremony (issue 19, "Bad input and faults";
 kms.deadline). httpx's timeout is per read: a listener that trickles a byte at a time holds a caller as
-long as it likes. Real trickling listeners here: a plain HTTP one (status line, headers or body trickled; an
+long as it likes. Real trickling listeners here: a TLS one (status line, headers or body trickled; an
 oversized body), and a TCP relay in front of a real dealer that starts trickling the dealer's answers
 mid-ceremony. Deadlines are short and injected (`timeout_s`), so each case ends in seconds."""
 
@@ -20,7 +20,7 @@ import pytest
 
 from teecloud.kms.bootstrap import KMS_APP_ID, boot_kms_tee
 from teecloud.kms.client import connect_kms
-from teecloud.kms.deadline import deadline_transport, peer_certificate, read_within
+from teecloud.kms.deadline import DeadlinePassed, open_connection, peer_certificate
 from teecloud.kms.errors import KmsClientError
 from teecloud.kms.server import KmsServer
 from teecloud.kms.threshold import DkgPlan, ReshareDealer
@@ -35,15 +35,60 @@ STEP_S = 0.1  # one byte per step
 HOLD_S = 20.0  # a trickler never runs longer than this
 
 
+def _server_context() -> ssl.SSLContext:
+    """A TLS server context with a fresh self-signed certificate (the client under test trusts anything)."""
+    import datetime
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trickler")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.NamedTemporaryFile("wb", suffix=".pem") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        f.flush()
+        ctx.load_cert_chain(f.name)
+    return ctx
+
+
+def _client_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx
+
+
 class Trickler:
-    """A plain HTTP listener on 127.0.0.1 that answers each connection by `mode`: "status" trickles its
-    status line, "body" sends headers at once then trickles a long body, "big" sends 2 MiB at once, "ok"
-    a short answer."""
+    """A TLS listener on 127.0.0.1 that answers each connection by `mode`: "status" trickles its status
+    line, "body" sends headers at once then trickles a long body, "big" sends 2 MiB at once, "ok" a short
+    answer, "handshake" accepts TCP and never speaks TLS."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
+        self.port = self.sock.getsockname()[1]
+        self.ctx = _server_context()
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -55,10 +100,14 @@ class Trickler:
                 return
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
-    def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5)
+    def _answer(self, raw: socket.socket) -> None:
+        with raw:
+            raw.settimeout(5)
             try:
+                if self.mode == "handshake":
+                    self._stop.wait(HOLD_S)
+                    return
+                conn = self.ctx.wrap_socket(raw, server_side=True)
                 conn.recv(65536)
                 head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                 if self.mode == "status":
@@ -73,7 +122,7 @@ class Trickler:
             except OSError:
                 return  # the client gave up
 
-    def _trickle(self, conn: socket.socket, data: bytes) -> None:
+    def _trickle(self, conn: ssl.SSLSocket, data: bytes) -> None:
         until = time.monotonic() + HOLD_S
         for b in data:
             if self._stop.wait(STEP_S) or time.monotonic() > until:
@@ -92,19 +141,19 @@ def trickler(request: pytest.FixtureRequest) -> Iterator[Trickler]:
     t.close()
 
 
-def _get(url: str, deadline: float) -> bytes:
-    with (
-        httpx.Client(transport=deadline_transport(ssl.create_default_context(), deadline), timeout=30) as c,
-        c.stream("GET", url) as resp,
-    ):
-        return read_within(resp, 1 << 20)
+def _get(port: int, deadline: float) -> bytes:
+    conn = open_connection("127.0.0.1", port, _client_context(), deadline=deadline, timeout=30)
+    try:
+        return conn.exchange("GET", "/", None, deadline=deadline, max_bytes=1 << 20).content
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("trickler", ["status", "body"], indirect=True)
 def test_a_trickled_answer_is_cut_off_at_the_deadline(trickler: Trickler) -> None:
     start = time.monotonic()
-    with pytest.raises(httpx.TimeoutException):
-        _get(trickler.url, start + 1.0)
+    with pytest.raises(DeadlinePassed):
+        _get(trickler.port, start + 1.0)
     assert 0.9 <= time.monotonic() - start < 2.5  # the deadline, not the 30 s per-read timeout nor HOLD_S
 
 
@@ -113,7 +162,10 @@ def test_without_the_deadline_httpx_keeps_reading_a_trickle(trickler: Trickler) 
     """The gap the deadline closes: a 1 s per-read timeout never fires while a byte comes every 0.1 s."""
     got = 0
     start = time.monotonic()
-    with httpx.Client(timeout=1.0) as c, c.stream("GET", trickler.url) as resp:
+    with (
+        httpx.Client(timeout=1.0, verify=_client_context()) as c,
+        c.stream("GET", f"https://127.0.0.1:{trickler.port}/") as resp,
+    ):
         for chunk in resp.iter_bytes():
             got += len(chunk)
             if time.monotonic() - start > 2.0:
@@ -124,25 +176,30 @@ def test_without_the_deadline_httpx_keeps_reading_a_trickle(trickler: Trickler) 
 @pytest.mark.parametrize("trickler", ["big"], indirect=True)
 def test_an_answer_past_the_size_cap_is_refused(trickler: Trickler) -> None:
     with pytest.raises(KmsClientError, match="larger than 1048576 bytes"):
-        _get(trickler.url, time.monotonic() + 10)
+        _get(trickler.port, time.monotonic() + 10)
 
 
 @pytest.mark.parametrize("trickler", ["ok"], indirect=True)
 def test_a_prompt_answer_is_read_and_a_past_deadline_sends_nothing(trickler: Trickler) -> None:
-    assert _get(trickler.url, time.monotonic() + 5) == b"{}"
-    with pytest.raises(httpx.TimeoutException):
-        _get(trickler.url, time.monotonic() - 1)
+    assert _get(trickler.port, time.monotonic() + 5) == b"{}"
+    with pytest.raises(DeadlinePassed):
+        _get(trickler.port, time.monotonic() - 1)
 
 
-@pytest.mark.parametrize("trickler", ["status"], indirect=True)
+@pytest.mark.parametrize("trickler", ["handshake"], indirect=True)
 def test_a_handshake_that_never_finishes_ends_at_the_deadline(trickler: Trickler) -> None:
     """The identity probe's TLS handshake against a listener that never speaks TLS back in time."""
-    host, port = "127.0.0.1", int(trickler.url.rsplit(":", 1)[1].strip("/"))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     start = time.monotonic()
-    assert peer_certificate(host, port, ctx, deadline=start + 1.0, timeout=30) is None
+    assert (
+        peer_certificate("127.0.0.1", trickler.port, _client_context(), deadline=start + 1.0, timeout=30)
+        is None
+    )
     assert time.monotonic() - start < 2.5
+    with pytest.raises(DeadlinePassed):
+        open_connection(
+            "127.0.0.1", trickler.port, _client_context(), deadline=time.monotonic() + 1.0, timeout=30
+        )
+    assert time.monotonic() - start < 4.5
 
 
 class Relay:

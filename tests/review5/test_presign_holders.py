@@ -141,7 +141,17 @@ class _Node:
     def __init__(self, signer: ThresholdSigner) -> None:
         self.signer = signer
 
-    def attested_call(self, tee: object, path: str, model: object, *, body: dict, usage: str, app_id: bytes):  # type: ignore[no-untyped-def,type-arg]
+    def attested_call(
+        self,
+        tee: object,
+        path: str,
+        model: object,
+        *,
+        body: dict,
+        usage: str,
+        app_id: bytes,
+        deadline: float | None = None,
+    ):  # type: ignore[no-untyped-def,type-arg]
         from teecloud.kms import api
 
         session = bytes.fromhex(body["session"])
@@ -181,6 +191,7 @@ def test_the_apps_client_never_picks_a_presignature_used_elsewhere(monkeypatch: 
         composes=SimpleNamespace(for_tee=lambda tee: ""),
         _clients={i: _Node(s) for i, s in signers.items()},
         _hedge_s=5.0,
+        _call_s=15.0,
         _challenged=sorted(signers),
         _fan=tc._FanOut(len(signers)),  # the provider's shared fan-out pool (`_gather`)
     )

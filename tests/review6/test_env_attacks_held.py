@@ -44,8 +44,10 @@ def _capture(clients: dict[int, KmsClient], path: str) -> dict[int, Captured]:
     for i, c in clients.items():
         real = c._boot_call  # a boot's calls go over its kept connection with the boot's credential
 
-        def spy(session: Any, p: str, model: Any, body: Any, *, i: int = i, real: Any = real) -> Any:
-            answer = real(session, p, model, body)
+        def spy(
+            session: Any, p: str, model: Any, body: Any, deadline: float, *, i: int = i, real: Any = real
+        ) -> Any:
+            answer = real(session, p, model, body, deadline)
             cc = session.client_cert
             if p == path and cc is not None:
                 key = serialization.load_pem_private_key(cc[0].encode(), password=None)

@@ -239,9 +239,10 @@ def verify_proof(a: bytes, b: bytes, c: Sequence[bytes], d: Sequence[bytes], pro
     try:
         ch, s = _de_scalar(proof[:NS]), _de_scalar(proof[NS:])
         m, z = _composites(b, c, d, None)
-        t2 = _add(_mul(s, a), _mul(ch, b))
+        # s·G by libsodium's fixed-base multiplication when A is the generator (the same point, ≈⅓ the CPU)
+        t2 = _add(_mul_base(s) if a == GENERATOR else _mul(s, a), _mul(ch, b))
         t3 = _add(_mul(s, m), _mul(ch, z))
-    except ThresholdError:
+    except (ThresholdError, ValueError):  # ValueError: libsodium refused an invalid or identity element
         return False
     return secrets.compare_digest(_ser_scalar(_challenge(b, m, z, t2, t3)), proof[:NS])
 

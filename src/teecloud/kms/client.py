@@ -1,4 +1,4 @@
-"""KMS client: the agent's key provider backed by a real KMS (mutual RA-TLS over httpx).
+"""KMS client: the agent's key provider backed by a real KMS (mutual RA-TLS; the wire: kms.deadline).
 
     connect_kms(url, ...)              THE way to build a verifying KmsClient (RA-TLS check + KmsAuth)
     KmsClient(url, server_check=...)   implements teecloud.agent.keyprovider.KeyProvider
@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import ssl
 import tempfile
 import threading
@@ -54,8 +53,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-import httpx
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -73,7 +72,14 @@ from teecloud.keys.ratls import QuoteSource, make_ratls_cert
 from teecloud.keys.sigchain import k256_public_key, kms_issued_digest, recover_k256
 from teecloud.kms import api
 from teecloud.kms.challenge import TOKEN_SIZE
-from teecloud.kms.deadline import deadline_transport, peer_certificate, read_within
+from teecloud.kms.deadline import (
+    Answer,
+    ConnectionPool,
+    DeadlinePassed,
+    WireError,
+    encode_json,
+    open_connection,
+)
 from teecloud.kms.errors import KmsClientError, KmsDenied
 from teecloud.peer import AuthChain, ChainGate, PeerPolicy, PeerRejected, PeerVerifier
 
@@ -206,21 +212,21 @@ class BootCredential:
 
 @dataclass
 class _BootSession:
-    """A boot's credential at one KMS and, once the boot calls it, its kept-alive connection (pinned to
-    `pinned`, the server certificate it was opened for)."""
+    """A boot's credential at one KMS and, once the boot calls it, its kept-alive connections (pinned to
+    `pinned`, the server certificate they were opened for; one, more only while calls run at once)."""
 
     tee: QuoteSource
     credential: BootCredential
-    http: httpx.Client | None = None
+    pool: ConnectionPool | None = None
     pinned: bytes | None = None
-    client_cert: tuple[str, str] | None = None  # (key PEM, certificate PEM) the connection presents
+    client_cert: tuple[str, str] | None = None  # (key PEM, certificate PEM) the connections present
     lock: threading.Lock = field(default_factory=threading.Lock)
     ended: bool = False  # unbound: a call still running (abandoned by a hedge) opens nothing new
 
     def close(self) -> None:
-        if self.http is not None:
-            self.http.close()
-        self.http, self.pinned = None, None
+        if self.pool is not None:
+            self.pool.close()
+        self.pool, self.pinned = None, None
 
 
 def _load_cert_chain(ctx: ssl.SSLContext, pem: str) -> None:
@@ -341,42 +347,25 @@ def _issued_by(cert_der: bytes, issuer_pubkey_der: bytes) -> bool:
     return True
 
 
-def _cert_verification_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The ssl verification failure under an httpx/httpcore connection error, if that is what it was."""
-    seen: BaseException | None = exc
-    for _ in range(6):
-        if seen is None:
-            return None
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _proxy_in_env() -> bool:
-    """Whether any proxy variable is set (httpx then decides, with NO_PROXY, which requests it carries)."""
-    return any(name.lower().endswith("_proxy") for name in os.environ)
-
-
 def vm_config_json(tee: object) -> str:
     """The CVM's VmConfig as dstack sends it (teecloud.vmconfig.of)."""
     return vmconfig.of(tee)
 
 
-def read_answer(resp: httpx.Response, content: bytes, model: type[_M], *, who: str) -> _M:
+def read_answer(status: int, content: bytes, model: type[_M], *, who: str) -> _M:
     """A KMS answer judged once for every client (`who` names the server in errors: "the KMS", "the
     node"): at most MAX_RESPONSE_BYTES; 400/401/403/413/422 carry a Denied (KmsDenied); any other status
     but 200 is a KmsClientError; the body must validate as `model`."""
     if len(content) > MAX_RESPONSE_BYTES:
         raise KmsClientError(f"{who}'s response is too large")
-    if resp.status_code in (400, 401, 403, 413, 422):
+    if status in (400, 401, 403, 413, 422):
         try:
             denied = api.Denied.model_validate_json(content)
         except ValidationError:
-            raise KmsClientError(f"{who} answered HTTP {resp.status_code}") from None
+            raise KmsClientError(f"{who} answered HTTP {status}") from None
         raise KmsDenied(denied.reason, step=denied.step)
-    if resp.status_code != 200:
-        raise KmsClientError(f"{who} answered HTTP {resp.status_code}")
+    if status != 200:
+        raise KmsClientError(f"{who} answered HTTP {status}")
     try:
         return model.model_validate_json(content)
     except ValidationError as exc:
@@ -385,12 +374,8 @@ def read_answer(resp: httpx.Response, content: bytes, model: type[_M], *, who: s
         ) from exc
 
 
-def _server_der(resp: httpx.Response) -> bytes | None:
-    """The certificate (DER) the server presented on the connection that carried `resp`."""
-    stream = resp.extensions.get("network_stream")
-    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-    der = ssl_object.getpeercert(True) if ssl_object is not None else None
-    return bytes(der) if der is not None else None
+def _at(pool: ConnectionPool, host: str, port: int) -> bool:
+    return pool.host == host and pool.port == port
 
 
 class KmsClient:
@@ -431,13 +416,22 @@ class KmsClient:
         self._boots_lock = threading.Lock()
         # calls without a client certificate (boot challenge, metadata, temporary CA): one kept-alive pool
         # for the pinned server certificate, reused across boots (a handshake per call before)
-        self._open: tuple[bytes, httpx.Client] | None = None
+        self._open: tuple[bytes, ConnectionPool] | None = None
         self._open_lock = threading.Lock()
-        # httpx scans the whole environment for proxy variables at every Client(): done once here; with
-        # none set, the clients below skip the scan (trust_env=False), which then changes nothing else
-        self._trust_env = _proxy_in_env()
+        self._address()  # a malformed URL fails here, not at the first call
 
     # --- transport
+
+    def _address(self) -> tuple[str, int]:
+        """(host, port) of `url` (read at each call: a caller may point the client elsewhere)."""
+        split = urlsplit(self.url)
+        try:
+            port = split.port or 443
+        except ValueError as exc:
+            raise KmsClientError(f"KMS URL has a bad port: {self.url!r}") from exc
+        if not split.hostname or split.path.strip("/") or split.query or "@" in split.netloc:
+            raise KmsClientError(f"KMS URL must be https://host[:port] (got {self.url!r})")
+        return split.hostname, port
 
     def _ssl_context(self, client: tuple[str, str] | None, *, pinned: bytes | None) -> ssl.SSLContext:
         """`pinned` None: no server verification, for the identity probe only (no request is sent on it).
@@ -445,6 +439,9 @@ class KmsClient:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.check_hostname = False  # the identity is the RA-TLS-checked certificate, not a host name
+        # no TLS 1.2 renegotiation: a second handshake on a kept connection would bring a certificate the
+        # after-answer comparison (the first handshake's) never sees (review 12)
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
         if pinned is None:
             ctx.verify_mode = ssl.CERT_NONE
         else:
@@ -461,25 +458,26 @@ class KmsClient:
 
     def _probe_server_identity(self, deadline: float | None = None) -> bytes:
         """(a): one TLS handshake without a client certificate and without a request; the server's
-        certificate, checked by server_check. With a `deadline` the handshake ends by then."""
-        url = httpx.URL(self.url)
-        host, port = url.host, url.port or 443
-        if deadline is not None:
-            der = peer_certificate(
-                host, port, self._ssl_context(None, pinned=None), deadline=deadline, timeout=self._timeout
-            )
-            if der is None:
-                raise KmsClientError(f"the KMS at {self.url} did not finish a TLS handshake by the deadline")
-            self._server_check(der)
-            return der
+        certificate, checked by server_check. The handshake ends by `deadline` (default: the timeout)."""
+        if deadline is None:
+            deadline = time.monotonic() + self._timeout
+        host, port = self._address()
         try:
-            with (
-                socket.create_connection((host, port), timeout=self._timeout) as raw,
-                self._ssl_context(None, pinned=None).wrap_socket(raw, server_hostname=host) as tls,
-            ):
-                der = tls.getpeercert(binary_form=True)
+            conn = open_connection(
+                host,
+                port,
+                self._ssl_context(None, pinned=None),
+                deadline=deadline,
+                timeout=self._timeout,
+            )
+        except DeadlinePassed as exc:
+            raise KmsClientError(
+                f"the KMS at {self.url} did not finish a TLS handshake by the deadline"
+            ) from exc
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
+        conn.close()
+        der = conn.server_der
         if not der:
             raise KmsClientError("the KMS presented no TLS certificate")
         self._server_check(der)
@@ -488,11 +486,22 @@ class KmsClient:
     def _pin(self, *, renew: bool = False, deadline: float | None = None) -> bytes:
         """The pinned, checked server certificate; a first (or renewed) identity probe ends by `deadline`
         when one is given."""
-        with self._pin_lock:
+        # another call's probe holds the lock for up to its own deadline: wait only until this call's
+        if deadline is None:
+            got = self._pin_lock.acquire()
+        else:
+            got = self._pin_lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        if not got:
+            raise KmsClientError(
+                f"the KMS at {self.url}: another call's identity probe did not end by this call's deadline"
+            )
+        try:
             if self._pinned is None or renew:
                 self._pinned = None
                 self._pinned = self._probe_server_identity(deadline)
             return self._pinned
+        finally:
+            self._pin_lock.release()
 
     def _call(
         self,
@@ -504,25 +513,25 @@ class KmsClient:
         client_cert: tuple[str, str] | None = None,
         deadline: float | None = None,
     ) -> _M:
+        """One call, all of it — identity probe, handshake, request, answer — by `deadline` (a
+        time.monotonic() instant; default: the client's timeout from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + self._timeout
         pinned = self._pin(deadline=deadline)
         try:
-            resp, content, server_der = self._request(
-                method, path, body, client_cert, pinned, deadline=deadline
-            )
+            answer = self._request(method, path, body, client_cert, pinned, deadline=deadline)
         except ssl.SSLCertVerificationError:
             # (c) the server is no longer the pinned one: check the new identity, then try once more
             pinned = self._pin(renew=True, deadline=deadline)
             try:
-                resp, content, server_der = self._request(
-                    method, path, body, client_cert, pinned, deadline=deadline
-                )
+                answer = self._request(method, path, body, client_cert, pinned, deadline=deadline)
             except ssl.SSLCertVerificationError as exc:
                 raise KmsClientError(
                     f"the KMS at {self.url} is not the server that was checked: {exc}"
                 ) from exc
-        if server_der != pinned:  # OpenSSL enforced it; say so if it ever did not
+        if answer.server_der != pinned:  # OpenSSL enforced it; say so if it ever did not
             raise KmsClientError("the KMS's certificate changed during the request")
-        return read_answer(resp, content, model, who="the KMS")
+        return read_answer(answer.status, answer.content, model, who="the KMS")
 
     def _request(
         self,
@@ -532,64 +541,67 @@ class KmsClient:
         client_cert: tuple[str, str] | None,
         pinned: bytes,
         *,
-        http: httpx.Client | None = None,
-        deadline: float | None = None,
-    ) -> tuple[httpx.Response, bytes, bytes | None]:
-        """One request over a context pinned to `pinned` (b): on `http` (a boot's kept-alive connection,
-        whose context is pinned and holds the boot's certificate) or on a connection of its own; with a
-        `deadline` (a time.monotonic() instant) that connection's whole exchange ends by then and its answer
-        is read at most MAX_RESPONSE_BYTES (kms.deadline). Raises ssl.SSLCertVerificationError when the
-        server is not the pinned one (nothing was sent), KmsClientError on other failures."""
+        deadline: float,
+        pool: ConnectionPool | None = None,
+    ) -> Answer:
+        """One request over a context pinned to `pinned` (b): on `pool` (a boot's kept-alive connections,
+        whose context is pinned and holds the boot's certificate), on the kept pool of calls without a
+        client certificate, or on a connection of its own; the whole exchange ends by `deadline` (a
+        time.monotonic() instant) and its answer is read at most MAX_RESPONSE_BYTES (kms.deadline). Raises
+        ssl.SSLCertVerificationError when the server is not the pinned one (nothing was sent),
+        KmsClientError on other failures."""
+        data = encode_json(body) if body is not None else None
         try:
-            if http is not None:
-                return self._exchange(http, method, path, body)
-            if client_cert is None and deadline is None:
-                return self._exchange(self._open_http(pinned), method, path, body)
-            ctx = self._ssl_context(client_cert, pinned=pinned)
-            if deadline is not None:
-                # a connection of its own whose whole exchange ends by the deadline (kms.deadline); direct,
-                # never through an environment proxy (whose transport would not be the deadline's)
-                transport = deadline_transport(ctx, deadline)
-                with httpx.Client(transport=transport, timeout=self._timeout, trust_env=False) as one:
-                    with one.stream(method, self.url + path, json=body) as resp:
-                        server_der = _server_der(resp)
-                        return resp, read_within(resp, MAX_RESPONSE_BYTES), server_der
-            with httpx.Client(verify=ctx, timeout=self._timeout, trust_env=self._trust_env) as one:
-                return self._exchange(one, method, path, body)
-        except httpx.TimeoutException as exc:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise KmsClientError(f"the KMS at {self.url} did not answer by the call's deadline") from exc
-            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
-        except httpx.ConnectError as exc:
-            verify_failed = _cert_verification_error(exc)
-            if verify_failed is not None:
-                raise verify_failed from exc
-            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
+            if pool is None and client_cert is None:
+                pool = self._open_pool(pinned)
+            if pool is not None:
+                return pool.exchange(method, path, data, deadline=deadline, max_bytes=MAX_RESPONSE_BYTES)
+            conn = open_connection(
+                *self._address(),
+                self._ssl_context(client_cert, pinned=pinned),
+                deadline=deadline,
+                timeout=self._timeout,
+            )
+            try:
+                return conn.exchange(method, path, data, deadline=deadline, max_bytes=MAX_RESPONSE_BYTES)
+            finally:
+                conn.close()
+        except DeadlinePassed as exc:
+            raise KmsClientError(f"the KMS at {self.url} did not answer by the call's deadline") from exc
+        except WireError as exc:
+            raise KmsClientError(f"the KMS at {self.url}: {exc}") from exc
         except ssl.SSLCertVerificationError:
             raise
         except ssl.SSLError as exc:
             raise KmsClientError(f"TLS with the KMS at {self.url} failed: {exc}") from exc
+        except TimeoutError as exc:  # the TCP connect
+            if time.monotonic() >= deadline:
+                raise KmsClientError(f"the KMS at {self.url} did not answer by the call's deadline") from exc
+            raise KmsClientError(f"cannot reach the KMS at {self.url}: timed out") from exc
+        except (OSError, ValueError) as exc:
+            raise KmsClientError(f"cannot reach the KMS at {self.url}: {exc}") from exc
 
-    def _open_http(self, pinned: bytes) -> httpx.Client:
+    def _open_pool(self, pinned: bytes) -> ConnectionPool:
         """The kept-alive pool for calls without a client certificate, pinned to `pinned` (re-made when the
         pin changed: the KMS restarted with a new identity). Only unattested requests use it: nothing sent
         on it is bound to a boot, so sharing it across boots mixes no identities."""
+        host, port = self._address()
         with self._open_lock:
-            if self._open is not None and self._open[0] == pinned:
+            if self._open is not None and self._open[0] == pinned and _at(self._open[1], host, port):
                 return self._open[1]
-            # the pool of the old pin is dropped, not closed: a call of another thread may still be on it
-            # (its server is gone anyway); its connections close when it is collected
-            http = httpx.Client(
-                verify=self._ssl_context(None, pinned=pinned),
+            stale = self._open
+            # the KMS closes an idle kept-alive connection after 5 s (teecloud._serve KMS_PUBLIC)
+            pool = ConnectionPool(
+                host,
+                port,
+                self._ssl_context(None, pinned=pinned),
                 timeout=self._timeout,
-                trust_env=self._trust_env,
-                # the KMS closes an idle kept-alive connection after 5 s (teecloud._serve KMS_PUBLIC)
-                limits=httpx.Limits(max_connections=8, keepalive_expiry=4.0),
+                max_idle=8,
             )
-            self._open = (pinned, http)
-        return http
+            self._open = (pinned, pool)
+        if stale is not None:
+            stale[1].close()  # a call still running on it closes its connection when it ends
+        return pool
 
     def close(self) -> None:
         """Close the kept-alive pool of unattested calls (bound boots close theirs at unbind_boot)."""
@@ -597,12 +609,6 @@ class KmsClient:
             stale, self._open = self._open, None
         if stale is not None:
             stale[1].close()
-
-    def _exchange(
-        self, http: httpx.Client, method: str, path: str, body: dict[str, Any] | None
-    ) -> tuple[httpx.Response, bytes, bytes | None]:
-        resp = http.request(method, self.url + path, json=body)
-        return resp, resp.content, _server_der(resp)
 
     # --- boots (one credential and one kept-alive connection per boot)
 
@@ -649,48 +655,62 @@ class KmsClient:
             return None  # another kind of call of the same boot: a credential of its own
         return session
 
-    def _boot_http(self, session: _BootSession, pinned: bytes) -> httpx.Client:
-        """The boot's connection pool to this KMS, for the pinned server certificate `pinned` (re-made when
-        the pin changed: the KMS restarted with a new identity)."""
-        temp_ca = self._temp_ca_pair()  # (outside the session's lock: it may call the KMS)
+    def _boot_pool(self, session: _BootSession, pinned: bytes, deadline: float) -> ConnectionPool:
+        """The boot's connections to this KMS, for the pinned server certificate `pinned` (re-made when the
+        pin changed: the KMS restarted with a new identity)."""
+        temp_ca = self._temp_ca_pair(deadline)  # (outside the session's lock: it may call the KMS)
+        host, port = self._address()
         with session.lock:
             if session.ended:
                 raise KmsClientError("the boot this call belonged to has ended")
-            if session.http is None or session.pinned != pinned:
+            if session.pool is None or session.pinned != pinned or not _at(session.pool, host, port):
                 session.close()
                 client_cert = session.credential.cert_for(*temp_ca)
                 session.client_cert = client_cert
-                session.http = httpx.Client(
-                    verify=self._ssl_context(client_cert, pinned=pinned),
+                session.pool = ConnectionPool(
+                    host,
+                    port,
+                    self._ssl_context(client_cert, pinned=pinned),
                     timeout=self._timeout,
-                    trust_env=self._trust_env,
-                    # the KMS closes an idle kept-alive connection after 5 s (teecloud._serve KMS_PUBLIC)
-                    limits=httpx.Limits(max_connections=4, keepalive_expiry=4.0),
                 )
                 session.pinned = pinned
-            return session.http
+            return session.pool
 
-    def _boot_call(self, session: _BootSession, path: str, model: type[_M], body: dict[str, Any]) -> _M:
-        """An attested call on the boot's connection; (c) as in _call when the KMS's identity changed."""
-        pinned = self._pin()
+    def _boot_call(
+        self, session: _BootSession, path: str, model: type[_M], body: dict[str, Any], deadline: float
+    ) -> _M:
+        """An attested call on the boot's connections; (c) as in _call when the KMS's identity changed."""
+        pinned = self._pin(deadline=deadline)
         try:
-            resp, content, server_der = self._request(
-                "POST", path, body, None, pinned, http=self._boot_http(session, pinned)
+            answer = self._request(
+                "POST",
+                path,
+                body,
+                None,
+                pinned,
+                deadline=deadline,
+                pool=self._boot_pool(session, pinned, deadline),
             )
         except ssl.SSLCertVerificationError:
-            pinned = self._pin(renew=True)
+            pinned = self._pin(renew=True, deadline=deadline)
             self._temp_ca = None  # a new KMS identity comes with its own temporary CA
             try:
-                resp, content, server_der = self._request(
-                    "POST", path, body, None, pinned, http=self._boot_http(session, pinned)
+                answer = self._request(
+                    "POST",
+                    path,
+                    body,
+                    None,
+                    pinned,
+                    deadline=deadline,
+                    pool=self._boot_pool(session, pinned, deadline),
                 )
             except ssl.SSLCertVerificationError as exc:
                 raise KmsClientError(
                     f"the KMS at {self.url} is not the server that was checked: {exc}"
                 ) from exc
-        if server_der != pinned:
+        if answer.server_der != pinned:
             raise KmsClientError("the KMS's certificate changed during the request")
-        return read_answer(resp, content, model, who="the KMS")
+        return read_answer(answer.status, answer.content, model, who="the KMS")
 
     def attested_call(
         self,
@@ -703,15 +723,15 @@ class KmsClient:
         app_id: bytes | None,
         deadline: float | None = None,
     ) -> _M:
-        """Steps (2)-(4): an RA-TLS client certificate from `tee`, then one mutual-TLS call. For a bound
-        boot (bind_boot) the boot's credential and kept-alive connection (`deadline` refused: that
-        connection has per-read timeouts only); otherwise a fresh certificate and a connection of this
-        call's own, whose exchanges end by `deadline` (a time.monotonic() instant) when one is given."""
+        """Steps (2)-(4): an RA-TLS client certificate from `tee`, then one mutual-TLS call that ends by
+        `deadline` (a time.monotonic() instant; default: the client's timeout from now). For a bound boot
+        (bind_boot) the boot's credential and kept-alive connections; otherwise a fresh certificate and a
+        connection of this call's own."""
+        if deadline is None:
+            deadline = time.monotonic() + self._timeout
         session = self._boot_of(tee, usage, app_id)
         if session is not None:
-            if deadline is not None:
-                raise ValueError("a call with a deadline runs on a connection of its own, not a bound boot's")
-            return self._boot_call(session, path, model, body)
+            return self._boot_call(session, path, model, body, deadline)
         temp_cert, temp_key = self._temp_ca_pair(deadline)
         now = int(self._clock())
         key = ec.generate_private_key(ec.SECP256R1())
@@ -757,9 +777,10 @@ class KmsClient:
             self._meta = self._call("GET", api.PATH_GET_META, api.KmsMeta)
         return self._meta
 
-    def boot_nonce(self) -> bytes:
-        """This KMS's boot challenge (teecloud.kms.challenge), measured by the booting CVM (boot-nonce)."""
-        resp = self._call("GET", api.PATH_GET_BOOT_CHALLENGE, api.BootChallengeResponse)
+    def boot_nonce(self, *, deadline: float | None = None) -> bytes:
+        """This KMS's boot challenge (teecloud.kms.challenge), measured by the booting CVM (boot-nonce); the
+        call ends by `deadline` (default: the client's timeout from now)."""
+        resp = self._call("GET", api.PATH_GET_BOOT_CHALLENGE, api.BootChallengeResponse, deadline=deadline)
         try:
             challenge = bytes.fromhex(resp.challenge)
         except ValueError as exc:

@@ -382,14 +382,15 @@ class PeerClient(KmsClient):
     def _call_on(
         self, pinned: bytes, path: str, model: type[_M], body: dict[str, Any], client: tuple[str, str]
     ) -> _M:
+        deadline = time.monotonic() + self._timeout
         try:
-            resp, content, server_der = self._request("POST", path, body, client, pinned)
+            answer = self._request("POST", path, body, client, pinned, deadline=deadline)
         except ssl.SSLCertVerificationError as exc:
             self._forget(pinned)  # the next call re-pins, as KmsClient._call does at once
             raise KmsClientError(f"the node at {self.url} is not the server that was checked: {exc}") from exc
-        if server_der != pinned:
+        if answer.server_der != pinned:
             raise KmsClientError("the node's certificate changed during the request")
-        return read_answer(resp, content, model, who="the node")
+        return read_answer(answer.status, answer.content, model, who="the node")
 
     def _check_answer(self, pinned: bytes, member: api.PeerMember | None) -> None:
         try:

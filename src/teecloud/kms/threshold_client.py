@@ -33,7 +33,9 @@ Procedure:
 
 Transport: one boot, one RA-TLS credential (kms.client.BootCredential: one key, one quote) and one
 kept-alive mutual-TLS connection per node for all of (2)-(5) (`_boot`); each node still applies its whole
-key-release rule to every request (its evidence check is cached per certificate, nothing else is).
+key-release rule to every request (its evidence check is cached per certificate, nothing else is). Every
+call to a node ends by its own wall-clock deadline (`call_timeout_s`, kms.deadline): a node that trickles
+its answer fails as that node's fault and frees its fan-out thread.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ NO_PRESIGNATURES = "no presignatures, refill in progress"
 BAD_SHARE = "the signature share does not verify against the presignature"
 MAX_HAND_OVERS = 8  # keep hand-overs running at once in the background (one per recent first boot)
 FAN_OUT_WORKERS = 64  # threads of a provider's calls to the nodes (reused across rounds and boots)
+# one wall-clock deadline over each call to a node (kms.deadline): handshake, request and answer, however
+# slowly the node sends them; past it the call fails as that node's fault and frees its fan-out thread
+CALL_TIMEOUT_S = 15.0
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -106,10 +111,10 @@ _M = TypeVar("_M", bound=BaseModel)
 
 class _FanOut:
     """A provider's one pool for its calls to the nodes: threads started once and reused across rounds and
-    boots. A call the hedge abandons keeps its thread until its client's own timeout, so each node may hold
-    at most `per_node` threads at once; past that, a call to it fails at once as that node's fault and the
-    round asks another node (review 10, R10-1: one slow node must not take the pool from the others and
-    stall every later boot beyond the hedge)."""
+    boots. A call the hedge abandons keeps its thread until its deadline (`call_timeout_s`, however slowly
+    the node answers), so each node may hold at most `per_node` threads at once; past that, a call to it
+    fails at once as that node's fault and the round asks another node (review 10, R10-1: one slow node must
+    not take the pool from the others and stall every later boot beyond the hedge)."""
 
     def __init__(self, nodes: int, workers: int = FAN_OUT_WORKERS) -> None:
         self.per_node = max(1, workers // max(1, nodes))
@@ -284,9 +289,12 @@ class ThresholdKeyProvider:
         hedge_s: float = 1.0,
         clock: Callable[[], float] = time.time,
         epochs: Mapping[int, ThresholdGroup] | None = None,
+        call_timeout_s: float = CALL_TIMEOUT_S,
     ) -> None:
         """`hedge_s`: a node silent for this long is not waited for once others can stand in for it (its
-        call is abandoned, not cancelled: it ends at its client's own timeout). `epochs`: the groups of the
+        call is abandoned, not cancelled: it ends by its deadline). `call_timeout_s`: every call to a node
+        (boot challenge, evaluation, signature shares, env partial, keep) ends this long after it starts,
+        however slowly the node answers (kms.deadline). `epochs`: the groups of the
         other root epochs this client trusts (after a rotation, teecloud.kms.rotation), served by the same
         nodes; an app's measured app-compose picks its epoch."""
         if set(clients) != set(group.nodes):
@@ -300,6 +308,7 @@ class ThresholdKeyProvider:
         self._clients = dict(clients)
         self._clock = clock
         self._hedge_s = hedge_s
+        self._call_s = call_timeout_s
         self._public_shares = {
             e: {i: th.public_share(g.commitments, i) for i in g.nodes} for e, g in self.groups.items()
         }
@@ -390,7 +399,7 @@ class ThresholdKeyProvider:
         indices = sorted(self.group.nodes)
         answers = self._gather(
             indices,
-            lambda c: c.boot_nonce(),
+            lambda c: c.boot_nonce(deadline=time.monotonic() + self._call_s),
             lambda _i, a: isinstance(a, bytes),
             need=self.group.t,
             all_first=True,
@@ -604,7 +613,9 @@ class ThresholdKeyProvider:
         faults = self.faults
         valid: dict[int, tuple[tuple[bytes, ...], tx.EcdhPartial]] = {}
 
-        ask = _attested(tee, app_id, api.PATH_THRESHOLD_ENV_PARTIAL, api.ThresholdEnvPartialResponse, body)
+        ask = _attested(
+            tee, app_id, api.PATH_THRESHOLD_ENV_PARTIAL, api.ThresholdEnvPartialResponse, body, self._call_s
+        )
 
         def accept(i: int, answer: Any) -> bool:
             if isinstance(answer, BaseException):
@@ -671,7 +682,9 @@ class ThresholdKeyProvider:
             vm_config=vm_config_json(tee), app_compose=self.composes.for_tee(tee), epoch=group.epoch
         ).model_dump()
 
-        ask = _attested(tee, app_id, api.PATH_THRESHOLD_EVALUATE, api.ThresholdEvaluateResponse, body)
+        ask = _attested(
+            tee, app_id, api.PATH_THRESHOLD_EVALUATE, api.ThresholdEvaluateResponse, body, self._call_s
+        )
 
         # Ask t nodes first; another for each that fails, and all the rest if hedge_s passes first: an honest
         # run costs the cluster t evaluations, not n, and no silent node holds the boot up.
@@ -959,7 +972,9 @@ class ThresholdKeyProvider:
         present its boot-time credential; each node judges the request by its whole rule). A node that
         does not keep them only costs a signing round at the next boot: its failure is logged, not a
         fault."""
-        keep = _attested(holder, app_id, api.PATH_THRESHOLD_KEEP_SIGNATURES, api.ThresholdKeepResponse, body)
+        keep = _attested(
+            holder, app_id, api.PATH_THRESHOLD_KEEP_SIGNATURES, api.ThresholdKeepResponse, body, self._call_s
+        )
 
         def kept(i: int, answer: Any) -> bool:
             if isinstance(answer, BaseException):
@@ -1092,7 +1107,7 @@ def _group_signature(
     request = body(session)
     got: dict[int, tuple[te.Presignature, te.SignatureShare]] = {}
 
-    ask = _attested(tee, app_id, path, api.ThresholdSignResponse, request)
+    ask = _attested(tee, app_id, path, api.ThresholdSignResponse, request, provider._call_s)
 
     def accept(i: int, answer: Any, *, check_share: bool) -> bool:
         if isinstance(answer, BaseException):
@@ -1216,13 +1231,17 @@ class _EndedBoot:
 
 
 def _attested(
-    tee: QuoteSource, app_id: bytes, path: str, model: type[_M], body: dict[str, Any]
+    tee: QuoteSource, app_id: bytes, path: str, model: type[_M], body: dict[str, Any], timeout_s: float
 ) -> Callable[[KmsClient], _M]:
     """The one shape of a boot's request to a node, for `_gather`: `body` posted to `path` over the boot's
-    attested connection (the app's RA-TLS credential, usage app:kms-client), the answer parsed as `model`."""
+    attested connection (the app's RA-TLS credential, usage app:kms-client), the answer parsed as `model`;
+    the whole call ends `timeout_s` after it starts (kms.deadline), a trickling node included."""
 
     def call(client: KmsClient) -> _M:
-        return client.attested_call(tee, path, model, body=body, usage="app:kms-client", app_id=app_id)
+        deadline = time.monotonic() + timeout_s
+        return client.attested_call(
+            tee, path, model, body=body, usage="app:kms-client", app_id=app_id, deadline=deadline
+        )
 
     return call
 
@@ -1355,6 +1374,7 @@ def join_reshare(
     carried_out: CarriedShares | None = None,
     kms_group: Any = None,
     finality_depth: int = 0,
+    timeout_s: float | None = None,
 ) -> ThresholdShare:
     """A joining KMS node's side of a reshare round, run at its boot (the dealers release sub-shares to
     boot-time evidence only). Each dealing is checked (C_0 is the dealer's old public share, the sub-share
@@ -1364,7 +1384,10 @@ def join_reshare(
     signing and CA keys), each checked the same way, and the signing and CA keys checked against what
     `kms_group` (required with `carried_out`) records for the epoch at `finality_depth`: the chain is read
     before any dealer is asked (a dealer hands each page out once), and a key the chain does not name fails
-    the round before `carried_out` is filled."""
+    the round before `carried_out` is filled. Every dealer call, and so the whole collection, ends within
+    `timeout_s` (default RESHARE_TIMEOUT_S; wall-clock, kms.deadline): a dealer that trickles its answer
+    fails the round by then, named."""
+    deadline = time.monotonic() + (RESHARE_TIMEOUT_S if timeout_s is None else timeout_s)
     recorded: RecordedKeys | None = None
     if carried_out is not None:
         if kms_group is None:
@@ -1372,7 +1395,16 @@ def join_reshare(
         recorded = recorded_keys(kms_group, plan.epoch, finality_depth=finality_depth)
     answers: dict[int, list[api.CarriedSubshare]] = {}
     dealings = _collect(
-        plan.session, plan.dealers, index, tee, dealers, plan.t_new, app_id, member_token, answers
+        plan.session,
+        plan.dealers,
+        index,
+        tee,
+        dealers,
+        plan.t_new,
+        app_id,
+        member_token,
+        answers,
+        deadline=deadline,
     )
     if carried_out is not None and recorded is not None:
         got = carry_receive(answers, index=index, t_new=plan.t_new, n_new=plan.n_new)
@@ -1391,6 +1423,7 @@ def join_reshare(
 
 
 DKG_BOARD_TIMEOUT_S = 300.0  # every member's statement (and confirmation) must be in by then
+RESHARE_TIMEOUT_S = 300.0  # a joining member's whole collection of the dealers' sub-shares
 _BOARD_POLL_S = 0.25
 
 
