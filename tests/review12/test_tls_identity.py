@@ -295,9 +295,6 @@ def test_the_deadline_bounds_a_wait_for_another_threads_identity_probe() -> None
     assert elapsed < 1.0 + 1.5, f"the call took {elapsed:.1f} s past a 1 s deadline"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="R12-7 (open): the name resolution (getaddrinfo) is not bounded by the deadline"
-)
 def test_the_deadline_bounds_a_slow_name_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     """The resolver for the node's name answers after 3 s (a slow or attacker-held DNS server); the call
     has a 1 s deadline."""

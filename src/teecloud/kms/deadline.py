@@ -27,6 +27,8 @@ No proxy is ever used: the client's identity probe is direct, so are its request
 
 from __future__ import annotations
 
+import concurrent.futures
+import ipaddress
 import json
 import select
 import socket
@@ -87,12 +89,40 @@ def _left(deadline: float, clock: Clock) -> float:
     return left
 
 
+# getaddrinfo has no timeout of its own: a name is resolved on one of a few threads and the call waits at
+# most the time it has left; a resolver that never answers holds one of these threads (never more than
+# _RESOLVERS), never the call. An address literal needs no resolver.
+_RESOLVERS = 4
+_resolver_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_resolver_lock = threading.Lock()
+
+
+def _resolve(host: str, port: int, wait_s: float) -> list[tuple[Any, ...]]:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    global _resolver_pool
+    with _resolver_lock:
+        if _resolver_pool is None:
+            _resolver_pool = concurrent.futures.ThreadPoolExecutor(_RESOLVERS, "kms-resolve")
+        pool = _resolver_pool
+    future = pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return future.result(timeout=max(0.0, wait_s))
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise TimeoutError(f"resolving {host!r} did not finish within the call's deadline") from None
+
+
 def _connect(host: str, port: int, *, deadline: float, timeout: float, clock: Clock) -> socket.socket:
     """socket.create_connection, but each address's connect waits at most the time left before `deadline`
     (create_connection gives every address the whole timeout: a name with k dead addresses held a call
-    k times its deadline; review 12). The name's resolution itself is not bounded (getaddrinfo)."""
+    k times its deadline; review 12), and the name's resolution too (`_resolve`, R12-7)."""
     error: OSError | None = None
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    for family, kind, proto, _, address in _resolve(host, port, min(timeout, _left(deadline, clock))):
         sock = socket.socket(family, kind, proto)
         try:
             sock.settimeout(min(timeout, _left(deadline, clock)))
